@@ -1,0 +1,49 @@
+# The two commands of the README's quick start: `make demo` and `make test`.
+# Both start from a machine with only Python 3.11 and a C++ compiler; they create .venv,
+# install what they need (torch 2.13.0, fbgemm, grpc, ...) and build the C++ core.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# fbgemm's CUDA build where a GPU driver is present, its CPU build elsewhere.
+FBGEMM_EXTRA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
+PYTEST_ARGS ?=
+
+.PHONY: install test demo lint clean system-tools
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# Third-party dependencies: reinstalled only when pyproject.toml changes.
+$(VENV)/.deps: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --progress-bar on torch==2.13.0 "scikit-build-core>=0.10" "nanobind>=2.4"
+	$(BIN)/pip install --progress-bar on --no-build-isolation ".[$(FBGEMM_EXTRA),test]"
+	touch $@
+
+# The package itself (C++ core included) is rebuilt on every install; CMake keeps build/ warm.
+install: $(VENV)/.deps
+	$(BIN)/pip install --no-build-isolation --no-deps --force-reinstall --quiet .
+
+# Debian tools some tests use (promtool, redis-server); tests skip with a message without them.
+system-tools:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  missing=""; \
+	  command -v promtool >/dev/null 2>&1 || missing="$$missing prometheus"; \
+	  if [ -n "$$missing" ]; then \
+	    echo "installing$$missing (Debian)"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null) \
+	      || echo "could not install$$missing: the tests that need them will skip"; \
+	  fi; \
+	else echo "not root or no apt-get: tests that need promtool/redis-server skip where they are absent"; fi
+
+test: install system-tools
+	$(BIN)/python -m pytest -p no:cacheprovider $(PYTEST_ARGS)
+
+demo: install
+	$(BIN)/embps demo
+
+lint: $(VENV)/.deps
+	$(BIN)/ruff check ps worker serving bench tests embps.py
+
+clean:
+	rm -rf build $(VENV)

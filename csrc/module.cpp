@@ -1,0 +1,175 @@
+// Python binding of the native core: `_embps_native`. ps/native.py is its only importer.
+// Arrays cross as numpy arrays; outputs are allocated by the caller; the GIL is released while
+// the loops run. C++ exceptions become Python exceptions through nanobind's translators
+// (std::invalid_argument -> ValueError, std::length_error / out_of_range -> ValueError/IndexError).
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "hash_map.h"
+#include "row_ops.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+namespace {
+
+template <typename T, typename... Extra>
+using Array = nb::ndarray<T, nb::c_contig, nb::device::cpu, Extra...>;
+using Keys = Array<const int64_t, nb::ndim<1>>;
+using Rows = Array<int64_t, nb::ndim<1>>;
+
+void check_same_length(const char* what, size_t got, size_t want) {
+  if (got != want) {
+    throw std::invalid_argument(std::string(what) + ": expected length " + std::to_string(want) +
+                                ", got " + std::to_string(got));
+  }
+}
+
+embps::BlockStore make_store(const Array<const uint64_t, nb::ndim<1>>& blocks, int shift,
+                             int64_t width) {
+  if (shift < 0 || shift > 30) throw std::invalid_argument("block shift must be in [0, 30]");
+  if (width <= 0) throw std::invalid_argument("row width must be > 0");
+  return embps::BlockStore{reinterpret_cast<float* const*>(blocks.data()),
+                           static_cast<int64_t>(blocks.shape(0)), shift, width};
+}
+
+}  // namespace
+
+NB_MODULE(_embps_native, m) {
+  m.doc() = "embps native core: key->row hash map and bulk row operations";
+
+  nb::class_<embps::HashMap>(m, "HashMap")
+      .def(nb::init<uint64_t>(), "initial_capacity"_a = 16)
+      .def_prop_ro("size", &embps::HashMap::size)
+      .def_prop_ro("capacity", &embps::HashMap::capacity)
+      .def_prop_ro("num_rows", &embps::HashMap::num_rows)
+      .def_prop_ro("memory_bytes", &embps::HashMap::memory_bytes)
+      .def("reserve", &embps::HashMap::reserve, "num_keys"_a)
+      .def("clear", &embps::HashMap::clear)
+      .def("find",
+           [](const embps::HashMap& self, Keys keys, Rows rows) {
+             check_same_length("rows", rows.shape(0), keys.shape(0));
+             nb::gil_scoped_release release;
+             self.find(keys.data(), static_cast<int64_t>(keys.shape(0)), rows.data());
+           },
+           "keys"_a, "rows"_a)
+      .def("find_or_insert",
+           [](embps::HashMap& self, Keys keys, Rows rows, Array<uint8_t, nb::ndim<1>> inserted) {
+             check_same_length("rows", rows.shape(0), keys.shape(0));
+             check_same_length("inserted", inserted.shape(0), keys.shape(0));
+             nb::gil_scoped_release release;
+             self.find_or_insert(keys.data(), static_cast<int64_t>(keys.shape(0)), rows.data(),
+                                 inserted.data());
+           },
+           "keys"_a, "rows"_a, "inserted"_a)
+      .def("erase",
+           [](embps::HashMap& self, Keys keys, Rows rows) {
+             check_same_length("rows", rows.shape(0), keys.shape(0));
+             nb::gil_scoped_release release;
+             self.erase(keys.data(), static_cast<int64_t>(keys.shape(0)), rows.data());
+           },
+           "keys"_a, "rows"_a)
+      .def("export",
+           [](const embps::HashMap& self, Rows keys, Rows rows) {
+             check_same_length("keys", keys.shape(0), self.size());
+             check_same_length("rows", rows.shape(0), self.size());
+             nb::gil_scoped_release release;
+             self.export_all(keys.data(), rows.data());
+           },
+           "keys"_a, "rows"_a);
+
+  m.def("mix64",
+        [](Keys keys, Array<uint64_t, nb::ndim<1>> out) {
+          check_same_length("out", out.shape(0), keys.shape(0));
+          nb::gil_scoped_release release;
+          for (size_t i = 0; i < keys.shape(0); ++i) out.data()[i] = embps::mix64(static_cast<uint64_t>(keys.data()[i]));
+        },
+        "keys"_a, "out"_a);
+
+  m.def("init_values",
+        [](uint64_t seed, int kind, double scale, Keys keys, Array<float, nb::ndim<2>> out) {
+          if (kind < 0 || kind > 2) throw std::invalid_argument("unknown initializer kind");
+          check_same_length("out", out.shape(0), keys.shape(0));
+          nb::gil_scoped_release release;
+          embps::init_values(seed, static_cast<embps::Init>(kind), scale, keys.data(),
+                             static_cast<int64_t>(keys.shape(0)), static_cast<int64_t>(out.shape(1)),
+                             out.data(), static_cast<int64_t>(out.shape(1)));
+        },
+        "seed"_a, "kind"_a, "scale"_a, "keys"_a, "out"_a);
+
+  m.def("gather",
+        [](Array<const uint64_t, nb::ndim<1>> blocks, int shift, int64_t width, Keys rows,
+           int64_t col, Array<float, nb::ndim<2>> out) {
+          check_same_length("out", out.shape(0), rows.shape(0));
+          const int64_t num_cols = static_cast<int64_t>(out.shape(1));
+          if (col < 0 || col + num_cols > width) throw std::invalid_argument("columns outside the row");
+          const embps::BlockStore store = make_store(blocks, shift, width);
+          nb::gil_scoped_release release;
+          embps::gather(store, rows.data(), static_cast<int64_t>(rows.shape(0)), col, num_cols, out.data());
+        },
+        "blocks"_a, "shift"_a, "width"_a, "rows"_a, "col"_a, "out"_a);
+
+  m.def("scatter",
+        [](Array<const uint64_t, nb::ndim<1>> blocks, int shift, int64_t width, Keys rows,
+           int64_t col, Array<const float, nb::ndim<2>> src) {
+          check_same_length("src", src.shape(0), rows.shape(0));
+          const int64_t num_cols = static_cast<int64_t>(src.shape(1));
+          if (col < 0 || col + num_cols > width) throw std::invalid_argument("columns outside the row");
+          const embps::BlockStore store = make_store(blocks, shift, width);
+          nb::gil_scoped_release release;
+          embps::scatter(store, rows.data(), static_cast<int64_t>(rows.shape(0)), col, num_cols, src.data());
+        },
+        "blocks"_a, "shift"_a, "width"_a, "rows"_a, "col"_a, "src"_a);
+
+  m.def("dedupe_sum",
+        [](Keys keys, nb::object grads_obj, nb::object weights_obj, Rows unique_keys,
+           Array<float, nb::ndim<2>> sums, Rows counts) -> int64_t {
+          const size_t n = keys.shape(0);
+          const int64_t dim = static_cast<int64_t>(sums.shape(1));
+          const float* grads = nullptr;
+          const int64_t* weights = nullptr;
+          Array<const float, nb::ndim<2>> grads_arr;
+          Array<const int64_t, nb::ndim<1>> weights_arr;
+          if (!grads_obj.is_none()) {
+            grads_arr = nb::cast<Array<const float, nb::ndim<2>>>(grads_obj);
+            check_same_length("grads", grads_arr.shape(0), n);
+            if (static_cast<int64_t>(grads_arr.shape(1)) != dim) throw std::invalid_argument("grads and sums differ in dim");
+            grads = grads_arr.data();
+          }
+          if (!weights_obj.is_none()) {
+            weights_arr = nb::cast<Array<const int64_t, nb::ndim<1>>>(weights_obj);
+            check_same_length("weights", weights_arr.shape(0), n);
+            weights = weights_arr.data();
+          }
+          check_same_length("unique_keys", unique_keys.shape(0), n);
+          check_same_length("sums", sums.shape(0), n);
+          check_same_length("counts", counts.shape(0), n);
+          nb::gil_scoped_release release;
+          return embps::dedupe_sum(keys.data(), grads, weights, static_cast<int64_t>(n), dim,
+                                   unique_keys.data(), sums.data(), counts.data());
+        },
+        "keys"_a, "grads"_a.none(), "weights"_a.none(), "unique_keys"_a, "sums"_a, "counts"_a);
+
+  m.def("apply_update",
+        [](int optimizer, Array<const double, nb::ndim<1>> hyper, Array<const uint64_t, nb::ndim<1>> blocks,
+           int shift, int64_t width, int64_t dim, int64_t state_width, Keys rows,
+           Array<const float, nb::ndim<2>> grads, Keys counts, uint32_t step) {
+          if (optimizer < 0 || optimizer > 4) throw std::invalid_argument("unknown optimizer kind");
+          if (hyper.shape(0) < 4) throw std::invalid_argument("hyper-parameters: expected 4 values");
+          if (dim + state_width + 2 != width) throw std::invalid_argument("width != dim + state_width + 2");
+          check_same_length("grads", grads.shape(0), rows.shape(0));
+          check_same_length("counts", counts.shape(0), rows.shape(0));
+          if (static_cast<int64_t>(grads.shape(1)) != dim) throw std::invalid_argument("grads: wrong dim");
+          const embps::BlockStore store = make_store(blocks, shift, width);
+          nb::gil_scoped_release release;
+          embps::apply_update(static_cast<embps::Optimizer>(optimizer), hyper.data(), store, dim,
+                              state_width, rows.data(), grads.data(), counts.data(),
+                              static_cast<int64_t>(rows.shape(0)), step);
+        },
+        "optimizer"_a, "hyper"_a, "blocks"_a, "shift"_a, "width"_a, "dim"_a, "state_width"_a,
+        "rows"_a, "grads"_a, "counts"_a, "step"_a);
+}

@@ -1,0 +1,51 @@
+"""The embps command line: `embps <verb> ...` parses arguments and hands off (imports lazily).
+
+Verbs: bench table. `python -m embps ...` works the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="embps", description="embps parameter server")
+    verbs = parser.add_subparsers(dest="verb", required=True)
+
+    bench = verbs.add_parser("bench", help="benchmarks")
+    bench_verbs = bench.add_subparsers(dest="bench", required=True)
+    table = bench_verbs.add_parser("table", help="hash map, lookup and optimizer rates of one table")
+    table.add_argument("--rows", type=int, default=10_000_000, help="rows in the table (default 10M)")
+    table.add_argument("--dim", type=int, default=64)
+    table.add_argument("--batch", type=int, default=4096, help="keys per batch")
+    table.add_argument("--batches", type=int, default=200, help="batches per measurement")
+    table.add_argument("--zipf", type=float, default=1.05, help="Zipf exponent of the skewed key stream")
+    table.add_argument("--out", default=None, help="write the results as JSON here")
+
+    demo = verbs.add_parser("demo", help="train one table on synthetic Zipf keys and print keys/s")
+    demo.add_argument("--rows", type=int, default=1_000_000, help="distinct keys in the stream")
+    demo.add_argument("--dim", type=int, default=32)
+    demo.add_argument("--batch", type=int, default=4096)
+    demo.add_argument("--steps", type=int, default=300)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.verb == "bench" and args.bench == "table":
+        from bench.table_bench import TableBenchConfig, run_table_bench
+
+        config = TableBenchConfig(
+            rows=args.rows, dim=args.dim, batch=args.batch, batches=args.batches, zipf=args.zipf, out=args.out
+        )
+        return run_table_bench(config)
+    if args.verb == "demo":
+        from bench.demo import DemoConfig, run_demo
+
+        return run_demo(DemoConfig(rows=args.rows, dim=args.dim, batch=args.batch, steps=args.steps))
+    raise SystemExit(f"embps: unknown verb {args.verb!r}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,20 @@
+"""Domain errors of the PS core. The server maps each to one gRPC status code in one place."""
+
+
+class EmbpsError(Exception):
+    """Base class of embps domain errors."""
+
+
+class UnknownTableError(EmbpsError, KeyError):
+    """A request named a table this process does not hold (gRPC NOT_FOUND)."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0]) if self.args else ""
+
+
+class CapacityError(EmbpsError):
+    """A table is full and has no eviction policy (gRPC RESOURCE_EXHAUSTED)."""
+
+
+class WrongShardError(EmbpsError):
+    """Keys were sent to a shard that does not own them (gRPC FAILED_PRECONDITION)."""

@@ -1,0 +1,136 @@
+"""The one import point of the C++ core (`_embps_native`, built from csrc/ by the package build).
+
+Every array that crosses into C++ is checked here for dtype, shape and contiguity, so the native
+code only sees what it expects; native exceptions already arrive as ValueError/IndexError.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+try:
+    import _embps_native as _native
+except ImportError as exc:  # pragma: no cover - only when the package was not built
+    raise ImportError(
+        "embps's C++ core `_embps_native` is not installed: build the package with "
+        "`pip install .` (see README), a plain checkout on sys.path has no compiled module"
+    ) from exc
+
+
+def as_keys(keys: object, name: str = "keys") -> np.ndarray:
+    """Returns `keys` as a C-contiguous (n,) int64 numpy array, or raises TypeError/ValueError."""
+    if hasattr(keys, "detach") and hasattr(keys, "cpu"):  # torch.Tensor
+        keys = keys.detach().cpu().numpy()
+    if not isinstance(keys, np.ndarray):
+        raise TypeError(f"{name}: expected a numpy array or torch tensor of int64, got {type(keys).__name__}")
+    if keys.dtype != np.int64:
+        raise TypeError(f"{name}: expected dtype int64, got {keys.dtype}")
+    if keys.ndim != 1:
+        raise ValueError(f"{name}: expected shape (n,), got {keys.shape}")
+    return np.ascontiguousarray(keys)
+
+
+class HashMap:
+    """int64 key -> int64 row slot, open addressing, rows allocated densely by the map.
+
+    Rows of erased keys are reused (last freed first). Not thread-safe; every verb releases
+    the GIL while it runs, so callers that share a map across threads must lock.
+    """
+
+    def __init__(self, initial_capacity: int = 16) -> None:
+        if initial_capacity < 0:
+            raise ValueError(f"initial_capacity: must be >= 0, got {initial_capacity}")
+        self._map = _native.HashMap(initial_capacity)
+
+    @property
+    def size(self) -> int:
+        """Number of live keys."""
+        return self._map.size
+
+    @property
+    def num_rows(self) -> int:
+        """Rows ever handed out: every live row is < num_rows."""
+        return self._map.num_rows
+
+    @property
+    def memory_bytes(self) -> int:
+        return self._map.memory_bytes
+
+    def __len__(self) -> int:
+        return self._map.size
+
+    def reserve(self, num_keys: int) -> None:
+        self._map.reserve(num_keys)
+
+    def clear(self) -> None:
+        self._map.clear()
+
+    def find(self, keys: np.ndarray) -> np.ndarray:
+        """keys (n,) int64 -> rows (n,) int64, -1 where a key is absent."""
+        keys = as_keys(keys)
+        rows = np.empty(keys.shape[0], dtype=np.int64)
+        self._map.find(keys, rows)
+        return rows
+
+    def find_or_insert(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """keys (n,) int64 -> (rows (n,) int64, inserted (n,) bool).
+
+        inserted[i] is True where this call created keys[i]'s row; a key repeated inside the
+        batch is inserted at its first occurrence only.
+        """
+        keys = as_keys(keys)
+        rows = np.empty(keys.shape[0], dtype=np.int64)
+        inserted = np.empty(keys.shape[0], dtype=np.uint8)
+        self._map.find_or_insert(keys, rows, inserted)
+        return rows, inserted.view(np.bool_)
+
+    def erase(self, keys: np.ndarray) -> np.ndarray:
+        """Removes keys (absent ones are ignored); returns the freed rows (n,), -1 where absent."""
+        keys = as_keys(keys)
+        rows = np.empty(keys.shape[0], dtype=np.int64)
+        self._map.erase(keys, rows)
+        return rows
+
+    def export(self) -> tuple[np.ndarray, np.ndarray]:
+        """All live (keys (size,) int64, rows (size,) int64), in slot order."""
+        keys = np.empty(self._map.size, dtype=np.int64)
+        rows = np.empty(self._map.size, dtype=np.int64)
+        self._map.export(keys, rows)
+        return keys, rows
+
+
+def mix64(keys: np.ndarray) -> np.ndarray:
+    """splitmix64 finalizer of each key: keys (n,) int64 -> (n,) uint64."""
+    keys = as_keys(keys)
+    out = np.empty(keys.shape[0], dtype=np.uint64)
+    _native.mix64(keys, out)
+    return out
+
+
+def init_values(seed: int, kind: int, scale: float, keys: np.ndarray, dim: int) -> np.ndarray:
+    """Deterministic initial rows: keys (n,) int64 -> (n, dim) float32 (formula in csrc/row_ops.h)."""
+    keys = as_keys(keys)
+    out = np.empty((keys.shape[0], dim), dtype=np.float32)
+    _native.init_values(seed & 0xFFFFFFFFFFFFFFFF, kind, scale, keys, out)
+    return out
+
+
+def dedupe_sum(
+    keys: np.ndarray, grads: np.ndarray | None, weights: np.ndarray | None, dim: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sums grads of equal keys, first-occurrence order.
+
+    keys (n,) int64, grads (n, dim) float32 or None, weights (n,) int64 or None ->
+    unique_keys (u,), sums (u, dim) float32, counts (u,) int64 (summed weights, 1 each if None).
+    """
+    n = keys.shape[0]
+    unique_keys = np.empty(n, dtype=np.int64)
+    sums = np.empty((n, dim), dtype=np.float32)
+    counts = np.empty(n, dtype=np.int64)
+    u = _native.dedupe_sum(keys, grads, weights, unique_keys, sums, counts)
+    return unique_keys[:u], sums[:u], counts[:u]
+
+
+gather = _native.gather
+scatter = _native.scatter
+apply_update = _native.apply_update

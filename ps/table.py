@@ -1,0 +1,405 @@
+"""EmbeddingTable: hash-keyed rows with a sparse optimizer, admission and eviction.
+
+    keys (n,) int64 ──HashMap──> rows (n,) int64 ──RowStore──> words (n, width) float32
+    width = dim (value) + optimizer state + 2 metadata words (freq, last_step as uint32)
+
+A key's row appears on its first admitted push with the value init(seed, key); until then, and
+for keys never pushed, `lookup` returns init(seed, key) computed on the fly, so lookups never
+allocate. Not thread-safe: one caller at a time (the PS server serialises calls).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ps import native, optimizers
+from ps.errors import CapacityError
+from ps.row_store import BLOCK_SHIFT, RowStore
+from ps.table_config import AdmissionKind, EvictionPolicy, Initializer, TableConfig
+
+_INIT_KIND = {Initializer.ZEROS: 0, Initializer.UNIFORM: 1, Initializer.NORMAL: 2}
+_ADMISSION_SALT = 0x41444D4954  # separates admission coin flips from init values
+_MAX_STEP = 2**32 - 1
+_EVICTION_SLACK = 64  # a full table frees need + capacity/64 rows, so the scan is amortised
+
+
+@dataclass
+class TableState:
+    """All state of a table, rows sorted by key. u = rows, p = keys pending admission.
+
+    keys (u,) int64; values (u, dim) float32; optimizer_state (u, state_width) float32;
+    freq (u,) uint32 pushes seen; last_step (u,) uint32 step of the last push;
+    pending_keys (p,) int64; pending_counts (p,) uint32; pending_last_step (p,) uint32;
+    version: pushes applied; step: the largest step pushed.
+    """
+
+    keys: np.ndarray
+    values: np.ndarray
+    optimizer_state: np.ndarray
+    freq: np.ndarray
+    last_step: np.ndarray
+    pending_keys: np.ndarray
+    pending_counts: np.ndarray
+    pending_last_step: np.ndarray
+    version: int = 0
+    step: int = 0
+
+
+@dataclass
+class ApplyResult:
+    """What one apply_gradients call changed."""
+
+    num_updated: int  # unique keys whose rows the optimizer moved
+    num_inserted: int  # of those, rows created by this call
+    evicted_keys: np.ndarray  # (e,) int64 keys dropped by capacity or TTL eviction
+
+
+class EmbeddingTable:
+    """One shard's part of a table. See TableConfig for the knobs."""
+
+    def __init__(self, config: TableConfig, kernels: str = "auto", block_shift: int = BLOCK_SHIFT) -> None:
+        """kernels: "auto" (C++ on CPU, torch elsewhere), "native" or "torch" (to test and
+        benchmark the device path on CPU)."""
+        self.config = config.validate()
+        self.dim = config.dim
+        self.state_width = optimizers.state_width(config.optimizer.kind, config.dim)
+        self.meta_col = self.dim + self.state_width
+        self.width = self.meta_col + 2
+        if kernels not in ("auto", "native", "torch"):
+            raise ValueError(f"kernels: must be 'auto', 'native' or 'torch', got {kernels!r}")
+        if kernels == "native" and config.device != "cpu":
+            raise ValueError("kernels: 'native' needs device 'cpu'")
+        self._store = RowStore(self.width, config.device, block_shift)
+        self._use_native = self._store.native and kernels != "torch"
+        self._map = native.HashMap()
+        self._hyper = optimizers.hyper_parameters(config.optimizer)
+        self._pending = native.HashMap()
+        self._pending_meta = np.zeros((0, 2), dtype=np.uint32)  # [count, last_step] per pending row
+        self.version = 0
+        self.step = 0
+        self.num_admitted = 0
+        self.num_evicted = 0
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def size(self) -> int:
+        """Number of rows (admitted keys)."""
+        return self._map.size
+
+    @property
+    def num_pending(self) -> int:
+        return self._pending.size
+
+    @property
+    def memory_bytes(self) -> int:
+        """Host and device bytes held: map, row blocks, admission counters."""
+        return (
+            self._map.memory_bytes
+            + self._store.memory_bytes
+            + self._pending.memory_bytes
+            + self._pending_meta.nbytes
+        )
+
+    def init_values(self, keys: np.ndarray) -> np.ndarray:
+        """keys (n,) int64 -> the rows they start with, (n, dim) float32; pure in (seed, key)."""
+        c = self.config
+        return native.init_values(c.seed, _INIT_KIND[c.initializer], c.init_scale, keys, self.dim)
+
+    def lookup(self, keys: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """keys (n,) int64 -> values (n, dim) float32 on the table's device, row i for keys[i].
+
+        Keys without a row (never pushed, not admitted, evicted) read as their init value.
+        """
+        keys = native.as_keys(keys)
+        rows = self._map.find(keys)
+        out = self._store.gather(rows, 0, self.dim)
+        missing = rows < 0
+        if missing.any():
+            init = torch.from_numpy(self.init_values(keys[missing])).to(out.device)
+            out[torch.from_numpy(missing).to(out.device)] = init
+        return out
+
+    def apply_gradients(
+        self,
+        keys: np.ndarray | torch.Tensor,
+        grads: np.ndarray | torch.Tensor,
+        step: int | None = None,
+        counts: np.ndarray | None = None,
+    ) -> ApplyResult:
+        """Applies one optimizer step per unique key to the sum of its gradients.
+
+        keys (n,) int64, may repeat; grads (n, dim) float32; step: the training step of this
+        push (default: version + 1), 0 <= step < 2^32; counts (n,) int64 >= 1: how many
+        sightings each entry stands for (default 1), used by frequency and admission.
+        The call is all or nothing: on ValueError/TypeError/CapacityError the table is unchanged.
+        """
+        keys = native.as_keys(keys)
+        grads_np = self._check_grads(grads, keys.shape[0])
+        step = self.version + 1 if step is None else step
+        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or not 0 <= step <= _MAX_STEP:
+            raise ValueError(f"step: must be an integer in [0, 2^32 - 1], got {step!r}")
+        step = int(step)
+        if counts is not None:
+            counts = native.as_keys(counts, "counts")
+            if counts.shape[0] != keys.shape[0]:
+                raise ValueError(f"counts: expected shape ({keys.shape[0]},), got {counts.shape}")
+            if counts.size and counts.min() < 1:
+                raise ValueError("counts: every entry must be >= 1")
+
+        unique_keys, sums, sightings = native.dedupe_sum(keys, grads_np, counts, self.dim)
+        rows = self._map.find(unique_keys)
+        is_new = rows < 0
+        admit_new, pending_rows, pending_before = self._admission(unique_keys, is_new, sightings)
+        apply_mask = ~is_new
+        apply_mask[np.flatnonzero(is_new)[admit_new]] = True
+        num_new = int(admit_new.sum())
+
+        evicted = self._make_room(num_new, rows[~is_new])
+        # Nothing has changed before this point; from here on every step succeeds.
+        apply_keys = unique_keys[apply_mask]
+        rows, inserted = self._map.find_or_insert(apply_keys)
+        self._store.ensure_rows(self._map.num_rows)
+        if inserted.any():
+            new_freq = np.zeros(int(inserted.sum()), dtype=np.uint32)
+            admitted_pending = pending_rows[admit_new]
+            has_pending = admitted_pending >= 0
+            new_freq[has_pending] = pending_before[admit_new][has_pending]
+            self._write_new_rows(apply_keys[inserted], rows[inserted], new_freq)
+            self._drop_pending(unique_keys[is_new][admit_new][has_pending])
+            self.num_admitted += int(inserted.sum())
+        self._update(rows, sums[apply_mask], sightings[apply_mask], step)
+        self._count_pending(unique_keys[is_new][~admit_new], sightings[is_new][~admit_new], step)
+
+        previous_step = self.step
+        self.step = max(self.step, step)
+        self.version += 1
+        ttl = self.config.eviction.ttl_steps
+        if ttl is not None:
+            interval = max(1, ttl // 8)
+            if self.step // interval > previous_step // interval:
+                evicted = np.concatenate([evicted, self.evict_expired(self.step)])
+        return ApplyResult(int(apply_mask.sum()), int(inserted.sum()), evicted)
+
+    def evict_expired(self, step: int) -> np.ndarray:
+        """Drops rows (and pending keys) not pushed for more than ttl_steps before `step`.
+
+        Runs by itself every max(1, ttl_steps // 8) steps inside apply_gradients. Returns the
+        evicted row keys (e,) int64.
+        """
+        ttl = self.config.eviction.ttl_steps
+        if ttl is None:
+            return np.empty(0, dtype=np.int64)
+        keys, rows = self._map.export()
+        meta = self._gather_meta(rows)
+        expired = keys[step - meta[:, 1].astype(np.int64) > ttl]
+        self._evict(expired)
+        if self._pending.size:
+            pkeys, prows = self._pending.export()
+            stale = step - self._pending_meta[prows, 1].astype(np.int64) > ttl
+            self._pending.erase(pkeys[stale])
+        return expired
+
+    def export(self) -> TableState:
+        """Copies out all state, rows sorted by key (so equal tables export equal arrays)."""
+        keys, rows = self._map.export()
+        order = np.argsort(keys, kind="stable")
+        keys, rows = keys[order], rows[order]
+        words = self._store.gather(rows, 0, self.width).cpu().numpy()
+        meta = words[:, self.meta_col :].view(np.uint32)
+        pkeys, prows = self._pending.export()
+        porder = np.argsort(pkeys, kind="stable")
+        pkeys, prows = pkeys[porder], prows[porder]
+        return TableState(
+            keys=keys,
+            values=np.ascontiguousarray(words[:, : self.dim]),
+            optimizer_state=np.ascontiguousarray(words[:, self.dim : self.meta_col]),
+            freq=np.ascontiguousarray(meta[:, 0]),
+            last_step=np.ascontiguousarray(meta[:, 1]),
+            pending_keys=pkeys,
+            pending_counts=self._pending_meta[prows, 0].copy(),
+            pending_last_step=self._pending_meta[prows, 1].copy(),
+            version=self.version,
+            step=self.step,
+        )
+
+    def load(self, state: TableState) -> None:
+        """Replaces all state with `state` (as returned by export). Checks shapes first."""
+        u = state.keys.shape[0]
+        expected = {
+            "keys": ((u,), np.int64),
+            "values": ((u, self.dim), np.float32),
+            "optimizer_state": ((u, self.state_width), np.float32),
+            "freq": ((u,), np.uint32),
+            "last_step": ((u,), np.uint32),
+        }
+        p = state.pending_keys.shape[0]
+        expected.update(
+            pending_keys=((p,), np.int64), pending_counts=((p,), np.uint32), pending_last_step=((p,), np.uint32)
+        )
+        for name, (shape, dtype) in expected.items():
+            array = getattr(state, name)
+            if not isinstance(array, np.ndarray) or array.shape != shape or array.dtype != dtype:
+                got = f"{array.shape} {array.dtype}" if isinstance(array, np.ndarray) else type(array).__name__
+                raise ValueError(f"state.{name}: expected shape {shape} {np.dtype(dtype)}, got {got}")
+        if np.unique(state.keys).shape[0] != u:
+            raise ValueError("state.keys: keys must be unique")
+        if self.config.capacity is not None and u > self.config.capacity:
+            raise CapacityError(f"table {self.name}: state has {u} rows, capacity is {self.config.capacity}")
+        self._map = native.HashMap(int(u / 0.7) + 16)
+        self._store = RowStore(self.width, self.config.device, self._store.block_shift)
+        rows, _ = self._map.find_or_insert(state.keys)
+        self._store.ensure_rows(self._map.num_rows)
+        words = np.empty((u, self.width), dtype=np.float32)
+        words[:, : self.dim] = state.values
+        words[:, self.dim : self.meta_col] = state.optimizer_state
+        meta = words[:, self.meta_col :].view(np.uint32)
+        meta[:, 0] = state.freq
+        meta[:, 1] = state.last_step
+        self._store.scatter(rows, 0, torch.from_numpy(words))
+        self._pending = native.HashMap(int(p / 0.7) + 16)
+        prows, _ = self._pending.find_or_insert(state.pending_keys)
+        self._pending_meta = np.zeros((max(16, p), 2), dtype=np.uint32)
+        self._pending_meta[prows, 0] = state.pending_counts
+        self._pending_meta[prows, 1] = state.pending_last_step
+        self.version = int(state.version)
+        self.step = int(state.step)
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _check_grads(self, grads: np.ndarray | torch.Tensor, n: int) -> np.ndarray:
+        if isinstance(grads, torch.Tensor):
+            if grads.dtype != torch.float32:
+                raise TypeError(f"grads: expected dtype float32, got {grads.dtype}")
+            grads = grads.detach().cpu().numpy()
+        if not isinstance(grads, np.ndarray):
+            raise TypeError(f"grads: expected a numpy array or torch tensor, got {type(grads).__name__}")
+        if grads.dtype != np.float32:
+            raise TypeError(f"grads: expected dtype float32, got {grads.dtype}")
+        if grads.shape != (n, self.dim):
+            raise ValueError(f"grads: expected shape ({n}, {self.dim}) for {n} keys, got {grads.shape}")
+        grads = np.ascontiguousarray(grads)
+        if not np.isfinite(grads).all():
+            bad = int(np.flatnonzero(~np.isfinite(grads).all(axis=1))[0])
+            raise ValueError(
+                f"grads: non-finite value in row {bad}; the whole push is rejected so that one bad "
+                "gradient cannot poison a row"
+            )
+        return grads
+
+    def _admission(
+        self, unique_keys: np.ndarray, is_new: np.ndarray, sightings: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """For the new keys: (admitted (m,) bool, pending row (m,) or -1, pending count (m,) uint32)."""
+        new_keys = unique_keys[is_new]
+        m = new_keys.shape[0]
+        a = self.config.admission
+        if a.kind == AdmissionKind.NONE or m == 0:
+            return np.ones(m, dtype=bool), np.full(m, -1, dtype=np.int64), np.zeros(m, dtype=np.uint32)
+        pending_rows = self._pending.find(new_keys)
+        before = np.zeros(m, dtype=np.uint32)
+        known = pending_rows >= 0
+        before[known] = self._pending_meta[pending_rows[known], 0]
+        if a.kind == AdmissionKind.COUNT:
+            admitted = before.astype(np.int64) + sightings[is_new] >= a.min_count
+        else:
+            # One deterministic coin per (seed, key, sightings so far): reproducible on any shard.
+            salted = new_keys ^ np.int64(_ADMISSION_SALT) ^ (before.astype(np.int64) << np.int64(32))
+            coin = (native.mix64(salted ^ np.int64(self.config.seed & 0x7FFFFFFFFFFFFFFF)) >> np.uint64(11))
+            admitted = coin.astype(np.float64) * (1.0 / 2**53) < a.probability
+        return admitted, pending_rows, before
+
+    def _make_room(self, num_new: int, protected_rows: np.ndarray) -> np.ndarray:
+        capacity = self.config.capacity
+        if capacity is None or self.size + num_new <= capacity:
+            return np.empty(0, dtype=np.int64)
+        need = self.size + num_new - capacity
+        policy = self.config.eviction.policy
+        if policy == EvictionPolicy.NONE:
+            raise CapacityError(
+                f"table {self.name} is full: {self.size} rows + {num_new} new > capacity {capacity}, "
+                "and eviction.policy is 'none' (set 'lfu' or 'lru' to make room)"
+            )
+        keys, rows = self._map.export()
+        candidates = ~np.isin(rows, protected_rows)
+        keys, rows = keys[candidates], rows[candidates]
+        if keys.shape[0] < need:
+            raise CapacityError(
+                f"table {self.name}: one push brings {num_new} new keys but only {keys.shape[0]} rows "
+                f"can be evicted (capacity {capacity})"
+            )
+        meta = self._gather_meta(rows)
+        freq, last = meta[:, 0], meta[:, 1]
+        order = np.lexsort((keys, last, freq) if policy == EvictionPolicy.LFU else (keys, freq, last))
+        victims = keys[order[: min(keys.shape[0], need + capacity // _EVICTION_SLACK)]]
+        self._evict(victims)
+        return victims
+
+    def _evict(self, keys: np.ndarray) -> None:
+        if keys.shape[0]:
+            self._map.erase(keys)
+            self.num_evicted += int(keys.shape[0])
+
+    def _gather_meta(self, rows: np.ndarray) -> np.ndarray:
+        """rows (n,) -> (n, 2) uint32 [freq, last_step]."""
+        words = self._store.gather(rows, self.meta_col, 2).cpu().numpy()
+        return words.view(np.uint32)
+
+    def _write_new_rows(self, keys: np.ndarray, rows: np.ndarray, freq: np.ndarray) -> None:
+        words = np.zeros((keys.shape[0], self.width), dtype=np.float32)
+        words[:, : self.dim] = self.init_values(keys)
+        words[:, self.dim : self.meta_col] = optimizers.initial_state(self.config.optimizer, keys.shape[0], self.dim)
+        meta = words[:, self.meta_col :].view(np.uint32)
+        meta[:, 0] = freq
+        meta[:, 1] = self.step
+        self._store.scatter(rows, 0, torch.from_numpy(words))
+
+    def _update(self, rows: np.ndarray, sums: np.ndarray, sightings: np.ndarray, step: int) -> None:
+        if rows.shape[0] == 0:
+            return
+        if self._use_native:
+            native.apply_update(
+                optimizers.NATIVE_KIND[self.config.optimizer.kind],
+                self._hyper,
+                self._store.block_addresses,
+                self._store.block_shift,
+                self.width,
+                self.dim,
+                self.state_width,
+                rows,
+                sums,
+                sightings,
+                step,
+            )
+            return
+        words = self._store.gather(rows, 0, self.width)
+        grads = torch.from_numpy(sums).to(words.device)
+        optimizers.apply_torch(self.config.optimizer, words[:, : self.meta_col], grads, self.dim)
+        meta = words[:, self.meta_col :].view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+        freq = torch.clamp(meta[:, 0] + torch.from_numpy(sightings).to(words.device), max=_MAX_STEP)
+        meta = torch.stack([freq, torch.full_like(freq, step)], dim=1)
+        meta = torch.where(meta >= 2**31, meta - 2**32, meta).to(torch.int32)
+        words[:, self.meta_col :] = meta.view(torch.float32)
+        self._store.scatter(rows, 0, words)
+
+    def _count_pending(self, keys: np.ndarray, sightings: np.ndarray, step: int) -> None:
+        if keys.shape[0] == 0:
+            return
+        rows, _ = self._pending.find_or_insert(keys)
+        if self._pending.num_rows > self._pending_meta.shape[0]:
+            grown = np.zeros((max(16, 2 * self._pending.num_rows), 2), dtype=np.uint32)
+            grown[: self._pending_meta.shape[0]] = self._pending_meta
+            self._pending_meta = grown
+        total = self._pending_meta[rows, 0].astype(np.int64) + sightings
+        self._pending_meta[rows, 0] = np.minimum(total, _MAX_STEP).astype(np.uint32)
+        self._pending_meta[rows, 1] = step
+
+    def _drop_pending(self, keys: np.ndarray) -> None:
+        if keys.shape[0]:
+            rows = self._pending.erase(keys)
+            self._pending_meta[rows[rows >= 0]] = 0

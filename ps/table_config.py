@@ -1,0 +1,170 @@
+"""Configuration of one embedding table, validated before anything is allocated.
+
+Every error names the field and the rule, e.g. `tables.user.dim: must be > 0, got 0`; `where`
+is the path of the table in its config file (default: the table's name).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class Initializer(StrEnum):
+    ZEROS = "zeros"
+    UNIFORM = "uniform"  # U(-init_scale, init_scale)
+    NORMAL = "normal"  # N(0, init_scale^2)
+
+
+class OptimizerKind(StrEnum):
+    SGD = "sgd"
+    ADAGRAD = "adagrad"
+    ROWWISE_ADAGRAD = "rowwise_adagrad"
+    ADAM = "adam"
+    FTRL = "ftrl"
+
+
+class AdmissionKind(StrEnum):
+    NONE = "none"  # every key gets a row on its first push
+    COUNT = "count"  # a key gets a row once pushed `min_count` times
+    PROBABILITY = "probability"  # each push of a new key admits it with `probability`
+
+
+class EvictionPolicy(StrEnum):
+    NONE = "none"  # a full table refuses new keys (CapacityError)
+    LFU = "lfu"  # a full table drops the least frequently pushed rows
+    LRU = "lru"  # a full table drops the least recently pushed rows
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """Sparse optimizer applied once per unique key per push, to the key's summed gradient.
+
+    `lr` is the learning rate (FTRL's alpha). `eps` is used by adagrad, rowwise_adagrad and adam;
+    `beta1`, `beta2` by adam; `initial_accumulator` by adagrad and rowwise_adagrad;
+    `ftrl_beta`, `l1`, `l2` by ftrl.
+    """
+
+    kind: OptimizerKind = OptimizerKind.ROWWISE_ADAGRAD
+    lr: float = 0.01
+    eps: float = 1e-8
+    beta1: float = 0.9
+    beta2: float = 0.999
+    initial_accumulator: float = 0.0
+    ftrl_beta: float = 1.0
+    l1: float = 0.0
+    l2: float = 0.0
+
+
+@dataclass(frozen=True)
+class AdmissionConfig:
+    """Which keys earn a trainable row. Until admitted, lookup returns the key's init value and
+    pushes only count the key."""
+
+    kind: AdmissionKind = AdmissionKind.NONE
+    min_count: int = 1
+    probability: float = 1.0
+
+
+@dataclass(frozen=True)
+class EvictionConfig:
+    """Which rows leave. `ttl_steps`: rows not pushed for more than this many steps are dropped
+    (None: never). `policy`: what a full table (see TableConfig.capacity) drops to make room."""
+
+    ttl_steps: int | None = None
+    policy: EvictionPolicy = EvictionPolicy.NONE
+
+
+@dataclass(frozen=True)
+class TableConfig:
+    """One hash-keyed embedding table.
+
+    name: table name, [A-Za-z0-9_.-]+.
+    dim: embedding width, > 0.
+    dtype: row storage type; float32 only (others are refused, not emulated).
+    initializer, init_scale, seed: a new row's value is a pure function of (seed, key).
+    capacity: maximum rows on one shard (None: bounded only by memory, at most 2^32 - 1).
+    device: "cpu" or "cuda[:i]" for the row storage; the key->row map always lives on the host.
+    """
+
+    name: str
+    dim: int
+    dtype: str = "float32"
+    initializer: Initializer = Initializer.UNIFORM
+    init_scale: float = 0.01
+    seed: int = 0
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
+    eviction: EvictionConfig = field(default_factory=EvictionConfig)
+    capacity: int | None = None
+    device: str = "cpu"
+
+    def validate(self, where: str | None = None) -> "TableConfig":
+        """Raises ValueError naming the first bad field; returns self when valid."""
+        p = where if where is not None else self.name
+        if not isinstance(self.name, str) or not self.name or not all(
+            c.isalnum() or c in "_.-" for c in self.name
+        ):
+            raise ValueError(f"{p}.name: must match [A-Za-z0-9_.-]+, got {self.name!r}")
+        _check_int(f"{p}.dim", self.dim, low=1, high=65536)
+        if self.dtype != "float32":
+            raise ValueError(f"{p}.dtype: only 'float32' rows are supported, got {self.dtype!r}")
+        _check_enum(f"{p}.initializer", self.initializer, Initializer)
+        _check_float(f"{p}.init_scale", self.init_scale, low=0.0)
+        _check_int(f"{p}.seed", self.seed, low=0, high=2**64 - 1)
+        if self.capacity is not None:
+            _check_int(f"{p}.capacity", self.capacity, low=1, high=2**32 - 2)
+        if not isinstance(self.device, str) or not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ValueError(f"{p}.device: must be 'cpu' or 'cuda[:index]', got {self.device!r}")
+        o = self.optimizer
+        _check_enum(f"{p}.optimizer.kind", o.kind, OptimizerKind)
+        _check_float(f"{p}.optimizer.lr", o.lr, low=0.0, strict=True)
+        _check_float(f"{p}.optimizer.eps", o.eps, low=0.0)
+        _check_float(f"{p}.optimizer.beta1", o.beta1, low=0.0, high=1.0)
+        _check_float(f"{p}.optimizer.beta2", o.beta2, low=0.0, high=1.0)
+        _check_float(f"{p}.optimizer.initial_accumulator", o.initial_accumulator, low=0.0)
+        _check_float(f"{p}.optimizer.ftrl_beta", o.ftrl_beta, low=0.0)
+        _check_float(f"{p}.optimizer.l1", o.l1, low=0.0)
+        _check_float(f"{p}.optimizer.l2", o.l2, low=0.0)
+        a = self.admission
+        _check_enum(f"{p}.admission.kind", a.kind, AdmissionKind)
+        _check_int(f"{p}.admission.min_count", a.min_count, low=1, high=2**31)
+        _check_float(f"{p}.admission.probability", a.probability, low=0.0, high=1.0)
+        if a.kind == AdmissionKind.PROBABILITY and a.probability == 0.0:
+            raise ValueError(f"{p}.admission.probability: must be > 0, or no key could ever train")
+        e = self.eviction
+        _check_enum(f"{p}.eviction.policy", e.policy, EvictionPolicy)
+        if e.ttl_steps is not None:
+            _check_int(f"{p}.eviction.ttl_steps", e.ttl_steps, low=1, high=2**31)
+        if e.policy != EvictionPolicy.NONE and self.capacity is None:
+            raise ValueError(
+                f"{p}.eviction.policy: '{e.policy}' evicts only when the table is full, so it needs "
+                f"{p}.capacity to be set"
+            )
+        return self
+
+
+def _check_int(path: str, value: object, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{path}: must be an integer, got {type(value).__name__} {value!r}")
+    if not low <= value <= high:
+        raise ValueError(f"{path}: must be in [{low}, {high}], got {value}")
+
+
+def _check_float(path: str, value: object, low: float, high: float = math.inf, strict: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{path}: must be a number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{path}: must be finite, got {value}")
+    if value < low or (strict and value == low) or value > high:
+        bound = f"> {low}" if strict else f">= {low}"
+        if high != math.inf:
+            bound += f" and <= {high}"
+        raise ValueError(f"{path}: must be {bound}, got {value}")
+
+
+def _check_enum(path: str, value: object, enum: type[StrEnum]) -> None:
+    if value not in set(enum):
+        choices = ", ".join(repr(m.value) for m in enum)
+        raise ValueError(f"{path}: must be one of {choices}, got {value!r}")
