@@ -153,6 +153,20 @@ class EmbeddingTable:
                 raise ValueError("counts: every entry must be >= 1")
 
         unique_keys, sums, sightings = native.dedupe_sum(keys, grads_np, counts, self.dim)
+        capacity = self.config.capacity
+        if self.config.admission.kind == AdmissionKind.NONE and (
+            capacity is None or self.size + unique_keys.shape[0] <= capacity
+        ):
+            # Fast path: every key trains and all fit, so one probe of the map does it all.
+            rows, inserted = self._map.find_or_insert(unique_keys)
+            self._store.ensure_rows(self._map.num_rows)
+            if inserted.any():
+                new_keys = unique_keys[inserted]
+                self._write_new_rows(new_keys, rows[inserted], np.zeros(new_keys.shape[0], np.uint32))
+                self.num_admitted += new_keys.shape[0]
+            self._update(rows, sums, sightings, step)
+            return self._finish(step, rows.shape[0], int(inserted.sum()), np.empty(0, dtype=np.int64))
+
         rows = self._map.find(unique_keys)
         is_new = rows < 0
         admit_new, pending_rows, pending_before = self._admission(unique_keys, is_new, sightings)
@@ -175,7 +189,10 @@ class EmbeddingTable:
             self.num_admitted += int(inserted.sum())
         self._update(rows, sums[apply_mask], sightings[apply_mask], step)
         self._count_pending(unique_keys[is_new][~admit_new], sightings[is_new][~admit_new], step)
+        return self._finish(step, int(apply_mask.sum()), int(inserted.sum()), evicted)
 
+    def _finish(self, step: int, num_updated: int, num_inserted: int, evicted: np.ndarray) -> ApplyResult:
+        """Advances version and step, and runs the TTL sweep when one is due."""
         previous_step = self.step
         self.step = max(self.step, step)
         self.version += 1
@@ -184,7 +201,7 @@ class EmbeddingTable:
             interval = max(1, ttl // 8)
             if self.step // interval > previous_step // interval:
                 evicted = np.concatenate([evicted, self.evict_expired(self.step)])
-        return ApplyResult(int(apply_mask.sum()), int(inserted.sum()), evicted)
+        return ApplyResult(num_updated, num_inserted, evicted)
 
     def evict_expired(self, step: int) -> np.ndarray:
         """Drops rows (and pending keys) not pushed for more than ttl_steps before `step`.

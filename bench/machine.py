@@ -1,0 +1,30 @@
+"""Facts about the machine a benchmark ran on, stored beside every result."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+
+
+def machine_facts() -> dict[str, object]:
+    import numpy
+    import torch
+
+    memory = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    memory = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return {
+        "cpu_count": os.cpu_count(),
+        "memory_bytes": memory,
+        "processor": platform.processor() or platform.machine(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "platform": platform.platform(),
+    }

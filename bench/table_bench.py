@@ -1,0 +1,145 @@
+"""`embps bench table`: hash map, lookup and optimizer rates of one table on one thread.
+
+Each rate is printed next to the raw `torch.index_select` gather of the same rows from a plain
+(rows, dim) tensor, measured in the same run, so the figures carry their own yardstick.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from bench.keys import ZipfSampler, key_of_rank
+from bench.machine import machine_facts
+from ps.native import HashMap
+from ps.table import EmbeddingTable
+from ps.table_config import OptimizerConfig, OptimizerKind, TableConfig
+
+
+@dataclass(frozen=True)
+class TableBenchConfig:
+    rows: int = 10_000_000
+    dim: int = 64
+    batch: int = 4096
+    batches: int = 200
+    zipf: float = 1.05
+    out: str | None = None
+
+
+def _rate(fn, batches: list[np.ndarray]) -> float:
+    """Items per second of fn over the batches (one warm-up batch first)."""
+    fn(batches[0])
+    start = time.perf_counter()
+    for b in batches:
+        fn(b)
+    elapsed = time.perf_counter() - start
+    return sum(b.shape[0] for b in batches) / elapsed
+
+
+def run_table_bench(config: TableBenchConfig) -> int:
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    n, dim, batch = config.rows, config.dim, config.batch
+    all_keys = key_of_rank(np.arange(n, dtype=np.int64))
+    results: dict[str, object] = {"config": asdict(config), "machine": machine_facts()}
+    print(f"embps bench table: {n:,} rows x dim {dim}, batches of {batch}, 1 thread")
+
+    progress = tqdm(total=n, desc="fill hash map", unit="key", unit_scale=True)
+    hash_map = HashMap()
+    start = time.perf_counter()
+    for i in range(0, n, batch):
+        hash_map.find_or_insert(all_keys[i : i + batch])
+        progress.update(min(batch, n - i))
+    progress.close()
+    results["hash_insert_new_keys_per_s"] = n / (time.perf_counter() - start)
+    lookup_keys = rng.choice(all_keys, size=min(n, 10_000_000))
+    start = time.perf_counter()
+    hash_map.find(lookup_keys)
+    results["hash_find_keys_per_s_one_call"] = lookup_keys.shape[0] / (time.perf_counter() - start)
+    # Fresh batches for each verb, so no verb runs on slots the previous one left in cache.
+    results["hash_find_keys_per_s"] = _rate(
+        hash_map.find, [rng.choice(all_keys, size=batch) for _ in range(config.batches)]
+    )
+    results["hash_find_or_insert_existing_keys_per_s"] = _rate(
+        hash_map.find_or_insert, [rng.choice(all_keys, size=batch) for _ in range(config.batches)]
+    )
+    sample = {int(k): i for i, k in enumerate(all_keys[: min(n, 1_000_000)])}
+    probe = [int(k) for k in rng.choice(all_keys[: len(sample)], size=200_000)]
+    start = time.perf_counter()
+    for k in probe:
+        sample.get(k, -1)
+    results["python_dict_find_keys_per_s"] = len(probe) / (time.perf_counter() - start)
+    del hash_map, sample
+
+    table = EmbeddingTable(
+        TableConfig(
+            name="bench", dim=dim, optimizer=OptimizerConfig(kind=OptimizerKind.ROWWISE_ADAGRAD, lr=0.01)
+        )
+    )
+    fill = 1 << 20
+    zero = np.zeros((fill, dim), np.float32)
+    for i in tqdm(range(0, n, fill), desc="fill table", unit="block"):
+        chunk = all_keys[i : i + fill]
+        table.apply_gradients(chunk, zero[: chunk.shape[0]])
+    raw = torch.randn(n, dim)
+    zipf = ZipfSampler(n, config.zipf, seed=1)
+    streams = {
+        "uniform": [rng.integers(0, n, batch) for _ in range(config.batches)],
+        "zipf": [zipf.ranks(batch) for _ in range(config.batches)],
+    }
+    grads = np.random.default_rng(2).normal(size=(batch, dim)).astype(np.float32) * 1e-3
+    for name, rank_batches in streams.items():
+        key_batches = [key_of_rank(r) for r in rank_batches]
+        index_batches = [torch.from_numpy(r) for r in rank_batches]
+        gather = _rate(lambda idx: torch.index_select(raw, 0, idx), index_batches)
+        lookup = _rate(table.lookup, key_batches)
+        update_batches = [
+            key_of_rank(r)
+            for r in (
+                rng.integers(0, n, batch) if name == "uniform" else zipf.ranks(batch)
+                for _ in range(config.batches)
+            )
+        ]
+        update = _rate(lambda k: table.apply_gradients(k, grads[: k.shape[0]]), update_batches)
+        unique = np.mean([np.unique(k).shape[0] for k in key_batches]) / batch
+        results[name] = {
+            "raw_index_select_rows_per_s": gather,
+            "lookup_rows_per_s": lookup,
+            "lookup_vs_raw_gather": lookup / gather,
+            "rowwise_adagrad_rows_per_s": update,
+            "unique_key_fraction": unique,
+        }
+    results["table_memory_bytes"] = table.memory_bytes
+    results["table_bytes_per_row"] = table.memory_bytes / table.size
+
+    _print(results)
+    if config.out:
+        with open(config.out, "w") as f:
+            json.dump({"bench": "table", **results}, f, indent=2)
+        print(f"wrote {config.out}")
+    return 0
+
+
+def _print(r: dict) -> None:
+    m = 1e6
+    print(f"hash map insert (new keys, batch)   {r['hash_insert_new_keys_per_s'] / m:8.2f} M keys/s")
+    print(f"hash map find (batch)                {r['hash_find_keys_per_s'] / m:8.2f} M keys/s")
+    print(f"hash map find (one call)             {r['hash_find_keys_per_s_one_call'] / m:8.2f} M keys/s")
+    print(
+        f"hash map find_or_insert (existing)   {r['hash_find_or_insert_existing_keys_per_s'] / m:8.2f} M keys/s"
+    )
+    print(f"python dict get                      {r['python_dict_find_keys_per_s'] / m:8.2f} M keys/s")
+    for name in ("uniform", "zipf"):
+        s = r[name]
+        print(
+            f"{name:8s} raw index_select {s['raw_index_select_rows_per_s'] / m:6.2f} M rows/s | "
+            f"lookup {s['lookup_rows_per_s'] / m:6.2f} M rows/s ({s['lookup_vs_raw_gather']:.0%} of raw) | "
+            f"rowwise adagrad {s['rowwise_adagrad_rows_per_s'] / m:6.2f} M rows/s "
+            f"(unique keys {s['unique_key_fraction']:.0%})"
+        )
+    print(f"table memory {r['table_memory_bytes'] / 2**30:.2f} GiB, {r['table_bytes_per_row']:.1f} bytes/row")

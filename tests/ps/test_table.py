@@ -1,0 +1,310 @@
+"""EmbeddingTable semantics: init, dedupe, export/load, admission, eviction, bad input, memory."""
+
+import numpy as np
+import pytest
+import torch
+
+from ps.errors import CapacityError
+from ps.table import EmbeddingTable
+from ps.table_config import (
+    AdmissionConfig,
+    AdmissionKind,
+    EvictionConfig,
+    EvictionPolicy,
+    Initializer,
+    OptimizerConfig,
+    OptimizerKind,
+    TableConfig,
+)
+
+SGD = OptimizerConfig(kind=OptimizerKind.SGD, lr=1.0)
+
+
+def keys_of(*values: int) -> np.ndarray:
+    return np.array(values, dtype=np.int64)
+
+
+def make(dim=4, **kwargs) -> EmbeddingTable:
+    kwargs.setdefault("optimizer", SGD)
+    return EmbeddingTable(TableConfig(name="t", dim=dim, **kwargs))
+
+
+def mix64(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.uint64)
+    with np.errstate(over="ignore"):
+        x ^= x >> np.uint64(30)
+        x *= np.uint64(0xBF58476D1CE4E5B9)
+        x ^= x >> np.uint64(27)
+        x *= np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(31)
+    return x
+
+
+def reference_uniform_init(seed: int, keys: np.ndarray, dim: int, scale: float) -> np.ndarray:
+    """The formula documented in csrc/row_ops.h, in numpy."""
+    golden = np.uint64(0x9E3779B97F4A7C15)
+    with np.errstate(over="ignore"):
+        seed_mix = mix64(np.array([seed], dtype=np.uint64) + golden)[0]
+        base = mix64(keys.astype(np.uint64) ^ seed_mix)
+        j = np.arange(1, dim + 1, dtype=np.uint64)
+        bits = mix64(base[:, None] + j[None, :] * golden)
+    u = (bits >> np.uint64(40)).astype(np.float64) / 2**24
+    return (scale * (2.0 * u - 1.0)).astype(np.float32)
+
+
+def test_init_is_a_pure_function_of_seed_and_key():
+    keys = np.array([0, 1, -1, 2**63 - 1, -(2**63), 123456789], dtype=np.int64)
+    a = make(dim=8, seed=5, init_scale=0.3)
+    b = make(dim=8, seed=5, init_scale=0.3)
+    b.lookup(keys[::-1])
+    b.apply_gradients(keys[3:], np.zeros((3, 8), np.float32))  # other order, rows created
+    np.testing.assert_array_equal(a.lookup(keys).numpy(), b.lookup(keys).numpy())
+    np.testing.assert_array_equal(a.lookup(keys).numpy(), reference_uniform_init(5, keys, 8, 0.3))
+    assert not np.array_equal(make(dim=8, seed=6).lookup(keys).numpy(), a.lookup(keys).numpy())
+    assert np.abs(a.lookup(keys).numpy()).max() <= 0.3
+
+
+def test_normal_and_zeros_initializers():
+    keys = np.arange(20000, dtype=np.int64)
+    normal = make(dim=8, initializer=Initializer.NORMAL, init_scale=2.0).lookup(keys).numpy()
+    assert abs(normal.mean()) < 0.05 and abs(normal.std() - 2.0) < 0.05
+    assert not make(dim=8, initializer=Initializer.ZEROS).lookup(keys).numpy().any()
+
+
+def test_lookup_does_not_create_rows():
+    table = make()
+    table.lookup(keys_of(1, 2, 3))
+    assert table.size == 0
+
+
+def test_duplicate_keys_are_summed_then_applied_once():
+    table = make(dim=2, optimizer=OptimizerConfig(kind=OptimizerKind.ROWWISE_ADAGRAD, lr=0.5))
+    other = make(dim=2, optimizer=OptimizerConfig(kind=OptimizerKind.ROWWISE_ADAGRAD, lr=0.5))
+    g = np.array([[1.0, 2.0], [3.0, -1.0], [0.5, 0.5]], np.float32)
+    table.apply_gradients(keys_of(9, 9, 9), g)
+    other.apply_gradients(keys_of(9), g.sum(axis=0, keepdims=True))
+    np.testing.assert_array_equal(table.lookup(keys_of(9)).numpy(), other.lookup(keys_of(9)).numpy())
+    assert table.export().freq.tolist() == [3]
+
+
+def test_push_k_times_moves_row_k_steps():
+    table = make(dim=3)
+    for _ in range(5):
+        table.apply_gradients(keys_of(42), np.full((1, 3), 0.25, np.float32))
+    np.testing.assert_allclose(
+        table.lookup(keys_of(42)).numpy(), table.init_values(keys_of(42)) - 5 * 0.25, atol=1e-6
+    )
+    assert table.version == 5
+
+
+@pytest.mark.parametrize("kind", list(OptimizerKind))
+def test_export_load_round_trip_continues_identically(kind):
+    config = TableConfig(name="t", dim=4, optimizer=OptimizerConfig(kind=kind, lr=0.1), seed=7)
+    a, b = EmbeddingTable(config), EmbeddingTable(config)
+    rng = np.random.default_rng(0)
+    for step in range(1, 6):
+        keys = rng.integers(0, 50, 30).astype(np.int64)
+        a.apply_gradients(keys, rng.normal(size=(30, 4)).astype(np.float32), step=step)
+    state = a.export()
+    b.load(state)
+    keys = rng.integers(0, 60, 30).astype(np.int64)
+    grads = rng.normal(size=(30, 4)).astype(np.float32)
+    a.apply_gradients(keys, grads, step=6)
+    b.apply_gradients(keys, grads, step=6)
+    sa, sb = a.export(), b.export()
+    for name in ("keys", "values", "optimizer_state", "freq", "last_step"):
+        np.testing.assert_array_equal(getattr(sa, name), getattr(sb, name))
+    assert (sa.version, sa.step) == (sb.version, sb.step) == (6, 6)
+
+
+def test_load_rejects_bad_state_naming_the_field():
+    table = make()
+    state = make().export()
+    state.values = np.zeros((0, 5), np.float32)
+    with pytest.raises(ValueError, match="state.values"):
+        table.load(state)
+
+
+def test_count_admission():
+    table = make(admission=AdmissionConfig(kind=AdmissionKind.COUNT, min_count=3))
+    g = np.ones((1, 4), np.float32)
+    init = table.init_values(keys_of(5))
+    for _ in range(2):
+        table.apply_gradients(keys_of(5), g)
+        np.testing.assert_array_equal(table.lookup(keys_of(5)).numpy(), init)  # gradients only count
+        assert table.size == 0 and table.num_pending == 1
+    table.apply_gradients(keys_of(5), g)  # third sighting admits, and this gradient applies
+    assert table.size == 1 and table.num_pending == 0 and table.num_admitted == 1
+    np.testing.assert_allclose(table.lookup(keys_of(5)).numpy(), init - 1.0, atol=1e-6)
+    assert table.export().freq.tolist() == [3]
+    table.apply_gradients(keys_of(6, 6, 6), np.ones((3, 4), np.float32))  # 3 sightings in one push
+    assert table.size == 2
+
+
+def test_probability_admission_is_deterministic_and_near_p():
+    config = dict(admission=AdmissionConfig(kind=AdmissionKind.PROBABILITY, probability=0.25))
+    a, b = make(**config), make(**config)
+    keys = np.arange(20000, dtype=np.int64)
+    a.apply_gradients(keys, np.zeros((keys.shape[0], 4), np.float32))
+    b.apply_gradients(keys[::-1].copy(), np.zeros((keys.shape[0], 4), np.float32))
+    assert 0.22 < a.size / keys.shape[0] < 0.28
+    np.testing.assert_array_equal(a.export().keys, b.export().keys)
+    assert a.num_pending == keys.shape[0] - a.size
+
+
+def test_ttl_eviction():
+    table = make(eviction=EvictionConfig(ttl_steps=4))
+    g = np.ones((1, 4), np.float32)
+    table.apply_gradients(keys_of(1), g, step=1)
+    table.apply_gradients(keys_of(2), g, step=3)
+    evicted = table.evict_expired(step=6)  # key 1 idle for 5 > 4 steps, key 2 for 3
+    assert evicted.tolist() == [1]
+    assert table.export().keys.tolist() == [2]
+    np.testing.assert_array_equal(table.lookup(keys_of(1)).numpy(), table.init_values(keys_of(1)))
+
+
+def test_ttl_eviction_runs_inside_apply_gradients():
+    table = make(eviction=EvictionConfig(ttl_steps=2))
+    g = np.ones((1, 4), np.float32)
+    table.apply_gradients(keys_of(1), g, step=1)
+    result = None
+    for step in range(2, 6):
+        result = table.apply_gradients(keys_of(2), g, step=step)
+        if result.evicted_keys.size:
+            break
+    assert result is not None and result.evicted_keys.tolist() == [1]
+    assert table.num_evicted == 1 and table.export().keys.tolist() == [2]
+
+
+def _fill(table: EmbeddingTable, pushes: dict[int, list[int]]) -> None:
+    """pushes: step -> keys pushed at that step."""
+    for step, keys in sorted(pushes.items()):
+        ks = np.array(keys, dtype=np.int64)
+        table.apply_gradients(ks, np.zeros((ks.shape[0], 4), np.float32), step=step)
+
+
+def test_lfu_capacity_eviction_drops_least_frequent():
+    table = make(capacity=4, eviction=EvictionConfig(policy=EvictionPolicy.LFU))
+    # key 10 is pushed 3 times, 11 twice, 12 once (latest), 13 twice.
+    _fill(table, {1: [10, 11, 13], 2: [10, 11, 13], 3: [10], 4: [12]})
+    result = table.apply_gradients(keys_of(99), np.zeros((1, 4), np.float32), step=5)
+    assert result.evicted_keys.tolist() == [12]  # least frequent, though most recent
+    assert sorted(table.export().keys.tolist()) == [10, 11, 13, 99]
+
+
+def test_lru_capacity_eviction_drops_least_recent():
+    table = make(capacity=4, eviction=EvictionConfig(policy=EvictionPolicy.LRU))
+    _fill(table, {1: [10, 11, 13], 2: [10, 11, 13], 3: [10], 4: [12]})
+    result = table.apply_gradients(keys_of(99), np.zeros((1, 4), np.float32), step=5)
+    assert result.evicted_keys.tolist() == [11]  # last pushed at step 2 (ties broken by freq, key)
+    assert sorted(table.export().keys.tolist()) == [10, 12, 13, 99]
+
+
+def test_eviction_never_drops_keys_of_the_current_push():
+    table = make(capacity=3, eviction=EvictionConfig(policy=EvictionPolicy.LFU))
+    _fill(table, {1: [1, 2, 3]})
+    table.apply_gradients(keys_of(1, 4), np.zeros((2, 4), np.float32), step=2)
+    assert 1 in table.export().keys.tolist() and 4 in table.export().keys.tolist()
+    assert table.size == 3
+
+
+def test_full_table_without_eviction_refuses_and_is_unchanged():
+    table = make(capacity=2)
+    _fill(table, {1: [1, 2]})
+    before = table.export()
+    with pytest.raises(CapacityError, match="full"):
+        table.apply_gradients(keys_of(1, 3), np.ones((2, 4), np.float32), step=2)
+    after = table.export()
+    np.testing.assert_array_equal(before.values, after.values)
+    assert table.version == before.version
+
+
+@pytest.mark.parametrize(
+    "keys, grads, error, match",
+    [
+        (np.array([1, 2], np.int32), np.zeros((2, 4), np.float32), TypeError, "keys: expected dtype int64"),
+        (keys_of(1, 2), np.zeros((2, 4), np.float64), TypeError, "grads: expected dtype float32"),
+        (keys_of(1, 2), np.zeros((2, 5), np.float32), ValueError, r"grads: expected shape \(2, 4\)"),
+        (keys_of(1, 2), np.zeros((3, 4), np.float32), ValueError, "grads: expected shape"),
+        (keys_of(1, 2), np.array([[0, 0, 0, 0], [0, np.nan, 0, 0]], np.float32), ValueError, "non-finite"),
+        (keys_of(1, 2), np.array([[0, 0, 0, np.inf], [0, 0, 0, 0]], np.float32), ValueError, "non-finite"),
+        (keys_of(1), [[0.0] * 4], TypeError, "grads"),
+    ],
+)
+def test_bad_input_raises_and_changes_nothing(keys, grads, error, match):
+    table = make()
+    _fill(table, {1: [1, 2]})
+    before = table.export()
+    with pytest.raises(error, match=match):
+        table.apply_gradients(keys, grads)
+    after = table.export()
+    np.testing.assert_array_equal(before.values, after.values)
+    np.testing.assert_array_equal(before.freq, after.freq)
+    assert table.version == before.version
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (dict(dim=0), r"t\.dim: must be in \[1, 65536\], got 0"),
+        (dict(dtype="float16"), r"t\.dtype"),
+        (dict(optimizer=OptimizerConfig(kind="rmsprop")), r"t\.optimizer\.kind: must be one of"),
+        (dict(optimizer=OptimizerConfig(lr=0.0)), r"t\.optimizer\.lr: must be > 0"),
+        (dict(eviction=EvictionConfig(policy=EvictionPolicy.LRU)), r"t\.eviction\.policy: .*capacity"),
+        (dict(admission=AdmissionConfig(kind=AdmissionKind.PROBABILITY, probability=1.5)), "probability"),
+        (dict(device="tpu"), r"t\.device"),
+    ],
+)
+def test_config_errors_name_the_field(overrides, match):
+    config = dict(name="t", dim=4) | overrides
+    with pytest.raises((ValueError, TypeError), match=match):
+        EmbeddingTable(TableConfig(**config))
+
+
+def test_memory_overhead_per_row_is_under_32_bytes():
+    dim = 16
+    table = EmbeddingTable(TableConfig(name="t", dim=dim, optimizer=SGD), block_shift=12)
+    rng = np.random.default_rng(0)
+    worst = 0.0
+    for _ in range(40):
+        keys = rng.integers(-(2**63), 2**63 - 1, size=25_000, dtype=np.int64)
+        table.apply_gradients(keys, np.zeros((keys.shape[0], dim), np.float32))
+        payload = table.size * (table.dim + table.state_width) * 4
+        # Rows preallocated in the last, partly filled block are capacity, not per-row overhead.
+        unused = (table._store.num_allocated_rows - table._map.num_rows) * table.width * 4
+        worst = max(worst, (table.memory_bytes - unused - payload) / table.size)
+    assert worst < 32, f"overhead {worst:.1f} bytes per row"
+
+
+def test_rows_grow_in_blocks_without_copying():
+    table = EmbeddingTable(TableConfig(name="t", dim=4, optimizer=SGD), block_shift=4)
+    table.apply_gradients(np.arange(16, dtype=np.int64), np.zeros((16, 4), np.float32))
+    first_block = table._store.blocks[0]
+    address = first_block.data_ptr()
+    table.apply_gradients(np.arange(16, 100, dtype=np.int64), np.ones((84, 4), np.float32))
+    assert len(table._store.blocks) == 7
+    assert table._store.blocks[0].data_ptr() == address  # the old block was not moved
+    np.testing.assert_allclose(
+        table.lookup(np.arange(100, dtype=np.int64)).numpy()[16:],
+        table.init_values(np.arange(16, 100, dtype=np.int64)) - 1.0,
+        atol=1e-6,
+    )
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kind", list(OptimizerKind))
+def test_cuda_rows_match_cpu_rows(kind):
+    config = dict(name="t", dim=8, optimizer=OptimizerConfig(kind=kind, lr=0.1), seed=2)
+    cpu = EmbeddingTable(TableConfig(**config))
+    gpu = EmbeddingTable(TableConfig(**config, device="cuda"))
+    rng = np.random.default_rng(1)
+    for step in range(1, 11):
+        keys = rng.integers(0, 100, 64).astype(np.int64)
+        grads = rng.normal(size=(64, 8)).astype(np.float32)
+        cpu.apply_gradients(keys, grads, step=step)
+        gpu.apply_gradients(keys, torch.from_numpy(grads).cuda(), step=step)
+    keys = np.arange(100, dtype=np.int64)
+    out = gpu.lookup(keys)
+    assert out.device.type == "cuda"
+    assert (out.cpu() - cpu.lookup(keys)).abs().max() <= 1e-5
