@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from bench.fbgemm_rates import fbgemm_cpu_rates
 from bench.keys import ZipfSampler, key_of_rank
 from bench.machine import machine_facts
 from ps.native import HashMap
@@ -116,6 +117,8 @@ def run_table_bench(config: TableBenchConfig) -> int:
         }
     results["table_memory_bytes"] = table.memory_bytes
     results["table_bytes_per_row"] = table.memory_bytes / table.size
+    del table, raw
+    results["fbgemm_cpu_uniform"] = fbgemm_cpu_rates(n, dim, batch, min(config.batches, 50))
 
     _print(results)
     if config.out:
@@ -143,3 +146,11 @@ def _print(r: dict) -> None:
             f"(unique keys {s['unique_key_fraction']:.0%})"
         )
     print(f"table memory {r['table_memory_bytes'] / 2**30:.2f} GiB, {r['table_bytes_per_row']:.1f} bytes/row")
+    fb = r["fbgemm_cpu_uniform"]
+    if isinstance(fb, str):
+        print(f"fbgemm CPU: skipped ({fb})")
+    else:
+        print(
+            f"fbgemm CPU TBE (uniform): forward {fb['fbgemm_forward_rows_per_s'] / m:6.2f} M rows/s | "
+            f"forward + fused rowwise adagrad {fb['fbgemm_rowwise_adagrad_rows_per_s'] / m:6.2f} M rows/s"
+        )

@@ -118,7 +118,9 @@ class EmbeddingTable:
         """
         keys = native.as_keys(keys)
         rows = self._map.find(keys)
-        out = self._store.gather(rows, 0, self.dim)
+        # No zero fill: gather writes every found row and the init fills every missing one.
+        out = torch.empty((keys.shape[0], self.dim), dtype=torch.float32, device=self._store.device)
+        self._store.gather(rows, 0, self.dim, out)
         missing = rows < 0
         if missing.any():
             init = torch.from_numpy(self.init_values(keys[missing])).to(out.device)
