@@ -117,7 +117,6 @@ def run_table_bench(config: TableBenchConfig) -> int:
         }
     results["table_memory_bytes"] = table.memory_bytes
     results["table_bytes_per_row"] = table.memory_bytes / table.size
-    del table, raw
     results["fbgemm_cpu_uniform"] = fbgemm_cpu_rates(n, dim, batch, min(config.batches, 50))
 
     _print(results)

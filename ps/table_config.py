@@ -100,7 +100,7 @@ class TableConfig:
     capacity: int | None = None
     device: str = "cpu"
 
-    def validate(self, where: str | None = None) -> "TableConfig":
+    def validate(self, where: str | None = None) -> TableConfig:
         """Raises ValueError naming the first bad field; returns self when valid."""
         p = where if where is not None else self.name
         if not isinstance(self.name, str) or not self.name or not all(
