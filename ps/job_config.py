@@ -1,0 +1,287 @@
+"""The job config: one TOML file declaring the shards, the tables and the RPC limits.
+
+    job = "ctr"
+    message_limit_bytes = 67108864      # largest gRPC message either side sends (default 64 MiB)
+
+    [deadlines]                         # seconds a client waits for one call, retries included
+    lookup = 10.0
+    push = 30.0
+    stats = 5.0
+
+    [sharding]                          # optional; default: equal contiguous bucket ranges
+    bucket_ranges = [[0, 32768, 0], [32768, 65536, 1]]
+
+    [[shards]]
+    address = "127.0.0.1:50051"         # host:port the shard's gRPC server binds
+    metrics_port = 9101                 # Prometheus /metrics (0: pick a free port)
+
+    [tables.user]                       # every TableConfig field; the table's name is its key
+    dim = 16
+    capacity = 1000000
+    optimizer = { kind = "adagrad", lr = 0.05 }
+
+Every error names the field and the rule, e.g. `tables.user.dim: must be in [1, 65536], got 0`.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+import types
+import typing
+from dataclasses import MISSING, dataclass, field, fields
+from enum import StrEnum
+from pathlib import Path
+
+import numpy as np
+
+from ps.sharding import ShardMap
+from ps.table_config import AdmissionConfig, EvictionConfig, OptimizerConfig, TableConfig
+
+DEFAULT_MESSAGE_LIMIT = 64 << 20
+_MIN_MESSAGE_LIMIT = 64 << 10
+
+
+@dataclass(frozen=True)
+class Deadlines:
+    """Seconds a client call may take, retries included; every call has one."""
+
+    lookup: float = 10.0
+    push: float = 30.0
+    stats: float = 5.0
+
+
+@dataclass(frozen=True)
+class ShardConfig:
+    """One shard process: the gRPC `address` ("host:port") and its Prometheus port."""
+
+    address: str
+    metrics_port: int = 0
+
+    @property
+    def host(self) -> str:
+        return self.address.rsplit(":", 1)[0]
+
+    @property
+    def port(self) -> int:
+        return int(self.address.rsplit(":", 1)[1])
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """A whole job. `shard_map` maps the 2^16 buckets to indexes of `shards`."""
+
+    job: str
+    shards: tuple[ShardConfig, ...]
+    tables: tuple[TableConfig, ...]
+    message_limit_bytes: int = DEFAULT_MESSAGE_LIMIT
+    deadlines: Deadlines = field(default_factory=Deadlines)
+    shard_map: ShardMap | None = None
+    push_dedupe_window: int = 4096
+
+    def __post_init__(self) -> None:
+        if self.shard_map is None:
+            object.__setattr__(self, "shard_map", ShardMap.uniform(max(1, len(self.shards))))
+
+    @property
+    def addresses(self) -> list[str]:
+        return [s.address for s in self.shards]
+
+    def table(self, name: str) -> TableConfig:
+        for t in self.tables:
+            if t.name == name:
+                return t
+        raise KeyError(f"job {self.job!r} has no table {name!r}")
+
+
+def load_job_config(path: str | Path) -> JobConfig:
+    """Reads and validates a TOML job config; ValueError/TypeError name the bad field."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{path}: not valid TOML: {exc}") from exc
+    return parse_job_config(data)
+
+
+def parse_job_config(data: dict) -> JobConfig:
+    """A parsed TOML document (dict) -> a validated JobConfig."""
+    _reject_unknown(
+        "", data, {"job", "shards", "tables", "message_limit_bytes", "deadlines", "sharding", "push_dedupe_window"}
+    )
+    job = data.get("job")
+    if not isinstance(job, str) or not job or not all(c.isalnum() or c in "_.-" for c in job):
+        raise ValueError(f"job: must be a name matching [A-Za-z0-9_.-]+, got {job!r}")
+    shards = _parse_shards(data.get("shards"))
+    tables = _parse_tables(data.get("tables"))
+    limit = data.get("message_limit_bytes", DEFAULT_MESSAGE_LIMIT)
+    _check_int("message_limit_bytes", limit, _MIN_MESSAGE_LIMIT, 2**31 - 1)
+    window = data.get("push_dedupe_window", 4096)
+    _check_int("push_dedupe_window", window, 1, 1 << 24)
+    deadlines = _build(Deadlines, _table_of(data, "deadlines"), "deadlines")
+    for f in fields(Deadlines):
+        value = getattr(deadlines, f.name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"deadlines.{f.name}: must be a number of seconds > 0, got {value!r}")
+    sharding = _table_of(data, "sharding")
+    _reject_unknown("sharding", sharding, {"bucket_ranges"})
+    if "bucket_ranges" in sharding:
+        ranges = sharding["bucket_ranges"]
+        if not isinstance(ranges, list):
+            raise TypeError(f"sharding.bucket_ranges: must be a list of [start, stop, shard], got {ranges!r}")
+        shard_map = ShardMap.from_ranges(len(shards), ranges, "sharding.bucket_ranges")
+        unused = sorted(set(range(len(shards))) - set(shard_map.buckets.tolist()))
+        if unused:
+            raise ValueError(f"sharding.bucket_ranges: shards {unused} own no bucket")
+    else:
+        shard_map = ShardMap.uniform(len(shards))
+    return JobConfig(
+        job=job,
+        shards=shards,
+        tables=tables,
+        message_limit_bytes=limit,
+        deadlines=deadlines,
+        shard_map=shard_map,
+        push_dedupe_window=window,
+    )
+
+
+def _parse_shards(raw: object) -> tuple[ShardConfig, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise ValueError(f"shards: must be a non-empty array of tables ([[shards]]), got {raw!r}")
+    shards = []
+    seen: dict[str, int] = {}
+    for i, entry in enumerate(raw):
+        where = f"shards[{i}]"
+        if not isinstance(entry, dict):
+            raise TypeError(f"{where}: must be a table with address and metrics_port, got {entry!r}")
+        shard = _build(ShardConfig, entry, where)
+        address = shard.address
+        if not isinstance(address, str) or address.count(":") < 1:
+            raise ValueError(f"{where}.address: must be 'host:port', got {address!r}")
+        host, port = address.rsplit(":", 1)
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"{where}.address: must be 'host:port' with a port in [1, 65535], got {address!r}")
+        _check_int(f"{where}.metrics_port", shard.metrics_port, 0, 65535)
+        if address in seen:
+            raise ValueError(f"{where}.address: {address!r} is also shards[{seen[address]}].address")
+        seen[address] = i
+        shards.append(shard)
+    return tuple(shards)
+
+
+def _parse_tables(raw: object) -> tuple[TableConfig, ...]:
+    if not isinstance(raw, dict) or not raw:
+        raise ValueError(f"tables: must declare at least one table ([tables.NAME] with dim), got {raw!r}")
+    tables = []
+    for name, entry in raw.items():
+        where = f"tables.{name}"
+        if not isinstance(entry, dict):
+            raise TypeError(f"{where}: must be a table of fields, got {entry!r}")
+        if "name" in entry and entry["name"] != name:
+            raise ValueError(f"{where}.name: the table's name is its key {name!r}, got {entry['name']!r}")
+        entry = {**entry, "name": name}
+        tables.append(_build(TableConfig, entry, where).validate(where))
+    return tuple(tables)
+
+
+_NESTED = {OptimizerConfig, AdmissionConfig, EvictionConfig, Deadlines, ShardConfig}
+
+
+def _build(cls: type, data: dict, where: str):
+    """Builds dataclass `cls` from a TOML table: unknown and missing fields name their path,
+    StrEnum fields are converted (bad values list the choices), nested configs recurse."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    _reject_unknown(where, data, names)
+    kwargs = {}
+    for f in fields(cls):
+        path = f"{where}.{f.name}" if where else f.name
+        if f.name not in data:
+            if f.default is MISSING and f.default_factory is MISSING:
+                raise ValueError(f"{path}: required field is missing")
+            continue
+        value = data[f.name]
+        hint = _strip_optional(hints[f.name])
+        if hint in _NESTED:
+            if not isinstance(value, dict):
+                raise TypeError(f"{path}: must be a table of fields, got {value!r}")
+            value = _build(hint, value, path)
+        elif isinstance(hint, type) and issubclass(hint, StrEnum):
+            try:
+                value = hint(value)
+            except ValueError:
+                choices = ", ".join(repr(m.value) for m in hint)
+                raise ValueError(f"{path}: must be one of {choices}, got {value!r}") from None
+        kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+def _strip_optional(hint: object) -> object:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return hint
+
+
+def _table_of(data: dict, key: str) -> dict:
+    value = data.get(key, {})
+    if not isinstance(value, dict):
+        raise TypeError(f"{key}: must be a table ([{key}]), got {value!r}")
+    return value
+
+
+def _reject_unknown(where: str, data: dict, known: set[str]) -> None:
+    for key in data:
+        if key not in known:
+            path = f"{where}.{key}" if where else key
+            raise ValueError(f"{path}: unknown field; known fields: {', '.join(sorted(known))}")
+
+
+def _check_int(path: str, value: object, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{path}: must be an integer, got {type(value).__name__} {value!r}")
+    if not low <= value <= high:
+        raise ValueError(f"{path}: must be in [{low}, {high}], got {value}")
+
+
+def dump_job_config(job: JobConfig) -> str:
+    """A TOML text that load_job_config reads back as `job` (used by tests and the benchmark)."""
+    lines = [f'job = "{job.job}"', f"message_limit_bytes = {job.message_limit_bytes}"]
+    lines.append(f"push_dedupe_window = {job.push_dedupe_window}")
+    d = job.deadlines
+    lines += ["", "[deadlines]", f"lookup = {d.lookup!r}", f"push = {d.push!r}", f"stats = {d.stats!r}"]
+    if job.shard_map != ShardMap.uniform(len(job.shards)):
+        lines += ["", "[sharding]", f"bucket_ranges = {_ranges(job.shard_map)}"]
+    for s in job.shards:
+        lines += ["", "[[shards]]", f'address = "{s.address}"', f"metrics_port = {s.metrics_port}"]
+    for t in job.tables:
+        lines += ["", f"[tables.{t.name}]"]
+        lines += _toml_fields(t, skip={"name"})
+    return "\n".join(lines) + "\n"
+
+
+def _toml_fields(obj: object, skip: set[str] = frozenset()) -> list[str]:
+    lines = []
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if f.name in skip or value is None:
+            continue
+        if type(value) in _NESTED:
+            inner = ", ".join(_toml_fields(value))
+            lines.append(f"{f.name} = {{ {inner} }}")
+        elif isinstance(value, str):
+            lines.append(f'{f.name} = "{value}"')
+        elif isinstance(value, bool):
+            lines.append(f"{f.name} = {str(value).lower()}")
+        else:
+            lines.append(f"{f.name} = {value!r}")
+    return lines
+
+
+def _ranges(shard_map: ShardMap) -> str:
+    b = shard_map.buckets
+    starts = [0, *(int(i) for i in np.flatnonzero(b[1:] != b[:-1]) + 1)]
+    stops = [*starts[1:], len(b)]
+    return "[" + ", ".join(f"[{a}, {z}, {int(b[a])}]" for a, z in zip(starts, stops, strict=True)) + "]"

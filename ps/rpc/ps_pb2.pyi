@@ -1,0 +1,115 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DTYPE_UNSPECIFIED: _ClassVar[DType]
+    FLOAT32: _ClassVar[DType]
+DTYPE_UNSPECIFIED: DType
+FLOAT32: DType
+
+class LookupRequest(_message.Message):
+    __slots__ = ("table", "keys", "dim")
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    table: str
+    keys: bytes
+    dim: int
+    def __init__(self, table: _Optional[str] = ..., keys: _Optional[bytes] = ..., dim: _Optional[int] = ...) -> None: ...
+
+class LookupResponse(_message.Message):
+    __slots__ = ("values", "dim", "dtype", "version")
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    values: bytes
+    dim: int
+    dtype: DType
+    version: int
+    def __init__(self, values: _Optional[bytes] = ..., dim: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., version: _Optional[int] = ...) -> None: ...
+
+class PushId(_message.Message):
+    __slots__ = ("client_id", "sequence")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    sequence: int
+    def __init__(self, client_id: _Optional[str] = ..., sequence: _Optional[int] = ...) -> None: ...
+
+class PushRequest(_message.Message):
+    __slots__ = ("table", "keys", "grads", "dim", "dtype", "step", "push_id", "counts")
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    GRADS_FIELD_NUMBER: _ClassVar[int]
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    PUSH_ID_FIELD_NUMBER: _ClassVar[int]
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
+    table: str
+    keys: bytes
+    grads: bytes
+    dim: int
+    dtype: DType
+    step: int
+    push_id: PushId
+    counts: bytes
+    def __init__(self, table: _Optional[str] = ..., keys: _Optional[bytes] = ..., grads: _Optional[bytes] = ..., dim: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., step: _Optional[int] = ..., push_id: _Optional[_Union[PushId, _Mapping]] = ..., counts: _Optional[bytes] = ...) -> None: ...
+
+class PushResponse(_message.Message):
+    __slots__ = ("version", "num_updated", "num_inserted", "num_evicted", "duplicate")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    NUM_UPDATED_FIELD_NUMBER: _ClassVar[int]
+    NUM_INSERTED_FIELD_NUMBER: _ClassVar[int]
+    NUM_EVICTED_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    num_updated: int
+    num_inserted: int
+    num_evicted: int
+    duplicate: bool
+    def __init__(self, version: _Optional[int] = ..., num_updated: _Optional[int] = ..., num_inserted: _Optional[int] = ..., num_evicted: _Optional[int] = ..., duplicate: _Optional[bool] = ...) -> None: ...
+
+class StatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class TableStats(_message.Message):
+    __slots__ = ("name", "dim", "rows", "memory_bytes", "version", "step", "num_admitted", "num_evicted")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    NUM_ADMITTED_FIELD_NUMBER: _ClassVar[int]
+    NUM_EVICTED_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dim: int
+    rows: int
+    memory_bytes: int
+    version: int
+    step: int
+    num_admitted: int
+    num_evicted: int
+    def __init__(self, name: _Optional[str] = ..., dim: _Optional[int] = ..., rows: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., version: _Optional[int] = ..., step: _Optional[int] = ..., num_admitted: _Optional[int] = ..., num_evicted: _Optional[int] = ...) -> None: ...
+
+class StatsResponse(_message.Message):
+    __slots__ = ("job", "shard", "num_shards", "tables")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    TABLES_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    shard: int
+    num_shards: int
+    tables: _containers.RepeatedCompositeFieldContainer[TableStats]
+    def __init__(self, job: _Optional[str] = ..., shard: _Optional[int] = ..., num_shards: _Optional[int] = ..., tables: _Optional[_Iterable[_Union[TableStats, _Mapping]]] = ...) -> None: ...

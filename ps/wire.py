@@ -1,0 +1,91 @@
+"""Bulk arrays on the wire: raw little-endian bytes <-> numpy, checked on the way in.
+
+Layout (also written in proto/embps/ps.proto):
+
+    keys   (n,)      int64    8 bytes per key, little-endian
+    values (n, dim)  float32  row-major, little-endian, no padding; row i belongs to keys[i]
+    counts (n,)      int64    little-endian
+
+Decoding never copies: it returns read-only views over the message's bytes. Every check
+raises ValueError/TypeError naming the field, which the server turns into INVALID_ARGUMENT.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+from ps.rpc import ps_pb2
+
+KEY_DTYPE = np.dtype("<i8")
+VALUE_DTYPE = np.dtype("<f4")
+_VALUE_DTYPES = {ps_pb2.DTYPE_UNSPECIFIED: VALUE_DTYPE, ps_pb2.FLOAT32: VALUE_DTYPE}
+_NATIVE_LITTLE = sys.byteorder == "little"
+
+
+def encode_keys(keys: np.ndarray) -> bytes:
+    """keys (n,) int64 -> n * 8 bytes, little-endian."""
+    keys = np.asarray(keys)
+    if keys.dtype != np.int64:
+        raise TypeError(f"keys: expected dtype int64, got {keys.dtype}")
+    if keys.ndim != 1:
+        raise ValueError(f"keys: expected shape (n,), got {keys.shape}")
+    return keys.astype(KEY_DTYPE, copy=False).tobytes()
+
+
+def encode_values(values: np.ndarray, dim: int, name: str = "values") -> bytes:
+    """values (n, dim) float32 -> n * dim * 4 bytes, row-major, little-endian."""
+    values = np.asarray(values)
+    if values.dtype != np.float32:
+        raise TypeError(f"{name}: expected dtype float32, got {values.dtype}")
+    if values.ndim != 2 or values.shape[1] != dim:
+        raise ValueError(f"{name}: expected shape (n, {dim}), got {values.shape}")
+    return values.astype(VALUE_DTYPE, copy=False).tobytes()
+
+
+def decode_keys(data: bytes, name: str = "keys") -> np.ndarray:
+    """n * 8 bytes -> keys (n,) int64 (a read-only view in native byte order)."""
+    if len(data) % KEY_DTYPE.itemsize:
+        raise ValueError(
+            f"{name}: byte length {len(data)} is not a multiple of 8; keys travel as little-endian int64"
+        )
+    keys = np.frombuffer(data, dtype=KEY_DTYPE)
+    return keys if _NATIVE_LITTLE else keys.astype(np.int64)
+
+
+def check_dim(dim: int, table_dim: int, table: str) -> None:
+    """Raises ValueError unless the dim a request carries equals the table's."""
+    if dim != table_dim:
+        raise ValueError(f"dim: table {table!r} has dim {table_dim}, the request says {dim}")
+
+
+def value_dtype(dtype: int, name: str = "dtype") -> np.dtype:
+    """The numpy dtype of a wire DType; only float32 is accepted."""
+    if dtype not in _VALUE_DTYPES:
+        known = ", ".join(ps_pb2.DType.Name(d) for d in _VALUE_DTYPES if d)
+        raise ValueError(f"{name}: unsupported dtype {dtype}; supported: {known}")
+    return _VALUE_DTYPES[dtype]
+
+
+def decode_values(data: bytes, n: int, dim: int, dtype: int = ps_pb2.FLOAT32, name: str = "values") -> np.ndarray:
+    """n * dim * itemsize bytes -> values (n, dim) float32 (a read-only view in native byte order)."""
+    wire_dtype = value_dtype(dtype)
+    expected = n * dim * wire_dtype.itemsize
+    if len(data) != expected:
+        raise ValueError(
+            f"{name}: byte length {len(data)} does not match {n} keys x dim {dim} x "
+            f"{wire_dtype.itemsize} bytes = {expected}"
+        )
+    values = np.frombuffer(data, dtype=wire_dtype).reshape(n, dim)
+    return values if _NATIVE_LITTLE else values.astype(np.float32)
+
+
+def decode_counts(data: bytes, n: int, name: str = "counts") -> np.ndarray | None:
+    """Empty -> None (one sighting each); else n * 8 bytes -> counts (n,) int64."""
+    if not data:
+        return None
+    counts = decode_keys(data, name)
+    if counts.shape[0] != n:
+        raise ValueError(f"{name}: {counts.shape[0]} counts for {n} keys")
+    return counts

@@ -1,0 +1,115 @@
+"""The TOML job config: a full example loads, and every bad field is named in its error."""
+
+import tomllib
+
+import numpy as np
+import pytest
+
+from ps.job_config import dump_job_config, load_job_config, parse_job_config
+from ps.sharding import ShardMap
+from ps.table_config import EvictionPolicy, OptimizerKind
+
+EXAMPLE = """
+job = "ctr"
+message_limit_bytes = 1048576
+
+[deadlines]
+lookup = 2.5
+push = 7
+
+[sharding]
+bucket_ranges = [[0, 40000, 0], [40000, 65536, 1]]
+
+[[shards]]
+address = "127.0.0.1:7001"
+metrics_port = 9101
+
+[[shards]]
+address = "127.0.0.1:7002"
+
+[tables.user]
+dim = 16
+capacity = 1000
+optimizer = { kind = "adagrad", lr = 0.05 }
+eviction = { policy = "lfu" }
+
+[tables.item]
+dim = 8
+"""
+
+
+def test_example_loads_into_frozen_dataclasses(tmp_path):
+    path = tmp_path / "job.toml"
+    path.write_text(EXAMPLE)
+    job = load_job_config(path)
+    assert job.job == "ctr"
+    assert job.addresses == ["127.0.0.1:7001", "127.0.0.1:7002"]
+    assert job.shards[0].metrics_port == 9101 and job.shards[1].metrics_port == 0
+    assert job.message_limit_bytes == 1 << 20
+    assert (job.deadlines.lookup, job.deadlines.push, job.deadlines.stats) == (2.5, 7, 5.0)
+    user = job.table("user")
+    assert user.dim == 16 and user.capacity == 1000
+    assert user.optimizer.kind is OptimizerKind.ADAGRAD and user.optimizer.lr == 0.05
+    assert user.eviction.policy is EvictionPolicy.LFU
+    assert job.table("item").dim == 8
+    assert np.bincount(job.shard_map.buckets).tolist() == [40000, 25536]
+    with pytest.raises(AttributeError):
+        job.job = "other"
+
+
+def test_dump_reads_back_equal():
+    job = parse_job_config(tomllib.loads(EXAMPLE))
+    assert parse_job_config(tomllib.loads(dump_job_config(job))) == job
+
+
+def test_default_shard_map_is_uniform():
+    text = EXAMPLE.replace("[sharding]\nbucket_ranges = [[0, 40000, 0], [40000, 65536, 1]]\n", "")
+    assert "bucket_ranges" not in text
+    job = parse_job_config(tomllib.loads(text))
+    assert job.shard_map == ShardMap.uniform(2)
+
+
+def _with(old: str, new: str) -> dict:
+    assert old in EXAMPLE
+    return tomllib.loads(EXAMPLE.replace(old, new, 1))
+
+
+@pytest.mark.parametrize(
+    "old, new, message",
+    [
+        ("dim = 16", "dim = 0", r"tables\.user\.dim: must be in \[1, 65536\], got 0"),
+        ("dim = 16", 'dim = "16"', r"tables\.user\.dim: must be an integer"),
+        ("dim = 16", "dimm = 16", r"tables\.user\.dimm: unknown field"),
+        ("[tables.item]\ndim = 8", "[tables.item]", r"tables\.item\.dim: required field is missing"),
+        ('kind = "adagrad"', 'kind = "adagard"', r"tables\.user\.optimizer\.kind: must be one of"),
+        ("lr = 0.05", "lr = -1.0", r"tables\.user\.optimizer\.lr: must be > 0"),
+        ("capacity = 1000\n", "", r"tables\.user\.eviction\.policy: 'lfu' evicts only when the table is full"),
+        ('address = "127.0.0.1:7002"', 'address = "127.0.0.1"', r"shards\[1\]\.address: must be 'host:port'"),
+        ('address = "127.0.0.1:7002"', 'address = "127.0.0.1:7001"', r"shards\[1\]\.address: .* also shards\[0\]"),
+        ("metrics_port = 9101", "metrics_port = 70000", r"shards\[0\]\.metrics_port: must be in \[0, 65535\]"),
+        ('job = "ctr"', 'job = "c t r"', r"job: must be a name"),
+        ("message_limit_bytes = 1048576", "message_limit_bytes = 10", r"message_limit_bytes: must be in"),
+        ("lookup = 2.5", "lookup = 0", r"deadlines\.lookup: must be a number of seconds > 0"),
+        ("push = 7", "pushh = 7", r"deadlines\.pushh: unknown field"),
+        ("[40000, 65536, 1]", "[40001, 65536, 1]", r"sharding\.bucket_ranges\[1\]: ranges must cover"),
+        ("[40000, 65536, 1]", "[40000, 65536, 0]", r"sharding\.bucket_ranges: shards \[1\] own no bucket"),
+        ('job = "ctr"', 'job = "ctr"\nshard_count = 2', r"shard_count: unknown field"),
+    ],
+)
+def test_errors_name_the_field(old, new, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        parse_job_config(_with(old, new))
+
+
+def test_missing_shards_and_tables_are_named():
+    with pytest.raises(ValueError, match="shards: must be a non-empty array"):
+        parse_job_config({"job": "x", "tables": {"t": {"dim": 1}}})
+    with pytest.raises(ValueError, match="tables: must declare at least one table"):
+        parse_job_config({"job": "x", "shards": [{"address": "h:1"}]})
+
+
+def test_invalid_toml_names_the_file(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("job = \n")
+    with pytest.raises(ValueError, match="bad.toml: not valid TOML"):
+        load_job_config(path)
