@@ -1,0 +1,188 @@
+"""Criteo TSV reader: parsing against a plain reference, bad rows, streaming, sharding, resume."""
+
+import gzip
+import json
+import logging
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.worker.reference_features import assert_batches_equal, batch_of_rows, key
+from worker.batch import Batch
+from worker.criteo import CriteoTsvReader, write_criteo_sample
+from worker.features import hash_categorical, missing_key
+from worker.readers import BadRowPolicy, ReaderConfig
+
+
+def config(**kwargs) -> ReaderConfig:
+    kwargs.setdefault("global_batch_size", 64)
+    kwargs.setdefault("read_block_bytes", 2048)
+    return ReaderConfig(**kwargs)
+
+
+def test_parses_sample_like_the_reference_and_skips_bad_rows(tmp_path):
+    sample = write_criteo_sample(tmp_path / "day.tsv", 300, num_bad_rows=12, seed=1)
+    reader = CriteoTsvReader([sample.path], config())
+    batches = list(reader)
+    assert [len(b) for b in batches] == [64, 64, 64, 64, 44]
+    assert reader.num_bad_rows == 12
+    assert_batches_equal(Batch.cat(batches), batch_of_rows(sample.good_rows, 13))
+    assert reader.state() == {"file_index": 0, "offset": 312, "num_batches": 5}
+
+
+def test_streams_in_blocks_smaller_than_the_file(tmp_path):
+    sample = write_criteo_sample(tmp_path / "day.tsv", 200, num_bad_rows=0, seed=2)
+    with sample.path.open("a") as f:
+        f.write("garbage\n")
+    block = 1024
+    assert sample.path.stat().st_size > 10 * block
+    reader = CriteoTsvReader([sample.path], config(global_batch_size=8, read_block_bytes=block, bad_rows="fail"))
+    iterator = iter(reader)
+    # The first batches come out before the reader has seen the bad last line: it streams.
+    first = [next(iterator) for _ in range(3)]
+    assert reader.state()["offset"] == 24
+    assert_batches_equal(Batch.cat(first), batch_of_rows(sample.good_rows[:24], 13))
+    with pytest.raises(ValueError, match=f"{sample.path}:201: bad row"):
+        list(iterator)
+
+
+def test_bad_rows_are_logged_rate_limited(tmp_path, caplog):
+    sample = write_criteo_sample(tmp_path / "day.tsv", 100, num_bad_rows=10, seed=3)
+    with caplog.at_level(logging.WARNING, logger="worker.readers"):
+        reader = CriteoTsvReader([sample.path], config(bad_row_log_interval_s=3600))
+        list(reader)
+    assert reader.num_bad_rows == 10
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1
+    assert f"{sample.path}:{sample.bad_lines[0]}" in lines[0]
+
+
+BAD_LINES = {
+    "too few fields": "1\t2\t3",
+    "too many fields": "\t".join(["1"] + ["5"] * 13 + ["ab"] * 27),
+    "non-numeric integer": "\t".join(["1"] + ["5"] * 12 + ["12x"] + ["ab"] * 26),
+    "non-numeric label": "\t".join(["yes"] + ["5"] * 13 + ["ab"] * 26),
+    "empty line": "",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_LINES))
+def test_fail_mode_names_file_and_line(tmp_path, kind):
+    good = "\t".join(["0"] + ["1"] * 13 + ["68fd1e64"] * 26)
+    path = tmp_path / "day.tsv"
+    path.write_text("\n".join([good] * 4 + [BAD_LINES[kind]] + [good] * 3) + "\n")
+    with pytest.raises(ValueError, match=f"{path}:5: bad row"):
+        list(CriteoTsvReader([path], config(bad_rows="fail")))
+    skipping = CriteoTsvReader([path], config(bad_rows=BadRowPolicy.SKIP))
+    assert sum(len(b) for b in skipping) == 7
+    assert skipping.num_bad_rows == 1
+
+
+def test_empty_fields_and_the_same_string_in_two_features(tmp_path):
+    fields = ["1", "", "-3", "7"] + ["deadbeef", "deadbeef", "", "", "DEADBEEF", "not hex at all"]
+    path = tmp_path / "small.tsv"
+    path.write_text("\t".join(fields) + "\n")
+    (batch,) = CriteoTsvReader([path], config(num_dense=3, num_sparse=6))
+    np.testing.assert_allclose(batch.dense.numpy(), [[0.0, 0.0, np.log1p(7)]], rtol=1e-6)
+    keys = batch.sparse[0]
+    assert keys[0] != keys[1]
+    assert keys[2] == missing_key(2) and keys[3] == missing_key(3) and keys[2] != keys[3]
+    assert keys.tolist() == [key(f, t) for f, t in enumerate(fields[4:])]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.text(alphabet="0123456789abcdefABCDEF", max_size=20),
+            st.text(max_size=12).filter(lambda s: "\x00" not in s),
+        ),
+        max_size=30,
+    ),
+    st.integers(0, 40),
+)
+def test_hash_categorical_matches_the_reference(strings, feature):
+    import pyarrow as pa
+
+    column = pa.array(strings, type=pa.string())
+    assert hash_categorical(column, feature).tolist() == [key(feature, s) for s in strings]
+    if len(strings) > 2:  # an offset slice reads the right bytes
+        assert hash_categorical(column.slice(1), feature).tolist() == [key(feature, s) for s in strings[1:]]
+
+
+def write_files(tmp_path, sizes, gz=False):
+    samples = []
+    for i, size in enumerate(sizes):
+        sample = write_criteo_sample(tmp_path / f"part-{i}.tsv", size, num_bad_rows=5, seed=10 + i)
+        name = sample.path
+        if gz:
+            name = tmp_path / f"part-{i}.tsv.gz"
+            name.write_bytes(gzip.compress(sample.path.read_bytes()))
+        samples.append((name, sample))
+    return samples
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["plain", "gzip"])
+def test_resume_from_state_yields_the_remaining_batches(tmp_path, gz):
+    samples = write_files(tmp_path, [100, 70, 90], gz=gz)
+    paths = [name for name, _ in samples]
+    cfg = config(global_batch_size=48)
+    original = CriteoTsvReader(paths, cfg)
+    iterator = iter(original)
+    head = [next(iterator) for _ in range(3)]
+    state = json.loads(json.dumps(original.state()))
+    assert state["file_index"] == 1 and state["num_batches"] == 3
+    rest = list(iterator)
+    resumed = CriteoTsvReader(paths, cfg)
+    resumed.restore(state)
+    again = list(resumed)
+    assert len(again) == len(rest) == 3
+    for a, b in zip(again, rest, strict=True):
+        assert_batches_equal(a, b)
+    expected = batch_of_rows([row for _, s in samples for row in s.good_rows], 13)
+    assert_batches_equal(Batch.cat(head + again), expected)
+
+
+def test_resume_at_end_of_file_without_trailing_newline(tmp_path):
+    row = "\t".join(["1"] + ["2"] * 13 + ["0a"] * 26)
+    path = tmp_path / "day.tsv"
+    path.write_text("\n".join([row] * 4))
+    reader = CriteoTsvReader([path, path], config(global_batch_size=4))
+    iterator = iter(reader)
+    next(iterator)
+    assert reader.state() == {"file_index": 0, "offset": 4, "num_batches": 1}
+    resumed = CriteoTsvReader([path, path], config(global_batch_size=4))
+    resumed.restore(reader.state())
+    assert [len(b) for b in resumed] == [4]
+    beyond = CriteoTsvReader([path], config())
+    beyond.restore({"file_index": 0, "offset": 9, "num_batches": 0})
+    with pytest.raises(ValueError, match="state.offset"):
+        list(beyond)
+
+
+def test_ranks_together_see_the_global_batches(tmp_path):
+    samples = write_files(tmp_path, [130, 50])
+    paths = [name for name, _ in samples]
+    single = list(CriteoTsvReader(paths, config(global_batch_size=40)))
+    ranks = [list(CriteoTsvReader(paths, config(global_batch_size=40), rank=r, world_size=2)) for r in (0, 1)]
+    assert [len(b) for b in ranks[0]] == [20, 20, 20, 20, 10]
+    assert len(ranks[1]) == len(single) == 5
+    for whole, part0, part1 in zip(single, *ranks, strict=True):
+        assert_batches_equal(Batch.cat([part0, part1]), whole)
+
+
+def test_config_and_argument_errors_name_the_field(tmp_path):
+    with pytest.raises(ValueError, match="bad_rows"):
+        ReaderConfig(bad_rows="maybe")
+    with pytest.raises(ValueError, match="global_batch_size"):
+        ReaderConfig(global_batch_size=0)
+    with pytest.raises(ValueError, match="global_batch_size"):
+        CriteoTsvReader([tmp_path / "x.tsv"], ReaderConfig(global_batch_size=10), rank=0, world_size=3)
+    with pytest.raises(ValueError, match="rank"):
+        CriteoTsvReader([tmp_path / "x.tsv"], ReaderConfig(), rank=2, world_size=2)
+    with pytest.raises(TypeError, match="paths"):
+        CriteoTsvReader(str(tmp_path / "x.tsv"), ReaderConfig())
+    with pytest.raises(ValueError, match="state.file_index"):
+        CriteoTsvReader([tmp_path / "x.tsv"], ReaderConfig()).restore({"file_index": 5, "offset": 0, "num_batches": 0})
