@@ -52,14 +52,12 @@ class CriteoTsvReader(FileReader):
             invalid.append(line)
             if fail:
                 # An exception raised here would be swallowed by pyarrow: record it, stop the parse.
-                failure.append(f"{path}:{line}: bad row: {reason} (set bad_rows = \"skip\" to skip such rows)")
+                failure.append(f'{path}:{line}: bad row: {reason} (set bad_rows = "skip" to skip such rows)')
                 return "error"
             self._bad.add(f"{path}:{line}", reason)
             return "skip"
 
-        read_options = pacsv.ReadOptions(
-            column_names=names, block_size=self.config.read_block_bytes, use_threads=False
-        )
+        read_options = pacsv.ReadOptions(column_names=names, block_size=self.config.read_block_bytes, use_threads=False)
         parse_options = pacsv.ParseOptions(
             delimiter="\t",
             quote_char=False,
@@ -174,8 +172,10 @@ def write_criteo_sample(
             fields.append("" if rng.random() < 0.15 else rng.choice(vocab[:8] if rng.random() < 0.6 else vocab))
         good.append(fields)
     kinds = ["few", "many", "int", "label", "empty"]
-    bad = [_bad_line(kinds[i % len(kinds)], rng.choice(good) if good else ["0"] * (1 + num_dense + num_sparse),
-                     num_dense) for i in range(num_bad_rows)]
+    bad = [
+        _bad_line(kinds[i % len(kinds)], rng.choice(good) if good else ["0"] * (1 + num_dense + num_sparse), num_dense)
+        for i in range(num_bad_rows)
+    ]
     total = num_rows + num_bad_rows
     bad_positions = sorted(rng.sample(range(total), num_bad_rows))
     lines: list[str] = []

@@ -80,8 +80,9 @@ def _string_buffers(strings: pa.Array) -> tuple[np.ndarray, np.ndarray]:
         raise TypeError(f"strings: expected a pyarrow string array, got {strings.type}")
     _, offsets_buf, data_buf = strings.buffers()
     n = len(strings)
-    offsets = np.frombuffer(offsets_buf, dtype=offset_type, count=n + 1, offset=strings.offset * np.dtype(
-        offset_type).itemsize).astype(np.int64)
+    offsets = np.frombuffer(
+        offsets_buf, dtype=offset_type, count=n + 1, offset=strings.offset * np.dtype(offset_type).itemsize
+    ).astype(np.int64)
     data = np.frombuffer(data_buf, dtype=np.uint8) if data_buf is not None else np.zeros(0, np.uint8)
     return offsets, data
 

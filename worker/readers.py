@@ -73,11 +73,7 @@ class ReaderConfig:
     @property
     def column_names(self) -> list[str]:
         """label, I1..I{num_dense}, C1..C{num_sparse}."""
-        return (
-            ["label"]
-            + [f"I{i + 1}" for i in range(self.num_dense)]
-            + [f"C{i + 1}" for i in range(self.num_sparse)]
-        )
+        return ["label"] + [f"I{i + 1}" for i in range(self.num_dense)] + [f"C{i + 1}" for i in range(self.num_sparse)]
 
 
 @dataclass
@@ -126,9 +122,7 @@ class BadRowLog:
 class FileReader(ABC):
     """Base of the file readers: batching, rank split, bad-row policy, state. See module doc."""
 
-    def __init__(
-        self, paths: Sequence[str | Path], config: ReaderConfig, rank: int = 0, world_size: int = 1
-    ) -> None:
+    def __init__(self, paths: Sequence[str | Path], config: ReaderConfig, rank: int = 0, world_size: int = 1) -> None:
         if isinstance(paths, (str, Path)):
             raise TypeError("paths: expected a sequence of paths, got a single path (wrap it in a list)")
         if not paths:
@@ -202,7 +196,7 @@ class FileReader(ABC):
     def _bad_row(self, where: str, reason: str) -> None:
         """Applies the bad-row policy to one row at `where` ("path:line")."""
         if self.config.bad_rows is BadRowPolicy.FAIL:
-            raise ValueError(f"{where}: bad row: {reason} (set bad_rows = \"skip\" to skip such rows)")
+            raise ValueError(f'{where}: bad row: {reason} (set bad_rows = "skip" to skip such rows)')
         self._bad.add(where, reason)
 
     def _parse(
@@ -287,5 +281,3 @@ def line_reason(text: str, expected: int, actual: int) -> str:
     """The message for a row with the wrong number of fields."""
     shown = text if len(text) <= 80 else text[:77] + "..."
     return f"expected {expected} tab-separated fields, got {actual}: {shown!r}"
-
-
