@@ -1,0 +1,119 @@
+"""Parquet reader: the same rows as TSV give the same batches; resume across row groups; errors."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tests.worker.reference_features import assert_batches_equal, batch_of_rows
+from worker.batch import Batch
+from worker.criteo import CriteoTsvReader, write_criteo_sample
+from worker.parquet_reader import ParquetReader
+from worker.readers import ReaderConfig
+
+NUM_DENSE, NUM_SPARSE = 13, 26
+
+
+def table_of_rows(rows: list[list[str]], string_dense: bool = False) -> pa.Table:
+    """Typed columns as a Criteo-to-Parquet converter writes them: empty numbers -> null."""
+    columns = {"label": pa.array([int(r[0]) for r in rows], pa.int64())}
+    for i in range(NUM_DENSE):
+        values = [r[1 + i] for r in rows]
+        if string_dense:
+            columns[f"I{i + 1}"] = pa.array(values, pa.string())
+        else:
+            columns[f"I{i + 1}"] = pa.array([int(v) if v else None for v in values], pa.int64())
+    for f in range(NUM_SPARSE):
+        columns[f"C{f + 1}"] = pa.array([r[1 + NUM_DENSE + f] or None for r in rows], pa.string())
+    return pa.table(columns)
+
+
+def write_parquet(path, rows, row_group_size=50, **kwargs):
+    pq.write_table(table_of_rows(rows, **kwargs), path, row_group_size=row_group_size)
+    return path
+
+
+def config(**kwargs) -> ReaderConfig:
+    kwargs.setdefault("global_batch_size", 64)
+    kwargs.setdefault("read_batch_rows", 32)
+    return ReaderConfig(**kwargs)
+
+
+@pytest.mark.parametrize("string_dense", [False, True], ids=["int-columns", "string-columns"])
+def test_same_rows_as_tsv_give_identical_batches(tmp_path, string_dense):
+    sample = write_criteo_sample(tmp_path / "day.tsv", 250, num_bad_rows=7, seed=5)
+    path = write_parquet(tmp_path / "day.parquet", sample.good_rows, string_dense=string_dense)
+    from_tsv = list(CriteoTsvReader([sample.path], config()))
+    from_parquet = list(ParquetReader([path], config()))
+    assert [len(b) for b in from_parquet] == [64, 64, 64, 58]
+    for a, b in zip(from_parquet, from_tsv, strict=True):
+        assert_batches_equal(a, b)
+    assert_batches_equal(Batch.cat(from_parquet), batch_of_rows(sample.good_rows, NUM_DENSE))
+
+
+def test_dictionary_encoded_categoricals(tmp_path):
+    sample = write_criteo_sample(tmp_path / "day.tsv", 40, num_bad_rows=0, seed=6)
+    table = table_of_rows(sample.good_rows)
+    table = table.set_column(table.schema.get_field_index("C1"), "C1", table.column("C1").dictionary_encode())
+    pq.write_table(table, tmp_path / "dict.parquet")
+    (batch,) = ParquetReader([tmp_path / "dict.parquet"], config())
+    assert_batches_equal(batch, batch_of_rows(sample.good_rows, NUM_DENSE))
+
+
+def test_resume_inside_a_row_group_and_across_files(tmp_path):
+    samples = [write_criteo_sample(tmp_path / f"{i}.tsv", n, num_bad_rows=0, seed=i) for i, n in enumerate([130, 90])]
+    paths = [write_parquet(tmp_path / f"{i}.parquet", s.good_rows, row_group_size=40) for i, s in enumerate(samples)]
+    cfg = config(global_batch_size=48)
+    original = ParquetReader(paths, cfg)
+    iterator = iter(original)
+    head = [next(iterator) for _ in range(2)]
+    state = json.loads(json.dumps(original.state()))
+    assert state == {"file_index": 0, "offset": 96, "num_batches": 2}  # row 96 is inside group 2
+    rest = list(iterator)
+    resumed = ParquetReader(paths, cfg)
+    resumed.restore(state)
+    again = list(resumed)
+    assert len(again) == len(rest) == 3
+    for a, b in zip(again, rest, strict=True):
+        assert_batches_equal(a, b)
+    rows = samples[0].good_rows + samples[1].good_rows
+    assert_batches_equal(Batch.cat(head + again), batch_of_rows(rows, NUM_DENSE))
+
+
+def test_ranks_together_see_the_global_batches(tmp_path):
+    sample = write_criteo_sample(tmp_path / "day.tsv", 100, num_bad_rows=0, seed=8)
+    path = write_parquet(tmp_path / "day.parquet", sample.good_rows)
+    single = list(ParquetReader([path], config(global_batch_size=30)))
+    ranks = [list(ParquetReader([path], config(global_batch_size=30), rank=r, world_size=3)) for r in range(3)]
+    assert [len(b) for b in ranks[2]] == [10, 10, 10, 4]
+    for whole, *parts in zip(single, *ranks, strict=True):
+        assert_batches_equal(Batch.cat(parts), whole)
+
+
+def test_null_label_is_a_bad_row(tmp_path):
+    sample = write_criteo_sample(tmp_path / "day.tsv", 20, num_bad_rows=0, seed=9)
+    table = table_of_rows(sample.good_rows)
+    labels = table.column("label").to_pylist()
+    labels[7] = None
+    table = table.set_column(0, "label", pa.array(labels, pa.int64()))
+    path = tmp_path / "day.parquet"
+    pq.write_table(table, path)
+    reader = ParquetReader([path], config())
+    (batch,) = reader
+    assert reader.num_bad_rows == 1
+    assert_batches_equal(batch, batch_of_rows(sample.good_rows[:7] + sample.good_rows[8:], NUM_DENSE))
+    with pytest.raises(ValueError, match=f"{path}:row 7: bad row: label"):
+        list(ParquetReader([path], config(bad_rows="fail")))
+
+
+def test_missing_or_mistyped_columns_are_named(tmp_path):
+    sample = write_criteo_sample(tmp_path / "day.tsv", 10, num_bad_rows=0, seed=4)
+    table = table_of_rows(sample.good_rows)
+    pq.write_table(table.drop_columns(["I3"]), tmp_path / "missing.parquet")
+    with pytest.raises(ValueError, match="missing column.*I3"):
+        list(ParquetReader([tmp_path / "missing.parquet"], config()))
+    keys = pa.array(range(10), pa.int64())
+    pq.write_table(table.set_column(table.schema.get_field_index("C2"), "C2", keys), tmp_path / "typed.parquet")
+    with pytest.raises(TypeError, match=f"{tmp_path / 'typed.parquet'}: column C2"):
+        list(ParquetReader([tmp_path / "typed.parquet"], config()))
