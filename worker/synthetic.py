@@ -1,0 +1,173 @@
+"""Synthetic click data: Zipf-distributed keys and labels with a planted, learnable signal.
+
+Global batch t of split s is a pure function of (seed, s, t): its rows come from
+`np.random.default_rng([seed, s, t])`, and rank r of W yields rows
+[r * B / W, (r + 1) * B / W) of it (`split_rows`), so W ranks together see exactly the global
+batches of one process. Every rank draws the whole global batch and keeps its slice.
+
+Per row, for each feature f: a rank k in [0, num_keys) drawn with P(k) ~ (k + 1)^-zipf_alpha,
+and key = `keys_from_values(k, f)` (so keys look like hashed Criteo keys and differ across
+features). The planted model:
+
+    w(key)  = key_scale * (2 u(key) - 1),  u(key) = mix64(key XOR mix64(seed)) / 2^64 in [0, 1)
+    logit   = bias + sum_f w(sparse[:, f]) + (dense - 1) @ v,   v ~ N(0, dense_scale^2 / num_dense)
+    label   ~ Bernoulli(sigmoid(logit))
+
+key_scale = signal_std * sqrt(3 / num_sparse), so the sparse part of the logit has std
+signal_std. Dense features are log1p of exponential counts (mean about 1), like Criteo's.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from enum import StrEnum
+
+import numpy as np
+
+from worker.batch import Batch, check_rank, split_rows
+from worker.features import keys_from_values, mix64
+
+
+class Split(StrEnum):
+    """Which stream of batches: training, or a held-out set drawn from disjoint random streams."""
+
+    TRAIN = "train"
+    EVAL = "eval"
+
+
+_SPLIT_STREAM = {Split.TRAIN: 0, Split.EVAL: 1}
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """The synthetic data set. Defaults have Criteo's shape with a 100k-key vocabulary per feature."""
+
+    num_dense: int = 13
+    num_sparse: int = 26
+    num_keys: int = 100_000  # distinct keys per feature
+    zipf_alpha: float = 1.05  # P(rank k) ~ (k + 1)^-alpha; 0 is uniform
+    global_batch_size: int = 2048
+    num_batches: int = 1000  # global batches in the training split
+    num_eval_batches: int = 16  # global batches in the eval split
+    signal_std: float = 3.0  # std of the sparse part of the planted logit
+    dense_scale: float = 1.0  # std of the dense part, roughly
+    bias: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("num_sparse", "num_keys", "global_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("num_dense", "num_batches", "num_eval_batches"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        for name in ("zipf_alpha", "signal_std", "dense_scale"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name}: must be a finite number >= 0, got {value}")
+        if not math.isfinite(self.bias):
+            raise ValueError(f"bias: must be finite, got {self.bias}")
+
+
+class SyntheticData:
+    """The planted model and global batches of one `SyntheticConfig` (no rank, no position)."""
+
+    def __init__(self, config: SyntheticConfig) -> None:
+        if not isinstance(config, SyntheticConfig):
+            raise TypeError(f"config: expected SyntheticConfig, got {type(config).__name__}")
+        self.config = config
+        weights = np.arange(1, config.num_keys + 1, dtype=np.float64) ** -config.zipf_alpha
+        self._cdf = np.cumsum(weights / weights.sum())
+        self._cdf[-1] = 1.0
+        self._weight_salt = mix64(np.array([config.seed & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64))[0]
+        self._key_scale = config.signal_std * math.sqrt(3.0 / config.num_sparse)
+        rng = np.random.default_rng([config.seed, 2**32 - 1])
+        self.dense_weights = rng.normal(
+            0.0, config.dense_scale / math.sqrt(max(config.num_dense, 1)), size=config.num_dense
+        )
+
+    def num_batches(self, split: Split) -> int:
+        return self.config.num_batches if Split(split) is Split.TRAIN else self.config.num_eval_batches
+
+    def key_weights(self, keys: np.ndarray) -> np.ndarray:
+        """The hidden weight of each key: keys (...) int64 -> (...) float64."""
+        keys = np.asarray(keys, dtype=np.int64)
+        u = (mix64(keys.view(np.uint64) ^ self._weight_salt) >> np.uint64(11)).astype(np.float64) * 2.0**-53
+        return self._key_scale * (2.0 * u - 1.0)
+
+    def true_logits(self, dense: np.ndarray, sparse: np.ndarray) -> np.ndarray:
+        """The planted logit: dense (B, num_dense), sparse (B, num_sparse) int64 -> (B,) float64."""
+        dense = np.asarray(dense, dtype=np.float64)
+        return self.config.bias + self.key_weights(sparse).sum(axis=1) + (dense - 1.0) @ self.dense_weights
+
+    def global_batch(self, index: int, split: Split = Split.TRAIN) -> Batch:
+        """Global batch `index` of `split`, all `global_batch_size` rows."""
+        cfg = self.config
+        split = Split(split)
+        if not 0 <= index < self.num_batches(split):
+            raise ValueError(f"index: must be in [0, {self.num_batches(split)}) for split {split}, got {index}")
+        rng = np.random.default_rng([cfg.seed & 0xFFFFFFFFFFFFFFFF, _SPLIT_STREAM[split], index])
+        size = cfg.global_batch_size
+        ranks = np.searchsorted(self._cdf, rng.random((size, cfg.num_sparse)), side="right")
+        ranks = np.minimum(ranks, cfg.num_keys - 1).astype(np.uint64)
+        sparse = np.empty((size, cfg.num_sparse), dtype=np.int64)
+        for f in range(cfg.num_sparse):
+            sparse[:, f] = keys_from_values(ranks[:, f], f)
+        dense = np.log1p(rng.exponential(2.0, size=(size, cfg.num_dense)))
+        logits = self.true_logits(dense, sparse)
+        labels = (rng.random(size) < 1.0 / (1.0 + np.exp(-logits))).astype(np.float32)
+        return Batch.from_numpy(dense, sparse, labels)
+
+
+class SyntheticReader:
+    """Rank `rank` of `world_size`'s batches of one split, with a resumable position.
+
+    >>> reader = SyntheticReader(SyntheticConfig(global_batch_size=512), rank=0, world_size=2)
+    >>> [len(batch) for batch in reader][:2]
+    [256, 256]
+    """
+
+    def __init__(self, config: SyntheticConfig, rank: int = 0, world_size: int = 1, split: Split = Split.TRAIN) -> None:
+        check_rank(rank, world_size)
+        if config.global_batch_size % world_size:
+            raise ValueError(
+                f"global_batch_size: must be divisible by world_size={world_size} so every rank gets "
+                f"the same local batch size, got {config.global_batch_size}"
+            )
+        try:
+            self.split = Split(split)
+        except ValueError:
+            raise ValueError(f"split: must be one of {[s.value for s in Split]}, got {split!r}") from None
+        self.data = SyntheticData(config)
+        self.config = config
+        self.rank = rank
+        self.world_size = world_size
+        self._next = 0
+
+    def __len__(self) -> int:
+        return self.data.num_batches(self.split)
+
+    def batch(self, index: int) -> Batch:
+        """This rank's rows of global batch `index`, independent of the position."""
+        start, stop = split_rows(self.config.global_batch_size, self.rank, self.world_size)
+        return self.data.global_batch(index, self.split).slice(start, stop)
+
+    def __iter__(self) -> Iterator[Batch]:
+        while self._next < len(self):
+            batch = self.batch(self._next)
+            self._next += 1
+            yield batch
+
+    def state(self) -> dict:
+        """{"split", "num_batches"}: batches yielded so far."""
+        return {"split": self.split.value, "num_batches": self._next}
+
+    def restore(self, state: dict) -> None:
+        if state.get("split") != self.split.value:
+            raise ValueError(f"state.split: reader is {self.split.value!r}, state is {state.get('split')!r}")
+        position = state.get("num_batches")
+        if not isinstance(position, int) or not 0 <= position <= len(self):
+            raise ValueError(f"state.num_batches: must be an int in [0, {len(self)}], got {position!r}")
+        self._next = position
