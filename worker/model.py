@@ -1,0 +1,140 @@
+"""The dense tower: a DLRM-style model over dense features and looked-up embeddings.
+
+The embedding tables live on the PS; the trainer looks up the keys of a batch and hands the
+rows to the tower as one tensor, then pushes that tensor's gradient back. So any module with
+this call signature can be the tower (the `DenseTower` protocol):
+
+    forward(dense (B, num_dense) float32, embeddings (B, F, D) float32) -> logits (B,) float32
+
+`embeddings[i, f]` is the row of key `batch.sparse[i, f]`. The module must be differentiable
+with respect to `embeddings` (that gradient is what updates the PS) and must not detach it.
+`check_dense_tower` checks a module against the protocol on a tiny input.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+
+@runtime_checkable
+class DenseTower(Protocol):
+    """forward(dense (B, num_dense), embeddings (B, F, D)) -> logits (B,)."""
+
+    def __call__(self, dense: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """DLRM's dense part: bottom MLP, dot interaction, top MLP.
+
+    bottom: num_dense -> bottom_sizes... -> dim (ReLU after each layer, the last one included)
+    top:    dim + (F + 1) F / 2 -> top_sizes... -> 1 (ReLU after each hidden layer, none on the logit)
+    """
+
+    num_dense: int = 13
+    num_sparse: int = 26  # F: embeddings per sample, one per categorical feature
+    dim: int = 16  # D: embedding dimension, also the bottom MLP's output width
+    bottom_sizes: tuple[int, ...] = (512, 256, 64)  # hidden widths; a final layer to `dim` is added
+    top_sizes: tuple[int, ...] = (512, 256)  # hidden widths; a final layer to 1 logit is added
+    seed: int = 0  # initial weights are a pure function of (config, seed)
+
+    def __post_init__(self) -> None:
+        for name in ("num_dense", "num_sparse", "dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("bottom_sizes", "top_sizes"):
+            sizes = tuple(getattr(self, name))
+            if any(not isinstance(size, int) or size < 1 for size in sizes):
+                raise ValueError(f"{name}: every layer width must be an int >= 1, got {sizes}")
+            object.__setattr__(self, name, sizes)
+
+    @property
+    def num_interactions(self) -> int:
+        """Pairwise dot products of the F + 1 vectors, diagonal excluded."""
+        return (self.num_sparse + 1) * self.num_sparse // 2
+
+
+def _mlp(sizes: list[int], relu_last: bool) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        layers.append(nn.Linear(fan_in, fan_out))
+        if relu_last or i < len(sizes) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+class DLRMDenseTower(nn.Module):
+    """bottom MLP(dense) -> x (B, D); T = [x, embeddings] (B, F + 1, D);
+    Z = T T^T, upper triangle without diagonal -> (B, (F + 1) F / 2); top MLP([x, Z]) -> (B,).
+
+    Weights are drawn as in DLRM (normal, std sqrt(2 / (fan_in + fan_out)); biases std
+    sqrt(1 / fan_out)) from a torch.Generator seeded with `config.seed`, so two towers with the
+    same config are equal, whatever the global torch RNG state.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        if not isinstance(config, ModelConfig):
+            raise TypeError(f"config: expected ModelConfig, got {type(config).__name__}")
+        self.config = config
+        self.bottom = _mlp([config.num_dense, *config.bottom_sizes, config.dim], relu_last=True)
+        self.top = _mlp([config.dim + config.num_interactions, *config.top_sizes, 1], relu_last=False)
+        rows, cols = torch.triu_indices(config.num_sparse + 1, config.num_sparse + 1, offset=1)
+        self.register_buffer("_rows", rows, persistent=False)
+        self.register_buffer("_cols", cols, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        generator = torch.Generator().manual_seed(self.config.seed)
+        with torch.no_grad():
+            for module in self.modules():
+                if isinstance(module, nn.Linear):
+                    fan_out, fan_in = module.weight.shape
+                    std = math.sqrt(2.0 / (fan_in + fan_out))
+                    module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * std)
+                    module.bias.copy_(torch.randn(module.bias.shape, generator=generator) * math.sqrt(1.0 / fan_out))
+
+    def forward(self, dense: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+        """dense (B, num_dense) float32, embeddings (B, F, D) float32 -> logits (B,) float32."""
+        cfg = self.config
+        if dense.ndim != 2 or dense.shape[1] != cfg.num_dense:
+            raise ValueError(f"dense: expected shape (B, {cfg.num_dense}), got {tuple(dense.shape)}")
+        if embeddings.shape[1:] != (cfg.num_sparse, cfg.dim) or embeddings.shape[0] != dense.shape[0]:
+            raise ValueError(
+                f"embeddings: expected shape (B={dense.shape[0]}, {cfg.num_sparse}, {cfg.dim}), "
+                f"got {tuple(embeddings.shape)}"
+            )
+        x = self.bottom(dense)
+        vectors = torch.cat([x.unsqueeze(1), embeddings], dim=1)
+        products = torch.bmm(vectors, vectors.transpose(1, 2))
+        interactions = products[:, self._rows, self._cols]
+        return self.top(torch.cat([x, interactions], dim=1)).squeeze(1)
+
+
+def check_dense_tower(module: DenseTower, num_dense: int, num_sparse: int, dim: int, batch_size: int = 3) -> None:
+    """Raises TypeError/ValueError unless `module` follows the `DenseTower` protocol.
+
+    Calls it on a random (batch_size, ...) input and checks the logits' shape (B,) and dtype,
+    and that a gradient of shape (B, F, D) reaches the embeddings. Leaves no gradients behind.
+    """
+    if not callable(module):
+        raise TypeError(f"module: expected a callable dense tower, got {type(module).__name__}")
+    generator = torch.Generator().manual_seed(0)
+    dense = torch.randn(batch_size, num_dense, generator=generator)
+    embeddings = torch.randn(batch_size, num_sparse, dim, generator=generator, requires_grad=True)
+    logits = module(dense, embeddings)
+    if not isinstance(logits, torch.Tensor) or logits.shape != (batch_size,):
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"module: must return logits of shape (B,) = ({batch_size},), got {shape}")
+    if not logits.dtype.is_floating_point:
+        raise TypeError(f"module: logits must be floating point, got {logits.dtype}")
+    if not logits.requires_grad:
+        raise ValueError("module: logits do not depend on embeddings through autograd (was it detached?)")
+    (grad,) = torch.autograd.grad(logits.sum(), embeddings, allow_unused=True)
+    if grad is None or grad.shape != embeddings.shape:
+        raise ValueError("module: no gradient reaches the embeddings; the PS rows could not be trained")
