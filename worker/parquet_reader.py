@@ -4,7 +4,8 @@ Columns `label`, `I1..I{num_dense}`, `C1..C{num_sparse}` (other columns are igno
 label numeric (or numeric strings); I* integer/float, or strings holding integers, null -> 0;
 C* strings (or dictionary-encoded strings), null or "" -> the feature's missing key. Keys and
 dense values come out exactly as from the same rows in TSV. A null or non-finite label, or an
-I* string that is not an integer, is a bad row. `offset` in the state counts rows consumed.
+I* string that is not an integer, is a bad row; messages name it `path:row N` (0-based).
+`offset` in the state counts rows consumed.
 """
 
 from __future__ import annotations

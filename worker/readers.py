@@ -165,7 +165,10 @@ class FileReader(ABC):
         self._num_batches = state["num_batches"]
 
     def __iter__(self) -> Iterator[Batch]:
-        """Yields this rank's part of each global batch, from the current position to the end."""
+        """Yields this rank's part of each global batch, from the current position to the end.
+
+        Each call starts a new pass from the position (`state()`), so use one iterator at a time.
+        """
         size = self.config.global_batch_size
         pending: list[_Rows] = []
         num_pending = 0
@@ -217,6 +220,7 @@ class FileReader(ABC):
         reasons: dict[int, str] = {}
         label, label_bad = _to_float(table.column("label"), _FLOAT_PATTERN, empty_ok=False)
         _note(bad, reasons, label_bad, "label: not a number")
+        _note(bad, reasons, (label < 0) | (label > 1), "label: must be in [0, 1] (a click probability)")
         dense = np.zeros((n, cfg.num_dense), dtype=np.float64)
         for i in range(cfg.num_dense):
             name = f"I{i + 1}"

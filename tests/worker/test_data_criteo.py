@@ -57,6 +57,11 @@ def test_bad_rows_are_logged_rate_limited(tmp_path, caplog):
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 1
     assert f"{sample.path}:{sample.bad_lines[0]}" in lines[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="worker.readers"):
+        list(CriteoTsvReader([sample.path], config(bad_row_log_interval_s=0)))
+    logged = [int(r.getMessage().split(f"{sample.path}:")[1].split(":")[0]) for r in caplog.records]
+    assert sorted(logged) == sample.bad_lines  # every bad row's own line, whatever kind of bad it is
 
 
 BAD_LINES = {
@@ -64,6 +69,7 @@ BAD_LINES = {
     "too many fields": "\t".join(["1"] + ["5"] * 13 + ["ab"] * 27),
     "non-numeric integer": "\t".join(["1"] + ["5"] * 12 + ["12x"] + ["ab"] * 26),
     "non-numeric label": "\t".join(["yes"] + ["5"] * 13 + ["ab"] * 26),
+    "label out of range": "\t".join(["2"] + ["5"] * 13 + ["ab"] * 26),
     "empty line": "",
 }
 
