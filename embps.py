@@ -1,6 +1,6 @@
 """The embps command line: `embps <verb> ...` parses arguments and hands off (imports lazily).
 
-Verbs: bench table. `python -m embps ...` works the same.
+Verbs: ps, bench {table, ps}, demo. `python -m embps ...` works the same.
 """
 
 from __future__ import annotations
@@ -13,6 +13,16 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="embps", description="embps parameter server")
     verbs = parser.add_subparsers(dest="verb", required=True)
 
+    ps = verbs.add_parser("ps", help="run one parameter-server shard until SIGTERM")
+    ps.add_argument("--config", required=True, help="job config (TOML): tables and shards")
+    ps.add_argument("--shard", type=int, required=True, help="index of this shard in the config's [[shards]]")
+    ps.add_argument("--grace", type=float, default=10.0, help="seconds in-flight calls get after SIGTERM")
+    ps.add_argument(
+        "--no-malloc-tuning",
+        action="store_true",
+        help="keep glibc's malloc thresholds (by default the shard re-executes itself with larger ones)",
+    )
+
     bench = verbs.add_parser("bench", help="benchmarks")
     bench_verbs = bench.add_subparsers(dest="bench", required=True)
     table = bench_verbs.add_parser("table", help="hash map, lookup and optimizer rates of one table")
@@ -22,6 +32,19 @@ def _parser() -> argparse.ArgumentParser:
     table.add_argument("--batches", type=int, default=200, help="batches per measurement")
     table.add_argument("--zipf", type=float, default=1.05, help="Zipf exponent of the skewed key stream")
     table.add_argument("--out", default=None, help="write the results as JSON here")
+
+    ps_bench = bench_verbs.add_parser("ps", help="lookup and push rates through 2 local shards over gRPC")
+    ps_bench.add_argument("--shards", type=int, default=2)
+    ps_bench.add_argument("--dim", type=int, default=64)
+    ps_bench.add_argument("--batch", type=int, default=4096, help="keys per client call")
+    ps_bench.add_argument("--batches", type=int, default=300, help="calls per client process per phase")
+    ps_bench.add_argument("--rows", type=int, default=1_000_000, help="distinct keys in the Zipf stream")
+    ps_bench.add_argument("--zipf", type=float, default=1.05)
+    ps_bench.add_argument("--clients", default="1,4", help="comma-separated client process counts")
+    ps_bench.add_argument(
+        "--malloc", default="tuned", choices=["tuned", "default", "both"], help="glibc malloc thresholds of the shards"
+    )
+    ps_bench.add_argument("--out", default=None, help="write the results as JSON here")
 
     demo = verbs.add_parser("demo", help="train one table on synthetic Zipf keys and print keys/s")
     demo.add_argument("--rows", type=int, default=1_000_000, help="distinct keys in the stream")
@@ -33,6 +56,27 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.verb == "ps":
+        from ps.server import exec_with_malloc_tuning, serve_shard
+
+        if not args.no_malloc_tuning:
+            exec_with_malloc_tuning(sys.argv[1:] if argv is None else argv)
+        return serve_shard(args.config, args.shard, grace=args.grace)
+    if args.verb == "bench" and args.bench == "ps":
+        from bench.ps_bench import PSBenchConfig, run_ps_bench
+
+        config = PSBenchConfig(
+            shards=args.shards,
+            dim=args.dim,
+            batch=args.batch,
+            batches=args.batches,
+            rows=args.rows,
+            zipf=args.zipf,
+            clients=tuple(int(c) for c in args.clients.split(",")),
+            malloc=args.malloc,
+            out=args.out,
+        )
+        return run_ps_bench(config)
     if args.verb == "bench" and args.bench == "table":
         from bench.table_bench import TableBenchConfig, run_table_bench
 

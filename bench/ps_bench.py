@@ -1,0 +1,232 @@
+"""`embps bench ps`: lookup and push rates through local shard processes over gRPC.
+
+Shards and client processes share this machine's cores. Each phase runs C client processes
+(C in --clients) that each make `batches` calls of `batch` Zipf keys, all started together; a
+call is one PSClient.lookup/push, i.e. one RPC per shard in parallel. Printed beside the rates:
+the in-process EmbeddingTable rate on the same key stream (the ceiling without RPC), and the
+server and client CPU time per call, which say where the time goes.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from bench.keys import ZipfSampler
+from ps.job_config import Deadlines, JobConfig, ShardConfig, dump_job_config
+from ps.table_config import OptimizerConfig, OptimizerKind, TableConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TABLE = "emb"
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class PSBenchConfig:
+    shards: int = 2
+    dim: int = 64
+    batch: int = 4096
+    batches: int = 300
+    rows: int = 1_000_000
+    zipf: float = 1.05
+    clients: tuple[int, ...] = (1, 4)
+    malloc: str = "tuned"  # "tuned", "default" or "both": glibc thresholds of the shard processes
+    out: str | None = None
+
+
+def _table(config: PSBenchConfig) -> TableConfig:
+    return TableConfig(TABLE, dim=config.dim, optimizer=OptimizerConfig(kind=OptimizerKind.ROWWISE_ADAGRAD, lr=0.01))
+
+
+def _free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+def _start_shards(job: JobConfig, workdir: Path, malloc_tuned: bool) -> list[subprocess.Popen]:
+    from ps.client import PSClient
+
+    config_path = workdir / "job.toml"
+    config_path.write_text(dump_job_config(job))
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    flags = [] if malloc_tuned else ["--no-malloc-tuning"]
+    for key in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
+        env.pop(key, None)
+    procs = []
+    for i in range(len(job.shards)):
+        cmd = [sys.executable, "-m", "embps", "ps", "--config", str(config_path), "--shard", str(i), *flags]
+        with open(workdir / f"shard-{i}.log", "wb") as log:
+            procs.append(subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
+    with PSClient.from_job(job, max_attempts=10_000, deadlines=Deadlines(stats=60.0)) as client:
+        client.stats()  # retried on UNAVAILABLE until every shard serves
+    return procs
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            os.kill(p.pid, signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(30)
+        except subprocess.TimeoutExpired:
+            os.kill(p.pid, signal.SIGKILL)
+            p.wait()
+
+
+def _client_main(job: JobConfig, config: PSBenchConfig, verb: str, seed: int, barrier, queue) -> None:
+    """One client process: warm up, wait for the others, make `batches` calls, report."""
+    from ps.client import PSClient
+
+    sampler = ZipfSampler(config.rows, config.zipf, seed=seed)
+    pool = [sampler.keys(config.batch) for _ in range(min(config.batches, 64))]
+    rng = np.random.default_rng(seed)
+    grads = (rng.standard_normal((config.batch, config.dim)) * 0.01).astype(np.float32)
+    with PSClient.from_job(job) as client:
+        call = (lambda k: client.lookup(TABLE, k)) if verb == "lookup" else (lambda k: client.push(TABLE, k, grads))
+        for keys in pool[:3]:
+            call(keys)
+        barrier.wait()
+        latencies = np.empty(config.batches)
+        cpu0 = time.process_time()
+        start = time.monotonic()
+        for i in range(config.batches):
+            t0 = time.perf_counter()
+            call(pool[i % len(pool)])
+            latencies[i] = time.perf_counter() - t0
+        end = time.monotonic()
+        cpu = time.process_time() - cpu0
+    queue.put({"start": start, "end": end, "cpu": cpu, "latencies": latencies.tolist()})
+
+
+def _phase(job: JobConfig, config: PSBenchConfig, procs, verb: str, clients: int) -> dict:
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(clients + 1)
+    queue = ctx.Queue()
+    workers = [
+        ctx.Process(target=_client_main, args=(job, config, verb, 1000 * clients + i, barrier, queue))
+        for i in range(clients)
+    ]
+    for w in workers:
+        w.start()
+    barrier.wait(timeout=300)
+    server_cpu0 = [_cpu_seconds(p.pid) for p in procs]
+    results = [queue.get(timeout=600) for _ in workers]
+    server_cpu = sum(_cpu_seconds(p.pid) for p in procs) - sum(server_cpu0)
+    for w in workers:
+        w.join(60)
+    calls = clients * config.batches
+    wall = max(r["end"] for r in results) - min(r["start"] for r in results)
+    latencies = np.concatenate([r["latencies"] for r in results])
+    return {
+        "verb": verb,
+        "clients": clients,
+        "keys_per_s": calls * config.batch / wall,
+        "calls_per_s": calls / wall,
+        "p50_ms": float(np.percentile(latencies, 50) * 1e3),
+        "p99_ms": float(np.percentile(latencies, 99) * 1e3),
+        "server_cpu_ms_per_call": server_cpu / calls * 1e3,
+        "client_cpu_ms_per_call": sum(r["cpu"] for r in results) / calls * 1e3,
+        "wall_s": wall,
+    }
+
+
+def _in_process(config: PSBenchConfig) -> dict:
+    """The same key stream through one EmbeddingTable in this process: the rate without RPC."""
+    import torch
+
+    from ps.table import EmbeddingTable
+
+    torch.set_num_threads(1)
+    table = EmbeddingTable(_table(config))
+    sampler = ZipfSampler(config.rows, config.zipf, seed=1)
+    batches = [sampler.keys(config.batch) for _ in range(min(config.batches, 64))]
+    grads = (np.random.default_rng(0).standard_normal((config.batch, config.dim)) * 0.01).astype(np.float32)
+    for keys in batches:
+        table.apply_gradients(keys, grads)
+    out = {"unique_fraction": float(np.mean([np.unique(b).shape[0] / b.shape[0] for b in batches]))}
+    for verb, fn in (("lookup", lambda k: table.lookup(k)), ("push", lambda k: table.apply_gradients(k, grads))):
+        start = time.perf_counter()
+        for i in range(config.batches):
+            fn(batches[i % len(batches)])
+        out[f"{verb}_keys_per_s"] = config.batches * config.batch / (time.perf_counter() - start)
+    return out
+
+
+def run_ps_bench(config: PSBenchConfig) -> int:
+    from bench.machine import machine_facts
+
+    modes = {"tuned": [True], "default": [False], "both": [False, True]}[config.malloc]
+    print(
+        f"embps bench ps: {config.shards} shards, dim {config.dim}, batch {config.batch}, Zipf({config.zipf}) "
+        f"over {config.rows:,} keys, {config.batches} calls per client, {os.cpu_count()} cores shared"
+    )
+    results: dict[str, object] = {"config": asdict(config), "machine": machine_facts()}
+    in_process = _in_process(config)
+    results["in_process"] = in_process
+    print(
+        f"in-process table (1 thread): lookup {in_process['lookup_keys_per_s'] / 1e6:.2f} M keys/s, "
+        f"push {in_process['push_keys_per_s'] / 1e6:.2f} M keys/s; "
+        f"{in_process['unique_fraction']:.0%} of a batch's keys are unique"
+    )
+    header = (
+        f"{'malloc':>8} {'verb':>6} {'clients':>7} {'M keys/s':>9} {'calls/s':>8} {'p50 ms':>7} {'p99 ms':>7} "
+        f"{'server CPU ms/call':>19} {'client CPU ms/call':>19}"
+    )
+    print(header)
+    phases = []
+    for tuned in modes:
+        ports = _free_ports(2 * config.shards)
+        job = JobConfig(
+            job="bench",
+            shards=tuple(
+                ShardConfig(f"127.0.0.1:{ports[2 * i]}", metrics_port=ports[2 * i + 1]) for i in range(config.shards)
+            ),
+            tables=(_table(config),),
+            deadlines=Deadlines(lookup=60.0, push=60.0, stats=60.0),
+        )
+        with tempfile.TemporaryDirectory(prefix="embps-bench-ps-") as workdir:
+            procs = _start_shards(job, Path(workdir), tuned)
+            try:
+                for verb in ("push", "lookup"):
+                    for clients in config.clients:
+                        r = _phase(job, config, procs, verb, clients)
+                        r["malloc"] = "tuned" if tuned else "default"
+                        phases.append(r)
+                        print(
+                            f"{r['malloc']:>8} {verb:>6} {clients:>7} {r['keys_per_s'] / 1e6:>9.2f} "
+                            f"{r['calls_per_s']:>8.0f} {r['p50_ms']:>7.2f} {r['p99_ms']:>7.2f} "
+                            f"{r['server_cpu_ms_per_call']:>19.2f} {r['client_cpu_ms_per_call']:>19.2f}"
+                        )
+            finally:
+                _stop(procs)
+    results["phases"] = phases
+    results["max_rusage_kb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    if config.out:
+        Path(config.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(config.out).write_text(json.dumps(results, indent=2))
+        print(f"wrote {config.out}")
+    return 0

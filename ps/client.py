@@ -1,0 +1,285 @@
+"""PSClient: lookup and push against the shards of a job, one RPC per shard, in parallel.
+
+    keys (n,) --dedupe--> unique (u,) --shard map--> per shard: positions (m_s,) into unique
+        --split at the message limit--> one RPC per chunk, all in flight at once
+        --replies--> values (u, dim) --inverse--> values (n, dim), row i for keys[i]
+
+Every call has a deadline (retries included). Lookups and pushes are retried on UNAVAILABLE
+with backoff until the deadline; a push carries a push id (client id, sequence) that the shard
+remembers, so a retried push is applied once. gRPC errors become embps exceptions in one place,
+`_translate`; the client never returns partial results.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+
+from ps import native, wire
+from ps.errors import CapacityError, EmbpsError, UnknownTableError, WrongShardError
+from ps.job_config import DEFAULT_MESSAGE_LIMIT, Deadlines, JobConfig
+from ps.rpc import ps_pb2, ps_pb2_grpc
+from ps.sharding import ShardMap
+
+_SLACK = 4096  # protobuf framing and small fields around the bulk bytes of one message
+_RETRY_CODES = frozenset({grpc.StatusCode.UNAVAILABLE})
+
+
+class RPCError(EmbpsError):
+    """A shard answered with an error status. `code` is the grpc.StatusCode, `address` the shard."""
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None, address: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+        self.address = address
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class InvalidArgumentError(RPCError, ValueError):
+    """INVALID_ARGUMENT: the request was malformed (lengths, dim, dtype, non-finite gradients)."""
+
+
+class TableNotFoundError(RPCError, UnknownTableError):
+    """NOT_FOUND: the shard holds no such table."""
+
+
+class NotOwnerError(RPCError, WrongShardError):
+    """FAILED_PRECONDITION: keys were sent to a shard that does not own them."""
+
+
+class TableFullError(RPCError, CapacityError):
+    """RESOURCE_EXHAUSTED: the table is full and has no eviction policy."""
+
+
+class ShardUnavailableError(RPCError, ConnectionError):
+    """UNAVAILABLE or DEADLINE_EXCEEDED after the retries the deadline allowed."""
+
+
+_ERRORS = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
+    grpc.StatusCode.NOT_FOUND: TableNotFoundError,
+    grpc.StatusCode.FAILED_PRECONDITION: NotOwnerError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: TableFullError,
+    grpc.StatusCode.UNAVAILABLE: ShardUnavailableError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: ShardUnavailableError,
+}
+
+
+def _translate(err: grpc.RpcError, method: str, address: str) -> RPCError:
+    """The one place a grpc.RpcError becomes an embps exception."""
+    code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+    details = err.details() if hasattr(err, "details") else str(err)
+    cls = _ERRORS.get(code, RPCError)
+    return cls(f"{method} on shard {address}: {code.name}: {details}", code, address)
+
+
+@dataclass
+class PushResult:
+    """What one push changed, summed over shards. versions[s]: shard s's table version after it."""
+
+    num_updated: int = 0
+    num_inserted: int = 0
+    num_evicted: int = 0
+    num_duplicates: int = 0  # RPCs a shard had already applied (answered from its push-id memory)
+    versions: dict[int, int] = field(default_factory=dict)
+
+
+class PSClient:
+    """Talks to the shards at `addresses` (index = shard number of `shard_map`). Thread-safe."""
+
+    def __init__(
+        self,
+        addresses: Sequence[str],
+        *,
+        shard_map: ShardMap | None = None,
+        dims: Mapping[str, int] | None = None,
+        message_limit_bytes: int = DEFAULT_MESSAGE_LIMIT,
+        deadlines: Deadlines | None = None,
+        client_id: str | None = None,
+        max_attempts: int = 8,
+        backoff_seconds: float = 0.05,
+    ) -> None:
+        if not addresses:
+            raise ValueError("addresses: need at least one shard address")
+        self.addresses = list(addresses)
+        self.shard_map = shard_map if shard_map is not None else ShardMap.uniform(len(self.addresses))
+        if self.shard_map.num_shards != len(self.addresses):
+            raise ValueError(
+                f"shard_map: maps keys to {self.shard_map.num_shards} shards, {len(self.addresses)} addresses given"
+            )
+        if message_limit_bytes <= 2 * _SLACK:
+            raise ValueError(f"message_limit_bytes: must be > {2 * _SLACK}, got {message_limit_bytes}")
+        self.message_limit_bytes = message_limit_bytes
+        self.deadlines = deadlines if deadlines is not None else Deadlines()
+        self.client_id = client_id if client_id is not None else uuid.uuid4().hex
+        self.max_attempts = max_attempts
+        self.backoff_seconds = backoff_seconds
+        self._dims = dict(dims or {})
+        self._sequence = itertools.count(1)
+        options = [
+            ("grpc.max_send_message_length", message_limit_bytes + _SLACK),
+            ("grpc.max_receive_message_length", message_limit_bytes + _SLACK),
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 1000),
+        ]
+        self._channels = [grpc.insecure_channel(a, options=options) for a in self.addresses]
+        self._stubs = [ps_pb2_grpc.ParameterServerStub(c) for c in self._channels]
+
+    @classmethod
+    def from_job(cls, job: JobConfig, **kwargs) -> PSClient:
+        """A client for every shard of `job`, with its shard map, table dims, limits and deadlines."""
+        kwargs.setdefault("dims", {t.name: t.dim for t in job.tables})
+        kwargs.setdefault("message_limit_bytes", job.message_limit_bytes)
+        kwargs.setdefault("deadlines", job.deadlines)
+        return cls(job.addresses, shard_map=job.shard_map, **kwargs)
+
+    def close(self) -> None:
+        for channel in self._channels:
+            channel.close()
+
+    def __enter__(self) -> PSClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def dim(self, table: str) -> int:
+        """The table's dim (from the constructor, or asked of shard 0 once)."""
+        if table not in self._dims:
+            for t in self.stats()[0].tables:
+                self._dims.setdefault(t.name, t.dim)
+            if table not in self._dims:
+                address = self.addresses[0]
+                raise TableNotFoundError(f"table {table!r} is not on shard {address}", None, address)
+        return self._dims[table]
+
+    def lookup(self, table: str, keys: np.ndarray) -> np.ndarray:
+        """keys (n,) int64, may repeat -> values (n, dim) float32, row i for keys[i]."""
+        keys = native.as_keys(keys)
+        dim = self.dim(table)
+        unique, inverse = _unique(keys)
+        per_key = max(8, 4 * dim)
+        calls, spans = [], []
+        for shard, positions in enumerate(self.shard_map.split(unique)):
+            for chunk in self._chunks(positions, per_key):
+                request = ps_pb2.LookupRequest(table=table, keys=wire.encode_keys(unique[chunk]), dim=dim)
+                calls.append((shard, request))
+                spans.append(chunk)
+        replies = self._call_all("Lookup", calls, self.deadlines.lookup)
+        values = np.empty((unique.shape[0], dim), dtype=np.float32)
+        for chunk, reply in zip(spans, replies, strict=True):
+            values[chunk] = wire.decode_values(reply.values, chunk.shape[0], reply.dim, reply.dtype)
+        return values if inverse is None else values[inverse]
+
+    def push(
+        self,
+        table: str,
+        keys: np.ndarray,
+        grads: np.ndarray,
+        step: int | None = None,
+        counts: np.ndarray | None = None,
+    ) -> PushResult:
+        """keys (n,) int64, may repeat; grads (n, dim) float32. Gradients of equal keys are summed
+        here and sent once, with the number of sightings as counts. step: the training step
+        (default: each shard's table version + 1). Each RPC is applied once, even when retried."""
+        keys = native.as_keys(keys)
+        dim = self.dim(table)
+        grads = np.asarray(grads)
+        if grads.dtype != np.float32:
+            raise TypeError(f"grads: expected dtype float32, got {grads.dtype}")
+        if grads.shape != (keys.shape[0], dim):
+            raise ValueError(f"grads: expected shape ({keys.shape[0]}, {dim}), got {grads.shape}")
+        if counts is not None:
+            counts = native.as_keys(counts, "counts")
+            if counts.shape != keys.shape:
+                raise ValueError(f"counts: expected shape {keys.shape}, got {counts.shape}")
+        unique, sums, sightings = native.dedupe_sum(keys, np.ascontiguousarray(grads), counts, dim)
+        send_counts = sightings.shape[0] and int(sightings.max()) > 1
+        per_key = 8 + 4 * dim + (8 if send_counts else 0)
+        calls = []
+        for shard, positions in enumerate(self.shard_map.split(unique)):
+            for chunk in self._chunks(positions, per_key):
+                request = ps_pb2.PushRequest(
+                    table=table,
+                    keys=wire.encode_keys(unique[chunk]),
+                    grads=wire.encode_values(sums[chunk], dim, "grads"),
+                    dim=dim,
+                    dtype=ps_pb2.FLOAT32,
+                    push_id=ps_pb2.PushId(client_id=self.client_id, sequence=next(self._sequence)),
+                    counts=wire.encode_keys(sightings[chunk]) if send_counts else b"",
+                )
+                if step is not None:
+                    request.step = step
+                calls.append((shard, request))
+        result = PushResult()
+        for (shard, _), reply in zip(calls, self._call_all("Push", calls, self.deadlines.push), strict=True):
+            result.num_updated += reply.num_updated
+            result.num_inserted += reply.num_inserted
+            result.num_evicted += reply.num_evicted
+            result.num_duplicates += int(reply.duplicate)
+            result.versions[shard] = max(result.versions.get(shard, 0), reply.version)
+        return result
+
+    def stats(self) -> list[ps_pb2.StatsResponse]:
+        """One StatsResponse per shard, in shard order."""
+        calls = [(s, ps_pb2.StatsRequest()) for s in range(len(self.addresses))]
+        return self._call_all("Stats", calls, self.deadlines.stats)
+
+    def _chunks(self, positions: np.ndarray, bytes_per_key: int) -> list[np.ndarray]:
+        if positions.shape[0] == 0:
+            return []
+        per_chunk = max(1, (self.message_limit_bytes - _SLACK) // bytes_per_key)
+        return [positions[i : i + per_chunk] for i in range(0, positions.shape[0], per_chunk)]
+
+    def _call_all(self, method: str, calls: list[tuple[int, object]], deadline_seconds: float) -> list:
+        """Sends every (shard, request) at once; retries those that fail with UNAVAILABLE until
+        `deadline_seconds` after the first send; returns the replies in call order."""
+        end = time.monotonic() + deadline_seconds
+        replies: list = [None] * len(calls)
+        pending = list(range(len(calls)))
+        attempt = 0
+        while True:
+            attempt += 1
+            timeout = end - time.monotonic()
+            futures = [
+                (i, getattr(self._stubs[calls[i][0]], method).future(calls[i][1], timeout=max(timeout, 0.001)))
+                for i in pending
+            ]
+            retry, failure = [], None
+            for i, future in futures:
+                try:
+                    replies[i] = future.result()
+                except grpc.RpcError as err:
+                    if err.code() in _RETRY_CODES:
+                        retry.append(i)
+                    if failure is None or failure[1].code() in _RETRY_CODES:
+                        failure = (i, err)
+            if failure is None:
+                return replies
+            i, err = failure
+            pause = min(self.backoff_seconds * 2 ** (attempt - 1), 1.0)
+            if err.code() not in _RETRY_CODES or attempt == self.max_attempts or time.monotonic() + pause >= end:
+                raise _translate(err, method, self.addresses[calls[i][0]]) from None
+            time.sleep(pause)
+            pending = retry
+
+
+def _unique(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """keys (n,) -> (unique (u,) int64, inverse (n,) int64 with unique[inverse] == keys), or
+    (keys, None) when the keys are already distinct."""
+    seen = native.HashMap(keys.shape[0])
+    inverse, _ = seen.find_or_insert(keys)
+    if seen.size == keys.shape[0]:
+        return keys, None
+    unique = np.empty(seen.size, dtype=np.int64)
+    unique[inverse] = keys
+    return unique, inverse

@@ -1,0 +1,213 @@
+"""The gRPC server of one PS shard (grpc.aio): ParameterServer + health + reflection + /metrics.
+
+    embps ps --config job.toml --shard I
+
+Table operations run on one executor thread, one at a time, so the (not thread-safe) tables need
+no lock, while the event loop stays free to accept calls: every call accepted before SIGTERM is
+in flight from gRPC's point of view and is drained.
+Domain errors become status codes in exactly one place, `status_of`; servicer methods hold no
+try/except. SIGTERM marks the shard NOT_SERVING, lets in-flight calls finish (`grace` seconds),
+refuses new ones with UNAVAILABLE and exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from ps.errors import CapacityError, EmbpsError, UnknownTableError, WrongShardError
+from ps.job_config import JobConfig, load_job_config
+from ps.metrics import ShardMetrics
+from ps.rpc import ps_pb2, ps_pb2_grpc
+
+log = logging.getLogger("embps.ps")
+
+SERVICE_NAME = ps_pb2.DESCRIPTOR.services_by_name["ParameterServer"].full_name
+# glibc's defaults mmap and unmap every reply buffer above 128 KiB, and page-fault it in again on
+# the next call (about half of a 1 MB reply's server time); read by glibc at process start only.
+MALLOC_TUNING = {"MALLOC_MMAP_THRESHOLD_": "67108864", "MALLOC_TRIM_THRESHOLD_": "268435456"}
+_MESSAGE_SLACK = 1 << 16  # protobuf framing around the bulk bytes
+
+
+class ShuttingDownError(EmbpsError):
+    """The shard is draining and takes no new calls (gRPC UNAVAILABLE)."""
+
+
+def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The one mapping from domain errors to gRPC status codes (and the message sent)."""
+    if isinstance(exc, ShuttingDownError):
+        return grpc.StatusCode.UNAVAILABLE, str(exc)
+    if isinstance(exc, UnknownTableError):
+        return grpc.StatusCode.NOT_FOUND, str(exc)
+    if isinstance(exc, WrongShardError):
+        return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
+    if isinstance(exc, CapacityError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
+    if isinstance(exc, (ValueError, TypeError)):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); the traceback is in the shard's log"
+
+
+def _rpc(method: str) -> Callable:
+    """Wraps a synchronous servicer method: shutdown check, status mapping, metrics."""
+
+    def decorate(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        async def handler(self: ParameterServerServicer, request, context: grpc.aio.ServicerContext):
+            start = time.perf_counter()
+            table = self.table_label(getattr(request, "table", None))
+            try:
+                if self.draining:
+                    raise ShuttingDownError(f"shard {self.shard.index} is shutting down")
+                response = await asyncio.get_running_loop().run_in_executor(self.executor, fn, self, request)
+            except Exception as exc:  # noqa: BLE001 - the one place errors become status codes
+                code, message = status_of(exc)
+                if code == grpc.StatusCode.INTERNAL:
+                    log.exception("%s on table %r failed", method, table)
+                self.record(method, table, code, start, request)
+                await context.abort(code, message)
+            self.record(method, table, grpc.StatusCode.OK, start, request)
+            return response
+
+        return handler
+
+    return decorate
+
+
+class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
+    """Lookup / Push / Stats over one Shard. The decorated methods run on the tables' thread."""
+
+    def __init__(self, shard, metrics: ShardMetrics) -> None:
+        self.shard = shard
+        self.metrics = metrics
+        self.draining = False
+        # One thread owns the tables: calls are serialised without locks, and the event loop
+        # stays free to accept calls, so every call accepted before SIGTERM is drained.
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="tables")
+        for table in shard.tables.values():
+            metrics.observe_table(table)
+
+    def table_label(self, name: str | None) -> str:
+        """The metric label of a request's table; names the shard does not hold share one label."""
+        if name is None:
+            return ""
+        return name if name in self.shard.tables else "unknown"
+
+    def record(self, method: str, table: str, code: grpc.StatusCode, start: float, request) -> None:
+        m = self.metrics
+        m.requests.labels(table, method, code.name).inc()
+        m.duration.labels(table, method).observe(time.perf_counter() - start)
+        if method != "Stats":
+            m.request_keys.labels(table, method).inc(len(request.keys) // 8)
+            m.request_bytes.labels(table, method).inc(len(request.keys) + len(getattr(request, "grads", b"")))
+
+    @_rpc("Lookup")
+    def Lookup(self, request: ps_pb2.LookupRequest) -> ps_pb2.LookupResponse:
+        return self.shard.lookup(request)
+
+    @_rpc("Push")
+    def Push(self, request: ps_pb2.PushRequest) -> ps_pb2.PushResponse:
+        response = self.shard.push(request)
+        if response.duplicate:
+            self.metrics.duplicate_pushes.labels(request.table).inc()
+        else:
+            self.metrics.observe_table(self.shard.tables[request.table])
+        return response
+
+    @_rpc("Stats")
+    def Stats(self, request: ps_pb2.StatsRequest) -> ps_pb2.StatsResponse:
+        for table in self.shard.tables.values():
+            self.metrics.observe_table(table)
+        return self.shard.stats()
+
+
+def server_options(job: JobConfig) -> list[tuple[str, int]]:
+    """Channel options of both sides: explicit message limits, and no silent port sharing."""
+    limit = job.message_limit_bytes + _MESSAGE_SLACK
+    return [
+        ("grpc.max_send_message_length", limit),
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+async def create_server(
+    job: JobConfig, shard_index: int, address: str | None = None, metrics: ShardMetrics | None = None
+) -> tuple[grpc.aio.Server, int, ParameterServerServicer, HealthServicer]:
+    """Builds (not starts) the shard's server bound to `address` (default: the job's; port 0 picks
+    one). Returns (server, bound port, servicer, health servicer)."""
+    from ps.shard import Shard  # torch comes with the tables; `embps ps` may re-exec before this
+
+    shard = Shard(job, shard_index)
+    metrics = metrics if metrics is not None else ShardMetrics(shard_index)
+    servicer = ParameterServerServicer(shard, metrics)
+    server = grpc.aio.server(options=server_options(job))
+    ps_pb2_grpc.add_ParameterServerServicer_to_server(servicer, server)
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection(
+        [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+        server,
+    )
+    address = address if address is not None else job.shards[shard_index].address
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"shard {shard_index}: cannot bind {address}")
+    return server, port, servicer, health
+
+
+async def _serve(job: JobConfig, shard_index: int, grace: float) -> int:
+    server, port, servicer, health = await create_server(job, shard_index)
+    shard_config = job.shards[shard_index]
+    metrics_port = servicer.metrics.serve(shard_config.metrics_port, shard_config.host)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    log.info(
+        "shard %d of job %r serving on %s (port %d), metrics on %s:%d, pid %d",
+        shard_index, job.job, shard_config.address, port, shard_config.host, metrics_port, os.getpid(),
+    )
+    await stop.wait()
+    log.info("shard %d: draining (grace %.1f s)", shard_index, grace)
+    servicer.draining = True
+    await health.enter_graceful_shutdown()
+    await server.stop(grace)
+    log.info("shard %d: stopped", shard_index)
+    return 0
+
+
+def serve_shard(config: str | os.PathLike, shard: int, grace: float = 10.0) -> int:
+    """Runs shard `shard` of the job in `config` until SIGTERM/SIGINT; returns the exit status."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    job = load_job_config(config)
+    if not 0 <= shard < len(job.shards):
+        raise SystemExit(f"embps ps: --shard must be in [0, {len(job.shards)}) for {config}, got {shard}")
+    return asyncio.run(_serve(job, shard, grace))
+
+
+def exec_with_malloc_tuning(argv: list[str]) -> None:
+    """Re-executes `python -m embps <argv>` (same pid) with MALLOC_TUNING in the environment,
+    unless it is already there or EMBPS_MALLOC_TUNING=0. Returns only when it does not re-exec."""
+    if os.environ.get("EMBPS_MALLOC_TUNING", "1") == "0":
+        return
+    if all(os.environ.get(k) for k in MALLOC_TUNING):
+        return
+    env = {**os.environ, **MALLOC_TUNING}
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "embps", *argv], env)

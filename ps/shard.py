@@ -1,0 +1,145 @@
+"""The state of one PS shard: its tables, the keys it owns, and the push ids it remembers.
+
+Everything here is synchronous and not thread-safe: the server calls it from one thread (its
+event loop), so table operations are serialised without locks. Errors are domain errors
+(ValueError, UnknownTableError, WrongShardError, CapacityError); the server maps them to codes.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+
+from ps import wire
+from ps.errors import UnknownTableError, WrongShardError
+from ps.job_config import JobConfig
+from ps.rpc import ps_pb2
+from ps.table import EmbeddingTable
+
+MAX_REMEMBERED_CLIENTS = 4096
+
+
+class PushLedger:
+    """Answers of the recent pushes of each client, so a retried push is applied once.
+
+    Keeps the last `window` sequences of each of the last MAX_REMEMBERED_CLIENTS client ids.
+    A client retries a push within seconds, long before `window` newer pushes of its own.
+    """
+
+    def __init__(self, window: int, max_clients: int = MAX_REMEMBERED_CLIENTS) -> None:
+        self.window = window
+        self.max_clients = max_clients
+        self._clients: OrderedDict[str, OrderedDict[int, ps_pb2.PushResponse]] = OrderedDict()
+
+    def get(self, client_id: str, sequence: int) -> ps_pb2.PushResponse | None:
+        """The answer recorded for (client_id, sequence), or None if it was not applied (or forgotten)."""
+        seen = self._clients.get(client_id)
+        return None if seen is None else seen.get(sequence)
+
+    def put(self, client_id: str, sequence: int, response: ps_pb2.PushResponse) -> None:
+        seen = self._clients.get(client_id)
+        if seen is None:
+            seen = self._clients[client_id] = OrderedDict()
+            if len(self._clients) > self.max_clients:
+                self._clients.popitem(last=False)
+        else:
+            self._clients.move_to_end(client_id)
+        seen[sequence] = response
+        if len(seen) > self.window:
+            seen.popitem(last=False)
+
+
+class Shard:
+    """Shard `index` of `job`: one EmbeddingTable per table of the job, holding the keys it owns."""
+
+    def __init__(self, job: JobConfig, index: int) -> None:
+        if not 0 <= index < len(job.shards):
+            raise ValueError(f"shard: must be in [0, {len(job.shards)}) for job {job.job!r}, got {index}")
+        self.job = job
+        self.index = index
+        self.shard_map = job.shard_map
+        self.tables = {t.name: EmbeddingTable(t) for t in job.tables}
+        self.ledger = PushLedger(job.push_dedupe_window)
+
+    def table(self, name: str) -> EmbeddingTable:
+        """The table called `name`, or UnknownTableError."""
+        table = self.tables.get(name)
+        if table is None:
+            raise UnknownTableError(
+                f"table {name!r} is not declared in job {self.job.job!r}; tables: {', '.join(sorted(self.tables))}"
+            )
+        return table
+
+    def check_owned(self, keys: np.ndarray) -> None:
+        """Raises WrongShardError unless every key of keys (n,) int64 maps to this shard."""
+        if self.shard_map.num_shards == 1 or keys.shape[0] == 0:
+            return
+        owners = self.shard_map.shard_of(keys)
+        wrong = owners != self.index
+        if wrong.any():
+            first = int(np.flatnonzero(wrong)[0])
+            raise WrongShardError(
+                f"{int(wrong.sum())} of {keys.shape[0]} keys belong to other shards (keys[{first}] = "
+                f"{int(keys[first])} belongs to shard {int(owners[first])}, this is shard {self.index}); "
+                "route keys with the job's shard map"
+            )
+
+    def lookup(self, request: ps_pb2.LookupRequest) -> ps_pb2.LookupResponse:
+        """values (n, dim) float32 of keys (n,) int64; unknown keys read as their init value."""
+        table = self.table(request.table)
+        wire.check_dim(request.dim, table.dim, table.name)
+        keys = wire.decode_keys(request.keys)
+        self.check_owned(keys)
+        values = table.lookup(keys)
+        return ps_pb2.LookupResponse(
+            values=values.numpy().tobytes(), dim=table.dim, dtype=ps_pb2.FLOAT32, version=table.version
+        )
+
+    def push(self, request: ps_pb2.PushRequest) -> ps_pb2.PushResponse:
+        """Applies grads (n, dim) of keys (n,) once per push id; a repeat returns the first answer."""
+        table = self.table(request.table)
+        push_id = request.push_id
+        if push_id.client_id:
+            previous = self.ledger.get(push_id.client_id, push_id.sequence)
+            if previous is not None:
+                duplicate = ps_pb2.PushResponse()
+                duplicate.CopyFrom(previous)
+                duplicate.duplicate = True
+                return duplicate
+        wire.check_dim(request.dim, table.dim, table.name)
+        keys = wire.decode_keys(request.keys)
+        grads = wire.decode_values(request.grads, keys.shape[0], table.dim, request.dtype, "grads")
+        counts = wire.decode_counts(request.counts, keys.shape[0])
+        self.check_owned(keys)
+        step = request.step if request.HasField("step") else None
+        result = table.apply_gradients(keys, grads, step=step, counts=counts)
+        response = ps_pb2.PushResponse(
+            version=table.version,
+            num_updated=result.num_updated,
+            num_inserted=result.num_inserted,
+            num_evicted=int(result.evicted_keys.shape[0]),
+        )
+        if push_id.client_id:
+            self.ledger.put(push_id.client_id, push_id.sequence, response)
+        return response
+
+    def stats(self) -> ps_pb2.StatsResponse:
+        return ps_pb2.StatsResponse(
+            job=self.job.job,
+            shard=self.index,
+            num_shards=len(self.job.shards),
+            tables=[
+                ps_pb2.TableStats(
+                    name=t.name,
+                    dim=t.dim,
+                    rows=t.size,
+                    memory_bytes=t.memory_bytes,
+                    version=t.version,
+                    step=t.step,
+                    num_admitted=t.num_admitted,
+                    num_evicted=t.num_evicted,
+                )
+                for t in self.tables.values()
+            ],
+        )

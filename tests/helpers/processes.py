@@ -1,0 +1,156 @@
+"""Real shard processes for tests: free loopback ports, `python -m embps ps`, health wait, stop by pid.
+
+    job = make_job(tables=[TableConfig("user", dim=8)], num_shards=2)
+    with ShardCluster.start(job, tmp_path) as cluster:
+        client = PSClient.from_job(cluster.job)
+        ...
+    # every process got SIGTERM (then SIGKILL after a timeout); exit codes are in cluster.exit_codes
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from ps.job_config import Deadlines, JobConfig, ShardConfig, dump_job_config
+from ps.server import MALLOC_TUNING, SERVICE_NAME
+from ps.table_config import TableConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free TCP ports on 127.0.0.1 (all sockets stay open until every port is picked)."""
+    sockets = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def make_job(
+    tables: list[TableConfig],
+    num_shards: int = 1,
+    job: str = "test",
+    message_limit_bytes: int = 64 << 20,
+    deadlines: Deadlines | None = None,
+) -> JobConfig:
+    """A job on fresh free loopback ports: num_shards shards, each with its own metrics port."""
+    ports = free_ports(2 * num_shards)
+    shards = tuple(
+        ShardConfig(address=f"127.0.0.1:{ports[2 * i]}", metrics_port=ports[2 * i + 1]) for i in range(num_shards)
+    )
+    return JobConfig(
+        job=job,
+        shards=shards,
+        tables=tuple(tables),
+        message_limit_bytes=message_limit_bytes,
+        deadlines=deadlines if deadlines is not None else Deadlines(lookup=10.0, push=10.0, stats=5.0),
+    )
+
+
+def start_shard(config_path: Path, index: int, log_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Starts `python -m embps ps --config config_path --shard index` from the repo root."""
+    environment = {**os.environ, **MALLOC_TUNING, "PYTHONPATH": str(REPO_ROOT), **(env or {})}
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "embps", "ps", "--config", str(config_path), "--shard", str(index), "--grace", "5"],
+            cwd=REPO_ROOT,
+            env=environment,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def wait_serving(address: str, proc: subprocess.Popen, timeout: float = 60.0, log_path: Path | None = None) -> None:
+    """Polls the gRPC health service of `address` until SERVING; raises if the process exits first."""
+    end = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < end:
+            if proc.poll() is not None:
+                log = log_path.read_text() if log_path else ""
+                raise RuntimeError(f"shard at {address} exited with {proc.returncode} before serving:\n{log}")
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=1.0)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.05)
+    raise TimeoutError(f"shard at {address} not SERVING after {timeout} s")
+
+
+def stop_pid(proc: subprocess.Popen, timeout: float = 15.0) -> int:
+    """SIGTERM by pid, wait up to `timeout`, then SIGKILL; returns the exit code."""
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            return proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+    return proc.wait()
+
+
+@dataclass
+class ShardCluster:
+    """The processes of one job's shards; `procs[i]` serves `job.shards[i]`."""
+
+    job: JobConfig
+    config_path: Path
+    procs: list[subprocess.Popen]
+    log_paths: list[Path]
+    exit_codes: list[int | None] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, job: JobConfig, workdir: Path, env: dict[str, str] | None = None) -> ShardCluster:
+        workdir.mkdir(parents=True, exist_ok=True)
+        config_path = workdir / f"{job.job}.toml"
+        config_path.write_text(dump_job_config(job))
+        logs = [workdir / f"{job.job}-shard-{i}.log" for i in range(len(job.shards))]
+        procs = [start_shard(config_path, i, logs[i], env) for i in range(len(job.shards))]
+        cluster = cls(job, config_path, procs, logs)
+        try:
+            for i, shard in enumerate(job.shards):
+                wait_serving(shard.address, procs[i], log_path=logs[i])
+        except BaseException:
+            cluster.stop()
+            raise
+        return cluster
+
+    def restart(self, index: int) -> None:
+        """Starts shard `index` again (after it was stopped or killed) and waits until it serves."""
+        self.procs[index] = start_shard(self.config_path, index, self.log_paths[index])
+        wait_serving(self.job.shards[index].address, self.procs[index], log_path=self.log_paths[index])
+
+    def log(self, index: int) -> str:
+        return self.log_paths[index].read_text()
+
+    def stop(self) -> list[int | None]:
+        self.exit_codes = [stop_pid(p) for p in self.procs]
+        return self.exit_codes
+
+    def __enter__(self) -> ShardCluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def with_limit(job: JobConfig, message_limit_bytes: int) -> JobConfig:
+    """The same job with another message limit (the client side of a split test)."""
+    return replace(job, message_limit_bytes=message_limit_bytes)

@@ -1,0 +1,237 @@
+"""PSClient against real shard processes: round trips equal an in-process table, splitting at the
+message limit, retries, push-id dedupe, error translation and deadlines."""
+
+import os
+import signal
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ps.client import (
+    InvalidArgumentError,
+    PSClient,
+    ShardUnavailableError,
+    TableFullError,
+    TableNotFoundError,
+)
+from ps.errors import CapacityError, UnknownTableError
+from ps.job_config import Deadlines, dump_job_config
+from ps.rpc import ps_pb2, ps_pb2_grpc
+from ps.table import EmbeddingTable
+from ps.table_config import (
+    AdmissionConfig,
+    AdmissionKind,
+    OptimizerConfig,
+    OptimizerKind,
+    TableConfig,
+)
+from tests.helpers.processes import ShardCluster, make_job, start_shard, stop_pid, wait_serving
+
+USER = TableConfig("user", dim=8, seed=3, optimizer=OptimizerConfig(kind=OptimizerKind.ADAGRAD, lr=0.3))
+ITEM = TableConfig(
+    "item",
+    dim=5,
+    seed=11,
+    optimizer=OptimizerConfig(kind=OptimizerKind.ADAM, lr=0.05),
+    admission=AdmissionConfig(kind=AdmissionKind.COUNT, min_count=2),
+)
+TINY = TableConfig("tiny", dim=2, capacity=4)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    with ShardCluster.start(make_job([USER, ITEM, TINY], num_shards=2), tmp_path_factory.mktemp("client")) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def client(cluster):
+    with PSClient.from_job(cluster.job) as c:
+        yield c
+
+
+REFERENCE = {t.name: EmbeddingTable(t) for t in (USER, ITEM)}
+
+
+def zipf_keys(rng, n: int) -> np.ndarray:
+    """Skewed, repeating keys spread over the whole int64 range (so over both shards)."""
+    ranks = rng.zipf(1.3, n).astype(np.uint64)
+    return (ranks * np.uint64(0x9E3779B97F4A7C15)).view(np.int64)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    st.sampled_from(["user", "item"]),
+    st.integers(0, 300),
+    st.integers(0, 2**32 - 1),
+    st.one_of(st.none(), st.integers(1, 1000)),
+)
+def test_lookup_after_push_equals_the_table_updated_in_process(client, table, n, seed, step):
+    """2 shards over gRPC == one EmbeddingTable in this process, for the same pushes."""
+    rng = np.random.default_rng(seed)
+    keys = zipf_keys(rng, n)
+    grads = rng.standard_normal((n, REFERENCE[table].dim)).astype(np.float32)
+    result = client.push(table, keys, grads, step=step)
+    expected = REFERENCE[table].apply_gradients(keys, grads, step=step)
+    assert result.num_updated == expected.num_updated
+    assert result.num_inserted == expected.num_inserted
+    probe = np.concatenate([keys, zipf_keys(rng, 50)])
+    np.testing.assert_allclose(client.lookup(table, probe), REFERENCE[table].lookup(probe).numpy(), rtol=0, atol=1e-6)
+
+
+def test_push_k_times_then_lookup_sees_k_updates(client):
+    keys = np.array([101, 202, 101, 303], dtype=np.int64)
+    table = EmbeddingTable(USER)
+    grads = np.full((4, 8), 0.25, dtype=np.float32)
+    before = client.lookup("user", keys)
+    np.testing.assert_array_equal(before, REFERENCE["user"].lookup(keys).numpy())
+    for _ in range(3):
+        client.push("user", keys, grads, step=5)
+        REFERENCE["user"].apply_gradients(keys, grads, step=5)
+    after = client.lookup("user", keys)
+    np.testing.assert_allclose(after, REFERENCE["user"].lookup(keys).numpy(), rtol=0, atol=1e-6)
+    assert np.all(after < table.init_values(keys)), "positive gradients lower every value"
+    np.testing.assert_array_equal(after[0], after[2])
+
+
+def test_empty_batches(client):
+    assert client.lookup("user", np.empty(0, dtype=np.int64)).shape == (0, 8)
+    assert client.push("user", np.empty(0, dtype=np.int64), np.empty((0, 8), dtype=np.float32)).num_updated == 0
+
+
+def test_a_push_id_the_shard_has_seen_is_not_applied_again(cluster, client):
+    keys = np.arange(5000, 5100, dtype=np.int64)
+    grads = np.ones((100, 8), dtype=np.float32)
+    before = client.lookup("user", keys)
+    with PSClient.from_job(cluster.job, client_id="replayed") as first:
+        applied = first.push("user", keys, grads, step=9)
+    after_first = client.lookup("user", keys)
+    assert applied.num_duplicates == 0 and not np.array_equal(before, after_first)
+    # A second client with the same id starts its sequences at 1 again: a replay of the first's
+    # RPCs (split the same way), which the shards must answer from memory without applying.
+    with PSClient.from_job(cluster.job, client_id="replayed") as replay:
+        replayed = replay.push("user", keys, grads, step=9)
+    assert replayed.num_duplicates == 2 and replayed.versions == applied.versions
+    np.testing.assert_array_equal(client.lookup("user", keys), after_first)
+    REFERENCE["user"].apply_gradients(keys, grads, step=9)
+
+
+def test_errors_become_embps_exceptions(cluster, client):
+    with pytest.raises(TableNotFoundError, match="table .nope. is not on shard") as info:
+        client.lookup("nope", np.arange(3, dtype=np.int64))
+    assert isinstance(info.value, UnknownTableError)
+    with PSClient.from_job(cluster.job, dims={"nope": 4}) as other:
+        with pytest.raises(TableNotFoundError, match="table 'nope' is not declared"):
+            other.lookup("nope", np.arange(3, dtype=np.int64))
+    bad = np.ones((3, 8), dtype=np.float32)
+    bad[1, 1] = np.nan
+    with pytest.raises(InvalidArgumentError, match="INVALID_ARGUMENT.*non-finite") as info:
+        client.push("user", np.array([1, 2, 3], dtype=np.int64), bad)
+    assert isinstance(info.value, ValueError) and info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(TableFullError, match="RESOURCE_EXHAUSTED") as info:
+        client.push("tiny", np.arange(40, dtype=np.int64), np.ones((40, 2), dtype=np.float32))
+    assert isinstance(info.value, CapacityError)
+    with pytest.raises(ValueError, match=r"grads: expected shape \(3, 8\)"):
+        client.push("user", np.array([1, 2, 3], dtype=np.int64), np.ones((3, 7), dtype=np.float32))
+    assert client.lookup("user", np.array([7], dtype=np.int64)).shape == (1, 8), "still serving"
+
+
+def test_stats_of_every_shard(cluster, client):
+    stats = client.stats()
+    assert [s.shard for s in stats] == [0, 1]
+    rows = {t.name: 0 for t in stats[0].tables}
+    for s in stats:
+        for t in s.tables:
+            rows[t.name] += t.rows
+    assert rows["user"] == REFERENCE["user"].size
+
+
+def test_batches_above_the_message_limit_are_split(start_cluster):
+    table = TableConfig("wide", dim=64, seed=5)
+    limit = 64 << 10
+    cluster = start_cluster(make_job([table], num_shards=2, message_limit_bytes=limit))
+    keys = np.random.default_rng(1).integers(-(2**62), 2**62, 4096, dtype=np.int64)
+    grads = np.random.default_rng(2).standard_normal((4096, 64)).astype(np.float32)
+    with PSClient.from_job(cluster.job) as client:
+        client.push("wide", keys, grads, step=1)
+        got = client.lookup("wide", keys)
+        versions = [s.tables[0].version for s in client.stats()]
+    reference = EmbeddingTable(table)
+    reference.apply_gradients(keys, grads, step=1)
+    np.testing.assert_allclose(got, reference.lookup(keys).numpy(), rtol=0, atol=1e-6)
+    per_rpc = (limit - 4096) // (8 + 64 * 4)
+    owned = np.bincount(cluster.job.shard_map.shard_of(keys), minlength=2)
+    assert versions == [-(-int(n) // per_rpc) for n in owned], "one push RPC per chunk"
+    assert sum(versions) > 2
+    with grpc.insecure_channel(cluster.job.shards[0].address) as channel:
+        oversized = ps_pb2.LookupRequest(table="wide", keys=np.zeros(20_000, dtype=np.int64).tobytes(), dim=64)
+        with pytest.raises(grpc.RpcError) as info:
+            ps_pb2_grpc.ParameterServerStub(channel).Lookup(oversized, timeout=10)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_lookup_retries_unavailable_until_the_shard_comes_up(tmp_path):
+    job = make_job([USER], num_shards=1, deadlines=Deadlines(lookup=60.0, push=5.0, stats=5.0))
+    cluster = ShardCluster(job, tmp_path / "job.toml", [], [tmp_path / "shard.log"])
+    cluster.config_path.write_text(dump_job_config(job))
+    keys = np.arange(10, dtype=np.int64)
+    outcome: dict = {}
+
+    def call():
+        with PSClient.from_job(job, backoff_seconds=0.05, max_attempts=1000) as c:
+            outcome["values"] = c.lookup("user", keys)
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    time.sleep(0.5)
+    assert thread.is_alive(), "the client gave up while the shard was down"
+    proc = start_shard(cluster.config_path, 0, cluster.log_paths[0])
+    try:
+        wait_serving(job.shards[0].address, proc, log_path=cluster.log_paths[0])
+        thread.join(30)
+        np.testing.assert_array_equal(outcome["values"], EmbeddingTable(USER).init_values(keys))
+    finally:
+        assert stop_pid(proc) == 0
+
+
+@pytest.mark.parametrize("failure", ["killed", "frozen"])
+def test_a_dead_or_hung_shard_fails_the_call_within_its_deadline(start_cluster, failure):
+    table = TableConfig("big", dim=16)
+    deadline = 2.0
+    cluster = start_cluster(make_job([table], deadlines=Deadlines(lookup=deadline, push=deadline, stats=deadline)))
+    pid = cluster.procs[0].pid
+    keys = np.arange(400_000, dtype=np.int64)
+    errors: list = []
+    durations: list[float] = []
+    stop = threading.Event()
+
+    def loop():
+        with PSClient.from_job(cluster.job) as c:
+            while not stop.is_set():
+                started = time.monotonic()
+                try:
+                    c.lookup("big", keys)
+                except ShardUnavailableError as err:
+                    durations.append(time.monotonic() - started)
+                    errors.append(err)
+                    return
+
+    thread = threading.Thread(target=loop)
+    thread.start()
+    time.sleep(0.8)
+    os.kill(pid, signal.SIGKILL if failure == "killed" else signal.SIGSTOP)
+    try:
+        thread.join(deadline + 5)
+        assert not thread.is_alive(), "the client hung"
+        assert errors, "no error after the shard went away"
+        assert durations[0] < deadline + 1.0
+        assert errors[0].code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+    finally:
+        stop.set()
+        if failure == "frozen":
+            os.kill(pid, signal.SIGCONT)

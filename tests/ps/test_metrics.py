@@ -1,0 +1,91 @@
+"""A real shard's /metrics: the names, labels and values after known traffic, linted by promtool."""
+
+import subprocess
+import urllib.request
+
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from ps.client import InvalidArgumentError, PSClient
+from ps.table_config import EvictionConfig, EvictionPolicy, TableConfig
+from tests.helpers.processes import ShardCluster, make_job
+
+USER = TableConfig("user", dim=4)
+LRU = TableConfig("lru", dim=2, capacity=64, eviction=EvictionConfig(policy=EvictionPolicy.LRU))
+
+
+@pytest.fixture(scope="module")
+def scrape(tmp_path_factory):
+    with ShardCluster.start(make_job([USER, LRU]), tmp_path_factory.mktemp("metrics")) as cluster:
+        with PSClient.from_job(cluster.job) as client:
+            for _ in range(3):
+                client.lookup("user", np.arange(10, dtype=np.int64))
+            client.push("user", np.arange(7, dtype=np.int64), np.ones((7, 4), dtype=np.float32))
+            for start in range(0, 400, 40):
+                keys = np.arange(start, start + 40, dtype=np.int64)
+                client.push("lru", keys, np.ones((40, 2), dtype=np.float32))
+            bad = np.full((2, 4), np.nan, dtype=np.float32)
+            with pytest.raises(InvalidArgumentError):
+                client.push("user", np.arange(2, dtype=np.int64), bad)
+            client.stats()
+            stats = {t.name: t for t in client.stats()[0].tables}
+        url = f"http://127.0.0.1:{cluster.job.shards[0].metrics_port}/metrics"
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+    return text, stats
+
+
+def samples(text: str) -> dict[tuple[str, frozenset], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+def value(text: str, name: str, **labels) -> float:
+    return samples(text)[(name, frozenset(labels.items()))]
+
+
+def test_promtool_accepts_the_exposition(scrape, promtool):
+    text, _ = scrape
+    result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_request_counters_and_histograms_count_the_traffic(scrape):
+    text, _ = scrape
+    assert value(text, "embps_requests_total", table="user", method="Lookup", code="OK") == 3
+    assert value(text, "embps_request_keys_total", table="user", method="Lookup") == 30
+    assert value(text, "embps_requests_total", table="user", method="Push", code="OK") == 1
+    assert value(text, "embps_requests_total", table="user", method="Push", code="INVALID_ARGUMENT") == 1
+    assert value(text, "embps_request_keys_total", table="user", method="Push") == 7 + 2
+    assert value(text, "embps_request_duration_seconds_count", table="user", method="Lookup") == 3
+    assert value(text, "embps_request_duration_seconds_count", table="lru", method="Push") == 10
+    assert value(text, "embps_request_duration_seconds_sum", table="user", method="Lookup") > 0
+    assert value(text, "embps_requests_total", table="", method="Stats", code="OK") == 2
+
+
+def test_table_gauges_match_the_shard_stats(scrape):
+    text, stats = scrape
+    for name in ("user", "lru"):
+        assert value(text, "embps_table_rows", table=name, shard="0") == stats[name].rows
+        assert value(text, "embps_table_memory_bytes", table=name, shard="0") == stats[name].memory_bytes
+        assert value(text, "embps_admissions_total", table=name, shard="0") == stats[name].num_admitted
+        assert value(text, "embps_evictions_total", table=name, shard="0") == stats[name].num_evicted
+    assert stats["user"].rows == 7 and stats["lru"].num_admitted == 400
+    assert stats["lru"].num_evicted > 0 and stats["lru"].rows <= 64
+
+
+def test_names_units_and_labels_follow_the_conventions(scrape):
+    text, _ = scrape
+    names = {name for name, _ in samples(text) if not name.startswith(("python_", "process_"))}
+    assert names and all(n.startswith("embps_") for n in names), names
+    allowed_labels = {"table", "method", "code", "shard", "le"}
+    for (name, labels), _ in samples(text).items():
+        if name.startswith("embps_"):
+            assert {k for k, _ in labels} <= allowed_labels, (name, labels)
+            assert dict(labels).get("table", "") in {"", "user", "lru", "unknown"}, "a label holds a key"
+    for family in text_string_to_metric_families(text):
+        if family.name == "embps_request_duration_seconds":
+            assert family.type == "histogram"
