@@ -147,6 +147,8 @@ class HashMap {
     free_rows_.shrink_to_fit();
     next_row_ = 0;
     size_ = 0;
+    slots_.reset();  // drop the entries first: rehash would carry them over
+    capacity_ = 0;
     rehash(16);
   }
 

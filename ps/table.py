@@ -49,6 +49,45 @@ class TableState:
 
 
 @dataclass
+class TableChanges:
+    """Keys changed since the previous take_changes(): touched (t,) int64 rows that were created
+    or updated, deleted (d,) int64 rows that were evicted; both sorted, disjoint."""
+
+    touched_keys: np.ndarray
+    deleted_keys: np.ndarray
+
+
+class _ChangeTracker:
+    """Sets of touched and deleted keys, kept disjoint: the last thing that happened to a key wins."""
+
+    def __init__(self) -> None:
+        self.touched = native.HashMap()
+        self.deleted = native.HashMap()
+
+    def touch(self, keys: np.ndarray) -> None:
+        if keys.shape[0]:
+            self.touched.find_or_insert(keys)
+            if self.deleted.size:
+                self.deleted.erase(keys)
+
+    def delete(self, keys: np.ndarray) -> None:
+        if keys.shape[0]:
+            self.deleted.find_or_insert(keys)
+            self.touched.erase(keys)
+
+    def take(self) -> TableChanges:
+        touched, _ = self.touched.export()
+        deleted, _ = self.deleted.export()
+        self.touched.clear()
+        self.deleted.clear()
+        return TableChanges(np.sort(touched), np.sort(deleted))
+
+    @property
+    def memory_bytes(self) -> int:
+        return self.touched.memory_bytes + self.deleted.memory_bytes
+
+
+@dataclass
 class ApplyResult:
     """What one apply_gradients call changed."""
 
@@ -78,6 +117,7 @@ class EmbeddingTable:
         self._hyper = optimizers.hyper_parameters(config.optimizer)
         self._pending = native.HashMap()
         self._pending_meta = np.zeros((0, 2), dtype=np.uint32)  # [count, last_step] per pending row
+        self._changes: _ChangeTracker | None = None
         self.version = 0
         self.step = 0
         self.num_admitted = 0
@@ -104,7 +144,22 @@ class EmbeddingTable:
             + self._store.memory_bytes
             + self._pending.memory_bytes
             + self._pending_meta.nbytes
+            + (self._changes.memory_bytes if self._changes is not None else 0)
         )
+
+    def enable_change_tracking(self) -> None:
+        """From now on, remember which keys pushes touch and evictions delete (see take_changes).
+
+        Costs one small-map insert per unique pushed key; used by incremental snapshots.
+        """
+        if self._changes is None:
+            self._changes = _ChangeTracker()
+
+    def take_changes(self) -> TableChanges:
+        """Keys touched and deleted since the previous call (or since tracking began), then resets."""
+        if self._changes is None:
+            raise ValueError(f"table {self.name}: change tracking is off (call enable_change_tracking first)")
+        return self._changes.take()
 
     def init_values(self, keys: np.ndarray) -> np.ndarray:
         """keys (n,) int64 -> the rows they start with, (n, dim) float32; pure in (seed, key)."""
@@ -167,7 +222,7 @@ class EmbeddingTable:
                 self._write_new_rows(new_keys, rows[inserted], np.zeros(new_keys.shape[0], np.uint32))
                 self.num_admitted += new_keys.shape[0]
             self._update(rows, sums, sightings, step)
-            return self._finish(step, rows.shape[0], int(inserted.sum()), np.empty(0, dtype=np.int64))
+            return self._finish(step, unique_keys, int(inserted.sum()), np.empty(0, dtype=np.int64))
 
         rows = self._map.find(unique_keys)
         is_new = rows < 0
@@ -191,10 +246,12 @@ class EmbeddingTable:
             self.num_admitted += int(inserted.sum())
         self._update(rows, sums[apply_mask], sightings[apply_mask], step)
         self._count_pending(unique_keys[is_new][~admit_new], sightings[is_new][~admit_new], step)
-        return self._finish(step, int(apply_mask.sum()), int(inserted.sum()), evicted)
+        return self._finish(step, apply_keys, int(inserted.sum()), evicted)
 
-    def _finish(self, step: int, num_updated: int, num_inserted: int, evicted: np.ndarray) -> ApplyResult:
-        """Advances version and step, and runs the TTL sweep when one is due."""
+    def _finish(self, step: int, updated_keys: np.ndarray, num_inserted: int, evicted: np.ndarray) -> ApplyResult:
+        """Advances version and step, runs the TTL sweep when one is due, records changes."""
+        if self._changes is not None:
+            self._changes.touch(updated_keys)
         previous_step = self.step
         self.step = max(self.step, step)
         self.version += 1
@@ -203,7 +260,7 @@ class EmbeddingTable:
             interval = max(1, ttl // 8)
             if self.step // interval > previous_step // interval:
                 evicted = np.concatenate([evicted, self.evict_expired(self.step)])
-        return ApplyResult(num_updated, num_inserted, evicted)
+        return ApplyResult(updated_keys.shape[0], num_inserted, evicted)
 
     def evict_expired(self, step: int) -> np.ndarray:
         """Drops rows (and pending keys) not pushed for more than ttl_steps before `step`.
@@ -224,9 +281,19 @@ class EmbeddingTable:
             self._pending.erase(pkeys[stale])
         return expired
 
-    def export(self) -> TableState:
-        """Copies out all state, rows sorted by key (so equal tables export equal arrays)."""
-        keys, rows = self._map.export()
+    def export(self, keys: np.ndarray | None = None) -> TableState:
+        """Copies out all state, rows sorted by key (so equal tables export equal arrays).
+
+        keys (k,) int64: export only the rows of these keys (absent keys are left out), e.g. the
+        touched keys of take_changes() for an incremental snapshot. Pending admission counters,
+        version and step are always exported whole.
+        """
+        if keys is None:
+            keys, rows = self._map.export()
+        else:
+            keys = np.unique(native.as_keys(keys))
+            rows = self._map.find(keys)
+            keys, rows = keys[rows >= 0], rows[rows >= 0]
         order = np.argsort(keys, kind="stable")
         keys, rows = keys[order], rows[order]
         words = self._store.gather(rows, 0, self.width).cpu().numpy()
@@ -249,6 +316,33 @@ class EmbeddingTable:
 
     def load(self, state: TableState) -> None:
         """Replaces all state with `state` (as returned by export). Checks shapes first."""
+        self._check_state(state)
+        u = state.keys.shape[0]
+        if self.config.capacity is not None and u > self.config.capacity:
+            raise CapacityError(f"table {self.name}: state has {u} rows, capacity is {self.config.capacity}")
+        self._map = native.HashMap(int(u / 0.7) + 16)
+        self._store = RowStore(self.width, self.config.device, self._store.block_shift)
+        self._write_state_rows(state)
+        self._load_pending_and_counters(state)
+        if self._changes is not None:
+            self._changes = _ChangeTracker()
+
+    def load_delta(self, state: TableState, deleted_keys: np.ndarray) -> None:
+        """Applies an incremental state on top of the current one: drops deleted_keys (d,) int64,
+        then inserts or overwrites the rows of `state`; pending counters, version and step are
+        replaced by those of `state`."""
+        self._check_state(state)
+        deleted_keys = native.as_keys(deleted_keys, "deleted_keys")
+        if np.intersect1d(deleted_keys, state.keys).shape[0]:
+            raise ValueError("deleted_keys: a key cannot be both deleted and written by one delta")
+        grow = int((self._map.find(state.keys) < 0).sum()) - int((self._map.find(deleted_keys) >= 0).sum())
+        if self.config.capacity is not None and self.size + grow > self.config.capacity:
+            raise CapacityError(f"table {self.name}: delta grows past capacity {self.config.capacity}")
+        self._map.erase(deleted_keys)
+        self._write_state_rows(state)
+        self._load_pending_and_counters(state)
+
+    def _check_state(self, state: TableState) -> None:
         u = state.keys.shape[0]
         expected = {
             "keys": ((u,), np.int64),
@@ -268,10 +362,9 @@ class EmbeddingTable:
                 raise ValueError(f"state.{name}: expected shape {shape} {np.dtype(dtype)}, got {got}")
         if np.unique(state.keys).shape[0] != u:
             raise ValueError("state.keys: keys must be unique")
-        if self.config.capacity is not None and u > self.config.capacity:
-            raise CapacityError(f"table {self.name}: state has {u} rows, capacity is {self.config.capacity}")
-        self._map = native.HashMap(int(u / 0.7) + 16)
-        self._store = RowStore(self.width, self.config.device, self._store.block_shift)
+
+    def _write_state_rows(self, state: TableState) -> None:
+        u = state.keys.shape[0]
         rows, _ = self._map.find_or_insert(state.keys)
         self._store.ensure_rows(self._map.num_rows)
         words = np.empty((u, self.width), dtype=np.float32)
@@ -281,6 +374,9 @@ class EmbeddingTable:
         meta[:, 0] = state.freq
         meta[:, 1] = state.last_step
         self._store.scatter(rows, 0, torch.from_numpy(words))
+
+    def _load_pending_and_counters(self, state: TableState) -> None:
+        p = state.pending_keys.shape[0]
         self._pending = native.HashMap(int(p / 0.7) + 16)
         prows, _ = self._pending.find_or_insert(state.pending_keys)
         self._pending_meta = np.zeros((max(16, p), 2), dtype=np.uint32)
@@ -363,6 +459,8 @@ class EmbeddingTable:
         if keys.shape[0]:
             self._map.erase(keys)
             self.num_evicted += int(keys.shape[0])
+            if self._changes is not None:
+                self._changes.delete(keys)
 
     def _gather_meta(self, rows: np.ndarray) -> np.ndarray:
         """rows (n,) -> (n, 2) uint32 [freq, last_step]."""

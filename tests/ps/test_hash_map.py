@@ -13,7 +13,7 @@ keys_strategy = st.one_of(
     st.integers(-40, 40), st.sampled_from([0, -1, INT64_MIN, INT64_MAX, INT64_MIN + 1, INT64_MAX - 1])
 )
 batch_strategy = st.lists(keys_strategy, max_size=60).map(lambda ks: np.array(ks, dtype=np.int64))
-op_strategy = st.tuples(st.sampled_from(["find", "find_or_insert", "erase"]), batch_strategy)
+op_strategy = st.tuples(st.sampled_from(["find", "find_or_insert", "erase", "clear"]), batch_strategy)
 
 
 def check_against_dict(ops: list[tuple[str, np.ndarray]]) -> None:
@@ -35,6 +35,10 @@ def check_against_dict(ops: list[tuple[str, np.ndarray]]) -> None:
                     ref[k] = row
                     expected_inserted.append(True)
             assert inserted.tolist() == expected_inserted
+        elif verb == "clear":
+            table.clear()
+            ref.clear()
+            assert table.num_rows == 0
         else:
             freed = table.erase(keys)
             expected = []

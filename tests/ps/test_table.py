@@ -308,3 +308,38 @@ def test_cuda_rows_match_cpu_rows(kind):
     out = gpu.lookup(keys)
     assert out.device.type == "cuda"
     assert (out.cpu() - cpu.lookup(keys)).abs().max() <= 1e-5
+
+
+def test_change_tracking_and_deltas_rebuild_the_live_table():
+    config = TableConfig(
+        name="t",
+        dim=4,
+        capacity=40,
+        optimizer=OptimizerConfig(kind=OptimizerKind.ADAGRAD, lr=0.1),
+        eviction=EvictionConfig(policy=EvictionPolicy.LRU, ttl_steps=6),
+        admission=AdmissionConfig(kind=AdmissionKind.COUNT, min_count=2),
+    )
+    live = EmbeddingTable(config)
+    live.enable_change_tracking()
+    rebuilt = EmbeddingTable(config)
+    rebuilt.load(live.export())
+    rng = np.random.default_rng(5)
+    total_deleted = 0
+    for step in range(1, 31):
+        keys = rng.integers(0, 60, 12).astype(np.int64)
+        live.apply_gradients(keys, rng.normal(size=(12, 4)).astype(np.float32), step=step)
+        if step % 5 == 0:
+            changes = live.take_changes()
+            assert np.intersect1d(changes.touched_keys, changes.deleted_keys).size == 0
+            total_deleted += changes.deleted_keys.shape[0]
+            rebuilt.load_delta(live.export(changes.touched_keys), changes.deleted_keys)
+            a, b = live.export(), rebuilt.export()
+            for name in ("keys", "values", "optimizer_state", "freq", "last_step", "pending_keys", "pending_counts"):
+                np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+            assert (a.version, a.step) == (b.version, b.step)
+    assert total_deleted > 0  # evictions happened and travelled as deletions
+
+
+def test_take_changes_needs_tracking():
+    with pytest.raises(ValueError, match="change tracking is off"):
+        make().take_changes()
