@@ -16,6 +16,7 @@ import itertools
 import time
 import uuid
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import grpc
@@ -133,6 +134,7 @@ class PSClient:
         ]
         self._channels = [grpc.insecure_channel(a, options=options) for a in self.addresses]
         self._stubs = [ps_pb2_grpc.ParameterServerStub(c) for c in self._channels]
+        self._pool = ThreadPoolExecutor(max(2, 2 * len(self.addresses)), thread_name_prefix="ps-client")
 
     @classmethod
     def from_job(cls, job: JobConfig, **kwargs) -> PSClient:
@@ -143,6 +145,7 @@ class PSClient:
         return cls(job.addresses, shard_map=job.shard_map, **kwargs)
 
     def close(self) -> None:
+        self._pool.shutdown(wait=True)
         for channel in self._channels:
             channel.close()
 
@@ -175,10 +178,19 @@ class PSClient:
                 calls.append((shard, request))
                 spans.append(chunk)
         replies = self._call_all("Lookup", calls, self.deadlines.lookup)
-        values = np.empty((unique.shape[0], dim), dtype=np.float32)
-        for chunk, reply in zip(spans, replies, strict=True):
-            values[chunk] = wire.decode_values(reply.values, chunk.shape[0], reply.dim, reply.dtype)
-        return values if inverse is None else values[inverse]
+        if not replies:
+            return np.empty((keys.shape[0], dim), dtype=np.float32)
+        # Replies concatenated hold unique[order]; one gather puts every row where the caller wants it.
+        values = np.concatenate(
+            [
+                wire.decode_values(reply.values, chunk.shape[0], reply.dim, reply.dtype)
+                for chunk, reply in zip(spans, replies, strict=True)
+            ]
+        )
+        order = np.concatenate(spans)
+        row_of = np.empty(unique.shape[0], dtype=np.int64)
+        row_of[order] = np.arange(unique.shape[0], dtype=np.int64)
+        return np.take(values, row_of if inverse is None else row_of[inverse], axis=0)
 
     def push(
         self,
@@ -243,6 +255,8 @@ class PSClient:
     def _call_all(self, method: str, calls: list[tuple[int, object]], deadline_seconds: float) -> list:
         """Sends every (shard, request) at once; retries those that fail with UNAVAILABLE until
         `deadline_seconds` after the first send; returns the replies in call order."""
+        if not calls:
+            return []
         end = time.monotonic() + deadline_seconds
         replies: list = [None] * len(calls)
         pending = list(range(len(calls)))
@@ -250,19 +264,20 @@ class PSClient:
         while True:
             attempt += 1
             timeout = end - time.monotonic()
-            futures = [
-                (i, getattr(self._stubs[calls[i][0]], method).future(calls[i][1], timeout=max(timeout, 0.001)))
-                for i in pending
-            ]
+            # The last call runs on this thread, the others on the pool: sync grpc's .future()
+            # would start a polling thread per call, which costs more than the call itself.
+            futures = [(i, self._pool.submit(self._invoke, method, calls[i], timeout)) for i in pending[:-1]]
+            outcomes = [(pending[-1], self._invoke(method, calls[pending[-1]], timeout))]
+            outcomes += [(i, future.result()) for i, future in futures]
             retry, failure = [], None
-            for i, future in futures:
-                try:
-                    replies[i] = future.result()
-                except grpc.RpcError as err:
-                    if err.code() in _RETRY_CODES:
-                        retry.append(i)
-                    if failure is None or failure[1].code() in _RETRY_CODES:
-                        failure = (i, err)
+            for i, outcome in sorted(outcomes, key=lambda pair: pair[0]):
+                if not isinstance(outcome, grpc.RpcError):
+                    replies[i] = outcome
+                    continue
+                if outcome.code() in _RETRY_CODES:
+                    retry.append(i)
+                if failure is None or failure[1].code() in _RETRY_CODES:
+                    failure = (i, outcome)
             if failure is None:
                 return replies
             i, err = failure
@@ -271,6 +286,14 @@ class PSClient:
                 raise _translate(err, method, self.addresses[calls[i][0]]) from None
             time.sleep(pause)
             pending = retry
+
+    def _invoke(self, method: str, call: tuple[int, object], timeout: float):
+        """One blocking RPC; returns the reply or the grpc.RpcError (never raises it)."""
+        shard, request = call
+        try:
+            return getattr(self._stubs[shard], method)(request, timeout=max(timeout, 0.001))
+        except grpc.RpcError as err:
+            return err
 
 
 def _unique(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
