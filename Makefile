@@ -40,7 +40,7 @@ test: install system-tools
 	$(BIN)/python -m pytest -p no:cacheprovider $(PYTEST_ARGS)
 
 demo: install
-	$(BIN)/embps demo
+	$(BIN)/embps launch examples/demo.toml
 
 lint: $(VENV)/.deps
 	$(BIN)/ruff check ps worker serving bench tests embps.py

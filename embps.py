@@ -1,6 +1,6 @@
 """The embps command line: `embps <verb> ...` parses arguments and hands off (imports lazily).
 
-Verbs: ps, bench {table, ps}, demo. `python -m embps ...` works the same.
+Verbs: ps, launch, bench {table, ps}. `python -m embps ...` works the same.
 """
 
 from __future__ import annotations
@@ -46,11 +46,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     ps_bench.add_argument("--out", default=None, help="write the results as JSON here")
 
-    demo = verbs.add_parser("demo", help="train one table on synthetic Zipf keys and print keys/s")
-    demo.add_argument("--rows", type=int, default=1_000_000, help="distinct keys in the stream")
-    demo.add_argument("--dim", type=int, default=32)
-    demo.add_argument("--batch", type=int, default=4096)
-    demo.add_argument("--steps", type=int, default=300)
+    launch = verbs.add_parser("launch", help="run a whole training job: PS shards + workers (+ serving)")
+    launch.add_argument("config", help="job TOML (PS part plus [train], [model], [data])")
+    launch.add_argument("--nnodes", type=int, default=1, help="nodes of the job (default 1)")
+    launch.add_argument("--node-rank", type=int, default=0, help="this node's rank; node 0 starts the PS shards")
+    launch.add_argument("--rdzv-endpoint", default=None, help="host:port of the c10d rendezvous (multi-node)")
     return parser
 
 
@@ -84,10 +84,17 @@ def main(argv: list[str] | None = None) -> int:
             rows=args.rows, dim=args.dim, batch=args.batch, batches=args.batches, zipf=args.zipf, out=args.out
         )
         return run_table_bench(config)
-    if args.verb == "demo":
-        from bench.demo import DemoConfig, run_demo
+    if args.verb == "launch":
+        from worker.launcher import LaunchOptions, launch
 
-        return run_demo(DemoConfig(rows=args.rows, dim=args.dim, batch=args.batch, steps=args.steps))
+        return launch(
+            LaunchOptions(
+                config_path=args.config,
+                nnodes=args.nnodes,
+                node_rank=args.node_rank,
+                rdzv_endpoint=args.rdzv_endpoint,
+            )
+        )
     raise SystemExit(f"embps: unknown verb {args.verb!r}")
 
 

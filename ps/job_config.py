@@ -25,6 +25,7 @@ Every error names the field and the rule, e.g. `tables.user.dim: must be in [1, 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import tomllib
 import types
@@ -104,8 +105,14 @@ def load_job_config(path: str | Path) -> JobConfig:
     return parse_job_config(data)
 
 
+# Sections of the same job file that other components read (the training workers); the PS
+# skips them, so one file describes the whole job.
+OTHER_SECTIONS = frozenset({"train", "model", "data"})
+
+
 def parse_job_config(data: dict) -> JobConfig:
     """A parsed TOML document (dict) -> a validated JobConfig."""
+    data = {k: v for k, v in data.items() if k not in OTHER_SECTIONS}
     _reject_unknown(
         "", data, {"job", "shards", "tables", "message_limit_bytes", "deadlines", "sharding", "push_dedupe_window"}
     )
@@ -118,7 +125,7 @@ def parse_job_config(data: dict) -> JobConfig:
     _check_int("message_limit_bytes", limit, _MIN_MESSAGE_LIMIT, 2**31 - 1)
     window = data.get("push_dedupe_window", 4096)
     _check_int("push_dedupe_window", window, 1, 1 << 24)
-    deadlines = _build(Deadlines, _table_of(data, "deadlines"), "deadlines")
+    deadlines = build_config(Deadlines, _table_of(data, "deadlines"), "deadlines")
     for f in fields(Deadlines):
         value = getattr(deadlines, f.name)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
@@ -155,7 +162,7 @@ def _parse_shards(raw: object) -> tuple[ShardConfig, ...]:
         where = f"shards[{i}]"
         if not isinstance(entry, dict):
             raise TypeError(f"{where}: must be a table with address and metrics_port, got {entry!r}")
-        shard = _build(ShardConfig, entry, where)
+        shard = build_config(ShardConfig, entry, where)
         address = shard.address
         if not isinstance(address, str) or address.count(":") < 1:
             raise ValueError(f"{where}.address: must be 'host:port', got {address!r}")
@@ -181,16 +188,19 @@ def _parse_tables(raw: object) -> tuple[TableConfig, ...]:
         if "name" in entry and entry["name"] != name:
             raise ValueError(f"{where}.name: the table's name is its key {name!r}, got {entry['name']!r}")
         entry = {**entry, "name": name}
-        tables.append(_build(TableConfig, entry, where).validate(where))
+        tables.append(build_config(TableConfig, entry, where).validate(where))
     return tuple(tables)
 
 
 _NESTED = {OptimizerConfig, AdmissionConfig, EvictionConfig, Deadlines, ShardConfig}
 
 
-def _build(cls: type, data: dict, where: str):
+def build_config(cls: type, data: dict, where: str):
     """Builds dataclass `cls` from a TOML table: unknown and missing fields name their path,
-    StrEnum fields are converted (bad values list the choices), nested configs recurse."""
+    StrEnum fields are converted (bad values list the choices), lists become tuples where the
+    field is a tuple, ints, floats, strings and bools are type-checked, nested configs recurse."""
+    if not isinstance(data, dict):
+        raise TypeError(f"{where}: must be a table of fields, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in fields(cls)}
     _reject_unknown(where, data, names)
@@ -203,10 +213,22 @@ def _build(cls: type, data: dict, where: str):
             continue
         value = data[f.name]
         hint = _strip_optional(hints[f.name])
-        if hint in _NESTED:
+        if hint in _NESTED or dataclasses.is_dataclass(hint):
             if not isinstance(value, dict):
                 raise TypeError(f"{path}: must be a table of fields, got {value!r}")
-            value = _build(hint, value, path)
+            value = build_config(hint, value, path)
+        elif typing.get_origin(hint) is tuple:
+            if not isinstance(value, (list, tuple)):
+                raise TypeError(f"{path}: must be a list, got {value!r}")
+            value = tuple(value)
+        elif hint is bool and not isinstance(value, bool):
+            raise TypeError(f"{path}: must be true or false, got {value!r}")
+        elif hint is int and (isinstance(value, bool) or not isinstance(value, int)):
+            raise TypeError(f"{path}: must be an integer, got {value!r}")
+        elif hint is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise TypeError(f"{path}: must be a number, got {value!r}")
+        elif hint is str and not isinstance(value, str):
+            raise TypeError(f"{path}: must be a string, got {value!r}")
         elif isinstance(hint, type) and issubclass(hint, StrEnum):
             try:
                 value = hint(value)

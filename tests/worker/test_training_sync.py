@@ -1,0 +1,106 @@
+"""Sync training over real PS shards and torchrun workers equals a single-process reference."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from ps.client import PSClient
+from tests.helpers.processes import REPO_ROOT, ShardCluster
+from tests.worker.reference_training import train_reference
+from tests.worker.training_jobs import OPTIMIZER_TABLES, write_training_job
+from worker.train_config import load_training_job
+
+STEPS = 30
+SYNTHETIC = {"num_dense": 3, "num_sparse": 5, "num_keys": 300, "num_batches": STEPS, "num_eval_batches": 2, "seed": 3}
+TRAIN = {
+    "workers": 2,
+    "steps": STEPS,
+    "batch_size": 64,
+    "mode": "sync",
+    "dense_optimizer": "adam",
+    "dense_lr": 0.01,
+    "tables": [t.name for t in OPTIMIZER_TABLES],
+    "eval_batches": 2,
+}
+
+
+def run_job(tmp_path, num_shards: int, workers: int = 2) -> dict:
+    """Runs the job with `workers` torchrun workers against `num_shards` real shards; returns the
+    dense state dict and every touched row as {table: (keys, values)}."""
+    out = tmp_path / f"out-{num_shards}"
+    train = TRAIN | {"workers": workers, "output_dir": str(out)}
+    path, ps = write_training_job(tmp_path / f"job-{num_shards}.toml", OPTIMIZER_TABLES, num_shards, train, SYNTHETIC)
+    job = load_training_job(path)
+    _, _, seen = train_reference_keys(job)
+    with ShardCluster.start(ps, tmp_path / f"shards-{num_shards}") as cluster:
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                f"--nproc-per-node={workers}",
+                "-m",
+                "worker.worker_main",
+                "--config",
+                str(path),
+            ],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+        with PSClient.from_job(cluster.job) as client:
+            rows = {name: (keys, client.lookup(name, keys)) for name, keys in seen.items()}
+    return {"dense": torch.load(out / "dense.pt"), "rows": rows, "job": job}
+
+
+def train_reference_keys(job):
+    """Keys each table sees over the job, sorted (from the data alone, no training)."""
+    from worker.synthetic import SyntheticData
+
+    data = SyntheticData(job.data.synthetic)
+    seen = {name: set() for name in set(job.feature_tables())}
+    for t in range(job.train.steps):
+        batch = data.global_batch(t)
+        for f, name in enumerate(job.feature_tables()):
+            seen[name].update(batch.sparse[:, f].tolist())
+    return None, None, {name: np.array(sorted(keys), dtype=np.int64) for name, keys in seen.items()}
+
+
+@pytest.fixture(scope="module")
+def two_shard_run(tmp_path_factory):
+    return run_job(tmp_path_factory.mktemp("sync2"), num_shards=2)
+
+
+@pytest.mark.slow
+def test_two_workers_two_shards_equal_single_process_reference(two_shard_run):
+    job = two_shard_run["job"]
+    model, tables, _ = train_reference(job)
+    for name, reference in model.state_dict().items():
+        diff = (two_shard_run["dense"][name] - reference).abs().max().item()
+        assert diff <= 1e-5, f"dense parameter {name}: max abs diff {diff}"
+    for name, (keys, values) in two_shard_run["rows"].items():
+        want = np.stack([tables[name].lookup(int(k)).detach().numpy() for k in keys])
+        diff = np.abs(values - want).max()
+        assert diff <= 1e-5, f"table {name} ({job.ps.table(name).optimizer.kind}): max abs diff {diff}"
+        init = np.stack([tables[name].init(np.array([k]))[0] for k in keys])
+        assert np.abs(values - init).max() > 1e-3, f"table {name} did not train"
+
+
+@pytest.mark.slow
+def test_one_shard_and_three_shards_give_the_same_result(two_shard_run, tmp_path):
+    for num_shards in (1, 3):
+        other = run_job(tmp_path, num_shards=num_shards)
+        for name, value in two_shard_run["dense"].items():
+            assert (other["dense"][name] - value).abs().max().item() <= 1e-5
+        for name, (keys, values) in two_shard_run["rows"].items():
+            other_keys, other_values = other["rows"][name]
+            np.testing.assert_array_equal(keys, other_keys)
+            assert np.abs(values - other_values).max() <= 1e-5, f"{num_shards} shards, table {name}"

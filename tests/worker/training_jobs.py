@@ -1,0 +1,77 @@
+"""Small training jobs for tests: a PS job on free loopback ports plus [train]/[model]/[data]."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ps.job_config import JobConfig, dump_job_config
+from ps.table_config import OptimizerConfig, OptimizerKind, TableConfig
+from tests.helpers.processes import make_job
+
+# One table per sparse feature, each with another sparse optimizer: one run checks all five.
+OPTIMIZER_TABLES = [
+    TableConfig(name="sgd", dim=8, init_scale=0.1, seed=1, optimizer=OptimizerConfig(kind=OptimizerKind.SGD, lr=0.5)),
+    TableConfig(
+        name="adagrad",
+        dim=8,
+        init_scale=0.1,
+        seed=2,
+        optimizer=OptimizerConfig(kind=OptimizerKind.ADAGRAD, lr=0.2, initial_accumulator=0.1),
+    ),
+    TableConfig(
+        name="rowwise",
+        dim=8,
+        init_scale=0.1,
+        seed=3,
+        optimizer=OptimizerConfig(kind=OptimizerKind.ROWWISE_ADAGRAD, lr=0.2),
+    ),
+    TableConfig(
+        name="adam",
+        dim=8,
+        init_scale=0.1,
+        seed=4,
+        optimizer=OptimizerConfig(kind=OptimizerKind.ADAM, lr=0.05, beta1=0.8, beta2=0.95, eps=1e-6),
+    ),
+    TableConfig(
+        name="ftrl",
+        dim=8,
+        init_scale=0.1,
+        seed=5,
+        optimizer=OptimizerConfig(kind=OptimizerKind.FTRL, lr=0.5, l1=0.001, l2=0.01),
+    ),
+]
+
+
+def toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return repr(value)
+
+
+def training_toml(ps: JobConfig, train: dict, model: dict, data: dict, synthetic: dict) -> str:
+    lines = [dump_job_config(ps)]
+    for section, values in (("train", train), ("model", model), ("data", data), ("data.synthetic", synthetic)):
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {toml_value(v)}" for k, v in values.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_training_job(
+    path: Path,
+    tables: list[TableConfig],
+    num_shards: int,
+    train: dict,
+    synthetic: dict,
+    model: dict | None = None,
+    job: str = "train-test",
+) -> tuple[Path, JobConfig]:
+    ps = make_job(tables=tables, num_shards=num_shards, job=job)
+    path.write_text(
+        training_toml(ps, train, model or {"bottom_sizes": [8], "top_sizes": [16]}, {"source": "synthetic"}, synthetic)
+    )
+    return path, ps

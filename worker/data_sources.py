@@ -1,0 +1,48 @@
+"""Builds the training and held-out batch readers a job's `[data]` section asks for."""
+
+from __future__ import annotations
+
+from worker.batch import Batch, BatchReader
+from worker.criteo import CriteoTsvReader
+from worker.parquet_reader import ParquetReader
+from worker.readers import ReaderConfig
+from worker.synthetic import Split, SyntheticReader
+from worker.train_config import DataSource, TrainingJob
+
+
+def train_reader(job: TrainingJob, rank: int, world_size: int) -> BatchReader:
+    """This rank's slice of every global training batch."""
+    data = job.data
+    if data.source == DataSource.SYNTHETIC:
+        return SyntheticReader(data.synthetic, rank, world_size, Split.TRAIN)
+    return _file_reader(job, data.paths, rank, world_size)
+
+
+def eval_batches(job: TrainingJob) -> list[Batch]:
+    """The held-out batches of one evaluation (whole global batches, read by one process)."""
+    data = job.data
+    if data.source == DataSource.SYNTHETIC:
+        reader = SyntheticReader(data.synthetic, 0, 1, Split.EVAL)
+        count = min(job.train.eval_batches, len(reader))
+        return [reader.batch(i) for i in range(count)]
+    if not data.eval_paths:
+        return []
+    batches = []
+    for batch in _file_reader(job, data.eval_paths, 0, 1):
+        batches.append(batch)
+        if len(batches) == job.train.eval_batches:
+            break
+    return batches
+
+
+def _file_reader(job: TrainingJob, paths, rank: int, world_size: int) -> BatchReader:
+    data = job.data
+    config = ReaderConfig(
+        global_batch_size=job.train.batch_size,
+        num_dense=data.num_dense,
+        num_sparse=data.num_sparse,
+        bad_rows=data.bad_rows,
+        drop_last=True,
+    )
+    cls = CriteoTsvReader if data.source == DataSource.CRITEO else ParquetReader
+    return cls(list(paths), config, rank, world_size)

@@ -1,0 +1,189 @@
+"""The training part of a job's TOML: `[train]`, `[model]` and `[data]`, beside the PS part.
+
+    [train]
+    workers = 2                 # worker processes on this node
+    steps = 300                 # global steps (each one global batch)
+    batch_size = 2048           # samples per global batch, split evenly over workers
+    mode = "sync"               # "sync" | "async"
+    staleness = 1               # async: steps of pushes that may still be in flight
+    dense_optimizer = "adam"    # "adam" | "adagrad" | "sgd"
+    dense_lr = 0.001
+    tables = ["emb"]            # one table shared by all sparse features, or one per feature
+    eval_every = 100            # steps between evaluations (0: only at the end)
+    eval_batches = 8            # held-out global batches per evaluation
+    output_dir = "runs/demo"    # summary.json, dense model
+
+    [model]                     # worker.model.ModelConfig; num_dense/num_sparse/dim are derived
+    bottom_sizes = [64, 16]
+    top_sizes = [64]
+
+    [data]
+    source = "synthetic"        # "synthetic" | "criteo" | "parquet"
+    paths = []                  # criteo/parquet: training files
+    eval_paths = []             # criteo/parquet: held-out files
+    bad_rows = "skip"           # "skip" | "fail"
+    [data.synthetic]            # worker.synthetic.SyntheticConfig (batch size from [train])
+    num_keys = 100000
+
+Errors name the field: `train.mode: must be one of 'sync', 'async', got 'fast'`.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+from pathlib import Path
+
+from ps.job_config import JobConfig, build_config, parse_job_config
+from worker.model import ModelConfig
+from worker.readers import BadRowPolicy
+from worker.synthetic import SyntheticConfig
+
+TRAINING_SECTIONS = ("train", "model", "data")
+
+
+class Mode(StrEnum):
+    SYNC = "sync"  # step t+1's lookups see every update of step t
+    ASYNC = "async"  # lookups may miss up to `staleness` steps of in-flight pushes
+
+
+class DenseOptimizer(StrEnum):
+    ADAM = "adam"
+    ADAGRAD = "adagrad"
+    SGD = "sgd"
+
+
+class DataSource(StrEnum):
+    SYNTHETIC = "synthetic"
+    CRITEO = "criteo"
+    PARQUET = "parquet"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    workers: int = 2
+    steps: int = 300
+    batch_size: int = 2048
+    mode: Mode = Mode.SYNC
+    staleness: int = 1
+    dense_optimizer: DenseOptimizer = DenseOptimizer.ADAM
+    dense_lr: float = 0.001
+    tables: tuple[str, ...] = ("emb",)
+    eval_every: int = 0
+    eval_batches: int = 8
+    output_dir: str = "runs/job"
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    bottom_sizes: tuple[int, ...] = (64, 16)
+    top_sizes: tuple[int, ...] = (64,)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: DataSource = DataSource.SYNTHETIC
+    paths: tuple[str, ...] = ()
+    eval_paths: tuple[str, ...] = ()
+    bad_rows: BadRowPolicy = BadRowPolicy.SKIP
+    num_dense: int = 13
+    num_sparse: int = 26
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass(frozen=True)
+class TrainingJob:
+    """A whole training job: the PS part (shards, tables) and the worker part."""
+
+    ps: JobConfig
+    train: TrainConfig
+    model: ModelConfig
+    data: DataConfig
+    path: str | None = None
+
+    @property
+    def num_dense(self) -> int:
+        return self.data.synthetic.num_dense if self.data.source == DataSource.SYNTHETIC else self.data.num_dense
+
+    @property
+    def num_sparse(self) -> int:
+        return self.data.synthetic.num_sparse if self.data.source == DataSource.SYNTHETIC else self.data.num_sparse
+
+    def feature_tables(self) -> list[str]:
+        """Table of each sparse feature, feature order."""
+        tables = self.train.tables
+        return list(tables) * self.num_sparse if len(tables) == 1 else list(tables)
+
+
+def load_training_job(path: str | Path) -> TrainingJob:
+    """Reads and validates a job TOML with its training sections; errors name the field."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{path}: not valid TOML: {exc}") from exc
+    return replace(parse_training_job(data), path=str(path.resolve()))
+
+
+def parse_training_job(data: dict) -> TrainingJob:
+    ps = parse_job_config({k: v for k, v in data.items() if k not in TRAINING_SECTIONS})
+    train = build_config(TrainConfig, data.get("train", {}), "train")
+    section = build_config(ModelSection, data.get("model", {}), "model")
+    raw_data = dict(data.get("data", {}))
+    synthetic = dict(raw_data.pop("synthetic", {}))
+    if "global_batch_size" in synthetic:
+        raise ValueError("data.synthetic.global_batch_size: set train.batch_size instead")
+    data_config = build_config(DataConfig, raw_data, "data")
+    synthetic_config = build_config(
+        SyntheticConfig, synthetic | {"global_batch_size": train.batch_size}, "data.synthetic"
+    )
+    data_config = replace(data_config, synthetic=synthetic_config)
+
+    _positive("train.workers", train.workers)
+    _positive("train.steps", train.steps)
+    _positive("train.batch_size", train.batch_size)
+    _positive("train.eval_batches", train.eval_batches)
+    if train.batch_size % train.workers:
+        raise ValueError(
+            f"train.batch_size: must be divisible by train.workers={train.workers}, got {train.batch_size}"
+        )
+    if train.staleness < 0:
+        raise ValueError(f"train.staleness: must be >= 0, got {train.staleness}")
+    if train.mode == Mode.ASYNC and train.staleness < 1:
+        raise ValueError("train.staleness: async mode needs staleness >= 1 (0 is sync mode)")
+    if not train.dense_lr > 0:
+        raise ValueError(f"train.dense_lr: must be > 0, got {train.dense_lr}")
+    if train.eval_every < 0:
+        raise ValueError(f"train.eval_every: must be >= 0, got {train.eval_every}")
+    if data_config.source != DataSource.SYNTHETIC and not data_config.paths:
+        raise ValueError(f"data.paths: source '{data_config.source}' needs at least one file")
+    known = {t.name: t for t in ps.tables}
+    job = TrainingJob(ps=ps, train=train, model=ModelConfig(), data=data_config)
+    if len(train.tables) not in (1, job.num_sparse):
+        raise ValueError(
+            f"train.tables: give one table for all features or one per feature ({job.num_sparse}), "
+            f"got {len(train.tables)}"
+        )
+    dims = set()
+    for i, name in enumerate(train.tables):
+        if name not in known:
+            raise ValueError(f"train.tables[{i}]: no table {name!r} in [tables]; known: {', '.join(sorted(known))}")
+        dims.add(known[name].dim)
+    if len(dims) != 1:
+        raise ValueError(f"train.tables: the dot interaction needs one dim for every table, got {sorted(dims)}")
+    model = ModelConfig(
+        num_dense=job.num_dense,
+        num_sparse=job.num_sparse,
+        dim=dims.pop(),
+        bottom_sizes=section.bottom_sizes,
+        top_sizes=section.top_sizes,
+        seed=section.seed,
+    )
+    return replace(job, model=model)
+
+
+def _positive(path: str, value: int) -> None:
+    if value < 1:
+        raise ValueError(f"{path}: must be >= 1, got {value}")

@@ -1,0 +1,228 @@
+"""One training worker: a rank of torch.distributed that trains the dense tower and, through the
+PS, the embeddings.
+
+Per step (DESIGN section 1):
+
+    batch (B/W rows) --> per table: unique keys u + inverse   --Lookup (one RPC per shard)-->
+    values (u, D) leaf --[inverse]--> embeddings (B/W, F, D) --dense tower (DDP)--> loss
+    backward: dense grads all-reduced by DDP; embedding grads (u, D) / W
+    --all_to_all--> owner rank of each key sums over ranks --Push (once per key)--> PS shard
+
+The loss is the mean over the rank's rows, so DDP's average of dense gradients is the gradient
+of the global-batch mean, and dividing the embedding gradients by W makes their sum over ranks the
+same. Sync mode ends each step with a barrier after the pushes, so step t+1's lookups see every
+update of step t. Async mode overlaps: the next batch's lookups run during this step's compute,
+and pushes go to a background thread with at most `staleness` steps in flight.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ps import native
+from ps.client import PSClient
+from ps.sharding import ShardMap
+from worker.batch import Batch
+from worker.metrics import auc, logloss_from_logits
+from worker.sparse_exchange import exchange_to_owners, sum_by_key
+from worker.train_config import DenseOptimizer, Mode, TrainingJob
+
+
+@dataclass
+class StepTimes:
+    """Seconds spent per phase, summed over steps (this rank)."""
+
+    lookup: float = 0.0
+    compute: float = 0.0
+    all_to_all: float = 0.0
+    push: float = 0.0
+    steps: int = 0
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "lookup_s": self.lookup,
+            "compute_s": self.compute,
+            "all_to_all_s": self.all_to_all,
+            "push_s": self.push,
+            "steps": self.steps,
+        }
+
+
+@dataclass
+class _Pulled:
+    """Looked-up rows of one batch: per table group, unique keys (u,), inverse (n,), values (u, D)."""
+
+    batch: Batch
+    groups: list[tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
+
+
+def unique_with_inverse(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """keys (n,) int64 -> unique (u,) in first-occurrence order, inverse (n,) with unique[inverse] == keys."""
+    seen = native.HashMap(max(16, keys.shape[0]))
+    inverse, _ = seen.find_or_insert(keys)
+    unique = np.empty(seen.size, dtype=np.int64)
+    unique[inverse] = keys
+    return unique, inverse
+
+
+def make_dense_optimizer(job: TrainingJob, params) -> torch.optim.Optimizer:
+    lr = job.train.dense_lr
+    kind = job.train.dense_optimizer
+    if kind == DenseOptimizer.ADAM:
+        return torch.optim.Adam(params, lr=lr)
+    if kind == DenseOptimizer.ADAGRAD:
+        return torch.optim.Adagrad(params, lr=lr)
+    return torch.optim.SGD(params, lr=lr)
+
+
+class Trainer:
+    """Trains `model` (a dense tower: forward(dense, embeddings) -> logits) with embeddings on the PS.
+
+    rank/world_size: this process in the default torch.distributed group (world_size 1 works
+    without a process group).
+    """
+
+    def __init__(self, job: TrainingJob, model: nn.Module, client: PSClient, rank: int, world_size: int) -> None:
+        self.job = job
+        self.rank = rank
+        self.world_size = world_size
+        self.client = client
+        self.model = model
+        self.ddp = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
+        self.optimizer = make_dense_optimizer(job, self.model.parameters())
+        self.shard_map: ShardMap = client.shard_map
+        self.feature_tables = job.feature_tables()
+        self.groups = self._table_groups()
+        self.times = StepTimes()
+        self.step = 0
+        self._async = job.train.mode == Mode.ASYNC
+        self._pushes: deque[Future] = deque()
+        self._push_pool = ThreadPoolExecutor(1, thread_name_prefix="push") if self._async else None
+        self._pull_pool = ThreadPoolExecutor(1, thread_name_prefix="pull") if self._async else None
+
+    def _table_groups(self) -> list[tuple[str, list[int]]]:
+        """(table, feature columns) per table, first-use order."""
+        groups: dict[str, list[int]] = {}
+        for column, table in enumerate(self.feature_tables):
+            groups.setdefault(table, []).append(column)
+        return list(groups.items())
+
+    def pull(self, batch: Batch) -> _Pulled:
+        """Looks up the unique keys of every table group of `batch`."""
+        pulled = _Pulled(batch)
+        for table, columns in self.groups:
+            keys = np.ascontiguousarray(batch.sparse[:, columns]).reshape(-1)
+            unique, inverse = unique_with_inverse(keys)
+            counts = np.bincount(inverse, minlength=unique.shape[0]).astype(np.int64)
+            values = self.client.lookup(table, unique)
+            pulled.groups.append((table, unique, inverse, values, counts))
+        return pulled
+
+    def train_step(self, pulled: _Pulled, next_batch: Batch | None = None) -> tuple[float, _Pulled | None]:
+        """One global step on this rank's rows; returns (local loss, the next batch's rows if
+        prefetched). Collective: every rank calls it for the same step."""
+        batch = pulled.batch
+        self.step += 1
+        prefetch: Future | None = None
+        if self._async and next_batch is not None:
+            prefetch = self._pull_pool.submit(self.pull, next_batch)
+
+        start = time.perf_counter()
+        leaves = []
+        parts = []
+        for (_, _, inverse, values, _), (_, columns) in zip(pulled.groups, self.groups, strict=True):
+            leaf = torch.from_numpy(values).requires_grad_(True)
+            leaves.append(leaf)
+            parts.append((columns, leaf[torch.from_numpy(inverse)].view(batch.batch_size, len(columns), -1)))
+        embeddings = torch.cat([p for _, p in parts], dim=1)
+        order = [c for columns, _ in parts for c in columns]
+        if order != list(range(len(order))):
+            embeddings = embeddings[:, np.argsort(order)]
+        logits = self.ddp(batch.dense, embeddings)
+        loss = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.times.compute += time.perf_counter() - start
+
+        outgoing = []
+        for (table, unique, _, _, counts), leaf in zip(pulled.groups, leaves, strict=True):
+            start = time.perf_counter()
+            grads = leaf.grad / self.world_size
+            owner = self.shard_map.owner_rank(unique, self.world_size)
+            payload = torch.cat([grads, torch.from_numpy(counts.astype(np.float32))[:, None]], dim=1)
+            keys, received = exchange_to_owners(unique, payload, owner, self.world_size)
+            keys, summed = sum_by_key(keys, received)
+            self.times.all_to_all += time.perf_counter() - start
+            sightings = np.rint(summed[:, -1]).astype(np.int64)
+            outgoing.append((table, keys, np.ascontiguousarray(summed[:, :-1]), sightings))
+
+        start = time.perf_counter()
+        if self._async:
+            while len(self._pushes) >= self.job.train.staleness:
+                self._pushes.popleft().result()
+            self._pushes.append(self._push_pool.submit(self._push_all, outgoing, self.step))
+        else:
+            self._push_all(outgoing, self.step)
+            if self.world_size > 1:
+                dist.barrier()
+        self.times.push += time.perf_counter() - start
+        self.times.steps += 1
+
+        next_pulled = None
+        if prefetch is not None:
+            start = time.perf_counter()
+            next_pulled = prefetch.result()
+            self.times.lookup += time.perf_counter() - start
+        return float(loss.detach()), next_pulled
+
+    def _push_all(self, outgoing, step: int) -> None:
+        for table, keys, grads, sightings in outgoing:
+            if keys.shape[0]:
+                self.client.push(table, keys, grads, step=step, counts=sightings)
+
+    def drain(self) -> None:
+        """Waits for every in-flight push (async mode), then for every rank to get there."""
+        while self._pushes:
+            self._pushes.popleft().result()
+        if self.world_size > 1:
+            dist.barrier()
+
+    def evaluate(self, batches: list[Batch]) -> dict[str, float]:
+        """AUC and logloss of the current model on held-out batches (this rank's rows)."""
+        labels, logits = [], []
+        with torch.no_grad():
+            for batch in batches:
+                pulled = self.pull(batch)
+                parts = [
+                    torch.from_numpy(values)[torch.from_numpy(inverse)].view(batch.batch_size, len(columns), -1)
+                    for (_, _, inverse, values, _), (_, columns) in zip(pulled.groups, self.groups, strict=True)
+                ]
+                order = [c for _, columns in self.groups for c in columns]
+                embeddings = torch.cat(parts, dim=1)
+                if order != list(range(len(order))):
+                    embeddings = embeddings[:, np.argsort(order)]
+                logits.append(self.model(batch.dense, embeddings))
+                labels.append(batch.labels)
+        y = torch.cat(labels).numpy()
+        z = torch.cat(logits).numpy()
+        return {"auc": float(auc(y, z)), "logloss": float(logloss_from_logits(y, z))}
+
+    def pull_timed(self, batch: Batch) -> _Pulled:
+        start = time.perf_counter()
+        pulled = self.pull(batch)
+        self.times.lookup += time.perf_counter() - start
+        return pulled
+
+    def close(self) -> None:
+        for pool in (self._push_pool, self._pull_pool):
+            if pool is not None:
+                pool.shutdown(wait=True)

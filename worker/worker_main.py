@@ -1,0 +1,139 @@
+"""Entry point of one training worker process, started by torch.distributed's elastic agent
+(`embps launch`, or `torchrun ... -m worker.worker_main --config job.toml`).
+
+Reads RANK / WORLD_SIZE from the environment the launcher hands over, joins the process group
+(NCCL with CUDA, gloo without), trains, and on rank 0 writes progress lines (JSON, one per log
+step) to $EMBPS_PROGRESS_FILE when set, then `summary.json` and `dense.pt` into train.output_dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ps.client import PSClient
+from worker.data_sources import eval_batches, train_reader
+from worker.model import DLRMDenseTower
+from worker.train_config import TrainingJob, load_training_job
+from worker.trainer import Trainer
+
+LOG_EVERY = 10
+
+
+def run_worker(job: TrainingJob, rank: int, world_size: int, progress_path: str | None = None) -> dict:
+    """Trains `job` as rank `rank` of `world_size`; returns the summary (complete on rank 0)."""
+    if job.train.batch_size % world_size:
+        raise ValueError(f"train.batch_size: must be divisible by the {world_size} workers, got {job.train.batch_size}")
+    torch.manual_seed(job.model.seed)
+    model = DLRMDenseTower(job.model)
+    client = PSClient.from_job(job.ps, client_id=f"{job.ps.job}-rank{rank}-{uuid.uuid4().hex[:8]}")
+    trainer = Trainer(job, model, client, rank, world_size)
+    reader = iter(train_reader(job, rank, world_size))
+    held_out = eval_batches(job) if rank == 0 else []
+    progress = open(progress_path, "a", buffering=1) if (progress_path and rank == 0) else None
+    evaluations: list[dict] = []
+    losses: list[float] = []
+    start = time.perf_counter()
+    local_rows = job.train.batch_size // world_size
+    try:
+        batch = next(reader, None)
+        pulled = trainer.pull_timed(batch) if batch is not None else None
+        while pulled is not None and trainer.step < job.train.steps:
+            next_batch = next(reader, None) if trainer.step + 1 < job.train.steps else None
+            loss, prefetched = trainer.train_step(pulled, next_batch)
+            losses.append(loss)
+            if prefetched is None and next_batch is not None:
+                prefetched = trainer.pull_timed(next_batch)
+            pulled = prefetched
+            step = trainer.step
+            due_eval = job.train.eval_every and step % job.train.eval_every == 0
+            if step % LOG_EVERY == 0 or due_eval or step == job.train.steps or pulled is None:
+                mean_loss = _global_mean(sum(losses[-LOG_EVERY:]) / len(losses[-LOG_EVERY:]), world_size)
+                record = {
+                    "step": step,
+                    "total_steps": job.train.steps,
+                    "loss": mean_loss,
+                    "samples_per_s": step * local_rows * world_size / (time.perf_counter() - start),
+                }
+                if due_eval:
+                    trainer.drain()
+                    if rank == 0 and held_out:
+                        record.update(trainer.evaluate(held_out))
+                        evaluations.append({"step": step, **{k: record[k] for k in ("auc", "logloss")}})
+                if progress is not None:
+                    progress.write(json.dumps(record) + "\n")
+        trainer.drain()
+        elapsed = time.perf_counter() - start
+        summary = {
+            "job": job.ps.job,
+            "steps": trainer.step,
+            "world_size": world_size,
+            "mode": job.train.mode.value,
+            "samples": trainer.step * job.train.batch_size,
+            "seconds": elapsed,
+            "samples_per_s": trainer.step * job.train.batch_size / elapsed if elapsed else 0.0,
+            "final_loss": _global_mean(sum(losses[-LOG_EVERY:]) / max(1, len(losses[-LOG_EVERY:])), world_size),
+            "times_rank0": trainer.times.as_dict(),
+            "evaluations": evaluations,
+        }
+        if rank == 0:
+            if held_out and (not evaluations or evaluations[-1]["step"] != trainer.step):
+                final = trainer.evaluate(held_out)
+                evaluations.append({"step": trainer.step, **final})
+            if evaluations:
+                summary.update(eval_auc=evaluations[-1]["auc"], eval_logloss=evaluations[-1]["logloss"])
+            out = Path(job.train.output_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            torch.save(model.state_dict(), out / "dense.pt")
+            (out / "summary.json").write_text(json.dumps(summary, indent=2))
+            if progress is not None:
+                progress.write(json.dumps({"done": True, **summary}) + "\n")
+        if world_size > 1:
+            dist.barrier()
+        return summary
+    finally:
+        trainer.close()
+        client.close()
+        if progress is not None:
+            progress.close()
+
+
+def _global_mean(value: float, world_size: int) -> float:
+    if world_size == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t.item()) / world_size
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="worker.worker_main", description="one embps training worker")
+    parser.add_argument("--config", required=True, help="job TOML")
+    args = parser.parse_args(argv)
+    job = load_training_job(args.config)
+    rank = int(os.environ.get("RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    # Workers of one node share its cores: without this each one starts a thread per core and
+    # they oversubscribe the machine (the PS shards run on the same cores too).
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world_size))
+    if world_size > 1:
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        run_worker(job, rank, world_size, os.environ.get("EMBPS_PROGRESS_FILE"))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
