@@ -46,6 +46,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     ps_bench.add_argument("--out", default=None, help="write the results as JSON here")
 
+    train_bench = bench_verbs.add_parser("train", help="training samples/s through the PS vs in process")
+    train_bench.add_argument("--steps", type=int, default=60)
+    train_bench.add_argument("--batch", type=int, default=2048, help="global batch size")
+    train_bench.add_argument("--dim", type=int, default=64)
+    train_bench.add_argument("--tables", type=int, default=26, help="sparse features, one table each")
+    train_bench.add_argument("--out", default=None, help="write the results as JSON here")
+
     launch = verbs.add_parser("launch", help="run a whole training job: PS shards + workers (+ serving)")
     launch.add_argument("config", help="job TOML (PS part plus [train], [model], [data])")
     launch.add_argument("--nnodes", type=int, default=1, help="nodes of the job (default 1)")
@@ -84,6 +91,12 @@ def main(argv: list[str] | None = None) -> int:
             rows=args.rows, dim=args.dim, batch=args.batch, batches=args.batches, zipf=args.zipf, out=args.out
         )
         return run_table_bench(config)
+    if args.verb == "bench" and args.bench == "train":
+        from bench.train_bench import TrainBenchConfig, run_train_bench
+
+        return run_train_bench(
+            TrainBenchConfig(steps=args.steps, batch=args.batch, dim=args.dim, num_tables=args.tables, out=args.out)
+        )
     if args.verb == "launch":
         from worker.launcher import LaunchOptions, launch
 

@@ -1,0 +1,157 @@
+"""`embps bench train`: training samples/s through the PS (sync and async) versus in process.
+
+Same model (DLRM-style), same synthetic Criteo-shaped data, same run:
+  - ps-sync / ps-async: `embps launch` with W workers and S shards on this machine;
+  - in-process: one process, the same trainer with the tables in its own memory (no RPC, no
+    all_to_all), using every core.
+Rates are measured from the first step to the last (process start-up excluded), and the PS runs
+report rank 0's time split: lookup, compute (forward, backward, DDP all-reduce), all_to_all, push.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from bench.machine import machine_facts
+from ps.job_config import JobConfig, ShardConfig, dump_job_config
+from ps.table_config import OptimizerConfig, OptimizerKind, TableConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class TrainBenchConfig:
+    steps: int = 60
+    batch: int = 2048
+    dim: int = 64
+    num_tables: int = 26
+    num_keys: int = 100_000
+    workers: int = 2
+    shards: int = 2
+    staleness: int = 1
+    out: str | None = None
+
+
+def _free_ports(n: int) -> list[int]:
+    import socket
+
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def _job_toml(config: TrainBenchConfig, mode: str, out: Path) -> str:
+    ports = _free_ports(2 * config.shards)
+    tables = tuple(
+        TableConfig(f"t{i}", dim=config.dim, optimizer=OptimizerConfig(kind=OptimizerKind.ROWWISE_ADAGRAD, lr=0.05))
+        for i in range(config.num_tables)
+    )
+    shards = tuple(
+        ShardConfig(f"127.0.0.1:{ports[2 * i]}", metrics_port=ports[2 * i + 1]) for i in range(config.shards)
+    )
+    ps = dump_job_config(JobConfig(job=f"bench-{mode}", shards=shards, tables=tables))
+    names = ", ".join(f'"t{i}"' for i in range(config.num_tables))
+    return (
+        ps
+        + f"""
+[train]
+workers = {config.workers}
+steps = {config.steps}
+batch_size = {config.batch}
+mode = "{mode}"
+staleness = {config.staleness}
+tables = [{names}]
+output_dir = "{out}"
+
+[model]
+bottom_sizes = [256, {config.dim}]
+top_sizes = [256, 64]
+
+[data]
+source = "synthetic"
+
+[data.synthetic]
+num_sparse = {config.num_tables}
+num_keys = {config.num_keys}
+num_batches = {config.steps + 1}
+"""
+    )
+
+
+def _run_ps(config: TrainBenchConfig, mode: str, workdir: Path) -> dict:
+    out = workdir / mode
+    path = workdir / f"{mode}.toml"
+    path.write_text(_job_toml(config, mode, out))
+    print(f"[{mode}] embps launch: {config.workers} workers, {config.shards} shards, {config.steps} steps", flush=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "embps", "launch", str(path)],
+        cwd=REPO_ROOT,
+        timeout=1800,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"{mode} run failed: {result.stderr[-2000:]}")
+    summary = json.loads((out / "summary.json").read_text())
+    return {"samples_per_s": summary["samples_per_s"], "times_rank0": summary["times_rank0"]}
+
+
+def _run_in_process(config: TrainBenchConfig, workdir: Path) -> dict:
+    from worker.data_sources import train_reader
+    from worker.local_tables import LocalTables
+    from worker.model import DLRMDenseTower
+    from worker.train_config import load_training_job
+    from worker.trainer import Trainer
+
+    path = workdir / "in-process.toml"
+    path.write_text(_job_toml(config, "sync", workdir / "in-process"))
+    job = load_training_job(path)
+    torch.set_num_threads(os.cpu_count() or 1)
+    store = LocalTables(list(job.ps.tables))
+    trainer = Trainer(job, DLRMDenseTower(job.model), store, rank=0, world_size=1)
+    reader = iter(train_reader(job, 0, 1))
+    print(f"[in-process] 1 process, {config.steps} steps", flush=True)
+    pulled = trainer.pull_timed(next(reader))
+    start = time.perf_counter()
+    for step in range(config.steps):
+        _, _ = trainer.train_step(pulled)
+        if step + 1 < config.steps:
+            pulled = trainer.pull_timed(next(reader))
+    elapsed = time.perf_counter() - start
+    return {"samples_per_s": config.steps * config.batch / elapsed, "times": trainer.times.as_dict()}
+
+
+def run_train_bench(config: TrainBenchConfig) -> int:
+    results: dict[str, object] = {"bench": "train", "config": asdict(config), "machine": machine_facts()}
+    with tempfile.TemporaryDirectory(prefix="embps-bench-train-") as tmp:
+        workdir = Path(tmp)
+        results["in_process"] = _run_in_process(config, workdir)
+        results["ps_sync"] = _run_ps(config, "sync", workdir)
+        results["ps_async"] = _run_ps(config, "async", workdir)
+    base = results["in_process"]["samples_per_s"]
+    print(f"\nembps bench train: dim {config.dim}, {config.num_tables} tables, global batch {config.batch}")
+    print(f"{'run':12s} {'samples/s':>10s} {'vs in-process':>14s}   rank-0 seconds: lookup / compute / a2a / push")
+    for name in ("in_process", "ps_sync", "ps_async"):
+        r = results[name]
+        t = r.get("times_rank0") or r["times"]
+        print(
+            f"{name:12s} {r['samples_per_s']:10,.0f} {r['samples_per_s'] / base:13.2f}x   "
+            f"{t['lookup_s']:.2f} / {t['compute_s']:.2f} / {t['all_to_all_s']:.2f} / {t['push_s']:.2f}"
+        )
+    if config.out:
+        Path(config.out).write_text(json.dumps(results, indent=2))
+        print(f"wrote {config.out}")
+    return 0

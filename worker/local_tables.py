@@ -1,0 +1,32 @@
+"""In-process embedding tables behind the PSClient verbs the trainer uses: training without a PS.
+
+The single-process ceiling of `embps bench train`, and a way to run the same trainer on one
+machine without servers. Same tables, same optimizer math, no RPC.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ps.sharding import ShardMap
+from ps.table import EmbeddingTable
+from ps.table_config import TableConfig
+
+
+class LocalTables:
+    """lookup/push of PSClient on EmbeddingTables in this process (one shard)."""
+
+    def __init__(self, tables: list[TableConfig]) -> None:
+        self.tables = {t.name: EmbeddingTable(t) for t in tables}
+        self.shard_map = ShardMap.uniform(1)
+
+    def lookup(self, table: str, keys: np.ndarray) -> np.ndarray:
+        """keys (n,) int64 -> values (n, dim) float32."""
+        return self.tables[table].lookup(keys).numpy()
+
+    def push(self, table: str, keys: np.ndarray, grads: np.ndarray, step: int | None = None, counts=None) -> None:
+        """keys (n,) int64, grads (n, dim) float32: one optimizer step per unique key."""
+        self.tables[table].apply_gradients(keys, grads, step=step, counts=counts)
+
+    def close(self) -> None:
+        self.tables.clear()
