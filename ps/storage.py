@@ -1,0 +1,244 @@
+"""Storage URIs -> pyarrow.fs: one code path for local disk, S3 and HDFS.
+
+    open_uri("file:///data/snap")           -> (LocalFileSystem, "/data/snap")
+    open_uri("/data/snap") or "rel/dir"     -> (LocalFileSystem, absolute path)
+    open_uri("s3://bucket/prefix")          -> (S3FileSystem, "bucket/prefix")
+    open_uri("hdfs://namenode:8020/snap")   -> (HadoopFileSystem, "/snap")
+
+S3 settings come from a StorageConfig or, for each field left None, from the standard AWS
+variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_REGION or
+AWS_DEFAULT_REGION, AWS_ENDPOINT_URL). HDFS needs a JVM and libhdfs on the host (JAVA_HOME,
+HADOOP_HOME or ARROW_LIBHDFS_DIR, CLASSPATH); it is untested against a real NameNode.
+
+Atomic publication (`write_bytes_atomic`): an S3 object appears whole or not at all, so S3 is
+written in place; every other filesystem gets a temporary name and a rename.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from urllib.parse import urlsplit
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from ps.errors import EmbpsError
+
+_SCHEMES = ("file", "s3", "hdfs")
+_DEFAULT_HDFS_PORT = 8020
+
+
+class StorageError(EmbpsError, OSError):
+    """A storage URI or its configuration cannot be used (the message says which part and why)."""
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """How to reach S3 (fields left None fall back to the AWS_* variables, see from_env).
+
+    endpoint_override: "host:port" of an S3-compatible server (None: AWS itself).
+    region: S3 region, e.g. "us-east-1".
+    access_key, secret_key, session_token: credentials (None: pyarrow's default chain).
+    scheme: "http" or "https" (default https; http only for servers on a trusted network).
+    connect_timeout, request_timeout: seconds, so a dead or wrong endpoint fails instead of hanging.
+    allow_bucket_creation: let a write create a missing bucket (default False: a typo in the
+    bucket name should fail, not create a new bucket).
+    """
+
+    endpoint_override: str | None = None
+    region: str | None = None
+    access_key: str | None = None
+    secret_key: str | None = None
+    session_token: str | None = None
+    scheme: str | None = None
+    connect_timeout: float = 10.0
+    request_timeout: float = 60.0
+    allow_bucket_creation: bool = False
+
+    def validate(self) -> StorageConfig:
+        """Raises ValueError naming the first bad field; returns self when valid."""
+        if self.scheme is not None and self.scheme not in ("http", "https"):
+            raise ValueError(f"storage.scheme: must be 'http' or 'https', got {self.scheme!r}")
+        if (self.access_key is None) != (self.secret_key is None):
+            missing = "secret_key" if self.secret_key is None else "access_key"
+            raise ValueError(f"storage.{missing}: access_key and secret_key go together; only one is set")
+        if self.endpoint_override is not None and ("://" in self.endpoint_override or not self.endpoint_override):
+            raise ValueError(
+                f"storage.endpoint_override: must be host:port without a scheme (put the scheme in "
+                f"storage.scheme), got {self.endpoint_override!r}"
+            )
+        for name in ("connect_timeout", "request_timeout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"storage.{name}: must be a number of seconds > 0, got {value!r}")
+        return self
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, base: StorageConfig | None = None) -> StorageConfig:
+        """`base` (default: all None) with each None field filled from the AWS_* variables of `env`
+        (default os.environ). AWS_ENDPOINT_URL "http://host:port" sets endpoint and scheme."""
+        env = os.environ if env is None else env
+        base = base if base is not None else cls()
+        endpoint, scheme = base.endpoint_override, base.scheme
+        url = env.get("AWS_ENDPOINT_URL")
+        if endpoint is None and url:
+            parts = urlsplit(url if "://" in url else f"https://{url}")
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                raise ValueError(f"AWS_ENDPOINT_URL: must look like http[s]://host[:port], got {url!r}")
+            endpoint = parts.netloc
+            scheme = scheme if scheme is not None else parts.scheme
+        return replace(
+            base,
+            endpoint_override=endpoint,
+            scheme=scheme,
+            region=base.region or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None,
+            access_key=base.access_key if base.access_key is not None else env.get("AWS_ACCESS_KEY_ID"),
+            secret_key=base.secret_key if base.secret_key is not None else env.get("AWS_SECRET_ACCESS_KEY"),
+            session_token=base.session_token if base.session_token is not None else env.get("AWS_SESSION_TOKEN"),
+        ).validate()
+
+
+def open_uri(uri: str, config: StorageConfig | None = None) -> tuple[pafs.FileSystem, str]:
+    """uri -> (filesystem, base path inside it); see the module docstring for the forms.
+
+    config: S3 settings; None reads them all from the environment (StorageConfig.from_env).
+    Raises ValueError for a malformed URI and StorageError when the filesystem cannot be set up.
+    """
+    if not isinstance(uri, str) or not uri:
+        raise ValueError(f"uri: must be a non-empty string, got {uri!r}")
+    if "://" not in uri:
+        return pafs.LocalFileSystem(), os.path.abspath(uri)
+    parts = urlsplit(uri)
+    scheme = parts.scheme.lower()
+    if scheme not in _SCHEMES:
+        raise ValueError(f"uri: unsupported scheme {parts.scheme!r} in {uri!r}; use one of {', '.join(_SCHEMES)}")
+    if parts.query or parts.fragment:
+        raise ValueError(
+            f"uri: query and fragment are not read ({uri!r}); put S3 options in StorageConfig or AWS_* variables"
+        )
+    if scheme == "file":
+        if parts.netloc not in ("", "localhost"):
+            raise ValueError(f"uri: file URIs name no host (file:///abs/path), got {uri!r}")
+        if not parts.path.startswith("/"):
+            raise ValueError(f"uri: file URIs need an absolute path (file:///abs/path), got {uri!r}")
+        return pafs.LocalFileSystem(), os.path.normpath(parts.path)
+    if scheme == "s3":
+        return _open_s3(uri, parts.netloc, parts.path, StorageConfig.from_env(base=config))
+    return _open_hdfs(uri, parts)
+
+
+def _open_s3(uri: str, bucket: str, path: str, config: StorageConfig) -> tuple[pafs.FileSystem, str]:
+    if not bucket:
+        raise ValueError(f"uri: s3 URIs need a bucket (s3://bucket/prefix), got {uri!r}")
+    kwargs: dict[str, object] = {
+        "connect_timeout": float(config.connect_timeout),
+        "request_timeout": float(config.request_timeout),
+        "allow_bucket_creation": config.allow_bucket_creation,
+        # Three tries, so a wrong endpoint fails within a few timeouts rather than after minutes.
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=3),
+    }
+    for name in ("endpoint_override", "region", "access_key", "secret_key", "session_token", "scheme"):
+        value = getattr(config, name)
+        if value is not None:
+            kwargs[name] = value
+    if config.endpoint_override is not None and config.region is None:
+        kwargs["region"] = "us-east-1"  # S3-compatible servers ignore it; skips pyarrow's region lookup
+    try:
+        fs = pafs.S3FileSystem(**kwargs)
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise StorageError(f"uri {uri!r}: cannot set up S3 ({e})") from e
+    return fs, f"{bucket}{path.rstrip('/')}"
+
+
+def _open_hdfs(uri: str, parts) -> tuple[pafs.FileSystem, str]:
+    if not parts.hostname:
+        raise ValueError(f"uri: hdfs URIs need a NameNode host (hdfs://namenode:8020/path), got {uri!r}")
+    try:
+        port = parts.port if parts.port is not None else _DEFAULT_HDFS_PORT
+    except ValueError:
+        raise ValueError(f"uri: the port of {uri!r} must be an integer in [0, 65535]") from None
+    try:
+        fs = pafs.HadoopFileSystem(parts.hostname, port, user=parts.username)
+    except (pa.ArrowException, OSError) as e:
+        raise StorageError(f"uri {uri!r}: cannot open HDFS: {_hdfs_hint(str(e))}") from e
+    return fs, parts.path.rstrip("/") or "/"
+
+
+def _hdfs_hint(message: str) -> str:
+    """pyarrow's libhdfs errors list dozens of dlopen attempts; say what is missing instead."""
+    first = message.strip().splitlines()[0] if message.strip() else message
+    if "libjvm" in message:
+        return (
+            "no Java VM found (libjvm.so): install a JDK and set JAVA_HOME to it; libhdfs also needs "
+            f"HADOOP_HOME or ARROW_LIBHDFS_DIR and CLASSPATH=$(hadoop classpath --glob) [{first}]"
+        )
+    if "libhdfs" in message:
+        return (
+            "libhdfs not found (or it failed to load before): set HADOOP_HOME or ARROW_LIBHDFS_DIR to the "
+            f"folder of libhdfs.so, JAVA_HOME to a JDK, and CLASSPATH=$(hadoop classpath --glob) [{first}]"
+        )
+    return first
+
+
+def join(base: str, *parts: str) -> str:
+    """base/part/part..., with '/' separators whatever the filesystem."""
+    return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def is_s3(fs: pafs.FileSystem) -> bool:
+    return isinstance(fs, pafs.S3FileSystem)
+
+
+def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
+    """The whole file at `path` (FileNotFoundError if absent)."""
+    with fs.open_input_stream(path, compression=None) as f:
+        return f.read()
+
+
+def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    """Writes `data` so that readers see either the old file or the whole new one."""
+    if is_s3(fs):
+        with fs.open_output_stream(path, compression=None) as f:
+            f.write(data)
+        return
+    make_parent_dir(fs, path)
+    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        with fs.open_output_stream(tmp, compression=None) as f:
+            f.write(data)
+        fs.move(tmp, path)
+    except BaseException:
+        _delete_quietly(fs, tmp)
+        raise
+
+
+def make_parent_dir(fs: pafs.FileSystem, path: str) -> None:
+    """Creates the folder that will hold `path` (S3 has no folders: nothing to do there)."""
+    if not is_s3(fs):
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+
+
+def exists(fs: pafs.FileSystem, path: str) -> bool:
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def list_dir_names(fs: pafs.FileSystem, path: str) -> list[str]:
+    """Names of the directories directly under `path` ([] when `path` does not exist)."""
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=False))
+    return [i.base_name for i in infos if i.type == pafs.FileType.Directory]
+
+
+def delete_dir(fs: pafs.FileSystem, path: str) -> None:
+    """Removes `path` and everything under it (nothing if absent)."""
+    if exists(fs, path):
+        fs.delete_dir(path)
+
+
+def _delete_quietly(fs: pafs.FileSystem, path: str) -> None:
+    try:
+        fs.delete_file(path)
+    except (OSError, pa.ArrowException):
+        pass
