@@ -23,6 +23,16 @@ def _parser() -> argparse.ArgumentParser:
         help="keep glibc's malloc thresholds (by default the shard re-executes itself with larger ones)",
     )
 
+    snapshot = verbs.add_parser("snapshot", help="list, inspect, export or gc stored snapshots")
+    snapshot.add_argument("action", choices=["list", "inspect", "export", "gc"])
+    snapshot.add_argument("uri", help="storage root: file:///path, a path, s3://bucket/prefix, hdfs://host:port/path")
+    snapshot.add_argument("--job", required=True, help="job name (the folder under the URI)")
+    snapshot.add_argument("--step", type=int, default=None, help="inspect/export this step (default: latest)")
+    snapshot.add_argument("--dst", default=None, help="export: destination URI")
+    snapshot.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="export: value type")
+    snapshot.add_argument("--keep", type=int, default=None, help="gc: how many newest snapshots to keep")
+    snapshot.add_argument("--dry-run", action="store_true", help="gc: print what would be deleted, delete nothing")
+
     bench = verbs.add_parser("bench", help="benchmarks")
     bench_verbs = bench.add_subparsers(dest="bench", required=True)
     table = bench_verbs.add_parser("table", help="hash map, lookup and optimizer rates of one table")
@@ -69,6 +79,14 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_malloc_tuning:
             exec_with_malloc_tuning(sys.argv[1:] if argv is None else argv)
         return serve_shard(args.config, args.shard, grace=args.grace)
+    if args.verb == "snapshot":
+        from ps.snapshot_cli import run_snapshot_cli
+
+        if args.action == "export" and args.dst is None:
+            raise SystemExit("embps snapshot export: --dst is required")
+        if args.action == "gc" and args.keep is None:
+            raise SystemExit("embps snapshot gc: --keep is required")
+        return run_snapshot_cli(args)
     if args.verb == "bench" and args.bench == "ps":
         from bench.ps_bench import PSBenchConfig, run_ps_bench
 

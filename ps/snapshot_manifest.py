@@ -1,0 +1,223 @@
+"""Snapshot manifests: what a committed snapshot holds, and the names and kinds it uses.
+
+The layout and every field are described in ps/snapshot.py; this module only models and
+(de)serialises manifest.json, so readers and writers share one definition.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+
+import numpy as np
+
+from ps.errors import EmbpsError
+from ps.table_config import (
+    AdmissionConfig,
+    AdmissionKind,
+    EvictionConfig,
+    EvictionPolicy,
+    Initializer,
+    OptimizerConfig,
+    OptimizerKind,
+    TableConfig,
+)
+
+FORMAT = "embps.snapshot"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+LATEST = "LATEST"
+
+
+class SnapshotKind(StrEnum):
+    FULL = "full"  # every row of every table
+    INCREMENTAL = "incremental"  # rows touched and keys deleted since the parent snapshot
+    EXPORT = "export"  # keys and values only, for serving
+
+
+class SnapshotError(EmbpsError):
+    """A snapshot is missing, incomplete, or cannot be written as asked."""
+
+
+class SnapshotCorruptError(SnapshotError):
+    """A file of a committed snapshot differs from its manifest (size or checksum) or cannot be parsed."""
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One file of a snapshot: path relative to the step folder, size in bytes, sha256 hex digest."""
+
+    path: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    """One table shard in a snapshot: row, pending and deleted key counts, the table's version and
+    step when it was exported, and the relative paths of its files."""
+
+    rows: int
+    pending: int
+    deleted: int
+    version: int
+    step: int
+    files: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class TableEntry:
+    """One table: dim, optimizer state width, value dtype, its TableConfig fields (or None)."""
+
+    dim: int
+    state_width: int
+    dtype: str
+    config: dict | None
+    shards: dict[int, ShardEntry] = field(default_factory=dict)
+
+    def table_config(self, name: str) -> TableConfig | None:
+        """The TableConfig recorded by the writer, or None if it recorded none."""
+        if self.config is None:
+            return None
+        c = self.config
+        try:
+            config = TableConfig(
+                **{
+                    **c,
+                    "initializer": Initializer(c["initializer"]),
+                    "optimizer": OptimizerConfig(**{**c["optimizer"], "kind": OptimizerKind(c["optimizer"]["kind"])}),
+                    "admission": AdmissionConfig(**{**c["admission"], "kind": AdmissionKind(c["admission"]["kind"])}),
+                    "eviction": EvictionConfig(**{**c["eviction"], "policy": EvictionPolicy(c["eviction"]["policy"])}),
+                }
+            )
+            return config.validate(f"manifest.tables.{name}.config")
+        except (KeyError, TypeError, ValueError) as e:
+            raise SnapshotCorruptError(f"manifest.tables.{name}.config: not a valid TableConfig ({e})") from e
+
+
+@dataclass(frozen=True)
+class ShardRecord:
+    """What writing one table shard produced; a process that wrote it hands it to the committer.
+
+    to_dict()/from_dict() give a JSON-safe form, so shard processes can write their own files and
+    one coordinator can commit the manifest (SnapshotWriter.add_shard_record).
+    """
+
+    table: str
+    shard: int
+    dim: int
+    state_width: int
+    dtype: str
+    config: dict | None
+    entry: ShardEntry
+    files: tuple[FileEntry, ...]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ShardRecord:
+        entry = ShardEntry(**{**data["entry"], "files": tuple(data["entry"]["files"])})
+        files = tuple(FileEntry(**f) for f in data["files"])
+        return cls(**{**data, "entry": entry, "files": files})
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The parsed manifest.json of one committed snapshot (see the module docstring)."""
+
+    job: str
+    step: int
+    kind: SnapshotKind
+    parent: int | None
+    created: str
+    num_shards: int
+    tables: dict[str, TableEntry]
+    files: dict[str, FileEntry]
+    extra: dict[str, FileEntry]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files.values()) + sum(f.size for f in self.extra.values())
+
+    @property
+    def total_rows(self) -> int:
+        return sum(s.rows for t in self.tables.values() for s in t.shards.values())
+
+    def to_json(self) -> str:
+        tables = {
+            name: {
+                "dim": t.dim,
+                "state_width": t.state_width,
+                "dtype": t.dtype,
+                "config": t.config,
+                "shards": {str(s): {**asdict(e), "files": list(e.files)} for s, e in sorted(t.shards.items())},
+            }
+            for name, t in sorted(self.tables.items())
+        }
+        body = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "job": self.job,
+            "step": self.step,
+            "kind": str(self.kind),
+            "parent": self.parent,
+            "created": self.created,
+            "num_shards": self.num_shards,
+            "tables": tables,
+            "files": {p: {"size": f.size, "sha256": f.sha256} for p, f in sorted(self.files.items())},
+            "extra": {n: asdict(f) for n, f in sorted(self.extra.items())},
+        }
+        return json.dumps(body, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str | bytes, where: str = MANIFEST) -> Manifest:
+        """Parses and checks a manifest; SnapshotCorruptError names what is wrong."""
+        try:
+            d = json.loads(text)
+            if d.get("format") != FORMAT or d.get("format_version") != FORMAT_VERSION:
+                raise ValueError(f"format: expected {FORMAT} v{FORMAT_VERSION}, got {d.get('format')!r}")
+            tables = {
+                name: TableEntry(
+                    dim=int(t["dim"]),
+                    state_width=int(t["state_width"]),
+                    dtype=str(t["dtype"]),
+                    config=t["config"],
+                    shards={int(s): ShardEntry(**{**e, "files": tuple(e["files"])}) for s, e in t["shards"].items()},
+                )
+                for name, t in d["tables"].items()
+            }
+            files = {p: FileEntry(p, int(f["size"]), str(f["sha256"])) for p, f in d["files"].items()}
+            extra = {n: FileEntry(str(f["path"]), int(f["size"]), str(f["sha256"])) for n, f in d["extra"].items()}
+            manifest = cls(
+                job=str(d["job"]),
+                step=int(d["step"]),
+                kind=SnapshotKind(d["kind"]),
+                parent=None if d["parent"] is None else int(d["parent"]),
+                created=str(d["created"]),
+                num_shards=int(d["num_shards"]),
+                tables=tables,
+                files=files,
+                extra=extra,
+            )
+            for t in tables.values():
+                for e in t.shards.values():
+                    for p in e.files:
+                        if p not in files:
+                            raise ValueError(f"shard file {p!r} is not listed in files")
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise SnapshotCorruptError(f"{where}: not a valid embps manifest ({e})") from e
+        return manifest
+
+
+def check_name(what: str, name: object) -> str:
+    if not isinstance(name, str) or not name or name in (".", "..") or not all(c.isalnum() or c in "_.-" for c in name):
+        raise ValueError(f"{what}: must match [A-Za-z0-9_.-]+ (it becomes a path component), got {name!r}")
+    return name
+
+
+def check_step(what: str, step: object) -> int:
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+        raise ValueError(f"{what}: must be an integer >= 0, got {step!r}")
+    return int(step)

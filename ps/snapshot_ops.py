@@ -1,0 +1,201 @@
+"""What is done with snapshots: write live tables (full or incremental), export for serving, gc.
+
+snapper = ShardSnapshotter({"user": table, "item": table2}, shard=0)  # turns on change tracking
+snapper.snapshot(uri, "ctr", step=1000, kind="full")
+...train...
+snapper.snapshot(uri, "ctr", step=2000, kind="incremental")         # parent: step 1000
+export_for_serving(uri, "ctr", None, serving_uri, dtype="float16")
+collect_garbage(uri, "ctr", keep=3)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from ps import storage
+from ps.snapshot import (
+    MANIFEST,
+    Manifest,
+    ShardRecord,
+    SnapshotError,
+    SnapshotKind,
+    SnapshotWriter,
+    check_step,
+    open_snapshot,
+    read_manifest_at,
+    restore,
+    step_dirs,
+)
+from ps.storage import StorageConfig
+from ps.table import EmbeddingTable, TableChanges
+
+
+def _merge_changes(older: TableChanges, newer: TableChanges) -> TableChanges:
+    """Changes over both periods; the newer event of a key wins, as in the table's own tracker."""
+    touched = np.union1d(np.setdiff1d(older.touched_keys, newer.deleted_keys), newer.touched_keys)
+    deleted = np.union1d(np.setdiff1d(older.deleted_keys, newer.touched_keys), newer.deleted_keys)
+    return TableChanges(touched, deleted)
+
+
+class ShardSnapshotter:
+    """Writes the live EmbeddingTables of one shard into snapshots.
+
+    Full: every row (export()). Incremental: the rows touched since the previous snapshot written
+    through this object, plus the keys evicted since then (take_changes()). Changes handed to a
+    write are kept until mark_committed(), and folded into the next incremental: if a commit
+    fails, nothing touched in between is lost (at worst a row is written twice).
+    Not thread-safe: call it where the tables' pushes are serialised.
+    """
+
+    def __init__(self, tables: Mapping[str, EmbeddingTable], shard: int) -> None:
+        if not tables:
+            raise ValueError("tables: at least one table is needed")
+        for name, table in tables.items():
+            if name != table.name:
+                raise ValueError(f"tables[{name!r}]: the key must be the table's name, got {table.name!r}")
+            table.enable_change_tracking()
+        self.tables = dict(tables)
+        self.shard = check_step("shard", shard)
+        self.last_committed_step: int | None = None
+        self._unconfirmed: dict[str, TableChanges] = {}
+
+    def write(self, writer: SnapshotWriter) -> list[ShardRecord]:
+        """Writes this shard's tables into `writer` (full or incremental, per writer.kind)."""
+        if writer.kind not in (SnapshotKind.FULL, SnapshotKind.INCREMENTAL):
+            raise ValueError(f"writer.kind: live tables go into full or incremental snapshots, got {writer.kind}")
+        records = []
+        for name, table in sorted(self.tables.items()):
+            changes = table.take_changes()
+            if name in self._unconfirmed:
+                changes = _merge_changes(self._unconfirmed[name], changes)
+            # Kept even for a full write: if that one never commits, the next incremental (on the
+            # last committed step) still needs them.
+            self._unconfirmed[name] = changes
+            if writer.kind == SnapshotKind.FULL:
+                records.append(writer.write_table_shard(name, self.shard, table.export(), config=table.config))
+            else:
+                state = table.export(changes.touched_keys)
+                records.append(
+                    writer.write_table_shard(name, self.shard, state, changes.deleted_keys, config=table.config)
+                )
+        return records
+
+    def mark_committed(self, step: int) -> None:
+        """The snapshot holding the last write() is committed: forget the changes it carried."""
+        self._unconfirmed.clear()
+        self.last_committed_step = step
+
+    def snapshot(
+        self,
+        uri: str,
+        job: str,
+        step: int,
+        kind: SnapshotKind | str = SnapshotKind.FULL,
+        parent: int | None = None,
+        extras: Mapping[str, bytes] | None = None,
+        storage_config: StorageConfig | None = None,
+    ) -> Manifest:
+        """Writes and commits a one-shard snapshot of these tables (+ extras: name -> bytes).
+        An incremental's parent defaults to the last step committed through this object."""
+        if kind == SnapshotKind.INCREMENTAL and parent is None:
+            if self.last_committed_step is None:
+                raise SnapshotError(
+                    "kind: the first snapshot of a ShardSnapshotter must be full, or name its parent "
+                    "(changes are tracked only from this object's creation)"
+                )
+            parent = self.last_committed_step
+        if self.shard != 0:
+            raise ValueError("shard: snapshot() commits a one-shard job; for more, write() each shard and commit")
+        writer = SnapshotWriter(uri, job, step, kind, parent, num_shards=1, storage_config=storage_config)
+        self.write(writer)
+        for name, data in (extras or {}).items():
+            writer.write_extra(name, data)
+        manifest = writer.commit()
+        self.mark_committed(step)
+        return manifest
+
+
+def export_for_serving(
+    src_uri: str,
+    job: str,
+    step: int | None,
+    dst_uri: str,
+    dtype: str = "float32",
+    storage_config: StorageConfig | None = None,
+    dst_storage_config: StorageConfig | None = None,
+) -> Manifest:
+    """Writes the values of snapshot `step` (default: latest; full + incrementals resolved) to
+    <dst_uri>/<job>/<step>/<table>/shard-<s>.parquet as (key int64, value fixed_size_list<dtype>[dim]),
+    copies its extra files (the dense model) beside them, commits a manifest of kind "export" and
+    moves the destination's LATEST. dtype: "float32" or "float16"."""
+    if dtype not in ("float32", "float16"):
+        raise ValueError(f"dtype: must be 'float32' or 'float16', got {dtype!r}")
+    newest = open_snapshot(src_uri, job, step, storage_config)
+    src_fs, src_base = storage.open_uri(src_uri, storage_config)
+    dst_fs, dst_base = storage.open_uri(dst_uri, dst_storage_config)
+    if type(src_fs) is type(dst_fs) and src_base.rstrip("/") == dst_base.rstrip("/"):
+        raise ValueError("dst_uri: must differ from src_uri (an export would overwrite the snapshot's step folder)")
+    tables = restore(src_uri, job, newest.manifest.step, storage_config)
+    m = newest.manifest
+    writer = SnapshotWriter(
+        dst_uri, job, m.step, SnapshotKind.EXPORT, num_shards=m.num_shards, storage_config=dst_storage_config
+    )
+    for name, shards in sorted(tables.items()):
+        for shard, state in sorted(shards.items()):
+            values = state.values.astype(np.float16) if dtype == "float16" else state.values
+            writer.write_values_shard(name, shard, state.keys, values, state.version, state.step)
+    for name in sorted(m.extra):
+        writer.write_extra(name, newest.read_extra(name))
+    return writer.commit()
+
+
+@dataclass(frozen=True)
+class GcResult:
+    """Steps kept (committed), steps deleted (committed ones, then incomplete folders)."""
+
+    kept: tuple[int, ...]
+    deleted: tuple[int, ...]
+    deleted_incomplete: tuple[int, ...]
+
+
+def collect_garbage(
+    uri: str, job: str, keep: int, storage_config: StorageConfig | None = None, dry_run: bool = False
+) -> GcResult:
+    """Keeps the newest `keep` committed snapshots and every snapshot their restore needs (the
+    full one and incrementals an incremental builds on); deletes the other committed ones, and
+    incomplete step folders older than the newest committed step (newer ones may be in progress).
+    A snapshot's manifest is deleted first, so a gc that dies midway leaves no half snapshot."""
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+        raise ValueError(f"keep: must be an integer >= 1 (LATEST must stay readable), got {keep!r}")
+    fs, base = storage.open_uri(uri, storage_config)
+    job_dir = storage.join(base, job)
+    manifests: dict[int, Manifest] = {}
+    incomplete = []
+    for step in step_dirs(fs, job_dir):
+        try:
+            manifests[step] = read_manifest_at(fs, job_dir, step)
+        except SnapshotError:
+            incomplete.append(step)
+    committed = sorted(manifests)
+    kept = set(committed[-keep:])
+    for step in list(kept):
+        parent = manifests[step].parent
+        while parent is not None:
+            if parent not in manifests:
+                raise SnapshotError(f"step {step}: builds on step {parent}, which is not committed; gc deleted nothing")
+            kept.add(parent)
+            parent = manifests[parent].parent
+    deleted = [s for s in committed if s not in kept]
+    newest = committed[-1] if committed else -1
+    stale = [s for s in incomplete if s < newest]
+    if not dry_run:
+        for step in deleted:
+            step_dir = storage.join(job_dir, str(step))
+            fs.delete_file(storage.join(step_dir, MANIFEST))
+            storage.delete_dir(fs, step_dir)
+        for step in stale:
+            storage.delete_dir(fs, storage.join(job_dir, str(step)))
+    return GcResult(tuple(sorted(kept)), tuple(deleted), tuple(stale))

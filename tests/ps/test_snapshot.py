@@ -1,0 +1,392 @@
+"""Snapshots on local disk: round trips, full + incrementals = live tables (with evictions),
+integrity checks, a writer killed mid-write, export for serving, gc and the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import embps
+from ps.snapshot import (
+    SnapshotCorruptError,
+    SnapshotError,
+    SnapshotWriter,
+    latest,
+    list_snapshots,
+    load_table_shard,
+    open_snapshot,
+    read_extra,
+    read_manifest,
+    restore,
+)
+from ps.snapshot_ops import ShardSnapshotter, collect_garbage, export_for_serving
+from ps.table import EmbeddingTable, TableState
+from ps.table_config import (
+    AdmissionConfig,
+    AdmissionKind,
+    EvictionConfig,
+    EvictionPolicy,
+    OptimizerConfig,
+    OptimizerKind,
+    TableConfig,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+FIELDS = ("keys", "values", "optimizer_state", "freq", "last_step", "pending_keys", "pending_counts",
+          "pending_last_step", "version", "step")  # fmt: skip
+
+
+def assert_same_state(got: TableState, want: TableState) -> None:
+    for name in FIELDS:
+        a, b = getattr(got, name), getattr(want, name)
+        assert np.array_equal(a, b), f"{name} differs"
+        if isinstance(b, np.ndarray):
+            assert a.dtype == b.dtype and a.shape == b.shape, name
+
+
+def evicting_table(name: str, seed: int, kind: OptimizerKind = OptimizerKind.ADAM) -> EmbeddingTable:
+    """Small capacity (LFU) + TTL + count admission: pushes create, update, evict and keep keys pending."""
+    return EmbeddingTable(
+        TableConfig(
+            name,
+            dim=4,
+            seed=seed,
+            capacity=300,
+            optimizer=OptimizerConfig(kind=kind, lr=0.05),
+            admission=AdmissionConfig(kind=AdmissionKind.COUNT, min_count=2),
+            eviction=EvictionConfig(ttl_steps=25, policy=EvictionPolicy.LFU),
+        )
+    )
+
+
+def push(table: EmbeddingTable, rng: np.random.Generator, step: int, n: int = 200, key_range: int = 1500) -> None:
+    keys = rng.integers(0, key_range, n)
+    table.apply_gradients(keys, rng.standard_normal((n, table.dim)).astype(np.float32), step=step)
+
+
+def write_state(uri: str, job: str, step: int, state: TableState, **kw) -> None:
+    writer = SnapshotWriter(uri, job, step, **kw)
+    writer.write_table_shard("t", 0, state)
+    writer.commit()
+
+
+@pytest.mark.parametrize("kind", list(OptimizerKind))
+def test_full_round_trip_every_optimizer(tmp_path, kind):
+    table = evicting_table("t", seed=1, kind=kind)
+    rng = np.random.default_rng(0)
+    for step in range(1, 5):
+        push(table, rng, step)
+    assert table.num_pending > 0 and table.size > 0
+    snapper = ShardSnapshotter({"t": table}, shard=0)
+    manifest = snapper.snapshot(str(tmp_path), "job", 4, "full", extras={"dense.pt": b"\x00dense"})
+    assert manifest.tables["t"].table_config("t") == table.config
+    loaded = load_table_shard(str(tmp_path), "job", 4, "t", 0)
+    assert_same_state(loaded.state, table.export())
+    assert loaded.deleted_keys.shape == (0,)
+    fresh = EmbeddingTable(table.config)
+    fresh.load(loaded.state)
+    assert_same_state(fresh.export(), table.export())
+    assert read_extra(str(tmp_path), "job", None, "dense.pt") == b"\x00dense"
+
+
+def test_parquet_columns_and_metadata(tmp_path):
+    import pyarrow.parquet as pq
+
+    table = evicting_table("t", seed=2, kind=OptimizerKind.ROWWISE_ADAGRAD)
+    push(table, np.random.default_rng(1), step=7)
+    ShardSnapshotter({"t": table}, 0).snapshot(str(tmp_path), "job", 7)
+    rows = pq.read_table(tmp_path / "job/7/t/shard-0.parquet")
+    assert [str(f.type) for f in rows.schema] == [
+        "int64",
+        "fixed_size_list<element: float>[4]",
+        "fixed_size_list<element: float>[1]",
+        "uint32",
+        "uint32",
+    ]
+    assert rows.schema.names == ["key", "value", "optimizer_state", "freq", "last_step"]
+    meta = rows.schema.metadata
+    assert meta[b"embps.table_version"] == b"1" and meta[b"embps.table_step"] == b"7"
+    pending = pq.read_table(tmp_path / "job/7/t/shard-0.pending.parquet")
+    assert pending.schema.names == ["key", "count", "last_step"] and pending.num_rows == table.num_pending
+    assert (tmp_path / "job/LATEST").read_text() == "7\n"
+
+
+def test_full_plus_incrementals_equal_live_tables_with_evictions(tmp_path):
+    """Two shards x two tables; every snapshot restores to the tables as they were at that step."""
+    uri = str(tmp_path)
+    rng = np.random.default_rng(3)
+    shards = [{name: evicting_table(name, seed=10 * s + i) for i, name in enumerate(("user", "item"))} for s in (0, 1)]
+    snappers = [ShardSnapshotter(tables, shard=s) for s, tables in enumerate(shards)]
+    expected: dict[int, dict[tuple[str, int], TableState]] = {}
+    parent = None
+    evicted_between = deleted_in_incrementals = 0
+    for snap, kind in enumerate(["full", "incremental", "incremental", "full", "incremental"]):
+        step = 10 * (snap + 1)
+        pushes, n = (4, 200) if kind == "full" else (2, 60)
+        for s in range(pushes):
+            for tables in shards:
+                for table in tables.values():
+                    before = table.num_evicted
+                    push(table, rng, step - pushes + s, n=n)
+                    evicted_between += table.num_evicted - before
+        writer = SnapshotWriter(uri, "job", step, kind, parent if kind == "incremental" else None, num_shards=2)
+        for snapper in snappers:
+            snapper.write(writer)
+        manifest = writer.commit()
+        for snapper in snappers:
+            snapper.mark_committed(step)
+        parent = step
+        expected[step] = {(n, s): t.export() for s, tables in enumerate(shards) for n, t in tables.items()}
+        if kind == "incremental":
+            live_rows = sum(t.size for tables in shards for t in tables.values())
+            assert 0 < manifest.total_rows < live_rows  # only touched rows travel
+            deleted_in_incrementals += sum(e.deleted for t in manifest.tables.values() for e in t.shards.values())
+    assert evicted_between > 0 and deleted_in_incrementals > 0
+    for step, want in expected.items():
+        got = restore(uri, "job", step)
+        assert set(got) == {"user", "item"} and all(set(v) == {0, 1} for v in got.values())
+        for (name, shard), state in want.items():
+            assert_same_state(got[name][shard], state)
+    # The same, through EmbeddingTable.load + load_delta of each snapshot of the newest chain.
+    for name in ("user", "item"):
+        table = EmbeddingTable(shards[1][name].config)
+        table.load(load_table_shard(uri, "job", 40, name, 1).state)
+        delta = load_table_shard(uri, "job", 50, name, 1)
+        table.load_delta(delta.state, delta.deleted_keys)
+        assert_same_state(table.export(), shards[1][name].export())
+
+
+def test_changes_of_a_snapshot_that_never_committed_reach_the_next_one(tmp_path):
+    uri = str(tmp_path)
+    rng = np.random.default_rng(4)
+    table = evicting_table("t", seed=5)
+    snapper = ShardSnapshotter({"t": table}, 0)
+    push(table, rng, 1)
+    snapper.snapshot(uri, "job", 1, "full")
+    push(table, rng, 2)
+    snapper.write(SnapshotWriter(uri, "job", 2, "incremental", parent=1))  # written, never committed
+    push(table, rng, 3)
+    snapper.snapshot(uri, "job", 3, "incremental")  # parent: 1, the last committed step
+    assert read_manifest(uri, "job", 3).parent == 1
+    assert_same_state(restore(uri, "job")["t"][0], table.export())
+    with pytest.raises(SnapshotError, match="must be full"):
+        ShardSnapshotter({"t": table}, 0).snapshot(uri, "job", 4, "incremental")
+
+
+def test_incomplete_steps_are_ignored_and_latest_falls_back(tmp_path):
+    uri = str(tmp_path)
+    state = evicting_table("t", seed=0).export()
+    write_state(uri, "job", 5, state)
+    (tmp_path / "job/9/t").mkdir(parents=True)
+    (tmp_path / "job/9/t/shard-0.parquet").write_bytes(b"partial")
+    (tmp_path / "job/8").mkdir()
+    (tmp_path / "job/8/manifest.json").write_text('{"format": "embps.snapshot", "format_vers')
+    assert [m.step for m in list_snapshots(uri, "job")] == [5]
+    assert latest(uri, "job") == 5
+    (tmp_path / "job/LATEST").write_text("9\n")  # names a step without a manifest
+    assert latest(uri, "job") == 5
+    with pytest.raises(SnapshotError, match="no manifest"):
+        open_snapshot(uri, "job", 9)
+    with pytest.raises(SnapshotCorruptError, match="not a valid embps manifest"):
+        open_snapshot(uri, "job", 8)
+    assert latest(uri, "other") is None
+    with pytest.raises(SnapshotError, match="no committed snapshot"):
+        restore(uri, "other")
+
+
+def test_corrupt_files_are_rejected_with_the_reason(tmp_path):
+    uri = str(tmp_path)
+    table = evicting_table("t", seed=0)
+    push(table, np.random.default_rng(0), 1)
+    ShardSnapshotter({"t": table}, 0).snapshot(uri, "job", 1, extras={"trainer_state.json": b"{}"})
+    rows = tmp_path / "job/1/t/shard-0.parquet"
+    good = rows.read_bytes()
+    flipped = bytearray(good)
+    flipped[len(good) // 2] ^= 0xFF
+    rows.write_bytes(bytes(flipped))
+    with pytest.raises(SnapshotCorruptError, match="sha256 .* differs from the manifest"):
+        restore(uri, "job")
+    rows.write_bytes(good[:-100])
+    with pytest.raises(SnapshotCorruptError, match=f"{len(good) - 100} bytes, the manifest says {len(good)}"):
+        restore(uri, "job")
+    rows.write_bytes(good)
+    restore(uri, "job")
+    manifest_path = tmp_path / "job/1/manifest.json"
+    original = manifest_path.read_text()
+    manifest = json.loads(original)
+    manifest["files"]["t/shard-0.parquet"]["sha256"] = "0" * 64
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(SnapshotCorruptError, match="differs from the manifest's 0000"):
+        load_table_shard(uri, "job", 1, "t", 0)
+    manifest_path.write_text(original)
+    (tmp_path / "job/1/extra/trainer_state.json").write_bytes(b"[]")
+    with pytest.raises(SnapshotCorruptError, match="trainer_state.json: sha256"):
+        read_extra(uri, "job", 1, "trainer_state.json")
+    os.remove(tmp_path / "job/1/t/shard-0.pending.parquet")
+    with pytest.raises(SnapshotCorruptError, match="missing"):
+        load_table_shard(uri, "job", 1, "t", 0)
+
+
+def test_writer_refuses_what_it_cannot_commit(tmp_path):
+    uri = str(tmp_path)
+    state = evicting_table("t", seed=0).export()
+    with pytest.raises(ValueError, match="parent"):
+        SnapshotWriter(uri, "job", 2, "incremental")
+    with pytest.raises(ValueError, match="parent: must be an earlier step"):
+        SnapshotWriter(uri, "job", 2, "incremental", parent=2)
+    with pytest.raises(ValueError, match="job: must match"):
+        SnapshotWriter(uri, "../x", 2)
+    with pytest.raises(ValueError, match="kind"):
+        SnapshotWriter(uri, "job", 2, "partial")
+    writer = SnapshotWriter(uri, "job", 2, "incremental", parent=1)
+    writer.write_table_shard("t", 0, state)
+    with pytest.raises(SnapshotError, match="parent step 1 is unusable"):
+        writer.commit()
+    write_state(uri, "job", 1, state)
+    with pytest.raises(SnapshotError, match="already committed"):
+        SnapshotWriter(uri, "job", 1)
+    writer = SnapshotWriter(uri, "job", 3, num_shards=2)
+    writer.write_table_shard("t", 1, state)
+    with pytest.raises(ValueError, match="written twice"):
+        writer.write_table_shard("t", 1, state)
+    with pytest.raises(ValueError, match="deleted_keys: only an incremental"):
+        writer.write_table_shard("t", 0, state, np.array([1]))
+    with pytest.raises(SnapshotError, match=r"shards \[1\] written, expected 0..1"):
+        writer.commit()
+    assert latest(uri, "job") == 1
+    writer = SnapshotWriter(uri, "job", 4, "incremental", parent=1)
+    writer.write_table_shard("t", 0, state)
+    writer.commit()
+    with pytest.raises(SnapshotError, match="already committed; start a new SnapshotWriter"):
+        writer.write_extra("late", b"")
+    manifest_path = tmp_path / "job/4/manifest.json"
+    manifest_path.write_text(manifest_path.read_text().replace('"parent": 1', '"parent": 3'))
+    with pytest.raises(SnapshotError, match="step 4 is incremental on step 3, which is unusable"):
+        restore(uri, "job", 4)
+
+
+_KILLED_WRITER = """
+import sys
+import numpy as np
+from ps.snapshot import SnapshotWriter
+from ps.table import TableState
+n, dim = 400_000, 64
+rng = np.random.default_rng(0)
+state = TableState(np.arange(n, dtype=np.int64), rng.standard_normal((n, dim), dtype=np.float32),
+    np.zeros((n, dim), np.float32), np.ones(n, np.uint32), np.ones(n, np.uint32),
+    np.empty(0, np.int64), np.empty(0, np.uint32), np.empty(0, np.uint32), 9, 2)
+writer = SnapshotWriter(sys.argv[1], "job", 2)
+for table in ("a", "b", "c", "d"):
+    writer.write_table_shard(table, 0, state)
+writer.commit()
+"""
+
+
+def test_writer_killed_mid_write_leaves_previous_snapshot_and_latest(tmp_path):
+    uri = str(tmp_path)
+    table = evicting_table("a", seed=0)
+    push(table, np.random.default_rng(0), 1)
+    ShardSnapshotter({"a": table}, 0).snapshot(uri, "job", 1)
+    latest_before = (tmp_path / "job/LATEST").read_bytes()
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, uri], cwd=REPO_ROOT)
+    first_file = tmp_path / "job/2/a/shard-0.parquet"
+    deadline = time.monotonic() + 60
+    while not first_file.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait(30) == -signal.SIGKILL, "the writer finished before it could be killed"
+    assert first_file.exists() and not (tmp_path / "job/2/manifest.json").exists()
+    assert (tmp_path / "job/LATEST").read_bytes() == latest_before
+    assert [m.step for m in list_snapshots(uri, "job")] == [1] and latest(uri, "job") == 1
+    assert_same_state(restore(uri, "job")["a"][0], table.export())
+    # A new writer can take the step over the debris.
+    push(table, np.random.default_rng(1), 2)
+    ShardSnapshotter({"a": table}, 0).snapshot(uri, "job", 2)
+    assert latest(uri, "job") == 2
+    assert_same_state(restore(uri, "job")["a"][0], table.export())
+
+
+def _history(uri: str) -> dict[str, EmbeddingTable]:
+    """full 10, incremental 20 and 30, with extras; returns the live tables."""
+    rng = np.random.default_rng(6)
+    tables = {"user": evicting_table("user", 1), "item": evicting_table("item", 2, OptimizerKind.SGD)}
+    snapper = ShardSnapshotter(tables, 0)
+    for step, kind in ((10, "full"), (20, "incremental"), (30, "incremental")):
+        for table in tables.values():
+            push(table, rng, step)
+        snapper.snapshot(uri, "job", step, kind, extras={"dense.pt": f"dense@{step}".encode()})
+    return tables
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_export_for_serving(tmp_path, dtype):
+    src, dst = str(tmp_path / "snaps"), f"file://{tmp_path}/serving"
+    tables = _history(src)
+    manifest = export_for_serving(src, "job", None, dst, dtype=dtype)
+    assert (manifest.kind, manifest.step, manifest.parent) == ("export", 30, None)
+    assert latest(dst, "job") == 30 and (tmp_path / "serving/job/LATEST").read_text() == "30\n"
+    exported = open_snapshot(dst, "job")
+    assert exported.read_extra("dense.pt") == b"dense@30"
+    for name, table in tables.items():
+        assert exported.manifest.tables[name].dtype == dtype
+        keys, values = exported.load_values(name, 0)
+        want = table.export()
+        assert np.array_equal(keys, want.keys) and values.dtype == np.dtype(dtype)
+        np.testing.assert_allclose(
+            values, want.values, rtol=1e-3 if dtype == "float16" else 0, atol=1e-4 * (dtype == "float16")
+        )
+    with pytest.raises(SnapshotError, match="export"):
+        exported.load_table_shard("user", 0)
+    with pytest.raises(ValueError, match="dtype"):
+        export_for_serving(src, "job", None, str(tmp_path / "x"), dtype="int8")
+
+
+def test_gc_keeps_newest_and_what_they_build_on(tmp_path):
+    uri = str(tmp_path)
+    _history(uri)  # 10 full, 20 and 30 incremental
+    (tmp_path / "job/5").mkdir()  # an old incomplete step: removed
+    (tmp_path / "job/99").mkdir()  # newer than every committed step: may be in progress, kept
+    result = collect_garbage(uri, "job", keep=1)
+    assert result.kept == (10, 20, 30) and result.deleted == () and result.deleted_incomplete == (5,)
+    state = restore(uri, "job")
+    writer = SnapshotWriter(uri, "job", 40)
+    for name, shards in state.items():
+        writer.write_table_shard(name, 0, shards[0])
+    writer.commit()
+    assert collect_garbage(uri, "job", keep=2, dry_run=True).kept == (10, 20, 30, 40)  # 30 needs 10 and 20
+    assert collect_garbage(uri, "job", keep=1, dry_run=True).deleted == (10, 20, 30)
+    assert [m.step for m in list_snapshots(uri, "job")] == [10, 20, 30, 40]
+    result = collect_garbage(uri, "job", keep=1)
+    assert result.kept == (40,) and result.deleted == (10, 20, 30)
+    assert sorted(os.listdir(tmp_path / "job")) == ["40", "99", "LATEST"]
+    with pytest.raises(ValueError, match="keep"):
+        collect_garbage(uri, "job", keep=0)
+
+
+def test_cli_list_inspect_export_gc(tmp_path, capsys):
+    uri = str(tmp_path / "snaps")
+    _history(uri)
+    assert embps.main(["snapshot", "list", uri, "--job", "job"]) == 0
+    out = capsys.readouterr().out
+    assert "incremental" in out and "LATEST" in out and all(str(s) in out for s in (10, 20, 30))
+    assert embps.main(["snapshot", "inspect", uri, "--job", "job", "--step", "20"]) == 0
+    out = capsys.readouterr().out
+    assert "step 20" in out and "user" in out and "item" in out and "dense.pt" in out
+    dst = str(tmp_path / "serving")
+    assert embps.main(["snapshot", "export", uri, "--job", "job", "--dst", dst, "--dtype", "float16"]) == 0
+    assert latest(dst, "job") == 30
+    assert embps.main(["snapshot", "gc", uri, "--job", "job", "--keep", "1"]) == 0
+    assert "kept 10, 20, 30" in capsys.readouterr().out
+    out = subprocess.run(
+        [sys.executable, "-m", "embps", "snapshot", "inspect", uri, "--job", "nope"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode != 0 and "no committed snapshot" in out.stderr
