@@ -56,6 +56,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     ps_bench.add_argument("--out", default=None, help="write the results as JSON here")
 
+    snap_bench = bench_verbs.add_parser("snapshot", help="snapshot write/read rates to local disk and to local S3")
+    snap_bench.add_argument("--rows", type=int, default=10_000_000, help="rows in the table (default 10M)")
+    snap_bench.add_argument("--dim", type=int, default=64)
+    snap_bench.add_argument("--touched", type=float, default=0.01, help="fraction of rows an incremental holds")
+    snap_bench.add_argument("--targets", default="local,s3", help="comma-separated: local, s3")
+    snap_bench.add_argument("--out", default=None, help="write the results as JSON here")
+
     train_bench = bench_verbs.add_parser("train", help="training samples/s through the PS vs in process")
     train_bench.add_argument("--steps", type=int, default=60)
     train_bench.add_argument("--batch", type=int, default=2048, help="global batch size")
@@ -87,6 +94,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.action == "gc" and args.keep is None:
             raise SystemExit("embps snapshot gc: --keep is required")
         return run_snapshot_cli(args)
+    if args.verb == "bench" and args.bench == "snapshot":
+        from bench.snapshot_bench import SnapshotBenchConfig, run_snapshot_bench
+
+        config = SnapshotBenchConfig(
+            rows=args.rows,
+            dim=args.dim,
+            touched=args.touched,
+            targets=tuple(t for t in args.targets.split(",") if t),
+            out=args.out,
+        )
+        return run_snapshot_bench(config)
     if args.verb == "bench" and args.bench == "ps":
         from bench.ps_bench import PSBenchConfig, run_ps_bench
 

