@@ -214,10 +214,13 @@ class SnapshotWriter:
         width = state.optimizer_state.shape[1]
         if config is not None and config.dim != dim:
             raise ValueError(f"state.values: table {table} has dim {config.dim}, got {dim} columns")
-        if np.intersect1d(deleted, state.keys).shape[0]:
+        if deleted.shape[0] and np.intersect1d(deleted, state.keys).shape[0]:
             raise ValueError("deleted_keys: a key cannot be both deleted and written by one snapshot")
         meta = self._metadata(table, shard, state.version, state.step)
-        columns = {"key": pa.array(state.keys, pa.int64()), "value": _fixed_list(state.values.astype(np.float32))}
+        columns = {
+            "key": pa.array(state.keys, pa.int64()),
+            "value": _fixed_list(state.values.astype(np.float32, copy=False)),
+        }
         if width:
             columns["optimizer_state"] = _fixed_list(state.optimizer_state.astype(np.float32, copy=False))
         columns["freq"] = pa.array(state.freq, pa.uint32())
