@@ -18,6 +18,12 @@ def _parser() -> argparse.ArgumentParser:
     ps.add_argument("--shard", type=int, required=True, help="index of this shard in the config's [[shards]]")
     ps.add_argument("--grace", type=float, default=10.0, help="seconds in-flight calls get after SIGTERM")
     ps.add_argument(
+        "--update-log-keys",
+        type=int,
+        default=1 << 20,
+        help="keys each table's update log keeps for Subscribe (older pushes need a full resync)",
+    )
+    ps.add_argument(
         "--no-malloc-tuning",
         action="store_true",
         help="keep glibc's malloc thresholds (by default the shard re-executes itself with larger ones)",
@@ -68,6 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     train_bench.add_argument("--batch", type=int, default=2048, help="global batch size")
     train_bench.add_argument("--dim", type=int, default=64)
     train_bench.add_argument("--tables", type=int, default=26, help="sparse features, one table each")
+    train_bench.add_argument("--shared-table", action="store_true", help="all features in one table")
     train_bench.add_argument("--out", default=None, help="write the results as JSON here")
 
     launch = verbs.add_parser("launch", help="run a whole training job: PS shards + workers (+ serving)")
@@ -85,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if not args.no_malloc_tuning:
             exec_with_malloc_tuning(sys.argv[1:] if argv is None else argv)
-        return serve_shard(args.config, args.shard, grace=args.grace)
+        return serve_shard(args.config, args.shard, grace=args.grace, log_max_keys=args.update_log_keys)
     if args.verb == "snapshot":
         from ps.snapshot_cli import run_snapshot_cli
 
@@ -131,7 +138,14 @@ def main(argv: list[str] | None = None) -> int:
         from bench.train_bench import TrainBenchConfig, run_train_bench
 
         return run_train_bench(
-            TrainBenchConfig(steps=args.steps, batch=args.batch, dim=args.dim, num_tables=args.tables, out=args.out)
+            TrainBenchConfig(
+                steps=args.steps,
+                batch=args.batch,
+                dim=args.dim,
+                num_tables=args.tables,
+                shared_table=args.shared_table,
+                out=args.out,
+            )
         )
     if args.verb == "launch":
         from worker.launcher import LaunchOptions, launch

@@ -38,6 +38,7 @@ class TrainBenchConfig:
     workers: int = 2
     shards: int = 2
     staleness: int = 1
+    shared_table: bool = False  # all features in one table (keys are salted per feature)
     out: str | None = None
 
 
@@ -55,15 +56,16 @@ def _free_ports(n: int) -> list[int]:
 
 def _job_toml(config: TrainBenchConfig, mode: str, out: Path) -> str:
     ports = _free_ports(2 * config.shards)
+    num_tables = 1 if config.shared_table else config.num_tables
     tables = tuple(
         TableConfig(f"t{i}", dim=config.dim, optimizer=OptimizerConfig(kind=OptimizerKind.ROWWISE_ADAGRAD, lr=0.05))
-        for i in range(config.num_tables)
+        for i in range(num_tables)
     )
     shards = tuple(
         ShardConfig(f"127.0.0.1:{ports[2 * i]}", metrics_port=ports[2 * i + 1]) for i in range(config.shards)
     )
     ps = dump_job_config(JobConfig(job=f"bench-{mode}", shards=shards, tables=tables))
-    names = ", ".join(f'"t{i}"' for i in range(config.num_tables))
+    names = ", ".join(f'"t{i}"' for i in range(num_tables))
     return (
         ps
         + f"""
@@ -142,7 +144,11 @@ def run_train_bench(config: TrainBenchConfig) -> int:
         results["ps_sync"] = _run_ps(config, "sync", workdir)
         results["ps_async"] = _run_ps(config, "async", workdir)
     base = results["in_process"]["samples_per_s"]
-    print(f"\nembps bench train: dim {config.dim}, {config.num_tables} tables, global batch {config.batch}")
+    layout = "one shared table" if config.shared_table else f"{config.num_tables} tables"
+    print(
+        f"\nembps bench train: dim {config.dim}, {config.num_tables} sparse features in {layout}, "
+        f"global batch {config.batch}"
+    )
     print(f"{'run':12s} {'samples/s':>10s} {'vs in-process':>14s}   rank-0 seconds: lookup / compute / a2a / push")
     for name in ("in_process", "ps_sync", "ps_async"):
         r = results[name]

@@ -93,6 +93,34 @@ class PushResult:
     versions: dict[int, int] = field(default_factory=dict)
 
 
+@dataclass
+class _LookupPlan:
+    """The RPCs of one table's lookup and how to put their replies back in the caller's order."""
+
+    num_keys: int
+    dim: int
+    num_unique: int
+    inverse: np.ndarray | None
+    calls: list[tuple[int, ps_pb2.LookupRequest]] = field(default_factory=list)
+    spans: list[np.ndarray] = field(default_factory=list)  # positions into the unique keys, per call
+
+    def finish(self, replies: list) -> np.ndarray:
+        """Replies of `calls`, in order -> values (num_keys, dim)."""
+        if not replies:
+            return np.empty((self.num_keys, self.dim), dtype=np.float32)
+        # Replies concatenated hold unique[order]; one gather puts every row where the caller wants it.
+        values = np.concatenate(
+            [
+                wire.decode_values(reply.values, chunk.shape[0], reply.dim, reply.dtype)
+                for chunk, reply in zip(self.spans, replies, strict=True)
+            ]
+        )
+        order = np.concatenate(self.spans)
+        row_of = np.empty(self.num_unique, dtype=np.int64)
+        row_of[order] = np.arange(self.num_unique, dtype=np.int64)
+        return np.take(values, row_of if self.inverse is None else row_of[self.inverse], axis=0)
+
+
 class PSClient:
     """Talks to the shards at `addresses` (index = shard number of `shard_map`). Thread-safe."""
 
@@ -134,7 +162,8 @@ class PSClient:
         ]
         self._channels = [grpc.insecure_channel(a, options=options) for a in self.addresses]
         self._stubs = [ps_pb2_grpc.ParameterServerStub(c) for c in self._channels]
-        self._pool = ThreadPoolExecutor(max(2, 2 * len(self.addresses)), thread_name_prefix="ps-client")
+        # Enough threads for the RPCs of a multi-table round (lookup_many / push_many) to overlap.
+        self._pool = ThreadPoolExecutor(max(16, 2 * len(self.addresses)), thread_name_prefix="ps-client")
 
     @classmethod
     def from_job(cls, job: JobConfig, **kwargs) -> PSClient:
@@ -167,30 +196,33 @@ class PSClient:
 
     def lookup(self, table: str, keys: np.ndarray) -> np.ndarray:
         """keys (n,) int64, may repeat -> values (n, dim) float32, row i for keys[i]."""
+        return self.lookup_many({table: keys})[table]
+
+    def lookup_many(self, requests: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Several tables in one round: {table: keys (n_t,)} -> {table: values (n_t, dim_t)}.
+
+        Every RPC of every table is in flight at once, under one deadline.
+        """
+        plans = [self._plan_lookup(table, keys) for table, keys in requests.items()]
+        replies = self._call_all("Lookup", [c for plan in plans for c in plan.calls], self.deadlines.lookup)
+        out, start = {}, 0
+        for table, plan in zip(requests, plans, strict=True):
+            out[table] = plan.finish(replies[start : start + len(plan.calls)])
+            start += len(plan.calls)
+        return out
+
+    def _plan_lookup(self, table: str, keys: np.ndarray) -> _LookupPlan:
         keys = native.as_keys(keys)
         dim = self.dim(table)
         unique, inverse = _unique(keys)
+        plan = _LookupPlan(keys.shape[0], dim, unique.shape[0], inverse)
         per_key = max(8, 4 * dim)
-        calls, spans = [], []
         for shard, positions in enumerate(self.shard_map.split(unique)):
             for chunk in self._chunks(positions, per_key):
                 request = ps_pb2.LookupRequest(table=table, keys=wire.encode_keys(unique[chunk]), dim=dim)
-                calls.append((shard, request))
-                spans.append(chunk)
-        replies = self._call_all("Lookup", calls, self.deadlines.lookup)
-        if not replies:
-            return np.empty((keys.shape[0], dim), dtype=np.float32)
-        # Replies concatenated hold unique[order]; one gather puts every row where the caller wants it.
-        values = np.concatenate(
-            [
-                wire.decode_values(reply.values, chunk.shape[0], reply.dim, reply.dtype)
-                for chunk, reply in zip(spans, replies, strict=True)
-            ]
-        )
-        order = np.concatenate(spans)
-        row_of = np.empty(unique.shape[0], dtype=np.int64)
-        row_of[order] = np.arange(unique.shape[0], dtype=np.int64)
-        return np.take(values, row_of if inverse is None else row_of[inverse], axis=0)
+                plan.calls.append((shard, request))
+                plan.spans.append(chunk)
+        return plan
 
     def push(
         self,
@@ -203,6 +235,26 @@ class PSClient:
         """keys (n,) int64, may repeat; grads (n, dim) float32. Gradients of equal keys are summed
         here and sent once, with the number of sightings as counts. step: the training step
         (default: each shard's table version + 1). Each RPC is applied once, even when retried."""
+        return self.push_many([(table, keys, grads, counts)], step)
+
+    def push_many(
+        self, items: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]], step: int | None = None
+    ) -> PushResult:
+        """Several tables in one round: items of (table, keys (n,), grads (n, dim), counts (n,) or
+        None), as in push; every RPC is in flight at once, under one deadline."""
+        calls = [c for table, keys, grads, counts in items for c in self._plan_push(table, keys, grads, counts, step)]
+        result = PushResult()
+        for (shard, _), reply in zip(calls, self._call_all("Push", calls, self.deadlines.push), strict=True):
+            result.num_updated += reply.num_updated
+            result.num_inserted += reply.num_inserted
+            result.num_evicted += reply.num_evicted
+            result.num_duplicates += int(reply.duplicate)
+            result.versions[shard] = max(result.versions.get(shard, 0), reply.version)
+        return result
+
+    def _plan_push(
+        self, table: str, keys: np.ndarray, grads: np.ndarray, counts: np.ndarray | None, step: int | None
+    ) -> list[tuple[int, ps_pb2.PushRequest]]:
         keys = native.as_keys(keys)
         dim = self.dim(table)
         grads = np.asarray(grads)
@@ -232,14 +284,7 @@ class PSClient:
                 if step is not None:
                     request.step = step
                 calls.append((shard, request))
-        result = PushResult()
-        for (shard, _), reply in zip(calls, self._call_all("Push", calls, self.deadlines.push), strict=True):
-            result.num_updated += reply.num_updated
-            result.num_inserted += reply.num_inserted
-            result.num_evicted += reply.num_evicted
-            result.num_duplicates += int(reply.duplicate)
-            result.versions[shard] = max(result.versions.get(shard, 0), reply.version)
-        return result
+        return calls
 
     def stats(self) -> list[ps_pb2.StatsResponse]:
         """One StatsResponse per shard, in shard order."""

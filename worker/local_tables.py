@@ -28,5 +28,13 @@ class LocalTables:
         """keys (n,) int64, grads (n, dim) float32: one optimizer step per unique key."""
         self.tables[table].apply_gradients(keys, grads, step=step, counts=counts)
 
+    def lookup_many(self, requests: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {table: self.lookup(table, keys) for table, keys in requests.items()}
+
+    def push_many(self, items, step: int | None = None) -> None:
+        """items: (table, keys (n,), grads (n, dim), counts (n,) or None)."""
+        for table, keys, grads, counts in items:
+            self.push(table, keys, grads, step=step, counts=counts)
+
     def close(self) -> None:
         self.tables.clear()

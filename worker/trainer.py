@@ -118,12 +118,14 @@ class Trainer:
     def pull(self, batch: Batch) -> _Pulled:
         """Looks up the unique keys of every table group of `batch`."""
         pulled = _Pulled(batch)
+        uniques = {}
         for table, columns in self.groups:
             keys = np.ascontiguousarray(batch.sparse[:, columns]).reshape(-1)
-            unique, inverse = unique_with_inverse(keys)
+            uniques[table] = unique_with_inverse(keys)
+        values = self.client.lookup_many({table: unique for table, (unique, _) in uniques.items()})
+        for table, (unique, inverse) in uniques.items():
             counts = np.bincount(inverse, minlength=unique.shape[0]).astype(np.int64)
-            values = self.client.lookup(table, unique)
-            pulled.groups.append((table, unique, inverse, values, counts))
+            pulled.groups.append((table, unique, inverse, values[table], counts))
         return pulled
 
     def train_step(self, pulled: _Pulled, next_batch: Batch | None = None) -> tuple[float, _Pulled | None]:
@@ -185,9 +187,9 @@ class Trainer:
         return float(loss.detach()), next_pulled
 
     def _push_all(self, outgoing, step: int) -> None:
-        for table, keys, grads, sightings in outgoing:
-            if keys.shape[0]:
-                self.client.push(table, keys, grads, step=step, counts=sightings)
+        items = [(table, keys, grads, sightings) for table, keys, grads, sightings in outgoing if keys.shape[0]]
+        if items:
+            self.client.push_many(items, step=step)
 
     def drain(self) -> None:
         """Waits for every in-flight push (async mode), then for every rank to get there."""
