@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from ps.sharding import ShardMap
+from ps.storage import StorageConfig
 from ps.table_config import AdmissionConfig, EvictionConfig, OptimizerConfig, TableConfig
 
 DEFAULT_MESSAGE_LIMIT = 64 << 20
@@ -69,6 +70,24 @@ class ShardConfig:
 
 
 @dataclass(frozen=True)
+class SnapshotConfig:
+    """Where and how often a training job snapshots itself (`[snapshot]`).
+
+    uri: pyarrow.fs URI the snapshots go under (file://, s3://, hdfs://, or a local path).
+    every_steps: steps between snapshots; 0 snapshots only at the end of training.
+    full_every: every n-th snapshot is full, the others incremental on the one before.
+    keep: complete snapshots kept after each new one (0: keep all).
+    storage: S3 endpoint, region, credentials; unset fields come from the AWS_* variables.
+    """
+
+    uri: str
+    every_steps: int = 0
+    full_every: int = 4
+    keep: int = 0
+    storage: StorageConfig = field(default_factory=StorageConfig)
+
+
+@dataclass(frozen=True)
 class JobConfig:
     """A whole job. `shard_map` maps the 2^16 buckets to indexes of `shards`."""
 
@@ -79,6 +98,7 @@ class JobConfig:
     deadlines: Deadlines = field(default_factory=Deadlines)
     shard_map: ShardMap | None = None
     push_dedupe_window: int = 4096
+    snapshot: SnapshotConfig | None = None
 
     def __post_init__(self) -> None:
         if self.shard_map is None:
@@ -114,7 +134,9 @@ def parse_job_config(data: dict) -> JobConfig:
     """A parsed TOML document (dict) -> a validated JobConfig."""
     data = {k: v for k, v in data.items() if k not in OTHER_SECTIONS}
     _reject_unknown(
-        "", data, {"job", "shards", "tables", "message_limit_bytes", "deadlines", "sharding", "push_dedupe_window"}
+        "",
+        data,
+        {"job", "shards", "tables", "message_limit_bytes", "deadlines", "sharding", "push_dedupe_window", "snapshot"},
     )
     job = data.get("job")
     if not isinstance(job, str) or not job or not all(c.isalnum() or c in "_.-" for c in job):
@@ -142,6 +164,15 @@ def parse_job_config(data: dict) -> JobConfig:
             raise ValueError(f"sharding.bucket_ranges: shards {unused} own no bucket")
     else:
         shard_map = ShardMap.uniform(len(shards))
+    snapshot = None
+    if "snapshot" in data:
+        snapshot = build_config(SnapshotConfig, _table_of(data, "snapshot"), "snapshot")
+        if not isinstance(snapshot.uri, str) or not snapshot.uri:
+            raise ValueError(f"snapshot.uri: must be a non-empty URI, got {snapshot.uri!r}")
+        _check_int("snapshot.every_steps", snapshot.every_steps, 0, 2**32 - 1)
+        _check_int("snapshot.full_every", snapshot.full_every, 1, 2**31)
+        _check_int("snapshot.keep", snapshot.keep, 0, 2**31)
+        snapshot.storage.validate()
     return JobConfig(
         job=job,
         shards=shards,
@@ -150,6 +181,7 @@ def parse_job_config(data: dict) -> JobConfig:
         deadlines=deadlines,
         shard_map=shard_map,
         push_dedupe_window=window,
+        snapshot=snapshot,
     )
 
 
@@ -192,7 +224,7 @@ def _parse_tables(raw: object) -> tuple[TableConfig, ...]:
     return tuple(tables)
 
 
-_NESTED = {OptimizerConfig, AdmissionConfig, EvictionConfig, Deadlines, ShardConfig}
+_NESTED = {OptimizerConfig, AdmissionConfig, EvictionConfig, Deadlines, ShardConfig, StorageConfig}
 
 
 def build_config(cls: type, data: dict, where: str):
@@ -281,6 +313,9 @@ def dump_job_config(job: JobConfig) -> str:
     for t in job.tables:
         lines += ["", f"[tables.{t.name}]"]
         lines += _toml_fields(t, skip={"name"})
+    if job.snapshot is not None:
+        lines += ["", "[snapshot]"]
+        lines += _toml_fields(job.snapshot)
     return "\n".join(lines) + "\n"
 
 

@@ -8,6 +8,7 @@ import subprocess
 import pytest
 
 from tests.helpers.processes import ShardCluster
+from tests.helpers.s3_server import S3Bucket, S3Server
 
 
 @pytest.fixture
@@ -33,3 +34,14 @@ def promtool() -> str:
         pytest.skip("promtool not found: install the Debian package `prometheus` (make system-tools)")
     subprocess.run([path, "--version"], check=True, capture_output=True)
     return path
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory) -> S3Bucket:
+    """A real S3 server (SeaweedFS on 127.0.0.1, credentials checked) for the whole session,
+    stopped by pid at the end; tests write under s3.fresh_uri() with s3.config."""
+    server = S3Server.start(tmp_path_factory.mktemp("seaweedfs"))
+    try:
+        yield S3Bucket.create(server)
+    finally:
+        server.stop()

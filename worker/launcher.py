@@ -35,6 +35,7 @@ class LaunchOptions:
     rdzv_endpoint: str | None = None  # host:port of the c10d store; None: standalone on this node
     run_id: str | None = None
     start_ps: bool | None = None  # None: node 0 starts the shards
+    resume: bool = False  # continue from the job's LATEST snapshot
 
 
 class _Failure:
@@ -60,14 +61,18 @@ def launch(options: LaunchOptions) -> int:
     start_ps = options.node_rank == 0 if options.start_ps is None else options.start_ps
     shards: list = []
     stop_watch = threading.Event()
+    resume_step = None
     try:
+        if options.resume:
+            resume_step = _latest_step(job)
+            print(f"embps launch: resuming job {job.ps.job!r} from snapshot step {resume_step}", flush=True)
         if start_ps:
-            shards = _start_shards(job, out)
+            shards = _start_shards(job, out, resume_step)
             watcher = threading.Thread(target=_watch_shards, args=(shards, failure, stop_watch), daemon=True)
             watcher.start()
         bar = threading.Thread(target=_show_progress, args=(progress_path, job, stop_watch), daemon=True)
         bar.start()
-        _run_workers(job, options, progress_path, failure)
+        _run_workers(job, options, progress_path, failure, resume_step)
     except KeyboardInterrupt:
         failure.set("interrupted (Ctrl-C)")
     except RuntimeError as exc:
@@ -91,11 +96,22 @@ def launch(options: LaunchOptions) -> int:
     return 0
 
 
-def _start_shards(job: TrainingJob, out: Path) -> list:
+def _latest_step(job: TrainingJob) -> int:
+    from ps.snapshot import latest
+
+    if job.ps.snapshot is None:
+        raise RuntimeError("--resume: the job has no [snapshot] section, so there is nothing to resume from")
+    step = latest(job.ps.snapshot.uri, job.ps.job, job.ps.snapshot.storage)
+    if step is None:
+        raise RuntimeError(f"--resume: no complete snapshot of job {job.ps.job!r} under {job.ps.snapshot.uri}")
+    return step
+
+
+def _start_shards(job: TrainingJob, out: Path, restore_step: int | None) -> list:
     config_path = job.path
     shards = []
     for index in range(len(job.ps.shards)):
-        shards.append(processes.start_shard(config_path, index, out / "logs" / f"ps-{index}.log"))
+        shards.append(processes.start_shard(config_path, index, out / "logs" / f"ps-{index}.log", restore_step))
     for index, (proc, shard) in enumerate(zip(shards, job.ps.shards, strict=True)):
         try:
             processes.wait_serving(shard.address, proc, f"ps shard {index}")
@@ -137,7 +153,9 @@ def _show_progress(path: Path, job: TrainingJob, stop: threading.Event) -> None:
     bar.close()
 
 
-def _run_workers(job: TrainingJob, options: LaunchOptions, progress_path: Path, failure: _Failure) -> None:
+def _run_workers(
+    job: TrainingJob, options: LaunchOptions, progress_path: Path, failure: _Failure, resume_step: int | None
+) -> None:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -157,6 +175,8 @@ def _run_workers(job: TrainingJob, options: LaunchOptions, progress_path: Path, 
         start_method="spawn",
     )
     entry = [sys.executable, "-m", "worker.worker_main", "--config", job.path]
+    if resume_step is not None:
+        entry += ["--resume-step", str(resume_step)]
     start = time.monotonic()
     try:
         elastic_launch(config, entrypoint=entry[0])(*entry[1:])

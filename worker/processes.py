@@ -23,12 +23,13 @@ def _die_with_parent() -> None:
         pass
 
 
-def start_shard(config_path: str, index: int, log_path: Path) -> subprocess.Popen:
-    """`python -m embps ps --config config_path --shard index`, output to log_path."""
+def start_shard(config_path: str, index: int, log_path: Path, restore_step: int | None = None) -> subprocess.Popen:
+    """`python -m embps ps --config config_path --shard index [--restore-step S]`, output to log_path."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    restore = ["--restore-step", str(restore_step)] if restore_step is not None else []
     with open(log_path, "ab") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "embps", "ps", "--config", config_path, "--shard", str(index)],
+            [sys.executable, "-m", "embps", "ps", "--config", config_path, "--shard", str(index), *restore],
             stdout=log,
             stderr=subprocess.STDOUT,
             preexec_fn=_die_with_parent,

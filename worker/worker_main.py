@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from ps.client import PSClient
+from worker.checkpoint import Checkpointer, load_trainer_state
 from worker.data_sources import eval_batches, train_reader
 from worker.model import DLRMDenseTower
 from worker.train_config import TrainingJob, load_training_job
@@ -28,15 +29,25 @@ from worker.trainer import Trainer
 LOG_EVERY = 10
 
 
-def run_worker(job: TrainingJob, rank: int, world_size: int, progress_path: str | None = None) -> dict:
-    """Trains `job` as rank `rank` of `world_size`; returns the summary (complete on rank 0)."""
+def run_worker(
+    job: TrainingJob, rank: int, world_size: int, progress_path: str | None = None, resume_step: int | None = None
+) -> dict:
+    """Trains `job` as rank `rank` of `world_size` (from snapshot `resume_step` when given);
+    returns the summary (complete on rank 0)."""
     if job.train.batch_size % world_size:
         raise ValueError(f"train.batch_size: must be divisible by the {world_size} workers, got {job.train.batch_size}")
     torch.manual_seed(job.model.seed)
     model = DLRMDenseTower(job.model)
     client = PSClient.from_job(job.ps, client_id=f"{job.ps.job}-rank{rank}-{uuid.uuid4().hex[:8]}")
     trainer = Trainer(job, model, client, rank, world_size)
-    reader = iter(train_reader(job, rank, world_size))
+    reader = train_reader(job, rank, world_size)
+    if resume_step is not None:
+        resumed = load_trainer_state(job, resume_step, rank, world_size, model, trainer.optimizer)
+        reader.restore(resumed["reader"])
+        trainer.step = resumed["step"]
+    checkpointer = Checkpointer(job, rank, world_size, resumed_step=resume_step)
+    first_step = trainer.step
+    batches = iter(reader)
     held_out = eval_batches(job) if rank == 0 else []
     progress = open(progress_path, "a", buffering=1) if (progress_path and rank == 0) else None
     evaluations: list[dict] = []
@@ -44,10 +55,11 @@ def run_worker(job: TrainingJob, rank: int, world_size: int, progress_path: str 
     start = time.perf_counter()
     local_rows = job.train.batch_size // world_size
     try:
-        batch = next(reader, None)
+        batch = next(batches, None) if trainer.step < job.train.steps else None
         pulled = trainer.pull_timed(batch) if batch is not None else None
         while pulled is not None and trainer.step < job.train.steps:
-            next_batch = next(reader, None) if trainer.step + 1 < job.train.steps else None
+            position = reader.state()  # after the batch this step trains on
+            next_batch = next(batches, None) if trainer.step + 1 < job.train.steps else None
             loss, prefetched = trainer.train_step(pulled, next_batch)
             losses.append(loss)
             if prefetched is None and next_batch is not None:
@@ -61,7 +73,7 @@ def run_worker(job: TrainingJob, rank: int, world_size: int, progress_path: str 
                     "step": step,
                     "total_steps": job.train.steps,
                     "loss": mean_loss,
-                    "samples_per_s": step * local_rows * world_size / (time.perf_counter() - start),
+                    "samples_per_s": (step - first_step) * local_rows * world_size / (time.perf_counter() - start),
                 }
                 if due_eval:
                     trainer.drain()
@@ -70,16 +82,21 @@ def run_worker(job: TrainingJob, rank: int, world_size: int, progress_path: str 
                         evaluations.append({"step": step, **{k: record[k] for k in ("auc", "logloss")}})
                 if progress is not None:
                     progress.write(json.dumps(record) + "\n")
+            if checkpointer.due(step):
+                trainer.drain()
+                checkpointer.save(step, model, trainer.optimizer, position)
         trainer.drain()
         elapsed = time.perf_counter() - start
+        trained = trainer.step - first_step
         summary = {
             "job": job.ps.job,
             "steps": trainer.step,
+            "resumed_from": resume_step,
             "world_size": world_size,
             "mode": job.train.mode.value,
-            "samples": trainer.step * job.train.batch_size,
+            "samples": trained * job.train.batch_size,
             "seconds": elapsed,
-            "samples_per_s": trainer.step * job.train.batch_size / elapsed if elapsed else 0.0,
+            "samples_per_s": trained * job.train.batch_size / elapsed if elapsed else 0.0,
             "final_loss": _global_mean(sum(losses[-LOG_EVERY:]) / max(1, len(losses[-LOG_EVERY:])), world_size),
             "times_rank0": trainer.times.as_dict(),
             "evaluations": evaluations,
@@ -117,6 +134,7 @@ def _global_mean(value: float, world_size: int) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="worker.worker_main", description="one embps training worker")
     parser.add_argument("--config", required=True, help="job TOML")
+    parser.add_argument("--resume-step", type=int, default=None, help="continue from this snapshot step")
     args = parser.parse_args(argv)
     job = load_training_job(args.config)
     rank = int(os.environ.get("RANK", "0"))
@@ -128,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     if world_size > 1:
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
     try:
-        run_worker(job, rank, world_size, os.environ.get("EMBPS_PROGRESS_FILE"))
+        run_worker(job, rank, world_size, os.environ.get("EMBPS_PROGRESS_FILE"), args.resume_step)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

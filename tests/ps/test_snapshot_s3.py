@@ -12,17 +12,7 @@ import pytest
 from ps.snapshot import SnapshotWriter, latest, list_snapshots, open_snapshot, restore
 from ps.snapshot_ops import ShardSnapshotter, collect_garbage, export_for_serving
 from ps.storage import StorageConfig, open_uri
-from tests.helpers.s3_server import S3Bucket, S3Server
 from tests.ps.test_snapshot import assert_same_state, evicting_table, push
-
-
-@pytest.fixture(scope="session")
-def s3(tmp_path_factory) -> S3Bucket:
-    server = S3Server.start(tmp_path_factory.mktemp("seaweedfs"))
-    try:
-        yield S3Bucket.create(server)
-    finally:
-        server.stop()
 
 
 def test_full_and_incrementals_restore_from_s3(s3):

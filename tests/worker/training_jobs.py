@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
-from ps.job_config import JobConfig, dump_job_config
+from ps.job_config import JobConfig, SnapshotConfig, dump_job_config
 from ps.table_config import OptimizerConfig, OptimizerKind, TableConfig
 from tests.helpers.processes import make_job
 
@@ -69,8 +70,9 @@ def write_training_job(
     synthetic: dict,
     model: dict | None = None,
     job: str = "train-test",
+    snapshot: SnapshotConfig | None = None,
 ) -> tuple[Path, JobConfig]:
-    ps = make_job(tables=tables, num_shards=num_shards, job=job)
+    ps = replace(make_job(tables=tables, num_shards=num_shards, job=job), snapshot=snapshot)
     path.write_text(
         training_toml(ps, train, model or {"bottom_sizes": [8], "top_sizes": [16]}, {"source": "synthetic"}, synthetic)
     )

@@ -1,0 +1,107 @@
+"""Snapshots of a running shard: the SnapshotControl service and the restore at start.
+
+    coordinator ──WriteSnapshot(uri, job, step, kind, parent)──> every shard, in parallel
+        each shard writes <uri>/<job>/<step>/<table>/shard-<s>*.parquet, answers with records
+    coordinator: add_shard_record(...) for all, write_extra(dense model, trainer state), commit()
+
+A shard started with a restore step loads, for each table, the full snapshot that step builds
+on and every incremental after it (its own shard files only), before it serves.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+
+import grpc
+
+from ps.job_config import JobConfig
+from ps.rpc import snapshot_pb2, snapshot_pb2_grpc
+from ps.snapshot import SnapshotWriter, apply_delta, snapshot_chain
+from ps.snapshot_ops import ShardSnapshotter
+from ps.table import EmbeddingTable, TableState
+
+log = logging.getLogger(__name__)
+
+
+class SnapshotControlServicer(snapshot_pb2_grpc.SnapshotControlServicer):
+    """Writes this shard's tables into a snapshot step on request.
+
+    `run_serialized(fn)` runs fn where the shard's table calls are serialised (no push runs
+    during the export); `job` gives the storage config; `status_of` is the server's one mapping
+    from errors to gRPC status codes.
+    """
+
+    def __init__(
+        self,
+        job: JobConfig,
+        shard_index: int,
+        tables: dict[str, EmbeddingTable],
+        run_serialized: Callable[[Callable[[], object]], Awaitable[object]],
+        status_of: Callable[[BaseException], tuple[grpc.StatusCode, str]],
+        restored_step: int | None = None,
+    ) -> None:
+        self.job = job
+        self.shard_index = shard_index
+        self.snapshotter = ShardSnapshotter(tables, shard_index)
+        if restored_step is not None:
+            self.snapshotter.mark_committed(restored_step)
+        self._last_written = restored_step
+        self._run_serialized = run_serialized
+        self._status_of = status_of
+
+    async def WriteSnapshot(
+        self, request: snapshot_pb2.WriteSnapshotRequest, context: grpc.aio.ServicerContext
+    ) -> snapshot_pb2.WriteSnapshotResponse:
+        try:
+            return await self._run_serialized(lambda: self.write(request))
+        except Exception as exc:  # noqa: BLE001 - mapped by the server's one status mapping
+            code, message = self._status_of(exc)
+            if code == grpc.StatusCode.INTERNAL:
+                log.exception("WriteSnapshot of step %d failed", request.step)
+            await context.abort(code, message)
+
+    def write(self, request: snapshot_pb2.WriteSnapshotRequest) -> snapshot_pb2.WriteSnapshotResponse:
+        """Writes the files; the coordinator commits. A shard learns that its previous write was
+        committed when the next incremental names it as parent; until then the changes it carried
+        stay tracked (see ShardSnapshotter), so a snapshot that never commits loses nothing."""
+        if request.job != self.job.job:
+            raise ValueError(f"job: this shard serves job {self.job.job!r}, the request names {request.job!r}")
+        storage = self.job.snapshot.storage if self.job.snapshot is not None else None
+        parent = request.parent if request.HasField("parent") else None
+        if parent is not None and parent == self._last_written:
+            self.snapshotter.mark_committed(parent)
+        writer = SnapshotWriter(
+            request.uri,
+            request.job,
+            request.step,
+            request.kind,
+            parent,
+            num_shards=request.num_shards or len(self.job.shards),
+            storage_config=storage,
+        )
+        records = self.snapshotter.write(writer)
+        self._last_written = request.step
+        return snapshot_pb2.WriteSnapshotResponse(records_json=json.dumps([r.to_dict() for r in records]))
+
+
+def restore_shard_states(job: JobConfig, shard_index: int, step: int) -> dict[str, TableState]:
+    """Each table's state on this shard at snapshot `step` (full + incrementals up to it)."""
+    if job.snapshot is None:
+        raise ValueError("snapshot: restoring needs a [snapshot] section with the uri")
+    chain = snapshot_chain(job.snapshot.uri, job.job, step, job.snapshot.storage)
+    num_shards = chain[-1].manifest.num_shards
+    if num_shards != len(job.shards):
+        raise ValueError(
+            f"shards: snapshot step {step} was written by {num_shards} shards, the job has {len(job.shards)}; "
+            "resharding a snapshot is not supported"
+        )
+    states: dict[str, TableState] = {}
+    for table in job.tables:
+        state = None
+        for snapshot in chain:
+            part = snapshot.load_table_shard(table.name, shard_index)
+            state = part.state if state is None else apply_delta(state, part.state, part.deleted_keys)
+        states[table.name] = state
+    return states
