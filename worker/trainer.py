@@ -134,8 +134,14 @@ class Trainer:
         batch = pulled.batch
         self.step += 1
         prefetch: Future | None = None
-        if self._async and next_batch is not None:
-            prefetch = self._pull_pool.submit(self.pull, next_batch)
+        if self._async:
+            # The next batch's lookups may miss this step's push and the k - 1 before it, no more.
+            start = time.perf_counter()
+            while len(self._pushes) > self.job.train.staleness - 1:
+                self._pushes.popleft().result()
+            self.times.push += time.perf_counter() - start
+            if next_batch is not None:
+                prefetch = self._pull_pool.submit(self.pull, next_batch)
 
         start = time.perf_counter()
         leaves = []
@@ -169,8 +175,6 @@ class Trainer:
 
         start = time.perf_counter()
         if self._async:
-            while len(self._pushes) >= self.job.train.staleness:
-                self._pushes.popleft().result()
             self._pushes.append(self._push_pool.submit(self._push_all, outgoing, self.step))
         else:
             self._push_all(outgoing, self.step)

@@ -22,7 +22,7 @@ TABLE = TableConfig(
 SYNTHETIC = {"num_dense": 4, "num_sparse": 8, "num_keys": 2000, "num_batches": 100000, "num_eval_batches": 4}
 
 
-def job_file(tmp_path: Path, steps: int, eval_every: int = 0) -> tuple[Path, Path]:
+def job_file(tmp_path: Path, steps: int, eval_every: int = 0, mode: str = "sync") -> tuple[Path, Path]:
     out = tmp_path / "out"
     train = {
         "workers": 2,
@@ -31,6 +31,8 @@ def job_file(tmp_path: Path, steps: int, eval_every: int = 0) -> tuple[Path, Pat
         "dense_lr": 0.003,
         "tables": ["emb"],
         "eval_every": eval_every,
+        "mode": mode,
+        "staleness": 2,
         "eval_batches": 4,
         "output_dir": str(out),
     }
@@ -88,8 +90,9 @@ def wait_for_progress(out: Path, proc: subprocess.Popen, timeout: float = 120.0)
 
 
 @pytest.mark.slow
-def test_launch_learns_the_planted_signal_and_writes_a_summary(tmp_path):
-    path, out = job_file(tmp_path, steps=200, eval_every=100)
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_launch_learns_the_planted_signal_and_writes_a_summary(tmp_path, mode):
+    path, out = job_file(tmp_path, steps=200, eval_every=100, mode=mode)
     result = subprocess.run(
         [sys.executable, "-m", "embps", "launch", str(path)],
         cwd=REPO_ROOT,
@@ -99,7 +102,7 @@ def test_launch_learns_the_planted_signal_and_writes_a_summary(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-4000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["steps"] == 200 and summary["world_size"] == 2
+    assert summary["steps"] == 200 and summary["world_size"] == 2 and summary["mode"] == mode
     assert summary["eval_auc"] >= 0.75, summary
     assert 0 < summary["eval_logloss"] < 0.69
     assert [e["step"] for e in summary["evaluations"]] == [100, 200]

@@ -1,0 +1,88 @@
+"""Async mode keeps at most `staleness` steps of pushes in flight, and prefetches the next lookup."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import replace
+
+import pytest
+
+from ps.table_config import TableConfig
+from worker.data_sources import train_reader
+from worker.local_tables import LocalTables
+from worker.model import DLRMDenseTower
+from worker.train_config import Mode, parse_training_job
+from worker.trainer import Trainer
+
+
+class SlowPushTables(LocalTables):
+    """Real in-process tables whose pushes take 50 ms. Each lookup records how many earlier steps'
+    pushes it cannot see yet: the lookup for step t runs while step t - 1 computes, so it misses
+    steps up to t - 1 whose pushes are not applied."""
+
+    def __init__(self, tables: list[TableConfig]) -> None:
+        super().__init__(tables)
+        self.lock = threading.Lock()
+        self.trainer: Trainer | None = None
+        self.max_missed = 0
+        self.pushed_steps: list[int] = []
+
+    def lookup_many(self, requests):
+        with self.lock:
+            looking_up_for = self.trainer.step + 1
+            applied = len(self.pushed_steps)  # pushes apply in step order (one push thread)
+            self.max_missed = max(self.max_missed, looking_up_for - 1 - applied)
+        return super().lookup_many(requests)
+
+    def push_many(self, items, step=None) -> None:
+        time.sleep(0.05)
+        super().push_many(items, step)
+        with self.lock:
+            self.pushed_steps.append(step)
+
+
+def job(mode: str, staleness: int):
+    data = {
+        "job": "async",
+        "shards": [{"address": "127.0.0.1:1"}],
+        "tables": {"emb": {"dim": 4}},
+        "train": {"workers": 1, "steps": 12, "batch_size": 32, "mode": mode, "staleness": staleness},
+        "model": {"bottom_sizes": [8], "top_sizes": [8]},
+        "data": {"synthetic": {"num_dense": 2, "num_sparse": 3, "num_keys": 50, "num_batches": 12}},
+    }
+    return parse_training_job(data)
+
+
+@pytest.mark.parametrize("staleness", [1, 3])
+def test_lookups_miss_at_most_staleness_steps_of_pushes(staleness):
+    j = job("async", staleness)
+    assert j.train.mode == Mode.ASYNC
+    store = SlowPushTables(list(j.ps.tables))
+    trainer = Trainer(j, DLRMDenseTower(j.model), store, rank=0, world_size=1)
+    store.trainer = trainer
+    batches = list(train_reader(j, 0, 1))
+    pulled = trainer.pull(batches[0])
+    for i in range(len(batches)):
+        _, prefetched = trainer.train_step(pulled, batches[i + 1] if i + 1 < len(batches) else None)
+        pulled = prefetched
+        if i + 1 < len(batches):
+            assert pulled is not None and pulled.batch is batches[i + 1]
+    trainer.drain()
+    trainer.close()
+    assert store.pushed_steps == list(range(1, len(batches) + 1))
+    # Steps take far less than a 50 ms push, so lookups run as stale as allowed, and no staler.
+    assert store.max_missed == staleness
+
+
+def test_sync_mode_pushes_before_the_step_returns():
+    j = replace(job("sync", 0), train=replace(job("sync", 0).train, mode=Mode.SYNC))
+    store = SlowPushTables(list(j.ps.tables))
+    trainer = Trainer(j, DLRMDenseTower(j.model), store, rank=0, world_size=1)
+    store.trainer = trainer
+    batches = list(train_reader(j, 0, 1))
+    for i, batch in enumerate(batches[:4]):
+        trainer.train_step(trainer.pull(batch))
+        assert store.pushed_steps == list(range(1, i + 2))
+    assert store.max_missed == 0
+    trainer.close()
