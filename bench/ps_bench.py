@@ -14,7 +14,6 @@ import multiprocessing as mp
 import os
 import resource
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.keys import ZipfSampler
+from bench.ports import free_ports
 from ps.job_config import Deadlines, JobConfig, ShardConfig, dump_job_config
 from ps.table_config import OptimizerConfig, OptimizerKind, TableConfig
 
@@ -48,16 +48,6 @@ class PSBenchConfig:
 
 def _table(config: PSBenchConfig) -> TableConfig:
     return TableConfig(TABLE, dim=config.dim, optimizer=OptimizerConfig(kind=OptimizerKind.ROWWISE_ADAGRAD, lr=0.01))
-
-
-def _free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -199,7 +189,7 @@ def run_ps_bench(config: PSBenchConfig) -> int:
     print(header)
     phases = []
     for tuned in modes:
-        ports = _free_ports(2 * config.shards)
+        ports = free_ports(2 * config.shards)
         job = JobConfig(
             job="bench",
             shards=tuple(

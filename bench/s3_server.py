@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
+from bench.ports import free_ports
 from ps.storage import StorageConfig
 
 ACCESS_KEY = "embps-test-access"
@@ -56,19 +56,6 @@ def weed_binary() -> str:
     return found
 
 
-def _free_ports(n: int) -> list[int]:
-    sockets = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
 @dataclass
 class S3Server:
     """One `weed mini` process; `endpoint` is "127.0.0.1:port" of its S3 API."""
@@ -89,7 +76,7 @@ class S3Server:
             "actions": ["Admin", "Read", "Write", "List", "Tagging"],
         }
         config.write_text(json.dumps({"identities": [identity]}))
-        ports = dict(zip(_PORT_FLAGS, _free_ports(len(_PORT_FLAGS)), strict=True))
+        ports = dict(zip(_PORT_FLAGS, free_ports(len(_PORT_FLAGS)), strict=True))
         args = [
             weed_binary(),
             "mini",

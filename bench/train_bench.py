@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from bench.machine import machine_facts
+from bench.ports import free_ports
 from ps.job_config import JobConfig, ShardConfig, dump_job_config
 from ps.table_config import OptimizerConfig, OptimizerKind, TableConfig
 
@@ -42,20 +43,8 @@ class TrainBenchConfig:
     out: str | None = None
 
 
-def _free_ports(n: int) -> list[int]:
-    import socket
-
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 def _job_toml(config: TrainBenchConfig, mode: str, out: Path) -> str:
-    ports = _free_ports(2 * config.shards)
+    ports = free_ports(2 * config.shards)
     num_tables = 1 if config.shared_table else config.num_tables
     tables = tuple(
         TableConfig(f"t{i}", dim=config.dim, optimizer=OptimizerConfig(kind=OptimizerKind.ROWWISE_ADAGRAD, lr=0.05))

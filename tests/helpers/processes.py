@@ -1,17 +1,16 @@
 """Real shard processes for tests: free loopback ports, `python -m embps ps`, health wait, stop by pid.
 
-    job = make_job(tables=[TableConfig("user", dim=8)], num_shards=2)
-    with ShardCluster.start(job, tmp_path) as cluster:
-        client = PSClient.from_job(cluster.job)
-        ...
-    # every process got SIGTERM (then SIGKILL after a timeout); exit codes are in cluster.exit_codes
+job = make_job(tables=[TableConfig("user", dim=8)], num_shards=2)
+with ShardCluster.start(job, tmp_path) as cluster:
+    client = PSClient.from_job(cluster.job)
+    ...
+# every process got SIGTERM (then SIGKILL after a timeout); exit codes are in cluster.exit_codes
 """
 
 from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,25 +20,12 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bench.ports import free_ports
 from ps.job_config import Deadlines, JobConfig, ShardConfig, dump_job_config
 from ps.server import MALLOC_TUNING, SERVICE_NAME
 from ps.table_config import TableConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_ports(n: int) -> list[int]:
-    """n distinct free TCP ports on 127.0.0.1 (all sockets stay open until every port is picked)."""
-    sockets = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def make_job(
