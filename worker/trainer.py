@@ -144,17 +144,8 @@ class Trainer:
                 prefetch = self._pull_pool.submit(self.pull, next_batch)
 
         start = time.perf_counter()
-        leaves = []
-        parts = []
-        for (_, _, inverse, values, _), (_, columns) in zip(pulled.groups, self.groups, strict=True):
-            leaf = torch.from_numpy(values).requires_grad_(True)
-            leaves.append(leaf)
-            parts.append((columns, leaf[torch.from_numpy(inverse)].view(batch.batch_size, len(columns), -1)))
-        embeddings = torch.cat([p for _, p in parts], dim=1)
-        order = [c for columns, _ in parts for c in columns]
-        if order != list(range(len(order))):
-            embeddings = embeddings[:, np.argsort(order)]
-        logits = self.ddp(batch.dense, embeddings)
+        leaves = [torch.from_numpy(values).requires_grad_(True) for _, _, _, values, _ in pulled.groups]
+        logits = self.ddp(batch.dense, self._embeddings(pulled, leaves))
         loss = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -190,6 +181,17 @@ class Trainer:
             self.times.lookup += time.perf_counter() - start
         return float(loss.detach()), next_pulled
 
+    def _embeddings(self, pulled: _Pulled, leaves: list[torch.Tensor]) -> torch.Tensor:
+        """(B, F, D) in feature order, from each table group's unique rows leaves[g] (u_g, D)."""
+        batch_size = pulled.batch.batch_size
+        parts = [
+            leaf[torch.from_numpy(inverse)].view(batch_size, len(columns), -1)
+            for leaf, (_, _, inverse, _, _), (_, columns) in zip(leaves, pulled.groups, self.groups, strict=True)
+        ]
+        embeddings = torch.cat(parts, dim=1)
+        order = [c for _, columns in self.groups for c in columns]
+        return embeddings if order == sorted(order) else embeddings[:, np.argsort(order)]
+
     def _push_all(self, outgoing, step: int) -> None:
         items = [(table, keys, grads, sightings) for table, keys, grads, sightings in outgoing if keys.shape[0]]
         if items:
@@ -208,14 +210,7 @@ class Trainer:
         with torch.no_grad():
             for batch in batches:
                 pulled = self.pull(batch)
-                parts = [
-                    torch.from_numpy(values)[torch.from_numpy(inverse)].view(batch.batch_size, len(columns), -1)
-                    for (_, _, inverse, values, _), (_, columns) in zip(pulled.groups, self.groups, strict=True)
-                ]
-                order = [c for _, columns in self.groups for c in columns]
-                embeddings = torch.cat(parts, dim=1)
-                if order != list(range(len(order))):
-                    embeddings = embeddings[:, np.argsort(order)]
+                embeddings = self._embeddings(pulled, [torch.from_numpy(g[3]) for g in pulled.groups])
                 logits.append(self.model(batch.dense, embeddings))
                 labels.append(batch.labels)
         y = torch.cat(labels).numpy()
