@@ -152,17 +152,9 @@ class Trainer:
         self.optimizer.step()
         self.times.compute += time.perf_counter() - start
 
-        outgoing = []
-        for (table, unique, _, _, counts), leaf in zip(pulled.groups, leaves, strict=True):
-            start = time.perf_counter()
-            grads = leaf.grad / self.world_size
-            owner = self.shard_map.owner_rank(unique, self.world_size)
-            payload = torch.cat([grads, torch.from_numpy(counts.astype(np.float32))[:, None]], dim=1)
-            keys, received = exchange_to_owners(unique, payload, owner, self.world_size)
-            keys, summed = sum_by_key(keys, received)
-            self.times.all_to_all += time.perf_counter() - start
-            sightings = np.rint(summed[:, -1]).astype(np.int64)
-            outgoing.append((table, keys, np.ascontiguousarray(summed[:, :-1]), sightings))
+        start = time.perf_counter()
+        outgoing = self._exchange(pulled, leaves)
+        self.times.all_to_all += time.perf_counter() - start
 
         start = time.perf_counter()
         if self._async:
@@ -180,6 +172,36 @@ class Trainer:
             next_pulled = prefetch.result()
             self.times.lookup += time.perf_counter() - start
         return float(loss.detach()), next_pulled
+
+    def _exchange(self, pulled: _Pulled, leaves: list[torch.Tensor]) -> list:
+        """Sends every table's (key, grad / W, count) rows to the keys' owner ranks in one
+        all_to_all; returns what this rank pushes: per table, (table, keys (m,), summed grads
+        (m, D), sightings (m,))."""
+        # Row layout: [table group index | grad (D) | count], all float32 (indexes and counts are
+        # exact below 2^24); keys travel beside it bit for bit.
+        keys = np.concatenate([g[1] for g in pulled.groups])
+        payload = torch.cat(
+            [
+                torch.cat(
+                    [
+                        torch.full((leaf.shape[0], 1), float(index)),
+                        leaf.grad / self.world_size,
+                        torch.from_numpy(counts.astype(np.float32))[:, None],
+                    ],
+                    dim=1,
+                )
+                for index, (leaf, (_, _, _, _, counts)) in enumerate(zip(leaves, pulled.groups, strict=True))
+            ]
+        )
+        owner = self.shard_map.owner_rank(keys, self.world_size)
+        received_keys, received = exchange_to_owners(keys, payload, owner, self.world_size)
+        outgoing = []
+        for index, (table, _) in enumerate(self.groups):
+            mine = received[:, 0] == index
+            table_keys, summed = sum_by_key(received_keys[mine], received[mine, 1:])
+            sightings = np.rint(summed[:, -1]).astype(np.int64)
+            outgoing.append((table, table_keys, np.ascontiguousarray(summed[:, :-1]), sightings))
+        return outgoing
 
     def _embeddings(self, pulled: _Pulled, leaves: list[torch.Tensor]) -> torch.Tensor:
         """(B, F, D) in feature order, from each table group's unique rows leaves[g] (u_g, D)."""
