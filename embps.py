@@ -39,6 +39,13 @@ def _parser() -> argparse.ArgumentParser:
     snapshot.add_argument("--keep", type=int, default=None, help="gc: how many newest snapshots to keep")
     snapshot.add_argument("--dry-run", action="store_true", help="gc: print what would be deleted, delete nothing")
 
+    serve = verbs.add_parser("serve", help="run a serving replica: latest export + live PS deltas, read-only Lookup")
+    serve.add_argument("--config", required=True, help="serve.toml: the job to follow, listen address, export")
+    serve.add_argument("--grace", type=float, default=5.0, help="seconds in-flight calls get after SIGTERM")
+    serve.add_argument(
+        "--no-malloc-tuning", action="store_true", help="keep glibc's malloc thresholds (see `embps ps`)"
+    )
+
     bench = verbs.add_parser("bench", help="benchmarks")
     bench_verbs = bench.add_subparsers(dest="bench", required=True)
     table = bench_verbs.add_parser("table", help="hash map, lookup and optimizer rates of one table")
@@ -112,6 +119,13 @@ def main(argv: list[str] | None = None) -> int:
             out=args.out,
         )
         return run_snapshot_bench(config)
+    if args.verb == "serve":
+        from ps.server import exec_with_malloc_tuning
+        from serving.server import serve_replica
+
+        if not args.no_malloc_tuning:
+            exec_with_malloc_tuning(sys.argv[1:] if argv is None else argv)
+        return serve_replica(args.config, grace=args.grace)
     if args.verb == "bench" and args.bench == "ps":
         from bench.ps_bench import PSBenchConfig, run_ps_bench
 

@@ -49,6 +49,16 @@ class ShardMetrics:
         self.version = Gauge("embps_table_version", "Pushes applied to the table", ["table", "shard"], registry=r)
         self.evictions = Counter("embps_evictions", "Rows evicted (capacity or TTL)", ["table", "shard"], registry=r)
         self.admissions = Counter("embps_admissions", "Keys admitted to a row", ["table", "shard"], registry=r)
+        self.subscribers = Gauge(
+            "embps_subscribers", "Open Subscribe streams (serving replicas following)", ["table", "shard"], registry=r
+        )
+        self.stream_range = Histogram(
+            "embps_subscribe_range_versions",
+            "Pushes merged into one range sent to a subscriber (1: it keeps up; more: it is slower than the pushes)",
+            ["table", "shard"],
+            buckets=(1, 2, 4, 8, 16, 64, 256, 1024, 4096, 16384),
+            registry=r,
+        )
         self._seen: dict[str, tuple[int, int]] = {}
 
     def observe_table(self, table) -> None:

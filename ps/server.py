@@ -1,6 +1,6 @@
 """The gRPC server of one PS shard (grpc.aio): ParameterServer + health + reflection + /metrics.
 
-    embps ps --config job.toml --shard I
+    embps ps --config job.toml --shard I [--update-log-keys N]
 
 Table operations are serialised (the tables are not thread-safe): small calls run inline on the
 event loop, large ones on one tables thread so that the loop stays free to accept calls (see
@@ -8,6 +8,10 @@ event loop, large ones on one tables thread so that the loop stays free to accep
 Domain errors become status codes in exactly one place, `status_of`; servicer methods hold no
 try/except. SIGTERM marks the shard NOT_SERVING, lets in-flight calls finish (`grace` seconds),
 refuses new ones with UNAVAILABLE and exits 0.
+
+Subscribe streams (serving replicas) wait on a per-table event that every Push sets; a stream
+reads its range of the update log and the current rows through `run` like any call, so it never
+sees a half-applied push, and a slow stream never holds up a Push (it reads later, merged).
 """
 
 from __future__ import annotations
@@ -19,18 +23,21 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from ps import wire
 from ps.errors import CapacityError, EmbpsError, UnknownTableError, WrongShardError
 from ps.job_config import JobConfig, load_job_config
 from ps.metrics import ShardMetrics
 from ps.rpc import ps_pb2, ps_pb2_grpc
+from ps.update_log import DEFAULT_MAX_ENTRIES, DEFAULT_MAX_KEYS, LogGapError, LogRange
 
 log = logging.getLogger("embps.ps")
 
@@ -40,6 +47,8 @@ SERVICE_NAME = ps_pb2.DESCRIPTOR.services_by_name["ParameterServer"].full_name
 MALLOC_TUNING = {"MALLOC_MMAP_THRESHOLD_": "67108864", "MALLOC_TRIM_THRESHOLD_": "268435456"}
 _MESSAGE_SLACK = 1 << 16  # protobuf framing around the bulk bytes
 INLINE_WORK_BYTES = 1 << 20  # calls moving more than this run off the event loop (about 0.2 ms of work)
+HEARTBEAT_SECONDS = 0.5  # an idle Subscribe stream says "still here, still at version v" this often
+_ACK_BYTES = 32  # one VersionAck on the wire, framing included (generous)
 
 
 class ShuttingDownError(EmbpsError):
@@ -52,7 +61,7 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.UNAVAILABLE, str(exc)
     if isinstance(exc, UnknownTableError):
         return grpc.StatusCode.NOT_FOUND, str(exc)
-    if isinstance(exc, WrongShardError):
+    if isinstance(exc, (WrongShardError, LogGapError)):
         return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
     if isinstance(exc, CapacityError):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
@@ -87,6 +96,32 @@ def _rpc(method: str) -> Callable:
     return decorate
 
 
+def _stream_rpc(method: str) -> Callable:
+    """Wraps a server-streaming async generator method: shutdown check, status mapping, metrics."""
+
+    def decorate(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        async def handler(self: ParameterServerServicer, request, context: grpc.aio.ServicerContext):
+            start = time.perf_counter()
+            table = self.table_label(getattr(request, "table", None))
+            try:
+                if self.draining:
+                    raise ShuttingDownError(f"shard {self.shard.index} is shutting down")
+                async for reply in fn(self, request):
+                    yield reply
+            except Exception as exc:  # noqa: BLE001 - the one place errors become status codes
+                code, message = status_of(exc)
+                if code == grpc.StatusCode.INTERNAL:
+                    log.exception("%s on table %r failed", method, table)
+                self.record(method, table, code, start, request)
+                await context.abort(code, message)
+            self.record(method, table, grpc.StatusCode.OK, start, request)
+
+        return handler
+
+    return decorate
+
+
 class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
     """Lookup / Push / Stats over one Shard. The decorated methods run through `run`."""
 
@@ -96,6 +131,8 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         self.draining = False
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="tables")
         self._offloaded = 0
+        self.loop = asyncio.get_running_loop()
+        self._changed = {name: asyncio.Event() for name in shard.tables}
         for table in shard.tables.values():
             metrics.observe_table(table)
 
@@ -109,13 +146,29 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         """
         n = len(getattr(request, "keys", b"")) // 8
         work_bytes = n * (8 + 4 * getattr(request, "dim", 0)) + len(getattr(request, "grads", b""))
+        return await self.run_call(functools.partial(fn, self, request), work_bytes)
+
+    async def run_call(self, call: Callable[[], object], work_bytes: int):
+        """call(), serialised with every other table call; inline when work_bytes is small (see run)."""
         if work_bytes <= INLINE_WORK_BYTES and self._offloaded == 0:
-            return fn(self, request)
+            return call()
         self._offloaded += 1
         try:
-            return await asyncio.get_running_loop().run_in_executor(self.executor, fn, self, request)
+            return await asyncio.get_running_loop().run_in_executor(self.executor, call)
         finally:
             self._offloaded -= 1
+
+    def notify(self, table: str) -> None:
+        """Wakes the Subscribe streams of `table` (call on the event loop)."""
+        event = self._changed[table]
+        self._changed[table] = asyncio.Event()
+        event.set()
+
+    def begin_drain(self) -> None:
+        """Refuses new calls from now on and ends the Subscribe streams with UNAVAILABLE."""
+        self.draining = True
+        for table in list(self._changed):
+            self.notify(table)
 
     def table_label(self, name: str | None) -> str:
         """The metric label of a request's table; names the shard does not hold share one label."""
@@ -127,7 +180,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         m = self.metrics
         m.requests.labels(table, method, code.name).inc()
         m.duration.labels(table, method).observe(time.perf_counter() - start)
-        if method != "Stats":
+        if method in ("Lookup", "Push"):
             m.request_keys.labels(table, method).inc(len(request.keys) // 8)
             m.request_bytes.labels(table, method).inc(len(request.keys) + len(getattr(request, "grads", b"")))
 
@@ -142,6 +195,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
             self.metrics.duplicate_pushes.labels(request.table).inc()
         else:
             self.metrics.observe_table(self.shard.tables[request.table])
+            self.loop.call_soon_threadsafe(self.notify, request.table)
         return response
 
     @_rpc("Stats")
@@ -149,6 +203,97 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         for table in self.shard.tables.values():
             self.metrics.observe_table(table)
         return self.shard.stats()
+
+
+    @_stream_rpc("Subscribe")
+    async def Subscribe(self, request: ps_pb2.SubscribeRequest) -> AsyncIterator[ps_pb2.UpdateBatch]:
+        """Every change of the table after request.from_version (or all rows, full_sync), then live
+        changes, merged while the subscriber is busy; heartbeats while idle. See ps.proto."""
+        shard, name = self.shard, request.table
+        table = shard.table(name)
+        if request.incarnation and request.incarnation != shard.incarnation and not request.full_sync:
+            raise LogGapError(
+                f"table {name!r}: the subscriber's rows come from incarnation {request.incarnation} of shard "
+                f"{shard.index}, this is {shard.incarnation} (the shard restarted); resync with full_sync"
+            )
+        subscribers = self.metrics.subscribers.labels(name, str(shard.index))
+        subscribers.inc()
+        try:
+            if request.full_sync:
+                version, keys, values = await self.run_call(
+                    functools.partial(shard.full_copy, name), table.size * (8 + 4 * table.width)
+                )
+                for reply in self._batches(name, table.dim, LogRange(0, version, keys, keys[:0], ()), values, True):
+                    yield reply
+                position = version
+            else:
+                position = request.from_version
+                shard.log(name).check(position, name)
+            while True:
+                if self.draining:
+                    raise ShuttingDownError(f"shard {shard.index} is shutting down")
+                changed = self._changed[name]
+                if shard.logs[name].head_version == position:
+                    try:
+                        await asyncio.wait_for(changed.wait(), HEARTBEAT_SECONDS)
+                    except TimeoutError:
+                        yield self._batch(name, position, position, last=True)
+                    continue
+                changes, values = await self.run_call(
+                    functools.partial(self._read_range, name, position), shard.logs[name].num_keys * 8
+                )
+                self.metrics.stream_range.labels(name, str(shard.index)).observe(changes.to_version - position)
+                for reply in self._batches(name, table.dim, changes, values, False):
+                    yield reply
+                position = changes.to_version
+        finally:
+            subscribers.dec()
+
+    def _read_range(self, name: str, from_version: int) -> tuple[LogRange, np.ndarray]:
+        changes = self.shard.changes_after(name, from_version)
+        return changes, self.shard.read_rows(name, changes.touched_keys)
+
+    def _batch(self, name: str, from_version: int, to_version: int, **fields) -> ps_pb2.UpdateBatch:
+        return ps_pb2.UpdateBatch(
+            table=name,
+            shard=self.shard.index,
+            incarnation=self.shard.incarnation,
+            from_version=from_version,
+            to_version=to_version,
+            dtype=ps_pb2.FLOAT32,
+            sent_time=time.time(),
+            **fields,
+        )
+
+    def _batches(self, name: str, dim: int, changes: LogRange, values: np.ndarray, reset: bool):
+        """The messages of one range: rows, then deleted keys, then acks, split at the message limit."""
+        budget = self.shard.job.message_limit_bytes
+        rows_per = max(1, budget // (8 + 4 * dim))
+        keys_per = max(1, budget // 8)
+        acks_per = max(1, budget // _ACK_BYTES)
+        touched, deleted = changes.touched_keys, changes.deleted_keys
+        parts: list[dict] = []
+        for i in range(0, touched.shape[0], rows_per):
+            parts.append(
+                {"keys": wire.encode_keys(touched[i : i + rows_per]), "values": values[i : i + rows_per].tobytes()}
+            )
+        for i in range(0, deleted.shape[0], keys_per):
+            parts.append({"deleted_keys": wire.encode_keys(deleted[i : i + keys_per])})
+        acks = [ps_pb2.VersionAck(version=v, ack_time=t, num_keys=k) for v, t, k in changes.acks]
+        for i in range(0, len(acks), acks_per):
+            parts.append({"acks": acks[i : i + acks_per]})
+        if not parts:
+            parts.append({})
+        for i, part in enumerate(parts):
+            yield self._batch(
+                name,
+                changes.from_version,
+                changes.to_version,
+                dim=dim,
+                reset=reset and i == 0,
+                last=i == len(parts) - 1,
+                **part,
+            )
 
 
 def server_options(job: JobConfig) -> list[tuple[str, int]]:
@@ -162,13 +307,19 @@ def server_options(job: JobConfig) -> list[tuple[str, int]]:
 
 
 async def create_server(
-    job: JobConfig, shard_index: int, address: str | None = None, metrics: ShardMetrics | None = None
+    job: JobConfig,
+    shard_index: int,
+    address: str | None = None,
+    metrics: ShardMetrics | None = None,
+    log_max_keys: int = DEFAULT_MAX_KEYS,
+    log_max_entries: int = DEFAULT_MAX_ENTRIES,
 ) -> tuple[grpc.aio.Server, int, ParameterServerServicer, HealthServicer]:
     """Builds (not starts) the shard's server bound to `address` (default: the job's; port 0 picks
-    one). Returns (server, bound port, servicer, health servicer)."""
+    one). log_max_keys, log_max_entries bound each table's update log. Returns (server, bound
+    port, servicer, health servicer)."""
     from ps.shard import Shard  # torch comes with the tables; `embps ps` may re-exec before this
 
-    shard = Shard(job, shard_index)
+    shard = Shard(job, shard_index, log_max_entries=log_max_entries, log_max_keys=log_max_keys)
     metrics = metrics if metrics is not None else ShardMetrics(shard_index)
     servicer = ParameterServerServicer(shard, metrics)
     server = grpc.aio.server(options=server_options(job))
@@ -187,8 +338,8 @@ async def create_server(
     return server, port, servicer, health
 
 
-async def _serve(job: JobConfig, shard_index: int, grace: float) -> int:
-    server, port, servicer, health = await create_server(job, shard_index)
+async def _serve(job: JobConfig, shard_index: int, grace: float, log_max_keys: int) -> int:
+    server, port, servicer, health = await create_server(job, shard_index, log_max_keys=log_max_keys)
     shard_config = job.shards[shard_index]
     metrics_port = servicer.metrics.serve(shard_config.metrics_port, shard_config.host)
     stop = asyncio.Event()
@@ -202,20 +353,28 @@ async def _serve(job: JobConfig, shard_index: int, grace: float) -> int:
     )
     await stop.wait()
     log.info("shard %d: draining (grace %.1f s)", shard_index, grace)
-    servicer.draining = True
+    servicer.begin_drain()
     await health.enter_graceful_shutdown()
     await server.stop(grace)
     log.info("shard %d: stopped", shard_index)
     return 0
 
 
-def serve_shard(config: str | os.PathLike, shard: int, grace: float = 10.0) -> int:
-    """Runs shard `shard` of the job in `config` until SIGTERM/SIGINT; returns the exit status."""
+def serve_shard(
+    config: str | os.PathLike,
+    shard: int,
+    grace: float = 10.0,
+    log_max_keys: int = DEFAULT_MAX_KEYS,
+) -> int:
+    """Runs shard `shard` of the job in `config` until SIGTERM/SIGINT; returns the exit status.
+    log_max_keys: keys each table's update log holds before it forgets its oldest pushes."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     job = load_job_config(config)
     if not 0 <= shard < len(job.shards):
         raise SystemExit(f"embps ps: --shard must be in [0, {len(job.shards)}) for {config}, got {shard}")
-    return asyncio.run(_serve(job, shard, grace))
+    if log_max_keys < 1:
+        raise SystemExit(f"embps ps: --update-log-keys must be >= 1, got {log_max_keys}")
+    return asyncio.run(_serve(job, shard, grace, log_max_keys))
 
 
 def exec_with_malloc_tuning(argv: list[str]) -> None:

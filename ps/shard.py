@@ -1,4 +1,5 @@
-"""The state of one PS shard: its tables, the keys it owns, and the push ids it remembers.
+"""The state of one PS shard: its tables, the keys it owns, the push ids it remembers, and the
+update log of each table (what Subscribe streams to serving replicas).
 
 Everything here is synchronous and not thread-safe: the server calls it from one thread (its
 event loop), so table operations are serialised without locks. Errors are domain errors
@@ -7,6 +8,8 @@ event loop), so table operations are serialised without locks. Errors are domain
 
 from __future__ import annotations
 
+import secrets
+import time
 from collections import OrderedDict
 
 import numpy as np
@@ -15,7 +18,8 @@ from ps import wire
 from ps.errors import UnknownTableError, WrongShardError
 from ps.job_config import JobConfig
 from ps.rpc import ps_pb2
-from ps.table import EmbeddingTable
+from ps.table import ApplyResult, EmbeddingTable
+from ps.update_log import DEFAULT_MAX_ENTRIES, DEFAULT_MAX_KEYS, LogRange, UpdateLog
 
 MAX_REMEMBERED_CLIENTS = 4096
 
@@ -53,7 +57,14 @@ class PushLedger:
 class Shard:
     """Shard `index` of `job`: one EmbeddingTable per table of the job, holding the keys it owns."""
 
-    def __init__(self, job: JobConfig, index: int) -> None:
+    def __init__(
+        self,
+        job: JobConfig,
+        index: int,
+        log_max_entries: int = DEFAULT_MAX_ENTRIES,
+        log_max_keys: int = DEFAULT_MAX_KEYS,
+    ) -> None:
+        """log_max_entries, log_max_keys: bounds of each table's update log (see UpdateLog)."""
         if not 0 <= index < len(job.shards):
             raise ValueError(f"shard: must be in [0, {len(job.shards)}) for job {job.job!r}, got {index}")
         self.job = job
@@ -61,6 +72,12 @@ class Shard:
         self.shard_map = job.shard_map
         self.tables = {t.name: EmbeddingTable(t) for t in job.tables}
         self.ledger = PushLedger(job.push_dedupe_window)
+        # Subscribers compare it to the one their rows came from: a restarted shard may reach the
+        # same version numbers with other rows.
+        self.incarnation = secrets.randbits(63) | 1
+        self.logs = {
+            name: UpdateLog(table.version, log_max_entries, log_max_keys) for name, table in self.tables.items()
+        }
 
     def table(self, name: str) -> EmbeddingTable:
         """The table called `name`, or UnknownTableError."""
@@ -114,6 +131,8 @@ class Shard:
         self.check_owned(keys)
         step = request.step if request.HasField("step") else None
         result = table.apply_gradients(keys, grads, step=step, counts=counts)
+        touched = _touched_keys(table, keys, result)
+        self.logs[table.name].append(table.version, touched, result.evicted_keys, time.time())
         response = ps_pb2.PushResponse(
             version=table.version,
             num_updated=result.num_updated,
@@ -123,6 +142,24 @@ class Shard:
         if push_id.client_id:
             self.ledger.put(push_id.client_id, push_id.sequence, response)
         return response
+
+    def log(self, name: str) -> UpdateLog:
+        """The update log of table `name` (UnknownTableError if there is none)."""
+        self.table(name)
+        return self.logs[name]
+
+    def changes_after(self, name: str, from_version: int) -> LogRange:
+        """The merged changes of table `name` after from_version; LogGapError if the log lost them."""
+        return self.log(name).range_after(from_version, name)
+
+    def read_rows(self, name: str, keys: np.ndarray) -> np.ndarray:
+        """Current values (n, dim) float32 of keys (n,) int64 of table `name`."""
+        return self.table(name).lookup(keys).cpu().numpy()
+
+    def full_copy(self, name: str) -> tuple[int, np.ndarray, np.ndarray]:
+        """(version, keys (u,) int64, values (u, dim) float32): every row of table `name`, now."""
+        state = self.table(name).export()
+        return state.version, state.keys, state.values
 
     def stats(self) -> ps_pb2.StatsResponse:
         return ps_pb2.StatsResponse(
@@ -143,3 +180,15 @@ class Shard:
                 for t in self.tables.values()
             ],
         )
+
+
+def _touched_keys(table: EmbeddingTable, keys: np.ndarray, result: ApplyResult) -> np.ndarray:
+    """The sorted unique keys (t,) int64 whose rows a push created or updated.
+
+    Every pushed key trains unless admission held some back; only then is the table asked which
+    of them hold a row (export of those keys; take_changes belongs to the snapshotter).
+    """
+    unique = np.unique(keys)
+    if result.num_updated == unique.shape[0]:
+        return unique
+    return table.export(unique).keys

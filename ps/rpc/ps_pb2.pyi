@@ -11,8 +11,10 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     DTYPE_UNSPECIFIED: _ClassVar[DType]
     FLOAT32: _ClassVar[DType]
+    FLOAT16: _ClassVar[DType]
 DTYPE_UNSPECIFIED: DType
 FLOAT32: DType
+FLOAT16: DType
 
 class LookupRequest(_message.Message):
     __slots__ = ("table", "keys", "dim")
@@ -113,3 +115,57 @@ class StatsResponse(_message.Message):
     num_shards: int
     tables: _containers.RepeatedCompositeFieldContainer[TableStats]
     def __init__(self, job: _Optional[str] = ..., shard: _Optional[int] = ..., num_shards: _Optional[int] = ..., tables: _Optional[_Iterable[_Union[TableStats, _Mapping]]] = ...) -> None: ...
+
+class SubscribeRequest(_message.Message):
+    __slots__ = ("table", "from_version", "incarnation", "full_sync")
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    FROM_VERSION_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    FULL_SYNC_FIELD_NUMBER: _ClassVar[int]
+    table: str
+    from_version: int
+    incarnation: int
+    full_sync: bool
+    def __init__(self, table: _Optional[str] = ..., from_version: _Optional[int] = ..., incarnation: _Optional[int] = ..., full_sync: _Optional[bool] = ...) -> None: ...
+
+class VersionAck(_message.Message):
+    __slots__ = ("version", "ack_time", "num_keys")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ACK_TIME_FIELD_NUMBER: _ClassVar[int]
+    NUM_KEYS_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    ack_time: float
+    num_keys: int
+    def __init__(self, version: _Optional[int] = ..., ack_time: _Optional[float] = ..., num_keys: _Optional[int] = ...) -> None: ...
+
+class UpdateBatch(_message.Message):
+    __slots__ = ("table", "shard", "incarnation", "from_version", "to_version", "keys", "values", "dim", "dtype", "deleted_keys", "reset", "last", "acks", "sent_time")
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    FROM_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TO_VERSION_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    DELETED_KEYS_FIELD_NUMBER: _ClassVar[int]
+    RESET_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
+    ACKS_FIELD_NUMBER: _ClassVar[int]
+    SENT_TIME_FIELD_NUMBER: _ClassVar[int]
+    table: str
+    shard: int
+    incarnation: int
+    from_version: int
+    to_version: int
+    keys: bytes
+    values: bytes
+    dim: int
+    dtype: DType
+    deleted_keys: bytes
+    reset: bool
+    last: bool
+    acks: _containers.RepeatedCompositeFieldContainer[VersionAck]
+    sent_time: float
+    def __init__(self, table: _Optional[str] = ..., shard: _Optional[int] = ..., incarnation: _Optional[int] = ..., from_version: _Optional[int] = ..., to_version: _Optional[int] = ..., keys: _Optional[bytes] = ..., values: _Optional[bytes] = ..., dim: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., deleted_keys: _Optional[bytes] = ..., reset: _Optional[bool] = ..., last: _Optional[bool] = ..., acks: _Optional[_Iterable[_Union[VersionAck, _Mapping]]] = ..., sent_time: _Optional[float] = ...) -> None: ...

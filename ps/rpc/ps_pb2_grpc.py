@@ -49,6 +49,11 @@ class ParameterServerStub:
                 request_serializer=embps_dot_ps__pb2.StatsRequest.SerializeToString,
                 response_deserializer=embps_dot_ps__pb2.StatsResponse.FromString,
                 _registered_method=True)
+        self.Subscribe = channel.unary_stream(
+                '/embps.v1.ParameterServer/Subscribe',
+                request_serializer=embps_dot_ps__pb2.SubscribeRequest.SerializeToString,
+                response_deserializer=embps_dot_ps__pb2.UpdateBatch.FromString,
+                _registered_method=True)
 
 
 class ParameterServerServicer:
@@ -75,6 +80,13 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Subscribe(self, request, context):
+        """Streams the table's changes after a version, then live changes, until the caller leaves.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParameterServerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -92,6 +104,11 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=embps_dot_ps__pb2.StatsRequest.FromString,
                     response_serializer=embps_dot_ps__pb2.StatsResponse.SerializeToString,
+            ),
+            'Subscribe': grpc.unary_stream_rpc_method_handler(
+                    servicer.Subscribe,
+                    request_deserializer=embps_dot_ps__pb2.SubscribeRequest.FromString,
+                    response_serializer=embps_dot_ps__pb2.UpdateBatch.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -175,6 +192,33 @@ class ParameterServer:
             '/embps.v1.ParameterServer/Stats',
             embps_dot_ps__pb2.StatsRequest.SerializeToString,
             embps_dot_ps__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Subscribe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/embps.v1.ParameterServer/Subscribe',
+            embps_dot_ps__pb2.SubscribeRequest.SerializeToString,
+            embps_dot_ps__pb2.UpdateBatch.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,144 @@
+"""The update log of one table on one shard: which keys each applied push touched, bounded.
+
+    base_version           head_version
+        |  v+1   v+2   ...   v+k |
+        |  keys  keys        keys|   entry = (version, touched keys (t,), deleted keys (d,), ack time)
+
+The log holds every version in (base_version, head_version], contiguous. It holds keys only;
+rows are read from the table when a subscriber is sent a range, so a range merged over many
+pushes carries each key once, with its current row. Bounded by entries and by total keys: the
+oldest entries go first, and a subscriber that still needs them gets LogGapError (it must resync
+from a full copy). Synchronous and not thread-safe, like the table it follows.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from ps.errors import EmbpsError
+
+DEFAULT_MAX_ENTRIES = 65536
+DEFAULT_MAX_KEYS = 1 << 20
+
+
+class LogGapError(EmbpsError):
+    """A subscriber asked for versions the log no longer (or never) held (gRPC FAILED_PRECONDITION)."""
+
+
+@dataclass(frozen=True)
+class LogEntry:
+    """One applied push: version, touched keys (t,) int64 unique, deleted keys (d,) int64, ack_time
+    (unix seconds when the push was acknowledged)."""
+
+    version: int
+    touched_keys: np.ndarray
+    deleted_keys: np.ndarray
+    ack_time: float
+
+
+@dataclass(frozen=True)
+class LogRange:
+    """The merged changes of versions (from_version, to_version].
+
+    touched_keys (t,) int64: rows created or updated and not deleted after; deleted_keys (d,) int64:
+    rows deleted and not recreated after; both sorted and disjoint. acks: (version, ack_time,
+    num_keys) per push in the range, oldest first.
+    """
+
+    from_version: int
+    to_version: int
+    touched_keys: np.ndarray
+    deleted_keys: np.ndarray
+    acks: tuple[tuple[int, float, int], ...]
+
+
+class UpdateLog:
+    """Ring of LogEntry for versions (base_version, head_version]."""
+
+    def __init__(
+        self, base_version: int = 0, max_entries: int = DEFAULT_MAX_ENTRIES, max_keys: int = DEFAULT_MAX_KEYS
+    ) -> None:
+        if max_entries < 1:
+            raise ValueError(f"max_entries: must be >= 1, got {max_entries}")
+        if max_keys < 1:
+            raise ValueError(f"max_keys: must be >= 1, got {max_keys}")
+        self.max_entries = max_entries
+        self.max_keys = max_keys
+        self.base_version = base_version
+        self.head_version = base_version
+        self._entries: deque[LogEntry] = deque()
+        self._num_keys = 0
+
+    @property
+    def num_entries(self) -> int:
+        return len(self._entries)
+
+    @property
+    def num_keys(self) -> int:
+        """Touched plus deleted keys held over all entries."""
+        return self._num_keys
+
+    def append(self, version: int, touched_keys: np.ndarray, deleted_keys: np.ndarray, ack_time: float) -> None:
+        """Records push `version`: touched_keys (t,) int64 unique, deleted_keys (d,) int64.
+
+        A version that does not follow head_version (the table was loaded or replaced) starts the
+        log afresh at version - 1: older subscribers then get LogGapError, never a wrong range.
+        """
+        if version != self.head_version + 1:
+            self._entries.clear()
+            self._num_keys = 0
+            self.base_version = version - 1
+        entry = LogEntry(version, touched_keys, deleted_keys, ack_time)
+        self._entries.append(entry)
+        self._num_keys += touched_keys.shape[0] + deleted_keys.shape[0]
+        self.head_version = version
+        while len(self._entries) > 1 and (len(self._entries) > self.max_entries or self._num_keys > self.max_keys):
+            dropped = self._entries.popleft()
+            self._num_keys -= dropped.touched_keys.shape[0] + dropped.deleted_keys.shape[0]
+            self.base_version = dropped.version
+
+    def covers(self, from_version: int) -> bool:
+        """True when the log can produce every change after from_version."""
+        return self.base_version <= from_version <= self.head_version
+
+    def check(self, from_version: int, table: str) -> None:
+        """Raises LogGapError unless covers(from_version)."""
+        if from_version > self.head_version:
+            raise LogGapError(
+                f"table {table!r}: version {from_version} is ahead of this shard's {self.head_version} "
+                "(the shard restarted from older state); resync with full_sync"
+            )
+        if from_version < self.base_version:
+            raise LogGapError(
+                f"table {table!r}: the update log starts after version {self.base_version}, the subscriber "
+                f"holds {from_version} (it fell behind by more than {self.max_keys} keys or "
+                f"{self.max_entries} pushes); resync with full_sync"
+            )
+
+    def range_after(self, from_version: int, table: str = "") -> LogRange:
+        """The merged changes of (from_version, head_version]; LogGapError if not covered."""
+        self.check(from_version, table)
+        entries = [e for e in self._entries if e.version > from_version]
+        empty = np.empty(0, dtype=np.int64)
+        if not entries:
+            return LogRange(from_version, self.head_version, empty, empty, ())
+        acks = tuple((e.version, e.ack_time, int(e.touched_keys.shape[0])) for e in entries)
+        if len(entries) == 1 and entries[0].deleted_keys.shape[0] == 0:
+            return LogRange(from_version, self.head_version, np.sort(entries[0].touched_keys), empty, acks)
+        # The last thing that happened to a key wins; in one entry, deletions come after updates
+        # (a TTL sweep runs after the push's updates).
+        parts = []
+        for e in entries:
+            parts.append(e.touched_keys)
+            parts.append(e.deleted_keys)
+        keys = np.concatenate(parts)
+        is_delete = np.concatenate(
+            [np.full(p.shape[0], i % 2 == 1, dtype=np.bool_) for i, p in enumerate(parts)]
+        )
+        reversed_keys = keys[::-1]
+        unique, last_from_end = np.unique(reversed_keys, return_index=True)
+        deleted = is_delete[::-1][last_from_end]
+        return LogRange(from_version, self.head_version, unique[~deleted], unique[deleted], acks)

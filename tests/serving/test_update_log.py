@@ -1,0 +1,79 @@
+"""UpdateLog against a plain reference: the merged range of any suffix of pushes, bounds and gaps."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ps.update_log import LogGapError, UpdateLog
+
+pushes = st.lists(
+    st.tuples(
+        st.lists(st.integers(0, 30), unique=True, max_size=8),
+        st.lists(st.integers(0, 30), unique=True, max_size=3),
+    ),
+    min_size=1,
+    max_size=25,
+)
+
+
+def reference(entries: list[tuple[list[int], list[int]]], after: int, base: int) -> tuple[list[int], list[int]]:
+    """Last event per key over pushes with version > after (deletions after updates in a push)."""
+    state: dict[int, str] = {}
+    for version, (touched, deleted) in enumerate(entries, start=base + 1):
+        if version <= after:
+            continue
+        for k in touched:
+            state[k] = "touched"
+        for k in deleted:
+            state[k] = "deleted"
+    return sorted(k for k, v in state.items() if v == "touched"), sorted(k for k, v in state.items() if v == "deleted")
+
+
+@settings(max_examples=60, deadline=None)
+@given(pushes, st.integers(0, 40))
+def test_range_after_merges_like_the_reference(entries, base):
+    log = UpdateLog(base_version=base)
+    for version, (touched, deleted) in enumerate(entries, start=base + 1):
+        touched_keys, deleted_keys = np.array(sorted(touched), dtype=np.int64), np.array(deleted, dtype=np.int64)
+        log.append(version, touched_keys, deleted_keys, 100.0 + version)
+    head = base + len(entries)
+    assert (log.base_version, log.head_version) == (base, head)
+    for after in range(base, head + 1):
+        changes = log.range_after(after)
+        touched, deleted = reference(entries, after, base)
+        assert changes.touched_keys.tolist() == touched
+        assert changes.deleted_keys.tolist() == deleted
+        assert (changes.from_version, changes.to_version) == (after, head)
+        assert [a[0] for a in changes.acks] == list(range(after + 1, head + 1))
+        assert all(a[1] == 100.0 + a[0] for a in changes.acks)
+
+
+def test_bounds_drop_the_oldest_pushes_and_gaps_are_refused():
+    log = UpdateLog(max_entries=100, max_keys=10)
+    for version in range(1, 6):
+        log.append(version, np.arange(4, dtype=np.int64) + 10 * version, np.empty(0, np.int64), 0.0)
+    # 4 keys a push, at most 10 keys: the newest two pushes remain.
+    assert (log.base_version, log.head_version, log.num_keys) == (3, 5, 8)
+    assert log.range_after(3).touched_keys.tolist() == [40, 41, 42, 43, 50, 51, 52, 53]
+    with pytest.raises(LogGapError, match="starts after version 3"):
+        log.range_after(2)
+    with pytest.raises(LogGapError, match="ahead"):
+        log.range_after(6)
+
+
+def test_one_push_larger_than_the_bound_is_kept_alone():
+    log = UpdateLog(max_keys=3)
+    log.append(1, np.arange(10, dtype=np.int64), np.empty(0, np.int64), 0.0)
+    assert log.range_after(0).touched_keys.shape == (10,)
+
+
+def test_a_version_jump_restarts_the_log():
+    log = UpdateLog()
+    log.append(1, np.array([1], dtype=np.int64), np.empty(0, np.int64), 0.0)
+    log.append(7, np.array([2], dtype=np.int64), np.empty(0, np.int64), 0.0)
+    assert (log.base_version, log.head_version) == (6, 7)
+    with pytest.raises(LogGapError):
+        log.range_after(1)
