@@ -1,0 +1,168 @@
+"""The config of one serving replica: one TOML file (serve.toml), validated into frozen dataclasses.
+
+    job_config = "job.toml"        # the training job's TOML (shards, tables), relative to this file;
+                                   # or an inline [job] table with the same fields
+    listen = "127.0.0.1:50200"     # host:port of the read-only Serving service
+    metrics_port = 9200            # Prometheus /metrics on the listen host (0: pick a free port)
+    tables = ["user"]              # tables to serve (default: every table of the job)
+    default = "zeros"              # row of a key without a row: "zeros" or "init" (the table's
+                                   # deterministic init, as the PS would return it)
+    storage_dtype = "float32"      # "float16" halves memory; lookups may still reply in float32
+    stale_after_seconds = 2.0      # a shard silent this long is stale (health, metrics)
+
+    [export]                       # optional: start from the latest export, then follow the deltas
+    uri = "file:///data/exports"   # or s3://bucket/prefix (credentials from AWS_* variables)
+    job = "ctr"                    # default: the training job's name
+
+Every error names the field and the rule, e.g. `stale_after_seconds: must be > 0, got 0`.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+from ps.job_config import JobConfig, load_job_config, parse_job_config
+
+
+class DefaultRow(StrEnum):
+    ZEROS = "zeros"
+    INIT = "init"
+
+
+class StorageDType(StrEnum):
+    FLOAT32 = "float32"
+    FLOAT16 = "float16"
+
+
+@dataclass(frozen=True)
+class ExportSource:
+    """Where the replica's initial rows come from: <uri>/<job>/LATEST (see ps/snapshot.py)."""
+
+    uri: str
+    job: str
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """One serving replica. `tables` are the names it serves, all of `job` by default."""
+
+    job: JobConfig
+    listen: str
+    metrics_port: int = 0
+    tables: tuple[str, ...] = ()
+    default: DefaultRow = DefaultRow.ZEROS
+    storage_dtype: StorageDType = StorageDType.FLOAT32
+    stale_after_seconds: float = 2.0
+    export: ExportSource | None = None
+
+    @property
+    def host(self) -> str:
+        return self.listen.rsplit(":", 1)[0]
+
+
+_FIELDS = {
+    "job_config", "job", "listen", "metrics_port", "tables", "default", "storage_dtype", "stale_after_seconds",
+    "export",
+}
+
+
+def load_serve_config(path: str | Path) -> ServeConfig:
+    """Reads and validates serve.toml; ValueError/TypeError name the bad field."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{path}: not valid TOML: {exc}") from exc
+    return parse_serve_config(data, path.parent)
+
+
+def parse_serve_config(data: dict, base_dir: Path = Path(".")) -> ServeConfig:
+    """A parsed serve.toml (dict) -> ServeConfig; job_config paths are relative to base_dir."""
+    unknown = sorted(set(data) - _FIELDS)
+    if unknown:
+        raise ValueError(f"{unknown[0]}: unknown field; known fields: {', '.join(sorted(_FIELDS))}")
+    if ("job_config" in data) == ("job" in data):
+        raise ValueError("job_config: give exactly one of job_config (a path) or an inline [job] table")
+    if "job_config" in data:
+        job_path = data["job_config"]
+        if not isinstance(job_path, str) or not job_path:
+            raise TypeError(f"job_config: must be a path to the job's TOML, got {job_path!r}")
+        job = load_job_config(base_dir / job_path)
+    else:
+        if not isinstance(data["job"], dict):
+            raise TypeError(f"job: must be a table of the job's fields, got {data['job']!r}")
+        job = parse_job_config(data["job"])
+    listen = data.get("listen")
+    if not isinstance(listen, str) or ":" not in listen:
+        raise ValueError(f"listen: must be 'host:port', got {listen!r}")
+    host, port = listen.rsplit(":", 1)
+    if not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f"listen: must be 'host:port' with a port in [0, 65535], got {listen!r}")
+    metrics_port = data.get("metrics_port", 0)
+    if isinstance(metrics_port, bool) or not isinstance(metrics_port, int) or not 0 <= metrics_port < 65536:
+        raise ValueError(f"metrics_port: must be an integer in [0, 65535], got {metrics_port!r}")
+    known_tables = [t.name for t in job.tables]
+    tables = data.get("tables", known_tables)
+    if not isinstance(tables, list) or not tables or not all(isinstance(t, str) for t in tables):
+        raise TypeError(f"tables: must be a non-empty list of table names, got {tables!r}")
+    for name in tables:
+        if name not in known_tables:
+            raise ValueError(f"tables: {name!r} is not a table of job {job.job!r} ({', '.join(known_tables)})")
+    stale = data.get("stale_after_seconds", 2.0)
+    if isinstance(stale, bool) or not isinstance(stale, (int, float)) or not math.isfinite(stale) or stale <= 0:
+        raise ValueError(f"stale_after_seconds: must be a number of seconds > 0, got {stale!r}")
+    return ServeConfig(
+        job=job,
+        listen=listen,
+        metrics_port=metrics_port,
+        tables=tuple(dict.fromkeys(tables)),
+        default=_enum(DefaultRow, "default", data.get("default", "zeros")),
+        storage_dtype=_enum(StorageDType, "storage_dtype", data.get("storage_dtype", "float32")),
+        stale_after_seconds=float(stale),
+        export=_export(data.get("export"), job.job),
+    )
+
+
+def _enum(cls: type[StrEnum], name: str, value: object) -> StrEnum:
+    try:
+        return cls(value)
+    except ValueError:
+        choices = ", ".join(repr(m.value) for m in cls)
+        raise ValueError(f"{name}: must be one of {choices}, got {value!r}") from None
+
+
+def _export(raw: object, job: str) -> ExportSource | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise TypeError(f"export: must be a table with uri (and job), got {raw!r}")
+    unknown = sorted(set(raw) - {"uri", "job"})
+    if unknown:
+        raise ValueError(f"export.{unknown[0]}: unknown field; known fields: job, uri")
+    uri = raw.get("uri")
+    if not isinstance(uri, str) or "://" not in uri:
+        raise ValueError(f"export.uri: must be a URI like file:///path or s3://bucket/prefix, got {uri!r}")
+    export_job = raw.get("job", job)
+    if not isinstance(export_job, str) or not export_job:
+        raise TypeError(f"export.job: must be the job name the export was written under, got {export_job!r}")
+    return ExportSource(uri, export_job)
+
+
+def dump_serve_config(config: ServeConfig, job_config_path: str) -> str:
+    """A serve.toml that load_serve_config reads back as `config` (its job from job_config_path)."""
+    lines = [
+        f'job_config = "{job_config_path}"',
+        f'listen = "{config.listen}"',
+        f"metrics_port = {config.metrics_port}",
+        "tables = [" + ", ".join(f'"{t}"' for t in config.tables) + "]",
+        f'default = "{config.default}"',
+        f'storage_dtype = "{config.storage_dtype}"',
+        f"stale_after_seconds = {config.stale_after_seconds!r}",
+    ]
+    if config.export is not None:
+        lines += ["", "[export]", f'uri = "{config.export.uri}"', f'job = "{config.export.job}"']
+    return "\n".join(lines) + "\n"

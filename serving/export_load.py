@@ -1,0 +1,50 @@
+"""The replica's initial rows: the latest committed export (ps/snapshot.py's format), if any.
+
+    <uri>/<job>/LATEST -> <uri>/<job>/<step>/manifest.json -> <table>/shard-<s>.parquet (key, value)
+
+The snapshot reader checks every file against the manifest's size and checksum. Each table
+shard starts at the version the manifest records for it, with incarnation 0 (unknown), so its
+follower subscribes from that version and the shard resyncs it in full if its log cannot cover.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ps.storage import StorageConfig
+from serving.config import ExportSource
+from serving.store import ShardRows, TableReplica
+
+log = logging.getLogger("embps.serving")
+
+
+def load_latest_export(source: ExportSource, replicas: dict[str, TableReplica]) -> int | None:
+    """Fills `replicas` from the latest export under source; returns its step, or None (and
+    leaves them empty) when no export was committed yet. ValueError when the export's shards or
+    dims disagree with the job (a replica must not serve another job's layout)."""
+    from ps import snapshot  # pyarrow and torch come with it; only replicas that load exports pay
+
+    storage_config = StorageConfig.from_env()
+    step = snapshot.latest(source.uri, source.job, storage_config)
+    if step is None:
+        log.info("no export of job %r under %s yet: starting empty", source.job, source.uri)
+        return None
+    export = snapshot.open_snapshot(source.uri, source.job, step, storage_config)
+    manifest = export.manifest
+    for name, replica in replicas.items():
+        if manifest.num_shards != len(replica.shards):
+            raise ValueError(
+                f"export.uri: step {step} has {manifest.num_shards} shards, the job has {len(replica.shards)}"
+            )
+        entry = manifest.tables.get(name)
+        if entry is None:
+            raise ValueError(f"export.uri: step {step} has no table {name!r} (has {sorted(manifest.tables)})")
+        if entry.dim != replica.dim:
+            raise ValueError(f"export.uri: table {name!r} has dim {entry.dim} in step {step}, {replica.dim} in the job")
+        for s in range(len(replica.shards)):
+            keys, values = export.load_values(name, s)
+            rows = ShardRows(replica.dim, replica.dtype, version=entry.shards[s].version)
+            rows.upsert(keys.astype("int64", copy=False), values.astype("float32", copy=False))
+            replica.shards[s] = rows
+        log.info("loaded table %r from export step %d: %d rows", name, step, replica.size)
+    return step

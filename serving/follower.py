@@ -1,0 +1,160 @@
+"""Follows one training shard's Subscribe stream for one table and applies it to the replica.
+
+    connect ── Subscribe(from_version = served version, incarnation) ──> ranges, in version order
+       ^            | FAILED_PRECONDITION (log gap, shard restarted, version went back)
+       |            v
+       |       Subscribe(full_sync): rows built into a fresh ShardRows, swapped in at `last`
+       | UNAVAILABLE / stream ends: mark disconnected (stale after the threshold), back off, retry
+       +──────────────────────────────────────────────────────────────────────────────────────
+
+Lookups keep reading the current ShardRows throughout: a dead shard leaves the last rows in place,
+and a resync is invisible until its copy is complete. A range that does not start at the served
+version (a gap the stream itself shows) is refused and forces a full resync too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+import grpc
+
+from ps import wire
+from ps.rpc import ps_pb2, ps_pb2_grpc
+from serving.metrics import ServingMetrics
+from serving.store import ShardRows, TableReplica
+
+log = logging.getLogger("embps.serving")
+
+BACKOFF_START_SECONDS = 0.05
+BACKOFF_MAX_SECONDS = 1.0
+
+
+class StreamGapError(Exception):
+    """A range of the stream does not continue the served version: the replica must resync."""
+
+
+@dataclass
+class FollowerStatus:
+    """What the health details and metrics report about one (table, shard) stream."""
+
+    connected: bool = False
+    last_message: float = 0.0  # time.monotonic() of the last message (or of the follower's start)
+    num_resyncs: int = 0
+    last_error: str = ""
+
+
+class ShardFollower:
+    """Keeps replica.shards[shard] in step with table `replica.name` on the PS shard at `channel`."""
+
+    def __init__(self, replica: TableReplica, shard: int, channel: grpc.aio.Channel, metrics: ServingMetrics) -> None:
+        self.replica = replica
+        self.shard = shard
+        self.stub = ps_pb2_grpc.ParameterServerStub(channel)
+        self.metrics = metrics
+        self.status = FollowerStatus(last_message=time.monotonic())
+        self._labels = (replica.name, str(shard))
+        self._need_full_sync = False
+
+    @property
+    def rows(self) -> ShardRows:
+        return self.replica.shards[self.shard]
+
+    def stale(self, threshold_seconds: float) -> bool:
+        """True while the stream is down or has been silent for more than threshold_seconds."""
+        silent = time.monotonic() - self.status.last_message
+        return not self.status.connected or silent > threshold_seconds
+
+    async def run(self) -> None:
+        """Follows until cancelled; never raises for a shard that is down or misbehaves."""
+        pause = BACKOFF_START_SECONDS
+        while True:
+            try:
+                await self._follow()
+                self.status.last_error = "stream ended"
+            except grpc.aio.AioRpcError as err:
+                self.status.last_error = f"{err.code().name}: {err.details()}"
+                if err.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                    log.info("table %s shard %d: %s; resyncing", *self._labels, self.status.last_error)
+                    self._need_full_sync = True
+                    pause = BACKOFF_START_SECONDS
+            except StreamGapError as err:
+                self.status.last_error = str(err)
+                log.warning("table %s shard %d: %s; resyncing", *self._labels, err)
+                self._need_full_sync = True
+            except (ValueError, TypeError) as err:  # a message that does not decode (dim, lengths)
+                self.status.last_error = f"bad message: {err}"
+                log.error("table %s shard %d: %s", *self._labels, self.status.last_error)
+                self._need_full_sync = True
+            self.status.connected = False
+            await asyncio.sleep(pause)
+            pause = min(2 * pause, BACKOFF_MAX_SECONDS)
+            if self.status.last_message > time.monotonic() - BACKOFF_MAX_SECONDS:
+                pause = BACKOFF_START_SECONDS  # it was talking a moment ago: retry soon
+
+    async def _follow(self) -> None:
+        rows = self.rows
+        full = self._need_full_sync
+        request = ps_pb2.SubscribeRequest(
+            table=self.replica.name, from_version=rows.version, incarnation=rows.incarnation, full_sync=full
+        )
+        building: ShardRows | None = None
+        acks: list[ps_pb2.VersionAck] = []
+        async for batch in self.stub.Subscribe(request):
+            self.status.connected = True
+            self.status.last_message = time.monotonic()
+            if batch.reset:
+                building = ShardRows(self.replica.dim, self.replica.dtype)
+            target = building if building is not None else self.rows
+            if batch.from_version != target.version and not (building is not None or batch.reset):
+                raise StreamGapError(
+                    f"range ({batch.from_version}, {batch.to_version}] does not follow served version {target.version}"
+                )
+            if target.incarnation and batch.incarnation != target.incarnation:
+                raise StreamGapError(f"incarnation {batch.incarnation} differs from the served {target.incarnation}")
+            await self._apply(target, batch)
+            acks.extend(batch.acks)
+            if not batch.last:
+                continue
+            target.version = batch.to_version
+            target.incarnation = batch.incarnation
+            if building is not None:
+                self.replica.shards[self.shard] = building
+                building = None
+                self._need_full_sync = False
+                self.status.num_resyncs += int(full)
+                self.metrics.resyncs.labels(*self._labels).inc(int(full))
+                log.info("table %s shard %d: full copy of %d rows at version %d", *self._labels, target.size,
+                         target.version)
+            self._observe(target, acks)
+            acks = []
+
+    async def _apply(self, target: ShardRows, batch: ps_pb2.UpdateBatch) -> None:
+        """Writes one message's rows and deletions (off the event loop when it is large)."""
+        keys = wire.decode_keys(batch.keys)
+        deleted = wire.decode_keys(batch.deleted_keys, "deleted_keys")
+        if keys.shape[0] == 0 and deleted.shape[0] == 0:
+            return
+        values = wire.decode_values(batch.values, keys.shape[0], self.replica.dim, batch.dtype)
+
+        def write() -> None:
+            if keys.shape[0]:
+                target.upsert(keys, values)
+            if deleted.shape[0]:
+                target.erase(deleted)
+
+        if keys.shape[0] + deleted.shape[0] <= 2048:
+            write()
+        else:
+            await asyncio.to_thread(write)
+        self.metrics.applied_rows.labels(*self._labels).inc(keys.shape[0])
+
+    def _observe(self, target: ShardRows, acks: list[ps_pb2.VersionAck]) -> None:
+        now = time.time()
+        staleness = self.metrics.staleness.labels(*self._labels)
+        for ack in acks:
+            staleness.observe(max(0.0, now - ack.ack_time))
+        self.metrics.version.labels(*self._labels).set(target.version)
+        self.metrics.rows.labels(*self._labels).set(target.size)

@@ -1,0 +1,73 @@
+"""Prometheus metrics of one serving replica, served on their own port.
+
+Staleness is measured per push: the seconds between the push's acknowledgement at the PS (its
+clock) and the moment its range is applied here, so the rows are visible to lookups (this
+host's clock; on one host, or with synchronised clocks, the difference is the delay).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from ps.metrics import LATENCY_BUCKETS
+
+# 1 ms .. 60 s, dense below 1 s where the freshness target lies.
+STALENESS_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7,
+    0.8, 0.9, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0,
+)
+
+
+class ServingMetrics:
+    """Every metric of one replica, in a registry of their own (so tests can run several)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "embps_serving_requests", "RPCs answered, by final status code", ["table", "method", "code"], registry=r
+        )
+        self.lookup_duration = Histogram(
+            "embps_serving_lookup_duration_seconds",
+            "Server time per Lookup, from handler entry to reply",
+            ["table"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.lookup_keys = Counter("embps_serving_lookup_keys", "Keys looked up", ["table"], registry=r)
+        self.lookup_missing = Counter(
+            "embps_serving_lookup_missing_keys", "Keys looked up without a row (answered with the default)",
+            ["table"], registry=r,
+        )
+        self.staleness = Histogram(
+            "embps_serving_staleness_seconds",
+            "Per push: seconds from its acknowledgement at the PS to its rows being visible here",
+            ["table", "shard"],
+            buckets=STALENESS_BUCKETS,
+            registry=r,
+        )
+        self.version = Gauge(
+            "embps_serving_version", "PS version of the newest complete range served", ["table", "shard"], registry=r
+        )
+        self.stale = Gauge(
+            "embps_serving_shard_stale", "1 while a PS shard's stream is down or silent past the threshold",
+            ["shard"], registry=r,
+        )
+        self.seconds_since_message = Gauge(
+            "embps_serving_seconds_since_message", "Seconds since the last message of the shard's stream",
+            ["table", "shard"], registry=r,
+        )
+        self.resyncs = Counter(
+            "embps_serving_resyncs", "Full resyncs (log gap, shard restart, version gone back)",
+            ["table", "shard"], registry=r,
+        )
+        self.applied_rows = Counter(
+            "embps_serving_applied_rows", "Rows written from the update streams", ["table", "shard"], registry=r
+        )
+        self.rows = Gauge("embps_serving_rows", "Rows held", ["table", "shard"], registry=r)
+        self.memory = Gauge("embps_serving_memory_bytes", "Bytes of maps and row blocks", ["table"], registry=r)
+
+    def serve(self, port: int, host: str = "127.0.0.1") -> int:
+        """Starts the /metrics HTTP server in a daemon thread; returns the bound port."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        return server.server_address[1]

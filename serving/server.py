@@ -1,0 +1,296 @@
+"""The serving replica process (grpc.aio): read-only Serving (Lookup, Status) + health + reflection
++ /metrics, fed by one ShardFollower per (table, training shard).
+
+    embps serve --config serve.toml
+
+Start: the latest export (if configured and committed), then the followers subscribe from its
+versions. Lookups run on the event loop (small) or a thread (large) and read ShardRows, which
+the followers write concurrently (see serving/store.py for why a reader never sees half a row).
+Health: "" and embps.v1.Serving are SERVING while the replica answers, even with every PS down
+(it keeps the last weights); "embps.v1.Serving/shard-<s>" is NOT_SERVING while shard s is stale;
+the Status RPC gives the details. Domain errors become status codes in one place, `status_of`.
+SIGTERM: NOT_SERVING, in-flight calls finish within the grace, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from ps import wire
+from ps.errors import EmbpsError, UnknownTableError
+from ps.rpc import ps_pb2, serving_pb2, serving_pb2_grpc
+from serving.config import ServeConfig, load_serve_config
+from serving.follower import ShardFollower
+from serving.metrics import ServingMetrics
+from serving.store import TableReplica
+
+log = logging.getLogger("embps.serving")
+
+SERVICE_NAME = serving_pb2.DESCRIPTOR.services_by_name["Serving"].full_name
+_MESSAGE_SLACK = 1 << 16
+INLINE_LOOKUP_KEYS = 1 << 16  # larger lookups run on a thread so the loop keeps taking calls
+MONITOR_SECONDS = 0.2  # how often staleness gauges and per-shard health are refreshed
+_REPLY_DTYPES = {ps_pb2.DTYPE_UNSPECIFIED: np.float32, ps_pb2.FLOAT32: np.float32, ps_pb2.FLOAT16: np.float16}
+
+
+class ShuttingDownError(EmbpsError):
+    """The replica is draining and takes no new calls (gRPC UNAVAILABLE)."""
+
+
+def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The one mapping from domain errors to gRPC status codes (and the message sent)."""
+    if isinstance(exc, ShuttingDownError):
+        return grpc.StatusCode.UNAVAILABLE, str(exc)
+    if isinstance(exc, UnknownTableError):
+        return grpc.StatusCode.NOT_FOUND, str(exc)
+    if isinstance(exc, (ValueError, TypeError)):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); the traceback is in the replica's log"
+
+
+def _rpc(method: str) -> Callable:
+    """Wraps an async servicer method: shutdown check, status mapping, request metrics."""
+
+    def decorate(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        async def handler(self: ServingServicer, request, context: grpc.aio.ServicerContext):
+            table = getattr(request, "table", "")
+            table = table if table in self.replica.tables or not table else "unknown"
+            try:
+                if self.draining:
+                    raise ShuttingDownError("the serving replica is shutting down")
+                response = await fn(self, request)
+            except Exception as exc:  # noqa: BLE001 - the one place errors become status codes
+                code, message = status_of(exc)
+                if code == grpc.StatusCode.INTERNAL:
+                    log.exception("%s on table %r failed", method, table)
+                self.metrics.requests.labels(table, method, code.name).inc()
+                await context.abort(code, message)
+            self.metrics.requests.labels(table, method, grpc.StatusCode.OK.name).inc()
+            return response
+
+        return handler
+
+    return decorate
+
+
+@dataclass
+class Replica:
+    """The tables this replica serves and the followers that feed them."""
+
+    config: ServeConfig
+    tables: dict[str, TableReplica]
+    followers: list[ShardFollower] = field(default_factory=list)
+    channels: list[grpc.aio.Channel] = field(default_factory=list)
+    export_step: int | None = None
+
+    def table(self, name: str) -> TableReplica:
+        replica = self.tables.get(name)
+        if replica is None:
+            raise UnknownTableError(f"table {name!r} is not served here; tables: {', '.join(sorted(self.tables))}")
+        return replica
+
+
+class ServingServicer(serving_pb2_grpc.ServingServicer):
+    """Lookup and Status over a Replica. No method writes."""
+
+    def __init__(self, replica: Replica, metrics: ServingMetrics) -> None:
+        self.replica = replica
+        self.metrics = metrics
+        self.draining = False
+
+    @_rpc("Lookup")
+    async def Lookup(self, request: serving_pb2.ServingLookupRequest) -> serving_pb2.ServingLookupResponse:
+        start = time.perf_counter()
+        table = self.replica.table(request.table)
+        if request.dim and request.dim != table.dim:
+            raise ValueError(f"dim: table {table.name!r} has dim {table.dim}, the request says {request.dim}")
+        if request.dtype not in _REPLY_DTYPES:
+            raise ValueError(f"dtype: unsupported dtype {request.dtype}; supported: FLOAT32, FLOAT16")
+        dtype = _REPLY_DTYPES[request.dtype]
+        keys = wire.decode_keys(request.keys)
+        if keys.shape[0] <= INLINE_LOOKUP_KEYS:
+            values, found = table.lookup(keys, dtype)
+        else:
+            values, found = await asyncio.to_thread(table.lookup, keys, dtype)
+        reply = serving_pb2.ServingLookupResponse(
+            values=values.astype(values.dtype.newbyteorder("<"), copy=False).tobytes(),
+            dim=table.dim,
+            dtype=ps_pb2.FLOAT16 if dtype == np.float16 else ps_pb2.FLOAT32,
+            found=found.view(np.uint8).tobytes(),
+            shards=[
+                serving_pb2.ServedShard(
+                    shard=s,
+                    version=rows.version,
+                    incarnation=rows.incarnation,
+                    stale=self.stale(table.name, s),
+                )
+                for s, rows in enumerate(table.shards)
+            ],
+        )
+        self.metrics.lookup_keys.labels(table.name).inc(keys.shape[0])
+        self.metrics.lookup_missing.labels(table.name).inc(int(keys.shape[0] - found.sum()))
+        self.metrics.lookup_duration.labels(table.name).observe(time.perf_counter() - start)
+        return reply
+
+    @_rpc("Status")
+    async def Status(self, request: serving_pb2.ServingStatusRequest) -> serving_pb2.ServingStatusResponse:
+        now = time.monotonic()
+        threshold = self.replica.config.stale_after_seconds
+        return serving_pb2.ServingStatusResponse(
+            shards=[
+                serving_pb2.ShardStatus(
+                    table=f.replica.name,
+                    shard=f.shard,
+                    version=f.rows.version,
+                    incarnation=f.rows.incarnation,
+                    connected=f.status.connected,
+                    stale=f.stale(threshold),
+                    seconds_since_message=now - f.status.last_message,
+                    rows=f.rows.size,
+                    num_resyncs=f.status.num_resyncs,
+                    last_error=f.status.last_error,
+                )
+                for f in self.replica.followers
+            ]
+        )
+
+    def stale(self, table: str, shard: int) -> bool:
+        threshold = self.replica.config.stale_after_seconds
+        return any(f.stale(threshold) for f in self.replica.followers if f.replica.name == table and f.shard == shard)
+
+
+def channel_options(config: ServeConfig) -> list[tuple[str, int]]:
+    """Options of the replica's channels to the PS: the job's message limit, quick reconnects."""
+    limit = config.job.message_limit_bytes + _MESSAGE_SLACK
+    return [
+        ("grpc.max_send_message_length", limit),
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 1000),
+        ("grpc.keepalive_time_ms", 10000),
+        ("grpc.keepalive_timeout_ms", 5000),
+    ]
+
+
+async def build_replica(config: ServeConfig, metrics: ServingMetrics) -> Replica:
+    """The replica's tables (from the latest export, if any) and its followers (not started)."""
+    job = config.job
+    tables = {
+        name: TableReplica(job.table(name), job.shard_map, config.default, config.storage_dtype)
+        for name in config.tables
+    }
+    replica = Replica(config, tables)
+    if config.export is not None:
+        from serving.export_load import load_latest_export
+
+        replica.export_step = await asyncio.to_thread(load_latest_export, config.export, tables)
+    replica.channels = [grpc.aio.insecure_channel(a, options=channel_options(config)) for a in job.addresses]
+    for table in tables.values():
+        for s, channel in enumerate(replica.channels):
+            replica.followers.append(ShardFollower(table, s, channel, metrics))
+    return replica
+
+
+async def create_server(
+    config: ServeConfig, address: str | None = None, metrics: ServingMetrics | None = None
+) -> tuple[grpc.aio.Server, int, ServingServicer, HealthServicer]:
+    """Builds (not starts) the replica's server bound to `address` (default: config.listen; port
+    0 picks one). Returns (server, bound port, servicer, health servicer)."""
+    metrics = metrics if metrics is not None else ServingMetrics()
+    replica = await build_replica(config, metrics)
+    servicer = ServingServicer(replica, metrics)
+    limit = config.job.message_limit_bytes + _MESSAGE_SLACK
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_send_message_length", limit),
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.so_reuseport", 0),
+        ]
+    )
+    serving_pb2_grpc.add_ServingServicer_to_server(servicer, server)
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    await health.set("", health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection(
+        [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
+    )
+    address = address if address is not None else config.listen
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"listen: cannot bind {address}")
+    return server, port, servicer, health
+
+
+async def monitor(servicer: ServingServicer, health: HealthServicer) -> None:
+    """Refreshes staleness gauges, per-shard health and memory every MONITOR_SECONDS."""
+    replica, m = servicer.replica, servicer.metrics
+    threshold = replica.config.stale_after_seconds
+    was_stale: dict[int, bool] = {}
+    while True:
+        now = time.monotonic()
+        stale: dict[int, bool] = {}
+        for f in replica.followers:
+            stale[f.shard] = stale.get(f.shard, False) or f.stale(threshold)
+            m.seconds_since_message.labels(f.replica.name, str(f.shard)).set(now - f.status.last_message)
+        for shard, is_stale in stale.items():
+            m.stale.labels(str(shard)).set(int(is_stale))
+            if was_stale.get(shard) != is_stale:
+                status = health_pb2.HealthCheckResponse
+                await health.set(f"{SERVICE_NAME}/shard-{shard}", status.NOT_SERVING if is_stale else status.SERVING)
+                log.info("shard %d is %s", shard, "stale" if is_stale else "fresh")
+        was_stale = stale
+        for table in replica.tables.values():
+            m.memory.labels(table.name).set(table.memory_bytes)
+        await asyncio.sleep(MONITOR_SECONDS)
+
+
+async def _serve(config: ServeConfig, grace: float) -> int:
+    metrics = ServingMetrics()
+    server, port, servicer, health = await create_server(config, metrics=metrics)
+    metrics_port = metrics.serve(config.metrics_port, config.host)
+    tasks = [asyncio.create_task(f.run()) for f in servicer.replica.followers]
+    tasks.append(asyncio.create_task(monitor(servicer, health)))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    log.info(
+        "serving replica of job %r on %s (port %d), metrics on %s:%d, tables %s, export step %s, pid %d",
+        config.job.job, config.listen, port, config.host, metrics_port, ", ".join(config.tables),
+        servicer.replica.export_step, os.getpid(),
+    )
+    await stop.wait()
+    log.info("draining (grace %.1f s)", grace)
+    servicer.draining = True
+    await health.enter_graceful_shutdown()
+    await server.stop(grace)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for channel in servicer.replica.channels:
+        await channel.close()
+    log.info("stopped")
+    return 0
+
+
+def serve_replica(config_path: str | os.PathLike, grace: float = 5.0) -> int:
+    """Runs the serving replica of `config_path` until SIGTERM/SIGINT; returns the exit status."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    return asyncio.run(_serve(load_serve_config(config_path), grace))

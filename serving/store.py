@@ -1,0 +1,183 @@
+"""The rows a serving replica holds: per (table, shard), a C++ hash map key -> row slot plus value
+blocks, readable while they are written.
+
+    TableReplica "user"
+      shards[0] = ShardRows ──HashMap──> slot ──blocks──> words (slot, width)     version, incarnation
+      shards[1] = ShardRows ...
+
+A row is `width` 4-byte words: float32 values (width = dim) or float16 values packed two per
+word (width = ceil(dim / 2)); the C++ gather/scatter copy words and never look at them.
+
+Never half-written: the map and the blocks of one ShardRows change only under its lock, and a
+lookup does its find and its gather in one hold of the same lock (both C++ calls release the GIL
+but not the lock). A writer holds the lock for at most MAX_ROWS_PER_HOLD rows at a time, so a
+lookup waits for at most one such slice, never for a whole batch. A resync builds a new
+ShardRows off to the side and swaps it in with one assignment, so a lookup sees either the old
+shard's rows or the new ones, never a mix of two histories.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from ps import native
+from ps.sharding import ShardMap
+from ps.table_config import Initializer, TableConfig
+from serving.config import DefaultRow, StorageDType
+
+BLOCK_SHIFT = 14  # 16k rows per block: growth allocates a block, never copies the rows
+MAX_ROWS_PER_HOLD = 8192  # rows written per lock hold (~0.2 ms at dim 64)
+# The codes of the C++ init_values (csrc/row_ops.h), as ps.table passes them.
+_INIT_KIND = {Initializer.ZEROS: 0, Initializer.UNIFORM: 1, Initializer.NORMAL: 2}
+
+
+class ShardRows:
+    """The rows of one table shard. Thread-safe: one writer and any number of readers.
+
+    version: the PS version of the newest complete range applied; incarnation: the PS process the
+    rows came from (0: an export, or nothing yet). Both are set by the follower.
+    """
+
+    def __init__(self, dim: int, dtype: StorageDType = StorageDType.FLOAT32, version: int = 0,
+                 incarnation: int = 0, block_shift: int = BLOCK_SHIFT) -> None:
+        if dim < 1:
+            raise ValueError(f"dim: must be >= 1, got {dim}")
+        self.dim = dim
+        self.dtype = StorageDType(dtype)
+        self.width = dim if self.dtype == StorageDType.FLOAT32 else (dim + 1) // 2
+        self.version = version
+        self.incarnation = incarnation
+        self._shift = block_shift
+        self._map = native.HashMap()
+        self._blocks: list[np.ndarray] = []
+        self._addresses = np.empty(0, dtype=np.uint64)
+        self._lock = threading.Lock()
+
+    @property
+    def size(self) -> int:
+        return self._map.size
+
+    @property
+    def memory_bytes(self) -> int:
+        return self._map.memory_bytes + sum(b.nbytes for b in self._blocks)
+
+    def encode(self, values: np.ndarray) -> np.ndarray:
+        """values (n, dim) float32 -> words (n, width) float32 in this store's layout."""
+        values = np.asarray(values)
+        if values.ndim != 2 or values.shape[1] != self.dim:
+            raise ValueError(f"values: expected shape (n, {self.dim}), got {values.shape}")
+        if self.dtype == StorageDType.FLOAT32:
+            return np.ascontiguousarray(values, dtype=np.float32)
+        half = np.zeros((values.shape[0], 2 * self.width), dtype=np.float16)
+        half[:, : self.dim] = values
+        return half.view(np.float32)
+
+    def decode(self, words: np.ndarray, dtype: np.dtype = np.float32) -> np.ndarray:
+        """words (n, width) -> values (n, dim) in dtype (float32 or float16)."""
+        if self.dtype == StorageDType.FLOAT32:
+            return words if dtype == np.float32 else words.astype(dtype)
+        half = words.view(np.float16)[:, : self.dim]
+        return np.ascontiguousarray(half) if dtype == np.float16 else half.astype(dtype)
+
+    def upsert(self, keys: np.ndarray, values: np.ndarray) -> None:
+        """Inserts or overwrites the rows of keys (n,) int64 unique with values (n, dim) float32."""
+        keys = native.as_keys(keys)
+        words = self.encode(values)
+        if words.shape[0] != keys.shape[0]:
+            raise ValueError(f"values: {words.shape[0]} rows for {keys.shape[0]} keys")
+        for start in range(0, keys.shape[0], MAX_ROWS_PER_HOLD):
+            part = slice(start, start + MAX_ROWS_PER_HOLD)
+            with self._lock:
+                slots, _ = self._map.find_or_insert(keys[part])
+                self._grow(self._map.num_rows)
+                native.scatter(self._addresses, self._shift, self.width, slots, 0, words[part])
+
+    def erase(self, keys: np.ndarray) -> None:
+        """Drops the rows of keys (d,) int64 (absent keys are ignored)."""
+        keys = native.as_keys(keys)
+        for start in range(0, keys.shape[0], MAX_ROWS_PER_HOLD):
+            with self._lock:
+                self._map.erase(keys[start : start + MAX_ROWS_PER_HOLD])
+
+    def gather(self, keys: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """Writes the words of keys (n,) int64 into out (n, width) float32 (rows of absent keys are
+        left as they were); returns found (n,) bool."""
+        keys = native.as_keys(keys)
+        slots = np.empty(keys.shape[0], dtype=np.int64)
+        with self._lock:
+            if self._map.size:
+                slots = self._map.find(keys)
+                native.gather(self._addresses, self._shift, self.width, slots, 0, out)
+            else:
+                slots.fill(-1)
+        return slots >= 0
+
+    def export(self) -> tuple[np.ndarray, np.ndarray]:
+        """(keys (u,) int64 sorted, values (u, dim) float32): every row, for tests and checks."""
+        with self._lock:
+            keys, slots = self._map.export()
+            order = np.argsort(keys)
+            keys, slots = keys[order], slots[order]
+            words = np.empty((keys.shape[0], self.width), dtype=np.float32)
+            if keys.shape[0]:
+                native.gather(self._addresses, self._shift, self.width, slots, 0, words)
+        return keys, self.decode(words)
+
+    def _grow(self, num_rows: int) -> None:
+        while len(self._blocks) << self._shift < num_rows:
+            block = np.zeros((1 << self._shift, self.width), dtype=np.float32)
+            self._blocks.append(block)
+            self._addresses = np.append(self._addresses, np.uint64(block.ctypes.data))
+
+
+class TableReplica:
+    """All shards of one table in this replica; `shards[s]` is replaced whole by a resync."""
+
+    def __init__(self, config: TableConfig, shard_map: ShardMap, default: DefaultRow = DefaultRow.ZEROS,
+                 dtype: StorageDType = StorageDType.FLOAT32) -> None:
+        self.config = config
+        self.name = config.name
+        self.dim = config.dim
+        self.dtype = StorageDType(dtype)
+        self.default = DefaultRow(default)
+        self.shard_map = shard_map
+        self.shards = [ShardRows(self.dim, self.dtype) for _ in range(shard_map.num_shards)]
+
+    def lookup(self, keys: np.ndarray, dtype: np.dtype = np.float32) -> tuple[np.ndarray, np.ndarray]:
+        """keys (n,) int64 -> (values (n, dim) in dtype, found (n,) bool); row i for keys[i].
+
+        Keys without a row read as the table's default (zeros or the deterministic init).
+        """
+        keys = native.as_keys(keys)
+        shards = list(self.shards)  # one consistent set, even if a resync swaps one meanwhile
+        width = shards[0].width
+        words = np.zeros((keys.shape[0], width), dtype=np.float32)
+        if len(shards) == 1:
+            found = shards[0].gather(keys, words)
+        else:
+            found = np.zeros(keys.shape[0], dtype=np.bool_)
+            for s, positions in enumerate(self.shard_map.split(keys)):
+                if positions.shape[0]:
+                    part = np.zeros((positions.shape[0], width), dtype=np.float32)
+                    found[positions] = shards[s].gather(keys[positions], part)
+                    words[positions] = part
+        values = shards[0].decode(words, dtype)
+        if self.default == DefaultRow.INIT and not found.all():
+            missing = ~found
+            values[missing] = self.init_values(keys[missing])
+        return values, found
+
+    def init_values(self, keys: np.ndarray) -> np.ndarray:
+        """The PS's initial rows of keys (n,) int64: (n, dim) float32, pure in (seed, key)."""
+        c = self.config
+        return native.init_values(c.seed, _INIT_KIND[c.initializer], c.init_scale, keys, self.dim)
+
+    @property
+    def size(self) -> int:
+        return sum(s.size for s in self.shards)
+
+    @property
+    def memory_bytes(self) -> int:
+        return sum(s.memory_bytes for s in self.shards)

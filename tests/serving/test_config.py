@@ -1,0 +1,58 @@
+"""serve.toml: round trip, and every error names its field."""
+
+from __future__ import annotations
+
+import pytest
+
+from ps.job_config import dump_job_config
+from ps.table_config import TableConfig
+from serving.config import DefaultRow, ExportSource, StorageDType, dump_serve_config, load_serve_config
+from tests.helpers.processes import make_job
+
+
+@pytest.fixture
+def job_path(tmp_path):
+    path = tmp_path / "job.toml"
+    path.write_text(dump_job_config(make_job([TableConfig("user", dim=4), TableConfig("item", dim=2)], 2)))
+    return path
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "serve.toml"
+    path.write_text(text)
+    return path
+
+
+def test_round_trip(tmp_path, job_path):
+    text = (
+        'job_config = "job.toml"\nlisten = "127.0.0.1:5000"\ntables = ["item"]\ndefault = "init"\n'
+        'storage_dtype = "float16"\nstale_after_seconds = 0.5\n[export]\nuri = "file:///tmp/x"\n'
+    )
+    config = load_serve_config(write(tmp_path, text))
+    assert config.tables == ("item",) and config.default == DefaultRow.INIT
+    assert config.storage_dtype == StorageDType.FLOAT16 and config.export == ExportSource("file:///tmp/x", "test")
+    assert len(config.job.shards) == 2
+    assert load_serve_config(write(tmp_path, dump_serve_config(config, str(job_path)))) == config
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('listen = "nohost"', "listen: must be 'host:port'"),
+        ('listen = "127.0.0.1:5000"\ntables = ["nope"]', "tables: 'nope' is not a table"),
+        ('listen = "127.0.0.1:5000"\ndefault = "random"', "default: must be one of 'zeros', 'init'"),
+        ('listen = "127.0.0.1:5000"\nstorage_dtype = "int8"', "storage_dtype: must be one of"),
+        ('listen = "127.0.0.1:5000"\nstale_after_seconds = 0', "stale_after_seconds: must be"),
+        ('listen = "127.0.0.1:5000"\nmetrics_port = 70000', "metrics_port: must be"),
+        ('listen = "127.0.0.1:5000"\ncolour = 1', "colour: unknown field"),
+        ('listen = "127.0.0.1:5000"\n[export]\nuri = "/no/scheme"', "export.uri: must be a URI"),
+    ],
+)
+def test_errors_name_the_field(tmp_path, job_path, line, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        load_serve_config(write(tmp_path, f'job_config = "job.toml"\n{line}\n'))
+
+
+def test_job_is_required_once(tmp_path):
+    with pytest.raises(ValueError, match="job_config: give exactly one"):
+        load_serve_config(write(tmp_path, 'listen = "127.0.0.1:5000"\n'))

@@ -1,0 +1,136 @@
+"""ShardRows and TableReplica against a dict reference; defaults; float16; readers during writes."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ps.sharding import ShardMap
+from ps.table import EmbeddingTable
+from ps.table_config import Initializer, TableConfig
+from serving.config import DefaultRow, StorageDType
+from serving.store import ShardRows, TableReplica
+
+ops = st.lists(
+    st.tuples(st.booleans(), st.lists(st.integers(-50, 50), unique=True, min_size=1, max_size=12)),
+    min_size=1,
+    max_size=30,
+)
+
+
+@settings(max_examples=50, deadline=None)
+@given(ops, st.sampled_from([1, 3, 8]))
+def test_upsert_erase_gather_match_a_dict(operations, dim):
+    rows = ShardRows(dim, block_shift=2)  # tiny blocks: rows cross block boundaries
+    reference: dict[int, np.ndarray] = {}
+    rng = np.random.default_rng(0)
+    for is_upsert, keys in operations:
+        keys = np.array(keys, dtype=np.int64)
+        if is_upsert:
+            values = rng.standard_normal((keys.shape[0], dim)).astype(np.float32)
+            rows.upsert(keys, values)
+            reference.update({int(k): v for k, v in zip(keys, values, strict=True)})
+        else:
+            rows.erase(keys)
+            for k in keys:
+                reference.pop(int(k), None)
+    probe = np.arange(-60, 61, dtype=np.int64)
+    out = np.full((probe.shape[0], dim), -7.0, dtype=np.float32)
+    found = rows.gather(probe, out)
+    assert rows.size == len(reference)
+    for i, k in enumerate(probe.tolist()):
+        assert found[i] == (k in reference)
+        np.testing.assert_array_equal(out[i], reference[k] if k in reference else np.full(dim, -7.0, np.float32))
+
+
+def test_float16_storage_halves_memory_and_rounds_like_numpy():
+    keys = np.arange(1 << 14, dtype=np.int64)
+    values = np.random.default_rng(1).standard_normal((keys.shape[0], 5)).astype(np.float32)
+    full, half = ShardRows(5), ShardRows(5, StorageDType.FLOAT16)
+    full.upsert(keys, values)
+    half.upsert(keys, values)
+    out = np.zeros((keys.shape[0], half.width), dtype=np.float32)
+    assert half.gather(keys, out).all()
+    np.testing.assert_array_equal(half.decode(out), values.astype(np.float16).astype(np.float32))
+    blocks = lambda r: r.memory_bytes - r._map.memory_bytes  # noqa: E731
+    assert blocks(half) * 5 == blocks(full) * 3  # ceil(5 / 2) words a row instead of 5
+
+
+@pytest.mark.parametrize("initializer", [Initializer.UNIFORM, Initializer.NORMAL])
+def test_unknown_keys_read_as_the_default(initializer):
+    config = TableConfig("user", dim=6, initializer=initializer, init_scale=0.3, seed=11)
+    keys = np.array([5, -3, 1 << 40, 17], dtype=np.int64)
+    init = TableReplica(config, ShardMap.uniform(2), DefaultRow.INIT)
+    init.shards[init.shard_map.shard_of(keys[:1])[0]].upsert(keys[:1], np.ones((1, 6), np.float32))
+    values, found = init.lookup(keys)
+    assert found.tolist() == [True, False, False, False]
+    np.testing.assert_array_equal(values[0], np.ones(6, np.float32))
+    np.testing.assert_array_equal(values[1:], EmbeddingTable(config).init_values(keys[1:]))
+    zeros = TableReplica(config, ShardMap.uniform(2), DefaultRow.ZEROS)
+    values, found = zeros.lookup(keys)
+    assert not found.any() and not values.any()
+
+
+def test_lookup_routes_keys_to_their_shard():
+    config = TableConfig("user", dim=2)
+    shard_map = ShardMap.uniform(3)
+    replica = TableReplica(config, shard_map)
+    keys = np.arange(300, dtype=np.int64)
+    owners = shard_map.shard_of(keys)
+    for s in range(3):
+        mine = keys[owners == s]
+        replica.shards[s].upsert(mine, np.stack([mine, np.full_like(mine, s)], axis=1).astype(np.float32))
+    values, found = replica.lookup(keys[::-1])
+    assert found.all()
+    np.testing.assert_array_equal(values[:, 0], keys[::-1])
+    np.testing.assert_array_equal(values[:, 1], owners[::-1])
+
+
+@pytest.mark.parametrize("dtype", [StorageDType.FLOAT32, StorageDType.FLOAT16])
+def test_readers_see_the_old_or_the_new_row_never_a_mix(dtype):
+    """A writer rewrites, erases and re-inserts rows (reusing slots) while readers gather them.
+    Row of key k at generation g is all k * 64 + g (exact in float16 for k < 32, g < 64): a torn
+    row would mix generations, a row read through a reused slot would name another key."""
+    dim, num_keys, rounds = 4096, 32, 600
+    rows = ShardRows(dim, dtype, block_shift=3)
+    keys = np.arange(num_keys, dtype=np.int64)
+
+    def generation(order: np.ndarray, g: int) -> np.ndarray:
+        return np.repeat((order * 64.0 + g)[:, None], dim, axis=1).astype(np.float32)
+
+    rows.upsert(keys, generation(keys, 0))
+    stop = threading.Event()
+    failures: list[str] = []
+    reads = [0]
+
+    def reader() -> None:
+        out = np.zeros((num_keys, rows.width), dtype=np.float32)
+        while not stop.is_set() and not failures:
+            found = rows.gather(keys, out)
+            values = rows.decode(out)[found]
+            torn = ~(values == values[:, :1]).all(axis=1)
+            foreign = (values[:, 0] // 64).astype(np.int64) != keys[found]
+            if torn.any() or foreign.any():
+                failures.append(f"{int(torn.sum())} torn and {int(foreign.sum())} foreign rows")
+            reads[0] += 1
+
+    threads = [threading.Thread(target=reader) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        for r in range(1, rounds):
+            g = r % 64
+            rows.upsert(keys, generation(keys, g))
+            if r % 3 == 0:
+                rows.erase(keys[r % 2 :: 2])
+                rows.upsert(keys[::-1], generation(keys[::-1], g))
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert not failures, failures[:3]
+    assert reads[0] > 0
