@@ -28,6 +28,9 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep glibc's malloc thresholds (by default the shard re-executes itself with larger ones)",
     )
+    ps.add_argument(
+        "--restore-step", type=int, default=None, help="load the tables of this snapshot step ([snapshot] uri) first"
+    )
 
     snapshot = verbs.add_parser("snapshot", help="list, inspect, export or gc stored snapshots")
     snapshot.add_argument("action", choices=["list", "inspect", "export", "gc"])
@@ -89,6 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     launch.add_argument("--nnodes", type=int, default=1, help="nodes of the job (default 1)")
     launch.add_argument("--node-rank", type=int, default=0, help="this node's rank; node 0 starts the PS shards")
     launch.add_argument("--rdzv-endpoint", default=None, help="host:port of the c10d rendezvous (multi-node)")
+    launch.add_argument("--resume", action="store_true", help="continue from the job's LATEST snapshot")
     return parser
 
 
@@ -99,7 +103,13 @@ def main(argv: list[str] | None = None) -> int:
 
         if not args.no_malloc_tuning:
             exec_with_malloc_tuning(sys.argv[1:] if argv is None else argv)
-        return serve_shard(args.config, args.shard, grace=args.grace, log_max_keys=args.update_log_keys)
+        return serve_shard(
+            args.config,
+            args.shard,
+            grace=args.grace,
+            log_max_keys=args.update_log_keys,
+            restore_step=args.restore_step,
+        )
     if args.verb == "snapshot":
         from ps.snapshot_cli import run_snapshot_cli
 
@@ -170,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                 nnodes=args.nnodes,
                 node_rank=args.node_rank,
                 rdzv_endpoint=args.rdzv_endpoint,
+                resume=args.resume,
             )
         )
     raise SystemExit(f"embps: unknown verb {args.verb!r}")

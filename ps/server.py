@@ -36,12 +36,13 @@ from ps import wire
 from ps.errors import CapacityError, EmbpsError, UnknownTableError, WrongShardError
 from ps.job_config import JobConfig, load_job_config
 from ps.metrics import ShardMetrics
-from ps.rpc import ps_pb2, ps_pb2_grpc
+from ps.rpc import ps_pb2, ps_pb2_grpc, snapshot_pb2, snapshot_pb2_grpc
 from ps.update_log import DEFAULT_MAX_ENTRIES, DEFAULT_MAX_KEYS, LogGapError, LogRange
 
 log = logging.getLogger("embps.ps")
 
 SERVICE_NAME = ps_pb2.DESCRIPTOR.services_by_name["ParameterServer"].full_name
+SNAPSHOT_SERVICE_NAME = snapshot_pb2.DESCRIPTOR.services_by_name["SnapshotControl"].full_name
 # glibc's defaults mmap and unmap every reply buffer above 128 KiB, and page-fault it in again on
 # the next call (about half of a 1 MB reply's server time); read by glibc at process start only.
 MALLOC_TUNING = {"MALLOC_MMAP_THRESHOLD_": "67108864", "MALLOC_TRIM_THRESHOLD_": "268435456"}
@@ -313,22 +314,40 @@ async def create_server(
     metrics: ShardMetrics | None = None,
     log_max_keys: int = DEFAULT_MAX_KEYS,
     log_max_entries: int = DEFAULT_MAX_ENTRIES,
+    restore_step: int | None = None,
 ) -> tuple[grpc.aio.Server, int, ParameterServerServicer, HealthServicer]:
     """Builds (not starts) the shard's server bound to `address` (default: the job's; port 0 picks
     one). log_max_keys, log_max_entries bound each table's update log. Returns (server, bound
     port, servicer, health servicer)."""
-    from ps.shard import Shard  # torch comes with the tables; `embps ps` may re-exec before this
+    # torch and pyarrow come with these; `embps ps` may re-exec before they are imported
+    from ps.shard import Shard
+    from ps.snapshot_service import SnapshotControlServicer, restore_shard_states
 
-    shard = Shard(job, shard_index, log_max_entries=log_max_entries, log_max_keys=log_max_keys)
+    states = restore_shard_states(job, shard_index, restore_step) if restore_step is not None else None
+    shard = Shard(job, shard_index, log_max_entries=log_max_entries, log_max_keys=log_max_keys, initial_states=states)
     metrics = metrics if metrics is not None else ShardMetrics(shard_index)
     servicer = ParameterServerServicer(shard, metrics)
     server = grpc.aio.server(options=server_options(job))
     ps_pb2_grpc.add_ParameterServerServicer_to_server(servicer, server)
+    snapshots = SnapshotControlServicer(
+        job,
+        shard_index,
+        shard.tables,
+        run_serialized=lambda call: servicer.run_call(call, work_bytes=INLINE_WORK_BYTES + 1),
+        status_of=status_of,
+        restored_step=restore_step,
+    )
+    snapshot_pb2_grpc.add_SnapshotControlServicer_to_server(snapshots, server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection(
-        [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+        [
+            SERVICE_NAME,
+            SNAPSHOT_SERVICE_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ],
         server,
     )
     address = address if address is not None else job.shards[shard_index].address
@@ -338,8 +357,10 @@ async def create_server(
     return server, port, servicer, health
 
 
-async def _serve(job: JobConfig, shard_index: int, grace: float, log_max_keys: int) -> int:
-    server, port, servicer, health = await create_server(job, shard_index, log_max_keys=log_max_keys)
+async def _serve(job: JobConfig, shard_index: int, grace: float, log_max_keys: int, restore_step: int | None) -> int:
+    server, port, servicer, health = await create_server(
+        job, shard_index, log_max_keys=log_max_keys, restore_step=restore_step
+    )
     shard_config = job.shards[shard_index]
     metrics_port = servicer.metrics.serve(shard_config.metrics_port, shard_config.host)
     stop = asyncio.Event()
@@ -365,16 +386,18 @@ def serve_shard(
     shard: int,
     grace: float = 10.0,
     log_max_keys: int = DEFAULT_MAX_KEYS,
+    restore_step: int | None = None,
 ) -> int:
     """Runs shard `shard` of the job in `config` until SIGTERM/SIGINT; returns the exit status.
-    log_max_keys: keys each table's update log holds before it forgets its oldest pushes."""
+    log_max_keys: keys each table's update log holds before it forgets its oldest pushes.
+    restore_step: start from the tables of this snapshot step (the job's [snapshot] uri)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     job = load_job_config(config)
     if not 0 <= shard < len(job.shards):
         raise SystemExit(f"embps ps: --shard must be in [0, {len(job.shards)}) for {config}, got {shard}")
     if log_max_keys < 1:
         raise SystemExit(f"embps ps: --update-log-keys must be >= 1, got {log_max_keys}")
-    return asyncio.run(_serve(job, shard, grace, log_max_keys))
+    return asyncio.run(_serve(job, shard, grace, log_max_keys, restore_step))
 
 
 def exec_with_malloc_tuning(argv: list[str]) -> None:

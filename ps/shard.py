@@ -11,6 +11,7 @@ from __future__ import annotations
 import secrets
 import time
 from collections import OrderedDict
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -18,7 +19,7 @@ from ps import wire
 from ps.errors import UnknownTableError, WrongShardError
 from ps.job_config import JobConfig
 from ps.rpc import ps_pb2
-from ps.table import ApplyResult, EmbeddingTable
+from ps.table import ApplyResult, EmbeddingTable, TableState
 from ps.update_log import DEFAULT_MAX_ENTRIES, DEFAULT_MAX_KEYS, LogRange, UpdateLog
 
 MAX_REMEMBERED_CLIENTS = 4096
@@ -63,14 +64,19 @@ class Shard:
         index: int,
         log_max_entries: int = DEFAULT_MAX_ENTRIES,
         log_max_keys: int = DEFAULT_MAX_KEYS,
+        initial_states: Mapping[str, TableState] | None = None,
     ) -> None:
-        """log_max_entries, log_max_keys: bounds of each table's update log (see UpdateLog)."""
+        """log_max_entries, log_max_keys: bounds of each table's update log (see UpdateLog).
+        initial_states: table name -> state to start from (a restored snapshot); the update logs
+        start at the restored versions."""
         if not 0 <= index < len(job.shards):
             raise ValueError(f"shard: must be in [0, {len(job.shards)}) for job {job.job!r}, got {index}")
         self.job = job
         self.index = index
         self.shard_map = job.shard_map
         self.tables = {t.name: EmbeddingTable(t) for t in job.tables}
+        for name, state in (initial_states or {}).items():
+            self.table(name).load(state)
         self.ledger = PushLedger(job.push_dedupe_window)
         # Subscribers compare it to the one their rows came from: a restarted shard may reach the
         # same version numbers with other rows.
