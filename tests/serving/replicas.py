@@ -18,11 +18,12 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ps import wire
+from ps.job_config import JobConfig, dump_job_config
 from ps.rpc import ps_pb2, serving_pb2, serving_pb2_grpc
 from ps.server import MALLOC_TUNING
 from serving.config import ServeConfig, dump_serve_config
 from serving.server import SERVICE_NAME
-from tests.helpers.processes import REPO_ROOT, ShardCluster, free_ports, stop_pid
+from tests.helpers.processes import REPO_ROOT, ShardCluster, free_ports, stop_pid, wait_serving
 
 
 def serve_config(cluster: ShardCluster, **fields) -> ServeConfig:
@@ -126,3 +127,28 @@ class ServingReplica:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def start_cluster_with_log(job: JobConfig, workdir: Path, update_log_keys: int) -> ShardCluster:
+    """Like ShardCluster.start, with `embps ps --update-log-keys update_log_keys` (a tiny log)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    config_path = workdir / f"{job.job}.toml"
+    config_path.write_text(dump_job_config(job))
+    logs = [workdir / f"{job.job}-shard-{i}.log" for i in range(len(job.shards))]
+    env = {**os.environ, **MALLOC_TUNING, "PYTHONPATH": str(REPO_ROOT)}
+    procs = []
+    for i in range(len(job.shards)):
+        with open(logs[i], "ab") as log:
+            argv = ["ps", "--config", str(config_path), "--shard", str(i), "--update-log-keys", str(update_log_keys)]
+            procs.append(
+                subprocess.Popen([sys.executable, "-m", "embps", *argv], cwd=REPO_ROOT, env=env, stdout=log,
+                                 stderr=subprocess.STDOUT)
+            )
+    cluster = ShardCluster(job, config_path, procs, logs)
+    try:
+        for i, shard in enumerate(job.shards):
+            wait_serving(shard.address, procs[i], log_path=logs[i])
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster

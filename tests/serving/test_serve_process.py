@@ -1,0 +1,203 @@
+"""A real training shard and real `embps serve` replicas on loopback: freshness, lookup semantics,
+malformed requests, kill/restart of the shard, resync after a gap, several replicas, exports."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+import urllib.request
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+from ps.client import PSClient
+from ps.rpc import ps_pb2, serving_pb2
+from ps.table import EmbeddingTable
+from ps.table_config import Initializer, TableConfig
+from serving.config import DefaultRow
+from serving.server import SERVICE_NAME
+from tests.helpers.processes import make_job
+from tests.serving.replicas import ServingReplica, start_cluster_with_log
+
+USER = TableConfig("user", dim=4, initializer=Initializer.UNIFORM, init_scale=0.1, seed=5)
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+DEADLINE = 15.0  # seconds a pushed row may take to show in serving (it takes milliseconds)
+
+
+def wait_rows(replica: ServingReplica, keys: np.ndarray, expected: np.ndarray, timeout: float = DEADLINE) -> None:
+    end = time.monotonic() + timeout
+    while True:
+        values, found, _ = replica.lookup("user", keys)
+        if found.all() and np.array_equal(values, expected):
+            return
+        if time.monotonic() > end:
+            raise AssertionError(f"serving did not show the pushed rows within {timeout} s:\n{replica.log()[-3000:]}")
+        time.sleep(0.01)
+
+
+def grads(n: int, value: float = 1.0) -> np.ndarray:
+    return np.full((n, 4), value, dtype=np.float32)
+
+
+def test_acknowledged_pushes_show_up_in_every_replica(start_cluster, tmp_path):
+    cluster = start_cluster(make_job([USER], num_shards=2))
+    with (
+        ServingReplica.start(cluster, tmp_path, "a", default=DefaultRow.INIT) as a,
+        ServingReplica.start(cluster, tmp_path, "b") as b,
+        PSClient.from_job(cluster.job) as client,
+    ):
+        keys = np.arange(200, dtype=np.int64)
+        for step in range(3):
+            client.push("user", keys[step::2], grads(keys[step::2].shape[0], step + 1.0))
+            expected = client.lookup("user", keys[step::2])
+            wait_rows(a, keys[step::2], expected)
+            wait_rows(b, keys[step::2], expected)
+        # Unknown keys: per-key found flag, the default of each replica.
+        unknown = np.array([10_000, -7], dtype=np.int64)
+        values, found, reply = a.lookup("user", np.concatenate([keys[:2], unknown]))
+        assert found.tolist() == [True, True, False, False]
+        np.testing.assert_array_equal(values[2:], EmbeddingTable(USER).init_values(unknown))
+        assert sorted(s.shard for s in reply.shards) == [0, 1] and all(s.version > 0 for s in reply.shards)
+        values, found, _ = b.lookup("user", unknown)
+        assert not found.any() and not values.any()
+        half, _, reply = a.lookup("user", keys[:8], dtype=ps_pb2.FLOAT16)
+        assert reply.dtype == ps_pb2.FLOAT16
+        np.testing.assert_array_equal(half, client.lookup("user", keys[:8]).astype(np.float16).astype(np.float32))
+        # Replicas are independent: b gone, a keeps following.
+        b.stop()
+        client.push("user", keys[:5], grads(5, 7.0))
+        wait_rows(a, keys[:5], client.lookup("user", keys[:5]))
+        scrape = urllib.request.urlopen(f"http://127.0.0.1:{a.config.metrics_port}/metrics", timeout=5).read().decode()
+        for name in (
+            'embps_serving_staleness_seconds_bucket{le="1.0",shard="0",table="user"}',
+            'embps_serving_version{shard="1",table="user"}',
+            'embps_serving_shard_stale{shard="0"} 0.0',
+            "embps_serving_lookup_duration_seconds_count",
+        ):
+            assert name in scrape, name
+
+
+def test_malformed_lookups_are_refused_and_the_replica_keeps_serving(start_cluster, tmp_path):
+    cluster = start_cluster(make_job([USER], num_shards=1))
+    with ServingReplica.start(cluster, tmp_path) as replica:
+        stub = replica.stub
+        bad = [
+            (serving_pb2.ServingLookupRequest(table="user", keys=b"\0" * 7), grpc.StatusCode.INVALID_ARGUMENT),
+            (serving_pb2.ServingLookupRequest(table="user", keys=b"\0" * 8, dim=5), grpc.StatusCode.INVALID_ARGUMENT),
+            (serving_pb2.ServingLookupRequest(table="user", keys=b"\0" * 8, dtype=7), grpc.StatusCode.INVALID_ARGUMENT),
+            (serving_pb2.ServingLookupRequest(table="nope", keys=b"\0" * 8), grpc.StatusCode.NOT_FOUND),
+        ]
+        for request, code in bad:
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Lookup(request, timeout=5)
+            assert info.value.code() == code, info.value.details()
+        values, found, _ = replica.lookup("user", np.arange(3, dtype=np.int64))
+        assert values.shape == (3, 4) and not found.any()
+        # The port offers no write method: only Lookup and Status, health and reflection.
+        db = ProtoReflectionDescriptorDatabase(replica.channel)
+        reflection = "grpc.reflection.v1alpha.ServerReflection"
+        assert set(db.get_services()) == {SERVICE_NAME, "grpc.health.v1.Health", reflection}
+        methods = {m.name for m in db.FindFileContainingSymbol(SERVICE_NAME).service[0].method}
+        assert methods == {"Lookup", "Status"}
+        assert replica.stop() == 0
+
+
+def test_killed_shard_keeps_last_weights_then_restart_resyncs(start_cluster, tmp_path):
+    cluster = start_cluster(make_job([USER], num_shards=1))
+    with ServingReplica.start(cluster, tmp_path) as replica, PSClient.from_job(cluster.job) as client:
+        keys = np.arange(50, dtype=np.int64)
+        client.push("user", keys, grads(50, 2.0))
+        last = client.lookup("user", keys)
+        wait_rows(replica, keys, last)
+        errors, mismatches, reads = [], [], [0]
+        stop = threading.Event()
+
+        def hammer() -> None:
+            while not stop.is_set():
+                try:
+                    values, found, _ = replica.lookup("user", keys)
+                    reads[0] += 1
+                    if not (found.all() and np.array_equal(values, last)):
+                        mismatches.append(found.sum())
+                except grpc.RpcError as err:
+                    errors.append(err.code())
+                time.sleep(0.002)
+
+        thread = threading.Thread(target=hammer)
+        thread.start()
+        try:
+            os.kill(cluster.procs[0].pid, signal.SIGKILL)
+            cluster.procs[0].wait()
+            replica.wait_health(f"{SERVICE_NAME}/shard-0", NOT_SERVING)
+            status = replica.status().shards[0]
+            assert status.stale and not status.connected and status.version == 1
+            assert replica.health(SERVICE_NAME) == SERVING
+            scrape = urllib.request.urlopen(f"http://127.0.0.1:{replica.config.metrics_port}/metrics", timeout=5)
+            assert 'embps_serving_shard_stale{shard="0"} 1.0' in scrape.read().decode()
+        finally:
+            stop.set()
+            thread.join()
+        assert errors == [] and mismatches == [] and reads[0] > 0
+        # The shard comes back empty (version 0 < 1): serving drops the old history, not mixes it.
+        cluster.restart(0)
+        client.push("user", keys[:3], grads(3, 5.0))
+        fresh = client.lookup("user", keys[:3])
+        wait_rows(replica, keys[:3], fresh)
+        _, found, _ = replica.lookup("user", keys)
+        assert found.tolist() == [True] * 3 + [False] * 47
+        replica.wait_health(f"{SERVICE_NAME}/shard-0", SERVING)
+        status = replica.status().shards[0]
+        assert status.num_resyncs >= 1 and status.version == 1 and status.rows == 3
+
+
+def test_a_gap_in_the_stream_forces_a_resync(tmp_path):
+    cluster = start_cluster_with_log(make_job([USER], num_shards=1), tmp_path, 100)
+    try:
+        with PSClient.from_job(cluster.job) as client:
+            for i in range(4):  # 4 x 60 keys > the 100-key log: a replica starting now must resync
+                client.push("user", np.arange(60 * i, 60 * i + 60, dtype=np.int64), grads(60))
+            with ServingReplica.start(cluster, tmp_path) as replica:
+                keys = np.arange(240, dtype=np.int64)
+                wait_rows(replica, keys, client.lookup("user", keys))
+                assert replica.status().shards[0].num_resyncs == 1
+                # A stopped replica falls behind while pushes go on: it catches up, through ranges
+                # merged by the shard, or through another resync if the log moved past it.
+                os.kill(replica.proc.pid, signal.SIGSTOP)
+                try:
+                    big = np.arange(1000, 3000, dtype=np.int64)
+                    for i in range(3):
+                        client.push("user", big, grads(2000, float(i)))
+                finally:
+                    os.kill(replica.proc.pid, signal.SIGCONT)
+                wait_rows(replica, big, client.lookup("user", big))
+                status = replica.status().shards[0]
+                assert status.version == 7 and status.num_resyncs >= 1, status
+    finally:
+        cluster.stop()
+
+
+def test_starts_from_the_latest_export_while_the_shard_is_down(start_cluster, tmp_path):
+    snapshot_ops = pytest.importorskip("ps.snapshot_ops")
+    job = make_job([USER], num_shards=1)
+    table = EmbeddingTable(USER)
+    keys = np.arange(30, dtype=np.int64)
+    table.apply_gradients(keys, grads(30, 3.0))
+    snapper = snapshot_ops.ShardSnapshotter({"user": table}, shard=0)
+    snapper.snapshot(f"file://{tmp_path}/snap", job.job, step=1)
+    snapshot_ops.export_for_serving(f"file://{tmp_path}/snap", job.job, None, f"file://{tmp_path}/export")
+    cluster = start_cluster(job)
+    cluster.stop()  # the PS is gone: serving must come up from the export alone
+    from serving.config import ExportSource
+
+    export = ExportSource(f"file://{tmp_path}/export", job.job)
+    with ServingReplica.start(cluster, tmp_path, export=export) as replica:
+        values, found, reply = replica.lookup("user", keys)
+        assert found.all()
+        np.testing.assert_array_equal(values, table.lookup(keys).numpy())
+        assert reply.shards[0].version == 1 and reply.shards[0].stale
