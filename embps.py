@@ -79,6 +79,13 @@ def _parser() -> argparse.ArgumentParser:
     snap_bench.add_argument("--targets", default="local,s3", help="comma-separated: local, s3")
     snap_bench.add_argument("--out", default=None, help="write the results as JSON here")
 
+    fresh = bench_verbs.add_parser("freshness", help="push-ack to serving-visible delay under a steady push rate")
+    fresh.add_argument("--rate", type=int, default=100_000, help="rows pushed per second (default 100k)")
+    fresh.add_argument("--batch", type=int, default=5_000, help="rows per push")
+    fresh.add_argument("--seconds", type=float, default=20.0, help="length of the measurement")
+    fresh.add_argument("--dim", type=int, default=16)
+    fresh.add_argument("--out", default=None, help="write the results as JSON here")
+
     train_bench = bench_verbs.add_parser("train", help="training samples/s through the PS vs in process")
     train_bench.add_argument("--steps", type=int, default=60)
     train_bench.add_argument("--batch", type=int, default=2048, help="global batch size")
@@ -158,6 +165,12 @@ def main(argv: list[str] | None = None) -> int:
             rows=args.rows, dim=args.dim, batch=args.batch, batches=args.batches, zipf=args.zipf, out=args.out
         )
         return run_table_bench(config)
+    if args.verb == "bench" and args.bench == "freshness":
+        from bench.freshness_bench import FreshnessBenchConfig, run_freshness_bench
+
+        return run_freshness_bench(
+            FreshnessBenchConfig(rate=args.rate, batch=args.batch, seconds=args.seconds, dim=args.dim, out=args.out)
+        )
     if args.verb == "bench" and args.bench == "train":
         from bench.train_bench import TrainBenchConfig, run_train_bench
 
