@@ -99,6 +99,12 @@ def _parser() -> argparse.ArgumentParser:
     launch.add_argument("--nnodes", type=int, default=1, help="nodes of the job (default 1)")
     launch.add_argument("--node-rank", type=int, default=0, help="this node's rank; node 0 starts the PS shards")
     launch.add_argument("--rdzv-endpoint", default=None, help="host:port of the c10d rendezvous (multi-node)")
+    launch.add_argument(
+        "--no-ps", action="store_true", help="start no PS shards on this node (they run elsewhere; default: node 0)"
+    )
+    launch.add_argument(
+        "--local-addr", default=None, help="address other nodes reach this node at (default: its host name)"
+    )
     launch.add_argument("--resume", action="store_true", help="continue from the job's LATEST snapshot")
     return parser
 
@@ -193,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
                 nnodes=args.nnodes,
                 node_rank=args.node_rank,
                 rdzv_endpoint=args.rdzv_endpoint,
+                start_ps=False if args.no_ps else None,
+                local_addr=args.local_addr,
                 resume=args.resume,
             )
         )

@@ -3,6 +3,12 @@
     launcher ─┬─ PS shard 0..S-1      python -m embps ps --config job.toml --shard i   (node 0)
               └─ elastic agent ─ worker rank 0..W-1  python -m worker.worker_main --config job.toml
 
+On several nodes every node runs `embps launch job.toml --nnodes N --node-rank R --rdzv-endpoint
+HOST:PORT`, where HOST is node 0's address: node 0 hosts the c10d store, every node joins the
+rendezvous under the job's name, and each node starts train.workers processes (W = N x workers).
+Workers find the PS shards at the addresses of the job file, so they may be DNS names; with
+`--no-ps` a node starts no shards (they run elsewhere, e.g. on Kubernetes).
+
 Workers start through torch.distributed's elastic launcher (c10d rendezvous, the machinery of
 torchrun), never a hand-made rendezvous. The launcher shows a progress bar fed by rank 0's
 progress lines, writes the summary, and on Ctrl-C, SIGTERM or any failed process stops every
@@ -36,6 +42,17 @@ class LaunchOptions:
     run_id: str | None = None
     start_ps: bool | None = None  # None: node 0 starts the shards
     resume: bool = False  # continue from the job's LATEST snapshot
+    # Address the other nodes reach this node at (its workers' MASTER_ADDR when it is rank 0 of
+    # the rendezvous); None: torch's default, this host's fully qualified name.
+    local_addr: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.nnodes < 1:
+            raise ValueError(f"--nnodes: must be >= 1, got {self.nnodes}")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"--node-rank: must be in [0, {self.nnodes}), got {self.node_rank}")
+        if self.nnodes > 1 and self.rdzv_endpoint is None:
+            raise ValueError("--rdzv-endpoint: a job on several nodes needs node 0's host:port for the rendezvous")
 
 
 class _Failure:
@@ -57,6 +74,7 @@ def launch(options: LaunchOptions) -> int:
     out.mkdir(parents=True, exist_ok=True)
     progress_path = out / "progress.jsonl"
     progress_path.write_text("")
+    (out / "summary.json").unlink(missing_ok=True)  # only this run's rank 0 may leave one
     failure = _Failure()
     start_ps = options.node_rank == 0 if options.start_ps is None else options.start_ps
     shards: list = []
@@ -85,7 +103,10 @@ def launch(options: LaunchOptions) -> int:
         print(f"embps launch: FAILED: {failure.message}", file=sys.stderr)
         return 1
     summary_path = out / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    if not summary_path.exists():
+        print(f"embps launch: done: node {options.node_rank}'s workers finished; global rank 0 writes the summary")
+        return 0
+    summary = json.loads(summary_path.read_text())
     auc = summary.get("eval_auc")
     print(
         f"embps launch: done: {summary.get('steps')} steps, {summary.get('samples_per_s', 0):,.0f} samples/s, "
@@ -170,6 +191,7 @@ def _run_workers(
         rdzv_backend="c10d",
         rdzv_endpoint=options.rdzv_endpoint or "localhost:0",
         rdzv_configs={"is_host": options.node_rank == 0} if options.rdzv_endpoint else {},
+        local_addr=options.local_addr,
         max_restarts=0,
         monitor_interval=0.2,
         start_method="spawn",
