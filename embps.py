@@ -106,6 +106,12 @@ def _parser() -> argparse.ArgumentParser:
         "--local-addr", default=None, help="address other nodes reach this node at (default: its host name)"
     )
     launch.add_argument("--resume", action="store_true", help="continue from the job's LATEST snapshot")
+
+    deploy = verbs.add_parser("deploy", help="cluster manifests from the job's TOML")
+    deploy_verbs = deploy.add_subparsers(dest="deploy", required=True)
+    render = deploy_verbs.add_parser("render", help="write Kubernetes manifests ([deploy] section) into --out")
+    render.add_argument("config", help="job TOML with a [deploy] section")
+    render.add_argument("--out", required=True, help="folder for the manifests (`kubectl apply -f DIR`)")
     return parser
 
 
@@ -204,6 +210,10 @@ def main(argv: list[str] | None = None) -> int:
                 resume=args.resume,
             )
         )
+    if args.verb == "deploy" and args.deploy == "render":
+        from deploy.render import render_cli
+
+        return render_cli(args.config, args.out)
     raise SystemExit(f"embps: unknown verb {args.verb!r}")
 
 

@@ -125,9 +125,9 @@ def load_job_config(path: str | Path) -> JobConfig:
     return parse_job_config(data)
 
 
-# Sections of the same job file that other components read (the training workers); the PS
-# skips them, so one file describes the whole job.
-OTHER_SECTIONS = frozenset({"train", "model", "data"})
+# Sections of the same job file that other components read (the training workers, `embps deploy
+# render`); the PS skips them, so one file describes the whole job.
+OTHER_SECTIONS = frozenset({"train", "model", "data", "deploy"})
 
 
 def parse_job_config(data: dict) -> JobConfig:

@@ -1,0 +1,191 @@
+"""The `[deploy]` section of a job's TOML: how `embps deploy render` lays the job out on Kubernetes.
+
+    [deploy]
+    image = "registry.example.com/embps:0.1.0"   # required: an image with `embps` installed
+    namespace = "default"
+    image_pull_policy = "IfNotPresent"           # "Always" | "IfNotPresent" | "Never"
+    secret = "ctr-credentials"                   # Secret whose keys become every pod's environment
+                                                 # (AWS_* for S3, tokens); default "<job>-credentials"
+
+    [deploy.ps.resources]                        # per PS shard pod (StatefulSet <job>-ps)
+    cpu = "2"                                    # Kubernetes quantities: "500m", "2", 1.5
+    memory = "8Gi"
+    gpu = 0                                      # nvidia.com/gpu
+
+    [deploy.worker]                              # training workers (PyTorchJob <job>-workers)
+    nnodes = 2                                   # pods; each runs train.workers processes
+    rdzv_port = 29400                            # c10d rendezvous port on node 0
+    kind = "pytorchjob"                          # "pytorchjob" (Kubeflow) | "indexed-job" (plain
+                                                 # batch/v1); the other one is written to DIR/alternative/
+    [deploy.worker.resources]
+    cpu = "4"
+    memory = "8Gi"
+    gpu = 1
+
+    [deploy.serving]                             # Deployment + Service + HorizontalPodAutoscaler
+    port = 50200                                 # gRPC Serving (and health) port
+    metrics_port = 9200                          # Prometheus /metrics
+    min_replicas = 2
+    max_replicas = 8
+    target_cpu_percent = 70                      # the HPA adds replicas above this CPU use
+    export_uri = "s3://bucket/exports"           # optional: replicas start from its LATEST export
+    [deploy.serving.resources]
+    cpu = "1"
+    memory = "2Gi"
+
+Every error names the field and the rule, e.g. `deploy.serving.min_replicas: must be >= 1, got -1`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from ps.job_config import build_config
+
+# Kubernetes' resource.Quantity: a decimal number and an optional binary or decimal suffix.
+_QUANTITY = re.compile(r"^(?P<number>[0-9]+(\.[0-9]+)?|\.[0-9]+)(?P<suffix>Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E)?$")
+DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+RESOURCE_NAMES = ("cpu", "memory", "gpu")
+
+
+class PullPolicy(StrEnum):
+    ALWAYS = "Always"
+    IF_NOT_PRESENT = "IfNotPresent"
+    NEVER = "Never"
+
+
+class WorkerKind(StrEnum):
+    PYTORCHJOB = "pytorchjob"  # Kubeflow training operator's PyTorchJob
+    INDEXED_JOB = "indexed-job"  # plain batch/v1 Job, completionMode Indexed
+
+
+@dataclass(frozen=True)
+class Resources:
+    """Requests (= limits) of one pod: `cpu` and `memory` as Kubernetes quantities, `gpu` as a
+    count of nvidia.com/gpu (limits only, as Kubernetes wants for extended resources)."""
+
+    cpu: str = "1"
+    memory: str = "2Gi"
+    gpu: int = 0
+
+
+@dataclass(frozen=True)
+class PSDeploy:
+    resources: Resources = field(default_factory=Resources)
+
+
+@dataclass(frozen=True)
+class WorkerDeploy:
+    nnodes: int = 1
+    rdzv_port: int = 29400
+    kind: WorkerKind = WorkerKind.PYTORCHJOB
+    resources: Resources = field(default_factory=lambda: Resources(cpu="2", memory="4Gi"))
+
+
+@dataclass(frozen=True)
+class ServingDeploy:
+    port: int = 50200
+    metrics_port: int = 9200
+    min_replicas: int = 1
+    max_replicas: int = 4
+    target_cpu_percent: int = 70
+    export_uri: str | None = None
+    resources: Resources = field(default_factory=Resources)
+
+
+@dataclass(frozen=True)
+class DeployConfig:
+    image: str
+    namespace: str = "default"
+    image_pull_policy: PullPolicy = PullPolicy.IF_NOT_PRESENT
+    secret: str | None = None  # None: "<job>-credentials"
+    ps: PSDeploy = field(default_factory=PSDeploy)
+    worker: WorkerDeploy = field(default_factory=WorkerDeploy)
+    serving: ServingDeploy = field(default_factory=ServingDeploy)
+
+
+def parse_deploy_config(raw: object) -> DeployConfig:
+    """The job TOML's `[deploy]` table (a dict) -> a validated DeployConfig; errors name the field."""
+    if raw is None:
+        raise ValueError("deploy: the job has no [deploy] section; it needs at least deploy.image")
+    if not isinstance(raw, dict):
+        raise TypeError(f"deploy: must be a table ([deploy]), got {raw!r}")
+    raw = _numbers_as_quantities(raw)
+    config = build_config(DeployConfig, raw, "deploy")
+    if not config.image.strip():
+        raise ValueError("deploy.image: must name a container image with embps installed, got ''")
+    _check_name("deploy.namespace", config.namespace, DNS_LABEL, 63)
+    if config.secret is not None:
+        _check_name("deploy.secret", config.secret, _DNS_SUBDOMAIN, 253)
+    for role in ("ps", "worker", "serving"):
+        _check_resources(f"deploy.{role}.resources", getattr(config, role).resources)
+    _at_least("deploy.worker.nnodes", config.worker.nnodes, 1)
+    _port("deploy.worker.rdzv_port", config.worker.rdzv_port)
+    serving = config.serving
+    _port("deploy.serving.port", serving.port)
+    _port("deploy.serving.metrics_port", serving.metrics_port)
+    if serving.port == serving.metrics_port:
+        raise ValueError(f"deploy.serving.metrics_port: must differ from deploy.serving.port ({serving.port})")
+    _at_least("deploy.serving.min_replicas", serving.min_replicas, 1)
+    _at_least("deploy.serving.max_replicas", serving.max_replicas, serving.min_replicas)
+    if not 1 <= serving.target_cpu_percent <= 100:
+        raise ValueError(f"deploy.serving.target_cpu_percent: must be in [1, 100], got {serving.target_cpu_percent}")
+    if serving.export_uri is not None and not serving.export_uri:
+        raise ValueError("deploy.serving.export_uri: must be a URI (s3://, hdfs://, file://) or left out, got ''")
+    return config
+
+
+def _numbers_as_quantities(raw: dict) -> dict:
+    """`cpu = 2` and `cpu = "2"` mean the same; unknown resource names are refused here, with the
+    list of the ones Kubernetes gets from us."""
+    raw = dict(raw)
+    for role in ("ps", "worker", "serving"):
+        section = raw.get(role)
+        if not isinstance(section, dict) or not isinstance(section.get("resources"), dict):
+            continue
+        resources = dict(section["resources"])
+        for name, value in resources.items():
+            if name not in RESOURCE_NAMES:
+                raise ValueError(
+                    f"deploy.{role}.resources.{name}: unknown resource; known: {', '.join(RESOURCE_NAMES)} "
+                    "(gpu is nvidia.com/gpu)"
+                )
+            if name != "gpu" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                resources[name] = str(value)
+        raw[role] = {**section, "resources": resources}
+    return raw
+
+
+def _check_resources(where: str, resources: Resources) -> None:
+    for name in ("cpu", "memory"):
+        value = getattr(resources, name)
+        match = _QUANTITY.match(value)
+        if match is None:
+            raise ValueError(f"{where}.{name}: must be a Kubernetes quantity ('500m', '2', '4Gi'), got {value!r}")
+        if float(match["number"]) <= 0:
+            raise ValueError(f"{where}.{name}: must be > 0, got {value!r}")
+        if name == "memory" and match["suffix"] in ("n", "u", "m"):
+            raise ValueError(f"{where}.memory: {value!r} is a fraction of a byte; write Mi or Gi (e.g. '512Mi')")
+    if isinstance(resources.gpu, bool) or not isinstance(resources.gpu, int) or resources.gpu < 0:
+        raise ValueError(f"{where}.gpu: must be an integer >= 0 (nvidia.com/gpu), got {resources.gpu!r}")
+
+
+def _check_name(where: str, value: str, pattern: re.Pattern, max_len: int) -> None:
+    if len(value) > max_len or not pattern.match(value):
+        raise ValueError(
+            f"{where}: must be a Kubernetes name (lowercase letters, digits, '-', at most {max_len} characters), "
+            f"got {value!r}"
+        )
+
+
+def _at_least(where: str, value: int, low: int) -> None:
+    if value < low:
+        raise ValueError(f"{where}: must be >= {low}, got {value}")
+
+
+def _port(where: str, value: int) -> None:
+    if not 1 <= value <= 65535:
+        raise ValueError(f"{where}: must be a port in [1, 65535], got {value}")

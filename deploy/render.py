@@ -1,0 +1,407 @@
+"""`embps deploy render job.toml --out DIR`: Kubernetes manifests from the job's own TOML.
+
+    DIR/00-config.yaml                 ConfigMap <job>-config: job.toml (verbatim) + serve.toml
+    DIR/10-ps-service.yaml             headless Service <job>-ps: stable names <job>-ps-<i>.<job>-ps
+    DIR/11-ps-statefulset.yaml         StatefulSet <job>-ps: pod i runs `embps ps --shard i`
+    DIR/20-serving-deployment.yaml     Deployment <job>-serving: `embps serve`
+    DIR/21-serving-service.yaml        Service <job>-serving (gRPC)
+    DIR/22-serving-hpa.yaml            HorizontalPodAutoscaler on CPU
+    DIR/30-workers-*.yaml              the workers as deploy.worker.kind says: a Kubeflow
+                                       PyTorchJob, or a headless Service + an Indexed batch/v1 Job
+    DIR/alternative/*.yaml             the workers as the other kind
+
+The PS shards bind and the workers dial the addresses of the job file, so `[[shards]]` must name
+the StatefulSet's pods: `<job>-ps-<i>.<job>-ps[.<namespace>...]:PORT`, one port for all. Every
+server pod has gRPC health probes (the kubelet's native `grpc:` probe) and Prometheus scrape
+annotations; every pod gets the `deploy.secret` Secret as environment (S3 credentials, tokens).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import yaml
+
+from deploy.config import DNS_LABEL, DeployConfig, WorkerKind, parse_deploy_config
+from worker.train_config import TrainingJob, parse_training_job
+
+CONFIG_DIR = "/etc/embps"
+# gRPC health service names the probes ask for (ps.server.SERVICE_NAME, serving.server.SERVICE_NAME)
+PS_HEALTH_SERVICE = "embps.v1.ParameterServer"
+SERVING_HEALTH_SERVICE = "embps.v1.Serving"
+PYTORCHJOB_PORT = 23456  # the training operator's MASTER_PORT when the port is named pytorchjob-port
+_MAX_JOB_NAME = 40  # leaves room for "-workers-<i>" and friends in 63-character names
+
+
+def load_deployment(path: str | Path) -> tuple[TrainingJob, DeployConfig, str]:
+    """Reads job.toml: (the training job, its [deploy] section, the file's text); errors name the field."""
+    path = Path(path)
+    text = path.read_text()
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{path}: not valid TOML: {exc}") from exc
+    deploy = parse_deploy_config(data.get("deploy"))
+    job = parse_training_job({k: v for k, v in data.items() if k != "deploy"})
+    return job, deploy, text
+
+
+def render(job: TrainingJob, deploy: DeployConfig, job_toml: str) -> dict[str, dict]:
+    """Every manifest, keyed by its file name under the output folder."""
+    _check_job(job, deploy)
+    name = job.ps.job
+    worker_files = {
+        WorkerKind.PYTORCHJOB: {"30-workers-pytorchjob.yaml": pytorchjob(job, deploy)},
+        WorkerKind.INDEXED_JOB: {
+            "30-workers-service.yaml": _headless_service(f"{name}-workers", name, "worker", deploy.worker.rdzv_port),
+            "31-workers-indexed-job.yaml": indexed_job(job, deploy),
+        },
+    }
+    chosen = deploy.worker.kind
+    other = WorkerKind.INDEXED_JOB if chosen == WorkerKind.PYTORCHJOB else WorkerKind.PYTORCHJOB
+    manifests = {
+        "00-config.yaml": config_map(job, deploy, job_toml),
+        "10-ps-service.yaml": _headless_service(f"{name}-ps", name, "ps", job.ps.shards[0].port),
+        "11-ps-statefulset.yaml": ps_statefulset(job, deploy),
+        "20-serving-deployment.yaml": serving_deployment(job, deploy),
+        "21-serving-service.yaml": serving_service(job, deploy),
+        "22-serving-hpa.yaml": serving_hpa(job, deploy),
+        **worker_files[chosen],
+        **{f"alternative/{file}": manifest for file, manifest in worker_files[other].items()},
+    }
+    for manifest in manifests.values():
+        manifest["metadata"]["namespace"] = deploy.namespace
+    return manifests
+
+
+def write_manifests(manifests: dict[str, dict], out: Path) -> list[Path]:
+    """Writes each manifest as YAML under `out` (created); returns the paths in order."""
+    paths = []
+    for file, manifest in manifests.items():
+        path = out / file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(manifest, sort_keys=False, default_flow_style=False))
+        paths.append(path)
+    return paths
+
+
+def render_cli(config_path: str, out: str) -> int:
+    """`embps deploy render`: exit 0 with the files listed, or 2 with the config error."""
+    try:
+        job, deploy, text = load_deployment(config_path)
+        manifests = render(job, deploy, text)
+    except (ValueError, TypeError) as exc:
+        print(f"embps deploy render: {config_path}: {exc}")
+        return 2
+    for path in write_manifests(manifests, Path(out)):
+        print(path)
+    return 0
+
+
+def _check_job(job: TrainingJob, deploy: DeployConfig) -> None:
+    """The parts of the job that Kubernetes constrains: names, shard addresses, world size."""
+    name = job.ps.job
+    if len(name) > _MAX_JOB_NAME or not DNS_LABEL.match(name):
+        raise ValueError(
+            f"job: Kubernetes object names need lowercase letters, digits and '-' (at most {_MAX_JOB_NAME} "
+            f"characters, starting and ending alphanumeric), got {name!r}"
+        )
+    first = job.ps.shards[0]
+    for i, shard in enumerate(job.ps.shards):
+        labels = shard.host.split(".")
+        if labels[:2] != [f"{name}-ps-{i}", f"{name}-ps"] or (len(labels) > 2 and labels[2] != deploy.namespace):
+            raise ValueError(
+                f"shards[{i}].address: on Kubernetes shard {i} is the StatefulSet pod "
+                f"'{name}-ps-{i}.{name}-ps[.{deploy.namespace}.svc.cluster.local]:PORT', got {shard.address!r}"
+            )
+        if shard.port != first.port:
+            raise ValueError(f"shards[{i}].address: every shard pod serves one port ({first.port}), got {shard.port}")
+        if shard.metrics_port != first.metrics_port or shard.metrics_port in (0, shard.port):
+            raise ValueError(
+                f"shards[{i}].metrics_port: every shard pod needs the same fixed metrics port, not 0 and not the "
+                f"gRPC port, for Prometheus to scrape (shards[0] has {first.metrics_port}), got {shard.metrics_port}"
+            )
+    world_size = deploy.worker.nnodes * job.train.workers
+    if job.train.batch_size % world_size:
+        raise ValueError(
+            f"deploy.worker.nnodes: {deploy.worker.nnodes} nodes x train.workers={job.train.workers} = {world_size} "
+            f"workers must divide train.batch_size={job.train.batch_size}"
+        )
+
+
+def _labels(job: str, component: str) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "embps",
+        "app.kubernetes.io/instance": job,
+        "app.kubernetes.io/component": component,
+    }
+
+
+def _metadata(name: str, job: str, component: str) -> dict:
+    return {"name": name, "labels": _labels(job, component)}
+
+
+def _scrape(port: int) -> dict[str, str]:
+    return {"prometheus.io/scrape": "true", "prometheus.io/port": str(port), "prometheus.io/path": "/metrics"}
+
+
+def _resources(resources) -> dict:
+    amounts = {"cpu": resources.cpu, "memory": resources.memory}
+    limits = dict(amounts)
+    if resources.gpu:
+        limits["nvidia.com/gpu"] = resources.gpu
+    return {"requests": amounts, "limits": limits}
+
+
+def _grpc_probes(port: int, service: str) -> dict:
+    """Readiness, liveness and a startup allowance (restoring a snapshot or loading an export)."""
+    grpc = {"port": port, "service": service}
+    return {
+        "startupProbe": {"grpc": grpc, "periodSeconds": 5, "failureThreshold": 120},
+        "readinessProbe": {"grpc": grpc, "periodSeconds": 5, "failureThreshold": 2},
+        "livenessProbe": {"grpc": grpc, "periodSeconds": 10, "failureThreshold": 3, "timeoutSeconds": 5},
+    }
+
+
+def _pod_spec(job: str, deploy: DeployConfig, container: dict, restart_policy: str | None = None) -> dict:
+    secret = deploy.secret if deploy.secret is not None else f"{job}-credentials"
+    container = {
+        "image": deploy.image,
+        "imagePullPolicy": deploy.image_pull_policy.value,
+        **container,
+        "envFrom": [{"secretRef": {"name": secret, "optional": True}}],
+        "volumeMounts": [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}],
+    }
+    spec = {
+        "containers": [container],
+        "volumes": [{"name": "config", "configMap": {"name": f"{job}-config"}}],
+    }
+    if restart_policy is not None:
+        spec["restartPolicy"] = restart_policy
+    return spec
+
+
+def config_map(job: TrainingJob, deploy: DeployConfig, job_toml: str) -> dict:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(f"{job.ps.job}-config", job.ps.job, "config"),
+        "data": {"job.toml": job_toml, "serve.toml": serve_toml(deploy)},
+    }
+
+
+def serve_toml(deploy: DeployConfig) -> str:
+    """The serving replicas' config (serving/config.py), beside job.toml in the ConfigMap."""
+    serving = deploy.serving
+    lines = [
+        'job_config = "job.toml"',
+        f'listen = "0.0.0.0:{serving.port}"',
+        f"metrics_port = {serving.metrics_port}",
+    ]
+    if serving.export_uri is not None:
+        lines += ["", "[export]", f"uri = {_toml_string(serving.export_uri)}"]
+    return "\n".join(lines) + "\n"
+
+
+def _toml_string(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _headless_service(name: str, job: str, component: str, port: int) -> dict:
+    """DNS names for each pod (<pod>.<name>), published before the pods are ready: a shard binds
+    its own name, and the workers' rendezvous starts before any probe passes."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(name, job, component),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": _labels(job, component),
+            "ports": [{"name": "grpc" if component == "ps" else "rdzv", "port": port, "targetPort": port}],
+        },
+    }
+
+
+def ps_statefulset(job: TrainingJob, deploy: DeployConfig) -> dict:
+    name = job.ps.job
+    shard = job.ps.shards[0]
+    # The pod's ordinal is its shard index; its DNS record may lag its start by a moment, and the
+    # shard binds that name, so it waits for it.
+    script = (
+        f'until getent hosts "$HOSTNAME.{name}-ps" >/dev/null; do sleep 1; done; '
+        f'exec embps ps --config {CONFIG_DIR}/job.toml --shard "${{HOSTNAME##*-}}"'
+    )
+    container = {
+        "name": "ps",
+        "command": ["sh", "-c", script],
+        "ports": [
+            {"name": "grpc", "containerPort": shard.port},
+            {"name": "metrics", "containerPort": shard.metrics_port},
+        ],
+        "resources": _resources(deploy.ps.resources),
+        **_grpc_probes(shard.port, PS_HEALTH_SERVICE),
+    }
+    pod = _pod_spec(name, deploy, container)
+    pod["terminationGracePeriodSeconds"] = 30  # `embps ps` drains in-flight calls on SIGTERM
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "metadata": _metadata(f"{name}-ps", name, "ps"),
+        "spec": {
+            "serviceName": f"{name}-ps",
+            "replicas": len(job.ps.shards),
+            "podManagementPolicy": "Parallel",
+            "selector": {"matchLabels": _labels(name, "ps")},
+            "template": {
+                "metadata": {"labels": _labels(name, "ps"), "annotations": _scrape(shard.metrics_port)},
+                "spec": pod,
+            },
+        },
+    }
+
+
+def serving_deployment(job: TrainingJob, deploy: DeployConfig) -> dict:
+    name = job.ps.job
+    serving = deploy.serving
+    container = {
+        "name": "serving",
+        "command": ["embps", "serve", "--config", f"{CONFIG_DIR}/serve.toml"],
+        "ports": [
+            {"name": "grpc", "containerPort": serving.port},
+            {"name": "metrics", "containerPort": serving.metrics_port},
+        ],
+        "resources": _resources(serving.resources),
+        **_grpc_probes(serving.port, SERVING_HEALTH_SERVICE),
+    }
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _metadata(f"{name}-serving", name, "serving"),
+        "spec": {
+            "replicas": serving.min_replicas,
+            "selector": {"matchLabels": _labels(name, "serving")},
+            "template": {
+                "metadata": {"labels": _labels(name, "serving"), "annotations": _scrape(serving.metrics_port)},
+                "spec": _pod_spec(name, deploy, container),
+            },
+        },
+    }
+
+
+def serving_service(job: TrainingJob, deploy: DeployConfig) -> dict:
+    name = job.ps.job
+    port = deploy.serving.port
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(f"{name}-serving", name, "serving"),
+        "spec": {
+            "selector": _labels(name, "serving"),
+            "ports": [{"name": "grpc", "port": port, "targetPort": "grpc", "appProtocol": "grpc"}],
+        },
+    }
+
+
+def serving_hpa(job: TrainingJob, deploy: DeployConfig) -> dict:
+    name = job.ps.job
+    serving = deploy.serving
+    return {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": _metadata(f"{name}-serving", name, "serving"),
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": f"{name}-serving"},
+            "minReplicas": serving.min_replicas,
+            "maxReplicas": serving.max_replicas,
+            "metrics": [
+                {
+                    "type": "Resource",
+                    "resource": {
+                        "name": "cpu",
+                        "target": {"type": "Utilization", "averageUtilization": serving.target_cpu_percent},
+                    },
+                }
+            ],
+        },
+    }
+
+
+def _launch_command(deploy: DeployConfig, node_rank: str, endpoint: str) -> list[str]:
+    """`embps launch` on one worker pod: node 0 (the one at `endpoint`) hosts the c10d store; the
+    PS shards run in their StatefulSet, so no pod starts any."""
+    return [
+        "embps", "launch", f"{CONFIG_DIR}/job.toml",
+        "--nnodes", str(deploy.worker.nnodes), "--node-rank", node_rank,
+        "--rdzv-endpoint", endpoint, "--local-addr", "$(POD_IP)", "--no-ps",
+    ]  # fmt: skip
+
+
+_POD_IP = {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
+_COMPLETION_INDEX = {
+    "name": "NODE_RANK",
+    "valueFrom": {"fieldRef": {"fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}},
+}
+
+
+def pytorchjob(job: TrainingJob, deploy: DeployConfig) -> dict:
+    """Kubeflow's PyTorchJob (training operator v1): a Master pod and nnodes-1 Worker pods. The
+    operator gives each pod RANK (Master 0, Worker i+1) and MASTER_ADDR/MASTER_PORT (the Master)."""
+    name = job.ps.job
+    container = {
+        "name": "pytorch",  # the operator finds its container by this name
+        "command": _launch_command(deploy, "$(RANK)", "$(MASTER_ADDR):$(MASTER_PORT)"),
+        "env": [_POD_IP],
+        "ports": [{"name": "pytorchjob-port", "containerPort": PYTORCHJOB_PORT}],
+        "resources": _resources(deploy.worker.resources),
+    }
+
+    def replica(count: int) -> dict:
+        return {
+            "replicas": count,
+            "restartPolicy": "Never",
+            "template": {
+                "metadata": {"labels": _labels(name, "worker")},
+                "spec": _pod_spec(name, deploy, container),
+            },
+        }
+
+    specs = {"Master": replica(1)}
+    if deploy.worker.nnodes > 1:
+        specs["Worker"] = replica(deploy.worker.nnodes - 1)
+    return {
+        "apiVersion": "kubeflow.org/v1",
+        "kind": "PyTorchJob",
+        "metadata": _metadata(f"{name}-workers", name, "worker"),
+        "spec": {"runPolicy": {"backoffLimit": 0, "cleanPodPolicy": "None"}, "pytorchReplicaSpecs": specs},
+    }
+
+
+def indexed_job(job: TrainingJob, deploy: DeployConfig) -> dict:
+    """A plain batch/v1 Job, one pod per node: pod i is `<job>-workers-<i>.<job>-workers` (the
+    Job's subdomain), runs node rank = its completion index, and pod 0 hosts the rendezvous."""
+    name = job.ps.job
+    nnodes = deploy.worker.nnodes
+    endpoint = f"{name}-workers-0.{name}-workers:{deploy.worker.rdzv_port}"
+    container = {
+        "name": "worker",
+        "command": _launch_command(deploy, "$(NODE_RANK)", endpoint),
+        "env": [_POD_IP, _COMPLETION_INDEX],
+        "ports": [{"name": "rdzv", "containerPort": deploy.worker.rdzv_port}],
+        "resources": _resources(deploy.worker.resources),
+    }
+    pod = _pod_spec(name, deploy, container, restart_policy="Never")
+    pod["subdomain"] = f"{name}-workers"
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": _metadata(f"{name}-workers", name, "worker"),
+        "spec": {
+            "completionMode": "Indexed",
+            "completions": nnodes,
+            "parallelism": nnodes,
+            "backoffLimit": 0,
+            "template": {"metadata": {"labels": _labels(name, "worker")}, "spec": pod},
+        },
+    }

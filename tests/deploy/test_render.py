@@ -1,0 +1,287 @@
+"""`embps deploy render`: every manifest passes kubernetes-validate (strict, Kubernetes 1.37), the
+PyTorchJob passes a structural check of the fields it uses, and bad configs fail naming the field."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+import embps
+from deploy.render import load_deployment, render, write_manifests
+from ps.job_config import load_job_config
+from ps.server import SERVICE_NAME as PS_SERVICE
+from serving.config import load_serve_config
+from serving.server import SERVICE_NAME as SERVING_SERVICE
+from tests.helpers.processes import REPO_ROOT
+from worker.launcher import LaunchOptions
+from worker.train_config import load_training_job
+
+EXAMPLE = REPO_ROOT / "examples" / "cluster.toml"
+K8S_VERSION = kubernetes_validate.latest_version()
+
+
+def rendered(tmp_path: Path, toml: str | None = None) -> dict[str, dict]:
+    """Renders `toml` (default: examples/cluster.toml) into tmp_path/k8s; returns {relative path:
+    manifest} read back from the written files."""
+    path = EXAMPLE
+    if toml is not None:
+        path = tmp_path / "job.toml"
+        path.write_text(toml)
+    out = tmp_path / "k8s"
+    written = write_manifests(render(*load_deployment(path)), out)
+    files = sorted(out.rglob("*.yaml"))
+    assert files == sorted(written)
+    return {str(f.relative_to(out)): yaml.safe_load(f.read_text()) for f in files}
+
+
+def edited(**replacements: str) -> str:
+    """examples/cluster.toml with each `old` text (keyword: a label) replaced: {label: "old=>new"}."""
+    text = EXAMPLE.read_text()
+    for change in replacements.values():
+        old, new = change.split("=>")
+        assert text.count(old) >= 1, old
+        text = text.replace(old, new)
+    return text
+
+
+def by_kind(manifests: dict[str, dict]) -> dict[str, dict]:
+    return {f"{m['kind']}/{m['metadata']['name']}": m for file, m in manifests.items() if "/" not in file}
+
+
+def check_pytorchjob(job: dict) -> None:
+    """The PyTorchJob fields we use, as the Kubeflow training operator (kubeflow.org/v1) reads them;
+    each pod template must be a valid core/v1 PodTemplateSpec."""
+    assert job["apiVersion"] == "kubeflow.org/v1" and job["kind"] == "PyTorchJob"
+    assert set(job) == {"apiVersion", "kind", "metadata", "spec"}
+    assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", job["metadata"]["name"])
+    spec = job["spec"]
+    assert set(spec) <= {"runPolicy", "pytorchReplicaSpecs", "elasticPolicy", "nprocPerNode"}
+    assert set(spec["runPolicy"]) <= {"backoffLimit", "cleanPodPolicy", "ttlSecondsAfterFinished"}
+    assert spec["runPolicy"].get("cleanPodPolicy", "None") in ("None", "Running", "All")
+    assert isinstance(spec["runPolicy"].get("backoffLimit", 0), int)
+    replicas = spec["pytorchReplicaSpecs"]
+    assert set(replicas) <= {"Master", "Worker"} and "Master" in replicas
+    assert replicas["Master"]["replicas"] == 1, "exactly one Master: it hosts MASTER_ADDR"
+    for role, replica in replicas.items():
+        assert set(replica) == {"replicas", "restartPolicy", "template"}, role
+        assert isinstance(replica["replicas"], int) and replica["replicas"] >= 1, role
+        assert replica["restartPolicy"] in ("Always", "OnFailure", "Never", "ExitCode"), role
+        containers = replica["template"]["spec"]["containers"]
+        assert [c["name"] for c in containers][:1] == ["pytorch"], "the operator looks for the container 'pytorch'"
+        template = {
+            "apiVersion": "v1",
+            "kind": "PodTemplate",
+            "metadata": {"name": f"{job['metadata']['name']}-{role.lower()}"},
+            "template": replica["template"],
+        }
+        kubernetes_validate.validate(template, K8S_VERSION, strict=True)
+
+
+def test_every_manifest_validates_against_the_kubernetes_schema(tmp_path):
+    manifests = rendered(tmp_path)
+    kinds = sorted(f"{m['apiVersion']}/{m['kind']}" for m in manifests.values())
+    assert kinds == sorted(
+        [
+            "v1/ConfigMap", "v1/Service", "apps/v1/StatefulSet", "apps/v1/Deployment", "v1/Service",
+            "autoscaling/v2/HorizontalPodAutoscaler", "kubeflow.org/v1/PyTorchJob", "v1/Service", "batch/v1/Job",
+        ]
+    )  # fmt: skip
+    for file, manifest in manifests.items():
+        if manifest["kind"] == "PyTorchJob":
+            check_pytorchjob(manifest)
+        else:
+            kubernetes_validate.validate(manifest, K8S_VERSION, strict=True)
+        assert manifest["metadata"]["namespace"] == "default", file
+
+
+def test_the_validator_rejects_a_broken_manifest(tmp_path):
+    """The schema check above is not vacuous: a misspelt field and a wrong type both fail."""
+    statefulset = rendered(tmp_path)["11-ps-statefulset.yaml"]
+    statefulset["spec"]["replica"] = statefulset["spec"].pop("replicas")
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(statefulset, K8S_VERSION, strict=True)
+    job = rendered(tmp_path)["30-workers-pytorchjob.yaml"]
+    job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"] = "x"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        check_pytorchjob(job)
+
+
+def test_ps_shards_are_a_statefulset_with_stable_names_and_grpc_probes(tmp_path):
+    objects = by_kind(rendered(tmp_path))
+    service, statefulset = objects["Service/demo-ps"], objects["StatefulSet/demo-ps"]
+    job = load_job_config(EXAMPLE)
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is True
+    assert statefulset["spec"]["serviceName"] == "demo-ps" and statefulset["spec"]["replicas"] == len(job.shards)
+    assert [s.host for s in job.shards] == [f"demo-ps-{i}.demo-ps" for i in range(len(job.shards))]
+    template = statefulset["spec"]["template"]
+    assert template["metadata"]["labels"].items() <= statefulset["spec"]["selector"]["matchLabels"].items()
+    assert service["spec"]["selector"] == statefulset["spec"]["selector"]["matchLabels"]
+    container = template["spec"]["containers"][0]
+    script = container["command"][-1]
+    assert '--shard "${HOSTNAME##*-}"' in script and "/etc/embps/job.toml" in script
+    # the shell takes the shard index from the pod's ordinal
+    ordinal = subprocess.run(
+        ["sh", "-c", 'echo "${HOSTNAME##*-}"'], env={"HOSTNAME": "demo-ps-12"}, capture_output=True
+    )
+    assert ordinal.stdout == b"12\n"
+    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+        assert container[probe]["grpc"] == {"port": job.shards[0].port, "service": PS_SERVICE}, probe
+    annotations = template["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert annotations["prometheus.io/port"] == str(job.shards[0].metrics_port)
+    assert container["resources"] == {
+        "requests": {"cpu": "2", "memory": "4Gi"},
+        "limits": {"cpu": "2", "memory": "4Gi"},
+    }
+    assert container["envFrom"] == [{"secretRef": {"name": "demo-credentials", "optional": True}}]
+
+
+def test_config_map_holds_the_job_file_and_a_serve_config_that_loads(tmp_path):
+    objects = by_kind(rendered(tmp_path))
+    data = objects["ConfigMap/demo-config"]["data"]
+    assert data["job.toml"] == EXAMPLE.read_text()
+    mounted = tmp_path / "etc-embps"
+    mounted.mkdir()
+    for name, text in data.items():
+        (mounted / name).write_text(text)
+    serve = load_serve_config(mounted / "serve.toml")
+    assert serve.listen == "0.0.0.0:50200" and serve.metrics_port == 9200
+    assert serve.export is not None and serve.export.uri == "s3://embps/exports"
+    assert serve.job.addresses == ["demo-ps-0.demo-ps:50051", "demo-ps-1.demo-ps:50051"]
+    assert load_training_job(mounted / "job.toml").train.workers == 2  # [deploy] is ignored by the workers
+
+
+def test_serving_scales_with_an_hpa_behind_a_service(tmp_path):
+    objects = by_kind(rendered(tmp_path))
+    deployment, service, hpa = (
+        objects[f"{k}/demo-serving"] for k in ("Deployment", "Service", "HorizontalPodAutoscaler")
+    )
+    assert deployment["spec"]["replicas"] == 2
+    assert hpa["spec"]["minReplicas"] == 2 and hpa["spec"]["maxReplicas"] == 8
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "demo-serving"}
+    assert hpa["spec"]["metrics"][0]["resource"]["target"]["averageUtilization"] == 70
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["embps", "serve", "--config", "/etc/embps/serve.toml"]
+    assert container["readinessProbe"]["grpc"] == {"port": 50200, "service": SERVING_SERVICE}
+    assert container["livenessProbe"]["grpc"] == {"port": 50200, "service": SERVING_SERVICE}
+    assert deployment["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == "9200"
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    assert service["spec"]["ports"][0]["port"] == 50200
+
+
+def worker_command(container: dict, env: dict[str, str]) -> LaunchOptions:
+    """The pod's `embps launch` command with $(VAR) filled in as the kubelet would, parsed by the
+    real command line into the real LaunchOptions."""
+    argv = [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], a) for a in container["command"]]
+    assert argv[:2] == ["embps", "launch"], shlex.join(argv)
+    args = embps._parser().parse_args(argv[1:])
+    return LaunchOptions(
+        config_path=args.config,
+        nnodes=args.nnodes,
+        node_rank=args.node_rank,
+        rdzv_endpoint=args.rdzv_endpoint,
+        start_ps=False if args.no_ps else None,
+        local_addr=args.local_addr,
+    )
+
+
+def test_workers_run_embps_launch_on_every_node_with_gpus_from_the_config(tmp_path):
+    toml = edited(gpu="gpu = 0=>gpu = 1", nnodes="nnodes = 2=>nnodes = 4")
+    manifests = rendered(tmp_path, toml)
+    job = manifests["30-workers-pytorchjob.yaml"]
+    specs = job["spec"]["pytorchReplicaSpecs"]
+    assert specs["Master"]["replicas"] == 1 and specs["Worker"]["replicas"] == 3
+    container = specs["Worker"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert "nvidia.com/gpu" not in container["resources"]["requests"]
+    options = worker_command(container, {"RANK": "2", "MASTER_ADDR": "demo-workers-master-0", "MASTER_PORT": "23456",
+                                         "POD_IP": "10.1.2.3"})  # fmt: skip
+    assert (options.nnodes, options.node_rank, options.start_ps) == (4, 2, False)
+    assert options.rdzv_endpoint == "demo-workers-master-0:23456" and options.local_addr == "10.1.2.3"
+    assert container["ports"] == [{"name": "pytorchjob-port", "containerPort": 23456}]
+
+    indexed = manifests["alternative/31-workers-indexed-job.yaml"]
+    assert indexed["spec"]["completionMode"] == "Indexed" and indexed["spec"]["completions"] == 4
+    pod = indexed["spec"]["template"]["spec"]
+    assert pod["subdomain"] == manifests["alternative/30-workers-service.yaml"]["metadata"]["name"] == "demo-workers"
+    options = worker_command(pod["containers"][0], {"NODE_RANK": "0", "POD_IP": "10.1.2.4"})
+    assert options.rdzv_endpoint == "demo-workers-0.demo-workers:29400" and options.node_rank == 0
+    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+
+
+def test_worker_kind_indexed_job_swaps_which_one_kubectl_applies(tmp_path):
+    manifests = rendered(tmp_path, edited(kind='kind = "pytorchjob"=>kind = "indexed-job"'))
+    assert "31-workers-indexed-job.yaml" in manifests and "alternative/30-workers-pytorchjob.yaml" in manifests
+    assert "30-workers-pytorchjob.yaml" not in manifests
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ("min_replicas = 2=>min_replicas = -1", "deploy.serving.min_replicas: must be >= 1, got -1"),
+        ("max_replicas = 8=>max_replicas = 1", "deploy.serving.max_replicas: must be >= 2, got 1"),
+        ("nnodes = 2=>nnodes = 0", "deploy.worker.nnodes: must be >= 1, got 0"),
+        ("gpu = 0=>tpu = 1", "deploy.worker.resources.tpu: unknown resource"),
+        ('memory = "2Gi"=>memory = "2 GB"', "deploy.serving.resources.memory: must be a Kubernetes quantity"),
+        ('memory = "4Gi"=>memory = "512m"', "deploy.ps.resources.memory: '512m' is a fraction of a byte"),
+        ('cpu = "1"=>cpu = "0"', "deploy.serving.resources.cpu: must be > 0"),
+        ("gpu = 0=>gpu = -2", "deploy.worker.resources.gpu: must be an integer >= 0"),
+        ('kind = "pytorchjob"=>kind = "mpijob"', "deploy.worker.kind: must be one of"),
+        ('secret = "demo-credentials"=>secret = "Bad_Name"', "deploy.secret: must be a Kubernetes name"),
+        ("target_cpu_percent = 70=>target_cpu_percent = 0", "deploy.serving.target_cpu_percent"),
+        ("port = 50200=>port = 9200", "deploy.serving.metrics_port: must differ"),
+        ("demo-ps-1.demo-ps:50051=>10.0.0.7:50051", "shards[1].address: on Kubernetes shard 1 is the StatefulSet"),
+        ("demo-ps-1.demo-ps:50051=>demo-ps-1.demo-ps:50052", "shards[1].address: every shard pod serves one port"),
+        ("workers = 2 =>workers = 3 ", "train.batch_size: must be divisible by train.workers=3"),
+        ("batch_size = 1024=>batch_size = 1022", "deploy.worker.nnodes: 2 nodes x train.workers=2 = 4"),
+        ('job = "demo"=>job = "Demo_Job"', "job: Kubernetes object names need lowercase"),
+        ('image = "registry.example.com/embps:0.1.0"=>image = " "', "deploy.image: must name a container image"),
+    ],
+)
+def test_impossible_values_fail_at_render_time_naming_the_field(tmp_path, change, field):
+    path = tmp_path / "job.toml"
+    path.write_text(edited(change=change))
+    with pytest.raises((ValueError, TypeError)) as error:
+        render(*load_deployment(path))
+    assert field in str(error.value)
+
+
+def run_cli(path: Path, out: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "embps", "deploy", "render", str(path), "--out", str(out)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_cli_writes_the_manifests_or_reports_the_field(tmp_path):
+    result = run_cli(EXAMPLE, tmp_path / "k8s")
+    assert result.returncode == 0, result.stdout + result.stderr
+    listed = sorted(Path(line) for line in result.stdout.split())
+    assert listed == sorted((tmp_path / "k8s").rglob("*.yaml")) and len(listed) == 9
+
+    path = tmp_path / "job.toml"
+    path.write_text(edited(change="min_replicas = 2=>min_replicas = -3"))
+    result = run_cli(path, tmp_path / "bad")
+    assert result.returncode == 2
+    assert "deploy.serving.min_replicas: must be >= 1, got -3" in result.stdout
+    assert not (tmp_path / "bad").exists()
+
+
+def test_a_job_file_without_deploy_section_says_what_is_missing(tmp_path):
+    path = tmp_path / "job.toml"
+    text = EXAMPLE.read_text()
+    path.write_text(text[: text.index("[deploy]")])
+    assert "deploy" not in tomllib.loads(path.read_text())
+    with pytest.raises(ValueError, match=r"deploy: the job has no \[deploy\] section"):
+        load_deployment(path)
