@@ -94,6 +94,34 @@ def _parser() -> argparse.ArgumentParser:
     train_bench.add_argument("--shared-table", action="store_true", help="all features in one table")
     train_bench.add_argument("--out", default=None, help="write the results as JSON here")
 
+    serve_bench = bench_verbs.add_parser(
+        "serve", help="open-loop latency under load: embps serving vs Redis vs in-process lookup"
+    )
+    serve_bench.add_argument("--target", default="all", choices=["embps", "redis", "inprocess", "all"])
+    serve_bench.add_argument("--address", default=None, help="HOST:PORT of an existing Serving.Lookup server")
+    serve_bench.add_argument("--table", default="emb", help="with --address: the table to look up")
+    serve_bench.add_argument("--rows", type=int, default=1_000_000, help="rows every system holds (keys drawn from)")
+    serve_bench.add_argument("--dim", type=int, default=64)
+    serve_bench.add_argument("--batch", type=int, default=64, help="keys per request")
+    serve_bench.add_argument("--zipf", type=float, default=1.05, help="Zipf exponent of the keys (0: uniform)")
+    rate_or_sweep = serve_bench.add_mutually_exclusive_group()
+    rate_or_sweep.add_argument("--rate", type=float, default=None, help="one run at this many requests/s")
+    rate_or_sweep.add_argument("--sweep", action="store_true", help="step the rate up until the SLO fails (default)")
+    serve_bench.add_argument("--slo-ms", type=float, default=10.0, help="p99 latency objective of the sweep")
+    serve_bench.add_argument("--start-rate", type=float, default=500.0, help="first rate of the sweep (requests/s)")
+    serve_bench.add_argument("--step", type=float, default=1.5, help="rate factor between sweep steps")
+    serve_bench.add_argument("--max-steps", type=int, default=14, help="sweep steps before bisecting")
+    serve_bench.add_argument("--duration", type=float, default=5.0, help="measured seconds per run")
+    serve_bench.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each run")
+    serve_bench.add_argument("--clients", type=int, default=2, help="client processes")
+    serve_bench.add_argument("--concurrency", type=int, default=32, help="calls in flight per client process")
+    serve_bench.add_argument("--out", default=None, help="write the results as JSON here")
+    serve_bench.add_argument("--plot", default=None, help="write a PNG of p99 vs offered rate here")
+
+    report = bench_verbs.add_parser("report", help="markdown table of `embps bench ... --out` JSON results")
+    report.add_argument("results", nargs="+", help="JSON files written by embps bench ... --out")
+    report.add_argument("--out", default=None, help="write the markdown here (default: print it)")
+
     launch = verbs.add_parser("launch", help="run a whole training job: PS shards + workers (+ serving)")
     launch.add_argument("config", help="job TOML (PS part plus [train], [model], [data])")
     launch.add_argument("--nnodes", type=int, default=1, help="nodes of the job (default 1)")
@@ -196,6 +224,35 @@ def main(argv: list[str] | None = None) -> int:
                 out=args.out,
             )
         )
+    if args.verb == "bench" and args.bench == "serve":
+        from bench.serve_bench import SYSTEMS, ServeBenchConfig, run_serve_bench
+
+        return run_serve_bench(
+            ServeBenchConfig(
+                targets=SYSTEMS if args.target == "all" else (args.target,),
+                address=args.address,
+                table=args.table,
+                rows=args.rows,
+                dim=args.dim,
+                batch=args.batch,
+                zipf=args.zipf,
+                rate=args.rate,
+                slo_ms=args.slo_ms,
+                start_rate=args.start_rate,
+                step_factor=args.step,
+                max_steps=args.max_steps,
+                duration_s=args.duration,
+                warmup_s=args.warmup,
+                clients=args.clients,
+                concurrency=args.concurrency,
+                out=args.out,
+                plot=args.plot,
+            )
+        )
+    if args.verb == "bench" and args.bench == "report":
+        from bench.report import run_report
+
+        return run_report(args.results, args.out)
     if args.verb == "launch":
         from worker.launcher import LaunchOptions, launch
 

@@ -1,0 +1,305 @@
+"""An open-loop load generator: Poisson arrivals at a target rate, latency from the scheduled time.
+
+    parent ── spawn ──> client process c of C (rate / C each, its own seed)
+                          schedule: arrival times t_0 < t_1 < ... over warmup + duration (Poisson)
+                          key pool: `pool_batches` batches of `batch` keys (Zipf(alpha) or uniform)
+                          `concurrency` threads take the next arrival i, sleep until t_i, send,
+                          and record latency_i = completion_i - t_i
+           <── histograms, counts by status code, CPU time ──
+
+Open loop: an arrival is due at its scheduled time whether or not earlier calls have come back.
+At most `concurrency` calls per process are in flight; an arrival that finds every thread busy
+is sent as soon as one frees up and its latency still counts from its scheduled time, so a slow
+server cannot hide its queueing (no coordinated omission). `send_lag` (sent - scheduled) is
+reported beside the latency: it is that queueing plus the generator's own lateness.
+
+Only arrivals scheduled inside the measurement window [warmup, warmup + duration) are counted.
+Bounded: every process stops sending at warmup + duration + drain; arrivals not sent by then are
+counted as UNSENT (an error); each call has a deadline that ends by then too. The parent waits at
+most that long plus a margin, and terminates every client process on the way out (Ctrl-C too).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import multiprocessing as mp
+import os
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from bench.histogram import LogHistogram
+
+OK = "OK"
+UNSENT = "UNSENT"  # scheduled in the window, never sent before the run's hard end
+_TICKS = os.sysconf("SC_CLK_TCK")
+_START_DELAY_S = 0.3  # between "every client is ready" and the first arrival
+_RESULT_MARGIN_S = 60.0  # beyond the hard end, for a client to report before it is terminated
+
+
+class Caller(Protocol):
+    """One client process's connection to a target."""
+
+    def call(self, batch_index: int, timeout: float) -> str:
+        """Looks up key batch `batch_index` of the pool; returns OK or an error code's name."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class Target(Protocol):
+    """A system under load; picklable, so it travels to the client processes."""
+
+    name: str
+
+    def connect(self, batches: Sequence[np.ndarray]) -> Caller:
+        """A Caller over the key pool batches (each (batch,) int64), requests prepared up front."""
+        ...
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    """One open-loop run. rate: arrivals per second over all client processes."""
+
+    rate: float
+    duration_s: float = 5.0
+    warmup_s: float = 1.0
+    clients: int = 2
+    concurrency: int = 32  # threads (calls in flight) per client process
+    batch: int = 64
+    rows: int = 1_000_000
+    zipf: float = 1.05  # 0: uniform over the rows
+    seed: int = 0
+    timeout_s: float = 5.0  # deadline of one call
+    drain_s: float = 2.0  # after the last arrival, how long calls still in flight may take
+    pool_batches: int = 2048  # distinct key batches per client process, reused in turn
+    max_requests: int = 5_000_000  # per client process: bounds the schedule's memory and time
+    setup_timeout_s: float = 180.0  # for every client process to connect and prepare
+
+    def __post_init__(self) -> None:
+        positive = {
+            "rate": self.rate, "duration_s": self.duration_s, "clients": self.clients,
+            "concurrency": self.concurrency, "batch": self.batch, "rows": self.rows, "timeout_s": self.timeout_s,
+            "pool_batches": self.pool_batches, "max_requests": self.max_requests,
+            "setup_timeout_s": self.setup_timeout_s,
+        }
+        for name, value in positive.items():
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name}: must be > 0, got {value!r}")
+        for name, value in {"warmup_s": self.warmup_s, "drain_s": self.drain_s, "zipf": self.zipf}.items():
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name}: must be >= 0, got {value!r}")
+        expected = self.rate / self.clients * (self.warmup_s + self.duration_s)
+        if expected > self.max_requests:
+            raise ValueError(
+                f"rate: {self.rate:g}/s over {self.warmup_s + self.duration_s:g} s is {expected:,.0f} arrivals per "
+                f"client process, above max_requests {self.max_requests:,}; shorten the run or add clients"
+            )
+
+    @property
+    def window_s(self) -> tuple[float, float]:
+        return self.warmup_s, self.warmup_s + self.duration_s
+
+
+def arrival_times(rate: float, horizon_s: float, rng: np.random.Generator) -> np.ndarray:
+    """Poisson arrivals at `rate` per second in [0, horizon_s): sorted (n,) float64 seconds."""
+    expected = rate * horizon_s
+    size = int(expected + 6 * math.sqrt(expected) + 16)
+    times = np.cumsum(rng.exponential(1.0 / rate, size=size))
+    while times[-1] < horizon_s:  # a tail beyond 6 sigma: extend (at most a few rounds)
+        times = np.concatenate([times, times[-1] + np.cumsum(rng.exponential(1.0 / rate, size=size))])
+    return times[times < horizon_s]
+
+
+def key_pool(spec: LoadSpec, seed: int) -> list[np.ndarray]:
+    """spec.pool_batches batches of spec.batch keys (int64), Zipf(spec.zipf) or uniform ranks."""
+    from bench.keys import ZipfSampler, key_of_rank
+
+    if spec.zipf > 0:
+        ranks = ZipfSampler(spec.rows, spec.zipf, seed=seed).ranks(spec.pool_batches * spec.batch)
+    else:
+        ranks = np.random.default_rng(seed).integers(0, spec.rows, spec.pool_batches * spec.batch)
+    return list(key_of_rank(ranks).reshape(spec.pool_batches, spec.batch))
+
+
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of a process from /proc/<pid>/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+def _run_client(target: Target, spec: LoadSpec, index: int, ready, start_at, go, results) -> None:
+    """One client process: prepare, wait for the common start, run the schedule, report."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and terminates us
+    rng = np.random.default_rng([spec.seed, index])
+    times = arrival_times(spec.rate / spec.clients, spec.warmup_s + spec.duration_s, rng)
+    caller = target.connect(key_pool(spec, seed=spec.seed * 1000 + index))
+    try:
+        first = caller.call(0, spec.timeout_s)
+        if first != OK:
+            raise RuntimeError(f"{target.name}: the first call failed with {first}")
+        ready.put(index)
+        if not go.wait(spec.setup_timeout_s):
+            return
+        t0 = start_at.value
+        n = times.shape[0]
+        sent = np.full(n, np.nan)
+        done = np.full(n, np.nan)
+        codes: list[str | None] = [None] * n
+        counter = itertools.count()
+        hard_end = t0 + spec.warmup_s + spec.duration_s + spec.drain_s
+
+        def worker() -> None:
+            while True:
+                i = next(counter)
+                if i >= n:
+                    return
+                due = t0 + times[i]
+                now = time.monotonic()
+                if due > now:
+                    time.sleep(due - now)
+                    now = time.monotonic()
+                if now >= hard_end:
+                    return
+                sent[i] = now
+                codes[i] = caller.call(i % spec.pool_batches, max(1e-3, min(spec.timeout_s, hard_end - now)))
+                done[i] = time.monotonic()
+
+        cpu0 = time.process_time()
+        threads = [threading.Thread(target=worker, daemon=True) for _ in range(spec.concurrency)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(max(0.0, hard_end + spec.timeout_s - time.monotonic()))
+        cpu = time.process_time() - cpu0
+    finally:
+        caller.close()
+    lo, hi = spec.window_s
+    in_window = np.flatnonzero((times >= lo) & (times < hi))
+    latency, lag = LogHistogram(), LogHistogram()
+    window_codes = Counter(codes[i] or UNSENT for i in in_window)
+    ok = np.array([i for i in in_window if codes[i] == OK], dtype=np.int64)
+    latency.record(done[ok] - (t0 + times[ok]))
+    was_sent = in_window[~np.isnan(sent[in_window])]
+    lag.record(np.maximum(sent[was_sent] - (t0 + times[was_sent]), 0.0))
+    results.put(
+        {
+            "index": index,
+            "latency": latency.to_dict(),
+            "send_lag": lag.to_dict(),
+            "codes": dict(window_codes),
+            "scheduled": int(in_window.shape[0]),
+            "window_start": t0 + lo,
+            "last_ok_done": float(done[ok].max()) if ok.shape[0] else None,
+            "completed_total": int(np.count_nonzero(~np.isnan(done))),
+            "cpu_s": cpu,
+        }
+    )
+
+
+def _stop_all(procs: list) -> None:
+    procs = [p for p in procs if p.pid is not None]  # started ones only
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    for p in procs:
+        p.join(10)
+        if p.is_alive():
+            p.kill()
+            p.join(5)
+
+
+def run_load(target: Target, spec: LoadSpec, server_pids: Sequence[int] = ()) -> dict[str, object]:
+    """Runs spec against target from spec.clients processes; returns the merged result.
+
+    server_pids: processes whose CPU time over the run is reported per completed call (the
+    server's share of the work). Every client process is gone when this returns or raises.
+    """
+    ctx = mp.get_context("spawn")
+    ready, results, go = ctx.Queue(), ctx.Queue(), ctx.Event()
+    start_at = ctx.Value("d", 0.0)
+    procs = [
+        ctx.Process(target=_run_client, args=(target, spec, i, ready, start_at, go, results), daemon=True)
+        for i in range(spec.clients)
+    ]
+    try:
+        for p in procs:
+            p.start()
+        setup_end = time.monotonic() + spec.setup_timeout_s
+        for _ in procs:
+            _get(ready, setup_end, procs, "connect")
+        server_cpu0 = [_cpu_seconds(pid) for pid in server_pids]
+        start_at.value = time.monotonic() + _START_DELAY_S
+        go.set()
+        hard_end = start_at.value + spec.warmup_s + spec.duration_s + spec.drain_s + spec.timeout_s
+        reports = [_get(results, hard_end + _RESULT_MARGIN_S, procs, "report") for _ in procs]
+        server_cpu = sum(_cpu_seconds(pid) for pid in server_pids) - sum(server_cpu0)
+        for p in procs:
+            p.join(10)
+    finally:
+        _stop_all(procs)
+    return _merge(target.name, spec, reports, server_cpu if server_pids else None)
+
+
+def _get(queue, deadline: float, procs: list, what: str) -> object:
+    """The next item of queue, or RuntimeError when every client died or the deadline passed."""
+    import queue as queue_module
+
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(f"client processes did not {what} in time")
+        try:
+            return queue.get(timeout=min(remaining, 0.5))
+        except queue_module.Empty:
+            dead = [p for p in procs if p.exitcode not in (None, 0)]
+            if dead:
+                raise RuntimeError(f"client process exited with {dead[0].exitcode} before it could {what}") from None
+
+
+def _merge(name: str, spec: LoadSpec, reports: list[dict], server_cpu: float | None) -> dict[str, object]:
+    latency = LogHistogram()
+    lag = LogHistogram()
+    codes: Counter[str] = Counter()
+    for r in reports:
+        latency.merge(LogHistogram.from_dict(r["latency"]))
+        lag.merge(LogHistogram.from_dict(r["send_lag"]))
+        codes.update(r["codes"])
+    scheduled = sum(r["scheduled"] for r in reports)
+    ok = codes.pop(OK, 0)
+    window_start = min(r["window_start"] for r in reports)
+    last = [r["last_ok_done"] for r in reports if r["last_ok_done"] is not None]
+    span = max([spec.duration_s] + [t - window_start for t in last])
+    achieved = ok / span
+    completed_total = sum(r["completed_total"] for r in reports)
+    client_cpu = sum(r["cpu_s"] for r in reports)
+    ms = {k: v * 1e3 for k, v in latency.percentiles().items()}
+    return {
+        "target": name,
+        "target_qps": spec.rate,
+        "offered_qps": scheduled / spec.duration_s,
+        "achieved_qps": achieved,
+        "keys_per_s": achieved * spec.batch,
+        "requests": scheduled,
+        "ok": ok,
+        "errors": dict(codes),
+        "error_count": sum(codes.values()),
+        "latency_ms": {**ms, "mean": latency.mean * 1e3},
+        "send_lag_ms": {k: v * 1e3 for k, v in lag.percentiles((50, 99)).items()},
+        "latency_histogram": latency.to_dict(),
+        "client_cpu_ms_per_call": client_cpu / max(completed_total, 1) * 1e3,
+        "server_cpu_ms_per_call": None if server_cpu is None else server_cpu / max(completed_total, 1) * 1e3,
+        "duration_s": spec.duration_s,
+        "warmup_s": spec.warmup_s,
+        "clients": spec.clients,
+        "concurrency": spec.concurrency,
+        "batch": spec.batch,
+    }

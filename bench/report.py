@@ -1,0 +1,191 @@
+"""`embps bench report results/*.json`: one markdown table of the `embps bench ... --out` results.
+
+    | benchmark | setup | figures | machine |
+
+Each bench's JSON is recognised by its "bench" field (table, train, serve) or, for the files that
+carry none, by its shape (ps: "phases"; snapshot: "<target>.<phase>" entries; freshness:
+"end_to_end_seconds").
+Known benches get their headline figures; any other bench gets its numeric fields, flattened.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+_GENERIC_FIELDS = 8  # numeric fields listed for a bench without its own renderer
+
+
+def _m(value: float) -> str:
+    """A rate in millions, or thousands below a million."""
+    return f"{value / 1e6:.2f} M" if value >= 1e6 else f"{value / 1e3:.1f} k"
+
+
+def kind_of(result: dict) -> str:
+    """The bench that wrote result: its "bench" field, else guessed from its fields."""
+    if isinstance(result.get("bench"), str):
+        return result["bench"]
+    if "phases" in result:
+        return "ps"
+    if any(isinstance(k, str) and k.endswith(".full_write") for k in result):
+        return "snapshot"
+    if "end_to_end_seconds" in result:
+        return "freshness"
+    return "unknown"
+
+
+def _table(r: dict) -> tuple[str, str]:
+    c = r["config"]
+    setup = f"{c['rows']:,} rows x {c['dim']}, batch {c['batch']}, 1 thread"
+    figures = (
+        f"hash find {_m(r['hash_find_keys_per_s'])} keys/s; lookup {_m(r['uniform']['lookup_rows_per_s'])} rows/s "
+        f"uniform, {_m(r['zipf']['lookup_rows_per_s'])} rows/s Zipf; row-wise Adagrad "
+        f"{_m(r['uniform']['rowwise_adagrad_rows_per_s'])} rows/s uniform, "
+        f"{_m(r['zipf']['rowwise_adagrad_rows_per_s'])} rows/s Zipf"
+    )
+    return setup, figures
+
+
+def _ps(r: dict) -> tuple[str, str]:
+    c = r["config"]
+    setup = f"{c['shards']} shards, batch {c['batch']}, Zipf {c['zipf']}, dim {c['dim']}"
+    parts = []
+    for verb in ("lookup", "push"):
+        phases = [p for p in r["phases"] if p["verb"] == verb]
+        if phases:
+            best = max(phases, key=lambda p: p["keys_per_s"])
+            parts.append(
+                f"{verb} {_m(best['keys_per_s'])} keys/s ({best['clients']} clients, p50 {best['p50_ms']:.1f} ms, "
+                f"p99 {best['p99_ms']:.1f} ms)"
+            )
+    if "in_process" in r:
+        parts.append(f"in-process lookup {_m(r['in_process']['lookup_keys_per_s'])} keys/s")
+    return setup, "; ".join(parts)
+
+
+def _train(r: dict) -> tuple[str, str]:
+    c = r["config"]
+    layout = "one shared table" if c.get("shared_table") else f"{c['num_tables']} tables"
+    setup = f"dim {c['dim']}, {layout}, global batch {c['batch']}, {c['workers']} workers + {c['shards']} shards"
+    base = r["in_process"]["samples_per_s"]
+    parts = [f"in-process {base:,.0f} samples/s"]
+    for name in ("ps_sync", "ps_async"):
+        if name in r:
+            rate = r[name]["samples_per_s"]
+            parts.append(f"{name.replace('_', ' ')} {rate:,.0f} samples/s ({rate / base:.2f}x)")
+    return setup, "; ".join(parts)
+
+
+def _snapshot(r: dict) -> tuple[str, str]:
+    c = r["config"]
+    setup = f"{c['rows']:,} rows x {c['dim']}, incremental {c['touched']:.0%} of rows"
+    parts = []
+    for target in c.get("targets", ("local", "s3")):
+        if f"{target}.full_write" in r:
+            parts.append(
+                f"{target}: full write {r[f'{target}.full_write']['mb_per_s']:.0f} MB/s, full read "
+                f"{r[f'{target}.full_read']['mb_per_s']:.0f} MB/s, incremental write "
+                f"{r[f'{target}.incremental_write']['seconds']:.2f} s"
+            )
+    return setup, "; ".join(parts)
+
+
+def _freshness(r: dict) -> tuple[str, str]:
+    c = r["config"]
+    setup = f"{c['rate']:,} rows/s pushed in batches of {c['batch']}, dim {c['dim']}, 1 shard + 1 replica"
+    e = r["end_to_end_seconds"]
+    figures = (
+        f"push acknowledged -> visible in the replica: p50 {e['p50'] * 1e3:.1f} ms, p99 {e['p99'] * 1e3:.1f} ms, "
+        f"max {e['max'] * 1e3:.1f} ms ({e['measured_pushes']:,} pushes)"
+    )
+    return setup, figures
+
+
+def _serve(r: dict) -> tuple[str, str]:
+    c = r["config"]
+    keys = "uniform" if c["zipf"] == 0 else f"Zipf {c['zipf']:g}"
+    objective = f"p99 <= {c['slo_ms']:g} ms" if c.get("rate") is None else f"{c['rate']:g} req/s offered"
+    setup = f"{c['rows']:,} rows x {c['dim']}, batch {c['batch']}, {keys}, {objective}"
+    parts = []
+    for name, s in r["systems"].items():
+        if s.get("status") != "ok":
+            parts.append(f"{name}: skipped")
+            continue
+        p99 = s.get("p99_ms_at_slo")
+        parts.append(
+            f"{name} {s['max_qps_at_slo']:,.0f} req/s = {_m(s['keys_per_s_at_slo'])} keys/s"
+            + (f" (p99 {p99:.1f} ms)" if p99 is not None else "")
+        )
+    ratio = r.get("ratios", {}).get("embps", {}).get("redis")
+    if ratio is not None:
+        parts.append(f"embps / Redis = {ratio:.2f}x")
+    return setup, "; ".join(parts)
+
+
+def _numeric_fields(value: object, prefix: str = "") -> Iterable[tuple[str, float]]:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if k not in ("config", "machine", "bench"):
+                yield from _numeric_fields(v, f"{prefix}{k}.")
+    elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        yield prefix[:-1], float(value)
+
+
+def _generic(r: dict) -> tuple[str, str]:
+    c = r.get("config", {})
+    setup = ", ".join(f"{k} {v}" for k, v in c.items() if isinstance(v, (int, float, str)) and k != "out")
+    fields = list(_numeric_fields(r))
+    shown = [f"{name} {value:,.4g}" for name, value in fields[:_GENERIC_FIELDS]]
+    if len(fields) > _GENERIC_FIELDS:
+        shown.append(f"... {len(fields) - _GENERIC_FIELDS} more fields")
+    return setup, "; ".join(shown)
+
+
+RENDERERS: dict[str, Callable[[dict], tuple[str, str]]] = {
+    "table": _table, "ps": _ps, "train": _train, "snapshot": _snapshot, "freshness": _freshness, "serve": _serve,
+}
+ORDER = ("table", "ps", "train", "snapshot", "freshness", "serve")
+
+
+def _machine(r: dict) -> str:
+    m = r.get("machine") or {}
+    memory = m.get("memory_bytes")
+    gib = f", {memory / 2**30:.0f} GiB" if memory else ""
+    return f"{m.get('cpu_count', '?')} cores{gib}, Python {m.get('python', '?')}"
+
+
+def render(results: list[tuple[str, dict]]) -> str:
+    """Markdown: one row per result file, in ORDER of benches (unknown ones last)."""
+    rows = []
+    for path, r in results:
+        kind = kind_of(r)
+        try:
+            setup, figures = RENDERERS.get(kind, _generic)(r)
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"{path}: not a complete `embps bench {kind}` result (missing {exc})") from None
+        rank = ORDER.index(kind) if kind in ORDER else len(ORDER)
+        rows.append((rank, path, f"| `embps bench {kind}` | {setup} | {figures} | {_machine(r)} |"))
+    rows.sort(key=lambda row: (row[0], row[1]))
+    lines = ["| benchmark | setup | figures | machine |", "|---|---|---|---|"]
+    return "\n".join(lines + [row[2] for row in rows]) + "\n"
+
+
+def run_report(paths: list[str], out: str | None = None) -> int:
+    results = []
+    for path in paths:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise SystemExit(f"embps bench report: {path}: {exc}") from None
+        if not isinstance(data, dict):
+            raise SystemExit(f"embps bench report: {path}: expected a JSON object")
+        results.append((path, data))
+    text = render(results)
+    if out:
+        Path(out).write_text(text)
+        print(f"wrote {out}")
+    else:
+        print(text, end="")
+    return 0

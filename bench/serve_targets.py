@@ -1,0 +1,418 @@
+"""The systems `embps bench serve` loads, each holding the same rows, and the load generator's
+clients for them.
+
+    rows: keys = key_of_rank(0 .. rows-1), values = row_values(keys, dim)  (n, dim) float32
+    embps      an export of those rows (ps/snapshot.py's format) that a real `embps serve`
+               replica loads at start; Lookup over gRPC, keys as little-endian int64 bytes
+    redis      `redis-server` on 127.0.0.1, one float32 blob (dim * 4 bytes, LE) per key, the key
+               being the key's 8 little-endian bytes; a lookup is one MGET of the batch
+    inprocess  the replica's own lookup code (serving.store.TableReplica: C++ hash map + gather)
+               called inside the client process, no RPC: the ceiling
+
+Each Target is a picklable frozen dataclass; `connect` runs in a client process and prepares
+every request of the key pool up front, so a call does only the call and a check of the reply
+(row count and length; a reply with a missing row is an error, not a success).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from bench.keys import key_of_rank
+from bench.loadgen import OK
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TABLE = "emb"
+JOB = "servebench"
+ROW_SEED = 7
+ROW_SCALE = 0.05
+_NORMAL_INIT = 2  # the code of Initializer.NORMAL in ps.native.init_values
+_MESSAGE_LIMIT = 64 << 20
+_LOAD_CHUNK = 1 << 16  # rows per export / Redis loading step
+
+
+def bench_keys(rows: int) -> np.ndarray:
+    """The keys every system holds: (rows,) int64, key_of_rank(0 .. rows-1)."""
+    return key_of_rank(np.arange(rows, dtype=np.int64))
+
+
+def row_values(keys: np.ndarray, dim: int) -> np.ndarray:
+    """The value of each key's row, a pure function of the key: (n, dim) float32."""
+    from ps import native
+
+    return native.init_values(ROW_SEED, _NORMAL_INIT, ROW_SCALE, keys, dim)
+
+
+class GrpcCaller:
+    """Serving.Lookup with requests serialized up front; replies parsed and checked."""
+
+    def __init__(self, address: str, table: str, dim: int, batches: Sequence[np.ndarray]) -> None:
+        import grpc
+
+        from ps import wire
+        from ps.rpc import serving_pb2
+
+        self._grpc = grpc
+        self._channel = grpc.insecure_channel(
+            address,
+            options=[
+                ("grpc.max_receive_message_length", _MESSAGE_LIMIT),
+                ("grpc.max_send_message_length", _MESSAGE_LIMIT),
+            ],
+        )
+        self._lookup = self._channel.unary_unary(
+            "/embps.v1.Serving/Lookup", response_deserializer=serving_pb2.ServingLookupResponse.FromString
+        )
+        self._requests = [
+            serving_pb2.ServingLookupRequest(table=table, keys=wire.encode_keys(b), dim=dim).SerializeToString()
+            for b in batches
+        ]
+        self._sizes = [b.shape[0] for b in batches]
+
+    def reply(self, batch_index: int, timeout: float):
+        """The ServingLookupResponse for batch `batch_index` (grpc.RpcError on a failed call)."""
+        return self._lookup(self._requests[batch_index], timeout=timeout)
+
+    def call(self, batch_index: int, timeout: float) -> str:
+        try:
+            reply = self.reply(batch_index, timeout)
+        except self._grpc.RpcError as exc:
+            return exc.code().name
+        n = self._sizes[batch_index]
+        if len(reply.values) != n * reply.dim * 4 or len(reply.found) != n:
+            return "BAD_REPLY"
+        return OK if reply.found.count(0) == 0 else "MISSING_ROWS"
+
+    def close(self) -> None:
+        self._channel.close()
+
+
+@dataclass(frozen=True)
+class EmbpsTarget:
+    """A Serving.Lookup endpoint: our `embps serve`, or any server at `address` (dim 0: any)."""
+
+    address: str
+    table: str = TABLE
+    dim: int = 0
+    name: str = "embps"
+
+    def connect(self, batches: Sequence[np.ndarray]) -> GrpcCaller:
+        return GrpcCaller(self.address, self.table, self.dim, batches)
+
+
+class RedisCaller:
+    """MGET of the batch's key blobs over a pool of connections (one per thread in flight)."""
+
+    def __init__(self, host: str, port: int, dim: int, batches: Sequence[np.ndarray], timeout: float) -> None:
+        import redis
+
+        self._redis = redis
+        self._client = redis.Redis(host=host, port=port, socket_timeout=timeout, socket_connect_timeout=timeout)
+        self._keys = [_redis_keys(b) for b in batches]
+        self._row_bytes = dim * 4
+
+    def call(self, batch_index: int, timeout: float) -> str:
+        keys = self._keys[batch_index]
+        try:
+            values = self._client.mget(keys)
+        except self._redis.exceptions.TimeoutError:
+            return "DEADLINE_EXCEEDED"
+        except self._redis.exceptions.ConnectionError:
+            return "UNAVAILABLE"
+        except self._redis.exceptions.RedisError as exc:
+            return type(exc).__name__
+        if len(values) != len(keys) or None in values:
+            return "MISSING_ROWS"
+        return OK if sum(map(len, values)) == len(keys) * self._row_bytes else "BAD_REPLY"
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def _redis_keys(keys: np.ndarray) -> list[bytes]:
+    """Each key's 8 little-endian bytes, the Redis key of its row."""
+    data = keys.astype("<i8").tobytes()
+    return [data[i : i + 8] for i in range(0, len(data), 8)]
+
+
+@dataclass(frozen=True)
+class RedisTarget:
+    host: str
+    port: int
+    dim: int
+    timeout_s: float = 5.0  # redis-py sets socket timeouts per connection, not per call
+    name: str = "redis"
+
+    def connect(self, batches: Sequence[np.ndarray]) -> RedisCaller:
+        return RedisCaller(self.host, self.port, self.dim, batches, self.timeout_s)
+
+
+class InProcessCaller:
+    """The replica's TableReplica.lookup on this process's own copy of the rows."""
+
+    def __init__(self, rows: int, dim: int, batches: Sequence[np.ndarray]) -> None:
+        self._replica = in_process_replica(rows, dim)
+        self._batches = list(batches)
+
+    def call(self, batch_index: int, timeout: float) -> str:
+        _, found = self._replica.lookup(self._batches[batch_index])
+        return OK if found.all() else "MISSING_ROWS"
+
+    def close(self) -> None:
+        self._replica = None
+
+
+def in_process_replica(rows: int, dim: int):
+    """A serving.store.TableReplica (1 shard) holding the bench rows."""
+    from ps.sharding import ShardMap
+    from ps.table_config import TableConfig
+    from serving.store import TableReplica
+
+    replica = TableReplica(TableConfig(TABLE, dim=dim), ShardMap.uniform(1))
+    keys = bench_keys(rows)
+    for start in range(0, rows, _LOAD_CHUNK):
+        part = keys[start : start + _LOAD_CHUNK]
+        replica.shards[0].upsert(part, row_values(part, dim))
+    return replica
+
+
+@dataclass(frozen=True)
+class InProcessTarget:
+    rows: int
+    dim: int
+    name: str = "inprocess"
+
+    def connect(self, batches: Sequence[np.ndarray]) -> InProcessCaller:
+        return InProcessCaller(self.rows, self.dim, batches)
+
+
+def _stop(proc: subprocess.Popen, timeout: float = 15.0) -> None:
+    """SIGTERM by pid, then SIGKILL after timeout."""
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+class EmbpsServer:
+    """A real `embps serve` replica on 127.0.0.1 that starts from an export of the bench rows.
+
+    The job it follows names one training shard on a port nothing listens on: no training runs,
+    so the replica serves the export and its follower retries once a second (the Lookup path is
+    the one a live replica runs; the delta stream is idle).
+    """
+
+    def __init__(self, proc: subprocess.Popen, address: str, dim: int, log_path: Path) -> None:
+        self.proc = proc
+        self.address = address
+        self.dim = dim
+        self.log_path = log_path
+        self.target = EmbpsTarget(address, TABLE, dim)
+
+    @property
+    def pids(self) -> list[int]:
+        return [self.proc.pid]
+
+    @classmethod
+    def start(cls, rows: int, dim: int, workdir: Path, timeout: float = 300.0) -> EmbpsServer:
+        from bench.ports import free_ports
+        from ps.job_config import JobConfig, ShardConfig, dump_job_config
+        from ps.server import MALLOC_TUNING
+        from ps.table_config import TableConfig
+        from serving.config import ExportSource, ServeConfig, dump_serve_config
+
+        workdir.mkdir(parents=True, exist_ok=True)
+        export_uri = (workdir / "export").resolve().as_uri()
+        write_export(export_uri, rows, dim)
+        shard_port, shard_metrics, listen, metrics = free_ports(4)
+        job = JobConfig(
+            job=JOB,
+            shards=(ShardConfig(f"127.0.0.1:{shard_port}", metrics_port=shard_metrics),),
+            tables=(TableConfig(TABLE, dim=dim),),
+            message_limit_bytes=_MESSAGE_LIMIT,
+        )
+        (workdir / "job.toml").write_text(dump_job_config(job))
+        config = ServeConfig(
+            job=job, listen=f"127.0.0.1:{listen}", metrics_port=metrics, tables=(TABLE,),
+            export=ExportSource(export_uri, JOB),
+        )
+        config_path = workdir / "serve.toml"
+        config_path.write_text(dump_serve_config(config, "job.toml"))
+        log_path = workdir / "serve.log"
+        env = {**os.environ, **MALLOC_TUNING, "PYTHONPATH": str(REPO_ROOT)}
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "embps", "serve", "--config", str(config_path), "--grace", "2"],
+                cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+            )
+        server = cls(proc, config.listen, dim, log_path)
+        try:
+            server.wait_ready(rows, timeout)
+        except BaseException:
+            server.stop()
+            raise
+        return server
+
+    def wait_ready(self, rows: int, timeout: float) -> None:
+        """Polls health until SERVING and checks that the replica holds `rows` rows."""
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        from serving.server import SERVICE_NAME
+
+        end = time.monotonic() + timeout
+        with grpc.insecure_channel(self.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while time.monotonic() < end:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"embps serve exited with {self.proc.returncode}:\n{self.log_tail()}")
+                try:
+                    reply = stub.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=1.0)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.05)
+        raise TimeoutError(f"embps serve at {self.address} not SERVING after {timeout} s:\n{self.log_tail()}")
+
+    def fetch(self, keys: np.ndarray) -> np.ndarray:
+        """keys (n,) int64 -> the served rows (n, dim) float32 (for the pre-run check)."""
+        caller = GrpcCaller(self.address, TABLE, self.dim, [keys])
+        try:
+            reply = caller.reply(0, 10.0)
+        finally:
+            caller.close()
+        return np.frombuffer(reply.values, dtype="<f4").reshape(keys.shape[0], self.dim)
+
+    def log_tail(self, chars: int = 4000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:]
+
+    def stop(self) -> None:
+        _stop(self.proc)
+
+
+def write_export(uri: str, rows: int, dim: int) -> None:
+    """An export (kind "export", 1 shard, step 1) of the bench rows under uri/JOB."""
+    from ps.snapshot import SnapshotWriter
+    from ps.snapshot_manifest import SnapshotKind
+
+    keys = np.sort(bench_keys(rows))
+    writer = SnapshotWriter(uri, JOB, step=1, kind=SnapshotKind.EXPORT, num_shards=1)
+    writer.write_values_shard(TABLE, 0, keys, row_values(keys, dim), version=1, step=1)
+    writer.commit()
+
+
+class RedisServer:
+    """`redis-server` on 127.0.0.1 (no persistence), loaded with the bench rows by pipelined MSET."""
+
+    def __init__(self, proc: subprocess.Popen, port: int, dim: int) -> None:
+        self.proc = proc
+        self.port = port
+        self.dim = dim
+        self.target = RedisTarget("127.0.0.1", port, dim)
+
+    @property
+    def pids(self) -> list[int]:
+        return [self.proc.pid]
+
+    @staticmethod
+    def available() -> str | None:
+        """None if redis-server and redis-py are installed, else why the Redis side is skipped."""
+        if shutil.which("redis-server") is None:
+            return "redis-server is not installed (Debian: apt-get install redis-server, or `make system-tools`)"
+        try:
+            import redis  # noqa: F401
+        except ImportError:
+            return "redis-py is not installed (pip install '.[bench]')"
+        return None
+
+    @classmethod
+    def start(cls, rows: int, dim: int, workdir: Path, timeout: float = 60.0) -> RedisServer:
+        import redis
+
+        from bench.ports import free_ports
+
+        workdir.mkdir(parents=True, exist_ok=True)
+        (port,) = free_ports(1)
+        cmd = [
+            "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            "--dir", str(workdir), "--logfile", str(workdir / "redis.log"),
+        ]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        server = cls(proc, port, dim)
+        try:
+            client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=30)
+            end = time.monotonic() + timeout
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"redis-server exited with {proc.returncode}; see {workdir / 'redis.log'}")
+                try:
+                    client.ping()
+                    break
+                except redis.exceptions.ConnectionError:
+                    if time.monotonic() > end:
+                        raise TimeoutError(f"redis-server on port {port} not answering after {timeout} s") from None
+                    time.sleep(0.05)
+            server._load(client, rows)
+            client.close()
+        except BaseException:
+            server.stop()
+            raise
+        return server
+
+    def _load(self, client, rows: int) -> None:
+        keys = bench_keys(rows)
+        pipe = client.pipeline(transaction=False)
+        step = 1024
+        for start in range(0, rows, _LOAD_CHUNK):
+            part = keys[start : start + _LOAD_CHUNK]
+            blobs = row_values(part, self.dim).astype("<f4").tobytes()
+            names = _redis_keys(part)
+            width = self.dim * 4
+            for i in range(0, part.shape[0], step):
+                pipe.mset({names[j]: blobs[j * width : (j + 1) * width] for j in range(i, min(i + step, len(names)))})
+            pipe.execute()
+        held = client.dbsize()
+        if held != rows:
+            raise RuntimeError(f"redis: holds {held} keys after loading {rows} rows")
+
+    def fetch(self, keys: np.ndarray) -> np.ndarray:
+        import redis
+
+        client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=10)
+        try:
+            values = client.mget(_redis_keys(keys))
+        finally:
+            client.close()
+        if any(v is None for v in values):
+            raise RuntimeError("redis: a bench key has no row")
+        return np.frombuffer(b"".join(values), dtype="<f4").reshape(keys.shape[0], self.dim)
+
+    def version(self) -> str:
+        out = subprocess.run(["redis-server", "--version"], capture_output=True, text=True, check=False).stdout
+        return out.strip()
+
+    def stop(self) -> None:
+        _stop(self.proc)
+
+
+def check_rows(fetch, rows: int, dim: int, sample: int = 256, seed: int = 0) -> None:
+    """Raises RuntimeError unless fetch(keys) returns row_values(keys) for a sample of the rows."""
+    rng = np.random.default_rng(seed)
+    keys = bench_keys(rows)[rng.integers(0, rows, min(sample, rows))]
+    got = fetch(keys)
+    if not np.array_equal(got, row_values(keys, dim)):
+        raise RuntimeError("the served rows differ from the bench rows")

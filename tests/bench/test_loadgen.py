@@ -1,0 +1,80 @@
+"""The open-loop schedule, the config checks, and the sweep's pass/fail logic on real runs of the
+in-process target (real client processes, real lookups)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bench.loadgen import LoadSpec, arrival_times, key_pool, run_load
+from bench.serve_bench import ServeBenchConfig, meets_slo, summarize, sweep
+from bench.serve_targets import InProcessTarget, bench_keys
+
+
+def test_arrivals_are_poisson_at_the_rate() -> None:
+    rng = np.random.default_rng(0)
+    times = arrival_times(2_000.0, 10.0, rng)
+    assert times[0] >= 0 and times[-1] < 10.0 and np.all(np.diff(times) > 0)
+    assert abs(times.shape[0] - 20_000) < 4 * np.sqrt(20_000)
+    gaps = np.diff(times)
+    assert abs(gaps.mean() - 1 / 2_000) < 0.03 / 2_000
+    assert abs(gaps.std() / gaps.mean() - 1.0) < 0.03  # exponential: coefficient of variation 1
+    counts = np.histogram(times, bins=100, range=(0, 10))[0]  # Poisson: variance = mean
+    assert 0.6 < counts.var() / counts.mean() < 1.5
+
+
+def test_key_pool_draws_only_bench_keys_with_zipf_skew() -> None:
+    spec = LoadSpec(rate=1, rows=1000, batch=64, pool_batches=100, zipf=1.05)
+    pool = np.concatenate(key_pool(spec, seed=1))
+    assert pool.shape == (6400,) and np.isin(pool, bench_keys(1000)).all()
+    top = np.mean(pool == bench_keys(1)[0])
+    assert top > 0.05  # rank 0 of Zipf(1.05) over 1000 rows has p ~ 0.13; uniform would give 0.001
+    uniform = np.concatenate(key_pool(LoadSpec(rate=1, rows=1000, batch=64, pool_batches=100, zipf=0), seed=1))
+    assert np.mean(uniform == bench_keys(1)[0]) < 0.01
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("rate", 0), ("duration_s", -1), ("clients", 0), ("concurrency", 0), ("warmup_s", -1)]
+)
+def test_load_spec_names_the_bad_field(field: str, value: float) -> None:
+    with pytest.raises(ValueError, match=field):
+        LoadSpec(**{"rate": 10.0, field: value})
+
+
+def test_load_spec_bounds_the_schedule() -> None:
+    with pytest.raises(ValueError, match="max_requests"):
+        LoadSpec(rate=1e6, duration_s=100, clients=1, max_requests=1000)
+
+
+def test_serve_bench_config_names_the_bad_field() -> None:
+    with pytest.raises(ValueError, match="targets"):
+        ServeBenchConfig(targets=("memcached",))
+    with pytest.raises(ValueError, match="step_factor"):
+        ServeBenchConfig(step_factor=1.0)
+
+
+def test_low_rate_run_is_counted_from_the_schedule() -> None:
+    spec = LoadSpec(rate=200, duration_s=1.5, warmup_s=0.3, clients=2, concurrency=4, rows=2_000)
+    run = run_load(InProcessTarget(rows=2_000, dim=8), spec)
+    assert run["error_count"] == 0 and run["ok"] == run["requests"]
+    assert abs(run["offered_qps"] - 200) < 0.25 * 200  # Poisson count over 1.5 s
+    assert abs(run["achieved_qps"] - run["offered_qps"]) <= 0.1 * run["offered_qps"]
+    lat = run["latency_ms"]
+    assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["p99.9"] <= lat["max"]
+    assert run["latency_histogram"]["count"] == run["ok"]
+
+
+def test_sweep_stops_at_the_first_failing_rate_and_reports_the_best_passing_one() -> None:
+    config = ServeBenchConfig(
+        targets=("inprocess",), rows=2_000, dim=8, start_rate=100, step_factor=2, max_steps=2, refine_steps=0,
+        duration_s=0.6, warmup_s=0.2, clients=1, concurrency=4, slo_ms=1_000,
+    )
+    runs = sweep(config, InProcessTarget(rows=2_000, dim=8), [])
+    assert [r["target_qps"] for r in runs] == [100, 200]  # both pass: stops after max_steps
+    best = summarize(runs, sweep_mode=True)
+    assert best["max_qps_at_slo"] == runs[1]["offered_qps"]
+    failing = dict(runs[1], latency_ms=dict(runs[1]["latency_ms"], p99=2_000.0))
+    assert not meets_slo(failing, config.slo_ms)
+    assert summarize([runs[0], dict(failing, meets_slo=False)], True)["max_qps_at_slo"] == runs[0]["offered_qps"]
+    assert not meets_slo(dict(runs[0], error_count=1), config.slo_ms)
+    assert not meets_slo(dict(runs[0], achieved_qps=0.5 * runs[0]["offered_qps"]), config.slo_ms)

@@ -1,0 +1,50 @@
+"""`embps bench report`: each bench's JSON is recognised and rendered as one markdown row."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench.report import kind_of, render, run_report
+
+PS = {
+    "config": {"shards": 2, "batch": 4096, "zipf": 1.05, "dim": 64},
+    "machine": {"cpu_count": 2, "memory_bytes": 24 << 30, "python": "3.11.7"},
+    "in_process": {"lookup_keys_per_s": 41e6},
+    "phases": [
+        {"verb": "lookup", "clients": 1, "keys_per_s": 1.5e6, "p50_ms": 2.0, "p99_ms": 5.0},
+        {"verb": "lookup", "clients": 4, "keys_per_s": 3.3e6, "p50_ms": 4.6, "p99_ms": 9.8},
+        {"verb": "push", "clients": 4, "keys_per_s": 2.8e6, "p50_ms": 5.0, "p99_ms": 11.0},
+    ],
+}
+FRESHNESS = {
+    "config": {"rate": 100_000, "batch": 5_000, "seconds": 20.0, "dim": 16},
+    "end_to_end_seconds": {"measured_pushes": 400, "p50": 0.012, "p99": 0.031, "max": 0.05},
+}
+
+
+def test_kinds_are_recognised_by_field_or_shape() -> None:
+    assert kind_of(PS) == "ps"
+    assert kind_of(FRESHNESS) == "freshness"
+    assert kind_of({"bench": "serve"}) == "serve"
+    assert kind_of({"local.full_write": {}}) == "snapshot"
+
+
+def test_rows_carry_the_headline_figures_in_bench_order() -> None:
+    text = render([("b.json", FRESHNESS), ("a.json", PS), ("c.json", {"bench": "other", "x": {"rate": 5.0}})])
+    lines = text.splitlines()
+    assert lines[:2] == ["| benchmark | setup | figures | machine |", "|---|---|---|---|"]
+    assert lines[2].startswith("| `embps bench ps` | 2 shards, batch 4096")
+    assert "lookup 3.30 M keys/s (4 clients, p50 4.6 ms, p99 9.8 ms)" in lines[2]
+    assert "push 2.80 M keys/s" in lines[2] and "2 cores, 24 GiB" in lines[2]
+    assert lines[3].startswith("| `embps bench freshness`") and "p99 31.0 ms" in lines[3]
+    assert lines[4].startswith("| `embps bench other`") and "x.rate 5" in lines[4]
+
+
+def test_an_incomplete_result_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "broken.json"
+    path.write_text(json.dumps({"bench": "serve", "config": {}}))
+    with pytest.raises(ValueError, match="broken.json"):
+        run_report([str(path)])

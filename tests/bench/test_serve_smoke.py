@@ -1,0 +1,123 @@
+"""`embps bench serve` end to end against real servers: a real `embps serve` replica (started from
+an export of the bench rows) and a real redis-server, at a low rate; then `embps bench report`
+on the JSON it wrote, and Ctrl-C stopping every client process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import embps
+from bench.serve_targets import RedisServer
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+RUN_FIELDS = {
+    "target", "target_qps", "offered_qps", "achieved_qps", "keys_per_s", "requests", "ok", "errors", "error_count",
+    "latency_ms", "send_lag_ms", "latency_histogram", "client_cpu_ms_per_call", "server_cpu_ms_per_call",
+    "duration_s", "warmup_s", "clients", "concurrency", "batch", "meets_slo",
+}
+LATENCY_FIELDS = {"p50", "p90", "p99", "p99.9", "max", "mean"}
+MACHINE_FIELDS = {"cpu_count", "memory_bytes", "python", "numpy", "torch", "grpcio", "protobuf", "redis", "hiredis"}
+
+
+def _bench(tmp_path: Path, target: str, rate: float = 150.0) -> dict:
+    out, plot = tmp_path / f"{target}.json", tmp_path / f"{target}.png"
+    argv = [
+        "bench", "serve", "--target", target, "--rows", "20000", "--dim", "16", "--batch", "32", "--rate", str(rate),
+        "--duration", "2.5", "--warmup", "0.5", "--clients", "1", "--concurrency", "8",
+        "--out", str(out), "--plot", str(plot),
+    ]
+    assert embps.main(argv) == 0
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return json.loads(out.read_text())
+
+
+def _check_run(result: dict, name: str, rate: float) -> dict:
+    assert result["bench"] == "serve"
+    assert MACHINE_FIELDS <= set(result["machine"])
+    system = result["systems"][name]
+    assert system["status"] == "ok"
+    assert {"runs", "max_qps_at_slo", "keys_per_s_at_slo", "p99_ms_at_slo", "run"} <= set(system)
+    (run,) = system["runs"]
+    assert set(run) == RUN_FIELDS
+    assert set(run["latency_ms"]) == LATENCY_FIELDS and all(v > 0 for v in run["latency_ms"].values())
+    assert run["target"] == name and run["target_qps"] == rate
+    assert run["error_count"] == 0 and run["errors"] == {} and run["ok"] == run["requests"] > 0
+    assert abs(run["offered_qps"] - rate) < 0.3 * rate  # Poisson count over 2.5 s
+    assert abs(run["achieved_qps"] - run["offered_qps"]) <= 0.1 * run["offered_qps"]
+    assert run["keys_per_s"] == pytest.approx(run["achieved_qps"] * 32)
+    assert run["server_cpu_ms_per_call"] > 0 and run["client_cpu_ms_per_call"] > 0
+    assert run["meets_slo"] and system["max_qps_at_slo"] == run["offered_qps"]
+    return run
+
+
+def test_embps_serve_smoke_and_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    result = _bench(tmp_path, "embps")
+    _check_run(result, "embps", 150.0)
+    assert result["systems"]["embps"]["address"].startswith("127.0.0.1:")
+    capsys.readouterr()
+    assert embps.main(["bench", "report", str(tmp_path / "embps.json")]) == 0
+    table = capsys.readouterr().out.strip().splitlines()
+    assert table[0] == "| benchmark | setup | figures | machine |"
+    assert table[2].startswith("| `embps bench serve` | 20,000 rows x 16, batch 32, Zipf 1.05") and "embps" in table[2]
+
+
+def test_redis_smoke(tmp_path: Path) -> None:
+    reason = RedisServer.available()
+    if reason is not None:
+        pytest.skip(f"Redis side skipped: {reason}")
+    run = _check_run(_bench(tmp_path, "redis"), "redis", 150.0)
+    assert run["latency_ms"]["p99"] < 1_000
+
+
+def test_ctrl_c_stops_every_client_process(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "embps", "bench", "serve", "--target", "inprocess", "--rows", "2000", "--dim", "8",
+         "--rate", "50", "--duration", "60", "--warmup", "0", "--clients", "2", "--concurrency", "2"],
+        cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    try:
+        children: set[int] = set()
+        end = time.monotonic() + 60
+        while len(children) < 3 and time.monotonic() < end:  # 2 client processes + multiprocessing's tracker
+            children = _children(proc.pid)
+            time.sleep(0.2)
+        assert len(children) >= 2, children
+        time.sleep(2.0)  # clients connected and running their schedule
+        os.kill(proc.pid, signal.SIGINT)
+        proc.wait(30)
+        deadline = time.monotonic() + 15
+        while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [pid for pid in children if _alive(pid)]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _children(pid: int) -> set[int]:
+    found: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found |= {int(p) for p in (task / "children").read_text().split()}
+        except OSError:
+            continue
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """True while pid runs (a zombie left for its reaped parent counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
