@@ -29,7 +29,9 @@ from ps.rpc import ps_pb2, ps_pb2_grpc
 from ps.sharding import ShardMap
 
 _SLACK = 4096  # protobuf framing and small fields around the bulk bytes of one message
-_RETRY_CODES = frozenset({grpc.StatusCode.UNAVAILABLE})
+# CANCELLED by the server comes from a shard stopping before any handler saw the call: nothing was
+# applied, and a retried push is deduplicated by its push id anyway.
+_RETRY_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
 
 
 class RPCError(EmbpsError):

@@ -46,6 +46,7 @@ SNAPSHOT_SERVICE_NAME = snapshot_pb2.DESCRIPTOR.services_by_name["SnapshotContro
 # glibc's defaults mmap and unmap every reply buffer above 128 KiB, and page-fault it in again on
 # the next call (about half of a 1 MB reply's server time); read by glibc at process start only.
 MALLOC_TUNING = {"MALLOC_MMAP_THRESHOLD_": "67108864", "MALLOC_TRIM_THRESHOLD_": "268435456"}
+DRAIN_WINDOW_SECONDS = 0.3
 _MESSAGE_SLACK = 1 << 16  # protobuf framing around the bulk bytes
 INLINE_WORK_BYTES = 1 << 20  # calls moving more than this run off the event loop (about 0.2 ms of work)
 HEARTBEAT_SECONDS = 0.5  # an idle Subscribe stream says "still here, still at version v" this often
@@ -376,6 +377,9 @@ async def _serve(job: JobConfig, shard_index: int, grace: float, log_max_keys: i
     log.info("shard %d: draining (grace %.1f s)", shard_index, grace)
     servicer.begin_drain()
     await health.enter_graceful_shutdown()
+    # While the port is still open, calls that were already on their way reach a handler and get
+    # UNAVAILABLE (retryable); server.stop() would cancel the ones not yet handed to a handler.
+    await asyncio.sleep(min(grace, DRAIN_WINDOW_SECONDS))
     await server.stop(grace)
     log.info("shard %d: stopped", shard_index)
     return 0
