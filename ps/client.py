@@ -206,7 +206,9 @@ class PSClient:
         Every RPC of every table is in flight at once, under one deadline.
         """
         plans = [self._plan_lookup(table, keys) for table, keys in requests.items()]
-        replies = self._call_all("Lookup", [c for plan in plans for c in plan.calls], self.deadlines.lookup)
+        calls = [c for plan in plans for c in plan.calls]
+        call = self._call_batched if len(plans) > 1 else self._call_all
+        replies = call("Lookup", calls, self.deadlines.lookup)
         out, start = {}, 0
         for table, plan in zip(requests, plans, strict=True):
             out[table] = plan.finish(replies[start : start + len(plan.calls)])
@@ -246,7 +248,8 @@ class PSClient:
         None), as in push; every RPC is in flight at once, under one deadline."""
         calls = [c for table, keys, grads, counts in items for c in self._plan_push(table, keys, grads, counts, step)]
         result = PushResult()
-        for (shard, _), reply in zip(calls, self._call_all("Push", calls, self.deadlines.push), strict=True):
+        call = self._call_batched if len(items) > 1 else self._call_all
+        for (shard, _), reply in zip(calls, call("Push", calls, self.deadlines.push), strict=True):
             result.num_updated += reply.num_updated
             result.num_inserted += reply.num_inserted
             result.num_evicted += reply.num_evicted
@@ -298,6 +301,31 @@ class PSClient:
             return []
         per_chunk = max(1, (self.message_limit_bytes - _SLACK) // bytes_per_key)
         return [positions[i : i + per_chunk] for i in range(0, positions.shape[0], per_chunk)]
+
+    def _call_batched(self, method: str, calls: list[tuple[int, object]], deadline_seconds: float) -> list:
+        """Like _call_all, but the calls to one shard travel together in LookupBatch/PushBatch
+        RPCs of up to the message limit: one RPC per shard per round instead of one per table."""
+        if len({shard for shard, _ in calls}) == len(calls):
+            return self._call_all(method, calls, deadline_seconds)
+        batch_type = {"Lookup": ps_pb2.LookupBatchRequest, "Push": ps_pb2.PushBatchRequest}[method]
+        groups: list[tuple[int, list[int]]] = []
+        open_group: dict[int, tuple[int, int]] = {}  # shard -> (index in groups, bytes so far)
+        limit = self.message_limit_bytes - _SLACK
+        for i, (shard, request) in enumerate(calls):
+            size = request.ByteSize() + 16
+            current = open_group.get(shard)
+            if current is None or current[1] + size > limit:
+                groups.append((shard, []))
+                current = (len(groups) - 1, 0)
+            groups[current[0]][1].append(i)
+            open_group[shard] = (current[0], current[1] + size)
+        batches = [(shard, batch_type(requests=[calls[i][1] for i in members])) for shard, members in groups]
+        replies: list = [None] * len(calls)
+        batch_replies = self._call_all(method + "Batch", batches, deadline_seconds)
+        for (_, members), reply in zip(groups, batch_replies, strict=True):
+            for i, part in zip(members, reply.responses, strict=True):
+                replies[i] = part
+        return replies
 
     def _call_all(self, method: str, calls: list[tuple[int, object]], deadline_seconds: float) -> list:
         """Sends every (shard, request) at once; retries those that fail with UNAVAILABLE until

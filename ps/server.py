@@ -146,8 +146,11 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         they run: gRPC drains only calls it has handed to a handler, and cancels the rest at
         shutdown. Small calls also queue there while a large one is in progress, keeping order.
         """
-        n = len(getattr(request, "keys", b"")) // 8
-        work_bytes = n * (8 + 4 * getattr(request, "dim", 0)) + len(getattr(request, "grads", b""))
+        parts = request.requests if hasattr(request, "requests") else [request]
+        work_bytes = sum(
+            len(getattr(r, "keys", b"")) // 8 * (8 + 4 * getattr(r, "dim", 0)) + len(getattr(r, "grads", b""))
+            for r in parts
+        )
         return await self.run_call(functools.partial(fn, self, request), work_bytes)
 
     async def run_call(self, call: Callable[[], object], work_bytes: int):
@@ -185,13 +188,30 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         if method in ("Lookup", "Push"):
             m.request_keys.labels(table, method).inc(len(request.keys) // 8)
             m.request_bytes.labels(table, method).inc(len(request.keys) + len(getattr(request, "grads", b"")))
+        elif method in ("LookupBatch", "PushBatch"):
+            for part in request.requests:
+                part_table = self.table_label(part.table)
+                m.request_keys.labels(part_table, method).inc(len(part.keys) // 8)
+                m.request_bytes.labels(part_table, method).inc(len(part.keys) + len(getattr(part, "grads", b"")))
 
     @_rpc("Lookup")
     def Lookup(self, request: ps_pb2.LookupRequest) -> ps_pb2.LookupResponse:
         return self.shard.lookup(request)
 
+    @_rpc("LookupBatch")
+    def LookupBatch(self, request: ps_pb2.LookupBatchRequest) -> ps_pb2.LookupBatchResponse:
+        return ps_pb2.LookupBatchResponse(responses=[self.shard.lookup(r) for r in request.requests])
+
+    @_rpc("PushBatch")
+    def PushBatch(self, request: ps_pb2.PushBatchRequest) -> ps_pb2.PushBatchResponse:
+        return ps_pb2.PushBatchResponse(responses=[self.apply_push(r) for r in request.requests])
+
     @_rpc("Push")
     def Push(self, request: ps_pb2.PushRequest) -> ps_pb2.PushResponse:
+        return self.apply_push(request)
+
+    def apply_push(self, request: ps_pb2.PushRequest) -> ps_pb2.PushResponse:
+        """One push on the tables (serialised by the caller), with its metrics and Subscribe wake-up."""
         response = self.shard.push(request)
         if response.duplicate:
             self.metrics.duplicate_pushes.labels(request.table).inc()

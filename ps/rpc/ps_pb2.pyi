@@ -169,3 +169,27 @@ class UpdateBatch(_message.Message):
     acks: _containers.RepeatedCompositeFieldContainer[VersionAck]
     sent_time: float
     def __init__(self, table: _Optional[str] = ..., shard: _Optional[int] = ..., incarnation: _Optional[int] = ..., from_version: _Optional[int] = ..., to_version: _Optional[int] = ..., keys: _Optional[bytes] = ..., values: _Optional[bytes] = ..., dim: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., deleted_keys: _Optional[bytes] = ..., reset: _Optional[bool] = ..., last: _Optional[bool] = ..., acks: _Optional[_Iterable[_Union[VersionAck, _Mapping]]] = ..., sent_time: _Optional[float] = ...) -> None: ...
+
+class LookupBatchRequest(_message.Message):
+    __slots__ = ("requests",)
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    requests: _containers.RepeatedCompositeFieldContainer[LookupRequest]
+    def __init__(self, requests: _Optional[_Iterable[_Union[LookupRequest, _Mapping]]] = ...) -> None: ...
+
+class LookupBatchResponse(_message.Message):
+    __slots__ = ("responses",)
+    RESPONSES_FIELD_NUMBER: _ClassVar[int]
+    responses: _containers.RepeatedCompositeFieldContainer[LookupResponse]
+    def __init__(self, responses: _Optional[_Iterable[_Union[LookupResponse, _Mapping]]] = ...) -> None: ...
+
+class PushBatchRequest(_message.Message):
+    __slots__ = ("requests",)
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    requests: _containers.RepeatedCompositeFieldContainer[PushRequest]
+    def __init__(self, requests: _Optional[_Iterable[_Union[PushRequest, _Mapping]]] = ...) -> None: ...
+
+class PushBatchResponse(_message.Message):
+    __slots__ = ("responses",)
+    RESPONSES_FIELD_NUMBER: _ClassVar[int]
+    responses: _containers.RepeatedCompositeFieldContainer[PushResponse]
+    def __init__(self, responses: _Optional[_Iterable[_Union[PushResponse, _Mapping]]] = ...) -> None: ...

@@ -54,6 +54,16 @@ class ParameterServerStub:
                 request_serializer=embps_dot_ps__pb2.SubscribeRequest.SerializeToString,
                 response_deserializer=embps_dot_ps__pb2.UpdateBatch.FromString,
                 _registered_method=True)
+        self.LookupBatch = channel.unary_unary(
+                '/embps.v1.ParameterServer/LookupBatch',
+                request_serializer=embps_dot_ps__pb2.LookupBatchRequest.SerializeToString,
+                response_deserializer=embps_dot_ps__pb2.LookupBatchResponse.FromString,
+                _registered_method=True)
+        self.PushBatch = channel.unary_unary(
+                '/embps.v1.ParameterServer/PushBatch',
+                request_serializer=embps_dot_ps__pb2.PushBatchRequest.SerializeToString,
+                response_deserializer=embps_dot_ps__pb2.PushBatchResponse.FromString,
+                _registered_method=True)
 
 
 class ParameterServerServicer:
@@ -87,6 +97,21 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LookupBatch(self, request, context):
+        """Several tables' lookups in one call (one RPC per shard per step); replies in request order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PushBatch(self, request, context):
+        """Several tables' pushes in one call, applied in order, each as its own Push with its own push
+        id: a failure stops the batch there, and a retried batch re-applies none of the done ones.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParameterServerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -109,6 +134,16 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     servicer.Subscribe,
                     request_deserializer=embps_dot_ps__pb2.SubscribeRequest.FromString,
                     response_serializer=embps_dot_ps__pb2.UpdateBatch.SerializeToString,
+            ),
+            'LookupBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.LookupBatch,
+                    request_deserializer=embps_dot_ps__pb2.LookupBatchRequest.FromString,
+                    response_serializer=embps_dot_ps__pb2.LookupBatchResponse.SerializeToString,
+            ),
+            'PushBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.PushBatch,
+                    request_deserializer=embps_dot_ps__pb2.PushBatchRequest.FromString,
+                    response_serializer=embps_dot_ps__pb2.PushBatchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -219,6 +254,60 @@ class ParameterServer:
             '/embps.v1.ParameterServer/Subscribe',
             embps_dot_ps__pb2.SubscribeRequest.SerializeToString,
             embps_dot_ps__pb2.UpdateBatch.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LookupBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/embps.v1.ParameterServer/LookupBatch',
+            embps_dot_ps__pb2.LookupBatchRequest.SerializeToString,
+            embps_dot_ps__pb2.LookupBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/embps.v1.ParameterServer/PushBatch',
+            embps_dot_ps__pb2.PushBatchRequest.SerializeToString,
+            embps_dot_ps__pb2.PushBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

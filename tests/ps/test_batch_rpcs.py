@@ -1,0 +1,64 @@
+"""Multi-table rounds travel as one LookupBatch / PushBatch RPC per shard and equal per-table calls."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+
+from ps.client import PSClient
+from ps.rpc import ps_pb2, ps_pb2_grpc
+from ps.table_config import OptimizerConfig, OptimizerKind, TableConfig
+from tests.helpers.processes import make_job
+
+TABLES = [
+    TableConfig(name=f"t{i}", dim=4, seed=i, optimizer=OptimizerConfig(kind=OptimizerKind.ADAGRAD, lr=0.1))
+    for i in range(3)
+]
+
+
+def test_many_tables_in_one_round_equal_one_table_at_a_time(start_cluster):
+    batched = start_cluster(make_job(TABLES, num_shards=2, job="batched"), name="batched")
+    single = start_cluster(make_job(TABLES, num_shards=2, job="single"), name="single")
+    rng = np.random.default_rng(3)
+    with PSClient.from_job(batched.job) as a, PSClient.from_job(single.job) as b:
+        for step in range(1, 6):
+            items = [(t.name, rng.integers(0, 500, 200), None) for t in TABLES]
+            items = [(name, keys, rng.normal(size=(200, 4)).astype(np.float32), None) for name, keys, _ in items]
+            a.push_many(items, step=step)
+            for name, keys, grads, _ in items:
+                b.push(name, keys, grads, step=step)
+        keys = {t.name: rng.integers(0, 600, 300) for t in TABLES}
+        got = a.lookup_many(keys)
+        for name, k in keys.items():
+            np.testing.assert_array_equal(got[name], b.lookup(name, k))
+        stats = a.stats()
+    assert all(t.version == 5 for s in stats for t in s.tables)
+
+
+def test_push_batch_failure_names_the_bad_part_and_a_retry_applies_each_part_once(start_cluster):
+    cluster = start_cluster(make_job(TABLES, num_shards=1))
+    good = ps_pb2.PushRequest(
+        table="t0",
+        keys=np.arange(3, dtype="<i8").tobytes(),
+        grads=np.ones((3, 4), "<f4").tobytes(),
+        dim=4,
+        push_id=ps_pb2.PushId(client_id="c", sequence=1),
+    )
+    bad = ps_pb2.PushRequest(
+        table="nope",
+        keys=np.arange(3, dtype="<i8").tobytes(),
+        grads=np.ones((3, 4), "<f4").tobytes(),
+        dim=4,
+        push_id=ps_pb2.PushId(client_id="c", sequence=2),
+    )
+    with grpc.insecure_channel(cluster.job.shards[0].address) as channel:
+        stub = ps_pb2_grpc.ParameterServerStub(channel)
+        try:
+            stub.PushBatch(ps_pb2.PushBatchRequest(requests=[good, bad]), timeout=10)
+            raise AssertionError("a batch with an unknown table must fail")
+        except grpc.RpcError as err:
+            assert err.code() == grpc.StatusCode.NOT_FOUND and "nope" in err.details()
+        reply = stub.PushBatch(ps_pb2.PushBatchRequest(requests=[good]), timeout=10)
+        assert reply.responses[0].duplicate  # the first attempt applied it; the retry did not again
+        stats = stub.Stats(ps_pb2.StatsRequest(), timeout=10)
+    assert {t.name: t.version for t in stats.tables}["t0"] == 1
