@@ -29,6 +29,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bench.machine import machine_facts
 from bench.ports import free_ports
 from ps.job_config import Deadlines, JobConfig, ShardConfig, dump_job_config
 from ps.rpc import serving_pb2, serving_pb2_grpc
@@ -164,6 +165,7 @@ def run_freshness_bench(config: FreshnessBenchConfig) -> int:
                     proc.wait(15)
                 except subprocess.TimeoutExpired:
                     proc.kill()
+    result = {"bench": "freshness", "machine": machine_facts(), **result}
     print(json.dumps(result, indent=2))
     if config.out:
         Path(config.out).write_text(json.dumps(result, indent=2) + "\n")
