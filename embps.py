@@ -199,6 +199,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         return run_ps_bench(config)
     if args.verb == "bench" and args.bench == "table":
+        from ps.server import exec_with_malloc_tuning
+
+        # The same glibc thresholds as a shard: no mmap + page faults for every 1 MB output, for
+        # our lookups and the raw gather alike.
+        exec_with_malloc_tuning(sys.argv[1:] if argv is None else argv)
         from bench.table_bench import TableBenchConfig, run_table_bench
 
         config = TableBenchConfig(
