@@ -96,7 +96,10 @@ class ShardFollower:
 
     async def _follow(self) -> None:
         rows = self.rows
-        full = self._need_full_sync
+        # Rows loaded from an export carry a version but no incarnation: the shard may since have
+        # restarted from an older snapshot and reached that version with other rows, so the first
+        # contact takes a full copy rather than risk mixing two histories.
+        full = self._need_full_sync or (rows.incarnation == 0 and rows.version > 0)
         request = ps_pb2.SubscribeRequest(
             table=self.replica.name, from_version=rows.version, incarnation=rows.incarnation, full_sync=full
         )

@@ -207,3 +207,27 @@ def test_starts_from_the_latest_export_while_the_shard_is_down(start_cluster, tm
         assert found.all()
         np.testing.assert_array_equal(values, table.lookup(keys).numpy())
         assert reply.shards[0].version == 1 and reply.shards[0].stale
+
+
+def test_export_rows_never_mix_with_a_shard_that_reached_their_version_with_other_rows(start_cluster, tmp_path):
+    """The export is at version 1 of one history; the live shard, started empty, reaches version 1
+    with other keys. Serving must end up with exactly the shard's rows, not a union."""
+    from ps import snapshot_ops
+    from serving.config import ExportSource
+
+    job = make_job([USER], num_shards=1)
+    table = EmbeddingTable(USER)
+    old_keys = np.arange(30, dtype=np.int64)
+    table.apply_gradients(old_keys, grads(30, 3.0))
+    snapshot_ops.ShardSnapshotter({"user": table}, shard=0).snapshot(f"file://{tmp_path}/snap", job.job, step=1)
+    snapshot_ops.export_for_serving(f"file://{tmp_path}/snap", job.job, None, f"file://{tmp_path}/export")
+    cluster = start_cluster(job)
+    new_keys = np.arange(1000, 1010, dtype=np.int64)
+    with PSClient.from_job(cluster.job) as client:
+        assert client.push("user", new_keys, grads(10, 1.0)).versions[0] == 1  # same version, other rows
+        expected_new = client.lookup("user", new_keys)
+    export = ExportSource(f"file://{tmp_path}/export", job.job)
+    with ServingReplica.start(cluster, tmp_path, export=export) as replica:
+        wait_rows(replica, new_keys, expected_new)
+        _, found, _ = replica.lookup("user", old_keys)
+        assert not found.any(), "rows of the export's history are mixed into the shard's"
