@@ -69,7 +69,7 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
     if isinstance(exc, (ValueError, TypeError)):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
-    return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); the traceback is in the shard's log"
+    return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); the traceback is in the server's log"
 
 
 def _rpc(method: str) -> Callable:

@@ -30,8 +30,9 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from ps import wire
-from ps.errors import EmbpsError, UnknownTableError
+from ps.errors import UnknownTableError
 from ps.rpc import ps_pb2, serving_pb2, serving_pb2_grpc
+from ps.server import ShuttingDownError, status_of
 from serving.config import ServeConfig, load_serve_config
 from serving.follower import ShardFollower
 from serving.metrics import ServingMetrics
@@ -44,21 +45,6 @@ _MESSAGE_SLACK = 1 << 16
 INLINE_LOOKUP_KEYS = 1 << 16  # larger lookups run on a thread so the loop keeps taking calls
 MONITOR_SECONDS = 0.2  # how often staleness gauges and per-shard health are refreshed
 _REPLY_DTYPES = {ps_pb2.DTYPE_UNSPECIFIED: np.float32, ps_pb2.FLOAT32: np.float32, ps_pb2.FLOAT16: np.float16}
-
-
-class ShuttingDownError(EmbpsError):
-    """The replica is draining and takes no new calls (gRPC UNAVAILABLE)."""
-
-
-def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The one mapping from domain errors to gRPC status codes (and the message sent)."""
-    if isinstance(exc, ShuttingDownError):
-        return grpc.StatusCode.UNAVAILABLE, str(exc)
-    if isinstance(exc, UnknownTableError):
-        return grpc.StatusCode.NOT_FOUND, str(exc)
-    if isinstance(exc, (ValueError, TypeError)):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
-    return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); the traceback is in the replica's log"
 
 
 def _rpc(method: str) -> Callable:
