@@ -1,6 +1,7 @@
 """The embps command line: `embps <verb> ...` parses arguments and hands off (imports lazily).
 
-Verbs: ps, launch, bench {table, ps}. `python -m embps ...` works the same.
+Verbs: ps | serve | launch | snapshot {list, inspect, export, gc} | deploy render |
+bench {table, ps, train, snapshot, freshness, serve, report}. `python -m embps ...` works the same.
 """
 
 from __future__ import annotations
@@ -122,7 +123,7 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("results", nargs="+", help="JSON files written by embps bench ... --out")
     report.add_argument("--out", default=None, help="write the markdown here (default: print it)")
 
-    launch = verbs.add_parser("launch", help="run a whole training job: PS shards + workers (+ serving)")
+    launch = verbs.add_parser("launch", help="run a whole training job: PS shards + workers")
     launch.add_argument("config", help="job TOML (PS part plus [train], [model], [data])")
     launch.add_argument("--nnodes", type=int, default=1, help="nodes of the job (default 1)")
     launch.add_argument("--node-rank", type=int, default=0, help="this node's rank; node 0 starts the PS shards")
