@@ -44,7 +44,7 @@ demo: install
 	$(BIN)/embps launch examples/demo.toml
 
 lint: $(VENV)/.deps
-	$(BIN)/ruff check ps worker serving bench tests embps.py
+	$(BIN)/ruff check ps worker serving bench deploy tests embps.py
 
 clean:
 	rm -rf build $(VENV)
