@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
@@ -70,6 +71,58 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, (ValueError, TypeError)):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); the traceback is in the server's log"
+
+
+class _Undecodable:
+    """What a request that is not a valid protobuf message deserializes to (see UndecodableRequests)."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+class UndecodableRequests(grpc.aio.ServerInterceptor):
+    """Answers request bytes that do not parse as the method's message with INVALID_ARGUMENT.
+
+    grpc.aio answers a request deserializer's exception with UNKNOWN, before any handler runs;
+    here the deserializer of every unary-request embps method returns the error instead, and the
+    method answers it through `status_of` like any other bad request.
+    """
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or handler.request_streaming or not method.startswith("/embps."):
+            return handler
+        parse = handler.request_deserializer
+
+        def deserialize(data: bytes):
+            try:
+                return parse(data)
+            except DecodeError as exc:
+                return _Undecodable(exc)
+
+        async def refuse(request: _Undecodable, context: grpc.aio.ServicerContext) -> None:
+            code, message = status_of(ValueError(f"request: not a valid message for {method}: {request.error}"))
+            await context.abort(code, message)
+
+        if handler.response_streaming:
+            behavior = handler.unary_stream
+
+            async def unary_stream(request, context):
+                if isinstance(request, _Undecodable):
+                    await refuse(request, context)
+                async for reply in behavior(request, context):
+                    yield reply
+
+            return handler._replace(request_deserializer=deserialize, unary_stream=unary_stream)
+        behavior = handler.unary_unary
+
+        async def unary_unary(request, context):
+            if isinstance(request, _Undecodable):
+                await refuse(request, context)
+            return await behavior(request, context)
+
+        return handler._replace(request_deserializer=deserialize, unary_unary=unary_unary)
 
 
 def _rpc(method: str) -> Callable:
@@ -348,7 +401,7 @@ async def create_server(
     shard = Shard(job, shard_index, log_max_entries=log_max_entries, log_max_keys=log_max_keys, initial_states=states)
     metrics = metrics if metrics is not None else ShardMetrics(shard_index)
     servicer = ParameterServerServicer(shard, metrics)
-    server = grpc.aio.server(options=server_options(job))
+    server = grpc.aio.server(options=server_options(job), interceptors=[UndecodableRequests()])
     ps_pb2_grpc.add_ParameterServerServicer_to_server(servicer, server)
     snapshots = SnapshotControlServicer(
         job,

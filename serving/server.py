@@ -32,7 +32,7 @@ from grpc_reflection.v1alpha import reflection
 from ps import wire
 from ps.errors import UnknownTableError
 from ps.rpc import ps_pb2, serving_pb2, serving_pb2_grpc
-from ps.server import ShuttingDownError, status_of
+from ps.server import ShuttingDownError, UndecodableRequests, status_of
 from serving.config import ServeConfig, load_serve_config
 from serving.follower import ShardFollower
 from serving.metrics import ServingMetrics
@@ -206,7 +206,8 @@ async def create_server(
             ("grpc.max_send_message_length", limit),
             ("grpc.max_receive_message_length", limit),
             ("grpc.so_reuseport", 0),
-        ]
+        ],
+        interceptors=[UndecodableRequests()],
     )
     serving_pb2_grpc.add_ServingServicer_to_server(servicer, server)
     health = HealthServicer()
