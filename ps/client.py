@@ -7,7 +7,9 @@
 Every call has a deadline (retries included). Lookups and pushes are retried on UNAVAILABLE
 with backoff until the deadline; a push carries a push id (client id, sequence) that the shard
 remembers, so a retried push is applied once. gRPC errors become embps exceptions in one place,
-`_translate`; the client never returns partial results.
+`_translate`; the client never returns partial results. A shard that gives no answer before the
+deadline (down, partitioned, or too slow to matter) is ShardUnavailableError with code
+UNAVAILABLE, whatever gRPC said last (DEADLINE_EXCEEDED on a silent link): never a hang.
 """
 
 from __future__ import annotations
@@ -63,7 +65,8 @@ class TableFullError(RPCError, CapacityError):
 
 
 class ShardUnavailableError(RPCError, ConnectionError):
-    """UNAVAILABLE or DEADLINE_EXCEEDED after the retries the deadline allowed."""
+    """No answer from the shard within the call's deadline, after the retries it allowed; `code`
+    is always UNAVAILABLE (the last gRPC status, often DEADLINE_EXCEEDED, is in the message)."""
 
 
 _ERRORS = {
@@ -71,15 +74,25 @@ _ERRORS = {
     grpc.StatusCode.NOT_FOUND: TableNotFoundError,
     grpc.StatusCode.FAILED_PRECONDITION: NotOwnerError,
     grpc.StatusCode.RESOURCE_EXHAUSTED: TableFullError,
-    grpc.StatusCode.UNAVAILABLE: ShardUnavailableError,
-    grpc.StatusCode.DEADLINE_EXCEEDED: ShardUnavailableError,
 }
+# Codes that mean "the shard did not answer": the caller sees them all as UNAVAILABLE.
+_NO_ANSWER_CODES = _RETRY_CODES | {grpc.StatusCode.DEADLINE_EXCEEDED}
 
 
-def _translate(err: grpc.RpcError, method: str, address: str) -> RPCError:
-    """The one place a grpc.RpcError becomes an embps exception."""
+def _translate(
+    err: grpc.RpcError, method: str, address: str, deadline_seconds: float | None = None, attempts: int = 1
+) -> RPCError:
+    """The one place a grpc.RpcError becomes an embps exception. `deadline_seconds` and `attempts`
+    describe the whole call, retries included, for the message of a shard that never answered."""
     code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
     details = err.details() if hasattr(err, "details") else str(err)
+    if code in _NO_ANSWER_CODES:
+        within = f" within the {deadline_seconds:g} s deadline" if deadline_seconds is not None else ""
+        message = (
+            f"{method} on shard {address}: UNAVAILABLE: no answer from the shard{within} "
+            f"({attempts} attempt{'s' if attempts != 1 else ''}; last: {code.name}: {details})"
+        )
+        return ShardUnavailableError(message, grpc.StatusCode.UNAVAILABLE, address)
     cls = _ERRORS.get(code, RPCError)
     return cls(f"{method} on shard {address}: {code.name}: {details}", code, address)
 
@@ -93,6 +106,20 @@ class PushResult:
     num_evicted: int = 0
     num_duplicates: int = 0  # RPCs a shard had already applied (answered from its push-id memory)
     versions: dict[int, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PreparedPush:
+    """The RPCs of one push round with their push ids, from PSClient.prepare_push.
+
+    Sending it again re-sends the same push ids, so a shard that applied part of it before an
+    outage answers that part from its push-id memory instead of applying it twice. This is how a
+    caller retries a push past one call's deadline (the trainer's wait mode); a fresh push_many
+    would draw new ids and could apply the same gradients twice.
+    """
+
+    calls: list[tuple[int, ps_pb2.PushRequest]]
+    batched: bool  # several tables: the calls to one shard travel in PushBatch RPCs
 
 
 @dataclass
@@ -161,6 +188,10 @@ class PSClient:
             ("grpc.initial_reconnect_backoff_ms", 100),
             ("grpc.min_reconnect_backoff_ms", 100),
             ("grpc.max_reconnect_backoff_ms", 1000),
+            # A connection whose peer went silent (cut link) is closed after a missed ping instead
+            # of holding calls until TCP gives up; pings only go out while calls are in flight.
+            ("grpc.keepalive_time_ms", 10000),
+            ("grpc.keepalive_timeout_ms", 5000),
         ]
         self._channels = [grpc.insecure_channel(a, options=options) for a in self.addresses]
         self._stubs = [ps_pb2_grpc.ParameterServerStub(c) for c in self._channels]
@@ -246,9 +277,20 @@ class PSClient:
     ) -> PushResult:
         """Several tables in one round: items of (table, keys (n,), grads (n, dim), counts (n,) or
         None), as in push; every RPC is in flight at once, under one deadline."""
+        return self.send_push(self.prepare_push(items, step))
+
+    def prepare_push(
+        self, items: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]], step: int | None = None
+    ) -> PreparedPush:
+        """The RPCs of push_many(items, step), push ids assigned, not sent (see PreparedPush)."""
         calls = [c for table, keys, grads, counts in items for c in self._plan_push(table, keys, grads, counts, step)]
+        return PreparedPush(calls, batched=len(items) > 1)
+
+    def send_push(self, prepared: PreparedPush) -> PushResult:
+        """Sends a prepared push; sending the same one again applies nothing twice."""
+        calls = prepared.calls
         result = PushResult()
-        call = self._call_batched if len(items) > 1 else self._call_all
+        call = self._call_batched if prepared.batched else self._call_all
         for (shard, _), reply in zip(calls, call("Push", calls, self.deadlines.push), strict=True):
             result.num_updated += reply.num_updated
             result.num_inserted += reply.num_inserted
@@ -358,7 +400,7 @@ class PSClient:
             i, err = failure
             pause = min(self.backoff_seconds * 2 ** (attempt - 1), 1.0)
             if err.code() not in _RETRY_CODES or attempt == self.max_attempts or time.monotonic() + pause >= end:
-                raise _translate(err, method, self.addresses[calls[i][0]]) from None
+                raise _translate(err, method, self.addresses[calls[i][0]], deadline_seconds, attempt) from None
             time.sleep(pause)
             pending = retry
 
