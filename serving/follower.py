@@ -77,16 +77,16 @@ class ShardFollower:
             except grpc.aio.AioRpcError as err:
                 self.status.last_error = f"{err.code().name}: {err.details()}"
                 if err.code() == grpc.StatusCode.FAILED_PRECONDITION:
-                    log.info("table %s shard %d: %s; resyncing", *self._labels, self.status.last_error)
+                    log.info("table %s shard %s: %s; resyncing", *self._labels, self.status.last_error)
                     self._need_full_sync = True
                     pause = BACKOFF_START_SECONDS
             except StreamGapError as err:
                 self.status.last_error = str(err)
-                log.warning("table %s shard %d: %s; resyncing", *self._labels, err)
+                log.warning("table %s shard %s: %s; resyncing", *self._labels, err)
                 self._need_full_sync = True
             except (ValueError, TypeError) as err:  # a message that does not decode (dim, lengths)
                 self.status.last_error = f"bad message: {err}"
-                log.error("table %s shard %d: %s", *self._labels, self.status.last_error)
+                log.error("table %s shard %s: %s", *self._labels, self.status.last_error)
                 self._need_full_sync = True
             self.status.connected = False
             await asyncio.sleep(pause)
@@ -129,7 +129,7 @@ class ShardFollower:
                 self._need_full_sync = False
                 self.status.num_resyncs += int(full)
                 self.metrics.resyncs.labels(*self._labels).inc(int(full))
-                log.info("table %s shard %d: full copy of %d rows at version %d", *self._labels, target.size,
+                log.info("table %s shard %s: full copy of %d rows at version %d", *self._labels, target.size,
                          target.version)
             self._observe(target, acks)
             acks = []
