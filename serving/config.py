@@ -9,6 +9,10 @@
                                    # deterministic init, as the PS would return it)
     storage_dtype = "float32"      # "float16" halves memory; lookups may still reply in float32
     stale_after_seconds = 2.0      # a shard silent this long is stale (health, metrics)
+    max_queue = 256                # the most Lookups admitted and not yet answered: one more is
+                                   # answered RESOURCE_EXHAUSTED at once, unparsed (load shedding,
+                                   # see serving/shedding.py); 0: no bound, every call waits its
+                                   # turn and latency grows with the backlog (for comparisons)
 
     [export]                       # optional: start from the latest export, then follow the deltas
     uri = "file:///data/exports"   # or s3://bucket/prefix (credentials from AWS_* variables)
@@ -26,6 +30,10 @@ from enum import StrEnum
 from pathlib import Path
 
 from ps.job_config import JobConfig, load_job_config, parse_job_config
+
+# 256 small lookups are ~0.1 s of one replica's CPU (~0.34 ms each): a full queue adds at most about
+# that much latency, far below client deadlines, while it absorbs bursts of a few hundred calls.
+DEFAULT_MAX_QUEUE = 256
 
 
 class DefaultRow(StrEnum):
@@ -57,6 +65,7 @@ class ServeConfig:
     default: DefaultRow = DefaultRow.ZEROS
     storage_dtype: StorageDType = StorageDType.FLOAT32
     stale_after_seconds: float = 2.0
+    max_queue: int = DEFAULT_MAX_QUEUE
     export: ExportSource | None = None
 
     @property
@@ -66,7 +75,7 @@ class ServeConfig:
 
 _FIELDS = {
     "job_config", "job", "listen", "metrics_port", "tables", "default", "storage_dtype", "stale_after_seconds",
-    "export",
+    "max_queue", "export",
 }
 
 
@@ -95,7 +104,7 @@ def parse_serve_config(data: dict, base_dir: Path = Path(".")) -> ServeConfig:
     else:
         if not isinstance(data["job"], dict):
             raise TypeError(f"job: must be a table of the job's fields, got {data['job']!r}")
-        job = parse_job_config(data["job"])
+        job = parse_job_config(data["job"], base_dir)
     listen = data.get("listen")
     if not isinstance(listen, str) or ":" not in listen:
         raise ValueError(f"listen: must be 'host:port', got {listen!r}")
@@ -115,6 +124,11 @@ def parse_serve_config(data: dict, base_dir: Path = Path(".")) -> ServeConfig:
     stale = data.get("stale_after_seconds", 2.0)
     if isinstance(stale, bool) or not isinstance(stale, (int, float)) or not math.isfinite(stale) or stale <= 0:
         raise ValueError(f"stale_after_seconds: must be a number of seconds > 0, got {stale!r}")
+    max_queue = data.get("max_queue", DEFAULT_MAX_QUEUE)
+    if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
+        raise ValueError(
+            f"max_queue: must be an integer >= 0 (Lookups waiting before more are shed; 0: no bound), got {max_queue!r}"
+        )
     return ServeConfig(
         job=job,
         listen=listen,
@@ -123,6 +137,7 @@ def parse_serve_config(data: dict, base_dir: Path = Path(".")) -> ServeConfig:
         default=_enum(DefaultRow, "default", data.get("default", "zeros")),
         storage_dtype=_enum(StorageDType, "storage_dtype", data.get("storage_dtype", "float32")),
         stale_after_seconds=float(stale),
+        max_queue=max_queue,
         export=_export(data.get("export"), job.job),
     )
 
@@ -162,6 +177,7 @@ def dump_serve_config(config: ServeConfig, job_config_path: str) -> str:
         f'default = "{config.default}"',
         f'storage_dtype = "{config.storage_dtype}"',
         f"stale_after_seconds = {config.stale_after_seconds!r}",
+        f"max_queue = {config.max_queue}",
     ]
     if config.export is not None:
         lines += ["", "[export]", f'uri = "{config.export.uri}"', f'job = "{config.export.job}"']

@@ -66,6 +66,18 @@ class ServingMetrics:
         )
         self.rows = Gauge("embps_serving_rows", "Rows held", ["table", "shard"], registry=r)
         self.memory = Gauge("embps_serving_memory_bytes", "Bytes of maps and row blocks", ["table"], registry=r)
+        self.lookup_queue = Gauge(
+            "embps_serving_lookup_queue", "Lookups admitted and not yet answered (the load-shedding queue)", registry=r
+        )
+        self.lookup_queue_limit = Gauge(
+            "embps_serving_lookup_queue_limit", "max_queue: Lookups admitted before more are shed (0: no bound)",
+            registry=r,
+        )
+        self.shed = Counter(
+            "embps_serving_shed_lookups",
+            "Lookups answered RESOURCE_EXHAUSTED unparsed because max_queue were already waiting",
+            registry=r,
+        )
 
     def serve(self, port: int, host: str = "127.0.0.1") -> int:
         """Starts the /metrics HTTP server in a daemon thread; returns the bound port."""

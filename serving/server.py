@@ -10,6 +10,7 @@ Health: "" and embps.v1.Serving are SERVING while the replica answers, even with
 (it keeps the last weights); "embps.v1.Serving/shard-<s>" is NOT_SERVING while shard s is stale;
 the Status RPC gives the details. Domain errors become status codes in one place, `status_of`.
 SIGTERM: NOT_SERVING, in-flight calls finish within the grace, exit 0.
+Overload: beyond `max_queue` Lookups waiting, more are shed with RESOURCE_EXHAUSTED (serving/shedding.py).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from ps.server import ShuttingDownError, UndecodableRequests, status_of
 from serving.config import ServeConfig, load_serve_config
 from serving.follower import ShardFollower
 from serving.metrics import ServingMetrics
+from serving.shedding import LookupQueue
 from serving.store import TableReplica
 
 log = logging.getLogger("embps.serving")
@@ -108,7 +110,9 @@ class ServingServicer(serving_pb2_grpc.ServingServicer):
             raise ValueError(f"dtype: unsupported dtype {request.dtype}; supported: FLOAT32, FLOAT16")
         dtype = _REPLY_DTYPES[request.dtype]
         keys = wire.decode_keys(request.keys)
-        if keys.shape[0] <= INLINE_LOOKUP_KEYS:
+        # With a queue bound every lookup yields the loop (serving/shedding.py: else the backlog
+        # stays in grpc's core, where nothing counts it); without one, small lookups run inline.
+        if keys.shape[0] <= INLINE_LOOKUP_KEYS and not self.replica.config.max_queue:
             values, found = table.lookup(keys, dtype)
         else:
             values, found = await asyncio.to_thread(table.lookup, keys, dtype)
@@ -207,7 +211,7 @@ async def create_server(
             ("grpc.max_receive_message_length", limit),
             ("grpc.so_reuseport", 0),
         ],
-        interceptors=[UndecodableRequests()],
+        interceptors=[LookupQueue(config.max_queue, metrics), UndecodableRequests()],  # LookupQueue first
     )
     serving_pb2_grpc.add_ServingServicer_to_server(servicer, server)
     health = HealthServicer()

@@ -1,0 +1,79 @@
+"""Load shedding for the serving replica: at most `max_queue` Lookups admitted and not yet answered;
+one more is answered RESOURCE_EXHAUSTED at once, before its bytes are parsed or any work is done.
+
+Why a queue bound: a replica offered more than it can answer otherwise holds every call, and the
+latency of all of them grows with the backlog until deadlines expire (then the work done was
+wasted). With the bound, an answered call waits behind at most max_queue - 1 others, and a shed
+call costs the caller one round trip, so it can back off or try another replica.
+
+Why our own counter and not grpc.aio's `maximum_concurrent_rpcs`: that limiter (grpcio 1.85)
+does answer RESOURCE_EXHAUSTED, but it counts every RPC of the server: with it full of Lookups,
+a Health check is refused too (checked: limit 2, two slow calls in flight, Health.Check gets
+RESOURCE_EXHAUSTED in 0 ms), so k8s probes would kill a replica for being busy, and Status
+stops answering when operators need it most. It also refuses below Python, so nothing counts
+the refused calls or shows how full the queue is. Here only Lookup is counted, the count is
+exact (the event loop is the only thread that touches it) and it is exported as a gauge
+(`embps_serving_lookup_queue`), with a counter of shed calls (`embps_serving_shed_lookups_total`).
+
+Where the queue is: grpc.aio takes one call from grpc's core per turn of the event loop and
+runs it as a task. A Lookup answered inline never yields the loop, so the loop takes calls no
+faster than it answers them and the backlog stays in the core's per-method queue of calls not
+yet taken, where neither this counter nor grpc.aio's limiter sees it (measured: 3x overload,
+this gauge never above 2, latency growing to the deadline). The core can bound that queue
+(`grpc.server.max_pending_requests_hard_limit`), but its refusals reach the client as
+CANCELLED, with no count on the server. So with a bound set, the replica runs every lookup on a
+thread (serving/server.py): while one waits for its rows the loop takes further calls, and the
+backlog is made of tasks here. A Lookup is admitted when its task first runs this interceptor
+(before its message is received or parsed) and released when that task ends (reply sent,
+aborted or cancelled: a done callback fires exactly once), so `depth` is exactly the number of
+Lookup tasks in the replica. This interceptor must be the first (outermost) of the server's
+list: a shed call then costs no other interceptor's work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+
+from serving.metrics import ServingMetrics
+
+LOOKUP_METHOD = "/embps.v1.Serving/Lookup"
+
+
+class LookupQueue(grpc.aio.ServerInterceptor):
+    """Counts Lookups admitted and not yet answered; sheds those beyond max_queue (0: no bound)."""
+
+    def __init__(self, max_queue: int, metrics: ServingMetrics) -> None:
+        if max_queue < 0:
+            raise ValueError(f"max_queue: must be >= 0 (0: no bound), got {max_queue}")
+        self.max_queue = max_queue
+        self.depth = 0
+        self.metrics = metrics
+        metrics.lookup_queue_limit.set(max_queue)
+        metrics.lookup_queue.set(0)
+        message = f"serving queue full: {max_queue} lookups waiting; retry with backoff or add replicas"
+
+        async def refuse(request: bytes, context: grpc.aio.ServicerContext) -> None:
+            metrics.shed.inc()
+            metrics.requests.labels("", "Lookup", grpc.StatusCode.RESOURCE_EXHAUSTED.name).inc()
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+
+        self._refusal = grpc.unary_unary_rpc_method_handler(refuse)  # no deserializer: bytes stay unparsed
+
+    def _release(self, _task: asyncio.Task) -> None:
+        self.depth -= 1
+        self.metrics.lookup_queue.set(self.depth)
+
+    async def intercept_service(self, continuation, handler_call_details):
+        if handler_call_details.method != LOOKUP_METHOD:
+            return await continuation(handler_call_details)
+        if self.max_queue and self.depth >= self.max_queue:
+            return self._refusal
+        task = asyncio.current_task()
+        if task is None:
+            raise RuntimeError("LookupQueue: grpc.aio runs every call in a task; this one has none")
+        self.depth += 1
+        self.metrics.lookup_queue.set(self.depth)
+        task.add_done_callback(self._release)
+        return await continuation(handler_call_details)

@@ -1,0 +1,102 @@
+"""Load shedding of a real `embps serve` replica: with max_queue = N, N + k concurrent slow-ish
+lookups get RESOURCE_EXHAUSTED at once for the calls beyond N and OK for the rest; Status and
+Health still answer meanwhile; the shed counter and queue gauge say exactly that."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from bench.serve_targets import TABLE, EmbpsServer, bench_keys
+from ps import wire
+from ps.rpc import serving_pb2, serving_pb2_grpc
+from serving.config import load_serve_config
+
+MAX_QUEUE = 3
+EXTRA = 9  # calls beyond the bound, sent at the same moment
+ROWS = 20_000
+DIM = 16
+LOOKUP_KEYS = 150_000  # ~10-40 ms of server work per call here: slow enough that the calls overlap
+_LIMIT = 64 << 20
+
+
+@pytest.fixture
+def replica(tmp_path: Path):
+    server = EmbpsServer.start(ROWS, DIM, tmp_path / "replica", max_queue=MAX_QUEUE)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _scrape(server: EmbpsServer) -> str:
+    port = load_serve_config(server.log_path.parent / "serve.toml").metrics_port
+    return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+
+
+def _value(scrape: str, name: str) -> float:
+    match = re.search(rf"^{re.escape(name)} (\S+)$", scrape, re.MULTILINE)
+    assert match is not None, f"{name} not in the scrape"
+    return float(match.group(1))
+
+
+def test_calls_beyond_the_bound_are_shed_at_once_and_status_still_answers(replica, promtool) -> None:
+    keys = np.resize(bench_keys(ROWS), LOOKUP_KEYS)
+    request = serving_pb2.ServingLookupRequest(table=TABLE, keys=wire.encode_keys(keys), dim=DIM)
+    options = [("grpc.max_receive_message_length", _LIMIT), ("grpc.max_send_message_length", _LIMIT)]
+    start = threading.Barrier(MAX_QUEUE + EXTRA + 1)
+
+    def lookup(stub: serving_pb2_grpc.ServingStub) -> tuple[str, float, str]:
+        start.wait()
+        t0 = time.monotonic()
+        try:
+            reply = stub.Lookup(request, timeout=60)
+            assert len(reply.found) == LOOKUP_KEYS and reply.found.count(0) == 0
+            return "OK", time.monotonic() - t0, ""
+        except grpc.RpcError as exc:
+            return exc.code().name, time.monotonic() - t0, exc.details()
+
+    # One channel per call: each its own connection, so the calls reach the replica at once.
+    channels = [grpc.insecure_channel(replica.address, options=options) for _ in range(MAX_QUEUE + EXTRA)]
+    try:
+        with ThreadPoolExecutor(len(channels)) as pool:
+            futures = [pool.submit(lookup, serving_pb2_grpc.ServingStub(c)) for c in channels]
+            start.wait()
+            with grpc.insecure_channel(replica.address) as probe:
+                status = serving_pb2_grpc.ServingStub(probe).Status(serving_pb2.ServingStatusRequest(), timeout=5)
+                health = health_pb2_grpc.HealthStub(probe).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            results = [f.result() for f in futures]
+    finally:
+        for channel in channels:
+            channel.close()
+    assert [s.table for s in status.shards] == [TABLE]
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+    codes = [code for code, _, _ in results]
+    assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED"}, results
+    shed = [(t, details) for code, t, details in results if code == "RESOURCE_EXHAUSTED"]
+    answered = sorted(t for code, t, _ in results if code == "OK")
+    assert shed, f"no call was shed with {MAX_QUEUE + EXTRA} concurrent lookups and max_queue {MAX_QUEUE}: {results}"
+    assert len(answered) >= MAX_QUEUE
+    assert all(f"serving queue full: {MAX_QUEUE} lookups waiting" in details for _, details in shed)
+    # At once: a shed call waits for no lookup, so it is back before the median answered one.
+    assert max(t for t, _ in shed) < answered[len(answered) // 2], results
+
+    scrape = _scrape(replica)
+    assert _value(scrape, "embps_serving_shed_lookups_total") == len(shed)
+    assert _value(scrape, "embps_serving_lookup_queue_limit") == MAX_QUEUE
+    assert _value(scrape, "embps_serving_lookup_queue") == 0  # every admitted call released once
+    assert _value(scrape, 'embps_serving_requests_total{code="RESOURCE_EXHAUSTED",method="Lookup",table=""}') == len(
+        shed
+    )
+    lint = subprocess.run([promtool, "check", "metrics"], input=scrape, capture_output=True, text=True, timeout=30)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
