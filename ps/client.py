@@ -28,6 +28,7 @@ from ps import native, wire
 from ps.errors import CapacityError, EmbpsError, UnknownTableError, WrongShardError
 from ps.job_config import DEFAULT_MESSAGE_LIMIT, Deadlines, JobConfig
 from ps.rpc import ps_pb2, ps_pb2_grpc
+from ps.security import Role, SecurityConfig, open_channel
 from ps.sharding import ShardMap
 
 _SLACK = 4096  # protobuf framing and small fields around the bulk bytes of one message
@@ -164,6 +165,8 @@ class PSClient:
         client_id: str | None = None,
         max_attempts: int = 8,
         backoff_seconds: float = 0.05,
+        security: SecurityConfig | None = None,
+        role: Role = Role.TRAINER,
     ) -> None:
         if not addresses:
             raise ValueError("addresses: need at least one shard address")
@@ -193,17 +196,20 @@ class PSClient:
             ("grpc.keepalive_time_ms", 10000),
             ("grpc.keepalive_timeout_ms", 5000),
         ]
-        self._channels = [grpc.insecure_channel(a, options=options) for a in self.addresses]
+        # TLS and the role's bearer token when the job's [security] has them (ps/security.py).
+        self._channels = [open_channel(a, security or SecurityConfig(), role, options) for a in self.addresses]
         self._stubs = [ps_pb2_grpc.ParameterServerStub(c) for c in self._channels]
         # Enough threads for the RPCs of a multi-table round (lookup_many / push_many) to overlap.
         self._pool = ThreadPoolExecutor(max(16, 2 * len(self.addresses)), thread_name_prefix="ps-client")
 
     @classmethod
     def from_job(cls, job: JobConfig, **kwargs) -> PSClient:
-        """A client for every shard of `job`, with its shard map, table dims, limits and deadlines."""
+        """A client for every shard of `job`, with its shard map, table dims, limits, deadlines and
+        security (TLS, and the trainer's token unless role= says otherwise)."""
         kwargs.setdefault("dims", {t.name: t.dim for t in job.tables})
         kwargs.setdefault("message_limit_bytes", job.message_limit_bytes)
         kwargs.setdefault("deadlines", job.deadlines)
+        kwargs.setdefault("security", job.security)
         return cls(job.addresses, shard_map=job.shard_map, **kwargs)
 
     def close(self) -> None:

@@ -20,6 +20,12 @@
     capacity = 1000000
     optimizer = { kind = "adagrad", lr = 0.05 }
 
+    [security]                          # optional: TLS, mutual TLS, bearer tokens per role (ps/security.py)
+    tls_cert = "certs/server.pem"
+    tls_key = "certs/server.key"
+    tokens.trainer = { file = "secrets/trainer.token" }
+
+Relative paths are relative to the TOML file.
 Every error names the field and the rule, e.g. `tables.user.dim: must be in [1, 65536], got 0`.
 """
 
@@ -36,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ps.security import SecurityConfig, dump_security, parse_security
 from ps.sharding import ShardMap
 from ps.storage import StorageConfig
 from ps.table_config import AdmissionConfig, EvictionConfig, OptimizerConfig, TableConfig
@@ -99,6 +106,7 @@ class JobConfig:
     shard_map: ShardMap | None = None
     push_dedupe_window: int = 4096
     snapshot: SnapshotConfig | None = None
+    security: SecurityConfig = field(default_factory=SecurityConfig)
 
     def __post_init__(self) -> None:
         if self.shard_map is None:
@@ -122,21 +130,23 @@ def load_job_config(path: str | Path) -> JobConfig:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"{path}: not valid TOML: {exc}") from exc
-    return parse_job_config(data)
+    return parse_job_config(data, path.resolve().parent)
 
 
 # Sections of the same job file that other components read (the training workers, `embps deploy
-# render`); the PS skips them, so one file describes the whole job.
-OTHER_SECTIONS = frozenset({"train", "model", "data", "deploy"})
+# render`, `embps launch`); the PS skips them, so one file describes the whole job.
+OTHER_SECTIONS = frozenset({"train", "model", "data", "deploy", "launch"})
 
 
-def parse_job_config(data: dict) -> JobConfig:
-    """A parsed TOML document (dict) -> a validated JobConfig."""
+def parse_job_config(data: dict, base_dir: Path | None = None) -> JobConfig:
+    """A parsed TOML document (dict) -> a validated JobConfig; relative paths ([security]) are
+    joined to base_dir (the TOML's directory)."""
     data = {k: v for k, v in data.items() if k not in OTHER_SECTIONS}
     _reject_unknown(
         "",
         data,
-        {"job", "shards", "tables", "message_limit_bytes", "deadlines", "sharding", "push_dedupe_window", "snapshot"},
+        {"job", "shards", "tables", "message_limit_bytes", "deadlines", "sharding", "push_dedupe_window", "snapshot",
+         "security"},
     )
     job = data.get("job")
     if not isinstance(job, str) or not job or not all(c.isalnum() or c in "_.-" for c in job):
@@ -173,6 +183,7 @@ def parse_job_config(data: dict) -> JobConfig:
         _check_int("snapshot.full_every", snapshot.full_every, 1, 2**31)
         _check_int("snapshot.keep", snapshot.keep, 0, 2**31)
         snapshot.storage.validate()
+    security = parse_security(data["security"], base_dir) if "security" in data else SecurityConfig()
     return JobConfig(
         job=job,
         shards=shards,
@@ -182,6 +193,7 @@ def parse_job_config(data: dict) -> JobConfig:
         shard_map=shard_map,
         push_dedupe_window=window,
         snapshot=snapshot,
+        security=security,
     )
 
 
@@ -316,6 +328,8 @@ def dump_job_config(job: JobConfig) -> str:
     if job.snapshot is not None:
         lines += ["", "[snapshot]"]
         lines += _toml_fields(job.snapshot)
+    if job.security != SecurityConfig():
+        lines += ["", *dump_security(job.security)]
     return "\n".join(lines) + "\n"
 
 

@@ -38,6 +38,7 @@ from ps.errors import CapacityError, EmbpsError, UnknownTableError, WrongShardEr
 from ps.job_config import JobConfig, load_job_config
 from ps.metrics import ShardMetrics
 from ps.rpc import ps_pb2, ps_pb2_grpc, snapshot_pb2, snapshot_pb2_grpc
+from ps.security import add_port, ps_port_policy, server_interceptors
 from ps.update_log import DEFAULT_MAX_ENTRIES, DEFAULT_MAX_KEYS, LogGapError, LogRange
 
 log = logging.getLogger("embps.ps")
@@ -401,7 +402,12 @@ async def create_server(
     shard = Shard(job, shard_index, log_max_entries=log_max_entries, log_max_keys=log_max_keys, initial_states=states)
     metrics = metrics if metrics is not None else ShardMetrics(shard_index)
     servicer = ParameterServerServicer(shard, metrics)
-    server = grpc.aio.server(options=server_options(job), interceptors=[UndecodableRequests()])
+    # Token checks come first: a caller without a valid token learns nothing, not even that its
+    # request bytes do not parse.
+    auth = server_interceptors(
+        job.security, ps_port_policy(), lambda method, code: metrics.requests.labels("", method, code.name).inc()
+    )
+    server = grpc.aio.server(options=server_options(job), interceptors=[*auth, UndecodableRequests()])
     ps_pb2_grpc.add_ParameterServerServicer_to_server(servicer, server)
     snapshots = SnapshotControlServicer(
         job,
@@ -425,7 +431,7 @@ async def create_server(
         server,
     )
     address = address if address is not None else job.shards[shard_index].address
-    port = server.add_insecure_port(address)
+    port = add_port(server, address, job.security)
     if port == 0:
         raise OSError(f"shard {shard_index}: cannot bind {address}")
     return server, port, servicer, health
@@ -443,8 +449,9 @@ async def _serve(job: JobConfig, shard_index: int, grace: float, log_max_keys: i
         loop.add_signal_handler(sig, stop.set)
     await server.start()
     log.info(
-        "shard %d of job %r serving on %s (port %d), metrics on %s:%d, pid %d",
-        shard_index, job.job, shard_config.address, port, shard_config.host, metrics_port, os.getpid(),
+        "shard %d of job %r serving on %s (port %d; %s), metrics on %s:%d, pid %d",
+        shard_index, job.job, shard_config.address, port, job.security.describe(), shard_config.host, metrics_port,
+        os.getpid(),
     )
     await stop.wait()
     log.info("shard %d: draining (grace %.1f s)", shard_index, grace)

@@ -33,6 +33,7 @@ from grpc_reflection.v1alpha import reflection
 from ps import wire
 from ps.errors import UnknownTableError
 from ps.rpc import ps_pb2, serving_pb2, serving_pb2_grpc
+from ps.security import Role, add_port, open_aio_channel, server_interceptors, serving_port_policy
 from ps.server import ShuttingDownError, UndecodableRequests, status_of
 from serving.config import ServeConfig, load_serve_config
 from serving.follower import ShardFollower
@@ -189,7 +190,9 @@ async def build_replica(config: ServeConfig, metrics: ServingMetrics) -> Replica
         from serving.export_load import load_latest_export
 
         replica.export_step = await asyncio.to_thread(load_latest_export, config.export, tables)
-    replica.channels = [grpc.aio.insecure_channel(a, options=channel_options(config)) for a in job.addresses]
+    replica.channels = [
+        open_aio_channel(a, job.security, Role.REPLICA, channel_options(config)) for a in job.addresses
+    ]
     for table in tables.values():
         for s, channel in enumerate(replica.channels):
             replica.followers.append(ShardFollower(table, s, channel, metrics))
@@ -205,13 +208,18 @@ async def create_server(
     replica = await build_replica(config, metrics)
     servicer = ServingServicer(replica, metrics)
     limit = config.job.message_limit_bytes + _MESSAGE_SLACK
+    auth = server_interceptors(
+        config.job.security,
+        serving_port_policy(),
+        lambda method, code: metrics.requests.labels("", method, code.name).inc(),
+    )
     server = grpc.aio.server(
         options=[
             ("grpc.max_send_message_length", limit),
             ("grpc.max_receive_message_length", limit),
             ("grpc.so_reuseport", 0),
         ],
-        interceptors=[LookupQueue(config.max_queue, metrics), UndecodableRequests()],  # LookupQueue first
+        interceptors=[LookupQueue(config.max_queue, metrics), *auth, UndecodableRequests()],  # LookupQueue first
     )
     serving_pb2_grpc.add_ServingServicer_to_server(servicer, server)
     health = HealthServicer()
@@ -222,7 +230,7 @@ async def create_server(
         [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
     )
     address = address if address is not None else config.listen
-    port = server.add_insecure_port(address)
+    port = add_port(server, address, config.job.security)
     if port == 0:
         raise OSError(f"listen: cannot bind {address}")
     return server, port, servicer, health
@@ -263,8 +271,9 @@ async def _serve(config: ServeConfig, grace: float) -> int:
         loop.add_signal_handler(sig, stop.set)
     await server.start()
     log.info(
-        "serving replica of job %r on %s (port %d), metrics on %s:%d, tables %s, export step %s, pid %d",
-        config.job.job, config.listen, port, config.host, metrics_port, ", ".join(config.tables),
+        "serving replica of job %r on %s (port %d; %s), metrics on %s:%d, tables %s, export step %s, pid %d",
+        config.job.job, config.listen, port, config.job.security.describe(), config.host, metrics_port,
+        ", ".join(config.tables),
         servicer.replica.export_step, os.getpid(),
     )
     await stop.wait()

@@ -18,13 +18,13 @@ import io
 import json
 from concurrent.futures import ThreadPoolExecutor
 
-import grpc
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from ps.job_config import SnapshotConfig
 from ps.rpc import snapshot_pb2, snapshot_pb2_grpc
+from ps.security import Role, SecurityConfig, open_channel
 from ps.snapshot import SnapshotWriter, read_extra
 from ps.snapshot_manifest import ShardRecord
 from ps.snapshot_ops import collect_garbage
@@ -77,7 +77,7 @@ class Checkpointer:
         )
         if parent is not None:
             request.parent = parent
-        records = _write_on_shards(self.job.ps.addresses, request)
+        records = _write_on_shards(self.job.ps.addresses, self.job.ps.security, request)
         writer = SnapshotWriter(
             config.uri,
             self.job.ps.job,
@@ -105,9 +105,11 @@ class Checkpointer:
             collect_garbage(config.uri, self.job.ps.job, config.keep, config.storage)
 
 
-def _write_on_shards(addresses: list[str], request: snapshot_pb2.WriteSnapshotRequest) -> list[ShardRecord]:
+def _write_on_shards(
+    addresses: list[str], security: SecurityConfig, request: snapshot_pb2.WriteSnapshotRequest
+) -> list[ShardRecord]:
     def call(address: str) -> list[ShardRecord]:
-        with grpc.insecure_channel(address) as channel:
+        with open_channel(address, security, Role.TRAINER) as channel:
             reply = snapshot_pb2_grpc.SnapshotControlStub(channel).WriteSnapshot(request, timeout=_WRITE_DEADLINE_S)
         return [ShardRecord.from_dict(d) for d in json.loads(reply.records_json)]
 

@@ -135,7 +135,7 @@ def _start_shards(job: TrainingJob, out: Path, restore_step: int | None) -> list
         shards.append(processes.start_shard(config_path, index, out / "logs" / f"ps-{index}.log", restore_step))
     for index, (proc, shard) in enumerate(zip(shards, job.ps.shards, strict=True)):
         try:
-            processes.wait_serving(shard.address, proc, f"ps shard {index}")
+            processes.wait_serving(shard.address, proc, f"ps shard {index}", security=job.ps.security)
         except RuntimeError:
             for p in shards:
                 processes.stop(p)

@@ -12,6 +12,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from ps.security import SecurityConfig, open_channel
+
 _PR_SET_PDEATHSIG = 1
 
 
@@ -36,11 +38,13 @@ def start_shard(config_path: str, index: int, log_path: Path, restore_step: int 
         )
 
 
-def wait_serving(address: str, proc: subprocess.Popen, name: str, timeout: float = 90.0) -> None:
-    """Polls the gRPC health service at `address` until SERVING; RuntimeError naming `name` if the
-    process exits or the timeout passes first."""
+def wait_serving(
+    address: str, proc: subprocess.Popen, name: str, timeout: float = 90.0, security: SecurityConfig | None = None
+) -> None:
+    """Polls the gRPC health service at `address` (over TLS when `security` has it; health needs no
+    token) until SERVING; RuntimeError naming `name` if the process exits or the timeout passes first."""
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
+    with open_channel(address, security or SecurityConfig(), role=None) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if proc.poll() is not None:

@@ -124,11 +124,11 @@ def load_training_job(path: str | Path) -> TrainingJob:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"{path}: not valid TOML: {exc}") from exc
-    return replace(parse_training_job(data), path=str(path.resolve()))
+    return replace(parse_training_job(data, path.resolve().parent), path=str(path.resolve()))
 
 
-def parse_training_job(data: dict) -> TrainingJob:
-    ps = parse_job_config({k: v for k, v in data.items() if k not in TRAINING_SECTIONS})
+def parse_training_job(data: dict, base_dir: Path | None = None) -> TrainingJob:
+    ps = parse_job_config({k: v for k, v in data.items() if k not in TRAINING_SECTIONS}, base_dir)
     train = build_config(TrainConfig, data.get("train", {}), "train")
     section = build_config(ModelSection, data.get("model", {}), "model")
     raw_data = dict(data.get("data", {}))

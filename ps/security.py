@@ -1,0 +1,493 @@
+"""Transport security and bearer tokens for every gRPC port of a job (`[security]` of the job TOML).
+
+    [security]
+    tls_cert = "certs/server.pem"          # server certificate chain (PEM): TLS on every gRPC port
+    tls_key = "certs/server.key"           # its private key (PEM); required with tls_cert
+    tls_ca = "certs/ca.pem"                # CA bundle clients check server certificates against
+                                           # (default: gRPC's built-in public roots)
+    client_ca = "certs/client-ca.pem"      # mutual TLS: servers require a client certificate signed by it
+    client_cert = "certs/client.pem"       # mutual TLS: what this process presents as a client
+    client_key = "certs/client.key"
+    tokens.trainer = { file = "secrets/trainer.token" }   # or { env = "EMBPS_TRAINER_TOKEN" }
+    tokens.replica = { file = "secrets/replica.token" }
+    tokens.reader = { env = "EMBPS_READER_TOKEN" }
+
+Relative paths are relative to the job TOML. Tokens are read from files or environment variables,
+never written in the TOML, so a config dump or a log line cannot carry one; a string where a
+token source belongs is refused without being echoed.
+
+One TOML serves every process of a job, and each process holds only its own secrets: paths are
+checked when the process that needs them loads them (a shard its key and the tokens it accepts, a
+worker its trainer token), with errors naming the field, e.g.
+`security.tls_key: file not found: /etc/embps/server.key`. In Kubernetes every pod mounts its own
+Secret at the same path.
+
+Roles (who may call what; health checks are open to all, for probes):
+
+    trainer   PS port: every method (Lookup, Push, LookupBatch, PushBatch, Stats, Subscribe,
+              SnapshotControl)
+    replica   PS port: the read-only methods a serving replica's followers need (Subscribe, Lookup,
+              LookupBatch, Stats)
+    reader    serving port: Lookup, Status
+
+A missing or unknown token answers UNAUTHENTICATED; a valid token of a role that may not call the
+method answers PERMISSION_DENIED. Reflection needs a token of any role the port accepts: the proto
+files are public, but an anonymous caller has no business on the port beyond its health.
+When no token is configured, auth is off; when any is, every port requires one (a port whose roles
+have no token configured refuses every call but health). Tokens are compared with
+hmac.compare_digest. Prometheus /metrics ports stay plain HTTP.
+"""
+
+from __future__ import annotations
+
+import collections
+import hmac
+import logging
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from enum import StrEnum
+from pathlib import Path
+
+import grpc
+
+from ps.rpc import ps_pb2, serving_pb2, snapshot_pb2
+
+log = logging.getLogger("embps.security")
+
+HEALTH_PREFIX = "/grpc.health.v1.Health/"
+REFLECTION_PREFIX = "/grpc.reflection."
+_MIN_TOKEN_CHARS = 16
+
+
+class Role(StrEnum):
+    TRAINER = "trainer"
+    REPLICA = "replica"
+    READER = "reader"
+
+
+@dataclass(frozen=True)
+class TokenSource:
+    """Where one role's token comes from: exactly one of a file (its text, whitespace stripped) or an
+    environment variable."""
+
+    file: str | None = None
+    env: str | None = None
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """The token source of each role; None: the role has no token (and cannot authenticate)."""
+
+    trainer: TokenSource | None = None
+    replica: TokenSource | None = None
+    reader: TokenSource | None = None
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    """`[security]`: TLS files (absolute or relative to the working directory once parsed) and token
+    sources. The default is everything off: plaintext ports, no tokens."""
+
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
+    client_ca: str | None = None
+    client_cert: str | None = None
+    client_key: str | None = None
+    tokens: Tokens = field(default_factory=Tokens)
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+    @property
+    def mutual_tls(self) -> bool:
+        return self.client_ca is not None
+
+    @property
+    def auth(self) -> bool:
+        return any(getattr(self.tokens, role.value) is not None for role in Role)
+
+    def describe(self) -> str:
+        """One line for the startup log: what is on, never a secret."""
+        transport = ("mutual TLS" if self.mutual_tls else "TLS") if self.tls else "plaintext"
+        roles = [role.value for role in Role if getattr(self.tokens, role.value) is not None]
+        return f"{transport}, " + (f"tokens for {', '.join(roles)}" if roles else "no tokens (auth off)")
+
+    def token(self, role: Role) -> str | None:
+        """The role's token, read now from its file or variable; None when the role has none."""
+        source = getattr(self.tokens, role.value)
+        if source is None:
+            return None
+        where = f"security.tokens.{role.value}"
+        if source.file is not None:
+            text = _read(f"{where}.file", source.file).decode("ascii", errors="replace")
+            token = text.strip()
+        else:
+            token = os.environ.get(source.env, "").strip()
+            if not token:
+                raise ValueError(f"{where}.env: environment variable {source.env} is not set or empty")
+        if len(token) < _MIN_TOKEN_CHARS or not all("!" <= c <= "~" for c in token):
+            # The token itself is never part of the message.
+            raise ValueError(
+                f"{where}: a token must be at least {_MIN_TOKEN_CHARS} printable ASCII characters without "
+                f"spaces (gRPC metadata), got {len(token)} characters"
+            )
+        return token
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        """The server side of TLS (requires `tls`); client certificates required when client_ca is set."""
+        if self.tls_cert is None or self.tls_key is None:
+            raise ValueError("security.tls_cert: TLS is off; server credentials need tls_cert and tls_key")
+        pair = (_read_pem("security.tls_key", self.tls_key), _read_pem("security.tls_cert", self.tls_cert))
+        client_ca = _read_pem("security.client_ca", self.client_ca) if self.client_ca else None
+        return grpc.ssl_server_credentials([pair], root_certificates=client_ca, require_client_auth=self.mutual_tls)
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        """The client side of TLS (requires `tls`), with this process's client certificate if any."""
+        if not self.tls:
+            raise ValueError("security.tls_cert: TLS is off; there are no channel credentials")
+        return grpc.ssl_channel_credentials(
+            root_certificates=_read_pem("security.tls_ca", self.tls_ca) if self.tls_ca else None,
+            private_key=_read_pem("security.client_key", self.client_key) if self.client_key else None,
+            certificate_chain=_read_pem("security.client_cert", self.client_cert) if self.client_cert else None,
+        )
+
+
+def parse_security(raw: object, base_dir: Path | None = None) -> SecurityConfig:
+    """The `[security]` table (dict) -> SecurityConfig; relative paths are joined to base_dir.
+    Checks shape and combinations only; files and variables are read by the process using them."""
+    if not isinstance(raw, dict):
+        raise TypeError(f"security: must be a table ([security]), got {type(raw).__name__}")
+    paths = [f.name for f in fields(SecurityConfig) if f.name != "tokens"]
+    unknown = sorted(set(raw) - {*paths, "tokens"})
+    if unknown:
+        raise ValueError(f"security.{unknown[0]}: unknown field; known fields: {', '.join([*paths, 'tokens'])}")
+    values: dict[str, str] = {}
+    for name in paths:
+        if name in raw:
+            values[name] = _path(f"security.{name}", raw[name], base_dir)
+    for a, b in (("tls_cert", "tls_key"), ("client_cert", "client_key")):
+        if (a in values) != (b in values):
+            missing, given = (b, a) if a in values else (a, b)
+            raise ValueError(f"security.{missing}: required with security.{given}")
+    if "tls_cert" not in values:
+        for name in ("tls_ca", "client_ca", "client_cert"):
+            if name in values:
+                raise ValueError(f"security.{name}: needs TLS; set security.tls_cert and security.tls_key")
+    if "client_ca" in values and "client_cert" not in values:
+        raise ValueError(
+            "security.client_cert: required with security.client_ca (servers then require a client "
+            "certificate, and every embps process is a client of some port)"
+        )
+    return SecurityConfig(**values, tokens=_parse_tokens(raw.get("tokens", {}), base_dir))
+
+
+def _parse_tokens(raw: object, base_dir: Path | None) -> Tokens:
+    if not isinstance(raw, dict):
+        # Not echoed: a misplaced token must not reach an error message.
+        raise TypeError(f"security.tokens: must be a table of roles ({', '.join(Role)}), got {type(raw).__name__}")
+    sources = {}
+    for role, entry in raw.items():
+        where = f"security.tokens.{role}"
+        if role not in {r.value for r in Role}:
+            raise ValueError(f"{where}: unknown role; roles: {', '.join(Role)}")
+        if not isinstance(entry, dict) or len(entry) != 1 or not set(entry) <= {"file", "env"}:
+            raise TypeError(
+                f"{where}: must be {{ file = \"path\" }} or {{ env = \"VARIABLE\" }} (tokens are never written "
+                f"in the TOML), got a {type(entry).__name__}"
+            )
+        if "file" in entry:
+            sources[role] = TokenSource(file=_path(f"{where}.file", entry["file"], base_dir))
+        else:
+            env = entry["env"]
+            if not isinstance(env, str) or not env or "=" in env:
+                raise TypeError(f"{where}.env: must be the name of an environment variable, got {env!r}")
+            sources[role] = TokenSource(env=env)
+    return Tokens(**sources)
+
+
+def _path(where: str, value: object, base_dir: Path | None) -> str:
+    if not isinstance(value, str) or not value:
+        raise TypeError(f"{where}: must be a non-empty path, got {type(value).__name__}")
+    path = Path(value).expanduser()
+    if base_dir is not None and not path.is_absolute():
+        path = base_dir / path
+    return str(path)
+
+
+def dump_security(security: SecurityConfig) -> list[str]:
+    """TOML lines of a [security] section that parse_security reads back as `security` (paths as
+    stored; tokens as their sources). Empty when everything is off."""
+    if security == SecurityConfig():
+        return []
+    lines = ["[security]"]
+    for f in fields(SecurityConfig):
+        value = getattr(security, f.name)
+        if f.name != "tokens" and value is not None:
+            lines.append(f"{f.name} = {_quote(value)}")
+    for role in Role:
+        source = getattr(security.tokens, role.value)
+        if source is not None:
+            kind, value = ("file", source.file) if source.file is not None else ("env", source.env)
+            lines.append(f"tokens.{role.value} = {{ {kind} = {_quote(value)} }}")
+    return lines
+
+
+def _quote(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _read(where: str, path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise ValueError(f"{where}: file not found: {path}") from None
+    except OSError as exc:
+        raise ValueError(f"{where}: cannot read {path}: {exc.strerror}") from None
+
+
+def _read_pem(where: str, path: str) -> bytes:
+    data = _read(where, path)
+    if b"-----BEGIN " not in data:
+        raise ValueError(f"{where}: not a PEM file: {path}")
+    return data
+
+
+# ---- who may call what -------------------------------------------------------------------------
+
+Policy = Mapping[str, frozenset[Role]]  # full method name ("/pkg.Service/Method") -> roles allowed
+
+_REPLICA_METHODS = frozenset({"Lookup", "LookupBatch", "Stats", "Subscribe"})
+
+
+def _methods(descriptor, service: str) -> list[tuple[str, str]]:
+    s = descriptor.services_by_name[service]
+    return [(f"/{s.full_name}/{m.name}", m.name) for m in s.methods]
+
+
+def ps_port_policy() -> dict[str, frozenset[Role]]:
+    """The PS port: trainer everything, replica the read-only methods its followers need."""
+    policy = {
+        path: frozenset({Role.TRAINER, Role.REPLICA} if name in _REPLICA_METHODS else {Role.TRAINER})
+        for path, name in _methods(ps_pb2.DESCRIPTOR, "ParameterServer")
+    }
+    policy.update({path: frozenset({Role.TRAINER}) for path, _ in _methods(snapshot_pb2.DESCRIPTOR, "SnapshotControl")})
+    return policy
+
+
+def serving_port_policy() -> dict[str, frozenset[Role]]:
+    """The serving port: reader may call Lookup and Status (the service has no other method)."""
+    return {path: frozenset({Role.READER}) for path, _ in _methods(serving_pb2.DESCRIPTOR, "Serving")}
+
+
+# ---- server side -------------------------------------------------------------------------------
+
+
+def add_port(server: grpc.aio.Server, address: str, security: SecurityConfig) -> int:
+    """Binds `address` with TLS when it is configured, plaintext otherwise; returns the port (0: failed)."""
+    if security.tls:
+        return server.add_secure_port(address, security.server_credentials())
+    return server.add_insecure_port(address)
+
+
+class TokenAuth(grpc.aio.ServerInterceptor):
+    """Checks `authorization: Bearer <token>` against the tokens of the roles `policy` names.
+
+    Health is open; reflection takes any accepted role; every other method takes the roles the
+    policy lists, and a method the policy does not list takes none. A refused call never reaches
+    the servicer, and its request bytes are not even parsed. `on_denied(method, code)` counts
+    refusals (method: the short name, e.g. "Push").
+    """
+
+    def __init__(
+        self,
+        tokens: Mapping[Role, str],
+        policy: Policy,
+        on_denied: Callable[[str, grpc.StatusCode], None] | None = None,
+    ) -> None:
+        self._tokens = [(role, token.encode()) for role, token in tokens.items()]
+        self._policy = dict(policy)
+        self._any_role = frozenset(role for roles in self._policy.values() for role in roles)
+        self._on_denied = on_denied
+
+    def role_of(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> Role | None:
+        """The role whose token the call carries, or None (no, malformed or unknown token)."""
+        header = next((v for k, v in metadata or () if k == "authorization"), None)
+        if not isinstance(header, str):
+            return None
+        scheme, _, presented = header.partition(" ")
+        if scheme.lower() != "bearer" or not presented:
+            return None
+        presented_bytes = presented.strip().encode()
+        found = None
+        for role, token in self._tokens:  # every token is compared, in constant time each
+            if hmac.compare_digest(presented_bytes, token):
+                found = role
+        return found
+
+    async def intercept_service(self, continuation, handler_call_details):
+        method = handler_call_details.method
+        if method.startswith(HEALTH_PREFIX):
+            return await continuation(handler_call_details)
+        allowed = self._any_role if method.startswith(REFLECTION_PREFIX) else self._policy.get(method, frozenset())
+        role = self.role_of(handler_call_details.invocation_metadata)
+        if role is not None and role in allowed:
+            return await continuation(handler_call_details)
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        if role is None:
+            code, message = grpc.StatusCode.UNAUTHENTICATED, "missing or unknown bearer token (authorization metadata)"
+        else:
+            code, message = grpc.StatusCode.PERMISSION_DENIED, f"role {role.value!r} may not call {method}"
+        if self._on_denied is not None:
+            self._on_denied(method.rsplit("/", 1)[-1], code)
+
+        async def deny(request_or_iterator, context: grpc.aio.ServicerContext) -> None:
+            await context.abort(code, message)
+
+        kind = ("stream" if handler.request_streaming else "unary") + "_" + (
+            "stream" if handler.response_streaming else "unary"
+        )
+        return handler._replace(request_deserializer=_ignore, **{kind: deny})
+
+
+def _ignore(data: bytes) -> None:
+    return None
+
+
+def server_interceptors(
+    security: SecurityConfig,
+    policy: Policy,
+    on_denied: Callable[[str, grpc.StatusCode], None] | None = None,
+) -> list[grpc.aio.ServerInterceptor]:
+    """[TokenAuth] for a port with `policy` when auth is on, else []. Reads the tokens of the
+    policy's roles now (and only those: a serving host never needs the trainer's token)."""
+    if not security.auth:
+        return []
+    roles = {role for roles in policy.values() for role in roles}
+    tokens = {role: token for role in Role if role in roles and (token := security.token(role)) is not None}
+    if not tokens:
+        log.warning("auth is on but no role this port accepts (%s) has a token: every call but health is refused",
+                    ", ".join(sorted(roles)))
+    return [TokenAuth(tokens, policy, on_denied)]
+
+
+# ---- client side -------------------------------------------------------------------------------
+
+
+class _CallDetails(
+    collections.namedtuple("_CallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready",
+                                            "compression")),
+    grpc.ClientCallDetails,
+):
+    pass
+
+
+class _BearerToken(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """Adds `authorization: Bearer <token>` to every call of a blocking channel."""
+
+    def __init__(self, token: str) -> None:
+        self._header = ("authorization", f"Bearer {token}")
+
+    def _details(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+        d = details
+        metadata = (*(d.metadata or ()), self._header)
+        return _CallDetails(d.method, d.timeout, metadata, d.credentials, d.wait_for_ready, d.compression)
+
+    def intercept_unary_unary(self, continuation, client_call_details, request):
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_unary_stream(self, continuation, client_call_details, request):
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
+        return continuation(self._details(client_call_details), request_iterator)
+
+    def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
+        return continuation(self._details(client_call_details), request_iterator)
+
+
+class _AioBearerToken:
+    """Adds `authorization: Bearer <token>` to the calls of a grpc.aio channel. grpc.aio files an
+    interceptor under the first call kind it is an instance of, so each kind gets its own class."""
+
+    def __init__(self, token: str) -> None:
+        self._header = ("authorization", f"Bearer {token}")
+
+    def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        return details._replace(metadata=grpc.aio.Metadata(*(details.metadata or ()), self._header))
+
+
+class _AioUnaryUnary(_AioBearerToken, grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation, client_call_details, request):
+        return await continuation(self._details(client_call_details), request)
+
+
+class _AioUnaryStream(_AioBearerToken, grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation, client_call_details, request):
+        return await continuation(self._details(client_call_details), request)
+
+
+class _AioStreamUnary(_AioBearerToken, grpc.aio.StreamUnaryClientInterceptor):
+    async def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
+        return await continuation(self._details(client_call_details), request_iterator)
+
+
+class _AioStreamStream(_AioBearerToken, grpc.aio.StreamStreamClientInterceptor):
+    async def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
+        return await continuation(self._details(client_call_details), request_iterator)
+
+
+def _client_token(security: SecurityConfig, role: Role | None) -> str | None:
+    if role is None or not security.auth:
+        return None
+    token = security.token(role)
+    if token is None:
+        raise ValueError(
+            f"security.tokens.{role.value}: auth is on (tokens are configured) but this role, which this "
+            f"process calls as, has no token"
+        )
+    return token
+
+
+def open_channel(
+    address: str,
+    security: SecurityConfig,
+    role: Role | None,
+    options: Sequence[tuple[str, object]] = (),
+) -> grpc.Channel:
+    """A blocking channel to an embps port: TLS when the job has it, and `role`'s token (if auth is
+    on and role is not None) on every call. role None: health checks only."""
+    options = list(options)
+    if security.tls:
+        channel = grpc.secure_channel(address, security.channel_credentials(), options=options)
+    else:
+        channel = grpc.insecure_channel(address, options=options)
+    token = _client_token(security, role)
+    return grpc.intercept_channel(channel, _BearerToken(token)) if token is not None else channel
+
+
+def open_aio_channel(
+    address: str,
+    security: SecurityConfig,
+    role: Role | None,
+    options: Sequence[tuple[str, object]] = (),
+) -> grpc.aio.Channel:
+    """As open_channel, for grpc.aio."""
+    options = list(options)
+    token = _client_token(security, role)
+    kinds = (_AioUnaryUnary, _AioUnaryStream, _AioStreamUnary, _AioStreamStream)
+    interceptors = [kind(token) for kind in kinds] if token is not None else None
+    if security.tls:
+        return grpc.aio.secure_channel(
+            address, security.channel_credentials(), options=options, interceptors=interceptors
+        )
+    return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
