@@ -22,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.ports import free_ports
 from ps.job_config import Deadlines, JobConfig, ShardConfig, dump_job_config
+from ps.security import SecurityConfig, open_channel
 from ps.server import MALLOC_TUNING, SERVICE_NAME
 from ps.table_config import TableConfig
 
@@ -62,10 +63,17 @@ def start_shard(config_path: Path, index: int, log_path: Path, env: dict[str, st
         )
 
 
-def wait_serving(address: str, proc: subprocess.Popen, timeout: float = 60.0, log_path: Path | None = None) -> None:
-    """Polls the gRPC health service of `address` until SERVING; raises if the process exits first."""
+def wait_serving(
+    address: str,
+    proc: subprocess.Popen,
+    timeout: float = 60.0,
+    log_path: Path | None = None,
+    security: SecurityConfig | None = None,
+) -> None:
+    """Polls the gRPC health service of `address` (over TLS if `security` has it) until SERVING;
+    raises if the process exits first."""
     end = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
+    with open_channel(address, security or SecurityConfig(), role=None) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < end:
             if proc.poll() is not None:
@@ -112,7 +120,7 @@ class ShardCluster:
         cluster = cls(job, config_path, procs, logs)
         try:
             for i, shard in enumerate(job.shards):
-                wait_serving(shard.address, procs[i], log_path=logs[i])
+                wait_serving(shard.address, procs[i], log_path=logs[i], security=job.security)
         except BaseException:
             cluster.stop()
             raise
@@ -121,7 +129,8 @@ class ShardCluster:
     def restart(self, index: int) -> None:
         """Starts shard `index` again (after it was stopped or killed) and waits until it serves."""
         self.procs[index] = start_shard(self.config_path, index, self.log_paths[index])
-        wait_serving(self.job.shards[index].address, self.procs[index], log_path=self.log_paths[index])
+        shard = self.job.shards[index]
+        wait_serving(shard.address, self.procs[index], log_path=self.log_paths[index], security=self.job.security)
 
     def log(self, index: int) -> str:
         return self.log_paths[index].read_text()

@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ps import wire
 from ps.job_config import JobConfig, dump_job_config
 from ps.rpc import ps_pb2, serving_pb2, serving_pb2_grpc
+from ps.security import Role, open_channel
 from ps.server import MALLOC_TUNING
 from serving.config import ServeConfig, dump_serve_config
 from serving.server import SERVICE_NAME
@@ -61,7 +62,9 @@ class ServingReplica:
                 [sys.executable, "-m", "embps", "serve", "--config", str(config_path), "--grace", "2"],
                 cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
             )
-        replica = cls(config, proc, log_path, grpc.insecure_channel(config.listen))
+        security = cluster.job.security  # TLS and the reader's token when the job has them
+        channel = open_channel(config.listen, security, Role.READER if security.auth else None)
+        replica = cls(config, proc, log_path, channel)
         try:
             replica.wait_health(SERVICE_NAME)
         except BaseException:

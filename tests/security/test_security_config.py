@@ -1,0 +1,183 @@
+"""[security] of the job TOML: parsing, errors that name the field, secrets read only from files or
+variables (and never echoed), the roles' policy, and the token check in process."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import secrets
+import tomllib
+
+import grpc
+import pytest
+
+from ps.job_config import dump_job_config, load_job_config, parse_job_config
+from ps.rpc import ps_pb2, snapshot_pb2
+from ps.security import (
+    Role,
+    SecurityConfig,
+    TokenAuth,
+    Tokens,
+    TokenSource,
+    open_channel,
+    parse_security,
+    ps_port_policy,
+    server_interceptors,
+    serving_port_policy,
+)
+from tests.security.certs import secured
+
+JOB = """
+job = "j"
+[[shards]]
+address = "127.0.0.1:50051"
+[tables.user]
+dim = 4
+"""
+
+
+def test_relative_paths_resolve_against_the_toml_directory(tmp_path):
+    (tmp_path / "conf").mkdir()
+    path = tmp_path / "conf" / "job.toml"
+    path.write_text(
+        JOB + '[security]\ntls_cert = "certs/s.pem"\ntls_key = "/abs/s.key"\n'
+        'tokens.trainer = { file = "t.token" }\ntokens.reader = { env = "EMBPS_READER_TOKEN" }\n'
+    )
+    security = load_job_config(path).security
+    assert security.tls_cert == str(tmp_path / "conf" / "certs" / "s.pem")
+    assert security.tls_key == "/abs/s.key"
+    assert security.tokens == Tokens(
+        trainer=TokenSource(file=str(tmp_path / "conf" / "t.token")), reader=TokenSource(env="EMBPS_READER_TOKEN")
+    )
+    assert security.tls and security.auth and not security.mutual_tls
+
+
+def test_dump_reads_back(pki, token_files):
+    job = parse_job_config(tomllib.loads(JOB))
+    by_env = SecurityConfig(tokens=Tokens(replica=TokenSource(env="X")))
+    for security in (secured(pki, token_files, mutual=True), by_env):
+        job = dataclasses.replace(job, security=security)
+        assert parse_job_config(tomllib.loads(dump_job_config(job))).security == security
+    assert "[security]" not in dump_job_config(parse_job_config(tomllib.loads(JOB)))
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"tls_cert": "a.pem"}, "security.tls_key: required with security.tls_cert"),
+        ({"tls_key": "a.key"}, "security.tls_cert: required with security.tls_key"),
+        ({"tls_ca": "ca.pem"}, "security.tls_ca: needs TLS"),
+        ({"tls_cert": "a", "tls_key": "b", "client_ca": "c"}, "security.client_cert: required with security.client_ca"),
+        ({"tls_cert": "a", "tls_key": "b", "client_cert": "c"}, "security.client_key: required with"),
+        ({"tls_cert": 3, "tls_key": "b"}, "security.tls_cert: must be a non-empty path"),
+        ({"require_client_cert": True}, "security.require_client_cert: unknown field"),
+        ({"tokens": {"admin": {"file": "x"}}}, "security.tokens.admin: unknown role"),
+        ({"tokens": {"trainer": {"env": ""}}}, "security.tokens.trainer.env: must be the name"),
+        ({"tokens": {"trainer": {"file": "a", "env": "B"}}}, "security.tokens.trainer: must be { file"),
+    ],
+)
+def test_errors_name_the_field(raw, message):
+    with pytest.raises((ValueError, TypeError)) as info:
+        parse_security(raw)
+    assert message in str(info.value)
+
+
+def test_an_inline_token_is_refused_without_being_echoed():
+    token = secrets.token_urlsafe(32)
+    for raw in ({"tokens": {"trainer": token}}, {"tokens": token}, {"tokens": {"trainer": {"file": 7}}}):
+        with pytest.raises(TypeError) as info:
+            parse_security(raw)
+        assert "security.tokens" in str(info.value)
+        assert token not in str(info.value)
+
+
+def test_files_are_read_by_the_process_that_needs_them(tmp_path, monkeypatch):
+    missing = str(tmp_path / "missing.pem")
+    security = SecurityConfig(tls_cert=missing, tls_key=missing, tokens=Tokens(trainer=TokenSource(file=missing)))
+    with pytest.raises(ValueError, match=r"security\.tls_key: file not found: .*missing\.pem"):
+        security.server_credentials()
+    with pytest.raises(ValueError, match=r"security\.tokens\.trainer\.file: file not found"):
+        security.token(Role.TRAINER)
+    not_pem = tmp_path / "cert.txt"
+    not_pem.write_text("hello")
+    with pytest.raises(ValueError, match=r"security\.tls_ca: not a PEM file: .*cert\.txt"):
+        SecurityConfig(tls_cert="s.pem", tls_key="s.key", tls_ca=str(not_pem)).channel_credentials()
+    monkeypatch.delenv("EMBPS_TEST_TOKEN", raising=False)
+    by_env = SecurityConfig(tokens=Tokens(reader=TokenSource(env="EMBPS_TEST_TOKEN")))
+    with pytest.raises(ValueError, match="security.tokens.reader.env: environment variable EMBPS_TEST_TOKEN is not"):
+        by_env.token(Role.READER)
+    weak = "short-token"
+    monkeypatch.setenv("EMBPS_TEST_TOKEN", weak)
+    with pytest.raises(ValueError, match="security.tokens.reader: a token must be at least 16") as info:
+        by_env.token(Role.READER)
+    assert weak not in str(info.value)
+    strong = secrets.token_urlsafe(24)
+    monkeypatch.setenv("EMBPS_TEST_TOKEN", f" {strong}\n")
+    assert by_env.token(Role.READER) == strong
+    assert by_env.token(Role.TRAINER) is None
+    # A client whose role has no token while auth is on is a configuration error, not a silent refusal.
+    with pytest.raises(ValueError, match="security.tokens.trainer: auth is on"):
+        open_channel("127.0.0.1:1", by_env, Role.TRAINER)
+
+
+def test_the_roles_policy():
+    ps_policy = ps_port_policy()
+    service = ps_pb2.DESCRIPTOR.services_by_name["ParameterServer"]
+    snapshot = snapshot_pb2.DESCRIPTOR.services_by_name["SnapshotControl"]
+    # Every method of the PS port has an entry (a method without one would be refused to everyone).
+    assert set(ps_policy) == {f"/{s.full_name}/{m.name}" for s in (service, snapshot) for m in s.methods}
+    assert all(Role.TRAINER in roles and Role.READER not in roles for roles in ps_policy.values())
+    replica = {path.rsplit("/", 1)[1] for path, roles in ps_policy.items() if Role.REPLICA in roles}
+    assert replica == {"Lookup", "LookupBatch", "Stats", "Subscribe"}
+    assert serving_port_policy() == {
+        "/embps.v1.Serving/Lookup": frozenset({Role.READER}),
+        "/embps.v1.Serving/Status": frozenset({Role.READER}),
+    }
+
+
+def test_auth_is_off_without_tokens(pki):
+    security = secured(pki)
+    assert security.tls and not security.auth
+    assert server_interceptors(security, ps_port_policy()) == []
+    assert security.describe() == "TLS, no tokens (auth off)"
+
+
+class _Details:
+    def __init__(self, method: str, metadata: tuple) -> None:
+        self.method = method
+        self.invocation_metadata = metadata
+
+
+def test_token_check_in_process():
+    """TokenAuth on its own: which role a header names, and what reaches the servicer."""
+    trainer, replica = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+    denied = []
+    tokens = {Role.TRAINER: trainer, Role.REPLICA: replica}
+    auth = TokenAuth(tokens, ps_port_policy(), lambda method, code: denied.append((method, code)))
+    assert auth.role_of((("authorization", f"Bearer {trainer}"),)) == Role.TRAINER
+    assert auth.role_of((("authorization", f"BEARER {replica}"),)) == Role.REPLICA
+    assert auth.role_of((("authorization", f"Bearer {trainer}x"),)) is None
+    assert auth.role_of((("authorization", b"Bearer " + trainer.encode()),)) is None
+    assert auth.role_of(None) is None
+    handler = grpc.unary_unary_rpc_method_handler(lambda request, context: "reached")
+
+    async def continuation(details):
+        return handler
+
+    def intercept(method: str, token: str | None):
+        metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        return asyncio.run(auth.intercept_service(continuation, _Details(method, metadata)))
+
+    assert intercept("/embps.v1.ParameterServer/Push", trainer) is handler
+    assert intercept("/embps.v1.ParameterServer/Lookup", replica) is handler
+    assert intercept("/grpc.health.v1.Health/Check", None) is handler
+    assert intercept("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", replica) is handler
+    refused = intercept("/embps.v1.ParameterServer/Push", replica)
+    assert refused is not handler and refused.request_deserializer(b"\xff garbage") is None
+    assert intercept("/embps.v1.ParameterServer/Lookup", None) is not handler
+    assert intercept("/embps.v1.Unknown/Method", trainer) is not handler
+    assert denied == [
+        ("Push", grpc.StatusCode.PERMISSION_DENIED),
+        ("Lookup", grpc.StatusCode.UNAUTHENTICATED),
+        ("Method", grpc.StatusCode.PERMISSION_DENIED),
+    ]
