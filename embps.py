@@ -118,6 +118,11 @@ def _parser() -> argparse.ArgumentParser:
     serve_bench.add_argument("--concurrency", type=int, default=32, help="calls in flight per client process")
     serve_bench.add_argument("--out", default=None, help="write the results as JSON here")
     serve_bench.add_argument("--plot", default=None, help="write a PNG of p99 vs offered rate here")
+    serve_bench.add_argument(
+        "--overload", type=float, default=None, metavar="FACTOR",
+        help="embps only: offer FACTOR x the replica's capacity to a replica with --max-queue and to one without",
+    )
+    serve_bench.add_argument("--max-queue", type=int, default=16, help="with --overload: max_queue of the bounded one")
 
     report = bench_verbs.add_parser("report", help="markdown table of `embps bench ... --out` JSON results")
     report.add_argument("results", nargs="+", help="JSON files written by embps bench ... --out")
@@ -228,6 +233,16 @@ def main(argv: list[str] | None = None) -> int:
                 num_tables=args.tables,
                 shared_table=args.shared_table,
                 out=args.out,
+            )
+        )
+    if args.verb == "bench" and args.bench == "serve" and args.overload is not None:
+        from bench.overload_bench import OverloadBenchConfig, run_overload_bench
+
+        return run_overload_bench(
+            OverloadBenchConfig(
+                factor=args.overload, max_queue=args.max_queue, rows=args.rows, dim=args.dim, batch=args.batch,
+                zipf=args.zipf, duration_s=args.duration, warmup_s=args.warmup, clients=args.clients,
+                concurrency=args.concurrency, out=args.out,
             )
         )
     if args.verb == "bench" and args.bench == "serve":

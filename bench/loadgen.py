@@ -11,7 +11,8 @@ Open loop: an arrival is due at its scheduled time whether or not earlier calls 
 At most `concurrency` calls per process are in flight; an arrival that finds every thread busy
 is sent as soon as one frees up and its latency still counts from its scheduled time, so a slow
 server cannot hide its queueing (no coordinated omission). `send_lag` (sent - scheduled) is
-reported beside the latency: it is that queueing plus the generator's own lateness.
+reported beside the latency: it is that queueing plus the generator's own lateness. Failed calls
+get their latency too, per status code (`error_latency_ms`: e.g. how fast a shed call comes back).
 
 Only arrivals scheduled inside the measurement window [warmup, warmup + duration) are counted.
 Bounded: every process stops sending at warmup + duration + drain; arrivals not sent by then are
@@ -66,9 +67,12 @@ class Target(Protocol):
 
 @dataclass(frozen=True)
 class LoadSpec:
-    """One open-loop run. rate: arrivals per second over all client processes."""
+    """One run. rate: arrivals per second over all client processes (open loop); None: closed
+    loop, each of the `concurrency` threads of each process sends its next call as soon as the
+    previous one returns (the system's capacity at that many calls in flight); latency is then
+    counted from the send, and the measurement window holds the calls sent inside it."""
 
-    rate: float
+    rate: float | None
     duration_s: float = 5.0
     warmup_s: float = 1.0
     clients: int = 2
@@ -85,7 +89,7 @@ class LoadSpec:
 
     def __post_init__(self) -> None:
         positive = {
-            "rate": self.rate, "duration_s": self.duration_s, "clients": self.clients,
+            "rate": 1.0 if self.rate is None else self.rate, "duration_s": self.duration_s, "clients": self.clients,
             "concurrency": self.concurrency, "batch": self.batch, "rows": self.rows, "timeout_s": self.timeout_s,
             "pool_batches": self.pool_batches, "max_requests": self.max_requests,
             "setup_timeout_s": self.setup_timeout_s,
@@ -96,6 +100,8 @@ class LoadSpec:
         for name, value in {"warmup_s": self.warmup_s, "drain_s": self.drain_s, "zipf": self.zipf}.items():
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name}: must be >= 0, got {value!r}")
+        if self.rate is None:
+            return
         expected = self.rate / self.clients * (self.warmup_s + self.duration_s)
         if expected > self.max_requests:
             raise ValueError(
@@ -140,7 +146,8 @@ def _run_client(target: Target, spec: LoadSpec, index: int, ready, start_at, go,
     """One client process: prepare, wait for the common start, run the schedule, report."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and terminates us
     rng = np.random.default_rng([spec.seed, index])
-    times = arrival_times(spec.rate / spec.clients, spec.warmup_s + spec.duration_s, rng)
+    if spec.rate is not None:
+        times = arrival_times(spec.rate / spec.clients, spec.warmup_s + spec.duration_s, rng)
     caller = target.connect(key_pool(spec, seed=spec.seed * 1000 + index))
     try:
         first = caller.call(0, spec.timeout_s)
@@ -150,12 +157,22 @@ def _run_client(target: Target, spec: LoadSpec, index: int, ready, start_at, go,
         if not go.wait(spec.setup_timeout_s):
             return
         t0 = start_at.value
-        n = times.shape[0]
-        sent = np.full(n, np.nan)
-        done = np.full(n, np.nan)
-        codes: list[str | None] = [None] * n
         counter = itertools.count()
         hard_end = t0 + spec.warmup_s + spec.duration_s + spec.drain_s
+        if spec.rate is None:
+            calls: list[tuple[float, float, str]] = []  # (sent, done, code); list.append is thread-safe
+
+            def closed_worker() -> None:
+                while (now := time.monotonic()) < t0 + spec.warmup_s + spec.duration_s:
+                    timeout = max(1e-3, min(spec.timeout_s, hard_end - now))
+                    code = caller.call(next(counter) % spec.pool_batches, timeout)
+                    calls.append((now, time.monotonic(), code))
+
+        else:
+            n = times.shape[0]
+            sent = np.full(n, np.nan)
+            done = np.full(n, np.nan)
+            codes: list[str | None] = [None] * n
 
         def worker() -> None:
             while True:
@@ -174,12 +191,19 @@ def _run_client(target: Target, spec: LoadSpec, index: int, ready, start_at, go,
                 done[i] = time.monotonic()
 
         cpu0 = time.process_time()
-        threads = [threading.Thread(target=worker, daemon=True) for _ in range(spec.concurrency)]
+        run = worker if spec.rate is not None else closed_worker
+        threads = [threading.Thread(target=run, daemon=True) for _ in range(spec.concurrency)]
         for t in threads:
             t.start()
         for t in threads:
             t.join(max(0.0, hard_end + spec.timeout_s - time.monotonic()))
         cpu = time.process_time() - cpu0
+        if spec.rate is None:  # the send time stands for the scheduled time
+            calls.sort()
+            sent = np.array([c[0] for c in calls], dtype=np.float64).reshape(-1)
+            done = np.array([c[1] for c in calls], dtype=np.float64).reshape(-1)
+            codes = [c[2] for c in calls]
+            times = sent - t0
     finally:
         caller.close()
     lo, hi = spec.window_s
@@ -188,6 +212,15 @@ def _run_client(target: Target, spec: LoadSpec, index: int, ready, start_at, go,
     window_codes = Counter(codes[i] or UNSENT for i in in_window)
     ok = np.array([i for i in in_window if codes[i] == OK], dtype=np.int64)
     latency.record(done[ok] - (t0 + times[ok]))
+    failed: dict[str, list[int]] = {}
+    for i in in_window:
+        if codes[i] not in (OK, None):
+            failed.setdefault(codes[i], []).append(i)
+    error_latency = {}
+    for code, indices in failed.items():
+        hist = LogHistogram()
+        hist.record(done[indices] - (t0 + times[indices]))
+        error_latency[code] = hist.to_dict()
     was_sent = in_window[~np.isnan(sent[in_window])]
     lag.record(np.maximum(sent[was_sent] - (t0 + times[was_sent]), 0.0))
     results.put(
@@ -195,6 +228,7 @@ def _run_client(target: Target, spec: LoadSpec, index: int, ready, start_at, go,
             "index": index,
             "latency": latency.to_dict(),
             "send_lag": lag.to_dict(),
+            "error_latency": error_latency,
             "codes": dict(window_codes),
             "scheduled": int(in_window.shape[0]),
             "window_start": t0 + lo,
@@ -269,10 +303,13 @@ def _merge(name: str, spec: LoadSpec, reports: list[dict], server_cpu: float | N
     latency = LogHistogram()
     lag = LogHistogram()
     codes: Counter[str] = Counter()
+    error_latency: dict[str, LogHistogram] = {}
     for r in reports:
         latency.merge(LogHistogram.from_dict(r["latency"]))
         lag.merge(LogHistogram.from_dict(r["send_lag"]))
         codes.update(r["codes"])
+        for code, hist in r["error_latency"].items():
+            error_latency.setdefault(code, LogHistogram()).merge(LogHistogram.from_dict(hist))
     scheduled = sum(r["scheduled"] for r in reports)
     ok = codes.pop(OK, 0)
     window_start = min(r["window_start"] for r in reports)
@@ -294,6 +331,9 @@ def _merge(name: str, spec: LoadSpec, reports: list[dict], server_cpu: float | N
         "error_count": sum(codes.values()),
         "latency_ms": {**ms, "mean": latency.mean * 1e3},
         "send_lag_ms": {k: v * 1e3 for k, v in lag.percentiles((50, 99)).items()},
+        "error_latency_ms": {
+            code: {k: v * 1e3 for k, v in hist.percentiles((50, 99)).items()} for code, hist in error_latency.items()
+        },
         "latency_histogram": latency.to_dict(),
         "client_cpu_ms_per_call": client_cpu / max(completed_total, 1) * 1e3,
         "server_cpu_ms_per_call": None if server_cpu is None else server_cpu / max(completed_total, 1) * 1e3,

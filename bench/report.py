@@ -124,6 +124,23 @@ def _serve(r: dict) -> tuple[str, str]:
     return setup, "; ".join(parts)
 
 
+def _serve_overload(r: dict) -> tuple[str, str]:
+    c = r["config"]
+    setup = (
+        f"{c['rows']:,} rows x {c['dim']}, batch {c['batch']}, {c['factor']:g}x capacity "
+        f"({r['capacity_qps']:,.0f} req/s) offered open-loop"
+    )
+    parts = []
+    for name in ("bounded", "unbounded"):
+        s = r[name]
+        shed = f", shed p99 {s['shed_p99_ms']:.1f} ms" if s.get("shed_p99_ms") is not None else ""
+        parts.append(
+            f"max_queue {s['max_queue']}: answered {s['answered_qps']:,.0f} req/s, shed {s['shed_fraction']:.0%}, "
+            f"answered p50 {s['answered_p50_ms']:.1f} ms p99 {s['answered_p99_ms']:.1f} ms{shed}"
+        )
+    return setup, "; ".join(parts)
+
+
 def _numeric_fields(value: object, prefix: str = "") -> Iterable[tuple[str, float]]:
     if isinstance(value, dict):
         for k, v in value.items():
@@ -145,8 +162,9 @@ def _generic(r: dict) -> tuple[str, str]:
 
 RENDERERS: dict[str, Callable[[dict], tuple[str, str]]] = {
     "table": _table, "ps": _ps, "train": _train, "snapshot": _snapshot, "freshness": _freshness, "serve": _serve,
+    "serve_overload": _serve_overload,
 }
-ORDER = ("table", "ps", "train", "snapshot", "freshness", "serve")
+ORDER = ("table", "ps", "train", "snapshot", "freshness", "serve", "serve_overload")
 
 
 def _machine(r: dict) -> str:

@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -227,7 +227,11 @@ class EmbpsServer:
         return [self.proc.pid]
 
     @classmethod
-    def start(cls, rows: int, dim: int, workdir: Path, timeout: float = 300.0) -> EmbpsServer:
+    def start(cls, rows: int, dim: int, workdir: Path, timeout: float = 300.0, max_queue: int | None = None,
+              export_uri: str | None = None) -> EmbpsServer:
+        """Starts a replica of the bench rows in workdir (its config and log there). max_queue: the
+        replica's load-shedding bound (None: serve.toml's default; 0: no bound). export_uri: an
+        export of the same rows already written (by write_export), shared by several replicas."""
         from bench.ports import free_ports
         from ps.job_config import JobConfig, ShardConfig, dump_job_config
         from ps.server import MALLOC_TUNING
@@ -235,8 +239,9 @@ class EmbpsServer:
         from serving.config import ExportSource, ServeConfig, dump_serve_config
 
         workdir.mkdir(parents=True, exist_ok=True)
-        export_uri = (workdir / "export").resolve().as_uri()
-        write_export(export_uri, rows, dim)
+        if export_uri is None:
+            export_uri = (workdir / "export").resolve().as_uri()
+            write_export(export_uri, rows, dim)
         shard_port, shard_metrics, listen, metrics = free_ports(4)
         job = JobConfig(
             job=JOB,
@@ -249,6 +254,8 @@ class EmbpsServer:
             job=job, listen=f"127.0.0.1:{listen}", metrics_port=metrics, tables=(TABLE,),
             export=ExportSource(export_uri, JOB),
         )
+        if max_queue is not None:
+            config = replace(config, max_queue=max_queue)
         config_path = workdir / "serve.toml"
         config_path.write_text(dump_serve_config(config, "job.toml"))
         log_path = workdir / "serve.log"

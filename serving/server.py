@@ -111,9 +111,7 @@ class ServingServicer(serving_pb2_grpc.ServingServicer):
             raise ValueError(f"dtype: unsupported dtype {request.dtype}; supported: FLOAT32, FLOAT16")
         dtype = _REPLY_DTYPES[request.dtype]
         keys = wire.decode_keys(request.keys)
-        # With a queue bound every lookup yields the loop (serving/shedding.py: else the backlog
-        # stays in grpc's core, where nothing counts it); without one, small lookups run inline.
-        if keys.shape[0] <= INLINE_LOOKUP_KEYS and not self.replica.config.max_queue:
+        if keys.shape[0] <= INLINE_LOOKUP_KEYS:
             values, found = table.lookup(keys, dtype)
         else:
             values, found = await asyncio.to_thread(table.lookup, keys, dtype)

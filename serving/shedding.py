@@ -21,9 +21,14 @@ faster than it answers them and the backlog stays in the core's per-method queue
 yet taken, where neither this counter nor grpc.aio's limiter sees it (measured: 3x overload,
 this gauge never above 2, latency growing to the deadline). The core can bound that queue
 (`grpc.server.max_pending_requests_hard_limit`), but its refusals reach the client as
-CANCELLED, with no count on the server. So with a bound set, the replica runs every lookup on a
-thread (serving/server.py): while one waits for its rows the loop takes further calls, and the
-backlog is made of tasks here. A Lookup is admitted when its task first runs this interceptor
+CANCELLED, with no count on the server. So this bound holds where lookups yield the loop: those
+above INLINE_LOOKUP_KEYS, which run on a thread (serving/server.py). Running every lookup on a
+thread when a bound is set was tried and dropped: it cut this 2-core machine's capacity for
+64-key lookups (about 2,400/s inline against 800-1,200/s) and `embps bench serve --overload 3`
+still showed the backlog in front of Python (shed calls waiting ~1 s). Small lookups under
+overload are the open problem: the fix is a server that takes calls faster than the loop runs
+them (several processes on one port, or a sync server with a bounded pool).
+A Lookup is admitted when its task first runs this interceptor
 (before its message is received or parsed) and released when that task ends (reply sent,
 aborted or cancelled: a done callback fires exactly once), so `depth` is exactly the number of
 Lookup tasks in the replica. This interceptor must be the first (outermost) of the server's

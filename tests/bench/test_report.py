@@ -48,3 +48,18 @@ def test_an_incomplete_result_names_the_file(tmp_path: Path) -> None:
     path.write_text(json.dumps({"bench": "serve", "config": {}}))
     with pytest.raises(ValueError, match="broken.json"):
         run_report([str(path)])
+
+
+def test_overload_result_shows_both_replicas() -> None:
+    side = {"answered_qps": 900.0, "shed_fraction": 0.5, "answered_p50_ms": 2.0, "answered_p99_ms": 9.0}
+    result = {
+        "bench": "serve_overload",
+        "config": {"rows": 20_000, "dim": 16, "batch": 64, "factor": 3.0},
+        "capacity_qps": 1000.0,
+        "bounded": {**side, "max_queue": 8, "shed_p99_ms": 1.5},
+        "unbounded": {**side, "max_queue": 0, "shed_fraction": 0.0, "answered_p99_ms": 900.0, "shed_p99_ms": None},
+    }
+    (line,) = render([("o.json", result)]).splitlines()[2:]
+    assert line.startswith("| `embps bench serve_overload` | 20,000 rows x 16, batch 64, 3x capacity (1,000 req/s)")
+    assert "max_queue 8: answered 900 req/s, shed 50%, answered p50 2.0 ms p99 9.0 ms, shed p99 1.5 ms" in line
+    assert "; max_queue 0: answered 900 req/s, shed 0%, answered p50 2.0 ms p99 900.0 ms |" in line

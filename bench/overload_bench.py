@@ -1,0 +1,151 @@
+"""`embps bench serve --overload 3`: a replica offered 3x its capacity, with and without load shedding.
+
+    embps bench serve --overload 3 --max-queue 16 --rows 100000 --batch 64 --out overload.json
+
+Two real `embps serve` replicas of the same rows (bench/serve_targets.py), loaded one at a time:
+  1. capacity: a closed loop (clients x capacity_concurrency calls in flight, each sent when the
+     previous one returns) on the bounded replica; its answered rate is the capacity. The calls
+     in flight stay within max_queue, so none is shed while measuring.
+  2. the bounded replica (max_queue) offered factor x capacity, open loop (bench/loadgen.py);
+  3. the unbounded replica (max_queue = 0) offered the same rate.
+For each overload run: offered and answered rates, the shed fraction (RESOURCE_EXHAUSTED), and
+p50/p99 latency of answered and of shed calls, counted from each call's scheduled time. The
+generator holds at most clients x concurrency calls in flight; an unbounded replica's backlog
+beyond that waits in the generator, whose latency still counts it (no coordinated omission).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from bench.loadgen import OK, LoadSpec, run_load
+from bench.serve_bench import _finite, facts
+from bench.serve_targets import EmbpsServer, write_export
+
+SHED = "RESOURCE_EXHAUSTED"
+_POOL_KEYS = 1 << 22  # keys per client process's pool of prepared requests (32 MiB), whatever the batch
+
+
+@dataclass(frozen=True)
+class OverloadBenchConfig:
+    """One `embps bench serve --overload` invocation; see the module docstring."""
+
+    factor: float = 3.0
+    max_queue: int = 16
+    rows: int = 100_000
+    dim: int = 64
+    batch: int = 64
+    zipf: float = 1.05
+    duration_s: float = 5.0
+    warmup_s: float = 1.0
+    clients: int = 2
+    concurrency: int = 32  # open-loop calls in flight per client process: must exceed max_queue in all
+    capacity_concurrency: int = 4  # closed-loop calls in flight per client process while measuring capacity
+    out: str | None = None
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.factor) and self.factor > 1):
+            raise ValueError(f"factor: must be > 1 (times the capacity), got {self.factor}")
+        for name in ("max_queue", "rows", "dim", "batch", "clients", "concurrency", "capacity_concurrency"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.clients * self.concurrency <= self.max_queue:
+            raise ValueError(
+                f"concurrency: clients x concurrency ({self.clients * self.concurrency}) must exceed max_queue "
+                f"({self.max_queue}), or the generator can never fill the queue and nothing is shed"
+            )
+        if self.clients * self.capacity_concurrency > self.max_queue:
+            raise ValueError(
+                f"capacity_concurrency: clients x capacity_concurrency ({self.clients * self.capacity_concurrency}) "
+                f"must be <= max_queue ({self.max_queue}), so measuring the capacity sheds nothing"
+            )
+        if not self.duration_s > 0 or self.warmup_s < 0 or self.zipf < 0:
+            raise ValueError("duration_s: must be > 0; warmup_s, zipf: must be >= 0")
+
+    def spec(self, rate: float | None, concurrency: int) -> LoadSpec:
+        return LoadSpec(
+            rate=rate, duration_s=self.duration_s, warmup_s=self.warmup_s, clients=self.clients,
+            concurrency=concurrency, batch=self.batch, rows=self.rows, zipf=self.zipf,
+            pool_batches=max(8, min(2048, _POOL_KEYS // self.batch)),
+        )
+
+
+def summarize(run: dict) -> dict:
+    """The overload figures of one run: rates, shed fraction, latency of answered and shed calls."""
+    shed = run["errors"].get(SHED, 0)
+    shed_latency = run["error_latency_ms"].get(SHED, {})
+    return {
+        "offered_qps": run["offered_qps"],
+        "answered_qps": run["achieved_qps"],
+        "shed_fraction": shed / run["requests"] if run["requests"] else 0.0,
+        "answered_p50_ms": run["latency_ms"]["p50"],
+        "answered_p99_ms": run["latency_ms"]["p99"],
+        "shed_p50_ms": shed_latency.get("p50"),
+        "shed_p99_ms": shed_latency.get("p99"),
+        "other_errors": {code: n for code, n in run["errors"].items() if code not in (OK, SHED)},
+    }
+
+
+def _line(name: str, s: dict) -> str:
+    shed = "" if s["shed_p50_ms"] is None else f", shed p50 {s['shed_p50_ms']:.1f} p99 {s['shed_p99_ms']:.1f} ms"
+    return (
+        f"  {name:>9}: offered {s['offered_qps']:7.0f}/s answered {s['answered_qps']:7.0f}/s shed "
+        f"{s['shed_fraction']:6.1%} | answered p50 {s['answered_p50_ms']:8.1f} p99 {s['answered_p99_ms']:8.1f} ms"
+        f"{shed} | other errors {s['other_errors'] or 'none'}"
+    )
+
+
+def run_overload_bench(config: OverloadBenchConfig) -> int:
+    print(
+        f"embps bench serve --overload {config.factor:g}: {config.rows:,} rows x dim {config.dim}, batch "
+        f"{config.batch}, max_queue {config.max_queue}; {config.clients} client processes; "
+        f"{config.warmup_s:g} s warm-up + {config.duration_s:g} s per run",
+        flush=True,
+    )
+    with tempfile.TemporaryDirectory(prefix="embps-bench-overload-") as tmp:
+        export_uri = (Path(tmp) / "export").resolve().as_uri()
+        print("writing the export and starting two replicas (max_queue 0 and max_queue "
+              f"{config.max_queue})", flush=True)
+        write_export(export_uri, config.rows, config.dim)
+        bounded = EmbpsServer.start(config.rows, config.dim, Path(tmp) / "bounded", max_queue=config.max_queue,
+                                    export_uri=export_uri)
+        try:
+            unbounded = EmbpsServer.start(config.rows, config.dim, Path(tmp) / "unbounded", max_queue=0,
+                                          export_uri=export_uri)
+            try:
+                print(f"capacity: closed loop, {config.clients * config.capacity_concurrency} calls in flight",
+                      flush=True)
+                capacity = run_load(bounded.target, config.spec(None, config.capacity_concurrency), bounded.pids)
+                rate = config.factor * capacity["achieved_qps"]
+                print(
+                    f"  capacity {capacity['achieved_qps']:.0f}/s (p50 {capacity['latency_ms']['p50']:.1f} p99 "
+                    f"{capacity['latency_ms']['p99']:.1f} ms); offering {rate:.0f}/s to each replica",
+                    flush=True,
+                )
+                runs = {}
+                for name, server in (("bounded", bounded), ("unbounded", unbounded)):
+                    runs[name] = run_load(server.target, config.spec(rate, config.concurrency), server.pids)
+                    print(_line(name, summarize(runs[name])), flush=True)
+            finally:
+                unbounded.stop()
+        finally:
+            bounded.stop()
+    result = {
+        "bench": "serve_overload",
+        "config": asdict(config),
+        "machine": facts(),
+        "capacity_qps": capacity["achieved_qps"],
+        "capacity": capacity,
+        "offered_rate": rate,
+        **{name: {**summarize(run), "max_queue": config.max_queue if name == "bounded" else 0, "run": run}
+           for name, run in runs.items()},
+    }
+    if config.out:
+        Path(config.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(config.out).write_text(json.dumps(_finite(result), indent=1, allow_nan=False))
+        print(f"wrote {config.out}")
+    return 0
