@@ -33,6 +33,15 @@ class LocalTables:
 
     def push_many(self, items, step: int | None = None) -> None:
         """items: (table, keys (n,), grads (n, dim), counts (n,) or None)."""
+        self.send_push(self.prepare_push(items, step))
+
+    def prepare_push(self, items, step: int | None = None) -> tuple[list, int | None]:
+        """PSClient.prepare_push's counterpart. Nothing here fails midway, so the trainer never
+        sends one twice (PSClient's prepared pushes carry push ids for that)."""
+        return list(items), step
+
+    def send_push(self, prepared: tuple[list, int | None]) -> None:
+        items, step = prepared
         for table, keys, grads, counts in items:
             self.push(table, keys, grads, step=step, counts=counts)
 

@@ -12,6 +12,8 @@
     eval_every = 100            # steps between evaluations (0: only at the end)
     eval_batches = 8            # held-out global batches per evaluation
     output_dir = "runs/demo"    # summary.json, dense model
+    on_ps_unavailable = "abort" # a shard gives no answer within its deadline: "abort" | "wait"
+    ps_unavailable_timeout_s = 600.0  # wait: how long one step may wait for the shard
 
     [model]                     # worker.model.ModelConfig; num_dense/num_sparse/dim are derived
     bottom_sizes = [64, 16]
@@ -30,6 +32,7 @@ Errors name the field: `train.mode: must be one of 'sync', 'async', got 'fast'`.
 
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
@@ -54,6 +57,17 @@ class DenseOptimizer(StrEnum):
     SGD = "sgd"
 
 
+class PSUnavailablePolicy(StrEnum):
+    """What a worker does when a PS shard gives no answer within the call's deadline (a dead or
+    partitioned shard: ShardUnavailableError, code UNAVAILABLE)."""
+
+    ABORT = "abort"  # the worker exits non-zero naming the shard; the launcher stops the job
+    # The step's lookup or push is sent again (the push with the same push ids, so it applies
+    # once) until the shard answers or train.ps_unavailable_timeout_s has passed; the other ranks
+    # wait at the step's collectives meanwhile.
+    WAIT = "wait"
+
+
 class DataSource(StrEnum):
     SYNTHETIC = "synthetic"
     CRITEO = "criteo"
@@ -73,6 +87,8 @@ class TrainConfig:
     eval_every: int = 0
     eval_batches: int = 8
     output_dir: str = "runs/job"
+    on_ps_unavailable: PSUnavailablePolicy = PSUnavailablePolicy.ABORT
+    ps_unavailable_timeout_s: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -157,6 +173,9 @@ def parse_training_job(data: dict, base_dir: Path | None = None) -> TrainingJob:
         raise ValueError(f"train.dense_lr: must be > 0, got {train.dense_lr}")
     if train.eval_every < 0:
         raise ValueError(f"train.eval_every: must be >= 0, got {train.eval_every}")
+    timeout = train.ps_unavailable_timeout_s
+    if not 0 < timeout < math.inf:
+        raise ValueError(f"train.ps_unavailable_timeout_s: must be a finite number of seconds > 0, got {timeout}")
     if data_config.source != DataSource.SYNTHETIC and not data_config.paths:
         raise ValueError(f"data.paths: source '{data_config.source}' needs at least one file")
     known = {t.name: t for t in ps.tables}

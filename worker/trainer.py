@@ -13,14 +13,23 @@ of the global-batch mean, and dividing the embedding gradients by W makes their 
 same. Sync mode ends each step with a barrier after the pushes, so step t+1's lookups see every
 update of step t. Async mode overlaps: the next batch's lookups run during this step's compute,
 and pushes go to a background thread with at most `staleness` steps in flight.
+
+A shard that does not answer within a call's deadline (ShardUnavailableError) fails the step under
+`train.on_ps_unavailable = "abort"`; under "wait" the step's lookup or push is sent again until the
+shard answers or `train.ps_unavailable_timeout_s` has passed. A push is prepared once and the
+same prepared push (same push ids) is re-sent, so a shard that applied it before the outage does
+not apply it again, and the job ends with the same weights as one that never saw the outage.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -28,12 +37,16 @@ import torch.distributed as dist
 from torch import nn
 
 from ps import native
-from ps.client import PSClient
+from ps.client import PSClient, ShardUnavailableError
 from ps.sharding import ShardMap
 from worker.batch import Batch
 from worker.metrics import auc, logloss_from_logits
 from worker.sparse_exchange import exchange_to_owners, sum_by_key
-from worker.train_config import DenseOptimizer, Mode, TrainingJob
+from worker.train_config import DenseOptimizer, Mode, PSUnavailablePolicy, TrainingJob
+
+log = logging.getLogger("embps.worker")
+T = TypeVar("T")
+WAIT_PAUSE_SECONDS = 0.2  # between two tries of a waiting step (each try already took up to its deadline)
 
 
 @dataclass
@@ -45,6 +58,7 @@ class StepTimes:
     all_to_all: float = 0.0
     push: float = 0.0
     steps: int = 0
+    ps_unavailable: float = 0.0  # waiting for an unavailable shard (train.on_ps_unavailable = "wait")
 
     def as_dict(self) -> dict[str, float]:
         return {
@@ -53,6 +67,7 @@ class StepTimes:
             "all_to_all_s": self.all_to_all,
             "push_s": self.push,
             "steps": self.steps,
+            "ps_unavailable_s": self.ps_unavailable,
         }
 
 
@@ -122,7 +137,8 @@ class Trainer:
         for table, columns in self.groups:
             keys = np.ascontiguousarray(batch.sparse[:, columns]).reshape(-1)
             uniques[table] = unique_with_inverse(keys)
-        values = self.client.lookup_many({table: unique for table, (unique, _) in uniques.items()})
+        requests = {table: unique for table, (unique, _) in uniques.items()}
+        values = self._call_ps(f"lookup for step {self.step + 1}", lambda: self.client.lookup_many(requests))
         for table, (unique, inverse) in uniques.items():
             counts = np.bincount(inverse, minlength=unique.shape[0]).astype(np.int64)
             pulled.groups.append((table, unique, inverse, values[table], counts))
@@ -217,7 +233,42 @@ class Trainer:
     def _push_all(self, outgoing, step: int) -> None:
         items = [(table, keys, grads, sightings) for table, keys, grads, sightings in outgoing if keys.shape[0]]
         if items:
-            self.client.push_many(items, step=step)
+            prepared = self.client.prepare_push(items, step=step)
+            self._call_ps(f"push of step {step}", lambda: self.client.send_push(prepared))
+
+    def _call_ps(self, what: str, call: Callable[[], T]) -> T:
+        """call() under train.on_ps_unavailable: "abort" lets ShardUnavailableError through; "wait"
+        calls again (call must be safe to repeat) until it succeeds, and raises
+        ShardUnavailableError once train.ps_unavailable_timeout_s has passed since the first failure."""
+        train = self.job.train
+        first_failure: float | None = None
+        while True:
+            try:
+                result = call()
+            except ShardUnavailableError as exc:
+                if train.on_ps_unavailable == PSUnavailablePolicy.ABORT:
+                    raise
+                now = time.monotonic()
+                if first_failure is None:
+                    first_failure = now
+                    log.warning(
+                        "rank %d: %s: shard %s unavailable, waiting up to %g s (train.on_ps_unavailable = wait): %s",
+                        self.rank, what, exc.address, train.ps_unavailable_timeout_s, exc,
+                    )  # fmt: skip
+                elif now - first_failure >= train.ps_unavailable_timeout_s:
+                    raise ShardUnavailableError(
+                        f"{exc}; gave up after waiting {now - first_failure:.1f} s "
+                        f"(train.ps_unavailable_timeout_s = {train.ps_unavailable_timeout_s:g})",
+                        exc.code,
+                        exc.address,
+                    ) from exc
+                time.sleep(WAIT_PAUSE_SECONDS)
+                continue
+            if first_failure is not None:
+                waited = time.monotonic() - first_failure
+                self.times.ps_unavailable += waited
+                log.warning("rank %d: %s: the PS answers again after %.1f s; training goes on", self.rank, what, waited)
+            return result
 
     def drain(self) -> None:
         """Waits for every in-flight push (async mode), then for every rank to get there."""

@@ -4,6 +4,9 @@
 Reads RANK / WORLD_SIZE from the environment the launcher hands over, joins the process group
 (NCCL with CUDA, gloo without), trains, and on rank 0 writes progress lines (JSON, one per log
 step) to $EMBPS_PROGRESS_FILE when set, then `summary.json` and `dense.pt` into train.output_dir.
+
+A PS shard that stays unavailable (train.on_ps_unavailable = "abort", or "wait" past its timeout)
+ends the worker with exit code EXIT_PS_UNAVAILABLE and a line on stderr naming the shard.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ps.client import PSClient
+from ps.client import PSClient, ShardUnavailableError
 from worker.checkpoint import Checkpointer, load_trainer_state
 from worker.data_sources import eval_batches, train_reader
 from worker.model import DLRMDenseTower
@@ -27,6 +30,7 @@ from worker.train_config import TrainingJob, load_training_job
 from worker.trainer import Trainer
 
 LOG_EVERY = 10
+EXIT_PS_UNAVAILABLE = 3
 
 
 def run_worker(
@@ -147,6 +151,14 @@ def main(argv: list[str] | None = None) -> int:
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
     try:
         run_worker(job, rank, world_size, os.environ.get("EMBPS_PROGRESS_FILE"), args.resume_step)
+    except ShardUnavailableError as exc:
+        print(
+            f"embps worker rank {rank}: PS shard {exc.address} unavailable, stopping "
+            f"(train.on_ps_unavailable = {job.train.on_ps_unavailable.value}): {exc}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return EXIT_PS_UNAVAILABLE
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

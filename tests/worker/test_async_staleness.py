@@ -35,9 +35,10 @@ class SlowPushTables(LocalTables):
             self.max_missed = max(self.max_missed, looking_up_for - 1 - applied)
         return super().lookup_many(requests)
 
-    def push_many(self, items, step=None) -> None:
+    def send_push(self, prepared) -> None:
         time.sleep(0.05)
-        super().push_many(items, step)
+        super().send_push(prepared)
+        step = prepared[1]
         with self.lock:
             self.pushed_steps.append(step)
 
