@@ -1,24 +1,30 @@
 """Malformed and extreme requests against a real shard and a real serving replica (issue 8, point 4).
 
-Each RPC gets N_PER_METHOD requests from a seeded generator: random bytes where int64/float32
-arrays belong (lengths not a multiple of 8 or 4, empty, truncated), dims 0/1/huge/uint32 max,
-unknown, unicode and very long table names, NaN/Inf gradients, duplicate keys, counts of the
-wrong length, steps at uint64 max, a few messages just over the server's limit, and raw garbage
-bytes sent through a generic call so that the server's protobuf parsing sees junk too.
+Hypothesis draws N_PER_METHOD requests per RPC: random bytes where int64/float32 arrays belong
+(lengths not a multiple of 8 or 4, empty, truncated), dims 0/1/huge/uint32 max, unknown,
+unicode and very long table names, NaN/Inf/huge gradients, duplicate keys, counts of the wrong
+length, steps at uint64 max; one call in ten is raw bytes (a valid message cut or corrupted, or
+junk) sent through a generic call, so the server's protobuf parsing sees garbage too; three
+messages per method are just over the server's limit.
 
 Every reply must be OK or a status of the contract (never INTERNAL/UNKNOWN: those mean an
-unmapped exception); the processes stay alive, their memory bounded, and a valid request gets
-the right answer afterwards.
+unmapped exception); an out-of-contract reply fails the example, and hypothesis shrinks it to
+the smallest request that shows it. The processes stay alive, their memory bounded, and a valid
+request gets the right answer afterwards. The runs are derandomized: CI sees the same requests
+every time, and a failure reproduces.
 """
 
 from __future__ import annotations
 
 import collections
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import grpc
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from ps.rpc import ps_pb2, ps_pb2_grpc, serving_pb2, serving_pb2_grpc, snapshot_pb2, snapshot_pb2_grpc
 from ps.table_config import OptimizerConfig, OptimizerKind, TableConfig
@@ -28,7 +34,6 @@ from tests.serving.replicas import ServingReplica
 pytestmark = pytest.mark.slow
 
 N_PER_METHOD = 10_000
-SEED = 20260408
 MESSAGE_LIMIT = 256 << 10  # small, so that an oversized message is cheap to build and send
 OVERSIZED = MESSAGE_LIMIT + (1 << 16) + 4096  # just over limit + the server's framing slack
 RSS_GROWTH_BOUND = 300 << 20
@@ -52,194 +57,250 @@ CONTRACT = frozenset(
 # The Subscribe streams are cut by the test's own deadline or cancel.
 STREAM_CONTRACT = CONTRACT | {grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
 
-INT64_EXTREMES = np.array([0, -1, 1, np.iinfo(np.int64).min, np.iinfo(np.int64).max], dtype=np.int64)
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+INT64_EXTREMES = (0, -1, 1, INT64_MIN, INT64_MAX)
 UINT32_MAX = (1 << 32) - 1
 UINT64_MAX = (1 << 64) - 1
 ODD_NAMES = ("", "nope", "USER", "user ", "tablé", "表格", "🙂🙃", "a\x00b", "../user", "x" * 4096, "y" * 200_000)
+ODD_DIMS = (0, 1, 2, 3, 4, 5, 65536, 1 << 31, UINT32_MAX)
+FUZZ_SETTINGS = settings(
+    max_examples=N_PER_METHOD,
+    derandomize=True,
+    database=None,
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+)
+
+# --- strategies ------------------------------------------------------------------------------
+
+tables = st.one_of(st.sampled_from(FUZZED_TABLES), st.none())  # None: a name no table has
 
 
-class Fuzz:
-    """Malformed and extreme request fields drawn from one seeded generator."""
+ODD_NAME_STRATEGY = st.one_of(st.sampled_from(ODD_NAMES), st.text(max_size=12))
+ODD_DIM_STRATEGY = st.one_of(st.sampled_from(ODD_DIMS), st.integers(0, UINT32_MAX))
+# Built once: a strategy built per draw costs more than the draw.
+NAME_STRATEGIES = {t.name: st.just(t.name) for t in FUZZED_TABLES}
+DIM_STRATEGIES = {t.name: st.one_of(st.just(t.dim), st.just(t.dim), ODD_DIM_STRATEGY) for t in FUZZED_TABLES}
 
-    def __init__(self, seed: int) -> None:
-        self.rng = np.random.default_rng(seed)
 
-    def chance(self, p: float) -> bool:
-        return bool(self.rng.random() < p)
+def names(table: TableConfig | None) -> st.SearchStrategy[str]:
+    return ODD_NAME_STRATEGY if table is None else NAME_STRATEGIES[table.name]
 
-    def pick(self, options):
-        return options[int(self.rng.integers(len(options)))]
 
-    def junk(self, max_len: int = 96) -> bytes:
-        return self.rng.bytes(int(self.rng.integers(0, max_len + 1)))
+def dims(table: TableConfig | None) -> st.SearchStrategy[int]:
+    return ODD_DIM_STRATEGY if table is None else DIM_STRATEGIES[table.name]
 
-    def table(self) -> TableConfig | None:
-        """A fuzzed table, or None for a name no table has."""
-        return None if self.chance(0.25) else self.pick(FUZZED_TABLES)
 
-    def name(self, table: TableConfig | None) -> str:
-        return table.name if table is not None else self.pick(ODD_NAMES)
+# Arrays are drawn as (shape, kind, special values, seed) and filled by numpy from the seed:
+# hypothesis picks and shrinks the structure, and an example costs a few draws, not one per element.
+seeds = st.integers(0, (1 << 32) - 1)
+positions = st.integers(0, 1 << 20)  # an index into a buffer of any length, taken modulo its length
+key_counts = st.sampled_from((0, 1, 2, 3, 8, 33))
+key_kinds = st.sampled_from(("small range", "one key", "extremes", "any"))
+int64s = st.integers(INT64_MIN, INT64_MAX)
+manglings = st.sampled_from(("as is", "as is", "as is", "cut", "extended", "junk"))
+extensions = st.binary(min_size=1, max_size=7)
+junks = {size: st.binary(max_size=size) for size in (3, 24, 96, 200)}
 
-    def keys(self) -> np.ndarray:
-        """keys (n,) int64: small ranges with duplicates, extremes, random 64-bit values."""
-        n = int(self.pick((0, 1, 2, 3, 8, 33)))
-        kind = int(self.rng.integers(4))
-        if kind == 0:
-            return self.rng.integers(0, 64, n, dtype=np.int64)
-        if kind == 1:
-            return np.full(n, int(self.rng.integers(0, 64)), dtype=np.int64)
-        if kind == 2:
-            return self.rng.choice(INT64_EXTREMES, n)
-        return self.rng.integers(np.iinfo(np.int64).min, np.iinfo(np.int64).max, n, dtype=np.int64)
 
-    def key_bytes(self, keys: np.ndarray) -> bytes:
-        """The keys' bytes, or a malformed version of them (truncated, extended, random)."""
-        data = keys.astype("<i8").tobytes()
-        kind = int(self.rng.integers(6))
-        if kind == 0 and data:
-            return data[: int(self.rng.integers(len(data)))]
-        if kind == 1:
-            return data + self.rng.bytes(int(self.rng.integers(1, 8)))
-        if kind == 2:
-            return self.junk()
-        return data
+@st.composite
+def keys(draw: st.DrawFn) -> np.ndarray:
+    """keys (n,) int64: a small range (duplicates), one key repeated, extremes, or any 64-bit value."""
+    n = draw(key_counts)
+    kind = draw(key_kinds)
+    rng = np.random.default_rng(draw(seeds))
+    if kind == "small range":
+        return rng.integers(0, 64, n, dtype=np.int64)
+    if kind == "one key":
+        return np.full(n, draw(int64s), dtype=np.int64)
+    if kind == "extremes":
+        return rng.choice(np.array(INT64_EXTREMES, dtype=np.int64), n)
+    return rng.integers(INT64_MIN, INT64_MAX, n, dtype=np.int64, endpoint=True)
 
-    def dim(self, table: TableConfig | None) -> int:
-        if table is not None and self.chance(0.6):
-            return table.dim
-        return int(self.pick((0, 1, 2, 3, 4, 5, 65536, 1 << 31, UINT32_MAX)))
 
-    def values(self, n: int, dim: int) -> bytes:
-        """grads (n, dim) float32 bytes: finite, with NaN/Inf, truncated, or random."""
-        if dim > 64:
-            return self.junk()
-        grads = self.rng.normal(size=(n, dim)).astype("<f4")
-        if grads.size and self.chance(0.3):
-            grads.flat[int(self.rng.integers(grads.size))] = self.pick((np.nan, np.inf, -np.inf))
-        if self.chance(0.05):
-            grads[:] = np.float32(3.0e38)
-        data = grads.tobytes()
-        kind = int(self.rng.integers(8))
-        if kind == 0 and data:
-            return data[: int(self.rng.integers(len(data)))]
-        if kind == 1:
-            return data + self.rng.bytes(int(self.rng.integers(1, 4)))
-        if kind == 2:
-            return self.junk()
-        return data
+KEYS = keys()
 
-    def counts(self, n: int) -> bytes:
-        kind = int(self.rng.integers(6))
-        if kind == 0:
-            return self.rng.integers(-3, 5, n, dtype=np.int64).astype("<i8").tobytes()
-        if kind == 1:
-            wrong_n = max(0, n + int(self.pick((-1, 1, 2))))
-            return self.rng.integers(0, 5, wrong_n, dtype=np.int64).astype("<i8").tobytes()
-        if kind == 2:
-            return self.rng.choice(INT64_EXTREMES, n).astype("<i8").tobytes()
-        if kind == 3:
-            return self.junk(24)
-        return b""
 
-    def dtype(self) -> int:
-        if self.chance(0.8):
-            return int(self.pick((ps_pb2.DTYPE_UNSPECIFIED, ps_pb2.FLOAT32)))
-        return int(self.pick((ps_pb2.FLOAT16, 3, 77, -1, (1 << 31) - 1)))
+def mangled(draw: st.DrawFn, data: bytes, junk_size: int = 96) -> bytes:
+    """`data` as is (most often), cut short, extended by a few bytes, or replaced by junk."""
+    how = draw(manglings)
+    if how == "cut" and data:
+        return data[: draw(positions) % len(data)]
+    if how == "extended":
+        return data + draw(extensions)
+    if how == "junk":
+        return draw(junks[junk_size])
+    return data
 
-    def lookup(self) -> ps_pb2.LookupRequest:
-        table = self.table()
-        return ps_pb2.LookupRequest(table=self.name(table), keys=self.key_bytes(self.keys()), dim=self.dim(table))
 
-    def push(self) -> ps_pb2.PushRequest:
-        table = self.table()
-        keys = self.keys()
-        dim = self.dim(table)
-        request = ps_pb2.PushRequest(
-            table=self.name(table),
-            keys=self.key_bytes(keys),
-            grads=self.values(keys.shape[0], dim),
-            dim=dim,
-            dtype=self.dtype(),
-            counts=self.counts(keys.shape[0]),
+SPECIAL_FLOATS = (np.nan, np.inf, -np.inf, np.float32(3.0e38), np.float32(1e-45), -0.0)
+specials = st.one_of(st.none(), st.sampled_from(SPECIAL_FLOATS))
+count_kinds = st.sampled_from(("none", "none", "right length", "wrong length", "junk"))
+length_errors = st.sampled_from((-1, 1, 2))
+
+
+def gradients(draw: st.DrawFn, n: int, dim: int) -> bytes:
+    """grads (n, dim) float32 bytes: normal values with NaN, Inf, 3e38 or a subnormal in one place
+    or everywhere, possibly mangled; junk where dim is too large to build."""
+    if dim > 64:
+        return draw(junks[96])
+    grads = np.random.default_rng(draw(seeds)).normal(size=(n, dim)).astype("<f4")
+    special = draw(specials)
+    if special is not None and grads.size:
+        if draw(st.booleans()):
+            grads[:] = special
+        else:
+            grads.flat[draw(positions) % grads.size] = special
+    return mangled(draw, grads.tobytes())
+
+
+def counts(draw: st.DrawFn, n: int) -> bytes:
+    how = draw(count_kinds)
+    rng = np.random.default_rng(draw(seeds))
+    if how == "right length":
+        return rng.integers(-3, 5, n, dtype=np.int64).astype("<i8").tobytes()
+    if how == "wrong length":
+        wrong_n = max(0, n + draw(length_errors))
+        return rng.integers(0, 5, wrong_n, dtype=np.int64).astype("<i8").tobytes()
+    if how == "junk":
+        return draw(junks[24])
+    return b""
+
+
+dtypes = st.one_of(
+    st.sampled_from((ps_pb2.DTYPE_UNSPECIFIED, ps_pb2.FLOAT32)),
+    st.sampled_from((ps_pb2.FLOAT16, 3, 77, -1)),
+    st.integers(-(1 << 31), (1 << 31) - 1),
+)
+uint64s = st.one_of(st.sampled_from((0, 1, 2, UINT64_MAX - 1, UINT64_MAX)), st.integers(0, UINT64_MAX))
+client_ids = st.one_of(st.sampled_from(("w0", "w1", "ü", "z" * 300)), st.text(max_size=8))
+
+
+@st.composite
+def lookups(draw: st.DrawFn) -> ps_pb2.LookupRequest:
+    table = draw(tables)
+    return ps_pb2.LookupRequest(
+        table=draw(names(table)), keys=mangled(draw, draw(KEYS).tobytes()), dim=draw(dims(table))
+    )
+
+
+@st.composite
+def pushes(draw: st.DrawFn) -> ps_pb2.PushRequest:
+    table = draw(tables)
+    push_keys = draw(KEYS)
+    dim = draw(dims(table))
+    request = ps_pb2.PushRequest(
+        table=draw(names(table)),
+        keys=mangled(draw, push_keys.tobytes()),
+        grads=gradients(draw, push_keys.shape[0], dim),
+        dim=dim,
+        dtype=draw(dtypes),
+        counts=counts(draw, push_keys.shape[0]),
+    )
+    if draw(st.booleans()):
+        request.step = draw(uint64s)
+    if draw(st.booleans()):
+        request.push_id.client_id = draw(client_ids)
+        request.push_id.sequence = draw(uint64s)
+    return request
+
+
+def batches(requests: st.SearchStrategy, message: type) -> st.SearchStrategy:
+    return st.lists(requests, max_size=6).map(lambda rs: message(requests=rs))
+
+
+@st.composite
+def subscribes(draw: st.DrawFn) -> ps_pb2.SubscribeRequest:
+    table = draw(tables)
+    return ps_pb2.SubscribeRequest(
+        table=draw(names(table)),
+        from_version=draw(uint64s),
+        incarnation=draw(uint64s),
+        full_sync=draw(st.booleans()),
+    )
+
+
+@st.composite
+def write_snapshots(draw: st.DrawFn, base: str, job: str) -> snapshot_pb2.WriteSnapshotRequest:
+    # Relative paths would land in the shard's working directory: every uri here is absolute,
+    # malformed, or names a scheme the shard refuses before it touches anything.
+    uri = draw(
+        st.sampled_from(
+            (base, f"file://{base}/ü-表", "", "nope://bucket/x", "file://host/tmp/x", f"file://{base}?a=1", "://x")
         )
-        if self.chance(0.5):
-            request.step = int(self.pick((0, 1, int(self.rng.integers(1 << 40)), UINT64_MAX - 1, UINT64_MAX)))
-        if self.chance(0.3):
-            request.push_id.client_id = self.pick(("w0", "w1", "ü", "z" * 300, f"c{int(self.rng.integers(1 << 20))}"))
-            request.push_id.sequence = int(self.pick((0, 1, int(self.rng.integers(100)), UINT64_MAX)))
-        return request
+    )
+    request = snapshot_pb2.WriteSnapshotRequest(
+        uri=uri,
+        job=draw(st.one_of(st.just(job), st.sampled_from(("", "other", "tést", "../test", "j" * 5000)))),
+        step=draw(uint64s),
+        kind=draw(st.sampled_from(("full", "incremental", "", "FULL", "delta", "ful\x00l"))),
+        num_shards=draw(st.one_of(st.sampled_from((0, 1, 2, UINT32_MAX)), st.integers(0, UINT32_MAX))),
+    )
+    if draw(st.booleans()):
+        request.parent = draw(uint64s)
+    writes = request.job == job and request.kind == "full" and request.uri.startswith(("/", "file:///"))
+    if writes and draw(st.integers(0, 9)) > 0:
+        request.job = "other"  # a real write costs milliseconds: keep them to about a tenth
+    return request
 
-    def oversized_keys(self) -> bytes:
-        return np.arange(OVERSIZED // 8, dtype="<i8").tobytes()
 
-    def subscribe(self) -> ps_pb2.SubscribeRequest:
-        table = self.table()
-        return ps_pb2.SubscribeRequest(
-            table=self.name(table),
-            from_version=int(self.pick((0, 1, 2, int(self.rng.integers(1 << 20)), UINT64_MAX))),
-            incarnation=int(self.pick((0, 0, 1, int(self.rng.integers(1 << 62)), UINT64_MAX))),
-            full_sync=self.chance(0.3),
-        )
+serving_dtypes = st.sampled_from((0, 1, 2, 2, 3, 9, -5))
 
-    def write_snapshot(self, base: str, job: str) -> snapshot_pb2.WriteSnapshotRequest:
-        # Relative paths would land in the shard's working directory: every uri here is absolute,
-        # malformed, or names a scheme the shard refuses before it touches anything.
-        uri = self.pick(
-            (
-                base,
-                f"file://{base}/ü-表",
-                "",
-                "nope://bucket/x",
-                "file://host/tmp/x",
-                f"file://{base}?a=1",
-                "://x",
-            )
-        )
-        request = snapshot_pb2.WriteSnapshotRequest(
-            uri=uri,
-            job=job if self.chance(0.4) else self.pick(("", "other", "tést", "../test", "j" * 5000)),
-            step=int(self.pick((0, 1, int(self.rng.integers(1 << 20)), UINT64_MAX))),
-            kind=self.pick(("full", "incremental", "", "FULL", "delta", "ful\x00l")),
-            num_shards=int(self.pick((0, 1, 2, UINT32_MAX))),
-        )
-        if self.chance(0.4):
-            request.parent = int(self.pick((0, 1, int(self.rng.integers(1 << 20)), UINT64_MAX)))
-        writes = request.job == job and request.kind == "full" and request.uri.startswith(("/", "file:///"))
-        if writes and self.chance(0.9):
-            request.job = "other"  # a real write costs milliseconds: keep them to a few hundred
-        return request
 
-    def serving_lookup(self) -> serving_pb2.ServingLookupRequest:
-        table = self.table()
-        return serving_pb2.ServingLookupRequest(
-            table=self.name(table),
-            keys=self.key_bytes(self.keys()),
-            dim=0 if self.chance(0.3) else self.dim(table),
-            dtype=int(self.pick((0, 1, 2, 2, 3, 9, -5))),
-        )
+@st.composite
+def serving_lookups(draw: st.DrawFn) -> serving_pb2.ServingLookupRequest:
+    table = draw(tables)
+    return serving_pb2.ServingLookupRequest(
+        table=draw(names(table)),
+        keys=mangled(draw, draw(KEYS).tobytes()),
+        dim=0 if draw(st.booleans()) else draw(dims(table)),
+        dtype=draw(serving_dtypes),
+    )
 
-    def raw(self, valid: bytes) -> bytes:
-        """Garbage for the server's parser: random bytes, or a valid message cut or corrupted."""
-        kind = int(self.rng.integers(4))
-        if kind == 0 and valid:
-            return valid[: int(self.rng.integers(len(valid)))]
-        if kind == 1 and valid:
-            data = bytearray(valid)
-            for _ in range(int(self.rng.integers(1, 4))):
-                data[int(self.rng.integers(len(data)))] = int(self.rng.integers(256))
-            return bytes(data)
-        if kind == 2:
-            return bytes([0x0A]) + self.rng.bytes(int(self.rng.integers(0, 4)))  # a field 1 with no length
-        return self.junk(200)
+
+raw_kinds = st.sampled_from(("cut", "corrupted", "no length", "junk"))
+byte_edits = st.lists(st.tuples(positions, st.integers(0, 255)), min_size=1, max_size=3)
+
+
+@st.composite
+def raw_bytes(draw: st.DrawFn, requests: st.SearchStrategy) -> bytes:
+    """Garbage for the server's parser: a valid message cut or corrupted, a field with no length, junk."""
+    valid = draw(requests).SerializeToString()
+    how = draw(raw_kinds)
+    if how == "cut" and valid:
+        return valid[: draw(positions) % len(valid)]
+    if how == "corrupted" and valid:
+        data = bytearray(valid)
+        for position, value in draw(byte_edits):
+            data[position % len(data)] = value
+        return bytes(data)
+    if how == "no length":
+        return b"\x0a" + draw(junks[3])  # field 1, a length-delimited field cut short
+    return draw(junks[200])
+
+
+@dataclass(frozen=True)
+class Raw:
+    """Bytes sent as they are through a generic call."""
+
+    data: bytes
+
+
+def calls(requests: st.SearchStrategy) -> st.SearchStrategy:
+    """Mostly request messages, some raw bytes (hypothesis weighs the choice, not uniformly)."""
+    raw = raw_bytes(requests).map(Raw)
+    return st.integers(0, 9).flatmap(lambda i: raw if i == 0 else requests)
+
+
+# --- running them ----------------------------------------------------------------------------
 
 
 class Tally:
-    """Outcome of every call of one method; failures keep their request for the report."""
+    """The status of every call of one method. An out-of-contract status fails the example."""
 
     def __init__(self, allowed: frozenset[grpc.StatusCode]) -> None:
         self.allowed = allowed
         self.codes: collections.Counter[str] = collections.Counter()
-        self.failures: list[str] = []
 
     def call(self, fn: Callable[[], object], what: object) -> None:
         try:
@@ -247,16 +308,12 @@ class Tally:
         except grpc.RpcError as exc:
             code = exc.code()
             self.codes[code.name] += 1
-            if code not in self.allowed:
-                self.failures.append(f"{code.name}: {exc.details()!r} for {str(what)[:300]!r}")
+            assert code in self.allowed, f"{code.name}: {exc.details()!r} for {str(what)[:300]!r}"
             return
         self.codes["OK"] += 1
 
     def check(self, n: int) -> None:
-        assert sum(self.codes.values()) == n
-        assert not self.failures, f"{len(self.failures)} calls out of contract ({dict(self.codes)}):\n" + "\n".join(
-            self.failures[:10]
-        )
+        assert sum(self.codes.values()) >= n, f"only {sum(self.codes.values())} calls: {dict(self.codes)}"
 
 
 def rss_bytes(pid: int) -> int:
@@ -282,22 +339,23 @@ def replica(cluster, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def servers(cluster, replica):
-    """(pid, starting RSS) of the shard and the replica."""
+    """(process, starting RSS) of the shard and the replica."""
     procs = [cluster.procs[0], replica.proc]
     return [(p, rss_bytes(p.pid)) for p in procs]
 
 
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
+
+
 @pytest.fixture(scope="module")
 def ps_channel(cluster):
-    options = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
-    with grpc.insecure_channel(cluster.job.shards[0].address, options=options) as channel:
+    with grpc.insecure_channel(cluster.job.shards[0].address, options=CHANNEL_OPTIONS) as channel:
         yield channel
 
 
 @pytest.fixture(scope="module")
 def serving_channel(replica):
-    options = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
-    with grpc.insecure_channel(replica.config.listen, options=options) as channel:
+    with grpc.insecure_channel(replica.config.listen, options=CHANNEL_OPTIONS) as channel:
         yield channel
 
 
@@ -309,24 +367,28 @@ def fuzz_unary(
     channel: grpc.Channel,
     path: str,
     stub_method: Callable,
-    make: Callable[[Fuzz], object],
-    seed: int,
-    oversized: Callable[[Fuzz], object] | None = None,
+    requests: st.SearchStrategy,
+    oversized: object | None = None,
 ) -> Tally:
-    """N_PER_METHOD calls of one unary method: one in ten raw garbage, three oversized if given."""
-    fuzz = Fuzz(seed)
+    """N_PER_METHOD drawn calls of one unary method (see `calls`), then three oversized ones if given."""
     raw = raw_call(channel, path)
     tally = Tally(CONTRACT)
-    for i in range(N_PER_METHOD):
-        if oversized is not None and i < 3:
-            request = oversized(fuzz)
-            tally.call(lambda r=request: stub_method(r, timeout=TIMEOUT), f"oversized {request.ByteSize()} bytes")
-        elif i % 10 == 0:
-            data = fuzz.raw(make(fuzz).SerializeToString())
-            tally.call(lambda d=data: raw(d, timeout=TIMEOUT), data)
+
+    @FUZZ_SETTINGS
+    @given(calls(requests))
+    def send(call) -> None:
+        if isinstance(call, Raw):
+            tally.call(lambda: raw(call.data, timeout=TIMEOUT), call)
         else:
-            request = make(fuzz)
-            tally.call(lambda r=request: stub_method(r, timeout=TIMEOUT), request)
+            tally.call(lambda: stub_method(call, timeout=TIMEOUT), call)
+
+    send()
+    print(f"{path}: {dict(tally.codes)}")
+    tally.check(N_PER_METHOD)
+    if oversized is not None:
+        for _ in range(3):
+            tally.call(lambda: stub_method(oversized, timeout=TIMEOUT), f"oversized {oversized.ByteSize()} bytes")
+        assert tally.codes["RESOURCE_EXHAUSTED"] >= 3
     return tally
 
 
@@ -338,27 +400,25 @@ def assert_servers_healthy(servers) -> None:
 
 
 PS = "/embps.v1.ParameterServer/"
+OVERSIZED_KEYS = np.arange(OVERSIZED // 8, dtype="<i8").tobytes()
 
 
 def test_fuzz_lookup(ps_channel, servers):
     stub = ps_pb2_grpc.ParameterServerStub(ps_channel)
     tally = fuzz_unary(
-        ps_channel, PS + "Lookup", stub.Lookup, Fuzz.lookup, SEED + 1,
-        oversized=lambda f: ps_pb2.LookupRequest(table="user", keys=f.oversized_keys(), dim=4),
+        ps_channel, PS + "Lookup", stub.Lookup, lookups(),
+        oversized=ps_pb2.LookupRequest(table="user", keys=OVERSIZED_KEYS, dim=4),
     )
-    tally.check(N_PER_METHOD)
     assert tally.codes["OK"] > 0 and tally.codes["INVALID_ARGUMENT"] > 0 and tally.codes["NOT_FOUND"] > 0
-    assert tally.codes["RESOURCE_EXHAUSTED"] >= 3
     assert_servers_healthy(servers)
 
 
 def test_fuzz_push(ps_channel, servers):
     stub = ps_pb2_grpc.ParameterServerStub(ps_channel)
     tally = fuzz_unary(
-        ps_channel, PS + "Push", stub.Push, Fuzz.push, SEED + 2,
-        oversized=lambda f: ps_pb2.PushRequest(table="user", keys=f.oversized_keys(), dim=4),
+        ps_channel, PS + "Push", stub.Push, pushes(),
+        oversized=ps_pb2.PushRequest(table="user", keys=OVERSIZED_KEYS, dim=4),
     )
-    tally.check(N_PER_METHOD)
     assert tally.codes["OK"] > 0 and tally.codes["INVALID_ARGUMENT"] > 0 and tally.codes["NOT_FOUND"] > 0
     assert tally.codes["RESOURCE_EXHAUSTED"] > 3  # the oversized ones and the full `small` table
     assert_servers_healthy(servers)
@@ -366,26 +426,19 @@ def test_fuzz_push(ps_channel, servers):
 
 def test_fuzz_stats(ps_channel, servers):
     stub = ps_pb2_grpc.ParameterServerStub(ps_channel)
-    tally = fuzz_unary(ps_channel, PS + "Stats", stub.Stats, lambda f: ps_pb2.StatsRequest(), SEED + 3)
-    tally.check(N_PER_METHOD)
-    assert tally.codes["OK"] >= N_PER_METHOD * 0.9 and tally.codes["INVALID_ARGUMENT"] > 0
+    tally = fuzz_unary(ps_channel, PS + "Stats", stub.Stats, st.just(ps_pb2.StatsRequest()))
+    # Hypothesis never repeats an example, and StatsRequest has no field: nearly every call is raw bytes.
+    assert tally.codes["OK"] > 0 and tally.codes["INVALID_ARGUMENT"] > 0
     assert_servers_healthy(servers)
-
-
-def batch(make: Callable[[Fuzz], object], fuzz: Fuzz) -> list:
-    return [make(fuzz) for _ in range(int(fuzz.pick((0, 1, 2, 3, 6))))]
 
 
 def test_fuzz_lookup_batch(ps_channel, servers):
     stub = ps_pb2_grpc.ParameterServerStub(ps_channel)
+    half = ps_pb2.LookupRequest(table="user", keys=OVERSIZED_KEYS[: OVERSIZED // 2], dim=4)
     tally = fuzz_unary(
-        ps_channel, PS + "LookupBatch", stub.LookupBatch,
-        lambda f: ps_pb2.LookupBatchRequest(requests=batch(Fuzz.lookup, f)), SEED + 4,
-        oversized=lambda f: ps_pb2.LookupBatchRequest(
-            requests=[ps_pb2.LookupRequest(table="user", keys=f.oversized_keys()[: OVERSIZED // 2], dim=4)] * 2
-        ),
+        ps_channel, PS + "LookupBatch", stub.LookupBatch, batches(lookups(), ps_pb2.LookupBatchRequest),
+        oversized=ps_pb2.LookupBatchRequest(requests=[half, half]),
     )
-    tally.check(N_PER_METHOD)
     assert tally.codes["OK"] > 0 and tally.codes["INVALID_ARGUMENT"] > 0
     assert_servers_healthy(servers)
 
@@ -393,11 +446,9 @@ def test_fuzz_lookup_batch(ps_channel, servers):
 def test_fuzz_push_batch(ps_channel, servers):
     stub = ps_pb2_grpc.ParameterServerStub(ps_channel)
     tally = fuzz_unary(
-        ps_channel, PS + "PushBatch", stub.PushBatch,
-        lambda f: ps_pb2.PushBatchRequest(requests=batch(Fuzz.push, f)), SEED + 5,
-        oversized=lambda f: ps_pb2.PushBatchRequest(requests=[ps_pb2.PushRequest(table="x", keys=f.oversized_keys())]),
+        ps_channel, PS + "PushBatch", stub.PushBatch, batches(pushes(), ps_pb2.PushBatchRequest),
+        oversized=ps_pb2.PushBatchRequest(requests=[ps_pb2.PushRequest(table="x", keys=OVERSIZED_KEYS)]),
     )
-    tally.check(N_PER_METHOD)
     assert tally.codes["OK"] > 0 and tally.codes["INVALID_ARGUMENT"] > 0
     assert_servers_healthy(servers)
 
@@ -406,7 +457,6 @@ def test_fuzz_subscribe(ps_channel, servers):
     """Each stream is read for its first message at most, then cancelled."""
     stub = ps_pb2_grpc.ParameterServerStub(ps_channel)
     raw = ps_channel.unary_stream(PS + "Subscribe", request_serializer=lambda b: b, response_deserializer=lambda b: b)
-    fuzz = Fuzz(SEED + 6)
     tally = Tally(STREAM_CONTRACT)
     first_messages = 0
 
@@ -418,13 +468,15 @@ def test_fuzz_subscribe(ps_channel, servers):
         finally:
             stream.cancel()
 
-    for i in range(N_PER_METHOD):
-        if i % 10 == 0:
-            data = fuzz.raw(fuzz.subscribe().SerializeToString())
-            tally.call(lambda d=data: first(raw(d, timeout=SUBSCRIBE_TIMEOUT)), data)
+    @FUZZ_SETTINGS
+    @given(calls(subscribes()))
+    def send(call) -> None:
+        if isinstance(call, Raw):
+            tally.call(lambda: first(raw(call.data, timeout=SUBSCRIBE_TIMEOUT)), call)
         else:
-            request = fuzz.subscribe()
-            tally.call(lambda r=request: first(stub.Subscribe(r, timeout=SUBSCRIBE_TIMEOUT)), request)
+            tally.call(lambda: first(stub.Subscribe(call, timeout=SUBSCRIBE_TIMEOUT)), call)
+
+    send()
     tally.check(N_PER_METHOD)
     assert first_messages > 0 and tally.codes["NOT_FOUND"] > 0 and tally.codes["FAILED_PRECONDITION"] > 0
     assert_servers_healthy(servers)
@@ -432,12 +484,10 @@ def test_fuzz_subscribe(ps_channel, servers):
 
 def test_fuzz_write_snapshot(cluster, ps_channel, servers, tmp_path):
     stub = snapshot_pb2_grpc.SnapshotControlStub(ps_channel)
-    base = str(tmp_path / "snapshots")
     tally = fuzz_unary(
         ps_channel, "/embps.v1.SnapshotControl/WriteSnapshot", stub.WriteSnapshot,
-        lambda f: f.write_snapshot(base, cluster.job.job), SEED + 7,
+        write_snapshots(str(tmp_path / "snapshots"), cluster.job.job),
     )
-    tally.check(N_PER_METHOD)
     assert tally.codes["OK"] > 0 and tally.codes["INVALID_ARGUMENT"] > 0
     assert_servers_healthy(servers)
 
@@ -445,23 +495,19 @@ def test_fuzz_write_snapshot(cluster, ps_channel, servers, tmp_path):
 def test_fuzz_serving_lookup(serving_channel, servers):
     stub = serving_pb2_grpc.ServingStub(serving_channel)
     tally = fuzz_unary(
-        serving_channel, "/embps.v1.Serving/Lookup", stub.Lookup, Fuzz.serving_lookup, SEED + 8,
-        oversized=lambda f: serving_pb2.ServingLookupRequest(table="user", keys=f.oversized_keys()),
+        serving_channel, "/embps.v1.Serving/Lookup", stub.Lookup, serving_lookups(),
+        oversized=serving_pb2.ServingLookupRequest(table="user", keys=OVERSIZED_KEYS),
     )
-    tally.check(N_PER_METHOD)
     assert tally.codes["OK"] > 0 and tally.codes["INVALID_ARGUMENT"] > 0 and tally.codes["NOT_FOUND"] > 0
-    assert tally.codes["RESOURCE_EXHAUSTED"] >= 3
     assert_servers_healthy(servers)
 
 
 def test_fuzz_serving_status(serving_channel, servers):
     stub = serving_pb2_grpc.ServingStub(serving_channel)
     tally = fuzz_unary(
-        serving_channel, "/embps.v1.Serving/Status", stub.Status, lambda f: serving_pb2.ServingStatusRequest(),
-        SEED + 9,
+        serving_channel, "/embps.v1.Serving/Status", stub.Status, st.just(serving_pb2.ServingStatusRequest())
     )
-    tally.check(N_PER_METHOD)
-    assert tally.codes["OK"] >= N_PER_METHOD * 0.9 and tally.codes["INVALID_ARGUMENT"] > 0
+    assert tally.codes["OK"] > 0 and tally.codes["INVALID_ARGUMENT"] > 0
     assert_servers_healthy(servers)
 
 
@@ -516,7 +562,9 @@ def test_undecodable_request_bytes_are_invalid_argument(ps_channel, serving_chan
             raw_call(channel, path)(b"\x0a", timeout=TIMEOUT)  # field 1, its length missing
         assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT, path
         assert "not a valid message" in raised.value.details()
-    stream = ps_channel.unary_stream(PS + "Subscribe", request_serializer=lambda b: b, response_deserializer=lambda b: b)
+    stream = ps_channel.unary_stream(
+        PS + "Subscribe", request_serializer=lambda b: b, response_deserializer=lambda b: b
+    )
     with pytest.raises(grpc.RpcError) as raised:
         next(stream(b"\x0a", timeout=TIMEOUT))
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
