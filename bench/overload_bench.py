@@ -8,7 +8,8 @@ Two real `embps serve` replicas of the same rows (bench/serve_targets.py), loade
      in flight stay within max_queue, so none is shed while measuring.
   2. the bounded replica (max_queue) offered factor x capacity, open loop (bench/loadgen.py);
   3. the unbounded replica (max_queue = 0) offered the same rate.
-For each overload run: offered and answered rates, the shed fraction (RESOURCE_EXHAUSTED), and
+For each overload run: offered and answered rates, the shed fraction (RESOURCE_EXHAUSTED from the
+replica's bound, CANCELLED from gRPC's core, whose queue has the same bound), and
 p50/p99 latency of answered and of shed calls, counted from each call's scheduled time. The
 generator holds at most clients x concurrency calls in flight; an unbounded replica's backlog
 beyond that waits in the generator, whose latency still counts it (no coordinated omission).
@@ -26,7 +27,8 @@ from bench.loadgen import OK, LoadSpec, run_load
 from bench.serve_bench import _finite, facts
 from bench.serve_targets import EmbpsServer, write_export
 
-SHED = "RESOURCE_EXHAUSTED"
+SHED = "RESOURCE_EXHAUSTED"  # refused by the replica's queue bound (serving/shedding.py)
+CORE_SHED = "CANCELLED"  # refused by gRPC's core, whose queue has the same bound; the bench never cancels
 _POOL_KEYS = 1 << 22  # keys per client process's pool of prepared requests (32 MiB), whatever the batch
 
 
@@ -76,17 +78,19 @@ class OverloadBenchConfig:
 
 def summarize(run: dict) -> dict:
     """The overload figures of one run: rates, shed fraction, latency of answered and shed calls."""
-    shed = run["errors"].get(SHED, 0)
-    shed_latency = run["error_latency_ms"].get(SHED, {})
+    shed = run["errors"].get(SHED, 0) + run["errors"].get(CORE_SHED, 0)
+    latencies = [run["error_latency_ms"][code] for code in (SHED, CORE_SHED) if code in run["error_latency_ms"]]
+    shed_latency = max(latencies, key=lambda h: h.get("p99", 0.0), default={})  # the slower of the two
     return {
         "offered_qps": run["offered_qps"],
         "answered_qps": run["achieved_qps"],
         "shed_fraction": shed / run["requests"] if run["requests"] else 0.0,
+        "shed_by_code": {code: run["errors"].get(code, 0) for code in (SHED, CORE_SHED)},
         "answered_p50_ms": run["latency_ms"]["p50"],
         "answered_p99_ms": run["latency_ms"]["p99"],
         "shed_p50_ms": shed_latency.get("p50"),
         "shed_p99_ms": shed_latency.get("p99"),
-        "other_errors": {code: n for code, n in run["errors"].items() if code not in (OK, SHED)},
+        "other_errors": {code: n for code, n in run["errors"].items() if code not in (OK, SHED, CORE_SHED)},
     }
 
 

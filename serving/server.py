@@ -10,7 +10,8 @@ Health: "" and embps.v1.Serving are SERVING while the replica answers, even with
 (it keeps the last weights); "embps.v1.Serving/shard-<s>" is NOT_SERVING while shard s is stale;
 the Status RPC gives the details. Domain errors become status codes in one place, `status_of`.
 SIGTERM: NOT_SERVING, in-flight calls finish within the grace, exit 0.
-Overload: beyond `max_queue` Lookups waiting, more are shed with RESOURCE_EXHAUSTED (serving/shedding.py).
+Overload: beyond `max_queue` Lookups waiting, more are shed at once: RESOURCE_EXHAUSTED, or CANCELLED from
+gRPC's core for calls still queued there (serving/shedding.py).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from ps.server import ShuttingDownError, UndecodableRequests, status_of
 from serving.config import ServeConfig, load_serve_config
 from serving.follower import ShardFollower
 from serving.metrics import ServingMetrics
-from serving.shedding import LookupQueue
+from serving.shedding import LookupQueue, core_backlog_options
 from serving.store import TableReplica
 
 log = logging.getLogger("embps.serving")
@@ -216,6 +217,7 @@ async def create_server(
             ("grpc.max_send_message_length", limit),
             ("grpc.max_receive_message_length", limit),
             ("grpc.so_reuseport", 0),
+            *core_backlog_options(config.max_queue),
         ],
         interceptors=[LookupQueue(config.max_queue, metrics), *auth, UndecodableRequests()],  # LookupQueue first
     )

@@ -15,19 +15,19 @@ the refused calls or shows how full the queue is. Here only Lookup is counted, t
 exact (the event loop is the only thread that touches it) and it is exported as a gauge
 (`embps_serving_lookup_queue`), with a counter of shed calls (`embps_serving_shed_lookups_total`).
 
-Where the queue is: grpc.aio takes one call from grpc's core per turn of the event loop and
-runs it as a task. A Lookup answered inline never yields the loop, so the loop takes calls no
-faster than it answers them and the backlog stays in the core's per-method queue of calls not
-yet taken, where neither this counter nor grpc.aio's limiter sees it (measured: 3x overload,
-this gauge never above 2, latency growing to the deadline). The core can bound that queue
-(`grpc.server.max_pending_requests_hard_limit`), but its refusals reach the client as
-CANCELLED, with no count on the server. So this bound holds where lookups yield the loop: those
-above INLINE_LOOKUP_KEYS, which run on a thread (serving/server.py). Running every lookup on a
-thread when a bound is set was tried and dropped: it cut this 2-core machine's capacity for
-64-key lookups (about 2,400/s inline against 800-1,200/s) and `embps bench serve --overload 3`
-still showed the backlog in front of Python (shed calls waiting ~1 s). Small lookups under
-overload are the open problem: the fix is a server that takes calls faster than the loop runs
-them (several processes on one port, or a sync server with a bounded pool).
+Where the queue is, and the second bound: grpc.aio takes one call from grpc's core per turn of
+the event loop and runs it as a task. A Lookup answered inline never yields the loop, so the loop
+takes calls no faster than it answers them, and under overload the backlog of small lookups
+stays in the core's queue of calls not yet taken (measured: 3x overload with 64-key lookups, the
+gauge above never over 2, latency growing to the deadline). A refusal made in Python would not
+help there anyway: for a small lookup it costs nearly as much as the answer. So the core's queue
+gets the same bound (`core_backlog_options`: grpc.server.max_pending_requests and its hard limit
+= max_queue): a call arriving when max_queue Lookups already wait in the core is refused there, in
+C++, for a few microseconds. gRPC's core answers those with CANCELLED, not RESOURCE_EXHAUSTED;
+its code is not ours to choose, and the server cannot count them. Clients of a replica treat
+CANCELLED as they treat RESOURCE_EXHAUSTED: back off, or try another replica. The core's queue is
+per registered method, so Health and Status calls are never refused for a Lookup backlog.
+So an answered Lookup waits behind at most max_queue calls in the core plus max_queue in Python.
 A Lookup is admitted when its task first runs this interceptor
 (before its message is received or parsed) and released when that task ends (reply sent,
 aborted or cancelled: a done callback fires exactly once), so `depth` is exactly the number of
@@ -44,6 +44,14 @@ import grpc
 from serving.metrics import ServingMetrics
 
 LOOKUP_METHOD = "/embps.v1.Serving/Lookup"
+
+
+def core_backlog_options(max_queue: int) -> list[tuple[str, int]]:
+    """gRPC server options that bound each method's queue of calls the core holds and the server
+    has not taken yet to max_queue (0: no bound). Calls beyond it are refused by the core (CANCELLED)."""
+    if max_queue == 0:
+        return []
+    return [("grpc.server.max_pending_requests", max_queue), ("grpc.server.max_pending_requests_hard_limit", max_queue)]
 
 
 class LookupQueue(grpc.aio.ServerInterceptor):

@@ -82,14 +82,18 @@ def test_calls_beyond_the_bound_are_shed_at_once_and_status_still_answers(replic
     assert [s.table for s in status.shards] == [TABLE]
     assert health.status == health_pb2.HealthCheckResponse.SERVING
     codes = [code for code, _, _ in results]
-    assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED"}, results
+    # RESOURCE_EXHAUSTED: refused by the replica's bound; CANCELLED: refused by gRPC's core, whose
+    # queue of calls not yet taken has the same bound (serving/shedding.py).
+    assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED", "CANCELLED"}, results
     shed = [(t, details) for code, t, details in results if code == "RESOURCE_EXHAUSTED"]
+    core_shed = [t for code, t, _ in results if code == "CANCELLED"]
     answered = sorted(t for code, t, _ in results if code == "OK")
     assert shed, f"no call was shed with {MAX_QUEUE + EXTRA} concurrent lookups and max_queue {MAX_QUEUE}: {results}"
     assert len(answered) >= MAX_QUEUE
+    assert len(answered) <= 2 * MAX_QUEUE + 1, f"more answered than both bounds let through: {results}"
     assert all(f"serving queue full: {MAX_QUEUE} lookups waiting" in details for _, details in shed)
     # At once: a shed call waits for no lookup, so it is back before the median answered one.
-    assert max(t for t, _ in shed) < answered[len(answered) // 2], results
+    assert max([t for t, _ in shed] + core_shed) < answered[len(answered) // 2], results
 
     scrape = _scrape(replica)
     assert _value(scrape, "embps_serving_shed_lookups_total") == len(shed)
