@@ -128,7 +128,9 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("results", nargs="+", help="JSON files written by embps bench ... --out")
     report.add_argument("--out", default=None, help="write the markdown here (default: print it)")
 
-    launch = verbs.add_parser("launch", help="run a whole training job: PS shards + workers")
+    launch = verbs.add_parser(
+        "launch", help="run a whole training job: PS shards + workers (+ serving replicas), restarting on failure"
+    )
     launch.add_argument("config", help="job TOML (PS part plus [train], [model], [data])")
     launch.add_argument("--nnodes", type=int, default=1, help="nodes of the job (default 1)")
     launch.add_argument("--node-rank", type=int, default=0, help="this node's rank; node 0 starts the PS shards")
@@ -140,6 +142,12 @@ def _parser() -> argparse.ArgumentParser:
         "--local-addr", default=None, help="address other nodes reach this node at (default: its host name)"
     )
     launch.add_argument("--resume", action="store_true", help="continue from the job's LATEST snapshot")
+    launch.add_argument(
+        "--max-restarts",
+        type=int,
+        default=None,
+        help="restarts from the LATEST snapshot after a worker or PS shard dies (default: [launch] max_restarts, 0)",
+    )
 
     deploy = verbs.add_parser("deploy", help="cluster manifests from the job's TOML")
     deploy_verbs = deploy.add_subparsers(dest="deploy", required=True)
@@ -286,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
                 start_ps=False if args.no_ps else None,
                 local_addr=args.local_addr,
                 resume=args.resume,
+                max_restarts=args.max_restarts,
             )
         )
     if args.verb == "deploy" and args.deploy == "render":

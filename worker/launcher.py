@@ -1,6 +1,7 @@
 """`embps launch job.toml`: a whole training job on this machine (or this node of a cluster).
 
     launcher ─┬─ PS shard 0..S-1      python -m embps ps --config job.toml --shard i   (node 0)
+              ├─ serving replica i    python -m embps serve --config <out>/serving/replica-i.toml
               └─ elastic agent ─ worker rank 0..W-1  python -m worker.worker_main --config job.toml
 
 On several nodes every node runs `embps launch job.toml --nnodes N --node-rank R --rdzv-endpoint
@@ -11,8 +12,21 @@ Workers find the PS shards at the addresses of the job file, so they may be DNS 
 
 Workers start through torch.distributed's elastic launcher (c10d rendezvous, the machinery of
 torchrun), never a hand-made rendezvous. The launcher shows a progress bar fed by rank 0's
-progress lines, writes the summary, and on Ctrl-C, SIGTERM or any failed process stops every
-child and exits non-zero naming the failed component.
+progress lines, writes the summary, and on Ctrl-C or SIGTERM stops every child and exits
+non-zero. Every child dies with the launcher, even when the launcher is killed with SIGKILL
+(PDEATHSIG); `embps launch --resume` then continues from the LATEST snapshot.
+
+Restarts ([launch] max_restarts, or --max-restarts): when a worker or a PS shard dies, the
+launcher stops every worker and every shard and starts them all again from the LATEST complete
+snapshot (from the start when there is none yet), up to max_restarts times; past that, or with
+max_restarts = 0, the job fails naming the component. All shards restart, not only the dead one:
+a live shard holds the pushes of the steps after the snapshot, and the workers push those steps
+again, so keeping it would apply them twice. Restarting everything from one snapshot keeps the
+exact-resume property: the job ends with the weights of a run that was never disturbed. Only
+complete snapshots count (ps/snapshot.py `latest` trusts a manifest, never a half-written step),
+and the step is read after every worker is stopped, so no snapshot can be committed meanwhile.
+Torch elastic's own restarts stay off (max_restarts=0 there): it would restart the workers alone.
+Serving replicas are restarted alone (see worker/serving_fleet.py).
 """
 
 from __future__ import annotations
@@ -30,6 +44,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from worker import processes
+from worker.launch_config import check_max_restarts, load_launch_settings
+from worker.serving_fleet import ServingFleet
 from worker.train_config import TrainingJob, load_training_job
 
 
@@ -45,6 +61,7 @@ class LaunchOptions:
     # Address the other nodes reach this node at (its workers' MASTER_ADDR when it is rank 0 of
     # the rendezvous); None: torch's default, this host's fully qualified name.
     local_addr: str | None = None
+    max_restarts: int | None = None  # None: the job's [launch] max_restarts
 
     def __post_init__(self) -> None:
         if self.nnodes < 1:
@@ -53,54 +70,123 @@ class LaunchOptions:
             raise ValueError(f"--node-rank: must be in [0, {self.nnodes}), got {self.node_rank}")
         if self.nnodes > 1 and self.rdzv_endpoint is None:
             raise ValueError("--rdzv-endpoint: a job on several nodes needs node 0's host:port for the rendezvous")
+        if self.max_restarts is not None:
+            check_max_restarts("--max-restarts", self.max_restarts)
 
 
-class _Failure:
-    """The first component that failed, set from any thread."""
+class _ComponentDied(Exception):
+    """Raised in the main thread (by the SIGUSR1 handler) to stop the workers of this attempt."""
+
+
+class _Failures:
+    """What failed, reported from watcher threads to the main thread.
+
+    A watcher records the cause, then sends SIGUSR1 to this process; the handler raises
+    _ComponentDied in the main thread only while it is `armed`, that is inside the elastic agent's
+    run, which then stops the workers. Outside that window the main thread reads `cause` itself
+    (it arms first and reads after, so no report falls between the two)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self.message: str | None = None
+        self.cause: str | None = None  # the first death of this attempt (retried within max_restarts)
+        self.fatal: str | None = None  # a failure no restart helps with (a replica out of restarts)
+        self.armed = False  # written by the main thread only (the handler runs there too)
 
-    def set(self, message: str) -> None:
+    def report(self, message: str, fatal: bool = False) -> None:
         with self._lock:
-            if self.message is None:
-                self.message = message
+            if fatal and self.fatal is None:
+                self.fatal = message
+            elif not fatal and self.cause is None:
+                self.cause = message
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    def new_attempt(self) -> None:
+        with self._lock:
+            self.cause = None
+
+    def first(self) -> str | None:
+        with self._lock:
+            return self.fatal or self.cause
+
+    def on_signal(self, signum: int, frame: object) -> None:
+        if self.armed:
+            self.armed = False
+            raise _ComponentDied()
+
+
+def _raise_signal_exception(signum: int, frame: object) -> None:
+    """SIGTERM outside the elastic agent's run: unwind as the agent does, so children are stopped."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    raise SignalException(f"Process {os.getpid()} got signal: {signum}", sigval=signal.Signals(signum))
 
 
 def launch(options: LaunchOptions) -> int:
     job = load_training_job(options.config_path)
+    settings = load_launch_settings(options.config_path, job.ps.addresses)
+    max_restarts = settings.max_restarts if options.max_restarts is None else options.max_restarts
+    start_ps = options.node_rank == 0 if options.start_ps is None else options.start_ps
+    if max_restarts and (options.nnodes > 1 or not start_ps):
+        raise ValueError(
+            f"launch.max_restarts: restarts need one launcher that owns every worker and shard (a single-node "
+            f"launch that starts the shards); got {max_restarts} with --nnodes {options.nnodes}"
+            + ("" if start_ps else " and no shards on this node")
+            + "; use --max-restarts 0 and the cluster's restart policy"
+        )
     out = Path(job.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     progress_path = out / "progress.jsonl"
     progress_path.write_text("")
     (out / "summary.json").unlink(missing_ok=True)  # only this run's rank 0 may leave one
-    failure = _Failure()
-    start_ps = options.node_rank == 0 if options.start_ps is None else options.start_ps
-    shards: list = []
-    stop_watch = threading.Event()
-    resume_step = None
+    failures = _Failures()
+    signal.signal(signal.SIGUSR1, failures.on_signal)
+    signal.signal(signal.SIGTERM, _raise_signal_exception)
+    os.environ[processes.LAUNCHER_PID_ENV] = str(os.getpid())
+    stop_bar = threading.Event()
+    fleet: ServingFleet | None = None
+    failure: str | None = None
+    restarts = 0
     try:
+        from torch.distributed.elastic.multiprocessing.api import SignalException
+
+        restore = None
         if options.resume:
-            resume_step = _latest_step(job)
-            print(f"embps launch: resuming job {job.ps.job!r} from snapshot step {resume_step}", flush=True)
-        if start_ps:
-            shards = _start_shards(job, out, resume_step)
-            watcher = threading.Thread(target=_watch_shards, args=(shards, failure, stop_watch), daemon=True)
-            watcher.start()
-        bar = threading.Thread(target=_show_progress, args=(progress_path, job, stop_watch), daemon=True)
+            restore = _latest_step(job)
+            tqdm.write(f"embps launch: resuming job {job.ps.job!r} from snapshot step {restore}")
+            sys.stdout.flush()
+        bar = threading.Thread(target=_show_progress, args=(progress_path, job, stop_bar), daemon=True)
         bar.start()
-        _run_workers(job, options, progress_path, failure, resume_step)
+        if start_ps and settings.serving:
+            fleet = ServingFleet(
+                job, settings.serving, out, max_restarts, on_fatal=lambda message: failures.report(message, fatal=True)
+            )
+        while True:
+            failures.new_attempt()
+            failure = _run_attempt(job, options, start_ps, restore, progress_path, failures, fleet)
+            if failure is None or failures.fatal is not None:
+                failure = failures.fatal or failure
+                break
+            if restarts >= max_restarts:
+                if max_restarts:
+                    failure += f"; no restarts left (max_restarts = {max_restarts})"
+                break
+            restarts += 1
+            restore = _latest_or_none(job)
+            origin = f"from snapshot step {restore}" if restore is not None else "from the start (no snapshot yet)"
+            tqdm.write(f"embps launch: {failure}; restart {restarts}/{max_restarts} {origin}")
+            sys.stdout.flush()
     except KeyboardInterrupt:
-        failure.set("interrupted (Ctrl-C)")
+        failure = "interrupted (Ctrl-C)"
+    except SignalException as exc:
+        failure = f"stopped by signal {exc.sigval.name}"
     except RuntimeError as exc:
-        failure.set(str(exc))
+        failure = str(exc)
     finally:
-        stop_watch.set()
-        for proc in shards:
-            processes.stop(proc)
-    if failure.message is not None:
-        print(f"embps launch: FAILED: {failure.message}", file=sys.stderr)
+        stop_bar.set()
+        if fleet is not None:
+            fleet.stop()
+    if failure is not None:
+        print(f"embps launch: FAILED: {failure}", file=sys.stderr, flush=True)
         return 1
     summary_path = out / "summary.json"
     if not summary_path.exists():
@@ -112,20 +198,67 @@ def launch(options: LaunchOptions) -> int:
         f"embps launch: done: {summary.get('steps')} steps, {summary.get('samples_per_s', 0):,.0f} samples/s, "
         f"final loss {summary.get('final_loss', float('nan')):.4f}"
         + (f", eval AUC {auc:.4f}" if auc is not None else "")
+        + (f", after {restarts} restart{'s' * (restarts > 1)}" if restarts else "")
         + f"; summary in {summary_path}"
     )
     return 0
 
 
-def _latest_step(job: TrainingJob) -> int:
-    from ps.snapshot import latest
+def _run_attempt(
+    job: TrainingJob,
+    options: LaunchOptions,
+    start_ps: bool,
+    restore: int | None,
+    progress_path: Path,
+    failures: _Failures,
+    fleet: ServingFleet | None,
+) -> str | None:
+    """Starts the shards (restored from snapshot `restore`), the serving replicas the first time,
+    then the workers (resuming at `restore`); stops the shards again. Returns None when the
+    workers finished, else what died (RuntimeError when a process does not start)."""
+    out = Path(job.train.output_dir)
+    shards: list = []
+    stop_watch = threading.Event()
+    first = fleet is not None and not fleet.started
+    try:
+        if first:
+            fleet.start()  # beside the shards: both take seconds to come up
+        if start_ps:
+            shards = _start_shards(job, out, restore)
+            threading.Thread(target=_watch_shards, args=(shards, failures, stop_watch), daemon=True).start()
+        if first:
+            fleet.wait()
+        failed = _run_workers(job, options, progress_path, failures, restore)
+    except _ComponentDied:  # the handler fired just after the workers' run ended
+        failed = failures.first()
+    else:
+        # Workers that fail on a dead shard's account may exit before the watcher's next look:
+        # name the shard, the cause.
+        dead = [(i, p) for i, p in enumerate(shards) if p.poll() is not None]
+        if failed is not None and dead and failures.cause is None:
+            failed = _shard_exit(*dead[0])
+    finally:
+        stop_watch.set()
+        processes.stop_all(shards)
+    return failed
 
+
+def _latest_step(job: TrainingJob) -> int:
     if job.ps.snapshot is None:
         raise RuntimeError("--resume: the job has no [snapshot] section, so there is nothing to resume from")
-    step = latest(job.ps.snapshot.uri, job.ps.job, job.ps.snapshot.storage)
+    step = _latest_or_none(job)
     if step is None:
         raise RuntimeError(f"--resume: no complete snapshot of job {job.ps.job!r} under {job.ps.snapshot.uri}")
     return step
+
+
+def _latest_or_none(job: TrainingJob) -> int | None:
+    """The job's newest complete snapshot step; None without [snapshot] or before the first."""
+    from ps.snapshot import latest
+
+    if job.ps.snapshot is None:
+        return None
+    return latest(job.ps.snapshot.uri, job.ps.job, job.ps.snapshot.storage)
 
 
 def _start_shards(job: TrainingJob, out: Path, restore_step: int | None) -> list:
@@ -143,14 +276,17 @@ def _start_shards(job: TrainingJob, out: Path, restore_step: int | None) -> list
     return shards
 
 
-def _watch_shards(shards: list, failure: _Failure, stop: threading.Event) -> None:
-    """A shard that exits during training fails the job: record it and stop the workers."""
+def _watch_shards(shards: list, failures: _Failures, stop: threading.Event) -> None:
+    """A shard that exits during training ends the attempt: report it, which stops the workers."""
     while not stop.wait(0.2):
         for index, proc in enumerate(shards):
-            if proc.poll() is not None:
-                failure.set(f"ps shard {index} (pid {proc.pid}) exited with code {proc.returncode}")
-                os.kill(os.getpid(), signal.SIGTERM)
+            if proc.poll() is not None and not stop.is_set():
+                failures.report(_shard_exit(index, proc))
                 return
+
+
+def _shard_exit(index: int, proc) -> str:
+    return f"ps shard {index} (pid {proc.pid}) exited ({processes.describe_exit(proc.returncode)})"
 
 
 def _show_progress(path: Path, job: TrainingJob, stop: threading.Event) -> None:
@@ -175,9 +311,10 @@ def _show_progress(path: Path, job: TrainingJob, stop: threading.Event) -> None:
 
 
 def _run_workers(
-    job: TrainingJob, options: LaunchOptions, progress_path: Path, failure: _Failure, resume_step: int | None
-) -> None:
-    from torch.distributed.elastic.multiprocessing.api import SignalException
+    job: TrainingJob, options: LaunchOptions, progress_path: Path, failures: _Failures, resume_step: int | None
+) -> str | None:
+    """One elastic run of every local worker; None when they all finished, else what failed.
+    A SIGINT/SIGTERM (SignalException) propagates: it stops the job, restarts or not."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -200,10 +337,21 @@ def _run_workers(
     if resume_step is not None:
         entry += ["--resume-step", str(resume_step)]
     start = time.monotonic()
+    failures.armed = True
     try:
+        if failures.first() is not None:
+            return failures.first()
         elastic_launch(config, entrypoint=entry[0])(*entry[1:])
+        return None
+    except _ComponentDied:
+        return failures.first()
     except ChildFailedError as exc:
-        ranks = ", ".join(f"rank {r} (exit code {f.exitcode})" for r, f in sorted(exc.failures.items()))
-        failure.set(f"worker {ranks} failed after {time.monotonic() - start:.0f} s; see the log above")
-    except SignalException as exc:
-        failure.set(f"stopped by signal {exc.sigval.name}")
+        if failures.first() is not None:  # a shard died first; the workers failed on its account
+            return failures.first()
+        rank, first = min(exc.failures.items(), key=lambda item: item[1].timestamp)
+        return (
+            f"worker rank {rank} (pid {first.pid}) exited ({processes.describe_exit(first.exitcode)}) "
+            f"after {time.monotonic() - start:.0f} s (its output is above)"
+        )
+    finally:
+        failures.armed = False

@@ -26,6 +26,7 @@ from ps.client import PSClient, ShardUnavailableError
 from worker.checkpoint import Checkpointer, load_trainer_state
 from worker.data_sources import eval_batches, train_reader
 from worker.model import DLRMDenseTower
+from worker.processes import die_with_launcher
 from worker.train_config import TrainingJob, load_training_job
 from worker.trainer import Trainer
 
@@ -136,6 +137,7 @@ def _global_mean(value: float, world_size: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
+    die_with_launcher()
     parser = argparse.ArgumentParser(prog="worker.worker_main", description="one embps training worker")
     parser.add_argument("--config", required=True, help="job TOML")
     parser.add_argument("--resume-step", type=int, default=None, help="continue from this snapshot step")

@@ -1,0 +1,67 @@
+"""The [launch] section: defaults, a full example, and errors that name the field."""
+
+from __future__ import annotations
+
+import tomllib
+
+import pytest
+
+from ps.table_config import TableConfig
+from tests.worker.training_jobs import write_training_job
+from worker.launch_config import LaunchSettings, ReplicaSpec, parse_launch_settings
+from worker.launcher import LaunchOptions, launch
+
+SHARDS = ("127.0.0.1:50051", "127.0.0.1:50052")
+EXAMPLE = """
+max_restarts = 3
+[[serving]]
+listen = "127.0.0.1:50200"
+metrics_port = 9200
+[[serving]]
+listen = "127.0.0.1:50201"
+"""
+
+
+def test_defaults_and_a_full_section():
+    assert parse_launch_settings({}, SHARDS) == LaunchSettings(max_restarts=0, serving=())
+    assert parse_launch_settings(tomllib.loads(EXAMPLE), SHARDS) == LaunchSettings(
+        max_restarts=3,
+        serving=(ReplicaSpec("127.0.0.1:50200", 9200), ReplicaSpec("127.0.0.1:50201", 0)),
+    )
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"max_restarts": -1}, r"launch.max_restarts: must be in \[0, 1000\], got -1"),
+        ({"max_restarts": 1.5}, "launch.max_restarts: must be an integer"),
+        ({"max_restart": 1}, "launch.max_restart: unknown field"),
+        ({"serving": {"listen": "127.0.0.1:1"}}, r"launch.serving: must be an array of tables"),
+        ({"serving": [{}]}, r"launch.serving\[0\].listen: required field is missing"),
+        ({"serving": [{"listen": "nohost"}]}, r"launch.serving\[0\].listen: must be 'host:port'"),
+        ({"serving": [{"listen": "127.0.0.1:1", "metrics_port": 70000}]}, r"launch.serving\[0\].metrics_port"),
+        ({"serving": [{"listen": "127.0.0.1:1"}, {"listen": "127.0.0.1:1"}]}, r"also launch.serving\[0\].listen"),
+        ({"serving": [{"listen": SHARDS[1]}]}, r"launch.serving\[0\].listen: .* is a PS shard's address"),
+        ({"serving": [{"listen": "127.0.0.1:1", "port": 2}]}, r"launch.serving\[0\].port: unknown field"),
+    ],
+)
+def test_errors_name_the_field(raw, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        parse_launch_settings(raw, SHARDS)
+
+
+def test_max_restarts_flag_is_checked():
+    with pytest.raises(ValueError, match=r"--max-restarts: must be in \[0, 1000\], got -2"):
+        LaunchOptions("job.toml", max_restarts=-2)
+
+
+def test_restarts_need_a_launcher_that_owns_every_process(tmp_path):
+    train = {"workers": 1, "steps": 1, "batch_size": 8, "output_dir": str(tmp_path / "out")}
+    path, _ = write_training_job(tmp_path / "job.toml", [TableConfig(name="emb", dim=4)], 1, train, {"num_keys": 10})
+    path.write_text(path.read_text() + "\n[launch]\nmax_restarts = 1\n")
+    options = LaunchOptions(str(path), nnodes=2, node_rank=0, rdzv_endpoint="127.0.0.1:29400")
+    with pytest.raises(ValueError, match="launch.max_restarts: restarts need one launcher"):
+        launch(options)
+    with pytest.raises(ValueError, match="no shards on this node"):
+        launch(LaunchOptions(str(path), start_ps=False))
+    assert not (tmp_path / "out").exists()
