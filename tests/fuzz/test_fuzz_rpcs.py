@@ -206,7 +206,7 @@ def pushes(draw: st.DrawFn) -> ps_pb2.PushRequest:
 
 
 def batches(requests: st.SearchStrategy, message: type) -> st.SearchStrategy:
-    return st.lists(requests, max_size=6).map(lambda rs: message(requests=rs))
+    return st.lists(requests, max_size=4).map(lambda rs: message(requests=rs))
 
 
 @st.composite
