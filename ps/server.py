@@ -39,6 +39,7 @@ from ps.job_config import JobConfig, load_job_config
 from ps.metrics import ShardMetrics
 from ps.rpc import ps_pb2, ps_pb2_grpc, snapshot_pb2, snapshot_pb2_grpc
 from ps.security import add_port, ps_port_policy, server_interceptors
+from ps.snapshot_manifest import SnapshotError
 from ps.update_log import DEFAULT_MAX_ENTRIES, DEFAULT_MAX_KEYS, LogGapError, LogRange
 
 log = logging.getLogger("embps.ps")
@@ -65,7 +66,7 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.UNAVAILABLE, str(exc)
     if isinstance(exc, UnknownTableError):
         return grpc.StatusCode.NOT_FOUND, str(exc)
-    if isinstance(exc, (WrongShardError, LogGapError)):
+    if isinstance(exc, (WrongShardError, LogGapError, SnapshotError)):
         return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
     if isinstance(exc, CapacityError):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)

@@ -26,8 +26,10 @@ computed while writing and verified on every read.
 A reader trusts a step only through its manifest: a step folder without a complete, parseable
 manifest is ignored (list_snapshots) or refused (read_manifest). The writer writes the manifest
 after every other file is closed, and LATEST after the manifest, so a writer killed at any point
-leaves earlier snapshots and LATEST as they were. Restore = the last full snapshot + each later
-incremental of its parent chain, applied like EmbeddingTable.load_delta.
+leaves earlier snapshots and LATEST as they were. `latest()` goes by manifests, not LATEST: a
+writer killed between its manifest and LATEST has committed its step all the same. Restore = the
+last full snapshot + each later incremental of its parent chain, applied like
+EmbeddingTable.load_delta.
 """
 
 from __future__ import annotations
@@ -421,17 +423,21 @@ def list_snapshots(uri: str, job: str, storage_config: StorageConfig | None = No
 
 
 def latest(uri: str, job: str, storage_config: StorageConfig | None = None) -> int | None:
-    """The step LATEST names if its manifest is valid, else the newest committed step, else None."""
+    """The newest committed step, else None.
+
+    A step is committed by its manifest, and LATEST is moved after it: a writer killed between the
+    two leaves a committed step newer than the one LATEST names. That step counts (a job resumed
+    from the older one would reach it again and find it already committed), so this looks for the
+    newest step folder with a valid manifest; it reads one manifest in the common case.
+    """
     fs, job_dir = _open_job(uri, job, storage_config)
-    step = _read_latest(fs, job_dir)
-    if step is not None:
+    for step in reversed(step_dirs(fs, job_dir)):
         try:
             read_manifest_at(fs, job_dir, step)
             return step
         except SnapshotError:
-            pass
-    snapshots = list_snapshots(uri, job, storage_config)
-    return snapshots[-1].step if snapshots else None
+            continue
+    return None
 
 
 def read_manifest(uri: str, job: str, step: int | None = None, storage_config: StorageConfig | None = None) -> Manifest:

@@ -181,6 +181,20 @@ def test_changes_of_a_snapshot_that_never_committed_reach_the_next_one(tmp_path)
         ShardSnapshotter({"t": table}, 0).snapshot(uri, "job", 4, "incremental")
 
 
+def test_a_step_committed_before_latest_moved_is_the_latest(tmp_path):
+    """A writer killed after its manifest and before LATEST has committed its step: resuming from
+    the older step LATEST names would reach it again and find it already committed."""
+    uri = str(tmp_path)
+    state = evicting_table("t", seed=0).export()
+    write_state(uri, "job", 60, state)
+    write_state(uri, "job", 80, state)
+    (tmp_path / "job/LATEST").write_text("60\n")  # as the killed writer left it
+    assert latest(uri, "job") == 80
+    assert read_manifest(uri, "job").step == 80
+    with pytest.raises(SnapshotError, match="already committed"):
+        ShardSnapshotter({"t": evicting_table("t", seed=0)}, 0).snapshot(uri, "job", 80)
+
+
 def test_incomplete_steps_are_ignored_and_latest_falls_back(tmp_path):
     uri = str(tmp_path)
     state = evicting_table("t", seed=0).export()
