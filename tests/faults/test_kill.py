@@ -42,6 +42,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -182,9 +183,12 @@ class LookupClient:
     """Looks up hot trained keys on the replicas round-robin, from a thread, as a real client does:
     on UNAVAILABLE the same lookup goes to the next replica; a lookup no replica answers (or one
     that fails otherwise) is recorded as unanswered. Replies' per-shard incarnations are kept, to
-    see the replicas resync from restarted shards."""
+    see the replicas resync from restarted shards. Once `training_over()` says the job is done, the
+    launcher stops its replicas, by design: a lookup no replica answers then ends the lookups
+    instead of counting as unanswered."""
 
-    def __init__(self, addresses: list[str]) -> None:
+    def __init__(self, addresses: list[str], training_over: Callable[[], bool]) -> None:
+        self.training_over = training_over
         self.channels = [grpc.insecure_channel(a) for a in addresses]
         self.stubs = [serving_pb2_grpc.ServingStub(c) for c in self.channels]
         self.requests = []
@@ -244,6 +248,9 @@ class LookupClient:
                 seen = self.incarnations.setdefault((replica, request.table, served.shard), [])
                 if not seen or seen[-1][1] != served.incarnation:
                     seen.append((time.monotonic(), served.incarnation))
+            return
+        if self.training_over():
+            self._stop.set()
             return
         self.unanswered.append("; ".join(errors))
 
@@ -321,7 +328,7 @@ def launch_with_replicas(tmp_path: Path) -> tuple[Job, Path, subprocess.Popen, L
     """The job with 2 serving replicas, launched, and a lookup client for them (not started)."""
     job = write_job(tmp_path, "killed", num_replicas=2)
     log = tmp_path / "launch.log"
-    return job, log, start_launch(job, log), LookupClient(job.replicas)
+    return job, log, start_launch(job, log), LookupClient(job.replicas, lambda: job_done(job))
 
 
 NAMES = {"worker": "worker rank", "ps": "ps shard", "serving": "serving replica"}
