@@ -9,7 +9,8 @@ Two real `embps serve` replicas of the same rows (bench/serve_targets.py), loade
   2. the bounded replica (max_queue) offered factor x capacity, open loop (bench/loadgen.py);
   3. the unbounded replica (max_queue = 0) offered the same rate.
 For each overload run: offered and answered rates, the shed fraction (RESOURCE_EXHAUSTED from the
-replica's bound, CANCELLED from gRPC's core, whose queue has the same bound), and
+replica's bound; CANCELLED from gRPC's core, whose queue has the same bound, or RESOURCE_EXHAUSTED
+there too under GRPC_EXPERIMENTS=ph2_server, which the replicas inherit), and
 p50/p99 latency of answered and of shed calls, counted from each call's scheduled time. The
 generator holds at most clients x concurrency calls in flight; an unbounded replica's backlog
 beyond that waits in the generator, whose latency still counts it (no coordinated omission).
@@ -26,9 +27,10 @@ from pathlib import Path
 from bench.loadgen import OK, LoadSpec, run_load
 from bench.serve_bench import _finite, facts
 from bench.serve_targets import EmbpsServer, write_export
+from serving.shedding import core_refusal_code
 
 SHED = "RESOURCE_EXHAUSTED"  # refused by the replica's queue bound (serving/shedding.py)
-CORE_SHED = "CANCELLED"  # refused by gRPC's core, whose queue has the same bound; the bench never cancels
+CORE_SHED = "CANCELLED"  # refused by gRPC's default core transport (same bound); the bench never cancels
 _POOL_KEYS = 1 << 22  # keys per client process's pool of prepared requests (32 MiB), whatever the batch
 
 
@@ -142,6 +144,7 @@ def run_overload_bench(config: OverloadBenchConfig) -> int:
         "bench": "serve_overload",
         "config": asdict(config),
         "machine": facts(),
+        "core_refusal": core_refusal_code().name,  # the replicas inherit this process's GRPC_EXPERIMENTS
         "capacity_qps": capacity["achieved_qps"],
         "capacity": capacity,
         "offered_rate": rate,

@@ -11,7 +11,8 @@ Health: "" and embps.v1.Serving are SERVING while the replica answers, even with
 the Status RPC gives the details. Domain errors become status codes in one place, `status_of`.
 SIGTERM: NOT_SERVING, in-flight calls finish within the grace, exit 0.
 Overload: beyond `max_queue` Lookups waiting, more are shed at once: RESOURCE_EXHAUSTED, or CANCELLED from
-gRPC's core for calls still queued there (serving/shedding.py).
+gRPC's core for calls still queued there (RESOURCE_EXHAUSTED too under GRPC_EXPERIMENTS=ph2_server;
+serving/shedding.py).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from ps.server import ShuttingDownError, UndecodableRequests, status_of
 from serving.config import ServeConfig, load_serve_config
 from serving.follower import ShardFollower
 from serving.metrics import ServingMetrics
-from serving.shedding import LookupQueue, core_backlog_options
+from serving.shedding import LookupQueue, core_backlog_options, core_refusal_code
 from serving.store import TableReplica
 
 log = logging.getLogger("embps.serving")
@@ -276,6 +277,11 @@ async def _serve(config: ServeConfig, grace: float) -> int:
         ", ".join(config.tables),
         servicer.replica.export_step, os.getpid(),
     )
+    if config.max_queue:
+        log.info(
+            "overload: more than %d Lookups waiting are refused, RESOURCE_EXHAUSTED by this replica and %s by "
+            "gRPC's core", config.max_queue, core_refusal_code().name,
+        )
     await stop.wait()
     log.info("draining (grace %.1f s)", grace)
     servicer.draining = True

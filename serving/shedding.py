@@ -23,10 +23,20 @@ gauge above never over 2, latency growing to the deadline). A refusal made in Py
 help there anyway: for a small lookup it costs nearly as much as the answer. So the core's queue
 gets the same bound (`core_backlog_options`: grpc.server.max_pending_requests and its hard limit
 = max_queue): a call arriving when max_queue Lookups already wait in the core is refused there, in
-C++, for a few microseconds. gRPC's core answers those with CANCELLED, not RESOURCE_EXHAUSTED;
-its code is not ours to choose, and the server cannot count them. Clients of a replica treat
-CANCELLED as they treat RESOURCE_EXHAUSTED: back off, or try another replica. The core's queue is
-per registered method, so Health and Status calls are never refused for a Lookup backlog.
+C++, for a few microseconds. With gRPC's default HTTP/2 server transport (grpcio 1.85) the core
+answers those with CANCELLED, not RESOURCE_EXHAUSTED, and the server cannot count them. Clients of
+a replica treat CANCELLED as they treat RESOURCE_EXHAUSTED: back off, or try another replica. The
+core's queue is per registered method, so Health and Status calls are never refused for a Lookup
+backlog.
+
+The same core bound answers RESOURCE_EXHAUSTED ("Too many pending requests for this server") when
+the replica runs gRPC's promise-based HTTP/2 server transport: GRPC_EXPERIMENTS=ph2_server in its
+environment (read once, when grpc starts in the process). Tested both ways (tests/serving/
+test_shedding.py, tests/bench/test_overload_bench.py), but not the default: upstream calls that
+transport work in progress, and here it cost 20% more server CPU per call (0.25 against 0.21 ms,
+a bare aio server answering at once). No refusal made in Python can stand in for it: one costs
+~0.2 ms of server CPU (the same bare server), nearly half an answered 64-key Lookup (~0.47 ms),
+so at 3x capacity refusing alone would need more than the replica's core.
 So an answered Lookup waits behind at most max_queue calls in the core plus max_queue in Python.
 A Lookup is admitted when its task first runs this interceptor
 (before its message is received or parsed) and released when that task ends (reply sent,
@@ -38,6 +48,7 @@ list: a shed call then costs no other interceptor's work.
 from __future__ import annotations
 
 import asyncio
+import os
 
 import grpc
 
@@ -46,9 +57,19 @@ from serving.metrics import ServingMetrics
 LOOKUP_METHOD = "/embps.v1.Serving/Lookup"
 
 
+def core_refusal_code() -> grpc.StatusCode:
+    """What gRPC's core answers a call beyond its queue bound with in this process: RESOURCE_EXHAUSTED
+    under the ph2_server transport (GRPC_EXPERIMENTS, as the process started), CANCELLED otherwise."""
+    experiments = {name.strip() for name in os.environ.get("GRPC_EXPERIMENTS", "").split(",")}
+    if experiments & {"ph2_server", "ph2_client_server"}:
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    return grpc.StatusCode.CANCELLED
+
+
 def core_backlog_options(max_queue: int) -> list[tuple[str, int]]:
     """gRPC server options that bound each method's queue of calls the core holds and the server
-    has not taken yet to max_queue (0: no bound). Calls beyond it are refused by the core (CANCELLED)."""
+    has not taken yet to max_queue (0: no bound). Calls beyond it are refused by the core
+    (`core_refusal_code()`)."""
     if max_queue == 0:
         return []
     return [("grpc.server.max_pending_requests", max_queue), ("grpc.server.max_pending_requests_hard_limit", max_queue)]

@@ -12,6 +12,11 @@ What must hold, and why the bounds are what they are:
   the test asks for a factor of 3 between the two, not an absolute figure;
 - the unbounded replica sheds nothing: the difference is the bound, not the harness.
 Without shedding (max_queue ignored) both replicas behave alike and the ratio check fails.
+
+Run twice: with gRPC's default HTTP/2 server transport, whose core refuses its backlog with
+CANCELLED, and with GRPC_EXPERIMENTS=ph2_server in the replicas' environment, whose core refuses
+the same backlog with RESOURCE_EXHAUSTED; there every shed call must say RESOURCE_EXHAUSTED
+(serving/shedding.py says why this is not the default).
 """
 
 from __future__ import annotations
@@ -19,12 +24,21 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 import embps
 
 DURATION_S = 3.0
 
 
-def test_three_times_capacity_is_shed_and_answered_latency_stays_bounded(tmp_path: Path) -> None:
+@pytest.mark.parametrize("transport", ["default", "ph2_server"])
+def test_three_times_capacity_is_shed_and_answered_latency_stays_bounded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, transport: str
+) -> None:
+    if transport == "ph2_server":
+        monkeypatch.setenv("GRPC_EXPERIMENTS", "ph2_server")  # the replicas are child processes: they inherit it
+    else:
+        monkeypatch.delenv("GRPC_EXPERIMENTS", raising=False)
     out = tmp_path / "overload.json"
     argv = [
         "bench", "serve", "--overload", "3", "--max-queue", "16", "--rows", "20000", "--dim", "16",
@@ -42,6 +56,9 @@ def test_three_times_capacity_is_shed_and_answered_latency_stays_bounded(tmp_pat
     assert bounded["shed_fraction"] > 0, bounded
     assert bounded["other_errors"] == {}, bounded
     assert sum(bounded["shed_by_code"].values()) > 0
+    assert result["core_refusal"] == ("RESOURCE_EXHAUSTED" if transport == "ph2_server" else "CANCELLED")
+    if transport == "ph2_server":
+        assert bounded["shed_by_code"]["CANCELLED"] == 0, bounded  # the core's refusals say RESOURCE_EXHAUSTED
     assert unbounded["shed_fraction"] == 0, unbounded
     assert bounded["answered_p99_ms"] * 3 < unbounded["answered_p99_ms"], (bounded, unbounded)
     assert bounded["answered_qps"] > 0

@@ -1,6 +1,9 @@
 """Load shedding of a real `embps serve` replica: with max_queue = N, N + k concurrent slow-ish
 lookups get RESOURCE_EXHAUSTED at once for the calls beyond N and OK for the rest; Status and
-Health still answer meanwhile; the shed counter and queue gauge say exactly that."""
+Health still answer meanwhile; the shed counter and queue gauge say exactly that.
+
+Twice: with gRPC's default server transport (its core refuses calls beyond its own queue bound
+with CANCELLED) and with GRPC_EXPERIMENTS=ph2_server (the core says RESOURCE_EXHAUSTED)."""
 
 from __future__ import annotations
 
@@ -30,8 +33,21 @@ LOOKUP_KEYS = 150_000  # ~10-40 ms of server work per call here: slow enough tha
 _LIMIT = 64 << 20
 
 
+CORE_FULL = "Too many pending requests for this server"  # gRPC core's refusal under ph2_server
+
+
+@pytest.fixture(params=["default", "ph2_server"])
+def transport(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """gRPC's server transport in the replica, which is a child process and inherits the variable."""
+    if request.param == "ph2_server":
+        monkeypatch.setenv("GRPC_EXPERIMENTS", "ph2_server")
+    else:
+        monkeypatch.delenv("GRPC_EXPERIMENTS", raising=False)
+    return request.param
+
+
 @pytest.fixture
-def replica(tmp_path: Path):
+def replica(transport: str, tmp_path: Path):
     server = EmbpsServer.start(ROWS, DIM, tmp_path / "replica", max_queue=MAX_QUEUE)
     try:
         yield server
@@ -50,7 +66,7 @@ def _value(scrape: str, name: str) -> float:
     return float(match.group(1))
 
 
-def test_calls_beyond_the_bound_are_shed_at_once_and_status_still_answers(replica, promtool) -> None:
+def test_calls_beyond_the_bound_are_shed_at_once_and_status_still_answers(replica, transport, promtool) -> None:
     keys = np.resize(bench_keys(ROWS), LOOKUP_KEYS)
     request = serving_pb2.ServingLookupRequest(table=TABLE, keys=wire.encode_keys(keys), dim=DIM)
     options = [("grpc.max_receive_message_length", _LIMIT), ("grpc.max_send_message_length", _LIMIT)]
@@ -82,18 +98,24 @@ def test_calls_beyond_the_bound_are_shed_at_once_and_status_still_answers(replic
     assert [s.table for s in status.shards] == [TABLE]
     assert health.status == health_pb2.HealthCheckResponse.SERVING
     codes = [code for code, _, _ in results]
-    # RESOURCE_EXHAUSTED: refused by the replica's bound; CANCELLED: refused by gRPC's core, whose
-    # queue of calls not yet taken has the same bound (serving/shedding.py).
-    assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED", "CANCELLED"}, results
-    shed = [(t, details) for code, t, details in results if code == "RESOURCE_EXHAUSTED"]
-    core_shed = [t for code, t, _ in results if code == "CANCELLED"]
+    # Refused by the replica's own bound: RESOURCE_EXHAUSTED "serving queue full". Refused by gRPC's
+    # core, whose queue of calls not yet taken has the same bound (serving/shedding.py): CANCELLED
+    # with the default transport, RESOURCE_EXHAUSTED with ph2_server.
+    core_code = "RESOURCE_EXHAUSTED" if transport == "ph2_server" else "CANCELLED"
+    assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED", core_code}, results
+    assert f"RESOURCE_EXHAUSTED by this replica and {core_code} by gRPC's core" in replica.log_path.read_text()
+    full = f"serving queue full: {MAX_QUEUE} lookups waiting"
+    shed = [t for code, t, details in results if code == "RESOURCE_EXHAUSTED" and full in details]
+    core_shed = [t for code, t, details in results if code == core_code and full not in details]
+    if transport == "ph2_server":
+        assert all(CORE_FULL in details for code, _, details in results if code == core_code and full not in details)
     answered = sorted(t for code, t, _ in results if code == "OK")
     assert shed, f"no call was shed with {MAX_QUEUE + EXTRA} concurrent lookups and max_queue {MAX_QUEUE}: {results}"
     assert len(answered) >= MAX_QUEUE
     assert len(answered) <= 2 * MAX_QUEUE + 1, f"more answered than both bounds let through: {results}"
-    assert all(f"serving queue full: {MAX_QUEUE} lookups waiting" in details for _, details in shed)
+    assert len(shed) + len(core_shed) + len(answered) == len(results), results
     # At once: a shed call waits for no lookup, so it is back before the median answered one.
-    assert max([t for t, _ in shed] + core_shed) < answered[len(answered) // 2], results
+    assert max(shed + core_shed) < answered[len(answered) // 2], results
 
     scrape = _scrape(replica)
     assert _value(scrape, "embps_serving_shed_lookups_total") == len(shed)
