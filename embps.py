@@ -1,6 +1,6 @@
 """The embps command line: `embps <verb> ...` parses arguments and hands off (imports lazily).
 
-Verbs: ps | serve | launch | snapshot {list, inspect, export, gc} | deploy render |
+Verbs: ps | serve | launch | health | snapshot {list, inspect, export, gc} | deploy render |
 bench {table, ps, train, snapshot, freshness, serve, report}. `python -m embps ...` works the same.
 """
 
@@ -148,6 +148,17 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="restarts from the LATEST snapshot after a worker or PS shard dies (default: [launch] max_restarts, 0)",
     )
+
+    health = verbs.add_parser(
+        "health", help="one gRPC health check of a shard or replica port (exit 0 when SERVING): exec probes, TLS"
+    )
+    health.add_argument("address", help="HOST:PORT of the port to check")
+    health.add_argument("--config", default=None, help="job TOML whose [security] to use (default: plaintext)")
+    health.add_argument("--service", default="", help="health service name (default '': the whole server)")
+    health.add_argument(
+        "--server-name", default=None, help="TLS: the name the server certificate must have (default: the host)"
+    )
+    health.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer")
 
     deploy = verbs.add_parser("deploy", help="cluster manifests from the job's TOML")
     deploy_verbs = deploy.add_subparsers(dest="deploy", required=True)
@@ -297,6 +308,21 @@ def main(argv: list[str] | None = None) -> int:
                 max_restarts=args.max_restarts,
             )
         )
+    if args.verb == "health":
+        from ps.health_check import HealthProbe, health_cli, load_security
+        from ps.security import SecurityConfig
+
+        try:
+            probe = HealthProbe(args.address, args.service, args.server_name, args.timeout)
+        except ValueError as exc:
+            print(f"embps health: {exc}")
+            return 2
+        try:
+            security = load_security(args.config) if args.config else SecurityConfig()
+        except (ValueError, TypeError) as exc:
+            print(f"embps health: {args.config}: {exc}")
+            return 2
+        return health_cli(probe, security)
     if args.verb == "deploy" and args.deploy == "render":
         from deploy.render import render_cli
 

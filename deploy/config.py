@@ -6,6 +6,9 @@
     image_pull_policy = "IfNotPresent"           # "Always" | "IfNotPresent" | "Never"
     secret = "ctr-credentials"                   # Secret whose keys become every pod's environment
                                                  # (AWS_* for S3, tokens); default "<job>-credentials"
+    files_secret = "ctr-files"                   # Secret mounted at /etc/embps-secret when [security]
+                                                 # names files (certificates, keys, token files), each
+                                                 # as /etc/embps-secret/<key>; default "<job>-files"
 
     [deploy.ps.resources]                        # per PS shard pod (StatefulSet <job>-ps)
     cpu = "2"                                    # Kubernetes quantities: "500m", "2", 1.5
@@ -102,6 +105,7 @@ class DeployConfig:
     namespace: str = "default"
     image_pull_policy: PullPolicy = PullPolicy.IF_NOT_PRESENT
     secret: str | None = None  # None: "<job>-credentials"
+    files_secret: str | None = None  # None: "<job>-files"
     ps: PSDeploy = field(default_factory=PSDeploy)
     worker: WorkerDeploy = field(default_factory=WorkerDeploy)
     serving: ServingDeploy = field(default_factory=ServingDeploy)
@@ -118,8 +122,9 @@ def parse_deploy_config(raw: object) -> DeployConfig:
     if not config.image.strip():
         raise ValueError("deploy.image: must name a container image with embps installed, got ''")
     _check_name("deploy.namespace", config.namespace, DNS_LABEL, 63)
-    if config.secret is not None:
-        _check_name("deploy.secret", config.secret, _DNS_SUBDOMAIN, 253)
+    for name in ("secret", "files_secret"):
+        if getattr(config, name) is not None:
+            _check_name(f"deploy.{name}", getattr(config, name), _DNS_SUBDOMAIN, 253)
     for role in ("ps", "worker", "serving"):
         _check_resources(f"deploy.{role}.resources", getattr(config, role).resources)
     _at_least("deploy.worker.nnodes", config.worker.nnodes, 1)

@@ -12,21 +12,32 @@
 
 The PS shards bind and the workers dial the addresses of the job file, so `[[shards]]` must name
 the StatefulSet's pods: `<job>-ps-<i>.<job>-ps[.<namespace>...]:PORT`, one port for all. Every
-server pod has gRPC health probes (the kubelet's native `grpc:` probe) and Prometheus scrape
-annotations; every pod gets the `deploy.secret` Secret as environment (S3 credentials, tokens).
+server pod has gRPC health probes and Prometheus scrape annotations; every pod gets the
+`deploy.secret` Secret as environment (S3 credentials, tokens).
+
+A job with `[security]`: the files it names (certificates, keys, token files) come from the
+`deploy.files_secret` Secret, mounted read-only at /etc/embps-secret in every pod, so each path
+must be /etc/embps-secret/<key>. With TLS the probes are exec probes running `embps health`
+(the kubelet's `grpc:` probe speaks plaintext only): they dial 127.0.0.1 and check the server's
+certificate against the name clients dial (a shard's host in [[shards]]; `<job>-serving` for a
+replica, so the certificate must name it). Without TLS they are the kubelet's `grpc:` probes.
 """
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 
 import yaml
 
 from deploy.config import DNS_LABEL, DeployConfig, WorkerKind, parse_deploy_config
+from ps.security import Role, SecurityConfig
 from worker.train_config import TrainingJob, parse_training_job
 
 CONFIG_DIR = "/etc/embps"
+SECRET_DIR = "/etc/embps-secret"  # deploy.files_secret, where the files of [security] must be
+_SECRET_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")  # a Secret's data key
 # gRPC health service names the probes ask for (ps.server.SERVICE_NAME, serving.server.SERVICE_NAME)
 PS_HEALTH_SERVICE = "embps.v1.ParameterServer"
 SERVING_HEALTH_SERVICE = "embps.v1.Serving"
@@ -50,6 +61,7 @@ def load_deployment(path: str | Path) -> tuple[TrainingJob, DeployConfig, str]:
 def render(job: TrainingJob, deploy: DeployConfig, job_toml: str) -> dict[str, dict]:
     """Every manifest, keyed by its file name under the output folder."""
     _check_job(job, deploy)
+    _check_security_files(job, deploy)
     name = job.ps.job
     worker_files = {
         WorkerKind.PYTORCHJOB: {"30-workers-pytorchjob.yaml": pytorchjob(job, deploy)},
@@ -130,6 +142,34 @@ def _check_job(job: TrainingJob, deploy: DeployConfig) -> None:
         )
 
 
+def security_files(security: SecurityConfig) -> dict[str, str]:
+    """The files `[security]` names: {field: path}, e.g. {"security.tls_cert": "/etc/embps-secret/tls.crt"}."""
+    files = {
+        f"security.{name}": getattr(security, name)
+        for name in ("tls_cert", "tls_key", "tls_ca", "client_ca", "client_cert", "client_key")
+        if getattr(security, name) is not None
+    }
+    for role in Role:
+        source = getattr(security.tokens, role.value)
+        if source is not None and source.file is not None:
+            files[f"security.tokens.{role.value}.file"] = source.file
+    return files
+
+
+def _files_secret(job: TrainingJob, deploy: DeployConfig) -> str:
+    return deploy.files_secret if deploy.files_secret is not None else f"{job.ps.job}-files"
+
+
+def _check_security_files(job: TrainingJob, deploy: DeployConfig) -> None:
+    for where, path in security_files(job.ps.security).items():
+        directory, _, key = path.rpartition("/")
+        if directory != SECRET_DIR or not _SECRET_KEY.match(key):
+            raise ValueError(
+                f"{where}: on Kubernetes the files of [security] come from the Secret {_files_secret(job, deploy)!r} "
+                f"(deploy.files_secret) mounted at {SECRET_DIR}: write '{SECRET_DIR}/<key>', got {path!r}"
+            )
+
+
 def _labels(job: str, component: str) -> dict[str, str]:
     return {
         "app.kubernetes.io/name": "embps",
@@ -154,28 +194,45 @@ def _resources(resources) -> dict:
     return {"requests": amounts, "limits": limits}
 
 
-def _grpc_probes(port: int, service: str) -> dict:
-    """Readiness, liveness and a startup allowance (restoring a snapshot or loading an export)."""
-    grpc = {"port": port, "service": service}
+def _health_probes(port: int, service: str, security: SecurityConfig, server_name: str) -> dict:
+    """Readiness, liveness and a startup allowance (restoring a snapshot or loading an export).
+    Plaintext: the kubelet's `grpc:` probe. TLS: `embps health` with the job's [security], checking
+    the certificate against server_name (a shell word: it may expand $HOSTNAME). An exec probe is a
+    Python process of ~0.14 s CPU, counted in the pod's CPU limit, so those come half as often
+    (readiness every 10 s, liveness every 20 s: ~2% of a core)."""
+    if security.tls:
+        script = (
+            f"exec embps health 127.0.0.1:{port} --config {CONFIG_DIR}/job.toml --service {service} "
+            f"--server-name {server_name} --timeout 4"
+        )
+        check, slower = {"exec": {"command": ["sh", "-c", script]}}, 2
+    else:
+        check, slower = {"grpc": {"port": port, "service": service}}, 1
     return {
-        "startupProbe": {"grpc": grpc, "periodSeconds": 5, "failureThreshold": 120},
-        "readinessProbe": {"grpc": grpc, "periodSeconds": 5, "failureThreshold": 2},
-        "livenessProbe": {"grpc": grpc, "periodSeconds": 10, "failureThreshold": 3, "timeoutSeconds": 5},
+        "startupProbe": {**check, "periodSeconds": 5, "failureThreshold": 120, "timeoutSeconds": 5},
+        "readinessProbe": {**check, "periodSeconds": 5 * slower, "failureThreshold": 2, "timeoutSeconds": 5},
+        "livenessProbe": {**check, "periodSeconds": 10 * slower, "failureThreshold": 3, "timeoutSeconds": 5},
     }
 
 
-def _pod_spec(job: str, deploy: DeployConfig, container: dict, restart_policy: str | None = None) -> dict:
-    secret = deploy.secret if deploy.secret is not None else f"{job}-credentials"
+def _pod_spec(job: TrainingJob, deploy: DeployConfig, container: dict, restart_policy: str | None = None) -> dict:
+    name = job.ps.job
+    secret = deploy.secret if deploy.secret is not None else f"{name}-credentials"
+    mounts = [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}]
+    volumes = [{"name": "config", "configMap": {"name": f"{name}-config"}}]
+    if security_files(job.ps.security):
+        mounts.append({"name": "security", "mountPath": SECRET_DIR, "readOnly": True})
+        volumes.append({"name": "security", "secret": {"secretName": _files_secret(job, deploy), "defaultMode": 0o400}})
     container = {
         "image": deploy.image,
         "imagePullPolicy": deploy.image_pull_policy.value,
         **container,
         "envFrom": [{"secretRef": {"name": secret, "optional": True}}],
-        "volumeMounts": [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}],
+        "volumeMounts": mounts,
     }
     spec = {
         "containers": [container],
-        "volumes": [{"name": "config", "configMap": {"name": f"{job}-config"}}],
+        "volumes": volumes,
     }
     if restart_policy is not None:
         spec["restartPolicy"] = restart_policy
@@ -241,9 +298,12 @@ def ps_statefulset(job: TrainingJob, deploy: DeployConfig) -> dict:
             {"name": "metrics", "containerPort": shard.metrics_port},
         ],
         "resources": _resources(deploy.ps.resources),
-        **_grpc_probes(shard.port, PS_HEALTH_SERVICE),
+        # A shard's certificate names its host in [[shards]]: "$HOSTNAME" plus what follows "<job>-ps-0" there.
+        **_health_probes(
+            shard.port, PS_HEALTH_SERVICE, job.ps.security, f'"$HOSTNAME{shard.host[len(f"{name}-ps-0"):]}"'
+        ),
     }
-    pod = _pod_spec(name, deploy, container)
+    pod = _pod_spec(job, deploy, container)
     pod["terminationGracePeriodSeconds"] = 30  # `embps ps` drains in-flight calls on SIGTERM
     return {
         "apiVersion": "apps/v1",
@@ -273,7 +333,7 @@ def serving_deployment(job: TrainingJob, deploy: DeployConfig) -> dict:
             {"name": "metrics", "containerPort": serving.metrics_port},
         ],
         "resources": _resources(serving.resources),
-        **_grpc_probes(serving.port, SERVING_HEALTH_SERVICE),
+        **_health_probes(serving.port, SERVING_HEALTH_SERVICE, job.ps.security, f"{name}-serving"),
     }
     return {
         "apiVersion": "apps/v1",
@@ -284,7 +344,7 @@ def serving_deployment(job: TrainingJob, deploy: DeployConfig) -> dict:
             "selector": {"matchLabels": _labels(name, "serving")},
             "template": {
                 "metadata": {"labels": _labels(name, "serving"), "annotations": _scrape(serving.metrics_port)},
-                "spec": _pod_spec(name, deploy, container),
+                "spec": _pod_spec(job, deploy, container),
             },
         },
     }
@@ -363,7 +423,7 @@ def pytorchjob(job: TrainingJob, deploy: DeployConfig) -> dict:
             "restartPolicy": "Never",
             "template": {
                 "metadata": {"labels": _labels(name, "worker")},
-                "spec": _pod_spec(name, deploy, container),
+                "spec": _pod_spec(job, deploy, container),
             },
         }
 
@@ -391,7 +451,7 @@ def indexed_job(job: TrainingJob, deploy: DeployConfig) -> dict:
         "ports": [{"name": "rdzv", "containerPort": deploy.worker.rdzv_port}],
         "resources": _resources(deploy.worker.resources),
     }
-    pod = _pod_spec(name, deploy, container, restart_policy="Never")
+    pod = _pod_spec(job, deploy, container, restart_policy="Never")
     pod["subdomain"] = f"{name}-workers"
     return {
         "apiVersion": "batch/v1",

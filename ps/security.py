@@ -19,8 +19,8 @@ token source belongs is refused without being echoed.
 One TOML serves every process of a job, and each process holds only its own secrets: paths are
 checked when the process that needs them loads them (a shard its key and the tokens it accepts, a
 worker its trainer token), with errors naming the field, e.g.
-`security.tls_key: file not found: /etc/embps/server.key`. In Kubernetes every pod mounts its own
-Secret at the same path.
+`security.tls_key: file not found: /etc/embps/server.key`. On Kubernetes (`embps deploy render`)
+the files come from one Secret mounted at /etc/embps-secret in every pod.
 
 Roles (who may call what; health checks are open to all, for probes):
 

@@ -285,3 +285,86 @@ def test_a_job_file_without_deploy_section_says_what_is_missing(tmp_path):
     assert "deploy" not in tomllib.loads(path.read_text())
     with pytest.raises(ValueError, match=r"deploy: the job has no \[deploy\] section"):
         load_deployment(path)
+
+
+SECURED = """
+[security]
+tls_cert = "/etc/embps-secret/tls.crt"
+tls_key = "/etc/embps-secret/tls.key"
+tls_ca = "/etc/embps-secret/ca.crt"
+client_ca = "/etc/embps-secret/client-ca.crt"
+client_cert = "/etc/embps-secret/client.crt"
+client_key = "/etc/embps-secret/client.key"
+tokens.trainer = { file = "/etc/embps-secret/trainer.token" }
+tokens.reader = { env = "EMBPS_READER_TOKEN" }
+"""
+
+
+def pod_specs(manifests: dict[str, dict]) -> dict[str, dict]:
+    """Every pod template's spec, by file (the PyTorchJob's per replica type)."""
+    specs = {}
+    for file, m in manifests.items():
+        if m["kind"] == "PyTorchJob":
+            for kind, replica in m["spec"]["pytorchReplicaSpecs"].items():
+                specs[f"{file}:{kind}"] = replica["template"]["spec"]
+        elif "template" in m.get("spec", {}):
+            specs[file] = m["spec"]["template"]["spec"]
+    return specs
+
+
+def test_a_tls_job_gets_exec_probes_and_its_files_from_a_secret(tmp_path):
+    """The kubelet's grpc probe cannot speak TLS: a TLS job's shards and replicas are probed with
+    `embps health` (tests/security/test_health_probe.py runs these commands against a real shard),
+    and every pod mounts the files [security] names. Without [security] none of this is there."""
+    manifests = rendered(tmp_path, EXAMPLE.read_text() + SECURED)
+    for manifest in manifests.values():
+        if manifest["kind"] == "PyTorchJob":
+            check_pytorchjob(manifest)
+        else:
+            kubernetes_validate.validate(manifest, K8S_VERSION, strict=True)
+    specs = pod_specs(manifests)
+    assert len(specs) == 5, sorted(specs)  # shards, serving, the PyTorchJob's replicas, the Indexed Job
+    for where, spec in specs.items():
+        assert {"name": "security", "secret": {"secretName": "demo-files", "defaultMode": 0o400}} in spec["volumes"]
+        assert {"name": "security", "mountPath": "/etc/embps-secret", "readOnly": True} in spec["containers"][0][
+            "volumeMounts"
+        ], where
+    objects = by_kind(manifests)
+    ps = objects["StatefulSet/demo-ps"]["spec"]["template"]["spec"]["containers"][0]
+    serving = objects["Deployment/demo-serving"]["spec"]["template"]["spec"]["containers"][0]
+    probed = ((ps, PS_SERVICE, '"$HOSTNAME.demo-ps"'), (serving, SERVING_SERVICE, "demo-serving"))
+    for container, service, name in probed:
+        port = container["ports"][0]["containerPort"]
+        for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+            assert "grpc" not in container[probe]
+            command = container[probe]["exec"]["command"]
+            assert command[:2] == ["sh", "-c"]
+            assert shlex.split(command[2])[:3] == ["exec", "embps", "health"]
+            assert command[2] == (
+                f"exec embps health 127.0.0.1:{port} --config /etc/embps/job.toml --service {service} "
+                f"--server-name {name} --timeout 4"
+            )
+            assert container[probe]["timeoutSeconds"] > 4  # the kubelet must not kill the probe first
+
+    plain = pod_specs(rendered(tmp_path / "plain"))
+    assert all(len(spec["volumes"]) == 1 for spec in plain.values())  # only the config map
+
+
+@pytest.mark.parametrize(
+    "line, field",
+    [
+        ('tls_cert = "/etc/embps-secret/tls.crt"=>tls_cert = "certs/tls.crt"', "security.tls_cert"),
+        ('client_key = "/etc/embps-secret/client.key"=>client_key = "/etc/embps-secret/sub/client.key"',
+         "security.client_key"),
+        ('{ file = "/etc/embps-secret/trainer.token" }=>{ file = "/run/trainer.token" }',
+         "security.tokens.trainer.file"),
+    ],
+)  # fmt: skip
+def test_security_files_outside_the_mounted_secret_fail_naming_the_field(tmp_path, line, field):
+    old, new = line.split("=>")
+    path = tmp_path / "job.toml"
+    path.write_text(EXAMPLE.read_text() + SECURED.replace(old, new))
+    with pytest.raises(ValueError) as error:
+        render(*load_deployment(path))
+    assert f"{field}: on Kubernetes the files of [security] come from the Secret 'demo-files'" in str(error.value)
+    assert "/etc/embps-secret/<key>" in str(error.value)

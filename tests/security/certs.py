@@ -97,7 +97,13 @@ class Pki:
         server_ca_cert, server_ca_key, ca = _ca(directory, "ca")
         client_ca_cert, client_ca_key, client_ca = _ca(directory, "client-ca")
         rogue_ca_cert, rogue_ca_key, _ = _ca(directory, "rogue-ca")
-        sans = [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
+        # Also the names a Kubernetes job "probe" is dialed by (tests/security/test_health_probe.py).
+        sans = [
+            x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+            x509.DNSName("localhost"),
+            x509.DNSName("*.probe-ps"),
+            x509.DNSName("probe-serving"),
+        ]
         server_cert, server_key = _leaf(
             directory, "server", (server_ca_cert, server_ca_key), ExtendedKeyUsageOID.SERVER_AUTH, sans
         )
