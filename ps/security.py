@@ -36,6 +36,14 @@ files are public, but an anonymous caller has no business on the port beyond its
 When no token is configured, auth is off; when any is, every port requires one (a port whose roles
 have no token configured refuses every call but health). Tokens are compared with
 hmac.compare_digest. Prometheus /metrics ports stay plain HTTP.
+
+Rotation without a restart (what cert-manager and a Kubernetes Secret update do: new files at the
+same paths): a server reads its certificate, key and client CA again for the next connection after
+they change (connections already open keep theirs); token files are read again at most once a
+second after they change, by the servers checking them and by the clients sending them. A new
+file that does not load (a key that does not match the certificate, a token too short) is logged,
+without its content, and the previous one stays in use. Not rotated: tokens from environment
+variables, and a client's own certificate and CA (read when its channel opens).
 """
 
 from __future__ import annotations
@@ -44,6 +52,9 @@ import collections
 import hmac
 import logging
 import os
+import ssl
+import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
@@ -55,6 +66,7 @@ from ps.rpc import ps_pb2, serving_pb2, snapshot_pb2
 
 log = logging.getLogger("embps.security")
 
+RELOAD_CHECK_S = 1.0  # a changed token file is seen within this long
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 REFLECTION_PREFIX = "/grpc.reflection."
 _MIN_TOKEN_CHARS = 16
@@ -137,12 +149,12 @@ class SecurityConfig:
         return token
 
     def server_credentials(self) -> grpc.ServerCredentials:
-        """The server side of TLS (requires `tls`); client certificates required when client_ca is set."""
-        if self.tls_cert is None or self.tls_key is None:
-            raise ValueError("security.tls_cert: TLS is off; server credentials need tls_cert and tls_key")
-        pair = (_read_pem("security.tls_key", self.tls_key), _read_pem("security.tls_cert", self.tls_cert))
-        client_ca = _read_pem("security.client_ca", self.client_ca) if self.client_ca else None
-        return grpc.ssl_server_credentials([pair], root_certificates=client_ca, require_client_auth=self.mutual_tls)
+        """The server side of TLS (requires `tls`); client certificates required when client_ca is set.
+        The files are read again for the next connection after they change (see ServerCertificates)."""
+        certificates = ServerCertificates(self)
+        return grpc.dynamic_ssl_server_credentials(
+            certificates.configuration, certificates.fetch, require_client_authentication=self.mutual_tls
+        )
 
     def channel_credentials(self) -> grpc.ChannelCredentials:
         """The client side of TLS (requires `tls`), with this process's client certificate if any."""
@@ -153,6 +165,124 @@ class SecurityConfig:
             private_key=_read_pem("security.client_key", self.client_key) if self.client_key else None,
             certificate_chain=_read_pem("security.client_cert", self.client_cert) if self.client_cert else None,
         )
+
+
+class _FileStamps:
+    """(inode, size, mtime) of some files, to tell when any of them is replaced or rewritten (a
+    Kubernetes Secret update swaps a symlink: the inode changes)."""
+
+    def __init__(self, paths: Sequence[str]) -> None:
+        self.paths = tuple(paths)
+        self.last = self.now()
+
+    def now(self) -> tuple | None:
+        try:
+            return tuple((st.st_ino, st.st_size, st.st_mtime_ns) for st in map(os.stat, self.paths))
+        except OSError:
+            return None  # mid-swap or removed: not a new version yet
+
+    def changed(self) -> tuple | None:
+        """The new stamps when the files differ from the last version taken, else None."""
+        stamps = self.now()
+        return stamps if stamps is not None and stamps != self.last else None
+
+
+class ServerCertificates:
+    """A TLS server's certificate, key and client CA, read again after they change.
+
+    gRPC calls `fetch` before each new connection's handshake; it stats the files (cheap) and,
+    when they changed, loads and checks them: the key must match the certificate, the client CA
+    must parse. A new set that fails is logged and the current one kept, so a half-written
+    rotation never takes a server's port down."""
+
+    def __init__(self, security: SecurityConfig) -> None:
+        if security.tls_cert is None or security.tls_key is None:
+            raise ValueError("security.tls_cert: TLS is off; server credentials need tls_cert and tls_key")
+        self.security = security
+        paths = [security.tls_cert, security.tls_key, *([security.client_ca] if security.client_ca else [])]
+        self._stamps = _FileStamps(paths)
+        self.configuration = self._load()
+        self._lock = threading.Lock()
+
+    def _load(self) -> grpc.ServerCertificateConfiguration:
+        s = self.security
+        pair = (_read_pem("security.tls_key", s.tls_key), _read_pem("security.tls_cert", s.tls_cert))
+        client_ca = _read_pem("security.client_ca", s.client_ca) if s.client_ca else None
+        return grpc.ssl_server_certificate_configuration([pair], root_certificates=client_ca)
+
+    def _check(self) -> None:
+        """Raises ValueError naming the field when the files on disk do not make a working server."""
+        s = self.security
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            context.load_cert_chain(s.tls_cert, s.tls_key)
+        except (ssl.SSLError, OSError) as exc:
+            raise ValueError(f"security.tls_cert, security.tls_key: do not load as a pair: {exc}") from None
+        if s.client_ca:
+            try:
+                context.load_verify_locations(cafile=s.client_ca)
+            except (ssl.SSLError, OSError) as exc:
+                raise ValueError(f"security.client_ca: does not load: {exc}") from None
+
+    def fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        """The new configuration when the files changed and load, else None (keep the current one)."""
+        with self._lock:
+            stamps = self._stamps.changed()
+            if stamps is None:
+                return None
+            try:
+                self._check()
+                configuration = self._load()
+            except ValueError as exc:
+                log.warning("TLS files changed but do not load (%s); keeping the current certificate", exc)
+                self._stamps.last = stamps  # tried: wait for the next change
+                return None
+            if self._stamps.now() != stamps:
+                return None  # changed again while being read: take the next version
+            self._stamps.last = stamps
+            self.configuration = configuration
+            log.info("TLS certificate reloaded from %s", self.security.tls_cert)
+            return configuration
+
+
+class LiveToken:
+    """One role's token; one from a file is read again when the file changes (checked at most every
+    RELOAD_CHECK_S). A new token that is not valid is logged (never its value) and the current
+    one kept."""
+
+    def __init__(self, security: SecurityConfig | None, role: Role | None, value: str) -> None:
+        self._security = security
+        self._role = role
+        self.value = value
+        source = getattr(security.tokens, role.value) if security is not None and role is not None else None
+        self._stamps = _FileStamps([source.file]) if source is not None and source.file is not None else None
+        self._next_check = time.monotonic() + RELOAD_CHECK_S
+        self._lock = threading.Lock()
+
+    @classmethod
+    def of(cls, security: SecurityConfig, role: Role) -> LiveToken | None:
+        """The role's token now (None: the role has none); ValueError naming the field if invalid."""
+        value = security.token(role)
+        return None if value is None else cls(security, role, value)
+
+    @classmethod
+    def fixed(cls, value: str) -> LiveToken:
+        return cls(None, None, value)
+
+    def current(self) -> str:
+        if self._stamps is None or time.monotonic() < self._next_check:
+            return self.value
+        with self._lock:
+            self._next_check = time.monotonic() + RELOAD_CHECK_S
+            stamps = self._stamps.changed()
+            if stamps is not None:
+                self._stamps.last = stamps
+                try:
+                    self.value = self._security.token(self._role)
+                    log.info("security.tokens.%s: token file changed; using the new token", self._role.value)
+                except ValueError as exc:
+                    log.warning("%s; keeping the current token", exc)
+        return self.value
 
 
 def parse_security(raw: object, base_dir: Path | None = None) -> SecurityConfig:
@@ -303,11 +433,13 @@ class TokenAuth(grpc.aio.ServerInterceptor):
 
     def __init__(
         self,
-        tokens: Mapping[Role, str],
+        tokens: Mapping[Role, str | LiveToken],
         policy: Policy,
         on_denied: Callable[[str, grpc.StatusCode], None] | None = None,
     ) -> None:
-        self._tokens = [(role, token.encode()) for role, token in tokens.items()]
+        self._tokens = [
+            (role, token if isinstance(token, LiveToken) else LiveToken.fixed(token)) for role, token in tokens.items()
+        ]
         self._policy = dict(policy)
         self._any_role = frozenset(role for roles in self._policy.values() for role in roles)
         self._on_denied = on_denied
@@ -323,7 +455,7 @@ class TokenAuth(grpc.aio.ServerInterceptor):
         presented_bytes = presented.strip().encode()
         found = None
         for role, token in self._tokens:  # every token is compared, in constant time each
-            if hmac.compare_digest(presented_bytes, token):
+            if hmac.compare_digest(presented_bytes, token.current().encode()):
                 found = role
         return found
 
@@ -368,7 +500,7 @@ def server_interceptors(
     if not security.auth:
         return []
     roles = {role for roles in policy.values() for role in roles}
-    tokens = {role: token for role in Role if role in roles and (token := security.token(role)) is not None}
+    tokens = {role: token for role in Role if role in roles and (token := LiveToken.of(security, role)) is not None}
     if not tokens:
         log.warning("auth is on but no role this port accepts (%s) has a token: every call but health is refused",
                     ", ".join(sorted(roles)))
@@ -394,12 +526,12 @@ class _BearerToken(
 ):
     """Adds `authorization: Bearer <token>` to every call of a blocking channel."""
 
-    def __init__(self, token: str) -> None:
-        self._header = ("authorization", f"Bearer {token}")
+    def __init__(self, token: LiveToken) -> None:
+        self._token = token
 
     def _details(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
         d = details
-        metadata = (*(d.metadata or ()), self._header)
+        metadata = (*(d.metadata or ()), ("authorization", f"Bearer {self._token.current()}"))
         return _CallDetails(d.method, d.timeout, metadata, d.credentials, d.wait_for_ready, d.compression)
 
     def intercept_unary_unary(self, continuation, client_call_details, request):
@@ -419,11 +551,12 @@ class _AioBearerToken:
     """Adds `authorization: Bearer <token>` to the calls of a grpc.aio channel. grpc.aio files an
     interceptor under the first call kind it is an instance of, so each kind gets its own class."""
 
-    def __init__(self, token: str) -> None:
-        self._header = ("authorization", f"Bearer {token}")
+    def __init__(self, token: LiveToken) -> None:
+        self._token = token
 
     def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
-        return details._replace(metadata=grpc.aio.Metadata(*(details.metadata or ()), self._header))
+        header = ("authorization", f"Bearer {self._token.current()}")
+        return details._replace(metadata=grpc.aio.Metadata(*(details.metadata or ()), header))
 
 
 class _AioUnaryUnary(_AioBearerToken, grpc.aio.UnaryUnaryClientInterceptor):
@@ -446,10 +579,10 @@ class _AioStreamStream(_AioBearerToken, grpc.aio.StreamStreamClientInterceptor):
         return await continuation(self._details(client_call_details), request_iterator)
 
 
-def _client_token(security: SecurityConfig, role: Role | None) -> str | None:
+def _client_token(security: SecurityConfig, role: Role | None) -> LiveToken | None:
     if role is None or not security.auth:
         return None
-    token = security.token(role)
+    token = LiveToken.of(security, role)
     if token is None:
         raise ValueError(
             f"security.tokens.{role.value}: auth is on (tokens are configured) but this role, which this "

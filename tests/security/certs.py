@@ -90,6 +90,8 @@ class Pki:
     client_key: Path
     rogue_cert: Path
     rogue_key: Path
+    next_server_cert: Path  # a second server certificate of the same CA and names (rotation)
+    next_server_key: Path
 
     @classmethod
     def create(cls, directory: Path) -> Pki:
@@ -111,12 +113,17 @@ class Pki:
         client_cert, client_key = _leaf(directory, "client", client, ExtendedKeyUsageOID.CLIENT_AUTH, [])
         rogue = (rogue_ca_cert, rogue_ca_key)
         rogue_cert, rogue_key = _leaf(directory, "rogue", rogue, ExtendedKeyUsageOID.CLIENT_AUTH, [])
-        return cls(ca, server_cert, server_key, client_ca, client_cert, client_key, rogue_cert, rogue_key)
+        next_cert, next_key = _leaf(
+            directory, "next-server", (server_ca_cert, server_ca_key), ExtendedKeyUsageOID.SERVER_AUTH, sans
+        )
+        return cls(
+            ca, server_cert, server_key, client_ca, client_cert, client_key, rogue_cert, rogue_key, next_cert, next_key
+        )
 
     def private_key_bodies(self) -> list[str]:
         """The base64 lines of every private key, as they would appear if a key leaked into text."""
         bodies = []
-        for path in (self.server_key, self.client_key, self.rogue_key):
+        for path in (self.server_key, self.client_key, self.rogue_key, self.next_server_key):
             lines = path.read_text().splitlines()
             bodies += [line for line in lines if line and not line.startswith("-----")]
         return bodies

@@ -1,0 +1,137 @@
+"""Rotating a running shard's certificate and tokens by rewriting their files, as cert-manager or a
+Kubernetes Secret update does: no restart, connections already open keep working, new ones get
+the new certificate, the old token stops working within about a second, and a rotation that does
+not load is logged (never its content) while the current certificate or token stays in use."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import secrets
+import shutil
+import socket
+import ssl
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import pytest
+
+from ps.rpc import ps_pb2, ps_pb2_grpc
+from ps.security import RELOAD_CHECK_S, Role, SecurityConfig, Tokens, TokenSource, open_channel
+from ps.table_config import TableConfig
+from tests.helpers.processes import ShardCluster, make_job
+from tests.security.certs import Pki
+
+
+def replace_file(path: Path, data: bytes) -> None:
+    """Atomically, as an update of a mounted Secret is: readers see the old file or the new one."""
+    staged = path.with_name(f".{path.name}.new")
+    staged.write_bytes(data)
+    os.replace(staged, path)
+
+
+def served_certificate(address: str, ca: Path) -> bytes:
+    """The DER certificate a new TLS connection to `address` is given."""
+    host, port = address.rsplit(":", 1)
+    context = ssl.create_default_context(cafile=str(ca))
+    context.set_alpn_protocols(["h2"])
+    with socket.create_connection((host, int(port)), timeout=5) as raw:
+        with context.wrap_socket(raw, server_hostname="localhost") as tls:
+            return tls.getpeercert(binary_form=True)
+
+
+def der(pem_path: Path) -> bytes:
+    return ssl.PEM_cert_to_DER_cert(pem_path.read_text())
+
+
+def eventually(check: Callable[[], bool], timeout: float = 10.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if check():
+            return True
+        time.sleep(0.1)
+    return check()
+
+
+def stats_code(address: str, security: SecurityConfig, token: str) -> grpc.StatusCode:
+    """Stats over a fresh TLS channel carrying `token` as it is, not read from any file."""
+    with grpc.secure_channel(address, security.channel_credentials()) as channel:
+        try:
+            ps_pb2_grpc.ParameterServerStub(channel).Stats(
+                ps_pb2.StatsRequest(), metadata=[("authorization", f"Bearer {token}")], timeout=5
+            )
+        except grpc.RpcError as err:
+            return err.code()
+    return grpc.StatusCode.OK
+
+
+@pytest.fixture
+def rotating(pki: Pki, tmp_path: Path):
+    """A shard whose certificate, key and trainer token are files in tmp_path/secret."""
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    shutil.copy(pki.server_cert, secret / "tls.crt")
+    shutil.copy(pki.server_key, secret / "tls.key")
+    first_token = secrets.token_urlsafe(32)
+    (secret / "trainer.token").write_text(first_token + "\n")
+    security = SecurityConfig(
+        tls_cert=str(secret / "tls.crt"),
+        tls_key=str(secret / "tls.key"),
+        tls_ca=str(pki.ca),
+        tokens=Tokens(trainer=TokenSource(file=str(secret / "trainer.token"))),
+    )
+    job = dataclasses.replace(make_job([TableConfig("user", dim=4)]), security=security)
+    with ShardCluster.start(job, tmp_path / "cluster") as cluster:
+        yield cluster, secret, first_token
+
+
+def test_a_new_certificate_is_served_to_new_connections_without_a_restart(rotating, pki):
+    cluster, secret, _ = rotating
+    address, security = cluster.job.shards[0].address, cluster.job.security
+    assert served_certificate(address, pki.ca) == der(pki.server_cert)
+    with open_channel(address, security, Role.TRAINER) as channel:
+        stub = ps_pb2_grpc.ParameterServerStub(channel)
+        stub.Stats(ps_pb2.StatsRequest(), timeout=5)  # a connection opened before the rotation
+
+        replace_file(secret / "tls.key", pki.next_server_key.read_bytes())  # a moment with a mismatched pair
+        replace_file(secret / "tls.crt", pki.next_server_cert.read_bytes())
+        assert eventually(lambda: served_certificate(address, pki.ca) == der(pki.next_server_cert))
+        stub.Stats(ps_pb2.StatsRequest(), timeout=5)  # the open connection still works
+
+        replace_file(secret / "tls.crt", b"not a certificate\n")  # a broken rotation
+        # Each check is a new connection: the server looks at its files before each handshake.
+        assert eventually(
+            lambda: served_certificate(address, pki.ca) == der(pki.next_server_cert) and "do not load" in cluster.log(0)
+        )
+        with open_channel(address, security, Role.TRAINER) as fresh:
+            ps_pb2_grpc.ParameterServerStub(fresh).Stats(ps_pb2.StatsRequest(), timeout=5)
+    assert cluster.procs[0].poll() is None  # never restarted
+    for line in pki.private_key_bodies():
+        assert line not in cluster.log(0)
+
+
+def test_a_new_token_replaces_the_old_one_within_a_second_on_both_sides(rotating):
+    cluster, secret, first_token = rotating
+    address, security = cluster.job.shards[0].address, cluster.job.security
+    with open_channel(address, security, Role.TRAINER) as channel:  # reads the same token file as the shard
+        stub = ps_pb2_grpc.ParameterServerStub(channel)
+        stub.Stats(ps_pb2.StatsRequest(), timeout=5)
+        assert stats_code(address, security, first_token) == grpc.StatusCode.OK
+
+        second_token = secrets.token_urlsafe(32)
+        replace_file(secret / "trainer.token", (second_token + "\n").encode())
+        rotated = time.monotonic()
+        assert eventually(lambda: stats_code(address, security, first_token) == grpc.StatusCode.UNAUTHENTICATED)
+        assert time.monotonic() - rotated < 3 * RELOAD_CHECK_S + 2
+        assert stats_code(address, security, second_token) == grpc.StatusCode.OK
+        time.sleep(RELOAD_CHECK_S)
+        stub.Stats(ps_pb2.StatsRequest(), timeout=5)  # the client sends the new token too
+
+        replace_file(secret / "trainer.token", b"short\n")  # not a valid token: both sides keep the second
+        time.sleep(2 * RELOAD_CHECK_S)
+        assert stats_code(address, security, second_token) == grpc.StatusCode.OK
+        stub.Stats(ps_pb2.StatsRequest(), timeout=5)
+    assert "keeping the current token" in cluster.log(0)
+    assert first_token not in cluster.log(0) and second_token not in cluster.log(0)
