@@ -222,7 +222,8 @@ def _pod_spec(job: TrainingJob, deploy: DeployConfig, container: dict, restart_p
     volumes = [{"name": "config", "configMap": {"name": f"{name}-config"}}]
     if security_files(job.ps.security):
         mounts.append({"name": "security", "mountPath": SECRET_DIR, "readOnly": True})
-        volumes.append({"name": "security", "secret": {"secretName": _files_secret(job, deploy), "defaultMode": 0o400}})
+        # Kubernetes' default mode (0644): a 0400 file owned by root would be unreadable by a non-root image.
+        volumes.append({"name": "security", "secret": {"secretName": _files_secret(job, deploy)}})
     container = {
         "image": deploy.image,
         "imagePullPolicy": deploy.image_pull_policy.value,

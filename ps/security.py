@@ -250,24 +250,28 @@ class LiveToken:
     RELOAD_CHECK_S). A new token that is not valid is logged (never its value) and the current
     one kept."""
 
-    def __init__(self, security: SecurityConfig | None, role: Role | None, value: str) -> None:
+    def __init__(
+        self, value: str, security: SecurityConfig | None = None, role: Role | None = None,
+        stamps: _FileStamps | None = None,
+    ) -> None:
+        self.value = value
         self._security = security
         self._role = role
-        self.value = value
-        source = getattr(security.tokens, role.value) if security is not None and role is not None else None
-        self._stamps = _FileStamps([source.file]) if source is not None and source.file is not None else None
+        self._stamps = stamps  # of the token file, taken before `value` was read; None: never re-read
         self._next_check = time.monotonic() + RELOAD_CHECK_S
         self._lock = threading.Lock()
 
     @classmethod
     def of(cls, security: SecurityConfig, role: Role) -> LiveToken | None:
         """The role's token now (None: the role has none); ValueError naming the field if invalid."""
+        source = getattr(security.tokens, role.value)
+        stamps = _FileStamps([source.file]) if source is not None and source.file is not None else None
         value = security.token(role)
-        return None if value is None else cls(security, role, value)
+        return None if value is None else cls(value, security, role, stamps)
 
     @classmethod
     def fixed(cls, value: str) -> LiveToken:
-        return cls(None, None, value)
+        return cls(value)
 
     def current(self) -> str:
         if self._stamps is None or time.monotonic() < self._next_check:

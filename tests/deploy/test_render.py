@@ -325,7 +325,7 @@ def test_a_tls_job_gets_exec_probes_and_its_files_from_a_secret(tmp_path):
     specs = pod_specs(manifests)
     assert len(specs) == 5, sorted(specs)  # shards, serving, the PyTorchJob's replicas, the Indexed Job
     for where, spec in specs.items():
-        assert {"name": "security", "secret": {"secretName": "demo-files", "defaultMode": 0o400}} in spec["volumes"]
+        assert {"name": "security", "secret": {"secretName": "demo-files"}} in spec["volumes"]
         assert {"name": "security", "mountPath": "/etc/embps-secret", "readOnly": True} in spec["containers"][0][
             "volumeMounts"
         ], where
