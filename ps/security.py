@@ -260,6 +260,7 @@ class LiveToken:
         self._stamps = stamps  # of the token file, taken before `value` was read; None: never re-read
         self._next_check = time.monotonic() + RELOAD_CHECK_S
         self._lock = threading.Lock()
+        self._encoded = (value, value.encode())
 
     @classmethod
     def of(cls, security: SecurityConfig, role: Role) -> LiveToken | None:
@@ -272,6 +273,13 @@ class LiveToken:
     @classmethod
     def fixed(cls, value: str) -> LiveToken:
         return cls(value)
+
+    def current_bytes(self) -> bytes:
+        """current(), encoded (what a server compares a presented token with)."""
+        value = self.current()
+        if self._encoded[0] is not value:
+            self._encoded = (value, value.encode())
+        return self._encoded[1]
 
     def current(self) -> str:
         if self._stamps is None or time.monotonic() < self._next_check:
@@ -459,7 +467,7 @@ class TokenAuth(grpc.aio.ServerInterceptor):
         presented_bytes = presented.strip().encode()
         found = None
         for role, token in self._tokens:  # every token is compared, in constant time each
-            if hmac.compare_digest(presented_bytes, token.current().encode()):
+            if hmac.compare_digest(presented_bytes, token.current_bytes()):
                 found = role
         return found
 
