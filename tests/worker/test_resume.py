@@ -24,7 +24,7 @@ from tests.helpers.processes import REPO_ROOT
 from tests.worker.test_launch import alive, descendants
 from tests.worker.training_jobs import write_training_job
 
-STEPS = 36
+STEPS = 100  # ~20 ms a step: the job must outlive the kill by far more than the test's reaction
 TABLES = [
     TableConfig(
         name="adam",
@@ -115,7 +115,9 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_exact(tmp_path, store):
 
     uri, storage = store()
     path = write_job(tmp_path, "killed", uri, storage)
-    kill_after = random.Random().randint(9, STEPS - 6)
+    # Progress lines come every 10 steps, so the kill follows the line at or after kill_after: at
+    # least 40 steps (~0.8 s here) before the job would end.
+    kill_after = random.Random().randint(9, STEPS - 40)
     proc = subprocess.Popen(
         [sys.executable, "-m", "embps", "launch", str(path)],
         cwd=REPO_ROOT,
@@ -127,12 +129,13 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_exact(tmp_path, store):
     progress = tmp_path / "out-killed" / "progress.jsonl"
     deadline = time.monotonic() + 180
     step = 0
+    children: set[int] = set()
     while time.monotonic() < deadline and step < kill_after and proc.poll() is None:
+        children = descendants(proc.pid)  # known before the moment comes, so the kill is immediate
         lines = progress.read_text().splitlines() if progress.exists() else []
         step = json.loads(lines[-1]).get("step", 0) if lines else 0
-        time.sleep(0.05)
+        time.sleep(0.02)
     assert proc.poll() is None, f"job ended before the kill: {proc.stderr.read()[-2000:]}"
-    children = descendants(proc.pid)
     os.killpg(proc.pid, signal.SIGKILL)
     for pid in children:
         if alive(pid):
