@@ -271,16 +271,18 @@ def run_load(target: Target, spec: LoadSpec, server_pids: Sequence[int] = ()) ->
         for _ in procs:
             _get(ready, setup_end, procs, "connect")
         server_cpu0 = [_cpu_seconds(pid) for pid in server_pids]
+        wall0 = time.monotonic()
         start_at.value = time.monotonic() + _START_DELAY_S
         go.set()
         hard_end = start_at.value + spec.warmup_s + spec.duration_s + spec.drain_s + spec.timeout_s
         reports = [_get(results, hard_end + _RESULT_MARGIN_S, procs, "report") for _ in procs]
         server_cpu = sum(_cpu_seconds(pid) for pid in server_pids) - sum(server_cpu0)
+        wall = time.monotonic() - wall0
         for p in procs:
             p.join(10)
     finally:
         _stop_all(procs)
-    return _merge(target.name, spec, reports, server_cpu if server_pids else None)
+    return _merge(target.name, spec, reports, server_cpu if server_pids else None, wall)
 
 
 def _get(queue, deadline: float, procs: list, what: str) -> object:
@@ -299,7 +301,10 @@ def _get(queue, deadline: float, procs: list, what: str) -> object:
                 raise RuntimeError(f"client process exited with {dead[0].exitcode} before it could {what}") from None
 
 
-def _merge(name: str, spec: LoadSpec, reports: list[dict], server_cpu: float | None) -> dict[str, object]:
+def _merge(
+    name: str, spec: LoadSpec, reports: list[dict], server_cpu: float | None, wall_s: float
+) -> dict[str, object]:
+    """wall_s: seconds over which server_cpu was taken (from the start signal to the last report)."""
     latency = LogHistogram()
     lag = LogHistogram()
     codes: Counter[str] = Counter()
@@ -337,6 +342,9 @@ def _merge(name: str, spec: LoadSpec, reports: list[dict], server_cpu: float | N
         "latency_histogram": latency.to_dict(),
         "client_cpu_ms_per_call": client_cpu / max(completed_total, 1) * 1e3,
         "server_cpu_ms_per_call": None if server_cpu is None else server_cpu / max(completed_total, 1) * 1e3,
+        "client_cores": client_cpu / wall_s,  # cores the client processes used, on average over the run
+        "server_cores": None if server_cpu is None else server_cpu / wall_s,
+        "wall_s": wall_s,
         "duration_s": spec.duration_s,
         "warmup_s": spec.warmup_s,
         "clients": spec.clients,

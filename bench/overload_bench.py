@@ -8,12 +8,15 @@ Two real `embps serve` replicas of the same rows (bench/serve_targets.py), loade
      in flight stay within max_queue, so none is shed while measuring.
   2. the bounded replica (max_queue) offered factor x capacity, open loop (bench/loadgen.py);
   3. the unbounded replica (max_queue = 0) offered the same rate.
-For each overload run: offered and answered rates, the shed fraction (RESOURCE_EXHAUSTED from the
-replica's bound; CANCELLED from gRPC's core, whose queue has the same bound, or RESOURCE_EXHAUSTED
-there too under GRPC_EXPERIMENTS=ph2_server, which the replicas inherit), and
-p50/p99 latency of answered and of shed calls, counted from each call's scheduled time. The
-generator holds at most clients x concurrency calls in flight; an unbounded replica's backlog
-beyond that waits in the generator, whose latency still counts it (no coordinated omission).
+For each overload run: the cores the replica and the bench's own client processes used (on a
+machine that runs both, the clients' share is taken from the replica: its answered rate under
+overload is then below what it answers with the machine to itself), offered and answered rates,
+the shed fraction (RESOURCE_EXHAUSTED from the replica's bound; CANCELLED from gRPC's core, whose
+queue has the same bound, or RESOURCE_EXHAUSTED there too under GRPC_EXPERIMENTS=ph2_server, which
+the replicas inherit), and p50/p99 latency of answered and of shed calls, counted from each
+call's scheduled time. The generator holds at most clients x concurrency calls in flight; an
+unbounded replica's backlog beyond that waits in the generator, whose latency still counts it (no
+coordinated omission).
 """
 
 from __future__ import annotations
@@ -93,6 +96,8 @@ def summarize(run: dict) -> dict:
         "shed_p50_ms": shed_latency.get("p50"),
         "shed_p99_ms": shed_latency.get("p99"),
         "other_errors": {code: n for code, n in run["errors"].items() if code not in (OK, SHED, CORE_SHED)},
+        "replica_cores": run["server_cores"],
+        "client_cores": run["client_cores"],
     }
 
 
@@ -101,7 +106,8 @@ def _line(name: str, s: dict) -> str:
     return (
         f"  {name:>9}: offered {s['offered_qps']:7.0f}/s answered {s['answered_qps']:7.0f}/s shed "
         f"{s['shed_fraction']:6.1%} | answered p50 {s['answered_p50_ms']:8.1f} p99 {s['answered_p99_ms']:8.1f} ms"
-        f"{shed} | other errors {s['other_errors'] or 'none'}"
+        f"{shed} | other errors {s['other_errors'] or 'none'} | cores used: replica {s['replica_cores']:.2f}, "
+        f"the bench's clients {s['client_cores']:.2f}"
     )
 
 

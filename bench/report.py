@@ -139,6 +139,7 @@ def _serve_overload(r: dict) -> tuple[str, str]:
         parts.append(
             f"max_queue {s['max_queue']}: answered {s['answered_qps']:,.0f} req/s, shed {s['shed_fraction']:.0%}, "
             f"answered p50 {s['answered_p50_ms']:.1f} ms p99 {s['answered_p99_ms']:.1f} ms{shed}"
+            + (f", replica {s['replica_cores']:.2f} cores" if s.get("replica_cores") is not None else "")
         )
     return setup, "; ".join(parts)
 

@@ -22,6 +22,7 @@ the same backlog with RESOURCE_EXHAUSTED; there every shed call must say RESOURC
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -62,3 +63,6 @@ def test_three_times_capacity_is_shed_and_answered_latency_stays_bounded(
     assert unbounded["shed_fraction"] == 0, unbounded
     assert bounded["answered_p99_ms"] * 3 < unbounded["answered_p99_ms"], (bounded, unbounded)
     assert bounded["answered_qps"] > 0
+    cores = os.cpu_count()
+    for run in (bounded, unbounded):  # CPU time over wall time: both busy, neither beyond the machine
+        assert 0.05 < run["replica_cores"] <= cores * 1.05 and 0.05 < run["client_cores"] <= cores * 1.05, run

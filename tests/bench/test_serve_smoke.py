@@ -21,7 +21,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 RUN_FIELDS = {
     "target", "target_qps", "offered_qps", "achieved_qps", "keys_per_s", "requests", "ok", "errors", "error_count",
     "latency_ms", "send_lag_ms", "error_latency_ms",
-    "latency_histogram", "client_cpu_ms_per_call", "server_cpu_ms_per_call",
+    "latency_histogram", "client_cpu_ms_per_call", "server_cpu_ms_per_call", "client_cores", "server_cores", "wall_s",
     "duration_s", "warmup_s", "clients", "concurrency", "batch", "meets_slo",
 }
 LATENCY_FIELDS = {"p50", "p90", "p99", "p99.9", "max", "mean"}
