@@ -38,6 +38,7 @@ from ps.rpc import ps_pb2, serving_pb2, serving_pb2_grpc
 from ps.security import Role, add_port, open_aio_channel, server_interceptors, serving_port_policy
 from ps.server import ShuttingDownError, UndecodableRequests, status_of
 from serving.config import ServeConfig, load_serve_config
+from serving.core_calls import CoreCallCounts, counts_core_calls, server_ids
 from serving.follower import ShardFollower
 from serving.metrics import ServingMetrics
 from serving.shedding import LookupQueue, core_backlog_options, core_refusal_code
@@ -213,6 +214,7 @@ async def create_server(
         serving_port_policy(),
         lambda method, code: metrics.requests.labels("", method, code.name).inc(),
     )
+    servers_before = server_ids()
     server = grpc.aio.server(
         options=[
             ("grpc.max_send_message_length", limit),
@@ -222,6 +224,7 @@ async def create_server(
         ],
         interceptors=[LookupQueue(config.max_queue, metrics), *auth, UndecodableRequests()],  # LookupQueue first
     )
+    _count_core_calls(metrics, server_ids() - servers_before)
     serving_pb2_grpc.add_ServingServicer_to_server(servicer, server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -235,6 +238,17 @@ async def create_server(
     if port == 0:
         raise OSError(f"listen: cannot bind {address}")
     return server, port, servicer, health
+
+
+def _count_core_calls(metrics: ServingMetrics, created: set[int]) -> None:
+    """Exports gRPC core's call counts of the server just created (serving/core_calls.py)."""
+    unavailable = counts_core_calls()
+    if unavailable is None and len(created) != 1:
+        unavailable = f"{len(created)} servers were created at once in this process, not one"
+    if unavailable is not None:
+        log.info("calls refused by gRPC's core are not in the metrics: %s", unavailable)
+        return
+    metrics.registry.register(CoreCallCounts(created.pop()))
 
 
 async def monitor(servicer: ServingServicer, health: HealthServicer) -> None:

@@ -24,10 +24,10 @@ help there anyway: for a small lookup it costs nearly as much as the answer. So 
 gets the same bound (`core_backlog_options`: grpc.server.max_pending_requests and its hard limit
 = max_queue): a call arriving when max_queue Lookups already wait in the core is refused there, in
 C++, for a few microseconds. With gRPC's default HTTP/2 server transport (grpcio 1.85) the core
-answers those with CANCELLED, not RESOURCE_EXHAUSTED, and the server cannot count them. Clients of
-a replica treat CANCELLED as they treat RESOURCE_EXHAUSTED: back off, or try another replica. The
-core's queue is per registered method, so Health and Status calls are never refused for a Lookup
-backlog.
+answers those with CANCELLED, not RESOURCE_EXHAUSTED, without telling the server
+(serving/core_calls.py counts them from channelz). Clients of a replica treat CANCELLED as they
+treat RESOURCE_EXHAUSTED: back off, or try another replica. The core's queue is per registered
+method, so Health and Status calls are never refused for a Lookup backlog.
 
 The same core bound answers RESOURCE_EXHAUSTED ("Too many pending requests for this server") when
 the replica runs gRPC's promise-based HTTP/2 server transport: GRPC_EXPERIMENTS=ph2_server in its

@@ -1,6 +1,7 @@
 """Load shedding of a real `embps serve` replica: with max_queue = N, N + k concurrent slow-ish
 lookups get RESOURCE_EXHAUSTED at once for the calls beyond N and OK for the rest; Status and
-Health still answer meanwhile; the shed counter and queue gauge say exactly that.
+Health still answer meanwhile; the shed counter and queue gauge say exactly that, and the core's
+call counts (serving/core_calls.py) count the calls gRPC's core refused on its own.
 
 Twice: with gRPC's default server transport (its core refuses calls beyond its own queue bound
 with CANCELLED) and with GRPC_EXPERIMENTS=ph2_server (the core says RESOURCE_EXHAUSTED)."""
@@ -126,3 +127,20 @@ def test_calls_beyond_the_bound_are_shed_at_once_and_status_still_answers(replic
     )
     lint = subprocess.run([promtool, "check", "metrics"], input=scrape, capture_output=True, text=True, timeout=30)
     assert lint.returncode == 0, lint.stdout + lint.stderr
+    if transport == "ph2_server":  # its transport counts nothing in channelz: no figures rather than zeros
+        assert "embps_serving_core_calls" not in scrape
+        assert "calls refused by gRPC's core are not in the metrics" in replica.log_path.read_text()
+        return
+    # The core's own refusals: started and never ended. A call's end is counted when the server's
+    # last operation completes, which can trail the client's reply by a moment.
+    deadline = time.monotonic() + 5
+    while True:
+        scrape = _scrape(replica)
+        started = _value(scrape, "embps_serving_core_calls_started_total")
+        ok = _value(scrape, 'embps_serving_core_calls_ended_total{outcome="ok"}')
+        error = _value(scrape, 'embps_serving_core_calls_ended_total{outcome="error"}')
+        if started - ok - error == len(core_shed) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert started - ok - error == len(core_shed), (started, ok, error, results)
+    assert error == len(shed), (error, results)  # the replica's own refusals end as errors
