@@ -330,5 +330,17 @@ def main(argv: list[str] | None = None) -> int:
     raise SystemExit(f"embps: unknown verb {args.verb!r}")
 
 
+def cli() -> int:
+    """The `embps` command: main(), except that a ValueError (what every check of a TOML file, its
+    [security] files and the command line raises, naming the field) ends the command with one line
+    on stderr and exit status 2 instead of a traceback."""
+    try:
+        return main()
+    except ValueError as exc:
+        verb = next((a for a in sys.argv[1:] if not a.startswith("-")), None)
+        print(f"embps {verb}: {exc}" if verb else f"embps: {exc}", file=sys.stderr, flush=True)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())
