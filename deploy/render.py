@@ -16,23 +16,26 @@ server pod has gRPC health probes and Prometheus scrape annotations; every pod g
 `deploy.secret` Secret as environment (S3 credentials, tokens).
 
 A job with `[security]`: the files it names (certificates, keys, token files) come from the
-`deploy.files_secret` Secret, mounted read-only at /etc/embps-secret in every pod, so each path
-must be /etc/embps-secret/<key>. With TLS the probes are exec probes running `embps health`
-(the kubelet's `grpc:` probe speaks plaintext only): they dial 127.0.0.1 and check the server's
-certificate against the name clients dial (a shard's host in [[shards]]; `<job>-serving` for a
-replica, so the certificate must name it). Without TLS they are the kubelet's `grpc:` probes.
+`deploy.files_secret` Secret, mounted read-only at /etc/embps-secret, so each path must be
+/etc/embps-secret/<key>. Each pod gets only the keys its processes read (`pod_security_files`):
+a worker pod never holds the servers' private key or another role's token. With TLS the probes
+are exec probes running `embps health` (the kubelet's `grpc:` probe speaks plaintext only): they
+dial 127.0.0.1 and check the server's certificate against the name clients dial (a shard's host in
+[[shards]]; `<job>-serving` for a replica, so the certificate must name it). Without TLS they are
+the kubelet's `grpc:` probes.
 """
 
 from __future__ import annotations
 
 import re
 import tomllib
+from enum import StrEnum
 from pathlib import Path
 
 import yaml
 
 from deploy.config import DNS_LABEL, DeployConfig, WorkerKind, parse_deploy_config
-from ps.security import Role, SecurityConfig
+from ps.security import Role, SecurityConfig, ps_port_policy, serving_port_policy
 from worker.train_config import TrainingJob, parse_training_job
 
 CONFIG_DIR = "/etc/embps"
@@ -156,6 +159,35 @@ def security_files(security: SecurityConfig) -> dict[str, str]:
     return files
 
 
+class PodKind(StrEnum):
+    PS = "ps"
+    SERVING = "serving"
+    WORKERS = "workers"
+
+
+_SERVER_TLS = ("tls_cert", "tls_key", "client_ca")
+_CLIENT_TLS = ("tls_ca", "client_cert", "client_key")
+
+
+def pod_security_files(security: SecurityConfig, kind: PodKind) -> dict[str, str]:
+    """The files of `[security]` that the processes of one kind of pod read: {field: path}.
+
+    A server reads its certificate, key and client CA, and the tokens of the roles its port accepts
+    (ps.security.server_interceptors: a shard trainer and replica, a replica reader); a client reads
+    the CA, its own certificate and key, and its role's token (a replica follows the shards as
+    replica, a worker pushes as trainer). The exec probes of server pods are clients without a token.
+    tests/security/test_least_privilege.py runs each kind of process with only these files."""
+    if kind is PodKind.WORKERS:
+        fields, roles = _CLIENT_TLS, {Role.TRAINER}
+    elif kind is PodKind.PS:
+        fields, roles = _SERVER_TLS + _CLIENT_TLS, {role for roles in ps_port_policy().values() for role in roles}
+    else:
+        served = {role for roles in serving_port_policy().values() for role in roles}
+        fields, roles = _SERVER_TLS + _CLIENT_TLS, served | {Role.REPLICA}
+    wanted = {f"security.{name}" for name in fields} | {f"security.tokens.{role.value}.file" for role in roles}
+    return {where: path for where, path in security_files(security).items() if where in wanted}
+
+
 def _files_secret(job: TrainingJob, deploy: DeployConfig) -> str:
     return deploy.files_secret if deploy.files_secret is not None else f"{job.ps.job}-files"
 
@@ -215,15 +247,20 @@ def _health_probes(port: int, service: str, security: SecurityConfig, server_nam
     }
 
 
-def _pod_spec(job: TrainingJob, deploy: DeployConfig, container: dict, restart_policy: str | None = None) -> dict:
+def _pod_spec(
+    job: TrainingJob, deploy: DeployConfig, kind: PodKind, container: dict, restart_policy: str | None = None
+) -> dict:
     name = job.ps.job
     secret = deploy.secret if deploy.secret is not None else f"{name}-credentials"
     mounts = [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}]
     volumes = [{"name": "config", "configMap": {"name": f"{name}-config"}}]
-    if security_files(job.ps.security):
+    keys = sorted({path.rpartition("/")[2] for path in pod_security_files(job.ps.security, kind).values()})
+    if keys:
         mounts.append({"name": "security", "mountPath": SECRET_DIR, "readOnly": True})
-        # Kubernetes' default mode (0644): a 0400 file owned by root would be unreadable by a non-root image.
-        volumes.append({"name": "security", "secret": {"secretName": _files_secret(job, deploy)}})
+        # Only the keys this pod reads. Kubernetes' default mode (0644): a 0400 file owned by root
+        # would be unreadable by a non-root image.
+        items = [{"key": key, "path": key} for key in keys]
+        volumes.append({"name": "security", "secret": {"secretName": _files_secret(job, deploy), "items": items}})
     container = {
         "image": deploy.image,
         "imagePullPolicy": deploy.image_pull_policy.value,
@@ -304,7 +341,7 @@ def ps_statefulset(job: TrainingJob, deploy: DeployConfig) -> dict:
             shard.port, PS_HEALTH_SERVICE, job.ps.security, f'"$HOSTNAME{shard.host[len(f"{name}-ps-0"):]}"'
         ),
     }
-    pod = _pod_spec(job, deploy, container)
+    pod = _pod_spec(job, deploy, PodKind.PS, container)
     pod["terminationGracePeriodSeconds"] = 30  # `embps ps` drains in-flight calls on SIGTERM
     return {
         "apiVersion": "apps/v1",
@@ -345,7 +382,7 @@ def serving_deployment(job: TrainingJob, deploy: DeployConfig) -> dict:
             "selector": {"matchLabels": _labels(name, "serving")},
             "template": {
                 "metadata": {"labels": _labels(name, "serving"), "annotations": _scrape(serving.metrics_port)},
-                "spec": _pod_spec(job, deploy, container),
+                "spec": _pod_spec(job, deploy, PodKind.SERVING, container),
             },
         },
     }
@@ -424,7 +461,7 @@ def pytorchjob(job: TrainingJob, deploy: DeployConfig) -> dict:
             "restartPolicy": "Never",
             "template": {
                 "metadata": {"labels": _labels(name, "worker")},
-                "spec": _pod_spec(job, deploy, container),
+                "spec": _pod_spec(job, deploy, PodKind.WORKERS, container),
             },
         }
 
@@ -452,7 +489,7 @@ def indexed_job(job: TrainingJob, deploy: DeployConfig) -> dict:
         "ports": [{"name": "rdzv", "containerPort": deploy.worker.rdzv_port}],
         "resources": _resources(deploy.worker.resources),
     }
-    pod = _pod_spec(job, deploy, container, restart_policy="Never")
+    pod = _pod_spec(job, deploy, PodKind.WORKERS, container, restart_policy="Never")
     pod["subdomain"] = f"{name}-workers"
     return {
         "apiVersion": "batch/v1",

@@ -296,8 +296,19 @@ client_ca = "/etc/embps-secret/client-ca.crt"
 client_cert = "/etc/embps-secret/client.crt"
 client_key = "/etc/embps-secret/client.key"
 tokens.trainer = { file = "/etc/embps-secret/trainer.token" }
+tokens.replica = { file = "/etc/embps-secret/replica.token" }
 tokens.reader = { env = "EMBPS_READER_TOKEN" }
 """
+# The Secret's keys each kind of pod mounts: what its processes read (tests/security/
+# test_least_privilege.py runs them with only these). Servers: their certificate, key and client
+# CA, the tokens they check; clients (probes included): the CA, the client certificate, their token.
+SERVER_FILES = {"tls.crt", "tls.key", "client-ca.crt"}
+CLIENT_FILES = {"ca.crt", "client.crt", "client.key"}
+POD_KEYS = {
+    "ps": SERVER_FILES | CLIENT_FILES | {"trainer.token", "replica.token"},
+    "serving": SERVER_FILES | CLIENT_FILES | {"replica.token"},  # the reader's token comes from the environment
+    "workers": CLIENT_FILES | {"trainer.token"},
+}
 
 
 def pod_specs(manifests: dict[str, dict]) -> dict[str, dict]:
@@ -315,7 +326,8 @@ def pod_specs(manifests: dict[str, dict]) -> dict[str, dict]:
 def test_a_tls_job_gets_exec_probes_and_its_files_from_a_secret(tmp_path):
     """The kubelet's grpc probe cannot speak TLS: a TLS job's shards and replicas are probed with
     `embps health` (tests/security/test_health_probe.py runs these commands against a real shard),
-    and every pod mounts the files [security] names. Without [security] none of this is there."""
+    and every pod mounts the files of [security] its processes read, and no other. Without
+    [security] none of this is there."""
     manifests = rendered(tmp_path, EXAMPLE.read_text() + SECURED)
     for manifest in manifests.values():
         if manifest["kind"] == "PyTorchJob":
@@ -325,7 +337,12 @@ def test_a_tls_job_gets_exec_probes_and_its_files_from_a_secret(tmp_path):
     specs = pod_specs(manifests)
     assert len(specs) == 5, sorted(specs)  # shards, serving, the PyTorchJob's replicas, the Indexed Job
     for where, spec in specs.items():
-        assert {"name": "security", "secret": {"secretName": "demo-files"}} in spec["volumes"]
+        kind = "ps" if "ps-statefulset" in where else "serving" if "serving" in where else "workers"
+        volume = next(v for v in spec["volumes"] if v["name"] == "security")
+        assert volume["secret"]["secretName"] == "demo-files", where
+        items = volume["secret"]["items"]
+        assert all(item["key"] == item["path"] for item in items), where
+        assert {item["key"] for item in items} == POD_KEYS[kind], where
         assert {"name": "security", "mountPath": "/etc/embps-secret", "readOnly": True} in spec["containers"][0][
             "volumeMounts"
         ], where
