@@ -39,11 +39,12 @@ hmac.compare_digest. Prometheus /metrics ports stay plain HTTP.
 
 Rotation without a restart (what cert-manager and a Kubernetes Secret update do: new files at the
 same paths): a server reads its certificate, key and client CA again for the next connection after
-they change (connections already open keep theirs); token files are read again at most once a
-second after they change, by the servers checking them and by the clients sending them. A new
-file that does not load (a key that does not match the certificate, a token too short) is logged,
-without its content, and the previous one stays in use. Not rotated: tokens from environment
-variables, and a client's own certificate and CA (read when its channel opens).
+they change (connections already open keep theirs); a client's CA, certificate and key are
+checked when it makes a call, at most once a second, and after a change its calls go through a new
+channel (ps/rotating_channel.py); token files are read again at most once a second after they
+change, by the servers checking them and by the clients sending them. A new file that does not
+load (a key that does not match the certificate, a token too short) is logged, without its
+content, and the previous one stays in use. Not rotated: tokens from environment variables.
 """
 
 from __future__ import annotations
@@ -62,11 +63,12 @@ from pathlib import Path
 
 import grpc
 
+from ps.rotating_channel import RotatingAioChannel, RotatingChannel
 from ps.rpc import ps_pb2, serving_pb2, snapshot_pb2
 
 log = logging.getLogger("embps.security")
 
-RELOAD_CHECK_S = 1.0  # a changed token file is seen within this long
+RELOAD_CHECK_S = 1.0  # a changed token file or client certificate is seen within this long
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 REFLECTION_PREFIX = "/grpc.reflection."
 _MIN_TOKEN_CHARS = 16
@@ -187,6 +189,23 @@ class _FileStamps:
         return stamps if stamps is not None and stamps != self.last else None
 
 
+def _check_tls_files(security: SecurityConfig, protocol: int, pair: tuple[str, str], ca: str) -> None:
+    """Raises ValueError naming the fields when the certificate and key named by `pair` (fields of
+    security; skipped when unset) do not load as a pair, or the CA named by `ca` does not load."""
+    context = ssl.SSLContext(protocol)
+    cert, key = (getattr(security, name) for name in pair)
+    if cert:
+        try:
+            context.load_cert_chain(cert, key)
+        except (ssl.SSLError, OSError) as exc:
+            raise ValueError(f"security.{pair[0]}, security.{pair[1]}: do not load as a pair: {exc}") from None
+    if getattr(security, ca):
+        try:
+            context.load_verify_locations(cafile=getattr(security, ca))
+        except (ssl.SSLError, OSError) as exc:
+            raise ValueError(f"security.{ca}: does not load: {exc}") from None
+
+
 class ServerCertificates:
     """A TLS server's certificate, key and client CA, read again after they change.
 
@@ -212,17 +231,7 @@ class ServerCertificates:
 
     def _check(self) -> None:
         """Raises ValueError naming the field when the files on disk do not make a working server."""
-        s = self.security
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        try:
-            context.load_cert_chain(s.tls_cert, s.tls_key)
-        except (ssl.SSLError, OSError) as exc:
-            raise ValueError(f"security.tls_cert, security.tls_key: do not load as a pair: {exc}") from None
-        if s.client_ca:
-            try:
-                context.load_verify_locations(cafile=s.client_ca)
-            except (ssl.SSLError, OSError) as exc:
-                raise ValueError(f"security.client_ca: does not load: {exc}") from None
+        _check_tls_files(self.security, ssl.PROTOCOL_TLS_SERVER, ("tls_cert", "tls_key"), "client_ca")
 
     def fetch(self) -> grpc.ServerCertificateConfiguration | None:
         """The new configuration when the files changed and load, else None (keep the current one)."""
@@ -243,6 +252,48 @@ class ServerCertificates:
             self.configuration = configuration
             log.info("TLS certificate reloaded from %s", self.security.tls_cert)
             return configuration
+
+
+class ClientCertificates:
+    """The CA, client certificate and key a client dials with, read again after they change
+    (checked at most every RELOAD_CHECK_S, when a call is made; ps.rotating_channel then opens a
+    channel with the new ones). The certificate must match its key and the CA must parse; a new set
+    that does not load is logged and the current one kept."""
+
+    def __init__(self, security: SecurityConfig) -> None:
+        self.security = security
+        paths = [p for p in (security.tls_ca, security.client_cert, security.client_key) if p]
+        self._stamps = _FileStamps(paths)  # taken before the files are read: a change in between is seen
+        self._state = (0, security.channel_credentials())
+        self._next_check = time.monotonic() + RELOAD_CHECK_S
+        self._lock = threading.Lock()
+
+    def _check(self) -> None:
+        """Raises ValueError naming the field when the files on disk do not make a working client."""
+        _check_tls_files(self.security, ssl.PROTOCOL_TLS_CLIENT, ("client_cert", "client_key"), "tls_ca")
+
+    def current(self) -> tuple[int, grpc.ChannelCredentials]:
+        """(generation, credentials); the generation grows by one at each change that loads."""
+        if time.monotonic() < self._next_check:
+            return self._state
+        with self._lock:
+            self._next_check = time.monotonic() + RELOAD_CHECK_S
+            stamps = self._stamps.changed()
+            if stamps is None:
+                return self._state
+            try:
+                self._check()
+                credentials = self.security.channel_credentials()
+            except ValueError as exc:
+                log.warning("TLS client files changed but do not load (%s); keeping the current ones", exc)
+                self._stamps.last = stamps  # tried: wait for the next change
+                return self._state
+            if self._stamps.now() != stamps:
+                return self._state  # changed again while being read: take the next version
+            self._stamps.last = stamps
+            self._state = (self._state[0] + 1, credentials)
+            log.info("TLS client certificate and CA reloaded from %s", ", ".join(self._stamps.paths))
+            return self._state
 
 
 class LiveToken:
@@ -612,12 +663,17 @@ def open_channel(
     """A blocking channel to an embps port: TLS when the job has it, and `role`'s token (if auth is
     on and role is not None) on every call. role None: health checks only."""
     options = list(options)
-    if security.tls:
-        channel = grpc.secure_channel(address, security.channel_credentials(), options=options)
-    else:
-        channel = grpc.insecure_channel(address, options=options)
     token = _client_token(security, role)
-    return grpc.intercept_channel(channel, _BearerToken(token)) if token is not None else channel
+
+    def with_token(channel: grpc.Channel) -> grpc.Channel:
+        return grpc.intercept_channel(channel, _BearerToken(token)) if token is not None else channel
+
+    if security.tls:  # a new channel when the client certificate or CA changes
+        return RotatingChannel(
+            ClientCertificates(security),
+            lambda credentials: with_token(grpc.secure_channel(address, credentials, options=options)),
+        )
+    return with_token(grpc.insecure_channel(address, options=options))
 
 
 def open_aio_channel(
@@ -631,8 +687,11 @@ def open_aio_channel(
     token = _client_token(security, role)
     kinds = (_AioUnaryUnary, _AioUnaryStream, _AioStreamUnary, _AioStreamStream)
     interceptors = [kind(token) for kind in kinds] if token is not None else None
-    if security.tls:
-        return grpc.aio.secure_channel(
-            address, security.channel_credentials(), options=options, interceptors=interceptors
+    if security.tls:  # a new channel when the client certificate or CA changes
+        return RotatingAioChannel(
+            ClientCertificates(security),
+            lambda credentials: grpc.aio.secure_channel(
+                address, credentials, options=options, interceptors=interceptors
+            ),
         )
     return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)

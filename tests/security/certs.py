@@ -120,6 +120,11 @@ class Pki:
             ca, server_cert, server_key, client_ca, client_cert, client_key, rogue_cert, rogue_key, next_cert, next_key
         )
 
+    @property
+    def rogue_ca(self) -> Path:
+        """The CA of rogue_cert: a second client CA, for rotating a client CA and certificate together."""
+        return self.ca.with_name("rogue-ca.pem")
+
     def private_key_bodies(self) -> list[str]:
         """The base64 lines of every private key, as they would appear if a key leaked into text."""
         bodies = []

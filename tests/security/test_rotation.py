@@ -1,11 +1,14 @@
-"""Rotating a running shard's certificate and tokens by rewriting their files, as cert-manager or a
-Kubernetes Secret update does: no restart, connections already open keep working, new ones get
-the new certificate, the old token stops working within about a second, and a rotation that does
-not load is logged (never its content) while the current certificate or token stays in use."""
+"""Rotating a running shard's certificate and tokens, and running clients' certificates, by
+rewriting their files, as cert-manager or a Kubernetes Secret update does: no restart,
+connections already open keep working, new ones get the new certificate, the old token stops
+working within about a second, clients (blocking and grpc.aio) dial with their new certificate,
+and a rotation that does not load is logged (never its content) while the current certificate or
+token stays in use."""
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import secrets
 import shutil
@@ -17,12 +20,15 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2
 
 from ps.rpc import ps_pb2, ps_pb2_grpc
 from ps.security import RELOAD_CHECK_S, Role, SecurityConfig, Tokens, TokenSource, open_channel
 from ps.table_config import TableConfig
-from tests.helpers.processes import ShardCluster, make_job
+from serving.server import SERVICE_NAME as SERVING_SERVICE
+from tests.helpers.processes import ShardCluster, make_job, stop_pid
 from tests.security.certs import Pki
+from tests.serving.replicas import ServingReplica
 
 
 def replace_file(path: Path, data: bytes) -> None:
@@ -135,3 +141,74 @@ def test_a_new_token_replaces_the_old_one_within_a_second_on_both_sides(rotating
         stub.Stats(ps_pb2.StatsRequest(), timeout=5)
     assert "keeping the current token" in cluster.log(0)
     assert first_token not in cluster.log(0) and second_token not in cluster.log(0)
+
+
+@pytest.fixture
+def mutual(pki: Pki, tmp_path: Path):
+    """A mutual-TLS shard whose client CA, and the clients' certificate and key, are files in
+    tmp_path/secret (one Secret for the shard and its clients)."""
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    shutil.copy(pki.client_ca, secret / "client-ca.crt")
+    shutil.copy(pki.client_cert, secret / "client.crt")
+    shutil.copy(pki.client_key, secret / "client.key")
+    security = SecurityConfig(
+        tls_cert=str(pki.server_cert),
+        tls_key=str(pki.server_key),
+        tls_ca=str(pki.ca),
+        client_ca=str(secret / "client-ca.crt"),
+        client_cert=str(secret / "client.crt"),
+        client_key=str(secret / "client.key"),
+    )
+    job = dataclasses.replace(make_job([TableConfig("user", dim=4)]), security=security)
+    with ShardCluster.start(job, tmp_path / "cluster") as cluster:
+        yield cluster, secret
+
+
+def stats_ok(stub: ps_pb2_grpc.ParameterServerStub) -> bool:
+    try:
+        stub.Stats(ps_pb2.StatsRequest(), timeout=5)
+        return True
+    except grpc.RpcError:
+        return False
+
+
+def test_running_clients_dial_with_their_new_certificate(mutual, pki, tmp_path, caplog):
+    """The client CA and the clients' certificate move to another CA, then the shard restarts, so
+    every client must handshake again: a client still holding the old certificate is refused; a
+    blocking client and a replica's grpc.aio followers, both opened before, get back in."""
+    cluster, secret = mutual
+    address, security = cluster.job.shards[0].address, cluster.job.security
+    before = security.channel_credentials()  # what a client that never re-reads its files keeps
+    caplog.set_level(logging.INFO, logger="embps.security")
+    with (
+        ServingReplica.start(cluster, tmp_path / "replica") as replica,
+        open_channel(address, security, role=None) as channel,
+    ):
+        stub = ps_pb2_grpc.ParameterServerStub(channel)
+        assert stats_ok(stub)
+        (shard,) = replica.status().shards
+        assert shard.connected
+
+        replace_file(secret / "client.key", pki.rogue_key.read_bytes())  # a moment with a mismatched pair
+        time.sleep(2 * RELOAD_CHECK_S)
+        assert stats_ok(stub)  # the current channel stays
+        assert "do not load" in caplog.text
+        replace_file(secret / "client.crt", pki.rogue_cert.read_bytes())
+        replace_file(secret / "client-ca.crt", pki.rogue_ca.read_bytes())
+        stop_pid(cluster.procs[0])
+        cluster.restart(0)  # every connection is new now
+
+        with grpc.secure_channel(address, before) as stale:
+            assert not stats_ok(ps_pb2_grpc.ParameterServerStub(stale))  # the shard trusts the new CA only
+        assert eventually(lambda: stats_ok(stub), timeout=3 * RELOAD_CHECK_S + 5)
+        assert "TLS client certificate and CA reloaded" in caplog.text
+        assert eventually(
+            lambda: any(s.connected and s.incarnation != shard.incarnation for s in replica.status().shards),
+            timeout=30,
+        ), replica.log()[-3000:]
+        fresh = health_pb2.HealthCheckResponse.SERVING
+        assert eventually(lambda: replica.health(f"{SERVING_SERVICE}/shard-0") == fresh, timeout=10)
+        assert "reloaded" in replica.log()
+    for line in pki.private_key_bodies():
+        assert line not in caplog.text and line not in cluster.log(0)
