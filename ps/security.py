@@ -169,7 +169,7 @@ class SecurityConfig:
         )
 
 
-class _FileStamps:
+class FileStamps:
     """(inode, size, mtime) of some files, to tell when any of them is replaced or rewritten (a
     Kubernetes Secret update swaps a symlink: the inode changes)."""
 
@@ -206,6 +206,26 @@ def _check_tls_files(security: SecurityConfig, protocol: int, pair: tuple[str, s
             raise ValueError(f"security.{ca}: does not load: {exc}") from None
 
 
+@dataclass(frozen=True)
+class ServerPem:
+    """A TLS server's files, read and checked together (see load_server_pem)."""
+
+    key: bytes
+    cert: bytes
+    client_ca: bytes | None
+
+
+def load_server_pem(security: SecurityConfig) -> ServerPem:
+    """Reads the server's key, certificate and client CA after checking that they make a working
+    server (the key matches the certificate, the CA parses); ValueError naming the fields if not."""
+    _check_tls_files(security, ssl.PROTOCOL_TLS_SERVER, ("tls_cert", "tls_key"), "client_ca")
+    return ServerPem(
+        key=_read_pem("security.tls_key", security.tls_key),
+        cert=_read_pem("security.tls_cert", security.tls_cert),
+        client_ca=_read_pem("security.client_ca", security.client_ca) if security.client_ca else None,
+    )
+
+
 class ServerCertificates:
     """A TLS server's certificate, key and client CA, read again after they change.
 
@@ -219,7 +239,7 @@ class ServerCertificates:
             raise ValueError("security.tls_cert: TLS is off; server credentials need tls_cert and tls_key")
         self.security = security
         paths = [security.tls_cert, security.tls_key, *([security.client_ca] if security.client_ca else [])]
-        self._stamps = _FileStamps(paths)
+        self._stamps = FileStamps(paths)
         self.configuration = self._load()
         self._lock = threading.Lock()
 
@@ -263,7 +283,7 @@ class ClientCertificates:
     def __init__(self, security: SecurityConfig) -> None:
         self.security = security
         paths = [p for p in (security.tls_ca, security.client_cert, security.client_key) if p]
-        self._stamps = _FileStamps(paths)  # taken before the files are read: a change in between is seen
+        self._stamps = FileStamps(paths)  # taken before the files are read: a change in between is seen
         self._state = (0, security.channel_credentials())
         self._next_check = time.monotonic() + RELOAD_CHECK_S
         self._lock = threading.Lock()
@@ -303,7 +323,7 @@ class LiveToken:
 
     def __init__(
         self, value: str, security: SecurityConfig | None = None, role: Role | None = None,
-        stamps: _FileStamps | None = None,
+        stamps: FileStamps | None = None,
     ) -> None:
         self.value = value
         self._security = security
@@ -317,7 +337,7 @@ class LiveToken:
     def of(cls, security: SecurityConfig, role: Role) -> LiveToken | None:
         """The role's token now (None: the role has none); ValueError naming the field if invalid."""
         source = getattr(security.tokens, role.value)
-        stamps = _FileStamps([source.file]) if source is not None and source.file is not None else None
+        stamps = FileStamps([source.file]) if source is not None and source.file is not None else None
         value = security.token(role)
         return None if value is None else cls(value, security, role, stamps)
 
@@ -522,21 +542,38 @@ class TokenAuth(grpc.aio.ServerInterceptor):
                 found = role
         return found
 
+    def refusal(
+        self, method: str, metadata: Sequence[tuple[str, str | bytes]] | None
+    ) -> tuple[grpc.StatusCode, str] | None:
+        """None when a call of `method` with `metadata` may go on, else its (code, message)."""
+        if method.startswith(HEALTH_PREFIX):
+            return None
+        allowed = self._any_role if method.startswith(REFLECTION_PREFIX) else self._policy.get(method, frozenset())
+        role = self.role_of(metadata)
+        if role is not None and role in allowed:
+            return None
+        if role is None:
+            return grpc.StatusCode.UNAUTHENTICATED, "missing or unknown bearer token (authorization metadata)"
+        return grpc.StatusCode.PERMISSION_DENIED, f"role {role.value!r} may not call {method}"
+
+    def deny(
+        self, method: str, metadata: Sequence[tuple[str, str | bytes]] | None
+    ) -> tuple[grpc.StatusCode, str] | None:
+        """`refusal`, counting a refusal through `on_denied`."""
+        refused = self.refusal(method, metadata)
+        if refused is not None and self._on_denied is not None:
+            self._on_denied(method.rsplit("/", 1)[-1], refused[0])
+        return refused
+
     async def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method
-        if method.startswith(HEALTH_PREFIX):
-            return await continuation(handler_call_details)
-        allowed = self._any_role if method.startswith(REFLECTION_PREFIX) else self._policy.get(method, frozenset())
-        role = self.role_of(handler_call_details.invocation_metadata)
-        if role is not None and role in allowed:
+        refused = self.refusal(method, handler_call_details.invocation_metadata)
+        if refused is None:
             return await continuation(handler_call_details)
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        if role is None:
-            code, message = grpc.StatusCode.UNAUTHENTICATED, "missing or unknown bearer token (authorization metadata)"
-        else:
-            code, message = grpc.StatusCode.PERMISSION_DENIED, f"role {role.value!r} may not call {method}"
+        code, message = refused
         if self._on_denied is not None:
             self._on_denied(method.rsplit("/", 1)[-1], code)
 
