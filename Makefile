@@ -1,6 +1,7 @@
 # The two commands of the README's quick start: `make demo` and `make test`.
 # Both start from a machine with only Python 3.11 and a C++ compiler; they create .venv,
-# install what they need (torch 2.13.0, fbgemm, grpc, ...) and build the C++ core.
+# install what they need (torch 2.13.0, fbgemm, grpc, ...; grpc++ from Debian when root) and
+# build the C++ core.
 
 PYTHON ?= python3
 VENV := .venv
@@ -9,7 +10,7 @@ BIN := $(VENV)/bin
 FBGEMM_EXTRA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
 PYTEST_ARGS ?=
 
-.PHONY: install test demo lint clean system-tools
+.PHONY: install test demo lint clean system-tools native-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,8 +21,18 @@ $(VENV)/.deps: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --progress-bar on --no-build-isolation ".[$(FBGEMM_EXTRA),test]"
 	touch $@
 
+# grpc++ for the serving gate (serving/gate.py), from Debian where we are root; without it the
+# package builds without the gate and replicas shed in Python and gRPC's core (CANCELLED).
+native-deps:
+	@if pkg-config --exists grpc++ 2>/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing libgrpc++-dev (Debian) for the serving gate"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    libgrpc++-dev pkg-config >/dev/null) || echo "could not install libgrpc++-dev: building without the serving gate"; \
+	else echo "no grpc++ and not root with apt-get: building without the serving gate"; fi
+
 # The package itself (C++ core included) is rebuilt on every install; CMake keeps build/ warm.
-install: $(VENV)/.deps
+install: native-deps $(VENV)/.deps
 	$(BIN)/pip install --no-build-isolation --no-deps --force-reinstall --quiet .
 
 # Debian tools some tests use (promtool, redis-server); tests skip with a message without them.

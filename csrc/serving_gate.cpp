@@ -1,0 +1,413 @@
+// The serving gate (see serving_gate.h): admission and Lookups in C++ threads, the rest forwarded.
+#include "serving_gate.h"
+
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/security/server_credentials.h>
+#include <grpcpp/security/tls_certificate_provider.h>
+#include <grpcpp/security/tls_credentials_options.h>
+#include <pthread.h>
+
+#include <algorithm>
+#include <chrono>
+#include <climits>
+#include <cstdio>
+#include <stdexcept>
+#include <string>
+#include <utility>
+
+namespace embps {
+namespace {
+
+constexpr int kRequestsOutstanding = 64;  // calls the gate is ready to take at once
+constexpr int kWorkers = 2;               // threads answering Lookups (they take the GIL in turn)
+
+// Headers gRPC sets on its own on the upstream call; every other one (tokens included) is forwarded.
+bool forwarded_header(const std::string& key) {
+  return key.rfind("grpc-", 0) != 0 && key.rfind(':', 0) != 0 && key != "user-agent" && key != "te" &&
+         key != "content-type";
+}
+
+std::string to_string(const grpc::ByteBuffer& buffer) {
+  std::vector<grpc::Slice> slices;
+  std::string out;
+  if (!buffer.Dump(&slices).ok()) return out;
+  out.reserve(buffer.Length());
+  for (const grpc::Slice& slice : slices) out.append(reinterpret_cast<const char*>(slice.begin()), slice.size());
+  return out;
+}
+
+// One call, from the request for it to its last operation, driven by the events of the gate's
+// one completion-queue thread. `pending_` counts operations started and not completed; at zero
+// the call is deleted.
+//
+// A Lookup beyond the bound is finished RESOURCE_EXHAUSTED before its message is read. An
+// admitted Lookup's message is read and queued for a worker, which answers it and sends the reply
+// with the status in one batch.
+//
+// Any other call is pumped to an upstream call and back, one message in flight each way: a
+// message read from the caller is written upstream, then the next one is read; a reply read
+// upstream is written to the caller, then the next one is read. When the upstream replies end
+// (and nothing is being written to it), its status is taken and becomes the caller's.
+class Call {
+ public:
+  explicit Call(ServingGate::Shared* shared) : shared_(shared), stream_(&server_ctx_) {
+    shared_->live_calls.fetch_add(1, std::memory_order_relaxed);
+    for (int k = 0; k < kKinds; ++k) tags_[k] = Tag{this, static_cast<Kind>(k)};
+    server_ctx_.AsyncNotifyWhenDone(tag(kDone));  // delivered only for a call taken (see OnRequest)
+    Start();
+    shared_->service.RequestCall(&server_ctx_, &stream_, shared_->cq.get(), shared_->cq.get(), tag(kRequest));
+  }
+
+  ~Call() {
+    if (counted_) shared_->in_flight.fetch_sub(1, std::memory_order_relaxed);
+    shared_->live_calls.fetch_sub(1, std::memory_order_relaxed);
+  }
+
+  // Runs one completed operation (on the completion-queue thread); deletes the call after its last.
+  static void Handle(void* raw_tag, bool ok) {
+    Tag* t = static_cast<Tag*>(raw_tag);
+    Call* call = t->call;
+    call->pending_--;
+    call->On(t->kind, ok);
+    if (call->pending_ == 0) delete call;
+  }
+
+ private:
+  enum Kind {
+    kRequest, kDone, kFinish, kLookupRead,
+    kRead, kWrite, kUpStart, kUpRead, kUpWrite, kUpWritesDone, kUpFinish, kKinds
+  };
+  struct Tag {
+    Call* call;
+    Kind kind;
+  };
+
+  void* tag(Kind kind) { return &tags_[kind]; }
+  void Start() { pending_++; }
+
+  void On(Kind kind, bool ok) {
+    switch (kind) {
+      case kRequest: return OnRequest(ok);
+      case kDone: return OnDone();
+      case kFinish: return;
+      case kLookupRead: return OnLookupRead(ok);
+      case kRead: return OnRead(ok);
+      case kWrite: return OnWrite(ok);
+      case kUpStart: return OnUpStart(ok);
+      case kUpRead: return OnUpRead(ok);
+      case kUpWrite: return OnUpWrite(ok);
+      case kUpWritesDone:
+        up_writes_done_pending_ = false;
+        return MaybeFinishUpstream();
+      case kUpFinish: return OnUpFinish();
+      case kKinds: return;
+    }
+  }
+
+  void OnRequest(bool ok) {
+    if (!ok) return;  // the server is shutting down: no call was taken, and none is requested
+    new Call(shared_);  // the next request
+    // The done tag of a taken call comes from a later event than this one: counting it here is safe.
+    Start();
+    if (server_ctx_.method() == shared_->lookup_method) {
+      int64_t before = shared_->in_flight.fetch_add(1, std::memory_order_relaxed);
+      if (shared_->max_queue > 0 && before >= shared_->max_queue) {
+        shared_->in_flight.fetch_sub(1, std::memory_order_relaxed);  // a refused call holds no place
+        shared_->shed.fetch_add(1, std::memory_order_relaxed);
+        Start();
+        stream_.Finish(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED, shared_->shed_message), tag(kFinish));
+        return;
+      }
+      counted_ = true;
+      shared_->admitted.fetch_add(1, std::memory_order_relaxed);
+      Start();
+      stream_.Read(&from_caller_, tag(kLookupRead));
+      return;
+    }
+    shared_->forwarded.fetch_add(1, std::memory_order_relaxed);
+    for (const auto& [key, value] : server_ctx_.client_metadata()) {
+      std::string name(key.data(), key.size());
+      if (forwarded_header(name)) upstream_ctx_.AddMetadata(name, std::string(value.data(), value.size()));
+    }
+    upstream_ctx_.set_deadline(server_ctx_.raw_deadline());
+    upstream_ = shared_->stub->PrepareCall(&upstream_ctx_, server_ctx_.method(), shared_->cq.get());
+    Start();
+    upstream_->StartCall(tag(kUpStart));
+  }
+
+  void OnDone() {
+    if (!server_ctx_.IsCancelled()) return;
+    cancelled_.store(true, std::memory_order_relaxed);
+    if (upstream_ != nullptr) upstream_ctx_.TryCancel();
+  }
+
+  // ---- a Lookup ----
+
+  void OnLookupRead(bool ok) {
+    Start();  // kFinish, which the worker starts
+    if (!ok) {  // no request message: the caller half-closed without one, or left
+      stream_.Finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, server_ctx_.method() + ": no request message"),
+                     tag(kFinish));
+      return;
+    }
+    request_.payload = to_string(from_caller_);
+    const auto& metadata = server_ctx_.client_metadata();
+    auto authorization = metadata.find("authorization");
+    if (authorization != metadata.end()) {
+      request_.authorization.assign(authorization->second.data(), authorization->second.size());
+    }
+    deadline_ = server_ctx_.deadline();
+    {
+      std::lock_guard<std::mutex> lock(shared_->jobs_mu);
+      shared_->jobs.emplace_back([this] { Answer(); });
+    }
+    shared_->jobs_cv.notify_one();
+  }
+
+  // On a worker thread: touches only request_, reply_, deadline_ and cancelled_, and starts the
+  // call's last operation (gRPC takes operations from any thread; this call has no other left
+  // but the done notice, and its count was taken in OnLookupRead).
+  void Answer() {
+    LookupReply reply;
+    if (cancelled_.load(std::memory_order_relaxed)) {
+      reply = LookupReply{grpc::StatusCode::CANCELLED, "cancelled before the lookup ran", ""};
+    } else if (std::chrono::system_clock::now() >= deadline_) {
+      reply = LookupReply{grpc::StatusCode::DEADLINE_EXCEEDED, "deadline exceeded before the lookup ran", ""};
+    } else {
+      reply = shared_->lookup(request_);
+    }
+    if (reply.code != grpc::StatusCode::OK) {
+      stream_.Finish(grpc::Status(static_cast<grpc::StatusCode>(reply.code), reply.message), tag(kFinish));
+      return;
+    }
+    grpc::Slice slice(std::move(reply.payload));
+    reply_ = grpc::ByteBuffer(&slice, 1);
+    stream_.WriteAndFinish(reply_, grpc::WriteOptions(), grpc::Status::OK, tag(kFinish));
+  }
+
+  // ---- any other call: the pump ----
+
+  void OnUpStart(bool ok) {
+    if (!ok) {  // no upstream call: its status says why
+      up_reads_done_ = true;
+      return MaybeFinishUpstream();
+    }
+    Start();
+    upstream_->Read(&from_upstream_, tag(kUpRead));
+    Start();
+    stream_.Read(&from_caller_, tag(kRead));
+  }
+
+  void OnRead(bool ok) {  // a message from the caller, or the end of them
+    if (up_finish_started_) return;  // the upstream call is over: nothing more goes to it
+    Start();
+    if (ok) {
+      up_write_pending_ = true;
+      upstream_->Write(from_caller_, tag(kUpWrite));
+      return;
+    }
+    up_writes_done_pending_ = true;  // the caller half-closed (or left: OnDone cancels upstream)
+    upstream_->WritesDone(tag(kUpWritesDone));
+  }
+
+  void OnUpWrite(bool ok) {
+    up_write_pending_ = false;
+    if (ok && !up_reads_done_) {
+      Start();
+      stream_.Read(&from_caller_, tag(kRead));
+      return;
+    }
+    MaybeFinishUpstream();  // !ok: the upstream call is over, and its reads end too
+  }
+
+  void OnUpRead(bool ok) {  // a reply from upstream, or the end of them
+    if (ok) {
+      Start();
+      stream_.Write(from_upstream_, tag(kWrite));
+      return;
+    }
+    up_reads_done_ = true;
+    MaybeFinishUpstream();
+  }
+
+  void OnWrite(bool ok) {
+    if (ok) {
+      Start();
+      upstream_->Read(&from_upstream_, tag(kUpRead));
+      return;
+    }
+    upstream_ctx_.TryCancel();  // the caller is gone
+    up_reads_done_ = true;
+    MaybeFinishUpstream();
+  }
+
+  void MaybeFinishUpstream() {
+    if (up_finish_started_ || !up_reads_done_ || up_write_pending_ || up_writes_done_pending_) return;
+    up_finish_started_ = true;
+    Start();
+    upstream_->Finish(&upstream_status_, tag(kUpFinish));
+  }
+
+  void OnUpFinish() {
+    for (const auto& [key, value] : upstream_ctx_.GetServerTrailingMetadata()) {
+      std::string name(key.data(), key.size());
+      if (forwarded_header(name)) server_ctx_.AddTrailingMetadata(name, std::string(value.data(), value.size()));
+    }
+    Start();
+    stream_.Finish(upstream_status_, tag(kFinish));
+  }
+
+  ServingGate::Shared* const shared_;
+  Tag tags_[kKinds];
+  int pending_ = 0;
+  bool counted_ = false;  // holds a place in the bound (shared_->in_flight)
+  grpc::GenericServerContext server_ctx_;
+  grpc::GenericServerAsyncReaderWriter stream_;
+  grpc::ByteBuffer from_caller_;
+  // A Lookup.
+  LookupRequest request_;
+  grpc::ByteBuffer reply_;
+  std::chrono::system_clock::time_point deadline_;
+  std::atomic<bool> cancelled_{false};
+  // Any other call.
+  grpc::ClientContext upstream_ctx_;
+  std::unique_ptr<grpc::GenericClientAsyncReaderWriter> upstream_;
+  grpc::ByteBuffer from_upstream_;
+  grpc::Status upstream_status_;
+  bool up_reads_done_ = false;
+  bool up_write_pending_ = false;
+  bool up_writes_done_pending_ = false;
+  bool up_finish_started_ = false;
+};
+
+std::shared_ptr<grpc::ServerCredentials> server_credentials(const GateConfig& config) {
+  if (!config.tls) return grpc::InsecureServerCredentials();
+  const GateTls& files = config.tls_files;
+  constexpr unsigned int kRefreshSeconds = 1;  // rotation: files re-read every second
+  std::shared_ptr<grpc::experimental::CertificateProviderInterface> provider;
+  if (files.client_ca_file.empty()) {
+    provider = std::make_shared<grpc::experimental::FileWatcherCertificateProvider>(
+        files.key_file, files.cert_file, kRefreshSeconds);
+  } else {
+    provider = std::make_shared<grpc::experimental::FileWatcherCertificateProvider>(
+        files.key_file, files.cert_file, files.client_ca_file, kRefreshSeconds);
+  }
+  grpc::experimental::TlsServerCredentialsOptions options(provider);
+  options.watch_identity_key_cert_pairs();
+  if (files.client_ca_file.empty()) {
+    options.set_cert_request_type(GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE);
+  } else {
+    options.watch_root_certs();
+    options.set_cert_request_type(GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
+  }
+  return grpc::experimental::TlsServerCredentials(options);
+}
+
+void drain(grpc::CompletionQueue* cq) {
+  void* tag;
+  bool ok;
+  while (cq->Next(&tag, &ok)) {
+  }
+}
+
+}  // namespace
+
+ServingGate::ServingGate(const GateConfig& config) : shared_(new Shared) {
+  std::unique_ptr<Shared> owner(shared_);  // until the gate runs
+  if (config.max_queue < 0) throw std::invalid_argument("max_queue: must be >= 0");
+  if (config.max_message_bytes <= 0) throw std::invalid_argument("max_message_bytes: must be > 0");
+  if (!config.lookup) throw std::invalid_argument("lookup: a handler is required");
+  const int max_message = static_cast<int>(std::min<int64_t>(config.max_message_bytes, INT32_MAX));
+  shared_->lookup_method = config.lookup_method;
+  shared_->lookup = config.lookup;
+  shared_->max_queue = config.max_queue;
+  shared_->shed_message = "serving queue full: " + std::to_string(config.max_queue) +
+                          " lookups waiting; retry with backoff or add replicas";
+  grpc::ChannelArguments upstream_args;
+  upstream_args.SetMaxReceiveMessageSize(max_message);
+  upstream_args.SetMaxSendMessageSize(max_message);
+  shared_->stub = std::make_unique<grpc::GenericStub>(
+      grpc::CreateCustomChannel(config.upstream, grpc::InsecureChannelCredentials(), upstream_args));
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort(config.listen, server_credentials(config), &port_);
+  builder.RegisterAsyncGenericService(&shared_->service);
+  builder.SetMaxReceiveMessageSize(max_message);
+  builder.SetMaxSendMessageSize(max_message);
+  builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
+  shared_->cq = builder.AddCompletionQueue();
+  server_ = builder.BuildAndStart();
+  if (server_ == nullptr || port_ == 0) {
+    server_.reset();
+    shared_->cq->Shutdown();
+    drain(shared_->cq.get());
+    throw std::runtime_error("listen: cannot bind " + config.listen);
+  }
+  owner.release();
+  for (int i = 0; i < kRequestsOutstanding; ++i) new Call(shared_);
+  thread_ = std::thread([cq = shared_->cq.get()] {
+    pthread_setname_np(pthread_self(), "embps-gate");
+    void* tag;
+    bool ok;
+    while (cq->Next(&tag, &ok)) Call::Handle(tag, ok);
+  });
+  for (int i = 0; i < kWorkers; ++i) {
+    workers_.emplace_back([shared = shared_] {
+      pthread_setname_np(pthread_self(), "embps-lookup");
+      while (true) {
+        std::function<void()> job;
+        {
+          std::unique_lock<std::mutex> lock(shared->jobs_mu);
+          shared->jobs_cv.wait(lock, [shared] { return shared->workers_stop || !shared->jobs.empty(); });
+          if (shared->jobs.empty()) return;  // stopping, and nothing left
+          job = std::move(shared->jobs.front());
+          shared->jobs.pop_front();
+        }
+        job();
+      }
+    });
+  }
+}
+
+ServingGate::~ServingGate() {
+  shutdown(0.0);
+  if (leaked_) return;  // calls outlived the shutdown: the server and the shared state stay theirs
+  server_.reset();      // before the service and the queue it uses
+  delete shared_;
+}
+
+GateStats ServingGate::stats() const {
+  return GateStats{shared_->in_flight.load(std::memory_order_relaxed), shared_->admitted.load(std::memory_order_relaxed),
+                   shared_->shed.load(std::memory_order_relaxed), shared_->forwarded.load(std::memory_order_relaxed)};
+}
+
+void ServingGate::shutdown(double grace_seconds) {
+  if (stopped_) return;
+  stopped_ = true;
+  const auto grace = std::chrono::microseconds(static_cast<int64_t>(std::max(0.0, grace_seconds) * 1e6));
+  // Calls still running at the deadline are cancelled, and their upstream calls with them; every
+  // call then ends on its own (the threads keep running them). The queue is shut down only when
+  // none is left, since no operation may start on a queue that is shut down.
+  server_->Shutdown(std::chrono::system_clock::now() + grace);
+  const auto give_up = std::chrono::steady_clock::now() + grace + std::chrono::seconds(10);
+  while (shared_->live_calls.load(std::memory_order_relaxed) > 0 && std::chrono::steady_clock::now() < give_up) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  if (shared_->live_calls.load(std::memory_order_relaxed) > 0) {
+    std::fprintf(stderr, "embps serving gate: %lld calls did not end after shutdown; leaving them to the exit\n",
+                 static_cast<long long>(shared_->live_calls.load()));
+    thread_.detach();
+    for (std::thread& worker : workers_) worker.detach();
+    leaked_ = true;
+    return;
+  }
+  {
+    std::lock_guard<std::mutex> lock(shared_->jobs_mu);
+    shared_->workers_stop = true;
+  }
+  shared_->jobs_cv.notify_all();
+  for (std::thread& worker : workers_) worker.join();
+  shared_->cq->Shutdown();
+  thread_.join();
+}
+
+}  // namespace embps

@@ -1,0 +1,121 @@
+// The serving replica's front door: a native gRPC server (grpc++) on the replica's public port.
+//
+// Why: a Python gRPC server (grpc.aio) spends ~0.2 ms of interpreter time on every call it
+// touches, answered or refused, so offered a few times its capacity it cannot even refuse what it
+// cannot answer: the calls pile up in gRPC's core, whose default transport refuses its backlog
+// with CANCELLED. The gate admits at most max_queue Lookups at a time (arrival to reply) and
+// answers one more RESOURCE_EXHAUSTED at once, unread, in C++.
+//
+// An admitted Lookup is answered by the replica's Python code directly (`lookup`, called on one
+// of the gate's worker threads with the GIL): token check, parsing, the lookup and the reply.
+// That skips grpc.aio's per-call machinery, which costs as much as the lookup itself. Every other
+// call (Status, health, reflection; streaming or not) is forwarded byte for byte, with its
+// metadata and deadline, to the replica's grpc.aio server on a private Unix socket, and the
+// replies, status and trailing metadata come back unchanged.
+//
+// One thread runs every call's gRPC events (a completion queue), so a call's state needs no lock;
+// a worker thread touches only its Lookup's request and reply, and sends the reply itself.
+// TLS (and mutual TLS) end here, from files re-read every second.
+#pragma once
+
+#include <grpcpp/completion_queue.h>
+#include <grpcpp/generic/async_generic_service.h>
+#include <grpcpp/generic/generic_stub.h>
+#include <grpcpp/server.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace embps {
+
+struct GateTls {
+  std::string cert_file;       // server certificate chain (PEM)
+  std::string key_file;        // its private key (PEM)
+  std::string client_ca_file;  // empty: server TLS only; else clients must present a certificate it signs
+};
+
+struct LookupRequest {
+  std::string authorization;  // the call's `authorization` metadata ("" when absent)
+  std::string payload;        // the request message, unparsed
+};
+
+struct LookupReply {
+  int code = 0;         // a grpc::StatusCode; 0 (OK): `payload` is the reply message
+  std::string message;  // the status message when code != 0
+  std::string payload;
+};
+
+// Runs on a worker thread; must not throw (the binding turns a Python exception into INTERNAL).
+using LookupHandler = std::function<LookupReply(const LookupRequest&)>;
+
+struct GateConfig {
+  std::string listen;             // host:port of the public port (port 0: pick one)
+  std::string upstream;           // gRPC target of the Python server, e.g. unix:/run/x/upstream.sock
+  std::string lookup_method;      // the bounded method, answered by `lookup`: /embps.v1.Serving/Lookup
+  LookupHandler lookup;
+  int64_t max_queue = 0;          // lookups admitted and not finished; 0: no bound
+  int64_t max_message_bytes = 0;  // largest message either way
+  bool tls = false;
+  GateTls tls_files;
+};
+
+struct GateStats {
+  int64_t in_flight;   // lookups admitted and not finished
+  int64_t admitted;    // lookups admitted, ever
+  int64_t shed;        // lookups answered RESOURCE_EXHAUSTED, ever
+  int64_t forwarded;   // calls of other methods forwarded, ever
+};
+
+class ServingGate {
+ public:
+  // Binds and starts; throws std::runtime_error when the port cannot be bound.
+  explicit ServingGate(const GateConfig& config);
+  ~ServingGate();
+  ServingGate(const ServingGate&) = delete;
+  ServingGate& operator=(const ServingGate&) = delete;
+
+  int port() const { return port_; }
+  GateStats stats() const;
+  // Stops taking calls; calls in flight get until `grace_seconds`, then are cancelled. Idempotent.
+  void shutdown(double grace_seconds);
+
+  // What the calls (serving_gate.cpp) share; every field is set before the first call is taken.
+  struct Shared {
+    std::string lookup_method;
+    LookupHandler lookup;
+    int64_t max_queue = 0;
+    std::string shed_message;
+    grpc::AsyncGenericService service;
+    std::unique_ptr<grpc::GenericStub> stub;
+    std::unique_ptr<grpc::ServerCompletionQueue> cq;
+    std::atomic<int64_t> in_flight{0};
+    std::atomic<int64_t> admitted{0};
+    std::atomic<int64_t> shed{0};
+    std::atomic<int64_t> forwarded{0};
+    std::atomic<int64_t> live_calls{0};  // calls (serving_gate.cpp), requests not yet taken included
+    // Lookups read and waiting for a worker.
+    std::mutex jobs_mu;
+    std::condition_variable jobs_cv;
+    std::deque<std::function<void()>> jobs;
+    bool workers_stop = false;
+  };
+
+ private:
+  Shared* shared_;  // owned; left allocated if calls outlive shutdown (see shutdown)
+  std::unique_ptr<grpc::Server> server_;
+  std::thread thread_;  // runs every call's gRPC events: it alone touches a call's state
+  std::vector<std::thread> workers_;
+  int port_ = 0;
+  bool stopped_ = false;
+  bool leaked_ = false;  // shutdown gave up waiting for calls: nothing is freed
+};
+
+}  // namespace embps
