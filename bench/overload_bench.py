@@ -11,12 +11,13 @@ Two real `embps serve` replicas of the same rows (bench/serve_targets.py), loade
 For each overload run: the cores the replica and the bench's own client processes used (on a
 machine that runs both, the clients' share is taken from the replica: its answered rate under
 overload is then below what it answers with the machine to itself), offered and answered rates,
-the shed fraction (RESOURCE_EXHAUSTED from the replica's bound; CANCELLED from gRPC's core, whose
-queue has the same bound, or RESOURCE_EXHAUSTED there too under GRPC_EXPERIMENTS=ph2_server, which
-the replicas inherit), and p50/p99 latency of answered and of shed calls, counted from each
-call's scheduled time. The generator holds at most clients x concurrency calls in flight; an
-unbounded replica's backlog beyond that waits in the generator, whose latency still counts it (no
-coordinated omission).
+the shed fraction (RESOURCE_EXHAUSTED from the serving gate, serving/gate.py; without the gate,
+EMBPS_SERVING_GATE=0 or a build without grpc++, RESOURCE_EXHAUSTED from the replica's own bound and
+CANCELLED from gRPC's core, whose queue has the same bound, or RESOURCE_EXHAUSTED there too under
+GRPC_EXPERIMENTS=ph2_server; the replicas inherit both variables), and p50/p99 latency of
+answered and of shed calls, counted from each call's scheduled time. The generator holds at most
+clients x concurrency calls in flight; an unbounded replica's backlog beyond that waits in the
+generator, whose latency still counts it (no coordinated omission).
 """
 
 from __future__ import annotations
@@ -30,10 +31,11 @@ from pathlib import Path
 from bench.loadgen import OK, LoadSpec, run_load
 from bench.serve_bench import _finite, facts
 from bench.serve_targets import EmbpsServer, write_export
+from serving.gate import unavailable_reason
 from serving.shedding import core_refusal_code
 
-SHED = "RESOURCE_EXHAUSTED"  # refused by the replica's queue bound (serving/shedding.py)
-CORE_SHED = "CANCELLED"  # refused by gRPC's default core transport (same bound); the bench never cancels
+SHED = "RESOURCE_EXHAUSTED"  # refused by the serving gate, or by the replica's own bound without it
+CORE_SHED = "CANCELLED"  # without the gate: refused by gRPC's default core transport; the bench never cancels
 _POOL_KEYS = 1 << 22  # keys per client process's pool of prepared requests (32 MiB), whatever the batch
 
 
@@ -118,6 +120,9 @@ def run_overload_bench(config: OverloadBenchConfig) -> int:
         f"{config.warmup_s:g} s warm-up + {config.duration_s:g} s per run",
         flush=True,
     )
+    without_gate = unavailable_reason()
+    print("replicas behind the serving gate" if without_gate is None else f"replicas without the serving gate: "
+          f"{without_gate}", flush=True)
     with tempfile.TemporaryDirectory(prefix="embps-bench-overload-") as tmp:
         export_uri = (Path(tmp) / "export").resolve().as_uri()
         print("writing the export and starting two replicas (max_queue 0 and max_queue "
@@ -150,7 +155,10 @@ def run_overload_bench(config: OverloadBenchConfig) -> int:
         "bench": "serve_overload",
         "config": asdict(config),
         "machine": facts(),
-        "core_refusal": core_refusal_code().name,  # the replicas inherit this process's GRPC_EXPERIMENTS
+        # The replicas inherit this process's environment and build: they run the gate where it does.
+        "gate": without_gate is None,
+        "without_gate": without_gate,
+        "core_refusal": None if without_gate is None else core_refusal_code().name,
         "capacity_qps": capacity["achieved_qps"],
         "capacity": capacity,
         "offered_rate": rate,

@@ -130,8 +130,10 @@ def _serve_overload(r: dict) -> tuple[str, str]:
         f"{c['rows']:,} rows x {c['dim']}, batch {c['batch']}, {c['factor']:g}x capacity "
         f"({r['capacity_qps']:,.0f} req/s) offered open-loop"
     )
-    if r.get("core_refusal"):
-        setup += f"; gRPC's core refuses with {r['core_refusal']}"
+    if r.get("gate"):
+        setup += "; behind the serving gate"
+    elif r.get("core_refusal"):
+        setup += f"; without the serving gate, gRPC's core refuses with {r['core_refusal']}"
     parts = []
     for name in ("bounded", "unbounded"):
         s = r[name]

@@ -79,6 +79,13 @@ class ServingMetrics:
             registry=r,
         )
 
+    def replace_queue_metrics(self, collector) -> None:
+        """Exports the queue gauge and the shed counter from `collector` (the serving gate's counts)
+        instead of the ones above, which only the replica's own LookupQueue updates."""
+        self.registry.unregister(self.lookup_queue)
+        self.registry.unregister(self.shed)
+        self.registry.register(collector)
+
     def serve(self, port: int, host: str = "127.0.0.1") -> int:
         """Starts the /metrics HTTP server in a daemon thread; returns the bound port."""
         server, _thread = start_http_server(port, addr=host, registry=self.registry)

@@ -10,9 +10,11 @@ Health: "" and embps.v1.Serving are SERVING while the replica answers, even with
 (it keeps the last weights); "embps.v1.Serving/shard-<s>" is NOT_SERVING while shard s is stale;
 the Status RPC gives the details. Domain errors become status codes in one place, `status_of`.
 SIGTERM: NOT_SERVING, in-flight calls finish within the grace, exit 0.
-Overload: beyond `max_queue` Lookups waiting, more are shed at once: RESOURCE_EXHAUSTED, or CANCELLED from
-gRPC's core for calls still queued there (RESOURCE_EXHAUSTED too under GRPC_EXPERIMENTS=ph2_server;
-serving/shedding.py).
+Public port: the native gate (serving/gate.py) listens there; it answers Lookups on its own
+threads through GateLookups and forwards every other call to this grpc.aio server on a private
+Unix socket. Overload: beyond `max_queue` Lookups admitted and not answered, the gate answers more
+RESOURCE_EXHAUSTED at once, in C++. Without the gate (built without grpc++, or
+EMBPS_SERVING_GATE=0) this server listens itself and sheds as serving/shedding.py says.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
@@ -35,13 +38,14 @@ from grpc_reflection.v1alpha import reflection
 from ps import wire
 from ps.errors import UnknownTableError
 from ps.rpc import ps_pb2, serving_pb2, serving_pb2_grpc
-from ps.security import Role, add_port, open_aio_channel, server_interceptors, serving_port_policy
+from ps.security import Role, TokenAuth, add_port, open_aio_channel, server_interceptors, serving_port_policy
 from ps.server import ShuttingDownError, UndecodableRequests, status_of
 from serving.config import ServeConfig, load_serve_config
 from serving.core_calls import CoreCallCounts, counts_core_calls, server_ids
 from serving.follower import ShardFollower
+from serving.gate import GateCounts, GateDirectory, GateIdentity, ServingGate, unavailable_reason
 from serving.metrics import ServingMetrics
-from serving.shedding import LookupQueue, core_backlog_options, core_refusal_code
+from serving.shedding import LOOKUP_METHOD, LookupQueue, core_backlog_options, core_refusal_code
 from serving.store import TableReplica
 
 log = logging.getLogger("embps.serving")
@@ -106,6 +110,13 @@ class ServingServicer(serving_pb2_grpc.ServingServicer):
 
     @_rpc("Lookup")
     async def Lookup(self, request: serving_pb2.ServingLookupRequest) -> serving_pb2.ServingLookupResponse:
+        if len(request.keys) <= 8 * INLINE_LOOKUP_KEYS:
+            return self.answer_lookup(request)
+        return await asyncio.to_thread(self.answer_lookup, request)
+
+    def answer_lookup(self, request: serving_pb2.ServingLookupRequest) -> serving_pb2.ServingLookupResponse:
+        """The reply to a Lookup, on any thread (rows are read safely while followers write them);
+        raises what `status_of` maps to a status code."""
         start = time.perf_counter()
         table = self.replica.table(request.table)
         if request.dim and request.dim != table.dim:
@@ -114,10 +125,7 @@ class ServingServicer(serving_pb2_grpc.ServingServicer):
             raise ValueError(f"dtype: unsupported dtype {request.dtype}; supported: FLOAT32, FLOAT16")
         dtype = _REPLY_DTYPES[request.dtype]
         keys = wire.decode_keys(request.keys)
-        if keys.shape[0] <= INLINE_LOOKUP_KEYS:
-            values, found = table.lookup(keys, dtype)
-        else:
-            values, found = await asyncio.to_thread(table.lookup, keys, dtype)
+        values, found = table.lookup(keys, dtype)
         reply = serving_pb2.ServingLookupResponse(
             values=values.astype(values.dtype.newbyteorder("<"), copy=False).tobytes(),
             dim=table.dim,
@@ -165,6 +173,44 @@ class ServingServicer(serving_pb2_grpc.ServingServicer):
         return any(f.stale(threshold) for f in self.replica.followers if f.replica.name == table and f.shard == shard)
 
 
+class GateLookups:
+    """Answers the Lookups the serving gate admits (serving/gate.py), on its worker threads with the
+    GIL: the token check, parsing, lookup and reply of the Lookup RPC, with the same status codes,
+    messages and metrics, without grpc.aio's per-call work."""
+
+    def __init__(self, servicer: ServingServicer, auth: TokenAuth | None) -> None:
+        self.servicer = servicer
+        self.auth = auth
+
+    def __call__(self, authorization: bytes, payload: bytes) -> tuple[int, str, bytes]:
+        """(status code number, message, reply message bytes) for one Lookup call."""
+        if self.auth is not None:
+            metadata = (("authorization", authorization.decode("latin-1")),) if authorization else ()
+            refused = self.auth.deny(LOOKUP_METHOD, metadata)
+            if refused is not None:
+                return refused[0].value[0], refused[1], b""
+        try:
+            request = serving_pb2.ServingLookupRequest.FromString(payload)
+        except DecodeError as exc:
+            return self._refuse("", ValueError(f"request: not a valid message for {LOOKUP_METHOD}: {exc}"))
+        table = request.table if request.table in self.servicer.replica.tables or not request.table else "unknown"
+        try:
+            if self.servicer.draining:
+                raise ShuttingDownError("the serving replica is shutting down")
+            reply = self.servicer.answer_lookup(request)
+        except Exception as exc:  # noqa: BLE001 - as in _rpc: errors become status codes here
+            return self._refuse(table, exc)
+        self.servicer.metrics.requests.labels(table, "Lookup", grpc.StatusCode.OK.name).inc()
+        return 0, "", reply.SerializeToString()
+
+    def _refuse(self, table: str, exc: Exception) -> tuple[int, str, bytes]:
+        code, message = status_of(exc)
+        if code == grpc.StatusCode.INTERNAL:
+            log.error("Lookup on table %r failed", table, exc_info=exc)
+        self.servicer.metrics.requests.labels(table, "Lookup", code.name).inc()
+        return code.value[0], message, b""
+
+
 def channel_options(config: ServeConfig) -> list[tuple[str, int]]:
     """Options of the replica's channels to the PS: the job's message limit, quick reconnects."""
     limit = config.job.message_limit_bytes + _MESSAGE_SLACK
@@ -200,29 +246,39 @@ async def build_replica(config: ServeConfig, metrics: ServingMetrics) -> Replica
     return replica
 
 
+def message_limit(config: ServeConfig) -> int:
+    """The largest message the replica's ports take or send, in bytes."""
+    return config.job.message_limit_bytes + _MESSAGE_SLACK
+
+
 async def create_server(
-    config: ServeConfig, address: str | None = None, metrics: ServingMetrics | None = None
-) -> tuple[grpc.aio.Server, int, ServingServicer, HealthServicer]:
+    config: ServeConfig, address: str | None = None, metrics: ServingMetrics | None = None, gated: bool = False
+) -> tuple[grpc.aio.Server, int, ServingServicer, HealthServicer, GateLookups]:
     """Builds (not starts) the replica's server bound to `address` (default: config.listen; port
-    0 picks one). Returns (server, bound port, servicer, health servicer)."""
+    0 picks one). Returns (server, bound port, servicer, health servicer, the Lookup handler of a
+    gate).
+
+    gated: the server sits behind the gate (serving/gate.py), `address` is its Unix socket, and it
+    binds it in plaintext (the gate ends TLS) without a queue bound of its own (the gate's holds)."""
     metrics = metrics if metrics is not None else ServingMetrics()
     replica = await build_replica(config, metrics)
     servicer = ServingServicer(replica, metrics)
-    limit = config.job.message_limit_bytes + _MESSAGE_SLACK
+    limit = message_limit(config)
     auth = server_interceptors(
         config.job.security,
         serving_port_policy(),
         lambda method, code: metrics.requests.labels("", method, code.name).inc(),
     )
+    queue = [] if gated else [LookupQueue(config.max_queue, metrics)]  # LookupQueue first
     servers_before = server_ids()
     server = grpc.aio.server(
         options=[
             ("grpc.max_send_message_length", limit),
             ("grpc.max_receive_message_length", limit),
             ("grpc.so_reuseport", 0),
-            *core_backlog_options(config.max_queue),
+            *([] if gated else core_backlog_options(config.max_queue)),
         ],
-        interceptors=[LookupQueue(config.max_queue, metrics), *auth, UndecodableRequests()],  # LookupQueue first
+        interceptors=[*queue, *auth, UndecodableRequests()],
     )
     _count_core_calls(metrics, server_ids() - servers_before)
     serving_pb2_grpc.add_ServingServicer_to_server(servicer, server)
@@ -234,10 +290,11 @@ async def create_server(
         [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
     )
     address = address if address is not None else config.listen
-    port = add_port(server, address, config.job.security)
+    port = server.add_insecure_port(address) if gated else add_port(server, address, config.job.security)
     if port == 0:
         raise OSError(f"listen: cannot bind {address}")
-    return server, port, servicer, health
+    token_auth = next((i for i in auth if isinstance(i, TokenAuth)), None)
+    return server, port, servicer, health, GateLookups(servicer, token_auth)
 
 
 def _count_core_calls(metrics: ServingMetrics, created: set[int]) -> None:
@@ -276,7 +333,24 @@ async def monitor(servicer: ServingServicer, health: HealthServicer) -> None:
 
 async def _serve(config: ServeConfig, grace: float) -> int:
     metrics = ServingMetrics()
-    server, port, servicer, health = await create_server(config, metrics=metrics)
+    metrics.lookup_queue_limit.set(config.max_queue)
+    without_gate = unavailable_reason()
+    directory = None if without_gate else GateDirectory()
+    try:
+        return await _serve_on(config, grace, metrics, directory, without_gate)
+    finally:
+        if directory is not None:
+            directory.close()
+
+
+async def _serve_on(
+    config: ServeConfig, grace: float, metrics: ServingMetrics, directory: GateDirectory | None,
+    without_gate: str | None,
+) -> int:
+    gated = directory is not None
+    server, port, servicer, health, lookups = await create_server(
+        config, directory.upstream if gated else None, metrics=metrics, gated=gated
+    )
     metrics_port = metrics.serve(config.metrics_port, config.host)
     tasks = [asyncio.create_task(f.run()) for f in servicer.replica.followers]
     tasks.append(asyncio.create_task(monitor(servicer, health)))
@@ -285,27 +359,46 @@ async def _serve(config: ServeConfig, grace: float) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await server.start()
-    log.info(
-        "serving replica of job %r on %s (port %d; %s), metrics on %s:%d, tables %s, export step %s, pid %d",
-        config.job.job, config.listen, port, config.job.security.describe(), config.host, metrics_port,
-        ", ".join(config.tables),
-        servicer.replica.export_step, os.getpid(),
-    )
-    if config.max_queue:
+    gate = identity = None
+    try:
+        if gated:
+            if config.job.security.tls:
+                identity = GateIdentity(config.job.security, directory.path)
+            gate = ServingGate(
+                config.listen, directory.upstream, LOOKUP_METHOD, lookups, config.max_queue, message_limit(config),
+                identity,
+            )
+            port = gate.port
+            metrics.replace_queue_metrics(GateCounts(gate))
         log.info(
-            "overload: more than %d Lookups waiting are refused, RESOURCE_EXHAUSTED by this replica and %s by "
-            "gRPC's core", config.max_queue, core_refusal_code().name,
+            "serving replica of job %r on %s (port %d; %s), metrics on %s:%d, tables %s, export step %s, pid %d",
+            config.job.job, config.listen, port, config.job.security.describe(), config.host, metrics_port,
+            ", ".join(config.tables),
+            servicer.replica.export_step, os.getpid(),
         )
-    await stop.wait()
-    log.info("draining (grace %.1f s)", grace)
-    servicer.draining = True
-    await health.enter_graceful_shutdown()
-    await server.stop(grace)
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    for channel in servicer.replica.channels:
-        await channel.close()
+        if gated and config.max_queue:
+            log.info("overload: more than %d Lookups waiting are refused RESOURCE_EXHAUSTED by the serving gate",
+                     config.max_queue)
+        elif config.max_queue:
+            log.info(
+                "overload: more than %d Lookups waiting are refused, RESOURCE_EXHAUSTED by this replica and %s by "
+                "gRPC's core (no serving gate: %s)", config.max_queue, core_refusal_code().name, without_gate,
+            )
+        await stop.wait()
+        log.info("draining (grace %.1f s)", grace)
+        servicer.draining = True
+        await health.enter_graceful_shutdown()
+    finally:
+        if gate is not None:
+            await asyncio.to_thread(gate.shutdown, grace)
+        if identity is not None:
+            identity.close()
+        await server.stop(grace)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for channel in servicer.replica.channels:
+            await channel.close()
     log.info("stopped")
     return 0
 

@@ -1,5 +1,10 @@
-"""Load shedding for the serving replica: at most `max_queue` Lookups admitted and not yet answered;
-one more is answered RESOURCE_EXHAUSTED at once, before its bytes are parsed or any work is done.
+"""Load shedding for a serving replica without the serving gate: at most `max_queue` Lookups
+admitted and not yet answered; one more is answered RESOURCE_EXHAUSTED at once, before its bytes
+are parsed or any work is done.
+
+By default a replica runs behind the serving gate (serving/gate.py), which holds the bound in
+C++ and refuses with RESOURCE_EXHAUSTED whatever the load; this module is what a replica does
+without it (a build without grpc++, or EMBPS_SERVING_GATE=0), and why that is weaker.
 
 Why a queue bound: a replica offered more than it can answer otherwise holds every call, and the
 latency of all of them grows with the backlog until deadlines expire (then the work done was

@@ -13,10 +13,9 @@ What must hold, and why the bounds are what they are:
 - the unbounded replica sheds nothing: the difference is the bound, not the harness.
 Without shedding (max_queue ignored) both replicas behave alike and the ratio check fails.
 
-Run twice: with gRPC's default HTTP/2 server transport, whose core refuses its backlog with
-CANCELLED, and with GRPC_EXPERIMENTS=ph2_server in the replicas' environment, whose core refuses
-the same backlog with RESOURCE_EXHAUSTED; there every shed call must say RESOURCE_EXHAUSTED
-(serving/shedding.py says why this is not the default).
+Run twice: behind the serving gate (the default), where every shed call is the gate's
+RESOURCE_EXHAUSTED, and without it (EMBPS_SERVING_GATE=0, as on a build without grpc++), where
+gRPC's default HTTP/2 server transport refuses the core's backlog with CANCELLED.
 """
 
 from __future__ import annotations
@@ -28,18 +27,22 @@ from pathlib import Path
 import pytest
 
 import embps
+from serving.gate import unavailable_reason
 
 DURATION_S = 3.0
 
 
-@pytest.mark.parametrize("transport", ["default", "ph2_server"])
+@pytest.mark.parametrize("front", ["gate", "no-gate"])
 def test_three_times_capacity_is_shed_and_answered_latency_stays_bounded(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, transport: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, front: str
 ) -> None:
-    if transport == "ph2_server":
-        monkeypatch.setenv("GRPC_EXPERIMENTS", "ph2_server")  # the replicas are child processes: they inherit it
+    monkeypatch.delenv("GRPC_EXPERIMENTS", raising=False)
+    if front == "gate":
+        if unavailable_reason() is not None:
+            pytest.skip(f"no serving gate here: {unavailable_reason()}")
+        monkeypatch.delenv("EMBPS_SERVING_GATE", raising=False)
     else:
-        monkeypatch.delenv("GRPC_EXPERIMENTS", raising=False)
+        monkeypatch.setenv("EMBPS_SERVING_GATE", "0")  # the replicas are child processes: they inherit it
     out = tmp_path / "overload.json"
     argv = [
         "bench", "serve", "--overload", "3", "--max-queue", "16", "--rows", "20000", "--dim", "16",
@@ -57,9 +60,12 @@ def test_three_times_capacity_is_shed_and_answered_latency_stays_bounded(
     assert bounded["shed_fraction"] > 0, bounded
     assert bounded["other_errors"] == {}, bounded
     assert sum(bounded["shed_by_code"].values()) > 0
-    assert result["core_refusal"] == ("RESOURCE_EXHAUSTED" if transport == "ph2_server" else "CANCELLED")
-    if transport == "ph2_server":
-        assert bounded["shed_by_code"]["CANCELLED"] == 0, bounded  # the core's refusals say RESOURCE_EXHAUSTED
+    assert result["gate"] == (front == "gate")
+    if front == "gate":
+        assert result["core_refusal"] is None
+        assert bounded["shed_by_code"]["CANCELLED"] == 0, bounded  # every refusal is the gate's
+    else:
+        assert result["core_refusal"] == "CANCELLED"
     assert unbounded["shed_fraction"] == 0, unbounded
     assert bounded["answered_p99_ms"] * 3 < unbounded["answered_p99_ms"], (bounded, unbounded)
     assert bounded["answered_qps"] > 0

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ps.rpc import ps_pb2, ps_pb2_grpc
 from ps.security import RELOAD_CHECK_S, Role, SecurityConfig, Tokens, TokenSource, open_channel
@@ -82,11 +82,17 @@ def rotating(pki: Pki, tmp_path: Path):
     shutil.copy(pki.server_key, secret / "tls.key")
     first_token = secrets.token_urlsafe(32)
     (secret / "trainer.token").write_text(first_token + "\n")
+    for role in ("replica", "reader"):  # for a serving replica of the shard
+        (secret / f"{role}.token").write_text(secrets.token_urlsafe(32) + "\n")
     security = SecurityConfig(
         tls_cert=str(secret / "tls.crt"),
         tls_key=str(secret / "tls.key"),
         tls_ca=str(pki.ca),
-        tokens=Tokens(trainer=TokenSource(file=str(secret / "trainer.token"))),
+        tokens=Tokens(
+            trainer=TokenSource(file=str(secret / "trainer.token")),
+            replica=TokenSource(file=str(secret / "replica.token")),
+            reader=TokenSource(file=str(secret / "reader.token")),
+        ),
     )
     job = dataclasses.replace(make_job([TableConfig("user", dim=4)]), security=security)
     with ShardCluster.start(job, tmp_path / "cluster") as cluster:
@@ -212,3 +218,31 @@ def test_running_clients_dial_with_their_new_certificate(mutual, pki, tmp_path, 
         assert "reloaded" in replica.log()
     for line in pki.private_key_bodies():
         assert line not in caplog.text and line not in cluster.log(0)
+
+
+def test_the_serving_ports_certificate_rotates_without_a_restart(rotating, pki, tmp_path):
+    """A replica's public port (the serving gate's, serving/gate.py, where it runs) reads the same
+    files: new connections get the new certificate, the open one keeps working, and a file that
+    does not load is logged and leaves the current certificate in use."""
+    cluster, secret, _ = rotating
+    serving = health_pb2.HealthCheckResponse.SERVING
+    with ServingReplica.start(cluster, tmp_path / "replica") as replica:
+        address = replica.config.listen
+        assert served_certificate(address, pki.ca) == der(pki.server_cert)
+        assert replica.health(SERVING_SERVICE) == serving  # replica.channel: opened before the rotation
+
+        replace_file(secret / "tls.key", pki.next_server_key.read_bytes())  # a moment with a mismatched pair
+        replace_file(secret / "tls.crt", pki.next_server_cert.read_bytes())
+        assert eventually(lambda: served_certificate(address, pki.ca) == der(pki.next_server_cert))
+        assert replica.health(SERVING_SERVICE) == serving
+
+        replace_file(secret / "tls.crt", b"not a certificate\n")  # a broken rotation
+        assert eventually(lambda: "do not load" in replica.log())
+        time.sleep(2)  # two more of the gate's reads of its copies
+        assert served_certificate(address, pki.ca) == der(pki.next_server_cert)
+        with open_channel(address, cluster.job.security, role=None) as fresh:
+            assert health_pb2_grpc.HealthStub(fresh).Check(health_pb2.HealthCheckRequest(), timeout=5).status == serving
+        assert replica.proc.poll() is None  # never restarted
+        log = replica.log()
+    for line in pki.private_key_bodies():
+        assert line not in log

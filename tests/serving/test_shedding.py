@@ -1,10 +1,12 @@
 """Load shedding of a real `embps serve` replica: with max_queue = N, N + k concurrent slow-ish
 lookups get RESOURCE_EXHAUSTED at once for the calls beyond N and OK for the rest; Status and
-Health still answer meanwhile; the shed counter and queue gauge say exactly that, and the core's
-call counts (serving/core_calls.py) count the calls gRPC's core refused on its own.
+Health still answer meanwhile; the shed counter and queue gauge say exactly that.
 
-Twice: with gRPC's default server transport (its core refuses calls beyond its own queue bound
-with CANCELLED) and with GRPC_EXPERIMENTS=ph2_server (the core says RESOURCE_EXHAUSTED)."""
+Three ways: through the serving gate (the default: serving/gate.py, which refuses in C++ with
+RESOURCE_EXHAUSTED), and without it (EMBPS_SERVING_GATE=0, as on a build without grpc++) with
+gRPC's default server transport (its core refuses calls beyond its own queue bound with
+CANCELLED, counted from channelz by serving/core_calls.py) and with GRPC_EXPERIMENTS=ph2_server
+(the core says RESOURCE_EXHAUSTED)."""
 
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from bench.serve_targets import TABLE, EmbpsServer, bench_keys
 from ps import wire
 from ps.rpc import serving_pb2, serving_pb2_grpc
 from serving.config import load_serve_config
+from serving.gate import unavailable_reason
 
 MAX_QUEUE = 3
 EXTRA = 9  # calls beyond the bound, sent at the same moment
@@ -37,13 +40,18 @@ _LIMIT = 64 << 20
 CORE_FULL = "Too many pending requests for this server"  # gRPC core's refusal under ph2_server
 
 
-@pytest.fixture(params=["default", "ph2_server"])
+@pytest.fixture(params=["gate", "no-gate", "no-gate-ph2_server"])
 def transport(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """gRPC's server transport in the replica, which is a child process and inherits the variable."""
-    if request.param == "ph2_server":
+    """The replica's front and gRPC's server transport; the replica is a child process and inherits
+    the variables."""
+    monkeypatch.delenv("GRPC_EXPERIMENTS", raising=False)
+    monkeypatch.delenv("EMBPS_SERVING_GATE", raising=False)
+    if request.param == "gate" and unavailable_reason() is not None:
+        pytest.skip(f"no serving gate here: {unavailable_reason()}")
+    if request.param != "gate":
+        monkeypatch.setenv("EMBPS_SERVING_GATE", "0")
+    if request.param == "no-gate-ph2_server":
         monkeypatch.setenv("GRPC_EXPERIMENTS", "ph2_server")
-    else:
-        monkeypatch.delenv("GRPC_EXPERIMENTS", raising=False)
     return request.param
 
 
@@ -99,22 +107,31 @@ def test_calls_beyond_the_bound_are_shed_at_once_and_status_still_answers(replic
     assert [s.table for s in status.shards] == [TABLE]
     assert health.status == health_pb2.HealthCheckResponse.SERVING
     codes = [code for code, _, _ in results]
-    # Refused by the replica's own bound: RESOURCE_EXHAUSTED "serving queue full". Refused by gRPC's
-    # core, whose queue of calls not yet taken has the same bound (serving/shedding.py): CANCELLED
-    # with the default transport, RESOURCE_EXHAUSTED with ph2_server.
-    core_code = "RESOURCE_EXHAUSTED" if transport == "ph2_server" else "CANCELLED"
-    assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED", core_code}, results
-    assert f"RESOURCE_EXHAUSTED by this replica and {core_code} by gRPC's core" in replica.log_path.read_text()
     full = f"serving queue full: {MAX_QUEUE} lookups waiting"
     shed = [t for code, t, details in results if code == "RESOURCE_EXHAUSTED" and full in details]
-    core_shed = [t for code, t, details in results if code == core_code and full not in details]
-    if transport == "ph2_server":
-        assert all(CORE_FULL in details for code, _, details in results if code == core_code and full not in details)
     answered = sorted(t for code, t, _ in results if code == "OK")
     assert shed, f"no call was shed with {MAX_QUEUE + EXTRA} concurrent lookups and max_queue {MAX_QUEUE}: {results}"
     assert len(answered) >= MAX_QUEUE
-    assert len(answered) <= 2 * MAX_QUEUE + 1, f"more answered than both bounds let through: {results}"
-    assert len(shed) + len(core_shed) + len(answered) == len(results), results
+    log = replica.log_path.read_text()
+    if transport == "gate":
+        # One bound, in C++: every refusal is the gate's RESOURCE_EXHAUSTED, nothing else.
+        assert f"more than {MAX_QUEUE} Lookups waiting are refused RESOURCE_EXHAUSTED by the serving gate" in log
+        assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED"}, results
+        assert len(shed) + len(answered) == len(results), results
+        core_shed: list[float] = []
+    else:
+        # Refused by the replica's own bound: RESOURCE_EXHAUSTED "serving queue full". Refused by
+        # gRPC's core, whose queue of calls not yet taken has the same bound (serving/shedding.py):
+        # CANCELLED with the default transport, RESOURCE_EXHAUSTED with ph2_server.
+        core_code = "RESOURCE_EXHAUSTED" if transport == "no-gate-ph2_server" else "CANCELLED"
+        assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED", core_code}, results
+        assert f"RESOURCE_EXHAUSTED by this replica and {core_code} by gRPC's core" in log
+        assert "no serving gate: EMBPS_SERVING_GATE=0 in the environment" in log
+        core_shed = [t for code, t, details in results if code == core_code and full not in details]
+        if transport == "no-gate-ph2_server":
+            assert all(CORE_FULL in d for code, _, d in results if code == core_code and full not in d)
+        assert len(answered) <= 2 * MAX_QUEUE + 1, f"more answered than both bounds let through: {results}"
+        assert len(shed) + len(core_shed) + len(answered) == len(results), results
     # At once: a shed call waits for no lookup, so it is back before the median answered one.
     assert max(shed + core_shed) < answered[len(answered) // 2], results
 
@@ -122,17 +139,23 @@ def test_calls_beyond_the_bound_are_shed_at_once_and_status_still_answers(replic
     assert _value(scrape, "embps_serving_shed_lookups_total") == len(shed)
     assert _value(scrape, "embps_serving_lookup_queue_limit") == MAX_QUEUE
     assert _value(scrape, "embps_serving_lookup_queue") == 0  # every admitted call released once
-    assert _value(scrape, 'embps_serving_requests_total{code="RESOURCE_EXHAUSTED",method="Lookup",table=""}') == len(
-        shed
-    )
     lint = subprocess.run([promtool, "check", "metrics"], input=scrape, capture_output=True, text=True, timeout=30)
     assert lint.returncode == 0, lint.stdout + lint.stderr
-    if transport == "ph2_server":  # its transport counts nothing in channelz: no figures rather than zeros
+    if transport == "gate":
+        assert _value(scrape, "embps_serving_admitted_lookups_total") == len(answered)
+        # Every admitted call reached the replica's server and was answered there.
+        answered_lookups = f'embps_serving_requests_total{{code="OK",method="Lookup",table="{TABLE}"}}'
+        assert _value(scrape, answered_lookups) == len(answered)
+    else:
+        assert _value(
+            scrape, 'embps_serving_requests_total{code="RESOURCE_EXHAUSTED",method="Lookup",table=""}'
+        ) == len(shed)
+    if transport == "no-gate-ph2_server":  # its transport counts nothing in channelz: no figures rather than zeros
         assert "embps_serving_core_calls" not in scrape
-        assert "calls refused by gRPC's core are not in the metrics" in replica.log_path.read_text()
+        assert "calls refused by gRPC's core are not in the metrics" in log
         return
-    # The core's own refusals: started and never ended. A call's end is counted when the server's
-    # last operation completes, which can trail the client's reply by a moment.
+    # The core's own refusals: started and never ended (none behind the gate). A call's end is
+    # counted when the server's last operation completes, which can trail the client's reply.
     deadline = time.monotonic() + 5
     while True:
         scrape = _scrape(replica)
@@ -143,4 +166,5 @@ def test_calls_beyond_the_bound_are_shed_at_once_and_status_still_answers(replic
             break
         time.sleep(0.05)
     assert started - ok - error == len(core_shed), (started, ok, error, results)
-    assert error == len(shed), (error, results)  # the replica's own refusals end as errors
+    own_refusals = 0 if transport == "gate" else len(shed)
+    assert error == own_refusals, (error, results)  # the replica's own refusals end as errors

@@ -1,0 +1,211 @@
+"""The replica's public port: a native gate (csrc/serving_gate.h) in this process.
+
+Why a gate: the replica's gRPC server is Python (grpc.aio), and every call it touches costs
+~0.2 ms of interpreter time, answered or refused. Offered a few times its capacity, it cannot
+even refuse what it cannot answer: calls pile up in gRPC's core, whose default transport can
+only refuse its backlog with CANCELLED (serving/shedding.py). The gate is a grpc++ server on the
+public port, on threads of its own: it admits at most `max_queue` Lookups from arrival to reply
+and answers one more RESOURCE_EXHAUSTED at once, before reading it, in microseconds.
+
+An admitted Lookup is answered by `lookup(authorization, request) -> (code, message, reply)`,
+which the gate calls on one of its worker threads with the GIL: the replica's GateLookups
+(serving/server.py) checks the token, parses, looks up and serializes, as the Lookup RPC does,
+without grpc.aio's per-call work. Every other call (Status, health, reflection) goes byte for
+byte with its metadata and deadline to the replica's grpc.aio server on a Unix socket in a
+private directory, which checks tokens and answers as before; replies, statuses and trailing
+metadata come back unchanged.
+
+TLS (and mutual TLS) end at the gate. Rotation: GateIdentity checks the `[security]` files every
+RELOAD_CHECK_S as the Python servers do (the key must match the certificate, the client CA must
+parse; a set that does not load is logged and the current one kept) and writes the checked set
+into the gate's private directory, key and certificate in one file so they change together;
+the gate re-reads those copies every second. The directory is on /dev/shm where there is one (the
+copy of the key stays in memory), mode 0700, removed when the replica stops. The Unix socket
+behind the gate is plaintext, in that directory, and its server still demands the tokens.
+
+The gate needs grpc++ at build time (Debian's libgrpc++-dev; `make install` installs it where it
+can). Without the module, or with EMBPS_SERVING_GATE=0 in the environment, the replica listens
+itself and sheds as serving/shedding.py describes (CANCELLED from gRPC's core under overload).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from ps.security import RELOAD_CHECK_S, FileStamps, SecurityConfig, ServerPem, load_server_pem
+
+log = logging.getLogger("embps.serving")
+
+DISABLE_VARIABLE = "EMBPS_SERVING_GATE"
+
+try:
+    import _embps_gate
+except ImportError:
+    _embps_gate = None
+
+
+def unavailable_reason() -> str | None:
+    """Why this process serves without the gate, or None when it uses one."""
+    if os.environ.get(DISABLE_VARIABLE, "1").strip() == "0":
+        return f"{DISABLE_VARIABLE}=0 in the environment"
+    if _embps_gate is None:
+        return "embps was built without grpc++ (install libgrpc++-dev and reinstall)"
+    return None
+
+
+@dataclass(frozen=True)
+class GateStats:
+    """Counts of Lookups (bounded) and of the other calls (forwarded)."""
+
+    in_flight: int
+    admitted: int
+    shed: int
+    forwarded: int
+
+
+class GateDirectory:
+    """A new directory only this user can open (on /dev/shm where there is one), holding the Unix
+    socket of the replica's server and the gate's copies of the TLS files; `close()` removes it."""
+
+    def __init__(self) -> None:
+        shm = "/dev/shm"
+        base = shm if os.path.isdir(shm) and os.access(shm, os.W_OK | os.X_OK) else None
+        self.path = Path(tempfile.mkdtemp(prefix="embps-serving-", dir=base))  # mode 0700
+        self.upstream = f"unix:{self.path}/upstream.sock"
+
+    def close(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+class GateIdentity:
+    """The serving port's TLS files as the gate reads them: checked copies, refreshed in a thread
+    every RELOAD_CHECK_S after the `[security]` files change (see the module docstring)."""
+
+    def __init__(self, security: SecurityConfig, directory: Path) -> None:
+        self.security = security
+        self.identity = directory / "identity.pem"  # key, then certificate chain
+        self.client_ca = directory / "client-ca.pem" if security.client_ca else None
+        paths = [security.tls_cert, security.tls_key, *([security.client_ca] if security.client_ca else [])]
+        self._stamps = FileStamps(paths)  # taken before the files are read: a change in between is seen
+        self._write(load_server_pem(security))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="embps-gate-identity", daemon=True)
+        self._thread.start()
+
+    def _write(self, pem: ServerPem) -> None:
+        _replace(self.identity, pem.key.rstrip(b"\n") + b"\n" + pem.cert)
+        if self.client_ca is not None and pem.client_ca is not None:
+            _replace(self.client_ca, pem.client_ca)
+
+    def check(self) -> None:
+        """Copies the files for the gate when they changed and load; logs and keeps the current
+        copies when they do not."""
+        stamps = self._stamps.changed()
+        if stamps is None:
+            return
+        try:
+            pem = load_server_pem(self.security)
+        except ValueError as exc:
+            log.warning("TLS files changed but do not load (%s); keeping the current certificate", exc)
+            self._stamps.last = stamps  # tried: wait for the next change
+            return
+        if self._stamps.now() != stamps:
+            return  # changed again while being read: take the next version
+        self._stamps.last = stamps
+        self._write(pem)
+        log.info("TLS certificate reloaded from %s (the serving gate takes it within a second)", self.security.tls_cert)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(RELOAD_CHECK_S):
+            self.check()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _replace(path: Path, data: bytes) -> None:
+    """Writes `path` atomically (readers see the old file or the new one), readable by this user only."""
+    staged = path.with_name(f".{path.name}.new")
+    fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(staged, path)
+
+
+LookupHandler = Callable[[bytes, bytes], tuple[int, str, bytes]]
+
+
+class ServingGate:
+    """A running gate on `listen`; `port` is the bound public port. Calls of `lookup_method` are
+    bounded by max_queue and answered by `lookup`, the others forwarded to `upstream`.
+    identity: the gate's TLS files (None: plaintext)."""
+
+    def __init__(
+        self,
+        listen: str,
+        upstream: str,
+        lookup_method: str,
+        lookup: LookupHandler,
+        max_queue: int,
+        max_message_bytes: int,
+        identity: GateIdentity | None,
+    ) -> None:
+        if _embps_gate is None:
+            raise RuntimeError(unavailable_reason())
+        files = {}
+        if identity is not None:
+            files = {
+                "tls_cert": str(identity.identity),
+                "tls_key": str(identity.identity),
+                "client_ca": str(identity.client_ca or ""),
+            }
+        try:
+            self._gate = _embps_gate.ServingGate(
+                listen, upstream, lookup_method, lookup, max_queue, max_message_bytes, **files
+            )
+        except RuntimeError as exc:
+            raise OSError(str(exc)) from exc
+        self.port: int = self._gate.port
+
+    def stats(self) -> GateStats:
+        return GateStats(**self._gate.stats())
+
+    def shutdown(self, grace_seconds: float) -> None:
+        """Stops taking calls; calls in flight get `grace_seconds`, then are cancelled. Blocks."""
+        self._gate.shutdown(grace_seconds)
+
+
+class GateCounts:
+    """Prometheus collector: the gate's queue and shed counts, read at each scrape."""
+
+    def __init__(self, gate: ServingGate) -> None:
+        self._gate = gate
+
+    def collect(self) -> Iterator:
+        stats = self._gate.stats()
+        queue = GaugeMetricFamily(
+            "embps_serving_lookup_queue", "Lookups admitted and not yet answered (the load-shedding queue)"
+        )
+        queue.add_metric([], stats.in_flight)
+        shed = CounterMetricFamily(
+            "embps_serving_shed_lookups",
+            "Lookups answered RESOURCE_EXHAUSTED unread because max_queue were already waiting",
+        )
+        shed.add_metric([], stats.shed)
+        admitted = CounterMetricFamily("embps_serving_admitted_lookups", "Lookups admitted by the gate")
+        admitted.add_metric([], stats.admitted)
+        forwarded = CounterMetricFamily(
+            "embps_serving_gate_forwarded_calls", "Calls other than Lookup the gate forwarded to the replica's server"
+        )
+        forwarded.add_metric([], stats.forwarded)
+        yield from (queue, shed, admitted, forwarded)

@@ -1,0 +1,84 @@
+"""The serving gate (serving/gate.py) in a real `embps serve` replica: calls that end early (the
+caller's deadline, the caller cancelling) release their place in the Lookup bound, so a replica
+that saw many of them still admits up to max_queue; the gate's counts say so exactly."""
+
+from __future__ import annotations
+
+import re
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from bench.serve_targets import TABLE, EmbpsServer, bench_keys
+from ps import wire
+from ps.rpc import serving_pb2, serving_pb2_grpc
+from serving.config import load_serve_config
+from serving.gate import unavailable_reason
+
+MAX_QUEUE = 2
+ROWS = 20_000
+DIM = 16
+SLOW_KEYS = 150_000  # ~10-40 ms of server work per call here
+_LIMIT = 64 << 20
+
+
+@pytest.fixture
+def replica(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    if unavailable_reason() is not None:
+        pytest.skip(f"no serving gate here: {unavailable_reason()}")
+    monkeypatch.delenv("EMBPS_SERVING_GATE", raising=False)
+    server = EmbpsServer.start(ROWS, DIM, tmp_path / "replica", max_queue=MAX_QUEUE)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _metrics(server: EmbpsServer) -> dict[str, float]:
+    port = load_serve_config(server.log_path.parent / "serve.toml").metrics_port
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return {m.group(1): float(m.group(2)) for m in re.finditer(r"^(embps_serving_\w+) (\S+)$", text, re.MULTILINE)}
+
+
+def test_calls_ended_by_their_caller_release_their_place_in_the_bound(replica) -> None:
+    keys = np.resize(bench_keys(ROWS), SLOW_KEYS)
+    slow = serving_pb2.ServingLookupRequest(table=TABLE, keys=wire.encode_keys(keys), dim=DIM)
+    small = serving_pb2.ServingLookupRequest(table=TABLE, keys=wire.encode_keys(keys[:8]), dim=DIM)
+    options = [("grpc.max_receive_message_length", _LIMIT), ("grpc.max_send_message_length", _LIMIT)]
+    with grpc.insecure_channel(replica.address, options=options) as channel:
+        stub = serving_pb2_grpc.ServingStub(channel)
+        ended_early = 0
+        for _ in range(20):  # deadlines shorter than the work: the caller gives up mid-call
+            try:
+                stub.Lookup(slow, timeout=0.003)
+            except grpc.RpcError as exc:
+                assert exc.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED), exc
+                ended_early += 1
+        for _ in range(10):  # cancelled by the caller after it was sent
+            future = stub.Lookup.future(slow, timeout=30)
+            time.sleep(0.002)
+            future.cancel()
+        assert ended_early > 0
+        # Whatever is still running upstream finishes; then the gate holds nothing.
+        deadline = time.monotonic() + 10
+        while _metrics(replica)["embps_serving_lookup_queue"] != 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        before = _metrics(replica)
+        assert before["embps_serving_lookup_queue"] == 0, before
+        # MAX_QUEUE concurrent calls are all admitted again: no place leaked.
+        futures = [stub.Lookup.future(small, timeout=30) for _ in range(MAX_QUEUE)]
+        replies = [f.result() for f in futures]
+    assert all(len(r.found) == 8 and r.found.count(0) == 0 for r in replies)
+    after = _metrics(replica)
+    assert after["embps_serving_lookup_queue"] == 0
+    assert after["embps_serving_shed_lookups_total"] == before["embps_serving_shed_lookups_total"]
+    assert after["embps_serving_admitted_lookups_total"] == before["embps_serving_admitted_lookups_total"] + MAX_QUEUE
+    # Calls that ended early did reach the gate and were admitted (a caller may also give up
+    # before its call leaves the channel: those the gate never sees), each counted once.
+    assert before["embps_serving_admitted_lookups_total"] > 0, before
+    total = after["embps_serving_admitted_lookups_total"] + after["embps_serving_shed_lookups_total"]
+    assert total <= 20 + 10 + MAX_QUEUE, after
