@@ -32,13 +32,14 @@ embps::LookupHandler python_handler(nb::callable handler) {
       auto [code, message, payload] = nb::cast<std::tuple<int, std::string, nb::bytes>>(out);
       reply.code = code;
       reply.message = std::move(message);
-      reply.payload.assign(payload.c_str(), payload.size());
+      reply.payload = grpc::Slice(payload.c_str(), payload.size());  // the one copy of the reply
     } catch (nb::python_error& error) {
       error.discard_as_unraisable("embps serving gate: the Lookup handler");
-      reply = embps::LookupReply{static_cast<int>(grpc::StatusCode::INTERNAL), "the lookup failed", ""};
+      reply.code = grpc::StatusCode::INTERNAL;
+      reply.message = "the lookup failed";
     } catch (const std::exception& error) {
-      reply = embps::LookupReply{static_cast<int>(grpc::StatusCode::INTERNAL),
-                                 std::string("the lookup's result: ") + error.what(), ""};
+      reply.code = grpc::StatusCode::INTERNAL;
+      reply.message = std::string("the lookup's result: ") + error.what();
     }
     return reply;
   };

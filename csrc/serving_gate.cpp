@@ -170,9 +170,11 @@ class Call {
   void Answer() {
     LookupReply reply;
     if (cancelled_.load(std::memory_order_relaxed)) {
-      reply = LookupReply{grpc::StatusCode::CANCELLED, "cancelled before the lookup ran", ""};
+      reply.code = grpc::StatusCode::CANCELLED;
+      reply.message = "cancelled before the lookup ran";
     } else if (std::chrono::system_clock::now() >= deadline_) {
-      reply = LookupReply{grpc::StatusCode::DEADLINE_EXCEEDED, "deadline exceeded before the lookup ran", ""};
+      reply.code = grpc::StatusCode::DEADLINE_EXCEEDED;
+      reply.message = "deadline exceeded before the lookup ran";
     } else {
       reply = shared_->lookup(request_);
     }
@@ -180,8 +182,7 @@ class Call {
       stream_.Finish(grpc::Status(static_cast<grpc::StatusCode>(reply.code), reply.message), tag(kFinish));
       return;
     }
-    grpc::Slice slice(std::move(reply.payload));
-    reply_ = grpc::ByteBuffer(&slice, 1);
+    reply_ = grpc::ByteBuffer(&reply.payload, 1);  // a reference to the slice, not a copy
     stream_.WriteAndFinish(reply_, grpc::WriteOptions(), grpc::Status::OK, tag(kFinish));
   }
 

@@ -22,6 +22,7 @@
 #include <grpcpp/generic/async_generic_service.h>
 #include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/server.h>
+#include <grpcpp/support/slice.h>
 
 #include <atomic>
 #include <condition_variable>
@@ -50,7 +51,7 @@ struct LookupRequest {
 struct LookupReply {
   int code = 0;         // a grpc::StatusCode; 0 (OK): `payload` is the reply message
   std::string message;  // the status message when code != 0
-  std::string payload;
+  grpc::Slice payload;  // filled once from the handler's bytes, then sent without a copy
 };
 
 // Runs on a worker thread; must not throw (the binding turns a Python exception into INTERNAL).
