@@ -74,16 +74,36 @@ class GateStats:
 
 class GateDirectory:
     """A new directory only this user can open (on /dev/shm where there is one), holding the Unix
-    socket of the replica's server and the gate's copies of the TLS files; `close()` removes it."""
+    socket of the replica's server and the gate's copies of the TLS files; `close()` removes it.
+    Its name holds the replica's pid: a replica that was killed cannot remove its own, so each new
+    one removes those of this user whose replica is gone."""
 
     def __init__(self) -> None:
-        shm = "/dev/shm"
-        base = shm if os.path.isdir(shm) and os.access(shm, os.W_OK | os.X_OK) else None
-        self.path = Path(tempfile.mkdtemp(prefix="embps-serving-", dir=base))  # mode 0700
+        shm = Path("/dev/shm")
+        base = shm if shm.is_dir() and os.access(shm, os.W_OK | os.X_OK) else Path(tempfile.gettempdir())
+        _remove_orphans(base)
+        self.path = Path(tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-", dir=base))  # mode 0700
         self.upstream = f"unix:{self.path}/upstream.sock"
 
     def close(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+_PREFIX = "embps-serving-"
+
+
+def _remove_orphans(base: Path) -> None:
+    """Removes this user's gate directories in `base` whose replica process no longer runs."""
+    for path in base.glob(f"{_PREFIX}*-*"):
+        pid = path.name[len(_PREFIX):].split("-", 1)[0]
+        try:
+            if not pid.isdigit() or path.stat().st_uid != os.getuid():
+                continue
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            continue  # gone meanwhile, or a process of another user: not ours to judge
 
 
 class GateIdentity:

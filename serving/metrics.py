@@ -8,6 +8,7 @@ host's clock; on one host, or with synchronised clocks, the difference is the de
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.registry import Collector
 
 from ps.metrics import LATENCY_BUCKETS
 
@@ -79,7 +80,7 @@ class ServingMetrics:
             registry=r,
         )
 
-    def replace_queue_metrics(self, collector) -> None:
+    def replace_queue_metrics(self, collector: Collector) -> None:
         """Exports the queue gauge and the shed counter from `collector` (the serving gate's counts)
         instead of the ones above, which only the replica's own LookupQueue updates."""
         self.registry.unregister(self.lookup_queue)

@@ -1,10 +1,14 @@
 """The serving gate (serving/gate.py) in a real `embps serve` replica: calls that end early (the
 caller's deadline, the caller cancelling) release their place in the Lookup bound, so a replica
-that saw many of them still admits up to max_queue; the gate's counts say so exactly."""
+that saw many of them still admits up to max_queue; the gate's counts say so exactly. And the
+gate's private directories of killed replicas do not pile up."""
 
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -82,3 +86,29 @@ def test_calls_ended_by_their_caller_release_their_place_in_the_bound(replica) -
     assert before["embps_serving_admitted_lookups_total"] > 0, before
     total = after["embps_serving_admitted_lookups_total"] + after["embps_serving_shed_lookups_total"]
     assert total <= 20 + 10 + MAX_QUEUE, after
+
+
+def test_a_new_replica_removes_the_directories_of_killed_ones() -> None:
+    """A replica killed with SIGKILL leaves its gate directory (socket, checked TLS copy); the next
+    one removes it, and never one whose replica still runs."""
+    from serving.gate import GateDirectory
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    first = GateDirectory()
+    orphan = first.path.with_name(f"embps-serving-{dead.pid}-killed")
+    orphan.mkdir(mode=0o700)
+    (orphan / "identity.pem").write_bytes(b"a key copy")
+    try:
+        second = GateDirectory()
+        try:
+            assert not orphan.exists()
+            assert first.path.is_dir()  # this process runs: its directory stays
+            assert second.path != first.path and second.path.stat().st_mode & 0o777 == 0o700
+        finally:
+            second.close()
+    finally:
+        first.close()
+        if orphan.exists():
+            shutil.rmtree(orphan)
+    assert not first.path.exists()
