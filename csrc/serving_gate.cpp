@@ -60,6 +60,7 @@ class Call {
 
   ~Call() {
     if (counted_) shared_->in_flight.fetch_sub(1, std::memory_order_relaxed);
+    if (serving_) shared_->serving.fetch_sub(1, std::memory_order_relaxed);
     shared_->live_calls.fetch_sub(1, std::memory_order_relaxed);
   }
 
@@ -109,6 +110,14 @@ class Call {
     new Call(shared_);  // the next request
     // The done tag of a taken call comes from a later event than this one: counting it here is safe.
     Start();
+    if (shared_->draining.load(std::memory_order_relaxed)) {
+      Start();
+      stream_.Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the serving replica is shutting down"),
+                     tag(kFinish));
+      return;
+    }
+    serving_ = true;
+    shared_->serving.fetch_add(1, std::memory_order_relaxed);
     if (server_ctx_.method() == shared_->lookup_method) {
       int64_t before = shared_->in_flight.fetch_add(1, std::memory_order_relaxed);
       if (shared_->max_queue > 0 && before >= shared_->max_queue) {
@@ -262,6 +271,7 @@ class Call {
   Tag tags_[kKinds];
   int pending_ = 0;
   bool counted_ = false;  // holds a place in the bound (shared_->in_flight)
+  bool serving_ = false;  // taken before the drain (shared_->serving)
   grpc::GenericServerContext server_ctx_;
   grpc::GenericServerAsyncReaderWriter stream_;
   grpc::ByteBuffer from_caller_;
@@ -385,11 +395,19 @@ void ServingGate::shutdown(double grace_seconds) {
   if (stopped_) return;
   stopped_ = true;
   const auto grace = std::chrono::microseconds(static_cast<int64_t>(std::max(0.0, grace_seconds) * 1e6));
-  // Calls still running at the deadline are cancelled, and their upstream calls with them; every
-  // call then ends on its own (the threads keep running them). The queue is shut down only when
-  // none is left, since no operation may start on a queue that is shut down.
-  server_->Shutdown(std::chrono::system_clock::now() + grace);
-  const auto give_up = std::chrono::steady_clock::now() + grace + std::chrono::seconds(10);
+  // First the drain: new calls are refused UNAVAILABLE while those taken before finish, for at
+  // most the grace. grpc++'s own Shutdown(deadline) would wait out the whole deadline for clients
+  // to close connections they keep open, idle or not. Then Shutdown: calls still running are
+  // cancelled (their upstream calls with them) and connections closed; every call then ends on
+  // its own (the threads keep running them). The queue is shut down only when none is left, since
+  // no operation may start on a queue that is shut down.
+  shared_->draining.store(true, std::memory_order_relaxed);
+  const auto drained_by = std::chrono::steady_clock::now() + grace;
+  while (shared_->serving.load(std::memory_order_relaxed) > 0 && std::chrono::steady_clock::now() < drained_by) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  server_->Shutdown(std::chrono::system_clock::now());
+  const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(10);
   while (shared_->live_calls.load(std::memory_order_relaxed) > 0 && std::chrono::steady_clock::now() < give_up) {
     std::this_thread::sleep_for(std::chrono::milliseconds(5));
   }
@@ -409,6 +427,9 @@ void ServingGate::shutdown(double grace_seconds) {
   for (std::thread& worker : workers_) worker.join();
   shared_->cq->Shutdown();
   thread_.join();
+  // The upstream channel goes now, not with the gate object: its connection would keep the
+  // replica's grpc.aio server waiting out its own grace.
+  shared_->stub.reset();
 }
 
 }  // namespace embps

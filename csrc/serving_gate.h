@@ -102,6 +102,8 @@ class ServingGate {
     std::atomic<int64_t> shed{0};
     std::atomic<int64_t> forwarded{0};
     std::atomic<int64_t> live_calls{0};  // calls (serving_gate.cpp), requests not yet taken included
+    std::atomic<bool> draining{false};   // shutting down: new calls are refused UNAVAILABLE
+    std::atomic<int64_t> serving{0};     // calls taken before the drain and not finished
     // Lookups read and waiting for a worker.
     std::mutex jobs_mu;
     std::condition_variable jobs_cv;

@@ -359,7 +359,7 @@ async def _serve_on(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await server.start()
-    gate = identity = None
+    gate = identity = counts = None
     try:
         if gated:
             if config.job.security.tls:
@@ -369,7 +369,8 @@ async def _serve_on(
                 identity,
             )
             port = gate.port
-            metrics.replace_queue_metrics(GateCounts(gate))
+            counts = GateCounts(gate)
+            metrics.replace_queue_metrics(counts)
         log.info(
             "serving replica of job %r on %s (port %d; %s), metrics on %s:%d, tables %s, export step %s, pid %d",
             config.job.job, config.listen, port, config.job.security.describe(), config.host, metrics_port,
@@ -391,6 +392,9 @@ async def _serve_on(
     finally:
         if gate is not None:
             await asyncio.to_thread(gate.shutdown, grace)
+            if counts is not None:  # the last reference but this function's: the gate goes with it
+                metrics.registry.unregister(counts)
+            log.info("serving gate stopped")
         if identity is not None:
             identity.close()
         await server.stop(grace)
