@@ -171,7 +171,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.verb == "ps":
-        from ps.server import exec_with_malloc_tuning, serve_shard
+        from ps.process.malloc import exec_with_malloc_tuning
+        from ps.shard.server import serve_shard
 
         if not args.no_malloc_tuning:
             exec_with_malloc_tuning(sys.argv[1:] if argv is None else argv)
@@ -183,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
             restore_step=args.restore_step,
         )
     if args.verb == "snapshot":
-        from ps.snapshot_cli import run_snapshot_cli
+        from ps.snapshot.cli import run_snapshot_cli
 
         if args.action == "export" and args.dst is None:
             raise SystemExit("embps snapshot export: --dst is required")
@@ -202,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return run_snapshot_bench(config)
     if args.verb == "serve":
-        from ps.server import exec_with_malloc_tuning
+        from ps.process.malloc import exec_with_malloc_tuning
         from serving.server import serve_replica
 
         if not args.no_malloc_tuning:
@@ -224,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return run_ps_bench(config)
     if args.verb == "bench" and args.bench == "table":
-        from ps.server import exec_with_malloc_tuning
+        from ps.process.malloc import exec_with_malloc_tuning
 
         # The same glibc thresholds as a shard: no mmap + page faults for every 1 MB output, for
         # our lookups and the raw gather alike.
@@ -309,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
     if args.verb == "health":
-        from ps.health_check import HealthProbe, health_cli, load_security
+        from ps.process.health import HealthProbe, health_cli, load_security
         from ps.security import SecurityConfig
 
         try:

@@ -32,9 +32,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from bench.machine import machine_facts
 from bench.ports import free_ports
 from ps.job_config import Deadlines, JobConfig, ShardConfig, dump_job_config
+from ps.process.malloc import MALLOC_TUNING
 from ps.rpc import serving_pb2, serving_pb2_grpc
-from ps.server import MALLOC_TUNING
-from ps.table_config import TableConfig
+from ps.table.config import TableConfig
 from serving.config import ServeConfig, dump_serve_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -13,7 +13,6 @@ import json
 import multiprocessing as mp
 import os
 import resource
-import signal
 import subprocess
 import sys
 import tempfile
@@ -26,7 +25,8 @@ import numpy as np
 from bench.keys import ZipfSampler
 from bench.ports import free_ports
 from ps.job_config import Deadlines, JobConfig, ShardConfig, dump_job_config
-from ps.table_config import OptimizerConfig, OptimizerKind, TableConfig
+from ps.process import children
+from ps.table.config import OptimizerConfig, OptimizerKind, TableConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TABLE = "emb"
@@ -75,16 +75,7 @@ def _start_shards(job: JobConfig, workdir: Path, malloc_tuned: bool) -> list[sub
     return procs
 
 
-def _stop(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            os.kill(p.pid, signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(30)
-        except subprocess.TimeoutExpired:
-            os.kill(p.pid, signal.SIGKILL)
-            p.wait()
+
 
 
 def _client_main(job: JobConfig, config: PSBenchConfig, verb: str, seed: int, barrier, queue) -> None:
@@ -148,7 +139,7 @@ def _in_process(config: PSBenchConfig) -> dict:
     """The same key stream through one EmbeddingTable in this process: the rate without RPC."""
     import torch
 
-    from ps.table import EmbeddingTable
+    from ps.table.embedding_table import EmbeddingTable
 
     torch.set_num_threads(1)
     table = EmbeddingTable(_table(config))
@@ -212,7 +203,7 @@ def run_ps_bench(config: PSBenchConfig) -> int:
                             f"{r['server_cpu_ms_per_call']:>19.2f} {r['client_cpu_ms_per_call']:>19.2f}"
                         )
             finally:
-                _stop(procs)
+                children.stop_all(procs, 30.0)
     results["phases"] = phases
     results["max_rusage_kb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     if config.out:

@@ -12,9 +12,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -26,7 +24,8 @@ from pathlib import Path
 import pyarrow.fs as pafs
 
 from bench.ports import free_ports
-from ps.storage import StorageConfig
+from ps.process import children
+from ps.snapshot.storage import StorageConfig
 
 ACCESS_KEY = "embps-test-access"
 SECRET_KEY = "embps-test-secret-key"
@@ -146,13 +145,7 @@ class S3Server:
 
     def stop(self, timeout: float = 15.0) -> int:
         """SIGTERM by pid, then SIGKILL after `timeout`; returns the exit code."""
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                return self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-        return self.proc.wait()
+        return children.stop(self.proc, timeout)
 
     def __enter__(self) -> S3Server:
         return self

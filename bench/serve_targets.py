@@ -2,7 +2,7 @@
 clients for them.
 
     rows: keys = key_of_rank(0 .. rows-1), values = row_values(keys, dim)  (n, dim) float32
-    embps      an export of those rows (ps/snapshot.py's format) that a real `embps serve`
+    embps      an export of those rows (ps/snapshot/files.py's format) that a real `embps serve`
                replica loads at start; Lookup over gRPC, keys as little-endian int64 bytes
     redis      `redis-server` on 127.0.0.1, one float32 blob (dim * 4 bytes, LE) per key, the key
                being the key's 8 little-endian bytes; a lookup is one MGET of the batch
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ import numpy as np
 
 from bench.keys import key_of_rank
 from bench.loadgen import OK
+from ps.process import children
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TABLE = "emb"
@@ -175,7 +175,7 @@ class InProcessCaller:
 def in_process_replica(rows: int, dim: int):
     """A serving.store.TableReplica (1 shard) holding the bench rows."""
     from ps.sharding import ShardMap
-    from ps.table_config import TableConfig
+    from ps.table.config import TableConfig
     from serving.store import TableReplica
 
     replica = TableReplica(TableConfig(TABLE, dim=dim), ShardMap.uniform(1))
@@ -196,15 +196,7 @@ class InProcessTarget:
         return InProcessCaller(self.rows, self.dim, batches)
 
 
-def _stop(proc: subprocess.Popen, timeout: float = 15.0) -> None:
-    """SIGTERM by pid, then SIGKILL after timeout."""
-    if proc.poll() is None:
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
+
 
 
 class EmbpsServer:
@@ -234,8 +226,8 @@ class EmbpsServer:
         export of the same rows already written (by write_export), shared by several replicas."""
         from bench.ports import free_ports
         from ps.job_config import JobConfig, ShardConfig, dump_job_config
-        from ps.server import MALLOC_TUNING
-        from ps.table_config import TableConfig
+        from ps.process.malloc import MALLOC_TUNING
+        from ps.table.config import TableConfig
         from serving.config import ExportSource, ServeConfig, dump_serve_config
 
         workdir.mkdir(parents=True, exist_ok=True)
@@ -308,13 +300,13 @@ class EmbpsServer:
         return self.log_path.read_text(errors="replace")[-chars:]
 
     def stop(self) -> None:
-        _stop(self.proc)
+        children.stop(self.proc)
 
 
 def write_export(uri: str, rows: int, dim: int) -> None:
     """An export (kind "export", 1 shard, step 1) of the bench rows under uri/JOB."""
-    from ps.snapshot import SnapshotWriter
-    from ps.snapshot_manifest import SnapshotKind
+    from ps.snapshot.files import SnapshotWriter
+    from ps.snapshot.manifest import SnapshotKind
 
     keys = np.sort(bench_keys(rows))
     writer = SnapshotWriter(uri, JOB, step=1, kind=SnapshotKind.EXPORT, num_shards=1)
@@ -413,7 +405,7 @@ class RedisServer:
         return out.strip()
 
     def stop(self) -> None:
-        _stop(self.proc)
+        children.stop(self.proc)
 
 
 def check_rows(fetch, rows: int, dim: int, sample: int = 256, seed: int = 0) -> None:

@@ -22,11 +22,11 @@ from tqdm import tqdm
 
 from bench.keys import key_of_rank
 from bench.machine import machine_facts
-from ps.snapshot import open_snapshot, restore
-from ps.snapshot_ops import ShardSnapshotter
-from ps.storage import StorageConfig
-from ps.table import EmbeddingTable, TableState
-from ps.table_config import OptimizerConfig, OptimizerKind, TableConfig
+from ps.snapshot.files import open_snapshot, restore
+from ps.snapshot.ops import ShardSnapshotter
+from ps.snapshot.storage import StorageConfig
+from ps.table.config import OptimizerConfig, OptimizerKind, TableConfig
+from ps.table.embedding_table import EmbeddingTable, TableState
 
 JOB = "bench"
 

@@ -18,8 +18,8 @@ from bench.fbgemm_rates import fbgemm_cpu_rates
 from bench.keys import ZipfSampler, key_of_rank
 from bench.machine import machine_facts
 from ps.native import HashMap
-from ps.table import EmbeddingTable
-from ps.table_config import OptimizerConfig, OptimizerKind, TableConfig
+from ps.table.config import OptimizerConfig, OptimizerKind, TableConfig
+from ps.table.embedding_table import EmbeddingTable
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ import torch
 from bench.machine import machine_facts
 from bench.ports import free_ports
 from ps.job_config import JobConfig, ShardConfig, dump_job_config
-from ps.table_config import OptimizerConfig, OptimizerKind, TableConfig
+from ps.table.config import OptimizerConfig, OptimizerKind, TableConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

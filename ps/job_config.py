@@ -44,8 +44,8 @@ import numpy as np
 
 from ps.security import SecurityConfig, dump_security, parse_security
 from ps.sharding import ShardMap
-from ps.storage import StorageConfig
-from ps.table_config import AdmissionConfig, EvictionConfig, OptimizerConfig, TableConfig
+from ps.snapshot.storage import StorageConfig
+from ps.table.config import AdmissionConfig, EvictionConfig, OptimizerConfig, TableConfig
 
 DEFAULT_MESSAGE_LIMIT = 64 << 20
 _MIN_MESSAGE_LIMIT = 64 << 10

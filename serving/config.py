@@ -48,7 +48,7 @@ class StorageDType(StrEnum):
 
 @dataclass(frozen=True)
 class ExportSource:
-    """Where the replica's initial rows come from: <uri>/<job>/LATEST (see ps/snapshot.py)."""
+    """Where the replica's initial rows come from: <uri>/<job>/LATEST (see ps/snapshot/files.py)."""
 
     uri: str
     job: str

@@ -1,4 +1,4 @@
-"""The replica's initial rows: the latest committed export (ps/snapshot.py's format), if any.
+"""The replica's initial rows: the latest committed export (ps/snapshot/files.py's format), if any.
 
     <uri>/<job>/LATEST -> <uri>/<job>/<step>/manifest.json -> <table>/shard-<s>.parquet (key, value)
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 
-from ps.storage import StorageConfig
+from ps.snapshot.storage import StorageConfig
 from serving.config import ExportSource
 from serving.store import ShardRows, TableReplica
 
@@ -22,7 +22,7 @@ def load_latest_export(source: ExportSource, replicas: dict[str, TableReplica]) 
     """Fills `replicas` from the latest export under source; returns its step, or None (and
     leaves them empty) when no export was committed yet. ValueError when the export's shards or
     dims disagree with the job (a replica must not serve another job's layout)."""
-    from ps import snapshot  # pyarrow and torch come with it; only replicas that load exports pay
+    from ps.snapshot import files as snapshot  # pyarrow and torch come with it; only replicas that load exports pay
 
     storage_config = StorageConfig.from_env()
     step = snapshot.latest(source.uri, source.job, storage_config)

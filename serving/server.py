@@ -37,9 +37,9 @@ from grpc_reflection.v1alpha import reflection
 
 from ps import wire
 from ps.errors import UnknownTableError
+from ps.process.calls import ShuttingDownError, UndecodableRequests, status_of
 from ps.rpc import ps_pb2, serving_pb2, serving_pb2_grpc
 from ps.security import Role, TokenAuth, add_port, open_aio_channel, server_interceptors, serving_port_policy
-from ps.server import ShuttingDownError, UndecodableRequests, status_of
 from serving.config import ServeConfig, load_serve_config
 from serving.core_calls import CoreCallCounts, counts_core_calls, server_ids
 from serving.follower import ShardFollower

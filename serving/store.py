@@ -24,12 +24,12 @@ import numpy as np
 
 from ps import native
 from ps.sharding import ShardMap
-from ps.table_config import Initializer, TableConfig
+from ps.table.config import Initializer, TableConfig
 from serving.config import DefaultRow, StorageDType
 
 BLOCK_SHIFT = 14  # 16k rows per block: growth allocates a block, never copies the rows
 MAX_ROWS_PER_HOLD = 8192  # rows written per lock hold (~0.2 ms at dim 64)
-# The codes of the C++ init_values (csrc/row_ops.h), as ps.table passes them.
+# The codes of the C++ init_values (csrc/row_ops.h), as ps.table.embedding_table passes them.
 _INIT_KIND = {Initializer.ZEROS: 0, Initializer.UNIFORM: 1, Initializer.NORMAL: 2}
 
 

@@ -25,9 +25,9 @@ from torch import nn
 from ps.job_config import SnapshotConfig
 from ps.rpc import snapshot_pb2, snapshot_pb2_grpc
 from ps.security import Role, SecurityConfig, open_channel
-from ps.snapshot import SnapshotWriter, read_extra
-from ps.snapshot_manifest import ShardRecord
-from ps.snapshot_ops import collect_garbage
+from ps.snapshot.files import SnapshotWriter, read_extra
+from ps.snapshot.manifest import ShardRecord
+from ps.snapshot.ops import collect_garbage
 from worker.train_config import TrainingJob
 
 DENSE = "dense.pt"
@@ -41,7 +41,7 @@ class Checkpointer:
 
     def __init__(self, job: TrainingJob, rank: int, world_size: int, resumed_step: int | None = None) -> None:
         self.job = job
-        self.config: SnapshotConfig | None = job.ps.snapshot
+        self.config: SnapshotConfig | None = job.ps.snapshot.files
         self.rank = rank
         self.world_size = world_size
         self._last_step = resumed_step
@@ -122,7 +122,7 @@ def load_trainer_state(
 ) -> dict:
     """Loads snapshot `step`'s dense model and optimizer into place; returns this rank's reader
     position (as saved by the same rank) and the step."""
-    config = job.ps.snapshot
+    config = job.ps.snapshot.files
     if config is None:
         raise ValueError("snapshot: resuming needs a [snapshot] section")
     state = json.loads(read_extra(config.uri, job.ps.job, step, TRAINER_STATE, config.storage))

@@ -23,7 +23,7 @@ max_restarts = 0, the job fails naming the component. All shards restart, not on
 a live shard holds the pushes of the steps after the snapshot, and the workers push those steps
 again, so keeping it would apply them twice. Restarting everything from one snapshot keeps the
 exact-resume property: the job ends with the weights of a run that was never disturbed. Only
-complete snapshots count (ps/snapshot.py `latest` trusts a manifest, never a half-written step),
+complete snapshots count (ps/snapshot/files.py `latest` trusts a manifest, never a half-written step),
 and the step is read after every worker is stopped, so no snapshot can be committed meanwhile.
 Torch elastic's own restarts stay off (max_restarts=0 there): it would restart the workers alone.
 Serving replicas are restarted alone (see worker/serving_fleet.py).
@@ -43,6 +43,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from ps.process import children
 from worker import processes
 from worker.launch_config import check_max_restarts, load_launch_settings
 from worker.serving_fleet import ServingFleet
@@ -239,12 +240,12 @@ def _run_attempt(
             failed = _shard_exit(*dead[0])
     finally:
         stop_watch.set()
-        processes.stop_all(shards)
+        children.stop_all(shards)
     return failed
 
 
 def _latest_step(job: TrainingJob) -> int:
-    if job.ps.snapshot is None:
+    if job.ps.snapshot.files is None:
         raise RuntimeError("--resume: the job has no [snapshot] section, so there is nothing to resume from")
     step = _latest_or_none(job)
     if step is None:
@@ -254,9 +255,9 @@ def _latest_step(job: TrainingJob) -> int:
 
 def _latest_or_none(job: TrainingJob) -> int | None:
     """The job's newest complete snapshot step; None without [snapshot] or before the first."""
-    from ps.snapshot import latest
+    from ps.snapshot.files import latest
 
-    if job.ps.snapshot is None:
+    if job.ps.snapshot.files is None:
         return None
     return latest(job.ps.snapshot.uri, job.ps.job, job.ps.snapshot.storage)
 
@@ -268,10 +269,10 @@ def _start_shards(job: TrainingJob, out: Path, restore_step: int | None) -> list
         shards.append(processes.start_shard(config_path, index, out / "logs" / f"ps-{index}.log", restore_step))
     for index, (proc, shard) in enumerate(zip(shards, job.ps.shards, strict=True)):
         try:
-            processes.wait_serving(shard.address, proc, f"ps shard {index}", security=job.ps.security)
+            children.wait_serving(shard.address, proc, f"ps shard {index}", security=job.ps.security)
         except RuntimeError:
             for p in shards:
-                processes.stop(p)
+                children.stop(p)
             raise
     return shards
 
@@ -286,7 +287,7 @@ def _watch_shards(shards: list, failures: _Failures, stop: threading.Event) -> N
 
 
 def _shard_exit(index: int, proc) -> str:
-    return f"ps shard {index} (pid {proc.pid}) exited ({processes.describe_exit(proc.returncode)})"
+    return f"ps shard {index} (pid {proc.pid}) exited ({children.describe_exit(proc.returncode)})"
 
 
 def _show_progress(path: Path, job: TrainingJob, stop: threading.Event) -> None:
@@ -350,7 +351,7 @@ def _run_workers(
             return failures.first()
         rank, first = min(exc.failures.items(), key=lambda item: item[1].timestamp)
         return (
-            f"worker rank {rank} (pid {first.pid}) exited ({processes.describe_exit(first.exitcode)}) "
+            f"worker rank {rank} (pid {first.pid}) exited ({children.describe_exit(first.exitcode)}) "
             f"after {time.monotonic() - start:.0f} s (its output is above)"
         )
     finally:

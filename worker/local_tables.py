@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 
 from ps.sharding import ShardMap
-from ps.table import EmbeddingTable
-from ps.table_config import TableConfig
+from ps.table.config import TableConfig
+from ps.table.embedding_table import EmbeddingTable
 
 
 class LocalTables:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from ps.process import children
 from serving.config import ServeConfig, dump_serve_config
 from worker import processes
 from worker.launch_config import ReplicaSpec
@@ -74,14 +75,14 @@ class ServingFleet:
         self._stop.set()
         if self._watcher is not None:
             self._watcher.join()
-        processes.stop_all(self.procs)
+        children.stop_all(self.procs)
 
     def _watch(self) -> None:
         while not self._stop.wait(POLL_SECONDS):
             for index, proc in enumerate(self.procs):
                 if proc.poll() is None or self._stop.is_set():
                     continue
-                what = f"serving replica {index} (pid {proc.pid}) exited ({processes.describe_exit(proc.returncode)})"
+                what = f"serving replica {index} (pid {proc.pid}) exited ({children.describe_exit(proc.returncode)})"
                 if self.restarts[index] >= self.max_restarts:
                     self.on_fatal(f"{what}; no restarts left (max_restarts = {self.max_restarts})")
                     return
@@ -97,6 +98,6 @@ class ServingFleet:
                     tqdm.write(f"embps launch: {exc}")  # the next round counts it as another death
 
     def _wait_serving(self, index: int) -> None:
-        processes.wait_serving(
+        children.wait_serving(
             self.specs[index].listen, self.procs[index], f"serving replica {index}", security=self.job.ps.security
         )

@@ -57,7 +57,9 @@ def stale_files(proto_root: Path = PROTO_ROOT, out_dir: Path = OUT_DIR) -> list[
     """Names of stubs in `out_dir` that differ from a fresh render (or are missing or left over)."""
     fresh = render(proto_root)
     on_disk = {p.name for p in out_dir.iterdir() if p.name.endswith(SUFFIXES)}
-    stale = [name for name, text in fresh.items() if not (out_dir / name).exists() or (out_dir / name).read_text() != text]
+    stale = [
+        name for name, text in fresh.items() if not (out_dir / name).exists() or (out_dir / name).read_text() != text
+    ]
     stale += sorted(on_disk - fresh.keys())
     return stale
 

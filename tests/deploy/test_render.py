@@ -17,7 +17,7 @@ import yaml
 import embps
 from deploy.render import load_deployment, render, write_manifests
 from ps.job_config import load_job_config
-from ps.server import SERVICE_NAME as PS_SERVICE
+from ps.shard.server import SERVICE_NAME as PS_SERVICE
 from serving.config import load_serve_config
 from serving.server import SERVICE_NAME as SERVING_SERVICE
 from tests.helpers.processes import REPO_ROOT

@@ -55,7 +55,7 @@ from bench.ports import free_ports
 from ps import wire
 from ps.job_config import SnapshotConfig
 from ps.rpc import serving_pb2, serving_pb2_grpc
-from ps.snapshot import latest, list_snapshots, read_extra, restore
+from ps.snapshot.files import latest, list_snapshots, read_extra, restore
 from tests.helpers.processes import REPO_ROOT
 from tests.worker.test_launch import alive, descendants
 from tests.worker.test_resume import TABLES, assert_same_dense, assert_same_tables

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from ps.client import PSClient
-from ps.server import MALLOC_TUNING
+from ps.process.malloc import MALLOC_TUNING
 from serving.config import ServeConfig, dump_serve_config
 from serving.server import SERVICE_NAME
 from tests.faults.namespaced_jobs import (

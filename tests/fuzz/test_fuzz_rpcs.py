@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ps.rpc import ps_pb2, ps_pb2_grpc, serving_pb2, serving_pb2_grpc, snapshot_pb2, snapshot_pb2_grpc
-from ps.table_config import OptimizerConfig, OptimizerKind, TableConfig
+from ps.table.config import OptimizerConfig, OptimizerKind, TableConfig
 from tests.helpers.processes import ShardCluster, make_job
 from tests.serving.replicas import ServingReplica
 

@@ -10,7 +10,6 @@ with ShardCluster.start(job, tmp_path) as cluster:
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -22,9 +21,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.ports import free_ports
 from ps.job_config import Deadlines, JobConfig, ShardConfig, dump_job_config
+from ps.process.children import stop as stop_pid
+from ps.process.malloc import MALLOC_TUNING
 from ps.security import SecurityConfig, open_channel
-from ps.server import MALLOC_TUNING, SERVICE_NAME
-from ps.table_config import TableConfig
+from ps.shard.server import SERVICE_NAME
+from ps.table.config import TableConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -89,15 +90,7 @@ def wait_serving(
     raise TimeoutError(f"shard at {address} not SERVING after {timeout} s")
 
 
-def stop_pid(proc: subprocess.Popen, timeout: float = 15.0) -> int:
-    """SIGTERM by pid, wait up to `timeout`, then SIGKILL; returns the exit code."""
-    if proc.poll() is None:
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            return proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-    return proc.wait()
+
 
 
 @dataclass

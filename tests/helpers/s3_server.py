@@ -10,7 +10,7 @@ import uuid
 from dataclasses import dataclass
 
 from bench.s3_server import ACCESS_KEY, SECRET_KEY, S3Server
-from ps.storage import StorageConfig
+from ps.snapshot.storage import StorageConfig
 
 __all__ = ["ACCESS_KEY", "SECRET_KEY", "S3Server", "S3Bucket"]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ps.table_config import OptimizerConfig, OptimizerKind
+from ps.table.config import OptimizerConfig, OptimizerKind
 
 
 class ReferenceTable:

@@ -7,7 +7,7 @@ import numpy as np
 
 from ps.client import PSClient
 from ps.rpc import ps_pb2, ps_pb2_grpc
-from ps.table_config import OptimizerConfig, OptimizerKind, TableConfig
+from ps.table.config import OptimizerConfig, OptimizerKind, TableConfig
 from tests.helpers.processes import make_job
 
 TABLES = [

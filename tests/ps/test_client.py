@@ -22,14 +22,14 @@ from ps.client import (
 from ps.errors import CapacityError, UnknownTableError
 from ps.job_config import Deadlines, dump_job_config
 from ps.rpc import ps_pb2, ps_pb2_grpc
-from ps.table import EmbeddingTable
-from ps.table_config import (
+from ps.table.config import (
     AdmissionConfig,
     AdmissionKind,
     OptimizerConfig,
     OptimizerKind,
     TableConfig,
 )
+from ps.table.embedding_table import EmbeddingTable
 from tests.helpers.processes import ShardCluster, make_job, start_shard, stop_pid, wait_serving
 
 USER = TableConfig("user", dim=8, seed=3, optimizer=OptimizerConfig(kind=OptimizerKind.ADAGRAD, lr=0.3))

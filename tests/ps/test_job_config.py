@@ -7,7 +7,7 @@ import pytest
 
 from ps.job_config import dump_job_config, load_job_config, parse_job_config
 from ps.sharding import ShardMap
-from ps.table_config import EvictionPolicy, OptimizerKind
+from ps.table.config import EvictionPolicy, OptimizerKind
 
 EXAMPLE = """
 job = "ctr"

@@ -8,7 +8,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from ps.client import InvalidArgumentError, PSClient
-from ps.table_config import EvictionConfig, EvictionPolicy, TableConfig
+from ps.table.config import EvictionConfig, EvictionPolicy, TableConfig
 from tests.helpers.processes import ShardCluster, make_job
 
 USER = TableConfig("user", dim=4)

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from ps.table import EmbeddingTable
-from ps.table_config import OptimizerConfig, OptimizerKind, TableConfig
+from ps.table.config import OptimizerConfig, OptimizerKind, TableConfig
+from ps.table.embedding_table import EmbeddingTable
 from tests.ps.reference_optim import ReferenceTable
 
 CONFIGS = {

@@ -11,10 +11,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from ps.errors import CapacityError, UnknownTableError, WrongShardError
+from ps.process.calls import status_of
 from ps.rpc import ps_pb2, ps_pb2_grpc
-from ps.server import SERVICE_NAME, status_of
-from ps.table import EmbeddingTable
-from ps.table_config import OptimizerConfig, OptimizerKind, TableConfig
+from ps.shard.server import SERVICE_NAME
+from ps.table.config import OptimizerConfig, OptimizerKind, TableConfig
+from ps.table.embedding_table import EmbeddingTable
 from tests.helpers.processes import ShardCluster, make_job
 
 USER = TableConfig("user", dim=4, optimizer=OptimizerConfig(kind=OptimizerKind.ADAGRAD, lr=0.5), seed=7)

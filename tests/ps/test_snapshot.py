@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import embps
-from ps.snapshot import (
+from ps.snapshot.files import (
     SnapshotCorruptError,
     SnapshotError,
     SnapshotWriter,
@@ -27,9 +27,8 @@ from ps.snapshot import (
     read_manifest,
     restore,
 )
-from ps.snapshot_ops import ShardSnapshotter, collect_garbage, export_for_serving
-from ps.table import EmbeddingTable, TableState
-from ps.table_config import (
+from ps.snapshot.ops import ShardSnapshotter, collect_garbage, export_for_serving
+from ps.table.config import (
     AdmissionConfig,
     AdmissionKind,
     EvictionConfig,
@@ -38,6 +37,7 @@ from ps.table_config import (
     OptimizerKind,
     TableConfig,
 )
+from ps.table.embedding_table import EmbeddingTable, TableState
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 FIELDS = ("keys", "values", "optimizer_state", "freq", "last_step", "pending_keys", "pending_counts",
@@ -290,8 +290,8 @@ def test_writer_refuses_what_it_cannot_commit(tmp_path):
 _KILLED_WRITER = """
 import sys
 import numpy as np
-from ps.snapshot import SnapshotWriter
-from ps.table import TableState
+from ps.snapshot.files import SnapshotWriter
+from ps.table.embedding_table import TableState
 n, dim = 400_000, 64
 rng = np.random.default_rng(0)
 state = TableState(np.arange(n, dtype=np.int64), rng.standard_normal((n, dim), dtype=np.float32),

@@ -9,9 +9,9 @@ import numpy as np
 import pyarrow.fs as pafs
 import pytest
 
-from ps.snapshot import SnapshotWriter, latest, list_snapshots, open_snapshot, restore
-from ps.snapshot_ops import ShardSnapshotter, collect_garbage, export_for_serving
-from ps.storage import StorageConfig, open_uri
+from ps.snapshot.files import SnapshotWriter, latest, list_snapshots, open_snapshot, restore
+from ps.snapshot.ops import ShardSnapshotter, collect_garbage, export_for_serving
+from ps.snapshot.storage import StorageConfig, open_uri
 from tests.ps.test_snapshot import assert_same_state, evicting_table, push
 
 

@@ -1,4 +1,4 @@
-"""URIs -> pyarrow.fs (ps/storage.py): local forms, S3 settings from config and AWS_* variables,
+"""URIs -> pyarrow.fs (ps/snapshot/storage.py): local forms, S3 settings from config and AWS_* variables,
 HDFS configuration errors (no NameNode can run here), atomic writes."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import os
 import pyarrow.fs as pafs
 import pytest
 
-from ps import storage
-from ps.storage import StorageConfig, StorageError, open_uri
+from ps.snapshot import storage
+from ps.snapshot.storage import StorageConfig, StorageError, open_uri
 
 
 def test_local_forms_give_local_filesystem_and_absolute_path(tmp_path, monkeypatch):

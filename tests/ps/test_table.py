@@ -5,8 +5,7 @@ import pytest
 import torch
 
 from ps.errors import CapacityError
-from ps.table import EmbeddingTable
-from ps.table_config import (
+from ps.table.config import (
     AdmissionConfig,
     AdmissionKind,
     EvictionConfig,
@@ -16,6 +15,7 @@ from ps.table_config import (
     OptimizerKind,
     TableConfig,
 )
+from ps.table.embedding_table import EmbeddingTable
 
 SGD = OptimizerConfig(kind=OptimizerKind.SGD, lr=1.0)
 

@@ -18,8 +18,8 @@ import pytest
 from bench.ports import free_ports
 from deploy.render import load_deployment, render
 from ps.job_config import dump_job_config
-from ps.server import SERVICE_NAME as PS_SERVICE
-from ps.table_config import TableConfig
+from ps.shard.server import SERVICE_NAME as PS_SERVICE
+from ps.table.config import TableConfig
 from tests.helpers.processes import REPO_ROOT, ShardCluster, make_job
 from tests.security.certs import secured
 

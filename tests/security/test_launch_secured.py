@@ -13,7 +13,7 @@ from pathlib import Path
 
 from bench.ports import free_ports
 from ps.security import Role
-from ps.table_config import OptimizerConfig, OptimizerKind, TableConfig
+from ps.table.config import OptimizerConfig, OptimizerKind, TableConfig
 from tests.helpers.processes import REPO_ROOT, make_job
 from tests.security.certs import Pki, secured
 from tests.worker.training_jobs import training_toml

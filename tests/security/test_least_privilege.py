@@ -20,8 +20,8 @@ import numpy as np
 from deploy.render import PodKind, pod_security_files
 from ps.job_config import JobConfig, dump_job_config
 from ps.security import Role, SecurityConfig, Tokens, TokenSource
-from ps.server import SERVICE_NAME as PS_SERVICE
-from ps.table_config import OptimizerConfig, OptimizerKind, TableConfig
+from ps.shard.server import SERVICE_NAME as PS_SERVICE
+from ps.table.config import OptimizerConfig, OptimizerKind, TableConfig
 from serving.server import SERVICE_NAME as SERVING_SERVICE
 from tests.helpers.processes import REPO_ROOT, ShardCluster, make_job
 from tests.security.certs import Pki, secured

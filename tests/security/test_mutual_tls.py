@@ -11,7 +11,7 @@ import pytest
 from ps.client import PSClient
 from ps.rpc import ps_pb2, ps_pb2_grpc
 from ps.security import open_channel
-from ps.table_config import TableConfig
+from ps.table.config import TableConfig
 from tests.helpers.processes import ShardCluster, make_job
 from tests.security.certs import secured
 

@@ -24,7 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ps.rpc import ps_pb2, ps_pb2_grpc
 from ps.security import RELOAD_CHECK_S, Role, SecurityConfig, Tokens, TokenSource, open_channel
-from ps.table_config import TableConfig
+from ps.table.config import TableConfig
 from serving.server import SERVICE_NAME as SERVING_SERVICE
 from tests.helpers.processes import ShardCluster, make_job, stop_pid
 from tests.security.certs import Pki

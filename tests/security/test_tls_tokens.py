@@ -18,8 +18,8 @@ from ps import wire
 from ps.client import PSClient, RPCError
 from ps.rpc import ps_pb2, ps_pb2_grpc, serving_pb2, serving_pb2_grpc, snapshot_pb2, snapshot_pb2_grpc
 from ps.security import Role, open_channel
-from ps.server import SERVICE_NAME
-from ps.table_config import OptimizerConfig, OptimizerKind, TableConfig
+from ps.shard.server import SERVICE_NAME
+from ps.table.config import OptimizerConfig, OptimizerKind, TableConfig
 from tests.helpers.processes import ShardCluster, make_job
 from tests.security.certs import secured
 from tests.serving.replicas import ServingReplica

@@ -19,9 +19,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ps import wire
 from ps.job_config import JobConfig, dump_job_config
+from ps.process.malloc import MALLOC_TUNING
 from ps.rpc import ps_pb2, serving_pb2, serving_pb2_grpc
 from ps.security import Role, open_channel
-from ps.server import MALLOC_TUNING
 from serving.config import ServeConfig, dump_serve_config
 from serving.server import SERVICE_NAME
 from tests.helpers.processes import REPO_ROOT, ShardCluster, free_ports, stop_pid, wait_serving

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ps.job_config import dump_job_config
-from ps.table_config import TableConfig
+from ps.table.config import TableConfig
 from serving.config import DefaultRow, ExportSource, StorageDType, dump_serve_config, load_serve_config
 from tests.helpers.processes import make_job
 

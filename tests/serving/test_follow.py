@@ -9,7 +9,7 @@ import pytest
 from ps import wire
 from ps.client import PSClient
 from ps.rpc import ps_pb2, ps_pb2_grpc
-from ps.table_config import TableConfig
+from ps.table.config import TableConfig
 from tests.helpers.processes import make_job
 from tests.serving.replicas import start_cluster_with_log
 

@@ -17,8 +17,8 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 from ps.client import PSClient
 from ps.rpc import ps_pb2, serving_pb2
-from ps.table import EmbeddingTable
-from ps.table_config import Initializer, TableConfig
+from ps.table.config import Initializer, TableConfig
+from ps.table.embedding_table import EmbeddingTable
 from serving.config import DefaultRow
 from serving.server import SERVICE_NAME
 from tests.helpers.processes import make_job
@@ -189,7 +189,7 @@ def test_a_gap_in_the_stream_forces_a_resync(tmp_path):
 
 
 def test_starts_from_the_latest_export_while_the_shard_is_down(start_cluster, tmp_path):
-    snapshot_ops = pytest.importorskip("ps.snapshot_ops")
+    snapshot_ops = pytest.importorskip("ps.snapshot.ops")
     job = make_job([USER], num_shards=1)
     table = EmbeddingTable(USER)
     keys = np.arange(30, dtype=np.int64)
@@ -212,7 +212,7 @@ def test_starts_from_the_latest_export_while_the_shard_is_down(start_cluster, tm
 def test_export_rows_never_mix_with_a_shard_that_reached_their_version_with_other_rows(start_cluster, tmp_path):
     """The export is at version 1 of one history; the live shard, started empty, reaches version 1
     with other keys. Serving must end up with exactly the shard's rows, not a union."""
-    from ps import snapshot_ops
+    from ps.snapshot import ops as snapshot_ops
     from serving.config import ExportSource
 
     job = make_job([USER], num_shards=1)

@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ps.sharding import ShardMap
-from ps.table import EmbeddingTable
-from ps.table_config import Initializer, TableConfig
+from ps.table.config import Initializer, TableConfig
+from ps.table.embedding_table import EmbeddingTable
 from serving.config import DefaultRow, StorageDType
 from serving.store import ShardRows, TableReplica
 

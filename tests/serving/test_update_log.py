@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ps.update_log import LogGapError, UpdateLog
+from ps.shard.update_log import LogGapError, UpdateLog
 
 pushes = st.lists(
     st.tuples(

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ps.table import EmbeddingTable
+from ps.table.embedding_table import EmbeddingTable
 from tests.ps.reference_optim import ReferenceTable
 from worker.model import DLRMDenseTower
 from worker.synthetic import SyntheticData

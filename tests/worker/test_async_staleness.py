@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import pytest
 
-from ps.table_config import TableConfig
+from ps.table.config import TableConfig
 from worker.data_sources import train_reader
 from worker.local_tables import LocalTables
 from worker.model import DLRMDenseTower

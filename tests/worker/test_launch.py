@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ps.table_config import OptimizerConfig, OptimizerKind, TableConfig
+from ps.table.config import OptimizerConfig, OptimizerKind, TableConfig
 from tests.helpers.processes import REPO_ROOT
 from tests.worker.training_jobs import write_training_job
 

@@ -6,7 +6,7 @@ import tomllib
 
 import pytest
 
-from ps.table_config import TableConfig
+from ps.table.config import TableConfig
 from tests.worker.training_jobs import write_training_job
 from worker.launch_config import LaunchSettings, ReplicaSpec, parse_launch_settings
 from worker.launcher import LaunchOptions, launch

@@ -22,8 +22,8 @@ import torch
 
 from ps.client import PSClient
 from ps.job_config import JobConfig, ShardConfig
-from ps.server import MALLOC_TUNING
-from ps.table import EmbeddingTable
+from ps.process.malloc import MALLOC_TUNING
+from ps.table.embedding_table import EmbeddingTable
 from tests.helpers.netns import Host, HostNetwork, host_network, remaining, unavailable_reason
 from tests.helpers.processes import REPO_ROOT, ShardCluster, make_job, stop_pid, wait_serving
 from tests.worker.test_training_sync import train_reference_keys

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from ps.job_config import SnapshotConfig
-from ps.snapshot import latest, list_snapshots, read_extra, restore
-from ps.table_config import AdmissionConfig, AdmissionKind, EvictionConfig, OptimizerConfig, OptimizerKind, TableConfig
+from ps.snapshot.files import latest, list_snapshots, read_extra, restore
+from ps.table.config import AdmissionConfig, AdmissionKind, EvictionConfig, OptimizerConfig, OptimizerKind, TableConfig
 from tests.helpers.processes import REPO_ROOT
 from tests.worker.test_launch import alive, descendants
 from tests.worker.training_jobs import write_training_job

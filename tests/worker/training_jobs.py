@@ -6,7 +6,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ps.job_config import JobConfig, SnapshotConfig, dump_job_config
-from ps.table_config import OptimizerConfig, OptimizerKind, TableConfig
+from ps.table.config import OptimizerConfig, OptimizerKind, TableConfig
 from tests.helpers.processes import make_job
 
 # One table per sparse feature, each with another sparse optimizer: one run checks all five.

@@ -1,6 +1,6 @@
 """Snapshot manifests: what a committed snapshot holds, and the names and kinds it uses.
 
-The layout and every field are described in ps/snapshot.py; this module only models and
+The layout and every field are described in ps/snapshot/files.py; this module only models and
 (de)serialises manifest.json, so readers and writers share one definition.
 """
 
@@ -13,7 +13,7 @@ from enum import StrEnum
 import numpy as np
 
 from ps.errors import EmbpsError
-from ps.table_config import (
+from ps.table.config import (
     AdmissionConfig,
     AdmissionKind,
     EvictionConfig,

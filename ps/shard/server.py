@@ -5,7 +5,7 @@
 Table operations are serialised (the tables are not thread-safe): small calls run inline on the
 event loop, large ones on one tables thread so that the loop stays free to accept calls (see
 `ParameterServerServicer.run`).
-Domain errors become status codes in exactly one place, `status_of`; servicer methods hold no
+Domain errors become status codes in exactly one place, `status_of` (ps/process/calls.py); servicer methods hold no
 try/except. SIGTERM marks the shard NOT_SERVING, lets in-flight calls finish (`grace` seconds),
 refuses new ones with UNAVAILABLE and exits 0.
 
@@ -21,110 +21,46 @@ import functools
 import logging
 import os
 import signal
-import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
-from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from ps import wire
-from ps.errors import CapacityError, EmbpsError, UnknownTableError, WrongShardError
 from ps.job_config import JobConfig, load_job_config
-from ps.metrics import ShardMetrics
+from ps.process.calls import ShuttingDownError, UndecodableRequests, status_of
 from ps.rpc import ps_pb2, ps_pb2_grpc, snapshot_pb2, snapshot_pb2_grpc
 from ps.security import add_port, ps_port_policy, server_interceptors
-from ps.snapshot_manifest import SnapshotError
-from ps.update_log import DEFAULT_MAX_ENTRIES, DEFAULT_MAX_KEYS, LogGapError, LogRange
+from ps.shard.metrics import ShardMetrics
+from ps.shard.update_log import DEFAULT_MAX_ENTRIES, DEFAULT_MAX_KEYS, LogGapError, LogRange
 
 log = logging.getLogger("embps.ps")
 
+
 SERVICE_NAME = ps_pb2.DESCRIPTOR.services_by_name["ParameterServer"].full_name
+
+
 SNAPSHOT_SERVICE_NAME = snapshot_pb2.DESCRIPTOR.services_by_name["SnapshotControl"].full_name
-# glibc's defaults mmap and unmap every reply buffer above 128 KiB, and page-fault it in again on
-# the next call (about half of a 1 MB reply's server time); read by glibc at process start only.
-MALLOC_TUNING = {"MALLOC_MMAP_THRESHOLD_": "67108864", "MALLOC_TRIM_THRESHOLD_": "268435456"}
+
+
 DRAIN_WINDOW_SECONDS = 0.3
+
+
 _MESSAGE_SLACK = 1 << 16  # protobuf framing around the bulk bytes
+
+
 INLINE_WORK_BYTES = 1 << 20  # calls moving more than this run off the event loop (about 0.2 ms of work)
+
+
 HEARTBEAT_SECONDS = 0.5  # an idle Subscribe stream says "still here, still at version v" this often
+
+
 _ACK_BYTES = 32  # one VersionAck on the wire, framing included (generous)
-
-
-class ShuttingDownError(EmbpsError):
-    """The shard is draining and takes no new calls (gRPC UNAVAILABLE)."""
-
-
-def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The one mapping from domain errors to gRPC status codes (and the message sent)."""
-    if isinstance(exc, ShuttingDownError):
-        return grpc.StatusCode.UNAVAILABLE, str(exc)
-    if isinstance(exc, UnknownTableError):
-        return grpc.StatusCode.NOT_FOUND, str(exc)
-    if isinstance(exc, (WrongShardError, LogGapError, SnapshotError)):
-        return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
-    if isinstance(exc, CapacityError):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
-    if isinstance(exc, (ValueError, TypeError)):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
-    return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); the traceback is in the server's log"
-
-
-class _Undecodable:
-    """What a request that is not a valid protobuf message deserializes to (see UndecodableRequests)."""
-
-    def __init__(self, error: Exception) -> None:
-        self.error = error
-
-
-class UndecodableRequests(grpc.aio.ServerInterceptor):
-    """Answers request bytes that do not parse as the method's message with INVALID_ARGUMENT.
-
-    grpc.aio answers a request deserializer's exception with UNKNOWN, before any handler runs;
-    here the deserializer of every unary-request embps method returns the error instead, and the
-    method answers it through `status_of` like any other bad request.
-    """
-
-    async def intercept_service(self, continuation, handler_call_details):
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or handler.request_streaming or not method.startswith("/embps."):
-            return handler
-        parse = handler.request_deserializer
-
-        def deserialize(data: bytes):
-            try:
-                return parse(data)
-            except DecodeError as exc:
-                return _Undecodable(exc)
-
-        async def refuse(request: _Undecodable, context: grpc.aio.ServicerContext) -> None:
-            code, message = status_of(ValueError(f"request: not a valid message for {method}: {request.error}"))
-            await context.abort(code, message)
-
-        if handler.response_streaming:
-            behavior = handler.unary_stream
-
-            async def unary_stream(request, context):
-                if isinstance(request, _Undecodable):
-                    await refuse(request, context)
-                async for reply in behavior(request, context):
-                    yield reply
-
-            return handler._replace(request_deserializer=deserialize, unary_stream=unary_stream)
-        behavior = handler.unary_unary
-
-        async def unary_unary(request, context):
-            if isinstance(request, _Undecodable):
-                await refuse(request, context)
-            return await behavior(request, context)
-
-        return handler._replace(request_deserializer=deserialize, unary_unary=unary_unary)
 
 
 def _rpc(method: str) -> Callable:
@@ -396,8 +332,8 @@ async def create_server(
     one). log_max_keys, log_max_entries bound each table's update log. Returns (server, bound
     port, servicer, health servicer)."""
     # torch and pyarrow come with these; `embps ps` may re-exec before they are imported
-    from ps.shard import Shard
-    from ps.snapshot_service import SnapshotControlServicer, restore_shard_states
+    from ps.shard.snapshot_service import SnapshotControlServicer, restore_shard_states
+    from ps.shard.state import Shard
 
     states = restore_shard_states(job, shard_index, restore_step) if restore_step is not None else None
     shard = Shard(job, shard_index, log_max_entries=log_max_entries, log_max_keys=log_max_keys, initial_states=states)
@@ -483,16 +419,3 @@ def serve_shard(
     if log_max_keys < 1:
         raise SystemExit(f"embps ps: --update-log-keys must be >= 1, got {log_max_keys}")
     return asyncio.run(_serve(job, shard, grace, log_max_keys, restore_step))
-
-
-def exec_with_malloc_tuning(argv: list[str]) -> None:
-    """Re-executes `python -m embps <argv>` (same pid) with MALLOC_TUNING in the environment,
-    unless it is already there or EMBPS_MALLOC_TUNING=0. Returns only when it does not re-exec."""
-    if os.environ.get("EMBPS_MALLOC_TUNING", "1") == "0":
-        return
-    if all(os.environ.get(k) for k in MALLOC_TUNING):
-        return
-    env = {**os.environ, **MALLOC_TUNING}
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, "-m", "embps", *argv], env)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ps.table_config import OptimizerConfig, OptimizerKind
+from ps.table.config import OptimizerConfig, OptimizerKind
 
 NATIVE_KIND = {
     OptimizerKind.SGD: 0,

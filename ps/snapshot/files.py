@@ -45,8 +45,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from ps import storage
-from ps.snapshot_manifest import (
+from ps.snapshot import storage
+from ps.snapshot.manifest import (
     FORMAT_VERSION,
     LATEST,
     MANIFEST,
@@ -61,9 +61,9 @@ from ps.snapshot_manifest import (
     check_name,
     check_step,
 )
-from ps.storage import StorageConfig
-from ps.table import TableState
-from ps.table_config import TableConfig
+from ps.snapshot.storage import StorageConfig
+from ps.table.config import TableConfig
+from ps.table.embedding_table import TableState
 
 __all__ = [
     "FileEntry",

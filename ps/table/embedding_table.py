@@ -15,10 +15,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ps import native, optimizers
+from ps import native
 from ps.errors import CapacityError
-from ps.row_store import BLOCK_SHIFT, RowStore
-from ps.table_config import AdmissionKind, EvictionPolicy, Initializer, TableConfig
+from ps.table import optimizers
+from ps.table.config import AdmissionKind, EvictionPolicy, Initializer, TableConfig
+from ps.table.row_store import BLOCK_SHIFT, RowStore
 
 _INIT_KIND = {Initializer.ZEROS: 0, Initializer.UNIFORM: 1, Initializer.NORMAL: 2}
 _ADMISSION_SALT = 0x41444D4954  # separates admission coin flips from init values

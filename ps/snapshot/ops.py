@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ps import storage
-from ps.snapshot import (
+from ps.snapshot import storage
+from ps.snapshot.files import (
     MANIFEST,
     Manifest,
     ShardRecord,
@@ -29,8 +29,8 @@ from ps.snapshot import (
     restore,
     step_dirs,
 )
-from ps.storage import StorageConfig
-from ps.table import EmbeddingTable, TableChanges
+from ps.snapshot.storage import StorageConfig
+from ps.table.embedding_table import EmbeddingTable, TableChanges
 
 
 def _merge_changes(older: TableChanges, newer: TableChanges) -> TableChanges:

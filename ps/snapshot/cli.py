@@ -1,6 +1,6 @@
 """`embps snapshot list|inspect|export|gc URI --job NAME`: look at and manage stored snapshots.
 
-S3 settings come from the AWS_* variables (see ps/storage.py). Errors print one line to stderr
+S3 settings come from the AWS_* variables (see ps/snapshot/storage.py). Errors print one line to stderr
 and return exit code 1.
 """
 
@@ -10,8 +10,8 @@ import argparse
 import sys
 
 from ps.errors import EmbpsError
-from ps.snapshot import Manifest, latest, list_snapshots, open_snapshot
-from ps.snapshot_ops import collect_garbage, export_for_serving
+from ps.snapshot.files import Manifest, latest, list_snapshots, open_snapshot
+from ps.snapshot.ops import collect_garbage, export_for_serving
 
 
 def _size(n: int) -> str:

@@ -1,0 +1,7 @@
+"""Plumbing shared by every embps process and command (shard, replica, launcher, CLI, bench).
+
+    calls.py     domain errors -> gRPC status codes; undecodable requests -> INVALID_ARGUMENT
+    children.py  child processes by pid: die with the parent, wait for health, SIGTERM then SIGKILL
+    malloc.py    glibc malloc settings for servers with large replies (applied by re-exec)
+    health.py    `embps health`: one gRPC health check, for probes and operators
+"""

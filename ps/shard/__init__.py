@@ -1,0 +1,8 @@
+"""The PS shard process (`embps ps`): the gRPC server over one shard's tables.
+
+    server.py            ParameterServer service (Lookup, Push, Stats, Subscribe), start and drain
+    state.py             Shard: the tables a shard holds, push ids it remembers, update logs
+    update_log.py        which keys each applied push touched (what Subscribe streams)
+    snapshot_service.py  SnapshotControl service, restore at start
+    metrics.py           the shard's Prometheus metrics
+"""
