@@ -41,7 +41,7 @@ class Checkpointer:
 
     def __init__(self, job: TrainingJob, rank: int, world_size: int, resumed_step: int | None = None) -> None:
         self.job = job
-        self.config: SnapshotConfig | None = job.ps.snapshot.files
+        self.config: SnapshotConfig | None = job.ps.snapshot
         self.rank = rank
         self.world_size = world_size
         self._last_step = resumed_step
@@ -122,7 +122,7 @@ def load_trainer_state(
 ) -> dict:
     """Loads snapshot `step`'s dense model and optimizer into place; returns this rank's reader
     position (as saved by the same rank) and the step."""
-    config = job.ps.snapshot.files
+    config = job.ps.snapshot
     if config is None:
         raise ValueError("snapshot: resuming needs a [snapshot] section")
     state = json.loads(read_extra(config.uri, job.ps.job, step, TRAINER_STATE, config.storage))

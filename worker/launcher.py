@@ -245,7 +245,7 @@ def _run_attempt(
 
 
 def _latest_step(job: TrainingJob) -> int:
-    if job.ps.snapshot.files is None:
+    if job.ps.snapshot is None:
         raise RuntimeError("--resume: the job has no [snapshot] section, so there is nothing to resume from")
     step = _latest_or_none(job)
     if step is None:
@@ -257,7 +257,7 @@ def _latest_or_none(job: TrainingJob) -> int | None:
     """The job's newest complete snapshot step; None without [snapshot] or before the first."""
     from ps.snapshot.files import latest
 
-    if job.ps.snapshot.files is None:
+    if job.ps.snapshot is None:
         return None
     return latest(job.ps.snapshot.uri, job.ps.job, job.ps.snapshot.storage)
 

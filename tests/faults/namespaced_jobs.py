@@ -145,5 +145,5 @@ def assert_equals_reference(config: Path, dense: dict[str, torch.Tensor], rows: 
         want = np.stack([tables[name].lookup(int(k)).detach().numpy() for k in keys])
         diff = np.abs(rows[name] - want).max()
         assert diff <= 1e-5, f"table {name}: max abs diff {diff} from the single-process reference"
-        init = np.asarray(EmbeddingTable(job.ps.table.embedding_table(name)).lookup(keys))
+        init = np.asarray(EmbeddingTable(job.ps.table(name)).lookup(keys))
         assert np.abs(rows[name] - init).max() > 1e-3, f"table {name} did not train"

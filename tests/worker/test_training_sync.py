@@ -89,7 +89,7 @@ def test_two_workers_two_shards_equal_single_process_reference(two_shard_run):
     for name, (keys, values) in two_shard_run["rows"].items():
         want = np.stack([tables[name].lookup(int(k)).detach().numpy() for k in keys])
         diff = np.abs(values - want).max()
-        assert diff <= 1e-5, f"table {name} ({job.ps.table.embedding_table(name).optimizer.kind}): max abs diff {diff}"
+        assert diff <= 1e-5, f"table {name} ({job.ps.table(name).optimizer.kind}): max abs diff {diff}"
         init = np.stack([tables[name].init(np.array([k]))[0] for k in keys])
         assert np.abs(values - init).max() > 1e-3, f"table {name} did not train"
 
