@@ -70,6 +70,12 @@ def descendants(pid: int) -> set[int]:
     return found
 
 
+def shard_index(pid: int) -> int:
+    """The index of the PS shard process `pid`, from its `--shard I` argument (pids say nothing of it)."""
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\x00")
+    return int(argv[argv.index(b"--shard") + 1])
+
+
 def alive(pid: int) -> bool:
     try:
         status = Path(f"/proc/{pid}/status").read_text()
@@ -120,9 +126,9 @@ def test_interrupt_or_failed_child_stops_every_process(tmp_path, how):
     try:
         wait_for_progress(out, proc)
         children = descendants(proc.pid)
-        shards = [p for p in children if b"embps\x00ps" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        shards = {shard_index(p): p for p in children if b"embps\x00ps" in Path(f"/proc/{p}/cmdline").read_bytes()}
         workers = [p for p in children if b"worker.worker_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
-        assert len(shards) == 2 and len(workers) == 2, children
+        assert sorted(shards) == [0, 1] and len(workers) == 2, children
         if how == "sigint":
             os.kill(proc.pid, signal.SIGINT)
         else:
