@@ -15,7 +15,6 @@ import shutil
 import socket
 import ssl
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -27,6 +26,7 @@ from ps.security import RELOAD_CHECK_S, Role, SecurityConfig, Tokens, TokenSourc
 from ps.table.config import TableConfig
 from serving.server import SERVICE_NAME as SERVING_SERVICE
 from tests.helpers.processes import ShardCluster, make_job, stop_pid
+from tests.helpers.waiting import eventually
 from tests.security.certs import Pki
 from tests.serving.replicas import ServingReplica
 
@@ -50,15 +50,6 @@ def served_certificate(address: str, ca: Path) -> bytes:
 
 def der(pem_path: Path) -> bytes:
     return ssl.PEM_cert_to_DER_cert(pem_path.read_text())
-
-
-def eventually(check: Callable[[], bool], timeout: float = 10.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if check():
-            return True
-        time.sleep(0.1)
-    return check()
 
 
 def stats_code(address: str, security: SecurityConfig, token: str) -> grpc.StatusCode:
@@ -124,8 +115,9 @@ def test_a_new_certificate_is_served_to_new_connections_without_a_restart(rotati
         assert line not in cluster.log(0)
 
 
-def test_a_new_token_replaces_the_old_one_within_a_second_on_both_sides(rotating):
+def test_a_new_token_replaces_the_old_one_within_a_second_on_both_sides(rotating, caplog):
     cluster, secret, first_token = rotating
+    caplog.set_level(logging.INFO, logger="embps.security")
     address, security = cluster.job.shards[0].address, cluster.job.security
     with open_channel(address, security, Role.TRAINER) as channel:  # reads the same token file as the shard
         stub = ps_pb2_grpc.ParameterServerStub(channel)
@@ -138,13 +130,18 @@ def test_a_new_token_replaces_the_old_one_within_a_second_on_both_sides(rotating
         assert eventually(lambda: stats_code(address, security, first_token) == grpc.StatusCode.UNAUTHENTICATED)
         assert time.monotonic() - rotated < 3 * RELOAD_CHECK_S + 2
         assert stats_code(address, security, second_token) == grpc.StatusCode.OK
-        time.sleep(RELOAD_CHECK_S)
-        stub.Stats(ps_pb2.StatsRequest(), timeout=5)  # the client sends the new token too
+        assert eventually(lambda: stats_ok(stub), timeout=3 * RELOAD_CHECK_S + 2)  # the client sends the new token too
+        assert "using the new token" in caplog.text
 
         replace_file(secret / "trainer.token", b"short\n")  # not a valid token: both sides keep the second
-        time.sleep(2 * RELOAD_CHECK_S)
+
+        def client_keeps_its_token() -> bool:
+            stub.Stats(ps_pb2.StatsRequest(), timeout=5)  # raises unless the client still sends the second
+            return "keeping the current token" in caplog.text
+
+        assert eventually(client_keeps_its_token, timeout=3 * RELOAD_CHECK_S + 2)
+        assert eventually(lambda: "keeping the current token" in cluster.log(0), timeout=3 * RELOAD_CHECK_S + 2)
         assert stats_code(address, security, second_token) == grpc.StatusCode.OK
-        stub.Stats(ps_pb2.StatsRequest(), timeout=5)
     assert "keeping the current token" in cluster.log(0)
     assert first_token not in cluster.log(0) and second_token not in cluster.log(0)
 
@@ -193,13 +190,16 @@ def test_running_clients_dial_with_their_new_certificate(mutual, pki, tmp_path, 
     ):
         stub = ps_pb2_grpc.ParameterServerStub(channel)
         assert stats_ok(stub)
+        assert eventually(lambda: replica.status().shards[0].connected), replica.log()[-3000:]
         (shard,) = replica.status().shards
-        assert shard.connected
 
         replace_file(secret / "client.key", pki.rogue_key.read_bytes())  # a moment with a mismatched pair
-        time.sleep(2 * RELOAD_CHECK_S)
-        assert stats_ok(stub)  # the current channel stays
-        assert "do not load" in caplog.text
+
+        def client_keeps_its_channel() -> bool:
+            assert stats_ok(stub)  # the current channel stays
+            return "do not load" in caplog.text
+
+        assert eventually(client_keeps_its_channel, timeout=3 * RELOAD_CHECK_S + 2)
         replace_file(secret / "client.crt", pki.rogue_cert.read_bytes())
         replace_file(secret / "client-ca.crt", pki.rogue_ca.read_bytes())
         stop_pid(cluster.procs[0])
