@@ -16,8 +16,12 @@ get their latency too, per status code (`error_latency_ms`: e.g. how fast a shed
 
 Only arrivals scheduled inside the measurement window [warmup, warmup + duration) are counted.
 Bounded: every process stops sending at warmup + duration + drain; arrivals not sent by then are
-counted as UNSENT (an error); each call has a deadline that ends by then too. The parent waits at
-most that long plus a margin, and terminates every client process on the way out (Ctrl-C too).
+counted as UNSENT (an error); each call has a deadline that ends by then too. A call that the
+generator sent so late that this end cut its deadline short, and that ran out of it, is counted as
+LATE, not DEADLINE_EXCEEDED: measured from its scheduled time it was still within the deadline it
+would have had if sent on time. UNSENT and LATE are the generator's failures, not the target's; they
+are reported apart (`generator_errors`) as well as among the errors. The parent waits at most that
+long plus a margin, and terminates every client process on the way out (Ctrl-C too).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import math
 import multiprocessing as mp
 import os
 import signal
+import sys
 import threading
 import time
 from collections import Counter
@@ -40,6 +45,9 @@ from bench.histogram import LogHistogram
 
 OK = "OK"
 UNSENT = "UNSENT"  # scheduled in the window, never sent before the run's hard end
+LATE = "LATE"  # sent late, and out of time only because the run's hard end cut its deadline short
+GENERATOR_CODES = (UNSENT, LATE)  # the generator's failures: it could not keep its schedule
+_DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
 _TICKS = os.sysconf("SC_CLK_TCK")
 _START_DELAY_S = 0.3  # between "every client is ready" and the first arrival
 _RESULT_MARGIN_S = 60.0  # beyond the hard end, for a client to report before it is terminated
@@ -187,8 +195,11 @@ def _run_client(target: Target, spec: LoadSpec, index: int, ready, start_at, go,
                 if now >= hard_end:
                     return
                 sent[i] = now
-                codes[i] = caller.call(i % spec.pool_batches, max(1e-3, min(spec.timeout_s, hard_end - now)))
+                code = caller.call(i % spec.pool_batches, max(1e-3, min(spec.timeout_s, hard_end - now)))
                 done[i] = time.monotonic()
+                if code == _DEADLINE_EXCEEDED and done[i] - due < min(spec.timeout_s, hard_end - due):
+                    code = LATE
+                codes[i] = code
 
         cpu0 = time.process_time()
         run = worker if spec.rate is not None else closed_worker
@@ -223,11 +234,15 @@ def _run_client(target: Target, spec: LoadSpec, index: int, ready, start_at, go,
         error_latency[code] = hist.to_dict()
     was_sent = in_window[~np.isnan(sent[in_window])]
     lag.record(np.maximum(sent[was_sent] - (t0 + times[was_sent]), 0.0))
+    service = LogHistogram()  # answered calls from their send: the target's time without the generator's lag
+    service.record(done[ok] - sent[ok])
     results.put(
         {
             "index": index,
             "latency": latency.to_dict(),
             "send_lag": lag.to_dict(),
+            "service_latency": service.to_dict(),
+            "sent": int(was_sent.shape[0]),
             "error_latency": error_latency,
             "codes": dict(window_codes),
             "scheduled": int(in_window.shape[0]),
@@ -274,6 +289,12 @@ def run_load(target: Target, spec: LoadSpec, server_pids: Sequence[int] = ()) ->
         wall0 = time.monotonic()
         start_at.value = time.monotonic() + _START_DELAY_S
         go.set()
+        print(
+            f"  {target.name}: {spec.clients} client processes connected; load starts "
+            f"({spec.warmup_s + spec.duration_s:g} s at {spec.rate:g} calls/s)",
+            file=sys.stderr,
+            flush=True,
+        )
         hard_end = start_at.value + spec.warmup_s + spec.duration_s + spec.drain_s + spec.timeout_s
         reports = [_get(results, hard_end + _RESULT_MARGIN_S, procs, "report") for _ in procs]
         server_cpu = sum(_cpu_seconds(pid) for pid in server_pids) - sum(server_cpu0)
@@ -307,11 +328,13 @@ def _merge(
     """wall_s: seconds over which server_cpu was taken (from the start signal to the last report)."""
     latency = LogHistogram()
     lag = LogHistogram()
+    service = LogHistogram()
     codes: Counter[str] = Counter()
     error_latency: dict[str, LogHistogram] = {}
     for r in reports:
         latency.merge(LogHistogram.from_dict(r["latency"]))
         lag.merge(LogHistogram.from_dict(r["send_lag"]))
+        service.merge(LogHistogram.from_dict(r["service_latency"]))
         codes.update(r["codes"])
         for code, hist in r["error_latency"].items():
             error_latency.setdefault(code, LogHistogram()).merge(LogHistogram.from_dict(hist))
@@ -328,14 +351,17 @@ def _merge(
         "target": name,
         "target_qps": spec.rate,
         "offered_qps": scheduled / spec.duration_s,
+        "sent_qps": sum(r["sent"] for r in reports) / spec.duration_s,
         "achieved_qps": achieved,
         "keys_per_s": achieved * spec.batch,
         "requests": scheduled,
         "ok": ok,
         "errors": dict(codes),
         "error_count": sum(codes.values()),
+        "generator_errors": {code: codes[code] for code in GENERATOR_CODES if codes.get(code)},
         "latency_ms": {**ms, "mean": latency.mean * 1e3},
         "send_lag_ms": {k: v * 1e3 for k, v in lag.percentiles((50, 99)).items()},
+        "service_latency_ms": {k: v * 1e3 for k, v in service.percentiles((50, 99)).items()},
         "error_latency_ms": {
             code: {k: v * 1e3 for k, v in hist.percentiles((50, 99)).items()} for code, hist in error_latency.items()
         },

@@ -9,13 +9,14 @@ import os
 import signal
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
 
 import pytest
 
 import embps
 from bench.serve_targets import RedisServer
+from tests.helpers.waiting import eventually, wait_until
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RUN_FIELDS = {
@@ -83,22 +84,18 @@ def test_ctrl_c_stops_every_client_process(tmp_path: Path) -> None:
         [sys.executable, "-m", "embps", "bench", "serve", "--target", "inprocess", "--rows", "2000", "--dim", "8",
          "--rate", "50", "--duration", "60", "--warmup", "0", "--clients", "2", "--concurrency", "2"],
         cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
     try:
-        children: set[int] = set()
-        end = time.monotonic() + 60
-        while len(children) < 3 and time.monotonic() < end:  # 2 client processes + multiprocessing's tracker
-            children = _children(proc.pid)
-            time.sleep(0.2)
-        assert len(children) >= 2, children
-        time.sleep(2.0)  # clients connected and running their schedule
+        wait_until(lambda: any("client processes connected" in line for line in lines), "the clients' start", 60)
+        children = _children(proc.pid)  # the 2 client processes (+ multiprocessing's resource tracker)
+        assert len(children) >= 2, (children, lines)
         os.kill(proc.pid, signal.SIGINT)
         proc.wait(30)
-        deadline = time.monotonic() + 15
-        while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not [pid for pid in children if _alive(pid)]
+        assert eventually(lambda: not any(_alive(pid) for pid in children), 15), "client processes outlived the bench"
     finally:
         if proc.poll() is None:
             proc.kill()

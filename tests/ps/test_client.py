@@ -3,6 +3,7 @@ message limit, retries, push-id dedupe, error translation and deadlines."""
 
 import os
 import signal
+import socket
 import threading
 import time
 
@@ -31,6 +32,7 @@ from ps.table.config import (
 )
 from ps.table.embedding_table import EmbeddingTable
 from tests.helpers.processes import ShardCluster, make_job, start_shard, stop_pid, wait_serving
+from tests.helpers.waiting import wait_until
 
 USER = TableConfig("user", dim=8, seed=3, optimizer=OptimizerConfig(kind=OptimizerKind.ADAGRAD, lr=0.3))
 ITEM = TableConfig(
@@ -194,6 +196,7 @@ def test_batches_above_the_message_limit_are_split(start_cluster):
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+@pytest.mark.processes
 def test_lookup_retries_unavailable_until_the_shard_comes_up(tmp_path):
     job = make_job([USER], num_shards=1, deadlines=Deadlines(lookup=60.0, push=5.0, stats=5.0))
     cluster = ShardCluster(job, tmp_path / "job.toml", [], [tmp_path / "shard.log"])
@@ -205,9 +208,18 @@ def test_lookup_retries_unavailable_until_the_shard_comes_up(tmp_path):
         with PSClient.from_job(job, backoff_seconds=0.05, max_attempts=1000) as c:
             outcome["values"] = c.lookup("user", keys)
 
+    # Until the shard starts, its port is a plain socket that accepts and closes connections:
+    # each accept is one of the client's attempts, so the test knows the client has been refused
+    # (and kept trying) several times before the shard comes up.
+    host, port = job.shards[0].address.rsplit(":", 1)
+    attempts = 0
     thread = threading.Thread(target=call)
-    thread.start()
-    time.sleep(0.5)
+    with socket.create_server((host, int(port))) as refuser:
+        refuser.settimeout(30)
+        thread.start()
+        while attempts < 3:
+            refuser.accept()[0].close()
+            attempts += 1
     assert thread.is_alive(), "the client gave up while the shard was down"
     proc = start_shard(cluster.config_path, 0, cluster.log_paths[0])
     try:
@@ -227,6 +239,7 @@ def test_a_dead_or_hung_shard_fails_the_call_within_its_deadline(start_cluster, 
     keys = np.arange(400_000, dtype=np.int64)
     errors: list = []
     durations: list[float] = []
+    answered: list[float] = []
     stop = threading.Event()
 
     def loop():
@@ -235,6 +248,7 @@ def test_a_dead_or_hung_shard_fails_the_call_within_its_deadline(start_cluster, 
                 started = time.monotonic()
                 try:
                     c.lookup("big", keys)
+                    answered.append(time.monotonic() - started)
                 except ShardUnavailableError as err:
                     durations.append(time.monotonic() - started)
                     errors.append(err)
@@ -242,7 +256,7 @@ def test_a_dead_or_hung_shard_fails_the_call_within_its_deadline(start_cluster, 
 
     thread = threading.Thread(target=loop)
     thread.start()
-    time.sleep(0.8)
+    wait_until(lambda: answered, "a first lookup answered by the shard")
     os.kill(pid, signal.SIGKILL if failure == "killed" else signal.SIGSTOP)
     try:
         thread.join(deadline + 5)

@@ -17,6 +17,7 @@ from ps.shard.server import SERVICE_NAME
 from ps.table.config import OptimizerConfig, OptimizerKind, TableConfig
 from ps.table.embedding_table import EmbeddingTable
 from tests.helpers.processes import ShardCluster, make_job
+from tests.helpers.waiting import wait_until
 
 USER = TableConfig("user", dim=4, optimizer=OptimizerConfig(kind=OptimizerKind.ADAGRAD, lr=0.5), seed=7)
 SMALL = TableConfig("small", dim=2, capacity=8)
@@ -202,9 +203,12 @@ def test_sigterm_drains_in_flight_calls_and_exits_0(tmp_path):
         stub = ps_pb2_grpc.ParameterServerStub(channel)
         request = ps_pb2.LookupRequest(table="wide", keys=keys.tobytes(), dim=32)
         futures = [stub.Lookup.future(request, timeout=30) for _ in range(8)]
-        time.sleep(0.15)
+        # The calls are served one after the other: once the first is answered, the shard has the
+        # others (sent at once, before it) in flight, and the SIGTERM must let them finish.
+        wait_until(futures[0].done, "the first of 8 large lookups to be answered")
         started = time.monotonic()
         cluster.procs[0].send_signal(signal.SIGTERM)
+        in_flight = [i for i, future in enumerate(futures) if not future.done()]
         for future in futures:
             try:
                 reply = future.result()
@@ -223,6 +227,7 @@ def test_sigterm_drains_in_flight_calls_and_exits_0(tmp_path):
     assert "draining" in log and "stopped" in log
     assert "ok" in outcomes, outcomes
     assert set(outcomes) <= {"ok", grpc.StatusCode.UNAVAILABLE}, outcomes
+    assert not in_flight or any(outcomes[i] == "ok" for i in in_flight), (in_flight, outcomes)
 
 
 def test_requests_during_shutdown_get_unavailable(tmp_path):
@@ -243,9 +248,9 @@ def test_requests_during_shutdown_get_unavailable(tmp_path):
 
     thread = threading.Thread(target=hammer)
     thread.start()
-    time.sleep(0.3)
+    wait_until(lambda: grpc.StatusCode.OK in codes, "a lookup answered before the shutdown")
     assert cluster.stop() == [0]
-    time.sleep(0.2)
+    wait_until(lambda: grpc.StatusCode.UNAVAILABLE in codes, "a lookup refused once the shard is gone")
     stop.set()
     thread.join(10)
     assert grpc.StatusCode.OK in codes and grpc.StatusCode.UNAVAILABLE in codes
