@@ -17,7 +17,9 @@ CANCELLED from gRPC's core, whose queue has the same bound, or RESOURCE_EXHAUSTE
 GRPC_EXPERIMENTS=ph2_server; the replicas inherit both variables), and p50/p99 latency of
 answered and of shed calls, counted from each call's scheduled time. The generator holds at most
 clients x concurrency calls in flight; an unbounded replica's backlog beyond that waits in the
-generator, whose latency still counts it (no coordinated omission).
+generator, whose latency still counts it (no coordinated omission). What the generator itself
+could not do (calls never sent, or sent too late to have their deadline: bench/loadgen.py's UNSENT
+and LATE) is reported apart, with its send lag, and is not counted among the replica's errors.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench.loadgen import OK, LoadSpec, run_load
+from bench.loadgen import GENERATOR_CODES, OK, LoadSpec, run_load
 from bench.serve_bench import _finite, facts
 from bench.serve_targets import EmbpsServer, write_export
 from serving.gate import unavailable_reason
@@ -90,14 +92,20 @@ def summarize(run: dict) -> dict:
     shed_latency = max(latencies, key=lambda h: h.get("p99", 0.0), default={})  # the slower of the two
     return {
         "offered_qps": run["offered_qps"],
+        "sent_qps": run["sent_qps"],
         "answered_qps": run["achieved_qps"],
         "shed_fraction": shed / run["requests"] if run["requests"] else 0.0,
         "shed_by_code": {code: run["errors"].get(code, 0) for code in (SHED, CORE_SHED)},
         "answered_p50_ms": run["latency_ms"]["p50"],
         "answered_p99_ms": run["latency_ms"]["p99"],
+        "answered_service_p99_ms": run["service_latency_ms"]["p99"],
         "shed_p50_ms": shed_latency.get("p50"),
         "shed_p99_ms": shed_latency.get("p99"),
-        "other_errors": {code: n for code, n in run["errors"].items() if code not in (OK, SHED, CORE_SHED)},
+        "other_errors": {
+            code: n for code, n in run["errors"].items() if code not in (OK, SHED, CORE_SHED, *GENERATOR_CODES)
+        },
+        "generator_errors": run["generator_errors"],
+        "send_lag_p99_ms": run["send_lag_ms"]["p99"],
         "replica_cores": run["server_cores"],
         "client_cores": run["client_cores"],
     }
@@ -109,7 +117,8 @@ def _line(name: str, s: dict) -> str:
         f"  {name:>9}: offered {s['offered_qps']:7.0f}/s answered {s['answered_qps']:7.0f}/s shed "
         f"{s['shed_fraction']:6.1%} | answered p50 {s['answered_p50_ms']:8.1f} p99 {s['answered_p99_ms']:8.1f} ms"
         f"{shed} | other errors {s['other_errors'] or 'none'} | cores used: replica {s['replica_cores']:.2f}, "
-        f"the bench's clients {s['client_cores']:.2f}"
+        f"the bench's clients {s['client_cores']:.2f} | generator: sent {s['sent_qps']:.0f}/s, send lag p99 "
+        f"{s['send_lag_p99_ms']:.1f} ms, {s['generator_errors'] or 'no'} calls it could not make in time"
     )
 
 

@@ -10,7 +10,10 @@ What must hold, and why the bounds are what they are:
   2 x max_queue calls of a few milliseconds each. The load generator shares this machine's two
   cores and its own lag counts in both runs (latency runs from each call's scheduled time), so
   the test asks for a factor of 3 between the two, not an absolute figure;
-- the unbounded replica sheds nothing: the difference is the bound, not the harness.
+- the unbounded replica sheds nothing: the difference is the bound, not the harness;
+- what the generator could not do on a busy machine (calls it never sent, or sent too late to
+  have their deadline) is its own failure, reported apart and not counted as the replica's
+  errors; it must still have sent well above capacity, or the run proves nothing.
 Without shedding (max_queue ignored) both replicas behave alike and the ratio check fails.
 
 Run twice: behind the serving gate (the default), where every shed call is the gate's
@@ -56,6 +59,7 @@ def test_three_times_capacity_is_shed_and_answered_latency_stays_bounded(
     bounded, unbounded = result["bounded"], result["unbounded"]
     for run in (bounded, unbounded):
         assert run["offered_qps"] > 2 * capacity, run  # the generator really offered overload
+        assert run["sent_qps"] > 1.5 * capacity, run  # ... and sent it, though it may fall behind
 
     assert bounded["shed_fraction"] > 0, bounded
     assert bounded["other_errors"] == {}, bounded
