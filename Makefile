@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 FBGEMM_EXTRA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
 PYTEST_ARGS ?=
 
-.PHONY: install test demo lint clean system-tools native-deps
+.PHONY: install test test-deep check demo lint clean system-tools native-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -48,8 +48,18 @@ system-tools:
 	  fi; \
 	else echo "not root or no apt-get: tests that need promtool/redis-server skip where they are absent"; fi
 
+# Every test, real processes included (the fuzz suite at 1,000 requests per method).
 test: install system-tools
 	$(BIN)/python -m pytest -p no:cacheprovider $(PYTEST_ARGS)
+
+# The same with the fuzz suite at 10,000 requests per method (hypothesis profile `deep`).
+test-deep: install system-tools
+	$(BIN)/python -m pytest -p no:cacheprovider --hypothesis-profile=deep $(PYTEST_ARGS)
+
+# The fast tier for the edit-test loop: lint, then every test that starts no process (a test is
+# skipped where it would start one; see tests/conftest.py).
+check: install lint
+	$(BIN)/python -m pytest -p no:cacheprovider -q --no-processes $(PYTEST_ARGS)
 
 demo: install
 	$(BIN)/embps launch examples/demo.toml

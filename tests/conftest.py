@@ -1,14 +1,69 @@
-"""Shared fixtures: real shard processes on free loopback ports (see tests/helpers/processes.py)."""
+"""Shared fixtures: real shard processes on free loopback ports (see tests/helpers/processes.py);
+the hypothesis profiles; the fast tier's rule that a test starting a process is skipped there.
+
+Hypothesis profiles (`--hypothesis-profile NAME`): `default` (make test, make check) gives the fuzz
+suite (tests/fuzz) 1,000 requests per method; `deep` (make test-deep) gives it 10,000. Other
+property tests set their own max_examples.
+"""
 
 from __future__ import annotations
 
+import multiprocessing.process
 import shutil
 import subprocess
 
 import pytest
+from hypothesis import settings
 
 from tests.helpers.processes import ShardCluster
 from tests.helpers.s3_server import S3Bucket, S3Server
+
+settings.register_profile("default", max_examples=1_000)
+settings.register_profile("deep", max_examples=10_000)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--no-processes",
+        action="store_true",
+        help="the fast tier (make check): a test is skipped where it would start a process",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if config.getoption("--no-processes"):
+        _skip_where_a_process_starts()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """In the fast tier, tests marked `processes` (they start one only after threads of their own
+    are running, which a skip at that point would leave behind) are skipped before they begin."""
+    if config.getoption("--no-processes"):
+        skip = pytest.mark.skip(reason="starts processes: runs in make test, not in the fast tier")
+        for item in items:
+            if item.get_closest_marker("processes"):
+                item.add_marker(skip)
+
+
+def _skip_where_a_process_starts() -> None:
+    """Every way the suite starts a process (subprocess, multiprocessing) skips the test that asks,
+    so the fast tier runs exactly the tests that need none, with no list to keep up to date."""
+    popen_init = subprocess.Popen.__init__
+    process_start = multiprocessing.process.BaseProcess.start
+
+    def refuse(what: str) -> None:
+        pytest.skip(f"starts a process ({what}): runs in make test, not in the fast tier")
+
+    def guarded_popen_init(self, args, *rest, **kwargs):
+        refuse(f"subprocess {args if isinstance(args, str) else ' '.join(map(str, args))[:80]}")
+        popen_init(self, args, *rest, **kwargs)
+
+    def guarded_start(self):
+        refuse(f"multiprocessing {self.name}")
+        process_start(self)
+
+    subprocess.Popen.__init__ = guarded_popen_init
+    multiprocessing.process.BaseProcess.start = guarded_start
 
 
 @pytest.fixture

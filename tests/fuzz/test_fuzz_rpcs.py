@@ -1,6 +1,7 @@
 """Malformed and extreme requests against a real shard and a real serving replica (issue 8, point 4).
 
-Hypothesis draws N_PER_METHOD requests per RPC: random bytes where int64/float32 arrays belong
+Hypothesis draws max_examples requests per RPC (the profile's: 1,000 in make test, 10,000 in
+make test-deep; see tests/conftest.py): random bytes where int64/float32 arrays belong
 (lengths not a multiple of 8 or 4, empty, truncated), dims 0/1/huge/uint32 max, unknown,
 unicode and very long table names, NaN/Inf/huge gradients, duplicate keys, counts of the wrong
 length, steps at uint64 max; one call in ten is raw bytes (a valid message cut or corrupted, or
@@ -33,7 +34,6 @@ from tests.serving.replicas import ServingReplica
 
 pytestmark = pytest.mark.slow
 
-N_PER_METHOD = 10_000
 MESSAGE_LIMIT = 256 << 10  # small, so that an oversized message is cheap to build and send
 OVERSIZED = MESSAGE_LIMIT + (1 << 16) + 4096  # just over limit + the server's framing slack
 RSS_GROWTH_BOUND = 300 << 20
@@ -64,7 +64,6 @@ UINT64_MAX = (1 << 64) - 1
 ODD_NAMES = ("", "nope", "USER", "user ", "tablé", "表格", "🙂🙃", "a\x00b", "../user", "x" * 4096, "y" * 200_000)
 ODD_DIMS = (0, 1, 2, 3, 4, 5, 65536, 1 << 31, UINT32_MAX)
 FUZZ_SETTINGS = settings(
-    max_examples=N_PER_METHOD,
     derandomize=True,
     database=None,
     deadline=None,
@@ -370,7 +369,7 @@ def fuzz_unary(
     requests: st.SearchStrategy,
     oversized: object | None = None,
 ) -> Tally:
-    """N_PER_METHOD drawn calls of one unary method (see `calls`), then three oversized ones if given."""
+    """FUZZ_SETTINGS.max_examples drawn calls of one unary method (see `calls`), then three oversized ones if given."""
     raw = raw_call(channel, path)
     tally = Tally(CONTRACT)
 
@@ -384,7 +383,7 @@ def fuzz_unary(
 
     send()
     print(f"{path}: {dict(tally.codes)}")
-    tally.check(N_PER_METHOD)
+    tally.check(FUZZ_SETTINGS.max_examples)
     if oversized is not None:
         for _ in range(3):
             tally.call(lambda: stub_method(oversized, timeout=TIMEOUT), f"oversized {oversized.ByteSize()} bytes")
@@ -477,7 +476,7 @@ def test_fuzz_subscribe(ps_channel, servers):
             tally.call(lambda: first(stub.Subscribe(call, timeout=SUBSCRIBE_TIMEOUT)), call)
 
     send()
-    tally.check(N_PER_METHOD)
+    tally.check(FUZZ_SETTINGS.max_examples)
     assert first_messages > 0 and tally.codes["NOT_FOUND"] > 0 and tally.codes["FAILED_PRECONDITION"] > 0
     assert_servers_healthy(servers)
 
