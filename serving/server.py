@@ -88,6 +88,7 @@ class ReplicaCallSite(CallSite):
 
     def record(self, method: str, table: str, code: grpc.StatusCode, seconds: float, request) -> None:
         self.metrics.requests.labels(table, method, code.name).inc()
+        self.metrics.request_duration.labels(table, method, code.name).observe(seconds)
 
 
 class ServingServicer(serving_pb2_grpc.ServingServicer):
