@@ -28,6 +28,13 @@ class ServingMetrics:
         self.requests = Counter(
             "embps_serving_requests", "RPCs answered, by final status code", ["table", "method", "code"], registry=r
         )
+        self.request_duration = Histogram(
+            "embps_serving_request_duration_seconds",
+            "Server time per RPC that reached its method (the gate's Lookups too), from handler entry to reply",
+            ["table", "method", "code"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.lookup_duration = Histogram(
             "embps_serving_lookup_duration_seconds",
             "Server time per Lookup, from handler entry to reply",

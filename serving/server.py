@@ -8,7 +8,8 @@ versions. Lookups run on the event loop (small) or a thread (large) and read Sha
 the followers write concurrently (see serving/store.py for why a reader never sees half a row).
 Health: "" and embps.v1.Serving are SERVING while the replica answers, even with every PS down
 (it keeps the last weights); "embps.v1.Serving/shard-<s>" is NOT_SERVING while shard s is stale;
-the Status RPC gives the details. Domain errors become status codes in one place, `status_of`.
+the Status RPC gives the details. Every call, the gate's Lookups too, goes through the one call
+wrapper of ps/process/calls.py (errors become status codes, `ReplicaCallSite` records metrics).
 SIGTERM: NOT_SERVING, in-flight calls finish within the grace, exit 0.
 Public port: the native gate (serving/gate.py) listens there; it answers Lookups on its own
 threads through GateLookups and forwards every other call to this grpc.aio server on a private
@@ -20,24 +21,22 @@ EMBPS_SERVING_GATE=0) this server listens itself and sheds as serving/shedding.p
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Container
 from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
-from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from ps import wire
 from ps.errors import UnknownTableError
-from ps.process.calls import ShuttingDownError, UndecodableRequests, status_of
+from ps.process.calls import CallSite, UndecodableRequests, answer_call, decode, unary_call
 from ps.rpc import ps_pb2, serving_pb2, serving_pb2_grpc
 from ps.security import Role, TokenAuth, add_port, open_aio_channel, server_interceptors, serving_port_policy
 from serving.config import ServeConfig, load_serve_config
@@ -57,32 +56,6 @@ MONITOR_SECONDS = 0.2  # how often staleness gauges and per-shard health are ref
 _REPLY_DTYPES = {ps_pb2.DTYPE_UNSPECIFIED: np.float32, ps_pb2.FLOAT32: np.float32, ps_pb2.FLOAT16: np.float16}
 
 
-def _rpc(method: str) -> Callable:
-    """Wraps an async servicer method: shutdown check, status mapping, request metrics."""
-
-    def decorate(fn: Callable) -> Callable:
-        @functools.wraps(fn)
-        async def handler(self: ServingServicer, request, context: grpc.aio.ServicerContext):
-            table = getattr(request, "table", "")
-            table = table if table in self.replica.tables or not table else "unknown"
-            try:
-                if self.draining:
-                    raise ShuttingDownError("the serving replica is shutting down")
-                response = await fn(self, request)
-            except Exception as exc:  # noqa: BLE001 - the one place errors become status codes
-                code, message = status_of(exc)
-                if code == grpc.StatusCode.INTERNAL:
-                    log.exception("%s on table %r failed", method, table)
-                self.metrics.requests.labels(table, method, code.name).inc()
-                await context.abort(code, message)
-            self.metrics.requests.labels(table, method, grpc.StatusCode.OK.name).inc()
-            return response
-
-        return handler
-
-    return decorate
-
-
 @dataclass
 class Replica:
     """The tables this replica serves and the followers that feed them."""
@@ -100,15 +73,33 @@ class Replica:
         return replica
 
 
+class ReplicaCallSite(CallSite):
+    """How the call wrapper labels and records the replica's calls (grpc.aio's and the gate's)."""
+
+    def __init__(self, tables: Container[str], metrics: ServingMetrics) -> None:
+        super().__init__("the serving replica", log)
+        self.tables = tables
+        self.metrics = metrics
+
+    def table_label(self, request) -> str:
+        """The request's table; names not served here share one label, no table is ""."""
+        table = getattr(request, "table", "")
+        return table if table in self.tables or not table else "unknown"
+
+    def record(self, method: str, table: str, code: grpc.StatusCode, seconds: float, request) -> None:
+        self.metrics.requests.labels(table, method, code.name).inc()
+        self.metrics.request_duration.labels(table, method, code.name).observe(seconds)
+
+
 class ServingServicer(serving_pb2_grpc.ServingServicer):
     """Lookup and Status over a Replica. No method writes."""
 
     def __init__(self, replica: Replica, metrics: ServingMetrics) -> None:
         self.replica = replica
         self.metrics = metrics
-        self.draining = False
+        self.call_site = ReplicaCallSite(replica.tables, metrics)
 
-    @_rpc("Lookup")
+    @unary_call("Lookup")
     async def Lookup(self, request: serving_pb2.ServingLookupRequest) -> serving_pb2.ServingLookupResponse:
         if len(request.keys) <= 8 * INLINE_LOOKUP_KEYS:
             return self.answer_lookup(request)
@@ -146,7 +137,7 @@ class ServingServicer(serving_pb2_grpc.ServingServicer):
         self.metrics.lookup_duration.labels(table.name).observe(time.perf_counter() - start)
         return reply
 
-    @_rpc("Status")
+    @unary_call("Status")
     async def Status(self, request: serving_pb2.ServingStatusRequest) -> serving_pb2.ServingStatusResponse:
         now = time.monotonic()
         threshold = self.replica.config.stale_after_seconds
@@ -189,26 +180,11 @@ class GateLookups:
             refused = self.auth.deny(LOOKUP_METHOD, metadata)
             if refused is not None:
                 return refused[0].value[0], refused[1], b""
-        try:
-            request = serving_pb2.ServingLookupRequest.FromString(payload)
-        except DecodeError as exc:
-            return self._refuse("", ValueError(f"request: not a valid message for {LOOKUP_METHOD}: {exc}"))
-        table = request.table if request.table in self.servicer.replica.tables or not request.table else "unknown"
-        try:
-            if self.servicer.draining:
-                raise ShuttingDownError("the serving replica is shutting down")
-            reply = self.servicer.answer_lookup(request)
-        except Exception as exc:  # noqa: BLE001 - as in _rpc: errors become status codes here
-            return self._refuse(table, exc)
-        self.servicer.metrics.requests.labels(table, "Lookup", grpc.StatusCode.OK.name).inc()
-        return 0, "", reply.SerializeToString()
-
-    def _refuse(self, table: str, exc: Exception) -> tuple[int, str, bytes]:
-        code, message = status_of(exc)
-        if code == grpc.StatusCode.INTERNAL:
-            log.error("Lookup on table %r failed", table, exc_info=exc)
-        self.servicer.metrics.requests.labels(table, "Lookup", code.name).inc()
-        return code.value[0], message, b""
+        request = decode(serving_pb2.ServingLookupRequest.FromString, payload, LOOKUP_METHOD)
+        code, message, reply = answer_call(
+            self.servicer.call_site, "Lookup", request, lambda r: self.servicer.answer_lookup(r).SerializeToString()
+        )
+        return code.value[0], message, reply if reply is not None else b""
 
 
 def channel_options(config: ServeConfig) -> list[tuple[str, int]]:
@@ -387,7 +363,7 @@ async def _serve_on(
             )
         await stop.wait()
         log.info("draining (grace %.1f s)", grace)
-        servicer.draining = True
+        servicer.call_site.draining = True
         await health.enter_graceful_shutdown()
     finally:
         if gate is not None:

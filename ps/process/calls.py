@@ -1,8 +1,22 @@
-"""What every embps gRPC server does with a call's errors: one mapping from domain errors to
-status codes, and INVALID_ARGUMENT for request bytes that do not parse.
+"""What every embps gRPC server does around a call: one wrapper for the servicer methods of every
+server (and the serving gate's Lookup handler), one mapping from domain errors to status codes,
+and INVALID_ARGUMENT for request bytes that do not parse.
+
+    request bytes --parse (`decode`)--> message, or the parse error
+        --> wrapper (`unary_call`, `stream_call`, `answer_call`):
+              parse error -> INVALID_ARGUMENT; server draining -> UNAVAILABLE
+              servicer method; what it raises -> `status_of` (INTERNAL: traceback logged, not sent)
+              CallSite.record(method, table label, code, seconds, message)
 """
 
 from __future__ import annotations
+
+import abc
+import functools
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -13,7 +27,7 @@ from ps.snapshot.manifest import SnapshotError
 
 
 class ShuttingDownError(EmbpsError):
-    """The shard is draining and takes no new calls (gRPC UNAVAILABLE)."""
+    """The server is draining and takes no new calls (gRPC UNAVAILABLE)."""
 
 
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -31,19 +45,140 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); the traceback is in the server's log"
 
 
-class _Undecodable:
-    """What a request that is not a valid protobuf message deserializes to (see UndecodableRequests)."""
+class CallSite(abc.ABC):
+    """What one server tells the call wrapper: whether it takes calls, and how it labels and records
+    them. `name` says who refuses while draining ("shard 0"); `log` gets INTERNAL tracebacks."""
 
-    def __init__(self, error: Exception) -> None:
+    def __init__(self, name: str, log: logging.Logger) -> None:
+        self.name = name
+        self.log = log
+        self.draining = False
+
+    def check_open(self) -> None:
+        """Raises ShuttingDownError once the server drains (set `draining`)."""
+        if self.draining:
+            raise ShuttingDownError(f"{self.name} is shutting down")
+
+    @abc.abstractmethod
+    def table_label(self, request: Any | None) -> str:
+        """The `table` label of a call's metrics; request is None when its bytes did not parse."""
+
+    @abc.abstractmethod
+    def record(self, method: str, table: str, code: grpc.StatusCode, seconds: float, request: Any | None) -> None:
+        """Records one call that reached its method: `method` is the short name ("Lookup"), `seconds`
+        the time from handler entry to reply, request None when its bytes did not parse."""
+
+
+class _Undecodable:
+    """What a request that is not a valid protobuf message parses to (see `decode`)."""
+
+    def __init__(self, error: ValueError) -> None:
         self.error = error
 
 
+def decode(parse: Callable[[bytes], Any], data: bytes, method: str) -> Any:
+    """parse(data), or a stand-in that the call wrapper answers INVALID_ARGUMENT (method: the full
+    name, "/embps.v1.ParameterServer/Lookup", as it appears in the message)."""
+    try:
+        return parse(data)
+    except DecodeError as exc:
+        return _Undecodable(ValueError(f"request: not a valid message for {method}: {exc}"))
+
+
+class _Call:
+    """One call from handler entry to its status."""
+
+    def __init__(self, site: CallSite, method: str, request: Any) -> None:
+        self.start = time.perf_counter()
+        self.site = site
+        self.method = method
+        self.request = None if isinstance(request, _Undecodable) else request
+        self.table = site.table_label(self.request)
+        self.parse_error = request.error if isinstance(request, _Undecodable) else None
+
+    def admit(self) -> None:
+        """Raises what the call is answered with instead of running its method."""
+        if self.parse_error is not None:
+            raise self.parse_error
+        self.site.check_open()
+
+    def end(self, exc: Exception | None = None) -> tuple[grpc.StatusCode, str]:
+        """Records the call; returns its status code and message (OK without `exc`)."""
+        code, message = (grpc.StatusCode.OK, "") if exc is None else status_of(exc)
+        if code == grpc.StatusCode.INTERNAL:
+            self.site.log.error("%s on table %r failed", self.method, self.table, exc_info=exc)
+        self.site.record(self.method, self.table, code, time.perf_counter() - self.start, self.request)
+        return code, message
+
+
+UnaryMethod = Callable[[Any, Any], Awaitable[Any]]
+StreamMethod = Callable[[Any, Any], AsyncIterator[Any]]
+
+
+def unary_call(method: str) -> Callable[[UnaryMethod], Callable]:
+    """Makes `async def fn(self, request) -> reply` the grpc.aio handler of the RPC `method`, on a
+    servicer whose `call_site` is its server's CallSite (see the module docstring)."""
+
+    def decorate(fn: UnaryMethod) -> Callable:
+        @functools.wraps(fn)
+        async def handler(self, request, context: grpc.aio.ServicerContext):
+            call = _Call(self.call_site, method, request)
+            try:
+                call.admit()
+                reply = await fn(self, request)
+            except Exception as exc:  # noqa: BLE001 - the one place errors become status codes
+                await context.abort(*call.end(exc))
+            call.end()
+            return reply
+
+        return handler
+
+    return decorate
+
+
+def stream_call(method: str) -> Callable[[StreamMethod], Callable]:
+    """unary_call for a server-streaming method: `async def fn(self, request)` yields the replies;
+    the call is recorded when the stream ends."""
+
+    def decorate(fn: StreamMethod) -> Callable:
+        @functools.wraps(fn)
+        async def handler(self, request, context: grpc.aio.ServicerContext):
+            call = _Call(self.call_site, method, request)
+            try:
+                call.admit()
+                async for reply in fn(self, request):
+                    yield reply
+            except Exception as exc:  # noqa: BLE001 - the one place errors become status codes
+                await context.abort(*call.end(exc))
+            call.end()
+
+        return handler
+
+    return decorate
+
+
+def answer_call(
+    site: CallSite, method: str, request: Any, fn: Callable[[Any], Any]
+) -> tuple[grpc.StatusCode, str, Any]:
+    """unary_call for a handler that is not grpc.aio's (the serving gate's Lookup, on the gate's
+    threads): (code, message, fn(request), or None when the code is not OK)."""
+    call = _Call(site, method, request)
+    try:
+        call.admit()
+        reply = fn(request)
+    except Exception as exc:  # noqa: BLE001 - the one place errors become status codes
+        code, message = call.end(exc)
+        return code, message, None
+    call.end()
+    return grpc.StatusCode.OK, "", reply
+
+
 class UndecodableRequests(grpc.aio.ServerInterceptor):
-    """Answers request bytes that do not parse as the method's message with INVALID_ARGUMENT.
+    """Lets the call wrapper answer request bytes that do not parse as the method's message.
 
     grpc.aio answers a request deserializer's exception with UNKNOWN, before any handler runs;
-    here the deserializer of every unary-request embps method returns the error instead, and the
-    method answers it through `status_of` like any other bad request.
+    here the deserializer of every unary-request embps method returns the error instead (`decode`),
+    and the wrapper answers it INVALID_ARGUMENT and counts it like any other bad request.
     """
 
     async def intercept_service(self, continuation, handler_call_details):
@@ -51,33 +186,5 @@ class UndecodableRequests(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if handler is None or handler.request_streaming or not method.startswith("/embps."):
             return handler
-        parse = handler.request_deserializer
-
-        def deserialize(data: bytes):
-            try:
-                return parse(data)
-            except DecodeError as exc:
-                return _Undecodable(exc)
-
-        async def refuse(request: _Undecodable, context: grpc.aio.ServicerContext) -> None:
-            code, message = status_of(ValueError(f"request: not a valid message for {method}: {request.error}"))
-            await context.abort(code, message)
-
-        if handler.response_streaming:
-            behavior = handler.unary_stream
-
-            async def unary_stream(request, context):
-                if isinstance(request, _Undecodable):
-                    await refuse(request, context)
-                async for reply in behavior(request, context):
-                    yield reply
-
-            return handler._replace(request_deserializer=deserialize, unary_stream=unary_stream)
-        behavior = handler.unary_unary
-
-        async def unary_unary(request, context):
-            if isinstance(request, _Undecodable):
-                await refuse(request, context)
-            return await behavior(request, context)
-
-        return handler._replace(request_deserializer=deserialize, unary_unary=unary_unary)
+        parse = functools.partial(decode, handler.request_deserializer, method=method)
+        return handler._replace(request_deserializer=parse)

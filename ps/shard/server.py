@@ -5,9 +5,10 @@
 Table operations are serialised (the tables are not thread-safe): small calls run inline on the
 event loop, large ones on one tables thread so that the loop stays free to accept calls (see
 `ParameterServerServicer.run`).
-Domain errors become status codes in exactly one place, `status_of` (ps/process/calls.py); servicer methods hold no
-try/except. SIGTERM marks the shard NOT_SERVING, lets in-flight calls finish (`grace` seconds),
-refuses new ones with UNAVAILABLE and exits 0.
+Every call goes through the one call wrapper of ps/process/calls.py (errors become status codes,
+`ShardCallSite` records the metrics); servicer methods hold no try/except. SIGTERM marks the
+shard NOT_SERVING, lets in-flight calls finish (`grace` seconds), refuses new ones with
+UNAVAILABLE and exits 0.
 
 Subscribe streams (serving replicas) wait on a per-table event that every Push sets; a stream
 reads its range of the update log and the current rows through `run` like any call, so it never
@@ -33,7 +34,7 @@ from grpc_reflection.v1alpha import reflection
 
 from ps import wire
 from ps.job_config import JobConfig, load_job_config
-from ps.process.calls import ShuttingDownError, UndecodableRequests, status_of
+from ps.process.calls import CallSite, UndecodableRequests, stream_call, unary_call
 from ps.rpc import ps_pb2, ps_pb2_grpc, snapshot_pb2, snapshot_pb2_grpc
 from ps.security import add_port, ps_port_policy, server_interceptors
 from ps.shard.metrics import ShardMetrics
@@ -63,56 +64,50 @@ HEARTBEAT_SECONDS = 0.5  # an idle Subscribe stream says "still here, still at v
 _ACK_BYTES = 32  # one VersionAck on the wire, framing included (generous)
 
 
-def _rpc(method: str) -> Callable:
-    """Wraps a synchronous servicer method: shutdown check, status mapping, metrics."""
+def _tables_call(method: str) -> Callable:
+    """A synchronous table method `fn(self, request) -> reply` as the RPC `method`: serialised
+    through `run`, answered by the one call wrapper (ps/process/calls.py)."""
 
     def decorate(fn: Callable) -> Callable:
-        @functools.wraps(fn)
-        async def handler(self: ParameterServerServicer, request, context: grpc.aio.ServicerContext):
-            start = time.perf_counter()
-            table = self.table_label(getattr(request, "table", None))
-            try:
-                if self.draining:
-                    raise ShuttingDownError(f"shard {self.shard.index} is shutting down")
-                response = await self.run(fn, request)
-            except Exception as exc:  # noqa: BLE001 - the one place errors become status codes
-                code, message = status_of(exc)
-                if code == grpc.StatusCode.INTERNAL:
-                    log.exception("%s on table %r failed", method, table)
-                self.record(method, table, code, start, request)
-                await context.abort(code, message)
-            self.record(method, table, grpc.StatusCode.OK, start, request)
-            return response
+        async def on_tables(self: ParameterServerServicer, request):
+            return await self.run(fn, request)
 
-        return handler
+        return unary_call(method)(functools.wraps(fn)(on_tables))
 
     return decorate
 
 
-def _stream_rpc(method: str) -> Callable:
-    """Wraps a server-streaming async generator method: shutdown check, status mapping, metrics."""
+class ShardCallSite(CallSite):
+    """How the call wrapper labels and records this shard's calls (both services of its port)."""
 
-    def decorate(fn: Callable) -> Callable:
-        @functools.wraps(fn)
-        async def handler(self: ParameterServerServicer, request, context: grpc.aio.ServicerContext):
-            start = time.perf_counter()
-            table = self.table_label(getattr(request, "table", None))
-            try:
-                if self.draining:
-                    raise ShuttingDownError(f"shard {self.shard.index} is shutting down")
-                async for reply in fn(self, request):
-                    yield reply
-            except Exception as exc:  # noqa: BLE001 - the one place errors become status codes
-                code, message = status_of(exc)
-                if code == grpc.StatusCode.INTERNAL:
-                    log.exception("%s on table %r failed", method, table)
-                self.record(method, table, code, start, request)
-                await context.abort(code, message)
-            self.record(method, table, grpc.StatusCode.OK, start, request)
+    def __init__(self, shard, metrics: ShardMetrics) -> None:
+        super().__init__(f"shard {shard.index}", log)
+        self.tables = shard.tables
+        self.metrics = metrics
 
-        return handler
+    def table_label(self, request) -> str:
+        """The request's table; names the shard does not hold share one label, no table is ""."""
+        return self.table_name_label(getattr(request, "table", None))
 
-    return decorate
+    def table_name_label(self, name: str | None) -> str:
+        if name is None:
+            return ""
+        return name if name in self.tables else "unknown"
+
+    def record(self, method: str, table: str, code: grpc.StatusCode, seconds: float, request) -> None:
+        m = self.metrics
+        m.requests.labels(table, method, code.name).inc()
+        m.duration.labels(table, method).observe(seconds)
+        if request is None:
+            return
+        if method in ("Lookup", "Push"):
+            m.request_keys.labels(table, method).inc(len(request.keys) // 8)
+            m.request_bytes.labels(table, method).inc(len(request.keys) + len(getattr(request, "grads", b"")))
+        elif method in ("LookupBatch", "PushBatch"):
+            for part in request.requests:
+                part_table = self.table_name_label(part.table)
+                m.request_keys.labels(part_table, method).inc(len(part.keys) // 8)
+                m.request_bytes.labels(part_table, method).inc(len(part.keys) + len(getattr(part, "grads", b"")))
 
 
 class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
@@ -121,7 +116,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
     def __init__(self, shard, metrics: ShardMetrics) -> None:
         self.shard = shard
         self.metrics = metrics
-        self.draining = False
+        self.call_site = ShardCallSite(shard, metrics)
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="tables")
         self._offloaded = 0
         self.loop = asyncio.get_running_loop()
@@ -162,42 +157,23 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
 
     def begin_drain(self) -> None:
         """Refuses new calls from now on and ends the Subscribe streams with UNAVAILABLE."""
-        self.draining = True
+        self.call_site.draining = True
         for table in list(self._changed):
             self.notify(table)
 
-    def table_label(self, name: str | None) -> str:
-        """The metric label of a request's table; names the shard does not hold share one label."""
-        if name is None:
-            return ""
-        return name if name in self.shard.tables else "unknown"
-
-    def record(self, method: str, table: str, code: grpc.StatusCode, start: float, request) -> None:
-        m = self.metrics
-        m.requests.labels(table, method, code.name).inc()
-        m.duration.labels(table, method).observe(time.perf_counter() - start)
-        if method in ("Lookup", "Push"):
-            m.request_keys.labels(table, method).inc(len(request.keys) // 8)
-            m.request_bytes.labels(table, method).inc(len(request.keys) + len(getattr(request, "grads", b"")))
-        elif method in ("LookupBatch", "PushBatch"):
-            for part in request.requests:
-                part_table = self.table_label(part.table)
-                m.request_keys.labels(part_table, method).inc(len(part.keys) // 8)
-                m.request_bytes.labels(part_table, method).inc(len(part.keys) + len(getattr(part, "grads", b"")))
-
-    @_rpc("Lookup")
+    @_tables_call("Lookup")
     def Lookup(self, request: ps_pb2.LookupRequest) -> ps_pb2.LookupResponse:
         return self.shard.lookup(request)
 
-    @_rpc("LookupBatch")
+    @_tables_call("LookupBatch")
     def LookupBatch(self, request: ps_pb2.LookupBatchRequest) -> ps_pb2.LookupBatchResponse:
         return ps_pb2.LookupBatchResponse(responses=[self.shard.lookup(r) for r in request.requests])
 
-    @_rpc("PushBatch")
+    @_tables_call("PushBatch")
     def PushBatch(self, request: ps_pb2.PushBatchRequest) -> ps_pb2.PushBatchResponse:
         return ps_pb2.PushBatchResponse(responses=[self.apply_push(r) for r in request.requests])
 
-    @_rpc("Push")
+    @_tables_call("Push")
     def Push(self, request: ps_pb2.PushRequest) -> ps_pb2.PushResponse:
         return self.apply_push(request)
 
@@ -211,14 +187,14 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
             self.loop.call_soon_threadsafe(self.notify, request.table)
         return response
 
-    @_rpc("Stats")
+    @_tables_call("Stats")
     def Stats(self, request: ps_pb2.StatsRequest) -> ps_pb2.StatsResponse:
         for table in self.shard.tables.values():
             self.metrics.observe_table(table)
         return self.shard.stats()
 
 
-    @_stream_rpc("Subscribe")
+    @stream_call("Subscribe")
     async def Subscribe(self, request: ps_pb2.SubscribeRequest) -> AsyncIterator[ps_pb2.UpdateBatch]:
         """Every change of the table after request.from_version (or all rows, full_sync), then live
         changes, merged while the subscriber is busy; heartbeats while idle. See ps.proto."""
@@ -243,8 +219,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
                 position = request.from_version
                 shard.log(name).check(position, name)
             while True:
-                if self.draining:
-                    raise ShuttingDownError(f"shard {shard.index} is shutting down")
+                self.call_site.check_open()
                 changed = self._changed[name]
                 if shard.logs[name].head_version == position:
                     try:
@@ -351,7 +326,7 @@ async def create_server(
         shard_index,
         shard.tables,
         run_serialized=lambda call: servicer.run_call(call, work_bytes=INLINE_WORK_BYTES + 1),
-        status_of=status_of,
+        call_site=servicer.call_site,
         restored_step=restore_step,
     )
     snapshot_pb2_grpc.add_SnapshotControlServicer_to_server(snapshots, server)

@@ -11,26 +11,22 @@ on and every incremental after it (its own shard files only), before it serves.
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Awaitable, Callable
 
-import grpc
-
 from ps.job_config import JobConfig
+from ps.process.calls import CallSite, unary_call
 from ps.rpc import snapshot_pb2, snapshot_pb2_grpc
 from ps.snapshot.files import SnapshotWriter, apply_delta, snapshot_chain
 from ps.snapshot.ops import ShardSnapshotter
 from ps.table.embedding_table import EmbeddingTable, TableState
-
-log = logging.getLogger(__name__)
 
 
 class SnapshotControlServicer(snapshot_pb2_grpc.SnapshotControlServicer):
     """Writes this shard's tables into a snapshot step on request.
 
     `run_serialized(fn)` runs fn where the shard's table calls are serialised (no push runs
-    during the export); `job` gives the storage config; `status_of` is the server's one mapping
-    from errors to gRPC status codes.
+    during the export); `job` gives the storage config; `call_site` is the shard's, so a
+    WriteSnapshot is refused while the shard drains and counted like its other calls.
     """
 
     def __init__(
@@ -39,7 +35,7 @@ class SnapshotControlServicer(snapshot_pb2_grpc.SnapshotControlServicer):
         shard_index: int,
         tables: dict[str, EmbeddingTable],
         run_serialized: Callable[[Callable[[], object]], Awaitable[object]],
-        status_of: Callable[[BaseException], tuple[grpc.StatusCode, str]],
+        call_site: CallSite,
         restored_step: int | None = None,
     ) -> None:
         self.job = job
@@ -49,18 +45,11 @@ class SnapshotControlServicer(snapshot_pb2_grpc.SnapshotControlServicer):
             self.snapshotter.mark_committed(restored_step)
         self._last_written = restored_step
         self._run_serialized = run_serialized
-        self._status_of = status_of
+        self.call_site = call_site
 
-    async def WriteSnapshot(
-        self, request: snapshot_pb2.WriteSnapshotRequest, context: grpc.aio.ServicerContext
-    ) -> snapshot_pb2.WriteSnapshotResponse:
-        try:
-            return await self._run_serialized(lambda: self.write(request))
-        except Exception as exc:  # noqa: BLE001 - mapped by the server's one status mapping
-            code, message = self._status_of(exc)
-            if code == grpc.StatusCode.INTERNAL:
-                log.exception("WriteSnapshot of step %d failed", request.step)
-            await context.abort(code, message)
+    @unary_call("WriteSnapshot")
+    async def WriteSnapshot(self, request: snapshot_pb2.WriteSnapshotRequest) -> snapshot_pb2.WriteSnapshotResponse:
+        return await self._run_serialized(lambda: self.write(request))
 
     def write(self, request: snapshot_pb2.WriteSnapshotRequest) -> snapshot_pb2.WriteSnapshotResponse:
         """Writes the files; the coordinator commits. A shard learns that its previous write was

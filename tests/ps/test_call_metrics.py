@@ -1,0 +1,109 @@
+"""A shard's calls through the one call wrapper (ps/process/calls.py), on a real server on port 0
+in this process: every method, WriteSnapshot included, is counted with its status code and timed."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import grpc
+import numpy as np
+import pytest
+
+from ps.rpc import ps_pb2, ps_pb2_grpc, snapshot_pb2, snapshot_pb2_grpc
+from ps.shard.metrics import ShardMetrics
+from ps.shard.server import create_server
+from ps.table.config import TableConfig
+from tests.helpers.processes import make_job
+
+USER = TableConfig("user", dim=4)
+DEADLINE = 10.0
+
+
+def sample(metrics: ShardMetrics, name: str, **labels: str) -> float:
+    """The sample's value, 0 where the series does not exist (yet)."""
+    value = metrics.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+async def with_shard(test, tmp_path) -> ShardMetrics:
+    """Runs `await test(channel, servicer)` against a fresh one-shard server; returns its metrics."""
+    job = make_job([USER], job="calls")
+    metrics = ShardMetrics(0)
+    server, port, servicer, _health = await create_server(job, 0, address="127.0.0.1:0", metrics=metrics)
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            await test(channel, servicer)
+    finally:
+        await server.stop(None)
+        servicer.executor.shutdown()
+    return metrics
+
+
+def write_request(tmp_path, job: str = "calls", step: int = 1) -> snapshot_pb2.WriteSnapshotRequest:
+    return snapshot_pb2.WriteSnapshotRequest(uri=tmp_path.as_uri(), job=job, step=step, kind="full", num_shards=1)
+
+
+async def expect_code(call, code: grpc.StatusCode) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call
+    assert info.value.code() == code, info.value.details()
+    return info.value
+
+
+def test_write_snapshot_is_counted_and_timed_with_its_code(tmp_path):
+    async def test(channel, servicer):
+        snapshots = snapshot_pb2_grpc.SnapshotControlStub(channel)
+        reply = await snapshots.WriteSnapshot(write_request(tmp_path), timeout=DEADLINE)
+        assert json.loads(reply.records_json), "a full snapshot of one table writes a file"
+        error = await expect_code(
+            snapshots.WriteSnapshot(write_request(tmp_path, job="other", step=2), timeout=DEADLINE),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        )
+        assert "this shard serves job 'calls'" in error.details()
+
+    metrics = asyncio.run(with_shard(test, tmp_path))
+    assert sample(metrics, "embps_requests_total", table="", method="WriteSnapshot", code="OK") == 1
+    assert sample(metrics, "embps_requests_total", table="", method="WriteSnapshot", code="INVALID_ARGUMENT") == 1
+    assert sample(metrics, "embps_request_duration_seconds_count", table="", method="WriteSnapshot") == 2
+    assert sample(metrics, "embps_request_duration_seconds_sum", table="", method="WriteSnapshot") > 0
+
+
+def test_unknown_table_and_undecodable_bytes_are_counted_with_their_codes(tmp_path):
+    keys = np.arange(5, dtype="<i8").tobytes()
+
+    async def test(channel, servicer):
+        stub = ps_pb2_grpc.ParameterServerStub(channel)
+        await stub.Lookup(ps_pb2.LookupRequest(table="user", keys=keys, dim=4), timeout=DEADLINE)
+        await expect_code(
+            stub.Lookup(ps_pb2.LookupRequest(table="nope", keys=keys, dim=4), timeout=DEADLINE),
+            grpc.StatusCode.NOT_FOUND,
+        )
+        raw = channel.unary_unary("/embps.v1.ParameterServer/Lookup")  # bytes in, bytes out
+        error = await expect_code(raw(b"\xff\xff\xff", timeout=DEADLINE), grpc.StatusCode.INVALID_ARGUMENT)
+        assert "not a valid message for /embps.v1.ParameterServer/Lookup" in error.details()
+
+    metrics = asyncio.run(with_shard(test, tmp_path))
+    assert sample(metrics, "embps_requests_total", table="user", method="Lookup", code="OK") == 1
+    assert sample(metrics, "embps_requests_total", table="unknown", method="Lookup", code="NOT_FOUND") == 1
+    assert sample(metrics, "embps_requests_total", table="", method="Lookup", code="INVALID_ARGUMENT") == 1
+    assert sample(metrics, "embps_request_duration_seconds_count", table="unknown", method="Lookup") == 1
+    assert sample(metrics, "embps_request_keys_total", table="user", method="Lookup") == 5
+
+
+def test_a_draining_shard_refuses_every_method_unavailable_and_counts_it(tmp_path):
+    async def test(channel, servicer):
+        servicer.begin_drain()
+        stub = ps_pb2_grpc.ParameterServerStub(channel)
+        error = await expect_code(stub.Stats(ps_pb2.StatsRequest(), timeout=DEADLINE), grpc.StatusCode.UNAVAILABLE)
+        assert error.details() == "shard 0 is shutting down"
+        snapshots = snapshot_pb2_grpc.SnapshotControlStub(channel)
+        await expect_code(
+            snapshots.WriteSnapshot(write_request(tmp_path), timeout=DEADLINE), grpc.StatusCode.UNAVAILABLE
+        )
+
+    metrics = asyncio.run(with_shard(test, tmp_path))
+    assert sample(metrics, "embps_requests_total", table="", method="Stats", code="UNAVAILABLE") == 1
+    assert sample(metrics, "embps_requests_total", table="", method="WriteSnapshot", code="UNAVAILABLE") == 1
+    assert not list(tmp_path.iterdir()), "a refused WriteSnapshot writes nothing"
