@@ -23,6 +23,7 @@ import torch
 
 from bench.machine import machine_facts
 from bench.ports import free_ports
+from ps import toml_writer
 from ps.job_config import JobConfig, ShardConfig, dump_job_config
 from ps.table.config import OptimizerConfig, OptimizerKind, TableConfig
 
@@ -54,31 +55,27 @@ def _job_toml(config: TrainBenchConfig, mode: str, out: Path) -> str:
         ShardConfig(f"127.0.0.1:{ports[2 * i]}", metrics_port=ports[2 * i + 1]) for i in range(config.shards)
     )
     ps = dump_job_config(JobConfig(job=f"bench-{mode}", shards=shards, tables=tables))
-    names = ", ".join(f'"t{i}"' for i in range(num_tables))
+    train = {
+        "workers": config.workers,
+        "steps": config.steps,
+        "batch_size": config.batch,
+        "mode": mode,
+        "staleness": config.staleness,
+        "tables": [f"t{i}" for i in range(num_tables)],
+        "output_dir": str(out),
+    }
+    synthetic = {"num_sparse": config.num_tables, "num_keys": config.num_keys, "num_batches": config.steps + 1}
     return (
         ps
-        + f"""
-[train]
-workers = {config.workers}
-steps = {config.steps}
-batch_size = {config.batch}
-mode = "{mode}"
-staleness = {config.staleness}
-tables = [{names}]
-output_dir = "{out}"
-
-[model]
-bottom_sizes = [256, {config.dim}]
-top_sizes = [256, 64]
-
-[data]
-source = "synthetic"
-
-[data.synthetic]
-num_sparse = {config.num_tables}
-num_keys = {config.num_keys}
-num_batches = {config.steps + 1}
-"""
+        + "\n"
+        + toml_writer.document(
+            [
+                toml_writer.table("train", train),
+                toml_writer.table("model", {"bottom_sizes": [256, config.dim], "top_sizes": [256, 64]}),
+                toml_writer.table("data", {"source": "synthetic"}),
+                toml_writer.table(("data", "synthetic"), synthetic),
+            ]
+        )
     )
 
 

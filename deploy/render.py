@@ -35,6 +35,7 @@ from pathlib import Path
 import yaml
 
 from deploy.config import DNS_LABEL, DeployConfig, WorkerKind, parse_deploy_config
+from ps import toml_writer
 from ps.security import Role, SecurityConfig, ps_port_policy, serving_port_policy
 from worker.train_config import TrainingJob, parse_training_job
 
@@ -289,18 +290,11 @@ def config_map(job: TrainingJob, deploy: DeployConfig, job_toml: str) -> dict:
 def serve_toml(deploy: DeployConfig) -> str:
     """The serving replicas' config (serving/config.py), beside job.toml in the ConfigMap."""
     serving = deploy.serving
-    lines = [
-        'job_config = "job.toml"',
-        f'listen = "0.0.0.0:{serving.port}"',
-        f"metrics_port = {serving.metrics_port}",
-    ]
+    top = {"job_config": "job.toml", "listen": f"0.0.0.0:{serving.port}", "metrics_port": serving.metrics_port}
+    blocks = [toml_writer.assignments(top)]
     if serving.export_uri is not None:
-        lines += ["", "[export]", f"uri = {_toml_string(serving.export_uri)}"]
-    return "\n".join(lines) + "\n"
-
-
-def _toml_string(value: str) -> str:
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        blocks.append(toml_writer.table("export", {"uri": serving.export_uri}))
+    return toml_writer.document(blocks)
 
 
 def _headless_service(name: str, job: str, component: str, port: int) -> dict:

@@ -9,6 +9,7 @@
     client.py  PSClient: Lookup and Push against a job's shards
     sharding.py, wire.py, native.py, job_config.py, errors.py: key -> shard, byte layout on the
                wire, the one import point of the C++ core, the job TOML, domain errors
+    toml_writer.py  the one TOML writer (escaped strings) behind every config dump
 
 This package imports neither `worker` nor `serving` nor `bench` (tests/test_layout.py).
 """

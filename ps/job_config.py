@@ -42,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ps import toml_writer
 from ps.security import SecurityConfig, dump_security, parse_security
 from ps.sharding import ShardMap
 from ps.snapshot.storage import StorageConfig
@@ -314,45 +315,22 @@ def _check_int(path: str, value: object, low: int, high: int) -> None:
 
 def dump_job_config(job: JobConfig) -> str:
     """A TOML text that load_job_config reads back as `job` (used by tests and the benchmark)."""
-    lines = [f'job = "{job.job}"', f"message_limit_bytes = {job.message_limit_bytes}"]
-    lines.append(f"push_dedupe_window = {job.push_dedupe_window}")
-    d = job.deadlines
-    lines += ["", "[deadlines]", f"lookup = {d.lookup!r}", f"push = {d.push!r}", f"stats = {d.stats!r}"]
+    top = {"job": job.job, "message_limit_bytes": job.message_limit_bytes, "push_dedupe_window": job.push_dedupe_window}
+    blocks = [toml_writer.assignments(top), toml_writer.table("deadlines", dataclasses.asdict(job.deadlines))]
     if job.shard_map != ShardMap.uniform(len(job.shards)):
-        lines += ["", "[sharding]", f"bucket_ranges = {_ranges(job.shard_map)}"]
-    for s in job.shards:
-        lines += ["", "[[shards]]", f'address = "{s.address}"', f"metrics_port = {s.metrics_port}"]
+        blocks.append(toml_writer.table("sharding", {"bucket_ranges": _ranges(job.shard_map)}))
+    blocks += [toml_writer.table("shards", dataclasses.asdict(s), array=True) for s in job.shards]
     for t in job.tables:
-        lines += ["", f"[tables.{t.name}]"]
-        lines += _toml_fields(t, skip={"name"})
+        table_fields = {name: v for name, v in dataclasses.asdict(t).items() if name != "name"}
+        blocks.append(toml_writer.table(("tables", t.name), table_fields))
     if job.snapshot is not None:
-        lines += ["", "[snapshot]"]
-        lines += _toml_fields(job.snapshot)
-    if job.security != SecurityConfig():
-        lines += ["", *dump_security(job.security)]
-    return "\n".join(lines) + "\n"
+        blocks.append(toml_writer.table("snapshot", dataclasses.asdict(job.snapshot)))
+    blocks.append(dump_security(job.security))
+    return toml_writer.document(blocks)
 
 
-def _toml_fields(obj: object, skip: set[str] = frozenset()) -> list[str]:
-    lines = []
-    for f in fields(obj):
-        value = getattr(obj, f.name)
-        if f.name in skip or value is None:
-            continue
-        if type(value) in _NESTED:
-            inner = ", ".join(_toml_fields(value))
-            lines.append(f"{f.name} = {{ {inner} }}")
-        elif isinstance(value, str):
-            lines.append(f'{f.name} = "{value}"')
-        elif isinstance(value, bool):
-            lines.append(f"{f.name} = {str(value).lower()}")
-        else:
-            lines.append(f"{f.name} = {value!r}")
-    return lines
-
-
-def _ranges(shard_map: ShardMap) -> str:
+def _ranges(shard_map: ShardMap) -> list[list[int]]:
     b = shard_map.buckets
     starts = [0, *(int(i) for i in np.flatnonzero(b[1:] != b[:-1]) + 1)]
     stops = [*starts[1:], len(b)]
-    return "[" + ", ".join(f"[{a}, {z}, {int(b[a])}]" for a, z in zip(starts, stops, strict=True)) + "]"
+    return [[a, z, int(b[a])] for a, z in zip(starts, stops, strict=True)]

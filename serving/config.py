@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import math
 import tomllib
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from enum import StrEnum
 from pathlib import Path
 
+from ps import toml_writer
 from ps.job_config import JobConfig, load_job_config, parse_job_config
 
 # 256 small lookups are ~0.1 s of one replica's CPU (~0.34 ms each): a full queue adds at most about
@@ -169,16 +170,17 @@ def _export(raw: object, job: str) -> ExportSource | None:
 
 def dump_serve_config(config: ServeConfig, job_config_path: str) -> str:
     """A serve.toml that load_serve_config reads back as `config` (its job from job_config_path)."""
-    lines = [
-        f'job_config = "{job_config_path}"',
-        f'listen = "{config.listen}"',
-        f"metrics_port = {config.metrics_port}",
-        "tables = [" + ", ".join(f'"{t}"' for t in config.tables) + "]",
-        f'default = "{config.default}"',
-        f'storage_dtype = "{config.storage_dtype}"',
-        f"stale_after_seconds = {config.stale_after_seconds!r}",
-        f"max_queue = {config.max_queue}",
-    ]
+    top = {
+        "job_config": job_config_path,
+        "listen": config.listen,
+        "metrics_port": config.metrics_port,
+        "tables": config.tables,
+        "default": config.default,
+        "storage_dtype": config.storage_dtype,
+        "stale_after_seconds": config.stale_after_seconds,
+        "max_queue": config.max_queue,
+    }
+    blocks = [toml_writer.assignments(top)]
     if config.export is not None:
-        lines += ["", "[export]", f'uri = "{config.export.uri}"', f'job = "{config.export.job}"']
-    return "\n".join(lines) + "\n"
+        blocks.append(toml_writer.table("export", asdict(config.export)))
+    return toml_writer.document(blocks)

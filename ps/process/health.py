@@ -11,20 +11,21 @@ against instead of the address. Health needs no token (it is open to every calle
 
 Exit status: 0 when the service is SERVING; 1 otherwise (NOT_SERVING, an unknown service, no
 answer within the timeout, a TLS handshake refused), with one line saying which; 2 when the
-config cannot be loaded (the message names the field).
+config cannot be loaded (the message names the field). grpc and ps.security are imported where
+they are used, so that `embps health --help` loads neither.
 """
 
 from __future__ import annotations
 
+import argparse
 import math
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-from ps.security import SecurityConfig, open_channel, parse_security
+if TYPE_CHECKING:
+    from ps.security import SecurityConfig
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,8 @@ class HealthProbe:
 def load_security(path: str | Path) -> SecurityConfig:
     """The `[security]` of a job TOML (everything off when it has none). Only that section is read:
     a probe runs every few seconds, and loading the whole job (numpy, pyarrow) would triple its cost."""
+    from ps.security import SecurityConfig, parse_security
+
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text())
@@ -64,6 +67,11 @@ def load_security(path: str | Path) -> SecurityConfig:
 def check_health(probe: HealthProbe, security: SecurityConfig) -> tuple[bool, str]:
     """One Health.Check: (serving, a line saying what was seen). Never raises for what the server
     or the network does; configuration errors (unreadable certificates) raise ValueError."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from ps.security import open_channel
+
     options = []
     if probe.server_name is not None:
         if not security.tls:
@@ -81,8 +89,30 @@ def check_health(probe: HealthProbe, security: SecurityConfig) -> tuple[bool, st
     return reply.status == health_pb2.HealthCheckResponse.SERVING, f"{where}: {status}"
 
 
-def health_cli(probe: HealthProbe, security: SecurityConfig) -> int:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("address", help="HOST:PORT of the port to check")
+    parser.add_argument("--config", default=None, help="job TOML whose [security] to use (default: plaintext)")
+    parser.add_argument("--service", default="", help="health service name (default '': the whole server)")
+    parser.add_argument(
+        "--server-name", default=None, help="TLS: the name the server certificate must have (default: the host)"
+    )
+    parser.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer")
+
+
+def run(args: argparse.Namespace) -> int:
     """`embps health`: prints one line; exit 0 SERVING, 1 not, 2 a configuration error."""
+    from ps.security import SecurityConfig
+
+    try:
+        probe = HealthProbe(args.address, args.service, args.server_name, args.timeout)
+    except ValueError as exc:
+        print(f"embps health: {exc}")
+        return 2
+    try:
+        security = load_security(args.config) if args.config else SecurityConfig()
+    except (ValueError, TypeError) as exc:
+        print(f"embps health: {args.config}: {exc}")
+        return 2
     try:
         serving, line = check_health(probe, security)
     except ValueError as exc:

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
 from pathlib import Path
 
 import grpc
+
+from ps import toml_writer
 
 log = logging.getLogger("embps.security")
 
@@ -186,21 +188,10 @@ def dump_security(security: SecurityConfig) -> list[str]:
     stored; tokens as their sources). Empty when everything is off."""
     if security == SecurityConfig():
         return []
-    lines = ["[security]"]
-    for f in fields(SecurityConfig):
-        value = getattr(security, f.name)
-        if f.name != "tokens" and value is not None:
-            lines.append(f"{f.name} = {_quote(value)}")
-    for role in Role:
-        source = getattr(security.tokens, role.value)
-        if source is not None:
-            kind, value = ("file", source.file) if source.file is not None else ("env", source.env)
-            lines.append(f"tokens.{role.value} = {{ {kind} = {_quote(value)} }}")
-    return lines
-
-
-def _quote(value: str) -> str:
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    section = asdict(security)
+    if not security.auth:
+        del section["tokens"]
+    return toml_writer.table("security", section)
 
 
 def _read(where: str, path: str) -> bytes:

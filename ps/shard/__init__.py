@@ -5,4 +5,5 @@
     update_log.py        which keys each applied push touched (what Subscribe streams)
     snapshot_service.py  SnapshotControl service, restore at start
     metrics.py           the shard's Prometheus metrics
+    cli.py               `embps ps`: its arguments, the malloc re-exec, then server.serve_shard
 """

@@ -1,17 +1,30 @@
 """`embps snapshot list|inspect|export|gc URI --job NAME`: look at and manage stored snapshots.
 
 S3 settings come from the AWS_* variables (see ps/snapshot/storage.py). Errors print one line to stderr
-and return exit code 1.
+and return exit code 1. The snapshot modules (torch, pyarrow) are imported by the action that needs them.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 from ps.errors import EmbpsError
-from ps.snapshot.files import Manifest, latest, list_snapshots, open_snapshot
-from ps.snapshot.ops import collect_garbage, export_for_serving
+
+if TYPE_CHECKING:
+    from ps.snapshot.files import Manifest
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", choices=["list", "inspect", "export", "gc"])
+    parser.add_argument("uri", help="storage root: file:///path, a path, s3://bucket/prefix, hdfs://host:port/path")
+    parser.add_argument("--job", required=True, help="job name (the folder under the URI)")
+    parser.add_argument("--step", type=int, default=None, help="inspect/export this step (default: latest)")
+    parser.add_argument("--dst", default=None, help="export: destination URI")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="export: value type")
+    parser.add_argument("--keep", type=int, default=None, help="gc: how many newest snapshots to keep")
+    parser.add_argument("--dry-run", action="store_true", help="gc: print what would be deleted, delete nothing")
 
 
 def _size(n: int) -> str:
@@ -23,6 +36,8 @@ def _size(n: int) -> str:
 
 
 def _list(args: argparse.Namespace) -> int:
+    from ps.snapshot.files import latest, list_snapshots
+
     manifests = list_snapshots(args.uri, args.job)
     if not manifests:
         print(f"no committed snapshot of job {args.job} under {args.uri}")
@@ -58,17 +73,23 @@ def _describe(m: Manifest) -> list[str]:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    from ps.snapshot.files import open_snapshot
+
     print("\n".join(_describe(open_snapshot(args.uri, args.job, args.step).manifest)))
     return 0
 
 
 def _export(args: argparse.Namespace) -> int:
+    from ps.snapshot.ops import export_for_serving
+
     m = export_for_serving(args.uri, args.job, args.step, args.dst, dtype=args.dtype)
     print(f"exported step {m.step} of job {m.job} to {args.dst}: {m.total_rows:,} rows, {_size(m.total_bytes)}")
     return 0
 
 
 def _gc(args: argparse.Namespace) -> int:
+    from ps.snapshot.ops import collect_garbage
+
     result = collect_garbage(args.uri, args.job, args.keep, dry_run=args.dry_run)
     verb = "would delete" if args.dry_run else "deleted"
 
@@ -82,8 +103,12 @@ def _gc(args: argparse.Namespace) -> int:
 _ACTIONS = {"list": _list, "inspect": _inspect, "export": _export, "gc": _gc}
 
 
-def run_snapshot_cli(args: argparse.Namespace) -> int:
-    """Runs the `embps snapshot` action args.action with the parsed arguments of embps.py."""
+def run(args: argparse.Namespace) -> int:
+    """Runs the `embps snapshot` action args.action with the parsed arguments of add_arguments."""
+    if args.action == "export" and args.dst is None:
+        raise SystemExit("embps snapshot export: --dst is required")
+    if args.action == "gc" and args.keep is None:
+        raise SystemExit("embps snapshot gc: --keep is required")
     try:
         return _ACTIONS[args.action](args)
     except (EmbpsError, ValueError, KeyError, OSError) as e:

@@ -1,12 +1,14 @@
 """The TOML job config: a full example loads, and every bad field is named in its error."""
 
+import dataclasses
 import tomllib
 
 import numpy as np
 import pytest
 
-from ps.job_config import dump_job_config, load_job_config, parse_job_config
+from ps.job_config import SnapshotConfig, dump_job_config, load_job_config, parse_job_config
 from ps.sharding import ShardMap
+from ps.snapshot.storage import StorageConfig
 from ps.table.config import EvictionPolicy, OptimizerKind
 
 EXAMPLE = """
@@ -113,3 +115,12 @@ def test_invalid_toml_names_the_file(tmp_path):
     path.write_text("job = \n")
     with pytest.raises(ValueError, match="bad.toml: not valid TOML"):
         load_job_config(path)
+
+
+def test_dump_reads_back_equal_with_quotes_backslashes_newlines_and_non_ascii():
+    odd = 'a "quoted" \\ back\\slash\nnew line é 日本'
+    text = EXAMPLE.replace('job = "ctr"', 'job = "ctr-é.v2"').replace("[tables.item]", '[tables."item.v2"]')
+    job = parse_job_config(tomllib.loads(text))
+    storage = StorageConfig(endpoint_override=odd, region=odd, access_key=odd, secret_key=odd)
+    job = dataclasses.replace(job, snapshot=SnapshotConfig(uri=f"file:///tmp/{odd}", storage=storage))
+    assert parse_job_config(tomllib.loads(dump_job_config(job))) == job

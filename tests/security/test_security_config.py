@@ -61,6 +61,17 @@ def test_dump_reads_back(pki, token_files):
     assert "[security]" not in dump_job_config(parse_job_config(tomllib.loads(JOB)))
 
 
+def test_dump_reads_back_paths_with_quotes_backslashes_newlines_and_non_ascii():
+    odd = '/etc/a "quoted" \\ back\\slash\nnew line é 日本'
+    paths = {f.name: f"{odd}/{f.name}.pem" for f in dataclasses.fields(SecurityConfig) if f.name != "tokens"}
+    security = SecurityConfig(
+        **paths,
+        tokens=Tokens(trainer=TokenSource(file=f"{odd}/trainer.token"), reader=TokenSource(env="EMBPS_READER_TOKEN")),
+    )
+    job = dataclasses.replace(parse_job_config(tomllib.loads(JOB)), security=security)
+    assert parse_job_config(tomllib.loads(dump_job_config(job))).security == security
+
+
 @pytest.mark.parametrize(
     ("raw", "message"),
     [

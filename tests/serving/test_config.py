@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from ps.job_config import dump_job_config
@@ -59,3 +61,16 @@ def test_errors_name_the_field(tmp_path, job_path, line, message):
 def test_job_is_required_once(tmp_path):
     with pytest.raises(ValueError, match="job_config: give exactly one"):
         load_serve_config(write(tmp_path, 'listen = "127.0.0.1:5000"\n'))
+
+
+def test_round_trip_with_quotes_backslashes_newlines_and_non_ascii(tmp_path):
+    odd = 'a "quoted" \\ back\\slash\nnew line é 日本'
+    folder = tmp_path / odd
+    folder.mkdir()
+    job_path = folder / "job.toml"
+    job_path.write_text(dump_job_config(make_job([TableConfig("user", dim=4)], 1)))
+    text = 'job_config = "job.toml"\nlisten = "127.0.0.1:5000"\n[export]\nuri = "file:///tmp/x"\njob = "test"\n'
+    config = dataclasses.replace(
+        load_serve_config(write(folder, text)), export=ExportSource(f"file:///{odd}/exports", odd)
+    )
+    assert load_serve_config(write(tmp_path, dump_serve_config(config, str(job_path)))) == config

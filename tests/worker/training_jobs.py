@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+from ps import toml_writer
 from ps.job_config import JobConfig, SnapshotConfig, dump_job_config
 from ps.table.config import OptimizerConfig, OptimizerKind, TableConfig
 from tests.helpers.processes import make_job
@@ -43,23 +44,9 @@ OPTIMIZER_TABLES = [
 ]
 
 
-def toml_value(value: object) -> str:
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, str):
-        return f'"{value}"'
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    return repr(value)
-
-
 def training_toml(ps: JobConfig, train: dict, model: dict, data: dict, synthetic: dict) -> str:
-    lines = [dump_job_config(ps)]
-    for section, values in (("train", train), ("model", model), ("data", data), ("data.synthetic", synthetic)):
-        lines.append(f"[{section}]")
-        lines += [f"{k} = {toml_value(v)}" for k, v in values.items()]
-        lines.append("")
-    return "\n".join(lines)
+    sections = [("train", train), ("model", model), ("data", data), (("data", "synthetic"), synthetic)]
+    return dump_job_config(ps) + "\n" + toml_writer.document(toml_writer.table(path, v) for path, v in sections)
 
 
 def write_training_job(

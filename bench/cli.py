@@ -1,0 +1,240 @@
+"""`embps bench {table, ps, snapshot, freshness, train, serve, report}`: the benchmarks.
+
+Each sub-verb is an (add_arguments, run) pair in BENCHES; a benchmark module (numpy, torch, grpc) is
+imported by the run that needs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import NamedTuple
+
+
+def _add_table(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rows", type=int, default=10_000_000, help="rows in the table (default 10M)")
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=4096, help="keys per batch")
+    parser.add_argument("--batches", type=int, default=200, help="batches per measurement")
+    parser.add_argument("--zipf", type=float, default=1.05, help="Zipf exponent of the skewed key stream")
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+
+
+def _run_table(args: argparse.Namespace) -> int:
+    from ps.process.malloc import exec_with_malloc_tuning
+
+    # The same glibc thresholds as a shard: no mmap + page faults for every 1 MB output, for
+    # our lookups and the raw gather alike.
+    exec_with_malloc_tuning(args.argv)
+    from bench.table_bench import TableBenchConfig, run_table_bench
+
+    config = TableBenchConfig(
+        rows=args.rows, dim=args.dim, batch=args.batch, batches=args.batches, zipf=args.zipf, out=args.out
+    )
+    return run_table_bench(config)
+
+
+def _add_ps(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--shards", type=int, default=2)
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=4096, help="keys per client call")
+    parser.add_argument("--batches", type=int, default=300, help="calls per client process per phase")
+    parser.add_argument("--rows", type=int, default=1_000_000, help="distinct keys in the Zipf stream")
+    parser.add_argument("--zipf", type=float, default=1.05)
+    parser.add_argument("--clients", default="1,4", help="comma-separated client process counts")
+    parser.add_argument(
+        "--malloc", default="tuned", choices=["tuned", "default", "both"], help="glibc malloc thresholds of the shards"
+    )
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+
+
+def _run_ps(args: argparse.Namespace) -> int:
+    from bench.ps_bench import PSBenchConfig, run_ps_bench
+
+    config = PSBenchConfig(
+        shards=args.shards,
+        dim=args.dim,
+        batch=args.batch,
+        batches=args.batches,
+        rows=args.rows,
+        zipf=args.zipf,
+        clients=tuple(int(c) for c in args.clients.split(",")),
+        malloc=args.malloc,
+        out=args.out,
+    )
+    return run_ps_bench(config)
+
+
+def _add_snapshot(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rows", type=int, default=10_000_000, help="rows in the table (default 10M)")
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--touched", type=float, default=0.01, help="fraction of rows an incremental holds")
+    parser.add_argument("--targets", default="local,s3", help="comma-separated: local, s3")
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+
+
+def _run_snapshot(args: argparse.Namespace) -> int:
+    from bench.snapshot_bench import SnapshotBenchConfig, run_snapshot_bench
+
+    config = SnapshotBenchConfig(
+        rows=args.rows,
+        dim=args.dim,
+        touched=args.touched,
+        targets=tuple(t for t in args.targets.split(",") if t),
+        out=args.out,
+    )
+    return run_snapshot_bench(config)
+
+
+def _add_freshness(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rate", type=int, default=100_000, help="rows pushed per second (default 100k)")
+    parser.add_argument("--batch", type=int, default=5_000, help="rows per push")
+    parser.add_argument("--seconds", type=float, default=20.0, help="length of the measurement")
+    parser.add_argument("--dim", type=int, default=16)
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+
+
+def _run_freshness(args: argparse.Namespace) -> int:
+    from bench.freshness_bench import FreshnessBenchConfig, run_freshness_bench
+
+    return run_freshness_bench(
+        FreshnessBenchConfig(rate=args.rate, batch=args.batch, seconds=args.seconds, dim=args.dim, out=args.out)
+    )
+
+
+def _add_train(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--batch", type=int, default=2048, help="global batch size")
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--tables", type=int, default=26, help="sparse features, one table each")
+    parser.add_argument("--shared-table", action="store_true", help="all features in one table")
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from bench.train_bench import TrainBenchConfig, run_train_bench
+
+    return run_train_bench(
+        TrainBenchConfig(
+            steps=args.steps,
+            batch=args.batch,
+            dim=args.dim,
+            num_tables=args.tables,
+            shared_table=args.shared_table,
+            out=args.out,
+        )
+    )
+
+
+def _add_serve(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--target", default="all", choices=["embps", "redis", "inprocess", "all"])
+    parser.add_argument("--address", default=None, help="HOST:PORT of an existing Serving.Lookup server")
+    parser.add_argument("--table", default="emb", help="with --address: the table to look up")
+    parser.add_argument("--rows", type=int, default=1_000_000, help="rows every system holds (keys drawn from)")
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=64, help="keys per request")
+    parser.add_argument("--zipf", type=float, default=1.05, help="Zipf exponent of the keys (0: uniform)")
+    rate_or_sweep = parser.add_mutually_exclusive_group()
+    rate_or_sweep.add_argument("--rate", type=float, default=None, help="one run at this many requests/s")
+    rate_or_sweep.add_argument("--sweep", action="store_true", help="step the rate up until the SLO fails (default)")
+    parser.add_argument("--slo-ms", type=float, default=10.0, help="p99 latency objective of the sweep")
+    parser.add_argument("--start-rate", type=float, default=500.0, help="first rate of the sweep (requests/s)")
+    parser.add_argument("--step", type=float, default=1.5, help="rate factor between sweep steps")
+    parser.add_argument("--max-steps", type=int, default=14, help="sweep steps before bisecting")
+    parser.add_argument("--duration", type=float, default=5.0, help="measured seconds per run")
+    parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each run")
+    parser.add_argument("--clients", type=int, default=2, help="client processes")
+    parser.add_argument("--concurrency", type=int, default=32, help="calls in flight per client process")
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--plot", default=None, help="write a PNG of p99 vs offered rate here")
+    parser.add_argument(
+        "--overload",
+        type=float,
+        default=None,
+        metavar="FACTOR",
+        help="embps only: offer FACTOR x the replica's capacity to a replica with --max-queue and to one without",
+    )
+    parser.add_argument("--max-queue", type=int, default=16, help="with --overload: max_queue of the bounded one")
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    if args.overload is not None:
+        from bench.overload_bench import OverloadBenchConfig, run_overload_bench
+
+        return run_overload_bench(
+            OverloadBenchConfig(
+                factor=args.overload,
+                max_queue=args.max_queue,
+                rows=args.rows,
+                dim=args.dim,
+                batch=args.batch,
+                zipf=args.zipf,
+                duration_s=args.duration,
+                warmup_s=args.warmup,
+                clients=args.clients,
+                concurrency=args.concurrency,
+                out=args.out,
+            )
+        )
+    from bench.serve_bench import SYSTEMS, ServeBenchConfig, run_serve_bench
+
+    return run_serve_bench(
+        ServeBenchConfig(
+            targets=SYSTEMS if args.target == "all" else (args.target,),
+            address=args.address,
+            table=args.table,
+            rows=args.rows,
+            dim=args.dim,
+            batch=args.batch,
+            zipf=args.zipf,
+            rate=args.rate,
+            slo_ms=args.slo_ms,
+            start_rate=args.start_rate,
+            step_factor=args.step,
+            max_steps=args.max_steps,
+            duration_s=args.duration,
+            warmup_s=args.warmup,
+            clients=args.clients,
+            concurrency=args.concurrency,
+            out=args.out,
+            plot=args.plot,
+        )
+    )
+
+
+def _add_report(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("results", nargs="+", help="JSON files written by embps bench ... --out")
+    parser.add_argument("--out", default=None, help="write the markdown here (default: print it)")
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from bench.report import run_report
+
+    return run_report(args.results, args.out)
+
+
+class Bench(NamedTuple):
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+BENCHES: dict[str, Bench] = {
+    "table": Bench("hash map, lookup and optimizer rates of one table", _add_table, _run_table),
+    "ps": Bench("lookup and push rates through 2 local shards over gRPC", _add_ps, _run_ps),
+    "snapshot": Bench("snapshot write/read rates to local disk and to local S3", _add_snapshot, _run_snapshot),
+    "freshness": Bench("push-ack to serving-visible delay under a steady push rate", _add_freshness, _run_freshness),
+    "train": Bench("training samples/s through the PS vs in process", _add_train, _run_train),
+    "serve": Bench("open-loop latency under load: embps serving vs Redis vs in-process lookup", _add_serve, _run_serve),
+    "report": Bench("markdown table of `embps bench ... --out` JSON results", _add_report, _run_report),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    benches = parser.add_subparsers(dest="bench", required=True)
+    for name, bench in BENCHES.items():
+        bench.add_arguments(benches.add_parser(name, help=bench.help))
+
+
+def run(args: argparse.Namespace) -> int:
+    return BENCHES[args.bench].run(args)

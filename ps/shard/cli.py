@@ -1,0 +1,41 @@
+"""`embps ps --config job.toml --shard I`: one parameter-server shard until SIGTERM (ps/shard/server.py)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="job config (TOML): tables and shards")
+    parser.add_argument("--shard", type=int, required=True, help="index of this shard in the config's [[shards]]")
+    parser.add_argument("--grace", type=float, default=10.0, help="seconds in-flight calls get after SIGTERM")
+    parser.add_argument(
+        "--update-log-keys",
+        type=int,
+        default=1 << 20,
+        help="keys each table's update log keeps for Subscribe (older pushes need a full resync)",
+    )
+    parser.add_argument(
+        "--no-malloc-tuning",
+        action="store_true",
+        help="keep glibc's malloc thresholds (by default the shard re-executes itself with larger ones)",
+    )
+    parser.add_argument(
+        "--restore-step", type=int, default=None, help="load the tables of this snapshot step ([snapshot] uri) first"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Re-executes itself with tuned malloc thresholds (unless --no-malloc-tuning), then serves."""
+    from ps.process.malloc import exec_with_malloc_tuning
+    from ps.shard.server import serve_shard
+
+    if not args.no_malloc_tuning:
+        exec_with_malloc_tuning(args.argv)
+    return serve_shard(
+        args.config,
+        args.shard,
+        grace=args.grace,
+        log_max_keys=args.update_log_keys,
+        restore_step=args.restore_step,
+    )

@@ -1,0 +1,23 @@
+"""`embps serve --config serve.toml`: one serving replica until SIGTERM (serving/server.py)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="serve.toml: the job to follow, listen address, export")
+    parser.add_argument("--grace", type=float, default=5.0, help="seconds in-flight calls get after SIGTERM")
+    parser.add_argument(
+        "--no-malloc-tuning", action="store_true", help="keep glibc's malloc thresholds (see `embps ps`)"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Re-executes itself with tuned malloc thresholds (unless --no-malloc-tuning), then serves."""
+    from ps.process.malloc import exec_with_malloc_tuning
+    from serving.server import serve_replica
+
+    if not args.no_malloc_tuning:
+        exec_with_malloc_tuning(args.argv)
+    return serve_replica(args.config, grace=args.grace)
