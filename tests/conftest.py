@@ -15,6 +15,7 @@ import subprocess
 import pytest
 from hypothesis import settings
 
+from tests.helpers.in_process import InProcessShards
 from tests.helpers.processes import ShardCluster
 from tests.helpers.s3_server import S3Bucket, S3Server
 
@@ -79,6 +80,22 @@ def start_cluster(tmp_path):
     yield start
     for cluster in clusters:
         cluster.stop()
+
+
+@pytest.fixture
+def start_shards():
+    """start_shards(job) -> InProcessShards: the job's shards served from this process on port 0
+    (for tests that kill or signal no shard), stopped when the test ends."""
+    started: list[InProcessShards] = []
+
+    def start(job) -> InProcessShards:
+        shards = InProcessShards.start(job)
+        started.append(shards)
+        return shards
+
+    yield start
+    for shards in started:
+        shards.stop()
 
 
 @pytest.fixture(scope="session")

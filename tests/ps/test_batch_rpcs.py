@@ -16,9 +16,9 @@ TABLES = [
 ]
 
 
-def test_many_tables_in_one_round_equal_one_table_at_a_time(start_cluster):
-    batched = start_cluster(make_job(TABLES, num_shards=2, job="batched"), name="batched")
-    single = start_cluster(make_job(TABLES, num_shards=2, job="single"), name="single")
+def test_many_tables_in_one_round_equal_one_table_at_a_time(start_shards):
+    batched = start_shards(make_job(TABLES, num_shards=2, job="batched"))
+    single = start_shards(make_job(TABLES, num_shards=2, job="single"))
     rng = np.random.default_rng(3)
     with PSClient.from_job(batched.job) as a, PSClient.from_job(single.job) as b:
         for step in range(1, 6):
@@ -35,8 +35,8 @@ def test_many_tables_in_one_round_equal_one_table_at_a_time(start_cluster):
     assert all(t.version == 5 for s in stats for t in s.tables)
 
 
-def test_push_batch_failure_names_the_bad_part_and_a_retry_applies_each_part_once(start_cluster):
-    cluster = start_cluster(make_job(TABLES, num_shards=1))
+def test_push_batch_failure_names_the_bad_part_and_a_retry_applies_each_part_once(start_shards):
+    cluster = start_shards(make_job(TABLES, num_shards=1))
     good = ps_pb2.PushRequest(
         table="t0",
         keys=np.arange(3, dtype="<i8").tobytes(),

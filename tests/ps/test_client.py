@@ -31,6 +31,7 @@ from ps.table.config import (
     TableConfig,
 )
 from ps.table.embedding_table import EmbeddingTable
+from tests.helpers.in_process import InProcessShards
 from tests.helpers.processes import ShardCluster, make_job, start_shard, stop_pid, wait_serving
 from tests.helpers.waiting import wait_until
 
@@ -46,9 +47,9 @@ TINY = TableConfig("tiny", dim=2, capacity=4)
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    with ShardCluster.start(make_job([USER, ITEM, TINY], num_shards=2), tmp_path_factory.mktemp("client")) as c:
-        yield c
+def cluster():
+    with InProcessShards.start(make_job([USER, ITEM, TINY], num_shards=2)) as shards:
+        yield shards
 
 
 @pytest.fixture(scope="module")
@@ -172,10 +173,10 @@ def test_stats_of_every_shard(cluster, client):
     assert rows["user"] == REFERENCE["user"].size
 
 
-def test_batches_above_the_message_limit_are_split(start_cluster):
+def test_batches_above_the_message_limit_are_split(start_shards):
     table = TableConfig("wide", dim=64, seed=5)
     limit = 64 << 10
-    cluster = start_cluster(make_job([table], num_shards=2, message_limit_bytes=limit))
+    cluster = start_shards(make_job([table], num_shards=2, message_limit_bytes=limit))
     keys = np.random.default_rng(1).integers(-(2**62), 2**62, 4096, dtype=np.int64)
     grads = np.random.default_rng(2).standard_normal((4096, 64)).astype(np.float32)
     with PSClient.from_job(cluster.job) as client:
