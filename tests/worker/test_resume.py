@@ -1,5 +1,5 @@
-"""Exact resume: a sync job killed with SIGKILL (launcher and every child) at a random step and
-resumed from its LATEST snapshot ends bit-equal to a run that was never killed."""
+"""Exact resume through S3: a sync job killed with SIGKILL (launcher and every child) at a random
+step and resumed from its LATEST snapshot on S3 ends bit-equal to a run that was never killed."""
 
 from __future__ import annotations
 
@@ -99,11 +99,10 @@ def assert_same_tables(got_tables: dict, want_tables: dict) -> None:
             assert (got.version, got.step) == (want.version, want.step), f"{table}/{shard} version, step"
 
 
-@pytest.fixture(params=["local", "s3"])
-def store(request, tmp_path):
-    if request.param == "local":
-        return lambda: (str(tmp_path / "snapshots"), None)
-    s3 = request.getfixturevalue("s3")
+@pytest.fixture
+def store(s3):
+    """Snapshots on the real S3 server. The same kill and resume on local disk is the kill suite's
+    launcher test (tests/faults/test_kill.py), which checks the same bit-exact end state."""
     return lambda: (s3.fresh_uri(), s3.config)
 
 
