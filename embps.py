@@ -61,14 +61,22 @@ def main(argv: list[str] | None = None) -> int:
 
 def cli() -> int:
     """The `embps` command: main(), except that a ValueError (what every check of a TOML file, its
-    [security] files and the command line raises, naming the field) ends the command with one line
-    on stderr and exit status 2 instead of a traceback."""
+    [security] files and the command line raises, naming the field) or a file that cannot be read
+    ends the command with one line on stderr and exit status 2 instead of a traceback."""
     try:
         return main()
     except ValueError as exc:
-        verb = next((a for a in sys.argv[1:] if not a.startswith("-")), None)
-        print(f"embps {verb}: {exc}" if verb else f"embps: {exc}", file=sys.stderr, flush=True)
-        return 2
+        return _refuse(str(exc))
+    except OSError as exc:
+        if exc.filename is None:  # not a file the command was given or that its config names
+            raise
+        return _refuse(f"{exc.filename}: {exc.strerror or exc}")
+
+
+def _refuse(message: str) -> int:
+    verb = next((a for a in sys.argv[1:] if not a.startswith("-")), None)
+    print(f"embps {verb}: {message}" if verb else f"embps: {message}", file=sys.stderr, flush=True)
+    return 2
 
 
 if __name__ == "__main__":
