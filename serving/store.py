@@ -24,13 +24,12 @@ import numpy as np
 
 from ps import native
 from ps.sharding import ShardMap
-from ps.table.config import Initializer, TableConfig
+from ps.table.config import TableConfig
+from ps.table.init import init_values
 from serving.config import DefaultRow, StorageDType
 
 BLOCK_SHIFT = 14  # 16k rows per block: growth allocates a block, never copies the rows
 MAX_ROWS_PER_HOLD = 8192  # rows written per lock hold (~0.2 ms at dim 64)
-# The codes of the C++ init_values (csrc/row_ops.h), as ps.table.embedding_table passes them.
-_INIT_KIND = {Initializer.ZEROS: 0, Initializer.UNIFORM: 1, Initializer.NORMAL: 2}
 
 
 class ShardRows:
@@ -171,8 +170,7 @@ class TableReplica:
 
     def init_values(self, keys: np.ndarray) -> np.ndarray:
         """The PS's initial rows of keys (n,) int64: (n, dim) float32, pure in (seed, key)."""
-        c = self.config
-        return native.init_values(c.seed, _INIT_KIND[c.initializer], c.init_scale, keys, self.dim)
+        return init_values(self.config, keys)
 
     @property
     def size(self) -> int:

@@ -18,10 +18,10 @@ import torch
 from ps import native
 from ps.errors import CapacityError
 from ps.table import optimizers
-from ps.table.config import AdmissionKind, EvictionPolicy, Initializer, TableConfig
+from ps.table.config import AdmissionKind, EvictionPolicy, TableConfig
+from ps.table.init import init_values
 from ps.table.row_store import BLOCK_SHIFT, RowStore
 
-_INIT_KIND = {Initializer.ZEROS: 0, Initializer.UNIFORM: 1, Initializer.NORMAL: 2}
 _ADMISSION_SALT = 0x41444D4954  # separates admission coin flips from init values
 _MAX_STEP = 2**32 - 1
 _EVICTION_SLACK = 64  # a full table frees need + capacity/64 rows, so the scan is amortised
@@ -115,6 +115,7 @@ class EmbeddingTable:
         self._store = RowStore(self.width, config.device, block_shift)
         self._use_native = self._store.native and kernels != "torch"
         self._map = native.HashMap()
+        self._native_optimizer = native.native_enum(native.OptimizerKind, config.optimizer.kind)
         self._hyper = optimizers.hyper_parameters(config.optimizer)
         self._pending = native.HashMap()
         self._pending_meta = np.zeros((0, 2), dtype=np.uint32)  # [count, last_step] per pending row
@@ -164,8 +165,7 @@ class EmbeddingTable:
 
     def init_values(self, keys: np.ndarray) -> np.ndarray:
         """keys (n,) int64 -> the rows they start with, (n, dim) float32; pure in (seed, key)."""
-        c = self.config
-        return native.init_values(c.seed, _INIT_KIND[c.initializer], c.init_scale, keys, self.dim)
+        return init_values(self.config, keys)
 
     def lookup(self, keys: np.ndarray | torch.Tensor) -> torch.Tensor:
         """keys (n,) int64 -> values (n, dim) float32 on the table's device, row i for keys[i].
@@ -482,7 +482,7 @@ class EmbeddingTable:
             return
         if self._use_native:
             native.apply_update(
-                optimizers.NATIVE_KIND[self.config.optimizer.kind],
+                self._native_optimizer,
                 self._hyper,
                 self._store.block_addresses,
                 self._store.block_shift,
