@@ -176,7 +176,7 @@ class EmbeddingTable:
         rows = self._map.find(keys)
         # No zero fill: gather writes every found row and the init fills every missing one.
         out = torch.empty((keys.shape[0], self.dim), dtype=torch.float32, device=self._store.device)
-        self._store.gather(rows, 0, self.dim, out)
+        self._store.gather(rows, 0, self.dim, out.numpy() if self._store.native else out)
         missing = rows < 0
         if missing.any():
             init = torch.from_numpy(self.init_values(keys[missing])).to(out.device)
@@ -297,7 +297,7 @@ class EmbeddingTable:
             keys, rows = keys[rows >= 0], rows[rows >= 0]
         order = np.argsort(keys, kind="stable")
         keys, rows = keys[order], rows[order]
-        words = self._store.gather(rows, 0, self.width).cpu().numpy()
+        words = self._store.gather_host(rows, 0, self.width)
         meta = words[:, self.meta_col :].view(np.uint32)
         pkeys, prows = self._pending.export()
         porder = np.argsort(pkeys, kind="stable")
@@ -374,7 +374,7 @@ class EmbeddingTable:
         meta = words[:, self.meta_col :].view(np.uint32)
         meta[:, 0] = state.freq
         meta[:, 1] = state.last_step
-        self._store.scatter(rows, 0, torch.from_numpy(words))
+        self._store.scatter(rows, 0, words)
 
     def _load_pending_and_counters(self, state: TableState) -> None:
         p = state.pending_keys.shape[0]
@@ -465,8 +465,7 @@ class EmbeddingTable:
 
     def _gather_meta(self, rows: np.ndarray) -> np.ndarray:
         """rows (n,) -> (n, 2) uint32 [freq, last_step]."""
-        words = self._store.gather(rows, self.meta_col, 2).cpu().numpy()
-        return words.view(np.uint32)
+        return self._store.gather_host(rows, self.meta_col, 2).view(np.uint32)
 
     def _write_new_rows(self, keys: np.ndarray, rows: np.ndarray, freq: np.ndarray) -> None:
         words = np.zeros((keys.shape[0], self.width), dtype=np.float32)
@@ -475,7 +474,7 @@ class EmbeddingTable:
         meta = words[:, self.meta_col :].view(np.uint32)
         meta[:, 0] = freq
         meta[:, 1] = self.step
-        self._store.scatter(rows, 0, torch.from_numpy(words))
+        self._store.scatter(rows, 0, words)
 
     def _update(self, rows: np.ndarray, sums: np.ndarray, sightings: np.ndarray, step: int) -> None:
         if rows.shape[0] == 0:
@@ -495,7 +494,7 @@ class EmbeddingTable:
                 step,
             )
             return
-        words = self._store.gather(rows, 0, self.width)
+        words = torch.as_tensor(self._store.gather(rows, 0, self.width))  # shares the CPU array
         grads = torch.from_numpy(sums).to(words.device)
         optimizers.apply_torch(self.config.optimizer, words[:, : self.meta_col], grads, self.dim)
         meta = words[:, self.meta_col :].view(torch.int32).to(torch.int64) & 0xFFFFFFFF
@@ -503,7 +502,7 @@ class EmbeddingTable:
         meta = torch.stack([freq, torch.full_like(freq, step)], dim=1)
         meta = torch.where(meta >= 2**31, meta - 2**32, meta).to(torch.int32)
         words[:, self.meta_col :] = meta.view(torch.float32)
-        self._store.scatter(rows, 0, words)
+        self._store.scatter(rows, 0, words.numpy() if self._store.native else words)
 
     def _count_pending(self, keys: np.ndarray, sightings: np.ndarray, step: int) -> None:
         if keys.shape[0] == 0:
