@@ -20,7 +20,8 @@ from ps.job_config import JobConfig
 from ps.rpc import snapshot_pb2, snapshot_pb2_grpc
 from ps.snapshot.files import SnapshotWriter, apply_delta, snapshot_chain
 from ps.snapshot.ops import ShardSnapshotter
-from ps.table.embedding_table import EmbeddingTable, TableState
+from ps.table.embedding_table import EmbeddingTable
+from ps.table.state import TableState
 
 log = logging.getLogger(__name__)
 

@@ -21,41 +21,11 @@ from ps.table import optimizers
 from ps.table.config import AdmissionKind, EvictionPolicy, TableConfig
 from ps.table.init import init_values
 from ps.table.row_store import BLOCK_SHIFT, RowStore
+from ps.table.state import TableChanges, TableState
 
 _ADMISSION_SALT = 0x41444D4954  # separates admission coin flips from init values
 _MAX_STEP = 2**32 - 1
 _EVICTION_SLACK = 64  # a full table frees need + capacity/64 rows, so the scan is amortised
-
-
-@dataclass
-class TableState:
-    """All state of a table, rows sorted by key. u = rows, p = keys pending admission.
-
-    keys (u,) int64; values (u, dim) float32; optimizer_state (u, state_width) float32;
-    freq (u,) uint32 pushes seen; last_step (u,) uint32 step of the last push;
-    pending_keys (p,) int64; pending_counts (p,) uint32; pending_last_step (p,) uint32;
-    version: pushes applied; step: the largest step pushed.
-    """
-
-    keys: np.ndarray
-    values: np.ndarray
-    optimizer_state: np.ndarray
-    freq: np.ndarray
-    last_step: np.ndarray
-    pending_keys: np.ndarray
-    pending_counts: np.ndarray
-    pending_last_step: np.ndarray
-    version: int = 0
-    step: int = 0
-
-
-@dataclass
-class TableChanges:
-    """Keys changed since the previous take_changes(): touched (t,) int64 rows that were created
-    or updated, deleted (d,) int64 rows that were evicted; both sorted, disjoint."""
-
-    touched_keys: np.ndarray
-    deleted_keys: np.ndarray
 
 
 class _ChangeTracker:
