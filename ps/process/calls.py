@@ -7,8 +7,7 @@ from __future__ import annotations
 import grpc
 from google.protobuf.message import DecodeError
 
-from ps.errors import CapacityError, EmbpsError, UnknownTableError, WrongShardError
-from ps.shard.update_log import LogGapError
+from ps.errors import CapacityError, EmbpsError, LogGapError, UnknownTableError, WrongShardError
 from ps.snapshot.manifest import SnapshotError
 
 
