@@ -30,7 +30,7 @@ from ps.table.init import init_values
 from ps.table.row_store import RowStore
 from serving.config import DefaultRow, StorageDType
 
-BLOCK_SHIFT = 14  # 16k rows per block (a replica holds many small shards): growth never copies
+BLOCK_SHIFT = 14  # 16k rows per block (the PS table's are 64k): growth allocates a block, never copies
 MAX_ROWS_PER_HOLD = 8192  # rows written per lock hold (~0.2 ms at dim 64)
 
 
