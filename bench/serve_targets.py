@@ -36,7 +36,6 @@ TABLE = "emb"
 JOB = "servebench"
 ROW_SEED = 7
 ROW_SCALE = 0.05
-_NORMAL_INIT = 2  # the code of Initializer.NORMAL in ps.native.init_values
 _MESSAGE_LIMIT = 64 << 20
 _LOAD_CHUNK = 1 << 16  # rows per export / Redis loading step
 
@@ -49,8 +48,9 @@ def bench_keys(rows: int) -> np.ndarray:
 def row_values(keys: np.ndarray, dim: int) -> np.ndarray:
     """The value of each key's row, a pure function of the key: (n, dim) float32."""
     from ps import native
+    from ps.table.config import Initializer
 
-    return native.init_values(ROW_SEED, _NORMAL_INIT, ROW_SCALE, keys, dim)
+    return native.init_values(ROW_SEED, Initializer.NORMAL, ROW_SCALE, keys, dim)
 
 
 class GrpcCaller:

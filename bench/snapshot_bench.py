@@ -26,7 +26,8 @@ from ps.snapshot.files import open_snapshot, restore
 from ps.snapshot.ops import ShardSnapshotter
 from ps.snapshot.storage import StorageConfig
 from ps.table.config import OptimizerConfig, OptimizerKind, TableConfig
-from ps.table.embedding_table import EmbeddingTable, TableState
+from ps.table.embedding_table import EmbeddingTable
+from ps.table.state import TableState
 
 JOB = "bench"
 

@@ -2,6 +2,7 @@
 // Arrays cross as numpy arrays; outputs are allocated by the caller; the GIL is released while
 // the loops run. C++ exceptions become Python exceptions through nanobind's translators
 // (std::invalid_argument -> ValueError, std::length_error / out_of_range -> ValueError/IndexError).
+// Initializer and OptimizerKind cross as Python enums (nb::enum_); a plain int is a TypeError.
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 
@@ -41,6 +42,20 @@ embps::BlockStore make_store(const Array<const uint64_t, nb::ndim<1>>& blocks, i
 
 NB_MODULE(_embps_native, m) {
   m.doc() = "embps native core: key->row hash map and bulk row operations";
+
+  // The config's StrEnums (ps/table/config.py) map onto these by member name in ps/native.py, and
+  // the functions take them without conversion: integer codes exist only in row_ops.h.
+  nb::enum_<embps::Init>(m, "Initializer")
+      .value("ZEROS", embps::Init::kZeros)
+      .value("UNIFORM", embps::Init::kUniform)
+      .value("NORMAL", embps::Init::kNormal);
+
+  nb::enum_<embps::Optimizer>(m, "OptimizerKind")
+      .value("SGD", embps::Optimizer::kSgd)
+      .value("ADAGRAD", embps::Optimizer::kAdagrad)
+      .value("ROWWISE_ADAGRAD", embps::Optimizer::kRowWiseAdagrad)
+      .value("ADAM", embps::Optimizer::kAdam)
+      .value("FTRL", embps::Optimizer::kFtrl);
 
   nb::class_<embps::HashMap>(m, "HashMap")
       .def(nb::init<uint64_t>(), "initial_capacity"_a = 16)
@@ -91,15 +106,14 @@ NB_MODULE(_embps_native, m) {
         "keys"_a, "out"_a);
 
   m.def("init_values",
-        [](uint64_t seed, int kind, double scale, Keys keys, Array<float, nb::ndim<2>> out) {
-          if (kind < 0 || kind > 2) throw std::invalid_argument("unknown initializer kind");
+        [](uint64_t seed, embps::Init kind, double scale, Keys keys, Array<float, nb::ndim<2>> out) {
           check_same_length("out", out.shape(0), keys.shape(0));
           nb::gil_scoped_release release;
-          embps::init_values(seed, static_cast<embps::Init>(kind), scale, keys.data(),
+          embps::init_values(seed, kind, scale, keys.data(),
                              static_cast<int64_t>(keys.shape(0)), static_cast<int64_t>(out.shape(1)),
                              out.data(), static_cast<int64_t>(out.shape(1)));
         },
-        "seed"_a, "kind"_a, "scale"_a, "keys"_a, "out"_a);
+        "seed"_a, "kind"_a.noconvert(), "scale"_a, "keys"_a, "out"_a);
 
   m.def("gather",
         [](Array<const uint64_t, nb::ndim<1>> blocks, int shift, int64_t width, Keys rows,
@@ -155,10 +169,9 @@ NB_MODULE(_embps_native, m) {
         "keys"_a, "grads"_a.none(), "weights"_a.none(), "unique_keys"_a, "sums"_a, "counts"_a);
 
   m.def("apply_update",
-        [](int optimizer, Array<const double, nb::ndim<1>> hyper, Array<const uint64_t, nb::ndim<1>> blocks,
+        [](embps::Optimizer optimizer, Array<const double, nb::ndim<1>> hyper, Array<const uint64_t, nb::ndim<1>> blocks,
            int shift, int64_t width, int64_t dim, int64_t state_width, Keys rows,
            Array<const float, nb::ndim<2>> grads, Keys counts, uint32_t step) {
-          if (optimizer < 0 || optimizer > 4) throw std::invalid_argument("unknown optimizer kind");
           if (hyper.shape(0) < 4) throw std::invalid_argument("hyper-parameters: expected 4 values");
           if (dim + state_width + 2 != width) throw std::invalid_argument("width != dim + state_width + 2");
           check_same_length("grads", grads.shape(0), rows.shape(0));
@@ -166,10 +179,10 @@ NB_MODULE(_embps_native, m) {
           if (static_cast<int64_t>(grads.shape(1)) != dim) throw std::invalid_argument("grads: wrong dim");
           const embps::BlockStore store = make_store(blocks, shift, width);
           nb::gil_scoped_release release;
-          embps::apply_update(static_cast<embps::Optimizer>(optimizer), hyper.data(), store, dim,
+          embps::apply_update(optimizer, hyper.data(), store, dim,
                               state_width, rows.data(), grads.data(), counts.data(),
                               static_cast<int64_t>(rows.shape(0)), step);
         },
-        "optimizer"_a, "hyper"_a, "blocks"_a, "shift"_a, "width"_a, "dim"_a, "state_width"_a,
+        "optimizer"_a.noconvert(), "hyper"_a, "blocks"_a, "shift"_a, "width"_a, "dim"_a, "state_width"_a,
         "rows"_a, "grads"_a, "counts"_a, "step"_a);
 }

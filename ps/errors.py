@@ -18,3 +18,8 @@ class CapacityError(EmbpsError):
 
 class WrongShardError(EmbpsError):
     """Keys were sent to a shard that does not own them (gRPC FAILED_PRECONDITION)."""
+
+
+class LogGapError(EmbpsError):
+    """A subscriber asked for versions the update log no longer (or never) held (gRPC
+    FAILED_PRECONDITION); it must resync from a full copy."""

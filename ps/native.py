@@ -2,9 +2,13 @@
 
 Every array that crosses into C++ is checked here for dtype, shape and contiguity, so the native
 code only sees what it expects; native exceptions already arrive as ValueError/IndexError.
+The C++ enums (initializer, optimizer) are bound as Python enums; `native_enum` maps the
+config's StrEnums onto them by member name, so no integer code is written down in Python.
 """
 
 from __future__ import annotations
+
+from enum import Enum
 
 import numpy as np
 
@@ -15,6 +19,22 @@ except ImportError as exc:  # pragma: no cover - only when the package was not b
         "embps's C++ core `_embps_native` is not installed: build the package with "
         "`pip install .` (see README), a plain checkout on sys.path has no compiled module"
     ) from exc
+
+
+Initializer = _native.Initializer
+OptimizerKind = _native.OptimizerKind
+
+
+def native_enum(native_type: type[Enum], value: Enum) -> Enum:
+    """The member of the bound C++ enum `native_type` named like `value` (e.g. the config's
+    OptimizerKind.ADAM -> the native OptimizerKind.ADAM); ValueError when C++ has no such member."""
+    try:
+        return native_type[value.name]
+    except KeyError:
+        raise ValueError(
+            f"{type(value).__name__}.{value.name}: the C++ core has no {native_type.__name__} of that name "
+            f"(it has {', '.join(m.name for m in native_type)}); rebuild the package after changing csrc/"
+        ) from None
 
 
 def as_keys(keys: object, name: str = "keys") -> np.ndarray:
@@ -107,11 +127,14 @@ def mix64(keys: np.ndarray) -> np.ndarray:
     return out
 
 
-def init_values(seed: int, kind: int, scale: float, keys: np.ndarray, dim: int) -> np.ndarray:
-    """Deterministic initial rows: keys (n,) int64 -> (n, dim) float32 (formula in csrc/row_ops.h)."""
+def init_values(seed: int, initializer: Enum, scale: float, keys: np.ndarray, dim: int) -> np.ndarray:
+    """Deterministic initial rows: keys (n,) int64 -> (n, dim) float32 (formula in csrc/row_ops.h).
+
+    initializer: a ps.table.config.Initializer (mapped by name) or a native Initializer.
+    """
     keys = as_keys(keys)
     out = np.empty((keys.shape[0], dim), dtype=np.float32)
-    _native.init_values(seed & 0xFFFFFFFFFFFFFFFF, kind, scale, keys, out)
+    _native.init_values(seed & 0xFFFFFFFFFFFFFFFF, native_enum(Initializer, initializer), scale, keys, out)
     return out
 
 

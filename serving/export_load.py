@@ -22,7 +22,7 @@ def load_latest_export(source: ExportSource, replicas: dict[str, TableReplica]) 
     """Fills `replicas` from the latest export under source; returns its step, or None (and
     leaves them empty) when no export was committed yet. ValueError when the export's shards or
     dims disagree with the job (a replica must not serve another job's layout)."""
-    from ps.snapshot import files as snapshot  # pyarrow and torch come with it; only replicas that load exports pay
+    from ps.snapshot import files as snapshot  # pyarrow comes with it; only replicas that load exports pay
 
     storage_config = StorageConfig.from_env()
     step = snapshot.latest(source.uri, source.job, storage_config)

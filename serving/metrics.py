@@ -10,7 +10,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.registry import Collector
 
-from ps.shard.metrics import LATENCY_BUCKETS
+from ps.process.metrics import LATENCY_BUCKETS
 
 # 1 ms .. 60 s, dense below 1 s where the freshness target lies.
 STALENESS_BUCKETS = (

@@ -2,11 +2,12 @@
 blocks, readable while they are written.
 
     TableReplica "user"
-      shards[0] = ShardRows ──HashMap──> slot ──blocks──> words (slot, width)     version, incarnation
+      shards[0] = ShardRows ──HashMap──> slot ──RowStore──> words (slot, width)     version, incarnation
       shards[1] = ShardRows ...
 
 A row is `width` 4-byte words: float32 values (width = dim) or float16 values packed two per
-word (width = ceil(dim / 2)); the C++ gather/scatter copy words and never look at them.
+word (width = ceil(dim / 2)), kept in the PS table's block store (ps/table/row_store.py, on the
+CPU: numpy blocks and the C++ gather/scatter, no torch), which copies words and never looks at them.
 
 Never half-written: the map and the blocks of one ShardRows change only under its lock, and a
 lookup does its find and its gather in one hold of the same lock (both C++ calls release the GIL
@@ -24,13 +25,13 @@ import numpy as np
 
 from ps import native
 from ps.sharding import ShardMap
-from ps.table.config import Initializer, TableConfig
+from ps.table.config import TableConfig
+from ps.table.init import init_values
+from ps.table.row_store import RowStore
 from serving.config import DefaultRow, StorageDType
 
-BLOCK_SHIFT = 14  # 16k rows per block: growth allocates a block, never copies the rows
+BLOCK_SHIFT = 14  # 16k rows per block (the PS table's are 64k): growth allocates a block, never copies
 MAX_ROWS_PER_HOLD = 8192  # rows written per lock hold (~0.2 ms at dim 64)
-# The codes of the C++ init_values (csrc/row_ops.h), as ps.table.embedding_table passes them.
-_INIT_KIND = {Initializer.ZEROS: 0, Initializer.UNIFORM: 1, Initializer.NORMAL: 2}
 
 
 class ShardRows:
@@ -49,10 +50,8 @@ class ShardRows:
         self.width = dim if self.dtype == StorageDType.FLOAT32 else (dim + 1) // 2
         self.version = version
         self.incarnation = incarnation
-        self._shift = block_shift
         self._map = native.HashMap()
-        self._blocks: list[np.ndarray] = []
-        self._addresses = np.empty(0, dtype=np.uint64)
+        self._store = RowStore(self.width, "cpu", block_shift)
         self._lock = threading.Lock()
 
     @property
@@ -61,7 +60,7 @@ class ShardRows:
 
     @property
     def memory_bytes(self) -> int:
-        return self._map.memory_bytes + sum(b.nbytes for b in self._blocks)
+        return self._map.memory_bytes + self._store.memory_bytes
 
     def encode(self, values: np.ndarray) -> np.ndarray:
         """values (n, dim) float32 -> words (n, width) float32 in this store's layout."""
@@ -91,8 +90,8 @@ class ShardRows:
             part = slice(start, start + MAX_ROWS_PER_HOLD)
             with self._lock:
                 slots, _ = self._map.find_or_insert(keys[part])
-                self._grow(self._map.num_rows)
-                native.scatter(self._addresses, self._shift, self.width, slots, 0, words[part])
+                self._store.ensure_rows(self._map.num_rows)
+                self._store.scatter(slots, 0, words[part])
 
     def erase(self, keys: np.ndarray) -> None:
         """Drops the rows of keys (d,) int64 (absent keys are ignored)."""
@@ -109,7 +108,7 @@ class ShardRows:
         with self._lock:
             if self._map.size:
                 slots = self._map.find(keys)
-                native.gather(self._addresses, self._shift, self.width, slots, 0, out)
+                self._store.gather(slots, 0, self.width, out)
             else:
                 slots.fill(-1)
         return slots >= 0
@@ -120,16 +119,8 @@ class ShardRows:
             keys, slots = self._map.export()
             order = np.argsort(keys)
             keys, slots = keys[order], slots[order]
-            words = np.empty((keys.shape[0], self.width), dtype=np.float32)
-            if keys.shape[0]:
-                native.gather(self._addresses, self._shift, self.width, slots, 0, words)
+            words = self._store.gather(slots, 0, self.width, np.empty((keys.shape[0], self.width), dtype=np.float32))
         return keys, self.decode(words)
-
-    def _grow(self, num_rows: int) -> None:
-        while len(self._blocks) << self._shift < num_rows:
-            block = np.zeros((1 << self._shift, self.width), dtype=np.float32)
-            self._blocks.append(block)
-            self._addresses = np.append(self._addresses, np.uint64(block.ctypes.data))
 
 
 class TableReplica:
@@ -171,8 +162,7 @@ class TableReplica:
 
     def init_values(self, keys: np.ndarray) -> np.ndarray:
         """The PS's initial rows of keys (n,) int64: (n, dim) float32, pure in (seed, key)."""
-        c = self.config
-        return native.init_values(c.seed, _INIT_KIND[c.initializer], c.init_scale, keys, self.dim)
+        return init_values(self.config, keys)
 
     @property
     def size(self) -> int:

@@ -4,4 +4,5 @@
     children.py  child processes by pid: die with the parent, wait for health, SIGTERM then SIGKILL
     malloc.py    glibc malloc settings for servers with large replies (applied by re-exec)
     health.py    `embps health`: one gRPC health check, for probes and operators
+    metrics.py   what the Prometheus metrics of every server share (latency buckets)
 """

@@ -21,8 +21,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from ps.errors import CapacityError, EmbpsError, UnknownTableError, WrongShardError
-from ps.shard.update_log import LogGapError
+from ps.errors import CapacityError, EmbpsError, LogGapError, UnknownTableError, WrongShardError
 from ps.snapshot.manifest import SnapshotError
 
 

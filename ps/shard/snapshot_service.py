@@ -18,7 +18,8 @@ from ps.process.calls import CallSite, unary_call
 from ps.rpc import snapshot_pb2, snapshot_pb2_grpc
 from ps.snapshot.files import SnapshotWriter, apply_delta, snapshot_chain
 from ps.snapshot.ops import ShardSnapshotter
-from ps.table.embedding_table import EmbeddingTable, TableState
+from ps.table.embedding_table import EmbeddingTable
+from ps.table.state import TableState
 
 
 class SnapshotControlServicer(snapshot_pb2_grpc.SnapshotControlServicer):

@@ -20,7 +20,8 @@ from ps.errors import UnknownTableError, WrongShardError
 from ps.job_config import JobConfig
 from ps.rpc import ps_pb2
 from ps.shard.update_log import DEFAULT_MAX_ENTRIES, DEFAULT_MAX_KEYS, LogRange, UpdateLog
-from ps.table.embedding_table import ApplyResult, EmbeddingTable, TableState
+from ps.table.embedding_table import ApplyResult, EmbeddingTable
+from ps.table.state import TableState
 
 MAX_REMEMBERED_CLIENTS = 4096
 

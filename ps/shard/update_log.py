@@ -18,15 +18,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ps.errors import EmbpsError
+from ps.errors import LogGapError
 
 DEFAULT_MAX_ENTRIES = 65536
 DEFAULT_MAX_KEYS = 1 << 20
-
-
-class LogGapError(EmbpsError):
-    """A subscriber asked for versions the log no longer (or never) held (gRPC FAILED_PRECONDITION)."""
-
 
 @dataclass(frozen=True)
 class LogEntry:

@@ -63,7 +63,7 @@ from ps.snapshot.manifest import (
 )
 from ps.snapshot.storage import StorageConfig
 from ps.table.config import TableConfig
-from ps.table.embedding_table import TableState
+from ps.table.state import TableState
 
 __all__ = [
     "FileEntry",

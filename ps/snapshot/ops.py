@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -30,7 +31,10 @@ from ps.snapshot.files import (
     step_dirs,
 )
 from ps.snapshot.storage import StorageConfig
-from ps.table.embedding_table import EmbeddingTable, TableChanges
+from ps.table.state import TableChanges
+
+if TYPE_CHECKING:  # the table brings torch; `embps snapshot` only reads files and needs none
+    from ps.table.embedding_table import EmbeddingTable
 
 
 def _merge_changes(older: TableChanges, newer: TableChanges) -> TableChanges:

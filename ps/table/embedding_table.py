@@ -18,44 +18,14 @@ import torch
 from ps import native
 from ps.errors import CapacityError
 from ps.table import optimizers
-from ps.table.config import AdmissionKind, EvictionPolicy, Initializer, TableConfig
+from ps.table.config import AdmissionKind, EvictionPolicy, TableConfig
+from ps.table.init import init_values
 from ps.table.row_store import BLOCK_SHIFT, RowStore
+from ps.table.state import TableChanges, TableState
 
-_INIT_KIND = {Initializer.ZEROS: 0, Initializer.UNIFORM: 1, Initializer.NORMAL: 2}
 _ADMISSION_SALT = 0x41444D4954  # separates admission coin flips from init values
 _MAX_STEP = 2**32 - 1
 _EVICTION_SLACK = 64  # a full table frees need + capacity/64 rows, so the scan is amortised
-
-
-@dataclass
-class TableState:
-    """All state of a table, rows sorted by key. u = rows, p = keys pending admission.
-
-    keys (u,) int64; values (u, dim) float32; optimizer_state (u, state_width) float32;
-    freq (u,) uint32 pushes seen; last_step (u,) uint32 step of the last push;
-    pending_keys (p,) int64; pending_counts (p,) uint32; pending_last_step (p,) uint32;
-    version: pushes applied; step: the largest step pushed.
-    """
-
-    keys: np.ndarray
-    values: np.ndarray
-    optimizer_state: np.ndarray
-    freq: np.ndarray
-    last_step: np.ndarray
-    pending_keys: np.ndarray
-    pending_counts: np.ndarray
-    pending_last_step: np.ndarray
-    version: int = 0
-    step: int = 0
-
-
-@dataclass
-class TableChanges:
-    """Keys changed since the previous take_changes(): touched (t,) int64 rows that were created
-    or updated, deleted (d,) int64 rows that were evicted; both sorted, disjoint."""
-
-    touched_keys: np.ndarray
-    deleted_keys: np.ndarray
 
 
 class _ChangeTracker:
@@ -115,6 +85,7 @@ class EmbeddingTable:
         self._store = RowStore(self.width, config.device, block_shift)
         self._use_native = self._store.native and kernels != "torch"
         self._map = native.HashMap()
+        self._native_optimizer = native.native_enum(native.OptimizerKind, config.optimizer.kind)
         self._hyper = optimizers.hyper_parameters(config.optimizer)
         self._pending = native.HashMap()
         self._pending_meta = np.zeros((0, 2), dtype=np.uint32)  # [count, last_step] per pending row
@@ -164,8 +135,7 @@ class EmbeddingTable:
 
     def init_values(self, keys: np.ndarray) -> np.ndarray:
         """keys (n,) int64 -> the rows they start with, (n, dim) float32; pure in (seed, key)."""
-        c = self.config
-        return native.init_values(c.seed, _INIT_KIND[c.initializer], c.init_scale, keys, self.dim)
+        return init_values(self.config, keys)
 
     def lookup(self, keys: np.ndarray | torch.Tensor) -> torch.Tensor:
         """keys (n,) int64 -> values (n, dim) float32 on the table's device, row i for keys[i].
@@ -176,7 +146,7 @@ class EmbeddingTable:
         rows = self._map.find(keys)
         # No zero fill: gather writes every found row and the init fills every missing one.
         out = torch.empty((keys.shape[0], self.dim), dtype=torch.float32, device=self._store.device)
-        self._store.gather(rows, 0, self.dim, out)
+        self._store.gather(rows, 0, self.dim, out.numpy() if self._store.native else out)
         missing = rows < 0
         if missing.any():
             init = torch.from_numpy(self.init_values(keys[missing])).to(out.device)
@@ -297,7 +267,7 @@ class EmbeddingTable:
             keys, rows = keys[rows >= 0], rows[rows >= 0]
         order = np.argsort(keys, kind="stable")
         keys, rows = keys[order], rows[order]
-        words = self._store.gather(rows, 0, self.width).cpu().numpy()
+        words = self._store.gather_host(rows, 0, self.width)
         meta = words[:, self.meta_col :].view(np.uint32)
         pkeys, prows = self._pending.export()
         porder = np.argsort(pkeys, kind="stable")
@@ -374,7 +344,7 @@ class EmbeddingTable:
         meta = words[:, self.meta_col :].view(np.uint32)
         meta[:, 0] = state.freq
         meta[:, 1] = state.last_step
-        self._store.scatter(rows, 0, torch.from_numpy(words))
+        self._store.scatter(rows, 0, words)
 
     def _load_pending_and_counters(self, state: TableState) -> None:
         p = state.pending_keys.shape[0]
@@ -465,8 +435,7 @@ class EmbeddingTable:
 
     def _gather_meta(self, rows: np.ndarray) -> np.ndarray:
         """rows (n,) -> (n, 2) uint32 [freq, last_step]."""
-        words = self._store.gather(rows, self.meta_col, 2).cpu().numpy()
-        return words.view(np.uint32)
+        return self._store.gather_host(rows, self.meta_col, 2).view(np.uint32)
 
     def _write_new_rows(self, keys: np.ndarray, rows: np.ndarray, freq: np.ndarray) -> None:
         words = np.zeros((keys.shape[0], self.width), dtype=np.float32)
@@ -475,14 +444,14 @@ class EmbeddingTable:
         meta = words[:, self.meta_col :].view(np.uint32)
         meta[:, 0] = freq
         meta[:, 1] = self.step
-        self._store.scatter(rows, 0, torch.from_numpy(words))
+        self._store.scatter(rows, 0, words)
 
     def _update(self, rows: np.ndarray, sums: np.ndarray, sightings: np.ndarray, step: int) -> None:
         if rows.shape[0] == 0:
             return
         if self._use_native:
             native.apply_update(
-                optimizers.NATIVE_KIND[self.config.optimizer.kind],
+                self._native_optimizer,
                 self._hyper,
                 self._store.block_addresses,
                 self._store.block_shift,
@@ -495,7 +464,7 @@ class EmbeddingTable:
                 step,
             )
             return
-        words = self._store.gather(rows, 0, self.width)
+        words = torch.as_tensor(self._store.gather(rows, 0, self.width))  # shares the CPU array
         grads = torch.from_numpy(sums).to(words.device)
         optimizers.apply_torch(self.config.optimizer, words[:, : self.meta_col], grads, self.dim)
         meta = words[:, self.meta_col :].view(torch.int32).to(torch.int64) & 0xFFFFFFFF
@@ -503,7 +472,7 @@ class EmbeddingTable:
         meta = torch.stack([freq, torch.full_like(freq, step)], dim=1)
         meta = torch.where(meta >= 2**31, meta - 2**32, meta).to(torch.int32)
         words[:, self.meta_col :] = meta.view(torch.float32)
-        self._store.scatter(rows, 0, words)
+        self._store.scatter(rows, 0, words.numpy() if self._store.native else words)
 
     def _count_pending(self, keys: np.ndarray, sightings: np.ndarray, step: int) -> None:
         if keys.shape[0] == 0:

@@ -1,6 +1,7 @@
 """Sparse optimizers: state layout per row, hyper-parameters, and the device-generic torch path.
 
-On CPU the update runs in C++ (csrc/row_ops.h, `apply_update`); on other devices it runs as torch
+On CPU the update runs in C++ (csrc/row_ops.h, `apply_update`, which takes the native
+OptimizerKind of the same name: ps/native.py maps them); on other devices it runs as torch
 ops on gathered rows (`apply_torch` below). Both follow the same float32 math, written once more,
 independently, as the reference in tests/ps/reference_optim.py:
 
@@ -19,14 +20,6 @@ import numpy as np
 import torch
 
 from ps.table.config import OptimizerConfig, OptimizerKind
-
-NATIVE_KIND = {
-    OptimizerKind.SGD: 0,
-    OptimizerKind.ADAGRAD: 1,
-    OptimizerKind.ROWWISE_ADAGRAD: 2,
-    OptimizerKind.ADAM: 3,
-    OptimizerKind.FTRL: 4,
-}
 
 
 def state_width(kind: OptimizerKind, dim: int) -> int:

@@ -1,41 +1,57 @@
-"""Rows of a table in fixed-size blocks, so growth allocates a block and never copies the table.
+"""Rows in fixed-size blocks, so growth allocates a block and never copies the table.
 
-Each row is `width` float32 words: [value (dim) | optimizer state | freq (uint32) | last_step
-(uint32)]; the two metadata words are stored bit-for-bit as uint32 inside the float32 block.
+The one block store of embps: the PS table (ps/table/embedding_table.py) and the serving replica
+(serving/store.py) both keep their rows here. A row is `width` 4-byte words that the store copies
+and never reads: the table's [value | optimizer state | freq, last_step as uint32], a replica's
+float32 values or float16 values packed two per word.
 
-Row r lives at block r >> BLOCK_SHIFT, offset r & (BLOCK_ROWS - 1). On CPU, gather/scatter/update
-are single C++ calls over the table of block addresses; on other devices they are torch ops, one
-per touched block (a loop over blocks, never over keys).
+    row r -> block r >> block_shift, offset r & (block_rows - 1)
+
+    device "cpu"  blocks are numpy arrays; gather and scatter (and the table's optimizer update)
+                  are single C++ calls over the table of block addresses. Needs no torch.
+    other device  blocks are torch tensors (torch is imported only then); gather and scatter are
+                  torch ops, one per touched block (a loop over blocks, never over keys).
+
+Arrays in and out are numpy on CPU and torch tensors on the store's device otherwise; `values`
+given to scatter may also be numpy on any device.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 
 from ps import native
 
+if TYPE_CHECKING:
+    import torch
+
 BLOCK_SHIFT = 16
 BLOCK_ROWS = 1 << BLOCK_SHIFT
+MAX_BLOCK_SHIFT = 30  # the C++ kernels' limit
 
 
 class RowStore:
-    """Block storage for `width`-word rows on `device`. Not thread-safe."""
+    """Block storage for `width`-word rows on `device` ("cpu" or a torch device). Not thread-safe."""
 
     def __init__(self, width: int, device: str = "cpu", block_shift: int = BLOCK_SHIFT) -> None:
         if width <= 0:
             raise ValueError(f"width: must be > 0, got {width}")
+        if not 0 <= block_shift <= MAX_BLOCK_SHIFT:
+            raise ValueError(f"block_shift: must be in [0, {MAX_BLOCK_SHIFT}], got {block_shift}")
         self.width = width
-        self.device = torch.device(device)
+        self.device = device
         self.block_shift = block_shift
         self.block_rows = 1 << block_shift
-        self.blocks: list[torch.Tensor] = []
+        self.blocks: list[np.ndarray | torch.Tensor] = []
         self._block_addresses = np.empty(0, dtype=np.uint64)
 
     @property
     def native(self) -> bool:
-        """True when the C++ kernels run on this store (host memory)."""
-        return self.device.type == "cpu"
+        """True when the blocks are host memory and the C++ kernels run on them."""
+        return self.device == "cpu"
 
     @property
     def num_allocated_rows(self) -> int:
@@ -43,53 +59,78 @@ class RowStore:
 
     @property
     def memory_bytes(self) -> int:
-        return len(self.blocks) * self.block_rows * self.width * 4 + self._block_addresses.nbytes
+        """Bytes of the row blocks (all allocated rows, used or not)."""
+        return len(self.blocks) * self.block_rows * self.width * 4
 
     @property
     def block_addresses(self) -> np.ndarray:
-        """(num_blocks,) uint64 base addresses, for the C++ kernels."""
+        """(num_blocks,) uint64 base addresses, for the C++ kernels (empty off the CPU)."""
         return self._block_addresses
 
     def ensure_rows(self, num_rows: int) -> None:
-        """Allocates blocks until rows [0, num_rows) exist; new words are zero."""
+        """Allocates blocks until rows [0, num_rows) exist; new words are zero. Existing blocks
+        never move."""
         while self.num_allocated_rows < num_rows:
-            block = torch.zeros((self.block_rows, self.width), dtype=torch.float32, device=self.device)
-            self.blocks.append(block)
             if self.native:
-                self._block_addresses = np.append(self._block_addresses, np.uint64(block.data_ptr()))
+                block = np.zeros((self.block_rows, self.width), dtype=np.float32)
+                self._block_addresses = np.append(self._block_addresses, np.uint64(block.ctypes.data))
+            else:
+                import torch
 
-    def gather(self, rows: np.ndarray, col: int, num_cols: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        """rows (n,) int64 -> (n, num_cols) float32 words [col, col + num_cols) of each row.
+                block = torch.zeros((self.block_rows, self.width), dtype=torch.float32, device=self.device)
+            self.blocks.append(block)
+
+    def gather(
+        self, rows: np.ndarray, col: int, num_cols: int, out: np.ndarray | torch.Tensor | None = None
+    ) -> np.ndarray | torch.Tensor:
+        """rows (n,) int64 -> (n, num_cols) float32 words [col, col + num_cols) of each row, into
+        `out` (C-contiguous) when given.
 
         Negative rows are left as they are in `out` (zeros when `out` is None).
         """
         n = rows.shape[0]
+        if self.native:
+            if out is None:
+                out = np.zeros((n, num_cols), dtype=np.float32)
+            if n:
+                native.gather(self._block_addresses, self.block_shift, self.width, rows, col, out)
+            return out
+        import torch
+
         if out is None:
             out = torch.zeros((n, num_cols), dtype=torch.float32, device=self.device)
         if n == 0:
-            return out
-        if self.native:
-            native.gather(self._block_addresses, self.block_shift, self.width, rows, col, out.numpy())
             return out
         rows_t = torch.from_numpy(rows).to(self.device)
         for block_index, positions, offsets in self._split_by_block(rows_t):
             out[positions] = self.blocks[block_index][offsets, col : col + num_cols]
         return out
 
-    def scatter(self, rows: np.ndarray, col: int, values: torch.Tensor) -> None:
-        """Writes values (n, k) float32 into words [col, col + k) of rows (n,); negative rows skipped."""
+    def gather_host(self, rows: np.ndarray, col: int, num_cols: int) -> np.ndarray:
+        """Like gather, always as a host numpy array: rows (n,) int64 -> (n, num_cols) float32."""
+        words = self.gather(rows, col, num_cols)
+        return words if self.native else words.cpu().numpy()
+
+    def scatter(self, rows: np.ndarray, col: int, values: np.ndarray | torch.Tensor) -> None:
+        """Writes values (n, k) float32 into words [col, col + k) of rows (n,) int64; negative rows
+        are skipped."""
         if rows.shape[0] == 0:
             return
         if self.native:
-            src = values.detach().to(torch.float32).contiguous().numpy()
+            src = np.ascontiguousarray(values, dtype=np.float32)
             native.scatter(self._block_addresses, self.block_shift, self.width, rows, col, src)
             return
+        import torch
+
+        values = torch.as_tensor(values).to(self.device)
         rows_t = torch.from_numpy(rows).to(self.device)
-        values = values.to(self.device)
         for block_index, positions, offsets in self._split_by_block(rows_t):
             self.blocks[block_index][offsets, col : col + values.shape[1]] = values[positions]
 
-    def _split_by_block(self, rows: torch.Tensor):
+    def _split_by_block(self, rows: torch.Tensor) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """rows (n,) on the device -> per touched block: (block index, positions in rows, offsets)."""
+        import torch
+
         valid = rows >= 0
         block_of_row = torch.where(valid, rows >> self.block_shift, -1)
         for block_index in torch.unique(block_of_row[valid]).tolist():

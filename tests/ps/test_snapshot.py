@@ -37,7 +37,8 @@ from ps.table.config import (
     OptimizerKind,
     TableConfig,
 )
-from ps.table.embedding_table import EmbeddingTable, TableState
+from ps.table.embedding_table import EmbeddingTable
+from ps.table.state import TableState
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 FIELDS = ("keys", "values", "optimizer_state", "freq", "last_step", "pending_keys", "pending_counts",
@@ -291,7 +292,7 @@ _KILLED_WRITER = """
 import sys
 import numpy as np
 from ps.snapshot.files import SnapshotWriter
-from ps.table.embedding_table import TableState
+from ps.table.state import TableState
 n, dim = 400_000, 64
 rng = np.random.default_rng(0)
 state = TableState(np.arange(n, dtype=np.int64), rng.standard_normal((n, dim), dtype=np.float32),

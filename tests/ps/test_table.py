@@ -280,10 +280,10 @@ def test_rows_grow_in_blocks_without_copying():
     table = EmbeddingTable(TableConfig(name="t", dim=4, optimizer=SGD), block_shift=4)
     table.apply_gradients(np.arange(16, dtype=np.int64), np.zeros((16, 4), np.float32))
     first_block = table._store.blocks[0]
-    address = first_block.data_ptr()
+    address = first_block.ctypes.data
     table.apply_gradients(np.arange(16, 100, dtype=np.int64), np.ones((84, 4), np.float32))
     assert len(table._store.blocks) == 7
-    assert table._store.blocks[0].data_ptr() == address  # the old block was not moved
+    assert table._store.blocks[0].ctypes.data == address  # the old block was not moved
     np.testing.assert_allclose(
         table.lookup(np.arange(100, dtype=np.int64)).numpy()[16:],
         table.init_values(np.arange(16, 100, dtype=np.int64)) - 1.0,

@@ -50,13 +50,15 @@ class ServingReplica:
     channel: grpc.Channel
 
     @classmethod
-    def start(cls, cluster: ShardCluster, workdir: Path, name: str = "serve", **fields) -> ServingReplica:
+    def start(cls, cluster: ShardCluster, workdir: Path, name: str = "serve", env: dict[str, str] | None = None,
+              **fields) -> ServingReplica:
+        """env: extra environment variables of the process; fields: ServeConfig fields."""
         config = serve_config(cluster, **fields)
         workdir.mkdir(parents=True, exist_ok=True)
         config_path = workdir / f"{name}.toml"
         config_path.write_text(dump_serve_config(config, str(cluster.config_path)))
         log_path = workdir / f"{name}.log"
-        env = {**os.environ, **MALLOC_TUNING, "PYTHONPATH": str(REPO_ROOT)}
+        env = {**os.environ, **MALLOC_TUNING, "PYTHONPATH": str(REPO_ROOT), **(env or {})}
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "embps", "serve", "--config", str(config_path), "--grace", "2"],

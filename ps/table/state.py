@@ -1,0 +1,42 @@
+"""What a table hands out and takes back whole: its state (snapshots) and its changed keys.
+
+Plain numpy dataclasses, with no torch, so that snapshot tools and serving replicas can read and
+write table states without importing the table itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class TableState:
+    """All state of a table, rows sorted by key. u = rows, p = keys pending admission.
+
+    keys (u,) int64; values (u, dim) float32; optimizer_state (u, state_width) float32;
+    freq (u,) uint32 pushes seen; last_step (u,) uint32 step of the last push;
+    pending_keys (p,) int64; pending_counts (p,) uint32; pending_last_step (p,) uint32;
+    version: pushes applied; step: the largest step pushed.
+    """
+
+    keys: np.ndarray
+    values: np.ndarray
+    optimizer_state: np.ndarray
+    freq: np.ndarray
+    last_step: np.ndarray
+    pending_keys: np.ndarray
+    pending_counts: np.ndarray
+    pending_last_step: np.ndarray
+    version: int = 0
+    step: int = 0
+
+
+@dataclass
+class TableChanges:
+    """Keys changed since the previous take_changes(): touched (t,) int64 rows that were created
+    or updated, deleted (d,) int64 rows that were evicted; both sorted, disjoint."""
+
+    touched_keys: np.ndarray
+    deleted_keys: np.ndarray
