@@ -18,9 +18,10 @@ Only arrivals scheduled inside the measurement window [warmup, warmup + duration
 Bounded: every process stops sending at warmup + duration + drain; arrivals not sent by then are
 counted as UNSENT (an error); each call has a deadline that ends by then too. A call that the
 generator sent so late that this end cut its deadline short, and that ran out of it, is counted as
-LATE, not DEADLINE_EXCEEDED: measured from its scheduled time it was still within the deadline it
-would have had if sent on time. UNSENT and LATE are the generator's failures, not the target's; they
-are reported apart (`generator_errors`) as well as among the errors. The parent waits at most that
+LATE, not DEADLINE_EXCEEDED: sent when it was due, it would have had a longer deadline. UNSENT and
+LATE mean the generator could not keep its schedule: its own lag (too little CPU), or every call it
+may have in flight waiting on a target that queues; they are reported apart (`generator_errors`)
+as well as among the errors. The parent waits at most that
 long plus a margin, and terminates every client process on the way out (Ctrl-C too).
 """
 
@@ -46,7 +47,7 @@ from bench.histogram import LogHistogram
 OK = "OK"
 UNSENT = "UNSENT"  # scheduled in the window, never sent before the run's hard end
 LATE = "LATE"  # sent late, and out of time only because the run's hard end cut its deadline short
-GENERATOR_CODES = (UNSENT, LATE)  # the generator's failures: it could not keep its schedule
+GENERATOR_CODES = (UNSENT, LATE)  # the generator could not keep its schedule
 _DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
 _TICKS = os.sysconf("SC_CLK_TCK")
 _START_DELAY_S = 0.3  # between "every client is ready" and the first arrival
@@ -195,10 +196,11 @@ def _run_client(target: Target, spec: LoadSpec, index: int, ready, start_at, go,
                 if now >= hard_end:
                     return
                 sent[i] = now
-                code = caller.call(i % spec.pool_batches, max(1e-3, min(spec.timeout_s, hard_end - now)))
+                deadline = min(spec.timeout_s, hard_end - now)
+                code = caller.call(i % spec.pool_batches, max(1e-3, deadline))
                 done[i] = time.monotonic()
-                if code == _DEADLINE_EXCEEDED and done[i] - due < min(spec.timeout_s, hard_end - due):
-                    code = LATE
+                if code == _DEADLINE_EXCEEDED and deadline < min(spec.timeout_s, hard_end - due):
+                    code = LATE  # it would have had more time, had it been sent when it was due
                 codes[i] = code
 
         cpu0 = time.process_time()
@@ -289,9 +291,11 @@ def run_load(target: Target, spec: LoadSpec, server_pids: Sequence[int] = ()) ->
         wall0 = time.monotonic()
         start_at.value = time.monotonic() + _START_DELAY_S
         go.set()
+        closed = f"closed loop, {spec.concurrency} calls in flight each"
+        load = f"{spec.rate:g} calls/s" if spec.rate is not None else closed
         print(
             f"  {target.name}: {spec.clients} client processes connected; load starts "
-            f"({spec.warmup_s + spec.duration_s:g} s at {spec.rate:g} calls/s)",
+            f"({spec.warmup_s + spec.duration_s:g} s, {load})",
             file=sys.stderr,
             flush=True,
         )

@@ -78,3 +78,11 @@ def test_sweep_stops_at_the_first_failing_rate_and_reports_the_best_passing_one(
     assert summarize([runs[0], dict(failing, meets_slo=False)], True)["max_qps_at_slo"] == runs[0]["offered_qps"]
     assert not meets_slo(dict(runs[0], error_count=1), config.slo_ms)
     assert not meets_slo(dict(runs[0], achieved_qps=0.5 * runs[0]["offered_qps"]), config.slo_ms)
+
+
+def test_closed_loop_run_counts_every_call_from_its_send() -> None:
+    spec = LoadSpec(rate=None, duration_s=0.5, warmup_s=0.2, clients=2, concurrency=2, rows=2_000)
+    run = run_load(InProcessTarget(rows=2_000, dim=8), spec)
+    assert run["error_count"] == 0 and run["generator_errors"] == {} and run["ok"] == run["requests"] > 0
+    assert run["sent_qps"] == run["offered_qps"]  # a closed loop schedules a call by sending it
+    assert run["service_latency_ms"]["p99"] <= run["latency_ms"]["max"]

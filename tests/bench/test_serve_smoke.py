@@ -20,8 +20,8 @@ from tests.helpers.waiting import eventually, wait_until
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RUN_FIELDS = {
-    "target", "target_qps", "offered_qps", "achieved_qps", "keys_per_s", "requests", "ok", "errors", "error_count",
-    "latency_ms", "send_lag_ms", "error_latency_ms",
+    "target", "target_qps", "offered_qps", "sent_qps", "achieved_qps", "keys_per_s", "requests", "ok", "errors",
+    "error_count", "generator_errors", "latency_ms", "send_lag_ms", "service_latency_ms", "error_latency_ms",
     "latency_histogram", "client_cpu_ms_per_call", "server_cpu_ms_per_call", "client_cores", "server_cores", "wall_s",
     "duration_s", "warmup_s", "clients", "concurrency", "batch", "meets_slo",
 }
