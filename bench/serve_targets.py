@@ -259,33 +259,20 @@ class EmbpsServer:
             )
         server = cls(proc, config.listen, dim, log_path)
         try:
-            server.wait_ready(rows, timeout)
+            server.wait_ready(timeout)
         except BaseException:
             server.stop()
             raise
         return server
 
-    def wait_ready(self, rows: int, timeout: float) -> None:
-        """Polls health until SERVING and checks that the replica holds `rows` rows."""
-        import grpc
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-
+    def wait_ready(self, timeout: float) -> None:
+        """Waits until the replica's health says SERVING (its export is loaded by then)."""
         from serving.server import SERVICE_NAME
 
-        end = time.monotonic() + timeout
-        with grpc.insecure_channel(self.address) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while time.monotonic() < end:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"embps serve exited with {self.proc.returncode}:\n{self.log_tail()}")
-                try:
-                    reply = stub.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=1.0)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.RpcError:
-                    pass
-                time.sleep(0.05)
-        raise TimeoutError(f"embps serve at {self.address} not SERVING after {timeout} s:\n{self.log_tail()}")
+        try:
+            children.wait_serving(self.address, self.proc, "embps serve", timeout, service=SERVICE_NAME)
+        except (RuntimeError, TimeoutError) as exc:
+            raise type(exc)(f"{exc}:\n{self.log_tail()}") from None
 
     def fetch(self, keys: np.ndarray) -> np.ndarray:
         """keys (n,) int64 -> the served rows (n, dim) float32 (for the pre-run check)."""

@@ -15,6 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ps.security import SecurityConfig, open_channel
 
 _PR_SET_PDEATHSIG = 1
+_HEALTH_POLL_S = 0.05
 
 
 def die_with_parent() -> None:
@@ -26,10 +27,16 @@ def die_with_parent() -> None:
 
 
 def wait_serving(
-    address: str, proc: subprocess.Popen, name: str, timeout: float = 90.0, security: SecurityConfig | None = None
+    address: str,
+    proc: subprocess.Popen,
+    name: str,
+    timeout: float = 90.0,
+    security: SecurityConfig | None = None,
+    service: str = "",
 ) -> None:
-    """Polls the gRPC health service at `address` (over TLS when `security` has it; health needs no
-    token) until SERVING; RuntimeError naming `name` if the process exits or the timeout passes first."""
+    """Polls the gRPC health of `service` ("": the whole server) at `address` (over TLS when
+    `security` has it; health needs no token) until SERVING; RuntimeError naming `name` if the
+    process exits first, TimeoutError if the timeout passes first."""
     deadline = time.monotonic() + timeout
     with open_channel(address, security or SecurityConfig(), role=None) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
@@ -37,13 +44,13 @@ def wait_serving(
             if proc.poll() is not None:
                 raise RuntimeError(f"{name} exited with code {proc.returncode} while starting")
             try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1.0)
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
                     return
             except grpc.RpcError:
                 pass
-            time.sleep(0.1)
-    raise RuntimeError(f"{name} at {address} was not serving after {timeout:.0f} s")
+            time.sleep(_HEALTH_POLL_S)
+    raise TimeoutError(f"{name} at {address} was not serving after {timeout:.0f} s")
 
 
 def stop(proc: subprocess.Popen, timeout: float = 15.0) -> int | None:

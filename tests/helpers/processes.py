@@ -12,18 +12,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from bench.ports import free_ports
 from ps.job_config import Deadlines, JobConfig, ShardConfig, dump_job_config
+from ps.process import children
 from ps.process.children import stop as stop_pid
 from ps.process.malloc import MALLOC_TUNING
-from ps.security import SecurityConfig, open_channel
+from ps.security import SecurityConfig
 from ps.shard.server import SERVICE_NAME
 from ps.table.config import TableConfig
 
@@ -71,23 +68,12 @@ def wait_serving(
     log_path: Path | None = None,
     security: SecurityConfig | None = None,
 ) -> None:
-    """Polls the gRPC health service of `address` (over TLS if `security` has it) until SERVING;
-    raises if the process exits first."""
-    end = time.monotonic() + timeout
-    with open_channel(address, security or SecurityConfig(), role=None) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < end:
-            if proc.poll() is not None:
-                log = log_path.read_text() if log_path else ""
-                raise RuntimeError(f"shard at {address} exited with {proc.returncode} before serving:\n{log}")
-            try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=1.0)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.05)
-    raise TimeoutError(f"shard at {address} not SERVING after {timeout} s")
+    """Waits until the shard at `address` serves (ps.process.children.wait_serving); the error of
+    a shard that exits or never serves carries its log."""
+    try:
+        children.wait_serving(address, proc, f"shard at {address}", timeout, security, service=SERVICE_NAME)
+    except (RuntimeError, TimeoutError) as exc:
+        raise type(exc)(f"{exc}:\n{log_path.read_text() if log_path else ''}") from None
 
 
 
