@@ -48,18 +48,22 @@ system-tools:
 	  fi; \
 	else echo "not root or no apt-get: tests that need promtool/redis-server skip where they are absent"; fi
 
+# The suite starts a few hundred Python processes from this checkout: let them cache its
+# bytecode (Python's default) even where the environment turns that off.
+PYTEST := env -u PYTHONDONTWRITEBYTECODE $(BIN)/python -m pytest -p no:cacheprovider
+
 # Every test, real processes included (the fuzz suite at 1,000 requests per method).
 test: install system-tools
-	$(BIN)/python -m pytest -p no:cacheprovider $(PYTEST_ARGS)
+	$(PYTEST) $(PYTEST_ARGS)
 
 # The same with the fuzz suite at 10,000 requests per method (hypothesis profile `deep`).
 test-deep: install system-tools
-	$(BIN)/python -m pytest -p no:cacheprovider --hypothesis-profile=deep $(PYTEST_ARGS)
+	$(PYTEST) --hypothesis-profile=deep $(PYTEST_ARGS)
 
 # The fast tier for the edit-test loop: lint, then every test that starts no process (a test is
 # skipped where it would start one; see tests/conftest.py).
 check: install lint
-	$(BIN)/python -m pytest -p no:cacheprovider -q --no-processes $(PYTEST_ARGS)
+	$(PYTEST) -q --no-processes $(PYTEST_ARGS)
 
 demo: install
 	$(BIN)/embps launch examples/demo.toml
