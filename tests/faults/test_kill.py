@@ -27,12 +27,16 @@ without any kill gives the final state. Each kill run checks:
   exception by design: every child dies with the launcher, replicas included, so lookups pause
   from the kill until the resumed launch's replicas serve.
 
+The launcher kill writes its snapshots to a real S3 server, so the resume reads tables, dense model,
+optimizer and reader state back from S3; the other kills restart from local disk.
+
 The random moment comes from a seed printed by each test (EMBPS_KILL_SEED=<seed> repeats it).
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import random
@@ -49,6 +53,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.ports import free_ports
@@ -56,13 +61,30 @@ from ps import wire
 from ps.job_config import SnapshotConfig
 from ps.rpc import serving_pb2, serving_pb2_grpc
 from ps.snapshot.files import latest, list_snapshots, read_extra, restore
+from ps.snapshot.storage import StorageConfig
+from ps.table.config import AdmissionConfig, AdmissionKind, EvictionConfig, OptimizerConfig, OptimizerKind, TableConfig
 from tests.helpers.processes import REPO_ROOT
 from tests.worker.test_launch import alive, descendants
-from tests.worker.test_resume import TABLES, assert_same_dense, assert_same_tables
 from tests.worker.training_jobs import write_training_job
 from worker.features import keys_from_values
 
 STEPS = 200
+TABLES = [
+    TableConfig(
+        name="adam",
+        dim=8,
+        init_scale=0.1,
+        optimizer=OptimizerConfig(kind=OptimizerKind.ADAM, lr=0.02),
+        admission=AdmissionConfig(kind=AdmissionKind.COUNT, min_count=2),
+    ),
+    TableConfig(
+        name="ftrl",
+        dim=8,
+        init_scale=0.1,
+        optimizer=OptimizerConfig(kind=OptimizerKind.FTRL, lr=0.3, l1=0.001),
+        eviction=EvictionConfig(ttl_steps=6),
+    ),
+]
 EVERY = 20
 MAX_RESTARTS = 2
 TRAIN_TABLES = ["adam", "ftrl", "adam", "ftrl"]  # table of each sparse feature
@@ -78,13 +100,17 @@ class Job:
     uri: str
     out: Path
     replicas: list[str] = field(default_factory=list)  # listen addresses
+    storage: StorageConfig | None = None  # of `uri` (S3 settings; None: local disk)
 
     @property
     def progress(self) -> Path:
         return self.out / "progress.jsonl"
 
 
-def write_job(tmp_path: Path, name: str, num_replicas: int) -> Job:
+def write_job(
+    tmp_path: Path, name: str, num_replicas: int, uri: str | None = None, storage: StorageConfig | None = None
+) -> Job:
+    """The job's TOML; snapshots under `uri` (default: local disk in tmp_path) with `storage`."""
     out = tmp_path / f"out-{name}"
     train = {
         "workers": 2,
@@ -95,15 +121,15 @@ def write_job(tmp_path: Path, name: str, num_replicas: int) -> Job:
         "eval_batches": 1,
         "output_dir": str(out),
     }
-    uri = str(tmp_path / f"snapshots-{name}")
-    snapshot = SnapshotConfig(uri=uri, every_steps=EVERY, full_every=3)
+    uri = uri if uri is not None else str(tmp_path / f"snapshots-{name}")
+    snapshot = SnapshotConfig(uri=uri, every_steps=EVERY, full_every=3, storage=storage)
     path, _ = write_training_job(tmp_path / f"{name}.toml", TABLES, 2, train, SYNTHETIC, job=name, snapshot=snapshot)
     replicas = [f"127.0.0.1:{port}" for port in free_ports(num_replicas)]
     lines = ["", "[launch]", f"max_restarts = {MAX_RESTARTS}"]
     for address in replicas:
         lines += ["", "[[launch.serving]]", f'listen = "{address}"']
     path.write_text(path.read_text() + "\n".join(lines) + "\n")
-    return Job(path, name, uri, out, replicas)
+    return Job(path, name, uri, out, replicas, storage)
 
 
 def start_launch(job: Job, log: Path, *extra: str) -> subprocess.Popen:
@@ -135,9 +161,34 @@ def finish(proc: subprocess.Popen, log: Path) -> str:
     return "\n".join(line for line in text.splitlines() if not line.startswith("train:"))
 
 
+def assert_same_dense(got: bytes, want: bytes) -> None:
+    """Model and dense optimizer state, tensor by tensor, bit for bit."""
+    got_state, want_state = (torch.load(io.BytesIO(blob)) for blob in (got, want))
+    for name, tensor in want_state["model"].items():
+        assert torch.equal(got_state["model"][name], tensor), f"dense parameter {name} differs"
+    for index, state in want_state["optimizer"]["state"].items():
+        for key, tensor in state.items():
+            assert torch.equal(got_state["optimizer"]["state"][index][key], tensor), f"optimizer {index}.{key}"
+
+
+def assert_same_tables(got_tables: dict, want_tables: dict) -> None:
+    """Every (table, shard) of two restored snapshots: rows, optimizer state, counters, pending
+    keys, version and step, exactly. A version counts the pushes its table applied."""
+    assert got_tables.keys() == want_tables.keys()
+    for table, shards in want_tables.items():
+        assert got_tables[table].keys() == shards.keys(), table
+        for shard, want in shards.items():
+            got = got_tables[table][shard]
+            for name in ("keys", "values", "optimizer_state", "freq", "last_step", "pending_keys", "pending_counts"):
+                np.testing.assert_array_equal(
+                    getattr(got, name), getattr(want, name), err_msg=f"{table}/{shard}.{name}"
+                )
+            assert (got.version, got.step) == (want.version, want.step), f"{table}/{shard} version, step"
+
+
 def final_state(job: Job) -> tuple[dict, bytes]:
-    assert latest(job.uri, job.name) == STEPS
-    return restore(job.uri, job.name, STEPS), read_extra(job.uri, job.name, STEPS, "dense.pt")
+    assert latest(job.uri, job.name, job.storage) == STEPS
+    return restore(job.uri, job.name, STEPS, job.storage), read_extra(job.uri, job.name, STEPS, "dense.pt", job.storage)
 
 
 def assert_same_final_state(job: Job, reference: tuple[dict, bytes]) -> None:
@@ -315,18 +366,21 @@ def kill_at_random_moment(job: Job, proc: subprocess.Popen, log: Path, rng: rand
     kill_step = rng.randrange(EVERY + 5, STEPS - 60)
     delay = rng.uniform(0.0, 0.1)
     print(f"kill after step {kill_step} + {delay:.3f} s")
-    wait_until(lambda: latest(job.uri, job.name) is not None, proc, log, "first snapshot")
+    wait_until(lambda: latest(job.uri, job.name, job.storage) is not None, proc, log, "first snapshot")
     wait_until(lambda: progress_step(job) >= kill_step, proc, log, f"step {kill_step}")
     time.sleep(delay)
     assert not job_done(job), "the job finished before the kill"
-    before = latest(job.uri, job.name)
+    before = latest(job.uri, job.name, job.storage)
     assert before is not None
     return before
 
 
-def launch_with_replicas(tmp_path: Path) -> tuple[Job, Path, subprocess.Popen, LookupClient]:
-    """The job with 2 serving replicas, launched, and a lookup client for them (not started)."""
-    job = write_job(tmp_path, "killed", num_replicas=2)
+def launch_with_replicas(
+    tmp_path: Path, uri: str | None = None, storage: StorageConfig | None = None
+) -> tuple[Job, Path, subprocess.Popen, LookupClient]:
+    """The job with 2 serving replicas (snapshots under `uri`, see write_job), launched, and a
+    lookup client for them (not started)."""
+    job = write_job(tmp_path, "killed", num_replicas=2, uri=uri, storage=storage)
     log = tmp_path / "launch.log"
     return job, log, start_launch(job, log), LookupClient(job.replicas, lambda: job_done(job))
 
@@ -372,7 +426,7 @@ def test_sigkill_of_a_child_is_restarted_and_the_job_ends_as_if_undisturbed(tmp_
         match = re.search(died + rf"[^;\n]*; restart 1/{MAX_RESTARTS} from snapshot step (\d+)", output)
         assert match, output[-4000:]
         step = int(match.group(1))
-        assert before <= step < STEPS and step in {m.step for m in list_snapshots(job.uri, job.name)}
+        assert before <= step < STEPS and step in {m.step for m in list_snapshots(job.uri, job.name, job.storage)}
         assert summary["resumed_from"] == step and summary["steps"] == STEPS
         assert len(client.incarnations) == 2 * 2 * len(job.replicas), client.incarnations.keys()
         for (replica, table, shard), seen in client.incarnations.items():
@@ -387,10 +441,12 @@ def test_sigkill_of_a_child_is_restarted_and_the_job_ends_as_if_undisturbed(tmp_
 
 
 @pytest.mark.slow
-def test_sigkill_of_the_launcher_kills_every_child_and_resume_ends_as_if_undisturbed(tmp_path, reference):
+def test_sigkill_of_the_launcher_kills_every_child_and_resume_ends_as_if_undisturbed(tmp_path, reference, s3):
+    """The launcher, and with it every child, killed; `embps launch --resume` continues from the
+    LATEST snapshot, here on the real S3 server (the restarts of the other kills read local disk)."""
     rng = random.Random(kill_seed())
     started = time.monotonic()
-    job, log, proc, client = launch_with_replicas(tmp_path)
+    job, log, proc, client = launch_with_replicas(tmp_path, s3.fresh_uri(), s3.config)
     resume_log = tmp_path / "resume.log"
     resumed = None
     children: set[int] = set()
@@ -439,6 +495,7 @@ def test_sigkill_of_the_launcher_kills_every_child_and_resume_ends_as_if_undistu
     assert before <= step < STEPS
     summary = json.loads((job.out / "summary.json").read_text())
     assert summary["resumed_from"] == step and summary["steps"] == STEPS
+    assert {m.kind for m in list_snapshots(job.uri, job.name, job.storage)} == {"full", "incremental"}
     assert not client.unanswered, client.unanswered[:5]
     assert client.rows_found > 0, "the lookups never met a trained row"
     assert client.answered_after(resumed_at) >= 20
