@@ -29,11 +29,17 @@ LATENCY_FIELDS = {"p50", "p90", "p99", "p99.9", "max", "mean"}
 MACHINE_FIELDS = {"cpu_count", "memory_bytes", "python", "numpy", "torch", "grpcio", "protobuf", "redis", "hiredis"}
 
 
+# The smoke checks the harness and its bookkeeping (a run that meets the SLO is the system's
+# figure), not this machine's speed: the bench's 10 ms p99 objective is a benchmark's business, and
+# a busy machine missed it at 150 calls/s (p99 10.2 ms). A p99 beyond a second is a hang, not load.
+SMOKE_SLO_MS = 1_000.0
+
+
 def _bench(tmp_path: Path, target: str, rate: float = 150.0) -> dict:
     out, plot = tmp_path / f"{target}.json", tmp_path / f"{target}.png"
     argv = [
         "bench", "serve", "--target", target, "--rows", "20000", "--dim", "16", "--batch", "32", "--rate", str(rate),
-        "--duration", "2.5", "--warmup", "0.5", "--clients", "1", "--concurrency", "8",
+        "--duration", "2.5", "--warmup", "0.5", "--clients", "1", "--concurrency", "8", "--slo-ms", str(SMOKE_SLO_MS),
         "--out", str(out), "--plot", str(plot),
     ]
     assert embps.main(argv) == 0
@@ -75,8 +81,7 @@ def test_redis_smoke(tmp_path: Path) -> None:
     reason = RedisServer.available()
     if reason is not None:
         pytest.skip(f"Redis side skipped: {reason}")
-    run = _check_run(_bench(tmp_path, "redis"), "redis", 150.0)
-    assert run["latency_ms"]["p99"] < 1_000
+    _check_run(_bench(tmp_path, "redis"), "redis", 150.0)
 
 
 def test_ctrl_c_stops_every_client_process(tmp_path: Path) -> None:
