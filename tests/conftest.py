@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import multiprocessing.process
 import shutil
+import signal
 import subprocess
 
 import pytest
@@ -32,8 +33,20 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    _restore_ctrl_c()
     if config.getoption("--no-processes"):
         _skip_where_a_process_starts()
+
+
+def _restore_ctrl_c() -> None:
+    """The processes the tests start must see Ctrl-C as a user's terminal delivers it. A shell
+    that starts pytest in the background without job control (`make test &` in a script, CI
+    runners) sets SIGINT to ignored, every child inherits that, and the tests that send SIGINT
+    (Ctrl-C of `embps launch`, of the load generator) would wait for a process that never sees
+    it. A handled signal is reset to the default at exec, so catching it here gives children the
+    default disposition, and Python's KeyboardInterrupt in each."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
