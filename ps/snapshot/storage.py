@@ -16,9 +16,10 @@ written in place; every other filesystem gets a temporary name and a rename.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from urllib.parse import urlsplit
 
@@ -33,6 +34,23 @@ _DEFAULT_HDFS_PORT = 8020
 
 class StorageError(EmbpsError, OSError):
     """A storage URI or its configuration cannot be used (the message says which part and why)."""
+
+
+class StorageUnavailableError(StorageError):
+    """Storage failed a read or write (an S3 5xx or refused connection, a full disk, a timeout):
+    a later try may succeed, so servers answer it UNAVAILABLE."""
+
+
+@contextlib.contextmanager
+def unavailable_on_failure(what: str) -> Iterator[None]:
+    """Turns what pyarrow.fs or the OS raises inside into StorageUnavailableError, its message
+    naming `what` ("writing s3://b/p/ctr/400"). Missing files and embps errors pass unchanged."""
+    try:
+        yield
+    except (EmbpsError, FileNotFoundError):
+        raise
+    except (OSError, pa.ArrowException) as exc:
+        raise StorageUnavailableError(f"{what}: {exc}") from exc
 
 
 @dataclass(frozen=True)
@@ -192,10 +210,20 @@ def is_s3(fs: pafs.FileSystem) -> bool:
     return isinstance(fs, pafs.S3FileSystem)
 
 
-def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
-    """The whole file at `path` (FileNotFoundError if absent)."""
+_READ_CHUNK_BYTES = 16 << 20
+
+
+def read_bytes(fs: pafs.FileSystem, path: str, on_bytes: Callable[[int], None] | None = None) -> bytes | bytearray:
+    """The whole file at `path` (FileNotFoundError if absent); with on_bytes, read in chunks and
+    on_bytes(n) called after each (progress of a long read)."""
     with fs.open_input_stream(path, compression=None) as f:
-        return f.read()
+        if on_bytes is None:
+            return f.read()
+        data = bytearray()
+        while chunk := f.read(_READ_CHUNK_BYTES):
+            data += chunk
+            on_bytes(len(chunk))
+        return data
 
 
 def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
