@@ -105,6 +105,7 @@ def run_worker(
             "final_loss": _global_mean(sum(losses[-LOG_EVERY:]) / max(1, len(losses[-LOG_EVERY:])), world_size),
             "times_rank0": trainer.times.as_dict(),
             "evaluations": evaluations,
+            "snapshots": checkpointer.rounds.as_dict(),
         }
         if rank == 0:
             if held_out and (not evaluations or evaluations[-1]["step"] != trainer.step):

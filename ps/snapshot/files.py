@@ -428,8 +428,10 @@ def list_snapshots(uri: str, job: str, storage_config: StorageConfig | None = No
     return manifests
 
 
-def latest(uri: str, job: str, storage_config: StorageConfig | None = None) -> int | None:
-    """The newest committed step, else None.
+def latest(
+    uri: str, job: str, storage_config: StorageConfig | None = None, before: int | None = None
+) -> int | None:
+    """The newest committed step (older than `before` when given), else None.
 
     A step is committed by its manifest, and LATEST is moved after it: a writer killed between the
     two leaves a committed step newer than the one LATEST names. That step counts (a job resumed
@@ -438,6 +440,8 @@ def latest(uri: str, job: str, storage_config: StorageConfig | None = None) -> i
     """
     fs, job_dir = _open_job(uri, job, storage_config)
     for step in reversed(step_dirs(fs, job_dir)):
+        if before is not None and step >= before:
+            continue
         try:
             read_manifest_at(fs, job_dir, step)
             return step
