@@ -63,6 +63,9 @@ class SnapshotControlServicer(snapshot_pb2_grpc.SnapshotControlServicer):
         parent = request.parent if request.HasField("parent") else None
         if parent is not None and parent == self._last_written:
             self.snapshotter.mark_committed(parent)
+            # Once only: a write that fails below keeps the changes it took (ShardSnapshotter), and
+            # a retry naming the same parent must not forget them.
+            self._last_written = None
         writer = SnapshotWriter(
             request.uri,
             request.job,

@@ -62,6 +62,8 @@ class StorageConfig:
     access_key, secret_key, session_token: credentials (None: pyarrow's default chain).
     scheme: "http" or "https" (default https; http only for servers on a trusted network).
     connect_timeout, request_timeout: seconds, so a dead or wrong endpoint fails instead of hanging.
+    max_attempts: tries of each S3 request (pyarrow's retry strategy, with its own backoff of about
+    a second); a training job's snapshot rounds are retried as a whole besides (`[snapshot] retries`).
     allow_bucket_creation: let a write create a missing bucket (default False: a typo in the
     bucket name should fail, not create a new bucket).
     """
@@ -74,6 +76,7 @@ class StorageConfig:
     scheme: str | None = None
     connect_timeout: float = 10.0
     request_timeout: float = 60.0
+    max_attempts: int = 3
     allow_bucket_creation: bool = False
 
     def validate(self) -> StorageConfig:
@@ -88,6 +91,8 @@ class StorageConfig:
                 f"storage.endpoint_override: must be host:port without a scheme (put the scheme in "
                 f"storage.scheme), got {self.endpoint_override!r}"
             )
+        if isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int) or not self.max_attempts >= 1:
+            raise ValueError(f"storage.max_attempts: must be an integer >= 1, got {self.max_attempts!r}")
         for name in ("connect_timeout", "request_timeout"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
@@ -155,8 +160,8 @@ def _open_s3(uri: str, bucket: str, path: str, config: StorageConfig) -> tuple[p
         "connect_timeout": float(config.connect_timeout),
         "request_timeout": float(config.request_timeout),
         "allow_bucket_creation": config.allow_bucket_creation,
-        # Three tries, so a wrong endpoint fails within a few timeouts rather than after minutes.
-        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=3),
+        # A few tries, so a wrong endpoint fails within a few timeouts rather than after minutes.
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=config.max_attempts),
     }
     for name in ("endpoint_override", "region", "access_key", "secret_key", "session_token", "scheme"):
         value = getattr(config, name)
