@@ -380,7 +380,10 @@ async def bind_shard(
         server,
     )
     address = address if address is not None else job.shards[shard_index].address
-    port = add_port(server, address, job.security)
+    try:
+        port = add_port(server, address, job.security)
+    except RuntimeError as exc:  # grpc's "Failed to bind": the port is taken, or the host is not ours
+        raise OSError(f"shard {shard_index}: cannot bind {address} ({exc})") from None
     if port == 0:
         raise OSError(f"shard {shard_index}: cannot bind {address}")
     return ShardPort(job, shard_index, server, port, health, services, metrics)
@@ -437,7 +440,11 @@ async def _restore(shard_port: ShardPort, restore_step: int, stop: asyncio.Event
 
 
 async def _serve(job: JobConfig, shard_index: int, grace: float, log_max_keys: int, restore_step: int | None) -> int:
-    shard_port = await bind_shard(job, shard_index)
+    try:
+        shard_port = await bind_shard(job, shard_index)
+    except OSError as exc:
+        log.error("%s", exc)
+        return 1
     server, port, health = shard_port.server, shard_port.port, shard_port.health
     shard_config = job.shards[shard_index]
     metrics_port = shard_port.metrics.serve(shard_config.metrics_port, shard_config.host)
