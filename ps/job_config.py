@@ -99,7 +99,7 @@ class SnapshotConfig:
     keep: int = 0
     retries: int = 3
     retry_backoff_s: float = 5.0
-    round_timeout_s: float = 300.0
+    round_timeout_s: float = 540.0
     storage: StorageConfig = field(default_factory=StorageConfig)
 
 

@@ -25,12 +25,12 @@ import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
 
 import grpc
 import pyarrow as pa
 import torch
 import torch.distributed as dist
+from prometheus_client import CollectorRegistry, Counter
 from torch import nn
 
 from ps.errors import EmbpsError
@@ -51,17 +51,48 @@ log = logging.getLogger("embps.worker")
 _TRANSIENT_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 
-@dataclass
 class SnapshotRounds:
-    """Rounds of this job's snapshots so far: committed, skipped after their tries, and failed
-    tries (of committed and skipped rounds alike)."""
+    """Rounds of this job's snapshots so far, as Prometheus counters of their own registry (rank 0
+    serves it on [train] metrics_port): committed, skipped after their tries, and failed tries (of
+    committed and skipped rounds alike)."""
 
-    committed: int = 0
-    skipped: int = 0
-    failed_tries: int = 0
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self._committed = Counter("embps_snapshot_rounds_committed", "Snapshot rounds committed", registry=r)
+        self._skipped = Counter(
+            "embps_snapshot_rounds_skipped", "Snapshot rounds skipped after their tries (training went on)", registry=r
+        )
+        self._failed_tries = Counter(
+            "embps_snapshot_tries_failed", "Tries of snapshot rounds that failed (then retried or skipped)", registry=r
+        )
+
+    def commit(self) -> None:
+        self._committed.inc()
+
+    def skip(self) -> None:
+        self._skipped.inc()
+
+    def fail_try(self) -> None:
+        self._failed_tries.inc()
+
+    def _count(self, name: str) -> int:
+        return int(self.registry.get_sample_value(f"{name}_total") or 0)
+
+    @property
+    def committed(self) -> int:
+        return self._count("embps_snapshot_rounds_committed")
+
+    @property
+    def skipped(self) -> int:
+        return self._count("embps_snapshot_rounds_skipped")
+
+    @property
+    def failed_tries(self) -> int:
+        return self._count("embps_snapshot_tries_failed")
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return {"committed": self.committed, "skipped": self.skipped, "failed_tries": self.failed_tries}
 
 
 class _RoundFailed(Exception):
@@ -120,7 +151,7 @@ class Checkpointer:
                 self._write(step, model, optimizer, positions, deadline)
                 break
             except _RoundFailed as exc:
-                self.rounds.failed_tries += 1
+                self.rounds.fail_try()
                 left = deadline - time.monotonic()
                 last = not exc.transient or attempt == config.retries or left <= backoff
                 if last:
@@ -129,12 +160,12 @@ class Checkpointer:
                         "snapshot step %d: SKIPPED after %d tr%s (%s); training goes on, the next round %s",
                         step, attempt + 1, "y" if attempt == 0 else "ies", exc, after,
                     )
-                    self.rounds.skipped += 1
+                    self.rounds.skip()
                     return False
                 log.warning("snapshot step %d: try %d failed (%s); again in %.1f s", step, attempt + 1, exc, backoff)
                 time.sleep(backoff)
                 backoff *= 2
-        self.rounds.committed += 1
+        self.rounds.commit()
         return True
 
     def _is_committed(self, step: int) -> bool:

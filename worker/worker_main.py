@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from prometheus_client import start_http_server
 
 from ps.client import PSClient, ShardUnavailableError
 from worker.checkpoint import Checkpointer, load_trainer_state
@@ -51,6 +52,8 @@ def run_worker(
         reader.restore(resumed["reader"])
         trainer.step = resumed["step"]
     checkpointer = Checkpointer(job, rank, world_size, resumed_step=resume_step)
+    if rank == 0 and job.train.metrics_port is not None:
+        start_http_server(job.train.metrics_port, registry=checkpointer.rounds.registry)
     first_step = trainer.step
     batches = iter(reader)
     held_out = eval_batches(job) if rank == 0 else []
