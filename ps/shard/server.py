@@ -312,23 +312,29 @@ class ShardPort:
     services: DeferredServices
     metrics: ShardMetrics
 
-    async def open(
+    def build_shard(
         self,
-        states: dict | None,
         restore_step: int | None,
         log_max_keys: int = DEFAULT_MAX_KEYS,
         log_max_entries: int = DEFAULT_MAX_ENTRIES,
-    ) -> ParameterServerServicer:
-        """Builds the Shard (from `states`, restored from `restore_step`) and its servicers,
-        installs them and marks the port SERVING; returns the ParameterServer servicer."""
+        progress: RestoreProgress | None = None,
+    ):
+        """The Shard, its tables loaded from snapshot `restore_step` (None: empty). Blocking: `embps
+        ps` runs it on a thread while the port answers NOT_SERVING."""
         # torch and pyarrow come with these; `embps ps` may re-exec before they are imported
-        from ps.shard.snapshot_service import SnapshotControlServicer
+        from ps.shard.snapshot_service import restore_shard_states
         from ps.shard.state import Shard
 
+        job, index = self.job, self.shard_index
+        states = restore_shard_states(job, index, restore_step, progress) if restore_step is not None else None
+        return Shard(job, index, log_max_entries=log_max_entries, log_max_keys=log_max_keys, initial_states=states)
+
+    async def open(self, shard, restore_step: int | None) -> ParameterServerServicer:
+        """Builds the servicers of `shard` (restored from `restore_step`), installs them and marks
+        the port SERVING; returns the ParameterServer servicer."""
+        from ps.shard.snapshot_service import SnapshotControlServicer
+
         job, shard_index = self.job, self.shard_index
-        shard = Shard(
-            job, shard_index, log_max_entries=log_max_entries, log_max_keys=log_max_keys, initial_states=states
-        )
         servicer = ParameterServerServicer(shard, self.metrics)
         snapshots = SnapshotControlServicer(
             job,
@@ -401,26 +407,23 @@ async def create_server(
     """Builds (not starts) the shard's server bound to `address` (default: the job's; port 0 picks
     one), its tables restored from `restore_step` first. log_max_keys, log_max_entries bound each
     table's update log. Returns (server, bound port, servicer, health servicer). `embps ps` binds
-    first and restores while the port answers NOT_SERVING (bind_shard, ShardPort.open)."""
-    from ps.shard.snapshot_service import restore_shard_states
-
-    states = restore_shard_states(job, shard_index, restore_step) if restore_step is not None else None
+    first and restores while the port answers NOT_SERVING (bind_shard, ShardPort.build_shard, .open)."""
     shard_port = await bind_shard(job, shard_index, address, metrics)
-    servicer = await shard_port.open(states, restore_step, log_max_keys, log_max_entries)
+    shard = shard_port.build_shard(restore_step, log_max_keys, log_max_entries)
+    servicer = await shard_port.open(shard, restore_step)
     return shard_port.server, shard_port.port, servicer, shard_port.health
 
 
-async def _restore(shard_port: ShardPort, restore_step: int, stop: asyncio.Event) -> dict | int:
-    """The states of snapshot `restore_step` for this shard, read on a thread while the port
-    answers NOT_SERVING; an exit status instead when the restore fails or SIGTERM comes first."""
-    from ps.shard.snapshot_service import restore_shard_states
+async def _restore(shard_port: ShardPort, restore_step: int, log_max_keys: int, stop: asyncio.Event):
+    """The Shard restored from snapshot `restore_step`, loaded on a thread while the port answers
+    NOT_SERVING; an exit status (int) instead when the restore fails or SIGTERM comes first."""
     from ps.snapshot.manifest import SnapshotError
     from ps.snapshot.storage import StorageError
 
     index = shard_port.shard_index
     progress = RestoreProgress(index, restore_step, shard_port.metrics, log)
     shard_port.services.refusal = lambda: f"shard {index} is {progress.describe()}"
-    restore = run_in_daemon_thread(lambda: restore_shard_states(shard_port.job, index, restore_step, progress))
+    restore = run_in_daemon_thread(lambda: shard_port.build_shard(restore_step, log_max_keys, progress=progress))
     stopped = asyncio.ensure_future(stop.wait())
     await asyncio.wait({restore, stopped}, return_when=asyncio.FIRST_COMPLETED)
     stopped.cancel()
@@ -428,7 +431,7 @@ async def _restore(shard_port: ShardPort, restore_step: int, stop: asyncio.Event
         log.info("shard %d: stopped while %s", index, progress.describe())
         return 0
     try:
-        states = restore.result()
+        shard = restore.result()
     except SnapshotError as exc:
         log.error("shard %d: snapshot step %d cannot be restored: %s", index, restore_step, exc)
         return EXIT_SNAPSHOT_UNUSABLE
@@ -436,7 +439,7 @@ async def _restore(shard_port: ShardPort, restore_step: int, stop: asyncio.Event
         log.error("shard %d: restoring snapshot step %d failed: %s", index, restore_step, exc)
         return 1
     log.info("shard %d: restored snapshot step %d (%.1f MiB read)", index, restore_step, progress.read_bytes / 2**20)
-    return states
+    return shard
 
 
 async def _serve(job: JobConfig, shard_index: int, grace: float, log_max_keys: int, restore_step: int | None) -> int:
@@ -459,13 +462,14 @@ async def _serve(job: JobConfig, shard_index: int, grace: float, log_max_keys: i
         shard_index, job.job, shard_config.address, port, job.security.describe(), shard_config.host, metrics_port,
         os.getpid(), restoring,
     )
-    states = None
-    if restore_step is not None:
-        states = await _restore(shard_port, restore_step, stop)
-        if isinstance(states, int):
+    if restore_step is None:
+        shard = shard_port.build_shard(None, log_max_keys)
+    else:
+        shard = await _restore(shard_port, restore_step, log_max_keys, stop)
+        if isinstance(shard, int):
             await server.stop(None)
-            return states
-    servicer = await shard_port.open(states, restore_step, log_max_keys)
+            return shard
+    servicer = await shard_port.open(shard, restore_step)
     log.info("shard %d of job %r serving", shard_index, job.job)
     await stop.wait()
     log.info("shard %d: draining (grace %.1f s)", shard_index, grace)
