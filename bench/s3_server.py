@@ -62,6 +62,7 @@ class S3Server:
     proc: subprocess.Popen
     endpoint: str
     log_path: Path
+    args: tuple[str, ...] = ()
 
     @classmethod
     def start(cls, workdir: Path, timeout: float = 60.0) -> S3Server:
@@ -90,16 +91,21 @@ class S3Server:
             "-master.telemetry=false",
             *(f"-{flag}={port}" for flag, port in ports.items()),
         ]
-        log_path = workdir / "weed.log"
-        with open(log_path, "ab") as log:
-            proc = subprocess.Popen(args, cwd=workdir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        server = cls(proc, f"127.0.0.1:{ports['s3.port']}", log_path)
-        try:
-            server._wait_ready(timeout)
-        except BaseException:
-            server.stop()
-            raise
+        server = cls(None, f"127.0.0.1:{ports['s3.port']}", workdir / "weed.log", tuple(args))
+        server.restart(timeout)
         return server
+
+    def restart(self, timeout: float = 60.0) -> None:
+        """Starts `weed` (again, after a stop: same ports, same data) and waits for S3."""
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                self.args, cwd=self.log_path.parent, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        try:
+            self._wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
 
     def _wait_ready(self, timeout: float) -> None:
         end = time.monotonic() + timeout

@@ -85,6 +85,11 @@ class SnapshotConfig:
     every_steps: steps between snapshots; 0 snapshots only at the end of training.
     full_every: every n-th snapshot is full, the others incremental on the one before.
     keep: complete snapshots kept after each new one (0: keep all).
+    retries: tries after the first when a round fails (storage or a shard unavailable); past them
+    the round is skipped with a warning and training goes on.
+    retry_backoff_s: seconds before the first retry, doubled before each next one.
+    round_timeout_s: a round's tries together, deadlines included; keep it under torch.distributed's
+    collective timeout (10 min with nccl), as every rank waits for the round.
     storage: S3 endpoint, region, credentials; unset fields come from the AWS_* variables.
     """
 
@@ -92,6 +97,9 @@ class SnapshotConfig:
     every_steps: int = 0
     full_every: int = 4
     keep: int = 0
+    retries: int = 3
+    retry_backoff_s: float = 5.0
+    round_timeout_s: float = 540.0
     storage: StorageConfig = field(default_factory=StorageConfig)
 
 
@@ -183,6 +191,11 @@ def parse_job_config(data: dict, base_dir: Path | None = None) -> JobConfig:
         _check_int("snapshot.every_steps", snapshot.every_steps, 0, 2**32 - 1)
         _check_int("snapshot.full_every", snapshot.full_every, 1, 2**31)
         _check_int("snapshot.keep", snapshot.keep, 0, 2**31)
+        _check_int("snapshot.retries", snapshot.retries, 0, 100)
+        for name in ("retry_backoff_s", "round_timeout_s"):
+            value = getattr(snapshot, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"snapshot.{name}: must be a number of seconds > 0, got {value!r}")
         snapshot.storage.validate()
     security = parse_security(data["security"], base_dir) if "security" in data else SecurityConfig()
     return JobConfig(

@@ -7,6 +7,12 @@
                 -> manifest.json (commit point) -> LATEST -> gc
     all ranks:  barrier, so no push of the next step reaches a shard before it wrote its files
 
+A failed round (storage or a shard unavailable, a deadline passed) never fails the job: rank 0
+tries it again after snapshot.retry_backoff_s (doubling), up to snapshot.retries times within
+snapshot.round_timeout_s, then skips it with a warning and counts it (`SnapshotRounds`, in the
+summary). The next round builds on the last committed snapshot, and each shard folds the changes
+of the skipped round into it (ps/snapshot/ops.py ShardSnapshotter), so nothing is lost.
+
 Resume (`embps launch --resume`): the shards load the step's tables before serving, each worker
 loads the dense model, optimizer and its reader position, and training continues at step + 1.
 """
@@ -16,23 +22,85 @@ from __future__ import annotations
 import base64
 import io
 import json
+import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 
+import grpc
+import pyarrow as pa
 import torch
 import torch.distributed as dist
+from prometheus_client import CollectorRegistry, Counter
 from torch import nn
 
+from ps.errors import EmbpsError
 from ps.job_config import SnapshotConfig
 from ps.rpc import snapshot_pb2, snapshot_pb2_grpc
 from ps.security import Role, SecurityConfig, open_channel
-from ps.snapshot.files import SnapshotWriter, read_extra
-from ps.snapshot.manifest import ShardRecord
+from ps.snapshot.files import SnapshotWriter, read_extra, read_manifest
+from ps.snapshot.manifest import ShardRecord, SnapshotError
 from ps.snapshot.ops import collect_garbage
 from worker.train_config import TrainingJob
 
 DENSE = "dense.pt"
 TRAINER_STATE = "trainer_state.json"
-_WRITE_DEADLINE_S = 600.0
+
+log = logging.getLogger("embps.worker")
+
+# What a retry may cure: a shard or the storage unavailable, a deadline passed.
+_TRANSIENT_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+
+class SnapshotRounds:
+    """Rounds of this job's snapshots so far, as Prometheus counters of their own registry (rank 0
+    serves it on [train] metrics_port): committed, skipped after their tries, and failed tries (of
+    committed and skipped rounds alike)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self._committed = Counter("embps_snapshot_rounds_committed", "Snapshot rounds committed", registry=r)
+        self._skipped = Counter(
+            "embps_snapshot_rounds_skipped", "Snapshot rounds skipped after their tries (training went on)", registry=r
+        )
+        self._failed_tries = Counter(
+            "embps_snapshot_tries_failed", "Tries of snapshot rounds that failed (then retried or skipped)", registry=r
+        )
+
+    def commit(self) -> None:
+        self._committed.inc()
+
+    def skip(self) -> None:
+        self._skipped.inc()
+
+    def fail_try(self) -> None:
+        self._failed_tries.inc()
+
+    def _count(self, name: str) -> int:
+        return int(self.registry.get_sample_value(f"{name}_total") or 0)
+
+    @property
+    def committed(self) -> int:
+        return self._count("embps_snapshot_rounds_committed")
+
+    @property
+    def skipped(self) -> int:
+        return self._count("embps_snapshot_rounds_skipped")
+
+    @property
+    def failed_tries(self) -> int:
+        return self._count("embps_snapshot_tries_failed")
+
+    def as_dict(self) -> dict:
+        return {"committed": self.committed, "skipped": self.skipped, "failed_tries": self.failed_tries}
+
+
+class _RoundFailed(Exception):
+    """One try of a round failed; `transient` when another try may succeed."""
+
+    def __init__(self, message: str, transient: bool) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 class Checkpointer:
@@ -46,6 +114,8 @@ class Checkpointer:
         self.world_size = world_size
         self._last_step = resumed_step
         self._count = 0
+        self.rounds = SnapshotRounds()
+        self._reached_commit = False
 
     def due(self, step: int) -> bool:
         if self.config is None:
@@ -61,14 +131,76 @@ class Checkpointer:
             dist.all_gather_object(positions, position)
         else:
             positions[0] = position
-        if self.rank == 0:
-            self._write(step, model, optimizer, positions)
+        committed = self._write_round(step, model, optimizer, positions) if self.rank == 0 else True
         if self.world_size > 1:
             dist.barrier()
-        self._last_step = step
-        self._count += 1
+        if committed:
+            self._last_step = step
+            self._count += 1
 
-    def _write(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, positions: list) -> None:
+    def _write_round(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, positions: list) -> bool:
+        """Rank 0: tries round `step` until it commits (True), or skips it (False, with a warning)."""
+        config = self.config
+        deadline = time.monotonic() + config.round_timeout_s
+        backoff = config.retry_backoff_s
+        self._reached_commit = False  # a try that failed past this point may have committed all the same
+        for attempt in range(config.retries + 1):
+            if attempt and self._reached_commit and self._is_committed(step):
+                break
+            try:
+                self._write(step, model, optimizer, positions, deadline)
+                break
+            except _RoundFailed as exc:
+                self.rounds.fail_try()
+                left = deadline - time.monotonic()
+                last = not exc.transient or attempt == config.retries or left <= backoff
+                if last:
+                    after = "is full" if self._last_step is None else f"builds on step {self._last_step}"
+                    log.warning(
+                        "snapshot step %d: SKIPPED after %d tr%s (%s); training goes on, the next round %s",
+                        step, attempt + 1, "y" if attempt == 0 else "ies", exc, after,
+                    )
+                    self.rounds.skip()
+                    return False
+                log.warning("snapshot step %d: try %d failed (%s); again in %.1f s", step, attempt + 1, exc, backoff)
+                time.sleep(backoff)
+                backoff *= 2
+        self.rounds.commit()
+        return True
+
+    def _is_committed(self, step: int) -> bool:
+        try:
+            read_manifest(self.config.uri, self.job.ps.job, step, self.config.storage)
+        except (SnapshotError, OSError, pa.ArrowException):
+            return False
+        return True
+
+    def _write(
+        self,
+        step: int,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        positions: list,
+        deadline: float,
+    ) -> None:
+        """One try of round `step`; _RoundFailed when it fails."""
+        try:
+            self._write_once(step, model, optimizer, positions, deadline)
+        except grpc.RpcError as exc:
+            raise _RoundFailed(f"{exc.code().name}: {exc.details()}", exc.code() in _TRANSIENT_CODES) from exc
+        except (OSError, pa.ArrowException) as exc:  # storage, StorageUnavailableError included
+            raise _RoundFailed(str(exc), transient=True) from exc
+        except EmbpsError as exc:
+            raise _RoundFailed(str(exc), transient=False) from exc
+
+    def _write_once(
+        self,
+        step: int,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        positions: list,
+        deadline: float,
+    ) -> None:
         config = self.config
         full = self._last_step is None or self._count % config.full_every == 0
         kind, parent = ("full", None) if full else ("incremental", self._last_step)
@@ -77,7 +209,9 @@ class Checkpointer:
         )
         if parent is not None:
             request.parent = parent
-        records = _write_on_shards(self.job.ps.addresses, self.job.ps.security, request)
+        records = _write_on_shards(
+            self.job.ps.addresses, self.job.ps.security, request, max(1.0, deadline - time.monotonic())
+        )
         writer = SnapshotWriter(
             config.uri,
             self.job.ps.job,
@@ -100,17 +234,21 @@ class Checkpointer:
             "torch_rng": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
         }
         writer.write_extra(TRAINER_STATE, json.dumps(state).encode())
+        self._reached_commit = True
         writer.commit()
         if config.keep:
-            collect_garbage(config.uri, self.job.ps.job, config.keep, config.storage)
+            try:
+                collect_garbage(config.uri, self.job.ps.job, config.keep, config.storage)
+            except (OSError, pa.ArrowException, EmbpsError) as exc:
+                log.warning("snapshot step %d: committed, but removing old snapshots failed (%s)", step, exc)
 
 
 def _write_on_shards(
-    addresses: list[str], security: SecurityConfig, request: snapshot_pb2.WriteSnapshotRequest
+    addresses: list[str], security: SecurityConfig, request: snapshot_pb2.WriteSnapshotRequest, timeout: float
 ) -> list[ShardRecord]:
     def call(address: str) -> list[ShardRecord]:
         with open_channel(address, security, Role.TRAINER) as channel:
-            reply = snapshot_pb2_grpc.SnapshotControlStub(channel).WriteSnapshot(request, timeout=_WRITE_DEADLINE_S)
+            reply = snapshot_pb2_grpc.SnapshotControlStub(channel).WriteSnapshot(request, timeout=timeout)
         return [ShardRecord.from_dict(d) for d in json.loads(reply.records_json)]
 
     with ThreadPoolExecutor(len(addresses)) as pool:

@@ -44,6 +44,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ps.process import children
+from ps.shard.server import SERVICE_NAME
+from ps.shard.startup import EXIT_SNAPSHOT_UNUSABLE
 from worker import processes
 from worker.launch_config import check_max_restarts, load_launch_settings
 from worker.serving_fleet import ServingFleet
@@ -73,6 +75,10 @@ class LaunchOptions:
             raise ValueError("--rdzv-endpoint: a job on several nodes needs node 0's host:port for the rendezvous")
         if self.max_restarts is not None:
             check_max_restarts("--max-restarts", self.max_restarts)
+
+
+# A shard's start fails when this long passes without progress (its log grows as it restores).
+START_STALL_S = 90.0
 
 
 class _ComponentDied(Exception):
@@ -195,10 +201,12 @@ def launch(options: LaunchOptions) -> int:
         return 0
     summary = json.loads(summary_path.read_text())
     auc = summary.get("eval_auc")
+    skipped = summary.get("snapshots", {}).get("skipped", 0)
     print(
         f"embps launch: done: {summary.get('steps')} steps, {summary.get('samples_per_s', 0):,.0f} samples/s, "
         f"final loss {summary.get('final_loss', float('nan')):.4f}"
         + (f", eval AUC {auc:.4f}" if auc is not None else "")
+        + (f", {skipped} snapshot round{'s' * (skipped > 1)} SKIPPED" if skipped else "")
         + (f", after {restarts} restart{'s' * (restarts > 1)}" if restarts else "")
         + f"; summary in {summary_path}"
     )
@@ -214,9 +222,10 @@ def _run_attempt(
     failures: _Failures,
     fleet: ServingFleet | None,
 ) -> str | None:
-    """Starts the shards (restored from snapshot `restore`), the serving replicas the first time,
-    then the workers (resuming at `restore`); stops the shards again. Returns None when the
-    workers finished, else what died (RuntimeError when a process does not start)."""
+    """Starts the shards (restored from snapshot `restore`, or an older one where it is unusable),
+    the serving replicas the first time, then the workers (resuming where the shards are); stops
+    the shards again. Returns None when the workers finished, else what died or did not start
+    (RuntimeError when a serving replica does not start)."""
     out = Path(job.train.output_dir)
     shards: list = []
     stop_watch = threading.Event()
@@ -225,7 +234,10 @@ def _run_attempt(
         if first:
             fleet.start()  # beside the shards: both take seconds to come up
         if start_ps:
-            shards = _start_shards(job, out, restore)
+            try:
+                shards, restore = _start_restorable_shards(job, out, restore)
+            except _StartFailed as exc:
+                return str(exc)
             threading.Thread(target=_watch_shards, args=(shards, failures, stop_watch), daemon=True).start()
         if first:
             fleet.wait()
@@ -253,27 +265,65 @@ def _latest_step(job: TrainingJob) -> int:
     return step
 
 
-def _latest_or_none(job: TrainingJob) -> int | None:
-    """The job's newest complete snapshot step; None without [snapshot] or before the first."""
+def _latest_or_none(job: TrainingJob, before: int | None = None) -> int | None:
+    """The job's newest complete snapshot step (older than `before` when given); None without
+    [snapshot] or when there is none."""
     from ps.snapshot.files import latest
 
     if job.ps.snapshot is None:
         return None
-    return latest(job.ps.snapshot.uri, job.ps.job, job.ps.snapshot.storage)
+    return latest(job.ps.snapshot.uri, job.ps.job, job.ps.snapshot.storage, before=before)
+
+
+class _StartFailed(Exception):
+    """A shard did not come up (it exited, or its start stalled): a restartable failure."""
+
+
+class _SnapshotUnusable(_StartFailed):
+    """A shard could not restore its snapshot step (corrupt or incomplete): restarting from the
+    same step cannot help, an older one may."""
+
+
+def _start_restorable_shards(job: TrainingJob, out: Path, restore: int | None) -> tuple[list, int | None]:
+    """The shards started from snapshot `restore`, or from the newest complete snapshot before it
+    when a shard finds it unusable (a warning each time); returns them and the step they hold.
+    _StartFailed when they do not come up, or when no older snapshot is left."""
+    while True:
+        try:
+            return _start_shards(job, out, restore), restore
+        except _SnapshotUnusable as exc:
+            older = _latest_or_none(job, before=restore)
+            if older is None:
+                raise _StartFailed(f"{exc}; no complete snapshot before step {restore} to fall back to") from None
+            tqdm.write(f"embps launch: WARNING: {exc}; falling back to the previous complete snapshot, step {older}")
+            sys.stdout.flush()
+            restore = older
 
 
 def _start_shards(job: TrainingJob, out: Path, restore_step: int | None) -> list:
+    """Starts every shard and waits until each serves: as long as its restore makes progress (its
+    log grows), up to START_STALL_S without any. _StartFailed (_SnapshotUnusable) otherwise."""
     config_path = job.path
-    shards = []
-    for index in range(len(job.ps.shards)):
-        shards.append(processes.start_shard(config_path, index, out / "logs" / f"ps-{index}.log", restore_step))
+    logs = [out / "logs" / f"ps-{index}.log" for index in range(len(job.ps.shards))]
+    shards = [processes.start_shard(config_path, i, log, restore_step) for i, log in enumerate(logs)]
     for index, (proc, shard) in enumerate(zip(shards, job.ps.shards, strict=True)):
         try:
-            children.wait_serving(shard.address, proc, f"ps shard {index}", security=job.ps.security)
-        except RuntimeError:
-            for p in shards:
-                children.stop(p)
-            raise
+            children.wait_serving(
+                shard.address,
+                proc,
+                f"ps shard {index}",
+                START_STALL_S,
+                security=job.ps.security,
+                service=SERVICE_NAME,
+                progress=lambda log=logs[index]: log.stat().st_size,
+            )
+        except (RuntimeError, TimeoutError) as exc:
+            children.stop_all(shards)
+            if proc.returncode == EXIT_SNAPSHOT_UNUSABLE:
+                raise _SnapshotUnusable(
+                    f"ps shard {index} cannot restore snapshot step {restore_step} (see {logs[index]})"
+                ) from None
+            raise _StartFailed(f"{exc} (see {logs[index]})") from None
     return shards
 
 

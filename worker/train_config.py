@@ -14,6 +14,7 @@
     output_dir = "runs/demo"    # summary.json, dense model
     on_ps_unavailable = "abort" # a shard gives no answer within its deadline: "abort" | "wait"
     ps_unavailable_timeout_s = 600.0  # wait: how long one step may wait for the shard
+    metrics_port = 9300         # rank 0's Prometheus /metrics: snapshot rounds (default: none)
 
     [model]                     # worker.model.ModelConfig; num_dense/num_sparse/dim are derived
     bottom_sizes = [64, 16]
@@ -89,6 +90,7 @@ class TrainConfig:
     output_dir: str = "runs/job"
     on_ps_unavailable: PSUnavailablePolicy = PSUnavailablePolicy.ABORT
     ps_unavailable_timeout_s: float = 600.0
+    metrics_port: int | None = None
 
 
 @dataclass(frozen=True)
@@ -176,6 +178,8 @@ def parse_training_job(data: dict, base_dir: Path | None = None) -> TrainingJob:
     timeout = train.ps_unavailable_timeout_s
     if not 0 < timeout < math.inf:
         raise ValueError(f"train.ps_unavailable_timeout_s: must be a finite number of seconds > 0, got {timeout}")
+    if train.metrics_port is not None and not 0 <= train.metrics_port < 65536:
+        raise ValueError(f"train.metrics_port: must be in [0, 65535], got {train.metrics_port}")
     if data_config.source != DataSource.SYNTHETIC and not data_config.paths:
         raise ValueError(f"data.paths: source '{data_config.source}' needs at least one file")
     known = {t.name: t for t in ps.tables}

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from prometheus_client import start_http_server
 
 from ps.client import PSClient, ShardUnavailableError
 from worker.checkpoint import Checkpointer, load_trainer_state
@@ -51,6 +52,8 @@ def run_worker(
         reader.restore(resumed["reader"])
         trainer.step = resumed["step"]
     checkpointer = Checkpointer(job, rank, world_size, resumed_step=resume_step)
+    if rank == 0 and job.train.metrics_port is not None:
+        start_http_server(job.train.metrics_port, registry=checkpointer.rounds.registry)
     first_step = trainer.step
     batches = iter(reader)
     held_out = eval_batches(job) if rank == 0 else []
@@ -105,6 +108,7 @@ def run_worker(
             "final_loss": _global_mean(sum(losses[-LOG_EVERY:]) / max(1, len(losses[-LOG_EVERY:])), world_size),
             "times_rank0": trainer.times.as_dict(),
             "evaluations": evaluations,
+            "snapshots": checkpointer.rounds.as_dict(),
         }
         if rank == 0:
             if held_out and (not evaluations or evaluations[-1]["step"] != trainer.step):

@@ -4,7 +4,7 @@ and INVALID_ARGUMENT for request bytes that do not parse.
 
     request bytes --parse (`decode`)--> message, or the parse error
         --> wrapper (`unary_call`, `stream_call`, `answer_call`):
-              parse error -> INVALID_ARGUMENT; server draining -> UNAVAILABLE
+              parse error -> INVALID_ARGUMENT; server draining, storage failing -> UNAVAILABLE
               servicer method; what it raises -> `status_of` (INTERNAL: traceback logged, not sent)
               CallSite.record(method, table label, code, seconds, message)
 """
@@ -23,6 +23,7 @@ from google.protobuf.message import DecodeError
 
 from ps.errors import CapacityError, EmbpsError, LogGapError, UnknownTableError, WrongShardError
 from ps.snapshot.manifest import SnapshotError
+from ps.snapshot.storage import StorageError
 
 
 class ShuttingDownError(EmbpsError):
@@ -31,7 +32,7 @@ class ShuttingDownError(EmbpsError):
 
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The one mapping from domain errors to gRPC status codes (and the message sent)."""
-    if isinstance(exc, ShuttingDownError):
+    if isinstance(exc, (ShuttingDownError, StorageError)):
         return grpc.StatusCode.UNAVAILABLE, str(exc)
     if isinstance(exc, UnknownTableError):
         return grpc.StatusCode.NOT_FOUND, str(exc)

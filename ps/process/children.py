@@ -8,6 +8,7 @@ import ctypes
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -33,11 +34,17 @@ def wait_serving(
     timeout: float = 90.0,
     security: SecurityConfig | None = None,
     service: str = "",
+    progress: Callable[[], object] | None = None,
 ) -> None:
     """Polls the gRPC health of `service` ("": the whole server) at `address` (over TLS when
     `security` has it; health needs no token) until SERVING; RuntimeError naming `name` if the
-    process exits first, TimeoutError if the timeout passes first."""
+    process exits first, TimeoutError if the timeout passes first.
+
+    With `progress` (a function whose value changes while the process makes headway, e.g. the size
+    of its log while it restores a snapshot) the timeout counts from the last change instead: a
+    start that takes an hour is waited for as long as it moves, one that stalls fails after `timeout`."""
     deadline = time.monotonic() + timeout
+    last = progress() if progress is not None else None
     with open_channel(address, security or SecurityConfig(), role=None) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
@@ -49,8 +56,11 @@ def wait_serving(
                     return
             except grpc.RpcError:
                 pass
+            if progress is not None and (now := progress()) != last:
+                last, deadline = now, time.monotonic() + timeout
             time.sleep(_HEALTH_POLL_S)
-    raise TimeoutError(f"{name} at {address} was not serving after {timeout:.0f} s")
+    stalled = " (no progress for that long)" if progress is not None else ""
+    raise TimeoutError(f"{name} at {address} was not serving after {timeout:.0f} s{stalled}")
 
 
 def stop(proc: subprocess.Popen, timeout: float = 15.0) -> int | None:

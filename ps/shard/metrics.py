@@ -56,6 +56,15 @@ class ShardMetrics:
             buckets=(1, 2, 4, 8, 16, 64, 256, 1024, 4096, 16384),
             registry=r,
         )
+        self.restore_size = Gauge(
+            "embps_restore_size_bytes", "Bytes of snapshot files the shard's start restores from", ["shard"], registry=r
+        )
+        self.restore_read = Gauge(
+            "embps_restore_read_bytes",
+            "Bytes of snapshot files read so far by the restore (equal to the size once it serves)",
+            ["shard"],
+            registry=r,
+        )
         self._seen: dict[str, tuple[int, int]] = {}
 
     def observe_table(self, table) -> None:

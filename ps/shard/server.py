@@ -5,6 +5,9 @@
 Table operations are serialised (the tables are not thread-safe): small calls run inline on the
 event loop, large ones on one tables thread so that the loop stays free to accept calls (see
 `ParameterServerServicer.run`).
+The port is bound at once: while a snapshot is restored the shard answers NOT_SERVING and refuses
+calls with UNAVAILABLE, saying how far the restore got (ps/shard/startup.py); a restore step that
+cannot be used exits with EXIT_SNAPSHOT_UNUSABLE.
 Every call goes through the one call wrapper of ps/process/calls.py (errors become status codes,
 `ShardCallSite` records the metrics); servicer methods hold no try/except. SIGTERM marks the
 shard NOT_SERVING, lets in-flight calls finish (`grace` seconds), refuses new ones with
@@ -25,6 +28,7 @@ import signal
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import grpc
 import numpy as np
@@ -38,6 +42,7 @@ from ps.process.calls import CallSite, UndecodableRequests, stream_call, unary_c
 from ps.rpc import ps_pb2, ps_pb2_grpc, snapshot_pb2, snapshot_pb2_grpc
 from ps.security import add_port, ps_port_policy, server_interceptors
 from ps.shard.metrics import ShardMetrics
+from ps.shard.startup import EXIT_SNAPSHOT_UNUSABLE, DeferredServices, RestoreProgress, run_in_daemon_thread
 from ps.shard.update_log import DEFAULT_MAX_ENTRIES, DEFAULT_MAX_KEYS, LogGapError, LogRange
 
 log = logging.getLogger("embps.ps")
@@ -294,45 +299,83 @@ def server_options(job: JobConfig) -> list[tuple[str, int]]:
     ]
 
 
-async def create_server(
-    job: JobConfig,
-    shard_index: int,
-    address: str | None = None,
-    metrics: ShardMetrics | None = None,
-    log_max_keys: int = DEFAULT_MAX_KEYS,
-    log_max_entries: int = DEFAULT_MAX_ENTRIES,
-    restore_step: int | None = None,
-) -> tuple[grpc.aio.Server, int, ParameterServerServicer, HealthServicer]:
-    """Builds (not starts) the shard's server bound to `address` (default: the job's; port 0 picks
-    one). log_max_keys, log_max_entries bound each table's update log. Returns (server, bound
-    port, servicer, health servicer)."""
-    # torch and pyarrow come with these; `embps ps` may re-exec before they are imported
-    from ps.shard.snapshot_service import SnapshotControlServicer, restore_shard_states
-    from ps.shard.state import Shard
+@dataclass
+class ShardPort:
+    """A shard's server, bound and with health, before its tables exist (see ps/shard/startup.py):
+    `open` builds the shard from restored states and lets its services answer."""
 
-    states = restore_shard_states(job, shard_index, restore_step) if restore_step is not None else None
-    shard = Shard(job, shard_index, log_max_entries=log_max_entries, log_max_keys=log_max_keys, initial_states=states)
+    job: JobConfig
+    shard_index: int
+    server: grpc.aio.Server
+    port: int
+    health: HealthServicer
+    services: DeferredServices
+    metrics: ShardMetrics
+
+    def build_shard(
+        self,
+        restore_step: int | None,
+        log_max_keys: int = DEFAULT_MAX_KEYS,
+        log_max_entries: int = DEFAULT_MAX_ENTRIES,
+        progress: RestoreProgress | None = None,
+    ):
+        """The Shard, its tables loaded from snapshot `restore_step` (None: empty). Blocking: `embps
+        ps` runs it on a thread while the port answers NOT_SERVING."""
+        # torch and pyarrow come with these; `embps ps` may re-exec before they are imported
+        from ps.shard.snapshot_service import restore_shard_states
+        from ps.shard.state import Shard
+
+        job, index = self.job, self.shard_index
+        states = restore_shard_states(job, index, restore_step, progress) if restore_step is not None else None
+        return Shard(job, index, log_max_entries=log_max_entries, log_max_keys=log_max_keys, initial_states=states)
+
+    async def open(self, shard, restore_step: int | None) -> ParameterServerServicer:
+        """Builds the servicers of `shard` (restored from `restore_step`), installs them and marks
+        the port SERVING; returns the ParameterServer servicer."""
+        from ps.shard.snapshot_service import SnapshotControlServicer
+
+        job, shard_index = self.job, self.shard_index
+        servicer = ParameterServerServicer(shard, self.metrics)
+        snapshots = SnapshotControlServicer(
+            job,
+            shard_index,
+            shard.tables,
+            run_serialized=lambda call: servicer.run_call(call, work_bytes=INLINE_WORK_BYTES + 1),
+            call_site=servicer.call_site,
+            restored_step=restore_step,
+        )
+
+        def add_servicers(server) -> None:
+            ps_pb2_grpc.add_ParameterServerServicer_to_server(servicer, server)
+            snapshot_pb2_grpc.add_SnapshotControlServicer_to_server(snapshots, server)
+
+        self.services.open(add_servicers)
+        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        return servicer
+
+
+async def bind_shard(
+    job: JobConfig, shard_index: int, address: str | None = None, metrics: ShardMetrics | None = None
+) -> ShardPort:
+    """Builds (not starts) the shard's server bound to `address` (default: the job's; port 0 picks
+    one), NOT_SERVING, every embps call answered UNAVAILABLE until ShardPort.open."""
     metrics = metrics if metrics is not None else ShardMetrics(shard_index)
-    servicer = ParameterServerServicer(shard, metrics)
     # Token checks come first: a caller without a valid token learns nothing, not even that its
     # request bytes do not parse.
     auth = server_interceptors(
         job.security, ps_port_policy(), lambda method, code: metrics.requests.labels("", method, code.name).inc()
     )
     server = grpc.aio.server(options=server_options(job), interceptors=[*auth, UndecodableRequests()])
-    ps_pb2_grpc.add_ParameterServerServicer_to_server(servicer, server)
-    snapshots = SnapshotControlServicer(
-        job,
-        shard_index,
-        shard.tables,
-        run_serialized=lambda call: servicer.run_call(call, work_bytes=INLINE_WORK_BYTES + 1),
-        call_site=servicer.call_site,
-        restored_step=restore_step,
+    services = DeferredServices(
+        refusal=lambda: f"shard {shard_index} is starting",
+        on_refused=lambda method: metrics.requests.labels("", method, grpc.StatusCode.UNAVAILABLE.name).inc(),
     )
-    snapshot_pb2_grpc.add_SnapshotControlServicer_to_server(snapshots, server)
+    server.add_generic_rpc_handlers((services,))
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
     reflection.enable_server_reflection(
         [
             SERVICE_NAME,
@@ -343,28 +386,91 @@ async def create_server(
         server,
     )
     address = address if address is not None else job.shards[shard_index].address
-    port = add_port(server, address, job.security)
+    try:
+        port = add_port(server, address, job.security)
+    except RuntimeError as exc:  # grpc's "Failed to bind": the port is taken, or the host is not ours
+        raise OSError(f"shard {shard_index}: cannot bind {address} ({exc})") from None
     if port == 0:
         raise OSError(f"shard {shard_index}: cannot bind {address}")
-    return server, port, servicer, health
+    return ShardPort(job, shard_index, server, port, health, services, metrics)
+
+
+async def create_server(
+    job: JobConfig,
+    shard_index: int,
+    address: str | None = None,
+    metrics: ShardMetrics | None = None,
+    log_max_keys: int = DEFAULT_MAX_KEYS,
+    log_max_entries: int = DEFAULT_MAX_ENTRIES,
+    restore_step: int | None = None,
+) -> tuple[grpc.aio.Server, int, ParameterServerServicer, HealthServicer]:
+    """Builds (not starts) the shard's server bound to `address` (default: the job's; port 0 picks
+    one), its tables restored from `restore_step` first. log_max_keys, log_max_entries bound each
+    table's update log. Returns (server, bound port, servicer, health servicer). `embps ps` binds
+    first and restores while the port answers NOT_SERVING (bind_shard, ShardPort.build_shard, .open)."""
+    shard_port = await bind_shard(job, shard_index, address, metrics)
+    shard = shard_port.build_shard(restore_step, log_max_keys, log_max_entries)
+    servicer = await shard_port.open(shard, restore_step)
+    return shard_port.server, shard_port.port, servicer, shard_port.health
+
+
+async def _restore(shard_port: ShardPort, restore_step: int, log_max_keys: int, stop: asyncio.Event):
+    """The Shard restored from snapshot `restore_step`, loaded on a thread while the port answers
+    NOT_SERVING; an exit status (int) instead when the restore fails or SIGTERM comes first."""
+    from ps.snapshot.manifest import SnapshotError
+    from ps.snapshot.storage import StorageError
+
+    index = shard_port.shard_index
+    progress = RestoreProgress(index, restore_step, shard_port.metrics, log)
+    shard_port.services.refusal = lambda: f"shard {index} is {progress.describe()}"
+    restore = run_in_daemon_thread(lambda: shard_port.build_shard(restore_step, log_max_keys, progress=progress))
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({restore, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if not restore.done():
+        log.info("shard %d: stopped while %s", index, progress.describe())
+        return 0
+    try:
+        shard = restore.result()
+    except SnapshotError as exc:
+        log.error("shard %d: snapshot step %d cannot be restored: %s", index, restore_step, exc)
+        return EXIT_SNAPSHOT_UNUSABLE
+    except (StorageError, OSError, ValueError) as exc:
+        log.error("shard %d: restoring snapshot step %d failed: %s", index, restore_step, exc)
+        return 1
+    log.info("shard %d: restored snapshot step %d (%.1f MiB read)", index, restore_step, progress.read_bytes / 2**20)
+    return shard
 
 
 async def _serve(job: JobConfig, shard_index: int, grace: float, log_max_keys: int, restore_step: int | None) -> int:
-    server, port, servicer, health = await create_server(
-        job, shard_index, log_max_keys=log_max_keys, restore_step=restore_step
-    )
+    try:
+        shard_port = await bind_shard(job, shard_index)
+    except OSError as exc:
+        log.error("%s", exc)
+        return 1
+    server, port, health = shard_port.server, shard_port.port, shard_port.health
     shard_config = job.shards[shard_index]
-    metrics_port = servicer.metrics.serve(shard_config.metrics_port, shard_config.host)
+    metrics_port = shard_port.metrics.serve(shard_config.metrics_port, shard_config.host)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await server.start()
+    restoring = f"; NOT_SERVING until snapshot step {restore_step} is restored" if restore_step is not None else ""
     log.info(
-        "shard %d of job %r serving on %s (port %d; %s), metrics on %s:%d, pid %d",
+        "shard %d of job %r listening on %s (port %d; %s), metrics on %s:%d, pid %d%s",
         shard_index, job.job, shard_config.address, port, job.security.describe(), shard_config.host, metrics_port,
-        os.getpid(),
+        os.getpid(), restoring,
     )
+    if restore_step is None:
+        shard = shard_port.build_shard(None, log_max_keys)
+    else:
+        shard = await _restore(shard_port, restore_step, log_max_keys, stop)
+        if isinstance(shard, int):
+            await server.stop(None)
+            return shard
+    servicer = await shard_port.open(shard, restore_step)
+    log.info("shard %d of job %r serving", shard_index, job.job)
     await stop.wait()
     log.info("shard %d: draining (grace %.1f s)", shard_index, grace)
     servicer.begin_drain()

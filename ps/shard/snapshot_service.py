@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 from ps.job_config import JobConfig
 from ps.process.calls import CallSite, unary_call
 from ps.rpc import snapshot_pb2, snapshot_pb2_grpc
-from ps.snapshot.files import SnapshotWriter, apply_delta, snapshot_chain
+from ps.snapshot.files import Snapshot, SnapshotWriter, apply_delta, snapshot_chain
 from ps.snapshot.ops import ShardSnapshotter
 from ps.table.embedding_table import EmbeddingTable
 from ps.table.state import TableState
@@ -62,6 +63,9 @@ class SnapshotControlServicer(snapshot_pb2_grpc.SnapshotControlServicer):
         parent = request.parent if request.HasField("parent") else None
         if parent is not None and parent == self._last_written:
             self.snapshotter.mark_committed(parent)
+            # Once only: a write that fails below keeps the changes it took (ShardSnapshotter), and
+            # a retry naming the same parent must not forget them.
+            self._last_written = None
         writer = SnapshotWriter(
             request.uri,
             request.job,
@@ -76,8 +80,19 @@ class SnapshotControlServicer(snapshot_pb2_grpc.SnapshotControlServicer):
         return snapshot_pb2.WriteSnapshotResponse(records_json=json.dumps([r.to_dict() for r in records]))
 
 
-def restore_shard_states(job: JobConfig, shard_index: int, step: int) -> dict[str, TableState]:
-    """Each table's state on this shard at snapshot `step` (full + incrementals up to it)."""
+class RestoreListener(Protocol):
+    """What follows a restore: start(total bytes to read), then advance(n) as they are read."""
+
+    def start(self, total_bytes: int) -> None: ...
+
+    def advance(self, num_bytes: int) -> None: ...
+
+
+def restore_shard_states(
+    job: JobConfig, shard_index: int, step: int, progress: RestoreListener | None = None
+) -> dict[str, TableState]:
+    """Each table's state on this shard at snapshot `step` (full + incrementals up to it).
+    SnapshotError (SnapshotCorruptError) when the step or a snapshot it builds on is unusable."""
     if job.snapshot is None:
         raise ValueError("snapshot: restoring needs a [snapshot] section with the uri")
     chain = snapshot_chain(job.snapshot.uri, job.job, step, job.snapshot.storage)
@@ -87,6 +102,10 @@ def restore_shard_states(job: JobConfig, shard_index: int, step: int) -> dict[st
             f"shards: snapshot step {step} was written by {num_shards} shards, the job has {len(job.shards)}; "
             "resharding a snapshot is not supported"
         )
+    if progress is not None:
+        progress.start(sum(_shard_bytes(snapshot, job, shard_index) for snapshot in chain))
+        for snapshot in chain:
+            snapshot.on_bytes = progress.advance
     states: dict[str, TableState] = {}
     for table in job.tables:
         state = None
@@ -95,3 +114,14 @@ def restore_shard_states(job: JobConfig, shard_index: int, step: int) -> dict[st
             state = part.state if state is None else apply_delta(state, part.state, part.deleted_keys)
         states[table.name] = state
     return states
+
+
+def _shard_bytes(snapshot: Snapshot, job: JobConfig, shard_index: int) -> int:
+    """Bytes of this shard's files of the job's tables in one snapshot (what its restore reads)."""
+    total = 0
+    for table in job.tables:
+        entry = snapshot.manifest.tables.get(table.name)
+        shard = entry.shards.get(shard_index) if entry is not None else None
+        if shard is not None:
+            total += sum(snapshot.manifest.files[path].size for path in shard.files if path in snapshot.manifest.files)
+    return total

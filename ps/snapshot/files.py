@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 
@@ -186,10 +186,12 @@ class SnapshotWriter:
         self.parent = parent
         self.num_shards = num_shards
         self._configs = {c.name: c for c in tables}
-        self.fs, base = storage.open_uri(uri, storage_config)
-        self._job_dir = storage.join(base, self.job)
-        self.dir = storage.join(self._job_dir, str(self.step))
-        if storage.exists(self.fs, storage.join(self.dir, MANIFEST)):
+        with storage.unavailable_on_failure(f"opening {uri}"):
+            self.fs, base = storage.open_uri(uri, storage_config)
+            self._job_dir = storage.join(base, self.job)
+            self.dir = storage.join(self._job_dir, str(self.step))
+            committed = storage.exists(self.fs, storage.join(self.dir, MANIFEST))
+        if committed:
             raise SnapshotError(f"{self.job} step {self.step}: a snapshot is already committed there")
         self._records: dict[tuple[str, int], ShardRecord] = {}
         self._extra: dict[str, FileEntry] = {}
@@ -292,10 +294,11 @@ class SnapshotWriter:
             raise TypeError(f"extra {name!r}: data must be bytes, got {type(data).__name__}")
         path = f"extra/{name}"
         full = storage.join(self.dir, path)
-        storage.make_parent_dir(self.fs, full)
-        with self.fs.open_output_stream(full, compression=None) as out:
-            sink = _HashingSink(out)
-            sink.write(data)
+        with storage.unavailable_on_failure(f"writing {full}"):
+            storage.make_parent_dir(self.fs, full)
+            with self.fs.open_output_stream(full, compression=None) as out:
+                sink = _HashingSink(out)
+                sink.write(data)
         entry = FileEntry(path, sink.size, sink.hexdigest())
         self._extra[name] = entry
         return entry
@@ -305,7 +308,8 @@ class SnapshotWriter:
         self._check_open()
         if self.kind == SnapshotKind.INCREMENTAL:
             try:
-                read_manifest_at(self.fs, self._job_dir, self.parent)
+                with storage.unavailable_on_failure(f"reading parent step {self.parent}"):
+                    read_manifest_at(self.fs, self._job_dir, self.parent)
             except SnapshotError as e:
                 raise SnapshotError(f"{self.job} step {self.step}: parent step {self.parent} is unusable ({e})") from e
         tables: dict[str, TableEntry] = {}
@@ -335,10 +339,11 @@ class SnapshotWriter:
             files=files,
             extra=dict(self._extra),
         )
-        storage.write_bytes_atomic(self.fs, storage.join(self.dir, MANIFEST), manifest.to_json().encode())
-        current = _read_latest(self.fs, self._job_dir)
-        if current is None or current < self.step:
-            storage.write_bytes_atomic(self.fs, storage.join(self._job_dir, LATEST), f"{self.step}\n".encode())
+        with storage.unavailable_on_failure(f"committing {self.dir}"):
+            storage.write_bytes_atomic(self.fs, storage.join(self.dir, MANIFEST), manifest.to_json().encode())
+            current = _read_latest(self.fs, self._job_dir)
+            if current is None or current < self.step:
+                storage.write_bytes_atomic(self.fs, storage.join(self._job_dir, LATEST), f"{self.step}\n".encode())
         self._committed = True
         return manifest
 
@@ -361,14 +366,15 @@ class SnapshotWriter:
 
     def _write_parquet(self, relative: str, data: pa.Table) -> FileEntry:
         path = storage.join(self.dir, relative)
-        storage.make_parent_dir(self.fs, path)
         row_bytes = max(1, data.nbytes // max(1, data.num_rows))
-        with self.fs.open_output_stream(path, compression=None) as out:
-            sink = _HashingSink(out)
-            with pq.ParquetWriter(
-                sink, data.schema, compression=_COMPRESSION, use_dictionary=False, write_statistics=["key"]
-            ) as writer:
-                writer.write_table(data, row_group_size=max(1024, _ROW_GROUP_BYTES // row_bytes))
+        with storage.unavailable_on_failure(f"writing {path}"):
+            storage.make_parent_dir(self.fs, path)
+            with self.fs.open_output_stream(path, compression=None) as out:
+                sink = _HashingSink(out)
+                with pq.ParquetWriter(
+                    sink, data.schema, compression=_COMPRESSION, use_dictionary=False, write_statistics=["key"]
+                ) as writer:
+                    writer.write_table(data, row_group_size=max(1024, _ROW_GROUP_BYTES // row_bytes))
         return FileEntry(relative, sink.size, sink.hexdigest())
 
 
@@ -422,8 +428,10 @@ def list_snapshots(uri: str, job: str, storage_config: StorageConfig | None = No
     return manifests
 
 
-def latest(uri: str, job: str, storage_config: StorageConfig | None = None) -> int | None:
-    """The newest committed step, else None.
+def latest(
+    uri: str, job: str, storage_config: StorageConfig | None = None, before: int | None = None
+) -> int | None:
+    """The newest committed step (older than `before` when given), else None.
 
     A step is committed by its manifest, and LATEST is moved after it: a writer killed between the
     two leaves a committed step newer than the one LATEST names. That step counts (a job resumed
@@ -432,6 +440,8 @@ def latest(uri: str, job: str, storage_config: StorageConfig | None = None) -> i
     """
     fs, job_dir = _open_job(uri, job, storage_config)
     for step in reversed(step_dirs(fs, job_dir)):
+        if before is not None and step >= before:
+            continue
         try:
             read_manifest_at(fs, job_dir, step)
             return step
@@ -463,12 +473,13 @@ class Snapshot:
         self.job_dir = job_dir
         self.dir = storage.join(job_dir, str(manifest.step))
         self.manifest = manifest
+        self.on_bytes: Callable[[int], None] | None = None  # progress of reads: on_bytes(n) per chunk
 
     def read_file(self, entry: FileEntry) -> bytes:
         """The verified bytes of a listed file; SnapshotCorruptError on a size or checksum mismatch."""
         path = storage.join(self.dir, entry.path)
         try:
-            data = storage.read_bytes(self.fs, path)
+            data = storage.read_bytes(self.fs, path, self.on_bytes)
         except FileNotFoundError:
             raise SnapshotCorruptError(f"{path}: listed in the manifest but missing") from None
         if len(data) != entry.size:

@@ -16,9 +16,10 @@ written in place; every other filesystem gets a temporary name and a rename.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from urllib.parse import urlsplit
 
@@ -35,6 +36,23 @@ class StorageError(EmbpsError, OSError):
     """A storage URI or its configuration cannot be used (the message says which part and why)."""
 
 
+class StorageUnavailableError(StorageError):
+    """Storage failed a read or write (an S3 5xx or refused connection, a full disk, a timeout):
+    a later try may succeed, so servers answer it UNAVAILABLE."""
+
+
+@contextlib.contextmanager
+def unavailable_on_failure(what: str) -> Iterator[None]:
+    """Turns what pyarrow.fs or the OS raises inside into StorageUnavailableError, its message
+    naming `what` ("writing s3://b/p/ctr/400"). Missing files and embps errors pass unchanged."""
+    try:
+        yield
+    except (EmbpsError, FileNotFoundError):
+        raise
+    except (OSError, pa.ArrowException) as exc:
+        raise StorageUnavailableError(f"{what}: {exc}") from exc
+
+
 @dataclass(frozen=True)
 class StorageConfig:
     """How to reach S3 (fields left None fall back to the AWS_* variables, see from_env).
@@ -44,6 +62,8 @@ class StorageConfig:
     access_key, secret_key, session_token: credentials (None: pyarrow's default chain).
     scheme: "http" or "https" (default https; http only for servers on a trusted network).
     connect_timeout, request_timeout: seconds, so a dead or wrong endpoint fails instead of hanging.
+    max_attempts: tries of each S3 request (pyarrow's retry strategy, with its own backoff of about
+    a second); a training job's snapshot rounds are retried as a whole besides (`[snapshot] retries`).
     allow_bucket_creation: let a write create a missing bucket (default False: a typo in the
     bucket name should fail, not create a new bucket).
     """
@@ -56,6 +76,7 @@ class StorageConfig:
     scheme: str | None = None
     connect_timeout: float = 10.0
     request_timeout: float = 60.0
+    max_attempts: int = 3
     allow_bucket_creation: bool = False
 
     def validate(self) -> StorageConfig:
@@ -70,6 +91,8 @@ class StorageConfig:
                 f"storage.endpoint_override: must be host:port without a scheme (put the scheme in "
                 f"storage.scheme), got {self.endpoint_override!r}"
             )
+        if isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int) or not self.max_attempts >= 1:
+            raise ValueError(f"storage.max_attempts: must be an integer >= 1, got {self.max_attempts!r}")
         for name in ("connect_timeout", "request_timeout"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
@@ -137,8 +160,8 @@ def _open_s3(uri: str, bucket: str, path: str, config: StorageConfig) -> tuple[p
         "connect_timeout": float(config.connect_timeout),
         "request_timeout": float(config.request_timeout),
         "allow_bucket_creation": config.allow_bucket_creation,
-        # Three tries, so a wrong endpoint fails within a few timeouts rather than after minutes.
-        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=3),
+        # A few tries, so a wrong endpoint fails within a few timeouts rather than after minutes.
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=config.max_attempts),
     }
     for name in ("endpoint_override", "region", "access_key", "secret_key", "session_token", "scheme"):
         value = getattr(config, name)
@@ -192,10 +215,20 @@ def is_s3(fs: pafs.FileSystem) -> bool:
     return isinstance(fs, pafs.S3FileSystem)
 
 
-def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
-    """The whole file at `path` (FileNotFoundError if absent)."""
+_READ_CHUNK_BYTES = 16 << 20
+
+
+def read_bytes(fs: pafs.FileSystem, path: str, on_bytes: Callable[[int], None] | None = None) -> bytes | bytearray:
+    """The whole file at `path` (FileNotFoundError if absent); with on_bytes, read in chunks and
+    on_bytes(n) called after each (progress of a long read)."""
     with fs.open_input_stream(path, compression=None) as f:
-        return f.read()
+        if on_bytes is None:
+            return f.read()
+        data = bytearray()
+        while chunk := f.read(_READ_CHUNK_BYTES):
+            data += chunk
+            on_bytes(len(chunk))
+        return data
 
 
 def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:

@@ -48,12 +48,21 @@ def make_job(
     )
 
 
-def start_shard(config_path: Path, index: int, log_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
-    """Starts `python -m embps ps --config config_path --shard index` from the repo root."""
+def start_shard(
+    config_path: Path,
+    index: int,
+    log_path: Path,
+    env: dict[str, str] | None = None,
+    args: tuple[str, ...] = (),
+    prefix: tuple[str, ...] = (),
+) -> subprocess.Popen:
+    """Starts `python -m embps ps --config config_path --shard index [args]` from the repo root,
+    behind `prefix` when given (a command that execs the rest, e.g. tests/helpers/small_disk.py)."""
     environment = {**os.environ, **MALLOC_TUNING, "PYTHONPATH": str(REPO_ROOT), **(env or {})}
+    shard = ["-m", "embps", "ps", "--config", str(config_path), "--shard", str(index), "--grace", "5", *args]
     with open(log_path, "ab") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "embps", "ps", "--config", str(config_path), "--shard", str(index), "--grace", "5"],
+            [*prefix, sys.executable, *shard],
             cwd=REPO_ROOT,
             env=environment,
             stdout=log,

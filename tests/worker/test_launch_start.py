@@ -1,0 +1,95 @@
+"""How `embps launch` starts its shards: it waits while a start makes progress rather than for a
+fixed time, a shard that does not come up is a restartable failure (not the end of the job), and a
+newest snapshot that cannot be restored falls back to the previous complete one with a warning."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench.ports import free_ports
+from ps.client import PSClient
+from ps.job_config import SnapshotConfig
+from ps.process import children
+from ps.snapshot.ops import ShardSnapshotter
+from ps.table.config import OptimizerConfig, OptimizerKind, TableConfig
+from ps.table.embedding_table import EmbeddingTable
+from tests.worker.training_jobs import write_training_job
+from worker import launcher
+from worker.train_config import TrainingJob, load_training_job
+
+TABLE = TableConfig(name="emb", dim=8, init_scale=0.1, optimizer=OptimizerConfig(kind=OptimizerKind.ADAGRAD, lr=0.1))
+
+
+def one_shard_job(tmp_path: Path, snapshot: SnapshotConfig | None = None) -> TrainingJob:
+    train = {"workers": 1, "steps": 10, "batch_size": 8, "tables": ["emb"], "output_dir": str(tmp_path / "out")}
+    path, _ = write_training_job(tmp_path / "job.toml", [TABLE], 1, train, {"num_keys": 100}, snapshot=snapshot)
+    return load_training_job(path)
+
+
+def test_the_start_wait_lasts_as_long_as_the_start_makes_progress(tmp_path):
+    log = tmp_path / "starting.log"
+    log.touch()
+    writes = "import sys, time\nfor _ in range(50):\n    open(sys.argv[1], 'a').write('.')\n    time.sleep(0.05)\n"
+    proc = subprocess.Popen([sys.executable, "-c", writes + "time.sleep(60)\n", str(log)])
+    try:
+        start = time.monotonic()
+        with pytest.raises(TimeoutError, match="no progress"):
+            children.wait_serving(
+                f"127.0.0.1:{free_ports(1)[0]}", proc, "starter", timeout=1.0, progress=lambda: log.stat().st_size
+            )
+        waited = time.monotonic() - start
+    finally:
+        proc.kill()
+        proc.wait()
+    assert log.stat().st_size == 50
+    assert waited >= 2.5  # the 2.5 s of writes, past a 1 s timeout; then 1 s without progress
+
+
+def test_a_shard_that_does_not_start_is_a_restartable_failure(tmp_path):
+    job = one_shard_job(tmp_path)
+    host, port = job.ps.shards[0].address.rsplit(":", 1)
+    with socket.socket() as taken:
+        taken.bind((host, int(port)))
+        taken.listen()
+        failure = launcher._run_attempt(
+            job, launcher.LaunchOptions(job.path), True, None, tmp_path / "progress.jsonl", launcher._Failures(), None
+        )
+    assert failure is not None and failure.startswith("ps shard 0 exited with code 1 while starting"), failure
+    assert "cannot bind" in (tmp_path / "out" / "logs" / "ps-0.log").read_text()
+
+
+def test_a_corrupt_newest_snapshot_falls_back_to_the_previous_complete_one(tmp_path, capsys):
+    uri = str(tmp_path / "snaps")
+    job = one_shard_job(tmp_path, SnapshotConfig(uri))
+    table = EmbeddingTable(TABLE)
+    snapper = ShardSnapshotter({"emb": table}, 0)
+    keys = np.arange(1, 1001, dtype=np.int64)
+    table.apply_gradients(keys, np.ones((keys.shape[0], TABLE.dim), dtype=np.float32))
+    snapper.snapshot(uri, job.ps.job, 10)
+    at_10 = table.lookup(keys).numpy()
+    table.apply_gradients(keys, np.ones((keys.shape[0], TABLE.dim), dtype=np.float32))
+    snapper.snapshot(uri, job.ps.job, 20, kind="incremental")
+    rows = tmp_path / "snaps" / job.ps.job / "20" / "emb" / "shard-0.parquet"
+    data = bytearray(rows.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte: same size, another checksum
+    rows.write_bytes(bytes(data))
+    out = tmp_path / "out"
+    shards, step = launcher._start_restorable_shards(job, out, 20)
+    try:
+        assert step == 10
+        printed = capsys.readouterr().out
+        assert "WARNING: ps shard 0 cannot restore snapshot step 20" in printed
+        assert "falling back to the previous complete snapshot, step 10" in printed
+        log = (out / "logs" / "ps-0.log").read_text()
+        assert "snapshot step 20 cannot be restored" in log and "sha256" in log
+        with PSClient.from_job(job.ps) as client:
+            np.testing.assert_array_equal(client.lookup("emb", keys), at_10)
+    finally:
+        children.stop_all(shards)

@@ -1,0 +1,163 @@
+"""Snapshot rounds that fail never stop training: the real S3 server stopped during a round, and a
+real full disk (a tiny tmpfs, tests/helpers/small_disk.py). Rank 0's Checkpointer (world size 1)
+retries the round, skips it with a warning and a count, training pushes on, and once storage is
+back the next round commits, building on the last committed snapshot with nothing lost: its
+restore equals the live tables."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import worker.checkpoint
+from bench.s3_server import S3Server
+from ps.client import PSClient
+from ps.job_config import SnapshotConfig, dump_job_config
+from ps.snapshot.files import list_snapshots, restore
+from ps.snapshot.storage import StorageConfig
+from ps.table.config import OptimizerConfig, OptimizerKind, TableConfig
+from tests.helpers.processes import start_shard, wait_serving
+from tests.helpers.small_disk import seen_by, small_disk_prefix
+from tests.worker.training_jobs import write_training_job
+from worker.checkpoint import Checkpointer
+from worker.train_config import TrainingJob, load_training_job
+
+TABLE = TableConfig(name="emb", dim=8, init_scale=0.1, optimizer=OptimizerConfig(kind=OptimizerKind.ADAGRAD, lr=0.1))
+RETRIES = 2
+
+
+def training_job(tmp_path: Path, uri: str, storage: StorageConfig | None = None) -> TrainingJob:
+    snapshot = SnapshotConfig(
+        uri, every_steps=10, full_every=100, retries=RETRIES, retry_backoff_s=0.05, storage=storage or StorageConfig()
+    )
+    train = {"workers": 1, "steps": 100, "batch_size": 8, "tables": ["emb"], "output_dir": str(tmp_path / "out")}
+    path, _ = write_training_job(tmp_path / "job.toml", [TABLE], 1, train, {"num_keys": 1000}, snapshot=snapshot)
+    return load_training_job(path)
+
+
+class Trainer:
+    """What the rounds need of a training run: pushes to the real shards, a dense model."""
+
+    def __init__(self, job: TrainingJob) -> None:
+        self.job = job
+        self.client = PSClient.from_job(job.ps)
+        self.rng = np.random.default_rng(0)
+        self.keys = np.empty(0, dtype=np.int64)
+        self.model = torch.nn.Linear(2, 1)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.1)
+        self.checkpointer = Checkpointer(job, rank=0, world_size=1)
+
+    def push(self, num_keys: int) -> None:
+        keys = self.rng.integers(0, 1 << 40, num_keys, dtype=np.int64)
+        self.client.push("emb", keys, self.rng.standard_normal((num_keys, TABLE.dim), dtype=np.float32))
+        self.keys = np.union1d(self.keys, keys)
+
+    def snapshot(self, step: int) -> None:
+        self.checkpointer.save(step, self.model, self.optimizer, {"position": step})
+
+    def check_restore_equals_live(self, uri: str, storage: StorageConfig | None = None) -> None:
+        state = restore(uri, self.job.ps.job, None, storage)["emb"][0]
+        assert np.array_equal(state.keys, self.keys)
+        np.testing.assert_array_equal(state.values, self.client.lookup("emb", self.keys))
+
+
+def test_s3_stopped_during_a_round_skips_it_and_the_next_round_loses_nothing(tmp_path, start_shards, caplog):
+    server = S3Server.start(tmp_path / "s3")
+    try:
+        server.create_bucket("snaps")
+        uri = "s3://snaps/job"
+        # One S3 request try: the round's own retries are what is tested, without pyarrow's backoff.
+        storage = replace(server.storage_config(), max_attempts=1)
+        job = training_job(tmp_path, uri, storage)
+        shards = start_shards(job.ps)
+        run = Trainer(replace(job, ps=shards.job))
+        run.push(500)
+        run.snapshot(10)
+        run.push(500)
+        write_on_shards = worker.checkpoint._write_on_shards
+
+        def stop_s3_after_the_shards_wrote(*args):
+            records = write_on_shards(*args)
+            server.proc.kill()  # the shards' files are in; the dense model and the manifest are not
+            server.proc.wait()
+            return records
+
+        worker.checkpoint._write_on_shards = stop_s3_after_the_shards_wrote
+        try:
+            with caplog.at_level(logging.WARNING, logger="embps.worker"):
+                run.snapshot(20)
+        finally:
+            worker.checkpoint._write_on_shards = write_on_shards
+        rounds = run.checkpointer.rounds
+        assert (rounds.committed, rounds.skipped, rounds.failed_tries) == (1, 1, RETRIES + 1)
+        assert "snapshot step 20: SKIPPED after 3 tries" in caplog.text
+        # The tries after the first reach the shard, whose storage error is UNAVAILABLE, not INTERNAL.
+        assert "UNAVAILABLE" in caplog.text
+        refused = shards.servicers[0].metrics.registry.get_sample_value(
+            "embps_requests_total", {"table": "", "method": "WriteSnapshot", "code": "UNAVAILABLE"}
+        )
+        assert refused == RETRIES
+        run.push(500)  # training goes on
+        server.restart()
+        run.push(500)
+        run.snapshot(30)
+        assert run.checkpointer.rounds.committed == 2
+        snapshots = list_snapshots(uri, job.ps.job, storage)
+        assert [(m.step, m.kind, m.parent) for m in snapshots] == [(10, "full", None), (30, "incremental", 10)]
+        run.check_restore_equals_live(uri, storage)
+        run.client.close()
+    finally:
+        server.proc.kill()  # its data is thrown away: no need for a graceful stop
+        server.proc.wait()
+
+
+def test_full_disk_skips_the_round_and_training_goes_on(tmp_path, caplog):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    prefix = small_disk_prefix(disk, 512 << 10)
+    job = training_job(tmp_path, str(disk))
+    config_path = tmp_path / "shard.toml"
+    config_path.write_text(dump_job_config(job.ps))
+    log_path = tmp_path / "shard.log"
+    proc = start_shard(config_path, 0, log_path, prefix=prefix)
+    try:
+        wait_serving(job.ps.shards[0].address, proc, log_path=log_path)
+        # The shard and this process (the coordinator) both write the snapshot on the tmpfs.
+        uri = str(seen_by(proc.pid, disk))
+        job = replace(job, ps=replace(job.ps, snapshot=replace(job.ps.snapshot, uri=uri)))
+        run = Trainer(job)
+        run.push(200)
+        run.snapshot(10)
+        ballast = Path(uri) / "ballast"
+        fd = os.open(ballast, os.O_WRONLY | os.O_CREAT)
+        try:
+            with pytest.raises(OSError) as full:
+                while True:
+                    os.write(fd, bytes(64 << 10))
+        finally:
+            os.close(fd)
+        assert full.value.errno == errno.ENOSPC
+        run.push(2000)
+        with caplog.at_level(logging.WARNING, logger="embps.worker"):
+            run.snapshot(20)
+        assert run.checkpointer.rounds.skipped == 1
+        assert "snapshot step 20: SKIPPED after 3 tries (UNAVAILABLE" in caplog.text
+        assert "No space left on device" in caplog.text
+        run.push(200)  # training goes on
+        ballast.unlink()
+        run.snapshot(30)
+        assert run.checkpointer.rounds.committed == 2
+        steps = [(m.step, m.parent) for m in list_snapshots(uri, job.ps.job)]
+        assert steps == [(10, None), (30, 10)]
+        run.check_restore_equals_live(uri)
+        run.client.close()
+    finally:
+        proc.kill()
+        proc.wait()
