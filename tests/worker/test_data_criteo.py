@@ -204,3 +204,14 @@ def test_config_and_argument_errors_name_the_field(tmp_path):
     sample = write_criteo_sample(tmp_path / "x.tsv", 10, num_bad_rows=0)
     with pytest.raises(ValueError, match="state.unit"):
         CriteoTsvReader([sample.path], ReaderConfig()).restore({"epoch": 0, "unit": 5, "offset": 0, "num_batches": 0})
+
+
+def test_hash_categorical_fast_path_for_eight_hex_digits():
+    import pyarrow as pa
+
+    strings = ["68fd1e64", "DEADBEEF", "0000000a", "zzzzzzzz", "12345g78", "", "abc", "ffffffffffffffff", "8a2b3c4d"]
+    column = pa.array(strings, type=pa.string())
+    assert hash_categorical(column, 3).tolist() == [key(3, s) for s in strings]
+    every_eight = [s for s in strings if len(s) == 8]  # one contiguous buffer of 8-byte strings
+    assert hash_categorical(pa.array(every_eight), 5).tolist() == [key(5, s) for s in every_eight]
+    assert hash_categorical(pa.array(every_eight).slice(2), 5).tolist() == [key(5, s) for s in every_eight[2:]]
