@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -35,9 +36,10 @@ MIN_PARQUET_ROWS_PER_S = 1_000_000
 
 @dataclass(frozen=True)
 class DataBenchConfig:
-    rows: int = 400_000
+    rows: int = 1_000_000
     batch: int = 4096  # global batch size (divisible by every W)
     workers: tuple[int, ...] = (1, 2, 4)
+    repeats: int = 3  # runs of each (format, W), interleaved; the best is kept (the machine is shared)
     row_group: int = 50_000  # Parquet rows per row group
     vocab: int = 200_000  # distinct values per categorical feature
     zipf: float = 1.05
@@ -81,12 +83,21 @@ def pc_if_null(values, null_mask: np.ndarray):
 
 
 def read_share(kind: str, path: str, batch: int, rank: int, world_size: int) -> dict:
-    """One rank: builds its reader and reads its whole share; returns its counts and seconds."""
+    """One rank: builds its reader and reads its whole share; returns its counts and seconds.
+
+    It says "ready" once its imports are done and starts on the "go" line from stdin, so no
+    rank reads while another still imports."""
+    import pyarrow as pa
+
     from worker.criteo import CriteoTsvReader
     from worker.parquet_reader import ParquetReader
     from worker.readers import ReaderConfig
 
+    # The ranks share this machine's cores, as local ranks of one node do (torchrun sets OMP threads alike).
+    pa.set_cpu_count(max(1, (os.cpu_count() or 1) // world_size))
     cls = CriteoTsvReader if kind == "tsv" else ParquetReader
+    print("ready", flush=True)
+    sys.stdin.readline()
     start = time.perf_counter()
     reader = cls([path], ReaderConfig(global_batch_size=batch, drop_last=False), rank, world_size)
     rows = sum(len(b) for b in reader)
@@ -95,8 +106,8 @@ def read_share(kind: str, path: str, batch: int, rank: int, world_size: int) -> 
         "rank": rank,
         "rows": rows,
         "parsed": reader.num_parsed,
-        "share": [[u.start, u.end] for u in reader.share(0)],
-        "units": [[u.start, u.end] for u in reader._units_by_file[0]],
+        "share": [u.part for u in reader.share(0)],
+        "units": [[u.start, u.end] for u in reader._units_by_file[0]],  # by part
         "bad_rows": reader.num_bad_rows,
         "seconds": seconds,
     }
@@ -112,12 +123,20 @@ def _run_ranks(kind: str, path: Path, config: DataBenchConfig, world_size: int) 
         subprocess.Popen(
             [sys.executable, "-c", code, kind, str(path), str(config.batch), str(r), str(world_size)],
             cwd=root,
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
         for r in range(world_size)
     ]
+    for proc in procs:
+        if proc.stdout.readline().strip() != "ready":
+            proc.wait(timeout=60)
+            raise RuntimeError(f"{kind} W={world_size}: a rank failed to start: {proc.stderr.read()[-2000:]}")
+    for proc in procs:
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
     ranks = []
     for proc in procs:
         out, err = proc.communicate(timeout=1800)
@@ -133,20 +152,19 @@ def _check_share(kind: str, path: Path, run: dict) -> bool:
     """Each rank parsed exactly the rows of its units, at most its share of the rows plus one unit.
 
     A unit's rows: a row group's rows (Parquet), the lines that begin in a byte range (TSV)."""
+    units = run["ranks"][0]["units"]
     if kind == "parquet":
-        rows_in = {(start, end): end for start, end in run["ranks"][0]["units"]}
+        rows_in = [end for _, end in units]
     else:
         data = np.fromfile(path, dtype=np.uint8)
         starts = np.concatenate([[0], np.flatnonzero(data[:-1] == ord("\n")) + 1])
-        rows_in = {
-            (s, e): int(np.searchsorted(starts, e) - np.searchsorted(starts, s)) for s, e in run["ranks"][0]["units"]
-        }
-    total = sum(rows_in.values())
+        rows_in = [int(np.searchsorted(starts, e) - np.searchsorted(starts, s)) for s, e in units]
+    total = sum(rows_in)
     ok = True
     for rank in run["ranks"]:
-        own = sum(rows_in[(s, e)] for s, e in rank["share"])
+        own = sum(rows_in[part] for part in rank["share"])
         rank["share_rows"] = own
-        rank["within_share"] = rank["parsed"] == own and own <= -(-total // run["world_size"]) + max(rows_in.values())
+        rank["within_share"] = rank["parsed"] == own and own <= -(-total // run["world_size"]) + max(rows_in)
         ok &= rank["within_share"]
     return ok
 
@@ -159,17 +177,27 @@ def run_data_bench(config: DataBenchConfig) -> int:
     with tempfile.TemporaryDirectory(prefix="embps-bench-data-") as tmp:
         print(f"[data] writing {config.rows:,} rows as TSV and Parquet", flush=True)
         paths = write_data(config, Path(tmp))
+        best: dict[tuple[str, int], dict] = {}
+        for repeat in range(config.repeats):
+            for kind in FORMATS:
+                for world_size in config.workers:
+                    run = _run_ranks(kind, paths[kind], config, world_size)
+                    ok &= _check_share(kind, paths[kind], run) and all(r["rows"] > 0 for r in run["ranks"])
+                    parsed = ", ".join(f"{r['parsed']:,}" for r in run["ranks"])
+                    print(
+                        f"[data] run {repeat + 1}/{config.repeats} {kind:7s} W={world_size}: "
+                        f"{run['rows_per_s']:>12,.0f} rows/s in all; rows parsed per rank: {parsed}",
+                        flush=True,
+                    )
+                    if (kind, world_size) not in best or run["rows_per_s"] > best[(kind, world_size)]["rows_per_s"]:
+                        best[(kind, world_size)] = run
         for kind in FORMATS:
-            runs = []
-            for world_size in config.workers:
-                run = _run_ranks(kind, paths[kind], config, world_size)
-                ok &= _check_share(kind, paths[kind], run) and all(r["rows"] > 0 for r in run["ranks"])
-                run["vs_one_rank"] = run["rows_per_s"] / runs[0]["rows_per_s"] if runs else 1.0
-                runs.append(run)
-                parsed = ", ".join(f"{r['parsed']:,}" for r in run["ranks"])
+            runs = [best[(kind, w)] for w in config.workers]
+            for run in runs:
+                run["vs_one_rank"] = run["rows_per_s"] / runs[0]["rows_per_s"]
                 print(
-                    f"[data] {kind:7s} W={world_size}: {run['rows_per_s']:>12,.0f} rows/s in all "
-                    f"({run['vs_one_rank']:.2f}x one rank); rows parsed per rank: {parsed}",
+                    f"[data] best {kind:7s} W={run['world_size']}: {run['rows_per_s']:>12,.0f} rows/s "
+                    f"({run['vs_one_rank']:.2f}x W={runs[0]['world_size']})",
                     flush=True,
                 )
             results[kind] = runs
@@ -191,6 +219,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rows", type=int, default=defaults.rows, help="rows written and read per format")
     parser.add_argument("--batch", type=int, default=defaults.batch, help="global batch size")
     parser.add_argument("--workers", default="1,2,4", help="comma-separated rank counts (the first is the yardstick)")
+    parser.add_argument("--repeats", type=int, default=defaults.repeats, help="runs of each case; the best is kept")
     parser.add_argument("--row-group", type=int, default=defaults.row_group, help="Parquet rows per row group")
     parser.add_argument("--vocab", type=int, default=defaults.vocab, help="distinct values per categorical feature")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
@@ -201,6 +230,12 @@ def run(args: argparse.Namespace) -> int:
     if not workers or min(workers) < 1:
         raise SystemExit(f"--workers: need counts >= 1, got {args.workers!r}")
     config = DataBenchConfig(
-        rows=args.rows, batch=args.batch, workers=workers, row_group=args.row_group, vocab=args.vocab, out=args.out
+        rows=args.rows,
+        batch=args.batch,
+        workers=workers,
+        repeats=args.repeats,
+        row_group=args.row_group,
+        vocab=args.vocab,
+        out=args.out,
     )
     return run_data_bench(config)
