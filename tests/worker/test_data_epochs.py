@@ -152,3 +152,58 @@ def test_local_path_errors_name_the_path(tmp_path):
     (tmp_path / "one.tsv.gz").write_bytes(gzip.compress(sample.path.read_bytes()))
     with pytest.raises(ValueError, match="1 unit.*for 2 workers"):
         CriteoTsvReader([tmp_path / "one.tsv.gz"], cfg, rank=0, world_size=2)
+
+
+def test_launch_trains_two_workers_on_their_shares_of_s3_parquet_for_two_epochs(tmp_path, s3):
+    """A real job: 2 workers read their row groups from S3 for 2 epochs with a shuffle buffer, agree
+    on the last step (the shares differ in rows), and report the time spent waiting for data."""
+    import subprocess
+    import sys
+
+    import pyarrow.parquet as pq
+
+    from ps import toml_writer
+    from ps.table.config import OptimizerConfig, OptimizerKind, TableConfig
+    from tests.helpers.processes import REPO_ROOT, make_job
+    from tests.worker.training_jobs import training_toml
+
+    base = s3.fresh_uri()
+    fs = pafs.S3FileSystem(
+        endpoint_override=s3.config.endpoint_override,
+        scheme="http",
+        access_key=s3.config.access_key,
+        secret_key=s3.config.secret_key,
+        region="us-east-1",
+    )
+    for i, n in enumerate([300, 150, 110]):
+        sample = write_criteo_sample(tmp_path / f"day_{i}.tsv", n, num_bad_rows=0, seed=40 + i)
+        pq.write_table(table_of_rows(sample.good_rows), tmp_path / f"day_{i}.parquet", row_group_size=50)
+        with fs.open_output_stream(f"{base.removeprefix('s3://')}/day_{i}/part-0.parquet") as out:
+            out.write((tmp_path / f"day_{i}.parquet").read_bytes())
+    table = TableConfig(name="emb", dim=4, optimizer=OptimizerConfig(kind=OptimizerKind.SGD, lr=0.1))
+    out_dir = tmp_path / "out"
+    train = {"workers": 2, "steps": 1000, "epochs": 2, "batch_size": 64, "tables": ["emb"], "output_dir": str(out_dir)}
+    data = {"source": "parquet", "paths": [f"{base}/day_*/part-*.parquet"], "shuffle_buffer": 40, "seed": 3}
+    storage = {
+        "endpoint_override": s3.config.endpoint_override,
+        "scheme": "http",
+        "access_key": s3.config.access_key,
+        "secret_key": s3.config.secret_key,
+    }
+    text = training_toml(
+        make_job([table], 1, job="data-launch"), train, {"bottom_sizes": [4], "top_sizes": [8]}, data, {}
+    )
+    path = tmp_path / "job.toml"
+    path.write_text(text + "\n" + toml_writer.document([toml_writer.table(("data", "storage"), storage)]))
+    result = subprocess.run(
+        [sys.executable, "-m", "embps", "launch", str(path)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    summary = json.loads((out_dir / "summary.json").read_text())
+    cfg = ReaderConfig(global_batch_size=64, drop_last=True, epochs=2, seed=3, shuffle_files=True, shuffle_buffer=40)
+    reference = global_batches(
+        lambda r: ParquetReader([f"{base}/day_*/part-*.parquet"], cfg, rank=r, world_size=2, storage=s3.config), 2
+    )
+    assert 2 * 560 // 64 - 2 <= len(reference) < 2 * 560 // 64  # the shorter share ends the job
+    assert summary["steps"] == len(reference)
+    assert summary["times_rank0"]["data_wait_s"] >= 0
