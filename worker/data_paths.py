@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from ps.snapshot.storage import StorageConfig, open_uri
+from ps.snapshot.storage import StorageConfig, StorageError, open_uri
 
 _GLOB_CHARS = "*?["
 
@@ -76,6 +76,8 @@ def _expand_one(entry: str, storage: StorageConfig | None, field: str) -> list[D
         fs, base = open_uri(base_entry, storage)
     except ValueError as exc:
         raise ValueError(f"{field}: {entry}: {exc}") from exc
+    except StorageError as exc:
+        raise StorageError(f"{field}: {entry}: {exc}") from exc
     name_of = _namer(entry, prefix, base_entry, base)
     if first_glob is None:
         info = _info(fs, base, entry)

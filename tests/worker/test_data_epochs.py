@@ -152,6 +152,11 @@ def test_local_path_errors_name_the_path(tmp_path):
     (tmp_path / "one.tsv.gz").write_bytes(gzip.compress(sample.path.read_bytes()))
     with pytest.raises(ValueError, match="1 unit.*for 2 workers"):
         CriteoTsvReader([tmp_path / "one.tsv.gz"], cfg, rank=0, world_size=2)
+    # HDFS goes through the same code; without a JVM here, the error names the entry and what is missing.
+    with pytest.raises(OSError, match="data.paths: hdfs://namenode:8020/criteo/day_\\*.tsv: .*HDFS"):
+        CriteoTsvReader(["hdfs://namenode:8020/criteo/day_*.tsv"], cfg)
+    with pytest.raises(ValueError, match="data.paths: ftp://host/x.tsv: .*unsupported scheme"):
+        CriteoTsvReader(["ftp://host/x.tsv"], cfg)
 
 
 def test_launch_trains_two_workers_on_their_shares_of_s3_parquet_for_two_epochs(tmp_path, s3):
