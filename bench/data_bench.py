@@ -107,7 +107,7 @@ def read_share(kind: str, path: str, batch: int, rank: int, world_size: int) -> 
         "rows": rows,
         "parsed": reader.num_parsed,
         "share": [u.part for u in reader.share(0)],
-        "units": [[u.start, u.end] for u in reader._units_by_file[0]],  # by part
+        "units": [[u.start, u.end] for u in reader.units_by_file[0]],  # by part
         "bad_rows": reader.num_bad_rows,
         "seconds": seconds,
     }

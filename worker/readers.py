@@ -236,6 +236,11 @@ class FileReader(ABC):
         """Bad rows this reader object has met (read-ahead included; not part of the state)."""
         return self._bad.count
 
+    @property
+    def units_by_file(self) -> list[list[Unit]]:
+        """The units of each file, in `paths` order: the same on every rank."""
+        return self._units_by_file
+
     def share(self, epoch: int) -> list[Unit]:
         """This rank's units of epoch `epoch`, in reading order."""
         cfg = self.config

@@ -180,7 +180,7 @@ def test_ranks_split_the_lines_of_one_file_by_byte_ranges(tmp_path):
         assert sum(reader.num_parsed for reader in readers) == total
         data = sample.path.read_bytes()
         line_starts = np.array([0] + [i + 1 for i, c in enumerate(data[:-1]) if c == ord("\n")])
-        lines_in = [int(((line_starts >= u.start) & (line_starts < u.end)).sum()) for u in readers[0]._units_by_file[0]]
+        lines_in = [int(((line_starts >= u.start) & (line_starts < u.end)).sum()) for u in readers[0].units_by_file[0]]
         assert len(lines_in) >= world
         for reader in readers:
             # Exactly the lines that begin in its ranges: its share plus at most one range's worth.
