@@ -1,4 +1,4 @@
-"""`embps bench {table, ps, snapshot, freshness, train, serve, report}`: the benchmarks.
+"""`embps bench {table, ps, snapshot, freshness, data, train, serve, report}`: the benchmarks.
 
 Each sub-verb is an (add_arguments, run) pair in BENCHES; a benchmark module (numpy, torch, grpc) is
 imported by the run that needs it.
@@ -213,6 +213,18 @@ def _run_report(args: argparse.Namespace) -> int:
     return run_report(args.results, args.out)
 
 
+def _add_data(parser: argparse.ArgumentParser) -> None:
+    from bench.data_bench import add_arguments
+
+    add_arguments(parser)
+
+
+def _run_data(args: argparse.Namespace) -> int:
+    from bench.data_bench import run
+
+    return run(args)
+
+
 class Bench(NamedTuple):
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
@@ -224,6 +236,7 @@ BENCHES: dict[str, Bench] = {
     "ps": Bench("lookup and push rates through 2 local shards over gRPC", _add_ps, _run_ps),
     "snapshot": Bench("snapshot write/read rates to local disk and to local S3", _add_snapshot, _run_snapshot),
     "freshness": Bench("push-ack to serving-visible delay under a steady push rate", _add_freshness, _run_freshness),
+    "data": Bench("input rows/s of the TSV and Parquet readers at W = 1, 2, 4 ranks", _add_data, _run_data),
     "train": Bench("training samples/s through the PS vs in process", _add_train, _run_train),
     "serve": Bench("open-loop latency under load: embps serving vs Redis vs in-process lookup", _add_serve, _run_serve),
     "report": Bench("markdown table of `embps bench ... --out` JSON results", _add_report, _run_report),

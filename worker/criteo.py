@@ -12,39 +12,68 @@ Empty lines are bad rows too. Files may be gzip-compressed (`.gz`).
 
 from __future__ import annotations
 
-import gzip
+import io
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
+from worker.data_paths import DataFile, open_input
 from worker.readers import BadRowPolicy, FileReader, _Rows, line_reason
+from worker.shares import Unit, byte_ranges
 
 _SCAN_BYTES = 1 << 20
 
 
 class CriteoTsvReader(FileReader):
-    """Streams Criteo TSV files as batches; `offset` in the state counts lines consumed.
+    """Streams this rank's byte ranges of Criteo TSV files as batches; `offset` counts lines.
 
-    The files are parsed block by block (`read_block_bytes`) with pyarrow's streaming CSV
-    reader, every column read as a string and validated here, so no file is held in memory.
-    Restoring a position scans the file's bytes up to that line (no parsing) and starts there.
+    A plain file is cut into byte ranges of at most `range_bytes` (and of at most total / W, so
+    every rank gets a range). The owner of [start, end) reads the lines that begin inside it:
+    from the first newline at or after start - 1 (the file's start for start 0) to the first
+    newline at or after end - 1, so every line has one owner and no rank parses another's. A
+    gzip file is one range. Each range is parsed block by block (`read_block_bytes`) with
+    pyarrow's streaming CSV reader, every column read as a string and validated here. Restoring
+    a position scans the range's bytes up to that line (no parsing) and starts there.
 
-    >>> reader = CriteoTsvReader(["day_0.tsv"], ReaderConfig(global_batch_size=4096), rank, world)
+    >>> reader = CriteoTsvReader(["s3://bucket/day_*.tsv"], ReaderConfig(global_batch_size=4096), rank, world)
     >>> for batch in reader: ...
     """
 
-    def _read_file(self, file_index: int, start: int) -> Iterator[_Rows]:
-        path = self.paths[file_index]
+    def _plan(self) -> list[list[Unit]]:
+        plain = [f for f in self.files if not f.name.endswith(".gz")]
+        total = sum(f.size for f in plain)
+        range_bytes = max(1, min(self.config.range_bytes, -(-total // self.world_size)))
+        units = []
+        for index, data_file in enumerate(self.files):
+            with open_input(data_file) as handle:
+                handle.read(1)  # an object we may list but not read fails here, at start
+            if data_file.name.endswith(".gz"):
+                units.append([Unit(index, 0, 0, -1)])
+            else:
+                ranges = byte_ranges(data_file.size, range_bytes)
+                units.append([Unit(index, part, start, end) for part, (start, end) in enumerate(ranges)])
+        return units
+
+    def _read_unit(self, unit: Unit, start: int) -> Iterator[_Rows]:
+        data_file = self.files[unit.file_index]
+        path = data_file.name
         names = self.config.column_names
-        invalid: list[int] = []  # 1-based lines with the wrong field count, not yet passed
+        invalid: list[int] = []  # 1-based lines (of the range) with the wrong field count, not yet passed
         failure: list[str] = []
         fail = self.config.bad_rows is BadRowPolicy.FAIL
+        if unit.start == 0:
+
+            def where(line: int) -> str:
+                return f"{path}:{line}"
+        else:
+
+            def where(line: int) -> str:
+                return f"{path}:{line} (line of the byte range from {unit.start})"
 
         def on_invalid(row: pacsv.InvalidRow) -> str:
             line = start + row.number
@@ -52,9 +81,9 @@ class CriteoTsvReader(FileReader):
             invalid.append(line)
             if fail:
                 # An exception raised here would be swallowed by pyarrow: record it, stop the parse.
-                failure.append(f'{path}:{line}: bad row: {reason} (set bad_rows = "skip" to skip such rows)')
+                failure.append(f'{where(line)}: bad row: {reason} (set bad_rows = "skip" to skip such rows)')
                 return "error"
-            self._bad.add(f"{path}:{line}", reason)
+            self._bad.add(where(line), reason)
             return "skip"
 
         read_options = pacsv.ReadOptions(column_names=names, block_size=self.config.read_block_bytes, use_threads=False)
@@ -71,9 +100,9 @@ class CriteoTsvReader(FileReader):
             strings_can_be_null=False,
             quoted_strings_can_be_null=False,
         )
-        with _open_at_line(path, start) as stream:
-            if not stream.peek(1):
-                return  # an empty file, or the position is its end: pyarrow would call it an error
+        with _open_range(data_file, unit, start) as stream:
+            if not stream.peek():
+                return  # an empty range, or the position is its end: pyarrow would call it an error
             cursor = start + 1
             try:
                 reader = pacsv.open_csv(
@@ -83,9 +112,11 @@ class CriteoTsvReader(FileReader):
                     if record_batch.num_rows == 0:
                         continue
                     lines = _lines_of_rows(cursor, record_batch.num_rows, invalid)
+                    self.num_parsed += int(lines[-1]) + 1 - cursor
                     cursor = int(lines[-1]) + 1
                     invalid[:] = [line for line in invalid if line >= cursor]
-                    yield self._parse(record_batch, file_index, lines, lambda i, lines=lines: f"{path}:{lines[i]}")
+                    yield self._parse(record_batch, lines, lambda i, lines=lines: where(int(lines[i])))
+                self.num_parsed += len(invalid)  # invalid lines after the last good one
             except pa.ArrowInvalid as exc:
                 if failure:
                     raise ValueError(failure[0]) from None
@@ -105,32 +136,85 @@ def _lines_of_rows(cursor: int, num_rows: int, invalid: list[int]) -> np.ndarray
     return candidates[:num_rows]
 
 
-def _open_at_line(path: str, lines: int) -> BinaryIO:
-    """Opens `path` (plain or .gz) positioned after its first `lines` lines."""
-    stream: BinaryIO = gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")  # noqa: SIM115
-    if lines == 0:
-        return stream
-    remaining = lines
-    position = 0
-    last = b""
-    while True:
-        chunk = stream.read(_SCAN_BYTES)
-        if not chunk:
-            if remaining == 1 and last not in (b"", b"\n"):
-                return stream  # the last line has no newline and was consumed whole
-            stream.close()
-            raise ValueError(f"state.offset: {path} has fewer than {lines} lines")
-        count = chunk.count(b"\n")
-        if count < remaining:
-            remaining -= count
-            position += len(chunk)
-            last = chunk[-1:]
-            continue
-        end = -1
-        for _ in range(remaining):
-            end = chunk.index(b"\n", end + 1)
-        stream.seek(position + end + 1)
-        return stream
+class _RangeStream(io.RawIOBase):
+    """Bytes [begin, stop) of a stream (stop None: to its end), after `head` (bytes read ahead)."""
+
+    def __init__(self, source: pa.NativeFile, remaining: int | None, head: bytes = b"") -> None:
+        self._source = source
+        self._remaining = remaining
+        self._head = head
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        if self._head:
+            out = self._head if size < 0 else self._head[:size]
+            self._head = self._head[len(out) :]
+            return out
+        if self._remaining is not None:
+            size = self._remaining if size < 0 else min(size, self._remaining)
+            if size == 0:
+                return b""
+        data = self._source.read(size) if size >= 0 else self._source.read()
+        if self._remaining is not None:
+            self._remaining -= len(data)
+        return bytes(data)
+
+    def peek(self) -> bytes:
+        """Some bytes ahead (b"" at the end), kept for the next read."""
+        if not self._head:
+            self._head = self.read(_SCAN_BYTES)
+        return self._head
+
+    def skip_lines(self, lines: int, name: str) -> None:
+        """Consumes `lines` lines; a last line without newline counts as one."""
+        remaining = lines
+        while remaining:
+            chunk = self.read(_SCAN_BYTES)
+            if not chunk:
+                raise ValueError(f"state.offset: {name} (this range) has fewer than {lines} lines")
+            count = chunk.count(b"\n")
+            if count < remaining:
+                remaining -= count
+                if remaining == 1 and not chunk.endswith(b"\n") and not self.peek():
+                    return  # the last line has no newline and was consumed whole
+                continue
+            end = -1
+            for _ in range(remaining):
+                end = chunk.index(b"\n", end + 1)
+            self._head = chunk[end + 1 :] + self._head
+            return
+
+    def close(self) -> None:
+        self._source.close()
+        super().close()
+
+
+def _open_range(data_file: DataFile, unit: Unit, lines: int) -> _RangeStream:
+    """The lines of `unit` (see CriteoTsvReader), positioned after its first `lines` lines."""
+    if unit.end == -1:
+        stream = _RangeStream(data_file.fs.open_input_stream(data_file.path, compression="gzip"), None)
+    else:
+        handle = open_input(data_file)
+        begin = 0 if unit.start == 0 else _next_newline(handle, unit.start - 1, data_file.size) + 1
+        stop = data_file.size if unit.end >= data_file.size else _next_newline(handle, unit.end - 1, data_file.size) + 1
+        handle.seek(min(begin, data_file.size))
+        stream = _RangeStream(handle, max(0, stop - begin))
+    if lines:
+        stream.skip_lines(lines, data_file.name)
+    return stream
+
+
+def _next_newline(handle: pa.NativeFile, position: int, size: int) -> int:
+    """Position of the first newline at or after `position`, or size - 1 when there is none."""
+    while position < size:
+        chunk = handle.read_at(min(_SCAN_BYTES, size - position), position)
+        found = chunk.find(b"\n")
+        if found >= 0:
+            return position + found
+        position += len(chunk)
+    return size - 1
 
 
 @dataclass(frozen=True)

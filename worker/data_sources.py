@@ -11,11 +11,18 @@ from worker.train_config import DataSource, TrainingJob
 
 
 def train_reader(job: TrainingJob, rank: int, world_size: int) -> BatchReader:
-    """This rank's slice of every global training batch."""
+    """This rank's part of every global training batch: its slice (synthetic), or the local batches
+    made from its share of the files (worker/readers.py), for `train.epochs` passes."""
     data = job.data
     if data.source == DataSource.SYNTHETIC:
         return SyntheticReader(data.synthetic, rank, world_size, Split.TRAIN)
-    return _file_reader(job, data.paths, rank, world_size)
+    return _file_reader(job, data.paths, rank, world_size, training=True)
+
+
+def ranks_may_differ_in_batches(job: TrainingJob) -> bool:
+    """True when ranks' streams can end at different steps (file shares differ in rows), so the
+    trainer must agree on the last step; synthetic ranks all have the same number of batches."""
+    return job.data.source != DataSource.SYNTHETIC
 
 
 def eval_batches(job: TrainingJob) -> list[Batch]:
@@ -28,14 +35,15 @@ def eval_batches(job: TrainingJob) -> list[Batch]:
     if not data.eval_paths:
         return []
     batches = []
-    for batch in _file_reader(job, data.eval_paths, 0, 1):
+    for batch in _file_reader(job, data.eval_paths, 0, 1, training=False):
         batches.append(batch)
         if len(batches) == job.train.eval_batches:
             break
     return batches
 
 
-def _file_reader(job: TrainingJob, paths, rank: int, world_size: int) -> BatchReader:
+def _file_reader(job: TrainingJob, paths, rank: int, world_size: int, training: bool) -> BatchReader:
+    """Training: epochs, shuffles and read-ahead from [data]; held-out: one pass in file order."""
     data = job.data
     config = ReaderConfig(
         global_batch_size=job.train.batch_size,
@@ -43,6 +51,12 @@ def _file_reader(job: TrainingJob, paths, rank: int, world_size: int) -> BatchRe
         num_sparse=data.num_sparse,
         bad_rows=data.bad_rows,
         drop_last=True,
+        epochs=job.train.epochs if training else 1,
+        seed=data.seed,
+        shuffle_files=data.shuffle_files and training,
+        shuffle_buffer=data.shuffle_buffer if training else 0,
+        range_bytes=data.range_bytes,
+        prefetch_batches=data.prefetch_batches if training else 0,
     )
     cls = CriteoTsvReader if data.source == DataSource.CRITEO else ParquetReader
-    return cls(list(paths), config, rank, world_size)
+    return cls(list(paths), config, rank, world_size, storage=data.storage)

@@ -4,8 +4,8 @@ Columns `label`, `I1..I{num_dense}`, `C1..C{num_sparse}` (other columns are igno
 label numeric (or numeric strings); I* integer/float, or strings holding integers, null -> 0;
 C* strings (or dictionary-encoded strings), null or "" -> the feature's missing key. Keys and
 dense values come out exactly as from the same rows in TSV. A null or non-finite label, or an
-I* string that is not an integer, is a bad row; messages name it `path:row N` (0-based).
-`offset` in the state counts rows consumed.
+I* string that is not an integer, is a bad row; messages name it `path:row N` (0-based, in the
+file). A unit of work is one row group; `offset` in the state counts its rows consumed.
 """
 
 from __future__ import annotations
@@ -16,49 +16,81 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from worker.data_paths import DataFile, open_input
 from worker.readers import FileReader, _Rows
+from worker.shares import Unit
 
 
 class ParquetReader(FileReader):
-    """Streams Parquet files as batches (`read_batch_rows` rows decoded at a time).
+    """Streams this rank's row groups of Parquet files as batches (`read_batch_rows` rows decoded
+    at a time); `offset` in the state counts rows of the row group consumed.
 
-    Restoring a position skips whole row groups by their metadata and decodes only the group
-    that holds the position.
+    Every rank reads every file's footer at start (to plan the units, and so a missing column
+    or an unreadable object fails then), and decodes only its own row groups. Categorical
+    columns are read dictionary-encoded, so each distinct string is hashed once per chunk.
 
-    >>> reader = ParquetReader(["part-0.parquet"], ReaderConfig(global_batch_size=4096), rank, world)
+    >>> reader = ParquetReader(["s3://bucket/criteo/day_*/part-*.parquet"], ReaderConfig(global_batch_size=4096), r, w)
     >>> for batch in reader: ...
     """
 
-    def _read_file(self, file_index: int, start: int) -> Iterator[_Rows]:
-        path = self.paths[file_index]
+    def _plan(self) -> list[list[Unit]]:
         names = self.config.column_names
-        parquet = pq.ParquetFile(path)
-        missing = [name for name in names if name not in parquet.schema_arrow.names]
-        if missing:
-            raise ValueError(f"{path}: missing column(s) {', '.join(missing)}; expected {names[0]}, I*, C*")
-        _check_types(path, parquet.schema_arrow, names)
-        num_rows = parquet.metadata.num_rows
-        if start > num_rows:
-            raise ValueError(f"state.offset: {path} has {num_rows} rows, state says {start}")
-        group_rows = [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)]
-        group_starts = np.concatenate([[0], np.cumsum(group_rows)]).astype(np.int64)
-        first_group = int(np.searchsorted(group_starts, start, side="right") - 1)
-        groups = [g for g in range(first_group, parquet.num_row_groups) if group_rows[g] > 0]
-        if not groups:
-            return
-        row = int(group_starts[groups[0]])
-        for record_batch in parquet.iter_batches(
-            batch_size=self.config.read_batch_rows, row_groups=groups, columns=names, use_threads=False
-        ):
-            first, row = row, row + record_batch.num_rows
-            if row <= start:
-                continue
-            skip = max(start - first, 0)
-            if skip:
-                record_batch = record_batch.slice(skip)
-                first += skip
-            next_offset = np.arange(first + 1, row + 1, dtype=np.int64)
-            yield self._parse(record_batch, file_index, next_offset, lambda i, first=first: f"{path}:row {first + i}")
+        units = []
+        for index, data_file in enumerate(self.files):
+            with _open_parquet(data_file, []) as parquet:
+                missing = [name for name in names if name not in parquet.schema_arrow.names]
+                if missing:
+                    raise ValueError(
+                        f"{data_file.name}: missing column(s) {', '.join(missing)}; expected {names[0]}, I*, C*"
+                    )
+                _check_types(data_file.name, parquet.schema_arrow, names)
+                rows = [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)]
+            units.append([Unit(index, g, 0, n) for g, n in enumerate(rows) if n > 0])
+        return units
+
+    def _read_unit(self, unit: Unit, start: int) -> Iterator[_Rows]:
+        data_file = self.files[unit.file_index]
+        path = data_file.name
+        if start > unit.end:
+            raise ValueError(f"state.offset: row group {unit.part} of {path} has {unit.end} rows, state says {start}")
+        names = self.config.column_names
+        sparse_names = [name for name in names if name.startswith("C")]
+        first_row = 0  # of the row group, for messages: rows before the group are not counted here
+        with _open_parquet(data_file, sparse_names) as parquet:
+            first_row = sum(parquet.metadata.row_group(g).num_rows for g in range(unit.part))
+            row = 0
+            for record_batch in parquet.iter_batches(
+                batch_size=self.config.read_batch_rows, row_groups=[unit.part], columns=names, use_threads=True
+            ):
+                first, row = row, row + record_batch.num_rows
+                if row <= start:
+                    continue
+                skip = max(start - first, 0)
+                if skip:
+                    record_batch = record_batch.slice(skip)
+                    first += skip
+                self.num_parsed += record_batch.num_rows
+                next_offset = np.arange(first + 1, row + 1, dtype=np.int64)
+                base = first_row + first
+                yield self._parse(record_batch, next_offset, lambda i, base=base: f"{path}:row {base + i}")
+
+
+class _open_parquet:  # noqa: N801 - used like open()
+    """A ParquetFile on the data file, closed on exit; OSError / ValueError name the file."""
+
+    def __init__(self, data_file: DataFile, dictionary_columns: list[str]) -> None:
+        self._handle = open_input(data_file)
+        try:
+            self._parquet = pq.ParquetFile(self._handle, read_dictionary=dictionary_columns or None)
+        except (OSError, pa.ArrowException) as exc:
+            self._handle.close()
+            raise ValueError(f"{data_file.name}: cannot read as Parquet: {exc}") from exc
+
+    def __enter__(self) -> pq.ParquetFile:
+        return self._parquet
+
+    def __exit__(self, *exc: object) -> None:
+        self._handle.close()
 
 
 def _is_string(kind: pa.DataType) -> bool:

@@ -1,17 +1,32 @@
-"""What the file readers share: config, row validation, batching across files, rank split, state.
+"""What the file readers share: config, units and shares, shuffle buffer, batching, state.
 
-A file reader turns a list of files into a stream of global batches of `global_batch_size`
-rows (the last one may be shorter) and yields rank r's rows of each (see `split_rows`). Every
-rank parses every row, so W ranks together see exactly the global batches of one process;
-the cost is that parsing is repeated on each rank (hashing is too: it is cheap next to a
-training step).
+Each rank reads only its share of the data (worker/shares.py): the units (Parquet row groups,
+TSV byte ranges, whole gzip files) r, r + W, ... of each epoch's unit list. So W ranks together
+parse every row once, whatever W is. The rank's row stream is its share of epoch 0, then of
+epoch 1, ... up to `epochs`; rows pass through a bounded shuffle buffer and come out as local
+batches of B / W rows:
 
-Position: (file index, offset) where offset counts the units of the file consumed up to and
-including the last row of the last yielded global batch: lines for TSV, rows for Parquet.
+    global batch b = concat over ranks r = 0..W-1 of rank r's local batch b
+
+which is a pure function of (files, seed, W): tests/worker/reference_features.py rebuilds it by
+reading every rank's share. Ranks' shares differ in rows, so a job ends when the first rank's
+stream ends (the trainer agrees on that with one all-reduce per step, worker/worker_main.py);
+the rows left in other ranks are not trained on.
+
+Shuffle buffer (`shuffle_buffer` = K rows): a pool of K + B/W slots. Rows fill free slots in
+slot order; when none is free, B/W slots drawn with rng(seed, rank, W, batch number) become the
+next local batch and are freed. When the stream ends the pool is drained the same way. With
+K = 0 the batch is the pool in slot order: rows come in file order. Batches do not depend on
+how the readers chunk the files, so resuming in the middle of a unit gives the same batches.
+
+Position (`state()`), after the last yielded batch: epoch, unit (index in the rank's share of
+that epoch), offset (units of that unit consumed: lines from the range's first line for TSV,
+rows of the row group for Parquet), the batch count, and the rows in the shuffle buffer.
 """
 
 from __future__ import annotations
 
+import base64
 import logging
 import time
 from abc import ABC, abstractmethod
@@ -24,8 +39,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from worker.batch import Batch, check_rank, split_rows
-from worker.features import hash_categorical, transform_dense
+from ps.snapshot.storage import StorageConfig
+from worker.batch import Batch, check_rank
+from worker.data_paths import expand_paths
+from worker.features import hash_categorical, missing_key, transform_dense
+from worker.prefetch import prefetched
+from worker.shares import Unit, epoch_units, rank_share
 
 logger = logging.getLogger(__name__)
 
@@ -47,11 +66,17 @@ class ReaderConfig:
     Columns, in this order: `label`, `I1..I{num_dense}`, `C1..C{num_sparse}` (Criteo's layout).
     """
 
-    global_batch_size: int = 2048  # rows per global batch; each rank gets 1/W of them
+    global_batch_size: int = 2048  # rows per global batch; each rank makes B/W of them from its share
     num_dense: int = 13  # integer (count) features
     num_sparse: int = 26  # categorical features, one value each
     bad_rows: BadRowPolicy = BadRowPolicy.SKIP
-    drop_last: bool = False  # drop a short last global batch instead of yielding it
+    drop_last: bool = False  # drop a short last local batch instead of yielding it
+    epochs: int = 1  # passes over the data
+    seed: int = 0  # file order per epoch, shuffle buffer draws
+    shuffle_files: bool = False  # a new file order every epoch (from seed and epoch)
+    shuffle_buffer: int = 0  # rows held back and drawn at random (0: file order)
+    range_bytes: int = 64 << 20  # TSV: size of the byte ranges ranks read (at most total / W)
+    prefetch_batches: int = 4  # batches made ahead in a background thread (0: none, no thread)
     read_block_bytes: int = 1 << 20  # TSV: bytes parsed per block
     read_batch_rows: int = 65536  # Parquet: rows decoded per record batch
     bad_row_log_interval_s: float = 10.0  # at most one "skipped bad rows" log line per interval
@@ -62,9 +87,12 @@ class ReaderConfig:
         except ValueError:
             choices = ", ".join(repr(p.value) for p in BadRowPolicy)
             raise ValueError(f"bad_rows: must be one of {choices}, got {self.bad_rows!r}") from None
-        for name in ("global_batch_size", "num_sparse", "read_block_bytes", "read_batch_rows"):
+        for name in ("global_batch_size", "num_sparse", "read_block_bytes", "read_batch_rows", "epochs", "range_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("num_dense", "shuffle_buffer", "prefetch_batches"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
         if self.num_dense < 0:
             raise ValueError(f"num_dense: must be >= 0, got {self.num_dense}")
         if self.bad_row_log_interval_s < 0:
@@ -78,9 +106,8 @@ class ReaderConfig:
 
 @dataclass
 class _Rows:
-    """Parsed good rows of one file, in file order; next_offset[i] is the offset after row i."""
+    """Parsed good rows of one unit, in file order; next_offset[i] is the unit offset after row i."""
 
-    file_index: np.ndarray  # (n,) int64
     next_offset: np.ndarray  # (n,) int64
     dense: np.ndarray  # (n, num_dense) float32
     sparse: np.ndarray  # (n, num_sparse) int64
@@ -88,16 +115,6 @@ class _Rows:
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
-
-    @staticmethod
-    def cat(parts: Sequence[_Rows]) -> _Rows:
-        return _Rows(*(np.concatenate([getattr(p, name) for p in parts]) for name in _ROW_FIELDS))
-
-    def take(self, start: int, stop: int) -> _Rows:
-        return _Rows(*(getattr(self, name)[start:stop] for name in _ROW_FIELDS))
-
-
-_ROW_FIELDS = ("file_index", "next_offset", "dense", "sparse", "labels")
 
 
 @dataclass
@@ -119,10 +136,72 @@ class BadRowLog:
             self._last_log = now
 
 
-class FileReader(ABC):
-    """Base of the file readers: batching, rank split, bad-row policy, state. See module doc."""
+class _Pool:
+    """The shuffle buffer: `capacity` slots of rows, `occupied` marks the filled ones."""
 
-    def __init__(self, paths: Sequence[str | Path], config: ReaderConfig, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(self, capacity: int, num_dense: int, num_sparse: int) -> None:
+        self.dense = np.zeros((capacity, num_dense), dtype=np.float32)
+        self.sparse = np.zeros((capacity, num_sparse), dtype=np.int64)
+        self.labels = np.zeros(capacity, dtype=np.float32)
+        self.occupied = np.zeros(capacity, dtype=bool)
+        self.num_free = capacity
+
+    def add(self, rows: _Rows, start: int, stop: int) -> None:
+        """Rows [start, stop) of `rows` into the lowest free slots (stop - start <= num_free)."""
+        slots = np.flatnonzero(~self.occupied)[: stop - start]
+        self.dense[slots] = rows.dense[start:stop]
+        self.sparse[slots] = rows.sparse[start:stop]
+        self.labels[slots] = rows.labels[start:stop]
+        self.occupied[slots] = True
+        self.num_free -= stop - start
+
+    def draw(self, count: int, rng: np.random.Generator | None) -> Batch:
+        """`count` occupied slots (random with rng, else the lowest) as a batch; they become free."""
+        filled = np.flatnonzero(self.occupied)
+        picked = filled[:count] if rng is None else rng.choice(filled, size=count, replace=False)
+        self.occupied[picked] = False
+        self.num_free += picked.shape[0]
+        return Batch.from_numpy(self.dense[picked], self.sparse[picked], self.labels[picked])
+
+    def snapshot(self) -> dict[str, np.ndarray] | None:
+        """Copies of the occupied slots and their rows (None when empty), for the state."""
+        slots = np.flatnonzero(self.occupied)
+        if not slots.shape[0]:
+            return None
+        return {"slots": slots, "dense": self.dense[slots], "sparse": self.sparse[slots], "labels": self.labels[slots]}
+
+    def load(self, saved: dict[str, np.ndarray]) -> None:
+        slots = saved["slots"]
+        self.dense[slots], self.sparse[slots], self.labels[slots] = saved["dense"], saved["sparse"], saved["labels"]
+        self.occupied[slots] = True
+        self.num_free = int((~self.occupied).sum())
+
+
+@dataclass(frozen=True)
+class _Position:
+    """Where a rank's stream stands after a batch (see the module doc)."""
+
+    epoch: int = 0
+    unit: int = 0
+    offset: int = 0
+    num_batches: int = 0
+    buffer: dict[str, np.ndarray] | None = None  # _Pool.snapshot()
+
+
+class FileReader(ABC):
+    """Base of the file readers: shares, shuffle buffer, batching, bad-row policy, state. See module doc.
+
+    paths: files, directories or globs, local or URIs (worker/data_paths.py); storage: S3 settings.
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[str | Path],
+        config: ReaderConfig,
+        rank: int = 0,
+        world_size: int = 1,
+        storage: StorageConfig | None = None,
+    ) -> None:
         if isinstance(paths, (str, Path)):
             raise TypeError("paths: expected a sequence of paths, got a single path (wrap it in a list)")
         if not paths:
@@ -135,66 +214,156 @@ class FileReader(ABC):
                 f"global_batch_size: must be divisible by world_size={world_size} so every rank gets "
                 f"the same local batch size, got {config.global_batch_size}"
             )
-        self.paths = [str(p) for p in paths]
         self.config = config
         self.rank = rank
         self.world_size = world_size
+        self.local_batch_size = config.global_batch_size // world_size
+        self.files = expand_paths([str(p) for p in paths], storage)
+        self.paths = [f.name for f in self.files]
+        self._units_by_file = self._plan()
+        num_units = sum(len(u) for u in self._units_by_file)
+        if num_units < world_size:
+            raise ValueError(
+                f"data.paths: {num_units} unit(s) of work (Parquet row groups, gzip files) for {world_size} "
+                "workers; every worker reads its own units, so write smaller row groups or more files"
+            )
         self._bad = BadRowLog(config.bad_row_log_interval_s)
-        self._file_index = 0
-        self._offset = 0
-        self._num_batches = 0
+        self._position = _Position()
+        self.num_parsed = 0  # lines (TSV) or rows (Parquet) this object has parsed, bad ones included
 
     @property
     def num_bad_rows(self) -> int:
         """Bad rows this reader object has met (read-ahead included; not part of the state)."""
         return self._bad.count
 
+    @property
+    def units_by_file(self) -> list[list[Unit]]:
+        """The units of each file, in `paths` order: the same on every rank."""
+        return self._units_by_file
+
+    def share(self, epoch: int) -> list[Unit]:
+        """This rank's units of epoch `epoch`, in reading order."""
+        cfg = self.config
+        units = epoch_units(self._units_by_file, epoch, cfg.seed, cfg.shuffle_files)
+        return rank_share(units, self.rank, self.world_size)
+
     def state(self) -> dict:
-        """Position after the last yielded batch: {"file_index", "offset", "num_batches"}."""
-        return {"file_index": self._file_index, "offset": self._offset, "num_batches": self._num_batches}
+        """Position after the last yielded batch (JSON-serialisable; see the module doc)."""
+        p = self._position
+        buffer = None
+        if p.buffer is not None:
+            buffer = {
+                name: base64.b64encode(np.ascontiguousarray(a).tobytes()).decode() for name, a in p.buffer.items()
+            }
+        return {"epoch": p.epoch, "unit": p.unit, "offset": p.offset, "num_batches": p.num_batches, "buffer": buffer}
 
     def restore(self, state: dict) -> None:
-        """Continues from `state` (from `state()` of a reader over the same files and config)."""
-        for name in ("file_index", "offset", "num_batches"):
-            if not isinstance(state.get(name), int) or state[name] < 0:
-                raise ValueError(f"state.{name}: must be an int >= 0, got {state.get(name)!r}")
-        if state["file_index"] > len(self.paths):
-            raise ValueError(f"state.file_index: must be <= {len(self.paths)} files, got {state['file_index']}")
-        self._file_index = state["file_index"]
-        self._offset = state["offset"]
-        self._num_batches = state["num_batches"]
+        """Continues from `state` (from `state()` of a reader over the same files, config, rank and W)."""
+        if not isinstance(state, dict):
+            raise TypeError(f"state: expected a dict from state(), got {type(state).__name__}")
+        for name in ("epoch", "unit", "offset", "num_batches"):
+            value = state.get(name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"state.{name}: must be an int >= 0, got {value!r}")
+        epochs = self.config.epochs
+        if state["epoch"] > epochs:
+            raise ValueError(f"state.epoch: must be <= epochs={epochs}, got {state['epoch']}")
+        if state["epoch"] < epochs and state["unit"] > len(self.share(state["epoch"])):
+            raise ValueError(
+                f"state.unit: rank {self.rank} has {len(self.share(state['epoch']))} units in epoch "
+                f"{state['epoch']}, got {state['unit']} (another file list, W or seed?)"
+            )
+        self._position = _Position(
+            state["epoch"],
+            state["unit"],
+            state["offset"],
+            state["num_batches"],
+            self._decode_buffer(state.get("buffer")),
+        )
+
+    def _decode_buffer(self, saved: dict | None) -> dict[str, np.ndarray] | None:
+        if saved is None:
+            return None
+        cfg = self.config
+        try:
+            slots = np.frombuffer(base64.b64decode(saved["slots"]), dtype=np.int64)
+            n = slots.shape[0]
+            buffer = {
+                "slots": slots,
+                "dense": np.frombuffer(base64.b64decode(saved["dense"]), dtype=np.float32).reshape(n, cfg.num_dense),
+                "sparse": np.frombuffer(base64.b64decode(saved["sparse"]), dtype=np.int64).reshape(n, cfg.num_sparse),
+                "labels": np.frombuffer(base64.b64decode(saved["labels"]), dtype=np.float32).reshape(n),
+            }
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"state.buffer: not a saved shuffle buffer of this config ({exc})") from None
+        capacity = cfg.shuffle_buffer + self.local_batch_size
+        if n and (slots.min() < 0 or slots.max() >= capacity or np.unique(slots).shape[0] != n):
+            raise ValueError(f"state.buffer: slots must be distinct and < {capacity} (shuffle_buffer + B/W)")
+        return buffer
 
     def __iter__(self) -> Iterator[Batch]:
-        """Yields this rank's part of each global batch, from the current position to the end.
+        """Yields this rank's local batches, from the current position to the end of its stream.
 
         Each call starts a new pass from the position (`state()`), so use one iterator at a time.
+        With `prefetch_batches` > 0 the batches are made ahead in a background thread.
         """
-        size = self.config.global_batch_size
-        pending: list[_Rows] = []
-        num_pending = 0
-        for file_index in range(self._file_index, len(self.paths)):
-            start = self._offset if file_index == self._file_index else 0
-            for rows in self._read_file(file_index, start):
-                pending.append(rows)
-                num_pending += len(rows)
-                while num_pending >= size:
-                    rows_all = _Rows.cat(pending)
-                    yield self._emit(rows_all.take(0, size))
-                    pending = [rows_all.take(size, num_pending)]
-                    num_pending -= size
-        if num_pending and not self.config.drop_last:
-            yield self._emit(_Rows.cat(pending))
+        stream = self._batches(self._position)
+        if self.config.prefetch_batches:
+            stream = prefetched(stream, self.config.prefetch_batches)
+        try:
+            for batch, position in stream:
+                self._position = position
+                yield batch
+        finally:
+            stream.close()
 
-    def _emit(self, rows: _Rows) -> Batch:
-        self._file_index = int(rows.file_index[-1])
-        self._offset = int(rows.next_offset[-1])
-        self._num_batches += 1
-        start, stop = split_rows(len(rows), self.rank, self.world_size)
-        return Batch.from_numpy(rows.dense[start:stop], rows.sparse[start:stop], rows.labels[start:stop])
+    def _batches(self, start: _Position) -> Iterator[tuple[Batch, _Position]]:
+        """(local batch, position after it), from `start` on; see the module doc."""
+        cfg = self.config
+        size = self.local_batch_size
+        pool = _Pool(cfg.shuffle_buffer + size, cfg.num_dense, cfg.num_sparse)
+        if start.buffer is not None:
+            pool.load(start.buffer)
+        num_batches = start.num_batches
+
+        def draw(count: int) -> Batch:
+            rng = None
+            if cfg.shuffle_buffer:
+                rng = np.random.default_rng([cfg.seed, 0xB0F, self.rank, self.world_size, num_batches])
+            return pool.draw(count, rng)
+
+        for epoch in range(start.epoch, cfg.epochs):
+            share = self.share(epoch)
+            first_unit = start.unit if epoch == start.epoch else 0
+            for index in range(first_unit, len(share)):
+                skip = start.offset if (epoch, index) == (start.epoch, start.unit) else 0
+                for rows in self._read_unit(share[index], skip):
+                    done = 0
+                    while done < len(rows):
+                        take = min(pool.num_free, len(rows) - done)
+                        pool.add(rows, done, done + take)
+                        done += take
+                        if pool.num_free == 0:
+                            batch = draw(size)
+                            num_batches += 1
+                            offset = int(rows.next_offset[done - 1])
+                            yield batch, _Position(epoch, index, offset, num_batches, pool.snapshot())
+        while int(pool.occupied.sum()) >= size:
+            batch = draw(size)
+            num_batches += 1
+            yield batch, _Position(cfg.epochs, 0, 0, num_batches, pool.snapshot())
+        if pool.occupied.any() and not cfg.drop_last:
+            batch = draw(int(pool.occupied.sum()))
+            num_batches += 1
+            yield batch, _Position(cfg.epochs, 0, 0, num_batches, None)
 
     @abstractmethod
-    def _read_file(self, file_index: int, start: int) -> Iterator[_Rows]:
-        """Good rows of file `file_index` from offset `start` on, in chunks, via `_parse`."""
+    def _plan(self) -> list[list[Unit]]:
+        """The units of each file of `self.files`, in file order; checks each file can be read."""
+
+    @abstractmethod
+    def _read_unit(self, unit: Unit, start: int) -> Iterator[_Rows]:
+        """Good rows of `unit` from unit offset `start` on, in chunks, via `_parse`; counts num_parsed."""
 
     def _bad_row(self, where: str, reason: str) -> None:
         """Applies the bad-row policy to one row at `where` ("path:line")."""
@@ -202,13 +371,7 @@ class FileReader(ABC):
             raise ValueError(f'{where}: bad row: {reason} (set bad_rows = "skip" to skip such rows)')
         self._bad.add(where, reason)
 
-    def _parse(
-        self,
-        table: pa.RecordBatch | pa.Table,
-        file_index: int,
-        next_offset: np.ndarray,
-        where: Callable[[int], str],
-    ) -> _Rows:
+    def _parse(self, table: pa.RecordBatch | pa.Table, next_offset: np.ndarray, where: Callable[[int], str]) -> _Rows:
         """Validates and converts a chunk of raw rows; bad rows go through the policy and are dropped.
 
         table: columns `config.column_names` as strings (TSV) or numbers/strings (Parquet);
@@ -233,14 +396,31 @@ class FileReader(ABC):
             table = table.take(pa.array(good))
         sparse = np.empty((good.shape[0], cfg.num_sparse), dtype=np.int64)
         for f in range(cfg.num_sparse):
-            sparse[:, f] = hash_categorical(_as_strings(table.column(f"C{f + 1}"), f"C{f + 1}"), f)
+            sparse[:, f] = _hash_column(table.column(f"C{f + 1}"), f)
         return _Rows(
-            file_index=np.full(good.shape[0], file_index, dtype=np.int64),
             next_offset=next_offset[good],
             dense=transform_dense(dense[good]),
             sparse=sparse,
             labels=label[good].astype(np.float32),
         )
+
+
+def _hash_column(column: pa.Array | pa.ChunkedArray, feature: int) -> np.ndarray:
+    """Keys (n,) int64 of one categorical column; a dictionary column hashes its dictionary only."""
+    if isinstance(column, pa.ChunkedArray):
+        if column.num_chunks == 0:
+            return np.zeros(0, dtype=np.int64)
+        if column.num_chunks > 1:
+            return np.concatenate([_hash_column(chunk, feature) for chunk in column.chunks])
+        column = column.chunk(0)
+    if not pa.types.is_dictionary(column.type):
+        return hash_categorical(_as_strings(column, f"C{feature + 1}"), feature)
+    dictionary_keys = hash_categorical(_as_strings(column.dictionary, f"C{feature + 1}"), feature)
+    indices = column.indices
+    keys = dictionary_keys[np.asarray(pc.fill_null(indices, 0).to_numpy(zero_copy_only=False), dtype=np.int64)]
+    if column.null_count:
+        keys[np.asarray(column.is_null().to_numpy(zero_copy_only=False), dtype=bool)] = missing_key(feature)
+    return keys
 
 
 def _note(bad: np.ndarray, reasons: dict[int, str], col_bad: np.ndarray, reason: str) -> None:

@@ -2,7 +2,8 @@
 
     [train]
     workers = 2                 # worker processes on this node
-    steps = 300                 # global steps (each one global batch)
+    steps = 300                 # global steps (each one global batch); ends at steps or epochs
+    epochs = 1                  # criteo/parquet: passes over data.paths, whichever ends first
     batch_size = 2048           # samples per global batch, split evenly over workers
     mode = "sync"               # "sync" | "async"
     staleness = 1               # async: steps of pushes that may still be in flight
@@ -22,9 +23,15 @@
 
     [data]
     source = "synthetic"        # "synthetic" | "criteo" | "parquet"
-    paths = []                  # criteo/parquet: training files
-    eval_paths = []             # criteo/parquet: held-out files
+    paths = []                  # criteo/parquet: files, folders, globs; local, s3://, hdfs://
+    eval_paths = []             # criteo/parquet: held-out files (read whole by rank 0)
     bad_rows = "skip"           # "skip" | "fail"
+    seed = 0                    # file order per epoch and shuffle-buffer draws
+    shuffle_files = true        # a new file order every epoch
+    shuffle_buffer = 0          # rows per worker held back and drawn at random (0: file order)
+    range_bytes = 67108864      # TSV: byte range a worker reads as one unit
+    prefetch_batches = 4        # batches decoded ahead in a background thread
+    [data.storage]              # S3 endpoint/credentials (ps.snapshot.storage.StorageConfig)
     [data.synthetic]            # worker.synthetic.SyntheticConfig (batch size from [train])
     num_keys = 100000
 
@@ -40,6 +47,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from ps.job_config import JobConfig, build_config, parse_job_config
+from ps.snapshot.storage import StorageConfig
 from worker.model import ModelConfig
 from worker.readers import BadRowPolicy
 from worker.synthetic import SyntheticConfig
@@ -82,6 +90,7 @@ class TrainConfig:
     batch_size: int = 2048
     mode: Mode = Mode.SYNC
     staleness: int = 1
+    epochs: int = 1
     dense_optimizer: DenseOptimizer = DenseOptimizer.ADAM
     dense_lr: float = 0.001
     tables: tuple[str, ...] = ("emb",)
@@ -106,6 +115,12 @@ class DataConfig:
     paths: tuple[str, ...] = ()
     eval_paths: tuple[str, ...] = ()
     bad_rows: BadRowPolicy = BadRowPolicy.SKIP
+    seed: int = 0
+    shuffle_files: bool = True
+    shuffle_buffer: int = 0
+    range_bytes: int = 64 << 20
+    prefetch_batches: int = 4
+    storage: StorageConfig = field(default_factory=StorageConfig)
     num_dense: int = 13
     num_sparse: int = 26
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
@@ -163,6 +178,15 @@ def parse_training_job(data: dict, base_dir: Path | None = None) -> TrainingJob:
     _positive("train.steps", train.steps)
     _positive("train.batch_size", train.batch_size)
     _positive("train.eval_batches", train.eval_batches)
+    _positive("train.epochs", train.epochs)
+    _positive("data.range_bytes", data_config.range_bytes)
+    for name in ("shuffle_buffer", "prefetch_batches"):
+        if getattr(data_config, name) < 0:
+            raise ValueError(f"data.{name}: must be >= 0, got {getattr(data_config, name)}")
+    try:
+        data_config.storage.validate()
+    except ValueError as exc:
+        raise ValueError(f"data.{exc}") from None
     if train.batch_size % train.workers:
         raise ValueError(
             f"train.batch_size: must be divisible by train.workers={train.workers}, got {train.batch_size}"

@@ -59,6 +59,7 @@ class StepTimes:
     push: float = 0.0
     steps: int = 0
     ps_unavailable: float = 0.0  # waiting for an unavailable shard (train.on_ps_unavailable = "wait")
+    data_wait: float = 0.0  # waiting for the reader's next batch (its read-ahead was not enough)
 
     def as_dict(self) -> dict[str, float]:
         return {
@@ -68,6 +69,7 @@ class StepTimes:
             "push_s": self.push,
             "steps": self.steps,
             "ps_unavailable_s": self.ps_unavailable,
+            "data_wait_s": self.data_wait,
         }
 
 

@@ -25,7 +25,7 @@ from prometheus_client import start_http_server
 
 from ps.client import PSClient, ShardUnavailableError
 from worker.checkpoint import Checkpointer, load_trainer_state
-from worker.data_sources import eval_batches, train_reader
+from worker.data_sources import eval_batches, ranks_may_differ_in_batches, train_reader
 from worker.model import DLRMDenseTower
 from worker.processes import die_with_launcher
 from worker.train_config import TrainingJob, load_training_job
@@ -55,7 +55,20 @@ def run_worker(
     if rank == 0 and job.train.metrics_port is not None:
         start_http_server(job.train.metrics_port, registry=checkpointer.rounds.registry)
     first_step = trainer.step
-    batches = iter(reader)
+    stream = iter(reader)
+    agree = world_size > 1 and ranks_may_differ_in_batches(job)
+
+    def next_batch_or_none():
+        """The next local batch, None when this rank's stream or any other rank's has ended."""
+        start = time.perf_counter()
+        batch = next(stream, None)
+        trainer.times.data_wait += time.perf_counter() - start
+        if agree:
+            have = torch.tensor([0 if batch is None else 1])
+            dist.all_reduce(have, op=dist.ReduceOp.MIN)
+            batch = batch if int(have.item()) else None
+        return batch
+
     held_out = eval_batches(job) if rank == 0 else []
     progress = open(progress_path, "a", buffering=1) if (progress_path and rank == 0) else None
     evaluations: list[dict] = []
@@ -63,11 +76,12 @@ def run_worker(
     start = time.perf_counter()
     local_rows = job.train.batch_size // world_size
     try:
-        batch = next(batches, None) if trainer.step < job.train.steps else None
+        batch = next_batch_or_none() if trainer.step < job.train.steps else None
         pulled = trainer.pull_timed(batch) if batch is not None else None
         while pulled is not None and trainer.step < job.train.steps:
-            position = reader.state()  # after the batch this step trains on
-            next_batch = next(batches, None) if trainer.step + 1 < job.train.steps else None
+            # after the batch this step trains on (taken only for a snapshot: it copies the shuffle buffer)
+            position = reader.state() if checkpointer.due(trainer.step + 1) else None
+            next_batch = next_batch_or_none() if trainer.step + 1 < job.train.steps else None
             loss, prefetched = trainer.train_step(pulled, next_batch)
             losses.append(loss)
             if prefetched is None and next_batch is not None:
@@ -126,6 +140,9 @@ def run_worker(
             dist.barrier()
         return summary
     finally:
+        close_stream = getattr(stream, "close", None)
+        if close_stream is not None:
+            close_stream()  # stops the reader's read-ahead thread
         trainer.close()
         client.close()
         if progress is not None:

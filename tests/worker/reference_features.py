@@ -57,3 +57,17 @@ def assert_batches_equal(actual: Batch, expected: Batch) -> None:
     np.testing.assert_array_equal(actual.sparse, expected.sparse)
     np.testing.assert_allclose(actual.dense.numpy(), expected.dense.numpy(), rtol=1e-6)
     np.testing.assert_array_equal(actual.labels.numpy(), expected.labels.numpy())
+
+
+def global_batches(make_reader, world_size: int) -> list[Batch]:
+    """The global batches W ranks train on: batch b = concat over ranks of each rank's local batch b,
+    as many as the shortest rank has (worker/readers.py). make_reader(rank) -> that rank's reader;
+    a pure function of the file list, the seed, W and the epochs, since every share is."""
+    locals_ = [list(make_reader(rank)) for rank in range(world_size)]
+    count = min(len(batches) for batches in locals_)
+    return [Batch.cat([batches[b] for batches in locals_]) for b in range(count)]
+
+
+def rows_of(batch: Batch) -> list[tuple]:
+    """The rows of a batch as sortable tuples (keys, label), to compare multisets of rows."""
+    return sorted(zip(map(tuple, batch.sparse.tolist()), batch.labels.tolist(), strict=True))

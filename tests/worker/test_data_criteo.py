@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.worker.reference_features import assert_batches_equal, batch_of_rows, key
+from tests.worker.reference_features import assert_batches_equal, batch_of_rows, key, rows_of
 from worker.batch import Batch
 from worker.criteo import CriteoTsvReader, write_criteo_sample
 from worker.features import hash_categorical, missing_key
@@ -29,7 +29,8 @@ def test_parses_sample_like_the_reference_and_skips_bad_rows(tmp_path):
     assert [len(b) for b in batches] == [64, 64, 64, 64, 44]
     assert reader.num_bad_rows == 12
     assert_batches_equal(Batch.cat(batches), batch_of_rows(sample.good_rows, 13))
-    assert reader.state() == {"file_index": 0, "offset": 312, "num_batches": 5}
+    assert reader.state() == {"epoch": 1, "unit": 0, "offset": 0, "num_batches": 5, "buffer": None}
+    assert reader.num_parsed == 312  # every line, bad ones included
 
 
 def test_streams_in_blocks_smaller_than_the_file(tmp_path):
@@ -139,7 +140,7 @@ def test_resume_from_state_yields_the_remaining_batches(tmp_path, gz):
     iterator = iter(original)
     head = [next(iterator) for _ in range(3)]
     state = json.loads(json.dumps(original.state()))
-    assert state["file_index"] == 1 and state["num_batches"] == 3
+    assert state["unit"] == 1 and state["num_batches"] == 3  # one unit per small file
     rest = list(iterator)
     resumed = CriteoTsvReader(paths, cfg)
     resumed.restore(state)
@@ -158,25 +159,35 @@ def test_resume_at_end_of_file_without_trailing_newline(tmp_path):
     reader = CriteoTsvReader([path, path], config(global_batch_size=4))
     iterator = iter(reader)
     next(iterator)
-    assert reader.state() == {"file_index": 0, "offset": 4, "num_batches": 1}
+    assert reader.state() == {"epoch": 0, "unit": 0, "offset": 4, "num_batches": 1, "buffer": None}
     resumed = CriteoTsvReader([path, path], config(global_batch_size=4))
     resumed.restore(reader.state())
     assert [len(b) for b in resumed] == [4]
     beyond = CriteoTsvReader([path], config())
-    beyond.restore({"file_index": 0, "offset": 9, "num_batches": 0})
+    beyond.restore({"epoch": 0, "unit": 0, "offset": 9, "num_batches": 0})
     with pytest.raises(ValueError, match="state.offset"):
         list(beyond)
 
 
-def test_ranks_together_see_the_global_batches(tmp_path):
-    samples = write_files(tmp_path, [130, 50])
-    paths = [name for name, _ in samples]
-    single = list(CriteoTsvReader(paths, config(global_batch_size=40)))
-    ranks = [list(CriteoTsvReader(paths, config(global_batch_size=40), rank=r, world_size=2)) for r in (0, 1)]
-    assert [len(b) for b in ranks[0]] == [20, 20, 20, 20, 10]
-    assert len(ranks[1]) == len(single) == 5
-    for whole, part0, part1 in zip(single, *ranks, strict=True):
-        assert_batches_equal(Batch.cat([part0, part1]), whole)
+def test_ranks_split_the_lines_of_one_file_by_byte_ranges(tmp_path):
+    sample = write_criteo_sample(tmp_path / "day.tsv", 400, num_bad_rows=9, seed=11)
+    cfg = config(global_batch_size=40, read_block_bytes=1024, range_bytes=4096, drop_last=False)
+    total = len(sample.good_rows) + 9
+    for world in (1, 2, 4):
+        readers = [CriteoTsvReader([sample.path], cfg, rank=r, world_size=world) for r in range(world)]
+        parts = [Batch.cat(list(reader)) for reader in readers]
+        # Every line parsed once over all ranks, and each rank parses its ranges' lines only.
+        assert sum(reader.num_parsed for reader in readers) == total
+        data = sample.path.read_bytes()
+        line_starts = np.array([0] + [i + 1 for i, c in enumerate(data[:-1]) if c == ord("\n")])
+        lines_in = [int(((line_starts >= u.start) & (line_starts < u.end)).sum()) for u in readers[0].units_by_file[0]]
+        assert len(lines_in) >= world
+        for reader in readers:
+            # Exactly the lines that begin in its ranges: its share plus at most one range's worth.
+            assert reader.num_parsed == sum(lines_in[u.part] for u in reader.share(0))
+            assert reader.num_parsed <= -(-total // world) + max(lines_in)
+        assert rows_of(Batch.cat(parts)) == rows_of(batch_of_rows(sample.good_rows, 13))
+        assert sum(reader.num_bad_rows for reader in readers) == 9
 
 
 def test_config_and_argument_errors_name_the_field(tmp_path):
@@ -190,5 +201,17 @@ def test_config_and_argument_errors_name_the_field(tmp_path):
         CriteoTsvReader([tmp_path / "x.tsv"], ReaderConfig(), rank=2, world_size=2)
     with pytest.raises(TypeError, match="paths"):
         CriteoTsvReader(str(tmp_path / "x.tsv"), ReaderConfig())
-    with pytest.raises(ValueError, match="state.file_index"):
-        CriteoTsvReader([tmp_path / "x.tsv"], ReaderConfig()).restore({"file_index": 5, "offset": 0, "num_batches": 0})
+    sample = write_criteo_sample(tmp_path / "x.tsv", 10, num_bad_rows=0)
+    with pytest.raises(ValueError, match="state.unit"):
+        CriteoTsvReader([sample.path], ReaderConfig()).restore({"epoch": 0, "unit": 5, "offset": 0, "num_batches": 0})
+
+
+def test_hash_categorical_fast_path_for_eight_hex_digits():
+    import pyarrow as pa
+
+    strings = ["68fd1e64", "DEADBEEF", "0000000a", "zzzzzzzz", "12345g78", "", "abc", "ffffffffffffffff", "8a2b3c4d"]
+    column = pa.array(strings, type=pa.string())
+    assert hash_categorical(column, 3).tolist() == [key(3, s) for s in strings]
+    every_eight = [s for s in strings if len(s) == 8]  # one contiguous buffer of 8-byte strings
+    assert hash_categorical(pa.array(every_eight), 5).tolist() == [key(5, s) for s in every_eight]
+    assert hash_categorical(pa.array(every_eight).slice(2), 5).tolist() == [key(5, s) for s in every_eight[2:]]

@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.worker.reference_features import assert_batches_equal, batch_of_rows
+from tests.worker.reference_features import assert_batches_equal, batch_of_rows, global_batches, rows_of
 from worker.batch import Batch
 from worker.criteo import CriteoTsvReader, write_criteo_sample
 from worker.parquet_reader import ParquetReader
@@ -69,7 +69,7 @@ def test_resume_inside_a_row_group_and_across_files(tmp_path):
     iterator = iter(original)
     head = [next(iterator) for _ in range(2)]
     state = json.loads(json.dumps(original.state()))
-    assert state == {"file_index": 0, "offset": 96, "num_batches": 2}  # row 96 is inside group 2
+    assert state == {"epoch": 0, "unit": 2, "offset": 16, "num_batches": 2, "buffer": None}  # row 96: group 2
     rest = list(iterator)
     resumed = ParquetReader(paths, cfg)
     resumed.restore(state)
@@ -81,14 +81,22 @@ def test_resume_inside_a_row_group_and_across_files(tmp_path):
     assert_batches_equal(Batch.cat(head + again), batch_of_rows(rows, NUM_DENSE))
 
 
-def test_ranks_together_see_the_global_batches(tmp_path):
-    sample = write_criteo_sample(tmp_path / "day.tsv", 100, num_bad_rows=0, seed=8)
-    path = write_parquet(tmp_path / "day.parquet", sample.good_rows)
-    single = list(ParquetReader([path], config(global_batch_size=30)))
-    ranks = [list(ParquetReader([path], config(global_batch_size=30), rank=r, world_size=3)) for r in range(3)]
-    assert [len(b) for b in ranks[2]] == [10, 10, 10, 4]
-    for whole, *parts in zip(single, *ranks, strict=True):
-        assert_batches_equal(Batch.cat(parts), whole)
+def test_ranks_read_only_their_row_groups(tmp_path):
+    sample = write_criteo_sample(tmp_path / "day.tsv", 230, num_bad_rows=0, seed=8)
+    path = write_parquet(tmp_path / "day.parquet", sample.good_rows, row_group_size=30)
+    cfg = config(global_batch_size=24, drop_last=False)
+    for world in (1, 2, 4):
+        readers = [ParquetReader([path], cfg, rank=r, world_size=world) for r in range(world)]
+        parts = [Batch.cat(list(reader)) for reader in readers]
+        for reader in readers:
+            assert reader.num_parsed == sum(unit.end for unit in reader.share(0))  # its row groups, no other
+            assert reader.num_parsed <= -(-230 // world) + 30  # its share plus at most one row group
+        assert sum(reader.num_parsed for reader in readers) == 230
+        assert rows_of(Batch.cat(parts)) == rows_of(batch_of_rows(sample.good_rows, NUM_DENSE))
+    # W = 2, groups 0, 2, 4, 6 vs 1, 3, 5, 7 (20 rows): global batch b = rank 0's b-th + rank 1's b-th.
+    shares = global_batches(lambda r: ParquetReader([path], cfg, rank=r, world_size=2), 2)
+    assert [len(b) for b in shares[-2:]] == [24, 12 + 2]  # rank 0: 120 rows, rank 1: 110 (9 x 12 + 2)
+    assert_batches_equal(shares[0], batch_of_rows(sample.good_rows[0:12] + sample.good_rows[30:42], NUM_DENSE))
 
 
 def test_null_label_is_a_bad_row(tmp_path):

@@ -1,0 +1,132 @@
+"""`data.paths` -> the sorted list of data files, on local disk, S3 or HDFS (through pyarrow.fs).
+
+Each entry is a file, a directory (every file under it, recursively, hidden files and names
+starting with "_" skipped, as Spark and Hive write `_SUCCESS` and `.crc` files), or a glob
+(`*`, `?`, `[...]` inside one path component, e.g. `s3://bucket/criteo/day_*/part-*.parquet`):
+
+    "/data/day_0.tsv"                    one local file
+    "file:///data/criteo"                every file under the folder
+    "s3://bucket/criteo/day_*/*.parquet" every object matching, component by component
+
+The files of one entry are sorted by path; entries keep their order. A missing file, a directory
+with no file or a glob that matches nothing is an error naming the entry, raised before any
+row is read, so a typo fails the job at start rather than after hours of training.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from ps.snapshot.storage import StorageConfig, StorageError, open_uri
+
+_GLOB_CHARS = "*?["
+
+
+@dataclass(frozen=True)
+class DataFile:
+    """One data file: its filesystem, its path inside it, the name to show, and its size."""
+
+    fs: pafs.FileSystem
+    path: str
+    name: str  # the URI or local path, for messages
+    size: int  # bytes
+
+
+def expand_paths(
+    entries: Sequence[str], storage: StorageConfig | None = None, field: str = "data.paths"
+) -> list[DataFile]:
+    """Every file the entries name, in order (see the module doc); errors name `field` and the entry."""
+    files: list[DataFile] = []
+    for entry in entries:
+        found = _expand_one(str(entry), storage, field)
+        if not found:
+            what = "glob matches no file" if _has_glob(str(entry)) else "directory holds no file"
+            raise FileNotFoundError(f"{field}: {entry}: the {what}")
+        files.extend(found)
+    return files
+
+
+def open_input(data_file: DataFile) -> pa.NativeFile:
+    """A random-access handle on the file; OSError names the file."""
+    try:
+        return data_file.fs.open_input_file(data_file.path)
+    except (OSError, pa.ArrowException) as exc:
+        raise OSError(f"{data_file.name}: cannot open for reading: {exc}") from exc
+
+
+def _has_glob(text: str) -> bool:
+    return any(c in text for c in _GLOB_CHARS)
+
+
+def _expand_one(entry: str, storage: StorageConfig | None, field: str) -> list[DataFile]:
+    scheme_end = entry.find("://")
+    prefix = entry[: scheme_end + 3] if scheme_end >= 0 else ""
+    rest = entry[len(prefix) :]
+    components = rest.split("/")
+    first_glob = next((i for i, c in enumerate(components) if _has_glob(c)), None)
+    base_entry = entry if first_glob is None else prefix + "/".join(components[:first_glob])
+    if first_glob is not None and not base_entry.rstrip("/").removeprefix(prefix):
+        base_entry = prefix + "/" if prefix else "."
+    try:
+        fs, base = open_uri(base_entry, storage)
+    except ValueError as exc:
+        raise ValueError(f"{field}: {entry}: {exc}") from exc
+    except StorageError as exc:
+        raise StorageError(f"{field}: {entry}: {exc}") from exc
+    name_of = _namer(entry, prefix, base_entry, base)
+    if first_glob is None:
+        info = _info(fs, base, entry)
+        if info.type == pafs.FileType.File:
+            return [DataFile(fs, base, entry, info.size)]
+        if info.type == pafs.FileType.NotFound:
+            raise FileNotFoundError(f"{field}: {entry}: no such file or directory")
+        return _walk(fs, base, name_of, pattern=None)
+    pattern = components[first_glob:]
+    info = _info(fs, base, entry)
+    if info.type != pafs.FileType.Directory:
+        return []
+    return _walk(fs, base, name_of, pattern)
+
+
+def _namer(entry: str, prefix: str, base_entry: str, base: str):
+    """Maps a path inside the filesystem back to the form the user wrote (URI or local path)."""
+    shown_base = base_entry.rstrip("/")
+
+    def name_of(path: str) -> str:
+        tail = path[len(base) :].lstrip("/")
+        return f"{shown_base}/{tail}" if tail else shown_base
+
+    return name_of
+
+
+def _info(fs: pafs.FileSystem, path: str, entry: str) -> pafs.FileInfo:
+    try:
+        return fs.get_file_info(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise OSError(f"data.paths: {entry}: cannot read: {exc}") from exc
+
+
+def _walk(fs: pafs.FileSystem, base: str, name_of, pattern: list[str] | None) -> list[DataFile]:
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
+    except (OSError, pa.ArrowException) as exc:
+        raise OSError(f"data.paths: {name_of(base)}: cannot list: {exc}") from exc
+    files = []
+    for info in infos:
+        if info.type != pafs.FileType.File:
+            continue
+        parts = info.path[len(base) :].strip("/").split("/")
+        if any(p.startswith((".", "_")) for p in parts):
+            continue
+        if pattern is not None and (
+            len(parts) != len(pattern)
+            or not all(fnmatch.fnmatchcase(p, g) for p, g in zip(parts, pattern, strict=True))
+        ):
+            continue
+        files.append(DataFile(fs, info.path, name_of(info.path), info.size))
+    return sorted(files, key=lambda f: f.path)
