@@ -138,7 +138,7 @@ class Shard:
         self.check_owned(keys)
         step = request.step if request.HasField("step") else None
         result = table.apply_gradients(keys, grads, step=step, counts=counts)
-        touched = _touched_keys(table, keys, result)
+        touched = _touched_keys(result)
         self.logs[table.name].append(table.version, touched, result.evicted_keys, time.time())
         response = ps_pb2.PushResponse(
             version=table.version,
@@ -189,13 +189,6 @@ class Shard:
         )
 
 
-def _touched_keys(table: EmbeddingTable, keys: np.ndarray, result: ApplyResult) -> np.ndarray:
-    """The sorted unique keys (t,) int64 whose rows a push created or updated.
-
-    Every pushed key trains unless admission held some back; only then is the table asked which
-    of them hold a row (export of those keys; take_changes belongs to the snapshotter).
-    """
-    unique = np.unique(keys)
-    if result.num_updated == unique.shape[0]:
-        return unique
-    return table.export(unique).keys
+def _touched_keys(result: ApplyResult) -> np.ndarray:
+    """The sorted unique keys (t,) int64 whose rows a push created or updated."""
+    return np.sort(result.updated_keys)
