@@ -140,14 +140,26 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         return await self.run_call(functools.partial(fn, self, request), work_bytes)
 
     async def run_call(self, call: Callable[[], object], work_bytes: int):
-        """call(), serialised with every other table call; inline when work_bytes is small (see run)."""
+        """call(), serialised with every other table call; inline when work_bytes is small (see run).
+
+        `_offloaded` counts calls handed to the tables thread until that thread is done with them,
+        not until their callers stop waiting: a cancelled caller (deadline, disconnect) leaves its
+        call running there, and no inline call may start beside it.
+        """
         if work_bytes <= INLINE_WORK_BYTES and self._offloaded == 0:
             return call()
         self._offloaded += 1
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self.executor, call)
-        finally:
-            self._offloaded -= 1
+        future = self.executor.submit(call)
+        future.add_done_callback(self._call_done)
+        return await asyncio.wrap_future(future)
+
+    def _call_done(self, _future) -> None:
+        """On the tables thread (or the loop, for a call cancelled before it ran)."""
+        if not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self._release_offloaded)
+
+    def _release_offloaded(self) -> None:
+        self._offloaded -= 1
 
     def notify(self, table: str) -> None:
         """Wakes the Subscribe streams of `table` (call on the event loop)."""
