@@ -38,29 +38,45 @@ _SWEEP_WINDOW = 1 << 14  # rows (and pending keys) a push's TTL sweep reads, at 
 
 
 class _ChangeTracker:
-    """Sets of touched and deleted keys, kept disjoint: the last thing that happened to a key wins."""
+    """Sets of touched and deleted keys, kept disjoint: the last thing that happened to a key wins.
 
-    def __init__(self) -> None:
+    Holds at most max_keys keys (about 25 bytes each): past that it forgets them all and reports
+    its changes as incomplete until the next take().
+    """
+
+    def __init__(self, max_keys: int) -> None:
+        self.max_keys = max_keys
         self.touched = native.HashMap()
         self.deleted = native.HashMap()
+        self.complete = True
 
     def touch(self, keys: np.ndarray) -> None:
-        if keys.shape[0]:
+        if keys.shape[0] and self.complete:
             self.touched.find_or_insert(keys)
             if self.deleted.size:
                 self.deleted.erase(keys)
+            self._check_bound()
 
     def delete(self, keys: np.ndarray) -> None:
-        if keys.shape[0]:
+        if keys.shape[0] and self.complete:
             self.deleted.find_or_insert(keys)
             self.touched.erase(keys)
+            self._check_bound()
+
+    def _check_bound(self) -> None:
+        if self.touched.size + self.deleted.size > self.max_keys:
+            self.complete = False
+            self.touched.clear()
+            self.deleted.clear()
 
     def take(self) -> TableChanges:
         touched, _ = self.touched.export()
         deleted, _ = self.deleted.export()
+        complete = self.complete
         self.touched.clear()
         self.deleted.clear()
-        return TableChanges(np.sort(touched), np.sort(deleted))
+        self.complete = True
+        return TableChanges(np.sort(touched), np.sort(deleted), complete)
 
     @property
     def memory_bytes(self) -> int:
@@ -141,13 +157,24 @@ class EmbeddingTable:
             + (self._changes.memory_bytes if self._changes is not None else 0)
         )
 
-    def enable_change_tracking(self) -> None:
+    def enable_change_tracking(self, max_keys: int | None = None) -> None:
         """From now on, remember which keys pushes touch and evictions delete (see take_changes).
 
         Costs one small-map insert per unique pushed key; used by incremental snapshots.
+        max_keys: the most changed keys remembered between two take_changes() (default: twice the
+        capacity, at least 2^20; 2^22 without capacity); past it the changes are incomplete.
         """
+        if max_keys is None:
+            capacity = self.config.capacity
+            max_keys = max(1 << 20, 2 * capacity) if capacity is not None else 1 << 22
+        if max_keys < 1:
+            raise ValueError(f"max_keys: must be >= 1, got {max_keys}")
         if self._changes is None:
-            self._changes = _ChangeTracker()
+            self._changes = _ChangeTracker(max_keys)
+
+    @property
+    def tracks_changes(self) -> bool:
+        return self._changes is not None
 
     def take_changes(self) -> TableChanges:
         """Keys touched and deleted since the previous call (or since tracking began), then resets."""
@@ -349,7 +376,7 @@ class EmbeddingTable:
         self._write_state_rows(state)
         self._load_pending_and_counters(state)
         if self._changes is not None:
-            self._changes = _ChangeTracker()
+            self._changes = _ChangeTracker(self._changes.max_keys)
 
     def load_delta(self, state: TableState, deleted_keys: np.ndarray) -> None:
         """Applies an incremental state on top of the current one: drops deleted_keys (d,) int64,
