@@ -179,6 +179,8 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
 
     @_tables_call("LookupBatch")
     def LookupBatch(self, request: ps_pb2.LookupBatchRequest) -> ps_pb2.LookupBatchResponse:
+        if request.requests:
+            self.shard.check_lookup_replies(request.requests)
         return ps_pb2.LookupBatchResponse(responses=[self.shard.lookup(r) for r in request.requests])
 
     @_tables_call("PushBatch")
