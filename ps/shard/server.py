@@ -122,7 +122,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         self.loop = asyncio.get_running_loop()
         self._changed = {name: asyncio.Event() for name in shard.tables}
         for table in shard.tables.values():
-            metrics.observe_table(table)
+            metrics.observe_table(table, shard.logs[table.name].memory_bytes)
 
     async def run(self, fn: Callable, request):
         """fn(self, request), serialised with every other table call.
@@ -161,6 +161,11 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
     def _release_offloaded(self) -> None:
         self._offloaded -= 1
 
+    def observe(self, table: str) -> None:
+        """Refreshes the gauges of `table` and the shard's push-id memory (on the tables' thread)."""
+        self.metrics.observe_table(self.shard.tables[table], self.shard.logs[table].memory_bytes)
+        self.metrics.push_id_memory.labels(str(self.shard.index)).set(self.shard.ledger.num_bytes)
+
     def notify(self, table: str) -> None:
         """Wakes the Subscribe streams of `table` (call on the event loop)."""
         event = self._changed[table]
@@ -197,14 +202,14 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         if response.duplicate:
             self.metrics.duplicate_pushes.labels(request.table).inc()
         else:
-            self.metrics.observe_table(self.shard.tables[request.table])
+            self.observe(request.table)
             self.loop.call_soon_threadsafe(self.notify, request.table)
         return response
 
     @_tables_call("Stats")
     def Stats(self, request: ps_pb2.StatsRequest) -> ps_pb2.StatsResponse:
-        for table in self.shard.tables.values():
-            self.metrics.observe_table(table)
+        for name in self.shard.tables:
+            self.observe(name)
         return self.shard.stats()
 
 

@@ -227,6 +227,10 @@ class Shard:
         state = self.table(name).export()
         return state.version, state.keys, state.values
 
+    def memory_bytes(self, name: str) -> int:
+        """What table `name` holds on this shard: the table itself and its update log."""
+        return self.table(name).memory_bytes + self.logs[name].memory_bytes
+
     def stats(self) -> ps_pb2.StatsResponse:
         return ps_pb2.StatsResponse(
             job=self.job.job,
@@ -237,7 +241,7 @@ class Shard:
                     name=t.name,
                     dim=t.dim,
                     rows=t.size,
-                    memory_bytes=t.memory_bytes,
+                    memory_bytes=self.memory_bytes(t.name),
                     version=t.version,
                     step=t.step,
                     num_admitted=t.num_admitted,
