@@ -228,12 +228,10 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         subscribers.inc()
         try:
             if request.full_sync:
-                version, keys, values = await self.run_call(
-                    functools.partial(shard.full_copy, name), table.size * (8 + 4 * table.width)
-                )
-                for reply in self._batches(name, table.dim, LogRange(0, version, keys, keys[:0], ()), values, True):
+                position = 0
+                async for reply in self._full_copy(name):
+                    position = reply.to_version
                     yield reply
-                position = version
             else:
                 position = request.from_version
                 shard.log(name).check(position, name)
@@ -255,6 +253,50 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
                 position = changes.to_version
         finally:
             subscribers.dec()
+
+    async def _full_copy(self, name: str) -> AsyncIterator[ps_pb2.UpdateBatch]:
+        """Every row of table `name`, streamed: the keys are listed at version v0, their rows read
+        a message at a time as the subscriber takes them (never a copy of the table), and what
+        changed meanwhile follows, read from a change feed the table keeps for this copy. So the
+        copy converges however long the subscriber takes, beyond the update log's window; the
+        last message's to_version says where the live ranges continue."""
+        shard, table = self.shard, self.shard.table(name)
+        dim = table.dim
+        version, keys, feed = await self.run_call(functools.partial(self._begin_copy, name), table.size * 16)
+        try:
+            rows_per = max(1, self.shard.job.message_limit_bytes // (8 + 4 * dim))
+            for i in range(0, keys.shape[0], rows_per):
+                chunk = keys[i : i + rows_per]
+                values = await self.run_call(
+                    functools.partial(shard.read_rows, name, chunk), chunk.shape[0] * (8 + 4 * dim)
+                )
+                yield self._batch(
+                    name, 0, version, dim=dim, reset=i == 0, last=False,
+                    keys=wire.encode_keys(chunk), values=values.tobytes(),
+                )
+            changes, values = await self.run_call(
+                functools.partial(self._end_copy, name, feed), (feed.touched.size + 1) * (8 + 4 * dim)
+            )
+            for reply in self._batches(name, dim, changes, values, reset=keys.shape[0] == 0):
+                yield reply
+        finally:
+            table.close_change_feed(feed)
+
+    def _begin_copy(self, name: str):
+        table = self.shard.table(name)
+        return table.version, table.keys(), table.open_change_feed()
+
+    def _end_copy(self, name: str, feed) -> tuple[LogRange, np.ndarray]:
+        """What changed since _begin_copy, as a range ending at the current version, with its rows."""
+        table = self.shard.table(name)
+        changes = feed.take()
+        if not changes.complete:
+            raise LogGapError(
+                f"table {name!r}: more than {feed.max_keys} keys changed during the full copy (or the table was "
+                "reloaded); resync with full_sync"
+            )
+        values = self.shard.read_rows(name, changes.touched_keys)
+        return LogRange(0, table.version, changes.touched_keys, changes.deleted_keys, ()), values
 
     def _read_range(self, name: str, from_version: int) -> tuple[LogRange, np.ndarray]:
         changes = self.shard.changes_after(name, from_version)

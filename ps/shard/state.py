@@ -222,11 +222,6 @@ class Shard:
         """Current values (n, dim) float32 of keys (n,) int64 of table `name`."""
         return self.table(name).lookup(keys).cpu().numpy()
 
-    def full_copy(self, name: str) -> tuple[int, np.ndarray, np.ndarray]:
-        """(version, keys (u,) int64, values (u, dim) float32): every row of table `name`, now."""
-        state = self.table(name).export()
-        return state.version, state.keys, state.values
-
     def memory_bytes(self, name: str) -> int:
         """What table `name` holds on this shard: the table itself and its update log."""
         return self.table(name).memory_bytes + self.logs[name].memory_bytes

@@ -65,9 +65,13 @@ class _ChangeTracker:
 
     def _check_bound(self) -> None:
         if self.touched.size + self.deleted.size > self.max_keys:
-            self.complete = False
-            self.touched.clear()
-            self.deleted.clear()
+            self.lose()
+
+    def lose(self) -> None:
+        """Forgets the changes: they are unknown (incomplete) until the next take()."""
+        self.complete = False
+        self.touched.clear()
+        self.deleted.clear()
 
     def take(self) -> TableChanges:
         touched, _ = self.touched.export()
@@ -81,6 +85,9 @@ class _ChangeTracker:
     @property
     def memory_bytes(self) -> int:
         return self.touched.memory_bytes + self.deleted.memory_bytes
+
+
+ChangeFeed = _ChangeTracker  # what open_change_feed hands out: take() -> TableChanges
 
 
 @dataclass
@@ -119,6 +126,9 @@ class EmbeddingTable:
         self._row_live = np.zeros(0, dtype=np.bool_)
         self._reset_pending(0)
         self._changes: _ChangeTracker | None = None
+        # Change feeds of readers that copy the table over many calls (a replica's full sync). A
+        # tuple, swapped whole, so another thread may close a feed while a push walks them.
+        self._feeds: tuple[_ChangeTracker, ...] = ()
         self._rng = np.random.default_rng(config.seed)  # eviction samples: reproducible per table
         self._sweep_cursor = 0  # next row (and pending row) a windowed TTL sweep reads
         self._pending_sweep_cursor = 0
@@ -175,6 +185,26 @@ class EmbeddingTable:
     @property
     def tracks_changes(self) -> bool:
         return self._changes is not None
+
+    def open_change_feed(self, max_keys: int | None = None) -> ChangeFeed:
+        """A feed of the keys pushes touch and evictions delete from now on, for a reader that
+        copies the table over several calls: copy, then feed.take() says what changed meanwhile.
+        max_keys as in enable_change_tracking. Close it with close_change_feed."""
+        if max_keys is None:
+            capacity = self.config.capacity
+            max_keys = max(1 << 20, 2 * capacity) if capacity is not None else 1 << 22
+        feed = _ChangeTracker(max_keys)
+        self._feeds = (*self._feeds, feed)
+        return feed
+
+    def close_change_feed(self, feed: ChangeFeed) -> None:
+        """Stops feeding `feed` (safe from any thread)."""
+        self._feeds = tuple(f for f in self._feeds if f is not feed)
+
+    def keys(self) -> np.ndarray:
+        """Every key that holds a row, (u,) int64, in no particular order."""
+        keys, _ = self._map.export()
+        return keys
 
     def take_changes(self) -> TableChanges:
         """Keys touched and deleted since the previous call (or since tracking began), then resets."""
@@ -272,6 +302,8 @@ class EmbeddingTable:
         """Advances version and step, runs the TTL sweep when one is due, records changes."""
         if self._changes is not None:
             self._changes.touch(updated_keys)
+        for feed in self._feeds:
+            feed.touch(updated_keys)
         previous_step = self.step
         self.step = max(self.step, step)
         self.version += 1
@@ -377,6 +409,8 @@ class EmbeddingTable:
         self._load_pending_and_counters(state)
         if self._changes is not None:
             self._changes = _ChangeTracker(self._changes.max_keys)
+        for feed in self._feeds:
+            feed.lose()
 
     def load_delta(self, state: TableState, deleted_keys: np.ndarray) -> None:
         """Applies an incremental state on top of the current one: drops deleted_keys (d,) int64,
@@ -389,6 +423,8 @@ class EmbeddingTable:
         grow = int((self._map.find(state.keys) < 0).sum()) - int((self._map.find(deleted_keys) >= 0).sum())
         if self.config.capacity is not None and self.size + grow > self.config.capacity:
             raise CapacityError(f"table {self.name}: delta grows past capacity {self.config.capacity}")
+        for feed in self._feeds:
+            feed.lose()
         freed = self._map.erase(deleted_keys)
         if self._indexed:
             self._row_live[freed[freed >= 0]] = False
@@ -565,6 +601,8 @@ class EmbeddingTable:
             self.num_evicted += int(keys.shape[0])
             if self._changes is not None:
                 self._changes.delete(keys)
+            for feed in self._feeds:
+                feed.delete(keys)
 
     def _gather_meta(self, rows: np.ndarray) -> np.ndarray:
         """rows (n,) -> (n, 2) uint32 [freq, last_step]."""
