@@ -274,8 +274,9 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
                     name, 0, version, dim=dim, reset=i == 0, last=False,
                     keys=wire.encode_keys(chunk), values=values.tobytes(),
                 )
+            # Off the event loop: the feed is the tables thread's to read, and it may hold many keys.
             changes, values = await self.run_call(
-                functools.partial(self._end_copy, name, feed), (feed.touched.size + 1) * (8 + 4 * dim)
+                functools.partial(self._end_copy, name, feed), INLINE_WORK_BYTES + 1
             )
             for reply in self._batches(name, dim, changes, values, reset=keys.shape[0] == 0):
                 yield reply

@@ -62,7 +62,7 @@ class AdmissionConfig:
     """Which keys earn a trainable row. Until admitted, lookup returns the key's init value and
     pushes only count the key.
 
-    max_pending: keys a shard counts while they wait for admission (about 60 bytes each); past
+    max_pending: keys a shard counts while they wait for admission (60 to 100 bytes each); past
     it the keys first seen longest ago are forgotten (embps_admission_dropped_total counts them),
     so an unbounded id space costs bounded memory. A forgotten key starts counting afresh.
     """
