@@ -1,4 +1,4 @@
-"""`embps bench {table, ps, snapshot, freshness, data, train, serve, report}`: the benchmarks.
+"""`embps bench {table, ps, snapshot, freshness, data, train, serve, soak, report}`: the benchmarks.
 
 Each sub-verb is an (add_arguments, run) pair in BENCHES; a benchmark module (numpy, torch, grpc) is
 imported by the run that needs it.
@@ -202,6 +202,41 @@ def _run_serve(args: argparse.Namespace) -> int:
     )
 
 
+def _add_soak(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--minutes", type=float, default=None, help="measured minutes in all (split over the phases)")
+    parser.add_argument("--pushes", type=int, default=1000, help="without --minutes: measured pushes per phase")
+    parser.add_argument("--snapshots", default="both", choices=["off", "on", "both"], help="phases to run")
+    parser.add_argument("--capacity", type=int, default=5000, help="rows the table holds")
+    parser.add_argument("--hot", type=int, default=600, help="keys a push takes from a hot range of 1.6 x capacity")
+    parser.add_argument("--fresh", type=int, default=600, help="never-seen keys a push carries")
+    parser.add_argument("--max-pending", type=int, default=20_000, help="admission.max_pending of the table")
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--plot", default="soak.png", help="write a PNG of push latency and RSS over time here")
+
+
+def _run_soak(args: argparse.Namespace) -> int:
+    from bench.soak_bench import SoakConfig, run_soak_bench
+
+    phases = ("off", "on") if args.snapshots == "both" else (args.snapshots,)
+    if args.minutes is not None and args.minutes <= 0:
+        raise SystemExit(f"embps bench soak: --minutes must be > 0, got {args.minutes}")
+    if args.pushes < 10:
+        raise SystemExit(f"embps bench soak: --pushes must be >= 10, got {args.pushes}")
+    seconds = args.minutes * 60 / len(phases) if args.minutes is not None else None
+    config = SoakConfig(
+        capacity=args.capacity,
+        hot=args.hot,
+        fresh=args.fresh,
+        max_pending=args.max_pending,
+        pushes=args.pushes,
+        seconds=seconds,
+        phases=phases,
+        out=args.out,
+        plot=args.plot,
+    )
+    return run_soak_bench(config)
+
+
 def _add_report(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("results", nargs="+", help="JSON files written by embps bench ... --out")
     parser.add_argument("--out", default=None, help="write the markdown here (default: print it)")
@@ -239,6 +274,7 @@ BENCHES: dict[str, Bench] = {
     "data": Bench("input rows/s of the TSV and Parquet readers at W = 1, 2, 4 ranks", _add_data, _run_data),
     "train": Bench("training samples/s through the PS vs in process", _add_train, _run_train),
     "serve": Bench("open-loop latency under load: embps serving vs Redis vs in-process lookup", _add_serve, _run_serve),
+    "soak": Bench("push cost and shard memory over a long push stream, plotted", _add_soak, _run_soak),
     "report": Bench("markdown table of `embps bench ... --out` JSON results", _add_report, _run_report),
 }
 

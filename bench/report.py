@@ -146,6 +146,20 @@ def _serve_overload(r: dict) -> tuple[str, str]:
     return setup, "; ".join(parts)
 
 
+def _soak(r: dict) -> tuple[str, str]:
+    c = r["config"]
+    setup = (
+        f"1 shard, capacity {c['capacity']:,}, {c['hot']} hot + {c['fresh']} fresh keys a push, dim {c['dim']}, "
+        f"LRU + count admission (max_pending {c['max_pending']:,}) + TTL {c['ttl_steps']}"
+    )
+    parts = [
+        f"snapshots {name}: {p['pushes']} pushes, last/first tenth: shard CPU per push x{p['cpu_ratio']:.2f}, "
+        f"wall x{p['wall_ratio']:.2f}, RSS x{p['rss_ratio']:.3f}"
+        for name, p in r["phases"].items()
+    ]
+    return setup, "; ".join(parts)
+
+
 def _numeric_fields(value: object, prefix: str = "") -> Iterable[tuple[str, float]]:
     if isinstance(value, dict):
         for k, v in value.items():
@@ -167,9 +181,9 @@ def _generic(r: dict) -> tuple[str, str]:
 
 RENDERERS: dict[str, Callable[[dict], tuple[str, str]]] = {
     "table": _table, "ps": _ps, "train": _train, "snapshot": _snapshot, "freshness": _freshness, "serve": _serve,
-    "serve_overload": _serve_overload,
+    "serve_overload": _serve_overload, "soak": _soak,
 }
-ORDER = ("table", "ps", "train", "snapshot", "freshness", "serve", "serve_overload")
+ORDER = ("table", "ps", "train", "snapshot", "freshness", "serve", "serve_overload", "soak")
 
 
 def _machine(r: dict) -> str:

@@ -220,9 +220,10 @@ class EmbpsServer:
 
     @classmethod
     def start(cls, rows: int, dim: int, workdir: Path, timeout: float = 300.0, max_queue: int | None = None,
-              export_uri: str | None = None) -> EmbpsServer:
-        """Starts a replica of the bench rows in workdir (its config and log there). max_queue: the
-        replica's load-shedding bound (None: serve.toml's default; 0: no bound). export_uri: an
+              export_uri: str | None = None, max_queue_bytes: int | None = None) -> EmbpsServer:
+        """Starts a replica of the bench rows in workdir (its config and log there). max_queue,
+        max_queue_bytes: the replica's load-shedding bounds (None: serve.toml's defaults; 0: no
+        bound). export_uri: an
         export of the same rows already written (by write_export), shared by several replicas."""
         from bench.ports import free_ports
         from ps.job_config import JobConfig, ShardConfig, dump_job_config
@@ -248,6 +249,8 @@ class EmbpsServer:
         )
         if max_queue is not None:
             config = replace(config, max_queue=max_queue)
+        if max_queue_bytes is not None:
+            config = replace(config, max_queue_bytes=max_queue_bytes)
         config_path = workdir / "serve.toml"
         config_path.write_text(dump_serve_config(config, "job.toml"))
         log_path = workdir / "serve.log"

@@ -55,7 +55,8 @@ NB_MODULE(_embps_gate, m) {
           "__init__",
           [](embps::ServingGate* self, const std::string& listen, const std::string& upstream,
              const std::string& lookup_method, nb::callable lookup, int64_t max_queue, int64_t max_message_bytes,
-             const std::string& tls_cert, const std::string& tls_key, const std::string& client_ca) {
+             const std::string& tls_cert, const std::string& tls_key, const std::string& client_ca,
+             int64_t max_queue_bytes) {
             embps::GateConfig config;
             config.listen = listen;
             config.upstream = upstream;
@@ -63,19 +64,21 @@ NB_MODULE(_embps_gate, m) {
             config.lookup = python_handler(std::move(lookup));
             config.max_queue = max_queue;
             config.max_message_bytes = max_message_bytes;
+            config.max_queue_bytes = max_queue_bytes;
             config.tls = !tls_cert.empty();
             config.tls_files = embps::GateTls{tls_cert, tls_key, client_ca};
             nb::gil_scoped_release release;
             new (self) embps::ServingGate(config);
           },
           "listen"_a, "upstream"_a, "lookup_method"_a, "lookup"_a, "max_queue"_a, "max_message_bytes"_a,
-          "tls_cert"_a = "", "tls_key"_a = "", "client_ca"_a = "")
+          "tls_cert"_a = "", "tls_key"_a = "", "client_ca"_a = "", "max_queue_bytes"_a = 0)
       .def_prop_ro("port", &embps::ServingGate::port)
       .def("stats",
            [](const embps::ServingGate& self) {
              embps::GateStats s = self.stats();
              nb::dict d;
              d["in_flight"] = s.in_flight;
+             d["queued_bytes"] = s.queued_bytes;
              d["admitted"] = s.admitted;
              d["shed"] = s.shed;
              d["forwarded"] = s.forwarded;

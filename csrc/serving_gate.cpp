@@ -60,6 +60,7 @@ class Call {
 
   ~Call() {
     if (counted_) shared_->in_flight.fetch_sub(1, std::memory_order_relaxed);
+    if (held_bytes_ != 0) shared_->queued_bytes.fetch_sub(held_bytes_, std::memory_order_relaxed);
     if (serving_) shared_->serving.fetch_sub(1, std::memory_order_relaxed);
     shared_->live_calls.fetch_sub(1, std::memory_order_relaxed);
   }
@@ -159,6 +160,18 @@ class Call {
                      tag(kFinish));
       return;
     }
+    // The byte bound: one lookup always fits (else a large one could never run), more only
+    // while the bytes held stay under max_queue_bytes.
+    const int64_t size = static_cast<int64_t>(from_caller_.Length());
+    const int64_t before = shared_->queued_bytes.fetch_add(size, std::memory_order_relaxed);
+    if (shared_->max_queue_bytes > 0 && before > 0 && before + size > shared_->max_queue_bytes) {
+      shared_->queued_bytes.fetch_sub(size, std::memory_order_relaxed);
+      shared_->admitted.fetch_sub(1, std::memory_order_relaxed);  // counted once: shed, not admitted
+      shared_->shed.fetch_add(1, std::memory_order_relaxed);
+      stream_.Finish(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED, shared_->shed_bytes_message), tag(kFinish));
+      return;
+    }
+    held_bytes_ = size;
     request_.payload = to_string(from_caller_);
     const auto& metadata = server_ctx_.client_metadata();
     auto authorization = metadata.find("authorization");
@@ -191,6 +204,11 @@ class Call {
       stream_.Finish(grpc::Status(static_cast<grpc::StatusCode>(reply.code), reply.message), tag(kFinish));
       return;
     }
+    // Counted, not checked: the reply of an admitted lookup is sent whatever its size, and the
+    // lookups that arrive while it is held see it in the bound.
+    const int64_t reply_bytes = static_cast<int64_t>(reply.payload.size());
+    shared_->queued_bytes.fetch_add(reply_bytes, std::memory_order_relaxed);
+    held_bytes_ += reply_bytes;
     reply_ = grpc::ByteBuffer(&reply.payload, 1);  // a reference to the slice, not a copy
     stream_.WriteAndFinish(reply_, grpc::WriteOptions(), grpc::Status::OK, tag(kFinish));
   }
@@ -271,6 +289,7 @@ class Call {
   Tag tags_[kKinds];
   int pending_ = 0;
   bool counted_ = false;  // holds a place in the bound (shared_->in_flight)
+  int64_t held_bytes_ = 0;  // its request and reply bytes in shared_->queued_bytes (written before kFinish)
   bool serving_ = false;  // taken before the drain (shared_->serving)
   grpc::GenericServerContext server_ctx_;
   grpc::GenericServerAsyncReaderWriter stream_;
@@ -326,12 +345,17 @@ void drain(grpc::CompletionQueue* cq) {
 ServingGate::ServingGate(const GateConfig& config) : shared_(new Shared) {
   std::unique_ptr<Shared> owner(shared_);  // until the gate runs
   if (config.max_queue < 0) throw std::invalid_argument("max_queue: must be >= 0");
+  if (config.max_queue_bytes < 0) throw std::invalid_argument("max_queue_bytes: must be >= 0");
   if (config.max_message_bytes <= 0) throw std::invalid_argument("max_message_bytes: must be > 0");
   if (!config.lookup) throw std::invalid_argument("lookup: a handler is required");
   const int max_message = static_cast<int>(std::min<int64_t>(config.max_message_bytes, INT32_MAX));
   shared_->lookup_method = config.lookup_method;
   shared_->lookup = config.lookup;
   shared_->max_queue = config.max_queue;
+  shared_->max_queue_bytes = config.max_queue_bytes;
+  shared_->shed_bytes_message = "serving queue full: the lookups waiting hold more than " +
+                                std::to_string(config.max_queue_bytes) +
+                                " bytes (max_queue_bytes); retry with backoff or add replicas";
   shared_->shed_message = "serving queue full: " + std::to_string(config.max_queue) +
                           " lookups waiting; retry with backoff or add replicas";
   grpc::ChannelArguments upstream_args;
@@ -387,8 +411,10 @@ ServingGate::~ServingGate() {
 }
 
 GateStats ServingGate::stats() const {
-  return GateStats{shared_->in_flight.load(std::memory_order_relaxed), shared_->admitted.load(std::memory_order_relaxed),
-                   shared_->shed.load(std::memory_order_relaxed), shared_->forwarded.load(std::memory_order_relaxed)};
+  return GateStats{shared_->in_flight.load(std::memory_order_relaxed),
+                   shared_->queued_bytes.load(std::memory_order_relaxed),
+                   shared_->admitted.load(std::memory_order_relaxed), shared_->shed.load(std::memory_order_relaxed),
+                   shared_->forwarded.load(std::memory_order_relaxed)};
 }
 
 void ServingGate::shutdown(double grace_seconds) {

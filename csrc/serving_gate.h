@@ -63,14 +63,16 @@ struct GateConfig {
   std::string lookup_method;      // the bounded method, answered by `lookup`: /embps.v1.Serving/Lookup
   LookupHandler lookup;
   int64_t max_queue = 0;          // lookups admitted and not finished; 0: no bound
+  int64_t max_queue_bytes = 0;    // request + reply bytes the admitted lookups hold; 0: no bound
   int64_t max_message_bytes = 0;  // largest message either way
   bool tls = false;
   GateTls tls_files;
 };
 
 struct GateStats {
-  int64_t in_flight;   // lookups admitted and not finished
-  int64_t admitted;    // lookups admitted, ever
+  int64_t in_flight;     // lookups admitted and not finished
+  int64_t queued_bytes;  // request and reply bytes those lookups hold
+  int64_t admitted;      // lookups admitted, ever
   int64_t shed;        // lookups answered RESOURCE_EXHAUSTED, ever
   int64_t forwarded;   // calls of other methods forwarded, ever
 };
@@ -93,11 +95,14 @@ class ServingGate {
     std::string lookup_method;
     LookupHandler lookup;
     int64_t max_queue = 0;
+    int64_t max_queue_bytes = 0;
     std::string shed_message;
+    std::string shed_bytes_message;
     grpc::AsyncGenericService service;
     std::unique_ptr<grpc::GenericStub> stub;
     std::unique_ptr<grpc::ServerCompletionQueue> cq;
     std::atomic<int64_t> in_flight{0};
+    std::atomic<int64_t> queued_bytes{0};
     std::atomic<int64_t> admitted{0};
     std::atomic<int64_t> shed{0};
     std::atomic<int64_t> forwarded{0};

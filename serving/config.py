@@ -13,6 +13,9 @@
                                    # answered RESOURCE_EXHAUSTED at once, unparsed (load shedding,
                                    # see serving/shedding.py); 0: no bound, every call waits its
                                    # turn and latency grows with the backlog (for comparisons)
+    max_queue_bytes = 268435456    # with the serving gate: the most request + reply bytes the
+                                   # admitted Lookups may hold (256 MiB); past it more are shed
+                                   # the same way (one Lookup is always admitted); 0: no bound
 
     [export]                       # optional: start from the latest export, then follow the deltas
     uri = "file:///data/exports"   # or s3://bucket/prefix (credentials from AWS_* variables)
@@ -35,6 +38,7 @@ from ps.job_config import JobConfig, load_job_config, parse_job_config
 # 256 small lookups are ~0.1 s of one replica's CPU (~0.34 ms each): a full queue adds at most about
 # that much latency, far below client deadlines, while it absorbs bursts of a few hundred calls.
 DEFAULT_MAX_QUEUE = 256
+DEFAULT_MAX_QUEUE_BYTES = 256 << 20
 
 
 class DefaultRow(StrEnum):
@@ -67,6 +71,7 @@ class ServeConfig:
     storage_dtype: StorageDType = StorageDType.FLOAT32
     stale_after_seconds: float = 2.0
     max_queue: int = DEFAULT_MAX_QUEUE
+    max_queue_bytes: int = DEFAULT_MAX_QUEUE_BYTES
     export: ExportSource | None = None
 
     @property
@@ -76,7 +81,7 @@ class ServeConfig:
 
 _FIELDS = {
     "job_config", "job", "listen", "metrics_port", "tables", "default", "storage_dtype", "stale_after_seconds",
-    "max_queue", "export",
+    "max_queue", "max_queue_bytes", "export",
 }
 
 
@@ -130,6 +135,12 @@ def parse_serve_config(data: dict, base_dir: Path = Path(".")) -> ServeConfig:
         raise ValueError(
             f"max_queue: must be an integer >= 0 (Lookups waiting before more are shed; 0: no bound), got {max_queue!r}"
         )
+    max_queue_bytes = data.get("max_queue_bytes", DEFAULT_MAX_QUEUE_BYTES)
+    if isinstance(max_queue_bytes, bool) or not isinstance(max_queue_bytes, int) or max_queue_bytes < 0:
+        raise ValueError(
+            "max_queue_bytes: must be an integer >= 0 (request + reply bytes of the Lookups waiting before more "
+            f"are shed; 0: no bound), got {max_queue_bytes!r}"
+        )
     return ServeConfig(
         job=job,
         listen=listen,
@@ -139,6 +150,7 @@ def parse_serve_config(data: dict, base_dir: Path = Path(".")) -> ServeConfig:
         storage_dtype=_enum(StorageDType, "storage_dtype", data.get("storage_dtype", "float32")),
         stale_after_seconds=float(stale),
         max_queue=max_queue,
+        max_queue_bytes=max_queue_bytes,
         export=_export(data.get("export"), job.job),
     )
 
@@ -179,6 +191,7 @@ def dump_serve_config(config: ServeConfig, job_config_path: str) -> str:
         "storage_dtype": config.storage_dtype,
         "stale_after_seconds": config.stale_after_seconds,
         "max_queue": config.max_queue,
+        "max_queue_bytes": config.max_queue_bytes,
     }
     blocks = [toml_writer.assignments(top)]
     if config.export is not None:

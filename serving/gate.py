@@ -5,7 +5,9 @@ Why a gate: the replica's gRPC server is Python (grpc.aio), and every call it to
 even refuse what it cannot answer: calls pile up in gRPC's core, whose default transport can
 only refuse its backlog with CANCELLED (serving/shedding.py). The gate is a grpc++ server on the
 public port, on threads of its own: it admits at most `max_queue` Lookups from arrival to reply
-and answers one more RESOURCE_EXHAUSTED at once, before reading it, in microseconds.
+and answers one more RESOURCE_EXHAUSTED at once, before reading it, in microseconds. It also bounds
+the bytes the admitted Lookups hold (request, then reply, until sent) by `max_queue_bytes`: a
+Lookup read while they hold more is answered RESOURCE_EXHAUSTED too (one is always admitted).
 
 An admitted Lookup is answered by `lookup(authorization, request) -> (code, message, reply)`,
 which the gate calls on one of its worker threads with the GIL: the replica's GateLookups
@@ -67,6 +69,7 @@ class GateStats:
     """Counts of Lookups (bounded) and of the other calls (forwarded)."""
 
     in_flight: int
+    queued_bytes: int  # request and reply bytes the admitted Lookups hold
     admitted: int
     shed: int
     forwarded: int
@@ -167,8 +170,8 @@ LookupHandler = Callable[[bytes, bytes], tuple[int, str, bytes]]
 
 class ServingGate:
     """A running gate on `listen`; `port` is the bound public port. Calls of `lookup_method` are
-    bounded by max_queue and answered by `lookup`, the others forwarded to `upstream`.
-    identity: the gate's TLS files (None: plaintext)."""
+    bounded by max_queue (and their bytes by max_queue_bytes; 0: no bound) and answered by
+    `lookup`, the others forwarded to `upstream`. identity: the gate's TLS files (None: plaintext)."""
 
     def __init__(
         self,
@@ -179,6 +182,7 @@ class ServingGate:
         max_queue: int,
         max_message_bytes: int,
         identity: GateIdentity | None,
+        max_queue_bytes: int = 0,
     ) -> None:
         if _embps_gate is None:
             raise RuntimeError(unavailable_reason())
@@ -191,7 +195,8 @@ class ServingGate:
             }
         try:
             self._gate = _embps_gate.ServingGate(
-                listen, upstream, lookup_method, lookup, max_queue, max_message_bytes, **files
+                listen, upstream, lookup_method, lookup, max_queue, max_message_bytes, **files,
+                max_queue_bytes=max_queue_bytes,
             )
         except RuntimeError as exc:
             raise OSError(str(exc)) from exc
@@ -217,9 +222,13 @@ class GateCounts:
             "embps_serving_lookup_queue", "Lookups admitted and not yet answered (the load-shedding queue)"
         )
         queue.add_metric([], stats.in_flight)
+        queue_bytes = GaugeMetricFamily(
+            "embps_serving_lookup_queue_bytes", "Request and reply bytes the admitted Lookups hold (max_queue_bytes)"
+        )
+        queue_bytes.add_metric([], stats.queued_bytes)
         shed = CounterMetricFamily(
             "embps_serving_shed_lookups",
-            "Lookups answered RESOURCE_EXHAUSTED unread because max_queue were already waiting",
+            "Lookups answered RESOURCE_EXHAUSTED because max_queue (or max_queue_bytes) were already waiting",
         )
         shed.add_metric([], stats.shed)
         admitted = CounterMetricFamily("embps_serving_admitted_lookups", "Lookups admitted by the gate")
@@ -228,4 +237,4 @@ class GateCounts:
             "embps_serving_gate_forwarded_calls", "Calls other than Lookup the gate forwarded to the replica's server"
         )
         forwarded.add_metric([], stats.forwarded)
-        yield from (queue, shed, admitted, forwarded)
+        yield from (queue, queue_bytes, shed, admitted, forwarded)

@@ -342,7 +342,7 @@ async def _serve_on(
                 identity = GateIdentity(config.job.security, directory.path)
             gate = ServingGate(
                 config.listen, directory.upstream, LOOKUP_METHOD, lookups, config.max_queue, message_limit(config),
-                identity,
+                identity, config.max_queue_bytes,
             )
             port = gate.port
             counts = GateCounts(gate)

@@ -42,7 +42,27 @@ class ShardMetrics:
             registry=r,
         )
         self.rows = Gauge("embps_table_rows", "Rows (admitted keys) held", ["table", "shard"], registry=r)
-        self.memory = Gauge("embps_table_memory_bytes", "Host and device bytes held", ["table", "shard"], registry=r)
+        self.memory = Gauge(
+            "embps_table_memory_bytes",
+            "Host and device bytes held: rows, key map, admission counters, change tracking, update log",
+            ["table", "shard"],
+            registry=r,
+        )
+        self.pending = Gauge(
+            "embps_table_pending_keys", "Keys counted while they wait for admission", ["table", "shard"], registry=r
+        )
+        self.pending_dropped = Counter(
+            "embps_admission_dropped",
+            "Pending keys forgotten because admission.max_pending was reached (oldest first)",
+            ["table", "shard"],
+            registry=r,
+        )
+        self.push_id_memory = Gauge(
+            "embps_push_id_memory_bytes",
+            "Bytes held by the push-id memory (dedupe of retried pushes)",
+            ["shard"],
+            registry=r,
+        )
         self.version = Gauge("embps_table_version", "Pushes applied to the table", ["table", "shard"], registry=r)
         self.evictions = Counter("embps_evictions", "Rows evicted (capacity or TTL)", ["table", "shard"], registry=r)
         self.admissions = Counter("embps_admissions", "Keys admitted to a row", ["table", "shard"], registry=r)
@@ -65,18 +85,21 @@ class ShardMetrics:
             ["shard"],
             registry=r,
         )
-        self._seen: dict[str, tuple[int, int]] = {}
+        self._seen: dict[str, tuple[int, int, int]] = {}
 
-    def observe_table(self, table) -> None:
-        """Copies an EmbeddingTable's size, memory, version and counters into the metrics."""
+    def observe_table(self, table, other_bytes: int = 0) -> None:
+        """Copies an EmbeddingTable's size, memory (+ other_bytes held for it, e.g. its update
+        log), version and counters into the metrics."""
         name = table.name
         self.rows.labels(name, self.shard).set(table.size)
-        self.memory.labels(name, self.shard).set(table.memory_bytes)
+        self.memory.labels(name, self.shard).set(table.memory_bytes + other_bytes)
         self.version.labels(name, self.shard).set(table.version)
-        evicted, admitted = self._seen.get(name, (0, 0))
+        self.pending.labels(name, self.shard).set(table.num_pending)
+        evicted, admitted, dropped = self._seen.get(name, (0, 0, 0))
         self.evictions.labels(name, self.shard).inc(max(0, table.num_evicted - evicted))
         self.admissions.labels(name, self.shard).inc(max(0, table.num_admitted - admitted))
-        self._seen[name] = (table.num_evicted, table.num_admitted)
+        self.pending_dropped.labels(name, self.shard).inc(max(0, table.num_pending_dropped - dropped))
+        self._seen[name] = (table.num_evicted, table.num_admitted, table.num_pending_dropped)
 
     def serve(self, port: int, host: str = "127.0.0.1") -> int:
         """Starts the /metrics HTTP server in a daemon thread; returns the bound port."""

@@ -127,7 +127,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         self.loop = asyncio.get_running_loop()
         self._changed = {name: asyncio.Event() for name in shard.tables}
         for table in shard.tables.values():
-            metrics.observe_table(table)
+            metrics.observe_table(table, shard.logs[table.name].memory_bytes)
 
     async def run(self, fn: Callable, request):
         """fn(self, request), serialised with every other table call.
@@ -145,14 +145,31 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         return await self.run_call(functools.partial(fn, self, request), work_bytes)
 
     async def run_call(self, call: Callable[[], object], work_bytes: int):
-        """call(), serialised with every other table call; inline when work_bytes is small (see run)."""
+        """call(), serialised with every other table call; inline when work_bytes is small (see run).
+
+        `_offloaded` counts calls handed to the tables thread until that thread is done with them,
+        not until their callers stop waiting: a cancelled caller (deadline, disconnect) leaves its
+        call running there, and no inline call may start beside it.
+        """
         if work_bytes <= INLINE_WORK_BYTES and self._offloaded == 0:
             return call()
         self._offloaded += 1
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self.executor, call)
-        finally:
-            self._offloaded -= 1
+        future = self.executor.submit(call)
+        future.add_done_callback(self._call_done)
+        return await asyncio.wrap_future(future)
+
+    def _call_done(self, _future) -> None:
+        """On the tables thread (or the loop, for a call cancelled before it ran)."""
+        if not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self._release_offloaded)
+
+    def _release_offloaded(self) -> None:
+        self._offloaded -= 1
+
+    def observe(self, table: str) -> None:
+        """Refreshes the gauges of `table` and the shard's push-id memory (on the tables' thread)."""
+        self.metrics.observe_table(self.shard.tables[table], self.shard.logs[table].memory_bytes)
+        self.metrics.push_id_memory.labels(str(self.shard.index)).set(self.shard.ledger.num_bytes)
 
     def notify(self, table: str) -> None:
         """Wakes the Subscribe streams of `table` (call on the event loop)."""
@@ -172,6 +189,8 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
 
     @_tables_call("LookupBatch")
     def LookupBatch(self, request: ps_pb2.LookupBatchRequest) -> ps_pb2.LookupBatchResponse:
+        if request.requests:
+            self.shard.check_lookup_replies(request.requests)
         return ps_pb2.LookupBatchResponse(responses=[self.shard.lookup(r) for r in request.requests])
 
     @_tables_call("PushBatch")
@@ -188,14 +207,14 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         if response.duplicate:
             self.metrics.duplicate_pushes.labels(request.table).inc()
         else:
-            self.metrics.observe_table(self.shard.tables[request.table])
+            self.observe(request.table)
             self.loop.call_soon_threadsafe(self.notify, request.table)
         return response
 
     @_tables_call("Stats")
     def Stats(self, request: ps_pb2.StatsRequest) -> ps_pb2.StatsResponse:
-        for table in self.shard.tables.values():
-            self.metrics.observe_table(table)
+        for name in self.shard.tables:
+            self.observe(name)
         return self.shard.stats()
 
 
@@ -214,12 +233,10 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         subscribers.inc()
         try:
             if request.full_sync:
-                version, keys, values = await self.run_call(
-                    functools.partial(shard.full_copy, name), table.size * (8 + 4 * table.width)
-                )
-                for reply in self._batches(name, table.dim, LogRange(0, version, keys, keys[:0], ()), values, True):
+                position = 0
+                async for reply in self._full_copy(name):
+                    position = reply.to_version
                     yield reply
-                position = version
             else:
                 position = request.from_version
                 shard.log(name).check(position, name)
@@ -241,6 +258,51 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
                 position = changes.to_version
         finally:
             subscribers.dec()
+
+    async def _full_copy(self, name: str) -> AsyncIterator[ps_pb2.UpdateBatch]:
+        """Every row of table `name`, streamed: the keys are listed at version v0, their rows read
+        a message at a time as the subscriber takes them (never a copy of the table), and what
+        changed meanwhile follows, read from a change feed the table keeps for this copy. So the
+        copy converges however long the subscriber takes, beyond the update log's window; the
+        last message's to_version says where the live ranges continue."""
+        shard, table = self.shard, self.shard.table(name)
+        dim = table.dim
+        version, keys, feed = await self.run_call(functools.partial(self._begin_copy, name), table.size * 16)
+        try:
+            rows_per = max(1, self.shard.job.message_limit_bytes // (8 + 4 * dim))
+            for i in range(0, keys.shape[0], rows_per):
+                chunk = keys[i : i + rows_per]
+                values = await self.run_call(
+                    functools.partial(shard.read_rows, name, chunk), chunk.shape[0] * (8 + 4 * dim)
+                )
+                yield self._batch(
+                    name, 0, version, dim=dim, reset=i == 0, last=False,
+                    keys=wire.encode_keys(chunk), values=values.tobytes(),
+                )
+            # Off the event loop: the feed is the tables thread's to read, and it may hold many keys.
+            changes, values = await self.run_call(
+                functools.partial(self._end_copy, name, feed), INLINE_WORK_BYTES + 1
+            )
+            for reply in self._batches(name, dim, changes, values, reset=keys.shape[0] == 0):
+                yield reply
+        finally:
+            table.close_change_feed(feed)
+
+    def _begin_copy(self, name: str):
+        table = self.shard.table(name)
+        return table.version, table.keys(), table.open_change_feed()
+
+    def _end_copy(self, name: str, feed) -> tuple[LogRange, np.ndarray]:
+        """What changed since _begin_copy, as a range ending at the current version, with its rows."""
+        table = self.shard.table(name)
+        changes = feed.take()
+        if not changes.complete:
+            raise LogGapError(
+                f"table {name!r}: more than {feed.max_keys} keys changed during the full copy (or the table was "
+                "reloaded); resync with full_sync"
+            )
+        values = self.shard.read_rows(name, changes.touched_keys)
+        return LogRange(0, table.version, changes.touched_keys, changes.deleted_keys, ()), values
 
     def _read_range(self, name: str, from_version: int) -> tuple[LogRange, np.ndarray]:
         changes = self.shard.changes_after(name, from_version)

@@ -9,6 +9,7 @@ event loop), so table operations are serialised without locks. Errors are domain
 from __future__ import annotations
 
 import secrets
+import struct
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -23,37 +24,80 @@ from ps.shard.update_log import DEFAULT_MAX_ENTRIES, DEFAULT_MAX_KEYS, LogRange,
 from ps.table.embedding_table import ApplyResult, EmbeddingTable
 from ps.table.state import TableState
 
+_REPLY_FRAMING_BYTES = 32  # one LookupResponse's fields besides its values (generous)
 MAX_REMEMBERED_CLIENTS = 4096
+MAX_CLIENT_ID_BYTES = 256
+DEFAULT_LEDGER_BYTES = 32 << 20
+# What one remembered push costs, measured (tests/ps/test_server.py): an ordered-dict node and slot,
+# the sequence, and the answer packed into 32 bytes.
+LEDGER_ENTRY_BYTES = 224
+_ANSWER = struct.Struct("<4Q")  # version, num_updated, num_inserted, num_evicted
+LEDGER_CLIENT_BYTES = 400  # a client's own dict and its slot in the client table, plus its id
 
 
 class PushLedger:
     """Answers of the recent pushes of each client, so a retried push is applied once.
 
-    Keeps the last `window` sequences of each of the last MAX_REMEMBERED_CLIENTS client ids.
-    A client retries a push within seconds, long before `window` newer pushes of its own.
+    Keeps the last `window` sequences of each of the last MAX_REMEMBERED_CLIENTS client ids, in
+    at most `max_bytes` (estimated per entry and per client; the least recently pushing clients
+    are forgotten first). A client retries a push within seconds, long before `window` newer
+    pushes of its own. Answers are kept packed: version, num_updated, num_inserted, num_evicted.
     """
 
-    def __init__(self, window: int, max_clients: int = MAX_REMEMBERED_CLIENTS) -> None:
+    def __init__(
+        self, window: int, max_clients: int = MAX_REMEMBERED_CLIENTS, max_bytes: int = DEFAULT_LEDGER_BYTES
+    ) -> None:
         self.window = window
         self.max_clients = max_clients
-        self._clients: OrderedDict[str, OrderedDict[int, ps_pb2.PushResponse]] = OrderedDict()
+        self.max_bytes = max_bytes
+        self.num_bytes = 0
+        self._clients: OrderedDict[str, OrderedDict[int, bytes]] = OrderedDict()
 
     def get(self, client_id: str, sequence: int) -> ps_pb2.PushResponse | None:
         """The answer recorded for (client_id, sequence), or None if it was not applied (or forgotten)."""
         seen = self._clients.get(client_id)
-        return None if seen is None else seen.get(sequence)
+        answer = None if seen is None else seen.get(sequence)
+        if answer is None:
+            return None
+        version, num_updated, num_inserted, num_evicted = _ANSWER.unpack(answer)
+        return ps_pb2.PushResponse(
+            version=version, num_updated=num_updated, num_inserted=num_inserted, num_evicted=num_evicted
+        )
 
     def put(self, client_id: str, sequence: int, response: ps_pb2.PushResponse) -> None:
+        check_client_id(client_id)
         seen = self._clients.get(client_id)
         if seen is None:
             seen = self._clients[client_id] = OrderedDict()
-            if len(self._clients) > self.max_clients:
-                self._clients.popitem(last=False)
+            self.num_bytes += LEDGER_CLIENT_BYTES + len(client_id)
         else:
             self._clients.move_to_end(client_id)
-        seen[sequence] = response
+        if sequence not in seen:
+            self.num_bytes += LEDGER_ENTRY_BYTES
+        r = response
+        seen[sequence] = _ANSWER.pack(r.version, r.num_updated, r.num_inserted, r.num_evicted)
         if len(seen) > self.window:
             seen.popitem(last=False)
+            self.num_bytes -= LEDGER_ENTRY_BYTES
+        while len(self._clients) > 1 and (len(self._clients) > self.max_clients or self.num_bytes > self.max_bytes):
+            self._forget_oldest_client()
+        while self.num_bytes > self.max_bytes and len(seen) > 1:  # one client alone over the bound
+            seen.popitem(last=False)
+            self.num_bytes -= LEDGER_ENTRY_BYTES
+
+    def _forget_oldest_client(self) -> None:
+        client_id, seen = self._clients.popitem(last=False)
+        self.num_bytes -= LEDGER_CLIENT_BYTES + len(client_id) + LEDGER_ENTRY_BYTES * len(seen)
+
+
+def check_client_id(client_id: str) -> None:
+    """ValueError unless client_id is at most MAX_CLIENT_ID_BYTES long (UTF-8)."""
+    size = len(client_id.encode())
+    if size > MAX_CLIENT_ID_BYTES:
+        raise ValueError(
+            f"push_id.client_id: at most {MAX_CLIENT_ID_BYTES} bytes (the shard remembers it for every push "
+            f"it deduplicates), got {size}"
+        )
 
 
 class Shard:
@@ -109,10 +153,26 @@ class Shard:
                 "route keys with the job's shard map"
             )
 
+    def check_lookup_replies(self, requests: list[ps_pb2.LookupRequest]) -> None:
+        """ValueError naming the limit when the replies of `requests` (one message) would exceed
+        the job's message_limit_bytes: checked before any reply is built."""
+        total = 0
+        for request in requests:
+            table = self.table(request.table)
+            total += len(request.keys) // 8 * table.dim * 4 + _REPLY_FRAMING_BYTES
+        limit = self.job.message_limit_bytes
+        if total > limit:
+            table = self.table(requests[0].table)
+            raise ValueError(
+                f"keys: the reply would be {total:,} bytes, over message_limit_bytes {limit:,}; split the request "
+                f"(at most {limit // (4 * table.dim):,} keys of table {table.name!r} at dim {table.dim} per call)"
+            )
+
     def lookup(self, request: ps_pb2.LookupRequest) -> ps_pb2.LookupResponse:
         """values (n, dim) float32 of keys (n,) int64; unknown keys read as their init value."""
         table = self.table(request.table)
         wire.check_dim(request.dim, table.dim, table.name)
+        self.check_lookup_replies([request])
         keys = wire.decode_keys(request.keys)
         self.check_owned(keys)
         values = table.lookup(keys)
@@ -125,12 +185,11 @@ class Shard:
         table = self.table(request.table)
         push_id = request.push_id
         if push_id.client_id:
+            check_client_id(push_id.client_id)
             previous = self.ledger.get(push_id.client_id, push_id.sequence)
             if previous is not None:
-                duplicate = ps_pb2.PushResponse()
-                duplicate.CopyFrom(previous)
-                duplicate.duplicate = True
-                return duplicate
+                previous.duplicate = True
+                return previous
         wire.check_dim(request.dim, table.dim, table.name)
         keys = wire.decode_keys(request.keys)
         grads = wire.decode_values(request.grads, keys.shape[0], table.dim, request.dtype, "grads")
@@ -138,7 +197,7 @@ class Shard:
         self.check_owned(keys)
         step = request.step if request.HasField("step") else None
         result = table.apply_gradients(keys, grads, step=step, counts=counts)
-        touched = _touched_keys(table, keys, result)
+        touched = _touched_keys(result)
         self.logs[table.name].append(table.version, touched, result.evicted_keys, time.time())
         response = ps_pb2.PushResponse(
             version=table.version,
@@ -163,10 +222,9 @@ class Shard:
         """Current values (n, dim) float32 of keys (n,) int64 of table `name`."""
         return self.table(name).lookup(keys).cpu().numpy()
 
-    def full_copy(self, name: str) -> tuple[int, np.ndarray, np.ndarray]:
-        """(version, keys (u,) int64, values (u, dim) float32): every row of table `name`, now."""
-        state = self.table(name).export()
-        return state.version, state.keys, state.values
+    def memory_bytes(self, name: str) -> int:
+        """What table `name` holds on this shard: the table itself and its update log."""
+        return self.table(name).memory_bytes + self.logs[name].memory_bytes
 
     def stats(self) -> ps_pb2.StatsResponse:
         return ps_pb2.StatsResponse(
@@ -178,7 +236,7 @@ class Shard:
                     name=t.name,
                     dim=t.dim,
                     rows=t.size,
-                    memory_bytes=t.memory_bytes,
+                    memory_bytes=self.memory_bytes(t.name),
                     version=t.version,
                     step=t.step,
                     num_admitted=t.num_admitted,
@@ -189,13 +247,6 @@ class Shard:
         )
 
 
-def _touched_keys(table: EmbeddingTable, keys: np.ndarray, result: ApplyResult) -> np.ndarray:
-    """The sorted unique keys (t,) int64 whose rows a push created or updated.
-
-    Every pushed key trains unless admission held some back; only then is the table asked which
-    of them hold a row (export of those keys; take_changes belongs to the snapshotter).
-    """
-    unique = np.unique(keys)
-    if result.num_updated == unique.shape[0]:
-        return unique
-    return table.export(unique).keys
+def _touched_keys(result: ApplyResult) -> np.ndarray:
+    """The sorted unique keys (t,) int64 whose rows a push created or updated."""
+    return np.sort(result.updated_keys)

@@ -22,6 +22,7 @@ from ps.errors import LogGapError
 
 DEFAULT_MAX_ENTRIES = 65536
 DEFAULT_MAX_KEYS = 1 << 20
+ENTRY_OVERHEAD_BYTES = 400  # a LogEntry, its two array headers and its deque slot (beside the keys)
 
 @dataclass(frozen=True)
 class LogEntry:
@@ -66,6 +67,7 @@ class UpdateLog:
         self.head_version = base_version
         self._entries: deque[LogEntry] = deque()
         self._num_keys = 0
+        self._num_bytes = 0
 
     @property
     def num_entries(self) -> int:
@@ -76,6 +78,11 @@ class UpdateLog:
         """Touched plus deleted keys held over all entries."""
         return self._num_keys
 
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes the log holds: its keys and a fixed overhead per entry."""
+        return self._num_bytes
+
     def append(self, version: int, touched_keys: np.ndarray, deleted_keys: np.ndarray, ack_time: float) -> None:
         """Records push `version`: touched_keys (t,) int64 unique, deleted_keys (d,) int64.
 
@@ -85,14 +92,17 @@ class UpdateLog:
         if version != self.head_version + 1:
             self._entries.clear()
             self._num_keys = 0
+            self._num_bytes = 0
             self.base_version = version - 1
         entry = LogEntry(version, touched_keys, deleted_keys, ack_time)
         self._entries.append(entry)
         self._num_keys += touched_keys.shape[0] + deleted_keys.shape[0]
+        self._num_bytes += _entry_bytes(entry)
         self.head_version = version
         while len(self._entries) > 1 and (len(self._entries) > self.max_entries or self._num_keys > self.max_keys):
             dropped = self._entries.popleft()
             self._num_keys -= dropped.touched_keys.shape[0] + dropped.deleted_keys.shape[0]
+            self._num_bytes -= _entry_bytes(dropped)
             self.base_version = dropped.version
 
     def covers(self, from_version: int) -> bool:
@@ -137,3 +147,7 @@ class UpdateLog:
         unique, last_from_end = np.unique(reversed_keys, return_index=True)
         deleted = is_delete[::-1][last_from_end]
         return LogRange(from_version, self.head_version, unique[~deleted], unique[deleted], acks)
+
+
+def _entry_bytes(entry: LogEntry) -> int:
+    return entry.touched_keys.nbytes + entry.deleted_keys.nbytes + ENTRY_OVERHEAD_BYTES

@@ -197,6 +197,12 @@ class SnapshotWriter:
         self._extra: dict[str, FileEntry] = {}
         self._committed = False
 
+    def parent_snapshot(self) -> Snapshot:
+        """The committed snapshot an incremental builds on (SnapshotError if it is not readable)."""
+        if self.parent is None:
+            raise ValueError(f"step {self.step}: a {self.kind} snapshot has no parent")
+        return Snapshot(self.fs, self._job_dir, read_manifest_at(self.fs, self._job_dir, self.parent))
+
     def write_table_shard(
         self,
         table: str,

@@ -1,7 +1,7 @@
 """What is done with snapshots: write live tables (full or incremental), export for serving, gc.
 
-snapper = ShardSnapshotter({"user": table, "item": table2}, shard=0)  # turns on change tracking
-snapper.snapshot(uri, "ctr", step=1000, kind="full")
+snapper = ShardSnapshotter({"user": table, "item": table2}, shard=0)
+snapper.snapshot(uri, "ctr", step=1000, kind="full")                # turns on change tracking
 ...train...
 snapper.snapshot(uri, "ctr", step=2000, kind="incremental")         # parent: step 1000
 export_for_serving(uri, "ctr", None, serving_uri, dtype="float16")
@@ -21,6 +21,7 @@ from ps.snapshot.files import (
     MANIFEST,
     Manifest,
     ShardRecord,
+    Snapshot,
     SnapshotError,
     SnapshotKind,
     SnapshotWriter,
@@ -39,9 +40,24 @@ if TYPE_CHECKING:  # the table brings torch; `embps snapshot` only reads files a
 
 def _merge_changes(older: TableChanges, newer: TableChanges) -> TableChanges:
     """Changes over both periods; the newer event of a key wins, as in the table's own tracker."""
+    if not (older.complete and newer.complete):
+        empty = np.empty(0, dtype=np.int64)
+        return TableChanges(empty, empty, complete=False)
     touched = np.union1d(np.setdiff1d(older.touched_keys, newer.deleted_keys), newer.touched_keys)
     deleted = np.union1d(np.setdiff1d(older.deleted_keys, newer.touched_keys), newer.deleted_keys)
     return TableChanges(touched, deleted)
+
+
+def _keys_at(snapshot: Snapshot, table: str, shard: int) -> np.ndarray:
+    """The sorted keys (u,) int64 of one table shard as of `snapshot` (full + incrementals)."""
+    chain = [snapshot]
+    while chain[-1].manifest.kind == SnapshotKind.INCREMENTAL:
+        last = chain[-1]
+        chain.append(Snapshot(last.fs, last.job_dir, read_manifest_at(last.fs, last.job_dir, last.manifest.parent)))
+    keys = np.empty(0, dtype=np.int64)
+    for part in (s.load_table_shard(table, shard) for s in reversed(chain)):
+        keys = np.union1d(np.setdiff1d(keys, part.deleted_keys), part.state.keys)
+    return keys
 
 
 class ShardSnapshotter:
@@ -51,6 +67,10 @@ class ShardSnapshotter:
     through this object, plus the keys evicted since then (take_changes()). Changes handed to a
     write are kept until mark_committed(), and folded into the next incremental: if a commit
     fails, nothing touched in between is lost (at worst a row is written twice).
+    Changes are tracked only from the first full write or mark_committed() (a restored step) on,
+    so a shard that takes no snapshots keeps no history. When more keys changed than a table's
+    tracker holds, the next incremental carries every row and, as deletions, the parent's keys
+    that are gone: a full snapshot's cost, an incremental's format.
     Not thread-safe: call it where the tables' pushes are serialised.
     """
 
@@ -60,7 +80,6 @@ class ShardSnapshotter:
         for name, table in tables.items():
             if name != table.name:
                 raise ValueError(f"tables[{name!r}]: the key must be the table's name, got {table.name!r}")
-            table.enable_change_tracking()
         self.tables = dict(tables)
         self.shard = check_step("shard", shard)
         self.last_committed_step: int | None = None
@@ -70,8 +89,14 @@ class ShardSnapshotter:
         """Writes this shard's tables into `writer` (full or incremental, per writer.kind)."""
         if writer.kind not in (SnapshotKind.FULL, SnapshotKind.INCREMENTAL):
             raise ValueError(f"writer.kind: live tables go into full or incremental snapshots, got {writer.kind}")
+        if writer.kind == SnapshotKind.INCREMENTAL and not all(t.tracks_changes for t in self.tables.values()):
+            raise SnapshotError(
+                f"kind: shard {self.shard} wrote no full snapshot since it started and restored none, so it "
+                f"has no changes to write on step {writer.parent}; write a full snapshot"
+            )
         records = []
         for name, table in sorted(self.tables.items()):
+            table.enable_change_tracking()  # from a full write on (export and tracking see the same rows)
             changes = table.take_changes()
             if name in self._unconfirmed:
                 changes = _merge_changes(self._unconfirmed[name], changes)
@@ -80,6 +105,10 @@ class ShardSnapshotter:
             self._unconfirmed[name] = changes
             if writer.kind == SnapshotKind.FULL:
                 records.append(writer.write_table_shard(name, self.shard, table.export(), config=table.config))
+            elif not changes.complete:
+                state = table.export()
+                gone = np.setdiff1d(_keys_at(writer.parent_snapshot(), name, self.shard), state.keys)
+                records.append(writer.write_table_shard(name, self.shard, state, gone, config=table.config))
             else:
                 state = table.export(changes.touched_keys)
                 records.append(
@@ -88,7 +117,10 @@ class ShardSnapshotter:
         return records
 
     def mark_committed(self, step: int) -> None:
-        """The snapshot holding the last write() is committed: forget the changes it carried."""
+        """The snapshot holding the last write() (or the step the tables were restored from) is
+        committed: forget the changes it carried, track changes from here on."""
+        for table in self.tables.values():
+            table.enable_change_tracking()
         self._unconfirmed.clear()
         self.last_committed_step = step
 

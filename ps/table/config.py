@@ -60,11 +60,17 @@ class OptimizerConfig:
 @dataclass(frozen=True)
 class AdmissionConfig:
     """Which keys earn a trainable row. Until admitted, lookup returns the key's init value and
-    pushes only count the key."""
+    pushes only count the key.
+
+    max_pending: keys a shard counts while they wait for admission (60 to 100 bytes each); past
+    it the keys first seen longest ago are forgotten (embps_admission_dropped_total counts them),
+    so an unbounded id space costs bounded memory. A forgotten key starts counting afresh.
+    """
 
     kind: AdmissionKind = AdmissionKind.NONE
     min_count: int = 1
     probability: float = 1.0
+    max_pending: int = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -131,6 +137,7 @@ class TableConfig:
         _check_enum(f"{p}.admission.kind", a.kind, AdmissionKind)
         _check_int(f"{p}.admission.min_count", a.min_count, low=1, high=2**31)
         _check_float(f"{p}.admission.probability", a.probability, low=0.0, high=1.0)
+        _check_int(f"{p}.admission.max_pending", a.max_pending, low=1, high=2**32 - 2)
         if a.kind == AdmissionKind.PROBABILITY and a.probability == 0.0:
             raise ValueError(f"{p}.admission.probability: must be > 0, or no key could ever train")
         e = self.eviction

@@ -10,6 +10,7 @@ allocate. Not thread-safe: one caller at a time (the PS server serialises calls)
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,36 +27,67 @@ from ps.table.state import TableChanges, TableState
 _ADMISSION_SALT = 0x41444D4954  # separates admission coin flips from init values
 _MAX_STEP = 2**32 - 1
 _EVICTION_SLACK = 64  # a full table frees need + capacity/64 rows, so the scan is amortised
+# Up to this many rows, eviction and TTL sweeps read the whole table (exact order, < ~1 ms).
+# Above it they never do: capacity eviction picks the oldest of a random sample of rows (as
+# Redis does, an approximate LRU/LFU) and the TTL sweep reads a window of rows per push, so no
+# push pays for a pass over a large table.
+EXACT_SCAN_ROWS = 1 << 16
+_EVICTION_SAMPLE = 16  # rows sampled per row to free (at least _MIN_EVICTION_SAMPLE)
+_MIN_EVICTION_SAMPLE = 4096
+_SWEEP_WINDOW = 1 << 14  # rows (and pending keys) a push's TTL sweep reads, at least
 
 
 class _ChangeTracker:
-    """Sets of touched and deleted keys, kept disjoint: the last thing that happened to a key wins."""
+    """Sets of touched and deleted keys, kept disjoint: the last thing that happened to a key wins.
 
-    def __init__(self) -> None:
+    Holds at most max_keys keys (about 25 bytes each): past that it forgets them all and reports
+    its changes as incomplete until the next take().
+    """
+
+    def __init__(self, max_keys: int) -> None:
+        self.max_keys = max_keys
         self.touched = native.HashMap()
         self.deleted = native.HashMap()
+        self.complete = True
 
     def touch(self, keys: np.ndarray) -> None:
-        if keys.shape[0]:
+        if keys.shape[0] and self.complete:
             self.touched.find_or_insert(keys)
             if self.deleted.size:
                 self.deleted.erase(keys)
+            self._check_bound()
 
     def delete(self, keys: np.ndarray) -> None:
-        if keys.shape[0]:
+        if keys.shape[0] and self.complete:
             self.deleted.find_or_insert(keys)
             self.touched.erase(keys)
+            self._check_bound()
+
+    def _check_bound(self) -> None:
+        if self.touched.size + self.deleted.size > self.max_keys:
+            self.lose()
+
+    def lose(self) -> None:
+        """Forgets the changes: they are unknown (incomplete) until the next take()."""
+        self.complete = False
+        self.touched.clear()
+        self.deleted.clear()
 
     def take(self) -> TableChanges:
         touched, _ = self.touched.export()
         deleted, _ = self.deleted.export()
+        complete = self.complete
         self.touched.clear()
         self.deleted.clear()
-        return TableChanges(np.sort(touched), np.sort(deleted))
+        self.complete = True
+        return TableChanges(np.sort(touched), np.sort(deleted), complete)
 
     @property
     def memory_bytes(self) -> int:
         return self.touched.memory_bytes + self.deleted.memory_bytes
+
+
+ChangeFeed = _ChangeTracker  # what open_change_feed hands out: take() -> TableChanges
 
 
 @dataclass
@@ -65,6 +97,7 @@ class ApplyResult:
     num_updated: int  # unique keys whose rows the optimizer moved
     num_inserted: int  # of those, rows created by this call
     evicted_keys: np.ndarray  # (e,) int64 keys dropped by capacity or TTL eviction
+    updated_keys: np.ndarray  # (num_updated,) int64 the unique keys whose rows moved, unordered
 
 
 class EmbeddingTable:
@@ -87,13 +120,23 @@ class EmbeddingTable:
         self._map = native.HashMap()
         self._native_optimizer = native.native_enum(native.OptimizerKind, config.optimizer.kind)
         self._hyper = optimizers.hyper_parameters(config.optimizer)
-        self._pending = native.HashMap()
-        self._pending_meta = np.zeros((0, 2), dtype=np.uint32)  # [count, last_step] per pending row
+        # The key of each row, where _row_live: only tables that evict need it (9 bytes a row).
+        self._indexed = config.eviction.policy != EvictionPolicy.NONE or config.eviction.ttl_steps is not None
+        self._row_keys = np.zeros(0, dtype=np.int64)
+        self._row_live = np.zeros(0, dtype=np.bool_)
+        self._reset_pending(0)
         self._changes: _ChangeTracker | None = None
+        # Change feeds of readers that copy the table over many calls (a replica's full sync). A
+        # tuple, swapped whole, so another thread may close a feed while a push walks them.
+        self._feeds: tuple[_ChangeTracker, ...] = ()
+        self._rng = np.random.default_rng(config.seed)  # eviction samples: reproducible per table
+        self._sweep_cursor = 0  # next row (and pending row) a windowed TTL sweep reads
+        self._pending_sweep_cursor = 0
         self.version = 0
         self.step = 0
         self.num_admitted = 0
         self.num_evicted = 0
+        self.num_pending_dropped = 0  # keys forgotten because admission.max_pending was reached
 
     @property
     def name(self) -> str:
@@ -110,22 +153,58 @@ class EmbeddingTable:
 
     @property
     def memory_bytes(self) -> int:
-        """Host and device bytes held: map, row blocks, admission counters."""
+        """Host and device bytes held: map, row blocks, row index, admission counters, changes."""
         return (
             self._map.memory_bytes
             + self._store.memory_bytes
+            + self._row_keys.nbytes
+            + self._row_live.nbytes
             + self._pending.memory_bytes
             + self._pending_meta.nbytes
+            + self._pending_keys.nbytes
+            + self._pending_seq.nbytes
+            + 16 * self._pending_order_len
             + (self._changes.memory_bytes if self._changes is not None else 0)
         )
 
-    def enable_change_tracking(self) -> None:
+    def enable_change_tracking(self, max_keys: int | None = None) -> None:
         """From now on, remember which keys pushes touch and evictions delete (see take_changes).
 
         Costs one small-map insert per unique pushed key; used by incremental snapshots.
+        max_keys: the most changed keys remembered between two take_changes() (default: twice the
+        capacity, at least 2^20; 2^22 without capacity); past it the changes are incomplete.
         """
+        if max_keys is None:
+            capacity = self.config.capacity
+            max_keys = max(1 << 20, 2 * capacity) if capacity is not None else 1 << 22
+        if max_keys < 1:
+            raise ValueError(f"max_keys: must be >= 1, got {max_keys}")
         if self._changes is None:
-            self._changes = _ChangeTracker()
+            self._changes = _ChangeTracker(max_keys)
+
+    @property
+    def tracks_changes(self) -> bool:
+        return self._changes is not None
+
+    def open_change_feed(self, max_keys: int | None = None) -> ChangeFeed:
+        """A feed of the keys pushes touch and evictions delete from now on, for a reader that
+        copies the table over several calls: copy, then feed.take() says what changed meanwhile.
+        max_keys as in enable_change_tracking. Close it with close_change_feed."""
+        if max_keys is None:
+            capacity = self.config.capacity
+            max_keys = max(1 << 20, 2 * capacity) if capacity is not None else 1 << 22
+        feed = _ChangeTracker(max_keys)
+        self._feeds = (*self._feeds, feed)
+        return feed
+
+    def close_change_feed(self, feed: ChangeFeed) -> None:
+        """Stops feeding `feed` (safe from any thread)."""
+        self._feeds = tuple(f for f in self._feeds if f is not feed)
+
+    def keys(self) -> np.ndarray:
+        """Every key that holds a row, (u,) int64, in no particular order."""
+        keys, _ = self._map.export()
+        return keys
 
     def take_changes(self) -> TableChanges:
         """Keys touched and deleted since the previous call (or since tracking began), then resets."""
@@ -213,7 +292,7 @@ class EmbeddingTable:
             has_pending = admitted_pending >= 0
             new_freq[has_pending] = pending_before[admit_new][has_pending]
             self._write_new_rows(apply_keys[inserted], rows[inserted], new_freq)
-            self._drop_pending(unique_keys[is_new][admit_new][has_pending])
+            self._erase_pending(unique_keys[is_new][admit_new][has_pending])
             self.num_admitted += int(inserted.sum())
         self._update(rows, sums[apply_mask], sightings[apply_mask], step)
         self._count_pending(unique_keys[is_new][~admit_new], sightings[is_new][~admit_new], step)
@@ -223,34 +302,65 @@ class EmbeddingTable:
         """Advances version and step, runs the TTL sweep when one is due, records changes."""
         if self._changes is not None:
             self._changes.touch(updated_keys)
+        for feed in self._feeds:
+            feed.touch(updated_keys)
         previous_step = self.step
         self.step = max(self.step, step)
         self.version += 1
         ttl = self.config.eviction.ttl_steps
         if ttl is not None:
             interval = max(1, ttl // 8)
-            if self.step // interval > previous_step // interval:
-                evicted = np.concatenate([evicted, self.evict_expired(self.step)])
-        return ApplyResult(updated_keys.shape[0], num_inserted, evicted)
+            due = self.step // interval > previous_step // interval
+            window = max(_SWEEP_WINDOW, 2 * updated_keys.shape[0])
+            if self.size > EXACT_SCAN_ROWS:
+                evicted = np.concatenate([evicted, self._sweep_rows(self.step, window)])
+            elif due:
+                evicted = np.concatenate([evicted, self._sweep_rows(self.step, self._map.num_rows)])
+            if self._pending.size > EXACT_SCAN_ROWS:
+                self._sweep_pending(self.step, window)
+            elif due:
+                self._sweep_pending(self.step, self._pending.num_rows)
+        return ApplyResult(updated_keys.shape[0], num_inserted, evicted, updated_keys)
 
     def evict_expired(self, step: int) -> np.ndarray:
         """Drops rows (and pending keys) not pushed for more than ttl_steps before `step`.
 
-        Runs by itself every max(1, ttl_steps // 8) steps inside apply_gradients. Returns the
-        evicted row keys (e,) int64.
+        Inside apply_gradients a table of up to EXACT_SCAN_ROWS rows runs this every
+        max(1, ttl_steps // 8) steps; a larger one sweeps a window of rows on every push instead
+        (at least 16,384 rows, twice the push's keys), so expired rows leave within a few passes
+        and no push reads the whole table. Returns the evicted row keys (e,) int64.
         """
-        ttl = self.config.eviction.ttl_steps
-        if ttl is None:
+        if self.config.eviction.ttl_steps is None:
             return np.empty(0, dtype=np.int64)
-        keys, rows = self._map.export()
-        meta = self._gather_meta(rows)
-        expired = keys[step - meta[:, 1].astype(np.int64) > ttl]
-        self._evict(expired)
-        if self._pending.size:
-            pkeys, prows = self._pending.export()
-            stale = step - self._pending_meta[prows, 1].astype(np.int64) > ttl
-            self._pending.erase(pkeys[stale])
+        self._sweep_cursor = self._pending_sweep_cursor = 0
+        expired = self._sweep_rows(step, self._map.num_rows)
+        self._sweep_pending(step, self._pending.num_rows)
         return expired
+
+    def _sweep_rows(self, step: int, window: int) -> np.ndarray:
+        """Evicts the expired rows among the next `window` rows after the sweep cursor."""
+        rows = self._next_window(window, self._map.num_rows, "_sweep_cursor")
+        rows = rows[self._row_live[rows]]
+        meta = self._gather_meta(rows)
+        expired = self._row_keys[rows[step - meta[:, 1].astype(np.int64) > self.config.eviction.ttl_steps]]
+        self._evict(expired)
+        return expired
+
+    def _sweep_pending(self, step: int, window: int) -> None:
+        """Forgets the stale pending keys among the next `window` pending rows."""
+        rows = self._next_window(window, self._pending.num_rows, "_pending_sweep_cursor")
+        rows = rows[self._pending_seq[rows] != 0]
+        stale = step - self._pending_meta[rows, 1].astype(np.int64) > self.config.eviction.ttl_steps
+        self._erase_pending(self._pending_keys[rows[stale]])
+
+    def _next_window(self, window: int, num_rows: int, cursor: str) -> np.ndarray:
+        """Rows [c, c + window) of [0, num_rows) from the cursor c, which moves on (wrapping)."""
+        start = getattr(self, cursor)
+        if start >= num_rows:
+            start = 0
+        stop = min(num_rows, start + window)
+        setattr(self, cursor, stop if stop < num_rows else 0)
+        return np.arange(start, stop, dtype=np.int64)
 
     def export(self, keys: np.ndarray | None = None) -> TableState:
         """Copies out all state, rows sorted by key (so equal tables export equal arrays).
@@ -293,10 +403,14 @@ class EmbeddingTable:
             raise CapacityError(f"table {self.name}: state has {u} rows, capacity is {self.config.capacity}")
         self._map = native.HashMap(int(u / 0.7) + 16)
         self._store = RowStore(self.width, self.config.device, self._store.block_shift)
+        self._row_keys = np.zeros(0, dtype=np.int64)
+        self._row_live = np.zeros(0, dtype=np.bool_)
         self._write_state_rows(state)
         self._load_pending_and_counters(state)
         if self._changes is not None:
-            self._changes = _ChangeTracker()
+            self._changes = _ChangeTracker(self._changes.max_keys)
+        for feed in self._feeds:
+            feed.lose()
 
     def load_delta(self, state: TableState, deleted_keys: np.ndarray) -> None:
         """Applies an incremental state on top of the current one: drops deleted_keys (d,) int64,
@@ -309,7 +423,11 @@ class EmbeddingTable:
         grow = int((self._map.find(state.keys) < 0).sum()) - int((self._map.find(deleted_keys) >= 0).sum())
         if self.config.capacity is not None and self.size + grow > self.config.capacity:
             raise CapacityError(f"table {self.name}: delta grows past capacity {self.config.capacity}")
-        self._map.erase(deleted_keys)
+        for feed in self._feeds:
+            feed.lose()
+        freed = self._map.erase(deleted_keys)
+        if self._indexed:
+            self._row_live[freed[freed >= 0]] = False
         self._write_state_rows(state)
         self._load_pending_and_counters(state)
 
@@ -338,6 +456,7 @@ class EmbeddingTable:
         u = state.keys.shape[0]
         rows, _ = self._map.find_or_insert(state.keys)
         self._store.ensure_rows(self._map.num_rows)
+        self._index_rows(state.keys, rows)
         words = np.empty((u, self.width), dtype=np.float32)
         words[:, : self.dim] = state.values
         words[:, self.dim : self.meta_col] = state.optimizer_state
@@ -348,13 +467,27 @@ class EmbeddingTable:
 
     def _load_pending_and_counters(self, state: TableState) -> None:
         p = state.pending_keys.shape[0]
-        self._pending = native.HashMap(int(p / 0.7) + 16)
-        prows, _ = self._pending.find_or_insert(state.pending_keys)
-        self._pending_meta = np.zeros((max(16, p), 2), dtype=np.uint32)
-        self._pending_meta[prows, 0] = state.pending_counts
-        self._pending_meta[prows, 1] = state.pending_last_step
+        self._reset_pending(p)
+        # The state does not say which key was first seen first: the least recently pushed go first.
+        order = np.argsort(state.pending_last_step, kind="stable")
+        self._count_pending(state.pending_keys[order], np.zeros(p, dtype=np.int64), 0)
+        prows = self._pending.find(state.pending_keys)
+        kept = prows >= 0  # all of them, unless the state holds more than max_pending
+        self._pending_meta[prows[kept], 0] = state.pending_counts[kept]
+        self._pending_meta[prows[kept], 1] = state.pending_last_step[kept]
         self.version = int(state.version)
         self.step = int(state.step)
+
+    def _reset_pending(self, expected: int) -> None:
+        self._pending = native.HashMap(int(expected / 0.7) + 16)
+        self._pending_meta = np.zeros((0, 2), dtype=np.uint32)  # [count, last_step] per pending row
+        self._pending_keys = np.zeros(0, dtype=np.int64)  # the key of each pending row
+        self._pending_seq = np.zeros(0, dtype=np.int64)  # when each pending row was first seen; 0: free
+        # (keys, seqs) chunks in first-seen order; entries of keys no longer pending (or pending
+        # again, with a newer seq) are skipped when read and dropped by compaction.
+        self._pending_order: deque[tuple[np.ndarray, np.ndarray]] = deque()
+        self._pending_order_len = 0
+        self._next_seq = 1
 
     # -- internals -------------------------------------------------------------------------
 
@@ -411,6 +544,11 @@ class EmbeddingTable:
                 f"table {self.name} is full: {self.size} rows + {num_new} new > capacity {capacity}, "
                 "and eviction.policy is 'none' (set 'lfu' or 'lru' to make room)"
             )
+        if self.size > EXACT_SCAN_ROWS:
+            victims = self._sampled_victims(need, protected_rows, policy)
+            if victims is not None:
+                self._evict(victims)
+                return victims
         keys, rows = self._map.export()
         candidates = ~np.isin(rows, protected_rows)
         keys, rows = keys[candidates], rows[candidates]
@@ -426,12 +564,45 @@ class EmbeddingTable:
         self._evict(victims)
         return victims
 
+    def _sampled_victims(self, need: int, protected_rows: np.ndarray, policy: EvictionPolicy) -> np.ndarray | None:
+        """The `need` least recently (LRU) or least often (LFU) used rows of a random sample of
+        max(4096, 16 * need) rows; None when the sample holds too few evictable rows."""
+        num_rows = self._map.num_rows
+        sample = min(num_rows, max(_MIN_EVICTION_SAMPLE, _EVICTION_SAMPLE * need))
+        rows = np.unique(self._rng.integers(0, num_rows, sample))
+        rows = rows[self._row_live[rows]]
+        if protected_rows.shape[0]:
+            rows = rows[~np.isin(rows, protected_rows)]
+        if rows.shape[0] < need:
+            return None
+        keys = self._row_keys[rows]
+        meta = self._gather_meta(rows)
+        freq, last = meta[:, 0], meta[:, 1]
+        order = np.lexsort((keys, last, freq) if policy == EvictionPolicy.LFU else (keys, freq, last))
+        return keys[order[:need]]
+
+    def _index_rows(self, keys: np.ndarray, rows: np.ndarray) -> None:
+        """Records keys (n,) as the owners of rows (n,) (the row -> key index of sampling and sweeps)."""
+        if not self._indexed:
+            return
+        num_rows = self._map.num_rows
+        if num_rows > self._row_keys.shape[0]:
+            size = max(16, num_rows, 2 * self._row_keys.shape[0])
+            self._row_keys = np.concatenate([self._row_keys, np.zeros(size - self._row_keys.shape[0], np.int64)])
+            self._row_live = np.concatenate([self._row_live, np.zeros(size - self._row_live.shape[0], np.bool_)])
+        self._row_keys[rows] = keys
+        self._row_live[rows] = True
+
     def _evict(self, keys: np.ndarray) -> None:
         if keys.shape[0]:
-            self._map.erase(keys)
+            freed = self._map.erase(keys)
+            if self._indexed:
+                self._row_live[freed[freed >= 0]] = False
             self.num_evicted += int(keys.shape[0])
             if self._changes is not None:
                 self._changes.delete(keys)
+            for feed in self._feeds:
+                feed.delete(keys)
 
     def _gather_meta(self, rows: np.ndarray) -> np.ndarray:
         """rows (n,) -> (n, 2) uint32 [freq, last_step]."""
@@ -445,6 +616,7 @@ class EmbeddingTable:
         meta[:, 0] = freq
         meta[:, 1] = self.step
         self._store.scatter(rows, 0, words)
+        self._index_rows(keys, rows)
 
     def _update(self, rows: np.ndarray, sums: np.ndarray, sightings: np.ndarray, step: int) -> None:
         if rows.shape[0] == 0:
@@ -475,18 +647,67 @@ class EmbeddingTable:
         self._store.scatter(rows, 0, words.numpy() if self._store.native else words)
 
     def _count_pending(self, keys: np.ndarray, sightings: np.ndarray, step: int) -> None:
+        """Counts sightings (n,) of keys (n,) unique that wait for admission, within max_pending."""
         if keys.shape[0] == 0:
             return
-        rows, _ = self._pending.find_or_insert(keys)
-        if self._pending.num_rows > self._pending_meta.shape[0]:
-            grown = np.zeros((max(16, 2 * self._pending.num_rows), 2), dtype=np.uint32)
-            grown[: self._pending_meta.shape[0]] = self._pending_meta
-            self._pending_meta = grown
+        rows, inserted = self._pending.find_or_insert(keys)
+        num_rows = self._pending.num_rows
+        if num_rows > self._pending_meta.shape[0]:
+            size = max(16, num_rows, 2 * self._pending_meta.shape[0])
+            grow = size - self._pending_meta.shape[0]
+            self._pending_meta = np.concatenate([self._pending_meta, np.zeros((grow, 2), np.uint32)])
+            self._pending_keys = np.concatenate([self._pending_keys, np.zeros(grow, np.int64)])
+            self._pending_seq = np.concatenate([self._pending_seq, np.zeros(grow, np.int64)])
         total = self._pending_meta[rows, 0].astype(np.int64) + sightings
         self._pending_meta[rows, 0] = np.minimum(total, _MAX_STEP).astype(np.uint32)
         self._pending_meta[rows, 1] = step
+        if inserted.any():
+            new_keys, new_rows = keys[inserted], rows[inserted]
+            seqs = np.arange(self._next_seq, self._next_seq + new_keys.shape[0], dtype=np.int64)
+            self._next_seq += new_keys.shape[0]
+            self._pending_keys[new_rows] = new_keys
+            self._pending_seq[new_rows] = seqs
+            self._pending_order.append((new_keys, seqs))
+            self._pending_order_len += new_keys.shape[0]
+        excess = self._pending.size - self.config.admission.max_pending
+        if excess > 0:
+            self._drop_oldest_pending(excess)
+        if self._pending_order_len > 2 * max(self._pending.size, _MIN_EVICTION_SAMPLE):
+            self._compact_pending_order()
 
-    def _drop_pending(self, keys: np.ndarray) -> None:
+    def _live_pending(self, keys: np.ndarray, seqs: np.ndarray) -> np.ndarray:
+        """Which first-seen entries (keys, seqs) still stand for a pending key: (n,) bool."""
+        rows = self._pending.find(keys)
+        live = rows >= 0
+        live[live] = self._pending_seq[rows[live]] == seqs[live]
+        return live
+
+    def _drop_oldest_pending(self, excess: int) -> None:
+        """Forgets the `excess` pending keys first seen longest ago."""
+        dropped = 0
+        while dropped < excess and self._pending_order:
+            keys, seqs = self._pending_order.popleft()
+            self._pending_order_len -= keys.shape[0]
+            live = np.flatnonzero(self._live_pending(keys, seqs))
+            take = live[: excess - dropped]
+            if take.shape[0] < live.shape[0]:
+                rest = slice(int(take[-1]) + 1 if take.shape[0] else 0, None)
+                self._pending_order.appendleft((keys[rest], seqs[rest]))
+                self._pending_order_len += keys[rest].shape[0]
+            self._erase_pending(keys[take])
+            dropped += take.shape[0]
+        self.num_pending_dropped += dropped
+
+    def _compact_pending_order(self) -> None:
+        keys = np.concatenate([k for k, _ in self._pending_order])
+        seqs = np.concatenate([q for _, q in self._pending_order])
+        live = self._live_pending(keys, seqs)
+        self._pending_order = deque([(keys[live], seqs[live])])
+        self._pending_order_len = int(live.sum())
+
+    def _erase_pending(self, keys: np.ndarray) -> None:
         if keys.shape[0]:
             rows = self._pending.erase(keys)
-            self._pending_meta[rows[rows >= 0]] = 0
+            rows = rows[rows >= 0]
+            self._pending_meta[rows] = 0
+            self._pending_seq[rows] = 0

@@ -36,7 +36,12 @@ class TableState:
 @dataclass
 class TableChanges:
     """Keys changed since the previous take_changes(): touched (t,) int64 rows that were created
-    or updated, deleted (d,) int64 rows that were evicted; both sorted, disjoint."""
+    or updated, deleted (d,) int64 rows that were evicted; both sorted, disjoint.
+
+    complete False: more keys changed than the tracker may hold, so both arrays are empty and
+    the changes are unknown; an incremental snapshot must then carry every row (and take the
+    deletions from its parent's keys)."""
 
     touched_keys: np.ndarray
     deleted_keys: np.ndarray
+    complete: bool = True

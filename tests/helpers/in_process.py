@@ -16,6 +16,7 @@ import grpc
 
 from ps.job_config import JobConfig
 from ps.shard.server import ParameterServerServicer, create_server
+from ps.shard.update_log import DEFAULT_MAX_KEYS
 
 START_TIMEOUT_S = 60.0
 
@@ -31,7 +32,8 @@ class InProcessShards:
     servicers: list[ParameterServerServicer]
 
     @classmethod
-    def start(cls, job: JobConfig) -> InProcessShards:
+    def start(cls, job: JobConfig, log_max_keys: int = DEFAULT_MAX_KEYS) -> InProcessShards:
+        """log_max_keys: each table's update log bound (`embps ps --update-log-keys`)."""
         loop = asyncio.new_event_loop()
         thread = threading.Thread(target=loop.run_forever, name="in-process-shards", daemon=True)
         thread.start()
@@ -39,7 +41,9 @@ class InProcessShards:
         async def build() -> tuple[list[grpc.aio.Server], list[ParameterServerServicer], list[int]]:
             servers, servicers, ports = [], [], []
             for index in range(len(job.shards)):
-                server, port, servicer, _health = await create_server(job, index, address="127.0.0.1:0")
+                server, port, servicer, _health = await create_server(
+                    job, index, address="127.0.0.1:0", log_max_keys=log_max_keys
+                )
                 await server.start()
                 servers.append(server)
                 servicers.append(servicer)

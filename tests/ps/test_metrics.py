@@ -8,16 +8,17 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from ps.client import InvalidArgumentError, PSClient
-from ps.table.config import EvictionConfig, EvictionPolicy, TableConfig
+from ps.table.config import AdmissionConfig, AdmissionKind, EvictionConfig, EvictionPolicy, TableConfig
 from tests.helpers.processes import ShardCluster, make_job
 
 USER = TableConfig("user", dim=4)
 LRU = TableConfig("lru", dim=2, capacity=64, eviction=EvictionConfig(policy=EvictionPolicy.LRU))
+ADMIT = TableConfig("admit", dim=2, admission=AdmissionConfig(AdmissionKind.COUNT, min_count=2, max_pending=16))
 
 
 @pytest.fixture(scope="module")
 def scrape(tmp_path_factory):
-    with ShardCluster.start(make_job([USER, LRU]), tmp_path_factory.mktemp("metrics")) as cluster:
+    with ShardCluster.start(make_job([USER, LRU, ADMIT]), tmp_path_factory.mktemp("metrics")) as cluster:
         with PSClient.from_job(cluster.job) as client:
             for _ in range(3):
                 client.lookup("user", np.arange(10, dtype=np.int64))
@@ -25,6 +26,7 @@ def scrape(tmp_path_factory):
             for start in range(0, 400, 40):
                 keys = np.arange(start, start + 40, dtype=np.int64)
                 client.push("lru", keys, np.ones((40, 2), dtype=np.float32))
+            client.push("admit", np.arange(40, dtype=np.int64), np.ones((40, 2), dtype=np.float32))
             bad = np.full((2, 4), np.nan, dtype=np.float32)
             with pytest.raises(InvalidArgumentError):
                 client.push("user", np.arange(2, dtype=np.int64), bad)
@@ -75,6 +77,9 @@ def test_table_gauges_match_the_shard_stats(scrape):
         assert value(text, "embps_evictions_total", table=name, shard="0") == stats[name].num_evicted
     assert stats["user"].rows == 7 and stats["lru"].num_admitted == 400
     assert stats["lru"].num_evicted > 0 and stats["lru"].rows <= 64
+    assert value(text, "embps_table_pending_keys", table="admit", shard="0") == 16
+    assert value(text, "embps_admission_dropped_total", table="admit", shard="0") == 40 - 16
+    assert value(text, "embps_push_id_memory_bytes", shard="0") > 0  # the client names its pushes
 
 
 def test_names_units_and_labels_follow_the_conventions(scrape):
@@ -85,7 +90,7 @@ def test_names_units_and_labels_follow_the_conventions(scrape):
     for (name, labels), _ in samples(text).items():
         if name.startswith("embps_"):
             assert {k for k, _ in labels} <= allowed_labels, (name, labels)
-            assert dict(labels).get("table", "") in {"", "user", "lru", "unknown"}, "a label holds a key"
+            assert dict(labels).get("table", "") in {"", "user", "lru", "admit", "unknown"}, "a label holds a key"
     for family in text_string_to_metric_families(text):
         if family.name == "embps_request_duration_seconds":
             assert family.type == "histogram"

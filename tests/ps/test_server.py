@@ -3,6 +3,7 @@
 import signal
 import threading
 import time
+import tracemalloc
 
 import grpc
 import numpy as np
@@ -14,8 +15,10 @@ from ps.errors import CapacityError, UnknownTableError, WrongShardError
 from ps.process.calls import status_of
 from ps.rpc import ps_pb2, ps_pb2_grpc
 from ps.shard.server import SERVICE_NAME
+from ps.shard.state import PushLedger
 from ps.table.config import OptimizerConfig, OptimizerKind, TableConfig
 from ps.table.embedding_table import EmbeddingTable
+from tests.helpers.in_process import InProcessShards
 from tests.helpers.processes import ShardCluster, make_job
 from tests.helpers.waiting import wait_until
 
@@ -111,6 +114,10 @@ def bad_requests(cluster):
             "Lookup", ps_pb2.LookupRequest(table="user", keys=owned_keys(cluster, 1, 4).tobytes(), dim=4),
             grpc.StatusCode.FAILED_PRECONDITION, "4 of 4 keys belong to other shards",
         ),
+        "client_id_too_long": (
+            "Push", push_request(k0, np.ones((4, 4), dtype=np.float32), client_id="c" * 257),
+            grpc.StatusCode.INVALID_ARGUMENT, "push_id.client_id: at most 256 bytes",
+        ),
         "table_full": (
             "Push", push_request(owned_keys(cluster, 0, 9), np.ones((9, 2), dtype=np.float32), table="small"),
             grpc.StatusCode.RESOURCE_EXHAUSTED, "table small is full",
@@ -121,6 +128,7 @@ def bad_requests(cluster):
 CASES = [
     "keys_not_multiple_of_8", "lookup_dim_mismatch", "push_dim_mismatch", "grads_length_mismatch",
     "nan_gradient", "unknown_dtype", "step_out_of_range", "unknown_table", "wrong_shard", "table_full",
+    "client_id_too_long",
 ]
 
 
@@ -257,3 +265,45 @@ def test_requests_during_shutdown_get_unavailable(tmp_path):
     # A call that reaches the transport while server.stop() runs can be CANCELLED before any
     # handler saw it (nothing was applied); PSClient retries it like UNAVAILABLE.
     assert codes <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}, codes
+
+
+def test_a_reply_over_the_message_limit_is_refused_before_it_is_built():
+    wide = TableConfig("wide", dim=256)
+    with InProcessShards.start(make_job([wide], message_limit_bytes=1 << 20)) as shards:
+        with grpc.insecure_channel(shards.job.shards[0].address) as channel:
+            stub = ps_pb2_grpc.ParameterServerStub(channel)
+            keys = np.arange(1100, dtype=np.int64)  # 8.8 KB of keys, 1.1 MB of values
+            for call, request in (
+                (stub.Lookup, ps_pb2.LookupRequest(table="wide", keys=keys.tobytes(), dim=256)),
+                (stub.LookupBatch, ps_pb2.LookupBatchRequest(requests=[
+                    ps_pb2.LookupRequest(table="wide", keys=keys[:600].tobytes(), dim=256),
+                    ps_pb2.LookupRequest(table="wide", keys=keys[600:].tobytes(), dim=256),
+                ])),
+            ):
+                with pytest.raises(grpc.RpcError) as info:
+                    call(request, timeout=10)
+                assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert "over message_limit_bytes 1,048,576" in info.value.details(), info.value.details()
+                assert "at most 1,024 keys" in info.value.details()
+            reply = stub.Lookup(ps_pb2.LookupRequest(table="wide", keys=keys[:1000].tobytes(), dim=256), timeout=10)
+            assert len(reply.values) == 1000 * 256 * 4
+
+
+def test_push_id_memory_is_bounded_in_bytes():
+    ledger = PushLedger(window=1000, max_bytes=100_000)
+    answer = ps_pb2.PushResponse(version=3, num_updated=2)
+    for client in range(50):
+        for sequence in range(100):
+            ledger.put(f"client-{client}", sequence, answer)
+        assert ledger.num_bytes <= 100_000
+    assert ledger.get("client-49", 99).version == 3  # the newest are kept
+    assert ledger.get("client-0", 0) is None  # the least recently pushing client went first
+    # The estimate holds: what the entries really take is no more than what the ledger counts.
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    big = PushLedger(window=10_000, max_bytes=1 << 40)
+    for sequence in range(10_000):
+        big.put("c" * 200, sequence, ps_pb2.PushResponse(version=sequence + 2**40, num_updated=sequence + 2**40))
+    used = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    assert used <= big.num_bytes, f"{used} bytes used, {big.num_bytes} counted"

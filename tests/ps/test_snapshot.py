@@ -405,3 +405,28 @@ def test_cli_list_inspect_export_gc(tmp_path, capsys):
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert out.returncode != 0 and "no committed snapshot" in out.stderr
+
+
+def test_tracking_starts_with_snapshots_and_past_its_bound_an_incremental_carries_every_row(tmp_path):
+    uri = str(tmp_path)
+    rng = np.random.default_rng(6)
+    table = evicting_table("t", seed=7)
+    snapper = ShardSnapshotter({"t": table}, 0)
+    push(table, rng, 1)
+    assert not table.tracks_changes  # no snapshot yet: no history kept
+    with pytest.raises(SnapshotError, match="wrote no full snapshot"):
+        snapper.write(SnapshotWriter(uri, "job", 1, "incremental", parent=0))
+    table.enable_change_tracking(max_keys=50)
+    snapper.snapshot(uri, "job", 1, "full")
+    evicted = table.num_evicted
+    for step in range(2, 12):
+        push(table, rng, step, n=400)
+    assert table.num_evicted > evicted
+    snapper.snapshot(uri, "job", 2, "incremental")  # more than 50 keys changed: every row travels
+    manifest = read_manifest(uri, "job", 2)
+    assert manifest.kind == "incremental" and manifest.total_rows == table.size
+    assert_same_state(restore(uri, "job")["t"][0], table.export())
+    push(table, rng, 6, n=10)  # back under the bound: a small incremental again
+    snapper.snapshot(uri, "job", 3, "incremental")
+    assert 0 < read_manifest(uri, "job", 3).total_rows < table.size
+    assert_same_state(restore(uri, "job")["t"][0], table.export())

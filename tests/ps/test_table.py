@@ -1,5 +1,7 @@
 """EmbeddingTable semantics: init, dedupe, export/load, admission, eviction, bad input, memory."""
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -343,3 +345,65 @@ def test_change_tracking_and_deltas_rebuild_the_live_table():
 def test_take_changes_needs_tracking():
     with pytest.raises(ValueError, match="change tracking is off"):
         make().take_changes()
+
+
+def test_pending_admission_keys_are_capped_oldest_first():
+    table = make(admission=AdmissionConfig(kind=AdmissionKind.COUNT, min_count=3, max_pending=10))
+    g = np.zeros((1, 4), np.float32)
+    for key in range(25):
+        table.apply_gradients(keys_of(key), g, step=key + 1)
+        if key == 5:
+            table.apply_gradients(keys_of(0), g, step=key + 1)  # seen again: still first seen first
+    assert table.num_pending == 10 and table.num_pending_dropped == 15
+    assert table.export().pending_keys.tolist() == list(range(15, 25))
+    # A forgotten key counts afresh; a kept one keeps its count.
+    table.apply_gradients(keys_of(0, 0, 24, 24), np.zeros((4, 4), np.float32), step=30)
+    assert table.export().keys.tolist() == [24]
+    restored = make(admission=AdmissionConfig(kind=AdmissionKind.COUNT, min_count=3, max_pending=4))
+    restored.load(table.export())  # a state over the cap keeps the most recently pushed keys
+    assert restored.num_pending == 4 and 0 in restored.export().pending_keys.tolist()
+
+
+def test_evicting_push_into_a_full_2m_row_table_reads_no_whole_table():
+    """Capacity eviction and the TTL sweep of a large table sample and window: no pass over it."""
+    n = 2_000_000
+    table = make(dim=4, capacity=n, eviction=EvictionConfig(policy=EvictionPolicy.LRU, ttl_steps=10_000))
+    for part in range(4):
+        keys = np.arange(part * n // 4, (part + 1) * n // 4, dtype=np.int64)
+        table.apply_gradients(keys, np.zeros((keys.shape[0], 4), np.float32), step=part + 1)
+    old = np.arange(0, n // 4, dtype=np.int64)  # step 1: the least recently pushed quarter
+    seconds = []
+    for i in range(21):
+        keys = np.arange(n + 100 * i, n + 100 * (i + 1), dtype=np.int64)
+        start = time.perf_counter()
+        result = table.apply_gradients(keys, np.zeros((100, 4), np.float32), step=10 + i)
+        seconds.append(time.perf_counter() - start)
+        assert table.size == n and result.evicted_keys.shape[0] == 100
+        assert np.isin(result.evicted_keys, old).all()  # sampled, yet from the oldest rows
+    assert np.median(seconds[1:]) < 0.010, f"median evicting push {np.median(seconds[1:]) * 1e3:.1f} ms"
+
+
+def test_ttl_sweep_of_a_large_table_evicts_within_passes():
+    n = 100_000
+    table = make(dim=4, eviction=EvictionConfig(ttl_steps=8))
+    keys = np.arange(n, dtype=np.int64)
+    table.apply_gradients(keys, np.zeros((n, 4), np.float32), step=1)
+    hot = keys[:10]
+    step = 2
+    while table.size > hot.shape[0] and step < 100:
+        table.apply_gradients(hot, np.zeros((10, 4), np.float32), step=step)
+        step += 1
+    # Expired from step 10 on; a window of 16,384 rows a push reads 100,000 rows in 7 pushes.
+    assert table.size == hot.shape[0] and step <= 10 + 2 * 7
+    assert table.num_evicted == n - hot.shape[0]
+
+
+def test_change_tracking_past_its_bound_reports_incomplete_changes():
+    table = make()
+    table.enable_change_tracking(max_keys=5)
+    table.apply_gradients(np.arange(10, dtype=np.int64), np.zeros((10, 4), np.float32))
+    changes = table.take_changes()
+    assert not changes.complete and changes.touched_keys.size == 0
+    table.apply_gradients(keys_of(3, 4), np.zeros((2, 4), np.float32))
+    changes = table.take_changes()
+    assert changes.complete and changes.touched_keys.tolist() == [3, 4]

@@ -24,6 +24,7 @@ from serving.config import load_serve_config
 from serving.gate import unavailable_reason
 
 MAX_QUEUE = 2
+MAX_QUEUE_BYTES = 2 << 20  # one slow Lookup's request (1.2 MB) fits, a second one beside it does not
 ROWS = 20_000
 DIM = 16
 SLOW_KEYS = 150_000  # ~10-40 ms of server work per call here
@@ -35,7 +36,7 @@ def replica(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     if unavailable_reason() is not None:
         pytest.skip(f"no serving gate here: {unavailable_reason()}")
     monkeypatch.delenv("EMBPS_SERVING_GATE", raising=False)
-    server = EmbpsServer.start(ROWS, DIM, tmp_path / "replica", max_queue=MAX_QUEUE)
+    server = EmbpsServer.start(ROWS, DIM, tmp_path / "replica", max_queue=MAX_QUEUE, max_queue_bytes=MAX_QUEUE_BYTES)
     try:
         yield server
     finally:
@@ -76,8 +77,22 @@ def test_calls_ended_by_their_caller_release_their_place_in_the_bound(replica) -
         # MAX_QUEUE concurrent calls are all admitted again: no place leaked.
         futures = [stub.Lookup.future(small, timeout=30) for _ in range(MAX_QUEUE)]
         replies = [f.result() for f in futures]
+        counted = _metrics(replica)
+        # The byte bound: of two slow Lookups at once (within max_queue), the one read while the
+        # other holds its 1.2 MB request (then its 9.6 MB reply) is shed; then nothing is held.
+        slow_pair = [stub.Lookup.future(slow, timeout=30) for _ in range(2)]
+        outcomes = []
+        for future in slow_pair:
+            try:
+                outcomes.append(len(future.result().found))
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, exc
+                assert "max_queue_bytes" in exc.details()
+                outcomes.append("shed")
+        assert sorted(map(str, outcomes)) == [str(SLOW_KEYS), "shed"]
+        assert _metrics(replica)["embps_serving_lookup_queue_bytes"] == 0
     assert all(len(r.found) == 8 and r.found.count(0) == 0 for r in replies)
-    after = _metrics(replica)
+    after = counted
     assert after["embps_serving_lookup_queue"] == 0
     assert after["embps_serving_shed_lookups_total"] == before["embps_serving_shed_lookups_total"]
     assert after["embps_serving_admitted_lookups_total"] == before["embps_serving_admitted_lookups_total"] + MAX_QUEUE

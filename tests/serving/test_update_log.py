@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ps.shard.update_log import LogGapError, UpdateLog
+from ps.shard.update_log import ENTRY_OVERHEAD_BYTES, LogGapError, UpdateLog
 
 pushes = st.lists(
     st.tuples(
@@ -77,3 +77,12 @@ def test_a_version_jump_restarts_the_log():
     assert (log.base_version, log.head_version) == (6, 7)
     with pytest.raises(LogGapError):
         log.range_after(1)
+
+
+def test_update_log_memory_follows_its_entries():
+    log = UpdateLog(0, max_entries=3)
+    assert log.memory_bytes == 0
+    for version in range(1, 6):
+        log.append(version, np.arange(100, dtype=np.int64), np.arange(10, dtype=np.int64), 0.0)
+    assert log.num_entries == 3
+    assert log.memory_bytes == 3 * (110 * 8 + ENTRY_OVERHEAD_BYTES)

@@ -1,0 +1,337 @@
+"""`embps bench soak`: one shard process under a long push stream; does a push cost the same, and
+the shard hold the same memory, after an hour as after a minute?
+
+    shard (capacity + LRU + count admission with a small max_pending + TTL) <── Push, one at a time
+    each push: `hot` keys from a range larger than the capacity (rows admitted, updated, evicted)
+               + `fresh` never-seen keys (pending admission forever: the unbounded id space)
+    phase "off": no snapshots (no change tracking); phase "on": a snapshot every `snapshot_every`
+               pushes to a local folder (full every 4th, the others incremental), the oldest deleted
+
+Per push it records the wall time of the call, the shard's CPU time (from /proc, so a busy
+machine slows the wall time but hardly the CPU time a push costs) and its RSS. The checks compare
+the last tenth of a phase with the first (after a warm-up): CPU time per push within `max_growth`,
+RSS within `max_rss_growth`. tests/ps/test_soak.py runs it for a few thousand pushes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from bench.ports import free_ports
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TABLE = "emb"
+JOB = "soak"
+_TICKS = os.sysconf("SC_CLK_TCK")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+_FULL_EVERY = 4
+
+
+@dataclass(frozen=True)
+class SoakConfig:
+    capacity: int = 5_000
+    dim: int = 8
+    hot: int = 600  # keys per push from a hot range of 1.6 x capacity
+    fresh: int = 600  # never-seen keys per push
+    min_count: int = 2
+    max_pending: int = 20_000
+    ttl_steps: int = 400
+    warmup: int = 200  # pushes before each phase's measurement
+    pushes: int = 1_000  # measured pushes per phase (a multiple of 10 * snapshot_every * 4)
+    seconds: float | None = None  # instead of `pushes`: measure each phase for this long
+    snapshot_every: int = 25
+    phases: tuple[str, ...] = ("off", "on")
+    max_growth: float = 1.2
+    max_rss_growth: float = 1.1
+    out: str | None = None
+    plot: str | None = None
+
+
+@dataclass
+class PhaseRecord:
+    """One phase: per measured push, wall seconds, shard CPU seconds so far, shard RSS bytes."""
+
+    name: str
+    wall_s: list[float] = field(default_factory=list)
+    cpu_s: list[float] = field(default_factory=list)
+    rss_bytes: list[int] = field(default_factory=list)
+    elapsed_s: list[float] = field(default_factory=list)
+    snapshots: int = 0
+    cpu_before_s: float = 0.0  # the shard's CPU seconds when the measurement began
+
+    def cpu_per_push_ms(self) -> np.ndarray:
+        """The shard's CPU milliseconds during each measured push (n,)."""
+        return np.diff(np.array(self.cpu_s), prepend=self.cpu_before_s) * 1e3
+
+    def summary(self) -> dict:
+        """First and last tenth: median wall ms, median and mean shard CPU ms per push (snapshot
+        rounds included in the mean), RSS (median of the first, max of the last); their ratios."""
+        n = len(self.wall_s)
+        w = max(1, n // 10)
+        wall = np.array(self.wall_s) * 1e3
+        cpu = self.cpu_per_push_ms()
+        rss = np.array(self.rss_bytes, dtype=np.float64)
+
+        def tenth(part: slice) -> dict:
+            return {
+                "wall_ms_median": float(np.median(wall[part])),
+                "cpu_ms_median": float(np.median(cpu[part])),
+                "cpu_ms_mean": float(cpu[part].mean()),
+            }
+
+        first = {**tenth(slice(0, w)), "rss_bytes_median": float(np.median(rss[:w]))}
+        last = {**tenth(slice(n - w, n)), "rss_bytes_max": float(rss[-w:].max())}
+        return {
+            "pushes": n,
+            "snapshots": self.snapshots,
+            "first_tenth": first,
+            "last_tenth": last,
+            "wall_ratio": last["wall_ms_median"] / first["wall_ms_median"],
+            "cpu_ratio": last["cpu_ms_median"] / first["cpu_ms_median"],
+            "cpu_mean_ratio": last["cpu_ms_mean"] / first["cpu_ms_mean"],
+            "rss_ratio": last["rss_bytes_max"] / first["rss_bytes_median"],
+        }
+
+
+def _proc_cpu_rss(pid: int) -> tuple[float, int]:
+    """(CPU seconds of the process's live threads, RSS bytes). CPU comes from the scheduler's
+    per-thread nanosecond counters where the kernel keeps them, else from clock ticks."""
+    try:
+        cpu = 0
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                cpu += int(f.read().split()[0])
+        cpu_s = cpu / 1e9
+    except (OSError, ValueError, IndexError):
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        cpu_s = (int(fields[11]) + int(fields[12])) / _TICKS
+    with open(f"/proc/{pid}/statm") as f:
+        rss = int(f.read().split()[1]) * _PAGE
+    return cpu_s, rss
+
+
+class SoakShard:
+    """A real `embps ps` shard process for the soak, with a stub and a snapshot coordinator."""
+
+    def __init__(self, config: SoakConfig, workdir: Path) -> None:
+        from ps.job_config import Deadlines, JobConfig, ShardConfig, dump_job_config
+        from ps.process import children
+        from ps.table.config import (
+            AdmissionConfig,
+            AdmissionKind,
+            EvictionConfig,
+            EvictionPolicy,
+            OptimizerConfig,
+            OptimizerKind,
+            TableConfig,
+        )
+
+        self.config = config
+        self.workdir = workdir
+        self.snapshot_uri = str(workdir / "snapshots")
+        table = TableConfig(
+            TABLE,
+            dim=config.dim,
+            capacity=config.capacity,
+            optimizer=OptimizerConfig(kind=OptimizerKind.ADAGRAD, lr=0.01),
+            admission=AdmissionConfig(AdmissionKind.COUNT, min_count=config.min_count, max_pending=config.max_pending),
+            eviction=EvictionConfig(ttl_steps=config.ttl_steps, policy=EvictionPolicy.LRU),
+        )
+        port, metrics_port = free_ports(2)
+        self.job = JobConfig(
+            job=JOB,
+            shards=(ShardConfig(address=f"127.0.0.1:{port}", metrics_port=metrics_port),),
+            tables=(table,),
+            deadlines=Deadlines(lookup=30.0, push=30.0, stats=30.0),
+        )
+        config_path = workdir / "job.toml"
+        config_path.write_text(dump_job_config(self.job))
+        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+        cmd = [sys.executable, "-m", "embps", "ps", "--config", str(config_path), "--shard", "0"]
+        with open(workdir / "shard.log", "wb") as log:
+            self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            children.wait_serving(self.job.shards[0].address, self.proc, "soak shard", timeout=120.0)
+        except BaseException:
+            children.stop(self.proc)
+            raise
+        import grpc
+
+        from ps.rpc import ps_pb2_grpc, snapshot_pb2_grpc
+
+        self.channel = grpc.insecure_channel(self.job.shards[0].address)
+        self.stub = ps_pb2_grpc.ParameterServerStub(self.channel)
+        self.snapshots = snapshot_pb2_grpc.SnapshotControlStub(self.channel)
+        self._last_snapshot: int | None = None
+        self._num_snapshots = 0
+
+    def push(self, keys: np.ndarray, grads: np.ndarray, step: int) -> None:
+        from ps.rpc import ps_pb2
+
+        request = ps_pb2.PushRequest(
+            table=TABLE, keys=keys.astype("<i8").tobytes(), grads=grads.tobytes(), dim=self.config.dim, step=step
+        )
+        self.stub.Push(request, timeout=30.0)
+
+    def snapshot(self, step: int) -> None:
+        """One snapshot round, as the trainer's coordinator runs it: write on the shard, commit here."""
+        from ps.rpc import snapshot_pb2
+        from ps.snapshot.files import ShardRecord, SnapshotWriter
+        from ps.snapshot.ops import collect_garbage
+
+        full = self._last_snapshot is None or self._num_snapshots % _FULL_EVERY == 0
+        kind, parent = ("full", None) if full else ("incremental", self._last_snapshot)
+        request = snapshot_pb2.WriteSnapshotRequest(uri=self.snapshot_uri, job=JOB, step=step, kind=kind, num_shards=1)
+        if parent is not None:
+            request.parent = parent
+        reply = self.snapshots.WriteSnapshot(request, timeout=600.0)
+        writer = SnapshotWriter(self.snapshot_uri, JOB, step, kind, parent, num_shards=1, tables=self.job.tables)
+        for record in json.loads(reply.records_json):
+            writer.add_shard_record(ShardRecord.from_dict(record))
+        writer.commit()
+        collect_garbage(self.snapshot_uri, JOB, keep=2)
+        self._last_snapshot = step
+        self._num_snapshots += 1
+
+    def close(self) -> None:
+        from ps.process import children
+
+        self.channel.close()
+        children.stop(self.proc)
+
+
+def run_phase(
+    shard: SoakShard,
+    name: str,
+    rng: np.random.Generator,
+    first_step: int,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[PhaseRecord, int]:
+    """Warm-up then the measured pushes of one phase; returns its record and the next step."""
+    config = shard.config
+    snapshots = name == "on"
+    n = config.hot + config.fresh
+    grads = rng.standard_normal((n, config.dim)).astype(np.float32)
+    hot_range = int(1.6 * config.capacity)
+    record = PhaseRecord(name)
+    step = first_step
+    start = time.monotonic()
+    i = -config.warmup
+    while True:
+        if config.seconds is None and i >= config.pushes:
+            break
+        if config.seconds is not None and i >= 0 and time.monotonic() - start >= config.seconds:
+            break
+        if i == 0:
+            record.cpu_before_s = _proc_cpu_rss(shard.proc.pid)[0]
+            start = time.monotonic()
+        keys = np.concatenate([rng.integers(0, hot_range, config.hot), rng.integers(1 << 40, 1 << 62, config.fresh)])
+        t0 = time.perf_counter()
+        shard.push(keys, grads, step)
+        if snapshots and (i + 1) % config.snapshot_every == 0:
+            shard.snapshot(step)
+            record.snapshots += i >= 0
+        wall = time.perf_counter() - t0
+        if i >= 0:
+            cpu, rss = _proc_cpu_rss(shard.proc.pid)
+            record.wall_s.append(wall)
+            record.cpu_s.append(cpu)
+            record.rss_bytes.append(rss)
+            record.elapsed_s.append(time.monotonic() - start)
+            if progress is not None and (i + 1) % 200 == 0:
+                progress(f"phase {name}: {i + 1} pushes, {wall * 1e3:.1f} ms, RSS {rss / 2**20:.0f} MiB")
+        step += 1
+        i += 1
+    return record, step
+
+
+def run_soak(config: SoakConfig, progress: Callable[[str], None] | None = None) -> dict[str, PhaseRecord]:
+    """Every phase of `config` on one shard process (a fresh temporary folder); records by phase."""
+    rng = np.random.default_rng(0)
+    records = {}
+    with tempfile.TemporaryDirectory(prefix="embps-soak-") as tmp:
+        shard = SoakShard(config, Path(tmp))
+        try:
+            step = 1
+            for name in config.phases:
+                records[name], step = run_phase(shard, name, rng, step, progress)
+        finally:
+            shard.close()
+    return records
+
+
+def write_plot(path: str, config: SoakConfig, records: dict[str, PhaseRecord]) -> None:
+    """Push latency (wall and shard CPU, rolling medians) and RSS over time, one column per phase."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, len(records), figsize=(6 * len(records), 6), squeeze=False, sharex="col")
+    for col, (name, r) in enumerate(records.items()):
+        t = np.array(r.elapsed_s) / 60
+        window = max(1, len(t) // 100)
+        wall = np.array(r.wall_s) * 1e3
+        cpu = r.cpu_per_push_ms()
+        rolling = np.array([np.median(wall[max(0, j - window) : j + 1]) for j in range(len(wall))])
+        cpu_mean = np.convolve(cpu, np.ones(window) / window, mode="same")
+        axes[0, col].plot(t, wall, ",", alpha=0.3, color="grey")
+        axes[0, col].plot(t, rolling, label="wall, rolling median")
+        axes[0, col].plot(t, cpu_mean, label="shard CPU, rolling mean")
+        axes[0, col].set_ylabel("push (ms)")
+        axes[0, col].set_title(f"snapshots {name}")
+        axes[0, col].legend()
+        axes[1, col].plot(t, np.array(r.rss_bytes) / 2**20)
+        axes[1, col].set_ylabel("shard RSS (MiB)")
+        axes[1, col].set_xlabel("minutes")
+        for ax in axes[:, col]:
+            ax.grid(True, alpha=0.3)
+    fig.suptitle(
+        f"capacity {config.capacity:,}, {config.hot} hot + {config.fresh} fresh keys a push, dim {config.dim}, "
+        f"max_pending {config.max_pending:,}, ttl {config.ttl_steps}"
+    )
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def run_soak_bench(config: SoakConfig) -> int:
+    from bench.machine import machine_facts
+
+    length = f"{config.seconds / 60:g} min" if config.seconds is not None else f"{config.pushes} pushes"
+    print(f"embps bench soak: phases {', '.join(config.phases)}, {length} each after {config.warmup} warm-up pushes",
+          flush=True)
+    records = run_soak(config, progress=lambda line: print(line, flush=True))
+    summaries = {name: r.summary() for name, r in records.items()}
+    ok = True
+    for name, s in summaries.items():
+        good = s["cpu_ratio"] <= config.max_growth and s["rss_ratio"] <= config.max_rss_growth
+        ok &= good
+        print(
+            f"snapshots {name}: {s['pushes']} pushes, {s['snapshots']} snapshots; median push "
+            f"{s['first_tenth']['wall_ms_median']:.2f} -> {s['last_tenth']['wall_ms_median']:.2f} ms "
+            f"(x{s['wall_ratio']:.2f}); shard CPU per push, median {s['first_tenth']['cpu_ms_median']:.2f} -> "
+            f"{s['last_tenth']['cpu_ms_median']:.2f} ms (x{s['cpu_ratio']:.2f}, bound {config.max_growth}), mean "
+            f"x{s['cpu_mean_ratio']:.2f}; "
+            f"RSS x{s['rss_ratio']:.3f} (bound {config.max_rss_growth}) {'ok' if good else 'FAILED'}"
+        )
+    result = {"bench": "soak", "config": asdict(config), "machine": machine_facts(), "phases": summaries}
+    if config.out:
+        Path(config.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(config.out).write_text(json.dumps(result, indent=1))
+        print(f"wrote {config.out}")
+    if config.plot:
+        write_plot(config.plot, config, records)
+        print(f"wrote {config.plot}")
+    return 0 if ok else 1
