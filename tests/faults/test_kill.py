@@ -417,7 +417,7 @@ def test_sigkill_of_a_child_is_restarted_and_the_job_ends_as_if_undisturbed(tmp_
     summary = json.loads((job.out / "summary.json").read_text())
     if kind == "serving":
         assert re.search(died + rf"; restart 1/{MAX_RESTARTS} of this replica", output), output[-4000:]
-        assert "from snapshot step" not in output, "a replica's death restarted the training"
+        assert "from snapshot step" not in output, f"a replica's death restarted the training:\n{output[-4000:]}"
         assert summary["resumed_from"] is None
         assert client.failovers >= 1, "the client never met the dead replica: the test proved nothing"
         starts = (job.out / "logs" / f"serve-{index}.log").read_text().count("serving replica of job")
