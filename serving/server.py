@@ -1,4 +1,5 @@
-"""The serving replica process (grpc.aio): read-only Serving (Lookup, Status) + health + reflection
+"""The serving replica process (grpc.aio): read-only Serving (Lookup, LookupMany, Status) + health
++ reflection
 + /metrics, fed by one ShardFollower per (table, training shard).
 
     embps serve --config serve.toml
@@ -44,7 +45,14 @@ from serving.core_calls import CoreCallCounts, counts_core_calls, server_ids
 from serving.follower import ShardFollower
 from serving.gate import GateCounts, GateDirectory, GateIdentity, ServingGate, unavailable_reason
 from serving.metrics import ServingMetrics
-from serving.shedding import LOOKUP_METHOD, LookupQueue, core_backlog_options, core_refusal_code
+from serving.shedding import (
+    LOOKUP_MANY_METHOD,
+    LOOKUP_METHOD,
+    LOOKUP_METHODS,
+    LookupQueue,
+    core_backlog_options,
+    core_refusal_code,
+)
 from serving.store import TableReplica
 
 log = logging.getLogger("embps.serving")
@@ -92,18 +100,40 @@ class ReplicaCallSite(CallSite):
 
 
 class ServingServicer(serving_pb2_grpc.ServingServicer):
-    """Lookup and Status over a Replica. No method writes."""
+    """Lookup, LookupMany and Status over a Replica. No method writes."""
 
     def __init__(self, replica: Replica, metrics: ServingMetrics) -> None:
         self.replica = replica
         self.metrics = metrics
         self.call_site = ReplicaCallSite(replica.tables, metrics)
+        self._followers: dict[tuple[str, int], list[ShardFollower]] = {}
+        for f in replica.followers:
+            self._followers.setdefault((f.replica.name, f.shard), []).append(f)
 
     @unary_call("Lookup")
     async def Lookup(self, request: serving_pb2.ServingLookupRequest) -> serving_pb2.ServingLookupResponse:
         if len(request.keys) <= 8 * INLINE_LOOKUP_KEYS:
             return self.answer_lookup(request)
         return await asyncio.to_thread(self.answer_lookup, request)
+
+    @unary_call("LookupMany")
+    async def LookupMany(self, request: serving_pb2.ServingLookupManyRequest) -> serving_pb2.ServingLookupManyResponse:
+        if sum(len(lookup.keys) for lookup in request.lookups) <= 8 * INLINE_LOOKUP_KEYS:
+            return self.answer_lookup_many(request)
+        return await asyncio.to_thread(self.answer_lookup_many, request)
+
+    def answer_lookup_many(
+        self, request: serving_pb2.ServingLookupManyRequest
+    ) -> serving_pb2.ServingLookupManyResponse:
+        """The reply to a LookupMany: each lookup answered as answer_lookup would; the first bad one
+        raises its error, its message prefixed by `lookups[i]: `."""
+        results = []
+        for i, lookup in enumerate(request.lookups):
+            try:
+                results.append(self.answer_lookup(lookup))
+            except (UnknownTableError, ValueError, TypeError) as exc:
+                raise type(exc)(f"lookups[{i}]: {exc}") from exc
+        return serving_pb2.ServingLookupManyResponse(results=results)
 
     def answer_lookup(self, request: serving_pb2.ServingLookupRequest) -> serving_pb2.ServingLookupResponse:
         """The reply to a Lookup, on any thread (rows are read safely while followers write them);
@@ -161,28 +191,38 @@ class ServingServicer(serving_pb2_grpc.ServingServicer):
 
     def stale(self, table: str, shard: int) -> bool:
         threshold = self.replica.config.stale_after_seconds
-        return any(f.stale(threshold) for f in self.replica.followers if f.replica.name == table and f.shard == shard)
+        return any(f.stale(threshold) for f in self._followers.get((table, shard), ()))
 
 
 class GateLookups:
-    """Answers the Lookups the serving gate admits (serving/gate.py), on its worker threads with the
-    GIL: the token check, parsing, lookup and reply of the Lookup RPC, with the same status codes,
-    messages and metrics, without grpc.aio's per-call work."""
+    """Answers the Lookups and LookupManys the serving gate admits (serving/gate.py), on its worker
+    threads with the GIL: the token check, parsing, lookup and reply of the RPC, with the same
+    status codes, messages and metrics, without grpc.aio's per-call work."""
 
     def __init__(self, servicer: ServingServicer, auth: TokenAuth | None) -> None:
         self.servicer = servicer
         self.auth = auth
+        self._methods = {
+            LOOKUP_METHOD: ("Lookup", serving_pb2.ServingLookupRequest.FromString, servicer.answer_lookup),
+            LOOKUP_MANY_METHOD: (
+                "LookupMany", serving_pb2.ServingLookupManyRequest.FromString, servicer.answer_lookup_many
+            ),
+        }
 
-    def __call__(self, authorization: bytes, payload: bytes) -> tuple[int, str, bytes]:
-        """(status code number, message, reply message bytes) for one Lookup call."""
+    def __call__(self, method: str, authorization: bytes, payload: bytes) -> tuple[int, str, bytes]:
+        """(status code number, message, reply message bytes) for one call of `method` (its full name)."""
+        known = self._methods.get(method)
+        if known is None:
+            return grpc.StatusCode.UNIMPLEMENTED.value[0], f"{method}: not answered by the gate's handler", b""
+        name, parse, answer = known
         if self.auth is not None:
             metadata = (("authorization", authorization.decode("latin-1")),) if authorization else ()
-            refused = self.auth.deny(LOOKUP_METHOD, metadata)
+            refused = self.auth.deny(method, metadata)
             if refused is not None:
                 return refused[0].value[0], refused[1], b""
-        request = decode(serving_pb2.ServingLookupRequest.FromString, payload, LOOKUP_METHOD)
+        request = decode(parse, payload, method)
         code, message, reply = answer_call(
-            self.servicer.call_site, "Lookup", request, lambda r: self.servicer.answer_lookup(r).SerializeToString()
+            self.servicer.call_site, name, request, lambda r: answer(r).SerializeToString()
         )
         return code.value[0], message, reply if reply is not None else b""
 
@@ -341,8 +381,8 @@ async def _serve_on(
             if config.job.security.tls:
                 identity = GateIdentity(config.job.security, directory.path)
             gate = ServingGate(
-                config.listen, directory.upstream, LOOKUP_METHOD, lookups, config.max_queue, message_limit(config),
-                identity, config.max_queue_bytes,
+                config.listen, directory.upstream, LOOKUP_METHODS, lookups, config.max_queue, message_limit(config),
+                identity, config.max_queue_bytes, config.lookup_threads,
             )
             port = gate.port
             counts = GateCounts(gate)
@@ -353,6 +393,8 @@ async def _serve_on(
             ", ".join(config.tables),
             servicer.replica.export_step, os.getpid(),
         )
+        if gated:
+            log.info("serving gate: %s lookup threads", config.lookup_threads or f"{os.cpu_count()} (one per core)")
         if gated and config.max_queue:
             log.info("overload: more than %d Lookups waiting are refused RESOURCE_EXHAUSTED by the serving gate",
                      config.max_queue)
