@@ -88,6 +88,7 @@ class ReplicaCallSite(CallSite):
         super().__init__("the serving replica", log)
         self.tables = tables
         self.metrics = metrics
+        self._children: dict[tuple[str, str, str], tuple] = {}
 
     def table_label(self, request) -> str:
         """The request's table; names not served here share one label, no table is ""."""
@@ -95,8 +96,14 @@ class ReplicaCallSite(CallSite):
         return table if table in self.tables or not table else "unknown"
 
     def record(self, method: str, table: str, code: grpc.StatusCode, seconds: float, request) -> None:
-        self.metrics.requests.labels(table, method, code.name).inc()
-        self.metrics.request_duration.labels(table, method, code.name).observe(seconds)
+        labels = (table, method, code.name)
+        children = self._children.get(labels)
+        if children is None:  # .labels() costs microseconds a call: each series is looked up once
+            children = self._children[labels] = (
+                self.metrics.requests.labels(*labels), self.metrics.request_duration.labels(*labels)
+            )
+        children[0].inc()
+        children[1].observe(seconds)
 
 
 class ServingServicer(serving_pb2_grpc.ServingServicer):
@@ -107,6 +114,7 @@ class ServingServicer(serving_pb2_grpc.ServingServicer):
         self.metrics = metrics
         self.call_site = ReplicaCallSite(replica.tables, metrics)
         self._followers: dict[tuple[str, int], list[ShardFollower]] = {}
+        self._lookup_series: dict[str, tuple] = {}
         for f in replica.followers:
             self._followers.setdefault((f.replica.name, f.shard), []).append(f)
 
@@ -162,10 +170,21 @@ class ServingServicer(serving_pb2_grpc.ServingServicer):
                 for s, rows in enumerate(table.shards)
             ],
         )
-        self.metrics.lookup_keys.labels(table.name).inc(keys.shape[0])
-        self.metrics.lookup_missing.labels(table.name).inc(int(keys.shape[0] - found.sum()))
-        self.metrics.lookup_duration.labels(table.name).observe(time.perf_counter() - start)
+        looked_up, missing, duration = self._table_metrics(table.name)
+        looked_up.inc(keys.shape[0])
+        missing.inc(int(keys.shape[0] - np.count_nonzero(found)))
+        duration.observe(time.perf_counter() - start)
         return reply
+
+    def _table_metrics(self, table: str) -> tuple:
+        """(keys, missing keys, lookup duration) series of `table`, looked up once."""
+        series = self._lookup_series.get(table)
+        if series is None:
+            m = self.metrics
+            series = self._lookup_series[table] = (
+                m.lookup_keys.labels(table), m.lookup_missing.labels(table), m.lookup_duration.labels(table)
+            )
+        return series
 
     @unary_call("Status")
     async def Status(self, request: serving_pb2.ServingStatusRequest) -> serving_pb2.ServingStatusResponse:
