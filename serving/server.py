@@ -135,17 +135,23 @@ class ServingServicer(serving_pb2_grpc.ServingServicer):
     ) -> serving_pb2.ServingLookupManyResponse:
         """The reply to a LookupMany: each lookup answered as answer_lookup would; the first bad one
         raises its error, its message prefixed by `lookups[i]: `."""
-        results = []
+        reply = serving_pb2.ServingLookupManyResponse()
         for i, lookup in enumerate(request.lookups):
             try:
-                results.append(self.answer_lookup(lookup))
+                self.fill_lookup(lookup, reply.results.add())  # in place: no copy of each result
             except (UnknownTableError, ValueError, TypeError) as exc:
                 raise type(exc)(f"lookups[{i}]: {exc}") from exc
-        return serving_pb2.ServingLookupManyResponse(results=results)
+        return reply
 
     def answer_lookup(self, request: serving_pb2.ServingLookupRequest) -> serving_pb2.ServingLookupResponse:
         """The reply to a Lookup, on any thread (rows are read safely while followers write them);
         raises what `status_of` maps to a status code."""
+        reply = serving_pb2.ServingLookupResponse()
+        self.fill_lookup(request, reply)
+        return reply
+
+    def fill_lookup(self, request: serving_pb2.ServingLookupRequest, reply: serving_pb2.ServingLookupResponse) -> None:
+        """Writes the answer to `request` into the empty message `reply` (see answer_lookup)."""
         start = time.perf_counter()
         table = self.replica.table(request.table)
         if request.dim and request.dim != table.dim:
@@ -155,26 +161,20 @@ class ServingServicer(serving_pb2_grpc.ServingServicer):
         dtype = _REPLY_DTYPES[request.dtype]
         keys = wire.decode_keys(request.keys)
         values, found = table.lookup(keys, dtype)
-        reply = serving_pb2.ServingLookupResponse(
-            values=values.astype(values.dtype.newbyteorder("<"), copy=False).tobytes(),
-            dim=table.dim,
-            dtype=ps_pb2.FLOAT16 if dtype == np.float16 else ps_pb2.FLOAT32,
-            found=found.view(np.uint8).tobytes(),
-            shards=[
-                serving_pb2.ServedShard(
-                    shard=s,
-                    version=rows.version,
-                    incarnation=rows.incarnation,
-                    stale=self.stale(table.name, s),
-                )
-                for s, rows in enumerate(table.shards)
-            ],
-        )
+        reply.values = values.astype(values.dtype.newbyteorder("<"), copy=False).tobytes()
+        reply.dim = table.dim
+        reply.dtype = ps_pb2.FLOAT16 if dtype == np.float16 else ps_pb2.FLOAT32
+        reply.found = found.view(np.uint8).tobytes()
+        for s, rows in enumerate(table.shards):
+            served = reply.shards.add()
+            served.shard = s
+            served.version = rows.version
+            served.incarnation = rows.incarnation
+            served.stale = self.stale(table.name, s)
         looked_up, missing, duration = self._table_metrics(table.name)
         looked_up.inc(keys.shape[0])
         missing.inc(int(keys.shape[0] - np.count_nonzero(found)))
         duration.observe(time.perf_counter() - start)
-        return reply
 
     def _table_metrics(self, table: str) -> tuple:
         """(keys, missing keys, lookup duration) series of `table`, looked up once."""
