@@ -132,7 +132,15 @@ def _add_serve(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--table", default="emb", help="with --address: the table to look up")
     parser.add_argument("--rows", type=int, default=1_000_000, help="rows every system holds (keys drawn from)")
     parser.add_argument("--dim", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=64, help="keys per request")
+    parser.add_argument("--batch", type=int, default=64, help="keys per request (per table with --tables)")
+    parser.add_argument(
+        "--tables", type=int, default=1,
+        help="tables per request: each request reads --batch keys in each (embps: one LookupMany; Redis: one MGET)",
+    )
+    parser.add_argument(
+        "--lookup-threads", default="", metavar="N[,N...]",
+        help="run the embps replica once per lookup thread count (default: once, one thread per core)",
+    )
     parser.add_argument("--zipf", type=float, default=1.05, help="Zipf exponent of the keys (0: uniform)")
     rate_or_sweep = parser.add_mutually_exclusive_group()
     rate_or_sweep.add_argument("--rate", type=float, default=None, help="one run at this many requests/s")
@@ -155,6 +163,14 @@ def _add_serve(parser: argparse.ArgumentParser) -> None:
         help="embps only: offer FACTOR x the replica's capacity to a replica with --max-queue and to one without",
     )
     parser.add_argument("--max-queue", type=int, default=16, help="with --overload: max_queue of the bounded one")
+
+
+def _counts(flag: str, text: str) -> tuple[int, ...]:
+    """"1,2" -> (1, 2); "" -> ()."""
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ValueError(f"{flag}: expected integers separated by commas, got {text!r}") from None
 
 
 def _run_serve(args: argparse.Namespace) -> int:
@@ -186,6 +202,8 @@ def _run_serve(args: argparse.Namespace) -> int:
             rows=args.rows,
             dim=args.dim,
             batch=args.batch,
+            tables=args.tables,
+            lookup_threads=_counts("--lookup-threads", args.lookup_threads),
             zipf=args.zipf,
             rate=args.rate,
             slo_ms=args.slo_ms,

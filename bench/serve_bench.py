@@ -10,6 +10,11 @@ any load. Then, one system at a time (so they never share the cores with each ot
     last passing and the first failing rate; reports the highest rate that met the SLO.
 The result: a JSON file (every run, machine facts, the ratios), a PNG of p99 vs offered rate per
 system, and a printed table. Server and client CPU per call come from /proc: where the time goes.
+
+    --tables 26 --batch 16     every request reads 16 keys in each of 26 tables (one LookupMany;
+                               for Redis one MGET of all 416 keys; see bench/serve_targets.py);
+                               rows are per table, so --rows 40000 holds ~1M rows in all
+    --lookup-threads 1,2       the embps replica once per thread count (embps-1t, embps-2t, ...)
 """
 
 from __future__ import annotations
@@ -36,7 +41,9 @@ class ServeBenchConfig:
     table: str = "emb"  # with address: the table to look up
     rows: int = 1_000_000
     dim: int = 64
-    batch: int = 64
+    batch: int = 64  # keys per table per request
+    tables: int = 1  # tables per request (bench/serve_targets.py: table_names)
+    lookup_threads: tuple[int, ...] = ()  # embps once per count (embps-<n>t); (): the replica's default
     zipf: float = 1.05
     rate: float | None = None  # one run at this rate; None: sweep
     slo_ms: float = 10.0
@@ -56,6 +63,10 @@ class ServeBenchConfig:
         unknown = [t for t in self.targets if t not in SYSTEMS]
         if not self.targets or unknown:
             raise ValueError(f"targets: each must be one of {', '.join(SYSTEMS)}, got {list(self.targets)}")
+        if not 1 <= self.tables <= 255:
+            raise ValueError(f"tables: must be in [1, 255], got {self.tables}")
+        if any(n < 1 for n in self.lookup_threads):
+            raise ValueError(f"lookup_threads: each must be >= 1, got {list(self.lookup_threads)}")
         for name in ("rows", "dim", "batch", "clients", "concurrency", "max_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
@@ -74,7 +85,7 @@ class ServeBenchConfig:
     def load_spec(self, rate: float) -> LoadSpec:
         return LoadSpec(
             rate=rate, duration_s=self.duration_s, warmup_s=self.warmup_s, clients=self.clients,
-            concurrency=self.concurrency, batch=self.batch, rows=self.rows, zipf=self.zipf,
+            concurrency=self.concurrency, batch=self.batch * self.tables, rows=self.rows, zipf=self.zipf,
         )
 
 
@@ -163,29 +174,37 @@ def summarize(runs: list[dict], sweep_mode: bool) -> dict:
     }
 
 
+def _threads(name: str) -> int | None:
+    """The lookup threads of system `name`: embps-<n>t -> n; embps -> None (the replica's default)."""
+    return int(name[len("embps-"):-1]) if name.startswith("embps-") else None
+
+
 def _system(name: str, config: ServeBenchConfig, workdir: Path) -> tuple[dict, object | None]:
     """Starts (and checks) one system; returns ({"status", ...}, the started server or None)."""
     if name == "embps" and config.address is not None:
         return {"status": "ok", "address": config.address}, None
-    if name == "embps":
-        server = EmbpsServer.start(config.rows, config.dim, workdir / "embps")
-        return {"status": "ok", "address": server.address}, server
+    if name.startswith("embps"):
+        server = EmbpsServer.start(
+            config.rows, config.dim, workdir / name, tables=config.tables, lookup_threads=_threads(name)
+        )
+        return {"status": "ok", "address": server.address, "lookup_threads": _threads(name)}, server
     if name == "redis":
         reason = RedisServer.available()
         if reason is not None:
             print(f"redis: skipped: {reason}")
             return {"status": "skipped", "reason": reason}, None
-        server = RedisServer.start(config.rows, config.dim, workdir / "redis")
+        server = RedisServer.start(config.rows, config.dim, workdir / "redis", tables=config.tables)
         return {"status": "ok", "address": f"127.0.0.1:{server.port}", "version": server.version()}, server
     return {"status": "ok"}, None
 
 
 def _target(name: str, config: ServeBenchConfig, server):
-    if name == "embps":
-        return EmbpsTarget(config.address, config.table, 0) if server is None else server.target
+    if name.startswith("embps"):
+        target = EmbpsTarget(config.address, config.table, 0) if server is None else server.target
+        return replace(target, name=name)
     if name == "redis":
         return server.target
-    return InProcessTarget(config.rows, config.dim)
+    return InProcessTarget(config.rows, config.dim, config.tables)
 
 
 def run_system(name: str, config: ServeBenchConfig, workdir: Path) -> dict:
@@ -195,7 +214,7 @@ def run_system(name: str, config: ServeBenchConfig, workdir: Path) -> dict:
         return info
     try:
         if server is not None:
-            check_rows(server.fetch, config.rows, config.dim)
+            check_rows(server.fetch, config.rows, config.dim, tables=config.tables)
         target = _target(name, config, server)
         pids = server.pids if server is not None else []
         print(f"{name}: {'sweep' if config.rate is None else f'rate {config.rate:g}/s'}", flush=True)
@@ -217,8 +236,8 @@ def ratios(systems: dict[str, dict]) -> dict[str, dict[str, float]]:
 
 def print_table(config: ServeBenchConfig, systems: dict[str, dict], table_ratios: dict) -> None:
     mode = f"max rate with p99 <= {config.slo_ms:g} ms" if config.rate is None else f"at {config.rate:g} req/s"
-    print(f"\n{mode}; batch {config.batch}, {'uniform' if config.zipf == 0 else f'Zipf {config.zipf:g}'} keys, "
-          f"{config.rows:,} rows x dim {config.dim}")
+    print(f"\n{mode}; {_batch(config)}, {'uniform' if config.zipf == 0 else f'Zipf {config.zipf:g}'} keys, "
+          f"{config.rows:,} rows x dim {config.dim}{' per table' if config.tables > 1 else ''}")
     others = [n for n in systems if systems[n].get("status") == "ok"]
     header = f"{'system':>10} {'req/s':>9} {'keys/s':>11} {'p50 ms':>7} {'p99 ms':>7} {'srv CPU ms/call':>15} "
     header += f"{'cli CPU ms/call':>15} " + " ".join(f"{'vs ' + n:>12}" for n in others)
@@ -239,6 +258,12 @@ def print_table(config: ServeBenchConfig, systems: dict[str, dict], table_ratios
         )
 
 
+def _batch(config: ServeBenchConfig) -> str:
+    if config.tables == 1:
+        return f"batch {config.batch}"
+    return f"{config.tables} tables x {config.batch} keys per request"
+
+
 def write_plot(path: str, config: ServeBenchConfig, systems: dict[str, dict]) -> None:
     """p99 latency vs offered rate, one line per system, the SLO as a horizontal line."""
     import matplotlib
@@ -257,7 +282,7 @@ def write_plot(path: str, config: ServeBenchConfig, systems: dict[str, dict]) ->
     ax.set_yscale("log")
     ax.set_xlabel("offered load (requests/s)")
     ax.set_ylabel("p99 latency (ms)")
-    ax.set_title(f"batch {config.batch}, Zipf {config.zipf:g}, {config.rows:,} rows x {config.dim}")
+    ax.set_title(f"{_batch(config)}, Zipf {config.zipf:g}, {config.rows:,} rows x {config.dim}")
     ax.legend()
     ax.grid(True, which="both", alpha=0.3)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -282,11 +307,15 @@ def facts() -> dict[str, object]:
 
 def run_serve_bench(config: ServeBenchConfig) -> int:
     targets = config.targets
+    if config.lookup_threads and "embps" in targets and config.address is None:
+        at = targets.index("embps")
+        threads = tuple(f"embps-{n}t" for n in config.lookup_threads)
+        targets = targets[:at] + threads + targets[at + 1:]
     if config.address is not None:
         targets = tuple(t for t in targets if t == "embps") or ("embps",)
         config = replace(config, targets=targets)
     print(
-        f"embps bench serve: {', '.join(targets)}; {config.rows:,} rows x dim {config.dim}, batch {config.batch}, "
+        f"embps bench serve: {', '.join(targets)}; {config.rows:,} rows x dim {config.dim}, {_batch(config)}, "
         f"{'uniform' if config.zipf == 0 else f'Zipf {config.zipf:g}'} keys; {config.clients} client processes x "
         f"{config.concurrency} in flight; {config.warmup_s:g} s warm-up + {config.duration_s:g} s per run",
         flush=True,

@@ -9,6 +9,12 @@ clients for them.
     inprocess  the replica's own lookup code (serving.store.TableReplica: C++ hash map + gather)
                called inside the client process, no RPC: the ceiling
 
+Several tables (`tables` > 1, as an inference request that reads every feature's table): each
+of the tables emb0 .. emb{T-1} holds the rows above, and a request of T * k keys is k keys per
+table. embps answers it with one LookupMany (one RPC); Redis with one MGET of all T * k keys
+(one command, one round trip; a row's Redis key is the table's index byte then the key's 8
+bytes); inprocess with one TableReplica.lookup per table.
+
 Each Target is a picklable frozen dataclass; `connect` runs in a client process and prepares
 every request of the key pool up front, so a call does only the call and a check of the reply
 (row count and length; a reply with a missing row is an error, not a success).
@@ -53,10 +59,16 @@ def row_values(keys: np.ndarray, dim: int) -> np.ndarray:
     return native.init_values(ROW_SEED, Initializer.NORMAL, ROW_SCALE, keys, dim)
 
 
-class GrpcCaller:
-    """Serving.Lookup with requests serialized up front; replies parsed and checked."""
+def table_names(tables: int) -> tuple[str, ...]:
+    """The bench's table names: ("emb",) for one table, else emb0 .. emb{tables-1}."""
+    return (TABLE,) if tables == 1 else tuple(f"{TABLE}{t}" for t in range(tables))
 
-    def __init__(self, address: str, table: str, dim: int, batches: Sequence[np.ndarray]) -> None:
+
+class GrpcCaller:
+    """Serving.Lookup (one table) or Serving.LookupMany (several: each batch split evenly between
+    them) with requests serialized up front; replies parsed and checked."""
+
+    def __init__(self, address: str, table: str | Sequence[str], dim: int, batches: Sequence[np.ndarray]) -> None:
         import grpc
 
         from ps import wire
@@ -70,17 +82,31 @@ class GrpcCaller:
                 ("grpc.max_send_message_length", _MESSAGE_LIMIT),
             ],
         )
-        self._lookup = self._channel.unary_unary(
-            "/embps.v1.Serving/Lookup", response_deserializer=serving_pb2.ServingLookupResponse.FromString
-        )
-        self._requests = [
-            serving_pb2.ServingLookupRequest(table=table, keys=wire.encode_keys(b), dim=dim).SerializeToString()
-            for b in batches
-        ]
-        self._sizes = [b.shape[0] for b in batches]
+        tables = (table,) if isinstance(table, str) else tuple(table)
+        self._many = len(tables) > 1
+        if self._many:
+            self._lookup = self._channel.unary_unary(
+                "/embps.v1.Serving/LookupMany", response_deserializer=serving_pb2.ServingLookupManyResponse.FromString
+            )
+        else:
+            self._lookup = self._channel.unary_unary(
+                "/embps.v1.Serving/Lookup", response_deserializer=serving_pb2.ServingLookupResponse.FromString
+            )
+        self._requests = []
+        self._sizes = []
+        for b in batches:
+            parts = np.array_split(b, len(tables))
+            lookups = [
+                serving_pb2.ServingLookupRequest(table=t, keys=wire.encode_keys(k), dim=dim)
+                for t, k in zip(tables, parts, strict=True)
+            ]
+            request = serving_pb2.ServingLookupManyRequest(lookups=lookups) if self._many else lookups[0]
+            self._requests.append(request.SerializeToString())
+            self._sizes.append([k.shape[0] for k in parts])
 
     def reply(self, batch_index: int, timeout: float):
-        """The ServingLookupResponse for batch `batch_index` (grpc.RpcError on a failed call)."""
+        """The reply for batch `batch_index`: a ServingLookupResponse, or with several tables a
+        ServingLookupManyResponse (grpc.RpcError on a failed call)."""
         return self._lookup(self._requests[batch_index], timeout=timeout)
 
     def call(self, batch_index: int, timeout: float) -> str:
@@ -88,10 +114,16 @@ class GrpcCaller:
             reply = self.reply(batch_index, timeout)
         except self._grpc.RpcError as exc:
             return exc.code().name
-        n = self._sizes[batch_index]
-        if len(reply.values) != n * reply.dim * 4 or len(reply.found) != n:
+        results = list(reply.results) if self._many else [reply]
+        sizes = self._sizes[batch_index]
+        if len(results) != len(sizes):
             return "BAD_REPLY"
-        return OK if reply.found.count(0) == 0 else "MISSING_ROWS"
+        for result, n in zip(results, sizes, strict=True):
+            if len(result.values) != n * result.dim * 4 or len(result.found) != n:
+                return "BAD_REPLY"
+            if result.found.count(0):
+                return "MISSING_ROWS"
+        return OK
 
     def close(self) -> None:
         self._channel.close()
@@ -99,10 +131,11 @@ class GrpcCaller:
 
 @dataclass(frozen=True)
 class EmbpsTarget:
-    """A Serving.Lookup endpoint: our `embps serve`, or any server at `address` (dim 0: any)."""
+    """A Serving.Lookup endpoint: our `embps serve`, or any server at `address` (dim 0: any).
+    table: one name (Lookup), or several (LookupMany, each batch split between them)."""
 
     address: str
-    table: str = TABLE
+    table: str | tuple[str, ...] = TABLE
     dim: int = 0
     name: str = "embps"
 
@@ -113,12 +146,16 @@ class EmbpsTarget:
 class RedisCaller:
     """MGET of the batch's key blobs over a pool of connections (one per thread in flight)."""
 
-    def __init__(self, host: str, port: int, dim: int, batches: Sequence[np.ndarray], timeout: float) -> None:
+    def __init__(self, host: str, port: int, dim: int, batches: Sequence[np.ndarray], timeout: float,
+                 tables: int = 1) -> None:
         import redis
 
         self._redis = redis
         self._client = redis.Redis(host=host, port=port, socket_timeout=timeout, socket_connect_timeout=timeout)
-        self._keys = [_redis_keys(b) for b in batches]
+        self._keys = [
+            [k for t, part in enumerate(np.array_split(b, tables)) for k in _redis_keys(part, t, tables)]
+            for b in batches
+        ]
         self._row_bytes = dim * 4
 
     def call(self, batch_index: int, timeout: float) -> str:
@@ -139,10 +176,12 @@ class RedisCaller:
         self._client.close()
 
 
-def _redis_keys(keys: np.ndarray) -> list[bytes]:
-    """Each key's 8 little-endian bytes, the Redis key of its row."""
+def _redis_keys(keys: np.ndarray, table: int = 0, tables: int = 1) -> list[bytes]:
+    """The Redis key of each key's row: its 8 little-endian bytes, after the table's index byte
+    when there are several tables."""
     data = keys.astype("<i8").tobytes()
-    return [data[i : i + 8] for i in range(0, len(data), 8)]
+    prefix = bytes([table]) if tables > 1 else b""
+    return [prefix + data[i : i + 8] for i in range(0, len(data), 8)]
 
 
 @dataclass(frozen=True)
@@ -151,22 +190,27 @@ class RedisTarget:
     port: int
     dim: int
     timeout_s: float = 5.0  # redis-py sets socket timeouts per connection, not per call
+    tables: int = 1
     name: str = "redis"
 
     def connect(self, batches: Sequence[np.ndarray]) -> RedisCaller:
-        return RedisCaller(self.host, self.port, self.dim, batches, self.timeout_s)
+        return RedisCaller(self.host, self.port, self.dim, batches, self.timeout_s, self.tables)
 
 
 class InProcessCaller:
-    """The replica's TableReplica.lookup on this process's own copy of the rows."""
+    """The replica's TableReplica.lookup on this process's own copy of the rows (one lookup per
+    table; with several tables they share one copy of the rows)."""
 
-    def __init__(self, rows: int, dim: int, batches: Sequence[np.ndarray]) -> None:
+    def __init__(self, rows: int, dim: int, batches: Sequence[np.ndarray], tables: int = 1) -> None:
         self._replica = in_process_replica(rows, dim)
-        self._batches = list(batches)
+        self._batches = [np.array_split(b, tables) for b in batches]
 
     def call(self, batch_index: int, timeout: float) -> str:
-        _, found = self._replica.lookup(self._batches[batch_index])
-        return OK if found.all() else "MISSING_ROWS"
+        for part in self._batches[batch_index]:
+            _, found = self._replica.lookup(part)
+            if not found.all():
+                return "MISSING_ROWS"
+        return OK
 
     def close(self) -> None:
         self._replica = None
@@ -190,10 +234,11 @@ def in_process_replica(rows: int, dim: int):
 class InProcessTarget:
     rows: int
     dim: int
+    tables: int = 1
     name: str = "inprocess"
 
     def connect(self, batches: Sequence[np.ndarray]) -> InProcessCaller:
-        return InProcessCaller(self.rows, self.dim, batches)
+        return InProcessCaller(self.rows, self.dim, batches, self.tables)
 
 
 
@@ -207,12 +252,13 @@ class EmbpsServer:
     the one a live replica runs; the delta stream is idle).
     """
 
-    def __init__(self, proc: subprocess.Popen, address: str, dim: int, log_path: Path) -> None:
+    def __init__(self, proc: subprocess.Popen, address: str, dim: int, log_path: Path, tables: int = 1) -> None:
         self.proc = proc
         self.address = address
         self.dim = dim
         self.log_path = log_path
-        self.target = EmbpsTarget(address, TABLE, dim)
+        self.tables = table_names(tables)
+        self.target = EmbpsTarget(address, self.tables[0] if tables == 1 else self.tables, dim)
 
     @property
     def pids(self) -> list[int]:
@@ -220,11 +266,13 @@ class EmbpsServer:
 
     @classmethod
     def start(cls, rows: int, dim: int, workdir: Path, timeout: float = 300.0, max_queue: int | None = None,
-              export_uri: str | None = None, max_queue_bytes: int | None = None) -> EmbpsServer:
+              export_uri: str | None = None, max_queue_bytes: int | None = None, tables: int = 1,
+              lookup_threads: int | None = None) -> EmbpsServer:
         """Starts a replica of the bench rows in workdir (its config and log there). max_queue,
         max_queue_bytes: the replica's load-shedding bounds (None: serve.toml's defaults; 0: no
-        bound). export_uri: an
-        export of the same rows already written (by write_export), shared by several replicas."""
+        bound). export_uri: an export of the same rows already written (by write_export), shared
+        by several replicas. tables: how many tables hold the rows (table_names); lookup_threads:
+        the gate's (None: serve.toml's default, one per core)."""
         from bench.ports import free_ports
         from ps.job_config import JobConfig, ShardConfig, dump_job_config
         from ps.process.malloc import MALLOC_TUNING
@@ -234,19 +282,21 @@ class EmbpsServer:
         workdir.mkdir(parents=True, exist_ok=True)
         if export_uri is None:
             export_uri = (workdir / "export").resolve().as_uri()
-            write_export(export_uri, rows, dim)
+            write_export(export_uri, rows, dim, tables)
         shard_port, shard_metrics, listen, metrics = free_ports(4)
         job = JobConfig(
             job=JOB,
             shards=(ShardConfig(f"127.0.0.1:{shard_port}", metrics_port=shard_metrics),),
-            tables=(TableConfig(TABLE, dim=dim),),
+            tables=tuple(TableConfig(name, dim=dim) for name in table_names(tables)),
             message_limit_bytes=_MESSAGE_LIMIT,
         )
         (workdir / "job.toml").write_text(dump_job_config(job))
         config = ServeConfig(
-            job=job, listen=f"127.0.0.1:{listen}", metrics_port=metrics, tables=(TABLE,),
+            job=job, listen=f"127.0.0.1:{listen}", metrics_port=metrics, tables=table_names(tables),
             export=ExportSource(export_uri, JOB),
         )
+        if lookup_threads is not None:
+            config = replace(config, lookup_threads=lookup_threads)
         if max_queue is not None:
             config = replace(config, max_queue=max_queue)
         if max_queue_bytes is not None:
@@ -260,7 +310,7 @@ class EmbpsServer:
                 [sys.executable, "-m", "embps", "serve", "--config", str(config_path), "--grace", "2"],
                 cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
             )
-        server = cls(proc, config.listen, dim, log_path)
+        server = cls(proc, config.listen, dim, log_path, tables)
         try:
             server.wait_ready(timeout)
         except BaseException:
@@ -277,9 +327,9 @@ class EmbpsServer:
         except (RuntimeError, TimeoutError) as exc:
             raise type(exc)(f"{exc}:\n{self.log_tail()}") from None
 
-    def fetch(self, keys: np.ndarray) -> np.ndarray:
-        """keys (n,) int64 -> the served rows (n, dim) float32 (for the pre-run check)."""
-        caller = GrpcCaller(self.address, TABLE, self.dim, [keys])
+    def fetch(self, keys: np.ndarray, table: int = 0) -> np.ndarray:
+        """keys (n,) int64 -> the rows (n, dim) float32 that table `table` serves (pre-run check)."""
+        caller = GrpcCaller(self.address, self.tables[table], self.dim, [keys])
         try:
             reply = caller.reply(0, 10.0)
         finally:
@@ -293,25 +343,28 @@ class EmbpsServer:
         children.stop(self.proc)
 
 
-def write_export(uri: str, rows: int, dim: int) -> None:
-    """An export (kind "export", 1 shard, step 1) of the bench rows under uri/JOB."""
+def write_export(uri: str, rows: int, dim: int, tables: int = 1) -> None:
+    """An export (kind "export", 1 shard, step 1) of the bench rows under uri/JOB, in each table."""
     from ps.snapshot.files import SnapshotWriter
     from ps.snapshot.manifest import SnapshotKind
 
     keys = np.sort(bench_keys(rows))
+    values = row_values(keys, dim)
     writer = SnapshotWriter(uri, JOB, step=1, kind=SnapshotKind.EXPORT, num_shards=1)
-    writer.write_values_shard(TABLE, 0, keys, row_values(keys, dim), version=1, step=1)
+    for name in table_names(tables):
+        writer.write_values_shard(name, 0, keys, values, version=1, step=1)
     writer.commit()
 
 
 class RedisServer:
     """`redis-server` on 127.0.0.1 (no persistence), loaded with the bench rows by pipelined MSET."""
 
-    def __init__(self, proc: subprocess.Popen, port: int, dim: int) -> None:
+    def __init__(self, proc: subprocess.Popen, port: int, dim: int, tables: int = 1) -> None:
         self.proc = proc
         self.port = port
         self.dim = dim
-        self.target = RedisTarget("127.0.0.1", port, dim)
+        self.tables = tables
+        self.target = RedisTarget("127.0.0.1", port, dim, tables=tables)
 
     @property
     def pids(self) -> list[int]:
@@ -329,7 +382,7 @@ class RedisServer:
         return None
 
     @classmethod
-    def start(cls, rows: int, dim: int, workdir: Path, timeout: float = 60.0) -> RedisServer:
+    def start(cls, rows: int, dim: int, workdir: Path, timeout: float = 60.0, tables: int = 1) -> RedisServer:
         import redis
 
         from bench.ports import free_ports
@@ -341,7 +394,7 @@ class RedisServer:
             "--dir", str(workdir), "--logfile", str(workdir / "redis.log"),
         ]
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        server = cls(proc, port, dim)
+        server = cls(proc, port, dim, tables)
         try:
             client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=30)
             end = time.monotonic() + timeout
@@ -369,21 +422,24 @@ class RedisServer:
         for start in range(0, rows, _LOAD_CHUNK):
             part = keys[start : start + _LOAD_CHUNK]
             blobs = row_values(part, self.dim).astype("<f4").tobytes()
-            names = _redis_keys(part)
             width = self.dim * 4
-            for i in range(0, part.shape[0], step):
-                pipe.mset({names[j]: blobs[j * width : (j + 1) * width] for j in range(i, min(i + step, len(names)))})
-            pipe.execute()
+            for table in range(self.tables):
+                names = _redis_keys(part, table, self.tables)
+                for i in range(0, part.shape[0], step):
+                    pipe.mset(
+                        {names[j]: blobs[j * width : (j + 1) * width] for j in range(i, min(i + step, len(names)))}
+                    )
+                pipe.execute()
         held = client.dbsize()
-        if held != rows:
-            raise RuntimeError(f"redis: holds {held} keys after loading {rows} rows")
+        if held != rows * self.tables:
+            raise RuntimeError(f"redis: holds {held} keys after loading {rows} rows in {self.tables} tables")
 
-    def fetch(self, keys: np.ndarray) -> np.ndarray:
+    def fetch(self, keys: np.ndarray, table: int = 0) -> np.ndarray:
         import redis
 
         client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=10)
         try:
-            values = client.mget(_redis_keys(keys))
+            values = client.mget(_redis_keys(keys, table, self.tables))
         finally:
             client.close()
         if any(v is None for v in values):
@@ -398,10 +454,12 @@ class RedisServer:
         children.stop(self.proc)
 
 
-def check_rows(fetch, rows: int, dim: int, sample: int = 256, seed: int = 0) -> None:
-    """Raises RuntimeError unless fetch(keys) returns row_values(keys) for a sample of the rows."""
+def check_rows(fetch, rows: int, dim: int, sample: int = 256, seed: int = 0, tables: int = 1) -> None:
+    """Raises RuntimeError unless fetch(keys, table) returns row_values(keys) for a sample of the
+    rows, in each table."""
     rng = np.random.default_rng(seed)
     keys = bench_keys(rows)[rng.integers(0, rows, min(sample, rows))]
-    got = fetch(keys)
-    if not np.array_equal(got, row_values(keys, dim)):
-        raise RuntimeError("the served rows differ from the bench rows")
+    for table in range(tables):
+        got = fetch(keys, table)
+        if not np.array_equal(got, row_values(keys, dim)):
+            raise RuntimeError(f"the served rows of table {table} differ from the bench rows")

@@ -4,9 +4,11 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/tuple.h>
+#include <nanobind/stl/vector.h>
 
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "serving_gate.h"
 
@@ -15,7 +17,7 @@ using namespace nb::literals;
 
 namespace {
 
-// handler(authorization: bytes, request: bytes) -> (code: int, message: str, reply: bytes).
+// handler(method: str, authorization: bytes, request: bytes) -> (code: int, message: str, reply: bytes).
 // A Python exception, or a result of another shape, becomes INTERNAL (and is printed).
 embps::LookupHandler python_handler(nb::callable handler) {
   // Called with the GIL held; the last copy of the handler may go on any thread.
@@ -27,7 +29,8 @@ embps::LookupHandler python_handler(nb::callable handler) {
     nb::gil_scoped_acquire gil;
     embps::LookupReply reply;
     try {
-      nb::object out = (*callable)(nb::bytes(request.authorization.data(), request.authorization.size()),
+      nb::object out = (*callable)(nb::str(request.method.data(), request.method.size()),
+                                   nb::bytes(request.authorization.data(), request.authorization.size()),
                                    nb::bytes(request.payload.data(), request.payload.size()));
       auto [code, message, payload] = nb::cast<std::tuple<int, std::string, nb::bytes>>(out);
       reply.code = code;
@@ -54,13 +57,14 @@ NB_MODULE(_embps_gate, m) {
       .def(
           "__init__",
           [](embps::ServingGate* self, const std::string& listen, const std::string& upstream,
-             const std::string& lookup_method, nb::callable lookup, int64_t max_queue, int64_t max_message_bytes,
-             const std::string& tls_cert, const std::string& tls_key, const std::string& client_ca,
-             int64_t max_queue_bytes) {
+             const std::vector<std::string>& lookup_methods, nb::callable lookup, int64_t max_queue,
+             int64_t max_message_bytes, const std::string& tls_cert, const std::string& tls_key,
+             const std::string& client_ca, int64_t max_queue_bytes, int workers) {
             embps::GateConfig config;
             config.listen = listen;
             config.upstream = upstream;
-            config.lookup_method = lookup_method;
+            config.lookup_methods = lookup_methods;
+            config.workers = workers;
             config.lookup = python_handler(std::move(lookup));
             config.max_queue = max_queue;
             config.max_message_bytes = max_message_bytes;
@@ -70,8 +74,8 @@ NB_MODULE(_embps_gate, m) {
             nb::gil_scoped_release release;
             new (self) embps::ServingGate(config);
           },
-          "listen"_a, "upstream"_a, "lookup_method"_a, "lookup"_a, "max_queue"_a, "max_message_bytes"_a,
-          "tls_cert"_a = "", "tls_key"_a = "", "client_ca"_a = "", "max_queue_bytes"_a = 0)
+          "listen"_a, "upstream"_a, "lookup_methods"_a, "lookup"_a, "max_queue"_a, "max_message_bytes"_a,
+          "tls_cert"_a = "", "tls_key"_a = "", "client_ca"_a = "", "max_queue_bytes"_a = 0, "workers"_a = 0)
       .def_prop_ro("port", &embps::ServingGate::port)
       .def("stats",
            [](const embps::ServingGate& self) {

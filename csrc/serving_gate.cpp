@@ -19,7 +19,6 @@ namespace embps {
 namespace {
 
 constexpr int kRequestsOutstanding = 64;  // calls the gate is ready to take at once
-constexpr int kWorkers = 2;               // threads answering Lookups (they take the GIL in turn)
 
 // Headers gRPC sets on its own on the upstream call; every other one (tokens included) is forwarded.
 bool forwarded_header(const std::string& key) {
@@ -119,7 +118,8 @@ class Call {
     }
     serving_ = true;
     shared_->serving.fetch_add(1, std::memory_order_relaxed);
-    if (server_ctx_.method() == shared_->lookup_method) {
+    const auto& bounded = shared_->lookup_methods;
+    if (std::find(bounded.begin(), bounded.end(), server_ctx_.method()) != bounded.end()) {
       int64_t before = shared_->in_flight.fetch_add(1, std::memory_order_relaxed);
       if (shared_->max_queue > 0 && before >= shared_->max_queue) {
         shared_->in_flight.fetch_sub(1, std::memory_order_relaxed);  // a refused call holds no place
@@ -172,6 +172,7 @@ class Call {
       return;
     }
     held_bytes_ = size;
+    request_.method = server_ctx_.method();
     request_.payload = to_string(from_caller_);
     const auto& metadata = server_ctx_.client_metadata();
     auto authorization = metadata.find("authorization");
@@ -348,8 +349,12 @@ ServingGate::ServingGate(const GateConfig& config) : shared_(new Shared) {
   if (config.max_queue_bytes < 0) throw std::invalid_argument("max_queue_bytes: must be >= 0");
   if (config.max_message_bytes <= 0) throw std::invalid_argument("max_message_bytes: must be > 0");
   if (!config.lookup) throw std::invalid_argument("lookup: a handler is required");
+  if (config.lookup_methods.empty()) throw std::invalid_argument("lookup_methods: at least one is required");
+  if (config.workers < 0) throw std::invalid_argument("workers: must be >= 0 (0: one per core)");
+  const int workers = config.workers > 0 ? config.workers
+                                         : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   const int max_message = static_cast<int>(std::min<int64_t>(config.max_message_bytes, INT32_MAX));
-  shared_->lookup_method = config.lookup_method;
+  shared_->lookup_methods = config.lookup_methods;
   shared_->lookup = config.lookup;
   shared_->max_queue = config.max_queue;
   shared_->max_queue_bytes = config.max_queue_bytes;
@@ -385,7 +390,7 @@ ServingGate::ServingGate(const GateConfig& config) : shared_(new Shared) {
     bool ok;
     while (cq->Next(&tag, &ok)) Call::Handle(tag, ok);
   });
-  for (int i = 0; i < kWorkers; ++i) {
+  for (int i = 0; i < workers; ++i) {
     workers_.emplace_back([shared = shared_] {
       pthread_setname_np(pthread_self(), "embps-lookup");
       while (true) {

@@ -4,10 +4,11 @@
 // touches, answered or refused, so offered a few times its capacity it cannot even refuse what it
 // cannot answer: the calls pile up in gRPC's core, whose default transport refuses its backlog
 // with CANCELLED. The gate admits at most max_queue Lookups at a time (arrival to reply) and
-// answers one more RESOURCE_EXHAUSTED at once, unread, in C++.
+// answers one more RESOURCE_EXHAUSTED at once, unread, in C++. "Lookups" are the calls of the
+// bounded methods (`lookup_methods`: Serving/Lookup and Serving/LookupMany); they share one bound.
 //
 // An admitted Lookup is answered by the replica's Python code directly (`lookup`, called on one
-// of the gate's worker threads with the GIL): token check, parsing, the lookup and the reply.
+// of the gate's `workers` threads with the GIL): token check, parsing, the lookup and the reply.
 // That skips grpc.aio's per-call machinery, which costs as much as the lookup itself. Every other
 // call (Status, health, reflection; streaming or not) is forwarded byte for byte, with its
 // metadata and deadline, to the replica's grpc.aio server on a private Unix socket, and the
@@ -44,6 +45,7 @@ struct GateTls {
 };
 
 struct LookupRequest {
+  std::string method;         // the full method name, one of lookup_methods
   std::string authorization;  // the call's `authorization` metadata ("" when absent)
   std::string payload;        // the request message, unparsed
 };
@@ -60,8 +62,9 @@ using LookupHandler = std::function<LookupReply(const LookupRequest&)>;
 struct GateConfig {
   std::string listen;             // host:port of the public port (port 0: pick one)
   std::string upstream;           // gRPC target of the Python server, e.g. unix:/run/x/upstream.sock
-  std::string lookup_method;      // the bounded method, answered by `lookup`: /embps.v1.Serving/Lookup
+  std::vector<std::string> lookup_methods;  // the bounded methods, answered by `lookup`
   LookupHandler lookup;
+  int workers = 0;                // threads answering lookups; 0: one per core
   int64_t max_queue = 0;          // lookups admitted and not finished; 0: no bound
   int64_t max_queue_bytes = 0;    // request + reply bytes the admitted lookups hold; 0: no bound
   int64_t max_message_bytes = 0;  // largest message either way
@@ -92,7 +95,7 @@ class ServingGate {
 
   // What the calls (serving_gate.cpp) share; every field is set before the first call is taken.
   struct Shared {
-    std::string lookup_method;
+    std::vector<std::string> lookup_methods;
     LookupHandler lookup;
     int64_t max_queue = 0;
     int64_t max_queue_bytes = 0;

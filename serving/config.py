@@ -16,6 +16,8 @@
     max_queue_bytes = 268435456    # with the serving gate: the most request + reply bytes the
                                    # admitted Lookups may hold (256 MiB); past it more are shed
                                    # the same way (one Lookup is always admitted); 0: no bound
+    lookup_threads = 0             # with the serving gate: threads answering Lookups (0: one per
+                                   # core of this machine)
 
     [export]                       # optional: start from the latest export, then follow the deltas
     uri = "file:///data/exports"   # or s3://bucket/prefix (credentials from AWS_* variables)
@@ -72,6 +74,7 @@ class ServeConfig:
     stale_after_seconds: float = 2.0
     max_queue: int = DEFAULT_MAX_QUEUE
     max_queue_bytes: int = DEFAULT_MAX_QUEUE_BYTES
+    lookup_threads: int = 0
     export: ExportSource | None = None
 
     @property
@@ -81,7 +84,7 @@ class ServeConfig:
 
 _FIELDS = {
     "job_config", "job", "listen", "metrics_port", "tables", "default", "storage_dtype", "stale_after_seconds",
-    "max_queue", "max_queue_bytes", "export",
+    "max_queue", "max_queue_bytes", "lookup_threads", "export",
 }
 
 
@@ -141,6 +144,12 @@ def parse_serve_config(data: dict, base_dir: Path = Path(".")) -> ServeConfig:
             "max_queue_bytes: must be an integer >= 0 (request + reply bytes of the Lookups waiting before more "
             f"are shed; 0: no bound), got {max_queue_bytes!r}"
         )
+    lookup_threads = data.get("lookup_threads", 0)
+    if isinstance(lookup_threads, bool) or not isinstance(lookup_threads, int) or not 0 <= lookup_threads <= 1024:
+        raise ValueError(
+            f"lookup_threads: must be an integer in [0, 1024] (threads answering Lookups; 0: one per core), "
+            f"got {lookup_threads!r}"
+        )
     return ServeConfig(
         job=job,
         listen=listen,
@@ -151,6 +160,7 @@ def parse_serve_config(data: dict, base_dir: Path = Path(".")) -> ServeConfig:
         stale_after_seconds=float(stale),
         max_queue=max_queue,
         max_queue_bytes=max_queue_bytes,
+        lookup_threads=lookup_threads,
         export=_export(data.get("export"), job.job),
     )
 
@@ -192,6 +202,7 @@ def dump_serve_config(config: ServeConfig, job_config_path: str) -> str:
         "stale_after_seconds": config.stale_after_seconds,
         "max_queue": config.max_queue,
         "max_queue_bytes": config.max_queue_bytes,
+        "lookup_threads": config.lookup_threads,
     }
     blocks = [toml_writer.assignments(top)]
     if config.export is not None:

@@ -4,13 +4,15 @@ Why a gate: the replica's gRPC server is Python (grpc.aio), and every call it to
 ~0.2 ms of interpreter time, answered or refused. Offered a few times its capacity, it cannot
 even refuse what it cannot answer: calls pile up in gRPC's core, whose default transport can
 only refuse its backlog with CANCELLED (serving/shedding.py). The gate is a grpc++ server on the
-public port, on threads of its own: it admits at most `max_queue` Lookups from arrival to reply
+public port, on threads of its own: it admits at most `max_queue` Lookups (Lookup and LookupMany
+calls, one bound for both) from arrival to reply
 and answers one more RESOURCE_EXHAUSTED at once, before reading it, in microseconds. It also bounds
 the bytes the admitted Lookups hold (request, then reply, until sent) by `max_queue_bytes`: a
 Lookup read while they hold more is answered RESOURCE_EXHAUSTED too (one is always admitted).
 
-An admitted Lookup is answered by `lookup(authorization, request) -> (code, message, reply)`,
-which the gate calls on one of its worker threads with the GIL: the replica's GateLookups
+An admitted Lookup is answered by `lookup(method, authorization, request) -> (code, message,
+reply)`, which the gate calls on one of its `threads` worker threads with the GIL (the lookup's
+C++ parts, the hash map's find and the gather, release it): the replica's GateLookups
 (serving/server.py) checks the token, parses, looks up and serializes, as the Lookup RPC does,
 without grpc.aio's per-call work. Every other call (Status, health, reflection) goes byte for
 byte with its metadata and deadline to the replica's grpc.aio server on a Unix socket in a
@@ -37,7 +39,7 @@ import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -165,24 +167,26 @@ def _replace(path: Path, data: bytes) -> None:
     os.replace(staged, path)
 
 
-LookupHandler = Callable[[bytes, bytes], tuple[int, str, bytes]]
+LookupHandler = Callable[[str, bytes, bytes], tuple[int, str, bytes]]
 
 
 class ServingGate:
-    """A running gate on `listen`; `port` is the bound public port. Calls of `lookup_method` are
+    """A running gate on `listen`; `port` is the bound public port. Calls of `lookup_methods` are
     bounded by max_queue (and their bytes by max_queue_bytes; 0: no bound) and answered by
-    `lookup`, the others forwarded to `upstream`. identity: the gate's TLS files (None: plaintext)."""
+    `lookup` on `threads` worker threads (0: one per core), the others forwarded to `upstream`.
+    identity: the gate's TLS files (None: plaintext)."""
 
     def __init__(
         self,
         listen: str,
         upstream: str,
-        lookup_method: str,
+        lookup_methods: Sequence[str],
         lookup: LookupHandler,
         max_queue: int,
         max_message_bytes: int,
         identity: GateIdentity | None,
         max_queue_bytes: int = 0,
+        threads: int = 0,
     ) -> None:
         if _embps_gate is None:
             raise RuntimeError(unavailable_reason())
@@ -195,8 +199,8 @@ class ServingGate:
             }
         try:
             self._gate = _embps_gate.ServingGate(
-                listen, upstream, lookup_method, lookup, max_queue, max_message_bytes, **files,
-                max_queue_bytes=max_queue_bytes,
+                listen, upstream, list(lookup_methods), lookup, max_queue, max_message_bytes, **files,
+                max_queue_bytes=max_queue_bytes, workers=threads,
             )
         except RuntimeError as exc:
             raise OSError(str(exc)) from exc

@@ -1,4 +1,5 @@
-"""The serving replica process (grpc.aio): read-only Serving (Lookup, Status) + health + reflection
+"""The serving replica process (grpc.aio): read-only Serving (Lookup, LookupMany, Status) + health
++ reflection
 + /metrics, fed by one ShardFollower per (table, training shard).
 
     embps serve --config serve.toml
@@ -44,7 +45,14 @@ from serving.core_calls import CoreCallCounts, counts_core_calls, server_ids
 from serving.follower import ShardFollower
 from serving.gate import GateCounts, GateDirectory, GateIdentity, ServingGate, unavailable_reason
 from serving.metrics import ServingMetrics
-from serving.shedding import LOOKUP_METHOD, LookupQueue, core_backlog_options, core_refusal_code
+from serving.shedding import (
+    LOOKUP_MANY_METHOD,
+    LOOKUP_METHOD,
+    LOOKUP_METHODS,
+    LookupQueue,
+    core_backlog_options,
+    core_refusal_code,
+)
 from serving.store import TableReplica
 
 log = logging.getLogger("embps.serving")
@@ -80,6 +88,7 @@ class ReplicaCallSite(CallSite):
         super().__init__("the serving replica", log)
         self.tables = tables
         self.metrics = metrics
+        self._children: dict[tuple[str, str, str], tuple] = {}
 
     def table_label(self, request) -> str:
         """The request's table; names not served here share one label, no table is ""."""
@@ -87,17 +96,27 @@ class ReplicaCallSite(CallSite):
         return table if table in self.tables or not table else "unknown"
 
     def record(self, method: str, table: str, code: grpc.StatusCode, seconds: float, request) -> None:
-        self.metrics.requests.labels(table, method, code.name).inc()
-        self.metrics.request_duration.labels(table, method, code.name).observe(seconds)
+        labels = (table, method, code.name)
+        children = self._children.get(labels)
+        if children is None:  # .labels() costs microseconds a call: each series is looked up once
+            children = self._children[labels] = (
+                self.metrics.requests.labels(*labels), self.metrics.request_duration.labels(*labels)
+            )
+        children[0].inc()
+        children[1].observe(seconds)
 
 
 class ServingServicer(serving_pb2_grpc.ServingServicer):
-    """Lookup and Status over a Replica. No method writes."""
+    """Lookup, LookupMany and Status over a Replica. No method writes."""
 
     def __init__(self, replica: Replica, metrics: ServingMetrics) -> None:
         self.replica = replica
         self.metrics = metrics
         self.call_site = ReplicaCallSite(replica.tables, metrics)
+        self._followers: dict[tuple[str, int], list[ShardFollower]] = {}
+        self._lookup_series: dict[str, tuple] = {}
+        for f in replica.followers:
+            self._followers.setdefault((f.replica.name, f.shard), []).append(f)
 
     @unary_call("Lookup")
     async def Lookup(self, request: serving_pb2.ServingLookupRequest) -> serving_pb2.ServingLookupResponse:
@@ -105,9 +124,34 @@ class ServingServicer(serving_pb2_grpc.ServingServicer):
             return self.answer_lookup(request)
         return await asyncio.to_thread(self.answer_lookup, request)
 
+    @unary_call("LookupMany")
+    async def LookupMany(self, request: serving_pb2.ServingLookupManyRequest) -> serving_pb2.ServingLookupManyResponse:
+        if sum(len(lookup.keys) for lookup in request.lookups) <= 8 * INLINE_LOOKUP_KEYS:
+            return self.answer_lookup_many(request)
+        return await asyncio.to_thread(self.answer_lookup_many, request)
+
+    def answer_lookup_many(
+        self, request: serving_pb2.ServingLookupManyRequest
+    ) -> serving_pb2.ServingLookupManyResponse:
+        """The reply to a LookupMany: each lookup answered as answer_lookup would; the first bad one
+        raises its error, its message prefixed by `lookups[i]: `."""
+        reply = serving_pb2.ServingLookupManyResponse()
+        for i, lookup in enumerate(request.lookups):
+            try:
+                self.fill_lookup(lookup, reply.results.add())  # in place: no copy of each result
+            except (UnknownTableError, ValueError, TypeError) as exc:
+                raise type(exc)(f"lookups[{i}]: {exc}") from exc
+        return reply
+
     def answer_lookup(self, request: serving_pb2.ServingLookupRequest) -> serving_pb2.ServingLookupResponse:
         """The reply to a Lookup, on any thread (rows are read safely while followers write them);
         raises what `status_of` maps to a status code."""
+        reply = serving_pb2.ServingLookupResponse()
+        self.fill_lookup(request, reply)
+        return reply
+
+    def fill_lookup(self, request: serving_pb2.ServingLookupRequest, reply: serving_pb2.ServingLookupResponse) -> None:
+        """Writes the answer to `request` into the empty message `reply` (see answer_lookup)."""
         start = time.perf_counter()
         table = self.replica.table(request.table)
         if request.dim and request.dim != table.dim:
@@ -117,25 +161,30 @@ class ServingServicer(serving_pb2_grpc.ServingServicer):
         dtype = _REPLY_DTYPES[request.dtype]
         keys = wire.decode_keys(request.keys)
         values, found = table.lookup(keys, dtype)
-        reply = serving_pb2.ServingLookupResponse(
-            values=values.astype(values.dtype.newbyteorder("<"), copy=False).tobytes(),
-            dim=table.dim,
-            dtype=ps_pb2.FLOAT16 if dtype == np.float16 else ps_pb2.FLOAT32,
-            found=found.view(np.uint8).tobytes(),
-            shards=[
-                serving_pb2.ServedShard(
-                    shard=s,
-                    version=rows.version,
-                    incarnation=rows.incarnation,
-                    stale=self.stale(table.name, s),
-                )
-                for s, rows in enumerate(table.shards)
-            ],
-        )
-        self.metrics.lookup_keys.labels(table.name).inc(keys.shape[0])
-        self.metrics.lookup_missing.labels(table.name).inc(int(keys.shape[0] - found.sum()))
-        self.metrics.lookup_duration.labels(table.name).observe(time.perf_counter() - start)
-        return reply
+        reply.values = values.astype(values.dtype.newbyteorder("<"), copy=False).tobytes()
+        reply.dim = table.dim
+        reply.dtype = ps_pb2.FLOAT16 if dtype == np.float16 else ps_pb2.FLOAT32
+        reply.found = found.view(np.uint8).tobytes()
+        for s, rows in enumerate(table.shards):
+            served = reply.shards.add()
+            served.shard = s
+            served.version = rows.version
+            served.incarnation = rows.incarnation
+            served.stale = self.stale(table.name, s)
+        looked_up, missing, duration = self._table_metrics(table.name)
+        looked_up.inc(keys.shape[0])
+        missing.inc(int(keys.shape[0] - np.count_nonzero(found)))
+        duration.observe(time.perf_counter() - start)
+
+    def _table_metrics(self, table: str) -> tuple:
+        """(keys, missing keys, lookup duration) series of `table`, looked up once."""
+        series = self._lookup_series.get(table)
+        if series is None:
+            m = self.metrics
+            series = self._lookup_series[table] = (
+                m.lookup_keys.labels(table), m.lookup_missing.labels(table), m.lookup_duration.labels(table)
+            )
+        return series
 
     @unary_call("Status")
     async def Status(self, request: serving_pb2.ServingStatusRequest) -> serving_pb2.ServingStatusResponse:
@@ -161,28 +210,38 @@ class ServingServicer(serving_pb2_grpc.ServingServicer):
 
     def stale(self, table: str, shard: int) -> bool:
         threshold = self.replica.config.stale_after_seconds
-        return any(f.stale(threshold) for f in self.replica.followers if f.replica.name == table and f.shard == shard)
+        return any(f.stale(threshold) for f in self._followers.get((table, shard), ()))
 
 
 class GateLookups:
-    """Answers the Lookups the serving gate admits (serving/gate.py), on its worker threads with the
-    GIL: the token check, parsing, lookup and reply of the Lookup RPC, with the same status codes,
-    messages and metrics, without grpc.aio's per-call work."""
+    """Answers the Lookups and LookupManys the serving gate admits (serving/gate.py), on its worker
+    threads with the GIL: the token check, parsing, lookup and reply of the RPC, with the same
+    status codes, messages and metrics, without grpc.aio's per-call work."""
 
     def __init__(self, servicer: ServingServicer, auth: TokenAuth | None) -> None:
         self.servicer = servicer
         self.auth = auth
+        self._methods = {
+            LOOKUP_METHOD: ("Lookup", serving_pb2.ServingLookupRequest.FromString, servicer.answer_lookup),
+            LOOKUP_MANY_METHOD: (
+                "LookupMany", serving_pb2.ServingLookupManyRequest.FromString, servicer.answer_lookup_many
+            ),
+        }
 
-    def __call__(self, authorization: bytes, payload: bytes) -> tuple[int, str, bytes]:
-        """(status code number, message, reply message bytes) for one Lookup call."""
+    def __call__(self, method: str, authorization: bytes, payload: bytes) -> tuple[int, str, bytes]:
+        """(status code number, message, reply message bytes) for one call of `method` (its full name)."""
+        known = self._methods.get(method)
+        if known is None:
+            return grpc.StatusCode.UNIMPLEMENTED.value[0], f"{method}: not answered by the gate's handler", b""
+        name, parse, answer = known
         if self.auth is not None:
             metadata = (("authorization", authorization.decode("latin-1")),) if authorization else ()
-            refused = self.auth.deny(LOOKUP_METHOD, metadata)
+            refused = self.auth.deny(method, metadata)
             if refused is not None:
                 return refused[0].value[0], refused[1], b""
-        request = decode(serving_pb2.ServingLookupRequest.FromString, payload, LOOKUP_METHOD)
+        request = decode(parse, payload, method)
         code, message, reply = answer_call(
-            self.servicer.call_site, "Lookup", request, lambda r: self.servicer.answer_lookup(r).SerializeToString()
+            self.servicer.call_site, name, request, lambda r: answer(r).SerializeToString()
         )
         return code.value[0], message, reply if reply is not None else b""
 
@@ -341,8 +400,8 @@ async def _serve_on(
             if config.job.security.tls:
                 identity = GateIdentity(config.job.security, directory.path)
             gate = ServingGate(
-                config.listen, directory.upstream, LOOKUP_METHOD, lookups, config.max_queue, message_limit(config),
-                identity, config.max_queue_bytes,
+                config.listen, directory.upstream, LOOKUP_METHODS, lookups, config.max_queue, message_limit(config),
+                identity, config.max_queue_bytes, config.lookup_threads,
             )
             port = gate.port
             counts = GateCounts(gate)
@@ -353,6 +412,8 @@ async def _serve_on(
             ", ".join(config.tables),
             servicer.replica.export_step, os.getpid(),
         )
+        if gated:
+            log.info("serving gate: %s lookup threads", config.lookup_threads or f"{os.cpu_count()} (one per core)")
         if gated and config.max_queue:
             log.info("overload: more than %d Lookups waiting are refused RESOURCE_EXHAUSTED by the serving gate",
                      config.max_queue)

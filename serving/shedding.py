@@ -60,6 +60,8 @@ import grpc
 from serving.metrics import ServingMetrics
 
 LOOKUP_METHOD = "/embps.v1.Serving/Lookup"
+LOOKUP_MANY_METHOD = "/embps.v1.Serving/LookupMany"
+LOOKUP_METHODS = (LOOKUP_METHOD, LOOKUP_MANY_METHOD)  # bounded together by max_queue
 
 
 def core_refusal_code() -> grpc.StatusCode:
@@ -105,7 +107,7 @@ class LookupQueue(grpc.aio.ServerInterceptor):
         self.metrics.lookup_queue.set(self.depth)
 
     async def intercept_service(self, continuation, handler_call_details):
-        if handler_call_details.method != LOOKUP_METHOD:
+        if handler_call_details.method not in LOOKUP_METHODS:
             return await continuation(handler_call_details)
         if self.max_queue and self.depth >= self.max_queue:
             return self._refusal

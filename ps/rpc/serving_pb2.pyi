@@ -45,6 +45,18 @@ class ServingLookupResponse(_message.Message):
     shards: _containers.RepeatedCompositeFieldContainer[ServedShard]
     def __init__(self, values: _Optional[bytes] = ..., dim: _Optional[int] = ..., dtype: _Optional[_Union[_ps_pb2.DType, str]] = ..., found: _Optional[bytes] = ..., shards: _Optional[_Iterable[_Union[ServedShard, _Mapping]]] = ...) -> None: ...
 
+class ServingLookupManyRequest(_message.Message):
+    __slots__ = ("lookups",)
+    LOOKUPS_FIELD_NUMBER: _ClassVar[int]
+    lookups: _containers.RepeatedCompositeFieldContainer[ServingLookupRequest]
+    def __init__(self, lookups: _Optional[_Iterable[_Union[ServingLookupRequest, _Mapping]]] = ...) -> None: ...
+
+class ServingLookupManyResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[ServingLookupResponse]
+    def __init__(self, results: _Optional[_Iterable[_Union[ServingLookupResponse, _Mapping]]] = ...) -> None: ...
+
 class ServingStatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -39,6 +39,11 @@ class ServingStub:
                 request_serializer=embps_dot_serving__pb2.ServingLookupRequest.SerializeToString,
                 response_deserializer=embps_dot_serving__pb2.ServingLookupResponse.FromString,
                 _registered_method=True)
+        self.LookupMany = channel.unary_unary(
+                '/embps.v1.Serving/LookupMany',
+                request_serializer=embps_dot_serving__pb2.ServingLookupManyRequest.SerializeToString,
+                response_deserializer=embps_dot_serving__pb2.ServingLookupManyResponse.FromString,
+                _registered_method=True)
         self.Status = channel.unary_unary(
                 '/embps.v1.Serving/Status',
                 request_serializer=embps_dot_serving__pb2.ServingStatusRequest.SerializeToString,
@@ -51,6 +56,13 @@ class ServingServicer:
 
     def Lookup(self, request, context):
         """Rows of keys; keys without a row read as the table's default, with found = 0.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LookupMany(self, request, context):
+        """Several Lookups in one call (e.g. every table of one inference request), answered together.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -70,6 +82,11 @@ def add_ServingServicer_to_server(servicer, server):
                     servicer.Lookup,
                     request_deserializer=embps_dot_serving__pb2.ServingLookupRequest.FromString,
                     response_serializer=embps_dot_serving__pb2.ServingLookupResponse.SerializeToString,
+            ),
+            'LookupMany': grpc.unary_unary_rpc_method_handler(
+                    servicer.LookupMany,
+                    request_deserializer=embps_dot_serving__pb2.ServingLookupManyRequest.FromString,
+                    response_serializer=embps_dot_serving__pb2.ServingLookupManyResponse.SerializeToString,
             ),
             'Status': grpc.unary_unary_rpc_method_handler(
                     servicer.Status,
@@ -104,6 +121,33 @@ class Serving:
             '/embps.v1.Serving/Lookup',
             embps_dot_serving__pb2.ServingLookupRequest.SerializeToString,
             embps_dot_serving__pb2.ServingLookupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LookupMany(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/embps.v1.Serving/LookupMany',
+            embps_dot_serving__pb2.ServingLookupManyRequest.SerializeToString,
+            embps_dot_serving__pb2.ServingLookupManyResponse.FromString,
             options,
             channel_credentials,
             insecure,

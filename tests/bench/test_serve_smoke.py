@@ -35,19 +35,19 @@ MACHINE_FIELDS = {"cpu_count", "memory_bytes", "python", "numpy", "torch", "grpc
 SMOKE_SLO_MS = 1_000.0
 
 
-def _bench(tmp_path: Path, target: str, rate: float = 150.0) -> dict:
+def _bench(tmp_path: Path, target: str, rate: float = 150.0, extra: tuple[str, ...] = ()) -> dict:
     out, plot = tmp_path / f"{target}.json", tmp_path / f"{target}.png"
     argv = [
         "bench", "serve", "--target", target, "--rows", "20000", "--dim", "16", "--batch", "32", "--rate", str(rate),
         "--duration", "2.5", "--warmup", "0.5", "--clients", "1", "--concurrency", "8", "--slo-ms", str(SMOKE_SLO_MS),
-        "--out", str(out), "--plot", str(plot),
+        "--out", str(out), "--plot", str(plot), *extra,
     ]
     assert embps.main(argv) == 0
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     return json.loads(out.read_text())
 
 
-def _check_run(result: dict, name: str, rate: float) -> dict:
+def _check_run(result: dict, name: str, rate: float, tables: int = 1) -> dict:
     assert result["bench"] == "serve"
     assert MACHINE_FIELDS <= set(result["machine"])
     system = result["systems"][name]
@@ -60,7 +60,7 @@ def _check_run(result: dict, name: str, rate: float) -> dict:
     assert run["error_count"] == 0 and run["errors"] == {} and run["ok"] == run["requests"] > 0
     assert abs(run["offered_qps"] - rate) < 0.3 * rate  # Poisson count over 2.5 s
     assert abs(run["achieved_qps"] - run["offered_qps"]) <= 0.1 * run["offered_qps"]
-    assert run["keys_per_s"] == pytest.approx(run["achieved_qps"] * 32)
+    assert run["keys_per_s"] == pytest.approx(run["achieved_qps"] * 32 * tables)
     assert run["server_cpu_ms_per_call"] > 0 and run["client_cpu_ms_per_call"] > 0
     assert run["meets_slo"] and system["max_qps_at_slo"] == run["offered_qps"]
     return run
@@ -78,10 +78,20 @@ def test_embps_serve_smoke_and_report(tmp_path: Path, capsys: pytest.CaptureFixt
 
 
 def test_redis_smoke(tmp_path: Path) -> None:
+    """Three tables per request: one MGET of every table's keys."""
     reason = RedisServer.available()
     if reason is not None:
         pytest.skip(f"Redis side skipped: {reason}")
-    _check_run(_bench(tmp_path, "redis"), "redis", 150.0)
+    run = _check_run(_bench(tmp_path, "redis", extra=("--tables", "3")), "redis", 150.0, tables=3)
+    assert run["batch"] == 96
+
+
+def test_multi_table_smoke(tmp_path: Path) -> None:
+    """Three tables per request (one LookupMany each) to a replica with one lookup thread."""
+    result = _bench(tmp_path, "embps", extra=("--tables", "3", "--lookup-threads", "1"))
+    assert set(result["systems"]) == {"embps-1t"} and result["systems"]["embps-1t"]["lookup_threads"] == 1
+    run = _check_run(result, "embps-1t", 150.0, tables=3)
+    assert run["batch"] == 96
 
 
 def test_ctrl_c_stops_every_client_process(tmp_path: Path) -> None:

@@ -257,6 +257,11 @@ def serving_lookups(draw: st.DrawFn) -> serving_pb2.ServingLookupRequest:
     )
 
 
+@st.composite
+def serving_lookup_manys(draw: st.DrawFn) -> serving_pb2.ServingLookupManyRequest:
+    return serving_pb2.ServingLookupManyRequest(lookups=draw(st.lists(serving_lookups(), max_size=4)))
+
+
 raw_kinds = st.sampled_from(("cut", "corrupted", "no length", "junk"))
 byte_edits = st.lists(st.tuples(positions, st.integers(0, 255)), min_size=1, max_size=3)
 
@@ -496,6 +501,18 @@ def test_fuzz_serving_lookup(serving_channel, servers):
     tally = fuzz_unary(
         serving_channel, "/embps.v1.Serving/Lookup", stub.Lookup, serving_lookups(),
         oversized=serving_pb2.ServingLookupRequest(table="user", keys=OVERSIZED_KEYS),
+    )
+    assert tally.codes["OK"] > 0 and tally.codes["INVALID_ARGUMENT"] > 0 and tally.codes["NOT_FOUND"] > 0
+    assert_servers_healthy(servers)
+
+
+def test_fuzz_serving_lookup_many(serving_channel, servers):
+    stub = serving_pb2_grpc.ServingStub(serving_channel)
+    tally = fuzz_unary(
+        serving_channel, "/embps.v1.Serving/LookupMany", stub.LookupMany, serving_lookup_manys(),
+        oversized=serving_pb2.ServingLookupManyRequest(
+            lookups=[serving_pb2.ServingLookupRequest(table="user", keys=OVERSIZED_KEYS)]
+        ),
     )
     assert tally.codes["OK"] > 0 and tally.codes["INVALID_ARGUMENT"] > 0 and tally.codes["NOT_FOUND"] > 0
     assert_servers_healthy(servers)

@@ -20,6 +20,7 @@ from ps.rpc import ps_pb2, ps_pb2_grpc, serving_pb2, serving_pb2_grpc, snapshot_
 from ps.security import Role, open_channel
 from ps.shard.server import SERVICE_NAME
 from ps.table.config import OptimizerConfig, OptimizerKind, TableConfig
+from serving.client import ServingClient
 from tests.helpers.processes import ShardCluster, make_job
 from tests.security.certs import secured
 from tests.serving.replicas import ServingReplica
@@ -181,6 +182,15 @@ def test_serving_port_takes_the_reader_token_only(cluster, replica, tokens):
         for metadata in [(), *wrong]:
             assert code_of(lambda m=metadata: stub.Lookup(request, timeout=5, metadata=m)) == CODE.UNAUTHENTICATED
         assert stub.Lookup(request, timeout=5, metadata=bearer(tokens[Role.READER])).dim == 4
+        many = serving_pb2.ServingLookupManyRequest(lookups=[request])
+        assert code_of(lambda: stub.LookupMany(many, timeout=5)) == CODE.UNAUTHENTICATED
+        wrong = bearer(tokens[Role.TRAINER])
+        assert code_of(lambda: stub.LookupMany(many, timeout=5, metadata=wrong)) == CODE.UNAUTHENTICATED
+    # The client library takes TLS and the reader's token from the job's [security].
+    with ServingClient.from_job(cluster.job, [replica.config.listen], timeout_s=10) as reader:
+        np.testing.assert_array_equal(reader.lookup("user", KEYS)[0], expected)
+        np.testing.assert_array_equal(reader.lookup_many({"user": KEYS})["user"][0], expected)
+    with tls_channel(cluster, replica.config.listen) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.SERVING
 

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -132,6 +133,35 @@ class ServingReplica:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class ShedEverything:
+    """An in-process gRPC server that answers every Serving call RESOURCE_EXHAUSTED, as a replica whose
+    queue is full does (the real shedding is tests/serving/test_shedding.py's): for clients' failover."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.server = grpc.server(ThreadPoolExecutor(2), handlers=[_Shed(self)])
+        self.address = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
+
+    def __enter__(self) -> ShedEverything:
+        self.server.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.stop(0)
+
+
+class _Shed(grpc.GenericRpcHandler):
+    def __init__(self, owner: ShedEverything) -> None:
+        self.owner = owner
+
+    def service(self, handler_call_details):
+        def refuse(request: bytes, context: grpc.ServicerContext) -> None:
+            self.owner.calls += 1
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "serving queue full (a stand-in)")
+
+        return grpc.unary_unary_rpc_method_handler(refuse)
 
 
 def start_cluster_with_log(job: JobConfig, workdir: Path, update_log_keys: int) -> ShardCluster:

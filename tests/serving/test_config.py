@@ -28,11 +28,11 @@ def write(tmp_path, text: str):
 def test_round_trip(tmp_path, job_path):
     text = (
         'job_config = "job.toml"\nlisten = "127.0.0.1:5000"\ntables = ["item"]\ndefault = "init"\n'
-        'storage_dtype = "float16"\nstale_after_seconds = 0.5\nmax_queue = 7\n[export]\nuri = "file:///tmp/x"\n'
+        'storage_dtype = "float16"\nstale_after_seconds = 0.5\nmax_queue = 7\nlookup_threads = 3\n[export]\nuri = "file:///tmp/x"\n'
     )
     config = load_serve_config(write(tmp_path, text))
     assert config.tables == ("item",) and config.default == DefaultRow.INIT
-    assert config.max_queue == 7
+    assert config.max_queue == 7 and config.lookup_threads == 3
     assert config.storage_dtype == StorageDType.FLOAT16 and config.export == ExportSource("file:///tmp/x", "test")
     assert len(config.job.shards) == 2
     assert load_serve_config(write(tmp_path, dump_serve_config(config, str(job_path)))) == config
@@ -49,6 +49,8 @@ def test_round_trip(tmp_path, job_path):
         ('listen = "127.0.0.1:5000"\nmetrics_port = 70000', "metrics_port: must be"),
         ('listen = "127.0.0.1:5000"\nmax_queue = -1', "max_queue: must be an integer >= 0"),
         ('listen = "127.0.0.1:5000"\nmax_queue = 2.5', "max_queue: must be an integer >= 0"),
+        ('listen = "127.0.0.1:5000"\nlookup_threads = -1', "lookup_threads: must be an integer in"),
+        ('listen = "127.0.0.1:5000"\nlookup_threads = "4"', "lookup_threads: must be an integer in"),
         ('listen = "127.0.0.1:5000"\ncolour = 1', "colour: unknown field"),
         ('listen = "127.0.0.1:5000"\n[export]\nuri = "/no/scheme"', "export.uri: must be a URI"),
     ],

@@ -12,11 +12,13 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from ps.table.config import TableConfig
+from serving.client import ServingClient
 from serving.gate import DISABLE_VARIABLE, unavailable_reason
 from tests.helpers.processes import make_job
 from tests.serving.replicas import ServingReplica
 
 USER = TableConfig("user", dim=4)
+ITEM = TableConfig("item", dim=8)
 DURATION = "embps_serving_request_duration_seconds"
 
 
@@ -47,7 +49,7 @@ def front(request, monkeypatch: pytest.MonkeyPatch) -> str:
 
 
 def test_every_method_is_counted_and_timed_with_its_code(start_cluster, tmp_path, front):
-    cluster = start_cluster(make_job([USER]))
+    cluster = start_cluster(make_job([USER, ITEM]))
     with ServingReplica.start(cluster, tmp_path) as replica:
         keys = np.arange(6, dtype=np.int64)
         _values, found, _reply = replica.lookup("user", keys)
@@ -61,6 +63,10 @@ def test_every_method_is_counted_and_timed_with_its_code(start_cluster, tmp_path
         assert garbage.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "not a valid message for /embps.v1.Serving/Lookup" in garbage.value.details()
         replica.status()
+        # LookupMany through the same front: counted under its own method name.
+        with ServingClient([replica.config.listen], timeout_s=10) as reader:
+            many = reader.lookup_many({"user": keys, "item": keys[:2]})
+        assert many["user"][0].shape == (6, 4) and many["item"][0].shape == (2, 8)
         samples = scrape(replica)
 
     for table, code in (("user", "OK"), ("unknown", "NOT_FOUND"), ("", "INVALID_ARGUMENT")):
@@ -69,4 +75,6 @@ def test_every_method_is_counted_and_timed_with_its_code(start_cluster, tmp_path
     assert value(samples, f"{DURATION}_sum", table="user", method="Lookup", code="OK") > 0
     assert value(samples, f"{DURATION}_count", table="", method="Status", code="OK") == 1
     admitted = value(samples, "embps_serving_admitted_lookups_total")
-    assert admitted == (3 if front == "gate" else 0), "the Lookups took the path under test"
+    assert value(samples, "embps_serving_requests_total", table="", method="LookupMany", code="OK") == 1
+    assert value(samples, "embps_serving_lookup_keys_total", table="item") == 2
+    assert admitted == (4 if front == "gate" else 0), "the Lookups took the path under test"

@@ -19,12 +19,14 @@ from ps.client import PSClient
 from ps.rpc import ps_pb2, serving_pb2
 from ps.table.config import Initializer, TableConfig
 from ps.table.embedding_table import EmbeddingTable
+from serving.client import ReplicasUnavailableError, ServingClient
 from serving.config import DefaultRow
 from serving.server import SERVICE_NAME
 from tests.helpers.processes import make_job
-from tests.serving.replicas import ServingReplica, start_cluster_with_log
+from tests.serving.replicas import ServingReplica, ShedEverything, start_cluster_with_log
 
 USER = TableConfig("user", dim=4, initializer=Initializer.UNIFORM, init_scale=0.1, seed=5)
+ITEM = TableConfig("item", dim=2)
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 DEADLINE = 15.0  # seconds a pushed row may take to show in serving (it takes milliseconds)
@@ -41,12 +43,21 @@ def wait_rows(replica: ServingReplica, keys: np.ndarray, expected: np.ndarray, t
         time.sleep(0.01)
 
 
+def lookup_keys(replica: ServingReplica) -> float:
+    """The replica's count of keys looked up in table "user" (its /metrics)."""
+    scrape = urllib.request.urlopen(f"http://127.0.0.1:{replica.config.metrics_port}/metrics", timeout=5).read()
+    for line in scrape.decode().splitlines():
+        if line.startswith('embps_serving_lookup_keys_total{table="user"}'):
+            return float(line.split()[-1])
+    raise AssertionError("embps_serving_lookup_keys_total of table user not in the scrape")
+
+
 def grads(n: int, value: float = 1.0) -> np.ndarray:
     return np.full((n, 4), value, dtype=np.float32)
 
 
 def test_acknowledged_pushes_show_up_in_every_replica(start_cluster, tmp_path):
-    cluster = start_cluster(make_job([USER], num_shards=2))
+    cluster = start_cluster(make_job([USER, ITEM], num_shards=2))
     with (
         ServingReplica.start(cluster, tmp_path, "a", default=DefaultRow.INIT) as a,
         ServingReplica.start(cluster, tmp_path, "b") as b,
@@ -66,6 +77,23 @@ def test_acknowledged_pushes_show_up_in_every_replica(start_cluster, tmp_path):
         assert sorted(s.shard for s in reply.shards) == [0, 1] and all(s.version > 0 for s in reply.shards)
         values, found, _ = b.lookup("user", unknown)
         assert not found.any() and not values.any()
+        # The client library: one RPC for several tables, keys deduplicated, replicas in turn.
+        mixed = np.array([5, 10_000, 5, 3, 5], dtype=np.int64)
+        with ServingClient([a.config.listen, b.config.listen], timeout_s=10) as reader:
+            for _ in range(2):  # each replica answers once
+                values, found = reader.lookup("user", mixed)
+                assert found.tolist() == [True, False, True, True, True]
+                np.testing.assert_array_equal(values[[0, 2, 3]], client.lookup("user", mixed[[0, 2, 3]]))
+                rows = reader.lookup_many({"user": mixed, "item": keys[:3]})
+                assert set(rows) == {"user", "item"} and rows["item"][0].shape == (3, 2)
+                np.testing.assert_array_equal(rows["user"][0][[0, 2, 3]], values[[0, 2, 3]])
+        with ServingClient([a.config.listen], dtype=np.float16) as reader:
+            half, _ = reader.lookup("user", keys[:8])
+            assert half.dtype == np.float16
+            np.testing.assert_array_equal(half, client.lookup("user", keys[:8]).astype(np.float16))
+            looked_up = lookup_keys(a)
+            reader.lookup("user", mixed)
+            assert lookup_keys(a) - looked_up == 3  # each of the 3 distinct keys sent once
         half, _, reply = a.lookup("user", keys[:8], dtype=ps_pb2.FLOAT16)
         assert reply.dtype == ps_pb2.FLOAT16
         np.testing.assert_array_equal(half, client.lookup("user", keys[:8]).astype(np.float16).astype(np.float32))
@@ -73,6 +101,18 @@ def test_acknowledged_pushes_show_up_in_every_replica(start_cluster, tmp_path):
         b.stop()
         client.push("user", keys[:5], grads(5, 7.0))
         wait_rows(a, keys[:5], client.lookup("user", keys[:5]))
+        # The client fails over: b is down (UNAVAILABLE), another replica sheds (RESOURCE_EXHAUSTED).
+        with (
+            ShedEverything() as shedding,
+            ServingClient([b.config.listen, shedding.address, a.config.listen], timeout_s=10) as reader,
+        ):
+            for _ in range(3):  # each replica first once
+                np.testing.assert_array_equal(reader.lookup("user", keys[:5])[0], client.lookup("user", keys[:5]))
+                assert reader.lookup_many({"user": keys[:5]})["user"][1].all()
+            assert shedding.calls >= 3
+        with ServingClient([b.config.listen], timeout_s=10) as reader, pytest.raises(ReplicasUnavailableError) as info:
+            reader.lookup("user", keys[:5])
+        assert info.value.answers[0][:2] == (b.config.listen, grpc.StatusCode.UNAVAILABLE)
         scrape = urllib.request.urlopen(f"http://127.0.0.1:{a.config.metrics_port}/metrics", timeout=5).read().decode()
         for name in (
             'embps_serving_staleness_seconds_bucket{le="1.0",shard="0",table="user"}',
@@ -97,6 +137,18 @@ def test_malformed_lookups_are_refused_and_the_replica_keeps_serving(start_clust
             with pytest.raises(grpc.RpcError) as info:
                 stub.Lookup(request, timeout=5)
             assert info.value.code() == code, info.value.details()
+            # The same lookup second in a LookupMany: the same status, and which lookup it was.
+            good = serving_pb2.ServingLookupRequest(table="user", keys=b"\0" * 8)
+            with pytest.raises(grpc.RpcError) as info:
+                stub.LookupMany(serving_pb2.ServingLookupManyRequest(lookups=[good, request]), timeout=5)
+            assert info.value.code() == code and info.value.details().startswith("lookups[1]: "), info.value.details()
+        for method in ("Lookup", "LookupMany"):
+            garbage = replica.channel.unary_unary(f"/embps.v1.Serving/{method}")
+            with pytest.raises(grpc.RpcError) as info:
+                garbage(b"\xff\xff\xff", timeout=5)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+        many = stub.LookupMany(serving_pb2.ServingLookupManyRequest(), timeout=5)
+        assert list(many.results) == []
         values, found, _ = replica.lookup("user", np.arange(3, dtype=np.int64))
         assert values.shape == (3, 4) and not found.any()
         # The port offers no write method: only Lookup and Status, health and reflection.
@@ -104,7 +156,7 @@ def test_malformed_lookups_are_refused_and_the_replica_keeps_serving(start_clust
         reflection = "grpc.reflection.v1alpha.ServerReflection"
         assert set(db.get_services()) == {SERVICE_NAME, "grpc.health.v1.Health", reflection}
         methods = {m.name for m in db.FindFileContainingSymbol(SERVICE_NAME).service[0].method}
-        assert methods == {"Lookup", "Status"}
+        assert methods == {"Lookup", "LookupMany", "Status"}
         assert replica.stop() == 0
 
 

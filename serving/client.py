@@ -1,0 +1,184 @@
+"""ServingClient: the reader's side of serving replicas (Serving.Lookup and Serving.LookupMany).
+
+    client = ServingClient.from_job(load_job_config("job.toml"), ["10.0.0.5:50200", "10.0.0.6:50200"])
+    values, found = client.lookup("user", user_ids)                        # (n, dim), (n,) bool
+    rows = client.lookup_many({"user": user_ids, "item": item_ids})         # one RPC for every table
+    item_values, item_found = rows["item"]
+
+Each call sends every key once (duplicates are looked up once and copied back in the caller's
+order), goes to the next replica in turn (round robin over `addresses`), and has a deadline
+(`timeout_s`, for the call as a whole, failovers included). A replica that answers UNAVAILABLE
+(down, unreachable, shutting down) or RESOURCE_EXHAUSTED (its queue is full: load shedding) is
+skipped and the call goes to the next one; when every replica refused, ReplicasUnavailableError
+names each one's answer. Any other status (INVALID_ARGUMENT, NOT_FOUND, DEADLINE_EXCEEDED, ...)
+is the caller's to see and is raised as the grpc.RpcError it is, without trying another replica.
+
+TLS and the reader's bearer token come from the job's `[security]` (ps/security's channels: TLS
+files and token are re-read when they change).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+
+from ps import native, wire
+from ps.job_config import JobConfig
+from ps.rpc import ps_pb2, serving_pb2, serving_pb2_grpc
+from ps.security import Role, SecurityConfig, open_channel
+
+FAILOVER_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+DEFAULT_TIMEOUT_S = 1.0
+_MESSAGE_SLACK = 1 << 16
+_DTYPES = {np.dtype(np.float32): ps_pb2.FLOAT32, np.dtype(np.float16): ps_pb2.FLOAT16}
+
+
+class ReplicasUnavailableError(RuntimeError):
+    """Every replica answered UNAVAILABLE or RESOURCE_EXHAUSTED to one call. `answers`: (address,
+    status code, message) per replica tried, in order."""
+
+    def __init__(self, answers: list[tuple[str, grpc.StatusCode, str]]) -> None:
+        self.answers = answers
+        tried = "; ".join(f"{address}: {code.name} ({message})" for address, code, message in answers)
+        super().__init__(f"no serving replica answered: {tried}")
+
+
+@dataclass(frozen=True)
+class _Replica:
+    address: str
+    channel: grpc.Channel
+    stub: serving_pb2_grpc.ServingStub
+
+
+class ServingClient:
+    """Lookups against one or more serving replicas of the same tables; thread-safe.
+
+    addresses: host:port of each replica; security: the job's [security] (TLS, reader token);
+    timeout_s: the deadline of each call; dtype: of the values returned (and sent), float32 or
+    float16; message_limit_bytes: the largest message either way (the job's limit).
+    """
+
+    def __init__(
+        self,
+        addresses: Sequence[str],
+        security: SecurityConfig | None = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        dtype: np.dtype | type = np.float32,
+        message_limit_bytes: int = 64 << 20,
+    ) -> None:
+        if isinstance(addresses, str) or not addresses:
+            raise ValueError(f"addresses: give a non-empty list of host:port, got {addresses!r}")
+        for address in addresses:
+            if not isinstance(address, str) or ":" not in address:
+                raise ValueError(f"addresses: each must be 'host:port', got {address!r}")
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s: must be > 0, got {timeout_s!r}")
+        if np.dtype(dtype) not in _DTYPES:
+            raise ValueError(f"dtype: must be float32 or float16, got {np.dtype(dtype)}")
+        security = security if security is not None else SecurityConfig()
+        self.timeout_s = float(timeout_s)
+        self.dtype = np.dtype(dtype)
+        limit = message_limit_bytes + _MESSAGE_SLACK
+        options = [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
+        role = Role.READER if security.auth else None
+        self._replicas = []
+        for address in addresses:
+            channel = open_channel(address, security, role, options)
+            self._replicas.append(_Replica(address, channel, serving_pb2_grpc.ServingStub(channel)))
+        self._turn = itertools.count()
+
+    @classmethod
+    def from_job(cls, job: JobConfig, addresses: Sequence[str], **kwargs) -> ServingClient:
+        """A client of the replicas at `addresses` that serve `job`: its [security] and message limit."""
+        kwargs.setdefault("security", job.security)
+        kwargs.setdefault("message_limit_bytes", job.message_limit_bytes)
+        return cls(addresses, **kwargs)
+
+    @property
+    def addresses(self) -> list[str]:
+        return [r.address for r in self._replicas]
+
+    def lookup(self, table: str, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """keys (n,) int64 -> (values (n, dim) in self.dtype, found (n,) bool); row i for keys[i]."""
+        unique, inverse = _dedupe(keys)
+        request = serving_pb2.ServingLookupRequest(
+            table=table, keys=wire.encode_keys(unique), dtype=_DTYPES[self.dtype]
+        )
+        reply = self._call(lambda stub, timeout: stub.Lookup(request, timeout=timeout))
+        return _rows(reply, unique.shape[0], inverse)
+
+    def lookup_many(self, requests: Mapping[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """{table: keys (n,) int64} -> {table: (values (n, dim), found (n,) bool)}, in one call."""
+        if not requests:
+            return {}
+        tables = list(requests)
+        deduped = [_dedupe(requests[t], f"requests[{t!r}]") for t in tables]
+        request = serving_pb2.ServingLookupManyRequest(
+            lookups=[
+                serving_pb2.ServingLookupRequest(table=t, keys=wire.encode_keys(u), dtype=_DTYPES[self.dtype])
+                for t, (u, _) in zip(tables, deduped, strict=True)
+            ]
+        )
+        reply = self._call(lambda stub, timeout: stub.LookupMany(request, timeout=timeout))
+        if len(reply.results) != len(tables):
+            raise RuntimeError(f"LookupMany: {len(reply.results)} results for {len(tables)} lookups")
+        return {
+            t: _rows(result, u.shape[0], inverse)
+            for t, (u, inverse), result in zip(tables, deduped, reply.results, strict=True)
+        }
+
+    def _call(self, call):
+        """call(stub, timeout) on the replicas in turn until one answers or the deadline passes."""
+        deadline = time.monotonic() + self.timeout_s
+        first = next(self._turn) % len(self._replicas)
+        answers = []
+        for i in range(len(self._replicas)):
+            replica = self._replicas[(first + i) % len(self._replicas)]
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                return call(replica.stub, remaining)
+            except grpc.RpcError as exc:
+                if exc.code() not in FAILOVER_CODES:
+                    raise
+                answers.append((replica.address, exc.code(), exc.details() or ""))
+        if len(answers) < len(self._replicas):
+            answers.append(("(deadline)", grpc.StatusCode.DEADLINE_EXCEEDED,
+                            f"timeout_s {self.timeout_s:g} passed before every replica was tried"))
+        raise ReplicasUnavailableError(answers)
+
+    def close(self) -> None:
+        for replica in self._replicas:
+            replica.channel.close()
+
+    def __enter__(self) -> ServingClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _dedupe(keys: np.ndarray, name: str = "keys") -> tuple[np.ndarray, np.ndarray]:
+    """(unique keys, inverse): keys == unique[inverse]."""
+    keys = native.as_keys(keys, name)
+    unique, inverse = np.unique(keys, return_inverse=True)
+    return unique, inverse
+
+
+def _rows(reply: serving_pb2.ServingLookupResponse, n: int, inverse: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The reply's rows of the n unique keys, spread back to the caller's keys."""
+    dtype = np.dtype("<f2") if reply.dtype == ps_pb2.FLOAT16 else np.dtype("<f4")
+    if len(reply.values) != n * reply.dim * dtype.itemsize or len(reply.found) != n:
+        raise RuntimeError(
+            f"Lookup reply: {len(reply.values)} value bytes and {len(reply.found)} flags for {n} keys "
+            f"of dim {reply.dim}"
+        )
+    values = np.frombuffer(reply.values, dtype=dtype).reshape(n, reply.dim)
+    found = np.frombuffer(reply.found, dtype=np.uint8).astype(bool)
+    return values[inverse].astype(dtype.newbyteorder("="), copy=False), found[inverse]
