@@ -58,13 +58,16 @@ NB_MODULE(_embps_native, m) {
       .value("FTRL", embps::Optimizer::kFtrl);
 
   nb::class_<embps::HashMap>(m, "HashMap")
-      .def(nb::init<uint64_t>(), "initial_capacity"_a = 16)
+      .def(nb::init<uint64_t, uint64_t>(), "initial_capacity"_a = 0,
+           "sub_maps"_a = embps::HashMap::kDefaultSubMaps)
       .def_prop_ro("size", &embps::HashMap::size)
       .def_prop_ro("capacity", &embps::HashMap::capacity)
+      .def_prop_ro("sub_maps", &embps::HashMap::sub_maps)
+      .def_prop_ro("rehashed", &embps::HashMap::rehashed)
       .def_prop_ro("num_rows", &embps::HashMap::num_rows)
       .def_prop_ro("memory_bytes", &embps::HashMap::memory_bytes)
-      .def("reserve", &embps::HashMap::reserve, "num_keys"_a)
-      .def("clear", &embps::HashMap::clear)
+      .def("reserve", &embps::HashMap::reserve, "num_keys"_a, nb::call_guard<nb::gil_scoped_release>())
+      .def("clear", &embps::HashMap::clear, nb::call_guard<nb::gil_scoped_release>())
       .def("find",
            [](const embps::HashMap& self, Keys keys, Rows rows) {
              check_same_length("rows", rows.shape(0), keys.shape(0));
@@ -90,10 +93,9 @@ NB_MODULE(_embps_native, m) {
            "keys"_a, "rows"_a)
       .def("export",
            [](const embps::HashMap& self, Rows keys, Rows rows) {
-             check_same_length("keys", keys.shape(0), self.size());
-             check_same_length("rows", rows.shape(0), self.size());
+             check_same_length("rows", rows.shape(0), keys.shape(0));
              nb::gil_scoped_release release;
-             self.export_all(keys.data(), rows.data());
+             self.export_all(keys.data(), rows.data(), keys.shape(0));
            },
            "keys"_a, "rows"_a);
 
