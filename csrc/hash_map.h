@@ -84,6 +84,7 @@ class HashMap {
     sub_bits_ = 0;
     while ((uint64_t{1} << sub_bits_) < sub_maps) ++sub_bits_;
     subs_.reset(new SubMap[num_subs_]);
+    sizes_.reset(new uint64_t[num_subs_]());
     for (uint64_t i = 0; i < num_subs_; ++i) publish(subs_[i], empty_array());
     if (initial_capacity > 0) reserve(static_cast<uint64_t>(kMaxLoad * static_cast<double>(initial_capacity)));
   }
@@ -103,7 +104,7 @@ class HashMap {
   uint64_t rehashed() const { return rehashed_.load(std::memory_order_relaxed); }
   uint64_t memory_bytes() const {
     return capacity() * sizeof(Slot) + arrays_.load(std::memory_order_relaxed) * sizeof(SlotArray) +
-           free_bytes_.load(std::memory_order_relaxed) + num_subs_ * sizeof(SubMap) + sizeof(*this);
+           free_bytes_.load(std::memory_order_relaxed) + num_subs_ * (sizeof(SubMap) + sizeof(uint64_t)) + sizeof(*this);
   }
 
   // rows[i] = row of keys[i], or -1 when absent. Lock-free: safe while another thread writes.
@@ -144,13 +145,13 @@ class HashMap {
         inserted[i] = 0;
         continue;
       }
-      if (static_cast<double>(sub.size + 1) > kMaxLoad * static_cast<double>(a->capacity)) {
-        a = grow(index, sub.size + 1, retired);
+      if (static_cast<double>(sizes_[index] + 1) > kMaxLoad * static_cast<double>(a->capacity)) {
+        a = grow(index, sizes_[index] + 1, retired);
         pos = probe(a, h, key);
       }
       const uint32_t row = allocate_row();
       store_slot(a->slots()[pos], key, row);
-      ++sub.size;
+      ++sizes_[index];
       size_.store(size_.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
       rows[i] = row;
       inserted[i] = 1;
@@ -202,7 +203,7 @@ class HashMap {
       retired.add(sub.array.load(std::memory_order_relaxed));
       publish(sub, empty_array());
       sub.generation = -1;
-      sub.size = 0;
+      sizes_[s] = 0;
     }
     free_rows_.clear();
     free_rows_.shrink_to_fit();
@@ -234,14 +235,14 @@ class HashMap {
   };
   static_assert(sizeof(SlotArray) % alignof(Slot) == 0, "slots follow the header");
 
-  // One cache line: a reader takes (array, capacity) from it under `seq`, so a key costs one
-  // header read (not the array's header) before its slot.
-  struct alignas(64) SubMap {
+  // Half a cache line, written only when the sub-map's array is replaced: a reader takes
+  // (array, capacity) from it under `seq`, so a key costs one header read before its slot. The
+  // key counts live apart (sizes_), so inserts do not dirty the lines that readers share.
+  struct alignas(32) SubMap {
     std::atomic<uint32_t> seq{0};  // odd while `array` and `capacity` are being swapped
+    int32_t generation = -1;       // writer only; -1: the shared empty array
     std::atomic<SlotArray*> array{nullptr};
     std::atomic<uint64_t> capacity{1};
-    int32_t generation = -1;  // -1: the shared empty array
-    uint64_t size = 0;        // writer only
   };
 
   struct View {
@@ -403,14 +404,14 @@ class HashMap {
 
   int64_t erase_one(int64_t key) {
     const uint64_t h = mix64(static_cast<uint64_t>(key));
-    SubMap& sub = subs_[sub_index(h)];
-    SlotArray* a = sub.array.load(std::memory_order_relaxed);
+    const uint64_t index = sub_index(h);
+    SlotArray* a = subs_[index].array.load(std::memory_order_relaxed);
     const uint64_t pos = probe(a, h, key);
     const uint32_t row = a->slots()[pos].row;
     if (row == kEmptyRow) return -1;
     free_rows_.push_back(row);
     remove_at(a, pos);
-    --sub.size;
+    --sizes_[index];
     size_.store(size_.load(std::memory_order_relaxed) - 1, std::memory_order_relaxed);
     return row;
   }
@@ -475,7 +476,7 @@ class HashMap {
     }
     capacity_.fetch_add(capacity, std::memory_order_relaxed);
     arrays_.fetch_add(1, std::memory_order_relaxed);
-    rehashed_.fetch_add(sub.size, std::memory_order_relaxed);
+    rehashed_.fetch_add(sizes_[index], std::memory_order_relaxed);
     publish(sub, fresh);
     sub.generation = generation;
     retired.add(old);
@@ -483,6 +484,7 @@ class HashMap {
   }
 
   std::unique_ptr<SubMap[]> subs_;
+  std::unique_ptr<uint64_t[]> sizes_;  // keys per sub-map; writer only
   uint64_t num_subs_ = 0;
   int sub_bits_ = 0;
   mutable std::mutex write_mutex_;

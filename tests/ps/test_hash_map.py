@@ -188,3 +188,17 @@ def test_lookups_run_while_another_thread_grows_and_erases():
     (insert_start, insert_end), _ = writer_calls
     inside = [1 for start, end in reader_calls if start > insert_start and end < insert_end]
     assert len(inside) >= 3, f"only {len(inside)} lookups completed during the growing call"
+
+
+def test_table_expected_rows_presizes_its_map():
+    from ps.table.config import TableConfig
+    from ps.table.embedding_table import EmbeddingTable
+
+    keys = np.random.default_rng(6).integers(INT64_MIN, INT64_MAX, size=100_000, dtype=np.int64)
+    table = EmbeddingTable(TableConfig(name="t", dim=2, expected_rows=keys.shape[0]))
+    table.apply_gradients(keys, np.zeros((keys.shape[0], 2), np.float32))
+    assert table.size == keys.shape[0] and table._map.rehashed == 0
+    table.load(table.export())
+    assert table._map.rehashed == 0
+    with pytest.raises(ValueError, match=r"t\.expected_rows: must be in \[1, "):
+        TableConfig(name="t", dim=2, expected_rows=0).validate()
