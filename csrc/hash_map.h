@@ -84,8 +84,8 @@ class HashMap {
     sub_bits_ = 0;
     while ((uint64_t{1} << sub_bits_) < sub_maps) ++sub_bits_;
     subs_.reset(new SubMap[num_subs_]);
-    sizes_.reset(new uint64_t[num_subs_]());
-    for (uint64_t i = 0; i < num_subs_; ++i) publish(subs_[i], empty_array());
+    tallies_.reset(new Tally[num_subs_]);
+    for (uint64_t i = 0; i < num_subs_; ++i) subs_[i].array.store(empty_array(), std::memory_order_relaxed);
     if (initial_capacity > 0) reserve(static_cast<uint64_t>(kMaxLoad * static_cast<double>(initial_capacity)));
   }
 
@@ -104,24 +104,25 @@ class HashMap {
   uint64_t rehashed() const { return rehashed_.load(std::memory_order_relaxed); }
   uint64_t memory_bytes() const {
     return capacity() * sizeof(Slot) + arrays_.load(std::memory_order_relaxed) * sizeof(SlotArray) +
-           free_bytes_.load(std::memory_order_relaxed) + num_subs_ * (sizeof(SubMap) + sizeof(uint64_t)) + sizeof(*this);
+           free_bytes_.load(std::memory_order_relaxed) + num_subs_ * (sizeof(SubMap) + sizeof(Tally)) + sizeof(*this);
   }
 
   // rows[i] = row of keys[i], or -1 when absent. Lock-free: safe while another thread writes.
-  // Keys go in groups, each checked against the erase seqlock (see erase).
+  // Keys go in groups of kGroup; a group that overlapped an erase or an array swap (write_seq_
+  // changed) is looked up again.
   void find(const int64_t* keys, int64_t n, int64_t* rows) const {
     ReadGuard guard(*this);
-    constexpr int64_t kGroup = 256;
+    constexpr int64_t kGroup = 1024;
     for (int64_t start = 0; start < n;) {
       const int64_t end = n - start < kGroup ? n : start + kGroup;
-      const uint32_t before = erase_seq_.load(std::memory_order_acquire);
+      const uint32_t before = write_seq_.load(std::memory_order_acquire);
       if (before & 1) {
         cpu_relax();
         continue;
       }
-      find_group(keys, start, end, n, rows);
+      find_group(keys, start, end, rows);
       std::atomic_thread_fence(std::memory_order_acquire);
-      if (erase_seq_.load(std::memory_order_relaxed) == before) start = end;
+      if (write_seq_.load(std::memory_order_relaxed) == before) start = end;
     }
   }
 
@@ -145,13 +146,13 @@ class HashMap {
         inserted[i] = 0;
         continue;
       }
-      if (static_cast<double>(sizes_[index] + 1) > kMaxLoad * static_cast<double>(a->capacity)) {
-        a = grow(index, sizes_[index] + 1, retired);
+      if (static_cast<double>(tallies_[index].size + 1) > kMaxLoad * static_cast<double>(a->capacity)) {
+        a = grow(index, tallies_[index].size + 1, retired);
         pos = probe(a, h, key);
       }
       const uint32_t row = allocate_row();
       store_slot(a->slots()[pos], key, row);
-      ++sizes_[index];
+      ++tallies_[index].size;
       size_.store(size_.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
       rows[i] = row;
       inserted[i] = 1;
@@ -167,10 +168,9 @@ class HashMap {
     constexpr int64_t kEraseChunk = 256;
     for (int64_t start = 0; start < n; start += kEraseChunk) {
       const int64_t end = n - start < kEraseChunk ? n : start + kEraseChunk;
-      erase_seq_.store(erase_seq_.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
-      std::atomic_thread_fence(std::memory_order_release);
+      begin_write();
       for (int64_t i = start; i < end; ++i) rows[i] = erase_one(keys[i]);
-      erase_seq_.store(erase_seq_.load(std::memory_order_relaxed) + 1, std::memory_order_release);
+      end_write();
     }
     free_bytes_.store(free_rows_.capacity() * sizeof(uint32_t), std::memory_order_relaxed);
   }
@@ -198,13 +198,19 @@ class HashMap {
   void clear() {
     std::lock_guard<std::mutex> lock(write_mutex_);
     Retired retired(*this);
+    // First every capacity drops to 1 (probes stay in slot 0 of the old arrays), and only once no
+    // reader can hold an old capacity do the arrays go: no pair reaches past its array.
+    begin_write();
+    for (uint64_t s = 0; s < num_subs_; ++s) subs_[s].capacity.store(1, std::memory_order_release);
+    end_write();
+    synchronize();
+    begin_write();
     for (uint64_t s = 0; s < num_subs_; ++s) {
-      SubMap& sub = subs_[s];
-      retired.add(sub.array.load(std::memory_order_relaxed));
-      publish(sub, empty_array());
-      sub.generation = -1;
-      sizes_[s] = 0;
+      retired.add(subs_[s].array.load(std::memory_order_relaxed));
+      subs_[s].array.store(empty_array(), std::memory_order_release);
+      tallies_[s] = Tally{};
     }
+    end_write();
     free_rows_.clear();
     free_rows_.shrink_to_fit();
     free_bytes_.store(0, std::memory_order_relaxed);
@@ -235,14 +241,18 @@ class HashMap {
   };
   static_assert(sizeof(SlotArray) % alignof(Slot) == 0, "slots follow the header");
 
-  // Half a cache line, written only when the sub-map's array is replaced: a reader takes
-  // (array, capacity) from it under `seq`, so a key costs one header read before its slot. The
-  // key counts live apart (sizes_), so inserts do not dirty the lines that readers share.
-  struct alignas(32) SubMap {
-    std::atomic<uint32_t> seq{0};  // odd while `array` and `capacity` are being swapped
-    int32_t generation = -1;       // writer only; -1: the shared empty array
-    std::atomic<SlotArray*> array{nullptr};
+  // What a reader needs of a sub-map, 16 bytes (1024 of them fill 16 KiB, which stays in L1),
+  // written only when the sub-map's array is replaced; the writer's tallies live apart, so
+  // inserts do not dirty the lines that readers share. capacity <= array->capacity always holds
+  // for any pair a reader can load (see view and publish), so a probe stays inside its array.
+  struct alignas(16) SubMap {
     std::atomic<uint64_t> capacity{1};
+    std::atomic<SlotArray*> array{nullptr};
+  };
+
+  struct Tally {  // writer only
+    uint64_t size = 0;
+    int32_t generation = -1;  // -1: the shared empty array
   };
 
   struct View {
@@ -250,27 +260,32 @@ class HashMap {
     uint64_t capacity;
   };
 
-  // A consistent (slots, capacity) pair of a sub-map; the array stays valid until the caller's
-  // ReadGuard ends, whatever writers do meanwhile.
+  // A sub-map's (slots, capacity): the capacity first, then the array (acquire both). A grow
+  // publishes the array first, then the capacity, so a reader gets the old pair, the new pair, or
+  // the old capacity with the new (larger) array; clear lowers the capacity a grace period before
+  // it swaps the array. Each stays valid until the caller's ReadGuard ends; a mixed pair gives
+  // wrong homes, never a fault, and the group it was used in is redone (write_seq_ changed).
   static View view(const SubMap& sub) {
-    while (true) {
-      const uint32_t before = sub.seq.load(std::memory_order_acquire);
-      const SlotArray* a = sub.array.load(std::memory_order_relaxed);
-      const uint64_t capacity = sub.capacity.load(std::memory_order_relaxed);
-      std::atomic_thread_fence(std::memory_order_acquire);
-      if ((before & 1) == 0 && sub.seq.load(std::memory_order_relaxed) == before) return View{a->slots(), capacity};
-      cpu_relax();
-    }
+    const uint64_t capacity = sub.capacity.load(std::memory_order_acquire);
+    const SlotArray* a = sub.array.load(std::memory_order_acquire);
+    return View{a->slots(), capacity};
   }
 
-  // Writer side: publishes a new array for sub-map `sub` (readers see the old pair or the new).
-  static void publish(SubMap& sub, SlotArray* a) {
-    const uint32_t seq = sub.seq.load(std::memory_order_relaxed);
-    sub.seq.store(seq + 1, std::memory_order_relaxed);
+  void begin_write() {
+    write_seq_.store(write_seq_.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
     std::atomic_thread_fence(std::memory_order_release);
-    sub.array.store(a, std::memory_order_relaxed);
-    sub.capacity.store(a->capacity, std::memory_order_relaxed);
-    sub.seq.store(seq + 2, std::memory_order_release);
+  }
+
+  void end_write() {
+    write_seq_.store(write_seq_.load(std::memory_order_relaxed) + 1, std::memory_order_release);
+  }
+
+  // Writer side: replaces sub-map `sub`'s array with a larger one.
+  void publish(SubMap& sub, SlotArray* a) {
+    begin_write();
+    sub.array.store(a, std::memory_order_release);
+    sub.capacity.store(a->capacity, std::memory_order_release);
+    end_write();
   }
 
   // Frees the arrays a writer replaced, once no reader can hold them (see synchronize).
@@ -344,7 +359,7 @@ class HashMap {
     while (readers_[old & 1].load(std::memory_order_seq_cst) != 0) std::this_thread::yield();
   }
 
-  uint64_t sub_index(uint64_t h) const { return sub_bits_ == 0 ? 0 : h >> (64 - sub_bits_); }
+  uint64_t sub_index(uint64_t h) const { return (h >> 1) >> (63 - sub_bits_); }  // 0 when sub_bits_ == 0
 
   uint64_t home(uint64_t capacity, uint64_t h) const {
     const uint64_t local = h << sub_bits_;  // the bits that did not choose the sub-map
@@ -361,28 +376,42 @@ class HashMap {
     return pos;
   }
 
-  // Reader side: keys[start, end) with prefetching; another thread may insert meanwhile.
-  void find_group(const int64_t* keys, int64_t start, int64_t end, int64_t n, int64_t* rows) const {
-    constexpr int64_t kAhead = 16;
-    for (int64_t i = start; i < end && i < start + kAhead; ++i) prefetch(keys[i]);
-    for (int64_t i = start; i < end; ++i) {
-      if (i + kAhead < n) prefetch(keys[i + kAhead]);
-      const int64_t key = keys[i];
-      const uint64_t h = mix64(static_cast<uint64_t>(key));
+  // Reader side: keys[start, end). Key i + kAhead is staged (hashed, its sub-map's view taken,
+  // its home slot prefetched) while key i is probed, so misses overlap and nothing is hashed twice.
+  void find_group(const int64_t* keys, int64_t start, int64_t end, int64_t* rows) const {
+    constexpr int64_t kAhead = 16;  // a power of two: the ring below is indexed by i % kAhead
+    struct Staged {
+      const Slot* slots;
+      uint64_t capacity;
+      uint64_t pos;
+    } ring[kAhead];
+    auto stage = [&](int64_t i) {
+      const uint64_t h = mix64(static_cast<uint64_t>(keys[i]));
       const View v = view(subs_[sub_index(h)]);
-      const Slot* slots = v.slots;
-      const uint64_t capacity = v.capacity;
-      uint64_t pos = home(capacity, h);
+      Staged& s = ring[i & (kAhead - 1)];
+      s.slots = v.slots;
+      s.capacity = v.capacity;
+      s.pos = home(v.capacity, h);
+      __builtin_prefetch(&v.slots[s.pos]);
+    };
+    for (int64_t i = start; i < end && i < start + kAhead; ++i) stage(i);
+    for (int64_t i = start; i < end; ++i) {
+      const Staged s = ring[i & (kAhead - 1)];
+      if (i + kAhead < end) stage(i + kAhead);
+      const int64_t key = keys[i];
+      uint64_t p = s.pos;
       int64_t found = -1;
-      for (uint64_t step = 0; step < capacity; ++step) {  // bounded whatever a writer does
+      // At most `capacity` slots: a view of another array's capacity (a swap or clear under
+      // way) need not reach an empty slot.
+      for (uint64_t step = 0; step < s.capacity; ++step) {
         // The row is stored after the key (release), so a row seen here comes with its key.
-        const uint32_t row = __atomic_load_n(&slots[pos].row, __ATOMIC_ACQUIRE);
+        const uint32_t row = __atomic_load_n(&s.slots[p].row, __ATOMIC_ACQUIRE);
         if (row == kEmptyRow) break;
-        if (__atomic_load_n(&slots[pos].key, __ATOMIC_RELAXED) == key) {
+        if (__atomic_load_n(&s.slots[p].key, __ATOMIC_RELAXED) == key) {
           found = row;
           break;
         }
-        if (++pos == capacity) pos = 0;
+        if (++p == s.capacity) p = 0;
       }
       rows[i] = found;
     }
@@ -411,7 +440,7 @@ class HashMap {
     if (row == kEmptyRow) return -1;
     free_rows_.push_back(row);
     remove_at(a, pos);
-    --sizes_[index];
+    --tallies_[index].size;
     size_.store(size_.load(std::memory_order_relaxed) - 1, std::memory_order_relaxed);
     return row;
   }
@@ -457,7 +486,7 @@ class HashMap {
   // built aside and published with one store; returns the new array.
   SlotArray* grow(uint64_t index, uint64_t min_keys, Retired& retired) {
     SubMap& sub = subs_[index];
-    int32_t generation = sub.generation + 1;
+    int32_t generation = tallies_[index].generation + 1;
     while (kMaxLoad * static_cast<double>(scheduled_capacity(index, generation)) < static_cast<double>(min_keys)) {
       ++generation;
     }
@@ -476,15 +505,15 @@ class HashMap {
     }
     capacity_.fetch_add(capacity, std::memory_order_relaxed);
     arrays_.fetch_add(1, std::memory_order_relaxed);
-    rehashed_.fetch_add(sizes_[index], std::memory_order_relaxed);
+    rehashed_.fetch_add(tallies_[index].size, std::memory_order_relaxed);
     publish(sub, fresh);
-    sub.generation = generation;
+    tallies_[index].generation = generation;
     retired.add(old);
     return fresh;
   }
 
   std::unique_ptr<SubMap[]> subs_;
-  std::unique_ptr<uint64_t[]> sizes_;  // keys per sub-map; writer only
+  std::unique_ptr<Tally[]> tallies_;
   uint64_t num_subs_ = 0;
   int sub_bits_ = 0;
   mutable std::mutex write_mutex_;
@@ -495,7 +524,7 @@ class HashMap {
   std::atomic<uint64_t> arrays_{0};
   std::atomic<uint64_t> free_bytes_{0};
   std::atomic<uint64_t> rehashed_{0};
-  std::atomic<uint32_t> erase_seq_{0};  // odd while erase moves entries
+  std::atomic<uint32_t> write_seq_{0};  // odd while erase moves entries or an array is swapped
   std::atomic<uint32_t> epoch_{0};
   mutable std::atomic<uint64_t> readers_[2] = {0, 0};
 };

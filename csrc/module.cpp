@@ -10,6 +10,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "flat_hash_map.h"
 #include "hash_map.h"
 #include "row_ops.h"
 
@@ -98,6 +99,28 @@ NB_MODULE(_embps_native, m) {
              self.export_all(keys.data(), rows.data(), keys.shape(0));
            },
            "keys"_a, "rows"_a);
+
+  // The bench's yardstick only (see flat_hash_map.h).
+  nb::class_<embps::FlatHashMap>(m, "FlatHashMap")
+      .def(nb::init<uint64_t>(), "initial_capacity"_a = 16)
+      .def_prop_ro("size", &embps::FlatHashMap::size)
+      .def_prop_ro("memory_bytes", &embps::FlatHashMap::memory_bytes)
+      .def("find",
+           [](const embps::FlatHashMap& self, Keys keys, Rows rows) {
+             check_same_length("rows", rows.shape(0), keys.shape(0));
+             nb::gil_scoped_release release;
+             self.find(keys.data(), static_cast<int64_t>(keys.shape(0)), rows.data());
+           },
+           "keys"_a, "rows"_a)
+      .def("find_or_insert",
+           [](embps::FlatHashMap& self, Keys keys, Rows rows, Array<uint8_t, nb::ndim<1>> inserted) {
+             check_same_length("rows", rows.shape(0), keys.shape(0));
+             check_same_length("inserted", inserted.shape(0), keys.shape(0));
+             nb::gil_scoped_release release;
+             self.find_or_insert(keys.data(), static_cast<int64_t>(keys.shape(0)), rows.data(),
+                                 inserted.data());
+           },
+           "keys"_a, "rows"_a, "inserted"_a);
 
   m.def("mix64",
         [](Keys keys, Array<uint64_t, nb::ndim<1>> out) {

@@ -147,6 +147,10 @@ class HashMap:
                     raise
 
 
+# The former single-array map (csrc/flat_hash_map.h): the yardstick of `embps bench table` only.
+FlatHashMap = _native.FlatHashMap
+
+
 def mix64(keys: np.ndarray) -> np.ndarray:
     """splitmix64 finalizer of each key: keys (n,) int64 -> (n,) uint64."""
     keys = as_keys(keys)

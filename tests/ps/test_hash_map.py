@@ -202,3 +202,41 @@ def test_table_expected_rows_presizes_its_map():
     assert table._map.rehashed == 0
     with pytest.raises(ValueError, match=r"t\.expected_rows: must be in \[1, "):
         TableConfig(name="t", dim=2, expected_rows=0).validate()
+
+
+def test_lookups_beside_erase_and_clear_give_the_row_or_absent():
+    """Beside a writer that inserts, erases and clears (then re-inserts the same keys, which get
+    the same rows back), a reader only ever sees a key's row or -1: never another key's row, and
+    never a probe that runs off its array while clear swaps the arrays out."""
+    rng = np.random.default_rng(9)
+    table = HashMap(sub_maps=16)
+    stable = np.sort(rng.integers(INT64_MIN, INT64_MAX, size=50_000, dtype=np.int64))
+    rows, _ = table.find_or_insert(stable)
+    failures: list[str] = []
+    done = threading.Event()
+
+    def reader() -> None:
+        pick_rng = np.random.default_rng(10)
+        while not done.is_set() and not failures:
+            pick = pick_rng.integers(0, stable.shape[0], 2048)
+            found = table.find(stable[pick])
+            wrong = (found != -1) & (found != rows[pick])
+            if wrong.any():
+                failures.append(f"{int(wrong.sum())} lookups gave another key's row")
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        for cycle in range(12):
+            extra = rng.integers(INT64_MIN, INT64_MAX, size=100_000, dtype=np.int64)
+            extra = extra[~np.isin(extra, stable)]
+            table.find_or_insert(extra)
+            table.erase(extra[::2])
+            if cycle % 3 == 2:
+                table.clear()
+                again, _ = table.find_or_insert(stable)
+                np.testing.assert_array_equal(again, rows)
+    finally:
+        done.set()
+        thread.join()
+    assert not failures, failures[:3]
