@@ -73,6 +73,7 @@ def run_growth(config: GrowthConfig) -> dict[str, object]:
 def _fill_both(config: GrowthConfig, keys: np.ndarray, rng: np.random.Generator) -> tuple[dict, dict]:
     maps = {"sub_maps": native.HashMap(), "flat": native.FlatHashMap()}
     times: dict[str, list[float]] = {name: [] for name in maps}
+    moved: dict[str, list[int]] = {name: [] for name in maps}  # entries rehashed by each call
     sizes = []
     rows = np.empty(config.batch, dtype=np.int64)
     inserted = np.empty(config.batch, dtype=np.uint8)
@@ -80,19 +81,32 @@ def _fill_both(config: GrowthConfig, keys: np.ndarray, rng: np.random.Generator)
         part = keys[i : i + config.batch]
         n = part.shape[0]
         for name, m in maps.items():
-            start = time.perf_counter()
             if name == "flat":
+                capacity = m.capacity
+                start = time.perf_counter()
                 m.find_or_insert(part, rows[:n], inserted[:n])
+                times[name].append(time.perf_counter() - start)
+                moved[name].append(i if m.capacity != capacity else 0)  # a growth moves every entry
             else:
+                rehashed = m.rehashed
+                start = time.perf_counter()
                 m._map.find_or_insert(part, rows[:n], inserted[:n])
-            times[name].append(time.perf_counter() - start)
+                times[name].append(time.perf_counter() - start)
+                moved[name].append(m.rehashed - rehashed)
         sizes.append(i + n)
     sizes_np = np.array(sizes)
     fill: dict[str, object] = {}
     for checkpoint in config.checkpoints:
         upto = sizes_np <= checkpoint
         if checkpoint <= keys.shape[0]:
-            fill[f"to_{checkpoint}"] = {name: call_stats(np.array(t)[upto]) for name, t in times.items()}
+            fill[f"to_{checkpoint}"] = {
+                name: {
+                    **call_stats(np.array(t)[upto]),
+                    "slowest_call_at_keys": int(sizes_np[upto][np.argmax(np.array(t)[upto])]),
+                    "max_entries_rehashed_by_one_call": int(np.array(moved[name])[upto].max()),
+                }
+                for name, t in times.items()
+            }
     fill["bytes_per_key"] = {"sub_maps": maps["sub_maps"].memory_bytes / keys.shape[0],
                              "flat": maps["flat"].memory_bytes / keys.shape[0]}
     # Find rates, batch by batch in turn on the same keys, so both see the same machine.
@@ -139,8 +153,23 @@ def _reader_under(grow: Callable[[], bool], read: Callable[[np.ndarray], object]
     return {"grower_calls": grower_calls[0], "reader": call_stats(np.array(latencies))}
 
 
-def _fresh_keys(rng: np.random.Generator, n: int) -> np.ndarray:
-    return rng.integers(-(2**63), 2**63 - 1, size=n, dtype=np.int64)
+class _FreshKeys:
+    """New keys drawn up front, handed out `n` at a time, so the grower thread spends its time in
+    the table's calls (which release the GIL), not in drawing keys (which holds it)."""
+
+    def __init__(self, rng: np.random.Generator, total: int) -> None:
+        self.keys = rng.integers(-(2**63), 2**63 - 1, size=total, dtype=np.int64)
+        self.used = 0
+
+    def take(self, n: int) -> np.ndarray | None:
+        """The next n keys, or None once they run out (the grower then stops)."""
+        if self.used + n > self.keys.shape[0]:
+            return None
+        self.used += n
+        return self.keys[self.used - n : self.used]
+
+
+_FRESH_KEYS = 24_000_000  # more than a grower inserts in grow_seconds here
 
 
 def _map_reader(config: GrowthConfig, keys: np.ndarray, rng: np.random.Generator) -> dict[str, object]:
@@ -148,10 +177,13 @@ def _map_reader(config: GrowthConfig, keys: np.ndarray, rng: np.random.Generator
     for i in tqdm(range(0, keys.shape[0], 1 << 20), desc="fill map", unit="Mkey"):
         m.find_or_insert(keys[i : i + (1 << 20)])
     before = m.rehashed
+    fresh = _FreshKeys(rng, _FRESH_KEYS)
 
     def grow() -> bool:
-        m.find_or_insert(_fresh_keys(rng, config.batch))
-        return True
+        part = fresh.take(config.batch)
+        if part is not None:
+            m.find_or_insert(part)
+        return part is not None
 
     result = _reader_under(grow, m.find, keys, config, "hash map")
     result["rehashed_during"] = m.rehashed - before
@@ -168,15 +200,18 @@ def _table_reader(config: GrowthConfig, keys: np.ndarray, rng: np.random.Generat
     tables_thread = ThreadPoolExecutor(1)  # the shard server's: every table call, in arrival order
     grads = np.zeros((config.push_batch, config.dim), np.float32)
     pushes: list[float] = []
+    fresh = _FreshKeys(rng, _FRESH_KEYS // 2)
 
-    def push() -> None:
+    def push(part: np.ndarray) -> None:
         start = time.perf_counter()
-        table.apply_gradients(_fresh_keys(rng, config.push_batch), grads)
+        table.apply_gradients(part, grads)
         pushes.append(time.perf_counter() - start)
 
     def grow() -> bool:
-        tables_thread.submit(push).result()
-        return True
+        part = fresh.take(config.push_batch)
+        if part is not None:
+            tables_thread.submit(push, part).result()
+        return part is not None
 
     def read(batch: np.ndarray) -> None:
         tables_thread.submit(table.lookup, batch).result()
@@ -197,10 +232,13 @@ def _store_reader(config: GrowthConfig, keys: np.ndarray, rng: np.random.Generat
         part = keys[i : i + (1 << 20)]
         shard.upsert(part, values[: part.shape[0]])
     new_values = np.ones((config.batch, config.dim), np.float32)
+    fresh = _FreshKeys(rng, _FRESH_KEYS)
 
     def grow() -> bool:
-        shard.upsert(_fresh_keys(rng, config.batch), new_values)
-        return True
+        part = fresh.take(config.batch)
+        if part is not None:
+            shard.upsert(part, new_values)
+        return part is not None
 
     return _reader_under(grow, replica.lookup, keys, config, "serving store")
 
@@ -212,7 +250,9 @@ def print_growth(r: dict) -> None:
             print(
                 f"fill {int(checkpoint[3:]) / 1e6:4.0f}M keys, calls of {r['config']['batch']:,} ({name:8s}) "
                 f"median {s['median_s'] * ms:7.2f} ms | p99.9 {s['p99_9_s'] * ms:7.2f} ms | "
-                f"max {s['max_s'] * ms:7.2f} ms ({s['max_over_median']:.1f}x median)"
+                f"max {s['max_s'] * ms:7.2f} ms ({s['max_over_median']:.1f}x median, at "
+                f"{s['slowest_call_at_keys'] / 1e6:.1f}M) | most entries one call rehashed "
+                f"{s['max_entries_rehashed_by_one_call'] / 1e6:.2f}M"
             )
     b = r["fill"]["bytes_per_key"]
     print(f"map bytes per key: sub-maps {b['sub_maps']:.1f}, flat {b['flat']:.1f}")

@@ -104,6 +104,7 @@ NB_MODULE(_embps_native, m) {
   nb::class_<embps::FlatHashMap>(m, "FlatHashMap")
       .def(nb::init<uint64_t>(), "initial_capacity"_a = 16)
       .def_prop_ro("size", &embps::FlatHashMap::size)
+      .def_prop_ro("capacity", &embps::FlatHashMap::capacity)
       .def_prop_ro("memory_bytes", &embps::FlatHashMap::memory_bytes)
       .def("find",
            [](const embps::FlatHashMap& self, Keys keys, Rows rows) {
