@@ -248,7 +248,7 @@ def print_growth(r: dict) -> None:
     for checkpoint, by_map in ((k, v) for k, v in r["fill"].items() if k.startswith("to_")):
         for name, s in by_map.items():
             print(
-                f"fill {int(checkpoint[3:]) / 1e6:4.0f}M keys, calls of {r['config']['batch']:,} ({name:8s}) "
+                f"fill {int(checkpoint[3:]) / 1e6:g}M keys, calls of {r['config']['batch']:,} ({name:8s}) "
                 f"median {s['median_s'] * ms:7.2f} ms | p99.9 {s['p99_9_s'] * ms:7.2f} ms | "
                 f"max {s['max_s'] * ms:7.2f} ms ({s['max_over_median']:.1f}x median, at "
                 f"{s['slowest_call_at_keys'] / 1e6:.1f}M) | most entries one call rehashed "
