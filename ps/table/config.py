@@ -87,7 +87,7 @@ class TableConfig:
     capacity: maximum rows on one shard (None: bounded only by memory, at most 2^32 - 1).
     expected_rows: rows one shard is expected to reach (None: no hint). The key->row map is sized
         for them up front, so it does not grow at all until they are passed (it still grows past
-        them, in pieces); costs ~18-23 bytes per expected row from the start.
+        them, in pieces); costs ~17-26 bytes per expected row from the start.
     device: "cpu" or "cuda[:i]" for the row storage; the key->row map always lives on the host.
     """
 
