@@ -17,6 +17,11 @@ def _add_table(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=4096, help="keys per batch")
     parser.add_argument("--batches", type=int, default=200, help="batches per measurement")
     parser.add_argument("--zipf", type=float, default=1.05, help="Zipf exponent of the skewed key stream")
+    parser.add_argument(
+        "--growth-rows", type=int, default=30_000_000,
+        help="keys the growth part fills (call times, readers beside a grower; 0: skip it)",
+    )
+    parser.add_argument("--growth-dim", type=int, default=8, help="row width of the growth part's table and store")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
 
 
@@ -29,7 +34,8 @@ def _run_table(args: argparse.Namespace) -> int:
     from bench.table_bench import TableBenchConfig, run_table_bench
 
     config = TableBenchConfig(
-        rows=args.rows, dim=args.dim, batch=args.batch, batches=args.batches, zipf=args.zipf, out=args.out
+        rows=args.rows, dim=args.dim, batch=args.batch, batches=args.batches, zipf=args.zipf,
+        growth_rows=args.growth_rows, growth_dim=args.growth_dim, out=args.out,
     )
     return run_table_bench(config)
 

@@ -45,6 +45,16 @@ def _table(r: dict) -> tuple[str, str]:
         f"{_m(r['uniform']['rowwise_adagrad_rows_per_s'])} rows/s uniform, "
         f"{_m(r['zipf']['rowwise_adagrad_rows_per_s'])} rows/s Zipf"
     )
+    g = r.get("growth")
+    if g:
+        last = max((k for k in g["fill"] if k.startswith("to_")), key=lambda k: int(k[3:]))
+        fill = g["fill"][last]
+        readers = g["reader_under_grower"]
+        figures += (
+            f"; filling {int(last[3:]):,} keys: slowest call {fill['sub_maps']['max_over_median']:.1f}x the median "
+            f"(single-array map {fill['flat']['max_over_median']:.1f}x); reader max beside a grower: "
+            + ", ".join(f"{name.replace('_', ' ')} {v['reader']['max_s'] * 1e3:.1f} ms" for name, v in readers.items())
+        )
     return setup, figures
 
 

@@ -1,4 +1,6 @@
-"""`embps bench table`: hash map, lookup and optimizer rates of one table on one thread.
+"""`embps bench table`: hash map, lookup and optimizer rates of one table on one thread, then the
+growth part (bench/table_growth.py): call times while a map fills to 30M keys, and lookups beside
+a thread that grows the map, the PS table and the serving store.
 
 Each rate is printed next to the raw `torch.index_select` gather of the same rows from a plain
 (rows, dim) tensor, measured in the same run, so the figures carry their own yardstick.
@@ -17,6 +19,7 @@ from tqdm import tqdm
 from bench.fbgemm_rates import fbgemm_cpu_rates
 from bench.keys import ZipfSampler, key_of_rank
 from bench.machine import machine_facts
+from bench.table_growth import GrowthConfig, print_growth, run_growth
 from ps.native import HashMap
 from ps.table.config import OptimizerConfig, OptimizerKind, TableConfig
 from ps.table.embedding_table import EmbeddingTable
@@ -29,6 +32,8 @@ class TableBenchConfig:
     batch: int = 4096
     batches: int = 200
     zipf: float = 1.05
+    growth_rows: int = 30_000_000  # keys filled by the growth part (0: skip it)
+    growth_dim: int = 8  # row width of the growth part's PS table and serving store
     out: str | None = None
 
 
@@ -117,7 +122,17 @@ def run_table_bench(config: TableBenchConfig) -> int:
         }
     results["table_memory_bytes"] = table.memory_bytes
     results["table_bytes_per_row"] = table.memory_bytes / table.size
+    results["table_bytes_per_row_beyond_values_and_state"] = (
+        table.memory_bytes / table.size - (table.dim + table.state_width) * 4
+    )
     results["fbgemm_cpu_uniform"] = fbgemm_cpu_rates(n, dim, batch, min(config.batches, 50))
+    table = raw = None  # the growth part needs the memory
+    if config.growth_rows:
+        checkpoints = tuple(c for c in (10_000_000, 30_000_000) if c < config.growth_rows) + (config.growth_rows,)
+        results["growth"] = run_growth(
+            GrowthConfig(rows=config.growth_rows, dim=config.growth_dim, batch=65_536,
+                         read_batch=batch, push_batch=batch, checkpoints=checkpoints)
+        )
 
     _print(results)
     if config.out:
@@ -144,7 +159,10 @@ def _print(r: dict) -> None:
             f"rowwise adagrad {s['rowwise_adagrad_rows_per_s'] / m:6.2f} M rows/s "
             f"(unique keys {s['unique_key_fraction']:.0%})"
         )
-    print(f"table memory {r['table_memory_bytes'] / 2**30:.2f} GiB, {r['table_bytes_per_row']:.1f} bytes/row")
+    print(
+        f"table memory {r['table_memory_bytes'] / 2**30:.2f} GiB, {r['table_bytes_per_row']:.1f} bytes/row "
+        f"({r['table_bytes_per_row_beyond_values_and_state']:.1f} beyond values and optimizer state)"
+    )
     fb = r["fbgemm_cpu_uniform"]
     if isinstance(fb, str):
         print(f"fbgemm CPU: skipped ({fb})")
@@ -153,3 +171,5 @@ def _print(r: dict) -> None:
             f"fbgemm CPU TBE (uniform): forward {fb['fbgemm_forward_rows_per_s'] / m:6.2f} M rows/s | "
             f"forward + fused rowwise adagrad {fb['fbgemm_rowwise_adagrad_rows_per_s'] / m:6.2f} M rows/s"
         )
+    if "growth" in r:
+        print_growth(r["growth"])

@@ -10,6 +10,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "flat_hash_map.h"
 #include "hash_map.h"
 #include "row_ops.h"
 
@@ -58,13 +59,16 @@ NB_MODULE(_embps_native, m) {
       .value("FTRL", embps::Optimizer::kFtrl);
 
   nb::class_<embps::HashMap>(m, "HashMap")
-      .def(nb::init<uint64_t>(), "initial_capacity"_a = 16)
+      .def(nb::init<uint64_t, uint64_t>(), "initial_capacity"_a = 0,
+           "sub_maps"_a = embps::HashMap::kDefaultSubMaps)
       .def_prop_ro("size", &embps::HashMap::size)
       .def_prop_ro("capacity", &embps::HashMap::capacity)
+      .def_prop_ro("sub_maps", &embps::HashMap::sub_maps)
+      .def_prop_ro("rehashed", &embps::HashMap::rehashed)
       .def_prop_ro("num_rows", &embps::HashMap::num_rows)
       .def_prop_ro("memory_bytes", &embps::HashMap::memory_bytes)
-      .def("reserve", &embps::HashMap::reserve, "num_keys"_a)
-      .def("clear", &embps::HashMap::clear)
+      .def("reserve", &embps::HashMap::reserve, "num_keys"_a, nb::call_guard<nb::gil_scoped_release>())
+      .def("clear", &embps::HashMap::clear, nb::call_guard<nb::gil_scoped_release>())
       .def("find",
            [](const embps::HashMap& self, Keys keys, Rows rows) {
              check_same_length("rows", rows.shape(0), keys.shape(0));
@@ -90,12 +94,34 @@ NB_MODULE(_embps_native, m) {
            "keys"_a, "rows"_a)
       .def("export",
            [](const embps::HashMap& self, Rows keys, Rows rows) {
-             check_same_length("keys", keys.shape(0), self.size());
-             check_same_length("rows", rows.shape(0), self.size());
+             check_same_length("rows", rows.shape(0), keys.shape(0));
              nb::gil_scoped_release release;
-             self.export_all(keys.data(), rows.data());
+             self.export_all(keys.data(), rows.data(), keys.shape(0));
            },
            "keys"_a, "rows"_a);
+
+  // The bench's yardstick only (see flat_hash_map.h).
+  nb::class_<embps::FlatHashMap>(m, "FlatHashMap")
+      .def(nb::init<uint64_t>(), "initial_capacity"_a = 16)
+      .def_prop_ro("size", &embps::FlatHashMap::size)
+      .def_prop_ro("capacity", &embps::FlatHashMap::capacity)
+      .def_prop_ro("memory_bytes", &embps::FlatHashMap::memory_bytes)
+      .def("find",
+           [](const embps::FlatHashMap& self, Keys keys, Rows rows) {
+             check_same_length("rows", rows.shape(0), keys.shape(0));
+             nb::gil_scoped_release release;
+             self.find(keys.data(), static_cast<int64_t>(keys.shape(0)), rows.data());
+           },
+           "keys"_a, "rows"_a)
+      .def("find_or_insert",
+           [](embps::FlatHashMap& self, Keys keys, Rows rows, Array<uint8_t, nb::ndim<1>> inserted) {
+             check_same_length("rows", rows.shape(0), keys.shape(0));
+             check_same_length("inserted", inserted.shape(0), keys.shape(0));
+             nb::gil_scoped_release release;
+             self.find_or_insert(keys.data(), static_cast<int64_t>(keys.shape(0)), rows.data(),
+                                 inserted.data());
+           },
+           "keys"_a, "rows"_a, "inserted"_a);
 
   m.def("mix64",
         [](Keys keys, Array<uint64_t, nb::ndim<1>> out) {

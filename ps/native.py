@@ -53,14 +53,18 @@ def as_keys(keys: object, name: str = "keys") -> np.ndarray:
 class HashMap:
     """int64 key -> int64 row slot, open addressing, rows allocated densely by the map.
 
-    Rows of erased keys are reused (last freed first). Not thread-safe; every verb releases
-    the GIL while it runs, so callers that share a map across threads must lock.
+    Rows of erased keys are reused (last freed first). The map is `sub_maps` sub-maps that grow
+    one at a time, so no call rehashes the whole map (csrc/hash_map.h). Thread-safe: writers
+    (find_or_insert, erase, clear, reserve, export) run one at a time, `find` runs alongside them
+    without waiting for a rehash; every verb releases the GIL while it runs.
     """
 
-    def __init__(self, initial_capacity: int = 16) -> None:
+    def __init__(self, initial_capacity: int = 0, sub_maps: int = 1024) -> None:
+        """initial_capacity: slots to start with (0: allocate on first insert); sub_maps: a power
+        of two in [1, 65536]; small maps in tests use few, so that growth happens in them."""
         if initial_capacity < 0:
             raise ValueError(f"initial_capacity: must be >= 0, got {initial_capacity}")
-        self._map = _native.HashMap(initial_capacity)
+        self._map = _native.HashMap(initial_capacity, sub_maps)
 
     @property
     def size(self) -> int:
@@ -79,7 +83,25 @@ class HashMap:
     def __len__(self) -> int:
         return self._map.size
 
+    @property
+    def capacity(self) -> int:
+        """Slots allocated over all sub-maps."""
+        return self._map.capacity
+
+    @property
+    def sub_maps(self) -> int:
+        return self._map.sub_maps
+
+    @property
+    def rehashed(self) -> int:
+        """Entries moved by growth since the map was made (each growth moves one sub-map's)."""
+        return self._map.rehashed
+
     def reserve(self, num_keys: int) -> None:
+        """Pre-sizes every sub-map so that num_keys keys fit without growth (keys spread by the
+        hash: each sub-map gets room for its share plus 4 standard deviations)."""
+        if num_keys < 0:
+            raise ValueError(f"num_keys: must be >= 0, got {num_keys}")
         self._map.reserve(num_keys)
 
     def clear(self) -> None:
@@ -113,10 +135,20 @@ class HashMap:
 
     def export(self) -> tuple[np.ndarray, np.ndarray]:
         """All live (keys (size,) int64, rows (size,) int64), in slot order."""
-        keys = np.empty(self._map.size, dtype=np.int64)
-        rows = np.empty(self._map.size, dtype=np.int64)
-        self._map.export(keys, rows)
-        return keys, rows
+        while True:
+            n = self._map.size
+            keys = np.empty(n, dtype=np.int64)
+            rows = np.empty(n, dtype=np.int64)
+            try:
+                self._map.export(keys, rows)
+                return keys, rows
+            except ValueError:
+                if self._map.size == n:  # not a writer that changed the size meanwhile
+                    raise
+
+
+# The former single-array map (csrc/flat_hash_map.h): the yardstick of `embps bench table` only.
+FlatHashMap = _native.FlatHashMap
 
 
 def mix64(keys: np.ndarray) -> np.ndarray:

@@ -20,6 +20,7 @@ shard's rows or the new ones, never a mix of two histories.
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 
@@ -32,6 +33,13 @@ from serving.config import DefaultRow, StorageDType
 
 BLOCK_SHIFT = 14  # 16k rows per block (the PS table's are 64k): growth allocates a block, never copies
 MAX_ROWS_PER_HOLD = 8192  # rows written per lock hold (~0.2 ms at dim 64)
+
+
+def _hand_over() -> None:
+    """Lets a lookup that waits for the lock take it between two slices of a write. Without it
+    the writer, which holds the GIL when it lets go of the lock, takes the lock again before the
+    woken reader can run, and a lookup waits for the whole write instead of one slice."""
+    time.sleep(0)  # releases the GIL: the waiting reader runs and takes the lock first
 
 
 class ShardRows:
@@ -92,6 +100,7 @@ class ShardRows:
                 slots, _ = self._map.find_or_insert(keys[part])
                 self._store.ensure_rows(self._map.num_rows)
                 self._store.scatter(slots, 0, words[part])
+            _hand_over()
 
     def erase(self, keys: np.ndarray) -> None:
         """Drops the rows of keys (d,) int64 (absent keys are ignored)."""
@@ -99,6 +108,7 @@ class ShardRows:
         for start in range(0, keys.shape[0], MAX_ROWS_PER_HOLD):
             with self._lock:
                 self._map.erase(keys[start : start + MAX_ROWS_PER_HOLD])
+            _hand_over()
 
     def gather(self, keys: np.ndarray, out: np.ndarray) -> np.ndarray:
         """Writes the words of keys (n,) int64 into out (n, width) float32 (rows of absent keys are

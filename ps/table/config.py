@@ -91,6 +91,9 @@ class TableConfig:
     dtype: row storage type; float32 only (others are refused, not emulated).
     initializer, init_scale, seed: a new row's value is a pure function of (seed, key).
     capacity: maximum rows on one shard (None: bounded only by memory, at most 2^32 - 1).
+    expected_rows: rows one shard is expected to reach (None: no hint). The key->row map is sized
+        for them up front, so it does not grow at all until they are passed (it still grows past
+        them, in pieces); costs ~17-26 bytes per expected row from the start.
     device: "cpu" or "cuda[:i]" for the row storage; the key->row map always lives on the host.
     """
 
@@ -104,6 +107,7 @@ class TableConfig:
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     eviction: EvictionConfig = field(default_factory=EvictionConfig)
     capacity: int | None = None
+    expected_rows: int | None = None
     device: str = "cpu"
 
     def validate(self, where: str | None = None) -> TableConfig:
@@ -121,6 +125,8 @@ class TableConfig:
         _check_int(f"{p}.seed", self.seed, low=0, high=2**64 - 1)
         if self.capacity is not None:
             _check_int(f"{p}.capacity", self.capacity, low=1, high=2**32 - 2)
+        if self.expected_rows is not None:
+            _check_int(f"{p}.expected_rows", self.expected_rows, low=1, high=2**32 - 2)
         if not isinstance(self.device, str) or not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"{p}.device: must be 'cpu' or 'cuda[:index]', got {self.device!r}")
         o = self.optimizer

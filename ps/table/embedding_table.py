@@ -118,6 +118,7 @@ class EmbeddingTable:
         self._store = RowStore(self.width, config.device, block_shift)
         self._use_native = self._store.native and kernels != "torch"
         self._map = native.HashMap()
+        self._map.reserve(config.expected_rows or 0)
         self._native_optimizer = native.native_enum(native.OptimizerKind, config.optimizer.kind)
         self._hyper = optimizers.hyper_parameters(config.optimizer)
         # The key of each row, where _row_live: only tables that evict need it (9 bytes a row).
@@ -401,7 +402,8 @@ class EmbeddingTable:
         u = state.keys.shape[0]
         if self.config.capacity is not None and u > self.config.capacity:
             raise CapacityError(f"table {self.name}: state has {u} rows, capacity is {self.config.capacity}")
-        self._map = native.HashMap(int(u / 0.7) + 16)
+        self._map = native.HashMap()
+        self._map.reserve(max(u, self.config.expected_rows or 0))
         self._store = RowStore(self.width, self.config.device, self._store.block_shift)
         self._row_keys = np.zeros(0, dtype=np.int64)
         self._row_live = np.zeros(0, dtype=np.bool_)

@@ -1,4 +1,8 @@
-"""The C++ hash map against a Python dict, over random mixes of verbs and awkward keys."""
+"""The C++ hash map against a Python dict, over random mixes of verbs and awkward keys; growth in
+pieces (sub-maps that grow alone) and lookups from one thread while another grows the map."""
+
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -16,8 +20,9 @@ batch_strategy = st.lists(keys_strategy, max_size=60).map(lambda ks: np.array(ks
 op_strategy = st.tuples(st.sampled_from(["find", "find_or_insert", "erase", "clear"]), batch_strategy)
 
 
-def check_against_dict(ops: list[tuple[str, np.ndarray]]) -> None:
-    table = HashMap(initial_capacity=8)  # small, so the ops force several growths
+def check_against_dict(ops: list[tuple[str, np.ndarray]], sub_maps: int) -> None:
+    # No slots to start with and few sub-maps, so the ops grow each sub-map several times.
+    table = HashMap(sub_maps=sub_maps)
     ref: dict[int, int] = {}
     for verb, keys in ops:
         if verb == "find":
@@ -52,9 +57,9 @@ def check_against_dict(ops: list[tuple[str, np.ndarray]]) -> None:
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(op_strategy, max_size=25))
-def test_random_verbs_match_dict(ops):
-    check_against_dict(ops)
+@given(st.lists(op_strategy, max_size=25), st.sampled_from([1, 4]))
+def test_random_verbs_match_dict(ops, sub_maps):
+    check_against_dict(ops, sub_maps)
 
 
 def test_growth_keeps_every_entry_and_rows_are_dense():
@@ -66,7 +71,7 @@ def test_growth_keeps_every_entry_and_rows_are_dense():
     assert sorted(rows.tolist()) == list(range(keys.shape[0]))
     assert table.size == keys.shape[0]
     np.testing.assert_array_equal(table.find(keys), rows)
-    # 12-byte slots at a load factor of at least 0.53 after growth.
+    # 12-byte slots; staggered sub-maps (each at a load in [0.47, 0.7]) keep the map near 0.58.
     assert table.memory_bytes / table.size < 12 / 0.53 + 1
 
 
@@ -109,3 +114,129 @@ def test_non_contiguous_keys_are_accepted():
     keys = np.arange(20, dtype=np.int64)[::2]
     rows, _ = table.find_or_insert(keys)
     np.testing.assert_array_equal(table.find(np.arange(20, dtype=np.int64)[::2]), rows)
+
+
+def test_growth_moves_a_bounded_share_per_call():
+    """Filling in calls of 65,536: a call rehashes a few sub-maps, never the whole map, so the
+    entries it moves stay bounded by the batch, not by the map (a whole-map rehash moves them all)."""
+    table = HashMap()
+    batch = 65_536
+    keys = np.random.default_rng(3).integers(INT64_MIN, INT64_MAX, size=2_000_000, dtype=np.int64)
+    moved = []
+    for i in range(0, keys.shape[0], batch):
+        before = table.rehashed
+        table.find_or_insert(keys[i : i + batch])
+        moved.append((table.rehashed - before, table.size))
+    assert table.rehashed > keys.shape[0]  # it did grow, many times
+    assert max(m for m, _ in moved) <= 6 * batch
+    assert all(m < size / 3 for m, size in moved[len(moved) // 2 :])
+
+
+def test_reserve_presizes_so_nothing_grows_until_it_is_passed():
+    keys = np.random.default_rng(4).integers(INT64_MIN, INT64_MAX, size=300_000, dtype=np.int64)
+    table = HashMap()
+    table.reserve(keys.shape[0])
+    capacity = table.capacity
+    table.find_or_insert(keys)
+    assert table.rehashed == 0 and table.capacity == capacity
+    table.find_or_insert(np.arange(300_000, dtype=np.int64))  # past the hint it grows as usual
+    assert table.rehashed > 0
+
+
+def test_bad_sub_maps_is_a_clear_error():
+    with pytest.raises(ValueError, match="sub_maps"):
+        HashMap(sub_maps=3)
+
+
+def test_lookups_run_while_another_thread_grows_and_erases():
+    """A reader finds existing keys while a writer inserts 1.5M new keys in one call (many
+    sub-maps grow inside it) and then erases them: every lookup is right, and lookups keep
+    completing while the writer's call runs (the GIL is released, the reader takes no lock and
+    never waits for a rehash)."""
+    rng = np.random.default_rng(5)
+    table = HashMap()
+    existing = rng.integers(INT64_MIN, INT64_MAX, size=200_000, dtype=np.int64)
+    rows, _ = table.find_or_insert(existing)
+    new = rng.integers(INT64_MIN, INT64_MAX, size=1_500_000, dtype=np.int64)
+    new = new[~np.isin(new, existing)]
+    writer_calls: list[tuple[float, float]] = []
+    reader_calls: list[tuple[float, float]] = []
+    failures: list[str] = []
+    done = threading.Event()
+
+    def reader() -> None:
+        while not done.is_set() and not failures:
+            pick = rng.integers(0, existing.shape[0], 4096)
+            start = time.perf_counter()
+            found = table.find(existing[pick])
+            reader_calls.append((start, time.perf_counter()))
+            if not np.array_equal(found, rows[pick]):
+                failures.append(f"{int((found != rows[pick]).sum())} of 4096 lookups wrong")
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        for verb in (table.find_or_insert, table.erase):
+            start = time.perf_counter()
+            verb(new)
+            writer_calls.append((start, time.perf_counter()))
+    finally:
+        done.set()
+        thread.join()
+    assert not failures, failures[:3]
+    assert table.size == existing.shape[0]
+    (insert_start, insert_end), _ = writer_calls
+    inside = [1 for start, end in reader_calls if start > insert_start and end < insert_end]
+    assert len(inside) >= 3, f"only {len(inside)} lookups completed during the growing call"
+
+
+def test_table_expected_rows_presizes_its_map():
+    from ps.table.config import TableConfig
+    from ps.table.embedding_table import EmbeddingTable
+
+    keys = np.random.default_rng(6).integers(INT64_MIN, INT64_MAX, size=100_000, dtype=np.int64)
+    table = EmbeddingTable(TableConfig(name="t", dim=2, expected_rows=keys.shape[0]))
+    table.apply_gradients(keys, np.zeros((keys.shape[0], 2), np.float32))
+    assert table.size == keys.shape[0] and table._map.rehashed == 0
+    table.load(table.export())
+    assert table._map.rehashed == 0
+    with pytest.raises(ValueError, match=r"t\.expected_rows: must be in \[1, "):
+        TableConfig(name="t", dim=2, expected_rows=0).validate()
+
+
+def test_lookups_beside_erase_and_clear_give_the_row_or_absent():
+    """Beside a writer that inserts, erases and clears (then re-inserts the same keys, which get
+    the same rows back), a reader only ever sees a key's row or -1: never another key's row, and
+    never a probe that runs off its array while clear swaps the arrays out."""
+    rng = np.random.default_rng(9)
+    table = HashMap(sub_maps=16)
+    stable = np.sort(rng.integers(INT64_MIN, INT64_MAX, size=50_000, dtype=np.int64))
+    rows, _ = table.find_or_insert(stable)
+    failures: list[str] = []
+    done = threading.Event()
+
+    def reader() -> None:
+        pick_rng = np.random.default_rng(10)
+        while not done.is_set() and not failures:
+            pick = pick_rng.integers(0, stable.shape[0], 2048)
+            found = table.find(stable[pick])
+            wrong = (found != -1) & (found != rows[pick])
+            if wrong.any():
+                failures.append(f"{int(wrong.sum())} lookups gave another key's row")
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        for cycle in range(12):
+            extra = rng.integers(INT64_MIN, INT64_MAX, size=100_000, dtype=np.int64)
+            extra = extra[~np.isin(extra, stable)]
+            table.find_or_insert(extra)
+            table.erase(extra[::2])
+            if cycle % 3 == 2:
+                table.clear()
+                again, _ = table.find_or_insert(stable)
+                np.testing.assert_array_equal(again, rows)
+    finally:
+        done.set()
+        thread.join()
+    assert not failures, failures[:3]
