@@ -422,7 +422,7 @@ class PSClient:
 def _unique(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     """keys (n,) -> (unique (u,) int64, inverse (n,) int64 with unique[inverse] == keys), or
     (keys, None) when the keys are already distinct."""
-    seen = native.HashMap(keys.shape[0])
+    seen = native.HashMap(keys.shape[0], sub_maps=1)  # sized for every key: it never grows
     inverse, _ = seen.find_or_insert(keys)
     if seen.size == keys.shape[0]:
         return keys, None

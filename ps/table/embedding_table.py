@@ -34,6 +34,9 @@ _EVICTION_SLACK = 64  # a full table frees need + capacity/64 rows, so the scan 
 EXACT_SCAN_ROWS = 1 << 16
 _EVICTION_SAMPLE = 16  # rows sampled per row to free (at least _MIN_EVICTION_SAMPLE)
 _MIN_EVICTION_SAMPLE = 4096
+# Sub-maps of the maps a bound keeps small (pending admission keys, change tracking): each
+# sub-map costs a header even when empty, and max_keys / 64 keys rehash at most per growth.
+BOUNDED_MAP_SUB_MAPS = 64
 _SWEEP_WINDOW = 1 << 14  # rows (and pending keys) a push's TTL sweep reads, at least
 
 
@@ -46,8 +49,8 @@ class _ChangeTracker:
 
     def __init__(self, max_keys: int) -> None:
         self.max_keys = max_keys
-        self.touched = native.HashMap()
-        self.deleted = native.HashMap()
+        self.touched = native.HashMap(sub_maps=BOUNDED_MAP_SUB_MAPS)
+        self.deleted = native.HashMap(sub_maps=BOUNDED_MAP_SUB_MAPS)
         self.complete = True
 
     def touch(self, keys: np.ndarray) -> None:
@@ -481,7 +484,7 @@ class EmbeddingTable:
         self.step = int(state.step)
 
     def _reset_pending(self, expected: int) -> None:
-        self._pending = native.HashMap(int(expected / 0.7) + 16)
+        self._pending = native.HashMap(int(expected / 0.7) + 16, sub_maps=BOUNDED_MAP_SUB_MAPS)  # max_pending bounds it
         self._pending_meta = np.zeros((0, 2), dtype=np.uint32)  # [count, last_step] per pending row
         self._pending_keys = np.zeros(0, dtype=np.int64)  # the key of each pending row
         self._pending_seq = np.zeros(0, dtype=np.int64)  # when each pending row was first seen; 0: free
