@@ -43,7 +43,7 @@ def ps_port_policy() -> dict[str, frozenset[Role]]:
 
 
 def serving_port_policy() -> dict[str, frozenset[Role]]:
-    """The serving port: reader may call Lookup and Status (the service has no other method)."""
+    """The serving port: reader may call every method of the service (Lookup, LookupMany, Status)."""
     return {path: frozenset({Role.READER}) for path, _ in _methods(serving_pb2.DESCRIPTOR, "Serving")}
 
 

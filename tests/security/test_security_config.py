@@ -142,6 +142,7 @@ def test_the_roles_policy():
     assert replica == {"Lookup", "LookupBatch", "Stats", "Subscribe"}
     assert serving_port_policy() == {
         "/embps.v1.Serving/Lookup": frozenset({Role.READER}),
+        "/embps.v1.Serving/LookupMany": frozenset({Role.READER}),
         "/embps.v1.Serving/Status": frozenset({Role.READER}),
     }
 
