@@ -254,6 +254,7 @@ class LookupClient:
         # (replica, table, shard) -> [(time.monotonic(), incarnation)] at each change, in order
         self.incarnations: dict[tuple[int, str, int], list[tuple[float, int]]] = {}
         self.paused = threading.Event()
+        self._busy = threading.Lock()  # held by the thread through each lookup
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._next = 0
@@ -269,15 +270,24 @@ class LookupClient:
         for channel in self.channels:
             channel.close()
 
+    def pause(self) -> None:
+        """Stops the lookups until paused is cleared; returns once no lookup is in flight (one sent
+        before would otherwise meet the replicas' planned death and count as unanswered)."""
+        self.paused.set()
+        with self._busy:
+            pass
+
     def answered_after(self, moment: float, replica: int | None = None) -> int:
         return sum(1 for t, r in self.answered if t > moment and replica in (None, r))
 
     def _run(self) -> None:
         count = 0
         while not self._stop.wait(0.01):
-            if self.paused.is_set():
-                continue
-            self._lookup(self.requests[count // len(self.stubs) % len(self.requests)])  # every table on every replica
+            with self._busy:
+                if self.paused.is_set():
+                    continue
+                # every table on every replica
+                self._lookup(self.requests[count // len(self.stubs) % len(self.requests)])
             count += 1
 
     def _lookup(self, request: serving_pb2.ServingLookupRequest) -> None:
@@ -457,7 +467,7 @@ def test_sigkill_of_the_launcher_kills_every_child_and_resume_ends_as_if_undistu
         children = descendants(proc.pid)
         kinds = {kind: children_of_kind(proc.pid, kind) for kind in NAMES}
         assert [len(kinds[k]) for k in NAMES] == [2, 2, 2], kinds
-        client.paused.set()  # the replicas die with the launcher, by design
+        client.pause()  # the replicas die with the launcher, by design
         # Stopped shards neither die nor answer: a worker blocked on one outlives the launcher
         # unless the launcher's death kills it (else it would wait for the PS deadline, 10 s).
         for pid in kinds["ps"]:
