@@ -12,6 +12,7 @@ ends the worker with exit code EXIT_PS_UNAVAILABLE and a line on stderr naming t
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import sys
@@ -159,6 +160,7 @@ def _global_mean(value: float, world_size: int) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     die_with_launcher()
+    faulthandler.enable()  # a fatal signal (SIGABRT from C++, SIGSEGV) prints every thread's Python stack
     parser = argparse.ArgumentParser(prog="worker.worker_main", description="one embps training worker")
     parser.add_argument("--config", required=True, help="job TOML")
     parser.add_argument("--resume-step", type=int, default=None, help="continue from this snapshot step")
