@@ -7,6 +7,7 @@ imported by the run that needs it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -17,6 +18,12 @@ def _add_table(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=4096, help="keys per batch")
     parser.add_argument("--batches", type=int, default=200, help="batches per measurement")
     parser.add_argument("--zipf", type=float, default=1.05, help="Zipf exponent of the skewed key stream")
+    parser.add_argument(
+        "--precision-rows",
+        type=int,
+        default=2_000_000,
+        help="rows of each float32/float16/int8 table of the precision part (0: skip it)",
+    )
     parser.add_argument("--out", default=None, help="write the results as JSON here")
 
 
@@ -31,6 +38,8 @@ def _run_table(args: argparse.Namespace) -> int:
     config = TableBenchConfig(
         rows=args.rows, dim=args.dim, batch=args.batch, batches=args.batches, zipf=args.zipf, out=args.out
     )
+    if args.precision_rows != config.precision_rows:
+        config = dataclasses.replace(config, precision_rows=args.precision_rows)
     return run_table_bench(config)
 
 

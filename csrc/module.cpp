@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "hash_map.h"
 #include "row_codec.h"
@@ -73,9 +74,11 @@ void bind_codec(nb::module_& m) {
           if (width != embps::value_words(storage, dim)) throw std::invalid_argument("words: wrong width for dim");
           nb::gil_scoped_release release;
           const uint64_t seed_mix = embps::rounding_seed(seed);
+          std::vector<uint16_t> r(static_cast<size_t>(dim + 3));
           for (size_t i = 0; i < keys.shape(0); ++i) {
             embps::encode_value(storage, values.data() + i * dim, dim,
-                                embps::rounding_base(seed_mix, keys.data()[i], stream), words.data() + i * width);
+                                embps::rounding_base(seed_mix, keys.data()[i], stream), r.data(),
+                                words.data() + i * width);
           }
         },
         "storage"_a.noconvert(), "seed"_a, "keys"_a, "stream"_a, "values"_a, "words"_a);

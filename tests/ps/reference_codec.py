@@ -23,12 +23,14 @@ def mix64(x: np.ndarray) -> np.ndarray:
 
 
 def rounding_bits(seed: int, keys: np.ndarray, stream: int, dim: int) -> np.ndarray:
-    """(n, dim) uint64: the random bits of element j of key i's row for `stream`."""
+    """(n, dim) uint64: the 16 random bits of element j of key i's row for `stream`: 16-bit
+    slice j % 4 (lowest first) of the hash of element group j // 4."""
     seed_mix = mix64(np.array([seed], dtype=np.uint64) ^ ROUNDING_SALT)[0]
     with np.errstate(over="ignore"):
         base = mix64(mix64(keys.astype(np.int64).view(np.uint64) ^ seed_mix) + np.uint64(stream) * GOLDEN)
-        j = np.arange(1, dim + 1, dtype=np.uint64)
-        return mix64(base[:, None] + j[None, :] * GOLDEN)
+        j = np.arange(dim, dtype=np.uint64)
+        hashes = mix64(base[:, None] + (j[None, :] // np.uint64(4) + np.uint64(1)) * GOLDEN)
+        return (hashes >> (np.uint64(16) * (j % np.uint64(4)))[None, :]) & np.uint64(0xFFFF)
 
 
 def value_words(storage: str, dim: int) -> int:
@@ -48,7 +50,7 @@ def half_toward_zero(b: np.ndarray) -> np.ndarray:
     out[sub] = (m[sub] | 0x800000) >> (126 - e[sub]).astype(np.uint32)
     out[(e > 142) & (e < 255)] = 0x7BFF
     special = e == 255
-    out[special] = 0x7C00 | np.where(m[special] != 0, 0x200, 0)
+    out[special] = 0x7C00 | np.where(m[special] != 0, 0x200 | (m[special] >> 13), 0)  # nan stays quiet
     return (out | sign).astype(np.uint16)
 
 
@@ -63,7 +65,7 @@ def encode(storage: str, seed: int, keys: np.ndarray, stream: int, values: np.nd
     if storage == "float16":
         b = values.astype(np.float32).view(np.uint32).astype(np.uint64)
         finite = ((b >> np.uint64(23)) & np.uint64(0xFF)) != np.uint64(0xFF)
-        b = np.where(finite, b + (bits & np.uint64(0x1FFF)), b)
+        b = np.where(finite, b + (bits >> np.uint64(3)), b)
         halves = half_toward_zero(b.astype(np.uint32))
         out[:, : 2 * dim] = halves.view(np.uint8)
         return out
@@ -72,9 +74,9 @@ def encode(storage: str, seed: int, keys: np.ndarray, stream: int, values: np.nd
     scale = (hi - lo) / np.float32(255.0)
     with np.errstate(divide="ignore"):
         inv = np.where(scale > 0, np.float32(1.0) / scale, np.float32(0.0)).astype(np.float32)
-    u = (bits >> np.uint64(40)).astype(np.float32) * np.float32(1.0 / 16777216.0)
+    u = bits.astype(np.float32) * np.float32(1.0 / 65536.0)
     t = (v - lo[:, None]) * inv[:, None]
-    codes = np.clip(np.floor(t + u), 0, 255).astype(np.uint8)
+    codes = np.minimum(np.floor(t + u), 255).astype(np.uint8)  # t + u >= 0
     header = np.stack([scale, lo], axis=1).astype(np.float32)
     out[:, :8] = header.view(np.uint8)
     out[:, 8 : 8 + dim] = codes
@@ -87,7 +89,10 @@ def decode(storage: str, stored: np.ndarray, dim: int) -> np.ndarray:
     if storage == "float32":
         return stored.view(np.float32)[:, :dim].copy()
     if storage == "float16":
-        return stored[:, : 2 * dim].copy().view(np.float16).astype(np.float32)
+        values = stored[:, : 2 * dim].copy().view(np.float16).astype(np.float32)
+        bits = values.view(np.uint32)
+        bits[np.isnan(values)] |= 0x400000  # nan made quiet
+        return values
     header = stored[:, :8].copy().view(np.float32)
     scale, bias = header[:, 0:1], header[:, 1:2]
     return stored[:, 8 : 8 + dim].astype(np.float32) * scale + bias
