@@ -191,6 +191,49 @@ inline bool cpu_has_f16c() {
 }
 #endif
 
+// The int8 loops, compiled for the baseline and, on x86, also for AVX2 (the same float32 and
+// integer operations, so the same bits; AVX2 only packs and converts wider).
+__attribute__((always_inline)) inline void decode_codes_loop(const uint8_t* q, float scale, float bias, int64_t dim,
+                                                             float* out) {
+  for (int64_t k = 0; k < dim; ++k) out[k] = static_cast<float>(q[k]) * scale + bias;
+}
+
+__attribute__((always_inline)) inline void encode_codes_loop(const float* w, const uint16_t* r, float lo, float inv,
+                                                             int64_t dim, uint8_t* q) {
+  constexpr float kInv16 = 1.0f / 65536.0f;
+  for (int64_t k = 0; k < dim; ++k) {
+    const float v = (w[k] - lo) * inv + static_cast<float>(r[k]) * kInv16;
+    const uint32_t code = static_cast<uint32_t>(static_cast<int32_t>(v));
+    q[k] = static_cast<uint8_t>(select_bits(code > 255u, 255u, code));
+  }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx2"))) inline void decode_codes_avx2(const uint8_t* q, float scale, float bias, int64_t dim,
+                                                              float* out) {
+  decode_codes_loop(q, scale, bias, dim, out);
+}
+
+__attribute__((target("avx2"))) inline void encode_codes_avx2(const float* w, const uint16_t* r, float lo, float inv,
+                                                              int64_t dim, uint8_t* q) {
+  encode_codes_loop(w, r, lo, inv, dim, q);
+}
+#endif
+
+inline void decode_codes(const uint8_t* q, float scale, float bias, int64_t dim, float* out) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (cpu_has_f16c()) return decode_codes_avx2(q, scale, bias, dim, out);
+#endif
+  decode_codes_loop(q, scale, bias, dim, out);
+}
+
+inline void encode_codes(const float* w, const uint16_t* r, float lo, float inv, int64_t dim, uint8_t* q) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (cpu_has_f16c()) return encode_codes_avx2(w, r, lo, inv, dim, q);
+#endif
+  encode_codes_loop(w, r, lo, inv, dim, q);
+}
+
 inline void decode_half(const uint16_t* h, int64_t dim, float* out) {
 #if defined(__x86_64__) && defined(__GNUC__)
   if (cpu_has_f16c()) return decode_half_f16c(h, dim, out);
@@ -210,9 +253,7 @@ inline void decode_value(Storage storage, const float* src, int64_t dim, float* 
   if (storage == Storage::kFloat16) {
     decode_half(reinterpret_cast<const uint16_t*>(src), dim, out);
   } else if (storage == Storage::kInt8) {
-    const float scale = src[0], bias = src[1];
-    const uint8_t* q = reinterpret_cast<const uint8_t*>(src + 2);
-    for (int64_t k = 0; k < dim; ++k) out[k] = static_cast<float>(q[k]) * scale + bias;
+    decode_codes(reinterpret_cast<const uint8_t*>(src + 2), src[0], src[1], dim, out);
   } else {
     std::memcpy(out, src, sizeof(float) * dim);
   }
@@ -235,12 +276,7 @@ inline void encode_value(Storage storage, const float* w, int64_t dim, uint64_t 
     dst[0] = scale;
     dst[1] = lo;
     uint8_t* q = reinterpret_cast<uint8_t*>(dst + 2);
-    constexpr float kInv16 = 1.0f / 65536.0f;
-    for (int64_t k = 0; k < dim; ++k) {
-      const float v = (w[k] - lo) * inv + static_cast<float>(r[k]) * kInv16;
-      const uint32_t code = static_cast<uint32_t>(static_cast<int32_t>(v));
-      q[k] = static_cast<uint8_t>(select_bits(code > 255u, 255u, code));
-    }
+    encode_codes(w, r, lo, inv, dim, q);
     for (int64_t k = dim; k < (dim + 3) / 4 * 4; ++k) q[k] = 0;
   } else {
     std::memcpy(dst, w, sizeof(float) * dim);
