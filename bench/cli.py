@@ -1,4 +1,4 @@
-"""`embps bench {table, ps, snapshot, freshness, data, train, serve, soak, report}`: the benchmarks.
+"""`embps bench {table, ps, snapshot, freshness, data, train, serve, soak, precision, report}`: the benchmarks.
 
 Each sub-verb is an (add_arguments, run) pair in BENCHES; a benchmark module (numpy, torch, grpc) is
 imported by the run that needs it.
@@ -22,6 +22,12 @@ def _add_table(parser: argparse.ArgumentParser) -> None:
         help="keys the growth part fills (call times, readers beside a grower; 0: skip it)",
     )
     parser.add_argument("--growth-dim", type=int, default=8, help="row width of the growth part's table and store")
+    parser.add_argument(
+        "--precision-rows",
+        type=int,
+        default=2_000_000,
+        help="rows of each float32/float16/int8 table of the precision part (0: skip it)",
+    )
     parser.add_argument("--out", default=None, help="write the results as JSON here")
 
 
@@ -35,7 +41,7 @@ def _run_table(args: argparse.Namespace) -> int:
 
     config = TableBenchConfig(
         rows=args.rows, dim=args.dim, batch=args.batch, batches=args.batches, zipf=args.zipf,
-        growth_rows=args.growth_rows, growth_dim=args.growth_dim, out=args.out,
+        growth_rows=args.growth_rows, growth_dim=args.growth_dim, precision_rows=args.precision_rows, out=args.out,
     )
     return run_table_bench(config)
 
@@ -284,6 +290,39 @@ def _run_data(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _add_precision(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--steps", type=int, default=400, help="training steps per run")
+    parser.add_argument("--batch", type=int, default=2048, help="samples per step")
+    parser.add_argument("--dim", type=int, default=16)
+    parser.add_argument("--num-keys", type=int, default=100_000, help="synthetic: distinct keys per feature")
+    parser.add_argument("--lr", type=float, default=0.05, help="row-wise Adagrad learning rate of the table")
+    parser.add_argument("--eval-batches", type=int, default=16, help="held-out batches")
+    parser.add_argument("--data", default="both", choices=["synthetic", "criteo", "both"])
+    parser.add_argument("--criteo-train", nargs="*", default=[], help="Criteo TSV training files (default: written)")
+    parser.add_argument("--criteo-eval", nargs="*", default=[], help="Criteo TSV held-out files")
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+
+
+def _run_precision(args: argparse.Namespace) -> int:
+    from bench.precision_bench import PrecisionBenchConfig, run_precision_bench
+
+    if bool(args.criteo_train) != bool(args.criteo_eval):
+        raise SystemExit("embps bench precision: --criteo-train and --criteo-eval go together")
+    config = PrecisionBenchConfig(
+        steps=args.steps,
+        batch=args.batch,
+        dim=args.dim,
+        num_keys=args.num_keys,
+        lr=args.lr,
+        eval_batches=args.eval_batches,
+        data=args.data,
+        criteo_train=tuple(args.criteo_train),
+        criteo_eval=tuple(args.criteo_eval),
+        out=args.out,
+    )
+    return run_precision_bench(config)
+
+
 class Bench(NamedTuple):
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
@@ -299,6 +338,9 @@ BENCHES: dict[str, Bench] = {
     "train": Bench("training samples/s through the PS vs in process", _add_train, _run_train),
     "serve": Bench("open-loop latency under load: embps serving vs Redis vs in-process lookup", _add_serve, _run_serve),
     "soak": Bench("push cost and shard memory over a long push stream, plotted", _add_soak, _run_soak),
+    "precision": Bench(
+        "eval AUC/logloss of one job trained with float32, float16 and int8 rows", _add_precision, _run_precision
+    ),
     "report": Bench("markdown table of `embps bench ... --out` JSON results", _add_report, _run_report),
 }
 

@@ -4,6 +4,10 @@ a thread that grows the map, the PS table and the serving store.
 
 Each rate is printed next to the raw `torch.index_select` gather of the same rows from a plain
 (rows, dim) tensor, measured in the same run, so the figures carry their own yardstick.
+
+The precision part fills a float32, a float16 and an int8 table (TableConfig.storage) with the
+same rows and reports each one's bytes per row, lookup and row-wise Adagrad rates as ratios to
+the float32 table's, measured in interleaved rounds of the same run.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from bench.keys import ZipfSampler, key_of_rank
 from bench.machine import machine_facts
 from bench.table_growth import GrowthConfig, print_growth, run_growth
 from ps.native import HashMap
-from ps.table.config import OptimizerConfig, OptimizerKind, TableConfig
+from ps.table.config import OptimizerConfig, OptimizerKind, Storage, TableConfig
 from ps.table.embedding_table import EmbeddingTable
 
 
@@ -35,6 +39,7 @@ class TableBenchConfig:
     growth_rows: int = 30_000_000  # keys filled by the growth part (0: skip it)
     growth_dim: int = 8  # row width of the growth part's PS table and serving store
     out: str | None = None
+    precision_rows: int = 2_000_000  # rows of each table of the precision part (0: skip it)
 
 
 def _rate(fn, batches: list[np.ndarray]) -> float:
@@ -133,6 +138,8 @@ def run_table_bench(config: TableBenchConfig) -> int:
             GrowthConfig(rows=config.growth_rows, dim=config.growth_dim, batch=65_536,
                          read_batch=batch, push_batch=batch, checkpoints=checkpoints)
         )
+    if config.precision_rows:
+        results["precision"] = run_precision_part(config)
 
     _print(results)
     if config.out:
@@ -173,3 +180,85 @@ def _print(r: dict) -> None:
         )
     if "growth" in r:
         print_growth(r["growth"])
+    if "precision" in r:
+        _print_precision(r["precision"])
+
+
+PRECISION_ROUNDS = 3  # interleaved rounds per storage and stream: the best round counts
+
+
+def run_precision_part(config: TableBenchConfig) -> dict[str, object]:
+    """Bytes per row and lookup / row-wise Adagrad rates of float32, float16 and int8 tables of
+    config.precision_rows rows each, with ratios to float32. The three tables take turns within
+    each round, so a slower spell of the machine hits them alike; each figure is its best round."""
+    n, dim, batch = config.precision_rows, config.dim, config.batch
+    rng = np.random.default_rng(3)
+    all_keys = key_of_rank(np.arange(n, dtype=np.int64))
+    optimizer = OptimizerConfig(kind=OptimizerKind.ROWWISE_ADAGRAD, lr=0.01)
+    tables = {s: EmbeddingTable(TableConfig(name="bench", dim=dim, optimizer=optimizer, storage=s)) for s in Storage}
+    fill = 1 << 18
+    init_grads = np.random.default_rng(4).normal(size=(fill, dim)).astype(np.float32) * 1e-2
+    with tqdm(total=n * len(tables), desc="fill precision tables", unit="row", unit_scale=True) as progress:
+        for table in tables.values():
+            for i in range(0, n, fill):
+                chunk = all_keys[i : i + fill]
+                table.apply_gradients(chunk, init_grads[: chunk.shape[0]], step=1)
+                progress.update(chunk.shape[0])
+    zipf = ZipfSampler(n, config.zipf, seed=5)
+    grads = np.random.default_rng(6).normal(size=(batch, dim)).astype(np.float32) * 1e-3
+    rates: dict[str, dict[str, dict[str, float]]] = {s: {} for s in tables}
+    total = PRECISION_ROUNDS * 2 * len(tables)
+    with tqdm(total=total, desc="precision rates", unit="run") as progress:
+        for _ in range(PRECISION_ROUNDS):
+            for stream in ("uniform", "zipf"):
+                draw = (lambda: rng.integers(0, n, batch)) if stream == "uniform" else (lambda: zipf.ranks(batch))
+                lookups = [key_of_rank(draw()) for _ in range(config.batches)]
+                updates = [key_of_rank(draw()) for _ in range(config.batches)]
+                for storage, table in tables.items():
+                    best = rates[storage].setdefault(
+                        stream, {"lookup_rows_per_s": 0.0, "rowwise_adagrad_rows_per_s": 0.0}
+                    )
+                    lookup = _rate(table.lookup, lookups)
+
+                    def push(k: np.ndarray, table: EmbeddingTable = table) -> None:
+                        table.apply_gradients(k, grads[: k.shape[0]])
+
+                    update = _rate(push, updates)
+                    best["lookup_rows_per_s"] = max(best["lookup_rows_per_s"], lookup)
+                    best["rowwise_adagrad_rows_per_s"] = max(best["rowwise_adagrad_rows_per_s"], update)
+                    progress.update(1)
+    base = tables[Storage.FLOAT32]
+    out: dict[str, object] = {"rows": n, "dim": dim, "optimizer": "rowwise_adagrad"}
+    for storage, table in tables.items():
+        entry: dict[str, object] = {
+            "row_words": table.width,
+            "bytes_per_row": table.memory_bytes / table.size,
+            "bytes_per_row_vs_float32": table.memory_bytes / base.memory_bytes,
+        }
+        for stream, r in rates[storage].items():
+            f32 = rates[Storage.FLOAT32][stream]
+            entry[stream] = {
+                **r,
+                "lookup_vs_float32": r["lookup_rows_per_s"] / f32["lookup_rows_per_s"],
+                "rowwise_adagrad_vs_float32": r["rowwise_adagrad_rows_per_s"] / f32["rowwise_adagrad_rows_per_s"],
+            }
+        out[str(storage)] = entry
+    return out
+
+
+def _print_precision(p: dict) -> None:
+    m = 1e6
+    print(f"precision: {p['rows']:,} rows x dim {p['dim']}, row-wise Adagrad, best of {PRECISION_ROUNDS} rounds")
+    for storage in Storage:
+        e = p[str(storage)]
+        print(
+            f"  {storage:8s} {e['bytes_per_row']:6.1f} bytes/row ({e['bytes_per_row_vs_float32']:.0%} of float32, "
+            f"{e['row_words']} words a row)"
+        )
+        for stream in ("uniform", "zipf"):
+            s = e[stream]
+            print(
+                f"    {stream:8s} lookup {s['lookup_rows_per_s'] / m:6.2f} M rows/s ({s['lookup_vs_float32']:.2f}x "
+                f"float32) | rowwise adagrad {s['rowwise_adagrad_rows_per_s'] / m:6.2f} M rows/s "
+                f"({s['rowwise_adagrad_vs_float32']:.2f}x float32)"
+            )

@@ -9,9 +9,11 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "flat_hash_map.h"
 #include "hash_map.h"
+#include "row_codec.h"
 #include "row_ops.h"
 
 namespace nb = nanobind;
@@ -37,6 +39,100 @@ embps::BlockStore make_store(const Array<const uint64_t, nb::ndim<1>>& blocks, i
   if (width <= 0) throw std::invalid_argument("row width must be > 0");
   return embps::BlockStore{reinterpret_cast<float* const*>(blocks.data()),
                            static_cast<int64_t>(blocks.shape(0)), shift, width};
+}
+
+// Low-precision rows (row_codec.h): the Storage enum and the kernels that decode, encode and
+// train float16 and int8 values. `words` arrays are (n, value_words) float32 holding raw words.
+void bind_codec(nb::module_& m) {
+  nb::enum_<embps::Storage>(m, "Storage")
+      .value("FLOAT32", embps::Storage::kFloat32)
+      .value("FLOAT16", embps::Storage::kFloat16)
+      .value("INT8", embps::Storage::kInt8);
+
+  m.def("value_words", &embps::value_words, "storage"_a.noconvert(), "dim"_a);
+
+  m.def("decode_words",
+        [](embps::Storage storage, Array<const float, nb::ndim<2>> words, Array<float, nb::ndim<2>> out) {
+          check_same_length("out", out.shape(0), words.shape(0));
+          const int64_t dim = static_cast<int64_t>(out.shape(1));
+          const int64_t width = static_cast<int64_t>(words.shape(1));
+          if (width != embps::value_words(storage, dim)) throw std::invalid_argument("words: wrong width for dim");
+          nb::gil_scoped_release release;
+          for (size_t i = 0; i < words.shape(0); ++i) {
+            embps::decode_value(storage, words.data() + i * width, dim, out.data() + i * dim);
+          }
+        },
+        "storage"_a.noconvert(), "words"_a, "out"_a);
+
+  m.def("encode_words",
+        [](embps::Storage storage, uint64_t seed, Keys keys, uint64_t stream, Array<const float, nb::ndim<2>> values,
+           Array<float, nb::ndim<2>> words) {
+          check_same_length("values", values.shape(0), keys.shape(0));
+          check_same_length("words", words.shape(0), keys.shape(0));
+          const int64_t dim = static_cast<int64_t>(values.shape(1));
+          const int64_t width = static_cast<int64_t>(words.shape(1));
+          if (dim <= 0) throw std::invalid_argument("values: dim must be > 0");
+          if (width != embps::value_words(storage, dim)) throw std::invalid_argument("words: wrong width for dim");
+          nb::gil_scoped_release release;
+          const uint64_t seed_mix = embps::rounding_seed(seed);
+          std::vector<uint16_t> r(static_cast<size_t>(dim + 3));
+          for (size_t i = 0; i < keys.shape(0); ++i) {
+            embps::encode_value(storage, values.data() + i * dim, dim,
+                                embps::rounding_base(seed_mix, keys.data()[i], stream), r.data(),
+                                words.data() + i * width);
+          }
+        },
+        "storage"_a.noconvert(), "seed"_a, "keys"_a, "stream"_a, "values"_a, "words"_a);
+
+  m.def("gather_decode",
+        [](Array<const uint64_t, nb::ndim<1>> blocks, int shift, int64_t width, embps::Storage storage, Keys rows,
+           Array<float, nb::ndim<2>> out) {
+          check_same_length("out", out.shape(0), rows.shape(0));
+          const int64_t dim = static_cast<int64_t>(out.shape(1));
+          if (embps::value_words(storage, dim) > width) throw std::invalid_argument("value wider than the row");
+          const embps::BlockStore store = make_store(blocks, shift, width);
+          nb::gil_scoped_release release;
+          embps::gather_decode(store, storage, dim, rows.data(), static_cast<int64_t>(rows.shape(0)), out.data());
+        },
+        "blocks"_a, "shift"_a, "width"_a, "storage"_a.noconvert(), "rows"_a, "out"_a);
+
+  m.def("encode_scatter",
+        [](Array<const uint64_t, nb::ndim<1>> blocks, int shift, int64_t width, embps::Storage storage, uint64_t seed,
+           Keys keys, Keys rows, Array<const float, nb::ndim<2>> values, uint64_t stream) {
+          check_same_length("rows", rows.shape(0), keys.shape(0));
+          check_same_length("values", values.shape(0), keys.shape(0));
+          const int64_t dim = static_cast<int64_t>(values.shape(1));
+          if (dim <= 0) throw std::invalid_argument("values: dim must be > 0");
+          if (embps::value_words(storage, dim) > width) throw std::invalid_argument("value wider than the row");
+          const embps::BlockStore store = make_store(blocks, shift, width);
+          nb::gil_scoped_release release;
+          embps::encode_scatter(store, storage, dim, seed, keys.data(), rows.data(),
+                                static_cast<int64_t>(rows.shape(0)), values.data(), stream);
+        },
+        "blocks"_a, "shift"_a, "width"_a, "storage"_a.noconvert(), "seed"_a, "keys"_a, "rows"_a, "values"_a,
+        "stream"_a);
+
+  m.def("apply_update_encoded",
+        [](embps::Optimizer optimizer, Array<const double, nb::ndim<1>> hyper, Array<const uint64_t, nb::ndim<1>> blocks,
+           int shift, int64_t width, embps::Storage storage, int64_t dim, int64_t state_width, uint64_t seed, Keys keys,
+           Keys rows, Array<const float, nb::ndim<2>> grads, Keys counts, uint32_t step) {
+          if (hyper.shape(0) < 4) throw std::invalid_argument("hyper-parameters: expected 4 values");
+          if (dim <= 0) throw std::invalid_argument("dim must be > 0");
+          if (embps::value_words(storage, dim) + state_width + 2 != width) {
+            throw std::invalid_argument("width != value words + state_width + 2");
+          }
+          check_same_length("keys", keys.shape(0), rows.shape(0));
+          check_same_length("grads", grads.shape(0), rows.shape(0));
+          check_same_length("counts", counts.shape(0), rows.shape(0));
+          if (static_cast<int64_t>(grads.shape(1)) != dim) throw std::invalid_argument("grads: wrong dim");
+          const embps::BlockStore store = make_store(blocks, shift, width);
+          nb::gil_scoped_release release;
+          embps::apply_update_encoded(optimizer, hyper.data(), store, storage, dim, state_width, seed, keys.data(),
+                                      rows.data(), grads.data(), counts.data(), static_cast<int64_t>(rows.shape(0)),
+                                      step);
+        },
+        "optimizer"_a.noconvert(), "hyper"_a, "blocks"_a, "shift"_a, "width"_a, "storage"_a.noconvert(), "dim"_a,
+        "state_width"_a, "seed"_a, "keys"_a, "rows"_a, "grads"_a, "counts"_a, "step"_a);
 }
 
 }  // namespace
@@ -211,4 +307,6 @@ NB_MODULE(_embps_native, m) {
         },
         "optimizer"_a.noconvert(), "hyper"_a, "blocks"_a, "shift"_a, "width"_a, "dim"_a, "state_width"_a,
         "rows"_a, "grads"_a, "counts"_a, "step"_a);
+
+  bind_codec(m);
 }

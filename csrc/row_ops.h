@@ -138,11 +138,82 @@ inline int64_t dedupe_sum(const int64_t* keys, const float* grads, const int64_t
 
 enum class Optimizer : int { kSgd = 0, kAdagrad = 1, kRowWiseAdagrad = 2, kAdam = 3, kFtrl = 4 };
 
+// One optimizer step on one row: value w (dim), state s, summed gradient g. Hyper-parameters by
+// optimizer: sgd: lr | adagrad: lr, eps | rowwise_adagrad: lr, eps | adam: lr, beta1, beta2, eps |
+// ftrl: alpha, beta, l1, l2. All arithmetic is float32, in the order of the reference in
+// tests/ps/reference_optim.py.
+inline void optimizer_step(Optimizer opt, const double* hp, float* w, float* s, const float* g,
+                           int64_t dim) {
+  switch (opt) {
+    case Optimizer::kSgd: {
+      const float lr = static_cast<float>(hp[0]);
+      for (int64_t k = 0; k < dim; ++k) w[k] -= lr * g[k];
+      break;
+    }
+    case Optimizer::kAdagrad: {
+      const float lr = static_cast<float>(hp[0]), eps = static_cast<float>(hp[1]);
+      for (int64_t k = 0; k < dim; ++k) {
+        s[k] += g[k] * g[k];
+        w[k] -= lr * g[k] / (std::sqrt(s[k]) + eps);
+      }
+      break;
+    }
+    case Optimizer::kRowWiseAdagrad: {
+      const float lr = static_cast<float>(hp[0]), eps = static_cast<float>(hp[1]);
+      float sq = 0.0f;
+      for (int64_t k = 0; k < dim; ++k) sq += g[k] * g[k];
+      s[0] += sq / static_cast<float>(dim);
+      const float mult = lr / (std::sqrt(s[0]) + eps);
+      for (int64_t k = 0; k < dim; ++k) w[k] -= mult * g[k];
+      break;
+    }
+    case Optimizer::kAdam: {
+      const float lr = static_cast<float>(hp[0]), b1 = static_cast<float>(hp[1]);
+      const float b2 = static_cast<float>(hp[2]), eps = static_cast<float>(hp[3]);
+      float* m = s;
+      float* v = s + dim;
+      float& t = s[2 * dim];
+      t += 1.0f;
+      const float bc1 = 1.0f - std::pow(b1, t);
+      const float bc2 = 1.0f - std::pow(b2, t);
+      for (int64_t k = 0; k < dim; ++k) {
+        m[k] = b1 * m[k] + (1.0f - b1) * g[k];
+        v[k] = b2 * v[k] + (1.0f - b2) * g[k] * g[k];
+        w[k] -= lr * (m[k] / bc1) / (std::sqrt(v[k] / bc2) + eps);
+      }
+      break;
+    }
+    case Optimizer::kFtrl: {
+      const float alpha = static_cast<float>(hp[0]), beta = static_cast<float>(hp[1]);
+      const float l1 = static_cast<float>(hp[2]), l2 = static_cast<float>(hp[3]);
+      float* z = s;
+      float* nacc = s + dim;
+      for (int64_t k = 0; k < dim; ++k) {
+        const float n_new = nacc[k] + g[k] * g[k];
+        const float sigma = (std::sqrt(n_new) - std::sqrt(nacc[k])) / alpha;
+        z[k] += g[k] - sigma * w[k];
+        nacc[k] = n_new;
+        if (std::fabs(z[k]) <= l1) {
+          w[k] = 0.0f;
+        } else {
+          const float sign = z[k] > 0.0f ? 1.0f : -1.0f;
+          w[k] = -(z[k] - sign * l1) / ((beta + std::sqrt(n_new)) / alpha + l2);
+        }
+      }
+      break;
+    }
+  }
+}
+
+// freq += count (saturating), last_step = step.
+inline void update_meta(uint32_t* meta_words, int64_t count, uint32_t step) {
+  const uint64_t freq = static_cast<uint64_t>(meta_words[0]) + static_cast<uint64_t>(count);
+  meta_words[0] = freq > 0xFFFFFFFFULL ? 0xFFFFFFFFu : static_cast<uint32_t>(freq);
+  meta_words[1] = step;
+}
+
 // Applies one optimizer step to each of the u unique rows with its summed gradient, then
-// freq += counts[i] (saturating) and last_step = step. Hyper-parameters by optimizer:
-//   sgd: lr | adagrad: lr, eps | rowwise_adagrad: lr, eps | adam: lr, beta1, beta2, eps |
-//   ftrl: alpha, beta, l1, l2
-// All arithmetic is float32, in the order of the reference in tests/ps/reference_optim.py.
+// freq += counts[i] (saturating) and last_step = step.
 inline void apply_update(Optimizer opt, const double* hp, const BlockStore& store, int64_t dim,
                          int64_t state_width, const int64_t* rows, const float* grads,
                          const int64_t* counts, int64_t u, uint32_t step) {
@@ -152,71 +223,8 @@ inline void apply_update(Optimizer opt, const double* hp, const BlockStore& stor
   for (int64_t i = 0; i < u; ++i) {
     if (i + kAhead < u) prefetch_words(store.row(rows[i + kAhead]), meta + 2, 1);
     float* w = store.row(rows[i]);
-    float* s = w + dim;
-    const float* g = grads + i * dim;
-    switch (opt) {
-      case Optimizer::kSgd: {
-        const float lr = static_cast<float>(hp[0]);
-        for (int64_t k = 0; k < dim; ++k) w[k] -= lr * g[k];
-        break;
-      }
-      case Optimizer::kAdagrad: {
-        const float lr = static_cast<float>(hp[0]), eps = static_cast<float>(hp[1]);
-        for (int64_t k = 0; k < dim; ++k) {
-          s[k] += g[k] * g[k];
-          w[k] -= lr * g[k] / (std::sqrt(s[k]) + eps);
-        }
-        break;
-      }
-      case Optimizer::kRowWiseAdagrad: {
-        const float lr = static_cast<float>(hp[0]), eps = static_cast<float>(hp[1]);
-        float sq = 0.0f;
-        for (int64_t k = 0; k < dim; ++k) sq += g[k] * g[k];
-        s[0] += sq / static_cast<float>(dim);
-        const float mult = lr / (std::sqrt(s[0]) + eps);
-        for (int64_t k = 0; k < dim; ++k) w[k] -= mult * g[k];
-        break;
-      }
-      case Optimizer::kAdam: {
-        const float lr = static_cast<float>(hp[0]), b1 = static_cast<float>(hp[1]);
-        const float b2 = static_cast<float>(hp[2]), eps = static_cast<float>(hp[3]);
-        float* m = s;
-        float* v = s + dim;
-        float& t = s[2 * dim];
-        t += 1.0f;
-        const float bc1 = 1.0f - std::pow(b1, t);
-        const float bc2 = 1.0f - std::pow(b2, t);
-        for (int64_t k = 0; k < dim; ++k) {
-          m[k] = b1 * m[k] + (1.0f - b1) * g[k];
-          v[k] = b2 * v[k] + (1.0f - b2) * g[k] * g[k];
-          w[k] -= lr * (m[k] / bc1) / (std::sqrt(v[k] / bc2) + eps);
-        }
-        break;
-      }
-      case Optimizer::kFtrl: {
-        const float alpha = static_cast<float>(hp[0]), beta = static_cast<float>(hp[1]);
-        const float l1 = static_cast<float>(hp[2]), l2 = static_cast<float>(hp[3]);
-        float* z = s;
-        float* nacc = s + dim;
-        for (int64_t k = 0; k < dim; ++k) {
-          const float n_new = nacc[k] + g[k] * g[k];
-          const float sigma = (std::sqrt(n_new) - std::sqrt(nacc[k])) / alpha;
-          z[k] += g[k] - sigma * w[k];
-          nacc[k] = n_new;
-          if (std::fabs(z[k]) <= l1) {
-            w[k] = 0.0f;
-          } else {
-            const float sign = z[k] > 0.0f ? 1.0f : -1.0f;
-            w[k] = -(z[k] - sign * l1) / ((beta + std::sqrt(n_new)) / alpha + l2);
-          }
-        }
-        break;
-      }
-    }
-    uint32_t* meta_words = reinterpret_cast<uint32_t*>(w + meta);
-    const uint64_t freq = static_cast<uint64_t>(meta_words[0]) + static_cast<uint64_t>(counts[i]);
-    meta_words[0] = freq > 0xFFFFFFFFULL ? 0xFFFFFFFFu : static_cast<uint32_t>(freq);
-    meta_words[1] = step;
+    optimizer_step(opt, hp, w, w + dim, grads + i * dim, dim);
+    update_meta(reinterpret_cast<uint32_t*>(w + meta), counts[i], step);
   }
 }
 

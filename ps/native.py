@@ -189,3 +189,30 @@ def dedupe_sum(
 gather = _native.gather
 scatter = _native.scatter
 apply_update = _native.apply_update
+
+
+Storage = _native.Storage
+value_words = _native.value_words
+gather_decode = _native.gather_decode
+encode_scatter = _native.encode_scatter
+apply_update_encoded = _native.apply_update_encoded
+
+
+def decode_words(storage: Enum, words: np.ndarray, dim: int) -> np.ndarray:
+    """Raw value words (n, value_words) float32 of `storage` (a config Storage, mapped by name)
+    -> values (n, dim) float32 (format in csrc/row_codec.h)."""
+    words = np.ascontiguousarray(words, dtype=np.float32)
+    out = np.empty((words.shape[0], dim), dtype=np.float32)
+    _native.decode_words(native_enum(Storage, storage), words, out)
+    return out
+
+
+def encode_words(storage: Enum, seed: int, keys: np.ndarray, stream: int, values: np.ndarray) -> np.ndarray:
+    """values (n, dim) float32 of keys (n,) -> raw value words (n, value_words) float32, rounded
+    stochastically with the bits of (seed, key, stream) (csrc/row_codec.h)."""
+    keys = as_keys(keys)
+    native_storage = native_enum(Storage, storage)
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    words = np.empty((keys.shape[0], value_words(native_storage, values.shape[1])), dtype=np.float32)
+    _native.encode_words(native_storage, seed & 0xFFFFFFFFFFFFFFFF, keys, stream, values, words)
+    return words

@@ -7,7 +7,8 @@
     tables = ["user"]              # tables to serve (default: every table of the job)
     default = "zeros"              # row of a key without a row: "zeros" or "init" (the table's
                                    # deterministic init, as the PS would return it)
-    storage_dtype = "float32"      # "float16" halves memory; lookups may still reply in float32
+    storage_dtype = "float32"      # "float16" halves memory, "int8" (row-wise) about quarters it;
+                                   # lookups may still reply in float32
     stale_after_seconds = 2.0      # a shard silent this long is stale (health, metrics)
     max_queue = 256                # the most Lookups admitted and not yet answered: one more is
                                    # answered RESOURCE_EXHAUSTED at once, unparsed (load shedding,
@@ -51,6 +52,7 @@ class DefaultRow(StrEnum):
 class StorageDType(StrEnum):
     FLOAT32 = "float32"
     FLOAT16 = "float16"
+    INT8 = "int8"  # row-wise: uint8 codes + float32 scale and bias per row (csrc/row_codec.h)
 
 
 @dataclass(frozen=True)

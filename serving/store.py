@@ -5,9 +5,11 @@ blocks, readable while they are written.
       shards[0] = ShardRows ──HashMap──> slot ──RowStore──> words (slot, width)     version, incarnation
       shards[1] = ShardRows ...
 
-A row is `width` 4-byte words: float32 values (width = dim) or float16 values packed two per
-word (width = ceil(dim / 2)), kept in the PS table's block store (ps/table/row_store.py, on the
-CPU: numpy blocks and the C++ gather/scatter, no torch), which copies words and never looks at them.
+A row is `width` 4-byte words: float32 values (width = dim), float16 values packed two per
+word (width = ceil(dim / 2)) or row-wise int8 (width = 2 + ceil(dim / 4): scale, bias, codes; the
+PS table's int8 format, csrc/row_codec.h, rounded stochastically from (key, SERVING_STREAM)),
+kept in the PS table's block store (ps/table/row_store.py, on the CPU: numpy blocks and the C++
+gather/scatter, no torch), which copies words and never looks at them.
 
 Never half-written: the map and the blocks of one ShardRows change only under its lock, and a
 lookup does its find and its gather in one hold of the same lock (both C++ calls release the GIL
@@ -26,13 +28,14 @@ import numpy as np
 
 from ps import native
 from ps.sharding import ShardMap
-from ps.table.config import TableConfig
+from ps.table.config import Storage, TableConfig
 from ps.table.init import init_values
 from ps.table.row_store import RowStore
 from serving.config import DefaultRow, StorageDType
 
 BLOCK_SHIFT = 14  # 16k rows per block (the PS table's are 64k): growth allocates a block, never copies
 MAX_ROWS_PER_HOLD = 8192  # rows written per lock hold (~0.2 ms at dim 64)
+SERVING_STREAM = 2**33  # rounding stream of int8 rows a replica encodes (the PS uses steps < 2^33)
 
 
 def _hand_over() -> None:
@@ -56,6 +59,8 @@ class ShardRows:
         self.dim = dim
         self.dtype = StorageDType(dtype)
         self.width = dim if self.dtype == StorageDType.FLOAT32 else (dim + 1) // 2
+        if self.dtype == StorageDType.INT8:
+            self.width = native.value_words(native.Storage.INT8, dim)
         self.version = version
         self.incarnation = incarnation
         self._map = native.HashMap()
@@ -70,11 +75,16 @@ class ShardRows:
     def memory_bytes(self) -> int:
         return self._map.memory_bytes + self._store.memory_bytes
 
-    def encode(self, values: np.ndarray) -> np.ndarray:
-        """values (n, dim) float32 -> words (n, width) float32 in this store's layout."""
+    def encode(self, values: np.ndarray, keys: np.ndarray | None = None) -> np.ndarray:
+        """values (n, dim) float32 -> words (n, width) float32 in this store's layout; int8 rows
+        need their keys (n,) int64 (the rounding draws are a function of the key)."""
         values = np.asarray(values)
         if values.ndim != 2 or values.shape[1] != self.dim:
             raise ValueError(f"values: expected shape (n, {self.dim}), got {values.shape}")
+        if self.dtype == StorageDType.INT8:
+            if keys is None or keys.shape[0] != values.shape[0]:
+                raise ValueError("keys: int8 rows are encoded with their keys, one per value row")
+            return native.encode_words(Storage.INT8, 0, keys, SERVING_STREAM, values.astype(np.float32, copy=False))
         if self.dtype == StorageDType.FLOAT32:
             return np.ascontiguousarray(values, dtype=np.float32)
         half = np.zeros((values.shape[0], 2 * self.width), dtype=np.float16)
@@ -85,13 +95,18 @@ class ShardRows:
         """words (n, width) -> values (n, dim) in dtype (float32 or float16)."""
         if self.dtype == StorageDType.FLOAT32:
             return words if dtype == np.float32 else words.astype(dtype)
+        if self.dtype == StorageDType.INT8:
+            values = native.decode_words(Storage.INT8, words, self.dim)
+            return values if dtype == np.float32 else values.astype(dtype)
         half = words.view(np.float16)[:, : self.dim]
         return np.ascontiguousarray(half) if dtype == np.float16 else half.astype(dtype)
 
     def upsert(self, keys: np.ndarray, values: np.ndarray) -> None:
         """Inserts or overwrites the rows of keys (n,) int64 unique with values (n, dim) float32."""
         keys = native.as_keys(keys)
-        words = self.encode(values)
+        if np.asarray(values).shape[0] != keys.shape[0]:
+            raise ValueError(f"values: {np.asarray(values).shape[0]} rows for {keys.shape[0]} keys")
+        words = self.encode(values, keys)
         if words.shape[0] != keys.shape[0]:
             raise ValueError(f"values: {words.shape[0]} rows for {keys.shape[0]} keys")
         for start in range(0, keys.shape[0], MAX_ROWS_PER_HOLD):

@@ -48,6 +48,13 @@ class ShardMetrics:
             ["table", "shard"],
             registry=r,
         )
+        self.row_bytes = Gauge(
+            "embps_table_row_bytes",
+            "Bytes one row takes in the row blocks: value in the table's storage (float32, float16, int8 "
+            "with scale and bias), optimizer state, metadata",
+            ["table", "shard"],
+            registry=r,
+        )
         self.pending = Gauge(
             "embps_table_pending_keys", "Keys counted while they wait for admission", ["table", "shard"], registry=r
         )
@@ -93,6 +100,7 @@ class ShardMetrics:
         name = table.name
         self.rows.labels(name, self.shard).set(table.size)
         self.memory.labels(name, self.shard).set(table.memory_bytes + other_bytes)
+        self.row_bytes.labels(name, self.shard).set(4 * table.width)
         self.version.labels(name, self.shard).set(table.version)
         self.pending.labels(name, self.shard).set(table.num_pending)
         evicted, admitted, dropped = self._seen.get(name, (0, 0, 0))

@@ -11,7 +11,10 @@ Rows file, one row per key, sorted by key:
     key int64 | value fixed_size_list<float32>[dim] | optimizer_state fixed_size_list<float32>[w]
     | freq uint32 | last_step uint32
 w = the optimizer's state width; the column is absent when w = 0 (sgd: Arrow has no 0-wide
-lists). An export holds key and value only, value float32 or float16.
+lists). A float16 or int8 table (TableConfig.storage) stores its rows as they are kept, bit for
+bit: `value_encoded fixed_size_list<uint8>[4 * value_words]` (csrc/row_codec.h) replaces `value`,
+and the schema metadata embps.storage names the storage. An export holds key and value only,
+value float32 or float16.
 Pending file: key int64 | count uint32 | last_step uint32. Deleted file: key int64.
 Every file's schema metadata: embps.format_version, embps.job, embps.snapshot_step,
 embps.kind, embps.table, embps.shard, embps.table_version, embps.table_step.
@@ -45,6 +48,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from ps import native
 from ps.snapshot import storage
 from ps.snapshot.manifest import (
     FORMAT_VERSION,
@@ -62,7 +66,7 @@ from ps.snapshot.manifest import (
     check_step,
 )
 from ps.snapshot.storage import StorageConfig
-from ps.table.config import TableConfig
+from ps.table.config import Storage, TableConfig
 from ps.table.state import TableState
 
 __all__ = [
@@ -227,10 +231,12 @@ class SnapshotWriter:
         if deleted.shape[0] and np.intersect1d(deleted, state.keys).shape[0]:
             raise ValueError("deleted_keys: a key cannot be both deleted and written by one snapshot")
         meta = self._metadata(table, shard, state.version, state.step)
-        columns = {
-            "key": pa.array(state.keys, pa.int64()),
-            "value": _fixed_list(state.values.astype(np.float32, copy=False)),
-        }
+        columns = {"key": pa.array(state.keys, pa.int64())}
+        if state.encoded is not None:
+            columns["value_encoded"] = _fixed_list(state.encoded)
+            meta[b"embps.storage"] = state.storage.encode()
+        else:
+            columns["value"] = _fixed_list(state.values.astype(np.float32, copy=False))
         if width:
             columns["optimizer_state"] = _fixed_list(state.optimizer_state.astype(np.float32, copy=False))
         columns["freq"] = pa.array(state.freq, pa.uint32())
@@ -537,9 +543,23 @@ class Snapshot:
         deleted = np.empty(0, dtype=np.int64)
         if self.manifest.kind == SnapshotKind.INCREMENTAL:
             deleted = self._parquet(s.files[2]).column("key").to_numpy().astype(np.int64, copy=False)
+        row_storage, encoded = "float32", None
+        if "value_encoded" in rows.column_names:
+            row_storage = meta.get(b"embps.storage", b"").decode()
+            if row_storage not in ("float16", "int8"):
+                raise SnapshotCorruptError(f"{table} shard {shard}: encoded rows of unknown storage {row_storage!r}")
+            width = rows.schema.field("value_encoded").type.list_size
+            if width != 4 * native.value_words(native.native_enum(native.Storage, Storage(row_storage)), t.dim):
+                raise SnapshotCorruptError(
+                    f"{table} shard {shard}: {row_storage} rows of {width} bytes for dim {t.dim}"
+                )
+            encoded = np.ascontiguousarray(_from_fixed_list(rows.column("value_encoded"), n, width, np.uint8))
+            values = native.decode_words(Storage(row_storage), encoded.view(np.float32), t.dim)
+        else:
+            values = _from_fixed_list(rows.column("value"), n, t.dim, np.float32)
         state = TableState(
             keys=rows.column("key").to_numpy().astype(np.int64, copy=False),
-            values=_from_fixed_list(rows.column("value"), n, t.dim, np.float32),
+            values=values,
             optimizer_state=(
                 _from_fixed_list(rows.column("optimizer_state"), n, t.state_width, np.float32)
                 if t.state_width
@@ -552,6 +572,8 @@ class Snapshot:
             pending_last_step=pending.column("last_step").to_numpy().astype(np.uint32, copy=False),
             version=version,
             step=step,
+            storage=row_storage,
+            encoded=encoded,
         )
         return ShardState(state, deleted)
 
@@ -601,6 +623,8 @@ def apply_delta(base: TableState, delta: TableState, deleted_keys: np.ndarray) -
             f"delta: rows of width {delta.values.shape[1]}+{delta.optimizer_state.shape[1]} on a base of "
             f"{base.values.shape[1]}+{base.optimizer_state.shape[1]} (dim + optimizer state)"
         )
+    if base.storage != delta.storage:
+        raise SnapshotError(f"delta: {delta.storage} rows on a base of {base.storage} rows")
     keep = ~np.isin(base.keys, np.concatenate([deleted_keys, delta.keys]))
     keys = np.concatenate([base.keys[keep], delta.keys])
     order = np.argsort(keys, kind="stable")
@@ -619,6 +643,8 @@ def apply_delta(base: TableState, delta: TableState, deleted_keys: np.ndarray) -
         pending_last_step=delta.pending_last_step,
         version=delta.version,
         step=delta.step,
+        storage=delta.storage,
+        encoded=merged("encoded") if base.encoded is not None and delta.encoded is not None else None,
     )
 
 

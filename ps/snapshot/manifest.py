@@ -21,6 +21,7 @@ from ps.table.config import (
     Initializer,
     OptimizerConfig,
     OptimizerKind,
+    Storage,
     TableConfig,
 )
 
@@ -86,6 +87,7 @@ class TableEntry:
                 **{
                     **c,
                     "initializer": Initializer(c["initializer"]),
+                    "storage": Storage(c.get("storage", "float32")),
                     "optimizer": OptimizerConfig(**{**c["optimizer"], "kind": OptimizerKind(c["optimizer"]["kind"])}),
                     "admission": AdmissionConfig(**{**c["admission"], "kind": AdmissionKind(c["admission"]["kind"])}),
                     "eviction": EvictionConfig(**{**c["eviction"], "policy": EvictionPolicy(c["eviction"]["policy"])}),

@@ -25,6 +25,14 @@ class OptimizerKind(StrEnum):
     FTRL = "ftrl"
 
 
+class Storage(StrEnum):
+    """How a row's value is stored (csrc/row_codec.h has the exact formats)."""
+
+    FLOAT32 = "float32"
+    FLOAT16 = "float16"  # IEEE half, two per word
+    INT8 = "int8"  # row-wise: uint8 codes + float32 scale and bias per row (fbgemm's layout)
+
+
 class AdmissionKind(StrEnum):
     NONE = "none"  # every key gets a row on its first push
     COUNT = "count"  # a key gets a row once pushed `min_count` times
@@ -88,7 +96,11 @@ class TableConfig:
 
     name: table name, [A-Za-z0-9_.-]+.
     dim: embedding width, > 0.
-    dtype: row storage type; float32 only (others are refused, not emulated).
+    dtype: the type values travel and compute in; float32 only (others are refused).
+    storage: how the table keeps its row values: "float32", "float16" or "int8" (row-wise, with a
+      float32 scale and bias per row). Lookups decode to float32; an update decodes, runs the
+      optimizer in float32 (its state stays float32) and encodes with stochastic rounding whose
+      bits are a pure function of (seed, key, step). float16 and int8 need device "cpu".
     initializer, init_scale, seed: a new row's value is a pure function of (seed, key).
     capacity: maximum rows on one shard (None: bounded only by memory, at most 2^32 - 1).
     expected_rows: rows one shard is expected to reach (None: no hint). The key->row map is sized
@@ -100,6 +112,7 @@ class TableConfig:
     name: str
     dim: int
     dtype: str = "float32"
+    storage: Storage = Storage.FLOAT32
     initializer: Initializer = Initializer.UNIFORM
     init_scale: float = 0.01
     seed: int = 0
@@ -120,6 +133,7 @@ class TableConfig:
         _check_int(f"{p}.dim", self.dim, low=1, high=65536)
         if self.dtype != "float32":
             raise ValueError(f"{p}.dtype: only 'float32' rows are supported, got {self.dtype!r}")
+        _check_enum(f"{p}.storage", self.storage, Storage)
         _check_enum(f"{p}.initializer", self.initializer, Initializer)
         _check_float(f"{p}.init_scale", self.init_scale, low=0.0)
         _check_int(f"{p}.seed", self.seed, low=0, high=2**64 - 1)
@@ -129,6 +143,8 @@ class TableConfig:
             _check_int(f"{p}.expected_rows", self.expected_rows, low=1, high=2**32 - 2)
         if not isinstance(self.device, str) or not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"{p}.device: must be 'cpu' or 'cuda[:index]', got {self.device!r}")
+        if self.storage != Storage.FLOAT32 and self.device != "cpu":
+            raise ValueError(f"{p}.storage: '{self.storage}' rows need device 'cpu', got {self.device!r}")
         o = self.optimizer
         _check_enum(f"{p}.optimizer.kind", o.kind, OptimizerKind)
         _check_float(f"{p}.optimizer.lr", o.lr, low=0.0, strict=True)

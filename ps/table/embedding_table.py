@@ -1,7 +1,11 @@
 """EmbeddingTable: hash-keyed rows with a sparse optimizer, admission and eviction.
 
     keys (n,) int64 ──HashMap──> rows (n,) int64 ──RowStore──> words (n, width) float32
-    width = dim (value) + optimizer state + 2 metadata words (freq, last_step as uint32)
+    width = value words + optimizer state + 2 metadata words (freq, last_step as uint32)
+    value words = dim (float32 storage), ceil(dim / 2) (float16), 2 + ceil(dim / 4) (int8)
+
+float16 and int8 rows (config.storage) are decoded to float32 for lookups and updates and encoded
+back with deterministic stochastic rounding (csrc/row_codec.h); the optimizer state stays float32.
 
 A key's row appears on its first admitted push with the value init(seed, key); until then, and
 for keys never pushed, `lookup` returns init(seed, key) computed on the fly, so lookups never
@@ -19,13 +23,14 @@ import torch
 from ps import native
 from ps.errors import CapacityError
 from ps.table import optimizers
-from ps.table.config import AdmissionKind, EvictionPolicy, TableConfig
+from ps.table.config import AdmissionKind, EvictionPolicy, Storage, TableConfig
 from ps.table.init import init_values
 from ps.table.row_store import BLOCK_SHIFT, RowStore
 from ps.table.state import TableChanges, TableState
 
 _ADMISSION_SALT = 0x41444D4954  # separates admission coin flips from init values
 _MAX_STEP = 2**32 - 1
+_INIT_STREAM = 2**32  # rounding stream of a new row's initial value: 2^32 + step (updates: step)
 _EVICTION_SLACK = 64  # a full table frees need + capacity/64 rows, so the scan is amortised
 # Up to this many rows, eviction and TTL sweeps read the whole table (exact order, < ~1 ms).
 # Above it they never do: capacity eviction picks the oldest of a random sample of rows (as
@@ -112,12 +117,18 @@ class EmbeddingTable:
         self.config = config.validate()
         self.dim = config.dim
         self.state_width = optimizers.state_width(config.optimizer.kind, config.dim)
-        self.meta_col = self.dim + self.state_width
+        self.storage = Storage(config.storage)
+        self._encoded = self.storage != Storage.FLOAT32
+        self._native_storage = native.native_enum(native.Storage, self.storage)
+        self.value_words = native.value_words(self._native_storage, self.dim)
+        self.meta_col = self.value_words + self.state_width
         self.width = self.meta_col + 2
         if kernels not in ("auto", "native", "torch"):
             raise ValueError(f"kernels: must be 'auto', 'native' or 'torch', got {kernels!r}")
         if kernels == "native" and config.device != "cpu":
             raise ValueError("kernels: 'native' needs device 'cpu'")
+        if kernels == "torch" and self._encoded:
+            raise ValueError(f"kernels: 'torch' has no {self.storage} rows (they run in the C++ kernels)")
         self._store = RowStore(self.width, config.device, block_shift)
         self._use_native = self._store.native and kernels != "torch"
         self._map = native.HashMap()
@@ -229,7 +240,11 @@ class EmbeddingTable:
         rows = self._map.find(keys)
         # No zero fill: gather writes every found row and the init fills every missing one.
         out = torch.empty((keys.shape[0], self.dim), dtype=torch.float32, device=self._store.device)
-        self._store.gather(rows, 0, self.dim, out.numpy() if self._store.native else out)
+        if self._encoded:
+            s = self._store
+            native.gather_decode(s.block_addresses, s.block_shift, self.width, self._native_storage, rows, out.numpy())
+        else:
+            self._store.gather(rows, 0, self.dim, out.numpy() if self._store.native else out)
         missing = rows < 0
         if missing.any():
             init = torch.from_numpy(self.init_values(keys[missing])).to(out.device)
@@ -273,9 +288,9 @@ class EmbeddingTable:
             self._store.ensure_rows(self._map.num_rows)
             if inserted.any():
                 new_keys = unique_keys[inserted]
-                self._write_new_rows(new_keys, rows[inserted], np.zeros(new_keys.shape[0], np.uint32))
+                self._write_new_rows(new_keys, rows[inserted], np.zeros(new_keys.shape[0], np.uint32), step)
                 self.num_admitted += new_keys.shape[0]
-            self._update(rows, sums, sightings, step)
+            self._update(unique_keys, rows, sums, sightings, step)
             return self._finish(step, unique_keys, int(inserted.sum()), np.empty(0, dtype=np.int64))
 
         rows = self._map.find(unique_keys)
@@ -295,10 +310,10 @@ class EmbeddingTable:
             admitted_pending = pending_rows[admit_new]
             has_pending = admitted_pending >= 0
             new_freq[has_pending] = pending_before[admit_new][has_pending]
-            self._write_new_rows(apply_keys[inserted], rows[inserted], new_freq)
+            self._write_new_rows(apply_keys[inserted], rows[inserted], new_freq, step)
             self._erase_pending(unique_keys[is_new][admit_new][has_pending])
             self.num_admitted += int(inserted.sum())
-        self._update(rows, sums[apply_mask], sightings[apply_mask], step)
+        self._update(apply_keys, rows, sums[apply_mask], sightings[apply_mask], step)
         self._count_pending(unique_keys[is_new][~admit_new], sightings[is_new][~admit_new], step)
         return self._finish(step, apply_keys, int(inserted.sum()), evicted)
 
@@ -383,13 +398,18 @@ class EmbeddingTable:
         keys, rows = keys[order], rows[order]
         words = self._store.gather_host(rows, 0, self.width)
         meta = words[:, self.meta_col :].view(np.uint32)
+        encoded = values = None
+        if self._encoded:
+            value_words = np.ascontiguousarray(words[:, : self.value_words])
+            values = native.decode_words(self.storage, value_words, self.dim)
+            encoded = value_words.view(np.uint8)
         pkeys, prows = self._pending.export()
         porder = np.argsort(pkeys, kind="stable")
         pkeys, prows = pkeys[porder], prows[porder]
         return TableState(
             keys=keys,
-            values=np.ascontiguousarray(words[:, : self.dim]),
-            optimizer_state=np.ascontiguousarray(words[:, self.dim : self.meta_col]),
+            values=values if values is not None else np.ascontiguousarray(words[:, : self.dim]),
+            optimizer_state=np.ascontiguousarray(words[:, self.value_words : self.meta_col]),
             freq=np.ascontiguousarray(meta[:, 0]),
             last_step=np.ascontiguousarray(meta[:, 1]),
             pending_keys=pkeys,
@@ -397,6 +417,8 @@ class EmbeddingTable:
             pending_last_step=self._pending_meta[prows, 1].copy(),
             version=self.version,
             step=self.step,
+            storage=str(self.storage),
+            encoded=encoded,
         )
 
     def load(self, state: TableState) -> None:
@@ -454,6 +476,14 @@ class EmbeddingTable:
             if not isinstance(array, np.ndarray) or array.shape != shape or array.dtype != dtype:
                 got = f"{array.shape} {array.dtype}" if isinstance(array, np.ndarray) else type(array).__name__
                 raise ValueError(f"state.{name}: expected shape {shape} {np.dtype(dtype)}, got {got}")
+        if state.encoded is not None:
+            e = state.encoded
+            width = native.value_words(native.native_enum(native.Storage, Storage(state.storage)), self.dim) * 4
+            if not isinstance(e, np.ndarray) or e.shape != (u, width) or e.dtype != np.uint8:
+                got = f"{e.shape} {e.dtype}" if isinstance(e, np.ndarray) else type(e).__name__
+                raise ValueError(
+                    f"state.encoded: expected shape {(u, width)} uint8 for {state.storage} rows, got {got}"
+                )
         if np.unique(state.keys).shape[0] != u:
             raise ValueError("state.keys: keys must be unique")
 
@@ -463,8 +493,16 @@ class EmbeddingTable:
         self._store.ensure_rows(self._map.num_rows)
         self._index_rows(state.keys, rows)
         words = np.empty((u, self.width), dtype=np.float32)
-        words[:, : self.dim] = state.values
-        words[:, self.dim : self.meta_col] = state.optimizer_state
+        if not self._encoded:
+            words[:, : self.dim] = state.values
+        elif state.encoded is not None and Storage(state.storage) == self.storage:
+            words[:, : self.value_words] = np.ascontiguousarray(state.encoded).view(np.float32)
+        else:  # another storage's rows: encode their float32 values
+            stream = _INIT_STREAM + int(state.step)
+            words[:, : self.value_words] = native.encode_words(
+                self.storage, self.config.seed, state.keys, stream, state.values
+            )
+        words[:, self.value_words : self.meta_col] = state.optimizer_state
         meta = words[:, self.meta_col :].view(np.uint32)
         meta[:, 0] = state.freq
         meta[:, 1] = state.last_step
@@ -613,18 +651,46 @@ class EmbeddingTable:
         """rows (n,) -> (n, 2) uint32 [freq, last_step]."""
         return self._store.gather_host(rows, self.meta_col, 2).view(np.uint32)
 
-    def _write_new_rows(self, keys: np.ndarray, rows: np.ndarray, freq: np.ndarray) -> None:
+    def _write_new_rows(self, keys: np.ndarray, rows: np.ndarray, freq: np.ndarray, step: int) -> None:
+        """New rows of keys at rows: init value (encoded with rounding stream 2^32 + step, which
+        is shard independent), initial optimizer state, freq, last_step = the table's step."""
         words = np.zeros((keys.shape[0], self.width), dtype=np.float32)
-        words[:, : self.dim] = self.init_values(keys)
-        words[:, self.dim : self.meta_col] = optimizers.initial_state(self.config.optimizer, keys.shape[0], self.dim)
+        if self._encoded:
+            stream = _INIT_STREAM + step
+            words[:, : self.value_words] = native.encode_words(
+                self.storage, self.config.seed, keys, stream, self.init_values(keys)
+            )
+        else:
+            words[:, : self.dim] = self.init_values(keys)
+        state = optimizers.initial_state(self.config.optimizer, keys.shape[0], self.dim)
+        words[:, self.value_words : self.meta_col] = state
         meta = words[:, self.meta_col :].view(np.uint32)
         meta[:, 0] = freq
         meta[:, 1] = self.step
         self._store.scatter(rows, 0, words)
         self._index_rows(keys, rows)
 
-    def _update(self, rows: np.ndarray, sums: np.ndarray, sightings: np.ndarray, step: int) -> None:
+    def _update(self, keys: np.ndarray, rows: np.ndarray, sums: np.ndarray, sightings: np.ndarray, step: int) -> None:
+        """One optimizer step on rows (u,) of keys (u,) with their summed gradients (u, dim)."""
         if rows.shape[0] == 0:
+            return
+        if self._encoded:
+            native.apply_update_encoded(
+                self._native_optimizer,
+                self._hyper,
+                self._store.block_addresses,
+                self._store.block_shift,
+                self.width,
+                self._native_storage,
+                self.dim,
+                self.state_width,
+                self.config.seed & 0xFFFFFFFFFFFFFFFF,
+                keys,
+                rows,
+                sums,
+                sightings,
+                step,
+            )
             return
         if self._use_native:
             native.apply_update(

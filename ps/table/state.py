@@ -19,6 +19,9 @@ class TableState:
     freq (u,) uint32 pushes seen; last_step (u,) uint32 step of the last push;
     pending_keys (p,) int64; pending_counts (p,) uint32; pending_last_step (p,) uint32;
     version: pushes applied; step: the largest step pushed.
+    storage: the table's row storage ("float32", "float16", "int8"); for float16 and int8,
+    encoded (u, 4 * value_words) uint8 holds each row's value as stored (csrc/row_codec.h) and
+    `values` its float32 decoding; a table of the same storage loads `encoded` bit for bit.
     """
 
     keys: np.ndarray
@@ -31,6 +34,8 @@ class TableState:
     pending_last_step: np.ndarray
     version: int = 0
     step: int = 0
+    storage: str = "float32"
+    encoded: np.ndarray | None = None
 
 
 @dataclass

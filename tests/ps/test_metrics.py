@@ -14,11 +14,12 @@ from tests.helpers.processes import ShardCluster, make_job
 USER = TableConfig("user", dim=4)
 LRU = TableConfig("lru", dim=2, capacity=64, eviction=EvictionConfig(policy=EvictionPolicy.LRU))
 ADMIT = TableConfig("admit", dim=2, admission=AdmissionConfig(AdmissionKind.COUNT, min_count=2, max_pending=16))
+INT8 = TableConfig("int8", dim=64, storage="int8")
 
 
 @pytest.fixture(scope="module")
 def scrape(tmp_path_factory):
-    with ShardCluster.start(make_job([USER, LRU, ADMIT]), tmp_path_factory.mktemp("metrics")) as cluster:
+    with ShardCluster.start(make_job([USER, LRU, ADMIT, INT8]), tmp_path_factory.mktemp("metrics")) as cluster:
         with PSClient.from_job(cluster.job) as client:
             for _ in range(3):
                 client.lookup("user", np.arange(10, dtype=np.int64))
@@ -27,6 +28,13 @@ def scrape(tmp_path_factory):
                 keys = np.arange(start, start + 40, dtype=np.int64)
                 client.push("lru", keys, np.ones((40, 2), dtype=np.float32))
             client.push("admit", np.arange(40, dtype=np.int64), np.ones((40, 2), dtype=np.float32))
+            grads = np.random.default_rng(0).normal(size=(50, 64)).astype(np.float32)
+            before = client.lookup("int8", np.arange(50, dtype=np.int64))
+            client.push("int8", np.arange(50, dtype=np.int64), grads)
+            moved = before - client.lookup("int8", np.arange(50, dtype=np.int64))
+            # One row-wise Adagrad step of lr 0.01 moves each value by about lr * g / rms(g).
+            rms = np.sqrt((grads**2).mean(axis=1, keepdims=True))
+            assert np.abs(moved - 0.01 * grads / rms).max() < 2e-3
             bad = np.full((2, 4), np.nan, dtype=np.float32)
             with pytest.raises(InvalidArgumentError):
                 client.push("user", np.arange(2, dtype=np.int64), bad)
@@ -80,6 +88,10 @@ def test_table_gauges_match_the_shard_stats(scrape):
     assert value(text, "embps_table_pending_keys", table="admit", shard="0") == 16
     assert value(text, "embps_admission_dropped_total", table="admit", shard="0") == 40 - 16
     assert value(text, "embps_push_id_memory_bytes", shard="0") > 0  # the client names its pushes
+    # Words a row: user 4 values + 1 state + 2 meta; int8 dim 64: 2 + 16 value + 1 + 2.
+    assert value(text, "embps_table_row_bytes", table="user", shard="0") == 4 * 7
+    assert value(text, "embps_table_row_bytes", table="int8", shard="0") == 4 * 21
+    assert stats["int8"].rows == 50
 
 
 def test_names_units_and_labels_follow_the_conventions(scrape):
@@ -90,7 +102,8 @@ def test_names_units_and_labels_follow_the_conventions(scrape):
     for (name, labels), _ in samples(text).items():
         if name.startswith("embps_"):
             assert {k for k, _ in labels} <= allowed_labels, (name, labels)
-            assert dict(labels).get("table", "") in {"", "user", "lru", "admit", "unknown"}, "a label holds a key"
+            tables = {"", "user", "lru", "admit", "int8", "unknown"}
+            assert dict(labels).get("table", "") in tables, "a label holds a key"
     for family in text_string_to_metric_families(text):
         if family.name == "embps_request_duration_seconds":
             assert family.type == "histogram"

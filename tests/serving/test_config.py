@@ -34,6 +34,8 @@ def test_round_trip(tmp_path, job_path):
     assert config.tables == ("item",) and config.default == DefaultRow.INIT
     assert config.max_queue == 7 and config.lookup_threads == 3
     assert config.storage_dtype == StorageDType.FLOAT16 and config.export == ExportSource("file:///tmp/x", "test")
+    int8 = load_serve_config(write(tmp_path, text.replace('"float16"', '"int8"')))
+    assert int8.storage_dtype == StorageDType.INT8
     assert len(config.job.shards) == 2
     assert load_serve_config(write(tmp_path, dump_serve_config(config, str(job_path)))) == config
 
@@ -44,7 +46,7 @@ def test_round_trip(tmp_path, job_path):
         ('listen = "nohost"', "listen: must be 'host:port'"),
         ('listen = "127.0.0.1:5000"\ntables = ["nope"]', "tables: 'nope' is not a table"),
         ('listen = "127.0.0.1:5000"\ndefault = "random"', "default: must be one of 'zeros', 'init'"),
-        ('listen = "127.0.0.1:5000"\nstorage_dtype = "int8"', "storage_dtype: must be one of"),
+        ('listen = "127.0.0.1:5000"\nstorage_dtype = "int4"', "storage_dtype: must be one of"),
         ('listen = "127.0.0.1:5000"\nstale_after_seconds = 0', "stale_after_seconds: must be"),
         ('listen = "127.0.0.1:5000"\nmetrics_port = 70000', "metrics_port: must be"),
         ('listen = "127.0.0.1:5000"\nmax_queue = -1', "max_queue: must be an integer >= 0"),

@@ -13,7 +13,7 @@ from ps.sharding import ShardMap
 from ps.table.config import Initializer, TableConfig
 from ps.table.embedding_table import EmbeddingTable
 from serving.config import DefaultRow, StorageDType
-from serving.store import ShardRows, TableReplica
+from serving.store import SERVING_STREAM, ShardRows, TableReplica
 
 ops = st.lists(
     st.tuples(st.booleans(), st.lists(st.integers(-50, 50), unique=True, min_size=1, max_size=12)),
@@ -58,6 +58,32 @@ def test_float16_storage_halves_memory_and_rounds_like_numpy():
     np.testing.assert_array_equal(half.decode(out), values.astype(np.float16).astype(np.float32))
     blocks = lambda r: r.memory_bytes - r._map.memory_bytes  # noqa: E731
     assert blocks(half) * 5 == blocks(full) * 3  # ceil(5 / 2) words a row instead of 5
+
+
+def test_int8_storage_keeps_the_ps_row_format_in_about_a_quarter_of_the_memory():
+    from tests.ps import reference_codec
+
+    dim = 64
+    keys = np.arange(1 << 14, dtype=np.int64) * 7919
+    values = np.random.default_rng(2).normal(scale=0.05, size=(keys.shape[0], dim)).astype(np.float32)
+    full, int8 = ShardRows(dim), ShardRows(dim, StorageDType.INT8)
+    full.upsert(keys, values)
+    int8.upsert(keys, values)
+    out = np.zeros((keys.shape[0], int8.width), dtype=np.float32)
+    assert int8.gather(keys, out).all()
+    want = reference_codec.encode("int8", 0, keys, SERVING_STREAM, values)
+    np.testing.assert_array_equal(out.view(np.uint8), want)  # the PS table's format, bit for bit
+    decoded = int8.decode(out)
+    span = values.max(axis=1, keepdims=True) - values.min(axis=1, keepdims=True)
+    assert (np.abs(decoded - values) <= span / 255 * 1.001).all()
+    blocks = lambda r: r.memory_bytes - r._map.memory_bytes  # noqa: E731
+    assert blocks(int8) * dim == blocks(full) * (2 + dim // 4)  # 18 words a row instead of 64
+    replica = TableReplica(TableConfig("user", dim=dim), ShardMap.uniform(1), dtype=StorageDType.INT8)
+    replica.shards[0].upsert(keys[:10], values[:10])
+    got, found = replica.lookup(np.concatenate([keys[:10], [-1]]))
+    assert found.tolist() == [True] * 10 + [False]
+    np.testing.assert_array_equal(got[:10], decoded[:10])
+    assert not got[10].any()  # default zeros
 
 
 @pytest.mark.parametrize("initializer", [Initializer.UNIFORM, Initializer.NORMAL])

@@ -1,0 +1,347 @@
+// Low-precision row values: float16 and row-wise int8 storage, decoded to float32 to be read and
+// trained, encoded back with deterministic stochastic rounding.
+//
+// A row's value part (the first value_words(storage, dim) words of the row, see row_ops.h) is
+//   float32  dim float32 words
+//   float16  dim IEEE binary16 values, two per word (little-endian), padded to a whole word
+//   int8     [ scale float32 | bias float32 | dim uint8 codes, padded to a whole word ]
+//            value_k = float(code_k) * scale + bias   (float32 multiply, then float32 add)
+//            encode: bias = min(w), scale = (max(w) - min(w)) / 255 (fbgemm's row-wise layout;
+//            fbgemm keeps scale and bias after the codes, we keep them first)
+// so at dim 64 a value takes 32 words (float16) or 18 words (int8) instead of 64.
+//
+// Stochastic rounding draws 16 random bits per element from a pure function of
+// (seed, key, stream, element):
+//   seed_mix = mix64(seed ^ kRoundingSalt)
+//   base     = mix64(mix64(key ^ seed_mix) + stream * golden)
+//   r_j      = (mix64(base + (j / 4 + 1) * golden) >> (16 * (j % 4))) & 0xFFFF
+// stream = the push's step for an update, 2^32 + step for a new row's initial value, so a run
+// rounds the same on any number of shards and workers, and on resume.
+//   float16  b = the float32 bits of x; b += r_j >> 3 (13 bits) unless x is inf/nan; then b is
+//            converted to binary16 rounding toward zero (fbgemm's scheme: unbiased for normal
+//            halves; below 2^-14, where halves are subnormal, it rounds toward zero mostly).
+//   int8     t = (x - bias) * inv, inv = 1 / scale (0 when scale is 0); u = r_j / 2^16;
+//            code = min(255, trunc(t + u)) (t + u >= 0), all float32.
+// tests/ps/reference_codec.py writes all of this again in numpy; the tests compare bit for bit.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
+
+#include "row_ops.h"
+
+namespace embps {
+
+enum class Storage : int { kFloat32 = 0, kFloat16 = 1, kInt8 = 2 };
+
+constexpr uint64_t kRoundingSalt = 0x53524F554E44ULL;  // "SROUND": separates rounding from init
+
+inline int64_t value_words(Storage storage, int64_t dim) {
+  switch (storage) {
+    case Storage::kFloat16: return (dim + 1) / 2;
+    case Storage::kInt8: return 2 + (dim + 3) / 4;
+    default: return dim;
+  }
+}
+
+inline uint64_t rounding_seed(uint64_t seed) { return mix64(seed ^ kRoundingSalt); }
+
+inline uint64_t rounding_base(uint64_t seed_mix, int64_t key, uint64_t stream) {
+  return mix64(mix64(static_cast<uint64_t>(key) ^ seed_mix) + stream * kGolden);
+}
+
+inline uint32_t float_bits(float x) {
+  uint32_t b;
+  std::memcpy(&b, &x, 4);
+  return b;
+}
+
+inline float bits_float(uint32_t b) {
+  float x;
+  std::memcpy(&x, &b, 4);
+  return x;
+}
+
+// float32 bits -> binary16 bits, rounding toward zero; beyond the largest half: the largest half.
+// Written as selects, without branches, so that the encode loop vectorizes. Below 2^-14 the half
+// is subnormal: its count of 2^-24 units is trunc(|x| * 2^24), an exact float32 scaling.
+inline uint32_t select_bits(bool condition, uint32_t a, uint32_t b) {
+  const uint32_t mask = 0u - static_cast<uint32_t>(condition);
+  return (a & mask) | (b & ~mask);
+}
+
+inline uint16_t half_toward_zero(uint32_t b) {
+  const uint32_t sign = (b >> 16) & 0x8000u;
+  const uint32_t e = (b >> 23) & 0xFFu;
+  const uint32_t m = b & 0x7FFFFFu;
+  const uint32_t special = 0x7C00u | select_bits(m != 0, 0x200u | (m >> 13), 0u);  // nan stays quiet
+  const uint32_t normal = ((e - 112u) << 10) | (m >> 13);
+  const uint32_t abs_bits = b & 0x7FFFFFFFu;
+  const uint32_t small = select_bits(abs_bits < 0x38800000u, abs_bits, 0x38800000u);  // <= 2^-14
+  const uint32_t sub = static_cast<uint32_t>(static_cast<int32_t>(bits_float(small) * 0x1p24f));
+  uint32_t magnitude = select_bits(e >= 113u, normal, sub);
+  magnitude = select_bits(e > 142u, 0x7BFFu, magnitude);
+  magnitude = select_bits(e == 0xFFu, special, magnitude);
+  return static_cast<uint16_t>(sign | magnitude);
+}
+
+// binary16 bits -> float32, exact (subnormals through a power-of-two multiply), branch free.
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t em = h & 0x7FFFu;
+  const uint32_t finite = float_bits(bits_float(em << 13) * 0x1p112f);
+  const uint32_t mant = em & 0x3FFu;
+  const uint32_t special = 0x7F800000u | (mant << 13) | select_bits(mant != 0, 0x400000u, 0u);  // quiet nan
+  return bits_float(sign | select_bits(em >= 0x7C00u, special, finite));
+}
+
+// min and max of w[0, dim). On x86 with SSE min/max, whose result is exactly `a < b ? a : b`
+// per lane, four lanes at a time (min and max of finite values do not depend on the order);
+// the scalar form compiles to branches that mispredict on every new extreme.
+inline void row_min_max(const float* w, int64_t dim, float* lo_out, float* hi_out) {
+  float lo = w[0], hi = w[0];
+  int64_t k = 0;
+#if defined(__SSE2__)
+  if (dim >= 4) {
+    __m128 vlo = _mm_loadu_ps(w), vhi = vlo;
+    for (k = 4; k + 4 <= dim; k += 4) {
+      const __m128 v = _mm_loadu_ps(w + k);
+      vlo = _mm_min_ps(v, vlo);
+      vhi = _mm_max_ps(v, vhi);
+    }
+    float l[4], h[4];
+    _mm_storeu_ps(l, vlo);
+    _mm_storeu_ps(h, vhi);
+    lo = l[0];
+    hi = h[0];
+    for (int j = 1; j < 4; ++j) {
+      lo = l[j] < lo ? l[j] : lo;
+      hi = h[j] > hi ? h[j] : hi;
+    }
+  }
+#endif
+  for (; k < dim; ++k) {
+    lo = w[k] < lo ? w[k] : lo;
+    hi = w[k] > hi ? w[k] : hi;
+  }
+  *lo_out = lo;
+  *hi_out = hi;
+}
+
+// The 16-bit rounding draws r_j of elements [0, dim) (rounded up to 4) for `base`: draw j is
+// bits [16 (j % 4), +16) of hash j / 4, which is that hash's little-endian memory layout.
+// Scalar: SSE2 has no 64-bit multiply, and its emulation is slower than the scalar loop.
+__attribute__((optimize("no-tree-vectorize"))) inline void rounding_draws(uint64_t base, int64_t dim,
+                                                                          uint16_t* r) {
+  for (int64_t g = 0; g < (dim + 3) / 4; ++g) {
+    uint64_t bits = mix64(base + static_cast<uint64_t>(g + 1) * kGolden);
+    for (int k = 0; k < 4; ++k, bits >>= 16) r[4 * g + k] = static_cast<uint16_t>(bits);
+  }
+}
+
+// The float16 loops of the build's baseline; on x86 with F16C (below) the hardware converts.
+__attribute__((always_inline)) inline void decode_half_loop(const uint16_t* h, int64_t dim, float* out) {
+  for (int64_t k = 0; k < dim; ++k) out[k] = half_to_float(h[k]);
+}
+
+__attribute__((always_inline)) inline void encode_half_loop(const float* w, const uint16_t* r, int64_t dim,
+                                                            uint16_t* h) {
+  for (int64_t k = 0; k < dim; ++k) {
+    const uint32_t b = float_bits(w[k]);
+    const uint32_t add = select_bits(((b >> 23) & 0xFFu) != 0xFFu, static_cast<uint32_t>(r[k] >> 3), 0u);
+    h[k] = half_toward_zero(b + add);
+  }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// F16C converts 8 values an instruction, with the rounding of the formats above: exact half ->
+// float (nan made quiet), float -> half toward zero (beyond the largest half: the largest half).
+__attribute__((target("avx2,f16c"))) inline void decode_half_f16c(const uint16_t* h, int64_t dim, float* out) {
+  int64_t k = 0;
+  for (; k + 8 <= dim; k += 8) {
+    _mm256_storeu_ps(out + k, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + k))));
+  }
+  decode_half_loop(h + k, dim - k, out + k);
+}
+
+__attribute__((target("avx2,f16c"))) inline void encode_half_f16c(const float* w, const uint16_t* r, int64_t dim,
+                                                                  uint16_t* h) {
+  int64_t k = 0;
+  const __m256i exponent_mask = _mm256_set1_epi32(0xFF);
+  for (; k + 8 <= dim; k += 8) {
+    __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k));
+    __m256i add = _mm256_srli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r + k))), 3);
+    const __m256i special = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_srli_epi32(b, 23), exponent_mask), exponent_mask);
+    b = _mm256_add_epi32(b, _mm256_andnot_si256(special, add));
+    const __m128i halves = _mm256_cvtps_ph(_mm256_castsi256_ps(b), _MM_FROUND_TO_ZERO);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(h + k), halves);
+  }
+  encode_half_loop(w + k, r + k, dim - k, h + k);
+}
+
+inline bool cpu_has_f16c() {
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  return has;
+}
+#endif
+
+// The int8 loops, compiled for the baseline and, on x86, also for AVX2 (the same float32 and
+// integer operations, so the same bits; AVX2 only packs and converts wider).
+__attribute__((always_inline)) inline void decode_codes_loop(const uint8_t* q, float scale, float bias, int64_t dim,
+                                                             float* out) {
+  for (int64_t k = 0; k < dim; ++k) out[k] = static_cast<float>(q[k]) * scale + bias;
+}
+
+__attribute__((always_inline)) inline void encode_codes_loop(const float* w, const uint16_t* r, float lo, float inv,
+                                                             int64_t dim, uint8_t* q) {
+  constexpr float kInv16 = 1.0f / 65536.0f;
+  for (int64_t k = 0; k < dim; ++k) {
+    const float v = (w[k] - lo) * inv + static_cast<float>(r[k]) * kInv16;
+    const uint32_t code = static_cast<uint32_t>(static_cast<int32_t>(v));
+    q[k] = static_cast<uint8_t>(select_bits(code > 255u, 255u, code));
+  }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx2"))) inline void decode_codes_avx2(const uint8_t* q, float scale, float bias, int64_t dim,
+                                                              float* out) {
+  decode_codes_loop(q, scale, bias, dim, out);
+}
+
+// encode_codes_loop, 8 at a time: the same float32 operations in the same order, truncation
+// (cvtt) and the unsigned min with 255.
+__attribute__((target("avx2"))) inline void encode_codes_avx2(const float* w, const uint16_t* r, float lo, float inv,
+                                                              int64_t dim, uint8_t* q) {
+  const __m256 vlo = _mm256_set1_ps(lo), vinv = _mm256_set1_ps(inv), vunit = _mm256_set1_ps(1.0f / 65536.0f);
+  const __m256i top = _mm256_set1_epi32(255);
+  int64_t k = 0;
+  for (; k + 8 <= dim; k += 8) {
+    const __m256 t = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(w + k), vlo), vinv);
+    const __m256i draws = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r + k)));
+    const __m256 v = _mm256_add_ps(t, _mm256_mul_ps(_mm256_cvtepi32_ps(draws), vunit));
+    const __m256i code = _mm256_min_epu32(_mm256_cvttps_epi32(v), top);
+    const __m128i words16 = _mm_packus_epi32(_mm256_castsi256_si128(code), _mm256_extracti128_si256(code, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(q + k), _mm_packus_epi16(words16, words16));
+  }
+  encode_codes_loop(w + k, r + k, lo, inv, dim - k, q + k);
+}
+#endif
+
+inline void decode_codes(const uint8_t* q, float scale, float bias, int64_t dim, float* out) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (cpu_has_f16c()) return decode_codes_avx2(q, scale, bias, dim, out);
+#endif
+  decode_codes_loop(q, scale, bias, dim, out);
+}
+
+inline void encode_codes(const float* w, const uint16_t* r, float lo, float inv, int64_t dim, uint8_t* q) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (cpu_has_f16c()) return encode_codes_avx2(w, r, lo, inv, dim, q);
+#endif
+  encode_codes_loop(w, r, lo, inv, dim, q);
+}
+
+inline void decode_half(const uint16_t* h, int64_t dim, float* out) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (cpu_has_f16c()) return decode_half_f16c(h, dim, out);
+#endif
+  decode_half_loop(h, dim, out);
+}
+
+inline void encode_half(const float* w, const uint16_t* r, int64_t dim, uint16_t* h) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (cpu_has_f16c()) return encode_half_f16c(w, r, dim, h);
+#endif
+  encode_half_loop(w, r, dim, h);
+}
+
+// Decodes the value words at `src` into dim float32 at `out`.
+inline void decode_value(Storage storage, const float* src, int64_t dim, float* out) {
+  if (storage == Storage::kFloat16) {
+    decode_half(reinterpret_cast<const uint16_t*>(src), dim, out);
+  } else if (storage == Storage::kInt8) {
+    decode_codes(reinterpret_cast<const uint8_t*>(src + 2), src[0], src[1], dim, out);
+  } else {
+    std::memcpy(out, src, sizeof(float) * dim);
+  }
+}
+
+// Encodes dim float32 at `w` into the value words at `dst`, rounding with the draws of `base`;
+// `r` is scratch for (dim + 3) / 4 * 4 draws.
+inline void encode_value(Storage storage, const float* w, int64_t dim, uint64_t base, uint16_t* r, float* dst) {
+  if (storage == Storage::kFloat16) {
+    rounding_draws(base, dim, r);
+    uint16_t* h = reinterpret_cast<uint16_t*>(dst);
+    encode_half(w, r, dim, h);
+    if (dim & 1) h[dim] = 0;
+  } else if (storage == Storage::kInt8) {
+    rounding_draws(base, dim, r);
+    float lo, hi;
+    row_min_max(w, dim, &lo, &hi);
+    const float scale = (hi - lo) / 255.0f;
+    const float inv = scale > 0.0f ? 1.0f / scale : 0.0f;
+    dst[0] = scale;
+    dst[1] = lo;
+    uint8_t* q = reinterpret_cast<uint8_t*>(dst + 2);
+    encode_codes(w, r, lo, inv, dim, q);
+    for (int64_t k = dim; k < (dim + 3) / 4 * 4; ++k) q[k] = 0;
+  } else {
+    std::memcpy(dst, w, sizeof(float) * dim);
+  }
+}
+
+// out[i, :] = decoded value of rows[i]; rows[i] < 0 leaves out[i] untouched.
+inline void gather_decode(const BlockStore& store, Storage storage, int64_t dim, const int64_t* rows,
+                          int64_t n, float* out) {
+  const int64_t words = value_words(storage, dim);
+  constexpr int64_t kAhead = 8;
+  for (int64_t i = 0; i < n; ++i) {
+    if (i + kAhead < n && rows[i + kAhead] >= 0) prefetch_words(store.row(rows[i + kAhead]), words, 0);
+    if (rows[i] < 0) continue;
+    decode_value(storage, store.row(rows[i]), dim, out + i * dim);
+  }
+}
+
+// Value words of rows[i] = encode(src[i, :]) with stream `stream`; rows[i] < 0 is skipped.
+inline void encode_scatter(const BlockStore& store, Storage storage, int64_t dim, uint64_t seed,
+                           const int64_t* keys, const int64_t* rows, int64_t n, const float* src,
+                           uint64_t stream) {
+  const uint64_t seed_mix = rounding_seed(seed);
+  std::vector<uint16_t> r(static_cast<size_t>(dim + 3));
+  for (int64_t i = 0; i < n; ++i) {
+    if (rows[i] < 0) continue;
+    encode_value(storage, src + i * dim, dim, rounding_base(seed_mix, keys[i], stream), r.data(),
+                 store.row(rows[i]));
+  }
+}
+
+// apply_update for a float16 or int8 value: decode, the same float32 optimizer step (its state
+// float32 words follow the value words), encode with stochastic rounding of stream `step`.
+inline void apply_update_encoded(Optimizer opt, const double* hp, const BlockStore& store,
+                                 Storage storage, int64_t dim, int64_t state_width, uint64_t seed,
+                                 const int64_t* keys, const int64_t* rows, const float* grads,
+                                 const int64_t* counts, int64_t u, uint32_t step) {
+  const int64_t words = value_words(storage, dim);
+  const int64_t meta = words + state_width;
+  const uint64_t seed_mix = rounding_seed(seed);
+  std::vector<float> w(static_cast<size_t>(dim));
+  std::vector<uint16_t> r(static_cast<size_t>(dim + 3));
+  constexpr int64_t kAhead = 6;
+  for (int64_t i = 0; i < u && i < kAhead; ++i) prefetch_words(store.row(rows[i]), meta + 2, 1);
+  for (int64_t i = 0; i < u; ++i) {
+    if (i + kAhead < u) prefetch_words(store.row(rows[i + kAhead]), meta + 2, 1);
+    float* row = store.row(rows[i]);
+    decode_value(storage, row, dim, w.data());
+    optimizer_step(opt, hp, w.data(), row + words, grads + i * dim, dim);
+    encode_value(storage, w.data(), dim, rounding_base(seed_mix, keys[i], step), r.data(), row);
+    update_meta(reinterpret_cast<uint32_t*>(row + meta), counts[i], step);
+  }
+}
+
+}  // namespace embps
