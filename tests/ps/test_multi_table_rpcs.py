@@ -1,0 +1,177 @@
+"""LookupMulti / PushMulti: every table of a round in one buffer, one native call per shard, with
+the same rows as one table at a time (tables of different dims and optimizers in one request)."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+
+from ps.client import InvalidArgumentError, PSClient, TableNotFoundError
+from ps.rpc import ps_pb2, ps_pb2_grpc
+from ps.table.config import AdmissionConfig, AdmissionKind, OptimizerConfig, OptimizerKind, TableConfig
+from ps.table.embedding_table import EmbeddingTable
+from ps.table.multi import lookup_tables, push_tables, value_offsets
+from tests.helpers.processes import make_job
+
+# Every optimizer, five dims, and one table with admission (served by its Python path).
+MIXED = [
+    TableConfig(name="sgd", dim=4, seed=1, optimizer=OptimizerConfig(kind=OptimizerKind.SGD, lr=0.1)),
+    TableConfig(
+        name="adagrad",
+        dim=8,
+        seed=2,
+        optimizer=OptimizerConfig(kind=OptimizerKind.ADAGRAD, lr=0.1, initial_accumulator=0.1),
+    ),
+    TableConfig(
+        name="rowwise",
+        dim=3,
+        seed=3,
+        optimizer=OptimizerConfig(kind=OptimizerKind.ROWWISE_ADAGRAD, lr=0.1, initial_accumulator=0.2),
+    ),
+    TableConfig(name="adam", dim=16, seed=4, optimizer=OptimizerConfig(kind=OptimizerKind.ADAM, lr=0.01)),
+    TableConfig(name="ftrl", dim=5, seed=5, optimizer=OptimizerConfig(kind=OptimizerKind.FTRL, lr=0.1)),
+    TableConfig(
+        name="admit",
+        dim=4,
+        seed=6,
+        optimizer=OptimizerConfig(kind=OptimizerKind.SGD, lr=0.1),
+        admission=AdmissionConfig(kind=AdmissionKind.COUNT, min_count=3),
+    ),
+]
+
+
+def _round(rng: np.random.Generator, tables: list[TableConfig], n: int):
+    keys = [rng.integers(0, 300, n) for _ in tables]
+    grads = [rng.normal(size=(n, t.dim)).astype(np.float32) for t in tables]
+    counts = [rng.integers(1, 4, n) for _ in tables]
+    offsets = np.zeros(len(tables) + 1, dtype=np.int64)
+    np.cumsum([k.shape[0] for k in keys], out=offsets[1:])
+    return keys, grads, counts, offsets
+
+
+def _assert_same_state(a: EmbeddingTable, b: EmbeddingTable) -> None:
+    sa, sb = a.export(), b.export()
+    oa, ob = np.argsort(sa.keys), np.argsort(sb.keys)
+    for field in ("keys", "values", "optimizer_state", "freq", "last_step", "pending_keys"):
+        x, y = getattr(sa, field), getattr(sb, field)
+        if field == "pending_keys":
+            x, y = np.sort(x), np.sort(y)
+        else:
+            x, y = x[oa], y[ob]
+        np.testing.assert_array_equal(x, y, err_msg=f"table {a.name}: {field}")
+    assert (a.version, a.step, a.num_admitted) == (b.version, b.step, b.num_admitted)
+
+
+def test_native_multi_table_call_equals_each_table_alone():
+    multi = [EmbeddingTable(t) for t in MIXED]
+    alone = [EmbeddingTable(t) for t in MIXED]
+    rng = np.random.default_rng(0)
+    for step in range(1, 6):
+        keys, grads, counts, offsets = _round(rng, MIXED, 120)
+        flat = np.concatenate([g.reshape(-1) for g in grads])
+        push_tables(multi, np.concatenate(keys), offsets, flat, np.concatenate(counts), step)
+        for table, k, g, c in zip(alone, keys, grads, counts, strict=True):
+            table.apply_gradients(k, g, step=step, counts=c)
+    keys, _, _, offsets = _round(rng, MIXED, 80)
+    values = lookup_tables(multi, np.concatenate(keys), offsets)
+    starts = value_offsets(multi, offsets)
+    for i, (table, k) in enumerate(zip(alone, keys, strict=True)):
+        np.testing.assert_array_equal(values[starts[i] : starts[i + 1]].reshape(-1, table.dim), table.lookup(k).numpy())
+    for a, b in zip(multi, alone, strict=True):
+        _assert_same_state(a, b)
+
+
+def test_one_request_with_mixed_dims_and_optimizers_equals_per_table_rpcs(start_shards):
+    multi = start_shards(make_job(MIXED, num_shards=2, job="multi"))
+    single = start_shards(make_job(MIXED, num_shards=2, job="single"))
+    names = [t.name for t in MIXED]
+    rng = np.random.default_rng(1)
+    # A small message limit on the multi-table client: its rounds split, across and inside tables.
+    with (
+        PSClient.from_job(multi.job, message_limit_bytes=9000) as a,
+        PSClient.from_job(single.job) as b,
+    ):
+        for step in range(1, 5):
+            keys, grads, counts, offsets = _round(rng, MIXED, 150)
+            flat = np.concatenate([g.reshape(-1) for g in grads])
+            prepared = a.prepare_push_multi(names, np.concatenate(keys), offsets, flat, np.concatenate(counts), step)
+            assert len(prepared.calls) > 2  # split at the message limit
+            first = a.send_push(prepared)
+            again = a.send_push(prepared)  # a retried round applies nothing twice
+            assert again.num_duplicates == len(prepared.calls) and again.versions == first.versions
+            for name, k, g, c in zip(names, keys, grads, counts, strict=True):
+                b.push(name, k, g, step=step, counts=c)
+        keys, _, _, offsets = _round(rng, MIXED, 200)
+        values = a.lookup_multi(names, np.concatenate(keys), offsets)
+        start = 0
+        for name, k in zip(names, keys, strict=True):
+            want = b.lookup(name, k)
+            np.testing.assert_array_equal(values[start : start + want.size].reshape(want.shape), want)
+            start += want.size
+        assert start == values.shape[0]
+        same_dims = a.lookup_multi(["sgd", "admit"], np.concatenate(keys[:1] + keys[-1:]), [0, 200, 400])
+        np.testing.assert_array_equal(same_dims.reshape(400, 4)[:200], b.lookup("sgd", keys[0]))
+    for s_multi, s_single in zip(multi.servicers, single.servicers, strict=True):
+        for name in names:
+            _assert_same_rows(s_multi.shard.tables[name], s_single.shard.tables[name])
+
+
+def _assert_same_rows(a: EmbeddingTable, b: EmbeddingTable) -> None:
+    sa, sb = a.export(), b.export()
+    oa, ob = np.argsort(sa.keys), np.argsort(sb.keys)
+    np.testing.assert_array_equal(sa.keys[oa], sb.keys[ob])
+    np.testing.assert_array_equal(sa.values[oa], sb.values[ob])
+    np.testing.assert_array_equal(sa.optimizer_state[oa], sb.optimizer_state[ob])
+
+
+def test_bad_multi_requests_are_refused_whole(start_shards):
+    cluster = start_shards(make_job(MIXED[:2], num_shards=1))
+    keys = np.arange(4, dtype="<i8")
+
+    def push(**fields) -> ps_pb2.MultiPushRequest:
+        request = ps_pb2.MultiPushRequest(
+            tables=["sgd", "adagrad"],
+            dims=[4, 8],
+            offsets=[0, 2, 4],
+            keys=keys.tobytes(),
+            grads=np.ones(2 * 4 + 2 * 8, "<f4").tobytes(),
+        )
+        for name, value in fields.items():
+            if isinstance(value, list):
+                getattr(request, name)[:] = value
+            else:
+                setattr(request, name, value)
+        return request
+
+    bad_grads = np.ones(24, "<f4")
+    bad_grads[20] = np.nan
+    cases = [
+        (push(offsets=[0, 3]), grpc.StatusCode.INVALID_ARGUMENT, "offsets"),
+        (push(offsets=[0, 5, 4]), grpc.StatusCode.INVALID_ARGUMENT, "offsets"),
+        (push(dims=[4, 7]), grpc.StatusCode.INVALID_ARGUMENT, "dim"),
+        (push(tables=["sgd", "sgd"]), grpc.StatusCode.INVALID_ARGUMENT, "more than once"),
+        (push(tables=["sgd", "nope"]), grpc.StatusCode.NOT_FOUND, "nope"),
+        (push(grads=b"\0" * 12), grpc.StatusCode.INVALID_ARGUMENT, "grads"),
+        (push(grads=bad_grads.tobytes()), grpc.StatusCode.INVALID_ARGUMENT, "non-finite"),
+        (push(counts=np.array([1, 0, 1, 1], "<i8").tobytes()), grpc.StatusCode.INVALID_ARGUMENT, "counts"),
+    ]
+    with grpc.insecure_channel(cluster.job.shards[0].address) as channel:
+        stub = ps_pb2_grpc.ParameterServerStub(channel)
+        for request, code, word in cases:
+            with pytest.raises(grpc.RpcError) as err:
+                stub.PushMulti(request, timeout=10)
+            assert err.value.code() == code and word in err.value.details(), err.value.details()
+        lookup = ps_pb2.MultiLookupRequest(tables=["sgd"], dims=[4], offsets=[0, 5], keys=keys.tobytes())
+        with pytest.raises(grpc.RpcError) as err:
+            stub.LookupMulti(lookup, timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        stats = stub.Stats(ps_pb2.StatsRequest(), timeout=10)
+    assert all(t.version == 0 and t.rows == 0 for t in stats.tables)  # nothing applied
+    with PSClient.from_job(cluster.job) as client:
+        with pytest.raises(TableNotFoundError):
+            client.lookup_multi(["nope"], keys, [0, 4])
+        with pytest.raises(ValueError, match="grads"):
+            client.prepare_push_multi(["sgd"], keys, [0, 4], np.ones(15, np.float32))
+        with pytest.raises(InvalidArgumentError):
+            client.send_push(client.prepare_push_multi(["sgd"], keys, [0, 4], np.full(16, np.inf, np.float32)))
