@@ -251,6 +251,27 @@ NB_MODULE(_embps_native, m) {
         },
         "maps"_a, "blocks"_a, "params"_a, "reals"_a, "seeds"_a, "keys"_a, "offsets"_a, "out"_a);
 
+  // The same into a new bytes object: the reply's values field, with no copy after the gather.
+  m.def("lookup_multi_bytes",
+        [](nb::list maps, nb::list blocks, Array<const int64_t, nb::ndim<2>> params,
+           Array<const double, nb::ndim<2>> reals, Array<const uint64_t, nb::ndim<1>> seeds, Keys keys,
+           Keys offsets) -> nb::object {
+          auto tables = make_tables(maps, blocks, params, reals);
+          check_same_length("seeds", seeds.shape(0), tables.size());
+          for (size_t i = 0; i < tables.size(); ++i) tables[i].seed = seeds.data()[i];
+          const int64_t total = total_values(tables, offsets.data(), offsets.shape(0), keys.shape(0));
+          PyObject* raw = PyBytes_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(total * sizeof(float)));
+          if (raw == nullptr) throw nb::python_error();
+          nb::object out = nb::steal(raw);
+          float* dst = reinterpret_cast<float*>(PyBytes_AS_STRING(raw));
+          {
+            nb::gil_scoped_release release;
+            embps::lookup_multi(tables, keys.data(), offsets.data(), dst);
+          }
+          return out;
+        },
+        "maps"_a, "blocks"_a, "params"_a, "reals"_a, "seeds"_a, "keys"_a, "offsets"_a);
+
   m.def("push_multi",
         [](nb::list maps, nb::list blocks, Array<const int64_t, nb::ndim<2>> params,
            Array<const double, nb::ndim<2>> reals, Array<const uint64_t, nb::ndim<1>> seeds, Keys keys, Keys offsets,

@@ -161,6 +161,7 @@ apply_update = _native.apply_update
 
 # Multi-table verbs (csrc/multi_table.h); ps/table/multi.py builds their per-table arguments.
 lookup_multi = _native.lookup_multi
+lookup_multi_bytes = _native.lookup_multi_bytes  # the values as little-endian bytes (a reply field)
 push_multi = _native.push_multi
 
 

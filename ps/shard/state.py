@@ -246,10 +246,8 @@ class Shard:
                 f"keys: the reply would be {reply_bytes:,} bytes, over message_limit_bytes {limit:,}; split the request"
             )
         self.check_owned(keys)
-        values = multi.lookup_tables(tables, keys, offsets)
-        return ps_pb2.MultiLookupResponse(
-            values=values.tobytes(), dtype=ps_pb2.FLOAT32, versions=[t.version for t in tables]
-        )
+        values = multi.lookup_tables_bytes(tables, keys, offsets)
+        return ps_pb2.MultiLookupResponse(values=values, dtype=ps_pb2.FLOAT32, versions=[t.version for t in tables])
 
     def push_multi(self, request: ps_pb2.MultiPushRequest) -> tuple[ps_pb2.MultiPushResponse, list[str]]:
         """Applies every table's gradients once per push id; a repeat returns the first answer.

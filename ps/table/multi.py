@@ -10,6 +10,7 @@ eviction or TTL, a push that may not fit) goes through its own Python verbs, wit
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 
 import numpy as np
@@ -47,6 +48,14 @@ def lookup_tables(tables: Sequence[EmbeddingTable], keys: np.ndarray, offsets: n
     for i, table in enumerate(tables):  # device tables: one torch lookup each
         out[starts[i] : starts[i + 1]] = table.lookup(keys[offsets[i] : offsets[i + 1]]).cpu().numpy().reshape(-1)
     return out
+
+
+def lookup_tables_bytes(tables: Sequence[EmbeddingTable], keys: np.ndarray, offsets: np.ndarray) -> bytes:
+    """lookup_tables' values as the bytes of a reply (float32, little-endian on this host), written
+    by the native call straight into the bytes object when every table is native."""
+    if all(t.multi_native for t in tables) and sys.byteorder == "little":
+        return native.lookup_multi_bytes(*_args(tables), keys, offsets)
+    return lookup_tables(tables, keys, offsets).astype("<f4", copy=False).tobytes()
 
 
 def push_tables(
