@@ -115,6 +115,17 @@ def test_one_request_with_mixed_dims_and_optimizers_equals_per_table_rpcs(start_
     for s_multi, s_single in zip(multi.servicers, single.servicers, strict=True):
         for name in names:
             _assert_same_rows(s_multi.shard.tables[name], s_single.shard.tables[name])
+            # What Subscribe streams to replicas: every row the multi-table pushes created or moved.
+            table = s_multi.shard.tables[name]
+            changes = s_multi.shard.changes_after(name, 0)
+            assert changes.to_version == table.version
+            np.testing.assert_array_equal(changes.touched_keys, np.sort(table.keys()))
+    registry = multi.servicers[0].metrics.registry
+    for method in ("LookupMulti", "PushMulti"):  # every table's keys are counted under its own label
+        labels = {"table": "adam", "method": method}
+        assert registry.get_sample_value("embps_request_keys_total", labels) > 0
+        ok = registry.get_sample_value("embps_requests_total", {"table": "", "method": method, "code": "OK"})
+        assert ok >= 1
 
 
 def _assert_same_rows(a: EmbeddingTable, b: EmbeddingTable) -> None:
