@@ -7,6 +7,7 @@ import grpc
 import numpy as np
 import pytest
 
+from ps import native
 from ps.client import InvalidArgumentError, PSClient, TableNotFoundError
 from ps.rpc import ps_pb2, ps_pb2_grpc
 from ps.table.config import AdmissionConfig, AdmissionKind, OptimizerConfig, OptimizerKind, TableConfig
@@ -186,3 +187,26 @@ def test_bad_multi_requests_are_refused_whole(start_shards):
             client.prepare_push_multi(["sgd"], keys, [0, 4], np.ones(15, np.float32))
         with pytest.raises(InvalidArgumentError):
             client.send_push(client.prepare_push_multi(["sgd"], keys, [0, 4], np.full(16, np.inf, np.float32)))
+
+
+def test_the_workers_one_dedupe_over_every_table_matches_numpy():
+    rng = np.random.default_rng(2)
+    keys = rng.integers(0, 20, (64, 5))
+    group = np.array([0, 2, 0, 1, 2])  # table of each column: a table may own several columns
+    unique, offsets, inverse, counts = native.unique_by_table(keys, group, 3)
+    for g in range(3):
+        mine = unique[offsets[g] : offsets[g + 1]]
+        cells = keys[:, group == g]
+        np.testing.assert_array_equal(np.sort(mine), np.unique(cells))
+        np.testing.assert_array_equal(unique[inverse[:, group == g]], cells)
+        np.testing.assert_array_equal(counts[offsets[g] : offsets[g + 1]], [(cells == k).sum() for k in mine])
+    empty = native.unique_by_table(np.zeros((0, 5), np.int64), group, 3)
+    assert empty[0].shape == (0,) and empty[1].tolist() == [0, 0, 0, 0]
+    with pytest.raises(ValueError, match="group"):
+        native.unique_by_table(keys, np.array([0, 3, 0, 1, 2]), 3)
+
+    tags = np.array([1, 0, 1, 0, 1])
+    rows = np.arange(10, dtype=np.float32).reshape(5, 2)
+    summed_keys, sums, sum_offsets = native.sum_by_table_key(np.array([1, 2, 1, 1, 3]), tags, rows, 2)
+    assert summed_keys.tolist() == [2, 1, 1, 3] and sum_offsets.tolist() == [0, 2, 4]
+    np.testing.assert_array_equal(sums, [[2, 3], [6, 7], [0 + 4, 1 + 5], [8, 9]])
