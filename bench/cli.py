@@ -108,6 +108,12 @@ def _add_train(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--tables", type=int, default=26, help="sparse features, one table each")
     parser.add_argument("--shared-table", action="store_true", help="all features in one table")
+    parser.add_argument(
+        "--shapes",
+        choices=["one", "all"],
+        default="one",
+        help="all: also the features in one shared table, and 200 tables of dim 16, in the same run",
+    )
     parser.add_argument("--out", default=None, help="write the results as JSON here")
 
 
@@ -122,7 +128,8 @@ def _run_train(args: argparse.Namespace) -> int:
             num_tables=args.tables,
             shared_table=args.shared_table,
             out=args.out,
-        )
+        ),
+        all_shapes=args.shapes == "all",
     )
 
 
