@@ -64,6 +64,10 @@ class PushLedger:
         answer = self.get_raw(client_id, sequence)
         if answer is None:
             return None
+        if isinstance(answer, MultiAnswer):
+            raise ValueError(
+                f"push_id: sequence {sequence} of client {client_id!r} was a PushMulti; a Push may not reuse it"
+            )
         version, num_updated, num_inserted, num_evicted = _ANSWER.unpack(answer)
         return ps_pb2.PushResponse(
             version=version, num_updated=num_updated, num_inserted=num_inserted, num_evicted=num_evicted
@@ -97,6 +101,10 @@ class PushLedger:
     def _forget_oldest_client(self) -> None:
         client_id, seen = self._clients.popitem(last=False)
         self.num_bytes -= LEDGER_CLIENT_BYTES + len(client_id) + sum(_entry_bytes(a) for a in seen.values())
+
+
+class MultiAnswer(bytes):
+    """A PushMulti's serialised reply as the ledger keeps it (told apart from a Push's packed answer)."""
 
 
 def _entry_bytes(answer: bytes) -> int:
@@ -257,6 +265,11 @@ class Shard:
             check_client_id(push_id.client_id)
             previous = self.ledger.get_raw(push_id.client_id, push_id.sequence)
             if previous is not None:
+                if not isinstance(previous, MultiAnswer):
+                    raise ValueError(
+                        f"push_id: sequence {push_id.sequence} of client {push_id.client_id!r} was a Push; "
+                        "a PushMulti may not reuse it"
+                    )
                 response = ps_pb2.MultiPushResponse.FromString(previous)
                 response.duplicate = True
                 return response, []
@@ -286,7 +299,7 @@ class Shard:
             response.num_inserted += result.num_inserted
             response.num_evicted += int(result.evicted_keys.shape[0])
         if push_id.client_id:
-            self.ledger.put_raw(push_id.client_id, push_id.sequence, response.SerializeToString())
+            self.ledger.put_raw(push_id.client_id, push_id.sequence, MultiAnswer(response.SerializeToString()))
         return response, [t.name for t in tables]
 
     def log(self, name: str) -> UpdateLog:

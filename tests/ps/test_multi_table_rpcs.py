@@ -152,6 +152,8 @@ def test_bad_multi_requests_are_refused_whole(start_shards):
         for name, value in fields.items():
             if isinstance(value, list):
                 getattr(request, name)[:] = value
+            elif isinstance(value, ps_pb2.PushId):
+                request.push_id.CopyFrom(value)
             else:
                 setattr(request, name, value)
         return request
@@ -179,7 +181,18 @@ def test_bad_multi_requests_are_refused_whole(start_shards):
             stub.LookupMulti(lookup, timeout=10)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         stats = stub.Stats(ps_pb2.StatsRequest(), timeout=10)
-    assert all(t.version == 0 and t.rows == 0 for t in stats.tables)  # nothing applied
+        assert all(t.version == 0 and t.rows == 0 for t in stats.tables)  # nothing applied
+        # A push id names one push: a Push may not reuse a PushMulti's, nor the other way round.
+        multi_id, single_id = ps_pb2.PushId(client_id="c", sequence=1), ps_pb2.PushId(client_id="c", sequence=2)
+        stub.PushMulti(push(push_id=multi_id), timeout=10)
+        single = ps_pb2.PushRequest(table="sgd", keys=keys.tobytes(), grads=np.ones(16, "<f4").tobytes(), dim=4)
+        single.push_id.CopyFrom(single_id)
+        stub.Push(single, timeout=10)
+        single.push_id.CopyFrom(multi_id)
+        for call, request in ((stub.Push, single), (stub.PushMulti, push(push_id=single_id))):
+            with pytest.raises(grpc.RpcError) as err:
+                call(request, timeout=10)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "may not reuse" in err.value.details()
     with PSClient.from_job(cluster.job) as client:
         with pytest.raises(TableNotFoundError):
             client.lookup_multi(["nope"], keys, [0, 4])
