@@ -6,6 +6,8 @@ from __future__ import annotations
 import grpc
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from ps import native
 from ps.client import InvalidArgumentError, PSClient, TableNotFoundError
@@ -13,6 +15,7 @@ from ps.rpc import ps_pb2, ps_pb2_grpc
 from ps.table.config import AdmissionConfig, AdmissionKind, OptimizerConfig, OptimizerKind, TableConfig
 from ps.table.embedding_table import EmbeddingTable
 from ps.table.multi import lookup_tables, push_tables, value_offsets
+from tests.helpers.in_process import InProcessShards
 from tests.helpers.processes import make_job
 
 # Every optimizer, five dims, and one table with admission (served by its Python path).
@@ -223,3 +226,75 @@ def test_the_workers_one_dedupe_over_every_table_matches_numpy():
     summed_keys, sums, sum_offsets = native.sum_by_table_key(np.array([1, 2, 1, 1, 3]), tags, rows, 2)
     assert summed_keys.tolist() == [2, 1, 1, 3] and sum_offsets.tolist() == [0, 2, 4]
     np.testing.assert_array_equal(sums, [[2, 3], [6, 7], [0 + 4, 1 + 5], [8, 9]])
+
+
+FUZZ_TABLES = [
+    TableConfig("user", dim=4, seed=7),
+    TableConfig("small", dim=2, capacity=8),  # fills up: RESOURCE_EXHAUSTED
+    TableConfig("admit", dim=3, admission=AdmissionConfig(kind=AdmissionKind.COUNT, min_count=2)),
+]
+CONTRACT = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED}
+
+
+@st.composite
+def multi_requests(draw):
+    table_names = st.sampled_from(["user", "small", "admit", "nope", "é" * 300])
+    names = draw(st.lists(table_names, max_size=4, unique=draw(st.booleans())))
+    dim_of = {t.name: t.dim for t in FUZZ_TABLES}
+    dims = [draw(st.sampled_from([dim_of.get(n, 4), 0, 2**32 - 1])) if draw(st.booleans()) else dim_of.get(n, 4)
+            for n in names]  # fmt: skip
+    n = draw(st.integers(0, 40))
+    keys = np.array(draw(st.lists(st.integers(-(2**63), 2**63 - 1), min_size=n, max_size=n)), dtype="<i8")
+    cuts = sorted(draw(st.lists(st.integers(0, n), min_size=max(0, len(names) - 1), max_size=max(0, len(names) - 1))))
+    offsets = [0, *cuts, n] if names else [0]
+    if draw(st.booleans()):
+        offsets = draw(st.lists(st.integers(0, 2**64 - 1), max_size=6))
+    values = max(0, sum((b - a) * d for a, b, d in zip(offsets, offsets[1:], dims, strict=False)))
+    floats = st.floats(allow_nan=True, allow_infinity=True, width=32)
+    values = values if values < 4096 else 0
+    grads = np.array(draw(st.lists(floats, min_size=values, max_size=values)), "<f4")
+    fields = {
+        "tables": names,
+        "dims": dims,
+        "offsets": offsets,
+        "keys": draw(st.sampled_from([keys.tobytes(), keys.tobytes()[:-1], b""])),
+        "grads": draw(st.sampled_from([grads.tobytes(), b"\0" * 7])),
+        "counts": draw(st.sampled_from([b"", np.ones(n, "<i8").tobytes(), np.zeros(n, "<i8").tobytes()])),
+    }
+    step = draw(st.one_of(st.none(), st.integers(0, 2**64 - 1)))
+    return fields, step
+
+
+@settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(st.data())
+def test_malformed_multi_requests_get_a_contract_status(fuzz_shard, data):
+    stub = fuzz_shard
+    fields, step = data.draw(multi_requests())
+    lookup = ps_pb2.MultiLookupRequest(**{k: fields[k] for k in ("tables", "dims", "offsets", "keys")})
+    push_id = ps_pb2.PushId(client_id="fuzz", sequence=data.draw(st.integers(1, 50)))
+    push = ps_pb2.MultiPushRequest(**fields, push_id=push_id)
+    if step is not None:
+        push.step = step
+    for call, request in ((stub.LookupMulti, lookup), (stub.PushMulti, push)):
+        try:
+            call(request, timeout=10)
+        except grpc.RpcError as err:
+            assert err.code() in CONTRACT, f"{err.code()}: {err.details()}"
+
+
+@pytest.fixture(scope="module")
+def fuzz_shard():
+    with InProcessShards.start(make_job(FUZZ_TABLES, num_shards=1, job="fuzz")) as cluster:
+        with grpc.insecure_channel(cluster.job.shards[0].address) as channel:
+            yield ps_pb2_grpc.ParameterServerStub(channel)
+            # Still answering, and right: a valid round afterwards reads what it wrote.
+            reference = EmbeddingTable(FUZZ_TABLES[0])
+            keys = np.arange(10**9, 10**9 + 5, dtype=np.int64)
+            grads = np.ones((5, 4), np.float32)
+            with PSClient.from_job(cluster.job) as client:
+                before = client.lookup_multi(["user"], keys, [0, 5]).reshape(5, 4)
+                np.testing.assert_array_equal(before, reference.lookup(keys).numpy())
+                client.send_push(client.prepare_push_multi(["user"], keys, [0, 5], grads, step=1))
+                reference.apply_gradients(keys, grads, step=1)
+                after = client.lookup_multi(["user"], keys, [0, 5]).reshape(5, 4)
+                np.testing.assert_array_equal(after, reference.lookup(keys).numpy())
