@@ -600,6 +600,8 @@ class _MultiLayout:
 
     def take(self, flat: np.ndarray, chunk: np.ndarray) -> np.ndarray:
         """The values of keys `chunk` from a flat buffer, in chunk order."""
+        if chunk.shape[0] == self.keys.shape[0]:  # every key, in order (positions are sorted): no gather
+            return flat
         if self.equal_dim:
             return flat.reshape(-1, self.equal_dim)[chunk]
         return flat[self._index(chunk)]
