@@ -7,6 +7,7 @@ imported by the run that needs it.
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -120,11 +121,22 @@ def _add_train(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--tables", type=int, default=26, help="sparse features, one table each")
     parser.add_argument("--shared-table", action="store_true", help="all features in one table")
+    parser.add_argument(
+        "--shapes",
+        choices=["one", "all"],
+        default="one",
+        help="all: also the features in one shared table, and 200 tables of dim 16, in the same run",
+    )
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each mode, interleaved; the fastest counts")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
 
 
 def _run_train(args: argparse.Namespace) -> int:
     from bench.train_bench import TrainBenchConfig, run_train_bench
+
+    if args.repeat < 1:
+        print(f"embps bench train: --repeat must be >= 1, got {args.repeat}", file=sys.stderr)
+        return 2
 
     return run_train_bench(
         TrainBenchConfig(
@@ -133,8 +145,10 @@ def _run_train(args: argparse.Namespace) -> int:
             dim=args.dim,
             num_tables=args.tables,
             shared_table=args.shared_table,
+            repeat=args.repeat,
             out=args.out,
-        )
+        ),
+        all_shapes=args.shapes == "all",
     )
 
 

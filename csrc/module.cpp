@@ -14,6 +14,7 @@
 #include "flat_hash_map.h"
 #include "hash_map.h"
 #include "row_codec.h"
+#include "multi_table.h"
 #include "row_ops.h"
 
 namespace nb = nanobind;
@@ -133,6 +134,53 @@ void bind_codec(nb::module_& m) {
         },
         "optimizer"_a.noconvert(), "hyper"_a, "blocks"_a, "shift"_a, "width"_a, "storage"_a.noconvert(), "dim"_a,
         "state_width"_a, "seed"_a, "keys"_a, "rows"_a, "grads"_a, "counts"_a, "step"_a);
+// The tables of a multi-table call, from per-table lists and (T,) arrays (ps/native.py checks them).
+std::vector<embps::TableRef> make_tables(nb::list maps, nb::list blocks, Array<const int64_t, nb::ndim<2>> params,
+                                         Array<const double, nb::ndim<2>> reals) {
+  // params (T, 7): shift, width, dim, state_width, init, optimizer, prev_step
+  // reals (T, 6): scale, state_init, hyper[4]; the seeds come as their own (T,) uint64 array
+  const size_t t = nb::len(maps);
+  if (nb::len(blocks) != t || params.shape(0) != t || reals.shape(0) != t) {
+    throw std::invalid_argument("tables: maps, blocks, params and reals differ in length");
+  }
+  if (params.shape(1) != 7 || reals.shape(1) != 6) throw std::invalid_argument("tables: params (T, 7), reals (T, 6)");
+  std::vector<embps::TableRef> out;
+  out.reserve(t);
+  for (size_t i = 0; i < t; ++i) {
+    const int64_t* p = params.data() + i * 7;
+    const double* r = reals.data() + i * 6;
+    auto block_array = nb::cast<Array<const uint64_t, nb::ndim<1>>>(blocks[i]);
+    embps::TableRef ref{};
+    ref.map = nb::cast<embps::HashMap*>(maps[i]);
+    ref.store = make_store(block_array, static_cast<int>(p[0]), p[1]);
+    ref.dim = p[2];
+    ref.state_width = p[3];
+    if (ref.dim <= 0 || ref.state_width < 0 || ref.dim + ref.state_width + 2 != ref.store.width) {
+      throw std::invalid_argument("tables: width != dim + state_width + 2");
+    }
+    if (p[4] < 0 || p[4] > 2 || p[5] < 0 || p[5] > 4) throw std::invalid_argument("tables: unknown init or optimizer");
+    ref.init = static_cast<embps::Init>(p[4]);
+    ref.opt = static_cast<embps::Optimizer>(p[5]);
+    ref.prev_step = static_cast<uint32_t>(p[6]);
+    ref.scale = r[0];
+    ref.state_init = static_cast<float>(r[1]);
+    ref.hyper = r + 2;
+    out.push_back(ref);
+  }
+  return out;
+}
+
+int64_t total_values(const std::vector<embps::TableRef>& tables, const int64_t* offsets, size_t num_offsets,
+                     size_t num_keys) {
+  if (num_offsets != tables.size() + 1 || offsets[0] != 0 || offsets[tables.size()] != static_cast<int64_t>(num_keys)) {
+    throw std::invalid_argument("offsets: expected (T + 1,) from 0 to the number of keys");
+  }
+  int64_t total = 0;
+  for (size_t t = 0; t < tables.size(); ++t) {
+    if (offsets[t + 1] < offsets[t]) throw std::invalid_argument("offsets: must not decrease");
+    total += (offsets[t + 1] - offsets[t]) * tables[t].dim;
+  }
+  return total;
 }
 
 }  // namespace
@@ -309,4 +357,100 @@ NB_MODULE(_embps_native, m) {
         "rows"_a, "grads"_a, "counts"_a, "step"_a);
 
   bind_codec(m);
+
+  // Multi-table verbs (csrc/multi_table.h): one call, the GIL released once, for every table.
+  m.def("lookup_multi",
+        [](nb::list maps, nb::list blocks, Array<const int64_t, nb::ndim<2>> params,
+           Array<const double, nb::ndim<2>> reals, Array<const uint64_t, nb::ndim<1>> seeds, Keys keys, Keys offsets,
+           Array<float, nb::ndim<1>> out) {
+          auto tables = make_tables(maps, blocks, params, reals);
+          check_same_length("seeds", seeds.shape(0), tables.size());
+          for (size_t i = 0; i < tables.size(); ++i) tables[i].seed = seeds.data()[i];
+          const int64_t total = total_values(tables, offsets.data(), offsets.shape(0), keys.shape(0));
+          check_same_length("out", out.shape(0), static_cast<size_t>(total));
+          nb::gil_scoped_release release;
+          embps::lookup_multi(tables, keys.data(), offsets.data(), out.data());
+        },
+        "maps"_a, "blocks"_a, "params"_a, "reals"_a, "seeds"_a, "keys"_a, "offsets"_a, "out"_a);
+
+  // The same into a new bytes object: the reply's values field, with no copy after the gather.
+  m.def("lookup_multi_bytes",
+        [](nb::list maps, nb::list blocks, Array<const int64_t, nb::ndim<2>> params,
+           Array<const double, nb::ndim<2>> reals, Array<const uint64_t, nb::ndim<1>> seeds, Keys keys,
+           Keys offsets) -> nb::object {
+          auto tables = make_tables(maps, blocks, params, reals);
+          check_same_length("seeds", seeds.shape(0), tables.size());
+          for (size_t i = 0; i < tables.size(); ++i) tables[i].seed = seeds.data()[i];
+          const int64_t total = total_values(tables, offsets.data(), offsets.shape(0), keys.shape(0));
+          PyObject* raw = PyBytes_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(total * sizeof(float)));
+          if (raw == nullptr) throw nb::python_error();
+          nb::object out = nb::steal(raw);
+          float* dst = reinterpret_cast<float*>(PyBytes_AS_STRING(raw));
+          {
+            nb::gil_scoped_release release;
+            embps::lookup_multi(tables, keys.data(), offsets.data(), dst);
+          }
+          return out;
+        },
+        "maps"_a, "blocks"_a, "params"_a, "reals"_a, "seeds"_a, "keys"_a, "offsets"_a);
+
+  m.def("push_multi",
+        [](nb::list maps, nb::list blocks, Array<const int64_t, nb::ndim<2>> params,
+           Array<const double, nb::ndim<2>> reals, Array<const uint64_t, nb::ndim<1>> seeds, Keys keys, Keys offsets,
+           Array<const float, nb::ndim<1>> grads, nb::object counts_obj, Array<const uint32_t, nb::ndim<1>> steps,
+           Rows updated_keys, Rows num_updated, Rows num_inserted) {
+          auto tables = make_tables(maps, blocks, params, reals);
+          const size_t t = tables.size();
+          check_same_length("seeds", seeds.shape(0), t);
+          for (size_t i = 0; i < t; ++i) tables[i].seed = seeds.data()[i];
+          const int64_t total = total_values(tables, offsets.data(), offsets.shape(0), keys.shape(0));
+          check_same_length("grads", grads.shape(0), static_cast<size_t>(total));
+          check_same_length("steps", steps.shape(0), t);
+          check_same_length("updated_keys", updated_keys.shape(0), keys.shape(0));
+          check_same_length("num_updated", num_updated.shape(0), t);
+          check_same_length("num_inserted", num_inserted.shape(0), t);
+          const int64_t* counts = nullptr;
+          Array<const int64_t, nb::ndim<1>> counts_arr;
+          if (!counts_obj.is_none()) {
+            counts_arr = nb::cast<Array<const int64_t, nb::ndim<1>>>(counts_obj);
+            check_same_length("counts", counts_arr.shape(0), keys.shape(0));
+            counts = counts_arr.data();
+          }
+          nb::gil_scoped_release release;
+          embps::push_multi(tables, keys.data(), offsets.data(), grads.data(), counts, steps.data(),
+                            updated_keys.data(), num_updated.data(), num_inserted.data());
+        },
+        "maps"_a, "blocks"_a, "params"_a, "reals"_a, "seeds"_a, "keys"_a, "offsets"_a, "grads"_a, "counts"_a.none(),
+        "steps"_a, "updated_keys"_a, "num_updated"_a, "num_inserted"_a);
+
+  m.def("unique_by_table",
+        [](Array<const int64_t, nb::ndim<2>> keys, Keys group, int64_t num_groups, Rows unique, Rows offsets,
+           Array<int64_t, nb::ndim<2>> inverse, Rows counts) -> int64_t {
+          const size_t b = keys.shape(0), f = keys.shape(1);
+          check_same_length("group", group.shape(0), f);
+          check_same_length("unique", unique.shape(0), b * f);
+          check_same_length("counts", counts.shape(0), b * f);
+          check_same_length("offsets", offsets.shape(0), static_cast<size_t>(num_groups) + 1);
+          if (inverse.shape(0) != b || inverse.shape(1) != f) throw std::invalid_argument("inverse: expected (b, f)");
+          nb::gil_scoped_release release;
+          return embps::unique_by_table(keys.data(), static_cast<int64_t>(b), static_cast<int64_t>(f), group.data(),
+                                        num_groups, unique.data(), offsets.data(), inverse.data(), counts.data());
+        },
+        "keys"_a, "group"_a, "num_groups"_a, "unique"_a, "offsets"_a, "inverse"_a, "counts"_a);
+
+  m.def("sum_by_table_key",
+        [](Keys keys, Keys tags, Array<const float, nb::ndim<2>> rows, int64_t num_groups, Rows unique,
+           Array<float, nb::ndim<2>> sums, Rows offsets) -> int64_t {
+          const size_t m = keys.shape(0), w = rows.shape(1);
+          check_same_length("tags", tags.shape(0), m);
+          check_same_length("rows", rows.shape(0), m);
+          check_same_length("unique", unique.shape(0), m);
+          check_same_length("sums", sums.shape(0), m);
+          if (sums.shape(1) != w) throw std::invalid_argument("sums: expected the width of rows");
+          check_same_length("offsets", offsets.shape(0), static_cast<size_t>(num_groups) + 1);
+          nb::gil_scoped_release release;
+          return embps::sum_by_table_key(keys.data(), tags.data(), rows.data(), static_cast<int64_t>(m),
+                                         static_cast<int64_t>(w), num_groups, unique.data(), sums.data(), offsets.data());
+        },
+        "keys"_a, "tags"_a, "rows"_a, "num_groups"_a, "unique"_a, "sums"_a, "offsets"_a);
 }

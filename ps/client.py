@@ -119,8 +119,9 @@ class PreparedPush:
     would draw new ids and could apply the same gradients twice.
     """
 
-    calls: list[tuple[int, ps_pb2.PushRequest]]
+    calls: list[tuple[int, ps_pb2.PushRequest]] | list[tuple[int, ps_pb2.MultiPushRequest]]
     batched: bool  # several tables: the calls to one shard travel in PushBatch RPCs
+    method: str = "Push"  # "PushMulti": the calls are multi-table requests (prepare_push_multi)
 
 
 @dataclass
@@ -296,14 +297,124 @@ class PSClient:
         """Sends a prepared push; sending the same one again applies nothing twice."""
         calls = prepared.calls
         result = PushResult()
-        call = self._call_batched if prepared.batched else self._call_all
-        for (shard, _), reply in zip(calls, call("Push", calls, self.deadlines.push), strict=True):
+        if prepared.method == "PushMulti":
+            replies = self._call_all("PushMulti", calls, self.deadlines.push)
+        else:
+            call = self._call_batched if prepared.batched else self._call_all
+            replies = call("Push", calls, self.deadlines.push)
+        for (shard, _), reply in zip(calls, replies, strict=True):
             result.num_updated += reply.num_updated
             result.num_inserted += reply.num_inserted
             result.num_evicted += reply.num_evicted
             result.num_duplicates += int(reply.duplicate)
-            result.versions[shard] = max(result.versions.get(shard, 0), reply.version)
+            version = max(reply.versions, default=0) if prepared.method == "PushMulti" else reply.version
+            result.versions[shard] = max(result.versions.get(shard, 0), version)
         return result
+
+    # -- multi-table rounds: every table's keys in one buffer, one RPC per shard ---------------
+
+    def lookup_multi(self, tables: Sequence[str], keys: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+        """Every table of a round in one LookupMulti RPC per shard (split only at the message limit).
+
+        keys (n,) int64, table after table: table i's keys are keys[offsets[i] : offsets[i + 1]]
+        (T + 1 offsets, 0 first). Returns the values flat, float32, table after table: table i's
+        (n_i, dim_i) rows in key order (reshape to (n, dim) when every dim is equal).
+        """
+        layout = _MultiLayout.of(self, tables, keys, offsets)
+        out = np.empty(int(layout.value_starts[-1]), dtype=np.float32)
+        calls, spans = [], []
+        for shard, chunk, names, sizes in self._plan_multi(layout, extra_per_key=8):
+            request = ps_pb2.MultiLookupRequest(
+                tables=names,
+                dims=[layout.dim_of[name] for name in names],
+                offsets=_offsets_of(sizes),
+                keys=wire.encode_keys(layout.keys[chunk]),
+            )
+            calls.append((shard, request))
+            spans.append(chunk)
+        replies = self._call_all("LookupMulti", calls, self.deadlines.lookup)
+        for chunk, reply in zip(spans, replies, strict=True):
+            total = int(layout.key_dims[chunk].sum())
+            values = wire.decode_values(reply.values, total, 1, reply.dtype).reshape(-1)
+            layout.put(out, chunk, values)
+        return out
+
+    def prepare_push_multi(
+        self,
+        tables: Sequence[str],
+        keys: np.ndarray,
+        offsets: np.ndarray,
+        grads: np.ndarray,
+        counts: np.ndarray | None = None,
+        step: int | None = None,
+        distinct: bool = False,
+    ) -> PreparedPush:
+        """One push round of every table as PushMulti RPCs (one per shard, split only at the
+        message limit), push ids assigned, not sent. keys and offsets as in lookup_multi; grads
+        float32 flat, table after table (n_i, dim_i) rows, or (n, dim) when every dim is equal;
+        counts (n,) int64 or None. Gradients of equal keys of a table are summed here and sent
+        once (as push does), so a split round still applies one step per key; distinct=True says
+        the keys of each table are already distinct (the trainer's), which skips that pass."""
+        layout = _MultiLayout.of(self, tables, keys, offsets)
+        grads = np.asarray(grads)
+        if grads.dtype != np.float32:
+            raise TypeError(f"grads: expected dtype float32, got {grads.dtype}")
+        flat = np.ascontiguousarray(grads).reshape(-1)
+        if flat.shape[0] != layout.value_starts[-1]:
+            raise ValueError(
+                f"grads: expected {int(layout.value_starts[-1])} values (keys x their table's dim), got {flat.shape[0]}"
+            )
+        if counts is not None:
+            counts = native.as_keys(counts, "counts")
+            if counts.shape != layout.keys.shape:
+                raise ValueError(f"counts: expected shape {layout.keys.shape}, got {counts.shape}")
+        if not distinct:
+            layout, flat, counts = layout.summed(self, flat, counts)
+        if counts is not None and counts.shape[0] and int(counts.max()) <= 1:
+            counts = None
+        calls = []
+        for shard, chunk, names, sizes in self._plan_multi(layout, extra_per_key=16):
+            request = ps_pb2.MultiPushRequest(
+                tables=names,
+                dims=[layout.dim_of[name] for name in names],
+                offsets=_offsets_of(sizes),
+                keys=wire.encode_keys(layout.keys[chunk]),
+                grads=layout.take(flat, chunk).tobytes(),
+                dtype=ps_pb2.FLOAT32,
+                push_id=ps_pb2.PushId(client_id=self.client_id, sequence=next(self._sequence)),
+                counts=wire.encode_keys(counts[chunk]) if counts is not None else b"",
+            )
+            if step is not None:
+                request.step = step
+            calls.append((shard, request))
+        return PreparedPush(calls, batched=False, method="PushMulti")
+
+    def _plan_multi(
+        self, layout: _MultiLayout, extra_per_key: int
+    ) -> list[tuple[int, np.ndarray, list[str], list[int]]]:
+        """(shard, positions into the keys, tables present, keys per table) per RPC: the keys of
+        each shard in table order, cut where a message would pass the limit."""
+        shard_of = self.shard_map.shard_of(layout.keys)
+        order = np.argsort(shard_of, kind="stable")
+        bounds = np.zeros(len(self.addresses) + 1, dtype=np.int64)
+        np.cumsum(np.bincount(shard_of, minlength=len(self.addresses)), out=bounds[1:])
+        limit = self.message_limit_bytes - _SLACK - sum(len(t) + 24 for t in layout.tables)
+        plans = []
+        for shard in range(len(self.addresses)):
+            positions = order[bounds[shard] : bounds[shard + 1]]
+            if positions.shape[0] == 0:
+                continue
+            cost = np.cumsum(4 * layout.key_dims[positions] + extra_per_key)
+            cuts = [0]
+            while cuts[-1] < positions.shape[0]:
+                spent = cost[cuts[-1] - 1] if cuts[-1] else 0
+                cuts.append(max(cuts[-1] + 1, int(np.searchsorted(cost, spent + limit, side="right"))))
+            for a, b in zip(cuts[:-1], cuts[1:], strict=False):
+                chunk = positions[a:b]
+                per_table = np.bincount(layout.table_of[chunk], minlength=len(layout.tables))
+                present = np.flatnonzero(per_table)
+                plans.append((shard, chunk, [layout.tables[i] for i in present], per_table[present].tolist()))
+        return plans
 
     def _plan_push(
         self, table: str, keys: np.ndarray, grads: np.ndarray, counts: np.ndarray | None, step: int | None
@@ -417,6 +528,90 @@ class PSClient:
             return getattr(self._stubs[shard], method)(request, timeout=max(timeout, 0.001))
         except grpc.RpcError as err:
             return err
+
+
+def _offsets_of(sizes: list[int]) -> list[int]:
+    offsets = [0]
+    for size in sizes:
+        offsets.append(offsets[-1] + size)
+    return offsets
+
+
+@dataclass
+class _MultiLayout:
+    """Where each key of a multi-table round sits: its table, its dim, its values' start."""
+
+    tables: list[str]
+    dim_of: dict[str, int]
+    keys: np.ndarray
+    offsets: np.ndarray  # (T + 1,) where each table's keys start
+    table_of: np.ndarray  # (n,) table index of each key
+    key_dims: np.ndarray  # (n,) dim of each key's table
+    value_starts: np.ndarray  # (T + 1,) where each table's values start in the flat buffer
+    equal_dim: int  # the common dim, or 0 when the tables' dims differ
+
+    @classmethod
+    def of(cls, client: PSClient, tables: Sequence[str], keys: np.ndarray, offsets: np.ndarray) -> _MultiLayout:
+        tables = list(tables)
+        if len(set(tables)) != len(tables):
+            raise ValueError("tables: a table appears more than once")
+        keys = native.as_keys(keys)
+        offsets = np.asarray(offsets, dtype=np.int64)
+        if offsets.shape != (len(tables) + 1,) or offsets[0] != 0 or offsets[-1] != keys.shape[0]:
+            raise ValueError(f"offsets: expected {len(tables) + 1} offsets from 0 to {keys.shape[0]}")
+        sizes = np.diff(offsets)
+        if (sizes < 0).any():
+            raise ValueError("offsets: must not decrease")
+        dims = np.array([client.dim(t) for t in tables], dtype=np.int64)
+        table_of = np.repeat(np.arange(len(tables), dtype=np.int64), sizes)
+        value_starts = np.zeros(len(tables) + 1, dtype=np.int64)
+        np.cumsum(sizes * dims, out=value_starts[1:])
+        equal = int(dims[0]) if dims.shape[0] and (dims == dims[0]).all() else 0
+        dim_of = dict(zip(tables, dims.tolist(), strict=True))
+        return cls(tables, dim_of, keys, offsets, table_of, dims[table_of], value_starts, equal)
+
+    def summed(
+        self, client: PSClient, flat: np.ndarray, counts: np.ndarray | None
+    ) -> tuple[_MultiLayout, np.ndarray, np.ndarray]:
+        """The layout of each table's distinct keys, their summed grads (flat) and sightings."""
+        keys, grads, sightings = [], [], []
+        for i, table in enumerate(self.tables):
+            a, b = self.offsets[i], self.offsets[i + 1]
+            dim = self.dim_of[table]
+            part = flat[self.value_starts[i] : self.value_starts[i + 1]].reshape(-1, dim)
+            unique, sums, seen = native.dedupe_sum(self.keys[a:b], part, None if counts is None else counts[a:b], dim)
+            keys.append(unique)
+            grads.append(sums.reshape(-1))
+            sightings.append(seen)
+        offsets = np.zeros(len(self.tables) + 1, dtype=np.int64)
+        np.cumsum([k.shape[0] for k in keys], out=offsets[1:])
+        merged = np.concatenate(keys) if keys else np.zeros(0, dtype=np.int64)
+        layout = _MultiLayout.of(client, self.tables, merged, offsets)
+        flat = np.concatenate(grads) if grads else np.zeros(0, dtype=np.float32)
+        return layout, flat, np.concatenate(sightings) if sightings else np.zeros(0, dtype=np.int64)
+
+    def _index(self, chunk: np.ndarray) -> np.ndarray:
+        """Positions in the flat value buffer of the values of keys `chunk`, in chunk order."""
+        d = self.key_dims[chunk]
+        t = self.table_of[chunk]
+        starts = self.value_starts[t] + (chunk - self.offsets[t]) * d
+        within = np.arange(int(d.sum()), dtype=np.int64) - np.repeat(np.cumsum(d) - d, d)
+        return np.repeat(starts, d) + within
+
+    def take(self, flat: np.ndarray, chunk: np.ndarray) -> np.ndarray:
+        """The values of keys `chunk` from a flat buffer, in chunk order."""
+        if chunk.shape[0] == self.keys.shape[0]:  # every key, in order (positions are sorted): no gather
+            return flat
+        if self.equal_dim:
+            return flat.reshape(-1, self.equal_dim)[chunk]
+        return flat[self._index(chunk)]
+
+    def put(self, flat: np.ndarray, chunk: np.ndarray, values: np.ndarray) -> None:
+        """flat[values of keys chunk] = values (flat, chunk order)."""
+        if self.equal_dim:
+            flat.reshape(-1, self.equal_dim)[chunk] = values.reshape(-1, self.equal_dim)
+        else:
+            flat[self._index(chunk)] = values
 
 
 def _unique(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:

@@ -216,3 +216,48 @@ def encode_words(storage: Enum, seed: int, keys: np.ndarray, stream: int, values
     words = np.empty((keys.shape[0], value_words(native_storage, values.shape[1])), dtype=np.float32)
     _native.encode_words(native_storage, seed & 0xFFFFFFFFFFFFFFFF, keys, stream, values, words)
     return words
+
+# Multi-table verbs (csrc/multi_table.h); ps/table/multi.py builds their per-table arguments.
+lookup_multi = _native.lookup_multi
+lookup_multi_bytes = _native.lookup_multi_bytes  # the values as little-endian bytes (a reply field)
+push_multi = _native.push_multi
+
+
+def unique_by_table(
+    keys: np.ndarray, group: np.ndarray, num_groups: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One dedupe over every table of a batch: keys (b, f) int64, group (f,) int64 the table of
+    each column -> unique (u,) table after table (first-occurrence order within a table),
+    offsets (num_groups + 1,), inverse (b, f) positions into unique, counts (u,) occurrences."""
+    keys = np.ascontiguousarray(keys, dtype=np.int64)
+    b, f = keys.shape
+    unique = np.empty(b * f, dtype=np.int64)
+    counts = np.empty(b * f, dtype=np.int64)
+    offsets = np.empty(num_groups + 1, dtype=np.int64)
+    inverse = np.empty((b, f), dtype=np.int64)
+    u = _native.unique_by_table(
+        keys, np.ascontiguousarray(group, dtype=np.int64), num_groups, unique, offsets, inverse, counts
+    )
+    return unique[:u], offsets, inverse, counts[:u]
+
+
+def sum_by_table_key(
+    keys: np.ndarray, tags: np.ndarray, rows: np.ndarray, num_groups: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sums rows (m, w) float32 sharing (tag, key): keys (m,), tags (m,) in [0, num_groups) ->
+    unique (u,) grouped by tag in tag order (first-occurrence order within a tag), sums (u, w),
+    offsets (num_groups + 1,)."""
+    m, w = rows.shape
+    unique = np.empty(m, dtype=np.int64)
+    sums = np.empty((m, w), dtype=np.float32)
+    offsets = np.empty(num_groups + 1, dtype=np.int64)
+    u = _native.sum_by_table_key(
+        as_keys(keys),
+        as_keys(tags, "tags"),
+        np.ascontiguousarray(rows, dtype=np.float32),
+        num_groups,
+        unique,
+        sums,
+        offsets,
+    )
+    return unique[:u], sums[:u], offsets

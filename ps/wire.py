@@ -89,3 +89,14 @@ def decode_counts(data: bytes, n: int, name: str = "counts") -> np.ndarray | Non
     if counts.shape[0] != n:
         raise ValueError(f"{name}: {counts.shape[0]} counts for {n} keys")
     return counts
+
+
+def decode_offsets(offsets, num_tables: int, num_keys: int, name: str = "offsets") -> np.ndarray:
+    """A multi-table request's (T + 1,) key offsets, checked: 0 first, non-decreasing, num_keys last."""
+    wide = np.array(list(offsets), dtype=np.uint64)
+    if wide.shape[0] != num_tables + 1:
+        raise ValueError(f"{name}: expected {num_tables + 1} offsets for {num_tables} tables, got {wide.shape[0]}")
+    out = np.minimum(wide, np.uint64(num_keys + 1)).astype(np.int64)
+    if out[0] != 0 or out[-1] != num_keys or (np.diff(out) < 0).any():
+        raise ValueError(f"{name}: must go from 0 to the number of keys ({num_keys}) without decreasing")
+    return out

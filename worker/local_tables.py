@@ -6,11 +6,25 @@ machine without servers. Same tables, same optimizer math, no RPC.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from ps.sharding import ShardMap
+from ps.table import multi
 from ps.table.config import TableConfig
 from ps.table.embedding_table import EmbeddingTable
+
+
+@dataclass(frozen=True)
+class MultiRound:
+    """A multi-table push round: keys table after table with offsets, grads flat."""
+
+    tables: list[str]
+    keys: np.ndarray
+    offsets: np.ndarray
+    grads: np.ndarray
+    counts: np.ndarray | None
 
 
 class LocalTables:
@@ -42,8 +56,39 @@ class LocalTables:
 
     def send_push(self, prepared: tuple[list, int | None]) -> None:
         items, step = prepared
+        if items and isinstance(items[0], MultiRound):
+            r = items[0]
+            tables = [self.tables[t] for t in r.tables]
+            counts = None if r.counts is None else np.asarray(r.counts, dtype=np.int64)
+            multi.push_tables(tables, r.keys, r.offsets, r.grads, counts, step)
+            return
         for table, keys, grads, counts in items:
             self.push(table, keys, grads, step=step, counts=counts)
+
+    def lookup_multi(self, tables: list[str], keys: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+        """PSClient.lookup_multi's counterpart: every table in one native call."""
+        return multi.lookup_tables([self.tables[t] for t in tables], keys, np.asarray(offsets, dtype=np.int64))
+
+    def prepare_push_multi(
+        self, tables, keys, offsets, grads, counts=None, step: int | None = None, distinct: bool = False
+    ) -> tuple[tuple, int | None]:
+        """PSClient.prepare_push_multi's counterpart: (the round, step); send_push applies it.
+        Tables without keys are left out, as the client leaves them out of its requests."""
+        offsets = np.asarray(offsets, dtype=np.int64)
+        grads = np.asarray(grads, dtype=np.float32).reshape(-1)
+        sizes = np.diff(offsets)
+        if (sizes == 0).any():
+            chosen = [self.tables[t] for t in tables]
+            starts = multi.value_offsets(chosen, offsets)
+            present = np.flatnonzero(sizes)
+            keys = np.concatenate([keys[offsets[i] : offsets[i + 1]] for i in present] or [np.zeros(0, np.int64)])
+            grads = np.concatenate([grads[starts[i] : starts[i + 1]] for i in present] or [np.zeros(0, np.float32)])
+            if counts is not None:
+                parts = [counts[offsets[i] : offsets[i + 1]] for i in present]
+                counts = np.concatenate(parts or [np.zeros(0, np.int64)])
+            tables = [tables[i] for i in present]
+            offsets = np.concatenate([[0], np.cumsum(sizes[present])]).astype(np.int64)
+        return (MultiRound(list(tables), keys, offsets, grads, counts),), step
 
     def close(self) -> None:
         self.tables.clear()

@@ -3,7 +3,7 @@
     rank r:  unique keys u_r (u_r,) int64, grads (u_r, dim) float32
        owner(key) = shard_of(key) % world_size           (DESIGN section 1)
        one all_to_all_single of packed rows [key as 2 float32 words | grad (dim)]
-    owner:   received keys from every rank -> summed per key -> one push per shard it owns
+    owner:   received keys from every rank -> summed per (table, key) -> one push per shard it owns
 
 Keys travel bit-for-bit inside the float32 payload (an int64 is two 32-bit words), so one
 collective carries both; the split sizes go first in a small all_to_all of counts.
@@ -14,8 +14,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.distributed as dist
-
-from ps import native
 
 
 def exchange_to_owners(
@@ -49,8 +47,3 @@ def exchange_to_owners(
     received_keys = np.ascontiguousarray(received_np[:, :2]).view(np.int64).reshape(-1)
     return received_keys, np.ascontiguousarray(received_np[:, 2:])
 
-
-def sum_by_key(keys: np.ndarray, grads: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """keys (m,) int64 with repeats, grads (m, dim) -> unique keys (u,), summed grads (u, dim)."""
-    unique_keys, sums, _ = native.dedupe_sum(keys, np.ascontiguousarray(grads, dtype=np.float32), None, grads.shape[1])
-    return unique_keys, sums

@@ -3,10 +3,15 @@ PS, the embeddings.
 
 Per step (DESIGN section 1):
 
-    batch (B/W rows) --> per table: unique keys u + inverse   --Lookup (one RPC per shard)-->
-    values (u, D) leaf --[inverse]--> embeddings (B/W, F, D) --dense tower (DDP)--> loss
+    batch (B/W rows) --one dedupe over every table--> unique (table, key) pairs u + inverse (B/W, F)
+    --LookupMulti (one RPC per shard, every table in one buffer)--> values (u, D) leaf
+    --[inverse]--> embeddings (B/W, F, D) --dense tower (DDP)--> loss
     backward: dense grads all-reduced by DDP; embedding grads (u, D) / W
-    --all_to_all--> owner rank of each key sums over ranks --Push (once per key)--> PS shard
+    --one all_to_all--> owner rank of each key sums over ranks per (table, key)
+    --PushMulti (one RPC per shard, once per key)--> PS shard
+
+Nothing on a step's path loops over the tables in Python: the keys of all tables travel together,
+tagged with their table, in one buffer with per-table offsets (csrc/multi_table.h).
 
 The loss is the mean over the rank's rows, so DDP's average of dense gradients is the gradient
 of the global-batch mean, and dividing the embedding gradients by W makes their sum over ranks the
@@ -28,7 +33,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TypeVar
 
 import numpy as np
@@ -41,7 +46,7 @@ from ps.client import PSClient, ShardUnavailableError
 from ps.sharding import ShardMap
 from worker.batch import Batch
 from worker.metrics import auc, logloss_from_logits
-from worker.sparse_exchange import exchange_to_owners, sum_by_key
+from worker.sparse_exchange import exchange_to_owners
 from worker.train_config import DenseOptimizer, Mode, PSUnavailablePolicy, TrainingJob
 
 log = logging.getLogger("embps.worker")
@@ -75,19 +80,26 @@ class StepTimes:
 
 @dataclass
 class _Pulled:
-    """Looked-up rows of one batch: per table group, unique keys (u,), inverse (n,), values (u, D)."""
+    """Looked-up rows of one batch, every table at once: unique (u,) keys table after table
+    (table g's at offsets[g] : offsets[g + 1]), inverse (B, F) positions into them, counts (u,)
+    occurrences, values (u, D)."""
 
     batch: Batch
-    groups: list[tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
+    unique: np.ndarray
+    offsets: np.ndarray
+    inverse: np.ndarray
+    counts: np.ndarray
+    values: np.ndarray
 
 
-def unique_with_inverse(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """keys (n,) int64 -> unique (u,) in first-occurrence order, inverse (n,) with unique[inverse] == keys."""
-    seen = native.HashMap(max(16, keys.shape[0]))
-    inverse, _ = seen.find_or_insert(keys)
-    unique = np.empty(seen.size, dtype=np.int64)
-    unique[inverse] = keys
-    return unique, inverse
+@dataclass
+class _Outgoing:
+    """What this rank pushes after the all_to_all: distinct keys per table, table after table."""
+
+    keys: np.ndarray
+    offsets: np.ndarray
+    grads: np.ndarray  # (m, D)
+    sightings: np.ndarray  # (m,)
 
 
 def make_dense_optimizer(job: TrainingJob, params) -> torch.optim.Optimizer:
@@ -118,6 +130,17 @@ class Trainer:
         self.shard_map: ShardMap = client.shard_map
         self.feature_tables = job.feature_tables()
         self.groups = self._table_groups()
+        self.table_names = [table for table, _ in self.groups]
+        self._column_group = np.empty(len(self.feature_tables), dtype=np.int64)
+        for index, (_, columns) in enumerate(self.groups):
+            self._column_group[columns] = index
+        dims = {t.name: t.dim for t in job.ps.tables}
+        used = {dims[name] for name in self.table_names}
+        if len(used) > 1:
+            raise ValueError(
+                f"train.tables: the dense tower takes one embedding dim, the tables have dims {sorted(used)}"
+            )
+        self.dim = used.pop() if used else 0
         self.times = StepTimes()
         self.step = 0
         self._async = job.train.mode == Mode.ASYNC
@@ -133,18 +156,12 @@ class Trainer:
         return list(groups.items())
 
     def pull(self, batch: Batch) -> _Pulled:
-        """Looks up the unique keys of every table group of `batch`."""
-        pulled = _Pulled(batch)
-        uniques = {}
-        for table, columns in self.groups:
-            keys = np.ascontiguousarray(batch.sparse[:, columns]).reshape(-1)
-            uniques[table] = unique_with_inverse(keys)
-        requests = {table: unique for table, (unique, _) in uniques.items()}
-        values = self._call_ps(f"lookup for step {self.step + 1}", lambda: self.client.lookup_many(requests))
-        for table, (unique, inverse) in uniques.items():
-            counts = np.bincount(inverse, minlength=unique.shape[0]).astype(np.int64)
-            pulled.groups.append((table, unique, inverse, values[table], counts))
-        return pulled
+        """Looks up the unique keys of every table of `batch`: one dedupe, one lookup round."""
+        unique, offsets, inverse, counts = native.unique_by_table(batch.sparse, self._column_group, len(self.groups))
+        values = self._call_ps(
+            f"lookup for step {self.step + 1}", lambda: self.client.lookup_multi(self.table_names, unique, offsets)
+        )
+        return _Pulled(batch, unique, offsets, inverse, counts, values.reshape(-1, self.dim))
 
     def train_step(self, pulled: _Pulled, next_batch: Batch | None = None) -> tuple[float, _Pulled | None]:
         """One global step on this rank's rows; returns (local loss, the next batch's rows if
@@ -162,8 +179,8 @@ class Trainer:
                 prefetch = self._pull_pool.submit(self.pull, next_batch)
 
         start = time.perf_counter()
-        leaves = [torch.from_numpy(values).requires_grad_(True) for _, _, _, values, _ in pulled.groups]
-        logits = self.ddp(batch.dense, self._embeddings(pulled, leaves))
+        leaf = torch.from_numpy(pulled.values).requires_grad_(True)
+        logits = self.ddp(batch.dense, self._embeddings(pulled, leaf))
         loss = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -171,7 +188,7 @@ class Trainer:
         self.times.compute += time.perf_counter() - start
 
         start = time.perf_counter()
-        outgoing = self._exchange(pulled, leaves)
+        outgoing = self._exchange(pulled, leaf)
         self.times.all_to_all += time.perf_counter() - start
 
         start = time.perf_counter()
@@ -191,51 +208,42 @@ class Trainer:
             self.times.lookup += time.perf_counter() - start
         return float(loss.detach()), next_pulled
 
-    def _exchange(self, pulled: _Pulled, leaves: list[torch.Tensor]) -> list:
+    def _exchange(self, pulled: _Pulled, leaf: torch.Tensor) -> _Outgoing:
         """Sends every table's (key, grad / W, count) rows to the keys' owner ranks in one
-        all_to_all; returns what this rank pushes: per table, (table, keys (m,), summed grads
-        (m, D), sightings (m,))."""
-        # Row layout: [table group index | grad (D) | count], all float32 (indexes and counts are
-        # exact below 2^24); keys travel beside it bit for bit.
-        keys = np.concatenate([g[1] for g in pulled.groups])
+        all_to_all; returns what this rank pushes, summed per (table, key) in one pass."""
+        # Row layout: [table index | grad (D) | count], all float32 (indexes and counts are exact
+        # below 2^24); keys travel beside it bit for bit.
+        tags = np.repeat(np.arange(len(self.groups), dtype=np.float32), np.diff(pulled.offsets))
         payload = torch.cat(
             [
-                torch.cat(
-                    [
-                        torch.full((leaf.shape[0], 1), float(index)),
-                        leaf.grad / self.world_size,
-                        torch.from_numpy(counts.astype(np.float32))[:, None],
-                    ],
-                    dim=1,
-                )
-                for index, (leaf, (_, _, _, _, counts)) in enumerate(zip(leaves, pulled.groups, strict=True))
-            ]
+                torch.from_numpy(tags)[:, None],
+                leaf.grad / self.world_size,
+                torch.from_numpy(pulled.counts.astype(np.float32))[:, None],
+            ],
+            dim=1,
         )
-        owner = self.shard_map.owner_rank(keys, self.world_size)
-        received_keys, received = exchange_to_owners(keys, payload, owner, self.world_size)
-        outgoing = []
-        for index, (table, _) in enumerate(self.groups):
-            mine = received[:, 0] == index
-            table_keys, summed = sum_by_key(received_keys[mine], received[mine, 1:])
-            sightings = np.rint(summed[:, -1]).astype(np.int64)
-            outgoing.append((table, table_keys, np.ascontiguousarray(summed[:, :-1]), sightings))
-        return outgoing
+        owner = self.shard_map.owner_rank(pulled.unique, self.world_size)
+        received_keys, received = exchange_to_owners(pulled.unique, payload, owner, self.world_size)
+        received_tags = received[:, 0].astype(np.int64)
+        keys, summed, offsets = native.sum_by_table_key(received_keys, received_tags, received[:, 1:], len(self.groups))
+        sightings = np.rint(summed[:, -1]).astype(np.int64)
+        return _Outgoing(keys, offsets, np.ascontiguousarray(summed[:, :-1]), sightings)
 
-    def _embeddings(self, pulled: _Pulled, leaves: list[torch.Tensor]) -> torch.Tensor:
-        """(B, F, D) in feature order, from each table group's unique rows leaves[g] (u_g, D)."""
-        batch_size = pulled.batch.batch_size
-        parts = [
-            leaf[torch.from_numpy(inverse)].view(batch_size, len(columns), -1)
-            for leaf, (_, _, inverse, _, _), (_, columns) in zip(leaves, pulled.groups, self.groups, strict=True)
-        ]
-        embeddings = torch.cat(parts, dim=1)
-        order = [c for _, columns in self.groups for c in columns]
-        return embeddings if order == sorted(order) else embeddings[:, np.argsort(order)]
+    def _embeddings(self, pulled: _Pulled, leaf: torch.Tensor) -> torch.Tensor:
+        """(B, F, D) in feature order: one gather of the unique rows leaf (u, D)."""
+        return leaf[torch.from_numpy(pulled.inverse)]
 
-    def _push_all(self, outgoing, step: int) -> None:
-        items = [(table, keys, grads, sightings) for table, keys, grads, sightings in outgoing if keys.shape[0]]
-        if items:
-            prepared = self.client.prepare_push(items, step=step)
+    def _push_all(self, outgoing: _Outgoing, step: int) -> None:
+        if outgoing.keys.shape[0]:
+            prepared = self.client.prepare_push_multi(
+                self.table_names,
+                outgoing.keys,
+                outgoing.offsets,
+                outgoing.grads,
+                outgoing.sightings,
+                step=step,
+                distinct=True,
+            )
             self._call_ps(f"push of step {step}", lambda: self.client.send_push(prepared))
 
     def _call_ps(self, what: str, call: Callable[[], T]) -> T:
@@ -285,7 +293,7 @@ class Trainer:
         with torch.no_grad():
             for batch in batches:
                 pulled = self.pull(batch)
-                embeddings = self._embeddings(pulled, [torch.from_numpy(g[3]) for g in pulled.groups])
+                embeddings = self._embeddings(pulled, torch.from_numpy(pulled.values))
                 logits.append(self.model(batch.dense, embeddings))
                 labels.append(batch.labels)
         y = torch.cat(labels).numpy()

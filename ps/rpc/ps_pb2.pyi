@@ -193,3 +193,61 @@ class PushBatchResponse(_message.Message):
     RESPONSES_FIELD_NUMBER: _ClassVar[int]
     responses: _containers.RepeatedCompositeFieldContainer[PushResponse]
     def __init__(self, responses: _Optional[_Iterable[_Union[PushResponse, _Mapping]]] = ...) -> None: ...
+
+class MultiLookupRequest(_message.Message):
+    __slots__ = ("tables", "dims", "offsets", "keys")
+    TABLES_FIELD_NUMBER: _ClassVar[int]
+    DIMS_FIELD_NUMBER: _ClassVar[int]
+    OFFSETS_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    tables: _containers.RepeatedScalarFieldContainer[str]
+    dims: _containers.RepeatedScalarFieldContainer[int]
+    offsets: _containers.RepeatedScalarFieldContainer[int]
+    keys: bytes
+    def __init__(self, tables: _Optional[_Iterable[str]] = ..., dims: _Optional[_Iterable[int]] = ..., offsets: _Optional[_Iterable[int]] = ..., keys: _Optional[bytes] = ...) -> None: ...
+
+class MultiLookupResponse(_message.Message):
+    __slots__ = ("values", "dtype", "versions")
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    values: bytes
+    dtype: DType
+    versions: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, values: _Optional[bytes] = ..., dtype: _Optional[_Union[DType, str]] = ..., versions: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class MultiPushRequest(_message.Message):
+    __slots__ = ("tables", "dims", "offsets", "keys", "grads", "dtype", "step", "push_id", "counts")
+    TABLES_FIELD_NUMBER: _ClassVar[int]
+    DIMS_FIELD_NUMBER: _ClassVar[int]
+    OFFSETS_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    GRADS_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    PUSH_ID_FIELD_NUMBER: _ClassVar[int]
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
+    tables: _containers.RepeatedScalarFieldContainer[str]
+    dims: _containers.RepeatedScalarFieldContainer[int]
+    offsets: _containers.RepeatedScalarFieldContainer[int]
+    keys: bytes
+    grads: bytes
+    dtype: DType
+    step: int
+    push_id: PushId
+    counts: bytes
+    def __init__(self, tables: _Optional[_Iterable[str]] = ..., dims: _Optional[_Iterable[int]] = ..., offsets: _Optional[_Iterable[int]] = ..., keys: _Optional[bytes] = ..., grads: _Optional[bytes] = ..., dtype: _Optional[_Union[DType, str]] = ..., step: _Optional[int] = ..., push_id: _Optional[_Union[PushId, _Mapping]] = ..., counts: _Optional[bytes] = ...) -> None: ...
+
+class MultiPushResponse(_message.Message):
+    __slots__ = ("versions", "num_updated", "num_inserted", "num_evicted", "duplicate")
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    NUM_UPDATED_FIELD_NUMBER: _ClassVar[int]
+    NUM_INSERTED_FIELD_NUMBER: _ClassVar[int]
+    NUM_EVICTED_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    versions: _containers.RepeatedScalarFieldContainer[int]
+    num_updated: int
+    num_inserted: int
+    num_evicted: int
+    duplicate: bool
+    def __init__(self, versions: _Optional[_Iterable[int]] = ..., num_updated: _Optional[int] = ..., num_inserted: _Optional[int] = ..., num_evicted: _Optional[int] = ..., duplicate: _Optional[bool] = ...) -> None: ...

@@ -64,6 +64,16 @@ class ParameterServerStub:
                 request_serializer=embps_dot_ps__pb2.PushBatchRequest.SerializeToString,
                 response_deserializer=embps_dot_ps__pb2.PushBatchResponse.FromString,
                 _registered_method=True)
+        self.LookupMulti = channel.unary_unary(
+                '/embps.v1.ParameterServer/LookupMulti',
+                request_serializer=embps_dot_ps__pb2.MultiLookupRequest.SerializeToString,
+                response_deserializer=embps_dot_ps__pb2.MultiLookupResponse.FromString,
+                _registered_method=True)
+        self.PushMulti = channel.unary_unary(
+                '/embps.v1.ParameterServer/PushMulti',
+                request_serializer=embps_dot_ps__pb2.MultiPushRequest.SerializeToString,
+                response_deserializer=embps_dot_ps__pb2.MultiPushResponse.FromString,
+                _registered_method=True)
 
 
 class ParameterServerServicer:
@@ -112,6 +122,20 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LookupMulti(self, request, context):
+        """Every table's keys of one round in one buffer (one native call on the shard for all tables).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PushMulti(self, request, context):
+        """Every table's gradients of one round in one buffer, under one push id: applied once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParameterServerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -144,6 +168,16 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     servicer.PushBatch,
                     request_deserializer=embps_dot_ps__pb2.PushBatchRequest.FromString,
                     response_serializer=embps_dot_ps__pb2.PushBatchResponse.SerializeToString,
+            ),
+            'LookupMulti': grpc.unary_unary_rpc_method_handler(
+                    servicer.LookupMulti,
+                    request_deserializer=embps_dot_ps__pb2.MultiLookupRequest.FromString,
+                    response_serializer=embps_dot_ps__pb2.MultiLookupResponse.SerializeToString,
+            ),
+            'PushMulti': grpc.unary_unary_rpc_method_handler(
+                    servicer.PushMulti,
+                    request_deserializer=embps_dot_ps__pb2.MultiPushRequest.FromString,
+                    response_serializer=embps_dot_ps__pb2.MultiPushResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -308,6 +342,60 @@ class ParameterServer:
             '/embps.v1.ParameterServer/PushBatch',
             embps_dot_ps__pb2.PushBatchRequest.SerializeToString,
             embps_dot_ps__pb2.PushBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LookupMulti(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/embps.v1.ParameterServer/LookupMulti',
+            embps_dot_ps__pb2.MultiLookupRequest.SerializeToString,
+            embps_dot_ps__pb2.MultiLookupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushMulti(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/embps.v1.ParameterServer/PushMulti',
+            embps_dot_ps__pb2.MultiPushRequest.SerializeToString,
+            embps_dot_ps__pb2.MultiPushResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -108,6 +108,11 @@ class ShardCallSite(CallSite):
         if method in ("Lookup", "Push"):
             m.request_keys.labels(table, method).inc(len(request.keys) // 8)
             m.request_bytes.labels(table, method).inc(len(request.keys) + len(getattr(request, "grads", b"")))
+        elif method in ("LookupMulti", "PushMulti"):
+            offsets = list(request.offsets)  # unchecked when the call failed: count what is countable
+            for name, a, b in zip(request.tables, offsets, offsets[1:], strict=False):
+                m.request_keys.labels(self.table_name_label(name), method).inc(max(0, b - a))
+            m.request_bytes.labels(table, method).inc(len(request.keys) + len(getattr(request, "grads", b"")))
         elif method in ("LookupBatch", "PushBatch"):
             for part in request.requests:
                 part_table = self.table_name_label(part.table)
@@ -200,6 +205,27 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
     @_tables_call("Push")
     def Push(self, request: ps_pb2.PushRequest) -> ps_pb2.PushResponse:
         return self.apply_push(request)
+
+    @_tables_call("LookupMulti")
+    def LookupMulti(self, request: ps_pb2.MultiLookupRequest) -> ps_pb2.MultiLookupResponse:
+        return self.shard.lookup_multi(request)
+
+    @_tables_call("PushMulti")
+    def PushMulti(self, request: ps_pb2.MultiPushRequest) -> ps_pb2.MultiPushResponse:
+        response, changed = self.shard.push_multi(request)
+        if response.duplicate:
+            for table in request.tables:
+                self.metrics.duplicate_pushes.labels(self.call_site.table_name_label(table)).inc()
+        for table in changed:
+            self.observe(table)
+        if changed:
+            self.loop.call_soon_threadsafe(self.notify_many, changed)
+        return response
+
+    def notify_many(self, tables: list[str]) -> None:
+        """notify() for each table (one hop to the event loop for a multi-table push)."""
+        for table in tables:
+            self.notify(table)
 
     def apply_push(self, request: ps_pb2.PushRequest) -> ps_pb2.PushResponse:
         """One push on the tables (serialised by the caller), with its metrics and Subscribe wake-up."""

@@ -21,6 +21,7 @@ from ps.errors import UnknownTableError, WrongShardError
 from ps.job_config import JobConfig
 from ps.rpc import ps_pb2
 from ps.shard.update_log import DEFAULT_MAX_ENTRIES, DEFAULT_MAX_KEYS, LogRange, UpdateLog
+from ps.table import multi
 from ps.table.embedding_table import ApplyResult, EmbeddingTable
 from ps.table.state import TableState
 
@@ -53,18 +54,31 @@ class PushLedger:
         self.num_bytes = 0
         self._clients: OrderedDict[str, OrderedDict[int, bytes]] = OrderedDict()
 
+    def get_raw(self, client_id: str, sequence: int) -> bytes | None:
+        """The packed answer recorded for (client_id, sequence), or None."""
+        seen = self._clients.get(client_id)
+        return None if seen is None else seen.get(sequence)
+
     def get(self, client_id: str, sequence: int) -> ps_pb2.PushResponse | None:
         """The answer recorded for (client_id, sequence), or None if it was not applied (or forgotten)."""
-        seen = self._clients.get(client_id)
-        answer = None if seen is None else seen.get(sequence)
+        answer = self.get_raw(client_id, sequence)
         if answer is None:
             return None
+        if isinstance(answer, MultiAnswer):
+            raise ValueError(
+                f"push_id: sequence {sequence} of client {client_id!r} was a PushMulti; a Push may not reuse it"
+            )
         version, num_updated, num_inserted, num_evicted = _ANSWER.unpack(answer)
         return ps_pb2.PushResponse(
             version=version, num_updated=num_updated, num_inserted=num_inserted, num_evicted=num_evicted
         )
 
     def put(self, client_id: str, sequence: int, response: ps_pb2.PushResponse) -> None:
+        r = response
+        self.put_raw(client_id, sequence, _ANSWER.pack(r.version, r.num_updated, r.num_inserted, r.num_evicted))
+
+    def put_raw(self, client_id: str, sequence: int, answer: bytes) -> None:
+        """Records a packed answer (a multi-table push keeps its whole serialised reply)."""
         check_client_id(client_id)
         seen = self._clients.get(client_id)
         if seen is None:
@@ -72,22 +86,30 @@ class PushLedger:
             self.num_bytes += LEDGER_CLIENT_BYTES + len(client_id)
         else:
             self._clients.move_to_end(client_id)
-        if sequence not in seen:
-            self.num_bytes += LEDGER_ENTRY_BYTES
-        r = response
-        seen[sequence] = _ANSWER.pack(r.version, r.num_updated, r.num_inserted, r.num_evicted)
+        previous = seen.get(sequence)
+        if previous is not None:
+            self.num_bytes -= _entry_bytes(previous)
+        seen[sequence] = answer
+        self.num_bytes += _entry_bytes(answer)
         if len(seen) > self.window:
-            seen.popitem(last=False)
-            self.num_bytes -= LEDGER_ENTRY_BYTES
+            self.num_bytes -= _entry_bytes(seen.popitem(last=False)[1])
         while len(self._clients) > 1 and (len(self._clients) > self.max_clients or self.num_bytes > self.max_bytes):
             self._forget_oldest_client()
         while self.num_bytes > self.max_bytes and len(seen) > 1:  # one client alone over the bound
-            seen.popitem(last=False)
-            self.num_bytes -= LEDGER_ENTRY_BYTES
+            self.num_bytes -= _entry_bytes(seen.popitem(last=False)[1])
 
     def _forget_oldest_client(self) -> None:
         client_id, seen = self._clients.popitem(last=False)
-        self.num_bytes -= LEDGER_CLIENT_BYTES + len(client_id) + LEDGER_ENTRY_BYTES * len(seen)
+        self.num_bytes -= LEDGER_CLIENT_BYTES + len(client_id) + sum(_entry_bytes(a) for a in seen.values())
+
+
+class MultiAnswer(bytes):
+    """A PushMulti's serialised reply as the ledger keeps it (told apart from a Push's packed answer)."""
+
+
+def _entry_bytes(answer: bytes) -> int:
+    """What one remembered answer costs: the measured entry, plus what a long answer holds beyond 32 bytes."""
+    return LEDGER_ENTRY_BYTES + max(0, len(answer) - _ANSWER.size)
 
 
 def check_client_id(client_id: str) -> None:
@@ -208,6 +230,77 @@ class Shard:
         if push_id.client_id:
             self.ledger.put(push_id.client_id, push_id.sequence, response)
         return response
+
+    def multi_tables(self, names, dims) -> list[EmbeddingTable]:
+        """The tables of a multi-table request, each once, with the dims it expects."""
+        if len(dims) != len(names):
+            raise ValueError(f"dims: {len(dims)} dims for {len(names)} tables")
+        if len(set(names)) != len(names):
+            raise ValueError("tables: a table appears more than once in one request")
+        tables = [self.table(name) for name in names]
+        for table, dim in zip(tables, dims, strict=True):
+            wire.check_dim(dim, table.dim, table.name)
+        return tables
+
+    def lookup_multi(self, request: ps_pb2.MultiLookupRequest) -> ps_pb2.MultiLookupResponse:
+        """Every table's keys in one buffer -> every table's values in one buffer (one native call)."""
+        tables = self.multi_tables(request.tables, request.dims)
+        keys = wire.decode_keys(request.keys)
+        offsets = wire.decode_offsets(request.offsets, len(tables), keys.shape[0])
+        reply_bytes = int(np.dot(np.diff(offsets), [4 * t.dim for t in tables])) if tables else 0
+        limit = self.job.message_limit_bytes
+        if reply_bytes + _REPLY_FRAMING_BYTES * len(tables) > limit:
+            raise ValueError(
+                f"keys: the reply would be {reply_bytes:,} bytes, over message_limit_bytes {limit:,}; split the request"
+            )
+        self.check_owned(keys)
+        values = multi.lookup_tables_bytes(tables, keys, offsets)
+        return ps_pb2.MultiLookupResponse(values=values, dtype=ps_pb2.FLOAT32, versions=[t.version for t in tables])
+
+    def push_multi(self, request: ps_pb2.MultiPushRequest) -> tuple[ps_pb2.MultiPushResponse, list[str]]:
+        """Applies every table's gradients once per push id; a repeat returns the first answer.
+        Returns the reply and the names of the tables it changed (none for a repeat)."""
+        push_id = request.push_id
+        if push_id.client_id:
+            check_client_id(push_id.client_id)
+            previous = self.ledger.get_raw(push_id.client_id, push_id.sequence)
+            if previous is not None:
+                if not isinstance(previous, MultiAnswer):
+                    raise ValueError(
+                        f"push_id: sequence {push_id.sequence} of client {push_id.client_id!r} was a Push; "
+                        "a PushMulti may not reuse it"
+                    )
+                response = ps_pb2.MultiPushResponse.FromString(previous)
+                response.duplicate = True
+                return response, []
+        tables = self.multi_tables(request.tables, request.dims)
+        keys = wire.decode_keys(request.keys)
+        offsets = wire.decode_offsets(request.offsets, len(tables), keys.shape[0])
+        num_values = int(np.dot(np.diff(offsets), [t.dim for t in tables])) if tables else 0
+        grads = wire.decode_values(request.grads, num_values, 1, request.dtype, "grads").reshape(-1)
+        counts = wire.decode_counts(request.counts, keys.shape[0])
+        if counts is not None and counts.size and counts.min() < 1:
+            raise ValueError("counts: every entry must be >= 1")
+        if not np.isfinite(grads).all():
+            raise ValueError(
+                "grads: non-finite value; the whole push is rejected so that one bad gradient cannot poison a row"
+            )
+        self.check_owned(keys)
+        step = request.step if request.HasField("step") else None
+        for table in tables:
+            table.check_step(step)
+        results = multi.push_tables(tables, keys, offsets, grads, counts, step)
+        now = time.time()
+        response = ps_pb2.MultiPushResponse()
+        for table, result in zip(tables, results, strict=True):
+            self.logs[table.name].append(table.version, _touched_keys(result), result.evicted_keys, now)
+            response.versions.append(table.version)
+            response.num_updated += result.num_updated
+            response.num_inserted += result.num_inserted
+            response.num_evicted += int(result.evicted_keys.shape[0])
+        if push_id.client_id:
+            self.ledger.put_raw(push_id.client_id, push_id.sequence, MultiAnswer(response.SerializeToString()))
+        return response, [t.name for t in tables]
 
     def log(self, name: str) -> UpdateLog:
         """The update log of table `name` (UnknownTableError if there is none)."""

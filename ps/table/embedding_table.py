@@ -23,7 +23,7 @@ import torch
 from ps import native
 from ps.errors import CapacityError
 from ps.table import optimizers
-from ps.table.config import AdmissionKind, EvictionPolicy, Storage, TableConfig
+from ps.table.config import AdmissionKind, EvictionPolicy, OptimizerKind, Storage, TableConfig
 from ps.table.init import init_values
 from ps.table.row_store import BLOCK_SHIFT, RowStore
 from ps.table.state import TableChanges, TableState
@@ -316,6 +316,58 @@ class EmbeddingTable:
         self._update(apply_keys, rows, sums[apply_mask], sightings[apply_mask], step)
         self._count_pending(unique_keys[is_new][~admit_new], sightings[is_new][~admit_new], step)
         return self._finish(step, apply_keys, int(inserted.sum()), evicted)
+
+    # -- multi-table verbs (ps/table/multi.py): one native call for many tables --------------
+
+    @property
+    def multi_native(self) -> bool:
+        """True when lookups of this table can run in a multi-table native call (CPU rows, C++
+        kernels, float32 values: csrc/multi_table.h neither decodes nor encodes low-precision rows)."""
+        return self._use_native and self.config.storage == Storage.FLOAT32
+
+    def multi_push_ready(self, num_keys: int) -> bool:
+        """True when a push of num_keys keys takes apply_gradients' fast path for sure (no
+        admission, no row index, room for every key), so the multi-table native call may apply it."""
+        capacity = self.config.capacity
+        return (
+            self.multi_native
+            and not self._indexed
+            and self.config.admission.kind == AdmissionKind.NONE
+            and (capacity is None or self.size + num_keys <= capacity)
+        )
+
+    def multi_args(self) -> tuple:
+        """(map, block addresses, params (7,), reals (6,), seed) for csrc/multi_table.h's TableRef."""
+        state_init = 0.0
+        if self.config.optimizer.kind in (OptimizerKind.ADAGRAD, OptimizerKind.ROWWISE_ADAGRAD):
+            state_init = self.config.optimizer.initial_accumulator
+        params = (
+            self._store.block_shift,
+            self.width,
+            self.dim,
+            self.state_width,
+            native.native_enum(native.Initializer, self.config.initializer).value,
+            self._native_optimizer.value,
+            self.step,
+        )
+        reals = (self.config.init_scale, state_init, *self._hyper)
+        return self._map._map, self._store.block_addresses, params, reals, self.config.seed & 0xFFFFFFFFFFFFFFFF
+
+    def reserve_rows(self, num_keys: int) -> None:
+        """Allocates row blocks so that num_keys more keys fit (before a multi-table native push)."""
+        self._store.ensure_rows(self._map.num_rows + num_keys)
+
+    def finish_multi_push(self, step: int, updated_keys: np.ndarray, num_inserted: int) -> ApplyResult:
+        """The bookkeeping of apply_gradients after the native multi-table call applied a push."""
+        self.num_admitted += num_inserted
+        return self._finish(step, updated_keys, num_inserted, np.empty(0, dtype=np.int64))
+
+    def check_step(self, step: int | None) -> int:
+        """The step a push applies at (default version + 1); ValueError outside [0, 2^32 - 1]."""
+        step = self.version + 1 if step is None else step
+        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or not 0 <= step <= _MAX_STEP:
+            raise ValueError(f"step: must be an integer in [0, 2^32 - 1], got {step!r}")
+        return int(step)
 
     def _finish(self, step: int, updated_keys: np.ndarray, num_inserted: int, evicted: np.ndarray) -> ApplyResult:
         """Advances version and step, runs the TTL sweep when one is due, records changes."""

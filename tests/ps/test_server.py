@@ -187,7 +187,9 @@ def test_health_and_reflection(cluster):
         services = db.get_services()
         assert SERVICE_NAME in services and "grpc.health.v1.Health" in services
         methods = {m.name for m in db.FindFileContainingSymbol(SERVICE_NAME).service[0].method}
-        assert methods == {"Lookup", "Push", "Stats", "Subscribe", "LookupBatch", "PushBatch"}
+        assert methods == {
+            "Lookup", "Push", "Stats", "Subscribe", "LookupBatch", "PushBatch", "LookupMulti", "PushMulti"
+        }  # fmt: skip
 
 
 def test_status_mapping_hides_unexpected_errors():

@@ -28,12 +28,12 @@ class SlowPushTables(LocalTables):
         self.max_missed = 0
         self.pushed_steps: list[int] = []
 
-    def lookup_many(self, requests):
+    def lookup_multi(self, tables, keys, offsets):
         with self.lock:
             looking_up_for = self.trainer.step + 1
             applied = len(self.pushed_steps)  # pushes apply in step order (one push thread)
             self.max_missed = max(self.max_missed, looking_up_for - 1 - applied)
-        return super().lookup_many(requests)
+        return super().lookup_multi(tables, keys, offsets)
 
     def send_push(self, prepared) -> None:
         time.sleep(0.05)

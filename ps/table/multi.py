@@ -1,0 +1,121 @@
+"""Lookup and push on many tables at once: one native call (csrc/multi_table.h) walks them all,
+the GIL released once, instead of one Python call per table.
+
+    keys (n,) table after table, offsets (T + 1,)  --one C++ call-->  values, table after table
+
+Per-table maps, rows, init and optimizers are the tables' own; a table the native call cannot
+serve exactly as EmbeddingTable would (device rows, torch kernels, admission, a row index for
+eviction or TTL, a push that may not fit) goes through its own Python verbs, with the same result.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+
+from ps import native
+from ps.table.embedding_table import ApplyResult, EmbeddingTable
+
+
+def value_offsets(tables: Sequence[EmbeddingTable], offsets: np.ndarray) -> np.ndarray:
+    """(T + 1,) where each table's values start in a flat buffer, table after table."""
+    dims = np.array([t.dim for t in tables], dtype=np.int64)
+    out = np.zeros(len(tables) + 1, dtype=np.int64)
+    np.cumsum(np.diff(offsets) * dims, out=out[1:])
+    return out
+
+
+def _args(tables: Sequence[EmbeddingTable]) -> tuple[list, list, np.ndarray, np.ndarray, np.ndarray]:
+    parts = [t.multi_args() for t in tables]
+    maps = [p[0] for p in parts]
+    blocks = [p[1] for p in parts]
+    params = np.array([p[2] for p in parts], dtype=np.int64).reshape(len(parts), 7)
+    reals = np.array([p[3] for p in parts], dtype=np.float64).reshape(len(parts), 6)
+    seeds = np.array([p[4] for p in parts], dtype=np.uint64)
+    return maps, blocks, params, reals, seeds
+
+
+def lookup_tables(tables: Sequence[EmbeddingTable], keys: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """keys (n,) int64 table after table, offsets (T + 1,) -> values, flat float32, table t's
+    (n_t, dim_t) rows after those of tables < t. Keys without a row read as their init value."""
+    starts = value_offsets(tables, offsets)
+    out = np.empty(int(starts[-1]), dtype=np.float32)
+    if all(t.multi_native for t in tables):
+        native.lookup_multi(*_args(tables), keys, offsets, out)
+        return out
+    for i, table in enumerate(tables):  # device tables: one torch lookup each
+        out[starts[i] : starts[i + 1]] = table.lookup(keys[offsets[i] : offsets[i + 1]]).cpu().numpy().reshape(-1)
+    return out
+
+
+def lookup_tables_bytes(tables: Sequence[EmbeddingTable], keys: np.ndarray, offsets: np.ndarray) -> bytes:
+    """lookup_tables' values as the bytes of a reply (float32, little-endian on this host), written
+    by the native call straight into the bytes object when every table is native."""
+    if all(t.multi_native for t in tables) and sys.byteorder == "little":
+        return native.lookup_multi_bytes(*_args(tables), keys, offsets)
+    return lookup_tables(tables, keys, offsets).astype("<f4", copy=False).tobytes()
+
+
+def push_tables(
+    tables: Sequence[EmbeddingTable],
+    keys: np.ndarray,
+    offsets: np.ndarray,
+    grads: np.ndarray,
+    counts: np.ndarray | None,
+    step: int | None,
+) -> list[ApplyResult]:
+    """Applies each table's gradients as tables[t].apply_gradients(keys_t, grads_t, step, counts_t)
+    would. grads: flat float32, table after table (n_t, dim_t); counts (n,) int64 >= 1 or None.
+
+    The caller has checked the grads (finite) and counts (>= 1). Tables the native call cannot
+    serve go first, through apply_gradients (each all or nothing: a CapacityError there leaves
+    the tables before it applied); then every other table in one native call, which cannot fail.
+    """
+    steps = [t.check_step(step) for t in tables]
+    starts = value_offsets(tables, offsets)
+    sizes = np.diff(offsets)
+    results: list[ApplyResult | None] = [None] * len(tables)
+    fast = [i for i, t in enumerate(tables) if t.multi_push_ready(int(sizes[i]))]
+    fast_set = set(fast)
+    for i, table in enumerate(tables):
+        if i in fast_set:
+            continue
+        results[i] = table.apply_gradients(
+            keys[offsets[i] : offsets[i + 1]],
+            grads[starts[i] : starts[i + 1]].reshape(-1, table.dim),
+            step=steps[i],
+            counts=None if counts is None else counts[offsets[i] : offsets[i + 1]],
+        )
+    if fast:
+        chosen = [tables[i] for i in fast]
+        if len(fast) == len(tables):
+            sub_keys, sub_offsets, sub_grads, sub_counts = keys, offsets, grads, counts
+        else:
+            sub_keys = np.concatenate([keys[offsets[i] : offsets[i + 1]] for i in fast])
+            sub_offsets = np.zeros(len(fast) + 1, dtype=np.int64)
+            np.cumsum(sizes[fast], out=sub_offsets[1:])
+            sub_grads = np.concatenate([grads[starts[i] : starts[i + 1]] for i in fast])
+            sub_counts = None if counts is None else np.concatenate([counts[offsets[i] : offsets[i + 1]] for i in fast])
+        for i, table in zip(fast, chosen, strict=True):
+            table.reserve_rows(int(sizes[i]))
+        updated = np.empty(sub_keys.shape[0], dtype=np.int64)
+        num_updated = np.empty(len(fast), dtype=np.int64)
+        num_inserted = np.empty(len(fast), dtype=np.int64)
+        native.push_multi(
+            *_args(chosen),
+            np.ascontiguousarray(sub_keys, dtype=np.int64),
+            np.ascontiguousarray(sub_offsets, dtype=np.int64),
+            np.ascontiguousarray(sub_grads, dtype=np.float32),
+            None if sub_counts is None else np.ascontiguousarray(sub_counts, dtype=np.int64),
+            np.array([steps[i] for i in fast], dtype=np.uint32),
+            updated,
+            num_updated,
+            num_inserted,
+        )
+        for j, (i, table) in enumerate(zip(fast, chosen, strict=True)):
+            first = int(sub_offsets[j])
+            touched = updated[first : first + int(num_updated[j])]
+            results[i] = table.finish_multi_push(steps[i], touched, int(num_inserted[j]))
+    return results  # type: ignore[return-value]
