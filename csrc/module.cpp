@@ -134,6 +134,8 @@ void bind_codec(nb::module_& m) {
         },
         "optimizer"_a.noconvert(), "hyper"_a, "blocks"_a, "shift"_a, "width"_a, "storage"_a.noconvert(), "dim"_a,
         "state_width"_a, "seed"_a, "keys"_a, "rows"_a, "grads"_a, "counts"_a, "step"_a);
+}
+
 // The tables of a multi-table call, from per-table lists and (T,) arrays (ps/native.py checks them).
 std::vector<embps::TableRef> make_tables(nb::list maps, nb::list blocks, Array<const int64_t, nb::ndim<2>> params,
                                          Array<const double, nb::ndim<2>> reals) {
