@@ -12,13 +12,14 @@ from hypothesis import strategies as st
 from ps import native
 from ps.client import InvalidArgumentError, PSClient, TableNotFoundError
 from ps.rpc import ps_pb2, ps_pb2_grpc
-from ps.table.config import AdmissionConfig, AdmissionKind, OptimizerConfig, OptimizerKind, TableConfig
+from ps.table.config import AdmissionConfig, AdmissionKind, OptimizerConfig, OptimizerKind, Storage, TableConfig
 from ps.table.embedding_table import EmbeddingTable
 from ps.table.multi import lookup_tables, push_tables, value_offsets
 from tests.helpers.in_process import InProcessShards
 from tests.helpers.processes import make_job
 
-# Every optimizer, five dims, and one table with admission (served by its Python path).
+# Every optimizer, five dims, and tables served by their own Python verbs: one with admission,
+# float16 and int8 rows.
 MIXED = [
     TableConfig(name="sgd", dim=4, seed=1, optimizer=OptimizerConfig(kind=OptimizerKind.SGD, lr=0.1)),
     TableConfig(
@@ -41,6 +42,16 @@ MIXED = [
         seed=6,
         optimizer=OptimizerConfig(kind=OptimizerKind.SGD, lr=0.1),
         admission=AdmissionConfig(kind=AdmissionKind.COUNT, min_count=3),
+    ),
+    TableConfig(
+        name="half",
+        dim=6,
+        seed=7,
+        storage=Storage.FLOAT16,
+        optimizer=OptimizerConfig(kind=OptimizerKind.ROWWISE_ADAGRAD, lr=0.1, initial_accumulator=0.1),
+    ),
+    TableConfig(
+        name="int8", dim=8, seed=8, storage=Storage.INT8, optimizer=OptimizerConfig(kind=OptimizerKind.SGD, lr=0.1)
     ),
 ]
 
