@@ -40,9 +40,9 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Iterator, Sequence
-from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 

@@ -38,19 +38,25 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from ps import wire
-from ps.process.metrics import LATENCY_BUCKETS
 from ps.errors import UnknownTableError
 from ps.process.calls import CallSite, UndecodableRequests, unary_call
+from ps.process.metrics import LATENCY_BUCKETS
 from ps.rpc import ps_pb2, serving_pb2, serving_pb2_grpc
 from ps.security import Role, TokenAuth, add_port, open_aio_channel, server_interceptors, serving_port_policy
 from serving.config import ServeConfig, load_serve_config
 from serving.core_calls import CoreCallCounts, counts_core_calls, server_ids
 from serving.follower import ShardFollower
-from serving.gate import GateCounts, GateDirectory, GateIdentity, NativeLookups, ServingGate, native_lookups, unavailable_reason
+from serving.gate import (
+    GateCounts,
+    GateDirectory,
+    GateIdentity,
+    NativeLookups,
+    ServingGate,
+    native_lookups,
+    unavailable_reason,
+)
 from serving.metrics import ServingMetrics
 from serving.shedding import (
-    LOOKUP_MANY_METHOD,
-    LOOKUP_METHOD,
     LOOKUP_METHODS,
     LookupQueue,
     core_backlog_options,
