@@ -7,9 +7,9 @@
 // answers one more RESOURCE_EXHAUSTED at once, unread, in C++. "Lookups" are the calls of the
 // bounded methods (`lookup_methods`: Serving/Lookup and Serving/LookupMany); they share one bound.
 //
-// An admitted Lookup is answered by the replica's Python code directly (`lookup`, called on one
-// of the gate's `workers` threads with the GIL): token check, parsing, the lookup and the reply.
-// That skips grpc.aio's per-call machinery, which costs as much as the lookup itself. Every other
+// An admitted Lookup is answered by `lookup` on one of the gate's `workers` threads: in the
+// replica, NativeLookups (serving_lookup.h), which parses, checks the token, reads the native
+// row store and encodes the reply in C++, without the GIL. Every other
 // call (Status, health, reflection; streaming or not) is forwarded byte for byte, with its
 // metadata and deadline, to the replica's grpc.aio server on a private Unix socket, and the
 // replies, status and trailing metadata come back unchanged.
@@ -56,7 +56,7 @@ struct LookupReply {
   grpc::Slice payload;  // filled once from the handler's bytes, then sent without a copy
 };
 
-// Runs on a worker thread; must not throw (the binding turns a Python exception into INTERNAL).
+// Runs on a worker thread; must not throw.
 using LookupHandler = std::function<LookupReply(const LookupRequest&)>;
 
 struct GateConfig {

@@ -45,6 +45,6 @@ def load_latest_export(source: ExportSource, replicas: dict[str, TableReplica]) 
             keys, values = export.load_values(name, s)
             rows = ShardRows(replica.dim, replica.dtype, version=entry.shards[s].version)
             rows.upsert(keys.astype("int64", copy=False), values.astype("float32", copy=False))
-            replica.shards[s] = rows
+            replica.replace_shard(s, rows)
         log.info("loaded table %r from export step %d: %d rows", name, step, replica.size)
     return step

@@ -57,6 +57,11 @@ class ShardFollower:
         self.status = FollowerStatus(last_message=time.monotonic())
         self._labels = (replica.name, str(shard))
         self._need_full_sync = False
+        self._report_link()
+
+    def _report_link(self) -> None:
+        """Tells the native store the stream's state (the gate's replies carry `stale` from it)."""
+        self.replica.set_link(self.shard, self.status.connected, self.status.last_message)
 
     @property
     def rows(self) -> ShardRows:
@@ -89,6 +94,7 @@ class ShardFollower:
                 log.error("table %s shard %s: %s", *self._labels, self.status.last_error)
                 self._need_full_sync = True
             self.status.connected = False
+            self._report_link()
             await asyncio.sleep(pause)
             pause = min(2 * pause, BACKOFF_MAX_SECONDS)
             if self.status.last_message > time.monotonic() - BACKOFF_MAX_SECONDS:
@@ -108,6 +114,7 @@ class ShardFollower:
         async for batch in self.stub.Subscribe(request):
             self.status.connected = True
             self.status.last_message = time.monotonic()
+            self._report_link()
             if batch.reset:
                 building = ShardRows(self.replica.dim, self.replica.dtype)
             target = building if building is not None else self.rows
@@ -124,7 +131,7 @@ class ShardFollower:
             target.version = batch.to_version
             target.incarnation = batch.incarnation
             if building is not None:
-                self.replica.shards[self.shard] = building
+                self.replica.replace_shard(self.shard, building)
                 building = None
                 self._need_full_sync = False
                 self.status.num_resyncs += int(full)

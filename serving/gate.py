@@ -10,11 +10,11 @@ and answers one more RESOURCE_EXHAUSTED at once, before reading it, in microseco
 the bytes the admitted Lookups hold (request, then reply, until sent) by `max_queue_bytes`: a
 Lookup read while they hold more is answered RESOURCE_EXHAUSTED too (one is always admitted).
 
-An admitted Lookup is answered by `lookup(method, authorization, request) -> (code, message,
-reply)`, which the gate calls on one of its `threads` worker threads with the GIL (the lookup's
-C++ parts, the hash map's find and the gather, release it): the replica's GateLookups
-(serving/server.py) checks the token, parses, looks up and serializes, as the Lookup RPC does,
-without grpc.aio's per-call work. Every other call (Status, health, reflection) goes byte for
+An admitted Lookup is answered on one of the gate's `threads` worker threads by `lookup`, a
+NativeLookups (csrc/serving_lookup.h, built by `native_lookups`): it checks the token, parses,
+reads the rows from the native store of serving/store.py and encodes the reply in C++, without
+the GIL, with the codes, messages and metrics of the Lookup RPC (serving/metrics.py exports its
+counts). Every other call (Status, health, reflection) goes byte for
 byte with its metadata and deadline to the replica's grpc.aio server on a Unix socket in a
 private directory, which checks tokens and answers as before; replies, statuses and trailing
 metadata come back unchanged.
@@ -39,9 +39,10 @@ import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
@@ -167,7 +168,17 @@ def _replace(path: Path, data: bytes) -> None:
     os.replace(staged, path)
 
 
-LookupHandler = Callable[[str, bytes, bytes], tuple[int, str, bytes]]
+NativeLookups = Any  # _embps_gate.NativeLookups: the Lookup handler in C++ (csrc/serving_lookup.h)
+
+
+def native_lookups(
+    tables: Sequence[Any], latency_buckets: Sequence[float], stale_after_seconds: float, auth: bool
+) -> NativeLookups:
+    """The gate's Lookup handler over `tables` (TableReplica.native of serving/store.py): request
+    durations in histograms of `latency_buckets`; auth: calls need a token set by set_tokens."""
+    if _embps_gate is None:
+        raise RuntimeError(unavailable_reason())
+    return _embps_gate.NativeLookups(list(tables), [float(b) for b in latency_buckets], stale_after_seconds, auth)
 
 
 class ServingGate:
@@ -181,7 +192,7 @@ class ServingGate:
         listen: str,
         upstream: str,
         lookup_methods: Sequence[str],
-        lookup: LookupHandler,
+        lookup: NativeLookups,
         max_queue: int,
         max_message_bytes: int,
         identity: GateIdentity | None,

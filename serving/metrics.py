@@ -7,8 +7,14 @@ host's clock; on one host, or with synchronised clocks, the difference is the de
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from ps.process.metrics import LATENCY_BUCKETS
 
@@ -94,7 +100,85 @@ class ServingMetrics:
         self.registry.unregister(self.shed)
         self.registry.register(collector)
 
+    def add_native_calls(self, native: Any) -> None:
+        """Exports the request, duration and key metrics as the sums of this process's Python
+        counts and the serving gate's native Lookups (`native`: its NativeLookups), under the
+        same names and labels."""
+        python = (self.requests, self.request_duration, self.lookup_duration, self.lookup_keys, self.lookup_missing)
+        for metric in python:
+            self.registry.unregister(metric)
+        self.registry.register(NativeCallMetrics(self, native))
+
     def serve(self, port: int, host: str = "127.0.0.1") -> int:
         """Starts the /metrics HTTP server in a daemon thread; returns the bound port."""
         server, _thread = start_http_server(port, addr=host, registry=self.registry)
         return server.server_address[1]
+
+
+_CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+
+
+class NativeCallMetrics:
+    """Prometheus collector: ServingMetrics' per-call series, Python's counts plus the gate's."""
+
+    def __init__(self, metrics: ServingMetrics, native: Any) -> None:
+        self._metrics = metrics
+        self._native = native
+
+    def collect(self) -> Iterator:
+        m = self._metrics
+        native = self._native.metrics()
+        requests: dict[tuple[str, ...], float] = {}
+        durations: dict[tuple[str, ...], tuple[list[float], float]] = {}
+        for table, method, code, count, cumulative, total in native["calls"]:
+            labels = (table, method, _CODE_NAMES[code])
+            requests[labels] = requests.get(labels, 0.0) + count
+            durations[labels] = (list(cumulative), total)
+        for method, code, count in native["denied"]:
+            labels = ("", method, _CODE_NAMES[code])
+            requests[labels] = requests.get(labels, 0.0) + count
+        keys: dict[tuple[str, ...], float] = {}
+        missing: dict[tuple[str, ...], float] = {}
+        lookup_durations: dict[tuple[str, ...], tuple[list[float], float]] = {}
+        for table, n_keys, n_missing, cumulative, count, total in native["tables"]:
+            if count:
+                keys[(table,)] = n_keys
+                missing[(table,)] = n_missing
+                lookup_durations[(table,)] = (list(cumulative), total)
+        yield _counter(m.requests, requests)
+        yield _histogram(m.request_duration, durations)
+        yield _histogram(m.lookup_duration, lookup_durations)
+        yield _counter(m.lookup_keys, keys)
+        yield _counter(m.lookup_missing, missing)
+
+
+def _counter(metric: Counter, extra: dict[tuple[str, ...], float]) -> CounterMetricFamily:
+    (family,) = metric.collect()
+    names = list(metric._labelnames)
+    totals = dict(extra)
+    for sample in family.samples:
+        if sample.name.endswith("_total"):
+            labels = tuple(sample.labels[n] for n in names)
+            totals[labels] = totals.get(labels, 0.0) + sample.value
+    out = CounterMetricFamily(family.name, family.documentation, labels=names)
+    for labels, value in sorted(totals.items()):
+        out.add_metric(list(labels), value)
+    return out
+
+
+def _histogram(metric: Histogram, extra: dict[tuple[str, ...], tuple[list[float], float]]) -> HistogramMetricFamily:
+    (family,) = metric.collect()
+    names = list(metric._labelnames)
+    bounds = [floatToGoString(b) for b in metric._upper_bounds]  # the last is +Inf
+    series = {labels: (list(cumulative), total) for labels, (cumulative, total) in extra.items()}
+    for sample in family.samples:
+        labels = tuple(sample.labels[n] for n in names)
+        cumulative, total = series.setdefault(labels, ([0.0] * len(bounds), 0.0))
+        if sample.name.endswith("_bucket"):
+            cumulative[bounds.index(sample.labels["le"])] += sample.value
+        elif sample.name.endswith("_sum"):
+            series[labels] = (cumulative, total + sample.value)
+    out = HistogramMetricFamily(family.name, family.documentation, labels=names)
+    for labels, (cumulative, total) in sorted(series.items()):
+        out.add_metric(list(labels), list(zip(bounds, cumulative, strict=True)), total)
+    return out

@@ -9,11 +9,13 @@ versions. Lookups run on the event loop (small) or a thread (large) and read Sha
 the followers write concurrently (see serving/store.py for why a reader never sees half a row).
 Health: "" and embps.v1.Serving are SERVING while the replica answers, even with every PS down
 (it keeps the last weights); "embps.v1.Serving/shard-<s>" is NOT_SERVING while shard s is stale;
-the Status RPC gives the details. Every call, the gate's Lookups too, goes through the one call
-wrapper of ps/process/calls.py (errors become status codes, `ReplicaCallSite` records metrics).
+the Status RPC gives the details. Every call grpc.aio answers goes through the one call
+wrapper of ps/process/calls.py (errors become status codes, `ReplicaCallSite` records metrics);
+the gate's native Lookups count the same metrics in C++ (serving/metrics.py merges them).
 SIGTERM: NOT_SERVING, in-flight calls finish within the grace, exit 0.
 Public port: the native gate (serving/gate.py) listens there; it answers Lookups on its own
-threads through GateLookups and forwards every other call to this grpc.aio server on a private
+threads without Python (`gate_lookups`: csrc/serving_lookup.h reads the native row store of
+serving/store.py) and forwards every other call to this grpc.aio server on a private
 Unix socket. Overload: beyond `max_queue` Lookups admitted and not answered, the gate answers more
 RESOURCE_EXHAUSTED at once, in C++. Without the gate (built without grpc++, or
 EMBPS_SERVING_GATE=0) this server listens itself and sheds as serving/shedding.py says.
@@ -26,7 +28,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Container
+from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 
 import grpc
@@ -37,17 +39,24 @@ from grpc_reflection.v1alpha import reflection
 
 from ps import wire
 from ps.errors import UnknownTableError
-from ps.process.calls import CallSite, UndecodableRequests, answer_call, decode, unary_call
+from ps.process.calls import CallSite, UndecodableRequests, unary_call
+from ps.process.metrics import LATENCY_BUCKETS
 from ps.rpc import ps_pb2, serving_pb2, serving_pb2_grpc
 from ps.security import Role, TokenAuth, add_port, open_aio_channel, server_interceptors, serving_port_policy
 from serving.config import ServeConfig, load_serve_config
 from serving.core_calls import CoreCallCounts, counts_core_calls, server_ids
 from serving.follower import ShardFollower
-from serving.gate import GateCounts, GateDirectory, GateIdentity, ServingGate, unavailable_reason
+from serving.gate import (
+    GateCounts,
+    GateDirectory,
+    GateIdentity,
+    NativeLookups,
+    ServingGate,
+    native_lookups,
+    unavailable_reason,
+)
 from serving.metrics import ServingMetrics
 from serving.shedding import (
-    LOOKUP_MANY_METHOD,
-    LOOKUP_METHOD,
     LOOKUP_METHODS,
     LookupQueue,
     core_backlog_options,
@@ -213,37 +222,22 @@ class ServingServicer(serving_pb2_grpc.ServingServicer):
         return any(f.stale(threshold) for f in self._followers.get((table, shard), ()))
 
 
-class GateLookups:
-    """Answers the Lookups and LookupManys the serving gate admits (serving/gate.py), on its worker
-    threads with the GIL: the token check, parsing, lookup and reply of the RPC, with the same
-    status codes, messages and metrics, without grpc.aio's per-call work."""
+def gate_lookups(replica: Replica, auth: TokenAuth | None) -> NativeLookups:
+    """The serving gate's Lookup and LookupMany handler: token check, parsing, lookup, reply and
+    metrics in C++ (csrc/serving_lookup.h), over the tables' native stores, with the status codes
+    and messages of ServingServicer and TokenAuth. `refresh_tokens` keeps its tokens current."""
+    native = native_lookups(
+        [table.native for table in replica.tables.values()], LATENCY_BUCKETS, replica.config.stale_after_seconds,
+        auth is not None,
+    )
+    refresh_tokens(native, auth)
+    return native
 
-    def __init__(self, servicer: ServingServicer, auth: TokenAuth | None) -> None:
-        self.servicer = servicer
-        self.auth = auth
-        self._methods = {
-            LOOKUP_METHOD: ("Lookup", serving_pb2.ServingLookupRequest.FromString, servicer.answer_lookup),
-            LOOKUP_MANY_METHOD: (
-                "LookupMany", serving_pb2.ServingLookupManyRequest.FromString, servicer.answer_lookup_many
-            ),
-        }
 
-    def __call__(self, method: str, authorization: bytes, payload: bytes) -> tuple[int, str, bytes]:
-        """(status code number, message, reply message bytes) for one call of `method` (its full name)."""
-        known = self._methods.get(method)
-        if known is None:
-            return grpc.StatusCode.UNIMPLEMENTED.value[0], f"{method}: not answered by the gate's handler", b""
-        name, parse, answer = known
-        if self.auth is not None:
-            metadata = (("authorization", authorization.decode("latin-1")),) if authorization else ()
-            refused = self.auth.deny(method, metadata)
-            if refused is not None:
-                return refused[0].value[0], refused[1], b""
-        request = decode(parse, payload, method)
-        code, message, reply = answer_call(
-            self.servicer.call_site, name, request, lambda r: answer(r).SerializeToString()
-        )
-        return code.value[0], message, reply if reply is not None else b""
+def refresh_tokens(native: NativeLookups, auth: TokenAuth | None) -> None:
+    """Gives the gate the current tokens that may call Lookup (a token file may have changed)."""
+    if auth is not None:
+        native.set_tokens(auth.tokens_for(LOOKUP_METHODS))
 
 
 def channel_options(config: ServeConfig) -> list[tuple[str, int]]:
@@ -288,10 +282,9 @@ def message_limit(config: ServeConfig) -> int:
 
 async def create_server(
     config: ServeConfig, address: str | None = None, metrics: ServingMetrics | None = None, gated: bool = False
-) -> tuple[grpc.aio.Server, int, ServingServicer, HealthServicer, GateLookups]:
+) -> tuple[grpc.aio.Server, int, ServingServicer, HealthServicer, TokenAuth | None]:
     """Builds (not starts) the replica's server bound to `address` (default: config.listen; port
-    0 picks one). Returns (server, bound port, servicer, health servicer, the Lookup handler of a
-    gate).
+    0 picks one). Returns (server, bound port, servicer, health servicer, its token check).
 
     gated: the server sits behind the gate (serving/gate.py), `address` is its Unix socket, and it
     binds it in plaintext (the gate ends TLS) without a queue bound of its own (the gate's holds)."""
@@ -329,7 +322,7 @@ async def create_server(
     if port == 0:
         raise OSError(f"listen: cannot bind {address}")
     token_auth = next((i for i in auth if isinstance(i, TokenAuth)), None)
-    return server, port, servicer, health, GateLookups(servicer, token_auth)
+    return server, port, servicer, health, token_auth
 
 
 def _count_core_calls(metrics: ServingMetrics, created: set[int]) -> None:
@@ -343,8 +336,11 @@ def _count_core_calls(metrics: ServingMetrics, created: set[int]) -> None:
     metrics.registry.register(CoreCallCounts(created.pop()))
 
 
-async def monitor(servicer: ServingServicer, health: HealthServicer) -> None:
-    """Refreshes staleness gauges, per-shard health and memory every MONITOR_SECONDS."""
+async def monitor(
+    servicer: ServingServicer, health: HealthServicer, on_tick: Callable[[], None] | None = None
+) -> None:
+    """Refreshes staleness gauges, per-shard health and memory every MONITOR_SECONDS (and calls
+    `on_tick`: the gate's tokens)."""
     replica, m = servicer.replica, servicer.metrics
     threshold = replica.config.stale_after_seconds
     was_stale: dict[int, bool] = {}
@@ -363,6 +359,8 @@ async def monitor(servicer: ServingServicer, health: HealthServicer) -> None:
         was_stale = stale
         for table in replica.tables.values():
             m.memory.labels(table.name).set(table.memory_bytes)
+        if on_tick is not None:
+            on_tick()
         await asyncio.sleep(MONITOR_SECONDS)
 
 
@@ -383,12 +381,16 @@ async def _serve_on(
     without_gate: str | None,
 ) -> int:
     gated = directory is not None
-    server, port, servicer, health, lookups = await create_server(
+    server, port, servicer, health, token_auth = await create_server(
         config, directory.upstream if gated else None, metrics=metrics, gated=gated
     )
+    lookups = gate_lookups(servicer.replica, token_auth) if gated else None
+    if lookups is not None:
+        metrics.add_native_calls(lookups)
     metrics_port = metrics.serve(config.metrics_port, config.host)
     tasks = [asyncio.create_task(f.run()) for f in servicer.replica.followers]
-    tasks.append(asyncio.create_task(monitor(servicer, health)))
+    on_tick = (lambda: refresh_tokens(lookups, token_auth)) if lookups is not None and token_auth else None
+    tasks.append(asyncio.create_task(monitor(servicer, health, on_tick)))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -425,6 +427,8 @@ async def _serve_on(
         await stop.wait()
         log.info("draining (grace %.1f s)", grace)
         servicer.call_site.draining = True
+        if lookups is not None:
+            lookups.set_draining(True)
         await health.enter_graceful_shutdown()
     finally:
         if gate is not None:

@@ -1,6 +1,12 @@
 """The rows a serving replica holds: per (table, shard), a C++ hash map key -> row slot plus value
 blocks, readable while they are written.
 
+Where the serving gate is built (`_embps_gate`), the rows live in its native store
+(csrc/serving_store.h: ShardStore per shard, ServingTable per table), which the gate's lookup
+threads read without the GIL or any lock (a per-row seqlock; see that header), and a resync
+publishes a whole shard's store at once (`TableReplica.replace_shard`). Without it, the rows live
+as below and only Python reads them.
+
     TableReplica "user"
       shards[0] = ShardRows ──HashMap──> slot ──RowStore──> words (slot, width)     version, incarnation
       shards[1] = ShardRows ...
@@ -33,8 +39,15 @@ from ps.table.init import init_values
 from ps.table.row_store import RowStore
 from serving.config import DefaultRow, StorageDType
 
+try:
+    import _embps_gate
+except ImportError:  # built without grpc++: rows in the Python store below
+    _embps_gate = None
+
 BLOCK_SHIFT = 14  # 16k rows per block (the PS table's are 64k): growth allocates a block, never copies
 MAX_ROWS_PER_HOLD = 8192  # rows written per lock hold (~0.2 ms at dim 64)
+# csrc/row_codec.h's Storage codes of the gate's ServingTable
+_NATIVE_STORAGE = {StorageDType.FLOAT32: 0, StorageDType.FLOAT16: 1, StorageDType.INT8: 2}
 SERVING_STREAM = 2**33  # rounding stream of int8 rows a replica encodes (the PS uses steps < 2^33)
 
 
@@ -61,19 +74,51 @@ class ShardRows:
         self.width = dim if self.dtype == StorageDType.FLOAT32 else (dim + 1) // 2
         if self.dtype == StorageDType.INT8:
             self.width = native.value_words(native.Storage.INT8, dim)
+        self.native = _embps_gate.ShardStore(self.width) if _embps_gate is not None else None
+        if self.native is None:
+            self._map = native.HashMap()
+            self._store = RowStore(self.width, "cpu", block_shift)
+            self._lock = threading.Lock()
+            self._version = self._incarnation = 0
         self.version = version
         self.incarnation = incarnation
-        self._map = native.HashMap()
-        self._store = RowStore(self.width, "cpu", block_shift)
-        self._lock = threading.Lock()
+
+    @property
+    def version(self) -> int:
+        return self.native.version if self.native is not None else self._version
+
+    @version.setter
+    def version(self, value: int) -> None:
+        if self.native is not None:
+            self.native.version = value
+        else:
+            self._version = value
+
+    @property
+    def incarnation(self) -> int:
+        return self.native.incarnation if self.native is not None else self._incarnation
+
+    @incarnation.setter
+    def incarnation(self, value: int) -> None:
+        if self.native is not None:
+            self.native.incarnation = value
+        else:
+            self._incarnation = value
 
     @property
     def size(self) -> int:
-        return self._map.size
+        return self.native.size if self.native is not None else self._map.size
 
     @property
     def memory_bytes(self) -> int:
+        if self.native is not None:
+            return self.native.memory_bytes
         return self._map.memory_bytes + self._store.memory_bytes
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of the row blocks (the map's not counted)."""
+        return self.native.block_bytes if self.native is not None else self._store.memory_bytes
 
     def encode(self, values: np.ndarray, keys: np.ndarray | None = None) -> np.ndarray:
         """values (n, dim) float32 -> words (n, width) float32 in this store's layout; int8 rows
@@ -109,6 +154,9 @@ class ShardRows:
         words = self.encode(values, keys)
         if words.shape[0] != keys.shape[0]:
             raise ValueError(f"values: {words.shape[0]} rows for {keys.shape[0]} keys")
+        if self.native is not None:  # readers never wait for the writer: no slices needed
+            self.native.upsert(keys, words)
+            return
         for start in range(0, keys.shape[0], MAX_ROWS_PER_HOLD):
             part = slice(start, start + MAX_ROWS_PER_HOLD)
             with self._lock:
@@ -120,6 +168,9 @@ class ShardRows:
     def erase(self, keys: np.ndarray) -> None:
         """Drops the rows of keys (d,) int64 (absent keys are ignored)."""
         keys = native.as_keys(keys)
+        if self.native is not None:
+            self.native.erase(keys)
+            return
         for start in range(0, keys.shape[0], MAX_ROWS_PER_HOLD):
             with self._lock:
                 self._map.erase(keys[start : start + MAX_ROWS_PER_HOLD])
@@ -129,6 +180,10 @@ class ShardRows:
         """Writes the words of keys (n,) int64 into out (n, width) float32 (rows of absent keys are
         left as they were); returns found (n,) bool."""
         keys = native.as_keys(keys)
+        if self.native is not None:
+            found = np.zeros(keys.shape[0], dtype=np.uint8)
+            self.native.gather(keys, out, found)
+            return found.view(np.bool_)
         slots = np.empty(keys.shape[0], dtype=np.int64)
         with self._lock:
             if self._map.size:
@@ -140,6 +195,12 @@ class ShardRows:
 
     def export(self) -> tuple[np.ndarray, np.ndarray]:
         """(keys (u,) int64 sorted, values (u, dim) float32): every row, for tests and checks."""
+        if self.native is not None:
+            key_bytes, word_bytes = self.native.export()
+            keys = np.frombuffer(key_bytes, dtype=np.int64)
+            order = np.argsort(keys)
+            words = np.frombuffer(word_bytes, dtype=np.float32).reshape(keys.shape[0], self.width)
+            return keys[order], self.decode(np.ascontiguousarray(words[order]))
         with self._lock:
             keys, slots = self._map.export()
             order = np.argsort(keys)
@@ -160,6 +221,26 @@ class TableReplica:
         self.default = DefaultRow(default)
         self.shard_map = shard_map
         self.shards = [ShardRows(self.dim, self.dtype) for _ in range(shard_map.num_shards)]
+        self.native = None  # the gate's view of this table (csrc/serving_store.h)
+        if _embps_gate is not None:
+            self.native = _embps_gate.ServingTable(
+                self.name, self.dim, _NATIVE_STORAGE[self.dtype], self.default == DefaultRow.INIT,
+                config.seed & 0xFFFFFFFFFFFFFFFF, int(native.native_enum(native.Initializer, config.initializer).value),
+                float(config.init_scale), shard_map.buckets, shard_map.num_shards,
+            )
+            for s, rows in enumerate(self.shards):
+                self.native.set_shard(s, rows.native)
+
+    def replace_shard(self, shard: int, rows: ShardRows) -> None:
+        """Serves `rows` as shard `shard` from now on, whole (a resync's or an export's copy)."""
+        self.shards[shard] = rows
+        if self.native is not None:
+            self.native.set_shard(shard, rows.native)
+
+    def set_link(self, shard: int, connected: bool, last_message: float) -> None:
+        """The follower's stream state of `shard` (time.monotonic()), for the gate's `stale` flags."""
+        if self.native is not None:
+            self.native.set_link(shard, connected, last_message)
 
     def lookup(self, keys: np.ndarray, dtype: np.dtype = np.float32) -> tuple[np.ndarray, np.ndarray]:
         """keys (n,) int64 -> (values (n, dim) in dtype, found (n,) bool); row i for keys[i].

@@ -91,6 +91,12 @@ class TokenAuth(grpc.aio.ServerInterceptor):
                 found = role
         return found
 
+    def tokens_for(self, methods: Sequence[str]) -> list[bytes]:
+        """The current tokens of the roles that may call every one of `methods` (for a native
+        check of those calls, which must be given them again when a token file changes)."""
+        allowed = frozenset.intersection(*(self._policy.get(m, frozenset()) for m in methods))
+        return [token.current_bytes() for role, token in self._tokens if role in allowed]
+
     def refusal(
         self, method: str, metadata: Sequence[tuple[str, str | bytes]] | None
     ) -> tuple[grpc.StatusCode, str] | None:

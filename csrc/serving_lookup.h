@@ -1,0 +1,142 @@
+// Lookups answered in C++ on the serving gate's worker threads: no Python, no GIL.
+//
+//   request bytes ─parse (serving_wire)─> table, keys, dim, dtype
+//      ─token (constant time)─ ─keys -> shard (mix64 & 0xFFFF -> bucket table)─ ─ShardStore::gather─
+//      ─missing keys: zeros or the deterministic init (csrc/row_ops.h, as the PS)─ ─encode─> reply
+//
+// The same status codes and messages as the Python path (serving/server.py's fill_lookup, the
+// call wrapper of ps/process/calls.py and TokenAuth of ps/security/server_auth.py), and the same
+// metrics, counted in atomics that serving/metrics.py exports at each scrape.
+#pragma once
+
+#include <array>
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "row_codec.h"
+#include "serving_gate.h"
+#include "serving_store.h"
+
+namespace embps {
+
+// A latency histogram (bucket bounds in seconds, as prometheus_client's) in atomics.
+class NativeHistogram {
+ public:
+  explicit NativeHistogram(size_t buckets = 0) : counts_(buckets + 1) {}
+  void observe(const std::vector<double>& bounds, double seconds);
+  // cumulative counts per bound (+Inf last), sum of seconds, count
+  void read(std::vector<uint64_t>& cumulative, double& sum, uint64_t& count) const;
+
+ private:
+  std::vector<std::atomic<uint64_t>> counts_;  // per bucket, not cumulative; +Inf last
+  std::atomic<uint64_t> sum_ns_{0};
+};
+
+struct TableConfigNative {
+  std::string name;
+  int64_t dim = 0;
+  // Row words: float32 values, float16 values two per word, or row-wise int8 (csrc/row_codec.h).
+  Storage storage = Storage::kFloat32;
+  bool default_init = false;  // missing keys read as the deterministic init (else zeros)
+  uint64_t seed = 0;
+  int initializer = 0;  // csrc/row_ops.h Init
+  double init_scale = 0.0;
+};
+
+class ServingTable {
+ public:
+  ServingTable(const TableConfigNative& config, std::vector<int32_t> buckets, int64_t num_shards);
+  const TableConfigNative& config() const { return config_; }
+  int64_t width() const { return width_; }
+  int64_t num_shards() const { return static_cast<int64_t>(shards_.size()); }
+  std::shared_ptr<ShardStore> shard(int64_t s) const;
+  void set_shard(int64_t s, std::shared_ptr<ShardStore> store);
+  // The follower's link state, for the reply's `stale` (time.monotonic() seconds).
+  void set_link(int64_t s, bool connected, double last_message);
+  bool stale(int64_t s, double now, double threshold) const;
+  int32_t shard_of(int64_t key) const {
+    return buckets_[mix64(static_cast<uint64_t>(key)) & 0xFFFFu];
+  }
+
+ private:
+  TableConfigNative config_;
+  int64_t width_;
+  std::vector<int32_t> buckets_;
+  std::vector<std::shared_ptr<ShardStore>> shards_;  // read and written with std::atomic_load/store
+  std::unique_ptr<std::atomic<bool>[]> connected_;
+  std::unique_ptr<std::atomic<double>[]> last_message_;
+};
+
+// The code, message and bytes of one answered call (OK: payload is the reply message).
+struct NativeAnswer {
+  int code = 0;
+  std::string message;
+  std::string payload;
+};
+
+class NativeLookups {
+ public:
+  static constexpr int kCodes = 17;
+  static constexpr int kMethods = 2;  // Lookup, LookupMany
+
+  NativeLookups(std::vector<std::shared_ptr<ServingTable>> tables, std::vector<double> latency_buckets,
+                double stale_after_seconds, bool auth);
+
+  // The gate's handler.
+  LookupReply operator()(const LookupRequest& request);
+  NativeAnswer answer(const std::string& method, const std::string& authorization, const char* data, size_t size);
+
+  void set_tokens(std::vector<std::string> tokens);
+  void set_draining(bool draining) { draining_.store(draining, std::memory_order_relaxed); }
+  const std::vector<double>& buckets() const { return buckets_; }
+  const std::vector<std::shared_ptr<ServingTable>>& tables() const { return tables_; }
+
+  // Metrics. Table labels: index i < tables: tables[i]; tables: "unknown"; tables + 1: "".
+  struct CallCell {
+    std::atomic<uint64_t> count{0};
+    NativeHistogram duration;
+    explicit CallCell(size_t buckets) : duration(buckets) {}
+  };
+  struct TableCell {
+    std::atomic<uint64_t> keys{0};
+    std::atomic<uint64_t> missing{0};
+    NativeHistogram duration;
+    explicit TableCell(size_t buckets) : duration(buckets) {}
+  };
+  const CallCell& call_cell(size_t label, int method, int code) const {
+    return *calls_[(label * kMethods + static_cast<size_t>(method)) * kCodes + static_cast<size_t>(code)];
+  }
+  const TableCell& table_cell(size_t table) const { return *table_cells_[table]; }
+  // Refused by the token check: counted without a duration (as TokenAuth's on_denied does).
+  uint64_t denied(int method, int code) const { return denied_[method * kCodes + code].load(); }
+
+ private:
+  struct Parsed;
+  int answer_one(const char* data, size_t size, std::string& out, std::string& message, size_t& label);
+  int lookup(const struct LookupFields& fields, std::string& out, std::string& message, size_t& label);
+  bool authorized(const std::string& authorization);
+  CallCell& cell(size_t label, int method, int code) {
+    return *calls_[(label * kMethods + static_cast<size_t>(method)) * kCodes + static_cast<size_t>(code)];
+  }
+
+  std::vector<std::shared_ptr<ServingTable>> tables_;
+  std::vector<double> buckets_;
+  double stale_after_;
+  bool auth_;
+  std::mutex tokens_mu_;
+  std::shared_ptr<const std::vector<std::string>> tokens_;
+  std::atomic<bool> draining_{false};
+  std::vector<std::unique_ptr<CallCell>> calls_;
+  std::vector<std::unique_ptr<TableCell>> table_cells_;
+  std::unique_ptr<std::atomic<uint64_t>[]> denied_;
+};
+
+// float32 -> float16 bits, round to nearest even (as numpy's astype).
+uint16_t reply_float_to_half(float f);
+float reply_half_to_float(uint16_t h);
+
+}  // namespace embps

@@ -1,0 +1,205 @@
+// The serving replica's rows in native memory, readable by the gate's lookup threads without the
+// GIL or any lock while one follower writes them.
+//
+//   ServingTable "user": buckets (2^16 -> shard) ── shards[s] ─atomic shared_ptr─> ShardStore
+//   ShardStore: HashMap key -> row (csrc/hash_map.h, lock-free find) + row blocks (never move)
+//
+// A row is a 16-byte header {seq, valid, key} and `width` 4-byte words (float32 values, or
+// float16 values packed two per word). Concurrency choice: a per-row seqlock. The one writer
+// (the shard's follower, serialised by write_mu_) makes seq odd, writes valid/key/words, makes seq
+// even again; a reader copies the row between two reads of seq and retries while it is odd or
+// changed, so it never returns half a row. The header's key and valid flag catch the other
+// races: a row found for a key that is erased and whose row is reused meanwhile (key differs), and
+// a key the map already shows whose row is not written yet (valid = 0): the reader finds the key
+// again, and if it still does not see its written row, the key is "not found" (its insert had not
+// completed: a correct order of events). Blocks of 2^14 rows never move; the block directory
+// grows by copy and is published with one pointer store (old directories stay allocated until
+// the store is freed, ~2x the last directory in all).
+//
+// A resync builds a new ShardStore aside and publishes it whole (`set_shard`, an atomic
+// shared_ptr store): a reader holds its own reference to the store it started with, and the old
+// one is freed when the last reader lets go of it.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "hash_map.h"
+
+namespace embps {
+
+class ShardStore {
+ public:
+  static constexpr int kBlockShift = 14;
+  static constexpr int64_t kBlockRows = int64_t{1} << kBlockShift;
+
+  explicit ShardStore(int64_t width) : width_(width), stride_(kHeaderBytes + 4 * width), map_(0, 1024) {
+    if (width < 1) throw std::invalid_argument("width: must be >= 1");
+    dirs_.emplace_back(new Dir{0, {}});
+    dir_.store(dirs_.back().get(), std::memory_order_release);
+  }
+  ~ShardStore() {
+    for (char* block : blocks_) std::free(block);
+  }
+  ShardStore(const ShardStore&) = delete;
+  ShardStore& operator=(const ShardStore&) = delete;
+
+  int64_t width() const { return width_; }
+  uint64_t size() const { return map_.size(); }
+  int64_t row_bytes() const { return stride_; }  // a row's bytes in its block, header included
+  uint64_t block_bytes() const {
+    return static_cast<uint64_t>(blocks_count_.load(std::memory_order_relaxed)) *
+           static_cast<uint64_t>(kBlockRows * stride_);
+  }
+  uint64_t memory_bytes() const {
+    return map_.memory_bytes() + static_cast<uint64_t>(blocks_count_.load(std::memory_order_relaxed)) *
+                                     static_cast<uint64_t>(kBlockRows * stride_);
+  }
+
+  std::atomic<uint64_t> version{0};
+  std::atomic<uint64_t> incarnation{0};
+
+  // Inserts or overwrites rows: keys (n,) unique, words (n, width).
+  void upsert(const int64_t* keys, int64_t n, const float* words) {
+    std::lock_guard<std::mutex> lock(write_mu_);
+    std::vector<int64_t> rows(static_cast<size_t>(n));
+    std::vector<uint8_t> inserted(static_cast<size_t>(n));
+    ensure_rows(map_.num_rows() + static_cast<uint64_t>(n));  // before any new row is visible
+    map_.find_or_insert(keys, n, rows.data(), inserted.data());
+    for (int64_t i = 0; i < n; ++i) write_row(rows[i], 1, keys[i], words + i * width_);
+  }
+
+  // Drops the rows of keys (absent keys are ignored).
+  void erase(const int64_t* keys, int64_t n) {
+    std::lock_guard<std::mutex> lock(write_mu_);
+    std::vector<int64_t> rows(static_cast<size_t>(n));
+    map_.erase(keys, n, rows.data());
+    for (int64_t i = 0; i < n; ++i) {
+      if (rows[i] >= 0) write_row(rows[i], 0, keys[i], nullptr);
+    }
+  }
+
+  // Copies the words of keys into out (n, width); absent keys' rows are left as they were.
+  // found[i] = 1 when keys[i] has a row. Lock-free; any thread.
+  void gather(const int64_t* keys, int64_t n, float* out, uint8_t* found) const {
+    constexpr int64_t kGroup = 64;
+    int64_t rows[kGroup];
+    std::vector<float> copy(static_cast<size_t>(width_));  // a row is copied here, then checked
+    for (int64_t start = 0; start < n; start += kGroup) {
+      const int64_t m = n - start < kGroup ? n - start : kGroup;
+      map_.find(keys + start, m, rows);
+      for (int64_t i = 0; i < m; ++i) {
+        const bool ok = read_key(keys[start + i], rows[i], copy.data());
+        if (ok) std::memcpy(out + (start + i) * width_, copy.data(), 4 * width_);
+        found[start + i] = ok ? 1 : 0;
+      }
+    }
+  }
+
+  // Every (key, words) pair, for exports and checks (not concurrent with writes).
+  void export_rows(std::vector<int64_t>& keys, std::vector<float>& words) const {
+    std::lock_guard<std::mutex> lock(write_mu_);
+    const uint64_t n = map_.size();
+    std::vector<int64_t> rows(n);
+    keys.resize(n);
+    map_.export_all(keys.data(), rows.data(), n);
+    words.resize(n * static_cast<uint64_t>(width_));
+    for (uint64_t i = 0; i < n; ++i) {
+      std::memcpy(&words[i * width_], row_words(row_ptr(current_dir(), rows[i])), 4 * width_);
+    }
+  }
+
+ private:
+  static constexpr int64_t kHeaderBytes = 16;
+  struct Header {
+    std::atomic<uint32_t> seq;
+    uint32_t valid;
+    int64_t key;
+  };
+  struct Dir {
+    int64_t n;
+    std::vector<char*> blocks;
+  };
+
+  const Dir* current_dir() const { return dir_.load(std::memory_order_acquire); }
+  char* row_ptr(const Dir* d, int64_t r) const {
+    const int64_t b = r >> kBlockShift;
+    if (r < 0 || b >= d->n) return nullptr;
+    return d->blocks[static_cast<size_t>(b)] + (r & (kBlockRows - 1)) * stride_;
+  }
+  static Header* header(char* row) { return reinterpret_cast<Header*>(row); }
+  static float* row_words(char* row) { return reinterpret_cast<float*>(row + kHeaderBytes); }
+
+  void ensure_rows(uint64_t rows) {
+    const Dir* d = current_dir();
+    const int64_t need = static_cast<int64_t>((rows + kBlockRows - 1) >> kBlockShift);
+    if (need <= d->n) return;
+    auto next = std::make_unique<Dir>(Dir{need, d->blocks});
+    for (int64_t b = d->n; b < need; ++b) {
+      char* block = static_cast<char*>(std::calloc(static_cast<size_t>(kBlockRows), static_cast<size_t>(stride_)));
+      if (block == nullptr) throw std::bad_alloc();
+      blocks_.push_back(block);
+      next->blocks.push_back(block);
+    }
+    blocks_count_.store(need, std::memory_order_relaxed);
+    dirs_.push_back(std::move(next));
+    dir_.store(dirs_.back().get(), std::memory_order_release);
+  }
+
+  void write_row(int64_t r, uint32_t valid, int64_t key, const float* words) {
+    char* row = row_ptr(current_dir(), r);
+    if (row == nullptr) throw std::logic_error("serving store: a row outside its blocks");
+    Header* h = header(row);
+    const uint32_t s = h->seq.load(std::memory_order_relaxed);
+    h->seq.store(s + 1, std::memory_order_relaxed);
+    std::atomic_thread_fence(std::memory_order_release);
+    h->valid = valid;
+    h->key = key;
+    if (words != nullptr) std::memcpy(row_words(row), words, 4 * width_);
+    h->seq.store(s + 2, std::memory_order_release);
+  }
+
+  // Copies key's row (found as `r` by the map) into out; false: no written row for key.
+  bool read_key(int64_t key, int64_t r, float* out) const {
+    for (int attempt = 0; attempt < 4; ++attempt) {
+      if (r < 0) return false;
+      char* row = row_ptr(current_dir(), r);
+      if (row == nullptr) return false;
+      Header* h = header(row);
+      uint32_t valid;
+      int64_t seen;
+      while (true) {
+        const uint32_t s1 = h->seq.load(std::memory_order_acquire);
+        if (s1 & 1u) {
+          cpu_relax();
+          continue;
+        }
+        valid = h->valid;
+        seen = h->key;
+        std::memcpy(out, row_words(row), 4 * width_);
+        std::atomic_thread_fence(std::memory_order_acquire);
+        if (h->seq.load(std::memory_order_relaxed) == s1) break;
+      }
+      if (valid && seen == key) return true;
+      map_.find(&key, 1, &r);  // moved or not written yet: look again
+    }
+    return false;
+  }
+
+  const int64_t width_;
+  const int64_t stride_;
+  HashMap map_;
+  mutable std::mutex write_mu_;
+  std::atomic<const Dir*> dir_{nullptr};
+  std::vector<std::unique_ptr<Dir>> dirs_;  // every directory published (readers may hold any)
+  std::vector<char*> blocks_;
+  std::atomic<int64_t> blocks_count_{0};
+};
+
+}  // namespace embps

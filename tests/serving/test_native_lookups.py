@@ -1,0 +1,121 @@
+"""The serving gate's native Lookups (csrc/serving_lookup.h), called in-process: the same values,
+found flags, codes and messages as the Python path (TableReplica.lookup, ServingServicer), for
+every storage dtype, reply dtype and default; the token check; a resync's swapped shard."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ps.process.metrics import LATENCY_BUCKETS
+from ps.rpc import ps_pb2, serving_pb2
+from ps.sharding import ShardMap
+from ps.table.config import Initializer, TableConfig
+from serving.config import DefaultRow, StorageDType
+from serving.gate import native_lookups
+from serving.store import ShardRows, TableReplica
+
+pytest.importorskip("_embps_gate", reason="embps was built without grpc++: no serving gate module")
+
+LOOKUP = "/embps.v1.Serving/Lookup"
+MANY = "/embps.v1.Serving/LookupMany"
+OK, INVALID_ARGUMENT, NOT_FOUND, UNAUTHENTICATED = 0, 3, 5, 16
+
+
+def make_table(storage: StorageDType, default: DefaultRow) -> TableReplica:
+    config = TableConfig("user", dim=5, initializer=Initializer.NORMAL, init_scale=0.7, seed=3)
+    table = TableReplica(config, ShardMap.uniform(3), default, storage)
+    keys = np.arange(0, 400, 2, dtype=np.int64)
+    values = np.random.default_rng(5).standard_normal((keys.shape[0], 5)).astype(np.float32) * 3
+    owners = table.shard_map.shard_of(keys)
+    for s in range(3):
+        table.shards[s].upsert(keys[owners == s], values[owners == s])
+        table.shards[s].version = 10 + s
+    return table
+
+
+@pytest.mark.parametrize("storage", [StorageDType.FLOAT32, StorageDType.FLOAT16, StorageDType.INT8])
+@pytest.mark.parametrize("default", [DefaultRow.ZEROS, DefaultRow.INIT])
+@pytest.mark.parametrize("dtype", [ps_pb2.DTYPE_UNSPECIFIED, ps_pb2.FLOAT32, ps_pb2.FLOAT16])
+def test_native_replies_match_the_python_path_bit_for_bit(storage, default, dtype):
+    table = make_table(storage, default)
+    native = native_lookups([table.native], LATENCY_BUCKETS, 2.0, False)
+    keys = np.concatenate([np.arange(-5, 50, dtype=np.int64), [1 << 62, -(1 << 63), 398]])
+    request = serving_pb2.ServingLookupRequest(table="user", keys=keys.astype("<i8").tobytes(), dtype=dtype)
+    code, message, payload = native(LOOKUP, b"", request.SerializeToString())
+    assert (code, message) == (OK, "")
+    reply = serving_pb2.ServingLookupResponse.FromString(payload)
+    reply_dtype = np.float16 if dtype == ps_pb2.FLOAT16 else np.float32
+    values, found = table.lookup(keys, reply_dtype)
+    assert reply.dim == 5 and reply.dtype == (ps_pb2.FLOAT16 if dtype == ps_pb2.FLOAT16 else ps_pb2.FLOAT32)
+    assert reply.values == values.astype(values.dtype.newbyteorder("<")).tobytes()
+    assert reply.found == found.view(np.uint8).tobytes()
+    assert [(s.shard, s.version, s.stale) for s in reply.shards] == [(0, 10, False), (1, 11, False), (2, 12, False)]
+
+
+def test_errors_have_the_python_paths_codes_and_messages():
+    table = make_table(StorageDType.FLOAT32, DefaultRow.ZEROS)
+    native = native_lookups([table.native], LATENCY_BUCKETS, 2.0, False)
+
+    def call(method: str, data: bytes) -> tuple[int, str]:
+        code, message, _ = native(method, b"", data)
+        return code, message
+
+    lookup = serving_pb2.ServingLookupRequest
+    assert call(LOOKUP, lookup(table="nope").SerializeToString()) == (
+        NOT_FOUND, "table 'nope' is not served here; tables: user"
+    )
+    assert call(LOOKUP, lookup(table="user", dim=4).SerializeToString()) == (
+        INVALID_ARGUMENT, "dim: table 'user' has dim 5, the request says 4"
+    )
+    assert call(LOOKUP, lookup(table="user", dtype=9).SerializeToString()) == (
+        INVALID_ARGUMENT, "dtype: unsupported dtype 9; supported: FLOAT32, FLOAT16"
+    )
+    assert call(LOOKUP, lookup(table="user", keys=b"12345").SerializeToString()) == (
+        INVALID_ARGUMENT, "keys: byte length 5 is not a multiple of 8; keys travel as little-endian int64"
+    )
+    many = serving_pb2.ServingLookupManyRequest(lookups=[lookup(table="user"), lookup(table="x")])
+    code, message = call(MANY, many.SerializeToString())
+    assert code == NOT_FOUND and message.startswith("lookups[1]: table 'x'"), message
+    for garbage in (b"\x0a", b"\xff\xff\xff", b"\x0a\x05ab", b"\x12\xff\xff\xff\xff\x0f", b"\x0b", b"\x0a\x02\xc3\x28"):
+        code, message = call(LOOKUP, garbage)
+        assert code == INVALID_ARGUMENT and "not a valid message for /embps.v1.Serving/Lookup" in message, garbage
+        assert call(MANY, b"\x0a\x02" + garbage[:2])[0] == INVALID_ARGUMENT
+    # Unknown fields are skipped, as protobuf does; an empty LookupMany is answered empty.
+    extra = lookup(table="user", keys=np.arange(2, dtype="<i8").tobytes()).SerializeToString() + b"\x28\x01\x35abcd"
+    assert call(LOOKUP, extra)[0] == OK
+    assert native(MANY, b"", b"") == (OK, "", b"")
+    calls = {(t, m, c): n for t, m, c, n, _cumulative, _sum in native.metrics()["calls"]}
+    assert calls[("unknown", "Lookup", NOT_FOUND)] == 1 and calls[("", "Lookup", INVALID_ARGUMENT)] == 6
+
+
+def test_tokens_are_checked_and_replaced():
+    table = make_table(StorageDType.FLOAT32, DefaultRow.ZEROS)
+    native = native_lookups([table.native], LATENCY_BUCKETS, 2.0, True)
+    request = serving_pb2.ServingLookupRequest(table="user").SerializeToString()
+    native.set_tokens([b"first-token-0123456789"])
+    assert native(LOOKUP, b"Bearer first-token-0123456789", request)[0] == OK
+    assert native(LOOKUP, b"bearer  first-token-0123456789 ", request)[0] == OK
+    for header in (b"", b"Bearer", b"Bearer ", b"Basic first-token-0123456789", b"Bearer first-token-012345678"):
+        assert native(LOOKUP, header, request)[:2] == (
+            UNAUTHENTICATED, "missing or unknown bearer token (authorization metadata)"
+        ), header
+    native.set_tokens([b"second-token-0123456789"])
+    assert native(LOOKUP, b"Bearer first-token-0123456789", request)[0] == UNAUTHENTICATED
+    assert native(LOOKUP, b"Bearer second-token-0123456789", request)[0] == OK
+
+
+def test_a_replaced_shard_is_served_whole():
+    table = make_table(StorageDType.FLOAT32, DefaultRow.ZEROS)
+    native = native_lookups([table.native], LATENCY_BUCKETS, 2.0, False)
+    keys = np.arange(0, 400, 2, dtype=np.int64)
+    owners = table.shard_map.shard_of(keys)
+    fresh = ShardRows(5, version=99)
+    fresh.upsert(keys[owners == 1][:3], np.full((3, 5), 7.0, np.float32))
+    table.replace_shard(1, fresh)
+    request = serving_pb2.ServingLookupRequest(table="user", keys=keys.astype("<i8").tobytes())
+    reply = serving_pb2.ServingLookupResponse.FromString(native(LOOKUP, b"", request.SerializeToString())[2])
+    found = np.frombuffer(reply.found, np.uint8).astype(bool)
+    values = np.frombuffer(reply.values, "<f4").reshape(-1, 5)
+    assert found[owners == 1].sum() == 3 and (values[owners == 1][:3] == 7.0).all()
+    assert found[owners != 1].all() and reply.shards[1].version == 99
