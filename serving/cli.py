@@ -14,10 +14,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Re-executes itself with tuned malloc thresholds (unless --no-malloc-tuning), then serves."""
+    """Re-executes itself with tuned malloc thresholds (unless --no-malloc-tuning), then serves;
+    the process ends with the replica's exit status (ps/process/exit.py)."""
+    from ps.process.exit import exit_process
     from ps.process.malloc import exec_with_malloc_tuning
     from serving.server import serve_replica
 
     if not args.no_malloc_tuning:
         exec_with_malloc_tuning(args.argv)
-    return serve_replica(args.config, grace=args.grace)
+    exit_process(serve_replica(args.config, grace=args.grace))

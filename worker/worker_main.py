@@ -25,6 +25,7 @@ import torch.distributed as dist
 from prometheus_client import start_http_server
 
 from ps.client import PSClient, ShardUnavailableError
+from ps.process.exit import exit_process
 from worker.checkpoint import Checkpointer, load_trainer_state
 from worker.data_sources import eval_batches, ranks_may_differ_in_batches, train_reader
 from worker.model import DLRMDenseTower
@@ -191,4 +192,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -26,16 +26,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Re-executes itself with tuned malloc thresholds (unless --no-malloc-tuning), then serves."""
+    """Re-executes itself with tuned malloc thresholds (unless --no-malloc-tuning), then serves;
+    the process ends with the shard's exit status (ps/process/exit.py)."""
+    from ps.process.exit import exit_process
     from ps.process.malloc import exec_with_malloc_tuning
     from ps.shard.server import serve_shard
 
     if not args.no_malloc_tuning:
         exec_with_malloc_tuning(args.argv)
-    return serve_shard(
-        args.config,
-        args.shard,
-        grace=args.grace,
-        log_max_keys=args.update_log_keys,
-        restore_step=args.restore_step,
+    exit_process(
+        serve_shard(
+            args.config,
+            args.shard,
+            grace=args.grace,
+            log_max_keys=args.update_log_keys,
+            restore_step=args.restore_step,
+        )
     )
