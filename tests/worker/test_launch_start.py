@@ -36,6 +36,8 @@ def one_shard_job(tmp_path: Path, snapshot: SnapshotConfig | None = None) -> Tra
 def test_the_start_wait_lasts_as_long_as_the_start_makes_progress(tmp_path):
     log = tmp_path / "starting.log"
     log.touch()
+    # The child plays a shard whose restore moves, then stalls: a byte of log every 50 ms for 2.5 s,
+    # then nothing. Its sleeps are the behaviour under test; the test itself waits on nothing.
     writes = "import sys, time\nfor _ in range(50):\n    open(sys.argv[1], 'a').write('.')\n    time.sleep(0.05)\n"
     proc = subprocess.Popen([sys.executable, "-c", writes + "time.sleep(60)\n", str(log)])
     try:
