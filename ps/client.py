@@ -617,7 +617,9 @@ class _MultiLayout:
 def _unique(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     """keys (n,) -> (unique (u,) int64, inverse (n,) int64 with unique[inverse] == keys), or
     (keys, None) when the keys are already distinct."""
-    seen = native.HashMap(keys.shape[0], sub_maps=1)  # sized for every key: it never grows
+    # Sized for every key, so it never grows. 64 sub-maps: a map per call pays for its sub-map
+    # headers (1,024 cost 0.08 ms at 512 keys) and one array probes slower at 100k keys.
+    seen = native.HashMap(keys.shape[0], sub_maps=64)
     inverse, _ = seen.find_or_insert(keys)
     if seen.size == keys.shape[0]:
         return keys, None
