@@ -35,7 +35,7 @@ from ps.job_config import Deadlines, JobConfig, ShardConfig, dump_job_config
 from ps.process.malloc import MALLOC_TUNING
 from ps.rpc import serving_pb2, serving_pb2_grpc
 from ps.table.config import TableConfig
-from serving.config import ServeConfig, dump_serve_config
+from serving.config import Consistency, ServeConfig, dump_serve_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -143,7 +143,8 @@ def run_freshness_bench(config: FreshnessBenchConfig) -> int:
         tables=(TableConfig("bench", dim=config.dim),),
         deadlines=Deadlines(lookup=30.0, push=30.0, stats=5.0),
     )
-    serve = ServeConfig(job=job, listen=f"127.0.0.1:{serve_port}", metrics_port=serve_metrics, tables=("bench",))
+    serve = ServeConfig(job=job, listen=f"127.0.0.1:{serve_port}", metrics_port=serve_metrics, tables=("bench",),
+                        consistency=Consistency.LATEST)
     procs: list[subprocess.Popen] = []
     with tempfile.TemporaryDirectory(prefix="embps-freshness-") as scratch:
         work = Path(scratch)

@@ -450,6 +450,17 @@ class PSClient:
                 calls.append((shard, request))
         return calls
 
+    def commit(self, step: int, dense_state: bytes = b"", dense_format: str = "") -> list[ps_pb2.CommitResponse]:
+        """Tells every shard that step `step` is complete (every push of steps <= step acknowledged
+        everywhere); dense_state, the dense tower at that step, goes to shard 0 only. Replies in
+        shard order. Safe to repeat."""
+        calls = [
+            (s, ps_pb2.CommitRequest(step=step, **({"dense_state": dense_state, "dense_format": dense_format}
+                                                   if s == 0 and dense_state else {})))
+            for s in range(len(self.addresses))
+        ]
+        return self._call_all("Commit", calls, self.deadlines.push)
+
     def stats(self) -> list[ps_pb2.StatsResponse]:
         """One StatsResponse per shard, in shard order."""
         calls = [(s, ps_pb2.StatsRequest()) for s in range(len(self.addresses))]

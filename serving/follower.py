@@ -23,6 +23,8 @@ import grpc
 
 from ps import wire
 from ps.rpc import ps_pb2, ps_pb2_grpc
+from serving.cut import ModelCut
+from serving.cut_follow import follow_committed
 from serving.metrics import ServingMetrics
 from serving.store import ShardRows, TableReplica
 
@@ -49,7 +51,12 @@ class FollowerStatus:
 class ShardFollower:
     """Keeps replica.shards[shard] in step with table `replica.name` on the PS shard at `channel`."""
 
-    def __init__(self, replica: TableReplica, shard: int, channel: grpc.aio.Channel, metrics: ServingMetrics) -> None:
+    def __init__(self, replica: TableReplica, shard: int, channel: grpc.aio.Channel, metrics: ServingMetrics,
+                 cut: ModelCut | None = None, with_dense: bool = False) -> None:
+        """cut: consistency = "step" (serving/cut_follow.py); with_dense: this stream also brings
+        the dense tower (one follower of shard 0)."""
+        self.cut = cut
+        self.with_dense = with_dense
         self.replica = replica
         self.shard = shard
         self.stub = ps_pb2_grpc.ParameterServerStub(channel)
@@ -100,7 +107,23 @@ class ShardFollower:
             if self.status.last_message > time.monotonic() - BACKOFF_MAX_SECONDS:
                 pause = BACKOFF_START_SECONDS  # it was talking a moment ago: retry soon
 
+    def mark_message(self) -> None:
+        """A message arrived: the stream is connected and talking."""
+        self.status.connected = True
+        self.status.last_message = time.monotonic()
+        self._report_link()
+
+    def count_resync(self, rows: ShardRows) -> None:
+        """A full copy is complete (`rows`)."""
+        self._need_full_sync = False
+        self.status.num_resyncs += 1
+        self.metrics.resyncs.labels(*self._labels).inc()
+        log.info("table %s shard %s: full copy of %d rows", *self._labels, rows.size)
+
     async def _follow(self) -> None:
+        if self.cut is not None:
+            await follow_committed(self, self.cut, self.with_dense)
+            return
         rows = self.rows
         # Rows loaded from an export carry a version but no incarnation: the shard may since have
         # restarted from an older snapshot and reached that version with other rows, so the first

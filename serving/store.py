@@ -242,16 +242,23 @@ class TableReplica:
         if self.native is not None:
             self.native.set_link(shard, connected, last_message)
 
-    def lookup(self, keys: np.ndarray, dtype: np.dtype = np.float32) -> tuple[np.ndarray, np.ndarray]:
+    def lookup(self, keys: np.ndarray, dtype: np.dtype = np.float32,
+               version: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """keys (n,) int64 -> (values (n, dim) in dtype, found (n,) bool); row i for keys[i].
 
         Keys without a row read as the table's default (zeros or the deterministic init).
+        version: the model version to read at (serving/cut.py's ModelCut.read gives it and checks
+        the read afterwards); None: each shard's current rows.
         """
         keys = native.as_keys(keys)
         shards = list(self.shards)  # one consistent set, even if a resync swaps one meanwhile
         width = shards[0].width
         words = np.zeros((keys.shape[0], width), dtype=np.float32)
-        if len(shards) == 1:
+        if version is not None and self.native is not None:
+            found = np.zeros(keys.shape[0], dtype=np.uint8)
+            self.native.gather_at(keys, words, found, version)
+            found = found.view(np.bool_)
+        elif len(shards) == 1:
             found = shards[0].gather(keys, words)
         else:
             found = np.zeros(keys.shape[0], dtype=np.bool_)

@@ -45,6 +45,7 @@ from ps import native
 from ps.client import PSClient, ShardUnavailableError
 from ps.sharding import ShardMap
 from worker.batch import Batch
+from worker.dense_publish import DENSE_FORMAT, encode_dense
 from worker.metrics import auc, logloss_from_logits
 from worker.sparse_exchange import exchange_to_owners
 from worker.train_config import DenseOptimizer, Mode, PSUnavailablePolicy, TrainingJob
@@ -193,11 +194,17 @@ class Trainer:
 
         start = time.perf_counter()
         if self._async:
-            self._pushes.append(self._push_pool.submit(self._push_all, outgoing, self.step))
+            # Every rank waited for its pushes of steps <= step - staleness before this step's
+            # all_to_all, so rank 0 knows them acknowledged everywhere (a commit after its own pushes).
+            committed = self.step - self.job.train.staleness if self.rank == 0 else 0
+            self._pushes.append(self._push_pool.submit(self._push_and_commit, outgoing, self.step, committed))
         else:
             self._push_all(outgoing, self.step)
             if self.world_size > 1:
                 dist.barrier()
+            # Before rank 0 joins step + 1's all_to_all, so no push of step + 1 precedes it.
+            if self.rank == 0:
+                self._commit(self.step, True)
         self.times.push += time.perf_counter() - start
         self.times.steps += 1
 
@@ -207,6 +214,18 @@ class Trainer:
             next_pulled = prefetch.result()
             self.times.lookup += time.perf_counter() - start
         return float(loss.detach()), next_pulled
+
+    def _push_and_commit(self, outgoing: _Outgoing, step: int, committed: int) -> None:
+        self._push_all(outgoing, step)
+        if committed > 0:
+            self._commit(committed, False)
+
+    def _commit(self, step: int, with_dense: bool) -> None:
+        """Commit(step) to every shard (DESIGN section 9), with the dense tower every
+        train.publish_dense_every steps when with_dense (sync mode: the tower is the step's)."""
+        every = self.job.train.publish_dense_every
+        state = encode_dense(self.model) if with_dense and every and step % every == 0 else b""
+        self._call_ps(f"commit of step {step}", lambda: self.client.commit(step, state, DENSE_FORMAT if state else ""))
 
     def _exchange(self, pulled: _Pulled, leaf: torch.Tensor) -> _Outgoing:
         """Sends every table's (key, grad / W, count) rows to the keys' owner ranks in one
@@ -286,6 +305,8 @@ class Trainer:
             self._pushes.popleft().result()
         if self.world_size > 1:
             dist.barrier()
+        if self._async and self.rank == 0 and self.step:
+            self._commit(self.step, False)
 
     def evaluate(self, batches: list[Batch]) -> dict[str, float]:
         """AUC and logloss of the current model on held-out batches (this rank's rows)."""

@@ -41,6 +41,8 @@ from ps.job_config import JobConfig, load_job_config
 from ps.process.calls import CallSite, UndecodableRequests, stream_call, unary_call
 from ps.rpc import ps_pb2, ps_pb2_grpc, snapshot_pb2, snapshot_pb2_grpc
 from ps.security import add_port, ps_port_policy, server_interceptors
+from ps.shard import commits
+from ps.shard.commit_stream import committed_stream
 from ps.shard.metrics import ShardMetrics
 from ps.shard.startup import EXIT_SNAPSHOT_UNUSABLE, DeferredServices, RestoreProgress, run_in_daemon_thread
 from ps.shard.update_log import DEFAULT_MAX_ENTRIES, DEFAULT_MAX_KEYS, LogGapError, LogRange
@@ -222,6 +224,14 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
             self.loop.call_soon_threadsafe(self.notify_many, changed)
         return response
 
+    @unary_call("Commit")
+    async def Commit(self, request: ps_pb2.CommitRequest) -> ps_pb2.CommitResponse:
+        # Reads the rows each table's step touched: off the loop when there may be many.
+        work_bytes = sum(log.num_keys for log in self.shard.logs.values()) * 64 + len(request.dense_state)
+        response = await self.run_call(functools.partial(commits.commit, self.shard, request), work_bytes)
+        self.notify_many(list(self.shard.tables))
+        return response
+
     def notify_many(self, tables: list[str]) -> None:
         """notify() for each table (one hop to the event loop for a multi-table push)."""
         for table in tables:
@@ -258,6 +268,10 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         subscribers = self.metrics.subscribers.labels(name, str(shard.index))
         subscribers.inc()
         try:
+            if request.committed:
+                async for reply in committed_stream(self, request):
+                    yield reply
+                return
             if request.full_sync:
                 position = 0
                 async for reply in self._full_copy(name):

@@ -20,6 +20,7 @@ from ps import wire
 from ps.errors import UnknownTableError, WrongShardError
 from ps.job_config import JobConfig
 from ps.rpc import ps_pb2
+from ps.shard.commits import CommitLog, DenseStates
 from ps.shard.update_log import DEFAULT_MAX_ENTRIES, DEFAULT_MAX_KEYS, LogRange, UpdateLog
 from ps.table import multi
 from ps.table.embedding_table import ApplyResult, EmbeddingTable
@@ -151,6 +152,10 @@ class Shard:
         self.logs = {
             name: UpdateLog(table.version, log_max_entries, log_max_keys) for name, table in self.tables.items()
         }
+        # Committed steps (ps/shard/commits.py): restored tables start at a committed state.
+        base_step = max((t.step for t in self.tables.values()), default=0)
+        self.commits = {name: CommitLog(t.dim, t.version, base_step) for name, t in self.tables.items()}
+        self.dense = DenseStates()
 
     def table(self, name: str) -> EmbeddingTable:
         """The table called `name`, or UnknownTableError."""
