@@ -156,7 +156,7 @@ def test_malformed_lookups_are_refused_and_the_replica_keeps_serving(start_clust
         reflection = "grpc.reflection.v1alpha.ServerReflection"
         assert set(db.get_services()) == {SERVICE_NAME, "grpc.health.v1.Health", reflection}
         methods = {m.name for m in db.FindFileContainingSymbol(SERVICE_NAME).service[0].method}
-        assert methods == {"Lookup", "LookupMany", "Status"}
+        assert methods == {"Lookup", "LookupMany", "Status", "DenseModel"}
         assert replica.stop() == 0
 
 
