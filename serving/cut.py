@@ -36,6 +36,7 @@ from serving.metrics import ServingMetrics
 from serving.store import ShardRows, TableReplica, _embps_gate
 
 T = TypeVar("T")
+DENSE_KEPT = 4  # dense towers of the last published steps kept (a scorer may hold a reply a cut old)
 INLINE_ROWS = 2048  # publishing more rows than this runs on a thread (the loop keeps taking calls)
 
 
@@ -92,7 +93,8 @@ class ModelCut:
         self.newest = dict.fromkeys(keys, start_step)
         self.waiting: dict[tuple[str, int], list[Delta]] = {k: [] for k in keys}
         self.waiting_bytes = 0
-        self.dense: tuple[int, str, bytes] | None = None
+        self.dense: tuple[int, str, bytes] | None = None  # the newest published with a step <= the cut
+        self.dense_recent: dict[int, tuple[int, str, bytes]] = {}  # the last few, for scorers a cut behind
         self.served_commit_time = 0.0
         self._moved = asyncio.Condition()
         self._publishing = asyncio.Lock()
@@ -161,6 +163,9 @@ class ModelCut:
                     self.metrics.cut_visible_seconds.observe(max(0.0, now - d.commit_time))
                 if d.dense is not None and (self.dense is None or d.dense[0] >= self.dense[0]):
                     self.dense = d.dense
+                    self.dense_recent[d.dense[0]] = d.dense
+                    for old in sorted(self.dense_recent)[:-DENSE_KEPT]:
+                        del self.dense_recent[old]
             self.served_commit_time = max((d.commit_time for d in published if d.step == cut), default=now)
             self.metrics.model_version.set(cut)
             self._observe()

@@ -252,10 +252,10 @@ class ServingServicer(serving_pb2_grpc.ServingServicer):
         cut = self.replica.cut
         if cut is None:
             raise UnknownTableError('no dense tower: this replica serves consistency = "latest" (no model version)')
-        dense = cut.dense
         step = request.step or cut.version
-        if dense is None or dense[0] != step:
-            have = f"it holds the tower of step {dense[0]}" if dense is not None else "none was published"
+        dense = cut.dense_recent.get(step)
+        if dense is None:
+            have = f"it holds those of steps {sorted(cut.dense_recent)}" if cut.dense_recent else "none was published"
             raise UnknownTableError(f"no dense tower of step {step} (the served step is {cut.version}; {have})")
         return serving_pb2.DenseModelResponse(step=dense[0], format=dense[1], state=dense[2])
 

@@ -308,17 +308,16 @@ class Trainer:
         if self._async and self.rank == 0 and self.step:
             self._commit(self.step, False)
 
+    def predict(self, batch: Batch) -> torch.Tensor:
+        """Logits (B,) of the current model (dense tower and PS rows) on `batch`."""
+        with torch.no_grad():
+            pulled = self.pull(batch)
+            return self.model(batch.dense, self._embeddings(pulled, torch.from_numpy(pulled.values)))
+
     def evaluate(self, batches: list[Batch]) -> dict[str, float]:
         """AUC and logloss of the current model on held-out batches (this rank's rows)."""
-        labels, logits = [], []
-        with torch.no_grad():
-            for batch in batches:
-                pulled = self.pull(batch)
-                embeddings = self._embeddings(pulled, torch.from_numpy(pulled.values))
-                logits.append(self.model(batch.dense, embeddings))
-                labels.append(batch.labels)
-        y = torch.cat(labels).numpy()
-        z = torch.cat(logits).numpy()
+        y = torch.cat([batch.labels for batch in batches]).numpy()
+        z = torch.cat([self.predict(batch) for batch in batches]).numpy()
         return {"auc": float(auc(y, z)), "logloss": float(logloss_from_logits(y, z))}
 
     def pull_timed(self, batch: Batch) -> _Pulled:
