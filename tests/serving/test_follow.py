@@ -129,3 +129,49 @@ def test_a_full_copy_that_outlasts_the_update_log_still_converges():
         keys = live.export().keys
         assert sorted(replica) == keys.tolist()
         np.testing.assert_array_equal(np.stack([replica[k] for k in keys.tolist()]), client.lookup("user", keys))
+
+
+
+def next_commit(stream, after_step: int) -> tuple[ps_pb2.UpdateBatch, np.ndarray, np.ndarray]:
+    """The next committed range past `after_step`: (its last message, keys, values); heartbeats skipped."""
+    keys, values = [], []
+    for batch in stream:
+        k = wire.decode_keys(batch.keys)
+        keys.append(k)
+        values.append(wire.decode_values(batch.values, k.shape[0], 4))
+        if batch.last and batch.HasField("step") and batch.step > after_step:
+            return batch, np.concatenate(keys), np.concatenate(values)
+        if batch.last:
+            keys, values = [], []
+    raise AssertionError("stream ended")
+
+
+def test_committed_streams_carry_the_rows_of_each_commit_never_later_ones(cluster):
+    """Commit(s) seals each table's changes with their rows as of s: a subscriber that reads after
+    the pushes of s + 1 still gets s's rows; a full copy between commits completes at the next one."""
+    keys = np.array([1, 2, 3], dtype=np.int64)
+    grads = np.ones((3, 4), dtype=np.float32)
+    with PSClient.from_job(cluster.job) as client:
+        client.push("user", keys, grads, step=1)
+        assert [r.step for r in client.commit(1)] == [1]
+        client.push("user", keys[:2], grads[:2], step=2)  # not committed yet
+        channel, stream = subscribe(cluster, committed=True, full_sync=True)
+        with channel:
+            copy, _, _, _, _ = read_range(stream)
+            assert copy.reset and copy.to_version == 2 and not copy.HasField("step")  # between two commits
+            client.commit(2)
+            batch, got, _ = next_commit(stream, 1)
+            assert (batch.from_version, batch.to_version, batch.step, got.shape[0]) == (2, 2, 2, 0)  # the copy's step
+            client.push("user", keys, grads, step=3)
+            at_step_3 = client.lookup("user", keys)
+            client.commit(3)
+            client.push("user", keys, grads, step=4)  # before the subscriber reads step 3's range
+            batch, got, values = next_commit(stream, 2)
+            assert (batch.from_version, batch.to_version, batch.step) == (2, 3, 3) and batch.commit_time > 0
+            np.testing.assert_array_equal(got, keys)
+            np.testing.assert_array_equal(values, at_step_3)
+            assert not np.array_equal(values, client.lookup("user", keys)), "step 4 changed no row"
+            stream.cancel()
+        assert [r.step for r in client.commit(3)] == [3]  # a repeat changes nothing
+        with pytest.raises(ValueError, match="must not go back"):
+            client.commit(2)
