@@ -104,6 +104,7 @@ def _add_freshness(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=5_000, help="rows per push")
     parser.add_argument("--seconds", type=float, default=20.0, help="length of the measurement")
     parser.add_argument("--dim", type=int, default=16)
+    parser.add_argument("--shards", type=int, default=2, help="PS shards the pushes spread over")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
 
 
@@ -111,7 +112,8 @@ def _run_freshness(args: argparse.Namespace) -> int:
     from bench.freshness_bench import FreshnessBenchConfig, run_freshness_bench
 
     return run_freshness_bench(
-        FreshnessBenchConfig(rate=args.rate, batch=args.batch, seconds=args.seconds, dim=args.dim, out=args.out)
+        FreshnessBenchConfig(rate=args.rate, batch=args.batch, seconds=args.seconds, dim=args.dim, shards=args.shards,
+                             out=args.out)
     )
 
 

@@ -155,6 +155,8 @@ class ModelCut:
                 await asyncio.to_thread(self._publish, cut, batch)
             else:
                 self._publish(cut, batch)
+            for (name, s), deltas in batch.items():
+                self.metrics.version.labels(name, str(s)).set(deltas[-1].to_version)
             published = [d for ds in batch.values() for d in ds]
             self.waiting_bytes -= sum(d.nbytes for d in published)
             now = time.time()
