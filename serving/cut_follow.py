@@ -57,7 +57,9 @@ async def follow_committed(follower, cut: ModelCut, with_dense: bool) -> None:
         if not batch.last:
             continue
         position, incarnation = batch.to_version, batch.incarnation
-        if not batch.HasField("step") or (building is None and batch.step <= cut.tails[(name, shard)].step):
+        heartbeat = (building is None and batch.from_version == batch.to_version and batch.step <= tail.step
+                     and not any(k.shape[0] for k in keys + deleted))
+        if not batch.HasField("step") or heartbeat:
             keys, values, deleted = [], [], []  # a heartbeat, or a copy that ends between commits
             continue
         dense = (batch.dense_step, batch.dense_format, bytes(batch.dense_state)) if batch.dense_state else None
@@ -73,3 +75,4 @@ async def follow_committed(follower, cut: ModelCut, with_dense: bool) -> None:
             follower.metrics.applied_rows.labels(name, str(shard)).inc(delta.keys.shape[0])
         keys, values, deleted = [], [], []
         await cut.offer(name, shard, delta)
+        tail = cut.tails[(name, shard)]

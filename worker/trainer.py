@@ -146,6 +146,7 @@ class Trainer:
         self.step = 0
         self._async = job.train.mode == Mode.ASYNC
         self._pushes: deque[Future] = deque()
+        self._committed = 0  # the newest step committed to the PS (rank 0)
         self._push_pool = ThreadPoolExecutor(1, thread_name_prefix="push") if self._async else None
         self._pull_pool = ThreadPoolExecutor(1, thread_name_prefix="pull") if self._async else None
 
@@ -223,6 +224,9 @@ class Trainer:
     def _commit(self, step: int, with_dense: bool) -> None:
         """Commit(step) to every shard (DESIGN section 9), with the dense tower every
         train.publish_dense_every steps when with_dense (sync mode: the tower is the step's)."""
+        if step <= self._committed:  # async: drain() committed a later step already
+            return
+        self._committed = step
         every = self.job.train.publish_dense_every
         state = encode_dense(self.model) if with_dense and every and step % every == 0 else b""
         self._call_ps(f"commit of step {step}", lambda: self.client.commit(step, state, DENSE_FORMAT if state else ""))

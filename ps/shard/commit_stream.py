@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+from ps.errors import LogGapError
 from ps.rpc import ps_pb2
 from ps.shard.update_log import LogRange
 
@@ -27,6 +28,7 @@ async def committed_stream(servicer, request: ps_pb2.SubscribeRequest) -> AsyncI
     shard, name = servicer.shard, request.table
     table = shard.table(name)
     commits = shard.commits[name]
+    epoch = commits.epoch
     sent_step: int | None = None
     if request.full_sync:
         position = 0
@@ -45,6 +47,9 @@ async def committed_stream(servicer, request: ps_pb2.SubscribeRequest) -> AsyncI
         commits.check(position, name)
     while True:
         servicer.call_site.check_open()
+        if commits.epoch != epoch:
+            raise LogGapError(f"table {name!r}: the trainer committed an earlier step than this stream's "
+                              f"({commits.last_step}): a new history of steps; resync with full_sync")
         changed = servicer._changed[name]
         if commits.last_step == sent_step or commits.last_version < position:
             try:

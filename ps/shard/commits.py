@@ -63,11 +63,17 @@ class CommitLog:
         self.dim = dim
         self.max_bytes = max_bytes
         self.max_commits = max_commits
-        empty = np.empty((0, dim), dtype=np.float32)
-        self._commits: deque[SealedCommit] = deque(
-            [SealedCommit(base_step, base_version, base_version, _EMPTY_KEYS, empty, _EMPTY_KEYS)]
-        )
+        self.epoch = 0  # a new history of steps begins with each reset (subscribers resync)
+        self.reset(base_step, base_version)
+
+    def reset(self, step: int, version: int) -> None:
+        """Starts the log afresh at a committed state (step, version): a trainer resumed from an
+        older snapshot commits its steps again, a new history; committed streams resync."""
+        empty = np.empty((0, self.dim), dtype=np.float32)
+        self._commits: deque[SealedCommit] = deque([SealedCommit(step, version, version, _EMPTY_KEYS, empty,
+                                                                 _EMPTY_KEYS, True, time.time())])
         self._bytes = self._commits[0].nbytes
+        self.epoch += 1
 
     @property
     def last_step(self) -> int:
@@ -155,17 +161,20 @@ class DenseStates:
 
 def commit(shard, request: ps_pb2.CommitRequest) -> ps_pb2.CommitResponse:
     """Records step request.step on every table of `shard` (on the tables' thread): each table's
-    changes since its previous commit, with their rows as they are now. Steps must not go back;
-    a repeat of the newest step changes nothing."""
+    changes since its previous commit, with their rows as they are now. A repeat of the newest
+    step changes nothing. A step before the newest starts a new history (a trainer resumed from
+    an older snapshot replays steps): each table's commit log restarts there, its rows as they are
+    now, and committed subscribers resync (their replicas keep serving their cut until the new
+    history passes it)."""
     step = request.step
-    first = next(iter(shard.commits.values()))
-    if step < first.last_step:
-        raise ValueError(f"step: {step} is before this shard's newest committed step {first.last_step}; commits "
-                         "must not go back")
     if request.dense_state and not request.dense_format:
         raise ValueError("dense_format: required with dense_state (how the replica decodes it)")
+    first = next(iter(shard.commits.values()))
     now = time.time()
-    if step > first.last_step:
+    if step < first.last_step:
+        for name, commits in shard.commits.items():
+            commits.reset(step, shard.tables[name].version)
+    elif step > first.last_step:
         for name, commits in shard.commits.items():
             table, log = shard.tables[name], shard.logs[name]
             since = commits.last_version

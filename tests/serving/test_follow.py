@@ -171,7 +171,11 @@ def test_committed_streams_carry_the_rows_of_each_commit_never_later_ones(cluste
             np.testing.assert_array_equal(got, keys)
             np.testing.assert_array_equal(values, at_step_3)
             assert not np.array_equal(values, client.lookup("user", keys)), "step 4 changed no row"
-            stream.cancel()
-        assert [r.step for r in client.commit(3)] == [3]  # a repeat changes nothing
-        with pytest.raises(ValueError, match="must not go back"):
-            client.commit(2)
+            assert [r.step for r in client.commit(3)] == [3]  # a repeat changes nothing
+            client.commit(4)
+            next_commit(stream, 3)
+            # A trainer resumed from an older snapshot commits step 2 again: a new history of steps.
+            assert [r.step for r in client.commit(2)] == [2]
+            with pytest.raises(grpc.RpcError) as info:
+                next_commit(stream, 4)
+            assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "new history" in info.value.details()
