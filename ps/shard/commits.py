@@ -11,7 +11,9 @@ exactly that step. A range that starts inside a commit (a replica that took a fu
 two commits) is covered by that commit's range, whose rows are all at its step. Bounded by bytes
 and by count, oldest first; a subscriber that needs a commit no longer held gets LogGapError and
 resyncs. A commit whose changes the update log had already forgotten is kept as incomplete: it
-marks the step, and only a subscriber already past it may continue.
+marks the step, and only a subscriber already past it may continue. Rows are sealed only while
+a committed subscriber has been there in the last SEAL_IDLE_SECONDS: a job without replicas pays
+nothing per commit, and a replica that comes back later resyncs in full.
 """
 
 from __future__ import annotations
@@ -25,8 +27,11 @@ import numpy as np
 from ps.errors import LogGapError
 from ps.rpc import ps_pb2
 
-DEFAULT_MAX_COMMIT_BYTES = 64 << 20  # per table: rows sealed at commits and not yet dropped
+DEFAULT_SHARD_COMMIT_BYTES = 256 << 20  # per shard, split over its tables: rows sealed and not yet dropped
+MIN_TABLE_COMMIT_BYTES = 4 << 20
+DEFAULT_MAX_COMMIT_BYTES = 64 << 20
 DEFAULT_MAX_COMMITS = 4096
+SEAL_IDLE_SECONDS = 60.0
 MAX_DENSE_STATES = 4  # dense towers kept (the newest steps): a replica takes them with the rows
 _EMPTY_KEYS = np.empty(0, dtype=np.int64)
 
@@ -64,6 +69,7 @@ class CommitLog:
         self.max_bytes = max_bytes
         self.max_commits = max_commits
         self.epoch = 0  # a new history of steps begins with each reset (subscribers resync)
+        self.subscribed_at = -SEAL_IDLE_SECONDS  # time.monotonic() a committed stream last looked
         self.reset(base_step, base_version)
 
     def reset(self, step: int, version: int) -> None:
@@ -178,10 +184,11 @@ def commit(shard, request: ps_pb2.CommitRequest) -> ps_pb2.CommitResponse:
         for name, commits in shard.commits.items():
             table, log = shard.tables[name], shard.logs[name]
             since = commits.last_version
+            followed = time.monotonic() - commits.subscribed_at < SEAL_IDLE_SECONDS
             if table.version == since:
                 empty = np.empty((0, table.dim), dtype=np.float32)
                 commits.seal(SealedCommit(step, since, since, _EMPTY_KEYS, empty, _EMPTY_KEYS, True, now))
-            elif log.covers(since):
+            elif followed and log.covers(since):
                 changes = log.range_after(since, name)
                 values = shard.read_rows(name, changes.touched_keys)
                 commits.seal(SealedCommit(step, since, changes.to_version, changes.touched_keys, values,

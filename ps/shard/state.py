@@ -20,7 +20,7 @@ from ps import wire
 from ps.errors import UnknownTableError, WrongShardError
 from ps.job_config import JobConfig
 from ps.rpc import ps_pb2
-from ps.shard.commits import CommitLog, DenseStates
+from ps.shard.commits import DEFAULT_SHARD_COMMIT_BYTES, MIN_TABLE_COMMIT_BYTES, CommitLog, DenseStates
 from ps.shard.update_log import DEFAULT_MAX_ENTRIES, DEFAULT_MAX_KEYS, LogRange, UpdateLog
 from ps.table import multi
 from ps.table.embedding_table import ApplyResult, EmbeddingTable
@@ -154,7 +154,10 @@ class Shard:
         }
         # Committed steps (ps/shard/commits.py): restored tables start at a committed state.
         base_step = max((t.step for t in self.tables.values()), default=0)
-        self.commits = {name: CommitLog(t.dim, t.version, base_step) for name, t in self.tables.items()}
+        commit_bytes = max(MIN_TABLE_COMMIT_BYTES, DEFAULT_SHARD_COMMIT_BYTES // max(1, len(self.tables)))
+        self.commits = {
+            name: CommitLog(t.dim, t.version, base_step, commit_bytes) for name, t in self.tables.items()
+        }
         self.dense = DenseStates()
 
     def table(self, name: str) -> EmbeddingTable:
@@ -322,7 +325,7 @@ class Shard:
 
     def memory_bytes(self, name: str) -> int:
         """What table `name` holds on this shard: the table itself and its update log."""
-        return self.table(name).memory_bytes + self.logs[name].memory_bytes
+        return self.table(name).memory_bytes + self.logs[name].memory_bytes + self.commits[name].memory_bytes
 
     def stats(self) -> ps_pb2.StatsResponse:
         return ps_pb2.StatsResponse(

@@ -154,6 +154,12 @@ def test_committed_streams_carry_the_rows_of_each_commit_never_later_ones(cluste
     with PSClient.from_job(cluster.job) as client:
         client.push("user", keys, grads, step=1)
         assert [r.step for r in client.commit(1)] == [1]
+        # No committed stream was there: step 1 was recorded without its rows (nothing sealed, no
+        # memory), so a stream from before it must resync in full.
+        channel, stream = subscribe(cluster, committed=True, from_version=0)
+        with channel, pytest.raises(grpc.RpcError) as info:
+            next(iter(stream))
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         client.push("user", keys[:2], grads[:2], step=2)  # not committed yet
         channel, stream = subscribe(cluster, committed=True, full_sync=True)
         with channel:
