@@ -157,6 +157,7 @@ class ModelCut:
                 self._publish(cut, batch)
             for (name, s), deltas in batch.items():
                 self.metrics.version.labels(name, str(s)).set(deltas[-1].to_version)
+                self.metrics.rows.labels(name, str(s)).set(self.tables[name].shards[s].size)
             published = [d for ds in batch.values() for d in ds]
             self.waiting_bytes -= sum(d.nbytes for d in published)
             now = time.time()
@@ -213,6 +214,7 @@ def _stage(table: TableReplica, shard: int, deltas: list[Delta]) -> tuple[ShardR
         rows = deltas[last_copy].replace
         for d in deltas[last_copy + 1:]:
             _write(rows, d)
+        rows.version, rows.incarnation = deltas[-1].to_version, deltas[-1].incarnation
         return rows, True
     overlay = ShardRows(table.dim, table.dtype)
     for d in deltas:
