@@ -19,6 +19,12 @@ same. Sync mode ends each step with a barrier after the pushes, so step t+1's lo
 update of step t. Async mode overlaps: the next batch's lookups run during this step's compute,
 and pushes go to a background thread with at most `staleness` steps in flight.
 
+Commits (DESIGN section 9): in sync mode rank 0 sends Commit(t) to every shard after step t's
+barrier and before it joins step t + 1's all_to_all, so no push of t + 1 reaches a shard before
+it; with it, every train.publish_dense_every steps, the dense tower of step t. In async mode
+rank 0 commits step t - staleness after step t's all_to_all (every rank has then waited for its
+pushes up to that step): every update of steps <= t - staleness is in, later ones may be too.
+
 A shard that does not answer within a call's deadline (ShardUnavailableError) fails the step under
 `train.on_ps_unavailable = "abort"`; under "wait" the step's lookup or push is sent again until the
 shard answers or `train.ps_unavailable_timeout_s` has passed. A push is prepared once and the

@@ -43,6 +43,9 @@ async def committed_stream(servicer, request: ps_pb2.SubscribeRequest) -> AsyncI
         position = last.to_version
         if position == commits.last_version:  # the copy is the newest commit's state
             last.step = sent_step = commits.last_step
+            dense = shard.dense.newest_in(-1, sent_step)
+            if request.with_dense and dense is not None:
+                last.dense_step, last.dense_format, last.dense_state = dense
         yield last
     else:
         position = request.from_version
