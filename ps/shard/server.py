@@ -134,7 +134,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         self.loop = asyncio.get_running_loop()
         self._changed = {name: asyncio.Event() for name in shard.tables}
         for table in shard.tables.values():
-            metrics.observe_table(table, shard.logs[table.name].memory_bytes)
+            metrics.observe_table(table, shard.logs[table.name].memory_bytes + shard.commits[table.name].memory_bytes)
 
     async def run(self, fn: Callable, request):
         """fn(self, request), serialised with every other table call.
@@ -175,7 +175,8 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
 
     def observe(self, table: str) -> None:
         """Refreshes the gauges of `table` and the shard's push-id memory (on the tables' thread)."""
-        self.metrics.observe_table(self.shard.tables[table], self.shard.logs[table].memory_bytes)
+        held = self.shard.logs[table].memory_bytes + self.shard.commits[table].memory_bytes  # update + commit logs
+        self.metrics.observe_table(self.shard.tables[table], held)
         self.metrics.push_id_memory.labels(str(self.shard.index)).set(self.shard.ledger.num_bytes)
 
     def notify(self, table: str) -> None:
