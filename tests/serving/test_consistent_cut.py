@@ -120,6 +120,13 @@ def test_no_reply_mixes_steps_while_shards_stream_at_different_speeds(slow_shard
             assert len(seen[name]) > 1, f"{name} served only versions {seen[name]} while training ran"
         # The same run without the cut: shard 0's rows run ahead of shard 1's in most replies.
         assert mixed_latest > 0
+        # A replica restarted after the job takes full copies that end at the last commit.
+        replicas["gate"].stop()
+        replicas["gate"] = ServingReplica.start(proxied, tmp_path, "step-gate-again", consistency=Consistency.STEP)
+        wait_until(lambda: lookup_many(replicas["gate"], keys)[0] == STEPS, f"the restarted replica at step {STEPS}")
+        version, values, found = lookup_many(replicas["gate"], keys)
+        assert steps_in(values, found) == {float(STEPS)} and all(f.all() for f in found)
+        assert replicas["gate"].stub.DenseModel(serving_pb2.DenseModelRequest(), timeout=5).step == STEPS
     finally:
         done.set()
         trainer.join()
