@@ -239,6 +239,8 @@ def _measure(job: JobConfig, replicas: dict[Consistency, ServeConfig], config: F
         "pushes": len(pushed["acks"]),
         "late_pushes": pushed["late_pushes"],
         "rows_per_second": config.rate,
+        # Clipped at 0: a shard's rows often show in the "latest" replica before the pusher has
+        # taken its Push reply; replica_histogram_seconds (the shard's ack -> applied) has no such floor.
         "per_shard_ack_to_visible_seconds": _summary(per_shard),
         "consistent_cut_ack_to_visible_seconds": _summary(in_cut),
         "replica_histogram_seconds": {
