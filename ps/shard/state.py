@@ -324,7 +324,7 @@ class Shard:
         return self.table(name).lookup(keys).cpu().numpy()
 
     def memory_bytes(self, name: str) -> int:
-        """What table `name` holds on this shard: the table itself and its update log."""
+        """What table `name` holds on this shard: the table itself, its update log and its commit log."""
         return self.table(name).memory_bytes + self.logs[name].memory_bytes + self.commits[name].memory_bytes
 
     def stats(self) -> ps_pb2.StatsResponse:
