@@ -91,12 +91,14 @@ void ServingTable::set_pending(int64_t s, uint64_t step, bool replace, std::shar
   if (s < 0 || s >= num_shards()) throw std::out_of_range("shard outside the table");
   if (rows == nullptr || rows->width() != width_) throw std::invalid_argument("rows: of another width");
   auto pending = std::make_shared<PendingShard>(PendingShard{step, replace, std::move(rows)});
-  std::atomic_store(&pending_[static_cast<size_t>(s)], std::move(pending));
+  auto previous = std::atomic_exchange(&pending_[static_cast<size_t>(s)], std::move(pending));
+  if (previous == nullptr) num_pending_.fetch_add(1, std::memory_order_seq_cst);
 }
 
 void ServingTable::clear_pending(int64_t s) {
   if (s < 0 || s >= num_shards()) throw std::out_of_range("shard outside the table");
-  std::atomic_store(&pending_[static_cast<size_t>(s)], std::shared_ptr<PendingShard>());
+  auto previous = std::atomic_exchange(&pending_[static_cast<size_t>(s)], std::shared_ptr<PendingShard>());
+  if (previous != nullptr) num_pending_.fetch_sub(1, std::memory_order_seq_cst);
 }
 
 std::vector<std::shared_ptr<ShardStore>> ServingTable::gather_at(const int64_t* keys, int64_t n, float* words,
@@ -105,9 +107,12 @@ std::vector<std::shared_ptr<ShardStore>> ServingTable::gather_at(const int64_t* 
   // Pending before main: the writer swaps a replacement in before it drops the pending store.
   std::vector<std::shared_ptr<PendingShard>> pending(static_cast<size_t>(shards));
   std::vector<std::shared_ptr<ShardStore>> stores(static_cast<size_t>(shards));
+  const bool any_pending = num_pending_.load(std::memory_order_seq_cst) != 0;
   for (int64_t s = 0; s < shards; ++s) {
-    auto p = std::atomic_load(&pending_[static_cast<size_t>(s)]);
-    if (p != nullptr && p->step <= version) pending[static_cast<size_t>(s)] = std::move(p);
+    if (any_pending) {
+      auto p = std::atomic_load(&pending_[static_cast<size_t>(s)]);
+      if (p != nullptr && p->step <= version) pending[static_cast<size_t>(s)] = std::move(p);
+    }
     stores[static_cast<size_t>(s)] = shard(s);
   }
   // One shard's part: its pending overlay first, the main store for keys the overlay lacks.

@@ -82,6 +82,10 @@ class ServingTable {
   std::unique_ptr<std::atomic<double>[]> last_message_;
   std::shared_ptr<ModelClock> clock_;
   std::vector<std::shared_ptr<PendingShard>> pending_;  // read and written with std::atomic_load/store
+  // Pending stores set: readers skip the shared_ptr loads (a lock pool in libstdc++) while 0. The
+  // writer counts up before it publishes a cut and down after it merged, so a reader at a cut
+  // that has pending stores always sees them.
+  std::atomic<int64_t> num_pending_{0};
 };
 
 // The code, message and bytes of one answered call (OK: payload is the reply message).

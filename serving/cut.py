@@ -32,12 +32,17 @@ from typing import TypeVar
 
 import numpy as np
 
+from ps.process.calls import ShuttingDownError
 from serving.metrics import ServingMetrics
 from serving.store import ShardRows, TableReplica, _embps_gate
 
 T = TypeVar("T")
 DENSE_KEPT = 4  # dense towers of the last published steps kept (a scorer may hold a reply a cut old)
 INLINE_ROWS = 2048  # publishing more rows than this runs on a thread (the loop keeps taking calls)
+
+
+class ModelVersionMovedError(ShuttingDownError):
+    """A lookup could not finish at one model version (UNAVAILABLE, as the gate answers it): retry."""
 
 
 @dataclass
@@ -115,7 +120,10 @@ class ModelCut:
             result = answer(version)
             if self.clock.still_valid(version):
                 return result, version
-        raise ConnectionError("the model version moved under this lookup 64 times; retry")
+        raise ModelVersionMovedError(
+            "the model version moved under this lookup 64 times; retry (the replica applies cuts faster than it "
+            "answers)"
+        )
 
     async def offer(self, table: str, shard: int, delta: Delta) -> None:
         """Takes (table, shard)'s next committed range; returns once it is held (waiting or visible)."""
