@@ -315,6 +315,11 @@ class Shard:
         """Current values (n, dim) float32 of keys (n,) int64 of table `name`."""
         return self.table(name).lookup(keys).cpu().numpy()
 
+    def read_stored_rows(self, name: str, keys: np.ndarray) -> tuple[str, np.ndarray]:
+        """(storage, rows (n, value_words) float32 words as table `name` stores them) of keys (n,)."""
+        table = self.table(name)
+        return str(table.storage), table.lookup_stored(keys)
+
     def memory_bytes(self, name: str) -> int:
         """What table `name` holds on this shard: the table itself and its update log."""
         return self.table(name).memory_bytes + self.logs[name].memory_bytes
