@@ -437,11 +437,36 @@ EMBPS_AVX512 inline void decode_codes_avx512(const uint8_t* q, float scale, floa
   decode_codes_loop(q + k, scale, bias, dim - k, out + k);
 }
 
+// decode_half_f16c and encode_half_f16c 16 lanes at a time (the same conversions).
+EMBPS_AVX512 inline void decode_half_avx512(const uint16_t* h, int64_t dim, float* out) {
+  int64_t k = 0;
+  for (; k + 16 <= dim; k += 16) {
+    _mm512_storeu_ps(out + k, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(h + k))));
+  }
+  decode_half_f16c(h + k, dim - k, out + k);
+}
+
+EMBPS_AVX512 inline void encode_half_avx512(const float* w, const uint16_t* r, int64_t dim, uint16_t* h) {
+  const __m512i exponent_mask = _mm512_set1_epi32(0xFF);
+  int64_t k = 0;
+  for (; k + 16 <= dim; k += 16) {
+    const __m512i b = _mm512_loadu_si512(w + k);
+    const __m512i add =
+        _mm512_srli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r + k))), 3);
+    const __mmask16 finite =
+        _mm512_cmpneq_epi32_mask(_mm512_and_si512(_mm512_srli_epi32(b, 23), exponent_mask), exponent_mask);
+    const __m512i rounded = _mm512_mask_add_epi32(b, finite, b, add);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(h + k),
+                        _mm512_cvtps_ph(_mm512_castsi512_ps(rounded), _MM_FROUND_TO_ZERO));
+  }
+  encode_half_f16c(w + k, r + k, dim - k, h + k);
+}
+
 struct Avx512Isa {
   EMBPS_AVX512 static void draws(uint64_t base, int64_t dim, uint16_t* r) { rounding_draws_avx512(base, dim, r); }
-  EMBPS_AVX512 static void decode_half(const uint16_t* h, int64_t dim, float* out) { decode_half_f16c(h, dim, out); }
+  EMBPS_AVX512 static void decode_half(const uint16_t* h, int64_t dim, float* out) { decode_half_avx512(h, dim, out); }
   EMBPS_AVX512 static void encode_half(const float* w, const uint16_t* r, int64_t dim, uint16_t* h) {
-    encode_half_f16c(w, r, dim, h);
+    encode_half_avx512(w, r, dim, h);
   }
   EMBPS_AVX512 static void decode_codes(const uint8_t* q, float scale, float bias, int64_t dim, float* out) {
     decode_codes_avx512(q, scale, bias, dim, out);
