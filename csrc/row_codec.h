@@ -158,7 +158,8 @@ inline void row_min_max(const float* w, int64_t dim, float* lo_out, float* hi_ou
 
 // The 16-bit rounding draws r_j of elements [0, dim) (rounded up to 4) for `base`: draw j is
 // bits [16 (j % 4), +16) of hash j / 4, which is that hash's little-endian memory layout.
-// Scalar: SSE2 has no 64-bit multiply, and its emulation is slower than the scalar loop.
+// Scalar: SSE2 has no 64-bit multiply, and its emulation is slower than the scalar loop (the
+// AVX2 and AVX-512 tiers of the update below have vector forms).
 __attribute__((optimize("no-tree-vectorize"))) inline void rounding_draws(uint64_t base, int64_t dim,
                                                                           uint16_t* r) {
   for (int64_t g = 0; g < (dim + 3) / 4; ++g) {
@@ -365,8 +366,40 @@ struct BaselineIsa {
 #define EMBPS_AVX2 __attribute__((target("avx2,f16c")))
 #define EMBPS_AVX512 __attribute__((target("avx2,f16c,avx512f,avx512dq,avx512bw,avx512vl")))
 
+// x * c mod 2^64 in 4 lanes from AVX2's 32 x 32 -> 64-bit multiplies: lo*lo + (hi*lo + lo*hi) << 32.
+EMBPS_AVX2 inline __m256i mul64_avx2(__m256i x, uint64_t c) {
+  const __m256i c_lo = _mm256_set1_epi64x(static_cast<int64_t>(c & 0xFFFFFFFFu));
+  const __m256i c_hi = _mm256_set1_epi64x(static_cast<int64_t>(c >> 32));
+  const __m256i cross = _mm256_add_epi64(_mm256_mul_epu32(_mm256_srli_epi64(x, 32), c_lo), _mm256_mul_epu32(x, c_hi));
+  return _mm256_add_epi64(_mm256_mul_epu32(x, c_lo), _mm256_slli_epi64(cross, 32));
+}
+
+EMBPS_AVX2 inline __m256i mix64_avx2(__m256i x) {
+  x = _mm256_xor_si256(x, _mm256_srli_epi64(x, 30));
+  x = mul64_avx2(x, 0xbf58476d1ce4e5b9ULL);
+  x = _mm256_xor_si256(x, _mm256_srli_epi64(x, 27));
+  x = mul64_avx2(x, 0x94d049bb133111ebULL);
+  return _mm256_xor_si256(x, _mm256_srli_epi64(x, 31));
+}
+
+// rounding_draws, 4 hashes (16 draws) at a time, stored as they come (see rounding_draws_avx512).
+EMBPS_AVX2 inline void rounding_draws_avx2(uint64_t base, int64_t dim, uint16_t* r) {
+  const int64_t groups = (dim + 3) / 4;
+  const __m256i step = _mm256_set1_epi64x(static_cast<int64_t>(4 * kGolden));
+  __m256i x = _mm256_set_epi64x(static_cast<int64_t>(base + 4 * kGolden), static_cast<int64_t>(base + 3 * kGolden),
+                                static_cast<int64_t>(base + 2 * kGolden), static_cast<int64_t>(base + kGolden));
+  int64_t g = 0;
+  for (; g + 4 <= groups; g += 4, x = _mm256_add_epi64(x, step)) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(r + 4 * g), mix64_avx2(x));
+  }
+  for (; g < groups; ++g) {
+    uint64_t bits = mix64(base + static_cast<uint64_t>(g + 1) * kGolden);
+    for (int k = 0; k < 4; ++k, bits >>= 16) r[4 * g + k] = static_cast<uint16_t>(bits);
+  }
+}
+
 struct Avx2Isa {
-  EMBPS_AVX2 static void draws(uint64_t base, int64_t dim, uint16_t* r) { rounding_draws(base, dim, r); }
+  EMBPS_AVX2 static void draws(uint64_t base, int64_t dim, uint16_t* r) { rounding_draws_avx2(base, dim, r); }
   EMBPS_AVX2 static void decode_half(const uint16_t* h, int64_t dim, float* out) { decode_half_f16c(h, dim, out); }
   EMBPS_AVX2 static void encode_half(const float* w, const uint16_t* r, int64_t dim, uint16_t* h) {
     encode_half_f16c(w, r, dim, h);
