@@ -603,7 +603,11 @@ __attribute__((target("avx2,f16c,avx512f,avx512dq,avx512bw,avx512vl"), flatten))
     EMBPS_UPDATE_ENCODED_ARGS) {
   update_encoded_rows<Avx512Isa>(EMBPS_UPDATE_ENCODED_CALL);
 }
+#undef EMBPS_AVX2
+#undef EMBPS_AVX512
 #endif
+#undef EMBPS_UPDATE_ENCODED_ARGS
+#undef EMBPS_UPDATE_ENCODED_CALL
 
 // apply_update for a float16 or int8 value (update_encoded_rows on the widest instruction set
 // the CPU has).
