@@ -48,8 +48,9 @@ class ModelVersionMovedError(ShuttingDownError):
 @dataclass
 class Delta:
     """One (table, shard)'s committed range: the rows of step `step` for the keys it changed, or
-    (replace) a full copy of the shard at that step. keys (n,) int64, values (n, dim) float32,
-    deleted (d,) int64."""
+    (replace) a full copy of the shard at that step. keys (n,) int64, values (n, ...) the rows as a
+    PS table of `storage` keeps them (ps/wire.py decode_stored_rows: float32 or float16 (n, dim),
+    int8 words (n, width)), deleted (d,) int64."""
 
     step: int
     to_version: int
@@ -60,6 +61,7 @@ class Delta:
     replace: ShardRows | None = None
     dense: tuple[int, str, bytes] | None = None  # (step, format, state) published with this step
     commit_time: float = 0.0
+    storage: str = "float32"
     received: float = field(default_factory=time.time)
 
     @property
@@ -227,7 +229,7 @@ def _stage(table: TableReplica, shard: int, deltas: list[Delta]) -> tuple[ShardR
     overlay = ShardRows(table.dim, table.dtype)
     for d in deltas:
         if d.keys.shape[0]:
-            overlay.upsert(d.keys, d.values)
+            overlay.upsert_rows(d.keys, d.values, d.storage)
         if d.deleted.shape[0]:
             overlay.native.mark_deleted(d.deleted)
     return overlay, False
@@ -253,6 +255,6 @@ def _merge(table: TableReplica, shard: int, deltas: list[Delta]) -> None:
 
 def _write(rows: ShardRows, d: Delta) -> None:
     if d.keys.shape[0]:
-        rows.upsert(d.keys, d.values)
+        rows.upsert_rows(d.keys, d.values, d.storage)
     if d.deleted.shape[0]:
         rows.erase(d.deleted)

@@ -30,7 +30,7 @@ async def follow_committed(follower, cut: ModelCut, with_dense: bool) -> None:
     full = follower._need_full_sync or (tail.incarnation == 0 and tail.version > 0)
     request = ps_pb2.SubscribeRequest(
         table=name, from_version=tail.version, incarnation=tail.incarnation, full_sync=full, committed=True,
-        with_dense=with_dense,
+        with_dense=with_dense, stored_rows=True,
     )
     building: ShardRows | None = None
     keys: list[np.ndarray] = []
@@ -38,6 +38,7 @@ async def follow_committed(follower, cut: ModelCut, with_dense: bool) -> None:
     deleted: list[np.ndarray] = []
     position, incarnation = tail.version, tail.incarnation
     range_start = True
+    storage = "float32"
     async for batch in follower.stub.Subscribe(request):
         follower.mark_message()
         if batch.reset:
@@ -52,7 +53,8 @@ async def follow_committed(follower, cut: ModelCut, with_dense: bool) -> None:
         else:
             k = wire.decode_keys(batch.keys)
             keys.append(k)
-            values.append(wire.decode_values(batch.values, k.shape[0], follower.replica.dim, batch.dtype))
+            storage, rows = wire.decode_stored_rows(batch.values, k.shape[0], follower.replica.dim, batch.dtype)
+            values.append(rows)
             deleted.append(wire.decode_keys(batch.deleted_keys, "deleted_keys"))
         if not batch.last:
             continue
@@ -71,7 +73,7 @@ async def follow_committed(follower, cut: ModelCut, with_dense: bool) -> None:
             building = None
         else:
             delta = Delta(batch.step, position, incarnation, np.concatenate(keys), np.concatenate(values),
-                          np.concatenate(deleted), dense=dense, commit_time=batch.commit_time)
+                          np.concatenate(deleted), dense=dense, commit_time=batch.commit_time, storage=storage)
             follower.metrics.applied_rows.labels(name, str(shard)).inc(delta.keys.shape[0])
         keys, values, deleted = [], [], []
         await cut.offer(name, shard, delta)

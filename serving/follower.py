@@ -7,6 +7,9 @@
        | UNAVAILABLE / stream ends: mark disconnected (stale after the threshold), back off, retry
        +──────────────────────────────────────────────────────────────────────────────────────
 
+Rows travel as the PS table stores them (SubscribeRequest.stored_rows): a replica whose
+storage_dtype is the table's storage keeps them bit for bit, another decodes and re-encodes.
+
 Lookups keep reading the current ShardRows throughout: a dead shard leaves the last rows in place,
 and a resync is invisible until its copy is complete. A range that does not start at the served
 version (a gap the stream itself shows) is refused and forces a full resync too.
@@ -130,7 +133,8 @@ class ShardFollower:
         # contact takes a full copy rather than risk mixing two histories.
         full = self._need_full_sync or (rows.incarnation == 0 and rows.version > 0)
         request = ps_pb2.SubscribeRequest(
-            table=self.replica.name, from_version=rows.version, incarnation=rows.incarnation, full_sync=full
+            table=self.replica.name, from_version=rows.version, incarnation=rows.incarnation, full_sync=full,
+            stored_rows=True,
         )
         building: ShardRows | None = None
         acks: list[ps_pb2.VersionAck] = []
@@ -170,11 +174,11 @@ class ShardFollower:
         deleted = wire.decode_keys(batch.deleted_keys, "deleted_keys")
         if keys.shape[0] == 0 and deleted.shape[0] == 0:
             return
-        values = wire.decode_values(batch.values, keys.shape[0], self.replica.dim, batch.dtype)
+        storage, values = wire.decode_stored_rows(batch.values, keys.shape[0], self.replica.dim, batch.dtype)
 
         def write() -> None:
             if keys.shape[0]:
-                target.upsert(keys, values)
+                target.upsert_rows(keys, values, storage)
             if deleted.shape[0]:
                 target.erase(deleted)
 

@@ -12,9 +12,11 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DTYPE_UNSPECIFIED: _ClassVar[DType]
     FLOAT32: _ClassVar[DType]
     FLOAT16: _ClassVar[DType]
+    INT8_ROWWISE: _ClassVar[DType]
 DTYPE_UNSPECIFIED: DType
 FLOAT32: DType
 FLOAT16: DType
+INT8_ROWWISE: DType
 
 class LookupRequest(_message.Message):
     __slots__ = ("table", "keys", "dim")
@@ -117,20 +119,22 @@ class StatsResponse(_message.Message):
     def __init__(self, job: _Optional[str] = ..., shard: _Optional[int] = ..., num_shards: _Optional[int] = ..., tables: _Optional[_Iterable[_Union[TableStats, _Mapping]]] = ...) -> None: ...
 
 class SubscribeRequest(_message.Message):
-    __slots__ = ("table", "from_version", "incarnation", "full_sync", "committed", "with_dense")
+    __slots__ = ("table", "from_version", "incarnation", "full_sync", "committed", "with_dense", "stored_rows")
     TABLE_FIELD_NUMBER: _ClassVar[int]
     FROM_VERSION_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
     FULL_SYNC_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_FIELD_NUMBER: _ClassVar[int]
     WITH_DENSE_FIELD_NUMBER: _ClassVar[int]
+    STORED_ROWS_FIELD_NUMBER: _ClassVar[int]
     table: str
     from_version: int
     incarnation: int
     full_sync: bool
     committed: bool
     with_dense: bool
-    def __init__(self, table: _Optional[str] = ..., from_version: _Optional[int] = ..., incarnation: _Optional[int] = ..., full_sync: _Optional[bool] = ..., committed: _Optional[bool] = ..., with_dense: _Optional[bool] = ...) -> None: ...
+    stored_rows: bool
+    def __init__(self, table: _Optional[str] = ..., from_version: _Optional[int] = ..., incarnation: _Optional[int] = ..., full_sync: _Optional[bool] = ..., committed: _Optional[bool] = ..., with_dense: _Optional[bool] = ..., stored_rows: _Optional[bool] = ...) -> None: ...
 
 class VersionAck(_message.Message):
     __slots__ = ("version", "ack_time", "num_keys")

@@ -35,7 +35,7 @@ async def committed_stream(servicer, request: ps_pb2.SubscribeRequest) -> AsyncI
     if request.full_sync:
         position = 0
         last = None
-        async for reply in servicer._full_copy(name):
+        async for reply in servicer._full_copy(name, request.stored_rows):
             commits.subscribed_at = time.monotonic()
             if last is not None:
                 yield last
@@ -69,7 +69,8 @@ async def committed_stream(servicer, request: ps_pb2.SubscribeRequest) -> AsyncI
             continue
         sealed = commits.after(position, name)
         changes = LogRange(sealed.from_version, sealed.to_version, sealed.touched_keys, sealed.deleted_keys, ())
-        replies = list(servicer._batches(name, table.dim, changes, sealed.values, False))
+        rows = servicer._rows_of_words(name, sealed.values, request.stored_rows)
+        replies = list(servicer._batches(name, table.dim, changes, rows, False))
         replies[-1].step = sealed.step
         replies[-1].commit_time = sealed.commit_time
         dense = shard.dense.newest_in(sent_step if sent_step is not None else -1, sealed.step)

@@ -40,7 +40,8 @@ _EMPTY_KEYS = np.empty(0, dtype=np.int64)
 class SealedCommit:
     """Changes of versions (from_version, to_version] with the rows as of step `step`'s commit.
 
-    touched_keys (t,) int64 sorted, values (t, dim) float32 row i for touched_keys[i], deleted_keys
+    touched_keys (t,) int64 sorted, values (t, width) float32 words, row i of touched_keys[i] as the
+    table stores it (ps/shard/state.py read_stored_rows; a float32 table's values), deleted_keys
     (d,) int64 sorted, disjoint from touched. complete = False: the update log had lost part of
     the range, so its keys are unknown (a subscriber before to_version must resync).
     """
@@ -63,9 +64,9 @@ class CommitLog:
     """The commits of one table on one shard, newest last; starts with a base commit (the step and
     version the table was restored at: its state is a committed one)."""
 
-    def __init__(self, dim: int, base_version: int = 0, base_step: int = 0,
+    def __init__(self, width: int, base_version: int = 0, base_step: int = 0,
                  max_bytes: int = DEFAULT_MAX_COMMIT_BYTES, max_commits: int = DEFAULT_MAX_COMMITS) -> None:
-        self.dim = dim
+        self.width = width  # float32 words a row takes as the table stores it
         self.max_bytes = max_bytes
         self.max_commits = max_commits
         self.epoch = 0  # a new history of steps begins with each reset (subscribers resync)
@@ -75,7 +76,7 @@ class CommitLog:
     def reset(self, step: int, version: int) -> None:
         """Starts the log afresh at a committed state (step, version): a trainer resumed from an
         older snapshot commits its steps again, a new history; committed streams resync."""
-        empty = np.empty((0, self.dim), dtype=np.float32)
+        empty = np.empty((0, self.width), dtype=np.float32)
         self._commits: deque[SealedCommit] = deque([SealedCommit(step, version, version, _EMPTY_KEYS, empty,
                                                                  _EMPTY_KEYS, True, time.time())])
         self._bytes = self._commits[0].nbytes
@@ -123,7 +124,7 @@ class CommitLog:
         newest = self._commits[-1]
         picked = [c for c in self._commits if c.to_version > position]
         if not picked:
-            empty = np.empty((0, self.dim), dtype=np.float32)
+            empty = np.empty((0, self.width), dtype=np.float32)
             return SealedCommit(newest.step, position, position, _EMPTY_KEYS, empty, _EMPTY_KEYS, True,
                                 newest.commit_time)
         if len(picked) == 1:
@@ -135,7 +136,7 @@ class CommitLog:
             [np.repeat([False, True], [c.touched_keys.shape[0], c.deleted_keys.shape[0]]) for c in picked]
         )
         rows = np.concatenate(
-            [np.concatenate([c.values, np.zeros((c.deleted_keys.shape[0], self.dim), np.float32)]) for c in picked]
+            [np.concatenate([c.values, np.zeros((c.deleted_keys.shape[0], self.width), np.float32)]) for c in picked]
         )
         unique, last_from_end = np.unique(keys[::-1], return_index=True)
         at = keys.shape[0] - 1 - last_from_end
@@ -186,15 +187,15 @@ def commit(shard, request: ps_pb2.CommitRequest) -> ps_pb2.CommitResponse:
             since = commits.last_version
             followed = time.monotonic() - commits.subscribed_at < SEAL_IDLE_SECONDS
             if table.version == since:
-                empty = np.empty((0, table.dim), dtype=np.float32)
+                empty = np.empty((0, commits.width), dtype=np.float32)
                 commits.seal(SealedCommit(step, since, since, _EMPTY_KEYS, empty, _EMPTY_KEYS, True, now))
             elif followed and log.covers(since):
                 changes = log.range_after(since, name)
-                values = shard.read_rows(name, changes.touched_keys)
+                _, values = shard.read_stored_rows(name, changes.touched_keys)
                 commits.seal(SealedCommit(step, since, changes.to_version, changes.touched_keys, values,
                                           changes.deleted_keys, True, now))
             else:
-                empty = np.empty((0, table.dim), dtype=np.float32)
+                empty = np.empty((0, commits.width), dtype=np.float32)
                 commits.seal(SealedCommit(step, since, table.version, _EMPTY_KEYS, empty, _EMPTY_KEYS, False, now))
     if request.dense_state:
         shard.dense.put(step, request.dense_format, bytes(request.dense_state))

@@ -36,7 +36,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from ps import wire
+from ps import native, wire
 from ps.job_config import JobConfig, load_job_config
 from ps.process.calls import CallSite, UndecodableRequests, stream_call, unary_call
 from ps.rpc import ps_pb2, ps_pb2_grpc, snapshot_pb2, snapshot_pb2_grpc
@@ -69,6 +69,14 @@ HEARTBEAT_SECONDS = 0.5  # an idle Subscribe stream says "still here, still at v
 
 
 _ACK_BYTES = 32  # one VersionAck on the wire, framing included (generous)
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """Rows as a Subscribe message carries them: dtype (ps_pb2.DType), data (n, row bytes) uint8."""
+
+    dtype: int
+    data: np.ndarray
 
 
 def _tables_call(method: str) -> Callable:
@@ -269,13 +277,14 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         subscribers = self.metrics.subscribers.labels(name, str(shard.index))
         subscribers.inc()
         try:
+            stored = request.stored_rows
             if request.committed:
                 async for reply in committed_stream(self, request):
                     yield reply
                 return
             if request.full_sync:
                 position = 0
-                async for reply in self._full_copy(name):
+                async for reply in self._full_copy(name, stored):
                     position = reply.to_version
                     yield reply
             else:
@@ -290,41 +299,42 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
                     except TimeoutError:
                         yield self._batch(name, position, position, last=True)
                     continue
-                changes, values = await self.run_call(
-                    functools.partial(self._read_range, name, position), shard.logs[name].num_keys * 8
+                changes, rows = await self.run_call(
+                    functools.partial(self._read_range, name, position, stored), shard.logs[name].num_keys * 8
                 )
                 self.metrics.stream_range.labels(name, str(shard.index)).observe(changes.to_version - position)
-                for reply in self._batches(name, table.dim, changes, values, False):
+                for reply in self._batches(name, table.dim, changes, rows, False):
                     yield reply
                 position = changes.to_version
         finally:
             subscribers.dec()
 
-    async def _full_copy(self, name: str) -> AsyncIterator[ps_pb2.UpdateBatch]:
+    async def _full_copy(self, name: str, stored: bool) -> AsyncIterator[ps_pb2.UpdateBatch]:
         """Every row of table `name`, streamed: the keys are listed at version v0, their rows read
         a message at a time as the subscriber takes them (never a copy of the table), and what
         changed meanwhile follows, read from a change feed the table keeps for this copy. So the
         copy converges however long the subscriber takes, beyond the update log's window; the
         last message's to_version says where the live ranges continue."""
-        shard, table = self.shard, self.shard.table(name)
+        table = self.shard.table(name)
         dim = table.dim
         version, keys, feed = await self.run_call(functools.partial(self._begin_copy, name), table.size * 16)
         try:
-            rows_per = max(1, self.shard.job.message_limit_bytes // (8 + 4 * dim))
+            row_bytes = wire.stored_row_bytes(str(table.storage) if stored else "float32", dim)
+            rows_per = max(1, self.shard.job.message_limit_bytes // (8 + row_bytes))
             for i in range(0, keys.shape[0], rows_per):
                 chunk = keys[i : i + rows_per]
-                values = await self.run_call(
-                    functools.partial(shard.read_rows, name, chunk), chunk.shape[0] * (8 + 4 * dim)
+                rows = await self.run_call(
+                    functools.partial(self._read_rows, name, chunk, stored), chunk.shape[0] * (8 + row_bytes)
                 )
                 yield self._batch(
-                    name, 0, version, dim=dim, reset=i == 0, last=False,
-                    keys=wire.encode_keys(chunk), values=values.tobytes(),
+                    name, 0, version, dim=dim, reset=i == 0, last=False, dtype=rows.dtype,
+                    keys=wire.encode_keys(chunk), values=rows.data.tobytes(),
                 )
             # Off the event loop: the feed is the tables thread's to read, and it may hold many keys.
-            changes, values = await self.run_call(
-                functools.partial(self._end_copy, name, feed), INLINE_WORK_BYTES + 1
+            changes, rows = await self.run_call(
+                functools.partial(self._end_copy, name, feed, stored), INLINE_WORK_BYTES + 1
             )
-            for reply in self._batches(name, dim, changes, values, reset=keys.shape[0] == 0):
+            for reply in self._batches(name, dim, changes, rows, reset=keys.shape[0] == 0):
                 yield reply
         finally:
             table.close_change_feed(feed)
@@ -333,7 +343,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         table = self.shard.table(name)
         return table.version, table.keys(), table.open_change_feed()
 
-    def _end_copy(self, name: str, feed) -> tuple[LogRange, np.ndarray]:
+    def _end_copy(self, name: str, feed, stored: bool) -> tuple[LogRange, _Rows]:
         """What changed since _begin_copy, as a range ending at the current version, with its rows."""
         table = self.shard.table(name)
         changes = feed.take()
@@ -342,12 +352,30 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
                 f"table {name!r}: more than {feed.max_keys} keys changed during the full copy (or the table was "
                 "reloaded); resync with full_sync"
             )
-        values = self.shard.read_rows(name, changes.touched_keys)
-        return LogRange(0, table.version, changes.touched_keys, changes.deleted_keys, ()), values
+        rows = self._read_rows(name, changes.touched_keys, stored)
+        return LogRange(0, table.version, changes.touched_keys, changes.deleted_keys, ()), rows
 
-    def _read_range(self, name: str, from_version: int) -> tuple[LogRange, np.ndarray]:
+    def _read_range(self, name: str, from_version: int, stored: bool) -> tuple[LogRange, _Rows]:
         changes = self.shard.changes_after(name, from_version)
-        return changes, self.shard.read_rows(name, changes.touched_keys)
+        return changes, self._read_rows(name, changes.touched_keys, stored)
+
+    def _read_rows(self, name: str, keys: np.ndarray, stored: bool) -> _Rows:
+        """The rows of keys as Subscribe sends them: as the table stores them, or float32."""
+        if not stored:
+            return _Rows(ps_pb2.FLOAT32, self.shard.read_rows(name, keys).view(np.uint8))
+        _, words = self.shard.read_stored_rows(name, keys)
+        return self._rows_of_words(name, words, stored)
+
+    def _rows_of_words(self, name: str, words: np.ndarray, stored: bool) -> _Rows:
+        """Rows (n, value_words) float32 words as table `name` stores them, as Subscribe sends
+        them: as they are (stored) or decoded to float32."""
+        table = self.shard.table(name)
+        storage = str(table.storage)
+        if stored:
+            return _Rows(wire.STORED_DTYPES[storage], wire.encode_stored_rows(words, storage, table.dim))
+        if storage == "float32":
+            return _Rows(ps_pb2.FLOAT32, np.ascontiguousarray(words, dtype=np.float32).view(np.uint8))
+        return _Rows(ps_pb2.FLOAT32, native.decode_words(table.storage, words, table.dim).view(np.uint8))
 
     def _batch(self, name: str, from_version: int, to_version: int, **fields) -> ps_pb2.UpdateBatch:
         return ps_pb2.UpdateBatch(
@@ -356,22 +384,21 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
             incarnation=self.shard.incarnation,
             from_version=from_version,
             to_version=to_version,
-            dtype=ps_pb2.FLOAT32,
             sent_time=time.time(),
-            **fields,
+            **{"dtype": ps_pb2.FLOAT32, **fields},
         )
 
-    def _batches(self, name: str, dim: int, changes: LogRange, values: np.ndarray, reset: bool):
+    def _batches(self, name: str, dim: int, changes: LogRange, rows: _Rows, reset: bool):
         """The messages of one range: rows, then deleted keys, then acks, split at the message limit."""
         budget = self.shard.job.message_limit_bytes
-        rows_per = max(1, budget // (8 + 4 * dim))
+        rows_per = max(1, budget // (8 + rows.data.shape[1]))
         keys_per = max(1, budget // 8)
         acks_per = max(1, budget // _ACK_BYTES)
         touched, deleted = changes.touched_keys, changes.deleted_keys
         parts: list[dict] = []
         for i in range(0, touched.shape[0], rows_per):
             parts.append(
-                {"keys": wire.encode_keys(touched[i : i + rows_per]), "values": values[i : i + rows_per].tobytes()}
+                {"keys": wire.encode_keys(touched[i : i + rows_per]), "values": rows.data[i : i + rows_per].tobytes()}
             )
         for i in range(0, deleted.shape[0], keys_per):
             parts.append({"deleted_keys": wire.encode_keys(deleted[i : i + keys_per])})
@@ -388,6 +415,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
                 dim=dim,
                 reset=reset and i == 0,
                 last=i == len(parts) - 1,
+                dtype=rows.dtype,
                 **part,
             )
 

@@ -156,7 +156,7 @@ class Shard:
         base_step = max((t.step for t in self.tables.values()), default=0)
         commit_bytes = max(MIN_TABLE_COMMIT_BYTES, DEFAULT_SHARD_COMMIT_BYTES // max(1, len(self.tables)))
         self.commits = {
-            name: CommitLog(t.dim, t.version, base_step, commit_bytes) for name, t in self.tables.items()
+            name: CommitLog(t.value_words, t.version, base_step, commit_bytes) for name, t in self.tables.items()
         }
         self.dense = DenseStates()
 
@@ -322,6 +322,11 @@ class Shard:
     def read_rows(self, name: str, keys: np.ndarray) -> np.ndarray:
         """Current values (n, dim) float32 of keys (n,) int64 of table `name`."""
         return self.table(name).lookup(keys).cpu().numpy()
+
+    def read_stored_rows(self, name: str, keys: np.ndarray) -> tuple[str, np.ndarray]:
+        """(storage, rows (n, value_words) float32 words as table `name` stores them) of keys (n,)."""
+        table = self.table(name)
+        return str(table.storage), table.lookup_stored(keys)
 
     def memory_bytes(self, name: str) -> int:
         """What table `name` holds on this shard: the table itself, its update log and its commit log."""

@@ -251,6 +251,24 @@ class EmbeddingTable:
             out[torch.from_numpy(missing).to(out.device)] = init
         return out
 
+    def lookup_stored(self, keys: np.ndarray) -> np.ndarray:
+        """keys (n,) int64 -> their rows as the table stores them, (n, value_words) float32 words
+        (csrc/row_codec.h; a float32 table's are its values), so a reader can keep them bit for bit.
+        Keys without a row read as their init value, encoded as a row created now would be."""
+        keys = native.as_keys(keys)
+        if not self._encoded:
+            return self.lookup(keys).cpu().numpy()
+        rows = self._map.find(keys)
+        out = np.empty((keys.shape[0], self.value_words), dtype=np.float32)
+        self._store.gather(rows, 0, self.value_words, out)
+        missing = rows < 0
+        if missing.any():
+            absent = keys[missing]
+            out[missing] = native.encode_words(
+                self.storage, self.config.seed, absent, _INIT_STREAM + self.step, self.init_values(absent)
+            )
+        return out
+
     def apply_gradients(
         self,
         keys: np.ndarray | torch.Tensor,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import numpy as np
 import pytest
@@ -9,9 +11,14 @@ import pytest
 from ps import wire
 from ps.client import PSClient
 from ps.rpc import ps_pb2, ps_pb2_grpc
-from ps.table.config import EvictionConfig, EvictionPolicy, TableConfig
+from ps.table.config import EvictionConfig, EvictionPolicy, OptimizerConfig, OptimizerKind, TableConfig
+from serving.config import StorageDType
+from serving.follower import ShardFollower
+from serving.metrics import ServingMetrics
+from serving.store import TableReplica
 from tests.helpers.in_process import InProcessShards
 from tests.helpers.processes import make_job
+from tests.helpers.waiting import wait_until
 from tests.serving.replicas import start_cluster_with_log
 
 
@@ -185,3 +192,65 @@ def test_committed_streams_carry_the_rows_of_each_commit_never_later_ones(cluste
             with pytest.raises(grpc.RpcError) as info:
                 next_commit(stream, 4)
             assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "new history" in info.value.details()
+
+
+def test_replicas_keep_the_ps_int8_and_float16_rows_bit_for_bit():
+    """With stored_rows the stream carries int8 and float16 rows as the PS table keeps them: a
+    replica of the same storage holds them bit for bit, through a full copy (a 64-key log forces
+    one) split into many messages and through live ranges after it; a float32 replica decodes
+    them to the PS's lookups; a subscriber that does not ask for them gets float32 as before.
+    (Re-encoding decoded int8 rows, as replicas did, changes about one row in 2,000: hence the
+    20,000 rows.)"""
+    optimizer = OptimizerConfig(kind=OptimizerKind.ROWWISE_ADAGRAD, lr=0.05)
+    tables = [TableConfig("q8", dim=4, storage="int8", optimizer=optimizer),
+              TableConfig("h16", dim=5, storage="float16", optimizer=optimizer)]
+    job = make_job(tables, message_limit_bytes=1 << 14)  # about 800 int8 rows a message
+    rng = np.random.default_rng(3)
+    with InProcessShards.start(job, log_max_keys=64) as shards, PSClient.from_job(shards.job) as client:
+
+        def push(keys: np.ndarray) -> None:
+            for t in tables:
+                client.push(t.name, keys, rng.normal(size=(keys.shape[0], t.dim)).astype(np.float32))
+
+        push(np.arange(20_000, dtype=np.int64))
+        push(rng.integers(0, 20_000, 400).astype(np.int64))
+        replicas = [TableReplica(tables[0], job.shard_map, dtype=StorageDType.INT8),
+                    TableReplica(tables[1], job.shard_map, dtype=StorageDType.FLOAT16),
+                    TableReplica(tables[0], job.shard_map)]
+
+        async def follow():
+            channel = grpc.aio.insecure_channel(shards.job.shards[0].address)
+            runs = [asyncio.ensure_future(ShardFollower(r, 0, channel, ServingMetrics()).run()) for r in replicas]
+            return channel, runs
+
+        channel, runs = asyncio.run_coroutine_threadsafe(follow(), shards.loop).result(10)
+        live = shards.servicers[0].shard.tables
+        try:
+            for _ in range(3):  # live ranges once the copies are in
+                push(rng.integers(0, 30_000, 20).astype(np.int64))
+                wait_until(lambda: all(r.shards[0].version == live[r.name].version for r in replicas), "the replicas")
+        finally:
+
+            async def stop() -> None:
+                for run in runs:
+                    run.cancel()
+                await channel.close()
+
+            asyncio.run_coroutine_threadsafe(stop(), shards.loop).result(10)
+        assert all(r.shards[0].incarnation for r in replicas)  # they followed the shard, not an export
+        for replica in replicas[:2]:
+            state = live[replica.name].export()
+            rows = replica.shards[0]
+            words = np.zeros((state.keys.shape[0], rows.width), dtype=np.float32)
+            assert rows.size == state.keys.shape[0] and rows.gather(state.keys, words).all()
+            np.testing.assert_array_equal(words.view(np.uint8), state.encoded)
+        keys = live["q8"].export().keys
+        np.testing.assert_array_equal(replicas[2].lookup(keys)[0], client.lookup("q8", keys))
+
+        with grpc.insecure_channel(shards.job.shards[0].address) as plain:
+            stub = ps_pb2_grpc.ParameterServerStub(plain)
+            for stored, dtype in [(False, ps_pb2.FLOAT32), (True, ps_pb2.INT8_ROWWISE)]:
+                stream = stub.Subscribe(ps_pb2.SubscribeRequest(table="q8", full_sync=True, stored_rows=stored))
+                first = next(iter(stream))
+                stream.cancel()
+                assert first.dtype == dtype and first.keys
