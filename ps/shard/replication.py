@@ -1,0 +1,465 @@
+"""A shard's standby, and the primary's side of it (DESIGN.md §10).
+
+    client --Push--> primary: apply (serialised), forward(method, request, answer) -> queue, seq n
+                     primary --Replicate stream (epoch, n, request)--> standby: apply in order, ack n
+                     primary: settle() waits for ack >= n, then answers the client
+
+Roles and states of one shard process:
+
+    STANDBY  --lease expired, record says sync, CAS epoch+1-->  ALONE (primary, no standby)
+    JOINING  --standby accepted the handshake, CAS sync=true-->  SYNC
+    SYNC     --stream broke / no ack for a lease time-->  LOST  --CAS standby="", sync=false--> ALONE
+    any primary state --etcd says the lease is gone, or a CAS finds another epoch--> DEPOSED
+
+A primary answers client calls only while it is primary for sure: its lease holds, or (etcd out of
+reach) its standby acknowledged this epoch within a quarter lease, which it could not do had it promoted
+itself. A standby that promoted itself waits a quarter lease before it answers, so the deposed primary's
+last answers come before its first. A deposed primary answers nothing (UNAVAILABLE), and its standby
+refuses its replication messages by epoch. Clients retry on UNAVAILABLE at the other address of the
+pair with the same push ids, so a push the old primary applied but never acknowledged is applied once.
+
+A primary whose standby died goes on alone only after the arbiter recorded it (sync = false, no
+standby): until then its pushes wait, so a push acknowledged by one process alone can never be lost
+to a promotion. A standby that joins is accepted only when its tables are at the primary's versions
+(both started from the same snapshot step, before any push); a standby started later would need a
+copy of the primary's state, which this module does not do: such a pair stays alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import enum
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+from prometheus_client import Counter, Gauge
+
+from ps.errors import NotPrimaryError
+from ps.etcd import EtcdUnavailableError
+from ps.job_config import JobConfig
+from ps.rpc import ps_pb2, replication_pb2, replication_pb2_grpc
+from ps.shard.arbiter import Arbiter, Membership
+
+log = logging.getLogger("embps.ps")
+
+ROLE_VALUES = {"standby": 0, "joining": 1, "sync": 2, "lost": 3, "alone": 4, "deposed": 5}
+
+
+class State(enum.StrEnum):
+    STANDBY = "standby"
+    JOINING = "joining"
+    SYNC = "sync"
+    LOST = "lost"
+    ALONE = "alone"
+    DEPOSED = "deposed"
+
+
+class ReplicationMetrics:
+    """embps_shard_role (0 standby, 1 joining, 2 sync, 3 lost, 4 alone, 5 deposed), epoch,
+    replication lag (pushes applied here and not yet on the standby), failovers."""
+
+    def __init__(self, registry, shard: int) -> None:
+        self.shard = str(shard)
+        self.role = Gauge("embps_shard_role", "Replication state: " + str(ROLE_VALUES), ["shard"], registry=registry)
+        self.epoch = Gauge("embps_shard_epoch", "Epoch of the membership this process follows", ["shard"],
+                           registry=registry)
+        self.lag = Gauge("embps_replication_lag_pushes", "Pushes forwarded to the standby and not yet acknowledged",
+                         ["shard"], registry=registry)
+        self.failovers = Counter("embps_failovers", "Times this process promoted itself to primary", ["shard"],
+                                 registry=registry)
+        self.alone = Counter("embps_standby_lost", "Times the primary went on alone (recorded in the arbiter)",
+                             ["shard"], registry=registry)
+
+
+class Replication:
+    """The replication side of one shard process (`servicer` is its ParameterServerServicer)."""
+
+    def __init__(self, servicer, arbiter: Arbiter, standby_address: str, state: State, metrics_registry) -> None:
+        self.servicer = servicer
+        self.shard = servicer.shard
+        self.arbiter = arbiter
+        self.ttl = float(arbiter.ttl)
+        self.standby_address = standby_address  # the primary's partner ("" for a standby)
+        self.metrics = ReplicationMetrics(metrics_registry, self.shard.index)
+        self.state = state
+        self.epoch = 0
+        self.primary_address = ""  # as a standby: who feeds it
+        self.serve_after = 0.0
+        self.loop = asyncio.get_running_loop()
+        self._sequence = 0  # last forwarded
+        self._acked = 0
+        self._last_ack = 0.0
+        self._queue: collections.deque = collections.deque()
+        self._wake = asyncio.Event()
+        self._progress = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+        self._applied = 0  # as a standby: last applied sequence of the current stream
+        self._promoting = False
+        self._set_state(state)
+
+    # -- both roles ------------------------------------------------------------------------
+
+    def add_to_server(self, server) -> None:
+        replication_pb2_grpc.add_ReplicationServicer_to_server(_ReplicationServicer(self), server)
+
+    async def start(self) -> None:
+        """A primary takes its membership in the arbiter (returns once it did); a standby starts
+        watching the primary's lease."""
+        if self.state is State.STANDBY:
+            self.start_standby()
+        else:
+            await self.start_primary()
+
+    def _set_state(self, state: State) -> None:
+        self.state = state
+        self.metrics.role.labels(self.metrics.shard).set(ROLE_VALUES[state.value])
+        self.metrics.epoch.labels(self.metrics.shard).set(self.epoch)
+        self._changed()
+
+    def _changed(self) -> None:
+        event, self._progress = self._progress, asyncio.Event()
+        event.set()
+
+    def _spawn(self, coro) -> None:
+        self._tasks.append(asyncio.ensure_future(coro))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def describe(self) -> str:
+        return f"shard {self.shard.index} ({self.arbiter.me}, {self.state.value}, epoch {self.epoch})"
+
+    def check_serving(self) -> None:
+        """NotPrimaryError (UNAVAILABLE) unless this process may answer client calls now."""
+        state = self.state
+        if state is State.STANDBY:
+            raise NotPrimaryError(
+                f"shard {self.shard.index}: {self.arbiter.me} is the standby (epoch {self.epoch}); the primary is "
+                f"{self.primary_address or 'unknown'}"
+            )
+        if state is State.DEPOSED:
+            raise NotPrimaryError(f"{self.describe()}: deposed (lease lost or a newer epoch); ask the other address")
+        if state is State.JOINING:
+            raise NotPrimaryError(f"{self.describe()}: waiting for its standby {self.standby_address} to join")
+        now = time.monotonic()
+        if now < self.serve_after:
+            raise NotPrimaryError(f"{self.describe()}: promoted, answering in {self.serve_after - now:.2f} s")
+        if self.arbiter.lease_valid():
+            return
+        if state is State.SYNC and now - self._last_ack < self.ttl / 4:
+            return  # etcd out of reach, but the standby still follows this epoch: nobody promoted
+        raise NotPrimaryError(f"{self.describe()}: its lease is not renewed (arbiter out of reach); not answering")
+
+    # -- primary -----------------------------------------------------------------------------
+
+    async def start_primary(self) -> None:
+        """Takes the shard's membership (epoch + 1, once no lease is held), then joins the standby."""
+        while True:
+            try:
+                membership, revision = await asyncio.to_thread(self.arbiter.read)
+                if await asyncio.to_thread(self.arbiter.leader_alive):
+                    await asyncio.sleep(self.ttl / 4)  # an earlier run's lease expires
+                    continue
+                epoch = (membership.epoch if membership else 0) + 1
+                mine = Membership(self.arbiter.me, self.standby_address, epoch, False)
+                if await asyncio.to_thread(self.arbiter.take_primary, revision, mine):
+                    break
+            except EtcdUnavailableError as exc:
+                log.warning("shard %d: arbiter unreachable at start (%s); retrying", self.shard.index, exc)
+                await asyncio.sleep(self.ttl / 4)
+        self.epoch = epoch
+        log.info("%s: primary (membership taken in the arbiter)", self.describe())
+        self._set_state(State.JOINING)
+        self._spawn(self._keep_lease())
+        self._spawn(self._follow_standby())
+
+    async def _keep_lease(self) -> None:
+        warned = False
+        while self.state is not State.DEPOSED:
+            await asyncio.sleep(self.ttl / 4)
+            try:
+                await asyncio.to_thread(self.arbiter.keepalive)
+                warned = False
+            except EtcdUnavailableError as exc:
+                if not warned:
+                    log.warning("%s: arbiter out of reach (%s); answering while the standby follows", self.describe(),
+                                exc)
+                    warned = True
+            if self.arbiter.lost:
+                self._depose("etcd says its lease expired")
+
+    def _depose(self, why: str) -> None:
+        if self.state is not State.DEPOSED:
+            log.error("%s: deposed: %s; acknowledging nothing from now on", self.describe(), why)
+            self._set_state(State.DEPOSED)
+
+    async def _follow_standby(self) -> None:
+        """Joins the standby, streams the forwarded pushes and reads its acks; on any failure, records
+        in the arbiter that this shard goes on alone."""
+        channel = grpc.aio.insecure_channel(self.standby_address)
+        stub = replication_pb2_grpc.ReplicationStub(channel)
+        try:
+            call = await self._join(stub)
+            if call is None:
+                return
+            reader = asyncio.ensure_future(self._read_acks(call))
+            try:
+                await self._send(call, reader)
+            finally:
+                reader.cancel()
+                call.cancel()
+        except Exception as exc:  # noqa: BLE001 - whatever broke the stream, the standby is out
+            if self.state is State.SYNC:
+                log.warning("%s: standby %s lost (%s)", self.describe(), self.standby_address, _short(exc))
+        finally:
+            await channel.close()
+        if self.state in (State.SYNC, State.JOINING):
+            await self._go_alone()
+
+    async def _join(self, stub):
+        """The stream after an accepted handshake, or None once the state left JOINING."""
+        versions = [replication_pb2.TableVersion(table=n, version=t.version) for n, t in self.shard.tables.items()]
+        hello = replication_pb2.ReplicateRequest(
+            epoch=self.epoch, sequence=0, incarnation=self.shard.incarnation, versions=versions, shard=self.shard.index
+        )
+        waited = time.monotonic()
+        while self.state is State.JOINING:
+            call = stub.Replicate()
+            try:
+                await call.write(hello)
+                ack = await asyncio.wait_for(call.read(), self.ttl)
+                if ack is grpc.aio.EOF:
+                    raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, None, None, "stream ended")
+            except (TimeoutError, grpc.RpcError) as exc:
+                call.cancel()
+                if isinstance(exc, grpc.RpcError) and exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                    log.error("%s: standby %s refused to join: %s", self.describe(), self.standby_address,
+                              exc.details())
+                    return None
+                if time.monotonic() - waited > 60:
+                    log.warning("%s: standby %s not answering for 60 s", self.describe(), self.standby_address)
+                    waited = time.monotonic()
+                await asyncio.sleep(0.05)
+                continue
+            self._last_ack = time.monotonic()
+            while True:
+                try:
+                    membership, revision = await asyncio.to_thread(self.arbiter.read)
+                    if membership is None or membership.epoch != self.epoch or membership.primary != self.arbiter.me:
+                        self._depose(f"the arbiter's record changed: {membership}")
+                        return None
+                    synced = Membership(self.arbiter.me, self.standby_address, self.epoch, True)
+                    if await asyncio.to_thread(self.arbiter.update, revision, synced):
+                        break
+                except EtcdUnavailableError:
+                    await asyncio.sleep(0.1)
+            log.info("%s: standby %s joined; pushes are acknowledged once on both", self.describe(),
+                     self.standby_address)
+            self._set_state(State.SYNC)
+            return call
+        return None
+
+    async def _send(self, call, reader: asyncio.Future) -> None:
+        heartbeat = replication_pb2.ReplicateRequest(epoch=self.epoch, sequence=0, shard=self.shard.index)
+        while self.state is State.SYNC and not reader.done():
+            while self._queue:
+                await call.write(self._queue.popleft())
+            wake = asyncio.ensure_future(self._wake.wait())
+            await asyncio.wait({wake, reader}, timeout=self.ttl / 8, return_when=asyncio.FIRST_COMPLETED)
+            wake.cancel()
+            self._wake.clear()
+            if not self._queue:
+                await call.write(heartbeat)
+            if self._acked < self._sequence and time.monotonic() - self._last_ack > self.ttl:
+                raise TimeoutError(f"no ack from the standby for {self.ttl:g} s")
+        if reader.done() and reader.exception() is not None:
+            raise reader.exception()
+
+    async def _read_acks(self, call) -> None:
+        while (ack := await call.read()) is not grpc.aio.EOF:
+            self._last_ack = time.monotonic()
+            if ack.sequence > self._acked:
+                self._acked = ack.sequence
+                self.metrics.lag.labels(self.metrics.shard).set(self._sequence - self._acked)
+                self._changed()
+        raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, None, None, "the standby ended the stream")
+
+    async def _go_alone(self) -> None:
+        """Records in the arbiter that the standby is out (CAS), then acknowledges alone."""
+        self._set_state(State.LOST)
+        self._queue.clear()
+        while self.state is State.LOST:
+            try:
+                membership, revision = await asyncio.to_thread(self.arbiter.read)
+                if membership is None or membership.epoch != self.epoch or membership.primary != self.arbiter.me:
+                    self._depose(f"the arbiter's record changed: {membership}")
+                    return
+                alone = Membership(self.arbiter.me, "", self.epoch, False)
+                if await asyncio.to_thread(self.arbiter.update, revision, alone):
+                    log.warning(
+                        "%s: standby %s lost; going on ALONE (recorded in the arbiter; pushes are on one process "
+                        "until a standby joins)", self.describe(), self.standby_address,
+                    )
+                    self.metrics.alone.labels(self.metrics.shard).inc()
+                    self._set_state(State.ALONE)
+                    return
+            except EtcdUnavailableError:
+                pass
+            await asyncio.sleep(0.1)  # the arbiter is out of reach: pushes wait
+
+    def forward(self, method: str, request, response) -> None:
+        """Queues an applied push for the standby, in apply order (called where the push was applied,
+        serialised with every table call, on the loop or the tables thread)."""
+        if self.state is not State.SYNC:
+            return
+        self._sequence += 1
+        self._queue.append(
+            replication_pb2.ReplicateRequest(
+                epoch=self.epoch, sequence=self._sequence, method=method,
+                request=request.SerializeToString(), response=response.SerializeToString(),
+            )
+        )
+        self.loop.call_soon_threadsafe(self._wake.set)
+
+    async def settle(self) -> None:
+        """Returns once every push forwarded so far is on the standby (or the arbiter recorded this
+        shard alone); NotPrimaryError if this process may no longer acknowledge."""
+        target = self._sequence
+        while True:
+            state = self.state
+            if state is State.DEPOSED or state is State.STANDBY:
+                self.check_serving()
+            if state is State.ALONE or (state is State.SYNC and self._acked >= target):
+                self.check_serving()
+                return
+            progress = self._progress
+            try:
+                await asyncio.wait_for(progress.wait(), self.ttl / 4)
+            except TimeoutError:
+                continue
+
+    # -- standby -----------------------------------------------------------------------------
+
+    def start_standby(self) -> None:
+        self._spawn(self._watch_primary())
+
+    async def replicate(self, requests: AsyncIterator, context: grpc.aio.ServicerContext):
+        """The standby's side of the stream: handshake, then apply each message in order, ack it."""
+        self._applied = 0
+        async for message in requests:
+            if self.state is not State.STANDBY or self._promoting or message.epoch < self.epoch:
+                await context.abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"{self.describe()}: refuses epoch {message.epoch} (this process is past it)",
+                )
+            if not message.method:
+                if message.incarnation:
+                    await self._accept(message, context)
+                yield replication_pb2.ReplicateAck(sequence=self._applied, epoch=self.epoch)
+                continue
+            if message.sequence != self._applied + 1:
+                await context.abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"{self.describe()}: message {message.sequence} after {self._applied}: a gap",
+                )
+            await self.servicer.run_call(lambda m=message: self._apply(m), len(message.request))
+            self._applied = message.sequence
+            yield replication_pb2.ReplicateAck(sequence=self._applied, epoch=self.epoch)
+
+    async def _accept(self, hello, context) -> None:
+        mine = {n: t.version for n, t in self.shard.tables.items()}
+        theirs = {v.table: v.version for v in hello.versions}
+        if mine != theirs:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"{self.describe()}: tables at versions {mine}, the primary's at {theirs}: the standby does not "
+                "hold the primary's state (it must start from the same snapshot step, before any push)",
+            )
+        self.epoch = hello.epoch
+        self.primary_address = context.peer()
+        self.shard.incarnation = hello.incarnation  # same rows at the same versions: replicas need no resync
+        self._set_state(State.STANDBY)
+        log.info("%s: following the primary (incarnation %d)", self.describe(), hello.incarnation)
+
+    def _apply(self, message) -> None:
+        if message.method == "Push":
+            request = ps_pb2.PushRequest.FromString(message.request)
+            response = self.servicer.apply_push(request)
+        elif message.method == "PushMulti":
+            request = ps_pb2.MultiPushRequest.FromString(message.request)
+            response = self.servicer.apply_push_multi(request)
+        else:
+            raise ValueError(f"replicate: unknown method {message.method!r}")
+        if response.SerializeToString() != message.response:
+            log.error("%s: applied %s to another answer than the primary's: %s", self.describe(), message.method,
+                      response)
+            raise ValueError(f"{self.describe()}: {message.method} {message.sequence} diverged from the primary")
+
+    async def _watch_primary(self) -> None:
+        """Promotes this standby once the primary's lease expired and the record says it was in sync."""
+        while self.state is State.STANDBY:
+            await asyncio.sleep(self.ttl / 8)
+            if self.epoch == 0:
+                continue  # never joined: nothing to take over
+            try:
+                membership, revision = await asyncio.to_thread(self.arbiter.read)
+                if (
+                    membership is None
+                    or membership.standby != self.arbiter.me
+                    or not membership.sync
+                    or membership.epoch != self.epoch
+                    or await asyncio.to_thread(self.arbiter.leader_alive)
+                ):
+                    continue
+                self._promoting = True  # from here no message of the old epoch is applied
+                promoted = Membership(self.arbiter.me, "", self.epoch + 1, False)
+                if await asyncio.to_thread(self.arbiter.take_primary, revision, promoted):
+                    self.epoch += 1
+                    self.serve_after = time.monotonic() + self.ttl / 4
+                    self.metrics.failovers.labels(self.metrics.shard).inc()
+                    log.warning("%s: PROMOTED to primary (the primary's lease expired); alone until a standby joins",
+                                self.describe())
+                    self._set_state(State.ALONE)
+                    self._spawn(self._keep_lease())
+                    return
+                self._promoting = False
+            except EtcdUnavailableError:
+                continue
+
+
+def _short(exc: BaseException) -> str:
+    if isinstance(exc, grpc.RpcError) and hasattr(exc, "code"):
+        return f"{exc.code().name}: {exc.details()}"
+    return str(exc) or type(exc).__name__
+
+
+class _ReplicationServicer(replication_pb2_grpc.ReplicationServicer):
+    """The Replication service of a shard port (a primary refuses every stream)."""
+
+    def __init__(self, replication: Replication) -> None:
+        self.replication = replication
+
+    async def Replicate(self, request_iterator, context):
+        async for ack in self.replication.replicate(request_iterator, context):
+            yield ack
+
+
+def attach_replication(servicer, job: JobConfig, shard_index: int, standby: bool, registry) -> Replication:
+    """The Replication of a shard with a standby (this process is that standby if `standby`),
+    fencing the servicer's calls; started by Replication.start once the port answers."""
+    if job.arbiter is None:
+        raise ValueError(f"shards[{shard_index}].standby: needs [arbiter] (etcd)")
+    config = job.shards[shard_index]
+    me = config.standby if standby else config.address
+    arbiter = Arbiter(job.arbiter, job.job, shard_index, me)
+    replication = Replication(
+        servicer, arbiter, "" if standby else config.standby, State.STANDBY if standby else State.JOINING, registry
+    )
+    servicer.replication = replication
+    servicer.call_site.fence = replication.check_serving
+    return replication
