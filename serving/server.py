@@ -269,9 +269,14 @@ async def build_replica(config: ServeConfig, metrics: ServingMetrics) -> Replica
     replica.channels = [
         open_aio_channel(a, job.security, Role.REPLICA, channel_options(config)) for a in job.addresses
     ]
+    standbys = [
+        open_aio_channel(shard.standby, job.security, Role.REPLICA, channel_options(config)) if shard.standby else None
+        for shard in job.shards
+    ]
+    replica.channels += [c for c in standbys if c is not None]
     for table in tables.values():
-        for s, channel in enumerate(replica.channels):
-            replica.followers.append(ShardFollower(table, s, channel, metrics))
+        for s, (channel, standby) in enumerate(zip(replica.channels, standbys, strict=False)):
+            replica.followers.append(ShardFollower(table, s, channel, metrics, standby))
     return replica
 
 

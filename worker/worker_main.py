@@ -77,6 +77,7 @@ def run_worker(
     losses: list[float] = []
     start = time.perf_counter()
     local_rows = job.train.batch_size // world_size
+    slowest_step = 0.0  # seconds: a shard failover shows as one slow step (the stall)
     try:
         batch = next_batch_or_none() if trainer.step < job.train.steps else None
         pulled = trainer.pull_timed(batch) if batch is not None else None
@@ -84,7 +85,9 @@ def run_worker(
             # after the batch this step trains on (taken only for a snapshot: it copies the shuffle buffer)
             position = reader.state() if checkpointer.due(trainer.step + 1) else None
             next_batch = next_batch_or_none() if trainer.step + 1 < job.train.steps else None
+            step_started = time.perf_counter()
             loss, prefetched = trainer.train_step(pulled, next_batch)
+            slowest_step = max(slowest_step, time.perf_counter() - step_started)
             losses.append(loss)
             if prefetched is None and next_batch is not None:
                 prefetched = trainer.pull_timed(next_batch)
@@ -123,6 +126,7 @@ def run_worker(
             "samples_per_s": trained * job.train.batch_size / elapsed if elapsed else 0.0,
             "final_loss": _global_mean(sum(losses[-LOG_EVERY:]) / max(1, len(losses[-LOG_EVERY:])), world_size),
             "times_rank0": trainer.times.as_dict(),
+            "slowest_step_s_rank0": slowest_step,
             "evaluations": evaluations,
             "snapshots": checkpointer.rounds.as_dict(),
         }
