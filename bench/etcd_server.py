@@ -36,10 +36,11 @@ class EtcdServer:
     args: tuple[str, ...]
 
     @classmethod
-    def start(cls, workdir: Path, timeout: float = 30.0) -> EtcdServer:
+    def start(cls, workdir: Path, timeout: float = 30.0, host: str = "127.0.0.1") -> EtcdServer:
+        """host: the address it listens on (clients); its peer port stays on 127.0.0.1."""
         workdir.mkdir(parents=True, exist_ok=True)
         client, peer = free_ports(2)
-        endpoint = f"http://127.0.0.1:{client}"
+        endpoint = f"http://{host}:{client}"
         args = (
             "etcd",
             "--name", "embps",

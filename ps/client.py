@@ -40,6 +40,7 @@ _SLACK = 4096  # protobuf framing and small fields around the bulk bytes of one 
 _RETRY_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
 _FAILOVER_ATTEMPTS = 256
 _FAILOVER_MAX_BACKOFF_S = 0.1
+_FAILOVER_ATTEMPT_MIN_S = 2.0
 
 
 class RPCError(EmbpsError):
@@ -215,11 +216,16 @@ class PSClient:
                 self._channels.append(channel)
                 self._pairs[shard].append(ps_pb2_grpc.ParameterServerStub(channel))
         self._max_backoff = 1.0
-        if any(len(pair) == 2 for pair in self._pairs):
+        self._retry_codes = _RETRY_CODES
+        self._paired = any(len(pair) == 2 for pair in self._pairs)
+        if self._paired:
             # A failover takes about a lease; the other address answers (or refuses) at once, so
             # retries stay frequent to meet the new primary soon, and the deadline bounds them.
             self.max_attempts = max(max_attempts, _FAILOVER_ATTEMPTS)
             self._max_backoff = _FAILOVER_MAX_BACKOFF_S
+            # A primary cut off the network answers nothing: an attempt ends after a part of the
+            # deadline, and the next one goes to the other address.
+            self._retry_codes = _RETRY_CODES | {grpc.StatusCode.DEADLINE_EXCEEDED}
         # Enough threads for the RPCs of a multi-table round (lookup_many / push_many) to overlap.
         self._pool = ThreadPoolExecutor(max(16, 2 * len(self.addresses)), thread_name_prefix="ps-client")
 
@@ -519,6 +525,8 @@ class PSClient:
         while True:
             attempt += 1
             timeout = end - time.monotonic()
+            if self._paired:
+                timeout = min(timeout, max(_FAILOVER_ATTEMPT_MIN_S, deadline_seconds / 4))
             # The last call runs on this thread, the others on the pool: sync grpc's .future()
             # would start a polling thread per call, which costs more than the call itself.
             futures = [(i, self._pool.submit(self._invoke, method, calls[i], timeout)) for i in pending[:-1]]
@@ -529,15 +537,15 @@ class PSClient:
                 if not isinstance(outcome, grpc.RpcError):
                     replies[i] = outcome
                     continue
-                if outcome.code() in _RETRY_CODES:
+                if outcome.code() in self._retry_codes:
                     retry.append(i)
-                if failure is None or failure[1].code() in _RETRY_CODES:
+                if failure is None or failure[1].code() in self._retry_codes:
                     failure = (i, outcome)
             if failure is None:
                 return replies
             i, err = failure
             pause = min(self.backoff_seconds * 2 ** (attempt - 1), self._max_backoff)
-            if err.code() not in _RETRY_CODES or attempt == self.max_attempts or time.monotonic() + pause >= end:
+            if err.code() not in self._retry_codes or attempt == self.max_attempts or time.monotonic() + pause >= end:
                 raise _translate(err, method, self.addresses[calls[i][0]], deadline_seconds, attempt) from None
             time.sleep(pause)
             pending = retry
@@ -550,7 +558,7 @@ class PSClient:
             return getattr(stub, method)(request, timeout=max(timeout, 0.001))
         except grpc.RpcError as err:
             pair = self._pairs[shard]
-            if len(pair) == 2 and err.code() in _RETRY_CODES and self._stubs[shard] is stub:
+            if len(pair) == 2 and err.code() in self._retry_codes and self._stubs[shard] is stub:
                 self._stubs[shard] = pair[1] if stub is pair[0] else pair[0]  # the other of the pair
             return err
 

@@ -77,7 +77,8 @@ def run_worker(
     losses: list[float] = []
     start = time.perf_counter()
     local_rows = job.train.batch_size // world_size
-    slowest_step = 0.0  # seconds: a shard failover shows as one slow step (the stall)
+    slowest_step = 0.0  # seconds between the ends of two steps: a shard failover shows here (the stall)
+    step_ended = start
     try:
         batch = next_batch_or_none() if trainer.step < job.train.steps else None
         pulled = trainer.pull_timed(batch) if batch is not None else None
@@ -85,13 +86,15 @@ def run_worker(
             # after the batch this step trains on (taken only for a snapshot: it copies the shuffle buffer)
             position = reader.state() if checkpointer.due(trainer.step + 1) else None
             next_batch = next_batch_or_none() if trainer.step + 1 < job.train.steps else None
-            step_started = time.perf_counter()
             loss, prefetched = trainer.train_step(pulled, next_batch)
-            slowest_step = max(slowest_step, time.perf_counter() - step_started)
             losses.append(loss)
             if prefetched is None and next_batch is not None:
                 prefetched = trainer.pull_timed(next_batch)
             pulled = prefetched
+            now = time.perf_counter()
+            if trainer.step > first_step + 1:  # the first step also warms up
+                slowest_step = max(slowest_step, now - step_ended)
+            step_ended = now
             step = trainer.step
             due_eval = job.train.eval_every and step % job.train.eval_every == 0
             if step % LOG_EVERY == 0 or due_eval or step == job.train.steps or pulled is None:

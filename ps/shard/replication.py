@@ -337,6 +337,8 @@ class Replication:
             if state is State.ALONE or (state is State.SYNC and self._acked >= target):
                 self.check_serving()
                 return
+            if state is State.LOST and not self.arbiter.lease_valid():
+                self.check_serving()  # cut off from the standby and the arbiter: it may have promoted
             progress = self._progress
             try:
                 await asyncio.wait_for(progress.wait(), self.ttl / 4)
