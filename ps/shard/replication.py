@@ -7,7 +7,8 @@
 Roles and states of one shard process:
 
     STANDBY  --lease expired, record says sync, CAS epoch+1-->  ALONE (primary, no standby)
-    JOINING  --standby accepted the handshake, CAS sync=true-->  SYNC
+    JOINING  --standby at the same versions-->  CATCHING  --acked every push, CAS sync=true-->  SYNC
+    ALONE    --a standby answers: copy the state (pushes queue)-->  COPYING  -->  CATCHING  --> SYNC
     SYNC     --stream broke / no ack for a lease time-->  LOST  --CAS standby="", sync=false--> ALONE
     any primary state --etcd says the lease is gone, or a CAS finds another epoch--> DEPOSED
 
@@ -20,9 +21,12 @@ pair with the same push ids, so a push the old primary applied but never acknowl
 
 A primary whose standby died goes on alone only after the arbiter recorded it (sync = false, no
 standby): until then its pushes wait, so a push acknowledged by one process alone can never be lost
-to a promotion. A standby that joins is accepted only when its tables are at the primary's versions
-(both started from the same snapshot step, before any push); a standby started later would need a
-copy of the primary's state, which this module does not do: such a pair stays alone.
+to a promotion. An alone primary tries its partner's address every lease (`embps launch` starts a
+new standby there): it takes a copy of its state at one point of its apply order (tables with
+optimizer state and counters, push-id memory), streams it, then the pushes applied since, and
+acknowledges synchronously again; the arbiter records the pair in sync once the standby caught up,
+and only then may the standby take over. Both processes of a pair started from the same snapshot
+step skip the copy.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import enum
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -42,19 +47,28 @@ from ps.etcd import EtcdUnavailableError
 from ps.job_config import JobConfig
 from ps.rpc import ps_pb2, replication_pb2, replication_pb2_grpc
 from ps.shard.arbiter import Arbiter, Membership
+from ps.shard.state_copy import chunks, decode_ledger, decode_table_state, encode_ledger, encode_table_state
+from ps.shard.update_log import UpdateLog
 
 log = logging.getLogger("embps.ps")
 
-ROLE_VALUES = {"standby": 0, "joining": 1, "sync": 2, "lost": 3, "alone": 4, "deposed": 5}
+ROLE_VALUES = {"standby": 0, "joining": 1, "sync": 2, "lost": 3, "alone": 4, "deposed": 5, "copying": 6, "catching": 7}
+CATCH_UP_PATIENCE_S = 60.0  # a standby loading a copied state acks nothing meanwhile
+_CHANNEL_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
 
 
 class State(enum.StrEnum):
     STANDBY = "standby"
-    JOINING = "joining"
+    JOINING = "joining"  # a primary at start, waiting for its standby (refuses client calls)
     SYNC = "sync"
-    LOST = "lost"
+    LOST = "lost"  # the standby stopped answering; pushes wait until the arbiter records ALONE
     ALONE = "alone"
     DEPOSED = "deposed"
+    COPYING = "copying"  # alone, sending its state to a new standby
+    CATCHING = "catching"  # the new standby applies the pushes since the copy; acks wait for it
+
+
+_SYNCHRONOUS = (State.SYNC, State.CATCHING)
 
 
 class ReplicationMetrics:
@@ -77,12 +91,13 @@ class ReplicationMetrics:
 class Replication:
     """The replication side of one shard process (`servicer` is its ParameterServerServicer)."""
 
-    def __init__(self, servicer, arbiter: Arbiter, standby_address: str, state: State, metrics_registry) -> None:
+    def __init__(self, servicer, arbiter: Arbiter, partner: str, state: State, metrics_registry) -> None:
+        """partner: the other address of the shard's pair (where a primary finds its standby)."""
         self.servicer = servicer
         self.shard = servicer.shard
         self.arbiter = arbiter
         self.ttl = float(arbiter.ttl)
-        self.standby_address = standby_address  # the primary's partner ("" for a standby)
+        self.partner = partner
         self.metrics = ReplicationMetrics(metrics_registry, self.shard.index)
         self.state = state
         self.epoch = 0
@@ -98,6 +113,8 @@ class Replication:
         self._tasks: list[asyncio.Task] = []
         self._applied = 0  # as a standby: last applied sequence of the current stream
         self._promoting = False
+        self._queueing = False  # forward() queues pushes for the standby
+        self._catch_up_to = 0  # CATCHING: the standby holds every acknowledged push once it acked this
         self._set_state(state)
 
     # -- both roles ------------------------------------------------------------------------
@@ -145,7 +162,7 @@ class Replication:
         if state is State.DEPOSED:
             raise NotPrimaryError(f"{self.describe()}: deposed (lease lost or a newer epoch); ask the other address")
         if state is State.JOINING:
-            raise NotPrimaryError(f"{self.describe()}: waiting for its standby {self.standby_address} to join")
+            raise NotPrimaryError(f"{self.describe()}: waiting for its standby {self.partner} to join")
         now = time.monotonic()
         if now < self.serve_after:
             raise NotPrimaryError(f"{self.describe()}: promoted, answering in {self.serve_after - now:.2f} s")
@@ -166,7 +183,7 @@ class Replication:
                     await asyncio.sleep(self.ttl / 4)  # an earlier run's lease expires
                     continue
                 epoch = (membership.epoch if membership else 0) + 1
-                mine = Membership(self.arbiter.me, self.standby_address, epoch, False)
+                mine = Membership(self.arbiter.me, self.partner, epoch, False)
                 if await asyncio.to_thread(self.arbiter.take_primary, revision, mine):
                     break
             except EtcdUnavailableError as exc:
@@ -195,78 +212,99 @@ class Replication:
 
     def _depose(self, why: str) -> None:
         if self.state is not State.DEPOSED:
+            self._queueing = False
             log.error("%s: deposed: %s; acknowledging nothing from now on", self.describe(), why)
             self._set_state(State.DEPOSED)
 
     async def _follow_standby(self) -> None:
-        """Joins the standby, streams the forwarded pushes and reads its acks; on any failure, records
-        in the arbiter that this shard goes on alone."""
-        channel = grpc.aio.insecure_channel(self.standby_address)
-        stub = replication_pb2_grpc.ReplicationStub(channel)
+        """Joins the partner (copying the state over when it is elsewhere), streams the pushes and
+        reads the acks; when the stream breaks, records the primary alone in the arbiter (if the
+        standby counted), and tries the partner again a lease later: `embps launch` restarts it."""
+        while self.state is not State.DEPOSED:
+            channel = grpc.aio.insecure_channel(self.partner, options=_CHANNEL_OPTIONS)
+            try:
+                await self._stream(replication_pb2_grpc.ReplicationStub(channel))
+            except Exception as exc:  # noqa: BLE001 - whatever broke the stream, the standby is out
+                if self.state in (State.SYNC, State.CATCHING, State.COPYING):
+                    log.warning("%s: standby %s lost (%s)", self.describe(), self.partner, _short(exc))
+            finally:
+                await channel.close()
+            self._queueing = False
+            self._queue.clear()
+            if self.state is State.SYNC:
+                await self._go_alone()
+            elif self.state in (State.CATCHING, State.COPYING):
+                self._set_state(State.ALONE)  # the arbiter still says alone
+            if self.state is State.JOINING:
+                await asyncio.sleep(0.05)
+            else:
+                await asyncio.sleep(self.ttl)
+
+    async def _stream(self, stub) -> None:
+        """One stream to the partner: handshake, state copy when needed, then pushes until it breaks."""
+        call = stub.Replicate()
         try:
-            call = await self._join(stub)
-            if call is None:
-                return
+            versions = [replication_pb2.TableVersion(table=n, version=t.version) for n, t in self.shard.tables.items()]
+            hello = replication_pb2.ReplicateRequest(
+                epoch=self.epoch, sequence=self._sequence, incarnation=self.shard.incarnation, shard=self.shard.index,
+                versions=versions,
+            )
+            await call.write(hello)
+            ack = await asyncio.wait_for(call.read(), 2 * self.ttl)
+            if ack is grpc.aio.EOF:
+                raise ConnectionError("the standby ended the stream")
+            self._last_ack = time.monotonic()
+            if self.state is State.JOINING and not ack.needs_copy:
+                self._acked = self._sequence
+                self._queueing = True  # nothing was applied since the handshake: JOINING refuses pushes
+            else:
+                await self._copy(call)
+            # Pushes up to here may have been acknowledged alone; from here on acks wait for the standby.
+            self._catch_up_to = self._sequence
+            self._set_state(State.CATCHING)
             reader = asyncio.ensure_future(self._read_acks(call))
             try:
                 await self._send(call, reader)
             finally:
                 reader.cancel()
-                call.cancel()
-        except Exception as exc:  # noqa: BLE001 - whatever broke the stream, the standby is out
-            if self.state is State.SYNC:
-                log.warning("%s: standby %s lost (%s)", self.describe(), self.standby_address, _short(exc))
         finally:
-            await channel.close()
-        if self.state in (State.SYNC, State.JOINING):
-            await self._go_alone()
+            call.cancel()
 
-    async def _join(self, stub):
-        """The stream after an accepted handshake, or None once the state left JOINING."""
-        versions = [replication_pb2.TableVersion(table=n, version=t.version) for n, t in self.shard.tables.items()]
-        hello = replication_pb2.ReplicateRequest(
-            epoch=self.epoch, sequence=0, incarnation=self.shard.incarnation, versions=versions, shard=self.shard.index
-        )
-        waited = time.monotonic()
-        while self.state is State.JOINING:
-            call = stub.Replicate()
-            try:
-                await call.write(hello)
-                ack = await asyncio.wait_for(call.read(), self.ttl)
-                if ack is grpc.aio.EOF:
-                    raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, None, None, "stream ended")
-            except (TimeoutError, grpc.RpcError) as exc:
-                call.cancel()
-                if isinstance(exc, grpc.RpcError) and exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
-                    log.error("%s: standby %s refused to join: %s", self.describe(), self.standby_address,
-                              exc.details())
-                    return None
-                if time.monotonic() - waited > 60:
-                    log.warning("%s: standby %s not answering for 60 s", self.describe(), self.standby_address)
-                    waited = time.monotonic()
-                await asyncio.sleep(0.05)
-                continue
-            self._last_ack = time.monotonic()
-            while True:
-                try:
-                    membership, revision = await asyncio.to_thread(self.arbiter.read)
-                    if membership is None or membership.epoch != self.epoch or membership.primary != self.arbiter.me:
-                        self._depose(f"the arbiter's record changed: {membership}")
-                        return None
-                    synced = Membership(self.arbiter.me, self.standby_address, self.epoch, True)
-                    if await asyncio.to_thread(self.arbiter.update, revision, synced):
-                        break
-                except EtcdUnavailableError:
-                    await asyncio.sleep(0.1)
-            log.info("%s: standby %s joined; pushes are acknowledged once on both", self.describe(),
-                     self.standby_address)
-            self._set_state(State.SYNC)
-            return call
-        return None
+    async def _copy(self, call) -> None:
+        """Sends the state, taken at one point of the apply order; pushes after it queue meanwhile."""
+        base, states, ledger = await self.servicer.run_call(self._capture, 1 << 30)
+        self._set_state(State.COPYING)
+        log.info("%s: copying its state to the standby %s (at push %d)", self.describe(), self.partner, base)
+        budget = self.shard.job.message_limit_bytes
+        copied = 0
+        for name, state in states.items():
+            data = await asyncio.to_thread(encode_table_state, state)
+            pieces = chunks(data, budget)
+            for i, piece in enumerate(pieces):
+                await call.write(replication_pb2.ReplicateRequest(
+                    epoch=self.epoch, method="TableState", table=name, state=piece, last=i == len(pieces) - 1,
+                ))
+            copied += len(data)
+        await call.write(replication_pb2.ReplicateRequest(epoch=self.epoch, method="Ledger", state=ledger))
+        await call.write(replication_pb2.ReplicateRequest(
+            epoch=self.epoch, method="StateDone", sequence=base, incarnation=self.shard.incarnation,
+        ))
+        self._acked = base
+        self._last_ack = time.monotonic()
+        log.info("%s: state sent (%.1f MiB); the standby catches up on the pushes since", self.describe(),
+                 copied / 2**20)
+
+    def _capture(self):
+        """(sequence, {table: TableState}, ledger) at this point of the apply order (serialised
+        with every push); every push from here on is queued for the standby."""
+        self._queue.clear()
+        self._queueing = True
+        states = {name: table.export() for name, table in self.shard.tables.items()}
+        return self._sequence, states, encode_ledger(self.shard.ledger.export())
 
     async def _send(self, call, reader: asyncio.Future) -> None:
         heartbeat = replication_pb2.ReplicateRequest(epoch=self.epoch, sequence=0, shard=self.shard.index)
-        while self.state is State.SYNC and not reader.done():
+        while self.state in (State.SYNC, State.CATCHING) and not reader.done():
             while self._queue:
                 await call.write(self._queue.popleft())
             wake = asyncio.ensure_future(self._wake.wait())
@@ -275,10 +313,30 @@ class Replication:
             self._wake.clear()
             if not self._queue:
                 await call.write(heartbeat)
-            if self._acked < self._sequence and time.monotonic() - self._last_ack > self.ttl:
-                raise TimeoutError(f"no ack from the standby for {self.ttl:g} s")
+            patience = self.ttl if self.state is State.SYNC else max(self.ttl, CATCH_UP_PATIENCE_S)
+            if self._acked < self._sequence and time.monotonic() - self._last_ack > patience:
+                raise TimeoutError(f"no ack from the standby for {patience:g} s")
+            if self.state is State.CATCHING and self._acked >= self._catch_up_to:
+                await self._record_sync()
         if reader.done() and reader.exception() is not None:
             raise reader.exception()
+
+    async def _record_sync(self) -> None:
+        """The standby holds every push: from now on it may take over (CAS sync = true)."""
+        while self.state is State.CATCHING:
+            try:
+                membership, revision = await asyncio.to_thread(self.arbiter.read)
+                if membership is None or membership.epoch != self.epoch or membership.primary != self.arbiter.me:
+                    self._depose(f"the arbiter's record changed: {membership}")
+                    return
+                synced = Membership(self.arbiter.me, self.partner, self.epoch, True)
+                if await asyncio.to_thread(self.arbiter.update, revision, synced):
+                    log.info("%s: standby %s joined; pushes are acknowledged once on both", self.describe(),
+                             self.partner)
+                    self._set_state(State.SYNC)
+                    return
+            except EtcdUnavailableError:
+                await asyncio.sleep(0.1)
 
     async def _read_acks(self, call) -> None:
         while (ack := await call.read()) is not grpc.aio.EOF:
@@ -287,12 +345,11 @@ class Replication:
                 self._acked = ack.sequence
                 self.metrics.lag.labels(self.metrics.shard).set(self._sequence - self._acked)
                 self._changed()
-        raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, None, None, "the standby ended the stream")
+        raise ConnectionError("the standby ended the stream")
 
     async def _go_alone(self) -> None:
         """Records in the arbiter that the standby is out (CAS), then acknowledges alone."""
         self._set_state(State.LOST)
-        self._queue.clear()
         while self.state is State.LOST:
             try:
                 membership, revision = await asyncio.to_thread(self.arbiter.read)
@@ -303,7 +360,7 @@ class Replication:
                 if await asyncio.to_thread(self.arbiter.update, revision, alone):
                     log.warning(
                         "%s: standby %s lost; going on ALONE (recorded in the arbiter; pushes are on one process "
-                        "until a standby joins)", self.describe(), self.standby_address,
+                        "until a standby joins)", self.describe(), self.partner,
                     )
                     self.metrics.alone.labels(self.metrics.shard).inc()
                     self._set_state(State.ALONE)
@@ -315,7 +372,7 @@ class Replication:
     def forward(self, method: str, request, response) -> None:
         """Queues an applied push for the standby, in apply order (called where the push was applied,
         serialised with every table call, on the loop or the tables thread)."""
-        if self.state is not State.SYNC:
+        if not self._queueing:
             return
         self._sequence += 1
         self._queue.append(
@@ -327,14 +384,14 @@ class Replication:
         self.loop.call_soon_threadsafe(self._wake.set)
 
     async def settle(self) -> None:
-        """Returns once every push forwarded so far is on the standby (or the arbiter recorded this
+        """Returns once every push forwarded so far is on the standby (or the arbiter records this
         shard alone); NotPrimaryError if this process may no longer acknowledge."""
         target = self._sequence
         while True:
             state = self.state
-            if state is State.DEPOSED or state is State.STANDBY:
+            if state in (State.DEPOSED, State.STANDBY, State.JOINING):
                 self.check_serving()
-            if state is State.ALONE or (state is State.SYNC and self._acked >= target):
+            if state in (State.ALONE, State.COPYING) or (state in _SYNCHRONOUS and self._acked >= target):
                 self.check_serving()
                 return
             if state is State.LOST and not self.arbiter.lease_valid():
@@ -351,8 +408,12 @@ class Replication:
         self._spawn(self._watch_primary())
 
     async def replicate(self, requests: AsyncIterator, context: grpc.aio.ServicerContext):
-        """The standby's side of the stream: handshake, then apply each message in order, ack it."""
+        """The standby's side of the stream: handshake (and state copy), then apply each push in
+        order and ack it."""
         self._applied = 0
+        copy: dict[str, list[bytes]] = {}
+        states: dict = {}
+        ledger = b""
         async for message in requests:
             if self.state is not State.STANDBY or self._promoting or message.epoch < self.epoch:
                 await context.abort(
@@ -361,7 +422,24 @@ class Replication:
                 )
             if not message.method:
                 if message.incarnation:
-                    await self._accept(message, context)
+                    ack = await self._hello(message, context)
+                    yield ack
+                else:
+                    yield replication_pb2.ReplicateAck(sequence=self._applied, epoch=self.epoch)
+                continue
+            if message.method == "TableState":
+                copy.setdefault(message.table, []).append(message.state)
+                if message.last:
+                    data = b"".join(copy.pop(message.table))
+                    states[message.table] = await asyncio.to_thread(decode_table_state, data)
+                continue
+            if message.method == "Ledger":
+                ledger = message.state
+                continue
+            if message.method == "StateDone":
+                await self.servicer.run_call(functools.partial(self._load_copy, states, ledger), 1 << 30)
+                self._follow(message, context, "state copied")
+                states = {}
                 yield replication_pb2.ReplicateAck(sequence=self._applied, epoch=self.epoch)
                 continue
             if message.sequence != self._applied + 1:
@@ -373,20 +451,33 @@ class Replication:
             self._applied = message.sequence
             yield replication_pb2.ReplicateAck(sequence=self._applied, epoch=self.epoch)
 
-    async def _accept(self, hello, context) -> None:
+    async def _hello(self, hello, context) -> replication_pb2.ReplicateAck:
         mine = {n: t.version for n, t in self.shard.tables.items()}
         theirs = {v.table: v.version for v in hello.versions}
         if mine != theirs:
-            await context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"{self.describe()}: tables at versions {mine}, the primary's at {theirs}: the standby does not "
-                "hold the primary's state (it must start from the same snapshot step, before any push)",
-            )
-        self.epoch = hello.epoch
+            log.info("%s: tables at versions %s, the primary's at %s: asking for a copy", self.describe(), mine,
+                     theirs)
+            return replication_pb2.ReplicateAck(sequence=0, epoch=hello.epoch, needs_copy=True)
+        self._follow(hello, context, "same versions")
+        return replication_pb2.ReplicateAck(sequence=self._applied, epoch=self.epoch)
+
+    def _follow(self, message, context, how: str) -> None:
+        self.epoch = message.epoch
         self.primary_address = context.peer()
-        self.shard.incarnation = hello.incarnation  # same rows at the same versions: replicas need no resync
+        self.shard.incarnation = message.incarnation  # same rows at the same versions: replicas need no resync
+        self._applied = message.sequence
         self._set_state(State.STANDBY)
-        log.info("%s: following the primary (incarnation %d)", self.describe(), hello.incarnation)
+        log.info("%s: following the primary (%s; incarnation %d)", self.describe(), how, message.incarnation)
+
+    def _load_copy(self, states: dict, ledger: bytes) -> None:
+        """The primary's state in place of this one's (on the tables' thread)."""
+        if set(states) != set(self.shard.tables):
+            raise ValueError(f"state copy: tables {sorted(states)}, this shard has {sorted(self.shard.tables)}")
+        for name, state in states.items():
+            self.shard.tables[name].load(state)
+            old = self.shard.logs[name]
+            self.shard.logs[name] = UpdateLog(state.version, old.max_entries, old.max_keys)
+        self.shard.ledger.load(decode_ledger(ledger))
 
     def _apply(self, message) -> None:
         if message.method == "Push":
@@ -428,6 +519,7 @@ class Replication:
                                 self.describe())
                     self._set_state(State.ALONE)
                     self._spawn(self._keep_lease())
+                    self._spawn(self._follow_standby())
                     return
                 self._promoting = False
             except EtcdUnavailableError:
@@ -451,17 +543,37 @@ class _ReplicationServicer(replication_pb2_grpc.ReplicationServicer):
             yield ack
 
 
-def attach_replication(servicer, job: JobConfig, shard_index: int, standby: bool, registry) -> Replication:
-    """The Replication of a shard with a standby (this process is that standby if `standby`),
-    fencing the servicer's calls; started by Replication.start once the port answers."""
+def attach_replication(
+    servicer, job: JobConfig, shard_index: int, address: str, standby: bool, registry
+) -> Replication:
+    """The Replication of a shard with a standby, for the process at `address` (one of the pair;
+    a standby if `standby`), fencing the servicer's calls; started by Replication.start once the
+    port answers."""
     if job.arbiter is None:
         raise ValueError(f"shards[{shard_index}].standby: needs [arbiter] (etcd)")
-    config = job.shards[shard_index]
-    me = config.standby if standby else config.address
-    arbiter = Arbiter(job.arbiter, job.job, shard_index, me)
-    replication = Replication(
-        servicer, arbiter, "" if standby else config.standby, State.STANDBY if standby else State.JOINING, registry
-    )
+    pair = job.shards[shard_index].addresses()
+    partner = pair[1] if address == pair[0] else pair[0]
+    arbiter = Arbiter(job.arbiter, job.job, shard_index, address)
+    replication = Replication(servicer, arbiter, partner, State.STANDBY if standby else State.JOINING, registry)
     servicer.replication = replication
     servicer.call_site.fence = replication.check_serving
     return replication
+
+
+def standby_address(job: JobConfig, shard_index: int, wait_s: float = 10.0) -> str:
+    """Where a new standby of shard `shard_index` listens: the address of the pair that is not the
+    primary the arbiter names (after a failover that is the first primary's), else `standby`."""
+    config = job.shards[shard_index]
+    arbiter = Arbiter(job.arbiter, job.job, shard_index, "")
+    end = time.monotonic() + wait_s
+    while True:
+        try:
+            membership, _ = arbiter.read()
+            break
+        except EtcdUnavailableError:
+            if time.monotonic() > end:
+                raise
+            time.sleep(0.2)
+    if membership is not None and membership.primary == config.standby:
+        return config.address
+    return config.standby

@@ -421,7 +421,8 @@ class ShardPort:
     health: HealthServicer
     services: DeferredServices
     metrics: ShardMetrics
-    standby: bool = False  # this process is the shard's standby (at shards[i].standby)
+    standby: bool = False  # this process is the shard's standby
+    address: str = ""  # where it listens
 
     def build_shard(
         self,
@@ -460,7 +461,9 @@ class ShardPort:
         if job.shards[shard_index].standby:
             from ps.shard.replication import attach_replication
 
-            replication = attach_replication(servicer, job, shard_index, self.standby, self.metrics.registry)
+            replication = attach_replication(
+                servicer, job, shard_index, self.address, self.standby, self.metrics.registry
+            )
 
         def add_servicers(server) -> None:
             ps_pb2_grpc.add_ParameterServerServicer_to_server(servicer, server)
@@ -518,7 +521,7 @@ async def bind_shard(
         raise OSError(f"shard {shard_index}: cannot bind {address} ({exc})") from None
     if port == 0:
         raise OSError(f"shard {shard_index}: cannot bind {address}")
-    return ShardPort(job, shard_index, server, port, health, services, metrics, standby)
+    return ShardPort(job, shard_index, server, port, health, services, metrics, standby, address)
 
 
 async def create_server(
@@ -572,14 +575,24 @@ async def _restore(shard_port: ShardPort, restore_step: int, log_max_keys: int, 
 async def _serve(
     job: JobConfig, shard_index: int, grace: float, log_max_keys: int, restore_step: int | None, standby: bool = False
 ) -> int:
+    address = None
+    if standby:
+        from ps.etcd import EtcdUnavailableError
+        from ps.shard.replication import standby_address
+
+        try:  # after a failover a new standby takes the first primary's place
+            address = await asyncio.to_thread(standby_address, job, shard_index)
+        except EtcdUnavailableError as exc:
+            log.error("shard %d: cannot ask the arbiter where the standby goes: %s", shard_index, exc)
+            return 1
     try:
-        shard_port = await bind_shard(job, shard_index, standby=standby)
+        shard_port = await bind_shard(job, shard_index, address, standby=standby)
     except OSError as exc:
         log.error("%s", exc)
         return 1
     server, port, health = shard_port.server, shard_port.port, shard_port.health
     shard_config = job.shards[shard_index]
-    if standby:
+    if standby and address == shard_config.standby:
         shard_config = dataclasses.replace(
             shard_config, address=shard_config.standby, metrics_port=shard_config.standby_metrics_port
         )

@@ -1,10 +1,13 @@
 """Shard standbys with real processes: etcd as the arbiter, a primary and a standby per shard.
 
 - SIGKILL of the primary at a seeded random moment while a client pushes back to back: the standby
-  promotes itself through etcd (epoch + 1), the client fails over with the same push ids, and the
-  tables (values, optimizer state, admission counters, evictions, versions) end bit-equal to an
-  in-process shard that applied every acknowledged push once; a push acknowledged before the
-  kill, sent again, is a duplicate (the push-id memory was replicated). The stall is printed.
+  promotes itself through etcd (epoch + 1), the client fails over with the same push ids. A new
+  standby started then takes the first primary's address, gets a copy of the state and the pushes
+  since, and the pair is in sync again; SIGKILL of the promoted primary: the new standby takes
+  over (epoch 3). Its tables (values, optimizer state, admission counters, evictions, versions)
+  end bit-equal to an in-process shard that applied every acknowledged push once; pushes
+  acknowledged before, sent again, are duplicates (the push-id memory was copied and replicated).
+  Both stalls are printed.
 - A stopped standby (SIGSTOP): the primary's push waits until the arbiter records the primary
   alone, then it is acknowledged (never before); the record says so.
 - etcd stopped for a while: pushes go on while the standby follows; etcd back, the lease holds.
@@ -31,7 +34,7 @@ from ps.client import PSClient
 from ps.job_config import ArbiterConfig, Deadlines, JobConfig, ShardConfig, dump_job_config
 from ps.process.children import stop as stop_pid
 from ps.rpc import snapshot_pb2, snapshot_pb2_grpc
-from ps.shard.arbiter import Arbiter
+from ps.shard.arbiter import Arbiter, Membership
 from ps.shard.state import Shard
 from ps.snapshot.files import ShardRecord, SnapshotWriter, restore
 from ps.table.config import AdmissionConfig, AdmissionKind, EvictionConfig, OptimizerConfig, OptimizerKind, TableConfig
@@ -56,7 +59,6 @@ TABLES = (
     ),
 )
 LEASE_S = 1
-STEPS = 120
 KEYS = 300
 
 
@@ -73,6 +75,7 @@ def pair_job(etcd_endpoint: str, name: str) -> JobConfig:
         shards=(shard,),
         tables=TABLES,
         deadlines=Deadlines(lookup=20.0, push=20.0, stats=5.0),
+        push_dedupe_window=1 << 20,  # the push-id memory outlasts the test: old pushes stay repeats
         arbiter=ArbiterConfig(endpoints=etcd_endpoint, lease_seconds=LEASE_S),
     )
 
@@ -148,7 +151,9 @@ def etcd(tmp_path_factory):
         server.stop()
 
 
-def test_sigkill_of_the_primary_fails_over_to_the_standby_bit_equal(etcd, tmp_path):
+def test_sigkill_of_the_primary_fails_over_then_a_new_standby_catches_up_and_takes_over_too(etcd, tmp_path):
+    """Primary A killed: B takes over alone. A new standby started where A was gets B's state and
+    the pushes since, then B is killed too: the new standby takes over (epoch 3), bit-equal."""
     rng = seed("failover")
     job = pair_job(etcd.endpoint, "failover")
     pair = Pair(job, tmp_path)
@@ -157,47 +162,71 @@ def test_sigkill_of_the_primary_fails_over_to_the_standby_bit_equal(etcd, tmp_pa
     data = np.random.default_rng(rng.randrange(1 << 32))
     acked: list[tuple[float, object]] = []  # (time.monotonic() of the ack, prepared push)
     errors: list[BaseException] = []
+    stop = threading.Event()
+    arbiter = Arbiter(job.arbiter, job.job, 0, "test")
 
     def push_all() -> None:
         try:
-            for step in range(1, STEPS + 1):
+            step = 0
+            while not stop.is_set():
+                step += 1
                 prepared = make_push(client, data, step)
                 client.send_push(prepared)
                 acked.append((time.monotonic(), prepared))
         except BaseException as exc:  # noqa: BLE001 - reported by the test thread
             errors.append(exc)
 
+    def kill_at_random(pid: int, what: str) -> float:
+        more = len(acked) + rng.randrange(5, 30)
+        wait_until(lambda: len(acked) >= more or errors, f"{more} pushes")
+        time.sleep(rng.uniform(0, 0.01))
+        os.kill(pid, signal.SIGKILL)
+        print(f"killed {what} after push {len(acked)}")
+        return time.monotonic()
+
+    def stall_after(moment: float) -> float:
+        wait_until(lambda: (acked and acked[-1][0] > moment + 0.5) or errors, "pushes after the kill")
+        times = [t for t, _ in acked]
+        return max(b - a for a, b in zip(times, times[1:], strict=False) if b > moment)
+
+    new_standby = None
     try:
         pusher = threading.Thread(target=push_all)
         pusher.start()
-        kill_after = rng.randrange(10, STEPS // 2)
-        wait_until(lambda: len(acked) >= kill_after or errors, f"{kill_after} pushes")
-        time.sleep(rng.uniform(0, 0.01))
-        os.kill(pair.primary.pid, signal.SIGKILL)
-        killed_at = time.monotonic()
-        print(f"killed the primary after push {len(acked)}")
-        pusher.join(120)
+        first_kill = kill_at_random(pair.primary.pid, "the primary")
+        print(f"failover stall: {stall_after(first_kill):.2f} s (lease {LEASE_S} s)")
+        assert "PROMOTED" in pair.log(1), pair.log(1)[-3000:]
+        new_log = tmp_path / "new-standby.log"
+        before_copy = acked[-1][1]
+        new_standby = start_shard(pair.config, 0, new_log, args=("--standby",))
+        wait_until(lambda: pair.log(1).count("joined") == 1 or errors, "the new standby catching up", 60)
+        assert "state copied" in new_log.read_text() and job.shards[0].address in new_log.read_text()
+        membership, _ = arbiter.read()
+        assert membership == Membership(job.shards[0].standby, job.shards[0].address, 2, True), membership
+        second_kill = kill_at_random(pair.standby.pid, "the promoted standby")
+        print(f"second failover stall: {stall_after(second_kill):.2f} s")
+        stop.set()
+        pusher.join(60)
         assert not pusher.is_alive() and not errors, errors
-        times = [t for t, _ in acked]
-        stall = max(b - a for a, b in zip(times, times[1:], strict=False) if b > killed_at)
-        print(f"failover stall: {stall:.2f} s (lease {LEASE_S} s)")
-        assert len(acked) == STEPS
+        assert "PROMOTED" in new_log.read_text(), new_log.read_text()[-3000:]
         for _, prepared in acked:
             for _, request in prepared.calls:
                 reference.push_multi(request)
-        assert "PROMOTED" in pair.log(1), pair.log(1)[-3000:]
-        # The promoted standby holds every acknowledged push once, bit for bit.
-        got = shard_state(job, job.shards[0].standby, tmp_path.as_uri() + "/snaps", STEPS)
+        # The second promoted standby holds every acknowledged push once, bit for bit.
+        got = shard_state(job, job.shards[0].address, tmp_path.as_uri() + "/snaps", 1)
         assert_bit_equal(got, reference)
-        # Its push-id memory came with the pushes: the last acknowledged push, sent again, is a repeat.
-        again = client.send_push(acked[-1][1])
-        assert again.num_duplicates == len(acked[-1][1].calls)
-        arbiter = Arbiter(job.arbiter, job.job, 0, "test")
+        # Its push-id memory came with the copy and the pushes: acknowledged pushes sent again are
+        # repeats (the last one before the new standby started, so before the copy, and the last).
+        for prepared in (before_copy, acked[-1][1]):
+            assert client.send_push(prepared).num_duplicates == len(prepared.calls)
         membership, _ = arbiter.read()
-        assert (membership.primary, membership.epoch, membership.standby) == (job.shards[0].standby, 2, "")
+        assert (membership.primary, membership.epoch, membership.standby) == (job.shards[0].address, 3, "")
     finally:
+        stop.set()
         client.close()
         pair.stop()
+        if new_standby is not None:
+            stop_pid(new_standby)
 
 
 def test_a_stopped_standby_holds_acks_until_the_arbiter_records_the_primary_alone(etcd, tmp_path):
