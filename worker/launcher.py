@@ -30,8 +30,9 @@ Serving replicas are restarted alone (see worker/serving_fleet.py).
 
 Standbys ([[shards]] standby): the launcher starts each shard's standby beside its primary (from
 the same snapshot step). When one process of a pair dies the other goes on (the standby takes over
-through the arbiter, or the primary goes on alone): a line says so and nothing restarts; only a
-shard that lost both processes ends the attempt.
+through the arbiter, or the primary goes on alone): a line says so, nothing restarts, and a new
+standby starts in the dead one's place (it copies the primary's state, then is synchronous again);
+only a shard that lost both processes ends the attempt.
 """
 
 from __future__ import annotations
@@ -245,7 +246,7 @@ def _run_attempt(
             except _StartFailed as exc:
                 return str(exc)
             threading.Thread(
-                target=_watch_shards, args=(shards, standbys, failures, stop_watch), daemon=True
+                target=_watch_shards, args=(job, out, shards, standbys, failures, stop_watch), daemon=True
             ).start()
         if first:
             fleet.wait()
@@ -260,7 +261,7 @@ def _run_attempt(
             failed = _shard_exit(*dead[0])
     finally:
         stop_watch.set()
-        children.stop_all([*shards, *(p for p in standbys if p is not None)])
+        children.stop_all([p for p in (*shards, *standbys) if p is not None])
     return failed
 
 
@@ -352,32 +353,54 @@ def _start_shards(job: TrainingJob, out: Path, restore_step: int | None) -> tupl
 
 def _pair_dead(primary, standby) -> bool:
     """Whether a shard lost every process of it (its primary, and its standby if it has one)."""
-    return primary.poll() is not None and (standby is None or standby.poll() is not None)
+    return (primary is None or primary.poll() is not None) and (standby is None or standby.poll() is not None)
 
 
-def _watch_shards(shards: list, standbys: list, failures: _Failures, stop: threading.Event) -> None:
+# New standbys the launcher starts for one shard in one attempt; past them the pair stays one process.
+MAX_NEW_STANDBYS = 3
+
+
+def _watch_shards(
+    job: TrainingJob, out: Path, shards: list, standbys: list, failures: _Failures, stop: threading.Event
+) -> None:
     """A shard that lost every process during training ends the attempt: report it, which stops the
-    workers. One process of a pair exiting is only told: the other goes on (ps/shard/replication.py)."""
-    told: set[tuple[int, str]] = set()
+    workers. When one process of a pair exits the other goes on (ps/shard/replication.py): the
+    launcher says so and starts a new standby in its place (`embps ps --standby`), which copies the
+    primary's state and catches up; shards[i] and standbys[i] are updated in place."""
+    started = [0] * len(shards)
     while not stop.wait(0.2):
-        for index, (proc, standby) in enumerate(zip(shards, standbys, strict=True)):
+        for index in range(len(shards)):
             if stop.is_set():
                 return
-            if _pair_dead(proc, standby):
-                failures.report(_shard_exit(index, proc))
+            if _pair_dead(shards[index], standbys[index]):
+                failures.report(_shard_exit(index, shards[index]))
                 return
-            for role, member, other in (("primary", proc, "its standby takes over"), ("standby", standby, "")):
-                if member is not None and member.poll() is not None and (index, role) not in told:
-                    told.add((index, role))
-                    what = other or "the primary goes on alone once the arbiter records it"
-                    tqdm.write(
-                        f"embps launch: ps shard {index} {role} (pid {member.pid}) exited "
-                        f"({children.describe_exit(member.returncode)}); {what}"
-                    )
-                    sys.stdout.flush()
+            for slot, members, what in (
+                ("primary", shards, "the other process of the pair takes over"),
+                ("standby", standbys, "the primary goes on alone once the arbiter records it"),
+            ):
+                member = members[index]
+                if member is None or member.poll() is None:
+                    continue
+                line = (
+                    f"embps launch: ps shard {index} {slot} (pid {member.pid}) exited "
+                    f"({children.describe_exit(member.returncode)}); {what}"
+                )
+                if started[index] < MAX_NEW_STANDBYS:
+                    started[index] += 1
+                    log = out / "logs" / f"ps-{index}-new-standby-{started[index]}.log"
+                    members[index] = processes.start_shard(job.path, index, log, standby=True)
+                    line += f"; a new standby starts (pid {members[index].pid}, log {log})"
+                else:
+                    members[index] = None
+                    line += f"; no new standby (already started {MAX_NEW_STANDBYS})"
+                tqdm.write(line)
+                sys.stdout.flush()
 
 
 def _shard_exit(index: int, proc) -> str:
+    if proc is None:
+        return f"ps shard {index} lost both processes of its pair"
     return f"ps shard {index} (pid {proc.pid}) exited ({children.describe_exit(proc.returncode)})"
 
 
