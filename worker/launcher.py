@@ -320,7 +320,7 @@ def _start_shards(job: TrainingJob, out: Path, restore_step: int | None) -> tupl
     standby_logs = [out / "logs" / f"ps-{index}-standby.log" for index in range(len(job.ps.shards))]
     shards = [processes.start_shard(config_path, i, log, restore_step) for i, log in enumerate(logs)]
     standbys = [
-        processes.start_shard(config_path, i, standby_logs[i], restore_step, standby=True) if shard.standby else None
+        processes.start_shard(config_path, i, standby_logs[i], restore_step, "standby") if shard.standby else None
         for i, shard in enumerate(job.ps.shards)
     ]
     waits = [(i, shards[i], shard.address, logs[i], "") for i, shard in enumerate(job.ps.shards)]
@@ -389,7 +389,7 @@ def _watch_shards(
                 if started[index] < MAX_NEW_STANDBYS:
                     started[index] += 1
                     log = out / "logs" / f"ps-{index}-new-standby-{started[index]}.log"
-                    members[index] = processes.start_shard(job.path, index, log, standby=True)
+                    members[index] = processes.start_shard(job.path, index, log, standby=slot)
                     line += f"; a new standby starts (pid {members[index].pid}, log {log})"
                 else:
                     members[index] = None

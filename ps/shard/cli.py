@@ -24,7 +24,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--restore-step", type=int, default=None, help="load the tables of this snapshot step ([snapshot] uri) first"
     )
     parser.add_argument(
-        "--standby", action="store_true", help="run as the shard's standby, at its [[shards]] standby address"
+        "--standby",
+        nargs="?",
+        const="standby",
+        choices=["standby", "primary"],
+        default=None,
+        help="run as the shard's standby: at its [[shards]] standby address, or (--standby primary) at its "
+        "primary's, where a new standby goes after a failover",
     )
 
 

@@ -558,22 +558,3 @@ def attach_replication(
     servicer.replication = replication
     servicer.call_site.fence = replication.check_serving
     return replication
-
-
-def standby_address(job: JobConfig, shard_index: int, wait_s: float = 10.0) -> str:
-    """Where a new standby of shard `shard_index` listens: the address of the pair that is not the
-    primary the arbiter names (after a failover that is the first primary's), else `standby`."""
-    config = job.shards[shard_index]
-    arbiter = Arbiter(job.arbiter, job.job, shard_index, "")
-    end = time.monotonic() + wait_s
-    while True:
-        try:
-            membership, _ = arbiter.read()
-            break
-        except EtcdUnavailableError:
-            if time.monotonic() > end:
-                raise
-            time.sleep(0.2)
-    if membership is not None and membership.primary == config.standby:
-        return config.address
-    return config.standby

@@ -573,18 +573,15 @@ async def _restore(shard_port: ShardPort, restore_step: int, log_max_keys: int, 
 
 
 async def _serve(
-    job: JobConfig, shard_index: int, grace: float, log_max_keys: int, restore_step: int | None, standby: bool = False
+    job: JobConfig,
+    shard_index: int,
+    grace: float,
+    log_max_keys: int,
+    restore_step: int | None,
+    standby_slot: str | None = None,
 ) -> int:
-    address = None
-    if standby:
-        from ps.etcd import EtcdUnavailableError
-        from ps.shard.replication import standby_address
-
-        try:  # after a failover a new standby takes the first primary's place
-            address = await asyncio.to_thread(standby_address, job, shard_index)
-        except EtcdUnavailableError as exc:
-            log.error("shard %d: cannot ask the arbiter where the standby goes: %s", shard_index, exc)
-            return 1
+    standby = standby_slot is not None
+    address = job.shards[shard_index].address if standby_slot == "primary" else None
     try:
         shard_port = await bind_shard(job, shard_index, address, standby=standby)
     except OSError as exc:
@@ -592,7 +589,7 @@ async def _serve(
         return 1
     server, port, health = shard_port.server, shard_port.port, shard_port.health
     shard_config = job.shards[shard_index]
-    if standby and address == shard_config.standby:
+    if standby_slot == "standby":
         shard_config = dataclasses.replace(
             shard_config, address=shard_config.standby, metrics_port=shard_config.standby_metrics_port
         )
@@ -637,12 +634,13 @@ def serve_shard(
     grace: float = 10.0,
     log_max_keys: int = DEFAULT_MAX_KEYS,
     restore_step: int | None = None,
-    standby: bool = False,
+    standby: str | None = None,
 ) -> int:
     """Runs shard `shard` of the job in `config` until SIGTERM/SIGINT; returns the exit status.
     log_max_keys: keys each table's update log holds before it forgets its oldest pushes.
     restore_step: start from the tables of this snapshot step (the job's [snapshot] uri).
-    standby: run as the shard's standby, at its `standby` address (ps/shard/replication.py)."""
+    standby: run as the shard's standby, at its "standby" address or (after a failover) at its
+    "primary" one (ps/shard/replication.py); None: as its primary."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     job = load_job_config(config)
     if not 0 <= shard < len(job.shards):

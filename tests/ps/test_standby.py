@@ -198,7 +198,7 @@ def test_sigkill_of_the_primary_fails_over_then_a_new_standby_catches_up_and_tak
         assert "PROMOTED" in pair.log(1), pair.log(1)[-3000:]
         new_log = tmp_path / "new-standby.log"
         before_copy = acked[-1][1]
-        new_standby = start_shard(pair.config, 0, new_log, args=("--standby",))
+        new_standby = start_shard(pair.config, 0, new_log, args=("--standby", "primary"))
         wait_until(lambda: pair.log(1).count("joined") == 1 or errors, "the new standby catching up", 60)
         assert "state copied" in new_log.read_text() and job.shards[0].address in new_log.read_text()
         membership, _ = arbiter.read()
