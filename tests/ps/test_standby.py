@@ -23,6 +23,7 @@ import random
 import signal
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -35,6 +36,7 @@ from ps.job_config import ArbiterConfig, Deadlines, JobConfig, ShardConfig, dump
 from ps.process.children import stop as stop_pid
 from ps.rpc import snapshot_pb2, snapshot_pb2_grpc
 from ps.shard.arbiter import Arbiter, Membership
+from ps.shard.replication import ROLE_VALUES
 from ps.shard.state import Shard
 from ps.snapshot.files import ShardRecord, SnapshotWriter, restore
 from ps.table.config import AdmissionConfig, AdmissionKind, EvictionConfig, OptimizerConfig, OptimizerKind, TableConfig
@@ -101,6 +103,16 @@ class Pair:
 
     def log(self, which: int) -> str:
         return self.logs[which].read_text()
+
+
+def metrics(port: int) -> dict[str, float]:
+    """The samples of a Prometheus page, by name with labels."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
 
 
 def seed(tag: str) -> random.Random:
@@ -196,6 +208,9 @@ def test_sigkill_of_the_primary_fails_over_then_a_new_standby_catches_up_and_tak
         first_kill = kill_at_random(pair.primary.pid, "the primary")
         print(f"failover stall: {stall_after(first_kill):.2f} s (lease {LEASE_S} s)")
         assert "PROMOTED" in pair.log(1), pair.log(1)[-3000:]
+        promoted = metrics(job.shards[0].standby_metrics_port)
+        assert promoted['embps_failovers_total{shard="0"}'] == 1 and promoted['embps_shard_epoch{shard="0"}'] == 2
+        assert promoted['embps_shard_role{shard="0"}'] == ROLE_VALUES["alone"]
         new_log = tmp_path / "new-standby.log"
         before_copy = acked[-1][1]
         new_standby = start_shard(pair.config, 0, new_log, args=("--standby", "primary"))
@@ -203,6 +218,9 @@ def test_sigkill_of_the_primary_fails_over_then_a_new_standby_catches_up_and_tak
         assert "state copied" in new_log.read_text() and job.shards[0].address in new_log.read_text()
         membership, _ = arbiter.read()
         assert membership == Membership(job.shards[0].standby, job.shards[0].address, 2, True), membership
+        promoted = metrics(job.shards[0].standby_metrics_port)
+        assert promoted['embps_shard_role{shard="0"}'] == ROLE_VALUES["sync"]
+        assert 'embps_replication_lag_pushes{shard="0"}' in promoted
         second_kill = kill_at_random(pair.standby.pid, "the promoted standby")
         print(f"second failover stall: {stall_after(second_kill):.2f} s")
         stop.set()
