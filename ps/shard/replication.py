@@ -175,13 +175,26 @@ class Replication:
     # -- primary -----------------------------------------------------------------------------
 
     async def start_primary(self) -> None:
-        """Takes the shard's membership (epoch + 1, once no lease is held), then joins the standby."""
+        """Takes the shard's membership (epoch + 1, once no lease is held), then joins the standby.
+        When the partner holds the lease and keeps renewing it (it took over while this process was
+        down: a restarted pod), this process becomes its standby instead."""
+        partner_alive_since = None
         while True:
             try:
                 membership, revision = await asyncio.to_thread(self.arbiter.read)
                 if await asyncio.to_thread(self.arbiter.leader_alive):
-                    await asyncio.sleep(self.ttl / 4)  # an earlier run's lease expires
+                    # An earlier run's lease expires within a lease; a live primary's stays.
+                    if membership is not None and membership.primary == self.partner:
+                        partner_alive_since = partner_alive_since or time.monotonic()
+                        if time.monotonic() - partner_alive_since > 2 * self.ttl:
+                            log.warning("shard %d: %s is primary (epoch %d) and alive: starting as its standby",
+                                        self.shard.index, self.partner, membership.epoch)
+                            self._set_state(State.STANDBY)
+                            self.start_standby()
+                            return
+                    await asyncio.sleep(self.ttl / 4)
                     continue
+                partner_alive_since = None
                 epoch = (membership.epoch if membership else 0) + 1
                 mine = Membership(self.arbiter.me, self.partner, epoch, False)
                 if await asyncio.to_thread(self.arbiter.take_primary, revision, mine):

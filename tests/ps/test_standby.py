@@ -1,8 +1,9 @@
 """Shard standbys with real processes: etcd as the arbiter, a primary and a standby per shard.
 
 - SIGKILL of the primary at a seeded random moment while a client pushes back to back: the standby
-  promotes itself through etcd (epoch + 1), the client fails over with the same push ids. A new
-  standby started then takes the first primary's address, gets a copy of the state and the pushes
+  promotes itself through etcd (epoch + 1), the client fails over with the same push ids. The
+  first primary started again (as a restarted pod would be) finds the other primary alive and
+  becomes its standby, gets a copy of the state and the pushes
   since, and the pair is in sync again; SIGKILL of the promoted primary: the new standby takes
   over (epoch 3). Its tables (values, optimizer state, admission counters, evictions, versions)
   end bit-equal to an in-process shard that applied every acknowledged push once; pushes
@@ -213,9 +214,11 @@ def test_sigkill_of_the_primary_fails_over_then_a_new_standby_catches_up_and_tak
         assert promoted['embps_shard_role{shard="0"}'] == ROLE_VALUES["alone"]
         new_log = tmp_path / "new-standby.log"
         before_copy = acked[-1][1]
-        new_standby = start_shard(pair.config, 0, new_log, args=("--standby", "primary"))
+        # Started as the primary was (a restarted pod): it finds the partner primary and alive, and
+        # becomes its standby (embps launch starts `--standby primary` directly).
+        new_standby = start_shard(pair.config, 0, new_log)
         wait_until(lambda: pair.log(1).count("joined") == 1 or errors, "the new standby catching up", 60)
-        assert "state copied" in new_log.read_text() and job.shards[0].address in new_log.read_text()
+        assert "starting as its standby" in new_log.read_text() and "state copied" in new_log.read_text()
         membership, _ = arbiter.read()
         assert membership == Membership(job.shards[0].standby, job.shards[0].address, 2, True), membership
         promoted = metrics(job.shards[0].standby_metrics_port)
