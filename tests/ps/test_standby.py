@@ -12,12 +12,15 @@
 - A stopped standby (SIGSTOP): the primary's push waits until the arbiter records the primary
   alone, then it is acknowledged (never before); the record says so.
 - etcd stopped for a while: pushes go on while the standby follows; etcd back, the lease holds.
+  Then a primary killed with no push in flight: a serving follower goes on from the promoted
+  standby at its version, without a full resync.
 
 EMBPS_STANDBY_SEED=<seed> repeats a run.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import random
@@ -41,6 +44,9 @@ from ps.shard.replication import ROLE_VALUES
 from ps.shard.state import Shard
 from ps.snapshot.files import ShardRecord, SnapshotWriter, restore
 from ps.table.config import AdmissionConfig, AdmissionKind, EvictionConfig, OptimizerConfig, OptimizerKind, TableConfig
+from serving.follower import ShardFollower
+from serving.metrics import ServingMetrics
+from serving.store import TableReplica
 from tests.helpers.etcd import start_etcd
 from tests.helpers.processes import start_shard, wait_serving
 from tests.helpers.waiting import wait_until
@@ -275,12 +281,47 @@ def test_a_stopped_standby_holds_acks_until_the_arbiter_records_the_primary_alon
         pair.stop()
 
 
-def test_training_goes_on_while_the_arbiter_is_down(etcd, tmp_path):
+class Following:
+    """A serving follower of table `name` of shard 0 (ShardFollower on grpc.aio, as a replica runs
+    it), on a thread of its own, given both addresses of the pair."""
+
+    def __init__(self, job: JobConfig, name: str) -> None:
+        self.job = job
+        self.replica = TableReplica(job.table(name), job.shard_map)
+        self.follower: ShardFollower | None = None
+        self._stop: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+        self._thread.start()
+        wait_until(lambda: self._stop is not None, "the follower's loop")
+
+    async def _main(self) -> None:
+        shard = self.job.shards[0]
+        primary, standby = grpc.aio.insecure_channel(shard.address), grpc.aio.insecure_channel(shard.standby)
+        self.follower = ShardFollower(self.replica, 0, primary, ServingMetrics(), standby)
+        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+        task = asyncio.ensure_future(self.follower.run())
+        await self._stop.wait()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await primary.close()
+        await standby.close()
+
+    def stop(self) -> None:
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+
+
+def test_training_goes_on_while_the_arbiter_is_down_and_serving_follows_a_failover(etcd, tmp_path):
+    """etcd down for 3 leases: pushes go on, nobody promotes. Then, etcd back and no push in
+    flight, the primary is killed: a serving follower goes on from the promoted standby at its
+    version (same incarnation, same update log), without a full resync, to the final rows."""
     job = pair_job(etcd.endpoint, "arbiter-down")
     pair = Pair(job, tmp_path)
     client = PSClient.from_job(job, client_id="trainer-0")
     data = np.random.default_rng(11)
     reference = Shard(job, 0)
+    following = Following(job, "adam")
     try:
         etcd.stop()
         ended = time.monotonic() + 3 * LEASE_S
@@ -301,7 +342,26 @@ def test_training_goes_on_while_the_arbiter_is_down(etcd, tmp_path):
         assert step > 5
         assert "PROMOTED" not in pair.log(1) and "deposed" not in pair.log(0)
         assert_bit_equal(shard_state(job, job.shards[0].address, tmp_path.as_uri() + "/snaps", step), reference)
+
+        version = reference.tables["adam"].version
+        wait_until(lambda: following.replica.shards[0].version == version, "the follower at the primary's version")
+        os.kill(pair.primary.pid, signal.SIGKILL)
+        for _ in range(5):
+            step += 1
+            prepared = make_push(client, data, step)
+            client.send_push(prepared)
+            for _, request in prepared.calls:
+                reference.push_multi(request)
+        version = reference.tables["adam"].version
+        wait_until(lambda: following.replica.shards[0].version == version, "the follower at the new primary's")
+        keys, values = following.replica.shards[0].export()
+        want = reference.tables["adam"].export()
+        order = np.argsort(keys)
+        np.testing.assert_array_equal(keys[order], want.keys)
+        np.testing.assert_array_equal(values[order], want.values)
+        assert following.follower.status.num_resyncs == 0, following.follower.status
     finally:
+        following.stop()
         if etcd.proc.poll() is not None:
             etcd.restart()
         client.close()
