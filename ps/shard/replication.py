@@ -36,6 +36,8 @@ import collections
 import enum
 import functools
 import logging
+import os
+import signal
 import time
 from collections.abc import AsyncIterator
 
@@ -224,10 +226,13 @@ class Replication:
                 self._depose("etcd says its lease expired")
 
     def _depose(self, why: str) -> None:
+        """Answers nothing from now on, and stops the process (SIGTERM: drain, exit 0) a lease
+        later: `embps launch` starts a new standby in its place, a restarted pod becomes one."""
         if self.state is not State.DEPOSED:
             self._queueing = False
-            log.error("%s: deposed: %s; acknowledging nothing from now on", self.describe(), why)
+            log.error("%s: deposed: %s; acknowledging nothing from now on, stopping", self.describe(), why)
             self._set_state(State.DEPOSED)
+            self.loop.call_later(self.ttl, os.kill, os.getpid(), signal.SIGTERM)
 
     async def _follow_standby(self) -> None:
         """Joins the partner (copying the state over when it is elsewhere), streams the pushes and
