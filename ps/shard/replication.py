@@ -480,6 +480,10 @@ class Replication:
         return replication_pb2.ReplicateAck(sequence=self._applied, epoch=self.epoch)
 
     def _follow(self, message, context, how: str) -> None:
+        # Changes tracked from the state both started from: a superset of what changed since any
+        # later snapshot, so an incremental snapshot written after a failover misses nothing.
+        for table in self.shard.tables.values():
+            table.enable_change_tracking()
         self.epoch = message.epoch
         self.primary_address = context.peer()
         self.shard.incarnation = message.incarnation  # same rows at the same versions: replicas need no resync
@@ -493,6 +497,9 @@ class Replication:
             raise ValueError(f"state copy: tables {sorted(states)}, this shard has {sorted(self.shard.tables)}")
         for name, state in states.items():
             self.shard.tables[name].load(state)
+            # Its next incremental snapshot (once primary) cannot know what changed since the
+            # parent, which the old primary wrote: it writes every row against the parent.
+            self.shard.tables[name].forget_changes()
             old = self.shard.logs[name]
             self.shard.logs[name] = UpdateLog(state.version, old.max_entries, old.max_keys)
         self.shard.ledger.load(decode_ledger(ledger))

@@ -5,7 +5,9 @@ In one run, at seeded random steps:
 - SIGKILL of one shard's primary: its standby takes over through the arbiter;
 - later, SIGKILL of the other shard's standby: its primary goes on alone once the arbiter recorded it;
 - after each, the launcher starts a new standby in the dead one's place.
-The job finishes without a restart, and the final tables (values, optimizer state, counters, pending
+The job snapshots every 20 steps (incremental on a full one), so the promoted standby writes
+incremental snapshots of changes the old primary tracked in part. The job finishes without a
+restart, and the final tables (values, optimizer state, counters, pending
 keys, versions) and the dense model are bit-equal to an undisturbed run without standbys. The stall
 (the slowest step of rank 0) is printed.
 
@@ -64,7 +66,8 @@ def write_job(tmp_path: Path, name: str, etcd_endpoint: str | None) -> _Job:
     out = tmp_path / f"out-{name}"
     uri = str(tmp_path / f"snapshots-{name}")
     ps = make_job(tables=TABLES, num_shards=2, job=name, deadlines=Deadlines(lookup=20.0, push=20.0, stats=5.0))
-    ps = replace(ps, snapshot=SnapshotConfig(uri=uri, every_steps=0))
+    # Incremental snapshots on a full one: after a failover the promoted standby writes them.
+    ps = replace(ps, snapshot=SnapshotConfig(uri=uri, every_steps=20, full_every=4))
     if etcd_endpoint is not None:
         ports = free_ports(4)
         shards = tuple(
