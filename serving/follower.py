@@ -54,15 +54,29 @@ class FollowerStatus:
 class ShardFollower:
     """Keeps replica.shards[shard] in step with table `replica.name` on the PS shard at `channel`."""
 
-    def __init__(self, replica: TableReplica, shard: int, channel: grpc.aio.Channel, metrics: ServingMetrics,
-                 cut: ModelCut | None = None, with_dense: bool = False) -> None:
+    def __init__(
+        self,
+        replica: TableReplica,
+        shard: int,
+        channel: grpc.aio.Channel,
+        metrics: ServingMetrics,
+        cut: ModelCut | None = None,
+        with_dense: bool = False,
+        standby_channel: grpc.aio.Channel | None = None,
+    ) -> None:
         """cut: consistency = "step" (serving/cut_follow.py); with_dense: this stream also brings
-        the dense tower (one follower of shard 0)."""
+        the dense tower (one follower of shard 0). standby_channel: the shard's standby. The stream
+        goes to the other of the pair after UNAVAILABLE; a promoted standby has the primary's
+        incarnation, rows and update log, so the follower continues from its served version there
+        (ps/shard/replication.py)."""
         self.cut = cut
         self.with_dense = with_dense
         self.replica = replica
         self.shard = shard
         self.stub = ps_pb2_grpc.ParameterServerStub(channel)
+        self._pair = [self.stub]
+        if standby_channel is not None:
+            self._pair.append(ps_pb2_grpc.ParameterServerStub(standby_channel))
         self.metrics = metrics
         self.status = FollowerStatus(last_message=time.monotonic())
         self._labels = (replica.name, str(shard))
@@ -91,6 +105,9 @@ class ShardFollower:
                 self.status.last_error = "stream ended"
             except grpc.aio.AioRpcError as err:
                 self.status.last_error = f"{err.code().name}: {err.details()}"
+                if len(self._pair) == 2 and err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+                    self.stub = self._pair[1] if self.stub is self._pair[0] else self._pair[0]
+                    pause = BACKOFF_START_SECONDS
                 if err.code() == grpc.StatusCode.FAILED_PRECONDITION:
                     log.info("table %s shard %s: %s; resyncing", *self._labels, self.status.last_error)
                     self._need_full_sync = True

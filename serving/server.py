@@ -313,10 +313,15 @@ async def build_replica(config: ServeConfig, metrics: ServingMetrics) -> Replica
     ]
     if config.consistency == Consistency.STEP:
         replica.cut = ModelCut(tables, metrics, config.max_waiting_bytes, replica.export_step or 0)
+    standbys = [
+        open_aio_channel(shard.standby, job.security, Role.REPLICA, channel_options(config)) if shard.standby else None
+        for shard in job.shards
+    ]
+    replica.channels += [c for c in standbys if c is not None]
     for t, table in enumerate(tables.values()):
-        for s, channel in enumerate(replica.channels):
+        for s, (channel, standby) in enumerate(zip(replica.channels, standbys, strict=False)):
             with_dense = t == 0 and s == 0
-            replica.followers.append(ShardFollower(table, s, channel, metrics, replica.cut, with_dense))
+            replica.followers.append(ShardFollower(table, s, channel, metrics, replica.cut, with_dense, standby))
     return replica
 
 

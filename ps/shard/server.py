@@ -21,6 +21,7 @@ sees a half-applied push, and a slow stream never holds up a Push (it reads late
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import os
@@ -79,13 +80,19 @@ class _Rows:
     data: np.ndarray
 
 
+_PUSH_METHODS = frozenset({"Push", "PushBatch", "PushMulti"})
+
+
 def _tables_call(method: str) -> Callable:
     """A synchronous table method `fn(self, request) -> reply` as the RPC `method`: serialised
     through `run`, answered by the one call wrapper (ps/process/calls.py)."""
 
     def decorate(fn: Callable) -> Callable:
         async def on_tables(self: ParameterServerServicer, request):
-            return await self.run(fn, request)
+            reply = await self.run(fn, request)
+            if self.replication is not None and method in _PUSH_METHODS:
+                await self.replication.settle()  # acknowledged means applied on the standby too
+            return reply
 
         return unary_call(method)(functools.wraps(fn)(on_tables))
 
@@ -99,6 +106,12 @@ class ShardCallSite(CallSite):
         super().__init__(f"shard {shard.index}", log)
         self.tables = shard.tables
         self.metrics = metrics
+        self.fence: Callable[[], None] | None = None  # a shard with a standby: ps/shard/replication.py
+
+    def check_open(self) -> None:
+        super().check_open()
+        if self.fence is not None:
+            self.fence()
 
     def table_label(self, request) -> str:
         """The request's table; names the shard does not hold share one label, no table is ""."""
@@ -137,6 +150,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         self.shard = shard
         self.metrics = metrics
         self.call_site = ShardCallSite(shard, metrics)
+        self.replication = None  # ps/shard/replication.py, when the shard has a standby
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="tables")
         self._offloaded = 0
         self.loop = asyncio.get_running_loop()
@@ -223,7 +237,13 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
 
     @_tables_call("PushMulti")
     def PushMulti(self, request: ps_pb2.MultiPushRequest) -> ps_pb2.MultiPushResponse:
+        return self.apply_push_multi(request)
+
+    def apply_push_multi(self, request: ps_pb2.MultiPushRequest) -> ps_pb2.MultiPushResponse:
+        """One multi-table push (serialised by the caller), with its metrics and Subscribe wake-up."""
         response, changed = self.shard.push_multi(request)
+        if not response.duplicate and self.replication is not None:
+            self.replication.forward("PushMulti", request, response)
         if response.duplicate:
             for table in request.tables:
                 self.metrics.duplicate_pushes.labels(self.call_site.table_name_label(table)).inc()
@@ -252,6 +272,8 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         if response.duplicate:
             self.metrics.duplicate_pushes.labels(request.table).inc()
         else:
+            if self.replication is not None:
+                self.replication.forward("Push", request, response)
             self.observe(request.table)
             self.loop.call_soon_threadsafe(self.notify, request.table)
         return response
@@ -442,6 +464,8 @@ class ShardPort:
     health: HealthServicer
     services: DeferredServices
     metrics: ShardMetrics
+    standby: bool = False  # this process is the shard's standby
+    address: str = ""  # where it listens
 
     def build_shard(
         self,
@@ -476,18 +500,34 @@ class ShardPort:
             restored_step=restore_step,
         )
 
+        replication = None
+        if job.shards[shard_index].standby:
+            from ps.shard.replication import attach_replication
+
+            replication = attach_replication(
+                servicer, job, shard_index, self.address, self.standby, self.metrics.registry
+            )
+
         def add_servicers(server) -> None:
             ps_pb2_grpc.add_ParameterServerServicer_to_server(servicer, server)
             snapshot_pb2_grpc.add_SnapshotControlServicer_to_server(snapshots, server)
+            if replication is not None:
+                replication.add_to_server(server)
 
         self.services.open(add_servicers)
+        if replication is not None:
+            await replication.start()
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         return servicer
 
 
 async def bind_shard(
-    job: JobConfig, shard_index: int, address: str | None = None, metrics: ShardMetrics | None = None
+    job: JobConfig,
+    shard_index: int,
+    address: str | None = None,
+    metrics: ShardMetrics | None = None,
+    standby: bool = False,
 ) -> ShardPort:
     """Builds (not starts) the shard's server bound to `address` (default: the job's; port 0 picks
     one), NOT_SERVING, every embps call answered UNAVAILABLE until ShardPort.open."""
@@ -516,14 +556,15 @@ async def bind_shard(
         ],
         server,
     )
-    address = address if address is not None else job.shards[shard_index].address
+    if address is None:
+        address = job.shards[shard_index].standby if standby else job.shards[shard_index].address
     try:
         port = add_port(server, address, job.security)
     except RuntimeError as exc:  # grpc's "Failed to bind": the port is taken, or the host is not ours
         raise OSError(f"shard {shard_index}: cannot bind {address} ({exc})") from None
     if port == 0:
         raise OSError(f"shard {shard_index}: cannot bind {address}")
-    return ShardPort(job, shard_index, server, port, health, services, metrics)
+    return ShardPort(job, shard_index, server, port, health, services, metrics, standby, address)
 
 
 async def create_server(
@@ -534,12 +575,13 @@ async def create_server(
     log_max_keys: int = DEFAULT_MAX_KEYS,
     log_max_entries: int = DEFAULT_MAX_ENTRIES,
     restore_step: int | None = None,
+    standby: bool = False,
 ) -> tuple[grpc.aio.Server, int, ParameterServerServicer, HealthServicer]:
     """Builds (not starts) the shard's server bound to `address` (default: the job's; port 0 picks
     one), its tables restored from `restore_step` first. log_max_keys, log_max_entries bound each
     table's update log. Returns (server, bound port, servicer, health servicer). `embps ps` binds
     first and restores while the port answers NOT_SERVING (bind_shard, ShardPort.build_shard, .open)."""
-    shard_port = await bind_shard(job, shard_index, address, metrics)
+    shard_port = await bind_shard(job, shard_index, address, metrics, standby)
     shard = shard_port.build_shard(restore_step, log_max_keys, log_max_entries)
     servicer = await shard_port.open(shard, restore_step)
     return shard_port.server, shard_port.port, servicer, shard_port.health
@@ -573,14 +615,27 @@ async def _restore(shard_port: ShardPort, restore_step: int, log_max_keys: int, 
     return shard
 
 
-async def _serve(job: JobConfig, shard_index: int, grace: float, log_max_keys: int, restore_step: int | None) -> int:
+async def _serve(
+    job: JobConfig,
+    shard_index: int,
+    grace: float,
+    log_max_keys: int,
+    restore_step: int | None,
+    standby_slot: str | None = None,
+) -> int:
+    standby = standby_slot is not None
+    address = job.shards[shard_index].address if standby_slot == "primary" else None
     try:
-        shard_port = await bind_shard(job, shard_index)
+        shard_port = await bind_shard(job, shard_index, address, standby=standby)
     except OSError as exc:
         log.error("%s", exc)
         return 1
     server, port, health = shard_port.server, shard_port.port, shard_port.health
     shard_config = job.shards[shard_index]
+    if standby_slot == "standby":
+        shard_config = dataclasses.replace(
+            shard_config, address=shard_config.standby, metrics_port=shard_config.standby_metrics_port
+        )
     metrics_port = shard_port.metrics.serve(shard_config.metrics_port, shard_config.host)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -604,6 +659,8 @@ async def _serve(job: JobConfig, shard_index: int, grace: float, log_max_keys: i
     log.info("shard %d of job %r serving", shard_index, job.job)
     await stop.wait()
     log.info("shard %d: draining (grace %.1f s)", shard_index, grace)
+    if servicer.replication is not None:
+        await servicer.replication.stop()
     servicer.begin_drain()
     await health.enter_graceful_shutdown()
     # While the port is still open, calls that were already on their way reach a handler and get
@@ -620,14 +677,19 @@ def serve_shard(
     grace: float = 10.0,
     log_max_keys: int = DEFAULT_MAX_KEYS,
     restore_step: int | None = None,
+    standby: str | None = None,
 ) -> int:
     """Runs shard `shard` of the job in `config` until SIGTERM/SIGINT; returns the exit status.
     log_max_keys: keys each table's update log holds before it forgets its oldest pushes.
-    restore_step: start from the tables of this snapshot step (the job's [snapshot] uri)."""
+    restore_step: start from the tables of this snapshot step (the job's [snapshot] uri).
+    standby: run as the shard's standby, at its "standby" address or (after a failover) at its
+    "primary" one (ps/shard/replication.py); None: as its primary."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     job = load_job_config(config)
     if not 0 <= shard < len(job.shards):
         raise SystemExit(f"embps ps: --shard must be in [0, {len(job.shards)}) for {config}, got {shard}")
     if log_max_keys < 1:
         raise SystemExit(f"embps ps: --update-log-keys must be >= 1, got {log_max_keys}")
-    return asyncio.run(_serve(job, shard, grace, log_max_keys, restore_step))
+    if standby and not job.shards[shard].standby:
+        raise SystemExit(f"embps ps: --standby: shards[{shard}] of {config} declares no standby address")
+    return asyncio.run(_serve(job, shard, grace, log_max_keys, restore_step, standby))

@@ -99,6 +99,22 @@ class PushLedger:
         while self.num_bytes > self.max_bytes and len(seen) > 1:  # one client alone over the bound
             self.num_bytes -= _entry_bytes(seen.popitem(last=False)[1])
 
+    def export(self) -> list:
+        """Every remembered answer, oldest client first: [[client_id, [[sequence, answer, multi]]]]
+        (answer as bytes; multi: a PushMulti's reply). load() of it rebuilds this memory."""
+        return [
+            [client, [[sequence, bytes(answer), isinstance(answer, MultiAnswer)] for sequence, answer in seen.items()]]
+            for client, seen in self._clients.items()
+        ]
+
+    def load(self, exported: list) -> None:
+        """Replaces the memory with an export() (a standby's copy of its primary's)."""
+        self._clients = OrderedDict()
+        self.num_bytes = 0
+        for client, entries in exported:
+            for sequence, answer, is_multi in entries:
+                self.put_raw(client, int(sequence), MultiAnswer(answer) if is_multi else bytes(answer))
+
     def _forget_oldest_client(self) -> None:
         client_id, seen = self._clients.popitem(last=False)
         self.num_bytes -= LEDGER_CLIENT_BYTES + len(client_id) + sum(_entry_bytes(a) for a in seen.values())

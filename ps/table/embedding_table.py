@@ -201,6 +201,13 @@ class EmbeddingTable:
     def tracks_changes(self) -> bool:
         return self._changes is not None
 
+    def forget_changes(self) -> None:
+        """The changes since the last take_changes() are unknown (the state was replaced, e.g.
+        copied from a shard's primary): the next take_changes() reports them incomplete, so an
+        incremental snapshot writes every row. Turns tracking on."""
+        self.enable_change_tracking()
+        self._changes.lose()
+
     def open_change_feed(self, max_keys: int | None = None) -> ChangeFeed:
         """A feed of the keys pushes touch and evictions delete from now on, for a reader that
         copies the table over several calls: copy, then feed.take() says what changed meanwhile.
