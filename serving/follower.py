@@ -60,6 +60,7 @@ class ShardFollower:
         shard: int,
         channel: grpc.aio.Channel,
         metrics: ServingMetrics,
+        *,
         cut: ModelCut | None = None,
         with_dense: bool = False,
         standby_channel: grpc.aio.Channel | None = None,

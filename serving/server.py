@@ -321,7 +321,9 @@ async def build_replica(config: ServeConfig, metrics: ServingMetrics) -> Replica
     for t, table in enumerate(tables.values()):
         for s, (channel, standby) in enumerate(zip(replica.channels, standbys, strict=False)):
             with_dense = t == 0 and s == 0
-            replica.followers.append(ShardFollower(table, s, channel, metrics, replica.cut, with_dense, standby))
+            replica.followers.append(ShardFollower(
+                table, s, channel, metrics, cut=replica.cut, with_dense=with_dense, standby_channel=standby
+            ))
     return replica
 
 

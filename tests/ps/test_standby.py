@@ -298,7 +298,7 @@ class Following:
     async def _main(self) -> None:
         shard = self.job.shards[0]
         primary, standby = grpc.aio.insecure_channel(shard.address), grpc.aio.insecure_channel(shard.standby)
-        self.follower = ShardFollower(self.replica, 0, primary, ServingMetrics(), standby)
+        self.follower = ShardFollower(self.replica, 0, primary, ServingMetrics(), standby_channel=standby)
         self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
         task = asyncio.ensure_future(self.follower.run())
         await self._stop.wait()
