@@ -16,8 +16,9 @@ tagged with their table, in one buffer with per-table offsets (csrc/multi_table.
 The loss is the mean over the rank's rows, so DDP's average of dense gradients is the gradient
 of the global-batch mean, and dividing the embedding gradients by W makes their sum over ranks the
 same. Sync mode ends each step with a barrier after the pushes, so step t+1's lookups see every
-update of step t. Async mode overlaps: the next batch's lookups run during this step's compute,
-and pushes go to a background thread with at most `staleness` steps in flight.
+update of step t. Async mode overlaps: pushes go to a background thread with at most `staleness`
+steps in flight, and the next batch's lookups run in another during this step's compute (that
+thread, not the step, waits for the pushes the lookups must see).
 
 A shard that does not answer within a call's deadline (ShardUnavailableError) fails the step under
 `train.on_ps_unavailable = "abort"`; under "wait" the step's lookup or push is sent again until the
@@ -163,6 +164,12 @@ class Trainer:
         )
         return _Pulled(batch, unique, offsets, inverse, counts, values.reshape(-1, self.dim))
 
+    def _pull_after(self, pushes: list[Future], batch: Batch) -> _Pulled:
+        """pull(batch) once `pushes` have been applied (their errors raise here)."""
+        for push in pushes:
+            push.result()
+        return self.pull(batch)
+
     def train_step(self, pulled: _Pulled, next_batch: Batch | None = None) -> tuple[float, _Pulled | None]:
         """One global step on this rank's rows; returns (local loss, the next batch's rows if
         prefetched). Collective: every rank calls it for the same step."""
@@ -170,13 +177,16 @@ class Trainer:
         self.step += 1
         prefetch: Future | None = None
         if self._async:
-            # The next batch's lookups may miss this step's push and the k - 1 before it, no more.
-            start = time.perf_counter()
-            while len(self._pushes) > self.job.train.staleness - 1:
-                self._pushes.popleft().result()
-            self.times.push += time.perf_counter() - start
+            # The next batch's lookups may miss this step's push and the k - 1 before it, no more:
+            # the pull thread waits for the older pushes, so this step's compute does not.
+            due = [self._pushes.popleft() for _ in range(max(0, len(self._pushes) - (self.job.train.staleness - 1)))]
             if next_batch is not None:
-                prefetch = self._pull_pool.submit(self.pull, next_batch)
+                prefetch = self._pull_pool.submit(self._pull_after, due, next_batch)
+            else:
+                start = time.perf_counter()
+                for push in due:
+                    push.result()
+                self.times.push += time.perf_counter() - start
 
         start = time.perf_counter()
         leaf = torch.from_numpy(pulled.values).requires_grad_(True)
