@@ -128,6 +128,15 @@ def _add_train(parser: argparse.ArgumentParser) -> None:
         help="all: also the features in one shared table, and 200 tables of dim 16, in the same run",
     )
     parser.add_argument("--repeat", type=int, default=1, help="runs of each mode, interleaved; the fastest counts")
+    parser.add_argument(
+        "--peer",
+        choices=["torchrec"],
+        default=None,
+        help="also train the same model with TorchRec's DistributedModelParallel in each round (`make torchrec`)",
+    )
+    parser.add_argument(
+        "--torchrec-path", default=None, help="the folder torchrec is installed in (default: .venv/torchrec)"
+    )
     parser.add_argument("--out", default=None, help="write the results as JSON here")
 
 
@@ -146,7 +155,9 @@ def _run_train(args: argparse.Namespace) -> int:
             num_tables=args.tables,
             shared_table=args.shared_table,
             repeat=args.repeat,
+            peer=args.peer,
             out=args.out,
+            **({"torchrec_path": args.torchrec_path} if args.torchrec_path else {}),
         ),
         all_shapes=args.shapes == "all",
     )

@@ -6,6 +6,9 @@ Same model (DLRM-style), same synthetic Criteo-shaped data, same run:
     all_to_all), using every core.
 Rates are measured from the first step to the last (process start-up excluded), and the PS runs
 report rank 0's time split: lookup, compute (forward, backward, DDP all-reduce), all_to_all, push.
+With `--peer torchrec`, each round also trains the same model on the same data with TorchRec
+(bench/torchrec_peer.py: DistributedModelParallel over W gloo ranks, table-wise, fused row-wise
+Adagrad) and reports embps / TorchRec.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ class TrainBenchConfig:
     staleness: int = 1
     shared_table: bool = False  # all features in one table (keys are salted per feature)
     repeat: int = 1  # runs of each mode, interleaved; the fastest counts (a shared machine's noise is one-sided)
+    peer: str | None = None  # "torchrec": TorchRec's DistributedModelParallel in the same rounds
+    torchrec_path: str = str(REPO_ROOT / ".venv" / "torchrec")  # where `make torchrec` installs it
     out: str | None = None
 
 
@@ -123,10 +128,64 @@ def _run_in_process(config: TrainBenchConfig, workdir: Path) -> dict:
     return {"samples_per_s": config.steps * config.batch / elapsed, "times": trainer.times.as_dict()}
 
 
+def check_peer(config: TrainBenchConfig) -> str | None:
+    """None when the peer can run, else why not (before any run starts)."""
+    if config.peer is None:
+        return None
+    if config.peer != "torchrec":
+        return f"--peer: only 'torchrec' is known, got {config.peer!r}"
+    probe = subprocess.run(
+        [sys.executable, "-c", "import torchrec.distributed.model_parallel"],
+        cwd=REPO_ROOT,
+        env=_peer_env(config),
+        capture_output=True,
+        text=True,
+    )
+    if probe.returncode != 0:
+        last = (probe.stderr.strip().splitlines() or ["?"])[-1]
+        return (
+            f"--peer torchrec: torchrec is not importable from {config.torchrec_path} ({last}); "
+            "`make torchrec` installs it there (or pass --torchrec-path)"
+        )
+    return None
+
+
+def _peer_env(config: TrainBenchConfig) -> dict[str, str]:
+    paths = [config.torchrec_path, str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+
+
+def _run_torchrec(config: TrainBenchConfig, workdir: Path) -> dict:
+    path = workdir / "torchrec.toml"
+    path.write_text(_job_toml(config, "sync", workdir / "torchrec"))
+    out = workdir / "torchrec.json"
+    (port,) = free_ports(1)
+    print(f"[torchrec] DistributedModelParallel: {config.workers} gloo ranks, {config.steps} steps", flush=True)
+    env = {**_peer_env(config), "WORLD_SIZE": str(config.workers), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-m", "bench.torchrec_peer", "--config", str(path), "--out", str(out)],
+            cwd=REPO_ROOT,
+            env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(config.workers)
+    ]
+    errors = [p.communicate(timeout=1800)[1] for p in ranks]
+    failed = [(rank, p.returncode) for rank, p in enumerate(ranks) if p.returncode != 0]
+    if failed:
+        rank, code = failed[0]
+        raise RuntimeError(f"torchrec rank {rank} failed (exit {code}): {errors[rank][-2000:]}")
+    return json.loads(out.read_text())
+
+
 def measure(config: TrainBenchConfig) -> dict:
     """In process, ps sync and ps async on one model shape, one after the other."""
     results: dict[str, object] = {"bench": "train", "config": asdict(config), "machine": machine_facts()}
     runs: dict[str, list[dict]] = {"in_process": [], "ps_sync": [], "ps_async": []}
+    if config.peer == "torchrec":
+        runs["torchrec"] = []
     for attempt in range(config.repeat):
         with tempfile.TemporaryDirectory(prefix="embps-bench-train-") as tmp:
             workdir = Path(tmp)
@@ -135,6 +194,8 @@ def measure(config: TrainBenchConfig) -> dict:
             runs["in_process"].append(_run_in_process(config, workdir))
             runs["ps_sync"].append(_run_ps(config, "sync", workdir))
             runs["ps_async"].append(_run_ps(config, "async", workdir))
+            if config.peer == "torchrec":
+                runs["torchrec"].append(_run_torchrec(config, workdir))
     for name, tries in runs.items():
         results[name] = max(tries, key=lambda r: r["samples_per_s"])
         results[name]["all_samples_per_s"] = [r["samples_per_s"] for r in tries]
@@ -157,6 +218,16 @@ def print_results(results: dict) -> None:
             f"{name:12s} {r['samples_per_s']:10,.0f} {r['samples_per_s'] / base:13.2f}x   "
             f"{t['lookup_s']:.2f} / {t['compute_s']:.2f} / {t['all_to_all_s']:.2f} / {t['push_s']:.2f}"
         )
+    if "torchrec" in results:
+        peer = results["torchrec"]["samples_per_s"]
+        print(
+            f"{'torchrec':12s} {peer:10,.0f} {peer / base:13.2f}x   "
+            f"DistributedModelParallel, {config.workers} gloo ranks, table-wise, fused row-wise Adagrad"
+        )
+        print(
+            f"embps / TorchRec: sync {results['ps_sync']['samples_per_s'] / peer:.2f}x, "
+            f"async {results['ps_async']['samples_per_s'] / peer:.2f}x"
+        )
 
 
 def shapes(config: TrainBenchConfig) -> list[TrainBenchConfig]:
@@ -170,6 +241,9 @@ def shapes(config: TrainBenchConfig) -> list[TrainBenchConfig]:
 
 
 def run_train_bench(config: TrainBenchConfig, all_shapes: bool = False) -> int:
+    if (problem := check_peer(config)) is not None:
+        print(f"embps bench train: {problem}", file=sys.stderr)
+        return 2
     runs = [measure(c) for c in (shapes(config) if all_shapes else [config])]
     for results in runs:
         print_results(results)
