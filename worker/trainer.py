@@ -126,7 +126,15 @@ class Trainer:
         self.world_size = world_size
         self.client = client
         self.model = model
-        self.ddp = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
+        # Non-persistent buffers (the tower's interaction indices) are constants: broadcasting them
+        # from rank 0 before every forward would cost a collective per step for nothing.
+        buffers = dict(model.named_buffers())
+        persistent_buffers = any(name in buffers for name in model.state_dict())
+        self.ddp = (
+            nn.parallel.DistributedDataParallel(model, broadcast_buffers=persistent_buffers)
+            if world_size > 1
+            else model
+        )
         self.optimizer = make_dense_optimizer(job, self.model.parameters())
         self.shard_map: ShardMap = client.shard_map
         self.feature_tables = job.feature_tables()
