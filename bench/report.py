@@ -85,6 +85,12 @@ def _train(r: dict) -> tuple[str, str]:
         if name in r:
             rate = r[name]["samples_per_s"]
             parts.append(f"{name.replace('_', ' ')} {rate:,.0f} samples/s ({rate / base:.2f}x)")
+    if "torchrec" in r:
+        peer = r["torchrec"]["samples_per_s"]
+        parts.append(
+            f"TorchRec {peer:,.0f} samples/s (embps / TorchRec: sync "
+            f"{r['ps_sync']['samples_per_s'] / peer:.2f}x, async {r['ps_async']['samples_per_s'] / peer:.2f}x)"
+        )
     return setup, "; ".join(parts)
 
 
