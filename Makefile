@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 FBGEMM_EXTRA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
 PYTEST_ARGS ?=
 
-.PHONY: install test test-deep check demo lint clean system-tools native-deps asan
+.PHONY: install test test-deep check demo lint clean system-tools native-deps asan torchrec
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,17 @@ $(VENV)/.deps: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --progress-bar on torch==2.13.0 "scikit-build-core>=0.10" "nanobind>=2.4"
 	$(BIN)/pip install --progress-bar on --no-build-isolation ".[$(FBGEMM_EXTRA),test]"
 	touch $@
+
+# TorchRec, the peer of `embps bench train --peer torchrec`, in a folder of its own that the bench
+# puts on PYTHONPATH for the peer's processes only: torchrec's wheel requires fbgemm-gpu (the CUDA
+# build), which would replace the fbgemm-gpu-cpu we install, so it and its pure-Python
+# dependencies go in with --no-deps, pinned to what was tested beside torch 2.13.0 / fbgemm 1.8.0.
+TORCHREC_DIR := $(VENV)/torchrec
+TORCHREC_PINS := torchrec==1.8.0 tensordict==0.15.3 pyvers==0.2.3 torchmetrics==1.0.3 \
+  lightning-utilities==0.15.3 pyre-extensions==0.0.32 typing-inspect==0.9.0 mypy-extensions==1.2.0 \
+  cloudpickle==3.1.3 orjson==3.13.0
+torchrec: install
+	$(BIN)/pip install --progress-bar on --no-deps --target $(TORCHREC_DIR) $(TORCHREC_PINS)
 
 # grpc++ for the serving gate (serving/gate.py), from Debian where we are root; without it the
 # package builds without the gate and replicas shed in Python and gRPC's core (CANCELLED).

@@ -143,6 +143,15 @@ def _add_train(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also ps sync with a standby per shard (etcd started here as the arbiter), in the same rounds",
     )
+    parser.add_argument(
+        "--peer",
+        choices=["torchrec"],
+        default=None,
+        help="also train the same model with TorchRec's DistributedModelParallel in each round (`make torchrec`)",
+    )
+    parser.add_argument(
+        "--torchrec-path", default=None, help="the folder torchrec is installed in (default: .venv/torchrec)"
+    )
     parser.add_argument("--out", default=None, help="write the results as JSON here")
 
 
@@ -162,7 +171,9 @@ def _run_train(args: argparse.Namespace) -> int:
             shared_table=args.shared_table,
             repeat=args.repeat,
             standbys=args.standbys,
+            peer=args.peer,
             out=args.out,
+            **({"torchrec_path": args.torchrec_path} if args.torchrec_path else {}),
         ),
         all_shapes=args.shapes == "all",
     )

@@ -91,6 +91,12 @@ def _train(r: dict) -> tuple[str, str]:
     if "ps_sync_standby" in r:
         ratio = r["ps_sync_standby"]["samples_per_s"] / r["ps_sync"]["samples_per_s"]
         parts.append(f"ps sync with standbys {ratio:.2f}x of without")
+    if "torchrec" in r:
+        peer = r["torchrec"]["samples_per_s"]
+        parts.append(
+            f"TorchRec {peer:,.0f} samples/s (embps / TorchRec: sync "
+            f"{r['ps_sync']['samples_per_s'] / peer:.2f}x, async {r['ps_async']['samples_per_s'] / peer:.2f}x)"
+        )
     return setup, "; ".join(parts)
 
 

@@ -8,6 +8,9 @@ Rates are measured from the first step to the last (process start-up excluded), 
 report rank 0's time split: lookup, compute (forward, backward, DDP all-reduce), all_to_all, push.
 --standbys adds ps-sync with a standby per shard (etcd as the arbiter, started here) to each round,
 and prints its rate as a ratio of ps-sync's.
+With `--peer torchrec`, each round also trains the same model on the same data with TorchRec
+(bench/torchrec_peer.py: DistributedModelParallel over W gloo ranks, table-wise, fused row-wise
+Adagrad) and reports embps / TorchRec.
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ class TrainBenchConfig:
     shared_table: bool = False  # all features in one table (keys are salted per feature)
     repeat: int = 1  # runs of each mode, interleaved; the fastest counts (a shared machine's noise is one-sided)
     standbys: bool = False  # also ps sync with a standby per shard
+    peer: str | None = None  # "torchrec": TorchRec's DistributedModelParallel in the same rounds
+    torchrec_path: str = str(REPO_ROOT / ".venv" / "torchrec")  # where `make torchrec` installs it
     out: str | None = None
 
 
@@ -151,12 +156,66 @@ def _run_with_standbys(config: TrainBenchConfig, workdir: Path) -> dict:
         return _run_ps(config, "sync", workdir, etcd.endpoint)
 
 
+def check_peer(config: TrainBenchConfig) -> str | None:
+    """None when the peer can run, else why not (before any run starts)."""
+    if config.peer is None:
+        return None
+    if config.peer != "torchrec":
+        return f"--peer: only 'torchrec' is known, got {config.peer!r}"
+    probe = subprocess.run(
+        [sys.executable, "-c", "import torchrec.distributed.model_parallel"],
+        cwd=REPO_ROOT,
+        env=_peer_env(config),
+        capture_output=True,
+        text=True,
+    )
+    if probe.returncode != 0:
+        last = (probe.stderr.strip().splitlines() or ["?"])[-1]
+        return (
+            f"--peer torchrec: torchrec is not importable from {config.torchrec_path} ({last}); "
+            "`make torchrec` installs it there (or pass --torchrec-path)"
+        )
+    return None
+
+
+def _peer_env(config: TrainBenchConfig) -> dict[str, str]:
+    paths = [config.torchrec_path, str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+
+
+def _run_torchrec(config: TrainBenchConfig, workdir: Path) -> dict:
+    path = workdir / "torchrec.toml"
+    path.write_text(_job_toml(config, "sync", workdir / "torchrec"))
+    out = workdir / "torchrec.json"
+    (port,) = free_ports(1)
+    print(f"[torchrec] DistributedModelParallel: {config.workers} gloo ranks, {config.steps} steps", flush=True)
+    env = {**_peer_env(config), "WORLD_SIZE": str(config.workers), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-m", "bench.torchrec_peer", "--config", str(path), "--out", str(out)],
+            cwd=REPO_ROOT,
+            env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(config.workers)
+    ]
+    errors = [p.communicate(timeout=1800)[1] for p in ranks]
+    failed = [(rank, p.returncode) for rank, p in enumerate(ranks) if p.returncode != 0]
+    if failed:
+        rank, code = failed[0]
+        raise RuntimeError(f"torchrec rank {rank} failed (exit {code}): {errors[rank][-2000:]}")
+    return json.loads(out.read_text())
+
+
 def measure(config: TrainBenchConfig) -> dict:
     """In process, ps sync and ps async on one model shape, one after the other."""
     results: dict[str, object] = {"bench": "train", "config": asdict(config), "machine": machine_facts()}
     runs: dict[str, list[dict]] = {"in_process": [], "ps_sync": [], "ps_async": []}
     if config.standbys:
         runs["ps_sync_standby"] = []
+    if config.peer == "torchrec":
+        runs["torchrec"] = []
     for attempt in range(config.repeat):
         with tempfile.TemporaryDirectory(prefix="embps-bench-train-") as tmp:
             workdir = Path(tmp)
@@ -167,6 +226,8 @@ def measure(config: TrainBenchConfig) -> dict:
             if config.standbys:
                 runs["ps_sync_standby"].append(_run_with_standbys(config, workdir))
             runs["ps_async"].append(_run_ps(config, "async", workdir))
+            if config.peer == "torchrec":
+                runs["torchrec"].append(_run_torchrec(config, workdir))
     for name, tries in runs.items():
         results[name] = max(tries, key=lambda r: r["samples_per_s"])
         results[name]["all_samples_per_s"] = [r["samples_per_s"] for r in tries]
@@ -194,6 +255,16 @@ def print_results(results: dict) -> None:
     if "ps_sync_standby" in results:
         ratio = results["ps_sync_standby"]["samples_per_s"] / results["ps_sync"]["samples_per_s"]
         print(f"ps sync with standbys / without: {ratio:.2f}x (target >= 0.8x)")
+    if "torchrec" in results:
+        peer = results["torchrec"]["samples_per_s"]
+        print(
+            f"{'torchrec':12s} {peer:10,.0f} {peer / base:13.2f}x   "
+            f"DistributedModelParallel, {config.workers} gloo ranks, table-wise, fused row-wise Adagrad"
+        )
+        print(
+            f"embps / TorchRec: sync {results['ps_sync']['samples_per_s'] / peer:.2f}x, "
+            f"async {results['ps_async']['samples_per_s'] / peer:.2f}x"
+        )
 
 
 def shapes(config: TrainBenchConfig) -> list[TrainBenchConfig]:
@@ -207,6 +278,9 @@ def shapes(config: TrainBenchConfig) -> list[TrainBenchConfig]:
 
 
 def run_train_bench(config: TrainBenchConfig, all_shapes: bool = False) -> int:
+    if (problem := check_peer(config)) is not None:
+        print(f"embps bench train: {problem}", file=sys.stderr)
+        return 2
     runs = [measure(c) for c in (shapes(config) if all_shapes else [config])]
     for results in runs:
         print_results(results)

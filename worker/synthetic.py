@@ -102,22 +102,30 @@ class SyntheticData:
         dense = np.asarray(dense, dtype=np.float64)
         return self.config.bias + self.key_weights(sparse).sum(axis=1) + (dense - 1.0) @ self.dense_weights
 
-    def global_batch(self, index: int, split: Split = Split.TRAIN) -> Batch:
-        """Global batch `index` of `split`, all `global_batch_size` rows."""
+    def global_batch(self, index: int, split: Split = Split.TRAIN, start: int = 0, stop: int | None = None) -> Batch:
+        """Rows [start, stop) of global batch `index` of `split` (default: all `global_batch_size`).
+
+        The random draws are made for the whole batch (they are cheap), the work per row (keys,
+        labels) only for the rows asked for, so a rank's slice costs its share and has the same
+        rows as a slice of the whole batch.
+        """
         cfg = self.config
         split = Split(split)
         if not 0 <= index < self.num_batches(split):
             raise ValueError(f"index: must be in [0, {self.num_batches(split)}) for split {split}, got {index}")
-        rng = np.random.default_rng([cfg.seed & 0xFFFFFFFFFFFFFFFF, _SPLIT_STREAM[split], index])
         size = cfg.global_batch_size
-        ranks = np.searchsorted(self._cdf, rng.random((size, cfg.num_sparse)), side="right")
+        stop = size if stop is None else stop
+        if not 0 <= start <= stop <= size:
+            raise ValueError(f"rows: must satisfy 0 <= start <= stop <= {size}, got [{start}, {stop})")
+        rng = np.random.default_rng([cfg.seed & 0xFFFFFFFFFFFFFFFF, _SPLIT_STREAM[split], index])
+        ranks = np.searchsorted(self._cdf, rng.random((size, cfg.num_sparse))[start:stop], side="right")
         ranks = np.minimum(ranks, cfg.num_keys - 1).astype(np.uint64)
-        sparse = np.empty((size, cfg.num_sparse), dtype=np.int64)
+        sparse = np.empty((stop - start, cfg.num_sparse), dtype=np.int64)
         for f in range(cfg.num_sparse):
             sparse[:, f] = keys_from_values(ranks[:, f], f)
-        dense = np.log1p(rng.exponential(2.0, size=(size, cfg.num_dense)))
+        dense = np.log1p(rng.exponential(2.0, size=(size, cfg.num_dense))[start:stop])
         logits = self.true_logits(dense, sparse)
-        labels = (rng.random(size) < 1.0 / (1.0 + np.exp(-logits))).astype(np.float32)
+        labels = (rng.random(size)[start:stop] < 1.0 / (1.0 + np.exp(-logits))).astype(np.float32)
         return Batch.from_numpy(dense, sparse, labels)
 
 
@@ -152,7 +160,7 @@ class SyntheticReader:
     def batch(self, index: int) -> Batch:
         """This rank's rows of global batch `index`, independent of the position."""
         start, stop = split_rows(self.config.global_batch_size, self.rank, self.world_size)
-        return self.data.global_batch(index, self.split).slice(start, stop)
+        return self.data.global_batch(index, self.split, start, stop)
 
     def __iter__(self) -> Iterator[Batch]:
         while self._next < len(self):

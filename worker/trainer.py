@@ -16,8 +16,9 @@ tagged with their table, in one buffer with per-table offsets (csrc/multi_table.
 The loss is the mean over the rank's rows, so DDP's average of dense gradients is the gradient
 of the global-batch mean, and dividing the embedding gradients by W makes their sum over ranks the
 same. Sync mode ends each step with a barrier after the pushes, so step t+1's lookups see every
-update of step t. Async mode overlaps: the next batch's lookups run during this step's compute,
-and pushes go to a background thread with at most `staleness` steps in flight.
+update of step t. Async mode overlaps: pushes go to a background thread with at most `staleness`
+steps in flight, and the next batch's lookups run in another during this step's compute (that
+thread, not the step, waits for the pushes the lookups must see).
 
 Commits (DESIGN section 9): in sync mode rank 0 sends Commit(t) to every shard after step t's
 barrier and before it joins step t + 1's all_to_all, so no push of t + 1 reaches a shard before
@@ -132,7 +133,15 @@ class Trainer:
         self.world_size = world_size
         self.client = client
         self.model = model
-        self.ddp = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
+        # Non-persistent buffers (the tower's interaction indices) are constants: broadcasting them
+        # from rank 0 before every forward would cost a collective per step for nothing.
+        buffers = dict(model.named_buffers())
+        persistent_buffers = any(name in buffers for name in model.state_dict())
+        self.ddp = (
+            nn.parallel.DistributedDataParallel(model, broadcast_buffers=persistent_buffers)
+            if world_size > 1
+            else model
+        )
         self.optimizer = make_dense_optimizer(job, self.model.parameters())
         self.shard_map: ShardMap = client.shard_map
         self.feature_tables = job.feature_tables()
@@ -171,6 +180,12 @@ class Trainer:
         )
         return _Pulled(batch, unique, offsets, inverse, counts, values.reshape(-1, self.dim))
 
+    def _pull_after(self, pushes: list[Future], batch: Batch) -> _Pulled:
+        """pull(batch) once `pushes` have been applied (their errors raise here)."""
+        for push in pushes:
+            push.result()
+        return self.pull(batch)
+
     def train_step(self, pulled: _Pulled, next_batch: Batch | None = None) -> tuple[float, _Pulled | None]:
         """One global step on this rank's rows; returns (local loss, the next batch's rows if
         prefetched). Collective: every rank calls it for the same step."""
@@ -178,13 +193,16 @@ class Trainer:
         self.step += 1
         prefetch: Future | None = None
         if self._async:
-            # The next batch's lookups may miss this step's push and the k - 1 before it, no more.
-            start = time.perf_counter()
-            while len(self._pushes) > self.job.train.staleness - 1:
-                self._pushes.popleft().result()
-            self.times.push += time.perf_counter() - start
+            # The next batch's lookups may miss this step's push and the k - 1 before it, no more:
+            # the pull thread waits for the older pushes, so this step's compute does not.
+            due = [self._pushes.popleft() for _ in range(max(0, len(self._pushes) - (self.job.train.staleness - 1)))]
             if next_batch is not None:
-                prefetch = self._pull_pool.submit(self.pull, next_batch)
+                prefetch = self._pull_pool.submit(self._pull_after, due, next_batch)
+            else:
+                start = time.perf_counter()
+                for push in due:
+                    push.result()
+                self.times.push += time.perf_counter() - start
 
         start = time.perf_counter()
         leaf = torch.from_numpy(pulled.values).requires_grad_(True)
@@ -259,8 +277,11 @@ class Trainer:
         return _Outgoing(keys, offsets, np.ascontiguousarray(summed[:, :-1]), sightings)
 
     def _embeddings(self, pulled: _Pulled, leaf: torch.Tensor) -> torch.Tensor:
-        """(B, F, D) in feature order: one gather of the unique rows leaf (u, D)."""
-        return leaf[torch.from_numpy(pulled.inverse)]
+        """(B, F, D) in feature order: one gather of the unique rows leaf (u, D). index_select, not
+        leaf[inverse]: its backward is one index_add_, about 1.4x faster than advanced indexing's
+        index_put_ with accumulate, and its forward about 3x (batch 1024 x 26, dim 64, one thread)."""
+        inverse = torch.from_numpy(pulled.inverse)
+        return leaf.index_select(0, inverse.reshape(-1)).view(*inverse.shape, leaf.shape[1])
 
     def _push_all(self, outgoing: _Outgoing, step: int) -> None:
         if outgoing.keys.shape[0]:

@@ -6,7 +6,9 @@
     init.py             a new row's initial value, pure in (seed, key); also serving's default rows
     state.py            TableState and TableChanges: what export/load and change tracking hand over
     optimizers.py       per-row optimizer state layout, hyper-parameters, the torch path for devices
+    fbgemm_kernels.py   kernels = "fbgemm": fbgemm's fused optimizers, one call per group of tables
+    multi.py            lookup and push of many tables in one native (or fbgemm) call
 
-Only embedding_table.py and optimizers.py import torch: config, init, row_store (on CPU) and
+Only embedding_table.py, optimizers.py and fbgemm_kernels.py import torch: config, init, row_store (on CPU) and
 state serve processes that must not load it (`embps serve`, `embps snapshot`).
 """

@@ -33,6 +33,19 @@ class Storage(StrEnum):
     INT8 = "int8"  # row-wise: uint8 codes + float32 scale and bias per row (fbgemm's layout)
 
 
+class Kernels(StrEnum):
+    """Which kernels run a table's optimizer updates (lookups read the row store either way)."""
+
+    AUTO = "auto"  # native on CPU; fbgemm on CUDA where it fuses the optimizer, else torch
+    NATIVE = "native"  # our C++ (csrc/row_ops.h, csrc/multi_table.h); CPU rows only
+    TORCH = "torch"  # torch ops on gathered rows, one table at a time
+    FBGEMM = "fbgemm"  # fbgemm's table-batched kernels, one call per group of tables (fbgemm_kernels.py)
+
+
+# The optimizers fbgemm fuses with the same math as ours (ps/table/fbgemm_kernels.py).
+FBGEMM_OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad")
+
+
 class AdmissionKind(StrEnum):
     NONE = "none"  # every key gets a row on its first push
     COUNT = "count"  # a key gets a row once pushed `min_count` times
@@ -107,6 +120,9 @@ class TableConfig:
         for them up front, so it does not grow at all until they are passed (it still grows past
         them, in pieces); costs ~17-26 bytes per expected row from the start.
     device: "cpu" or "cuda[:i]" for the row storage; the key->row map always lives on the host.
+    kernels: which kernels run updates: "auto" (our C++ on CPU, where it is the faster; fbgemm's on
+      CUDA for sgd, adagrad and rowwise_adagrad), "native", "torch" or "fbgemm" (float32 rows and
+      the three optimizers fbgemm fuses; needs the fbgemm extra).
     """
 
     name: str
@@ -122,6 +138,7 @@ class TableConfig:
     capacity: int | None = None
     expected_rows: int | None = None
     device: str = "cpu"
+    kernels: Kernels = Kernels.AUTO
 
     def validate(self, where: str | None = None) -> TableConfig:
         """Raises ValueError naming the first bad field; returns self when valid."""
@@ -147,6 +164,18 @@ class TableConfig:
             raise ValueError(f"{p}.storage: '{self.storage}' rows need device 'cpu', got {self.device!r}")
         o = self.optimizer
         _check_enum(f"{p}.optimizer.kind", o.kind, OptimizerKind)
+        _check_enum(f"{p}.kernels", self.kernels, Kernels)
+        if self.kernels == Kernels.NATIVE and self.device != "cpu":
+            raise ValueError(f"{p}.kernels: 'native' needs device 'cpu', got {self.device!r}")
+        if self.kernels in (Kernels.FBGEMM, Kernels.TORCH) and self.storage != Storage.FLOAT32:
+            raise ValueError(
+                f"{p}.kernels: '{self.kernels}' has no {self.storage} rows (they run in the C++ kernels)"
+            )
+        if self.kernels == Kernels.FBGEMM and o.kind not in FBGEMM_OPTIMIZERS:
+            raise ValueError(
+                f"{p}.kernels: fbgemm fuses {', '.join(FBGEMM_OPTIMIZERS)} with our math, not '{o.kind}'; "
+                "use kernels 'auto'"
+            )
         _check_float(f"{p}.optimizer.lr", o.lr, low=0.0, strict=True)
         _check_float(f"{p}.optimizer.eps", o.eps, low=0.0)
         _check_float(f"{p}.optimizer.beta1", o.beta1, low=0.0, high=1.0)

@@ -15,15 +15,15 @@ allocate. Not thread-safe: one caller at a time (the PS server serialises calls)
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
 from ps import native
 from ps.errors import CapacityError
-from ps.table import optimizers
-from ps.table.config import AdmissionKind, EvictionPolicy, OptimizerKind, Storage, TableConfig
+from ps.table import fbgemm_kernels, optimizers
+from ps.table.config import AdmissionKind, EvictionPolicy, Kernels, OptimizerKind, Storage, TableConfig
 from ps.table.init import init_values
 from ps.table.row_store import BLOCK_SHIFT, RowStore
 from ps.table.state import TableChanges, TableState
@@ -43,6 +43,20 @@ _MIN_EVICTION_SAMPLE = 4096
 # sub-map costs a header even when empty, and max_keys / 64 keys rehash at most per growth.
 BOUNDED_MAP_SUB_MAPS = 64
 _SWEEP_WINDOW = 1 << 14  # rows (and pending keys) a push's TTL sweep reads, at least
+
+
+def _resolve_kernels(config: TableConfig) -> Kernels:
+    """config.kernels with "auto" decided: native on CPU (faster there than fbgemm's CPU kernels,
+    see `embps bench table`), fbgemm on CUDA where it fuses the optimizer, else torch."""
+    kernels = Kernels(config.kernels)
+    if kernels == Kernels.AUTO:
+        if config.device == "cpu":
+            return Kernels.NATIVE
+        fused = config.optimizer.kind in fbgemm_kernels.FUSED_KINDS
+        return Kernels.FBGEMM if fused and fbgemm_kernels.unavailable_reason() is None else Kernels.TORCH
+    if kernels == Kernels.FBGEMM and (reason := fbgemm_kernels.unavailable_reason()) is not None:
+        raise ValueError(f"{config.name}.kernels: 'fbgemm' needs fbgemm_gpu: {reason}")
+    return kernels
 
 
 class _ChangeTracker:
@@ -111,9 +125,14 @@ class ApplyResult:
 class EmbeddingTable:
     """One shard's part of a table. See TableConfig for the knobs."""
 
-    def __init__(self, config: TableConfig, kernels: str = "auto", block_shift: int = BLOCK_SHIFT) -> None:
-        """kernels: "auto" (C++ on CPU, torch elsewhere), "native" or "torch" (to test and
-        benchmark the device path on CPU)."""
+    def __init__(self, config: TableConfig, kernels: str | None = None, block_shift: int = BLOCK_SHIFT) -> None:
+        """kernels: overrides config.kernels (see TableConfig), e.g. "torch" or "fbgemm" to test
+        and benchmark the device paths on CPU."""
+        if kernels is not None:
+            if kernels not in set(Kernels):
+                choices = ", ".join(repr(k.value) for k in Kernels)
+                raise ValueError(f"kernels: must be one of {choices}, got {kernels!r}")
+            config = replace(config, kernels=Kernels(kernels))
         self.config = config.validate()
         self.dim = config.dim
         self.state_width = optimizers.state_width(config.optimizer.kind, config.dim)
@@ -123,14 +142,14 @@ class EmbeddingTable:
         self.value_words = native.value_words(self._native_storage, self.dim)
         self.meta_col = self.value_words + self.state_width
         self.width = self.meta_col + 2
-        if kernels not in ("auto", "native", "torch"):
-            raise ValueError(f"kernels: must be 'auto', 'native' or 'torch', got {kernels!r}")
-        if kernels == "native" and config.device != "cpu":
-            raise ValueError("kernels: 'native' needs device 'cpu'")
-        if kernels == "torch" and self._encoded:
-            raise ValueError(f"kernels: 'torch' has no {self.storage} rows (they run in the C++ kernels)")
+        self.kernels = _resolve_kernels(self.config)
         self._store = RowStore(self.width, config.device, block_shift)
-        self._use_native = self._store.native and kernels != "torch"
+        self._use_native = self.kernels == Kernels.NATIVE
+        self._fbgemm_key = (
+            fbgemm_kernels.GroupKey(config.optimizer, self.dim, config.device)
+            if self.kernels == Kernels.FBGEMM
+            else None
+        )
         self._map = native.HashMap()
         self._map.reserve(config.expected_rows or 0)
         self._native_optimizer = native.native_enum(native.OptimizerKind, config.optimizer.kind)
@@ -360,6 +379,49 @@ class EmbeddingTable:
             and self.config.admission.kind == AdmissionKind.NONE
             and (capacity is None or self.size + num_keys <= capacity)
         )
+
+    @property
+    def fbgemm_group(self) -> fbgemm_kernels.GroupKey | None:
+        """What this table shares with the tables its fbgemm updates batch with (None: not fbgemm)."""
+        return self._fbgemm_key
+
+    def fbgemm_push_ready(self, num_keys: int) -> bool:
+        """True when a push of num_keys keys takes apply_gradients' fast path for sure and the
+        update runs in fbgemm, so push_tables may batch it with other tables of its group."""
+        capacity = self.config.capacity
+        return (
+            self._fbgemm_key is not None
+            and not self._indexed
+            and self.config.admission.kind == AdmissionKind.NONE
+            and (capacity is None or self.size + num_keys <= capacity)
+        )
+
+    def begin_fbgemm_push(
+        self, keys: np.ndarray, grads: np.ndarray, counts: np.ndarray | None, step: int
+    ) -> tuple[np.ndarray, np.ndarray, torch.Tensor, torch.Tensor, np.ndarray, int]:
+        """apply_gradients' fast path up to the optimizer (see fbgemm_push_ready): dedupes, inserts
+        new rows, gathers the rows. Returns (unique keys (u,), rows (u,), words (u, width) on the
+        device, summed grads (u, dim) on the device, sightings (u,), rows inserted); hand the
+        words, updated, to end_fbgemm_push."""
+        unique_keys, sums, sightings = native.dedupe_sum(keys, grads, counts, self.dim)
+        rows, inserted = self._map.find_or_insert(unique_keys)
+        self._store.ensure_rows(self._map.num_rows)
+        num_inserted = int(inserted.sum())
+        if num_inserted:
+            new_keys = unique_keys[inserted]
+            self._write_new_rows(new_keys, rows[inserted], np.zeros(num_inserted, np.uint32), step)
+            self.num_admitted += num_inserted
+        words = torch.as_tensor(self._store.gather(rows, 0, self.width))
+        return unique_keys, rows, words, torch.from_numpy(sums).to(words.device), sightings, num_inserted
+
+    def end_fbgemm_push(
+        self, begun: tuple[np.ndarray, np.ndarray, torch.Tensor, torch.Tensor, np.ndarray, int], step: int
+    ) -> ApplyResult:
+        """Writes back the rows begin_fbgemm_push gathered, once fbgemm has updated them."""
+        unique_keys, rows, words, _, sightings, num_inserted = begun
+        if rows.shape[0]:
+            self._write_back(rows, words, sightings, step)
+        return self._finish(step, unique_keys, num_inserted, np.empty(0, dtype=np.int64))
 
     def multi_args(self) -> tuple:
         """(map, block addresses, params (7,), reals (6,), seed) for csrc/multi_table.h's TableRef."""
@@ -786,7 +848,14 @@ class EmbeddingTable:
             return
         words = torch.as_tensor(self._store.gather(rows, 0, self.width))  # shares the CPU array
         grads = torch.from_numpy(sums).to(words.device)
-        optimizers.apply_torch(self.config.optimizer, words[:, : self.meta_col], grads, self.dim)
+        if self._fbgemm_key is not None:
+            fbgemm_kernels.KERNELS.apply(self._fbgemm_key, [words], [grads])
+        else:
+            optimizers.apply_torch(self.config.optimizer, words[:, : self.meta_col], grads, self.dim)
+        self._write_back(rows, words, sightings, step)
+
+    def _write_back(self, rows: np.ndarray, words: torch.Tensor, sightings: np.ndarray, step: int) -> None:
+        """Scatters updated words (u, width) of rows (u,) with freq += sightings, last_step = step."""
         meta = words[:, self.meta_col :].view(torch.int32).to(torch.int64) & 0xFFFFFFFF
         freq = torch.clamp(meta[:, 0] + torch.from_numpy(sightings).to(words.device), max=_MAX_STEP)
         meta = torch.stack([freq, torch.full_like(freq, step)], dim=1)

@@ -6,6 +6,8 @@ the GIL released once, instead of one Python call per table.
 Per-table maps, rows, init and optimizers are the tables' own; a table the native call cannot
 serve exactly as EmbeddingTable would (device rows, torch kernels, admission, a row index for
 eviction or TTL, a push that may not fit) goes through its own Python verbs, with the same result.
+Tables whose updates run in fbgemm (TableConfig.kernels) are pushed as groups: one fbgemm
+table-batched call per group of tables that share optimizer, dim and device (fbgemm_kernels.py).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ps import native
+from ps.table import fbgemm_kernels
 from ps.table.embedding_table import ApplyResult, EmbeddingTable
 
 
@@ -78,9 +81,13 @@ def push_tables(
     sizes = np.diff(offsets)
     results: list[ApplyResult | None] = [None] * len(tables)
     fast = [i for i, t in enumerate(tables) if t.multi_push_ready(int(sizes[i]))]
-    fast_set = set(fast)
+    groups: dict[object, list[int]] = {}  # fbgemm tables, by what one fbgemm call may share
     for i, table in enumerate(tables):
-        if i in fast_set:
+        if table.fbgemm_push_ready(int(sizes[i])):
+            groups.setdefault(table.fbgemm_group, []).append(i)
+    batched = set(fast).union(*groups.values())
+    for i, table in enumerate(tables):
+        if i in batched:
             continue
         results[i] = table.apply_gradients(
             keys[offsets[i] : offsets[i + 1]],
@@ -88,6 +95,19 @@ def push_tables(
             step=steps[i],
             counts=None if counts is None else counts[offsets[i] : offsets[i + 1]],
         )
+    for key, members in groups.items():
+        begun = [
+            tables[i].begin_fbgemm_push(
+                keys[offsets[i] : offsets[i + 1]],
+                grads[starts[i] : starts[i + 1]].reshape(-1, tables[i].dim),
+                None if counts is None else counts[offsets[i] : offsets[i + 1]],
+                steps[i],
+            )
+            for i in members
+        ]
+        fbgemm_kernels.KERNELS.apply(key, [b[2] for b in begun], [b[3] for b in begun])
+        for i, b in zip(members, begun, strict=True):
+            results[i] = tables[i].end_fbgemm_push(b, steps[i])
     if fast:
         chosen = [tables[i] for i in fast]
         if len(fast) == len(tables):

@@ -12,7 +12,15 @@ from hypothesis import strategies as st
 from ps import native
 from ps.client import InvalidArgumentError, PSClient, TableNotFoundError
 from ps.rpc import ps_pb2, ps_pb2_grpc
-from ps.table.config import AdmissionConfig, AdmissionKind, OptimizerConfig, OptimizerKind, Storage, TableConfig
+from ps.table.config import (
+    AdmissionConfig,
+    AdmissionKind,
+    Kernels,
+    OptimizerConfig,
+    OptimizerKind,
+    Storage,
+    TableConfig,
+)
 from ps.table.embedding_table import EmbeddingTable
 from ps.table.multi import lookup_tables, push_tables, value_offsets
 from tests.helpers.in_process import InProcessShards
@@ -52,6 +60,17 @@ MIXED = [
     ),
     TableConfig(
         name="int8", dim=8, seed=8, storage=Storage.INT8, optimizer=OptimizerConfig(kind=OptimizerKind.SGD, lr=0.1)
+    ),
+    # Updated by fbgemm: one table-batched call for both in a multi-table push, one each alone.
+    *(
+        TableConfig(
+            name=f"fbgemm{i}",
+            dim=8,
+            seed=9 + i,
+            kernels=Kernels.FBGEMM,
+            optimizer=OptimizerConfig(kind=OptimizerKind.ROWWISE_ADAGRAD, lr=0.1, initial_accumulator=0.1),
+        )
+        for i in range(2)
     ),
 ]
 

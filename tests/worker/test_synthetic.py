@@ -116,3 +116,5 @@ def test_config_errors_name_the_field():
         SyntheticReader(SyntheticConfig(global_batch_size=10), rank=0, world_size=4)
     with pytest.raises(ValueError, match="split"):
         SyntheticReader(SMALL, split="test")
+    with pytest.raises(ValueError, match=r"rows: must satisfy 0 <= start <= stop <= 64, got \[8, 65\)"):
+        SyntheticData(SMALL).global_batch(0, start=8, stop=65)
