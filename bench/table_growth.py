@@ -221,6 +221,8 @@ def _reader_under(grow: Callable[[], bool], read: Callable[[np.ndarray], object]
             o.close()
     wall, waiting = np.array(latencies), np.array(waits)
     slowest = int(np.argmax(wall))
+    own_wait = waiting[:, 0] + waiting[:, 1]
+    slowest_off = int(np.argmax(off_queue(wall, own_wait)))
 
     def seconds(x: float) -> float | None:
         return None if np.isnan(x) else float(x)
@@ -228,9 +230,12 @@ def _reader_under(grow: Callable[[], bool], read: Callable[[np.ndarray], object]
     return {
         "grower_calls": grower_calls[0],
         "reader": call_stats(wall),
-        "reader_off_queue": call_stats(off_queue(wall, waiting[:, 0] + waiting[:, 1])),
-        "slowest_lookup_run_queue_wait_s": seconds(waiting[slowest, 0] + waiting[slowest, 1]),
+        "reader_off_queue": call_stats(off_queue(wall, own_wait)),
+        "slowest_lookup_run_queue_wait_s": seconds(own_wait[slowest]),
         "slowest_lookup_grower_run_queue_wait_s": seconds(waiting[slowest, 2]),
+        # The lookup slowest off the run queue, and how long the grower (which may hold the GIL)
+        # waited for a core meanwhile.
+        "slowest_off_queue_lookup_grower_run_queue_wait_s": seconds(waiting[slowest_off, 2]),
     }
 
 
@@ -322,6 +327,10 @@ def _store_reader(config: GrowthConfig, keys: np.ndarray, rng: np.random.Generat
     return _reader_under(grow, replica.lookup, keys, config, "serving store")
 
 
+def _ms(seconds: float | None) -> str:
+    return "n/a" if seconds is None else f"{seconds * 1e3:.2f} ms"
+
+
 def print_growth(r: dict) -> None:
     ms = 1e3
     for checkpoint, by_map in ((k, v) for k, v in r["fill"].items() if k.startswith("to_")):
@@ -361,7 +370,8 @@ def print_growth(r: dict) -> None:
             f"p99.9 {s['p99_9_s'] * ms:6.2f} ms | max {s['max_s'] * ms:6.2f} ms "
             f"(its run-queue wait {'n/a' if wait is None else f'{wait * ms:.2f} ms'}, the grower's "
             f"{'n/a' if grower_wait is None else f'{grower_wait * ms:.2f} ms'}) | off the run queue: "
-            f"p99.9 {q['p99_9_s'] * ms:6.2f} ms, max {q['max_s'] * ms:6.2f} ms "
+            f"p99.9 {q['p99_9_s'] * ms:6.2f} ms, max {q['max_s'] * ms:6.2f} ms (the grower's run-queue wait "
+            f"meanwhile {_ms(g['slowest_off_queue_lookup_grower_run_queue_wait_s'])}) "
             f"({s['calls']} lookups, {g['grower_calls']} grower calls{extra})"
         )
     print(f"load average: {r['load_average_at_start'][0]:.1f} at start, {r['load_average_at_end'][0]:.1f} at end")
