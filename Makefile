@@ -35,18 +35,20 @@ native-deps:
 install: native-deps $(VENV)/.deps
 	$(BIN)/pip install --no-build-isolation --no-deps --force-reinstall --quiet .
 
-# Debian tools some tests use (promtool, redis-server); tests skip with a message without them.
+# Debian tools some tests use (promtool, redis-server, etcd); tests skip with a message without them.
 system-tools:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	  missing=""; \
 	  command -v promtool >/dev/null 2>&1 || missing="$$missing prometheus"; \
 	  command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
+	  command -v etcd >/dev/null 2>&1 || missing="$$missing etcd-server"; \
+	  command -v etcdctl >/dev/null 2>&1 || missing="$$missing etcd-client"; \
 	  if [ -n "$$missing" ]; then \
 	    echo "installing$$missing (Debian)"; \
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null) \
 	      || echo "could not install$$missing: the tests that need them will skip"; \
 	  fi; \
-	else echo "not root or no apt-get: tests that need promtool/redis-server skip where they are absent"; fi
+	else echo "not root or no apt-get: tests that need promtool/redis-server/etcd skip where they are absent"; fi
 
 # The suite starts a few hundred Python processes from this checkout: let them cache its
 # bytecode (Python's default) even where the environment turns that off.

@@ -58,6 +58,13 @@ def _add_ps(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--malloc", default="tuned", choices=["tuned", "default", "both"], help="glibc malloc thresholds of the shards"
     )
+    parser.add_argument(
+        "--standbys",
+        default="off",
+        choices=["off", "on", "both"],
+        help="a standby per shard (etcd as the arbiter, started here); both: the same phases without and with, "
+        "and the ratio",
+    )
     parser.add_argument("--out", default=None, help="write the results as JSON here")
 
 
@@ -73,6 +80,7 @@ def _run_ps(args: argparse.Namespace) -> int:
         zipf=args.zipf,
         clients=tuple(int(c) for c in args.clients.split(",")),
         malloc=args.malloc,
+        standbys=args.standbys,
         out=args.out,
     )
     return run_ps_bench(config)
@@ -104,6 +112,7 @@ def _add_freshness(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=5_000, help="rows per push")
     parser.add_argument("--seconds", type=float, default=20.0, help="length of the measurement")
     parser.add_argument("--dim", type=int, default=16)
+    parser.add_argument("--shards", type=int, default=2, help="PS shards the pushes spread over")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
 
 
@@ -111,7 +120,8 @@ def _run_freshness(args: argparse.Namespace) -> int:
     from bench.freshness_bench import FreshnessBenchConfig, run_freshness_bench
 
     return run_freshness_bench(
-        FreshnessBenchConfig(rate=args.rate, batch=args.batch, seconds=args.seconds, dim=args.dim, out=args.out)
+        FreshnessBenchConfig(rate=args.rate, batch=args.batch, seconds=args.seconds, dim=args.dim, shards=args.shards,
+                             out=args.out)
     )
 
 
@@ -128,6 +138,11 @@ def _add_train(parser: argparse.ArgumentParser) -> None:
         help="all: also the features in one shared table, and 200 tables of dim 16, in the same run",
     )
     parser.add_argument("--repeat", type=int, default=1, help="runs of each mode, interleaved; the fastest counts")
+    parser.add_argument(
+        "--standbys",
+        action="store_true",
+        help="also ps sync with a standby per shard (etcd started here as the arbiter), in the same rounds",
+    )
     parser.add_argument("--out", default=None, help="write the results as JSON here")
 
 
@@ -146,6 +161,7 @@ def _run_train(args: argparse.Namespace) -> int:
             num_tables=args.tables,
             shared_table=args.shared_table,
             repeat=args.repeat,
+            standbys=args.standbys,
             out=args.out,
         ),
         all_shapes=args.shapes == "all",

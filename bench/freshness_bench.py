@@ -1,14 +1,18 @@
 """embps bench freshness: how long an acknowledged push takes to be visible in a serving replica.
 
-    pusher process ──Push (rate rows/s, open loop)──> PS shard ──Subscribe──> embps serve <── poller
+    pusher process ──Push step s + Commit(s) (rate rows/s, open loop)──> PS shards (2)
+        ──Subscribe──> embps serve, consistency = "latest" (each shard as fresh as its stream)
+        ──Subscribe(committed)──> embps serve, consistency = "step" (the consistent cut)  <── poller
 
-A training shard and a serving replica run as their own processes; a pusher process pushes
-`rate` rows/s in batches of `batch` on a fixed schedule (it does not wait for serving), and
-records each push's version and the time its reply arrived. This process polls the replica's
-Status every `poll_ms` and records when each version became visible. Staleness of a push =
-visible time - ack time, both on this host's clock; it overstates by up to one poll interval and
-understates by the Push reply's transit. The replica's own histogram (PS ack -> applied) is
-reported beside it. Prints progress every second; `--out` writes the results as JSON.
+The shards and both replicas run as their own processes; a pusher process pushes `rate` rows/s
+over the shards in batches of `batch` on a fixed schedule, one training step per batch, and
+commits each step once its push is acknowledged everywhere (a sync trainer's order). It records
+each step's per-shard versions and the time its acknowledgement arrived. This process polls both
+replicas' Status every `poll_ms`: "latest" gives each shard's push-ack -> visible delay (the
+per-shard figure), "step" the push-ack -> visible-in-a-consistent-cut delay (model_version >= s).
+Both on this host's clock; they overstate by up to one poll interval. The replicas' own
+histograms (PS ack -> applied per shard; commit -> visible in a cut) are reported beside them.
+Prints progress every second; `--out` writes the results as JSON.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from ps.job_config import Deadlines, JobConfig, ShardConfig, dump_job_config
 from ps.process.malloc import MALLOC_TUNING
 from ps.rpc import serving_pb2, serving_pb2_grpc
 from ps.table.config import TableConfig
-from serving.config import ServeConfig, dump_serve_config
+from serving.config import Consistency, ServeConfig, dump_serve_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,11 +53,12 @@ class FreshnessBenchConfig:
     seconds: float = 20.0
     dim: int = 16
     rows: int = 1_000_000  # key space the pushes draw from
+    shards: int = 2
     poll_ms: float = 2.0
     out: str | None = None
 
     def validate(self) -> FreshnessBenchConfig:
-        for name in ("rate", "batch", "dim", "rows"):
+        for name in ("rate", "batch", "dim", "rows", "shards"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.seconds <= 0 or self.poll_ms <= 0:
@@ -87,7 +92,8 @@ def _wait_serving(address: str, service: str, proc: subprocess.Popen, log_path: 
 
 
 def _pusher(job: JobConfig, config: FreshnessBenchConfig, start_at: float, queue) -> None:
-    """Pushes config.rate rows/s from start_at for config.seconds; puts [(version, ack time)]."""
+    """Pushes config.rate rows/s from start_at for config.seconds, one step per batch, each step
+    committed once acknowledged; puts [(step, per-shard versions, ack time)]."""
     from ps.client import PSClient
 
     rng = np.random.default_rng(1)
@@ -104,16 +110,20 @@ def _pusher(job: JobConfig, config: FreshnessBenchConfig, start_at: float, queue
             else:
                 late += 1
             keys = rng.choice(config.rows, config.batch, replace=False).astype(np.int64)
-            result = client.push("bench", keys, grads)
-            acks.append((result.versions[0], time.time()))
+            versions = client.push("bench", keys, grads, step=i + 1).versions
+            acks.append((i + 1, list(versions), time.time()))
+            client.commit(i + 1)
     queue.put({"acks": acks, "late_pushes": late})
 
 
-def _histogram(metrics_port: int) -> dict[float, float]:
+def _histogram(metrics_port: int, name: str = "embps_serving_staleness_seconds") -> dict[float, float]:
+    """Bucket bound -> cumulative count of histogram `name`, summed over its label sets."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
-    buckets = {}
-    for le, count in re.findall(r'embps_serving_staleness_seconds_bucket\{le="([^"]+)"[^}]*\} (\S+)', text):
-        buckets[float("inf") if le == "+Inf" else float(le)] = float(count)
+    buckets: dict[float, float] = {}
+    for labels, count in re.findall(name + r'_bucket\{([^}]*)\} (\S+)', text):
+        le = re.search(r'le="([^"]+)"', labels).group(1)
+        bound = float("inf") if le == "+Inf" else float(le)
+        buckets[bound] = buckets.get(bound, 0.0) + float(count)
     return buckets
 
 
@@ -136,27 +146,37 @@ def _histogram_quantile(buckets: dict[float, float], q: float) -> float:
 
 def run_freshness_bench(config: FreshnessBenchConfig) -> int:
     config.validate()
-    shard_port, shard_metrics, serve_port, serve_metrics = free_ports(4)
+    ports = free_ports(2 * config.shards + 4)
     job = JobConfig(
         job="freshness",
-        shards=(ShardConfig(f"127.0.0.1:{shard_port}", shard_metrics),),
+        shards=tuple(ShardConfig(f"127.0.0.1:{ports[2 * i]}", ports[2 * i + 1]) for i in range(config.shards)),
         tables=(TableConfig("bench", dim=config.dim),),
         deadlines=Deadlines(lookup=30.0, push=30.0, stats=5.0),
     )
-    serve = ServeConfig(job=job, listen=f"127.0.0.1:{serve_port}", metrics_port=serve_metrics, tables=("bench",))
+    serve_ports = ports[2 * config.shards:]
+    replicas = {
+        consistency: ServeConfig(job=job, listen=f"127.0.0.1:{serve_ports[2 * i]}", metrics_port=serve_ports[2 * i + 1],
+                                 tables=("bench",), consistency=consistency)
+        for i, consistency in enumerate((Consistency.LATEST, Consistency.STEP))
+    }
     procs: list[subprocess.Popen] = []
     with tempfile.TemporaryDirectory(prefix="embps-freshness-") as scratch:
         work = Path(scratch)
         (work / "job.toml").write_text(dump_job_config(job))
-        (work / "serve.toml").write_text(dump_serve_config(serve, str(work / "job.toml")))
         try:
-            procs.append(_start(["ps", "--config", str(work / "job.toml"), "--shard", "0"], work / "ps.log"))
-            _wait_serving(job.shards[0].address, "", procs[0], work / "ps.log")
-            procs.append(_start(["serve", "--config", str(work / "serve.toml")], work / "serve.log"))
-            _wait_serving(serve.listen, "", procs[1], work / "serve.log")
-            print(f"shard and replica up; pushing {config.rate} rows/s in batches of {config.batch} "
-                  f"for {config.seconds:.0f} s (dim {config.dim})", flush=True)
-            result = _measure(job, serve, config)
+            for i, shard in enumerate(job.shards):
+                log = work / f"ps-{i}.log"
+                procs.append(_start(["ps", "--config", str(work / "job.toml"), "--shard", str(i)], log))
+                _wait_serving(shard.address, "", procs[-1], log)
+            for consistency, serve in replicas.items():
+                path, log = work / f"serve-{consistency}.toml", work / f"serve-{consistency}.log"
+                path.write_text(dump_serve_config(serve, str(work / "job.toml")))
+                procs.append(_start(["serve", "--config", str(path)], log))
+                _wait_serving(serve.listen, "", procs[-1], log)
+            print(f"{config.shards} shards and 2 replicas (latest, step) up; pushing {config.rate} rows/s in batches "
+                  f"of {config.batch} (a step each, committed) for {config.seconds:.0f} s (dim {config.dim})",
+                  flush=True)
+            result = _measure(job, replicas, config)
         finally:
             for proc in procs:
                 proc.terminate()
@@ -172,56 +192,86 @@ def run_freshness_bench(config: FreshnessBenchConfig) -> int:
     return 0
 
 
-def _measure(job: JobConfig, serve: ServeConfig, config: FreshnessBenchConfig) -> dict:
-    before = _histogram(serve.metrics_port)
+def _measure(job: JobConfig, replicas: dict[Consistency, ServeConfig], config: FreshnessBenchConfig) -> dict:
+    latest, step = replicas[Consistency.LATEST], replicas[Consistency.STEP]
+    before = _histogram(latest.metrics_port)
+    before_cut = _histogram(step.metrics_port, "embps_serving_cut_visible_seconds")
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     start_at = time.time() + 2.0  # the pusher process needs a moment to import and connect
     pusher = ctx.Process(target=_pusher, args=(job, config, start_at, queue))
     pusher.start()
-    seen: list[tuple[int, float]] = []  # (served version, first time seen)
-    last_version, next_print = 0, start_at + 1.0
-    with grpc.insecure_channel(serve.listen) as channel:
-        stub = serving_pb2_grpc.ServingStub(channel)
+    shard_seen: list[list[tuple[int, float]]] = [[] for _ in job.shards]  # per shard: (served version, first seen)
+    cut_seen: list[tuple[int, float]] = []  # (model version, first seen)
+    next_print = start_at + 1.0
+    with grpc.insecure_channel(latest.listen) as latest_channel, grpc.insecure_channel(step.listen) as step_channel:
+        latest_stub = serving_pb2_grpc.ServingStub(latest_channel)
+        step_stub = serving_pb2_grpc.ServingStub(step_channel)
         end = start_at + config.seconds + 5.0
         while time.time() < end:
-            version = stub.Status(serving_pb2.ServingStatusRequest(), timeout=5).shards[0].version
+            shards = latest_stub.Status(serving_pb2.ServingStatusRequest(), timeout=5).shards
+            model_version = step_stub.Status(serving_pb2.ServingStatusRequest(), timeout=5).model_version
             now = time.time()
-            if version > last_version:
-                seen.append((version, now))
-                last_version = version
+            for status in shards:
+                seen = shard_seen[status.shard]
+                if not seen or status.version > seen[-1][0]:
+                    seen.append((status.version, now))
+            if not cut_seen or model_version > cut_seen[-1][0]:
+                cut_seen.append((model_version, now))
             if now >= next_print:
-                print(f"  t={now - start_at:5.1f} s  served version {last_version}", flush=True)
+                print(f"  t={now - start_at:5.1f} s  per-shard versions {[s[-1][0] for s in shard_seen]}, "
+                      f"model version (cut) {cut_seen[-1][0]}", flush=True)
                 next_print += 1.0
             if not pusher.is_alive() and queue.qsize() and now > start_at + config.seconds + 1.0:
                 break
             time.sleep(config.poll_ms / 1000)
     pushed = queue.get(timeout=60)
     pusher.join(30)
-    after = _histogram(serve.metrics_port)
-    versions = np.array([v for v, _ in seen], dtype=np.int64)
-    times = np.array([t for _, t in seen])
-    staleness = []
-    for version, ack in pushed["acks"]:
-        i = int(np.searchsorted(versions, version, side="left"))
-        if i < versions.shape[0]:
-            staleness.append(max(0.0, times[i] - ack))
-    staleness = np.array(staleness)
-    delta = {le: after[le] - before.get(le, 0.0) for le in after}
+    per_shard, in_cut = [], []
+    for step_number, versions, ack in pushed["acks"]:
+        for s, version in enumerate(versions):
+            per_shard += _delay(shard_seen[s], version, ack)
+        in_cut += _delay(cut_seen, step_number, ack)
+    replica = _delta(before, _histogram(latest.metrics_port))
+    cut = _delta(before_cut, _histogram(step.metrics_port, "embps_serving_cut_visible_seconds"))
     return {
         "config": asdict(config),
         "pushes": len(pushed["acks"]),
         "late_pushes": pushed["late_pushes"],
         "rows_per_second": config.rate,
-        "end_to_end_seconds": {
-            "measured_pushes": int(staleness.shape[0]),
-            "p50": float(np.percentile(staleness, 50)),
-            "p99": float(np.percentile(staleness, 99)),
-            "max": float(staleness.max()),
-        },
+        # Clipped at 0: a shard's rows often show in the "latest" replica before the pusher has
+        # taken its Push reply; replica_histogram_seconds (the shard's ack -> applied) has no such floor.
+        "per_shard_ack_to_visible_seconds": _summary(per_shard),
+        "consistent_cut_ack_to_visible_seconds": _summary(in_cut),
         "replica_histogram_seconds": {
-            "observations": delta.get(float("inf"), 0.0),
-            "p50": _histogram_quantile(delta, 0.5),
-            "p99": _histogram_quantile(delta, 0.99),
+            "observations": replica.get(float("inf"), 0.0),
+            "p50": _histogram_quantile(replica, 0.5),
+            "p99": _histogram_quantile(replica, 0.99),
         },
+        "cut_commit_to_visible_histogram_seconds": {
+            "observations": cut.get(float("inf"), 0.0),
+            "p50": _histogram_quantile(cut, 0.5),
+            "p99": _histogram_quantile(cut, 0.99),
+        },
+    }
+
+
+def _delay(seen: list[tuple[int, float]], version: int, ack: float) -> list[float]:
+    """[first time `seen` reached version - ack], or [] if it never did."""
+    versions = np.array([v for v, _ in seen], dtype=np.int64)
+    i = int(np.searchsorted(versions, version, side="left"))
+    return [max(0.0, seen[i][1] - ack)] if i < versions.shape[0] else []
+
+
+def _delta(before: dict[float, float], after: dict[float, float]) -> dict[float, float]:
+    return {le: after[le] - before.get(le, 0.0) for le in after}
+
+
+def _summary(delays: list[float]) -> dict:
+    values = np.array(delays) if delays else np.array([float("nan")])
+    return {
+        "measured": len(delays),
+        "p50": float(np.percentile(values, 50)),
+        "p99": float(np.percentile(values, 99)),
+        "max": float(values.max()),
     }

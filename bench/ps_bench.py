@@ -5,10 +5,15 @@ Shards and client processes share this machine's cores. Each phase runs C client
 call is one PSClient.lookup/push, i.e. one RPC per shard in parallel. Printed beside the rates:
 the in-process EmbeddingTable rate on the same key stream (the ceiling without RPC), and the
 server and client CPU time per call, which say where the time goes.
+
+--standbys both runs the same phases on shards without and with a standby each (etcd started here
+as the arbiter; a push is acknowledged once the standby applied it) and prints each phase's rate
+with standbys as a ratio of the one without, measured in the same run.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing as mp
 import os
@@ -24,7 +29,7 @@ import numpy as np
 
 from bench.keys import ZipfSampler
 from bench.ports import free_ports
-from ps.job_config import Deadlines, JobConfig, ShardConfig, dump_job_config
+from ps.job_config import ArbiterConfig, Deadlines, JobConfig, ShardConfig, dump_job_config
 from ps.process import children
 from ps.table.config import OptimizerConfig, OptimizerKind, TableConfig
 
@@ -43,6 +48,7 @@ class PSBenchConfig:
     zipf: float = 1.05
     clients: tuple[int, ...] = (1, 4)
     malloc: str = "tuned"  # "tuned", "default" or "both": glibc thresholds of the shard processes
+    standbys: str = "off"  # "off", "on" or "both": a standby per shard
     out: str | None = None
 
 
@@ -66,10 +72,15 @@ def _start_shards(job: JobConfig, workdir: Path, malloc_tuned: bool) -> list[sub
     for key in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
         env.pop(key, None)
     procs = []
-    for i in range(len(job.shards)):
+    for i, shard in enumerate(job.shards):
         cmd = [sys.executable, "-m", "embps", "ps", "--config", str(config_path), "--shard", str(i), *flags]
-        with open(workdir / f"shard-{i}.log", "wb") as log:
-            procs.append(subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
+        for role, extra in (("", []), ("-standby", ["--standby"] if shard.standby else None)):
+            if extra is None:
+                continue
+            with open(workdir / f"shard-{i}{role}.log", "wb") as log:
+                procs.append(
+                    subprocess.Popen([*cmd, *extra], cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+                )
     with PSClient.from_job(job, max_attempts=10_000, deadlines=Deadlines(stats=60.0)) as client:
         client.stats()  # retried on UNAVAILABLE until every shard serves
     return procs
@@ -157,10 +168,35 @@ def _in_process(config: PSBenchConfig) -> dict:
     return out
 
 
+def _start_etcd(workdir: Path):
+    from bench.etcd_server import EtcdServer, etcd_missing
+
+    missing = etcd_missing()
+    if missing is not None:
+        raise SystemExit(f"embps bench ps: --standbys needs etcd as the arbiter: {missing}")
+    return EtcdServer.start(workdir / "etcd")
+
+
+def _standby_ratios(phases: list[dict]) -> list[dict]:
+    """keys/s with standbys over keys/s without, for each (malloc, verb, clients) measured both ways."""
+    by_key = {(p["malloc"], p["verb"], p["clients"], p["standby"]): p for p in phases}
+    ratios = []
+    for (malloc, verb, clients, standby), with_ in by_key.items():
+        without = by_key.get((malloc, verb, clients, False))
+        if standby and without is not None:
+            ratios.append(
+                {"malloc": malloc, "verb": verb, "clients": clients,
+                 "ratio": with_["keys_per_s"] / without["keys_per_s"]}
+            )
+    return ratios
+
+
 def run_ps_bench(config: PSBenchConfig) -> int:
     from bench.machine import machine_facts
 
-    modes = {"tuned": [True], "default": [False], "both": [False, True]}[config.malloc]
+    mallocs = {"tuned": [True], "default": [False], "both": [False, True]}[config.malloc]
+    with_standbys = {"off": [False], "on": [True], "both": [False, True]}[config.standbys]
+    modes = [(tuned, standby) for tuned in mallocs for standby in with_standbys]
     print(
         f"embps bench ps: {config.shards} shards, dim {config.dim}, batch {config.batch}, Zipf({config.zipf}) "
         f"over {config.rows:,} keys, {config.batches} calls per client, {os.cpu_count()} cores shared"
@@ -174,37 +210,58 @@ def run_ps_bench(config: PSBenchConfig) -> int:
         f"{in_process['unique_fraction']:.0%} of a batch's keys are unique"
     )
     header = (
-        f"{'malloc':>8} {'verb':>6} {'clients':>7} {'M keys/s':>9} {'calls/s':>8} {'p50 ms':>7} {'p99 ms':>7} "
-        f"{'server CPU ms/call':>19} {'client CPU ms/call':>19}"
+        f"{'malloc':>8} {'standby':>7} {'verb':>6} {'clients':>7} {'M keys/s':>9} {'calls/s':>8} {'p50 ms':>7} "
+        f"{'p99 ms':>7} {'server CPU ms/call':>19} {'client CPU ms/call':>19}"
     )
     print(header)
     phases = []
-    for tuned in modes:
-        ports = free_ports(2 * config.shards)
+    for tuned, standby in modes:
+        ports = free_ports(4 * config.shards)
         job = JobConfig(
             job="bench",
             shards=tuple(
-                ShardConfig(f"127.0.0.1:{ports[2 * i]}", metrics_port=ports[2 * i + 1]) for i in range(config.shards)
+                ShardConfig(
+                    f"127.0.0.1:{ports[4 * i]}",
+                    metrics_port=ports[4 * i + 1],
+                    standby=f"127.0.0.1:{ports[4 * i + 2]}" if standby else "",
+                    standby_metrics_port=ports[4 * i + 3] if standby else 0,
+                )
+                for i in range(config.shards)
             ),
             tables=(_table(config),),
             deadlines=Deadlines(lookup=60.0, push=60.0, stats=60.0),
         )
         with tempfile.TemporaryDirectory(prefix="embps-bench-ps-") as workdir:
-            procs = _start_shards(job, Path(workdir), tuned)
+            etcd = _start_etcd(Path(workdir)) if standby else None
+            procs = []
             try:
+                if etcd is not None:
+                    job = dataclasses.replace(job, arbiter=ArbiterConfig(endpoints=etcd.endpoint))
+                procs = _start_shards(job, Path(workdir), tuned)
                 for verb in ("push", "lookup"):
                     for clients in config.clients:
                         r = _phase(job, config, procs, verb, clients)
                         r["malloc"] = "tuned" if tuned else "default"
+                        r["standby"] = standby
                         phases.append(r)
                         print(
-                            f"{r['malloc']:>8} {verb:>6} {clients:>7} {r['keys_per_s'] / 1e6:>9.2f} "
+                            f"{r['malloc']:>8} {'yes' if standby else 'no':>7} {verb:>6} {clients:>7} "
+                            f"{r['keys_per_s'] / 1e6:>9.2f} "
                             f"{r['calls_per_s']:>8.0f} {r['p50_ms']:>7.2f} {r['p99_ms']:>7.2f} "
                             f"{r['server_cpu_ms_per_call']:>19.2f} {r['client_cpu_ms_per_call']:>19.2f}"
                         )
             finally:
                 children.stop_all(procs, 30.0)
+                if etcd is not None:
+                    etcd.stop()
     results["phases"] = phases
+    if len(with_standbys) == 2:
+        results["standby_ratios"] = _standby_ratios(phases)
+        for r in results["standby_ratios"]:
+            print(
+                f"with standbys / without ({r['malloc']} malloc): {r['verb']} x{r['clients']} clients "
+                f"{r['ratio']:.2f}x" + (" (target >= 0.7x)" if r["verb"] == "push" else "")
+            )
     results["max_rusage_kb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     if config.out:
         Path(config.out).parent.mkdir(parents=True, exist_ok=True)

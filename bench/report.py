@@ -63,7 +63,7 @@ def _ps(r: dict) -> tuple[str, str]:
     setup = f"{c['shards']} shards, batch {c['batch']}, Zipf {c['zipf']}, dim {c['dim']}"
     parts = []
     for verb in ("lookup", "push"):
-        phases = [p for p in r["phases"] if p["verb"] == verb]
+        phases = [p for p in r["phases"] if p["verb"] == verb and not p.get("standby")]
         if phases:
             best = max(phases, key=lambda p: p["keys_per_s"])
             parts.append(
@@ -72,6 +72,9 @@ def _ps(r: dict) -> tuple[str, str]:
             )
     if "in_process" in r:
         parts.append(f"in-process lookup {_m(r['in_process']['lookup_keys_per_s'])} keys/s")
+    pushes = [x for x in r.get("standby_ratios", []) if x["verb"] == "push"]
+    if pushes:
+        parts.append("push with standbys " + ", ".join(f"{x['ratio']:.2f}x ({x['clients']} clients)" for x in pushes))
     return setup, "; ".join(parts)
 
 
@@ -85,6 +88,9 @@ def _train(r: dict) -> tuple[str, str]:
         if name in r:
             rate = r[name]["samples_per_s"]
             parts.append(f"{name.replace('_', ' ')} {rate:,.0f} samples/s ({rate / base:.2f}x)")
+    if "ps_sync_standby" in r:
+        ratio = r["ps_sync_standby"]["samples_per_s"] / r["ps_sync"]["samples_per_s"]
+        parts.append(f"ps sync with standbys {ratio:.2f}x of without")
     return setup, "; ".join(parts)
 
 

@@ -7,7 +7,7 @@ Each rate is printed next to the raw `torch.index_select` gather of the same row
 
 The precision part fills a float32, a float16 and an int8 table (TableConfig.storage) with the
 same rows and reports each one's bytes per row, lookup and row-wise Adagrad rates as ratios to
-the float32 table's, measured in interleaved rounds of the same run.
+the float32 table's, measured in interleaved rounds of the same run, in the thread's CPU time.
 
 Table lookups are also timed with the table's key->row map swapped for the former single-array
 map (FlatHashMap, csrc/flat_hash_map.h) holding the same pairs, in interleaved rounds: the same
@@ -46,13 +46,13 @@ class TableBenchConfig:
     precision_rows: int = 2_000_000  # rows of each table of the precision part (0: skip it)
 
 
-def _rate(fn, batches: list[np.ndarray]) -> float:
-    """Items per second of fn over the batches (one warm-up batch first)."""
+def _rate(fn, batches: list[np.ndarray], clock=time.perf_counter) -> float:
+    """Items per second of fn over the batches (one warm-up batch first), timed by `clock`."""
     fn(batches[0])
-    start = time.perf_counter()
+    start = clock()
     for b in batches:
         fn(b)
-    elapsed = time.perf_counter() - start
+    elapsed = clock() - start
     return sum(b.shape[0] for b in batches) / elapsed
 
 
@@ -240,6 +240,10 @@ def _print(r: dict) -> None:
 
 
 PRECISION_ROUNDS = 3  # interleaved rounds per storage and stream: the best round counts
+# The precision part times the bench thread's CPU time (the table calls run on it, torch on one
+# thread): on a shared machine, time the thread spends descheduled would otherwise land on
+# whichever storage happened to be running, and the ratios swung 0.6-2x under a load of 10.
+PRECISION_CLOCK = time.thread_time
 
 
 def run_precision_part(config: TableBenchConfig) -> dict[str, object]:
@@ -273,17 +277,17 @@ def run_precision_part(config: TableBenchConfig) -> dict[str, object]:
                     best = rates[storage].setdefault(
                         stream, {"lookup_rows_per_s": 0.0, "rowwise_adagrad_rows_per_s": 0.0}
                     )
-                    lookup = _rate(table.lookup, lookups)
+                    lookup = _rate(table.lookup, lookups, PRECISION_CLOCK)
 
                     def push(k: np.ndarray, table: EmbeddingTable = table) -> None:
                         table.apply_gradients(k, grads[: k.shape[0]])
 
-                    update = _rate(push, updates)
+                    update = _rate(push, updates, PRECISION_CLOCK)
                     best["lookup_rows_per_s"] = max(best["lookup_rows_per_s"], lookup)
                     best["rowwise_adagrad_rows_per_s"] = max(best["rowwise_adagrad_rows_per_s"], update)
                     progress.update(1)
     base = tables[Storage.FLOAT32]
-    out: dict[str, object] = {"rows": n, "dim": dim, "optimizer": "rowwise_adagrad"}
+    out: dict[str, object] = {"rows": n, "dim": dim, "optimizer": "rowwise_adagrad", "clock": "thread CPU time"}
     for storage, table in tables.items():
         entry: dict[str, object] = {
             "row_words": table.width,
@@ -303,7 +307,10 @@ def run_precision_part(config: TableBenchConfig) -> dict[str, object]:
 
 def _print_precision(p: dict) -> None:
     m = 1e6
-    print(f"precision: {p['rows']:,} rows x dim {p['dim']}, row-wise Adagrad, best of {PRECISION_ROUNDS} rounds")
+    print(
+        f"precision: {p['rows']:,} rows x dim {p['dim']}, row-wise Adagrad, best of {PRECISION_ROUNDS} rounds "
+        f"({p.get('clock', 'wall time')})"
+    )
     for storage in Storage:
         e = p[str(storage)]
         print(

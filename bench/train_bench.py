@@ -6,6 +6,8 @@ Same model (DLRM-style), same synthetic Criteo-shaped data, same run:
     all_to_all), using every core.
 Rates are measured from the first step to the last (process start-up excluded), and the PS runs
 report rank 0's time split: lookup, compute (forward, backward, DDP all-reduce), all_to_all, push.
+--standbys adds ps-sync with a standby per shard (etcd as the arbiter, started here) to each round,
+and prints its rate as a ratio of ps-sync's.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 from bench.machine import machine_facts
 from bench.ports import free_ports
 from ps import toml_writer
-from ps.job_config import JobConfig, ShardConfig, dump_job_config
+from ps.job_config import ArbiterConfig, JobConfig, ShardConfig, dump_job_config
 from ps.table.config import OptimizerConfig, OptimizerKind, TableConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -42,20 +44,31 @@ class TrainBenchConfig:
     staleness: int = 1
     shared_table: bool = False  # all features in one table (keys are salted per feature)
     repeat: int = 1  # runs of each mode, interleaved; the fastest counts (a shared machine's noise is one-sided)
+    standbys: bool = False  # also ps sync with a standby per shard
     out: str | None = None
 
 
-def _job_toml(config: TrainBenchConfig, mode: str, out: Path) -> str:
-    ports = free_ports(2 * config.shards)
+def _job_toml(config: TrainBenchConfig, mode: str, out: Path, arbiter: str | None = None) -> str:
+    """arbiter: etcd's endpoint; then every shard has a standby."""
+    ports = free_ports(4 * config.shards)
     num_tables = 1 if config.shared_table else config.num_tables
     tables = tuple(
         TableConfig(f"t{i}", dim=config.dim, optimizer=OptimizerConfig(kind=OptimizerKind.ROWWISE_ADAGRAD, lr=0.05))
         for i in range(num_tables)
     )
     shards = tuple(
-        ShardConfig(f"127.0.0.1:{ports[2 * i]}", metrics_port=ports[2 * i + 1]) for i in range(config.shards)
+        ShardConfig(
+            f"127.0.0.1:{ports[4 * i]}",
+            metrics_port=ports[4 * i + 1],
+            standby=f"127.0.0.1:{ports[4 * i + 2]}" if arbiter else "",
+            standby_metrics_port=ports[4 * i + 3] if arbiter else 0,
+        )
+        for i in range(config.shards)
     )
-    ps = dump_job_config(JobConfig(job=f"bench-{mode}", shards=shards, tables=tables))
+    job = JobConfig(job=f"bench-{mode}{'-standby' if arbiter else ''}", shards=shards, tables=tables)
+    if arbiter:
+        job = replace(job, arbiter=ArbiterConfig(endpoints=arbiter))
+    ps = dump_job_config(job)
     train = {
         "workers": config.workers,
         "steps": config.steps,
@@ -80,11 +93,16 @@ def _job_toml(config: TrainBenchConfig, mode: str, out: Path) -> str:
     )
 
 
-def _run_ps(config: TrainBenchConfig, mode: str, workdir: Path) -> dict:
-    out = workdir / mode
-    path = workdir / f"{mode}.toml"
-    path.write_text(_job_toml(config, mode, out))
-    print(f"[{mode}] embps launch: {config.workers} workers, {config.shards} shards, {config.steps} steps", flush=True)
+def _run_ps(config: TrainBenchConfig, mode: str, workdir: Path, arbiter: str | None = None) -> dict:
+    name = f"{mode}-standby" if arbiter else mode
+    out = workdir / name
+    path = workdir / f"{name}.toml"
+    path.write_text(_job_toml(config, mode, out, arbiter))
+    standbys = " (a standby each)" if arbiter else ""
+    print(
+        f"[{name}] embps launch: {config.workers} workers, {config.shards} shards{standbys}, {config.steps} steps",
+        flush=True,
+    )
     result = subprocess.run(
         [sys.executable, "-m", "embps", "launch", str(path)],
         cwd=REPO_ROOT,
@@ -123,10 +141,22 @@ def _run_in_process(config: TrainBenchConfig, workdir: Path) -> dict:
     return {"samples_per_s": config.steps * config.batch / elapsed, "times": trainer.times.as_dict()}
 
 
+def _run_with_standbys(config: TrainBenchConfig, workdir: Path) -> dict:
+    from bench.etcd_server import EtcdServer, etcd_missing
+
+    missing = etcd_missing()
+    if missing is not None:
+        raise SystemExit(f"embps bench train: --standbys needs etcd as the arbiter: {missing}")
+    with EtcdServer.start(workdir / "etcd") as etcd:
+        return _run_ps(config, "sync", workdir, etcd.endpoint)
+
+
 def measure(config: TrainBenchConfig) -> dict:
     """In process, ps sync and ps async on one model shape, one after the other."""
     results: dict[str, object] = {"bench": "train", "config": asdict(config), "machine": machine_facts()}
     runs: dict[str, list[dict]] = {"in_process": [], "ps_sync": [], "ps_async": []}
+    if config.standbys:
+        runs["ps_sync_standby"] = []
     for attempt in range(config.repeat):
         with tempfile.TemporaryDirectory(prefix="embps-bench-train-") as tmp:
             workdir = Path(tmp)
@@ -134,6 +164,8 @@ def measure(config: TrainBenchConfig) -> dict:
                 print(f"round {attempt + 1} of {config.repeat}", flush=True)
             runs["in_process"].append(_run_in_process(config, workdir))
             runs["ps_sync"].append(_run_ps(config, "sync", workdir))
+            if config.standbys:
+                runs["ps_sync_standby"].append(_run_with_standbys(config, workdir))
             runs["ps_async"].append(_run_ps(config, "async", workdir))
     for name, tries in runs.items():
         results[name] = max(tries, key=lambda r: r["samples_per_s"])
@@ -150,13 +182,18 @@ def print_results(results: dict) -> None:
         f"global batch {config.batch}"
     )
     print(f"{'run':12s} {'samples/s':>10s} {'vs in-process':>14s}   rank-0 seconds: lookup / compute / a2a / push")
-    for name in ("in_process", "ps_sync", "ps_async"):
+    for name in ("in_process", "ps_sync", "ps_sync_standby", "ps_async"):
+        if name not in results:
+            continue
         r = results[name]
         t = r.get("times_rank0") or r["times"]
         print(
             f"{name:12s} {r['samples_per_s']:10,.0f} {r['samples_per_s'] / base:13.2f}x   "
             f"{t['lookup_s']:.2f} / {t['compute_s']:.2f} / {t['all_to_all_s']:.2f} / {t['push_s']:.2f}"
         )
+    if "ps_sync_standby" in results:
+        ratio = results["ps_sync_standby"]["samples_per_s"] / results["ps_sync"]["samples_per_s"]
+        print(f"ps sync with standbys / without: {ratio:.2f}x (target >= 0.8x)")
 
 
 def shapes(config: TrainBenchConfig) -> list[TrainBenchConfig]:

@@ -54,6 +54,11 @@ NB_MODULE(_embps_gate, m) {
              nb::gil_scoped_release release;
              self.erase(keys.data(), static_cast<int64_t>(keys.shape(0)));
            }, "keys"_a)
+      .def("mark_deleted",
+           [](embps::ShardStore& self, Keys keys) {
+             nb::gil_scoped_release release;
+             self.mark_deleted(keys.data(), static_cast<int64_t>(keys.shape(0)));
+           }, "keys"_a)
       .def("gather",
            [](const embps::ShardStore& self, Keys keys, Array<float, nb::ndim<2>> out, Array<uint8_t, nb::ndim<1>> found) {
              if (out.shape(0) != keys.shape(0) || static_cast<int64_t>(out.shape(1)) != self.width() ||
@@ -74,6 +79,15 @@ NB_MODULE(_embps_gate, m) {
                               nb::bytes(reinterpret_cast<const char*>(words.data()), words.size() * 4));
       });
 
+  nb::class_<embps::ModelClock>(m, "ModelClock")
+      .def(nb::init<>())
+      .def_prop_ro("visible", &embps::ModelClock::visible)
+      .def_prop_ro("floor", &embps::ModelClock::floor)
+      .def("begin_read", &embps::ModelClock::begin_read)
+      .def("still_valid", &embps::ModelClock::still_valid, "version"_a)
+      .def("publish", &embps::ModelClock::publish, "version"_a)
+      .def("begin_merge", &embps::ModelClock::begin_merge, "version"_a);
+
   nb::class_<embps::ServingTable>(m, "ServingTable")
       .def("__init__",
            [](embps::ServingTable* self, const std::string& name, int64_t dim, int storage, bool default_init,
@@ -89,7 +103,20 @@ NB_MODULE(_embps_gate, m) {
            "buckets"_a, "num_shards"_a)
       .def("shard", &embps::ServingTable::shard, "s"_a)
       .def("set_shard", &embps::ServingTable::set_shard, "s"_a, "store"_a)
-      .def("set_link", &embps::ServingTable::set_link, "s"_a, "connected"_a, "last_message"_a);
+      .def("set_link", &embps::ServingTable::set_link, "s"_a, "connected"_a, "last_message"_a)
+      .def("set_clock", &embps::ServingTable::set_clock, "clock"_a)
+      .def("set_pending", &embps::ServingTable::set_pending, "s"_a, "step"_a, "replace"_a, "rows"_a)
+      .def("clear_pending", &embps::ServingTable::clear_pending, "s"_a)
+      .def("gather_at",
+           [](const embps::ServingTable& self, Keys keys, Array<float, nb::ndim<2>> out,
+              Array<uint8_t, nb::ndim<1>> found, uint64_t version) {
+             if (out.shape(0) != keys.shape(0) || static_cast<int64_t>(out.shape(1)) != self.width() ||
+                 found.shape(0) != keys.shape(0)) {
+               throw std::invalid_argument("out, found: expected shapes (len(keys), width) and (len(keys),)");
+             }
+             nb::gil_scoped_release release;
+             self.gather_at(keys.data(), static_cast<int64_t>(keys.shape(0)), out.data(), found.data(), version);
+           }, "keys"_a, "out"_a, "found"_a, "version"_a);
 
   nb::class_<embps::NativeLookups>(m, "NativeLookups")
       .def(nb::init<std::vector<std::shared_ptr<embps::ServingTable>>, std::vector<double>, double, bool>(),
@@ -147,6 +174,7 @@ NB_MODULE(_embps_gate, m) {
                                            count, sum));
         }
         nb::dict d;
+        d["version_retries"] = self.version_retries();
         d["calls"] = calls;
         d["denied"] = denied;
         d["tables"] = table_rows;

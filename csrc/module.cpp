@@ -113,6 +113,15 @@ void bind_codec(nb::module_& m) {
         "blocks"_a, "shift"_a, "width"_a, "storage"_a.noconvert(), "seed"_a, "keys"_a, "rows"_a, "values"_a,
         "stream"_a);
 
+  m.def(
+      "set_isa_limit",
+      [](int limit) {
+        if (limit < 0 || limit > 2) throw std::invalid_argument("isa limit: 0 (baseline), 1 (AVX2) or 2 (AVX-512)");
+        return embps::isa_limit().exchange(limit);
+      },
+      "limit"_a, "Caps the instruction set of the row kernels (tests); returns the previous cap.");
+  m.def("cpu_isa", &embps::cpu_isa, "The widest instruction set of the row kernels this CPU has (0, 1, 2).");
+
   m.def("apply_update_encoded",
         [](embps::Optimizer optimizer, Array<const double, nb::ndim<1>> hyper, Array<const uint64_t, nb::ndim<1>> blocks,
            int shift, int64_t width, embps::Storage storage, int64_t dim, int64_t state_width, uint64_t seed, Keys keys,

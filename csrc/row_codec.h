@@ -28,6 +28,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <stdexcept>
 #include <vector>
 
 #if defined(__SSE2__)
@@ -102,15 +103,36 @@ inline float half_to_float(uint16_t h) {
 }
 
 // min and max of w[0, dim). On x86 with SSE min/max, whose result is exactly `a < b ? a : b`
-// per lane, four lanes at a time (min and max of finite values do not depend on the order);
-// the scalar form compiles to branches that mispredict on every new extreme.
+// per lane, four lanes at a time in four independent accumulators, so the comparisons of one
+// row wait on each other 4 times instead of 16 at dim 64 (min and max of finite values do not
+// depend on the order); the scalar form compiles to branches that mispredict on every new extreme.
 inline void row_min_max(const float* w, int64_t dim, float* lo_out, float* hi_out) {
   float lo = w[0], hi = w[0];
   int64_t k = 0;
 #if defined(__SSE2__)
   if (dim >= 4) {
     __m128 vlo = _mm_loadu_ps(w), vhi = vlo;
-    for (k = 4; k + 4 <= dim; k += 4) {
+    if (dim >= 16) {
+      __m128 lo1 = _mm_loadu_ps(w + 4), lo2 = _mm_loadu_ps(w + 8), lo3 = _mm_loadu_ps(w + 12);
+      __m128 hi1 = lo1, hi2 = lo2, hi3 = lo3;
+      for (k = 16; k + 16 <= dim; k += 16) {
+        const __m128 v0 = _mm_loadu_ps(w + k), v1 = _mm_loadu_ps(w + k + 4);
+        const __m128 v2 = _mm_loadu_ps(w + k + 8), v3 = _mm_loadu_ps(w + k + 12);
+        vlo = _mm_min_ps(v0, vlo);
+        vhi = _mm_max_ps(v0, vhi);
+        lo1 = _mm_min_ps(v1, lo1);
+        hi1 = _mm_max_ps(v1, hi1);
+        lo2 = _mm_min_ps(v2, lo2);
+        hi2 = _mm_max_ps(v2, hi2);
+        lo3 = _mm_min_ps(v3, lo3);
+        hi3 = _mm_max_ps(v3, hi3);
+      }
+      vlo = _mm_min_ps(_mm_min_ps(lo1, vlo), _mm_min_ps(lo3, lo2));
+      vhi = _mm_max_ps(_mm_max_ps(hi1, vhi), _mm_max_ps(hi3, hi2));
+    } else {
+      k = 4;
+    }
+    for (; k + 4 <= dim; k += 4) {
       const __m128 v = _mm_loadu_ps(w + k);
       vlo = _mm_min_ps(v, vlo);
       vhi = _mm_max_ps(v, vhi);
@@ -136,7 +158,8 @@ inline void row_min_max(const float* w, int64_t dim, float* lo_out, float* hi_ou
 
 // The 16-bit rounding draws r_j of elements [0, dim) (rounded up to 4) for `base`: draw j is
 // bits [16 (j % 4), +16) of hash j / 4, which is that hash's little-endian memory layout.
-// Scalar: SSE2 has no 64-bit multiply, and its emulation is slower than the scalar loop.
+// Scalar: SSE2 has no 64-bit multiply, and its emulation is slower than the scalar loop (the
+// AVX2 and AVX-512 tiers of the update below have vector forms).
 __attribute__((optimize("no-tree-vectorize"))) inline void rounding_draws(uint64_t base, int64_t dim,
                                                                           uint16_t* r) {
   for (int64_t g = 0; g < (dim + 3) / 4; ++g) {
@@ -321,27 +344,303 @@ inline void encode_scatter(const BlockStore& store, Storage storage, int64_t dim
   }
 }
 
-// apply_update for a float16 or int8 value: decode, the same float32 optimizer step (its state
-// float32 words follow the value words), encode with stochastic rounding of stream `step`.
+// The instruction sets of the encoded update, as tags whose static functions the one row loop
+// below (update_encoded_rows) calls; each tier computes the same bits (the same float32
+// operations, the same hash), only wider. The loop is compiled once per tier, with everything
+// it calls inlined (flatten) under the tier's target.
+struct BaselineIsa {
+  static void draws(uint64_t base, int64_t dim, uint16_t* r) { rounding_draws(base, dim, r); }
+  static void decode_half(const uint16_t* h, int64_t dim, float* out) { decode_half_loop(h, dim, out); }
+  static void encode_half(const float* w, const uint16_t* r, int64_t dim, uint16_t* h) {
+    encode_half_loop(w, r, dim, h);
+  }
+  static void decode_codes(const uint8_t* q, float scale, float bias, int64_t dim, float* out) {
+    decode_codes_loop(q, scale, bias, dim, out);
+  }
+  static void encode_codes(const float* w, const uint16_t* r, float lo, float inv, int64_t dim, uint8_t* q) {
+    encode_codes_loop(w, r, lo, inv, dim, q);
+  }
+};
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define EMBPS_AVX2 __attribute__((target("avx2,f16c")))
+#define EMBPS_AVX512 __attribute__((target("avx2,f16c,avx512f,avx512dq,avx512bw,avx512vl")))
+
+// x * c mod 2^64 in 4 lanes from AVX2's 32 x 32 -> 64-bit multiplies: lo*lo + (hi*lo + lo*hi) << 32.
+EMBPS_AVX2 inline __m256i mul64_avx2(__m256i x, uint64_t c) {
+  const __m256i c_lo = _mm256_set1_epi64x(static_cast<int64_t>(c & 0xFFFFFFFFu));
+  const __m256i c_hi = _mm256_set1_epi64x(static_cast<int64_t>(c >> 32));
+  const __m256i cross = _mm256_add_epi64(_mm256_mul_epu32(_mm256_srli_epi64(x, 32), c_lo), _mm256_mul_epu32(x, c_hi));
+  return _mm256_add_epi64(_mm256_mul_epu32(x, c_lo), _mm256_slli_epi64(cross, 32));
+}
+
+EMBPS_AVX2 inline __m256i mix64_avx2(__m256i x) {
+  x = _mm256_xor_si256(x, _mm256_srli_epi64(x, 30));
+  x = mul64_avx2(x, 0xbf58476d1ce4e5b9ULL);
+  x = _mm256_xor_si256(x, _mm256_srli_epi64(x, 27));
+  x = mul64_avx2(x, 0x94d049bb133111ebULL);
+  return _mm256_xor_si256(x, _mm256_srli_epi64(x, 31));
+}
+
+// rounding_draws, 4 hashes (16 draws) at a time, stored as they come (see rounding_draws_avx512).
+EMBPS_AVX2 inline void rounding_draws_avx2(uint64_t base, int64_t dim, uint16_t* r) {
+  const int64_t groups = (dim + 3) / 4;
+  const __m256i step = _mm256_set1_epi64x(static_cast<int64_t>(4 * kGolden));
+  __m256i x = _mm256_set_epi64x(static_cast<int64_t>(base + 4 * kGolden), static_cast<int64_t>(base + 3 * kGolden),
+                                static_cast<int64_t>(base + 2 * kGolden), static_cast<int64_t>(base + kGolden));
+  int64_t g = 0;
+  for (; g + 4 <= groups; g += 4, x = _mm256_add_epi64(x, step)) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(r + 4 * g), mix64_avx2(x));
+  }
+  for (; g < groups; ++g) {
+    uint64_t bits = mix64(base + static_cast<uint64_t>(g + 1) * kGolden);
+    for (int k = 0; k < 4; ++k, bits >>= 16) r[4 * g + k] = static_cast<uint16_t>(bits);
+  }
+}
+
+struct Avx2Isa {
+  EMBPS_AVX2 static void draws(uint64_t base, int64_t dim, uint16_t* r) { rounding_draws_avx2(base, dim, r); }
+  EMBPS_AVX2 static void decode_half(const uint16_t* h, int64_t dim, float* out) { decode_half_f16c(h, dim, out); }
+  EMBPS_AVX2 static void encode_half(const float* w, const uint16_t* r, int64_t dim, uint16_t* h) {
+    encode_half_f16c(w, r, dim, h);
+  }
+  EMBPS_AVX2 static void decode_codes(const uint8_t* q, float scale, float bias, int64_t dim, float* out) {
+    decode_codes_avx2(q, scale, bias, dim, out);
+  }
+  EMBPS_AVX2 static void encode_codes(const float* w, const uint16_t* r, float lo, float inv, int64_t dim,
+                                      uint8_t* q) {
+    encode_codes_avx2(w, r, lo, inv, dim, q);
+  }
+};
+
+// GCC 12 warns that AVX-512 intrinsics' own undefined pass-through operands "may be used
+// uninitialized" wherever they are inlined; they are not (every lane is written).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+// mix64 of 8 lanes (AVX-512DQ multiplies 64-bit lanes; AVX2 would need 3 multiplies each).
+EMBPS_AVX512 inline __m512i mix64_avx512(__m512i x) {
+  x = _mm512_xor_si512(x, _mm512_srli_epi64(x, 30));
+  x = _mm512_mullo_epi64(x, _mm512_set1_epi64(static_cast<int64_t>(0xbf58476d1ce4e5b9ULL)));
+  x = _mm512_xor_si512(x, _mm512_srli_epi64(x, 27));
+  x = _mm512_mullo_epi64(x, _mm512_set1_epi64(static_cast<int64_t>(0x94d049bb133111ebULL)));
+  return _mm512_xor_si512(x, _mm512_srli_epi64(x, 31));
+}
+
+// rounding_draws, 8 hashes (32 draws) an instruction: hash g's little-endian bytes are draws
+// 4g .. 4g + 3, so the hashes are stored as they come.
+EMBPS_AVX512 inline void rounding_draws_avx512(uint64_t base, int64_t dim, uint16_t* r) {
+  const int64_t groups = (dim + 3) / 4;
+  const __m512i step = _mm512_set1_epi64(static_cast<int64_t>(8 * kGolden));
+  __m512i x = _mm512_add_epi64(
+      _mm512_set1_epi64(static_cast<int64_t>(base)),
+      _mm512_mullo_epi64(_mm512_set_epi64(8, 7, 6, 5, 4, 3, 2, 1), _mm512_set1_epi64(static_cast<int64_t>(kGolden))));
+  int64_t g = 0;
+  for (; g + 8 <= groups; g += 8, x = _mm512_add_epi64(x, step)) {
+    _mm512_storeu_si512(r + 4 * g, mix64_avx512(x));
+  }
+  for (; g < groups; ++g) {
+    uint64_t bits = mix64(base + static_cast<uint64_t>(g + 1) * kGolden);
+    for (int k = 0; k < 4; ++k, bits >>= 16) r[4 * g + k] = static_cast<uint16_t>(bits);
+  }
+}
+
+// encode_codes_avx2 16 lanes at a time: the same float32 operations and truncation; the
+// unsigned saturation to a byte (vpmovusdb) is the same min with 255.
+EMBPS_AVX512 inline void encode_codes_avx512(const float* w, const uint16_t* r, float lo, float inv, int64_t dim,
+                                             uint8_t* q) {
+  const __m512 vlo = _mm512_set1_ps(lo), vinv = _mm512_set1_ps(inv), vunit = _mm512_set1_ps(1.0f / 65536.0f);
+  int64_t k = 0;
+  for (; k + 16 <= dim; k += 16) {
+    const __m512 t = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(w + k), vlo), vinv);
+    const __m512i draws = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r + k)));
+    const __m512 v = _mm512_add_ps(t, _mm512_mul_ps(_mm512_cvtepi32_ps(draws), vunit));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k), _mm512_cvtusepi32_epi8(_mm512_cvttps_epi32(v)));
+  }
+  encode_codes_avx2(w + k, r + k, lo, inv, dim - k, q + k);
+}
+
+EMBPS_AVX512 inline void decode_codes_avx512(const uint8_t* q, float scale, float bias, int64_t dim, float* out) {
+  const __m512 vscale = _mm512_set1_ps(scale), vbias = _mm512_set1_ps(bias);
+  int64_t k = 0;
+  for (; k + 16 <= dim; k += 16) {
+    const __m512i codes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k)));
+    _mm512_storeu_ps(out + k, _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(codes), vscale), vbias));
+  }
+  decode_codes_loop(q + k, scale, bias, dim - k, out + k);
+}
+
+// decode_half_f16c and encode_half_f16c 16 lanes at a time (the same conversions).
+EMBPS_AVX512 inline void decode_half_avx512(const uint16_t* h, int64_t dim, float* out) {
+  int64_t k = 0;
+  for (; k + 16 <= dim; k += 16) {
+    _mm512_storeu_ps(out + k, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(h + k))));
+  }
+  decode_half_f16c(h + k, dim - k, out + k);
+}
+
+EMBPS_AVX512 inline void encode_half_avx512(const float* w, const uint16_t* r, int64_t dim, uint16_t* h) {
+  const __m512i exponent_mask = _mm512_set1_epi32(0xFF);
+  int64_t k = 0;
+  for (; k + 16 <= dim; k += 16) {
+    const __m512i b = _mm512_loadu_si512(w + k);
+    const __m512i add =
+        _mm512_srli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r + k))), 3);
+    const __mmask16 finite =
+        _mm512_cmpneq_epi32_mask(_mm512_and_si512(_mm512_srli_epi32(b, 23), exponent_mask), exponent_mask);
+    const __m512i rounded = _mm512_mask_add_epi32(b, finite, b, add);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(h + k),
+                        _mm512_cvtps_ph(_mm512_castsi512_ps(rounded), _MM_FROUND_TO_ZERO));
+  }
+  encode_half_f16c(w + k, r + k, dim - k, h + k);
+}
+
+struct Avx512Isa {
+  EMBPS_AVX512 static void draws(uint64_t base, int64_t dim, uint16_t* r) { rounding_draws_avx512(base, dim, r); }
+  EMBPS_AVX512 static void decode_half(const uint16_t* h, int64_t dim, float* out) { decode_half_avx512(h, dim, out); }
+  EMBPS_AVX512 static void encode_half(const float* w, const uint16_t* r, int64_t dim, uint16_t* h) {
+    encode_half_avx512(w, r, dim, h);
+  }
+  EMBPS_AVX512 static void decode_codes(const uint8_t* q, float scale, float bias, int64_t dim, float* out) {
+    decode_codes_avx512(q, scale, bias, dim, out);
+  }
+  EMBPS_AVX512 static void encode_codes(const float* w, const uint16_t* r, float lo, float inv, int64_t dim,
+                                        uint8_t* q) {
+    encode_codes_avx512(w, r, lo, inv, dim, q);
+  }
+};
+
+#pragma GCC diagnostic pop
+#endif
+
+// apply_update for a float16 or int8 value, each row in one pass while it is in L1: decode into
+// w, the same float32 optimizer step (its state float32 words follow the value words; row-wise
+// Adagrad's sums of squares come from `sq`, summed beforehand 8 rows side by side), draw the
+// rounding bits of stream `step`, encode back into the row. Rows go kGroup at a time, phase by
+// phase, so that the long waits of one row (square root and divisions of the step, min/max
+// and the two divisions of the int8 scale) overlap with the work of the others.
+// w: kGroup * dim floats, r: room for the draws of a row (+ 32, whole AVX-512 stores).
+constexpr int64_t kEncodeGroup = 4;
+
+template <class Isa>
+inline void update_encoded_rows(Optimizer opt, const double* hp, const BlockStore& store, Storage storage, int64_t dim,
+                                int64_t state_width, uint64_t seed_mix, const int64_t* keys, const int64_t* rows,
+                                const float* grads, const int64_t* counts, int64_t u, uint32_t step, const float* sq,
+                                float* w, uint16_t* r) {
+  const int64_t words = value_words(storage, dim);
+  const int64_t meta = words + state_width;
+  const int64_t padded = (dim + 3) / 4 * 4;
+  const bool half = storage == Storage::kFloat16;
+  constexpr int64_t kAhead = 8;
+  for (int64_t i = 0; i < u && i < kAhead; ++i) prefetch_words(store.row(rows[i]), meta + 2, 1);
+  float* row[kEncodeGroup];
+  for (int64_t first = 0; first < u; first += kEncodeGroup) {
+    const int64_t n = u - first < kEncodeGroup ? u - first : kEncodeGroup;
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t i = first + j;
+      if (i + kAhead < u) prefetch_words(store.row(rows[i + kAhead]), meta + 2, 1);
+      row[j] = store.row(rows[i]);
+      float* wj = w + j * dim;
+      if (half) {
+        Isa::decode_half(reinterpret_cast<const uint16_t*>(row[j]), dim, wj);
+      } else {
+        Isa::decode_codes(reinterpret_cast<const uint8_t*>(row[j] + 2), row[j][0], row[j][1], dim, wj);
+      }
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t i = first + j;
+      if (sq) {
+        rowwise_adagrad_step(hp, w + j * dim, row[j] + words, grads + i * dim, dim, sq[i]);
+      } else {
+        optimizer_step(opt, hp, w + j * dim, row[j] + words, grads + i * dim, dim);
+      }
+    }
+    if (half) {
+      for (int64_t j = 0; j < n; ++j) {
+        Isa::draws(rounding_base(seed_mix, keys[first + j], step), dim, r);
+        uint16_t* h = reinterpret_cast<uint16_t*>(row[j]);
+        Isa::encode_half(w + j * dim, r, dim, h);
+        if (dim & 1) h[dim] = 0;
+      }
+    } else {
+      float lo[kEncodeGroup], inv[kEncodeGroup];
+      for (int64_t j = 0; j < n; ++j) {
+        float hi;
+        row_min_max(w + j * dim, dim, &lo[j], &hi);
+        const float scale = (hi - lo[j]) / 255.0f;
+        inv[j] = scale > 0.0f ? 1.0f / scale : 0.0f;
+        row[j][0] = scale;
+        row[j][1] = lo[j];
+      }
+      for (int64_t j = 0; j < n; ++j) {
+        Isa::draws(rounding_base(seed_mix, keys[first + j], step), dim, r);
+        uint8_t* q = reinterpret_cast<uint8_t*>(row[j] + 2);
+        Isa::encode_codes(w + j * dim, r, lo[j], inv[j], dim, q);
+        for (int64_t k = dim; k < padded; ++k) q[k] = 0;
+      }
+    }
+    for (int64_t j = 0; j < n; ++j) update_meta(reinterpret_cast<uint32_t*>(row[j] + meta), counts[first + j], step);
+  }
+}
+
+#define EMBPS_UPDATE_ENCODED_ARGS                                                                              \
+  Optimizer opt, const double *hp, const BlockStore &store, Storage storage, int64_t dim, int64_t state_width, \
+      uint64_t seed_mix, const int64_t *keys, const int64_t *rows, const float *grads, const int64_t *counts,   \
+      int64_t u, uint32_t step, const float *sq, float *w, uint16_t *r
+#define EMBPS_UPDATE_ENCODED_CALL \
+  opt, hp, store, storage, dim, state_width, seed_mix, keys, rows, grads, counts, u, step, sq, w, r
+
+__attribute__((flatten)) inline void update_encoded_rows_baseline(EMBPS_UPDATE_ENCODED_ARGS) {
+  update_encoded_rows<BaselineIsa>(EMBPS_UPDATE_ENCODED_CALL);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx2,f16c"), flatten)) inline void update_encoded_rows_avx2(EMBPS_UPDATE_ENCODED_ARGS) {
+  update_encoded_rows<Avx2Isa>(EMBPS_UPDATE_ENCODED_CALL);
+}
+
+__attribute__((target("avx2,f16c,avx512f,avx512dq,avx512bw,avx512vl"), flatten)) inline void update_encoded_rows_avx512(
+    EMBPS_UPDATE_ENCODED_ARGS) {
+  update_encoded_rows<Avx512Isa>(EMBPS_UPDATE_ENCODED_CALL);
+}
+#undef EMBPS_AVX2
+#undef EMBPS_AVX512
+#endif
+#undef EMBPS_UPDATE_ENCODED_ARGS
+#undef EMBPS_UPDATE_ENCODED_CALL
+
+// apply_update for a float16 or int8 value (update_encoded_rows on the widest instruction set
+// the CPU has).
 inline void apply_update_encoded(Optimizer opt, const double* hp, const BlockStore& store,
                                  Storage storage, int64_t dim, int64_t state_width, uint64_t seed,
                                  const int64_t* keys, const int64_t* rows, const float* grads,
                                  const int64_t* counts, int64_t u, uint32_t step) {
-  const int64_t words = value_words(storage, dim);
-  const int64_t meta = words + state_width;
-  const uint64_t seed_mix = rounding_seed(seed);
-  std::vector<float> w(static_cast<size_t>(dim));
-  std::vector<uint16_t> r(static_cast<size_t>(dim + 3));
-  constexpr int64_t kAhead = 6;
-  for (int64_t i = 0; i < u && i < kAhead; ++i) prefetch_words(store.row(rows[i]), meta + 2, 1);
-  for (int64_t i = 0; i < u; ++i) {
-    if (i + kAhead < u) prefetch_words(store.row(rows[i + kAhead]), meta + 2, 1);
-    float* row = store.row(rows[i]);
-    decode_value(storage, row, dim, w.data());
-    optimizer_step(opt, hp, w.data(), row + words, grads + i * dim, dim);
-    encode_value(storage, w.data(), dim, rounding_base(seed_mix, keys[i], step), r.data(), row);
-    update_meta(reinterpret_cast<uint32_t*>(row + meta), counts[i], step);
+  if (storage != Storage::kFloat16 && storage != Storage::kInt8) {
+    throw std::invalid_argument("apply_update_encoded: storage must be float16 or int8");
   }
+  const uint64_t seed_mix = rounding_seed(seed);
+  std::vector<float> w(static_cast<size_t>(kEncodeGroup * dim));
+  std::vector<uint16_t> r(static_cast<size_t>(dim + 3) / 4 * 4 + 32);
+  std::vector<float> sums;
+  const float* sq = nullptr;
+  if (opt == Optimizer::kRowWiseAdagrad) {
+    sums.resize(static_cast<size_t>(u));
+    square_sums(grads, u, dim, sums.data());
+    sq = sums.data();
+  }
+#if defined(__x86_64__) && defined(__GNUC__)
+  const int isa = isa_level();
+  if (isa >= 2) {
+    return update_encoded_rows_avx512(opt, hp, store, storage, dim, state_width, seed_mix, keys, rows, grads, counts,
+                                      u, step, sq, w.data(), r.data());
+  }
+  if (isa >= 1) {
+    return update_encoded_rows_avx2(opt, hp, store, storage, dim, state_width, seed_mix, keys, rows, grads, counts, u,
+                                    step, sq, w.data(), r.data());
+  }
+#endif
+  update_encoded_rows_baseline(opt, hp, store, storage, dim, state_width, seed_mix, keys, rows, grads, counts, u, step,
+                               sq, w.data(), r.data());
 }
 
 }  // namespace embps

@@ -7,11 +7,16 @@
 // block base addresses and works on many rows per call; none of them allocates.
 #pragma once
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <stdexcept>
 #include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
 
 #include "hash_map.h"
 
@@ -138,6 +143,113 @@ inline int64_t dedupe_sum(const int64_t* keys, const float* grads, const int64_t
 
 enum class Optimizer : int { kSgd = 0, kAdagrad = 1, kRowWiseAdagrad = 2, kAdam = 3, kFtrl = 4 };
 
+// Row-wise Adagrad's step given sq, the sum of g[k]^2 added in element order.
+inline void rowwise_adagrad_step(const double* hp, float* w, float* s, const float* g, int64_t dim, float sq) {
+  const float lr = static_cast<float>(hp[0]), eps = static_cast<float>(hp[1]);
+  s[0] += sq / static_cast<float>(dim);
+  const float mult = lr / (std::sqrt(s[0]) + eps);
+  for (int64_t k = 0; k < dim; ++k) w[k] -= mult * g[k];
+}
+
+// out[i] = sum of g[i, k]^2 over k, each row added in element order (the reference's float32
+// additions). One row's additions wait on each other (4 cycles each, 256 at dim 64, more than a
+// whole float32 update otherwise takes), so rows are summed side by side: 8 independent chains.
+__attribute__((always_inline)) inline void square_sums_loop(const float* g, int64_t u, int64_t dim, float* out) {
+  int64_t i = 0;
+  for (; i + 8 <= u; i += 8) {
+    float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+    for (int64_t k = 0; k < dim; ++k) {
+      for (int r = 0; r < 8; ++r) {
+        const float x = g[(i + r) * dim + k];
+        acc[r] += x * x;
+      }
+    }
+    for (int r = 0; r < 8; ++r) out[i + r] = acc[r];
+  }
+  for (const float* row = g + i * dim; i < u; ++i, row += dim) {
+    float sq = 0.0f;
+    for (int64_t k = 0; k < dim; ++k) sq += row[k] * row[k];
+    out[i] = sq;
+  }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// square_sums_loop with AVX: 8 rows x 8 elements squared, transposed so that lane r holds row
+// r, then added one element column after the other (the same additions in the same order).
+__attribute__((target("avx2"))) inline void square_sums_avx2(const float* g, int64_t u, int64_t dim, float* out) {
+  int64_t i = 0;
+  const int64_t whole = dim / 8 * 8;
+  for (; i + 8 <= u && whole > 0; i += 8) {
+    const float* base = g + i * dim;
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t k = 0; k < whole; k += 8) {
+      __m256 v[8];
+      for (int r = 0; r < 8; ++r) {
+        const __m256 x = _mm256_loadu_ps(base + r * dim + k);
+        v[r] = _mm256_mul_ps(x, x);
+      }
+      const __m256 t0 = _mm256_unpacklo_ps(v[0], v[1]), t1 = _mm256_unpackhi_ps(v[0], v[1]);
+      const __m256 t2 = _mm256_unpacklo_ps(v[2], v[3]), t3 = _mm256_unpackhi_ps(v[2], v[3]);
+      const __m256 t4 = _mm256_unpacklo_ps(v[4], v[5]), t5 = _mm256_unpackhi_ps(v[4], v[5]);
+      const __m256 t6 = _mm256_unpacklo_ps(v[6], v[7]), t7 = _mm256_unpackhi_ps(v[6], v[7]);
+      const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+      const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+      const __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+      const __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+      // column c (element k + c of rows 0..7): c = 0..3 from the low halves, 4..7 from the high.
+      acc = _mm256_add_ps(acc, _mm256_permute2f128_ps(s0, s4, 0x20));
+      acc = _mm256_add_ps(acc, _mm256_permute2f128_ps(s1, s5, 0x20));
+      acc = _mm256_add_ps(acc, _mm256_permute2f128_ps(s2, s6, 0x20));
+      acc = _mm256_add_ps(acc, _mm256_permute2f128_ps(s3, s7, 0x20));
+      acc = _mm256_add_ps(acc, _mm256_permute2f128_ps(s0, s4, 0x31));
+      acc = _mm256_add_ps(acc, _mm256_permute2f128_ps(s1, s5, 0x31));
+      acc = _mm256_add_ps(acc, _mm256_permute2f128_ps(s2, s6, 0x31));
+      acc = _mm256_add_ps(acc, _mm256_permute2f128_ps(s3, s7, 0x31));
+    }
+    float sums[8];
+    _mm256_storeu_ps(sums, acc);
+    for (int r = 0; r < 8; ++r) {
+      for (int64_t k = whole; k < dim; ++k) sums[r] += base[r * dim + k] * base[r * dim + k];
+      out[i + r] = sums[r];
+    }
+  }
+  square_sums_loop(g + i * dim, u - i, dim, out + i);
+}
+#endif
+
+// The widest instruction set the row kernels use: what the CPU has, capped by isa_limit() (tests
+// run every tier on one machine and compare bits). 0: the build's baseline, 1: AVX2 (+ F16C),
+// 2: AVX-512 (F, DQ, BW, VL).
+inline std::atomic<int>& isa_limit() {
+  static std::atomic<int> limit{2};
+  return limit;
+}
+
+inline int cpu_isa() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const int level = !(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c")) ? 0
+                           : (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+                              __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"))
+                               ? 2
+                               : 1;
+  return level;
+#else
+  return 0;
+#endif
+}
+
+inline int isa_level() {
+  const int limit = isa_limit().load(std::memory_order_relaxed);
+  return cpu_isa() < limit ? cpu_isa() : limit;
+}
+
+inline void square_sums(const float* g, int64_t u, int64_t dim, float* out) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (isa_level() >= 1) return square_sums_avx2(g, u, dim, out);
+#endif
+  square_sums_loop(g, u, dim, out);
+}
+
 // One optimizer step on one row: value w (dim), state s, summed gradient g. Hyper-parameters by
 // optimizer: sgd: lr | adagrad: lr, eps | rowwise_adagrad: lr, eps | adam: lr, beta1, beta2, eps |
 // ftrl: alpha, beta, l1, l2. All arithmetic is float32, in the order of the reference in
@@ -159,12 +271,9 @@ inline void optimizer_step(Optimizer opt, const double* hp, float* w, float* s, 
       break;
     }
     case Optimizer::kRowWiseAdagrad: {
-      const float lr = static_cast<float>(hp[0]), eps = static_cast<float>(hp[1]);
       float sq = 0.0f;
       for (int64_t k = 0; k < dim; ++k) sq += g[k] * g[k];
-      s[0] += sq / static_cast<float>(dim);
-      const float mult = lr / (std::sqrt(s[0]) + eps);
-      for (int64_t k = 0; k < dim; ++k) w[k] -= mult * g[k];
+      rowwise_adagrad_step(hp, w, s, g, dim, sq);
       break;
     }
     case Optimizer::kAdam: {
@@ -219,11 +328,20 @@ inline void apply_update(Optimizer opt, const double* hp, const BlockStore& stor
                          const int64_t* counts, int64_t u, uint32_t step) {
   const int64_t meta = dim + state_width;
   constexpr int64_t kAhead = 6;
+  std::vector<float> sq;
+  if (opt == Optimizer::kRowWiseAdagrad) {
+    sq.resize(static_cast<size_t>(u));
+    square_sums(grads, u, dim, sq.data());
+  }
   for (int64_t i = 0; i < u && i < kAhead; ++i) prefetch_words(store.row(rows[i]), meta + 2, 1);
   for (int64_t i = 0; i < u; ++i) {
     if (i + kAhead < u) prefetch_words(store.row(rows[i + kAhead]), meta + 2, 1);
     float* w = store.row(rows[i]);
-    optimizer_step(opt, hp, w, w + dim, grads + i * dim, dim);
+    if (opt == Optimizer::kRowWiseAdagrad) {
+      rowwise_adagrad_step(hp, w, w + dim, grads + i * dim, dim, sq[i]);
+    } else {
+      optimizer_step(opt, hp, w, w + dim, grads + i * dim, dim);
+    }
     update_meta(reinterpret_cast<uint32_t*>(w + meta), counts[i], step);
   }
 }

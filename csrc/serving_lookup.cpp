@@ -55,7 +55,8 @@ ServingTable::ServingTable(const TableConfigNative& config, std::vector<int32_t>
       buckets_(std::move(buckets)),
       shards_(static_cast<size_t>(num_shards)),
       connected_(new std::atomic<bool>[static_cast<size_t>(num_shards)]),
-      last_message_(new std::atomic<double>[static_cast<size_t>(num_shards)]) {
+      last_message_(new std::atomic<double>[static_cast<size_t>(num_shards)]),
+      pending_(static_cast<size_t>(num_shards)) {
   if (config.dim < 1) throw std::invalid_argument("dim: must be >= 1");
   if (num_shards < 1) throw std::invalid_argument("num_shards: must be >= 1");
   if (buckets_.size() != 65536) throw std::invalid_argument("buckets: expected 65536 entries");
@@ -84,6 +85,104 @@ void ServingTable::set_link(int64_t s, bool connected, double last_message) {
   if (s < 0 || s >= num_shards()) throw std::out_of_range("shard outside the table");
   connected_[static_cast<size_t>(s)].store(connected, std::memory_order_relaxed);
   last_message_[static_cast<size_t>(s)].store(last_message, std::memory_order_relaxed);
+}
+
+void ServingTable::set_pending(int64_t s, uint64_t step, bool replace, std::shared_ptr<ShardStore> rows) {
+  if (s < 0 || s >= num_shards()) throw std::out_of_range("shard outside the table");
+  if (rows == nullptr || rows->width() != width_) throw std::invalid_argument("rows: of another width");
+  auto pending = std::make_shared<PendingShard>(PendingShard{step, replace, std::move(rows)});
+  auto previous = std::atomic_exchange(&pending_[static_cast<size_t>(s)], std::move(pending));
+  if (previous == nullptr) num_pending_.fetch_add(1, std::memory_order_seq_cst);
+}
+
+void ServingTable::clear_pending(int64_t s) {
+  if (s < 0 || s >= num_shards()) throw std::out_of_range("shard outside the table");
+  auto previous = std::atomic_exchange(&pending_[static_cast<size_t>(s)], std::shared_ptr<PendingShard>());
+  if (previous != nullptr) num_pending_.fetch_sub(1, std::memory_order_seq_cst);
+}
+
+std::vector<std::shared_ptr<ShardStore>> ServingTable::gather_at(const int64_t* keys, int64_t n, float* words,
+                                                                 uint8_t* found, uint64_t version) const {
+  const int64_t shards = num_shards();
+  // Pending before main: the writer swaps a replacement in before it drops the pending store.
+  std::vector<std::shared_ptr<PendingShard>> pending(static_cast<size_t>(shards));
+  std::vector<std::shared_ptr<ShardStore>> stores(static_cast<size_t>(shards));
+  const bool any_pending = num_pending_.load(std::memory_order_seq_cst) != 0;
+  for (int64_t s = 0; s < shards; ++s) {
+    if (any_pending) {
+      auto p = std::atomic_load(&pending_[static_cast<size_t>(s)]);
+      if (p != nullptr && p->step <= version) pending[static_cast<size_t>(s)] = std::move(p);
+    }
+    stores[static_cast<size_t>(s)] = shard(s);
+  }
+  // One shard's part: its pending overlay first, the main store for keys the overlay lacks.
+  auto gather_shard = [&](int64_t s, const int64_t* part_keys, int64_t m, float* part_words, uint8_t* part_found) {
+    const PendingShard* p = pending[static_cast<size_t>(s)].get();
+    if (p == nullptr) {
+      stores[static_cast<size_t>(s)]->gather(part_keys, m, part_words, part_found);
+      return;
+    }
+    if (p->replace) {
+      p->rows->gather(part_keys, m, part_words, part_found);
+      return;
+    }
+    p->rows->gather_state(part_keys, m, part_words, part_found);
+    std::vector<int64_t> rest_keys;
+    std::vector<int64_t> rest_at;
+    for (int64_t i = 0; i < m; ++i) {
+      if (part_found[i] == 0) {
+        rest_keys.push_back(part_keys[i]);
+        rest_at.push_back(i);
+      } else {
+        part_found[i] = part_found[i] == ShardStore::kLive ? 1 : 0;
+      }
+    }
+    if (rest_keys.empty()) return;
+    const int64_t r = static_cast<int64_t>(rest_keys.size());
+    std::vector<float> rest_words(static_cast<size_t>(r * width_), 0.0f);
+    std::vector<uint8_t> rest_found(static_cast<size_t>(r), 0);
+    stores[static_cast<size_t>(s)]->gather(rest_keys.data(), r, rest_words.data(), rest_found.data());
+    for (int64_t j = 0; j < r; ++j) {
+      const int64_t i = rest_at[static_cast<size_t>(j)];
+      part_found[i] = rest_found[static_cast<size_t>(j)];
+      if (part_found[i]) std::memcpy(part_words + i * width_, &rest_words[static_cast<size_t>(j * width_)], 4 * width_);
+    }
+  };
+  if (shards == 1) {
+    gather_shard(0, keys, n, words, found);
+  } else {
+    std::vector<int32_t> owner(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i) owner[static_cast<size_t>(i)] = shard_of(keys[i]);
+    std::vector<int64_t> part_keys;
+    std::vector<int64_t> positions;
+    std::vector<float> part_words;
+    std::vector<uint8_t> part_found;
+    for (int64_t s = 0; s < shards; ++s) {
+      part_keys.clear();
+      positions.clear();
+      for (int64_t i = 0; i < n; ++i) {
+        if (owner[static_cast<size_t>(i)] == s) {
+          part_keys.push_back(keys[i]);
+          positions.push_back(i);
+        }
+      }
+      if (part_keys.empty()) continue;
+      const int64_t m = static_cast<int64_t>(part_keys.size());
+      part_words.assign(static_cast<size_t>(m * width_), 0.0f);
+      part_found.assign(static_cast<size_t>(m), 0);
+      gather_shard(s, part_keys.data(), m, part_words.data(), part_found.data());
+      for (int64_t j = 0; j < m; ++j) {
+        const int64_t i = positions[static_cast<size_t>(j)];
+        found[i] = part_found[static_cast<size_t>(j)];
+        std::memcpy(words + i * width_, &part_words[static_cast<size_t>(j * width_)], 4 * width_);
+      }
+    }
+  }
+  for (int64_t s = 0; s < shards; ++s) {
+    const PendingShard* p = pending[static_cast<size_t>(s)].get();
+    if (p != nullptr && p->replace) stores[static_cast<size_t>(s)] = p->rows;
+  }
+  return stores;
 }
 
 bool ServingTable::stale(int64_t s, double now, double threshold) const {
@@ -334,6 +433,22 @@ LookupReply NativeLookups::operator()(const LookupRequest& request) {
   return reply;
 }
 
+// answer(version) at the clock's current version, again while the cut moved under it (ModelClock).
+template <typename Answer>
+int NativeLookups::at_one_version(Answer&& answer, std::string& message) {
+  const std::shared_ptr<ModelClock> clock = tables_.empty() ? nullptr : tables_[0]->clock();
+  if (clock == nullptr) return answer(0);
+  for (int attempt = 0; attempt < kMaxVersionTries; ++attempt) {
+    const uint64_t version = clock->begin_read();
+    const int code = answer(version);
+    if (clock->still_valid(version)) return code;
+    version_retries_.fetch_add(1, std::memory_order_relaxed);
+  }
+  message = "the model version moved under this lookup " + std::to_string(kMaxVersionTries) +
+            " times; retry (the replica applies cuts faster than it answers)";
+  return grpc::StatusCode::UNAVAILABLE;
+}
+
 NativeAnswer NativeLookups::answer(const std::string& method, const std::string& authorization, const char* data,
                                    size_t size) {
   const auto start = std::chrono::steady_clock::now();
@@ -363,7 +478,10 @@ NativeAnswer NativeLookups::answer(const std::string& method, const std::string&
       out.code = grpc::StatusCode::UNAVAILABLE;
       out.message = "the serving replica is shutting down";
     } else {
-      out.code = lookup(fields, out.payload, out.message, label);
+      out.code = at_one_version([&](uint64_t version) {
+        out.payload.clear();
+        return lookup(fields, version, out.payload, out.message, label);
+      }, out.message);
     }
   } else {
     // Parse the whole request first: a malformed one is INVALID_ARGUMENT before any lookup.
@@ -397,21 +515,28 @@ NativeAnswer NativeLookups::answer(const std::string& method, const std::string&
       out.code = grpc::StatusCode::UNAVAILABLE;
       out.message = "the serving replica is shutting down";
     } else {
-      std::string one;
-      size_t ignored;
-      for (size_t i = 0; i < lookups.size(); ++i) {
-        one.clear();
-        int code = lookup(lookups[i], one, out.message, ignored);
-        if (code != 0) {
-          out.code = code;
-          out.message = "lookups[" + std::to_string(i) + "]: " + out.message;
-          out.payload.clear();
-          break;
+      out.code = at_one_version([&](uint64_t version) {
+        std::string one;
+        size_t ignored;
+        out.payload.clear();
+        for (size_t i = 0; i < lookups.size(); ++i) {
+          one.clear();
+          int code = lookup(lookups[i], version, one, out.message, ignored);
+          if (code != 0) {
+            out.message = "lookups[" + std::to_string(i) + "]: " + out.message;
+            out.payload.clear();
+            return code;
+          }
+          put_tag(out.payload, 1, 2);
+          put_varint(out.payload, one.size());
+          out.payload += one;
         }
-        put_tag(out.payload, 1, 2);
-        put_varint(out.payload, one.size());
-        out.payload += one;
-      }
+        if (version) {
+          put_tag(out.payload, 2, 0);
+          put_varint(out.payload, version);
+        }
+        return 0;
+      }, out.message);
     }
   }
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
@@ -421,7 +546,8 @@ NativeAnswer NativeLookups::answer(const std::string& method, const std::string&
   return out;
 }
 
-int NativeLookups::lookup(const LookupFields& f, std::string& out, std::string& message, size_t& label) {
+int NativeLookups::lookup(const LookupFields& f, uint64_t version, std::string& out, std::string& message,
+                          size_t& label) {
   const auto start = std::chrono::steady_clock::now();
   const std::string name(reinterpret_cast<const char*>(f.table), f.table_size);
   size_t t = 0;
@@ -458,43 +584,13 @@ int NativeLookups::lookup(const LookupFields& f, std::string& out, std::string& 
   std::vector<int64_t> keys(static_cast<size_t>(n));
   if (n) std::memcpy(keys.data(), f.keys, f.keys_size);  // little-endian hosts only (x86-64, aarch64)
 
-  // Gather per shard, each from one store (a resync may publish another meanwhile).
+  // Gather per shard at `version`, each from one store (a resync may publish another meanwhile).
   const int64_t width = table.width();
   std::vector<float> words(static_cast<size_t>(n * width), 0.0f);
   std::vector<uint8_t> found(static_cast<size_t>(n), 0);
   const int64_t shards = table.num_shards();
-  std::vector<std::shared_ptr<ShardStore>> stores(static_cast<size_t>(shards));
-  for (int64_t s = 0; s < shards; ++s) stores[static_cast<size_t>(s)] = table.shard(s);
-  if (shards == 1) {
-    stores[0]->gather(keys.data(), n, words.data(), found.data());
-  } else {
-    std::vector<int32_t> owner(static_cast<size_t>(n));
-    for (int64_t i = 0; i < n; ++i) owner[static_cast<size_t>(i)] = table.shard_of(keys[static_cast<size_t>(i)]);
-    std::vector<int64_t> part_keys;
-    std::vector<int64_t> positions;
-    std::vector<float> part_words;
-    std::vector<uint8_t> part_found;
-    for (int64_t s = 0; s < shards; ++s) {
-      part_keys.clear();
-      positions.clear();
-      for (int64_t i = 0; i < n; ++i) {
-        if (owner[static_cast<size_t>(i)] == s) {
-          part_keys.push_back(keys[static_cast<size_t>(i)]);
-          positions.push_back(i);
-        }
-      }
-      if (part_keys.empty()) continue;
-      const int64_t m = static_cast<int64_t>(part_keys.size());
-      part_words.assign(static_cast<size_t>(m * width), 0.0f);
-      part_found.assign(static_cast<size_t>(m), 0);
-      stores[static_cast<size_t>(s)]->gather(part_keys.data(), m, part_words.data(), part_found.data());
-      for (int64_t j = 0; j < m; ++j) {
-        const int64_t i = positions[static_cast<size_t>(j)];
-        found[static_cast<size_t>(i)] = part_found[static_cast<size_t>(j)];
-        std::memcpy(&words[static_cast<size_t>(i * width)], &part_words[static_cast<size_t>(j * width)], 4 * width);
-      }
-    }
-  }
+  const std::vector<std::shared_ptr<ShardStore>> stores = table.gather_at(keys.data(), n, words.data(), found.data(),
+                                                                          version);
 
   // Values in float32 (the decoded rows; missing: zeros or the init), then the reply's dtype.
   int64_t missing = 0;
@@ -573,6 +669,10 @@ int NativeLookups::lookup(const LookupFields& f, std::string& out, std::string& 
     put_tag(out, 5, 2);
     put_varint(out, served.size());
     out += served;
+  }
+  if (version) {
+    put_tag(out, 6, 0);
+    put_varint(out, version);
   }
   TableCell& tc = *table_cells_[t];
   tc.keys.fetch_add(static_cast<uint64_t>(n), std::memory_order_relaxed);

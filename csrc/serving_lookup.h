@@ -61,6 +61,17 @@ class ServingTable {
   int32_t shard_of(int64_t key) const {
     return buckets_[mix64(static_cast<uint64_t>(key)) & 0xFFFFu];
   }
+  // consistency = "step": the replica's clock (shared by its tables) and each shard's pending
+  // store of the next cut (see ModelClock in serving_store.h). Without a clock: version 0.
+  void set_clock(std::shared_ptr<ModelClock> clock) { std::atomic_store(&clock_, std::move(clock)); }
+  std::shared_ptr<ModelClock> clock() const { return std::atomic_load(&clock_); }
+  void set_pending(int64_t s, uint64_t step, bool replace, std::shared_ptr<ShardStore> rows);
+  void clear_pending(int64_t s);
+  // Words and found of keys at model version `version` (pending stores of steps <= version
+  // first, then the main stores); the caller checks clock()->still_valid(version) afterwards.
+  // Returns the stores read, for the reply's versions.
+  std::vector<std::shared_ptr<ShardStore>> gather_at(const int64_t* keys, int64_t n, float* words, uint8_t* found,
+                                                     uint64_t version) const;
 
  private:
   TableConfigNative config_;
@@ -69,6 +80,12 @@ class ServingTable {
   std::vector<std::shared_ptr<ShardStore>> shards_;  // read and written with std::atomic_load/store
   std::unique_ptr<std::atomic<bool>[]> connected_;
   std::unique_ptr<std::atomic<double>[]> last_message_;
+  std::shared_ptr<ModelClock> clock_;
+  std::vector<std::shared_ptr<PendingShard>> pending_;  // read and written with std::atomic_load/store
+  // Pending stores set: readers skip the shared_ptr loads (a lock pool in libstdc++) while 0. The
+  // writer counts up before it publishes a cut and down after it merged, so a reader at a cut
+  // that has pending stores always sees them.
+  std::atomic<int64_t> num_pending_{0};
 };
 
 // The code, message and bytes of one answered call (OK: payload is the reply message).
@@ -82,6 +99,8 @@ class NativeLookups {
  public:
   static constexpr int kCodes = 17;
   static constexpr int kMethods = 2;  // Lookup, LookupMany
+  // Answers again at most this many times when the cut moves under a lookup (see ModelClock).
+  static constexpr int kMaxVersionTries = 64;
 
   NativeLookups(std::vector<std::shared_ptr<ServingTable>> tables, std::vector<double> latency_buckets,
                 double stale_after_seconds, bool auth);
@@ -113,11 +132,15 @@ class NativeLookups {
   const TableCell& table_cell(size_t table) const { return *table_cells_[table]; }
   // Refused by the token check: counted without a duration (as TokenAuth's on_denied does).
   uint64_t denied(int method, int code) const { return denied_[method * kCodes + code].load(); }
+  // Lookups answered again because the cut moved under them.
+  uint64_t version_retries() const { return version_retries_.load(std::memory_order_relaxed); }
 
  private:
   struct Parsed;
-  int answer_one(const char* data, size_t size, std::string& out, std::string& message, size_t& label);
-  int lookup(const struct LookupFields& fields, std::string& out, std::string& message, size_t& label);
+  template <typename Answer>
+  int at_one_version(Answer&& answer, std::string& message);
+  int lookup(const struct LookupFields& fields, uint64_t version, std::string& out, std::string& message,
+             size_t& label);
   bool authorized(const std::string& authorization);
   CallCell& cell(size_t label, int method, int code) {
     return *calls_[(label * kMethods + static_cast<size_t>(method)) * kCodes + static_cast<size_t>(code)];
@@ -133,6 +156,7 @@ class NativeLookups {
   std::vector<std::unique_ptr<CallCell>> calls_;
   std::vector<std::unique_ptr<TableCell>> table_cells_;
   std::unique_ptr<std::atomic<uint64_t>[]> denied_;
+  std::atomic<uint64_t> version_retries_{0};
 };
 
 // float32 -> float16 bits, round to nearest even (as numpy's astype).

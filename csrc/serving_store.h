@@ -85,9 +85,26 @@ class ShardStore {
     }
   }
 
+  // Marks keys deleted (a pending cut's overlay, see ServingTable): their rows read as state 2.
+  void mark_deleted(const int64_t* keys, int64_t n) {
+    std::lock_guard<std::mutex> lock(write_mu_);
+    std::vector<int64_t> rows(static_cast<size_t>(n));
+    std::vector<uint8_t> inserted(static_cast<size_t>(n));
+    ensure_rows(map_.num_rows() + static_cast<uint64_t>(n));
+    map_.find_or_insert(keys, n, rows.data(), inserted.data());
+    std::vector<float> zeros(static_cast<size_t>(width_), 0.0f);
+    for (int64_t i = 0; i < n; ++i) write_row(rows[i], kDeleted, keys[i], zeros.data());
+  }
+
   // Copies the words of keys into out (n, width); absent keys' rows are left as they were.
   // found[i] = 1 when keys[i] has a row. Lock-free; any thread.
   void gather(const int64_t* keys, int64_t n, float* out, uint8_t* found) const {
+    gather_state(keys, n, out, found);
+    for (int64_t i = 0; i < n; ++i) found[i] = found[i] == kLive ? 1 : 0;
+  }
+
+  // As gather, with state[i] = 0 (no row), 1 (a row, copied) or 2 (marked deleted).
+  void gather_state(const int64_t* keys, int64_t n, float* out, uint8_t* state) const {
     constexpr int64_t kGroup = 64;
     int64_t rows[kGroup];
     std::vector<float> copy(static_cast<size_t>(width_));  // a row is copied here, then checked
@@ -95,12 +112,15 @@ class ShardStore {
       const int64_t m = n - start < kGroup ? n - start : kGroup;
       map_.find(keys + start, m, rows);
       for (int64_t i = 0; i < m; ++i) {
-        const bool ok = read_key(keys[start + i], rows[i], copy.data());
-        if (ok) std::memcpy(out + (start + i) * width_, copy.data(), 4 * width_);
-        found[start + i] = ok ? 1 : 0;
+        const uint32_t got = read_key(keys[start + i], rows[i], copy.data());
+        if (got == kLive) std::memcpy(out + (start + i) * width_, copy.data(), 4 * width_);
+        state[start + i] = static_cast<uint8_t>(got);
       }
     }
   }
+
+  static constexpr uint32_t kLive = 1;
+  static constexpr uint32_t kDeleted = 2;
 
   // Every (key, words) pair, for exports and checks (not concurrent with writes).
   void export_rows(std::vector<int64_t>& keys, std::vector<float>& words) const {
@@ -165,12 +185,13 @@ class ShardStore {
     h->seq.store(s + 2, std::memory_order_release);
   }
 
-  // Copies key's row (found as `r` by the map) into out; false: no written row for key.
-  bool read_key(int64_t key, int64_t r, float* out) const {
+  // Copies key's row (found as `r` by the map) into out; returns its valid state (kLive,
+  // kDeleted), 0: no written row for key.
+  uint32_t read_key(int64_t key, int64_t r, float* out) const {
     for (int attempt = 0; attempt < 4; ++attempt) {
-      if (r < 0) return false;
+      if (r < 0) return 0;
       char* row = row_ptr(current_dir(), r);
-      if (row == nullptr) return false;
+      if (row == nullptr) return 0;
       Header* h = header(row);
       uint32_t valid;
       int64_t seen;
@@ -186,10 +207,10 @@ class ShardStore {
         std::atomic_thread_fence(std::memory_order_acquire);
         if (h->seq.load(std::memory_order_relaxed) == s1) break;
       }
-      if (valid && seen == key) return true;
+      if (valid && seen == key) return valid;
       map_.find(&key, 1, &r);  // moved or not written yet: look again
     }
-    return false;
+    return 0;
   }
 
   const int64_t width_;
@@ -200,6 +221,48 @@ class ShardStore {
   std::vector<std::unique_ptr<Dir>> dirs_;  // every directory published (readers may hold any)
   std::vector<char*> blocks_;
   std::atomic<int64_t> blocks_count_{0};
+};
+
+// The replica's model version (DESIGN section 9): the cut every lookup is answered at, shared by
+// every table of a replica with consistency = "step".
+//
+// Why a lookup never sees half a cut. The one writer (serving/cut.py) applies cut C in three moves:
+//   1. stage: each changed (table, shard) gets a private ShardStore with C's rows (an overlay of
+//      upserts and kDeleted marks, or a whole replacement after a resync), published as the
+//      shard's pending store for step C; readers at a version < C ignore it;
+//   2. switch: visible = C (one atomic store): from now on readers take C's rows from the pending
+//      stores, and every other row from the main stores, which still hold C's rows there;
+//   3. merge: floor = C, then the overlays are written into the main stores (or a replacement is
+//      swapped in), then the pending stores are dropped (readers holding one keep it alive).
+// A reader loads visible V first, reads pending (step <= V) then main stores, and at the end
+// checks floor <= V (a seqlock on the model version): a reader that started at V < C and may have
+// read rows the merge of C changed sees floor = C > V and answers again at the new version. A
+// reader at the current cut never retries; only one that spans two cut switches does.
+class ModelClock {
+ public:
+  uint64_t begin_read() const { return visible_.load(std::memory_order_seq_cst); }
+  bool still_valid(uint64_t version) const {
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+    return floor_.load(std::memory_order_seq_cst) <= version;
+  }
+  uint64_t visible() const { return visible_.load(); }
+  uint64_t floor() const { return floor_.load(); }
+  void publish(uint64_t version) { visible_.store(version, std::memory_order_seq_cst); }
+  void begin_merge(uint64_t version) {
+    floor_.store(version, std::memory_order_seq_cst);
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+  }
+
+ private:
+  std::atomic<uint64_t> visible_{0};
+  std::atomic<uint64_t> floor_{0};
+};
+
+// A (table, shard)'s rows of a cut not yet merged into its main store (see ModelClock).
+struct PendingShard {
+  uint64_t step = 0;
+  bool replace = false;  // true: `rows` is the shard's whole content at `step`; else an overlay
+  std::shared_ptr<ShardStore> rows;
 };
 
 }  // namespace embps

@@ -6,6 +6,7 @@
     image_pull_policy = "IfNotPresent"           # "Always" | "IfNotPresent" | "Never"
     secret = "ctr-credentials"                   # Secret whose keys become every pod's environment
                                                  # (AWS_* for S3, tokens); default "<job>-credentials"
+    etcd_image = "gcr.io/etcd-development/etcd:v3.5.17"  # the etcd render adds for [arbiter]
     files_secret = "ctr-files"                   # Secret mounted at /etc/embps-secret when [security]
                                                  # names files (certificates, keys, token files), each
                                                  # as /etc/embps-secret/<key>; default "<job>-files"
@@ -109,6 +110,7 @@ class DeployConfig:
     ps: PSDeploy = field(default_factory=PSDeploy)
     worker: WorkerDeploy = field(default_factory=WorkerDeploy)
     serving: ServingDeploy = field(default_factory=ServingDeploy)
+    etcd_image: str = "gcr.io/etcd-development/etcd:v3.5.17"  # the arbiter render adds ([arbiter], deploy/standby.py)
 
 
 def parse_deploy_config(raw: object) -> DeployConfig:
@@ -121,6 +123,8 @@ def parse_deploy_config(raw: object) -> DeployConfig:
     config = build_config(DeployConfig, raw, "deploy")
     if not config.image.strip():
         raise ValueError("deploy.image: must name a container image with embps installed, got ''")
+    if not isinstance(config.etcd_image, str) or not config.etcd_image.strip():
+        raise ValueError(f"deploy.etcd_image: must name a container image with etcd, got {config.etcd_image!r}")
     _check_name("deploy.namespace", config.namespace, DNS_LABEL, 63)
     for name in ("secret", "files_secret"):
         if getattr(config, name) is not None:

@@ -3,6 +3,11 @@
     DIR/00-config.yaml                 ConfigMap <job>-config: job.toml (verbatim) + serve.toml
     DIR/10-ps-service.yaml             headless Service <job>-ps: stable names <job>-ps-<i>.<job>-ps
     DIR/11-ps-statefulset.yaml         StatefulSet <job>-ps: pod i runs `embps ps --shard i`
+    DIR/12-ps-standby-*.yaml           with [[shards]] standby: headless Service and StatefulSet
+                                       <job>-ps-standby, pod i runs `embps ps --shard i --standby`
+    DIR/05-etcd-*.yaml                 with [arbiter] endpoints = "http://<job>-etcd:2379": a
+                                       one-member etcd (Service + StatefulSet with a volume); any
+                                       other endpoint is an existing etcd, and nothing is added
     DIR/20-serving-deployment.yaml     Deployment <job>-serving: `embps serve`
     DIR/21-serving-service.yaml        Service <job>-serving (gRPC)
     DIR/22-serving-hpa.yaml            HorizontalPodAutoscaler on CPU
@@ -35,7 +40,9 @@ from pathlib import Path
 import yaml
 
 from deploy.config import DNS_LABEL, DeployConfig, WorkerKind, parse_deploy_config
+from deploy.standby import check_standbys, standby_manifests
 from ps import toml_writer
+from ps.job_config import ShardConfig
 from ps.security import Role, SecurityConfig, ps_port_policy, serving_port_policy
 from worker.train_config import TrainingJob, parse_training_job
 
@@ -80,6 +87,7 @@ def render(job: TrainingJob, deploy: DeployConfig, job_toml: str) -> dict[str, d
         "00-config.yaml": config_map(job, deploy, job_toml),
         "10-ps-service.yaml": _headless_service(f"{name}-ps", name, "ps", job.ps.shards[0].port),
         "11-ps-statefulset.yaml": ps_statefulset(job, deploy),
+        **standby_manifests(job, deploy),
         "20-serving-deployment.yaml": serving_deployment(job, deploy),
         "21-serving-service.yaml": serving_service(job, deploy),
         "22-serving-hpa.yaml": serving_hpa(job, deploy),
@@ -138,6 +146,7 @@ def _check_job(job: TrainingJob, deploy: DeployConfig) -> None:
                 f"shards[{i}].metrics_port: every shard pod needs the same fixed metrics port, not 0 and not the "
                 f"gRPC port, for Prometheus to scrape (shards[0] has {first.metrics_port}), got {shard.metrics_port}"
             )
+    check_standbys(job, deploy)
     world_size = deploy.worker.nnodes * job.train.workers
     if job.train.batch_size % world_size:
         raise ValueError(
@@ -308,19 +317,24 @@ def _headless_service(name: str, job: str, component: str, port: int) -> dict:
             "clusterIP": "None",
             "publishNotReadyAddresses": True,
             "selector": _labels(job, component),
-            "ports": [{"name": "grpc" if component == "ps" else "rdzv", "port": port, "targetPort": port}],
+            "ports": [{"name": "grpc" if component.startswith("ps") else "rdzv", "port": port, "targetPort": port}],
         },
     }
 
 
-def ps_statefulset(job: TrainingJob, deploy: DeployConfig) -> dict:
+def ps_statefulset(job: TrainingJob, deploy: DeployConfig, standby: bool = False) -> dict:
+    """The shards' StatefulSet <job>-ps, or (standby) their standbys' <job>-ps-standby."""
     name = job.ps.job
     shard = job.ps.shards[0]
+    if standby:
+        shard = ShardConfig(shard.standby, shard.standby_metrics_port)
+    set_name = f"{name}-ps-standby" if standby else f"{name}-ps"
     # The pod's ordinal is its shard index; its DNS record may lag its start by a moment, and the
     # shard binds that name, so it waits for it.
     script = (
-        f'until getent hosts "$HOSTNAME.{name}-ps" >/dev/null; do sleep 1; done; '
+        f'until getent hosts "$HOSTNAME.{set_name}" >/dev/null; do sleep 1; done; '
         f'exec embps ps --config {CONFIG_DIR}/job.toml --shard "${{HOSTNAME##*-}}"'
+        + (" --standby" if standby else "")
     )
     container = {
         "name": "ps",
@@ -332,22 +346,23 @@ def ps_statefulset(job: TrainingJob, deploy: DeployConfig) -> dict:
         "resources": _resources(deploy.ps.resources),
         # A shard's certificate names its host in [[shards]]: "$HOSTNAME" plus what follows "<job>-ps-0" there.
         **_health_probes(
-            shard.port, PS_HEALTH_SERVICE, job.ps.security, f'"$HOSTNAME{shard.host[len(f"{name}-ps-0"):]}"'
+            shard.port, PS_HEALTH_SERVICE, job.ps.security, f'"$HOSTNAME{shard.host[len(f"{set_name}-0"):]}"'
         ),
     }
+    component = "ps-standby" if standby else "ps"
     pod = _pod_spec(job, deploy, PodKind.PS, container)
     pod["terminationGracePeriodSeconds"] = 30  # `embps ps` drains in-flight calls on SIGTERM
     return {
         "apiVersion": "apps/v1",
         "kind": "StatefulSet",
-        "metadata": _metadata(f"{name}-ps", name, "ps"),
+        "metadata": _metadata(set_name, name, component),
         "spec": {
-            "serviceName": f"{name}-ps",
+            "serviceName": set_name,
             "replicas": len(job.ps.shards),
             "podManagementPolicy": "Parallel",
-            "selector": {"matchLabels": _labels(name, "ps")},
+            "selector": {"matchLabels": _labels(name, component)},
             "template": {
-                "metadata": {"labels": _labels(name, "ps"), "annotations": _scrape(shard.metrics_port)},
+                "metadata": {"labels": _labels(name, component), "annotations": _scrape(shard.metrics_port)},
                 "spec": pod,
             },
         },

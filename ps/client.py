@@ -6,10 +6,13 @@
 
 Every call has a deadline (retries included). Lookups and pushes are retried on UNAVAILABLE
 with backoff until the deadline; a push carries a push id (client id, sequence) that the shard
-remembers, so a retried push is applied once. gRPC errors become embps exceptions in one place,
-`_translate`; the client never returns partial results. A shard that gives no answer before the
-deadline (down, partitioned, or too slow to matter) is ShardUnavailableError with code
-UNAVAILABLE, whatever gRPC said last (DEADLINE_EXCEEDED on a silent link): never a hang.
+remembers, so a retried push is applied once. A shard with a standby has two addresses: after
+UNAVAILABLE from one (dead, deposed, or the standby refusing) the next attempt goes to the other,
+with the same push ids, so a failover applies nothing twice (ps/shard/replication.py).
+gRPC errors become embps exceptions in one place, `_translate`; the client never returns partial
+results. A shard that gives no answer before the deadline (down, partitioned, or too slow to
+matter) is ShardUnavailableError with code UNAVAILABLE, whatever gRPC said last
+(DEADLINE_EXCEEDED on a silent link): never a hang.
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ _SLACK = 4096  # protobuf framing and small fields around the bulk bytes of one 
 # CANCELLED by the server comes from a shard stopping before any handler saw the call: nothing was
 # applied, and a retried push is deduplicated by its push id anyway.
 _RETRY_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
+_FAILOVER_ATTEMPTS = 256
+_FAILOVER_MAX_BACKOFF_S = 0.1
+_FAILOVER_ATTEMPT_MIN_S = 2.0
 
 
 class RPCError(EmbpsError):
@@ -168,7 +174,9 @@ class PSClient:
         backoff_seconds: float = 0.05,
         security: SecurityConfig | None = None,
         role: Role = Role.TRAINER,
+        standbys: Sequence[str] = (),
     ) -> None:
+        """standbys: shard s's standby address at index s ("" or absent: none)."""
         if not addresses:
             raise ValueError("addresses: need at least one shard address")
         self.addresses = list(addresses)
@@ -200,6 +208,24 @@ class PSClient:
         # TLS and the role's bearer token when the job's [security] has them (ps/security.py).
         self._channels = [open_channel(a, security or SecurityConfig(), role, options) for a in self.addresses]
         self._stubs = [ps_pb2_grpc.ParameterServerStub(c) for c in self._channels]
+        # Each shard's stubs: its primary's, then its standby's; self._stubs[s] is the one in use.
+        self._pairs = [[stub] for stub in self._stubs]
+        for shard, standby in enumerate(standbys):
+            if standby:
+                channel = open_channel(standby, security or SecurityConfig(), role, options)
+                self._channels.append(channel)
+                self._pairs[shard].append(ps_pb2_grpc.ParameterServerStub(channel))
+        self._max_backoff = 1.0
+        self._retry_codes = _RETRY_CODES
+        self._paired = any(len(pair) == 2 for pair in self._pairs)
+        if self._paired:
+            # A failover takes about a lease; the other address answers (or refuses) at once, so
+            # retries stay frequent to meet the new primary soon, and the deadline bounds them.
+            self.max_attempts = max(max_attempts, _FAILOVER_ATTEMPTS)
+            self._max_backoff = _FAILOVER_MAX_BACKOFF_S
+            # A primary cut off the network answers nothing: an attempt ends after a part of the
+            # deadline, and the next one goes to the other address.
+            self._retry_codes = _RETRY_CODES | {grpc.StatusCode.DEADLINE_EXCEEDED}
         # Enough threads for the RPCs of a multi-table round (lookup_many / push_many) to overlap.
         self._pool = ThreadPoolExecutor(max(16, 2 * len(self.addresses)), thread_name_prefix="ps-client")
 
@@ -211,6 +237,7 @@ class PSClient:
         kwargs.setdefault("message_limit_bytes", job.message_limit_bytes)
         kwargs.setdefault("deadlines", job.deadlines)
         kwargs.setdefault("security", job.security)
+        kwargs.setdefault("standbys", [s.standby for s in job.shards])
         return cls(job.addresses, shard_map=job.shard_map, **kwargs)
 
     def close(self) -> None:
@@ -450,6 +477,17 @@ class PSClient:
                 calls.append((shard, request))
         return calls
 
+    def commit(self, step: int, dense_state: bytes = b"", dense_format: str = "") -> list[ps_pb2.CommitResponse]:
+        """Tells every shard that step `step` is complete (every push of steps <= step acknowledged
+        everywhere); dense_state, the dense tower at that step, goes to shard 0 only. Replies in
+        shard order. Safe to repeat."""
+        calls = [
+            (s, ps_pb2.CommitRequest(step=step, **({"dense_state": dense_state, "dense_format": dense_format}
+                                                   if s == 0 and dense_state else {})))
+            for s in range(len(self.addresses))
+        ]
+        return self._call_all("Commit", calls, self.deadlines.push)
+
     def stats(self) -> list[ps_pb2.StatsResponse]:
         """One StatsResponse per shard, in shard order."""
         calls = [(s, ps_pb2.StatsRequest()) for s in range(len(self.addresses))]
@@ -498,6 +536,8 @@ class PSClient:
         while True:
             attempt += 1
             timeout = end - time.monotonic()
+            if self._paired:
+                timeout = min(timeout, max(_FAILOVER_ATTEMPT_MIN_S, deadline_seconds / 4))
             # The last call runs on this thread, the others on the pool: sync grpc's .future()
             # would start a polling thread per call, which costs more than the call itself.
             futures = [(i, self._pool.submit(self._invoke, method, calls[i], timeout)) for i in pending[:-1]]
@@ -508,15 +548,15 @@ class PSClient:
                 if not isinstance(outcome, grpc.RpcError):
                     replies[i] = outcome
                     continue
-                if outcome.code() in _RETRY_CODES:
+                if outcome.code() in self._retry_codes:
                     retry.append(i)
-                if failure is None or failure[1].code() in _RETRY_CODES:
+                if failure is None or failure[1].code() in self._retry_codes:
                     failure = (i, outcome)
             if failure is None:
                 return replies
             i, err = failure
-            pause = min(self.backoff_seconds * 2 ** (attempt - 1), 1.0)
-            if err.code() not in _RETRY_CODES or attempt == self.max_attempts or time.monotonic() + pause >= end:
+            pause = min(self.backoff_seconds * 2 ** (attempt - 1), self._max_backoff)
+            if err.code() not in self._retry_codes or attempt == self.max_attempts or time.monotonic() + pause >= end:
                 raise _translate(err, method, self.addresses[calls[i][0]], deadline_seconds, attempt) from None
             time.sleep(pause)
             pending = retry
@@ -524,9 +564,13 @@ class PSClient:
     def _invoke(self, method: str, call: tuple[int, object], timeout: float):
         """One blocking RPC; returns the reply or the grpc.RpcError (never raises it)."""
         shard, request = call
+        stub = self._stubs[shard]
         try:
-            return getattr(self._stubs[shard], method)(request, timeout=max(timeout, 0.001))
+            return getattr(stub, method)(request, timeout=max(timeout, 0.001))
         except grpc.RpcError as err:
+            pair = self._pairs[shard]
+            if len(pair) == 2 and err.code() in self._retry_codes and self._stubs[shard] is stub:
+                self._stubs[shard] = pair[1] if stub is pair[0] else pair[0]  # the other of the pair
             return err
 
 

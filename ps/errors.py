@@ -23,3 +23,8 @@ class WrongShardError(EmbpsError):
 class LogGapError(EmbpsError):
     """A subscriber asked for versions the update log no longer (or never) held (gRPC
     FAILED_PRECONDITION); it must resync from a full copy."""
+
+
+class NotPrimaryError(EmbpsError):
+    """This process may not answer client calls now: it is a shard's standby, was deposed, or waits
+    for its standby or its lease (gRPC UNAVAILABLE: the client tries the other address of the pair)."""

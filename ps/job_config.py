@@ -63,10 +63,18 @@ class Deadlines:
 
 @dataclass(frozen=True)
 class ShardConfig:
-    """One shard process: the gRPC `address` ("host:port") and its Prometheus port."""
+    """One shard process: the gRPC `address` ("host:port") and its Prometheus port; optionally a
+    `standby` ("host:port", with `standby_metrics_port`) that applies every push before the
+    primary acknowledges it (ps/shard/replication.py; needs [arbiter])."""
 
     address: str
     metrics_port: int = 0
+    standby: str = ""
+    standby_metrics_port: int = 0
+
+    def addresses(self) -> list[str]:
+        """Where this shard may answer: the primary's address, then the standby's (if any)."""
+        return [self.address, self.standby] if self.standby else [self.address]
 
     @property
     def host(self) -> str:
@@ -75,6 +83,17 @@ class ShardConfig:
     @property
     def port(self) -> int:
         return int(self.address.rsplit(":", 1)[1])
+
+
+@dataclass(frozen=True)
+class ArbiterConfig:
+    """Who decides which of a shard's pair is primary (`[arbiter]`): etcd, reached over its v3
+    JSON gateway at `endpoints` ("http://host:port", comma-separated for several). The primary
+    holds a lease of `lease_seconds`; its standby may take over that long after it stopped
+    renewing (the failover's stall is about that)."""
+
+    endpoints: str
+    lease_seconds: int = 2
 
 
 @dataclass(frozen=True)
@@ -116,6 +135,7 @@ class JobConfig:
     push_dedupe_window: int = 4096
     snapshot: SnapshotConfig | None = None
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    arbiter: ArbiterConfig | None = None
 
     def __post_init__(self) -> None:
         if self.shard_map is None:
@@ -155,7 +175,7 @@ def parse_job_config(data: dict, base_dir: Path | None = None) -> JobConfig:
         "",
         data,
         {"job", "shards", "tables", "message_limit_bytes", "deadlines", "sharding", "push_dedupe_window", "snapshot",
-         "security"},
+         "security", "arbiter"},
     )
     job = data.get("job")
     if not isinstance(job, str) or not job or not all(c.isalnum() or c in "_.-" for c in job):
@@ -198,6 +218,19 @@ def parse_job_config(data: dict, base_dir: Path | None = None) -> JobConfig:
                 raise ValueError(f"snapshot.{name}: must be a number of seconds > 0, got {value!r}")
         snapshot.storage.validate()
     security = parse_security(data["security"], base_dir) if "security" in data else SecurityConfig()
+    arbiter = _parse_arbiter(data["arbiter"]) if "arbiter" in data else None
+    if arbiter is None and any(s.standby for s in shards):
+        first = next(i for i, s in enumerate(shards) if s.standby)
+        raise ValueError(
+            f"shards[{first}].standby: a standby needs [arbiter] endpoints (etcd decides which of the pair is "
+            "primary; shards never decide alone)"
+        )
+    if (security.tls or security.auth) and any(s.standby for s in shards):
+        first = next(i for i, s in enumerate(shards) if s.standby)
+        raise ValueError(
+            f"shards[{first}].standby: standbys do not work with [security] yet (the replication stream between "
+            "a primary and its standby is plaintext and carries no token)"
+        )
     return JobConfig(
         job=job,
         shards=shards,
@@ -208,14 +241,28 @@ def parse_job_config(data: dict, base_dir: Path | None = None) -> JobConfig:
         push_dedupe_window=window,
         snapshot=snapshot,
         security=security,
+        arbiter=arbiter,
     )
+
+
+def _parse_arbiter(raw: object) -> ArbiterConfig:
+    if not isinstance(raw, dict):
+        raise TypeError(f"arbiter: must be a table ([arbiter]), got {raw!r}")
+    arbiter = build_config(ArbiterConfig, raw, "arbiter")
+    if not isinstance(arbiter.endpoints, str) or not arbiter.endpoints.strip():
+        raise ValueError(f"arbiter.endpoints: must be 'http://host:port[,...]' (etcd), got {arbiter.endpoints!r}")
+    for endpoint in arbiter.endpoints.split(","):
+        if not endpoint.strip().startswith(("http://", "https://")):
+            raise ValueError(f"arbiter.endpoints: {endpoint.strip()!r} must start with http:// or https://")
+    _check_int("arbiter.lease_seconds", arbiter.lease_seconds, 1, 3600)
+    return arbiter
 
 
 def _parse_shards(raw: object) -> tuple[ShardConfig, ...]:
     if not isinstance(raw, list) or not raw:
         raise ValueError(f"shards: must be a non-empty array of tables ([[shards]]), got {raw!r}")
     shards = []
-    seen: dict[str, int] = {}
+    seen: dict[str, str] = {}
     for i, entry in enumerate(raw):
         where = f"shards[{i}]"
         if not isinstance(entry, dict):
@@ -229,8 +276,19 @@ def _parse_shards(raw: object) -> tuple[ShardConfig, ...]:
             raise ValueError(f"{where}.address: must be 'host:port' with a port in [1, 65535], got {address!r}")
         _check_int(f"{where}.metrics_port", shard.metrics_port, 0, 65535)
         if address in seen:
-            raise ValueError(f"{where}.address: {address!r} is also shards[{seen[address]}].address")
-        seen[address] = i
+            raise ValueError(f"{where}.address: {address!r} is also {seen[address]}")
+        seen[address] = f"shards[{i}].address"
+        if shard.standby:
+            standby = shard.standby
+            if not isinstance(standby, str) or standby.count(":") < 1:
+                raise ValueError(f"{where}.standby: must be 'host:port', got {standby!r}")
+            s_host, s_port = standby.rsplit(":", 1)
+            if not s_host or not s_port.isdigit() or not 0 < int(s_port) < 65536:
+                raise ValueError(f"{where}.standby: must be 'host:port' with a port in [1, 65535], got {standby!r}")
+            if standby in seen:
+                raise ValueError(f"{where}.standby: {standby!r} is also {seen[standby]}")
+            seen[standby] = f"{where}.standby"
+        _check_int(f"{where}.standby_metrics_port", shard.standby_metrics_port, 0, 65535)
         shards.append(shard)
     return tuple(shards)
 
@@ -338,6 +396,8 @@ def dump_job_config(job: JobConfig) -> str:
         blocks.append(toml_writer.table(("tables", t.name), table_fields))
     if job.snapshot is not None:
         blocks.append(toml_writer.table("snapshot", dataclasses.asdict(job.snapshot)))
+    if job.arbiter is not None:
+        blocks.append(toml_writer.table("arbiter", dataclasses.asdict(job.arbiter)))
     blocks.append(dump_security(job.security))
     return toml_writer.document(blocks)
 

@@ -196,6 +196,8 @@ value_words = _native.value_words
 gather_decode = _native.gather_decode
 encode_scatter = _native.encode_scatter
 apply_update_encoded = _native.apply_update_encoded
+set_isa_limit = _native.set_isa_limit  # caps the row kernels' instruction set: 0, 1 (AVX2), 2 (AVX-512)
+cpu_isa = _native.cpu_isa
 
 
 def decode_words(storage: Enum, words: np.ndarray, dim: int) -> np.ndarray:

@@ -81,6 +81,47 @@ def decode_values(data: bytes, n: int, dim: int, dtype: int = ps_pb2.FLOAT32, na
     return values if _NATIVE_LITTLE else values.astype(np.float32)
 
 
+# Subscribe rows in a table's stored form (SubscribeRequest.stored_rows, proto/embps/ps.proto).
+STORED_DTYPES = {"float32": ps_pb2.FLOAT32, "float16": ps_pb2.FLOAT16, "int8": ps_pb2.INT8_ROWWISE}
+_STORAGE_OF_DTYPE = {ps_pb2.DTYPE_UNSPECIFIED: "float32", **{d: s for s, d in STORED_DTYPES.items()}}
+
+
+def stored_row_bytes(storage: str, dim: int) -> int:
+    """Bytes of one row of `storage` on the wire: float32 4 dim, float16 2 dim, int8 8 + the
+    codes padded to a multiple of 4 (csrc/row_codec.h)."""
+    return {"float32": 4 * dim, "float16": 2 * dim, "int8": 8 + (dim + 3) // 4 * 4}[storage]
+
+
+def encode_stored_rows(words: np.ndarray, storage: str, dim: int) -> np.ndarray:
+    """A table's stored rows (n, value_words) float32 words -> (n, stored_row_bytes) uint8, the
+    wire form of each row (float16: the halves without an odd dim's padding half)."""
+    raw = np.ascontiguousarray(words, dtype=np.float32).view(np.uint8)
+    return raw[:, : stored_row_bytes(storage, dim)]
+
+
+def decode_stored_rows(data: bytes, n: int, dim: int, dtype: int, name: str = "values") -> tuple[str, np.ndarray]:
+    """The values of an UpdateBatch in dtype -> (storage, rows): float32 (n, dim) float32,
+    float16 (n, dim) float16, int8 (n, 2 + ceil(dim / 4)) float32 words as csrc/row_codec.h
+    keeps them. Read-only views in native byte order."""
+    storage = _STORAGE_OF_DTYPE.get(dtype)
+    if storage is None:
+        known = ", ".join(ps_pb2.DType.Name(d) for d in STORED_DTYPES.values())
+        raise ValueError(f"dtype: unsupported dtype {dtype} for rows; supported: {known}")
+    row_bytes = stored_row_bytes(storage, dim)
+    if len(data) != n * row_bytes:
+        raise ValueError(
+            f"{name}: byte length {len(data)} does not match {n} keys x {row_bytes} bytes "
+            f"of a {storage} row of dim {dim}"
+        )
+    if storage == "float32":
+        return storage, decode_values(data, n, dim, ps_pb2.FLOAT32, name)
+    if storage == "float16":
+        rows = np.frombuffer(data, dtype=np.dtype("<f2")).reshape(n, dim)
+        return storage, rows if _NATIVE_LITTLE else rows.astype(np.float16)
+    rows = np.frombuffer(data, dtype=VALUE_DTYPE).reshape(n, row_bytes // 4)
+    return storage, rows if _NATIVE_LITTLE else rows.astype(np.float32)
+
+
 def decode_counts(data: bytes, n: int, name: str = "counts") -> np.ndarray | None:
     """Empty -> None (one sighting each); else n * 8 bytes -> counts (n,) int64."""
     if not data:

@@ -114,8 +114,15 @@ class ServingClient:
 
     def lookup_many(self, requests: Mapping[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """{table: keys (n,) int64} -> {table: (values (n, dim), found (n,) bool)}, in one call."""
+        return self.lookup_many_at_version(requests)[0]
+
+    def lookup_many_at_version(
+        self, requests: Mapping[str, np.ndarray]
+    ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], int]:
+        """As lookup_many, with the model version every row is at (the replica's cut: a training
+        step; 0 from a replica with consistency = "latest")."""
         if not requests:
-            return {}
+            return {}, 0
         tables = list(requests)
         deduped = [_dedupe(requests[t], f"requests[{t!r}]") for t in tables]
         request = serving_pb2.ServingLookupManyRequest(
@@ -127,10 +134,17 @@ class ServingClient:
         reply = self._call(lambda stub, timeout: stub.LookupMany(request, timeout=timeout))
         if len(reply.results) != len(tables):
             raise RuntimeError(f"LookupMany: {len(reply.results)} results for {len(tables)} lookups")
-        return {
+        rows = {
             t: _rows(result, u.shape[0], inverse)
             for t, (u, inverse), result in zip(tables, deduped, reply.results, strict=True)
         }
+        return rows, reply.model_version
+
+    def dense_model(self, step: int = 0) -> serving_pb2.DenseModelResponse:
+        """The dense tower a replica serves with step `step` (0: its current cut's): step, state, format.
+        grpc.RpcError NOT_FOUND when the replica holds none of that step."""
+        request = serving_pb2.DenseModelRequest(step=step)
+        return self._call(lambda stub, timeout: stub.DenseModel(request, timeout=timeout))
 
     def _call(self, call):
         """call(stub, timeout) on the replicas in turn until one answers or the deadline passes."""

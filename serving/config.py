@@ -19,6 +19,11 @@
                                    # the same way (one Lookup is always admitted); 0: no bound
     lookup_threads = 0             # with the serving gate: threads answering Lookups (0: one per
                                    # core of this machine)
+    consistency = "step"           # "step": every reply at one committed training step across
+                                   # shards and tables (the cut, serving/cut.py); "latest": each
+                                   # shard as fresh as its stream, no model_version
+    max_waiting_bytes = 268435456  # step: deltas received beyond the cut (256 MiB); past it the
+                                   # streams ahead of the cut pause (the shards merge what follows)
 
     [export]                       # optional: start from the latest export, then follow the deltas
     uri = "file:///data/exports"   # or s3://bucket/prefix (credentials from AWS_* variables)
@@ -42,11 +47,17 @@ from ps.job_config import JobConfig, load_job_config, parse_job_config
 # that much latency, far below client deadlines, while it absorbs bursts of a few hundred calls.
 DEFAULT_MAX_QUEUE = 256
 DEFAULT_MAX_QUEUE_BYTES = 256 << 20
+DEFAULT_MAX_WAITING_BYTES = 256 << 20
 
 
 class DefaultRow(StrEnum):
     ZEROS = "zeros"
     INIT = "init"
+
+
+class Consistency(StrEnum):
+    STEP = "step"  # one committed step across every shard and table per reply (DESIGN section 9)
+    LATEST = "latest"  # each (table, shard) as fresh as its stream
 
 
 class StorageDType(StrEnum):
@@ -78,6 +89,8 @@ class ServeConfig:
     max_queue_bytes: int = DEFAULT_MAX_QUEUE_BYTES
     lookup_threads: int = 0
     export: ExportSource | None = None
+    consistency: Consistency = Consistency.STEP
+    max_waiting_bytes: int = DEFAULT_MAX_WAITING_BYTES
 
     @property
     def host(self) -> str:
@@ -86,7 +99,7 @@ class ServeConfig:
 
 _FIELDS = {
     "job_config", "job", "listen", "metrics_port", "tables", "default", "storage_dtype", "stale_after_seconds",
-    "max_queue", "max_queue_bytes", "lookup_threads", "export",
+    "max_queue", "max_queue_bytes", "lookup_threads", "export", "consistency", "max_waiting_bytes",
 }
 
 
@@ -152,6 +165,11 @@ def parse_serve_config(data: dict, base_dir: Path = Path(".")) -> ServeConfig:
             f"lookup_threads: must be an integer in [0, 1024] (threads answering Lookups; 0: one per core), "
             f"got {lookup_threads!r}"
         )
+    max_waiting = data.get("max_waiting_bytes", DEFAULT_MAX_WAITING_BYTES)
+    if isinstance(max_waiting, bool) or not isinstance(max_waiting, int) or max_waiting < 1:
+        raise ValueError(
+            f"max_waiting_bytes: must be an integer >= 1 (bytes of deltas held beyond the cut), got {max_waiting!r}"
+        )
     return ServeConfig(
         job=job,
         listen=listen,
@@ -164,6 +182,8 @@ def parse_serve_config(data: dict, base_dir: Path = Path(".")) -> ServeConfig:
         max_queue_bytes=max_queue_bytes,
         lookup_threads=lookup_threads,
         export=_export(data.get("export"), job.job),
+        consistency=_enum(Consistency, "consistency", data.get("consistency", "step")),
+        max_waiting_bytes=max_waiting,
     )
 
 
@@ -205,6 +225,8 @@ def dump_serve_config(config: ServeConfig, job_config_path: str) -> str:
         "max_queue": config.max_queue,
         "max_queue_bytes": config.max_queue_bytes,
         "lookup_threads": config.lookup_threads,
+        "consistency": config.consistency,
+        "max_waiting_bytes": config.max_waiting_bytes,
     }
     blocks = [toml_writer.assignments(top)]
     if config.export is not None:

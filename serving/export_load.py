@@ -2,6 +2,9 @@
 
     <uri>/<job>/LATEST -> <uri>/<job>/<step>/manifest.json -> <table>/shard-<s>.parquet (key, value)
 
+An export in the tables' stored form (`embps snapshot export --dtype stored`) gives a replica of
+the same storage_dtype the PS's int8 rows bit for bit.
+
 The snapshot reader checks every file against the manifest's size and checksum. Each table
 shard starts at the version the manifest records for it, with incarnation 0 (unknown), so its
 follower subscribes from that version and the shard resyncs it in full if its log cannot cover.
@@ -42,9 +45,9 @@ def load_latest_export(source: ExportSource, replicas: dict[str, TableReplica]) 
         if entry.dim != replica.dim:
             raise ValueError(f"export.uri: table {name!r} has dim {entry.dim} in step {step}, {replica.dim} in the job")
         for s in range(len(replica.shards)):
-            keys, values = export.load_values(name, s)
+            keys, storage, values = export.load_stored_values(name, s)
             rows = ShardRows(replica.dim, replica.dtype, version=entry.shards[s].version)
-            rows.upsert(keys.astype("int64", copy=False), values.astype("float32", copy=False))
+            rows.upsert_rows(keys.astype("int64", copy=False), values, storage)
             replica.replace_shard(s, rows)
         log.info("loaded table %r from export step %d: %d rows", name, step, replica.size)
     return step

@@ -7,6 +7,9 @@
        | UNAVAILABLE / stream ends: mark disconnected (stale after the threshold), back off, retry
        +──────────────────────────────────────────────────────────────────────────────────────
 
+Rows travel as the PS table stores them (SubscribeRequest.stored_rows): a replica whose
+storage_dtype is the table's storage keeps them bit for bit, another decodes and re-encodes.
+
 Lookups keep reading the current ShardRows throughout: a dead shard leaves the last rows in place,
 and a resync is invisible until its copy is complete. A range that does not start at the served
 version (a gap the stream itself shows) is refused and forces a full resync too.
@@ -23,6 +26,8 @@ import grpc
 
 from ps import wire
 from ps.rpc import ps_pb2, ps_pb2_grpc
+from serving.cut import ModelCut
+from serving.cut_follow import follow_committed
 from serving.metrics import ServingMetrics
 from serving.store import ShardRows, TableReplica
 
@@ -49,10 +54,29 @@ class FollowerStatus:
 class ShardFollower:
     """Keeps replica.shards[shard] in step with table `replica.name` on the PS shard at `channel`."""
 
-    def __init__(self, replica: TableReplica, shard: int, channel: grpc.aio.Channel, metrics: ServingMetrics) -> None:
+    def __init__(
+        self,
+        replica: TableReplica,
+        shard: int,
+        channel: grpc.aio.Channel,
+        metrics: ServingMetrics,
+        cut: ModelCut | None = None,
+        with_dense: bool = False,
+        standby_channel: grpc.aio.Channel | None = None,
+    ) -> None:
+        """cut: consistency = "step" (serving/cut_follow.py); with_dense: this stream also brings
+        the dense tower (one follower of shard 0). standby_channel: the shard's standby. The stream
+        goes to the other of the pair after UNAVAILABLE; a promoted standby has the primary's
+        incarnation, rows and update log, so the follower continues from its served version there
+        (ps/shard/replication.py)."""
+        self.cut = cut
+        self.with_dense = with_dense
         self.replica = replica
         self.shard = shard
         self.stub = ps_pb2_grpc.ParameterServerStub(channel)
+        self._pair = [self.stub]
+        if standby_channel is not None:
+            self._pair.append(ps_pb2_grpc.ParameterServerStub(standby_channel))
         self.metrics = metrics
         self.status = FollowerStatus(last_message=time.monotonic())
         self._labels = (replica.name, str(shard))
@@ -81,6 +105,9 @@ class ShardFollower:
                 self.status.last_error = "stream ended"
             except grpc.aio.AioRpcError as err:
                 self.status.last_error = f"{err.code().name}: {err.details()}"
+                if len(self._pair) == 2 and err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+                    self.stub = self._pair[1] if self.stub is self._pair[0] else self._pair[0]
+                    pause = BACKOFF_START_SECONDS
                 if err.code() == grpc.StatusCode.FAILED_PRECONDITION:
                     log.info("table %s shard %s: %s; resyncing", *self._labels, self.status.last_error)
                     self._need_full_sync = True
@@ -100,14 +127,31 @@ class ShardFollower:
             if self.status.last_message > time.monotonic() - BACKOFF_MAX_SECONDS:
                 pause = BACKOFF_START_SECONDS  # it was talking a moment ago: retry soon
 
+    def mark_message(self) -> None:
+        """A message arrived: the stream is connected and talking."""
+        self.status.connected = True
+        self.status.last_message = time.monotonic()
+        self._report_link()
+
+    def count_resync(self, rows: ShardRows) -> None:
+        """A full copy is complete (`rows`)."""
+        self._need_full_sync = False
+        self.status.num_resyncs += 1
+        self.metrics.resyncs.labels(*self._labels).inc()
+        log.info("table %s shard %s: full copy of %d rows", *self._labels, rows.size)
+
     async def _follow(self) -> None:
+        if self.cut is not None:
+            await follow_committed(self, self.cut, self.with_dense)
+            return
         rows = self.rows
         # Rows loaded from an export carry a version but no incarnation: the shard may since have
         # restarted from an older snapshot and reached that version with other rows, so the first
         # contact takes a full copy rather than risk mixing two histories.
         full = self._need_full_sync or (rows.incarnation == 0 and rows.version > 0)
         request = ps_pb2.SubscribeRequest(
-            table=self.replica.name, from_version=rows.version, incarnation=rows.incarnation, full_sync=full
+            table=self.replica.name, from_version=rows.version, incarnation=rows.incarnation, full_sync=full,
+            stored_rows=True,
         )
         building: ShardRows | None = None
         acks: list[ps_pb2.VersionAck] = []
@@ -147,11 +191,11 @@ class ShardFollower:
         deleted = wire.decode_keys(batch.deleted_keys, "deleted_keys")
         if keys.shape[0] == 0 and deleted.shape[0] == 0:
             return
-        values = wire.decode_values(batch.values, keys.shape[0], self.replica.dim, batch.dtype)
+        storage, values = wire.decode_stored_rows(batch.values, keys.shape[0], self.replica.dim, batch.dtype)
 
         def write() -> None:
             if keys.shape[0]:
-                target.upsert(keys, values)
+                target.upsert_rows(keys, values, storage)
             if deleted.shape[0]:
                 target.erase(deleted)
 

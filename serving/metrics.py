@@ -75,6 +75,30 @@ class ServingMetrics:
             "embps_serving_resyncs", "Full resyncs (log gap, shard restart, version gone back)",
             ["table", "shard"], registry=r,
         )
+        # The consistent cut (serving/cut.py), consistency = "step".
+        self.model_version = Gauge(
+            "embps_serving_model_version", "Training step every lookup is answered at (the cut)", registry=r
+        )
+        self.cut_lag_steps = Gauge(
+            "embps_serving_cut_lag_steps", "Newest step a shard committed here minus the step served", registry=r
+        )
+        self.cut_lag_seconds = Gauge(
+            "embps_serving_cut_lag_seconds",
+            "Seconds since the oldest commit received and not yet visible was recorded (0: none waits)",
+            registry=r,
+        )
+        self.waiting_bytes = Gauge(
+            "embps_serving_waiting_delta_bytes", "Bytes of committed deltas received beyond the cut", registry=r
+        )
+        self.waiting_deltas = Gauge(
+            "embps_serving_waiting_deltas", "Committed deltas received beyond the cut", registry=r
+        )
+        self.cut_visible_seconds = Histogram(
+            "embps_serving_cut_visible_seconds",
+            "Per committed delta: seconds from its commit at the PS to its rows being visible in a cut",
+            buckets=STALENESS_BUCKETS,
+            registry=r,
+        )
         self.applied_rows = Counter(
             "embps_serving_applied_rows", "Rows written from the update streams", ["table", "shard"], registry=r
         )

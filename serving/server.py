@@ -43,8 +43,9 @@ from ps.process.calls import CallSite, UndecodableRequests, unary_call
 from ps.process.metrics import LATENCY_BUCKETS
 from ps.rpc import ps_pb2, serving_pb2, serving_pb2_grpc
 from ps.security import Role, TokenAuth, add_port, open_aio_channel, server_interceptors, serving_port_policy
-from serving.config import ServeConfig, load_serve_config
+from serving.config import Consistency, ServeConfig, load_serve_config
 from serving.core_calls import CoreCallCounts, counts_core_calls, server_ids
+from serving.cut import ModelCut
 from serving.follower import ShardFollower
 from serving.gate import (
     GateCounts,
@@ -82,6 +83,7 @@ class Replica:
     followers: list[ShardFollower] = field(default_factory=list)
     channels: list[grpc.aio.Channel] = field(default_factory=list)
     export_step: int | None = None
+    cut: ModelCut | None = None  # consistency = "step"
 
     def table(self, name: str) -> TableReplica:
         replica = self.tables.get(name)
@@ -142,25 +144,43 @@ class ServingServicer(serving_pb2_grpc.ServingServicer):
     def answer_lookup_many(
         self, request: serving_pb2.ServingLookupManyRequest
     ) -> serving_pb2.ServingLookupManyResponse:
-        """The reply to a LookupMany: each lookup answered as answer_lookup would; the first bad one
-        raises its error, its message prefixed by `lookups[i]: `."""
-        reply = serving_pb2.ServingLookupManyResponse()
-        for i, lookup in enumerate(request.lookups):
-            try:
-                self.fill_lookup(lookup, reply.results.add())  # in place: no copy of each result
-            except (UnknownTableError, ValueError, TypeError) as exc:
-                raise type(exc)(f"lookups[{i}]: {exc}") from exc
+        """The reply to a LookupMany: each lookup answered as answer_lookup would, all at one model
+        version; the first bad one raises its error, its message prefixed by `lookups[i]: `."""
+
+        def answer(version: int | None) -> serving_pb2.ServingLookupManyResponse:
+            reply = serving_pb2.ServingLookupManyResponse()
+            for i, lookup in enumerate(request.lookups):
+                try:
+                    self.fill_lookup(lookup, reply.results.add(), version)  # in place: no copy of each result
+                except (UnknownTableError, ValueError, TypeError) as exc:
+                    raise type(exc)(f"lookups[{i}]: {exc}") from exc
+            return reply
+
+        reply, version = self._at_one_version(answer)
+        reply.model_version = version
         return reply
 
     def answer_lookup(self, request: serving_pb2.ServingLookupRequest) -> serving_pb2.ServingLookupResponse:
         """The reply to a Lookup, on any thread (rows are read safely while followers write them);
         raises what `status_of` maps to a status code."""
-        reply = serving_pb2.ServingLookupResponse()
-        self.fill_lookup(request, reply)
+
+        def answer(version: int | None) -> serving_pb2.ServingLookupResponse:
+            reply = serving_pb2.ServingLookupResponse()
+            self.fill_lookup(request, reply, version)
+            return reply
+
+        reply, version = self._at_one_version(answer)
+        reply.model_version = version
         return reply
 
-    def fill_lookup(self, request: serving_pb2.ServingLookupRequest, reply: serving_pb2.ServingLookupResponse) -> None:
-        """Writes the answer to `request` into the empty message `reply` (see answer_lookup)."""
+    def _at_one_version(self, answer):
+        """(answer(version), version) at one model version of the cut; (answer(None), 0) without one."""
+        cut = self.replica.cut
+        return (answer(None), 0) if cut is None else cut.read(answer)
+
+    def fill_lookup(self, request: serving_pb2.ServingLookupRequest, reply: serving_pb2.ServingLookupResponse,
+                    version: int | None = None) -> None:
+        """Writes the answer to `request` at model `version` into the empty message `reply`."""
         start = time.perf_counter()
         table = self.replica.table(request.table)
         if request.dim and request.dim != table.dim:
@@ -169,7 +189,8 @@ class ServingServicer(serving_pb2_grpc.ServingServicer):
             raise ValueError(f"dtype: unsupported dtype {request.dtype}; supported: FLOAT32, FLOAT16")
         dtype = _REPLY_DTYPES[request.dtype]
         keys = wire.decode_keys(request.keys)
-        values, found = table.lookup(keys, dtype)
+        values, found = table.lookup(keys, dtype, version)
+        reply.model_version = version or 0
         reply.values = values.astype(values.dtype.newbyteorder("<"), copy=False).tobytes()
         reply.dim = table.dim
         reply.dtype = ps_pb2.FLOAT16 if dtype == np.float16 else ps_pb2.FLOAT32
@@ -214,8 +235,29 @@ class ServingServicer(serving_pb2_grpc.ServingServicer):
                     last_error=f.status.last_error,
                 )
                 for f in self.replica.followers
-            ]
+            ],
+            **self._cut_status(),
         )
+
+    def _cut_status(self) -> dict[str, int]:
+        cut = self.replica.cut
+        if cut is None:
+            return {}
+        return {"model_version": cut.version, "newest_step": max(cut.newest.values()),
+                "waiting_bytes": max(0, cut.waiting_bytes)}
+
+    @unary_call("DenseModel")
+    async def DenseModel(self, request: serving_pb2.DenseModelRequest) -> serving_pb2.DenseModelResponse:
+        """The dense tower published with the served step (NOT_FOUND when none was)."""
+        cut = self.replica.cut
+        if cut is None:
+            raise UnknownTableError('no dense tower: this replica serves consistency = "latest" (no model version)')
+        step = request.step or cut.version
+        dense = cut.dense_recent.get(step)
+        if dense is None:
+            have = f"it holds those of steps {sorted(cut.dense_recent)}" if cut.dense_recent else "none was published"
+            raise UnknownTableError(f"no dense tower of step {step} (the served step is {cut.version}; {have})")
+        return serving_pb2.DenseModelResponse(step=dense[0], format=dense[1], state=dense[2])
 
     def stale(self, table: str, shard: int) -> bool:
         threshold = self.replica.config.stale_after_seconds
@@ -269,9 +311,17 @@ async def build_replica(config: ServeConfig, metrics: ServingMetrics) -> Replica
     replica.channels = [
         open_aio_channel(a, job.security, Role.REPLICA, channel_options(config)) for a in job.addresses
     ]
-    for table in tables.values():
-        for s, channel in enumerate(replica.channels):
-            replica.followers.append(ShardFollower(table, s, channel, metrics))
+    if config.consistency == Consistency.STEP:
+        replica.cut = ModelCut(tables, metrics, config.max_waiting_bytes, replica.export_step or 0)
+    standbys = [
+        open_aio_channel(shard.standby, job.security, Role.REPLICA, channel_options(config)) if shard.standby else None
+        for shard in job.shards
+    ]
+    replica.channels += [c for c in standbys if c is not None]
+    for t, table in enumerate(tables.values()):
+        for s, (channel, standby) in enumerate(zip(replica.channels, standbys, strict=False)):
+            with_dense = t == 0 and s == 0
+            replica.followers.append(ShardFollower(table, s, channel, metrics, replica.cut, with_dense, standby))
     return replica
 
 

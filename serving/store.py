@@ -154,6 +154,12 @@ class ShardRows:
         words = self.encode(values, keys)
         if words.shape[0] != keys.shape[0]:
             raise ValueError(f"values: {words.shape[0]} rows for {keys.shape[0]} keys")
+        self._write_words(keys, words)
+
+    def _write_words(self, keys: np.ndarray, words: np.ndarray) -> None:
+        """Inserts or overwrites the rows of keys (n,) int64 unique with words (n, width)."""
+        if words.shape != (keys.shape[0], self.width):
+            raise ValueError(f"words: expected shape ({keys.shape[0]}, {self.width}), got {words.shape}")
         if self.native is not None:  # readers never wait for the writer: no slices needed
             self.native.upsert(keys, words)
             return
@@ -164,6 +170,22 @@ class ShardRows:
                 self._store.ensure_rows(self._map.num_rows)
                 self._store.scatter(slots, 0, words[part])
             _hand_over()
+
+    def upsert_rows(self, keys: np.ndarray, rows: np.ndarray, storage: str) -> None:
+        """Like upsert, with rows as a PS table of `storage` keeps them (ps/wire.py
+        decode_stored_rows): float32 values (n, dim), float16 halves (n, dim) or int8 words (n,
+        width). Rows already in this store's layout are kept bit for bit; others are decoded to
+        float32 and encoded as upsert does."""
+        if storage == self.dtype == StorageDType.INT8:
+            self._write_words(native.as_keys(keys), np.ascontiguousarray(rows, dtype=np.float32))
+        elif storage == self.dtype == StorageDType.FLOAT16:
+            half = np.zeros((rows.shape[0], 2 * self.width), dtype=np.float16)
+            half[:, : self.dim] = rows
+            self._write_words(native.as_keys(keys), half.view(np.float32))
+        elif storage == "int8":
+            self.upsert(keys, native.decode_words(Storage.INT8, rows, self.dim))
+        else:
+            self.upsert(keys, np.asarray(rows, dtype=np.float32))
 
     def erase(self, keys: np.ndarray) -> None:
         """Drops the rows of keys (d,) int64 (absent keys are ignored)."""
@@ -242,16 +264,23 @@ class TableReplica:
         if self.native is not None:
             self.native.set_link(shard, connected, last_message)
 
-    def lookup(self, keys: np.ndarray, dtype: np.dtype = np.float32) -> tuple[np.ndarray, np.ndarray]:
+    def lookup(self, keys: np.ndarray, dtype: np.dtype = np.float32,
+               version: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """keys (n,) int64 -> (values (n, dim) in dtype, found (n,) bool); row i for keys[i].
 
         Keys without a row read as the table's default (zeros or the deterministic init).
+        version: the model version to read at (serving/cut.py's ModelCut.read gives it and checks
+        the read afterwards); None: each shard's current rows.
         """
         keys = native.as_keys(keys)
         shards = list(self.shards)  # one consistent set, even if a resync swaps one meanwhile
         width = shards[0].width
         words = np.zeros((keys.shape[0], width), dtype=np.float32)
-        if len(shards) == 1:
+        if version is not None and self.native is not None:
+            found = np.zeros(keys.shape[0], dtype=np.uint8)
+            self.native.gather_at(keys, words, found, version)
+            found = found.view(np.bool_)
+        elif len(shards) == 1:
             found = shards[0].gather(keys, words)
         else:
             found = np.zeros(keys.shape[0], dtype=np.bool_)

@@ -210,7 +210,10 @@ class Checkpointer:
         if parent is not None:
             request.parent = parent
         records = _write_on_shards(
-            self.job.ps.addresses, self.job.ps.security, request, max(1.0, deadline - time.monotonic())
+            [s.addresses() for s in self.job.ps.shards],
+            self.job.ps.security,
+            request,
+            max(1.0, deadline - time.monotonic()),
         )
         writer = SnapshotWriter(
             config.uri,
@@ -244,12 +247,24 @@ class Checkpointer:
 
 
 def _write_on_shards(
-    addresses: list[str], security: SecurityConfig, request: snapshot_pb2.WriteSnapshotRequest, timeout: float
+    addresses: list[list[str]], security: SecurityConfig, request: snapshot_pb2.WriteSnapshotRequest, timeout: float
 ) -> list[ShardRecord]:
-    def call(address: str) -> list[ShardRecord]:
+    """Each shard writes its part; addresses[s]: shard s's primary, then its standby (asked when
+    the other answers UNAVAILABLE: it may have taken over)."""
+
+    def write(address: str) -> list[ShardRecord]:
         with open_channel(address, security, Role.TRAINER) as channel:
             reply = snapshot_pb2_grpc.SnapshotControlStub(channel).WriteSnapshot(request, timeout=timeout)
         return [ShardRecord.from_dict(d) for d in json.loads(reply.records_json)]
+
+    def call(pair: list[str]) -> list[ShardRecord]:
+        for address in pair[:-1]:
+            try:
+                return write(address)
+            except grpc.RpcError as err:
+                if err.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+        return write(pair[-1])
 
     with ThreadPoolExecutor(len(addresses)) as pool:
         return [r for records in pool.map(call, addresses) for r in records]

@@ -27,6 +27,12 @@ complete snapshots count (ps/snapshot/files.py `latest` trusts a manifest, never
 and the step is read after every worker is stopped, so no snapshot can be committed meanwhile.
 Torch elastic's own restarts stay off (max_restarts=0 there): it would restart the workers alone.
 Serving replicas are restarted alone (see worker/serving_fleet.py).
+
+Standbys ([[shards]] standby): the launcher starts each shard's standby beside its primary (from
+the same snapshot step). When one process of a pair dies the other goes on (the standby takes over
+through the arbiter, or the primary goes on alone): a line says so, nothing restarts, and a new
+standby starts in the dead one's place (it copies the primary's state, then is synchronous again);
+only a shard that lost both processes ends the attempt.
 """
 
 from __future__ import annotations
@@ -228,6 +234,7 @@ def _run_attempt(
     (RuntimeError when a serving replica does not start)."""
     out = Path(job.train.output_dir)
     shards: list = []
+    standbys: list = []
     stop_watch = threading.Event()
     first = fleet is not None and not fleet.started
     try:
@@ -235,10 +242,12 @@ def _run_attempt(
             fleet.start()  # beside the shards: both take seconds to come up
         if start_ps:
             try:
-                shards, restore = _start_restorable_shards(job, out, restore)
+                (shards, standbys), restore = _start_restorable_shards(job, out, restore)
             except _StartFailed as exc:
                 return str(exc)
-            threading.Thread(target=_watch_shards, args=(shards, failures, stop_watch), daemon=True).start()
+            threading.Thread(
+                target=_watch_shards, args=(job, out, shards, standbys, failures, stop_watch), daemon=True
+            ).start()
         if first:
             fleet.wait()
         failed = _run_workers(job, options, progress_path, failures, restore)
@@ -247,12 +256,12 @@ def _run_attempt(
     else:
         # Workers that fail on a dead shard's account may exit before the watcher's next look:
         # name the shard, the cause.
-        dead = [(i, p) for i, p in enumerate(shards) if p.poll() is not None]
+        dead = [(i, p) for i, p in enumerate(shards) if _pair_dead(p, standbys[i])]
         if failed is not None and dead and failures.cause is None:
             failed = _shard_exit(*dead[0])
     finally:
         stop_watch.set()
-        children.stop_all(shards)
+        children.stop_all([p for p in (*shards, *standbys) if p is not None])
     return failed
 
 
@@ -284,7 +293,9 @@ class _SnapshotUnusable(_StartFailed):
     same step cannot help, an older one may."""
 
 
-def _start_restorable_shards(job: TrainingJob, out: Path, restore: int | None) -> tuple[list, int | None]:
+def _start_restorable_shards(
+    job: TrainingJob, out: Path, restore: int | None
+) -> tuple[tuple[list, list], int | None]:
     """The shards started from snapshot `restore`, or from the newest complete snapshot before it
     when a shard finds it unusable (a warning each time); returns them and the step they hold.
     _StartFailed when they do not come up, or when no older snapshot is left."""
@@ -300,43 +311,96 @@ def _start_restorable_shards(job: TrainingJob, out: Path, restore: int | None) -
             restore = older
 
 
-def _start_shards(job: TrainingJob, out: Path, restore_step: int | None) -> list:
-    """Starts every shard and waits until each serves: as long as its restore makes progress (its
-    log grows), up to START_STALL_S without any. _StartFailed (_SnapshotUnusable) otherwise."""
+def _start_shards(job: TrainingJob, out: Path, restore_step: int | None) -> tuple[list, list]:
+    """Starts every shard (and its standby, if any) and waits until each serves: as long as its
+    restore makes progress (its log grows), up to START_STALL_S without any. _StartFailed
+    (_SnapshotUnusable) otherwise. Returns the primaries and the standbys (None: none), by shard."""
     config_path = job.path
     logs = [out / "logs" / f"ps-{index}.log" for index in range(len(job.ps.shards))]
+    standby_logs = [out / "logs" / f"ps-{index}-standby.log" for index in range(len(job.ps.shards))]
     shards = [processes.start_shard(config_path, i, log, restore_step) for i, log in enumerate(logs)]
-    for index, (proc, shard) in enumerate(zip(shards, job.ps.shards, strict=True)):
+    standbys = [
+        processes.start_shard(config_path, i, standby_logs[i], restore_step, "standby") if shard.standby else None
+        for i, shard in enumerate(job.ps.shards)
+    ]
+    waits = [(i, shards[i], shard.address, logs[i], "") for i, shard in enumerate(job.ps.shards)]
+    waits += [
+        (i, standbys[i], shard.standby, standby_logs[i], " standby")
+        for i, shard in enumerate(job.ps.shards)
+        if shard.standby
+    ]
+    started = [*shards, *(p for p in standbys if p is not None)]
+    for index, proc, address, log, role in waits:
         try:
             children.wait_serving(
-                shard.address,
+                address,
                 proc,
-                f"ps shard {index}",
+                f"ps shard {index}{role}",
                 START_STALL_S,
                 security=job.ps.security,
                 service=SERVICE_NAME,
-                progress=lambda log=logs[index]: log.stat().st_size,
+                progress=lambda log=log: log.stat().st_size,
             )
         except (RuntimeError, TimeoutError) as exc:
-            children.stop_all(shards)
+            children.stop_all(started)
             if proc.returncode == EXIT_SNAPSHOT_UNUSABLE:
                 raise _SnapshotUnusable(
-                    f"ps shard {index} cannot restore snapshot step {restore_step} (see {logs[index]})"
+                    f"ps shard {index}{role} cannot restore snapshot step {restore_step} (see {log})"
                 ) from None
-            raise _StartFailed(f"{exc} (see {logs[index]})") from None
-    return shards
+            raise _StartFailed(f"{exc} (see {log})") from None
+    return shards, standbys
 
 
-def _watch_shards(shards: list, failures: _Failures, stop: threading.Event) -> None:
-    """A shard that exits during training ends the attempt: report it, which stops the workers."""
+def _pair_dead(primary, standby) -> bool:
+    """Whether a shard lost every process of it (its primary, and its standby if it has one)."""
+    return (primary is None or primary.poll() is not None) and (standby is None or standby.poll() is not None)
+
+
+# New standbys the launcher starts for one shard in one attempt; past them the pair stays one process.
+MAX_NEW_STANDBYS = 3
+
+
+def _watch_shards(
+    job: TrainingJob, out: Path, shards: list, standbys: list, failures: _Failures, stop: threading.Event
+) -> None:
+    """A shard that lost every process during training ends the attempt: report it, which stops the
+    workers. When one process of a pair exits the other goes on (ps/shard/replication.py): the
+    launcher says so and starts a new standby in its place (`embps ps --standby`), which copies the
+    primary's state and catches up; shards[i] and standbys[i] are updated in place."""
+    started = [0] * len(shards)
     while not stop.wait(0.2):
-        for index, proc in enumerate(shards):
-            if proc.poll() is not None and not stop.is_set():
-                failures.report(_shard_exit(index, proc))
+        for index in range(len(shards)):
+            if stop.is_set():
                 return
+            if _pair_dead(shards[index], standbys[index]):
+                failures.report(_shard_exit(index, shards[index]))
+                return
+            for slot, members, what in (
+                ("primary", shards, "the other process of the pair takes over"),
+                ("standby", standbys, "the primary goes on alone once the arbiter records it"),
+            ):
+                member = members[index]
+                if member is None or member.poll() is None:
+                    continue
+                line = (
+                    f"embps launch: ps shard {index} {slot} (pid {member.pid}) exited "
+                    f"({children.describe_exit(member.returncode)}); {what}"
+                )
+                if started[index] < MAX_NEW_STANDBYS:
+                    started[index] += 1
+                    log = out / "logs" / f"ps-{index}-new-standby-{started[index]}.log"
+                    members[index] = processes.start_shard(job.path, index, log, standby=slot)
+                    line += f"; a new standby starts (pid {members[index].pid}, log {log})"
+                else:
+                    members[index] = None
+                    line += f"; no new standby (already started {MAX_NEW_STANDBYS})"
+                tqdm.write(line)
+                sys.stdout.flush()
 
 
 def _shard_exit(index: int, proc) -> str:
+    if proc is None:
+        return f"ps shard {index} lost both processes of its pair"
     return f"ps shard {index} (pid {proc.pid}) exited ({children.describe_exit(proc.returncode)})"
 
 

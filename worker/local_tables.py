@@ -33,6 +33,7 @@ class LocalTables:
     def __init__(self, tables: list[TableConfig]) -> None:
         self.tables = {t.name: EmbeddingTable(t) for t in tables}
         self.shard_map = ShardMap.uniform(1)
+        self.committed_step = 0
 
     def lookup(self, table: str, keys: np.ndarray) -> np.ndarray:
         """keys (n,) int64 -> values (n, dim) float32."""
@@ -89,6 +90,10 @@ class LocalTables:
             tables = [tables[i] for i in present]
             offsets = np.concatenate([[0], np.cumsum(sizes[present])]).astype(np.int64)
         return (MultiRound(list(tables), keys, offsets, grads, counts),), step
+
+    def commit(self, step: int, dense_state: bytes = b"", dense_format: str = "") -> None:
+        """PSClient.commit's counterpart: no replica follows these tables, so it only records the step."""
+        self.committed_step = step
 
     def close(self) -> None:
         self.tables.clear()

@@ -12,10 +12,14 @@ from pathlib import Path
 from ps.process.children import die_with_parent
 
 
-def start_shard(config_path: str, index: int, log_path: Path, restore_step: int | None = None) -> subprocess.Popen:
-    """`python -m embps ps --config config_path --shard index [--restore-step S]`, output to log_path."""
+def start_shard(
+    config_path: str, index: int, log_path: Path, restore_step: int | None = None, standby: str | None = None
+) -> subprocess.Popen:
+    """`python -m embps ps --config config_path --shard index [--restore-step S] [--standby SLOT]`,
+    output to log_path (standby: "standby" or "primary", the address it takes)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     restore = ["--restore-step", str(restore_step)] if restore_step is not None else []
+    restore += ["--standby", standby] if standby else []
     with open(log_path, "ab") as log:
         return subprocess.Popen(
             [sys.executable, "-m", "embps", "ps", "--config", config_path, "--shard", str(index), *restore],

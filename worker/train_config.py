@@ -16,6 +16,8 @@
     on_ps_unavailable = "abort" # a shard gives no answer within its deadline: "abort" | "wait"
     ps_unavailable_timeout_s = 600.0  # wait: how long one step may wait for the shard
     metrics_port = 9300         # rank 0's Prometheus /metrics: snapshot rounds (default: none)
+    publish_dense_every = 1     # sync: rank 0 commits every step to the PS; the dense tower goes
+                                # with every k-th commit (0: never), for replicas to serve
 
     [model]                     # worker.model.ModelConfig; num_dense/num_sparse/dim are derived
     bottom_sizes = [64, 16]
@@ -100,6 +102,7 @@ class TrainConfig:
     on_ps_unavailable: PSUnavailablePolicy = PSUnavailablePolicy.ABORT
     ps_unavailable_timeout_s: float = 600.0
     metrics_port: int | None = None
+    publish_dense_every: int = 1
 
 
 @dataclass(frozen=True)
@@ -191,6 +194,8 @@ def parse_training_job(data: dict, base_dir: Path | None = None) -> TrainingJob:
         raise ValueError(
             f"train.batch_size: must be divisible by train.workers={train.workers}, got {train.batch_size}"
         )
+    if train.publish_dense_every < 0:
+        raise ValueError(f"train.publish_dense_every: must be >= 0, got {train.publish_dense_every}")
     if train.staleness < 0:
         raise ValueError(f"train.staleness: must be >= 0, got {train.staleness}")
     if train.mode == Mode.ASYNC and train.staleness < 1:

@@ -19,6 +19,12 @@ same. Sync mode ends each step with a barrier after the pushes, so step t+1's lo
 update of step t. Async mode overlaps: the next batch's lookups run during this step's compute,
 and pushes go to a background thread with at most `staleness` steps in flight.
 
+Commits (DESIGN section 9): in sync mode rank 0 sends Commit(t) to every shard after step t's
+barrier and before it joins step t + 1's all_to_all, so no push of t + 1 reaches a shard before
+it; with it, every train.publish_dense_every steps, the dense tower of step t. In async mode
+rank 0 commits step t - staleness after step t's all_to_all (every rank has then waited for its
+pushes up to that step): every update of steps <= t - staleness is in, later ones may be too.
+
 A shard that does not answer within a call's deadline (ShardUnavailableError) fails the step under
 `train.on_ps_unavailable = "abort"`; under "wait" the step's lookup or push is sent again until the
 shard answers or `train.ps_unavailable_timeout_s` has passed. A push is prepared once and the
@@ -45,6 +51,7 @@ from ps import native
 from ps.client import PSClient, ShardUnavailableError
 from ps.sharding import ShardMap
 from worker.batch import Batch
+from worker.dense_publish import DENSE_FORMAT, encode_dense
 from worker.metrics import auc, logloss_from_logits
 from worker.sparse_exchange import exchange_to_owners
 from worker.train_config import DenseOptimizer, Mode, PSUnavailablePolicy, TrainingJob
@@ -145,6 +152,7 @@ class Trainer:
         self.step = 0
         self._async = job.train.mode == Mode.ASYNC
         self._pushes: deque[Future] = deque()
+        self._committed = 0  # the newest step committed to the PS (rank 0)
         self._push_pool = ThreadPoolExecutor(1, thread_name_prefix="push") if self._async else None
         self._pull_pool = ThreadPoolExecutor(1, thread_name_prefix="pull") if self._async else None
 
@@ -193,11 +201,17 @@ class Trainer:
 
         start = time.perf_counter()
         if self._async:
-            self._pushes.append(self._push_pool.submit(self._push_all, outgoing, self.step))
+            # Every rank waited for its pushes of steps <= step - staleness before this step's
+            # all_to_all, so rank 0 knows them acknowledged everywhere (a commit after its own pushes).
+            committed = self.step - self.job.train.staleness if self.rank == 0 else 0
+            self._pushes.append(self._push_pool.submit(self._push_and_commit, outgoing, self.step, committed))
         else:
             self._push_all(outgoing, self.step)
             if self.world_size > 1:
                 dist.barrier()
+            # Before rank 0 joins step + 1's all_to_all, so no push of step + 1 precedes it.
+            if self.rank == 0:
+                self._commit(self.step, True)
         self.times.push += time.perf_counter() - start
         self.times.steps += 1
 
@@ -207,6 +221,21 @@ class Trainer:
             next_pulled = prefetch.result()
             self.times.lookup += time.perf_counter() - start
         return float(loss.detach()), next_pulled
+
+    def _push_and_commit(self, outgoing: _Outgoing, step: int, committed: int) -> None:
+        self._push_all(outgoing, step)
+        if committed > 0:
+            self._commit(committed, False)
+
+    def _commit(self, step: int, with_dense: bool) -> None:
+        """Commit(step) to every shard (DESIGN section 9), with the dense tower every
+        train.publish_dense_every steps when with_dense (sync mode: the tower is the step's)."""
+        if step <= self._committed:  # async: drain() committed a later step already
+            return
+        self._committed = step
+        every = self.job.train.publish_dense_every
+        state = encode_dense(self.model) if with_dense and every and step % every == 0 else b""
+        self._call_ps(f"commit of step {step}", lambda: self.client.commit(step, state, DENSE_FORMAT if state else ""))
 
     def _exchange(self, pulled: _Pulled, leaf: torch.Tensor) -> _Outgoing:
         """Sends every table's (key, grad / W, count) rows to the keys' owner ranks in one
@@ -286,18 +315,19 @@ class Trainer:
             self._pushes.popleft().result()
         if self.world_size > 1:
             dist.barrier()
+        if self._async and self.rank == 0 and self.step:
+            self._commit(self.step, False)
+
+    def predict(self, batch: Batch) -> torch.Tensor:
+        """Logits (B,) of the current model (dense tower and PS rows) on `batch`."""
+        with torch.no_grad():
+            pulled = self.pull(batch)
+            return self.model(batch.dense, self._embeddings(pulled, torch.from_numpy(pulled.values)))
 
     def evaluate(self, batches: list[Batch]) -> dict[str, float]:
         """AUC and logloss of the current model on held-out batches (this rank's rows)."""
-        labels, logits = [], []
-        with torch.no_grad():
-            for batch in batches:
-                pulled = self.pull(batch)
-                embeddings = self._embeddings(pulled, torch.from_numpy(pulled.values))
-                logits.append(self.model(batch.dense, embeddings))
-                labels.append(batch.labels)
-        y = torch.cat(labels).numpy()
-        z = torch.cat(logits).numpy()
+        y = torch.cat([batch.labels for batch in batches]).numpy()
+        z = torch.cat([self.predict(batch) for batch in batches]).numpy()
         return {"auc": float(auc(y, z)), "logloss": float(logloss_from_logits(y, z))}
 
     def pull_timed(self, batch: Batch) -> _Pulled:

@@ -77,10 +77,12 @@ def run_worker(
     losses: list[float] = []
     start = time.perf_counter()
     local_rows = job.train.batch_size // world_size
+    slowest_step = 0.0  # a step's data, lookups, compute and push (no snapshot round): a failover shows here
     try:
         batch = next_batch_or_none() if trainer.step < job.train.steps else None
         pulled = trainer.pull_timed(batch) if batch is not None else None
         while pulled is not None and trainer.step < job.train.steps:
+            step_started = time.perf_counter()
             # after the batch this step trains on (taken only for a snapshot: it copies the shuffle buffer)
             position = reader.state() if checkpointer.due(trainer.step + 1) else None
             next_batch = next_batch_or_none() if trainer.step + 1 < job.train.steps else None
@@ -89,6 +91,8 @@ def run_worker(
             if prefetched is None and next_batch is not None:
                 prefetched = trainer.pull_timed(next_batch)
             pulled = prefetched
+            if trainer.step > first_step + 1:  # the first step also warms up
+                slowest_step = max(slowest_step, time.perf_counter() - step_started)
             step = trainer.step
             due_eval = job.train.eval_every and step % job.train.eval_every == 0
             if step % LOG_EVERY == 0 or due_eval or step == job.train.steps or pulled is None:
@@ -123,6 +127,7 @@ def run_worker(
             "samples_per_s": trained * job.train.batch_size / elapsed if elapsed else 0.0,
             "final_loss": _global_mean(sum(losses[-LOG_EVERY:]) / max(1, len(losses[-LOG_EVERY:])), world_size),
             "times_rank0": trainer.times.as_dict(),
+            "slowest_step_s_rank0": slowest_step,
             "evaluations": evaluations,
             "snapshots": checkpointer.rounds.as_dict(),
         }

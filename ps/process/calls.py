@@ -21,7 +21,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from ps.errors import CapacityError, EmbpsError, LogGapError, UnknownTableError, WrongShardError
+from ps.errors import CapacityError, EmbpsError, LogGapError, NotPrimaryError, UnknownTableError, WrongShardError
 from ps.snapshot.manifest import SnapshotError
 from ps.snapshot.storage import StorageError
 
@@ -32,7 +32,7 @@ class ShuttingDownError(EmbpsError):
 
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The one mapping from domain errors to gRPC status codes (and the message sent)."""
-    if isinstance(exc, (ShuttingDownError, StorageError)):
+    if isinstance(exc, (ShuttingDownError, StorageError, NotPrimaryError)):
         return grpc.StatusCode.UNAVAILABLE, str(exc)
     if isinstance(exc, UnknownTableError):
         return grpc.StatusCode.NOT_FOUND, str(exc)

@@ -12,9 +12,11 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DTYPE_UNSPECIFIED: _ClassVar[DType]
     FLOAT32: _ClassVar[DType]
     FLOAT16: _ClassVar[DType]
+    INT8_ROWWISE: _ClassVar[DType]
 DTYPE_UNSPECIFIED: DType
 FLOAT32: DType
 FLOAT16: DType
+INT8_ROWWISE: DType
 
 class LookupRequest(_message.Message):
     __slots__ = ("table", "keys", "dim")
@@ -117,16 +119,22 @@ class StatsResponse(_message.Message):
     def __init__(self, job: _Optional[str] = ..., shard: _Optional[int] = ..., num_shards: _Optional[int] = ..., tables: _Optional[_Iterable[_Union[TableStats, _Mapping]]] = ...) -> None: ...
 
 class SubscribeRequest(_message.Message):
-    __slots__ = ("table", "from_version", "incarnation", "full_sync")
+    __slots__ = ("table", "from_version", "incarnation", "full_sync", "committed", "with_dense", "stored_rows")
     TABLE_FIELD_NUMBER: _ClassVar[int]
     FROM_VERSION_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
     FULL_SYNC_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_FIELD_NUMBER: _ClassVar[int]
+    WITH_DENSE_FIELD_NUMBER: _ClassVar[int]
+    STORED_ROWS_FIELD_NUMBER: _ClassVar[int]
     table: str
     from_version: int
     incarnation: int
     full_sync: bool
-    def __init__(self, table: _Optional[str] = ..., from_version: _Optional[int] = ..., incarnation: _Optional[int] = ..., full_sync: _Optional[bool] = ...) -> None: ...
+    committed: bool
+    with_dense: bool
+    stored_rows: bool
+    def __init__(self, table: _Optional[str] = ..., from_version: _Optional[int] = ..., incarnation: _Optional[int] = ..., full_sync: _Optional[bool] = ..., committed: _Optional[bool] = ..., with_dense: _Optional[bool] = ..., stored_rows: _Optional[bool] = ...) -> None: ...
 
 class VersionAck(_message.Message):
     __slots__ = ("version", "ack_time", "num_keys")
@@ -139,7 +147,7 @@ class VersionAck(_message.Message):
     def __init__(self, version: _Optional[int] = ..., ack_time: _Optional[float] = ..., num_keys: _Optional[int] = ...) -> None: ...
 
 class UpdateBatch(_message.Message):
-    __slots__ = ("table", "shard", "incarnation", "from_version", "to_version", "keys", "values", "dim", "dtype", "deleted_keys", "reset", "last", "acks", "sent_time")
+    __slots__ = ("table", "shard", "incarnation", "from_version", "to_version", "keys", "values", "dim", "dtype", "deleted_keys", "reset", "last", "acks", "sent_time", "step", "dense_step", "dense_state", "dense_format", "commit_time")
     TABLE_FIELD_NUMBER: _ClassVar[int]
     SHARD_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
@@ -154,6 +162,11 @@ class UpdateBatch(_message.Message):
     LAST_FIELD_NUMBER: _ClassVar[int]
     ACKS_FIELD_NUMBER: _ClassVar[int]
     SENT_TIME_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    DENSE_STEP_FIELD_NUMBER: _ClassVar[int]
+    DENSE_STATE_FIELD_NUMBER: _ClassVar[int]
+    DENSE_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    COMMIT_TIME_FIELD_NUMBER: _ClassVar[int]
     table: str
     shard: int
     incarnation: int
@@ -168,7 +181,30 @@ class UpdateBatch(_message.Message):
     last: bool
     acks: _containers.RepeatedCompositeFieldContainer[VersionAck]
     sent_time: float
-    def __init__(self, table: _Optional[str] = ..., shard: _Optional[int] = ..., incarnation: _Optional[int] = ..., from_version: _Optional[int] = ..., to_version: _Optional[int] = ..., keys: _Optional[bytes] = ..., values: _Optional[bytes] = ..., dim: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., deleted_keys: _Optional[bytes] = ..., reset: _Optional[bool] = ..., last: _Optional[bool] = ..., acks: _Optional[_Iterable[_Union[VersionAck, _Mapping]]] = ..., sent_time: _Optional[float] = ...) -> None: ...
+    step: int
+    dense_step: int
+    dense_state: bytes
+    dense_format: str
+    commit_time: float
+    def __init__(self, table: _Optional[str] = ..., shard: _Optional[int] = ..., incarnation: _Optional[int] = ..., from_version: _Optional[int] = ..., to_version: _Optional[int] = ..., keys: _Optional[bytes] = ..., values: _Optional[bytes] = ..., dim: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., deleted_keys: _Optional[bytes] = ..., reset: _Optional[bool] = ..., last: _Optional[bool] = ..., acks: _Optional[_Iterable[_Union[VersionAck, _Mapping]]] = ..., sent_time: _Optional[float] = ..., step: _Optional[int] = ..., dense_step: _Optional[int] = ..., dense_state: _Optional[bytes] = ..., dense_format: _Optional[str] = ..., commit_time: _Optional[float] = ...) -> None: ...
+
+class CommitRequest(_message.Message):
+    __slots__ = ("step", "dense_state", "dense_format")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    DENSE_STATE_FIELD_NUMBER: _ClassVar[int]
+    DENSE_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    dense_state: bytes
+    dense_format: str
+    def __init__(self, step: _Optional[int] = ..., dense_state: _Optional[bytes] = ..., dense_format: _Optional[str] = ...) -> None: ...
+
+class CommitResponse(_message.Message):
+    __slots__ = ("step", "versions")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    versions: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, step: _Optional[int] = ..., versions: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class LookupBatchRequest(_message.Message):
     __slots__ = ("requests",)

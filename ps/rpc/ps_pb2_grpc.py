@@ -74,6 +74,11 @@ class ParameterServerStub:
                 request_serializer=embps_dot_ps__pb2.MultiPushRequest.SerializeToString,
                 response_deserializer=embps_dot_ps__pb2.MultiPushResponse.FromString,
                 _registered_method=True)
+        self.Commit = channel.unary_unary(
+                '/embps.v1.ParameterServer/Commit',
+                request_serializer=embps_dot_ps__pb2.CommitRequest.SerializeToString,
+                response_deserializer=embps_dot_ps__pb2.CommitResponse.FromString,
+                _registered_method=True)
 
 
 class ParameterServerServicer:
@@ -136,6 +141,13 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Commit(self, request, context):
+        """Records that a training step is complete on every shard (see CommitRequest).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParameterServerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -178,6 +190,11 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     servicer.PushMulti,
                     request_deserializer=embps_dot_ps__pb2.MultiPushRequest.FromString,
                     response_serializer=embps_dot_ps__pb2.MultiPushResponse.SerializeToString,
+            ),
+            'Commit': grpc.unary_unary_rpc_method_handler(
+                    servicer.Commit,
+                    request_deserializer=embps_dot_ps__pb2.CommitRequest.FromString,
+                    response_serializer=embps_dot_ps__pb2.CommitResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -396,6 +413,33 @@ class ParameterServer:
             '/embps.v1.ParameterServer/PushMulti',
             embps_dot_ps__pb2.MultiPushRequest.SerializeToString,
             embps_dot_ps__pb2.MultiPushResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Commit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/embps.v1.ParameterServer/Commit',
+            embps_dot_ps__pb2.CommitRequest.SerializeToString,
+            embps_dot_ps__pb2.CommitResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from ps.rpc import ps_pb2 as embps_dot_ps__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x65mbps/serving.proto\x12\x08\x65mbps.v1\x1a\x0e\x65mbps/ps.proto\"`\n\x14ServingLookupRequest\x12\r\n\x05table\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x01(\x0c\x12\x0b\n\x03\x64im\x18\x03 \x01(\r\x12\x1e\n\x05\x64type\x18\x04 \x01(\x0e\x32\x0f.embps.v1.DType\"Q\n\x0bServedShard\x12\r\n\x05shard\x18\x01 \x01(\r\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x13\n\x0bincarnation\x18\x03 \x01(\x04\x12\r\n\x05stale\x18\x04 \x01(\x08\"\x8a\x01\n\x15ServingLookupResponse\x12\x0e\n\x06values\x18\x01 \x01(\x0c\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\x12\x1e\n\x05\x64type\x18\x03 \x01(\x0e\x32\x0f.embps.v1.DType\x12\r\n\x05\x66ound\x18\x04 \x01(\x0c\x12%\n\x06shards\x18\x05 \x03(\x0b\x32\x15.embps.v1.ServedShard\"K\n\x18ServingLookupManyRequest\x12/\n\x07lookups\x18\x01 \x03(\x0b\x32\x1e.embps.v1.ServingLookupRequest\"M\n\x19ServingLookupManyResponse\x12\x30\n\x07results\x18\x01 \x03(\x0b\x32\x1f.embps.v1.ServingLookupResponse\"\x16\n\x14ServingStatusRequest\"\xc9\x01\n\x0bShardStatus\x12\r\n\x05table\x18\x01 \x01(\t\x12\r\n\x05shard\x18\x02 \x01(\r\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12\x13\n\x0bincarnation\x18\x04 \x01(\x04\x12\x11\n\tconnected\x18\x05 \x01(\x08\x12\r\n\x05stale\x18\x06 \x01(\x08\x12\x1d\n\x15seconds_since_message\x18\x07 \x01(\x01\x12\x0c\n\x04rows\x18\x08 \x01(\x04\x12\x13\n\x0bnum_resyncs\x18\t \x01(\x04\x12\x12\n\nlast_error\x18\n \x01(\t\">\n\x15ServingStatusResponse\x12%\n\x06shards\x18\x01 \x03(\x0b\x32\x15.embps.v1.ShardStatus2\xf6\x01\n\x07Serving\x12I\n\x06Lookup\x12\x1e.embps.v1.ServingLookupRequest\x1a\x1f.embps.v1.ServingLookupResponse\x12U\n\nLookupMany\x12\".embps.v1.ServingLookupManyRequest\x1a#.embps.v1.ServingLookupManyResponse\x12I\n\x06Status\x12\x1e.embps.v1.ServingStatusRequest\x1a\x1f.embps.v1.ServingStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x65mbps/serving.proto\x12\x08\x65mbps.v1\x1a\x0e\x65mbps/ps.proto\"`\n\x14ServingLookupRequest\x12\r\n\x05table\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x01(\x0c\x12\x0b\n\x03\x64im\x18\x03 \x01(\r\x12\x1e\n\x05\x64type\x18\x04 \x01(\x0e\x32\x0f.embps.v1.DType\"Q\n\x0bServedShard\x12\r\n\x05shard\x18\x01 \x01(\r\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x13\n\x0bincarnation\x18\x03 \x01(\x04\x12\r\n\x05stale\x18\x04 \x01(\x08\"\xa1\x01\n\x15ServingLookupResponse\x12\x0e\n\x06values\x18\x01 \x01(\x0c\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\x12\x1e\n\x05\x64type\x18\x03 \x01(\x0e\x32\x0f.embps.v1.DType\x12\r\n\x05\x66ound\x18\x04 \x01(\x0c\x12%\n\x06shards\x18\x05 \x03(\x0b\x32\x15.embps.v1.ServedShard\x12\x15\n\rmodel_version\x18\x06 \x01(\x04\"K\n\x18ServingLookupManyRequest\x12/\n\x07lookups\x18\x01 \x03(\x0b\x32\x1e.embps.v1.ServingLookupRequest\"d\n\x19ServingLookupManyResponse\x12\x30\n\x07results\x18\x01 \x03(\x0b\x32\x1f.embps.v1.ServingLookupResponse\x12\x15\n\rmodel_version\x18\x02 \x01(\x04\"!\n\x11\x44\x65nseModelRequest\x12\x0c\n\x04step\x18\x01 \x01(\x04\"A\n\x12\x44\x65nseModelResponse\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\r\n\x05state\x18\x02 \x01(\x0c\x12\x0e\n\x06\x66ormat\x18\x03 \x01(\t\"\x16\n\x14ServingStatusRequest\"\xc9\x01\n\x0bShardStatus\x12\r\n\x05table\x18\x01 \x01(\t\x12\r\n\x05shard\x18\x02 \x01(\r\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12\x13\n\x0bincarnation\x18\x04 \x01(\x04\x12\x11\n\tconnected\x18\x05 \x01(\x08\x12\r\n\x05stale\x18\x06 \x01(\x08\x12\x1d\n\x15seconds_since_message\x18\x07 \x01(\x01\x12\x0c\n\x04rows\x18\x08 \x01(\x04\x12\x13\n\x0bnum_resyncs\x18\t \x01(\x04\x12\x12\n\nlast_error\x18\n \x01(\t\"\x81\x01\n\x15ServingStatusResponse\x12%\n\x06shards\x18\x01 \x03(\x0b\x32\x15.embps.v1.ShardStatus\x12\x15\n\rmodel_version\x18\x02 \x01(\x04\x12\x13\n\x0bnewest_step\x18\x03 \x01(\x04\x12\x15\n\rwaiting_bytes\x18\x04 \x01(\x04\x32\xbf\x02\n\x07Serving\x12I\n\x06Lookup\x12\x1e.embps.v1.ServingLookupRequest\x1a\x1f.embps.v1.ServingLookupResponse\x12U\n\nLookupMany\x12\".embps.v1.ServingLookupManyRequest\x1a#.embps.v1.ServingLookupManyResponse\x12I\n\x06Status\x12\x1e.embps.v1.ServingStatusRequest\x1a\x1f.embps.v1.ServingStatusResponse\x12G\n\nDenseModel\x12\x1b.embps.v1.DenseModelRequest\x1a\x1c.embps.v1.DenseModelResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,17 +37,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SERVEDSHARD']._serialized_start=147
   _globals['_SERVEDSHARD']._serialized_end=228
   _globals['_SERVINGLOOKUPRESPONSE']._serialized_start=231
-  _globals['_SERVINGLOOKUPRESPONSE']._serialized_end=369
-  _globals['_SERVINGLOOKUPMANYREQUEST']._serialized_start=371
-  _globals['_SERVINGLOOKUPMANYREQUEST']._serialized_end=446
-  _globals['_SERVINGLOOKUPMANYRESPONSE']._serialized_start=448
-  _globals['_SERVINGLOOKUPMANYRESPONSE']._serialized_end=525
-  _globals['_SERVINGSTATUSREQUEST']._serialized_start=527
-  _globals['_SERVINGSTATUSREQUEST']._serialized_end=549
-  _globals['_SHARDSTATUS']._serialized_start=552
-  _globals['_SHARDSTATUS']._serialized_end=753
-  _globals['_SERVINGSTATUSRESPONSE']._serialized_start=755
-  _globals['_SERVINGSTATUSRESPONSE']._serialized_end=817
-  _globals['_SERVING']._serialized_start=820
-  _globals['_SERVING']._serialized_end=1066
+  _globals['_SERVINGLOOKUPRESPONSE']._serialized_end=392
+  _globals['_SERVINGLOOKUPMANYREQUEST']._serialized_start=394
+  _globals['_SERVINGLOOKUPMANYREQUEST']._serialized_end=469
+  _globals['_SERVINGLOOKUPMANYRESPONSE']._serialized_start=471
+  _globals['_SERVINGLOOKUPMANYRESPONSE']._serialized_end=571
+  _globals['_DENSEMODELREQUEST']._serialized_start=573
+  _globals['_DENSEMODELREQUEST']._serialized_end=606
+  _globals['_DENSEMODELRESPONSE']._serialized_start=608
+  _globals['_DENSEMODELRESPONSE']._serialized_end=673
+  _globals['_SERVINGSTATUSREQUEST']._serialized_start=675
+  _globals['_SERVINGSTATUSREQUEST']._serialized_end=697
+  _globals['_SHARDSTATUS']._serialized_start=700
+  _globals['_SHARDSTATUS']._serialized_end=901
+  _globals['_SERVINGSTATUSRESPONSE']._serialized_start=904
+  _globals['_SERVINGSTATUSRESPONSE']._serialized_end=1033
+  _globals['_SERVING']._serialized_start=1036
+  _globals['_SERVING']._serialized_end=1355
 # @@protoc_insertion_point(module_scope)

@@ -49,6 +49,11 @@ class ServingStub:
                 request_serializer=embps_dot_serving__pb2.ServingStatusRequest.SerializeToString,
                 response_deserializer=embps_dot_serving__pb2.ServingStatusResponse.FromString,
                 _registered_method=True)
+        self.DenseModel = channel.unary_unary(
+                '/embps.v1.Serving/DenseModel',
+                request_serializer=embps_dot_serving__pb2.DenseModelRequest.SerializeToString,
+                response_deserializer=embps_dot_serving__pb2.DenseModelResponse.FromString,
+                _registered_method=True)
 
 
 class ServingServicer:
@@ -75,6 +80,13 @@ class ServingServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DenseModel(self, request, context):
+        """The dense tower of the step this replica serves (NOT_FOUND: none published for it).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ServingServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -92,6 +104,11 @@ def add_ServingServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=embps_dot_serving__pb2.ServingStatusRequest.FromString,
                     response_serializer=embps_dot_serving__pb2.ServingStatusResponse.SerializeToString,
+            ),
+            'DenseModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.DenseModel,
+                    request_deserializer=embps_dot_serving__pb2.DenseModelRequest.FromString,
+                    response_serializer=embps_dot_serving__pb2.DenseModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -175,6 +192,33 @@ class Serving:
             '/embps.v1.Serving/Status',
             embps_dot_serving__pb2.ServingStatusRequest.SerializeToString,
             embps_dot_serving__pb2.ServingStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DenseModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/embps.v1.Serving/DenseModel',
+            embps_dot_serving__pb2.DenseModelRequest.SerializeToString,
+            embps_dot_serving__pb2.DenseModelResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -23,6 +23,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--restore-step", type=int, default=None, help="load the tables of this snapshot step ([snapshot] uri) first"
     )
+    parser.add_argument(
+        "--standby",
+        nargs="?",
+        const="standby",
+        choices=["standby", "primary"],
+        default=None,
+        help="run as the shard's standby: at its [[shards]] standby address, or (--standby primary) at its "
+        "primary's, where a new standby goes after a failover",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -41,5 +50,6 @@ def run(args: argparse.Namespace) -> int:
             grace=args.grace,
             log_max_keys=args.update_log_keys,
             restore_step=args.restore_step,
+            standby=args.standby,
         )
     )

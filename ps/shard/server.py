@@ -21,6 +21,7 @@ sees a half-applied push, and a slow stream never holds up a Push (it reads late
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import os
@@ -36,11 +37,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from ps import wire
+from ps import native, wire
 from ps.job_config import JobConfig, load_job_config
 from ps.process.calls import CallSite, UndecodableRequests, stream_call, unary_call
 from ps.rpc import ps_pb2, ps_pb2_grpc, snapshot_pb2, snapshot_pb2_grpc
 from ps.security import add_port, ps_port_policy, server_interceptors
+from ps.shard import commits
+from ps.shard.commit_stream import committed_stream
 from ps.shard.metrics import ShardMetrics
 from ps.shard.startup import EXIT_SNAPSHOT_UNUSABLE, DeferredServices, RestoreProgress, run_in_daemon_thread
 from ps.shard.update_log import DEFAULT_MAX_ENTRIES, DEFAULT_MAX_KEYS, LogGapError, LogRange
@@ -69,13 +72,27 @@ HEARTBEAT_SECONDS = 0.5  # an idle Subscribe stream says "still here, still at v
 _ACK_BYTES = 32  # one VersionAck on the wire, framing included (generous)
 
 
+@dataclass(frozen=True)
+class _Rows:
+    """Rows as a Subscribe message carries them: dtype (ps_pb2.DType), data (n, row bytes) uint8."""
+
+    dtype: int
+    data: np.ndarray
+
+
+_PUSH_METHODS = frozenset({"Push", "PushBatch", "PushMulti"})
+
+
 def _tables_call(method: str) -> Callable:
     """A synchronous table method `fn(self, request) -> reply` as the RPC `method`: serialised
     through `run`, answered by the one call wrapper (ps/process/calls.py)."""
 
     def decorate(fn: Callable) -> Callable:
         async def on_tables(self: ParameterServerServicer, request):
-            return await self.run(fn, request)
+            reply = await self.run(fn, request)
+            if self.replication is not None and method in _PUSH_METHODS:
+                await self.replication.settle()  # acknowledged means applied on the standby too
+            return reply
 
         return unary_call(method)(functools.wraps(fn)(on_tables))
 
@@ -89,6 +106,12 @@ class ShardCallSite(CallSite):
         super().__init__(f"shard {shard.index}", log)
         self.tables = shard.tables
         self.metrics = metrics
+        self.fence: Callable[[], None] | None = None  # a shard with a standby: ps/shard/replication.py
+
+    def check_open(self) -> None:
+        super().check_open()
+        if self.fence is not None:
+            self.fence()
 
     def table_label(self, request) -> str:
         """The request's table; names the shard does not hold share one label, no table is ""."""
@@ -127,12 +150,13 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         self.shard = shard
         self.metrics = metrics
         self.call_site = ShardCallSite(shard, metrics)
+        self.replication = None  # ps/shard/replication.py, when the shard has a standby
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="tables")
         self._offloaded = 0
         self.loop = asyncio.get_running_loop()
         self._changed = {name: asyncio.Event() for name in shard.tables}
         for table in shard.tables.values():
-            metrics.observe_table(table, shard.logs[table.name].memory_bytes)
+            metrics.observe_table(table, shard.logs[table.name].memory_bytes + shard.commits[table.name].memory_bytes)
 
     async def run(self, fn: Callable, request):
         """fn(self, request), serialised with every other table call.
@@ -173,7 +197,8 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
 
     def observe(self, table: str) -> None:
         """Refreshes the gauges of `table` and the shard's push-id memory (on the tables' thread)."""
-        self.metrics.observe_table(self.shard.tables[table], self.shard.logs[table].memory_bytes)
+        held = self.shard.logs[table].memory_bytes + self.shard.commits[table].memory_bytes  # update + commit logs
+        self.metrics.observe_table(self.shard.tables[table], held)
         self.metrics.push_id_memory.labels(str(self.shard.index)).set(self.shard.ledger.num_bytes)
 
     def notify(self, table: str) -> None:
@@ -212,7 +237,13 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
 
     @_tables_call("PushMulti")
     def PushMulti(self, request: ps_pb2.MultiPushRequest) -> ps_pb2.MultiPushResponse:
+        return self.apply_push_multi(request)
+
+    def apply_push_multi(self, request: ps_pb2.MultiPushRequest) -> ps_pb2.MultiPushResponse:
+        """One multi-table push (serialised by the caller), with its metrics and Subscribe wake-up."""
         response, changed = self.shard.push_multi(request)
+        if not response.duplicate and self.replication is not None:
+            self.replication.forward("PushMulti", request, response)
         if response.duplicate:
             for table in request.tables:
                 self.metrics.duplicate_pushes.labels(self.call_site.table_name_label(table)).inc()
@@ -220,6 +251,14 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
             self.observe(table)
         if changed:
             self.loop.call_soon_threadsafe(self.notify_many, changed)
+        return response
+
+    @unary_call("Commit")
+    async def Commit(self, request: ps_pb2.CommitRequest) -> ps_pb2.CommitResponse:
+        # Reads the rows each table's step touched: off the loop when there may be many.
+        work_bytes = sum(log.num_keys for log in self.shard.logs.values()) * 64 + len(request.dense_state)
+        response = await self.run_call(functools.partial(commits.commit, self.shard, request), work_bytes)
+        self.notify_many(list(self.shard.tables))
         return response
 
     def notify_many(self, tables: list[str]) -> None:
@@ -233,6 +272,8 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         if response.duplicate:
             self.metrics.duplicate_pushes.labels(request.table).inc()
         else:
+            if self.replication is not None:
+                self.replication.forward("Push", request, response)
             self.observe(request.table)
             self.loop.call_soon_threadsafe(self.notify, request.table)
         return response
@@ -258,9 +299,14 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         subscribers = self.metrics.subscribers.labels(name, str(shard.index))
         subscribers.inc()
         try:
+            stored = request.stored_rows
+            if request.committed:
+                async for reply in committed_stream(self, request):
+                    yield reply
+                return
             if request.full_sync:
                 position = 0
-                async for reply in self._full_copy(name):
+                async for reply in self._full_copy(name, stored):
                     position = reply.to_version
                     yield reply
             else:
@@ -275,41 +321,42 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
                     except TimeoutError:
                         yield self._batch(name, position, position, last=True)
                     continue
-                changes, values = await self.run_call(
-                    functools.partial(self._read_range, name, position), shard.logs[name].num_keys * 8
+                changes, rows = await self.run_call(
+                    functools.partial(self._read_range, name, position, stored), shard.logs[name].num_keys * 8
                 )
                 self.metrics.stream_range.labels(name, str(shard.index)).observe(changes.to_version - position)
-                for reply in self._batches(name, table.dim, changes, values, False):
+                for reply in self._batches(name, table.dim, changes, rows, False):
                     yield reply
                 position = changes.to_version
         finally:
             subscribers.dec()
 
-    async def _full_copy(self, name: str) -> AsyncIterator[ps_pb2.UpdateBatch]:
+    async def _full_copy(self, name: str, stored: bool) -> AsyncIterator[ps_pb2.UpdateBatch]:
         """Every row of table `name`, streamed: the keys are listed at version v0, their rows read
         a message at a time as the subscriber takes them (never a copy of the table), and what
         changed meanwhile follows, read from a change feed the table keeps for this copy. So the
         copy converges however long the subscriber takes, beyond the update log's window; the
         last message's to_version says where the live ranges continue."""
-        shard, table = self.shard, self.shard.table(name)
+        table = self.shard.table(name)
         dim = table.dim
         version, keys, feed = await self.run_call(functools.partial(self._begin_copy, name), table.size * 16)
         try:
-            rows_per = max(1, self.shard.job.message_limit_bytes // (8 + 4 * dim))
+            row_bytes = wire.stored_row_bytes(str(table.storage) if stored else "float32", dim)
+            rows_per = max(1, self.shard.job.message_limit_bytes // (8 + row_bytes))
             for i in range(0, keys.shape[0], rows_per):
                 chunk = keys[i : i + rows_per]
-                values = await self.run_call(
-                    functools.partial(shard.read_rows, name, chunk), chunk.shape[0] * (8 + 4 * dim)
+                rows = await self.run_call(
+                    functools.partial(self._read_rows, name, chunk, stored), chunk.shape[0] * (8 + row_bytes)
                 )
                 yield self._batch(
-                    name, 0, version, dim=dim, reset=i == 0, last=False,
-                    keys=wire.encode_keys(chunk), values=values.tobytes(),
+                    name, 0, version, dim=dim, reset=i == 0, last=False, dtype=rows.dtype,
+                    keys=wire.encode_keys(chunk), values=rows.data.tobytes(),
                 )
             # Off the event loop: the feed is the tables thread's to read, and it may hold many keys.
-            changes, values = await self.run_call(
-                functools.partial(self._end_copy, name, feed), INLINE_WORK_BYTES + 1
+            changes, rows = await self.run_call(
+                functools.partial(self._end_copy, name, feed, stored), INLINE_WORK_BYTES + 1
             )
-            for reply in self._batches(name, dim, changes, values, reset=keys.shape[0] == 0):
+            for reply in self._batches(name, dim, changes, rows, reset=keys.shape[0] == 0):
                 yield reply
         finally:
             table.close_change_feed(feed)
@@ -318,7 +365,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         table = self.shard.table(name)
         return table.version, table.keys(), table.open_change_feed()
 
-    def _end_copy(self, name: str, feed) -> tuple[LogRange, np.ndarray]:
+    def _end_copy(self, name: str, feed, stored: bool) -> tuple[LogRange, _Rows]:
         """What changed since _begin_copy, as a range ending at the current version, with its rows."""
         table = self.shard.table(name)
         changes = feed.take()
@@ -327,12 +374,30 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
                 f"table {name!r}: more than {feed.max_keys} keys changed during the full copy (or the table was "
                 "reloaded); resync with full_sync"
             )
-        values = self.shard.read_rows(name, changes.touched_keys)
-        return LogRange(0, table.version, changes.touched_keys, changes.deleted_keys, ()), values
+        rows = self._read_rows(name, changes.touched_keys, stored)
+        return LogRange(0, table.version, changes.touched_keys, changes.deleted_keys, ()), rows
 
-    def _read_range(self, name: str, from_version: int) -> tuple[LogRange, np.ndarray]:
+    def _read_range(self, name: str, from_version: int, stored: bool) -> tuple[LogRange, _Rows]:
         changes = self.shard.changes_after(name, from_version)
-        return changes, self.shard.read_rows(name, changes.touched_keys)
+        return changes, self._read_rows(name, changes.touched_keys, stored)
+
+    def _read_rows(self, name: str, keys: np.ndarray, stored: bool) -> _Rows:
+        """The rows of keys as Subscribe sends them: as the table stores them, or float32."""
+        if not stored:
+            return _Rows(ps_pb2.FLOAT32, self.shard.read_rows(name, keys).view(np.uint8))
+        _, words = self.shard.read_stored_rows(name, keys)
+        return self._rows_of_words(name, words, stored)
+
+    def _rows_of_words(self, name: str, words: np.ndarray, stored: bool) -> _Rows:
+        """Rows (n, value_words) float32 words as table `name` stores them, as Subscribe sends
+        them: as they are (stored) or decoded to float32."""
+        table = self.shard.table(name)
+        storage = str(table.storage)
+        if stored:
+            return _Rows(wire.STORED_DTYPES[storage], wire.encode_stored_rows(words, storage, table.dim))
+        if storage == "float32":
+            return _Rows(ps_pb2.FLOAT32, np.ascontiguousarray(words, dtype=np.float32).view(np.uint8))
+        return _Rows(ps_pb2.FLOAT32, native.decode_words(table.storage, words, table.dim).view(np.uint8))
 
     def _batch(self, name: str, from_version: int, to_version: int, **fields) -> ps_pb2.UpdateBatch:
         return ps_pb2.UpdateBatch(
@@ -341,22 +406,21 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
             incarnation=self.shard.incarnation,
             from_version=from_version,
             to_version=to_version,
-            dtype=ps_pb2.FLOAT32,
             sent_time=time.time(),
-            **fields,
+            **{"dtype": ps_pb2.FLOAT32, **fields},
         )
 
-    def _batches(self, name: str, dim: int, changes: LogRange, values: np.ndarray, reset: bool):
+    def _batches(self, name: str, dim: int, changes: LogRange, rows: _Rows, reset: bool):
         """The messages of one range: rows, then deleted keys, then acks, split at the message limit."""
         budget = self.shard.job.message_limit_bytes
-        rows_per = max(1, budget // (8 + 4 * dim))
+        rows_per = max(1, budget // (8 + rows.data.shape[1]))
         keys_per = max(1, budget // 8)
         acks_per = max(1, budget // _ACK_BYTES)
         touched, deleted = changes.touched_keys, changes.deleted_keys
         parts: list[dict] = []
         for i in range(0, touched.shape[0], rows_per):
             parts.append(
-                {"keys": wire.encode_keys(touched[i : i + rows_per]), "values": values[i : i + rows_per].tobytes()}
+                {"keys": wire.encode_keys(touched[i : i + rows_per]), "values": rows.data[i : i + rows_per].tobytes()}
             )
         for i in range(0, deleted.shape[0], keys_per):
             parts.append({"deleted_keys": wire.encode_keys(deleted[i : i + keys_per])})
@@ -373,6 +437,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
                 dim=dim,
                 reset=reset and i == 0,
                 last=i == len(parts) - 1,
+                dtype=rows.dtype,
                 **part,
             )
 
@@ -399,6 +464,8 @@ class ShardPort:
     health: HealthServicer
     services: DeferredServices
     metrics: ShardMetrics
+    standby: bool = False  # this process is the shard's standby
+    address: str = ""  # where it listens
 
     def build_shard(
         self,
@@ -433,18 +500,34 @@ class ShardPort:
             restored_step=restore_step,
         )
 
+        replication = None
+        if job.shards[shard_index].standby:
+            from ps.shard.replication import attach_replication
+
+            replication = attach_replication(
+                servicer, job, shard_index, self.address, self.standby, self.metrics.registry
+            )
+
         def add_servicers(server) -> None:
             ps_pb2_grpc.add_ParameterServerServicer_to_server(servicer, server)
             snapshot_pb2_grpc.add_SnapshotControlServicer_to_server(snapshots, server)
+            if replication is not None:
+                replication.add_to_server(server)
 
         self.services.open(add_servicers)
+        if replication is not None:
+            await replication.start()
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         return servicer
 
 
 async def bind_shard(
-    job: JobConfig, shard_index: int, address: str | None = None, metrics: ShardMetrics | None = None
+    job: JobConfig,
+    shard_index: int,
+    address: str | None = None,
+    metrics: ShardMetrics | None = None,
+    standby: bool = False,
 ) -> ShardPort:
     """Builds (not starts) the shard's server bound to `address` (default: the job's; port 0 picks
     one), NOT_SERVING, every embps call answered UNAVAILABLE until ShardPort.open."""
@@ -473,14 +556,15 @@ async def bind_shard(
         ],
         server,
     )
-    address = address if address is not None else job.shards[shard_index].address
+    if address is None:
+        address = job.shards[shard_index].standby if standby else job.shards[shard_index].address
     try:
         port = add_port(server, address, job.security)
     except RuntimeError as exc:  # grpc's "Failed to bind": the port is taken, or the host is not ours
         raise OSError(f"shard {shard_index}: cannot bind {address} ({exc})") from None
     if port == 0:
         raise OSError(f"shard {shard_index}: cannot bind {address}")
-    return ShardPort(job, shard_index, server, port, health, services, metrics)
+    return ShardPort(job, shard_index, server, port, health, services, metrics, standby, address)
 
 
 async def create_server(
@@ -491,12 +575,13 @@ async def create_server(
     log_max_keys: int = DEFAULT_MAX_KEYS,
     log_max_entries: int = DEFAULT_MAX_ENTRIES,
     restore_step: int | None = None,
+    standby: bool = False,
 ) -> tuple[grpc.aio.Server, int, ParameterServerServicer, HealthServicer]:
     """Builds (not starts) the shard's server bound to `address` (default: the job's; port 0 picks
     one), its tables restored from `restore_step` first. log_max_keys, log_max_entries bound each
     table's update log. Returns (server, bound port, servicer, health servicer). `embps ps` binds
     first and restores while the port answers NOT_SERVING (bind_shard, ShardPort.build_shard, .open)."""
-    shard_port = await bind_shard(job, shard_index, address, metrics)
+    shard_port = await bind_shard(job, shard_index, address, metrics, standby)
     shard = shard_port.build_shard(restore_step, log_max_keys, log_max_entries)
     servicer = await shard_port.open(shard, restore_step)
     return shard_port.server, shard_port.port, servicer, shard_port.health
@@ -530,14 +615,27 @@ async def _restore(shard_port: ShardPort, restore_step: int, log_max_keys: int, 
     return shard
 
 
-async def _serve(job: JobConfig, shard_index: int, grace: float, log_max_keys: int, restore_step: int | None) -> int:
+async def _serve(
+    job: JobConfig,
+    shard_index: int,
+    grace: float,
+    log_max_keys: int,
+    restore_step: int | None,
+    standby_slot: str | None = None,
+) -> int:
+    standby = standby_slot is not None
+    address = job.shards[shard_index].address if standby_slot == "primary" else None
     try:
-        shard_port = await bind_shard(job, shard_index)
+        shard_port = await bind_shard(job, shard_index, address, standby=standby)
     except OSError as exc:
         log.error("%s", exc)
         return 1
     server, port, health = shard_port.server, shard_port.port, shard_port.health
     shard_config = job.shards[shard_index]
+    if standby_slot == "standby":
+        shard_config = dataclasses.replace(
+            shard_config, address=shard_config.standby, metrics_port=shard_config.standby_metrics_port
+        )
     metrics_port = shard_port.metrics.serve(shard_config.metrics_port, shard_config.host)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -561,6 +659,8 @@ async def _serve(job: JobConfig, shard_index: int, grace: float, log_max_keys: i
     log.info("shard %d of job %r serving", shard_index, job.job)
     await stop.wait()
     log.info("shard %d: draining (grace %.1f s)", shard_index, grace)
+    if servicer.replication is not None:
+        await servicer.replication.stop()
     servicer.begin_drain()
     await health.enter_graceful_shutdown()
     # While the port is still open, calls that were already on their way reach a handler and get
@@ -577,14 +677,19 @@ def serve_shard(
     grace: float = 10.0,
     log_max_keys: int = DEFAULT_MAX_KEYS,
     restore_step: int | None = None,
+    standby: str | None = None,
 ) -> int:
     """Runs shard `shard` of the job in `config` until SIGTERM/SIGINT; returns the exit status.
     log_max_keys: keys each table's update log holds before it forgets its oldest pushes.
-    restore_step: start from the tables of this snapshot step (the job's [snapshot] uri)."""
+    restore_step: start from the tables of this snapshot step (the job's [snapshot] uri).
+    standby: run as the shard's standby, at its "standby" address or (after a failover) at its
+    "primary" one (ps/shard/replication.py); None: as its primary."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     job = load_job_config(config)
     if not 0 <= shard < len(job.shards):
         raise SystemExit(f"embps ps: --shard must be in [0, {len(job.shards)}) for {config}, got {shard}")
     if log_max_keys < 1:
         raise SystemExit(f"embps ps: --update-log-keys must be >= 1, got {log_max_keys}")
-    return asyncio.run(_serve(job, shard, grace, log_max_keys, restore_step))
+    if standby and not job.shards[shard].standby:
+        raise SystemExit(f"embps ps: --standby: shards[{shard}] of {config} declares no standby address")
+    return asyncio.run(_serve(job, shard, grace, log_max_keys, restore_step, standby))

@@ -20,6 +20,7 @@ from ps import wire
 from ps.errors import UnknownTableError, WrongShardError
 from ps.job_config import JobConfig
 from ps.rpc import ps_pb2
+from ps.shard.commits import DEFAULT_SHARD_COMMIT_BYTES, MIN_TABLE_COMMIT_BYTES, CommitLog, DenseStates
 from ps.shard.update_log import DEFAULT_MAX_ENTRIES, DEFAULT_MAX_KEYS, LogRange, UpdateLog
 from ps.table import multi
 from ps.table.embedding_table import ApplyResult, EmbeddingTable
@@ -98,6 +99,22 @@ class PushLedger:
         while self.num_bytes > self.max_bytes and len(seen) > 1:  # one client alone over the bound
             self.num_bytes -= _entry_bytes(seen.popitem(last=False)[1])
 
+    def export(self) -> list:
+        """Every remembered answer, oldest client first: [[client_id, [[sequence, answer, multi]]]]
+        (answer as bytes; multi: a PushMulti's reply). load() of it rebuilds this memory."""
+        return [
+            [client, [[sequence, bytes(answer), isinstance(answer, MultiAnswer)] for sequence, answer in seen.items()]]
+            for client, seen in self._clients.items()
+        ]
+
+    def load(self, exported: list) -> None:
+        """Replaces the memory with an export() (a standby's copy of its primary's)."""
+        self._clients = OrderedDict()
+        self.num_bytes = 0
+        for client, entries in exported:
+            for sequence, answer, is_multi in entries:
+                self.put_raw(client, int(sequence), MultiAnswer(answer) if is_multi else bytes(answer))
+
     def _forget_oldest_client(self) -> None:
         client_id, seen = self._clients.popitem(last=False)
         self.num_bytes -= LEDGER_CLIENT_BYTES + len(client_id) + sum(_entry_bytes(a) for a in seen.values())
@@ -151,6 +168,13 @@ class Shard:
         self.logs = {
             name: UpdateLog(table.version, log_max_entries, log_max_keys) for name, table in self.tables.items()
         }
+        # Committed steps (ps/shard/commits.py): restored tables start at a committed state.
+        base_step = max((t.step for t in self.tables.values()), default=0)
+        commit_bytes = max(MIN_TABLE_COMMIT_BYTES, DEFAULT_SHARD_COMMIT_BYTES // max(1, len(self.tables)))
+        self.commits = {
+            name: CommitLog(t.value_words, t.version, base_step, commit_bytes) for name, t in self.tables.items()
+        }
+        self.dense = DenseStates()
 
     def table(self, name: str) -> EmbeddingTable:
         """The table called `name`, or UnknownTableError."""
@@ -315,9 +339,14 @@ class Shard:
         """Current values (n, dim) float32 of keys (n,) int64 of table `name`."""
         return self.table(name).lookup(keys).cpu().numpy()
 
+    def read_stored_rows(self, name: str, keys: np.ndarray) -> tuple[str, np.ndarray]:
+        """(storage, rows (n, value_words) float32 words as table `name` stores them) of keys (n,)."""
+        table = self.table(name)
+        return str(table.storage), table.lookup_stored(keys)
+
     def memory_bytes(self, name: str) -> int:
-        """What table `name` holds on this shard: the table itself and its update log."""
-        return self.table(name).memory_bytes + self.logs[name].memory_bytes
+        """What table `name` holds on this shard: the table itself, its update log and its commit log."""
+        return self.table(name).memory_bytes + self.logs[name].memory_bytes + self.commits[name].memory_bytes
 
     def stats(self) -> ps_pb2.StatsResponse:
         return ps_pb2.StatsResponse(

@@ -22,7 +22,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--job", required=True, help="job name (the folder under the URI)")
     parser.add_argument("--step", type=int, default=None, help="inspect/export this step (default: latest)")
     parser.add_argument("--dst", default=None, help="export: destination URI")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="export: value type")
+    parser.add_argument(
+        "--dtype", default="float32", choices=["float32", "float16", "stored"],
+        help="export: value type (stored: each table's rows as it keeps them, int8 ones bit for bit)",
+    )
     parser.add_argument("--keep", type=int, default=None, help="gc: how many newest snapshots to keep")
     parser.add_argument("--dry-run", action="store_true", help="gc: print what would be deleted, delete nothing")
 

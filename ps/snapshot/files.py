@@ -14,7 +14,9 @@ w = the optimizer's state width; the column is absent when w = 0 (sgd: Arrow has
 lists). A float16 or int8 table (TableConfig.storage) stores its rows as they are kept, bit for
 bit: `value_encoded fixed_size_list<uint8>[4 * value_words]` (csrc/row_codec.h) replaces `value`,
 and the schema metadata embps.storage names the storage. An export holds key and value only,
-value float32 or float16.
+value float32 or float16; an export in the tables' stored form (export_for_serving dtype
+"stored") holds an int8 table's rows bit for bit as `value_encoded` (as above, manifest dtype
+"int8"; readers that predate it cannot read that table and must take a float32 or float16 export).
 Pending file: key int64 | count uint32 | last_step uint32. Deleted file: key int64.
 Every file's schema metadata: embps.format_version, embps.job, embps.snapshot_step,
 embps.kind, embps.table, embps.shard, embps.table_version, embps.table_step.
@@ -267,23 +269,36 @@ class SnapshotWriter:
         return record
 
     def write_values_shard(
-        self, table: str, shard: int, keys: np.ndarray, values: np.ndarray, version: int = 0, step: int = 0
+        self, table: str, shard: int, keys: np.ndarray, values: np.ndarray, version: int = 0, step: int = 0,
+        int8_dim: int | None = None,
     ) -> ShardRecord:
-        """Export only: keys (n,) int64 sorted, values (n, dim) float32 or float16."""
+        """Export only: keys (n,) int64 sorted, values (n, dim) float32 or float16; or, with
+        int8_dim, an int8 table's rows as stored: values (n, 4 * value_words) uint8."""
         self._check_open()
         if self.kind != SnapshotKind.EXPORT:
             raise ValueError(f"kind: write_values_shard is for exports, this snapshot is {self.kind}")
         check_name("table", table)
         shard = check_step("shard", shard)
-        if values.dtype not in (np.float32, np.float16) or values.ndim != 2 or values.shape[0] != keys.shape[0]:
+        allowed = (np.uint8,) if int8_dim is not None else (np.float32, np.float16)
+        if values.dtype not in allowed or values.ndim != 2 or values.shape[0] != keys.shape[0]:
             raise ValueError(
-                f"values: expected ({keys.shape[0]}, dim) float32 or float16, got {values.shape} {values.dtype}"
+                f"values: expected ({keys.shape[0]}, width) {' or '.join(np.dtype(d).name for d in allowed)}, "
+                f"got {values.shape} {values.dtype}"
             )
         meta = self._metadata(table, shard, version, step)
-        data = pa.table({"key": pa.array(keys, pa.int64()), "value": _fixed_list(values)}).replace_schema_metadata(meta)
+        columns = {"key": pa.array(keys, pa.int64())}
+        if int8_dim is not None:
+            if values.shape[1] != 4 * native.value_words(native.Storage.INT8, int8_dim):
+                raise ValueError(f"values: {values.shape[1]} bytes a row is not an int8 row of dim {int8_dim}")
+            columns["value_encoded"] = _fixed_list(values)
+            meta[b"embps.storage"] = b"int8"
+        else:
+            columns["value"] = _fixed_list(values)
+        data = pa.table(columns).replace_schema_metadata(meta)
         entry_file = self._write_parquet(f"{table}/shard-{shard}.parquet", data)
         entry = ShardEntry(int(keys.shape[0]), 0, 0, int(version), int(step), (entry_file.path,))
-        record = ShardRecord(table, shard, values.shape[1], 0, str(values.dtype), None, entry, (entry_file,))
+        dim, dtype = (int8_dim, "int8") if int8_dim is not None else (values.shape[1], str(values.dtype))
+        record = ShardRecord(table, shard, dim, 0, dtype, None, entry, (entry_file,))
         self.add_shard_record(record)
         return record
 
@@ -578,11 +593,27 @@ class Snapshot:
         return ShardState(state, deleted)
 
     def load_values(self, table: str, shard: int) -> tuple[np.ndarray, np.ndarray]:
-        """keys (n,) int64 and values (n, dim) in the stored dtype (float32 or float16, exports)."""
+        """keys (n,) int64 and values (n, dim) in the stored dtype (exports: float32 or float16;
+        an int8 table's rows decoded to float32)."""
+        keys, storage, rows = self.load_stored_values(table, shard)
+        if storage == "int8":
+            return keys, native.decode_words(Storage.INT8, rows, self.manifest.tables[table].dim)
+        return keys, rows
+
+    def load_stored_values(self, table: str, shard: int) -> tuple[np.ndarray, str, np.ndarray]:
+        """An export's rows as written: (keys (n,) int64, storage, rows): float32 or float16 values
+        (n, dim), or for "int8" the rows as the table stored them, (n, value_words) float32 words."""
         t, s = self._shard(table, shard)
         rows = self._parquet(s.files[0])
+        keys = rows.column("key").to_numpy()
+        if t.dtype == "int8":
+            width = native.value_words(native.Storage.INT8, t.dim)
+            if "value_encoded" not in rows.column_names:
+                raise SnapshotCorruptError(f"{table} shard {shard}: an int8 export without value_encoded")
+            codes = _from_fixed_list(rows.column("value_encoded"), rows.num_rows, 4 * width, np.uint8)
+            return keys, "int8", np.ascontiguousarray(codes).view(np.float32)
         dtype = np.float16 if t.dtype == "float16" else np.float32
-        return rows.column("key").to_numpy(), _from_fixed_list(rows.column("value"), rows.num_rows, t.dim, dtype)
+        return keys, str(np.dtype(dtype)), _from_fixed_list(rows.column("value"), rows.num_rows, t.dim, dtype)
 
 
 def load_table_shard(

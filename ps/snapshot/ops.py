@@ -166,9 +166,11 @@ def export_for_serving(
     """Writes the values of snapshot `step` (default: latest; full + incrementals resolved) to
     <dst_uri>/<job>/<step>/<table>/shard-<s>.parquet as (key int64, value fixed_size_list<dtype>[dim]),
     copies its extra files (the dense model) beside them, commits a manifest of kind "export" and
-    moves the destination's LATEST. dtype: "float32" or "float16"."""
-    if dtype not in ("float32", "float16"):
-        raise ValueError(f"dtype: must be 'float32' or 'float16', got {dtype!r}")
+    moves the destination's LATEST. dtype: "float32", "float16" or "stored": each table as it
+    stores its rows, bit for bit (float32, float16 halves, or int8 rows as `value_encoded`, which
+    only readers that know the int8 export can load; ps/snapshot/files.py)."""
+    if dtype not in ("float32", "float16", "stored"):
+        raise ValueError(f"dtype: must be 'float32', 'float16' or 'stored', got {dtype!r}")
     newest = open_snapshot(src_uri, job, step, storage_config)
     src_fs, src_base = storage.open_uri(src_uri, storage_config)
     dst_fs, dst_base = storage.open_uri(dst_uri, dst_storage_config)
@@ -181,7 +183,14 @@ def export_for_serving(
     )
     for name, shards in sorted(tables.items()):
         for shard, state in sorted(shards.items()):
-            values = state.values.astype(np.float16) if dtype == "float16" else state.values
+            dim = state.values.shape[1]
+            if dtype == "stored" and state.encoded is not None and state.storage == "int8":
+                writer.write_values_shard(name, shard, state.keys, state.encoded, state.version, state.step, dim)
+                continue
+            if dtype == "stored" and state.encoded is not None:  # float16: the halves as stored
+                values = np.ascontiguousarray(state.encoded).view(np.float16)[:, :dim]
+            else:
+                values = state.values.astype(np.float16) if dtype == "float16" else state.values
             writer.write_values_shard(name, shard, state.keys, values, state.version, state.step)
     for name in sorted(m.extra):
         writer.write_extra(name, newest.read_extra(name))

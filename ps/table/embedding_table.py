@@ -201,6 +201,13 @@ class EmbeddingTable:
     def tracks_changes(self) -> bool:
         return self._changes is not None
 
+    def forget_changes(self) -> None:
+        """The changes since the last take_changes() are unknown (the state was replaced, e.g.
+        copied from a shard's primary): the next take_changes() reports them incomplete, so an
+        incremental snapshot writes every row. Turns tracking on."""
+        self.enable_change_tracking()
+        self._changes.lose()
+
     def open_change_feed(self, max_keys: int | None = None) -> ChangeFeed:
         """A feed of the keys pushes touch and evictions delete from now on, for a reader that
         copies the table over several calls: copy, then feed.take() says what changed meanwhile.
@@ -249,6 +256,24 @@ class EmbeddingTable:
         if missing.any():
             init = torch.from_numpy(self.init_values(keys[missing])).to(out.device)
             out[torch.from_numpy(missing).to(out.device)] = init
+        return out
+
+    def lookup_stored(self, keys: np.ndarray) -> np.ndarray:
+        """keys (n,) int64 -> their rows as the table stores them, (n, value_words) float32 words
+        (csrc/row_codec.h; a float32 table's are its values), so a reader can keep them bit for bit.
+        Keys without a row read as their init value, encoded as a row created now would be."""
+        keys = native.as_keys(keys)
+        if not self._encoded:
+            return self.lookup(keys).cpu().numpy()
+        rows = self._map.find(keys)
+        out = np.empty((keys.shape[0], self.value_words), dtype=np.float32)
+        self._store.gather(rows, 0, self.value_words, out)
+        missing = rows < 0
+        if missing.any():
+            absent = keys[missing]
+            out[missing] = native.encode_words(
+                self.storage, self.config.seed, absent, _INIT_STREAM + self.step, self.init_values(absent)
+            )
         return out
 
     def apply_gradients(

@@ -385,3 +385,37 @@ def test_security_files_outside_the_mounted_secret_fail_naming_the_field(tmp_pat
         render(*load_deployment(path))
     assert f"{field}: on Kubernetes the files of [security] come from the Secret 'demo-files'" in str(error.value)
     assert "/etc/embps-secret/<key>" in str(error.value)
+
+
+def with_standbys(endpoint: str) -> str:
+    text = edited(
+        s0='metrics_port = 9100\n\n[[shards]]\naddress = "demo-ps-1=>'
+        'metrics_port = 9100\nstandby = "demo-ps-standby-0.demo-ps-standby:50051"\nstandby_metrics_port = 9100\n\n'
+        '[[shards]]\naddress = "demo-ps-1',
+        s1='address = "demo-ps-1.demo-ps:50051"\nmetrics_port = 9100\n=>'
+        'address = "demo-ps-1.demo-ps:50051"\nmetrics_port = 9100\n'
+        'standby = "demo-ps-standby-1.demo-ps-standby:50051"\nstandby_metrics_port = 9100\n',
+    )
+    return text.replace("[tables.emb]", f'[arbiter]\nendpoints = "{endpoint}"\n\n[tables.emb]', 1)
+
+
+@pytest.mark.parametrize("endpoint", ["http://demo-etcd:2379", "http://etcd.infra:2379"])
+def test_standbys_get_a_statefulset_and_etcd_is_added_or_taken(tmp_path, endpoint):
+    manifests = rendered(tmp_path, with_standbys(endpoint))
+    for manifest in manifests.values():
+        if manifest["kind"] != "PyTorchJob":
+            kubernetes_validate.validate(manifest, K8S_VERSION, strict=True)
+    objects = by_kind(manifests)
+    standby = objects["StatefulSet/demo-ps-standby"]
+    script = standby["spec"]["template"]["spec"]["containers"][0]["command"][-1]
+    assert script.endswith('--shard "${HOSTNAME##*-}" --standby') and "demo-ps-standby" in script
+    assert objects["Service/demo-ps-standby"]["spec"]["clusterIP"] == "None"
+    assert standby["spec"]["selector"] != objects["StatefulSet/demo-ps"]["spec"]["selector"]
+    added = "StatefulSet/demo-etcd" in objects
+    assert added == (endpoint == "http://demo-etcd:2379")
+    if added:
+        command = objects["StatefulSet/demo-etcd"]["spec"]["template"]["spec"]["containers"][0]["command"]
+        assert command[command.index("--advertise-client-urls") + 1] == endpoint
+    wrong = with_standbys("http://demo-etcd:2379").replace("demo-ps-standby-1.demo-ps-standby", "elsewhere-1.x")
+    with pytest.raises(ValueError, match=r"shards\[1\]\.standby: on Kubernetes standby 1 is the StatefulSet pod"):
+        rendered(tmp_path, wrong)

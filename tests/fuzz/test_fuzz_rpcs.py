@@ -216,6 +216,7 @@ def subscribes(draw: st.DrawFn) -> ps_pb2.SubscribeRequest:
         from_version=draw(uint64s),
         incarnation=draw(uint64s),
         full_sync=draw(st.booleans()),
+        stored_rows=draw(st.booleans()),
     )
 
 

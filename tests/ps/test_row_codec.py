@@ -102,6 +102,33 @@ def test_training_matches_the_reference_with_the_same_rounding_bit_for_bit(stora
 
 
 @pytest.mark.parametrize("storage", LOW)
+def test_every_instruction_set_of_the_update_kernel_gives_the_reference_bits(storage):
+    """The encoded update runs on the widest instruction set the CPU has (csrc/row_codec.h:
+    baseline, AVX2, AVX-512); each tier this CPU has, at dims with and without vector tails,
+    trains the reference's rows bit for bit."""
+    levels = range(native.cpu_isa() + 1)
+    for dim in (37, 64):
+        optimizer = OptimizerConfig(kind=OptimizerKind.ROWWISE_ADAGRAD, lr=0.05, eps=1e-6)
+        config = TableConfig(name="t", dim=dim, seed=7, init_scale=0.1, storage=storage, optimizer=optimizer)
+        tables = [EmbeddingTable(config) for _ in levels]
+        reference = ref.LowPrecisionReference(storage, "rowwise_adagrad", 0.05, 1e-6, 7, tables[0].init_values)
+        rng = np.random.default_rng(dim)
+        try:
+            for step in range(1, 9):
+                keys = rng.integers(0, 40, size=60).astype(np.int64)
+                grads = rng.normal(size=(60, dim)).astype(np.float32)
+                for level, table in zip(levels, tables, strict=True):
+                    native.set_isa_limit(level)
+                    table.apply_gradients(keys, grads, step=step)
+                reference.step(keys, grads, step)
+        finally:
+            native.set_isa_limit(2)
+        want = np.stack([reference.rows[k] for k in sorted(reference.rows)])
+        for table in tables:
+            np.testing.assert_array_equal(table.export().encoded, want)
+
+
+@pytest.mark.parametrize("storage", LOW)
 def test_rows_do_not_depend_on_how_keys_are_sharded(storage):
     whole = low_table(storage)
     shards = [low_table(storage) for _ in range(3)]

@@ -144,6 +144,7 @@ def test_the_roles_policy():
         "/embps.v1.Serving/Lookup": frozenset({Role.READER}),
         "/embps.v1.Serving/LookupMany": frozenset({Role.READER}),
         "/embps.v1.Serving/Status": frozenset({Role.READER}),
+        "/embps.v1.Serving/DenseModel": frozenset({Role.READER}),
     }
 
 

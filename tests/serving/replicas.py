@@ -23,13 +23,15 @@ from ps.job_config import JobConfig, dump_job_config
 from ps.process.malloc import MALLOC_TUNING
 from ps.rpc import ps_pb2, serving_pb2, serving_pb2_grpc
 from ps.security import Role, open_channel
-from serving.config import ServeConfig, dump_serve_config
+from serving.config import Consistency, ServeConfig, dump_serve_config
 from serving.server import SERVICE_NAME
 from tests.helpers.processes import REPO_ROOT, ShardCluster, free_ports, stop_pid, wait_serving
 
 
 def serve_config(cluster: ShardCluster, **fields) -> ServeConfig:
-    """A ServeConfig following `cluster`'s job, on fresh free loopback ports."""
+    """A ServeConfig following `cluster`'s job, on fresh free loopback ports. consistency defaults
+    to "latest" here: most tests push without committing steps (tests/serving/test_consistent_cut.py
+    covers "step", the replica's own default)."""
     listen_port, metrics_port = free_ports(2)
     config = ServeConfig(
         job=cluster.job,
@@ -37,6 +39,7 @@ def serve_config(cluster: ShardCluster, **fields) -> ServeConfig:
         metrics_port=metrics_port,
         tables=tuple(t.name for t in cluster.job.tables),
         stale_after_seconds=1.0,
+        consistency=Consistency.LATEST,
     )
     return replace(config, **fields)
 

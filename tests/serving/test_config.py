@@ -8,7 +8,7 @@ import pytest
 
 from ps.job_config import dump_job_config
 from ps.table.config import TableConfig
-from serving.config import DefaultRow, ExportSource, StorageDType, dump_serve_config, load_serve_config
+from serving.config import Consistency, DefaultRow, ExportSource, StorageDType, dump_serve_config, load_serve_config
 from tests.helpers.processes import make_job
 
 
@@ -28,10 +28,14 @@ def write(tmp_path, text: str):
 def test_round_trip(tmp_path, job_path):
     text = (
         'job_config = "job.toml"\nlisten = "127.0.0.1:5000"\ntables = ["item"]\ndefault = "init"\n'
-        'storage_dtype = "float16"\nstale_after_seconds = 0.5\nmax_queue = 7\nlookup_threads = 3\n[export]\nuri = "file:///tmp/x"\n'
+        'storage_dtype = "float16"\nstale_after_seconds = 0.5\nmax_queue = 7\nlookup_threads = 3\n'
+        'consistency = "latest"\nmax_waiting_bytes = 4096\n[export]\nuri = "file:///tmp/x"\n'
     )
     config = load_serve_config(write(tmp_path, text))
     assert config.tables == ("item",) and config.default == DefaultRow.INIT
+    assert config.consistency == Consistency.LATEST and config.max_waiting_bytes == 4096
+    default = load_serve_config(write(tmp_path, text.replace('consistency = "latest"\n', "")))
+    assert default.consistency == Consistency.STEP  # one model version per reply unless told otherwise
     assert config.max_queue == 7 and config.lookup_threads == 3
     assert config.storage_dtype == StorageDType.FLOAT16 and config.export == ExportSource("file:///tmp/x", "test")
     int8 = load_serve_config(write(tmp_path, text.replace('"float16"', '"int8"')))
@@ -54,6 +58,8 @@ def test_round_trip(tmp_path, job_path):
         ('listen = "127.0.0.1:5000"\nlookup_threads = -1', "lookup_threads: must be an integer in"),
         ('listen = "127.0.0.1:5000"\nlookup_threads = "4"', "lookup_threads: must be an integer in"),
         ('listen = "127.0.0.1:5000"\ncolour = 1', "colour: unknown field"),
+        ('listen = "127.0.0.1:5000"\nconsistency = "eventual"', "consistency: must be one of 'step', 'latest'"),
+        ('listen = "127.0.0.1:5000"\nmax_waiting_bytes = 0', "max_waiting_bytes: must be an integer >= 1"),
         ('listen = "127.0.0.1:5000"\n[export]\nuri = "/no/scheme"', "export.uri: must be a URI"),
     ],
 )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import numpy as np
 import pytest
@@ -9,9 +11,14 @@ import pytest
 from ps import wire
 from ps.client import PSClient
 from ps.rpc import ps_pb2, ps_pb2_grpc
-from ps.table.config import EvictionConfig, EvictionPolicy, TableConfig
+from ps.table.config import EvictionConfig, EvictionPolicy, OptimizerConfig, OptimizerKind, TableConfig
+from serving.config import StorageDType
+from serving.follower import ShardFollower
+from serving.metrics import ServingMetrics
+from serving.store import TableReplica
 from tests.helpers.in_process import InProcessShards
 from tests.helpers.processes import make_job
+from tests.helpers.waiting import wait_until
 from tests.serving.replicas import start_cluster_with_log
 
 
@@ -129,3 +136,121 @@ def test_a_full_copy_that_outlasts_the_update_log_still_converges():
         keys = live.export().keys
         assert sorted(replica) == keys.tolist()
         np.testing.assert_array_equal(np.stack([replica[k] for k in keys.tolist()]), client.lookup("user", keys))
+
+
+
+def next_commit(stream, after_step: int) -> tuple[ps_pb2.UpdateBatch, np.ndarray, np.ndarray]:
+    """The next committed range past `after_step`: (its last message, keys, values); heartbeats skipped."""
+    keys, values = [], []
+    for batch in stream:
+        k = wire.decode_keys(batch.keys)
+        keys.append(k)
+        values.append(wire.decode_values(batch.values, k.shape[0], 4))
+        if batch.last and batch.HasField("step") and batch.step > after_step:
+            return batch, np.concatenate(keys), np.concatenate(values)
+        if batch.last:
+            keys, values = [], []
+    raise AssertionError("stream ended")
+
+
+def test_committed_streams_carry_the_rows_of_each_commit_never_later_ones(cluster):
+    """Commit(s) seals each table's changes with their rows as of s: a subscriber that reads after
+    the pushes of s + 1 still gets s's rows; a full copy between commits completes at the next one."""
+    keys = np.array([1, 2, 3], dtype=np.int64)
+    grads = np.ones((3, 4), dtype=np.float32)
+    with PSClient.from_job(cluster.job) as client:
+        client.push("user", keys, grads, step=1)
+        assert [r.step for r in client.commit(1)] == [1]
+        # No committed stream was there: step 1 was recorded without its rows (nothing sealed, no
+        # memory), so a stream from before it must resync in full.
+        channel, stream = subscribe(cluster, committed=True, from_version=0)
+        with channel, pytest.raises(grpc.RpcError) as info:
+            next(iter(stream))
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        client.push("user", keys[:2], grads[:2], step=2)  # not committed yet
+        channel, stream = subscribe(cluster, committed=True, full_sync=True)
+        with channel:
+            copy, _, _, _, _ = read_range(stream)
+            assert copy.reset and copy.to_version == 2 and not copy.HasField("step")  # between two commits
+            client.commit(2)
+            batch, got, _ = next_commit(stream, 1)
+            assert (batch.from_version, batch.to_version, batch.step, got.shape[0]) == (2, 2, 2, 0)  # the copy's step
+            client.push("user", keys, grads, step=3)
+            at_step_3 = client.lookup("user", keys)
+            client.commit(3)
+            client.push("user", keys, grads, step=4)  # before the subscriber reads step 3's range
+            batch, got, values = next_commit(stream, 2)
+            assert (batch.from_version, batch.to_version, batch.step) == (2, 3, 3) and batch.commit_time > 0
+            np.testing.assert_array_equal(got, keys)
+            np.testing.assert_array_equal(values, at_step_3)
+            assert not np.array_equal(values, client.lookup("user", keys)), "step 4 changed no row"
+            assert [r.step for r in client.commit(3)] == [3]  # a repeat changes nothing
+            client.commit(4)
+            next_commit(stream, 3)
+            # A trainer resumed from an older snapshot commits step 2 again: a new history of steps.
+            assert [r.step for r in client.commit(2)] == [2]
+            with pytest.raises(grpc.RpcError) as info:
+                next_commit(stream, 4)
+            assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "new history" in info.value.details()
+
+
+def test_replicas_keep_the_ps_int8_and_float16_rows_bit_for_bit():
+    """With stored_rows the stream carries int8 and float16 rows as the PS table keeps them: a
+    replica of the same storage holds them bit for bit, through a full copy (a 64-key log forces
+    one) split into many messages and through live ranges after it; a float32 replica decodes
+    them to the PS's lookups; a subscriber that does not ask for them gets float32 as before.
+    (Re-encoding decoded int8 rows, as replicas did, changes about one row in 2,000: hence the
+    20,000 rows.)"""
+    optimizer = OptimizerConfig(kind=OptimizerKind.ROWWISE_ADAGRAD, lr=0.05)
+    tables = [TableConfig("q8", dim=4, storage="int8", optimizer=optimizer),
+              TableConfig("h16", dim=5, storage="float16", optimizer=optimizer)]
+    job = make_job(tables, message_limit_bytes=1 << 14)  # about 800 int8 rows a message
+    rng = np.random.default_rng(3)
+    with InProcessShards.start(job, log_max_keys=64) as shards, PSClient.from_job(shards.job) as client:
+
+        def push(keys: np.ndarray) -> None:
+            for t in tables:
+                client.push(t.name, keys, rng.normal(size=(keys.shape[0], t.dim)).astype(np.float32))
+
+        push(np.arange(20_000, dtype=np.int64))
+        push(rng.integers(0, 20_000, 400).astype(np.int64))
+        replicas = [TableReplica(tables[0], job.shard_map, dtype=StorageDType.INT8),
+                    TableReplica(tables[1], job.shard_map, dtype=StorageDType.FLOAT16),
+                    TableReplica(tables[0], job.shard_map)]
+
+        async def follow():
+            channel = grpc.aio.insecure_channel(shards.job.shards[0].address)
+            runs = [asyncio.ensure_future(ShardFollower(r, 0, channel, ServingMetrics()).run()) for r in replicas]
+            return channel, runs
+
+        channel, runs = asyncio.run_coroutine_threadsafe(follow(), shards.loop).result(10)
+        live = shards.servicers[0].shard.tables
+        try:
+            for _ in range(3):  # live ranges once the copies are in
+                push(rng.integers(0, 30_000, 20).astype(np.int64))
+                wait_until(lambda: all(r.shards[0].version == live[r.name].version for r in replicas), "the replicas")
+        finally:
+
+            async def stop() -> None:
+                for run in runs:
+                    run.cancel()
+                await channel.close()
+
+            asyncio.run_coroutine_threadsafe(stop(), shards.loop).result(10)
+        assert all(r.shards[0].incarnation for r in replicas)  # they followed the shard, not an export
+        for replica in replicas[:2]:
+            state = live[replica.name].export()
+            rows = replica.shards[0]
+            words = np.zeros((state.keys.shape[0], rows.width), dtype=np.float32)
+            assert rows.size == state.keys.shape[0] and rows.gather(state.keys, words).all()
+            np.testing.assert_array_equal(words.view(np.uint8), state.encoded)
+        keys = live["q8"].export().keys
+        np.testing.assert_array_equal(replicas[2].lookup(keys)[0], client.lookup("q8", keys))
+
+        with grpc.insecure_channel(shards.job.shards[0].address) as plain:
+            stub = ps_pb2_grpc.ParameterServerStub(plain)
+            for stored, dtype in [(False, ps_pb2.FLOAT32), (True, ps_pb2.INT8_ROWWISE)]:
+                stream = stub.Subscribe(ps_pb2.SubscribeRequest(table="q8", full_sync=True, stored_rows=stored))
+                first = next(iter(stream))
+                stream.cancel()
+                assert first.dtype == dtype and first.keys

@@ -23,6 +23,7 @@ from serving.client import ReplicasUnavailableError, ServingClient
 from serving.config import DefaultRow
 from serving.server import SERVICE_NAME
 from tests.helpers.processes import make_job
+from tests.helpers.waiting import wait_until
 from tests.serving.replicas import ServingReplica, ShedEverything, start_cluster_with_log
 
 USER = TableConfig("user", dim=4, initializer=Initializer.UNIFORM, init_scale=0.1, seed=5)
@@ -156,7 +157,7 @@ def test_malformed_lookups_are_refused_and_the_replica_keeps_serving(start_clust
         reflection = "grpc.reflection.v1alpha.ServerReflection"
         assert set(db.get_services()) == {SERVICE_NAME, "grpc.health.v1.Health", reflection}
         methods = {m.name for m in db.FindFileContainingSymbol(SERVICE_NAME).service[0].method}
-        assert methods == {"Lookup", "LookupMany", "Status"}
+        assert methods == {"Lookup", "LookupMany", "Status", "DenseModel"}
         assert replica.stop() == 0
 
 
@@ -241,6 +242,8 @@ def test_a_gap_in_the_stream_forces_a_resync(tmp_path):
 
 
 def test_starts_from_the_latest_export_while_the_shard_is_down(start_cluster, tmp_path):
+    """consistency = "step": the export's step is served, also once the shard comes back empty
+    (an older state: the cut never goes back), until the shard commits a later step."""
     snapshot_ops = pytest.importorskip("ps.snapshot.ops")
     job = make_job([USER], num_shards=1)
     table = EmbeddingTable(USER)
@@ -251,14 +254,27 @@ def test_starts_from_the_latest_export_while_the_shard_is_down(start_cluster, tm
     snapshot_ops.export_for_serving(f"file://{tmp_path}/snap", job.job, None, f"file://{tmp_path}/export")
     cluster = start_cluster(job)
     cluster.stop()  # the PS is gone: serving must come up from the export alone
-    from serving.config import ExportSource
+    from serving.config import Consistency, ExportSource
 
     export = ExportSource(f"file://{tmp_path}/export", job.job)
-    with ServingReplica.start(cluster, tmp_path, export=export) as replica:
+    with ServingReplica.start(cluster, tmp_path, export=export, consistency=Consistency.STEP) as replica:
         values, found, reply = replica.lookup("user", keys)
         assert found.all()
         np.testing.assert_array_equal(values, table.lookup(keys).numpy())
-        assert reply.shards[0].version == 1 and reply.shards[0].stale
+        assert reply.shards[0].version == 1 and reply.shards[0].stale and reply.model_version == 1
+        cluster.restart(0)  # empty: step 0, older than the export
+        wait_until(lambda: replica.status().shards[0].connected, "the replica's stream to the restarted shard")
+        _, found, reply = replica.lookup("user", keys)
+        assert found.all() and reply.model_version == 1
+        new_keys = np.arange(1000, 1010, dtype=np.int64)
+        with PSClient.from_job(cluster.job) as client:
+            client.push("user", new_keys, grads(10, 1.0), step=2)
+            client.commit(2)
+            wait_until(lambda: replica.lookup("user", new_keys)[2].model_version == 2, "the cut at step 2")
+            values, found, _ = replica.lookup("user", new_keys)
+            assert found.all()
+            np.testing.assert_array_equal(values, client.lookup("user", new_keys))
+        assert not replica.lookup("user", keys)[1].any(), "the export's rows outlived the shard's newer step"
 
 
 def test_export_rows_never_mix_with_a_shard_that_reached_their_version_with_other_rows(start_cluster, tmp_path):

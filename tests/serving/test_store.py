@@ -10,9 +10,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ps.sharding import ShardMap
+from ps.snapshot.files import open_snapshot
+from ps.snapshot.ops import ShardSnapshotter, export_for_serving
 from ps.table.config import Initializer, TableConfig
 from ps.table.embedding_table import EmbeddingTable
-from serving.config import DefaultRow, StorageDType
+from serving.config import DefaultRow, ExportSource, StorageDType
+from serving.export_load import load_latest_export
 from serving.store import SERVING_STREAM, ShardRows, TableReplica
 
 ops = st.lists(
@@ -162,3 +165,35 @@ def test_readers_see_the_old_or_the_new_row_never_a_mix(dtype):
             t.join()
     assert not failures, failures[:3]
     assert reads[0] > 0
+
+
+def test_an_export_in_stored_form_gives_replicas_the_ps_rows_bit_for_bit(tmp_path):
+    """`export --dtype stored`: an int8 table's rows as value_encoded, a float16 table's halves;
+    replicas of the same storage_dtype load them bit for bit (re-encoding decoded int8 rows
+    changes about one row in 2,000: hence the 20,000 rows), a float32 replica decodes them to the
+    PS's lookups, and load_values still reads float32 from the int8 table."""
+    rng = np.random.default_rng(0)
+    tables = {"q8": EmbeddingTable(TableConfig("q8", dim=4, storage="int8")),
+              "h16": EmbeddingTable(TableConfig("h16", dim=5, storage="float16"))}
+    for table in tables.values():
+        keys = np.arange(20_000 if table.name == "q8" else 300, dtype=np.int64)
+        table.apply_gradients(keys, rng.normal(size=(keys.shape[0], table.dim)).astype(np.float32))
+    ShardSnapshotter(tables, 0).snapshot(str(tmp_path / "snap"), "job", 1, "full")
+    export_for_serving(str(tmp_path / "snap"), "job", None, str(tmp_path / "export"), dtype="stored")
+    exported = open_snapshot(str(tmp_path / "export"), "job")
+    assert {n: t.dtype for n, t in exported.manifest.tables.items()} == {"q8": "int8", "h16": "float16"}
+    keys, values = exported.load_values("q8", 0)
+    np.testing.assert_array_equal(values, tables["q8"].lookup(keys).numpy())
+    replicas = {name: TableReplica(t.config, ShardMap.uniform(1), dtype=StorageDType(str(t.storage)))
+                for name, t in tables.items()}
+    replicas["f32"] = TableReplica(tables["q8"].config, ShardMap.uniform(1))
+    assert load_latest_export(ExportSource(str(tmp_path / "export"), "job"), {"q8": replicas["q8"],
+                                                                             "h16": replicas["h16"]}) == 1
+    assert load_latest_export(ExportSource(str(tmp_path / "export"), "job"), {"q8": replicas["f32"]}) == 1
+    for name, table in tables.items():
+        state, rows = table.export(), replicas[name].shards[0]
+        words = np.zeros((state.keys.shape[0], rows.width), dtype=np.float32)
+        assert rows.size == state.keys.shape[0] and rows.gather(state.keys, words).all()
+        np.testing.assert_array_equal(words.view(np.uint8), state.encoded)
+    keys = tables["q8"].export().keys
+    np.testing.assert_array_equal(replicas["f32"].lookup(keys)[0], tables["q8"].lookup(keys).numpy())

@@ -1,5 +1,6 @@
 """Single-process reference of a sync training job: plain torch, the same global batches, the
-same math, embeddings in per-key reference rows (tests/ps/reference_optim.py)."""
+same math, embeddings in per-key reference rows (tests/ps/reference_optim.py; float16 and int8
+tables: tests/ps/reference_codec.py, with the same rounding)."""
 
 from __future__ import annotations
 
@@ -7,14 +8,44 @@ import numpy as np
 import torch
 from torch import nn
 
+from ps.table.config import Storage, TableConfig
 from ps.table.embedding_table import EmbeddingTable
+from tests.ps.reference_codec import LowPrecisionReference
 from tests.ps.reference_optim import ReferenceTable
 from worker.model import DLRMDenseTower
 from worker.synthetic import SyntheticData
 from worker.train_config import DenseOptimizer, TrainingJob
 
 
-def train_reference(job: TrainingJob) -> tuple[nn.Module, dict[str, ReferenceTable], dict[str, set[int]]]:
+class LowPrecisionRows:
+    """ReferenceTable's interface over a float16 or int8 table's reference: lookup(key) -> row,
+    step(keys, grads) with the job's step numbers 1, 2, ... (the rounding streams), init(keys)."""
+
+    def __init__(self, config: TableConfig) -> None:
+        o = config.optimizer
+        if str(o.kind) not in ("sgd", "rowwise_adagrad") or o.initial_accumulator:
+            raise ValueError("the low-precision reference has sgd and row-wise Adagrad from a zero accumulator")
+        self.init = EmbeddingTable(config).init_values
+        self.rows = LowPrecisionReference(str(config.storage), str(o.kind), o.lr, o.eps, config.seed, self.init)
+        self.steps = 0
+
+    def lookup(self, key: int) -> torch.Tensor:
+        return torch.from_numpy(self.rows.lookup(np.array([key], dtype=np.int64))[0])
+
+    def step(self, keys: np.ndarray, grads: np.ndarray) -> None:
+        self.steps += 1
+        self.rows.step(keys, grads, self.steps)
+
+
+def reference_table(config: TableConfig) -> ReferenceTable | LowPrecisionRows:
+    if Storage(config.storage) != Storage.FLOAT32:
+        return LowPrecisionRows(config)
+    return ReferenceTable(config.optimizer, config.dim, EmbeddingTable(config).init_values)
+
+
+def train_reference(
+    job: TrainingJob,
+) -> tuple[nn.Module, dict[str, ReferenceTable | LowPrecisionRows], dict[str, set[int]]]:
     """Returns the trained dense tower, the reference table per name, and the keys each table saw."""
     model = DLRMDenseTower(job.model)
     lr = job.train.dense_lr
@@ -24,10 +55,7 @@ def train_reference(job: TrainingJob) -> tuple[nn.Module, dict[str, ReferenceTab
         DenseOptimizer.SGD: torch.optim.SGD,
     }[job.train.dense_optimizer](model.parameters(), lr=lr)
     configs = {t.name: t for t in job.ps.tables}
-    tables = {
-        name: ReferenceTable(configs[name].optimizer, configs[name].dim, EmbeddingTable(configs[name]).init_values)
-        for name in set(job.feature_tables())
-    }
+    tables = {name: reference_table(configs[name]) for name in set(job.feature_tables())}
     seen: dict[str, set[int]] = {name: set() for name in tables}
     data = SyntheticData(job.data.synthetic)
     feature_tables = job.feature_tables()

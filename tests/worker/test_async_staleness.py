@@ -27,6 +27,7 @@ class SlowPushTables(LocalTables):
         self.trainer: Trainer | None = None
         self.max_missed = 0
         self.pushed_steps: list[int] = []
+        self.commits: list[tuple[int, int, bool]] = []  # (step, pushes applied then, with a dense tower)
 
     def lookup_multi(self, tables, keys, offsets):
         with self.lock:
@@ -34,6 +35,12 @@ class SlowPushTables(LocalTables):
             applied = len(self.pushed_steps)  # pushes apply in step order (one push thread)
             self.max_missed = max(self.max_missed, looking_up_for - 1 - applied)
         return super().lookup_multi(tables, keys, offsets)
+
+    def commit(self, step: int, dense_state: bytes = b"", dense_format: str = "") -> None:
+        """Records each commit with the pushes applied when it came (every step <= it must be)."""
+        with self.lock:
+            self.commits.append((step, len(self.pushed_steps), bool(dense_state)))
+        super().commit(step, dense_state, dense_format)
 
     def send_push(self, prepared) -> None:
         time.sleep(0.05)
@@ -74,6 +81,11 @@ def test_lookups_miss_at_most_staleness_steps_of_pushes(staleness):
     assert store.pushed_steps == list(range(1, len(batches) + 1))
     # Steps take far less than a 50 ms push, so lookups run as stale as allowed, and no staler.
     assert store.max_missed == staleness
+    # Step s is committed once every push of steps <= s is applied; the last one by drain().
+    steps = [step for step, _, _ in store.commits]
+    assert steps == sorted(steps) and steps[-1] == len(batches) and len(steps) >= len(batches) - staleness
+    assert all(applied >= step for step, applied, _ in store.commits)
+    assert not any(dense for _, _, dense in store.commits)  # async: the tower is not the step's
 
 
 def test_sync_mode_pushes_before_the_step_returns():
@@ -85,5 +97,6 @@ def test_sync_mode_pushes_before_the_step_returns():
     for i, batch in enumerate(batches[:4]):
         trainer.train_step(trainer.pull(batch))
         assert store.pushed_steps == list(range(1, i + 2))
+        assert store.commits[-1] == (i + 1, i + 1, True)  # after the step's push, with its dense tower
     assert store.max_missed == 0
     trainer.close()

@@ -1,7 +1,12 @@
-"""Sync training over real PS shards and torchrun workers equals a single-process reference."""
+"""Sync training over real PS shards and torchrun workers equals a single-process reference.
+
+The float16 and int8 tables are checked against the reference of tests/ps/reference_codec.py with
+the same stochastic rounding (streams = the job's steps): one rounding decided otherwise would move
+an element by a whole quantum (about 1e-3 here), far beyond the 1e-5 allowed for float32 sums."""
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 
@@ -10,13 +15,24 @@ import pytest
 import torch
 
 from ps.client import PSClient
+from serving.client import ServingClient
+from serving.config import Consistency, DefaultRow
+from serving.scoring import Scorer
 from tests.helpers.processes import REPO_ROOT, ShardCluster
+from tests.helpers.waiting import wait_until
+from tests.serving.replicas import ServingReplica
 from tests.worker.reference_training import train_reference
-from tests.worker.training_jobs import OPTIMIZER_TABLES, write_training_job
+from tests.worker.training_jobs import LOW_PRECISION_TABLES, OPTIMIZER_TABLES, write_training_job
+from worker.data_sources import eval_batches
+from worker.model import DLRMDenseTower
 from worker.train_config import load_training_job
+from worker.trainer import Trainer
 
 STEPS = 30
-SYNTHETIC = {"num_dense": 3, "num_sparse": 5, "num_keys": 300, "num_batches": STEPS, "num_eval_batches": 2, "seed": 3}
+TABLES = OPTIMIZER_TABLES + LOW_PRECISION_TABLES
+SYNTHETIC = {
+    "num_dense": 3, "num_sparse": len(TABLES), "num_keys": 300, "num_batches": STEPS, "num_eval_batches": 2, "seed": 3
+}
 TRAIN = {
     "workers": 2,
     "steps": STEPS,
@@ -24,20 +40,26 @@ TRAIN = {
     "mode": "sync",
     "dense_optimizer": "adam",
     "dense_lr": 0.01,
-    "tables": [t.name for t in OPTIMIZER_TABLES],
+    "tables": [t.name for t in TABLES],
     "eval_batches": 2,
 }
 
 
-def run_job(tmp_path, num_shards: int, workers: int = 2) -> dict:
+def run_job(tmp_path, num_shards: int, workers: int = 2, replica: bool = False) -> dict:
     """Runs the job with `workers` torchrun workers against `num_shards` real shards; returns the
-    dense state dict and every touched row as {table: (keys, values)}."""
+    dense state dict and every touched row as {table: (keys, values)}. replica: a serving replica
+    (consistency = "step") follows the shards while the job trains; the result then also holds
+    its scores of the held-out batches at the final step and the trainer's own logits."""
     out = tmp_path / f"out-{num_shards}"
     train = TRAIN | {"workers": workers, "output_dir": str(out)}
-    path, ps = write_training_job(tmp_path / f"job-{num_shards}.toml", OPTIMIZER_TABLES, num_shards, train, SYNTHETIC)
+    path, ps = write_training_job(tmp_path / f"job-{num_shards}.toml", TABLES, num_shards, train, SYNTHETIC)
     job = load_training_job(path)
     _, _, seen = train_reference_keys(job)
-    with ShardCluster.start(ps, tmp_path / f"shards-{num_shards}") as cluster:
+    with ShardCluster.start(ps, tmp_path / f"shards-{num_shards}") as cluster, contextlib.ExitStack() as stack:
+        if replica:
+            serving = stack.enter_context(ServingReplica.start(
+                cluster, tmp_path / "replica", consistency=Consistency.STEP, default=DefaultRow.INIT
+            ))
         result = subprocess.run(
             [
                 sys.executable,
@@ -58,7 +80,24 @@ def run_job(tmp_path, num_shards: int, workers: int = 2) -> dict:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
         with PSClient.from_job(cluster.job) as client:
             rows = {name: (keys, client.lookup(name, keys)) for name, keys in seen.items()}
-    return {"dense": torch.load(out / "dense.pt"), "rows": rows, "job": job}
+            run = {"dense": torch.load(out / "dense.pt"), "rows": rows, "job": job}
+            if replica:
+                run["scores"], run["trainer_logits"] = score_held_out(job, client, serving, run["dense"])
+    return run
+
+
+def score_held_out(job, ps_client: PSClient, serving: ServingReplica, dense: dict) -> tuple[list, list]:
+    """The replica's Scores of each held-out batch at the job's last step, and the trainer's own
+    logits of them at that step (its final dense tower and the PS rows)."""
+    wait_until(lambda: serving.status().model_version == job.train.steps, f"the replica's cut at {job.train.steps}")
+    model = DLRMDenseTower(job.model)
+    model.load_state_dict(dense)
+    trainer = Trainer(job, model, ps_client, rank=0, world_size=1)
+    batches = eval_batches(job)
+    with ServingClient([serving.config.listen]) as client:
+        scorer = Scorer(client, job.feature_tables(), lambda: DLRMDenseTower(job.model))
+        scores = [scorer.score(b.dense, b.sparse) for b in batches]
+    return scores, [trainer.predict(b).numpy() for b in batches]
 
 
 def train_reference_keys(job):
@@ -76,7 +115,19 @@ def train_reference_keys(job):
 
 @pytest.fixture(scope="module")
 def two_shard_run(tmp_path_factory):
-    return run_job(tmp_path_factory.mktemp("sync2"), num_shards=2)
+    return run_job(tmp_path_factory.mktemp("sync2"), num_shards=2, replica=True)
+
+
+@pytest.mark.slow
+def test_a_replica_beside_the_job_scores_as_the_trainer_predicts(two_shard_run):
+    """The rows and the dense tower the replica serves at the cut step equal the trainer's at that step."""
+    steps = two_shard_run["job"].train.steps
+    for scores, logits in zip(two_shard_run["scores"], two_shard_run["trainer_logits"], strict=True):
+        assert scores.model_version == steps
+        diff = np.abs(scores.logits - logits).max()
+        assert diff <= 1e-6, f"online logits differ from the trainer's by {diff}"
+        np.testing.assert_allclose(scores.scores, 1 / (1 + np.exp(-logits)), atol=1e-6)
+        assert np.abs(logits).max() > 1e-3 and np.std(logits) > 1e-4  # a trained model, not a constant
 
 
 @pytest.mark.slow

@@ -43,6 +43,19 @@ OPTIMIZER_TABLES = [
     ),
 ]
 
+# float16 and int8 rows (row-wise Adagrad), checked against tests/ps/reference_codec.py.
+LOW_PRECISION_TABLES = [
+    TableConfig(
+        name=storage,
+        dim=8,
+        init_scale=0.1,
+        seed=seed,
+        storage=storage,
+        optimizer=OptimizerConfig(kind=OptimizerKind.ROWWISE_ADAGRAD, lr=0.2),
+    )
+    for storage, seed in (("int8", 6), ("float16", 7))
+]
+
 
 def training_toml(ps: JobConfig, train: dict, model: dict, data: dict, synthetic: dict) -> str:
     sections = [("train", train), ("model", model), ("data", data), (("data", "synthetic"), synthetic)]

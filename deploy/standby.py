@@ -1,0 +1,122 @@
+"""What `embps deploy render` adds for shard standbys ([[shards]] standby, [arbiter]).
+
+    12-ps-standby-service.yaml      headless Service <job>-ps-standby: <job>-ps-standby-<i>.<job>-ps-standby
+    13-ps-standby-statefulset.yaml  StatefulSet <job>-ps-standby: pod i runs `embps ps --shard i --standby`
+    05-etcd-service.yaml            Service <job>-etcd (client port 2379)      } only when [arbiter]
+    06-etcd-statefulset.yaml        StatefulSet <job>-etcd: one etcd member,    } endpoints names
+                                    its data on a volume (leases survive a pod  } http://<job>-etcd...;
+                                    restart)                                    } else etcd exists
+A shard pod restarted after its standby took over finds that primary alive in etcd and becomes its
+standby (ps/shard/replication.py), so the StatefulSets' own restarts bring each pair back to two.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import urlparse
+
+ETCD_CLIENT_PORT = 2379
+_ETCD_PEER_PORT = 2380
+
+
+def check_standbys(job, deploy) -> None:
+    """Standby addresses must name the standby StatefulSet's pods, on one port, like the shards'."""
+    name = job.ps.job
+    shards = job.ps.shards
+    if not any(s.standby for s in shards):
+        return
+    first = shards[0]
+    for i, shard in enumerate(shards):
+        if not shard.standby:
+            raise ValueError(f"shards[{i}].standby: on Kubernetes every shard has a standby or none does")
+        host, _, port = shard.standby.rpartition(":")
+        labels = host.split(".")
+        if labels[:2] != [f"{name}-ps-standby-{i}", f"{name}-ps-standby"] or (
+            len(labels) > 2 and labels[2] != deploy.namespace
+        ):
+            raise ValueError(
+                f"shards[{i}].standby: on Kubernetes standby {i} is the StatefulSet pod "
+                f"'{name}-ps-standby-{i}.{name}-ps-standby[.{deploy.namespace}.svc.cluster.local]:PORT', "
+                f"got {shard.standby!r}"
+            )
+        if port != first.standby.rpartition(":")[2]:
+            raise ValueError(f"shards[{i}].standby: every standby pod serves one port, got {shard.standby!r}")
+        if shard.standby_metrics_port != first.standby_metrics_port or shard.standby_metrics_port in (0, int(port)):
+            raise ValueError(
+                f"shards[{i}].standby_metrics_port: every standby pod needs the same fixed metrics port, not 0 "
+                f"and not the gRPC port, got {shard.standby_metrics_port}"
+            )
+
+
+def _renders_etcd(job) -> bool:
+    arbiter = job.ps.arbiter
+    if arbiter is None:
+        return False
+    host = urlparse(arbiter.endpoints.split(",")[0].strip()).hostname or ""
+    return host.split(".")[0] == f"{job.ps.job}-etcd"
+
+
+def standby_manifests(job, deploy) -> dict[str, dict]:
+    from deploy.render import _headless_service, _labels, _metadata, ps_statefulset
+
+    if not any(s.standby for s in job.ps.shards):
+        return {}
+    name = job.ps.job
+    port = int(job.ps.shards[0].standby.rpartition(":")[2])
+    manifests = {
+        "12-ps-standby-service.yaml": _headless_service(f"{name}-ps-standby", name, "ps-standby", port),
+        "13-ps-standby-statefulset.yaml": ps_statefulset(job, deploy, standby=True),
+    }
+    if _renders_etcd(job):
+        etcd = f"{name}-etcd"
+        manifests["05-etcd-service.yaml"] = {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": _metadata(etcd, name, "etcd"),
+            "spec": {
+                "selector": _labels(name, "etcd"),
+                "ports": [{"name": "client", "port": ETCD_CLIENT_PORT, "targetPort": ETCD_CLIENT_PORT}],
+            },
+        }
+        command = [
+            "etcd", "--name", "etcd", "--data-dir", "/var/lib/etcd",
+            "--listen-client-urls", f"http://0.0.0.0:{ETCD_CLIENT_PORT}",
+            "--advertise-client-urls", f"http://{etcd}:{ETCD_CLIENT_PORT}",
+            "--listen-peer-urls", f"http://127.0.0.1:{_ETCD_PEER_PORT}",
+            "--initial-advertise-peer-urls", f"http://127.0.0.1:{_ETCD_PEER_PORT}",
+            "--initial-cluster", f"etcd=http://127.0.0.1:{_ETCD_PEER_PORT}",
+        ]
+        probe = {"httpGet": {"path": "/health", "port": ETCD_CLIENT_PORT}, "periodSeconds": 5, "failureThreshold": 3}
+        manifests["06-etcd-statefulset.yaml"] = {
+            "apiVersion": "apps/v1",
+            "kind": "StatefulSet",
+            "metadata": _metadata(etcd, name, "etcd"),
+            "spec": {
+                "serviceName": etcd,
+                "replicas": 1,
+                "selector": {"matchLabels": _labels(name, "etcd")},
+                "template": {
+                    "metadata": {"labels": _labels(name, "etcd")},
+                    "spec": {
+                        "containers": [
+                            {
+                                "name": "etcd",
+                                "image": deploy.etcd_image,
+                                "imagePullPolicy": deploy.image_pull_policy.value,
+                                "command": command,
+                                "ports": [{"name": "client", "containerPort": ETCD_CLIENT_PORT}],
+                                "readinessProbe": probe,
+                                "livenessProbe": probe,
+                                "volumeMounts": [{"name": "data", "mountPath": "/var/lib/etcd"}],
+                            }
+                        ]
+                    },
+                },
+                "volumeClaimTemplates": [
+                    {
+                        "metadata": {"name": "data"},
+                        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
+                    }
+                ],
+            },
+        }
+    return manifests

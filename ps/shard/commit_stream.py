@@ -1,0 +1,82 @@
+"""Subscribe(committed = true): a table's changes only up to commits, rows as of each commit.
+
+    [full copy, ending at the current version V; `step` set when V is the newest commit's]
+    then, whenever a newer step is committed: one range (position, commit version], its rows as
+    sealed at that commit (ps/shard/commits.py), `step` on its last message; heartbeats while idle
+    carry the step the subscriber is at.
+
+A subscriber that reads slowly gets merged ranges (several commits at once, the newest step's
+rows); a subscriber that falls behind the commit log gets FAILED_PRECONDITION and resyncs. The
+dense tower published with a step (shard 0) rides on the range that ends at that step when the
+request asks for it (`with_dense` is the replica's follower of its first table on shard 0).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+from ps.errors import LogGapError
+from ps.rpc import ps_pb2
+from ps.shard.update_log import LogRange
+
+
+async def committed_stream(servicer, request: ps_pb2.SubscribeRequest) -> AsyncIterator[ps_pb2.UpdateBatch]:
+    """The messages of a committed Subscribe on `servicer` (ParameterServerServicer)."""
+    from ps.shard.server import HEARTBEAT_SECONDS
+
+    shard, name = servicer.shard, request.table
+    table = shard.table(name)
+    commits = shard.commits[name]
+    epoch = commits.epoch
+    sent_step: int | None = None
+    commits.subscribed_at = time.monotonic()
+    if request.full_sync:
+        position = 0
+        last = None
+        async for reply in servicer._full_copy(name, request.stored_rows):
+            commits.subscribed_at = time.monotonic()
+            if last is not None:
+                yield last
+            last = reply
+        position = last.to_version
+        if position == commits.last_version:  # the copy is the newest commit's state
+            last.step = sent_step = commits.last_step
+            dense = shard.dense.newest_in(-1, sent_step)
+            if request.with_dense and dense is not None:
+                last.dense_step, last.dense_format, last.dense_state = dense
+        yield last
+    else:
+        position = request.from_version
+        shard.log(name).check(position, name)
+        commits.check(position, name)
+    while True:
+        servicer.call_site.check_open()
+        commits.subscribed_at = time.monotonic()  # keeps commits sealing rows (ps/shard/commits.py)
+        if commits.epoch != epoch:
+            raise LogGapError(f"table {name!r}: the trainer committed an earlier step than this stream's "
+                              f"({commits.last_step}): a new history of steps; resync with full_sync")
+        changed = servicer._changed[name]
+        if commits.last_step == sent_step or commits.last_version < position:
+            try:
+                await asyncio.wait_for(changed.wait(), HEARTBEAT_SECONDS)
+            except TimeoutError:
+                heartbeat = servicer._batch(name, position, position, last=True)
+                if sent_step is not None:
+                    heartbeat.step = sent_step
+                yield heartbeat
+            continue
+        sealed = commits.after(position, name)
+        changes = LogRange(sealed.from_version, sealed.to_version, sealed.touched_keys, sealed.deleted_keys, ())
+        rows = servicer._rows_of_words(name, sealed.values, request.stored_rows)
+        replies = list(servicer._batches(name, table.dim, changes, rows, False))
+        replies[-1].step = sealed.step
+        replies[-1].commit_time = sealed.commit_time
+        dense = shard.dense.newest_in(sent_step if sent_step is not None else -1, sealed.step)
+        if request.with_dense and dense is not None:
+            replies[-1].dense_step, replies[-1].dense_format, replies[-1].dense_state = dense
+        for reply in replies:
+            yield reply
+        position, sent_step = sealed.to_version, sealed.step
+

@@ -1,0 +1,202 @@
+"""Committed steps on one shard (DESIGN section 9): what each table looked like when a step was done.
+
+    update log:   ... v17 (step s) v18 (step s) | commit s ... v19 (step s+1) | commit s+1
+    commit log:   SealedCommit(step s,   (v_prev, v18], keys touched, their rows AT v18, deleted keys)
+                  SealedCommit(step s+1, (v18, v19],    ...)
+
+Rows are read when the commit is recorded (Commit runs serialised with the pushes, and in sync
+mode no push of step s + 1 reaches a shard before Commit(s) returns), so a committed range carries
+the rows of its step, never later ones: a replica that applies ranges only up to a commit holds
+exactly that step. A range that starts inside a commit (a replica that took a full copy between
+two commits) is covered by that commit's range, whose rows are all at its step. Bounded by bytes
+and by count, oldest first; a subscriber that needs a commit no longer held gets LogGapError and
+resyncs. A commit whose changes the update log had already forgotten is kept as incomplete: it
+marks the step, and only a subscriber already past it may continue. Rows are sealed only while
+a committed subscriber has been there in the last SEAL_IDLE_SECONDS: a job without replicas pays
+nothing per commit, and a replica that comes back later resyncs in full.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from ps.errors import LogGapError
+from ps.rpc import ps_pb2
+
+DEFAULT_SHARD_COMMIT_BYTES = 256 << 20  # per shard, split over its tables: rows sealed and not yet dropped
+MIN_TABLE_COMMIT_BYTES = 4 << 20
+DEFAULT_MAX_COMMIT_BYTES = 64 << 20
+DEFAULT_MAX_COMMITS = 4096
+SEAL_IDLE_SECONDS = 60.0
+MAX_DENSE_STATES = 4  # dense towers kept (the newest steps): a replica takes them with the rows
+_EMPTY_KEYS = np.empty(0, dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class SealedCommit:
+    """Changes of versions (from_version, to_version] with the rows as of step `step`'s commit.
+
+    touched_keys (t,) int64 sorted, values (t, width) float32 words, row i of touched_keys[i] as the
+    table stores it (ps/shard/state.py read_stored_rows; a float32 table's values), deleted_keys
+    (d,) int64 sorted, disjoint from touched. complete = False: the update log had lost part of
+    the range, so its keys are unknown (a subscriber before to_version must resync).
+    """
+
+    step: int
+    from_version: int
+    to_version: int
+    touched_keys: np.ndarray
+    values: np.ndarray
+    deleted_keys: np.ndarray
+    complete: bool = True
+    commit_time: float = 0.0
+
+    @property
+    def nbytes(self) -> int:
+        return self.touched_keys.nbytes + self.values.nbytes + self.deleted_keys.nbytes + 200
+
+
+class CommitLog:
+    """The commits of one table on one shard, newest last; starts with a base commit (the step and
+    version the table was restored at: its state is a committed one)."""
+
+    def __init__(self, width: int, base_version: int = 0, base_step: int = 0,
+                 max_bytes: int = DEFAULT_MAX_COMMIT_BYTES, max_commits: int = DEFAULT_MAX_COMMITS) -> None:
+        self.width = width  # float32 words a row takes as the table stores it
+        self.max_bytes = max_bytes
+        self.max_commits = max_commits
+        self.epoch = 0  # a new history of steps begins with each reset (subscribers resync)
+        self.subscribed_at = -SEAL_IDLE_SECONDS  # time.monotonic() a committed stream last looked
+        self.reset(base_step, base_version)
+
+    def reset(self, step: int, version: int) -> None:
+        """Starts the log afresh at a committed state (step, version): a trainer resumed from an
+        older snapshot commits its steps again, a new history; committed streams resync."""
+        empty = np.empty((0, self.width), dtype=np.float32)
+        self._commits: deque[SealedCommit] = deque([SealedCommit(step, version, version, _EMPTY_KEYS, empty,
+                                                                 _EMPTY_KEYS, True, time.time())])
+        self._bytes = self._commits[0].nbytes
+        self.epoch += 1
+
+    @property
+    def last_step(self) -> int:
+        return self._commits[-1].step
+
+    @property
+    def last_version(self) -> int:
+        return self._commits[-1].to_version
+
+    @property
+    def memory_bytes(self) -> int:
+        return self._bytes
+
+    def seal(self, commit: SealedCommit) -> None:
+        self._commits.append(commit)
+        self._bytes += commit.nbytes
+        while len(self._commits) > 1 and (len(self._commits) > self.max_commits or self._bytes > self.max_bytes):
+            self._bytes -= self._commits.popleft().nbytes
+
+    def check(self, position: int, table: str) -> None:
+        """LogGapError unless a subscriber holding version `position` can be brought to the newest commit."""
+        oldest = self._commits[0]
+        if position < oldest.from_version:
+            raise LogGapError(
+                f"table {table!r}: the commit log starts after version {oldest.from_version}, the subscriber holds "
+                f"{position} (it fell behind by more than {self.max_bytes} bytes of committed rows or "
+                f"{self.max_commits} commits); resync with full_sync"
+            )
+        if any(not c.complete and c.to_version > position for c in self._commits):
+            raise LogGapError(
+                f"table {table!r}: the update log had forgotten part of a committed range after version {position}; "
+                "resync with full_sync"
+            )
+
+    def after(self, position: int, table: str) -> SealedCommit:
+        """The changes from version `position` to the newest commit, rows as of that commit (merged
+        over every commit after `position`: the last thing that happened to a key wins)."""
+        self.check(position, table)
+        if position > self.last_version:
+            raise ValueError(f"table {table!r}: version {position} is ahead of the newest commit")
+        newest = self._commits[-1]
+        picked = [c for c in self._commits if c.to_version > position]
+        if not picked:
+            empty = np.empty((0, self.width), dtype=np.float32)
+            return SealedCommit(newest.step, position, position, _EMPTY_KEYS, empty, _EMPTY_KEYS, True,
+                                newest.commit_time)
+        if len(picked) == 1:
+            c = picked[0]
+            return SealedCommit(c.step, position, c.to_version, c.touched_keys, c.values, c.deleted_keys, True,
+                                c.commit_time)
+        keys = np.concatenate([k for c in picked for k in (c.touched_keys, c.deleted_keys)])
+        is_delete = np.concatenate(
+            [np.repeat([False, True], [c.touched_keys.shape[0], c.deleted_keys.shape[0]]) for c in picked]
+        )
+        rows = np.concatenate(
+            [np.concatenate([c.values, np.zeros((c.deleted_keys.shape[0], self.width), np.float32)]) for c in picked]
+        )
+        unique, last_from_end = np.unique(keys[::-1], return_index=True)
+        at = keys.shape[0] - 1 - last_from_end
+        deleted = is_delete[at]
+        return SealedCommit(newest.step, position, newest.to_version, unique[~deleted], rows[at[~deleted]],
+                            unique[deleted], True, newest.commit_time)
+
+
+class DenseStates:
+    """The newest dense towers published with commits on this shard: step -> (format, bytes)."""
+
+    def __init__(self, max_states: int = MAX_DENSE_STATES) -> None:
+        self.max_states = max_states
+        self._states: OrderedDict[int, tuple[str, bytes]] = OrderedDict()
+
+    def put(self, step: int, fmt: str, state: bytes) -> None:
+        self._states[step] = (fmt, state)
+        while len(self._states) > self.max_states:
+            self._states.popitem(last=False)
+
+    def newest_in(self, after_step: int, up_to_step: int) -> tuple[int, str, bytes] | None:
+        """The newest state with after_step < step <= up_to_step, or None."""
+        for step in reversed(self._states):
+            if after_step < step <= up_to_step:
+                fmt, state = self._states[step]
+                return step, fmt, state
+        return None
+
+
+def commit(shard, request: ps_pb2.CommitRequest) -> ps_pb2.CommitResponse:
+    """Records step request.step on every table of `shard` (on the tables' thread): each table's
+    changes since its previous commit, with their rows as they are now. A repeat of the newest
+    step changes nothing. A step before the newest starts a new history (a trainer resumed from
+    an older snapshot replays steps): each table's commit log restarts there, its rows as they are
+    now, and committed subscribers resync (their replicas keep serving their cut until the new
+    history passes it)."""
+    step = request.step
+    if request.dense_state and not request.dense_format:
+        raise ValueError("dense_format: required with dense_state (how the replica decodes it)")
+    first = next(iter(shard.commits.values()))
+    now = time.time()
+    if step < first.last_step:
+        for name, commits in shard.commits.items():
+            commits.reset(step, shard.tables[name].version)
+    elif step > first.last_step:
+        for name, commits in shard.commits.items():
+            table, log = shard.tables[name], shard.logs[name]
+            since = commits.last_version
+            followed = time.monotonic() - commits.subscribed_at < SEAL_IDLE_SECONDS
+            if table.version == since:
+                empty = np.empty((0, commits.width), dtype=np.float32)
+                commits.seal(SealedCommit(step, since, since, _EMPTY_KEYS, empty, _EMPTY_KEYS, True, now))
+            elif followed and log.covers(since):
+                changes = log.range_after(since, name)
+                _, values = shard.read_stored_rows(name, changes.touched_keys)
+                commits.seal(SealedCommit(step, since, changes.to_version, changes.touched_keys, values,
+                                          changes.deleted_keys, True, now))
+            else:
+                empty = np.empty((0, commits.width), dtype=np.float32)
+                commits.seal(SealedCommit(step, since, table.version, _EMPTY_KEYS, empty, _EMPTY_KEYS, False, now))
+    if request.dense_state:
+        shard.dense.put(step, request.dense_format, bytes(request.dense_state))
+    return ps_pb2.CommitResponse(step=first.last_step, versions=[c.last_version for c in shard.commits.values()])

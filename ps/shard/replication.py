@@ -1,0 +1,585 @@
+"""A shard's standby, and the primary's side of it (DESIGN.md §10).
+
+    client --Push--> primary: apply (serialised), forward(method, request, answer) -> queue, seq n
+                     primary --Replicate stream (epoch, n, request)--> standby: apply in order, ack n
+                     primary: settle() waits for ack >= n, then answers the client
+
+Roles and states of one shard process:
+
+    STANDBY  --lease expired, record says sync, CAS epoch+1-->  ALONE (primary, no standby)
+    JOINING  --standby at the same versions-->  CATCHING  --acked every push, CAS sync=true-->  SYNC
+    ALONE    --a standby answers: copy the state (pushes queue)-->  COPYING  -->  CATCHING  --> SYNC
+    SYNC     --stream broke / no ack for a lease time-->  LOST  --CAS standby="", sync=false--> ALONE
+    any primary state --etcd says the lease is gone, or a CAS finds another epoch--> DEPOSED
+
+A primary answers client calls only while it is primary for sure: its lease holds, or (etcd out of
+reach) its standby acknowledged this epoch within a quarter lease, which it could not do had it promoted
+itself. A standby that promoted itself waits a quarter lease before it answers, so the deposed primary's
+last answers come before its first. A deposed primary answers nothing (UNAVAILABLE), and its standby
+refuses its replication messages by epoch. Clients retry on UNAVAILABLE at the other address of the
+pair with the same push ids, so a push the old primary applied but never acknowledged is applied once.
+
+A primary whose standby died goes on alone only after the arbiter recorded it (sync = false, no
+standby): until then its pushes wait, so a push acknowledged by one process alone can never be lost
+to a promotion. An alone primary tries its partner's address every lease (`embps launch` starts a
+new standby there): it takes a copy of its state at one point of its apply order (tables with
+optimizer state and counters, push-id memory), streams it, then the pushes applied since, and
+acknowledges synchronously again; the arbiter records the pair in sync once the standby caught up,
+and only then may the standby take over. Both processes of a pair started from the same snapshot
+step skip the copy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import enum
+import functools
+import logging
+import os
+import signal
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+from prometheus_client import Counter, Gauge
+
+from ps.errors import NotPrimaryError
+from ps.etcd import EtcdUnavailableError
+from ps.job_config import JobConfig
+from ps.rpc import ps_pb2, replication_pb2, replication_pb2_grpc
+from ps.shard.arbiter import Arbiter, Membership
+from ps.shard.state_copy import chunks, decode_ledger, decode_table_state, encode_ledger, encode_table_state
+from ps.shard.update_log import UpdateLog
+
+log = logging.getLogger("embps.ps")
+
+ROLE_VALUES = {"standby": 0, "joining": 1, "sync": 2, "lost": 3, "alone": 4, "deposed": 5, "copying": 6, "catching": 7}
+CATCH_UP_PATIENCE_S = 60.0  # a standby loading a copied state acks nothing meanwhile
+_CHANNEL_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+
+
+class State(enum.StrEnum):
+    STANDBY = "standby"
+    JOINING = "joining"  # a primary at start, waiting for its standby (refuses client calls)
+    SYNC = "sync"
+    LOST = "lost"  # the standby stopped answering; pushes wait until the arbiter records ALONE
+    ALONE = "alone"
+    DEPOSED = "deposed"
+    COPYING = "copying"  # alone, sending its state to a new standby
+    CATCHING = "catching"  # the new standby applies the pushes since the copy; acks wait for it
+
+
+_SYNCHRONOUS = (State.SYNC, State.CATCHING)
+
+
+class ReplicationMetrics:
+    """embps_shard_role (0 standby, 1 joining, 2 sync, 3 lost, 4 alone, 5 deposed), epoch,
+    replication lag (pushes applied here and not yet on the standby), failovers."""
+
+    def __init__(self, registry, shard: int) -> None:
+        self.shard = str(shard)
+        self.role = Gauge("embps_shard_role", "Replication state: " + str(ROLE_VALUES), ["shard"], registry=registry)
+        self.epoch = Gauge("embps_shard_epoch", "Epoch of the membership this process follows", ["shard"],
+                           registry=registry)
+        self.lag = Gauge("embps_replication_lag_pushes", "Pushes forwarded to the standby and not yet acknowledged",
+                         ["shard"], registry=registry)
+        self.failovers = Counter("embps_failovers", "Times this process promoted itself to primary", ["shard"],
+                                 registry=registry)
+        self.alone = Counter("embps_standby_lost", "Times the primary went on alone (recorded in the arbiter)",
+                             ["shard"], registry=registry)
+
+
+class Replication:
+    """The replication side of one shard process (`servicer` is its ParameterServerServicer)."""
+
+    def __init__(self, servicer, arbiter: Arbiter, partner: str, state: State, metrics_registry) -> None:
+        """partner: the other address of the shard's pair (where a primary finds its standby)."""
+        self.servicer = servicer
+        self.shard = servicer.shard
+        self.arbiter = arbiter
+        self.ttl = float(arbiter.ttl)
+        self.partner = partner
+        self.metrics = ReplicationMetrics(metrics_registry, self.shard.index)
+        self.state = state
+        self.epoch = 0
+        self.primary_address = ""  # as a standby: who feeds it
+        self.serve_after = 0.0
+        self.loop = asyncio.get_running_loop()
+        self._sequence = 0  # last forwarded
+        self._acked = 0
+        self._last_ack = 0.0
+        self._queue: collections.deque = collections.deque()
+        self._wake = asyncio.Event()
+        self._progress = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+        self._applied = 0  # as a standby: last applied sequence of the current stream
+        self._promoting = False
+        self._queueing = False  # forward() queues pushes for the standby
+        self._catch_up_to = 0  # CATCHING: the standby holds every acknowledged push once it acked this
+        self._set_state(state)
+
+    # -- both roles ------------------------------------------------------------------------
+
+    def add_to_server(self, server) -> None:
+        replication_pb2_grpc.add_ReplicationServicer_to_server(_ReplicationServicer(self), server)
+
+    async def start(self) -> None:
+        """A primary takes its membership in the arbiter (returns once it did); a standby starts
+        watching the primary's lease."""
+        if self.state is State.STANDBY:
+            self.start_standby()
+        else:
+            await self.start_primary()
+
+    def _set_state(self, state: State) -> None:
+        self.state = state
+        self.metrics.role.labels(self.metrics.shard).set(ROLE_VALUES[state.value])
+        self.metrics.epoch.labels(self.metrics.shard).set(self.epoch)
+        self._changed()
+
+    def _changed(self) -> None:
+        event, self._progress = self._progress, asyncio.Event()
+        event.set()
+
+    def _spawn(self, coro) -> None:
+        self._tasks.append(asyncio.ensure_future(coro))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def describe(self) -> str:
+        return f"shard {self.shard.index} ({self.arbiter.me}, {self.state.value}, epoch {self.epoch})"
+
+    def check_serving(self) -> None:
+        """NotPrimaryError (UNAVAILABLE) unless this process may answer client calls now."""
+        state = self.state
+        if state is State.STANDBY:
+            raise NotPrimaryError(
+                f"shard {self.shard.index}: {self.arbiter.me} is the standby (epoch {self.epoch}); the primary is "
+                f"{self.primary_address or 'unknown'}"
+            )
+        if state is State.DEPOSED:
+            raise NotPrimaryError(f"{self.describe()}: deposed (lease lost or a newer epoch); ask the other address")
+        if state is State.JOINING:
+            raise NotPrimaryError(f"{self.describe()}: waiting for its standby {self.partner} to join")
+        now = time.monotonic()
+        if now < self.serve_after:
+            raise NotPrimaryError(f"{self.describe()}: promoted, answering in {self.serve_after - now:.2f} s")
+        if self.arbiter.lease_valid():
+            return
+        if state is State.SYNC and now - self._last_ack < self.ttl / 4:
+            return  # etcd out of reach, but the standby still follows this epoch: nobody promoted
+        raise NotPrimaryError(f"{self.describe()}: its lease is not renewed (arbiter out of reach); not answering")
+
+    # -- primary -----------------------------------------------------------------------------
+
+    async def start_primary(self) -> None:
+        """Takes the shard's membership (epoch + 1, once no lease is held), then joins the standby.
+        When the partner holds the lease and keeps renewing it (it took over while this process was
+        down: a restarted pod), this process becomes its standby instead."""
+        partner_alive_since = None
+        while True:
+            try:
+                membership, revision = await asyncio.to_thread(self.arbiter.read)
+                if await asyncio.to_thread(self.arbiter.leader_alive):
+                    # An earlier run's lease expires within a lease; a live primary's stays.
+                    if membership is not None and membership.primary == self.partner:
+                        partner_alive_since = partner_alive_since or time.monotonic()
+                        if time.monotonic() - partner_alive_since > 2 * self.ttl:
+                            log.warning("shard %d: %s is primary (epoch %d) and alive: starting as its standby",
+                                        self.shard.index, self.partner, membership.epoch)
+                            self._set_state(State.STANDBY)
+                            self.start_standby()
+                            return
+                    await asyncio.sleep(self.ttl / 4)
+                    continue
+                partner_alive_since = None
+                epoch = (membership.epoch if membership else 0) + 1
+                mine = Membership(self.arbiter.me, self.partner, epoch, False)
+                if await asyncio.to_thread(self.arbiter.take_primary, revision, mine):
+                    break
+            except EtcdUnavailableError as exc:
+                log.warning("shard %d: arbiter unreachable at start (%s); retrying", self.shard.index, exc)
+                await asyncio.sleep(self.ttl / 4)
+        self.epoch = epoch
+        log.info("%s: primary (membership taken in the arbiter)", self.describe())
+        self._set_state(State.JOINING)
+        self._spawn(self._keep_lease())
+        self._spawn(self._follow_standby())
+
+    async def _keep_lease(self) -> None:
+        warned = False
+        while self.state is not State.DEPOSED:
+            await asyncio.sleep(self.ttl / 4)
+            try:
+                await asyncio.to_thread(self.arbiter.keepalive)
+                warned = False
+            except EtcdUnavailableError as exc:
+                if not warned:
+                    log.warning("%s: arbiter out of reach (%s); answering while the standby follows", self.describe(),
+                                exc)
+                    warned = True
+            if self.arbiter.lost:
+                self._depose("etcd says its lease expired")
+
+    def _depose(self, why: str) -> None:
+        """Answers nothing from now on, and stops the process (SIGTERM: drain, exit 0) a lease
+        later: `embps launch` starts a new standby in its place, a restarted pod becomes one."""
+        if self.state is not State.DEPOSED:
+            self._queueing = False
+            log.error("%s: deposed: %s; acknowledging nothing from now on, stopping", self.describe(), why)
+            self._set_state(State.DEPOSED)
+            self.loop.call_later(self.ttl, os.kill, os.getpid(), signal.SIGTERM)
+
+    async def _follow_standby(self) -> None:
+        """Joins the partner (copying the state over when it is elsewhere), streams the pushes and
+        reads the acks; when the stream breaks, records the primary alone in the arbiter (if the
+        standby counted), and tries the partner again a lease later: `embps launch` restarts it."""
+        while self.state is not State.DEPOSED:
+            channel = grpc.aio.insecure_channel(self.partner, options=_CHANNEL_OPTIONS)
+            try:
+                await self._stream(replication_pb2_grpc.ReplicationStub(channel))
+            except Exception as exc:  # noqa: BLE001 - whatever broke the stream, the standby is out
+                if self.state in (State.SYNC, State.CATCHING, State.COPYING):
+                    log.warning("%s: standby %s lost (%s)", self.describe(), self.partner, _short(exc))
+            finally:
+                await channel.close()
+            self._queueing = False
+            self._queue.clear()
+            if self.state is State.SYNC:
+                await self._go_alone()
+            elif self.state in (State.CATCHING, State.COPYING):
+                self._set_state(State.ALONE)  # the arbiter still says alone
+            if self.state is State.JOINING:
+                await asyncio.sleep(0.05)
+            else:
+                await asyncio.sleep(self.ttl)
+
+    async def _stream(self, stub) -> None:
+        """One stream to the partner: handshake, state copy when needed, then pushes until it breaks."""
+        call = stub.Replicate()
+        try:
+            versions = [replication_pb2.TableVersion(table=n, version=t.version) for n, t in self.shard.tables.items()]
+            hello = replication_pb2.ReplicateRequest(
+                epoch=self.epoch, sequence=self._sequence, incarnation=self.shard.incarnation, shard=self.shard.index,
+                versions=versions,
+            )
+            await call.write(hello)
+            ack = await asyncio.wait_for(call.read(), 2 * self.ttl)
+            if ack is grpc.aio.EOF:
+                raise ConnectionError("the standby ended the stream")
+            self._last_ack = time.monotonic()
+            if self.state is State.JOINING and not ack.needs_copy:
+                self._acked = self._sequence
+                self._queueing = True  # nothing was applied since the handshake: JOINING refuses pushes
+            else:
+                await self._copy(call)
+            # Pushes up to here may have been acknowledged alone; from here on acks wait for the standby.
+            self._catch_up_to = self._sequence
+            self._set_state(State.CATCHING)
+            reader = asyncio.ensure_future(self._read_acks(call))
+            try:
+                await self._send(call, reader)
+            finally:
+                reader.cancel()
+        finally:
+            call.cancel()
+
+    async def _copy(self, call) -> None:
+        """Sends the state, taken at one point of the apply order; pushes after it queue meanwhile."""
+        base, states, ledger = await self.servicer.run_call(self._capture, 1 << 30)
+        self._set_state(State.COPYING)
+        log.info("%s: copying its state to the standby %s (at push %d)", self.describe(), self.partner, base)
+        budget = self.shard.job.message_limit_bytes
+        copied = 0
+        for name, state in states.items():
+            data = await asyncio.to_thread(encode_table_state, state)
+            pieces = chunks(data, budget)
+            for i, piece in enumerate(pieces):
+                await call.write(replication_pb2.ReplicateRequest(
+                    epoch=self.epoch, method="TableState", table=name, state=piece, last=i == len(pieces) - 1,
+                ))
+            copied += len(data)
+        await call.write(replication_pb2.ReplicateRequest(epoch=self.epoch, method="Ledger", state=ledger))
+        await call.write(replication_pb2.ReplicateRequest(
+            epoch=self.epoch, method="StateDone", sequence=base, incarnation=self.shard.incarnation,
+        ))
+        self._acked = base
+        self._last_ack = time.monotonic()
+        log.info("%s: state sent (%.1f MiB); the standby catches up on the pushes since", self.describe(),
+                 copied / 2**20)
+
+    def _capture(self):
+        """(sequence, {table: TableState}, ledger) at this point of the apply order (serialised
+        with every push); every push from here on is queued for the standby."""
+        self._queue.clear()
+        self._queueing = True
+        states = {name: table.export() for name, table in self.shard.tables.items()}
+        return self._sequence, states, encode_ledger(self.shard.ledger.export())
+
+    async def _send(self, call, reader: asyncio.Future) -> None:
+        heartbeat = replication_pb2.ReplicateRequest(epoch=self.epoch, sequence=0, shard=self.shard.index)
+        while self.state in (State.SYNC, State.CATCHING) and not reader.done():
+            while self._queue:
+                await call.write(self._queue.popleft())
+            wake = asyncio.ensure_future(self._wake.wait())
+            await asyncio.wait({wake, reader}, timeout=self.ttl / 8, return_when=asyncio.FIRST_COMPLETED)
+            wake.cancel()
+            self._wake.clear()
+            if not self._queue:
+                await call.write(heartbeat)
+            patience = self.ttl if self.state is State.SYNC else max(self.ttl, CATCH_UP_PATIENCE_S)
+            if self._acked < self._sequence and time.monotonic() - self._last_ack > patience:
+                raise TimeoutError(f"no ack from the standby for {patience:g} s")
+            if self.state is State.CATCHING and self._acked >= self._catch_up_to:
+                await self._record_sync()
+        if reader.done() and reader.exception() is not None:
+            raise reader.exception()
+
+    async def _record_sync(self) -> None:
+        """The standby holds every push: from now on it may take over (CAS sync = true)."""
+        while self.state is State.CATCHING:
+            try:
+                membership, revision = await asyncio.to_thread(self.arbiter.read)
+                if membership is None or membership.epoch != self.epoch or membership.primary != self.arbiter.me:
+                    self._depose(f"the arbiter's record changed: {membership}")
+                    return
+                synced = Membership(self.arbiter.me, self.partner, self.epoch, True)
+                if await asyncio.to_thread(self.arbiter.update, revision, synced):
+                    log.info("%s: standby %s joined; pushes are acknowledged once on both", self.describe(),
+                             self.partner)
+                    self._set_state(State.SYNC)
+                    return
+            except EtcdUnavailableError:
+                await asyncio.sleep(0.1)
+
+    async def _read_acks(self, call) -> None:
+        while (ack := await call.read()) is not grpc.aio.EOF:
+            self._last_ack = time.monotonic()
+            if ack.sequence > self._acked:
+                self._acked = ack.sequence
+                self.metrics.lag.labels(self.metrics.shard).set(self._sequence - self._acked)
+                self._changed()
+        raise ConnectionError("the standby ended the stream")
+
+    async def _go_alone(self) -> None:
+        """Records in the arbiter that the standby is out (CAS), then acknowledges alone."""
+        self._set_state(State.LOST)
+        while self.state is State.LOST:
+            try:
+                membership, revision = await asyncio.to_thread(self.arbiter.read)
+                if membership is None or membership.epoch != self.epoch or membership.primary != self.arbiter.me:
+                    self._depose(f"the arbiter's record changed: {membership}")
+                    return
+                alone = Membership(self.arbiter.me, "", self.epoch, False)
+                if await asyncio.to_thread(self.arbiter.update, revision, alone):
+                    log.warning(
+                        "%s: standby %s lost; going on ALONE (recorded in the arbiter; pushes are on one process "
+                        "until a standby joins)", self.describe(), self.partner,
+                    )
+                    self.metrics.alone.labels(self.metrics.shard).inc()
+                    self._set_state(State.ALONE)
+                    return
+            except EtcdUnavailableError:
+                pass
+            await asyncio.sleep(0.1)  # the arbiter is out of reach: pushes wait
+
+    def forward(self, method: str, request, response) -> None:
+        """Queues an applied push for the standby, in apply order (called where the push was applied,
+        serialised with every table call, on the loop or the tables thread)."""
+        if not self._queueing:
+            return
+        self._sequence += 1
+        self._queue.append(
+            replication_pb2.ReplicateRequest(
+                epoch=self.epoch, sequence=self._sequence, method=method,
+                request=request.SerializeToString(), response=response.SerializeToString(),
+            )
+        )
+        self.loop.call_soon_threadsafe(self._wake.set)
+
+    async def settle(self) -> None:
+        """Returns once every push forwarded so far is on the standby (or the arbiter records this
+        shard alone); NotPrimaryError if this process may no longer acknowledge."""
+        target = self._sequence
+        while True:
+            state = self.state
+            if state in (State.DEPOSED, State.STANDBY, State.JOINING):
+                self.check_serving()
+            if state in (State.ALONE, State.COPYING) or (state in _SYNCHRONOUS and self._acked >= target):
+                self.check_serving()
+                return
+            if state is State.LOST and not self.arbiter.lease_valid():
+                self.check_serving()  # cut off from the standby and the arbiter: it may have promoted
+            progress = self._progress
+            try:
+                await asyncio.wait_for(progress.wait(), self.ttl / 4)
+            except TimeoutError:
+                continue
+
+    # -- standby -----------------------------------------------------------------------------
+
+    def start_standby(self) -> None:
+        self._spawn(self._watch_primary())
+
+    async def replicate(self, requests: AsyncIterator, context: grpc.aio.ServicerContext):
+        """The standby's side of the stream: handshake (and state copy), then apply each push in
+        order and ack it."""
+        self._applied = 0
+        copy: dict[str, list[bytes]] = {}
+        states: dict = {}
+        ledger = b""
+        async for message in requests:
+            if self.state is not State.STANDBY or self._promoting or message.epoch < self.epoch:
+                await context.abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"{self.describe()}: refuses epoch {message.epoch} (this process is past it)",
+                )
+            if not message.method:
+                if message.incarnation:
+                    ack = await self._hello(message, context)
+                    yield ack
+                else:
+                    yield replication_pb2.ReplicateAck(sequence=self._applied, epoch=self.epoch)
+                continue
+            if message.method == "TableState":
+                copy.setdefault(message.table, []).append(message.state)
+                if message.last:
+                    data = b"".join(copy.pop(message.table))
+                    states[message.table] = await asyncio.to_thread(decode_table_state, data)
+                continue
+            if message.method == "Ledger":
+                ledger = message.state
+                continue
+            if message.method == "StateDone":
+                await self.servicer.run_call(functools.partial(self._load_copy, states, ledger), 1 << 30)
+                self._follow(message, context, "state copied")
+                states = {}
+                yield replication_pb2.ReplicateAck(sequence=self._applied, epoch=self.epoch)
+                continue
+            if message.sequence != self._applied + 1:
+                await context.abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"{self.describe()}: message {message.sequence} after {self._applied}: a gap",
+                )
+            await self.servicer.run_call(lambda m=message: self._apply(m), len(message.request))
+            self._applied = message.sequence
+            yield replication_pb2.ReplicateAck(sequence=self._applied, epoch=self.epoch)
+
+    async def _hello(self, hello, context) -> replication_pb2.ReplicateAck:
+        mine = {n: t.version for n, t in self.shard.tables.items()}
+        theirs = {v.table: v.version for v in hello.versions}
+        if mine != theirs:
+            log.info("%s: tables at versions %s, the primary's at %s: asking for a copy", self.describe(), mine,
+                     theirs)
+            return replication_pb2.ReplicateAck(sequence=0, epoch=hello.epoch, needs_copy=True)
+        self._follow(hello, context, "same versions")
+        return replication_pb2.ReplicateAck(sequence=self._applied, epoch=self.epoch)
+
+    def _follow(self, message, context, how: str) -> None:
+        # Changes tracked from the state both started from: a superset of what changed since any
+        # later snapshot, so an incremental snapshot written after a failover misses nothing.
+        for table in self.shard.tables.values():
+            table.enable_change_tracking()
+        self.epoch = message.epoch
+        self.primary_address = context.peer()
+        self.shard.incarnation = message.incarnation  # same rows at the same versions: replicas need no resync
+        self._applied = message.sequence
+        self._set_state(State.STANDBY)
+        log.info("%s: following the primary (%s; incarnation %d)", self.describe(), how, message.incarnation)
+
+    def _load_copy(self, states: dict, ledger: bytes) -> None:
+        """The primary's state in place of this one's (on the tables' thread)."""
+        if set(states) != set(self.shard.tables):
+            raise ValueError(f"state copy: tables {sorted(states)}, this shard has {sorted(self.shard.tables)}")
+        for name, state in states.items():
+            self.shard.tables[name].load(state)
+            # Its next incremental snapshot (once primary) cannot know what changed since the
+            # parent, which the old primary wrote: it writes every row against the parent.
+            self.shard.tables[name].forget_changes()
+            old = self.shard.logs[name]
+            self.shard.logs[name] = UpdateLog(state.version, old.max_entries, old.max_keys)
+        self.shard.ledger.load(decode_ledger(ledger))
+
+    def _apply(self, message) -> None:
+        if message.method == "Push":
+            request = ps_pb2.PushRequest.FromString(message.request)
+            response = self.servicer.apply_push(request)
+        elif message.method == "PushMulti":
+            request = ps_pb2.MultiPushRequest.FromString(message.request)
+            response = self.servicer.apply_push_multi(request)
+        else:
+            raise ValueError(f"replicate: unknown method {message.method!r}")
+        if response.SerializeToString() != message.response:
+            log.error("%s: applied %s to another answer than the primary's: %s", self.describe(), message.method,
+                      response)
+            raise ValueError(f"{self.describe()}: {message.method} {message.sequence} diverged from the primary")
+
+    async def _watch_primary(self) -> None:
+        """Promotes this standby once the primary's lease expired and the record says it was in sync."""
+        while self.state is State.STANDBY:
+            await asyncio.sleep(self.ttl / 8)
+            if self.epoch == 0:
+                continue  # never joined: nothing to take over
+            try:
+                membership, revision = await asyncio.to_thread(self.arbiter.read)
+                if (
+                    membership is None
+                    or membership.standby != self.arbiter.me
+                    or not membership.sync
+                    or membership.epoch != self.epoch
+                    or await asyncio.to_thread(self.arbiter.leader_alive)
+                ):
+                    continue
+                self._promoting = True  # from here no message of the old epoch is applied
+                promoted = Membership(self.arbiter.me, "", self.epoch + 1, False)
+                if await asyncio.to_thread(self.arbiter.take_primary, revision, promoted):
+                    self.epoch += 1
+                    self.serve_after = time.monotonic() + self.ttl / 4
+                    self.metrics.failovers.labels(self.metrics.shard).inc()
+                    log.warning("%s: PROMOTED to primary (the primary's lease expired); alone until a standby joins",
+                                self.describe())
+                    self._set_state(State.ALONE)
+                    self._spawn(self._keep_lease())
+                    self._spawn(self._follow_standby())
+                    return
+                self._promoting = False
+            except EtcdUnavailableError:
+                continue
+
+
+def _short(exc: BaseException) -> str:
+    if isinstance(exc, grpc.RpcError) and hasattr(exc, "code"):
+        return f"{exc.code().name}: {exc.details()}"
+    return str(exc) or type(exc).__name__
+
+
+class _ReplicationServicer(replication_pb2_grpc.ReplicationServicer):
+    """The Replication service of a shard port (a primary refuses every stream)."""
+
+    def __init__(self, replication: Replication) -> None:
+        self.replication = replication
+
+    async def Replicate(self, request_iterator, context):
+        async for ack in self.replication.replicate(request_iterator, context):
+            yield ack
+
+
+def attach_replication(
+    servicer, job: JobConfig, shard_index: int, address: str, standby: bool, registry
+) -> Replication:
+    """The Replication of a shard with a standby, for the process at `address` (one of the pair;
+    a standby if `standby`), fencing the servicer's calls; started by Replication.start once the
+    port answers."""
+    if job.arbiter is None:
+        raise ValueError(f"shards[{shard_index}].standby: needs [arbiter] (etcd)")
+    pair = job.shards[shard_index].addresses()
+    partner = pair[1] if address == pair[0] else pair[0]
+    arbiter = Arbiter(job.arbiter, job.job, shard_index, address)
+    replication = Replication(servicer, arbiter, partner, State.STANDBY if standby else State.JOINING, registry)
+    servicer.replication = replication
+    servicer.call_site.fence = replication.check_serving
+    return replication

@@ -1,0 +1,60 @@
+"""A shard's state as the messages that copy it to a new standby (ps/shard/replication.py).
+
+    TableState --npz (no pickle)--> bytes --chunks of the message limit--> "TableState" messages
+    PushLedger.export() --JSON (answers base64)--> one "Ledger" message
+
+Arrays keep their dtype and shape, so a loaded table equals the exported one bit for bit.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import numpy as np
+
+from ps.table.state import TableState
+
+_ARRAYS = (
+    "keys", "values", "optimizer_state", "freq", "last_step", "pending_keys", "pending_counts", "pending_last_step",
+)
+
+
+def encode_table_state(state: TableState) -> bytes:
+    arrays = {name: getattr(state, name) for name in _ARRAYS}
+    arrays["scalars"] = np.array([state.version, state.step], dtype=np.uint64)
+    arrays["storage"] = np.array(state.storage)
+    if state.encoded is not None:
+        arrays["encoded"] = state.encoded
+    out = io.BytesIO()
+    np.savez(out, **arrays)
+    return out.getvalue()
+
+
+def decode_table_state(data: bytes) -> TableState:
+    with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+        fields = {name: archive[name] for name in _ARRAYS}
+        version, step = (int(v) for v in archive["scalars"])
+        encoded = archive["encoded"] if "encoded" in archive.files else None
+        storage = str(archive["storage"])
+    return TableState(**fields, version=version, step=step, storage=storage, encoded=encoded)
+
+
+def chunks(data: bytes, size: int) -> list[bytes]:
+    """data cut into pieces of at most `size` bytes (one empty piece for empty data)."""
+    return [data[i : i + size] for i in range(0, len(data), size)] or [b""]
+
+
+def encode_ledger(exported: list) -> bytes:
+    return json.dumps(
+        [[client, [[seq, base64.b64encode(answer).decode(), multi] for seq, answer, multi in entries]]
+         for client, entries in exported]
+    ).encode()
+
+
+def decode_ledger(data: bytes) -> list:
+    return [
+        [client, [[int(seq), base64.b64decode(answer), bool(multi)] for seq, answer, multi in entries]]
+        for client, entries in json.loads(data)
+    ]

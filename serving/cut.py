@@ -1,0 +1,260 @@
+"""The replica's consistent cut (DESIGN section 9): rows visible only up to the newest training step
+that every shard of every served table has committed, published all at once.
+
+    follower (table t, shard s) --committed ranges--> waiting[(t, s)]: [Delta step 7, Delta step 8]
+    newest[(t, s)] = newest step received;  cut = min over (t, s) of newest[(t, s)]
+    cut > served version: every waiting delta of step <= cut is published as one model version
+
+Publishing (native stores, csrc/serving_store.h's ModelClock): each changed (table, shard) gets a
+private store with the cut's rows (an overlay, or a whole replacement after a resync), set as its
+pending store; then one atomic store makes the cut the visible version; then floor = cut and the
+overlays are merged into the main stores (replacements swapped in) and the pending stores dropped.
+A gate thread reads visible V, the pending stores of steps <= V, then the main stores, and answers
+again if floor > V at the end: no lookup ever sees half a cut, and one at the current cut never
+waits. Without the native stores, publishing and lookups share one lock instead.
+
+Waiting deltas are bounded by `max_waiting_bytes`: past it, a follower whose (table, shard) is
+ahead of the cut stops reading its stream until the cut moves (the shard merges the commits that
+pile up, or, once its commit log has dropped them, the follower resyncs in full); the (table,
+shard) that holds the cut back always gets through, so the cut always moves. The replica keeps
+serving the last cut meanwhile. The cut never goes back: a shard restarted from an older snapshot
+or a resync at an older step waits in `waiting` until its stream passes the served version.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import numpy as np
+
+from ps.process.calls import ShuttingDownError
+from serving.metrics import ServingMetrics
+from serving.store import ShardRows, TableReplica, _embps_gate
+
+T = TypeVar("T")
+DENSE_KEPT = 4  # dense towers of the last published steps kept (a scorer may hold a reply a cut old)
+INLINE_ROWS = 2048  # publishing more rows than this runs on a thread (the loop keeps taking calls)
+
+
+class ModelVersionMovedError(ShuttingDownError):
+    """A lookup could not finish at one model version (UNAVAILABLE, as the gate answers it): retry."""
+
+
+@dataclass
+class Delta:
+    """One (table, shard)'s committed range: the rows of step `step` for the keys it changed, or
+    (replace) a full copy of the shard at that step. keys (n,) int64, values (n, ...) the rows as a
+    PS table of `storage` keeps them (ps/wire.py decode_stored_rows: float32 or float16 (n, dim),
+    int8 words (n, width)), deleted (d,) int64."""
+
+    step: int
+    to_version: int
+    incarnation: int
+    keys: np.ndarray
+    values: np.ndarray
+    deleted: np.ndarray
+    replace: ShardRows | None = None
+    dense: tuple[int, str, bytes] | None = None  # (step, format, state) published with this step
+    commit_time: float = 0.0
+    storage: str = "float32"
+    received: float = field(default_factory=time.time)
+
+    @property
+    def nbytes(self) -> int:
+        rows = self.replace.block_bytes if self.replace is not None else 0
+        dense = len(self.dense[2]) if self.dense is not None else 0
+        return self.keys.nbytes + self.values.nbytes + self.deleted.nbytes + rows + dense + 200
+
+
+@dataclass
+class Tail:
+    """Where a (table, shard)'s stream is, waiting deltas included: what it subscribes from."""
+
+    version: int
+    incarnation: int
+    step: int
+
+
+class ModelCut:
+    """The cut of the replica's `tables` (one TableReplica per served table), from `start_step`
+    (an export's step, or 0). Methods run on the event loop; publishing may run on a thread."""
+
+    def __init__(self, tables: dict[str, TableReplica], metrics: ServingMetrics, max_waiting_bytes: int,
+                 start_step: int = 0) -> None:
+        self.tables = tables
+        self.metrics = metrics
+        self.max_waiting_bytes = max_waiting_bytes
+        self.version = start_step
+        self.clock = _embps_gate.ModelClock() if _embps_gate is not None else None
+        self._lock = threading.Lock()  # without native stores: publishing and lookups
+        keys = [(name, s) for name, table in tables.items() for s in range(len(table.shards))]
+        self.tails = {
+            (name, s): Tail(tables[name].shards[s].version, tables[name].shards[s].incarnation, start_step)
+            for name, s in keys
+        }
+        self.newest = dict.fromkeys(keys, start_step)
+        self.waiting: dict[tuple[str, int], list[Delta]] = {k: [] for k in keys}
+        self.waiting_bytes = 0
+        self.dense: tuple[int, str, bytes] | None = None  # the newest published with a step <= the cut
+        self.dense_recent: dict[int, tuple[int, str, bytes]] = {}  # the last few, for scorers a cut behind
+        self.served_commit_time = 0.0
+        self._moved = asyncio.Condition()
+        self._publishing = asyncio.Lock()
+        if self.clock is not None:
+            self.clock.publish(start_step)
+            for table in tables.values():
+                table.native.set_clock(self.clock)
+        metrics.model_version.set(start_step)
+
+    def read(self, answer: Callable[[int], T]) -> tuple[T, int]:
+        """(answer(version), version): answer reads rows at one model version (TableReplica.lookup
+        with `version`); called again while the cut moved under it. Any thread."""
+        if self.clock is None:
+            with self._lock:
+                return answer(self.version), self.version
+        for _ in range(64):
+            version = self.clock.begin_read()
+            result = answer(version)
+            if self.clock.still_valid(version):
+                return result, version
+        raise ModelVersionMovedError(
+            "the model version moved under this lookup 64 times; retry (the replica applies cuts faster than it "
+            "answers)"
+        )
+
+    async def offer(self, table: str, shard: int, delta: Delta) -> None:
+        """Takes (table, shard)'s next committed range; returns once it is held (waiting or visible)."""
+        key = (table, shard)
+        async with self._moved:
+            # Past the bound, a stream ahead of the cut waits; the one holding the cut never does.
+            await self._moved.wait_for(
+                lambda: self.waiting_bytes <= self.max_waiting_bytes or self.newest[key] <= self.cut_candidate()
+            )
+        if delta.replace is not None:  # a full copy supersedes what its stream sent before
+            self.waiting_bytes -= sum(d.nbytes for d in self.waiting[key])
+            self.waiting[key] = []
+        self.waiting[key].append(delta)
+        self.waiting_bytes += delta.nbytes
+        self.newest[key] = delta.step
+        self.tails[key] = Tail(delta.to_version, delta.incarnation, delta.step)
+        self._observe()
+        await self.advance()
+
+    def cut_candidate(self) -> int:
+        return min(self.newest.values())
+
+    async def advance(self) -> None:
+        """Publishes the newest cut the waiting deltas allow, if it is past the served version."""
+        async with self._publishing:
+            cut = self.cut_candidate()
+            if cut <= self.version:
+                return
+            batch: dict[tuple[str, int], list[Delta]] = {}
+            for key, deltas in self.waiting.items():
+                ready = [d for d in deltas if d.step <= cut]
+                if ready:
+                    batch[key] = ready
+                    self.waiting[key] = deltas[len(ready):]
+            rows = sum(d.keys.shape[0] + d.deleted.shape[0] for ds in batch.values() for d in ds)
+            if rows > INLINE_ROWS or any(d.replace is not None for ds in batch.values() for d in ds):
+                await asyncio.to_thread(self._publish, cut, batch)
+            else:
+                self._publish(cut, batch)
+            for (name, s), deltas in batch.items():
+                self.metrics.version.labels(name, str(s)).set(deltas[-1].to_version)
+                self.metrics.rows.labels(name, str(s)).set(self.tables[name].shards[s].size)
+            published = [d for ds in batch.values() for d in ds]
+            self.waiting_bytes -= sum(d.nbytes for d in published)
+            now = time.time()
+            for d in published:
+                if d.commit_time:
+                    self.metrics.cut_visible_seconds.observe(max(0.0, now - d.commit_time))
+                if d.dense is not None and (self.dense is None or d.dense[0] >= self.dense[0]):
+                    self.dense = d.dense
+                    self.dense_recent[d.dense[0]] = d.dense
+                    for old in sorted(self.dense_recent)[:-DENSE_KEPT]:
+                        del self.dense_recent[old]
+            self.served_commit_time = max((d.commit_time for d in published if d.step == cut), default=now)
+            self.metrics.model_version.set(cut)
+            self._observe()
+        async with self._moved:
+            self._moved.notify_all()
+
+    def _publish(self, cut: int, batch: dict[tuple[str, int], list[Delta]]) -> None:
+        """Makes `cut` the visible version with every delta of `batch` (see the module docstring)."""
+        if self.clock is None:
+            with self._lock:
+                for (name, s), deltas in batch.items():
+                    _merge(self.tables[name], s, deltas)
+                self.version = cut
+            return
+        staged = []
+        for (name, s), deltas in batch.items():
+            table = self.tables[name]
+            rows, replace = _stage(table, s, deltas)
+            table.native.set_pending(s, cut, replace, rows.native)
+            staged.append((table, s, deltas))
+        self.clock.publish(cut)
+        self.version = cut
+        self.clock.begin_merge(cut)
+        for table, s, deltas in staged:
+            _merge(table, s, deltas)
+            table.native.clear_pending(s)
+
+    def _observe(self) -> None:
+        m = self.metrics
+        m.waiting_bytes.set(self.waiting_bytes)
+        m.waiting_deltas.set(sum(len(d) for d in self.waiting.values()))
+        newest = max(self.newest.values())
+        m.cut_lag_steps.set(max(0, newest - self.version))
+        behind = [d.commit_time for ds in self.waiting.values() for d in ds if d.commit_time and d.step > self.version]
+        m.cut_lag_seconds.set(max(0.0, time.time() - min(behind)) if behind else 0.0)
+
+
+def _stage(table: TableReplica, shard: int, deltas: list[Delta]) -> tuple[ShardRows, bool]:
+    """A private store with deltas' rows: the last full copy with what follows it (replace), or an
+    overlay of upserts and deletion marks."""
+    last_copy = max((i for i, d in enumerate(deltas) if d.replace is not None), default=None)
+    if last_copy is not None:
+        rows = deltas[last_copy].replace
+        for d in deltas[last_copy + 1:]:
+            _write(rows, d)
+        rows.version, rows.incarnation = deltas[-1].to_version, deltas[-1].incarnation
+        return rows, True
+    overlay = ShardRows(table.dim, table.dtype)
+    for d in deltas:
+        if d.keys.shape[0]:
+            overlay.upsert_rows(d.keys, d.values, d.storage)
+        if d.deleted.shape[0]:
+            overlay.native.mark_deleted(d.deleted)
+    return overlay, False
+
+
+def _merge(table: TableReplica, shard: int, deltas: list[Delta]) -> None:
+    """Writes deltas into the main store of `shard` (a full copy replaces it, already holding what
+    follows it when staged; without native stores it gets it here)."""
+    last_copy = max((i for i, d in enumerate(deltas) if d.replace is not None), default=None)
+    if last_copy is not None:
+        rows = deltas[last_copy].replace
+        if table.native is None:
+            for d in deltas[last_copy + 1:]:
+                _write(rows, d)
+        table.replace_shard(shard, rows)
+    else:
+        rows = table.shards[shard]
+        for d in deltas:
+            _write(rows, d)
+    rows.version = deltas[-1].to_version
+    rows.incarnation = deltas[-1].incarnation
+
+
+def _write(rows: ShardRows, d: Delta) -> None:
+    if d.keys.shape[0]:
+        rows.upsert_rows(d.keys, d.values, d.storage)
+    if d.deleted.shape[0]:
+        rows.erase(d.deleted)

@@ -1,0 +1,389 @@
+"""Shard standbys with real processes: etcd as the arbiter, a primary and a standby per shard.
+
+- SIGKILL of the primary at a seeded random moment while a client pushes back to back: the standby
+  promotes itself through etcd (epoch + 1), the client fails over with the same push ids. The
+  first primary started again (as a restarted pod would be) finds the other primary alive and
+  becomes its standby, gets a copy of the state and the pushes
+  since, and the pair is in sync again; SIGKILL of the promoted primary: the new standby takes
+  over (epoch 3). Its tables (values, optimizer state, admission counters, evictions, versions)
+  end bit-equal to an in-process shard that applied every acknowledged push once; pushes
+  acknowledged before, sent again, are duplicates (the push-id memory was copied and replicated).
+  Both stalls are printed.
+- A stopped standby (SIGSTOP): the primary's push waits until the arbiter records the primary
+  alone, then it is acknowledged (never before); the record says so.
+- etcd stopped for a while: pushes go on while the standby follows; etcd back, the lease holds.
+  Then a primary killed with no push in flight: a serving follower goes on from the promoted
+  standby at its version, without a full resync.
+
+EMBPS_STANDBY_SEED=<seed> repeats a run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from bench.ports import free_ports
+from ps.client import PSClient
+from ps.job_config import ArbiterConfig, Deadlines, JobConfig, ShardConfig, dump_job_config
+from ps.process.children import stop as stop_pid
+from ps.rpc import snapshot_pb2, snapshot_pb2_grpc
+from ps.shard.arbiter import Arbiter, Membership
+from ps.shard.replication import ROLE_VALUES
+from ps.shard.state import Shard
+from ps.snapshot.files import ShardRecord, SnapshotWriter, restore
+from ps.table.config import AdmissionConfig, AdmissionKind, EvictionConfig, OptimizerConfig, OptimizerKind, TableConfig
+from serving.follower import ShardFollower
+from serving.metrics import ServingMetrics
+from serving.store import TableReplica
+from tests.helpers.etcd import start_etcd
+from tests.helpers.processes import start_shard, wait_serving
+from tests.helpers.waiting import wait_until
+
+TABLES = (
+    TableConfig(
+        name="adam",
+        dim=8,
+        init_scale=0.1,
+        optimizer=OptimizerConfig(kind=OptimizerKind.ADAM, lr=0.02),
+        admission=AdmissionConfig(kind=AdmissionKind.COUNT, min_count=2),
+    ),
+    TableConfig(
+        name="ftrl",
+        dim=4,
+        init_scale=0.1,
+        optimizer=OptimizerConfig(kind=OptimizerKind.FTRL, lr=0.3, l1=0.001),
+        eviction=EvictionConfig(ttl_steps=5),
+    ),
+)
+LEASE_S = 1
+KEYS = 300
+
+
+def pair_job(etcd_endpoint: str, name: str) -> JobConfig:
+    ports = free_ports(4)
+    shard = ShardConfig(
+        address=f"127.0.0.1:{ports[0]}",
+        metrics_port=ports[1],
+        standby=f"127.0.0.1:{ports[2]}",
+        standby_metrics_port=ports[3],
+    )
+    return JobConfig(
+        job=name,
+        shards=(shard,),
+        tables=TABLES,
+        deadlines=Deadlines(lookup=20.0, push=20.0, stats=5.0),
+        push_dedupe_window=1 << 20,  # the push-id memory outlasts the test: old pushes stay repeats
+        arbiter=ArbiterConfig(endpoints=etcd_endpoint, lease_seconds=LEASE_S),
+    )
+
+
+class Pair:
+    """The primary and standby processes of shard 0."""
+
+    def __init__(self, job: JobConfig, workdir: Path) -> None:
+        self.job = job
+        self.config = workdir / f"{job.job}.toml"
+        self.config.write_text(dump_job_config(job))
+        self.logs = [workdir / f"{job.job}-primary.log", workdir / f"{job.job}-standby.log"]
+        self.standby = start_shard(self.config, 0, self.logs[1], args=("--standby",))
+        self.primary = start_shard(self.config, 0, self.logs[0])
+        shard = job.shards[0]
+        wait_serving(shard.standby, self.standby, log_path=self.logs[1])
+        wait_serving(shard.address, self.primary, log_path=self.logs[0])
+        wait_until(lambda: "joined" in self.logs[0].read_text(), "the standby joining the primary")
+
+    def stop(self) -> None:
+        for proc in (self.primary, self.standby):
+            stop_pid(proc)
+
+    def log(self, which: int) -> str:
+        return self.logs[which].read_text()
+
+
+def metrics(port: int) -> dict[str, float]:
+    """The samples of a Prometheus page, by name with labels."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
+
+
+def seed(tag: str) -> random.Random:
+    value = int(os.environ.get("EMBPS_STANDBY_SEED", random.SystemRandom().randrange(1 << 32)))
+    print(f"{tag}: seed {value} (EMBPS_STANDBY_SEED={value} repeats it)")
+    return random.Random(value)
+
+
+def make_push(client: PSClient, rng: np.random.Generator, step: int):
+    """One step's multi-table push: some keys of each table, with gradients."""
+    keys, offsets, grads = [], [0], []
+    for table in TABLES:
+        k = np.unique(rng.integers(0, KEYS, size=40)).astype(np.int64)
+        keys.append(k)
+        offsets.append(offsets[-1] + k.shape[0])
+        grads.append(rng.standard_normal((k.shape[0], table.dim)).astype(np.float32).reshape(-1))
+    names = [t.name for t in TABLES]
+    return client.prepare_push_multi(names, np.concatenate(keys), offsets, np.concatenate(grads), step=step)
+
+
+def shard_state(job: JobConfig, address: str, uri: str, step: int) -> dict:
+    """Every table of the shard at `address`, written as a snapshot and read back (TableState)."""
+    request = snapshot_pb2.WriteSnapshotRequest(uri=uri, job=job.job, step=step, kind="full", num_shards=1)
+    with grpc.insecure_channel(address) as channel:
+        reply = snapshot_pb2_grpc.SnapshotControlStub(channel).WriteSnapshot(request, timeout=30)
+    writer = SnapshotWriter(uri, job.job, step, "full", num_shards=1, tables=job.tables)
+    for record in json.loads(reply.records_json):
+        writer.add_shard_record(ShardRecord.from_dict(record))
+    writer.commit()
+    return {name: shards[0] for name, shards in restore(uri, job.job, step).items()}
+
+
+def assert_bit_equal(got: dict, reference: Shard) -> None:
+    for name, table in reference.tables.items():
+        want = table.export()
+        state = got[name]
+        for field in ("keys", "values", "optimizer_state", "freq", "last_step", "pending_keys", "pending_counts"):
+            np.testing.assert_array_equal(getattr(state, field), getattr(want, field), err_msg=f"{name}.{field}")
+        assert (state.version, state.step) == (want.version, want.step), name
+
+
+@pytest.fixture(scope="module")
+def etcd(tmp_path_factory):
+    server = start_etcd(tmp_path_factory.mktemp("etcd"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_sigkill_of_the_primary_fails_over_then_a_new_standby_catches_up_and_takes_over_too(etcd, tmp_path):
+    """Primary A killed: B takes over alone. A new standby started where A was gets B's state and
+    the pushes since, then B is killed too: the new standby takes over (epoch 3), bit-equal."""
+    rng = seed("failover")
+    job = pair_job(etcd.endpoint, "failover")
+    pair = Pair(job, tmp_path)
+    reference = Shard(job, 0)
+    client = PSClient.from_job(job, client_id="trainer-0")
+    data = np.random.default_rng(rng.randrange(1 << 32))
+    acked: list[tuple[float, object]] = []  # (time.monotonic() of the ack, prepared push)
+    errors: list[BaseException] = []
+    stop = threading.Event()
+    arbiter = Arbiter(job.arbiter, job.job, 0, "test")
+
+    def push_all() -> None:
+        try:
+            step = 0
+            while not stop.is_set():
+                step += 1
+                prepared = make_push(client, data, step)
+                client.send_push(prepared)
+                acked.append((time.monotonic(), prepared))
+        except BaseException as exc:  # noqa: BLE001 - reported by the test thread
+            errors.append(exc)
+
+    def kill_at_random(pid: int, what: str) -> float:
+        more = len(acked) + rng.randrange(5, 30)
+        wait_until(lambda: len(acked) >= more or errors, f"{more} pushes")
+        time.sleep(rng.uniform(0, 0.01))
+        os.kill(pid, signal.SIGKILL)
+        print(f"killed {what} after push {len(acked)}")
+        return time.monotonic()
+
+    def stall_after(moment: float) -> float:
+        wait_until(lambda: (acked and acked[-1][0] > moment + 0.5) or errors, "pushes after the kill")
+        times = [t for t, _ in acked]
+        return max(b - a for a, b in zip(times, times[1:], strict=False) if b > moment)
+
+    new_standby = None
+    try:
+        pusher = threading.Thread(target=push_all)
+        pusher.start()
+        first_kill = kill_at_random(pair.primary.pid, "the primary")
+        print(f"failover stall: {stall_after(first_kill):.2f} s (lease {LEASE_S} s)")
+        assert "PROMOTED" in pair.log(1), pair.log(1)[-3000:]
+        promoted = metrics(job.shards[0].standby_metrics_port)
+        assert promoted['embps_failovers_total{shard="0"}'] == 1 and promoted['embps_shard_epoch{shard="0"}'] == 2
+        assert promoted['embps_shard_role{shard="0"}'] == ROLE_VALUES["alone"]
+        new_log = tmp_path / "new-standby.log"
+        before_copy = acked[-1][1]
+        # Started as the primary was (a restarted pod): it finds the partner primary and alive, and
+        # becomes its standby (embps launch starts `--standby primary` directly).
+        new_standby = start_shard(pair.config, 0, new_log)
+        wait_until(lambda: pair.log(1).count("joined") == 1 or errors, "the new standby catching up", 60)
+        assert "starting as its standby" in new_log.read_text() and "state copied" in new_log.read_text()
+        membership, _ = arbiter.read()
+        assert membership == Membership(job.shards[0].standby, job.shards[0].address, 2, True), membership
+        promoted = metrics(job.shards[0].standby_metrics_port)
+        assert promoted['embps_shard_role{shard="0"}'] == ROLE_VALUES["sync"]
+        assert 'embps_replication_lag_pushes{shard="0"}' in promoted
+        second_kill = kill_at_random(pair.standby.pid, "the promoted standby")
+        print(f"second failover stall: {stall_after(second_kill):.2f} s")
+        stop.set()
+        pusher.join(60)
+        assert not pusher.is_alive() and not errors, errors
+        assert "PROMOTED" in new_log.read_text(), new_log.read_text()[-3000:]
+        for _, prepared in acked:
+            for _, request in prepared.calls:
+                reference.push_multi(request)
+        # The second promoted standby holds every acknowledged push once, bit for bit.
+        got = shard_state(job, job.shards[0].address, tmp_path.as_uri() + "/snaps", 1)
+        assert_bit_equal(got, reference)
+        # Its push-id memory came with the copy and the pushes: acknowledged pushes sent again are
+        # repeats (the last one before the new standby started, so before the copy, and the last).
+        for prepared in (before_copy, acked[-1][1]):
+            assert client.send_push(prepared).num_duplicates == len(prepared.calls)
+        membership, _ = arbiter.read()
+        assert (membership.primary, membership.epoch, membership.standby) == (job.shards[0].address, 3, "")
+    finally:
+        stop.set()
+        client.close()
+        pair.stop()
+        if new_standby is not None:
+            stop_pid(new_standby)
+
+
+def test_a_stopped_standby_holds_acks_until_the_arbiter_records_the_primary_alone(etcd, tmp_path):
+    job = pair_job(etcd.endpoint, "alone")
+    pair = Pair(job, tmp_path)
+    client = PSClient.from_job(job, client_id="trainer-0")
+    data = np.random.default_rng(7)
+    arbiter = Arbiter(job.arbiter, job.job, 0, "test")
+    try:
+        client.send_push(make_push(client, data, 1))
+        assert arbiter.read()[0].sync
+        os.kill(pair.standby.pid, signal.SIGSTOP)
+        started = time.monotonic()
+        client.send_push(make_push(client, data, 2))
+        waited = time.monotonic() - started
+        membership, _ = arbiter.read()
+        print(f"push acknowledged {waited:.2f} s after the standby stopped")
+        assert waited >= LEASE_S * 0.9, "acknowledged before the standby applied it or the arbiter recorded it"
+        assert (membership.standby, membership.sync) == ("", False), membership
+        assert "going on ALONE" in pair.log(0)
+        client.send_push(make_push(client, data, 3))  # alone now: no wait
+    finally:
+        os.kill(pair.standby.pid, signal.SIGCONT)
+        client.close()
+        pair.stop()
+
+
+class Following:
+    """A serving follower of table `name` of shard 0 (ShardFollower on grpc.aio, as a replica runs
+    it), on a thread of its own, given both addresses of the pair."""
+
+    def __init__(self, job: JobConfig, name: str) -> None:
+        self.job = job
+        self.replica = TableReplica(job.table(name), job.shard_map)
+        self.follower: ShardFollower | None = None
+        self._stop: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+        self._thread.start()
+        wait_until(lambda: self._stop is not None, "the follower's loop")
+
+    async def _main(self) -> None:
+        shard = self.job.shards[0]
+        primary, standby = grpc.aio.insecure_channel(shard.address), grpc.aio.insecure_channel(shard.standby)
+        self.follower = ShardFollower(self.replica, 0, primary, ServingMetrics(), standby)
+        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+        task = asyncio.ensure_future(self.follower.run())
+        await self._stop.wait()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await primary.close()
+        await standby.close()
+
+    def stop(self) -> None:
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+
+
+def test_training_goes_on_while_the_arbiter_is_down_and_serving_follows_a_failover(etcd, tmp_path):
+    """etcd down for 3 leases: pushes go on, nobody promotes. Then, etcd back and no push in
+    flight, the primary is killed: a serving follower goes on from the promoted standby at its
+    version (same incarnation, same update log), without a full resync, to the final rows."""
+    job = pair_job(etcd.endpoint, "arbiter-down")
+    pair = Pair(job, tmp_path)
+    client = PSClient.from_job(job, client_id="trainer-0")
+    data = np.random.default_rng(11)
+    reference = Shard(job, 0)
+    following = Following(job, "adam")
+    try:
+        etcd.stop()
+        ended = time.monotonic() + 3 * LEASE_S
+        step = 0
+        while time.monotonic() < ended:
+            step += 1
+            prepared = make_push(client, data, step)
+            client.send_push(prepared)
+            for _, request in prepared.calls:
+                reference.push_multi(request)
+        etcd.restart()
+        step += 1
+        prepared = make_push(client, data, step)
+        client.send_push(prepared)
+        for _, request in prepared.calls:
+            reference.push_multi(request)
+        print(f"{step} pushes, {step - 1} of them with etcd down")
+        assert step > 5
+        assert "PROMOTED" not in pair.log(1) and "deposed" not in pair.log(0)
+        assert_bit_equal(shard_state(job, job.shards[0].address, tmp_path.as_uri() + "/snaps", step), reference)
+
+        version = reference.tables["adam"].version
+        wait_until(lambda: following.replica.shards[0].version == version, "the follower at the primary's version")
+        os.kill(pair.primary.pid, signal.SIGKILL)
+        for _ in range(5):
+            step += 1
+            prepared = make_push(client, data, step)
+            client.send_push(prepared)
+            for _, request in prepared.calls:
+                reference.push_multi(request)
+        version = reference.tables["adam"].version
+        wait_until(lambda: following.replica.shards[0].version == version, "the follower at the new primary's")
+        keys, values = following.replica.shards[0].export()
+        want = reference.tables["adam"].export()
+        order = np.argsort(keys)
+        np.testing.assert_array_equal(keys[order], want.keys)
+        np.testing.assert_array_equal(values[order], want.values)
+        assert following.follower.status.num_resyncs == 0, following.follower.status
+    finally:
+        following.stop()
+        if etcd.proc.poll() is not None:
+            etcd.restart()
+        client.close()
+        pair.stop()
+
+
+def test_job_config_standby_needs_an_arbiter():
+    from ps.job_config import parse_job_config
+
+    doc = {"job": "j", "shards": [{"address": "127.0.0.1:1", "standby": "127.0.0.1:2"}], "tables": {"t": {"dim": 4}}}
+    with pytest.raises(ValueError, match=r"shards\[0\]\.standby: a standby needs \[arbiter\]"):
+        parse_job_config(doc)
+    doc["shards"][0]["standby"] = "127.0.0.1:1"
+    doc["arbiter"] = {"endpoints": "http://127.0.0.1:2379"}
+    with pytest.raises(ValueError, match=r"shards\[0\]\.standby: '127.0.0.1:1' is also shards\[0\]\.address"):
+        parse_job_config(doc)
+    doc["shards"][0]["standby"] = "127.0.0.1:2"
+    doc["arbiter"] = {"endpoints": "127.0.0.1:2379"}
+    with pytest.raises(ValueError, match=r"arbiter\.endpoints: '127.0.0.1:2379' must start with http://"):
+        parse_job_config(doc)
+    doc["arbiter"] = {"endpoints": "http://127.0.0.1:2379", "lease_seconds": 0}
+    with pytest.raises(ValueError, match=r"arbiter\.lease_seconds: must be in \[1, 3600\], got 0"):
+        parse_job_config(doc)
+    parsed = parse_job_config({**doc, "arbiter": {"endpoints": "http://127.0.0.1:2379"}})
+    assert parsed.shards[0].addresses() == ["127.0.0.1:1", "127.0.0.1:2"]
