@@ -8,6 +8,10 @@ Each rate is printed next to the raw `torch.index_select` gather of the same row
 The precision part fills a float32, a float16 and an int8 table (TableConfig.storage) with the
 same rows and reports each one's bytes per row, lookup and row-wise Adagrad rates as ratios to
 the float32 table's, measured in interleaved rounds of the same run, in the thread's CPU time.
+
+Table lookups are also timed with the table's key->row map swapped for the former single-array
+map (FlatHashMap, csrc/flat_hash_map.h) holding the same pairs, in interleaved rounds: the same
+rows, store and gather, so the ratio is what the sub-mapped map costs or saves a lookup.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from bench.fbgemm_rates import fbgemm_cpu_rates
 from bench.keys import ZipfSampler, key_of_rank
 from bench.machine import machine_facts
 from bench.table_growth import GrowthConfig, print_growth, run_growth
-from ps.native import HashMap
+from ps.native import FlatHashMap, HashMap
 from ps.table.config import OptimizerConfig, OptimizerKind, Storage, TableConfig
 from ps.table.embedding_table import EmbeddingTable
 
@@ -104,6 +108,7 @@ def run_table_bench(config: TableBenchConfig) -> int:
         "zipf": [zipf.ranks(batch) for _ in range(config.batches)],
     }
     grads = np.random.default_rng(2).normal(size=(batch, dim)).astype(np.float32) * 1e-3
+    flat_finder = _FlatFinder(table)
     for name, rank_batches in streams.items():
         key_batches = [key_of_rank(r) for r in rank_batches]
         index_batches = [torch.from_numpy(r) for r in rank_batches]
@@ -122,6 +127,7 @@ def run_table_bench(config: TableBenchConfig) -> int:
             "raw_index_select_rows_per_s": gather,
             "lookup_rows_per_s": lookup,
             "lookup_vs_raw_gather": lookup / gather,
+            "lookup_vs_single_array_map": _lookup_vs_flat_map(table, flat_finder, key_batches, name),
             "rowwise_adagrad_rows_per_s": update,
             "unique_key_fraction": unique,
         }
@@ -149,6 +155,49 @@ def run_table_bench(config: TableBenchConfig) -> int:
     return 0
 
 
+class _FlatFinder:
+    """The table's key->row pairs in the former single-array map, with the table map's `find`."""
+
+    def __init__(self, table: EmbeddingTable) -> None:
+        keys, rows = table._map.export()
+        keys = keys[np.argsort(rows)]  # inserted in row order, the flat map hands out the same rows
+        self.map = FlatHashMap()  # grown by its own schedule, as the former tables grew it
+        got = np.empty(keys.shape[0], np.int64)
+        self.map.find_or_insert(keys, got, np.empty(keys.shape[0], np.uint8))
+        if not np.array_equal(got, np.arange(keys.shape[0])):
+            raise RuntimeError("the single-array map did not hand out the table's rows")
+
+    def find(self, keys: np.ndarray) -> np.ndarray:
+        rows = np.empty(keys.shape[0], np.int64)
+        self.map.find(keys, rows)
+        return rows
+
+
+LOOKUP_ROUNDS = 7
+
+
+def _lookup_vs_flat_map(table: EmbeddingTable, flat: _FlatFinder, batches: list[np.ndarray],
+                        desc: str) -> dict[str, object]:
+    """Lookup rates with the table's map and with the single-array map (same pairs), in
+    LOOKUP_ROUNDS interleaved rounds; the median of the rounds' ratios."""
+    own = table._map
+    rates: dict[str, list[float]] = {"sub_maps": [], "flat": []}
+    try:
+        for r in tqdm(range(LOOKUP_ROUNDS), desc=f"lookup {desc}: sub-maps vs single-array map", unit="round"):
+            for name in ("sub_maps", "flat") if r % 2 else ("flat", "sub_maps"):
+                table._map = own if name == "sub_maps" else flat
+                rates[name].append(_rate(table.lookup, batches))
+    finally:
+        table._map = own
+    ratios = np.array(rates["sub_maps"]) / np.array(rates["flat"])
+    return {
+        "sub_maps_rows_per_s": float(np.median(rates["sub_maps"])),
+        "flat_rows_per_s": float(np.median(rates["flat"])),
+        "ratio": float(np.median(ratios)),
+        "ratio_rounds": [round(float(x), 3) for x in ratios],
+    }
+
+
 def _print(r: dict) -> None:
     m = 1e6
     print(f"hash map insert (new keys, batch)   {r['hash_insert_new_keys_per_s'] / m:8.2f} M keys/s")
@@ -165,6 +214,12 @@ def _print(r: dict) -> None:
             f"lookup {s['lookup_rows_per_s'] / m:6.2f} M rows/s ({s['lookup_vs_raw_gather']:.0%} of raw) | "
             f"rowwise adagrad {s['rowwise_adagrad_rows_per_s'] / m:6.2f} M rows/s "
             f"(unique keys {s['unique_key_fraction']:.0%})"
+        )
+        v = s["lookup_vs_single_array_map"]
+        print(
+            f"         lookup with the single-array map's find instead: {v['flat_rows_per_s'] / m:6.2f} M rows/s, "
+            f"sub-maps {v['sub_maps_rows_per_s'] / m:6.2f} M rows/s ({v['ratio']:.2f}x, median of "
+            f"{len(v['ratio_rounds'])} interleaved rounds: {v['ratio_rounds']})"
         )
     print(
         f"table memory {r['table_memory_bytes'] / 2**30:.2f} GiB, {r['table_bytes_per_row']:.1f} bytes/row "

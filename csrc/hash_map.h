@@ -38,6 +38,8 @@
 #include <thread>
 #include <vector>
 
+#include "slot_arena.h"
+
 namespace embps {
 
 inline uint64_t mix64(uint64_t x) {
@@ -105,7 +107,8 @@ class HashMap {
   uint64_t rehashed() const { return rehashed_.load(std::memory_order_relaxed); }
   uint64_t memory_bytes() const {
     return capacity() * sizeof(Slot) + arrays_.load(std::memory_order_relaxed) * sizeof(SlotArray) +
-           free_bytes_.load(std::memory_order_relaxed) + num_subs_ * (sizeof(SubMap) + sizeof(Tally)) + sizeof(*this);
+           free_bytes_.load(std::memory_order_relaxed) + arena_overhead_.load(std::memory_order_relaxed) +
+           num_subs_ * (sizeof(SubMap) + sizeof(Tally)) + sizeof(*this);
   }
 
   // rows[i] = row of keys[i], or -1 when absent. Lock-free: safe while another thread writes.
@@ -237,6 +240,7 @@ class HashMap {
  private:
   struct SlotArray {
     uint64_t capacity;
+    SlotArena::Chunk* chunk;  // nullptr: from operator new
     Slot* slots() { return reinterpret_cast<Slot*>(this + 1); }
     const Slot* slots() const { return reinterpret_cast<const Slot*>(this + 1); }
   };
@@ -328,16 +332,27 @@ class HashMap {
   // The one array of every empty sub-map: capacity 1, its slot empty, never written (an insert
   // grows first, as 1 > kMaxLoad * 1) and never freed.
   static SlotArray* empty_array() {
-    static SlotArray* const empty = [] {
-      SlotArray* a = allocate_array(1);
-      return a;
-    }();
+    static SlotArray* const empty = init_array(::operator new(sizeof(SlotArray) + sizeof(Slot)), 1, nullptr);
     return empty;
   }
 
-  static SlotArray* allocate_array(uint64_t capacity) {
-    void* mem = ::operator new(sizeof(SlotArray) + capacity * sizeof(Slot));
-    SlotArray* a = new (mem) SlotArray{capacity};
+  // Arrays of SlotArena::kMinBytes and more come from the arena (packed, on huge pages).
+  SlotArray* allocate_array(uint64_t capacity) {
+    const size_t bytes = sizeof(SlotArray) + capacity * sizeof(Slot);
+    SlotArray* a;
+    if (bytes < SlotArena::kMinBytes) {
+      a = init_array(::operator new(bytes), capacity, nullptr);
+    } else {
+      SlotArena::Chunk* chunk = nullptr;
+      void* mem = arena_.allocate(bytes, &chunk);
+      a = init_array(mem, capacity, chunk);
+      arena_overhead_.store(arena_.overhead_bytes(), std::memory_order_relaxed);
+    }
+    return a;
+  }
+
+  static SlotArray* init_array(void* mem, uint64_t capacity, SlotArena::Chunk* chunk) {
+    SlotArray* a = new (mem) SlotArray{capacity, chunk};
     Slot* slots = a->slots();
     for (uint64_t i = 0; i < capacity; ++i) {
       slots[i].key = 0;
@@ -350,7 +365,12 @@ class HashMap {
     if (a == nullptr || a == empty_array()) return;
     capacity_.fetch_sub(a->capacity, std::memory_order_relaxed);
     arrays_.fetch_sub(1, std::memory_order_relaxed);
-    ::operator delete(a);
+    if (a->chunk == nullptr) {
+      ::operator delete(a);
+      return;
+    }
+    arena_.free(a, sizeof(SlotArray) + a->capacity * sizeof(Slot), a->chunk);
+    arena_overhead_.store(arena_.overhead_bytes(), std::memory_order_relaxed);
   }
 
   // Waits until every reader that could hold an array replaced before this call has left.
@@ -513,6 +533,8 @@ class HashMap {
     return fresh;
   }
 
+  SlotArena arena_;  // writer only
+  std::atomic<uint64_t> arena_overhead_{0};
   std::unique_ptr<SubMap[]> subs_;
   std::unique_ptr<Tally[]> tallies_;
   uint64_t num_subs_ = 0;

@@ -240,3 +240,21 @@ def test_lookups_beside_erase_and_clear_give_the_row_or_absent():
         done.set()
         thread.join()
     assert not failures, failures[:3]
+
+
+def test_large_sub_map_arrays_live_in_the_arena_and_clear_gives_its_memory_back():
+    """With 4 sub-maps, 400k keys make arrays of ~1 MB: they come from the huge-page arena
+    (csrc/slot_arena.h) and grow there; every key keeps its row across that growth, and clear
+    unmaps the chunks (memory_bytes counts them, so it drops back to the empty map's)."""
+    table = HashMap(sub_maps=4)
+    empty_bytes = table.memory_bytes
+    keys = np.random.default_rng(11).integers(INT64_MIN, INT64_MAX, size=400_000, dtype=np.int64)
+    rows, _ = table.find_or_insert(keys)
+    np.testing.assert_array_equal(table.find(keys), rows)
+    assert table.memory_bytes > 400_000 * 12
+    table.erase(keys[::2])
+    np.testing.assert_array_equal(table.find(keys[1::2]), rows[1::2])
+    table.clear()
+    assert table.memory_bytes < empty_bytes + 4096
+    again, _ = table.find_or_insert(keys)
+    assert sorted(again.tolist()) == list(range(keys.shape[0]))
