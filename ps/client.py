@@ -218,6 +218,7 @@ class PSClient:
         self._max_backoff = 1.0
         self._retry_codes = _RETRY_CODES
         self._paired = any(len(pair) == 2 for pair in self._pairs)
+        self._epochs = [0] * len(self._pairs)  # the newest epoch each paired shard's replies carried
         if self._paired:
             # A failover takes about a lease; the other address answers (or refuses) at once, so
             # retries stay frequent to meet the new primary soon, and the deadline bounds them.
@@ -566,12 +567,25 @@ class PSClient:
         shard, request = call
         stub = self._stubs[shard]
         try:
-            return getattr(stub, method)(request, timeout=max(timeout, 0.001))
+            if len(self._pairs[shard]) == 1:
+                return getattr(stub, method)(request, timeout=max(timeout, 0.001))
+            # A paired shard: the call carries the newest epoch seen of it, so a deposed primary
+            # that still believes in its lease refuses it (ps/shard/server.py check_call).
+            metadata = ((wire.EPOCH_METADATA_KEY, str(self._epochs[shard])),)
+            reply, rpc = getattr(stub, method).with_call(request, timeout=max(timeout, 0.001), metadata=metadata)
+            self._note_epoch(shard, rpc)
+            return reply
         except grpc.RpcError as err:
             pair = self._pairs[shard]
             if len(pair) == 2 and err.code() in self._retry_codes and self._stubs[shard] is stub:
                 self._stubs[shard] = pair[1] if stub is pair[0] else pair[0]  # the other of the pair
             return err
+
+
+    def _note_epoch(self, shard: int, rpc: grpc.Call) -> None:
+        for key, value in rpc.trailing_metadata() or ():
+            if key == wire.EPOCH_METADATA_KEY and value.isdigit():
+                self._epochs[shard] = max(self._epochs[shard], int(value))
 
 
 def _offsets_of(sizes: list[int]) -> list[int]:

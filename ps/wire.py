@@ -24,6 +24,11 @@ _VALUE_DTYPES = {ps_pb2.DTYPE_UNSPECIFIED: VALUE_DTYPE, ps_pb2.FLOAT32: VALUE_DT
 _NATIVE_LITTLE = sys.byteorder == "little"
 
 
+# Call metadata (client -> paired shard) and reply trailing metadata (paired shard -> client): the
+# newest epoch of the shard's membership each side has seen (DESIGN.md section 10).
+EPOCH_METADATA_KEY = "embps-epoch"
+
+
 def encode_keys(keys: np.ndarray) -> bytes:
     """keys (n,) int64 -> n * 8 bytes, little-endian."""
     keys = np.asarray(keys)

@@ -59,6 +59,11 @@ class CallSite(abc.ABC):
         if self.draining:
             raise ShuttingDownError(f"{self.name} is shutting down")
 
+    def check_call(self, context: grpc.aio.ServicerContext) -> None:
+        """A unary call's metadata, before its method runs: raises to refuse the call; may set
+        trailing metadata. Nothing by default (a shard with a standby checks the epoch)."""
+        return None
+
     @abc.abstractmethod
     def table_label(self, request: Any | None) -> str:
         """The `table` label of a call's metrics; request is None when its bytes did not parse."""
@@ -125,6 +130,7 @@ def unary_call(method: str) -> Callable[[UnaryMethod], Callable]:
             call = _Call(self.call_site, method, request)
             try:
                 call.admit()
+                self.call_site.check_call(context)
                 reply = await fn(self, request)
             except Exception as exc:  # noqa: BLE001 - the one place errors become status codes
                 await context.abort(*call.end(exc))

@@ -174,6 +174,16 @@ class Replication:
             return  # etcd out of reach, but the standby still follows this epoch: nobody promoted
         raise NotPrimaryError(f"{self.describe()}: its lease is not renewed (arbiter out of reach); not answering")
 
+    def check_client_epoch(self, epoch: int) -> None:
+        """NotPrimaryError when a client has already seen a newer epoch of this shard than this
+        process's: the arbiter promoted the partner, so this process is deposed even if its own
+        lease looks valid to it (a paused process, a clock that jumped)."""
+        if epoch > self.epoch:
+            raise NotPrimaryError(
+                f"{self.describe()}: deposed, a client has seen epoch {epoch} of shard {self.shard.index}; "
+                "ask the other address"
+            )
+
     # -- primary -----------------------------------------------------------------------------
 
     async def start_primary(self) -> None:
@@ -582,4 +592,5 @@ def attach_replication(
     replication = Replication(servicer, arbiter, partner, State.STANDBY if standby else State.JOINING, registry)
     servicer.replication = replication
     servicer.call_site.fence = replication.check_serving
+    servicer.call_site.epoch_fence = (replication.check_client_epoch, lambda: replication.epoch)
     return replication

@@ -107,11 +107,25 @@ class ShardCallSite(CallSite):
         self.tables = shard.tables
         self.metrics = metrics
         self.fence: Callable[[], None] | None = None  # a shard with a standby: ps/shard/replication.py
+        # A shard with a standby: (raises unless this process's epoch is at least a client's, its epoch).
+        self.epoch_fence: tuple[Callable[[int], None], Callable[[], int]] | None = None
 
     def check_open(self) -> None:
         super().check_open()
         if self.fence is not None:
             self.fence()
+
+    def check_call(self, context: grpc.aio.ServicerContext) -> None:
+        """Every client call carries the newest epoch its client has seen (metadata wire.EPOCH_METADATA_KEY) and
+        every reply this process's epoch: a deposed primary refuses a client that has already met
+        its successor, whatever its own view of its lease (DESIGN.md section 10)."""
+        if self.epoch_fence is None:
+            return
+        check, epoch = self.epoch_fence
+        context.set_trailing_metadata(((wire.EPOCH_METADATA_KEY, str(epoch())),))
+        for key, value in context.invocation_metadata() or ():
+            if key == wire.EPOCH_METADATA_KEY:
+                check(int(value) if value.isdigit() else 0)
 
     def table_label(self, request) -> str:
         """The request's table; names the shard does not hold share one label, no table is ""."""

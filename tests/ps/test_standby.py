@@ -35,10 +35,11 @@ import numpy as np
 import pytest
 
 from bench.ports import free_ports
+from ps import wire
 from ps.client import PSClient
 from ps.job_config import ArbiterConfig, Deadlines, JobConfig, ShardConfig, dump_job_config
 from ps.process.children import stop as stop_pid
-from ps.rpc import snapshot_pb2, snapshot_pb2_grpc
+from ps.rpc import ps_pb2, ps_pb2_grpc, snapshot_pb2, snapshot_pb2_grpc
 from ps.shard.arbiter import Arbiter, Membership
 from ps.shard.replication import ROLE_VALUES
 from ps.shard.state import Shard
@@ -248,6 +249,17 @@ def test_sigkill_of_the_primary_fails_over_then_a_new_standby_catches_up_and_tak
             assert client.send_push(prepared).num_duplicates == len(prepared.calls)
         membership, _ = arbiter.read()
         assert (membership.primary, membership.epoch, membership.standby) == (job.shards[0].address, 3, "")
+        # Client calls carry the epoch: the client learnt epoch 3 from the replies, and a process
+        # refuses a call from a client that has seen a newer epoch than its own (a deposed primary
+        # that still trusts its lease: a paused process, a clock that jumped).
+        assert client._epochs == [3]
+        with grpc.insecure_channel(job.shards[0].address) as channel:
+            stub = ps_pb2_grpc.ParameterServerStub(channel)
+            _, rpc = stub.Stats.with_call(ps_pb2.StatsRequest(), metadata=((wire.EPOCH_METADATA_KEY, "3"),), timeout=10)
+            assert (wire.EPOCH_METADATA_KEY, "3") in tuple(rpc.trailing_metadata())
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Stats(ps_pb2.StatsRequest(), metadata=((wire.EPOCH_METADATA_KEY, "4"),), timeout=10)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "seen epoch 4" in info.value.details()
     finally:
         stop.set()
         client.close()
