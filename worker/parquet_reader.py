@@ -30,7 +30,9 @@ class ParquetReader(FileReader):
 
     Every rank reads every file's footer at start (to plan the units, and so a missing column
     or an unreadable object fails then), and decodes only its own row groups. Categorical
-    columns are read dictionary-encoded, so each distinct string is hashed once per chunk.
+    columns are read dictionary-encoded, so each distinct string is hashed once per chunk (in
+    C++, worker/features.py::hash_columns). With read-ahead on, pyarrow decodes the next record
+    batches (its threads, driven by a thread of ours) while this one is parsed.
 
     >>> reader = ParquetReader(["s3://bucket/criteo/day_*/part-*.parquet"], ReaderConfig(global_batch_size=4096), r, w)
     >>> for batch in reader: ...

@@ -76,7 +76,7 @@ class ReaderConfig:
     shuffle_files: bool = False  # a new file order every epoch (from seed and epoch)
     shuffle_buffer: int = 0  # rows held back and drawn at random (0: file order)
     range_bytes: int = 64 << 20  # TSV: size of the byte ranges ranks read (at most total / W)
-    prefetch_batches: int = 4  # batches made ahead in a background thread (0: none, no thread)
+    prefetch_batches: int = 4  # batches made ahead in a background thread, Parquet decoded in another (0: no thread)
     read_block_bytes: int = 1 << 20  # TSV: bytes parsed per block
     read_batch_rows: int = 65536  # Parquet: rows decoded per record batch
     bad_row_log_interval_s: float = 10.0  # at most one "skipped bad rows" log line per interval
