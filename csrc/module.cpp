@@ -16,6 +16,7 @@
 #include "row_codec.h"
 #include "multi_table.h"
 #include "row_ops.h"
+#include "string_hash_binding.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -368,6 +369,7 @@ NB_MODULE(_embps_native, m) {
         "rows"_a, "grads"_a, "counts"_a, "step"_a);
 
   bind_codec(m);
+  embps::bind_string_hash(m);  // categorical strings -> keys (csrc/string_hash.h)
 
   // Multi-table verbs (csrc/multi_table.h): one call, the GIL released once, for every table.
   m.def("lookup_multi",

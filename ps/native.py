@@ -263,3 +263,16 @@ def sum_by_table_key(
         offsets,
     )
     return unique[:u], sums[:u], offsets
+
+
+def hash_string_columns(columns: list[tuple], num_rows: int) -> np.ndarray:
+    """Categorical keys of F string columns in one call (csrc/string_hash.h) -> (num_rows, F) int64.
+
+    Each column is (feature, offsets, data, validity, validity_offset, indices, index_validity,
+    index_validity_offset): Arrow buffers as numpy arrays (see csrc/string_hash_binding.h), which
+    the C++ side checks (dtypes, lengths, offsets inside the data, indices inside the dictionary);
+    worker/features.py::hash_columns builds them from pyarrow arrays.
+    """
+    out = np.empty((num_rows, len(columns)), dtype=np.int64)
+    _native.hash_string_columns(columns, out)
+    return out

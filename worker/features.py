@@ -13,16 +13,22 @@ snapshots, so changing it orphans every trained row):
 feature are a bijection of the values and equal strings in different features get different
 keys. The only value that shares the missing key is the literal "ffffffffffffffff".
 
+The readers hash with `hash_columns` (C++, csrc/string_hash.h, straight from Arrow's buffers);
+`hash_categorical` is the same hash in numpy, kept as the reference the tests compare it with.
+
 Integer (count) features follow the DLRM convention: empty -> 0, then log(1 + max(x, 0)).
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
+from ps import native
 
 GOLDEN_GAMMA = 0x9E3779B97F4A7C15
 MISSING_VALUE = 0xFFFFFFFFFFFFFFFF
@@ -114,6 +120,81 @@ def hash_categorical(strings: pa.Array | pa.ChunkedArray, feature: int) -> np.nd
     return keys_from_values(values, feature)
 
 
+def hash_columns(columns: Sequence[pa.Array | pa.ChunkedArray], features: Sequence[int]) -> np.ndarray:
+    """Categorical columns -> keys (n, len(columns)) int64, column j hashed as feature features[j].
+
+    One native call for every column, the GIL released: the strings are read where pyarrow put
+    them (offsets + data buffers, no copy), and a dictionary column hashes its dictionary once and
+    gathers by index. The same keys as `hash_categorical`. Columns are strings, large strings or
+    dictionaries of them (string views are cast); nulls count as empty (missing).
+    """
+    if len(columns) != len(features):
+        raise ValueError(f"features: expected one per column ({len(columns)}), got {len(features)}")
+    arrays = [_single_array(column) for column in columns]
+    lengths = {len(array) for array in arrays}
+    if len(lengths) > 1:
+        raise ValueError(f"columns: must have the same length, got {sorted(lengths)}")
+    num_rows = lengths.pop() if lengths else 0
+    parts = []
+    for array, feature in zip(arrays, features, strict=True):
+        if feature < 0:
+            raise ValueError(f"feature: must be >= 0, got {feature}")
+        name = f"C{feature + 1}"
+        if pa.types.is_dictionary(array.type):
+            offsets, data, validity, validity_offset = _string_parts(_plain_strings(array.dictionary, name))
+            indices = array.indices
+            index_validity, index_validity_offset = _validity(indices)
+            index_type = indices.type
+            if not pa.types.is_signed_integer(index_type):
+                indices = indices.cast(pa.int64())
+                index_type = indices.type
+            width = index_type.bit_width // 8
+            values = np.frombuffer(
+                indices.buffers()[1], dtype=f"i{width}", count=len(indices), offset=indices.offset * width
+            )
+            parts.append(
+                (feature, offsets, data, validity, validity_offset, values, index_validity, index_validity_offset)
+            )
+        else:
+            offsets, data, validity, validity_offset = _string_parts(_plain_strings(array, name))
+            parts.append((feature, offsets, data, validity, validity_offset, None, None, 0))
+    return native.hash_string_columns(parts, num_rows)
+
+
+def _single_array(column: pa.Array | pa.ChunkedArray) -> pa.Array:
+    if isinstance(column, pa.ChunkedArray):
+        return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+    return column
+
+
+def _plain_strings(array: pa.Array, name: str) -> pa.Array:
+    """`array` as a string or large_string array (string views cast); TypeError naming the column otherwise."""
+    if pa.types.is_string(array.type) or pa.types.is_large_string(array.type):
+        return array
+    if pa.types.is_string_view(array.type):
+        return array.cast(pa.large_string())
+    raise TypeError(f"{name}: categorical columns must be strings, got {array.type}")
+
+
+def _validity(array: pa.Array) -> tuple[np.ndarray | None, int]:
+    """(validity bitmap bytes uint8 or None when no row is null, bit offset of row 0)."""
+    bitmap = array.buffers()[0]
+    if not array.null_count or bitmap is None:
+        return None, 0
+    return np.frombuffer(bitmap, dtype=np.uint8), array.offset
+
+
+def _string_parts(strings: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int]:
+    """A string array's (offsets (n + 1,) int32/int64 from its offset on, data uint8, validity, bit offset), no copy."""
+    offset_type = np.int64 if pa.types.is_large_string(strings.type) else np.int32
+    _, offsets_buf, data_buf = strings.buffers()
+    itemsize = np.dtype(offset_type).itemsize
+    offsets = np.frombuffer(offsets_buf, dtype=offset_type, count=len(strings) + 1, offset=strings.offset * itemsize)
+    data = np.frombuffer(data_buf, dtype=np.uint8) if data_buf is not None else np.zeros(0, np.uint8)
+    validity, validity_offset = _validity(strings)
+    return offsets, data, validity, validity_offset
+
+
 def _hex8_values(data: np.ndarray, starts: np.ndarray, contiguous: bool) -> tuple[np.ndarray, np.ndarray]:
     """Strings of 8 bytes at `starts` (m,) -> (int(s, 16) (m,) uint64, is_hex (m,) bool)."""
     m = starts.shape[0]
@@ -154,3 +235,34 @@ def _values(data: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.nda
 def transform_dense(counts: np.ndarray) -> np.ndarray:
     """DLRM's count transform: counts (...) float64 -> log(1 + max(x, 0)) (...) float32."""
     return np.log1p(np.maximum(np.asarray(counts, dtype=np.float64), 0.0)).astype(np.float32)
+
+
+_COUNT_TABLE_SIZE = 1 << 16
+_count_table: np.ndarray | None = None
+
+
+def transform_counts(counts: np.ndarray) -> np.ndarray:
+    """`transform_dense` of counts (n,) (integers, or floats), the same float32 values, faster.
+
+    Whole counts in [0, 65536) are looked up in a table that `transform_dense` itself filled
+    (a gather instead of a log1p per value); negatives give 0 as there; other values (large,
+    fractional, NaN) go through `transform_dense`.
+    """
+    global _count_table
+    if _count_table is None:
+        _count_table = transform_dense(np.arange(_COUNT_TABLE_SIZE, dtype=np.float64))
+    counts = np.asarray(counts)
+    if counts.dtype.kind in "iu":
+        index = np.clip(counts, 0, _COUNT_TABLE_SIZE - 1)
+        out = _count_table[index]
+        other = counts >= _COUNT_TABLE_SIZE
+    else:
+        counts = counts.astype(np.float64, copy=False)
+        with np.errstate(invalid="ignore"):
+            index = np.clip(counts, 0, _COUNT_TABLE_SIZE - 1).astype(np.intp)
+        np.clip(index, 0, _COUNT_TABLE_SIZE - 1, out=index)  # NaN cast to an integer: some index, fixed below
+        out = _count_table[index]
+        other = (index != counts) & ~(counts < 0)  # large, fractional or NaN: not a whole count below the size
+    if other.any():
+        out[other] = transform_dense(counts[other])
+    return out

@@ -10,15 +10,18 @@ file). A unit of work is one row group; `offset` in the state counts its rows co
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from worker.data_paths import DataFile, open_input
-from worker.readers import FileReader, _Rows
+from worker.prefetch import prefetched
+from worker.readers import FileReader, _Position, _Rows
 from worker.shares import Unit
+
+_DECODE_AHEAD = 2  # record batches decoded ahead of the parse (each up to read_batch_rows rows)
 
 
 class ParquetReader(FileReader):
@@ -27,7 +30,9 @@ class ParquetReader(FileReader):
 
     Every rank reads every file's footer at start (to plan the units, and so a missing column
     or an unreadable object fails then), and decodes only its own row groups. Categorical
-    columns are read dictionary-encoded, so each distinct string is hashed once per chunk.
+    columns are read dictionary-encoded, so each distinct string is hashed once per chunk (in
+    C++, worker/features.py::hash_columns). With read-ahead on, pyarrow decodes the next record
+    batches (its threads, driven by a thread of ours) while this one is parsed.
 
     >>> reader = ParquetReader(["s3://bucket/criteo/day_*/part-*.parquet"], ReaderConfig(global_batch_size=4096), r, w)
     >>> for batch in reader: ...
@@ -49,15 +54,42 @@ class ParquetReader(FileReader):
         return units
 
     def _read_unit(self, unit: Unit, start: int) -> Iterator[_Rows]:
+        for record_batch, next_offset, where in self._decode_unit(unit, start):
+            self.num_parsed += record_batch.num_rows
+            yield self._parse(record_batch, next_offset, where)
+
+    def _rows_from(self, start: _Position) -> Iterator[tuple[int, int, _Rows]]:
+        """With read-ahead on (`prefetch_batches` > 0), decoding runs in its own thread, up to
+        `_DECODE_AHEAD` record batches ahead and across row groups, beside the parse here."""
+        if not self.config.prefetch_batches:
+            yield from super()._rows_from(start)
+            return
+        decoded = prefetched(
+            (
+                (epoch, index, *part)
+                for epoch, index, unit, skip in self._tasks(start)
+                for part in self._decode_unit(unit, skip)
+            ),
+            _DECODE_AHEAD,
+            name="parquet-decode",
+        )
+        try:
+            for epoch, index, record_batch, next_offset, where in decoded:
+                self.num_parsed += record_batch.num_rows
+                yield epoch, index, self._parse(record_batch, next_offset, where)
+        finally:
+            decoded.close()
+
+    def _decode_unit(self, unit: Unit, start: int) -> Iterator[tuple[pa.RecordBatch, np.ndarray, Callable[[int], str]]]:
+        """Record batches of `unit` from row `start` on: (batch, next_offset (n,) int64, where(i))."""
         data_file = self.files[unit.file_index]
         path = data_file.name
         if start > unit.end:
             raise ValueError(f"state.offset: row group {unit.part} of {path} has {unit.end} rows, state says {start}")
         names = self.config.column_names
         sparse_names = [name for name in names if name.startswith("C")]
-        first_row = 0  # of the row group, for messages: rows before the group are not counted here
         with _open_parquet(data_file, sparse_names) as parquet:
-            first_row = sum(parquet.metadata.row_group(g).num_rows for g in range(unit.part))
+            first_row = sum(parquet.metadata.row_group(g).num_rows for g in range(unit.part))  # for messages
             row = 0
             for record_batch in parquet.iter_batches(
                 batch_size=self.config.read_batch_rows, row_groups=[unit.part], columns=names, use_threads=True
@@ -69,10 +101,9 @@ class ParquetReader(FileReader):
                 if skip:
                     record_batch = record_batch.slice(skip)
                     first += skip
-                self.num_parsed += record_batch.num_rows
                 next_offset = np.arange(first + 1, row + 1, dtype=np.int64)
                 base = first_row + first
-                yield self._parse(record_batch, next_offset, lambda i, base=base: f"{path}:row {base + i}")
+                yield record_batch, next_offset, lambda i, base=base: f"{path}:row {base + i}"
 
 
 class _open_parquet:  # noqa: N801 - used like open()

@@ -1,7 +1,8 @@
 """Runs a generator ahead in a background thread, through a bounded queue.
 
-The reader's whole pipeline (read, decode, parse, hash, shuffle, batch) runs in the thread, so
-the trainer finds the next batch ready; pyarrow and numpy release the GIL for most of it. At
+The reader's pipeline (read, parse, hash, shuffle, batch) runs in the thread, so the trainer
+finds the next batch ready; the Parquet reader decodes in a second one (worker/parquet_reader.py).
+pyarrow, numpy and the native hash release the GIL for most of it. At
 most `depth` items wait in the queue, so memory stays bounded. An exception in the thread is
 raised in the consumer after the items produced before it; closing the consumer stops the thread.
 """

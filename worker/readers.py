@@ -42,7 +42,7 @@ import pyarrow.compute as pc
 from ps.snapshot.storage import StorageConfig
 from worker.batch import Batch, check_rank
 from worker.data_paths import expand_paths
-from worker.features import hash_categorical, missing_key, transform_dense
+from worker.features import hash_columns, transform_counts
 from worker.prefetch import prefetched
 from worker.shares import Unit, epoch_units, rank_share
 
@@ -76,7 +76,7 @@ class ReaderConfig:
     shuffle_files: bool = False  # a new file order every epoch (from seed and epoch)
     shuffle_buffer: int = 0  # rows held back and drawn at random (0: file order)
     range_bytes: int = 64 << 20  # TSV: size of the byte ranges ranks read (at most total / W)
-    prefetch_batches: int = 4  # batches made ahead in a background thread (0: none, no thread)
+    prefetch_batches: int = 4  # batches made ahead in a background thread, Parquet decoded in another (0: no thread)
     read_block_bytes: int = 1 << 20  # TSV: bytes parsed per block
     read_batch_rows: int = 65536  # Parquet: rows decoded per record batch
     bad_row_log_interval_s: float = 10.0  # at most one "skipped bad rows" log line per interval
@@ -332,22 +332,21 @@ class FileReader(ABC):
                 rng = np.random.default_rng([cfg.seed, 0xB0F, self.rank, self.world_size, num_batches])
             return pool.draw(count, rng)
 
-        for epoch in range(start.epoch, cfg.epochs):
-            share = self.share(epoch)
-            first_unit = start.unit if epoch == start.epoch else 0
-            for index in range(first_unit, len(share)):
-                skip = start.offset if (epoch, index) == (start.epoch, start.unit) else 0
-                for rows in self._read_unit(share[index], skip):
-                    done = 0
-                    while done < len(rows):
-                        take = min(pool.num_free, len(rows) - done)
-                        pool.add(rows, done, done + take)
-                        done += take
-                        if pool.num_free == 0:
-                            batch = draw(size)
-                            num_batches += 1
-                            offset = int(rows.next_offset[done - 1])
-                            yield batch, _Position(epoch, index, offset, num_batches, pool.snapshot())
+        stream = self._rows_from(start)
+        try:
+            for epoch, index, rows in stream:
+                done = 0
+                while done < len(rows):
+                    take = min(pool.num_free, len(rows) - done)
+                    pool.add(rows, done, done + take)
+                    done += take
+                    if pool.num_free == 0:
+                        batch = draw(size)
+                        num_batches += 1
+                        offset = int(rows.next_offset[done - 1])
+                        yield batch, _Position(epoch, index, offset, num_batches, pool.snapshot())
+        finally:
+            stream.close()  # stops a read-ahead thread when the consumer stops early
         while int(pool.occupied.sum()) >= size:
             batch = draw(size)
             num_batches += 1
@@ -356,6 +355,21 @@ class FileReader(ABC):
             batch = draw(int(pool.occupied.sum()))
             num_batches += 1
             yield batch, _Position(cfg.epochs, 0, 0, num_batches, None)
+
+    def _tasks(self, start: _Position) -> Iterator[tuple[int, int, Unit, int]]:
+        """(epoch, index in the epoch's share, unit, offset to start at) of every unit from `start` on."""
+        for epoch in range(start.epoch, self.config.epochs):
+            share = self.share(epoch)
+            first_unit = start.unit if epoch == start.epoch else 0
+            for index in range(first_unit, len(share)):
+                skip = start.offset if (epoch, index) == (start.epoch, start.unit) else 0
+                yield epoch, index, share[index], skip
+
+    def _rows_from(self, start: _Position) -> Iterator[tuple[int, int, _Rows]]:
+        """(epoch, unit index, parsed rows) from `start` on, unit after unit (a reader may read ahead)."""
+        for epoch, index, unit, skip in self._tasks(start):
+            for rows in self._read_unit(unit, skip):
+                yield epoch, index, rows
 
     @abstractmethod
     def _plan(self) -> list[list[Unit]]:
@@ -384,49 +398,53 @@ class FileReader(ABC):
         label, label_bad = _to_float(table.column("label"), _FLOAT_PATTERN, empty_ok=False)
         _note(bad, reasons, label_bad, "label: not a number")
         _note(bad, reasons, (label < 0) | (label > 1), "label: must be in [0, 1] (a click probability)")
-        dense = np.zeros((n, cfg.num_dense), dtype=np.float64)
+        dense = np.empty((n, cfg.num_dense), dtype=np.float32)
         for i in range(cfg.num_dense):
             name = f"I{i + 1}"
-            dense[:, i], col_bad = _to_float(table.column(name), _INT_PATTERN, empty_ok=True)
-            _note(bad, reasons, col_bad, f"{name}: not an integer")
+            column = table.column(name)
+            counts = _integers(column)
+            if counts is None:
+                values, col_bad = _to_float(column, _INT_PATTERN, empty_ok=True)
+                _note(bad, reasons, col_bad, f"{name}: not an integer")
+                dense[:, i] = transform_counts(values)
+            else:
+                values, null = counts
+                dense[:, i] = transform_counts(values)
+                if null is not None:
+                    dense[null, i] = 0.0  # log1p(0): an empty count
         for row in np.flatnonzero(bad):
             self._bad_row(where(int(row)), reasons[int(row)])
-        good = np.flatnonzero(~bad)
+        sparse = hash_columns([table.column(f"C{f + 1}") for f in range(cfg.num_sparse)], range(cfg.num_sparse))
         if bad.any():
-            table = table.take(pa.array(good))
-        sparse = np.empty((good.shape[0], cfg.num_sparse), dtype=np.int64)
-        for f in range(cfg.num_sparse):
-            sparse[:, f] = _hash_column(table.column(f"C{f + 1}"), f)
-        return _Rows(
-            next_offset=next_offset[good],
-            dense=transform_dense(dense[good]),
-            sparse=sparse,
-            labels=label[good].astype(np.float32),
-        )
-
-
-def _hash_column(column: pa.Array | pa.ChunkedArray, feature: int) -> np.ndarray:
-    """Keys (n,) int64 of one categorical column; a dictionary column hashes its dictionary only."""
-    if isinstance(column, pa.ChunkedArray):
-        if column.num_chunks == 0:
-            return np.zeros(0, dtype=np.int64)
-        if column.num_chunks > 1:
-            return np.concatenate([_hash_column(chunk, feature) for chunk in column.chunks])
-        column = column.chunk(0)
-    if not pa.types.is_dictionary(column.type):
-        return hash_categorical(_as_strings(column, f"C{feature + 1}"), feature)
-    dictionary_keys = hash_categorical(_as_strings(column.dictionary, f"C{feature + 1}"), feature)
-    indices = column.indices
-    keys = dictionary_keys[np.asarray(pc.fill_null(indices, 0).to_numpy(zero_copy_only=False), dtype=np.int64)]
-    if column.null_count:
-        keys[np.asarray(column.is_null().to_numpy(zero_copy_only=False), dtype=bool)] = missing_key(feature)
-    return keys
+            good = np.flatnonzero(~bad)
+            return _Rows(next_offset[good], dense[good], sparse[good], label[good].astype(np.float32))
+        return _Rows(next_offset, dense, sparse, label.astype(np.float32))
 
 
 def _note(bad: np.ndarray, reasons: dict[int, str], col_bad: np.ndarray, reason: str) -> None:
     for row in np.flatnonzero(col_bad & ~bad):
         reasons[int(row)] = reason
     bad |= col_bad
+
+
+def _integers(column: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """An integer column's (values (n,), null (n,) bool or None), read in place; None for other types.
+
+    Values under a null are whatever the buffer holds: the caller overrides them."""
+    if isinstance(column, pa.ChunkedArray):
+        if column.num_chunks != 1:
+            return None
+        column = column.chunk(0)
+    if not pa.types.is_integer(column.type):
+        return None
+    n = len(column)
+    bitmap, data = column.buffers()
+    dtype = np.dtype(column.type.to_pandas_dtype())
+    values = np.frombuffer(data, dtype=dtype, count=n, offset=column.offset * dtype.itemsize)
+    if not column.null_count:
+        return values, None
+    bits = np.unpackbits(np.frombuffer(bitmap, dtype=np.uint8), count=column.offset + n, bitorder="little")
+    return values, bits[column.offset :] == 0
 
 
 def _to_float(column: pa.Array | pa.ChunkedArray, pattern: str, empty_ok: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -449,16 +467,6 @@ def _to_float(column: pa.Array | pa.ChunkedArray, pattern: str, empty_ok: bool) 
         bad = ~np.isfinite(values) | (null & (not empty_ok))
         return np.where(bad, 0.0, values), bad
     raise TypeError(f"number column of type {kind}: expected integer, floating point or string")
-
-
-def _as_strings(column: pa.Array | pa.ChunkedArray, name: str) -> pa.Array:
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
-    if pa.types.is_dictionary(column.type):
-        column = column.dictionary_decode()
-    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
-        raise TypeError(f"{name}: categorical columns must be strings, got {column.type}")
-    return column
 
 
 def line_reason(text: str, expected: int, actual: int) -> str:

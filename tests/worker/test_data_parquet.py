@@ -1,6 +1,8 @@
 """Parquet reader: the same rows as TSV give the same batches; resume across row groups; errors."""
 
+import dataclasses
 import json
+import threading
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -125,3 +127,29 @@ def test_missing_or_mistyped_columns_are_named(tmp_path):
     pq.write_table(table.set_column(table.schema.get_field_index("C2"), "C2", keys), tmp_path / "typed.parquet")
     with pytest.raises(TypeError, match=f"{tmp_path / 'typed.parquet'}: column C2"):
         list(ParquetReader([tmp_path / "typed.parquet"], config()))
+
+
+def test_decoding_ahead_in_a_thread_gives_the_same_batches_and_stops_with_the_reader(tmp_path):
+    sample = write_criteo_sample(tmp_path / "day.tsv", 230, num_bad_rows=0, seed=11)
+    path = write_parquet(tmp_path / "day.parquet", sample.good_rows, row_group_size=30)
+
+    def read(prefetch_batches: int) -> tuple[list, int]:
+        cfg = config(global_batch_size=24, epochs=2, shuffle_files=True, shuffle_buffer=40)
+        reader = ParquetReader([path], dataclasses.replace(cfg, prefetch_batches=prefetch_batches))
+        return [(batch, reader.state()) for batch in reader], reader.num_parsed
+
+    inline, parsed_inline = read(0)  # no thread: decode and parse in turn
+    ahead, parsed_ahead = read(3)  # decoding in its own thread, across row groups and epochs
+    assert parsed_inline == parsed_ahead == 460
+    assert [state for _, state in ahead] == [state for _, state in inline]
+    for (a, _), (b, _) in zip(ahead, inline, strict=True):
+        assert_batches_equal(a, b)
+
+    def decoding() -> bool:
+        return any(t.name == "parquet-decode-prefetch" for t in threading.enumerate())
+
+    iterator = iter(ParquetReader([path], config(global_batch_size=24, epochs=4)))
+    next(iterator)
+    assert decoding()  # 920 rows: the threads hold at most 4 batches + 3 record batches ahead
+    iterator.close()  # joins the batch thread, which closes the decoding one
+    assert not decoding()
