@@ -41,8 +41,9 @@ async def follow_committed(follower, cut: ModelCut, with_dense: bool) -> None:
     storage = "float32"
     async for batch in follower.stub.Subscribe(request):
         follower.mark_message()
-        if batch.reset:
+        if batch.reset:  # a full copy: from the process that sends it, whichever the tail came from
             building = ShardRows(follower.replica.dim, follower.replica.dtype)
+            incarnation = batch.incarnation
         elif range_start and batch.from_version != position:
             raise StreamGapError(f"range ({batch.from_version}, {batch.to_version}] does not follow version {position}")
         range_start = batch.last

@@ -262,6 +262,12 @@ class LookupClient:
     def start(self) -> None:
         self._thread.start()
 
+    def serving_rows_of_every_shard(self, expected: int) -> bool:
+        """Whether replies have shown rows of a shard process (an incarnation) for `expected`
+        (replica, table, shard) triples."""
+        latest = [seen[-1][1] for seen in list(self.incarnations.values())]
+        return len(latest) == expected and all(latest)
+
     def stop(self) -> None:
         """Stops the lookups (idempotent)."""
         self._stop.set()
@@ -407,6 +413,11 @@ def test_sigkill_of_a_child_is_restarted_and_the_job_ends_as_if_undisturbed(tmp_
     try:
         wait_until(lambda: replicas_serving(job), proc, log, "serving replicas")
         client.start()
+        if kind != "serving":
+            # Replicas show rows at a committed step (consistency = "step"): before the kill, every
+            # one must serve the first shards' rows, or a resync from the restarted ones proves nothing.
+            wait_until(lambda: client.serving_rows_of_every_shard(2 * 2 * len(job.replicas)), proc, log,
+                       "every replica serving rows of every shard")
         before = kill_at_random_moment(job, proc, log, rng)
         victim = rng.choice(children_of_kind(proc.pid, kind))
         index = index_of(victim, kind, job)

@@ -83,7 +83,7 @@ def test_a_corrupt_newest_snapshot_falls_back_to_the_previous_complete_one(tmp_p
     data[len(data) // 2] ^= 0xFF  # one flipped byte: same size, another checksum
     rows.write_bytes(bytes(data))
     out = tmp_path / "out"
-    shards, step = launcher._start_restorable_shards(job, out, 20)
+    (shards, standbys), step = launcher._start_restorable_shards(job, out, 20)
     try:
         assert step == 10
         printed = capsys.readouterr().out
