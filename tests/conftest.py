@@ -16,6 +16,7 @@ import subprocess
 import pytest
 from hypothesis import settings
 
+from tests.helpers.etcd import start_etcd
 from tests.helpers.in_process import InProcessShards
 from tests.helpers.processes import ShardCluster
 from tests.helpers.s3_server import S3Bucket, S3Server
@@ -109,6 +110,17 @@ def start_shards():
     yield start
     for shards in started:
         shards.stop()
+
+
+@pytest.fixture(scope="module")
+def etcd(tmp_path_factory):
+    """A real etcd on free loopback ports, one per test module (tests/helpers/etcd.py), stopped by
+    pid; skips the test where etcd is not installed (Debian `etcd-server`, make system-tools)."""
+    server = start_etcd(tmp_path_factory.mktemp("etcd"))
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -44,7 +44,6 @@ from tests.faults.test_kill import (
     start_launch,
     wait_until,
 )
-from tests.helpers.etcd import start_etcd
 from tests.helpers.processes import make_job
 from tests.worker.training_jobs import training_toml
 
@@ -106,15 +105,6 @@ def run(job: _Job, log: Path, victim=None) -> str:
         raise
     assert proc.returncode == 0, output[-4000:]
     return output
-
-
-@pytest.fixture(scope="module")
-def etcd(tmp_path_factory):
-    server = start_etcd(tmp_path_factory.mktemp("etcd"))
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")

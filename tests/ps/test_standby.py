@@ -48,7 +48,6 @@ from ps.table.config import AdmissionConfig, AdmissionKind, EvictionConfig, Opti
 from serving.follower import ShardFollower
 from serving.metrics import ServingMetrics
 from serving.store import TableReplica
-from tests.helpers.etcd import start_etcd
 from tests.helpers.processes import start_shard, wait_serving
 from tests.helpers.waiting import wait_until
 
@@ -160,15 +159,6 @@ def assert_bit_equal(got: dict, reference: Shard) -> None:
         for field in ("keys", "values", "optimizer_state", "freq", "last_step", "pending_keys", "pending_counts"):
             np.testing.assert_array_equal(getattr(state, field), getattr(want, field), err_msg=f"{name}.{field}")
         assert (state.version, state.step) == (want.version, want.step), name
-
-
-@pytest.fixture(scope="module")
-def etcd(tmp_path_factory):
-    server = start_etcd(tmp_path_factory.mktemp("etcd"))
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def test_sigkill_of_the_primary_fails_over_then_a_new_standby_catches_up_and_takes_over_too(etcd, tmp_path):
