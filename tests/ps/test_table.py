@@ -375,12 +375,12 @@ def test_evicting_push_into_a_full_2m_row_table_reads_no_whole_table():
     seconds = []
     for i in range(21):
         keys = np.arange(n + 100 * i, n + 100 * (i + 1), dtype=np.int64)
-        start = time.perf_counter()
+        start = time.process_time()  # CPU time: a whole-table pass costs it, a busy machine does not
         result = table.apply_gradients(keys, np.zeros((100, 4), np.float32), step=10 + i)
-        seconds.append(time.perf_counter() - start)
+        seconds.append(time.process_time() - start)
         assert table.size == n and result.evicted_keys.shape[0] == 100
         assert np.isin(result.evicted_keys, old).all()  # sampled, yet from the oldest rows
-    assert np.median(seconds[1:]) < 0.010, f"median evicting push {np.median(seconds[1:]) * 1e3:.1f} ms"
+    assert np.median(seconds[1:]) < 0.010, f"median evicting push {np.median(seconds[1:]) * 1e3:.1f} ms of CPU"
 
 
 def test_ttl_sweep_of_a_large_table_evicts_within_passes():
