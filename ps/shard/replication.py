@@ -61,6 +61,7 @@ from ps.shard.update_log import UpdateLog
 
 log = logging.getLogger("embps.ps")
 
+_REPLICATE_METHOD = "/{}/Replicate".format(replication_pb2.DESCRIPTOR.services_by_name["Replication"].full_name)
 ROLE_VALUES = {"standby": 0, "joining": 1, "sync": 2, "lost": 3, "alone": 4, "deposed": 5, "copying": 6, "catching": 7}
 CATCH_UP_PATIENCE_S = 60.0  # a standby loading a copied state acks nothing meanwhile
 _CHANNEL_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
@@ -125,6 +126,7 @@ class Replication:
         self._progress = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._applied = 0  # as a standby: last applied sequence of the current stream
+        self._gauges_due = 0.0
         self._promoting = False
         self._queueing = False  # forward() queues pushes for the standby
         self._catch_up_to = 0  # CATCHING: the standby holds every acknowledged push once it acked this
@@ -146,6 +148,7 @@ class Replication:
 
     def _set_state(self, state: State) -> None:
         self.state = state
+        self.servicer.gauges_each_push = state is not State.STANDBY
         self.metrics.role.labels(self.metrics.shard).set(ROLE_VALUES[state.value])
         self.metrics.epoch.labels(self.metrics.shard).set(self.epoch)
         self._changed()
@@ -263,7 +266,7 @@ class Replication:
         while self.state is not State.DEPOSED:
             channel = grpc.aio.insecure_channel(self.partner, options=_CHANNEL_OPTIONS)
             try:
-                await self._stream(replication_pb2_grpc.ReplicationStub(channel))
+                await self._stream(channel)
             except Exception as exc:  # noqa: BLE001 - whatever broke the stream, the standby is out
                 if self.state in (State.SYNC, State.CATCHING, State.COPYING):
                     log.warning("%s: standby %s lost (%s)", self.describe(), self.partner, _short(exc))
@@ -280,16 +283,19 @@ class Replication:
             else:
                 await asyncio.sleep(self.ttl)
 
-    async def _stream(self, stub) -> None:
-        """One stream to the partner: handshake, state copy when needed, then pushes until it breaks."""
-        call = stub.Replicate()
+    async def _stream(self, channel) -> None:
+        """One stream to the partner: handshake, state copy when needed, then pushes until it breaks.
+        Its messages go as bytes: pushes are serialised where they are forwarded, off the loop."""
+        call = channel.stream_stream(
+            _REPLICATE_METHOD, request_serializer=None, response_deserializer=replication_pb2.ReplicateAck.FromString
+        )()
         try:
             versions = [replication_pb2.TableVersion(table=n, version=t.version) for n, t in self.shard.tables.items()]
             hello = replication_pb2.ReplicateRequest(
                 epoch=self.epoch, sequence=self._sequence, incarnation=self.shard.incarnation, shard=self.shard.index,
                 versions=versions,
             )
-            await call.write(hello)
+            await call.write(hello.SerializeToString())
             ack = await asyncio.wait_for(call.read(), 2 * self.ttl)
             if ack is grpc.aio.EOF:
                 raise ConnectionError("the standby ended the stream")
@@ -305,6 +311,7 @@ class Replication:
             self._catch_up_to = self._sequence
             self._set_state(State.CATCHING)
             reader = asyncio.ensure_future(self._read_acks(call))
+            reader.add_done_callback(lambda _: self._wake.set())
             try:
                 await self._send(call, reader)
             finally:
@@ -325,12 +332,13 @@ class Replication:
             for i, piece in enumerate(pieces):
                 await call.write(replication_pb2.ReplicateRequest(
                     epoch=self.epoch, method="TableState", table=name, state=piece, last=i == len(pieces) - 1,
-                ))
+                ).SerializeToString())
             copied += len(data)
-        await call.write(replication_pb2.ReplicateRequest(epoch=self.epoch, method="Ledger", state=ledger))
+        await call.write(replication_pb2.ReplicateRequest(epoch=self.epoch, method="Ledger", state=ledger)
+                         .SerializeToString())
         await call.write(replication_pb2.ReplicateRequest(
             epoch=self.epoch, method="StateDone", sequence=base, incarnation=self.shard.incarnation,
-        ))
+        ).SerializeToString())
         self._acked = base
         self._last_ack = time.monotonic()
         log.info("%s: state sent (%.1f MiB); the standby catches up on the pushes since", self.describe(),
@@ -349,14 +357,17 @@ class Replication:
 
     async def _send(self, call, reader: asyncio.Future) -> None:
         heartbeat = replication_pb2.ReplicateRequest(epoch=self.epoch, sequence=0, shard=self.shard.index)
+        heartbeat = heartbeat.SerializeToString()
         while self.state in (State.SYNC, State.CATCHING) and not reader.done():
             if self._diverged:
                 raise DivergedError(self._diverged)
             while self._queue:
                 await call.write(self._queue.popleft())
-            wake = asyncio.ensure_future(self._wake.wait())
-            await asyncio.wait({wake, reader}, timeout=self.ttl / 8, return_when=asyncio.FIRST_COMPLETED)
-            wake.cancel()
+            try:
+                async with asyncio.timeout(self.ttl / 8):
+                    await self._wake.wait()  # a forwarded message, or the reader ended (its done callback)
+            except TimeoutError:
+                pass
             woken = self._wake.is_set()
             self._wake.clear()
             if not woken and not self._queue and not reader.done():
@@ -470,7 +481,7 @@ class Replication:
             replication_pb2.ReplicateRequest(
                 epoch=self.epoch, sequence=self._sequence, method=method, request=request.SerializeToString(),
                 sealed_tables=sealed_tables,
-            )
+            ).SerializeToString()
         )
         self.loop.call_soon_threadsafe(self._wake.set)
         return self._sequence
@@ -496,7 +507,8 @@ class Replication:
                 self.check_serving()  # cut off from the standby and the arbiter: it may have promoted
             progress = self._progress
             try:
-                await asyncio.wait_for(progress.wait(), self.ttl / 4)
+                async with asyncio.timeout(self.ttl / 4):
+                    await progress.wait()
             except TimeoutError:
                 continue
 
@@ -545,8 +557,11 @@ class Replication:
                     grpc.StatusCode.FAILED_PRECONDITION,
                     f"{self.describe()}: message {message.sequence} after {self._applied}: a gap",
                 )
-            answer, error = await self.servicer.run_call(lambda m=message: self._apply(m), len(message.request))
+            answer, error = await self.servicer.run_call(lambda m=message: self._apply(m), message.ByteSize())
             self._applied = message.sequence
+            if time.monotonic() >= self._gauges_due:  # a standby refreshes its table gauges once a second
+                self._gauges_due = time.monotonic() + 1.0
+                await self.servicer.run_call(self.servicer.observe_pushed, 0)
             yield replication_pb2.ReplicateAck(sequence=self._applied, epoch=self.epoch, answer=answer, error=error)
 
     async def _hello(self, hello, context) -> replication_pb2.ReplicateAck:

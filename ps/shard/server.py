@@ -173,6 +173,9 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         self.metrics = metrics
         self.call_site = ShardCallSite(shard, metrics)
         self.replication = None  # ps/shard/replication.py, when the shard has a standby
+        # False on a standby: a push marks its tables' gauges stale, refreshed once a second.
+        self.gauges_each_push = True
+        self._stale_gauges: set[str] = set()
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="tables")
         self._offloaded = 0
         self.loop = asyncio.get_running_loop()
@@ -226,6 +229,19 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         self.metrics.observe_table(self.shard.tables[table], held)
         self.metrics.push_id_memory.labels(str(self.shard.index)).set(self.shard.ledger.num_bytes)
 
+    def _observe_pushed(self, tables) -> None:
+        if self.gauges_each_push:
+            for table in tables:
+                self.observe(table)
+        else:
+            self._stale_gauges.update(tables)
+
+    def observe_pushed(self) -> None:
+        """Refreshes the gauges of the tables pushed since the last refresh (serialised by the caller)."""
+        stale, self._stale_gauges = self._stale_gauges, set()
+        for table in stale:
+            self.observe(table)
+
     def notify(self, table: str) -> None:
         """Wakes the Subscribe streams of `table` (call on the event loop)."""
         event = self._changed[table]
@@ -270,8 +286,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         if response.duplicate:
             for table in request.tables:
                 self.metrics.duplicate_pushes.labels(self.call_site.table_name_label(table)).inc()
-        for table in changed:
-            self.observe(table)
+        self._observe_pushed(changed)
         if changed:
             self.loop.call_soon_threadsafe(self.notify_many, changed)
         return response
@@ -334,12 +349,13 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         if response.duplicate:
             self.metrics.duplicate_pushes.labels(request.table).inc()
         else:
-            self.observe(request.table)
+            self._observe_pushed((request.table,))
             self.loop.call_soon_threadsafe(self.notify, request.table)
         return response
 
     @_tables_call("Stats")
     def Stats(self, request: ps_pb2.StatsRequest) -> ps_pb2.StatsResponse:
+        self._stale_gauges.clear()
         for name in self.shard.tables:
             self.observe(name)
         return self.shard.stats()
