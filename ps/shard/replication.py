@@ -45,6 +45,7 @@ import functools
 import logging
 import os
 import signal
+import threading
 import time
 from collections.abc import AsyncIterator
 
@@ -114,6 +115,7 @@ class Replication:
         self.primary_address = ""  # as a standby: who feeds it
         self.serve_after = 0.0
         self.loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         self._sequence = 0  # last forwarded
         self._acked = 0
         self._last_ack = 0.0
@@ -131,6 +133,8 @@ class Replication:
         self._queueing = False  # forward() queues pushes for the standby
         self._catch_up_to = 0  # CATCHING: the standby holds every acknowledged push once it acked this
         self._diverged = ""  # why the standby's answers stopped matching (breaks the stream until a copy)
+        self._written = 0  # the last message handed to gRPC
+        self._sent = threading.Condition()  # the tables thread waits on it for its message to go out
         self._set_state(state)
 
     # -- both roles ------------------------------------------------------------------------
@@ -149,6 +153,8 @@ class Replication:
     def _set_state(self, state: State) -> None:
         self.state = state
         self.servicer.gauges_each_push = state is not State.STANDBY
+        with self._sent:
+            self._sent.notify_all()  # a push waiting for its message to go out stops waiting if not SYNC
         self.metrics.role.labels(self.metrics.shard).set(ROLE_VALUES[state.value])
         self.metrics.epoch.labels(self.metrics.shard).set(self.epoch)
         self._changed()
@@ -362,7 +368,12 @@ class Replication:
             if self._diverged:
                 raise DivergedError(self._diverged)
             while self._queue:
-                await call.write(self._queue.popleft())
+                sequence, message = self._queue.popleft()
+                await call.write(message)
+                if sequence:
+                    with self._sent:
+                        self._written = sequence
+                        self._sent.notify_all()
             try:
                 async with asyncio.timeout(self.ttl / 8):
                     await self._wake.wait()  # a forwarded message, or the reader ended (its done callback)
@@ -477,14 +488,19 @@ class Replication:
         if not self._queueing:
             return 0
         self._sequence += 1
-        self._queue.append(
-            replication_pb2.ReplicateRequest(
-                epoch=self.epoch, sequence=self._sequence, method=method, request=request.SerializeToString(),
-                sealed_tables=sealed_tables,
-            ).SerializeToString()
-        )
+        sequence = self._sequence
+        self._queue.append((sequence, replication_pb2.ReplicateRequest(
+            epoch=self.epoch, sequence=sequence, method=method, request=request.SerializeToString(),
+            sealed_tables=sealed_tables,
+        ).SerializeToString()))
         self.loop.call_soon_threadsafe(self._wake.set)
-        return self._sequence
+        if self.state is State.SYNC and threading.get_ident() != self._loop_thread:
+            # On the tables thread: the standby starts applying this message as soon as it is sent,
+            # so it waits for that (bounded) rather than contend with the sending loop for the GIL.
+            with self._sent:
+                self._sent.wait_for(lambda: self._written >= sequence or self.state is not State.SYNC,
+                                    self.ttl / 4)
+        return sequence
 
     def answered(self, sequence: int, answer: bytes = b"", error: str = "") -> None:
         """This process's answer to forwarded message `sequence` (where it was applied, in order)."""
