@@ -15,37 +15,41 @@ class TableVersion(_message.Message):
     def __init__(self, table: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class ReplicateRequest(_message.Message):
-    __slots__ = ("epoch", "sequence", "method", "request", "response", "incarnation", "versions", "shard", "state", "table", "last")
+    __slots__ = ("epoch", "sequence", "method", "request", "incarnation", "versions", "shard", "state", "table", "last", "sealed_tables")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     REQUEST_FIELD_NUMBER: _ClassVar[int]
-    RESPONSE_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
     SHARD_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     TABLE_FIELD_NUMBER: _ClassVar[int]
     LAST_FIELD_NUMBER: _ClassVar[int]
+    SEALED_TABLES_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     sequence: int
     method: str
     request: bytes
-    response: bytes
     incarnation: int
     versions: _containers.RepeatedCompositeFieldContainer[TableVersion]
     shard: int
     state: bytes
     table: str
     last: bool
-    def __init__(self, epoch: _Optional[int] = ..., sequence: _Optional[int] = ..., method: _Optional[str] = ..., request: _Optional[bytes] = ..., response: _Optional[bytes] = ..., incarnation: _Optional[int] = ..., versions: _Optional[_Iterable[_Union[TableVersion, _Mapping]]] = ..., shard: _Optional[int] = ..., state: _Optional[bytes] = ..., table: _Optional[str] = ..., last: _Optional[bool] = ...) -> None: ...
+    sealed_tables: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, epoch: _Optional[int] = ..., sequence: _Optional[int] = ..., method: _Optional[str] = ..., request: _Optional[bytes] = ..., incarnation: _Optional[int] = ..., versions: _Optional[_Iterable[_Union[TableVersion, _Mapping]]] = ..., shard: _Optional[int] = ..., state: _Optional[bytes] = ..., table: _Optional[str] = ..., last: _Optional[bool] = ..., sealed_tables: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ReplicateAck(_message.Message):
-    __slots__ = ("sequence", "epoch", "needs_copy")
+    __slots__ = ("sequence", "epoch", "needs_copy", "answer", "error")
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     NEEDS_COPY_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
     sequence: int
     epoch: int
     needs_copy: bool
-    def __init__(self, sequence: _Optional[int] = ..., epoch: _Optional[int] = ..., needs_copy: _Optional[bool] = ...) -> None: ...
+    answer: bytes
+    error: str
+    def __init__(self, sequence: _Optional[int] = ..., epoch: _Optional[int] = ..., needs_copy: _Optional[bool] = ..., answer: _Optional[bytes] = ..., error: _Optional[str] = ...) -> None: ...

@@ -13,13 +13,18 @@ and by count, oldest first; a subscriber that needs a commit no longer held gets
 resyncs. A commit whose changes the update log had already forgotten is kept as incomplete: it
 marks the step, and only a subscriber already past it may continue. Rows are sealed only while
 a committed subscriber has been there in the last SEAL_IDLE_SECONDS: a job without replicas pays
-nothing per commit, and a replica that comes back later resyncs in full.
+nothing per commit, and a replica that comes back later resyncs in full. A shard's standby gets
+every commit over the replication stream with the tables its primary sealed (sealed_tables), and
+seals those: a replica that fails over to it goes on from its cut. A commit the standby missed
+(its primary died first) is covered by the next one: that range starts before the replica's cut,
+and a range that starts inside a commit is served whole (above).
 """
 
 from __future__ import annotations
 
 import time
 from collections import OrderedDict, deque
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -166,9 +171,17 @@ class DenseStates:
         return None
 
 
-def commit(shard, request: ps_pb2.CommitRequest) -> ps_pb2.CommitResponse:
+def sealing_tables(shard) -> tuple[str, ...]:
+    """The tables of `shard` whose commits seal rows now: a committed stream looked at them within
+    SEAL_IDLE_SECONDS."""
+    now = time.monotonic()
+    return tuple(name for name, c in shard.commits.items() if now - c.subscribed_at < SEAL_IDLE_SECONDS)
+
+
+def commit(shard, request: ps_pb2.CommitRequest, sealed_tables: Collection[str] | None = None) -> ps_pb2.CommitResponse:
     """Records step request.step on every table of `shard` (on the tables' thread): each table's
-    changes since its previous commit, with their rows as they are now. A repeat of the newest
+    changes since its previous commit, with their rows as they are now (for the tables in
+    sealed_tables, default sealing_tables(shard); a standby seals those its primary did). A repeat of the newest
     step changes nothing. A step before the newest starts a new history (a trainer resumed from
     an older snapshot replays steps): each table's commit log restarts there, its rows as they are
     now, and committed subscribers resync (their replicas keep serving their cut until the new
@@ -178,6 +191,7 @@ def commit(shard, request: ps_pb2.CommitRequest) -> ps_pb2.CommitResponse:
         raise ValueError("dense_format: required with dense_state (how the replica decodes it)")
     first = next(iter(shard.commits.values()))
     now = time.time()
+    sealed = set(sealing_tables(shard) if sealed_tables is None else sealed_tables)
     if step < first.last_step:
         for name, commits in shard.commits.items():
             commits.reset(step, shard.tables[name].version)
@@ -185,7 +199,7 @@ def commit(shard, request: ps_pb2.CommitRequest) -> ps_pb2.CommitResponse:
         for name, commits in shard.commits.items():
             table, log = shard.tables[name], shard.logs[name]
             since = commits.last_version
-            followed = time.monotonic() - commits.subscribed_at < SEAL_IDLE_SECONDS
+            followed = name in sealed
             if table.version == since:
                 empty = np.empty((0, commits.width), dtype=np.float32)
                 commits.seal(SealedCommit(step, since, since, _EMPTY_KEYS, empty, _EMPTY_KEYS, True, now))

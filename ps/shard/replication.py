@@ -1,8 +1,15 @@
 """A shard's standby, and the primary's side of it (DESIGN.md §10).
 
-    client --Push--> primary: apply (serialised), forward(method, request, answer) -> queue, seq n
-                     primary --Replicate stream (epoch, n, request)--> standby: apply in order, ack n
-                     primary: settle() waits for ack >= n, then answers the client
+    client --Push--> primary (serialised with every table call): forward(method, request) -> queue, seq n,
+                     then apply on the tables thread while the loop sends n
+                     primary --Replicate stream (epoch, n, request)--> standby: apply in order, ack n + its answer
+                     primary: settle(n) waits until the standby acked n with the primary's own answer,
+                     then answers the client
+
+Both processes apply a push at the same time; the primary's answer and the standby's are compared
+(a few bytes each: versions and counts, or the error both raised) before the client hears of it.
+Commits (ps/shard/commits.py) travel the same way, in the same order, with the tables whose rows the
+primary sealed, so a promoted standby holds the commit log that serving's consistent cut follows.
 
 Roles and states of one shard process:
 
@@ -38,6 +45,7 @@ import functools
 import logging
 import os
 import signal
+import threading
 import time
 from collections.abc import AsyncIterator
 
@@ -54,6 +62,7 @@ from ps.shard.update_log import UpdateLog
 
 log = logging.getLogger("embps.ps")
 
+_REPLICATE_METHOD = "/{}/Replicate".format(replication_pb2.DESCRIPTOR.services_by_name["Replication"].full_name)
 ROLE_VALUES = {"standby": 0, "joining": 1, "sync": 2, "lost": 3, "alone": 4, "deposed": 5, "copying": 6, "catching": 7}
 CATCH_UP_PATIENCE_S = 60.0  # a standby loading a copied state acks nothing meanwhile
 _CHANNEL_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
@@ -106,17 +115,26 @@ class Replication:
         self.primary_address = ""  # as a standby: who feeds it
         self.serve_after = 0.0
         self.loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         self._sequence = 0  # last forwarded
         self._acked = 0
         self._last_ack = 0.0
         self._queue: collections.deque = collections.deque()
+        # (sequence, answer, error) of forwarded messages: the primary's own (appended where it applied
+        # them) and the standby's (from its acks), compared in sequence order on the loop.
+        self._mine: collections.deque = collections.deque()
+        self._theirs: collections.deque = collections.deque()
         self._wake = asyncio.Event()
         self._progress = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._applied = 0  # as a standby: last applied sequence of the current stream
+        self._gauges_due = 0.0
         self._promoting = False
         self._queueing = False  # forward() queues pushes for the standby
         self._catch_up_to = 0  # CATCHING: the standby holds every acknowledged push once it acked this
+        self._diverged = ""  # why the standby's answers stopped matching (breaks the stream until a copy)
+        self._written = 0  # the last message handed to gRPC
+        self._sent = threading.Condition()  # the tables thread waits on it for its message to go out
         self._set_state(state)
 
     # -- both roles ------------------------------------------------------------------------
@@ -134,6 +152,9 @@ class Replication:
 
     def _set_state(self, state: State) -> None:
         self.state = state
+        self.servicer.gauges_each_push = state is not State.STANDBY
+        with self._sent:
+            self._sent.notify_all()  # a push waiting for its message to go out stops waiting if not SYNC
         self.metrics.role.labels(self.metrics.shard).set(ROLE_VALUES[state.value])
         self.metrics.epoch.labels(self.metrics.shard).set(self.epoch)
         self._changed()
@@ -251,7 +272,7 @@ class Replication:
         while self.state is not State.DEPOSED:
             channel = grpc.aio.insecure_channel(self.partner, options=_CHANNEL_OPTIONS)
             try:
-                await self._stream(replication_pb2_grpc.ReplicationStub(channel))
+                await self._stream(channel)
             except Exception as exc:  # noqa: BLE001 - whatever broke the stream, the standby is out
                 if self.state in (State.SYNC, State.CATCHING, State.COPYING):
                     log.warning("%s: standby %s lost (%s)", self.describe(), self.partner, _short(exc))
@@ -268,22 +289,27 @@ class Replication:
             else:
                 await asyncio.sleep(self.ttl)
 
-    async def _stream(self, stub) -> None:
-        """One stream to the partner: handshake, state copy when needed, then pushes until it breaks."""
-        call = stub.Replicate()
+    async def _stream(self, channel) -> None:
+        """One stream to the partner: handshake, state copy when needed, then pushes until it breaks.
+        Its messages go as bytes: pushes are serialised where they are forwarded, off the loop."""
+        call = channel.stream_stream(
+            _REPLICATE_METHOD, request_serializer=None, response_deserializer=replication_pb2.ReplicateAck.FromString
+        )()
         try:
             versions = [replication_pb2.TableVersion(table=n, version=t.version) for n, t in self.shard.tables.items()]
             hello = replication_pb2.ReplicateRequest(
                 epoch=self.epoch, sequence=self._sequence, incarnation=self.shard.incarnation, shard=self.shard.index,
                 versions=versions,
             )
-            await call.write(hello)
+            await call.write(hello.SerializeToString())
             ack = await asyncio.wait_for(call.read(), 2 * self.ttl)
             if ack is grpc.aio.EOF:
                 raise ConnectionError("the standby ended the stream")
             self._last_ack = time.monotonic()
             if self.state is State.JOINING and not ack.needs_copy:
                 self._acked = self._sequence
+                self._mine.clear()
+                self._theirs.clear()
                 self._queueing = True  # nothing was applied since the handshake: JOINING refuses pushes
             else:
                 await self._copy(call)
@@ -291,6 +317,7 @@ class Replication:
             self._catch_up_to = self._sequence
             self._set_state(State.CATCHING)
             reader = asyncio.ensure_future(self._read_acks(call))
+            reader.add_done_callback(lambda _: self._wake.set())
             try:
                 await self._send(call, reader)
             finally:
@@ -311,12 +338,13 @@ class Replication:
             for i, piece in enumerate(pieces):
                 await call.write(replication_pb2.ReplicateRequest(
                     epoch=self.epoch, method="TableState", table=name, state=piece, last=i == len(pieces) - 1,
-                ))
+                ).SerializeToString())
             copied += len(data)
-        await call.write(replication_pb2.ReplicateRequest(epoch=self.epoch, method="Ledger", state=ledger))
+        await call.write(replication_pb2.ReplicateRequest(epoch=self.epoch, method="Ledger", state=ledger)
+                         .SerializeToString())
         await call.write(replication_pb2.ReplicateRequest(
             epoch=self.epoch, method="StateDone", sequence=base, incarnation=self.shard.incarnation,
-        ))
+        ).SerializeToString())
         self._acked = base
         self._last_ack = time.monotonic()
         log.info("%s: state sent (%.1f MiB); the standby catches up on the pushes since", self.describe(),
@@ -326,21 +354,35 @@ class Replication:
         """(sequence, {table: TableState}, ledger) at this point of the apply order (serialised
         with every push); every push from here on is queued for the standby."""
         self._queue.clear()
+        self._mine.clear()
+        self._theirs.clear()
+        self._diverged = ""
         self._queueing = True
         states = {name: table.export() for name, table in self.shard.tables.items()}
         return self._sequence, states, encode_ledger(self.shard.ledger.export())
 
     async def _send(self, call, reader: asyncio.Future) -> None:
         heartbeat = replication_pb2.ReplicateRequest(epoch=self.epoch, sequence=0, shard=self.shard.index)
+        heartbeat = heartbeat.SerializeToString()
         while self.state in (State.SYNC, State.CATCHING) and not reader.done():
+            if self._diverged:
+                raise DivergedError(self._diverged)
             while self._queue:
-                await call.write(self._queue.popleft())
-            wake = asyncio.ensure_future(self._wake.wait())
-            await asyncio.wait({wake, reader}, timeout=self.ttl / 8, return_when=asyncio.FIRST_COMPLETED)
-            wake.cancel()
+                sequence, message = self._queue.popleft()
+                await call.write(message)
+                if sequence:
+                    with self._sent:
+                        self._written = sequence
+                        self._sent.notify_all()
+            try:
+                async with asyncio.timeout(self.ttl / 8):
+                    await self._wake.wait()  # a forwarded message, or the reader ended (its done callback)
+            except TimeoutError:
+                pass
+            woken = self._wake.is_set()
             self._wake.clear()
-            if not self._queue:
-                await call.write(heartbeat)
+            if not woken and not self._queue and not reader.done():
+                await call.write(heartbeat)  # idle: the standby still hears this epoch, its ack renews _last_ack
             patience = self.ttl if self.state is State.SYNC else max(self.ttl, CATCH_UP_PATIENCE_S)
             if self._acked < self._sequence and time.monotonic() - self._last_ack > patience:
                 raise TimeoutError(f"no ack from the standby for {patience:g} s")
@@ -367,13 +409,44 @@ class Replication:
                 await asyncio.sleep(0.1)
 
     async def _read_acks(self, call) -> None:
+        newest = self._acked
         while (ack := await call.read()) is not grpc.aio.EOF:
             self._last_ack = time.monotonic()
-            if ack.sequence > self._acked:
-                self._acked = ack.sequence
-                self.metrics.lag.labels(self.metrics.shard).set(self._sequence - self._acked)
-                self._changed()
+            if ack.sequence > newest:  # a message's ack (a heartbeat's repeats the last one)
+                newest = ack.sequence
+                self._theirs.append((ack.sequence, ack.answer, ack.error))
+                self._compare()
         raise ConnectionError("the standby ended the stream")
+
+    def _compare(self) -> None:
+        """Advances _acked over the messages both processes answered, in sequence order, each with
+        the same answer (on the loop). A different answer means the standby no longer holds the
+        primary's state: the stream breaks (the primary records itself alone, and a standby that
+        joins again gets a copy of the state)."""
+        mine, theirs = self._mine, self._theirs
+        acked = self._acked
+        while mine and theirs and not self._diverged:
+            if mine[0][0] < theirs[0][0]:
+                mine.popleft()  # forwarded on a stream that broke before the standby got it
+                continue
+            if theirs[0][0] < mine[0][0]:
+                theirs.popleft()  # applied by the standby before the primary's answers were kept (a copy)
+                continue
+            sequence, answer, error = mine.popleft()
+            _, their_answer, their_error = theirs.popleft()
+            if (answer, error) != (their_answer, their_error):
+                self._diverged = (
+                    f"message {sequence}: the standby answered {their_answer!r} {their_error!r}, "
+                    f"the primary {answer!r} {error!r}"
+                )
+                log.error("%s: the standby diverged: %s", self.describe(), self._diverged)
+                self._wake.set()  # the sender breaks the stream
+                break
+            acked = sequence
+        if acked > self._acked:
+            self._acked = acked
+            self.metrics.lag.labels(self.metrics.shard).set(self._sequence - acked)
+            self._changed()
 
     async def _go_alone(self) -> None:
         """Records in the arbiter that the standby is out (CAS), then acknowledges alone."""
@@ -397,28 +470,52 @@ class Replication:
                 pass
             await asyncio.sleep(0.1)  # the arbiter is out of reach: pushes wait
 
-    def forward(self, method: str, request, response) -> None:
-        """Queues an applied push for the standby, in apply order (called where the push was applied,
-        serialised with every table call, on the loop or the tables thread)."""
-        if not self._queueing:
-            return
-        self._sequence += 1
-        self._queue.append(
-            replication_pb2.ReplicateRequest(
-                epoch=self.epoch, sequence=self._sequence, method=method,
-                request=request.SerializeToString(), response=response.SerializeToString(),
-            )
-        )
-        self.loop.call_soon_threadsafe(self._wake.set)
+    @property
+    def synchronous(self) -> bool:
+        """Pushes are forwarded to a standby (in sync, catching up, or receiving a copy)."""
+        return self._queueing
 
-    async def settle(self) -> None:
-        """Returns once every push forwarded so far is on the standby (or the arbiter records this
-        shard alone); NotPrimaryError if this process may no longer acknowledge."""
-        target = self._sequence
+    @property
+    def sequence(self) -> int:
+        """The last message forwarded (read where table calls are serialised)."""
+        return self._sequence
+
+    def forward(self, method: str, request, sealed_tables: tuple[str, ...] = ()) -> int:
+        """Queues a push or commit for the standby BEFORE this process applies it, in apply order
+        (called where it is about to be applied, serialised with every table call, on the loop or
+        the tables thread); returns its sequence (0: not forwarded). The caller reports its own
+        answer with answered() once applied."""
+        if not self._queueing:
+            return 0
+        self._sequence += 1
+        sequence = self._sequence
+        self._queue.append((sequence, replication_pb2.ReplicateRequest(
+            epoch=self.epoch, sequence=sequence, method=method, request=request.SerializeToString(),
+            sealed_tables=sealed_tables,
+        ).SerializeToString()))
+        self.loop.call_soon_threadsafe(self._wake.set)
+        if self.state is State.SYNC and threading.get_ident() != self._loop_thread:
+            # On the tables thread: the standby starts applying this message as soon as it is sent,
+            # so it waits for that (bounded) rather than contend with the sending loop for the GIL.
+            with self._sent:
+                self._sent.wait_for(lambda: self._written >= sequence or self.state is not State.SYNC,
+                                    self.ttl / 4)
+        return sequence
+
+    def answered(self, sequence: int, answer: bytes = b"", error: str = "") -> None:
+        """This process's answer to forwarded message `sequence` (where it was applied, in order)."""
+        self._mine.append((sequence, answer, error))
+
+    async def settle(self, target: int) -> None:
+        """Returns once every message forwarded up to `target` is on the standby with the same answer
+        (or the arbiter records this shard alone); NotPrimaryError if this process may no longer
+        acknowledge."""
         while True:
             state = self.state
             if state in (State.DEPOSED, State.STANDBY, State.JOINING):
                 self.check_serving()
+            if state in _SYNCHRONOUS and self._acked < target and self._mine and self._theirs:
+                self._compare()
             if state in (State.ALONE, State.COPYING) or (state in _SYNCHRONOUS and self._acked >= target):
                 self.check_serving()
                 return
@@ -426,7 +523,8 @@ class Replication:
                 self.check_serving()  # cut off from the standby and the arbiter: it may have promoted
             progress = self._progress
             try:
-                await asyncio.wait_for(progress.wait(), self.ttl / 4)
+                async with asyncio.timeout(self.ttl / 4):
+                    await progress.wait()
             except TimeoutError:
                 continue
 
@@ -475,9 +573,12 @@ class Replication:
                     grpc.StatusCode.FAILED_PRECONDITION,
                     f"{self.describe()}: message {message.sequence} after {self._applied}: a gap",
                 )
-            await self.servicer.run_call(lambda m=message: self._apply(m), len(message.request))
+            answer, error = await self.servicer.run_call(lambda m=message: self._apply(m), message.ByteSize())
             self._applied = message.sequence
-            yield replication_pb2.ReplicateAck(sequence=self._applied, epoch=self.epoch)
+            if time.monotonic() >= self._gauges_due:  # a standby refreshes its table gauges once a second
+                self._gauges_due = time.monotonic() + 1.0
+                await self.servicer.run_call(self.servicer.observe_pushed, 0)
+            yield replication_pb2.ReplicateAck(sequence=self._applied, epoch=self.epoch, answer=answer, error=error)
 
     async def _hello(self, hello, context) -> replication_pb2.ReplicateAck:
         mine = {n: t.version for n, t in self.shard.tables.items()}
@@ -514,19 +615,25 @@ class Replication:
             self.shard.logs[name] = UpdateLog(state.version, old.max_entries, old.max_keys)
         self.shard.ledger.load(decode_ledger(ledger))
 
-    def _apply(self, message) -> None:
-        if message.method == "Push":
-            request = ps_pb2.PushRequest.FromString(message.request)
-            response = self.servicer.apply_push(request)
-        elif message.method == "PushMulti":
-            request = ps_pb2.MultiPushRequest.FromString(message.request)
-            response = self.servicer.apply_push_multi(request)
-        else:
-            raise ValueError(f"replicate: unknown method {message.method!r}")
-        if response.SerializeToString() != message.response:
-            log.error("%s: applied %s to another answer than the primary's: %s", self.describe(), message.method,
-                      response)
-            raise ValueError(f"{self.describe()}: {message.method} {message.sequence} diverged from the primary")
+    def _apply(self, message) -> tuple[bytes, str]:
+        """Applies a forwarded message as the primary does (on the tables' thread); returns (its
+        serialized answer, "") or (b"", the error it raised): the primary applied the same message
+        to the same state, so it got the same, error included (a rejected push changes nothing)."""
+        method = message.method
+        try:
+            if method == "Push":
+                response = self.servicer.apply_push(ps_pb2.PushRequest.FromString(message.request))
+            elif method == "PushMulti":
+                response = self.servicer.apply_push_multi(ps_pb2.MultiPushRequest.FromString(message.request))
+            elif method == "Commit":
+                response = self.servicer.apply_commit(
+                    ps_pb2.CommitRequest.FromString(message.request), tuple(message.sealed_tables)
+                )
+            else:
+                raise ValueError(f"replicate: unknown method {method!r}")
+        except Exception as exc:  # noqa: BLE001 - the primary's apply raised the same, compared there
+            return b"", error_text(exc)
+        return response.SerializeToString(), ""
 
     async def _watch_primary(self) -> None:
         """Promotes this standby once the primary's lease expired and the record says it was in sync."""
@@ -559,6 +666,15 @@ class Replication:
                 self._promoting = False
             except EtcdUnavailableError:
                 continue
+
+
+class DivergedError(RuntimeError):
+    """The standby answered a forwarded message differently from the primary."""
+
+
+def error_text(exc: BaseException) -> str:
+    """How an apply's error is compared between the primary and its standby."""
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _short(exc: BaseException) -> str:

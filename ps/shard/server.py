@@ -89,9 +89,17 @@ def _tables_call(method: str) -> Callable:
 
     def decorate(fn: Callable) -> Callable:
         async def on_tables(self: ParameterServerServicer, request):
-            reply = await self.run(fn, request)
-            if self.replication is not None and method in _PUSH_METHODS:
-                await self.replication.settle()  # acknowledged means applied on the standby too
+            replication = self.replication
+            if replication is None or method not in _PUSH_METHODS:
+                return await self.run(fn, request)
+
+            def applied(servicer: ParameterServerServicer, request):
+                return fn(servicer, request), replication.sequence  # the last message this call forwarded
+
+            # With a standby, a push goes to the tables thread: the loop sends it to the standby
+            # meanwhile, and both apply it at once.
+            reply, sequence = await self.run(applied, request, offload=replication.synchronous)
+            await replication.settle(sequence)  # acknowledged means applied on the standby too
             return reply
 
         return unary_call(method)(functools.wraps(fn)(on_tables))
@@ -165,6 +173,9 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         self.metrics = metrics
         self.call_site = ShardCallSite(shard, metrics)
         self.replication = None  # ps/shard/replication.py, when the shard has a standby
+        # False on a standby: a push marks its tables' gauges stale, refreshed once a second.
+        self.gauges_each_push = True
+        self._stale_gauges: set[str] = set()
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="tables")
         self._offloaded = 0
         self.loop = asyncio.get_running_loop()
@@ -172,8 +183,9 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         for table in shard.tables.values():
             metrics.observe_table(table, shard.logs[table.name].memory_bytes + shard.commits[table.name].memory_bytes)
 
-    async def run(self, fn: Callable, request):
-        """fn(self, request), serialised with every other table call.
+    async def run(self, fn: Callable, request, offload: bool = False):
+        """fn(self, request), serialised with every other table call (offload: on the tables thread
+        whatever its size).
 
         Small calls run inline on the event loop (a thread hop costs ~0.15 ms, as much as the
         work). Large ones go to the one tables thread, so the loop keeps accepting calls while
@@ -185,6 +197,8 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
             len(getattr(r, "keys", b"")) // 8 * (8 + 4 * getattr(r, "dim", 0)) + len(getattr(r, "grads", b""))
             for r in parts
         )
+        if offload:
+            work_bytes = INLINE_WORK_BYTES + 1
         return await self.run_call(functools.partial(fn, self, request), work_bytes)
 
     async def run_call(self, call: Callable[[], object], work_bytes: int):
@@ -214,6 +228,19 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         held = self.shard.logs[table].memory_bytes + self.shard.commits[table].memory_bytes  # update + commit logs
         self.metrics.observe_table(self.shard.tables[table], held)
         self.metrics.push_id_memory.labels(str(self.shard.index)).set(self.shard.ledger.num_bytes)
+
+    def _observe_pushed(self, tables) -> None:
+        if self.gauges_each_push:
+            for table in tables:
+                self.observe(table)
+        else:
+            self._stale_gauges.update(tables)
+
+    def observe_pushed(self) -> None:
+        """Refreshes the gauges of the tables pushed since the last refresh (serialised by the caller)."""
+        stale, self._stale_gauges = self._stale_gauges, set()
+        for table in stale:
+            self.observe(table)
 
     def notify(self, table: str) -> None:
         """Wakes the Subscribe streams of `table` (call on the event loop)."""
@@ -255,24 +282,51 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
 
     def apply_push_multi(self, request: ps_pb2.MultiPushRequest) -> ps_pb2.MultiPushResponse:
         """One multi-table push (serialised by the caller), with its metrics and Subscribe wake-up."""
-        response, changed = self.shard.push_multi(request)
-        if not response.duplicate and self.replication is not None:
-            self.replication.forward("PushMulti", request, response)
+        response, changed = self._replicated("PushMulti", request, self.shard.push_multi)
         if response.duplicate:
             for table in request.tables:
                 self.metrics.duplicate_pushes.labels(self.call_site.table_name_label(table)).inc()
-        for table in changed:
-            self.observe(table)
+        self._observe_pushed(changed)
         if changed:
             self.loop.call_soon_threadsafe(self.notify_many, changed)
         return response
+
+    def _replicated(self, method: str, request, apply: Callable, sealed_tables: tuple[str, ...] = ()):
+        """apply(request) here, forwarded to the standby first when the shard has one (so that both
+        apply it at once), with this process's answer handed to the comparison (ps/shard/replication.py).
+        The answer is apply's result, or its first item when it returns a tuple."""
+        sequence = self.replication.forward(method, request, sealed_tables) if self.replication is not None else 0
+        if not sequence:
+            return apply(request)
+        try:
+            result = apply(request)
+        except Exception as exc:
+            from ps.shard.replication import error_text
+
+            self.replication.answered(sequence, error=error_text(exc))
+            raise
+        answer = result[0] if isinstance(result, tuple) else result
+        self.replication.answered(sequence, answer.SerializeToString())
+        return result
 
     @unary_call("Commit")
     async def Commit(self, request: ps_pb2.CommitRequest) -> ps_pb2.CommitResponse:
         # Reads the rows each table's step touched: off the loop when there may be many.
         work_bytes = sum(log.num_keys for log in self.shard.logs.values()) * 64 + len(request.dense_state)
-        response = await self.run_call(functools.partial(commits.commit, self.shard, request), work_bytes)
-        self.notify_many(list(self.shard.tables))
+        # Not settled with the standby: a commit it missed (the primary died first) is covered by the
+        # next one it gets, and every push of the step is on it already (ps/shard/commits.py).
+        return await self.run_call(functools.partial(self.apply_commit, request), work_bytes)
+
+    def apply_commit(self, request: ps_pb2.CommitRequest, sealed_tables: tuple[str, ...] | None = None):
+        """Records a committed step (serialised by the caller; ps/shard/commits.py), forwarded to the
+        standby in apply order with the tables whose rows are sealed. sealed_tables: a standby's,
+        the primary's choice; None: the tables a committed stream follows now."""
+        if sealed_tables is None:
+            sealed_tables = commits.sealing_tables(self.shard)
+        response = self._replicated(
+            "Commit", request, lambda r: commits.commit(self.shard, r, sealed_tables), sealed_tables
+        )
+        self.loop.call_soon_threadsafe(self.notify_many, list(self.shard.tables))
         return response
 
     def notify_many(self, tables: list[str]) -> None:
@@ -282,18 +336,17 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
 
     def apply_push(self, request: ps_pb2.PushRequest) -> ps_pb2.PushResponse:
         """One push on the tables (serialised by the caller), with its metrics and Subscribe wake-up."""
-        response = self.shard.push(request)
+        response = self._replicated("Push", request, self.shard.push)
         if response.duplicate:
             self.metrics.duplicate_pushes.labels(request.table).inc()
         else:
-            if self.replication is not None:
-                self.replication.forward("Push", request, response)
-            self.observe(request.table)
+            self._observe_pushed((request.table,))
             self.loop.call_soon_threadsafe(self.notify, request.table)
         return response
 
     @_tables_call("Stats")
     def Stats(self, request: ps_pb2.StatsRequest) -> ps_pb2.StatsResponse:
+        self._stale_gauges.clear()
         for name in self.shard.tables:
             self.observe(name)
         return self.shard.stats()

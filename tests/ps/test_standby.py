@@ -14,6 +14,9 @@
 - etcd stopped for a while: pushes go on while the standby follows; etcd back, the lease holds.
   Then a primary killed with no push in flight: a serving follower goes on from the promoted
   standby at its version, without a full resync.
+- A serving replica with consistency = "step" (`embps serve`) follows the pair while a trainer pushes
+  and commits steps; the primary is SIGKILLed: the replica follows the promoted standby, whose
+  commit log came over the replication stream, without a full resync, and its cut moves on.
 
 EMBPS_STANDBY_SEED=<seed> repeats a run.
 """
@@ -29,6 +32,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import grpc
 import numpy as np
@@ -39,17 +43,27 @@ from ps import wire
 from ps.client import PSClient
 from ps.job_config import ArbiterConfig, Deadlines, JobConfig, ShardConfig, dump_job_config
 from ps.process.children import stop as stop_pid
-from ps.rpc import ps_pb2, ps_pb2_grpc, snapshot_pb2, snapshot_pb2_grpc
+from ps.rpc import ps_pb2, ps_pb2_grpc, serving_pb2, snapshot_pb2, snapshot_pb2_grpc
 from ps.shard.arbiter import Arbiter, Membership
 from ps.shard.replication import ROLE_VALUES
 from ps.shard.state import Shard
 from ps.snapshot.files import ShardRecord, SnapshotWriter, restore
-from ps.table.config import AdmissionConfig, AdmissionKind, EvictionConfig, OptimizerConfig, OptimizerKind, TableConfig
+from ps.table.config import (
+    AdmissionConfig,
+    AdmissionKind,
+    EvictionConfig,
+    Initializer,
+    OptimizerConfig,
+    OptimizerKind,
+    TableConfig,
+)
+from serving.config import Consistency
 from serving.follower import ShardFollower
 from serving.metrics import ServingMetrics
 from serving.store import TableReplica
 from tests.helpers.processes import start_shard, wait_serving
 from tests.helpers.waiting import wait_until
+from tests.serving.replicas import ServingReplica
 
 TABLES = (
     TableConfig(
@@ -71,7 +85,7 @@ LEASE_S = 1
 KEYS = 300
 
 
-def pair_job(etcd_endpoint: str, name: str) -> JobConfig:
+def pair_job(etcd_endpoint: str, name: str, tables: tuple[TableConfig, ...] = TABLES) -> JobConfig:
     ports = free_ports(4)
     shard = ShardConfig(
         address=f"127.0.0.1:{ports[0]}",
@@ -82,7 +96,7 @@ def pair_job(etcd_endpoint: str, name: str) -> JobConfig:
     return JobConfig(
         job=name,
         shards=(shard,),
-        tables=TABLES,
+        tables=tables,
         deadlines=Deadlines(lookup=20.0, push=20.0, stats=5.0),
         push_dedupe_window=1 << 20,  # the push-id memory outlasts the test: old pushes stay repeats
         arbiter=ArbiterConfig(endpoints=etcd_endpoint, lease_seconds=LEASE_S),
@@ -366,6 +380,57 @@ def test_training_goes_on_while_the_arbiter_is_down_and_serving_follows_a_failov
         following.stop()
         if etcd.proc.poll() is not None:
             etcd.restart()
+        client.close()
+        pair.stop()
+
+
+def test_a_cut_replica_follows_the_promoted_standby_without_a_full_resync(etcd, tmp_path):
+    """consistency = "step": every push of step s acknowledged, then Commit(s), as a sync trainer
+    does. The primary is SIGKILLed between steps: the trainer goes on at the promoted standby, and
+    the replica follows it from its cut (same incarnation, the commits came over the replication
+    stream with the rows the primary sealed), never resyncing, up to the last step."""
+    sgd = TableConfig("user", dim=4, initializer=Initializer.ZEROS, optimizer=OptimizerConfig(kind=OptimizerKind.SGD,
+                                                                                              lr=1.0))
+    job = pair_job(etcd.endpoint, "cut-failover", (sgd,))
+    pair = Pair(job, tmp_path)
+    replica = ServingReplica.start(SimpleNamespace(job=job, config_path=pair.config), tmp_path, "cut",
+                                   consistency=Consistency.STEP)
+    client = PSClient.from_job(job, client_id="trainer-0")
+    keys = np.arange(1, 65, dtype=np.int64)
+    grads = -np.ones((keys.shape[0], 4), dtype=np.float32)  # every step adds 1: a row holds its step
+
+    def train(first: int, last: int) -> None:
+        for step in range(first, last + 1):
+            client.push_many([("user", keys, grads, None)], step=step)
+            client.commit(step, f"dense tower of step {step}".encode(), "bytes")
+
+    def served_step() -> int:
+        values, found, reply = replica.lookup("user", keys)
+        assert found.all() or not found.any(), found
+        assert np.all(values == values[0, 0]), f"one reply mixes steps: {np.unique(values)}"
+        assert not found.any() or values[0, 0] == reply.model_version, (values[0, 0], reply.model_version)
+        return reply.model_version
+
+    def resyncs() -> int:
+        return sum(s.num_resyncs for s in replica.status().shards)
+
+    try:
+        train(1, 5)
+        wait_until(lambda: served_step() == 5, "the replica's cut at step 5")
+        before = resyncs()
+        incarnation = replica.status().shards[0].incarnation
+        os.kill(pair.primary.pid, signal.SIGKILL)
+        train(6, 10)
+        assert "PROMOTED" in pair.log(1), pair.log(1)[-3000:]
+        wait_until(lambda: served_step() == 10, "the replica's cut at step 10, from the promoted standby", 60)
+        status = replica.status()
+        assert (status.model_version, status.newest_step) == (10, 10)
+        assert resyncs() == before, (before, status)
+        assert status.shards[0].incarnation == incarnation
+        dense = replica.stub.DenseModel(serving_pb2.DenseModelRequest(), timeout=5)
+        assert (dense.step, dense.state) == (10, b"dense tower of step 10")
+    finally:
+        replica.stop()
         client.close()
         pair.stop()
 
