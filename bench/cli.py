@@ -209,6 +209,10 @@ def _add_serve(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--plot", default=None, help="write a PNG of p99 vs offered rate here")
     parser.add_argument(
+        "--generator", default="auto", choices=["auto", "native", "python"],
+        help="load generator: native (C++, one thread per client process; auto: where built) or python threads",
+    )
+    parser.add_argument(
         "--overload",
         type=float,
         default=None,
@@ -269,6 +273,7 @@ def _run_serve(args: argparse.Namespace) -> int:
             concurrency=args.concurrency,
             out=args.out,
             plot=args.plot,
+            generator=args.generator,
         )
     )
 
