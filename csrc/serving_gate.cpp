@@ -49,7 +49,8 @@ std::string to_string(const grpc::ByteBuffer& buffer) {
 // (and nothing is being written to it), its status is taken and becomes the caller's.
 class Call {
  public:
-  Call(ServingGate::Shared* shared, grpc::ServerCompletionQueue* cq) : shared_(shared), cq_(cq), stream_(&server_ctx_) {
+  Call(ServingGate::Shared* shared, ServingGate::Shared::Lane* lane)
+      : shared_(shared), lane_(lane), cq_(lane->cq.get()), stream_(&server_ctx_) {
     shared_->live_calls.fetch_add(1, std::memory_order_relaxed);
     for (int k = 0; k < kKinds; ++k) tags_[k] = Tag{this, static_cast<Kind>(k)};
     server_ctx_.AsyncNotifyWhenDone(tag(kDone));  // delivered only for a call taken (see OnRequest)
@@ -107,7 +108,7 @@ class Call {
 
   void OnRequest(bool ok) {
     if (!ok) return;  // the server is shutting down: no call was taken, and none is requested
-    new Call(shared_, cq_);  // the next request, on this thread's queue
+    new Call(shared_, lane_);  // the next request, on this thread's queue
     // The done tag of a taken call comes from a later event than this one: counting it here is safe.
     Start();
     if (shared_->draining.load(std::memory_order_relaxed)) {
@@ -180,13 +181,13 @@ class Call {
       request_.authorization.assign(authorization->second.data(), authorization->second.size());
     }
     deadline_ = server_ctx_.deadline();
-    Answer();
+    lane_->ready.emplace_back([this] { Answer(); });
   }
 
-  // Answered here, on the thread of the call's queue: no hand-off to another thread, whose
-  // wake-ups (a futex, then the queue's own kick to deliver the reply's completion) cost more
-  // CPU than the lookup itself. The call's last operation is started here; its count was taken
-  // in OnLookupRead.
+  // Run by the lane's thread (run_lane) once the events ready before it are handled: no hand-off
+  // to another thread, whose wake-ups (a futex, then the queue's own kick to deliver the reply's
+  // completion) cost more CPU than the lookup itself. The call's last operation is started here;
+  // its count was taken in OnLookupRead.
   void Answer() {
     LookupReply reply;
     if (cancelled_.load(std::memory_order_relaxed)) {
@@ -284,7 +285,8 @@ class Call {
   }
 
   ServingGate::Shared* const shared_;
-  grpc::ServerCompletionQueue* const cq_;  // every operation of the call completes here
+  ServingGate::Shared::Lane* const lane_;
+  grpc::ServerCompletionQueue* const cq_;  // lane_'s: every operation of the call completes here
   Tag tags_[kKinds];
   int pending_ = 0;
   bool counted_ = false;  // holds a place in the bound (shared_->in_flight)
@@ -332,6 +334,27 @@ std::shared_ptr<grpc::ServerCredentials> server_credentials(const GateConfig& co
   return grpc::experimental::TlsServerCredentials(options);
 }
 
+// A lane's thread: the events of its queue, and its Lookups in the order they were read, each
+// after every event ready by then (so refusals and reads never wait behind a queue of lookups).
+void run_lane(ServingGate::Shared::Lane* lane) {
+  void* tag;
+  bool ok;
+  while (true) {
+    if (lane->ready.empty()) {
+      if (!lane->cq->Next(&tag, &ok)) return;  // shut down (only once no call is left)
+      Call::Handle(tag, ok);
+    }
+    while (lane->cq->AsyncNext(&tag, &ok, gpr_time_0(GPR_CLOCK_MONOTONIC)) == grpc::CompletionQueue::GOT_EVENT) {
+      Call::Handle(tag, ok);
+    }
+    if (!lane->ready.empty()) {
+      std::function<void()> answer = std::move(lane->ready.front());
+      lane->ready.pop_front();
+      answer();
+    }
+  }
+}
+
 void drain(grpc::CompletionQueue* cq) {
   void* tag;
   bool ok;
@@ -372,26 +395,27 @@ ServingGate::ServingGate(const GateConfig& config) : shared_(new Shared) {
   builder.SetMaxReceiveMessageSize(max_message);
   builder.SetMaxSendMessageSize(max_message);
   builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
-  for (int i = 0; i < workers; ++i) shared_->cqs.push_back(builder.AddCompletionQueue());
+  for (int i = 0; i < workers; ++i) {
+    shared_->lanes.push_back(std::make_unique<Shared::Lane>());
+    shared_->lanes.back()->cq = builder.AddCompletionQueue();
+  }
   server_ = builder.BuildAndStart();
   if (server_ == nullptr || port_ == 0) {
     server_.reset();
-    for (auto& cq : shared_->cqs) {
-      cq->Shutdown();
-      drain(cq.get());
+    for (auto& lane : shared_->lanes) {
+      lane->cq->Shutdown();
+      drain(lane->cq.get());
     }
     throw std::runtime_error("listen: cannot bind " + config.listen);
   }
   owner.release();
-  for (auto& cq : shared_->cqs) {
-    for (int i = 0; i < kRequestsOutstanding; ++i) new Call(shared_, cq.get());
+  for (auto& lane : shared_->lanes) {
+    for (int i = 0; i < kRequestsOutstanding; ++i) new Call(shared_, lane.get());
   }
-  for (auto& cq : shared_->cqs) {
-    threads_.emplace_back([cq = cq.get()] {
+  for (auto& lane : shared_->lanes) {
+    threads_.emplace_back([lane = lane.get()] {
       pthread_setname_np(pthread_self(), "embps-gate");
-      void* tag;
-      bool ok;
-      while (cq->Next(&tag, &ok)) Call::Handle(tag, ok);
+      run_lane(lane);
     });
   }
 }
@@ -437,7 +461,7 @@ void ServingGate::shutdown(double grace_seconds) {
     leaked_ = true;
     return;
   }
-  for (auto& cq : shared_->cqs) cq->Shutdown();
+  for (auto& lane : shared_->lanes) lane->cq->Shutdown();
   for (std::thread& thread : threads_) thread.join();
   // The upstream channel goes now, not with the gate object: its connection would keep the
   // replica's grpc.aio server waiting out its own grace.

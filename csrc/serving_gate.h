@@ -7,10 +7,13 @@
 // answers one more RESOURCE_EXHAUSTED at once, unread, in C++. "Lookups" are the calls of the
 // bounded methods (`lookup_methods`: Serving/Lookup and Serving/LookupMany); they share one bound.
 //
-// The gate runs `workers` threads, each with its own completion queue that it alone polls: a
-// call is taken on one queue and every event of it runs on that queue's thread, so a call's state
-// needs no lock. An admitted Lookup is answered by `lookup` right there, on the thread that read
-// it (a hand-off to another thread cost more CPU in wake-ups than the lookup): in the replica,
+// The gate runs `workers` threads ("lanes"), each with its own completion queue that it alone
+// polls: a call is taken on one queue and every event of it runs on that queue's thread, so a
+// call's state needs no lock. An admitted Lookup is answered by `lookup` on the thread that read
+// it (a hand-off to another thread cost more CPU in wake-ups than the lookup), but only once the
+// events already in its queue are handled: the lane keeps the Lookups read in order, and between
+// two of them takes every event that is ready without waiting, so a call beyond the bound is
+// refused at once, never behind the lookups queued before it. In the replica `lookup` is
 // NativeLookups (serving_lookup.h), which parses, checks the token, reads the native row store
 // and encodes the reply in C++, without the GIL. Every other
 // call (Status, health, reflection; streaming or not) is forwarded byte for byte, with its
@@ -28,6 +31,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <deque>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -102,7 +106,12 @@ class ServingGate {
     std::string shed_bytes_message;
     grpc::AsyncGenericService service;
     std::unique_ptr<grpc::GenericStub> stub;
-    std::vector<std::unique_ptr<grpc::ServerCompletionQueue>> cqs;  // one per thread
+    // One per thread: its queue and its Lookups read and not yet answered (only it touches them).
+    struct Lane {
+      std::unique_ptr<grpc::ServerCompletionQueue> cq;
+      std::deque<std::function<void()>> ready;
+    };
+    std::vector<std::unique_ptr<Lane>> lanes;
     std::atomic<int64_t> in_flight{0};
     std::atomic<int64_t> queued_bytes{0};
     std::atomic<int64_t> admitted{0};
