@@ -325,7 +325,11 @@ class RedisTransport {
     for (int e = 0; e < got; ++e) {
       const size_t c = events[e].data.u64;
       Conn& conn = conns_[c];
-      if (!conn.busy) continue;
+      if (!conn.busy) {  // an idle connection closed by the server (or sent what was not asked): a new one
+        idle_.erase(std::find(idle_.begin(), idle_.end(), c));
+        if (reconnect(c)) idle_.push_back(c);
+        continue;
+      }
       if (events[e].events & EPOLLOUT) flush(c);
       if (events[e].events & (EPOLLIN | EPOLLERR | EPOLLHUP)) read_some(c, on_done);
     }
@@ -410,18 +414,22 @@ class RedisTransport {
     conn.busy = false;
     --in_flight_;
     on_done(conn.arrival, code);
-    if (drop) {
-      epoll_ctl(epoll_, EPOLL_CTL_DEL, conn.fd, nullptr);
-      close(conn.fd);
-      conn.fd = -1;
-      conn.in.clear();
-      try {
-        connect_one(c);
-      } catch (const std::runtime_error&) {
-        return;  // the connection stays out of the pool: fewer calls in flight from now on
-      }
-    }
+    if (drop && !reconnect(c)) return;  // the connection stays out of the pool: fewer calls in flight from now on
     idle_.push_back(c);
+  }
+
+  bool reconnect(size_t c) {
+    Conn& conn = conns_[c];
+    epoll_ctl(epoll_, EPOLL_CTL_DEL, conn.fd, nullptr);
+    close(conn.fd);
+    conn.fd = -1;
+    conn.in.clear();
+    try {
+      connect_one(c);
+    } catch (const std::runtime_error&) {
+      return false;
+    }
+    return true;
   }
 
   const std::vector<std::string>& commands_;

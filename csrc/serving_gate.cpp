@@ -340,18 +340,18 @@ void run_lane(ServingGate::Shared::Lane* lane) {
   void* tag;
   bool ok;
   while (true) {
-    if (lane->ready.empty()) {
+    if (lane->ready.empty()) {  // nothing to answer: wait for the next event
       if (!lane->cq->Next(&tag, &ok)) return;  // shut down (only once no call is left)
       Call::Handle(tag, ok);
+      continue;
     }
+    // A Lookup to answer: first every event ready now (a poll that does not wait), then it.
     while (lane->cq->AsyncNext(&tag, &ok, gpr_time_0(GPR_CLOCK_MONOTONIC)) == grpc::CompletionQueue::GOT_EVENT) {
       Call::Handle(tag, ok);
     }
-    if (!lane->ready.empty()) {
-      std::function<void()> answer = std::move(lane->ready.front());
-      lane->ready.pop_front();
-      answer();
-    }
+    std::function<void()> answer = std::move(lane->ready.front());
+    lane->ready.pop_front();
+    answer();
   }
 }
 
