@@ -15,12 +15,15 @@
 
 #include <algorithm>
 #include <chrono>
+#include <condition_variable>
 #include <climits>
 #include <cmath>
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <mutex>
 #include <stdexcept>
+#include <thread>
 
 namespace embps {
 namespace {
@@ -34,15 +37,17 @@ double now_s() {
 // The scheduler (see load_gen.h). Transport: in_flight() (calls not ended), can_send() (another
 // call may start now: fewer than `concurrency` in flight), send(arrival, request, deadline_s),
 // poll(wake_at, on_done) -- waits until at least one call ended or wake_at (monotonic seconds),
-// calling on_done(arrival, code) for each call that ended; the transport ends its calls by their
+// calling on_done(arrival, code, done) for each call that ended (done: when it ended, monotonic
+// seconds); its waits must be precise (a late wake-up is a late send, and counts in the latency).
+// The transport ends its calls by their
 // deadlines itself.
 template <typename Transport>
 LoadResult run_schedule(Transport& transport, const LoadSchedule& s, size_t requests) {
   const size_t n = s.times.size();
   const double nan = std::numeric_limits<double>::quiet_NaN();
   LoadResult result{std::vector<double>(n, nan), std::vector<double>(n, nan), std::vector<int16_t>(n, kLoadUnsent)};
-  auto on_done = [&](size_t arrival, int code) {
-    result.done[arrival] = now_s();
+  auto on_done = [&](size_t arrival, int code, double done) {
+    result.done[arrival] = done;
     result.code[arrival] = static_cast<int16_t>(code);
   };
   size_t next = 0;
@@ -159,14 +164,18 @@ class GrpcTransport {
     }
   }
   ~GrpcTransport() {
-    cq_.Shutdown();
-    void* tag;
-    bool ok;
-    while (cq_.Next(&tag, &ok)) delete static_cast<Call*>(tag);
+    cq_.Shutdown();  // the scheduler returns with no call in flight: the thread ends at once
+    completions_thread_.join();
   }
 
-  int in_flight() const { return in_flight_; }
-  bool can_send() const { return in_flight_ < concurrency_; }
+  int in_flight() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return in_flight_;
+  }
+  bool can_send() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return in_flight_ < concurrency_;
+  }
 
   void send(size_t arrival, size_t request, double deadline_s) {
     auto* call = new Call;
@@ -176,31 +185,26 @@ class GrpcTransport {
                            std::chrono::microseconds(static_cast<int64_t>(deadline_s * 1e6)));
     call->rpc = stub_->PrepareUnaryCall(&call->ctx, method_, requests_[request], &cq_);
     call->rpc->StartCall();
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      ++in_flight_;
+    }
     call->rpc->Finish(&call->reply, &call->status, call);
-    ++in_flight_;
   }
 
+  // Waits on a condition variable (a futex with a nanosecond timeout), not on the queue: gRPC's
+  // queue rounds its timeouts up to milliseconds, which made every send up to ~1 ms late.
   template <typename OnDone>
   void poll(double wake_at, OnDone&& on_done) {
-    const double wait = std::max(0.0, wake_at - now_s());
-    auto deadline = std::chrono::system_clock::now() + std::chrono::nanoseconds(static_cast<int64_t>(wait * 1e9));
-    void* tag;
-    bool ok;
-    while (cq_.AsyncNext(&tag, &ok, deadline) == grpc::CompletionQueue::GOT_EVENT) {
-      std::unique_ptr<Call> call(static_cast<Call*>(tag));
-      --in_flight_;
-      int code = static_cast<int>(call->status.error_code());
-      if (code == 0) {
-        std::vector<grpc::Slice> slices;
-        std::string bytes;
-        if (call->reply.Dump(&slices).ok()) {
-          for (const grpc::Slice& slice : slices) bytes.append(reinterpret_cast<const char*>(slice.begin()), slice.size());
-        }
-        code = check_reply(bytes, expected_[call->request], many_);
-      }
-      on_done(call->arrival, code);
-      deadline = std::chrono::system_clock::now();  // then only what has already ended
+    std::vector<Ended> ended;
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      const auto until = std::chrono::steady_clock::time_point(
+          std::chrono::nanoseconds(static_cast<int64_t>(wake_at * 1e9)));  // CLOCK_MONOTONIC
+      cv_.wait_until(lock, until, [this] { return !ended_.empty(); });
+      ended.swap(ended_);
     }
+    for (const Ended& e : ended) on_done(e.arrival, e.code, e.done);
   }
 
  private:
@@ -219,7 +223,41 @@ class GrpcTransport {
   std::unique_ptr<grpc::GenericStub> stub_;
   std::vector<grpc::ByteBuffer> requests_;
   grpc::CompletionQueue cq_;
-  int in_flight_ = 0;
+  // The completions, taken by their own thread, which blocks in the queue (no timeout) and wakes
+  // as soon as a reply is in; the scheduler's thread sends and waits on cv_.
+  struct Ended {
+    size_t arrival;
+    int code;
+    double done;
+  };
+  void take_completions() {
+    void* tag;
+    bool ok;
+    while (cq_.Next(&tag, &ok)) {
+      std::unique_ptr<Call> call(static_cast<Call*>(tag));
+      const double done = now_s();
+      int code = static_cast<int>(call->status.error_code());
+      if (code == 0) {
+        std::vector<grpc::Slice> slices;
+        std::string bytes;
+        if (call->reply.Dump(&slices).ok()) {
+          for (const grpc::Slice& slice : slices) bytes.append(reinterpret_cast<const char*>(slice.begin()), slice.size());
+        }
+        code = check_reply(bytes, expected_[call->request], many_);
+      }
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        --in_flight_;
+        ended_.push_back(Ended{call->arrival, code, done});
+      }
+      cv_.notify_one();
+    }
+  }
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  int in_flight_ = 0;  // under mu_
+  std::vector<Ended> ended_;  // under mu_
+  std::thread completions_thread_{[this] { take_completions(); }};  // last: starts once the rest is built
 };
 
 // ---- Redis ----
@@ -413,7 +451,7 @@ class RedisTransport {
     Conn& conn = conns_[c];
     conn.busy = false;
     --in_flight_;
-    on_done(conn.arrival, code);
+    on_done(conn.arrival, code, now_s());
     if (drop && !reconnect(c)) return;  // the connection stays out of the pool: fewer calls in flight from now on
     idle_.push_back(c);
   }
