@@ -180,7 +180,10 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _add_serve(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--target", default="all", choices=["embps", "redis", "inprocess", "all"])
+    parser.add_argument(
+        "--target", default="all", metavar="SYSTEM[,SYSTEM...]",
+        help="embps, redis, inprocess, several of them separated by commas (run in that order), or all",
+    )
     parser.add_argument("--address", default=None, help="HOST:PORT of an existing Serving.Lookup server")
     parser.add_argument("--table", default="emb", help="with --address: the table to look up")
     parser.add_argument("--rows", type=int, default=1_000_000, help="rows every system holds (keys drawn from)")
@@ -208,6 +211,10 @@ def _add_serve(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", type=int, default=32, help="calls in flight per client process")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--plot", default=None, help="write a PNG of p99 vs offered rate here")
+    parser.add_argument(
+        "--generator", default="auto", choices=["auto", "native", "python"],
+        help="load generator: native (C++, one thread per client process; auto: where built) or python threads",
+    )
     parser.add_argument(
         "--overload",
         type=float,
@@ -249,7 +256,7 @@ def _run_serve(args: argparse.Namespace) -> int:
 
     return run_serve_bench(
         ServeBenchConfig(
-            targets=SYSTEMS if args.target == "all" else (args.target,),
+            targets=SYSTEMS if args.target == "all" else tuple(t for t in args.target.split(",") if t),
             address=args.address,
             table=args.table,
             rows=args.rows,
@@ -269,6 +276,7 @@ def _run_serve(args: argparse.Namespace) -> int:
             concurrency=args.concurrency,
             out=args.out,
             plot=args.plot,
+            generator=args.generator,
         )
     )
 

@@ -14,6 +14,14 @@ server cannot hide its queueing (no coordinated omission). `send_lag` (sent - sc
 reported beside the latency: it is that queueing plus the generator's own lateness. Failed calls
 get their latency too, per status code (`error_latency_ms`: e.g. how fast a shed call comes back).
 
+The generator: `native` (default where built: csrc/load_gen.h, `_embps_loadgen`) runs each client
+process's schedule on one C++ thread, the same scheduler for gRPC and Redis, a few microseconds of
+client CPU per call; `python` runs it on `concurrency` Python threads, each making its Caller's
+calls (grpcio, redis-py: more client CPU per call than either server spends, so on a small machine
+that shares its cores with the server it caps what the bench sees). `auto`: native where the
+module is built and the target's caller has `run_native`, else python. Closed loop is Python's.
+The result says which one ran (`generator`).
+
 Only arrivals scheduled inside the measurement window [warmup, warmup + duration) are counted.
 Bounded: every process stops sending at warmup + duration + drain; arrivals not sent by then are
 counted as UNSENT (an error); each call has a deadline that ends by then too. A call that the
@@ -55,13 +63,42 @@ _RESULT_MARGIN_S = 60.0  # beyond the hard end, for a client to report before it
 
 
 class Caller(Protocol):
-    """One client process's connection to a target."""
+    """One client process's connection to a target. It may also offer `run_native(times, t0,
+    hard_end, timeout_s, concurrency) -> (sent, done, codes)`: the whole open-loop schedule in
+    the native generator (see native_module), with codes as names (None: never sent)."""
 
     def call(self, batch_index: int, timeout: float) -> str:
         """Looks up key batch `batch_index` of the pool; returns OK or an error code's name."""
         ...
 
     def close(self) -> None: ...
+
+
+GENERATORS = ("auto", "native", "python")
+# gRPC status codes by number (grpc.StatusCode's names), for the native generator's codes.
+_GRPC_CODES = (
+    "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND", "ALREADY_EXISTS",
+    "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED",
+    "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED",
+)
+
+
+def native_module():
+    """The native generator (`_embps_loadgen`, built with the serving gate where grpc++ is), or None."""
+    try:
+        import _embps_loadgen
+    except ImportError:
+        return None
+    return _embps_loadgen
+
+
+def native_code_names(codes: Sequence[int]) -> list[str | None]:
+    """The native generator's codes -> names: gRPC status names, MISSING_ROWS, BAD_REPLY,
+    SERVER_ERROR (Redis's error reply); None for an arrival never sent."""
+    module = native_module()
+    own = {module.UNSENT: None, module.MISSING_ROWS: "MISSING_ROWS", module.BAD_REPLY: "BAD_REPLY",
+           module.SERVER_ERROR: "SERVER_ERROR"}
+    return [own[c] if c in own else _GRPC_CODES[c] for c in codes]
 
 
 class Target(Protocol):
@@ -95,8 +132,26 @@ class LoadSpec:
     pool_batches: int = 2048  # distinct key batches per client process, reused in turn
     max_requests: int = 5_000_000  # per client process: bounds the schedule's memory and time
     setup_timeout_s: float = 180.0  # for every client process to connect and prepare
+    generator: str = "auto"  # GENERATORS: see the module docstring
 
     def __post_init__(self) -> None:
+        if self.generator not in GENERATORS:
+            raise ValueError(f"generator: must be one of {', '.join(GENERATORS)}, got {self.generator!r}")
+        self._check()
+
+    def uses_native(self, caller: object) -> bool:
+        """Whether a client process runs this spec with the native generator over `caller`."""
+        if self.rate is None or self.generator == "python":
+            return False
+        available = native_module() is not None and hasattr(caller, "run_native")
+        if self.generator == "native" and not available:
+            raise RuntimeError(
+                "generator: native requested, but _embps_loadgen is not built (grpc++ missing) "
+                "or this target has no native caller"
+            )
+        return available
+
+    def _check(self) -> None:
         positive = {
             "rate": 1.0 if self.rate is None else self.rate, "duration_s": self.duration_s, "clients": self.clients,
             "concurrency": self.concurrency, "batch": self.batch, "rows": self.rows, "timeout_s": self.timeout_s,
@@ -182,6 +237,7 @@ def _run_client(target: Target, spec: LoadSpec, index: int, ready, start_at, go,
             sent = np.full(n, np.nan)
             done = np.full(n, np.nan)
             codes: list[str | None] = [None] * n
+        native = spec.uses_native(caller)
 
         def worker() -> None:
             while True:
@@ -204,12 +260,18 @@ def _run_client(target: Target, spec: LoadSpec, index: int, ready, start_at, go,
                 codes[i] = code
 
         cpu0 = time.process_time()
-        run = worker if spec.rate is not None else closed_worker
-        threads = [threading.Thread(target=run, daemon=True) for _ in range(spec.concurrency)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(max(0.0, hard_end + spec.timeout_s - time.monotonic()))
+        if native:
+            sent, done, codes = caller.run_native(times, t0, hard_end, spec.timeout_s, spec.concurrency)
+            deadline = np.minimum(spec.timeout_s, hard_end - sent)
+            late = deadline < np.minimum(spec.timeout_s, hard_end - (t0 + times))
+            codes = [LATE if c == _DEADLINE_EXCEEDED and late[i] else c for i, c in enumerate(codes)]
+        else:
+            run = worker if spec.rate is not None else closed_worker
+            threads = [threading.Thread(target=run, daemon=True) for _ in range(spec.concurrency)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(max(0.0, hard_end + spec.timeout_s - time.monotonic()))
         cpu = time.process_time() - cpu0
         if spec.rate is None:  # the send time stands for the scheduled time
             calls.sort()
@@ -252,6 +314,7 @@ def _run_client(target: Target, spec: LoadSpec, index: int, ready, start_at, go,
             "last_ok_done": float(done[ok].max()) if ok.shape[0] else None,
             "completed_total": int(np.count_nonzero(~np.isnan(done))),
             "cpu_s": cpu,
+            "generator": "native" if native else "python",
         }
     )
 
@@ -380,4 +443,5 @@ def _merge(
         "clients": spec.clients,
         "concurrency": spec.concurrency,
         "batch": spec.batch,
+        "generator": "+".join(sorted({r["generator"] for r in reports})),
     }

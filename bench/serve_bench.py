@@ -15,6 +15,8 @@ system, and a printed table. Server and client CPU per call come from /proc: whe
                                for Redis one MGET of all 416 keys; see bench/serve_targets.py);
                                rows are per table, so --rows 40000 holds ~1M rows in all
     --lookup-threads 1,2       the embps replica once per thread count (embps-1t, embps-2t, ...)
+    --generator python         the load from Python threads (grpcio, redis-py) instead of the native
+                               generator (bench/loadgen.py): the same scheduler for every system
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ class ServeBenchConfig:
     max_rate: float = 200_000.0
     out: str | None = None
     plot: str | None = None
+    generator: str = "auto"  # bench/loadgen.py GENERATORS
 
     def __post_init__(self) -> None:
         unknown = [t for t in self.targets if t not in SYSTEMS]
@@ -86,6 +89,7 @@ class ServeBenchConfig:
         return LoadSpec(
             rate=rate, duration_s=self.duration_s, warmup_s=self.warmup_s, clients=self.clients,
             concurrency=self.concurrency, batch=self.batch * self.tables, rows=self.rows, zipf=self.zipf,
+            generator=self.generator,
         )
 
 
@@ -106,7 +110,7 @@ def _run(config: ServeBenchConfig, target, rate: float, pids: list[int]) -> dict
         f"  {target.name:>9} offered {run['offered_qps']:>9.0f}/s achieved {run['achieved_qps']:>9.0f}/s "
         f"p50 {lat['p50']:6.2f} p99 {lat['p99']:7.2f} p99.9 {lat['p99.9']:7.2f} max {lat['max']:7.2f} ms "
         f"errors {run['error_count']:>5} | CPU/call server {_ms(run['server_cpu_ms_per_call'])} "
-        f"client {_ms(run['client_cpu_ms_per_call'])} {'ok' if run['meets_slo'] else 'FAILS SLO'}",
+        f"client {_ms(run['client_cpu_ms_per_call'])} ({run['generator']}) {'ok' if run['meets_slo'] else 'FAILS SLO'}",
         flush=True,
     )
     return run

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.keys import key_of_rank
-from bench.loadgen import OK
+from bench.loadgen import OK, native_code_names, native_module
 from ps.process import children
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -75,6 +75,7 @@ class GrpcCaller:
         from ps.rpc import serving_pb2
 
         self._grpc = grpc
+        self._address = address
         self._channel = grpc.insecure_channel(
             address,
             options=[
@@ -84,6 +85,7 @@ class GrpcCaller:
         )
         tables = (table,) if isinstance(table, str) else tuple(table)
         self._many = len(tables) > 1
+        self._method = "/embps.v1.Serving/LookupMany" if self._many else "/embps.v1.Serving/Lookup"
         if self._many:
             self._lookup = self._channel.unary_unary(
                 "/embps.v1.Serving/LookupMany", response_deserializer=serving_pb2.ServingLookupManyResponse.FromString
@@ -125,6 +127,15 @@ class GrpcCaller:
                 return "MISSING_ROWS"
         return OK
 
+    def run_native(self, times: np.ndarray, t0: float, hard_end: float, timeout_s: float, concurrency: int):
+        """The open-loop schedule in the native generator, on its own channel: the same requests,
+        the same checks of each reply (every part's rows, every found flag)."""
+        sent, done, codes = native_module().run_grpc(
+            self._address, self._method, self._requests, self._sizes, self._many,
+            np.ascontiguousarray(times, dtype=np.float64), t0, hard_end, timeout_s, concurrency, _MESSAGE_LIMIT,
+        )
+        return np.asarray(sent), np.asarray(done), native_code_names(codes)
+
     def close(self) -> None:
         self._channel.close()
 
@@ -151,6 +162,7 @@ class RedisCaller:
         import redis
 
         self._redis = redis
+        self._host, self._port = host, port
         self._client = redis.Redis(host=host, port=port, socket_timeout=timeout, socket_connect_timeout=timeout)
         self._keys = [
             [k for t, part in enumerate(np.array_split(b, tables)) for k in _redis_keys(part, t, tables)]
@@ -172,8 +184,26 @@ class RedisCaller:
             return "MISSING_ROWS"
         return OK if sum(map(len, values)) == len(keys) * self._row_bytes else "BAD_REPLY"
 
+    def run_native(self, times: np.ndarray, t0: float, hard_end: float, timeout_s: float, concurrency: int):
+        """The open-loop schedule in the native generator: `concurrency` connections, each with one
+        MGET in flight (as the Python threads, one connection each); every reply's rows checked."""
+        commands = [_resp_command([b"MGET", *keys]) for keys in self._keys]
+        sent, done, codes = native_module().run_redis(
+            self._host, self._port, commands, [len(keys) for keys in self._keys], self._row_bytes,
+            np.ascontiguousarray(times, dtype=np.float64), t0, hard_end, timeout_s, concurrency,
+        )
+        return np.asarray(sent), np.asarray(done), native_code_names(codes)
+
     def close(self) -> None:
         self._client.close()
+
+
+def _resp_command(parts: Sequence[bytes]) -> bytes:
+    """A Redis command in RESP: an array of bulk strings."""
+    out = [b"*%d\r\n" % len(parts)]
+    for part in parts:
+        out.append(b"$%d\r\n%s\r\n" % (len(part), part))
+    return b"".join(out)
 
 
 def _redis_keys(keys: np.ndarray, table: int = 0, tables: int = 1) -> list[bytes]:

@@ -49,12 +49,13 @@ std::string to_string(const grpc::ByteBuffer& buffer) {
 // (and nothing is being written to it), its status is taken and becomes the caller's.
 class Call {
  public:
-  explicit Call(ServingGate::Shared* shared) : shared_(shared), stream_(&server_ctx_) {
+  Call(ServingGate::Shared* shared, ServingGate::Shared::Lane* lane)
+      : shared_(shared), lane_(lane), cq_(lane->cq.get()), stream_(&server_ctx_) {
     shared_->live_calls.fetch_add(1, std::memory_order_relaxed);
     for (int k = 0; k < kKinds; ++k) tags_[k] = Tag{this, static_cast<Kind>(k)};
     server_ctx_.AsyncNotifyWhenDone(tag(kDone));  // delivered only for a call taken (see OnRequest)
     Start();
-    shared_->service.RequestCall(&server_ctx_, &stream_, shared_->cq.get(), shared_->cq.get(), tag(kRequest));
+    shared_->service.RequestCall(&server_ctx_, &stream_, cq_, cq_, tag(kRequest));
   }
 
   ~Call() {
@@ -107,7 +108,7 @@ class Call {
 
   void OnRequest(bool ok) {
     if (!ok) return;  // the server is shutting down: no call was taken, and none is requested
-    new Call(shared_);  // the next request
+    new Call(shared_, lane_);  // the next request, on this thread's queue
     // The done tag of a taken call comes from a later event than this one: counting it here is safe.
     Start();
     if (shared_->draining.load(std::memory_order_relaxed)) {
@@ -140,7 +141,7 @@ class Call {
       if (forwarded_header(name)) upstream_ctx_.AddMetadata(name, std::string(value.data(), value.size()));
     }
     upstream_ctx_.set_deadline(server_ctx_.raw_deadline());
-    upstream_ = shared_->stub->PrepareCall(&upstream_ctx_, server_ctx_.method(), shared_->cq.get());
+    upstream_ = shared_->stub->PrepareCall(&upstream_ctx_, server_ctx_.method(), cq_);
     Start();
     upstream_->StartCall(tag(kUpStart));
   }
@@ -180,16 +181,13 @@ class Call {
       request_.authorization.assign(authorization->second.data(), authorization->second.size());
     }
     deadline_ = server_ctx_.deadline();
-    {
-      std::lock_guard<std::mutex> lock(shared_->jobs_mu);
-      shared_->jobs.emplace_back([this] { Answer(); });
-    }
-    shared_->jobs_cv.notify_one();
+    lane_->ready.emplace_back([this] { Answer(); });
   }
 
-  // On a worker thread: touches only request_, reply_, deadline_ and cancelled_, and starts the
-  // call's last operation (gRPC takes operations from any thread; this call has no other left
-  // but the done notice, and its count was taken in OnLookupRead).
+  // Run by the lane's thread (run_lane) once the events ready before it are handled: no hand-off
+  // to another thread, whose wake-ups (a futex, then the queue's own kick to deliver the reply's
+  // completion) cost more CPU than the lookup itself. The call's last operation is started here;
+  // its count was taken in OnLookupRead.
   void Answer() {
     LookupReply reply;
     if (cancelled_.load(std::memory_order_relaxed)) {
@@ -287,6 +285,8 @@ class Call {
   }
 
   ServingGate::Shared* const shared_;
+  ServingGate::Shared::Lane* const lane_;
+  grpc::ServerCompletionQueue* const cq_;  // lane_'s: every operation of the call completes here
   Tag tags_[kKinds];
   int pending_ = 0;
   bool counted_ = false;  // holds a place in the bound (shared_->in_flight)
@@ -334,6 +334,27 @@ std::shared_ptr<grpc::ServerCredentials> server_credentials(const GateConfig& co
   return grpc::experimental::TlsServerCredentials(options);
 }
 
+// A lane's thread: the events of its queue, and its Lookups in the order they were read, each
+// after every event ready by then (so refusals and reads never wait behind a queue of lookups).
+void run_lane(ServingGate::Shared::Lane* lane) {
+  void* tag;
+  bool ok;
+  while (true) {
+    if (lane->ready.empty()) {  // nothing to answer: wait for the next event
+      if (!lane->cq->Next(&tag, &ok)) return;  // shut down (only once no call is left)
+      Call::Handle(tag, ok);
+      continue;
+    }
+    // A Lookup to answer: first every event ready now (a poll that does not wait), then it.
+    while (lane->cq->AsyncNext(&tag, &ok, gpr_time_0(GPR_CLOCK_MONOTONIC)) == grpc::CompletionQueue::GOT_EVENT) {
+      Call::Handle(tag, ok);
+    }
+    std::function<void()> answer = std::move(lane->ready.front());
+    lane->ready.pop_front();
+    answer();
+  }
+}
+
 void drain(grpc::CompletionQueue* cq) {
   void* tag;
   bool ok;
@@ -374,36 +395,27 @@ ServingGate::ServingGate(const GateConfig& config) : shared_(new Shared) {
   builder.SetMaxReceiveMessageSize(max_message);
   builder.SetMaxSendMessageSize(max_message);
   builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
-  shared_->cq = builder.AddCompletionQueue();
+  for (int i = 0; i < workers; ++i) {
+    shared_->lanes.push_back(std::make_unique<Shared::Lane>());
+    shared_->lanes.back()->cq = builder.AddCompletionQueue();
+  }
   server_ = builder.BuildAndStart();
   if (server_ == nullptr || port_ == 0) {
     server_.reset();
-    shared_->cq->Shutdown();
-    drain(shared_->cq.get());
+    for (auto& lane : shared_->lanes) {
+      lane->cq->Shutdown();
+      drain(lane->cq.get());
+    }
     throw std::runtime_error("listen: cannot bind " + config.listen);
   }
   owner.release();
-  for (int i = 0; i < kRequestsOutstanding; ++i) new Call(shared_);
-  thread_ = std::thread([cq = shared_->cq.get()] {
-    pthread_setname_np(pthread_self(), "embps-gate");
-    void* tag;
-    bool ok;
-    while (cq->Next(&tag, &ok)) Call::Handle(tag, ok);
-  });
-  for (int i = 0; i < workers; ++i) {
-    workers_.emplace_back([shared = shared_] {
-      pthread_setname_np(pthread_self(), "embps-lookup");
-      while (true) {
-        std::function<void()> job;
-        {
-          std::unique_lock<std::mutex> lock(shared->jobs_mu);
-          shared->jobs_cv.wait(lock, [shared] { return shared->workers_stop || !shared->jobs.empty(); });
-          if (shared->jobs.empty()) return;  // stopping, and nothing left
-          job = std::move(shared->jobs.front());
-          shared->jobs.pop_front();
-        }
-        job();
-      }
+  for (auto& lane : shared_->lanes) {
+    for (int i = 0; i < kRequestsOutstanding; ++i) new Call(shared_, lane.get());
+  }
+  for (auto& lane : shared_->lanes) {
+    threads_.emplace_back([lane = lane.get()] {
+      pthread_setname_np(pthread_self(), "embps-gate");
+      run_lane(lane);
     });
   }
 }
@@ -445,19 +457,12 @@ void ServingGate::shutdown(double grace_seconds) {
   if (shared_->live_calls.load(std::memory_order_relaxed) > 0) {
     std::fprintf(stderr, "embps serving gate: %lld calls did not end after shutdown; leaving them to the exit\n",
                  static_cast<long long>(shared_->live_calls.load()));
-    thread_.detach();
-    for (std::thread& worker : workers_) worker.detach();
+    for (std::thread& thread : threads_) thread.detach();
     leaked_ = true;
     return;
   }
-  {
-    std::lock_guard<std::mutex> lock(shared_->jobs_mu);
-    shared_->workers_stop = true;
-  }
-  shared_->jobs_cv.notify_all();
-  for (std::thread& worker : workers_) worker.join();
-  shared_->cq->Shutdown();
-  thread_.join();
+  for (auto& lane : shared_->lanes) lane->cq->Shutdown();
+  for (std::thread& thread : threads_) thread.join();
   // The upstream channel goes now, not with the gate object: its connection would keep the
   // replica's grpc.aio server waiting out its own grace.
   shared_->stub.reset();

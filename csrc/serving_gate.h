@@ -7,15 +7,19 @@
 // answers one more RESOURCE_EXHAUSTED at once, unread, in C++. "Lookups" are the calls of the
 // bounded methods (`lookup_methods`: Serving/Lookup and Serving/LookupMany); they share one bound.
 //
-// An admitted Lookup is answered by `lookup` on one of the gate's `workers` threads: in the
-// replica, NativeLookups (serving_lookup.h), which parses, checks the token, reads the native
-// row store and encodes the reply in C++, without the GIL. Every other
+// The gate runs `workers` threads ("lanes"), each with its own completion queue that it alone
+// polls: a call is taken on one queue and every event of it runs on that queue's thread, so a
+// call's state needs no lock. An admitted Lookup is answered by `lookup` on the thread that read
+// it (a hand-off to another thread cost more CPU in wake-ups than the lookup), but only once the
+// events already in its queue are handled: the lane keeps the Lookups read in order, and between
+// two of them takes every event that is ready without waiting, so a call beyond the bound is
+// refused at once, never behind the lookups queued before it. In the replica `lookup` is
+// NativeLookups (serving_lookup.h), which parses, checks the token, reads the native row store
+// and encodes the reply in C++, without the GIL. Every other
 // call (Status, health, reflection; streaming or not) is forwarded byte for byte, with its
 // metadata and deadline, to the replica's grpc.aio server on a private Unix socket, and the
 // replies, status and trailing metadata come back unchanged.
 //
-// One thread runs every call's gRPC events (a completion queue), so a call's state needs no lock;
-// a worker thread touches only its Lookup's request and reply, and sends the reply itself.
 // TLS (and mutual TLS) end here, from files re-read every second.
 #pragma once
 
@@ -26,7 +30,6 @@
 #include <grpcpp/support/slice.h>
 
 #include <atomic>
-#include <condition_variable>
 #include <cstdint>
 #include <deque>
 #include <functional>
@@ -56,7 +59,7 @@ struct LookupReply {
   grpc::Slice payload;  // filled once from the handler's bytes, then sent without a copy
 };
 
-// Runs on a worker thread; must not throw.
+// Runs on one of the gate's threads, several at once; must not throw.
 using LookupHandler = std::function<LookupReply(const LookupRequest&)>;
 
 struct GateConfig {
@@ -64,7 +67,7 @@ struct GateConfig {
   std::string upstream;           // gRPC target of the Python server, e.g. unix:/run/x/upstream.sock
   std::vector<std::string> lookup_methods;  // the bounded methods, answered by `lookup`
   LookupHandler lookup;
-  int workers = 0;                // threads answering lookups; 0: one per core
+  int workers = 0;                // threads (each a completion queue) taking calls and answering lookups; 0: one per core
   int64_t max_queue = 0;          // lookups admitted and not finished; 0: no bound
   int64_t max_queue_bytes = 0;    // request + reply bytes the admitted lookups hold; 0: no bound
   int64_t max_message_bytes = 0;  // largest message either way
@@ -103,7 +106,12 @@ class ServingGate {
     std::string shed_bytes_message;
     grpc::AsyncGenericService service;
     std::unique_ptr<grpc::GenericStub> stub;
-    std::unique_ptr<grpc::ServerCompletionQueue> cq;
+    // One per thread: its queue and its Lookups read and not yet answered (only it touches them).
+    struct Lane {
+      std::unique_ptr<grpc::ServerCompletionQueue> cq;
+      std::deque<std::function<void()>> ready;
+    };
+    std::vector<std::unique_ptr<Lane>> lanes;
     std::atomic<int64_t> in_flight{0};
     std::atomic<int64_t> queued_bytes{0};
     std::atomic<int64_t> admitted{0};
@@ -112,18 +120,12 @@ class ServingGate {
     std::atomic<int64_t> live_calls{0};  // calls (serving_gate.cpp), requests not yet taken included
     std::atomic<bool> draining{false};   // shutting down: new calls are refused UNAVAILABLE
     std::atomic<int64_t> serving{0};     // calls taken before the drain and not finished
-    // Lookups read and waiting for a worker.
-    std::mutex jobs_mu;
-    std::condition_variable jobs_cv;
-    std::deque<std::function<void()>> jobs;
-    bool workers_stop = false;
   };
 
  private:
   Shared* shared_;  // owned; left allocated if calls outlive shutdown (see shutdown)
   std::unique_ptr<grpc::Server> server_;
-  std::thread thread_;  // runs every call's gRPC events: it alone touches a call's state
-  std::vector<std::thread> workers_;
+  std::vector<std::thread> threads_;  // one per queue: each alone runs the events of its calls
   int port_ = 0;
   bool stopped_ = false;
   bool leaked_ = false;  // shutdown gave up waiting for calls: nothing is freed

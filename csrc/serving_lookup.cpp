@@ -429,7 +429,12 @@ LookupReply NativeLookups::operator()(const LookupRequest& request) {
   LookupReply reply;
   reply.code = a.code;
   reply.message = std::move(a.message);
-  if (a.code == 0) reply.payload = grpc::Slice(a.payload);
+  if (a.code == 0) {
+    // The slice takes the reply's bytes where they are (no copy); it frees them when gRPC is done.
+    auto* bytes = new std::string(std::move(a.payload));
+    reply.payload = grpc::Slice(bytes->data(), bytes->size(), [](void* p) { delete static_cast<std::string*>(p); },
+                                bytes);
+  }
   return reply;
 }
 

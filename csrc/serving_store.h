@@ -111,7 +111,12 @@ class ShardStore {
     for (int64_t start = 0; start < n; start += kGroup) {
       const int64_t m = n - start < kGroup ? n - start : kGroup;
       map_.find(keys + start, m, rows);
+      // Rows are read kAhead after their lines are asked for: the cache misses of a random gather
+      // (the first read of a row was ~10% of a replica's CPU) overlap instead of following each other.
+      const Dir* d = current_dir();
+      for (int64_t i = 0; i < m && i < kAhead; ++i) prefetch_row(d, rows[i]);
       for (int64_t i = 0; i < m; ++i) {
+        if (i + kAhead < m) prefetch_row(d, rows[i + kAhead]);
         const uint32_t got = read_key(keys[start + i], rows[i], copy.data());
         if (got == kLive) std::memcpy(out + (start + i) * width_, copy.data(), 4 * width_);
         state[start + i] = static_cast<uint8_t>(got);
@@ -148,6 +153,12 @@ class ShardStore {
   };
 
   const Dir* current_dir() const { return dir_.load(std::memory_order_acquire); }
+  static constexpr int64_t kAhead = 8;  // rows prefetched ahead of the one read (gather_state)
+  void prefetch_row(const Dir* d, int64_t r) const {
+    const char* row = row_ptr(d, r);
+    if (row == nullptr) return;
+    for (int64_t at = 0; at < stride_; at += 64) __builtin_prefetch(row + at);
+  }
   char* row_ptr(const Dir* d, int64_t r) const {
     const int64_t b = r >> kBlockShift;
     if (r < 0 || b >= d->n) return nullptr;

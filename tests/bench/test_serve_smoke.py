@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 import embps
+from bench.loadgen import native_module
 from bench.serve_targets import RedisServer
 from tests.helpers.waiting import eventually, wait_until
 
@@ -23,7 +24,7 @@ RUN_FIELDS = {
     "target", "target_qps", "offered_qps", "sent_qps", "achieved_qps", "keys_per_s", "requests", "ok", "errors",
     "error_count", "generator_errors", "latency_ms", "send_lag_ms", "service_latency_ms", "error_latency_ms",
     "latency_histogram", "client_cpu_ms_per_call", "server_cpu_ms_per_call", "client_cores", "server_cores", "wall_s",
-    "duration_s", "warmup_s", "clients", "concurrency", "batch", "meets_slo",
+    "duration_s", "warmup_s", "clients", "concurrency", "batch", "meets_slo", "generator",
 }
 LATENCY_FIELDS = {"p50", "p90", "p99", "p99.9", "max", "mean"}
 MACHINE_FIELDS = {"cpu_count", "memory_bytes", "python", "numpy", "torch", "grpcio", "protobuf", "redis", "hiredis"}
@@ -55,6 +56,10 @@ def _check_run(result: dict, name: str, rate: float, tables: int = 1) -> dict:
     assert {"runs", "max_qps_at_slo", "keys_per_s_at_slo", "p99_ms_at_slo", "run"} <= set(system)
     (run,) = system["runs"]
     assert set(run) == RUN_FIELDS
+    # Every client process ran the native generator where it is built (embps and Redis callers
+    # offer it); the in-process target has none.
+    native = native_module() is not None and name != "inprocess"
+    assert run["generator"] == ("native" if native else "python")
     assert set(run["latency_ms"]) == LATENCY_FIELDS and all(v > 0 for v in run["latency_ms"].values())
     assert run["target"] == name and run["target_qps"] == rate
     assert run["error_count"] == 0 and run["errors"] == {} and run["ok"] == run["requests"] > 0
