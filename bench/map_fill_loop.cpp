@@ -6,10 +6,11 @@
 //   /tmp/map_fill_loop 30000000 65536   # keys, keys per call
 //
 // Prints, up to 10M keys and up to all keys: the median, p99.9 and max of the calls' times on the
-// thread's CPU clock (page faults included, time without a core excluded) and on the wall clock,
-// where the slowest call fell, what it rehashed and how many page faults it took; then the find rate (batches of 4096 random
-// existing keys, median of 9 rounds), the map's bytes per key and how much of the process's
-// memory huge pages map.
+// thread's CPU clock (page faults included, time without a core excluded), on the wall clock and
+// off the run queue; where the slowest call fell, what it rehashed, how many page faults it took
+// and how often the scheduler preempted it; the same among the calls never preempted; then the
+// find rate (batches of 4096 random existing keys, median of 9 rounds), the map's bytes per key
+// and how much of the process's memory huge pages map.
 #include <sys/resource.h>
 #include <time.h>
 
@@ -18,6 +19,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <random>
+#include <utility>
 #include <vector>
 
 #include "hash_map.h"
@@ -55,16 +57,19 @@ void print_memory() {
   std::printf("process RSS %.0f MiB, of which on huge pages %.0f MiB\n", rss, huge);
 }
 
-long minor_faults() {
+// The calling thread's page faults, and how often the scheduler took its core away (involuntary
+// context switches): on a shared machine a preempted call's CPU time is not the map's alone.
+std::pair<long, long> faults_and_preemptions() {
   rusage u;
   getrusage(RUSAGE_THREAD, &u);
-  return u.ru_minflt;
+  return {u.ru_minflt, u.ru_nivcsw};
 }
 
 struct Call {
   double cpu, wall, off_queue;  // off_queue: wall less the run-queue wait (blocked time stays)
   uint64_t keys_after, rehashed;
   long faults;  // the calling thread's page faults in the call (a huge page is one)
+  long preemptions;
 };
 
 double quantile(std::vector<double> v, double q) {
@@ -74,8 +79,9 @@ double quantile(std::vector<double> v, double q) {
 }
 
 void report(const std::vector<Call>& calls, uint64_t upto) {
-  std::vector<double> cpu, wall, off_queue;
+  std::vector<double> cpu, wall, off_queue, cpu_kept;  // cpu_kept: calls never preempted
   const Call* slowest = nullptr;
+  const Call* slowest_kept = nullptr;
   uint64_t most_rehashed = 0;
   for (const Call& c : calls) {
     if (c.keys_after > upto) break;
@@ -83,19 +89,29 @@ void report(const std::vector<Call>& calls, uint64_t upto) {
     wall.push_back(c.wall);
     off_queue.push_back(c.off_queue);
     if (slowest == nullptr || c.cpu > slowest->cpu) slowest = &c;
+    if (c.preemptions == 0) {
+      cpu_kept.push_back(c.cpu);
+      if (slowest_kept == nullptr || c.cpu > slowest_kept->cpu) slowest_kept = &c;
+    }
     most_rehashed = std::max(most_rehashed, c.rehashed);
   }
   const double cpu_median = quantile(cpu, 0.5), wall_median = quantile(wall, 0.5);
   const double off_median = quantile(off_queue, 0.5);
   std::printf(
       "to %.0fM keys, %zu calls: CPU median %.2f ms, p99.9 %.2f ms, max %.2f ms (%.2fx median, at %.1fM keys, "
-      "rehashed %.2fM, %ld page faults) | wall median %.2f ms, max %.2f ms (%.2fx) | off the run queue median "
+      "rehashed %.2fM, %ld page faults, preempted %ld times) | wall median %.2f ms, max %.2f ms (%.2fx) | off the run queue median "
       "%.2f ms, max %.2f ms (%.2fx) | most rehashed by one call %.2fM\n",
       static_cast<double>(upto) / 1e6, cpu.size(), cpu_median * 1e3, quantile(cpu, 0.999) * 1e3,
       slowest->cpu * 1e3, slowest->cpu / cpu_median, static_cast<double>(slowest->keys_after) / 1e6,
-      static_cast<double>(slowest->rehashed) / 1e6, slowest->faults, wall_median * 1e3, quantile(wall, 1.0) * 1e3,
+      static_cast<double>(slowest->rehashed) / 1e6, slowest->faults, slowest->preemptions, wall_median * 1e3, quantile(wall, 1.0) * 1e3,
       quantile(wall, 1.0) / wall_median, off_median * 1e3, quantile(off_queue, 1.0) * 1e3,
       quantile(off_queue, 1.0) / off_median, static_cast<double>(most_rehashed) / 1e6);
+  if (slowest_kept != nullptr) {
+    const double kept_median = quantile(cpu_kept, 0.5);
+    std::printf("    %zu calls never preempted: CPU median %.2f ms, max %.2f ms (%.2fx, at %.1fM keys, %ld page faults)\n",
+                cpu_kept.size(), kept_median * 1e3, slowest_kept->cpu * 1e3, slowest_kept->cpu / kept_median,
+                static_cast<double>(slowest_kept->keys_after) / 1e6, slowest_kept->faults);
+  }
 }
 
 }  // namespace
@@ -114,13 +130,15 @@ int main(int argc, char** argv) {
     for (uint64_t i = 0; i < num_keys; i += batch) {
       const uint64_t n = std::min(batch, num_keys - i);
       const uint64_t before = map.rehashed();
-      const long faults0 = minor_faults();
+      const auto [faults0, preempted0] = faults_and_preemptions();
       const double queue0 = run_queue_wait_s();
       const double cpu0 = clock_s(CLOCK_THREAD_CPUTIME_ID), wall0 = clock_s(CLOCK_MONOTONIC);
       map.find_or_insert(keys.data() + i, static_cast<int64_t>(n), rows.data(), inserted.data());
       const double cpu1 = clock_s(CLOCK_THREAD_CPUTIME_ID), wall1 = clock_s(CLOCK_MONOTONIC);
       const double queued = run_queue_wait_s() - queue0;
-      calls.push_back(Call{cpu1 - cpu0, wall1 - wall0, wall1 - wall0 - queued, i + n, map.rehashed() - before, minor_faults() - faults0});
+      const auto [faults1, preempted1] = faults_and_preemptions();
+      calls.push_back(Call{cpu1 - cpu0, wall1 - wall0, wall1 - wall0 - queued, i + n, map.rehashed() - before, faults1 - faults0,
+                           preempted1 - preempted0});
     }
     if (num_keys > 10000000) report(calls, 10000000);
     report(calls, num_keys);
