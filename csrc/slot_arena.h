@@ -9,7 +9,7 @@
 // matches it.
 //
 // Why ahead of need: each new huge page is a page fault, and where the host takes back free 2 MiB
-// blocks (this project's Firecracker VM) a fault on a fresh one costs ~3-9 ms, against ~0.1-0.3 ms
+// blocks (this project's Firecracker VM) a fault on a fresh one costs ~2-9 ms, against ~0.1-0.3 ms
 // for one the process freed a moment ago: fill calls that drew several took 3-18x the median call.
 // So the arena's thread (Prefaulter) maps the next chunk and writes to each of its pages before
 // the writer needs it, and unmaps the chunks the writer empties: the map's calls then take no
@@ -21,8 +21,9 @@
 //
 // Chunk size: 1/32 of the live arrays, within [2, 32] MiB (and at least 4 of the largest array):
 // the chunk in use and the one filled ahead hold at most 1/16 of the map beyond its arrays
-// (~1.3 bytes per key, counted by overhead_bytes), and at 30M keys one chunk lasts ~5 fill calls
-// of 65,536 new keys (each allocates ~4 MB of arrays), time enough to fill the next.
+// (1.1-1.5 bytes per key at 30M keys here, counted by overhead_bytes), and at 30M keys one
+// chunk lasts ~5 fill calls of 65,536 new keys (each allocates ~4 MB of arrays), time enough to
+// fill the next.
 //
 // Allocation bumps a pointer in the current chunk. A freed array's whole pages are returned to
 // the kernel at once (madvise(MADV_DONTNEED)); a chunk is unmapped when its last array is freed.
