@@ -1,6 +1,7 @@
 """The C++ hash map against a Python dict, over random mixes of verbs and awkward keys; growth in
 pieces (sub-maps that grow alone) and lookups from one thread while another grows the map."""
 
+import os
 import threading
 import time
 
@@ -258,3 +259,54 @@ def test_large_sub_map_arrays_live_in_the_arena_and_clear_gives_its_memory_back(
     assert table.memory_bytes < empty_bytes + 4096
     again, _ = table.find_or_insert(keys)
     assert sorted(again.tolist()) == list(range(keys.shape[0]))
+
+
+def test_verbs_match_dict_while_arrays_grow_through_arena_chunks():
+    """4 sub-maps whose arrays pass 64 KiB at ~16k keys: inserts, erases and clears against a dict
+    while the arrays grow through many arena chunks, whether the arena's thread filled them ahead
+    or the writer mapped them itself (csrc/slot_arena.h): the same rows either way."""
+    rng = np.random.default_rng(5)
+    table = HashMap(sub_maps=4)
+    ref: dict[int, int] = {}
+    for cycle in range(6):
+        for _ in range(8):
+            keys = rng.integers(INT64_MIN, INT64_MAX, size=8_000, dtype=np.int64)
+            rows, inserted = table.find_or_insert(keys)
+            for k, row, new in zip(keys.tolist(), rows.tolist(), inserted.tolist(), strict=True):
+                assert new == (k not in ref)
+                assert ref.setdefault(k, row) == row
+        live = np.fromiter(ref, dtype=np.int64)
+        gone = live[rng.random(live.shape[0]) < 0.3]
+        np.testing.assert_array_equal(table.erase(gone), [ref.pop(k) for k in gone.tolist()])
+        live = np.fromiter(ref, dtype=np.int64)
+        np.testing.assert_array_equal(table.find(live), [ref[k] for k in live.tolist()])
+        assert (table.find(gone) == -1).all()
+        assert table.size == len(ref)
+        if cycle == 3:
+            table.clear()
+            ref.clear()
+            assert table.size == 0
+
+
+def _threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc (Linux)")
+def test_maps_destroyed_or_cleared_while_their_arena_fills_ahead_stop_its_thread():
+    """A map whose arrays live in the arena has a thread that fills chunks ahead; destroying the
+    map, at once or after a clear, while that thread may be mid-chunk joins it and unmaps what it
+    held, and a cleared map counts no memory filled ahead."""
+    keys = np.random.default_rng(12).integers(INT64_MIN, INT64_MAX, size=300_000, dtype=np.int64)
+    before = _threads()
+    for round_ in range(8):
+        table = HashMap(sub_maps=4)
+        empty_bytes = table.memory_bytes
+        table.find_or_insert(keys)  # arrays of ~0.8 MB: in the arena, whose thread starts
+        assert _threads() == before + 1
+        if round_ % 2:
+            table.clear()
+            assert table.memory_bytes < empty_bytes + 4096
+            table.find_or_insert(keys[: 100_000 * (round_ % 4)])
+        del table
+        assert _threads() <= before
