@@ -21,8 +21,11 @@ steps in flight, and the next batch's lookups run in another during this step's 
 thread, not the step, waits for the pushes the lookups must see).
 
 Commits (DESIGN section 9): in sync mode rank 0 sends Commit(t) to every shard after step t's
-barrier and before it joins step t + 1's all_to_all, so no push of t + 1 reaches a shard before
-it; with it, every train.publish_dense_every steps, the dense tower of step t. In async mode
+barrier and waits for it before it joins step t + 1's all_to_all, so no push of t + 1 reaches a
+shard before it; with it, every train.publish_dense_every steps, the dense tower of step t. The
+call goes out on a thread of its own and runs beside step t + 1's lookups and compute (a Commit
+only reads the rows its step changed, and a lookup changes none), so its round trip is off the
+step's path. In async mode
 rank 0 commits step t - staleness after step t's all_to_all (every rank has then waited for its
 pushes up to that step): every update of steps <= t - staleness is in, later ones may be too.
 
@@ -164,6 +167,10 @@ class Trainer:
         self._committed = 0  # the newest step committed to the PS (rank 0)
         self._push_pool = ThreadPoolExecutor(1, thread_name_prefix="push") if self._async else None
         self._pull_pool = ThreadPoolExecutor(1, thread_name_prefix="pull") if self._async else None
+        # Sync mode, rank 0: the Commit of the step before, in flight during this step's lookups
+        # and compute; waited for before this step's all_to_all (see the module docstring).
+        self._commit_pool = ThreadPoolExecutor(1, thread_name_prefix="commit") if not self._async else None
+        self._pending_commit: Future | None = None
 
     def _table_groups(self) -> list[tuple[str, list[int]]]:
         """(table, feature columns) per table, first-use order."""
@@ -214,6 +221,10 @@ class Trainer:
         self.times.compute += time.perf_counter() - start
 
         start = time.perf_counter()
+        self._wait_commit()
+        self.times.push += time.perf_counter() - start
+
+        start = time.perf_counter()
         outgoing = self._exchange(pulled, leaf)
         self.times.all_to_all += time.perf_counter() - start
 
@@ -227,9 +238,9 @@ class Trainer:
             self._push_all(outgoing, self.step)
             if self.world_size > 1:
                 dist.barrier()
-            # Before rank 0 joins step + 1's all_to_all, so no push of step + 1 precedes it.
+            # Waited for before rank 0 joins step + 1's all_to_all, so no push of step + 1 precedes it.
             if self.rank == 0:
-                self._commit(self.step, True)
+                self._pending_commit = self._commit_pool.submit(self._send_commit, self.step, self._dense_state(self.step))
         self.times.push += time.perf_counter() - start
         self.times.steps += 1
 
@@ -248,12 +259,25 @@ class Trainer:
     def _commit(self, step: int, with_dense: bool) -> None:
         """Commit(step) to every shard (DESIGN section 9), with the dense tower every
         train.publish_dense_every steps when with_dense (sync mode: the tower is the step's)."""
+        self._send_commit(step, self._dense_state(step) if with_dense else b"")
+
+    def _dense_state(self, step: int) -> bytes:
+        """The dense tower's bytes when step publishes it (train.publish_dense_every), else b"".
+        Read on the training thread: the next step changes the tower in place."""
+        every = self.job.train.publish_dense_every
+        return encode_dense(self.model) if every and step % every == 0 else b""
+
+    def _send_commit(self, step: int, state: bytes) -> None:
         if step <= self._committed:  # async: drain() committed a later step already
             return
         self._committed = step
-        every = self.job.train.publish_dense_every
-        state = encode_dense(self.model) if with_dense and every and step % every == 0 else b""
         self._call_ps(f"commit of step {step}", lambda: self.client.commit(step, state, DENSE_FORMAT if state else ""))
+
+    def _wait_commit(self) -> None:
+        """Waits for the Commit in flight (sync mode, rank 0); its error raises here."""
+        pending, self._pending_commit = self._pending_commit, None
+        if pending is not None:
+            pending.result()
 
     def _exchange(self, pulled: _Pulled, leaf: torch.Tensor) -> _Outgoing:
         """Sends every table's (key, grad / W, count) rows to the keys' owner ranks in one
@@ -261,16 +285,16 @@ class Trainer:
         # Row layout: [table index | grad (D) | count], all float32 (indexes and counts are exact
         # below 2^24); keys travel beside it bit for bit.
         tags = np.repeat(np.arange(len(self.groups), dtype=np.float32), np.diff(pulled.offsets))
-        payload = torch.cat(
-            [
-                torch.from_numpy(tags)[:, None],
-                leaf.grad / self.world_size,
-                torch.from_numpy(pulled.counts.astype(np.float32))[:, None],
-            ],
-            dim=1,
-        )
         owner = self.shard_map.owner_rank(pulled.unique, self.world_size)
-        received_keys, received = exchange_to_owners(pulled.unique, payload, owner, self.world_size)
+        received_keys, received = exchange_to_owners(
+            pulled.unique,
+            leaf.grad,
+            owner,
+            self.world_size,
+            divisor=self.world_size,
+            lead=tags,
+            trail=pulled.counts.astype(np.float32),
+        )
         received_tags = received[:, 0].astype(np.int64)
         keys, summed, offsets = native.sum_by_table_key(received_keys, received_tags, received[:, 1:], len(self.groups))
         sightings = np.rint(summed[:, -1]).astype(np.int64)
@@ -334,6 +358,7 @@ class Trainer:
         """Waits for every in-flight push (async mode), then for every rank to get there."""
         while self._pushes:
             self._pushes.popleft().result()
+        self._wait_commit()
         if self.world_size > 1:
             dist.barrier()
         if self._async and self.rank == 0 and self.step:
@@ -358,6 +383,6 @@ class Trainer:
         return pulled
 
     def close(self) -> None:
-        for pool in (self._push_pool, self._pull_pool):
+        for pool in (self._push_pool, self._pull_pool, self._commit_pool):
             if pool is not None:
                 pool.shutdown(wait=True)
