@@ -33,7 +33,7 @@ def exchange_to_owners(
     keys (u,) int64, grads (u, dim) float32 (CPU), owner (u,) int64 in [0, world_size); lead and
     trail (u,) float32 or None: one column before and after the grads. Each row sent is
     [lead | grads / divisor | trail] (columns that are None left out). Returns received keys (m,)
-    int64 and rows (m, width) float32, rank by rank in rank order; a key sent by several ranks
+    int64 and rows (m, width) float32 (not always C-contiguous), rank by rank in rank order; a key sent by several ranks
     appears once per sender. Collective: every rank must call it.
     """
     dim = grads.shape[1]
@@ -41,9 +41,11 @@ def exchange_to_owners(
     grads = grads.detach()
     if world_size == 1:
         return keys, _rows(None, grads, divisor, lead, trail, width, torch.empty((keys.shape[0], width)))
-    order = np.argsort(owner, kind="stable")
+    # Rows already grouped by owner (the trainer's come shard after shard) are sent where they are.
+    grouped = bool((owner[1:] >= owner[:-1]).all())
+    order = None if grouped else np.argsort(owner, kind="stable")
     packed = torch.empty((keys.shape[0], 2 + width), dtype=torch.float32)
-    packed.numpy()[:, :2] = keys[order].view(np.float32).reshape(-1, 2)
+    packed.numpy()[:, :2] = (keys if order is None else keys[order]).view(np.float32).reshape(-1, 2)
     _rows(order, grads, divisor, lead, trail, width, packed[:, 2:])
     send_counts = np.bincount(owner, minlength=world_size).astype(np.int64)
     recv_counts = torch.empty(world_size, dtype=torch.int64)
@@ -58,7 +60,7 @@ def exchange_to_owners(
     )
     received_np = received.numpy()
     received_keys = np.ascontiguousarray(received_np[:, :2]).view(np.int64).reshape(-1)
-    return received_keys, np.ascontiguousarray(received_np[:, 2:])
+    return received_keys, received_np[:, 2:]  # a view: the caller's pass over the rows copies them once
 
 
 def _rows(

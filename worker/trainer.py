@@ -91,13 +91,13 @@ class StepTimes:
 
 @dataclass
 class _Pulled:
-    """Looked-up rows of one batch, every table at once: unique (u,) keys table after table
-    (table g's at offsets[g] : offsets[g + 1]), inverse (B, F) positions into them, counts (u,)
-    occurrences, values (u, D)."""
+    """Looked-up rows of one batch, every table at once, in the order the shards answered (shard
+    after shard): row i holds key unique[i] of table tags[i] (float32, exact) with values[i]
+    (u, D), seen counts[i] times; inverse (B, F) the row of each feature of each sample."""
 
     batch: Batch
     unique: np.ndarray
-    offsets: np.ndarray
+    tags: np.ndarray
     inverse: np.ndarray
     counts: np.ndarray
     values: np.ndarray
@@ -180,12 +180,22 @@ class Trainer:
         return list(groups.items())
 
     def pull(self, batch: Batch) -> _Pulled:
-        """Looks up the unique keys of every table of `batch`: one dedupe, one lookup round."""
+        """Looks up the unique keys of every table of `batch`: one dedupe, one lookup round.
+
+        The rows stay in the order the shards answered them: their positions are folded into
+        inverse and into the (u,)-sized key arrays instead of moving every (D,) row back."""
         unique, offsets, inverse, counts = native.unique_by_table(batch.sparse, self._column_group, len(self.groups))
-        values = self._call_ps(
-            f"lookup for step {self.step + 1}", lambda: self.client.lookup_multi(self.table_names, unique, offsets)
+        values, positions = self._call_ps(
+            f"lookup for step {self.step + 1}",
+            lambda: self.client.lookup_multi_grouped(self.table_names, unique, offsets),
         )
-        return _Pulled(batch, unique, offsets, inverse, counts, values.reshape(-1, self.dim))
+        tags = np.repeat(np.arange(len(self.groups), dtype=np.float32), np.diff(offsets))
+        if positions is not None:
+            row_of = np.empty(unique.shape[0], dtype=np.int64)
+            row_of[positions] = np.arange(unique.shape[0], dtype=np.int64)
+            inverse = row_of[inverse]
+            unique, tags, counts = unique[positions], tags[positions], counts[positions]
+        return _Pulled(batch, unique, tags, inverse, counts, values.reshape(-1, self.dim))
 
     def _pull_after(self, pushes: list[Future], batch: Batch) -> _Pulled:
         """pull(batch) once `pushes` have been applied (their errors raise here)."""
@@ -284,7 +294,6 @@ class Trainer:
         all_to_all; returns what this rank pushes, summed per (table, key) in one pass."""
         # Row layout: [table index | grad (D) | count], all float32 (indexes and counts are exact
         # below 2^24); keys travel beside it bit for bit.
-        tags = np.repeat(np.arange(len(self.groups), dtype=np.float32), np.diff(pulled.offsets))
         owner = self.shard_map.owner_rank(pulled.unique, self.world_size)
         received_keys, received = exchange_to_owners(
             pulled.unique,
@@ -292,7 +301,7 @@ class Trainer:
             owner,
             self.world_size,
             divisor=self.world_size,
-            lead=tags,
+            lead=pulled.tags,
             trail=pulled.counts.astype(np.float32),
         )
         received_tags = received[:, 0].astype(np.int64)
