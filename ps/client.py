@@ -367,7 +367,9 @@ class PSClient:
         without another gather)."""
         layout = _MultiLayout.of(self, tables, keys, offsets)
         if layout.tables and not layout.equal_dim:
-            raise ValueError(f"tables: lookup_multi_grouped needs tables of one dim, got {sorted(set(layout.dim_of.values()))}")
+            raise ValueError(
+                f"tables: lookup_multi_grouped needs tables of one dim, got {sorted(set(layout.dim_of.values()))}"
+            )
         dim = layout.equal_dim
         out = np.empty((layout.keys.shape[0], dim), dtype=np.float32)
         spans, start = [], 0

@@ -25,9 +25,9 @@ barrier and waits for it before it joins step t + 1's all_to_all, so no push of 
 shard before it; with it, every train.publish_dense_every steps, the dense tower of step t. The
 call goes out on a thread of its own and runs beside step t + 1's lookups and compute (a Commit
 only reads the rows its step changed, and a lookup changes none), so its round trip is off the
-step's path. In async mode
-rank 0 commits step t - staleness after step t's all_to_all (every rank has then waited for its
-pushes up to that step): every update of steps <= t - staleness is in, later ones may be too.
+step's path. In async mode rank 0 commits step t - staleness after step t's all_to_all (every
+rank has then waited for its pushes up to that step): every update of steps <= t - staleness is
+in, later ones may be too.
 
 A shard that does not answer within a call's deadline (ShardUnavailableError) fails the step under
 `train.on_ps_unavailable = "abort"`; under "wait" the step's lookup or push is sent again until the
@@ -250,7 +250,9 @@ class Trainer:
                 dist.barrier()
             # Waited for before rank 0 joins step + 1's all_to_all, so no push of step + 1 precedes it.
             if self.rank == 0:
-                self._pending_commit = self._commit_pool.submit(self._send_commit, self.step, self._dense_state(self.step))
+                self._pending_commit = self._commit_pool.submit(
+                    self._send_commit, self.step, self._dense_state(self.step)
+                )
         self.times.push += time.perf_counter() - start
         self.times.steps += 1
 
