@@ -350,6 +350,38 @@ class PSClient:
         """
         layout = _MultiLayout.of(self, tables, keys, offsets)
         out = np.empty(int(layout.value_starts[-1]), dtype=np.float32)
+        for chunk, values in self._lookup_multi_replies(layout):
+            layout.put(out, chunk, values)
+        return out
+
+    def lookup_multi_grouped(
+        self, tables: Sequence[str], keys: np.ndarray, offsets: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """lookup_multi without putting the rows back in key order, for tables of one dim:
+        (values (n, dim) float32 in the order the shards answered, shard after shard; positions
+        (n,) int64, row j holding keys[positions[j]], or None when the rows are in key order).
+
+        For a caller that indexes its rows anyway (the trainer folds positions into its gather
+        of the rows per feature): it saves lookup_multi's scatter of every row into key order,
+        and its rows come grouped by shard, so by owner rank (the sparse exchange sends them
+        without another gather)."""
+        layout = _MultiLayout.of(self, tables, keys, offsets)
+        if layout.tables and not layout.equal_dim:
+            raise ValueError(
+                f"tables: lookup_multi_grouped needs tables of one dim, got {sorted(set(layout.dim_of.values()))}"
+            )
+        dim = layout.equal_dim
+        out = np.empty((layout.keys.shape[0], dim), dtype=np.float32)
+        spans, start = [], 0
+        for chunk, values in self._lookup_multi_replies(layout):
+            out[start : start + chunk.shape[0]] = values.reshape(-1, dim)
+            start += chunk.shape[0]
+            spans.append(chunk)
+        return out, np.concatenate(spans) if spans else None
+
+    def _lookup_multi_replies(self, layout: _MultiLayout) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The LookupMulti RPCs of a round, one per shard (split only at the message limit), all in
+        flight at once: (positions into the keys, their values flat in that order) per RPC."""
         calls, spans = [], []
         for shard, chunk, names, sizes in self._plan_multi(layout, extra_per_key=8):
             request = ps_pb2.MultiLookupRequest(
@@ -361,10 +393,10 @@ class PSClient:
             calls.append((shard, request))
             spans.append(chunk)
         replies = self._call_all("LookupMulti", calls, self.deadlines.lookup)
+        out = []
         for chunk, reply in zip(spans, replies, strict=True):
             total = int(layout.key_dims[chunk].sum())
-            values = wire.decode_values(reply.values, total, 1, reply.dtype).reshape(-1)
-            layout.put(out, chunk, values)
+            out.append((chunk, wire.decode_values(reply.values, total, 1, reply.dtype).reshape(-1)))
         return out
 
     def prepare_push_multi(

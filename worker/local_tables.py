@@ -70,6 +70,16 @@ class LocalTables:
         """PSClient.lookup_multi's counterpart: every table in one native call."""
         return multi.lookup_tables([self.tables[t] for t in tables], keys, np.asarray(offsets, dtype=np.int64))
 
+    def lookup_multi_grouped(
+        self, tables: list[str], keys: np.ndarray, offsets: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """PSClient.lookup_multi_grouped's counterpart: the rows come in key order (positions None)."""
+        dims = {self.tables[t].dim for t in tables}
+        if len(dims) > 1:
+            raise ValueError(f"tables: lookup_multi_grouped needs tables of one dim, got {sorted(dims)}")
+        dim = dims.pop() if dims else 0
+        return self.lookup_multi(tables, keys, offsets).reshape(-1, dim), None
+
     def prepare_push_multi(
         self, tables, keys, offsets, grads, counts=None, step: int | None = None, distinct: bool = False
     ) -> tuple[tuple, int | None]:

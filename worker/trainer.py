@@ -21,10 +21,13 @@ steps in flight, and the next batch's lookups run in another during this step's 
 thread, not the step, waits for the pushes the lookups must see).
 
 Commits (DESIGN section 9): in sync mode rank 0 sends Commit(t) to every shard after step t's
-barrier and before it joins step t + 1's all_to_all, so no push of t + 1 reaches a shard before
-it; with it, every train.publish_dense_every steps, the dense tower of step t. In async mode
-rank 0 commits step t - staleness after step t's all_to_all (every rank has then waited for its
-pushes up to that step): every update of steps <= t - staleness is in, later ones may be too.
+barrier and waits for it before it joins step t + 1's all_to_all, so no push of t + 1 reaches a
+shard before it; with it, every train.publish_dense_every steps, the dense tower of step t. The
+call goes out on a thread of its own and runs beside step t + 1's lookups and compute (a Commit
+only reads the rows its step changed, and a lookup changes none), so its round trip is off the
+step's path. In async mode rank 0 commits step t - staleness after step t's all_to_all (every
+rank has then waited for its pushes up to that step): every update of steps <= t - staleness is
+in, later ones may be too.
 
 A shard that does not answer within a call's deadline (ShardUnavailableError) fails the step under
 `train.on_ps_unavailable = "abort"`; under "wait" the step's lookup or push is sent again until the
@@ -88,13 +91,13 @@ class StepTimes:
 
 @dataclass
 class _Pulled:
-    """Looked-up rows of one batch, every table at once: unique (u,) keys table after table
-    (table g's at offsets[g] : offsets[g + 1]), inverse (B, F) positions into them, counts (u,)
-    occurrences, values (u, D)."""
+    """Looked-up rows of one batch, every table at once, in the order the shards answered (shard
+    after shard): row i holds key unique[i] of table tags[i] (float32, exact) with values[i]
+    (u, D), seen counts[i] times; inverse (B, F) the row of each feature of each sample."""
 
     batch: Batch
     unique: np.ndarray
-    offsets: np.ndarray
+    tags: np.ndarray
     inverse: np.ndarray
     counts: np.ndarray
     values: np.ndarray
@@ -164,6 +167,10 @@ class Trainer:
         self._committed = 0  # the newest step committed to the PS (rank 0)
         self._push_pool = ThreadPoolExecutor(1, thread_name_prefix="push") if self._async else None
         self._pull_pool = ThreadPoolExecutor(1, thread_name_prefix="pull") if self._async else None
+        # Sync mode, rank 0: the Commit of the step before, in flight during this step's lookups
+        # and compute; waited for before this step's all_to_all (see the module docstring).
+        self._commit_pool = ThreadPoolExecutor(1, thread_name_prefix="commit") if not self._async else None
+        self._pending_commit: Future | None = None
 
     def _table_groups(self) -> list[tuple[str, list[int]]]:
         """(table, feature columns) per table, first-use order."""
@@ -173,12 +180,22 @@ class Trainer:
         return list(groups.items())
 
     def pull(self, batch: Batch) -> _Pulled:
-        """Looks up the unique keys of every table of `batch`: one dedupe, one lookup round."""
+        """Looks up the unique keys of every table of `batch`: one dedupe, one lookup round.
+
+        The rows stay in the order the shards answered them: their positions are folded into
+        inverse and into the (u,)-sized key arrays instead of moving every (D,) row back."""
         unique, offsets, inverse, counts = native.unique_by_table(batch.sparse, self._column_group, len(self.groups))
-        values = self._call_ps(
-            f"lookup for step {self.step + 1}", lambda: self.client.lookup_multi(self.table_names, unique, offsets)
+        values, positions = self._call_ps(
+            f"lookup for step {self.step + 1}",
+            lambda: self.client.lookup_multi_grouped(self.table_names, unique, offsets),
         )
-        return _Pulled(batch, unique, offsets, inverse, counts, values.reshape(-1, self.dim))
+        tags = np.repeat(np.arange(len(self.groups), dtype=np.float32), np.diff(offsets))
+        if positions is not None:
+            row_of = np.empty(unique.shape[0], dtype=np.int64)
+            row_of[positions] = np.arange(unique.shape[0], dtype=np.int64)
+            inverse = row_of[inverse]
+            unique, tags, counts = unique[positions], tags[positions], counts[positions]
+        return _Pulled(batch, unique, tags, inverse, counts, values.reshape(-1, self.dim))
 
     def _pull_after(self, pushes: list[Future], batch: Batch) -> _Pulled:
         """pull(batch) once `pushes` have been applied (their errors raise here)."""
@@ -214,6 +231,10 @@ class Trainer:
         self.times.compute += time.perf_counter() - start
 
         start = time.perf_counter()
+        self._wait_commit()
+        self.times.push += time.perf_counter() - start
+
+        start = time.perf_counter()
         outgoing = self._exchange(pulled, leaf)
         self.times.all_to_all += time.perf_counter() - start
 
@@ -227,9 +248,11 @@ class Trainer:
             self._push_all(outgoing, self.step)
             if self.world_size > 1:
                 dist.barrier()
-            # Before rank 0 joins step + 1's all_to_all, so no push of step + 1 precedes it.
+            # Waited for before rank 0 joins step + 1's all_to_all, so no push of step + 1 precedes it.
             if self.rank == 0:
-                self._commit(self.step, True)
+                self._pending_commit = self._commit_pool.submit(
+                    self._send_commit, self.step, self._dense_state(self.step)
+                )
         self.times.push += time.perf_counter() - start
         self.times.steps += 1
 
@@ -248,29 +271,41 @@ class Trainer:
     def _commit(self, step: int, with_dense: bool) -> None:
         """Commit(step) to every shard (DESIGN section 9), with the dense tower every
         train.publish_dense_every steps when with_dense (sync mode: the tower is the step's)."""
+        self._send_commit(step, self._dense_state(step) if with_dense else b"")
+
+    def _dense_state(self, step: int) -> bytes:
+        """The dense tower's bytes when step publishes it (train.publish_dense_every), else b"".
+        Read on the training thread: the next step changes the tower in place."""
+        every = self.job.train.publish_dense_every
+        return encode_dense(self.model) if every and step % every == 0 else b""
+
+    def _send_commit(self, step: int, state: bytes) -> None:
         if step <= self._committed:  # async: drain() committed a later step already
             return
         self._committed = step
-        every = self.job.train.publish_dense_every
-        state = encode_dense(self.model) if with_dense and every and step % every == 0 else b""
         self._call_ps(f"commit of step {step}", lambda: self.client.commit(step, state, DENSE_FORMAT if state else ""))
+
+    def _wait_commit(self) -> None:
+        """Waits for the Commit in flight (sync mode, rank 0); its error raises here."""
+        pending, self._pending_commit = self._pending_commit, None
+        if pending is not None:
+            pending.result()
 
     def _exchange(self, pulled: _Pulled, leaf: torch.Tensor) -> _Outgoing:
         """Sends every table's (key, grad / W, count) rows to the keys' owner ranks in one
         all_to_all; returns what this rank pushes, summed per (table, key) in one pass."""
         # Row layout: [table index | grad (D) | count], all float32 (indexes and counts are exact
         # below 2^24); keys travel beside it bit for bit.
-        tags = np.repeat(np.arange(len(self.groups), dtype=np.float32), np.diff(pulled.offsets))
-        payload = torch.cat(
-            [
-                torch.from_numpy(tags)[:, None],
-                leaf.grad / self.world_size,
-                torch.from_numpy(pulled.counts.astype(np.float32))[:, None],
-            ],
-            dim=1,
-        )
         owner = self.shard_map.owner_rank(pulled.unique, self.world_size)
-        received_keys, received = exchange_to_owners(pulled.unique, payload, owner, self.world_size)
+        received_keys, received = exchange_to_owners(
+            pulled.unique,
+            leaf.grad,
+            owner,
+            self.world_size,
+            divisor=self.world_size,
+            lead=pulled.tags,
+            trail=pulled.counts.astype(np.float32),
+        )
         received_tags = received[:, 0].astype(np.int64)
         keys, summed, offsets = native.sum_by_table_key(received_keys, received_tags, received[:, 1:], len(self.groups))
         sightings = np.rint(summed[:, -1]).astype(np.int64)
@@ -334,6 +369,7 @@ class Trainer:
         """Waits for every in-flight push (async mode), then for every rank to get there."""
         while self._pushes:
             self._pushes.popleft().result()
+        self._wait_commit()
         if self.world_size > 1:
             dist.barrier()
         if self._async and self.rank == 0 and self.step:
@@ -358,6 +394,6 @@ class Trainer:
         return pulled
 
     def close(self) -> None:
-        for pool in (self._push_pool, self._pull_pool):
+        for pool in (self._push_pool, self._pull_pool, self._commit_pool):
             if pool is not None:
                 pool.shutdown(wait=True)

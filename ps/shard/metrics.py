@@ -93,20 +93,30 @@ class ShardMetrics:
             registry=r,
         )
         self._seen: dict[str, tuple[int, int, int]] = {}
+        self._children: dict[str, tuple] = {}  # table -> its labelled gauges and counters (observe_table)
 
     def observe_table(self, table, other_bytes: int = 0) -> None:
         """Copies an EmbeddingTable's size, memory (+ other_bytes held for it, e.g. its update
         log), version and counters into the metrics."""
         name = table.name
-        self.rows.labels(name, self.shard).set(table.size)
-        self.memory.labels(name, self.shard).set(table.memory_bytes + other_bytes)
-        self.row_bytes.labels(name, self.shard).set(4 * table.width)
-        self.version.labels(name, self.shard).set(table.version)
-        self.pending.labels(name, self.shard).set(table.num_pending)
+        children = self._children.get(name)
+        if children is None:  # labels() looks a child up by its label values: once per table, not per push
+            metrics = (self.rows, self.memory, self.row_bytes, self.version, self.pending,
+                       self.evictions, self.admissions, self.pending_dropped)  # fmt: skip
+            children = self._children[name] = tuple(m.labels(name, self.shard) for m in metrics)
+        rows, memory, row_bytes, version, pending, evictions, admissions, pending_dropped = children
+        rows.set(table.size)
+        memory.set(table.memory_bytes + other_bytes)
+        row_bytes.set(4 * table.width)
+        version.set(table.version)
+        pending.set(table.num_pending)
         evicted, admitted, dropped = self._seen.get(name, (0, 0, 0))
-        self.evictions.labels(name, self.shard).inc(max(0, table.num_evicted - evicted))
-        self.admissions.labels(name, self.shard).inc(max(0, table.num_admitted - admitted))
-        self.pending_dropped.labels(name, self.shard).inc(max(0, table.num_pending_dropped - dropped))
+        if table.num_evicted > evicted:
+            evictions.inc(table.num_evicted - evicted)
+        if table.num_admitted > admitted:
+            admissions.inc(table.num_admitted - admitted)
+        if table.num_pending_dropped > dropped:
+            pending_dropped.inc(table.num_pending_dropped - dropped)
         self._seen[name] = (table.num_evicted, table.num_admitted, table.num_pending_dropped)
 
     def serve(self, port: int, host: str = "127.0.0.1") -> int:

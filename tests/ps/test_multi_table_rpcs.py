@@ -146,6 +146,14 @@ def test_one_request_with_mixed_dims_and_optimizers_equals_per_table_rpcs(start_
         assert start == values.shape[0]
         same_dims = a.lookup_multi(["sgd", "admit"], np.concatenate(keys[:1] + keys[-1:]), [0, 200, 400])
         np.testing.assert_array_equal(same_dims.reshape(400, 4)[:200], b.lookup("sgd", keys[0]))
+        # The rows as the shards answered them (split at the message limit), with where each belongs.
+        rows, positions = a.lookup_multi_grouped(["sgd", "admit"], np.concatenate(keys[:1] + keys[-1:]), [0, 200, 400])
+        np.testing.assert_array_equal(np.sort(positions), np.arange(400))
+        np.testing.assert_array_equal(rows, same_dims.reshape(400, 4)[positions])
+        shard_of = multi.job.shard_map.shard_of(np.concatenate(keys[:1] + keys[-1:])[positions])
+        assert (np.diff(shard_of) >= 0).all()  # shard after shard
+        with pytest.raises(ValueError, match="one dim"):
+            a.lookup_multi_grouped(names, np.concatenate(keys), offsets)
     for s_multi, s_single in zip(multi.servicers, single.servicers, strict=True):
         for name in names:
             _assert_same_rows(s_multi.shard.tables[name], s_single.shard.tables[name])

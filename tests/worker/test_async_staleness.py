@@ -97,6 +97,10 @@ def test_sync_mode_pushes_before_the_step_returns():
     for i, batch in enumerate(batches[:4]):
         trainer.train_step(trainer.pull(batch))
         assert store.pushed_steps == list(range(1, i + 2))
-        assert store.commits[-1] == (i + 1, i + 1, True)  # after the step's push, with its dense tower
+    trainer.drain()
+    # Each Commit came after its step's push and before the next step's (it runs beside the next
+    # step's lookups and compute, and the step waits for it before its all_to_all and push), with
+    # the step's dense tower.
+    assert store.commits == [(step, step, True) for step in range(1, 5)]
     assert store.max_missed == 0
     trainer.close()
