@@ -53,7 +53,7 @@ class DataBenchConfig:
     row_group: int = 50_000  # Parquet rows per row group
     vocab: int = 200_000  # distinct values per categorical feature
     zipf: float = 1.05
-    memory_pool: str = "system"  # ReaderConfig.arrow_memory_pool of every rank
+    memory_pool: str = "auto"  # ReaderConfig.arrow_memory_pool of every rank
     out: str | None = None
 
 

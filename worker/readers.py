@@ -63,7 +63,8 @@ class BadRowPolicy(StrEnum):
 class ArrowMemoryPool(StrEnum):
     """The allocator Arrow uses in a reading process (decoded columns, parse temporaries)."""
 
-    SYSTEM = "system"  # malloc: memory a process touches once comes back on later reads at no cost
+    AUTO = "auto"  # the reader's: system for Parquet, mimalloc for TSV (see configure_arrow)
+    SYSTEM = "system"  # malloc
     JEMALLOC = "jemalloc"
     MIMALLOC = "mimalloc"  # pyarrow's usual default: 1 GiB arenas marked for transparent huge pages
     DEFAULT = "default"  # leave the process's pool as it is (ARROW_DEFAULT_MEMORY_POOL or pyarrow's)
@@ -92,7 +93,7 @@ class ReaderConfig:
     bad_row_log_interval_s: float = 10.0  # at most one "skipped bad rows" log line per interval
     # Per process, set when a reader is built (see configure_arrow):
     arrow_threads: int = 0  # Arrow's CPU threads (Parquet decode); 0: this process's cores / LOCAL_WORLD_SIZE
-    arrow_memory_pool: ArrowMemoryPool = ArrowMemoryPool.SYSTEM
+    arrow_memory_pool: ArrowMemoryPool = ArrowMemoryPool.AUTO
 
     def __post_init__(self) -> None:
         for name, kind in (("bad_rows", BadRowPolicy), ("arrow_memory_pool", ArrowMemoryPool)):
@@ -118,15 +119,19 @@ class ReaderConfig:
         return ["label"] + [f"I{i + 1}" for i in range(self.num_dense)] + [f"C{i + 1}" for i in range(self.num_sparse)]
 
 
-def configure_arrow(config: ReaderConfig) -> int:
+def configure_arrow(config: ReaderConfig, auto_pool: ArrowMemoryPool = ArrowMemoryPool.DEFAULT) -> int:
     """Sets this process's Arrow CPU thread count and memory pool from `config`; returns the threads.
 
     Both are per process, so the ranks of one machine (LOCAL_WORLD_SIZE of them, as torchrun
     sets it) would otherwise each size Arrow's thread pool for the whole machine: W ranks, each
     with a parse thread, a decode thread and a pool of one thread per core, oversubscribe the cores.
-    The pool: pyarrow's mimalloc marks its arenas for transparent huge pages, so every new process
-    zeroes 2 MiB pages as its reading memory grows; measured on a 2-core VM, that was 0.1-0.4
-    CPU-s per process at start, most of the extra CPU per row of 4 ranks over one (README, Data).
+
+    The pool (`auto_pool` is the reader's choice for "auto"): pyarrow's mimalloc marks its 1 GiB
+    arenas for transparent huge pages, so a new process zeroes 2 MiB pages as its memory grows.
+    The Parquet reader holds whole decoded record batches and paid 0.1-0.4 CPU-s per process for
+    it on a 2-core VM, most of the extra CPU per row of 4 ranks over one; with malloc it pays
+    less and reads as fast after. The TSV reader's memory is a few 1 MiB blocks, and there malloc
+    cost 5-30% more CPU per row than mimalloc (README, notes on `bench data`).
     """
     threads = config.arrow_threads
     if not threads:
@@ -137,8 +142,8 @@ def configure_arrow(config: ReaderConfig) -> int:
             raise ValueError(f"LOCAL_WORLD_SIZE: must be an integer, got {local!r}") from None
         threads = max(1, len(os.sched_getaffinity(0)) // max(1, local_ranks))
     pa.set_cpu_count(threads)
-    pool = config.arrow_memory_pool
-    if pool is not ArrowMemoryPool.DEFAULT:
+    pool = auto_pool if config.arrow_memory_pool is ArrowMemoryPool.AUTO else config.arrow_memory_pool
+    if pool not in (ArrowMemoryPool.DEFAULT, ArrowMemoryPool.AUTO):
         make = {
             ArrowMemoryPool.SYSTEM: pa.system_memory_pool,
             ArrowMemoryPool.JEMALLOC: pa.jemalloc_memory_pool,
@@ -147,7 +152,8 @@ def configure_arrow(config: ReaderConfig) -> int:
         try:
             pa.set_memory_pool(make())
         except NotImplementedError:
-            raise ValueError(f"arrow_memory_pool: this pyarrow has no {pool.value} allocator") from None
+            if config.arrow_memory_pool is not ArrowMemoryPool.AUTO:  # "auto" keeps the default then
+                raise ValueError(f"arrow_memory_pool: this pyarrow has no {pool.value} allocator") from None
     return threads
 
 
@@ -241,6 +247,8 @@ class FileReader(ABC):
     paths: files, directories or globs, local or URIs (worker/data_paths.py); storage: S3 settings.
     """
 
+    _auto_memory_pool = ArrowMemoryPool.DEFAULT  # Arrow's allocator for arrow_memory_pool = "auto"
+
     def __init__(
         self,
         paths: Sequence[str | Path],
@@ -262,7 +270,7 @@ class FileReader(ABC):
                 f"the same local batch size, got {config.global_batch_size}"
             )
         self.config = config
-        self.arrow_threads = configure_arrow(config)
+        self.arrow_threads = configure_arrow(config, self._auto_memory_pool)
         self.rank = rank
         self.world_size = world_size
         self.local_batch_size = config.global_batch_size // world_size

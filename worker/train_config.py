@@ -34,7 +34,7 @@
     range_bytes = 67108864      # TSV: byte range a worker reads as one unit
     prefetch_batches = 4        # batches decoded ahead in a background thread
     arrow_threads = 0           # Arrow CPU threads per worker (0: the node's cores / train.workers)
-    arrow_memory_pool = "system"  # "system" | "jemalloc" | "mimalloc" | "default" (worker.readers.ArrowMemoryPool)
+    arrow_memory_pool = "auto"  # "auto" | "system" | "jemalloc" | "mimalloc" | "default" (worker.readers.ArrowMemoryPool)
     [data.storage]              # S3 endpoint/credentials (ps.snapshot.storage.StorageConfig)
     [data.synthetic]            # worker.synthetic.SyntheticConfig (batch size from [train])
     num_keys = 100000
@@ -126,7 +126,7 @@ class DataConfig:
     range_bytes: int = 64 << 20
     prefetch_batches: int = 4
     arrow_threads: int = 0
-    arrow_memory_pool: ArrowMemoryPool = ArrowMemoryPool.SYSTEM
+    arrow_memory_pool: ArrowMemoryPool = ArrowMemoryPool.AUTO
     storage: StorageConfig = field(default_factory=StorageConfig)
     num_dense: int = 13
     num_sparse: int = 26
