@@ -147,7 +147,17 @@ def _run_ranks(kind: str, path: Path, config: DataBenchConfig, world_size: int) 
     load_average = os.getloadavg()[0]
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", code, kind, str(path), str(config.batch), str(r), str(world_size), config.memory_pool],
+            [
+                sys.executable,
+                "-c",
+                code,
+                kind,
+                str(path),
+                str(config.batch),
+                str(r),
+                str(world_size),
+                config.memory_pool,
+            ],
             cwd=root,
             env=env,
             stdin=subprocess.PIPE,
@@ -214,7 +224,9 @@ def run_data_bench(config: DataBenchConfig) -> int:
         ArrowMemoryPool(config.memory_pool)  # a bad name fails before any data is written
     except ValueError:
         choices = ", ".join(repr(p.value) for p in ArrowMemoryPool)
-        raise ValueError(f"--memory-pool (arrow_memory_pool): must be one of {choices}, got {config.memory_pool!r}") from None
+        raise ValueError(
+            f"--memory-pool (arrow_memory_pool): must be one of {choices}, got {config.memory_pool!r}"
+        ) from None
     unknown = [kind for kind in config.formats if kind not in FORMATS]
     if unknown or not config.formats:
         raise ValueError(f"--formats: expected some of {', '.join(FORMATS)}, got {', '.join(config.formats)}")
@@ -237,7 +249,8 @@ def run_data_bench(config: DataBenchConfig) -> int:
                     print(
                         f"[data] run {repeat + 1}/{config.repeats} {kind:7s} W={world_size}: "
                         f"{run['rows_per_s']:>12,.0f} rows/s in all, {run['cpu_ns_per_row']:>6,.0f} CPU-ns per row "
-                        f"(system {run['system_cpu_seconds']:.2f} s, to first batches {run['first_batch_cpu_seconds']:.2f} s, "
+                        f"(system {run['system_cpu_seconds']:.2f} s, "
+                        f"to first batches {run['first_batch_cpu_seconds']:.2f} s, "
                         f"{run['minor_faults']:,} page faults), load {run['load_average_1m']:.1f}; "
                         f"rows parsed per rank: {parsed}",
                         flush=True,

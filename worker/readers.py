@@ -131,7 +131,7 @@ def configure_arrow(config: ReaderConfig, auto_pool: ArrowMemoryPool = ArrowMemo
     The Parquet reader holds whole decoded record batches and paid 0.1-0.4 CPU-s per process for
     it on a 2-core VM, most of the extra CPU per row of 4 ranks over one; with malloc it pays
     less and reads as fast after. The TSV reader's memory is a few 1 MiB blocks, and there malloc
-    cost 5-30% more CPU per row than mimalloc (README, notes on `bench data`).
+    cost about 20% more CPU per row than mimalloc (README, notes on `bench data`).
     """
     threads = config.arrow_threads
     if not threads:

@@ -34,7 +34,7 @@
     range_bytes = 67108864      # TSV: byte range a worker reads as one unit
     prefetch_batches = 4        # batches decoded ahead in a background thread
     arrow_threads = 0           # Arrow CPU threads per worker (0: the node's cores / train.workers)
-    arrow_memory_pool = "auto"  # "auto" | "system" | "jemalloc" | "mimalloc" | "default" (worker.readers.ArrowMemoryPool)
+    arrow_memory_pool = "auto"  # "auto" | "system" | "jemalloc" | "mimalloc" | "default" (ArrowMemoryPool)
     [data.storage]              # S3 endpoint/credentials (ps.snapshot.storage.StorageConfig)
     [data.synthetic]            # worker.synthetic.SyntheticConfig (batch size from [train])
     num_keys = 100000
