@@ -7,6 +7,13 @@
       reads every local batch of its share; it reports rows, parsed rows and seconds
     aggregate rows/s = rows of all ranks / slowest rank's seconds
 
+Each rank is told LOCAL_WORLD_SIZE = W, as torchrun tells the ranks of one node, so its reader
+sizes Arrow's thread pool to its part of the cores (worker/readers.py::configure_arrow). Besides
+rows/s, each rank reports its process CPU time (all its threads, user + system) and minor page
+faults over the measured window: CPU per row depends much less than rows/s on what else runs on
+a shared machine, and it shows where extra work of W ranks goes (per-process start-up costs,
+memory first touched, threads fighting for cores).
+
 Yardstick: the same format with W = 1, measured in the same run. Since each rank parses only its
 share, the aggregate of W ranks should stay near one rank's (the machine's cores bound it); when
 every rank parsed every row, W ranks each got 1/W of one rank's rate. Each rank's parsed count is
@@ -18,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -28,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.machine import machine_facts
+from worker.readers import ArrowMemoryPool
 
 FORMATS = ("tsv", "parquet")
 MIN_SCALING = 0.8  # aggregate of W ranks / one rank, the issue's bound on a 2-core machine
@@ -44,6 +53,7 @@ class DataBenchConfig:
     row_group: int = 50_000  # Parquet rows per row group
     vocab: int = 200_000  # distinct values per categorical feature
     zipf: float = 1.05
+    memory_pool: str = "auto"  # ReaderConfig.arrow_memory_pool of every rank
     out: str | None = None
 
 
@@ -83,28 +93,31 @@ def pc_if_null(values, null_mask: np.ndarray):
     return pc.if_else(pa.array(null_mask), pa.scalar(None, values.type), values)
 
 
-def read_share(kind: str, path: str, batch: int, rank: int, world_size: int) -> dict:
-    """One rank: builds its reader and reads its whole share; returns its counts and seconds.
+def read_share(kind: str, path: str, batch: int, rank: int, world_size: int, memory_pool: str) -> dict:
+    """One rank: builds its reader and reads its whole share; returns its counts, seconds and CPU.
 
     It says "ready" once its imports are done and starts on the "go" line from stdin, so no
-    rank reads while another still imports."""
-    import pyarrow as pa
-
+    rank reads while another still imports. The window starts before the reader is built."""
     from worker.criteo import CriteoTsvReader
     from worker.parquet_reader import ParquetReader
     from worker.readers import ReaderConfig
 
-    # The ranks share this machine's cores, as local ranks of one node do (torchrun sets OMP threads alike).
-    pa.set_cpu_count(max(1, (os.cpu_count() or 1) // world_size))
     cls = CriteoTsvReader if kind == "tsv" else ParquetReader
+    config = ReaderConfig(global_batch_size=batch, drop_last=False, arrow_memory_pool=memory_pool)
     print("ready", flush=True)
     sys.stdin.readline()
+    usage_start = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
     cpu_start = time.process_time()
-    reader = cls([path], ReaderConfig(global_batch_size=batch, drop_last=False), rank, world_size)
-    rows = sum(len(b) for b in reader)
+    reader = cls([path], config, rank, world_size)
+    batches = iter(reader)
+    rows = len(next(batches))
+    first_seconds = time.perf_counter() - start
+    first_cpu_seconds = time.process_time() - cpu_start
+    rows += sum(len(b) for b in batches)
     seconds = time.perf_counter() - start
     cpu_seconds = time.process_time() - cpu_start
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     return {
         "rank": rank,
         "rows": rows,
@@ -112,21 +125,41 @@ def read_share(kind: str, path: str, batch: int, rank: int, world_size: int) -> 
         "share": [u.part for u in reader.share(0)],
         "units": [[u.start, u.end] for u in reader.units_by_file[0]],  # by part
         "bad_rows": reader.num_bad_rows,
+        "arrow_threads": reader.arrow_threads,
         "seconds": seconds,
         "cpu_seconds": cpu_seconds,  # every thread of the rank: its work, whatever else runs on the machine
+        "system_cpu_seconds": usage.ru_stime - usage_start.ru_stime,  # page faults, reads, futexes
+        "minor_faults": usage.ru_minflt - usage_start.ru_minflt,
+        "first_batch_seconds": first_seconds,  # reader built, first local batch out
+        "first_batch_cpu_seconds": first_cpu_seconds,
     }
 
 
 def _run_ranks(kind: str, path: Path, config: DataBenchConfig, world_size: int) -> dict:
     code = (
         "import json, sys; from bench.data_bench import read_share; "
-        "print(json.dumps(read_share(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))))"
+        "print(json.dumps(read_share(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), "
+        "sys.argv[6])))"
     )
     root = Path(__file__).resolve().parent.parent
+    # The ranks share this machine's cores, as the local ranks of one node do.
+    env = {**os.environ, "LOCAL_WORLD_SIZE": str(world_size)}
+    load_average = os.getloadavg()[0]
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", code, kind, str(path), str(config.batch), str(r), str(world_size)],
+            [
+                sys.executable,
+                "-c",
+                code,
+                kind,
+                str(path),
+                str(config.batch),
+                str(r),
+                str(world_size),
+                config.memory_pool,
+            ],
             cwd=root,
+            env=env,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -156,6 +189,11 @@ def _run_ranks(kind: str, path: Path, config: DataBenchConfig, world_size: int) 
         "seconds": slowest,
         "rows_per_s": rows / slowest,
         "rows_per_cpu_s": rows / cpu,
+        "cpu_ns_per_row": cpu / rows * 1e9,
+        "system_cpu_seconds": sum(r["system_cpu_seconds"] for r in ranks),
+        "minor_faults": sum(r["minor_faults"] for r in ranks),
+        "first_batch_cpu_seconds": sum(r["first_batch_cpu_seconds"] for r in ranks),
+        "load_average_1m": load_average,  # at the start: other work on the machine
         "ranks": ranks,
     }
 
@@ -182,6 +220,13 @@ def _check_share(kind: str, path: Path, run: dict) -> bool:
 
 
 def run_data_bench(config: DataBenchConfig) -> int:
+    try:
+        ArrowMemoryPool(config.memory_pool)  # a bad name fails before any data is written
+    except ValueError:
+        choices = ", ".join(repr(p.value) for p in ArrowMemoryPool)
+        raise ValueError(
+            f"--memory-pool (arrow_memory_pool): must be one of {choices}, got {config.memory_pool!r}"
+        ) from None
     unknown = [kind for kind in config.formats if kind not in FORMATS]
     if unknown or not config.formats:
         raise ValueError(f"--formats: expected some of {', '.join(FORMATS)}, got {', '.join(config.formats)}")
@@ -193,15 +238,20 @@ def run_data_bench(config: DataBenchConfig) -> int:
         print(f"[data] writing {config.rows:,} rows as TSV and Parquet", flush=True)
         paths = write_data(config, Path(tmp))
         best: dict[tuple[str, int], dict] = {}
+        cpu_per_row: dict[tuple[str, int], list[float]] = {}
         for repeat in range(config.repeats):
             for kind in config.formats:
                 for world_size in config.workers:
                     run = _run_ranks(kind, paths[kind], config, world_size)
                     ok &= _check_share(kind, paths[kind], run) and all(r["rows"] > 0 for r in run["ranks"])
                     parsed = ", ".join(f"{r['parsed']:,}" for r in run["ranks"])
+                    cpu_per_row.setdefault((kind, world_size), []).append(run["cpu_ns_per_row"])
                     print(
                         f"[data] run {repeat + 1}/{config.repeats} {kind:7s} W={world_size}: "
-                        f"{run['rows_per_s']:>12,.0f} rows/s in all, {run['rows_per_cpu_s']:>10,.0f} rows per CPU-s; "
+                        f"{run['rows_per_s']:>12,.0f} rows/s in all, {run['cpu_ns_per_row']:>6,.0f} CPU-ns per row "
+                        f"(system {run['system_cpu_seconds']:.2f} s, "
+                        f"to first batches {run['first_batch_cpu_seconds']:.2f} s, "
+                        f"{run['minor_faults']:,} page faults), load {run['load_average_1m']:.1f}; "
                         f"rows parsed per rank: {parsed}",
                         flush=True,
                     )
@@ -209,12 +259,16 @@ def run_data_bench(config: DataBenchConfig) -> int:
                         best[(kind, world_size)] = run
         for kind in config.formats:
             runs = [best[(kind, w)] for w in config.workers]
+            one = float(np.median(cpu_per_row[(kind, config.workers[0])]))
             for run in runs:
                 run["vs_one_rank"] = run["rows_per_s"] / runs[0]["rows_per_s"]
+                median = float(np.median(cpu_per_row[(kind, run["world_size"])]))
+                run["median_cpu_ns_per_row"] = median
+                run["cpu_per_row_vs_one_rank"] = median / one
                 print(
                     f"[data] best {kind:7s} W={run['world_size']}: {run['rows_per_s']:>12,.0f} rows/s "
-                    f"({run['vs_one_rank']:.2f}x W={runs[0]['world_size']}); "
-                    f"{run['rows_per_cpu_s']:,.0f} rows per CPU-s",
+                    f"({run['vs_one_rank']:.2f}x W={runs[0]['world_size']}); median {median:,.0f} CPU-ns per row "
+                    f"({run['cpu_per_row_vs_one_rank']:.2f}x W={runs[0]['world_size']})",
                     flush=True,
                 )
             results[kind] = runs
@@ -241,6 +295,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=defaults.repeats, help="runs of each case; the best is kept")
     parser.add_argument("--row-group", type=int, default=defaults.row_group, help="Parquet rows per row group")
     parser.add_argument("--vocab", type=int, default=defaults.vocab, help="distinct values per categorical feature")
+    parser.add_argument(
+        "--memory-pool", default=defaults.memory_pool, help="Arrow allocator of the ranks (data.arrow_memory_pool)"
+    )
     parser.add_argument("--out", default=None, help="write the results as JSON here")
 
 
@@ -256,6 +313,7 @@ def run(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         row_group=args.row_group,
         vocab=args.vocab,
+        memory_pool=args.memory_pool,
         out=args.out,
     )
     return run_data_bench(config)

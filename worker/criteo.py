@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from worker.data_paths import DataFile, open_input
-from worker.readers import BadRowPolicy, FileReader, _Rows, line_reason
+from worker.readers import ArrowMemoryPool, BadRowPolicy, FileReader, _Rows, line_reason
 from worker.shares import Unit, byte_ranges
 
 _SCAN_BYTES = 1 << 20
@@ -43,6 +43,8 @@ class CriteoTsvReader(FileReader):
     >>> reader = CriteoTsvReader(["s3://bucket/day_*.tsv"], ReaderConfig(global_batch_size=4096), rank, world)
     >>> for batch in reader: ...
     """
+
+    _auto_memory_pool = ArrowMemoryPool.MIMALLOC  # see worker/readers.py::configure_arrow
 
     def _plan(self) -> list[list[Unit]]:
         plain = [f for f in self.files if not f.name.endswith(".gz")]

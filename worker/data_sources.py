@@ -57,6 +57,8 @@ def _file_reader(job: TrainingJob, paths, rank: int, world_size: int, training: 
         shuffle_buffer=data.shuffle_buffer if training else 0,
         range_bytes=data.range_bytes,
         prefetch_batches=data.prefetch_batches if training else 0,
+        arrow_threads=data.arrow_threads,
+        arrow_memory_pool=data.arrow_memory_pool,
     )
     cls = CriteoTsvReader if data.source == DataSource.CRITEO else ParquetReader
     return cls(list(paths), config, rank, world_size, storage=data.storage)

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from worker.data_paths import DataFile, open_input
 from worker.prefetch import prefetched
-from worker.readers import FileReader, _Position, _Rows
+from worker.readers import ArrowMemoryPool, FileReader, _Position, _Rows
 from worker.shares import Unit
 
 _DECODE_AHEAD = 2  # record batches decoded ahead of the parse (each up to read_batch_rows rows)
@@ -37,6 +37,8 @@ class ParquetReader(FileReader):
     >>> reader = ParquetReader(["s3://bucket/criteo/day_*/part-*.parquet"], ReaderConfig(global_batch_size=4096), r, w)
     >>> for batch in reader: ...
     """
+
+    _auto_memory_pool = ArrowMemoryPool.SYSTEM  # see worker/readers.py::configure_arrow
 
     def _plan(self) -> list[list[Unit]]:
         names = self.config.column_names

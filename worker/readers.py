@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import os
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
@@ -59,6 +60,16 @@ class BadRowPolicy(StrEnum):
     FAIL = "fail"  # raise ValueError naming file and line
 
 
+class ArrowMemoryPool(StrEnum):
+    """The allocator Arrow uses in a reading process (decoded columns, parse temporaries)."""
+
+    AUTO = "auto"  # the reader's: system for Parquet, mimalloc for TSV (see configure_arrow)
+    SYSTEM = "system"  # malloc
+    JEMALLOC = "jemalloc"
+    MIMALLOC = "mimalloc"  # pyarrow's usual default: 1 GiB arenas marked for transparent huge pages
+    DEFAULT = "default"  # leave the process's pool as it is (ARROW_DEFAULT_MEMORY_POOL or pyarrow's)
+
+
 @dataclass(frozen=True)
 class ReaderConfig:
     """Options shared by the TSV and Parquet readers.
@@ -80,17 +91,21 @@ class ReaderConfig:
     read_block_bytes: int = 1 << 20  # TSV: bytes parsed per block
     read_batch_rows: int = 65536  # Parquet: rows decoded per record batch
     bad_row_log_interval_s: float = 10.0  # at most one "skipped bad rows" log line per interval
+    # Per process, set when a reader is built (see configure_arrow):
+    arrow_threads: int = 0  # Arrow's CPU threads (Parquet decode); 0: this process's cores / LOCAL_WORLD_SIZE
+    arrow_memory_pool: ArrowMemoryPool = ArrowMemoryPool.AUTO
 
     def __post_init__(self) -> None:
-        try:
-            object.__setattr__(self, "bad_rows", BadRowPolicy(self.bad_rows))
-        except ValueError:
-            choices = ", ".join(repr(p.value) for p in BadRowPolicy)
-            raise ValueError(f"bad_rows: must be one of {choices}, got {self.bad_rows!r}") from None
+        for name, kind in (("bad_rows", BadRowPolicy), ("arrow_memory_pool", ArrowMemoryPool)):
+            try:
+                object.__setattr__(self, name, kind(getattr(self, name)))
+            except ValueError:
+                choices = ", ".join(repr(p.value) for p in kind)
+                raise ValueError(f"{name}: must be one of {choices}, got {getattr(self, name)!r}") from None
         for name in ("global_batch_size", "num_sparse", "read_block_bytes", "read_batch_rows", "epochs", "range_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        for name in ("num_dense", "shuffle_buffer", "prefetch_batches"):
+        for name in ("num_dense", "shuffle_buffer", "prefetch_batches", "arrow_threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
         if self.num_dense < 0:
@@ -102,6 +117,44 @@ class ReaderConfig:
     def column_names(self) -> list[str]:
         """label, I1..I{num_dense}, C1..C{num_sparse}."""
         return ["label"] + [f"I{i + 1}" for i in range(self.num_dense)] + [f"C{i + 1}" for i in range(self.num_sparse)]
+
+
+def configure_arrow(config: ReaderConfig, auto_pool: ArrowMemoryPool = ArrowMemoryPool.DEFAULT) -> int:
+    """Sets this process's Arrow CPU thread count and memory pool from `config`; returns the threads.
+
+    Both are per process, so the ranks of one machine (LOCAL_WORLD_SIZE of them, as torchrun
+    sets it) would otherwise each size Arrow's thread pool for the whole machine: W ranks, each
+    with a parse thread, a decode thread and a pool of one thread per core, oversubscribe the cores.
+
+    The pool (`auto_pool` is the reader's choice for "auto"): pyarrow's mimalloc marks its 1 GiB
+    arenas for transparent huge pages, so a new process zeroes 2 MiB pages as its memory grows.
+    The Parquet reader holds whole decoded record batches and paid 0.1-0.4 CPU-s per process for
+    it on a 2-core VM, most of the extra CPU per row of 4 ranks over one; with malloc it pays
+    less and reads as fast after. The TSV reader's memory is a few 1 MiB blocks, and there malloc
+    cost about 20% more CPU per row than mimalloc (README, notes on `bench data`).
+    """
+    threads = config.arrow_threads
+    if not threads:
+        local = os.environ.get("LOCAL_WORLD_SIZE", "1")
+        try:
+            local_ranks = int(local)
+        except ValueError:
+            raise ValueError(f"LOCAL_WORLD_SIZE: must be an integer, got {local!r}") from None
+        threads = max(1, len(os.sched_getaffinity(0)) // max(1, local_ranks))
+    pa.set_cpu_count(threads)
+    pool = auto_pool if config.arrow_memory_pool is ArrowMemoryPool.AUTO else config.arrow_memory_pool
+    if pool not in (ArrowMemoryPool.DEFAULT, ArrowMemoryPool.AUTO):
+        make = {
+            ArrowMemoryPool.SYSTEM: pa.system_memory_pool,
+            ArrowMemoryPool.JEMALLOC: pa.jemalloc_memory_pool,
+            ArrowMemoryPool.MIMALLOC: pa.mimalloc_memory_pool,
+        }[pool]
+        try:
+            pa.set_memory_pool(make())
+        except NotImplementedError:
+            if config.arrow_memory_pool is not ArrowMemoryPool.AUTO:  # "auto" keeps the default then
+                raise ValueError(f"arrow_memory_pool: this pyarrow has no {pool.value} allocator") from None
+    return threads
 
 
 @dataclass
@@ -194,6 +247,8 @@ class FileReader(ABC):
     paths: files, directories or globs, local or URIs (worker/data_paths.py); storage: S3 settings.
     """
 
+    _auto_memory_pool = ArrowMemoryPool.DEFAULT  # Arrow's allocator for arrow_memory_pool = "auto"
+
     def __init__(
         self,
         paths: Sequence[str | Path],
@@ -215,6 +270,7 @@ class FileReader(ABC):
                 f"the same local batch size, got {config.global_batch_size}"
             )
         self.config = config
+        self.arrow_threads = configure_arrow(config, self._auto_memory_pool)
         self.rank = rank
         self.world_size = world_size
         self.local_batch_size = config.global_batch_size // world_size

@@ -33,6 +33,8 @@
     shuffle_buffer = 0          # rows per worker held back and drawn at random (0: file order)
     range_bytes = 67108864      # TSV: byte range a worker reads as one unit
     prefetch_batches = 4        # batches decoded ahead in a background thread
+    arrow_threads = 0           # Arrow CPU threads per worker (0: the node's cores / train.workers)
+    arrow_memory_pool = "auto"  # "auto" | "system" | "jemalloc" | "mimalloc" | "default" (ArrowMemoryPool)
     [data.storage]              # S3 endpoint/credentials (ps.snapshot.storage.StorageConfig)
     [data.synthetic]            # worker.synthetic.SyntheticConfig (batch size from [train])
     num_keys = 100000
@@ -51,7 +53,7 @@ from pathlib import Path
 from ps.job_config import JobConfig, build_config, parse_job_config
 from ps.snapshot.storage import StorageConfig
 from worker.model import ModelConfig
-from worker.readers import BadRowPolicy
+from worker.readers import ArrowMemoryPool, BadRowPolicy
 from worker.synthetic import SyntheticConfig
 
 TRAINING_SECTIONS = ("train", "model", "data")
@@ -123,6 +125,8 @@ class DataConfig:
     shuffle_buffer: int = 0
     range_bytes: int = 64 << 20
     prefetch_batches: int = 4
+    arrow_threads: int = 0
+    arrow_memory_pool: ArrowMemoryPool = ArrowMemoryPool.AUTO
     storage: StorageConfig = field(default_factory=StorageConfig)
     num_dense: int = 13
     num_sparse: int = 26
@@ -183,7 +187,7 @@ def parse_training_job(data: dict, base_dir: Path | None = None) -> TrainingJob:
     _positive("train.eval_batches", train.eval_batches)
     _positive("train.epochs", train.epochs)
     _positive("data.range_bytes", data_config.range_bytes)
-    for name in ("shuffle_buffer", "prefetch_batches"):
+    for name in ("shuffle_buffer", "prefetch_batches", "arrow_threads"):
         if getattr(data_config, name) < 0:
             raise ValueError(f"data.{name}: must be >= 0, got {getattr(data_config, name)}")
     try:

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 import threading
 
 import pyarrow as pa
@@ -153,3 +154,41 @@ def test_decoding_ahead_in_a_thread_gives_the_same_batches_and_stops_with_the_re
     assert decoding()  # 920 rows: the threads hold at most 4 batches + 3 record batches ahead
     iterator.close()  # joins the batch thread, which closes the decoding one
     assert not decoding()
+
+
+@pytest.fixture
+def arrow_settings():
+    """Arrow's thread count and memory pool are per process: put them back after the test."""
+    threads, pool = pa.cpu_count(), pa.default_memory_pool()
+    yield
+    pa.set_cpu_count(threads)
+    pa.set_memory_pool(pool)
+
+
+def test_reader_sizes_arrow_threads_and_pool_for_the_local_ranks(tmp_path, monkeypatch, arrow_settings):
+    sample = write_criteo_sample(tmp_path / "day.tsv", 120, num_bad_rows=0, seed=9)
+    path = write_parquet(tmp_path / "day.parquet", sample.good_rows, row_group_size=30)
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    reader = ParquetReader([path], config(global_batch_size=24), rank=1, world_size=4)
+    assert reader.arrow_threads == pa.cpu_count() == max(1, cores // 4)
+    assert pa.default_memory_pool().backend_name == "system"  # "auto": the Parquet reader's choice
+    CriteoTsvReader([sample.path], config(global_batch_size=24), 0, 1)
+    assert pa.default_memory_pool().backend_name == "mimalloc"  # "auto": the TSV reader's choice
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert ParquetReader([path], config(global_batch_size=24), 0, 1).arrow_threads == cores
+    batches = {}
+    for pool in ("system", "mimalloc", "default"):
+        reader = ParquetReader([path], config(global_batch_size=24, arrow_threads=3, arrow_memory_pool=pool), 0, 1)
+        assert pa.cpu_count() == 3
+        if pool != "default":
+            assert pa.default_memory_pool().backend_name == pool
+        batches[pool] = Batch.cat(list(reader))
+    assert_batches_equal(batches["system"], batches["mimalloc"])  # the allocator changes no value
+    with pytest.raises(ValueError, match="arrow_memory_pool: must be one of"):
+        config(arrow_memory_pool="tcmalloc")
+    with pytest.raises(ValueError, match="arrow_threads: must be >= 0"):
+        config(arrow_threads=-1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "two")
+    with pytest.raises(ValueError, match="LOCAL_WORLD_SIZE: must be an integer"):
+        ParquetReader([path], config(global_batch_size=24), 0, 1)
