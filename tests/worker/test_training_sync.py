@@ -2,7 +2,9 @@
 
 The float16 and int8 tables are checked against the reference of tests/ps/reference_codec.py with
 the same stochastic rounding (streams = the job's steps): one rounding decided otherwise would move
-an element by a whole quantum (about 1e-3 here), far beyond the 1e-5 allowed for float32 sums."""
+an element by a whole quantum (about 1e-3 here), far beyond the 1e-5 allowed for float32 sums. The
+float32 sums before rounding still differ from the reference's in their last bits, so a float16
+rounding that lands on that boundary may go the other way: one step, on at most 0.1% of elements."""
 
 from __future__ import annotations
 
@@ -139,8 +141,19 @@ def test_two_workers_two_shards_equal_single_process_reference(two_shard_run):
         assert diff <= 1e-5, f"dense parameter {name}: max abs diff {diff}"
     for name, (keys, values) in two_shard_run["rows"].items():
         want = np.stack([tables[name].lookup(int(k)).detach().numpy() for k in keys])
-        diff = np.abs(values - want).max()
-        assert diff <= 1e-5, f"table {name} ({job.ps.table(name).optimizer.kind}): max abs diff {diff}"
+        config = job.ps.table(name)
+        off = np.abs(values - want)
+        if config.storage.value == "float16":
+            # The float32 sums before rounding differ from the reference's in the last bits (their
+            # order differs; dense kernels differ by CPU), and a stochastic rounding that lands on
+            # that boundary is decided the other way: at most one float16 step, on a rare element.
+            step = np.spacing(np.abs(want).astype(np.float16)).astype(np.float32)
+            flipped = off > 1e-5
+            assert (off <= step + 1e-5).all(), f"table {name}: an element off by more than one float16 step"
+            assert flipped.mean() <= 1e-3, f"table {name}: {flipped.sum()} of {flipped.size} elements rounded otherwise"
+            off = np.where(flipped, 0.0, off)
+        diff = off.max()
+        assert diff <= 1e-5, f"table {name} ({config.optimizer.kind}): max abs diff {diff}"
         init = np.stack([tables[name].init(np.array([k]))[0] for k in keys])
         assert np.abs(values - init).max() > 1e-3, f"table {name} did not train"
 
