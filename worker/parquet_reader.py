@@ -38,7 +38,7 @@ class ParquetReader(FileReader):
     >>> for batch in reader: ...
     """
 
-    _auto_memory_pool = ArrowMemoryPool.SYSTEM  # see worker/readers.py::configure_arrow
+    _auto_memory_pool = ArrowMemoryPool.JEMALLOC  # see worker/readers.py::configure_arrow
 
     def _plan(self) -> list[list[Unit]]:
         names = self.config.column_names

@@ -129,9 +129,12 @@ def configure_arrow(config: ReaderConfig, auto_pool: ArrowMemoryPool = ArrowMemo
     The pool (`auto_pool` is the reader's choice for "auto"): pyarrow's mimalloc marks its 1 GiB
     arenas for transparent huge pages, so a new process zeroes 2 MiB pages as its memory grows.
     The Parquet reader holds whole decoded record batches and paid 0.1-0.4 CPU-s per process for
-    it on a 2-core VM, most of the extra CPU per row of 4 ranks over one; with malloc it pays
-    less and reads as fast after. The TSV reader's memory is a few 1 MiB blocks, and there malloc
-    cost about 20% more CPU per row than mimalloc (README, notes on `bench data`).
+    it on a 2-core VM, most of the extra CPU per row of 4 ranks over one. It uses jemalloc, which
+    does not ask for huge pages: on a quiet machine, three interleaved pairs, 4 ranks read
+    0.90-0.93x the rows/s of one with it against 0.69-0.83x with malloc (1.17-1.22x the CPU per
+    row of one rank against 1.17-1.41x), one rank as fast either way. The TSV reader's memory is
+    a few 1 MiB blocks, and there malloc cost about 20% more CPU per row than mimalloc (README,
+    notes on `bench data`). A pyarrow built without the chosen allocator keeps its default.
     """
     threads = config.arrow_threads
     if not threads:

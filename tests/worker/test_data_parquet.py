@@ -172,13 +172,13 @@ def test_reader_sizes_arrow_threads_and_pool_for_the_local_ranks(tmp_path, monke
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     reader = ParquetReader([path], config(global_batch_size=24), rank=1, world_size=4)
     assert reader.arrow_threads == pa.cpu_count() == max(1, cores // 4)
-    assert pa.default_memory_pool().backend_name == "system"  # "auto": the Parquet reader's choice
+    assert pa.default_memory_pool().backend_name == "jemalloc"  # "auto": the Parquet reader's choice
     CriteoTsvReader([sample.path], config(global_batch_size=24), 0, 1)
     assert pa.default_memory_pool().backend_name == "mimalloc"  # "auto": the TSV reader's choice
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
     assert ParquetReader([path], config(global_batch_size=24), 0, 1).arrow_threads == cores
     batches = {}
-    for pool in ("system", "mimalloc", "default"):
+    for pool in ("system", "jemalloc", "mimalloc", "default"):
         reader = ParquetReader([path], config(global_batch_size=24, arrow_threads=3, arrow_memory_pool=pool), 0, 1)
         assert pa.cpu_count() == 3
         if pool != "default":
