@@ -16,25 +16,48 @@ from worker.train_config import Mode, parse_training_job
 from worker.trainer import Trainer
 
 
-class SlowPushTables(LocalTables):
-    """Real in-process tables whose pushes take 50 ms. Each lookup records how many earlier steps'
-    pushes it cannot see yet: the lookup for step t runs while step t - 1 computes, so it misses
-    steps up to t - 1 whose pushes are not applied."""
+GATE_DEADLINE_S = 60.0  # a push held this long means the trainer waits for a push it may miss
 
-    def __init__(self, tables: list[TableConfig]) -> None:
+
+class SlowPushTables(LocalTables):
+    """Real in-process tables that record, at each lookup, how many earlier steps' pushes it cannot
+    see yet: the lookup for step t runs while step t - 1 computes, so it misses steps up to t - 1
+    whose pushes are not applied.
+
+    gate_staleness k (async): the push of step s is held until the lookup for step s + k has been
+    recorded, the latest lookup that may miss it. So every lookup runs as stale as the trainer lets
+    it, whatever the machine's load: a trainer that waits for the pushes it must (steps <= t - k - 1
+    before the lookup for t) sees exactly k missing from step k + 1 on; one that waits for fewer
+    sees more; one that waits for more holds its push past GATE_DEADLINE_S and the step fails.
+    delay_s: each push sleeps that long first (sync: a slow push the step must still wait for).
+    """
+
+    def __init__(self, tables: list[TableConfig], gate_staleness: int | None = None, delay_s: float = 0.0) -> None:
         super().__init__(tables)
-        self.lock = threading.Lock()
+        self.lock = threading.Condition()
         self.trainer: Trainer | None = None
         self.max_missed = 0
         self.pushed_steps: list[int] = []
         self.commits: list[tuple[int, int, bool]] = []  # (step, pushes applied then, with a dense tower)
+        self.gate_staleness = gate_staleness
+        self.released_through = 0  # pushes of steps <= this may apply (gate_staleness set)
+        self.delay_s = delay_s
 
     def lookup_multi(self, tables, keys, offsets):
         with self.lock:
             looking_up_for = self.trainer.step + 1
             applied = len(self.pushed_steps)  # pushes apply in step order (one push thread)
             self.max_missed = max(self.max_missed, looking_up_for - 1 - applied)
+            if self.gate_staleness is not None:
+                self.released_through = max(self.released_through, looking_up_for - self.gate_staleness)
+                self.lock.notify_all()
         return super().lookup_multi(tables, keys, offsets)
+
+    def release_all(self) -> None:
+        """Lets every push apply (before drain: the last steps' pushes have no later lookup)."""
+        with self.lock:
+            self.gate_staleness = None
+            self.lock.notify_all()
 
     def commit(self, step: int, dense_state: bytes = b"", dense_format: str = "") -> None:
         """Records each commit with the pushes applied when it came (every step <= it must be)."""
@@ -43,9 +66,18 @@ class SlowPushTables(LocalTables):
         super().commit(step, dense_state, dense_format)
 
     def send_push(self, prepared) -> None:
-        time.sleep(0.05)
-        super().send_push(prepared)
         step = prepared[1]
+        with self.lock:
+            released = self.lock.wait_for(
+                lambda: self.gate_staleness is None or step <= self.released_through, timeout=GATE_DEADLINE_S
+            )
+        if not released:
+            raise TimeoutError(
+                f"push of step {step} held {GATE_DEADLINE_S:g} s: no lookup for step {step + self.gate_staleness} "
+                "came, so the trainer waited for a push its staleness lets it miss"
+            )
+        time.sleep(self.delay_s)
+        super().send_push(prepared)
         with self.lock:
             self.pushed_steps.append(step)
 
@@ -66,7 +98,7 @@ def job(mode: str, staleness: int):
 def test_lookups_miss_at_most_staleness_steps_of_pushes(staleness):
     j = job("async", staleness)
     assert j.train.mode == Mode.ASYNC
-    store = SlowPushTables(list(j.ps.tables))
+    store = SlowPushTables(list(j.ps.tables), gate_staleness=staleness)
     trainer = Trainer(j, DLRMDenseTower(j.model), store, rank=0, world_size=1)
     store.trainer = trainer
     batches = list(train_reader(j, 0, 1))
@@ -76,10 +108,12 @@ def test_lookups_miss_at_most_staleness_steps_of_pushes(staleness):
         pulled = prefetched
         if i + 1 < len(batches):
             assert pulled is not None and pulled.batch is batches[i + 1]
+    store.release_all()
     trainer.drain()
     trainer.close()
     assert store.pushed_steps == list(range(1, len(batches) + 1))
-    # Steps take far less than a 50 ms push, so lookups run as stale as allowed, and no staler.
+    # Each push waits for the last lookup that may miss it, so lookups run as stale as allowed
+    # (from step staleness + 1 on), and no staler.
     assert store.max_missed == staleness
     # Step s is committed once every push of steps <= s is applied; the last one by drain().
     steps = [step for step, _, _ in store.commits]
@@ -90,7 +124,7 @@ def test_lookups_miss_at_most_staleness_steps_of_pushes(staleness):
 
 def test_sync_mode_pushes_before_the_step_returns():
     j = replace(job("sync", 0), train=replace(job("sync", 0).train, mode=Mode.SYNC))
-    store = SlowPushTables(list(j.ps.tables))
+    store = SlowPushTables(list(j.ps.tables), delay_s=0.05)
     trainer = Trainer(j, DLRMDenseTower(j.model), store, rank=0, world_size=1)
     store.trainer = trainer
     batches = list(train_reader(j, 0, 1))
