@@ -15,7 +15,6 @@ from worker.model import DLRMDenseTower
 from worker.train_config import Mode, parse_training_job
 from worker.trainer import Trainer
 
-
 GATE_DEADLINE_S = 60.0  # a push held this long means the trainer waits for a push it may miss
 
 
