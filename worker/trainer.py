@@ -25,9 +25,10 @@ barrier and waits for it before it joins step t + 1's all_to_all, so no push of 
 shard before it; with it, every train.publish_dense_every steps, the dense tower of step t. The
 call goes out on a thread of its own and runs beside step t + 1's lookups and compute (a Commit
 only reads the rows its step changed, and a lookup changes none), so its round trip is off the
-step's path. In async mode rank 0 commits step t - staleness after step t's all_to_all (every
-rank has then waited for its pushes up to that step): every update of steps <= t - staleness is
-in, later ones may be too.
+step's path. In async mode rank 0 commits step t - staleness - 1 after step t's all_to_all: every
+rank has then waited for its pushes up to that step (at the end of step t - 1, for the lookup of
+step t; its push of step t - staleness may still be in flight), so every update of steps
+<= t - staleness - 1 is in, later ones may be too.
 
 A shard that does not answer within a call's deadline (ShardUnavailableError) fails the step under
 `train.on_ps_unavailable = "abort"`; under "wait" the step's lookup or push is sent again until the
@@ -240,9 +241,10 @@ class Trainer:
 
         start = time.perf_counter()
         if self._async:
-            # Every rank waited for its pushes of steps <= step - staleness before this step's
-            # all_to_all, so rank 0 knows them acknowledged everywhere (a commit after its own pushes).
-            committed = self.step - self.job.train.staleness if self.rank == 0 else 0
+            # Every rank waited for its pushes of steps <= step - staleness - 1 before this step's
+            # all_to_all (at the end of the step before; the pull thread waits for the push of
+            # step - staleness meanwhile), so rank 0 knows them acknowledged everywhere.
+            committed = self.step - self.job.train.staleness - 1 if self.rank == 0 else 0
             self._pushes.append(self._push_pool.submit(self._push_and_commit, outgoing, self.step, committed))
         else:
             self._push_all(outgoing, self.step)
