@@ -10,17 +10,17 @@
 // The gate runs `workers` threads over one completion queue, and at any time at most one of them
 // polls it (the poller). Why: in grpc's epoll1 poller (grpc 1.51) every thread waiting on a queue
 // is a worker of one global leader/follower scheme, and the leader hands its role to a waiting
-// worker each time it returns, waking it: with two threads waiting (on one queue or on one each)
-// every event cost a futex wake and two context switches, ~0.05 ms of CPU per Lookup on top of
-// the ~0.08 ms one thread spends. So the threads that are not polling wait on a condition of the
-// gate's own, which grpc does not see, and only the poller's events wake anything. The poller
-// takes every event that is ready (waiting for the first only when no Lookup is left to answer)
-// and handles it; the Lookups it read go on one shared queue in arrival order. Then it stops
-// polling and answers the oldest Lookup itself (a hand-off to another thread cost more CPU in
-// wake-ups than the lookup); once that is sent it polls again, unless another thread polls now.
-// Another thread is woken only when a Lookup is taken while more wait behind it: under load the
-// threads answer in parallel, each polling in turn between two Lookups, so a call beyond the
-// bound is refused at once, never behind the lookups queued before it. A call's events are
+// worker each time it returns, waking it: with two threads waiting (a queue each, as before)
+// every event woke the other one, ~5 context switches per Lookup at 300 req/s and 1.04-1.5x the
+// CPU per Lookup of now (README, notes on `bench serve`). So the threads that are not polling
+// wait on a condition of the gate's own, which grpc does not see. The poller takes every event
+// that is ready (waiting for the first only when no Lookup is left to answer) and handles it; the
+// Lookups it read go on one shared queue in arrival order. Then it stops polling and answers the
+// oldest Lookup itself (a hand-off to another thread cost more CPU in wake-ups than the lookup);
+// once that is sent it polls again, unless another thread polls now. Another thread is woken only
+// when a Lookup is taken while several more wait behind it (kHelpFrom, serving_gate.cpp): under
+// load the threads answer in parallel, each polling in turn between two Lookups, so a call beyond
+// the bound is refused at once, never behind the lookups queued before it. A call's events are
 // handled by one poller at a time (the role passes under the gate's mutex); its answer may run
 // on another thread meanwhile, which touches only what the events of an admitted Lookup leave
 // alone. In the replica `lookup` is
