@@ -1,6 +1,7 @@
 // The serving gate (see serving_gate.h): admission and Lookups in C++ threads, the rest forwarded.
 #include "serving_gate.h"
 
+#include <absl/synchronization/mutex.h>
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/security/server_credentials.h>
 #include <grpcpp/security/tls_certificate_provider.h>
@@ -18,7 +19,11 @@
 namespace embps {
 namespace {
 
-constexpr int kRequestsOutstanding = 64;  // calls the gate is ready to take at once
+constexpr int kRequestsOutstanding = 64;  // calls the gate is ready to take at once, per thread
+// Lookups left waiting behind the one a thread takes from which it wakes another to help. Fewer
+// woke a thread for most short bursts (two or three Lookups read at once), each wake-up costing
+// more CPU than the Lookup it saved waiting; a burst of this size waits at most ~0.2 ms.
+constexpr size_t kHelpFrom = 4;
 
 // Headers gRPC sets on its own on the upstream call; every other one (tokens included) is forwarded.
 bool forwarded_header(const std::string& key) {
@@ -36,12 +41,12 @@ std::string to_string(const grpc::ByteBuffer& buffer) {
 }
 
 // One call, from the request for it to its last operation, driven by the events of the gate's
-// one completion-queue thread. `pending_` counts operations started and not completed; at zero
-// the call is deleted.
+// completion queue, which one thread at a time (the poller) handles. `pending_` counts operations
+// started and not completed; at zero the call is deleted.
 //
 // A Lookup beyond the bound is finished RESOURCE_EXHAUSTED before its message is read. An
-// admitted Lookup's message is read and queued for a worker, which answers it and sends the reply
-// with the status in one batch.
+// admitted Lookup's message is read and queued for the gate's threads, one of which answers it and
+// sends the reply with the status in one batch.
 //
 // Any other call is pumped to an upstream call and back, one message in flight each way: a
 // message read from the caller is written upstream, then the next one is read; a reply read
@@ -49,8 +54,7 @@ std::string to_string(const grpc::ByteBuffer& buffer) {
 // (and nothing is being written to it), its status is taken and becomes the caller's.
 class Call {
  public:
-  Call(ServingGate::Shared* shared, ServingGate::Shared::Lane* lane)
-      : shared_(shared), lane_(lane), cq_(lane->cq.get()), stream_(&server_ctx_) {
+  explicit Call(ServingGate::Shared* shared) : shared_(shared), cq_(shared->cq.get()), stream_(&server_ctx_) {
     shared_->live_calls.fetch_add(1, std::memory_order_relaxed);
     for (int k = 0; k < kKinds; ++k) tags_[k] = Tag{this, static_cast<Kind>(k)};
     server_ctx_.AsyncNotifyWhenDone(tag(kDone));  // delivered only for a call taken (see OnRequest)
@@ -65,7 +69,7 @@ class Call {
     shared_->live_calls.fetch_sub(1, std::memory_order_relaxed);
   }
 
-  // Runs one completed operation (on the completion-queue thread); deletes the call after its last.
+  // Runs one completed operation (on the poller); deletes the call after its last.
   static void Handle(void* raw_tag, bool ok) {
     Tag* t = static_cast<Tag*>(raw_tag);
     Call* call = t->call;
@@ -108,7 +112,7 @@ class Call {
 
   void OnRequest(bool ok) {
     if (!ok) return;  // the server is shutting down: no call was taken, and none is requested
-    new Call(shared_, lane_);  // the next request, on this thread's queue
+    new Call(shared_);  // the next request
     // The done tag of a taken call comes from a later event than this one: counting it here is safe.
     Start();
     if (shared_->draining.load(std::memory_order_relaxed)) {
@@ -155,7 +159,7 @@ class Call {
   // ---- a Lookup ----
 
   void OnLookupRead(bool ok) {
-    Start();  // kFinish, which the worker starts
+    Start();  // kFinish, which Answer starts
     if (!ok) {  // no request message: the caller half-closed without one, or left
       stream_.Finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, server_ctx_.method() + ": no request message"),
                      tag(kFinish));
@@ -181,13 +185,12 @@ class Call {
       request_.authorization.assign(authorization->second.data(), authorization->second.size());
     }
     deadline_ = server_ctx_.deadline();
-    lane_->ready.emplace_back([this] { Answer(); });
+    shared_->polled.emplace_back([this] { Answer(); });
   }
 
-  // Run by the lane's thread (run_lane) once the events ready before it are handled: no hand-off
-  // to another thread, whose wake-ups (a futex, then the queue's own kick to deliver the reply's
-  // completion) cost more CPU than the lookup itself. The call's last operation is started here;
-  // its count was taken in OnLookupRead.
+  // Run by one of the gate's threads (run_thread) once the events ready before it are handled,
+  // while the poller may handle this call's kDone (OnDone: only cancelled_) but no other event of
+  // it: the call's last operation is started here, and its count was taken in OnLookupRead.
   void Answer() {
     LookupReply reply;
     if (cancelled_.load(std::memory_order_relaxed)) {
@@ -285,8 +288,7 @@ class Call {
   }
 
   ServingGate::Shared* const shared_;
-  ServingGate::Shared::Lane* const lane_;
-  grpc::ServerCompletionQueue* const cq_;  // lane_'s: every operation of the call completes here
+  grpc::ServerCompletionQueue* const cq_;  // shared_'s: every operation of the call completes here
   Tag tags_[kKinds];
   int pending_ = 0;
   bool counted_ = false;  // holds a place in the bound (shared_->in_flight)
@@ -334,24 +336,63 @@ std::shared_ptr<grpc::ServerCredentials> server_credentials(const GateConfig& co
   return grpc::experimental::TlsServerCredentials(options);
 }
 
-// A lane's thread: the events of its queue, and its Lookups in the order they were read, each
-// after every event ready by then (so refusals and reads never wait behind a queue of lookups).
-void run_lane(ServingGate::Shared::Lane* lane) {
+// The poller's turn: handles every event ready now, after waiting for the first when `wait`.
+// False once the queue is shut down (it is, only once no call is left).
+bool poll(ServingGate::Shared* shared, bool wait) {
   void* tag;
   bool ok;
+  if (wait) {
+    if (!shared->cq->Next(&tag, &ok)) return false;
+    Call::Handle(tag, ok);
+  }
   while (true) {
-    if (lane->ready.empty()) {  // nothing to answer: wait for the next event
-      if (!lane->cq->Next(&tag, &ok)) return;  // shut down (only once no call is left)
-      Call::Handle(tag, ok);
+    switch (shared->cq->AsyncNext(&tag, &ok, gpr_time_0(GPR_CLOCK_MONOTONIC))) {
+      case grpc::CompletionQueue::GOT_EVENT:
+        Call::Handle(tag, ok);
+        break;
+      case grpc::CompletionQueue::TIMEOUT:
+        return true;
+      case grpc::CompletionQueue::SHUTDOWN:
+        return false;
+    }
+  }
+}
+
+// One of the gate's threads (serving_gate.h): polls when no other thread does, then answers the
+// oldest Lookup waiting, if any; waits on `wake` when neither is its to do. A thread that takes a
+// Lookup while kHelpFrom or more wait behind it wakes one that waits, which polls in turn and
+// takes the next.
+void run_thread(ServingGate::Shared* shared) {
+  std::unique_lock<std::mutex> lock(shared->mu);
+  while (!shared->closed) {
+    if (!shared->polling) {
+      shared->polling = true;
+      const bool wait = shared->ready.empty();  // only the poller adds to `ready`: none can come meanwhile
+      lock.unlock();
+      const bool open = poll(shared, wait);
+      lock.lock();
+      shared->polling = false;
+      for (std::function<void()>& answer : shared->polled) shared->ready.push_back(std::move(answer));
+      shared->polled.clear();
+      if (!open) {
+        shared->closed = true;
+        shared->wake.notify_all();
+        return;
+      }
+      if (shared->ready.empty()) continue;  // nothing to answer: poll again, waiting for an event
+    }
+    if (!shared->ready.empty()) {
+      std::function<void()> answer = std::move(shared->ready.front());
+      shared->ready.pop_front();
+      if (shared->ready.size() >= kHelpFrom && shared->waiting > 0) shared->wake.notify_one();
+      lock.unlock();
+      answer();
+      lock.lock();
       continue;
     }
-    // A Lookup to answer: first every event ready now (a poll that does not wait), then it.
-    while (lane->cq->AsyncNext(&tag, &ok, gpr_time_0(GPR_CLOCK_MONOTONIC)) == grpc::CompletionQueue::GOT_EVENT) {
-      Call::Handle(tag, ok);
-    }
-    std::function<void()> answer = std::move(lane->ready.front());
-    lane->ready.pop_front();
-    answer();
+    shared->waiting++;
+    shared->wake.wait(lock);
+    shared->waiting--;
   }
 }
 
@@ -375,6 +416,10 @@ ServingGate::ServingGate(const GateConfig& config) : shared_(new Shared) {
   const int workers = config.workers > 0 ? config.workers
                                          : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   const int max_message = static_cast<int>(std::min<int64_t>(config.max_message_bytes, INT32_MAX));
+  // Debian builds abseil without NDEBUG, which turns on its mutex deadlock detector: every lock
+  // gRPC takes then updates a graph of lock orders (~3% of the gate's CPU in perf). It is a debug
+  // aid for abseil's own users; the Python side of the process does not use this abseil.
+  absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
   shared_->lookup_methods = config.lookup_methods;
   shared_->lookup = config.lookup;
   shared_->max_queue = config.max_queue;
@@ -395,27 +440,20 @@ ServingGate::ServingGate(const GateConfig& config) : shared_(new Shared) {
   builder.SetMaxReceiveMessageSize(max_message);
   builder.SetMaxSendMessageSize(max_message);
   builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
-  for (int i = 0; i < workers; ++i) {
-    shared_->lanes.push_back(std::make_unique<Shared::Lane>());
-    shared_->lanes.back()->cq = builder.AddCompletionQueue();
-  }
+  shared_->cq = builder.AddCompletionQueue();
   server_ = builder.BuildAndStart();
   if (server_ == nullptr || port_ == 0) {
     server_.reset();
-    for (auto& lane : shared_->lanes) {
-      lane->cq->Shutdown();
-      drain(lane->cq.get());
-    }
+    shared_->cq->Shutdown();
+    drain(shared_->cq.get());
     throw std::runtime_error("listen: cannot bind " + config.listen);
   }
   owner.release();
-  for (auto& lane : shared_->lanes) {
-    for (int i = 0; i < kRequestsOutstanding; ++i) new Call(shared_, lane.get());
-  }
-  for (auto& lane : shared_->lanes) {
-    threads_.emplace_back([lane = lane.get()] {
+  for (int i = 0; i < kRequestsOutstanding * workers; ++i) new Call(shared_);
+  for (int i = 0; i < workers; ++i) {
+    threads_.emplace_back([shared = shared_] {
       pthread_setname_np(pthread_self(), "embps-gate");
-      run_lane(lane);
+      run_thread(shared);
     });
   }
 }
@@ -461,7 +499,7 @@ void ServingGate::shutdown(double grace_seconds) {
     leaked_ = true;
     return;
   }
-  for (auto& lane : shared_->lanes) lane->cq->Shutdown();
+  shared_->cq->Shutdown();
   for (std::thread& thread : threads_) thread.join();
   // The upstream channel goes now, not with the gate object: its connection would keep the
   // replica's grpc.aio server waiting out its own grace.

@@ -7,13 +7,23 @@
 // answers one more RESOURCE_EXHAUSTED at once, unread, in C++. "Lookups" are the calls of the
 // bounded methods (`lookup_methods`: Serving/Lookup and Serving/LookupMany); they share one bound.
 //
-// The gate runs `workers` threads ("lanes"), each with its own completion queue that it alone
-// polls: a call is taken on one queue and every event of it runs on that queue's thread, so a
-// call's state needs no lock. An admitted Lookup is answered by `lookup` on the thread that read
-// it (a hand-off to another thread cost more CPU in wake-ups than the lookup), but only once the
-// events already in its queue are handled: the lane keeps the Lookups read in order, and between
-// two of them takes every event that is ready without waiting, so a call beyond the bound is
-// refused at once, never behind the lookups queued before it. In the replica `lookup` is
+// The gate runs `workers` threads over one completion queue, and at any time at most one of them
+// polls it (the poller). Why: in grpc's epoll1 poller (grpc 1.51) every thread waiting on a queue
+// is a worker of one global leader/follower scheme, and the leader hands its role to a waiting
+// worker each time it returns, waking it: with two threads waiting (a queue each, as before)
+// every event woke the other one, ~5 context switches per Lookup at 300 req/s and 1.04-1.5x the
+// CPU per Lookup of now (README, notes on `bench serve`). So the threads that are not polling
+// wait on a condition of the gate's own, which grpc does not see. The poller takes every event
+// that is ready (waiting for the first only when no Lookup is left to answer) and handles it; the
+// Lookups it read go on one shared queue in arrival order. Then it stops polling and answers the
+// oldest Lookup itself (a hand-off to another thread cost more CPU in wake-ups than the lookup);
+// once that is sent it polls again, unless another thread polls now. Another thread is woken only
+// when a Lookup is taken while several more wait behind it (kHelpFrom, serving_gate.cpp): under
+// load the threads answer in parallel, each polling in turn between two Lookups, so a call beyond
+// the bound is refused at once, never behind the lookups queued before it. A call's events are
+// handled by one poller at a time (the role passes under the gate's mutex); its answer may run
+// on another thread meanwhile, which touches only what the events of an admitted Lookup leave
+// alone. In the replica `lookup` is
 // NativeLookups (serving_lookup.h), which parses, checks the token, reads the native row store
 // and encodes the reply in C++, without the GIL. Every other
 // call (Status, health, reflection; streaming or not) is forwarded byte for byte, with its
@@ -30,6 +40,7 @@
 #include <grpcpp/support/slice.h>
 
 #include <atomic>
+#include <condition_variable>
 #include <cstdint>
 #include <deque>
 #include <functional>
@@ -67,7 +78,7 @@ struct GateConfig {
   std::string upstream;           // gRPC target of the Python server, e.g. unix:/run/x/upstream.sock
   std::vector<std::string> lookup_methods;  // the bounded methods, answered by `lookup`
   LookupHandler lookup;
-  int workers = 0;                // threads (each a completion queue) taking calls and answering lookups; 0: one per core
+  int workers = 0;                // threads taking calls and answering lookups (one polls at a time); 0: one per core
   int64_t max_queue = 0;          // lookups admitted and not finished; 0: no bound
   int64_t max_queue_bytes = 0;    // request + reply bytes the admitted lookups hold; 0: no bound
   int64_t max_message_bytes = 0;  // largest message either way
@@ -106,12 +117,18 @@ class ServingGate {
     std::string shed_bytes_message;
     grpc::AsyncGenericService service;
     std::unique_ptr<grpc::GenericStub> stub;
-    // One per thread: its queue and its Lookups read and not yet answered (only it touches them).
-    struct Lane {
-      std::unique_ptr<grpc::ServerCompletionQueue> cq;
-      std::deque<std::function<void()>> ready;
-    };
-    std::vector<std::unique_ptr<Lane>> lanes;
+    std::unique_ptr<grpc::ServerCompletionQueue> cq;  // every call's operations complete here
+    // The threads' hand-off (see the top of this file), under `mu`: whether one polls, the
+    // Lookups read and not yet answered (oldest first), the threads waiting on `wake`.
+    std::mutex mu;
+    std::condition_variable wake;
+    bool polling = false;
+    std::deque<std::function<void()>> ready;
+    int waiting = 0;
+    bool closed = false;  // the queue is shut down: every thread returns
+    // The Lookups read by the poller since it began polling: only the poller touches it, and
+    // moves it to `ready` when it stops.
+    std::vector<std::function<void()>> polled;
     std::atomic<int64_t> in_flight{0};
     std::atomic<int64_t> queued_bytes{0};
     std::atomic<int64_t> admitted{0};
@@ -125,7 +142,7 @@ class ServingGate {
  private:
   Shared* shared_;  // owned; left allocated if calls outlive shutdown (see shutdown)
   std::unique_ptr<grpc::Server> server_;
-  std::vector<std::thread> threads_;  // one per queue: each alone runs the events of its calls
+  std::vector<std::thread> threads_;  // `workers` of them, over shared_->cq
   int port_ = 0;
   bool stopped_ = false;
   bool leaked_ = false;  // shutdown gave up waiting for calls: nothing is freed

@@ -10,9 +10,9 @@ and answers one more RESOURCE_EXHAUSTED at once, before reading it, in microseco
 the bytes the admitted Lookups hold (request, then reply, until sent) by `max_queue_bytes`: a
 Lookup read while they hold more is answered RESOURCE_EXHAUSTED too (one is always admitted).
 
-An admitted Lookup is answered by `lookup` on the one of the gate's `threads` threads (each with
-its own completion queue) that read it, after the events already waiting there, a
-NativeLookups (csrc/serving_lookup.h, built by `native_lookups`): it checks the token, parses,
+An admitted Lookup is answered by `lookup` on one of the gate's `threads` threads (they share one
+completion queue, which one of them at a time polls; see csrc/serving_gate.h), after the events
+already waiting there, a NativeLookups (csrc/serving_lookup.h, built by `native_lookups`): it checks the token, parses,
 reads the rows from the native store of serving/store.py and encodes the reply in C++, without
 the GIL, with the codes, messages and metrics of the Lookup RPC (serving/metrics.py exports its
 counts). Every other call (Status, health, reflection) goes byte for
@@ -185,8 +185,8 @@ def native_lookups(
 class ServingGate:
     """A running gate on `listen`; `port` is the bound public port. Calls of `lookup_methods` are
     bounded by max_queue (and their bytes by max_queue_bytes; 0: no bound) and answered by
-    `lookup` on `threads` threads, each polling its own completion queue (0: one per core), the
-    others forwarded to `upstream`.
+    `lookup` on `threads` threads over one completion queue, polled by one of them at a time (0: one
+    per core), the others forwarded to `upstream`.
     identity: the gate's TLS files (None: plaintext)."""
 
     def __init__(
