@@ -18,9 +18,11 @@
 // Lookups it read go on one shared queue in arrival order. Then it stops polling and answers the
 // oldest Lookup itself (a hand-off to another thread cost more CPU in wake-ups than the lookup);
 // once that is sent it polls again, unless another thread polls now. Another thread is woken only
-// when a Lookup is taken while several more wait behind it (kHelpFrom, serving_gate.cpp): under
-// load the threads answer in parallel, each polling in turn between two Lookups, so a call beyond
-// the bound is refused at once, never behind the lookups queued before it. A call's events are
+// when a Lookup is taken while several more wait behind it (kHelpFrom, serving_gate.cpp), or when
+// the Lookup taken is a large one (kLargeRequestBytes), whose answer takes milliseconds: under
+// load the threads answer in parallel, each polling in turn between two Lookups, and beside a
+// large Lookup another thread polls, so a call beyond the bound (count or bytes) is refused at
+// once, never behind the lookups queued before it. A call's events are
 // handled by one poller at a time (the role passes under the gate's mutex); its answer may run
 // on another thread meanwhile, which touches only what the events of an admitted Lookup leave
 // alone. In the replica `lookup` is
@@ -123,12 +125,18 @@ class ServingGate {
     std::mutex mu;
     std::condition_variable wake;
     bool polling = false;
-    std::deque<std::function<void()>> ready;
+    // A Lookup read and not yet answered; `large`: its request is at least kLargeRequestBytes
+    // (serving_gate.cpp), so its answer takes long enough to poll beside it.
+    struct Pending {
+      std::function<void()> answer;
+      bool large = false;
+    };
+    std::deque<Pending> ready;
     int waiting = 0;
     bool closed = false;  // the queue is shut down: every thread returns
     // The Lookups read by the poller since it began polling: only the poller touches it, and
     // moves it to `ready` when it stops.
-    std::vector<std::function<void()>> polled;
+    std::vector<Pending> polled;
     std::atomic<int64_t> in_flight{0};
     std::atomic<int64_t> queued_bytes{0};
     std::atomic<int64_t> admitted{0};

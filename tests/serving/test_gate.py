@@ -1,12 +1,14 @@
 """The serving gate (serving/gate.py) in a real `embps serve` replica: calls that end early (the
 caller's deadline, the caller cancelling) release their place in the Lookup bound, so a replica
-that saw many of them still admits up to max_queue; the gate's counts say so exactly. And the
+that saw many of them still admits up to max_queue; the gate's counts say so exactly. A Lookup
+read while others hold more than max_queue_bytes is shed, and those bytes are given back. And the
 gate's private directories of killed replicas do not pile up."""
 
 from __future__ import annotations
 
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -14,6 +16,10 @@ import urllib.request
 from pathlib import Path
 
 import grpc
+import h2.config
+import h2.connection
+import h2.events
+import h2.settings
 import numpy as np
 import pytest
 
@@ -78,19 +84,6 @@ def test_calls_ended_by_their_caller_release_their_place_in_the_bound(replica) -
         futures = [stub.Lookup.future(small, timeout=30) for _ in range(MAX_QUEUE)]
         replies = [f.result() for f in futures]
         counted = _metrics(replica)
-        # The byte bound: of two slow Lookups at once (within max_queue), the one read while the
-        # other holds its 1.2 MB request (then its 9.6 MB reply) is shed; then nothing is held.
-        slow_pair = [stub.Lookup.future(slow, timeout=30) for _ in range(2)]
-        outcomes = []
-        for future in slow_pair:
-            try:
-                outcomes.append(len(future.result().found))
-            except grpc.RpcError as exc:
-                assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, exc
-                assert "max_queue_bytes" in exc.details()
-                outcomes.append("shed")
-        assert sorted(map(str, outcomes)) == [str(SLOW_KEYS), "shed"]
-        assert _metrics(replica)["embps_serving_lookup_queue_bytes"] == 0
     assert all(len(r.found) == 8 and r.found.count(0) == 0 for r in replies)
     after = counted
     assert after["embps_serving_lookup_queue"] == 0
@@ -101,6 +94,92 @@ def test_calls_ended_by_their_caller_release_their_place_in_the_bound(replica) -
     assert before["embps_serving_admitted_lookups_total"] > 0, before
     total = after["embps_serving_admitted_lookups_total"] + after["embps_serving_shed_lookups_total"]
     assert total <= 20 + 10 + MAX_QUEUE, after
+
+
+class _LookupNeverRead:
+    """One Lookup sent over a raw HTTP/2 connection that gives the replica a receive window of 0:
+    the replica reads the request and answers, but can send none of the reply's bytes, so the call
+    holds its place and its bytes in the gate until this connection closes. (A grpc client reads
+    every reply at once, so two of its calls overlap in the gate only by timing.)"""
+
+    def __init__(self, address: str, request: bytes) -> None:
+        host, port = address.rsplit(":", 1)
+        self.sock = socket.create_connection((host, int(port)), timeout=10)
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        self.conn.initiate_connection()
+        self.conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
+        stream = self.conn.get_next_available_stream_id()
+        headers = [
+            (":method", "POST"), (":scheme", "http"), (":path", "/embps.v1.Serving/Lookup"),
+            (":authority", address), ("content-type", "application/grpc"), ("te", "trailers"),
+        ]  # fmt: skip
+        self.conn.send_headers(stream, headers)
+        body = b"\x00" + len(request).to_bytes(4, "big") + request  # gRPC's message framing
+        sent = 0
+        while sent < len(body):  # as fast as the replica's flow-control window lets it
+            room = min(self.conn.local_flow_control_window(stream), self.conn.max_outbound_frame_size)
+            if room == 0:
+                self._receive()
+                continue
+            chunk = body[sent : sent + room]
+            sent += len(chunk)
+            self.conn.send_data(stream, chunk, end_stream=sent == len(body))
+            self.sock.sendall(self.conn.data_to_send())
+
+    def _receive(self) -> None:
+        data = self.sock.recv(1 << 16)
+        assert data, "the replica closed the connection while the request was being sent"
+        for event in self.conn.receive_data(data):
+            assert not isinstance(event, h2.events.StreamReset | h2.events.StreamEnded), event
+        self.sock.sendall(self.conn.data_to_send())
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _wait_for(replica: EmbpsServer, condition, what: str) -> dict[str, float]:
+    """The replica's metrics once `condition(metrics)` holds; fails after 10 s naming `what`."""
+    deadline = time.monotonic() + 10
+    while not condition(metrics := _metrics(replica)):
+        assert time.monotonic() < deadline, f"{what}: {metrics}"
+        time.sleep(0.01)
+    return metrics
+
+
+def test_lookups_read_while_others_hold_max_queue_bytes_are_shed(replica) -> None:
+    """The byte bound: a Lookup read while the admitted ones hold more than max_queue_bytes
+    (request, then reply, until sent) is answered RESOURCE_EXHAUSTED, whatever its own size; once
+    the holder ends, the bytes are released and a Lookup of the same size is answered."""
+    keys = np.resize(bench_keys(ROWS), SLOW_KEYS)
+    slow = serving_pb2.ServingLookupRequest(table=TABLE, keys=wire.encode_keys(keys), dim=DIM)
+    small = serving_pb2.ServingLookupRequest(table=TABLE, keys=wire.encode_keys(keys[:8]), dim=DIM)
+    options = [("grpc.max_receive_message_length", _LIMIT), ("grpc.max_send_message_length", _LIMIT)]
+    holder = _LookupNeverRead(replica.address, slow.SerializeToString())
+    try:
+        # Its 1.2 MB request, then its 9.6 MB reply, which cannot leave: more than the 2 MiB bound.
+        held = _wait_for(
+            replica, lambda m: m["embps_serving_lookup_queue_bytes"] > MAX_QUEUE_BYTES, "the held reply"
+        )
+        assert held["embps_serving_lookup_queue"] == 1, held
+        with grpc.insecure_channel(replica.address, options=options) as channel:
+            stub = serving_pb2_grpc.ServingStub(channel)
+            for request in (slow, small):
+                with pytest.raises(grpc.RpcError) as shed:
+                    stub.Lookup(request, timeout=30)
+                assert shed.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, shed.value
+                assert "max_queue_bytes" in shed.value.details()
+            counted = _metrics(replica)
+            assert counted["embps_serving_shed_lookups_total"] == held["embps_serving_shed_lookups_total"] + 2
+            holder.close()  # the caller leaves: its call ends and gives back its place and bytes
+            _wait_for(
+                replica,
+                lambda m: m["embps_serving_lookup_queue"] == 0 and m["embps_serving_lookup_queue_bytes"] == 0,
+                "the bytes given back",
+            )
+            assert len(stub.Lookup(slow, timeout=30).found) == SLOW_KEYS
+        assert _metrics(replica)["embps_serving_lookup_queue_bytes"] == 0
+    finally:
+        holder.close()
 
 
 def test_a_new_replica_removes_the_directories_of_killed_ones() -> None:
