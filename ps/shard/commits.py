@@ -14,8 +14,10 @@ resyncs. A commit whose changes the update log had already forgotten is kept as 
 marks the step, and only a subscriber already past it may continue. Rows are sealed only while
 a committed subscriber has been there in the last SEAL_IDLE_SECONDS: a job without replicas pays
 nothing per commit, and a replica that comes back later resyncs in full. A shard's standby gets
-every commit over the replication stream with the tables its primary sealed (sealed_tables), and
-seals those: a replica that fails over to it goes on from its cut. A commit the standby missed
+every commit over the replication stream with the tables its primary sealed (sealed_tables), seals
+those and counts them as followed (mark_followed): once promoted it goes on sealing them, so a
+replica that fails over to it goes on from its cut even when the trainer's next commit arrives
+before the replica does. A commit the standby missed
 (its primary died first) is covered by the next one: that range starts before the replica's cut,
 and a range that starts inside a commit is served whole (above).
 """
@@ -176,6 +178,14 @@ def sealing_tables(shard) -> tuple[str, ...]:
     SEAL_IDLE_SECONDS."""
     now = time.monotonic()
     return tuple(name for name, c in shard.commits.items() if now - c.subscribed_at < SEAL_IDLE_SECONDS)
+
+
+def mark_followed(shard, tables: Collection[str]) -> None:
+    """Keeps `tables` of `shard` sealing rows for SEAL_IDLE_SECONDS as if a committed stream had
+    looked now: a standby does so for the tables its primary sealed."""
+    now = time.monotonic()
+    for name in tables:
+        shard.commits[name].subscribed_at = now
 
 
 def commit(shard, request: ps_pb2.CommitRequest, sealed_tables: Collection[str] | None = None) -> ps_pb2.CommitResponse:

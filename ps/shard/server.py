@@ -323,6 +323,10 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         the primary's choice; None: the tables a committed stream follows now."""
         if sealed_tables is None:
             sealed_tables = commits.sealing_tables(self.shard)
+        else:
+            # The primary's subscribers fail over here: once promoted, this process goes on sealing
+            # their tables before they reconnect (else a commit in between is incomplete for them).
+            commits.mark_followed(self.shard, sealed_tables)
         response = self._replicated(
             "Commit", request, lambda r: commits.commit(self.shard, r, sealed_tables), sealed_tables
         )

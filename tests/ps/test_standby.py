@@ -388,7 +388,8 @@ def test_a_cut_replica_follows_the_promoted_standby_without_a_full_resync(etcd, 
     """consistency = "step": every push of step s acknowledged, then Commit(s), as a sync trainer
     does. The primary is SIGKILLed between steps: the trainer goes on at the promoted standby, and
     the replica follows it from its cut (same incarnation, the commits came over the replication
-    stream with the rows the primary sealed), never resyncing, up to the last step."""
+    stream with the rows the primary sealed), never resyncing, up to the last step, even though it
+    reconnects only after the trainer's commits at the promoted standby."""
     sgd = TableConfig("user", dim=4, initializer=Initializer.ZEROS, optimizer=OptimizerConfig(kind=OptimizerKind.SGD,
                                                                                               lr=1.0))
     job = pair_job(etcd.endpoint, "cut-failover", (sgd,))
@@ -419,8 +420,14 @@ def test_a_cut_replica_follows_the_promoted_standby_without_a_full_resync(etcd, 
         wait_until(lambda: served_step() == 5, "the replica's cut at step 5")
         before = resyncs()
         incarnation = replica.status().shards[0].incarnation
-        os.kill(pair.primary.pid, signal.SIGKILL)
-        train(6, 10)
+        # The replica is held while the trainer commits at the promoted standby: it reconnects only
+        # after those commits, which the standby sealed although no stream of its own followed it.
+        os.kill(replica.proc.pid, signal.SIGSTOP)
+        try:
+            os.kill(pair.primary.pid, signal.SIGKILL)
+            train(6, 10)
+        finally:
+            os.kill(replica.proc.pid, signal.SIGCONT)
         assert "PROMOTED" in pair.log(1), pair.log(1)[-3000:]
         wait_until(lambda: served_step() == 10, "the replica's cut at step 10, from the promoted standby", 60)
         status = replica.status()
