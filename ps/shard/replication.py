@@ -345,10 +345,18 @@ class Replication:
         await call.write(replication_pb2.ReplicateRequest(
             epoch=self.epoch, method="StateDone", sequence=base, incarnation=self.shard.incarnation,
         ).SerializeToString())
+        log.info("%s: state sent (%.1f MiB); waiting for the standby to load it", self.describe(), copied / 2**20)
+        # The copy counts once the standby loaded it (its ack of StateDone, the only ack it sends for
+        # the copy), not once it was written here: with no push since the capture, the pair would
+        # otherwise be recorded in sync while the standby still holds nothing.
+        ack = await asyncio.wait_for(call.read(), max(self.ttl, CATCH_UP_PATIENCE_S))
+        if ack is grpc.aio.EOF:
+            raise ConnectionError("the standby ended the stream while loading the copy")
+        if ack.sequence != base:
+            raise ConnectionError(f"the standby acknowledged the copy at push {ack.sequence}, not {base}")
         self._acked = base
         self._last_ack = time.monotonic()
-        log.info("%s: state sent (%.1f MiB); the standby catches up on the pushes since", self.describe(),
-                 copied / 2**20)
+        log.info("%s: the standby loaded the copy; it catches up on the pushes since", self.describe())
 
     def _capture(self):
         """(sequence, {table: TableState}, ledger) at this point of the apply order (serialised
