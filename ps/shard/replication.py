@@ -409,9 +409,9 @@ class Replication:
                     return
                 synced = Membership(self.arbiter.me, self.partner, self.epoch, True)
                 if await asyncio.to_thread(self.arbiter.update, revision, synced):
+                    self._set_state(State.SYNC)  # before the line: who reads "joined" finds the role gauge at sync
                     log.info("%s: standby %s joined; pushes are acknowledged once on both", self.describe(),
                              self.partner)
-                    self._set_state(State.SYNC)
                     return
             except EtcdUnavailableError:
                 await asyncio.sleep(0.1)
