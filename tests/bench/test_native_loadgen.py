@@ -73,7 +73,7 @@ def test_redis_rows_checked_and_nothing_sent_after_the_hard_end(tmp_path: Path) 
         try:
             times, t0 = _schedule(4)
             times = np.append(times, 60.0)  # due after the hard end: never sent
-            sent, done, codes = caller.run_native(times, t0, t0 + 20.0, 10.0, 1)
+            sent, done, codes = caller.run_native(times, t0, t0 + 3.0, 10.0, 1)
         finally:
             caller.close()
     finally:
