@@ -17,7 +17,8 @@ def test_push_cost_and_memory_stay_flat_with_and_without_snapshots():
     records = run_soak(config)
     for name, record in records.items():
         s = record.summary()
-        assert s["pushes"] == config.pushes
+        measured = config.pushes + config.warmup + config.pushes // 10  # the last tenth beside a young twin
+        assert s["pushes"] == measured
         assert s["cpu_ratio"] <= config.max_growth, f"snapshots {name}: push cost grew: {s}"
         assert s["rss_ratio"] <= config.max_rss_growth, f"snapshots {name}: memory grew: {s}"
-    assert records["on"].summary()["snapshots"] == config.pushes // config.snapshot_every
+    assert records["on"].summary()["snapshots"] == measured // config.snapshot_every
