@@ -7,7 +7,7 @@ feature (sum pooling over one key per sample, so each pooled vector is the key's
 table-wise by DistributedModelParallel over gloo, with fbgemm's fused row-wise Adagrad applied
 in the backward (`apply_optimizer_in_backward`, the table's lr and eps); the same DLRMDenseTower
 under DDP with the job's dense optimizer. Batches are the job's synthetic ones (this rank's
-slice); TorchRec tables are arrays, so a key is hashed into its table's rows as key % rows
+slice), made inside the timed loop as embps's trainer makes them; TorchRec tables are arrays, so a key is hashed into its table's rows as key % rows
 (rows = the synthetic vocabulary per feature), as TorchRec users hash raw ids.
 
 TorchRec is not a dependency of embps: its wheel requires fbgemm-gpu (the CUDA build) where we
@@ -104,11 +104,11 @@ def run(config_path: Path, out: Path) -> None:
         return batch.dense, KeyedJaggedTensor(keys=feature_names, values=values, lengths=lengths), batch.labels
 
     steps = job.train.steps
-    batches = [inputs(next(reader)) for _ in range(steps)]  # read ahead: the data is not what is timed
     dist.barrier()
     start = time.perf_counter()
     losses = []
-    for dense_x, sparse, labels in batches:
+    for _ in range(steps):
+        dense_x, sparse, labels = inputs(next(reader))
         logits = dmp(dense_x, sparse)
         loss = nn.functional.binary_cross_entropy_with_logits(logits, labels)
         dense.zero_grad(set_to_none=True)
