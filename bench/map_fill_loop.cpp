@@ -22,15 +22,12 @@
 #include <utility>
 #include <vector>
 
+#include "clocks.h"
 #include "hash_map.h"
 
 namespace {
 
-double clock_s(clockid_t id) {
-  timespec t;
-  clock_gettime(id, &t);
-  return static_cast<double>(t.tv_sec) + 1e-9 * static_cast<double>(t.tv_nsec);
-}
+using bench_clocks::clock_s;
 
 // The calling thread's time runnable but without a core (ns), from /proc/thread-self/schedstat.
 double run_queue_wait_s() {

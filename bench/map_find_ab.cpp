@@ -34,13 +34,10 @@
 #include MAP_A
 #undef embps
 #include MAP_B
+#include "clocks.h"
 namespace {
 
-double cpu_s() {
-  timespec t;
-  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
-  return static_cast<double>(t.tv_sec) + 1e-9 * static_cast<double>(t.tv_nsec);
-}
+double cpu_s() { return bench_clocks::clock_s(CLOCK_THREAD_CPUTIME_ID); }
 
 template <class Map>
 void fill(Map& map, const std::vector<int64_t>& keys) {

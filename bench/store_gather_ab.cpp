@@ -35,19 +35,11 @@
 #include STORE_A
 #undef embps
 #include STORE_B
+#include "clocks.h"
 namespace {
 
-double wall_s() {
-  timespec t;
-  clock_gettime(CLOCK_MONOTONIC, &t);
-  return static_cast<double>(t.tv_sec) + 1e-9 * static_cast<double>(t.tv_nsec);
-}
-
-double cpu_s() {
-  timespec t;
-  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
-  return static_cast<double>(t.tv_sec) + 1e-9 * static_cast<double>(t.tv_nsec);
-}
+double wall_s() { return bench_clocks::clock_s(CLOCK_MONOTONIC); }
+double cpu_s() { return bench_clocks::clock_s(CLOCK_THREAD_CPUTIME_ID); }
 
 constexpr int64_t kBatch = 64;
 
