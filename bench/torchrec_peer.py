@@ -7,8 +7,9 @@ feature (sum pooling over one key per sample, so each pooled vector is the key's
 table-wise by DistributedModelParallel over gloo, with fbgemm's fused row-wise Adagrad applied
 in the backward (`apply_optimizer_in_backward`, the table's lr and eps); the same DLRMDenseTower
 under DDP with the job's dense optimizer. Batches are the job's synthetic ones (this rank's
-slice), made inside the timed loop as embps's trainer makes them; TorchRec tables are arrays, so a key is hashed into its table's rows as key % rows
-(rows = the synthetic vocabulary per feature), as TorchRec users hash raw ids.
+slice), made inside the timed loop as embps's trainer makes them; TorchRec tables are arrays, so
+a key is hashed into its table's rows as key % rows (rows = the synthetic vocabulary per feature),
+as TorchRec users hash raw ids.
 
 TorchRec is not a dependency of embps: its wheel requires fbgemm-gpu (the CUDA build) where we
 install fbgemm-gpu-cpu, so it is installed with --no-deps into a folder of its own
