@@ -138,11 +138,12 @@ class Trainer:
         self.client = client
         self.model = model
         # Non-persistent buffers (the tower's interaction indices) are constants: broadcasting them
-        # from rank 0 before every forward would cost a collective per step for nothing.
+        # from rank 0 before every forward would cost a collective per step for nothing (DDP still
+        # broadcasts them once, at construction).
         buffers = dict(model.named_buffers())
         persistent_buffers = any(name in buffers for name in model.state_dict())
         self.ddp = (
-            nn.parallel.DistributedDataParallel(model, broadcast_buffers=persistent_buffers)
+            nn.parallel.DistributedDataParallel(model, forward_sync_buffers=persistent_buffers)
             if world_size > 1
             else model
         )
