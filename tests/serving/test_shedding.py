@@ -69,9 +69,13 @@ def _scrape(server: EmbpsServer) -> str:
     return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
 
 
-def _value(scrape: str, name: str) -> float:
+def _value(scrape: str, name: str, absent: float | None = None) -> float:
+    """The sample's value; `absent` where the scrape has no such sample (a labelled series that no
+    call has made yet), an AssertionError when absent is None."""
     match = re.search(rf"^{re.escape(name)} (\S+)$", scrape, re.MULTILINE)
-    assert match is not None, f"{name} not in the scrape"
+    if match is None:
+        assert absent is not None, f"{name} not in the scrape"
+        return absent
     return float(match.group(1))
 
 
@@ -110,12 +114,12 @@ def test_calls_beyond_the_bound_are_shed_at_once_and_status_still_answers(replic
     full = f"serving queue full: {MAX_QUEUE} lookups waiting"
     shed = [t for code, t, details in results if code == "RESOURCE_EXHAUSTED" and full in details]
     answered = sorted(t for code, t, _ in results if code == "OK")
-    assert shed, f"no call was shed with {MAX_QUEUE + EXTRA} concurrent lookups and max_queue {MAX_QUEUE}: {results}"
     assert len(answered) >= MAX_QUEUE
     log = replica.log_path.read_text()
     if transport == "gate":
         # One bound, in C++: every refusal is the gate's RESOURCE_EXHAUSTED, nothing else.
         assert f"more than {MAX_QUEUE} Lookups waiting are refused RESOURCE_EXHAUSTED by the serving gate" in log
+        assert shed, f"none shed with {MAX_QUEUE + EXTRA} concurrent lookups and max_queue {MAX_QUEUE}: {results}"
         assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED"}, results
         assert len(shed) + len(answered) == len(results), results
         core_shed: list[float] = []
@@ -128,6 +132,9 @@ def test_calls_beyond_the_bound_are_shed_at_once_and_status_still_answers(replic
         assert f"RESOURCE_EXHAUSTED by this replica and {core_code} by gRPC's core" in log
         assert "no serving gate: EMBPS_SERVING_GATE=0 in the environment" in log
         core_shed = [t for code, t, details in results if code == core_code and full not in details]
+        # Which of the two bounds refuses depends on how soon the event loop takes calls from the
+        # core's queue: when it takes none before they all arrive, the core refuses every one.
+        assert shed or core_shed, f"no call was refused with {MAX_QUEUE + EXTRA} concurrent lookups: {results}"
         if transport == "no-gate-ph2_server":
             assert all(CORE_FULL in d for code, _, d in results if code == core_code and full not in d)
         assert len(answered) <= 2 * MAX_QUEUE + 1, f"more answered than both bounds let through: {results}"
@@ -154,9 +161,8 @@ def test_calls_beyond_the_bound_are_shed_at_once_and_status_still_answers(replic
         answered_lookups = f'embps_serving_requests_total{{code="OK",method="Lookup",table="{TABLE}"}}'
         assert _value(scrape, answered_lookups) == len(answered)
     else:
-        assert _value(
-            scrape, 'embps_serving_requests_total{code="RESOURCE_EXHAUSTED",method="Lookup",table=""}'
-        ) == len(shed)
+        refused = 'embps_serving_requests_total{code="RESOURCE_EXHAUSTED",method="Lookup",table=""}'
+        assert _value(scrape, refused, absent=0.0) == len(shed)
     if transport == "no-gate-ph2_server":  # its transport counts nothing in channelz: no figures rather than zeros
         assert "embps_serving_core_calls" not in scrape
         assert "calls refused by gRPC's core are not in the metrics" in log
