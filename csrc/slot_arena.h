@@ -32,6 +32,7 @@
 // Where madvise is refused (no THP support), 4 KiB pages serve.
 #pragma once
 
+#include <pthread.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -142,6 +143,8 @@ class SlotArena {
   // faults and unmaps everything itself.
   class Prefaulter {
    public:
+    static constexpr const char* kThreadName = "embps-prefault";  // what `top -H` and tests see
+
     ~Prefaulter() { stop(); }
 
     bool running() const { return thread_.joinable() && owner_ == getpid(); }
@@ -150,7 +153,10 @@ class SlotArena {
       if (thread_.joinable()) return;
       owner_ = getpid();
       try {
-        thread_ = std::thread([this] { run(); });
+        thread_ = std::thread([this] {
+          pthread_setname_np(pthread_self(), kThreadName);
+          run();
+        });
       } catch (const std::system_error&) {
         // No thread to spare: pages fault in on first use.
       }
