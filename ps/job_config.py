@@ -225,12 +225,6 @@ def parse_job_config(data: dict, base_dir: Path | None = None) -> JobConfig:
             f"shards[{first}].standby: a standby needs [arbiter] endpoints (etcd decides which of the pair is "
             "primary; shards never decide alone)"
         )
-    if (security.tls or security.auth) and any(s.standby for s in shards):
-        first = next(i for i, s in enumerate(shards) if s.standby)
-        raise ValueError(
-            f"shards[{first}].standby: standbys do not work with [security] yet (the replication stream between "
-            "a primary and its standby is plaintext and carries no token)"
-        )
     return JobConfig(
         job=job,
         shards=shards,

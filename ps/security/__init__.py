@@ -25,7 +25,7 @@ the files come from one Secret mounted at /etc/embps-secret in every pod.
 Roles (who may call what; health checks are open to all, for probes):
 
     trainer   PS port: every method (Lookup, Push, LookupBatch, PushBatch, Stats, Subscribe,
-              SnapshotControl)
+              SnapshotControl, and Replicate: a primary streams its pushes to its standby as a trainer)
     replica   PS port: the read-only methods a serving replica's followers need (Subscribe, Lookup,
               LookupBatch, Stats)
     reader    serving port: Lookup, Status

@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import grpc
 
-from ps.rpc import ps_pb2, serving_pb2, snapshot_pb2
+from ps.rpc import ps_pb2, replication_pb2, serving_pb2, snapshot_pb2
 from ps.security.config import Role, SecurityConfig
 from ps.security.tokens import LiveToken
 
@@ -33,12 +33,14 @@ def _methods(descriptor, service: str) -> list[tuple[str, str]]:
 
 
 def ps_port_policy() -> dict[str, frozenset[Role]]:
-    """The PS port: trainer everything, replica the read-only methods its followers need."""
+    """The PS port: trainer everything, replica the read-only methods its followers need. A
+    primary streams its pushes to its standby (Replication) as a trainer: they are trainers' pushes."""
     policy = {
         path: frozenset({Role.TRAINER, Role.REPLICA} if name in _REPLICA_METHODS else {Role.TRAINER})
         for path, name in _methods(ps_pb2.DESCRIPTOR, "ParameterServer")
     }
     policy.update({path: frozenset({Role.TRAINER}) for path, _ in _methods(snapshot_pb2.DESCRIPTOR, "SnapshotControl")})
+    policy.update({path: frozenset({Role.TRAINER}) for path, _ in _methods(replication_pb2.DESCRIPTOR, "Replication")})
     return policy
 
 

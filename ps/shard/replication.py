@@ -56,6 +56,7 @@ from ps.errors import NotPrimaryError
 from ps.etcd import EtcdUnavailableError
 from ps.job_config import JobConfig
 from ps.rpc import ps_pb2, replication_pb2, replication_pb2_grpc
+from ps.security import Role, open_aio_channel
 from ps.shard.arbiter import Arbiter, Membership
 from ps.shard.state_copy import chunks, decode_ledger, decode_table_state, encode_ledger, encode_table_state
 from ps.shard.update_log import UpdateLog
@@ -270,7 +271,9 @@ class Replication:
         reads the acks; when the stream breaks, records the primary alone in the arbiter (if the
         standby counted), and tries the partner again a lease later: `embps launch` restarts it."""
         while self.state is not State.DEPOSED:
-            channel = grpc.aio.insecure_channel(self.partner, options=_CHANNEL_OPTIONS)
+            # The job's TLS (a client certificate under mutual TLS) and the trainer's token: the
+            # stream carries trainers' pushes, and the standby's port checks it like any caller's.
+            channel = open_aio_channel(self.partner, self.shard.job.security, Role.TRAINER, _CHANNEL_OPTIONS)
             try:
                 await self._stream(channel)
             except Exception as exc:  # noqa: BLE001 - whatever broke the stream, the standby is out

@@ -12,7 +12,7 @@ import grpc
 import pytest
 
 from ps.job_config import dump_job_config, load_job_config, parse_job_config
-from ps.rpc import ps_pb2, snapshot_pb2
+from ps.rpc import ps_pb2, replication_pb2, snapshot_pb2
 from ps.security import (
     Role,
     SecurityConfig,
@@ -135,11 +135,13 @@ def test_the_roles_policy():
     ps_policy = ps_port_policy()
     service = ps_pb2.DESCRIPTOR.services_by_name["ParameterServer"]
     snapshot = snapshot_pb2.DESCRIPTOR.services_by_name["SnapshotControl"]
+    replication = replication_pb2.DESCRIPTOR.services_by_name["Replication"]
     # Every method of the PS port has an entry (a method without one would be refused to everyone).
-    assert set(ps_policy) == {f"/{s.full_name}/{m.name}" for s in (service, snapshot) for m in s.methods}
+    assert set(ps_policy) == {f"/{s.full_name}/{m.name}" for s in (service, snapshot, replication) for m in s.methods}
     assert all(Role.TRAINER in roles and Role.READER not in roles for roles in ps_policy.values())
     replica = {path.rsplit("/", 1)[1] for path, roles in ps_policy.items() if Role.REPLICA in roles}
     assert replica == {"Lookup", "LookupBatch", "Stats", "Subscribe"}
+    assert ps_policy["/embps.v1.Replication/Replicate"] == frozenset({Role.TRAINER})
     assert serving_port_policy() == {
         "/embps.v1.Serving/Lookup": frozenset({Role.READER}),
         "/embps.v1.Serving/LookupMany": frozenset({Role.READER}),

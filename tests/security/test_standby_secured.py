@@ -1,0 +1,96 @@
+"""A shard pair under mutual TLS and tokens: the primary streams its pushes to its standby with the
+job's client certificate and the trainer's token, the standby's port refuses a stream without
+them, and after the primary is SIGKILLed the promoted standby answers with every acknowledged
+push."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+
+import grpc
+import numpy as np
+import pytest
+
+from bench.ports import free_ports
+from ps.client import PSClient
+from ps.job_config import ArbiterConfig, Deadlines, JobConfig, ShardConfig, dump_job_config
+from ps.process.children import stop as stop_pid
+from ps.rpc import replication_pb2
+from ps.security import Role, open_channel
+from ps.shard.arbiter import Arbiter
+from ps.table.config import OptimizerConfig, OptimizerKind, TableConfig
+from tests.helpers.processes import start_shard, wait_serving
+from tests.helpers.waiting import wait_until
+from tests.security.certs import secured
+
+TABLE = TableConfig("user", dim=4, optimizer=OptimizerConfig(kind=OptimizerKind.ADAGRAD, lr=0.1))
+_JOBS = itertools.count()  # one arbiter record per test (etcd lives as long as the module)
+REPLICATE = "/{}/Replicate".format(replication_pb2.DESCRIPTOR.services_by_name["Replication"].full_name)
+
+
+@pytest.fixture
+def pair(etcd, pki, token_files, tmp_path):
+    """(job, primary process, standby process) of one shard, joined over mutual TLS."""
+    ports = free_ports(4)
+    job = JobConfig(
+        job=f"secured-pair-{next(_JOBS)}",
+        shards=(ShardConfig(f"127.0.0.1:{ports[0]}", metrics_port=ports[1], standby=f"127.0.0.1:{ports[2]}",
+                            standby_metrics_port=ports[3]),),
+        tables=(TABLE,),
+        deadlines=Deadlines(lookup=20.0, push=20.0, stats=5.0),
+        arbiter=ArbiterConfig(endpoints=etcd.endpoint, lease_seconds=1),
+        security=secured(pki, token_files, mutual=True),
+    )
+    config = tmp_path / "job.toml"
+    config.write_text(dump_job_config(job))
+    logs = (tmp_path / "primary.log", tmp_path / "standby.log")
+    standby = start_shard(config, 0, logs[1], args=("--standby",))
+    primary = start_shard(config, 0, logs[0])
+    try:
+        wait_serving(job.shards[0].standby, standby, log_path=logs[1], security=job.security)
+        wait_serving(job.shards[0].address, primary, log_path=logs[0], security=job.security)
+        wait_until(lambda: "joined" in logs[0].read_text(), "the standby joining the primary over TLS")
+        yield job, primary, standby
+    finally:
+        for proc in (primary, standby):
+            stop_pid(proc)
+
+
+def replicate_code(address: str, job: JobConfig, role: Role | None) -> grpc.StatusCode:
+    """The status of a Replicate stream opened on `address` with the job's TLS and `role`'s token."""
+    hello = replication_pb2.ReplicateRequest(epoch=1 << 40, shard=0).SerializeToString()
+    with open_channel(address, job.security, role) as channel:
+        stream = channel.stream_stream(REPLICATE, request_serializer=None, response_deserializer=None)
+        try:
+            for _ in stream(iter([hello]), timeout=5):
+                pass
+        except grpc.RpcError as err:
+            return err.code()
+    return grpc.StatusCode.OK
+
+
+def test_the_standby_port_refuses_a_replication_stream_without_the_trainer_token(pair):
+    job, _, _ = pair
+    standby = job.shards[0].standby
+    assert replicate_code(standby, job, role=None) == grpc.StatusCode.UNAUTHENTICATED
+    assert replicate_code(standby, job, role=Role.REPLICA) == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_pushes_acknowledged_over_tls_survive_a_sigkill_of_the_primary(pair):
+    job, primary, _ = pair
+    keys = np.arange(50, dtype=np.int64)
+    rng = np.random.default_rng(7)
+    with PSClient.from_job(job, max_attempts=200) as client:
+        for step in range(1, 6):
+            client.push(TABLE.name, keys, rng.standard_normal((keys.shape[0], TABLE.dim)).astype(np.float32),
+                        step=step)
+        before = client.lookup(TABLE.name, keys)
+        arbiter = Arbiter(job.arbiter, job.job, 0, "test")
+        assert arbiter.read()[0].epoch == 1
+        os.kill(primary.pid, signal.SIGKILL)
+        wait_until(lambda: arbiter.read()[0].epoch == 2, "the standby's promotion", 30)
+        assert arbiter.read()[0].primary == job.shards[0].standby
+        after = client.lookup(TABLE.name, keys)  # fails over to the promoted standby, over TLS with a token
+    np.testing.assert_array_equal(after, before)
