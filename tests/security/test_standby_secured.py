@@ -40,7 +40,7 @@ def pair(etcd, pki, token_files, tmp_path):
                             standby_metrics_port=ports[3]),),
         tables=(TABLE,),
         deadlines=Deadlines(lookup=20.0, push=20.0, stats=5.0),
-        arbiter=ArbiterConfig(endpoints=etcd.endpoint, lease_seconds=1),
+        arbiter=ArbiterConfig(endpoints=etcd.endpoint, lease_seconds=2),  # 1 s could lapse on a loaded machine
         security=secured(pki, token_files, mutual=True),
     )
     config = tmp_path / "job.toml"
