@@ -38,7 +38,6 @@ from __future__ import annotations
 import itertools
 import math
 import multiprocessing as mp
-import os
 import signal
 import sys
 import threading
@@ -51,13 +50,13 @@ from typing import Protocol
 import numpy as np
 
 from bench.histogram import LogHistogram
+from bench.machine import process_cpu_seconds
 
 OK = "OK"
 UNSENT = "UNSENT"  # scheduled in the window, never sent before the run's hard end
 LATE = "LATE"  # sent late, and out of time only because the run's hard end cut its deadline short
 GENERATOR_CODES = (UNSENT, LATE)  # the generator could not keep its schedule
 _DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
-_TICKS = os.sysconf("SC_CLK_TCK")
 _START_DELAY_S = 0.3  # between "every client is ready" and the first arrival
 _RESULT_MARGIN_S = 60.0  # beyond the hard end, for a client to report before it is terminated
 
@@ -197,13 +196,6 @@ def key_pool(spec: LoadSpec, seed: int) -> list[np.ndarray]:
     else:
         ranks = np.random.default_rng(seed).integers(0, spec.rows, spec.pool_batches * spec.batch)
     return list(key_of_rank(ranks).reshape(spec.pool_batches, spec.batch))
-
-
-def _cpu_seconds(pid: int) -> float:
-    """utime + stime of a process from /proc/<pid>/stat."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICKS
 
 
 def _run_client(target: Target, spec: LoadSpec, index: int, ready, start_at, go, results) -> None:
@@ -350,7 +342,7 @@ def run_load(target: Target, spec: LoadSpec, server_pids: Sequence[int] = ()) ->
         setup_end = time.monotonic() + spec.setup_timeout_s
         for _ in procs:
             _get(ready, setup_end, procs, "connect")
-        server_cpu0 = [_cpu_seconds(pid) for pid in server_pids]
+        server_cpu0 = [process_cpu_seconds(pid) for pid in server_pids]
         wall0 = time.monotonic()
         start_at.value = time.monotonic() + _START_DELAY_S
         go.set()
@@ -364,7 +356,7 @@ def run_load(target: Target, spec: LoadSpec, server_pids: Sequence[int] = ()) ->
         )
         hard_end = start_at.value + spec.warmup_s + spec.duration_s + spec.drain_s + spec.timeout_s
         reports = [_get(results, hard_end + _RESULT_MARGIN_S, procs, "report") for _ in procs]
-        server_cpu = sum(_cpu_seconds(pid) for pid in server_pids) - sum(server_cpu0)
+        server_cpu = sum(process_cpu_seconds(pid) for pid in server_pids) - sum(server_cpu0)
         wall = time.monotonic() - wall0
         for p in procs:
             p.join(10)

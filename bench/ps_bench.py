@@ -4,7 +4,9 @@ Shards and client processes share this machine's cores. Each phase runs C client
 (C in --clients) that each make `batches` calls of `batch` Zipf keys, all started together; a
 call is one PSClient.lookup/push, i.e. one RPC per shard in parallel. Printed beside the rates:
 the in-process EmbeddingTable rate on the same key stream (the ceiling without RPC), and the
-server and client CPU time per call, which say where the time goes.
+server and client CPU time per call, which say where the time goes. The server's is also given in
+empty gRPC calls measured in the same run (bench/rpc_floor.py): a call is one RPC per shard, so 2
+shards that each spent one empty call's CPU read 2.0 (with standbys, the standbys' CPU counts too).
 
 --standbys both runs the same phases on shards without and with a standby each (etcd started here
 as the arbiter; a push is acknowledged once the standby applied it) and prints each phase's rate
@@ -28,14 +30,15 @@ from pathlib import Path
 import numpy as np
 
 from bench.keys import ZipfSampler
+from bench.machine import process_cpu_seconds
 from bench.ports import free_ports
+from bench.rpc_floor import measure_rpc_floor
 from ps.job_config import ArbiterConfig, Deadlines, JobConfig, ShardConfig, dump_job_config
 from ps.process import children
 from ps.table.config import OptimizerConfig, OptimizerKind, TableConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TABLE = "emb"
-_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True)
@@ -54,12 +57,6 @@ class PSBenchConfig:
 
 def _table(config: PSBenchConfig) -> TableConfig:
     return TableConfig(TABLE, dim=config.dim, optimizer=OptimizerConfig(kind=OptimizerKind.ROWWISE_ADAGRAD, lr=0.01))
-
-
-def _cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICKS
 
 
 def _start_shards(job: JobConfig, workdir: Path, malloc_tuned: bool) -> list[subprocess.Popen]:
@@ -125,9 +122,9 @@ def _phase(job: JobConfig, config: PSBenchConfig, procs, verb: str, clients: int
     for w in workers:
         w.start()
     barrier.wait(timeout=300)
-    server_cpu0 = [_cpu_seconds(p.pid) for p in procs]
+    server_cpu0 = [process_cpu_seconds(p.pid) for p in procs]
     results = [queue.get(timeout=600) for _ in workers]
-    server_cpu = sum(_cpu_seconds(p.pid) for p in procs) - sum(server_cpu0)
+    server_cpu = sum(process_cpu_seconds(p.pid) for p in procs) - sum(server_cpu0)
     for w in workers:
         w.join(60)
     calls = clients * config.batches
@@ -209,9 +206,15 @@ def run_ps_bench(config: PSBenchConfig) -> int:
         f"push {in_process['push_keys_per_s'] / 1e6:.2f} M keys/s; "
         f"{in_process['unique_fraction']:.0%} of a batch's keys are unique"
     )
+    floor = measure_rpc_floor()
+    results["rpc_floor"] = asdict(floor)
+    print(
+        f"empty gRPC call (grpc.aio server, one blocking client): {floor.calls_per_s:,.0f} calls/s, CPU per call "
+        f"server {floor.server_cpu_ms:.3f} ms, client {floor.client_cpu_ms:.3f} ms"
+    )
     header = (
         f"{'malloc':>8} {'standby':>7} {'verb':>6} {'clients':>7} {'M keys/s':>9} {'calls/s':>8} {'p50 ms':>7} "
-        f"{'p99 ms':>7} {'server CPU ms/call':>19} {'client CPU ms/call':>19}"
+        f"{'p99 ms':>7} {'server CPU ms/call':>19} {'in empty calls':>15} {'client CPU ms/call':>19}"
     )
     print(header)
     phases = []
@@ -243,12 +246,14 @@ def run_ps_bench(config: PSBenchConfig) -> int:
                         r = _phase(job, config, procs, verb, clients)
                         r["malloc"] = "tuned" if tuned else "default"
                         r["standby"] = standby
+                        r["server_empty_calls"] = r["server_cpu_ms_per_call"] / floor.server_cpu_ms
                         phases.append(r)
                         print(
                             f"{r['malloc']:>8} {'yes' if standby else 'no':>7} {verb:>6} {clients:>7} "
                             f"{r['keys_per_s'] / 1e6:>9.2f} "
                             f"{r['calls_per_s']:>8.0f} {r['p50_ms']:>7.2f} {r['p99_ms']:>7.2f} "
-                            f"{r['server_cpu_ms_per_call']:>19.2f} {r['client_cpu_ms_per_call']:>19.2f}"
+                            f"{r['server_cpu_ms_per_call']:>19.2f} {r['server_empty_calls']:>15.1f} "
+                            f"{r['client_cpu_ms_per_call']:>19.2f}"
                         )
             finally:
                 children.stop_all(procs, 30.0)
