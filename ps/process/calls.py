@@ -90,6 +90,12 @@ def decode(parse: Callable[[bytes], Any], data: bytes, method: str) -> Any:
         return _Undecodable(ValueError(f"request: not a valid message for {method}: {exc}"))
 
 
+def parse_error(message: Any) -> ValueError | None:
+    """The error of request bytes that did not parse (what `decode` returned for them), else None:
+    for a request stream's handler, which sees each message (a unary call's wrapper checks it)."""
+    return message.error if isinstance(message, _Undecodable) else None
+
+
 class _Call:
     """One call from handler entry to its status."""
 
@@ -183,14 +189,15 @@ class UndecodableRequests(grpc.aio.ServerInterceptor):
     """Lets the call wrapper answer request bytes that do not parse as the method's message.
 
     grpc.aio answers a request deserializer's exception with UNKNOWN, before any handler runs;
-    here the deserializer of every unary-request embps method returns the error instead (`decode`),
-    and the wrapper answers it INVALID_ARGUMENT and counts it like any other bad request.
+    here the deserializer of every embps method returns the error instead (`decode`): the wrapper
+    of a unary-request method answers it INVALID_ARGUMENT and counts it like any other bad
+    request; a request stream's handler (Replicate) gets it as a message (`parse_error`).
     """
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
-        if handler is None or handler.request_streaming or not method.startswith("/embps."):
+        if handler is None or not method.startswith("/embps."):
             return handler
         parse = functools.partial(decode, handler.request_deserializer, method=method)
         return handler._replace(request_deserializer=parse)

@@ -55,6 +55,7 @@ from prometheus_client import Counter, Gauge
 from ps.errors import NotPrimaryError
 from ps.etcd import EtcdUnavailableError
 from ps.job_config import JobConfig
+from ps.process.calls import parse_error, status_of
 from ps.rpc import ps_pb2, replication_pb2, replication_pb2_grpc
 from ps.security import Role, open_aio_channel
 from ps.shard.arbiter import Arbiter, Membership
@@ -128,7 +129,8 @@ class Replication:
         self._wake = asyncio.Event()
         self._progress = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
-        self._applied = 0  # as a standby: last applied sequence of the current stream
+        self._applied = 0  # as a standby: last applied sequence of the stream it follows
+        self._followed: object | None = None  # as a standby: the stream whose handshake it accepted last
         self._gauges_due = 0.0
         self._promoting = False
         self._queueing = False  # forward() queues pushes for the standby
@@ -546,12 +548,17 @@ class Replication:
 
     async def replicate(self, requests: AsyncIterator, context: grpc.aio.ServicerContext):
         """The standby's side of the stream: handshake (and state copy), then apply each push in
-        order and ack it."""
-        self._applied = 0
+        order and ack it. Only the stream whose handshake this process accepted last applies
+        anything (`_followed`): a stream that skipped it, or one a newer handshake superseded (the
+        primary reconnected while its old stream lingered), is refused FAILED_PRECONDITION."""
+        stream = object()
+        copy_epoch = None  # this stream's handshake asked for a state copy, at this epoch
         copy: dict[str, list[bytes]] = {}
         states: dict = {}
         ledger = b""
         async for message in requests:
+            if (error := parse_error(message)) is not None:
+                raise error
             if self.state is not State.STANDBY or self._promoting or message.epoch < self.epoch:
                 await context.abort(
                     grpc.StatusCode.FAILED_PRECONDITION,
@@ -559,11 +566,21 @@ class Replication:
                 )
             if not message.method:
                 if message.incarnation:
+                    await self._check_handshake_epoch(message, context)
                     ack = await self._hello(message, context)
+                    copy_epoch = message.epoch if ack.needs_copy else None
+                    if not ack.needs_copy:
+                        self._followed = stream
                     yield ack
                 else:
                     yield replication_pb2.ReplicateAck(sequence=self._applied, epoch=self.epoch)
                 continue
+            if message.method in ("TableState", "Ledger", "StateDone"):
+                if copy_epoch is None or message.epoch != copy_epoch:
+                    await context.abort(
+                        grpc.StatusCode.FAILED_PRECONDITION,
+                        f"{self.describe()}: {message.method} without a handshake that asked for a state copy",
+                    )
             if message.method == "TableState":
                 copy.setdefault(message.table, []).append(message.state)
                 if message.last:
@@ -576,9 +593,15 @@ class Replication:
             if message.method == "StateDone":
                 await self.servicer.run_call(functools.partial(self._load_copy, states, ledger), 1 << 30)
                 self._follow(message, context, "state copied")
-                states = {}
+                self._followed, copy_epoch, states = stream, None, {}
                 yield replication_pb2.ReplicateAck(sequence=self._applied, epoch=self.epoch)
                 continue
+            if self._followed is not stream:
+                await context.abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"{self.describe()}: {message.method} on a stream it does not follow (no handshake, or a newer "
+                    "stream's took over)",
+                )
             if message.sequence != self._applied + 1:
                 await context.abort(
                     grpc.StatusCode.FAILED_PRECONDITION,
@@ -590,6 +613,19 @@ class Replication:
                 self._gauges_due = time.monotonic() + 1.0
                 await self.servicer.run_call(self.servicer.observe_pushed, 0)
             yield replication_pb2.ReplicateAck(sequence=self._applied, epoch=self.epoch, answer=answer, error=error)
+
+    async def _check_handshake_epoch(self, hello, context) -> None:
+        """Aborts unless the arbiter records another process as primary at the handshake's epoch: a
+        standby follows only the primary etcd chose, so a stray handshake cannot move its epoch."""
+        try:
+            membership, _ = await asyncio.to_thread(self.arbiter.read)
+        except EtcdUnavailableError as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{self.describe()}: arbiter out of reach ({exc})")
+        if membership is None or membership.epoch != hello.epoch or membership.primary == self.arbiter.me:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"{self.describe()}: a handshake at epoch {hello.epoch}, the arbiter records {membership}",
+            )
 
     async def _hello(self, hello, context) -> replication_pb2.ReplicateAck:
         mine = {n: t.version for n, t in self.shard.tables.items()}
@@ -701,8 +737,16 @@ class _ReplicationServicer(replication_pb2_grpc.ReplicationServicer):
         self.replication = replication
 
     async def Replicate(self, request_iterator, context):
-        async for ack in self.replication.replicate(request_iterator, context):
-            yield ack
+        try:
+            async for ack in self.replication.replicate(request_iterator, context):
+                yield ack
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a stream's errors become its status, as a unary call's do
+            code, message = status_of(exc)
+            if code == grpc.StatusCode.INTERNAL:
+                log.error("%s: a replication stream failed", self.replication.describe(), exc_info=exc)
+            await context.abort(code, message)
 
 
 def attach_replication(

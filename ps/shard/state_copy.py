@@ -33,11 +33,15 @@ def encode_table_state(state: TableState) -> bytes:
 
 
 def decode_table_state(data: bytes) -> TableState:
-    with np.load(io.BytesIO(data), allow_pickle=False) as archive:
-        fields = {name: archive[name] for name in _ARRAYS}
-        version, step = (int(v) for v in archive["scalars"])
-        encoded = archive["encoded"] if "encoded" in archive.files else None
-        storage = str(archive["storage"])
+    """ValueError when `data` is not what encode_table_state writes (bytes from the network)."""
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+            fields = {name: archive[name] for name in _ARRAYS}
+            version, step = (int(v) for v in archive["scalars"])
+            encoded = archive["encoded"] if "encoded" in archive.files else None
+            storage = str(archive["storage"])
+    except Exception as exc:  # noqa: BLE001 - whatever numpy's reader raises on junk, the copy is invalid
+        raise ValueError(f"state copy: not a table state ({type(exc).__name__}: {exc})") from None
     return TableState(**fields, version=version, step=step, storage=storage, encoded=encoded)
 
 
@@ -54,7 +58,11 @@ def encode_ledger(exported: list) -> bytes:
 
 
 def decode_ledger(data: bytes) -> list:
-    return [
-        [client, [[int(seq), base64.b64decode(answer), bool(multi)] for seq, answer, multi in entries]]
-        for client, entries in json.loads(data)
-    ]
+    """ValueError when `data` is not what encode_ledger writes (bytes from the network)."""
+    try:
+        return [
+            [str(client), [[int(seq), base64.b64decode(answer), bool(multi)] for seq, answer, multi in entries]]
+            for client, entries in json.loads(data)
+        ]
+    except Exception as exc:  # noqa: BLE001 - JSON of another shape, bad base64: the copy is invalid
+        raise ValueError(f"state copy: not a push-id memory ({type(exc).__name__}: {exc})") from None

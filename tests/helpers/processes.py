@@ -10,6 +10,7 @@ with ShardCluster.start(job, tmp_path) as cluster:
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field, replace
@@ -21,8 +22,10 @@ from ps.process import children
 from ps.process.children import stop as stop_pid
 from ps.process.malloc import MALLOC_TUNING
 from ps.security import SecurityConfig
+from ps.shard.arbiter import Arbiter
 from ps.shard.server import SERVICE_NAME
 from ps.table.config import TableConfig
+from tests.helpers.waiting import wait_until
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -137,3 +140,45 @@ class ShardCluster:
 def with_limit(job: JobConfig, message_limit_bytes: int) -> JobConfig:
     """The same job with another message limit (the client side of a split test)."""
     return replace(job, message_limit_bytes=message_limit_bytes)
+
+
+@dataclass
+class ShardPair:
+    """The primary and standby processes of shard 0 of a job with a standby, joined."""
+
+    job: JobConfig
+    primary: subprocess.Popen
+    standby: subprocess.Popen
+    logs: tuple[Path, Path]  # primary's, standby's
+
+    @classmethod
+    def start(cls, job: JobConfig, workdir: Path) -> ShardPair:
+        """Starts the standby, then the primary; returns once the standby joined (the primary's
+        log says so). The job's [security] is used for the health waits."""
+        config = workdir / f"{job.job}.toml"
+        config.write_text(dump_job_config(job))
+        logs = (workdir / f"{job.job}-primary.log", workdir / f"{job.job}-standby.log")
+        standby = start_shard(config, 0, logs[1], args=("--standby",))
+        primary = start_shard(config, 0, logs[0])
+        pair = cls(job, primary, standby, logs)
+        try:
+            wait_serving(job.shards[0].standby, standby, log_path=logs[1], security=job.security)
+            wait_serving(job.shards[0].address, primary, log_path=logs[0], security=job.security)
+            wait_until(lambda: "joined" in logs[0].read_text(), "the standby joining the primary")
+        except BaseException:
+            pair.stop()
+            raise
+        return pair
+
+    def fail_over(self) -> None:
+        """SIGKILL of the primary; returns once etcd records the standby as primary, an epoch later."""
+        arbiter = Arbiter(self.job.arbiter, self.job.job, 0, "test")
+        epoch = arbiter.read()[0].epoch
+        os.kill(self.primary.pid, signal.SIGKILL)
+        wait_until(lambda: arbiter.read()[0].epoch == epoch + 1, "the standby's promotion", 30)
+        membership = arbiter.read()[0]
+        assert membership.primary == self.job.shards[0].standby, membership
+
+    def stop(self) -> None:
+        for proc in (self.primary, self.standby):
+            stop_pid(proc)

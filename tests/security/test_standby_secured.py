@@ -6,8 +6,6 @@ push."""
 from __future__ import annotations
 
 import itertools
-import os
-import signal
 
 import grpc
 import numpy as np
@@ -15,14 +13,11 @@ import pytest
 
 from bench.ports import free_ports
 from ps.client import PSClient
-from ps.job_config import ArbiterConfig, Deadlines, JobConfig, ShardConfig, dump_job_config
-from ps.process.children import stop as stop_pid
+from ps.job_config import ArbiterConfig, Deadlines, JobConfig, ShardConfig
 from ps.rpc import replication_pb2
 from ps.security import Role, open_channel
-from ps.shard.arbiter import Arbiter
 from ps.table.config import OptimizerConfig, OptimizerKind, TableConfig
-from tests.helpers.processes import start_shard, wait_serving
-from tests.helpers.waiting import wait_until
+from tests.helpers.processes import ShardPair
 from tests.security.certs import secured
 
 TABLE = TableConfig("user", dim=4, optimizer=OptimizerConfig(kind=OptimizerKind.ADAGRAD, lr=0.1))
@@ -32,7 +27,7 @@ REPLICATE = "/{}/Replicate".format(replication_pb2.DESCRIPTOR.services_by_name["
 
 @pytest.fixture
 def pair(etcd, pki, token_files, tmp_path):
-    """(job, primary process, standby process) of one shard, joined over mutual TLS."""
+    """One shard's pair, joined over mutual TLS."""
     ports = free_ports(4)
     job = JobConfig(
         job=f"secured-pair-{next(_JOBS)}",
@@ -43,19 +38,11 @@ def pair(etcd, pki, token_files, tmp_path):
         arbiter=ArbiterConfig(endpoints=etcd.endpoint, lease_seconds=2),  # 1 s could lapse on a loaded machine
         security=secured(pki, token_files, mutual=True),
     )
-    config = tmp_path / "job.toml"
-    config.write_text(dump_job_config(job))
-    logs = (tmp_path / "primary.log", tmp_path / "standby.log")
-    standby = start_shard(config, 0, logs[1], args=("--standby",))
-    primary = start_shard(config, 0, logs[0])
+    pair = ShardPair.start(job, tmp_path)
     try:
-        wait_serving(job.shards[0].standby, standby, log_path=logs[1], security=job.security)
-        wait_serving(job.shards[0].address, primary, log_path=logs[0], security=job.security)
-        wait_until(lambda: "joined" in logs[0].read_text(), "the standby joining the primary over TLS")
-        yield job, primary, standby
+        yield pair
     finally:
-        for proc in (primary, standby):
-            stop_pid(proc)
+        pair.stop()
 
 
 def replicate_code(address: str, job: JobConfig, role: Role | None) -> grpc.StatusCode:
@@ -72,25 +59,19 @@ def replicate_code(address: str, job: JobConfig, role: Role | None) -> grpc.Stat
 
 
 def test_the_standby_port_refuses_a_replication_stream_without_the_trainer_token(pair):
-    job, _, _ = pair
+    job = pair.job
     standby = job.shards[0].standby
     assert replicate_code(standby, job, role=None) == grpc.StatusCode.UNAUTHENTICATED
     assert replicate_code(standby, job, role=Role.REPLICA) == grpc.StatusCode.PERMISSION_DENIED
 
 
 def test_pushes_acknowledged_over_tls_survive_a_sigkill_of_the_primary(pair):
-    job, primary, _ = pair
     keys = np.arange(50, dtype=np.int64)
-    rng = np.random.default_rng(7)
-    with PSClient.from_job(job, max_attempts=200) as client:
-        for step in range(1, 6):
-            client.push(TABLE.name, keys, rng.standard_normal((keys.shape[0], TABLE.dim)).astype(np.float32),
-                        step=step)
+    grads = np.random.default_rng(7).standard_normal((5, keys.shape[0], TABLE.dim)).astype(np.float32)
+    with PSClient.from_job(pair.job, max_attempts=200) as client:
+        for step, step_grads in enumerate(grads, start=1):
+            client.push(TABLE.name, keys, step_grads, step=step)
         before = client.lookup(TABLE.name, keys)
-        arbiter = Arbiter(job.arbiter, job.job, 0, "test")
-        assert arbiter.read()[0].epoch == 1
-        os.kill(primary.pid, signal.SIGKILL)
-        wait_until(lambda: arbiter.read()[0].epoch == 2, "the standby's promotion", 30)
-        assert arbiter.read()[0].primary == job.shards[0].standby
+        pair.fail_over()  # etcd records the standby as primary, epoch 2
         after = client.lookup(TABLE.name, keys)  # fails over to the promoted standby, over TLS with a token
     np.testing.assert_array_equal(after, before)
