@@ -23,8 +23,11 @@ A primary answers client calls only while it is primary for sure: its lease hold
 reach) its standby acknowledged this epoch within a quarter lease, which it could not do had it promoted
 itself. A standby that promoted itself waits a quarter lease before it answers, so the deposed primary's
 last answers come before its first. A deposed primary answers nothing (UNAVAILABLE), and its standby
-refuses its replication messages by epoch. Clients retry on UNAVAILABLE at the other address of the
-pair with the same push ids, so a push the old primary applied but never acknowledged is applied once.
+refuses its replication messages by epoch. A standby accepts a handshake only at the epoch etcd
+records for another process as primary, and applies messages only from the stream whose handshake
+it accepted last, so no stray stream moves its epoch or slips a push in. Clients retry on
+UNAVAILABLE at the other address of the pair with the same push ids, so a push the old primary
+applied but never acknowledged is applied once.
 
 A primary whose standby died goes on alone only after the arbiter recorded it (sync = false, no
 standby): until then its pushes wait, so a push acknowledged by one process alone can never be lost
