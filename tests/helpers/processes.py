@@ -147,6 +147,7 @@ class ShardPair:
     """The primary and standby processes of shard 0 of a job with a standby, joined."""
 
     job: JobConfig
+    config: Path  # the job TOML both processes read
     primary: subprocess.Popen
     standby: subprocess.Popen
     logs: tuple[Path, Path]  # primary's, standby's
@@ -160,7 +161,7 @@ class ShardPair:
         logs = (workdir / f"{job.job}-primary.log", workdir / f"{job.job}-standby.log")
         standby = start_shard(config, 0, logs[1], args=("--standby",))
         primary = start_shard(config, 0, logs[0])
-        pair = cls(job, primary, standby, logs)
+        pair = cls(job, config, primary, standby, logs)
         try:
             wait_serving(job.shards[0].standby, standby, log_path=logs[1], security=job.security)
             wait_serving(job.shards[0].address, primary, log_path=logs[0], security=job.security)
@@ -169,6 +170,10 @@ class ShardPair:
             pair.stop()
             raise
         return pair
+
+    def log(self, which: int) -> str:
+        """The primary's (0) or the standby's (1) log so far."""
+        return self.logs[which].read_text()
 
     def fail_over(self) -> None:
         """SIGKILL of the primary; returns once etcd records the standby as primary, an epoch later."""

@@ -31,7 +31,6 @@ import signal
 import threading
 import time
 import urllib.request
-from pathlib import Path
 from types import SimpleNamespace
 
 import grpc
@@ -41,7 +40,7 @@ import pytest
 from bench.ports import free_ports
 from ps import wire
 from ps.client import PSClient
-from ps.job_config import ArbiterConfig, Deadlines, JobConfig, ShardConfig, dump_job_config
+from ps.job_config import ArbiterConfig, Deadlines, JobConfig, ShardConfig
 from ps.process.children import stop as stop_pid
 from ps.rpc import ps_pb2, ps_pb2_grpc, serving_pb2, snapshot_pb2, snapshot_pb2_grpc
 from ps.shard.arbiter import Arbiter, Membership
@@ -61,7 +60,7 @@ from serving.config import Consistency
 from serving.follower import ShardFollower
 from serving.metrics import ServingMetrics
 from serving.store import TableReplica
-from tests.helpers.processes import start_shard, wait_serving
+from tests.helpers.processes import ShardPair, start_shard
 from tests.helpers.waiting import wait_until
 from tests.serving.replicas import ServingReplica
 
@@ -101,29 +100,6 @@ def pair_job(etcd_endpoint: str, name: str, tables: tuple[TableConfig, ...] = TA
         push_dedupe_window=1 << 20,  # the push-id memory outlasts the test: old pushes stay repeats
         arbiter=ArbiterConfig(endpoints=etcd_endpoint, lease_seconds=LEASE_S),
     )
-
-
-class Pair:
-    """The primary and standby processes of shard 0."""
-
-    def __init__(self, job: JobConfig, workdir: Path) -> None:
-        self.job = job
-        self.config = workdir / f"{job.job}.toml"
-        self.config.write_text(dump_job_config(job))
-        self.logs = [workdir / f"{job.job}-primary.log", workdir / f"{job.job}-standby.log"]
-        self.standby = start_shard(self.config, 0, self.logs[1], args=("--standby",))
-        self.primary = start_shard(self.config, 0, self.logs[0])
-        shard = job.shards[0]
-        wait_serving(shard.standby, self.standby, log_path=self.logs[1])
-        wait_serving(shard.address, self.primary, log_path=self.logs[0])
-        wait_until(lambda: "joined" in self.logs[0].read_text(), "the standby joining the primary")
-
-    def stop(self) -> None:
-        for proc in (self.primary, self.standby):
-            stop_pid(proc)
-
-    def log(self, which: int) -> str:
-        return self.logs[which].read_text()
 
 
 def metrics(port: int) -> dict[str, float]:
@@ -180,7 +156,7 @@ def test_sigkill_of_the_primary_fails_over_then_a_new_standby_catches_up_and_tak
     the pushes since, then B is killed too: the new standby takes over (epoch 3), bit-equal."""
     rng = seed("failover")
     job = pair_job(etcd.endpoint, "failover")
-    pair = Pair(job, tmp_path)
+    pair = ShardPair.start(job, tmp_path)
     reference = Shard(job, 0)
     client = PSClient.from_job(job, client_id="trainer-0")
     data = np.random.default_rng(rng.randrange(1 << 32))
@@ -274,7 +250,7 @@ def test_sigkill_of_the_primary_fails_over_then_a_new_standby_catches_up_and_tak
 
 def test_a_stopped_standby_holds_acks_until_the_arbiter_records_the_primary_alone(etcd, tmp_path):
     job = pair_job(etcd.endpoint, "alone")
-    pair = Pair(job, tmp_path)
+    pair = ShardPair.start(job, tmp_path)
     client = PSClient.from_job(job, client_id="trainer-0")
     data = np.random.default_rng(7)
     arbiter = Arbiter(job.arbiter, job.job, 0, "test")
@@ -333,7 +309,7 @@ def test_training_goes_on_while_the_arbiter_is_down_and_serving_follows_a_failov
     flight, the primary is killed: a serving follower goes on from the promoted standby at its
     version (same incarnation, same update log), without a full resync, to the final rows."""
     job = pair_job(etcd.endpoint, "arbiter-down")
-    pair = Pair(job, tmp_path)
+    pair = ShardPair.start(job, tmp_path)
     client = PSClient.from_job(job, client_id="trainer-0")
     data = np.random.default_rng(11)
     reference = Shard(job, 0)
@@ -393,7 +369,7 @@ def test_a_cut_replica_follows_the_promoted_standby_without_a_full_resync(etcd, 
     sgd = TableConfig("user", dim=4, initializer=Initializer.ZEROS, optimizer=OptimizerConfig(kind=OptimizerKind.SGD,
                                                                                               lr=1.0))
     job = pair_job(etcd.endpoint, "cut-failover", (sgd,))
-    pair = Pair(job, tmp_path)
+    pair = ShardPair.start(job, tmp_path)
     replica = ServingReplica.start(SimpleNamespace(job=job, config_path=pair.config), tmp_path, "cut",
                                    consistency=Consistency.STEP)
     client = PSClient.from_job(job, client_id="trainer-0")
