@@ -64,9 +64,11 @@ class ShardFollower:
         cut: ModelCut | None = None,
         with_dense: bool = False,
         standby_channel: grpc.aio.Channel | None = None,
+        link_changed: asyncio.Event | None = None,
     ) -> None:
         """cut: consistency = "step" (serving/cut_follow.py); with_dense: this stream also brings
-        the dense tower (one follower of shard 0). standby_channel: the shard's standby. The stream
+        the dense tower (one follower of shard 0). standby_channel: the shard's standby. link_changed:
+        set whenever this stream goes down or comes back (the replica's monitor then looks at once). The stream
         goes to the other of the pair after UNAVAILABLE; a promoted standby has the primary's
         incarnation, rows and update log, so the follower continues from its served version there
         (ps/shard/replication.py)."""
@@ -82,6 +84,7 @@ class ShardFollower:
         self.status = FollowerStatus(last_message=time.monotonic())
         self._labels = (replica.name, str(shard))
         self._need_full_sync = False
+        self._link_changed = link_changed
         self._report_link()
 
     def _report_link(self) -> None:
@@ -123,6 +126,7 @@ class ShardFollower:
                 self._need_full_sync = True
             self.status.connected = False
             self._report_link()
+            self._changed()
             await asyncio.sleep(pause)
             pause = min(2 * pause, BACKOFF_MAX_SECONDS)
             if self.status.last_message > time.monotonic() - BACKOFF_MAX_SECONDS:
@@ -130,9 +134,16 @@ class ShardFollower:
 
     def mark_message(self) -> None:
         """A message arrived: the stream is connected and talking."""
+        came_back = not self.status.connected
         self.status.connected = True
         self.status.last_message = time.monotonic()
         self._report_link()
+        if came_back:
+            self._changed()
+
+    def _changed(self) -> None:
+        if self._link_changed is not None:
+            self._link_changed.set()
 
     def count_resync(self, rows: ShardRows) -> None:
         """A full copy is complete (`rows`)."""
@@ -156,10 +167,9 @@ class ShardFollower:
         )
         building: ShardRows | None = None
         acks: list[ps_pb2.VersionAck] = []
+        observed = False  # this stream's gauges set once; after that only when the version moves
         async for batch in self.stub.Subscribe(request):
-            self.status.connected = True
-            self.status.last_message = time.monotonic()
-            self._report_link()
+            self.mark_message()
             if batch.reset:
                 building = ShardRows(self.replica.dim, self.replica.dtype)
             target = building if building is not None else self.rows
@@ -173,6 +183,7 @@ class ShardFollower:
             acks.extend(batch.acks)
             if not batch.last:
                 continue
+            changed = target.version != batch.to_version or building is not None or bool(acks) or not observed
             target.version = batch.to_version
             target.incarnation = batch.incarnation
             if building is not None:
@@ -183,11 +194,15 @@ class ShardFollower:
                 self.metrics.resyncs.labels(*self._labels).inc(int(full))
                 log.info("table %s shard %s: full copy of %d rows at version %d", *self._labels, target.size,
                          target.version)
-            self._observe(target, acks)
+            if changed:  # not for a heartbeat: same version, nothing acknowledged
+                self._observe(target, acks)
+                observed = True
             acks = []
 
     async def _apply(self, target: ShardRows, batch: ps_pb2.UpdateBatch) -> None:
         """Writes one message's rows and deletions (off the event loop when it is large)."""
+        if not batch.keys and not batch.deleted_keys:
+            return  # a heartbeat, or the end of a range
         keys = wire.decode_keys(batch.keys)
         deleted = wire.decode_keys(batch.deleted_keys, "deleted_keys")
         if keys.shape[0] == 0 and deleted.shape[0] == 0:

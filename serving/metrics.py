@@ -7,12 +7,13 @@ host's clock; on one host, or with synchronised clocks, the difference is the de
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
@@ -67,10 +68,6 @@ class ServingMetrics:
             "embps_serving_shard_stale", "1 while a PS shard's stream is down or silent past the threshold",
             ["shard"], registry=r,
         )
-        self.seconds_since_message = Gauge(
-            "embps_serving_seconds_since_message", "Seconds since the last message of the shard's stream",
-            ["table", "shard"], registry=r,
-        )
         self.resyncs = Counter(
             "embps_serving_resyncs", "Full resyncs (log gap, shard restart, version gone back)",
             ["table", "shard"], registry=r,
@@ -103,7 +100,6 @@ class ServingMetrics:
             "embps_serving_applied_rows", "Rows written from the update streams", ["table", "shard"], registry=r
         )
         self.rows = Gauge("embps_serving_rows", "Rows held", ["table", "shard"], registry=r)
-        self.memory = Gauge("embps_serving_memory_bytes", "Bytes of maps and row blocks", ["table"], registry=r)
         self.lookup_queue = Gauge(
             "embps_serving_lookup_queue", "Lookups admitted and not yet answered (the load-shedding queue)", registry=r
         )
@@ -133,6 +129,11 @@ class ServingMetrics:
             self.registry.unregister(metric)
         self.registry.register(NativeCallMetrics(self, native))
 
+    def add_stream_gauges(self, followers: Sequence[Any], tables: Sequence[Any]) -> None:
+        """Exports each stream's seconds since its last message and each table's bytes, read when
+        /metrics is scraped (`followers`: the ShardFollowers, `tables`: the TableReplicas)."""
+        self.registry.register(StreamGauges(followers, tables))
+
     def serve(self, port: int, host: str = "127.0.0.1") -> int:
         """Starts the /metrics HTTP server in a daemon thread; returns the bound port."""
         server, _thread = start_http_server(port, addr=host, registry=self.registry)
@@ -140,6 +141,30 @@ class ServingMetrics:
 
 
 _CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+
+
+class StreamGauges:
+    """Prometheus collector: gauges computed at scrape time, so that no task wakes the replica
+    to keep them fresh (an idle replica's CPU per second is what a lightly loaded one pays per
+    call on top of its Lookups)."""
+
+    def __init__(self, followers: Sequence[Any], tables: Sequence[Any]) -> None:
+        self._followers = tuple(followers)
+        self._tables = tuple(tables)
+
+    def collect(self) -> Iterator:
+        now = time.monotonic()
+        since = GaugeMetricFamily(
+            "embps_serving_seconds_since_message", "Seconds since the last message of the shard's stream",
+            labels=["table", "shard"],
+        )
+        for f in self._followers:
+            since.add_metric([f.replica.name, str(f.shard)], now - f.status.last_message)
+        yield since
+        memory = GaugeMetricFamily("embps_serving_memory_bytes", "Bytes of maps and row blocks", labels=["table"])
+        for table in self._tables:
+            memory.add_metric([table.name], table.memory_bytes)
+        yield memory
 
 
 class NativeCallMetrics:

@@ -43,6 +43,7 @@ from ps.process.calls import CallSite, UndecodableRequests, unary_call
 from ps.process.metrics import LATENCY_BUCKETS
 from ps.rpc import ps_pb2, serving_pb2, serving_pb2_grpc
 from ps.security import Role, TokenAuth, add_port, open_aio_channel, server_interceptors, serving_port_policy
+from ps.security.config import RELOAD_CHECK_S
 from serving.config import Consistency, ServeConfig, load_serve_config
 from serving.core_calls import CoreCallCounts, counts_core_calls, server_ids
 from serving.cut import ModelCut
@@ -70,7 +71,10 @@ log = logging.getLogger("embps.serving")
 SERVICE_NAME = serving_pb2.DESCRIPTOR.services_by_name["Serving"].full_name
 _MESSAGE_SLACK = 1 << 16
 INLINE_LOOKUP_KEYS = 1 << 16  # larger lookups run on a thread so the loop keeps taking calls
-MONITOR_SECONDS = 0.2  # how often staleness gauges and per-shard health are refreshed
+STALE_RECHECK_SECONDS = 0.2  # while a shard is stale: how often the monitor looks whether it is fresh again
+# How often the gate is given the current tokens: just after a token file's next check is due
+# (ps/security/tokens.py), so a changed file reaches the gate within about RELOAD_CHECK_S.
+TOKEN_CHECK_SECONDS = RELOAD_CHECK_S + 0.01
 _REPLY_DTYPES = {ps_pb2.DTYPE_UNSPECIFIED: np.float32, ps_pb2.FLOAT32: np.float32, ps_pb2.FLOAT16: np.float16}
 
 
@@ -84,6 +88,7 @@ class Replica:
     channels: list[grpc.aio.Channel] = field(default_factory=list)
     export_step: int | None = None
     cut: ModelCut | None = None  # consistency = "step"
+    link_changed: asyncio.Event = field(default_factory=asyncio.Event)  # a follower's stream went down or came back
 
     def table(self, name: str) -> TableReplica:
         replica = self.tables.get(name)
@@ -322,7 +327,8 @@ async def build_replica(config: ServeConfig, metrics: ServingMetrics) -> Replica
         for s, (channel, standby) in enumerate(zip(replica.channels, standbys, strict=False)):
             with_dense = t == 0 and s == 0
             replica.followers.append(ShardFollower(
-                table, s, channel, metrics, cut=replica.cut, with_dense=with_dense, standby_channel=standby
+                table, s, channel, metrics, cut=replica.cut, with_dense=with_dense, standby_channel=standby,
+                link_changed=replica.link_changed,
             ))
     return replica
 
@@ -391,29 +397,47 @@ def _count_core_calls(metrics: ServingMetrics, created: set[int]) -> None:
 async def monitor(
     servicer: ServingServicer, health: HealthServicer, on_tick: Callable[[], None] | None = None
 ) -> None:
-    """Refreshes staleness gauges, per-shard health and memory every MONITOR_SECONDS (and calls
-    `on_tick`: the gate's tokens)."""
+    """Keeps each shard's health ("embps.v1.Serving/shard-<s>") and `stale` gauge in step with its
+    streams, and calls `on_tick` (the gate's tokens) every TOKEN_CHECK_SECONDS.
+
+    It wakes only when something can have changed: at once when a stream goes down or comes back
+    (`Replica.link_changed`), when a fresh shard could turn stale (its stream's last message +
+    stale_after_seconds), and every STALE_RECHECK_SECONDS while a connected stream is silent past
+    it (its next message makes the shard fresh). A fixed short tick would wake an idle replica
+    several times a second, and at a few hundred Lookups a second that background is a good part
+    of the replica's CPU per Lookup; the gauges that change with time alone are read at scrape
+    time (serving/metrics.py's StreamGauges)."""
     replica, m = servicer.replica, servicer.metrics
     threshold = replica.config.stale_after_seconds
     was_stale: dict[int, bool] = {}
+    tokens_due = 0.0
     while True:
+        replica.link_changed.clear()
         now = time.monotonic()
         stale: dict[int, bool] = {}
         for f in replica.followers:
             stale[f.shard] = stale.get(f.shard, False) or f.stale(threshold)
-            m.seconds_since_message.labels(f.replica.name, str(f.shard)).set(now - f.status.last_message)
         for shard, is_stale in stale.items():
-            m.stale.labels(str(shard)).set(int(is_stale))
             if was_stale.get(shard) != is_stale:
+                m.stale.labels(str(shard)).set(int(is_stale))
                 status = health_pb2.HealthCheckResponse
                 await health.set(f"{SERVICE_NAME}/shard-{shard}", status.NOT_SERVING if is_stale else status.SERVING)
                 log.info("shard %d is %s", shard, "stale" if is_stale else "fresh")
         was_stale = stale
-        for table in replica.tables.values():
-            m.memory.labels(table.name).set(table.memory_bytes)
-        if on_tick is not None:
+        if on_tick is not None and now >= tokens_due:
             on_tick()
-        await asyncio.sleep(MONITOR_SECONDS)
+            tokens_due = time.monotonic() + TOKEN_CHECK_SECONDS
+        wake = tokens_due if on_tick is not None else now + TOKEN_CHECK_SECONDS
+        talking = [f for f in replica.followers if f.status.connected]
+        if any(f.stale(threshold) for f in talking):
+            wake = min(wake, now + STALE_RECHECK_SECONDS)
+        elif talking:
+            # f.stale() is "silent > threshold": look just after the first moment it can be true.
+            wake = min(wake, min(f.status.last_message for f in talking) + threshold + 0.005)
+        try:
+            await asyncio.wait_for(replica.link_changed.wait(), max(0.0, wake - time.monotonic()))
+        except TimeoutError:
+            pass
 
 
 async def _serve(config: ServeConfig, grace: float) -> int:
@@ -440,6 +464,7 @@ async def _serve_on(
     if lookups is not None:
         metrics.add_native_calls(lookups)
     metrics_port = metrics.serve(config.metrics_port, config.host)
+    metrics.add_stream_gauges(servicer.replica.followers, list(servicer.replica.tables.values()))
     tasks = [asyncio.create_task(f.run()) for f in servicer.replica.followers]
     on_tick = (lambda: refresh_tokens(lookups, token_auth)) if lookups is not None and token_auth else None
     tasks.append(asyncio.create_task(monitor(servicer, health, on_tick)))

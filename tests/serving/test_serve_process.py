@@ -215,6 +215,40 @@ def test_killed_shard_keeps_last_weights_then_restart_resyncs(start_cluster, tmp
         assert status.num_resyncs >= 1 and status.version == 1 and status.rows == 3
 
 
+def test_a_silent_stream_makes_its_shard_stale_until_it_talks_again(start_cluster, tmp_path):
+    """A shard that stops without closing its stream (SIGSTOP: the connection stays up) is stale
+    once its stream is silent past stale_after_seconds, not before; SIGCONT makes it fresh again.
+    The replica's monitor has no short tick: it wakes at that deadline. /metrics reads the seconds
+    since the last message at scrape time."""
+    cluster = start_cluster(make_job([USER], num_shards=1))
+    with ServingReplica.start(cluster, tmp_path) as replica:
+        shard = f"{SERVICE_NAME}/shard-0"
+        replica.wait_health(shard, SERVING)
+        threshold = replica.config.stale_after_seconds
+        pid = cluster.procs[0].pid
+        os.kill(pid, signal.SIGSTOP)
+        stopped = time.monotonic()
+        try:
+            replica.wait_health(shard, NOT_SERVING)
+            # The last heartbeat came at most HEARTBEAT_SECONDS (0.5) before the stop.
+            assert time.monotonic() - stopped > threshold - 0.5
+            status = replica.status().shards[0]
+            assert status.connected and status.stale
+            scrape = urllib.request.urlopen(f"http://127.0.0.1:{replica.config.metrics_port}/metrics", timeout=5)
+            text = scrape.read().decode()
+            assert 'embps_serving_shard_stale{shard="0"} 1.0' in text
+            since = next(
+                float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                if line.startswith('embps_serving_seconds_since_message{shard="0",table="user"}')
+            )
+            assert since > threshold
+            assert 'embps_serving_memory_bytes{table="user"}' in text
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        replica.wait_health(shard, SERVING)
+        assert not replica.status().shards[0].stale
+
+
 def test_a_gap_in_the_stream_forces_a_resync(tmp_path):
     cluster = start_cluster_with_log(make_job([USER], num_shards=1), tmp_path, 100)
     try:
