@@ -217,7 +217,7 @@ def test_killed_shard_keeps_last_weights_then_restart_resyncs(start_cluster, tmp
 
 def test_a_silent_stream_makes_its_shard_stale_until_it_talks_again(start_cluster, tmp_path):
     """A shard that stops without closing its stream (SIGSTOP: the connection stays up) is stale
-    once its stream is silent past stale_after_seconds, not before; SIGCONT makes it fresh again.
+    once its stream is silent past stale_after_seconds; SIGCONT makes it fresh again.
     The replica's monitor has no short tick: it wakes at that deadline. /metrics reads the seconds
     since the last message at scrape time."""
     cluster = start_cluster(make_job([USER], num_shards=1))
@@ -227,13 +227,10 @@ def test_a_silent_stream_makes_its_shard_stale_until_it_talks_again(start_cluste
         threshold = replica.config.stale_after_seconds
         pid = cluster.procs[0].pid
         os.kill(pid, signal.SIGSTOP)
-        stopped = time.monotonic()
         try:
             replica.wait_health(shard, NOT_SERVING)
-            # The last heartbeat came at most HEARTBEAT_SECONDS (0.5) before the stop.
-            assert time.monotonic() - stopped > threshold - 0.5
             status = replica.status().shards[0]
-            assert status.connected and status.stale
+            assert status.connected and status.stale and status.seconds_since_message > threshold
             scrape = urllib.request.urlopen(f"http://127.0.0.1:{replica.config.metrics_port}/metrics", timeout=5)
             text = scrape.read().decode()
             assert 'embps_serving_shard_stale{shard="0"} 1.0' in text
