@@ -435,7 +435,8 @@ async def monitor(
             # f.stale() is "silent > threshold": look just after the first moment it can be true.
             wake = min(wake, min(f.status.last_message for f in talking) + threshold + 0.005)
         try:
-            await asyncio.wait_for(replica.link_changed.wait(), max(0.0, wake - time.monotonic()))
+            async with asyncio.timeout(max(0.0, wake - time.monotonic())):  # not wait_for: tests/test_cancellation.py
+                await replica.link_changed.wait()
         except TimeoutError:
             pass
 

@@ -60,7 +60,8 @@ async def committed_stream(servicer, request: ps_pb2.SubscribeRequest) -> AsyncI
         changed = servicer._changed[name]
         if commits.last_step == sent_step or commits.last_version < position:
             try:
-                await asyncio.wait_for(changed.wait(), HEARTBEAT_SECONDS)
+                async with asyncio.timeout(HEARTBEAT_SECONDS):  # not wait_for: tests/test_cancellation.py
+                    await changed.wait()
             except TimeoutError:
                 heartbeat = servicer._batch(name, position, position, last=True)
                 if sent_step is not None:

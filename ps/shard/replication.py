@@ -310,7 +310,8 @@ class Replication:
                 versions=versions,
             )
             await call.write(hello.SerializeToString())
-            ack = await asyncio.wait_for(call.read(), 2 * self.ttl)
+            async with asyncio.timeout(2 * self.ttl):  # not wait_for: tests/test_cancellation.py
+                ack = await call.read()
             if ack is grpc.aio.EOF:
                 raise ConnectionError("the standby ended the stream")
             self._last_ack = time.monotonic()
@@ -357,7 +358,8 @@ class Replication:
         # The copy counts once the standby loaded it (its ack of StateDone, the only ack it sends for
         # the copy), not once it was written here: with no push since the capture, the pair would
         # otherwise be recorded in sync while the standby still holds nothing.
-        ack = await asyncio.wait_for(call.read(), max(self.ttl, CATCH_UP_PATIENCE_S))
+        async with asyncio.timeout(max(self.ttl, CATCH_UP_PATIENCE_S)):  # not wait_for: tests/test_cancellation.py
+            ack = await call.read()
         if ack is grpc.aio.EOF:
             raise ConnectionError("the standby ended the stream while loading the copy")
         if ack.sequence != base:

@@ -388,7 +388,8 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
                 changed = self._changed[name]
                 if shard.logs[name].head_version == position:
                     try:
-                        await asyncio.wait_for(changed.wait(), HEARTBEAT_SECONDS)
+                        async with asyncio.timeout(HEARTBEAT_SECONDS):  # not wait_for: tests/test_cancellation.py
+                            await changed.wait()
                     except TimeoutError:
                         yield self._batch(name, position, position, last=True)
                     continue
