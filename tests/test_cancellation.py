@@ -54,9 +54,16 @@ def test_the_replica_monitor_ends_when_cancelled_as_a_stream_changes():
             config=SimpleNamespace(stale_after_seconds=2.0), followers=[], link_changed=asyncio.Event()
         )
         servicer = SimpleNamespace(replica=replica, metrics=ServingMetrics())
-        task = asyncio.create_task(monitor(servicer, HealthServicer()))
-        for _ in range(3):  # into its wait
-            await asyncio.sleep(0)
+        ticked = asyncio.get_running_loop().create_future()
+        # on_tick runs in the monitor's first round, which then goes on to its wait without
+        # yielding: once `ticked` is done, the monitor is waiting for the event.
+        def tick() -> None:
+            if not ticked.done():
+                ticked.set_result(None)
+
+        task = asyncio.create_task(monitor(servicer, HealthServicer(), tick))
+        async with asyncio.timeout(2.0):
+            await ticked
         replica.link_changed.set()
         task.cancel()
         done, _ = await asyncio.wait({task}, timeout=2.0)
