@@ -363,16 +363,24 @@ bool poll(ServingGate::Shared* shared, bool wait) {
   }
 }
 
+// Whether a thread may take the oldest Lookup now (under `mu`): one waits, and fewer than
+// `workers` are being answered, so one of the gate's workers + 1 threads is always free to poll.
+bool may_answer(const ServingGate::Shared* shared) {
+  return !shared->ready.empty() && shared->answering < shared->workers;
+}
+
 // One of the gate's threads (serving_gate.h): polls when no other thread does, then answers the
-// oldest Lookup waiting, if any; waits on `wake` when neither is its to do. A thread that takes a
+// oldest Lookup waiting, if it may; waits on `wake` when neither is its to do. A thread that takes a
 // Lookup while kHelpFrom or more wait behind it, or a large one while none polls, wakes one that
-// waits, which polls in turn and takes the next.
+// waits, which polls in turn and takes the next while fewer than `workers` are being answered.
 void run_thread(ServingGate::Shared* shared) {
   std::unique_lock<std::mutex> lock(shared->mu);
   while (!shared->closed) {
     if (!shared->polling) {
       shared->polling = true;
-      const bool wait = shared->ready.empty();  // only the poller adds to `ready`: none can come meanwhile
+      // Only the poller adds to `ready`, so none this thread may answer can come meanwhile; a
+      // place freed meanwhile is taken by the thread that freed it.
+      const bool wait = !may_answer(shared);
       lock.unlock();
       const bool open = poll(shared, wait);
       lock.lock();
@@ -384,16 +392,18 @@ void run_thread(ServingGate::Shared* shared) {
         shared->wake.notify_all();
         return;
       }
-      if (shared->ready.empty()) continue;  // nothing to answer: poll again, waiting for an event
+      if (!may_answer(shared)) continue;  // nothing it may answer: poll again, waiting for an event
     }
-    if (!shared->ready.empty()) {
+    if (may_answer(shared)) {
       ServingGate::Shared::Pending pending = std::move(shared->ready.front());
       shared->ready.pop_front();
+      shared->answering++;
       const bool help = shared->ready.size() >= kHelpFrom || (pending.large && !shared->polling);
       if (help && shared->waiting > 0) shared->wake.notify_one();
       lock.unlock();
       pending.answer();
       lock.lock();
+      shared->answering--;
       continue;
     }
     shared->waiting++;
@@ -427,6 +437,7 @@ ServingGate::ServingGate(const GateConfig& config) : shared_(new Shared) {
   // aid for abseil's own users; the Python side of the process does not use this abseil.
   absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
   shared_->lookup_methods = config.lookup_methods;
+  shared_->workers = workers;
   shared_->lookup = config.lookup;
   shared_->max_queue = config.max_queue;
   shared_->max_queue_bytes = config.max_queue_bytes;
@@ -456,7 +467,7 @@ ServingGate::ServingGate(const GateConfig& config) : shared_(new Shared) {
   }
   owner.release();
   for (int i = 0; i < kRequestsOutstanding * workers; ++i) new Call(shared_);
-  for (int i = 0; i < workers; ++i) {
+  for (int i = 0; i < workers + 1; ++i) {  // one more than may answer at once: see serving_gate.h
     threads_.emplace_back([shared = shared_] {
       pthread_setname_np(pthread_self(), "embps-gate");
       run_thread(shared);

@@ -7,10 +7,10 @@
 // answers one more RESOURCE_EXHAUSTED at once, unread, in C++. "Lookups" are the calls of the
 // bounded methods (`lookup_methods`: Serving/Lookup and Serving/LookupMany); they share one bound.
 //
-// The gate runs `workers` threads over one completion queue, and at any time at most one of them
-// polls it (the poller). Why: in grpc's epoll1 poller (grpc 1.51) every thread waiting on a queue
-// is a worker of one global leader/follower scheme, and the leader hands its role to a waiting
-// worker each time it returns, waking it: with two threads waiting (a queue each, as before)
+// The gate runs `workers` + 1 threads over one completion queue; at any time at most one of them
+// polls it (the poller) and at most `workers` answer Lookups. Why one poller: in grpc's epoll1
+// poller (grpc 1.51) every thread waiting on a queue is a worker of one global leader/follower
+// scheme, and the leader hands its role to a waiting worker each time it returns, waking it: with two threads waiting (a queue each, as before)
 // every event woke the other one, ~5 context switches per Lookup at 300 req/s and 1.04-1.5x the
 // CPU per Lookup of now (README, notes on `bench serve`). So the threads that are not polling
 // wait on a condition of the gate's own, which grpc does not see. The poller takes every event
@@ -22,7 +22,11 @@
 // the Lookup taken is a large one (kLargeRequestBytes), whose answer takes milliseconds: under
 // load the threads answer in parallel, each polling in turn between two Lookups, and beside a
 // large Lookup another thread polls, so a call beyond the bound (count or bytes) is refused at
-// once, never behind the lookups queued before it. A call's events are
+// once, never behind the lookups queued before it. That needs a thread left to poll while
+// `workers` large Lookups are answered, hence the one thread more: with only `workers` threads,
+// calls that arrived while each of them answered one waited unread, and were refused only when
+// one of those answers ended (a `bench serve`-sized replica, 2 threads, 3 Lookups of 150k keys,
+// a busy core beside it: refusals came back after up to 0.5 s). A call's events are
 // handled by one poller at a time (the role passes under the gate's mutex); its answer may run
 // on another thread meanwhile, which touches only what the events of an admitted Lookup leave
 // alone. In the replica `lookup` is
@@ -80,7 +84,7 @@ struct GateConfig {
   std::string upstream;           // gRPC target of the Python server, e.g. unix:/run/x/upstream.sock
   std::vector<std::string> lookup_methods;  // the bounded methods, answered by `lookup`
   LookupHandler lookup;
-  int workers = 0;                // threads taking calls and answering lookups (one polls at a time); 0: one per core
+  int workers = 0;                // lookups answered at once, at most (0: one per core); the gate runs one thread more
   int64_t max_queue = 0;          // lookups admitted and not finished; 0: no bound
   int64_t max_queue_bytes = 0;    // request + reply bytes the admitted lookups hold; 0: no bound
   int64_t max_message_bytes = 0;  // largest message either way
@@ -125,6 +129,8 @@ class ServingGate {
     std::mutex mu;
     std::condition_variable wake;
     bool polling = false;
+    int workers = 0;    // Lookups answered at once, at most (GateConfig::workers, resolved)
+    int answering = 0;  // Lookups being answered now
     // A Lookup read and not yet answered; `large`: its request is at least kLargeRequestBytes
     // (serving_gate.cpp), so its answer takes long enough to poll beside it.
     struct Pending {
@@ -150,7 +156,7 @@ class ServingGate {
  private:
   Shared* shared_;  // owned; left allocated if calls outlive shutdown (see shutdown)
   std::unique_ptr<grpc::Server> server_;
-  std::vector<std::thread> threads_;  // `workers` of them, over shared_->cq
+  std::vector<std::thread> threads_;  // `workers` + 1 of them, over shared_->cq
   int port_ = 0;
   bool stopped_ = false;
   bool leaked_ = false;  // shutdown gave up waiting for calls: nothing is freed

@@ -182,6 +182,62 @@ def test_lookups_read_while_others_hold_max_queue_bytes_are_shed(replica) -> Non
         holder.close()
 
 
+BIG_KEYS = 600_000  # a 4.8 MB request and a 39 MB reply: tens of ms or more in one lookup thread
+
+
+def _lookup_seconds(server: EmbpsServer) -> float:
+    """The replica's server time in Lookups of TABLE so far (its lookup histogram's sum)."""
+    port = load_serve_config(server.log_path.parent / "serve.toml").metrics_port
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    match = re.search(rf'^embps_serving_lookup_duration_seconds_sum{{table="{TABLE}"}} (\S+)$', text, re.MULTILINE)
+    assert match is not None, "no Lookup time in the scrape"
+    return float(match.group(1))
+
+
+def test_a_call_beyond_the_bound_is_refused_while_every_lookup_thread_answers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One lookup thread answers a large Lookup that fills the bound (max_queue 1): Lookups sent
+    meanwhile are refused at once, by the gate's thread beside the lookup threads, not when that
+    answer ends. With as many threads as lookup threads, nobody read them until it did."""
+    if unavailable_reason() is not None:
+        pytest.skip(f"no serving gate here: {unavailable_reason()}")
+    monkeypatch.delenv("EMBPS_SERVING_GATE", raising=False)
+    server = EmbpsServer.start(ROWS, DIM, tmp_path / "replica", max_queue=1, max_queue_bytes=0, lookup_threads=1)
+    try:
+        keys = np.resize(bench_keys(ROWS), BIG_KEYS)
+        big = serving_pb2.ServingLookupRequest(table=TABLE, keys=wire.encode_keys(keys), dim=DIM)
+        probe = serving_pb2.ServingLookupRequest(table=TABLE, keys=wire.encode_keys(keys[:8]), dim=DIM)
+        options = [("grpc.max_receive_message_length", _LIMIT), ("grpc.max_send_message_length", _LIMIT)]
+        with (
+            grpc.insecure_channel(server.address, options=options) as big_channel,
+            grpc.insecure_channel(server.address) as probe_channel,
+        ):
+            for channel in (big_channel, probe_channel):  # connected before: no handshake in the times
+                grpc.channel_ready_future(channel).result(timeout=10)
+            probe_stub = serving_pb2_grpc.ServingStub(probe_channel)
+            answer = serving_pb2_grpc.ServingStub(big_channel).Lookup.future(big, timeout=60)
+            # The big Lookup holds the one place from its headers to its reply: probes from then on.
+            _wait_for(server, lambda m: m["embps_serving_lookup_queue"] == 1 or answer.done(), "the big Lookup")
+            refused: list[float] = []
+            while not answer.done():
+                sent = time.monotonic()
+                try:
+                    probe_stub.Lookup(probe, timeout=30)
+                except grpc.RpcError as exc:
+                    assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, exc
+                    refused.append(time.monotonic() - sent)
+            reply = answer.result()
+        assert len(reply.found) == BIG_KEYS and reply.found.count(0) == 0
+        answering = _lookup_seconds(server)  # the big Lookup's, and any probe answered after its reply left
+        assert refused, "no probe was sent while the big Lookup held the bound"
+        # Refused at once: the slowest refusal took less than half the big Lookup's answer, which
+        # the first probe sent after its headers overlaps; behind it, it would take most of it.
+        assert max(refused) < answering / 2, (max(refused), answering, len(refused))
+    finally:
+        server.stop()
+
+
 def test_a_new_replica_removes_the_directories_of_killed_ones() -> None:
     """A replica killed with SIGKILL leaves its gate directory (socket, checked TLS copy); the next
     one removes it, and never one whose replica still runs."""
