@@ -144,6 +144,12 @@ def _add_train(parser: argparse.ArgumentParser) -> None:
         help="also ps sync with a standby per shard (etcd started here as the arbiter), in the same rounds",
     )
     parser.add_argument(
+        "--serving",
+        action="store_true",
+        help="also ps sync with a serving replica following every table (as [[launch.serving]] starts it), "
+        "in the same rounds",
+    )
+    parser.add_argument(
         "--peer",
         choices=["torchrec"],
         default=None,
@@ -171,6 +177,7 @@ def _run_train(args: argparse.Namespace) -> int:
             shared_table=args.shared_table,
             repeat=args.repeat,
             standbys=args.standbys,
+            serving=args.serving,
             peer=args.peer,
             out=args.out,
             **({"torchrec_path": args.torchrec_path} if args.torchrec_path else {}),

@@ -7,7 +7,9 @@ Same model (DLRM-style), same synthetic Criteo-shaped data, same run:
 Rates are measured from the first step to the last (process start-up excluded), and the PS runs
 report rank 0's time split: lookup, compute (forward, backward, DDP all-reduce), all_to_all, push.
 --standbys adds ps-sync with a standby per shard (etcd as the arbiter, started here) to each round,
-and prints its rate as a ratio of ps-sync's.
+and prints its rate as a ratio of ps-sync's. --serving does the same with a serving replica beside
+the job (`[[launch.serving]]`, consistency "step"), which follows every table of every shard as
+production mirrors training: what a live replica costs the training on the same machine.
 With `--peer torchrec`, each round also trains the same model on the same data with TorchRec
 (bench/torchrec_peer.py: DistributedModelParallel over W gloo ranks, table-wise, fused row-wise
 Adagrad) and reports embps / TorchRec.
@@ -48,13 +50,17 @@ class TrainBenchConfig:
     shared_table: bool = False  # all features in one table (keys are salted per feature)
     repeat: int = 1  # runs of each mode, interleaved; the fastest counts (a shared machine's noise is one-sided)
     standbys: bool = False  # also ps sync with a standby per shard
+    serving: bool = False  # also ps sync with a serving replica following the job
     peer: str | None = None  # "torchrec": TorchRec's DistributedModelParallel in the same rounds
     torchrec_path: str = str(REPO_ROOT / ".venv" / "torchrec")  # where `make torchrec` installs it
     out: str | None = None
 
 
-def _job_toml(config: TrainBenchConfig, mode: str, out: Path, arbiter: str | None = None) -> str:
-    """arbiter: etcd's endpoint; then every shard has a standby."""
+def _job_toml(
+    config: TrainBenchConfig, mode: str, out: Path, arbiter: str | None = None, serving: bool = False
+) -> str:
+    """arbiter: etcd's endpoint; then every shard has a standby. serving: `embps launch` starts a
+    serving replica of every table beside the job."""
     ports = free_ports(4 * config.shards)
     num_tables = 1 if config.shared_table else config.num_tables
     tables = tuple(
@@ -84,28 +90,31 @@ def _job_toml(config: TrainBenchConfig, mode: str, out: Path, arbiter: str | Non
         "output_dir": str(out),
     }
     synthetic = {"num_sparse": config.num_tables, "num_keys": config.num_keys, "num_batches": config.steps + 1}
-    return (
-        ps
-        + "\n"
-        + toml_writer.document(
-            [
-                toml_writer.table("train", train),
-                toml_writer.table("model", {"bottom_sizes": [256, config.dim], "top_sizes": [256, 64]}),
-                toml_writer.table("data", {"source": "synthetic"}),
-                toml_writer.table(("data", "synthetic"), synthetic),
-            ]
-        )
-    )
+    blocks = [
+        toml_writer.table("train", train),
+        toml_writer.table("model", {"bottom_sizes": [256, config.dim], "top_sizes": [256, 64]}),
+        toml_writer.table("data", {"source": "synthetic"}),
+        toml_writer.table(("data", "synthetic"), synthetic),
+    ]
+    if serving:
+        listen, metrics_port = free_ports(2)
+        replica = {"listen": f"127.0.0.1:{listen}", "metrics_port": metrics_port}
+        blocks.append(toml_writer.table(("launch", "serving"), replica, array=True))
+    return ps + "\n" + toml_writer.document(blocks)
 
 
-def _run_ps(config: TrainBenchConfig, mode: str, workdir: Path, arbiter: str | None = None) -> dict:
-    name = f"{mode}-standby" if arbiter else mode
+def _run_ps(
+    config: TrainBenchConfig, mode: str, workdir: Path, arbiter: str | None = None, serving: bool = False
+) -> dict:
+    name = f"{mode}-standby" if arbiter else f"{mode}-serving" if serving else mode
     out = workdir / name
     path = workdir / f"{name}.toml"
-    path.write_text(_job_toml(config, mode, out, arbiter))
+    path.write_text(_job_toml(config, mode, out, arbiter, serving))
     standbys = " (a standby each)" if arbiter else ""
+    replica = " and a serving replica" if serving else ""
     print(
-        f"[{name}] embps launch: {config.workers} workers, {config.shards} shards{standbys}, {config.steps} steps",
+        f"[{name}] embps launch: {config.workers} workers, {config.shards} shards{standbys}{replica}, "
+        f"{config.steps} steps",
         flush=True,
     )
     result = subprocess.run(
@@ -214,6 +223,8 @@ def measure(config: TrainBenchConfig) -> dict:
     runs: dict[str, list[dict]] = {"in_process": [], "ps_sync": [], "ps_async": []}
     if config.standbys:
         runs["ps_sync_standby"] = []
+    if config.serving:
+        runs["ps_sync_serving"] = []
     if config.peer == "torchrec":
         runs["torchrec"] = []
     for attempt in range(config.repeat):
@@ -225,6 +236,8 @@ def measure(config: TrainBenchConfig) -> dict:
             runs["ps_sync"].append(_run_ps(config, "sync", workdir))
             if config.standbys:
                 runs["ps_sync_standby"].append(_run_with_standbys(config, workdir))
+            if config.serving:
+                runs["ps_sync_serving"].append(_run_ps(config, "sync", workdir, serving=True))
             runs["ps_async"].append(_run_ps(config, "async", workdir))
             if config.peer == "torchrec":
                 runs["torchrec"].append(_run_torchrec(config, workdir))
@@ -242,23 +255,26 @@ def print_results(results: dict) -> None:
         f"\nembps bench train: dim {config.dim}, {config.num_tables} sparse features in {layout}, "
         f"global batch {config.batch}"
     )
-    print(f"{'run':12s} {'samples/s':>10s} {'vs in-process':>14s}   rank-0 seconds: lookup / compute / a2a / push")
-    for name in ("in_process", "ps_sync", "ps_sync_standby", "ps_async"):
+    print(f"{'run':16s} {'samples/s':>10s} {'vs in-process':>14s}   rank-0 seconds: lookup / compute / a2a / push")
+    for name in ("in_process", "ps_sync", "ps_sync_standby", "ps_sync_serving", "ps_async"):
         if name not in results:
             continue
         r = results[name]
         t = r.get("times_rank0") or r["times"]
         print(
-            f"{name:12s} {r['samples_per_s']:10,.0f} {r['samples_per_s'] / base:13.2f}x   "
+            f"{name:16s} {r['samples_per_s']:10,.0f} {r['samples_per_s'] / base:13.2f}x   "
             f"{t['lookup_s']:.2f} / {t['compute_s']:.2f} / {t['all_to_all_s']:.2f} / {t['push_s']:.2f}"
         )
     if "ps_sync_standby" in results:
         ratio = results["ps_sync_standby"]["samples_per_s"] / results["ps_sync"]["samples_per_s"]
         print(f"ps sync with standbys / without: {ratio:.2f}x (target >= 0.8x)")
+    if "ps_sync_serving" in results:
+        ratio = results["ps_sync_serving"]["samples_per_s"] / results["ps_sync"]["samples_per_s"]
+        print(f"ps sync with a serving replica beside it / without: {ratio:.2f}x")
     if "torchrec" in results:
         peer = results["torchrec"]["samples_per_s"]
         print(
-            f"{'torchrec':12s} {peer:10,.0f} {peer / base:13.2f}x   "
+            f"{'torchrec':16s} {peer:10,.0f} {peer / base:13.2f}x   "
             f"DistributedModelParallel, {config.workers} gloo ranks, table-wise, fused row-wise Adagrad"
         )
         print(

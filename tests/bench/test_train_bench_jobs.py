@@ -1,0 +1,30 @@
+"""The jobs `embps bench train` launches: `--serving` adds one serving replica of every table
+beside the job (`[[launch.serving]]`), on a port of its own; without it, the job has none."""
+
+import argparse
+
+from bench.cli import _add_train
+from bench.train_bench import TrainBenchConfig, _job_toml
+from worker.launch_config import load_launch_settings
+from worker.train_config import load_training_job
+
+
+def test_serving_adds_one_replica_beside_the_job_and_only_then(tmp_path) -> None:
+    config = TrainBenchConfig(steps=3, num_tables=4)
+    for serving in (False, True):
+        path = tmp_path / f"job-{serving}.toml"
+        path.write_text(_job_toml(config, "sync", tmp_path / "out", serving=serving))
+        job = load_training_job(path)
+        shards = [s.address for s in job.ps.shards]
+        settings = load_launch_settings(path, shards)
+        assert len(settings.serving) == int(serving), settings
+        assert [t.name for t in job.ps.tables] == ["t0", "t1", "t2", "t3"]
+        for replica in settings.serving:
+            assert replica.listen not in shards and replica.metrics_port > 0, (replica, shards)
+
+
+def test_the_flag_reaches_the_config() -> None:
+    parser = argparse.ArgumentParser()
+    _add_train(parser)
+    assert parser.parse_args(["--serving"]).serving is True
+    assert parser.parse_args([]).serving is False
