@@ -88,7 +88,8 @@ lint: $(VENV)/.deps
 # UBSan: the gate module is built with -fsanitize=address,undefined into $(ASAN_DIR) (the package
 # installed in .venv is left as it is), a copy of the tracked tree gets that module, and the
 # serving fuzz tests (tests/fuzz, a real replica) run there with libasan preloaded into every
-# process. Any report aborts the replica, which fails the tests. ASAN_FUZZ_PROFILE=deep: 10,000
+# process, then the native row store's own tests (in process; -s, so that a report is not lost in
+# pytest's capture when it aborts). Any report aborts the process, which fails the tests. ASAN_FUZZ_PROFILE=deep: 10,000
 # requests per method instead of 1,000. A small quarantine keeps the processes' RSS within the
 # fuzz tests' growth bound (ASan's default 256 MB quarantine alone exceeds it).
 ASAN_DIR := build-asan
@@ -105,6 +106,10 @@ asan: install system-tools
 	  ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:quarantine_size_mb=16 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 	  env -u PYTHONDONTWRITEBYTECODE $(CURDIR)/$(BIN)/python -m pytest -p no:cacheprovider \
 	  --hypothesis-profile=$(ASAN_FUZZ_PROFILE) -k "serving" tests/fuzz/test_fuzz_rpcs.py $(PYTEST_ARGS)
+	cd $(ASAN_DIR)/tree && LD_PRELOAD="$$(g++ -print-file-name=libasan.so)" \
+	  ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:quarantine_size_mb=16 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	  env -u PYTHONDONTWRITEBYTECODE $(CURDIR)/$(BIN)/python -m pytest -p no:cacheprovider -s \
+	  tests/serving/test_store.py tests/serving/test_cut_store.py tests/serving/test_native_lookups.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf build $(ASAN_DIR) $(VENV)

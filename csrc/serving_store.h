@@ -5,7 +5,9 @@
 //   ShardStore: HashMap key -> row (csrc/hash_map.h, lock-free find) + row blocks (never move)
 //
 // A row is a 16-byte header {seq, valid, key} and `width` 4-byte words (float32 values, or
-// float16 values packed two per word). Concurrency choice: a per-row seqlock. The one writer
+// float16 values packed two per word), padded to 8 bytes so that the next row's 8-byte key is
+// aligned (an odd width left it 4 bytes off: undefined behaviour, which UBSan reports).
+// Concurrency choice: a per-row seqlock. The one writer
 // (the shard's follower, serialised by write_mu_) makes seq odd, writes valid/key/words, makes seq
 // even again; a reader copies the row between two reads of seq and retries while it is odd or
 // changed, so it never returns half a row. The header's key and valid flag catch the other
@@ -39,7 +41,8 @@ class ShardStore {
   static constexpr int kBlockShift = 14;
   static constexpr int64_t kBlockRows = int64_t{1} << kBlockShift;
 
-  explicit ShardStore(int64_t width) : width_(width), stride_(kHeaderBytes + 4 * width), map_(0, 1024) {
+  explicit ShardStore(int64_t width)
+      : width_(width), stride_(kHeaderBytes + (4 * width + 7) / 8 * 8), map_(0, 1024) {  // headers 8-byte aligned
     if (width < 1) throw std::invalid_argument("width: must be >= 1");
     dirs_.emplace_back(new Dir{0, {}});
     dir_.store(dirs_.back().get(), std::memory_order_release);

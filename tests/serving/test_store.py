@@ -59,9 +59,12 @@ def test_float16_storage_halves_memory_and_rounds_like_numpy():
     out = np.zeros((keys.shape[0], half.width), dtype=np.float32)
     assert half.gather(keys, out).all()
     np.testing.assert_array_equal(half.decode(out), values.astype(np.float16).astype(np.float32))
-    # ceil(5 / 2) words a row instead of 5 (the native store adds a 16-byte header to each row)
-    header = 16 if full.native is not None else 0
-    assert half.block_bytes * (header + 5 * 4) == full.block_bytes * (header + 3 * 4)
+    # ceil(5 / 2) words a row instead of 5 (the native store adds a 16-byte header to each row and
+    # pads its words to 8 bytes)
+    def row_bytes(words: int) -> int:
+        return 16 + -(-4 * words // 8) * 8 if full.native is not None else 4 * words
+
+    assert half.block_bytes * row_bytes(5) == full.block_bytes * row_bytes(3)
 
 
 def test_int8_storage_keeps_the_ps_row_format_in_about_a_quarter_of_the_memory():
