@@ -29,7 +29,7 @@ NB_MODULE(_embps_gate, m) {
   m.doc() = "embps serving gate: the replica's public gRPC port, bounding and answering Lookups in C++ threads";
 
   nb::class_<embps::ShardStore>(m, "ShardStore")
-      .def(nb::init<int64_t>(), "width"_a)
+      .def(nb::init<int64_t, int64_t>(), "width"_a, "expected_rows"_a = 0)
       .def_prop_ro("width", &embps::ShardStore::width)
       .def_prop_ro("size", &embps::ShardStore::size)
       .def_prop_ro("memory_bytes", &embps::ShardStore::memory_bytes)

@@ -18,6 +18,13 @@
 // grows by copy and is published with one pointer store (old directories stay allocated until
 // the store is freed, ~2x the last directory in all).
 //
+// A store made for a known number of rows (`expected_rows`: a cut's overlay, serving/cut.py) is
+// sized to them instead: blocks of the next power of two (at least 2^6 rows) and one hash sub-map
+// reserved for them. Why: a replica stages one overlay per (table, shard) at every cut, usually a
+// few hundred rows; with the main store's sizes each one calloc'ed a 4.5 MB block (zeroed: the
+// replica's malloc keeps blocks below 64 MB in its heap) and 1024 sub-maps of their own, and
+// that was ~35% of a replica's CPU beside a 26-table job.
+//
 // A resync builds a new ShardStore aside and publishes it whole (`set_shard`, an atomic
 // shared_ptr store): a reader holds its own reference to the store it started with, and the old
 // one is freed when the last reader lets go of it.
@@ -38,12 +45,19 @@ namespace embps {
 
 class ShardStore {
  public:
-  static constexpr int kBlockShift = 14;
-  static constexpr int64_t kBlockRows = int64_t{1} << kBlockShift;
+  static constexpr int kBlockShift = 14;  // a main store's
+  static constexpr int kMinBlockShift = 6;  // a sized store's smallest
 
-  explicit ShardStore(int64_t width)
-      : width_(width), stride_(kHeaderBytes + (4 * width + 7) / 8 * 8), map_(0, 1024) {  // headers 8-byte aligned
+  // expected_rows: 0 for a store that grows without bound (a shard's main store); else the rows
+  // it is made for (it still grows past them, in blocks of their size).
+  explicit ShardStore(int64_t width, int64_t expected_rows = 0)
+      : width_(width),
+        stride_(kHeaderBytes + (4 * width + 7) / 8 * 8),  // every row's header 8-byte aligned
+        block_shift_(block_shift_for(expected_rows)),
+        block_rows_(int64_t{1} << block_shift_),
+        map_(expected_rows > 0 ? slots_for(expected_rows) : 0, expected_rows > 0 ? 1 : 1024) {
     if (width < 1) throw std::invalid_argument("width: must be >= 1");
+    if (expected_rows < 0) throw std::invalid_argument("expected_rows: must be >= 0");
     dirs_.emplace_back(new Dir{0, {}});
     dir_.store(dirs_.back().get(), std::memory_order_release);
   }
@@ -58,11 +72,11 @@ class ShardStore {
   int64_t row_bytes() const { return stride_; }  // a row's bytes in its block, header included
   uint64_t block_bytes() const {
     return static_cast<uint64_t>(blocks_count_.load(std::memory_order_relaxed)) *
-           static_cast<uint64_t>(kBlockRows * stride_);
+           static_cast<uint64_t>(block_rows_ * stride_);
   }
   uint64_t memory_bytes() const {
     return map_.memory_bytes() + static_cast<uint64_t>(blocks_count_.load(std::memory_order_relaxed)) *
-                                     static_cast<uint64_t>(kBlockRows * stride_);
+                                     static_cast<uint64_t>(block_rows_ * stride_);
   }
 
   std::atomic<uint64_t> version{0};
@@ -163,20 +177,20 @@ class ShardStore {
     for (int64_t at = 0; at < stride_; at += 64) __builtin_prefetch(row + at);
   }
   char* row_ptr(const Dir* d, int64_t r) const {
-    const int64_t b = r >> kBlockShift;
+    const int64_t b = r >> block_shift_;
     if (r < 0 || b >= d->n) return nullptr;
-    return d->blocks[static_cast<size_t>(b)] + (r & (kBlockRows - 1)) * stride_;
+    return d->blocks[static_cast<size_t>(b)] + (r & (block_rows_ - 1)) * stride_;
   }
   static Header* header(char* row) { return reinterpret_cast<Header*>(row); }
   static float* row_words(char* row) { return reinterpret_cast<float*>(row + kHeaderBytes); }
 
   void ensure_rows(uint64_t rows) {
     const Dir* d = current_dir();
-    const int64_t need = static_cast<int64_t>((rows + kBlockRows - 1) >> kBlockShift);
+    const int64_t need = static_cast<int64_t>((rows + static_cast<uint64_t>(block_rows_) - 1) >> block_shift_);
     if (need <= d->n) return;
     auto next = std::make_unique<Dir>(Dir{need, d->blocks});
     for (int64_t b = d->n; b < need; ++b) {
-      char* block = static_cast<char*>(std::calloc(static_cast<size_t>(kBlockRows), static_cast<size_t>(stride_)));
+      char* block = static_cast<char*>(std::calloc(static_cast<size_t>(block_rows_), static_cast<size_t>(stride_)));
       if (block == nullptr) throw std::bad_alloc();
       blocks_.push_back(block);
       next->blocks.push_back(block);
@@ -227,8 +241,21 @@ class ShardStore {
     return 0;
   }
 
+  static int block_shift_for(int64_t expected_rows) {
+    if (expected_rows <= 0) return kBlockShift;
+    int shift = kMinBlockShift;
+    while (shift < kBlockShift && (int64_t{1} << shift) < expected_rows) ++shift;
+    return shift;
+  }
+  // Slots whose load at expected_rows stays under HashMap::kMaxLoad (it reserves kMaxLoad x slots).
+  static uint64_t slots_for(int64_t expected_rows) {
+    return static_cast<uint64_t>(static_cast<double>(expected_rows) / HashMap::kMaxLoad) + 1;
+  }
+
   const int64_t width_;
   const int64_t stride_;
+  const int block_shift_;
+  const int64_t block_rows_;
   HashMap map_;
   mutable std::mutex write_mu_;
   std::atomic<const Dir*> dir_{nullptr};

@@ -226,7 +226,9 @@ def _stage(table: TableReplica, shard: int, deltas: list[Delta]) -> tuple[ShardR
             _write(rows, d)
         rows.version, rows.incarnation = deltas[-1].to_version, deltas[-1].incarnation
         return rows, True
-    overlay = ShardRows(table.dim, table.dtype)
+    # Sized to its rows: one is made per changed (table, shard) at every cut (csrc/serving_store.h).
+    rows = sum(d.keys.shape[0] + d.deleted.shape[0] for d in deltas)
+    overlay = ShardRows(table.dim, table.dtype, expected_rows=max(1, rows))
     for d in deltas:
         if d.keys.shape[0]:
             overlay.upsert_rows(d.keys, d.values, d.storage)

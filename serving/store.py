@@ -66,7 +66,9 @@ class ShardRows:
     """
 
     def __init__(self, dim: int, dtype: StorageDType = StorageDType.FLOAT32, version: int = 0,
-                 incarnation: int = 0, block_shift: int = BLOCK_SHIFT) -> None:
+                 incarnation: int = 0, block_shift: int = BLOCK_SHIFT, expected_rows: int = 0) -> None:
+        """block_shift: the Python store's blocks (without the native store); expected_rows: the
+        rows a native store is made for, sized to them (0: a store that grows, csrc/serving_store.h)."""
         if dim < 1:
             raise ValueError(f"dim: must be >= 1, got {dim}")
         self.dim = dim
@@ -74,7 +76,7 @@ class ShardRows:
         self.width = dim if self.dtype == StorageDType.FLOAT32 else (dim + 1) // 2
         if self.dtype == StorageDType.INT8:
             self.width = native.value_words(native.Storage.INT8, dim)
-        self.native = _embps_gate.ShardStore(self.width) if _embps_gate is not None else None
+        self.native = _embps_gate.ShardStore(self.width, expected_rows) if _embps_gate is not None else None
         if self.native is None:
             self._map = native.HashMap()
             self._store = RowStore(self.width, "cpu", block_shift)

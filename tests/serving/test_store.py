@@ -16,7 +16,7 @@ from ps.table.config import Initializer, TableConfig
 from ps.table.embedding_table import EmbeddingTable
 from serving.config import DefaultRow, ExportSource, StorageDType
 from serving.export_load import load_latest_export
-from serving.store import SERVING_STREAM, ShardRows, TableReplica
+from serving.store import SERVING_STREAM, ShardRows, TableReplica, _embps_gate
 
 ops = st.lists(
     st.tuples(st.booleans(), st.lists(st.integers(-50, 50), unique=True, min_size=1, max_size=12)),
@@ -26,9 +26,11 @@ ops = st.lists(
 
 
 @settings(max_examples=50, deadline=None)
-@given(ops, st.sampled_from([1, 3, 8]))
-def test_upsert_erase_gather_match_a_dict(operations, dim):
-    rows = ShardRows(dim, block_shift=2)  # tiny blocks: rows cross block boundaries
+@given(ops, st.sampled_from([1, 3, 8]), st.sampled_from([0, 1]))
+def test_upsert_erase_gather_match_a_dict(operations, dim, expected_rows):
+    # Tiny blocks, so that rows cross block boundaries: block_shift for the Python store, a store
+    # sized for one row (64-row blocks, one hash sub-map) for the native one.
+    rows = ShardRows(dim, block_shift=2, expected_rows=expected_rows)
     reference: dict[int, np.ndarray] = {}
     rng = np.random.default_rng(0)
     for is_upsert, keys in operations:
@@ -48,6 +50,29 @@ def test_upsert_erase_gather_match_a_dict(operations, dim):
     for i, k in enumerate(probe.tolist()):
         assert found[i] == (k in reference)
         np.testing.assert_array_equal(out[i], reference[k] if k in reference else np.full(dim, -7.0, np.float32))
+
+
+@pytest.mark.skipif(_embps_gate is None, reason="no native serving store here")
+def test_a_store_made_for_a_few_rows_is_sized_to_them_and_still_grows():
+    """A cut's overlay (serving/cut.py) is made for the rows it gets: its first block holds those,
+    not the 16k rows of a main store's, and it still takes rows past them, every one intact."""
+    dim = 64
+    sized, grown = ShardRows(dim, expected_rows=300), ShardRows(dim)
+    keys = np.arange(300, dtype=np.int64) * 7919
+    values = np.random.default_rng(1).standard_normal((300, dim)).astype(np.float32)
+    for rows in (sized, grown):
+        rows.upsert(keys, values)
+    sized_bytes, grown_bytes = sized.native.block_bytes, grown.native.block_bytes
+    assert sized_bytes * 16 <= grown_bytes, (sized_bytes, grown_bytes)
+    more = np.arange(300, 5_000, dtype=np.int64) * 7919
+    more_values = np.random.default_rng(2).standard_normal((more.shape[0], dim)).astype(np.float32)
+    sized.upsert(more, more_values)
+    sized.erase(keys[:10])
+    out = np.zeros((5_000, dim), dtype=np.float32)
+    found = sized.gather(np.concatenate([keys, more]), out)
+    assert sized.size == 4_990 and not found[:10].any() and found[10:].all()
+    np.testing.assert_array_equal(out[10:300], values[10:])
+    np.testing.assert_array_equal(out[300:], more_values)
 
 
 def test_float16_storage_halves_memory_and_rounds_like_numpy():
