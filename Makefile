@@ -89,9 +89,10 @@ lint: $(VENV)/.deps
 # installed in .venv is left as it is), a copy of the tracked tree gets that module, and the
 # serving fuzz tests (tests/fuzz, a real replica) run there with libasan preloaded into every
 # process, then the native row store's own tests (in process; -s, so that a report is not lost in
-# pytest's capture when it aborts). Any report aborts the process, which fails the tests. ASAN_FUZZ_PROFILE=deep: 10,000
-# requests per method instead of 1,000. A small quarantine keeps the processes' RSS within the
-# fuzz tests' growth bound (ASan's default 256 MB quarantine alone exceeds it).
+# pytest's capture when it aborts). Any report aborts the process, which fails the tests.
+# ASAN_FUZZ_PROFILE=deep: 10,000 requests per method instead of 1,000. A small quarantine keeps
+# the processes' RSS within the fuzz tests' growth bound (ASan's default 256 MB quarantine alone
+# exceeds it).
 ASAN_DIR := build-asan
 ASAN_FUZZ_PROFILE ?= default
 SANITIZE_FLAGS := -fsanitize=address,undefined;-fno-sanitize-recover=undefined;-fno-omit-frame-pointer

@@ -10,9 +10,10 @@
 // The gate runs `workers` + 1 threads over one completion queue; at any time at most one of them
 // polls it (the poller) and at most `workers` answer Lookups. Why one poller: in grpc's epoll1
 // poller (grpc 1.51) every thread waiting on a queue is a worker of one global leader/follower
-// scheme, and the leader hands its role to a waiting worker each time it returns, waking it: with two threads waiting (a queue each, as before)
-// every event woke the other one, ~5 context switches per Lookup at 300 req/s and 1.04-1.5x the
-// CPU per Lookup of now (README, notes on `bench serve`). So the threads that are not polling
+// scheme, and the leader hands its role to a waiting worker each time it returns, waking it:
+// with two threads waiting (a queue each, as before) every event woke the other one, ~5 context
+// switches per Lookup at 300 req/s and 1.04-1.5x the CPU per Lookup of now (README, notes on
+// `bench serve`). So the threads that are not polling
 // wait on a condition of the gate's own, which grpc does not see. The poller takes every event
 // that is ready (waiting for the first only when no Lookup is left to answer) and handles it; the
 // Lookups it read go on one shared queue in arrival order. Then it stops polling and answers the
