@@ -45,6 +45,7 @@ except ImportError:  # built without grpc++: rows in the Python store below
     _embps_gate = None
 
 BLOCK_SHIFT = 14  # 16k rows per block (the PS table's are 64k): growth allocates a block, never copies
+MIN_BLOCK_SHIFT = 6  # a store made for a few rows (expected_rows) has blocks of at least 64 rows
 MAX_ROWS_PER_HOLD = 8192  # rows written per lock hold (~0.2 ms at dim 64)
 # csrc/row_codec.h's Storage codes of the gate's ServingTable
 _NATIVE_STORAGE = {StorageDType.FLOAT32: 0, StorageDType.FLOAT16: 1, StorageDType.INT8: 2}
@@ -58,6 +59,13 @@ def _hand_over() -> None:
     time.sleep(0)  # releases the GIL: the waiting reader runs and takes the lock first
 
 
+def _block_shift(expected_rows: int) -> int:
+    """The Python store's blocks for expected_rows, as the native ShardStore picks its own."""
+    if expected_rows <= 0:
+        return BLOCK_SHIFT
+    return min(BLOCK_SHIFT, max(MIN_BLOCK_SHIFT, (expected_rows - 1).bit_length()))
+
+
 class ShardRows:
     """The rows of one table shard. Thread-safe: one writer and any number of readers.
 
@@ -66,9 +74,10 @@ class ShardRows:
     """
 
     def __init__(self, dim: int, dtype: StorageDType = StorageDType.FLOAT32, version: int = 0,
-                 incarnation: int = 0, block_shift: int = BLOCK_SHIFT, expected_rows: int = 0) -> None:
-        """block_shift: the Python store's blocks (without the native store); expected_rows: the
-        rows a native store is made for, sized to them (0: a store that grows, csrc/serving_store.h)."""
+                 incarnation: int = 0, expected_rows: int = 0) -> None:
+        """expected_rows: the rows the store is made for, which it is sized to (blocks of the next
+        power of two, at least 2^MIN_BLOCK_SHIFT rows; it still grows past them); 0: a store that
+        grows without bound, in blocks of 2^BLOCK_SHIFT rows (csrc/serving_store.h)."""
         if dim < 1:
             raise ValueError(f"dim: must be >= 1, got {dim}")
         self.dim = dim
@@ -79,7 +88,7 @@ class ShardRows:
         self.native = _embps_gate.ShardStore(self.width, expected_rows) if _embps_gate is not None else None
         if self.native is None:
             self._map = native.HashMap()
-            self._store = RowStore(self.width, "cpu", block_shift)
+            self._store = RowStore(self.width, "cpu", _block_shift(expected_rows))
             self._lock = threading.Lock()
             self._version = self._incarnation = 0
         self.version = version

@@ -28,9 +28,9 @@ ops = st.lists(
 @settings(max_examples=50, deadline=None)
 @given(ops, st.sampled_from([1, 3, 8]), st.sampled_from([0, 1]))
 def test_upsert_erase_gather_match_a_dict(operations, dim, expected_rows):
-    # Tiny blocks, so that rows cross block boundaries: block_shift for the Python store, a store
-    # sized for one row (64-row blocks, one hash sub-map) for the native one.
-    rows = ShardRows(dim, block_shift=2, expected_rows=expected_rows)
+    # Made for one row: 64-row blocks (and one hash sub-map in the native store), which the up to
+    # 101 rows cross.
+    rows = ShardRows(dim, expected_rows=expected_rows)
     reference: dict[int, np.ndarray] = {}
     rng = np.random.default_rng(0)
     for is_upsert, keys in operations:
@@ -155,7 +155,7 @@ def test_readers_see_the_old_or_the_new_row_never_a_mix(dtype):
     Row of key k at generation g is all k * 64 + g (exact in float16 for k < 32, g < 64): a torn
     row would mix generations, a row read through a reused slot would name another key."""
     dim, num_keys, rounds = 4096, 32, 600
-    rows = ShardRows(dim, dtype, block_shift=3)
+    rows = ShardRows(dim, dtype, expected_rows=num_keys)
     keys = np.arange(num_keys, dtype=np.int64)
 
     def generation(order: np.ndarray, g: int) -> np.ndarray:
