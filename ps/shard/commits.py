@@ -24,6 +24,7 @@ and a range that starts inside a commit is served whole (above).
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import OrderedDict, deque
 from collections.abc import Collection
@@ -86,6 +87,9 @@ class CommitLog:
         empty = np.empty((0, self.width), dtype=np.float32)
         self._commits: deque[SealedCommit] = deque([SealedCommit(step, version, version, _EMPTY_KEYS, empty,
                                                                  _EMPTY_KEYS, True, time.time())])
+        # to_version of each incomplete commit held, oldest first (to_versions never go back, see
+        # seal), so that check() does not walk every commit held for each range a stream sends.
+        self._incomplete: deque[int] = deque()
         self._bytes = self._commits[0].nbytes
         self.epoch += 1
 
@@ -102,10 +106,21 @@ class CommitLog:
         return self._bytes
 
     def seal(self, commit: SealedCommit) -> None:
+        """Appends the newest commit; drops the oldest beyond the bounds. A commit that ends before
+        the newest one (the table's versions went back: a standby loaded its primary's state) starts
+        a new history there, as reset() does, so to_versions never go back within one."""
+        if commit.to_version < self.last_version:
+            self.reset(commit.step, commit.to_version)
+            return
         self._commits.append(commit)
         self._bytes += commit.nbytes
+        if not commit.complete:
+            self._incomplete.append(commit.to_version)
         while len(self._commits) > 1 and (len(self._commits) > self.max_commits or self._bytes > self.max_bytes):
-            self._bytes -= self._commits.popleft().nbytes
+            dropped = self._commits.popleft()
+            self._bytes -= dropped.nbytes
+            if not dropped.complete:
+                self._incomplete.popleft()
 
     def check(self, position: int, table: str) -> None:
         """LogGapError unless a subscriber holding version `position` can be brought to the newest commit."""
@@ -116,7 +131,7 @@ class CommitLog:
                 f"{position} (it fell behind by more than {self.max_bytes} bytes of committed rows or "
                 f"{self.max_commits} commits); resync with full_sync"
             )
-        if any(not c.complete and c.to_version > position for c in self._commits):
+        if self._incomplete and self._incomplete[-1] > position:  # an incomplete commit after position
             raise LogGapError(
                 f"table {table!r}: the update log had forgotten part of a committed range after version {position}; "
                 "resync with full_sync"
@@ -129,7 +144,9 @@ class CommitLog:
         if position > self.last_version:
             raise ValueError(f"table {table!r}: version {position} is ahead of the newest commit")
         newest = self._commits[-1]
-        picked = [c for c in self._commits if c.to_version > position]
+        # The commits after position are the newest ones: taken from the right, the cost follows
+        # how far behind the subscriber is, not how many commits the log holds.
+        picked = list(itertools.takewhile(lambda c: c.to_version > position, reversed(self._commits)))[::-1]
         if not picked:
             empty = np.empty((0, self.width), dtype=np.float32)
             return SealedCommit(newest.step, position, position, _EMPTY_KEYS, empty, _EMPTY_KEYS, True,

@@ -13,6 +13,7 @@ from a full copy). Synchronous and not thread-safe, like the table it follows.
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from dataclasses import dataclass
 
@@ -126,7 +127,9 @@ class UpdateLog:
     def range_after(self, from_version: int, table: str = "") -> LogRange:
         """The merged changes of (from_version, head_version]; LogGapError if not covered."""
         self.check(from_version, table)
-        entries = [e for e in self._entries if e.version > from_version]
+        # The log is contiguous, so the range is its newest head_version - from_version entries:
+        # taken from the right, its cost follows the range, not how many pushes the log holds.
+        entries = list(itertools.islice(reversed(self._entries), self.head_version - from_version))[::-1]
         empty = np.empty(0, dtype=np.int64)
         if not entries:
             return LogRange(from_version, self.head_version, empty, empty, ())

@@ -1,0 +1,119 @@
+"""A shard's commit log (ps/shard/commits.py) against the plain reading of its contract: every
+commit held, scanned whole. The log answers from its newest end (its cost follows the range asked
+for, not the run's length); the answers must be the same."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ps.errors import LogGapError
+from ps.shard.commits import CommitLog, SealedCommit
+
+WIDTH = 2
+
+
+class ReferenceLog:
+    """The commits held, oldest first, under the same bounds; every question answered by a scan."""
+
+    def __init__(self, max_bytes: int, max_commits: int) -> None:
+        self.max_bytes, self.max_commits = max_bytes, max_commits
+        self.commits = [_commit(0, 0, 0, [], [], True)]
+
+    def seal(self, commit: SealedCommit) -> None:
+        self.commits.append(commit)
+        while len(self.commits) > 1 and (
+            len(self.commits) > self.max_commits or sum(c.nbytes for c in self.commits) > self.max_bytes
+        ):
+            self.commits.pop(0)
+
+    def after(self, position: int) -> tuple[int, int, int, list[int], list[list[float]], list[int]]:
+        """(step, from, to, touched keys, their rows, deleted keys) after position; raises as the log must."""
+        if position < self.commits[0].from_version:
+            raise LogGapError("fell behind")
+        if any(not c.complete and c.to_version > position for c in self.commits):
+            raise LogGapError("incomplete")
+        newest = self.commits[-1]
+        if position > newest.to_version:
+            raise ValueError("ahead")
+        rows: dict[int, list[float] | None] = {}  # key -> its last row, None once deleted
+        for c in self.commits:
+            if c.to_version > position:
+                rows.update({int(k): list(v) for k, v in zip(c.touched_keys, c.values, strict=True)})
+                rows.update({int(k): None for k in c.deleted_keys})
+        picked = [c for c in self.commits if c.to_version > position]
+        to = newest.to_version if picked else position
+        touched = sorted(k for k, v in rows.items() if v is not None)
+        return (newest.step, position, to, touched, [rows[k] for k in touched],
+                sorted(k for k, v in rows.items() if v is None))
+
+
+def _commit(step: int, since: int, to: int, touched: list[int], deleted: list[int], complete: bool) -> SealedCommit:
+    values = np.array([[k, step] for k in touched], dtype=np.float32).reshape(len(touched), WIDTH)
+    return SealedCommit(step, since, to, np.array(touched, dtype=np.int64), values,
+                        np.array(deleted, dtype=np.int64), complete, 0.0)
+
+
+def _answer(log: CommitLog, position: int):
+    try:
+        c = log.after(position, "t")
+    except (LogGapError, ValueError) as exc:
+        return type(exc).__name__
+    return (c.step, c.from_version, c.to_version, c.touched_keys.tolist(), c.values.tolist(),
+            c.deleted_keys.tolist())
+
+
+def _reference_answer(reference: ReferenceLog, position: int):
+    try:
+        return reference.after(position)
+    except (LogGapError, ValueError) as exc:
+        return type(exc).__name__
+
+
+# A commit: how many pushes since the previous one (0: an empty commit), the keys it touched
+# and deleted (disjoint, sorted), and whether the update log still covered it.
+commits = st.lists(
+    st.tuples(
+        st.integers(0, 3),
+        st.sets(st.integers(0, 12), max_size=4),
+        st.sets(st.integers(13, 20), max_size=2),
+        st.booleans() | st.just(True),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(commits, st.integers(1, 8), st.integers(300, 3000))
+def test_after_and_check_answer_as_a_scan_of_every_commit_held(sealed, max_commits, max_bytes):
+    log = CommitLog(WIDTH, base_version=0, base_step=0, max_bytes=max_bytes, max_commits=max_commits)
+    reference = ReferenceLog(max_bytes, max_commits)
+    version = 0
+    for step, (pushes, touched, deleted, complete) in enumerate(sealed, start=1):
+        since, version = version, version + pushes
+        commit = _commit(step, since, version, sorted(touched) if pushes else [],
+                         sorted(deleted) if pushes else [], complete or not pushes)
+        log.seal(commit)
+        reference.seal(commit)
+        for position in range(version + 2):
+            assert _answer(log, position) == _reference_answer(reference, position), (step, position)
+            held = _reference_answer(reference, position)
+            if held == "LogGapError":
+                with pytest.raises(LogGapError):
+                    log.check(position, "t")
+    assert log.last_version == version
+
+
+def test_a_commit_before_the_newest_version_starts_a_new_history():
+    """A standby that loaded its primary's (older) state commits versions below its log's newest:
+    its log starts again there, and a subscriber of the old history resyncs."""
+    log = CommitLog(WIDTH, base_version=0, base_step=0)
+    log.seal(_commit(1, 0, 5, [1, 2], [], True))
+    epoch = log.epoch
+    log.seal(_commit(2, 5, 3, [], [], False))
+    assert log.epoch == epoch + 1
+    assert (log.last_step, log.last_version) == (2, 3)
+    assert _answer(log, 3) == (2, 3, 3, [], [], [])
+    assert _answer(log, 5) == "ValueError"
