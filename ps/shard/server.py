@@ -312,7 +312,8 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
     @unary_call("Commit")
     async def Commit(self, request: ps_pb2.CommitRequest) -> ps_pb2.CommitResponse:
         # Reads the rows each table's step touched: off the loop when there may be many.
-        work_bytes = sum(log.num_keys for log in self.shard.logs.values()) * 64 + len(request.dense_state)
+        keys = sum(self.shard.logs[n].keys_after(c.last_version) for n, c in self.shard.commits.items())
+        work_bytes = keys * 64 + len(request.dense_state)
         # Not settled with the standby: a commit it missed (the primary died first) is covered by the
         # next one it gets, and every push of the step is on it already (ps/shard/commits.py).
         return await self.run_call(functools.partial(self.apply_commit, request), work_bytes)
@@ -393,9 +394,8 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
                     except TimeoutError:
                         yield self._batch(name, position, position, last=True)
                     continue
-                changes, rows = await self.run_call(
-                    functools.partial(self._read_range, name, position, stored), shard.logs[name].num_keys * 8
-                )
+                read = functools.partial(self._read_range, name, position, stored)
+                changes, rows = await self.run_call(read, shard.logs[name].keys_after(position) * 8)
                 self.metrics.stream_range.labels(name, str(shard.index)).observe(changes.to_version - position)
                 for reply in self._batches(name, table.dim, changes, rows, False):
                     yield reply

@@ -106,6 +106,14 @@ class UpdateLog:
             self._num_bytes -= _entry_bytes(dropped)
             self.base_version = dropped.version
 
+    def keys_after(self, from_version: int) -> int:
+        """Touched plus deleted keys of the pushes after from_version that the log holds (every
+        push it holds when from_version is older): what reading that range costs, counted from the
+        newest end."""
+        count = self.head_version - max(from_version, self.base_version)
+        newest = itertools.islice(reversed(self._entries), max(count, 0))
+        return sum(e.touched_keys.shape[0] + e.deleted_keys.shape[0] for e in newest)
+
     def covers(self, from_version: int) -> bool:
         """True when the log can produce every change after from_version."""
         return self.base_version <= from_version <= self.head_version

@@ -86,3 +86,14 @@ def test_update_log_memory_follows_its_entries():
         log.append(version, np.arange(100, dtype=np.int64), np.arange(10, dtype=np.int64), 0.0)
     assert log.num_entries == 3
     assert log.memory_bytes == 3 * (110 * 8 + ENTRY_OVERHEAD_BYTES)
+
+
+@settings(max_examples=60, deadline=None)
+@given(pushes, st.integers(0, 40), st.integers(1, 6))
+def test_keys_after_counts_the_keys_of_the_pushes_held_after_a_version(entries, base, max_entries):
+    log = UpdateLog(base, max_entries=max_entries)
+    for version, (touched, deleted) in enumerate(entries, start=base + 1):
+        log.append(version, np.array(touched, dtype=np.int64), np.array(deleted, dtype=np.int64), 0.0)
+    held = {v: len(t) + len(d) for v, (t, d) in enumerate(entries, start=base + 1) if v > log.base_version}
+    for position in range(base - 1, log.head_version + 2):
+        assert log.keys_after(position) == sum(n for v, n in held.items() if v > position)
