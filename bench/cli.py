@@ -291,7 +291,12 @@ def _run_serve(args: argparse.Namespace) -> int:
 def _add_soak(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--minutes", type=float, default=None, help="measured minutes in all (split over the phases)")
     parser.add_argument("--pushes", type=int, default=1000, help="without --minutes: measured pushes per phase")
-    parser.add_argument("--snapshots", default="both", choices=["off", "on", "both"], help="phases to run")
+    parser.add_argument(
+        "--phases", default="off,on,follow",
+        help="comma-separated phases to run: off (no snapshots), on (snapshots), follow (a replica's two "
+        "Subscribe streams and a Commit after each push)",
+    )
+    parser.add_argument("--follow-keys", type=int, default=16, help="keys per push in phase follow")
     parser.add_argument("--capacity", type=int, default=5000, help="rows the table holds")
     parser.add_argument("--hot", type=int, default=600, help="keys a push takes from a hot range of 1.6 x capacity")
     parser.add_argument("--fresh", type=int, default=600, help="never-seen keys a push carries")
@@ -301,9 +306,14 @@ def _add_soak(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_soak(args: argparse.Namespace) -> int:
-    from bench.soak_bench import SoakConfig, run_soak_bench
+    from bench.soak_bench import PHASE_TITLES, SoakConfig, run_soak_bench
 
-    phases = ("off", "on") if args.snapshots == "both" else (args.snapshots,)
+    phases = tuple(p.strip() for p in args.phases.split(",") if p.strip())
+    unknown = [p for p in phases if p not in PHASE_TITLES]
+    if not phases or unknown:
+        raise SystemExit(f"embps bench soak: --phases must name some of {', '.join(PHASE_TITLES)}, got {args.phases!r}")
+    if args.follow_keys < 1:
+        raise SystemExit(f"embps bench soak: --follow-keys must be >= 1, got {args.follow_keys}")
     if args.minutes is not None and args.minutes <= 0:
         raise SystemExit(f"embps bench soak: --minutes must be > 0, got {args.minutes}")
     if args.pushes < 10:
@@ -314,6 +324,7 @@ def _run_soak(args: argparse.Namespace) -> int:
         hot=args.hot,
         fresh=args.fresh,
         max_pending=args.max_pending,
+        follow_keys=args.follow_keys,
         pushes=args.pushes,
         seconds=seconds,
         phases=phases,

@@ -6,6 +6,10 @@ the shard hold the same memory, after an hour as after a minute?
                + `fresh` never-seen keys (pending admission forever: the unbounded id space)
     phase "off": no snapshots (no change tracking); phase "on": a snapshot every `snapshot_every`
                pushes to a local folder (full every 4th, the others incremental), the oldest deleted
+    phase "follow": what a serving replica makes a shard do: two Subscribe streams follow the table
+               (one committed, one live) and every push is followed by a Commit of its step; pushes
+               of `follow_keys` hot keys, so that the update log (bounded by keys and entries) and
+               the commit log (by bytes and commits) hold many entries once the phase is long
 
     young twin: after a phase's pushes, a fresh shard process with the same table gets the same
                kind of pushes alongside the soaked one: a warm-up, then a last tenth in which every
@@ -45,6 +49,7 @@ JOB = "soak"
 _TICKS = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 _FULL_EVERY = 4
+PHASE_TITLES = {"off": "snapshots off", "on": "snapshots on", "follow": "followed by a replica's streams"}
 
 
 @dataclass(frozen=True)
@@ -60,7 +65,8 @@ class SoakConfig:
     pushes: int = 1_000  # measured pushes per phase (a multiple of 10 * snapshot_every * 4)
     seconds: float | None = None  # instead of `pushes`: measure each phase for this long
     snapshot_every: int = 25
-    phases: tuple[str, ...] = ("off", "on")
+    follow_keys: int = 16  # keys per push in phase "follow"
+    phases: tuple[str, ...] = ("off", "on", "follow")
     max_growth: float = 1.2
     max_rss_growth: float = 1.1
     out: str | None = None
@@ -201,6 +207,7 @@ class SoakShard:
         self.snapshots = snapshot_pb2_grpc.SnapshotControlStub(self.channel)
         self._last_snapshot: int | None = None
         self._num_snapshots = 0
+        self._streams: list = []
 
     def push(self, keys: np.ndarray, grads: np.ndarray, step: int) -> None:
         from ps.rpc import ps_pb2
@@ -209,6 +216,25 @@ class SoakShard:
             table=TABLE, keys=keys.astype("<i8").tobytes(), grads=grads.tobytes(), dim=self.config.dim, step=step
         )
         self.stub.Push(request, timeout=30.0)
+
+    def commit(self, step: int) -> None:
+        """Records step `step` as complete, as rank 0 of a sync job does after each step."""
+        from ps.rpc import ps_pb2
+
+        self.stub.Commit(ps_pb2.CommitRequest(step=step), timeout=30.0)
+
+    def follow(self) -> None:
+        """Starts two Subscribe streams on the table, as serving replicas follow it: one committed
+        (consistency "step") and one live; each is read to its end on a thread of its own, until close()."""
+        import threading
+
+        from ps.rpc import ps_pb2
+
+        for committed in (True, False):
+            request = ps_pb2.SubscribeRequest(table=TABLE, full_sync=True, committed=committed, stored_rows=True)
+            stream = self.stub.Subscribe(request)
+            self._streams.append(stream)
+            threading.Thread(target=_drain, args=(stream,), daemon=True).start()
 
     def snapshot(self, step: int) -> None:
         """One snapshot round, as the trainer's coordinator runs it: write on the shard, commit here."""
@@ -233,32 +259,53 @@ class SoakShard:
     def close(self) -> None:
         from ps.process import children
 
+        for stream in self._streams:
+            stream.cancel()
         self.channel.close()
         children.stop(self.proc)
 
 
+def _drain(stream) -> None:
+    """Reads a Subscribe stream until it ends (cancelled at close(), or the shard stopped)."""
+    import grpc
+
+    try:
+        for _ in stream:
+            pass
+    except grpc.RpcError:
+        pass
+
+
 class _PushStream:
     """The pushes one shard gets in a phase: keys drawn from its own generator, a snapshot round
-    every snapshot_every of its pushes when snapshots are on."""
+    every snapshot_every of its pushes when snapshots are on (phase "on"), a Commit after each push
+    and two streams following the table (phase "follow")."""
 
-    def __init__(self, shard: SoakShard, rng: np.random.Generator, snapshots: bool) -> None:
+    def __init__(self, shard: SoakShard, rng: np.random.Generator, phase: str) -> None:
         config = shard.config
-        self.shard, self.rng, self.snapshots = shard, rng, snapshots
-        self.grads = rng.standard_normal((config.hot + config.fresh, config.dim)).astype(np.float32)
+        self.shard, self.rng = shard, rng
+        self.snapshots, self.commits = phase == "on", phase == "follow"
+        self.hot, self.fresh = (config.follow_keys, 0) if self.commits else (config.hot, config.fresh)
+        self.grads = rng.standard_normal((self.hot + self.fresh, config.dim)).astype(np.float32)
         self.hot_range = int(1.6 * config.capacity)
         self.pushes = 0
+        if self.commits:
+            shard.follow()
 
     def push(self, step: int) -> tuple[float, float, int, bool]:
-        """One push (and its snapshot round when due): (wall seconds, shard CPU seconds, RSS bytes,
-        whether a snapshot was taken)."""
+        """One push (and its snapshot round or Commit): (wall seconds, shard CPU seconds, RSS bytes,
+        whether a snapshot was taken). The CPU of a stream's message about a push falls mostly in
+        the next push's interval, as the streams send after the Commit returns."""
         config = self.shard.config
         keys = np.concatenate(
-            [self.rng.integers(0, self.hot_range, config.hot), self.rng.integers(1 << 40, 1 << 62, config.fresh)]
+            [self.rng.integers(0, self.hot_range, self.hot), self.rng.integers(1 << 40, 1 << 62, self.fresh)]
         )
         cpu_before = _proc_cpu_rss(self.shard.proc.pid)[0]
         t0 = time.perf_counter()
         self.shard.push(keys, self.grads, step)
         self.pushes += 1
+        if self.commits:
+            self.shard.commit(step)
         snapshot = self.snapshots and self.pushes % config.snapshot_every == 0
         if snapshot:
             self.shard.snapshot(step)
@@ -278,8 +325,7 @@ def run_phase(
     """Warm-up, the measured pushes of one phase, then its last tenth alongside a young twin
     (start_twin(): a fresh shard, warmed up alongside first); returns the record and the next step."""
     config = shard.config
-    snapshots = name == "on"
-    soaked = _PushStream(shard, rng, snapshots)
+    soaked = _PushStream(shard, rng, name)
     record = PhaseRecord(name)
     step = first_step
     start = time.monotonic()
@@ -309,7 +355,7 @@ def run_phase(
     tenth = max(1, len(record.wall_s) // 10)
     twin_shard = start_twin()
     try:
-        twin = _PushStream(twin_shard, np.random.default_rng(rng.integers(1 << 62)), snapshots)
+        twin = _PushStream(twin_shard, np.random.default_rng(rng.integers(1 << 62)), name)
         for i in range(config.warmup + tenth):
             measured(*soaked.push(step))
             _, cpu, _, _ = twin.push(step)
@@ -360,16 +406,17 @@ def write_plot(path: str, config: SoakConfig, records: dict[str, PhaseRecord]) -
         young = np.median(np.array(r.cpu_young_s) * 1e3)
         axes[0, col].plot(t[-len(r.cpu_young_s):], np.full(len(r.cpu_young_s), young), label="young twin's CPU, median")
         axes[0, col].set_ylabel("push (ms)")
-        axes[0, col].set_title(f"snapshots {name}")
+        axes[0, col].set_title(PHASE_TITLES[name])
         axes[0, col].legend()
         axes[1, col].plot(t, np.array(r.rss_bytes) / 2**20)
         axes[1, col].set_ylabel("shard RSS (MiB)")
         axes[1, col].set_xlabel("minutes")
         for ax in axes[:, col]:
             ax.grid(True, alpha=0.3)
+    follow = f"; phase follow: {config.follow_keys} hot keys a push" if "follow" in records else ""
     fig.suptitle(
         f"capacity {config.capacity:,}, {config.hot} hot + {config.fresh} fresh keys a push, dim {config.dim}, "
-        f"max_pending {config.max_pending:,}, ttl {config.ttl_steps}"
+        f"max_pending {config.max_pending:,}, ttl {config.ttl_steps}{follow}"
     )
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100, bbox_inches="tight")
@@ -389,7 +436,7 @@ def run_soak_bench(config: SoakConfig) -> int:
         good = s["cpu_ratio"] <= config.max_growth and s["rss_ratio"] <= config.max_rss_growth
         ok &= good
         print(
-            f"snapshots {name}: {s['pushes']} pushes, {s['snapshots']} snapshots; median push "
+            f"{PHASE_TITLES[name]}: {s['pushes']} pushes, {s['snapshots']} snapshots; median push "
             f"{s['first_tenth']['wall_ms_median']:.2f} -> {s['last_tenth']['wall_ms_median']:.2f} ms "
             f"(x{s['wall_ratio']:.2f}); shard CPU per push, median {s['first_tenth']['cpu_ms_median']:.2f} -> "
             f"{s['last_tenth']['cpu_ms_median']:.2f} ms (x{s['raw_cpu_ratio']:.2f}), the young twin's beside the "
