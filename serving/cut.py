@@ -39,6 +39,7 @@ from serving.store import ShardRows, TableReplica, _embps_gate
 T = TypeVar("T")
 DENSE_KEPT = 4  # dense towers of the last published steps kept (a scorer may hold a reply a cut old)
 INLINE_ROWS = 2048  # publishing more rows than this runs on a thread (the loop keeps taking calls)
+LAG_REFRESH_SECONDS = 0.25
 
 
 class ModelVersionMovedError(ShuttingDownError):
@@ -98,8 +99,14 @@ class ModelCut:
             for name, s in keys
         }
         self.newest = dict.fromkeys(keys, start_step)
+        # min and max of `newest`, and how many streams are at the min: each offer updates them in
+        # O(1) (the min is looked for again once per step, when its last stream moves on), so that
+        # a step costs O(tables x shards), not its square.
+        self._low, self._at_low, self._high = start_step, len(keys), start_step
         self.waiting: dict[tuple[str, int], list[Delta]] = {k: [] for k in keys}
         self.waiting_bytes = 0
+        self._waiting_count = 0
+        self._lag_due = 0.0  # time.monotonic() from which an offer refreshes cut_lag_seconds again
         self.dense: tuple[int, str, bytes] | None = None  # the newest published with a step <= the cut
         self.dense_recent: dict[int, tuple[int, str, bytes]] = {}  # the last few, for scorers a cut behind
         self.served_commit_time = 0.0
@@ -137,16 +144,38 @@ class ModelCut:
             )
         if delta.replace is not None:  # a full copy supersedes what its stream sent before
             self.waiting_bytes -= sum(d.nbytes for d in self.waiting[key])
+            self._waiting_count -= len(self.waiting[key])
             self.waiting[key] = []
         self.waiting[key].append(delta)
         self.waiting_bytes += delta.nbytes
-        self.newest[key] = delta.step
+        self._waiting_count += 1
+        self._set_newest(key, delta.step)
         self.tails[key] = Tail(delta.to_version, delta.incarnation, delta.step)
-        self._observe()
+        self._observe(lag=time.monotonic() >= self._lag_due)
         await self.advance()
 
     def cut_candidate(self) -> int:
-        return min(self.newest.values())
+        """The newest step every (table, shard) has reached: min over newest."""
+        return self._low
+
+    def _set_newest(self, key: tuple[str, int], step: int) -> None:
+        old = self.newest[key]
+        self.newest[key] = step
+        if step < self._low or (step < old and old == self._high):  # a stream went back: look again
+            self._find_low_and_high()
+            return
+        self._high = max(self._high, step)
+        if old == self._low and step != old:
+            self._at_low -= 1
+            if self._at_low == 0:
+                self._find_low_and_high()
+        elif step == self._low and old != step:
+            self._at_low += 1
+
+    def _find_low_and_high(self) -> None:
+        steps = self.newest.values()
+        self._low, self._high = min(steps), max(steps)
+        self._at_low = sum(1 for step in steps if step == self._low)
 
     async def advance(self) -> None:
         """Publishes the newest cut the waiting deltas allow, if it is past the served version."""
@@ -160,6 +189,7 @@ class ModelCut:
                 if ready:
                     batch[key] = ready
                     self.waiting[key] = deltas[len(ready):]
+                    self._waiting_count -= len(ready)
             rows = sum(d.keys.shape[0] + d.deleted.shape[0] for ds in batch.values() for d in ds)
             if rows > INLINE_ROWS or any(d.replace is not None for ds in batch.values() for d in ds):
                 await asyncio.to_thread(self._publish, cut, batch)
@@ -193,27 +223,34 @@ class ModelCut:
                     _merge(self.tables[name], s, deltas)
                 self.version = cut
             return
-        staged = []
+        staged = set()
         for (name, s), deltas in batch.items():
+            if not any(d.replace is not None or d.keys.shape[0] or d.deleted.shape[0] for d in deltas):
+                continue  # the step left this (table, shard) alone: no rows to stage, only its version moves
             table = self.tables[name]
             rows, replace = _stage(table, s, deltas)
             table.native.set_pending(s, cut, replace, rows.native)
-            staged.append((table, s, deltas))
+            staged.add((name, s))
         self.clock.publish(cut)
         self.version = cut
         self.clock.begin_merge(cut)
-        for table, s, deltas in staged:
-            _merge(table, s, deltas)
-            table.native.clear_pending(s)
+        for (name, s), deltas in batch.items():
+            _merge(self.tables[name], s, deltas)
+            if (name, s) in staged:
+                self.tables[name].native.clear_pending(s)
 
-    def _observe(self) -> None:
+    def _observe(self, lag: bool = True) -> None:
+        """Sets the cut's gauges; lag: cut_lag_seconds too, which looks at every waiting delta (an
+        offer refreshes it at most every LAG_REFRESH_SECONDS, a published cut always)."""
         m = self.metrics
         m.waiting_bytes.set(self.waiting_bytes)
-        m.waiting_deltas.set(sum(len(d) for d in self.waiting.values()))
-        newest = max(self.newest.values())
-        m.cut_lag_steps.set(max(0, newest - self.version))
-        behind = [d.commit_time for ds in self.waiting.values() for d in ds if d.commit_time and d.step > self.version]
-        m.cut_lag_seconds.set(max(0.0, time.time() - min(behind)) if behind else 0.0)
+        m.waiting_deltas.set(self._waiting_count)
+        m.cut_lag_steps.set(max(0, self._high - self.version))
+        if lag:
+            self._lag_due = time.monotonic() + LAG_REFRESH_SECONDS
+            behind = [d.commit_time for ds in self.waiting.values() for d in ds
+                      if d.commit_time and d.step > self.version]
+            m.cut_lag_seconds.set(max(0.0, time.time() - min(behind)) if behind else 0.0)
 
 
 def _stage(table: TableReplica, shard: int, deltas: list[Delta]) -> tuple[ShardRows, bool]:
