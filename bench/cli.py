@@ -1,4 +1,4 @@
-"""`embps bench {table, ps, snapshot, freshness, data, train, serve, soak, precision, report}`: the benchmarks.
+"""`embps bench {table, ps, snapshot, freshness, data, train, serve, soak, cut, precision, report}`: the benchmarks.
 
 Each sub-verb is an (add_arguments, run) pair in BENCHES; a benchmark module (numpy, torch, grpc) is
 imported by the run that needs it.
@@ -288,6 +288,39 @@ def _run_serve(args: argparse.Namespace) -> int:
     )
 
 
+def _add_cut(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tables", default="26,200", help="comma-separated table counts, measured in turn")
+    parser.add_argument("--shards", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=20, help="training steps offered per measurement")
+    parser.add_argument("--changed", type=float, default=0.25,
+                        help="share of (table, shard) ranges that carry rows each step (the others are empty)")
+    parser.add_argument("--rows", type=int, default=16, help="rows in a range that carries rows")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per table count, interleaved; the fastest counts")
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+
+
+def _run_cut(args: argparse.Namespace) -> int:
+    from bench.cut_bench import CutBenchConfig, run_cut_bench
+
+    try:
+        tables = _counts("--tables", args.tables)
+    except ValueError as exc:
+        raise SystemExit(f"embps bench cut: {exc}") from None
+    for flag, value, ok in (
+        ("--tables", tables, bool(tables) and min(tables) >= 1),
+        ("--shards", args.shards, args.shards >= 1),
+        ("--steps", args.steps, args.steps >= 1),
+        ("--changed", args.changed, 0.0 <= args.changed <= 1.0),
+        ("--rows", args.rows, args.rows >= 1),
+        ("--repeat", args.repeat, args.repeat >= 1),
+    ):
+        if not ok:
+            raise SystemExit(f"embps bench cut: {flag} out of range, got {value!r}")
+    config = CutBenchConfig(tables=tables, shards=args.shards, steps=args.steps, changed=args.changed,
+                            rows=args.rows, repeat=args.repeat, out=args.out)
+    return run_cut_bench(config)
+
+
 def _add_soak(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--minutes", type=float, default=None, help="measured minutes in all (split over the phases)")
     parser.add_argument("--pushes", type=int, default=1000, help="without --minutes: measured pushes per phase")
@@ -405,6 +438,7 @@ BENCHES: dict[str, Bench] = {
     "train": Bench("training samples/s through the PS vs in process", _add_train, _run_train),
     "serve": Bench("open-loop latency under load: embps serving vs Redis vs in-process lookup", _add_serve, _run_serve),
     "soak": Bench("push cost and shard memory over a long push stream, plotted", _add_soak, _run_soak),
+    "cut": Bench("a serving replica's consistent cut: CPU per step as tables grow", _add_cut, _run_cut),
     "precision": Bench(
         "eval AUC/logloss of one job trained with float32, float16 and int8 rows", _add_precision, _run_precision
     ),
