@@ -9,7 +9,8 @@ in the backward (`apply_optimizer_in_backward`, the table's lr and eps); the sam
 under DDP with the job's dense optimizer. Batches are the job's synthetic ones (this rank's
 slice), made inside the timed loop as embps's trainer makes them; TorchRec tables are arrays, so
 a key is hashed into its table's rows as key % rows (rows = the synthetic vocabulary per feature),
-as TorchRec users hash raw ids.
+as TorchRec users hash raw ids. The processes get the glibc malloc settings of embps's workers
+(ps/process/malloc.py), as the in-process run does: all three train the same dense tower.
 
 TorchRec is not a dependency of embps: its wheel requires fbgemm-gpu (the CUDA build) where we
 install fbgemm-gpu-cpu, so it is installed with --no-deps into a folder of its own
@@ -28,6 +29,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from ps.process.malloc import tune_malloc_here
 
 
 def _model(job, device: torch.device) -> tuple[nn.Module, list[str]]:
@@ -134,6 +137,9 @@ def main() -> None:
     parser.add_argument("--config", required=True, type=Path, help="the bench's job TOML")
     parser.add_argument("--out", required=True, type=Path, help="rank 0 writes its result here (JSON)")
     args = parser.parse_args()
+    # The same glibc malloc settings as embps's workers (ps/process/malloc.py): the dense tower is
+    # the same, and so should its page faults be; the comparison is of the embedding paths.
+    tune_malloc_here()
     run(args.config, args.out)
 
 

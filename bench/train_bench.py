@@ -131,6 +131,7 @@ def _run_ps(
 
 
 def _run_in_process(config: TrainBenchConfig, workdir: Path) -> dict:
+    from ps.process.malloc import tune_malloc_here
     from worker.data_sources import train_reader
     from worker.local_tables import LocalTables
     from worker.model import DLRMDenseTower
@@ -140,6 +141,7 @@ def _run_in_process(config: TrainBenchConfig, workdir: Path) -> dict:
     path = workdir / "in-process.toml"
     path.write_text(_job_toml(config, "sync", workdir / "in-process"))
     job = load_training_job(path)
+    tune_malloc_here()  # as a worker does (worker/worker_main.py): the yardstick gets what the workers get
     torch.set_num_threads(os.cpu_count() or 1)
     store = LocalTables(list(job.ps.tables))
     trainer = Trainer(job, DLRMDenseTower(job.model), store, rank=0, world_size=1)

@@ -26,6 +26,7 @@ from prometheus_client import start_http_server
 
 from ps.client import PSClient, ShardUnavailableError
 from ps.process.exit import exit_process
+from ps.process.malloc import tune_malloc_here
 from worker.checkpoint import Checkpointer, load_trainer_state
 from worker.data_sources import eval_batches, ranks_may_differ_in_batches, train_reader
 from worker.model import DLRMDenseTower
@@ -166,6 +167,7 @@ def _global_mean(value: float, world_size: int) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     die_with_launcher()
+    tune_malloc_here()  # no page faults for every step's large tensors (ps/process/malloc.py)
     faulthandler.enable()  # a fatal signal (SIGABRT from C++, SIGSEGV) prints every thread's Python stack
     parser = argparse.ArgumentParser(prog="worker.worker_main", description="one embps training worker")
     parser.add_argument("--config", required=True, help="job TOML")
