@@ -83,6 +83,28 @@ class _Rows:
 _PUSH_METHODS = frozenset({"Push", "PushBatch", "PushMulti"})
 
 
+def payload_bytes(request, trust_sizes: bool) -> tuple[int, int]:
+    """(key bytes, gradient bytes) of one table request (Lookup, Push, LookupMulti, PushMulti, a
+    part of a batch; (0, 0) for Stats), the gradients' size taken from the keys and dims when
+    trust_sizes: every read of a bytes field of a protobuf (upb) message copies the field (0.3 ms
+    for the 5 MB of gradients of a large PushMulti on this VM), and the call reads them once
+    already, to apply them.
+
+    trust_sizes: for an estimate, or once the call was answered OK (its gradients were float32 of
+    that size; a repeated push id is answered with the first push's answer, before any check, and
+    counted as that push was). Otherwise the gradients are read and counted as they came.
+    """
+    keys = len(request.keys) if hasattr(request, "keys") else 0
+    if not hasattr(request, "grads"):
+        return keys, 0
+    if not trust_sizes:
+        return keys, len(request.grads)
+    if hasattr(request, "offsets"):
+        offsets = request.offsets
+        return keys, 4 * sum(max(0, b - a) * d for a, b, d in zip(offsets, offsets[1:], request.dims, strict=False))
+    return keys, keys // 8 * request.dim * 4
+
+
 def _tables_call(method: str) -> Callable:
     """A synchronous table method `fn(self, request) -> reply` as the RPC `method`: serialised
     through `run`, answered by the one call wrapper (ps/process/calls.py)."""
@@ -150,19 +172,20 @@ class ShardCallSite(CallSite):
         m.duration.labels(table, method).observe(seconds)
         if request is None:
             return
+        answered = code == grpc.StatusCode.OK
         if method in ("Lookup", "Push"):
             m.request_keys.labels(table, method).inc(len(request.keys) // 8)
-            m.request_bytes.labels(table, method).inc(len(request.keys) + len(getattr(request, "grads", b"")))
+            m.request_bytes.labels(table, method).inc(sum(payload_bytes(request, answered)))
         elif method in ("LookupMulti", "PushMulti"):
             offsets = list(request.offsets)  # unchecked when the call failed: count what is countable
             for name, a, b in zip(request.tables, offsets, offsets[1:], strict=False):
                 m.request_keys.labels(self.table_name_label(name), method).inc(max(0, b - a))
-            m.request_bytes.labels(table, method).inc(len(request.keys) + len(getattr(request, "grads", b"")))
+            m.request_bytes.labels(table, method).inc(sum(payload_bytes(request, answered)))
         elif method in ("LookupBatch", "PushBatch"):
             for part in request.requests:
                 part_table = self.table_name_label(part.table)
                 m.request_keys.labels(part_table, method).inc(len(part.keys) // 8)
-                m.request_bytes.labels(part_table, method).inc(len(part.keys) + len(getattr(part, "grads", b"")))
+                m.request_bytes.labels(part_table, method).inc(sum(payload_bytes(part, answered)))
 
 
 class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
@@ -192,13 +215,14 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         they run: gRPC drains only calls it has handed to a handler, and cancels the rest at
         shutdown. Small calls also queue there while a large one is in progress, keeping order.
         """
-        parts = request.requests if hasattr(request, "requests") else [request]
-        work_bytes = sum(
-            len(getattr(r, "keys", b"")) // 8 * (8 + 4 * getattr(r, "dim", 0)) + len(getattr(r, "grads", b""))
-            for r in parts
-        )
         if offload:
             work_bytes = INLINE_WORK_BYTES + 1
+        else:
+            parts = request.requests if hasattr(request, "requests") else [request]
+            work_bytes = 0
+            for part in parts:  # the reply's rows, the request's keys and gradients
+                keys, grads = payload_bytes(part, trust_sizes=True)
+                work_bytes += keys // 8 * 4 * getattr(part, "dim", 0) + keys + grads
         return await self.run_call(functools.partial(fn, self, request), work_bytes)
 
     async def run_call(self, call: Callable[[], object], work_bytes: int):
