@@ -84,9 +84,13 @@ class DLRMDenseTower(nn.Module):
         self.config = config
         self.bottom = _mlp([config.num_dense, *config.bottom_sizes, config.dim], relu_last=True)
         self.top = _mlp([config.dim + config.num_interactions, *config.top_sizes, 1], relu_last=False)
-        rows, cols = torch.triu_indices(config.num_sparse + 1, config.num_sparse + 1, offset=1)
-        self.register_buffer("_rows", rows, persistent=False)
-        self.register_buffer("_cols", cols, persistent=False)
+        vectors = config.num_sparse + 1
+        rows, cols = torch.triu_indices(vectors, vectors, offset=1)
+        # Z's upper triangle as positions in the flattened (F + 1)^2 products: one index_select,
+        # whose backward is one index_add_; indexing with (rows, cols) gave the same values and
+        # gradients bit for bit at 1.6-3x the time, its backward an index_put_ with accumulate
+        # (batch 1024, 26 features, one thread: 10-18 -> 5.5-6.6 ms with the bmm).
+        self.register_buffer("_pairs", rows * vectors + cols, persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -112,7 +116,7 @@ class DLRMDenseTower(nn.Module):
         x = self.bottom(dense)
         vectors = torch.cat([x.unsqueeze(1), embeddings], dim=1)
         products = torch.bmm(vectors, vectors.transpose(1, 2))
-        interactions = products[:, self._rows, self._cols]
+        interactions = products.flatten(1).index_select(1, self._pairs)
         return self.top(torch.cat([x, interactions], dim=1)).squeeze(1)
 
 
