@@ -5,8 +5,8 @@ buffer was freed) and hand freed memory at the top of the heap back to the kerne
 a buffer of the next call or step is then page-faulted in again, page by page. A shard's 1 MB
 reply spent about half of its server time there; a worker's training step spent 10% of its CPU
 in page faults (perf, 26 tables, batch 1024 per worker: the outputs of the dense tower's
-matrix products and concatenations), and the same tower trained 18-20% faster in one process
-with these settings (2026-12-03).
+matrix products and concatenations), and the same tower trained 3-23% faster in one process
+with these settings (five interleaved pairs, 2026-12-03).
 
 Servers (`embps ps`, `embps serve`) get them by re-exec, since glibc reads the environment at
 process start; a worker, started by `embps launch`, torchrun or a cluster's own launcher, sets
