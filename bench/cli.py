@@ -214,6 +214,10 @@ def _add_serve(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-steps", type=int, default=14, help="sweep steps before bisecting")
     parser.add_argument("--duration", type=float, default=5.0, help="measured seconds per run")
     parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each run")
+    parser.add_argument(
+        "--repeat", type=int, default=1,
+        help="with --rate: rounds, each system started and measured once per round in turn (medians, ratios per round)",
+    )
     parser.add_argument("--clients", type=int, default=2, help="client processes")
     parser.add_argument("--concurrency", type=int, default=32, help="calls in flight per client process")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
@@ -284,6 +288,7 @@ def _run_serve(args: argparse.Namespace) -> int:
             out=args.out,
             plot=args.plot,
             generator=args.generator,
+            repeat=args.repeat,
         )
     )
 

@@ -17,6 +17,10 @@ system, and a printed table. Server and client CPU per call come from /proc: whe
     --lookup-threads 1,2       the embps replica once per thread count (embps-1t, embps-2t, ...)
     --generator python         the load from Python threads (grpcio, redis-py) instead of the native
                                generator (bench/loadgen.py): the same scheduler for every system
+    --rate 300 --repeat 5      5 rounds, each starting and measuring every system once in turn:
+                               server CPU per call of each round, each system's against the first
+                               one's of the same round, and the medians. This machine's speed moves
+                               from one minute to the next, so only figures of one round compare.
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ class ServeBenchConfig:
     out: str | None = None
     plot: str | None = None
     generator: str = "auto"  # bench/loadgen.py GENERATORS
+    repeat: int = 1  # with rate: rounds, each system once per round in order (see run_serve_bench)
 
     def __post_init__(self) -> None:
         unknown = [t for t in self.targets if t not in SYSTEMS]
@@ -78,6 +83,8 @@ class ServeBenchConfig:
                 raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
         if self.rate is not None and not self.rate > 0:
             raise ValueError(f"rate: must be > 0, got {self.rate}")
+        if self.repeat < 1 or (self.repeat > 1 and self.rate is None):
+            raise ValueError(f"repeat: must be >= 1, and more than 1 only with a fixed rate; got {self.repeat}")
         if not self.step_factor > 1:
             raise ValueError(f"step_factor: must be > 1, got {self.step_factor}")
         if self.refine_steps < 0 or self.warmup_s < 0 or self.zipf < 0:
@@ -309,6 +316,49 @@ def facts() -> dict[str, object]:
     return out
 
 
+def _server_cpu(system: dict) -> float | None:
+    run = system.get("run") if system.get("status") == "ok" else None
+    return None if run is None else run.get("server_cpu_ms_per_call")
+
+
+def median_round(results: list[dict]) -> dict:
+    """One system's figures over its rounds: those of the round with the median server CPU per
+    call (the lower median), with every round under "rounds"; a single round as it is."""
+    if len(results) == 1:
+        return results[0]
+    measured = sorted((r for r in results if _server_cpu(r) is not None), key=_server_cpu)
+    chosen = measured[(len(measured) - 1) // 2] if measured else results[0]
+    return {**chosen, "rounds": results}
+
+
+def round_cpu_ratios(rounds: dict[str, list[dict]]) -> dict[str, list[float | None]]:
+    """Each system's server CPU per call over the first system's, round by round."""
+    names = list(rounds)
+    first = rounds[names[0]]
+    out: dict[str, list[float | None]] = {}
+    for name in names[1:]:
+        ratios_of_rounds = []
+        for mine, theirs in zip(rounds[name], first, strict=True):
+            a, b = _server_cpu(mine), _server_cpu(theirs)
+            ratios_of_rounds.append(a / b if a is not None and b else None)
+        out[name] = ratios_of_rounds
+    return out
+
+
+def print_rounds(rounds: dict[str, list[dict]], cpu_ratios: dict[str, list[float | None]]) -> None:
+    names = list(rounds)
+    print(f"\nserver CPU ms per call, round by round (ratios: over {names[0]} in the same round)")
+    for name in names:
+        cells = " ".join(_ms(_server_cpu(r)) for r in rounds[name])
+        line = f"{name:>10} {cells}"
+        if name in cpu_ratios:
+            known = sorted(v for v in cpu_ratios[name] if v is not None)
+            line += "   " + " ".join(_ratio(v).strip() for v in cpu_ratios[name])
+            if known:
+                line += f"   median {known[(len(known) - 1) // 2]:.2f}x"
+        print(line)
+
+
 def run_serve_bench(config: ServeBenchConfig) -> int:
     targets = config.targets
     if config.lookup_threads and "embps" in targets and config.address is None:
@@ -324,14 +374,21 @@ def run_serve_bench(config: ServeBenchConfig) -> int:
         f"{config.concurrency} in flight; {config.warmup_s:g} s warm-up + {config.duration_s:g} s per run",
         flush=True,
     )
-    systems: dict[str, dict] = {}
+    rounds: dict[str, list[dict]] = {name: [] for name in targets}
     with tempfile.TemporaryDirectory(prefix="embps-bench-serve-") as tmp:
-        for name in targets:
-            systems[name] = run_system(name, config, Path(tmp))
+        for index in range(config.repeat):
+            if config.repeat > 1:
+                print(f"round {index + 1} of {config.repeat}", flush=True)
+            for name in targets:
+                rounds[name].append(run_system(name, config, Path(tmp) / f"round{index}"))
+    systems = {name: median_round(results) for name, results in rounds.items()}
     table_ratios = ratios(systems)
     print_table(config, systems, table_ratios)
+    cpu_ratios = round_cpu_ratios(rounds)
+    if config.repeat > 1:
+        print_rounds(rounds, cpu_ratios)
     result = {"bench": "serve", "config": asdict(config), "machine": facts(), "systems": systems,
-              "ratios": table_ratios}
+              "ratios": table_ratios, "server_cpu_ratios_by_round": cpu_ratios}
     if config.out:
         Path(config.out).parent.mkdir(parents=True, exist_ok=True)
         Path(config.out).write_text(json.dumps(_finite(result), indent=1, allow_nan=False))

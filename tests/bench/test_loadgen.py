@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from bench.loadgen import LoadSpec, arrival_times, key_pool, run_load
-from bench.serve_bench import ServeBenchConfig, meets_slo, summarize, sweep
+from bench.serve_bench import ServeBenchConfig, median_round, meets_slo, round_cpu_ratios, summarize, sweep
 from bench.serve_targets import InProcessTarget, bench_keys
 
 
@@ -51,6 +51,21 @@ def test_serve_bench_config_names_the_bad_field() -> None:
         ServeBenchConfig(targets=("memcached",))
     with pytest.raises(ValueError, match="step_factor"):
         ServeBenchConfig(step_factor=1.0)
+    with pytest.raises(ValueError, match="repeat"):
+        ServeBenchConfig(repeat=2)  # a sweep: rounds only at a fixed rate
+    with pytest.raises(ValueError, match="repeat"):
+        ServeBenchConfig(rate=300, repeat=0)
+
+
+def test_rounds_give_the_median_round_and_ratios_within_each_round() -> None:
+    def system(cpu: float | None) -> dict:
+        return {"status": "ok", "run": {"server_cpu_ms_per_call": cpu}}
+
+    rounds = {"embps": [system(0.3), system(0.1), system(0.2)], "redis": [system(0.2), system(0.2), system(None)]}
+    chosen = median_round(rounds["embps"])
+    assert chosen["run"]["server_cpu_ms_per_call"] == 0.2 and len(chosen["rounds"]) == 3
+    assert median_round([system(0.5)]) == system(0.5)  # one round: as it is
+    assert round_cpu_ratios(rounds) == {"redis": [pytest.approx(2 / 3), 2.0, None]}
 
 
 def test_low_rate_run_is_counted_from_the_schedule() -> None:

@@ -83,12 +83,16 @@ def test_embps_serve_smoke_and_report(tmp_path: Path, capsys: pytest.CaptureFixt
 
 
 def test_redis_smoke(tmp_path: Path) -> None:
-    """Three tables per request: one MGET of every table's keys."""
+    """Three tables per request: one MGET of every table's keys; two rounds, a server started in each."""
     reason = RedisServer.available()
     if reason is not None:
         pytest.skip(f"Redis side skipped: {reason}")
-    run = _check_run(_bench(tmp_path, "redis", extra=("--tables", "3")), "redis", 150.0, tables=3)
+    result = _bench(tmp_path, "redis", extra=("--tables", "3", "--repeat", "2"))
+    run = _check_run(result, "redis", 150.0, tables=3)
     assert run["batch"] == 96
+    rounds = result["systems"]["redis"]["rounds"]
+    assert len(rounds) == 2 and all(r["status"] == "ok" and r["run"]["server_cpu_ms_per_call"] > 0 for r in rounds)
+    assert result["server_cpu_ratios_by_round"] == {}  # one system: nothing to compare within a round
 
 
 def test_multi_table_smoke(tmp_path: Path) -> None:
