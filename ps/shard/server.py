@@ -94,12 +94,13 @@ def payload_bytes(request, trust_sizes: bool) -> tuple[int, int]:
     that size; a repeated push id is answered with the first push's answer, before any check, and
     counted as that push was). Otherwise the gradients are read and counted as they came.
     """
-    keys = len(request.keys) if hasattr(request, "keys") else 0
-    if not hasattr(request, "grads"):
+    fields = request.DESCRIPTOR.fields_by_name  # not hasattr: it reads (copies) the field
+    keys = len(request.keys) if "keys" in fields else 0
+    if "grads" not in fields:
         return keys, 0
     if not trust_sizes:
         return keys, len(request.grads)
-    if hasattr(request, "offsets"):
+    if "offsets" in fields:
         offsets = request.offsets
         return keys, 4 * sum(max(0, b - a) * d for a, b, d in zip(offsets, offsets[1:], request.dims, strict=False))
     return keys, keys // 8 * request.dim * 4

@@ -41,3 +41,24 @@ def test_a_failed_request_counts_the_bytes_it_carried():
     hostile = ps_pb2.MultiPushRequest(tables=["a"], dims=[4], offsets=[2**64 - 1, 0], keys=_keys(3), grads=bytes(5))
     assert payload_bytes(hostile, trust_sizes=False) == (24, 5)
     assert payload_bytes(hostile, trust_sizes=True) == (24, 0)  # an estimate: never raises, never negative
+
+
+class _GradsUnread:
+    """A request whose gradients must not be read (each read of a upb bytes field copies it)."""
+
+    def __init__(self, request) -> None:
+        self._request = request
+
+    def __getattr__(self, name: str):
+        if name == "grads":
+            raise AssertionError("the gradients were read")
+        return getattr(self._request, name)
+
+
+def test_the_gradients_of_an_answered_call_are_not_read():
+    push_multi = ps_pb2.MultiPushRequest(
+        tables=["a", "b"], dims=[2, 3], offsets=[0, 1, 3], keys=_keys(3), grads=bytes(32)
+    )
+    push = ps_pb2.PushRequest(table="t", keys=_keys(2), dim=4, grads=bytes(32))
+    assert payload_bytes(_GradsUnread(push_multi), trust_sizes=True) == (24, 32)
+    assert payload_bytes(_GradsUnread(push), trust_sizes=True) == (16, 32)
