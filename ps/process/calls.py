@@ -53,6 +53,7 @@ class CallSite(abc.ABC):
         self.name = name
         self.log = log
         self.draining = False
+        self._series: dict[tuple, Any] = {}  # (metric, label values) -> its child (see series)
 
     def check_open(self) -> None:
         """Raises ShuttingDownError once the server drains (set `draining`)."""
@@ -63,6 +64,16 @@ class CallSite(abc.ABC):
         """A unary call's metadata, before its method runs: raises to refuse the call; may set
         trailing metadata. Nothing by default (a shard with a standby checks the epoch)."""
         return None
+
+    def series(self, metric: Any, *labels: str) -> Any:
+        """metric.labels(*labels), looked up once per label values for `record`: labels() costs
+        microseconds, and a multi-table call counts the keys of each of its tables. The values must
+        be bounded (table names, with unknown ones under one label; methods; status codes)."""
+        key = (metric, labels)
+        child = self._series.get(key)
+        if child is None:
+            child = self._series[key] = metric.labels(*labels)
+        return child
 
     @abc.abstractmethod
     def table_label(self, request: Any | None) -> str:

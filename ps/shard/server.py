@@ -137,7 +137,6 @@ class ShardCallSite(CallSite):
         super().__init__(f"shard {shard.index}", log)
         self.tables = shard.tables
         self.metrics = metrics
-        self._children: dict[tuple, object] = {}  # (metric, label values) -> its child (see _child)
         self.fence: Callable[[], None] | None = None  # a shard with a standby: ps/shard/replication.py
         # A shard with a standby: (raises unless this process's epoch is at least a client's, its epoch).
         self.epoch_fence: tuple[Callable[[int], None], Callable[[], int]] | None = None
@@ -168,38 +167,28 @@ class ShardCallSite(CallSite):
             return ""
         return name if name in self.tables else "unknown"
 
-    def _child(self, metric, *labels: str):
-        """metric.labels(*labels), looked up once per label values: labels() costs microseconds,
-        and a multi-table call counts the keys of each of its tables. The values are bounded:
-        table names (unknown ones share "unknown"), methods and status codes."""
-        key = (metric, labels)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*labels)
-        return child
-
     def record(self, method: str, table: str, code: grpc.StatusCode, seconds: float, request) -> None:
         m = self.metrics
-        self._child(m.requests, table, method, code.name).inc()
-        self._child(m.duration, table, method).observe(seconds)
+        self.series(m.requests, table, method, code.name).inc()
+        self.series(m.duration, table, method).observe(seconds)
         if request is None:
             return
         answered = code == grpc.StatusCode.OK
         if method in ("Lookup", "Push"):
             keys, grads = payload_bytes(request, answered)
-            self._child(m.request_keys, table, method).inc(keys // 8)
-            self._child(m.request_bytes, table, method).inc(keys + grads)
+            self.series(m.request_keys, table, method).inc(keys // 8)
+            self.series(m.request_bytes, table, method).inc(keys + grads)
         elif method in ("LookupMulti", "PushMulti"):
             offsets = list(request.offsets)  # unchecked when the call failed: count what is countable
             for name, a, b in zip(request.tables, offsets, offsets[1:], strict=False):
-                self._child(m.request_keys, self.table_name_label(name), method).inc(max(0, b - a))
-            self._child(m.request_bytes, table, method).inc(sum(payload_bytes(request, answered)))
+                self.series(m.request_keys, self.table_name_label(name), method).inc(max(0, b - a))
+            self.series(m.request_bytes, table, method).inc(sum(payload_bytes(request, answered)))
         elif method in ("LookupBatch", "PushBatch"):
             for part in request.requests:
                 part_table = self.table_name_label(part.table)
                 keys, grads = payload_bytes(part, answered)
-                self._child(m.request_keys, part_table, method).inc(keys // 8)
-                self._child(m.request_bytes, part_table, method).inc(keys + grads)
+                self.series(m.request_keys, part_table, method).inc(keys // 8)
+                self.series(m.request_bytes, part_table, method).inc(keys + grads)
 
 
 class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
