@@ -214,6 +214,9 @@ NB_MODULE(_embps_native, m) {
       .value("ADAM", embps::Optimizer::kAdam)
       .value("FTRL", embps::Optimizer::kFtrl);
 
+  m.def("prefault_threads", &embps::SlotArena::prefault_threads,
+        "This process's hash-map arena threads started and not yet joined.");
+
   nb::class_<embps::HashMap>(m, "HashMap")
       .def(nb::init<uint64_t, uint64_t>(), "initial_capacity"_a = 0,
            "sub_maps"_a = embps::HashMap::kDefaultSubMaps)

@@ -69,6 +69,9 @@ class SlotArena {
     size_t released = 0;  // bytes handed back with MADV_DONTNEED
   };
 
+  // Prefault threads of this process's arenas started and not yet joined (see Prefaulter::live).
+  static int prefault_threads();
+
   SlotArena() = default;
   SlotArena(const SlotArena&) = delete;
   SlotArena& operator=(const SlotArena&) = delete;
@@ -143,7 +146,13 @@ class SlotArena {
   // faults and unmaps everything itself.
   class Prefaulter {
    public:
-    static constexpr const char* kThreadName = "embps-prefault";  // what `top -H` and tests see
+    static constexpr const char* kThreadName = "embps-prefault";  // what `top -H` sees
+
+    // This process's prefault threads started and not yet joined (in a forked child: its
+    // parent's at the fork, until their arenas are destroyed there). A joined thread has returned,
+    // but its /proc/self/task entry may outlive the join by a moment (the kernel wakes the joiner
+    // before it reaps the task), so the count, not /proc, tells a caller that stop() is done.
+    static int live() { return live_.load(std::memory_order_acquire); }
 
     ~Prefaulter() { stop(); }
 
@@ -157,6 +166,7 @@ class SlotArena {
           pthread_setname_np(pthread_self(), kThreadName);
           run();
         });
+        live_.fetch_add(1, std::memory_order_release);
       } catch (const std::system_error&) {
         // No thread to spare: pages fault in on first use.
       }
@@ -167,6 +177,7 @@ class SlotArena {
       if (!thread_.joinable()) return;
       if (owner_ != getpid()) {
         thread_.detach();  // a forked child's copy: the thread and its chunks are the parent's
+        live_.fetch_sub(1, std::memory_order_release);
         return;
       }
       {
@@ -175,6 +186,7 @@ class SlotArena {
       }
       wake_.notify_one();
       thread_.join();
+      live_.fetch_sub(1, std::memory_order_release);
       if (spare_ != nullptr) retired_.push_back(spare_);
       spare_ = nullptr;
       for (Chunk* c : retired_) unmap(c);
@@ -290,6 +302,7 @@ class SlotArena {
       if (from < c->size) madvise(c->base + from, c->size - from, MADV_DONTNEED);
     }
 
+    static inline std::atomic<int> live_{0};
     std::thread thread_;
     pid_t owner_ = 0;  // the process that started the thread
     std::mutex mutex_;
@@ -362,5 +375,7 @@ class SlotArena {
   size_t ahead_bytes_ = 0;  // the chunk the prefaulter is asked to fill next (counted in full)
   Prefaulter prefaulter_;   // stopped first thing in ~SlotArena
 };
+
+inline int SlotArena::prefault_threads() { return Prefaulter::live(); }
 
 }  // namespace embps

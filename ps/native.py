@@ -149,6 +149,7 @@ class HashMap:
 
 # The former single-array map (csrc/flat_hash_map.h): the yardstick of `embps bench table` only.
 FlatHashMap = _native.FlatHashMap
+prefault_threads = _native.prefault_threads  # arena threads started and not yet joined
 
 
 def mix64(keys: np.ndarray) -> np.ndarray:
