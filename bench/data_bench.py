@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.machine import machine_facts
-from worker.readers import ArrowMemoryPool
+from worker.data_options import ArrowMemoryPool
 
 FORMATS = ("tsv", "parquet")
 MIN_SCALING = 0.8  # aggregate of W ranks / one rank, the bound on a 2-core machine

@@ -109,7 +109,8 @@ def _train_and_evaluate(path: Path, config: PrecisionBenchConfig, label: str) ->
 def write_criteo_from_synthetic(path: Path, synthetic: dict, batch: int, first: int, count: int, split: str) -> None:
     """Global batches [first, first + count) of the synthetic job as a Criteo-format TSV: the
     label, counts whose log1p is the dense value, each sparse key as 16 hex digits."""
-    from worker.synthetic import Split, SyntheticConfig, SyntheticData
+    from worker.data_options import SyntheticConfig
+    from worker.synthetic import Split, SyntheticData
 
     data = SyntheticData(SyntheticConfig(global_batch_size=batch, **synthetic))
     with open(path, "w") as f:

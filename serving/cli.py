@@ -18,8 +18,8 @@ def run(args: argparse.Namespace) -> int:
     the process ends with the replica's exit status (ps/process/exit.py)."""
     from ps.process.exit import exit_process
     from ps.process.malloc import exec_with_malloc_tuning
-    from serving.server import serve_replica
 
     if not args.no_malloc_tuning:
         exec_with_malloc_tuning(args.argv)
+    from serving.server import serve_replica  # after the re-exec, which would import it twice
     exit_process(serve_replica(args.config, grace=args.grace))

@@ -149,6 +149,48 @@ def test_health_probe_does_not_import_torch(tmp_path):
     assert_no_torch(modules, "embps health", {"ps.process.health", "grpc"})
 
 
+def test_a_cpu_shard_imports_no_torch(start_cluster, tmp_path):
+    """Torch is the workers' dependency: a CPU shard (native kernels) serves lookups and pushes of
+    every optimizer, float16 and int8 rows, admission and eviction without it, so it starts in
+    a third of the time and holds none of torch's memory."""
+    from ps.client import PSClient
+    from ps.table.config import (
+        AdmissionConfig,
+        AdmissionKind,
+        EvictionConfig,
+        OptimizerConfig,
+        OptimizerKind,
+        Storage,
+        TableConfig,
+    )
+    from tests.helpers.processes import make_job
+
+    tables = [TableConfig(kind.value, dim=4, optimizer=OptimizerConfig(kind)) for kind in OptimizerKind]
+    tables += [
+        TableConfig("half", dim=4, storage=Storage.FLOAT16, eviction=EvictionConfig(ttl_steps=2)),
+        TableConfig(
+            "int8", dim=4, storage=Storage.INT8, admission=AdmissionConfig(kind=AdmissionKind.COUNT, min_count=2)
+        ),
+    ]
+    job = make_job(tables, num_shards=1)
+    env, listing = modules_at_exit_env(tmp_path)
+    cluster = start_cluster(job, env=env)
+    keys = np.arange(50, dtype=np.int64)
+    names = [t.name for t in tables]
+    with PSClient.from_job(cluster.job) as client:
+        for _ in range(3):
+            for name in names:
+                client.push(name, keys, np.ones((50, 4), np.float32))
+        before = client.lookup("sgd", keys)
+        multi = client.lookup_multi(names, np.tile(keys, len(names)), np.arange(len(names) + 1) * 50)
+    assert multi.shape == (len(names) * 50 * 4,) and np.array_equal(multi[: 50 * 4], before.reshape(-1))
+    maps = pathlib.Path(f"/proc/{cluster.procs[0].pid}/maps").read_text()
+    assert "_embps_native" in maps, "the shard's memory map does not show the native core"
+    assert "libtorch" not in maps, "the running shard has libtorch mapped"
+    assert cluster.stop() == [0]
+    assert_no_torch(set(listing.read_text().split()), "embps ps", {"ps.shard.server", "ps.table.embedding_table"})
+
+
 def test_serving_replica_imports_neither_torch_nor_the_shard_server(start_cluster, tmp_path):
     """A replica that loads an export, then follows a live shard, and answers lookups."""
     from ps.client import PSClient

@@ -22,8 +22,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
+from worker.data_options import ArrowMemoryPool, BadRowPolicy
 from worker.data_paths import DataFile, open_input
-from worker.readers import ArrowMemoryPool, BadRowPolicy, FileReader, _Rows, line_reason
+from worker.readers import FileReader, _Rows, line_reason
 from worker.shares import Unit, byte_ranges
 
 _SCAN_BYTES = 1 << 20

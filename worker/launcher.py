@@ -37,6 +37,7 @@ only a shard that lost both processes ends the attempt.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import signal
@@ -127,6 +128,44 @@ class _Failures:
             raise _ComponentDied()
 
 
+_AGENT_MODULES = (
+    "torch.distributed.elastic.multiprocessing.api",
+    "torch.distributed.elastic.multiprocessing.errors",
+    "torch.distributed.launcher.api",
+)
+
+
+class _AgentImport:
+    """Imports torch's elastic agent (~2 s of CPU) on a thread of its own, while the main thread
+    starts the shards and replicas, which need no torch; `wait` before the first use."""
+
+    def __init__(self) -> None:
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="embps-import-agent", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for name in _AGENT_MODULES:
+                importlib.import_module(name)
+        except BaseException as exc:  # handed to the main thread by wait()
+            self._error = exc
+
+    def wait(self) -> None:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+
+def _signal_exception(exc: BaseException) -> signal.Signals | None:
+    """The signal of torch elastic's SignalException (raised by its agent or by
+    _raise_signal_exception), else None. Torch may not be imported yet, and then `exc` is not one."""
+    api = sys.modules.get("torch.distributed.elastic.multiprocessing.api")
+    if api is not None and isinstance(exc, api.SignalException):
+        return exc.sigval
+    return None
+
+
 def _raise_signal_exception(signum: int, frame: object) -> None:
     """SIGTERM outside the elastic agent's run: unwind as the agent does, so children are stopped."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -159,9 +198,8 @@ def launch(options: LaunchOptions) -> int:
     fleet: ServingFleet | None = None
     failure: str | None = None
     restarts = 0
+    agent = _AgentImport()
     try:
-        from torch.distributed.elastic.multiprocessing.api import SignalException
-
         restore = None
         if options.resume:
             restore = _latest_step(job)
@@ -175,7 +213,7 @@ def launch(options: LaunchOptions) -> int:
             )
         while True:
             failures.new_attempt()
-            failure = _run_attempt(job, options, start_ps, restore, progress_path, failures, fleet)
+            failure = _run_attempt(job, options, start_ps, restore, progress_path, failures, fleet, agent)
             if failure is None or failures.fatal is not None:
                 failure = failures.fatal or failure
                 break
@@ -190,10 +228,13 @@ def launch(options: LaunchOptions) -> int:
             sys.stdout.flush()
     except KeyboardInterrupt:
         failure = "interrupted (Ctrl-C)"
-    except SignalException as exc:
-        failure = f"stopped by signal {exc.sigval.name}"
-    except RuntimeError as exc:
-        failure = str(exc)
+    except Exception as exc:
+        if (signum := _signal_exception(exc)) is not None:
+            failure = f"stopped by signal {signum.name}"
+        elif isinstance(exc, RuntimeError):
+            failure = str(exc)
+        else:
+            raise
     finally:
         stop_bar.set()
         if fleet is not None:
@@ -227,6 +268,7 @@ def _run_attempt(
     progress_path: Path,
     failures: _Failures,
     fleet: ServingFleet | None,
+    agent: _AgentImport,
 ) -> str | None:
     """Starts the shards (restored from snapshot `restore`, or an older one where it is unusable),
     the serving replicas the first time, then the workers (resuming where the shards are); stops
@@ -250,6 +292,7 @@ def _run_attempt(
             ).start()
         if first:
             fleet.wait()
+        agent.wait()
         failed = _run_workers(job, options, progress_path, failures, restore)
     except _ComponentDied:  # the handler fired just after the workers' run ended
         failed = failures.first()

@@ -37,7 +37,7 @@ class LocalTables:
 
     def lookup(self, table: str, keys: np.ndarray) -> np.ndarray:
         """keys (n,) int64 -> values (n, dim) float32."""
-        return self.tables[table].lookup(keys).numpy()
+        return self.tables[table].read(keys)
 
     def push(self, table: str, keys: np.ndarray, grads: np.ndarray, step: int | None = None, counts=None) -> None:
         """keys (n,) int64, grads (n, dim) float32: one optimizer step per unique key."""

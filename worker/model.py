@@ -14,11 +14,12 @@ with respect to `embeddings` (that gradient is what updates the PS) and must not
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
+
+from worker.model_config import ModelConfig
 
 
 @runtime_checkable
@@ -26,37 +27,6 @@ class DenseTower(Protocol):
     """forward(dense (B, num_dense), embeddings (B, F, D)) -> logits (B,)."""
 
     def __call__(self, dense: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor: ...
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """DLRM's dense part: bottom MLP, dot interaction, top MLP.
-
-    bottom: num_dense -> bottom_sizes... -> dim (ReLU after each layer, the last one included)
-    top:    dim + (F + 1) F / 2 -> top_sizes... -> 1 (ReLU after each hidden layer, none on the logit)
-    """
-
-    num_dense: int = 13
-    num_sparse: int = 26  # F: embeddings per sample, one per categorical feature
-    dim: int = 16  # D: embedding dimension, also the bottom MLP's output width
-    bottom_sizes: tuple[int, ...] = (512, 256, 64)  # hidden widths; a final layer to `dim` is added
-    top_sizes: tuple[int, ...] = (512, 256)  # hidden widths; a final layer to 1 logit is added
-    seed: int = 0  # initial weights are a pure function of (config, seed)
-
-    def __post_init__(self) -> None:
-        for name in ("num_dense", "num_sparse", "dim"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        for name in ("bottom_sizes", "top_sizes"):
-            sizes = tuple(getattr(self, name))
-            if any(not isinstance(size, int) or size < 1 for size in sizes):
-                raise ValueError(f"{name}: every layer width must be an int >= 1, got {sizes}")
-            object.__setattr__(self, name, sizes)
-
-    @property
-    def num_interactions(self) -> int:
-        """Pairwise dot products of the F + 1 vectors, diagonal excluded."""
-        return (self.num_sparse + 1) * self.num_sparse // 2
 
 
 def _mlp(sizes: list[int], relu_last: bool) -> nn.Sequential:

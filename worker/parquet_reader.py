@@ -16,9 +16,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from worker.data_options import ArrowMemoryPool
 from worker.data_paths import DataFile, open_input
 from worker.prefetch import prefetched
-from worker.readers import ArrowMemoryPool, FileReader, _Position, _Rows
+from worker.readers import FileReader, _Position, _Rows
 from worker.shares import Unit
 
 _DECODE_AHEAD = 2  # record batches decoded ahead of the parse (each up to read_batch_rows rows)

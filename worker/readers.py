@@ -33,7 +33,6 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +41,7 @@ import pyarrow.compute as pc
 
 from ps.snapshot.storage import StorageConfig
 from worker.batch import Batch, check_rank
+from worker.data_options import ArrowMemoryPool, BadRowPolicy
 from worker.data_paths import expand_paths
 from worker.features import hash_columns, transform_counts
 from worker.prefetch import prefetched
@@ -51,23 +51,6 @@ logger = logging.getLogger(__name__)
 
 _INT_PATTERN = r"^[+-]?[0-9]+$"
 _FLOAT_PATTERN = r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$"
-
-
-class BadRowPolicy(StrEnum):
-    """What a reader does with a malformed row (wrong column count, non-numeric number field)."""
-
-    SKIP = "skip"  # count it, log (rate-limited), go on
-    FAIL = "fail"  # raise ValueError naming file and line
-
-
-class ArrowMemoryPool(StrEnum):
-    """The allocator Arrow uses in a reading process (decoded columns, parse temporaries)."""
-
-    AUTO = "auto"  # the reader's: system for Parquet, mimalloc for TSV (see configure_arrow)
-    SYSTEM = "system"  # malloc
-    JEMALLOC = "jemalloc"
-    MIMALLOC = "mimalloc"  # pyarrow's usual default: 1 GiB arenas marked for transparent huge pages
-    DEFAULT = "default"  # leave the process's pool as it is (ARROW_DEFAULT_MEMORY_POOL or pyarrow's)
 
 
 @dataclass(frozen=True)

@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
 from enum import StrEnum
 
 import numpy as np
 
 from worker.batch import Batch, check_rank, split_rows
+from worker.data_options import SyntheticConfig
 from worker.features import keys_from_values, mix64
 
 
@@ -38,37 +38,6 @@ class Split(StrEnum):
 
 
 _SPLIT_STREAM = {Split.TRAIN: 0, Split.EVAL: 1}
-
-
-@dataclass(frozen=True)
-class SyntheticConfig:
-    """The synthetic data set. Defaults have Criteo's shape with a 100k-key vocabulary per feature."""
-
-    num_dense: int = 13
-    num_sparse: int = 26
-    num_keys: int = 100_000  # distinct keys per feature
-    zipf_alpha: float = 1.05  # P(rank k) ~ (k + 1)^-alpha; 0 is uniform
-    global_batch_size: int = 2048
-    num_batches: int = 1000  # global batches in the training split
-    num_eval_batches: int = 16  # global batches in the eval split
-    signal_std: float = 3.0  # std of the sparse part of the planted logit
-    dense_scale: float = 1.0  # std of the dense part, roughly
-    bias: float = 0.0
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        for name in ("num_sparse", "num_keys", "global_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        for name in ("num_dense", "num_batches", "num_eval_batches"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
-        for name in ("zipf_alpha", "signal_std", "dense_scale"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name}: must be a finite number >= 0, got {value}")
-        if not math.isfinite(self.bias):
-            raise ValueError(f"bias: must be finite, got {self.bias}")
 
 
 class SyntheticData:

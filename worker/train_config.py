@@ -19,7 +19,7 @@
     publish_dense_every = 1     # sync: rank 0 commits every step to the PS; the dense tower goes
                                 # with every k-th commit (0: never), for replicas to serve
 
-    [model]                     # worker.model.ModelConfig; num_dense/num_sparse/dim are derived
+    [model]                     # worker.model_config.ModelConfig; num_dense/num_sparse/dim are derived
     bottom_sizes = [64, 16]
     top_sizes = [64]
 
@@ -36,7 +36,7 @@
     arrow_threads = 0           # Arrow CPU threads per worker (0: the node's cores / train.workers)
     arrow_memory_pool = "auto"  # "auto" | "system" | "jemalloc" | "mimalloc" | "default" (ArrowMemoryPool)
     [data.storage]              # S3 endpoint/credentials (ps.snapshot.storage.StorageConfig)
-    [data.synthetic]            # worker.synthetic.SyntheticConfig (batch size from [train])
+    [data.synthetic]            # worker.data_options.SyntheticConfig (batch size from [train])
     num_keys = 100000
 
 Errors name the field: `train.mode: must be one of 'sync', 'async', got 'fast'`.
@@ -52,9 +52,8 @@ from pathlib import Path
 
 from ps.job_config import JobConfig, build_config, parse_job_config
 from ps.snapshot.storage import StorageConfig
-from worker.model import ModelConfig
-from worker.readers import ArrowMemoryPool, BadRowPolicy
-from worker.synthetic import SyntheticConfig
+from worker.data_options import ArrowMemoryPool, BadRowPolicy, SyntheticConfig
+from worker.model_config import ModelConfig
 
 TRAINING_SECTIONS = ("train", "model", "data")
 

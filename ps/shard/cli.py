@@ -39,10 +39,10 @@ def run(args: argparse.Namespace) -> int:
     the process ends with the shard's exit status (ps/process/exit.py)."""
     from ps.process.exit import exit_process
     from ps.process.malloc import exec_with_malloc_tuning
-    from ps.shard.server import serve_shard
 
     if not args.no_malloc_tuning:
         exec_with_malloc_tuning(args.argv)
+    from ps.shard.server import serve_shard  # after the re-exec, which would import it twice
     exit_process(
         serve_shard(
             args.config,

@@ -221,9 +221,9 @@ class Shard:
         self.check_lookup_replies([request])
         keys = wire.decode_keys(request.keys)
         self.check_owned(keys)
-        values = table.lookup(keys)
+        values = table.read(keys)
         return ps_pb2.LookupResponse(
-            values=values.numpy().tobytes(), dim=table.dim, dtype=ps_pb2.FLOAT32, version=table.version
+            values=values.tobytes(), dim=table.dim, dtype=ps_pb2.FLOAT32, version=table.version
         )
 
     def push(self, request: ps_pb2.PushRequest) -> ps_pb2.PushResponse:
@@ -337,7 +337,7 @@ class Shard:
 
     def read_rows(self, name: str, keys: np.ndarray) -> np.ndarray:
         """Current values (n, dim) float32 of keys (n,) int64 of table `name`."""
-        return self.table(name).lookup(keys).cpu().numpy()
+        return self.table(name).read(keys)
 
     def read_stored_rows(self, name: str, keys: np.ndarray) -> tuple[str, np.ndarray]:
         """(storage, rows (n, value_words) float32 words as table `name` stores them) of keys (n,)."""

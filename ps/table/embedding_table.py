@@ -14,11 +14,12 @@ allocate. Not thread-safe: one caller at a time (the PS server serialises calls)
 
 from __future__ import annotations
 
+import sys
 from collections import deque
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from ps import native
 from ps.errors import CapacityError
@@ -27,6 +28,9 @@ from ps.table.config import AdmissionKind, EvictionPolicy, Kernels, OptimizerKin
 from ps.table.init import init_values
 from ps.table.row_store import BLOCK_SHIFT, RowStore
 from ps.table.state import TableChanges, TableState
+
+if TYPE_CHECKING:  # imported where a table needs it: a CPU table with native kernels never does
+    import torch
 
 _ADMISSION_SALT = 0x41444D4954  # separates admission coin flips from init values
 _MAX_STEP = 2**32 - 1
@@ -257,20 +261,37 @@ class EmbeddingTable:
         """keys (n,) int64 -> the rows they start with, (n, dim) float32; pure in (seed, key)."""
         return init_values(self.config, keys)
 
-    def lookup(self, keys: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """keys (n,) int64 -> values (n, dim) float32 on the table's device, row i for keys[i].
+    def read(self, keys: np.ndarray | torch.Tensor) -> np.ndarray:
+        """keys (n,) int64 -> values (n, dim) float32 in host memory, row i for keys[i].
 
         Keys without a row (never pushed, not admitted, evicted) read as their init value.
         """
+        if not self._store.native:
+            return self.lookup(keys).cpu().numpy()
         keys = native.as_keys(keys)
         rows = self._map.find(keys)
         # No zero fill: gather writes every found row and the init fills every missing one.
-        out = torch.empty((keys.shape[0], self.dim), dtype=torch.float32, device=self._store.device)
+        out = np.empty((keys.shape[0], self.dim), dtype=np.float32)
         if self._encoded:
             s = self._store
-            native.gather_decode(s.block_addresses, s.block_shift, self.width, self._native_storage, rows, out.numpy())
+            native.gather_decode(s.block_addresses, s.block_shift, self.width, self._native_storage, rows, out)
         else:
-            self._store.gather(rows, 0, self.dim, out.numpy() if self._store.native else out)
+            self._store.gather(rows, 0, self.dim, out)
+        missing = rows < 0
+        if missing.any():
+            out[missing] = self.init_values(keys[missing])
+        return out
+
+    def lookup(self, keys: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """keys (n,) int64 -> values (n, dim) float32 on the table's device, as `read` gives them."""
+        import torch
+
+        if self._store.native:
+            return torch.from_numpy(self.read(keys))
+        keys = native.as_keys(keys)
+        rows = self._map.find(keys)
+        out = torch.empty((keys.shape[0], self.dim), dtype=torch.float32, device=self._store.device)
+        self._store.gather(rows, 0, self.dim, out)
         missing = rows < 0
         if missing.any():
             init = torch.from_numpy(self.init_values(keys[missing])).to(out.device)
@@ -283,7 +304,7 @@ class EmbeddingTable:
         Keys without a row read as their init value, encoded as a row created now would be."""
         keys = native.as_keys(keys)
         if not self._encoded:
-            return self.lookup(keys).cpu().numpy()
+            return self.read(keys)
         rows = self._map.find(keys)
         out = np.empty((keys.shape[0], self.value_words), dtype=np.float32)
         self._store.gather(rows, 0, self.value_words, out)
@@ -411,6 +432,8 @@ class EmbeddingTable:
             new_keys = unique_keys[inserted]
             self._write_new_rows(new_keys, rows[inserted], np.zeros(num_inserted, np.uint32), step)
             self.num_admitted += num_inserted
+        import torch
+
         words = torch.as_tensor(self._store.gather(rows, 0, self.width))
         return unique_keys, rows, words, torch.from_numpy(sums).to(words.device), sightings, num_inserted
 
@@ -674,7 +697,8 @@ class EmbeddingTable:
     # -- internals -------------------------------------------------------------------------
 
     def _check_grads(self, grads: np.ndarray | torch.Tensor, n: int) -> np.ndarray:
-        if isinstance(grads, torch.Tensor):
+        torch = sys.modules.get("torch")  # not imported: grads cannot be a tensor
+        if torch is not None and isinstance(grads, torch.Tensor):
             if grads.dtype != torch.float32:
                 raise TypeError(f"grads: expected dtype float32, got {grads.dtype}")
             grads = grads.detach().cpu().numpy()
@@ -846,6 +870,8 @@ class EmbeddingTable:
                 step,
             )
             return
+        import torch
+
         words = torch.as_tensor(self._store.gather(rows, 0, self.width))  # shares the CPU array
         grads = torch.from_numpy(sums).to(words.device)
         if self._fbgemm_key is not None:
@@ -856,6 +882,8 @@ class EmbeddingTable:
 
     def _write_back(self, rows: np.ndarray, words: torch.Tensor, sightings: np.ndarray, step: int) -> None:
         """Scatters updated words (u, width) of rows (u,) with freq += sightings, last_step = step."""
+        import torch
+
         meta = words[:, self.meta_col :].view(torch.int32).to(torch.int64) & 0xFFFFFFFF
         freq = torch.clamp(meta[:, 0] + torch.from_numpy(sightings).to(words.device), max=_MAX_STEP)
         meta = torch.stack([freq, torch.full_like(freq, step)], dim=1)

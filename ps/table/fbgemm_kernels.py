@@ -20,10 +20,12 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from ps.table.config import OptimizerConfig, OptimizerKind
+
+if TYPE_CHECKING:  # torch comes with fbgemm_gpu, imported by the calls that need them
+    import torch
 
 FUSED_KINDS = (OptimizerKind.SGD, OptimizerKind.ADAGRAD, OptimizerKind.ROWWISE_ADAGRAD)
 _MIN_CAPACITY = 1024  # scratch rows per table; grows by doubling
@@ -51,6 +53,7 @@ class _Scratch:
     """One TBE of `num_tables` tables of `capacity` rows each, on `key.device`."""
 
     def __init__(self, key: GroupKey, num_tables: int, capacity: int) -> None:
+        import torch
         from fbgemm_gpu.split_embedding_configs import EmbOptimType
         from fbgemm_gpu.split_table_batched_embeddings_ops_common import PoolingMode
         from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
@@ -101,6 +104,8 @@ class FbgemmKernels:
         (columns past them untouched); grads[t] (u_t, dim) float32: each row's summed gradient.
         Every tensor on key.device.
         """
+        import torch
+
         sizes = [int(w.shape[0]) for w in words]
         total = sum(sizes)
         if total == 0:

@@ -49,7 +49,7 @@ def lookup_tables(tables: Sequence[EmbeddingTable], keys: np.ndarray, offsets: n
         native.lookup_multi(*_args(tables), keys, offsets, out)
         return out
     for i, table in enumerate(tables):  # device tables: one torch lookup each
-        out[starts[i] : starts[i + 1]] = table.lookup(keys[offsets[i] : offsets[i + 1]]).cpu().numpy().reshape(-1)
+        out[starts[i] : starts[i + 1]] = table.read(keys[offsets[i] : offsets[i + 1]]).reshape(-1)
     return out
 
 

@@ -16,10 +16,14 @@ independently, as the reference in tests/ps/reference_optim.py:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 
 from ps.table.config import OptimizerConfig, OptimizerKind
+
+if TYPE_CHECKING:  # imported by apply_torch: a CPU shard runs the native path and needs no torch
+    import torch
 
 
 def state_width(kind: OptimizerKind, dim: int) -> int:
@@ -59,6 +63,8 @@ def apply_torch(config: OptimizerConfig, words: torch.Tensor, grads: torch.Tenso
     words (u, width) float32: [value | state] columns of u unique rows (metadata columns untouched);
     grads (u, dim) float32: the summed gradient of each row. Same device for both.
     """
+    import torch
+
     w = words[:, :dim]
     s = words[:, dim:]
     g = grads

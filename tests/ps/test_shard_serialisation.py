@@ -51,7 +51,7 @@ def test_cancelled_offloaded_calls_never_overlap_later_calls():
     table_config = TableConfig("user", dim=DIM, optimizer=OptimizerConfig(OptimizerKind.ADAGRAD))
     with InProcessShards.start(make_job([table_config])) as shards:
         table = shards.servicers[0].shard.tables["user"]
-        probe = OverlapProbe(table, ("lookup", "apply_gradients"))
+        probe = OverlapProbe(table, ("read", "apply_gradients"))
         options = [("grpc.max_send_message_length", 64 << 20)]
         channel = grpc.insecure_channel(shards.job.shards[0].address, options=options)
         stub = ps_pb2_grpc.ParameterServerStub(channel)

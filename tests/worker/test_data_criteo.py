@@ -12,8 +12,9 @@ from hypothesis import strategies as st
 from tests.worker.reference_features import assert_batches_equal, batch_of_rows, key, rows_of
 from worker.batch import Batch
 from worker.criteo import CriteoTsvReader, write_criteo_sample
+from worker.data_options import BadRowPolicy
 from worker.features import hash_categorical, missing_key
-from worker.readers import BadRowPolicy, ReaderConfig
+from worker.readers import ReaderConfig
 
 
 def config(**kwargs) -> ReaderConfig:

@@ -5,10 +5,12 @@ import pytest
 import torch
 from torch import nn
 
+from worker.data_options import SyntheticConfig
 from worker.features import keys_from_values
 from worker.metrics import auc
-from worker.model import DenseTower, DLRMDenseTower, ModelConfig, check_dense_tower
-from worker.synthetic import Split, SyntheticConfig, SyntheticData
+from worker.model import DenseTower, DLRMDenseTower, check_dense_tower
+from worker.model_config import ModelConfig
+from worker.synthetic import Split, SyntheticData
 
 SMALL = ModelConfig(num_dense=5, num_sparse=3, dim=4, bottom_sizes=(8,), top_sizes=(6,), seed=1)
 

@@ -8,8 +8,9 @@ import pytest
 
 from tests.worker.reference_features import assert_batches_equal
 from worker.batch import Batch
+from worker.data_options import SyntheticConfig
 from worker.metrics import auc
-from worker.synthetic import Split, SyntheticConfig, SyntheticData, SyntheticReader
+from worker.synthetic import Split, SyntheticData, SyntheticReader
 
 SMALL = SyntheticConfig(num_dense=4, num_sparse=6, num_keys=1000, global_batch_size=64, num_batches=6, seed=11)
 
