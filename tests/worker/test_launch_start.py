@@ -61,7 +61,14 @@ def test_a_shard_that_does_not_start_is_a_restartable_failure(tmp_path):
         taken.bind((host, int(port)))
         taken.listen()
         failure = launcher._run_attempt(
-            job, launcher.LaunchOptions(job.path), True, None, tmp_path / "progress.jsonl", launcher._Failures(), None
+            job,
+            launcher.LaunchOptions(job.path),
+            True,
+            None,
+            tmp_path / "progress.jsonl",
+            launcher._Failures(),
+            None,
+            launcher._AgentImport(),
         )
     assert failure is not None and failure.startswith("ps shard 0 exited with code 1 while starting"), failure
     assert "cannot bind" in (tmp_path / "out" / "logs" / "ps-0.log").read_text()
