@@ -7,6 +7,7 @@
 #include <nanobind/ndarray.h>
 
 #include <cstdint>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -45,6 +46,22 @@ embps::BlockStore make_store(const Array<const uint64_t, nb::ndim<1>>& blocks, i
 
 // Low-precision rows (row_codec.h): the Storage enum and the kernels that decode, encode and
 // train float16 and int8 values. `words` arrays are (n, value_words) float32 holding raw words.
+size_t varint_size(uint64_t value) {
+  size_t size = 1;
+  for (; value > 0x7F; value >>= 7) ++size;
+  return size;
+}
+
+// Appends `value` as a protobuf varint of at least `min_bytes` (at most 10) bytes: a longer than
+// minimal varint is valid protobuf, each extra byte a zero group with the continuation bit set.
+void append_varint(std::string& out, uint64_t value, size_t min_bytes = 1) {
+  for (size_t written = 1; value > 0x7F || written < min_bytes; ++written) {
+    out.push_back(static_cast<char>((value & 0x7F) | 0x80));
+    value >>= 7;
+  }
+  out.push_back(static_cast<char>(value));
+}
+
 void bind_codec(nb::module_& m) {
   nb::enum_<embps::Storage>(m, "Storage")
       .value("FLOAT32", embps::Storage::kFloat32)
@@ -389,26 +406,37 @@ NB_MODULE(_embps_native, m) {
         },
         "maps"_a, "blocks"_a, "params"_a, "reals"_a, "seeds"_a, "keys"_a, "offsets"_a, "out"_a);
 
-  // The same into a new bytes object: the reply's values field, with no copy after the gather.
-  m.def("lookup_multi_bytes",
+  // The same into a new bytes object, with no copy after the gather: a whole serialised reply,
+  // `header` (its other fields, serialised) and then the values as its length-delimited field
+  // `field` (protobuf reads a concatenation of fields as one message).
+  m.def("lookup_multi_reply",
         [](nb::list maps, nb::list blocks, Array<const int64_t, nb::ndim<2>> params,
            Array<const double, nb::ndim<2>> reals, Array<const uint64_t, nb::ndim<1>> seeds, Keys keys,
-           Keys offsets) -> nb::object {
+           Keys offsets, nb::bytes header, uint32_t field) -> nb::object {
+          if (field == 0 || field >= (1u << 29)) throw nb::value_error("field: must be in [1, 2**29)");
           auto tables = make_tables(maps, blocks, params, reals);
           check_same_length("seeds", seeds.shape(0), tables.size());
           for (size_t i = 0; i < tables.size(); ++i) tables[i].seed = seeds.data()[i];
           const int64_t total = total_values(tables, offsets.data(), offsets.shape(0), keys.shape(0));
-          PyObject* raw = PyBytes_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(total * sizeof(float)));
+          const uint64_t value_bytes = static_cast<uint64_t>(total) * sizeof(float);
+          std::string prefix(header.c_str(), header.size());
+          append_varint(prefix, uint64_t{field} << 3 | 2u);  // tag: length-delimited
+          // The length takes 0-3 bytes more than it needs, so that the values start 4-aligned.
+          const size_t needed = varint_size(value_bytes);
+          append_varint(prefix, value_bytes, needed + (4 - (prefix.size() + needed) % 4) % 4);
+          PyObject* raw = PyBytes_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(prefix.size() + value_bytes));
           if (raw == nullptr) throw nb::python_error();
           nb::object out = nb::steal(raw);
-          float* dst = reinterpret_cast<float*>(PyBytes_AS_STRING(raw));
+          char* start = PyBytes_AS_STRING(raw);
+          std::memcpy(start, prefix.data(), prefix.size());
+          float* dst = reinterpret_cast<float*>(start + prefix.size());  // a bytes object's data is 16-aligned
           {
             nb::gil_scoped_release release;
             embps::lookup_multi(tables, keys.data(), offsets.data(), dst);
           }
           return out;
         },
-        "maps"_a, "blocks"_a, "params"_a, "reals"_a, "seeds"_a, "keys"_a, "offsets"_a);
+        "maps"_a, "blocks"_a, "params"_a, "reals"_a, "seeds"_a, "keys"_a, "offsets"_a, "header"_a, "field"_a);
 
   m.def("push_multi",
         [](nb::list maps, nb::list blocks, Array<const int64_t, nb::ndim<2>> params,

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 
-from ps import native, wire
+from ps import bulk_messages, native, wire
 from ps.errors import CapacityError, EmbpsError, UnknownTableError, WrongShardError
 from ps.job_config import DEFAULT_MESSAGE_LIMIT, Deadlines, JobConfig
 from ps.rpc import ps_pb2, ps_pb2_grpc
@@ -125,7 +125,8 @@ class PreparedPush:
     would draw new ids and could apply the same gradients twice.
     """
 
-    calls: list[tuple[int, ps_pb2.PushRequest]] | list[tuple[int, ps_pb2.MultiPushRequest]]
+    # PushMulti: each request serialised (ps/bulk_messages.py)
+    calls: list[tuple[int, ps_pb2.PushRequest]] | list[tuple[int, bytes]]
     batched: bool  # several tables: the calls to one shard travel in PushBatch RPCs
     method: str = "Push"  # "PushMulti": the calls are multi-table requests (prepare_push_multi)
 
@@ -207,14 +208,14 @@ class PSClient:
         ]
         # TLS and the role's bearer token when the job's [security] has them (ps/security.py).
         self._channels = [open_channel(a, security or SecurityConfig(), role, options) for a in self.addresses]
-        self._stubs = [ps_pb2_grpc.ParameterServerStub(c) for c in self._channels]
+        self._stubs = [_stub(c) for c in self._channels]
         # Each shard's stubs: its primary's, then its standby's; self._stubs[s] is the one in use.
         self._pairs = [[stub] for stub in self._stubs]
         for shard, standby in enumerate(standbys):
             if standby:
                 channel = open_channel(standby, security or SecurityConfig(), role, options)
                 self._channels.append(channel)
-                self._pairs[shard].append(ps_pb2_grpc.ParameterServerStub(channel))
+                self._pairs[shard].append(_stub(channel))
         self._max_backoff = 1.0
         self._retry_codes = _RETRY_CODES
         self._paired = any(len(pair) == 2 for pair in self._pairs)
@@ -384,12 +385,10 @@ class PSClient:
         flight at once: (positions into the keys, their values flat in that order) per RPC."""
         calls, spans = [], []
         for shard, chunk, names, sizes in self._plan_multi(layout, extra_per_key=8):
-            request = ps_pb2.MultiLookupRequest(
-                tables=names,
-                dims=[layout.dim_of[name] for name in names],
-                offsets=_offsets_of(sizes),
-                keys=wire.encode_keys(layout.keys[chunk]),
+            header = ps_pb2.MultiLookupRequest(
+                tables=names, dims=[layout.dim_of[name] for name in names], offsets=_offsets_of(sizes)
             )
+            request = bulk_messages.encode(header, keys=wire.keys_buffer(layout.keys[chunk]))
             calls.append((shard, request))
             spans.append(chunk)
         replies = self._call_all("LookupMulti", calls, self.deadlines.lookup)
@@ -434,18 +433,21 @@ class PSClient:
             counts = None
         calls = []
         for shard, chunk, names, sizes in self._plan_multi(layout, extra_per_key=16):
-            request = ps_pb2.MultiPushRequest(
+            header = ps_pb2.MultiPushRequest(
                 tables=names,
                 dims=[layout.dim_of[name] for name in names],
                 offsets=_offsets_of(sizes),
-                keys=wire.encode_keys(layout.keys[chunk]),
-                grads=layout.take(flat, chunk).tobytes(),
                 dtype=ps_pb2.FLOAT32,
                 push_id=ps_pb2.PushId(client_id=self.client_id, sequence=next(self._sequence)),
-                counts=wire.encode_keys(counts[chunk]) if counts is not None else b"",
             )
             if step is not None:
-                request.step = step
+                header.step = step
+            request = bulk_messages.encode(
+                header,
+                keys=wire.keys_buffer(layout.keys[chunk]),
+                grads=wire.values_buffer(layout.take(flat, chunk)),
+                counts=wire.keys_buffer(counts[chunk]) if counts is not None else b"",
+            )
             calls.append((shard, request))
         return PreparedPush(calls, batched=False, method="PushMulti")
 
@@ -618,6 +620,27 @@ class PSClient:
         for key, value in rpc.trailing_metadata() or ():
             if key == wire.EPOCH_METADATA_KEY and value.isdigit():
                 self._epochs[shard] = max(self._epochs[shard], int(value))
+
+
+def _stub(channel: grpc.Channel) -> ps_pb2_grpc.ParameterServerStub:
+    """The generated stub, except that the table calls also take requests already serialised by
+    ps/bulk_messages.py, and a lookup reply's values are read where they arrived: the megabytes of
+    a multi-table round are copied once on the way out and not at all on the way in."""
+    stub = ps_pb2_grpc.ParameterServerStub(channel)
+    for method, reply in (
+        ("Lookup", bulk_messages.parser(ps_pb2.LookupResponse, ("values",))),
+        ("LookupMulti", bulk_messages.parser(ps_pb2.MultiLookupResponse, ("values",))),
+        ("Push", ps_pb2.PushResponse.FromString),
+        ("PushMulti", ps_pb2.MultiPushResponse.FromString),
+    ):
+        call = channel.unary_unary(
+            f"/embps.v1.ParameterServer/{method}",
+            request_serializer=bulk_messages.serialize,
+            response_deserializer=reply,
+            _registered_method=True,
+        )
+        setattr(stub, method, call)
+    return stub
 
 
 def _offsets_of(sizes: list[int]) -> list[int]:

@@ -222,7 +222,7 @@ def encode_words(storage: Enum, seed: int, keys: np.ndarray, stream: int, values
 
 # Multi-table verbs (csrc/multi_table.h); ps/table/multi.py builds their per-table arguments.
 lookup_multi = _native.lookup_multi
-lookup_multi_bytes = _native.lookup_multi_bytes  # the values as little-endian bytes (a reply field)
+lookup_multi_reply = _native.lookup_multi_reply  # a serialised reply: header + the values as one field
 push_multi = _native.push_multi
 
 

@@ -31,22 +31,35 @@ EPOCH_METADATA_KEY = "embps-epoch"
 
 def encode_keys(keys: np.ndarray) -> bytes:
     """keys (n,) int64 -> n * 8 bytes, little-endian."""
+    return keys_buffer(keys).tobytes()
+
+
+def keys_buffer(keys: np.ndarray, name: str = "keys") -> np.ndarray:
+    """encode_keys' bytes without the copy: keys (n,) int64 as a C-contiguous little-endian array
+    (the same array when it is one already), for ps/bulk_messages.py."""
     keys = np.asarray(keys)
     if keys.dtype != np.int64:
-        raise TypeError(f"keys: expected dtype int64, got {keys.dtype}")
+        raise TypeError(f"{name}: expected dtype int64, got {keys.dtype}")
     if keys.ndim != 1:
-        raise ValueError(f"keys: expected shape (n,), got {keys.shape}")
-    return keys.astype(KEY_DTYPE, copy=False).tobytes()
+        raise ValueError(f"{name}: expected shape (n,), got {keys.shape}")
+    return np.ascontiguousarray(keys, dtype=KEY_DTYPE)
 
 
 def encode_values(values: np.ndarray, dim: int, name: str = "values") -> bytes:
     """values (n, dim) float32 -> n * dim * 4 bytes, row-major, little-endian."""
     values = np.asarray(values)
-    if values.dtype != np.float32:
-        raise TypeError(f"{name}: expected dtype float32, got {values.dtype}")
     if values.ndim != 2 or values.shape[1] != dim:
         raise ValueError(f"{name}: expected shape (n, {dim}), got {values.shape}")
-    return values.astype(VALUE_DTYPE, copy=False).tobytes()
+    return values_buffer(values, name).tobytes()
+
+
+def values_buffer(values: np.ndarray, name: str = "values") -> np.ndarray:
+    """float32 values of any shape as a C-contiguous little-endian array (the same array when it is
+    one already): their bytes as encode_values writes them, for ps/bulk_messages.py."""
+    values = np.asarray(values)
+    if values.dtype != np.float32:
+        raise TypeError(f"{name}: expected dtype float32, got {values.dtype}")
+    return np.ascontiguousarray(values, dtype=VALUE_DTYPE)
 
 
 def decode_keys(data: bytes, name: str = "keys") -> np.ndarray:

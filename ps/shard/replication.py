@@ -55,6 +55,7 @@ from collections.abc import AsyncIterator
 import grpc
 from prometheus_client import Counter, Gauge
 
+from ps import bulk_messages
 from ps.errors import NotPrimaryError
 from ps.etcd import EtcdUnavailableError
 from ps.job_config import JobConfig
@@ -68,6 +69,8 @@ from ps.shard.update_log import UpdateLog
 log = logging.getLogger("embps.ps")
 
 _REPLICATE_METHOD = "/{}/Replicate".format(replication_pb2.DESCRIPTOR.services_by_name["Replication"].full_name)
+# A forwarded push is read where it arrived (ps/bulk_messages.py).
+BULK_FIELDS = {_REPLICATE_METHOD: ("request",)}
 ROLE_VALUES = {"standby": 0, "joining": 1, "sync": 2, "lost": 3, "alone": 4, "deposed": 5, "copying": 6, "catching": 7}
 CATCH_UP_PATIENCE_S = 60.0  # a standby loading a copied state acks nothing meanwhile
 _CHANNEL_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
@@ -507,10 +510,12 @@ class Replication:
             return 0
         self._sequence += 1
         sequence = self._sequence
-        self._queue.append((sequence, replication_pb2.ReplicateRequest(
-            epoch=self.epoch, sequence=sequence, method=method, request=request.SerializeToString(),
-            sealed_tables=sealed_tables,
-        ).SerializeToString()))
+        # The request as it arrived (a push parsed by ps/bulk_messages.py keeps its bytes), copied
+        # once, into the message.
+        header = replication_pb2.ReplicateRequest(
+            epoch=self.epoch, sequence=sequence, method=method, sealed_tables=sealed_tables
+        )
+        self._queue.append((sequence, bulk_messages.encode(header, request=request.SerializeToString())))
         self.loop.call_soon_threadsafe(self._wake.set)
         if self.state is State.SYNC and threading.get_ident() != self._loop_thread:
             # On the tables thread: the standby starts applying this message as soon as it is sent,
@@ -674,9 +679,9 @@ class Replication:
         method = message.method
         try:
             if method == "Push":
-                response = self.servicer.apply_push(ps_pb2.PushRequest.FromString(message.request))
+                response = self.servicer.apply_push(bulk_messages.parse(ps_pb2.PushRequest, message.request))
             elif method == "PushMulti":
-                response = self.servicer.apply_push_multi(ps_pb2.MultiPushRequest.FromString(message.request))
+                response = self.servicer.apply_push_multi(bulk_messages.parse(ps_pb2.MultiPushRequest, message.request))
             elif method == "Commit":
                 response = self.servicer.apply_commit(
                     ps_pb2.CommitRequest.FromString(message.request), tuple(message.sealed_tables)

@@ -81,6 +81,13 @@ class _Rows:
 
 
 _PUSH_METHODS = frozenset({"Push", "PushBatch", "PushMulti"})
+# The table calls whose keys and gradients are read where they arrived (ps/bulk_messages.py).
+_BULK_FIELDS = {
+    "/embps.v1.ParameterServer/Lookup": ("keys",),
+    "/embps.v1.ParameterServer/LookupMulti": ("keys",),
+    "/embps.v1.ParameterServer/Push": ("keys", "grads", "counts"),
+    "/embps.v1.ParameterServer/PushMulti": ("keys", "grads", "counts"),
+}
 
 
 def payload_bytes(request, trust_sizes: bool) -> tuple[int, int]:
@@ -282,8 +289,8 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
             self.notify(table)
 
     @_tables_call("Lookup")
-    def Lookup(self, request: ps_pb2.LookupRequest) -> ps_pb2.LookupResponse:
-        return self.shard.lookup(request)
+    def Lookup(self, request: ps_pb2.LookupRequest) -> bytes:
+        return self.shard.lookup_encoded(request)
 
     @_tables_call("LookupBatch")
     def LookupBatch(self, request: ps_pb2.LookupBatchRequest) -> ps_pb2.LookupBatchResponse:
@@ -300,7 +307,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         return self.apply_push(request)
 
     @_tables_call("LookupMulti")
-    def LookupMulti(self, request: ps_pb2.MultiLookupRequest) -> ps_pb2.MultiLookupResponse:
+    def LookupMulti(self, request: ps_pb2.MultiLookupRequest) -> bytes:
         return self.shard.lookup_multi(request)
 
     @_tables_call("PushMulti")
@@ -600,9 +607,11 @@ class ShardPort:
         )
 
         replication = None
+        bulk = dict(_BULK_FIELDS)
         if job.shards[shard_index].standby:
-            from ps.shard.replication import attach_replication
+            from ps.shard.replication import BULK_FIELDS, attach_replication
 
+            bulk.update(BULK_FIELDS)
             replication = attach_replication(
                 servicer, job, shard_index, self.address, self.standby, self.metrics.registry
             )
@@ -613,7 +622,7 @@ class ShardPort:
             if replication is not None:
                 replication.add_to_server(server)
 
-        self.services.open(add_servicers)
+        self.services.open(add_servicers, bulk)
         if replication is not None:
             await replication.start()
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)

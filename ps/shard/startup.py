@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 import grpc
 
+from ps import bulk_messages
 from ps.shard.metrics import ShardMetrics
 
 # A shard whose restore step cannot be used (corrupt, incomplete, missing) exits with this code,
@@ -92,11 +93,13 @@ class DeferredServices(grpc.GenericRpcHandler):
         self.on_refused = on_refused
         self._handlers: dict[str, grpc.RpcMethodHandler] | None = None
 
-    def open(self, add_servicers: Callable[[_Collector], None]) -> None:
-        """add_servicers(server) registers the servicers as on a grpc server; from now on they answer."""
+    def open(self, add_servicers: Callable[[_Collector], None], bulk: dict[str, tuple[str, ...]]) -> None:
+        """add_servicers(server) registers the servicers as on a grpc server; from now on they answer.
+        bulk: {full method name: its request's bytes fields read without a copy}
+        (ps/bulk_messages.py); every method may answer with a reply already encoded."""
         collector = _Collector()
         add_servicers(collector)
-        self._handlers = collector.handlers
+        self._handlers = bulk_messages.zero_copy_handlers(collector.handlers, bulk)
 
     def service(self, handler_call_details):
         if self._handlers is not None:

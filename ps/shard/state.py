@@ -16,7 +16,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from ps import wire
+from ps import bulk_messages, wire
 from ps.errors import UnknownTableError, WrongShardError
 from ps.job_config import JobConfig
 from ps.rpc import ps_pb2
@@ -216,15 +216,24 @@ class Shard:
 
     def lookup(self, request: ps_pb2.LookupRequest) -> ps_pb2.LookupResponse:
         """values (n, dim) float32 of keys (n,) int64; unknown keys read as their init value."""
+        table, values = self._read(request)
+        return ps_pb2.LookupResponse(
+            values=values.tobytes(), dim=table.dim, dtype=ps_pb2.FLOAT32, version=table.version
+        )
+
+    def lookup_encoded(self, request: ps_pb2.LookupRequest) -> bytes:
+        """lookup's reply, serialised with its values copied once (ps/bulk_messages.py)."""
+        table, values = self._read(request)
+        reply = ps_pb2.LookupResponse(dim=table.dim, dtype=ps_pb2.FLOAT32, version=table.version)
+        return bulk_messages.encode(reply, values=values)
+
+    def _read(self, request: ps_pb2.LookupRequest) -> tuple[EmbeddingTable, np.ndarray]:
         table = self.table(request.table)
         wire.check_dim(request.dim, table.dim, table.name)
         self.check_lookup_replies([request])
         keys = wire.decode_keys(request.keys)
         self.check_owned(keys)
-        values = table.read(keys)
-        return ps_pb2.LookupResponse(
-            values=values.tobytes(), dim=table.dim, dtype=ps_pb2.FLOAT32, version=table.version
-        )
+        return table, np.ascontiguousarray(table.read(keys), dtype="<f4")
 
     def push(self, request: ps_pb2.PushRequest) -> ps_pb2.PushResponse:
         """Applies grads (n, dim) of keys (n,) once per push id; a repeat returns the first answer."""
@@ -266,8 +275,9 @@ class Shard:
             wire.check_dim(dim, table.dim, table.name)
         return tables
 
-    def lookup_multi(self, request: ps_pb2.MultiLookupRequest) -> ps_pb2.MultiLookupResponse:
-        """Every table's keys in one buffer -> every table's values in one buffer (one native call)."""
+    def lookup_multi(self, request: ps_pb2.MultiLookupRequest) -> bytes:
+        """Every table's keys in one buffer -> every table's values in one buffer (one native call):
+        the serialised MultiLookupResponse, its values gathered straight into it."""
         tables = self.multi_tables(request.tables, request.dims)
         keys = wire.decode_keys(request.keys)
         offsets = wire.decode_offsets(request.offsets, len(tables), keys.shape[0])
@@ -278,8 +288,8 @@ class Shard:
                 f"keys: the reply would be {reply_bytes:,} bytes, over message_limit_bytes {limit:,}; split the request"
             )
         self.check_owned(keys)
-        values = multi.lookup_tables_bytes(tables, keys, offsets)
-        return ps_pb2.MultiLookupResponse(values=values, dtype=ps_pb2.FLOAT32, versions=[t.version for t in tables])
+        header = ps_pb2.MultiLookupResponse(dtype=ps_pb2.FLOAT32, versions=[t.version for t in tables])
+        return multi.lookup_tables_reply(tables, keys, offsets, header, "values")
 
     def push_multi(self, request: ps_pb2.MultiPushRequest) -> tuple[ps_pb2.MultiPushResponse, list[str]]:
         """Applies every table's gradients once per push id; a repeat returns the first answer.

@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ps import native
+from ps import bulk_messages, native
 from ps.table import fbgemm_kernels
 from ps.table.embedding_table import ApplyResult, EmbeddingTable
+
+if TYPE_CHECKING:
+    from google.protobuf.message import Message
 
 
 def value_offsets(tables: Sequence[EmbeddingTable], offsets: np.ndarray) -> np.ndarray:
@@ -53,12 +57,17 @@ def lookup_tables(tables: Sequence[EmbeddingTable], keys: np.ndarray, offsets: n
     return out
 
 
-def lookup_tables_bytes(tables: Sequence[EmbeddingTable], keys: np.ndarray, offsets: np.ndarray) -> bytes:
-    """lookup_tables' values as the bytes of a reply (float32, little-endian on this host), written
-    by the native call straight into the bytes object when every table is native."""
+def lookup_tables_reply(
+    tables: Sequence[EmbeddingTable], keys: np.ndarray, offsets: np.ndarray, header: Message, field: str
+) -> bytes:
+    """`header` serialised with lookup_tables' values (float32, little-endian) as its bytes field
+    `field`: the whole reply, written by the native call straight into the bytes object when every
+    table is native (ps/bulk_messages.py)."""
     if all(t.multi_native for t in tables) and sys.byteorder == "little":
-        return native.lookup_multi_bytes(*_args(tables), keys, offsets)
-    return lookup_tables(tables, keys, offsets).astype("<f4", copy=False).tobytes()
+        number = header.DESCRIPTOR.fields_by_name[field].number
+        return native.lookup_multi_reply(*_args(tables), keys, offsets, header.SerializeToString(), number)
+    values = lookup_tables(tables, keys, offsets).astype("<f4", copy=False)
+    return bulk_messages.encode(header, **{field: values})
 
 
 def push_tables(

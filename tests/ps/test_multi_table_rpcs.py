@@ -22,7 +22,7 @@ from ps.table.config import (
     TableConfig,
 )
 from ps.table.embedding_table import EmbeddingTable
-from ps.table.multi import lookup_tables, push_tables, value_offsets
+from ps.table.multi import lookup_tables, lookup_tables_reply, push_tables, value_offsets
 from tests.helpers.in_process import InProcessShards
 from tests.helpers.processes import make_job
 
@@ -114,6 +114,32 @@ def test_native_multi_table_call_equals_each_table_alone():
         np.testing.assert_array_equal(values[starts[i] : starts[i + 1]].reshape(-1, table.dim), table.lookup(k).numpy())
     for a, b in zip(multi, alone, strict=True):
         _assert_same_state(a, b)
+
+
+def test_a_native_lookup_reply_is_the_message_protobuf_would_write():
+    """lookup_tables_reply gathers straight into the serialised reply: protobuf reads back the
+    header's fields and lookup_tables' values, the values start 4-aligned whatever the header's
+    length, and tables the native call cannot serve give the same reply bytes' meaning."""
+    native_tables = [EmbeddingTable(t) for t in MIXED if t.name in ("sgd", "adagrad", "rowwise", "adam", "ftrl")]
+    rng = np.random.default_rng(1)
+    keys, _, _, offsets = _round(rng, [t.config for t in native_tables], 50)
+    keys = np.concatenate(keys)
+    want = lookup_tables(native_tables, keys, offsets)
+    assert all(t.multi_native for t in native_tables)
+    for versions in range(12):  # headers of 0 to 14 bytes: every length mod 4
+        header = ps_pb2.MultiLookupResponse(dtype=ps_pb2.FLOAT32, versions=range(1, versions + 1))
+        reply = lookup_tables_reply(native_tables, keys, offsets, header, "values")
+        parsed = ps_pb2.MultiLookupResponse.FromString(reply)
+        assert list(parsed.versions) == list(range(1, versions + 1)) and parsed.dtype == ps_pb2.FLOAT32
+        np.testing.assert_array_equal(np.frombuffer(parsed.values, np.float32), want)
+        assert (len(reply) - want.nbytes) % 4 == 0  # the values start 4-aligned
+    mixed = [EmbeddingTable(t) for t in MIXED]
+    keys, _, _, offsets = _round(rng, MIXED, 20)
+    keys = np.concatenate(keys)
+    reply = lookup_tables_reply(mixed, keys, offsets, ps_pb2.MultiLookupResponse(versions=[5]), "values")
+    parsed = ps_pb2.MultiLookupResponse.FromString(reply)
+    np.testing.assert_array_equal(np.frombuffer(parsed.values, np.float32), lookup_tables(mixed, keys, offsets))
+    assert list(parsed.versions) == [5]
 
 
 def test_one_request_with_mixed_dims_and_optimizers_equals_per_table_rpcs(start_shards):

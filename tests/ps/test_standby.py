@@ -219,7 +219,7 @@ def test_sigkill_of_the_primary_fails_over_then_a_new_standby_catches_up_and_tak
         assert "PROMOTED" in new_log.read_text(), new_log.read_text()[-3000:]
         for _, prepared in acked:
             for _, request in prepared.calls:
-                reference.push_multi(request)
+                reference.push_multi(ps_pb2.MultiPushRequest.FromString(request))
         # The second promoted standby holds every acknowledged push once, bit for bit.
         got = shard_state(job, job.shards[0].address, tmp_path.as_uri() + "/snaps", 1)
         assert_bit_equal(got, reference)
@@ -323,13 +323,13 @@ def test_training_goes_on_while_the_arbiter_is_down_and_serving_follows_a_failov
             prepared = make_push(client, data, step)
             client.send_push(prepared)
             for _, request in prepared.calls:
-                reference.push_multi(request)
+                reference.push_multi(ps_pb2.MultiPushRequest.FromString(request))
         etcd.restart()
         step += 1
         prepared = make_push(client, data, step)
         client.send_push(prepared)
         for _, request in prepared.calls:
-            reference.push_multi(request)
+            reference.push_multi(ps_pb2.MultiPushRequest.FromString(request))
         print(f"{step} pushes, {step - 1} of them with etcd down")
         assert step > 5
         assert "PROMOTED" not in pair.log(1) and "deposed" not in pair.log(0)
@@ -343,7 +343,7 @@ def test_training_goes_on_while_the_arbiter_is_down_and_serving_follows_a_failov
             prepared = make_push(client, data, step)
             client.send_push(prepared)
             for _, request in prepared.calls:
-                reference.push_multi(request)
+                reference.push_multi(ps_pb2.MultiPushRequest.FromString(request))
         version = reference.tables["adam"].version
         wait_until(lambda: following.replica.shards[0].version == version, "the follower at the new primary's")
         keys, values = following.replica.shards[0].export()

@@ -1,0 +1,200 @@
+"""Protobuf messages whose bulk bytes fields (keys, gradients, values) travel without copies.
+
+upb copies a bytes field at every step: when it is set, when the message is serialised (twice:
+into the encoder, then into the Python bytes), when it is parsed, and at every read. A step of a
+26-table model moves megabytes in one field of a LookupMulti reply and of a PushMulti, and a
+shard with a standby forwards each push inside a ReplicateRequest, so those copies were a large
+part of a shard's CPU per step.
+
+Here a bulk field is written once, straight into the serialised message (`encode`), and read as
+a memoryview over the bytes the message arrived in (`parse`); the message's other fields go
+through protobuf as always. Both sides stay wire-compatible with any protobuf peer: a serialised
+message is the concatenation of its fields in any order, and a parser merges a concatenation.
+
+    >>> from ps.rpc import ps_pb2
+    >>> data = encode(ps_pb2.LookupRequest(table="t", dim=4), keys=b"\\x01" * 8)
+    >>> ps_pb2.LookupRequest.FromString(data).keys == b"\\x01" * 8
+    True
+    >>> request = parse(ps_pb2.LookupRequest, data)
+    >>> request.table, bytes(request.keys) == b"\\x01" * 8, request.SerializeToString() is data
+    ('t', True, True)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from google.protobuf.message import DecodeError, Message
+
+_LENGTH_DELIMITED = 2
+# Past this many fields a message is parsed by protobuf alone (every field copied, as before):
+# the scan below is Python, and must not let a message of millions of tiny fields hold a loop.
+_MAX_SCANNED_FIELDS = 4096
+_EMPTY = memoryview(b"")
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def encode(message: Message, **bulk: Any) -> bytes:
+    """`message` serialised with each `name=buffer` as its bytes field `name`, the buffer copied
+    once, into the result. The message must leave those fields unset. A buffer is any
+    C-contiguous object with the buffer protocol (bytes, memoryview, numpy array); an empty one
+    is left out, as protobuf leaves out an empty bytes field."""
+    fields = message.DESCRIPTOR.fields_by_name
+    parts: list[Any] = [message.SerializeToString()]
+    for name, data in bulk.items():
+        field = fields.get(name)
+        if field is None or field.type != field.TYPE_BYTES or field.is_repeated:
+            raise TypeError(f"{name}: not a singular bytes field of {message.DESCRIPTOR.full_name}")
+        size = memoryview(data).nbytes
+        if size:
+            parts += (_varint(field.number << 3 | _LENGTH_DELIMITED), _varint(size), data)
+    return b"".join(parts)
+
+
+def serialize(message: Message | bytes) -> bytes:
+    """A gRPC serializer for a method whose messages may come already encoded (`encode`)."""
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
+class BulkMessage:
+    """A message parsed by `parse`: its bulk fields are read-only memoryviews over the bytes it
+    was parsed from (empty when absent); every other attribute is the protobuf message's.
+    SerializeToString returns those bytes, as they came."""
+
+    __slots__ = ("message", "_bulk", "_names", "_data")
+
+    def __init__(self, message: Message, bulk: dict[str, memoryview], names: frozenset[str], data: bytes) -> None:
+        self.message = message
+        self._bulk = bulk
+        self._names = names
+        self._data = data
+
+    def __getattr__(self, name: str) -> Any:
+        if name in self._names:
+            return self._bulk.get(name, _EMPTY)
+        return getattr(self.message, name)
+
+    def SerializeToString(self, **_: Any) -> bytes:  # noqa: N802 - protobuf's name
+        return self._data if isinstance(self._data, bytes) else bytes(self._data)
+
+    def ByteSize(self) -> int:  # noqa: N802 - protobuf's name
+        return len(self._data)
+
+    def HasField(self, name: str) -> bool:  # noqa: N802 - protobuf's name
+        if name in self._names:
+            raise ValueError(f"{name}: a proto3 bytes field has no presence")
+        return self.message.HasField(name)
+
+
+def _read_varint(data: bytes, pos: int) -> int:
+    """The position after the varint at `pos` (its value is not needed)."""
+    end = min(len(data), pos + 10)
+    while pos < end:
+        if data[pos] < 0x80:
+            return pos + 1
+        pos += 1
+    raise DecodeError("truncated or overlong varint")
+
+
+def _read_length(data: bytes, pos: int) -> tuple[int, int]:
+    value, shift, end = 0, 0, min(len(data), pos + 10)
+    while pos < end:
+        byte = data[pos]
+        value |= (byte & 0x7F) << shift
+        pos += 1
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+    raise DecodeError("truncated or overlong varint")
+
+
+def parse(cls: type[Message], data: bytes | memoryview, bulk: tuple[str, ...] | None = None) -> BulkMessage:
+    """`cls.FromString(data)`, with the bytes fields `bulk` (default: every singular bytes field of
+    `cls`) read as views over `data` rather than copied. Raises DecodeError where FromString
+    would. A message that repeats a bulk field reads the last, as protobuf does."""
+    names = frozenset(bulk) if bulk is not None else _singular_bytes_fields(cls)
+    numbers = {cls.DESCRIPTOR.fields_by_name[name].number: name for name in names}
+    view = memoryview(data)
+    views: dict[str, memoryview] = {}
+    rest: list[memoryview] = []  # the other fields, in order
+    pos, span, fields, size = 0, 0, 0, len(data)
+    while pos < size:
+        fields += 1
+        if fields > _MAX_SCANNED_FIELDS:
+            return _parsed_whole(cls, data, names)
+        start = pos
+        tag, pos = _read_length(data, pos)
+        number, wire_type = tag >> 3, tag & 7
+        if number == 0:
+            raise DecodeError("field number 0")
+        if wire_type == _LENGTH_DELIMITED:
+            length, pos = _read_length(data, pos)
+            end = pos + length
+            if end > size:
+                raise DecodeError(f"field {number}: {length} bytes, {size - pos} left in the message")
+            if number in numbers:
+                rest.append(view[span:start])
+                views[numbers[number]] = view[pos:end]
+                span = end
+            pos = end
+        elif wire_type == 0:
+            pos = _read_varint(data, pos)
+        elif wire_type == 1 or wire_type == 5:
+            pos += 8 if wire_type == 1 else 4
+        else:
+            return _parsed_whole(cls, data, names)  # groups (or garbage): protobuf decides
+    if pos > size:
+        raise DecodeError("the last field runs past the end of the message")
+    if not views:
+        return BulkMessage(cls.FromString(data), views, names, data)
+    rest.append(view[span:])
+    return BulkMessage(cls.FromString(b"".join(rest)), views, names, data)
+
+
+def _parsed_whole(cls: type[Message], data: bytes, names: frozenset[str]) -> BulkMessage:
+    message = cls.FromString(data)
+    views = {name: memoryview(getattr(message, name)) for name in names}
+    return BulkMessage(message, views, names, data)
+
+
+_BYTES_FIELDS: dict[type, frozenset[str]] = {}
+
+
+def _singular_bytes_fields(cls: type[Message]) -> frozenset[str]:
+    names = _BYTES_FIELDS.get(cls)
+    if names is None:
+        names = frozenset(
+            f.name for f in cls.DESCRIPTOR.fields if f.type == f.TYPE_BYTES and not f.is_repeated
+        )
+        _BYTES_FIELDS[cls] = names
+    return names
+
+
+def parser(cls: type[Message], bulk: tuple[str, ...] | None = None):
+    """A gRPC deserializer: bytes -> parse(cls, bytes, bulk)."""
+    names = tuple(bulk) if bulk is not None else tuple(_singular_bytes_fields(cls))
+    return lambda data: parse(cls, data, names)
+
+
+def zero_copy_handlers(handlers: dict[str, Any], bulk: dict[str, tuple[str, ...]]) -> dict[str, Any]:
+    """gRPC method handlers (by full method name) with the methods of `bulk` parsing their requests
+    by `parse`, those fields read as views, and every handler of `handlers` sending a reply that
+    is already bytes (`encode`) as it is."""
+    out = {}
+    for method, handler in handlers.items():
+        changes: dict[str, Any] = {}
+        if handler.response_serializer is not None:
+            changes["response_serializer"] = serialize
+        if method in bulk:
+            cls = handler.request_deserializer.__self__  # the generated code passes Message.FromString
+            changes["request_deserializer"] = parser(cls, bulk[method])
+        out[method] = handler._replace(**changes)
+    return out
