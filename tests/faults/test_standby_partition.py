@@ -24,6 +24,7 @@ from ps.client import PSClient
 from ps.job_config import ArbiterConfig, Deadlines, JobConfig, ShardConfig, dump_job_config
 from ps.process.children import stop as stop_pid
 from ps.process.malloc import MALLOC_TUNING
+from ps.rpc import ps_pb2
 from ps.shard.arbiter import Arbiter
 from ps.shard.state import Shard
 from tests.helpers.etcd import start_etcd
@@ -120,7 +121,7 @@ def test_a_primary_cut_off_the_network_is_replaced_and_acknowledges_nothing(tmp_
         assert (membership.primary, membership.epoch) == (job.shards[0].standby, 2)
         for _, prepared in acked:
             for _, request in prepared.calls:
-                reference.push_multi(request)
+                reference.push_multi(ps_pb2.MultiPushRequest.FromString(request))
         assert_bit_equal(shard_state(job, job.shards[0].standby, tmp_path.as_uri() + "/snaps", STEPS), reference)
     finally:
         if client is not None:
