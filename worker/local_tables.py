@@ -6,6 +6,7 @@ machine without servers. Same tables, same optimizer math, no RPC.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,20 +29,29 @@ class MultiRound:
 
 
 class LocalTables:
-    """lookup/push of PSClient on EmbeddingTables in this process (one shard)."""
+    """lookup/push of PSClient on EmbeddingTables in this process (one shard).
+
+    Thread-safe as PSClient is: table calls are serialised, as a shard serialises them. An async
+    trainer looks up the next batch on one thread while it pushes on another, and a lookup beside a
+    push that grows a table could find a row the push inserted before its block was in the lookup's
+    view of the table.
+    """
 
     def __init__(self, tables: list[TableConfig]) -> None:
         self.tables = {t.name: EmbeddingTable(t) for t in tables}
         self.shard_map = ShardMap.uniform(1)
         self.committed_step = 0
+        self._lock = threading.Lock()
 
     def lookup(self, table: str, keys: np.ndarray) -> np.ndarray:
         """keys (n,) int64 -> values (n, dim) float32."""
-        return self.tables[table].read(keys)
+        with self._lock:
+            return self.tables[table].read(keys)
 
     def push(self, table: str, keys: np.ndarray, grads: np.ndarray, step: int | None = None, counts=None) -> None:
         """keys (n,) int64, grads (n, dim) float32: one optimizer step per unique key."""
-        self.tables[table].apply_gradients(keys, grads, step=step, counts=counts)
+        with self._lock:
+            self.tables[table].apply_gradients(keys, grads, step=step, counts=counts)
 
     def lookup_many(self, requests: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {table: self.lookup(table, keys) for table, keys in requests.items()}
@@ -61,14 +71,17 @@ class LocalTables:
             r = items[0]
             tables = [self.tables[t] for t in r.tables]
             counts = None if r.counts is None else np.asarray(r.counts, dtype=np.int64)
-            multi.push_tables(tables, r.keys, r.offsets, r.grads, counts, step)
+            with self._lock:
+                multi.push_tables(tables, r.keys, r.offsets, r.grads, counts, step)
             return
         for table, keys, grads, counts in items:
             self.push(table, keys, grads, step=step, counts=counts)
 
     def lookup_multi(self, tables: list[str], keys: np.ndarray, offsets: np.ndarray) -> np.ndarray:
         """PSClient.lookup_multi's counterpart: every table in one native call."""
-        return multi.lookup_tables([self.tables[t] for t in tables], keys, np.asarray(offsets, dtype=np.int64))
+        chosen = [self.tables[t] for t in tables]
+        with self._lock:
+            return multi.lookup_tables(chosen, keys, np.asarray(offsets, dtype=np.int64))
 
     def lookup_multi_grouped(
         self, tables: list[str], keys: np.ndarray, offsets: np.ndarray
