@@ -15,7 +15,7 @@ message is the concatenation of its fields in any order, and a parser merges a c
     >>> data = encode(ps_pb2.LookupRequest(table="t", dim=4), keys=b"\\x01" * 8)
     >>> ps_pb2.LookupRequest.FromString(data).keys == b"\\x01" * 8
     True
-    >>> request = parse(ps_pb2.LookupRequest, data)
+    >>> request = parse(ps_pb2.LookupRequest, data, ("keys",))
     >>> request.table, bytes(request.keys) == b"\\x01" * 8, request.SerializeToString() is data
     ('t', True, True)
 """
@@ -116,11 +116,11 @@ def _read_length(data: bytes, pos: int) -> tuple[int, int]:
     raise DecodeError("truncated or overlong varint")
 
 
-def parse(cls: type[Message], data: bytes | memoryview, bulk: tuple[str, ...] | None = None) -> BulkMessage:
-    """`cls.FromString(data)`, with the bytes fields `bulk` (default: every singular bytes field of
-    `cls`) read as views over `data` rather than copied. Raises DecodeError where FromString
-    would. A message that repeats a bulk field reads the last, as protobuf does."""
-    names = frozenset(bulk) if bulk is not None else _singular_bytes_fields(cls)
+def parse(cls: type[Message], data: bytes | memoryview, bulk: tuple[str, ...]) -> BulkMessage:
+    """`cls.FromString(data)`, with its singular bytes fields `bulk` read as views over `data`
+    rather than copied. Raises DecodeError where FromString would. A message that repeats a bulk
+    field reads the last, as protobuf does."""
+    names = frozenset(bulk)
     numbers = {cls.DESCRIPTOR.fields_by_name[name].number: name for name in names}
     view = memoryview(data)
     views: dict[str, memoryview] = {}
@@ -165,23 +165,9 @@ def _parsed_whole(cls: type[Message], data: bytes, names: frozenset[str]) -> Bul
     return BulkMessage(message, views, names, data)
 
 
-_BYTES_FIELDS: dict[type, frozenset[str]] = {}
-
-
-def _singular_bytes_fields(cls: type[Message]) -> frozenset[str]:
-    names = _BYTES_FIELDS.get(cls)
-    if names is None:
-        names = frozenset(
-            f.name for f in cls.DESCRIPTOR.fields if f.type == f.TYPE_BYTES and not f.is_repeated
-        )
-        _BYTES_FIELDS[cls] = names
-    return names
-
-
-def parser(cls: type[Message], bulk: tuple[str, ...] | None = None):
+def parser(cls: type[Message], bulk: tuple[str, ...]):
     """A gRPC deserializer: bytes -> parse(cls, bytes, bulk)."""
-    names = tuple(bulk) if bulk is not None else tuple(_singular_bytes_fields(cls))
-    return lambda data: parse(cls, data, names)
+    return lambda data: parse(cls, data, bulk)
 
 
 def zero_copy_handlers(handlers: dict[str, Any], bulk: dict[str, tuple[str, ...]]) -> dict[str, Any]:

@@ -24,6 +24,9 @@ _VALUE_DTYPES = {ps_pb2.DTYPE_UNSPECIFIED: VALUE_DTYPE, ps_pb2.FLOAT32: VALUE_DT
 _NATIVE_LITTLE = sys.byteorder == "little"
 
 
+# The bulk bytes fields of a push request (Push, PushMulti), read where they arrived (ps/bulk_messages.py).
+PUSH_BULK_FIELDS = ("keys", "grads", "counts")
+
 # Call metadata (client -> paired shard) and reply trailing metadata (paired shard -> client): the
 # newest epoch of the shard's membership each side has seen (DESIGN.md section 10).
 EPOCH_METADATA_KEY = "embps-epoch"

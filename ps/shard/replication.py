@@ -55,7 +55,7 @@ from collections.abc import AsyncIterator
 import grpc
 from prometheus_client import Counter, Gauge
 
-from ps import bulk_messages
+from ps import bulk_messages, wire
 from ps.errors import NotPrimaryError
 from ps.etcd import EtcdUnavailableError
 from ps.job_config import JobConfig
@@ -679,9 +679,11 @@ class Replication:
         method = message.method
         try:
             if method == "Push":
-                response = self.servicer.apply_push(bulk_messages.parse(ps_pb2.PushRequest, message.request))
+                request = bulk_messages.parse(ps_pb2.PushRequest, message.request, wire.PUSH_BULK_FIELDS)
+                response = self.servicer.apply_push(request)
             elif method == "PushMulti":
-                response = self.servicer.apply_push_multi(bulk_messages.parse(ps_pb2.MultiPushRequest, message.request))
+                request = bulk_messages.parse(ps_pb2.MultiPushRequest, message.request, wire.PUSH_BULK_FIELDS)
+                response = self.servicer.apply_push_multi(request)
             elif method == "Commit":
                 response = self.servicer.apply_commit(
                     ps_pb2.CommitRequest.FromString(message.request), tuple(message.sealed_tables)

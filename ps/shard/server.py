@@ -85,8 +85,8 @@ _PUSH_METHODS = frozenset({"Push", "PushBatch", "PushMulti"})
 _BULK_FIELDS = {
     "/embps.v1.ParameterServer/Lookup": ("keys",),
     "/embps.v1.ParameterServer/LookupMulti": ("keys",),
-    "/embps.v1.ParameterServer/Push": ("keys", "grads", "counts"),
-    "/embps.v1.ParameterServer/PushMulti": ("keys", "grads", "counts"),
+    "/embps.v1.ParameterServer/Push": wire.PUSH_BULK_FIELDS,
+    "/embps.v1.ParameterServer/PushMulti": wire.PUSH_BULK_FIELDS,
 }
 
 
