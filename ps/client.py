@@ -456,14 +456,9 @@ class PSClient:
     ) -> list[tuple[int, np.ndarray, list[str], list[int]]]:
         """(shard, positions into the keys, tables present, keys per table) per RPC: the keys of
         each shard in table order, cut where a message would pass the limit."""
-        shard_of = self.shard_map.shard_of(layout.keys)
-        order = np.argsort(shard_of, kind="stable")
-        bounds = np.zeros(len(self.addresses) + 1, dtype=np.int64)
-        np.cumsum(np.bincount(shard_of, minlength=len(self.addresses)), out=bounds[1:])
         limit = self.message_limit_bytes - _SLACK - sum(len(t) + 24 for t in layout.tables)
         plans = []
-        for shard in range(len(self.addresses)):
-            positions = order[bounds[shard] : bounds[shard + 1]]
+        for shard, positions in enumerate(self.shard_map.split(layout.keys)):
             if positions.shape[0] == 0:
                 continue
             cost = np.cumsum(4 * layout.key_dims[positions] + extra_per_key)
