@@ -56,6 +56,10 @@ def _add_ps(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--zipf", type=float, default=1.05)
     parser.add_argument("--clients", default="1,4", help="comma-separated client process counts")
     parser.add_argument(
+        "--tables", type=int, default=1,
+        help="tables per call: each call is one LookupMulti / PushMulti round (batch / tables keys each)",
+    )
+    parser.add_argument(
         "--malloc", default="tuned", choices=["tuned", "default", "both"], help="glibc malloc thresholds of the shards"
     )
     parser.add_argument(
@@ -79,6 +83,7 @@ def _run_ps(args: argparse.Namespace) -> int:
         rows=args.rows,
         zipf=args.zipf,
         clients=tuple(int(c) for c in args.clients.split(",")),
+        tables=args.tables,
         malloc=args.malloc,
         standbys=args.standbys,
         out=args.out,

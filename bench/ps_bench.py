@@ -8,6 +8,10 @@ server and client CPU time per call, which say where the time goes. The server's
 empty gRPC calls measured in the same run (bench/rpc_floor.py): a call is one RPC per shard, so 2
 shards that each spent one empty call's CPU read 2.0 (with standbys, the standbys' CPU counts too).
 
+--tables N makes each call one multi-table round: the batch's keys spread over N tables (batch / N
+each), one LookupMulti or PushMulti RPC per shard, as a trainer's step sends them; the in-process
+line is then the same rounds through ps/table/multi.py without RPC.
+
 --standbys both runs the same phases on shards without and with a standby each (etcd started here
 as the arbiter; a push is acknowledged once the standby applied it) and prints each phase's rate
 with standbys as a ratio of the one without, measured in the same run.
@@ -24,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -50,13 +55,27 @@ class PSBenchConfig:
     rows: int = 1_000_000
     zipf: float = 1.05
     clients: tuple[int, ...] = (1, 4)
+    tables: int = 1  # > 1: each call is one LookupMulti / PushMulti round over this many tables
     malloc: str = "tuned"  # "tuned", "default" or "both": glibc thresholds of the shard processes
     standbys: str = "off"  # "off", "on" or "both": a standby per shard
     out: str | None = None
 
+    def __post_init__(self) -> None:
+        if not 1 <= self.tables <= self.batch:
+            raise ValueError(f"tables: must be in [1, batch = {self.batch}], got {self.tables}")
 
-def _table(config: PSBenchConfig) -> TableConfig:
-    return TableConfig(TABLE, dim=config.dim, optimizer=OptimizerConfig(kind=OptimizerKind.ROWWISE_ADAGRAD, lr=0.01))
+
+def _tables(config: PSBenchConfig) -> tuple[TableConfig, ...]:
+    names = [TABLE] if config.tables == 1 else [f"{TABLE}{i}" for i in range(config.tables)]
+    optimizer = OptimizerConfig(kind=OptimizerKind.ROWWISE_ADAGRAD, lr=0.01)
+    return tuple(TableConfig(name, dim=config.dim, optimizer=optimizer) for name in names)
+
+
+def _table_offsets(config: PSBenchConfig) -> np.ndarray:
+    """(tables + 1,) where each table's keys start in a call's batch (the last takes the remainder)."""
+    offsets = np.arange(config.tables + 1, dtype=np.int64) * (config.batch // config.tables)
+    offsets[-1] = config.batch
+    return offsets
 
 
 def _start_shards(job: JobConfig, workdir: Path, malloc_tuned: bool) -> list[subprocess.Popen]:
@@ -94,8 +113,15 @@ def _client_main(job: JobConfig, config: PSBenchConfig, verb: str, seed: int, ba
     pool = [sampler.keys(config.batch) for _ in range(min(config.batches, 64))]
     rng = np.random.default_rng(seed)
     grads = (rng.standard_normal((config.batch, config.dim)) * 0.01).astype(np.float32)
+    names = [t.name for t in job.tables]
+    offsets = _table_offsets(config)
     with PSClient.from_job(job) as client:
-        call = (lambda k: client.lookup(TABLE, k)) if verb == "lookup" else (lambda k: client.push(TABLE, k, grads))
+        if config.tables > 1 and verb == "lookup":
+            call = lambda k: client.lookup_multi(names, k, offsets)  # noqa: E731
+        elif config.tables > 1:
+            call = lambda k: client.send_push(client.prepare_push_multi(names, k, offsets, grads))  # noqa: E731
+        else:
+            call = (lambda k: client.lookup(TABLE, k)) if verb == "lookup" else (lambda k: client.push(TABLE, k, grads))
         for keys in pool[:3]:
             call(keys)
         barrier.wait()
@@ -144,25 +170,53 @@ def _phase(job: JobConfig, config: PSBenchConfig, procs, verb: str, clients: int
 
 
 def _in_process(config: PSBenchConfig) -> dict:
-    """The same key stream through one EmbeddingTable in this process: the rate without RPC."""
+    """The same key stream through the tables in this process: the rate without RPC (one
+    EmbeddingTable; with --tables, ps/table/multi.py's rounds, the shard's own path)."""
     import torch
 
     from ps.table.embedding_table import EmbeddingTable
 
     torch.set_num_threads(1)
-    table = EmbeddingTable(_table(config))
+    tables = [EmbeddingTable(t) for t in _tables(config)]
     sampler = ZipfSampler(config.rows, config.zipf, seed=1)
     batches = [sampler.keys(config.batch) for _ in range(min(config.batches, 64))]
     grads = (np.random.default_rng(0).standard_normal((config.batch, config.dim)) * 0.01).astype(np.float32)
+    if config.tables == 1:
+        lookup, push = tables[0].lookup, lambda k: tables[0].apply_gradients(k, grads)
+    else:
+        lookup, push = _multi_rounds(config, tables, grads)
     for keys in batches:
-        table.apply_gradients(keys, grads)
+        push(keys)
     out = {"unique_fraction": float(np.mean([np.unique(b).shape[0] / b.shape[0] for b in batches]))}
-    for verb, fn in (("lookup", lambda k: table.lookup(k)), ("push", lambda k: table.apply_gradients(k, grads))):
+    for verb, fn in (("lookup", lookup), ("push", push)):
         start = time.perf_counter()
         for i in range(config.batches):
             fn(batches[i % len(batches)])
         out[f"{verb}_keys_per_s"] = config.batches * config.batch / (time.perf_counter() - start)
     return out
+
+
+def _multi_rounds(
+    config: PSBenchConfig, tables: list, grads: np.ndarray
+) -> tuple[Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray], None]]:
+    """(lookup(keys), push(keys)) of one multi-table round in process: what a shard does with a
+    LookupMulti, and with a PushMulti whose client summed each table's equal keys (as PSClient does)."""
+    from ps import native
+    from ps.table import multi
+
+    offsets = _table_offsets(config)
+
+    def push(keys: np.ndarray) -> None:
+        spans = zip(offsets[:-1], offsets[1:], strict=True)
+        parts = [native.dedupe_sum(keys[a:b], grads[a:b], None, config.dim) for a, b in spans]
+        distinct = np.concatenate([p[0] for p in parts])
+        sizes = np.array([p[0].shape[0] for p in parts], dtype=np.int64)
+        starts = np.concatenate([[0], np.cumsum(sizes)])
+        flat = np.concatenate([p[1].reshape(-1) for p in parts])
+        counts = np.concatenate([p[2] for p in parts])
+        multi.push_tables(tables, distinct, starts, flat, counts, None)
+
+    return (lambda keys: multi.lookup_tables(tables, keys, offsets)), push
 
 
 def _start_etcd(workdir: Path):
@@ -194,8 +248,9 @@ def run_ps_bench(config: PSBenchConfig) -> int:
     mallocs = {"tuned": [True], "default": [False], "both": [False, True]}[config.malloc]
     with_standbys = {"off": [False], "on": [True], "both": [False, True]}[config.standbys]
     modes = [(tuned, standby) for tuned in mallocs for standby in with_standbys]
+    spread = f" over {config.tables} tables (LookupMulti / PushMulti)" if config.tables > 1 else ""
     print(
-        f"embps bench ps: {config.shards} shards, dim {config.dim}, batch {config.batch}, Zipf({config.zipf}) "
+        f"embps bench ps: {config.shards} shards, dim {config.dim}, batch {config.batch}{spread}, Zipf({config.zipf}) "
         f"over {config.rows:,} keys, {config.batches} calls per client, {os.cpu_count()} cores shared"
     )
     results: dict[str, object] = {"config": asdict(config), "machine": machine_facts()}
@@ -231,7 +286,7 @@ def run_ps_bench(config: PSBenchConfig) -> int:
                 )
                 for i in range(config.shards)
             ),
-            tables=(_table(config),),
+            tables=_tables(config),
             deadlines=Deadlines(lookup=60.0, push=60.0, stats=60.0),
         )
         with tempfile.TemporaryDirectory(prefix="embps-bench-ps-") as workdir:

@@ -61,6 +61,8 @@ def _table(r: dict) -> tuple[str, str]:
 def _ps(r: dict) -> tuple[str, str]:
     c = r["config"]
     setup = f"{c['shards']} shards, batch {c['batch']}, Zipf {c['zipf']}, dim {c['dim']}"
+    if c.get("tables", 1) > 1:
+        setup += f", {c['tables']} tables per call (LookupMulti / PushMulti)"
     parts = []
     for verb in ("lookup", "push"):
         phases = [p for p in r["phases"] if p["verb"] == verb and not p.get("standby")]
