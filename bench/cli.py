@@ -142,7 +142,11 @@ def _add_train(parser: argparse.ArgumentParser) -> None:
         default="one",
         help="all: also the features in one shared table, and 200 tables of dim 16, in the same run",
     )
-    parser.add_argument("--repeat", type=int, default=1, help="runs of each mode, interleaved; the fastest counts")
+    parser.add_argument(
+        "--repeat", type=int, default=1,
+        help="rounds, each mode once per round: the table shows each mode's fastest run, then each round's ratios "
+        "and their median",
+    )
     parser.add_argument(
         "--standbys",
         action="store_true",

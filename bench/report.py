@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -99,6 +100,10 @@ def _train(r: dict) -> tuple[str, str]:
             f"TorchRec {peer:,.0f} samples/s (embps / TorchRec: sync "
             f"{r['ps_sync']['samples_per_s'] / peer:.2f}x, async {r['ps_async']['samples_per_s'] / peer:.2f}x)"
         )
+    rounds = {pair: ratios for pair, ratios in r.get("round_ratios", {}).items() if len(ratios) > 1}
+    if rounds:
+        medians = ", ".join(f"{pair.replace('/', ' / ')} {statistics.median(v):.2f}x" for pair, v in rounds.items())
+        parts.append(f"medians of {len(next(iter(rounds.values())))} rounds' ratios: {medians}")
     return setup, "; ".join(parts)
 
 

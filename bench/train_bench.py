@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -219,6 +220,29 @@ def _run_torchrec(config: TrainBenchConfig, workdir: Path) -> dict:
     return json.loads(out.read_text())
 
 
+# (run, yardstick) pairs whose ratio is reported round by round
+_ROUND_RATIOS = (
+    ("ps_sync", "in_process"),
+    ("ps_async", "in_process"),
+    ("ps_sync_standby", "ps_sync"),
+    ("ps_sync_serving", "ps_sync"),
+    ("ps_sync", "torchrec"),
+    ("ps_async", "torchrec"),
+)
+
+
+def round_ratios(runs: dict[str, list[dict]]) -> dict[str, list[float]]:
+    """"run/yardstick" -> the ratio of their samples/s in each round. The runs of one round share
+    the machine's moment; the fastest of each mode (the table) may pair runs of different moments,
+    and on this shared VM the in-process rate moves by a third from one round to the next."""
+    out = {}
+    for run, yardstick in _ROUND_RATIOS:
+        if run in runs and yardstick in runs:
+            pairs = zip(runs[run], runs[yardstick], strict=True)
+            out[f"{run}/{yardstick}"] = [a["samples_per_s"] / b["samples_per_s"] for a, b in pairs]
+    return out
+
+
 def measure(config: TrainBenchConfig) -> dict:
     """In process, ps sync and ps async on one model shape, one after the other."""
     results: dict[str, object] = {"bench": "train", "config": asdict(config), "machine": machine_facts()}
@@ -246,6 +270,7 @@ def measure(config: TrainBenchConfig) -> dict:
     for name, tries in runs.items():
         results[name] = max(tries, key=lambda r: r["samples_per_s"])
         results[name]["all_samples_per_s"] = [r["samples_per_s"] for r in tries]
+    results["round_ratios"] = round_ratios(runs)
     return results
 
 
@@ -283,6 +308,12 @@ def print_results(results: dict) -> None:
             f"embps / TorchRec: sync {results['ps_sync']['samples_per_s'] / peer:.2f}x, "
             f"async {results['ps_async']['samples_per_s'] / peer:.2f}x"
         )
+    rounds = results.get("round_ratios", {})
+    if any(len(ratios) > 1 for ratios in rounds.values()):
+        print("ratios round by round (the runs of one round are measured one after the other):")
+        for pair, ratios in rounds.items():
+            each = " ".join(f"{r:.2f}x" for r in ratios)
+            print(f"  {pair.replace('/', ' / '):28s} {each}   median {statistics.median(ratios):.2f}x")
 
 
 def shapes(config: TrainBenchConfig) -> list[TrainBenchConfig]:

@@ -4,7 +4,7 @@ beside the job (`[[launch.serving]]`), on a port of its own; without it, the job
 import argparse
 
 from bench.cli import _add_train
-from bench.train_bench import TrainBenchConfig, _job_toml
+from bench.train_bench import TrainBenchConfig, _job_toml, round_ratios
 from worker.launch_config import load_launch_settings
 from worker.train_config import load_training_job
 
@@ -28,3 +28,14 @@ def test_the_flag_reaches_the_config() -> None:
     _add_train(parser)
     assert parser.parse_args(["--serving"]).serving is True
     assert parser.parse_args([]).serving is False
+
+
+def test_round_ratios_pair_the_runs_of_each_round() -> None:
+    runs = {
+        "in_process": [{"samples_per_s": 100.0}, {"samples_per_s": 50.0}],
+        "ps_sync": [{"samples_per_s": 70.0}, {"samples_per_s": 40.0}],
+        "ps_async": [{"samples_per_s": 80.0}, {"samples_per_s": 45.0}],
+    }
+    ratios = round_ratios(runs)
+    # Round by round, not the fastest of each mode (that would read 70 / 100 and 80 / 100).
+    assert ratios == {"ps_sync/in_process": [0.7, 0.8], "ps_async/in_process": [0.8, 0.9]}
