@@ -1,5 +1,6 @@
 """The jobs `embps bench train` launches: `--serving` adds one serving replica of every table
-beside the job (`[[launch.serving]]`), on a port of its own; without it, the job has none."""
+beside the job (`[[launch.serving]]`), on a port of its own; without it, the job has none. And its
+ratios round by round pair the runs of one round."""
 
 import argparse
 
