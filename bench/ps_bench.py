@@ -205,16 +205,13 @@ def _multi_rounds(
     from ps.table import multi
 
     offsets = _table_offsets(config)
+    tags = np.repeat(np.arange(config.tables, dtype=np.int64), np.diff(offsets))
+    rows = np.hstack([grads, np.ones((grads.shape[0], 1), dtype=np.float32)])  # [grad | one sighting]
 
     def push(keys: np.ndarray) -> None:
-        spans = zip(offsets[:-1], offsets[1:], strict=True)
-        parts = [native.dedupe_sum(keys[a:b], grads[a:b], None, config.dim) for a, b in spans]
-        distinct = np.concatenate([p[0] for p in parts])
-        sizes = np.array([p[0].shape[0] for p in parts], dtype=np.int64)
-        starts = np.concatenate([[0], np.cumsum(sizes)])
-        flat = np.concatenate([p[1].reshape(-1) for p in parts])
-        counts = np.concatenate([p[2] for p in parts])
-        multi.push_tables(tables, distinct, starts, flat, counts, None)
+        distinct, sums, starts = native.sum_by_table_key(keys, tags, rows, config.tables)
+        flat = np.ascontiguousarray(sums[:, :-1]).reshape(-1)
+        multi.push_tables(tables, distinct, starts, flat, np.rint(sums[:, -1]).astype(np.int64), None)
 
     return (lambda keys: multi.lookup_tables(tables, keys, offsets)), push
 
