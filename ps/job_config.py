@@ -108,7 +108,7 @@ class SnapshotConfig:
     the round is skipped with a warning and training goes on.
     retry_backoff_s: seconds before the first retry, doubled before each next one.
     round_timeout_s: a round's tries together, deadlines included; keep it under torch.distributed's
-    collective timeout (10 min with nccl), as every rank waits for the round.
+    collective timeout (30 min with gloo), as every rank waits for the round.
     storage: S3 endpoint, region, credentials; unset fields come from the AWS_* variables.
     """
 

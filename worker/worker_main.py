@@ -2,7 +2,7 @@
 (`embps launch`, or `torchrun ... -m worker.worker_main --config job.toml`).
 
 Reads RANK / WORLD_SIZE from the environment the launcher hands over, joins the process group
-(NCCL with CUDA, gloo without), trains, and on rank 0 writes progress lines (JSON, one per log
+(gloo: the dense tower trains on CPU), trains, and on rank 0 writes progress lines (JSON, one per log
 step) to $EMBPS_PROGRESS_FILE when set, then `summary.json` and `dense.pt` into train.output_dir.
 
 A PS shard that stays unavailable (train.on_ps_unavailable = "abort", or "wait" past its timeout)
@@ -181,7 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     # they oversubscribe the machine (the PS shards run on the same cores too).
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world_size))
     if world_size > 1:
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        # gloo on a CUDA host too: the dense tower, its gradients and the exchanged sparse rows are
+        # CPU tensors (only PS tables' rows can live on a GPU), and nccl carries CUDA tensors alone.
+        dist.init_process_group(backend="gloo")
     try:
         run_worker(job, rank, world_size, os.environ.get("EMBPS_PROGRESS_FILE"), args.resume_step)
     except ShardUnavailableError as exc:
