@@ -36,6 +36,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from bench.machine import machine_facts
 from bench.ports import free_ports
 from ps.job_config import Deadlines, JobConfig, ShardConfig, dump_job_config
+from ps.process.children import python_path
 from ps.process.malloc import MALLOC_TUNING
 from ps.rpc import serving_pb2, serving_pb2_grpc
 from ps.table.config import TableConfig
@@ -69,7 +70,7 @@ class FreshnessBenchConfig:
 
 
 def _start(argv: list[str], log_path: Path) -> subprocess.Popen:
-    env = {**os.environ, **MALLOC_TUNING, "PYTHONPATH": str(REPO_ROOT)}
+    env = {**os.environ, **MALLOC_TUNING, "PYTHONPATH": python_path(str(REPO_ROOT))}
     with open(log_path, "ab") as log:
         return subprocess.Popen([sys.executable, "-m", "embps", *argv], cwd=REPO_ROOT, env=env, stdout=log,
                                 stderr=subprocess.STDOUT)

@@ -46,7 +46,7 @@ def measure_rpc_floor(calls: int = 2000) -> RpcFloor:
     (port,) = free_ports(1)
     server = subprocess.Popen(
         [sys.executable, "-m", "bench.rpc_floor", str(port)],
-        cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, stdout=subprocess.PIPE,
+        cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": children.python_path(str(REPO_ROOT))}, stdout=subprocess.PIPE,
     )
     try:
         if server.stdout.readline().strip() != b"ready":

@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.ports import free_ports
+from ps.process.children import python_path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TABLE = "emb"
@@ -187,7 +188,7 @@ class SoakShard:
         )
         config_path = workdir / "job.toml"
         config_path.write_text(dump_job_config(self.job))
-        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+        env = {**os.environ, "PYTHONPATH": python_path(str(REPO_ROOT))}
         cmd = [sys.executable, "-m", "embps", "ps", "--config", str(config_path), "--shard", "0"]
         with open(workdir / "shard.log", "wb") as log:
             self.proc = subprocess.Popen(

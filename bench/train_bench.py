@@ -33,6 +33,7 @@ from bench.machine import machine_facts
 from bench.ports import free_ports
 from ps import toml_writer
 from ps.job_config import ArbiterConfig, JobConfig, ShardConfig, dump_job_config
+from ps.process.children import python_path
 from ps.table.config import OptimizerConfig, OptimizerKind, TableConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -191,8 +192,7 @@ def check_peer(config: TrainBenchConfig) -> str | None:
 
 
 def _peer_env(config: TrainBenchConfig) -> dict[str, str]:
-    paths = [config.torchrec_path, str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+    return {**os.environ, "PYTHONPATH": python_path(config.torchrec_path, str(REPO_ROOT))}
 
 
 def _run_torchrec(config: TrainBenchConfig, workdir: Path) -> dict:

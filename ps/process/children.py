@@ -5,6 +5,7 @@ their gRPC health says SERVING, stopped with SIGTERM and then SIGKILL.
 from __future__ import annotations
 
 import ctypes
+import os
 import signal
 import subprocess
 import time
@@ -17,6 +18,16 @@ from ps.security import SecurityConfig, open_channel
 
 _PR_SET_PDEATHSIG = 1
 _HEALTH_POLL_S = 0.05
+
+
+def python_path(*first: str) -> str:
+    """A child's PYTHONPATH: `first` (e.g. the repository root), then the one this process got.
+
+    Replacing the inherited value would hide packages installed with `pip --target` and put on
+    PYTHONPATH (a machine's own site, a separate peer's folder) from the child alone.
+    """
+    inherited = os.environ.get("PYTHONPATH", "")
+    return os.pathsep.join(p for p in (*first, inherited) if p)
 
 
 def die_with_parent() -> None:

@@ -17,6 +17,7 @@ import pytest
 import embps
 from bench.loadgen import native_module
 from bench.serve_targets import RedisServer
+from ps.process.children import python_path
 from tests.helpers.waiting import eventually, wait_until
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -107,7 +108,7 @@ def test_ctrl_c_stops_every_client_process(tmp_path: Path) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "embps", "bench", "serve", "--target", "inprocess", "--rows", "2000", "--dim", "8",
          "--rate", "50", "--duration", "60", "--warmup", "0", "--clients", "2", "--concurrency", "2"],
-        cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": python_path(str(REPO_ROOT))},
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     lines: list[str] = []

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+from ps.process.children import python_path
 from tests.helpers.processes import REPO_ROOT
 
 # 40 MB: above the largest threshold glibc's own adjustment reaches (32 MB), so without the settings
@@ -28,7 +29,7 @@ print(json.dumps({"tuned": tuned, "faults": resource.getrusage(resource.RUSAGE_S
 
 
 def _run(disabled: bool) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    env = {**os.environ, "PYTHONPATH": python_path(str(REPO_ROOT))}
     env.pop("MALLOC_MMAP_THRESHOLD_", None)
     env.pop("MALLOC_TRIM_THRESHOLD_", None)
     if disabled:

@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ps import wire
 from ps.job_config import JobConfig, dump_job_config
+from ps.process.children import python_path
 from ps.process.malloc import MALLOC_TUNING
 from ps.rpc import ps_pb2, serving_pb2, serving_pb2_grpc
 from ps.security import Role, open_channel
@@ -62,7 +63,7 @@ class ServingReplica:
         config_path = workdir / f"{name}.toml"
         config_path.write_text(dump_serve_config(config, str(cluster.config_path)))
         log_path = workdir / f"{name}.log"
-        env = {**os.environ, **MALLOC_TUNING, "PYTHONPATH": str(REPO_ROOT), **(env or {})}
+        env = {**os.environ, **MALLOC_TUNING, "PYTHONPATH": python_path(str(REPO_ROOT)), **(env or {})}
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "embps", "serve", "--config", str(config_path), "--grace", "2"],
@@ -173,7 +174,7 @@ def start_cluster_with_log(job: JobConfig, workdir: Path, update_log_keys: int) 
     config_path = workdir / f"{job.job}.toml"
     config_path.write_text(dump_job_config(job))
     logs = [workdir / f"{job.job}-shard-{i}.log" for i in range(len(job.shards))]
-    env = {**os.environ, **MALLOC_TUNING, "PYTHONPATH": str(REPO_ROOT)}
+    env = {**os.environ, **MALLOC_TUNING, "PYTHONPATH": python_path(str(REPO_ROOT))}
     procs = []
     for i in range(len(job.shards)):
         with open(logs[i], "ab") as log:
