@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from ps.job_config import Deadlines, JobConfig, ShardConfig
+from ps.process.children import python_path
 from ps.process.malloc import MALLOC_TUNING
 from ps.table.embedding_table import EmbeddingTable
 from tests.helpers.netns import Host, unavailable_reason
@@ -85,7 +86,7 @@ def start_shards(ps: JobConfig, hosts: Sequence[Host], config: Path, workdir: Pa
         for i, host in enumerate(hosts):
             argv = [sys.executable, "-m", "embps", "ps", "--config", str(config), "--shard", str(i), "--grace", "1"]
             with open(logs[i], "wb") as log:
-                env = {"PYTHONPATH": str(REPO_ROOT), **MALLOC_TUNING}
+                env = {"PYTHONPATH": python_path(str(REPO_ROOT)), **MALLOC_TUNING}
                 procs.append(host.popen(argv, env=env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT))
         for i, shard in enumerate(ps.shards):
             wait_serving(shard.address, procs[i], log_path=logs[i])
@@ -101,7 +102,7 @@ def start_launch(host: Host, config: Path, log: Path) -> subprocess.Popen:
     shards at the job's addresses."""
     argv = [sys.executable, "-m", "embps", "launch", str(config), "--no-ps", "--local-addr", host.address]
     # gloo binds the interface named here; the namespace's host name resolves to no address of it
-    env = {"PYTHONPATH": str(REPO_ROOT), "GLOO_SOCKET_IFNAME": host.ifname}
+    env = {"PYTHONPATH": python_path(str(REPO_ROOT)), "GLOO_SOCKET_IFNAME": host.ifname}
     with open(log, "wb") as f:
         return host.popen(argv, env=env, cwd=REPO_ROOT, stdout=f, stderr=subprocess.STDOUT)
 

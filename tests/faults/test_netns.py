@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from ps.client import PSClient
+from ps.process.children import python_path
 from ps.process.malloc import MALLOC_TUNING
 from serving.config import ServeConfig, dump_serve_config
 from serving.server import SERVICE_NAME
@@ -93,7 +94,7 @@ def test_cleanup_removes_what_was_made_when_building_fails(monkeypatch):
 
 def start_replica(host: netns.Host, serve: ServeConfig, config_path, log_path) -> ServingReplica:
     """`embps serve` on `host`, reached from the test process at `serve.listen`."""
-    env = {"PYTHONPATH": str(REPO_ROOT), **MALLOC_TUNING}
+    env = {"PYTHONPATH": python_path(str(REPO_ROOT)), **MALLOC_TUNING}
     with open(log_path, "wb") as log:
         proc = host.popen(
             [sys.executable, "-m", "embps", "serve", "--config", str(config_path), "--grace", "1"],

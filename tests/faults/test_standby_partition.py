@@ -22,6 +22,7 @@ import pytest
 
 from ps.client import PSClient
 from ps.job_config import ArbiterConfig, Deadlines, JobConfig, ShardConfig, dump_job_config
+from ps.process.children import python_path
 from ps.process.children import stop as stop_pid
 from ps.process.malloc import MALLOC_TUNING
 from ps.rpc import ps_pb2
@@ -68,7 +69,7 @@ def test_a_primary_cut_off_the_network_is_replaced_and_acknowledges_nothing(tmp_
     )
     config = tmp_path / "partition.toml"
     config.write_text(dump_job_config(job))
-    env = {**MALLOC_TUNING, "PYTHONPATH": str(REPO_ROOT)}
+    env = {**MALLOC_TUNING, "PYTHONPATH": python_path(str(REPO_ROOT))}
     shard = [sys.executable, "-m", "embps", "ps", "--config", str(config), "--shard", "0", "--grace", "2"]
     logs = [tmp_path / "primary.log", tmp_path / "standby.log"]
     procs = []

@@ -22,6 +22,7 @@ import torch
 
 from ps.client import PSClient
 from ps.job_config import JobConfig, ShardConfig
+from ps.process.children import python_path
 from ps.process.malloc import MALLOC_TUNING
 from ps.table.embedding_table import EmbeddingTable
 from tests.helpers.netns import Host, HostNetwork, host_network, remaining, unavailable_reason
@@ -83,7 +84,7 @@ def start_node(host: Host, config: Path, node_rank: int, endpoint: str, log: Pat
         "--local-addr", host.address, "--no-ps",
     ]  # fmt: skip
     # gloo binds the interface named here; the namespace's host name resolves to no address of it
-    env = {"PYTHONPATH": str(REPO_ROOT), "GLOO_SOCKET_IFNAME": host.ifname}
+    env = {"PYTHONPATH": python_path(str(REPO_ROOT)), "GLOO_SOCKET_IFNAME": host.ifname}
     with open(log, "wb") as f:
         return host.popen(argv, env=env, cwd=REPO_ROOT, stdout=f, stderr=subprocess.STDOUT)
 
@@ -112,7 +113,7 @@ def _run_on(net: HostNetwork, tmp_path: Path, seen: dict[str, np.ndarray]) -> di
         for i in range(2):
             argv = [sys.executable, "-m", "embps", "ps", "--config", str(configs[0]), "--shard", str(i)]
             with open(shard_logs[i], "wb") as f:
-                env = {"PYTHONPATH": str(REPO_ROOT), **MALLOC_TUNING}
+                env = {"PYTHONPATH": python_path(str(REPO_ROOT)), **MALLOC_TUNING}
                 procs.append(ps_host.popen(argv, env=env, cwd=REPO_ROOT, stdout=f, stderr=subprocess.STDOUT))
         for i, shard in enumerate(shards):
             wait_serving(shard.address, procs[i], log_path=shard_logs[i])
