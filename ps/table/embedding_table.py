@@ -14,6 +14,8 @@ allocate. Not thread-safe: one caller at a time (the PS server serialises calls)
 
 from __future__ import annotations
 
+import functools
+import logging
 import sys
 from collections import deque
 from dataclasses import dataclass, replace
@@ -48,6 +50,15 @@ _MIN_EVICTION_SAMPLE = 4096
 BOUNDED_MAP_SUB_MAPS = 64
 _SWEEP_WINDOW = 1 << 14  # rows (and pending keys) a push's TTL sweep reads, at least
 
+log = logging.getLogger(__name__)
+
+
+@functools.cache
+def _warn_torch_fallback(device: str, reason: str) -> None:
+    """Once per device and process: the rows stay right, but whoever installed the CPU extra on a
+    GPU host should know why the updates are slow."""
+    log.warning("tables on %s: %s; their fused updates run on torch ops instead (slower)", device, reason)
+
 
 def _resolve_kernels(config: TableConfig) -> Kernels:
     """config.kernels with "auto" decided: native on CPU (faster there than fbgemm's CPU kernels,
@@ -56,8 +67,12 @@ def _resolve_kernels(config: TableConfig) -> Kernels:
     if kernels == Kernels.AUTO:
         if config.device == "cpu":
             return Kernels.NATIVE
-        fused = config.optimizer.kind in fbgemm_kernels.FUSED_KINDS
-        return Kernels.FBGEMM if fused and fbgemm_kernels.unavailable_reason() is None else Kernels.TORCH
+        if config.optimizer.kind not in fbgemm_kernels.FUSED_KINDS:
+            return Kernels.TORCH
+        if (reason := fbgemm_kernels.unavailable_reason()) is not None:
+            _warn_torch_fallback(config.device, reason)
+            return Kernels.TORCH
+        return Kernels.FBGEMM
     if kernels == Kernels.FBGEMM and (reason := fbgemm_kernels.unavailable_reason()) is not None:
         raise ValueError(f"{config.name}.kernels: 'fbgemm' needs fbgemm_gpu: {reason}")
     return kernels

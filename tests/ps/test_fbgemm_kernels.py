@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from ps.table import multi
+from ps.table import embedding_table, fbgemm_kernels, multi
 from ps.table.config import Kernels, OptimizerConfig, OptimizerKind, TableConfig
 from ps.table.embedding_table import EmbeddingTable
 
@@ -83,11 +83,24 @@ def test_fbgemm_kernels_refuse_what_they_cannot_run():
     assert EmbeddingTable(TableConfig(name="t", dim=4)).kernels == Kernels.NATIVE  # CPU keeps our C++
 
 
+def test_cuda_tables_without_fbgemm_run_on_torch_ops_and_say_why(monkeypatch, caplog):
+    monkeypatch.setattr(fbgemm_kernels, "unavailable_reason", lambda: "fbgemm_gpu is not importable (test)")
+    embedding_table._warn_torch_fallback.cache_clear()
+    configs = [TableConfig(name=f"t{i}", dim=4, device="cuda:0", optimizer=FUSED[OptimizerKind.SGD]) for i in range(3)]
+    with caplog.at_level("WARNING", logger="ps.table.embedding_table"):
+        assert {embedding_table._resolve_kernels(c) for c in configs} == {Kernels.TORCH}
+    assert [r.getMessage() for r in caplog.records] == [
+        "tables on cuda:0: fbgemm_gpu is not importable (test); their fused updates run on torch ops instead (slower)"
+    ]  # once for the three tables
+    embedding_table._warn_torch_fallback.cache_clear()
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("kind", list(FUSED))
 def test_cuda_tables_default_to_fbgemm_and_match_native(kind):
     cpu = [EmbeddingTable(c) for c in _configs(kind)]
+    assert (reason := fbgemm_kernels.unavailable_reason()) is None, f"a CUDA host needs embps[cuda]: {reason}"
     cuda = [EmbeddingTable(c) for c in _configs(kind, device="cuda")]
     assert {t.kernels for t in cuda} == {Kernels.FBGEMM}
     _push_steps([cpu, cuda])
