@@ -40,7 +40,6 @@ from bench.ports import free_ports
 from bench.rpc_floor import measure_rpc_floor
 from ps.job_config import ArbiterConfig, Deadlines, JobConfig, ShardConfig, dump_job_config
 from ps.process import children
-from ps.process.children import python_path
 from ps.table.config import OptimizerConfig, OptimizerKind, TableConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -84,7 +83,7 @@ def _start_shards(job: JobConfig, workdir: Path, malloc_tuned: bool) -> list[sub
 
     config_path = workdir / "job.toml"
     config_path.write_text(dump_job_config(job))
-    env = {**os.environ, "PYTHONPATH": python_path(str(REPO_ROOT))}
+    env = {**os.environ, "PYTHONPATH": children.python_path(str(REPO_ROOT))}
     flags = [] if malloc_tuned else ["--no-malloc-tuning"]
     for key in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
         env.pop(key, None)

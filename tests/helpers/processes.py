@@ -19,7 +19,6 @@ from pathlib import Path
 from bench.ports import free_ports
 from ps.job_config import Deadlines, JobConfig, ShardConfig, dump_job_config
 from ps.process import children
-from ps.process.children import python_path
 from ps.process.children import stop as stop_pid
 from ps.process.malloc import MALLOC_TUNING
 from ps.security import SecurityConfig
@@ -62,7 +61,7 @@ def start_shard(
 ) -> subprocess.Popen:
     """Starts `python -m embps ps --config config_path --shard index [args]` from the repo root,
     behind `prefix` when given (a command that execs the rest, e.g. tests/helpers/small_disk.py)."""
-    environment = {**os.environ, **MALLOC_TUNING, "PYTHONPATH": python_path(str(REPO_ROOT)), **(env or {})}
+    environment = {**os.environ, **MALLOC_TUNING, "PYTHONPATH": children.python_path(str(REPO_ROOT)), **(env or {})}
     shard = ["-m", "embps", "ps", "--config", str(config_path), "--shard", str(index), "--grace", "5", *args]
     with open(log_path, "ab") as log:
         return subprocess.Popen(
