@@ -47,6 +47,7 @@ from ps.shard.commit_stream import committed_stream
 from ps.shard.metrics import ShardMetrics
 from ps.shard.startup import EXIT_SNAPSHOT_UNUSABLE, DeferredServices, RestoreProgress, run_in_daemon_thread
 from ps.shard.update_log import DEFAULT_MAX_ENTRIES, DEFAULT_MAX_KEYS, LogGapError, LogRange
+from ps.table.row_store import device_unavailable_reason
 
 log = logging.getLogger("embps.ps")
 
@@ -800,4 +801,8 @@ def serve_shard(
         raise SystemExit(f"embps ps: --update-log-keys must be >= 1, got {log_max_keys}")
     if standby and not job.shards[shard].standby:
         raise SystemExit(f"embps ps: --standby: shards[{shard}] of {config} declares no standby address")
+    for table in job.tables:
+        if (reason := device_unavailable_reason(table.device)) is not None:
+            raise SystemExit(f"embps ps: tables.{table.name}.device in {config}: {table.device!r} cannot hold rows "
+                             f"on this machine: {reason}")
     return asyncio.run(_serve(job, shard, grace, log_max_keys, restore_step, standby))

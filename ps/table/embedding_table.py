@@ -28,7 +28,7 @@ from ps.errors import CapacityError
 from ps.table import fbgemm_kernels, optimizers
 from ps.table.config import AdmissionKind, EvictionPolicy, Kernels, OptimizerKind, Storage, TableConfig
 from ps.table.init import init_values
-from ps.table.row_store import BLOCK_SHIFT, RowStore
+from ps.table.row_store import BLOCK_SHIFT, RowStore, device_unavailable_reason
 from ps.table.state import TableChanges, TableState
 
 if TYPE_CHECKING:  # imported where a table needs it: a CPU table with native kernels never does
@@ -153,6 +153,8 @@ class EmbeddingTable:
                 raise ValueError(f"kernels: must be one of {choices}, got {kernels!r}")
             config = replace(config, kernels=Kernels(kernels))
         self.config = config.validate()
+        if (reason := device_unavailable_reason(config.device)) is not None:
+            raise ValueError(f"{config.name}.device: {config.device!r} cannot hold rows here: {reason}")
         self.dim = config.dim
         self.state_width = optimizers.state_width(config.optimizer.kind, config.dim)
         self.storage = Storage(config.storage)

@@ -33,6 +33,28 @@ BLOCK_ROWS = 1 << BLOCK_SHIFT
 MAX_BLOCK_SHIFT = 30  # the C++ kernels' limit
 
 
+def device_unavailable_reason(device: str) -> str | None:
+    """None when this process can keep rows on `device` ("cpu" or "cuda[:index]"), else why not.
+
+    Asked where tables are made (a shard at startup, an EmbeddingTable), not where a config is
+    read: a launcher or `embps deploy render` may check a GPU job's config on a machine without one.
+    """
+    if device == "cpu":
+        return None
+    import torch
+
+    try:
+        index = torch.device(device).index
+    except RuntimeError as exc:
+        return f"not a torch device ({exc})"
+    if not torch.cuda.is_available():
+        return f"torch {torch.__version__} here sees no CUDA device"
+    count = torch.cuda.device_count()
+    if index is not None and index >= count:
+        return f"this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}"
+    return None
+
+
 class RowStore:
     """Block storage for `width`-word rows on `device` ("cpu" or a torch device). Not thread-safe."""
 

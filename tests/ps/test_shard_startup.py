@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import urllib.request
 from dataclasses import replace
 
@@ -22,7 +24,7 @@ from ps.shard.server import SERVICE_NAME
 from ps.snapshot.ops import ShardSnapshotter
 from ps.table.config import OptimizerConfig, OptimizerKind, TableConfig
 from ps.table.embedding_table import EmbeddingTable
-from tests.helpers.processes import make_job, start_shard, wait_serving
+from tests.helpers.processes import REPO_ROOT, make_job, start_shard, wait_serving
 from tests.helpers.waiting import wait_until
 
 TABLE = TableConfig(name="emb", dim=8, init_scale=0.1, optimizer=OptimizerConfig(kind=OptimizerKind.ADAGRAD, lr=0.1))
@@ -87,3 +89,26 @@ def _sample(text: str, name: str) -> float:
         if line.startswith(name + " "):
             return float(line.split()[-1])
     raise AssertionError(f"{name} not in the metrics:\n{text}")
+
+
+def _missing_cuda_device() -> str:
+    """A CUDA device this machine lacks: any, without CUDA; one past the last, with it."""
+    import torch
+
+    return f"cuda:{torch.cuda.device_count()}" if torch.cuda.is_available() else "cuda"
+
+
+def test_a_shard_refuses_at_start_a_table_on_a_device_this_machine_lacks(tmp_path):
+    device = _missing_cuda_device()
+    job = make_job([TABLE, replace(TABLE, name="gpu_emb", device=device)])
+    config_path = tmp_path / "job.toml"
+    config_path.write_text(dump_job_config(job))
+    done = subprocess.run(
+        [sys.executable, "-m", "embps", "ps", "--config", str(config_path), "--shard", "0"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith(
+        f"embps ps: tables.gpu_emb.device in {config_path}: {device!r} cannot hold rows on this machine: "
+    ), done.stderr

@@ -407,3 +407,9 @@ def test_change_tracking_past_its_bound_reports_incomplete_changes():
     table.apply_gradients(keys_of(3, 4), np.zeros((2, 4), np.float32))
     changes = table.take_changes()
     assert changes.complete and changes.touched_keys.tolist() == [3, 4]
+
+
+def test_a_table_on_a_device_this_machine_lacks_is_refused_naming_it():
+    device = f"cuda:{torch.cuda.device_count()}" if torch.cuda.is_available() else "cuda"
+    with pytest.raises(ValueError, match=rf"^t\.device: '{device}' cannot hold rows here: "):
+        EmbeddingTable(TableConfig(name="t", dim=4, device=device))
