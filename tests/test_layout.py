@@ -17,6 +17,8 @@ import sys
 import numpy as np
 import pytest
 
+from ps.process.children import python_path
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
@@ -102,7 +104,7 @@ def modules_at_exit_env(tmp_path: pathlib.Path) -> tuple[dict[str, str], pathlib
     hook.mkdir(exist_ok=True)
     (hook / "sitecustomize.py").write_text(_MODULES_AT_EXIT)
     listing = tmp_path / "modules.txt"
-    env = {"PYTHONPATH": f"{ROOT}{os.pathsep}{hook}", "EMBPS_TEST_MODULES_OUT": str(listing)}
+    env = {"PYTHONPATH": python_path(str(ROOT), str(hook)), "EMBPS_TEST_MODULES_OUT": str(listing)}
     return env, listing
 
 
