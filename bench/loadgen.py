@@ -19,7 +19,7 @@ process's schedule on one C++ thread, the same scheduler for gRPC and Redis, a f
 client CPU per call; `python` runs it on `concurrency` Python threads, each making its Caller's
 calls (grpcio, redis-py: more client CPU per call than either server spends, so on a small machine
 that shares its cores with the server it caps what the bench sees). `auto`: native where the
-module is built and the target's caller has `run_native`, else python. Closed loop is Python's.
+module is built and the target's caller has `run_native`, else python; the same for a closed loop.
 The result says which one ran (`generator`).
 
 Only arrivals scheduled inside the measurement window [warmup, warmup + duration) are counted.
@@ -56,6 +56,7 @@ OK = "OK"
 UNSENT = "UNSENT"  # scheduled in the window, never sent before the run's hard end
 LATE = "LATE"  # sent late, and out of time only because the run's hard end cut its deadline short
 GENERATOR_CODES = (UNSENT, LATE)  # the generator could not keep its schedule
+_CLOSED_LOOP_CHUNK = 100_000  # calls per native schedule of a closed loop (closed_loop_native)
 _DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
 _START_DELAY_S = 0.3  # between "every client is ready" and the first arrival
 _RESULT_MARGIN_S = 60.0  # beyond the hard end, for a client to report before it is terminated
@@ -113,9 +114,9 @@ class Target(Protocol):
 @dataclass(frozen=True)
 class LoadSpec:
     """One run. rate: arrivals per second over all client processes (open loop); None: closed
-    loop, each of the `concurrency` threads of each process sends its next call as soon as the
-    previous one returns (the system's capacity at that many calls in flight); latency is then
-    counted from the send, and the measurement window holds the calls sent inside it."""
+    loop, each process keeps `concurrency` calls in flight, sending the next one as soon as one
+    returns (the system's capacity at that many calls in flight); latency is then counted from the
+    send, and the measurement window holds the calls sent inside it."""
 
     rate: float | None
     duration_s: float = 5.0
@@ -140,7 +141,7 @@ class LoadSpec:
 
     def uses_native(self, caller: object) -> bool:
         """Whether a client process runs this spec with the native generator over `caller`."""
-        if self.rate is None or self.generator == "python":
+        if self.generator == "python":
             return False
         available = native_module() is not None and hasattr(caller, "run_native")
         if self.generator == "native" and not available:
@@ -198,6 +199,26 @@ def key_pool(spec: LoadSpec, seed: int) -> list[np.ndarray]:
     return list(key_of_rank(ranks).reshape(spec.pool_batches, spec.batch))
 
 
+def closed_loop_native(
+    caller: Caller, spec: LoadSpec, t0: float, hard_end: float, chunk: int = _CLOSED_LOOP_CHUNK
+) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
+    """A closed loop in the native generator: (sent, done, codes) of the calls it sent, in send
+    order. Every call of a schedule is due at t0, so the scheduler sends the next one as soon as one
+    of the `concurrency` in flight ends, in index order (the sent ones are a prefix). Schedules of
+    `chunk` calls follow each other until the measurement window is over, so memory stays bounded
+    whatever the rate; between two of them the calls in flight end before the next ones start (a
+    dip once per chunk)."""
+    parts = []
+    while True:
+        sent, done, codes = caller.run_native(np.zeros(chunk), t0, hard_end, spec.timeout_s, spec.concurrency)
+        sent_calls = int(np.count_nonzero(~np.isnan(sent)))
+        parts.append((sent[:sent_calls], done[:sent_calls], codes[:sent_calls]))
+        if sent_calls < chunk or time.monotonic() >= t0 + spec.warmup_s + spec.duration_s:
+            break
+    return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
+            [code for p in parts for code in p[2]])
+
+
 def _run_client(target: Target, spec: LoadSpec, index: int, ready, start_at, go, results) -> None:
     """One client process: prepare, wait for the common start, run the schedule, report."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and terminates us
@@ -252,7 +273,9 @@ def _run_client(target: Target, spec: LoadSpec, index: int, ready, start_at, go,
                 codes[i] = code
 
         cpu0 = time.process_time()
-        if native:
+        if native and spec.rate is None:
+            sent, done, codes = closed_loop_native(caller, spec, t0, hard_end)
+        elif native:
             sent, done, codes = caller.run_native(times, t0, hard_end, spec.timeout_s, spec.concurrency)
             deadline = np.minimum(spec.timeout_s, hard_end - sent)
             late = deadline < np.minimum(spec.timeout_s, hard_end - (t0 + times))
@@ -266,10 +289,11 @@ def _run_client(target: Target, spec: LoadSpec, index: int, ready, start_at, go,
                 t.join(max(0.0, hard_end + spec.timeout_s - time.monotonic()))
         cpu = time.process_time() - cpu0
         if spec.rate is None:  # the send time stands for the scheduled time
-            calls.sort()
-            sent = np.array([c[0] for c in calls], dtype=np.float64).reshape(-1)
-            done = np.array([c[1] for c in calls], dtype=np.float64).reshape(-1)
-            codes = [c[2] for c in calls]
+            if not native:
+                calls.sort()
+                sent = np.array([c[0] for c in calls], dtype=np.float64).reshape(-1)
+                done = np.array([c[1] for c in calls], dtype=np.float64).reshape(-1)
+                codes = [c[2] for c in calls]
             times = sent - t0
     finally:
         caller.close()

@@ -13,7 +13,7 @@ import grpc
 import numpy as np
 import pytest
 
-from bench.loadgen import native_module
+from bench.loadgen import OK, LoadSpec, closed_loop_native, native_module
 from bench.serve_targets import EmbpsTarget, RedisServer, bench_keys
 from ps import wire
 from ps.rpc import serving_pb2
@@ -63,6 +63,24 @@ def test_grpc_codes_come_from_the_status_and_the_reply_check(lookup_server: str)
         caller.close()
     assert codes == ["OK", "MISSING_ROWS", "BAD_REPLY", "RESOURCE_EXHAUSTED"] * 2
     assert np.all(sent >= t0 + times) and np.all(done >= sent)
+
+
+def test_a_native_closed_loop_runs_schedule_after_schedule_until_its_window_ends(lookup_server: str) -> None:
+    """Schedules of `chunk` calls follow each other (memory stays bounded at any rate): the calls
+    come back in send order, each answered, and the loop goes on past the measurement window's end."""
+    spec = LoadSpec(rate=None, duration_s=0.4, warmup_s=0.1, clients=1, concurrency=4, rows=100)
+    caller = EmbpsTarget(lookup_server, "emb", DIM).connect([np.array([1, 10, 11], dtype=np.int64)])
+    try:
+        t0 = time.monotonic() + 0.05
+        window_end = t0 + spec.warmup_s + spec.duration_s
+        sent, done, codes = closed_loop_native(caller, spec, t0, window_end + spec.drain_s, chunk=50)
+        returned = time.monotonic()
+    finally:
+        caller.close()
+    assert len(sent) > 4 * 50, len(sent)  # several schedules
+    assert codes == [OK] * len(sent)
+    assert np.all(sent >= t0) and np.all(np.diff(sent) >= 0) and np.all(done >= sent)
+    assert returned >= window_end
 
 
 def test_redis_rows_checked_and_nothing_sent_after_the_hard_end(tmp_path: Path) -> None:
