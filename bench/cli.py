@@ -257,6 +257,9 @@ def _run_serve(args: argparse.Namespace) -> int:
     if args.overload is not None:
         from bench.overload_bench import OverloadBenchConfig, run_overload_bench
 
+        threads = _counts("--lookup-threads", args.lookup_threads)
+        if len(threads) > 1:
+            raise ValueError(f"--lookup-threads: --overload runs one replica setup, give one count, got {threads}")
         return run_overload_bench(
             OverloadBenchConfig(
                 factor=args.overload,
@@ -269,6 +272,7 @@ def _run_serve(args: argparse.Namespace) -> int:
                 warmup_s=args.warmup,
                 clients=args.clients,
                 concurrency=args.concurrency,
+                lookup_threads=threads[0] if threads else None,
                 out=args.out,
             )
         )

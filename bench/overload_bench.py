@@ -3,9 +3,13 @@
     embps bench serve --overload 3 --max-queue 16 --rows 100000 --batch 64 --out overload.json
 
 Two real `embps serve` replicas of the same rows (bench/serve_targets.py), loaded one at a time:
-  1. capacity: a closed loop (clients x capacity_concurrency calls in flight, each sent when the
-     previous one returns) on the bounded replica; its answered rate is the capacity. The calls
-     in flight stay within max_queue, so none is shed while measuring.
+  1. capacity: a closed loop (each call sent when one in flight returns) on the unbounded replica,
+     which sheds nothing, with as many calls in flight as the overload runs may have (clients x
+     concurrency), in the same generator; its answered rate is the capacity. With fewer calls in
+     flight a closed loop measures their round trip, not the replica: 8 in flight (the bench before
+     2026-12-04, then in Python threads) answered 819 calls/s of 2,048 keys against 1 lookup thread
+     here (2 cores) while the same replica answered 1,619 open loop, and on a 16-core host 666
+     against 1,983: "3x capacity" was no overload at all.
   2. the bounded replica (max_queue) offered factor x capacity, open loop (bench/loadgen.py);
   3. the unbounded replica (max_queue = 0) offered the same rate.
 For each overload run: the cores the replica and the bench's own client processes used (on a
@@ -38,6 +42,7 @@ from serving.shedding import core_refusal_code
 
 SHED = "RESOURCE_EXHAUSTED"  # refused by the serving gate, or by the replica's own bound without it
 CORE_SHED = "CANCELLED"  # without the gate: refused by gRPC's default core transport; the bench never cancels
+GENERATOR_KEPT_UP = 0.9  # the bounded run sent at least this share of the offered rate
 _POOL_KEYS = 1 << 22  # keys per client process's pool of prepared requests (32 MiB), whatever the batch
 
 
@@ -55,13 +60,13 @@ class OverloadBenchConfig:
     warmup_s: float = 1.0
     clients: int = 2
     concurrency: int = 32  # open-loop calls in flight per client process: must exceed max_queue in all
-    capacity_concurrency: int = 4  # closed-loop calls in flight per client process while measuring capacity
+    lookup_threads: int | None = None  # the replicas' (None: serve.toml's default, one per core)
     out: str | None = None
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.factor) and self.factor > 1):
             raise ValueError(f"factor: must be > 1 (times the capacity), got {self.factor}")
-        for name in ("max_queue", "rows", "dim", "batch", "clients", "concurrency", "capacity_concurrency"):
+        for name in ("max_queue", "rows", "dim", "batch", "clients", "concurrency"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.clients * self.concurrency <= self.max_queue:
@@ -69,11 +74,8 @@ class OverloadBenchConfig:
                 f"concurrency: clients x concurrency ({self.clients * self.concurrency}) must exceed max_queue "
                 f"({self.max_queue}), or the generator can never fill the queue and nothing is shed"
             )
-        if self.clients * self.capacity_concurrency > self.max_queue:
-            raise ValueError(
-                f"capacity_concurrency: clients x capacity_concurrency ({self.clients * self.capacity_concurrency}) "
-                f"must be <= max_queue ({self.max_queue}), so measuring the capacity sheds nothing"
-            )
+        if self.lookup_threads is not None and self.lookup_threads < 1:
+            raise ValueError(f"lookup_threads: must be >= 1, got {self.lookup_threads}")
         if not self.duration_s > 0 or self.warmup_s < 0 or self.zipf < 0:
             raise ValueError("duration_s: must be > 0; warmup_s, zipf: must be >= 0")
 
@@ -138,24 +140,33 @@ def run_overload_bench(config: OverloadBenchConfig) -> int:
               f"{config.max_queue})", flush=True)
         write_export(export_uri, config.rows, config.dim)
         bounded = EmbpsServer.start(config.rows, config.dim, Path(tmp) / "bounded", max_queue=config.max_queue,
-                                    export_uri=export_uri)
+                                    export_uri=export_uri, lookup_threads=config.lookup_threads)
         try:
             unbounded = EmbpsServer.start(config.rows, config.dim, Path(tmp) / "unbounded", max_queue=0,
-                                          export_uri=export_uri)
+                                          export_uri=export_uri, lookup_threads=config.lookup_threads)
             try:
-                print(f"capacity: closed loop, {config.clients * config.capacity_concurrency} calls in flight",
-                      flush=True)
-                capacity = run_load(bounded.target, config.spec(None, config.capacity_concurrency), bounded.pids)
+                print(f"capacity: closed loop on the unbounded replica, {config.clients * config.concurrency} calls "
+                      "in flight", flush=True)
+                capacity = run_load(unbounded.target, config.spec(None, config.concurrency), unbounded.pids)
                 rate = config.factor * capacity["achieved_qps"]
                 print(
-                    f"  capacity {capacity['achieved_qps']:.0f}/s (p50 {capacity['latency_ms']['p50']:.1f} p99 "
-                    f"{capacity['latency_ms']['p99']:.1f} ms); offering {rate:.0f}/s to each replica",
+                    f"  capacity {capacity['achieved_qps']:.0f}/s (cores used: replica {capacity['server_cores']:.2f}, "
+                    f"the bench's clients {capacity['client_cores']:.2f}); offering {rate:.0f}/s to each replica",
                     flush=True,
                 )
                 runs = {}
                 for name, server in (("bounded", bounded), ("unbounded", unbounded)):
                     runs[name] = run_load(server.target, config.spec(rate, config.concurrency), server.pids)
                     print(_line(name, summarize(runs[name])), flush=True)
+                sent = runs["bounded"]["sent_qps"]
+                if sent < GENERATOR_KEPT_UP * rate:
+                    # Only the bounded run: against the unbounded replica the backlog waits in the generator.
+                    print(
+                        f"warning: the generator sent {sent:.0f}/s of the {rate:.0f}/s offered to the bounded replica: "
+                        "this machine cannot offer that overload beside the replica, and the latencies above count "
+                        "the generator's lag; larger calls (--batch) need fewer of them",
+                        flush=True,
+                    )
             finally:
                 unbounded.stop()
         finally:

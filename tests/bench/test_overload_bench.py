@@ -1,6 +1,6 @@
 """`embps bench serve --overload 3` end to end: two real `embps serve` replicas of the same rows
 behind the serving gate, one with max_queue and one without, each offered 3x the capacity
-measured on the bounded one.
+measured on the unbounded one (a closed loop with as many calls in flight as the overload runs).
 
 What must hold, and why the bounds are what they are:
 - the bounded replica sheds, every refusal the gate's RESOURCE_EXHAUSTED, and gives no other error;
@@ -24,7 +24,7 @@ The calls are large (2,048 keys x 64 floats, a 512 KiB reply): the replica's cap
 rate the generator, which shares this machine's two cores, can offer three times over. With
 64-key calls the gate answers ~3,500 calls/s here and the generator cannot send 10,000 calls/s
 beside it: the run then measures the generator's lag, not the replica (CI saw exactly that).
-The replicas get one lookup thread and uniform keys over a million rows (256 MiB, so a call's
+The replicas get one lookup thread and uniform keys over 200,000 rows (51 MiB, so a call's
 gathers miss the caches): the replica's work per call then outweighs the generator's. With 20,000
 rows, two lookup threads and Zipf keys, the generator needed about as much CPU per call as the
 replica, could not offer three times capacity on two cores, and lagged 1.5 s in the bounded run
@@ -79,8 +79,18 @@ def test_three_times_capacity_is_shed_and_answered_latency_stays_bounded(
     assert result["gate"] and result["core_refusal"] is None
     assert bounded["shed_by_code"]["CANCELLED"] == 0, bounded  # every refusal is the gate's
     assert unbounded["shed_fraction"] == 0, unbounded
+    # The premise: what was offered is an overload. A replica that answers well beyond the measured
+    # capacity was not overloaded (the capacity measured a round trip, not the replica).
+    assert unbounded["answered_qps"] < 1.5 * capacity, (capacity, unbounded)
     assert bounded["answered_service_p99_ms"] * 3 < unbounded["answered_p99_ms"], (bounded, unbounded)
     assert bounded["answered_qps"] > 0
     cores = os.cpu_count()
     for run in (bounded, unbounded):  # CPU time over wall time: both busy, neither beyond the machine
         assert 0.05 < run["replica_cores"] <= cores * 1.05 and 0.05 < run["client_cores"] <= cores * 1.05, run
+
+
+def test_overload_takes_one_lookup_thread_count() -> None:
+    """--overload runs one replica setup: a list of lookup thread counts is refused, naming the flag
+    (before this, --lookup-threads was dropped with --overload, and the replicas ran one per core)."""
+    with pytest.raises(ValueError, match="--lookup-threads: --overload runs one replica setup"):
+        embps.main(["bench", "serve", "--overload", "3", "--lookup-threads", "1,2"])
