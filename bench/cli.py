@@ -253,7 +253,32 @@ def _counts(flag: str, text: str) -> tuple[int, ...]:
         raise ValueError(f"{flag}: expected integers separated by commas, got {text!r}") from None
 
 
+# Flags of `bench serve` that an --overload run has no use for: it starts its own two embps
+# replicas of one table and offers them an open-loop rate of its own choosing.
+_NOT_WITH_OVERLOAD = (
+    "--target", "--address", "--table", "--tables", "--rate", "--sweep", "--slo-ms", "--start-rate", "--step",
+    "--max-steps", "--repeat", "--plot", "--generator",
+)
+
+
+def _check_overload_flags(args: argparse.Namespace) -> None:
+    """ValueError naming the first flag given that does not apply to this kind of serve run."""
+    defaults = argparse.ArgumentParser()
+    _add_serve(defaults)
+    default = defaults.parse_args([])
+    if args.overload is None:
+        if args.max_queue != default.max_queue:
+            raise ValueError("--max-queue: applies with --overload only (a replica's bound is max_queue in serve.toml)")
+        return
+    for flag in _NOT_WITH_OVERLOAD:
+        name = flag[2:].replace("-", "_")
+        if getattr(args, name) != getattr(default, name):
+            raise ValueError(f"{flag}: does not apply with --overload, which starts two embps replicas of one table "
+                             "and offers them FACTOR x their capacity")
+
+
 def _run_serve(args: argparse.Namespace) -> int:
+    _check_overload_flags(args)
     if args.overload is not None:
         from bench.overload_bench import OverloadBenchConfig, run_overload_bench
 

@@ -94,3 +94,15 @@ def test_overload_takes_one_lookup_thread_count() -> None:
     (before this, --lookup-threads was dropped with --overload, and the replicas ran one per core)."""
     with pytest.raises(ValueError, match="--lookup-threads: --overload runs one replica setup"):
         embps.main(["bench", "serve", "--overload", "3", "--lookup-threads", "1,2"])
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--overload", "3", "--tables", "26"], ["--overload", "3", "--rate", "300"], ["--overload", "3", "--sweep"],
+     ["--overload", "3", "--target", "redis"], ["--overload", "3", "--generator", "python"], ["--max-queue", "4"]],
+    ids=["tables", "rate", "sweep", "target", "generator", "max-queue"],
+)
+def test_flags_an_overload_run_would_ignore_are_refused_by_name(argv: list[str]) -> None:
+    flag = next(a for a in argv if a.startswith("--") and a != "--overload")
+    with pytest.raises(ValueError, match=f"^{flag}: "):
+        embps.main(["bench", "serve", *argv])
