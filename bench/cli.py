@@ -176,6 +176,9 @@ def _run_train(args: argparse.Namespace) -> int:
     if args.repeat < 1:
         print(f"embps bench train: --repeat must be >= 1, got {args.repeat}", file=sys.stderr)
         return 2
+    if args.torchrec_path and args.peer is None:
+        print("embps bench train: --torchrec-path applies with --peer torchrec only", file=sys.stderr)
+        return 2
 
     return run_train_bench(
         TrainBenchConfig(

@@ -4,6 +4,7 @@ ratios round by round pair the runs of one round."""
 
 import argparse
 
+import embps
 from bench.cli import _add_train
 from bench.train_bench import TrainBenchConfig, _job_toml, round_ratios
 from worker.launch_config import load_launch_settings
@@ -40,3 +41,9 @@ def test_round_ratios_pair_the_runs_of_each_round() -> None:
     ratios = round_ratios(runs)
     # Round by round, not the fastest of each mode (that would read 70 / 100 and 80 / 100).
     assert ratios == {"ps_sync/in_process": [0.7, 0.8], "ps_async/in_process": [0.8, 0.9]}
+
+
+def test_a_torchrec_path_without_the_peer_is_refused(capsys) -> None:
+    """--torchrec-path says where the peer is installed; without --peer torchrec nothing would read it."""
+    assert embps.main(["bench", "train", "--torchrec-path", "/opt/torchrec"]) == 2
+    assert "--torchrec-path applies with --peer torchrec only" in capsys.readouterr().err
