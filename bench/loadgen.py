@@ -204,10 +204,11 @@ def closed_loop_native(
 ) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
     """A closed loop in the native generator: (sent, done, codes) of the calls it sent, in send
     order. Every call of a schedule is due at t0, so the scheduler sends the next one as soon as one
-    of the `concurrency` in flight ends, in index order (the sent ones are a prefix). Schedules of
-    `chunk` calls follow each other until the measurement window is over, so memory stays bounded
-    whatever the rate; between two of them the calls in flight end before the next ones start (a
-    dip once per chunk)."""
+    of the `concurrency` in flight ends, in index order (the sent ones are a prefix), until the
+    run's hard end (the calls sent after the measurement window are not counted; stopping at the
+    window's end would cut the deadlines of the calls in flight there). Schedules of `chunk` calls
+    follow each other while the window lasts, so memory stays bounded whatever the rate; between
+    two of them the calls in flight end before the next ones start (a dip once per chunk)."""
     parts = []
     while True:
         sent, done, codes = caller.run_native(np.zeros(chunk), t0, hard_end, spec.timeout_s, spec.concurrency)
