@@ -41,15 +41,19 @@ class ReplicateRequest(_message.Message):
     def __init__(self, epoch: _Optional[int] = ..., sequence: _Optional[int] = ..., method: _Optional[str] = ..., request: _Optional[bytes] = ..., incarnation: _Optional[int] = ..., versions: _Optional[_Iterable[_Union[TableVersion, _Mapping]]] = ..., shard: _Optional[int] = ..., state: _Optional[bytes] = ..., table: _Optional[str] = ..., last: _Optional[bool] = ..., sealed_tables: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ReplicateAck(_message.Message):
-    __slots__ = ("sequence", "epoch", "needs_copy", "answer", "error")
+    __slots__ = ("sequence", "epoch", "needs_copy", "answer", "error", "link_port", "link_key")
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     NEEDS_COPY_FIELD_NUMBER: _ClassVar[int]
     ANSWER_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    LINK_PORT_FIELD_NUMBER: _ClassVar[int]
+    LINK_KEY_FIELD_NUMBER: _ClassVar[int]
     sequence: int
     epoch: int
     needs_copy: bool
     answer: bytes
     error: str
-    def __init__(self, sequence: _Optional[int] = ..., epoch: _Optional[int] = ..., needs_copy: _Optional[bool] = ..., answer: _Optional[bytes] = ..., error: _Optional[str] = ...) -> None: ...
+    link_port: int
+    link_key: bytes
+    def __init__(self, sequence: _Optional[int] = ..., epoch: _Optional[int] = ..., needs_copy: _Optional[bool] = ..., answer: _Optional[bytes] = ..., error: _Optional[str] = ..., link_port: _Optional[int] = ..., link_key: _Optional[bytes] = ...) -> None: ...

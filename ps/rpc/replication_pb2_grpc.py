@@ -45,7 +45,8 @@ class ReplicationServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Replicate(self, request_iterator, context):
-        """One stream per primary-standby pair; acks come back in order.
+        """One stream per primary-standby pair; acks come back in order. Pushes and commits go on the
+        stream's link once the standby follows it (see the top of this file).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,10 +1,15 @@
 """A shard's standby, and the primary's side of it (DESIGN.md §10).
 
-    client --Push--> primary (serialised with every table call): forward(method, request) -> queue, seq n,
-                     then apply on the tables thread while the loop sends n
-                     primary --Replicate stream (epoch, n, request)--> standby: apply in order, ack n + its answer
+    client --Push--> primary (serialised with every table call): forward(method, request): seq n, handed
+                     to the link's sending thread; then applied here while the link sends n
+                     primary --link (epoch, n, request)--> standby: its link thread applies in order, acks n
+                     with its answer on the link
                      primary: settle(n) waits until the standby acked n with the primary's own answer,
                      then answers the client
+
+The Replicate stream (gRPC) carries the handshake, a state copy and heartbeats; pushes and commits go
+on the stream's link (ps/shard/replication_link.py), which the standby opens for the stream it
+follows and names in its ack. A link that ends breaks its stream.
 
 Both processes apply a push at the same time; the primary's answer and the standby's are compared
 (a few bytes each: versions and counts, or the error both raised) before the client hears of it.
@@ -53,6 +58,7 @@ import time
 from collections.abc import AsyncIterator
 
 import grpc
+from google.protobuf.message import DecodeError
 from prometheus_client import Counter, Gauge
 
 from ps import bulk_messages, wire
@@ -63,6 +69,7 @@ from ps.process.calls import parse_error, status_of
 from ps.rpc import ps_pb2, replication_pb2, replication_pb2_grpc
 from ps.security import Role, open_aio_channel
 from ps.shard.arbiter import Arbiter, Membership
+from ps.shard.replication_link import KEY_BYTES, LinkRefused, PrimaryLink, StandbyLink, split_host_port
 from ps.shard.state_copy import chunks, decode_ledger, decode_table_state, encode_ledger, encode_table_state
 from ps.shard.update_log import UpdateLog
 
@@ -74,6 +81,8 @@ BULK_FIELDS = {_REPLICATE_METHOD: ("request",)}
 ROLE_VALUES = {"standby": 0, "joining": 1, "sync": 2, "lost": 3, "alone": 4, "deposed": 5, "copying": 6, "catching": 7}
 CATCH_UP_PATIENCE_S = 60.0  # a standby loading a copied state acks nothing meanwhile
 _CHANNEL_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+_FRAME_SLACK = 1 << 20  # a link frame: a forwarded request (message limit + its slack) and its header
+_LINK_METHODS = ("Push", "PushMulti", "Commit")
 
 
 class State(enum.StrEnum):
@@ -123,7 +132,6 @@ class Replication:
         self.primary_address = ""  # as a standby: who feeds it
         self.serve_after = 0.0
         self.loop = asyncio.get_running_loop()
-        self._loop_thread = threading.get_ident()
         self._sequence = 0  # last forwarded
         self._acked = 0
         self._last_ack = 0.0
@@ -142,8 +150,14 @@ class Replication:
         self._queueing = False  # forward() queues pushes for the standby
         self._catch_up_to = 0  # CATCHING: the standby holds every acknowledged push once it acked this
         self._diverged = ""  # why the standby's answers stopped matching (breaks the stream until a copy)
-        self._written = 0  # the last message handed to gRPC
-        self._sent = threading.Condition()  # the tables thread waits on it for its message to go out
+        # The current stream's link (ps/shard/replication_link.py): forward() sends on it once it is
+        # ready; until then (a state copy in progress) messages wait in _queue, sent first.
+        self._link: PrimaryLink | None = None
+        self._link_ready = False
+        self._link_lock = threading.Lock()
+        self._link_error = ""  # why the current link ended: the stream breaks
+        self._heartbeats: collections.deque = collections.deque()  # _sequence when each unanswered heartbeat went
+        self._standby_link: StandbyLink | None = None  # as a standby: the link of the stream it follows
         self._set_state(state)
 
     # -- both roles ------------------------------------------------------------------------
@@ -162,8 +176,6 @@ class Replication:
     def _set_state(self, state: State) -> None:
         self.state = state
         self.servicer.gauges_each_push = state is not State.STANDBY
-        with self._sent:
-            self._sent.notify_all()  # a push waiting for its message to go out stops waiting if not SYNC
         self.metrics.role.labels(self.metrics.shard).set(ROLE_VALUES[state.value])
         self.metrics.epoch.labels(self.metrics.shard).set(self.epoch)
         self._changed()
@@ -324,21 +336,73 @@ class Replication:
                 self._theirs.clear()
                 self._queueing = True  # nothing was applied since the handshake: JOINING refuses pushes
             else:
-                await self._copy(call)
+                ack = await self._copy(call)
             # Pushes up to here may have been acknowledged alone; from here on acks wait for the standby.
             self._catch_up_to = self._sequence
             self._set_state(State.CATCHING)
-            reader = asyncio.ensure_future(self._read_acks(call))
+            await self._open_link(ack)
+            reader = asyncio.ensure_future(self._read_heartbeat_acks(call))
             reader.add_done_callback(lambda _: self._wake.set())
             try:
                 await self._send(call, reader)
             finally:
                 reader.cancel()
         finally:
+            self._close_link()
             call.cancel()
 
-    async def _copy(self, call) -> None:
-        """Sends the state, taken at one point of the apply order; pushes after it queue meanwhile."""
+    async def _open_link(self, ack) -> None:
+        """Connects the link the standby offered in `ack`, sends the messages queued meanwhile on
+        it, and from then on forward() sends there (ps/shard/replication_link.py)."""
+        if not ack.link_port or len(ack.link_key) != KEY_BYTES:
+            raise ConnectionError("the standby offered no replication link (an older embps?); it cannot follow")
+        limit = self.shard.job.message_limit_bytes + _FRAME_SLACK
+        link = await asyncio.to_thread(
+            PrimaryLink, self.partner, ack.link_port, ack.link_key, self.shard.job.security, limit, self.ttl
+        )
+        self._link, self._link_error = link, ""
+        link.start(functools.partial(self._link_ack, link), functools.partial(self._link_ended, link))
+        with self._link_lock:
+            while self._queue:
+                link.send(self._queue.popleft()[1])
+            self._link_ready = True
+
+    def _close_link(self) -> None:
+        with self._link_lock:
+            link, self._link, self._link_ready = self._link, None, False
+        if link is not None:
+            link.close()
+
+    def _link_ack(self, link: PrimaryLink, frame: bytearray) -> None:
+        """An ack read on the link (its reader thread)."""
+        try:
+            ack = replication_pb2.ReplicateAck.FromString(bytes(frame))
+        except DecodeError as exc:
+            raise LinkRefused(f"an ack that does not parse: {exc}") from exc
+        self.loop.call_soon_threadsafe(self._on_link_ack, link, ack)
+
+    def _on_link_ack(self, link: PrimaryLink, ack) -> None:
+        if link is not self._link:
+            return  # a link closed since
+        self._last_ack = time.monotonic()
+        self._theirs.append((ack.sequence, ack.answer, ack.error))
+        self._compare()
+        if self.state is State.CATCHING and self._acked >= self._catch_up_to:
+            self._wake.set()  # the sender records the pair in sync
+
+    def _link_ended(self, link: PrimaryLink, why: str) -> None:
+        """On one of the link's threads."""
+        if not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self._on_link_end, link, why)
+
+    def _on_link_end(self, link: PrimaryLink, why: str) -> None:
+        if link is self._link and not self._link_error:
+            self._link_error = f"replication link: {why}"
+            self._wake.set()
+
+    async def _copy(self, call):
+        """Sends the state, taken at one point of the apply order; pushes after it queue meanwhile.
+        Returns the standby's ack of the copy (which offers the link)."""
         base, states, ledger = await self.servicer.run_call(self._capture, 1 << 30)
         self._set_state(State.COPYING)
         log.info("%s: copying its state to the standby %s (at push %d)", self.describe(), self.partner, base)
@@ -370,6 +434,7 @@ class Replication:
         self._acked = base
         self._last_ack = time.monotonic()
         log.info("%s: the standby loaded the copy; it catches up on the pushes since", self.describe())
+        return ack
 
     def _capture(self):
         """(sequence, {table: TableState}, ledger) at this point of the apply order (serialised
@@ -385,25 +450,24 @@ class Replication:
     async def _send(self, call, reader: asyncio.Future) -> None:
         heartbeat = replication_pb2.ReplicateRequest(epoch=self.epoch, sequence=0, shard=self.shard.index)
         heartbeat = heartbeat.SerializeToString()
+        self._heartbeats.clear()
         while self.state in (State.SYNC, State.CATCHING) and not reader.done():
             if self._diverged:
                 raise DivergedError(self._diverged)
-            while self._queue:
-                sequence, message = self._queue.popleft()
-                await call.write(message)
-                if sequence:
-                    with self._sent:
-                        self._written = sequence
-                        self._sent.notify_all()
+            if self._link_error:
+                raise ConnectionError(self._link_error)
             try:
                 async with asyncio.timeout(self.ttl / 8):
-                    await self._wake.wait()  # a forwarded message, or the reader ended (its done callback)
+                    await self._wake.wait()  # the link ended, the standby caught up, or the reader ended
             except TimeoutError:
                 pass
             woken = self._wake.is_set()
             self._wake.clear()
-            if not woken and not self._queue and not reader.done():
-                await call.write(heartbeat)  # idle: the standby still hears this epoch, its ack renews _last_ack
+            if not woken and not reader.done():
+                # The standby still hears this epoch; its ack renews _last_ack if it holds every
+                # message sent before this heartbeat (_read_heartbeat_acks).
+                self._heartbeats.append(self._sequence)
+                await call.write(heartbeat)
             patience = self.ttl if self.state is State.SYNC else max(self.ttl, CATCH_UP_PATIENCE_S)
             if self._acked < self._sequence and time.monotonic() - self._last_ack > patience:
                 raise TimeoutError(f"no ack from the standby for {patience:g} s")
@@ -429,14 +493,15 @@ class Replication:
             except EtcdUnavailableError:
                 await asyncio.sleep(0.1)
 
-    async def _read_acks(self, call) -> None:
-        newest = self._acked
+    async def _read_heartbeat_acks(self, call) -> None:
+        """The stream's acks once the link carries the messages: one per heartbeat, in order, with
+        the last sequence the standby applied. A standby that holds every message sent before the
+        heartbeat is alive and up to date at this epoch (_last_ack); one that is behind shows it is
+        alive only by the link's acks, so a standby stuck on a message is found out after `patience`."""
         while (ack := await call.read()) is not grpc.aio.EOF:
-            self._last_ack = time.monotonic()
-            if ack.sequence > newest:  # a message's ack (a heartbeat's repeats the last one)
-                newest = ack.sequence
-                self._theirs.append((ack.sequence, ack.answer, ack.error))
-                self._compare()
+            sent_up_to = self._heartbeats.popleft() if self._heartbeats else 0
+            if ack.sequence >= sent_up_to:
+                self._last_ack = time.monotonic()
         raise ConnectionError("the standby ended the stream")
 
     def _compare(self) -> None:
@@ -492,11 +557,6 @@ class Replication:
             await asyncio.sleep(0.1)  # the arbiter is out of reach: pushes wait
 
     @property
-    def synchronous(self) -> bool:
-        """Pushes are forwarded to a standby (in sync, catching up, or receiving a copy)."""
-        return self._queueing
-
-    @property
     def sequence(self) -> int:
         """The last message forwarded (read where table calls are serialised)."""
         return self._sequence
@@ -515,14 +575,12 @@ class Replication:
         header = replication_pb2.ReplicateRequest(
             epoch=self.epoch, sequence=sequence, method=method, sealed_tables=sealed_tables
         )
-        self._queue.append((sequence, bulk_messages.encode(header, request=request.SerializeToString())))
-        self.loop.call_soon_threadsafe(self._wake.set)
-        if self.state is State.SYNC and threading.get_ident() != self._loop_thread:
-            # On the tables thread: the standby starts applying this message as soon as it is sent,
-            # so it waits for that (bounded) rather than contend with the sending loop for the GIL.
-            with self._sent:
-                self._sent.wait_for(lambda: self._written >= sequence or self.state is not State.SYNC,
-                                    self.ttl / 4)
+        message = bulk_messages.encode(header, request=request.SerializeToString())
+        with self._link_lock:
+            if self._link_ready:
+                self._link.send(message)  # queued for the link's sending thread: never blocks
+            else:
+                self._queue.append((sequence, message))  # until the link opens (a state copy in progress)
         return sequence
 
     def answered(self, sequence: int, answer: bytes = b"", error: str = "") -> None:
@@ -557,11 +615,20 @@ class Replication:
         self._spawn(self._watch_primary())
 
     async def replicate(self, requests: AsyncIterator, context: grpc.aio.ServicerContext):
-        """The standby's side of the stream: handshake (and state copy), then apply each push in
-        order and ack it. Only the stream whose handshake this process accepted last applies
-        anything (`_followed`): a stream that skipped it, or one a newer handshake superseded (the
-        primary reconnected while its old stream lingered), is refused FAILED_PRECONDITION."""
-        stream = object()
+        """The standby's side of the stream: handshake (and state copy), then the link, on which each
+        push is applied in order and acked (_link_frame), and heartbeats on the stream. Only the
+        stream whose handshake this process accepted last applies anything (`_followed`): a stream
+        that skipped it, or one a newer handshake superseded (the primary reconnected while its old
+        stream lingered), is refused FAILED_PRECONDITION, on the stream and on its link."""
+        stream = _Stream()
+        try:
+            async for ack in self._replicate(stream, requests, context):
+                yield ack
+        finally:
+            if stream.link is not None:
+                stream.link.close()
+
+    async def _replicate(self, stream: _Stream, requests: AsyncIterator, context: grpc.aio.ServicerContext):
         copy_epoch = None  # this stream's handshake asked for a state copy, at this epoch
         copy: dict[str, list[bytes]] = {}
         states: dict = {}
@@ -578,18 +645,24 @@ class Replication:
                 if message.incarnation:
                     await self._check_handshake_epoch(message, context)
                     ack = await self._hello(message, context)
-                    copy_epoch = message.epoch if ack.needs_copy else None
+                    # A copy follows when the standby asked for one, or when the primary went on
+                    # alone meanwhile (it may hold what the versions do not show: a commit).
+                    copy_epoch = message.epoch
                     if not ack.needs_copy:
                         self._followed = stream
+                        await self._listen_link(stream, ack)
                     yield ack
                 else:
+                    if stream.link_failure:
+                        await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                            f"{self.describe()}: replication link {stream.link_failure}")
                     yield replication_pb2.ReplicateAck(sequence=self._applied, epoch=self.epoch)
                 continue
             if message.method in ("TableState", "Ledger", "StateDone"):
                 if copy_epoch is None or message.epoch != copy_epoch:
                     await context.abort(
                         grpc.StatusCode.FAILED_PRECONDITION,
-                        f"{self.describe()}: {message.method} without a handshake that asked for a state copy",
+                        f"{self.describe()}: {message.method} without an accepted handshake on this stream",
                     )
             if message.method == "TableState":
                 copy.setdefault(message.table, []).append(message.state)
@@ -604,7 +677,9 @@ class Replication:
                 await self.servicer.run_call(functools.partial(self._load_copy, states, ledger), 1 << 30)
                 self._follow(message, context, "state copied")
                 self._followed, copy_epoch, states = stream, None, {}
-                yield replication_pb2.ReplicateAck(sequence=self._applied, epoch=self.epoch)
+                ack = replication_pb2.ReplicateAck(sequence=self._applied, epoch=self.epoch)
+                await self._listen_link(stream, ack)
+                yield ack
                 continue
             if self._followed is not stream:
                 await context.abort(
@@ -623,6 +698,51 @@ class Replication:
                 self._gauges_due = time.monotonic() + 1.0
                 await self.servicer.run_call(self.servicer.observe_pushed, 0)
             yield replication_pb2.ReplicateAck(sequence=self._applied, epoch=self.epoch, answer=answer, error=error)
+
+    async def _listen_link(self, stream: _Stream, ack) -> None:
+        """Opens the link of the stream this standby now follows and names it in `ack` (its port and
+        key); the link of a stream it followed before closes."""
+        for old in (stream.link, self._standby_link):
+            if old is not None:
+                old.close()
+        host, _ = split_host_port(self.arbiter.me)
+        limit = self.shard.job.message_limit_bytes + _FRAME_SLACK
+        # The TLS files are read here: off the loop.
+        link = await asyncio.to_thread(StandbyLink, host, self.shard.job.security, limit, 2 * self.ttl)
+        stream.link, stream.link_failure, self._standby_link = link, "", link
+        link.start(functools.partial(self._link_frame, stream), functools.partial(self._link_failed, stream, link))
+        ack.link_port, ack.link_key = link.port, link.key
+
+    def _link_failed(self, stream: _Stream, link: StandbyLink, why: str) -> None:
+        """A link of `stream` ended (its thread): if it is still the stream's, the stream ends at
+        its next heartbeat."""
+        if stream.link is link:
+            stream.link_failure = why
+            log.warning("%s: replication link ended: %s", self.describe(), why)
+
+    def _link_frame(self, stream: _Stream, frame: bytearray) -> bytes:
+        """A message read on the link of `stream`, applied on the link's thread (serialised with
+        every table call: run_blocking) in order; returns its ack. LinkRefused closes the link."""
+        try:
+            message = bulk_messages.parse(replication_pb2.ReplicateRequest, frame, ("request",))
+        except DecodeError as exc:
+            raise LinkRefused(f"a message that does not parse ({exc})") from exc
+        if message.method not in _LINK_METHODS:
+            raise LinkRefused(f"method {message.method!r}: only {', '.join(_LINK_METHODS)} travel on the link")
+        if self.state is not State.STANDBY or self._promoting or message.epoch != self.epoch:
+            raise LinkRefused(f"{self.describe()}: refuses epoch {message.epoch}")
+        if self._followed is not stream:
+            raise LinkRefused(f"{self.describe()}: its stream is no longer the one it follows")
+        if message.sequence != self._applied + 1:
+            raise LinkRefused(f"{self.describe()}: message {message.sequence} after {self._applied}: a gap")
+        answer, error = self.servicer.run_blocking(functools.partial(self._apply, message))
+        self._applied = message.sequence
+        if time.monotonic() >= self._gauges_due:  # a standby refreshes its table gauges once a second
+            self._gauges_due = time.monotonic() + 1.0
+            self.servicer.run_blocking(self.servicer.observe_pushed)
+        return replication_pb2.ReplicateAck(
+            sequence=message.sequence, epoch=self.epoch, answer=answer, error=error
+        ).SerializeToString()
 
     async def _check_handshake_epoch(self, hello, context) -> None:
         """Aborts unless the arbiter records another process as primary at the handshake's epoch: a
@@ -710,11 +830,13 @@ class Replication:
                     or await asyncio.to_thread(self.arbiter.leader_alive)
                 ):
                     continue
-                self._promoting = True  # from here no message of the old epoch is applied
+                self._promoting = True  # from here no message of the old epoch is applied (stream or link)
                 promoted = Membership(self.arbiter.me, "", self.epoch + 1, False)
                 if await asyncio.to_thread(self.arbiter.take_primary, revision, promoted):
                     self.epoch += 1
                     self.serve_after = time.monotonic() + self.ttl / 4
+                    if self._standby_link is not None:
+                        self._standby_link.close()
                     self.metrics.failovers.labels(self.metrics.shard).inc()
                     log.warning("%s: PROMOTED to primary (the primary's lease expired); alone until a standby joins",
                                 self.describe())
@@ -725,6 +847,15 @@ class Replication:
                 self._promoting = False
             except EtcdUnavailableError:
                 continue
+
+
+class _Stream:
+    """One Replicate stream on a standby: its identity (Replication._followed) and, once followed,
+    its link and why that ended ("" while it runs)."""
+
+    def __init__(self) -> None:
+        self.link: StandbyLink | None = None
+        self.link_failure = ""
 
 
 class DivergedError(RuntimeError):

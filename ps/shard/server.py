@@ -26,6 +26,7 @@ import functools
 import logging
 import os
 import signal
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -127,9 +128,9 @@ def _tables_call(method: str) -> Callable:
             def applied(servicer: ParameterServerServicer, request):
                 return fn(servicer, request), replication.sequence  # the last message this call forwarded
 
-            # With a standby, a push goes to the tables thread: the loop sends it to the standby
-            # meanwhile, and both apply it at once.
-            reply, sequence = await self.run(applied, request, offload=replication.synchronous)
+            # forward() hands the push to the replication link's thread, which sends it while this
+            # process applies it (inline when small, as without a standby): both apply it at once.
+            reply, sequence = await self.run(applied, request)
             await replication.settle(sequence)  # acknowledged means applied on the standby too
             return reply
 
@@ -212,28 +213,27 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         self._stale_gauges: set[str] = set()
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="tables")
         self._offloaded = 0
+        # Held by whichever thread runs a table call: the loop (inline), the tables thread, or a
+        # caller of run_blocking. Calls still start in order: none runs inline while one is offloaded.
+        self._tables_lock = threading.Lock()
         self.loop = asyncio.get_running_loop()
         self._changed = {name: asyncio.Event() for name in shard.tables}
         for table in shard.tables.values():
             metrics.observe_table(table, shard.logs[table.name].memory_bytes + shard.commits[table.name].memory_bytes)
 
-    async def run(self, fn: Callable, request, offload: bool = False):
-        """fn(self, request), serialised with every other table call (offload: on the tables thread
-        whatever its size).
+    async def run(self, fn: Callable, request):
+        """fn(self, request), serialised with every other table call.
 
         Small calls run inline on the event loop (a thread hop costs ~0.15 ms, as much as the
         work). Large ones go to the one tables thread, so the loop keeps accepting calls while
         they run: gRPC drains only calls it has handed to a handler, and cancels the rest at
         shutdown. Small calls also queue there while a large one is in progress, keeping order.
         """
-        if offload:
-            work_bytes = INLINE_WORK_BYTES + 1
-        else:
-            parts = request.requests if hasattr(request, "requests") else [request]
-            work_bytes = 0
-            for part in parts:  # the reply's rows, the request's keys and gradients
-                keys, grads = payload_bytes(part, trust_sizes=True)
-                work_bytes += keys // 8 * 4 * getattr(part, "dim", 0) + keys + grads
+        parts = request.requests if hasattr(request, "requests") else [request]
+        work_bytes = 0
+        for part in parts:  # the reply's rows, the request's keys and gradients
+            keys, grads = payload_bytes(part, trust_sizes=True)
+            work_bytes += keys // 8 * 4 * getattr(part, "dim", 0) + keys + grads
         return await self.run_call(functools.partial(fn, self, request), work_bytes)
 
     async def run_call(self, call: Callable[[], object], work_bytes: int):
@@ -243,12 +243,26 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         not until their callers stop waiting: a cancelled caller (deadline, disconnect) leaves its
         call running there, and no inline call may start beside it.
         """
-        if work_bytes <= INLINE_WORK_BYTES and self._offloaded == 0:
-            return call()
+        if work_bytes <= INLINE_WORK_BYTES and self._offloaded == 0 and self._tables_lock.acquire(blocking=False):
+            try:
+                return call()
+            finally:
+                self._tables_lock.release()
         self._offloaded += 1
-        future = self.executor.submit(call)
+        future = self.executor.submit(self._locked, call)
         future.add_done_callback(self._call_done)
         return await asyncio.wrap_future(future)
+
+    def _locked(self, call: Callable[[], object]):
+        with self._tables_lock:
+            return call()
+
+    def run_blocking(self, call: Callable[[], object]):
+        """call() on the calling thread, serialised with every other table call: for a thread that is
+        not the event loop (a standby's replication link), which would otherwise hand each call to
+        the tables thread and wait for it (two thread wake-ups a push)."""
+        with self._tables_lock:
+            return call()
 
     def _call_done(self, _future) -> None:
         """On the tables thread (or the loop, for a call cancelled before it ran)."""

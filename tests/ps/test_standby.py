@@ -42,7 +42,7 @@ from ps import wire
 from ps.client import PSClient
 from ps.job_config import ArbiterConfig, Deadlines, JobConfig, ShardConfig
 from ps.process.children import stop as stop_pid
-from ps.rpc import ps_pb2, ps_pb2_grpc, serving_pb2, snapshot_pb2, snapshot_pb2_grpc
+from ps.rpc import ps_pb2, ps_pb2_grpc, replication_pb2, serving_pb2, snapshot_pb2, snapshot_pb2_grpc
 from ps.shard.arbiter import Arbiter, Membership
 from ps.shard.replication import ROLE_VALUES
 from ps.shard.state import Shard
@@ -82,6 +82,7 @@ TABLES = (
 )
 LEASE_S = 1
 KEYS = 300
+REPLICATE = "/{}/Replicate".format(replication_pb2.DESCRIPTOR.services_by_name["Replication"].full_name)
 
 
 def pair_job(etcd_endpoint: str, name: str, tables: tuple[TableConfig, ...] = TABLES) -> JobConfig:
@@ -269,6 +270,56 @@ def test_a_stopped_standby_holds_acks_until_the_arbiter_records_the_primary_alon
         client.send_push(make_push(client, data, 3))  # alone now: no wait
     finally:
         os.kill(pair.standby.pid, signal.SIGCONT)
+        client.close()
+        pair.stop()
+
+
+def test_a_link_taken_from_the_primary_ends_its_stream_and_the_pair_joins_again(etcd, tmp_path):
+    """A second handshake at the recorded epoch (a caller with the trainer's token, or the primary
+    reconnecting while its old stream lingers) makes the standby follow that stream and close the
+    primary's replication link: the primary's stream ends with it at once, the primary records
+    itself alone in etcd, then joins again with a new link; every acknowledged push is on the
+    standby, which the SIGKILL of the primary shows bit for bit."""
+    job = pair_job(etcd.endpoint, "link-taken")
+    pair = ShardPair.start(job, tmp_path)
+    client = PSClient.from_job(job, client_id="trainer-0", max_attempts=200)
+    data = np.random.default_rng(8)
+    arbiter = Arbiter(job.arbiter, job.job, 0, "test")
+    primary_metrics = job.shards[0].metrics_port
+    try:
+        client.send_push(make_push(client, data, 1))
+        membership = arbiter.read()[0]
+        assert membership.sync, membership
+        with grpc.insecure_channel(job.shards[0].address) as channel:
+            stats = ps_pb2_grpc.ParameterServerStub(channel).Stats(ps_pb2.StatsRequest(), timeout=5)
+        hello = replication_pb2.ReplicateRequest(
+            epoch=membership.epoch, incarnation=1,
+            versions=[replication_pb2.TableVersion(table=t.name, version=t.version) for t in stats.tables],
+        )
+        release = threading.Event()
+
+        def stray_messages():
+            yield hello.SerializeToString()
+            release.wait(30)
+
+        with grpc.insecure_channel(job.shards[0].standby) as channel:
+            call = channel.stream_stream(REPLICATE, request_serializer=None,
+                                         response_deserializer=replication_pb2.ReplicateAck.FromString)(
+                stray_messages(), timeout=60)
+            ack = next(call)
+            assert ack.link_port and len(ack.link_key) == 32, ack
+            wait_until(lambda: metrics(primary_metrics).get('embps_standby_lost_total{shard="0"}') == 1.0,
+                       "the primary records itself alone", 30)
+            release.set()
+        assert "replication link" in pair.log(0), pair.log(0)[-3000:]
+        wait_until(lambda: arbiter.read()[0].sync, "the pair in sync again", 60)
+        for step in range(2, 6):
+            client.send_push(make_push(client, data, step))
+        before = client.lookup("adam", np.arange(KEYS, dtype=np.int64))
+        pair.fail_over()
+        after = client.lookup("adam", np.arange(KEYS, dtype=np.int64))
+        np.testing.assert_array_equal(after, before)
+    finally:
         client.close()
         pair.stop()
 

@@ -1,0 +1,234 @@
+"""The replication link (ps/shard/replication_link.py) on its own, over real loopback sockets: frames
+in order both ways, the key and role checked, and every way a link can end reported once.
+
+The link inside a shard pair is exercised by every standby test (tests/ps/test_standby.py,
+tests/faults/, tests/fuzz/test_fuzz_replication.py); here its contract is pinned where a pair
+would hide it: a wrong key, a frame over the limit, junk, a primary that never connects.
+"""
+
+from __future__ import annotations
+
+import queue
+import socket
+import struct
+import threading
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ps.security import SecurityConfig
+from ps.shard.replication_link import KEY_BYTES, ROLE_ACKS, ROLE_FRAMES, LinkRefused, PrimaryLink, StandbyLink
+
+PLAIN = SecurityConfig()
+LIMIT = 1 << 20
+WAIT = 10.0
+
+
+class Ends:
+    """What the two ends' callbacks saw."""
+
+    def __init__(self) -> None:
+        self.frames: queue.Queue = queue.Queue()  # on the standby
+        self.acks: queue.Queue = queue.Queue()  # on the primary
+        self.standby_end: queue.Queue = queue.Queue()
+        self.primary_end: queue.Queue = queue.Queue()
+
+    def handle(self, frame: bytearray) -> bytes:
+        """The standby's handler: echoes the frame reversed; refuses a frame that starts with b"no"."""
+        data = bytes(frame)
+        if data.startswith(b"no"):
+            raise LinkRefused("a refused frame")
+        self.frames.put(data)
+        return data[::-1]
+
+
+def _standby(ends: Ends, accept_timeout: float = WAIT, limit: int = LIMIT) -> StandbyLink:
+    link = StandbyLink("127.0.0.1", PLAIN, limit, accept_timeout)
+    link.start(ends.handle, ends.standby_end.put)
+    return link
+
+
+def _primary(ends: Ends, standby: StandbyLink, limit: int = LIMIT) -> PrimaryLink:
+    link = PrimaryLink(f"127.0.0.1:{standby.port + 1}", standby.port, standby.key, PLAIN, limit, WAIT)
+    link.start(lambda frame: ends.acks.put(bytes(frame)), ends.primary_end.put)
+    return link
+
+
+def test_frames_arrive_in_order_and_their_acks_come_back_in_order():
+    ends = Ends()
+    standby = _standby(ends)
+    primary = _primary(ends, standby)
+    try:
+        sent = [bytes([i % 251]) * size for i, size in enumerate((1, 100, 5000, 300_000, LIMIT, 7))]
+        for message in sent:
+            primary.send(message)
+        assert [ends.frames.get(timeout=WAIT) for _ in sent] == sent
+        assert [ends.acks.get(timeout=WAIT) for _ in sent] == [m[::-1] for m in sent]
+        primary.close()  # reported on the other end only
+        assert ends.standby_end.get(timeout=WAIT) == "the primary closed the link"
+    finally:
+        primary.close()
+        standby.close()
+    assert ends.primary_end.empty() and ends.standby_end.empty()
+
+
+def _hello(port: int, hello: bytes) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+    sock.sendall(hello)
+    return sock
+
+
+def _closed_by_peer(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+@pytest.mark.parametrize(
+    "hello",
+    [b"\0" * KEY_BYTES + ROLE_FRAMES, b"\0" * KEY_BYTES + ROLE_ACKS, b"", b"short"],
+    ids=["wrong-key-frames", "wrong-key-acks", "nothing", "short"],
+)
+def test_a_connection_without_the_key_is_closed_and_the_primary_still_gets_in(hello):
+    ends = Ends()
+    standby = _standby(ends)
+    stray = _hello(standby.port, hello)
+    try:
+        if hello in (b"", b"short"):
+            stray.shutdown(socket.SHUT_WR)  # what it sent is all it sends
+        assert _closed_by_peer(stray)
+        primary = _primary(ends, standby)
+        primary.send(b"hello")
+        assert ends.acks.get(timeout=WAIT) == b"olleh"
+        primary.close()
+    finally:
+        stray.close()
+        standby.close()
+
+
+def test_a_second_connection_for_a_role_already_taken_is_closed():
+    ends = Ends()
+    standby = _standby(ends)
+    first = _hello(standby.port, standby.key + ROLE_FRAMES)
+    again = _hello(standby.port, standby.key + ROLE_FRAMES)
+    try:
+        assert _closed_by_peer(again)
+    finally:
+        first.close()
+        again.close()
+        standby.close()
+
+
+def test_a_primary_that_never_connects_ends_the_link_at_its_deadline():
+    ends = Ends()
+    standby = _standby(ends, accept_timeout=0.3)
+    assert "did not connect" in ends.standby_end.get(timeout=WAIT)
+    with pytest.raises(OSError):  # the port is closed
+        socket.create_connection(("127.0.0.1", standby.port), timeout=1).close()
+
+
+def test_a_frame_over_the_limit_ends_the_link_on_both_ends():
+    ends = Ends()
+    standby = _standby(ends, limit=1000)
+    primary = _primary(ends, standby, limit=1000)
+    try:
+        primary.send(b"x" * 1001)
+        assert "over the limit" in ends.standby_end.get(timeout=WAIT)
+        assert ends.primary_end.get(timeout=WAIT)
+        assert ends.frames.empty()
+    finally:
+        primary.close()
+
+
+def test_a_refused_frame_ends_the_link_and_nothing_after_it_is_handled():
+    ends = Ends()
+    standby = _standby(ends)
+    primary = _primary(ends, standby)
+    try:
+        for message in (b"one", b"no thanks", b"three"):
+            primary.send(message)
+        assert ends.frames.get(timeout=WAIT) == b"one"
+        assert "a refused frame" in ends.standby_end.get(timeout=WAIT)
+        assert ends.primary_end.get(timeout=WAIT)
+        assert ends.frames.empty()
+    finally:
+        primary.close()
+
+
+def test_a_standby_that_goes_away_ends_the_primarys_link():
+    ends = Ends()
+    standby = _standby(ends)
+    primary = _primary(ends, standby)
+    primary.send(b"ping")
+    assert ends.acks.get(timeout=WAIT) == b"gnip"
+    standby.close()
+    assert ends.primary_end.get(timeout=WAIT)
+    primary.close()
+
+
+@settings(derandomize=True, database=None, deadline=None, max_examples=60,
+          suppress_health_check=list(HealthCheck))
+@given(chunks=st.lists(st.binary(max_size=64), min_size=1, max_size=6))
+def test_junk_after_the_key_ends_the_link_or_is_handled_as_frames(chunks):
+    """Whatever bytes follow a valid key on the frames connection (lengths beyond the limit, frames
+    cut short, an early close), the standby ends the link once or handles whole frames: it never
+    hangs past the close, never raises out of its thread, and reports at most one end."""
+    ends = Ends()
+    standby = _standby(ends, limit=4096)
+    frames = _hello(standby.port, standby.key + ROLE_FRAMES)
+    acks = _hello(standby.port, standby.key + ROLE_ACKS)
+    try:
+        try:
+            for chunk in chunks:
+                frames.sendall(chunk)
+            frames.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # the standby closed it already (a length over the limit)
+        why = ends.standby_end.get(timeout=WAIT)
+        assert why.startswith(("refused:", "broken:", "the primary closed the link")), why
+        data = b"".join(chunks)
+        expected, pos = [], 0
+        while pos + 4 <= len(data):
+            (size,) = struct.unpack_from("<I", data, pos)
+            if size > 4096 or pos + 4 + size > len(data):
+                break
+            frame = data[pos + 4:pos + 4 + size]
+            if frame.startswith(b"no"):
+                break
+            expected.append(frame)
+            pos += 4 + size
+        got = []
+        while not ends.frames.empty():
+            got.append(ends.frames.get())
+        assert got == expected
+        assert ends.standby_end.empty()
+    finally:
+        frames.close()
+        acks.close()
+        standby.close()
+
+
+def test_sends_from_many_threads_arrive_whole():
+    ends = Ends()
+    standby = _standby(ends)
+    primary = _primary(ends, standby)
+    try:
+        def sender(tag: int) -> None:
+            for i in range(50):
+                primary.send(bytes([tag]) * (1000 + i))
+
+        threads = [threading.Thread(target=sender, args=(t,)) for t in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        got = [ends.frames.get(timeout=WAIT) for _ in range(200)]
+        for frame in got:
+            assert len(set(frame)) == 1  # never interleaved
+        for tag in range(4):
+            assert [len(f) for f in got if f[0] == tag] == [1000 + i for i in range(50)]
+    finally:
+        primary.close()
+        standby.close()
