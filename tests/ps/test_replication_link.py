@@ -129,28 +129,20 @@ def test_a_primary_that_never_connects_ends_the_link_at_its_deadline():
         socket.create_connection(("127.0.0.1", standby.port), timeout=1).close()
 
 
-def test_a_frame_over_the_limit_ends_the_link_on_both_ends():
-    ends = Ends()
-    standby = _standby(ends, limit=1000)
-    primary = _primary(ends, standby, limit=1000)
-    try:
-        primary.send(b"x" * 1001)
-        assert "over the limit" in ends.standby_end.get(timeout=WAIT)
-        assert ends.primary_end.get(timeout=WAIT)
-        assert ends.frames.empty()
-    finally:
-        primary.close()
-
-
-def test_a_refused_frame_ends_the_link_and_nothing_after_it_is_handled():
+@pytest.mark.parametrize(
+    ("bad", "why"),
+    [(b"x" * (LIMIT + 1), "over the limit"), (b"no thanks", "a refused frame")],
+    ids=["too-big", "refused"],
+)
+def test_a_frame_the_standby_cannot_take_ends_the_link_on_both_ends_and_nothing_after_it_is_handled(bad, why):
     ends = Ends()
     standby = _standby(ends)
-    primary = _primary(ends, standby)
+    primary = _primary(ends, standby, limit=2 * LIMIT)
     try:
-        for message in (b"one", b"no thanks", b"three"):
+        for message in (b"one", bad, b"three"):
             primary.send(message)
         assert ends.frames.get(timeout=WAIT) == b"one"
-        assert "a refused frame" in ends.standby_end.get(timeout=WAIT)
+        assert why in ends.standby_end.get(timeout=WAIT)
         assert ends.primary_end.get(timeout=WAIT)
         assert ends.frames.empty()
     finally:
