@@ -218,6 +218,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         self._tables_lock = threading.Lock()
         self.loop = asyncio.get_running_loop()
         self._changed = {name: asyncio.Event() for name in shard.tables}
+        self._subscribed = 0  # Subscribe streams open (wake_subscribers)
         for table in shard.tables.values():
             metrics.observe_table(table, shard.logs[table.name].memory_bytes + shard.commits[table.name].memory_bytes)
 
@@ -337,7 +338,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
                 self.metrics.duplicate_pushes.labels(self.call_site.table_name_label(table)).inc()
         self._observe_pushed(changed)
         if changed:
-            self.loop.call_soon_threadsafe(self.notify_many, changed)
+            self.wake_subscribers(changed)
         return response
 
     def _replicated(self, method: str, request, apply: Callable, sealed_tables: tuple[str, ...] = ()):
@@ -380,8 +381,16 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         response = self._replicated(
             "Commit", request, lambda r: commits.commit(self.shard, r, sealed_tables), sealed_tables
         )
-        self.loop.call_soon_threadsafe(self.notify_many, list(self.shard.tables))
+        self.wake_subscribers(list(self.shard.tables))
         return response
+
+    def wake_subscribers(self, tables: list[str]) -> None:
+        """notify_many(tables) on the event loop (from any thread), if a Subscribe stream is open: a
+        push on a shard nobody follows (a standby, a job without serving) wakes no loop. A stream
+        counts itself before it first reads a table's head version, and a push moves the head
+        before it reads the count, so a stream either sees the push or is woken by it."""
+        if self._subscribed:
+            self.loop.call_soon_threadsafe(self.notify_many, tables)
 
     def notify_many(self, tables: list[str]) -> None:
         """notify() for each table (one hop to the event loop for a multi-table push)."""
@@ -395,7 +404,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
             self.metrics.duplicate_pushes.labels(request.table).inc()
         else:
             self._observe_pushed((request.table,))
-            self.loop.call_soon_threadsafe(self.notify, request.table)
+            self.wake_subscribers([request.table])
         return response
 
     @_tables_call("Stats")
@@ -419,6 +428,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
             )
         subscribers = self.metrics.subscribers.labels(name, str(shard.index))
         subscribers.inc()
+        self._subscribed += 1
         try:
             stored = request.stored_rows
             if request.committed:
@@ -451,6 +461,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
                 position = changes.to_version
         finally:
             subscribers.dec()
+            self._subscribed -= 1
 
     async def _full_copy(self, name: str, stored: bool) -> AsyncIterator[ps_pb2.UpdateBatch]:
         """Every row of table `name`, streamed: the keys are listed at version v0, their rows read
