@@ -47,6 +47,12 @@ def encode(message: Message, **bulk: Any) -> bytes:
     once, into the result. The message must leave those fields unset. A buffer is any
     C-contiguous object with the buffer protocol (bytes, memoryview, numpy array); an empty one
     is left out, as protobuf leaves out an empty bytes field."""
+    return b"".join(encode_parts(message, **bulk))
+
+
+def encode_parts(message: Message, **bulk: Any) -> list[Any]:
+    """What `encode` joins, not joined: the buffers are not copied (a writer that takes several
+    buffers, `socket.sendmsg`, sends them as they are)."""
     fields = message.DESCRIPTOR.fields_by_name
     parts: list[Any] = [message.SerializeToString()]
     for name, data in bulk.items():
@@ -56,7 +62,7 @@ def encode(message: Message, **bulk: Any) -> bytes:
         size = memoryview(data).nbytes
         if size:
             parts += (_varint(field.number << 3 | _LENGTH_DELIMITED), _varint(size), data)
-    return b"".join(parts)
+    return parts
 
 
 def serialize(message: Message | bytes) -> bytes:

@@ -364,7 +364,7 @@ class Replication:
         link.start(functools.partial(self._link_ack, link), functools.partial(self._link_ended, link))
         with self._link_lock:
             while self._queue:
-                link.send(self._queue.popleft()[1])
+                link.send(*self._queue.popleft()[1])
             self._link_ready = True
 
     def _close_link(self) -> None:
@@ -575,10 +575,10 @@ class Replication:
         header = replication_pb2.ReplicateRequest(
             epoch=self.epoch, sequence=sequence, method=method, sealed_tables=sealed_tables
         )
-        message = bulk_messages.encode(header, request=request.SerializeToString())
+        message = bulk_messages.encode_parts(header, request=request.SerializeToString())  # sent as they are
         with self._link_lock:
             if self._link_ready:
-                self._link.send(message)  # queued for the link's sending thread: never blocks
+                self._link.send(*message)  # queued for the link's sending thread: never blocks
             else:
                 self._queue.append((sequence, message))  # until the link opens (a state copy in progress)
         return sequence

@@ -41,6 +41,8 @@ from ps.security import SecurityConfig
 
 log = logging.getLogger("embps.ps")
 
+Buffer = bytes | bytearray | memoryview  # what a frame is made of (collections.abc.Buffer from Python 3.12)
+
 KEY_BYTES = 32
 ROLE_FRAMES = b"F"  # the primary -> standby connection (pushes and commits)
 ROLE_ACKS = b"A"  # the standby -> primary connection (their acks)
@@ -89,14 +91,15 @@ class _Framed:
         self.closed = False
         self._plain = not isinstance(sock, ssl.SSLSocket)
 
-    def send(self, payload: bytes) -> None:
-        header = _LENGTH.pack(len(payload))
+    def send(self, *payload: Buffer) -> None:
+        """One frame whose message is the concatenation of `payload`'s buffers."""
+        views = [memoryview(part).cast("B") for part in payload]
+        header = _LENGTH.pack(sum(view.nbytes for view in views))
         if not self._plain:
-            self.sock.sendall(header)
-            self.sock.sendall(payload)
+            self.sock.sendall(b"".join([header, *views]))
             return
-        # One system call for both, no copy.
-        parts = [part for part in (memoryview(header), memoryview(payload)) if part.nbytes]
+        # One system call for all, no copy.
+        parts = [view for view in (memoryview(header), *views) if view.nbytes]
         while parts:
             sent = self.sock.sendmsg(parts)
             while sent and parts:
@@ -284,17 +287,18 @@ class PrimaryLink:
         threading.Thread(target=self._write, args=(on_end,), name="replication-frames", daemon=True).start()
         threading.Thread(target=self._read, args=(on_ack, on_end), name="replication-acks", daemon=True).start()
 
-    def send(self, message: bytes) -> None:
-        """Queues one frame; its thread sends the frames in the order they were queued. A frame that
-        cannot be sent whole within send_timeout (the standby stopped reading) ends the link. Never
-        blocks: the caller may be the event loop."""
+    def send(self, *message: Buffer) -> None:
+        """Queues one frame (the concatenation of `message`'s buffers, which must not change until
+        it is sent); its thread sends the frames in the order they were queued. A frame that cannot
+        be sent whole within send_timeout (the standby stopped reading) ends the link. Never blocks:
+        the caller may be the event loop."""
         self._outbox.put(message)
 
     def _write(self, on_end: Callable[[str], None]) -> None:
         why = ""
         try:
             while (message := self._outbox.get()) is not None:
-                self._frames.send(message)
+                self._frames.send(*message)
         except (OSError, ConnectionError, ssl.SSLError) as exc:
             why = f"broken: {exc}"
         finally:

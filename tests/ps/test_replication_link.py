@@ -73,6 +73,18 @@ def test_frames_arrive_in_order_and_their_acks_come_back_in_order():
     assert ends.primary_end.empty() and ends.standby_end.empty()
 
 
+def test_a_frame_sent_as_several_buffers_arrives_as_their_concatenation():
+    ends = Ends()
+    standby = _standby(ends)
+    primary = _primary(ends, standby)
+    try:
+        primary.send(b"ab", memoryview(b"cd"), bytearray(b"ef"), b"", b"x" * 70_000)
+        assert ends.frames.get(timeout=WAIT) == b"abcdef" + b"x" * 70_000
+    finally:
+        primary.close()
+        standby.close()
+
+
 def _hello(port: int, hello: bytes) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
     sock.sendall(hello)

@@ -31,9 +31,11 @@ def test_frames_and_acks_travel_over_mutual_tls(pki):
     try:
         for message in (b"one", b"x" * 300_000):
             primary.send(message)
+        primary.send(b"tw", memoryview(b"o"))
         assert frames.get(timeout=WAIT) == b"one"
         assert acks.get(timeout=WAIT) == b"eno"
         assert len(frames.get(timeout=WAIT)) == 300_000
+        assert frames.get(timeout=WAIT) == b"two"
     finally:
         primary.close()
         standby.close()
