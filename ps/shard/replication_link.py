@@ -82,6 +82,22 @@ def _client_context(security: SecurityConfig) -> ssl.SSLContext | None:
     return context
 
 
+def _read_by(sock: socket.socket, size: int, deadline: float) -> bytes:
+    """Exactly `size` bytes before `deadline` (time.monotonic), however slowly they come; TimeoutError
+    otherwise, ConnectionError if the peer closes first."""
+    data = b""
+    while len(data) < size:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"{len(data)} of {size} bytes by the deadline")
+        sock.settimeout(left)
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise ConnectionError(f"closed after {len(data)} of {size} bytes")
+        data += chunk
+    return data
+
+
 class _Framed:
     """A connected socket that sends and receives length-prefixed frames."""
 
@@ -184,11 +200,12 @@ class StandbyLink:
             except (TimeoutError, OSError):
                 break
             try:
+                hello_by = time.monotonic() + _KEY_TIMEOUT_S
                 conn.settimeout(_KEY_TIMEOUT_S)
                 if self._context is not None:
                     conn = self._context.wrap_socket(conn, server_side=True)
+                hello = _read_by(conn, KEY_BYTES + 1, hello_by)
                 framed = _Framed(conn, self.max_frame)
-                hello = framed._recv_exact(KEY_BYTES + 1, frame_started=True)
             except (OSError, ConnectionError, ssl.SSLError) as exc:
                 log.warning("replication link: a connection from %s failed before its key (%s)", peer, exc)
                 conn.close()

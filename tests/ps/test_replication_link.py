@@ -99,23 +99,45 @@ def _closed_by_peer(sock: socket.socket) -> bool:
 
 
 @pytest.mark.parametrize(
-    "hello",
-    [b"\0" * KEY_BYTES + ROLE_FRAMES, b"\0" * KEY_BYTES + ROLE_ACKS, b"", b"short"],
-    ids=["wrong-key-frames", "wrong-key-acks", "nothing", "short"],
+    ("hello", "then"),
+    [
+        (b"\0" * KEY_BYTES + ROLE_FRAMES, "wait"),
+        (b"\0" * KEY_BYTES + ROLE_ACKS, "wait"),
+        (b"short", "close"),
+        (b"", "close"),
+        (b"", "wait"),  # connected, silent, open: timed out, so it holds nobody up
+        (b"slow", "trickle"),  # a byte now and then, never the whole key in time
+    ],
+    ids=["wrong-key-frames", "wrong-key-acks", "short", "nothing-then-close", "silent", "slow"],
 )
-def test_a_connection_without_the_key_is_closed_and_the_primary_still_gets_in(hello):
+def test_a_connection_without_the_key_is_closed_and_the_primary_still_gets_in(hello, then):
     ends = Ends()
     standby = _standby(ends)
     stray = _hello(standby.port, hello)
+    stop = threading.Event()
+    trickle = None
     try:
-        if hello in (b"", b"short"):
+        if then == "close":
             stray.shutdown(socket.SHUT_WR)  # what it sent is all it sends
+        elif then == "trickle":
+            def drip() -> None:
+                try:
+                    while not stop.wait(0.2):
+                        stray.sendall(b"x")
+                except OSError:
+                    pass  # closed by the standby
+
+            trickle = threading.Thread(target=drip)
+            trickle.start()
         assert _closed_by_peer(stray)
         primary = _primary(ends, standby)
         primary.send(b"hello")
         assert ends.acks.get(timeout=WAIT) == b"olleh"
         primary.close()
     finally:
+        stop.set()
+        if trickle is not None:
+            trickle.join()
         stray.close()
         standby.close()
 
