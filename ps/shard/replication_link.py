@@ -47,7 +47,7 @@ KEY_BYTES = 32
 ROLE_FRAMES = b"F"  # the primary -> standby connection (pushes and commits)
 ROLE_ACKS = b"A"  # the standby -> primary connection (their acks)
 _LENGTH = struct.Struct("<I")
-_KEY_TIMEOUT_S = 1.0  # a connection that has not sent its key by then is closed
+_KEY_TIMEOUT_S = 3.0  # a connection without its key by then is closed (a busy host may pause one ~1 s)
 
 
 class LinkRefused(Exception):
