@@ -55,34 +55,42 @@ def _primary(ends: Ends, standby: StandbyLink, limit: int = LIMIT) -> PrimaryLin
     return link
 
 
-def test_frames_arrive_in_order_and_their_acks_come_back_in_order():
-    ends = Ends()
-    standby = _standby(ends)
-    primary = _primary(ends, standby)
-    try:
-        sent = [bytes([i % 251]) * size for i, size in enumerate((1, 100, 5000, 300_000, LIMIT, 7))]
-        for message in sent:
-            primary.send(message)
-        assert [ends.frames.get(timeout=WAIT) for _ in sent] == sent
-        assert [ends.acks.get(timeout=WAIT) for _ in sent] == [m[::-1] for m in sent]
-        primary.close()  # reported on the other end only
-        assert ends.standby_end.get(timeout=WAIT) == "the primary closed the link"
-    finally:
-        primary.close()
-        standby.close()
+@pytest.fixture
+def ends() -> Ends:
+    return Ends()
+
+
+@pytest.fixture
+def standby(ends: Ends):
+    """A standby's link with the test's defaults, closed after the test."""
+    link = _standby(ends)
+    yield link
+    link.close()
+
+
+@pytest.fixture
+def primary(ends: Ends, standby: StandbyLink):
+    """The primary's end connected to `standby`, closed after the test."""
+    link = _primary(ends, standby)
+    yield link
+    link.close()
+
+
+def test_frames_arrive_in_order_and_their_acks_come_back_in_order(ends, standby, primary):
+    sent = [bytes([i % 251]) * size for i, size in enumerate((1, 100, 5000, 300_000, LIMIT, 7))]
+    for message in sent:
+        primary.send(message)
+    assert [ends.frames.get(timeout=WAIT) for _ in sent] == sent
+    assert [ends.acks.get(timeout=WAIT) for _ in sent] == [m[::-1] for m in sent]
+    primary.close()  # reported on the other end only
+    assert ends.standby_end.get(timeout=WAIT) == "the primary closed the link"
+    standby.close()
     assert ends.primary_end.empty() and ends.standby_end.empty()
 
 
-def test_a_frame_sent_as_several_buffers_arrives_as_their_concatenation():
-    ends = Ends()
-    standby = _standby(ends)
-    primary = _primary(ends, standby)
-    try:
-        primary.send(b"ab", memoryview(b"cd"), bytearray(b"ef"), b"", b"x" * 70_000)
-        assert ends.frames.get(timeout=WAIT) == b"abcdef" + b"x" * 70_000
-    finally:
-        primary.close()
-        standby.close()
+def test_a_frame_sent_as_several_buffers_arrives_as_their_concatenation(ends, primary):
+    primary.send(b"ab", memoryview(b"cd"), bytearray(b"ef"), b"", b"x" * 70_000)
+    assert ends.frames.get(timeout=WAIT) == b"abcdef" + b"x" * 70_000
 
 
 def _hello(port: int, hello: bytes) -> socket.socket:
@@ -110,9 +118,7 @@ def _closed_by_peer(sock: socket.socket) -> bool:
     ],
     ids=["wrong-key-frames", "wrong-key-acks", "short", "nothing-then-close", "silent", "slow"],
 )
-def test_a_connection_without_the_key_is_closed_and_the_primary_still_gets_in(hello, then):
-    ends = Ends()
-    standby = _standby(ends)
+def test_a_connection_without_the_key_is_closed_and_the_primary_still_gets_in(ends, standby, hello, then):
     stray = _hello(standby.port, hello)
     stop = threading.Event()
     trickle = None
@@ -139,12 +145,9 @@ def test_a_connection_without_the_key_is_closed_and_the_primary_still_gets_in(he
         if trickle is not None:
             trickle.join()
         stray.close()
-        standby.close()
 
 
-def test_a_second_connection_for_a_role_already_taken_is_closed():
-    ends = Ends()
-    standby = _standby(ends)
+def test_a_second_connection_for_a_role_already_taken_is_closed(standby):
     first = _hello(standby.port, standby.key + ROLE_FRAMES)
     again = _hello(standby.port, standby.key + ROLE_FRAMES)
     try:
@@ -152,7 +155,6 @@ def test_a_second_connection_for_a_role_already_taken_is_closed():
     finally:
         first.close()
         again.close()
-        standby.close()
 
 
 def test_a_primary_that_never_connects_ends_the_link_at_its_deadline():
@@ -168,9 +170,9 @@ def test_a_primary_that_never_connects_ends_the_link_at_its_deadline():
     [(b"x" * (LIMIT + 1), "over the limit"), (b"no thanks", "a refused frame")],
     ids=["too-big", "refused"],
 )
-def test_a_frame_the_standby_cannot_take_ends_the_link_on_both_ends_and_nothing_after_it_is_handled(bad, why):
-    ends = Ends()
-    standby = _standby(ends)
+def test_a_frame_the_standby_cannot_take_ends_the_link_on_both_ends_and_nothing_after_it_is_handled(
+    ends, standby, bad, why
+):
     primary = _primary(ends, standby, limit=2 * LIMIT)
     try:
         for message in (b"one", bad, b"three"):
@@ -183,15 +185,11 @@ def test_a_frame_the_standby_cannot_take_ends_the_link_on_both_ends_and_nothing_
         primary.close()
 
 
-def test_a_standby_that_goes_away_ends_the_primarys_link():
-    ends = Ends()
-    standby = _standby(ends)
-    primary = _primary(ends, standby)
+def test_a_standby_that_goes_away_ends_the_primarys_link(ends, standby, primary):
     primary.send(b"ping")
     assert ends.acks.get(timeout=WAIT) == b"gnip"
     standby.close()
     assert ends.primary_end.get(timeout=WAIT)
-    primary.close()
 
 
 @settings(derandomize=True, database=None, deadline=None, max_examples=60,
@@ -236,25 +234,18 @@ def test_junk_after_the_key_ends_the_link_or_is_handled_as_frames(chunks):
         standby.close()
 
 
-def test_sends_from_many_threads_arrive_whole():
-    ends = Ends()
-    standby = _standby(ends)
-    primary = _primary(ends, standby)
-    try:
-        def sender(tag: int) -> None:
-            for i in range(50):
-                primary.send(bytes([tag]) * (1000 + i))
+def test_sends_from_many_threads_arrive_whole(ends, primary):
+    def sender(tag: int) -> None:
+        for i in range(50):
+            primary.send(bytes([tag]) * (1000 + i))
 
-        threads = [threading.Thread(target=sender, args=(t,)) for t in range(4)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        got = [ends.frames.get(timeout=WAIT) for _ in range(200)]
-        for frame in got:
-            assert len(set(frame)) == 1  # never interleaved
-        for tag in range(4):
-            assert [len(f) for f in got if f[0] == tag] == [1000 + i for i in range(50)]
-    finally:
-        primary.close()
-        standby.close()
+    threads = [threading.Thread(target=sender, args=(t,)) for t in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    got = [ends.frames.get(timeout=WAIT) for _ in range(200)]
+    for frame in got:
+        assert len(set(frame)) == 1  # never interleaved
+    for tag in range(4):
+        assert [len(f) for f in got if f[0] == tag] == [1000 + i for i in range(50)]
