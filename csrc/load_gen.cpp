@@ -34,13 +34,12 @@ double now_s() {
   return static_cast<double>(ts.tv_sec) + static_cast<double>(ts.tv_nsec) * 1e-9;
 }
 
-// The scheduler (see load_gen.h). Transport: in_flight() (calls not ended), can_send() (another
-// call may start now: fewer than `concurrency` in flight), send(arrival, request, deadline_s),
-// poll(wake_at, on_done) -- waits until at least one call ended or wake_at (monotonic seconds),
-// calling on_done(arrival, code, done) for each call that ended (done: when it ended, monotonic
-// seconds); its waits must be precise (a late wake-up is a late send, and counts in the latency).
-// The transport ends its calls by their
-// deadlines itself.
+// The scheduler (see load_gen.h). Transport: in_flight() (calls whose end poll has not yet
+// reported), can_send() (another call may start now: fewer than `concurrency` in flight),
+// send(arrival, request, deadline_s), poll(wake_at, on_done) -- waits until at least one call
+// ended or wake_at (monotonic seconds), calling on_done(arrival, code, done) for each call that
+// ended (done: when it ended, monotonic seconds); its waits must be precise (a late wake-up is a
+// late send, and counts in the latency). The transport ends its calls by their deadlines itself.
 template <typename Transport>
 LoadResult run_schedule(Transport& transport, const LoadSchedule& s, size_t requests) {
   const size_t n = s.times.size();
@@ -203,6 +202,7 @@ class GrpcTransport {
           std::chrono::nanoseconds(static_cast<int64_t>(wake_at * 1e9)));  // CLOCK_MONOTONIC
       cv_.wait_until(lock, until, [this] { return !ended_.empty(); });
       ended.swap(ended_);
+      in_flight_ -= static_cast<int>(ended.size());
     }
     for (const Ended& e : ended) on_done(e.arrival, e.code, e.done);
   }
@@ -247,7 +247,6 @@ class GrpcTransport {
       }
       {
         std::lock_guard<std::mutex> lock(mu_);
-        --in_flight_;
         ended_.push_back(Ended{call->arrival, code, done});
       }
       cv_.notify_one();
@@ -255,7 +254,10 @@ class GrpcTransport {
   }
   mutable std::mutex mu_;
   std::condition_variable cv_;
-  int in_flight_ = 0;  // under mu_
+  // Calls whose end the scheduler has not taken yet (under mu_): a call leaves the count in poll,
+  // with its code, never before, or the scheduler could see none in flight and return while an
+  // ended call's code still waited in ended_ (an arrival sent, never reported).
+  int in_flight_ = 0;
   std::vector<Ended> ended_;  // under mu_
   std::thread completions_thread_{[this] { take_completions(); }};  // last: starts once the rest is built
 };
