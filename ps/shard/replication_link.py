@@ -277,6 +277,7 @@ class PrimaryLink:
         address: the standby's (its host is where the link listens)."""
         host, _ = split_host_port(address)
         context = _client_context(security)
+        self.send_timeout = send_timeout
         self._frames = self._connect(host, port, key + ROLE_FRAMES, context, max_frame, send_timeout)
         try:
             self._acks = self._connect(host, port, key + ROLE_ACKS, context, max_frame, send_timeout)
@@ -316,6 +317,8 @@ class PrimaryLink:
         try:
             while (message := self._outbox.get()) is not None:
                 self._frames.send(*message)
+        except TimeoutError:
+            why = f"the standby took nothing for {self.send_timeout:g} s"
         except (OSError, ConnectionError, ssl.SSLError) as exc:
             why = f"broken: {exc}"
         finally:

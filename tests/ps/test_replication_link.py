@@ -249,3 +249,111 @@ def test_sends_from_many_threads_arrive_whole(ends, primary):
         assert len(set(frame)) == 1  # never interleaved
     for tag in range(4):
         assert [len(f) for f in got if f[0] == tag] == [1000 + i for i in range(50)]
+
+
+class _FakeStandby:
+    """A listener in place of a standby's link: takes the primary's two connections and lets the
+    test read the frames and write raw bytes on the acks connection."""
+
+    def __init__(self) -> None:
+        self.key = b"k" * KEY_BYTES
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+
+    def primary(self, ends: Ends, send_timeout: float = WAIT) -> PrimaryLink:
+        link = PrimaryLink("127.0.0.1:1", self.port, self.key, PLAIN, LIMIT, send_timeout)
+        link.start(lambda frame: ends.acks.put(bytes(frame)), ends.primary_end.put)
+        self.conns: dict[bytes, socket.socket] = {}
+        for _ in range(2):
+            conn, _ = self._listener.accept()
+            conn.settimeout(WAIT)
+            hello = _read_exact(conn, KEY_BYTES + 1)
+            assert hello[:KEY_BYTES] == self.key
+            self.conns[hello[KEY_BYTES:]] = conn
+        return link
+
+    def frame(self) -> bytes:
+        (size,) = struct.unpack("<I", _read_exact(self.conns[ROLE_FRAMES], 4))
+        return _read_exact(self.conns[ROLE_FRAMES], size)
+
+    def close(self) -> None:
+        for conn in getattr(self, "conns", {}).values():
+            conn.close()
+        self._listener.close()
+
+
+def _read_exact(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        assert chunk, f"closed after {len(data)} of {size} bytes"
+        data += chunk
+    return data
+
+
+@pytest.fixture
+def fake():
+    standby = _FakeStandby()
+    yield standby
+    standby.close()
+
+
+def test_acks_that_arrive_in_pieces_are_read_whole_in_order(ends, fake):
+    primary = fake.primary(ends)
+    try:
+        acks = [b"a", b"", b"b" * 70_000, b"c" * 3]
+        data = b"".join(struct.pack("<I", len(a)) + a for a in acks)
+        pieces = [data[:1], data[1:6], data[6:9], data[9:40_000], data[40_000:]]
+        for piece in pieces:
+            fake.conns[ROLE_ACKS].sendall(piece)
+        assert [ends.acks.get(timeout=WAIT) for _ in acks] == acks
+        assert ends.primary_end.empty()
+    finally:
+        primary.close()
+
+
+@pytest.mark.parametrize(
+    ("ack_bytes", "why"),
+    [(struct.pack("<I", LIMIT + 1), "over the limit"), (struct.pack("<I", 10) + b"abc", "inside a frame"),
+     (b"", "closed the link")],
+    ids=["too-big", "cut-short", "closed"],
+)
+def test_acks_the_primary_cannot_read_end_its_link_once(ends, fake, ack_bytes, why):
+    primary = fake.primary(ends)
+    try:
+        fake.conns[ROLE_ACKS].sendall(ack_bytes)
+        fake.conns[ROLE_ACKS].shutdown(socket.SHUT_WR)
+        assert why in ends.primary_end.get(timeout=WAIT)
+        primary.send(b"after")  # the frames connection still takes it; nothing more is reported
+        assert fake.frame() == b"after"
+        assert ends.acks.empty() and ends.primary_end.empty()
+    finally:
+        primary.close()
+
+
+def test_frames_a_standby_reads_late_arrive_in_order_and_later_ones_too(ends, fake):
+    """More than the sockets hold, sent before the standby reads any: send() returns at once each
+    time (the frames wait on the sending thread), and every frame arrives whole, in order, then the
+    frames sent once it has caught up."""
+    primary = fake.primary(ends)
+    try:
+        sent = [bytes([i]) * (300_000 + i) for i in range(64)]  # ~19 MiB
+        for message in sent:
+            primary.send(message)
+        assert [fake.frame() for _ in sent] == sent
+        for message in (b"x", b"y" * 1000):
+            primary.send(message)
+        assert [fake.frame(), fake.frame()] == [b"x", b"y" * 1000]
+        assert ends.primary_end.empty()
+    finally:
+        primary.close()
+
+
+def test_a_standby_that_stops_reading_ends_the_link_after_the_send_timeout(ends, fake):
+    primary = fake.primary(ends, send_timeout=0.5)
+    try:
+        for _ in range(64):  # never blocks, though nobody reads
+            primary.send(b"z" * 300_000)
+        assert "the standby took nothing for 0.5 s" in ends.primary_end.get(timeout=WAIT)
+    finally:
+        primary.close()
