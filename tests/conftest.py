@@ -18,6 +18,7 @@ from hypothesis import settings
 
 from tests.helpers.etcd import start_etcd
 from tests.helpers.in_process import InProcessShards
+from tests.helpers.loop_thread import LoopThread
 from tests.helpers.processes import ShardCluster
 from tests.helpers.s3_server import S3Bucket, S3Server
 
@@ -79,6 +80,13 @@ def _skip_where_a_process_starts() -> None:
 
     subprocess.Popen.__init__ = guarded_popen_init
     multiprocessing.process.BaseProcess.start = guarded_start
+
+
+@pytest.fixture(scope="module")
+def loop_thread():
+    """An asyncio loop running on a thread of its own (tests/helpers/loop_thread.py)."""
+    with LoopThread() as loop:
+        yield loop
 
 
 @pytest.fixture

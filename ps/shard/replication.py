@@ -361,7 +361,7 @@ class Replication:
             PrimaryLink, self.partner, ack.link_port, ack.link_key, self.shard.job.security, limit, self.ttl
         )
         self._link, self._link_error = link, ""
-        link.start(functools.partial(self._link_ack, link), functools.partial(self._link_ended, link))
+        link.start(self.loop, functools.partial(self._link_ack, link), functools.partial(self._link_ended, link))
         with self._link_lock:
             while self._queue:
                 link.send(*self._queue.popleft()[1])
@@ -374,16 +374,13 @@ class Replication:
             link.close()
 
     def _link_ack(self, link: PrimaryLink, frame: bytearray) -> None:
-        """An ack read on the link (its reader thread)."""
+        """An ack read on the link (on the loop)."""
+        if link is not self._link:
+            return  # a link closed since
         try:
             ack = replication_pb2.ReplicateAck.FromString(bytes(frame))
         except DecodeError as exc:
             raise LinkRefused(f"an ack that does not parse: {exc}") from exc
-        self.loop.call_soon_threadsafe(self._on_link_ack, link, ack)
-
-    def _on_link_ack(self, link: PrimaryLink, ack) -> None:
-        if link is not self._link:
-            return  # a link closed since
         self._last_ack = time.monotonic()
         self._theirs.append((ack.sequence, ack.answer, ack.error))
         self._compare()
@@ -391,7 +388,7 @@ class Replication:
             self._wake.set()  # the sender records the pair in sync
 
     def _link_ended(self, link: PrimaryLink, why: str) -> None:
-        """On one of the link's threads."""
+        """On the loop, or on the link's sending thread."""
         if not self.loop.is_closed():
             self.loop.call_soon_threadsafe(self._on_link_end, link, why)
 

@@ -3,15 +3,17 @@
 Why: a push forwarded as a grpc.aio stream message cost the primary about what the client's
 unary Push costs it (HTTP/2 framing and completion events on the event loop, under the GIL), and
 the standby as much again to receive it, so a pair spent 2.3-4x a lone shard's CPU per push. On
-the link a forwarded push is one `sendall` from the thread that is about to apply it (the GIL
-released meanwhile), and one `recv_into` on the standby's link thread, which hands it to the
-tables thread and sends the ack back the same way.
+the link a forwarded push is one non-blocking `sendmsg` from the thread that is about to apply it
+(the GIL released meanwhile; what the socket does not take at once goes on from a sending
+thread), and one `recv_into` on the standby's link thread, which applies it under the tables lock
+and sends the ack back; the primary reads the acks on its event loop, where they settle the pushes
+waiting for them (no thread hop).
 
     primary                                   standby
     Replicate stream (gRPC): handshake  --->  accepted: listens on a port for this stream alone
                              <---  ack: link_port, link_key
     connect, send link_key              --->  key checked (constant time), listener closed
-    frame: ReplicateRequest (push)      --->  applied on the tables thread
+    frame: ReplicateRequest (push)      --->  applied on the link's thread (tables lock)
                              <---  frame: ReplicateAck (its answer)
 
 The Replicate stream keeps the handshake, the state copy and the heartbeats; every push and
@@ -26,6 +28,7 @@ any break.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import queue
@@ -98,6 +101,25 @@ def _read_by(sock: socket.socket, size: int, deadline: float) -> bytes:
     return data
 
 
+def frame_parts(payload: tuple[Buffer, ...]) -> list[memoryview]:
+    """The buffers of one frame: its length, then the message made of `payload`'s buffers."""
+    views = [memoryview(part).cast("B") for part in payload]
+    header = _LENGTH.pack(sum(view.nbytes for view in views))
+    return [view for view in (memoryview(header), *views) if view.nbytes]
+
+
+def _unsent(parts: list[memoryview], sent: int) -> list[memoryview]:
+    """What is left of `parts` once their first `sent` bytes went out."""
+    while sent and parts:
+        if sent >= parts[0].nbytes:
+            sent -= parts[0].nbytes
+            parts = parts[1:]
+        else:
+            parts = [parts[0][sent:], *parts[1:]]
+            sent = 0
+    return parts
+
+
 class _Framed:
     """A connected socket that sends and receives length-prefixed frames."""
 
@@ -109,22 +131,28 @@ class _Framed:
 
     def send(self, *payload: Buffer) -> None:
         """One frame whose message is the concatenation of `payload`'s buffers."""
-        views = [memoryview(part).cast("B") for part in payload]
-        header = _LENGTH.pack(sum(view.nbytes for view in views))
+        self.send_parts(frame_parts(payload))
+
+    def send_parts(self, parts: list[memoryview]) -> None:
+        """Sends `parts` whole (blocking; the socket's timeout bounds each wait)."""
         if not self._plain:
-            self.sock.sendall(b"".join([header, *views]))
+            self.sock.sendall(b"".join(parts))
             return
-        # One system call for all, no copy.
-        parts = [view for view in (memoryview(header), *views) if view.nbytes]
         while parts:
-            sent = self.sock.sendmsg(parts)
-            while sent and parts:
-                if sent >= parts[0].nbytes:
-                    sent -= parts[0].nbytes
-                    parts.pop(0)
-                else:
-                    parts[0] = parts[0][sent:]
-                    sent = 0
+            parts = _unsent(parts, self.sock.sendmsg(parts))  # one system call for all, no copy
+
+    def send_now(self, parts: list[memoryview]) -> list[memoryview]:
+        """Sends what the socket takes without waiting; returns the rest (empty: all sent). A TLS
+        connection takes nothing this way (a TLS record cannot be sent in part and resumed)."""
+        if not self._plain:
+            return parts
+        while parts:
+            try:
+                sent = self.sock.sendmsg(parts, (), socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                break
+            parts = _unsent(parts, sent)
+        return parts
 
     def _recv_exact(self, size: int, frame_started: bool) -> bytearray | None:
         buffer = bytearray(size)
@@ -267,9 +295,11 @@ class StandbyLink:
 
 class PrimaryLink:
     """The primary's end: connects to the standby's link twice (frames, acks) and proves the key on
-    both; a thread sends the frames queued by send() in order, another reads the acks: on_ack(frame)
-    for each. on_end(why) runs (on either thread, at least once) when the link ends for any reason
-    but close()."""
+    both. send() sends a frame from the caller's thread as far as the socket takes it at once, and
+    hands the rest (and every frame after it, in order) to a sending thread; the acks are read on
+    the event loop given to start(), which calls on_ack(frame) for each, so an ack settles its push
+    with no thread hop. on_end(why) runs (on the loop or the sending thread, at least once) when the
+    link ends for any reason but close()."""
 
     def __init__(self, address: str, port: int, key: bytes, security: SecurityConfig, max_frame: int,
                  send_timeout: float) -> None:
@@ -284,7 +314,21 @@ class PrimaryLink:
         except BaseException:
             self._frames.close()
             raise
+        if context is None:
+            # Blocking, so that a send with MSG_DONTWAIT never waits (a socket with a timeout polls
+            # before each call); the kernel bounds the sending thread's waits instead.
+            self._frames.sock.settimeout(None)
+            seconds = max(send_timeout, 1e-3)
+            timeval = struct.pack("ll", int(seconds), int(seconds % 1 * 1e6))
+            self._frames.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+        self._acks.sock.setblocking(False)
+        self._max_frame = max_frame
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._send_lock = threading.Lock()
+        self._handed = 0  # frames handed to the sending thread and not yet sent whole (under _send_lock)
+        self._inbox = bytearray()  # ack bytes read, not yet a whole frame (on the loop)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._reading = False  # the loop watches the acks connection (on the loop)
         self._closed = False
 
     @staticmethod
@@ -301,23 +345,38 @@ class PrimaryLink:
             raise
         return _Framed(sock, max_frame)
 
-    def start(self, on_ack: Callable[[bytearray], None], on_end: Callable[[str], None]) -> None:
+    def start(self, loop: asyncio.AbstractEventLoop, on_ack: Callable[[bytearray], None],
+              on_end: Callable[[str], None]) -> None:
+        """Starts the sending thread, and the reading of acks on `loop` (from any thread)."""
+        self._loop = loop
         threading.Thread(target=self._write, args=(on_end,), name="replication-frames", daemon=True).start()
-        threading.Thread(target=self._read, args=(on_ack, on_end), name="replication-acks", daemon=True).start()
+        loop.call_soon_threadsafe(self._watch_acks, on_ack, on_end)
 
     def send(self, *message: Buffer) -> None:
-        """Queues one frame (the concatenation of `message`'s buffers, which must not change until
-        it is sent); its thread sends the frames in the order they were queued. A frame that cannot
-        be sent whole within send_timeout (the standby stopped reading) ends the link. Never blocks:
-        the caller may be the event loop."""
-        self._outbox.put(message)
+        """Sends one frame (the concatenation of `message`'s buffers, which must not change until it
+        is sent), after every frame sent before it. Never blocks: the caller may be the event loop.
+        What the socket does not take at once goes to the sending thread; a standby that takes
+        nothing for send_timeout ends the link."""
+        parts = frame_parts(message)
+        with self._send_lock:
+            if self._handed == 0 and not self._closed:
+                try:
+                    parts = self._frames.send_now(parts)
+                except OSError:
+                    pass  # the sending thread meets the error too, and ends the link
+                if not parts:
+                    return
+            self._handed += 1
+            self._outbox.put(parts)
 
     def _write(self, on_end: Callable[[str], None]) -> None:
         why = ""
         try:
-            while (message := self._outbox.get()) is not None:
-                self._frames.send(*message)
-        except TimeoutError:
+            while (parts := self._outbox.get()) is not None:
+                self._frames.send_parts(parts)
+                with self._send_lock:
+                    self._handed -= 1
+        except (BlockingIOError, TimeoutError):
             why = f"the standby took nothing for {self.send_timeout:g} s"
         except (OSError, ConnectionError, ssl.SSLError) as exc:
             why = f"broken: {exc}"
@@ -325,24 +384,68 @@ class PrimaryLink:
             if not self._closed:
                 on_end(why or "closed")
 
-    def _read(self, on_ack: Callable[[bytearray], None], on_end: Callable[[str], None]) -> None:
+    def _watch_acks(self, on_ack: Callable[[bytearray], None], on_end: Callable[[str], None]) -> None:
+        if self._closed:
+            return
+        self._reading = True
+        self._loop.add_reader(self._acks.sock.fileno(), self._read_acks, on_ack, on_end)
+
+    def _read_acks(self, on_ack: Callable[[bytearray], None], on_end: Callable[[str], None]) -> None:
+        """The acks connection is readable (on the loop): on_ack for each whole frame read."""
         why = ""
         try:
-            while True:
-                frame = self._acks.recv()
-                if frame is None:
-                    why = "the standby closed the link"
+            while not self._closed:
+                try:
+                    chunk = self._acks.sock.recv(1 << 16)
+                except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
                     return
-                on_ack(frame)
+                if not chunk:
+                    why = "the connection ended inside a frame" if self._inbox else "the standby closed the link"
+                    break
+                self._inbox += chunk
+                while len(self._inbox) >= _LENGTH.size:
+                    (size,) = _LENGTH.unpack_from(self._inbox)
+                    if size > self._max_frame:
+                        raise LinkRefused(f"a frame of {size} bytes, over the limit of {self._max_frame}")
+                    end = _LENGTH.size + size
+                    if len(self._inbox) < end:
+                        break
+                    frame = self._inbox[_LENGTH.size:end]
+                    del self._inbox[:end]
+                    on_ack(frame)
+                    if self._closed:
+                        return
+            if not why:
+                return
         except (OSError, ConnectionError, ssl.SSLError, LinkRefused) as exc:
             why = f"broken: {exc}"
-        finally:
-            if not self._closed:
-                on_end(why)
+        self._stop_acks()
+        on_end(why)
+
+    def _stop_acks(self) -> None:
+        """Stops watching the acks connection and closes it (on the loop)."""
+        if self._reading:
+            self._reading = False
+            self._loop.remove_reader(self._acks.sock.fileno())
+        self._acks.close()
 
     def close(self) -> None:
-        """Ends the link (on_end is not called); frames still queued are dropped."""
+        """Ends the link (on_end is not called); frames not yet sent are dropped. From any thread."""
         self._closed = True
         self._outbox.put(None)
         self._frames.close()
-        self._acks.close()
+        loop = self._loop
+        if loop is None:
+            self._acks.close()
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            self._stop_acks()
+            return
+        try:
+            loop.call_soon_threadsafe(self._stop_acks)
+        except RuntimeError:  # the loop is closed: nothing watches the connection any more
+            self._acks.close()

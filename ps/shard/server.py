@@ -128,8 +128,8 @@ def _tables_call(method: str) -> Callable:
             def applied(servicer: ParameterServerServicer, request):
                 return fn(servicer, request), replication.sequence  # the last message this call forwarded
 
-            # forward() hands the push to the replication link's thread, which sends it while this
-            # process applies it (inline when small, as without a standby): both apply it at once.
+            # forward() sends the push on the replication link (the standby applies it while this
+            # process does: inline when small, as without a standby); its ack settles it on the loop.
             reply, sequence = await self.run(applied, request)
             await replication.settle(sequence)  # acknowledged means applied on the standby too
             return reply

@@ -49,9 +49,9 @@ def _standby(ends: Ends, accept_timeout: float = WAIT, limit: int = LIMIT) -> St
     return link
 
 
-def _primary(ends: Ends, standby: StandbyLink, limit: int = LIMIT) -> PrimaryLink:
+def _primary(loop, ends: Ends, standby: StandbyLink, limit: int = LIMIT) -> PrimaryLink:
     link = PrimaryLink(f"127.0.0.1:{standby.port + 1}", standby.port, standby.key, PLAIN, limit, WAIT)
-    link.start(lambda frame: ends.acks.put(bytes(frame)), ends.primary_end.put)
+    link.start(loop, lambda frame: ends.acks.put(bytes(frame)), ends.primary_end.put)
     return link
 
 
@@ -69,9 +69,9 @@ def standby(ends: Ends):
 
 
 @pytest.fixture
-def primary(ends: Ends, standby: StandbyLink):
-    """The primary's end connected to `standby`, closed after the test."""
-    link = _primary(ends, standby)
+def primary(loop_thread, ends: Ends, standby: StandbyLink):
+    """The primary's end connected to `standby` (its acks read on `loop_thread`), closed after the test."""
+    link = _primary(loop_thread, ends, standby)
     yield link
     link.close()
 
@@ -118,7 +118,8 @@ def _closed_by_peer(sock: socket.socket) -> bool:
     ],
     ids=["wrong-key-frames", "wrong-key-acks", "short", "nothing-then-close", "silent", "slow"],
 )
-def test_a_connection_without_the_key_is_closed_and_the_primary_still_gets_in(ends, standby, hello, then):
+def test_a_connection_without_the_key_is_closed_and_the_primary_still_gets_in(loop_thread, ends, standby, hello,
+                                                                             then):
     stray = _hello(standby.port, hello)
     stop = threading.Event()
     trickle = None
@@ -136,7 +137,7 @@ def test_a_connection_without_the_key_is_closed_and_the_primary_still_gets_in(en
             trickle = threading.Thread(target=drip)
             trickle.start()
         assert _closed_by_peer(stray)
-        primary = _primary(ends, standby)
+        primary = _primary(loop_thread, ends, standby)
         primary.send(b"hello")
         assert ends.acks.get(timeout=WAIT) == b"olleh"
         primary.close()
@@ -171,9 +172,9 @@ def test_a_primary_that_never_connects_ends_the_link_at_its_deadline():
     ids=["too-big", "refused"],
 )
 def test_a_frame_the_standby_cannot_take_ends_the_link_on_both_ends_and_nothing_after_it_is_handled(
-    ends, standby, bad, why
+    loop_thread, ends, standby, bad, why
 ):
-    primary = _primary(ends, standby, limit=2 * LIMIT)
+    primary = _primary(loop_thread, ends, standby, limit=2 * LIMIT)
     try:
         for message in (b"one", bad, b"three"):
             primary.send(message)
@@ -260,9 +261,9 @@ class _FakeStandby:
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
 
-    def primary(self, ends: Ends, send_timeout: float = WAIT) -> PrimaryLink:
+    def primary(self, loop, ends: Ends, send_timeout: float = WAIT) -> PrimaryLink:
         link = PrimaryLink("127.0.0.1:1", self.port, self.key, PLAIN, LIMIT, send_timeout)
-        link.start(lambda frame: ends.acks.put(bytes(frame)), ends.primary_end.put)
+        link.start(loop, lambda frame: ends.acks.put(bytes(frame)), ends.primary_end.put)
         self.conns: dict[bytes, socket.socket] = {}
         for _ in range(2):
             conn, _ = self._listener.accept()
@@ -298,8 +299,8 @@ def fake():
     standby.close()
 
 
-def test_acks_that_arrive_in_pieces_are_read_whole_in_order(ends, fake):
-    primary = fake.primary(ends)
+def test_acks_that_arrive_in_pieces_are_read_whole_in_order(loop_thread, ends, fake):
+    primary = fake.primary(loop_thread, ends)
     try:
         acks = [b"a", b"", b"b" * 70_000, b"c" * 3]
         data = b"".join(struct.pack("<I", len(a)) + a for a in acks)
@@ -318,8 +319,8 @@ def test_acks_that_arrive_in_pieces_are_read_whole_in_order(ends, fake):
      (b"", "closed the link")],
     ids=["too-big", "cut-short", "closed"],
 )
-def test_acks_the_primary_cannot_read_end_its_link_once(ends, fake, ack_bytes, why):
-    primary = fake.primary(ends)
+def test_acks_the_primary_cannot_read_end_its_link_once(loop_thread, ends, fake, ack_bytes, why):
+    primary = fake.primary(loop_thread, ends)
     try:
         fake.conns[ROLE_ACKS].sendall(ack_bytes)
         fake.conns[ROLE_ACKS].shutdown(socket.SHUT_WR)
@@ -331,11 +332,11 @@ def test_acks_the_primary_cannot_read_end_its_link_once(ends, fake, ack_bytes, w
         primary.close()
 
 
-def test_frames_a_standby_reads_late_arrive_in_order_and_later_ones_too(ends, fake):
+def test_frames_a_standby_reads_late_arrive_in_order_and_later_ones_too(loop_thread, ends, fake):
     """More than the sockets hold, sent before the standby reads any: send() returns at once each
-    time (the frames wait on the sending thread), and every frame arrives whole, in order, then the
-    frames sent once it has caught up."""
-    primary = fake.primary(ends)
+    time (what the socket did not take waits on the sending thread), and every frame arrives whole,
+    in order, then the frames sent once it has caught up (from the caller's thread again)."""
+    primary = fake.primary(loop_thread, ends)
     try:
         sent = [bytes([i]) * (300_000 + i) for i in range(64)]  # ~19 MiB
         for message in sent:
@@ -349,8 +350,8 @@ def test_frames_a_standby_reads_late_arrive_in_order_and_later_ones_too(ends, fa
         primary.close()
 
 
-def test_a_standby_that_stops_reading_ends_the_link_after_the_send_timeout(ends, fake):
-    primary = fake.primary(ends, send_timeout=0.5)
+def test_a_standby_that_stops_reading_ends_the_link_after_the_send_timeout(loop_thread, ends, fake):
+    primary = fake.primary(loop_thread, ends, send_timeout=0.5)
     try:
         for _ in range(64):  # never blocks, though nobody reads
             primary.send(b"z" * 300_000)

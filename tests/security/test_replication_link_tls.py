@@ -22,12 +22,12 @@ def _standby(security, frames: queue.Queue, ends: queue.Queue, accept_timeout: f
     return link
 
 
-def test_frames_and_acks_travel_over_mutual_tls(pki):
+def test_frames_and_acks_travel_over_mutual_tls(pki, loop_thread):
     security = secured(pki, mutual=True)
     frames, acks, ends = queue.Queue(), queue.Queue(), queue.Queue()
     standby = _standby(security, frames, ends)
     primary = PrimaryLink("127.0.0.1:1", standby.port, standby.key, security, LIMIT, WAIT)
-    primary.start(lambda frame: acks.put(bytes(frame)), ends.put)
+    primary.start(loop_thread, lambda frame: acks.put(bytes(frame)), ends.put)
     try:
         for message in (b"one", b"x" * 300_000):
             primary.send(message)
@@ -42,7 +42,7 @@ def test_frames_and_acks_travel_over_mutual_tls(pki):
 
 
 @pytest.mark.parametrize("client", ["none", "rogue"])
-def test_a_primary_without_the_jobs_client_certificate_gets_no_frame_through(pki, client):
+def test_a_primary_without_the_jobs_client_certificate_gets_no_frame_through(pki, client, loop_thread):
     security = secured(pki, mutual=True)
     if client == "none":
         primary_security = dataclasses.replace(security, client_cert=None, client_key=None)
@@ -56,7 +56,7 @@ def test_a_primary_without_the_jobs_client_certificate_gets_no_frame_through(pki
     except OSError:
         primary = None  # refused during the handshake, before the key
     if primary is not None:
-        primary.start(lambda frame: None, primary_ends.put)
+        primary.start(loop_thread, lambda frame: None, primary_ends.put)
         primary.send(b"let me in")
     try:
         assert "did not connect" in ends.get(timeout=WAIT)
