@@ -376,8 +376,10 @@ class PrimaryLink:
                 self._frames.send_parts(parts)
                 with self._send_lock:
                     self._handed -= 1
-        except (BlockingIOError, TimeoutError):
+        except BlockingIOError:  # a plain socket: SO_SNDTIMEO passed without a byte taken
             why = f"the standby took nothing for {self.send_timeout:g} s"
+        except TimeoutError:  # TLS: sendall's timeout bounds the whole frame
+            why = f"a frame not sent within {self.send_timeout:g} s (the standby stopped reading)"
         except (OSError, ConnectionError, ssl.SSLError) as exc:
             why = f"broken: {exc}"
         finally:
