@@ -1,7 +1,7 @@
 """A shard's standby, and the primary's side of it (DESIGN.md §10).
 
-    client --Push--> primary (serialised with every table call): forward(method, request): seq n, handed
-                     to the link's sending thread; then applied here while the link sends n
+    client --Push--> primary (serialised with every table call): forward(method, request): seq n, sent
+                     on the link (the rest by its sending thread if the socket is full); then applied here
                      primary --link (epoch, n, request)--> standby: its link thread applies in order, acks n
                      with its answer on the link
                      primary: settle(n) waits until the standby acked n with the primary's own answer,
@@ -575,7 +575,7 @@ class Replication:
         message = bulk_messages.encode_parts(header, request=request.SerializeToString())  # sent as they are
         with self._link_lock:
             if self._link_ready:
-                self._link.send(*message)  # queued for the link's sending thread: never blocks
+                self._link.send(*message)  # what the socket takes now, the rest by the link's thread: never blocks
             else:
                 self._queue.append((sequence, message))  # until the link opens (a state copy in progress)
         return sequence

@@ -250,18 +250,14 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
             finally:
                 self._tables_lock.release()
         self._offloaded += 1
-        future = self.executor.submit(self._locked, call)
+        future = self.executor.submit(self.run_blocking, call)
         future.add_done_callback(self._call_done)
         return await asyncio.wrap_future(future)
 
-    def _locked(self, call: Callable[[], object]):
-        with self._tables_lock:
-            return call()
-
     def run_blocking(self, call: Callable[[], object]):
         """call() on the calling thread, serialised with every other table call: for a thread that is
-        not the event loop (a standby's replication link), which would otherwise hand each call to
-        the tables thread and wait for it (two thread wake-ups a push)."""
+        not the event loop (the tables thread; a standby's replication link, which would otherwise
+        hand each call to the tables thread and wait for it: two thread wake-ups a push)."""
         with self._tables_lock:
             return call()
 
