@@ -219,21 +219,27 @@ def test_a_call_beyond_the_bound_is_refused_while_every_lookup_thread_answers(
             answer = serving_pb2_grpc.ServingStub(big_channel).Lookup.future(big, timeout=60)
             # The big Lookup holds the one place from its headers to its reply: probes from then on.
             _wait_for(server, lambda m: m["embps_serving_lookup_queue"] == 1 or answer.done(), "the big Lookup")
-            refused: list[float] = []
+            probes: list[tuple[float, grpc.StatusCode]] = []  # (seconds, code) of each probe, in order
             while not answer.done():
                 sent = time.monotonic()
                 try:
                     probe_stub.Lookup(probe, timeout=30)
+                    code = grpc.StatusCode.OK
                 except grpc.RpcError as exc:
                     assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, exc
-                    refused.append(time.monotonic() - sent)
+                    code = exc.code()
+                probes.append((time.monotonic() - sent, code))
             reply = answer.result()
         assert len(reply.found) == BIG_KEYS and reply.found.count(0) == 0
         answering = _lookup_seconds(server)  # the big Lookup's, and any probe answered after its reply left
-        assert refused, "no probe was sent while the big Lookup held the bound"
-        # Refused at once: the slowest refusal took less than half the big Lookup's answer, which
-        # the first probe sent after its headers overlaps; behind it, it would take most of it.
-        assert max(refused) < answering / 2, (max(refused), answering, len(refused))
+        assert probes, "no probe was sent while the big Lookup held the bound"
+        # The first probe, sent once the big Lookup held the place, is the one a thread-bound gate
+        # would leave unread until that answer ends: refused at once, it takes less than half of it.
+        # Only the first is timed: the slowest of a few hundred quick refusals measures how the two
+        # cores were shared at that moment (one took 45 ms of an 88 ms answer in a CI run), not the gate.
+        first_seconds, first_code = probes[0]
+        assert first_code == grpc.StatusCode.RESOURCE_EXHAUSTED, probes[:3]
+        assert first_seconds < answering / 2, (first_seconds, answering, len(probes))
     finally:
         server.stop()
 
