@@ -27,6 +27,7 @@ def exchange_to_owners(
     divisor: float = 1.0,
     lead: np.ndarray | None = None,
     trail: np.ndarray | None = None,
+    group: dist.ProcessGroup | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Sends each (key, row) to owner[i] and returns what this rank received.
 
@@ -34,7 +35,8 @@ def exchange_to_owners(
     trail (u,) float32 or None: one column before and after the grads. Each row sent is
     [lead | grads / divisor | trail] (columns that are None left out). Returns received keys (m,)
     int64 and rows (m, width) float32 (not always C-contiguous), rank by rank in rank order; a key sent by several ranks
-    appears once per sender. Collective: every rank must call it.
+    appears once per sender. Collective: every rank of `group` (None: the default group) must
+    call it.
     """
     dim = grads.shape[1]
     width = dim + (lead is not None) + (trail is not None)
@@ -49,7 +51,7 @@ def exchange_to_owners(
     _rows(order, grads, divisor, lead, trail, width, packed[:, 2:])
     send_counts = np.bincount(owner, minlength=world_size).astype(np.int64)
     recv_counts = torch.empty(world_size, dtype=torch.int64)
-    dist.all_to_all_single(recv_counts, torch.from_numpy(send_counts))
+    dist.all_to_all_single(recv_counts, torch.from_numpy(send_counts), group=group)
     recv_counts_list = recv_counts.tolist()
     received = torch.empty((sum(recv_counts_list), 2 + width), dtype=torch.float32)
     dist.all_to_all_single(
@@ -57,6 +59,7 @@ def exchange_to_owners(
         packed,
         output_split_sizes=recv_counts_list,
         input_split_sizes=send_counts.tolist(),
+        group=group,
     )
     received_np = received.numpy()
     received_keys = np.ascontiguousarray(received_np[:, :2]).view(np.int64).reshape(-1)

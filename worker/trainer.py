@@ -16,19 +16,22 @@ tagged with their table, in one buffer with per-table offsets (csrc/multi_table.
 The loss is the mean over the rank's rows, so DDP's average of dense gradients is the gradient
 of the global-batch mean, and dividing the embedding gradients by W makes their sum over ranks the
 same. Sync mode ends each step with a barrier after the pushes, so step t+1's lookups see every
-update of step t. Async mode overlaps: pushes go to a background thread with at most `staleness`
-steps in flight, and the next batch's lookups run in another during this step's compute (that
-thread, not the step, waits for the pushes the lookups must see).
+update of step t. Async mode overlaps: a step's all_to_all and push go to a background thread
+(the exchange over a process group of its own, so it never meets DDP's all-reduce on the default
+group) with at most `staleness` steps in flight, and the next batch's lookups run in another during
+this step's compute (that thread, not the step, waits for the pushes the lookups must see). The
+step itself then waits for the other ranks only in DDP's all-reduce: a second barrier a step (the
+exchange) cost each rank the other's lag once more.
 
 Commits (DESIGN section 9): in sync mode rank 0 sends Commit(t) to every shard after step t's
 barrier and waits for it before it joins step t + 1's all_to_all, so no push of t + 1 reaches a
 shard before it; with it, every train.publish_dense_every steps, the dense tower of step t. The
 call goes out on a thread of its own and runs beside step t + 1's lookups and compute (a Commit
 only reads the rows its step changed, and a lookup changes none), so its round trip is off the
-step's path. In async mode rank 0 commits step t - staleness - 1 after step t's all_to_all: every
-rank has then waited for its pushes up to that step (at the end of step t - 1, for the lookup of
-step t; its push of step t - staleness may still be in flight), so every update of steps
-<= t - staleness - 1 is in, later ones may be too.
+step's path. In async mode rank 0's push thread commits step t - staleness - 1 after its push of
+step t: every rank's push thread joined step t's all_to_all only after its pushes up to step t - 1
+were acknowledged, so every update of steps <= t - 1 is in (the commit trails by staleness steps
+more, as serving's consistent cut did before the exchange left the step).
 
 A shard that does not answer within a call's deadline (ShardUnavailableError) fails the step under
 `train.on_ps_unavailable = "abort"`; under "wait" the step's lookup or push is sent again until the
@@ -166,8 +169,12 @@ class Trainer:
         self.step = 0
         self._async = job.train.mode == Mode.ASYNC
         self._pushes: deque[Future] = deque()
+        self._commits: deque[Future] = deque()  # async, rank 0: Commits queued on the push thread
         self._committed = 0  # the newest step committed to the PS (rank 0)
         self._push_pool = ThreadPoolExecutor(1, thread_name_prefix="push") if self._async else None
+        # Async: the push thread's all_to_all, beside the main thread's DDP all-reduce. Collective:
+        # every rank builds its Trainer at the same point.
+        self._exchange_group = dist.new_group(backend=dist.get_backend()) if self._async and world_size > 1 else None
         self._pull_pool = ThreadPoolExecutor(1, thread_name_prefix="pull") if self._async else None
         # Sync mode, rank 0: the Commit of the step before, in flight during this step's lookups
         # and compute; waited for before this step's all_to_all (see the module docstring).
@@ -237,17 +244,19 @@ class Trainer:
         self.times.push += time.perf_counter() - start
 
         start = time.perf_counter()
-        outgoing = self._exchange(pulled, leaf)
-        self.times.all_to_all += time.perf_counter() - start
-
-        start = time.perf_counter()
         if self._async:
-            # Every rank waited for its pushes of steps <= step - staleness - 1 before this step's
-            # all_to_all (at the end of the step before; the pull thread waits for the push of
-            # step - staleness meanwhile), so rank 0 knows them acknowledged everywhere.
-            committed = self.step - self.job.train.staleness - 1 if self.rank == 0 else 0
-            self._pushes.append(self._push_pool.submit(self._push_and_commit, outgoing, self.step, committed))
+            self._pushes.append(self._push_pool.submit(self._exchange_and_push, pulled, leaf, self.step))
+            committed = self.step - self.job.train.staleness - 1
+            if self.rank == 0 and committed > 0:
+                # After the push, on the same thread, but not part of its future: the lookup that
+                # waits for this push does not wait for the Commit's round trip too.
+                self._commits.append(self._push_pool.submit(self._commit, committed, False))
+            while self._commits and self._commits[0].done():
+                self._commits.popleft().result()  # an error raises here
         else:
+            outgoing = self._exchange(pulled, leaf)
+            self.times.all_to_all += time.perf_counter() - start
+            start = time.perf_counter()
             self._push_all(outgoing, self.step)
             if self.world_size > 1:
                 dist.barrier()
@@ -266,10 +275,10 @@ class Trainer:
             self.times.lookup += time.perf_counter() - start
         return float(loss.detach()), next_pulled
 
-    def _push_and_commit(self, outgoing: _Outgoing, step: int, committed: int) -> None:
-        self._push_all(outgoing, step)
-        if committed > 0:
-            self._commit(committed, False)
+    def _exchange_and_push(self, pulled: _Pulled, leaf: torch.Tensor, step: int) -> None:
+        """Async, on the push thread (one step after the other): step's all_to_all over the
+        exchange group, then its push."""
+        self._push_all(self._exchange(pulled, leaf, self._exchange_group), step)
 
     def _commit(self, step: int, with_dense: bool) -> None:
         """Commit(step) to every shard (DESIGN section 9), with the dense tower every
@@ -294,9 +303,10 @@ class Trainer:
         if pending is not None:
             pending.result()
 
-    def _exchange(self, pulled: _Pulled, leaf: torch.Tensor) -> _Outgoing:
+    def _exchange(self, pulled: _Pulled, leaf: torch.Tensor, group: dist.ProcessGroup | None = None) -> _Outgoing:
         """Sends every table's (key, grad / W, count) rows to the keys' owner ranks in one
-        all_to_all; returns what this rank pushes, summed per (table, key) in one pass."""
+        all_to_all over `group` (None: the default one); returns what this rank pushes, summed per
+        (table, key) in one pass."""
         # Row layout: [table index | grad (D) | count], all float32 (indexes and counts are exact
         # below 2^24); keys travel beside it bit for bit.
         owner = self.shard_map.owner_rank(pulled.unique, self.world_size)
@@ -308,6 +318,7 @@ class Trainer:
             divisor=self.world_size,
             lead=pulled.tags,
             trail=pulled.counts.astype(np.float32),
+            group=group,
         )
         received_tags = received[:, 0].astype(np.int64)
         keys, summed, offsets = native.sum_by_table_key(received_keys, received_tags, received[:, 1:], len(self.groups))
@@ -372,6 +383,8 @@ class Trainer:
         """Waits for every in-flight push (async mode), then for every rank to get there."""
         while self._pushes:
             self._pushes.popleft().result()
+        while self._commits:
+            self._commits.popleft().result()
         self._wait_commit()
         if self.world_size > 1:
             dist.barrier()
