@@ -30,8 +30,8 @@ call goes out on a thread of its own and runs beside step t + 1's lookups and co
 only reads the rows its step changed, and a lookup changes none), so its round trip is off the
 step's path. In async mode rank 0's push thread commits step t - staleness - 1 after its push of
 step t: every rank's push thread joined step t's all_to_all only after its pushes up to step t - 1
-were acknowledged, so every update of steps <= t - 1 is in (the commit trails by staleness steps
-more, as serving's consistent cut did before the exchange left the step).
+were acknowledged, so every update of steps <= t - 1 is in (the Commit names the older step it
+named when the exchange ran on the training thread).
 
 A shard that does not answer within a call's deadline (ShardUnavailableError) fails the step under
 `train.on_ps_unavailable = "abort"`; under "wait" the step's lookup or push is sent again until the
