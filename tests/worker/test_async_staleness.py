@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import replace
@@ -9,6 +12,8 @@ from dataclasses import replace
 import pytest
 
 from ps.table.config import TableConfig
+from tests.helpers.processes import REPO_ROOT, ShardCluster
+from tests.worker.training_jobs import write_training_job
 from worker.data_sources import train_reader
 from worker.local_tables import LocalTables
 from worker.model import DLRMDenseTower
@@ -137,3 +142,44 @@ def test_sync_mode_pushes_before_the_step_returns():
     assert store.commits == [(step, step, True) for step in range(1, 5)]
     assert store.max_missed == 0
     trainer.close()
+
+
+def test_two_ranks_lookups_see_every_ranks_pushes_up_to_the_bound(tmp_path):
+    """Each rank pushes the keys of the shards it owns, so a rank's own push being acknowledged
+    says nothing of the other's shards: with one rank's pushes slowed, a lookup for step t must
+    still start only after every rank's push of step t - staleness - 1 was acknowledged."""
+    staleness, steps, workers = 1, 10, 2
+    table = TableConfig(name="emb", dim=4, init_scale=0.1, seed=1)
+    train = {"workers": workers, "steps": steps, "batch_size": 32, "mode": "async", "staleness": staleness}
+    synthetic = {"num_dense": 2, "num_sparse": 3, "num_keys": 200, "num_batches": steps}
+    path, ps = write_training_job(tmp_path / "job.toml", [table], 2, train, synthetic)
+    out = tmp_path / "records"
+    out.mkdir()
+    with ShardCluster.start(ps, tmp_path / "shards"):
+        result = subprocess.run(
+            [
+                sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={workers}",
+                "-m", "tests.worker.async_ranks", "--config", str(path), "--out", str(out),
+                "--slow-rank", "1", "--push-delay", "0.1",
+            ],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    records = [json.loads((out / f"rank{r}.json").read_text()) for r in range(workers)]
+    acked = [dict((step, at) for step, at in r["pushes"]) for r in records]
+    assert all(sorted(pushes) == list(range(1, steps + 1)) for pushes in acked)
+    checked = 0
+    for rank, record in enumerate(records):
+        assert [step for step, _ in record["lookups"]] == list(range(1, steps + 1))
+        for step, started in record["lookups"]:
+            for other in range(workers):
+                for pushed in range(1, step - staleness):
+                    assert acked[other][pushed] < started, (
+                        f"rank {rank}'s lookup for step {step} started {acked[other][pushed] - started:.3f} s "
+                        f"before rank {other}'s push of step {pushed} was acknowledged; it must wait for it"
+                    )
+                    checked += 1
+    assert checked > 0
