@@ -32,10 +32,10 @@ barrier and waits for it before it joins step t + 1's all_to_all, so no push of 
 shard before it; with it, every train.publish_dense_every steps, the dense tower of step t. The
 call goes out on a thread of its own and runs beside step t + 1's lookups and compute (a Commit
 only reads the rows its step changed, and a lookup changes none), so its round trip is off the
-step's path. In async mode rank 0's push thread commits step t - staleness - 1 after its push of
-step t: every rank's push thread joined step t's all_to_all only after its pushes up to step t - 1
-were acknowledged, so every update of steps <= t - 1 is in (the Commit names the older step it
-named when the exchange ran on the training thread).
+step's path. In async mode rank 0's push thread commits step t right after the push of step t
+(every rank's, by the barrier): no push of t + 1 reaches a shard before that Commit returns, since
+each needs rank 0's push thread in step t + 1's all_to_all, so the committed rows are exactly
+step t's, as in sync mode.
 
 A shard that does not answer within a call's deadline (ShardUnavailableError) fails the step under
 `train.on_ps_unavailable = "abort"`; under "wait" the step's lookup or push is sent again until the
@@ -249,12 +249,12 @@ class Trainer:
 
         start = time.perf_counter()
         if self._async:
-            self._pushes.append(self._push_pool.submit(self._exchange_and_push, pulled, leaf, self.step))
-            committed = self.step - self.job.train.staleness - 1
-            if self.rank == 0 and committed > 0:
+            push = self._push_pool.submit(self._exchange_and_push, pulled, leaf, self.step)
+            self._pushes.append(push)
+            if self.rank == 0:
                 # After the push, on the same thread, but not part of its future: the lookup that
                 # waits for this push does not wait for the Commit's round trip too.
-                self._commits.append(self._push_pool.submit(self._commit, committed, False))
+                self._commits.append(self._push_pool.submit(self._commit_pushed, push, self.step))
             while self._commits and self._commits[0].done():
                 self._commits.popleft().result()  # an error raises here
         else:
@@ -288,6 +288,15 @@ class Trainer:
         self._push_all(self._exchange(pulled, leaf, self._exchange_group), step)
         if self._exchange_group is not None:
             dist.barrier(group=self._exchange_group)
+
+    def _commit_pushed(self, push: Future, step: int) -> None:
+        """Async, rank 0's push thread, right after `push` (step's): Commit(step), unless that push
+        failed (its error raises here too). Every rank's push of step was acknowledged (the
+        barrier in _exchange_and_push), and no rank's push of step + 1 reaches a shard before this
+        returns: each needs this thread in step + 1's all_to_all. So the shards' rows are those of
+        step, as in sync mode."""
+        push.result()
+        self._commit(step, False)
 
     def _commit(self, step: int, with_dense: bool) -> None:
         """Commit(step) to every shard (DESIGN section 9), with the dense tower every

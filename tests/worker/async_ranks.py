@@ -4,7 +4,8 @@ pushes are acknowledged (tests/worker/test_async_staleness.py runs it under torc
     python -m torch.distributed.run --standalone --nproc-per-node=2 -m tests.worker.async_ranks \
         --config JOB.toml --out DIR --slow-rank 1 --push-delay 0.1
 
-Writes DIR/rank<r>.json: {"lookups": [[step, monotonic start]], "pushes": [[step, monotonic ack]]}.
+Writes DIR/rank<r>.json: {"lookups": [[step, start]], "pushes": [[step, sent, acknowledged]],
+"commits": [[step, sent, acknowledged]]} (time.monotonic()).
 time.monotonic is one clock for every process of the machine, so the ranks' records compare.
 The slow rank sleeps push_delay before each push: without a wait for the other ranks' pushes, a
 fast rank's lookup would then reach the slow rank's shards before their updates.
@@ -30,7 +31,8 @@ from worker.trainer import Trainer
 
 
 class RecordingClient(PSClient):
-    """A PSClient that records each lookup round's step and start, and each push's acknowledgement."""
+    """A PSClient that records when each lookup round starts, and when each push and commit is sent
+    and acknowledged."""
 
     trainer: Trainer | None = None
     push_delay = 0.0
@@ -39,7 +41,8 @@ class RecordingClient(PSClient):
         super().__init__(*args, **kwargs)
         self.lock = threading.Lock()
         self.lookups: list[tuple[int, float]] = []
-        self.pushes: list[tuple[int, float]] = []
+        self.pushes: list[tuple[int, float, float]] = []
+        self.commits: list[tuple[int, float, float]] = []
         self._steps: dict[int, int] = {}  # id of a prepared push (frozen) -> its step, until sent
 
     def lookup_multi_grouped(self, tables, keys, offsets):
@@ -57,9 +60,17 @@ class RecordingClient(PSClient):
 
     def send_push(self, prepared):
         time.sleep(self.push_delay)
+        sent = time.monotonic()
         result = super().send_push(prepared)
         with self.lock:
-            self.pushes.append((self._steps.pop(id(prepared)), time.monotonic()))
+            self.pushes.append((self._steps.pop(id(prepared)), sent, time.monotonic()))
+        return result
+
+    def commit(self, step, dense_state=b"", dense_format=""):
+        sent = time.monotonic()
+        result = super().commit(step, dense_state, dense_format)
+        with self.lock:
+            self.commits.append((step, sent, time.monotonic()))
         return result
 
 
@@ -85,7 +96,7 @@ def main() -> None:
     trainer.drain()
     trainer.close()
     client.close()
-    record = {"lookups": client.lookups, "pushes": client.pushes}
+    record = {"lookups": client.lookups, "pushes": client.pushes, "commits": client.commits}
     Path(args.out, f"rank{rank}.json").write_text(json.dumps(record))
     dist.destroy_process_group()
 

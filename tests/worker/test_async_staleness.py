@@ -119,11 +119,9 @@ def test_lookups_miss_at_most_staleness_steps_of_pushes(staleness):
     # Each push waits for the last lookup that may miss it, so lookups run as stale as allowed
     # (from step staleness + 1 on), and no staler.
     assert store.max_missed == staleness
-    # Step s is committed once every push of steps <= s is applied; the last one by drain().
-    steps = [step for step, _, _ in store.commits]
-    assert steps == sorted(steps) and steps[-1] == len(batches) and len(steps) >= len(batches) - staleness - 1
-    assert all(applied >= step for step, applied, _ in store.commits)
-    assert not any(dense for _, _, dense in store.commits)  # async: the tower is not the step's
+    # Step s is committed right after its push, before the push of s + 1 (the same thread): the
+    # committed rows are exactly step s's. No dense tower: async's is not the step's.
+    assert store.commits == [(step, step, False) for step in range(1, len(batches) + 1)]
 
 
 def test_sync_mode_pushes_before_the_step_returns():
@@ -144,10 +142,12 @@ def test_sync_mode_pushes_before_the_step_returns():
     trainer.close()
 
 
-def test_two_ranks_lookups_see_every_ranks_pushes_up_to_the_bound(tmp_path):
+def test_two_ranks_lookups_and_commits_wait_for_every_ranks_pushes(tmp_path):
     """Each rank pushes the keys of the shards it owns, so a rank's own push being acknowledged
-    says nothing of the other's shards: with one rank's pushes slowed, a lookup for step t must
-    still start only after every rank's push of step t - staleness - 1 was acknowledged."""
+    says nothing of the other's shards. With one rank's pushes slowed: a lookup for step t starts
+    only after every rank's push of step t - staleness - 1 was acknowledged, and rank 0's
+    Commit(s) only after every rank's push of step s was, and before any push of step s + 1 is sent
+    (so the shards' committed rows are exactly step s's)."""
     staleness, steps, workers = 1, 10, 2
     table = TableConfig(name="emb", dim=4, init_scale=0.1, seed=1)
     train = {"workers": workers, "steps": steps, "batch_size": 32, "mode": "async", "staleness": staleness}
@@ -169,7 +169,8 @@ def test_two_ranks_lookups_see_every_ranks_pushes_up_to_the_bound(tmp_path):
         )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     records = [json.loads((out / f"rank{r}.json").read_text()) for r in range(workers)]
-    acked = [dict((step, at) for step, at in r["pushes"]) for r in records]
+    sent = [{step: at for step, at, _ in r["pushes"]} for r in records]
+    acked = [{step: at for step, _, at in r["pushes"]} for r in records]
     assert all(sorted(pushes) == list(range(1, steps + 1)) for pushes in acked)
     checked = 0
     for rank, record in enumerate(records):
@@ -183,3 +184,12 @@ def test_two_ranks_lookups_see_every_ranks_pushes_up_to_the_bound(tmp_path):
                     )
                     checked += 1
     assert checked > 0
+    commits = records[0]["commits"]
+    assert [step for step, _, _ in commits] == list(range(1, steps + 1))
+    for step, commit_sent, commit_acked in commits:
+        for other in range(workers):
+            assert acked[other][step] < commit_sent, f"Commit({step}) sent before rank {other}'s push of it was in"
+            if step < steps:
+                assert commit_acked < sent[other][step + 1], (
+                    f"rank {other} pushed step {step + 1} before Commit({step})"
+                )
