@@ -205,6 +205,7 @@ class PSClient:
             # of holding calls until TCP gives up; pings only go out while calls are in flight.
             ("grpc.keepalive_time_ms", 10000),
             ("grpc.keepalive_timeout_ms", 5000),
+            *wire.BULK_CHANNEL_OPTIONS,  # lookups' rows arrive here
         ]
         # TLS and the role's bearer token when the job's [security] has them (ps/security.py).
         self._channels = [open_channel(a, security or SecurityConfig(), role, options) for a in self.addresses]

@@ -571,12 +571,14 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
 
 
 def server_options(job: JobConfig) -> list[tuple[str, int]]:
-    """Channel options of both sides: explicit message limits, and no silent port sharing."""
+    """Channel options of both sides: explicit message limits, no silent port sharing, and the
+    fixed receive window of bulk messages (pushes' gradients arrive here; ps/wire.py)."""
     limit = job.message_limit_bytes + _MESSAGE_SLACK
     return [
         ("grpc.max_send_message_length", limit),
         ("grpc.max_receive_message_length", limit),
         ("grpc.so_reuseport", 0),
+        *wire.BULK_CHANNEL_OPTIONS,
     ]
 
 
