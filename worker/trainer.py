@@ -24,8 +24,8 @@ step itself then waits for the other ranks only in DDP's all-reduce: a second ba
 exchange) cost each rank the other's lag once more. A push is done once every rank's push of its
 step was acknowledged (a barrier on the push threads' group after each push): a rank pushes only
 the keys of the shards it owns, so waiting for its own acknowledgement alone let a lookup read
-another rank's shards one step staler than the bound (in a 2 x 2 job, 10% of the lookups for
-certain and 20% more possibly).
+another rank's shards one step staler than the bound (in a 2 x 2 job, 9% of the lookups for
+certain and 21% more possibly).
 
 Commits (DESIGN section 9): in sync mode rank 0 sends Commit(t) to every shard after step t's
 barrier and waits for it before it joins step t + 1's all_to_all, so no push of t + 1 reaches a
