@@ -15,7 +15,7 @@ def train_reader(job: TrainingJob, rank: int, world_size: int) -> BatchReader:
     made from its share of the files (worker/readers.py), for `train.epochs` passes."""
     data = job.data
     if data.source == DataSource.SYNTHETIC:
-        return SyntheticReader(data.synthetic, rank, world_size, Split.TRAIN)
+        return SyntheticReader(data.synthetic, rank, world_size, Split.TRAIN, data.prefetch_batches)
     return _file_reader(job, data.paths, rank, world_size, training=True)
 
 

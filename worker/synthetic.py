@@ -28,6 +28,7 @@ import numpy as np
 from worker.batch import Batch, check_rank, split_rows
 from worker.data_options import SyntheticConfig
 from worker.features import keys_from_values, mix64
+from worker.prefetch import prefetched
 
 
 class Split(StrEnum):
@@ -106,8 +107,17 @@ class SyntheticReader:
     [256, 256]
     """
 
-    def __init__(self, config: SyntheticConfig, rank: int = 0, world_size: int = 1, split: Split = Split.TRAIN) -> None:
+    def __init__(
+        self,
+        config: SyntheticConfig,
+        rank: int = 0,
+        world_size: int = 1,
+        split: Split = Split.TRAIN,
+        prefetch_batches: int = 0,
+    ) -> None:
         check_rank(rank, world_size)
+        if isinstance(prefetch_batches, bool) or not isinstance(prefetch_batches, int) or prefetch_batches < 0:
+            raise ValueError(f"prefetch_batches: must be an int >= 0, got {prefetch_batches!r}")
         if config.global_batch_size % world_size:
             raise ValueError(
                 f"global_batch_size: must be divisible by world_size={world_size} so every rank gets "
@@ -121,6 +131,7 @@ class SyntheticReader:
         self.config = config
         self.rank = rank
         self.world_size = world_size
+        self.prefetch_batches = prefetch_batches
         self._next = 0
 
     def __len__(self) -> int:
@@ -132,10 +143,18 @@ class SyntheticReader:
         return self.data.global_batch(index, self.split, start, stop)
 
     def __iter__(self) -> Iterator[Batch]:
-        while self._next < len(self):
-            batch = self.batch(self._next)
-            self._next += 1
-            yield batch
+        """Yields the batches from the position on; with `prefetch_batches` > 0 they are made ahead
+        in a background thread (as the file readers' are), so a trainer that waits on the PS or a
+        collective makes its next batch meanwhile. The position moves as batches are yielded."""
+        stream = (self.batch(index) for index in range(self._next, len(self)))
+        if self.prefetch_batches:
+            stream = prefetched(stream, self.prefetch_batches, name="synthetic")
+        try:
+            for batch in stream:
+                self._next += 1
+                yield batch
+        finally:
+            stream.close()
 
     def state(self) -> dict:
         """{"split", "num_batches"}: batches yielded so far."""

@@ -32,7 +32,7 @@
     shuffle_files = true        # a new file order every epoch
     shuffle_buffer = 0          # rows per worker held back and drawn at random (0: file order)
     range_bytes = 67108864      # TSV: byte range a worker reads as one unit
-    prefetch_batches = 4        # batches decoded ahead in a background thread
+    prefetch_batches = 4        # batches made ahead in a background thread (every source)
     arrow_threads = 0           # Arrow CPU threads per worker (0: the node's cores / train.workers)
     arrow_memory_pool = "auto"  # "auto" | "system" | "jemalloc" | "mimalloc" | "default" (ArrowMemoryPool)
     [data.storage]              # S3 endpoint/credentials (ps.snapshot.storage.StorageConfig)

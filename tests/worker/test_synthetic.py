@@ -1,6 +1,7 @@
 """Synthetic data: determinism, the rank split, a held-out split, a learnable signal, Zipf skew."""
 
 import json
+import threading
 from dataclasses import replace
 
 import numpy as np
@@ -106,6 +107,29 @@ def test_state_and_restore():
         SyntheticReader(SMALL, split=Split.EVAL).restore(state)
     with pytest.raises(ValueError, match="state.num_batches"):
         resumed.restore({"split": "train", "num_batches": 99})
+
+
+def test_prefetched_reader_yields_the_same_batches_and_its_position_follows_the_consumer():
+    plain = list(SyntheticReader(SMALL, rank=1, world_size=2))
+    reader = SyntheticReader(SMALL, rank=1, world_size=2, prefetch_batches=2)
+    iterator = iter(reader)
+    first = next(iterator)
+    made_ahead = [t for t in threading.enumerate() if t.name == "synthetic-prefetch"]
+    assert made_ahead, "prefetch_batches=2 makes batches on a thread of its own"
+    assert reader.state()["num_batches"] == 1  # the batches made ahead are not yielded yet
+    rest = list(iterator)
+    for a, b in zip([first, *rest], plain, strict=True):
+        assert_batches_equal(a, b)
+    assert reader.state()["num_batches"] == 6
+    made_ahead[0].join(timeout=10)
+    assert not made_ahead[0].is_alive()
+
+    resumed = SyntheticReader(SMALL, rank=1, world_size=2, prefetch_batches=2)
+    resumed.restore({"split": "train", "num_batches": 4})
+    for a, b in zip(resumed, plain[4:], strict=True):
+        assert_batches_equal(a, b)
+    with pytest.raises(ValueError, match="prefetch_batches: must be an int >= 0, got -1"):
+        SyntheticReader(SMALL, prefetch_batches=-1)
 
 
 def test_config_errors_name_the_field():
