@@ -69,6 +69,9 @@ def _add_ps(parser: argparse.ArgumentParser) -> None:
         help="a standby per shard (etcd as the arbiter, started here); both: the same phases without and with, "
         "and the ratio",
     )
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="rounds, each mode once per round; ratios per round and their median"
+    )
     parser.add_argument("--out", default=None, help="write the results as JSON here")
 
 
@@ -86,6 +89,7 @@ def _run_ps(args: argparse.Namespace) -> int:
         tables=args.tables,
         malloc=args.malloc,
         standbys=args.standbys,
+        repeat=args.repeat,
         out=args.out,
     )
     return run_ps_bench(config)
