@@ -99,8 +99,15 @@ def _start_shards(job: JobConfig, workdir: Path, malloc_tuned: bool) -> list[sub
             if extra is None:
                 continue
             with open(workdir / f"shard-{i}{role}.log", "wb") as log:
-                procs.append(
-                    subprocess.Popen([*cmd, *extra], cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+                procs.append(  # SIGTERM when this process dies, even by SIGKILL
+                    subprocess.Popen(
+                        [*cmd, *extra],
+                        cwd=REPO_ROOT,
+                        env=env,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        preexec_fn=children.die_with_parent,
+                    )
                 )
     with PSClient.from_job(job, max_attempts=10_000, deadlines=Deadlines(stats=60.0)) as client:
         client.stats()  # retried on UNAVAILABLE until every shard serves
@@ -113,6 +120,8 @@ def _start_shards(job: JobConfig, workdir: Path, malloc_tuned: bool) -> list[sub
 def _client_main(job: JobConfig, config: PSBenchConfig, verb: str, seed: int, barrier, queue) -> None:
     """One client process: warm up, wait for the others, make `batches` calls, report."""
     from ps.client import PSClient
+
+    children.die_with_parent()  # a bench killed by SIGKILL leaves no client calling on
 
     sampler = ZipfSampler(config.rows, config.zipf, seed=seed)
     pool = [sampler.keys(config.batch) for _ in range(min(config.batches, 64))]
@@ -147,7 +156,7 @@ def _phase(job: JobConfig, config: PSBenchConfig, procs, verb: str, clients: int
     barrier = ctx.Barrier(clients + 1)
     queue = ctx.Queue()
     workers = [
-        ctx.Process(target=_client_main, args=(job, config, verb, 1000 * clients + i, barrier, queue))
+        ctx.Process(target=_client_main, args=(job, config, verb, 1000 * clients + i, barrier, queue), daemon=True)
         for i in range(clients)
     ]
     for w in workers:

@@ -1,0 +1,83 @@
+"""A benchmark stopped by a signal leaves nothing of its own running: SIGTERM ends it through its
+cleanup (exit status 143), and its shards and client processes get SIGTERM from the kernel when it
+dies even by SIGKILL (real `embps bench ps`, real shard and client processes)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ps.process.children import python_path
+from tests.helpers.waiting import wait_until
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+# Still pushing when the signal comes (~40 s of pushes); rows, batch and batches keep its start short.
+BENCH = ["bench", "ps", "--clients", "1", "--rows", "20000", "--batch", "256", "--batches", "20000"]
+
+
+def _children(pid: int) -> dict[int, bytes]:
+    """{pid: command line} of the live processes whose parent is `pid`."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found[int(entry)] = cmdline
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """False once `pid` is gone or a zombie (a reparented process is reaped by init, not here)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_a_stopped_bench_takes_its_shards_and_clients_with_it(tmp_path, sig):
+    log = tmp_path / "bench.log"
+    with open(log, "wb") as out:
+        bench = subprocess.Popen(
+            [sys.executable, "-m", "embps", *BENCH],
+            cwd=REPO_ROOT,
+            env={**os.environ, "PYTHONPATH": python_path(str(REPO_ROOT))},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    seen: dict[int, bytes] = {}
+
+    def pushing() -> bool:
+        """The shards serve and a client process runs (a phase started after the shards answered)."""
+        seen.update(_children(bench.pid))
+        shards = [p for p, cmd in seen.items() if b"--shard" in cmd]
+        clients = [p for p, cmd in seen.items() if b"multiprocessing" in cmd]
+        return (len(shards) == 2 and bool(clients)) or bench.poll() is not None
+
+    try:
+        wait_until(pushing, "the bench's 2 shards and its client", timeout=120)
+        assert bench.poll() is None, log.read_text()
+        bench.send_signal(sig)
+        code = bench.wait(timeout=90)
+        if sig == signal.SIGTERM:
+            assert code == 128 + signal.SIGTERM, f"exit status {code}: {log.read_text()[-2000:]}"
+        wait_until(lambda: not any(_alive(pid) for pid in seen), "the shards and the client to exit", timeout=60)
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+            bench.wait()
+        for pid in seen:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
