@@ -114,14 +114,13 @@ def _start_shards(job: JobConfig, workdir: Path, malloc_tuned: bool) -> list[sub
     return procs
 
 
-
-
-
-def _client_main(job: JobConfig, config: PSBenchConfig, verb: str, seed: int, barrier, queue) -> None:
+def _client_main(job: JobConfig, config: PSBenchConfig, verb: str, seed: int, barrier, queue, bench_pid: int) -> None:
     """One client process: warm up, wait for the others, make `batches` calls, report."""
     from ps.client import PSClient
 
     children.die_with_parent()  # a bench killed by SIGKILL leaves no client calling on
+    if os.getppid() != bench_pid:  # it died before the prctl: no signal will come
+        return
 
     sampler = ZipfSampler(config.rows, config.zipf, seed=seed)
     pool = [sampler.keys(config.batch) for _ in range(min(config.batches, 64))]
@@ -156,7 +155,11 @@ def _phase(job: JobConfig, config: PSBenchConfig, procs, verb: str, clients: int
     barrier = ctx.Barrier(clients + 1)
     queue = ctx.Queue()
     workers = [
-        ctx.Process(target=_client_main, args=(job, config, verb, 1000 * clients + i, barrier, queue), daemon=True)
+        ctx.Process(
+            target=_client_main,
+            args=(job, config, verb, 1000 * clients + i, barrier, queue, os.getpid()),
+            daemon=True,
+        )
         for i in range(clients)
     ]
     for w in workers:
