@@ -13,37 +13,12 @@ from pathlib import Path
 import pytest
 
 from ps.process.children import python_path
+from tests.helpers.processes import alive, child_pids, command_line
 from tests.helpers.waiting import wait_until
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # Still pushing when the signal comes (~40 s of pushes); rows, batch and batches keep its start short.
 BENCH = ["bench", "ps", "--clients", "1", "--rows", "20000", "--batch", "256", "--batches", "20000"]
-
-
-def _children(pid: int) -> dict[int, bytes]:
-    """{pid: command line} of the live processes whose parent is `pid`."""
-    found = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[1]) == pid and fields[0] != "Z":
-            found[int(entry)] = cmdline
-    return found
-
-
-def _alive(pid: int) -> bool:
-    """False once `pid` is gone or a zombie (a reparented process is reaped by init, not here)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
@@ -61,7 +36,7 @@ def test_a_stopped_bench_takes_its_shards_and_clients_with_it(tmp_path, sig):
 
     def pushing() -> bool:
         """The shards serve and a client process runs (a phase started after the shards answered)."""
-        seen.update(_children(bench.pid))
+        seen.update({pid: command_line(pid) for pid in child_pids(bench.pid)})  # after exec, the child's own
         shards = [p for p, cmd in seen.items() if b"--shard" in cmd]
         clients = [p for p, cmd in seen.items() if b"spawn_main" in cmd]  # not multiprocessing's resource tracker
         return (len(shards) == 2 and bool(clients)) or bench.poll() is not None
@@ -73,11 +48,11 @@ def test_a_stopped_bench_takes_its_shards_and_clients_with_it(tmp_path, sig):
         code = bench.wait(timeout=90)
         if sig == signal.SIGTERM:
             assert code == 128 + signal.SIGTERM, f"exit status {code}: {log.read_text()[-2000:]}"
-        wait_until(lambda: not any(_alive(pid) for pid in seen), "the shards and the client to exit", timeout=60)
+        wait_until(lambda: not any(alive(pid) for pid in seen), "the shards and the client to exit", timeout=60)
     finally:
         if bench.poll() is None:
             bench.kill()
             bench.wait()
         for pid in seen:
-            if _alive(pid):
+            if alive(pid):
                 os.kill(pid, signal.SIGKILL)

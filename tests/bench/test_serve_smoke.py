@@ -18,6 +18,7 @@ import embps
 from bench.loadgen import native_module
 from bench.serve_targets import RedisServer
 from ps.process.children import python_path
+from tests.helpers.processes import alive, child_pids
 from tests.helpers.waiting import eventually, wait_until
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -116,31 +117,12 @@ def test_ctrl_c_stops_every_client_process(tmp_path: Path) -> None:
     reader.start()
     try:
         wait_until(lambda: any("client processes connected" in line for line in lines), "the clients' start", 60)
-        children = _children(proc.pid)  # the 2 client processes (+ multiprocessing's resource tracker)
+        children = child_pids(proc.pid)  # the 2 client processes (+ multiprocessing's resource tracker)
         assert len(children) >= 2, (children, lines)
         os.kill(proc.pid, signal.SIGINT)
         proc.wait(30)
-        assert eventually(lambda: not any(_alive(pid) for pid in children), 15), "client processes outlived the bench"
+        assert eventually(lambda: not any(alive(pid) for pid in children), 15), "client processes outlived the bench"
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-
-
-def _children(pid: int) -> set[int]:
-    found: set[int] = set()
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            found |= {int(p) for p in (task / "children").read_text().split()}
-        except OSError:
-            continue
-    return found
-
-
-def _alive(pid: int) -> bool:
-    """True while pid runs (a zombie left for its reaped parent counts as gone)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"

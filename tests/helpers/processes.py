@@ -30,6 +30,34 @@ from tests.helpers.waiting import wait_until
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
+def child_pids(pid: int) -> set[int]:
+    """The processes whose parent is `pid` now (any of its threads), from /proc."""
+    found: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found |= {int(p) for p in (task / "children").read_text().split()}
+        except OSError:
+            continue
+    return found
+
+
+def command_line(pid: int) -> bytes:
+    """`pid`'s argv joined by NULs; b"" once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def alive(pid: int) -> bool:
+    """True while pid runs (a zombie left for its reaped parent counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
 def make_job(
     tables: list[TableConfig],
     num_shards: int = 1,
