@@ -1,13 +1,19 @@
 """Prometheus metrics of one PS shard process, served on their own port.
 
 Names carry the `embps_` prefix and base units; labels are `table`, `method`, `code` and
-`shard`, never a key. Table gauges are refreshed by the server after every call that changes
-a table (on the thread that owns the tables), so a scrape never touches a table.
+`shard`, never a key. The tables' figures (rows, memory, version, admissions, evictions, ...)
+are read from the tables when /metrics is scraped, under the lock every table call holds
+(TableCollector): a push pays nothing for them, and a scrape never reads a table that a call
+is changing.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from ps.process.metrics import LATENCY_BUCKETS
 
@@ -41,38 +47,6 @@ class ShardMetrics:
             ["table"],
             registry=r,
         )
-        self.rows = Gauge("embps_table_rows", "Rows (admitted keys) held", ["table", "shard"], registry=r)
-        self.memory = Gauge(
-            "embps_table_memory_bytes",
-            "Host and device bytes held: rows, key map, admission counters, change tracking, update log",
-            ["table", "shard"],
-            registry=r,
-        )
-        self.row_bytes = Gauge(
-            "embps_table_row_bytes",
-            "Bytes one row takes in the row blocks: value in the table's storage (float32, float16, int8 "
-            "with scale and bias), optimizer state, metadata",
-            ["table", "shard"],
-            registry=r,
-        )
-        self.pending = Gauge(
-            "embps_table_pending_keys", "Keys counted while they wait for admission", ["table", "shard"], registry=r
-        )
-        self.pending_dropped = Counter(
-            "embps_admission_dropped",
-            "Pending keys forgotten because admission.max_pending was reached (oldest first)",
-            ["table", "shard"],
-            registry=r,
-        )
-        self.push_id_memory = Gauge(
-            "embps_push_id_memory_bytes",
-            "Bytes held by the push-id memory (dedupe of retried pushes)",
-            ["shard"],
-            registry=r,
-        )
-        self.version = Gauge("embps_table_version", "Pushes applied to the table", ["table", "shard"], registry=r)
-        self.evictions = Counter("embps_evictions", "Rows evicted (capacity or TTL)", ["table", "shard"], registry=r)
-        self.admissions = Counter("embps_admissions", "Keys admitted to a row", ["table", "shard"], registry=r)
         self.subscribers = Gauge(
             "embps_subscribers", "Open Subscribe streams (serving replicas following)", ["table", "shard"], registry=r
         )
@@ -92,34 +66,99 @@ class ShardMetrics:
             ["shard"],
             registry=r,
         )
-        self._seen: dict[str, tuple[int, int, int]] = {}
-        self._children: dict[str, tuple] = {}  # table -> its labelled gauges and counters (observe_table)
-
-    def observe_table(self, table, other_bytes: int = 0) -> None:
-        """Copies an EmbeddingTable's size, memory (+ other_bytes held for it, e.g. its update
-        log), version and counters into the metrics."""
-        name = table.name
-        children = self._children.get(name)
-        if children is None:  # labels() looks a child up by its label values: once per table, not per push
-            metrics = (self.rows, self.memory, self.row_bytes, self.version, self.pending,
-                       self.evictions, self.admissions, self.pending_dropped)  # fmt: skip
-            children = self._children[name] = tuple(m.labels(name, self.shard) for m in metrics)
-        rows, memory, row_bytes, version, pending, evictions, admissions, pending_dropped = children
-        rows.set(table.size)
-        memory.set(table.memory_bytes + other_bytes)
-        row_bytes.set(4 * table.width)
-        version.set(table.version)
-        pending.set(table.num_pending)
-        evicted, admitted, dropped = self._seen.get(name, (0, 0, 0))
-        if table.num_evicted > evicted:
-            evictions.inc(table.num_evicted - evicted)
-        if table.num_admitted > admitted:
-            admissions.inc(table.num_admitted - admitted)
-        if table.num_pending_dropped > dropped:
-            pending_dropped.inc(table.num_pending_dropped - dropped)
-        self._seen[name] = (table.num_evicted, table.num_admitted, table.num_pending_dropped)
+        # The tables' own figures, read when /metrics is scraped (attach_tables), not after every push.
+        self.tables = TableCollector(self.shard)
+        r.register(self.tables)
 
     def serve(self, port: int, host: str = "127.0.0.1") -> int:
         """Starts the /metrics HTTP server in a daemon thread; returns the bound port."""
         server, _thread = start_http_server(port, addr=host, registry=self.registry)
         return server.server_address[1]
+
+
+@dataclass(frozen=True)
+class TableReading:
+    """One table's figures at a scrape (the shard's EmbeddingTable and the logs it holds)."""
+
+    name: str
+    rows: int
+    memory_bytes: int  # the table plus its update and commit logs
+    row_bytes: int
+    pending_keys: int
+    version: int
+    admissions: int
+    evictions: int
+    pending_dropped: int
+
+
+@dataclass(frozen=True)
+class ShardReading:
+    """What a scrape reports of the shard's tables and its push-id memory."""
+
+    tables: tuple[TableReading, ...]
+    push_id_memory_bytes: int
+
+
+_TABLE_GAUGES = (
+    ("embps_table_rows", "Rows (admitted keys) held", "rows"),
+    (
+        "embps_table_memory_bytes",
+        "Host and device bytes held: rows, key map, admission counters, change tracking, update log",
+        "memory_bytes",
+    ),
+    (
+        "embps_table_row_bytes",
+        "Bytes one row takes in the row blocks: value in the table's storage (float32, float16, int8 "
+        "with scale and bias), optimizer state, metadata",
+        "row_bytes",
+    ),
+    ("embps_table_pending_keys", "Keys counted while they wait for admission", "pending_keys"),
+    ("embps_table_version", "Pushes applied to the table", "version"),
+)
+_TABLE_COUNTERS = (
+    ("embps_admissions", "Keys admitted to a row", "admissions"),
+    ("embps_evictions", "Rows evicted (capacity or TTL)", "evictions"),
+    (
+        "embps_admission_dropped",
+        "Pending keys forgotten because admission.max_pending was reached (oldest first)",
+        "pending_dropped",
+    ),
+)
+
+
+class TableCollector:
+    """A Prometheus collector of the tables' figures, read at each scrape through `read` (set by
+    attach: the server's, which takes the tables' lock). Reports nothing until attached."""
+
+    def __init__(self, shard: str) -> None:
+        self.shard = shard
+        self._read: Callable[[], ShardReading] | None = None
+
+    def attach(self, read: Callable[[], ShardReading]) -> None:
+        self._read = read
+
+    def describe(self) -> list[Metric]:
+        return []  # registering must not read the tables (they may not exist yet)
+
+    def collect(self) -> Iterator[Metric]:
+        if self._read is None:
+            return
+        reading = self._read()
+        labels = ["table", "shard"]
+        for name, documentation, field in _TABLE_GAUGES:
+            family = GaugeMetricFamily(name, documentation, labels=labels)
+            for table in reading.tables:
+                family.add_metric([table.name, self.shard], getattr(table, field))
+            yield family
+        for name, documentation, field in _TABLE_COUNTERS:
+            family = CounterMetricFamily(name, documentation, labels=labels)
+            for table in reading.tables:
+                family.add_metric([table.name, self.shard], getattr(table, field))
+            yield family
+        family = GaugeMetricFamily(
+            "embps_push_id_memory_bytes",
+            "Bytes held by the push-id memory (dedupe of retried pushes)",
+            labels=["shard"],
+        )
+        family.add_metric([self.shard], reading.push_id_memory_bytes)
+        yield family

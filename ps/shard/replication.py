@@ -145,7 +145,6 @@ class Replication:
         self._tasks: list[asyncio.Task] = []
         self._applied = 0  # as a standby: last applied sequence of the stream it follows
         self._followed: object | None = None  # as a standby: the stream whose handshake it accepted last
-        self._gauges_due = 0.0
         self._promoting = False
         self._queueing = False  # forward() queues pushes for the standby
         self._catch_up_to = 0  # CATCHING: the standby holds every acknowledged push once it acked this
@@ -175,7 +174,6 @@ class Replication:
 
     def _set_state(self, state: State) -> None:
         self.state = state
-        self.servicer.gauges_each_push = state is not State.STANDBY
         self.metrics.role.labels(self.metrics.shard).set(ROLE_VALUES[state.value])
         self.metrics.epoch.labels(self.metrics.shard).set(self.epoch)
         self._changed()
@@ -691,9 +689,6 @@ class Replication:
                 )
             answer, error = await self.servicer.run_call(lambda m=message: self._apply(m), message.ByteSize())
             self._applied = message.sequence
-            if time.monotonic() >= self._gauges_due:  # a standby refreshes its table gauges once a second
-                self._gauges_due = time.monotonic() + 1.0
-                await self.servicer.run_call(self.servicer.observe_pushed, 0)
             yield replication_pb2.ReplicateAck(sequence=self._applied, epoch=self.epoch, answer=answer, error=error)
 
     async def _listen_link(self, stream: _Stream, ack) -> None:
@@ -734,9 +729,6 @@ class Replication:
             raise LinkRefused(f"{self.describe()}: message {message.sequence} after {self._applied}: a gap")
         answer, error = self.servicer.run_blocking(functools.partial(self._apply, message))
         self._applied = message.sequence
-        if time.monotonic() >= self._gauges_due:  # a standby refreshes its table gauges once a second
-            self._gauges_due = time.monotonic() + 1.0
-            self.servicer.run_blocking(self.servicer.observe_pushed)
         return replication_pb2.ReplicateAck(
             sequence=message.sequence, epoch=self.epoch, answer=answer, error=error
         ).SerializeToString()

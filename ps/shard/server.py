@@ -45,7 +45,7 @@ from ps.rpc import ps_pb2, ps_pb2_grpc, snapshot_pb2, snapshot_pb2_grpc
 from ps.security import add_port, ps_port_policy, server_interceptors
 from ps.shard import commits
 from ps.shard.commit_stream import committed_stream
-from ps.shard.metrics import ShardMetrics
+from ps.shard.metrics import ShardMetrics, ShardReading, TableReading
 from ps.shard.startup import EXIT_SNAPSHOT_UNUSABLE, DeferredServices, RestoreProgress, run_in_daemon_thread
 from ps.shard.update_log import DEFAULT_MAX_ENTRIES, DEFAULT_MAX_KEYS, LogGapError, LogRange
 from ps.table.row_store import device_unavailable_reason
@@ -66,6 +66,7 @@ _MESSAGE_SLACK = 1 << 16  # protobuf framing around the bulk bytes
 
 
 INLINE_WORK_BYTES = 1 << 20  # calls moving more than this run off the event loop (about 0.2 ms of work)
+READING_PATIENCE_S = 0.5  # how long a scrape waits for the table call in progress (read_tables)
 
 
 HEARTBEAT_SECONDS = 0.5  # an idle Subscribe stream says "still here, still at version v" this often
@@ -208,9 +209,6 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         self.metrics = metrics
         self.call_site = ShardCallSite(shard, metrics)
         self.replication = None  # ps/shard/replication.py, when the shard has a standby
-        # False on a standby: a push marks its tables' gauges stale, refreshed once a second.
-        self.gauges_each_push = True
-        self._stale_gauges: set[str] = set()
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="tables")
         self._offloaded = 0
         # Held by whichever thread runs a table call: the loop (inline), the tables thread, or a
@@ -219,8 +217,8 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         self.loop = asyncio.get_running_loop()
         self._changed = {name: asyncio.Event() for name in shard.tables}
         self._subscribed = 0  # Subscribe streams open (wake_subscribers)
-        for table in shard.tables.values():
-            metrics.observe_table(table, shard.logs[table.name].memory_bytes + shard.commits[table.name].memory_bytes)
+        self._last_reading = ShardReading((), 0)
+        metrics.tables.attach(self.read_tables)
 
     async def run(self, fn: Callable, request):
         """fn(self, request), serialised with every other table call.
@@ -269,24 +267,34 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
     def _release_offloaded(self) -> None:
         self._offloaded -= 1
 
-    def observe(self, table: str) -> None:
-        """Refreshes the gauges of `table` and the shard's push-id memory (on the tables' thread)."""
-        held = self.shard.logs[table].memory_bytes + self.shard.commits[table].memory_bytes  # update + commit logs
-        self.metrics.observe_table(self.shard.tables[table], held)
-        self.metrics.push_id_memory.labels(str(self.shard.index)).set(self.shard.ledger.num_bytes)
-
-    def _observe_pushed(self, tables) -> None:
-        if self.gauges_each_push:
-            for table in tables:
-                self.observe(table)
-        else:
-            self._stale_gauges.update(tables)
-
-    def observe_pushed(self) -> None:
-        """Refreshes the gauges of the tables pushed since the last refresh (serialised by the caller)."""
-        stale, self._stale_gauges = self._stale_gauges, set()
-        for table in stale:
-            self.observe(table)
+    def read_tables(self) -> ShardReading:
+        """The tables' figures for a scrape (on the metrics server's thread), read under the lock
+        every table call holds, so never beside a call that changes them. A call that holds it for
+        longer than READING_PATIENCE_S (a state copy, a large restore) leaves the scrape the
+        figures of the one before."""
+        if not self._tables_lock.acquire(timeout=READING_PATIENCE_S):
+            return self._last_reading
+        try:
+            shard = self.shard
+            tables = tuple(
+                TableReading(
+                    name=name,
+                    rows=table.size,
+                    memory_bytes=shard.memory_bytes(name),
+                    row_bytes=4 * table.width,
+                    pending_keys=table.num_pending,
+                    version=table.version,
+                    admissions=table.num_admitted,
+                    evictions=table.num_evicted,
+                    pending_dropped=table.num_pending_dropped,
+                )
+                for name, table in shard.tables.items()
+            )
+            reading = ShardReading(tables, shard.ledger.num_bytes)
+        finally:
+            self._tables_lock.release()
+        self._last_reading = reading
+        return reading
 
     def notify(self, table: str) -> None:
         """Wakes the Subscribe streams of `table` (call on the event loop)."""
@@ -332,7 +340,6 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         if response.duplicate:
             for table in request.tables:
                 self.metrics.duplicate_pushes.labels(self.call_site.table_name_label(table)).inc()
-        self._observe_pushed(changed)
         if changed:
             self.wake_subscribers(changed)
         return response
@@ -399,15 +406,11 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         if response.duplicate:
             self.metrics.duplicate_pushes.labels(request.table).inc()
         else:
-            self._observe_pushed((request.table,))
             self.wake_subscribers([request.table])
         return response
 
     @_tables_call("Stats")
     def Stats(self, request: ps_pb2.StatsRequest) -> ps_pb2.StatsResponse:
-        self._stale_gauges.clear()
-        for name in self.shard.tables:
-            self.observe(name)
         return self.shard.stats()
 
 

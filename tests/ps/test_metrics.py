@@ -107,3 +107,39 @@ def test_names_units_and_labels_follow_the_conventions(scrape):
     for family in text_string_to_metric_families(text):
         if family.name == "embps_request_duration_seconds":
             assert family.type == "histogram"
+
+
+def test_a_scrape_reads_the_tables_as_they_are_and_never_beside_a_call_that_changes_them():
+    """The table figures are read at the scrape, under the lock every table call holds: current
+    without any refresh after a push, and, while a call holds the lock for longer than the scrape's
+    patience, the figures of the scrape before (never a half-changed table, never a hung scrape)."""
+    import asyncio
+    import time
+
+    from prometheus_client import generate_latest
+
+    from ps.shard.metrics import ShardMetrics
+    from ps.shard.server import READING_PATIENCE_S, ParameterServerServicer
+    from ps.shard.state import Shard
+
+    async def scenario():
+        shard = Shard(make_job([USER]), 0)
+        metrics = ShardMetrics(0)
+        servicer = ParameterServerServicer(shard, metrics)
+        table = shard.table("user")
+
+        def rows() -> float:
+            return value(generate_latest(metrics.registry).decode(), "embps_table_rows", table="user", shard="0")
+
+        assert rows() == 0
+        servicer.run_blocking(lambda: table.apply_gradients(np.arange(7, dtype=np.int64), np.ones((7, 4), np.float32)))
+        assert rows() == 7
+        with servicer._tables_lock:  # a call in progress: it changes the table while it holds the lock
+            table.apply_gradients(np.arange(7, 20, dtype=np.int64), np.ones((13, 4), np.float32))
+            start = time.monotonic()
+            assert rows() == 7
+            assert READING_PATIENCE_S <= time.monotonic() - start < READING_PATIENCE_S + 2
+        assert rows() == 20
+        assert value(generate_latest(metrics.registry).decode(), "embps_table_version", table="user", shard="0") == 2
+
+    asyncio.run(scenario())
