@@ -252,8 +252,7 @@ class Shard:
         self.check_owned(keys)
         step = request.step if request.HasField("step") else None
         result = table.apply_gradients(keys, grads, step=step, counts=counts)
-        touched = _touched_keys(result)
-        self.logs[table.name].append(table.version, touched, result.evicted_keys, time.time())
+        self.logs[table.name].append(table.version, _log_keys(result), result.evicted_keys, time.time())
         response = ps_pb2.PushResponse(
             version=table.version,
             num_updated=result.num_updated,
@@ -327,7 +326,7 @@ class Shard:
         now = time.time()
         response = ps_pb2.MultiPushResponse()
         for table, result in zip(tables, results, strict=True):
-            self.logs[table.name].append(table.version, _touched_keys(result), result.evicted_keys, now)
+            self.logs[table.name].append(table.version, _log_keys(result), result.evicted_keys, now)
             response.versions.append(table.version)
             response.num_updated += result.num_updated
             response.num_inserted += result.num_inserted
@@ -379,6 +378,9 @@ class Shard:
         )
 
 
-def _touched_keys(result: ApplyResult) -> np.ndarray:
-    """The sorted unique keys (t,) int64 whose rows a push created or updated."""
-    return np.sort(result.updated_keys)
+def _log_keys(result: ApplyResult) -> np.ndarray:
+    """The unique keys (t,) int64 a push created or updated, as its update-log entry keeps them: in
+    no order (the log's readers merge and sort: UpdateLog.range_after), in an array of their own,
+    so that one table's entry does not hold a multi-table push's whole buffer."""
+    keys = result.updated_keys
+    return keys if keys.base is None else keys.copy()
