@@ -413,7 +413,6 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
     def Stats(self, request: ps_pb2.StatsRequest) -> ps_pb2.StatsResponse:
         return self.shard.stats()
 
-
     @stream_call("Subscribe")
     async def Subscribe(self, request: ps_pb2.SubscribeRequest) -> AsyncIterator[ps_pb2.UpdateBatch]:
         """Every change of the table after request.from_version (or all rows, full_sync), then live

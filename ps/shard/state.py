@@ -320,17 +320,19 @@ class Shard:
             )
         self.check_owned(keys)
         step = request.step if request.HasField("step") else None
-        for table in tables:
-            table.check_step(step)
-        results = multi.push_tables(tables, keys, offsets, grads, counts, step)
+        results = multi.push_tables(tables, keys, offsets, grads, counts, step)  # checks the step first
         now = time.time()
-        response = ps_pb2.MultiPushResponse()
+        versions = []
+        num_updated = num_inserted = num_evicted = 0
         for table, result in zip(tables, results, strict=True):
             self.logs[table.name].append(table.version, _log_keys(result), result.evicted_keys, now)
-            response.versions.append(table.version)
-            response.num_updated += result.num_updated
-            response.num_inserted += result.num_inserted
-            response.num_evicted += int(result.evicted_keys.shape[0])
+            versions.append(table.version)
+            num_updated += result.num_updated
+            num_inserted += result.num_inserted
+            num_evicted += int(result.evicted_keys.shape[0])
+        response = ps_pb2.MultiPushResponse(
+            versions=versions, num_updated=num_updated, num_inserted=num_inserted, num_evicted=num_evicted
+        )
         if push_id.client_id:
             self.ledger.put_raw(push_id.client_id, push_id.sequence, MultiAnswer(response.SerializeToString()))
         return response, [t.name for t in tables]

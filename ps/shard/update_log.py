@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 from collections import deque
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -25,10 +26,9 @@ DEFAULT_MAX_ENTRIES = 65536
 DEFAULT_MAX_KEYS = 1 << 20
 ENTRY_OVERHEAD_BYTES = 400  # a LogEntry, its two array headers and its deque slot (beside the keys)
 
-@dataclass(frozen=True)
-class LogEntry:
+class LogEntry(NamedTuple):
     """One applied push: version, touched keys (t,) int64 unique, deleted keys (d,) int64, ack_time
-    (unix seconds when the push was acknowledged)."""
+    (unix seconds when the push was acknowledged). A NamedTuple: one is made per table per push."""
 
     version: int
     touched_keys: np.ndarray

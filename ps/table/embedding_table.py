@@ -192,6 +192,13 @@ class EmbeddingTable:
         self._multi_seed = config.seed & 0xFFFFFFFFFFFFFFFF
         # The key of each row, where _row_live: only tables that evict need it (9 bytes a row).
         self._indexed = config.eviction.policy != EvictionPolicy.NONE or config.eviction.ttl_steps is not None
+        # What multi_push_ready needs beside the room for the keys: fixed for the table's life.
+        self._multi_push_kind = (
+            self._use_native
+            and config.storage == Storage.FLOAT32
+            and not self._indexed
+            and config.admission.kind == AdmissionKind.NONE
+        )
         self._row_keys = np.zeros(0, dtype=np.int64)
         self._row_live = np.zeros(0, dtype=np.bool_)
         self._reset_pending(0)
@@ -426,12 +433,7 @@ class EmbeddingTable:
         """True when a push of num_keys keys takes apply_gradients' fast path for sure (no
         admission, no row index, room for every key), so the multi-table native call may apply it."""
         capacity = self.config.capacity
-        return (
-            self.multi_native
-            and not self._indexed
-            and self.config.admission.kind == AdmissionKind.NONE
-            and (capacity is None or self.size + num_keys <= capacity)
-        )
+        return self._multi_push_kind and (capacity is None or self.size + num_keys <= capacity)
 
     @property
     def fbgemm_group(self) -> fbgemm_kernels.GroupKey | None:

@@ -85,7 +85,10 @@ def push_tables(
     serve go first, through apply_gradients (each all or nothing: a CapacityError there leaves
     the tables before it applied); then every other table in one native call, which cannot fail.
     """
-    steps = [t.check_step(step) for t in tables]
+    if step is None:
+        steps = [t.check_step(None) for t in tables]  # each table's next version
+    else:
+        steps = [tables[0].check_step(step)] * len(tables) if tables else []
     starts = value_offsets(tables, offsets)
     sizes = np.diff(offsets)
     results: list[ApplyResult | None] = [None] * len(tables)
