@@ -138,7 +138,7 @@ def test_a_scrape_reads_the_tables_as_they_are_and_never_beside_a_call_that_chan
             table.apply_gradients(np.arange(7, 20, dtype=np.int64), np.ones((13, 4), np.float32))
             start = time.monotonic()
             assert rows() == 7
-            assert READING_PATIENCE_S <= time.monotonic() - start < READING_PATIENCE_S + 2
+            assert 0.9 * READING_PATIENCE_S <= time.monotonic() - start < READING_PATIENCE_S + 2  # waited, then gave up
         assert rows() == 20
         assert value(generate_latest(metrics.registry).decode(), "embps_table_version", table="user", shard="0") == 2
 
