@@ -66,7 +66,7 @@ class ShardMetrics:
             ["shard"],
             registry=r,
         )
-        # The tables' own figures, read when /metrics is scraped (attach_tables), not after every push.
+        # The tables' own figures, read when /metrics is scraped (TableCollector.attach), not after every push.
         self.tables = TableCollector(self.shard)
         r.register(self.tables)
 
