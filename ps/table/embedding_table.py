@@ -193,12 +193,7 @@ class EmbeddingTable:
         # The key of each row, where _row_live: only tables that evict need it (9 bytes a row).
         self._indexed = config.eviction.policy != EvictionPolicy.NONE or config.eviction.ttl_steps is not None
         # What multi_push_ready needs beside the room for the keys: fixed for the table's life.
-        self._multi_push_kind = (
-            self._use_native
-            and config.storage == Storage.FLOAT32
-            and not self._indexed
-            and config.admission.kind == AdmissionKind.NONE
-        )
+        self._multi_push_kind = self.multi_native and not self._indexed and config.admission.kind == AdmissionKind.NONE
         self._row_keys = np.zeros(0, dtype=np.int64)
         self._row_live = np.zeros(0, dtype=np.bool_)
         self._reset_pending(0)
