@@ -223,12 +223,11 @@ def _multi_rounds(
 
     offsets = _table_offsets(config)
     tags = np.repeat(np.arange(config.tables, dtype=np.int64), np.diff(offsets))
-    rows = np.hstack([grads, np.ones((grads.shape[0], 1), dtype=np.float32)])  # [grad | one sighting]
+    sightings = np.ones(grads.shape[0], dtype=np.float32)  # one a key
 
     def push(keys: np.ndarray) -> None:
-        distinct, sums, starts = native.sum_by_table_key(keys, tags, rows, config.tables)
-        flat = np.ascontiguousarray(sums[:, :-1]).reshape(-1)
-        multi.push_tables(tables, distinct, starts, flat, np.rint(sums[:, -1]).astype(np.int64), None)
+        distinct, sums, starts, counts = native.sum_by_table_key(keys, tags, grads, config.tables, counts=sightings)
+        multi.push_tables(tables, distinct, starts, sums.reshape(-1), np.rint(counts).astype(np.int64), None)
 
     return (lambda keys: multi.lookup_tables(tables, keys, offsets)), push
 

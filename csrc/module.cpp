@@ -28,6 +28,9 @@ template <typename T, typename... Extra>
 using Array = nb::ndarray<T, nb::c_contig, nb::device::cpu, Extra...>;
 using Keys = Array<const int64_t, nb::ndim<1>>;
 using Rows = Array<int64_t, nb::ndim<1>>;
+// Any strides (in elements: ndarray::stride); read in place.
+template <typename T, typename... Extra>
+using Strided = nb::ndarray<T, nb::device::cpu, Extra...>;
 
 void check_same_length(const char* what, size_t got, size_t want) {
   if (got != want) {
@@ -483,18 +486,40 @@ NB_MODULE(_embps_native, m) {
         "keys"_a, "group"_a, "num_groups"_a, "unique"_a, "offsets"_a, "inverse"_a, "counts"_a);
 
   m.def("sum_by_table_key",
-        [](Keys keys, Keys tags, Array<const float, nb::ndim<2>> rows, int64_t num_groups, Rows unique,
-           Array<float, nb::ndim<2>> sums, Rows offsets) -> int64_t {
+        [](Keys keys, Keys tags, Strided<const float, nb::ndim<2>> rows, nb::object counts_obj, int64_t num_groups,
+           Rows unique, Array<float, nb::ndim<2>> sums, nb::object count_sums_obj, Rows offsets) -> int64_t {
           const size_t m = keys.shape(0), w = rows.shape(1);
           check_same_length("tags", tags.shape(0), m);
           check_same_length("rows", rows.shape(0), m);
+          if (m > 0 && w > 1 && rows.stride(1) != 1) {
+            throw std::invalid_argument("rows: each row's values must be contiguous");
+          }
           check_same_length("unique", unique.shape(0), m);
           check_same_length("sums", sums.shape(0), m);
           if (sums.shape(1) != w) throw std::invalid_argument("sums: expected the width of rows");
           check_same_length("offsets", offsets.shape(0), static_cast<size_t>(num_groups) + 1);
+          if (counts_obj.is_none() != count_sums_obj.is_none()) {
+            throw std::invalid_argument("counts and count_sums: both or neither");
+          }
+          const float* counts = nullptr;
+          int64_t count_stride = 0;
+          float* count_sums = nullptr;
+          Strided<const float, nb::ndim<1>> counts_arr;
+          Array<float, nb::ndim<1>> count_sums_arr;
+          if (!counts_obj.is_none()) {
+            counts_arr = nb::cast<Strided<const float, nb::ndim<1>>>(counts_obj);
+            count_sums_arr = nb::cast<Array<float, nb::ndim<1>>>(count_sums_obj);
+            check_same_length("counts", counts_arr.shape(0), m);
+            check_same_length("count_sums", count_sums_arr.shape(0), m);
+            counts = counts_arr.data();
+            count_stride = counts_arr.stride(0);
+            count_sums = count_sums_arr.data();
+          }
           nb::gil_scoped_release release;
-          return embps::sum_by_table_key(keys.data(), tags.data(), rows.data(), static_cast<int64_t>(m),
-                                         static_cast<int64_t>(w), num_groups, unique.data(), sums.data(), offsets.data());
+          return embps::sum_by_table_key(keys.data(), tags.data(), rows.data(), rows.stride(0), counts, count_stride,
+                                         static_cast<int64_t>(m), static_cast<int64_t>(w), num_groups, unique.data(),
+                                         sums.data(), count_sums, offsets.data());
         },
-        "keys"_a, "tags"_a, "rows"_a, "num_groups"_a, "unique"_a, "sums"_a, "offsets"_a);
+        "keys"_a, "tags"_a, "rows"_a, "counts"_a.none(), "num_groups"_a, "unique"_a, "sums"_a, "count_sums"_a.none(),
+        "offsets"_a);
 }

@@ -149,11 +149,15 @@ inline int64_t unique_by_table(const int64_t* keys, int64_t b, int64_t f, const 
   return u;
 }
 
-// Sums rows that share (tag, key), grouped by tag: keys (m,), tags (m,) in [0, g), rows (m, w) ->
-// per tag t, in tag order, its distinct keys in first-occurrence order at unique[offsets[t] :
-// offsets[t + 1]] with their summed rows in sums. Returns the number of distinct pairs.
-inline int64_t sum_by_table_key(const int64_t* keys, const int64_t* tags, const float* rows, int64_t m, int64_t w,
-                                int64_t g, int64_t* unique, float* sums, int64_t* offsets) {
+// Sums rows that share (tag, key), grouped by tag: keys (m,), tags (m,) in [0, g), rows (m, w)
+// whose row i starts at rows + i * row_stride (row_stride >= w: the rows may be columns of a wider
+// buffer, read in place), counts (m,) at counts[i * count_stride] or nullptr -> per tag t, in tag
+// order, its distinct keys in first-occurrence order at unique[offsets[t] : offsets[t + 1]], their
+// summed rows in sums (u, w), contiguous, and their summed counts in count_sums (u,) when counts.
+// Returns the number of distinct pairs u.
+inline int64_t sum_by_table_key(const int64_t* keys, const int64_t* tags, const float* rows, int64_t row_stride,
+                                const float* counts, int64_t count_stride, int64_t m, int64_t w, int64_t g,
+                                int64_t* unique, float* sums, float* count_sums, int64_t* offsets) {
   std::vector<int64_t> start(static_cast<size_t>(g + 1), 0);
   for (int64_t i = 0; i < m; ++i) {
     if (tags[i] < 0 || tags[i] >= g) throw std::invalid_argument("tags: outside [0, g)");
@@ -179,15 +183,17 @@ inline int64_t sum_by_table_key(const int64_t* keys, const int64_t* tags, const 
       const int64_t key = keys[i];
       uint64_t pos = mix64(static_cast<uint64_t>(key)) & mask;
       while (slot[pos] >= 0 && unique[slot[pos]] != key) pos = (pos + 1) & mask;
-      const float* src = rows + i * w;
+      const float* src = rows + i * row_stride;
       if (slot[pos] < 0) {
         slot[pos] = u;
         unique[u] = key;
         std::memcpy(sums + u * w, src, sizeof(float) * w);
+        if (counts != nullptr) count_sums[u] = counts[i * count_stride];
         ++u;
       } else {
         float* dst = sums + slot[pos] * w;
         for (int64_t k = 0; k < w; ++k) dst[k] += src[k];
+        if (counts != nullptr) count_sums[slot[pos]] += counts[i * count_stride];
       }
     }
     offsets[t + 1] = u;

@@ -245,25 +245,30 @@ def unique_by_table(
 
 
 def sum_by_table_key(
-    keys: np.ndarray, tags: np.ndarray, rows: np.ndarray, num_groups: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    keys: np.ndarray, tags: np.ndarray, rows: np.ndarray, num_groups: int, counts: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
     """Sums rows (m, w) float32 sharing (tag, key): keys (m,), tags (m,) in [0, num_groups) ->
-    unique (u,) grouped by tag in tag order (first-occurrence order within a tag), sums (u, w),
-    offsets (num_groups + 1,)."""
+    unique (u,) grouped by tag in tag order (first-occurrence order within a tag), sums (u, w)
+    contiguous, offsets (num_groups + 1,), and the summed counts (u,) float32 of counts (m,)
+    float32, or None without counts.
+
+    rows and counts are read in place when each row's values are contiguous, whatever the
+    strides between rows: columns of a wider buffer (what an all_to_all received) need no copy."""
     m, w = rows.shape
+    if rows.dtype != np.float32 or (m > 0 and w > 1 and rows.strides[1] != rows.itemsize):
+        rows = np.ascontiguousarray(rows, dtype=np.float32)
     unique = np.empty(m, dtype=np.int64)
     sums = np.empty((m, w), dtype=np.float32)
     offsets = np.empty(num_groups + 1, dtype=np.int64)
+    count_sums = None
+    if counts is not None:
+        if counts.dtype != np.float32:
+            counts = counts.astype(np.float32)
+        count_sums = np.empty(m, dtype=np.float32)
     u = _native.sum_by_table_key(
-        as_keys(keys),
-        as_keys(tags, "tags"),
-        np.ascontiguousarray(rows, dtype=np.float32),
-        num_groups,
-        unique,
-        sums,
-        offsets,
+        as_keys(keys), as_keys(tags, "tags"), rows, counts, num_groups, unique, sums, count_sums, offsets
     )
-    return unique[:u], sums[:u], offsets
+    return unique[:u], sums[:u], offsets, None if count_sums is None else count_sums[:u]
 
 
 def hash_string_columns(columns: list[tuple], num_rows: int) -> np.ndarray:

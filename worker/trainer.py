@@ -339,9 +339,12 @@ class Trainer:
             group=group,
         )
         received_tags = received[:, 0].astype(np.int64)
-        keys, summed, offsets = native.sum_by_table_key(received_keys, received_tags, received[:, 1:], len(self.groups))
-        sightings = np.rint(summed[:, -1]).astype(np.int64)
-        return _Outgoing(keys, offsets, np.ascontiguousarray(summed[:, :-1]), sightings)
+        # The grads and counts columns are read where they arrived; the grads are summed into one
+        # contiguous buffer, which the push sends as it is.
+        keys, summed, offsets, counts = native.sum_by_table_key(
+            received_keys, received_tags, received[:, 1:-1], len(self.groups), counts=received[:, -1]
+        )
+        return _Outgoing(keys, offsets, summed, np.rint(counts).astype(np.int64))
 
     def _embeddings(self, pulled: _Pulled, leaf: torch.Tensor) -> torch.Tensor:
         """(B, F, D) in feature order: one gather of the unique rows leaf (u, D). index_select, not

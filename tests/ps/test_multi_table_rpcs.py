@@ -287,9 +287,22 @@ def test_the_workers_one_dedupe_over_every_table_matches_numpy():
 
     tags = np.array([1, 0, 1, 0, 1])
     rows = np.arange(10, dtype=np.float32).reshape(5, 2)
-    summed_keys, sums, sum_offsets = native.sum_by_table_key(np.array([1, 2, 1, 1, 3]), tags, rows, 2)
-    assert summed_keys.tolist() == [2, 1, 1, 3] and sum_offsets.tolist() == [0, 2, 4]
+    summed_keys, sums, sum_offsets, no_counts = native.sum_by_table_key(np.array([1, 2, 1, 1, 3]), tags, rows, 2)
+    assert summed_keys.tolist() == [2, 1, 1, 3] and sum_offsets.tolist() == [0, 2, 4] and no_counts is None
     np.testing.assert_array_equal(sums, [[2, 3], [6, 7], [0 + 4, 1 + 5], [8, 9]])
+    # Rows and counts read in place as columns of a wider buffer (what an all_to_all received).
+    wide = np.zeros((5, 5), dtype=np.float32)
+    wide[:, 1:3], wide[:, 4] = rows, [1, 2, 3, 4, 5]
+    strided_keys, strided_sums, _, counts = native.sum_by_table_key(
+        np.array([1, 2, 1, 1, 3]), tags, wide[:, 1:3], 2, counts=wide[:, 4]
+    )
+    assert strided_keys.tolist() == summed_keys.tolist() and strided_sums.flags.c_contiguous
+    np.testing.assert_array_equal(strided_sums, sums)
+    np.testing.assert_array_equal(counts, [2, 4, 1 + 3, 5])
+    none_received = native.sum_by_table_key(
+        np.zeros(0, np.int64), np.zeros(0, np.int64), wide[:0, 1:3], 2, counts=wide[:0, 4]
+    )
+    assert none_received[0].shape == (0,) and none_received[1].shape == (0, 2) and none_received[3].shape == (0,)
 
 
 FUZZ_TABLES = [
