@@ -149,8 +149,10 @@ def _run_in_process(config: TrainBenchConfig, workdir: Path) -> dict:
     trainer = Trainer(job, DLRMDenseTower(job.model), store, rank=0, world_size=1)
     reader = iter(train_reader(job, 0, 1))
     print(f"[in-process] 1 process, {config.steps} steps", flush=True)
-    pulled = trainer.pull_timed(next(reader))
+    # The window the PS runs' workers time (worker/worker_main.py) and the TorchRec peer's: from
+    # before the first batch is read and its rows looked up to the last step's end.
     start = time.perf_counter()
+    pulled = trainer.pull_timed(next(reader))
     for step in range(config.steps):
         _, _ = trainer.train_step(pulled)
         if step + 1 < config.steps:
