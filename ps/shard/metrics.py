@@ -9,7 +9,8 @@ is changing.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable, Container, Iterable, Iterator
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -28,9 +29,8 @@ class ShardMetrics:
         self.requests = Counter(
             "embps_requests", "RPCs answered, by final status code", ["table", "method", "code"], registry=r
         )
-        self.request_keys = Counter(
-            "embps_request_keys", "Keys carried by RPCs (before dedupe)", ["table", "method"], registry=r
-        )
+        self.request_keys = KeyCounts()
+        r.register(self.request_keys)
         self.request_bytes = Counter(
             "embps_request_payload_bytes", "Key, value and gradient bytes received", ["table", "method"], registry=r
         )
@@ -74,6 +74,42 @@ class ShardMetrics:
         """Starts the /metrics HTTP server in a daemon thread; returns the bound port."""
         server, _thread = start_http_server(port, addr=host, registry=self.registry)
         return server.server_address[1]
+
+
+class KeyCounts:
+    """embps_request_keys_total{table, method}: keys carried by RPCs (before dedupe), kept as plain
+    integers and exported when /metrics is scraped. A multi-table call counts each of its tables:
+    a Counter child's inc() per table cost a 200-table call ~0.2 ms of the event loop's time."""
+
+    def __init__(self) -> None:
+        self._counts: dict[str, dict[str, int]] = {}  # method -> table label -> keys
+        self._lock = threading.Lock()  # the calls' threads add, the scrape's thread reads
+
+    def add(self, table: str, method: str, keys: int) -> None:
+        with self._lock:
+            counts = self._counts.setdefault(method, {})
+            counts[table] = counts.get(table, 0) + keys
+
+    def add_tables(self, method: str, tables: Iterable[str], keys: Iterable[int], known: Container[str]) -> None:
+        """Adds keys[i] to (tables[i], method) for each i; a table not in `known` counts as "unknown"
+        (the labels stay bounded whatever a client names)."""
+        with self._lock:
+            counts = self._counts.setdefault(method, {})
+            for table, n in zip(tables, keys, strict=True):
+                if table not in known:
+                    table = "unknown"
+                counts[table] = counts.get(table, 0) + n
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "embps_request_keys", "Keys carried by RPCs (before dedupe)", labels=["table", "method"]
+        )
+        with self._lock:
+            counts = [(method, list(tables.items())) for method, tables in self._counts.items()]
+        for method, tables in counts:
+            for table, n in tables:
+                family.add_metric([table, method], n)
+        yield family
 
 
 @dataclass(frozen=True)

@@ -111,9 +111,19 @@ def payload_bytes(request, trust_sizes: bool) -> tuple[int, int]:
     if not trust_sizes:
         return keys, len(request.grads)
     if "offsets" in fields:
-        offsets = request.offsets
-        return keys, 4 * sum(max(0, b - a) * d for a, b, d in zip(offsets, offsets[1:], request.dims, strict=False))
+        sizes = table_sizes(request.offsets).astype(np.float64)  # exact below 2^53, as checked offsets are
+        dims = np.asarray(request.dims, dtype=np.float64)
+        n = min(sizes.shape[0], dims.shape[0])
+        return keys, 4 * int(np.dot(sizes[:n], dims[:n]))
     return keys, keys // 8 * request.dim * 4
+
+
+def table_sizes(offsets) -> np.ndarray:
+    """The keys of each table (T,) uint64 of a multi-table request's offsets (T + 1,) as they came:
+    unchecked when the call failed or repeated a push id, so a step back counts 0 and any uint64
+    is taken (never an error: these only feed metrics)."""
+    bounds = np.asarray(offsets, dtype=np.uint64)
+    return np.where(bounds[1:] >= bounds[:-1], bounds[1:] - bounds[:-1], np.uint64(0))
 
 
 def _tables_call(method: str) -> Callable:
@@ -186,18 +196,18 @@ class ShardCallSite(CallSite):
         answered = code == grpc.StatusCode.OK
         if method in ("Lookup", "Push"):
             keys, grads = payload_bytes(request, answered)
-            self.series(m.request_keys, table, method).inc(keys // 8)
+            m.request_keys.add(table, method, keys // 8)
             self.series(m.request_bytes, table, method).inc(keys + grads)
         elif method in ("LookupMulti", "PushMulti"):
-            offsets = list(request.offsets)  # unchecked when the call failed: count what is countable
-            for name, a, b in zip(request.tables, offsets, offsets[1:], strict=False):
-                self.series(m.request_keys, self.table_name_label(name), method).inc(max(0, b - a))
+            sizes = table_sizes(request.offsets).tolist()
+            names = list(request.tables)[: len(sizes)]
+            m.request_keys.add_tables(method, names, sizes[: len(names)], self.tables)
             self.series(m.request_bytes, table, method).inc(sum(payload_bytes(request, answered)))
         elif method in ("LookupBatch", "PushBatch"):
             for part in request.requests:
                 part_table = self.table_name_label(part.table)
                 keys, grads = payload_bytes(part, answered)
-                self.series(m.request_keys, part_table, method).inc(keys // 8)
+                m.request_keys.add(part_table, method, keys // 8)
                 self.series(m.request_bytes, part_table, method).inc(keys + grads)
 
 

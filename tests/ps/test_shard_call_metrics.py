@@ -92,6 +92,43 @@ def test_unknown_table_and_undecodable_bytes_are_counted_with_their_codes(tmp_pa
     assert sample(metrics, "embps_request_keys_total", table="user", method="Lookup") == 5
 
 
+def test_multi_table_calls_count_each_tables_keys_whatever_their_offsets(tmp_path):
+    """Keys per table of LookupMulti / PushMulti, a table the shard lacks under one label, and
+    offsets no check has read (a failed call, a repeated push id) counted without an error."""
+    keys = np.arange(5, dtype="<i8").tobytes()
+    grads = np.zeros(5 * 4, dtype="<f4").tobytes()
+    push_id = ps_pb2.PushId(client_id=b"c" * 16, sequence=1)
+
+    async def test(channel, servicer):
+        stub = ps_pb2_grpc.ParameterServerStub(channel)
+        lookup = ps_pb2.MultiLookupRequest(tables=["user"], dims=[4], offsets=[0, 5], keys=keys)
+        await stub.LookupMulti(lookup, timeout=DEADLINE)
+        push = ps_pb2.MultiPushRequest(
+            tables=["user"], dims=[4], offsets=[0, 5], keys=keys, grads=grads, dtype=ps_pb2.FLOAT32, push_id=push_id
+        )
+        await stub.PushMulti(push, timeout=DEADLINE)
+        # The same push id again with nonsense offsets: answered from the push-id memory, unread.
+        again = ps_pb2.MultiPushRequest(
+            tables=["user", "nope"],
+            dims=[4, 4],
+            offsets=[0, 2**64 - 1, 3],
+            keys=keys,
+            grads=grads,
+            dtype=ps_pb2.FLOAT32,
+            push_id=push_id,
+        )
+        assert (await stub.PushMulti(again, timeout=DEADLINE)).duplicate
+        missing = ps_pb2.MultiLookupRequest(tables=["user", "nope"], dims=[4, 4], offsets=[0, 3, 5], keys=keys)
+        await expect_code(stub.LookupMulti(missing, timeout=DEADLINE), grpc.StatusCode.NOT_FOUND)
+
+    metrics = asyncio.run(with_shard(test, tmp_path))
+    assert sample(metrics, "embps_request_keys_total", table="user", method="LookupMulti") == 5 + 3
+    assert sample(metrics, "embps_request_keys_total", table="unknown", method="LookupMulti") == 2
+    assert sample(metrics, "embps_request_keys_total", table="user", method="PushMulti") >= 2**63
+    assert sample(metrics, "embps_requests_total", table="", method="PushMulti", code="OK") == 2
+    assert sample(metrics, "embps_requests_total", table="", method="LookupMulti", code="NOT_FOUND") == 1
+
+
 def test_a_draining_shard_refuses_every_method_unavailable_and_counts_it(tmp_path):
     async def test(channel, servicer):
         servicer.begin_drain()
