@@ -76,6 +76,9 @@ class ShardMetrics:
         return server.server_address[1]
 
 
+UNKNOWN_TABLE = "unknown"  # the table label of a name the shard does not hold: labels stay bounded
+
+
 class KeyCounts:
     """embps_request_keys_total{table, method}: keys carried by RPCs (before dedupe), kept as plain
     integers and exported when /metrics is scraped. A multi-table call counts each of its tables:
@@ -91,13 +94,13 @@ class KeyCounts:
             counts[table] = counts.get(table, 0) + keys
 
     def add_tables(self, method: str, tables: Iterable[str], keys: Iterable[int], known: Container[str]) -> None:
-        """Adds keys[i] to (tables[i], method) for each i; a table not in `known` counts as "unknown"
-        (the labels stay bounded whatever a client names)."""
+        """Adds keys[i] to (tables[i], method) for each i; a table not in `known` counts as
+        UNKNOWN_TABLE."""
         with self._lock:
             counts = self._counts.setdefault(method, {})
             for table, n in zip(tables, keys, strict=True):
                 if table not in known:
-                    table = "unknown"
+                    table = UNKNOWN_TABLE
                 counts[table] = counts.get(table, 0) + n
 
     def collect(self) -> Iterator[Metric]:

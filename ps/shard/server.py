@@ -45,7 +45,7 @@ from ps.rpc import ps_pb2, ps_pb2_grpc, snapshot_pb2, snapshot_pb2_grpc
 from ps.security import add_port, ps_port_policy, server_interceptors
 from ps.shard import commits
 from ps.shard.commit_stream import committed_stream
-from ps.shard.metrics import ShardMetrics, ShardReading, TableReading
+from ps.shard.metrics import UNKNOWN_TABLE, ShardMetrics, ShardReading, TableReading
 from ps.shard.startup import EXIT_SNAPSHOT_UNUSABLE, DeferredServices, RestoreProgress, run_in_daemon_thread
 from ps.shard.update_log import DEFAULT_MAX_ENTRIES, DEFAULT_MAX_KEYS, LogGapError, LogRange
 from ps.table.row_store import device_unavailable_reason
@@ -93,7 +93,7 @@ _BULK_FIELDS = {
 }
 
 
-def payload_bytes(request, trust_sizes: bool) -> tuple[int, int]:
+def payload_bytes(request, trust_sizes: bool, sizes: np.ndarray | None = None) -> tuple[int, int]:
     """(key bytes, gradient bytes) of one table request (Lookup, Push, LookupMulti, PushMulti, a
     part of a batch; (0, 0) for Stats), the gradients' size taken from the keys and dims when
     trust_sizes: every read of a bytes field of a protobuf (upb) message copies the field (0.3 ms
@@ -103,6 +103,7 @@ def payload_bytes(request, trust_sizes: bool) -> tuple[int, int]:
     trust_sizes: for an estimate, or once the call was answered OK (its gradients were float32 of
     that size; a repeated push id is answered with the first push's answer, before any check, and
     counted as that push was). Otherwise the gradients are read and counted as they came.
+    sizes: a multi-table request's table_sizes, where the caller has them already.
     """
     fields = request.DESCRIPTOR.fields_by_name  # not hasattr: it reads (copies) the field
     keys = len(request.keys) if "keys" in fields else 0
@@ -111,10 +112,11 @@ def payload_bytes(request, trust_sizes: bool) -> tuple[int, int]:
     if not trust_sizes:
         return keys, len(request.grads)
     if "offsets" in fields:
-        sizes = table_sizes(request.offsets).astype(np.float64)  # exact below 2^53, as checked offsets are
+        if sizes is None:
+            sizes = table_sizes(request.offsets)
         dims = np.asarray(request.dims, dtype=np.float64)
         n = min(sizes.shape[0], dims.shape[0])
-        return keys, 4 * int(np.dot(sizes[:n], dims[:n]))
+        return keys, 4 * int(np.dot(sizes[:n].astype(np.float64), dims[:n]))  # exact below 2^53, as checked sizes are
     return keys, keys // 8 * request.dim * 4
 
 
@@ -185,7 +187,7 @@ class ShardCallSite(CallSite):
     def table_name_label(self, name: str | None) -> str:
         if name is None:
             return ""
-        return name if name in self.tables else "unknown"
+        return name if name in self.tables else UNKNOWN_TABLE
 
     def record(self, method: str, table: str, code: grpc.StatusCode, seconds: float, request) -> None:
         m = self.metrics
@@ -199,10 +201,10 @@ class ShardCallSite(CallSite):
             m.request_keys.add(table, method, keys // 8)
             self.series(m.request_bytes, table, method).inc(keys + grads)
         elif method in ("LookupMulti", "PushMulti"):
-            sizes = table_sizes(request.offsets).tolist()
-            names = list(request.tables)[: len(sizes)]
-            m.request_keys.add_tables(method, names, sizes[: len(names)], self.tables)
-            self.series(m.request_bytes, table, method).inc(sum(payload_bytes(request, answered)))
+            sizes = table_sizes(request.offsets)
+            names = list(request.tables)[: sizes.shape[0]]
+            m.request_keys.add_tables(method, names, sizes[: len(names)].tolist(), self.tables)
+            self.series(m.request_bytes, table, method).inc(sum(payload_bytes(request, answered, sizes)))
         elif method in ("LookupBatch", "PushBatch"):
             for part in request.requests:
                 part_table = self.table_name_label(part.table)
