@@ -22,6 +22,7 @@ message is the concatenation of its fields in any order, and a parser merges a c
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from google.protobuf.message import DecodeError, Message
@@ -122,20 +123,23 @@ def _read_length(data: bytes, pos: int) -> tuple[int, int]:
     raise DecodeError("truncated or overlong varint")
 
 
-def parse(cls: type[Message], data: bytes | memoryview, bulk: tuple[str, ...]) -> BulkMessage:
-    """`cls.FromString(data)`, with its singular bytes fields `bulk` read as views over `data`
-    rather than copied. Raises DecodeError where FromString would. A message that repeats a bulk
-    field reads the last, as protobuf does."""
-    names = frozenset(bulk)
-    numbers = {cls.DESCRIPTOR.fields_by_name[name].number: name for name in names}
-    view = memoryview(data)
-    views: dict[str, memoryview] = {}
-    rest: list[memoryview] = []  # the other fields, in order
-    pos, span, fields, size = 0, 0, 0, len(data)
+@functools.lru_cache(maxsize=64)
+def _bulk_fields(cls: type[Message], bulk: tuple[str, ...]) -> tuple[frozenset[str], dict[int, str]]:
+    """(the names of `bulk`, {field number: name}): read once per message type, not per message."""
+    return frozenset(bulk), {cls.DESCRIPTOR.fields_by_name[name].number: name for name in bulk}
+
+
+def _length_delimited(data: bytes | memoryview) -> list[tuple[int, int, int, int]] | None:
+    """(field number, where its tag starts, where its value starts, where it ends) of each
+    length-delimited field of `data`, in order; None where protobuf must parse the message whole
+    (past _MAX_SCANNED_FIELDS fields, or a group or unknown wire type). Raises DecodeError where
+    protobuf would for a field it cannot read (truncated, past the end, field number 0)."""
+    found: list[tuple[int, int, int, int]] = []
+    pos, fields, size = 0, 0, len(data)
     while pos < size:
         fields += 1
         if fields > _MAX_SCANNED_FIELDS:
-            return _parsed_whole(cls, data, names)
+            return None
         start = pos
         tag, pos = _read_length(data, pos)
         number, wire_type = tag >> 3, tag & 7
@@ -146,19 +150,36 @@ def parse(cls: type[Message], data: bytes | memoryview, bulk: tuple[str, ...]) -
             end = pos + length
             if end > size:
                 raise DecodeError(f"field {number}: {length} bytes, {size - pos} left in the message")
-            if number in numbers:
-                rest.append(view[span:start])
-                views[numbers[number]] = view[pos:end]
-                span = end
+            found.append((number, start, pos, end))
             pos = end
         elif wire_type == 0:
             pos = _read_varint(data, pos)
         elif wire_type == 1 or wire_type == 5:
             pos += 8 if wire_type == 1 else 4
         else:
-            return _parsed_whole(cls, data, names)  # groups (or garbage): protobuf decides
+            return None  # groups (or garbage): protobuf decides
     if pos > size:
         raise DecodeError("the last field runs past the end of the message")
+    return found
+
+
+def parse(cls: type[Message], data: bytes | memoryview, bulk: tuple[str, ...]) -> BulkMessage:
+    """`cls.FromString(data)`, with its singular bytes fields `bulk` read as views over `data`
+    rather than copied. Raises DecodeError where FromString would. A message that repeats a bulk
+    field reads the last, as protobuf does."""
+    names, numbers = _bulk_fields(cls, bulk)
+    fields = _length_delimited(data)
+    if fields is None:
+        return _parsed_whole(cls, data, names)
+    view = memoryview(data)
+    views: dict[str, memoryview] = {}
+    rest: list[memoryview] = []  # the other fields, in order
+    span = 0
+    for number, start, begin, end in fields:
+        if number in numbers:
+            rest.append(view[span:start])
+            views[numbers[number]] = view[begin:end]
+            span = end
     if not views:
         return BulkMessage(cls.FromString(data), views, names, data)
     rest.append(view[span:])
@@ -169,6 +190,34 @@ def _parsed_whole(cls: type[Message], data: bytes, names: frozenset[str]) -> Bul
     message = cls.FromString(data)
     views = {name: memoryview(getattr(message, name)) for name in names}
     return BulkMessage(message, views, names, data)
+
+
+def parse_repeated(
+    cls: type[Message], data: bytes | memoryview, field: str, item_cls: type[Message], item_bulk: tuple[str, ...]
+) -> tuple[Message, list[BulkMessage]]:
+    """`cls.FromString(data)` in two parts: the message without its repeated message field `field`,
+    and that field's items in order, each read by `parse(item_cls, item, item_bulk)`, so their bulk
+    fields are views over `data` (a reply of many tables' rows is not copied). Raises DecodeError
+    where FromString would; an occurrence of `field` with another wire type stays in the message,
+    an unknown field there, as protobuf keeps it."""
+    number = cls.DESCRIPTOR.fields_by_name[field].number
+    fields = _length_delimited(data)
+    if fields is None:
+        message = cls.FromString(bytes(data))
+        parsed = [parse(item_cls, item.SerializeToString(), item_bulk) for item in getattr(message, field)]
+        message.ClearField(field)
+        return message, parsed
+    view = memoryview(data)
+    items: list[memoryview] = []
+    rest: list[memoryview] = []  # the other fields, in order
+    span = 0
+    for found, start, begin, end in fields:
+        if found == number:
+            rest.append(view[span:start])
+            items.append(view[begin:end])
+            span = end
+    rest.append(view[span:])
+    return cls.FromString(b"".join(rest)), [parse(item_cls, item, item_bulk) for item in items]
 
 
 def parser(cls: type[Message], bulk: tuple[str, ...]):

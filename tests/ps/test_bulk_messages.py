@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ps import bulk_messages
-from ps.rpc import ps_pb2, replication_pb2
+from ps.rpc import ps_pb2, replication_pb2, serving_pb2
 
 PUSH_BULK = ("keys", "grads", "counts")
 
@@ -71,14 +71,18 @@ def test_parse_reads_what_protobuf_wrote(request: ps_pb2.MultiPushRequest) -> No
         assert isinstance(view, memoryview) and view.readonly and bytes(view) == getattr(request, name)
 
 
-@given(push_requests, st.data())
-def test_any_bytes_parse_as_protobuf_parses_them(request: ps_pb2.MultiPushRequest, data) -> None:
-    """Valid messages cut, spliced with junk, or junk alone: the same error or the same fields."""
-    valid = request.SerializeToString()
+def _damaged(valid: bytes, data) -> tuple[bytes, ...]:
+    """A valid message cut, spliced with junk, junk alone, and followed by junk."""
     cut = data.draw(st.integers(0, len(valid)))
     junk = data.draw(st.binary(max_size=40))
     at = data.draw(st.integers(0, len(valid)))
-    for raw in (valid[:cut], valid[:at] + junk + valid[at:], junk, valid + junk):
+    return valid[:cut], valid[:at] + junk + valid[at:], junk, valid + junk
+
+
+@given(push_requests, st.data())
+def test_any_bytes_parse_as_protobuf_parses_them(request: ps_pb2.MultiPushRequest, data) -> None:
+    """Valid messages cut, spliced with junk, or junk alone: the same error or the same fields."""
+    for raw in _damaged(request.SerializeToString(), data):
         mine = _outcome(lambda r=raw: _full(bulk_messages.parse(ps_pb2.MultiPushRequest, r, PUSH_BULK),
                                             ps_pb2.MultiPushRequest))
         theirs = _outcome(lambda r=raw: ps_pb2.MultiPushRequest.FromString(r))
@@ -126,3 +130,78 @@ def test_encode_refuses_a_field_that_is_not_singular_bytes() -> None:
         bulk_messages.encode(ps_pb2.MultiPushRequest(), tables=b"x")
     with pytest.raises(TypeError, match="nope: not a singular bytes field"):
         bulk_messages.encode(ps_pb2.MultiPushRequest(), nope=b"x")
+
+
+SERVING_BULK = ("values", "found")
+
+lookup_replies = st.builds(
+    serving_pb2.ServingLookupResponse,
+    values=st.binary(max_size=64),
+    dim=st.integers(0, 2**32 - 1),
+    dtype=st.sampled_from([ps_pb2.DTYPE_UNSPECIFIED, ps_pb2.FLOAT32, ps_pb2.FLOAT16]),
+    found=st.binary(max_size=8),
+    model_version=st.integers(0, 2**64 - 1),
+)
+many_replies = st.builds(
+    serving_pb2.ServingLookupManyResponse,
+    results=st.lists(lookup_replies, max_size=4),
+    model_version=st.integers(0, 2**64 - 1),
+)
+
+
+def _many(parsed: tuple) -> serving_pb2.ServingLookupManyResponse:
+    """The ServingLookupManyResponse parse_repeated's two parts stand for."""
+    message, items = parsed
+    whole = serving_pb2.ServingLookupManyResponse()
+    whole.CopyFrom(message)
+    for item in items:
+        result = whole.results.add()
+        result.CopyFrom(item.message)
+        for name in SERVING_BULK:
+            data = bytes(getattr(item, name))
+            if data:
+                setattr(result, name, data)
+    return whole
+
+
+def _parse_many(raw):
+    return bulk_messages.parse_repeated(
+        serving_pb2.ServingLookupManyResponse, raw, "results", serving_pb2.ServingLookupResponse, SERVING_BULK
+    )
+
+
+@given(many_replies)
+def test_parse_repeated_reads_each_item_where_it_arrived(reply: serving_pb2.ServingLookupManyResponse) -> None:
+    data = reply.SerializeToString()
+    message, items = _parse_many(data)
+    assert _many((message, items)) == reply
+    assert len(message.results) == 0 and message.model_version == reply.model_version
+    for item, result in zip(items, reply.results, strict=True):
+        for name in SERVING_BULK:
+            view = getattr(item, name)
+            assert isinstance(view, memoryview) and bytes(view) == getattr(result, name)
+            if view.nbytes:
+                assert view.obj is data  # not copied
+
+
+@given(many_replies, st.data())
+def test_any_bytes_parse_repeated_as_protobuf_parses_them(reply: serving_pb2.ServingLookupManyResponse, data) -> None:
+    """Valid replies cut, spliced with junk, or junk alone: the same error or the same fields."""
+    for raw in _damaged(reply.SerializeToString(), data):
+        mine = _outcome(lambda r=raw: _many(_parse_many(r)))
+        theirs = _outcome(lambda r=raw: serving_pb2.ServingLookupManyResponse.FromString(r))
+        assert mine == theirs, raw
+
+
+def test_parse_repeated_keeps_another_wire_type_of_the_field_as_protobuf_does() -> None:
+    """The field as a varint is an unknown field to protobuf, not an item; past the scan's bound
+    (many small fields) protobuf parses the whole, the same."""
+    item = serving_pb2.ServingLookupResponse(values=b"v" * 8, dim=2).SerializeToString()
+    one = bytes([1 << 3 | 2, len(item)]) + item
+    as_varint = bytes([1 << 3 | 0, 5])
+    many = serving_pb2.ServingLookupManyResponse(
+        results=[serving_pb2.ServingLookupResponse(dim=i) for i in range(5000)], model_version=4
+    ).SerializeToString()
+    for raw in (one + as_varint + one, as_varint, many):
+        message, items = _parse_many(raw)
+        assert _many((message, items)) == serving_pb2.ServingLookupManyResponse.FromString(raw)
