@@ -339,6 +339,31 @@ def _run_serve(args: argparse.Namespace) -> int:
     )
 
 
+def _add_client(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rows", type=int, default=20_000, help="rows in each table of the replica")
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--tables", type=int, default=26, help="tables per lookup_many call (>= 2)")
+    parser.add_argument("--batch", type=int, default=300, help="keys per table per call")
+    parser.add_argument("--zipf", type=float, default=1.05, help="Zipf exponent of the keys (0: uniform)")
+    parser.add_argument("--calls", type=int, default=300, help="calls per measurement")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds, each measurement once per round")
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+
+
+def _run_client(args: argparse.Namespace) -> int:
+    from bench.client_bench import ClientBenchConfig, run_client_bench
+
+    try:
+        config = ClientBenchConfig(
+            rows=args.rows, dim=args.dim, tables=args.tables, batch=args.batch, zipf=args.zipf, calls=args.calls,
+            repeat=args.repeat, out=args.out,
+        )
+    except ValueError as exc:
+        raise SystemExit(f"embps bench client: --{exc}") from None
+    run_client_bench(config)
+    return 0
+
+
 def _add_cut(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tables", default="26,200", help="comma-separated table counts, measured in turn")
     parser.add_argument("--shards", type=int, default=2)
@@ -488,6 +513,7 @@ BENCHES: dict[str, Bench] = {
     "data": Bench("input rows/s of the TSV and Parquet readers at W = 1, 2, 4 ranks", _add_data, _run_data),
     "train": Bench("training samples/s through the PS vs in process", _add_train, _run_train),
     "serve": Bench("open-loop latency under load: embps serving vs Redis vs in-process lookup", _add_serve, _run_serve),
+    "client": Bench("CPU per call of ServingClient lookups vs the bare gRPC call", _add_client, _run_client),
     "soak": Bench("push cost and shard memory over a long push stream, plotted", _add_soak, _run_soak),
     "cut": Bench("a serving replica's consistent cut: CPU per step as tables grow", _add_cut, _run_cut),
     "precision": Bench(
