@@ -99,22 +99,29 @@ def test_gaps_and_other_incarnations_are_refused_and_full_sync_resyncs(cluster):
 
 
 def test_a_full_copy_that_outlasts_the_update_log_still_converges():
-    """A 20,000-row copy in 8 messages, read while pushes (with evictions) overflow a 64-key log
-    after each message: the copy ends with what changed meanwhile, and live ranges follow."""
-    table = TableConfig("user", dim=4, capacity=20_000, eviction=EvictionConfig(policy=EvictionPolicy.LRU))
+    """A 40,000-row copy in 15 messages, read while pushes (with evictions) of 200 keys overflow a
+    64-key log after each of the first 6 messages: the copy ends with what changed meanwhile; then
+    live ranges follow pushes the log holds.
+
+    Deterministic by construction, not by timing: flow control lets the shard run only a few
+    messages ahead of this reader (a small receive window, no BDP probing), so the copy cannot
+    have ended (its changes are read after its 15th message) while a 200-key push is made; a push
+    after the copy must fit the log, since the live ranges come from it (a 200-key one then would
+    rightly answer FAILED_PRECONDITION: the subscriber fell behind the log). The small pushes
+    together fit it (3 x 20 keys, their evictions included), read or not."""
+    table = TableConfig("user", dim=4, capacity=40_000, eviction=EvictionConfig(policy=EvictionPolicy.LRU))
     job = make_job([table], message_limit_bytes=1 << 16)
     with InProcessShards.start(job, log_max_keys=64) as shards, PSClient.from_job(shards.job) as client:
         rng = np.random.default_rng(0)
-        client.push("user", np.arange(20_000, dtype=np.int64), np.ones((20_000, 4), np.float32))
+        client.push("user", np.arange(40_000, dtype=np.int64), np.ones((40_000, 4), np.float32))
         replica: dict[int, np.ndarray] = {}
         version = 0
-        # No BDP probing: the receive window stays small, so the shard can run only a message or
-        # two ahead of this reader (as with a slow replica) instead of buffering the whole copy.
         with grpc.insecure_channel(shards.job.shards[0].address, options=[("grpc.http2.bdp_probe", 0)]) as channel:
             stream = ps_pb2_grpc.ParameterServerStub(channel).Subscribe(
                 ps_pb2.SubscribeRequest(table="user", full_sync=True), timeout=60
             )
-            messages = pushes = 0
+            messages = big_pushes = small_pushes = 0
+            copied = False
             for batch in stream:
                 keys = wire.decode_keys(batch.keys)
                 values = wire.decode_values(batch.values, keys.shape[0], 4)
@@ -123,20 +130,24 @@ def test_a_full_copy_that_outlasts_the_update_log_still_converges():
                     replica.pop(key, None)
                 messages += 1
                 if batch.last:
-                    version = batch.to_version
-                if pushes < 10:  # a push stream beside the copy: updates, new rows, evictions
-                    keys = np.concatenate([rng.integers(0, 20_000, 100), rng.integers(10**6, 10**9, 100)])
+                    version, copied = batch.to_version, True
+                if big_pushes < 6:  # beside the copy: updates, new rows, evictions
+                    assert not copied, "the copy ended within 6 messages: flow control did not hold the shard"
+                    keys = np.concatenate([rng.integers(0, 40_000, 100), rng.integers(10**6, 10**9, 100)])
                     client.push("user", keys.astype(np.int64), rng.standard_normal((200, 4)).astype(np.float32))
-                    pushes += 1
-                elif batch.last and version == shards.servicers[0].shard.tables["user"].version:
+                    big_pushes += 1
+                elif copied and small_pushes < 3:  # live ranges: 16 rows, 4 of them new (4 evicted)
+                    keys = np.concatenate([rng.integers(0, 40_000, 12), rng.integers(10**9, 2 * 10**9, 4)])
+                    client.push("user", keys.astype(np.int64), rng.standard_normal((16, 4)).astype(np.float32))
+                    small_pushes += 1
+                elif copied and small_pushes == 3 and version == shards.servicers[0].shard.tables["user"].version:
                     break
             stream.cancel()
-        assert messages > 8 and pushes == 10
+        assert messages > 15 and big_pushes == 6 and small_pushes == 3
         live = shards.servicers[0].shard.tables["user"]
         keys = live.export().keys
         assert sorted(replica) == keys.tolist()
         np.testing.assert_array_equal(np.stack([replica[k] for k in keys.tolist()]), client.lookup("user", keys))
-
 
 
 def next_commit(stream, after_step: int) -> tuple[ps_pb2.UpdateBatch, np.ndarray, np.ndarray]:
