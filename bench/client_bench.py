@@ -64,6 +64,16 @@ def cpu_ms_per_call(call: Callable[[int], object], calls: int) -> float:
     return (time.process_time() - start) / calls * 1e3
 
 
+def _check_same_rows(rows: dict, reply, names: tuple[str, ...], dim: int) -> None:
+    """Before timing anything: the client's rows of the first request are the bare call's, each
+    found (a client that answered wrong would be timed for nothing)."""
+    for name, result in zip(names, reply.results, strict=True):
+        values, found = rows[name]
+        expected = np.frombuffer(result.values, dtype="<f4").reshape(-1, dim)
+        if not found.all() or not np.array_equal(values, expected):
+            raise RuntimeError(f"bench client: ServingClient's rows of table {name} differ from the bare call's")
+
+
 def run_client_bench(config: ClientBenchConfig) -> dict:
     from serving.client import ServingClient
 
@@ -87,6 +97,7 @@ def run_client_bench(config: ClientBenchConfig) -> dict:
             client = ServingClient([server.address], timeout_s=10.0, message_limit_bytes=64 << 20)
             calls, first = config.calls, names[0]
             try:
+                _check_same_rows(client.lookup_many(requests[0]), raw_many.reply(0, 10.0), names, config.dim)
                 for round_index in range(config.repeat):
                     figures = {
                         "raw_lookup_many_ms": cpu_ms_per_call(lambda i: raw_many.reply(i, 10.0), calls),
