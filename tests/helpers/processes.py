@@ -58,6 +58,27 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
+def thread_states(pid: int) -> list[str]:
+    """The state letter of each thread of `pid` (R, S, D, T for stopped, ...); [] once it is gone."""
+    states = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            states.append((task / "stat").read_text().rsplit(")", 1)[1].split()[0])
+        except OSError:
+            continue  # a thread that ended meanwhile
+    return states
+
+
+def stop_process(pid: int, timeout: float = 10.0) -> None:
+    """SIGSTOP to `pid`, returning once every one of its threads is stopped. kill() returns before
+    that: one thread takes the signal and then stops the others, so until it has run (a busy
+    machine may not run it for milliseconds) another thread woken by its own event, a socket
+    read, can still run (a standby's link thread applying and acknowledging one more push)."""
+    os.kill(pid, signal.SIGSTOP)
+    wait_until(lambda: thread_states(pid) and all(s in "Tt" for s in thread_states(pid)), f"pid {pid} stopped",
+               timeout)
+
+
 def make_job(
     tables: list[TableConfig],
     num_shards: int = 1,

@@ -60,7 +60,7 @@ from serving.config import Consistency
 from serving.follower import ShardFollower
 from serving.metrics import ServingMetrics
 from serving.store import TableReplica
-from tests.helpers.processes import ShardPair, start_shard
+from tests.helpers.processes import ShardPair, start_shard, stop_process
 from tests.helpers.waiting import wait_until
 from tests.serving.replicas import ServingReplica
 
@@ -258,7 +258,7 @@ def test_a_stopped_standby_holds_acks_until_the_arbiter_records_the_primary_alon
     try:
         client.send_push(make_push(client, data, 1))
         assert arbiter.read()[0].sync
-        os.kill(pair.standby.pid, signal.SIGSTOP)
+        stop_process(pair.standby.pid)  # every thread: one woken by a push could still apply it
         started = time.monotonic()
         client.send_push(make_push(client, data, 2))
         waited = time.monotonic() - started
@@ -449,7 +449,7 @@ def test_a_cut_replica_follows_the_promoted_standby_without_a_full_resync(etcd, 
         incarnation = replica.status().shards[0].incarnation
         # The replica is held while the trainer commits at the promoted standby: it reconnects only
         # after those commits, which the standby sealed although no stream of its own followed it.
-        os.kill(replica.proc.pid, signal.SIGSTOP)
+        stop_process(replica.proc.pid)
         try:
             os.kill(pair.primary.pid, signal.SIGKILL)
             train(6, 10)
