@@ -75,8 +75,11 @@ def stop_process(pid: int, timeout: float = 10.0) -> None:
     machine may not run it for milliseconds) another thread woken by its own event, a socket
     read, can still run (a standby's link thread applying and acknowledging one more push)."""
     os.kill(pid, signal.SIGSTOP)
-    wait_until(lambda: thread_states(pid) and all(s in "Tt" for s in thread_states(pid)), f"pid {pid} stopped",
-               timeout)
+    wait_until(lambda: _all_stopped(thread_states(pid)), f"pid {pid} stopped", timeout)
+
+
+def _all_stopped(states: list[str]) -> bool:
+    return bool(states) and all(state in "Tt" for state in states)
 
 
 def make_job(
