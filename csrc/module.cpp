@@ -18,6 +18,7 @@
 #include "multi_table.h"
 #include "row_ops.h"
 #include "string_hash_binding.h"
+#include "value_checks.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -309,6 +310,26 @@ NB_MODULE(_embps_native, m) {
           for (size_t i = 0; i < keys.shape(0); ++i) out.data()[i] = embps::mix64(static_cast<uint64_t>(keys.data()[i]));
         },
         "keys"_a, "out"_a);
+
+  m.def("first_non_finite",
+        [](Array<const float> values) -> int64_t {
+          nb::gil_scoped_release release;
+          return embps::first_non_finite(values.data(), static_cast<int64_t>(values.size()));
+        },
+        "values"_a, "Flat index of the first NaN or infinity of values (any shape, C order), or -1.");
+
+  m.def("first_foreign_key",
+        [](Keys keys, Array<const int32_t, nb::ndim<1>> buckets, int32_t shard) -> int64_t {
+          const uint64_t num_buckets = buckets.shape(0);
+          if (num_buckets == 0 || (num_buckets & (num_buckets - 1)) != 0) {
+            throw std::invalid_argument("buckets: expected a power-of-two length, got " + std::to_string(num_buckets));
+          }
+          nb::gil_scoped_release release;
+          return embps::first_foreign_key(keys.data(), static_cast<int64_t>(keys.shape(0)), buckets.data(),
+                                          num_buckets, shard);
+        },
+        "keys"_a, "buckets"_a, "shard"_a,
+        "Index of the first key whose bucket (mix64(key) & (len(buckets) - 1)) is not `shard`'s, or -1.");
 
   m.def("init_values",
         [](uint64_t seed, embps::Init kind, double scale, Keys keys, Array<float, nb::ndim<2>> out) {

@@ -160,6 +160,18 @@ def mix64(keys: np.ndarray) -> np.ndarray:
     return out
 
 
+def first_non_finite(values: np.ndarray) -> int:
+    """Flat index of the first NaN or infinity of values (float32, any shape; C order), or -1:
+    one pass, nothing allocated, the GIL released."""
+    return _native.first_non_finite(np.ascontiguousarray(values, dtype=np.float32))
+
+
+def first_foreign_key(keys: np.ndarray, buckets: np.ndarray, shard: int) -> int:
+    """Index of the first key of keys (n,) int64 whose bucket (ps/sharding.py: mix64(key) masked to
+    len(buckets), a power of two) buckets (int32) does not give to `shard`, or -1."""
+    return _native.first_foreign_key(as_keys(keys), np.ascontiguousarray(buckets, dtype=np.int32), shard)
+
+
 def init_values(seed: int, initializer: Enum, scale: float, keys: np.ndarray, dim: int) -> np.ndarray:
     """Deterministic initial rows: keys (n,) int64 -> (n, dim) float32 (formula in csrc/row_ops.h).
 

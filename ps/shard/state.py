@@ -16,7 +16,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from ps import bulk_messages, wire
+from ps import bulk_messages, native, wire
 from ps.errors import UnknownTableError, WrongShardError
 from ps.job_config import JobConfig
 from ps.rpc import ps_pb2
@@ -189,9 +189,9 @@ class Shard:
         """Raises WrongShardError unless every key of keys (n,) int64 maps to this shard."""
         if self.shard_map.num_shards == 1 or keys.shape[0] == 0:
             return
-        owners = self.shard_map.shard_of(keys)
-        wrong = owners != self.index
-        if wrong.any():
+        if native.first_foreign_key(keys, self.shard_map.buckets, self.index) >= 0:
+            owners = self.shard_map.shard_of(keys)
+            wrong = owners != self.index
             first = int(np.flatnonzero(wrong)[0])
             raise WrongShardError(
                 f"{int(wrong.sum())} of {keys.shape[0]} keys belong to other shards (keys[{first}] = "
@@ -314,7 +314,7 @@ class Shard:
         counts = wire.decode_counts(request.counts, keys.shape[0])
         if counts is not None and counts.size and counts.min() < 1:
             raise ValueError("counts: every entry must be >= 1")
-        if not np.isfinite(grads).all():
+        if native.first_non_finite(grads) >= 0:
             raise ValueError(
                 "grads: non-finite value; the whole push is rejected so that one bad gradient cannot poison a row"
             )

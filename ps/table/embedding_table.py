@@ -726,8 +726,9 @@ class EmbeddingTable:
         if grads.shape != (n, self.dim):
             raise ValueError(f"grads: expected shape ({n}, {self.dim}) for {n} keys, got {grads.shape}")
         grads = np.ascontiguousarray(grads)
-        if not np.isfinite(grads).all():
-            bad = int(np.flatnonzero(~np.isfinite(grads).all(axis=1))[0])
+        first_bad = native.first_non_finite(grads)
+        if first_bad >= 0:
+            bad = first_bad // self.dim
             raise ValueError(
                 f"grads: non-finite value in row {bad}; the whole push is rejected so that one bad "
                 "gradient cannot poison a row"

@@ -1,0 +1,55 @@
+"""The shard's whole-buffer checks in C++ (csrc/value_checks.h) against numpy's answer."""
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ps import native
+from ps.sharding import ShardMap
+
+
+def numpy_first_non_finite(values: np.ndarray) -> int:
+    bad = np.flatnonzero(~np.isfinite(values.reshape(-1)))
+    return int(bad[0]) if bad.size else -1
+
+
+@given(
+    n=st.integers(0, 5000),
+    bad=st.lists(st.tuples(st.integers(0, 4999), st.sampled_from([np.nan, np.inf, -np.inf, -np.nan])), max_size=3),
+)
+def test_first_non_finite_is_numpys(n, bad):
+    values = np.random.default_rng(n).standard_normal(n).astype(np.float32)
+    values[:: max(1, n // 7)] = np.finfo(np.float32).max  # the largest finite, and denormals, are finite
+    values[1::11] = np.float32(1e-45)
+    for position, value in bad:
+        if position < n:
+            values[position] = value
+    assert native.first_non_finite(values) == numpy_first_non_finite(values)
+
+
+def test_first_non_finite_reads_any_shape_in_c_order():
+    values = np.zeros((300, 64), np.float32)
+    assert native.first_non_finite(values) == -1
+    values[257, 3] = np.inf
+    values[299, 0] = np.nan
+    assert native.first_non_finite(values) == 257 * 64 + 3
+    assert native.first_non_finite(values.T) == 0 * 300 + 299  # a copy in C order first: [0, 299] comes first
+    assert native.first_non_finite(np.empty((0, 64), np.float32)) == -1
+
+
+@given(st.integers(1, 8), st.integers(0, 2000), st.integers(0, 2**32))
+def test_first_foreign_key_is_the_shard_maps(num_shards, n, seed):
+    shard_map = ShardMap.uniform(num_shards)
+    keys = np.random.default_rng(seed).integers(-(2**63), 2**63 - 1, n, dtype=np.int64, endpoint=True)
+    for shard in range(num_shards):
+        foreign = np.flatnonzero(shard_map.shard_of(keys) != shard)
+        expected = int(foreign[0]) if foreign.size else -1
+        assert native.first_foreign_key(keys, shard_map.buckets, shard) == expected
+        own = keys[shard_map.shard_of(keys) == shard]
+        assert native.first_foreign_key(own, shard_map.buckets, shard) == -1
+
+
+def test_first_foreign_key_refuses_a_bucket_table_that_is_no_power_of_two():
+    with pytest.raises(ValueError, match="buckets: expected a power-of-two length, got 3"):
+        native.first_foreign_key(np.arange(4), np.zeros(3, np.int32), 0)
