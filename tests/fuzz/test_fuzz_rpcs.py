@@ -244,6 +244,22 @@ def write_snapshots(draw: st.DrawFn, base: str, job: str) -> snapshot_pb2.WriteS
     return request
 
 
+dense_formats = st.one_of(
+    st.sampled_from(("", "torch.save", "TORCH.SAVE", "pickle", "f\x00", "格式")), st.text(max_size=8)
+)
+
+
+@st.composite
+def commits(draw: st.DrawFn) -> ps_pb2.CommitRequest:
+    """Steps forwards, backwards (a new history), repeated and at the extremes; dense states of
+    junk bytes, with or without a format."""
+    return ps_pb2.CommitRequest(
+        step=draw(uint64s),
+        dense_state=draw(st.one_of(st.just(b""), junks[200], st.binary(min_size=1000, max_size=4000))),
+        dense_format=draw(dense_formats),
+    )
+
+
 serving_dtypes = st.sampled_from((0, 1, 2, 2, 3, 9, -5))
 
 
@@ -497,6 +513,16 @@ def test_fuzz_write_snapshot(cluster, ps_channel, servers, tmp_path):
     assert_servers_healthy(servers)
 
 
+def test_fuzz_commit(ps_channel, servers):
+    stub = ps_pb2_grpc.ParameterServerStub(ps_channel)
+    tally = fuzz_unary(
+        ps_channel, PS + "Commit", stub.Commit, commits(),
+        oversized=ps_pb2.CommitRequest(step=1, dense_state=OVERSIZED_KEYS, dense_format="torch.save"),
+    )
+    assert tally.codes["OK"] > 0 and tally.codes["INVALID_ARGUMENT"] > 0
+    assert_servers_healthy(servers)
+
+
 def test_fuzz_serving_lookup(serving_channel, servers):
     stub = serving_pb2_grpc.ServingStub(serving_channel)
     tally = fuzz_unary(
@@ -525,6 +551,15 @@ def test_fuzz_serving_status(serving_channel, servers):
         serving_channel, "/embps.v1.Serving/Status", stub.Status, st.just(serving_pb2.ServingStatusRequest())
     )
     assert tally.codes["OK"] > 0 and tally.codes["INVALID_ARGUMENT"] > 0
+    assert_servers_healthy(servers)
+
+
+def test_fuzz_serving_dense_model(serving_channel, servers):
+    stub = serving_pb2_grpc.ServingStub(serving_channel)
+    steps = st.builds(serving_pb2.DenseModelRequest, step=uint64s)
+    tally = fuzz_unary(serving_channel, "/embps.v1.Serving/DenseModel", stub.DenseModel, steps)
+    # This replica serves consistency = "latest": no dense tower, whatever the step.
+    assert tally.codes["NOT_FOUND"] > 0 and tally.codes["INVALID_ARGUMENT"] > 0 and not tally.codes["OK"]
     assert_servers_healthy(servers)
 
 
