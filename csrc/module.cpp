@@ -17,6 +17,7 @@
 #include "row_codec.h"
 #include "multi_table.h"
 #include "row_ops.h"
+#include "segments.h"
 #include "string_hash_binding.h"
 #include "value_checks.h"
 
@@ -505,6 +506,23 @@ NB_MODULE(_embps_native, m) {
                                         num_groups, unique.data(), offsets.data(), inverse.data(), counts.data());
         },
         "keys"_a, "group"_a, "num_groups"_a, "unique"_a, "offsets"_a, "inverse"_a, "counts"_a);
+
+  // A client's many-table request (csrc/segments.h): one dedupe for every table.
+  m.def("unique_by_segment",
+        [](Keys keys, Keys offsets, Rows unique, Rows unique_offsets, Rows inverse) -> int64_t {
+          if (offsets.shape(0) == 0) throw std::invalid_argument("offsets: expected (g + 1,), got an empty array");
+          const int64_t g = static_cast<int64_t>(offsets.shape(0)) - 1;
+          if (offsets.data()[0] != 0 || offsets.data()[g] != static_cast<int64_t>(keys.shape(0))) {
+            throw std::invalid_argument("offsets: must run from 0 to the number of keys");
+          }
+          check_same_length("unique", unique.shape(0), keys.shape(0));
+          check_same_length("inverse", inverse.shape(0), keys.shape(0));
+          check_same_length("unique_offsets", unique_offsets.shape(0), offsets.shape(0));
+          nb::gil_scoped_release release;
+          return embps::unique_by_segment(keys.data(), offsets.data(), g, unique.data(), unique_offsets.data(),
+                                          inverse.data());
+        },
+        "keys"_a, "offsets"_a, "unique"_a, "unique_offsets"_a, "inverse"_a);
 
   m.def("sum_by_table_key",
         [](Keys keys, Keys tags, Strided<const float, nb::ndim<2>> rows, nb::object counts_obj, int64_t num_groups,

@@ -256,6 +256,20 @@ def unique_by_table(
     return unique[:u], offsets, inverse, counts[:u]
 
 
+def unique_by_segment(keys: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One dedupe of ragged segments: keys (n,) int64, segment t at [offsets[t], offsets[t + 1])
+    (offsets (g + 1,) from 0 to n) -> (unique (u,) segment after segment, each in first-occurrence
+    order; unique_offsets (g + 1,); inverse (n,), each key's position among its own segment's
+    distinct keys)."""
+    keys = as_keys(keys)
+    offsets = as_keys(offsets, "offsets")
+    unique = np.empty(keys.shape[0], dtype=np.int64)
+    unique_offsets = np.empty(offsets.shape[0], dtype=np.int64)
+    inverse = np.empty(keys.shape[0], dtype=np.int64)
+    u = _native.unique_by_segment(keys, offsets, unique, unique_offsets, inverse)
+    return unique[:u], unique_offsets, inverse
+
+
 def sum_by_table_key(
     keys: np.ndarray, tags: np.ndarray, rows: np.ndarray, num_groups: int, counts: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:

@@ -154,19 +154,25 @@ class ServingClient:
         if not requests:
             return {}, 0
         tables = list(requests)
-        deduped = [_dedupe(requests[t], f"requests[{t!r}]") for t in tables]
+        keys = [native.as_keys(requests[t], f"requests[{t!r}]") for t in tables]
+        offsets = np.zeros(len(tables) + 1, dtype=np.int64)
+        np.cumsum([k.shape[0] for k in keys], out=offsets[1:])
+        unique, unique_offsets, inverse = native.unique_by_segment(np.concatenate(keys), offsets)
+        dtype = _DTYPES[self.dtype]
         request = serving_pb2.ServingLookupManyRequest(
             lookups=[
-                serving_pb2.ServingLookupRequest(table=t, keys=wire.encode_keys(u), dtype=_DTYPES[self.dtype])
-                for t, (u, _) in zip(tables, deduped, strict=True)
+                serving_pb2.ServingLookupRequest(
+                    table=t, keys=wire.encode_keys(unique[unique_offsets[i] : unique_offsets[i + 1]]), dtype=dtype
+                )
+                for i, t in enumerate(tables)
             ]
         )
         reply, results = self._call(lambda replica, timeout: replica.lookup_many(request, timeout=timeout))
         if len(results) != len(tables):
             raise RuntimeError(f"LookupMany: {len(results)} results for {len(tables)} lookups")
         rows = {
-            t: _rows(result, u.shape[0], inverse)
-            for t, (u, inverse), result in zip(tables, deduped, results, strict=True)
+            t: _rows(result, int(unique_offsets[i + 1] - unique_offsets[i]), inverse[offsets[i] : offsets[i + 1]])
+            for i, (t, result) in enumerate(zip(tables, results, strict=True))
         }
         return rows, reply.model_version
 

@@ -12,6 +12,7 @@ import grpc
 import numpy as np
 import pytest
 
+from ps.rpc import ps_pb2, serving_pb2
 from serving.client import ReplicasUnavailableError, ServingClient
 from tests.serving.replicas import ShedEverything
 
@@ -81,3 +82,86 @@ def test_keys_must_be_int64_vectors() -> None:
         with pytest.raises(ValueError, match=r"requests\['item'\]: expected shape \(n,\)"):
             client.lookup_many({"item": np.zeros((2, 2), dtype=np.int64)})
         assert client.lookup_many({}) == {}
+
+
+DIMS = {"a": 3, "b": 8, "c": 1, "empty": 5}
+
+
+def expected_row(key: int, dim: int) -> np.ndarray:
+    return (key % 1000) * 0.25 + np.arange(dim, dtype=np.float32)
+
+
+class _Rows(grpc.GenericRpcHandler):
+    """Answers LookupMany as a replica would, each key's row expected_row(key) and its found flag
+    key % 3 != 0, in the asked dtype; `mixed` answers the first table in float32 whatever was
+    asked, `short` leaves the last row out of the last table's answer."""
+
+    def __init__(self, mixed: bool = False, short: bool = False) -> None:
+        self.mixed, self.short = mixed, short
+        self.keys_asked: list[int] = []
+
+    def service(self, handler_call_details):
+        def lookup_many(request: bytes, context: grpc.ServicerContext) -> bytes:
+            asked = serving_pb2.ServingLookupManyRequest.FromString(request)
+            results = []
+            for i, lookup in enumerate(asked.lookups):
+                keys = np.frombuffer(lookup.keys, dtype="<i8")
+                self.keys_asked.append(keys.shape[0])
+                dtype = ps_pb2.FLOAT32 if self.mixed and i == 0 else lookup.dtype
+                dim = DIMS[lookup.table]
+                rows = np.array([expected_row(int(k), dim) for k in keys], dtype=np.float32).reshape(-1, dim)
+                if self.short and i == len(asked.lookups) - 1:
+                    rows = rows[:-1]
+                values = rows.astype("<f2" if dtype == ps_pb2.FLOAT16 else "<f4").tobytes()
+                found = (keys % 3 != 0).astype(np.uint8).tobytes()
+                results.append(serving_pb2.ServingLookupResponse(values=values, found=found, dim=dim, dtype=dtype))
+            return serving_pb2.ServingLookupManyResponse(results=results, model_version=7).SerializeToString()
+
+        return grpc.unary_unary_rpc_method_handler(lookup_many)
+
+
+@pytest.fixture
+def rows_server():
+    servers = []
+
+    def start(**kwargs) -> tuple[str, _Rows]:
+        handler = _Rows(**kwargs)
+        server = grpc.server(ThreadPoolExecutor(2), handlers=[handler])
+        address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+        server.start()
+        servers.append(server)
+        return address, handler
+
+    yield start
+    for server in servers:
+        server.stop(None)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("mixed", [False, True], ids=["one dtype", "mixed dtypes"])
+def test_lookup_many_spreads_every_tables_rows_back_to_its_keys(rows_server, dtype, mixed) -> None:
+    address, handler = rows_server(mixed=mixed)
+    rng = np.random.default_rng(3)
+    requests = {
+        "a": rng.integers(0, 40, 200, dtype=np.int64),  # many repeats
+        "b": np.array([2**63 - 1, -(2**63), 5, 5, -1], dtype=np.int64),
+        "empty": np.empty(0, dtype=np.int64),
+        "c": np.arange(7, dtype=np.int64)[::-1],
+    }
+    with ServingClient([address], dtype=dtype) as client:
+        rows, version = client.lookup_many_at_version(requests)
+    assert version == 7 and list(rows) == list(requests)
+    assert handler.keys_asked == [len(np.unique(k)) for k in requests.values()]  # each distinct key sent once
+    for i, (table, keys) in enumerate(requests.items()):
+        values, found = rows[table]
+        answered = np.float32 if mixed and i == 0 else dtype
+        want = np.array([expected_row(int(k), DIMS[table]) for k in keys], dtype=np.float32).reshape(-1, DIMS[table])
+        assert values.dtype == answered and values.shape == (keys.shape[0], DIMS[table])
+        np.testing.assert_array_equal(values, want.astype(answered))
+        assert found.dtype == np.bool_ and found.tolist() == (keys % 3 != 0).tolist()
+
+
+def test_a_reply_short_of_rows_is_an_error_naming_the_sizes(rows_server) -> None:
+    address, _ = rows_server(short=True)
+    with ServingClient([address]) as client, pytest.raises(RuntimeError, match="Lookup reply: 224 value bytes"):
+        client.lookup_many({"a": np.arange(4, dtype=np.int64), "b": np.arange(8, dtype=np.int64)})
