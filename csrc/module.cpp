@@ -17,7 +17,6 @@
 #include "row_codec.h"
 #include "multi_table.h"
 #include "row_ops.h"
-#include "segments.h"
 #include "string_hash_binding.h"
 #include "value_checks.h"
 
@@ -507,7 +506,7 @@ NB_MODULE(_embps_native, m) {
         },
         "keys"_a, "group"_a, "num_groups"_a, "unique"_a, "offsets"_a, "inverse"_a, "counts"_a);
 
-  // A client's many-table request (csrc/segments.h): one dedupe for every table.
+  // A client's many-table request (csrc/multi_table.h): one dedupe for every table.
   m.def("unique_by_segment",
         [](Keys keys, Keys offsets, Rows unique, Rows unique_offsets, Rows inverse) -> int64_t {
           if (offsets.shape(0) == 0) throw std::invalid_argument("offsets: expected (g + 1,), got an empty array");

@@ -107,6 +107,37 @@ inline void push_multi(const std::vector<TableRef>& tables, const int64_t* keys,
   }
 }
 
+// Positions of one group's distinct keys in an output array `unique`, first seen first: open
+// addressing over at least twice the group's keys, rebuilt for each group. The dedupes below
+// (a worker's step, its received gradients, a serving client's request) share it.
+class FirstSeen {
+ public:
+  // Starts a group of at most n keys.
+  void reset(int64_t n) {
+    uint64_t cap = 16;
+    while (cap < static_cast<uint64_t>(2 * n)) cap <<= 1;
+    slot_.assign(cap, -1);
+    mask_ = cap - 1;
+  }
+
+  // The position of `key` in unique; a key this group has not seen goes to unique[u] (u grows,
+  // `added` says so).
+  int64_t find_or_add(int64_t key, int64_t* unique, int64_t& u, bool& added) {
+    uint64_t pos = mix64(static_cast<uint64_t>(key)) & mask_;
+    while (slot_[pos] >= 0 && unique[slot_[pos]] != key) pos = (pos + 1) & mask_;
+    added = slot_[pos] < 0;
+    if (added) {
+      slot_[pos] = u;
+      unique[u++] = key;
+    }
+    return slot_[pos];
+  }
+
+ private:
+  std::vector<int64_t> slot_;
+  uint64_t mask_ = 0;
+};
+
 // The worker's one dedupe over every table of a step. keys (b, f) row-major; group[c] the table
 // (0 .. g-1) of column c. Per table, in table order, its distinct keys in first-occurrence order
 // (rows outer, the table's columns inner) go to unique[offsets[t] : offsets[t + 1]]; inverse[i,
@@ -121,30 +152,41 @@ inline int64_t unique_by_table(const int64_t* keys, int64_t b, int64_t f, const 
   }
   int64_t u = 0;
   offsets[0] = 0;
-  std::vector<int64_t> slot;
+  FirstSeen seen;
+  bool added = false;
   for (int64_t t = 0; t < g; ++t) {
     const auto& cols = columns[t];
-    const int64_t n = b * static_cast<int64_t>(cols.size());
-    uint64_t cap = 16;
-    while (cap < static_cast<uint64_t>(2 * n)) cap <<= 1;
-    slot.assign(cap, -1);
-    const uint64_t mask = cap - 1;
+    seen.reset(b * static_cast<int64_t>(cols.size()));
     for (int64_t i = 0; i < b; ++i) {
       for (int64_t c : cols) {
-        const int64_t key = keys[i * f + c];
-        uint64_t pos = mix64(static_cast<uint64_t>(key)) & mask;
-        while (slot[pos] >= 0 && unique[slot[pos]] != key) pos = (pos + 1) & mask;
-        if (slot[pos] < 0) {
-          slot[pos] = u;
-          unique[u] = key;
-          counts[u] = 0;
-          ++u;
-        }
-        inverse[i * f + c] = slot[pos];
-        ++counts[slot[pos]];
+        const int64_t j = seen.find_or_add(keys[i * f + c], unique, u, added);
+        if (added) counts[j] = 0;
+        inverse[i * f + c] = j;
+        ++counts[j];
       }
     }
     offsets[t + 1] = u;
+  }
+  return u;
+}
+
+// A serving client's request of many tables: ragged segments of one key buffer (table t's keys at
+// [offsets[t], offsets[t + 1]), offsets (g + 1,) rising from 0). Each segment's distinct keys in
+// first-occurrence order go to unique[unique_offsets[t] : unique_offsets[t + 1]]; inverse[i] is
+// the position of keys[i] among its own segment's distinct keys. Returns the distinct keys.
+inline int64_t unique_by_segment(const int64_t* keys, const int64_t* offsets, int64_t g, int64_t* unique,
+                                 int64_t* unique_offsets, int64_t* inverse) {
+  int64_t u = 0;
+  unique_offsets[0] = 0;
+  FirstSeen seen;
+  bool added = false;
+  for (int64_t t = 0; t < g; ++t) {
+    const int64_t begin = offsets[t], end = offsets[t + 1];
+    if (begin > end) throw std::invalid_argument("offsets: must not fall");
+    seen.reset(end - begin);
+    const int64_t first = u;
+    for (int64_t i = begin; i < end; ++i) inverse[i] = seen.find_or_add(keys[i], unique, u, added) - first;
+    unique_offsets[t + 1] = u;
   }
   return u;
 }
@@ -169,31 +211,23 @@ inline int64_t sum_by_table_key(const int64_t* keys, const int64_t* tags, const 
     std::vector<int64_t> next(start.begin(), start.end() - 1);
     for (int64_t i = 0; i < m; ++i) order[next[tags[i]]++] = i;
   }
-  std::vector<int64_t> slot;
   int64_t u = 0;
   offsets[0] = 0;
+  FirstSeen seen;
+  bool added = false;
   for (int64_t t = 0; t < g; ++t) {
-    const int64_t n = start[t + 1] - start[t];
-    uint64_t cap = 16;
-    while (cap < static_cast<uint64_t>(2 * n)) cap <<= 1;
-    slot.assign(cap, -1);
-    const uint64_t mask = cap - 1;
+    seen.reset(start[t + 1] - start[t]);
     for (int64_t j = start[t]; j < start[t + 1]; ++j) {
       const int64_t i = order[j];
-      const int64_t key = keys[i];
-      uint64_t pos = mix64(static_cast<uint64_t>(key)) & mask;
-      while (slot[pos] >= 0 && unique[slot[pos]] != key) pos = (pos + 1) & mask;
+      const int64_t at = seen.find_or_add(keys[i], unique, u, added);
       const float* src = rows + i * row_stride;
-      if (slot[pos] < 0) {
-        slot[pos] = u;
-        unique[u] = key;
-        std::memcpy(sums + u * w, src, sizeof(float) * w);
-        if (counts != nullptr) count_sums[u] = counts[i * count_stride];
-        ++u;
+      if (added) {
+        std::memcpy(sums + at * w, src, sizeof(float) * w);
+        if (counts != nullptr) count_sums[at] = counts[i * count_stride];
       } else {
-        float* dst = sums + slot[pos] * w;
+        float* dst = sums + at * w;
         for (int64_t k = 0; k < w; ++k) dst[k] += src[k];
-        if (counts != nullptr) count_sums[slot[pos]] += counts[i * count_stride];
+        if (counts != nullptr) count_sums[at] += counts[i * count_stride];
       }
     }
     offsets[t + 1] = u;

@@ -39,7 +39,6 @@ _MESSAGE_SLACK = 1 << 16
 _DTYPES = {np.dtype(np.float32): ps_pb2.FLOAT32, np.dtype(np.float16): ps_pb2.FLOAT16}
 _SERVICE = serving_pb2.DESCRIPTOR.services_by_name["Serving"].full_name
 _BULK = ("values", "found")  # a reply's rows and flags: read in place, not copied by protobuf
-_ONE_GROUP = np.zeros(1, dtype=np.int64)  # _dedupe's keys: one column, one group
 
 
 def _lookup_reply(data: bytes) -> bulk_messages.BulkMessage:
@@ -218,8 +217,8 @@ def _dedupe(keys: np.ndarray, name: str = "keys") -> tuple[np.ndarray, np.ndarra
     """(unique keys in first-occurrence order, inverse): keys == unique[inverse]. One native
     hash pass (np.unique sorts, at ~3x the time for a request's few hundred keys)."""
     keys = native.as_keys(keys, name)
-    unique, _, inverse, _ = native.unique_by_table(keys.reshape(-1, 1), _ONE_GROUP, 1)
-    return unique, inverse.reshape(-1)
+    unique, _, inverse = native.unique_by_segment(keys, np.array([0, keys.shape[0]], dtype=np.int64))
+    return unique, inverse
 
 
 def _rows(reply: bulk_messages.BulkMessage, n: int, inverse: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -1,4 +1,4 @@
-"""One dedupe over ragged segments of keys (csrc/segments.h), against numpy."""
+"""One dedupe over ragged segments of keys (csrc/multi_table.h), against numpy."""
 
 import numpy as np
 import pytest
