@@ -12,6 +12,7 @@ and INVALID_ARGUMENT for request bytes that do not parse.
 from __future__ import annotations
 
 import abc
+import asyncio
 import functools
 import logging
 import time
@@ -24,6 +25,8 @@ from google.protobuf.message import DecodeError
 from ps.errors import CapacityError, EmbpsError, LogGapError, NotPrimaryError, UnknownTableError, WrongShardError
 from ps.snapshot.manifest import SnapshotError
 from ps.snapshot.storage import StorageError
+
+DEFAULT_STREAM_STALL_SECONDS = 60.0  # see _StallWatch
 
 
 class ShuttingDownError(EmbpsError):
@@ -53,6 +56,8 @@ class CallSite(abc.ABC):
         self.name = name
         self.log = log
         self.draining = False
+        # A server stream whose client takes no message for this long is ended (see stream_call).
+        self.stream_stall_seconds = DEFAULT_STREAM_STALL_SECONDS
         self._series: dict[tuple, Any] = {}  # (metric, label values) -> its child (see series)
 
     def check_open(self) -> None:
@@ -124,6 +129,14 @@ class _Call:
             raise self.parse_error
         self.site.check_open()
 
+    def stalled(self, seconds: float) -> None:
+        """Records a server stream ended because its client took no message for `seconds`."""
+        self.site.log.warning(
+            "%s of table %r: the client took no message for %g s; its stream is ended", self.method, self.table, seconds
+        )
+        seconds_open = time.perf_counter() - self.start
+        self.site.record(self.method, self.table, grpc.StatusCode.RESOURCE_EXHAUSTED, seconds_open, self.request)
+
     def end(self, exc: Exception | None = None) -> tuple[grpc.StatusCode, str]:
         """Records the call; returns its status code and message (OK without `exc`)."""
         code, message = (grpc.StatusCode.OK, "") if exc is None else status_of(exc)
@@ -159,20 +172,77 @@ def unary_call(method: str) -> Callable[[UnaryMethod], Callable]:
     return decorate
 
 
+class _StallWatch:
+    """Ends a server stream whose client took no message for `seconds`.
+
+    grpc.aio writes a message the handler yields, then resumes it: a client that stops reading
+    (flow control full) leaves the handler suspended at its yield for good, holding what it read for
+    the message and the next (a full copy's key list and its turn, a range's rows). Nothing in the
+    handler runs then, so the watch is a timer armed at each yield and disarmed when the handler
+    resumes. When it fires it queues the call's status, RESOURCE_EXHAUSTED with `message` (the
+    client gets it after the messages it has not read yet), and cancels the call's task, which
+    frees what the handler held. The status can follow a message still being written only once the
+    initial metadata went out, so stream_call sends them first."""
+
+    def __init__(self, seconds: float, context: grpc.aio.ServicerContext, message: str) -> None:
+        self.seconds = seconds
+        self.context = context
+        self.message = message
+        self.task = asyncio.current_task()
+        self.fired = False
+        self._timer: asyncio.TimerHandle | None = None
+
+    def arm(self) -> None:
+        self._timer = asyncio.get_running_loop().call_later(self.seconds, self._fire)
+
+    def disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _fire(self) -> None:
+        self.fired = True
+        self._timer = None
+        status = asyncio.get_running_loop().create_task(
+            self.context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, self.message)
+        )
+        status.add_done_callback(_sent_or_dropped)
+        if self.task is not None:
+            self.task.cancel()
+
+
+def _sent_or_dropped(task: asyncio.Task) -> None:
+    """The stalled stream's status task ends with abort's AbortError once the status is queued, or
+    with a batch error when the client left first: either way there is nothing left to do."""
+    if not task.cancelled():
+        task.exception()
+
+
 def stream_call(method: str) -> Callable[[StreamMethod], Callable]:
     """unary_call for a server-streaming method: `async def fn(self, request)` yields the replies;
-    the call is recorded when the stream ends."""
+    the call is recorded when the stream ends. A client that takes no message for the call site's
+    `stream_stall_seconds` gets its stream ended (_StallWatch), recorded as RESOURCE_EXHAUSTED."""
 
     def decorate(fn: StreamMethod) -> Callable:
         @functools.wraps(fn)
         async def handler(self, request, context: grpc.aio.ServicerContext):
             call = _Call(self.call_site, method, request)
+            seconds = self.call_site.stream_stall_seconds
+            stalled = f"{method}: the client took no message for {seconds:g} s; resubscribe"
+            watch = _StallWatch(seconds, context, stalled)
             try:
                 call.admit()
+                await context.send_initial_metadata(())
                 async for reply in fn(self, request):
+                    watch.arm()
                     yield reply
+                    watch.disarm()
             except Exception as exc:  # noqa: BLE001 - the one place errors become status codes
                 await context.abort(*call.end(exc))
+            finally:
+                watch.disarm()
+                if watch.fired:
+                    call.stalled(watch.seconds)
             call.end()
 
         return handler

@@ -16,6 +16,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="keys each table's update log keeps for Subscribe (older pushes need a full resync)",
     )
     parser.add_argument(
+        "--stream-stall-seconds",
+        type=float,
+        default=60.0,
+        help="a Subscribe stream whose client takes no message for this long is ended (RESOURCE_EXHAUSTED)",
+    )
+    parser.add_argument(
         "--no-malloc-tuning",
         action="store_true",
         help="keep glibc's malloc thresholds (by default the shard re-executes itself with larger ones)",
@@ -49,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
             args.shard,
             grace=args.grace,
             log_max_keys=args.update_log_keys,
+            stream_stall_seconds=args.stream_stall_seconds,
             restore_step=args.restore_step,
             standby=args.standby,
         )

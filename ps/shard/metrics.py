@@ -50,6 +50,12 @@ class ShardMetrics:
         self.subscribers = Gauge(
             "embps_subscribers", "Open Subscribe streams (serving replicas following)", ["table", "shard"], registry=r
         )
+        self.full_copies = Gauge(
+            "embps_subscribe_full_copies",
+            "Full copies of a table to subscribers (full_sync): running, and waiting for their turn",
+            ["shard", "state"],
+            registry=r,
+        )
         self.stream_range = Histogram(
             "embps_subscribe_range_versions",
             "Pushes merged into one range sent to a subscriber (1: it keeps up; more: it is slower than the pushes)",

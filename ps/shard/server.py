@@ -1,6 +1,6 @@
 """The gRPC server of one PS shard (grpc.aio): ParameterServer + health + reflection + /metrics.
 
-    embps ps --config job.toml --shard I [--update-log-keys N]
+    embps ps --config job.toml --shard I [--update-log-keys N] [--stream-stall-seconds S]
 
 Table operations are serialised (the tables are not thread-safe): small calls run inline on the
 event loop, large ones on one tables thread so that the loop stays free to accept calls (see
@@ -40,7 +40,7 @@ from grpc_reflection.v1alpha import reflection
 
 from ps import native, wire
 from ps.job_config import JobConfig, load_job_config
-from ps.process.calls import CallSite, UndecodableRequests, stream_call, unary_call
+from ps.process.calls import DEFAULT_STREAM_STALL_SECONDS, CallSite, UndecodableRequests, stream_call, unary_call
 from ps.rpc import ps_pb2, ps_pb2_grpc, snapshot_pb2, snapshot_pb2_grpc
 from ps.security import add_port, ps_port_policy, server_interceptors
 from ps.shard import commits
@@ -70,6 +70,20 @@ READING_PATIENCE_S = 0.5  # how long a scrape waits for the table call in progre
 
 
 HEARTBEAT_SECONDS = 0.5  # an idle Subscribe stream says "still here, still at version v" this often
+
+
+# A Subscribe message carries at most this many bytes of keys and rows (or message_limit_bytes,
+# when smaller): what a stream holds while its subscriber has not taken it (the message, its
+# serialised copies) stays a few MiB whatever the table's size, the event loop builds one in about
+# a millisecond, and a client with gRPC's default 4 MiB receive limit takes it, framing included.
+# At the message limit (64 MiB by default) 30 subscribers that stopped reading made a 2M-row
+# table's shard hold 8 GiB, and its pushes waited 0.9 s for the loop.
+STREAM_MESSAGE_BYTES = 4_000_000
+
+
+# Full copies (Subscribe with full_sync) that run at once on a shard; more wait their turn. Each
+# holds the table's key list (8 bytes a row) and a change feed that every push updates.
+MAX_FULL_COPIES = 4
 
 
 _ACK_BYTES = 32  # one VersionAck on the wire, framing included (generous)
@@ -229,6 +243,8 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         self.loop = asyncio.get_running_loop()
         self._changed = {name: asyncio.Event() for name in shard.tables}
         self._subscribed = 0  # Subscribe streams open (wake_subscribers)
+        self._full_copies = asyncio.Semaphore(MAX_FULL_COPIES)
+        self._stream_bytes = min(shard.job.message_limit_bytes, STREAM_MESSAGE_BYTES)
         self._last_reading = ShardReading((), 0)
         metrics.tables.attach(self.read_tables)
 
@@ -478,13 +494,31 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         a message at a time as the subscriber takes them (never a copy of the table), and what
         changed meanwhile follows, read from a change feed the table keeps for this copy. So the
         copy converges however long the subscriber takes, beyond the update log's window; the
-        last message's to_version says where the live ranges continue."""
+        last message's to_version says where the live ranges continue. At most MAX_FULL_COPIES
+        run at once; a later one waits, holding nothing, until one of them ends."""
         table = self.shard.table(name)
+        waiting = self.metrics.full_copies.labels(str(self.shard.index), "waiting")
+        running = self.metrics.full_copies.labels(str(self.shard.index), "running")
+        waiting.inc()
+        try:
+            await self._full_copies.acquire()
+        finally:
+            waiting.dec()
+        running.inc()
+        try:
+            async for reply in self._copy_rows(name, table, stored):
+                yield reply
+        finally:
+            running.dec()
+            self._full_copies.release()
+
+    async def _copy_rows(self, name: str, table, stored: bool) -> AsyncIterator[ps_pb2.UpdateBatch]:
+        """_full_copy's messages, once it is the copy's turn."""
         dim = table.dim
         version, keys, feed = await self.run_call(functools.partial(self._begin_copy, name), table.size * 16)
         try:
             row_bytes = wire.stored_row_bytes(str(table.storage) if stored else "float32", dim)
-            rows_per = max(1, self.shard.job.message_limit_bytes // (8 + row_bytes))
+            rows_per = max(1, self._stream_bytes // (8 + row_bytes))
             for i in range(0, keys.shape[0], rows_per):
                 chunk = keys[i : i + rows_per]
                 rows = await self.run_call(
@@ -553,8 +587,9 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         )
 
     def _batches(self, name: str, dim: int, changes: LogRange, rows: _Rows, reset: bool):
-        """The messages of one range: rows, then deleted keys, then acks, split at the message limit."""
-        budget = self.shard.job.message_limit_bytes
+        """The messages of one range: rows, then deleted keys, then acks, each message at most
+        STREAM_MESSAGE_BYTES (or the message limit)."""
+        budget = self._stream_bytes
         rows_per = max(1, budget // (8 + rows.data.shape[1]))
         keys_per = max(1, budget // 8)
         acks_per = max(1, budget // _ACK_BYTES)
@@ -768,6 +803,7 @@ async def _serve(
     log_max_keys: int,
     restore_step: int | None,
     standby_slot: str | None = None,
+    stream_stall_seconds: float = DEFAULT_STREAM_STALL_SECONDS,
 ) -> int:
     standby = standby_slot is not None
     address = job.shards[shard_index].address if standby_slot == "primary" else None
@@ -802,6 +838,7 @@ async def _serve(
             await server.stop(None)
             return shard
     servicer = await shard_port.open(shard, restore_step)
+    servicer.call_site.stream_stall_seconds = stream_stall_seconds
     log.info("shard %d of job %r serving", shard_index, job.job)
     await stop.wait()
     log.info("shard %d: draining (grace %.1f s)", shard_index, grace)
@@ -824,9 +861,11 @@ def serve_shard(
     log_max_keys: int = DEFAULT_MAX_KEYS,
     restore_step: int | None = None,
     standby: str | None = None,
+    stream_stall_seconds: float = DEFAULT_STREAM_STALL_SECONDS,
 ) -> int:
     """Runs shard `shard` of the job in `config` until SIGTERM/SIGINT; returns the exit status.
     log_max_keys: keys each table's update log holds before it forgets its oldest pushes.
+    stream_stall_seconds: a Subscribe stream whose client takes no message for this long is ended.
     restore_step: start from the tables of this snapshot step (the job's [snapshot] uri).
     standby: run as the shard's standby, at its "standby" address or (after a failover) at its
     "primary" one (ps/shard/replication.py); None: as its primary."""
@@ -836,10 +875,14 @@ def serve_shard(
         raise SystemExit(f"embps ps: --shard must be in [0, {len(job.shards)}) for {config}, got {shard}")
     if log_max_keys < 1:
         raise SystemExit(f"embps ps: --update-log-keys must be >= 1, got {log_max_keys}")
+    if not stream_stall_seconds > 0:
+        raise SystemExit(f"embps ps: --stream-stall-seconds must be > 0, got {stream_stall_seconds}")
     if standby and not job.shards[shard].standby:
         raise SystemExit(f"embps ps: --standby: shards[{shard}] of {config} declares no standby address")
     for table in job.tables:
         if (reason := device_unavailable_reason(table.device)) is not None:
-            raise SystemExit(f"embps ps: tables.{table.name}.device in {config}: {table.device!r} cannot hold rows "
-                             f"on this machine: {reason}")
-    return asyncio.run(_serve(job, shard, grace, log_max_keys, restore_step, standby))
+            raise SystemExit(
+                f"embps ps: tables.{table.name}.device in {config}: {table.device!r} cannot hold rows "
+                f"on this machine: {reason}"
+            )
+    return asyncio.run(_serve(job, shard, grace, log_max_keys, restore_step, standby, stream_stall_seconds))
