@@ -100,7 +100,7 @@ class Call {
     switch (kind) {
       case kRequest: return OnRequest(ok);
       case kDone: return OnDone();
-      case kFinish: return;
+      case kFinish: return OnFinish();
       case kLookupRead: return OnLookupRead(ok);
       case kRead: return OnRead(ok);
       case kWrite: return OnWrite(ok);
@@ -217,7 +217,26 @@ class Call {
     shared_->queued_bytes.fetch_add(reply_bytes, std::memory_order_relaxed);
     held_bytes_ += reply_bytes;
     reply_ = grpc::ByteBuffer(&reply.payload, 1);  // a reference to the slice, not a copy
+    if (shared_->reply_stall.count() > 0) {
+      // Linked before the write starts, so kFinish always finds it linked.
+      std::lock_guard<std::mutex> lock(shared_->writing_mu);
+      writing_.since = std::chrono::steady_clock::now();
+      writing_.context = &server_ctx_;
+      writing_.prev = shared_->writing.prev;
+      writing_.next = &shared_->writing;
+      shared_->writing.prev->next = &writing_;
+      shared_->writing.prev = &writing_;
+      watched_ = true;
+    }
     stream_.WriteAndFinish(reply_, grpc::WriteOptions(), grpc::Status::OK, tag(kFinish));
+  }
+
+  void OnFinish() {
+    if (!watched_) return;
+    std::lock_guard<std::mutex> lock(shared_->writing_mu);
+    writing_.prev->next = writing_.next;
+    writing_.next->prev = writing_.prev;
+    writing_.prev = writing_.next = &writing_;
   }
 
   // ---- any other call: the pump ----
@@ -305,6 +324,8 @@ class Call {
   // A Lookup.
   LookupRequest request_;
   grpc::ByteBuffer reply_;
+  ServingGate::Shared::Writing writing_;  // in shared_->writing while its reply is written
+  bool watched_ = false;  // linked there (set by the answering thread before the write that ends the call)
   std::chrono::system_clock::time_point deadline_;
   std::atomic<bool> cancelled_{false};
   // Any other call.
@@ -441,6 +462,8 @@ ServingGate::ServingGate(const GateConfig& config) : shared_(new Shared) {
   shared_->lookup = config.lookup;
   shared_->max_queue = config.max_queue;
   shared_->max_queue_bytes = config.max_queue_bytes;
+  if (!(config.reply_stall_seconds >= 0)) throw std::invalid_argument("reply_stall_seconds: must be >= 0");
+  shared_->reply_stall = std::chrono::microseconds(static_cast<int64_t>(std::min(config.reply_stall_seconds, 1e9) * 1e6));
   shared_->shed_bytes_message = "serving queue full: the lookups waiting hold more than " +
                                 std::to_string(config.max_queue_bytes) +
                                 " bytes (max_queue_bytes); retry with backoff or add replicas";
@@ -473,6 +496,50 @@ ServingGate::ServingGate(const GateConfig& config) : shared_(new Shared) {
       run_thread(shared);
     });
   }
+  if (shared_->reply_stall.count() > 0) {
+    watch_ = std::thread([this] {
+      pthread_setname_np(pthread_self(), "embps-gate-watch");
+      watch_replies();
+    });
+  }
+}
+
+// A reply whose client keeps its flow-control window closed never leaves: its Lookup would hold a
+// place and its bytes in the bounds for good, and a few such clients would have every other
+// Lookup shed. Every quarter of reply_stall (at most 2.5 s apart: one wake-up, not one timer per
+// Lookup) this cancels the Lookups whose write started reply_stall ago or more: grpc resets their
+// streams, their writes complete (kFinish) and their places and bytes go back to the bounds.
+void ServingGate::watch_replies() {
+  const auto stall = shared_->reply_stall;
+  const auto period = std::clamp<std::chrono::microseconds>(stall / 4, std::chrono::milliseconds(50),
+                                                            std::chrono::milliseconds(2500));
+  std::unique_lock<std::mutex> lock(watch_mu_);
+  while (!watch_wake_.wait_for(lock, period, [this] { return watch_stop_; })) {
+    const auto due = std::chrono::steady_clock::now() - stall;
+    std::lock_guard<std::mutex> writing(shared_->writing_mu);
+    for (Shared::Writing* w = shared_->writing.next; w != &shared_->writing;) {
+      Shared::Writing* next = w->next;
+      if (w->since <= due) {
+        w->context->TryCancel();
+        shared_->stalled.fetch_add(1, std::memory_order_relaxed);
+        // Out of the list, so it is cancelled once; its kFinish then finds nothing to unlink.
+        w->prev->next = w->next;
+        w->next->prev = w->prev;
+        w->prev = w->next = w;
+      }
+      w = next;
+    }
+  }
+}
+
+void ServingGate::stop_watch() {
+  if (!watch_.joinable()) return;
+  {
+    std::lock_guard<std::mutex> lock(watch_mu_);
+    watch_stop_ = true;
+  }
+  watch_wake_.notify_all();
+  watch_.join();
 }
 
 ServingGate::~ServingGate() {
@@ -486,12 +553,13 @@ GateStats ServingGate::stats() const {
   return GateStats{shared_->in_flight.load(std::memory_order_relaxed),
                    shared_->queued_bytes.load(std::memory_order_relaxed),
                    shared_->admitted.load(std::memory_order_relaxed), shared_->shed.load(std::memory_order_relaxed),
-                   shared_->forwarded.load(std::memory_order_relaxed)};
+                   shared_->forwarded.load(std::memory_order_relaxed), shared_->stalled.load(std::memory_order_relaxed)};
 }
 
 void ServingGate::shutdown(double grace_seconds) {
   if (stopped_) return;
   stopped_ = true;
+  stop_watch();  // the shutdown below ends every call
   const auto grace = std::chrono::microseconds(static_cast<int64_t>(std::max(0.0, grace_seconds) * 1e6));
   // First the drain: new calls are refused UNAVAILABLE while those taken before finish, for at
   // most the grace. grpc++'s own Shutdown(deadline) would wait out the whole deadline for clients

@@ -77,6 +77,7 @@ class GateStats:
     admitted: int
     shed: int
     forwarded: int
+    stalled: int  # Lookups cancelled because their client did not take the reply (reply_stall_seconds)
 
 
 class GateDirectory:
@@ -186,7 +187,8 @@ class ServingGate:
     """A running gate on `listen`; `port` is the bound public port. Calls of `lookup_methods` are
     bounded by max_queue (and their bytes by max_queue_bytes; 0: no bound) and answered by
     `lookup` on `threads` threads over one completion queue, polled by one of them at a time (0: one
-    per core), the others forwarded to `upstream`.
+    per core), the others forwarded to `upstream`. A Lookup whose client has not taken its reply
+    reply_stall_seconds after it was sent is cancelled (0: never).
     identity: the gate's TLS files (None: plaintext)."""
 
     def __init__(
@@ -200,6 +202,7 @@ class ServingGate:
         identity: GateIdentity | None,
         max_queue_bytes: int = 0,
         threads: int = 0,
+        reply_stall_seconds: float = 0.0,
     ) -> None:
         if _embps_gate is None:
             raise RuntimeError(unavailable_reason())
@@ -213,7 +216,7 @@ class ServingGate:
         try:
             self._gate = _embps_gate.ServingGate(
                 listen, upstream, list(lookup_methods), lookup, max_queue, max_message_bytes, **files,
-                max_queue_bytes=max_queue_bytes, workers=threads,
+                max_queue_bytes=max_queue_bytes, workers=threads, reply_stall_seconds=reply_stall_seconds,
             )
         except RuntimeError as exc:
             raise OSError(str(exc)) from exc
@@ -254,4 +257,9 @@ class GateCounts:
             "embps_serving_gate_forwarded_calls", "Calls other than Lookup the gate forwarded to the replica's server"
         )
         forwarded.add_metric([], stats.forwarded)
-        yield from (queue, queue_bytes, shed, admitted, forwarded)
+        stalled = CounterMetricFamily(
+            "embps_serving_stalled_lookups",
+            "Lookups cancelled because their client had not taken the reply after reply_stall_seconds",
+        )
+        stalled.add_metric([], stats.stalled)
+        yield from (queue, queue_bytes, shed, admitted, forwarded, stalled)

@@ -1,0 +1,77 @@
+"""Clients that send a Lookup and never take the reply, against a real `embps serve` replica with its
+serving gate: they hold an admitted place (and the reply's bytes) only until reply_stall_seconds,
+then the gate cancels their calls, and the replica answers everyone else again.
+
+Before, 16 such clients asking 100,000 keys each (25.6 MB replies, over max_queue_bytes together)
+made the replica answer every other Lookup RESOURCE_EXHAUSTED for as long as they stayed connected."""
+
+from __future__ import annotations
+
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+
+from bench.serve_targets import TABLE, EmbpsServer, bench_keys
+from ps import wire
+from ps.rpc import serving_pb2, serving_pb2_grpc
+from serving.config import load_serve_config
+from serving.gate import unavailable_reason
+from tests.helpers.stalled_client import StalledCall
+from tests.helpers.waiting import wait_until
+
+MAX_QUEUE = 2
+ROWS = 1_000
+DIM = 16
+STALL_SECONDS = 1.0
+
+
+@pytest.fixture
+def replica(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delenv("EMBPS_SERVING_GATE", raising=False)
+    if unavailable_reason() is not None:
+        pytest.skip(f"no serving gate here: {unavailable_reason()}")
+    server = EmbpsServer.start(ROWS, DIM, tmp_path / "replica", max_queue=MAX_QUEUE, reply_stall_seconds=STALL_SECONDS)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _stalled_count(server: EmbpsServer) -> float:
+    port = load_serve_config(server.log_path.parent / "serve.toml").metrics_port
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    for line in text.splitlines():
+        if line.startswith("embps_serving_stalled_lookups_total "):
+            return float(line.split()[1])
+    raise AssertionError("embps_serving_stalled_lookups_total not in the scrape")
+
+
+def test_lookups_whose_replies_are_never_taken_give_their_places_back(replica):
+    keys = bench_keys(ROWS)[:64]
+    request = serving_pb2.ServingLookupRequest(table=TABLE, keys=wire.encode_keys(keys), dim=DIM)
+    stalled = [StalledCall(replica.address, "/embps.v1.Serving/Lookup", request.SerializeToString())
+               for _ in range(MAX_QUEUE)]  # fmt: skip
+    try:
+        with grpc.insecure_channel(replica.address) as channel:
+            stub = serving_pb2_grpc.ServingStub(channel)
+
+            def answered() -> bool:
+                try:
+                    reply = stub.Lookup(request, timeout=5)
+                except grpc.RpcError as exc:
+                    assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, exc
+                    return False
+                assert list(reply.found) == [1] * keys.shape[0]
+                return True
+
+            # The stalled calls hold both places: a Lookup is shed while they do.
+            wait_until(lambda: not answered(), "the stalled calls to fill the queue")
+            wait_until(answered, "the replica to answer again once the stalled calls are cancelled")
+        assert _stalled_count(replica) == MAX_QUEUE
+        for call in stalled:
+            wait_until(call.reset.is_set, "the stalled call's stream to be reset")
+    finally:
+        for call in stalled:
+            call.close()
