@@ -297,12 +297,12 @@ class EmbpsServer:
     @classmethod
     def start(cls, rows: int, dim: int, workdir: Path, timeout: float = 300.0, max_queue: int | None = None,
               export_uri: str | None = None, max_queue_bytes: int | None = None, tables: int = 1,
-              lookup_threads: int | None = None, reply_stall_seconds: float | None = None) -> EmbpsServer:
+              lookup_threads: int | None = None, client_stall_seconds: float | None = None) -> EmbpsServer:
         """Starts a replica of the bench rows in workdir (its config and log there). max_queue,
         max_queue_bytes: the replica's load-shedding bounds (None: serve.toml's defaults; 0: no
         bound). export_uri: an export of the same rows already written (by write_export), shared
         by several replicas. tables: how many tables hold the rows (table_names); lookup_threads:
-        the gate's (None: serve.toml's default, one per core); reply_stall_seconds: serve.toml's
+        the gate's (None: serve.toml's default, one per core); client_stall_seconds: serve.toml's
         (None: its default)."""
         from bench.ports import free_ports
         from ps.job_config import JobConfig, ShardConfig, dump_job_config
@@ -332,8 +332,8 @@ class EmbpsServer:
             config = replace(config, max_queue=max_queue)
         if max_queue_bytes is not None:
             config = replace(config, max_queue_bytes=max_queue_bytes)
-        if reply_stall_seconds is not None:
-            config = replace(config, reply_stall_seconds=reply_stall_seconds)
+        if client_stall_seconds is not None:
+            config = replace(config, client_stall_seconds=client_stall_seconds)
         config_path = workdir / "serve.toml"
         config_path.write_text(dump_serve_config(config, "job.toml"))
         log_path = workdir / "serve.log"

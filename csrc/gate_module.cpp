@@ -190,7 +190,7 @@ NB_MODULE(_embps_gate, m) {
              const std::vector<std::string>& lookup_methods, std::shared_ptr<embps::NativeLookups> lookup,
              int64_t max_queue,
              int64_t max_message_bytes, const std::string& tls_cert, const std::string& tls_key,
-             const std::string& client_ca, int64_t max_queue_bytes, int workers, double reply_stall_seconds) {
+             const std::string& client_ca, int64_t max_queue_bytes, int workers, double client_stall_seconds) {
             embps::GateConfig config;
             config.listen = listen;
             config.upstream = upstream;
@@ -201,7 +201,7 @@ NB_MODULE(_embps_gate, m) {
             config.max_queue = max_queue;
             config.max_message_bytes = max_message_bytes;
             config.max_queue_bytes = max_queue_bytes;
-            config.reply_stall_seconds = reply_stall_seconds;
+            config.client_stall_seconds = client_stall_seconds;
             config.tls = !tls_cert.empty();
             config.tls_files = embps::GateTls{tls_cert, tls_key, client_ca};
             nb::gil_scoped_release release;
@@ -209,7 +209,7 @@ NB_MODULE(_embps_gate, m) {
           },
           "listen"_a, "upstream"_a, "lookup_methods"_a, "lookup"_a, "max_queue"_a, "max_message_bytes"_a,
           "tls_cert"_a = "", "tls_key"_a = "", "client_ca"_a = "", "max_queue_bytes"_a = 0, "workers"_a = 0,
-          "reply_stall_seconds"_a = 0.0)
+          "client_stall_seconds"_a = 0.0)
       .def_prop_ro("port", &embps::ServingGate::port)
       .def("stats",
            [](const embps::ServingGate& self) {

@@ -140,6 +140,7 @@ class Call {
       }
       counted_ = true;
       shared_->admitted.fetch_add(1, std::memory_order_relaxed);
+      Watch();  // a client that sends its request slowly holds a place meanwhile
       Start();
       stream_.Read(&from_caller_, tag(kLookupRead));
       return;
@@ -164,6 +165,7 @@ class Call {
   // ---- a Lookup ----
 
   void OnLookupRead(bool ok) {
+    Unwatch();
     Start();  // kFinish, which Answer starts
     if (!ok) {  // no request message: the caller half-closed without one, or left
       stream_.Finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, server_ctx_.method() + ": no request message"),
@@ -217,26 +219,32 @@ class Call {
     shared_->queued_bytes.fetch_add(reply_bytes, std::memory_order_relaxed);
     held_bytes_ += reply_bytes;
     reply_ = grpc::ByteBuffer(&reply.payload, 1);  // a reference to the slice, not a copy
-    if (shared_->reply_stall.count() > 0) {
-      // Linked before the write starts, so kFinish always finds it linked.
-      std::lock_guard<std::mutex> lock(shared_->writing_mu);
-      writing_.since = std::chrono::steady_clock::now();
-      writing_.context = &server_ctx_;
-      writing_.prev = shared_->writing.prev;
-      writing_.next = &shared_->writing;
-      shared_->writing.prev->next = &writing_;
-      shared_->writing.prev = &writing_;
-      watched_ = true;
-    }
+    Watch();  // before the write starts, so kFinish always finds it on the list
     stream_.WriteAndFinish(reply_, grpc::WriteOptions(), grpc::Status::OK, tag(kFinish));
   }
 
-  void OnFinish() {
-    if (!watched_) return;
-    std::lock_guard<std::mutex> lock(shared_->writing_mu);
-    writing_.prev->next = writing_.next;
-    writing_.next->prev = writing_.prev;
-    writing_.prev = writing_.next = &writing_;
+  void OnFinish() { Unwatch(); }
+
+  // Puts the call on the gate's watch list (Shared::watched): its client has client_stall from now
+  // to send the rest of its request, or to take its reply, before the watch thread cancels it.
+  void Watch() {
+    if (shared_->client_stall.count() == 0) return;
+    std::lock_guard<std::mutex> lock(shared_->watched_mu);
+    watch_.since = std::chrono::steady_clock::now();
+    watch_.context = &server_ctx_;
+    watch_.prev = shared_->watched.prev;
+    watch_.next = &shared_->watched;
+    shared_->watched.prev->next = &watch_;
+    shared_->watched.prev = &watch_;
+  }
+
+  // Takes the call off the list, if on it (the watch thread takes off those it cancels).
+  void Unwatch() {
+    if (shared_->client_stall.count() == 0) return;
+    std::lock_guard<std::mutex> lock(shared_->watched_mu);
+    watch_.prev->next = watch_.next;
+    watch_.next->prev = watch_.prev;
+    watch_.prev = watch_.next = &watch_;
   }
 
   // ---- any other call: the pump ----
@@ -324,8 +332,7 @@ class Call {
   // A Lookup.
   LookupRequest request_;
   grpc::ByteBuffer reply_;
-  ServingGate::Shared::Writing writing_;  // in shared_->writing while its reply is written
-  bool watched_ = false;  // linked there (set by the answering thread before the write that ends the call)
+  ServingGate::Shared::Watched watch_;  // in shared_->watched while its request is read and its reply written
   std::chrono::system_clock::time_point deadline_;
   std::atomic<bool> cancelled_{false};
   // Any other call.
@@ -462,8 +469,8 @@ ServingGate::ServingGate(const GateConfig& config) : shared_(new Shared) {
   shared_->lookup = config.lookup;
   shared_->max_queue = config.max_queue;
   shared_->max_queue_bytes = config.max_queue_bytes;
-  if (!(config.reply_stall_seconds >= 0)) throw std::invalid_argument("reply_stall_seconds: must be >= 0");
-  shared_->reply_stall = std::chrono::microseconds(static_cast<int64_t>(std::min(config.reply_stall_seconds, 1e9) * 1e6));
+  if (!(config.client_stall_seconds >= 0)) throw std::invalid_argument("client_stall_seconds: must be >= 0");
+  shared_->client_stall = std::chrono::microseconds(static_cast<int64_t>(std::min(config.client_stall_seconds, 1e9) * 1e6));
   shared_->shed_bytes_message = "serving queue full: the lookups waiting hold more than " +
                                 std::to_string(config.max_queue_bytes) +
                                 " bytes (max_queue_bytes); retry with backoff or add replicas";
@@ -496,33 +503,34 @@ ServingGate::ServingGate(const GateConfig& config) : shared_(new Shared) {
       run_thread(shared);
     });
   }
-  if (shared_->reply_stall.count() > 0) {
+  if (shared_->client_stall.count() > 0) {
     watch_ = std::thread([this] {
       pthread_setname_np(pthread_self(), "embps-gate-watch");
-      watch_replies();
+      watch_clients();
     });
   }
 }
 
-// A reply whose client keeps its flow-control window closed never leaves: its Lookup would hold a
-// place and its bytes in the bounds for good, and a few such clients would have every other
-// Lookup shed. Every quarter of reply_stall (at most 2.5 s apart: one wake-up, not one timer per
-// Lookup) this cancels the Lookups whose write started reply_stall ago or more: grpc resets their
-// streams, their writes complete (kFinish) and their places and bytes go back to the bounds.
-void ServingGate::watch_replies() {
-  const auto stall = shared_->reply_stall;
+// A client that sends half a request and no more, or keeps its flow-control window closed so that
+// its reply never leaves, would hold an admitted place and its bytes in the bounds for good, and a
+// few such clients would have every other Lookup shed. Every quarter of client_stall (at most
+// 2.5 s apart: one wake-up, not one timer per Lookup) this cancels the Lookups that have waited on
+// their client for client_stall or more: grpc resets their streams, their read or write completes
+// and their places and bytes go back to the bounds.
+void ServingGate::watch_clients() {
+  const auto stall = shared_->client_stall;
   const auto period = std::clamp<std::chrono::microseconds>(stall / 4, std::chrono::milliseconds(50),
                                                             std::chrono::milliseconds(2500));
   std::unique_lock<std::mutex> lock(watch_mu_);
   while (!watch_wake_.wait_for(lock, period, [this] { return watch_stop_; })) {
     const auto due = std::chrono::steady_clock::now() - stall;
-    std::lock_guard<std::mutex> writing(shared_->writing_mu);
-    for (Shared::Writing* w = shared_->writing.next; w != &shared_->writing;) {
-      Shared::Writing* next = w->next;
+    std::lock_guard<std::mutex> watched(shared_->watched_mu);
+    for (Shared::Watched* w = shared_->watched.next; w != &shared_->watched;) {
+      Shared::Watched* next = w->next;
       if (w->since <= due) {
         w->context->TryCancel();
         shared_->stalled.fetch_add(1, std::memory_order_relaxed);
-        // Out of the list, so it is cancelled once; its kFinish then finds nothing to unlink.
+        // Off the list, so it is cancelled once; its Unwatch then finds nothing to take off.
         w->prev->next = w->next;
         w->next->prev = w->prev;
         w->prev = w->next = w;

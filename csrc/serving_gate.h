@@ -90,9 +90,10 @@ struct GateConfig {
   int64_t max_queue = 0;          // lookups admitted and not finished; 0: no bound
   int64_t max_queue_bytes = 0;    // request + reply bytes the admitted lookups hold; 0: no bound
   int64_t max_message_bytes = 0;  // largest message either way
-  // A Lookup whose reply its client has not taken this long after it was sent is cancelled, so a
-  // client that stops reading cannot hold a place and its bytes in the bound for good; 0: never.
-  double reply_stall_seconds = 0;
+  // A Lookup whose client has not sent its whole request this long after it was taken, or not
+  // taken its reply this long after it was sent, is cancelled, so a client that stops sending or
+  // reading cannot hold a place and its bytes in the bounds for good; 0: never.
+  double client_stall_seconds = 0;
   bool tls = false;
   GateTls tls_files;
 };
@@ -103,7 +104,7 @@ struct GateStats {
   int64_t admitted;      // lookups admitted, ever
   int64_t shed;        // lookups answered RESOURCE_EXHAUSTED, ever
   int64_t forwarded;   // calls of other methods forwarded, ever
-  int64_t stalled;     // Lookups cancelled because their client did not take the reply (reply_stall_seconds)
+  int64_t stalled;     // Lookups cancelled because their client stalled (client_stall_seconds)
 };
 
 class ServingGate {
@@ -125,18 +126,19 @@ class ServingGate {
     LookupHandler lookup;
     int64_t max_queue = 0;
     int64_t max_queue_bytes = 0;
-    std::chrono::microseconds reply_stall{0};  // GateConfig::reply_stall_seconds; 0: none
-    // The Lookups whose reply is being written, in a circular list under `writing_mu` (a call
-    // links itself when its write starts and unlinks itself when it ends): the gate's watch thread
-    // cancels those still there reply_stall after their write started.
-    struct Writing {
-      Writing* prev = this;
-      Writing* next = this;
+    std::chrono::microseconds client_stall{0};  // GateConfig::client_stall_seconds; 0: none
+    // The admitted Lookups waiting on their client, in a circular list under `watched_mu`: a call
+    // is on it while the rest of its request is read and while its reply is written (it links
+    // itself as either starts and unlinks itself as it ends), and the gate's watch thread cancels
+    // those still there client_stall after they were linked.
+    struct Watched {
+      Watched* prev = this;
+      Watched* next = this;
       std::chrono::steady_clock::time_point since;
       grpc::ServerContextBase* context = nullptr;
     };
-    std::mutex writing_mu;
-    Writing writing;  // the list's head, no call's
+    std::mutex watched_mu;
+    Watched watched;  // the list's head, no call's
     std::string shed_message;
     std::string shed_bytes_message;
     grpc::AsyncGenericService service;
@@ -176,12 +178,12 @@ class ServingGate {
   Shared* shared_;  // owned; left allocated if calls outlive shutdown (see shutdown)
   std::unique_ptr<grpc::Server> server_;
   std::vector<std::thread> threads_;  // `workers` + 1 of them, over shared_->cq
-  // Cancels the Lookups whose reply is not taken in time (reply_stall_seconds; none when 0).
+  // Cancels the Lookups whose client stalls (client_stall_seconds; none when 0).
   std::thread watch_;
   std::mutex watch_mu_;
   std::condition_variable watch_wake_;
   bool watch_stop_ = false;
-  void watch_replies();
+  void watch_clients();
   void stop_watch();
   int port_ = 0;
   bool stopped_ = false;

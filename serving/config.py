@@ -19,10 +19,11 @@
                                    # the same way (one Lookup is always admitted); 0: no bound
     lookup_threads = 0             # with the serving gate: threads answering Lookups (0: one per
                                    # core of this machine)
-    reply_stall_seconds = 10.0     # with the serving gate: a Lookup whose client has not taken the
-                                   # reply this long after it was sent is cancelled, its place and
-                                   # bytes back in the bounds (a client that stops reading would
-                                   # hold them for good; 0: never)
+    client_stall_seconds = 10.0    # with the serving gate: a Lookup whose client has not sent its
+                                   # whole request this long after it was taken, or not taken its
+                                   # reply this long after it was sent, is cancelled, its place and
+                                   # bytes back in the bounds (a client that stops sending or
+                                   # reading would hold them for good; 0: never)
     consistency = "step"           # "step": every reply at one committed training step across
                                    # shards and tables (the cut, serving/cut.py); "latest": each
                                    # shard as fresh as its stream, no model_version
@@ -52,7 +53,7 @@ from ps.job_config import JobConfig, load_job_config, parse_job_config
 DEFAULT_MAX_QUEUE = 256
 DEFAULT_MAX_QUEUE_BYTES = 256 << 20
 DEFAULT_MAX_WAITING_BYTES = 256 << 20
-DEFAULT_REPLY_STALL_SECONDS = 10.0
+DEFAULT_CLIENT_STALL_SECONDS = 10.0
 
 
 class DefaultRow(StrEnum):
@@ -93,7 +94,7 @@ class ServeConfig:
     max_queue: int = DEFAULT_MAX_QUEUE
     max_queue_bytes: int = DEFAULT_MAX_QUEUE_BYTES
     lookup_threads: int = 0
-    reply_stall_seconds: float = DEFAULT_REPLY_STALL_SECONDS
+    client_stall_seconds: float = DEFAULT_CLIENT_STALL_SECONDS
     export: ExportSource | None = None
     consistency: Consistency = Consistency.STEP
     max_waiting_bytes: int = DEFAULT_MAX_WAITING_BYTES
@@ -105,7 +106,7 @@ class ServeConfig:
 
 _FIELDS = {
     "job_config", "job", "listen", "metrics_port", "tables", "default", "storage_dtype", "stale_after_seconds",
-    "max_queue", "max_queue_bytes", "lookup_threads", "reply_stall_seconds", "export", "consistency",
+    "max_queue", "max_queue_bytes", "lookup_threads", "client_stall_seconds", "export", "consistency",
     "max_waiting_bytes",
 }
 
@@ -172,11 +173,11 @@ def parse_serve_config(data: dict, base_dir: Path = Path(".")) -> ServeConfig:
             f"lookup_threads: must be an integer in [0, 1024] (threads answering Lookups; 0: one per core), "
             f"got {lookup_threads!r}"
         )
-    stall = data.get("reply_stall_seconds", DEFAULT_REPLY_STALL_SECONDS)
+    stall = data.get("client_stall_seconds", DEFAULT_CLIENT_STALL_SECONDS)
     if isinstance(stall, bool) or not isinstance(stall, (int, float)) or not math.isfinite(stall) or stall < 0:
         raise ValueError(
-            f"reply_stall_seconds: must be a number of seconds >= 0 (0: a reply never taken holds its place "
-            f"for good), got {stall!r}"
+            f"client_stall_seconds: must be a number of seconds >= 0 (0: a client that stops sending or reading "
+            f"holds its place for good), got {stall!r}"
         )
     max_waiting = data.get("max_waiting_bytes", DEFAULT_MAX_WAITING_BYTES)
     if isinstance(max_waiting, bool) or not isinstance(max_waiting, int) or max_waiting < 1:
@@ -194,7 +195,7 @@ def parse_serve_config(data: dict, base_dir: Path = Path(".")) -> ServeConfig:
         max_queue=max_queue,
         max_queue_bytes=max_queue_bytes,
         lookup_threads=lookup_threads,
-        reply_stall_seconds=float(stall),
+        client_stall_seconds=float(stall),
         export=_export(data.get("export"), job.job),
         consistency=_enum(Consistency, "consistency", data.get("consistency", "step")),
         max_waiting_bytes=max_waiting,
@@ -239,7 +240,7 @@ def dump_serve_config(config: ServeConfig, job_config_path: str) -> str:
         "max_queue": config.max_queue,
         "max_queue_bytes": config.max_queue_bytes,
         "lookup_threads": config.lookup_threads,
-        "reply_stall_seconds": config.reply_stall_seconds,
+        "client_stall_seconds": config.client_stall_seconds,
         "consistency": config.consistency,
         "max_waiting_bytes": config.max_waiting_bytes,
     }

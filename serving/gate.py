@@ -77,7 +77,7 @@ class GateStats:
     admitted: int
     shed: int
     forwarded: int
-    stalled: int  # Lookups cancelled because their client did not take the reply (reply_stall_seconds)
+    stalled: int  # Lookups cancelled because their client stopped sending or reading (client_stall_seconds)
 
 
 class GateDirectory:
@@ -187,8 +187,9 @@ class ServingGate:
     """A running gate on `listen`; `port` is the bound public port. Calls of `lookup_methods` are
     bounded by max_queue (and their bytes by max_queue_bytes; 0: no bound) and answered by
     `lookup` on `threads` threads over one completion queue, polled by one of them at a time (0: one
-    per core), the others forwarded to `upstream`. A Lookup whose client has not taken its reply
-    reply_stall_seconds after it was sent is cancelled (0: never).
+    per core), the others forwarded to `upstream`. A Lookup whose client has not sent its whole
+    request client_stall_seconds after it was taken, or not taken its reply that long after it was
+    sent, is cancelled (0: never).
     identity: the gate's TLS files (None: plaintext)."""
 
     def __init__(
@@ -202,7 +203,7 @@ class ServingGate:
         identity: GateIdentity | None,
         max_queue_bytes: int = 0,
         threads: int = 0,
-        reply_stall_seconds: float = 0.0,
+        client_stall_seconds: float = 0.0,
     ) -> None:
         if _embps_gate is None:
             raise RuntimeError(unavailable_reason())
@@ -216,7 +217,7 @@ class ServingGate:
         try:
             self._gate = _embps_gate.ServingGate(
                 listen, upstream, list(lookup_methods), lookup, max_queue, max_message_bytes, **files,
-                max_queue_bytes=max_queue_bytes, workers=threads, reply_stall_seconds=reply_stall_seconds,
+                max_queue_bytes=max_queue_bytes, workers=threads, client_stall_seconds=client_stall_seconds,
             )
         except RuntimeError as exc:
             raise OSError(str(exc)) from exc
@@ -259,7 +260,7 @@ class GateCounts:
         forwarded.add_metric([], stats.forwarded)
         stalled = CounterMetricFamily(
             "embps_serving_stalled_lookups",
-            "Lookups cancelled because their client had not taken the reply after reply_stall_seconds",
+            "Lookups cancelled because their client sent no whole request or took no reply in client_stall_seconds",
         )
         stalled.add_metric([], stats.stalled)
         yield from (queue, queue_bytes, shed, admitted, forwarded, stalled)

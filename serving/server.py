@@ -474,7 +474,7 @@ async def _serve_on(
                 identity = GateIdentity(config.job.security, directory.path)
             gate = ServingGate(
                 config.listen, directory.upstream, LOOKUP_METHODS, lookups, config.max_queue, message_limit(config),
-                identity, config.max_queue_bytes, config.lookup_threads, config.reply_stall_seconds,
+                identity, config.max_queue_bytes, config.lookup_threads, config.client_stall_seconds,
             )
             port = gate.port
             counts = GateCounts(gate)

@@ -1,6 +1,7 @@
 """A gRPC client that sends one unary call and never takes the reply, as a client that stops reading
 does: a raw HTTP/2 connection whose streams get a flow-control window of 0, so the server can send
-the reply's headers but none of its bytes.
+the reply's headers but none of its bytes. Or one that sends only the first half of its request
+and no more (whole=False), as a slow or stuck sender does.
 
 grpc's own clients always read, so this speaks HTTP/2 on a socket: the connection preface, SETTINGS
 (INITIAL_WINDOW_SIZE = 0), the call's HEADERS (HPACK literals, no table, no Huffman) and one DATA
@@ -43,9 +44,10 @@ def _header_block(headers: list[tuple[str, str]]) -> bytes:
 
 class StalledCall:
     """One unary call to `address` (host:port, plaintext) of `method` ("/pkg.Service/Method") with the
-    serialized `request`, whose reply is never taken. `reset` is set once the server resets it."""
+    serialized `request` (whole, or its first half and no end of stream), whose reply is never
+    taken. `reset` is set once the server resets it."""
 
-    def __init__(self, address: str, method: str, request: bytes) -> None:
+    def __init__(self, address: str, method: str, request: bytes, whole: bool = True) -> None:
         host, port = address.rsplit(":", 1)
         self._socket = socket.create_connection((host, int(port)), timeout=10)
         self.reset = threading.Event()
@@ -55,11 +57,15 @@ class StalledCall:
             ("content-type", "application/grpc"), ("te", "trailers"),
         ]  # fmt: skip
         message = b"\x00" + struct.pack(">I", len(request)) + request
+        if whole:
+            body = _frame(DATA, END_STREAM, STREAM, message)
+        else:
+            body = _frame(DATA, 0, STREAM, message[: len(message) // 2])
         self._socket.sendall(
             PREFACE
             + _frame(SETTINGS, 0, 0, struct.pack(">HI", INITIAL_WINDOW_SIZE, 0))
             + _frame(HEADERS, END_HEADERS, STREAM, _header_block(headers))
-            + _frame(DATA, END_STREAM, STREAM, message)
+            + body
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()

@@ -17,10 +17,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ps.client import PSClient
 from ps.job_config import dump_job_config
+from ps.process.children import stop as stop_pid
 from ps.rpc import ps_pb2, ps_pb2_grpc
 from ps.shard.server import MAX_FULL_COPIES
 from ps.table.config import OptimizerConfig, OptimizerKind, TableConfig
-from tests.helpers.processes import make_job, start_shard, stop_process, wait_serving
+from tests.helpers.processes import make_job, start_shard, wait_serving
 from tests.helpers.waiting import wait_until
 
 ROWS = 300_000  # a full copy of dim 16: 21.6 MB, several messages of at most STREAM_MESSAGE_BYTES
@@ -46,7 +47,7 @@ def shard(tmp_path_factory):
         yield job, proc, client, ps_pb2_grpc.ParameterServerStub(channel), log
         channel.close()
     finally:
-        stop_process(proc.pid)
+        stop_pid(proc)
 
 
 def _metrics(job) -> dict[tuple[str, tuple], float]:

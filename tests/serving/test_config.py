@@ -29,7 +29,7 @@ def test_round_trip(tmp_path, job_path):
     text = (
         'job_config = "job.toml"\nlisten = "127.0.0.1:5000"\ntables = ["item"]\ndefault = "init"\n'
         'storage_dtype = "float16"\nstale_after_seconds = 0.5\nmax_queue = 7\nlookup_threads = 3\n'
-        "reply_stall_seconds = 2.5\n"
+        "client_stall_seconds = 2.5\n"
         'consistency = "latest"\nmax_waiting_bytes = 4096\n[export]\nuri = "file:///tmp/x"\n'
     )
     config = load_serve_config(write(tmp_path, text))
@@ -37,7 +37,7 @@ def test_round_trip(tmp_path, job_path):
     assert config.consistency == Consistency.LATEST and config.max_waiting_bytes == 4096
     default = load_serve_config(write(tmp_path, text.replace('consistency = "latest"\n', "")))
     assert default.consistency == Consistency.STEP  # one model version per reply unless told otherwise
-    assert config.max_queue == 7 and config.lookup_threads == 3 and config.reply_stall_seconds == 2.5
+    assert config.max_queue == 7 and config.lookup_threads == 3 and config.client_stall_seconds == 2.5
     assert config.storage_dtype == StorageDType.FLOAT16 and config.export == ExportSource("file:///tmp/x", "test")
     int8 = load_serve_config(write(tmp_path, text.replace('"float16"', '"int8"')))
     assert int8.storage_dtype == StorageDType.INT8
@@ -61,8 +61,8 @@ def test_round_trip(tmp_path, job_path):
         ('listen = "127.0.0.1:5000"\ncolour = 1', "colour: unknown field"),
         ('listen = "127.0.0.1:5000"\nconsistency = "eventual"', "consistency: must be one of 'step', 'latest'"),
         ('listen = "127.0.0.1:5000"\nmax_waiting_bytes = 0', "max_waiting_bytes: must be an integer >= 1"),
-        ('listen = "127.0.0.1:5000"\nreply_stall_seconds = -1', "reply_stall_seconds: must be a number of seconds"),
-        ('listen = "127.0.0.1:5000"\nreply_stall_seconds = "10"', "reply_stall_seconds: must be a number of seconds"),
+        ('listen = "127.0.0.1:5000"\nclient_stall_seconds = -1', "client_stall_seconds: must be a number of seconds"),
+        ('listen = "127.0.0.1:5000"\nclient_stall_seconds = "10"', "client_stall_seconds: must be a number of seconds"),
         ('listen = "127.0.0.1:5000"\n[export]\nuri = "/no/scheme"', "export.uri: must be a URI"),
     ],
 )

@@ -1,9 +1,12 @@
-"""Clients that send a Lookup and never take the reply, against a real `embps serve` replica with its
-serving gate: they hold an admitted place (and the reply's bytes) only until reply_stall_seconds,
-then the gate cancels their calls, and the replica answers everyone else again.
+"""Clients that send half a Lookup and no more, or send a Lookup and never take the reply, against a
+real `embps serve` replica with its serving gate: they hold an admitted place (and its bytes) only
+until client_stall_seconds, then the gate cancels their calls, and the replica answers everyone
+else again.
 
-Before, 16 such clients asking 100,000 keys each (25.6 MB replies, over max_queue_bytes together)
-made the replica answer every other Lookup RESOURCE_EXHAUSTED for as long as they stayed connected."""
+Before, 16 clients asking 100,000 keys each and never reading (25.6 MB replies, over
+max_queue_bytes together) made the replica answer every other Lookup RESOURCE_EXHAUSTED for as long
+as they stayed connected, and so did 2 clients that sent half a request to a replica with
+max_queue = 2."""
 
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ def replica(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.delenv("EMBPS_SERVING_GATE", raising=False)
     if unavailable_reason() is not None:
         pytest.skip(f"no serving gate here: {unavailable_reason()}")
-    server = EmbpsServer.start(ROWS, DIM, tmp_path / "replica", max_queue=MAX_QUEUE, reply_stall_seconds=STALL_SECONDS)
+    server = EmbpsServer.start(ROWS, DIM, tmp_path / "replica", max_queue=MAX_QUEUE, client_stall_seconds=STALL_SECONDS)
     try:
         yield server
     finally:
@@ -48,10 +51,11 @@ def _stalled_count(server: EmbpsServer) -> float:
     raise AssertionError("embps_serving_stalled_lookups_total not in the scrape")
 
 
-def test_lookups_whose_replies_are_never_taken_give_their_places_back(replica):
+@pytest.mark.parametrize("whole", [True, False], ids=["reply-never-taken", "request-half-sent"])
+def test_lookups_whose_clients_stall_give_their_places_back(replica, whole):
     keys = bench_keys(ROWS)[:64]
     request = serving_pb2.ServingLookupRequest(table=TABLE, keys=wire.encode_keys(keys), dim=DIM)
-    stalled = [StalledCall(replica.address, "/embps.v1.Serving/Lookup", request.SerializeToString())
+    stalled = [StalledCall(replica.address, "/embps.v1.Serving/Lookup", request.SerializeToString(), whole)
                for _ in range(MAX_QUEUE)]  # fmt: skip
     try:
         with grpc.insecure_channel(replica.address) as channel:
