@@ -881,8 +881,6 @@ def serve_shard(
         raise SystemExit(f"embps ps: --standby: shards[{shard}] of {config} declares no standby address")
     for table in job.tables:
         if (reason := device_unavailable_reason(table.device)) is not None:
-            raise SystemExit(
-                f"embps ps: tables.{table.name}.device in {config}: {table.device!r} cannot hold rows "
-                f"on this machine: {reason}"
-            )
+            raise SystemExit(f"embps ps: tables.{table.name}.device in {config}: {table.device!r} cannot hold rows "
+                             f"on this machine: {reason}")
     return asyncio.run(_serve(job, shard, grace, log_max_keys, restore_step, standby, stream_stall_seconds))
