@@ -226,7 +226,8 @@ class Call {
   void OnFinish() { Unwatch(); }
 
   // Puts the call on the gate's watch list (Shared::watched): its client has client_stall from now
-  // to send the rest of its request, or to take its reply, before the watch thread cancels it.
+  // to send the rest of its request, or to take its reply (a Lookup's, or a message of a forwarded
+  // call), before the watch thread cancels it.
   void Watch() {
     if (shared_->client_stall.count() == 0) return;
     std::lock_guard<std::mutex> lock(shared_->watched_mu);
@@ -284,6 +285,7 @@ class Call {
 
   void OnUpRead(bool ok) {  // a reply from upstream, or the end of them
     if (ok) {
+      Watch();  // a caller that does not take it holds this call and its upstream one
       Start();
       stream_.Write(from_upstream_, tag(kWrite));
       return;
@@ -293,6 +295,7 @@ class Call {
   }
 
   void OnWrite(bool ok) {
+    Unwatch();
     if (ok) {
       Start();
       upstream_->Read(&from_upstream_, tag(kUpRead));
@@ -332,7 +335,7 @@ class Call {
   // A Lookup.
   LookupRequest request_;
   grpc::ByteBuffer reply_;
-  ServingGate::Shared::Watched watch_;  // in shared_->watched while its request is read and its reply written
+  ServingGate::Shared::Watched watch_;  // in shared_->watched while it waits on its client (Watch)
   std::chrono::system_clock::time_point deadline_;
   std::atomic<bool> cancelled_{false};
   // Any other call.
@@ -511,12 +514,13 @@ ServingGate::ServingGate(const GateConfig& config) : shared_(new Shared) {
   }
 }
 
-// A client that sends half a request and no more, or keeps its flow-control window closed so that
+// A client that sends half a Lookup and no more, or keeps its flow-control window closed so that
 // its reply never leaves, would hold an admitted place and its bytes in the bounds for good, and a
-// few such clients would have every other Lookup shed. Every quarter of client_stall (at most
-// 2.5 s apart: one wake-up, not one timer per Lookup) this cancels the Lookups that have waited on
-// their client for client_stall or more: grpc resets their streams, their read or write completes
-// and their places and bytes go back to the bounds.
+// few such clients would have every other Lookup shed; a forwarded call whose reply is never taken
+// holds it and its upstream call. Every quarter of client_stall (at most 2.5 s apart: one wake-up,
+// not one timer per call) this cancels the calls that have waited on their client for client_stall
+// or more: grpc resets their streams, their read or write completes, and a Lookup's place and bytes
+// go back to the bounds.
 void ServingGate::watch_clients() {
   const auto stall = shared_->client_stall;
   const auto period = std::clamp<std::chrono::microseconds>(stall / 4, std::chrono::milliseconds(50),

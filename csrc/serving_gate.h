@@ -90,9 +90,10 @@ struct GateConfig {
   int64_t max_queue = 0;          // lookups admitted and not finished; 0: no bound
   int64_t max_queue_bytes = 0;    // request + reply bytes the admitted lookups hold; 0: no bound
   int64_t max_message_bytes = 0;  // largest message either way
-  // A Lookup whose client has not sent its whole request this long after it was taken, or not
-  // taken its reply this long after it was sent, is cancelled, so a client that stops sending or
-  // reading cannot hold a place and its bytes in the bounds for good; 0: never.
+  // A Lookup whose client has not sent its whole request this long after it was taken, or a call
+  // whose client has not taken its reply (a message of it) this long after it was sent, is
+  // cancelled, so a client that stops sending or reading cannot hold a place and its bytes in the
+  // bounds, or a forwarded call, for good; 0: never.
   double client_stall_seconds = 0;
   bool tls = false;
   GateTls tls_files;
@@ -104,7 +105,7 @@ struct GateStats {
   int64_t admitted;      // lookups admitted, ever
   int64_t shed;        // lookups answered RESOURCE_EXHAUSTED, ever
   int64_t forwarded;   // calls of other methods forwarded, ever
-  int64_t stalled;     // Lookups cancelled because their client stalled (client_stall_seconds)
+  int64_t stalled;     // calls cancelled because their client stalled (client_stall_seconds)
 };
 
 class ServingGate {
@@ -127,10 +128,11 @@ class ServingGate {
     int64_t max_queue = 0;
     int64_t max_queue_bytes = 0;
     std::chrono::microseconds client_stall{0};  // GateConfig::client_stall_seconds; 0: none
-    // The admitted Lookups waiting on their client, in a circular list under `watched_mu`: a call
-    // is on it while the rest of its request is read and while its reply is written (it links
-    // itself as either starts and unlinks itself as it ends), and the gate's watch thread cancels
-    // those still there client_stall after they were linked.
+    // The calls waiting on their client, in a circular list under `watched_mu`: an admitted Lookup
+    // while the rest of its request is read and while its reply is written, a forwarded call while
+    // a message to its caller is written (a call links itself as each starts and unlinks itself
+    // as it ends), and the gate's watch thread cancels those still there client_stall after they
+    // were linked.
     struct Watched {
       Watched* prev = this;
       Watched* next = this;
@@ -178,7 +180,7 @@ class ServingGate {
   Shared* shared_;  // owned; left allocated if calls outlive shutdown (see shutdown)
   std::unique_ptr<grpc::Server> server_;
   std::vector<std::thread> threads_;  // `workers` + 1 of them, over shared_->cq
-  // Cancels the Lookups whose client stalls (client_stall_seconds; none when 0).
+  // Cancels the calls whose client stalls (client_stall_seconds; none when 0).
   std::thread watch_;
   std::mutex watch_mu_;
   std::condition_variable watch_wake_;

@@ -77,7 +77,7 @@ class GateStats:
     admitted: int
     shed: int
     forwarded: int
-    stalled: int  # Lookups cancelled because their client stopped sending or reading (client_stall_seconds)
+    stalled: int  # calls cancelled because their client stopped sending or reading (client_stall_seconds)
 
 
 class GateDirectory:
@@ -188,8 +188,8 @@ class ServingGate:
     bounded by max_queue (and their bytes by max_queue_bytes; 0: no bound) and answered by
     `lookup` on `threads` threads over one completion queue, polled by one of them at a time (0: one
     per core), the others forwarded to `upstream`. A Lookup whose client has not sent its whole
-    request client_stall_seconds after it was taken, or not taken its reply that long after it was
-    sent, is cancelled (0: never).
+    request client_stall_seconds after it was taken, or a call whose client has not taken its reply
+    that long after it was sent, is cancelled (0: never).
     identity: the gate's TLS files (None: plaintext)."""
 
     def __init__(
@@ -259,8 +259,8 @@ class GateCounts:
         )
         forwarded.add_metric([], stats.forwarded)
         stalled = CounterMetricFamily(
-            "embps_serving_stalled_lookups",
-            "Lookups cancelled because their client sent no whole request or took no reply in client_stall_seconds",
+            "embps_serving_stalled_calls",
+            "Calls cancelled because their client sent no whole Lookup or took no reply in client_stall_seconds",
         )
         stalled.add_metric([], stats.stalled)
         yield from (queue, queue_bytes, shed, admitted, forwarded, stalled)

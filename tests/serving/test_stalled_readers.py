@@ -1,7 +1,7 @@
 """Clients that send half a Lookup and no more, or send a Lookup and never take the reply, against a
 real `embps serve` replica with its serving gate: they hold an admitted place (and its bytes) only
 until client_stall_seconds, then the gate cancels their calls, and the replica answers everyone
-else again.
+else again. A forwarded call (Status) whose reply is never taken is cancelled the same way.
 
 Before, 16 clients asking 100,000 keys each and never reading (25.6 MB replies, over
 max_queue_bytes together) made the replica answer every other Lookup RESOURCE_EXHAUSTED for as long
@@ -46,9 +46,9 @@ def _stalled_count(server: EmbpsServer) -> float:
     port = load_serve_config(server.log_path.parent / "serve.toml").metrics_port
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     for line in text.splitlines():
-        if line.startswith("embps_serving_stalled_lookups_total "):
+        if line.startswith("embps_serving_stalled_calls_total "):
             return float(line.split()[1])
-    raise AssertionError("embps_serving_stalled_lookups_total not in the scrape")
+    raise AssertionError("embps_serving_stalled_calls_total not in the scrape")
 
 
 @pytest.mark.parametrize("whole", [True, False], ids=["reply-never-taken", "request-half-sent"])
@@ -79,3 +79,16 @@ def test_lookups_whose_clients_stall_give_their_places_back(replica, whole):
     finally:
         for call in stalled:
             call.close()
+
+
+def test_a_forwarded_call_whose_reply_is_never_taken_is_reset(replica):
+    """Status goes through the gate to the replica's own server; a caller that never takes its reply
+    would hold both calls for good."""
+    before = _stalled_count(replica)
+    request = serving_pb2.ServingStatusRequest().SerializeToString()
+    call = StalledCall(replica.address, "/embps.v1.Serving/Status", request)
+    try:
+        wait_until(call.reset.is_set, "the stalled Status call's stream to be reset")
+        assert _stalled_count(replica) == before + 1
+    finally:
+        call.close()
