@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 
 from ps.rpc import ps_pb2, ps_pb2_grpc, serving_pb2, serving_pb2_grpc, snapshot_pb2, snapshot_pb2_grpc
 from ps.table.config import OptimizerConfig, OptimizerKind, TableConfig
-from tests.helpers.processes import ShardCluster, make_job
+from tests.helpers.processes import ShardCluster, make_job, rss_bytes
 from tests.serving.replicas import ServingReplica
 
 pytestmark = pytest.mark.slow
@@ -335,14 +335,6 @@ class Tally:
 
     def check(self, n: int) -> None:
         assert sum(self.codes.values()) >= n, f"only {sum(self.codes.values())} calls: {dict(self.codes)}"
-
-
-def rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmRSS for pid {pid}")
 
 
 @pytest.fixture(scope="module")

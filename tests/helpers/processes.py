@@ -58,6 +58,15 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
+def rss_bytes(pid: int) -> int:
+    """The resident memory of `pid` (VmRSS), in bytes."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
 def thread_states(pid: int) -> list[str]:
     """The state letter of each thread of `pid` (R, S, D, T for stopped, ...); [] once it is gone."""
     states = []

@@ -21,7 +21,7 @@ from ps.process.children import stop as stop_pid
 from ps.rpc import ps_pb2, ps_pb2_grpc
 from ps.shard.server import MAX_FULL_COPIES
 from ps.table.config import OptimizerConfig, OptimizerKind, TableConfig
-from tests.helpers.processes import make_job, start_shard, wait_serving
+from tests.helpers.processes import make_job, rss_bytes, start_shard, wait_serving
 from tests.helpers.waiting import wait_until
 
 ROWS = 300_000  # a full copy of dim 16: 21.6 MB, several messages of at most STREAM_MESSAGE_BYTES
@@ -75,14 +75,6 @@ def _full_copies(job) -> tuple[float, float]:
     )
 
 
-def _rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmRSS for pid {pid}")
-
-
 def _full_copy(stub) -> dict[int, np.ndarray]:
     """Every row a full_sync stream sends until it follows live (its first heartbeat)."""
     rows: dict[int, np.ndarray] = {}
@@ -113,7 +105,7 @@ def test_stalled_full_copies_hold_little_take_turns_and_leave_the_shard_serving(
     job, proc, client, stub, log = shard
     streams = 3 * MAX_FULL_COPIES
     ended_before = _ended(job)
-    rss_before = _rss_bytes(proc.pid)
+    rss_before = rss_bytes(proc.pid)
     calls = [stub.Subscribe(ps_pb2.SubscribeRequest(table="t", full_sync=True), timeout=120) for _ in range(streams)]
     seen = {"running": 0.0, "waiting": 0.0, "rss": 0}
     keys = np.arange(0, ROWS, 97, dtype=np.int64)
@@ -122,7 +114,7 @@ def test_stalled_full_copies_hold_little_take_turns_and_leave_the_shard_serving(
         running, waiting = _full_copies(job)
         seen["running"] = max(seen["running"], running)
         seen["waiting"] = max(seen["waiting"], waiting)
-        seen["rss"] = max(seen["rss"], _rss_bytes(proc.pid))
+        seen["rss"] = max(seen["rss"], rss_bytes(proc.pid))
         client.push("t", keys, np.full((keys.shape[0], DIM), 0.5, np.float32))  # the shard still takes pushes
         return _ended(job) - ended_before >= streams
 
