@@ -12,9 +12,11 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -42,6 +44,8 @@ _PORT_FLAGS = (
     "admin.port",
     "admin.port.grpc",
 )
+# Each gRPC port's local Unix socket, which weed puts in /tmp whatever TMPDIR says.
+_GRPC_SOCKET = "/tmp/seaweedfs-{component}-grpc-{port}.sock"
 
 
 def weed_binary() -> str:
@@ -63,6 +67,9 @@ class S3Server:
     endpoint: str
     log_path: Path
     args: tuple[str, ...] = ()
+    # weed's TMPDIR, which also holds its Unix sockets (removed by stop()): weed puts them and its
+    # log files in /tmp otherwise, and leaves some behind even when stopped cleanly.
+    private_dir: Path | None = None
 
     @classmethod
     def start(cls, workdir: Path, timeout: float = 60.0) -> S3Server:
@@ -77,8 +84,11 @@ class S3Server:
         }
         config.write_text(json.dumps({"identities": [identity]}))
         ports = dict(zip(_PORT_FLAGS, free_ports(len(_PORT_FLAGS)), strict=True))
+        # A Unix socket's path is at most 107 bytes: a short directory of its own, not the workdir.
+        private = Path(tempfile.mkdtemp(prefix="embps-weed-"))
         args = [
             weed_binary(),
+            f"-logdir={workdir}",  # its log files (weed.INFO, ...): in /tmp otherwise
             "mini",
             f"-dir={workdir / 'data'}",
             "-ip=127.0.0.1",
@@ -89,17 +99,23 @@ class S3Server:
             "-s3.port.iceberg=0",
             "-s3.port.lance=0",
             "-master.telemetry=false",
+            f"-s3.localSocket={private / 's3.sock'}",
+            f"-filer.localSocket={private / 'filer.sock'}",
             *(f"-{flag}={port}" for flag, port in ports.items()),
         ]
-        server = cls(None, f"127.0.0.1:{ports['s3.port']}", workdir / "weed.log", tuple(args))
+        server = cls(None, f"127.0.0.1:{ports['s3.port']}", workdir / "weed.log", tuple(args), private)
         server.restart(timeout)
         return server
 
     def restart(self, timeout: float = 60.0) -> None:
         """Starts `weed` (again, after a stop: same ports, same data) and waits for S3."""
+        if self.private_dir is not None:
+            self.private_dir.mkdir(exist_ok=True)
         with open(self.log_path, "ab") as log:
+            env = dict(os.environ, TMPDIR=str(self.private_dir)) if self.private_dir is not None else None
             self.proc = subprocess.Popen(
-                self.args, cwd=self.log_path.parent, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                self.args, cwd=self.log_path.parent, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                env=env,
             )
         try:
             self._wait_ready(timeout)
@@ -151,7 +167,14 @@ class S3Server:
 
     def stop(self, timeout: float = 15.0) -> int:
         """SIGTERM by pid, then SIGKILL after `timeout`; returns the exit code."""
-        return children.stop(self.proc, timeout)
+        code = children.stop(self.proc, timeout)
+        if self.private_dir is not None:
+            shutil.rmtree(self.private_dir, ignore_errors=True)
+        for arg in self.args:  # weed leaves some of them when it stops, all when it is killed
+            flag, _, port = arg.lstrip("-").partition("=")
+            if flag.endswith(".port.grpc"):
+                Path(_GRPC_SOCKET.format(component=flag.split(".")[0], port=port)).unlink(missing_ok=True)
+        return code
 
     def __enter__(self) -> S3Server:
         return self
