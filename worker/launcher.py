@@ -42,6 +42,7 @@ import json
 import os
 import signal
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -473,10 +474,14 @@ def _run_workers(
 ) -> str | None:
     """One elastic run of every local worker; None when they all finished, else what failed.
     A SIGINT/SIGTERM (SignalException) propagates: it stops the job, restarts or not."""
+    from torch.distributed.elastic.multiprocessing.api import DefaultLogsSpecs
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     os.environ["EMBPS_PROGRESS_FILE"] = str(progress_path)
+    # The agent's per-rank directories (for its redirects and error files, neither of which a
+    # worker uses: its output goes to the launcher's) would be left in /tmp after every run.
+    agent_dir = tempfile.TemporaryDirectory(prefix="embps-elastic-")
     config = LaunchConfig(
         min_nodes=options.nnodes,
         max_nodes=options.nnodes,
@@ -490,6 +495,7 @@ def _run_workers(
         max_restarts=0,
         monitor_interval=0.2,
         start_method="spawn",
+        logs_specs=DefaultLogsSpecs(log_dir=agent_dir.name),
     )
     entry = [sys.executable, "-m", "worker.worker_main", "--config", job.path]
     if resume_step is not None:
@@ -513,3 +519,4 @@ def _run_workers(
         )
     finally:
         failures.armed = False
+        agent_dir.cleanup()

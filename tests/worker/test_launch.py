@@ -99,14 +99,20 @@ def wait_for_progress(out: Path, proc: subprocess.Popen, timeout: float = 120.0)
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_launch_learns_the_planted_signal_and_writes_a_summary(tmp_path, mode):
     path, out = job_file(tmp_path, steps=200, eval_every=100, mode=mode)
+    scratch = tmp_path / "tmpdir"
+    scratch.mkdir()
     result = subprocess.run(
         [sys.executable, "-m", "embps", "launch", str(path)],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
         timeout=300,
+        env=dict(os.environ, TMPDIR=str(scratch)),
     )
     assert result.returncode == 0, result.stderr[-4000:]
+    # Nothing left in the temporary directory (torch's elastic agent left a tree there per run)
+    # but torch's compile cache, one directory per user that every run shares.
+    assert sorted(p.name for p in scratch.iterdir() if not p.name.startswith("torchinductor_")) == []
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 200 and summary["world_size"] == 2 and summary["mode"] == mode
     assert summary["eval_auc"] >= 0.75, summary
