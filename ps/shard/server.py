@@ -86,6 +86,14 @@ STREAM_MESSAGE_BYTES = 4_000_000
 MAX_FULL_COPIES = 4
 
 
+# A connection whose peer takes no byte for this long is closed, and what the shard's replies to it
+# held is freed: gRPC's keepalive timeout, which it also sets as the socket's TCP_USER_TIMEOUT, the
+# bound the kernel puts on data unacknowledged or stuck behind a zero window. A stopped or hung
+# worker with 20 lookups of 25 MB in flight had its shard hold 0.9 GB until then. (A client that
+# keeps reading but opens no HTTP/2 window is not bounded so; see docs/reliability.md.)
+FROZEN_PEER_SECONDS = 20
+
+
 _ACK_BYTES = 32  # one VersionAck on the wire, framing included (generous)
 
 
@@ -620,13 +628,15 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
 
 
 def server_options(job: JobConfig) -> list[tuple[str, int]]:
-    """Channel options of both sides: explicit message limits, no silent port sharing, and the
-    fixed receive window of bulk messages (pushes' gradients arrive here; ps/wire.py)."""
+    """Channel options of both sides: explicit message limits, no silent port sharing, the fixed
+    receive window of bulk messages (pushes' gradients arrive here; ps/wire.py), and the bound on a
+    peer that stopped reading (FROZEN_PEER_SECONDS)."""
     limit = job.message_limit_bytes + _MESSAGE_SLACK
     return [
         ("grpc.max_send_message_length", limit),
         ("grpc.max_receive_message_length", limit),
         ("grpc.so_reuseport", 0),
+        ("grpc.keepalive_timeout_ms", FROZEN_PEER_SECONDS * 1000),
         *wire.BULK_CHANNEL_OPTIONS,
     ]
 

@@ -100,3 +100,40 @@ class StalledCall:
         self._closed = True
         self._socket.close()
         self._reader.join(timeout=5)
+
+
+WINDOW_UPDATE = 0x8
+MAX_WINDOW = 2**31 - 1
+MAX_FRAME = 16384  # HTTP/2's default largest frame payload
+
+
+class FrozenCall:
+    """One unary call to `address` from a client that then stops, as a process stopped by a signal or
+    a debugger, or a host that hangs, does: flow-control windows wide open, then nothing on the
+    socket is read again, so the kernel's receive buffer fills and the server's TCP sends meet a
+    zero window. `local_port` names the connection in /proc/net/tcp."""
+
+    def __init__(self, address: str, method: str, request: bytes) -> None:
+        host, port = address.rsplit(":", 1)
+        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+        self._socket.settimeout(10)
+        self._socket.connect((host, int(port)))
+        self.local_port = self._socket.getsockname()[1]
+        headers = [
+            (":method", "POST"), (":scheme", "http"), (":path", method), (":authority", address),
+            ("content-type", "application/grpc"), ("te", "trailers"),
+        ]  # fmt: skip
+        message = b"\x00" + struct.pack(">I", len(request)) + request
+        pieces = [message[i : i + MAX_FRAME] for i in range(0, len(message), MAX_FRAME)]
+        self._socket.sendall(
+            PREFACE
+            + _frame(SETTINGS, 0, 0, struct.pack(">HI", INITIAL_WINDOW_SIZE, MAX_WINDOW))
+            + _frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", MAX_WINDOW - 65535))
+            + _frame(HEADERS, END_HEADERS, STREAM, _header_block(headers))
+            + b"".join(_frame(DATA, END_STREAM if i == len(pieces) - 1 else 0, STREAM, piece)
+                       for i, piece in enumerate(pieces))
+        )
+
+    def close(self) -> None:
+        self._socket.close()
