@@ -168,13 +168,22 @@ class S3Server:
     def stop(self, timeout: float = 15.0) -> int:
         """SIGTERM by pid, then SIGKILL after `timeout`; returns the exit code."""
         code = children.stop(self.proc, timeout)
+        self._remove_sockets()
+        return code
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would (its data stays for restart()), and its sockets removed."""
+        self.proc.kill()
+        self.proc.wait()
+        self._remove_sockets()
+
+    def _remove_sockets(self) -> None:
         if self.private_dir is not None:
             shutil.rmtree(self.private_dir, ignore_errors=True)
         for arg in self.args:  # weed leaves some of them when it stops, all when it is killed
             flag, _, port = arg.lstrip("-").partition("=")
             if flag.endswith(".port.grpc"):
                 Path(_GRPC_SOCKET.format(component=flag.split(".")[0], port=port)).unlink(missing_ok=True)
-        return code
 
     def __enter__(self) -> S3Server:
         return self

@@ -28,7 +28,8 @@ def test_a_stopped_bench_takes_its_shards_and_clients_with_it(tmp_path, sig):
         bench = subprocess.Popen(
             [sys.executable, "-m", "embps", *BENCH],
             cwd=REPO_ROOT,
-            env={**os.environ, "PYTHONPATH": python_path(str(REPO_ROOT))},
+            # A bench killed by SIGKILL cannot remove its temporary directory: in the test's, not /tmp.
+            env={**os.environ, "PYTHONPATH": python_path(str(REPO_ROOT)), "TMPDIR": str(tmp_path)},
             stdout=out,
             stderr=subprocess.STDOUT,
         )

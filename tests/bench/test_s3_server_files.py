@@ -29,7 +29,7 @@ def test_a_killed_server_leaves_no_socket_or_log_in_tmp(tmp_path: Path) -> None:
         server.proc.wait()
         assert _files_in_tmp(ports), "weed no longer creates sockets in /tmp: drop the cleanup"
     finally:
-        server.stop()
+        server.stop()  # what the tests call, on a server that is running or not
     assert _files_in_tmp(ports) == []
     assert not server.private_dir.exists()
     assert (tmp_path / "s3" / "weed.INFO").exists()  # its log files in its workdir, not in /tmp

@@ -133,10 +133,14 @@ def write_job(
 
 
 def start_launch(job: Job, log: Path, *extra: str) -> subprocess.Popen:
+    # A launcher killed by SIGKILL cannot remove its temporary directory: in the test's, not /tmp.
+    scratch = job.out.parent / "tmpdir"
+    scratch.mkdir(exist_ok=True)
     with open(log, "ab") as f:
         return subprocess.Popen(
             [sys.executable, "-m", "embps", "launch", str(job.path), *extra],
             cwd=REPO_ROOT,
+            env={**os.environ, "TMPDIR": str(scratch)},
             stdout=f,
             stderr=subprocess.STDOUT,
             start_new_session=True,

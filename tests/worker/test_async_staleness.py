@@ -159,6 +159,7 @@ def test_two_ranks_lookups_and_commits_wait_for_every_ranks_pushes(tmp_path):
         result = subprocess.run(
             [
                 sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={workers}",
+                "--log-dir", str(tmp_path / "agent"),  # the agent's per-rank directories: in /tmp otherwise
                 "-m", "tests.worker.async_ranks", "--config", str(path), "--out", str(out),
                 "--slow-rank", "1", "--push-delay", "0.1",
             ],

@@ -85,8 +85,7 @@ def test_s3_stopped_during_a_round_skips_it_and_the_next_round_loses_nothing(tmp
 
         def stop_s3_after_the_shards_wrote(*args):
             records = write_on_shards(*args)
-            server.proc.kill()  # the shards' files are in; the dense model and the manifest are not
-            server.proc.wait()
+            server.kill()  # the shards' files are in; the dense model and the manifest are not
             return records
 
         worker.checkpoint._write_on_shards = stop_s3_after_the_shards_wrote
@@ -114,8 +113,7 @@ def test_s3_stopped_during_a_round_skips_it_and_the_next_round_loses_nothing(tmp
         run.check_restore_equals_live(uri, storage)
         run.client.close()
     finally:
-        server.proc.kill()  # its data is thrown away: no need for a graceful stop
-        server.proc.wait()
+        server.kill()  # its data is thrown away: no need for a graceful stop
 
 
 def test_full_disk_skips_the_round_and_training_goes_on(tmp_path, caplog):
