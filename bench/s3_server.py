@@ -67,7 +67,7 @@ class S3Server:
     endpoint: str
     log_path: Path
     args: tuple[str, ...] = ()
-    # weed's TMPDIR, which also holds its Unix sockets (removed by stop()): weed puts them and its
+    # weed's TMPDIR, which also holds its Unix sockets (removed by stop() and kill()): weed puts them and its
     # log files in /tmp otherwise, and leaves some behind even when stopped cleanly.
     private_dir: Path | None = None
 

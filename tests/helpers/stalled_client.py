@@ -1,7 +1,8 @@
 """A gRPC client that sends one unary call and never takes the reply, as a client that stops reading
 does: a raw HTTP/2 connection whose streams get a flow-control window of 0, so the server can send
 the reply's headers but none of its bytes. Or one that sends only the first half of its request
-and no more (whole=False), as a slow or stuck sender does.
+and no more (whole=False), as a slow or stuck sender does. Or (FrozenCall) one that stops reading
+its socket at all, as a stopped process does.
 
 grpc's own clients always read, so this speaks HTTP/2 on a socket: the connection preface, SETTINGS
 (INITIAL_WINDOW_SIZE = 0), the call's HEADERS (HPACK literals, no table, no Huffman) and one DATA
@@ -15,10 +16,12 @@ import struct
 import threading
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-DATA, HEADERS, RST_STREAM, SETTINGS, PING = 0x0, 0x1, 0x3, 0x4, 0x6
+DATA, HEADERS, RST_STREAM, SETTINGS, PING, WINDOW_UPDATE = 0x0, 0x1, 0x3, 0x4, 0x6, 0x8
 END_STREAM, ACK, END_HEADERS = 0x1, 0x1, 0x4
 INITIAL_WINDOW_SIZE = 0x4
 STREAM = 1
+MAX_WINDOW = 2**31 - 1
+MAX_FRAME = 16384  # HTTP/2's default largest frame payload
 
 
 def _frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
@@ -100,11 +103,6 @@ class StalledCall:
         self._closed = True
         self._socket.close()
         self._reader.join(timeout=5)
-
-
-WINDOW_UPDATE = 0x8
-MAX_WINDOW = 2**31 - 1
-MAX_FRAME = 16384  # HTTP/2's default largest frame payload
 
 
 class FrozenCall:
