@@ -69,6 +69,8 @@ def run_job(tmp_path, num_shards: int, workers: int = 2, replica: bool = False) 
                 "torch.distributed.run",
                 "--standalone",
                 f"--nproc-per-node={workers}",
+                "--log-dir",  # the agent's per-rank directories: in /tmp otherwise
+                str(tmp_path / f"agent-{num_shards}"),
                 "-m",
                 "worker.worker_main",
                 "--config",
