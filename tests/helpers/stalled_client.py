@@ -45,6 +45,14 @@ def _header_block(headers: list[tuple[str, str]]) -> bytes:
     return b"".join(b"\x00" + _hpack_string(k.encode()) + _hpack_string(v.encode()) for k, v in headers)
 
 
+def _call_headers(address: str, method: str) -> bytes:
+    """The HEADERS block of a unary gRPC call of `method` to `address`."""
+    return _header_block([
+        (":method", "POST"), (":scheme", "http"), (":path", method), (":authority", address),
+        ("content-type", "application/grpc"), ("te", "trailers"),
+    ])  # fmt: skip
+
+
 class StalledCall:
     """One unary call to `address` (host:port, plaintext) of `method` ("/pkg.Service/Method") with the
     serialized `request` (whole, or its first half and no end of stream), whose reply is never
@@ -55,11 +63,8 @@ class StalledCall:
         self._socket = socket.create_connection((host, int(port)), timeout=10)
         self.reset = threading.Event()
         self._closed = False
-        headers = [
-            (":method", "POST"), (":scheme", "http"), (":path", method), (":authority", address),
-            ("content-type", "application/grpc"), ("te", "trailers"),
-        ]  # fmt: skip
-        message = b"\x00" + struct.pack(">I", len(request)) + request
+        headers = _call_headers(address, method)
+        message = b"\x00" + struct.pack(">I", len(request)) + request  # gRPC's length prefix
         if whole:
             body = _frame(DATA, END_STREAM, STREAM, message)
         else:
@@ -67,7 +72,7 @@ class StalledCall:
         self._socket.sendall(
             PREFACE
             + _frame(SETTINGS, 0, 0, struct.pack(">HI", INITIAL_WINDOW_SIZE, 0))
-            + _frame(HEADERS, END_HEADERS, STREAM, _header_block(headers))
+            + _frame(HEADERS, END_HEADERS, STREAM, headers)
             + body
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -118,17 +123,14 @@ class FrozenCall:
         self._socket.settimeout(10)
         self._socket.connect((host, int(port)))
         self.local_port = self._socket.getsockname()[1]
-        headers = [
-            (":method", "POST"), (":scheme", "http"), (":path", method), (":authority", address),
-            ("content-type", "application/grpc"), ("te", "trailers"),
-        ]  # fmt: skip
-        message = b"\x00" + struct.pack(">I", len(request)) + request
+        headers = _call_headers(address, method)
+        message = b"\x00" + struct.pack(">I", len(request)) + request  # gRPC's length prefix
         pieces = [message[i : i + MAX_FRAME] for i in range(0, len(message), MAX_FRAME)]
         self._socket.sendall(
             PREFACE
             + _frame(SETTINGS, 0, 0, struct.pack(">HI", INITIAL_WINDOW_SIZE, MAX_WINDOW))
             + _frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", MAX_WINDOW - 65535))
-            + _frame(HEADERS, END_HEADERS, STREAM, _header_block(headers))
+            + _frame(HEADERS, END_HEADERS, STREAM, headers)
             + b"".join(_frame(DATA, END_STREAM if i == len(pieces) - 1 else 0, STREAM, piece)
                        for i, piece in enumerate(pieces))
         )
