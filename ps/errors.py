@@ -28,3 +28,10 @@ class LogGapError(EmbpsError):
 class NotPrimaryError(EmbpsError):
     """This process may not answer client calls now: it is a shard's standby, was deposed, or waits
     for its standby or its lease (gRPC UNAVAILABLE: the client tries the other address of the pair)."""
+
+
+class ConfigTypeError(TypeError, ValueError):
+    """A field of a job's TOML (or a flag) of the wrong type or shape; the message names the field.
+
+    A TypeError, as Python would raise it, and a ValueError because every command ends with one
+    line on a ValueError (embps.py `cli`): a value of the wrong type is a bad value of that field."""

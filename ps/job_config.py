@@ -12,8 +12,9 @@
     bucket_ranges = [[0, 32768, 0], [32768, 65536, 1]]
 
     [[shards]]
-    address = "127.0.0.1:50051"         # host:port the shard's gRPC server binds
-    metrics_port = 9101                 # Prometheus /metrics (0: pick a free port)
+    address = "127.0.0.1:50051"         # host:port the shard's gRPC server binds (IPv6: "[::1]:50051")
+    metrics_port = 9101                 # Prometheus /metrics (0: pick a free port); no two fields of
+                                        # the job may bind one host:port
 
     [tables.user]                       # every TableConfig field; the table's name is its key
     dim = 16
@@ -33,9 +34,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import tomllib
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import MISSING, dataclass, field, fields
 from enum import StrEnum
 from pathlib import Path
@@ -43,13 +44,18 @@ from pathlib import Path
 import numpy as np
 
 from ps import toml_writer
+from ps.errors import ConfigTypeError
+from ps.names import NAME_RULE, is_name
 from ps.security import SecurityConfig, dump_security, parse_security
 from ps.sharding import ShardMap
-from ps.snapshot.storage import StorageConfig
+from ps.snapshot.storage import StorageConfig, check_uri
 from ps.table.config import AdmissionConfig, EvictionConfig, OptimizerConfig, TableConfig
+from ps.toml_reader import read_toml
 
 DEFAULT_MESSAGE_LIMIT = 64 << 20
 _MIN_MESSAGE_LIMIT = 64 << 10
+# A day: gRPC turns a deadline past ~1e9 s into one already expired, so every call would fail.
+MAX_DEADLINE_S = 86400.0
 
 
 @dataclass(frozen=True)
@@ -78,11 +84,28 @@ class ShardConfig:
 
     @property
     def host(self) -> str:
-        return self.address.rsplit(":", 1)[0]
+        """The address's host as a socket binds it (an IPv6 host without its brackets)."""
+        return parse_address("address", self.address)[0]
 
     @property
     def port(self) -> int:
-        return int(self.address.rsplit(":", 1)[1])
+        return parse_address("address", self.address)[1]
+
+
+def parse_address(where: str, address: object) -> tuple[str, int]:
+    """'host:port' (an IPv6 host in brackets: '[::1]:50051') -> (host without brackets, port);
+    ValueError naming `where` unless the port is in [1, 65535] and the host is not empty."""
+    rule = "must be 'host:port' with a port in [1, 65535] (an IPv6 host in brackets: '[::1]:port')"
+    if not isinstance(address, str):
+        raise ValueError(f"{where}: {rule}, got {address!r}")
+    host, colon, port = address.rpartition(":")
+    if host.startswith("[") and host.endswith("]") and ":" in host:
+        host = host[1:-1]
+    elif ":" in host or "[" in host or "]" in host:
+        host = ""
+    if not colon or not host or not port.isascii() or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{where}: {rule}, got {address!r}")
+    return host, int(port)
 
 
 @dataclass(frozen=True)
@@ -153,33 +176,28 @@ class JobConfig:
 
 
 def load_job_config(path: str | Path) -> JobConfig:
-    """Reads and validates a TOML job config; ValueError/TypeError name the bad field."""
+    """Reads and validates a TOML job config; ValueError (ConfigTypeError for a wrong type) names the bad field."""
     path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise ValueError(f"{path}: not valid TOML: {exc}") from exc
-    return parse_job_config(data, path.resolve().parent)
+    return parse_job_config(read_toml(path), path.resolve().parent)
 
 
 # Sections of the same job file that other components read (the training workers, `embps deploy
 # render`, `embps launch`); the PS skips them, so one file describes the whole job.
 OTHER_SECTIONS = frozenset({"train", "model", "data", "deploy", "launch"})
+PS_SECTIONS = frozenset({
+    "job", "shards", "tables", "message_limit_bytes", "deadlines", "sharding", "push_dedupe_window", "snapshot",
+    "security", "arbiter",
+})
 
 
 def parse_job_config(data: dict, base_dir: Path | None = None) -> JobConfig:
     """A parsed TOML document (dict) -> a validated JobConfig; relative paths ([security]) are
     joined to base_dir (the TOML's directory)."""
+    _reject_unknown("", data, PS_SECTIONS | OTHER_SECTIONS)  # a misspelled [train] is not "unknown to the PS"
     data = {k: v for k, v in data.items() if k not in OTHER_SECTIONS}
-    _reject_unknown(
-        "",
-        data,
-        {"job", "shards", "tables", "message_limit_bytes", "deadlines", "sharding", "push_dedupe_window", "snapshot",
-         "security", "arbiter"},
-    )
     job = data.get("job")
-    if not isinstance(job, str) or not job or not all(c.isalnum() or c in "_.-" for c in job):
-        raise ValueError(f"job: must be a name matching [A-Za-z0-9_.-]+, got {job!r}")
+    if not is_name(job):
+        raise ValueError(f"job: must be {NAME_RULE}, got {job!r}")
     shards = _parse_shards(data.get("shards"))
     tables = _parse_tables(data.get("tables"))
     limit = data.get("message_limit_bytes", DEFAULT_MESSAGE_LIMIT)
@@ -189,14 +207,16 @@ def parse_job_config(data: dict, base_dir: Path | None = None) -> JobConfig:
     deadlines = build_config(Deadlines, _table_of(data, "deadlines"), "deadlines")
     for f in fields(Deadlines):
         value = getattr(deadlines, f.name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-            raise ValueError(f"deadlines.{f.name}: must be a number of seconds > 0, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_DEADLINE_S:
+            raise ValueError(
+                f"deadlines.{f.name}: must be a number of seconds in (0, {MAX_DEADLINE_S:g}], got {value!r}"
+            )
     sharding = _table_of(data, "sharding")
     _reject_unknown("sharding", sharding, {"bucket_ranges"})
     if "bucket_ranges" in sharding:
         ranges = sharding["bucket_ranges"]
         if not isinstance(ranges, list):
-            raise TypeError(f"sharding.bucket_ranges: must be a list of [start, stop, shard], got {ranges!r}")
+            raise ConfigTypeError(f"sharding.bucket_ranges: must be a list of [start, stop, shard], got {ranges!r}")
         shard_map = ShardMap.from_ranges(len(shards), ranges, "sharding.bucket_ranges")
         unused = sorted(set(range(len(shards))) - set(shard_map.buckets.tolist()))
         if unused:
@@ -206,8 +226,7 @@ def parse_job_config(data: dict, base_dir: Path | None = None) -> JobConfig:
     snapshot = None
     if "snapshot" in data:
         snapshot = build_config(SnapshotConfig, _table_of(data, "snapshot"), "snapshot")
-        if not isinstance(snapshot.uri, str) or not snapshot.uri:
-            raise ValueError(f"snapshot.uri: must be a non-empty URI, got {snapshot.uri!r}")
+        check_uri(snapshot.uri, "snapshot.uri")
         _check_int("snapshot.every_steps", snapshot.every_steps, 0, 2**32 - 1)
         _check_int("snapshot.full_every", snapshot.full_every, 1, 2**31)
         _check_int("snapshot.keep", snapshot.keep, 0, 2**31)
@@ -216,7 +235,7 @@ def parse_job_config(data: dict, base_dir: Path | None = None) -> JobConfig:
             value = getattr(snapshot, name)
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"snapshot.{name}: must be a number of seconds > 0, got {value!r}")
-        snapshot.storage.validate()
+        snapshot.storage.validate("snapshot.storage")
     security = parse_security(data["security"], base_dir) if "security" in data else SecurityConfig()
     arbiter = _parse_arbiter(data["arbiter"]) if "arbiter" in data else None
     if arbiter is None and any(s.standby for s in shards):
@@ -241,7 +260,7 @@ def parse_job_config(data: dict, base_dir: Path | None = None) -> JobConfig:
 
 def _parse_arbiter(raw: object) -> ArbiterConfig:
     if not isinstance(raw, dict):
-        raise TypeError(f"arbiter: must be a table ([arbiter]), got {raw!r}")
+        raise ConfigTypeError(f"arbiter: must be a table ([arbiter]), got {raw!r}")
     arbiter = build_config(ArbiterConfig, raw, "arbiter")
     if not isinstance(arbiter.endpoints, str) or not arbiter.endpoints.strip():
         raise ValueError(f"arbiter.endpoints: must be 'http://host:port[,...]' (etcd), got {arbiter.endpoints!r}")
@@ -256,35 +275,46 @@ def _parse_shards(raw: object) -> tuple[ShardConfig, ...]:
     if not isinstance(raw, list) or not raw:
         raise ValueError(f"shards: must be a non-empty array of tables ([[shards]]), got {raw!r}")
     shards = []
-    seen: dict[str, str] = {}
     for i, entry in enumerate(raw):
         where = f"shards[{i}]"
         if not isinstance(entry, dict):
-            raise TypeError(f"{where}: must be a table with address and metrics_port, got {entry!r}")
+            raise ConfigTypeError(f"{where}: must be a table with address and metrics_port, got {entry!r}")
         shard = build_config(ShardConfig, entry, where)
-        address = shard.address
-        if not isinstance(address, str) or address.count(":") < 1:
-            raise ValueError(f"{where}.address: must be 'host:port', got {address!r}")
-        host, port = address.rsplit(":", 1)
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"{where}.address: must be 'host:port' with a port in [1, 65535], got {address!r}")
+        parse_address(f"{where}.address", shard.address)
         _check_int(f"{where}.metrics_port", shard.metrics_port, 0, 65535)
-        if address in seen:
-            raise ValueError(f"{where}.address: {address!r} is also {seen[address]}")
-        seen[address] = f"shards[{i}].address"
-        if shard.standby:
-            standby = shard.standby
-            if not isinstance(standby, str) or standby.count(":") < 1:
-                raise ValueError(f"{where}.standby: must be 'host:port', got {standby!r}")
-            s_host, s_port = standby.rsplit(":", 1)
-            if not s_host or not s_port.isdigit() or not 0 < int(s_port) < 65536:
-                raise ValueError(f"{where}.standby: must be 'host:port' with a port in [1, 65535], got {standby!r}")
-            if standby in seen:
-                raise ValueError(f"{where}.standby: {standby!r} is also {seen[standby]}")
-            seen[standby] = f"{where}.standby"
         _check_int(f"{where}.standby_metrics_port", shard.standby_metrics_port, 0, 65535)
+        if shard.standby:
+            parse_address(f"{where}.standby", shard.standby)
         shards.append(shard)
+    shard_endpoints(shards)  # two fields binding one port: raises
     return tuple(shards)
+
+
+def shard_endpoints(shards: Sequence[ShardConfig]) -> dict[tuple[str, int], str]:
+    """(host without brackets, port) -> the field that binds it, for every port the shards bind:
+    addresses, metrics ports, standbys and their metrics ports (a port 0, picked free at start, is
+    left out). ValueError naming both fields if two of them bind the same host:port."""
+    taken: dict[tuple[str, int], str] = {}
+    for i, shard in enumerate(shards):
+        binds = [("address", shard.address, "metrics_port", shard.metrics_port)]
+        if shard.standby:
+            binds.append(("standby", shard.standby, "standby_metrics_port", shard.standby_metrics_port))
+        for address_field, address, metrics_field, metrics_port in binds:
+            host, port = parse_address(f"shards[{i}].{address_field}", address)
+            claim_endpoint(taken, host, port, f"shards[{i}].{address_field}")
+            claim_endpoint(taken, host, metrics_port, f"shards[{i}].{metrics_field}")
+    return taken
+
+
+def claim_endpoint(taken: dict[tuple[str, int], str], host: str, port: int, where: str) -> None:
+    """Records that field `where` binds host:port (0: a free port, never a clash); ValueError if an
+    earlier field binds the same one (only one of the two servers could start)."""
+    if port == 0:
+        return
+    if (host, port) in taken:
+        shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        raise ValueError(f"{where}: {shown!r} is also {taken[host, port]}; only one of the two could bind it")
+    taken[host, port] = where
 
 
 def _parse_tables(raw: object) -> tuple[TableConfig, ...]:
@@ -292,9 +322,9 @@ def _parse_tables(raw: object) -> tuple[TableConfig, ...]:
         raise ValueError(f"tables: must declare at least one table ([tables.NAME] with dim), got {raw!r}")
     tables = []
     for name, entry in raw.items():
-        where = f"tables.{name}"
+        where = f"tables.{toml_writer.key(name)}"  # as the file spells it: tables."v1.user"
         if not isinstance(entry, dict):
-            raise TypeError(f"{where}: must be a table of fields, got {entry!r}")
+            raise ConfigTypeError(f"{where}: must be a table of fields, got {entry!r}")
         if "name" in entry and entry["name"] != name:
             raise ValueError(f"{where}.name: the table's name is its key {name!r}, got {entry['name']!r}")
         entry = {**entry, "name": name}
@@ -310,7 +340,7 @@ def build_config(cls: type, data: dict, where: str):
     StrEnum fields are converted (bad values list the choices), lists become tuples where the
     field is a tuple, ints, floats, strings and bools are type-checked, nested configs recurse."""
     if not isinstance(data, dict):
-        raise TypeError(f"{where}: must be a table of fields, got {data!r}")
+        raise ConfigTypeError(f"{where}: must be a table of fields, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in fields(cls)}
     _reject_unknown(where, data, names)
@@ -325,20 +355,20 @@ def build_config(cls: type, data: dict, where: str):
         hint = _strip_optional(hints[f.name])
         if hint in _NESTED or dataclasses.is_dataclass(hint):
             if not isinstance(value, dict):
-                raise TypeError(f"{path}: must be a table of fields, got {value!r}")
+                raise ConfigTypeError(f"{path}: must be a table of fields, got {value!r}")
             value = build_config(hint, value, path)
         elif typing.get_origin(hint) is tuple:
             if not isinstance(value, (list, tuple)):
-                raise TypeError(f"{path}: must be a list, got {value!r}")
+                raise ConfigTypeError(f"{path}: must be a list, got {value!r}")
             value = tuple(value)
         elif hint is bool and not isinstance(value, bool):
-            raise TypeError(f"{path}: must be true or false, got {value!r}")
+            raise ConfigTypeError(f"{path}: must be true or false, got {value!r}")
         elif hint is int and (isinstance(value, bool) or not isinstance(value, int)):
-            raise TypeError(f"{path}: must be an integer, got {value!r}")
+            raise ConfigTypeError(f"{path}: must be an integer, got {value!r}")
         elif hint is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise TypeError(f"{path}: must be a number, got {value!r}")
+            raise ConfigTypeError(f"{path}: must be a number, got {value!r}")
         elif hint is str and not isinstance(value, str):
-            raise TypeError(f"{path}: must be a string, got {value!r}")
+            raise ConfigTypeError(f"{path}: must be a string, got {value!r}")
         elif isinstance(hint, type) and issubclass(hint, StrEnum):
             try:
                 value = hint(value)
@@ -360,7 +390,7 @@ def _strip_optional(hint: object) -> object:
 def _table_of(data: dict, key: str) -> dict:
     value = data.get(key, {})
     if not isinstance(value, dict):
-        raise TypeError(f"{key}: must be a table ([{key}]), got {value!r}")
+        raise ConfigTypeError(f"{key}: must be a table ([{key}]), got {value!r}")
     return value
 
 
@@ -373,7 +403,7 @@ def _reject_unknown(where: str, data: dict, known: set[str]) -> None:
 
 def _check_int(path: str, value: object, low: int, high: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{path}: must be an integer, got {type(value).__name__} {value!r}")
+        raise ConfigTypeError(f"{path}: must be an integer, got {type(value).__name__} {value!r}")
     if not low <= value <= high:
         raise ValueError(f"{path}: must be in [{low}, {high}], got {value}")
 

@@ -60,7 +60,11 @@ class ShardMap:
         buckets = np.full(NUM_BUCKETS, -1, dtype=np.int32)
         expected_start = 0
         for i, triple in enumerate(ranges):
-            if len(triple) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) for v in triple):
+            if (
+                not isinstance(triple, (list, tuple))
+                or len(triple) != 3
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in triple)
+            ):
                 raise ValueError(f"{where}[{i}]: must be [start, stop, shard] integers, got {triple!r}")
             start, stop, shard = triple
             if start != expected_start or not start < stop <= NUM_BUCKETS:

@@ -14,6 +14,7 @@ from pathlib import Path
 import grpc
 
 from ps import toml_writer
+from ps.errors import ConfigTypeError
 
 log = logging.getLogger("embps.security")
 
@@ -125,7 +126,7 @@ def parse_security(raw: object, base_dir: Path | None = None) -> SecurityConfig:
     """The `[security]` table (dict) -> SecurityConfig; relative paths are joined to base_dir.
     Checks shape and combinations only; files and variables are read by the process using them."""
     if not isinstance(raw, dict):
-        raise TypeError(f"security: must be a table ([security]), got {type(raw).__name__}")
+        raise ConfigTypeError(f"security: must be a table ([security]), got {type(raw).__name__}")
     paths = [f.name for f in fields(SecurityConfig) if f.name != "tokens"]
     unknown = sorted(set(raw) - {*paths, "tokens"})
     if unknown:
@@ -153,14 +154,16 @@ def parse_security(raw: object, base_dir: Path | None = None) -> SecurityConfig:
 def _parse_tokens(raw: object, base_dir: Path | None) -> Tokens:
     if not isinstance(raw, dict):
         # Not echoed: a misplaced token must not reach an error message.
-        raise TypeError(f"security.tokens: must be a table of roles ({', '.join(Role)}), got {type(raw).__name__}")
+        raise ConfigTypeError(
+            f"security.tokens: must be a table of roles ({', '.join(Role)}), got {type(raw).__name__}"
+        )
     sources = {}
     for role, entry in raw.items():
         where = f"security.tokens.{role}"
         if role not in {r.value for r in Role}:
             raise ValueError(f"{where}: unknown role; roles: {', '.join(Role)}")
         if not isinstance(entry, dict) or len(entry) != 1 or not set(entry) <= {"file", "env"}:
-            raise TypeError(
+            raise ConfigTypeError(
                 f"{where}: must be {{ file = \"path\" }} or {{ env = \"VARIABLE\" }} (tokens are never written "
                 f"in the TOML), got a {type(entry).__name__}"
             )
@@ -169,14 +172,14 @@ def _parse_tokens(raw: object, base_dir: Path | None) -> Tokens:
         else:
             env = entry["env"]
             if not isinstance(env, str) or not env or "=" in env:
-                raise TypeError(f"{where}.env: must be the name of an environment variable, got {env!r}")
+                raise ConfigTypeError(f"{where}.env: must be the name of an environment variable, got {env!r}")
             sources[role] = TokenSource(env=env)
     return Tokens(**sources)
 
 
 def _path(where: str, value: object, base_dir: Path | None) -> str:
     if not isinstance(value, str) or not value:
-        raise TypeError(f"{where}: must be a non-empty path, got {type(value).__name__}")
+        raise ConfigTypeError(f"{where}: must be a non-empty path, got {type(value).__name__}")
     path = Path(value).expanduser()
     if base_dir is not None and not path.is_absolute():
         path = base_dir / path

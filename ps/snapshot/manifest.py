@@ -13,6 +13,7 @@ from enum import StrEnum
 import numpy as np
 
 from ps.errors import EmbpsError
+from ps.names import NAME_RULE, is_name
 from ps.table.config import (
     AdmissionConfig,
     AdmissionKind,
@@ -216,8 +217,8 @@ class Manifest:
 
 
 def check_name(what: str, name: object) -> str:
-    if not isinstance(name, str) or not name or name in (".", "..") or not all(c.isalnum() or c in "_.-" for c in name):
-        raise ValueError(f"{what}: must match [A-Za-z0-9_.-]+ (it becomes a path component), got {name!r}")
+    if not is_name(name):
+        raise ValueError(f"{what}: must be {NAME_RULE}: it becomes a path component, got {name!r}")
     return name
 
 

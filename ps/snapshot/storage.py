@@ -30,6 +30,7 @@ from ps.errors import EmbpsError
 
 _SCHEMES = ("file", "s3", "hdfs")
 _DEFAULT_HDFS_PORT = 8020
+MAX_STORAGE_TIMEOUT_S = 3600.0  # one S3 request; beyond it a dead endpoint would hang a round for hours
 
 
 class StorageError(EmbpsError, OSError):
@@ -79,24 +80,31 @@ class StorageConfig:
     max_attempts: int = 3
     allow_bucket_creation: bool = False
 
-    def validate(self) -> StorageConfig:
-        """Raises ValueError naming the first bad field; returns self when valid."""
+    def validate(self, where: str = "storage") -> StorageConfig:
+        """Raises ValueError naming the first bad field (under `where`, its path in the config
+        file); returns self when valid."""
         if self.scheme is not None and self.scheme not in ("http", "https"):
-            raise ValueError(f"storage.scheme: must be 'http' or 'https', got {self.scheme!r}")
+            raise ValueError(f"{where}.scheme: must be 'http' or 'https', got {self.scheme!r}")
         if (self.access_key is None) != (self.secret_key is None):
             missing = "secret_key" if self.secret_key is None else "access_key"
-            raise ValueError(f"storage.{missing}: access_key and secret_key go together; only one is set")
+            raise ValueError(f"{where}.{missing}: access_key and secret_key go together; only one is set")
         if self.endpoint_override is not None and ("://" in self.endpoint_override or not self.endpoint_override):
             raise ValueError(
-                f"storage.endpoint_override: must be host:port without a scheme (put the scheme in "
-                f"storage.scheme), got {self.endpoint_override!r}"
+                f"{where}.endpoint_override: must be host:port without a scheme (put the scheme in "
+                f"{where}.scheme), got {self.endpoint_override!r}"
             )
         if isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int) or not self.max_attempts >= 1:
-            raise ValueError(f"storage.max_attempts: must be an integer >= 1, got {self.max_attempts!r}")
+            raise ValueError(f"{where}.max_attempts: must be an integer >= 1, got {self.max_attempts!r}")
         for name in ("connect_timeout", "request_timeout"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"storage.{name}: must be a number of seconds > 0, got {value!r}")
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not 0 < value <= MAX_STORAGE_TIMEOUT_S
+            ):
+                raise ValueError(
+                    f"{where}.{name}: must be a number of seconds in (0, {MAX_STORAGE_TIMEOUT_S:g}], got {value!r}"
+                )
         return self
 
     @classmethod
@@ -124,29 +132,54 @@ class StorageConfig:
         ).validate()
 
 
+def check_uri(uri: object, where: str = "uri") -> None:
+    """Raises ValueError naming `where` unless `uri` has a form open_uri takes (a local path, or a
+    file://, s3:// or hdfs:// URI with what its scheme needs); opens nothing, so a config file's URI
+    is checked when the file is read, not at the first snapshot."""
+    if not isinstance(uri, str) or not uri:
+        raise ValueError(f"{where}: must be a non-empty string, got {uri!r}")
+    if "://" not in uri:
+        return
+    parts = urlsplit(uri)
+    scheme = parts.scheme.lower()
+    if scheme not in _SCHEMES:
+        raise ValueError(f"{where}: unsupported scheme {parts.scheme!r} in {uri!r}; use one of {', '.join(_SCHEMES)}")
+    if parts.query or parts.fragment:
+        raise ValueError(
+            f"{where}: query and fragment are not read ({uri!r}); put S3 options in StorageConfig or AWS_* variables"
+        )
+    if scheme == "file":
+        if parts.netloc not in ("", "localhost"):
+            raise ValueError(f"{where}: file URIs name no host (file:///abs/path), got {uri!r}")
+        if not parts.path.startswith("/"):
+            raise ValueError(f"{where}: file URIs need an absolute path (file:///abs/path), got {uri!r}")
+    elif scheme == "s3":
+        if not parts.netloc:
+            raise ValueError(f"{where}: s3 URIs need a bucket (s3://bucket/prefix), got {uri!r}")
+    else:
+        if not parts.hostname:
+            raise ValueError(f"{where}: hdfs URIs need a NameNode host (hdfs://namenode:8020/path), got {uri!r}")
+        try:
+            valid_port = parts.port is None or 0 <= parts.port <= 65535  # urlsplit checks it when read
+        except ValueError:
+            valid_port = False
+        if not valid_port:
+            raise ValueError(f"{where}: the port of {uri!r} must be an integer in [0, 65535]")
+
+
 def open_uri(uri: str, config: StorageConfig | None = None) -> tuple[pafs.FileSystem, str]:
     """uri -> (filesystem, base path inside it); see the module docstring for the forms.
 
     config: S3 settings; None reads them all from the environment (StorageConfig.from_env).
-    Raises ValueError for a malformed URI and StorageError when the filesystem cannot be set up.
+    Raises ValueError for a malformed URI (check_uri) and StorageError when the filesystem cannot
+    be set up.
     """
-    if not isinstance(uri, str) or not uri:
-        raise ValueError(f"uri: must be a non-empty string, got {uri!r}")
+    check_uri(uri)
     if "://" not in uri:
         return pafs.LocalFileSystem(), os.path.abspath(uri)
     parts = urlsplit(uri)
     scheme = parts.scheme.lower()
-    if scheme not in _SCHEMES:
-        raise ValueError(f"uri: unsupported scheme {parts.scheme!r} in {uri!r}; use one of {', '.join(_SCHEMES)}")
-    if parts.query or parts.fragment:
-        raise ValueError(
-            f"uri: query and fragment are not read ({uri!r}); put S3 options in StorageConfig or AWS_* variables"
-        )
     if scheme == "file":
-        if parts.netloc not in ("", "localhost"):
-            raise ValueError(f"uri: file URIs name no host (file:///abs/path), got {uri!r}")
-        if not parts.path.startswith("/"):
-            raise ValueError(f"uri: file URIs need an absolute path (file:///abs/path), got {uri!r}")
         return pafs.LocalFileSystem(), os.path.normpath(parts.path)
     if scheme == "s3":
         return _open_s3(uri, parts.netloc, parts.path, StorageConfig.from_env(base=config))
@@ -154,8 +187,6 @@ def open_uri(uri: str, config: StorageConfig | None = None) -> tuple[pafs.FileSy
 
 
 def _open_s3(uri: str, bucket: str, path: str, config: StorageConfig) -> tuple[pafs.FileSystem, str]:
-    if not bucket:
-        raise ValueError(f"uri: s3 URIs need a bucket (s3://bucket/prefix), got {uri!r}")
     kwargs: dict[str, object] = {
         "connect_timeout": float(config.connect_timeout),
         "request_timeout": float(config.request_timeout),
@@ -177,12 +208,7 @@ def _open_s3(uri: str, bucket: str, path: str, config: StorageConfig) -> tuple[p
 
 
 def _open_hdfs(uri: str, parts) -> tuple[pafs.FileSystem, str]:
-    if not parts.hostname:
-        raise ValueError(f"uri: hdfs URIs need a NameNode host (hdfs://namenode:8020/path), got {uri!r}")
-    try:
-        port = parts.port if parts.port is not None else _DEFAULT_HDFS_PORT
-    except ValueError:
-        raise ValueError(f"uri: the port of {uri!r} must be an integer in [0, 65535]") from None
+    port = parts.port if parts.port is not None else _DEFAULT_HDFS_PORT
     try:
         fs = pafs.HadoopFileSystem(parts.hostname, port, user=parts.username)
     except (pa.ArrowException, OSError) as e:

@@ -10,6 +10,9 @@ import math
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from ps.errors import ConfigTypeError
+from ps.names import NAME_RULE, is_name
+
 
 class Initializer(StrEnum):
     ZEROS = "zeros"
@@ -107,7 +110,7 @@ class EvictionConfig:
 class TableConfig:
     """One hash-keyed embedding table.
 
-    name: table name, [A-Za-z0-9_.-]+.
+    name: table name: letters, digits, "_", "." and "-" (not "." or "..").
     dim: embedding width, > 0.
     dtype: the type values travel and compute in; float32 only (others are refused).
     storage: how the table keeps its row values: "float32", "float16" or "int8" (row-wise, with a
@@ -143,10 +146,8 @@ class TableConfig:
     def validate(self, where: str | None = None) -> TableConfig:
         """Raises ValueError naming the first bad field; returns self when valid."""
         p = where if where is not None else self.name
-        if not isinstance(self.name, str) or not self.name or not all(
-            c.isalnum() or c in "_.-" for c in self.name
-        ):
-            raise ValueError(f"{p}.name: must match [A-Za-z0-9_.-]+, got {self.name!r}")
+        if not is_name(self.name):
+            raise ValueError(f"{p}.name: must be {NAME_RULE}, got {self.name!r}")
         _check_int(f"{p}.dim", self.dim, low=1, high=65536)
         if self.dtype != "float32":
             raise ValueError(f"{p}.dtype: only 'float32' rows are supported, got {self.dtype!r}")
@@ -205,14 +206,14 @@ class TableConfig:
 
 def _check_int(path: str, value: object, low: int, high: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{path}: must be an integer, got {type(value).__name__} {value!r}")
+        raise ConfigTypeError(f"{path}: must be an integer, got {type(value).__name__} {value!r}")
     if not low <= value <= high:
         raise ValueError(f"{path}: must be in [{low}, {high}], got {value}")
 
 
 def _check_float(path: str, value: object, low: float, high: float = math.inf, strict: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{path}: must be a number, got {type(value).__name__} {value!r}")
+        raise ConfigTypeError(f"{path}: must be a number, got {type(value).__name__} {value!r}")
     if not math.isfinite(value):
         raise ValueError(f"{path}: must be finite, got {value}")
     if value < low or (strict and value == low) or value > high:

@@ -6,6 +6,7 @@ import tomllib
 import numpy as np
 import pytest
 
+from ps.errors import ConfigTypeError
 from ps.job_config import SnapshotConfig, dump_job_config, load_job_config, parse_job_config
 from ps.sharding import ShardMap
 from ps.snapshot.storage import StorageConfig
@@ -91,16 +92,72 @@ def _with(old: str, new: str) -> dict:
         ("metrics_port = 9101", "metrics_port = 70000", r"shards\[0\]\.metrics_port: must be in \[0, 65535\]"),
         ('job = "ctr"', 'job = "c t r"', r"job: must be a name"),
         ("message_limit_bytes = 1048576", "message_limit_bytes = 10", r"message_limit_bytes: must be in"),
-        ("lookup = 2.5", "lookup = 0", r"deadlines\.lookup: must be a number of seconds > 0"),
+        ("lookup = 2.5", "lookup = 0", r"deadlines\.lookup: must be a number of seconds in \(0, 86400\]"),
         ("push = 7", "pushh = 7", r"deadlines\.pushh: unknown field"),
         ("[40000, 65536, 1]", "[40001, 65536, 1]", r"sharding\.bucket_ranges\[1\]: ranges must cover"),
         ("[40000, 65536, 1]", "[40000, 65536, 0]", r"sharding\.bucket_ranges: shards \[1\] own no bucket"),
         ('job = "ctr"', 'job = "ctr"\nshard_count = 2', r"shard_count: unknown field"),
+        ("[40000, 65536, 1]]", "1]", r"sharding\.bucket_ranges\[1\]: must be \[start, stop, shard\] integers, got 1"),
+        ('address = "127.0.0.1:7002"', 'address = "::1"', r"shards\[1\]\.address: .*IPv6 host in brackets"),
+        ('address = "127.0.0.1:7002"', 'address = "127.0.0.1:99999"', r"shards\[1\]\.address: must be 'host:port'"),
+        (
+            "metrics_port = 9101",
+            "metrics_port = 7002",
+            r"shards\[1\]\.address: '127.0.0.1:7002' is also shards\[0\]\.metrics_port",
+        ),
+        (
+            'address = "127.0.0.1:7002"',
+            'address = "127.0.0.1:7002"\nmetrics_port = 9101',
+            r"shards\[1\]\.metrics_port: '127.0.0.1:9101' is also shards\[0\]\.metrics_port",
+        ),
+        ('job = "ctr"', 'job = ".."', r"job: must be a name of letters"),
+        ("[tables.item]", '[tables.".."]', r'tables\."\.\."\.name: must be a name of letters'),
+        ("lookup = 2.5", "lookup = 1e10", r"deadlines\.lookup: must be a number of seconds in \(0, 86400\]"),
+        ("lookup = 2.5", "lookup = inf", r"deadlines\.lookup: must be a number of seconds in \(0, 86400\]"),
+        ('dim = 8', 'dim = 8\n[snapshot]\nuri = "ftp://host/x"', r"snapshot\.uri: unsupported scheme 'ftp'"),
+        ('dim = 8', 'dim = 8\n[snapshot]\nuri = "s3://"', r"snapshot\.uri: s3 URIs need a bucket"),
+        (
+            'dim = 8',
+            'dim = 8\n[snapshot]\nuri = "s3://b/p"\nstorage = { request_timeout = inf }',
+            r"snapshot\.storage\.request_timeout: must be a number of seconds in \(0, 3600\]",
+        ),
     ],
 )
 def test_errors_name_the_field(old, new, message):
     with pytest.raises((ValueError, TypeError), match=message):
         parse_job_config(_with(old, new))
+
+
+@pytest.mark.parametrize(
+    "old, new",
+    [
+        ("dim = 16", 'dim = "16"'),
+        ('address = "127.0.0.1:7002"', "address = 7002"),
+        ("[deadlines]\nlookup = 2.5\npush = 7", "deadlines = 5"),
+        ('job = "ctr"', 'job = "ctr"\nsecurity = "on"'),
+        ('job = "ctr"', 'job = "ctr"\narbiter = 1'),
+    ],
+)
+def test_a_wrong_type_is_a_value_error_for_the_command_line(old, new):
+    """A wrong type is a ConfigTypeError: a TypeError, and a ValueError that `embps` prints as one
+    line (embps.py), not a traceback."""
+    with pytest.raises(ConfigTypeError):
+        parse_job_config(_with(old, new))
+    with pytest.raises(ValueError):
+        parse_job_config(_with(old, new))
+
+
+def test_an_ipv6_address_binds_its_host_without_brackets():
+    job = parse_job_config(_with('address = "127.0.0.1:7002"', 'address = "[::1]:7002"'))
+    assert (job.shards[1].host, job.shards[1].port) == ("::1", 7002)
+    assert job.addresses[1] == "[::1]:7002"  # gRPC's form
+
+
+def test_a_file_that_is_not_utf8_is_named(tmp_path):
+    path = tmp_path / "job.toml"
+    path.write_bytes(b"\xff\xfejob = 1\n")
+    with pytest.raises(ValueError, match=r"job\.toml: not a UTF-8 text file"):
+        load_job_config(path)
 
 
 def test_missing_shards_and_tables_are_named():

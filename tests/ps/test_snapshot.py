@@ -257,7 +257,7 @@ def test_writer_refuses_what_it_cannot_commit(tmp_path):
         SnapshotWriter(uri, "job", 2, "incremental")
     with pytest.raises(ValueError, match="parent: must be an earlier step"):
         SnapshotWriter(uri, "job", 2, "incremental", parent=2)
-    with pytest.raises(ValueError, match="job: must match"):
+    with pytest.raises(ValueError, match="job: must be a name of letters"):
         SnapshotWriter(uri, "../x", 2)
     with pytest.raises(ValueError, match="kind"):
         SnapshotWriter(uri, "job", 2, "partial")

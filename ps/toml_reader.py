@@ -1,0 +1,25 @@
+"""Reading a job's TOML files: one place that names the file when it cannot be read as TOML."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+
+def read_toml_text(path: str | Path) -> tuple[str, dict]:
+    """(the text, the parsed document) of the TOML file at `path`. ValueError naming the file when
+    it is not UTF-8 text or not valid TOML; OSError, with its filename, when it cannot be read."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not a UTF-8 text file (byte {exc.start}: {exc.reason})") from None
+    try:
+        return text, tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{path}: not valid TOML: {exc}") from exc
+
+
+def read_toml(path: str | Path) -> dict:
+    """The parsed TOML document at `path` (errors as read_toml_text)."""
+    return read_toml_text(path)[1]
