@@ -1,16 +1,22 @@
 """A configuration error ends any `embps` command with one line naming the field and exit status 2,
-not a traceback (embps.cli), whichever process reads the file."""
+not a traceback (embps.cli), whichever process reads the file. A shard's own flags, checked before
+it binds its port, and a port it cannot bind end it with status 1 and a line naming the flag or
+field."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.helpers.processes import REPO_ROOT
+from ps.job_config import dump_job_config
+from ps.table.config import TableConfig
+from tests.helpers.processes import REPO_ROOT, make_job
 
 BAD = '[job]\nname = "x"\n'  # `job` must be a name, not a table
 
@@ -52,3 +58,50 @@ def test_a_missing_job_file_is_one_line_naming_the_file(tmp_path: Path, argv: li
     )
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip().splitlines() == [f"embps {argv[0]}: {path}: No such file or directory"], done.stderr
+
+
+def _shard_job(tmp_path: Path, metrics_port: int | None = None) -> Path:
+    """A one-shard job file on free loopback ports (metrics_port: that one instead)."""
+    job = make_job([TableConfig(name="t", dim=4)])
+    if metrics_port is not None:
+        job = dataclasses.replace(job, shards=(dataclasses.replace(job.shards[0], metrics_port=metrics_port),))
+    path = tmp_path / "job.toml"
+    path.write_text(dump_job_config(job))
+    return path
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--grace", "nan"], "--grace must be a number of seconds in [0, 86400], got nan"),
+        (["--grace", "-5"], "--grace must be a number of seconds in [0, 86400], got -5.0"),
+        (
+            ["--stream-stall-seconds", "inf"],
+            "--stream-stall-seconds must be a number of seconds in (0, 86400], got inf",
+        ),
+        (["--restore-step", "-1"], "--restore-step must be a snapshot step >= 0, got -1"),
+    ],
+)
+def test_a_bad_shard_flag_is_named_before_the_port_is_bound(tmp_path: Path, flags: list[str], message: str) -> None:
+    path = _shard_job(tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-m", "embps", "ps", "--no-malloc-tuning", "--config", str(path), "--shard", "0", *flags],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines() == [f"embps ps: {message}"], done.stderr
+
+
+def test_a_busy_metrics_port_names_the_field_and_ends_the_shard(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        path = _shard_job(tmp_path, metrics_port=port)
+        done = subprocess.run(
+            [sys.executable, "-m", "embps", "ps", "--no-malloc-tuning", "--config", str(path), "--shard", "0"],
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+        )
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    assert f"shards[0].metrics_port: cannot serve /metrics on 127.0.0.1:{port}: Address already in use" in done.stderr

@@ -24,6 +24,7 @@ import asyncio
 import dataclasses
 import functools
 import logging
+import math
 import os
 import signal
 import threading
@@ -93,6 +94,8 @@ MAX_FULL_COPIES = 4
 # keeps reading but opens no HTTP/2 window is not bounded so; see docs/reliability.md.)
 FROZEN_PEER_SECONDS = 20
 
+# The most seconds --grace and --stream-stall-seconds take: a day; more is a typo, not a plan.
+MAX_FLAG_SECONDS = 86400.0
 
 _ACK_BYTES = 32  # one VersionAck on the wire, framing included (generous)
 
@@ -828,7 +831,16 @@ async def _serve(
         shard_config = dataclasses.replace(
             shard_config, address=shard_config.standby, metrics_port=shard_config.standby_metrics_port
         )
-    metrics_port = shard_port.metrics.serve(shard_config.metrics_port, shard_config.host)
+    try:
+        metrics_port = shard_port.metrics.serve(shard_config.metrics_port, shard_config.host)
+    except OSError as exc:
+        field_name = "standby_metrics_port" if standby_slot == "standby" else "metrics_port"
+        log.error(
+            "shards[%d].%s: cannot serve /metrics on %s:%d: %s",
+            shard_index, field_name, shard_config.host, shard_config.metrics_port, exc.strerror or exc,
+        )
+        await server.stop(None)
+        return 1
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -885,8 +897,15 @@ def serve_shard(
         raise SystemExit(f"embps ps: --shard must be in [0, {len(job.shards)}) for {config}, got {shard}")
     if log_max_keys < 1:
         raise SystemExit(f"embps ps: --update-log-keys must be >= 1, got {log_max_keys}")
-    if not stream_stall_seconds > 0:
-        raise SystemExit(f"embps ps: --stream-stall-seconds must be > 0, got {stream_stall_seconds}")
+    if not (math.isfinite(grace) and 0 <= grace <= MAX_FLAG_SECONDS):
+        raise SystemExit(f"embps ps: --grace must be a number of seconds in [0, {MAX_FLAG_SECONDS:g}], got {grace}")
+    if not (math.isfinite(stream_stall_seconds) and 0 < stream_stall_seconds <= MAX_FLAG_SECONDS):
+        raise SystemExit(
+            f"embps ps: --stream-stall-seconds must be a number of seconds in (0, {MAX_FLAG_SECONDS:g}], "
+            f"got {stream_stall_seconds}"
+        )
+    if restore_step is not None and restore_step < 0:
+        raise SystemExit(f"embps ps: --restore-step must be a snapshot step >= 0, got {restore_step}")
     if standby and not job.shards[shard].standby:
         raise SystemExit(f"embps ps: --standby: shards[{shard}] of {config} declares no standby address")
     for table in job.tables:
