@@ -29,7 +29,10 @@ class ArrowMemoryPool(StrEnum):
 
 @dataclass(frozen=True)
 class SyntheticConfig:
-    """The synthetic data set. Defaults have Criteo's shape with a 100k-key vocabulary per feature."""
+    """The synthetic data set. Defaults have Criteo's shape with a 100k-key vocabulary per feature.
+
+    Errors name the field without its section (`num_keys: ...`); the job loader
+    (worker/train_config.py) puts `data.synthetic.` in front."""
 
     num_dense: int = 13
     num_sparse: int = 26
@@ -56,3 +59,5 @@ class SyntheticConfig:
                 raise ValueError(f"{name}: must be a finite number >= 0, got {value}")
         if not math.isfinite(self.bias):
             raise ValueError(f"bias: must be finite, got {self.bias}")
+        if not 0 <= self.seed < 2**64:  # numpy's default_rng takes no negative seed
+            raise ValueError(f"seed: must be in [0, {2**64 - 1}], got {self.seed}")

@@ -80,17 +80,17 @@ def _expand_one(entry: str, storage: StorageConfig | None, field: str) -> list[D
         raise StorageError(f"{field}: {entry}: {exc}") from exc
     name_of = _namer(entry, prefix, base_entry, base)
     if first_glob is None:
-        info = _info(fs, base, entry)
+        info = _info(fs, base, entry, field)
         if info.type == pafs.FileType.File:
             return [DataFile(fs, base, entry, info.size)]
         if info.type == pafs.FileType.NotFound:
             raise FileNotFoundError(f"{field}: {entry}: no such file or directory")
-        return _walk(fs, base, name_of, pattern=None)
+        return _walk(fs, base, name_of, None, field)
     pattern = components[first_glob:]
-    info = _info(fs, base, entry)
+    info = _info(fs, base, entry, field)
     if info.type != pafs.FileType.Directory:
         return []
-    return _walk(fs, base, name_of, pattern)
+    return _walk(fs, base, name_of, pattern, field)
 
 
 def _namer(entry: str, prefix: str, base_entry: str, base: str):
@@ -104,18 +104,18 @@ def _namer(entry: str, prefix: str, base_entry: str, base: str):
     return name_of
 
 
-def _info(fs: pafs.FileSystem, path: str, entry: str) -> pafs.FileInfo:
+def _info(fs: pafs.FileSystem, path: str, entry: str, field: str) -> pafs.FileInfo:
     try:
         return fs.get_file_info(path)
     except (OSError, pa.ArrowException) as exc:
-        raise OSError(f"data.paths: {entry}: cannot read: {exc}") from exc
+        raise OSError(f"{field}: {entry}: cannot read: {exc}") from exc
 
 
-def _walk(fs: pafs.FileSystem, base: str, name_of, pattern: list[str] | None) -> list[DataFile]:
+def _walk(fs: pafs.FileSystem, base: str, name_of, pattern: list[str] | None, field: str) -> list[DataFile]:
     try:
         infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
     except (OSError, pa.ArrowException) as exc:
-        raise OSError(f"data.paths: {name_of(base)}: cannot list: {exc}") from exc
+        raise OSError(f"{field}: {name_of(base)}: cannot list: {exc}") from exc
     files = []
     for info in infos:
         if info.type != pafs.FileType.File:

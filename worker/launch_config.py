@@ -11,16 +11,22 @@ max_restarts bounds two things, counted apart: restarts of the training (every w
 shard, from the LATEST snapshot) and, for each serving replica, restarts of that replica alone.
 A replica's death costs training nothing, so it never uses up the training's restarts.
 
+A replica binds `listen` and, unless it is 0, metrics_port on the listen host: neither may be a
+host:port that a PS shard (its address, metrics_port, standby, standby_metrics_port) or another
+replica binds, or one of the two could not start.
+
 Errors name the field: `launch.serving[1].listen: must be 'host:port' ...`.
 """
 
 from __future__ import annotations
 
-import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ps.job_config import build_config
+from ps.errors import ConfigTypeError
+from ps.job_config import ShardConfig, build_config, claim_endpoint, parse_address, shard_endpoints
+from ps.toml_reader import read_toml
 
 MAX_RESTARTS_LIMIT = 1000
 
@@ -41,41 +47,38 @@ class LaunchSettings:
     serving: tuple[ReplicaSpec, ...] = ()
 
 
-def load_launch_settings(path: str | Path, shard_addresses: tuple[str, ...] | list[str] = ()) -> LaunchSettings:
-    """The `[launch]` section of the job TOML at `path` (defaults when it has none)."""
+def load_launch_settings(path: str | Path, shards: Sequence[ShardConfig] = ()) -> LaunchSettings:
+    """The `[launch]` section of the job TOML at `path` (defaults when it has none); `shards` as
+    for parse_launch_settings."""
     path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise ValueError(f"{path}: not valid TOML: {exc}") from exc
-    return parse_launch_settings(data.get("launch", {}), shard_addresses)
+    data = read_toml(path)
+    return parse_launch_settings(data.get("launch", {}), shards)
 
 
-def parse_launch_settings(raw: object, shard_addresses: tuple[str, ...] | list[str]) -> LaunchSettings:
-    """A parsed `[launch]` table -> LaunchSettings; a replica may not listen on a shard's address."""
+def parse_launch_settings(raw: object, shards: Sequence[ShardConfig]) -> LaunchSettings:
+    """A parsed `[launch]` table -> LaunchSettings. `shards`: the job's shards; a replica may bind
+    none of the host:port pairs they bind."""
     if not isinstance(raw, dict):
-        raise TypeError(f"launch: must be a table ([launch]), got {raw!r}")
+        raise ConfigTypeError(f"launch: must be a table ([launch]), got {raw!r}")
     replicas_raw = raw.get("serving", [])
     if not isinstance(replicas_raw, list):
-        raise TypeError(f"launch.serving: must be an array of tables ([[launch.serving]]), got {replicas_raw!r}")
+        raise ConfigTypeError(
+            f"launch.serving: must be an array of tables ([[launch.serving]]), got {replicas_raw!r}"
+        )
     settings = build_config(LaunchSettings, {k: v for k, v in raw.items() if k != "serving"}, "launch")
     check_max_restarts("launch.max_restarts", settings.max_restarts)
+    taken = shard_endpoints(shards)
     replicas = []
-    seen: dict[str, int] = {}
     for i, entry in enumerate(replicas_raw):
         where = f"launch.serving[{i}]"
+        if not isinstance(entry, dict):
+            raise ConfigTypeError(f"{where}: must be a table with listen and metrics_port, got {entry!r}")
         replica = build_config(ReplicaSpec, entry, where)
-        host, _, port = replica.listen.rpartition(":")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"{where}.listen: must be 'host:port' with a port in [1, 65535], got {replica.listen!r}")
+        host, port = parse_address(f"{where}.listen", replica.listen)
         if not 0 <= replica.metrics_port < 65536:
             raise ValueError(f"{where}.metrics_port: must be in [0, 65535], got {replica.metrics_port}")
-        if replica.listen in seen:
-            other = seen[replica.listen]
-            raise ValueError(f"{where}.listen: {replica.listen!r} is also launch.serving[{other}].listen")
-        if replica.listen in shard_addresses:
-            raise ValueError(f"{where}.listen: {replica.listen!r} is a PS shard's address")
-        seen[replica.listen] = i
+        _claim(taken, host, port, f"{where}.listen")
+        _claim(taken, host, replica.metrics_port, f"{where}.metrics_port")
         replicas.append(replica)
     return LaunchSettings(max_restarts=settings.max_restarts, serving=tuple(replicas))
 
@@ -83,6 +86,16 @@ def parse_launch_settings(raw: object, shard_addresses: tuple[str, ...] | list[s
 def check_max_restarts(path: str, value: int) -> None:
     """`path` (launch.max_restarts or --max-restarts) must be an integer in [0, MAX_RESTARTS_LIMIT]."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{path}: must be an integer, got {value!r}")
+        raise ConfigTypeError(f"{path}: must be an integer, got {value!r}")
     if not 0 <= value <= MAX_RESTARTS_LIMIT:
         raise ValueError(f"{path}: must be in [0, {MAX_RESTARTS_LIMIT}], got {value}")
+
+
+def _claim(taken: dict[tuple[str, int], str], host: str, port: int, where: str) -> None:
+    """claim_endpoint (ps/job_config.py): ValueError if a shard or an earlier replica binds
+    host:port already, as only one of the two could start; said plainly for a shard's own address."""
+    other = taken.get((host, port)) if port else None
+    if other is not None and other.endswith(("].address", "].standby")):
+        shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        raise ValueError(f"{where}: {shown!r} is a PS shard's address ({other})")
+    claim_endpoint(taken, host, port, where)

@@ -40,6 +40,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -81,8 +82,28 @@ class LaunchOptions:
             raise ValueError(f"--node-rank: must be in [0, {self.nnodes}), got {self.node_rank}")
         if self.nnodes > 1 and self.rdzv_endpoint is None:
             raise ValueError("--rdzv-endpoint: a job on several nodes needs node 0's host:port for the rendezvous")
+        if self.rdzv_endpoint is not None:
+            host, _, port = self.rdzv_endpoint.rpartition(":")
+            if not _is_host(host) or not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+                raise ValueError(
+                    f"--rdzv-endpoint: must be node 0's 'host:port' with a port in [1, 65535] and a host name "
+                    f"(letters, digits, '.', '-', '_'), an IPv4 address or an [IPv6] one, got {self.rdzv_endpoint!r}"
+                )
+        if self.local_addr is not None and not _is_host(self.local_addr):
+            raise ValueError(
+                f"--local-addr: must be a host name (letters, digits, '.', '-', '_') or an IP address, "
+                f"got {self.local_addr!r}"
+            )
         if self.max_restarts is not None:
             check_max_restarts("--max-restarts", self.max_restarts)
+
+
+def _is_host(host: str) -> bool:
+    """Whether torch's rendezvous takes `host` (its rule: parse_rendezvous_endpoint), checked here so
+    that a bad flag fails before the launch touches train.output_dir."""
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return bool(re.fullmatch(r"[\w.:-]+", host, flags=re.ASCII))
 
 
 # A shard's start fails when this long passes without progress (its log grows as it restores).
@@ -175,18 +196,25 @@ def _raise_signal_exception(signum: int, frame: object) -> None:
 
 
 def launch(options: LaunchOptions) -> int:
+    """Runs the job; 0 when it finished, 1 when it failed. Every check of the job file and the flags
+    (ValueError naming the field or flag) comes before train.output_dir is touched, so a refused
+    launch leaves the previous run's progress and summary as they were."""
     job = load_training_job(options.config_path)
-    settings = load_launch_settings(options.config_path, job.ps.addresses)
+    settings = load_launch_settings(options.config_path, job.ps.shards)
     max_restarts = settings.max_restarts if options.max_restarts is None else options.max_restarts
     start_ps = options.node_rank == 0 if options.start_ps is None else options.start_ps
     if max_restarts and (options.nnodes > 1 or not start_ps):
+        source = "launch.max_restarts" if options.max_restarts is None else "--max-restarts"
         raise ValueError(
-            f"launch.max_restarts: restarts need one launcher that owns every worker and shard (a single-node "
+            f"{source}: restarts need one launcher that owns every worker and shard (a single-node "
             f"launch that starts the shards); got {max_restarts} with --nnodes {options.nnodes}"
             + ("" if start_ps else " and no shards on this node")
             + "; use --max-restarts 0 and the cluster's restart policy"
         )
     out = Path(job.train.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"train.output_dir: {str(out)!r} exists and is not a folder")
+    restore = _latest_step(job) if options.resume else None
     out.mkdir(parents=True, exist_ok=True)
     progress_path = out / "progress.jsonl"
     progress_path.write_text("")
@@ -201,9 +229,7 @@ def launch(options: LaunchOptions) -> int:
     restarts = 0
     agent = _AgentImport()
     try:
-        restore = None
-        if options.resume:
-            restore = _latest_step(job)
+        if restore is not None:
             tqdm.write(f"embps launch: resuming job {job.ps.job!r} from snapshot step {restore}")
             sys.stdout.flush()
         bar = threading.Thread(target=_show_progress, args=(progress_path, job, stop_bar), daemon=True)
@@ -310,11 +336,18 @@ def _run_attempt(
 
 
 def _latest_step(job: TrainingJob) -> int:
+    """The step --resume starts from; ValueError naming the flag when there is none or the
+    snapshots cannot be listed (one line, not a traceback)."""
+    from ps.snapshot.storage import StorageError
+
     if job.ps.snapshot is None:
-        raise RuntimeError("--resume: the job has no [snapshot] section, so there is nothing to resume from")
-    step = _latest_or_none(job)
+        raise ValueError("--resume: the job has no [snapshot] section, so there is nothing to resume from")
+    try:
+        step = _latest_or_none(job)
+    except StorageError as exc:
+        raise ValueError(f"--resume: cannot list the snapshots under {job.ps.snapshot.uri}: {exc}") from None
     if step is None:
-        raise RuntimeError(f"--resume: no complete snapshot of job {job.ps.job!r} under {job.ps.snapshot.uri}")
+        raise ValueError(f"--resume: no complete snapshot of job {job.ps.job!r} under {job.ps.snapshot.uri}")
     return step
 
 

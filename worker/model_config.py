@@ -5,6 +5,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# Widest hidden layer a job may ask for (the bound of a table's dim too): a 65536 x 65536 layer
+# already holds 4 G weights, so a wider one is a typo, which should fail at load rather than as an
+# out-of-memory error in every worker after the shards started.
+MAX_LAYER_WIDTH = 1 << 16
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes [0, 2^64 - 1]
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -12,6 +18,9 @@ class ModelConfig:
 
     bottom: num_dense -> bottom_sizes... -> dim (ReLU after each layer, the last one included)
     top:    dim + (F + 1) F / 2 -> top_sizes... -> 1 (ReLU after each hidden layer, none on the logit)
+
+    Errors name the field without its section (`bottom_sizes[0]: ...`); the job loader
+    (worker/train_config.py) puts `model.` in front.
     """
 
     num_dense: int = 13
@@ -27,9 +36,14 @@ class ModelConfig:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         for name in ("bottom_sizes", "top_sizes"):
             sizes = tuple(getattr(self, name))
-            if any(not isinstance(size, int) or size < 1 for size in sizes):
-                raise ValueError(f"{name}: every layer width must be an int >= 1, got {sizes}")
+            for i, size in enumerate(sizes):
+                if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_LAYER_WIDTH:
+                    raise ValueError(
+                        f"{name}[{i}]: a layer width must be an integer in [1, {MAX_LAYER_WIDTH}], got {size!r}"
+                    )
             object.__setattr__(self, name, sizes)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed: must be an integer in [0, {MAX_SEED}], got {self.seed!r}")
 
     @property
     def num_interactions(self) -> int:

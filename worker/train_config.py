@@ -39,19 +39,22 @@
     [data.synthetic]            # worker.data_options.SyntheticConfig (batch size from [train])
     num_keys = 100000
 
-Errors name the field: `train.mode: must be one of 'sync', 'async', got 'fast'`.
+Errors name the field by its whole path: `train.mode: must be one of 'sync', 'async', got 'fast'`,
+`data.synthetic.num_keys: must be >= 1, got 0`. A value of the wrong type or shape raises
+ConfigTypeError (a TypeError and a ValueError, so every command ends with one line).
 """
 
 from __future__ import annotations
 
 import math
-import tomllib
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 
+from ps.errors import ConfigTypeError
 from ps.job_config import JobConfig, build_config, parse_job_config
 from ps.snapshot.storage import StorageConfig
+from ps.toml_reader import read_toml
 from worker.data_options import ArrowMemoryPool, BadRowPolicy, SyntheticConfig
 from worker.model_config import ModelConfig
 
@@ -159,40 +162,38 @@ class TrainingJob:
 def load_training_job(path: str | Path) -> TrainingJob:
     """Reads and validates a job TOML with its training sections; errors name the field."""
     path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise ValueError(f"{path}: not valid TOML: {exc}") from exc
+    data = read_toml(path)
     return replace(parse_training_job(data, path.resolve().parent), path=str(path.resolve()))
 
 
 def parse_training_job(data: dict, base_dir: Path | None = None) -> TrainingJob:
     ps = parse_job_config({k: v for k, v in data.items() if k not in TRAINING_SECTIONS}, base_dir)
-    train = build_config(TrainConfig, data.get("train", {}), "train")
-    section = build_config(ModelSection, data.get("model", {}), "model")
-    raw_data = dict(data.get("data", {}))
-    synthetic = dict(raw_data.pop("synthetic", {}))
+    train = _build(TrainConfig, _table(data, "train", "train"), "train")
+    section = _build(ModelSection, _table(data, "model", "model"), "model")
+    raw_data = dict(_table(data, "data", "data"))
+    synthetic = dict(_table(raw_data, "synthetic", "data.synthetic"))
+    raw_data.pop("synthetic", None)
     if "global_batch_size" in synthetic:
         raise ValueError("data.synthetic.global_batch_size: set train.batch_size instead")
-    data_config = build_config(DataConfig, raw_data, "data")
-    synthetic_config = build_config(
-        SyntheticConfig, synthetic | {"global_batch_size": train.batch_size}, "data.synthetic"
-    )
+    data_config = _build(DataConfig, raw_data, "data")
+    _check_names("train.tables", train.tables, "a table name")
+    _check_names("data.paths", data_config.paths, "a path or URI")
+    _check_names("data.eval_paths", data_config.eval_paths, "a path or URI")
+    if not train.output_dir.strip():
+        raise ValueError(f"train.output_dir: must be a folder path, got {train.output_dir!r}")
+    _positive("train.batch_size", train.batch_size)
+    synthetic_config = _build(SyntheticConfig, synthetic | {"global_batch_size": train.batch_size}, "data.synthetic")
     data_config = replace(data_config, synthetic=synthetic_config)
 
     _positive("train.workers", train.workers)
     _positive("train.steps", train.steps)
-    _positive("train.batch_size", train.batch_size)
     _positive("train.eval_batches", train.eval_batches)
     _positive("train.epochs", train.epochs)
     _positive("data.range_bytes", data_config.range_bytes)
     for name in ("shuffle_buffer", "prefetch_batches", "arrow_threads"):
         if getattr(data_config, name) < 0:
             raise ValueError(f"data.{name}: must be >= 0, got {getattr(data_config, name)}")
-    try:
-        data_config.storage.validate()
-    except ValueError as exc:
-        raise ValueError(f"data.{exc}") from None
+    data_config.storage.validate("data.storage")
     if train.batch_size % train.workers:
         raise ValueError(
             f"train.batch_size: must be divisible by train.workers={train.workers}, got {train.batch_size}"
@@ -203,8 +204,8 @@ def parse_training_job(data: dict, base_dir: Path | None = None) -> TrainingJob:
         raise ValueError(f"train.staleness: must be >= 0, got {train.staleness}")
     if train.mode == Mode.ASYNC and train.staleness < 1:
         raise ValueError("train.staleness: async mode needs staleness >= 1 (0 is sync mode)")
-    if not train.dense_lr > 0:
-        raise ValueError(f"train.dense_lr: must be > 0, got {train.dense_lr}")
+    if not (math.isfinite(train.dense_lr) and train.dense_lr > 0):
+        raise ValueError(f"train.dense_lr: must be a finite number > 0, got {train.dense_lr}")
     if train.eval_every < 0:
         raise ValueError(f"train.eval_every: must be >= 0, got {train.eval_every}")
     timeout = train.ps_unavailable_timeout_s
@@ -212,8 +213,17 @@ def parse_training_job(data: dict, base_dir: Path | None = None) -> TrainingJob:
         raise ValueError(f"train.ps_unavailable_timeout_s: must be a finite number of seconds > 0, got {timeout}")
     if train.metrics_port is not None and not 0 <= train.metrics_port < 65536:
         raise ValueError(f"train.metrics_port: must be in [0, 65535], got {train.metrics_port}")
-    if data_config.source != DataSource.SYNTHETIC and not data_config.paths:
-        raise ValueError(f"data.paths: source '{data_config.source}' needs at least one file")
+    if not 0 <= data_config.seed < 2**64:
+        raise ValueError(f"data.seed: must be in [0, {2**64 - 1}], got {data_config.seed}")
+    if data_config.source != DataSource.SYNTHETIC:
+        if not data_config.paths:
+            raise ValueError(f"data.paths: source '{data_config.source}' needs at least one file")
+        # The synthetic set has its own counts (data.synthetic.*), checked when it was built.
+        _positive("data.num_dense", data_config.num_dense)
+        _positive("data.num_sparse", data_config.num_sparse)
+    elif synthetic_config.num_dense < 1:
+        count = synthetic_config.num_dense
+        raise ValueError(f"data.synthetic.num_dense: the model needs >= 1 dense feature, got {count}")
     known = {t.name: t for t in ps.tables}
     job = TrainingJob(ps=ps, train=train, model=ModelConfig(), data=data_config)
     if len(train.tables) not in (1, job.num_sparse):
@@ -228,15 +238,50 @@ def parse_training_job(data: dict, base_dir: Path | None = None) -> TrainingJob:
         dims.add(known[name].dim)
     if len(dims) != 1:
         raise ValueError(f"train.tables: the dot interaction needs one dim for every table, got {sorted(dims)}")
-    model = ModelConfig(
-        num_dense=job.num_dense,
-        num_sparse=job.num_sparse,
-        dim=dims.pop(),
-        bottom_sizes=section.bottom_sizes,
-        top_sizes=section.top_sizes,
-        seed=section.seed,
-    )
+    try:
+        # num_dense, num_sparse and dim were checked above, under their own fields.
+        model = ModelConfig(
+            num_dense=job.num_dense,
+            num_sparse=job.num_sparse,
+            dim=dims.pop(),
+            bottom_sizes=section.bottom_sizes,
+            top_sizes=section.top_sizes,
+            seed=section.seed,
+        )
+    except ValueError as exc:
+        raise ValueError(f"model.{exc}") from None
     return replace(job, model=model)
+
+
+def _table(data: dict, key: str, where: str) -> dict:
+    """The sub-table `key` of `data` ({} when absent); ConfigTypeError naming `where` when it is not one."""
+    value = data.get(key, {})
+    if not isinstance(value, dict):
+        raise ConfigTypeError(f"{where}: must be a table ([{where}]), got {value!r}")
+    return value
+
+
+def _build(cls: type, raw: dict, where: str):
+    """build_config, with the dataclass's own checks (__post_init__, which name the field alone)
+    under `where` too, and a wrong type as ConfigTypeError."""
+    try:
+        return build_config(cls, raw, where)
+    except ValueError as exc:  # ConfigTypeError included
+        message = str(exc)
+        if message.startswith(f"{where}."):
+            raise
+        raise type(exc)(f"{where}.{message}") from None
+    except TypeError as exc:  # a dataclass's check meeting a value of a type it did not expect
+        raise ConfigTypeError(f"{where}: {exc}") from None
+
+
+def _check_names(path: str, values: tuple, what: str) -> None:
+    """Every entry of list `path` is a non-empty string."""
+    for i, value in enumerate(values):
+        if not isinstance(value, str):
+            raise ConfigTypeError(f"{path}[{i}]: must be {what} (a string), got {value!r}")
+        if not value:
+            raise ValueError(f"{path}[{i}]: must be {what}, got an empty string")
 
 
 def _positive(path: str, value: int) -> None:

@@ -18,7 +18,7 @@ def test_serving_adds_one_replica_beside_the_job_and_only_then(tmp_path) -> None
         path.write_text(_job_toml(config, "sync", tmp_path / "out", serving=serving))
         job = load_training_job(path)
         shards = [s.address for s in job.ps.shards]
-        settings = load_launch_settings(path, shards)
+        settings = load_launch_settings(path, job.ps.shards)
         assert len(settings.serving) == int(serving), settings
         assert [t.name for t in job.ps.tables] == ["t0", "t1", "t2", "t3"]
         for replica in settings.serving:

@@ -6,12 +6,13 @@ import tomllib
 
 import pytest
 
+from ps.job_config import ShardConfig
 from ps.table.config import TableConfig
 from tests.worker.training_jobs import write_training_job
 from worker.launch_config import LaunchSettings, ReplicaSpec, parse_launch_settings
 from worker.launcher import LaunchOptions, launch
 
-SHARDS = ("127.0.0.1:50051", "127.0.0.1:50052")
+SHARDS = (ShardConfig("127.0.0.1:50051"), ShardConfig("127.0.0.1:50052"))
 EXAMPLE = """
 max_restarts = 3
 [[serving]]
@@ -41,7 +42,7 @@ def test_defaults_and_a_full_section():
         ({"serving": [{"listen": "nohost"}]}, r"launch.serving\[0\].listen: must be 'host:port'"),
         ({"serving": [{"listen": "127.0.0.1:1", "metrics_port": 70000}]}, r"launch.serving\[0\].metrics_port"),
         ({"serving": [{"listen": "127.0.0.1:1"}, {"listen": "127.0.0.1:1"}]}, r"also launch.serving\[0\].listen"),
-        ({"serving": [{"listen": SHARDS[1]}]}, r"launch.serving\[0\].listen: .* is a PS shard's address"),
+        ({"serving": [{"listen": SHARDS[1].address}]}, r"launch.serving\[0\].listen: .* is a PS shard's address"),
         ({"serving": [{"listen": "127.0.0.1:1", "port": 2}]}, r"launch.serving\[0\].port: unknown field"),
     ],
 )

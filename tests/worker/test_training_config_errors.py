@@ -1,0 +1,271 @@
+"""Bad training sections of a job file, and bad `embps launch` flags: one line naming the field (by
+its whole path) or the flag, exit status 2, and nothing of the previous run touched."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from ps.errors import ConfigTypeError
+from ps.job_config import ShardConfig
+from tests.helpers.processes import REPO_ROOT
+from worker.launch_config import parse_launch_settings
+from worker.launcher import LaunchOptions
+from worker.model_config import MAX_LAYER_WIDTH
+from worker.train_config import parse_training_job
+
+# Nothing listens on these ports: no test here starts a shard or a worker.
+JOB = """
+job = "config-errors"
+
+[[shards]]
+address = "127.0.0.1:47311"
+metrics_port = 47321
+
+[tables.emb]
+dim = 4
+
+[train]
+workers = 1
+steps = 2
+batch_size = 8
+tables = ["emb"]
+output_dir = "{out}"
+
+[model]
+bottom_sizes = [8]
+top_sizes = [8]
+
+[data]
+source = "synthetic"
+
+[data.synthetic]
+num_sparse = 2
+num_keys = 10
+"""
+
+
+def job_text(out: Path | str, old: str = "", new: str = "") -> str:
+    """JOB writing to `out`, with `old` replaced by `new`."""
+    text = JOB.format(out=out)
+    assert old in text
+    return text.replace(old, new, 1)
+
+
+def launch(tmp_path: Path, text: str, *flags: str) -> str:
+    """`embps launch` on the job `text`: checks the exit status (2) and the one line of stderr; returns it."""
+    path = tmp_path / "job.toml"
+    path.write_text(text)
+    done = subprocess.run(
+        [sys.executable, "-m", "embps", "launch", str(path), *flags],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("embps launch: "), lines[0]
+    return lines[0].removeprefix("embps launch: ")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('data = 5\n', r"^data: must be a table \(\[data\]\), got 5$"),
+        ('data = "x"\n', r"^data: must be a table \(\[data\]\), got 'x'$"),
+        ('train = 5\n', r"^train: must be a table \(\[train\]\), got 5$"),
+        ('model = [8]\n', r"^model: must be a table \(\[model\]\), got \[8\]$"),
+        ('launch = "restart"\n', r"^launch: must be a table \(\[launch\]\), got 'restart'$"),
+    ],
+    ids=["data-int", "data-str", "train-int", "model-list", "launch-str"],
+)
+def test_a_section_of_the_wrong_shape_is_one_line_naming_it(tmp_path, text, message):
+    """A top-level key replaces its section (TOML allows no table and key of the same name)."""
+    section = re.match(r"\w+", text).group()
+    base = job_text(tmp_path / "out")
+    kept = re.sub(rf"^\[{section}(\.\w+)?\]\n(?:[^\[\n].*\n|\n)*", "", base, flags=re.M)
+    assert re.search(message, launch(tmp_path, text + kept))
+
+
+TYPE, VALUE = ConfigTypeError, ValueError
+SYNTHETIC, TRAIN, DATA = "num_keys = 10", "workers = 1", 'source = "synthetic"'
+
+# Each row: a change to JOB (old, new), the message it gives and the exception's type. Wrong types
+# raise ConfigTypeError: a TypeError, and a ValueError so that the command line prints one line.
+LOADER_CASES = [
+    ("[data.synthetic]\nnum_sparse = 2\nnum_keys = 10", "synthetic = 5", r"^data\.synthetic: must be a table", TYPE),
+    (TRAIN, 'workers = "1"', r"^train\.workers: must be an integer, got '1'$", TYPE),
+    (SYNTHETIC, 'num_keys = "10"', r"^data\.synthetic\.num_keys: must be an integer", TYPE),
+    ("bottom_sizes = [8]", 'bottom_sizes = "8"', r"^model\.bottom_sizes: must be a list", TYPE),
+    ('tables = ["emb"]', "tables = [1]", r"^train\.tables\[0\]: must be a table name", TYPE),
+    (DATA, DATA + "\npaths = [3]", r"^data\.paths\[0\]: must be a path or URI", TYPE),
+    (DATA, DATA + "\nstorage = 5", r"^data\.storage: must be a table", TYPE),
+    (SYNTHETIC, "num_keys = 0", r"^data\.synthetic\.num_keys: must be >= 1, got 0$", VALUE),
+    (SYNTHETIC, SYNTHETIC + "\nzipf_alpha = nan", r"^data\.synthetic\.zipf_alpha: must be a finite", VALUE),
+    (SYNTHETIC, SYNTHETIC + "\nseed = -1", r"^data\.synthetic\.seed: must be in \[0, ", VALUE),
+    (SYNTHETIC, SYNTHETIC + "\nnum_dense = 0", r"^data\.synthetic\.num_dense: the model needs >= 1", VALUE),
+    (SYNTHETIC, SYNTHETIC + "\nbogus = 1", r"^data\.synthetic\.bogus: unknown field", VALUE),
+    ("bottom_sizes = [8]", "bottom_sizes = [0]", r"^model\.bottom_sizes\[0\]: a layer width must be", VALUE),
+    (
+        "bottom_sizes = [8]",
+        "bottom_sizes = [8, 10000000000]",
+        rf"^model\.bottom_sizes\[1\]: .*\[1, {MAX_LAYER_WIDTH}\], got 10000000000$",
+        VALUE,
+    ),
+    ("top_sizes = [8]", "top_sizes = [true]", r"^model\.top_sizes\[0\]: a layer width must be", VALUE),
+    ("top_sizes = [8]", "top_sizes = [8]\nseed = -1", r"^model\.seed: must be an integer in \[0, ", VALUE),
+    (TRAIN, TRAIN + "\ndense_lr = inf", r"^train\.dense_lr: must be a finite number > 0, got inf$", VALUE),
+    (TRAIN, TRAIN + "\ndense_lr = nan", r"^train\.dense_lr: must be a finite number > 0, got nan$", VALUE),
+    ('output_dir = "OUT"', 'output_dir = ""', r"^train\.output_dir: must be a folder path, got ''$", VALUE),
+    ('output_dir = "OUT"', 'output_dir = " "', r"^train\.output_dir: must be a folder path, got ' '$", VALUE),
+    ("batch_size = 8", "batch_size = 0", r"^train\.batch_size: must be >= 1, got 0$", VALUE),
+    (DATA, DATA + "\nseed = -1", r"^data\.seed: must be in \[0, ", VALUE),
+    (DATA, 'source = "parquet"\npaths = ["x"]\nnum_dense = 0', r"^data\.num_dense: must be >= 1, got 0$", VALUE),
+]
+
+
+@pytest.mark.parametrize(("old", "new", "message", "error"), LOADER_CASES, ids=[c[2][1:40] for c in LOADER_CASES])
+def test_every_loader_message_carries_the_whole_path(old, new, message, error):
+    with pytest.raises(error, match=message):
+        parse_training_job(tomllib.loads(job_text("OUT", old, new)))
+
+
+def test_a_good_job_still_loads():
+    job = parse_training_job(tomllib.loads(job_text("OUT")))
+    assert job.model.bottom_sizes == (8,) and job.data.synthetic.num_keys == 10
+
+
+def test_wrong_types_and_paths_from_the_command_line(tmp_path):
+    """The loader's messages reach the command line whole (wrong type: ConfigTypeError is a ValueError)."""
+    out = tmp_path / "out"
+    assert launch(tmp_path, job_text(out, "num_keys = 10", "num_keys = 0")) == (
+        "data.synthetic.num_keys: must be >= 1, got 0"
+    )
+    assert launch(tmp_path, job_text(out, "bottom_sizes = [8]", 'bottom_sizes = ["8"]')).startswith(
+        "model.bottom_sizes[0]: a layer width must be an integer"
+    )
+    assert launch(tmp_path, job_text(out, "workers = 1", "workers = 1\ndense_lr = inf")).startswith("train.dense_lr:")
+    assert not out.exists()
+
+
+def test_a_misspelled_section_lists_every_top_level_field():
+    text = job_text("OUT", "[train]", "[trian]")
+    with pytest.raises(ValueError, match=r"^trian: unknown field; known fields: ") as caught:
+        parse_training_job(tomllib.loads(text))
+    known = str(caught.value).split("known fields: ")[1].split(", ")
+    for section in ("train", "model", "data", "launch", "deploy", "job", "shards", "tables"):
+        assert section in known, caught.value
+
+
+NODE_1 = ["--nnodes", "2", "--node-rank", "1"]
+
+
+def previous_run(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    out = tmp_path / "out"
+    out.mkdir()
+    files = {"summary.json": '{"steps": 7}\n', "progress.jsonl": '{"step": 7, "loss": 0.5, "samples_per_s": 1}\n'}
+    for name, text in files.items():
+        (out / name).write_text(text)
+    return out, files
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ([*NODE_1, "--rdzv-endpoint", "not a host"], r"^--rdzv-endpoint: must be .*'not a host'$"),
+        ([*NODE_1, "--rdzv-endpoint", "10.0.0.1"], r"^--rdzv-endpoint: must be .*'10.0.0.1'$"),
+        ([*NODE_1, "--rdzv-endpoint", "10.0.0.1:0"], r"^--rdzv-endpoint: must be .*'10.0.0.1:0'$"),
+        (["--local-addr", "a b"], r"^--local-addr: must be a host name"),
+        (["--resume"], r"^--resume: the job has no \[snapshot\] section"),
+    ],
+    ids=["rdzv-host", "rdzv-no-port", "rdzv-port-0", "local-addr", "resume"],
+)
+def test_a_refused_launch_leaves_the_previous_run_untouched(tmp_path, flags, message):
+    out, files = previous_run(tmp_path)
+    assert re.search(message, launch(tmp_path, job_text(out), *flags))
+    assert {p.name: p.read_text() for p in out.iterdir()} == files
+
+
+def test_resume_without_a_snapshot_is_refused_before_anything_starts(tmp_path):
+    out, files = previous_run(tmp_path)
+    (tmp_path / "snapshots").mkdir()
+    text = job_text(out) + f'\n[snapshot]\nuri = "{tmp_path / "snapshots"}"\n'
+    line = launch(tmp_path, text, "--resume")
+    assert line.startswith("--resume: no complete snapshot of job 'config-errors' under "), line
+    assert {p.name: p.read_text() for p in out.iterdir()} == files
+
+
+def test_an_output_dir_that_is_a_file_is_refused_before_anything_starts(tmp_path):
+    out = tmp_path / "out"
+    out.write_text("not a folder")
+    assert launch(tmp_path, job_text(out)) == f"train.output_dir: {str(out)!r} exists and is not a folder"
+    assert out.read_text() == "not a folder"
+
+
+def test_max_restarts_names_the_flag_when_the_flag_set_it(tmp_path):
+    out, files = previous_run(tmp_path)
+    flags = ["--max-restarts", "2", "--nnodes", "2", "--rdzv-endpoint", "127.0.0.1:29400"]
+    line = launch(tmp_path, job_text(out), *flags)
+    assert line.startswith("--max-restarts: restarts need one launcher"), line
+    assert "launch.max_restarts" not in line
+    assert {p.name: p.read_text() for p in out.iterdir()} == files
+
+
+def test_rdzv_endpoint_accepts_what_torch_accepts():
+    for endpoint in ("10.0.0.1:29400", "node-0.cluster.local:29400", "[fe80::1]:29400", "localhost:1"):
+        LaunchOptions("job.toml", nnodes=2, node_rank=1, rdzv_endpoint=endpoint)
+    with pytest.raises(ValueError, match="^--rdzv-endpoint: "):
+        LaunchOptions("job.toml", nnodes=2, node_rank=1, rdzv_endpoint="host:99999")
+
+
+SHARDS = (
+    ShardConfig("127.0.0.1:47311", metrics_port=47321),
+    ShardConfig("127.0.0.1:47312", metrics_port=47322, standby="127.0.0.1:47313", standby_metrics_port=47323),
+)
+
+LISTEN_0 = r"launch\.serving\[0\]\.listen"
+
+
+@pytest.mark.parametrize(
+    ("serving", "message"),
+    [
+        ([{"listen": "127.0.0.1:47321"}], rf"^{LISTEN_0}: '127.0.0.1:47321' is also shards\[0\]\.metrics_port;"),
+        ([{"listen": "127.0.0.1:47323"}], rf"^{LISTEN_0}: .* is also shards\[1\]\.standby_metrics_port;"),
+        ([{"listen": "127.0.0.1:47313"}], rf"^{LISTEN_0}: .* is a PS shard.s address \(shards\[1\]\.standby\)"),
+        (
+            [{"listen": "127.0.0.1:50200", "metrics_port": 47311}],
+            r"^launch\.serving\[0\]\.metrics_port: '127.0.0.1:47311' is a PS shard's address \(shards\[0\]\.address\)",
+        ),
+        (
+            [{"listen": "127.0.0.1:50200", "metrics_port": 9200}, {"listen": "127.0.0.1:9200"}],
+            r"^launch\.serving\[1\]\.listen: '127.0.0.1:9200' is also launch\.serving\[0\]\.metrics_port",
+        ),
+        ([{"listen": 5}], r"^launch\.serving\[0\]\.listen: must be a string"),
+        (["127.0.0.1:50200"], r"^launch\.serving\[0\]: must be a table"),
+    ],
+    ids=["metrics", "standby-metrics", "standby", "replica-metrics", "replicas", "listen-int", "item-str"],
+)
+def test_a_replica_may_bind_nothing_a_shard_or_replica_binds(serving, message):
+    with pytest.raises(ValueError, match=message):
+        parse_launch_settings({"serving": serving}, SHARDS)
+
+
+def test_a_replica_on_another_host_or_a_free_port_is_fine():
+    settings = parse_launch_settings(
+        {"serving": [{"listen": "10.0.0.2:47321", "metrics_port": 47311}, {"listen": "127.0.0.1:50200"}]}, SHARDS
+    )
+    assert len(settings.serving) == 2
+
+
+def test_a_replica_on_a_shard_metrics_port_from_the_command_line(tmp_path):
+    text = job_text(tmp_path / "out") + '\n[[launch.serving]]\nlisten = "127.0.0.1:47321"\n'
+    line = launch(tmp_path, text)
+    assert line == (
+        "launch.serving[0].listen: '127.0.0.1:47321' is also shards[0].metrics_port; only one of the two could bind it"
+    )
+    assert not (tmp_path / "out").exists()
