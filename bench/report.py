@@ -5,7 +5,8 @@
 Each bench's JSON is recognised by its "bench" field (table, train, serve) or, for the files that
 carry none, by its shape (ps: "phases"; snapshot: "<target>.<phase>" entries; freshness:
 "end_to_end_seconds").
-Known benches get their headline figures; any other bench gets its numeric fields, flattened.
+Known benches get their headline figures; any other bench gets its numeric fields, flattened. A
+file that is none of these (no "bench" field, no known shape) is refused, naming it.
 """
 
 from __future__ import annotations
@@ -227,10 +228,18 @@ def render(results: list[tuple[str, dict]]) -> str:
     rows = []
     for path, r in results:
         kind = kind_of(r)
+        if kind == "unknown":
+            raise ValueError(
+                f"{path}: not an `embps bench ... --out` result: it has no \"bench\" field, nor the fields of a ps "
+                "(\"phases\"), snapshot (\"<target>.full_write\") or freshness (\"end_to_end_seconds\") result"
+            )
         try:
             setup, figures = RENDERERS.get(kind, _generic)(r)
-        except (KeyError, TypeError) as exc:
+        except KeyError as exc:
             raise ValueError(f"{path}: not a complete `embps bench {kind}` result (missing {exc})") from None
+        except (TypeError, AttributeError, IndexError, ValueError) as exc:
+            shape = f"a field of the wrong shape: {exc}"
+            raise ValueError(f"{path}: not an `embps bench {kind}` result ({shape})") from None
         rank = ORDER.index(kind) if kind in ORDER else len(ORDER)
         rows.append((rank, path, f"| `embps bench {kind}` | {setup} | {figures} | {_machine(r)} |"))
     rows.sort(key=lambda row: (row[0], row[1]))
@@ -239,14 +248,22 @@ def render(results: list[tuple[str, dict]]) -> str:
 
 
 def run_report(paths: list[str], out: str | None = None) -> int:
+    """Prints (or writes to `out`) the table of the result files at `paths`; ValueError names a
+    file that is not a bench result, OSError one that cannot be read (exit 2 either way, embps.cli)."""
     results = []
     for path in paths:
         try:
             data = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise SystemExit(f"embps bench report: {path}: {exc}") from None
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not JSON: {exc}") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"{path}: not JSON: not UTF-8 text") from None
         if not isinstance(data, dict):
-            raise SystemExit(f"embps bench report: {path}: expected a JSON object")
+            shown = json.dumps(data)
+            raise ValueError(
+                f"{path}: not an `embps bench ... --out` result: expected a JSON object {{...}}, got {shown[:60]}"
+                + ("..." if len(shown) > 60 else "")
+            )
         results.append((path, data))
     text = render(results)
     if out:

@@ -46,7 +46,9 @@ import re
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from ps.errors import ConfigTypeError
 from ps.job_config import build_config
+from ps.snapshot.storage import check_uri
 
 # Kubernetes' resource.Quantity: a decimal number and an optional binary or decimal suffix.
 _QUANTITY = re.compile(r"^(?P<number>[0-9]+(\.[0-9]+)?|\.[0-9]+)(?P<suffix>Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E)?$")
@@ -118,11 +120,13 @@ def parse_deploy_config(raw: object) -> DeployConfig:
     if raw is None:
         raise ValueError("deploy: the job has no [deploy] section; it needs at least deploy.image")
     if not isinstance(raw, dict):
-        raise TypeError(f"deploy: must be a table ([deploy]), got {raw!r}")
+        raise ConfigTypeError(f"deploy: must be a table ([deploy]), got {raw!r}")
     raw = _numbers_as_quantities(raw)
     config = build_config(DeployConfig, raw, "deploy")
     if not config.image.strip():
         raise ValueError("deploy.image: must name a container image with embps installed, got ''")
+    if any(c.isspace() for c in config.image):
+        raise ValueError(f"deploy.image: a container image reference has no spaces, got {config.image!r}")
     if not isinstance(config.etcd_image, str) or not config.etcd_image.strip():
         raise ValueError(f"deploy.etcd_image: must name a container image with etcd, got {config.etcd_image!r}")
     _check_name("deploy.namespace", config.namespace, DNS_LABEL, 63)
@@ -142,8 +146,14 @@ def parse_deploy_config(raw: object) -> DeployConfig:
     _at_least("deploy.serving.max_replicas", serving.max_replicas, serving.min_replicas)
     if not 1 <= serving.target_cpu_percent <= 100:
         raise ValueError(f"deploy.serving.target_cpu_percent: must be in [1, 100], got {serving.target_cpu_percent}")
-    if serving.export_uri is not None and not serving.export_uri:
-        raise ValueError("deploy.serving.export_uri: must be a URI (s3://, hdfs://, file://) or left out, got ''")
+    if serving.export_uri is not None:
+        # the replicas' serve.toml holds it as export.uri: the same check here, not crash-looping pods
+        if "://" not in serving.export_uri:
+            raise ValueError(
+                "deploy.serving.export_uri: must be a URI (s3://, hdfs://, file://) or left out, "
+                f"got {serving.export_uri!r}"
+            )
+        check_uri(serving.export_uri, "deploy.serving.export_uri")
     return config
 
 

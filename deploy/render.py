@@ -33,7 +33,7 @@ the kubelet's `grpc:` probes.
 from __future__ import annotations
 
 import re
-import tomllib
+import sys
 from enum import StrEnum
 from pathlib import Path
 
@@ -44,6 +44,7 @@ from deploy.standby import check_standbys, standby_manifests
 from ps import toml_writer
 from ps.job_config import ShardConfig
 from ps.security import Role, SecurityConfig, ps_port_policy, serving_port_policy
+from ps.toml_reader import read_toml_text
 from worker.train_config import TrainingJob, parse_training_job
 
 CONFIG_DIR = "/etc/embps"
@@ -59,11 +60,7 @@ _MAX_JOB_NAME = 40  # leaves room for "-workers-<i>" and friends in 63-character
 def load_deployment(path: str | Path) -> tuple[TrainingJob, DeployConfig, str]:
     """Reads job.toml: (the training job, its [deploy] section, the file's text); errors name the field."""
     path = Path(path)
-    text = path.read_text()
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ValueError(f"{path}: not valid TOML: {exc}") from exc
+    text, data = read_toml_text(path)
     deploy = parse_deploy_config(data.get("deploy"))
     job = parse_training_job({k: v for k, v in data.items() if k != "deploy"})
     return job, deploy, text
@@ -111,12 +108,15 @@ def write_manifests(manifests: dict[str, dict], out: Path) -> list[Path]:
 
 
 def render_cli(config_path: str, out: str) -> int:
-    """`embps deploy render`: exit 0 with the files listed, or 2 with the config error."""
+    """`embps deploy render`: exit 0 with the files listed, or 2 with the error on one line of stderr."""
+    if not out or (Path(out).exists() and not Path(out).is_dir()):
+        print(f"embps deploy render: --out: must name a folder for the manifests, got {out!r}", file=sys.stderr)
+        return 2
     try:
         job, deploy, text = load_deployment(config_path)
         manifests = render(job, deploy, text)
-    except (ValueError, TypeError) as exc:
-        print(f"embps deploy render: {config_path}: {exc}")
+    except (ValueError, TypeError) as exc:  # the loaders' message, which names the field, unchanged
+        print(f"embps deploy render: {config_path}: {exc}", file=sys.stderr)
         return 2
     for path in write_manifests(manifests, Path(out)):
         print(path)

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import math
+
+# The most seconds --grace takes, as for `embps ps`: a day; more is a typo, not a plan.
+MAX_GRACE_SECONDS = 86400.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,6 +23,8 @@ def run(args: argparse.Namespace) -> int:
     from ps.process.exit import exit_process
     from ps.process.malloc import exec_with_malloc_tuning
 
+    if not (math.isfinite(args.grace) and 0 <= args.grace <= MAX_GRACE_SECONDS):
+        raise ValueError(f"--grace: must be a number of seconds in [0, {MAX_GRACE_SECONDS:g}], got {args.grace}")
     if not args.no_malloc_tuning:
         exec_with_malloc_tuning(args.argv)
     from serving.server import serve_replica  # after the re-exec, which would import it twice

@@ -2,7 +2,8 @@
 
     job_config = "job.toml"        # the training job's TOML (shards, tables), relative to this file;
                                    # or an inline [job] table with the same fields
-    listen = "127.0.0.1:50200"     # host:port of the read-only Serving service
+    listen = "127.0.0.1:50200"     # host:port of the read-only Serving service (neither it nor
+                                   # metrics_port may be a port the job's shards use on this machine)
     metrics_port = 9200            # Prometheus /metrics on the listen host (0: pick a free port)
     tables = ["user"]              # tables to serve (default: every table of the job)
     default = "zeros"              # row of a key without a row: "zeros" or "init" (the table's
@@ -41,13 +42,15 @@ Every error names the field and the rule, e.g. `stale_after_seconds: must be > 0
 from __future__ import annotations
 
 import math
-import tomllib
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 from pathlib import Path
 
 from ps import toml_writer
-from ps.job_config import JobConfig, load_job_config, parse_job_config
+from ps.errors import ConfigTypeError
+from ps.job_config import JobConfig, load_job_config, parse_job_config, shard_endpoints
+from ps.snapshot.storage import check_uri
+from ps.toml_reader import read_toml
 
 # 256 small lookups are ~0.1 s of one replica's CPU (~0.34 ms each): a full queue adds at most about
 # that much latency, far below client deadlines, while it absorbs bursts of a few hundred calls.
@@ -113,12 +116,9 @@ _FIELDS = {
 
 
 def load_serve_config(path: str | Path) -> ServeConfig:
-    """Reads and validates serve.toml; ValueError/TypeError name the bad field."""
+    """Reads and validates serve.toml; ValueError (ConfigTypeError for a wrong type) names the bad field."""
     path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise ValueError(f"{path}: not valid TOML: {exc}") from exc
+    data = read_toml(path)
     return parse_serve_config(data, path.parent)
 
 
@@ -132,11 +132,11 @@ def parse_serve_config(data: dict, base_dir: Path = Path(".")) -> ServeConfig:
     if "job_config" in data:
         job_path = data["job_config"]
         if not isinstance(job_path, str) or not job_path:
-            raise TypeError(f"job_config: must be a path to the job's TOML, got {job_path!r}")
+            raise ConfigTypeError(f"job_config: must be a path to the job's TOML, got {job_path!r}")
         job = load_job_config(base_dir / job_path)
     else:
         if not isinstance(data["job"], dict):
-            raise TypeError(f"job: must be a table of the job's fields, got {data['job']!r}")
+            raise ConfigTypeError(f"job: must be a table of the job's fields, got {data['job']!r}")
         job = parse_job_config(data["job"], base_dir)
     listen = data.get("listen")
     if not isinstance(listen, str) or ":" not in listen:
@@ -147,10 +147,11 @@ def parse_serve_config(data: dict, base_dir: Path = Path(".")) -> ServeConfig:
     metrics_port = data.get("metrics_port", 0)
     if isinstance(metrics_port, bool) or not isinstance(metrics_port, int) or not 0 <= metrics_port < 65536:
         raise ValueError(f"metrics_port: must be an integer in [0, 65535], got {metrics_port!r}")
+    _check_not_a_shard_port(job, host, int(port), metrics_port)
     known_tables = [t.name for t in job.tables]
     tables = data.get("tables", known_tables)
     if not isinstance(tables, list) or not tables or not all(isinstance(t, str) for t in tables):
-        raise TypeError(f"tables: must be a non-empty list of table names, got {tables!r}")
+        raise ConfigTypeError(f"tables: must be a non-empty list of table names, got {tables!r}")
     for name in tables:
         if name not in known_tables:
             raise ValueError(f"tables: {name!r} is not a table of job {job.job!r} ({', '.join(known_tables)})")
@@ -203,6 +204,41 @@ def parse_serve_config(data: dict, base_dir: Path = Path(".")) -> ServeConfig:
     )
 
 
+def _check_not_a_shard_port(job: JobConfig, host: str, port: int, metrics_port: int) -> None:
+    """The replica's ports may not be one its job's shards (primaries, standbys, their metrics)
+    serve on this machine: gRPC binds with SO_REUSEPORT, so a replica on a shard's address would
+    start without complaint and take half of that shard's calls."""
+    if metrics_port and metrics_port == port:
+        raise ValueError(f"metrics_port: must differ from the port of listen ({host}:{port}), got {metrics_port}")
+    bare_host = host.removeprefix("[").removesuffix("]")
+    for (shard_host, shard_port), where in shard_endpoints(job.shards).items():
+        if not _same_machine(bare_host, shard_host):
+            continue
+        for name, mine in (("listen", port), ("metrics_port", metrics_port)):
+            if mine == shard_port:
+                raise ValueError(
+                    f"{name}: {host}:{mine} is {where} ({shard_host}:{shard_port}) of job {job.job!r}; "
+                    "a replica needs ports of its own"
+                )
+
+
+_LOOPBACK_V4 = frozenset({"localhost", "127.0.0.1"})
+_LOOPBACK_V6 = frozenset({"localhost", "::1"})
+
+
+def _same_machine(listen_host: str, shard_host: str) -> bool:
+    """Whether a replica binding listen_host and a shard at shard_host (both without IPv6 brackets)
+    share their sockets' ports: one name, loopback both (localhost is either family), or a replica
+    on every interface and a shard it reaches on loopback."""
+    if listen_host == shard_host:
+        return True
+    if {listen_host, shard_host} <= _LOOPBACK_V4 or {listen_host, shard_host} <= _LOOPBACK_V6:
+        return True
+    if listen_host == "0.0.0.0":
+        return shard_host in _LOOPBACK_V4
+    return listen_host == "::" and shard_host in _LOOPBACK_V4 | _LOOPBACK_V6
+
+
 def _enum(cls: type[StrEnum], name: str, value: object) -> StrEnum:
     try:
         return cls(value)
@@ -215,16 +251,17 @@ def _export(raw: object, job: str) -> ExportSource | None:
     if raw is None:
         return None
     if not isinstance(raw, dict):
-        raise TypeError(f"export: must be a table with uri (and job), got {raw!r}")
+        raise ConfigTypeError(f"export: must be a table with uri (and job), got {raw!r}")
     unknown = sorted(set(raw) - {"uri", "job"})
     if unknown:
         raise ValueError(f"export.{unknown[0]}: unknown field; known fields: job, uri")
     uri = raw.get("uri")
     if not isinstance(uri, str) or "://" not in uri:
         raise ValueError(f"export.uri: must be a URI like file:///path or s3://bucket/prefix, got {uri!r}")
+    check_uri(uri, "export.uri")
     export_job = raw.get("job", job)
     if not isinstance(export_job, str) or not export_job:
-        raise TypeError(f"export.job: must be the job name the export was written under, got {export_job!r}")
+        raise ConfigTypeError(f"export.job: must be the job name the export was written under, got {export_job!r}")
     return ExportSource(uri, export_job)
 
 

@@ -11,15 +11,16 @@ against instead of the address. Health needs no token (it is open to every calle
 
 Exit status: 0 when the service is SERVING; 1 otherwise (NOT_SERVING, an unknown service, no
 answer within the timeout, a TLS handshake refused), with one line saying which; 2 when the
-config cannot be loaded (the message names the field). grpc and ps.security are imported where
-they are used, so that `embps health --help` loads neither.
+address, a flag or the config is bad, with one line on stderr naming it. grpc and ps.security are
+imported where they are used, so that `embps health --help` loads neither.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import tomllib
+import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,10 +29,28 @@ if TYPE_CHECKING:
     from ps.security import SecurityConfig
 
 
+# The most --timeout takes: an hour is already no probe, and gRPC fails a deadline of 1e10 s at
+# once with DEADLINE_EXCEEDED, as if a serving server had not answered.
+MAX_TIMEOUT_S = 3600.0
+_HOST = re.compile(r"[A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+(%[A-Za-z0-9_.-]+)?\]")  # a name, IPv4, [IPv6]
+
+
+def check_address(address: str) -> None:
+    """Raises ValueError naming `address` unless it is HOST:PORT with a port in [1, 65535]; an IPv6
+    host is bracketed ([::1]:50100). gRPC would take a bad port modulo 65536 or fail as if the
+    server were down (exit 1), not as the typo it is."""
+    host, _, port = address.rpartition(":")
+    if not _HOST.fullmatch(host):
+        raise ValueError(f"address: must be HOST:PORT (an IPv6 host in brackets: [::1]:PORT), got {address!r}")
+    if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+        raise ValueError(f"address: the port must be an integer in [1, 65535], got {address!r}")
+
+
 @dataclass(frozen=True)
 class HealthProbe:
     """address: HOST:PORT; service: the health service name ("" = the whole server); server_name:
-    the TLS name to check the certificate against (None: the address's host); timeout_s: > 0."""
+    the TLS name to check the certificate against (None: the address's host); timeout_s: in
+    (0, MAX_TIMEOUT_S]."""
 
     address: str
     service: str = ""
@@ -39,10 +58,9 @@ class HealthProbe:
     timeout_s: float = 3.0
 
     def __post_init__(self) -> None:
-        if not self.address or ":" not in self.address:
-            raise ValueError(f"address: must be HOST:PORT, got {self.address!r}")
-        if not (math.isfinite(self.timeout_s) and self.timeout_s > 0):
-            raise ValueError(f"timeout: must be > 0 seconds, got {self.timeout_s}")
+        check_address(self.address)
+        if not (math.isfinite(self.timeout_s) and 0 < self.timeout_s <= MAX_TIMEOUT_S):
+            raise ValueError(f"--timeout: must be in (0, {MAX_TIMEOUT_S:g}] seconds, got {self.timeout_s}")
         if self.server_name is not None and not self.server_name:
             raise ValueError("server_name: must be a host name or left out, got ''")
 
@@ -51,17 +69,19 @@ def load_security(path: str | Path) -> SecurityConfig:
     """The `[security]` of a job TOML (everything off when it has none). Only that section is read:
     a probe runs every few seconds, and loading the whole job (numpy, pyarrow) would triple its cost."""
     from ps.security import SecurityConfig, parse_security
+    from ps.toml_reader import read_toml
 
     path = Path(path)
     try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise ValueError(f"not valid TOML: {exc}") from exc
+        data = read_toml(path)
     except OSError as exc:
-        raise ValueError(f"cannot read the job config: {exc.strerror}") from None
+        raise ValueError(f"{path}: cannot read the job config: {exc.strerror}") from None
     if "security" not in data:
         return SecurityConfig()
-    return parse_security(data["security"], path.resolve().parent)
+    try:
+        return parse_security(data["security"], path.resolve().parent)
+    except ValueError as exc:  # a ConfigTypeError too
+        raise ValueError(f"{path}: {exc}") from None
 
 
 def check_health(probe: HealthProbe, security: SecurityConfig) -> tuple[bool, str]:
@@ -106,17 +126,22 @@ def run(args: argparse.Namespace) -> int:
     try:
         probe = HealthProbe(args.address, args.service, args.server_name, args.timeout)
     except ValueError as exc:
-        print(f"embps health: {exc}")
-        return 2
+        return _refuse(str(exc))
+    if args.config == "":  # not plaintext against what may be a TLS port, answered as a port down
+        return _refuse("--config: must name the job's TOML or be left out, got ''")
     try:
-        security = load_security(args.config) if args.config else SecurityConfig()
-    except (ValueError, TypeError) as exc:
-        print(f"embps health: {args.config}: {exc}")
-        return 2
+        security = load_security(args.config) if args.config is not None else SecurityConfig()
+    except ValueError as exc:  # names the file
+        return _refuse(str(exc))
     try:
         serving, line = check_health(probe, security)
     except ValueError as exc:
-        print(f"embps health: {exc}")
-        return 2
+        return _refuse(str(exc))
     print(line)
     return 0 if serving else 1
+
+
+def _refuse(message: str) -> int:
+    """A configuration error: one line on stderr, exit 2 (as embps.cli ends the other verbs)."""
+    print(f"embps health: {message}", file=sys.stderr)
+    return 2

@@ -1,14 +1,17 @@
 """`embps snapshot list|inspect|export|gc URI --job NAME`: look at and manage stored snapshots.
 
-S3 settings come from the AWS_* variables (see ps/snapshot/storage.py). Errors print one line to stderr
-and return exit code 1. The snapshot modules (torch, pyarrow) are imported by the action that needs them.
+S3 settings come from the AWS_* variables (see ps/snapshot/storage.py). Errors print one line to stderr:
+exit code 2 for a bad argument (naming it), 1 when the storage or a snapshot fails. The snapshot
+modules (torch, pyarrow) are imported by the action that needs them.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from ps.errors import EmbpsError
 
@@ -106,12 +109,38 @@ def _gc(args: argparse.Namespace) -> int:
 _ACTIONS = {"list": _list, "inspect": _inspect, "export": _export, "gc": _gc}
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """Raises ValueError naming the argument or flag that action args.action cannot use. A local
+    URI must be an existing folder: a typo would otherwise list "no committed snapshot" (or gc
+    nothing) and succeed; an empty folder or bucket prefix is a true answer of "none"."""
+    from ps.snapshot.storage import check_uri, open_uri
+
+    check_uri(args.uri, "uri")
+    if "://" not in args.uri or urlsplit(args.uri).scheme.lower() == "file":
+        _, root = open_uri(args.uri)
+        if not os.path.isdir(root):
+            what = "is not a folder" if os.path.exists(root) else "does not exist"
+            raise ValueError(f"uri: {args.uri!r} {what}")
+    if args.step is not None and args.step < 0:
+        raise ValueError(f"--step: must be a snapshot step >= 0, got {args.step}")
+    if args.action == "export":
+        if args.dst is None:
+            raise ValueError("--dst: required by export (the destination URI)")
+        check_uri(args.dst, "--dst")
+    if args.action == "gc":
+        if args.keep is None:
+            raise ValueError("--keep: required by gc (how many newest snapshots to keep)")
+        if args.keep < 1:
+            raise ValueError(f"--keep: must be an integer >= 1 (LATEST must stay readable), got {args.keep}")
+
+
 def run(args: argparse.Namespace) -> int:
     """Runs the `embps snapshot` action args.action with the parsed arguments of add_arguments."""
-    if args.action == "export" and args.dst is None:
-        raise SystemExit("embps snapshot export: --dst is required")
-    if args.action == "gc" and args.keep is None:
-        raise SystemExit("embps snapshot gc: --keep is required")
+    try:
+        check_arguments(args)
+    except ValueError as e:
+        print(f"embps snapshot {args.action}: {e}", file=sys.stderr)
+        return 2
     try:
         return _ACTIONS[args.action](args)
     except (EmbpsError, ValueError, KeyError, OSError) as e:

@@ -274,7 +274,7 @@ def test_cli_writes_the_manifests_or_reports_the_field(tmp_path):
     path.write_text(edited(change="min_replicas = 2=>min_replicas = -3"))
     result = run_cli(path, tmp_path / "bad")
     assert result.returncode == 2
-    assert "deploy.serving.min_replicas: must be >= 1, got -3" in result.stdout
+    assert "deploy.serving.min_replicas: must be >= 1, got -3" in result.stderr
     assert not (tmp_path / "bad").exists()
 
 
