@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -68,20 +69,35 @@ def test_health_refuses_an_empty_config_naming_the_flag():
     refused(embps("health", "127.0.0.1:50100", "--config", ""), "embps health: --config: ")
 
 
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
 @pytest.fixture(scope="module")
 def health_server() -> Iterator[dict[str, int]]:
-    """A gRPC server with only the health service, SERVING, on loopback in both families."""
+    """A gRPC server with only the health service, SERVING, on loopback in both families (IPv4
+    only on a machine without an IPv6 loopback)."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
     health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
-    ports = {"v4": server.add_insecure_port("127.0.0.1:0"), "v6": server.add_insecure_port("[::1]:0")}
+    ports = {"v4": server.add_insecure_port("127.0.0.1:0")}
+    if _has_ipv6_loopback():
+        ports["v6"] = server.add_insecure_port("[::1]:0")
     server.start()
     yield ports
     server.stop(None)
 
 
 def test_health_answers_serving_up_to_the_largest_timeout_and_over_ipv6(health_server):
-    v4, v6 = health_server["v4"], health_server["v6"]
-    for address, timeout in ((f"127.0.0.1:{v4}", "3600"), (f"localhost:{v4}", "2"), (f"[::1]:{v6}", "2")):
+    v4 = health_server["v4"]
+    probes = [(f"127.0.0.1:{v4}", "3600"), (f"localhost:{v4}", "2")]
+    if "v6" in health_server:
+        probes.append((f"[::1]:{health_server['v6']}", "2"))
+    for address, timeout in probes:
         done = embps("health", address, "--timeout", timeout)
         assert done.returncode == 0 and "SERVING" in done.stdout, (address, done.stdout, done.stderr)
     # 1e10 s used to reach gRPC, which failed it at once: DEADLINE_EXCEEDED, exit 1, a false alarm.
@@ -118,8 +134,8 @@ DATA = '[data]\nsource = "synthetic"\n\n[data.synthetic]\nnum_keys = 20000\nnum_
     [
         ({"after": '\n[deploy.worker]\nnnodes = "2"\n'}, None),  # a duplicate table: not TOML
         ({"after": "\n[sharding]\nbucket_ranges = [1, 2, 3]\n"}, "sharding"),
-        ({"before": "data = 5\n", "drop": DATA}, None),
-        ({"before": 'data = "x"\n', "drop": DATA}, None),
+        ({"before": "data = 5\n", "drop": DATA}, "data: must be a table"),
+        ({"before": 'data = "x"\n', "drop": DATA}, "data: must be a table"),
         ({"after": "\n[deploy.serving.x]\n"}, "deploy.serving.x"),
     ],
     ids=["not-toml", "sharding-flat", "data-int", "data-str", "unknown-field"],
