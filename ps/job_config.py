@@ -311,9 +311,15 @@ def claim_endpoint(taken: dict[tuple[str, int], str], host: str, port: int, wher
     earlier field binds the same one (only one of the two servers could start)."""
     if port == 0:
         return
-    if (host, port) in taken:
-        shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        raise ValueError(f"{where}: {shown!r} is also {taken[host, port]}; only one of the two could bind it")
+    # localhost binds both loopbacks: it clashes with 127.0.0.1 and ::1 on the same port
+    if host == "localhost":
+        same = (host, "127.0.0.1", "::1")
+    else:
+        same = (host, "localhost") if host in ("127.0.0.1", "::1") else (host,)
+    for other in same:
+        if (other, port) in taken:
+            shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            raise ValueError(f"{where}: {shown!r} is also {taken[other, port]}; only one of the two could bind it")
     taken[host, port] = where
 
 

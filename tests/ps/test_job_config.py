@@ -110,6 +110,7 @@ def _with(old: str, new: str) -> dict:
             'address = "127.0.0.1:7002"\nmetrics_port = 9101',
             r"shards\[1\]\.metrics_port: '127.0.0.1:9101' is also shards\[0\]\.metrics_port",
         ),
+        ('address = "127.0.0.1:7002"', 'address = "localhost:7001"', r"shards\[1\]\.address: .* also shards\[0\]"),
         ('job = "ctr"', 'job = ".."', r"job: must be a name of letters"),
         ("[tables.item]", '[tables.".."]', r'tables\."\.\."\.name: must be a name of letters'),
         ("lookup = 2.5", "lookup = 1e10", r"deadlines\.lookup: must be a number of seconds in \(0, 86400\]"),
