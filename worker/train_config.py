@@ -52,7 +52,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from ps.errors import ConfigTypeError
-from ps.job_config import JobConfig, build_config, parse_job_config
+from ps.job_config import JobConfig, build_config, parse_job_config, shard_endpoints
 from ps.snapshot.storage import StorageConfig
 from ps.toml_reader import read_toml
 from worker.data_options import ArrowMemoryPool, BadRowPolicy, SyntheticConfig
@@ -213,6 +213,11 @@ def parse_training_job(data: dict, base_dir: Path | None = None) -> TrainingJob:
         raise ValueError(f"train.ps_unavailable_timeout_s: must be a finite number of seconds > 0, got {timeout}")
     if train.metrics_port is not None and not 0 <= train.metrics_port < 65536:
         raise ValueError(f"train.metrics_port: must be in [0, 65535], got {train.metrics_port}")
+    if train.metrics_port:
+        # Rank 0 serves it on every interface, so it clashes with a shard's port on loopback.
+        for (host, port), where in shard_endpoints(ps.shards).items():
+            if port == train.metrics_port and host in ("localhost", "127.0.0.1", "::1"):
+                raise ValueError(f"train.metrics_port: {port} is also {where} (rank 0 binds it on every interface)")
     if not 0 <= data_config.seed < 2**64:
         raise ValueError(f"data.seed: must be in [0, {2**64 - 1}], got {data_config.seed}")
     if data_config.source != DataSource.SYNTHETIC:

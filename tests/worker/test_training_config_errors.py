@@ -126,6 +126,7 @@ LOADER_CASES = [
     ("batch_size = 8", "batch_size = 0", r"^train\.batch_size: must be >= 1, got 0$", VALUE),
     (DATA, DATA + "\nseed = -1", r"^data\.seed: must be in \[0, ", VALUE),
     (DATA, 'source = "parquet"\npaths = ["x"]\nnum_dense = 0', r"^data\.num_dense: must be >= 1, got 0$", VALUE),
+    (TRAIN, TRAIN + "\nmetrics_port = 47321", r"^train\.metrics_port: 47321 is also shards\[0\]\.metrics_port", VALUE),
 ]
 
 
