@@ -12,21 +12,25 @@ import sys
 from collections.abc import Callable
 from typing import NamedTuple
 
+from bench import flags
+
 
 def _add_table(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--rows", type=int, default=10_000_000, help="rows in the table (default 10M)")
-    parser.add_argument("--dim", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=4096, help="keys per batch")
-    parser.add_argument("--batches", type=int, default=200, help="batches per measurement")
-    parser.add_argument("--zipf", type=float, default=1.05, help="Zipf exponent of the skewed key stream")
+    parser.add_argument("--rows", type=flags.count, default=10_000_000, help="rows in the table (default 10M)")
+    parser.add_argument("--dim", type=flags.count, default=64)
+    parser.add_argument("--batch", type=flags.count, default=4096, help="keys per batch")
+    parser.add_argument("--batches", type=flags.count, default=200, help="batches per measurement")
+    parser.add_argument("--zipf", type=flags.non_negative, default=1.05, help="Zipf exponent of the skewed key stream")
     parser.add_argument(
-        "--growth-rows", type=int, default=30_000_000,
+        "--growth-rows", type=flags.count_or_zero, default=30_000_000,
         help="keys the growth part fills (call times, readers beside a grower; 0: skip it)",
     )
-    parser.add_argument("--growth-dim", type=int, default=8, help="row width of the growth part's table and store")
+    parser.add_argument(
+        "--growth-dim", type=flags.count, default=8, help="row width of the growth part's table and store"
+    )
     parser.add_argument(
         "--precision-rows",
-        type=int,
+        type=flags.count_or_zero,
         default=2_000_000,
         help="rows of each float32/float16/int8 table of the precision part (0: skip it)",
     )
@@ -49,15 +53,15 @@ def _run_table(args: argparse.Namespace) -> int:
 
 
 def _add_ps(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--shards", type=int, default=2)
-    parser.add_argument("--dim", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=4096, help="keys per client call")
-    parser.add_argument("--batches", type=int, default=300, help="calls per client process per phase")
-    parser.add_argument("--rows", type=int, default=1_000_000, help="distinct keys in the Zipf stream")
-    parser.add_argument("--zipf", type=float, default=1.05)
-    parser.add_argument("--clients", default="1,4", help="comma-separated client process counts")
+    parser.add_argument("--shards", type=flags.count, default=2)
+    parser.add_argument("--dim", type=flags.count, default=64)
+    parser.add_argument("--batch", type=flags.count, default=4096, help="keys per client call")
+    parser.add_argument("--batches", type=flags.count, default=300, help="calls per client process per phase")
+    parser.add_argument("--rows", type=flags.count, default=1_000_000, help="distinct keys in the Zipf stream")
+    parser.add_argument("--zipf", type=flags.non_negative, default=1.05)
+    parser.add_argument("--clients", type=flags.counts, default=(1, 4), help="comma-separated client process counts")
     parser.add_argument(
-        "--tables", type=int, default=1,
+        "--tables", type=flags.count, default=1,
         help="tables per call: each call is one LookupMulti / PushMulti round (batch / tables keys each)",
     )
     parser.add_argument(
@@ -71,7 +75,8 @@ def _add_ps(parser: argparse.ArgumentParser) -> None:
         "and the ratio",
     )
     parser.add_argument(
-        "--repeat", type=int, default=1, help="rounds, each mode once per round; ratios per round and their median"
+        "--repeat", type=flags.count, default=1,
+        help="rounds, each mode once per round; ratios per round and their median"
     )
     parser.add_argument("--out", default=None, help="write the results as JSON here")
 
@@ -86,7 +91,7 @@ def _run_ps(args: argparse.Namespace) -> int:
         batches=args.batches,
         rows=args.rows,
         zipf=args.zipf,
-        clients=tuple(int(c) for c in args.clients.split(",")),
+        clients=args.clients,
         tables=args.tables,
         malloc=args.malloc,
         standbys=args.standbys,
@@ -97,8 +102,8 @@ def _run_ps(args: argparse.Namespace) -> int:
 
 
 def _add_snapshot(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--rows", type=int, default=10_000_000, help="rows in the table (default 10M)")
-    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--rows", type=flags.count, default=10_000_000, help="rows in the table (default 10M)")
+    parser.add_argument("--dim", type=flags.count, default=64)
     parser.add_argument("--touched", type=float, default=0.01, help="fraction of rows an incremental holds")
     parser.add_argument("--targets", default="local,s3", help="comma-separated: local, s3")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
@@ -118,11 +123,11 @@ def _run_snapshot(args: argparse.Namespace) -> int:
 
 
 def _add_freshness(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--rate", type=int, default=100_000, help="rows pushed per second (default 100k)")
-    parser.add_argument("--batch", type=int, default=5_000, help="rows per push")
-    parser.add_argument("--seconds", type=float, default=20.0, help="length of the measurement")
-    parser.add_argument("--dim", type=int, default=16)
-    parser.add_argument("--shards", type=int, default=2, help="PS shards the pushes spread over")
+    parser.add_argument("--rate", type=flags.count, default=100_000, help="rows pushed per second (default 100k)")
+    parser.add_argument("--batch", type=flags.count, default=5_000, help="rows per push")
+    parser.add_argument("--seconds", type=flags.positive, default=20.0, help="length of the measurement")
+    parser.add_argument("--dim", type=flags.count, default=16)
+    parser.add_argument("--shards", type=flags.count, default=2, help="PS shards the pushes spread over")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
 
 
@@ -136,10 +141,10 @@ def _run_freshness(args: argparse.Namespace) -> int:
 
 
 def _add_train(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--batch", type=int, default=2048, help="global batch size")
-    parser.add_argument("--dim", type=int, default=64)
-    parser.add_argument("--tables", type=int, default=26, help="sparse features, one table each")
+    parser.add_argument("--steps", type=flags.count, default=60)
+    parser.add_argument("--batch", type=flags.count, default=2048, help="global batch size")
+    parser.add_argument("--dim", type=flags.count, default=64)
+    parser.add_argument("--tables", type=flags.count, default=26, help="sparse features, one table each")
     parser.add_argument("--shared-table", action="store_true", help="all features in one table")
     parser.add_argument(
         "--shapes",
@@ -148,7 +153,7 @@ def _add_train(parser: argparse.ArgumentParser) -> None:
         help="all: also the features in one shared table, and 200 tables of dim 16, in the same run",
     )
     parser.add_argument(
-        "--repeat", type=int, default=1,
+        "--repeat", type=flags.count, default=1,
         help="rounds, each mode once per round: the table shows each mode's fastest run, then each round's ratios "
         "and their median",
     )
@@ -178,9 +183,6 @@ def _add_train(parser: argparse.ArgumentParser) -> None:
 def _run_train(args: argparse.Namespace) -> int:
     from bench.train_bench import TrainBenchConfig, run_train_bench
 
-    if args.repeat < 1:
-        print(f"embps bench train: --repeat must be >= 1, got {args.repeat}", file=sys.stderr)
-        return 2
     if args.torchrec_path and args.peer is None:
         print("embps bench train: --torchrec-path applies with --peer torchrec only", file=sys.stderr)
         return 2
@@ -210,33 +212,33 @@ def _add_serve(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--address", default=None, help="HOST:PORT of an existing Serving.Lookup server")
     parser.add_argument("--table", default="emb", help="with --address: the table to look up")
-    parser.add_argument("--rows", type=int, default=1_000_000, help="rows every system holds (keys drawn from)")
-    parser.add_argument("--dim", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=64, help="keys per request (per table with --tables)")
+    parser.add_argument("--rows", type=flags.count, default=1_000_000, help="rows every system holds (keys drawn from)")
+    parser.add_argument("--dim", type=flags.count, default=64)
+    parser.add_argument("--batch", type=flags.count, default=64, help="keys per request (per table with --tables)")
     parser.add_argument(
-        "--tables", type=int, default=1,
+        "--tables", type=flags.count, default=1,
         help="tables per request: each request reads --batch keys in each (embps: one LookupMany; Redis: one MGET)",
     )
     parser.add_argument(
         "--lookup-threads", default="", metavar="N[,N...]",
         help="run the embps replica once per lookup thread count (default: once, one thread per core)",
     )
-    parser.add_argument("--zipf", type=float, default=1.05, help="Zipf exponent of the keys (0: uniform)")
+    parser.add_argument("--zipf", type=flags.non_negative, default=1.05, help="Zipf exponent of the keys (0: uniform)")
     rate_or_sweep = parser.add_mutually_exclusive_group()
-    rate_or_sweep.add_argument("--rate", type=float, default=None, help="one run at this many requests/s")
+    rate_or_sweep.add_argument("--rate", type=flags.positive, default=None, help="one run at this many requests/s")
     rate_or_sweep.add_argument("--sweep", action="store_true", help="step the rate up until the SLO fails (default)")
-    parser.add_argument("--slo-ms", type=float, default=10.0, help="p99 latency objective of the sweep")
-    parser.add_argument("--start-rate", type=float, default=500.0, help="first rate of the sweep (requests/s)")
-    parser.add_argument("--step", type=float, default=1.5, help="rate factor between sweep steps")
-    parser.add_argument("--max-steps", type=int, default=14, help="sweep steps before bisecting")
-    parser.add_argument("--duration", type=float, default=5.0, help="measured seconds per run")
-    parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each run")
+    parser.add_argument("--slo-ms", type=flags.positive, default=10.0, help="p99 latency objective of the sweep")
+    parser.add_argument("--start-rate", type=flags.positive, default=500.0, help="first rate of the sweep (requests/s)")
+    parser.add_argument("--step", type=flags.positive, default=1.5, help="rate factor between sweep steps")
+    parser.add_argument("--max-steps", type=flags.count, default=14, help="sweep steps before bisecting")
+    parser.add_argument("--duration", type=flags.positive, default=5.0, help="measured seconds per run")
+    parser.add_argument("--warmup", type=flags.non_negative, default=1.0, help="unmeasured seconds before each run")
     parser.add_argument(
-        "--repeat", type=int, default=1,
+        "--repeat", type=flags.count, default=1,
         help="with --rate: rounds, each system started and measured once per round in turn (medians, ratios per round)",
     )
-    parser.add_argument("--clients", type=int, default=2, help="client processes")
-    parser.add_argument("--concurrency", type=int, default=32, help="calls in flight per client process")
+    parser.add_argument("--clients", type=flags.count, default=2, help="client processes")
+    parser.add_argument("--concurrency", type=flags.count, default=32, help="calls in flight per client process")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--plot", default=None, help="write a PNG of p99 vs offered rate here")
     parser.add_argument(
@@ -245,12 +247,14 @@ def _add_serve(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--overload",
-        type=float,
+        type=flags.positive,
         default=None,
         metavar="FACTOR",
         help="embps only: offer FACTOR x the replica's capacity to a replica with --max-queue and to one without",
     )
-    parser.add_argument("--max-queue", type=int, default=16, help="with --overload: max_queue of the bounded one")
+    parser.add_argument(
+        "--max-queue", type=flags.count, default=16, help="with --overload: max_queue of the bounded one"
+    )
 
 
 def _counts(flag: str, text: str) -> tuple[int, ...]:
@@ -340,13 +344,13 @@ def _run_serve(args: argparse.Namespace) -> int:
 
 
 def _add_client(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--rows", type=int, default=20_000, help="rows in each table of the replica")
-    parser.add_argument("--dim", type=int, default=64)
-    parser.add_argument("--tables", type=int, default=26, help="tables per lookup_many call (>= 2)")
-    parser.add_argument("--batch", type=int, default=300, help="keys per table per call")
-    parser.add_argument("--zipf", type=float, default=1.05, help="Zipf exponent of the keys (0: uniform)")
-    parser.add_argument("--calls", type=int, default=300, help="calls per measurement")
-    parser.add_argument("--repeat", type=int, default=3, help="rounds, each measurement once per round")
+    parser.add_argument("--rows", type=flags.count, default=20_000, help="rows in each table of the replica")
+    parser.add_argument("--dim", type=flags.count, default=64)
+    parser.add_argument("--tables", type=flags.count, default=26, help="tables per lookup_many call (>= 2)")
+    parser.add_argument("--batch", type=flags.count, default=300, help="keys per table per call")
+    parser.add_argument("--zipf", type=flags.non_negative, default=1.05, help="Zipf exponent of the keys (0: uniform)")
+    parser.add_argument("--calls", type=flags.count, default=300, help="calls per measurement")
+    parser.add_argument("--repeat", type=flags.count, default=3, help="rounds, each measurement once per round")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
 
 
@@ -365,51 +369,47 @@ def _run_client(args: argparse.Namespace) -> int:
 
 
 def _add_cut(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tables", default="26,200", help="comma-separated table counts, measured in turn")
-    parser.add_argument("--shards", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=20, help="training steps offered per measurement")
+    parser.add_argument(
+        "--tables", type=flags.counts, default=(26, 200), help="comma-separated table counts, measured in turn"
+    )
+    parser.add_argument("--shards", type=flags.count, default=2)
+    parser.add_argument("--steps", type=flags.count, default=20, help="training steps offered per measurement")
     parser.add_argument("--changed", type=float, default=0.25,
                         help="share of (table, shard) ranges that carry rows each step (the others are empty)")
-    parser.add_argument("--rows", type=int, default=16, help="rows in a range that carries rows")
-    parser.add_argument("--repeat", type=int, default=3, help="runs per table count, interleaved; the fastest counts")
+    parser.add_argument("--rows", type=flags.count, default=16, help="rows in a range that carries rows")
+    parser.add_argument(
+        "--repeat", type=flags.count, default=3, help="runs per table count, interleaved; the fastest counts"
+    )
     parser.add_argument("--out", default=None, help="write the results as JSON here")
 
 
 def _run_cut(args: argparse.Namespace) -> int:
     from bench.cut_bench import CutBenchConfig, run_cut_bench
 
-    try:
-        tables = _counts("--tables", args.tables)
-    except ValueError as exc:
-        raise SystemExit(f"embps bench cut: {exc}") from None
-    for flag, value, ok in (
-        ("--tables", tables, bool(tables) and min(tables) >= 1),
-        ("--shards", args.shards, args.shards >= 1),
-        ("--steps", args.steps, args.steps >= 1),
-        ("--changed", args.changed, 0.0 <= args.changed <= 1.0),
-        ("--rows", args.rows, args.rows >= 1),
-        ("--repeat", args.repeat, args.repeat >= 1),
-    ):
-        if not ok:
-            raise SystemExit(f"embps bench cut: {flag} out of range, got {value!r}")
-    config = CutBenchConfig(tables=tables, shards=args.shards, steps=args.steps, changed=args.changed,
+    if not 0.0 <= args.changed <= 1.0:
+        raise SystemExit(f"embps bench cut: --changed must be in [0, 1], got {args.changed!r}")
+    config = CutBenchConfig(tables=args.tables, shards=args.shards, steps=args.steps, changed=args.changed,
                             rows=args.rows, repeat=args.repeat, out=args.out)
     return run_cut_bench(config)
 
 
 def _add_soak(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--minutes", type=float, default=None, help="measured minutes in all (split over the phases)")
-    parser.add_argument("--pushes", type=int, default=1000, help="without --minutes: measured pushes per phase")
+    parser.add_argument(
+        "--minutes", type=flags.positive, default=None, help="measured minutes in all (split over the phases)"
+    )
+    parser.add_argument("--pushes", type=flags.count, default=1000, help="without --minutes: measured pushes per phase")
     parser.add_argument(
         "--phases", default="off,on,follow",
         help="comma-separated phases to run: off (no snapshots), on (snapshots), follow (a replica's two "
         "Subscribe streams and a Commit after each push)",
     )
-    parser.add_argument("--follow-keys", type=int, default=16, help="keys per push in phase follow")
-    parser.add_argument("--capacity", type=int, default=5000, help="rows the table holds")
-    parser.add_argument("--hot", type=int, default=600, help="keys a push takes from a hot range of 1.6 x capacity")
-    parser.add_argument("--fresh", type=int, default=600, help="never-seen keys a push carries")
-    parser.add_argument("--max-pending", type=int, default=20_000, help="admission.max_pending of the table")
+    parser.add_argument("--follow-keys", type=flags.count, default=16, help="keys per push in phase follow")
+    parser.add_argument("--capacity", type=flags.count, default=5000, help="rows the table holds")
+    parser.add_argument(
+        "--hot", type=flags.count_or_zero, default=600, help="keys a push takes from a hot range of 1.6 x capacity"
+    )
+    parser.add_argument("--fresh", type=flags.count_or_zero, default=600, help="never-seen keys a push carries")
+    parser.add_argument("--max-pending", type=flags.count, default=20_000, help="admission.max_pending of the table")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--plot", default="soak.png", help="write a PNG of push latency and RSS over time here")
 
@@ -421,10 +421,6 @@ def _run_soak(args: argparse.Namespace) -> int:
     unknown = [p for p in phases if p not in PHASE_TITLES]
     if not phases or unknown:
         raise SystemExit(f"embps bench soak: --phases must name some of {', '.join(PHASE_TITLES)}, got {args.phases!r}")
-    if args.follow_keys < 1:
-        raise SystemExit(f"embps bench soak: --follow-keys must be >= 1, got {args.follow_keys}")
-    if args.minutes is not None and args.minutes <= 0:
-        raise SystemExit(f"embps bench soak: --minutes must be > 0, got {args.minutes}")
     if args.pushes < 10:
         raise SystemExit(f"embps bench soak: --pushes must be >= 10, got {args.pushes}")
     seconds = args.minutes * 60 / len(phases) if args.minutes is not None else None
@@ -467,12 +463,12 @@ def _run_data(args: argparse.Namespace) -> int:
 
 
 def _add_precision(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--steps", type=int, default=400, help="training steps per run")
-    parser.add_argument("--batch", type=int, default=2048, help="samples per step")
-    parser.add_argument("--dim", type=int, default=16)
-    parser.add_argument("--num-keys", type=int, default=100_000, help="synthetic: distinct keys per feature")
-    parser.add_argument("--lr", type=float, default=0.05, help="row-wise Adagrad learning rate of the table")
-    parser.add_argument("--eval-batches", type=int, default=16, help="held-out batches")
+    parser.add_argument("--steps", type=flags.count, default=400, help="training steps per run")
+    parser.add_argument("--batch", type=flags.count, default=2048, help="samples per step")
+    parser.add_argument("--dim", type=flags.count, default=16)
+    parser.add_argument("--num-keys", type=flags.count, default=100_000, help="synthetic: distinct keys per feature")
+    parser.add_argument("--lr", type=flags.positive, default=0.05, help="row-wise Adagrad learning rate of the table")
+    parser.add_argument("--eval-batches", type=flags.count, default=16, help="held-out batches")
     parser.add_argument("--data", default="both", choices=["synthetic", "criteo", "both"])
     parser.add_argument("--criteo-train", nargs="*", default=[], help="Criteo TSV training files (default: written)")
     parser.add_argument("--criteo-eval", nargs="*", default=[], help="Criteo TSV held-out files")
