@@ -764,10 +764,7 @@ class EmbeddingTable:
         need = self.size + num_new - capacity
         policy = self.config.eviction.policy
         if policy == EvictionPolicy.NONE:
-            raise CapacityError(
-                f"table {self.name} is full: {self.size} rows + {num_new} new > capacity {capacity}, "
-                "and eviction.policy is 'none' (set 'lfu' or 'lru' to make room)"
-            )
+            raise self._full_error(num_new)
         if self.size > EXACT_SCAN_ROWS:
             victims = self._sampled_victims(need, protected_rows, policy)
             if victims is not None:
@@ -777,16 +774,45 @@ class EmbeddingTable:
         candidates = ~np.isin(rows, protected_rows)
         keys, rows = keys[candidates], rows[candidates]
         if keys.shape[0] < need:
-            raise CapacityError(
-                f"table {self.name}: one push brings {num_new} new keys but only {keys.shape[0]} rows "
-                f"can be evicted (capacity {capacity})"
-            )
+            raise self._too_few_victims_error(num_new, keys.shape[0])
         meta = self._gather_meta(rows)
         freq, last = meta[:, 0], meta[:, 1]
         order = np.lexsort((keys, last, freq) if policy == EvictionPolicy.LFU else (keys, freq, last))
         victims = keys[order[: min(keys.shape[0], need + capacity // _EVICTION_SLACK)]]
         self._evict(victims)
         return victims
+
+    def check_room(self, keys: np.ndarray, counts: np.ndarray | None) -> None:
+        """Raises the CapacityError apply_gradients(keys, ..., counts=counts) would raise, changing
+        nothing: push_tables checks every table of a multi-table push first, so that the push is
+        all or nothing across its tables, as apply_gradients is within one. keys (n,) int64,
+        counts (n,) int64 >= 1 or None, both checked by the caller."""
+        capacity = self.config.capacity
+        if capacity is None:
+            return
+        unique_keys, _, sightings = native.dedupe_sum(keys, None, counts, self.dim)
+        is_new = self._map.find(unique_keys) < 0
+        admit_new, _, _ = self._admission(unique_keys, is_new, sightings)
+        num_new = int(admit_new.sum())
+        if self.size + num_new <= capacity:
+            return
+        if self.config.eviction.policy == EvictionPolicy.NONE:
+            raise self._full_error(num_new)
+        evictable = self.size - int(np.count_nonzero(~is_new))  # a push's own rows are never evicted
+        if evictable < self.size + num_new - capacity:
+            raise self._too_few_victims_error(num_new, evictable)
+
+    def _full_error(self, num_new: int) -> CapacityError:
+        return CapacityError(
+            f"table {self.name} is full: {self.size} rows + {num_new} new > capacity {self.config.capacity}, "
+            "and eviction.policy is 'none' (set 'lfu' or 'lru' to make room)"
+        )
+
+    def _too_few_victims_error(self, num_new: int, evictable: int) -> CapacityError:
+        return CapacityError(
+            f"table {self.name}: one push brings {num_new} new keys but only {evictable} rows "
+            f"can be evicted (capacity {self.config.capacity})"
+        )
 
     def _sampled_victims(self, need: int, protected_rows: np.ndarray, policy: EvictionPolicy) -> np.ndarray | None:
         """The `need` least recently (LRU) or least often (LFU) used rows of a random sample of

@@ -81,9 +81,10 @@ def push_tables(
     """Applies each table's gradients as tables[t].apply_gradients(keys_t, grads_t, step, counts_t)
     would. grads: flat float32, table after table (n_t, dim_t); counts (n,) int64 >= 1 or None.
 
-    The caller has checked the grads (finite) and counts (>= 1). Tables the native call cannot
-    serve go first, through apply_gradients (each all or nothing: a CapacityError there leaves
-    the tables before it applied); then every other table in one native call, which cannot fail.
+    The caller has checked the grads (finite) and counts (>= 1). All or nothing: every table
+    that could refuse its keys (a capacity) is checked first (check_room), so a CapacityError
+    leaves every table as it was. Then tables the native call cannot serve go first, through
+    apply_gradients; then every other table in one native call, which cannot fail.
     """
     if step is None:
         steps = [t.check_step(None) for t in tables]  # each table's next version
@@ -98,9 +99,13 @@ def push_tables(
         if table.fbgemm_push_ready(int(sizes[i])):
             groups.setdefault(table.fbgemm_group, []).append(i)
     batched = set(fast).union(*groups.values())
-    for i, table in enumerate(tables):
-        if i in batched:
-            continue
+    slow = [i for i in range(len(tables)) if i not in batched]
+    if len(tables) > 1:  # one table's apply_gradients is all or nothing by itself
+        for i in slow:
+            part = slice(offsets[i], offsets[i + 1])
+            tables[i].check_room(keys[part], None if counts is None else counts[part])
+    for i in slow:
+        table = tables[i]
         results[i] = table.apply_gradients(
             keys[offsets[i] : offsets[i + 1]],
             grads[starts[i] : starts[i + 1]].reshape(-1, table.dim),

@@ -11,10 +11,13 @@ from hypothesis import strategies as st
 
 from ps import native
 from ps.client import InvalidArgumentError, PSClient, TableNotFoundError
+from ps.errors import CapacityError
 from ps.rpc import ps_pb2, ps_pb2_grpc
 from ps.table.config import (
     AdmissionConfig,
     AdmissionKind,
+    EvictionConfig,
+    EvictionPolicy,
     Kernels,
     OptimizerConfig,
     OptimizerKind,
@@ -194,6 +197,35 @@ def test_one_request_with_mixed_dims_and_optimizers_equals_per_table_rpcs(start_
         assert registry.get_sample_value("embps_request_keys_total", labels) > 0
         ok = registry.get_sample_value("embps_requests_total", {"table": "", "method": method, "code": "OK"})
         assert ok >= 1
+
+
+@pytest.mark.parametrize("eviction", [EvictionPolicy.NONE, EvictionPolicy.LRU])
+def test_a_multi_table_push_one_table_refuses_changes_no_table(eviction):
+    """All or nothing across tables: a push whose last table has no room (a full table without
+    eviction, or more new keys than it can evict) leaves the tables before it as they were, so
+    a retry with the same push id cannot apply them twice and no version moves unlogged."""
+    configs = [
+        MIXED[0],  # native fast path
+        MIXED[5],  # admission: apply_gradients, before the full one
+        TableConfig(
+            name="small", dim=2, capacity=4, optimizer=OptimizerConfig(kind=OptimizerKind.SGD, lr=0.1),
+            eviction=EvictionConfig(policy=eviction),
+        ),
+    ]
+    tables = [EmbeddingTable(t) for t in configs]
+    untouched = [EmbeddingTable(t) for t in configs]
+    warm = np.array([500], dtype=np.int64)
+    for table, twin in zip(tables[1:2], untouched[1:2], strict=True):  # key 500 admitted in "admit"
+        for t in (table, twin):
+            t.apply_gradients(warm, np.ones((1, t.dim), np.float32), counts=np.array([3]))
+    keys = np.array([7, 500, 901, 902, 903, 904, 905, 906], dtype=np.int64)
+    offsets = np.array([0, 1, 2, 8], dtype=np.int64)
+    grads = np.ones(4 + 4 + 6 * 2, dtype=np.float32)
+    for _ in range(2):  # a retry meets the same refusal, and still nothing moves
+        with pytest.raises(CapacityError, match="table small"):
+            push_tables(tables, keys, offsets, grads, None, None)
+    for a, b in zip(tables, untouched, strict=True):
+        _assert_same_state(a, b)
 
 
 def _assert_same_rows(a: EmbeddingTable, b: EmbeddingTable) -> None:
