@@ -311,12 +311,16 @@ NB_MODULE(_embps_native, m) {
         },
         "keys"_a, "out"_a);
 
-  m.def("first_non_finite",
-        [](Array<const float> values) -> int64_t {
+  m.def("first_out_of_range",
+        [](Array<const float> values, float limit) -> int64_t {
+          if (!(limit >= 0.0f) || std::isinf(limit)) {
+            throw std::invalid_argument("limit: expected a finite number >= 0, got " + std::to_string(limit));
+          }
           nb::gil_scoped_release release;
-          return embps::first_non_finite(values.data(), static_cast<int64_t>(values.size()));
+          return embps::first_out_of_range(values.data(), static_cast<int64_t>(values.size()), limit);
         },
-        "values"_a, "Flat index of the first NaN or infinity of values (any shape, C order), or -1.");
+        "values"_a, "limit"_a,
+        "Flat index of the first NaN, infinity or |value| > limit of values (any shape, C order), or -1.");
 
   m.def("first_foreign_key",
         [](Keys keys, Array<const int32_t, nb::ndim<1>> buckets, int32_t shard) -> int64_t {

@@ -1,5 +1,5 @@
-// Whole-buffer checks a shard makes before it applies a push: are the gradients finite, are the
-// keys its own. Each is one pass over the buffer that allocates nothing (numpy's isfinite(x).all()
+// Whole-buffer checks a shard makes before it applies a push: are the gradients finite and in
+// range, are the keys its own. Each is one pass over the buffer that allocates nothing (numpy's isfinite(x).all()
 // writes a bool per value and reads them back; docs/performance.md has both timed).
 #pragma once
 
@@ -12,22 +12,30 @@
 
 namespace embps {
 
-// Index of the first NaN or infinity of values (n,), or -1 when every value is finite.
-// Chunks are scanned without a branch per value (the loop vectorizes), then the bad chunk again.
-inline int64_t first_non_finite(const float* values, int64_t n) {
+// Index of the first value of values (n,) that is NaN, infinite or larger than `limit` (finite,
+// >= 0) in magnitude, or -1. On the bits, |v| > limit exactly when (bits & 0x7fffffff) exceeds the
+// bits of limit: positive floats order as their bits do, and NaN and infinity (exponent all ones)
+// exceed every finite bit pattern. Chunks are scanned without a branch per value (the loop
+// vectorizes), then the bad chunk again.
+inline int64_t first_out_of_range(const float* values, int64_t n, float limit) {
   constexpr int64_t kChunk = 2048;
-  constexpr uint32_t kExponent = 0x7f800000u;  // all ones: infinity or NaN
+  constexpr uint32_t kMagnitude = 0x7fffffffu;
+  uint32_t limit_bits;
+  std::memcpy(&limit_bits, &limit, sizeof limit_bits);
+  limit_bits &= kMagnitude;
   for (int64_t start = 0; start < n; start += kChunk) {
     const int64_t end = std::min(n, start + kChunk);
     uint32_t bad = 0;
     for (int64_t i = start; i < end; ++i) {
       uint32_t bits;
       std::memcpy(&bits, values + i, sizeof bits);
-      bad |= static_cast<uint32_t>((bits & kExponent) == kExponent);
+      bad |= static_cast<uint32_t>((bits & kMagnitude) > limit_bits);
     }
     if (bad) {
       for (int64_t i = start; i < end; ++i) {
-        if (!std::isfinite(values[i])) return i;
+        uint32_t bits;
+        std::memcpy(&bits, values + i, sizeof bits);
+        if ((bits & kMagnitude) > limit_bits) return i;
       }
     }
   }

@@ -160,10 +160,32 @@ def mix64(keys: np.ndarray) -> np.ndarray:
     return out
 
 
-def first_non_finite(values: np.ndarray) -> int:
-    """Flat index of the first NaN or infinity of values (float32, any shape; C order), or -1:
-    one pass, nothing allocated, the GIL released."""
-    return _native.first_non_finite(np.ascontiguousarray(values, dtype=np.float32))
+# The largest gradient magnitude a push may carry. A key's gradients in one push are summed (at
+# most ~1.8e8 of them fit a 2 GiB message: a sum within 1.8e18), and Adagrad, Adam and FTRL square
+# that sum, which stays below float32's largest value (3.4e38): no row or optimizer state turns
+# infinite or NaN in one push. A gradient of 1e10 on an embedding is a diverged trainer, not a step.
+MAX_GRADIENT = 1e10
+
+
+def first_out_of_range(values: np.ndarray, limit: float) -> int:
+    """Flat index of the first NaN, infinity or |value| > limit of values (float32, any shape; C
+    order), or -1: one pass, nothing allocated, the GIL released."""
+    return _native.first_out_of_range(np.ascontiguousarray(values, dtype=np.float32), limit)
+
+
+def check_gradients(grads: np.ndarray, dim: int | None) -> None:
+    """ValueError naming the row (of `dim` values; None: the flat position) of the first gradient
+    that is NaN, infinite or beyond +-MAX_GRADIENT: the whole push is refused, so that one bad
+    gradient cannot poison a row."""
+    first_bad = first_out_of_range(grads, MAX_GRADIENT)
+    if first_bad < 0:
+        return
+    value = float(np.ascontiguousarray(grads).reshape(-1)[first_bad])
+    what = "non-finite value" if not np.isfinite(value) else f"value {value:.3g} beyond +-{MAX_GRADIENT:g}"
+    where = f"row {first_bad // dim}" if dim else f"position {first_bad}"
+    raise ValueError(
+        f"grads: {what} in {where}; the whole push is rejected so that one bad gradient cannot poison a row"
+    )
 
 
 def first_foreign_key(keys: np.ndarray, buckets: np.ndarray, shard: int) -> int:

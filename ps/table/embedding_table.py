@@ -726,13 +726,7 @@ class EmbeddingTable:
         if grads.shape != (n, self.dim):
             raise ValueError(f"grads: expected shape ({n}, {self.dim}) for {n} keys, got {grads.shape}")
         grads = np.ascontiguousarray(grads)
-        first_bad = native.first_non_finite(grads)
-        if first_bad >= 0:
-            bad = first_bad // self.dim
-            raise ValueError(
-                f"grads: non-finite value in row {bad}; the whole push is rejected so that one bad "
-                "gradient cannot poison a row"
-            )
+        native.check_gradients(grads, self.dim)
         return grads
 
     def _admission(

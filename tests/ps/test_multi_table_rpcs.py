@@ -267,6 +267,7 @@ def test_bad_multi_requests_are_refused_whole(start_shards):
         (push(tables=["sgd", "nope"]), grpc.StatusCode.NOT_FOUND, "nope"),
         (push(grads=b"\0" * 12), grpc.StatusCode.INVALID_ARGUMENT, "grads"),
         (push(grads=bad_grads.tobytes()), grpc.StatusCode.INVALID_ARGUMENT, "non-finite"),
+        (push(grads=np.full(24, 3e38, "<f4").tobytes()), grpc.StatusCode.INVALID_ARGUMENT, "beyond +-1e+10"),
         (push(counts=np.array([1, 0, 1, 1], "<i8").tobytes()), grpc.StatusCode.INVALID_ARGUMENT, "counts"),
     ]
     with grpc.insecure_channel(cluster.job.shards[0].address) as channel:

@@ -98,6 +98,10 @@ def bad_requests(cluster):
         "nan_gradient": (
             "Push", push_request(k0, nan), grpc.StatusCode.INVALID_ARGUMENT, "non-finite value in row 2",
         ),
+        "gradient_whose_square_overflows": (  # finite, but a NaN row once an optimizer squared it
+            "Push", push_request(k0, np.full((4, 4), 3e38, dtype=np.float32)),
+            grpc.StatusCode.INVALID_ARGUMENT, "value 3e+38 beyond +-1e+10 in row 0",
+        ),
         "unknown_dtype": (
             "Push", push_request(k0, np.ones((4, 4), dtype=np.float32), dtype=9),
             grpc.StatusCode.INVALID_ARGUMENT, "unsupported dtype 9",
