@@ -41,12 +41,15 @@ async def committed_stream(servicer, request: ps_pb2.SubscribeRequest) -> AsyncI
                 yield last
             last = reply
         position = last.to_version
+        ending = [last]
         if position == commits.last_version:  # the copy is the newest commit's state
-            last.step = sent_step = commits.last_step
+            sent_step = commits.last_step
             dense = shard.dense.newest_in(-1, sent_step)
             if request.with_dense and dense is not None:
-                last.dense_step, last.dense_format, last.dense_state = dense
-        yield last
+                ending = _with_dense(servicer, last, dense)
+            ending[-1].step = sent_step
+        for reply in ending:
+            yield reply
     else:
         position = request.from_version
         shard.log(name).check(position, name)
@@ -72,12 +75,34 @@ async def committed_stream(servicer, request: ps_pb2.SubscribeRequest) -> AsyncI
         changes = LogRange(sealed.from_version, sealed.to_version, sealed.touched_keys, sealed.deleted_keys, ())
         rows = servicer._rows_of_words(name, sealed.values, request.stored_rows)
         replies = list(servicer._batches(name, table.dim, changes, rows, False))
-        replies[-1].step = sealed.step
-        replies[-1].commit_time = sealed.commit_time
         dense = shard.dense.newest_in(sent_step if sent_step is not None else -1, sealed.step)
         if request.with_dense and dense is not None:
-            replies[-1].dense_step, replies[-1].dense_format, replies[-1].dense_state = dense
+            replies[-1:] = _with_dense(servicer, replies[-1], dense)
+        replies[-1].step = sealed.step
+        replies[-1].commit_time = sealed.commit_time
         for reply in replies:
             yield reply
         position, sent_step = sealed.to_version, sealed.step
 
+
+
+
+_DENSE_SLACK = 256  # the dense fields' tags and lengths in a message
+
+
+def _with_dense(servicer, last: ps_pb2.UpdateBatch, dense: tuple[int, str, bytes]) -> list[ps_pb2.UpdateBatch]:
+    """The end of a range with the dense tower (step, format, state) on its last message: `last`
+    itself when both fit one message, else `last` and then a message of no rows that carries the
+    tower and ends the range (a tower near the message limit beside 4 MB of rows passed the limit,
+    the stream failed, and the replica reconnected to the same failure over and over)."""
+    ending = [last]
+    if last.ByteSize() + len(dense[1]) + len(dense[2]) + _DENSE_SLACK > servicer.shard.job.message_limit_bytes:
+        tail = ps_pb2.UpdateBatch()
+        tail.CopyFrom(last)
+        for field in ("keys", "values", "deleted_keys", "acks"):
+            tail.ClearField(field)
+        tail.reset = False
+        last.last = False
+        ending.append(tail)
+    ending[-1].dense_step, ending[-1].dense_format, ending[-1].dense_state = dense
+    return ending

@@ -265,3 +265,38 @@ def test_replicas_keep_the_ps_int8_and_float16_rows_bit_for_bit():
                 first = next(iter(stream))
                 stream.cancel()
                 assert first.dtype == dtype and first.keys
+
+
+def test_a_dense_tower_that_does_not_fit_beside_the_rows_ends_the_range_in_a_message_of_its_own():
+    """A committed range of ~6 MB of rows (4 MB messages) with a dense tower of almost the whole
+    message limit: the tower cannot ride on the range's last message (the stream used to fail with
+    RESOURCE_EXHAUSTED and the replica reconnected into the same failure), so a message of no
+    rows ends the range with it; the rows, the step and the tower all arrive."""
+    limit = 8 << 20
+    job = make_job([TableConfig("user", dim=8)], num_shards=1, message_limit_bytes=limit)
+    keys = np.arange(150_000, dtype=np.int64)
+    dense = bytes(range(256)) * ((limit - 2000) // 256)
+    with InProcessShards.start(job) as shards, PSClient.from_job(shards.job) as client:
+        with grpc.insecure_channel(shards.job.shards[0].address, options=[
+            ("grpc.max_receive_message_length", limit + (1 << 16))
+        ]) as channel:
+            stream = ps_pb2_grpc.ParameterServerStub(channel).Subscribe(
+                ps_pb2.SubscribeRequest(table="user", committed=True, full_sync=True, with_dense=True), timeout=60
+            )
+            messages = iter(stream)
+            while not next(messages).last:  # the (empty) copy
+                pass
+            client.push("user", keys, np.ones((keys.shape[0], 8), np.float32), step=1)
+            client.commit(1, dense, "bytes")
+            got, sizes = [], []
+            for batch in messages:
+                sizes.append(batch.ByteSize())
+                got.append(wire.decode_keys(batch.keys))
+                if batch.last and batch.HasField("step") and batch.step >= 1:
+                    break
+                if batch.last:  # a heartbeat while the push and the commit ran
+                    got, sizes = [], []
+            assert batch.step == 1 and batch.dense_step == 1 and bytes(batch.dense_state) == dense
+            assert not batch.keys and len(sizes) >= 3, sizes  # the tower alone, after the rows
+            np.testing.assert_array_equal(np.sort(np.concatenate(got)), keys)
+            assert max(sizes) <= limit, sizes
