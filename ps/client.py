@@ -542,7 +542,7 @@ class PSClient:
         for i, (shard, request) in enumerate(calls):
             size = request.ByteSize() + 16
             current = open_group.get(shard)
-            if current is None or current[1] + size > limit:
+            if current is None or current[1] + size > limit or len(groups[current[0]][1]) >= wire.MAX_BATCH_PARTS:
                 groups.append((shard, []))
                 current = (len(groups) - 1, 0)
             groups[current[0]][1].append(i)

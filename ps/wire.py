@@ -41,6 +41,14 @@ BULK_CHANNEL_OPTIONS = (("grpc.http2.lookahead_bytes", BULK_WINDOW_BYTES), ("grp
 # newest epoch of the shard's membership each side has seen (DESIGN.md section 10).
 EPOCH_METADATA_KEY = "embps-epoch"
 
+# Parts of one LookupBatch / PushBatch. Each costs the shard ~10-30 us of Python whatever its size,
+# so 250,000 empty parts in 2.5 MB held its event loop for 7 s; many tables travel in one
+# LookupMulti / PushMulti instead, with no such cost per table.
+MAX_BATCH_PARTS = 1024
+# What a shard counts a part as when it decides whether a call runs on its event loop or its
+# tables thread (ps/shard/server.py run): a part's fixed cost in bytes of work.
+BATCH_PART_WORK_BYTES = 64 << 10
+
 
 def encode_keys(keys: np.ndarray) -> bytes:
     """keys (n,) int64 -> n * 8 bytes, little-endian."""

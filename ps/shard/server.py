@@ -268,7 +268,12 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         shutdown. Small calls also queue there while a large one is in progress, keeping order.
         """
         parts = request.requests if hasattr(request, "requests") else [request]
-        work_bytes = 0
+        if len(parts) > wire.MAX_BATCH_PARTS:  # before the loop below, which visits each one
+            raise ValueError(
+                f"requests: at most {wire.MAX_BATCH_PARTS} parts in one batch, got {len(parts)} "
+                "(LookupMulti / PushMulti carry many tables in one request)"
+            )
+        work_bytes = wire.BATCH_PART_WORK_BYTES * len(parts) if len(parts) > 1 else 0
         for part in parts:  # the reply's rows, the request's keys and gradients
             keys, grads = payload_bytes(part, trust_sizes=True)
             work_bytes += keys // 8 * 4 * getattr(part, "dim", 0) + keys + grads

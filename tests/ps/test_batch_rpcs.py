@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 import numpy as np
 
+from ps import wire
 from ps.client import PSClient
 from ps.rpc import ps_pb2, ps_pb2_grpc
 from ps.table.config import OptimizerConfig, OptimizerKind, TableConfig
@@ -62,3 +63,36 @@ def test_push_batch_failure_names_the_bad_part_and_a_retry_applies_each_part_onc
         assert reply.responses[0].duplicate  # the first attempt applied it; the retry did not again
         stats = stub.Stats(ps_pb2.StatsRequest(), timeout=10)
     assert {t.name: t.version for t in stats.tables}["t0"] == 1
+
+
+def test_a_batch_of_too_many_parts_is_refused_before_any_is_visited(start_shards):
+    """Each part of a batch costs the shard Python time whatever its size (250,000 empty parts held
+    its event loop for 7 s): more than wire.MAX_BATCH_PARTS are refused whole, at once, and a
+    batch of many small parts runs off the event loop (Stats answers meanwhile)."""
+    cluster = start_shards(make_job(TABLES[:1], num_shards=1))
+    key = np.array([1], "<i8").tobytes()
+    with grpc.insecure_channel(cluster.job.shards[0].address) as channel:
+        stub = ps_pb2_grpc.ParameterServerStub(channel)
+        too_many = ps_pb2.PushBatchRequest(requests=[ps_pb2.PushRequest()] * (wire.MAX_BATCH_PARTS + 1))
+        try:
+            stub.PushBatch(too_many, timeout=10)
+        except grpc.RpcError as err:
+            assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
+            assert f"at most {wire.MAX_BATCH_PARTS} parts" in err.details(), err.details()
+        else:
+            raise AssertionError("a batch past MAX_BATCH_PARTS was answered")
+        most = ps_pb2.LookupBatchRequest(
+            requests=[ps_pb2.LookupRequest(table="t0", keys=key, dim=4)] * wire.MAX_BATCH_PARTS
+        )
+        reply = stub.LookupBatch(most, timeout=30)
+        assert len(reply.responses) == wire.MAX_BATCH_PARTS
+        assert stub.Stats(ps_pb2.StatsRequest(), timeout=10).tables[0].version == 0  # nothing applied
+
+
+def test_a_client_splits_a_round_of_more_tables_than_a_batch_takes(start_shards):
+    tables = [TableConfig(name=f"m{i}", dim=2) for i in range(wire.MAX_BATCH_PARTS + 3)]
+    cluster = start_shards(make_job(tables, num_shards=1))
+    keys = {t.name: np.array([i], np.int64) for i, t in enumerate(tables)}
+    with PSClient.from_job(cluster.job) as client:
+        got = client.lookup_many(keys)
+    assert sorted(got) == sorted(keys) and all(v.shape == (1, 2) for v in got.values())
