@@ -119,8 +119,8 @@ NB_MODULE(_embps_gate, m) {
            }, "keys"_a, "out"_a, "found"_a, "version"_a);
 
   nb::class_<embps::NativeLookups>(m, "NativeLookups")
-      .def(nb::init<std::vector<std::shared_ptr<embps::ServingTable>>, std::vector<double>, double, bool>(),
-           "tables"_a, "latency_buckets"_a, "stale_after_seconds"_a, "auth"_a)
+      .def(nb::init<std::vector<std::shared_ptr<embps::ServingTable>>, std::vector<double>, double, bool, uint64_t>(),
+           "tables"_a, "latency_buckets"_a, "stale_after_seconds"_a, "auth"_a, "max_reply_bytes"_a = 0)
       .def("set_tokens",
            [](embps::NativeLookups& self, const std::vector<nb::bytes>& tokens) {
              std::vector<std::string> t;

@@ -362,11 +362,12 @@ bool parse_lookup(Reader& r, LookupFields& f) {
 // ---- the lookups ----
 
 NativeLookups::NativeLookups(std::vector<std::shared_ptr<ServingTable>> tables, std::vector<double> latency_buckets,
-                             double stale_after_seconds, bool auth)
+                             double stale_after_seconds, bool auth, uint64_t max_reply_bytes)
     : tables_(std::move(tables)),
       buckets_(std::move(latency_buckets)),
       stale_after_(stale_after_seconds),
       auth_(auth),
+      max_reply_bytes_(max_reply_bytes),
       tokens_(std::make_shared<const std::vector<std::string>>()),
       denied_(new std::atomic<uint64_t>[kMethods * kCodes]) {
   if (!std::is_sorted(buckets_.begin(), buckets_.end())) throw std::invalid_argument("latency_buckets: not sorted");
@@ -374,6 +375,26 @@ NativeLookups::NativeLookups(std::vector<std::shared_ptr<ServingTable>> tables, 
   for (size_t i = 0; i < labels * kMethods * kCodes; ++i) calls_.emplace_back(new CallCell(buckets_.size()));
   for (size_t i = 0; i < tables_.size(); ++i) table_cells_.emplace_back(new TableCell(buckets_.size()));
   for (int i = 0; i < kMethods * kCodes; ++i) denied_[i].store(0);
+}
+
+uint64_t NativeLookups::reply_bytes(const LookupFields& f) const {
+  const std::string name(reinterpret_cast<const char*>(f.table), f.table_size);
+  for (const auto& table : tables_) {
+    if (table->config().name != name) continue;
+    const uint64_t n = f.keys_size / 8;
+    const uint64_t value_bytes = n * static_cast<uint64_t>(table->config().dim) * (f.dtype == kDtypeFloat16 ? 2 : 4);
+    // values, found flags, dim and dtype, and a version entry per shard (tags, lengths, varints)
+    return value_bytes + n + 64 + static_cast<uint64_t>(table->num_shards()) * 48;
+  }
+  return 0;
+}
+
+int NativeLookups::check_reply_size(uint64_t bytes, std::string& message) const {
+  if (max_reply_bytes_ == 0 || bytes <= max_reply_bytes_) return 0;
+  // As the PS's message (ps/shard/state.py): the caller splits its keys over several calls.
+  message = "keys: the reply would be about " + std::to_string(bytes) + " bytes, over message_limit_bytes " +
+            std::to_string(max_reply_bytes_) + "; split the request";
+  return grpc::StatusCode::RESOURCE_EXHAUSTED;
 }
 
 void NativeLookups::set_tokens(std::vector<std::string> tokens) {
@@ -482,6 +503,8 @@ NativeAnswer NativeLookups::answer(const std::string& method, const std::string&
     } else if (draining_.load(std::memory_order_relaxed)) {
       out.code = grpc::StatusCode::UNAVAILABLE;
       out.message = "the serving replica is shutting down";
+    } else if ((out.code = check_reply_size(reply_bytes(fields), out.message)) != 0) {
+      // refused before a byte of the reply is built
     } else {
       out.code = at_one_version([&](uint64_t version) {
         out.payload.clear();
@@ -513,12 +536,16 @@ NativeAnswer NativeLookups::answer(const std::string& method, const std::string&
         ok = false;
       }
     }
+    uint64_t total = 16;
+    for (const LookupFields& f : lookups) total += reply_bytes(f) + 16;  // each reply framed in the list
     if (!ok) {
       out.code = grpc::StatusCode::INVALID_ARGUMENT;
       out.message = "request: not a valid message for " + method + ": " + r.why();
     } else if (draining_.load(std::memory_order_relaxed)) {
       out.code = grpc::StatusCode::UNAVAILABLE;
       out.message = "the serving replica is shutting down";
+    } else if ((out.code = check_reply_size(total, out.message)) != 0) {
+      // refused before a byte of the reply is built
     } else {
       out.code = at_one_version([&](uint64_t version) {
         std::string one;

@@ -102,8 +102,10 @@ class NativeLookups {
   // Answers again at most this many times when the cut moves under a lookup (see ModelClock).
   static constexpr int kMaxVersionTries = 64;
 
+  // max_reply_bytes: the largest reply (the job's message_limit_bytes); a call whose reply would
+  // be larger is refused RESOURCE_EXHAUSTED before anything is gathered (0: no bound).
   NativeLookups(std::vector<std::shared_ptr<ServingTable>> tables, std::vector<double> latency_buckets,
-                double stale_after_seconds, bool auth);
+                double stale_after_seconds, bool auth, uint64_t max_reply_bytes = 0);
 
   // The gate's handler.
   LookupReply operator()(const LookupRequest& request);
@@ -150,6 +152,11 @@ class NativeLookups {
   std::vector<double> buckets_;
   double stale_after_;
   bool auth_;
+  uint64_t max_reply_bytes_;
+  // An upper bound of the reply to `f` (0 when its table is not served: lookup() refuses it).
+  uint64_t reply_bytes(const LookupFields& f) const;
+  // RESOURCE_EXHAUSTED with the message when `bytes` passes max_reply_bytes_, else 0.
+  int check_reply_size(uint64_t bytes, std::string& message) const;
   std::mutex tokens_mu_;
   std::shared_ptr<const std::vector<std::string>> tokens_;
   std::atomic<bool> draining_{false};

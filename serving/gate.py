@@ -174,13 +174,21 @@ NativeLookups = Any  # _embps_gate.NativeLookups: the Lookup handler in C++ (csr
 
 
 def native_lookups(
-    tables: Sequence[Any], latency_buckets: Sequence[float], stale_after_seconds: float, auth: bool
+    tables: Sequence[Any],
+    latency_buckets: Sequence[float],
+    stale_after_seconds: float,
+    auth: bool,
+    max_reply_bytes: int = 0,
 ) -> NativeLookups:
     """The gate's Lookup handler over `tables` (TableReplica.native of serving/store.py): request
-    durations in histograms of `latency_buckets`; auth: calls need a token set by set_tokens."""
+    durations in histograms of `latency_buckets`; auth: calls need a token set by set_tokens;
+    max_reply_bytes: a call whose reply would be larger is refused RESOURCE_EXHAUSTED before any
+    row is read (0: no bound)."""
     if _embps_gate is None:
         raise RuntimeError(unavailable_reason())
-    return _embps_gate.NativeLookups(list(tables), [float(b) for b in latency_buckets], stale_after_seconds, auth)
+    return _embps_gate.NativeLookups(
+        list(tables), [float(b) for b in latency_buckets], stale_after_seconds, auth, max_reply_bytes
+    )
 
 
 class ServingGate:

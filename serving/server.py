@@ -38,7 +38,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from ps import wire
-from ps.errors import UnknownTableError
+from ps.errors import CapacityError, UnknownTableError
 from ps.process.calls import CallSite, UndecodableRequests, unary_call
 from ps.process.metrics import LATENCY_BUCKETS
 from ps.rpc import ps_pb2, serving_pb2, serving_pb2_grpc
@@ -129,15 +129,33 @@ class ServingServicer(serving_pb2_grpc.ServingServicer):
 
     @unary_call("Lookup")
     async def Lookup(self, request: serving_pb2.ServingLookupRequest) -> serving_pb2.ServingLookupResponse:
+        self.check_reply_size([request])
         if len(request.keys) <= 8 * INLINE_LOOKUP_KEYS:
             return self.answer_lookup(request)
         return await asyncio.to_thread(self.answer_lookup, request)
 
     @unary_call("LookupMany")
     async def LookupMany(self, request: serving_pb2.ServingLookupManyRequest) -> serving_pb2.ServingLookupManyResponse:
+        self.check_reply_size(request.lookups)
         if sum(len(lookup.keys) for lookup in request.lookups) <= 8 * INLINE_LOOKUP_KEYS:
             return self.answer_lookup_many(request)
         return await asyncio.to_thread(self.answer_lookup_many, request)
+
+    def check_reply_size(self, lookups) -> None:
+        """CapacityError (RESOURCE_EXHAUSTED) when the reply to `lookups` would pass the job's
+        message_limit_bytes, before any row is read: as the gate's check (csrc/serving_lookup.cpp),
+        not a reply built and then refused by gRPC's send."""
+        total = 16
+        for lookup in lookups:
+            table = self.replica.tables.get(lookup.table)
+            if table is not None:
+                n = len(lookup.keys) // 8
+                total += n * table.dim * (2 if lookup.dtype == ps_pb2.FLOAT16 else 4) + n + 80
+        limit = self.replica.config.job.message_limit_bytes
+        if total > limit:
+            raise CapacityError(
+                f"keys: the reply would be about {total} bytes, over message_limit_bytes {limit}; split the request"
+            )
 
     def answer_lookup_many(
         self, request: serving_pb2.ServingLookupManyRequest
@@ -268,7 +286,7 @@ def gate_lookups(replica: Replica, auth: TokenAuth | None) -> NativeLookups:
     and messages of ServingServicer and TokenAuth. `refresh_tokens` keeps its tokens current."""
     native = native_lookups(
         [table.native for table in replica.tables.values()], LATENCY_BUCKETS, replica.config.stale_after_seconds,
-        auth is not None,
+        auth is not None, replica.config.job.message_limit_bytes,
     )
     refresh_tokens(native, auth)
     return native

@@ -19,7 +19,7 @@ pytest.importorskip("_embps_gate", reason="embps was built without grpc++: no se
 
 LOOKUP = "/embps.v1.Serving/Lookup"
 MANY = "/embps.v1.Serving/LookupMany"
-OK, INVALID_ARGUMENT, NOT_FOUND, UNAUTHENTICATED = 0, 3, 5, 16
+OK, INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED, UNAUTHENTICATED = 0, 3, 5, 8, 16
 
 
 def make_table(storage: StorageDType, default: DefaultRow) -> TableReplica:
@@ -119,3 +119,27 @@ def test_a_replaced_shard_is_served_whole():
     values = np.frombuffer(reply.values, "<f4").reshape(-1, 5)
     assert found[owners == 1].sum() == 3 and (values[owners == 1][:3] == 7.0).all()
     assert found[owners != 1].all() and reply.shards[1].version == 99
+
+
+def test_a_reply_past_the_message_limit_is_refused_before_it_is_built():
+    """A Lookup whose reply would pass message_limit_bytes is RESOURCE_EXHAUSTED with the PS's
+    "split the request", before any row is gathered (1M keys used to build a 65 MB reply that
+    gRPC's send then refused with its own message, and the replica kept the memory)."""
+    table = make_table(StorageDType.FLOAT32, DefaultRow.ZEROS)
+    limit = 4000  # the reply to n keys of dim 5: 20 n bytes of values, n found flags, framing
+    native = native_lookups([table.native], LATENCY_BUCKETS, 2.0, False, limit)
+    fits = np.arange(150, dtype="<i8").tobytes()  # ~3.3 KB
+    too_many = np.arange(200, dtype="<i8").tobytes()  # ~4.4 KB
+    request = serving_pb2.ServingLookupRequest(table="user", keys=fits)
+    assert native(LOOKUP, b"", request.SerializeToString())[0] == OK
+    request.keys = too_many
+    code, message, payload = native(LOOKUP, b"", request.SerializeToString())
+    assert (code, payload) == (RESOURCE_EXHAUSTED, b"")
+    assert message.startswith("keys: the reply would be about ") and message.endswith(
+        f"over message_limit_bytes {limit}; split the request"
+    )
+    many = serving_pb2.ServingLookupManyRequest(
+        lookups=[serving_pb2.ServingLookupRequest(table="user", keys=fits)] * 2
+    )
+    code, message, _ = native(MANY, b"", many.SerializeToString())  # each fits, both do not
+    assert code == RESOURCE_EXHAUSTED and "split the request" in message

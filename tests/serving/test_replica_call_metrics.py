@@ -78,3 +78,16 @@ def test_every_method_is_counted_and_timed_with_its_code(start_cluster, tmp_path
     assert value(samples, "embps_serving_requests_total", table="", method="LookupMany", code="OK") == 1
     assert value(samples, "embps_serving_lookup_keys_total", table="item") == 2
     assert admitted == (4 if front == "gate" else 0), "the Lookups took the path under test"
+
+
+def test_a_reply_past_the_message_limit_is_refused_naming_the_fix(start_cluster, tmp_path, front):
+    """RESOURCE_EXHAUSTED with "split the request", from the gate and from grpc.aio alike, before
+    the reply is built (not gRPC's own "Sent message larger than max" after it was)."""
+    cluster = start_cluster(make_job([ITEM], message_limit_bytes=64 << 10))
+    with ServingReplica.start(cluster, tmp_path) as replica:
+        _values, found, _reply = replica.lookup("item", np.arange(1000, dtype=np.int64))  # ~33 KB
+        assert found.shape == (1000,)
+        with pytest.raises(grpc.RpcError) as refused:
+            replica.lookup("item", np.arange(10_000, dtype=np.int64))  # ~330 KB
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused.value.details()
+        assert "over message_limit_bytes 65536; split the request" in refused.value.details()
