@@ -173,6 +173,18 @@ def first_out_of_range(values: np.ndarray, limit: float) -> int:
     return _native.first_out_of_range(np.ascontiguousarray(values, dtype=np.float32), limit)
 
 
+# The most sightings one entry of a push may stand for: a key's counts summed over a push (at
+# most ~2^28 entries) stay far from int64's overflow, which let INT64_MAX counts wrap to a negative
+# sum and left the key unadmitted.
+MAX_COUNT = 2**32 - 1
+
+
+def check_counts(counts: np.ndarray) -> None:
+    """ValueError unless every entry of counts (n,) int64 is in [1, MAX_COUNT]."""
+    if counts.size and (counts.min() < 1 or counts.max() > MAX_COUNT):
+        raise ValueError(f"counts: every entry must be in [1, {MAX_COUNT}]")
+
+
 def check_gradients(grads: np.ndarray, dim: int | None) -> None:
     """ValueError naming the row (of `dim` values; None: the flat position) of the first gradient
     that is NaN, infinite or beyond +-MAX_GRADIENT: the whole push is refused, so that one bad

@@ -203,7 +203,8 @@ class ShardCallSite(CallSite):
         context.set_trailing_metadata(((wire.EPOCH_METADATA_KEY, str(epoch())),))
         for key, value in context.invocation_metadata() or ():
             if key == wire.EPOCH_METADATA_KEY:
-                check(int(value) if value.isdigit() else 0)
+                # Not a uint64 in ASCII digits: no epoch (int() takes Unicode digits and refuses 4,300+ of them).
+                check(int(value) if value.isascii() and value.isdigit() and len(value) <= 20 else 0)
 
     def table_label(self, request) -> str:
         """The request's table; names the shard does not hold share one label, no table is ""."""

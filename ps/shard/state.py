@@ -310,10 +310,16 @@ class Shard:
         keys = wire.decode_keys(request.keys)
         offsets = wire.decode_offsets(request.offsets, len(tables), keys.shape[0])
         num_values = int(np.dot(np.diff(offsets), [t.dim for t in tables])) if tables else 0
-        grads = wire.decode_values(request.grads, num_values, 1, request.dtype, "grads").reshape(-1)
+        grad_bytes, itemsize = request.grads, wire.value_dtype(request.dtype).itemsize
+        if len(grad_bytes) != num_values * itemsize:
+            raise ValueError(
+                f"grads: byte length {len(grad_bytes)} does not match the request's {num_values} values (each "
+                f"table's keys x its dim) x {itemsize} bytes = {num_values * itemsize}"
+            )
+        grads = wire.decode_values(grad_bytes, num_values, 1, request.dtype, "grads").reshape(-1)
         counts = wire.decode_counts(request.counts, keys.shape[0])
-        if counts is not None and counts.size and counts.min() < 1:
-            raise ValueError("counts: every entry must be >= 1")
+        if counts is not None:
+            native.check_counts(counts)
         native.check_gradients(grads, None)  # tables of different dims: the flat position
         self.check_owned(keys)
         step = request.step if request.HasField("step") else None

@@ -374,8 +374,7 @@ class EmbeddingTable:
             counts = native.as_keys(counts, "counts")
             if counts.shape[0] != keys.shape[0]:
                 raise ValueError(f"counts: expected shape ({keys.shape[0]},), got {counts.shape}")
-            if counts.size and counts.min() < 1:
-                raise ValueError("counts: every entry must be >= 1")
+            native.check_counts(counts)
 
         unique_keys, sums, sightings = native.dedupe_sum(keys, grads_np, counts, self.dim)
         capacity = self.config.capacity

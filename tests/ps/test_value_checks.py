@@ -90,3 +90,10 @@ def test_first_foreign_key_is_the_shard_maps(num_shards, n, seed):
 def test_first_foreign_key_refuses_a_bucket_table_that_is_no_power_of_two():
     with pytest.raises(ValueError, match="buckets: expected a power-of-two length, got 3"):
         native.first_foreign_key(np.arange(4), np.zeros(3, np.int32), 0)
+
+
+def test_counts_out_of_range_are_refused():
+    native.check_counts(np.array([1, native.MAX_COUNT], np.int64))
+    for bad in ([0], [-1], [native.MAX_COUNT + 1], [np.iinfo(np.int64).max]):
+        with pytest.raises(ValueError, match=r"counts: every entry must be in \[1, 4294967295\]"):
+            native.check_counts(np.array(bad, np.int64))
