@@ -61,4 +61,5 @@ def _file_reader(job: TrainingJob, paths, rank: int, world_size: int, training: 
         arrow_memory_pool=data.arrow_memory_pool,
     )
     cls = CriteoTsvReader if data.source == DataSource.CRITEO else ParquetReader
-    return cls(list(paths), config, rank, world_size, storage=data.storage)
+    field = "data.paths" if training else "data.eval_paths"
+    return cls(list(paths), config, rank, world_size, storage=data.storage, paths_field=field)

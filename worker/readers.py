@@ -242,7 +242,9 @@ class FileReader(ABC):
         rank: int = 0,
         world_size: int = 1,
         storage: StorageConfig | None = None,
+        paths_field: str = "data.paths",
     ) -> None:
+        """paths_field: the job file's field the paths came from, which errors reading them name."""
         if isinstance(paths, (str, Path)):
             raise TypeError("paths: expected a sequence of paths, got a single path (wrap it in a list)")
         if not paths:
@@ -260,7 +262,7 @@ class FileReader(ABC):
         self.rank = rank
         self.world_size = world_size
         self.local_batch_size = config.global_batch_size // world_size
-        self.files = expand_paths([str(p) for p in paths], storage)
+        self.files = expand_paths([str(p) for p in paths], storage, paths_field)
         self.paths = [f.name for f in self.files]
         self._units_by_file = self._plan()
         num_units = sum(len(u) for u in self._units_by_file)

@@ -192,3 +192,10 @@ def test_reader_sizes_arrow_threads_and_pool_for_the_local_ranks(tmp_path, monke
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "two")
     with pytest.raises(ValueError, match="LOCAL_WORLD_SIZE: must be an integer"):
         ParquetReader([path], config(global_batch_size=24), 0, 1)
+
+
+def test_a_missing_file_names_the_field_it_came_from(tmp_path):
+    missing = str(tmp_path / "held-out.parquet")
+    for field in ("data.paths", "data.eval_paths"):
+        with pytest.raises(FileNotFoundError, match=rf"^{field}: {missing}: no such file"):
+            ParquetReader([missing], config(), paths_field=field)
