@@ -66,7 +66,8 @@ def test_health_refuses_a_timeout_out_of_range_naming_the_flag(timeout):
 
 
 def test_health_refuses_an_empty_config_naming_the_flag():
-    refused(embps("health", "127.0.0.1:50100", "--config", ""), "embps health: --config: ")
+    line = refused(embps("health", "127.0.0.1:50100", "--config", ""), "embps health: --config: ")
+    assert line == "embps health: --config: must name the job's TOML or be left out, got ''", line
 
 
 def _has_ipv6_loopback() -> bool:
@@ -199,7 +200,8 @@ def test_snapshot_list_of_an_empty_folder_says_none(tmp_path):
     ids=["keep-0", "keep-missing", "dst-missing", "dst-scheme", "step-negative", "uri-scheme"],
 )
 def test_snapshot_flags_are_named(tmp_path, argv, prefix):
-    refused(embps("snapshot", *(a.format(root=tmp_path) for a in argv), "--job", "j"), prefix)
+    line = refused(embps("snapshot", *(a.format(root=tmp_path) for a in argv), "--job", "j"), "embps snapshot ")
+    assert line.startswith(prefix), line
 
 
 # --- embps bench report ---------------------------------------------------------------------------
