@@ -377,18 +377,6 @@ NativeLookups::NativeLookups(std::vector<std::shared_ptr<ServingTable>> tables, 
   for (int i = 0; i < kMethods * kCodes; ++i) denied_[i].store(0);
 }
 
-uint64_t NativeLookups::reply_bytes(const LookupFields& f) const {
-  const std::string name(reinterpret_cast<const char*>(f.table), f.table_size);
-  for (const auto& table : tables_) {
-    if (table->config().name != name) continue;
-    const uint64_t n = f.keys_size / 8;
-    const uint64_t value_bytes = n * static_cast<uint64_t>(table->config().dim) * (f.dtype == kDtypeFloat16 ? 2 : 4);
-    // values, found flags, dim and dtype, and a version entry per shard (tags, lengths, varints)
-    return value_bytes + n + 64 + static_cast<uint64_t>(table->num_shards()) * 48;
-  }
-  return 0;
-}
-
 int NativeLookups::check_reply_size(uint64_t bytes, std::string& message) const {
   if (max_reply_bytes_ == 0 || bytes <= max_reply_bytes_) return 0;
   // As the PS's message (ps/shard/state.py): the caller splits its keys over several calls.
@@ -503,8 +491,6 @@ NativeAnswer NativeLookups::answer(const std::string& method, const std::string&
     } else if (draining_.load(std::memory_order_relaxed)) {
       out.code = grpc::StatusCode::UNAVAILABLE;
       out.message = "the serving replica is shutting down";
-    } else if ((out.code = check_reply_size(reply_bytes(fields), out.message)) != 0) {
-      // refused before a byte of the reply is built
     } else {
       out.code = at_one_version([&](uint64_t version) {
         out.payload.clear();
@@ -536,16 +522,12 @@ NativeAnswer NativeLookups::answer(const std::string& method, const std::string&
         ok = false;
       }
     }
-    uint64_t total = 16;
-    for (const LookupFields& f : lookups) total += reply_bytes(f) + 16;  // each reply framed in the list
     if (!ok) {
       out.code = grpc::StatusCode::INVALID_ARGUMENT;
       out.message = "request: not a valid message for " + method + ": " + r.why();
     } else if (draining_.load(std::memory_order_relaxed)) {
       out.code = grpc::StatusCode::UNAVAILABLE;
       out.message = "the serving replica is shutting down";
-    } else if ((out.code = check_reply_size(total, out.message)) != 0) {
-      // refused before a byte of the reply is built
     } else {
       out.code = at_one_version([&](uint64_t version) {
         std::string one;
@@ -553,7 +535,7 @@ NativeAnswer NativeLookups::answer(const std::string& method, const std::string&
         out.payload.clear();
         for (size_t i = 0; i < lookups.size(); ++i) {
           one.clear();
-          int code = lookup(lookups[i], version, one, out.message, ignored);
+          int code = lookup(lookups[i], version, one, out.message, ignored, out.payload.size());
           if (code != 0) {
             out.message = "lookups[" + std::to_string(i) + "]: " + out.message;
             out.payload.clear();
@@ -579,7 +561,7 @@ NativeAnswer NativeLookups::answer(const std::string& method, const std::string&
 }
 
 int NativeLookups::lookup(const LookupFields& f, uint64_t version, std::string& out, std::string& message,
-                          size_t& label) {
+                          size_t& label, uint64_t before) {
   const auto start = std::chrono::steady_clock::now();
   const std::string name(reinterpret_cast<const char*>(f.table), f.table_size);
   size_t t = 0;
@@ -613,6 +595,12 @@ int NativeLookups::lookup(const LookupFields& f, uint64_t version, std::string& 
   }
   const bool half_reply = f.dtype == kDtypeFloat16;
   const int64_t n = static_cast<int64_t>(f.keys_size / 8);
+  const int64_t shards = table.num_shards();
+  const size_t value_bytes = static_cast<size_t>(n * dim) * (half_reply ? 2 : 4);
+  // Refused before a row is read: values, found flags, dim and dtype, a version entry per shard,
+  // and LookupMany's framing of each reply.
+  const uint64_t reply_bytes = before + value_bytes + n + 80 + static_cast<uint64_t>(shards) * 48;
+  if (const int code = check_reply_size(reply_bytes, message)) return code;
   std::vector<int64_t> keys(static_cast<size_t>(n));
   if (n) std::memcpy(keys.data(), f.keys, f.keys_size);  // little-endian hosts only (x86-64, aarch64)
 
@@ -620,13 +608,11 @@ int NativeLookups::lookup(const LookupFields& f, uint64_t version, std::string& 
   const int64_t width = table.width();
   std::vector<float> words(static_cast<size_t>(n * width), 0.0f);
   std::vector<uint8_t> found(static_cast<size_t>(n), 0);
-  const int64_t shards = table.num_shards();
   const std::vector<std::shared_ptr<ShardStore>> stores = table.gather_at(keys.data(), n, words.data(), found.data(),
                                                                           version);
 
   // Values in float32 (the decoded rows; missing: zeros or the init), then the reply's dtype.
   int64_t missing = 0;
-  const size_t value_bytes = static_cast<size_t>(n * dim) * (half_reply ? 2 : 4);
   std::vector<float> row(static_cast<size_t>(dim));
   std::vector<float> init(static_cast<size_t>(dim));
   // Reply: values (1), dim (2), dtype (3), found (4), shards (5); proto3 leaves defaults out.

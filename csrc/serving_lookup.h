@@ -103,7 +103,8 @@ class NativeLookups {
   static constexpr int kMaxVersionTries = 64;
 
   // max_reply_bytes: the largest reply (the job's message_limit_bytes); a call whose reply would
-  // be larger is refused RESOURCE_EXHAUSTED before anything is gathered (0: no bound).
+  // be larger is refused RESOURCE_EXHAUSTED before the rows that would pass it are read (a
+  // LookupMany: the lookup that would; 0: no bound).
   NativeLookups(std::vector<std::shared_ptr<ServingTable>> tables, std::vector<double> latency_buckets,
                 double stale_after_seconds, bool auth, uint64_t max_reply_bytes = 0);
 
@@ -141,8 +142,9 @@ class NativeLookups {
   struct Parsed;
   template <typename Answer>
   int at_one_version(Answer&& answer, std::string& message);
+  // `before`: bytes of the call's reply already built (LookupMany), counted against max_reply_bytes_.
   int lookup(const struct LookupFields& fields, uint64_t version, std::string& out, std::string& message,
-             size_t& label);
+             size_t& label, uint64_t before = 0);
   bool authorized(const std::string& authorization);
   CallCell& cell(size_t label, int method, int code) {
     return *calls_[(label * kMethods + static_cast<size_t>(method)) * kCodes + static_cast<size_t>(code)];
@@ -153,8 +155,6 @@ class NativeLookups {
   double stale_after_;
   bool auth_;
   uint64_t max_reply_bytes_;
-  // An upper bound of the reply to `f` (0 when its table is not served: lookup() refuses it).
-  uint64_t reply_bytes(const LookupFields& f) const;
   // RESOURCE_EXHAUSTED with the message when `bytes` passes max_reply_bytes_, else 0.
   int check_reply_size(uint64_t bytes, std::string& message) const;
   std::mutex tokens_mu_;

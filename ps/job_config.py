@@ -306,17 +306,28 @@ def shard_endpoints(shards: Sequence[ShardConfig]) -> dict[tuple[str, int], str]
     return taken
 
 
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+def same_bind_host(a: str, b: str) -> bool:
+    """Whether servers binding one port on hosts a and b (without brackets) clash."""
+    return b in _clashing_hosts(a)
+
+
+def _clashing_hosts(host: str) -> tuple[str, ...]:
+    """The hosts whose binding of a port clashes with `host`'s: itself, and localhost (which binds
+    both loopbacks) against a loopback."""
+    if host == "localhost":
+        return tuple(LOOPBACK_HOSTS)
+    return (host, "localhost") if host in LOOPBACK_HOSTS else (host,)
+
+
 def claim_endpoint(taken: dict[tuple[str, int], str], host: str, port: int, where: str) -> None:
     """Records that field `where` binds host:port (0: a free port, never a clash); ValueError if an
     earlier field binds the same one (only one of the two servers could start)."""
     if port == 0:
         return
-    # localhost binds both loopbacks: it clashes with 127.0.0.1 and ::1 on the same port
-    if host == "localhost":
-        same = (host, "127.0.0.1", "::1")
-    else:
-        same = (host, "localhost") if host in ("127.0.0.1", "::1") else (host,)
-    for other in same:
+    for other in _clashing_hosts(host):
         if (other, port) in taken:
             shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
             raise ValueError(f"{where}: {shown!r} is also {taken[other, port]}; only one of the two could bind it")

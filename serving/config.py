@@ -48,7 +48,7 @@ from pathlib import Path
 
 from ps import toml_writer
 from ps.errors import ConfigTypeError
-from ps.job_config import JobConfig, load_job_config, parse_job_config, shard_endpoints
+from ps.job_config import LOOPBACK_HOSTS, JobConfig, load_job_config, parse_job_config, same_bind_host, shard_endpoints
 from ps.snapshot.storage import check_uri
 from ps.toml_reader import read_toml
 
@@ -222,21 +222,15 @@ def _check_not_a_shard_port(job: JobConfig, host: str, port: int, metrics_port: 
                 )
 
 
-_LOOPBACK_V4 = frozenset({"localhost", "127.0.0.1"})
-_LOOPBACK_V6 = frozenset({"localhost", "::1"})
-
-
 def _same_machine(listen_host: str, shard_host: str) -> bool:
     """Whether a replica binding listen_host and a shard at shard_host (both without IPv6 brackets)
-    share their sockets' ports: one name, loopback both (localhost is either family), or a replica
-    on every interface and a shard it reaches on loopback."""
-    if listen_host == shard_host:
-        return True
-    if {listen_host, shard_host} <= _LOOPBACK_V4 or {listen_host, shard_host} <= _LOOPBACK_V6:
+    share their sockets' ports: hosts that clash as two shards' would (same_bind_host), or a
+    replica on every interface and a shard it reaches on loopback."""
+    if same_bind_host(listen_host, shard_host):
         return True
     if listen_host == "0.0.0.0":
-        return shard_host in _LOOPBACK_V4
-    return listen_host == "::" and shard_host in _LOOPBACK_V4 | _LOOPBACK_V6
+        return shard_host in ("localhost", "127.0.0.1")
+    return listen_host == "::" and shard_host in LOOPBACK_HOSTS
 
 
 def _enum(cls: type[StrEnum], name: str, value: object) -> StrEnum:

@@ -129,33 +129,34 @@ class ServingServicer(serving_pb2_grpc.ServingServicer):
 
     @unary_call("Lookup")
     async def Lookup(self, request: serving_pb2.ServingLookupRequest) -> serving_pb2.ServingLookupResponse:
-        self.check_reply_size([request])
-        if len(request.keys) <= 8 * INLINE_LOOKUP_KEYS:
+        if self.checked_key_bytes([request]) <= 8 * INLINE_LOOKUP_KEYS:
             return self.answer_lookup(request)
         return await asyncio.to_thread(self.answer_lookup, request)
 
     @unary_call("LookupMany")
     async def LookupMany(self, request: serving_pb2.ServingLookupManyRequest) -> serving_pb2.ServingLookupManyResponse:
-        self.check_reply_size(request.lookups)
-        if sum(len(lookup.keys) for lookup in request.lookups) <= 8 * INLINE_LOOKUP_KEYS:
+        if self.checked_key_bytes(request.lookups) <= 8 * INLINE_LOOKUP_KEYS:
             return self.answer_lookup_many(request)
         return await asyncio.to_thread(self.answer_lookup_many, request)
 
-    def check_reply_size(self, lookups) -> None:
-        """CapacityError (RESOURCE_EXHAUSTED) when the reply to `lookups` would pass the job's
-        message_limit_bytes, before any row is read: as the gate's check (csrc/serving_lookup.cpp),
-        not a reply built and then refused by gRPC's send."""
-        total = 16
+    def checked_key_bytes(self, lookups) -> int:
+        """The key bytes of `lookups` (each read once); CapacityError (RESOURCE_EXHAUSTED) when their
+        reply would pass the job's message_limit_bytes, before any row is read: as the gate's check
+        (csrc/serving_lookup.cpp), not a reply built and then refused by gRPC's send."""
+        total, key_bytes = 16, 0  # the reply's own framing
         for lookup in lookups:
+            size = len(lookup.keys)
+            key_bytes += size
             table = self.replica.tables.get(lookup.table)
             if table is not None:
-                n = len(lookup.keys) // 8
+                n = size // 8
                 total += n * table.dim * (2 if lookup.dtype == ps_pb2.FLOAT16 else 4) + n + 80
         limit = self.replica.config.job.message_limit_bytes
         if total > limit:
             raise CapacityError(
                 f"keys: the reply would be about {total} bytes, over message_limit_bytes {limit}; split the request"
             )
+        return key_bytes
 
     def answer_lookup_many(
         self, request: serving_pb2.ServingLookupManyRequest

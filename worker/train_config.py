@@ -52,7 +52,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from ps.errors import ConfigTypeError
-from ps.job_config import JobConfig, build_config, parse_job_config, shard_endpoints
+from ps.job_config import LOOPBACK_HOSTS, JobConfig, build_config, parse_job_config, shard_endpoints
 from ps.snapshot.storage import StorageConfig
 from ps.toml_reader import read_toml
 from worker.data_options import ArrowMemoryPool, BadRowPolicy, SyntheticConfig
@@ -216,7 +216,7 @@ def parse_training_job(data: dict, base_dir: Path | None = None) -> TrainingJob:
     if train.metrics_port:
         # Rank 0 serves it on every interface, so it clashes with a shard's port on loopback.
         for (host, port), where in shard_endpoints(ps.shards).items():
-            if port == train.metrics_port and host in ("localhost", "127.0.0.1", "::1"):
+            if port == train.metrics_port and host in LOOPBACK_HOSTS:
                 raise ValueError(f"train.metrics_port: {port} is also {where} (rank 0 binds it on every interface)")
     if not 0 <= data_config.seed < 2**64:
         raise ValueError(f"data.seed: must be in [0, {2**64 - 1}], got {data_config.seed}")
