@@ -34,6 +34,12 @@ def _add_table(parser: argparse.ArgumentParser) -> None:
         default=2_000_000,
         help="rows of each float32/float16/int8 table of the precision part (0: skip it)",
     )
+    parser.add_argument(
+        "--eviction-capacities",
+        type=flags.counts_or_zero,
+        default=(40_000, 1_000_000),
+        help="comma-separated capacities of the eviction part's full LRU tables (0: skip it)",
+    )
     parser.add_argument("--out", default=None, help="write the results as JSON here")
 
 
@@ -47,7 +53,8 @@ def _run_table(args: argparse.Namespace) -> int:
 
     config = TableBenchConfig(
         rows=args.rows, dim=args.dim, batch=args.batch, batches=args.batches, zipf=args.zipf,
-        growth_rows=args.growth_rows, growth_dim=args.growth_dim, precision_rows=args.precision_rows, out=args.out,
+        growth_rows=args.growth_rows, growth_dim=args.growth_dim, precision_rows=args.precision_rows,
+        eviction_capacities=args.eviction_capacities, out=args.out,
     )
     return run_table_bench(config)
 

@@ -26,6 +26,11 @@ def counts(text: str) -> tuple[int, ...]:
     return tuple(int(part) for part in parts)
 
 
+def counts_or_zero(text: str) -> tuple[int, ...]:
+    """`counts`, or "0": none (that part is skipped)."""
+    return () if text.strip() == "0" else counts(text)
+
+
 def positive(text: str) -> float:
     """A finite number > 0 (seconds, rates, factors)."""
     value = _number(text)

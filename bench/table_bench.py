@@ -8,6 +8,8 @@ Each rate is printed next to the raw `torch.index_select` gather of the same row
 The precision part fills a float32, a float16 and an int8 table (TableConfig.storage) with the
 same rows and reports each one's bytes per row, lookup and row-wise Adagrad rates as ratios to
 the float32 table's, measured in interleaved rounds of the same run, in the thread's CPU time.
+The eviction part (bench/eviction_part.py) times pushes to full LRU tables against the same pushes
+to tables without a capacity.
 
 Table lookups are also timed with the table's key->row map swapped for the former single-array
 map (FlatHashMap, csrc/flat_hash_map.h) holding the same pairs, in interleaved rounds: the same
@@ -24,6 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from bench.eviction_part import EvictionPartConfig, print_eviction_part, run_eviction_part
 from bench.fbgemm_rates import fbgemm_cpu_rates
 from bench.keys import ZipfSampler, key_of_rank
 from bench.machine import machine_facts
@@ -44,6 +47,7 @@ class TableBenchConfig:
     growth_dim: int = 8  # row width of the growth part's PS table and serving store
     out: str | None = None
     precision_rows: int = 2_000_000  # rows of each table of the precision part (0: skip it)
+    eviction_capacities: tuple[int, ...] = (40_000, 1_000_000)  # the eviction part's full tables; (): skip it
 
 
 def _rate(fn, batches: list[np.ndarray], clock=time.perf_counter) -> float:
@@ -146,6 +150,10 @@ def run_table_bench(config: TableBenchConfig) -> int:
         )
     if config.precision_rows:
         results["precision"] = run_precision_part(config)
+    if config.eviction_capacities:
+        results["eviction"] = run_eviction_part(
+            EvictionPartConfig(capacities=config.eviction_capacities, dim=dim, zipf=config.zipf)
+        )
 
     _print(results)
     if config.out:
@@ -237,6 +245,8 @@ def _print(r: dict) -> None:
         print_growth(r["growth"])
     if "precision" in r:
         _print_precision(r["precision"])
+    if "eviction" in r:
+        print_eviction_part(r["eviction"])
 
 
 PRECISION_ROUNDS = 3  # interleaved rounds per storage and stream: the best round counts

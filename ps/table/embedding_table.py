@@ -30,6 +30,7 @@ from ps.table.config import AdmissionKind, EvictionPolicy, Kernels, OptimizerKin
 from ps.table.init import init_values
 from ps.table.row_store import BLOCK_SHIFT, RowStore, device_unavailable_reason
 from ps.table.state import TableChanges, TableState
+from ps.table.victims import first_in_order, sorted_unique
 
 if TYPE_CHECKING:  # imported where a table needs it: a CPU table with native kernels never does
     import torch
@@ -764,14 +765,12 @@ class EmbeddingTable:
                 self._evict(victims)
                 return victims
         keys, rows = self._map.export()
-        candidates = ~np.isin(rows, protected_rows)
+        candidates = self._unprotected(rows, protected_rows)
         keys, rows = keys[candidates], rows[candidates]
         if keys.shape[0] < need:
             raise self._too_few_victims_error(num_new, keys.shape[0])
         meta = self._gather_meta(rows)
-        freq, last = meta[:, 0], meta[:, 1]
-        order = np.lexsort((keys, last, freq) if policy == EvictionPolicy.LFU else (keys, freq, last))
-        victims = keys[order[: min(keys.shape[0], need + capacity // _EVICTION_SLACK)]]
+        victims = first_in_order(keys, meta[:, 0], meta[:, 1], need + capacity // _EVICTION_SLACK, policy)
         self._evict(victims)
         return victims
 
@@ -812,17 +811,23 @@ class EmbeddingTable:
         max(4096, 16 * need) rows; None when the sample holds too few evictable rows."""
         num_rows = self._map.num_rows
         sample = min(num_rows, max(_MIN_EVICTION_SAMPLE, _EVICTION_SAMPLE * need))
-        rows = np.unique(self._rng.integers(0, num_rows, sample))
-        rows = rows[self._row_live[rows]]
-        if protected_rows.shape[0]:
-            rows = rows[~np.isin(rows, protected_rows)]
+        rows = sorted_unique(self._rng.integers(0, num_rows, sample))
+        rows = rows[self._unprotected(rows, protected_rows)]
         if rows.shape[0] < need:
             return None
-        keys = self._row_keys[rows]
         meta = self._gather_meta(rows)
-        freq, last = meta[:, 0], meta[:, 1]
-        order = np.lexsort((keys, last, freq) if policy == EvictionPolicy.LFU else (keys, freq, last))
-        return keys[order[:need]]
+        return first_in_order(self._row_keys[rows], meta[:, 0], meta[:, 1], need, policy)
+
+    def _unprotected(self, rows: np.ndarray, protected_rows: np.ndarray) -> np.ndarray:
+        """rows (n,) -> (n,) bool: the row is live and not one of protected_rows (live rows: the
+        push's own). The protected rows are marked not live for the moment of one gather, which
+        costs O(n + protected) where np.isin sorted both."""
+        live = self._row_live
+        live[protected_rows] = False
+        try:
+            return live[rows]
+        finally:
+            live[protected_rows] = True
 
     def _index_rows(self, keys: np.ndarray, rows: np.ndarray) -> None:
         """Records keys (n,) as the owners of rows (n,) (the row -> key index of sampling and sweeps)."""

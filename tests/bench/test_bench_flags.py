@@ -22,6 +22,8 @@ from tests.helpers.processes import REPO_ROOT
         (["ps", "--batch", "0"], "argument --batch: must be an integer >= 1, got '0'"),
         (["table", "--rows", "0"], "argument --rows: must be an integer >= 1, got '0'"),
         (["table", "--zipf", "nan"], "argument --zipf: must be a finite number, got 'nan'"),
+        (["table", "--eviction-capacities", "40000,0"],
+         "argument --eviction-capacities: must be integers >= 1 separated by commas, got '40000,0'"),
         (["serve", "--rate", "-5"], "argument --rate: must be a finite number > 0, got '-5'"),
         (["serve", "--warmup", "-1"], "argument --warmup: must be a finite number >= 0, got '-1'"),
         (["train", "--repeat", "0"], "argument --repeat: must be an integer >= 1, got '0'"),

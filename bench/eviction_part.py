@@ -1,0 +1,103 @@
+"""`embps bench table`'s eviction part: what a push costs a full table that makes room for its new
+keys, against the same push to a table without a capacity.
+
+For each capacity, two row-wise Adagrad tables get the same Zipf key stream over 4x the capacity
+(so that every push brings new keys once the table is full): one with the capacity and LRU
+eviction, one without a bound (the yardstick, measured in the same rounds). A table of at most
+EXACT_SCAN_ROWS rows picks its victims among all its rows; a larger one among a random sample
+(ps/table/embedding_table.py). Rounds alternate the two tables and each figure is its best round,
+timed in the thread's CPU time, so a busy neighbour does not land on one of them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm import tqdm
+
+from bench.keys import ZipfSampler
+from ps.table.config import EvictionConfig, EvictionPolicy, OptimizerConfig, OptimizerKind, TableConfig
+from ps.table.embedding_table import EXACT_SCAN_ROWS, EmbeddingTable
+
+ROUNDS = 3
+_FILL_BATCHES = 64  # pushes while filling carry up to this many batches' keys each (a quarter of the capacity)
+_CLOCK = time.thread_time
+
+
+@dataclass(frozen=True)
+class EvictionPartConfig:
+    capacities: tuple[int, ...] = (40_000, 1_000_000)  # rows of each full table (one below EXACT_SCAN_ROWS)
+    dim: int = 64
+    batch: int = 512  # keys per push: about a 26-table training step's share of one table on one shard
+    pushes: int = 300  # timed pushes per table per round
+    zipf: float = 1.05
+
+
+def _table(dim: int, capacity: int | None) -> EmbeddingTable:
+    eviction = EvictionConfig(policy=EvictionPolicy.LRU if capacity else EvictionPolicy.NONE)
+    return EmbeddingTable(
+        TableConfig(
+            name="bench", dim=dim, capacity=capacity, eviction=eviction,
+            optimizer=OptimizerConfig(kind=OptimizerKind.ROWWISE_ADAGRAD, lr=0.01),
+        )
+    )
+
+
+def run_eviction_part(config: EvictionPartConfig) -> dict[str, object]:
+    """Per capacity: pushes/s and ms per push of the full table and of the unbounded one, their
+    ratio, and the rows the full table evicted per timed push."""
+    grads = np.random.default_rng(7).normal(size=(_FILL_BATCHES * config.batch, config.dim)).astype(np.float32) * 1e-3
+    out: dict[str, object] = {"dim": config.dim, "batch": config.batch, "rounds": ROUNDS, "clock": "thread CPU time"}
+    for capacity in config.capacities:
+        zipf = ZipfSampler(4 * capacity, config.zipf, seed=capacity)
+        full, unbounded = _table(config.dim, capacity), _table(config.dim, None)
+        step = 0
+
+        def push(table: EmbeddingTable, keys: np.ndarray, at: int) -> None:
+            table.apply_gradients(keys, grads[: keys.shape[0]], step=at)
+
+        with tqdm(total=2 * capacity, desc=f"fill {capacity:,}-row tables", unit="key", unit_scale=True) as progress:
+            while full.num_evicted == 0:  # full once a push had to make room
+                keys = zipf.keys(max(config.batch, min(_FILL_BATCHES * config.batch, capacity // 4)))
+                step += 1
+                push(full, keys, step)
+                push(unbounded, keys, step)
+                progress.update(max(0, min(2 * full.size, 2 * capacity) - progress.n))
+        best = {"full": 0.0, "unbounded": 0.0}
+        evicted_before = full.num_evicted
+        for _ in tqdm(range(ROUNDS), desc=f"evicting pushes, {capacity:,} rows", unit="round"):
+            batches = [zipf.keys(config.batch) for _ in range(config.pushes)]
+            for name, table in (("full", full), ("unbounded", unbounded)):
+                start = _CLOCK()
+                for i, keys in enumerate(batches):
+                    push(table, keys, step + 1 + i)
+                best[name] = max(best[name], config.pushes / (_CLOCK() - start))
+            step += config.pushes
+        out[str(capacity)] = {
+            "rows_picked_among": "all rows" if capacity <= EXACT_SCAN_ROWS else "a sample",
+            "full_pushes_per_s": best["full"],
+            "unbounded_pushes_per_s": best["unbounded"],
+            "full_ms_per_push": 1e3 / best["full"],
+            "unbounded_ms_per_push": 1e3 / best["unbounded"],
+            "full_vs_unbounded": best["full"] / best["unbounded"],
+            "evicted_per_push": (full.num_evicted - evicted_before) / (ROUNDS * config.pushes),
+        }
+    return out
+
+
+def print_eviction_part(p: dict) -> None:
+    print(
+        f"eviction: LRU tables full at their capacity, row-wise Adagrad, dim {p['dim']}, {p['batch']} keys a push, "
+        f"best of {p['rounds']} rounds ({p['clock']})"
+    )
+    for capacity, e in p.items():
+        if not isinstance(e, dict):
+            continue
+        print(
+            f"  {int(capacity):>10,} rows (victims from {e['rows_picked_among']}): full {e['full_ms_per_push']:.3f} ms "
+            f"a push, unbounded {e['unbounded_ms_per_push']:.3f} ms ({e['full_vs_unbounded']:.2f}x the rate); "
+            f"{e['evicted_per_push']:.0f} rows evicted a push"
+        )
+

@@ -1,0 +1,81 @@
+"""Eviction order (ps/table/victims.py): the victims a full table picks are exactly the first ones of
+the lexsort order the design names (LRU: last step, pushes, key; LFU: pushes, last step, key), so
+a primary, its standby and a resumed job evict the same rows in the same order."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ps.table.config import EvictionConfig, EvictionPolicy, OptimizerConfig, OptimizerKind, TableConfig
+from ps.table.embedding_table import EmbeddingTable
+from ps.table.victims import first_in_order, sorted_unique
+
+POLICIES = (EvictionPolicy.LRU, EvictionPolicy.LFU)
+
+
+def reference(keys: np.ndarray, pushes: np.ndarray, last: np.ndarray, count: int, policy) -> np.ndarray:
+    columns = (keys, last, pushes) if policy == EvictionPolicy.LFU else (keys, pushes, last)
+    return keys[np.lexsort(columns)[: max(count, 0)]]
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("spread", [2, 50, 2**32 - 1])  # few distinct ranks (many ties) .. all distinct
+def test_the_victims_are_the_lexsort_orders_first_keys_in_its_order(policy, spread):
+    rng = np.random.default_rng(spread)
+    for n in (1, 2, 7, 300, 5000):
+        keys = rng.choice(np.arange(-(2**40), 2**40, 2**20, dtype=np.int64), n, replace=False)
+        pushes = rng.integers(0, spread, n, dtype=np.uint64).astype(np.uint32)
+        last = rng.integers(0, spread, n, dtype=np.uint64).astype(np.uint32)
+        for count in sorted({0, 1, n // 3, n - 1, n, n + 5}):
+            got = first_in_order(keys, pushes, last, count, policy)
+            expected = reference(keys, pushes, last, count, policy)
+            assert got.dtype == np.int64
+            np.testing.assert_array_equal(got, expected, err_msg=f"n={n} count={count}")
+
+
+def test_the_first_column_decides_before_the_second_even_at_its_largest_values():
+    keys = np.array([5, 6, 7, 8], dtype=np.int64)
+    pushes = np.array([2**32 - 1, 0, 2**32 - 1, 1], dtype=np.uint32)
+    last = np.array([0, 2**32 - 1, 1, 2**32 - 1], dtype=np.uint32)
+    assert first_in_order(keys, pushes, last, 4, EvictionPolicy.LRU).tolist() == [5, 7, 6, 8]
+    assert first_in_order(keys, pushes, last, 4, EvictionPolicy.LFU).tolist() == [6, 8, 5, 7]
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 4096])
+def test_sorted_unique_is_numpys_unique(n):
+    values = np.random.default_rng(n).integers(0, max(n // 2, 1), n)
+    got = sorted_unique(values)
+    np.testing.assert_array_equal(got, np.unique(values))
+    assert got.dtype == values.dtype
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_a_full_tables_pushes_evict_what_the_order_names_and_never_their_own_keys(policy):
+    """A small table (every row a candidate): each push's victims, from the state just before it."""
+    capacity = 200
+    table = EmbeddingTable(
+        TableConfig(
+            "t", dim=4, capacity=capacity, optimizer=OptimizerConfig(kind=OptimizerKind.SGD, lr=0.1),
+            eviction=EvictionConfig(policy=policy),
+        )
+    )
+    rng = np.random.default_rng(7)
+    evictions = 0
+    for step in range(1, 120):
+        keys = np.unique(rng.integers(0, 600, 40))
+        before = table.export()
+        own = np.isin(before.keys, keys)
+        new = np.count_nonzero(~np.isin(keys, before.keys))
+        need = before.keys.shape[0] + new - capacity
+        result = table.apply_gradients(keys, np.ones((keys.shape[0], 4), np.float32), step=step)
+        if need <= 0:
+            assert result.evicted_keys.shape[0] == 0
+            continue
+        count = need + capacity // 64  # the slack a small table frees at once
+        expected = reference(before.keys[~own], before.freq[~own], before.last_step[~own], count, policy)
+        np.testing.assert_array_equal(result.evicted_keys, expected, err_msg=f"step {step}")
+        assert not np.isin(result.evicted_keys, keys).any()
+        assert table.size <= capacity
+        evictions += 1
+    assert evictions > 50
