@@ -153,6 +153,12 @@ def _add_train(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dim", type=flags.count, default=64)
     parser.add_argument("--tables", type=flags.count, default=26, help="sparse features, one table each")
     parser.add_argument("--shared-table", action="store_true", help="all features in one table")
+    parser.add_argument("--keys", type=flags.count, default=100_000, help="distinct keys per feature (Zipf 1.05)")
+    parser.add_argument(
+        "--capacity", type=flags.count, default=None,
+        help="rows per shard and table, LRU eviction: every table full and evicting once the keys pass it "
+        "(the in-process run's tables: capacity x shards)",
+    )
     parser.add_argument(
         "--shapes",
         choices=["one", "all"],
@@ -201,6 +207,8 @@ def _run_train(args: argparse.Namespace) -> int:
             dim=args.dim,
             num_tables=args.tables,
             shared_table=args.shared_table,
+            num_keys=args.keys,
+            capacity=args.capacity,
             repeat=args.repeat,
             standbys=args.standbys,
             serving=args.serving,

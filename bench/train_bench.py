@@ -34,7 +34,7 @@ from bench.ports import free_ports
 from ps import toml_writer
 from ps.job_config import ArbiterConfig, JobConfig, ShardConfig, dump_job_config
 from ps.process.children import python_path
-from ps.table.config import OptimizerConfig, OptimizerKind, TableConfig
+from ps.table.config import EvictionConfig, EvictionPolicy, OptimizerConfig, OptimizerKind, TableConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,6 +50,7 @@ class TrainBenchConfig:
     shards: int = 2
     staleness: int = 1
     shared_table: bool = False  # all features in one table (keys are salted per feature)
+    capacity: int | None = None  # rows per shard and table, LRU eviction (in process: capacity x shards)
     repeat: int = 1  # runs of each mode, interleaved; the fastest counts (a shared machine's noise is one-sided)
     standbys: bool = False  # also ps sync with a standby per shard
     serving: bool = False  # also ps sync with a serving replica following the job
@@ -59,14 +60,22 @@ class TrainBenchConfig:
 
 
 def _job_toml(
-    config: TrainBenchConfig, mode: str, out: Path, arbiter: str | None = None, serving: bool = False
+    config: TrainBenchConfig, mode: str, out: Path, arbiter: str | None = None, serving: bool = False,
+    in_process: bool = False,
 ) -> str:
     """arbiter: etcd's endpoint; then every shard has a standby. serving: `embps launch` starts a
-    serving replica of every table beside the job."""
+    serving replica of every table beside the job. in_process: the tables hold every shard's rows
+    (the in-process run's one table per feature gets config.capacity x shards)."""
     ports = free_ports(4 * config.shards)
     num_tables = 1 if config.shared_table else config.num_tables
+    bound: dict = {}
+    if config.capacity is not None:
+        capacity = config.capacity * (config.shards if in_process else 1)
+        bound = {"capacity": capacity, "eviction": EvictionConfig(policy=EvictionPolicy.LRU)}
     tables = tuple(
-        TableConfig(f"t{i}", dim=config.dim, optimizer=OptimizerConfig(kind=OptimizerKind.ROWWISE_ADAGRAD, lr=0.05))
+        TableConfig(
+            f"t{i}", dim=config.dim, optimizer=OptimizerConfig(kind=OptimizerKind.ROWWISE_ADAGRAD, lr=0.05), **bound
+        )
         for i in range(num_tables)
     )
     shards = tuple(
@@ -141,7 +150,7 @@ def _run_in_process(config: TrainBenchConfig, workdir: Path) -> dict:
     from worker.trainer import Trainer
 
     path = workdir / "in-process.toml"
-    path.write_text(_job_toml(config, "sync", workdir / "in-process"))
+    path.write_text(_job_toml(config, "sync", workdir / "in-process", in_process=True))
     job = load_training_job(path)
     tune_malloc_here()  # as a worker does (worker/worker_main.py): the yardstick gets what the workers get
     torch.set_num_threads(os.cpu_count() or 1)
@@ -177,6 +186,8 @@ def check_peer(config: TrainBenchConfig) -> str | None:
         return None
     if config.peer != "torchrec":
         return f"--peer: only 'torchrec' is known, got {config.peer!r}"
+    if config.capacity is not None:
+        return "--capacity: TorchRec's tables have no capacity and evict nothing; run the peer without it"
     probe = subprocess.run(
         [sys.executable, "-c", "import torchrec.distributed.model_parallel"],
         cwd=REPO_ROOT,
@@ -280,9 +291,10 @@ def print_results(results: dict) -> None:
     config = TrainBenchConfig(**results["config"])
     base = results["in_process"]["samples_per_s"]
     layout = "one shared table" if config.shared_table else f"{config.num_tables} tables"
+    bound = "" if config.capacity is None else f", full tables of {config.capacity:,} rows per shard (LRU)"
     print(
         f"\nembps bench train: dim {config.dim}, {config.num_tables} sparse features in {layout}, "
-        f"global batch {config.batch}"
+        f"global batch {config.batch}, {config.num_keys:,} keys per feature{bound}"
     )
     print(f"{'run':16s} {'samples/s':>10s} {'vs in-process':>14s}   rank-0 seconds: lookup / compute / a2a / push")
     for name in ("in_process", "ps_sync", "ps_sync_standby", "ps_sync_serving", "ps_async"):

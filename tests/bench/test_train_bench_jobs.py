@@ -47,3 +47,27 @@ def test_a_torchrec_path_without_the_peer_is_refused(capsys) -> None:
     """--torchrec-path says where the peer is installed; without --peer torchrec nothing would read it."""
     assert embps.main(["bench", "train", "--torchrec-path", "/opt/torchrec"]) == 2
     assert "--torchrec-path applies with --peer torchrec only" in capsys.readouterr().err
+
+
+def test_capacity_makes_every_table_a_full_lru_one_with_every_shards_rows_in_process(tmp_path) -> None:
+    config = TrainBenchConfig(steps=3, num_tables=3, num_keys=5_000, capacity=1_000)
+    for in_process, expected in ((False, 1_000), (True, 1_000 * config.shards)):
+        path = tmp_path / f"job-{in_process}.toml"
+        path.write_text(_job_toml(config, "sync", tmp_path / "out", in_process=in_process))
+        job = load_training_job(path)
+        assert [t.capacity for t in job.ps.tables] == [expected] * 3
+        assert {str(t.eviction.policy) for t in job.ps.tables} == {"lru"}
+        assert job.data.synthetic.num_keys == 5_000
+    path = tmp_path / "unbounded.toml"
+    path.write_text(_job_toml(TrainBenchConfig(steps=3, num_tables=3), "sync", tmp_path / "out"))
+    assert {t.capacity for t in load_training_job(path).ps.tables} == {None}
+
+
+def test_capacity_and_keys_flags_reach_the_config_and_the_peer_is_refused_with_capacity(capsys) -> None:
+    parser = argparse.ArgumentParser()
+    _add_train(parser)
+    args = parser.parse_args(["--capacity", "40000", "--keys", "200000"])
+    assert (args.capacity, args.keys) == (40_000, 200_000)
+    assert parser.parse_args([]).capacity is None
+    assert embps.main(["bench", "train", "--capacity", "1000", "--peer", "torchrec"]) == 2
+    assert "--capacity: TorchRec's tables have no capacity" in capsys.readouterr().err
