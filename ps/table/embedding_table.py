@@ -14,10 +14,12 @@ allocate. Not thread-safe: one caller at a time (the PS server serialises calls)
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import sys
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -764,9 +766,9 @@ class EmbeddingTable:
             if victims is not None:
                 self._evict(victims)
                 return victims
-        keys, rows = self._map.export()
-        candidates = self._unprotected(rows, protected_rows)
-        keys, rows = keys[candidates], rows[candidates]
+        with self._hidden(protected_rows) as live:
+            rows = np.flatnonzero(live[: self._map.num_rows])  # the map's rows, in row order, without a walk of it
+        keys = self._row_keys[rows]
         if keys.shape[0] < need:
             raise self._too_few_victims_error(num_new, keys.shape[0])
         meta = self._gather_meta(rows)
@@ -812,22 +814,24 @@ class EmbeddingTable:
         num_rows = self._map.num_rows
         sample = min(num_rows, max(_MIN_EVICTION_SAMPLE, _EVICTION_SAMPLE * need))
         rows = sorted_unique(self._rng.integers(0, num_rows, sample))
-        rows = rows[self._unprotected(rows, protected_rows)]
+        with self._hidden(protected_rows) as live:
+            rows = rows[live[rows]]
         if rows.shape[0] < need:
             return None
         meta = self._gather_meta(rows)
         return first_in_order(self._row_keys[rows], meta[:, 0], meta[:, 1], need, policy)
 
-    def _unprotected(self, rows: np.ndarray, protected_rows: np.ndarray) -> np.ndarray:
-        """rows (n,) -> (n,) bool: the row is live and not one of protected_rows (live rows: the
-        push's own). The protected rows are marked not live for the moment of one gather, which
-        costs O(n + protected) where np.isin sorted both."""
+    @contextlib.contextmanager
+    def _hidden(self, rows: np.ndarray) -> Iterator[np.ndarray]:
+        """The row index's live flags (`_row_live`) with `rows` (live rows: a push's own) marked not
+        live while the block runs: eviction reads its candidates as "live" in one pass, which costs
+        O(candidates + rows) where np.isin sorted both."""
         live = self._row_live
-        live[protected_rows] = False
+        live[rows] = False
         try:
-            return live[rows]
+            yield live
         finally:
-            live[protected_rows] = True
+            live[rows] = True
 
     def _index_rows(self, keys: np.ndarray, rows: np.ndarray) -> None:
         """Records keys (n,) as the owners of rows (n,) (the row -> key index of sampling and sweeps)."""

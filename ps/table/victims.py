@@ -6,12 +6,14 @@ every tie, so a primary, its standby and a resumed job evict the same rows in th
 
 Why not one `np.lexsort` over the candidates: a push of a full table picks tens or hundreds of
 victims among thousands of rows (a sample) or tens of thousands (a small table's every row). The
-lexsort of three columns, numpy's hash-based `np.unique` of the sample and `np.isin` against the
-push's own rows made a push of 512 keys to a full table cost 8-14x the same push to an unbounded
-one (`embps bench table`'s eviction part, dim 64: 0.09 -> 0.73 ms with every row a candidate, 0.11
--> 1.58 ms sampled; now 0.22 and 0.52 ms). Here: one linear partition on a 64-bit rank, the ties at
-the cut-off ordered by key, and a sort of the victims alone; a sort instead of `np.unique` (and, in
-the table, a mask instead of `np.isin`). The result is the lexsort's prefix, element for element.
+lexsort of three columns, numpy's hash-based `np.unique` of the sample, `np.isin` against the
+push's own rows and a walk of the whole map for a small table's candidates made a push of 512 keys
+to a full table cost 10-16x the same push to an unbounded one (`embps bench table`'s eviction part,
+dim 64: 0.07 -> 0.69 ms with every row a candidate, 0.09 -> 1.5 ms sampled; now 0.17 and 0.50 ms).
+Here: one linear partition on a 64-bit rank, the ties at the cut-off ordered by key, and a sort of
+the victims alone; a sort instead of `np.unique` (and, in the table, its row index's live flags
+instead of `np.isin` and of the map's export). The result is the lexsort's prefix, element for
+element.
 """
 
 from __future__ import annotations

@@ -52,17 +52,22 @@ def test_sorted_unique_is_numpys_unique(n):
 
 @pytest.mark.parametrize("policy", POLICIES)
 def test_a_full_tables_pushes_evict_what_the_order_names_and_never_their_own_keys(policy):
-    """A small table (every row a candidate): each push's victims, from the state just before it."""
+    """A small table (every row a candidate, read from its row index): each push's victims, from
+    the state just before it; halfway, the table is reloaded from its export (a resumed job), which
+    rebuilds the row index the candidates come from."""
     capacity = 200
-    table = EmbeddingTable(
-        TableConfig(
-            "t", dim=4, capacity=capacity, optimizer=OptimizerConfig(kind=OptimizerKind.SGD, lr=0.1),
-            eviction=EvictionConfig(policy=policy),
-        )
+    config = TableConfig(
+        "t", dim=4, capacity=capacity, optimizer=OptimizerConfig(kind=OptimizerKind.SGD, lr=0.1),
+        eviction=EvictionConfig(policy=policy),
     )
+    table = EmbeddingTable(config)
     rng = np.random.default_rng(7)
     evictions = 0
     for step in range(1, 120):
+        if step == 60:
+            resumed = EmbeddingTable(config)
+            resumed.load(table.export())
+            table = resumed
         keys = np.unique(rng.integers(0, 600, 40))
         before = table.export()
         own = np.isin(before.keys, keys)
