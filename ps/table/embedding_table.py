@@ -784,6 +784,10 @@ class EmbeddingTable:
         capacity = self.config.capacity
         if capacity is None:
             return
+        if self.config.eviction.policy != EvictionPolicy.NONE and self.size >= keys.shape[0]:
+            # Of u <= n unique keys, e exist: at most u - e rows must go, and size - e >= u - e rows
+            # are not the push's own, so room is certain without the dedupe and probe below.
+            return
         unique_keys, _, sightings = native.dedupe_sum(keys, None, counts, self.dim)
         is_new = self._map.find(unique_keys) < 0
         admit_new, _, _ = self._admission(unique_keys, is_new, sightings)

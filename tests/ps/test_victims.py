@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from ps.errors import CapacityError
 from ps.table.config import EvictionConfig, EvictionPolicy, OptimizerConfig, OptimizerKind, TableConfig
 from ps.table.embedding_table import EmbeddingTable
 from ps.table.victims import first_in_order, sorted_unique
@@ -84,3 +85,37 @@ def test_a_full_tables_pushes_evict_what_the_order_names_and_never_their_own_key
         assert table.size <= capacity
         evictions += 1
     assert evictions > 50
+
+
+@pytest.mark.parametrize("policy", (EvictionPolicy.NONE, *POLICIES))
+def test_check_room_refuses_exactly_the_pushes_apply_gradients_refuses(policy):
+    """push_tables asks check_room before any table changes; it must agree with apply_gradients,
+    including where it answers without a dedupe (a table of at least twice the push's keys)."""
+    rng = np.random.default_rng(11)
+    refused = allowed = 0
+    for trial in range(300):
+        capacity = int(rng.integers(1, 40))
+        config = TableConfig(
+            "t", dim=2, capacity=capacity, optimizer=OptimizerConfig(kind=OptimizerKind.SGD, lr=0.1),
+            eviction=EvictionConfig(policy=policy),
+        )
+        table = EmbeddingTable(config)
+        fill = np.unique(rng.integers(0, 60, int(rng.integers(0, capacity + 1))))[:capacity]
+        if fill.shape[0]:
+            table.apply_gradients(fill, np.ones((fill.shape[0], 2), np.float32), step=1)
+        keys = rng.integers(0, 90, int(rng.integers(1, 50)))
+        try:
+            table.check_room(keys, None)
+            expected_refusal = False
+        except CapacityError:
+            expected_refusal = True
+        try:
+            table.apply_gradients(keys, np.ones((keys.shape[0], 2), np.float32), step=2)
+            refused_here = False
+        except CapacityError:
+            refused_here = True
+        where = f"trial {trial}: capacity {capacity}, {fill.shape[0]} rows, {keys.shape[0]} keys"
+        assert refused_here == expected_refusal, where
+        refused += refused_here
+        allowed += not refused_here
+    assert refused > 10 and allowed > 10
