@@ -1,5 +1,6 @@
 """`embps bench table`'s eviction part: what a push costs a full table that makes room for its new
-keys, against the same push to a table without a capacity.
+keys, against the same push to a table without a capacity; and a large table's TTL sweep, against
+the same pushes to the table without a TTL.
 
 For each capacity, two row-wise Adagrad tables get the same Zipf key stream over 4x the capacity
 (so that every push brings new keys once the table is full): one with the capacity and LRU
@@ -33,10 +34,12 @@ class EvictionPartConfig:
     batch: int = 512  # keys per push: about a 26-table training step's share of one table on one shard
     pushes: int = 300  # timed pushes per table per round
     zipf: float = 1.05
+    ttl_rows: int = 1_000_000  # rows of the TTL case's tables (0: skip it)
+    ttl_steps: int = 100_000  # its TTL: long, so the timed pushes expire nothing and time the sweep
 
 
-def _table(dim: int, capacity: int | None) -> EmbeddingTable:
-    eviction = EvictionConfig(policy=EvictionPolicy.LRU if capacity else EvictionPolicy.NONE)
+def _table(dim: int, capacity: int | None, ttl_steps: int | None = None) -> EmbeddingTable:
+    eviction = EvictionConfig(policy=EvictionPolicy.LRU if capacity else EvictionPolicy.NONE, ttl_steps=ttl_steps)
     return EmbeddingTable(
         TableConfig(
             name="bench", dim=dim, capacity=capacity, eviction=eviction,
@@ -84,7 +87,40 @@ def run_eviction_part(config: EvictionPartConfig) -> dict[str, object]:
             "full_vs_unbounded": best["full"] / best["unbounded"],
             "evicted_per_push": (full.num_evicted - evicted_before) / (ROUNDS * config.pushes),
         }
+    if config.ttl_rows:
+        out["ttl"] = _ttl_case(config, grads)
     return out
+
+
+def _ttl_case(config: EvictionPartConfig, grads: np.ndarray) -> dict[str, object]:
+    """A table of ttl_rows rows with a TTL against the same table without one: what each push's
+    sweep of a window of rows costs (nothing expires while timed)."""
+    n = config.ttl_rows
+    swept, plain = _table(config.dim, None, config.ttl_steps), _table(config.dim, None)
+    keys = np.arange(n, dtype=np.int64)
+    fill = np.zeros((min(n, 1 << 17), config.dim), np.float32)
+    for table in tqdm((swept, plain), desc=f"fill {n:,}-row tables (TTL case)", unit="table"):
+        for i in range(0, n, fill.shape[0]):
+            chunk = keys[i : i + fill.shape[0]]
+            table.apply_gradients(chunk, fill[: chunk.shape[0]], step=1)
+    rng = np.random.default_rng(n)
+    best = {"ttl": 0.0, "none": 0.0}
+    step = 1
+    for _ in tqdm(range(ROUNDS), desc="pushes beside a TTL sweep", unit="round"):
+        batches = [rng.integers(0, n, config.batch) for _ in range(config.pushes)]
+        for name, table in (("ttl", swept), ("none", plain)):
+            start = _CLOCK()
+            for i, batch in enumerate(batches):
+                table.apply_gradients(batch, grads[: batch.shape[0]], step=step + 1 + i)
+            best[name] = max(best[name], config.pushes / (_CLOCK() - start))
+        step += config.pushes
+    return {
+        "rows": n,
+        "ttl_steps": config.ttl_steps,
+        "ttl_ms_per_push": 1e3 / best["ttl"],
+        "no_ttl_ms_per_push": 1e3 / best["none"],
+        "ttl_vs_no_ttl": best["ttl"] / best["none"],
+    }
 
 
 def print_eviction_part(p: dict) -> None:
@@ -93,11 +129,16 @@ def print_eviction_part(p: dict) -> None:
         f"best of {p['rounds']} rounds ({p['clock']})"
     )
     for capacity, e in p.items():
-        if not isinstance(e, dict):
+        if not isinstance(e, dict) or capacity == "ttl":
             continue
         print(
             f"  {int(capacity):>10,} rows (victims from {e['rows_picked_among']}): full {e['full_ms_per_push']:.3f} ms "
             f"a push, unbounded {e['unbounded_ms_per_push']:.3f} ms ({e['full_vs_unbounded']:.2f}x the rate); "
             f"{e['evicted_per_push']:.0f} rows evicted a push"
         )
-
+    if "ttl" in p:
+        t = p["ttl"]
+        print(
+            f"  TTL of {t['ttl_steps']:,} steps on {t['rows']:,} rows: {t['ttl_ms_per_push']:.3f} ms a push, "
+            f"without a TTL {t['no_ttl_ms_per_push']:.3f} ms ({t['ttl_vs_no_ttl']:.2f}x the rate)"
+        )

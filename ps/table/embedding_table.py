@@ -51,7 +51,9 @@ _MIN_EVICTION_SAMPLE = 4096
 # Sub-maps of the maps a bound keeps small (pending admission keys, change tracking): each
 # sub-map costs a header even when empty, and max_keys / 64 keys rehash at most per growth.
 BOUNDED_MAP_SUB_MAPS = 64
-_SWEEP_WINDOW = 1 << 14  # rows (and pending keys) a push's TTL sweep reads, at least
+# Rows (and pending keys) a push's TTL sweep of a large table reads, at most (unless the push has
+# more than half as many keys): fewer when a pass every ttl_steps / 8 steps needs fewer.
+_SWEEP_WINDOW = 1 << 14
 
 log = logging.getLogger(__name__)
 
@@ -511,13 +513,19 @@ class EmbeddingTable:
         if ttl is not None:
             interval = max(1, ttl // 8)
             due = self.step // interval > previous_step // interval
-            window = max(_SWEEP_WINDOW, 2 * updated_keys.shape[0])
+
+            def window(num_rows: int) -> int:
+                # The share of one pass per `interval` steps (as a small table sweeps), at most
+                # _SWEEP_WINDOW rows; never less than twice the push's keys.
+                share = -(-num_rows * max(1, self.step - previous_step) // interval)
+                return max(2 * updated_keys.shape[0], min(_SWEEP_WINDOW, share))
+
             if self.size > EXACT_SCAN_ROWS:
-                evicted = np.concatenate([evicted, self._sweep_rows(self.step, window)])
+                evicted = np.concatenate([evicted, self._sweep_rows(self.step, window(self._map.num_rows))])
             elif due:
                 evicted = np.concatenate([evicted, self._sweep_rows(self.step, self._map.num_rows)])
             if self._pending.size > EXACT_SCAN_ROWS:
-                self._sweep_pending(self.step, window)
+                self._sweep_pending(self.step, window(self._pending.num_rows))
             elif due:
                 self._sweep_pending(self.step, self._pending.num_rows)
         return ApplyResult(updated_keys.shape[0], num_inserted, evicted, updated_keys)
@@ -526,9 +534,11 @@ class EmbeddingTable:
         """Drops rows (and pending keys) not pushed for more than ttl_steps before `step`.
 
         Inside apply_gradients a table of up to EXACT_SCAN_ROWS rows runs this every
-        max(1, ttl_steps // 8) steps; a larger one sweeps a window of rows on every push instead
-        (at least 16,384 rows, twice the push's keys), so expired rows leave within a few passes
-        and no push reads the whole table. Returns the evicted row keys (e,) int64.
+        max(1, ttl_steps // 8) steps; a larger one sweeps a window of rows on every push instead:
+        its share of one pass every max(1, ttl_steps // 8) steps, at most 16,384 rows (at least
+        twice the push's keys), so expired rows leave within that interval where the share fits
+        the window, within a few passes where it does not, and no push reads the whole table.
+        Returns the evicted row keys (e,) int64.
         """
         if self.config.eviction.ttl_steps is None:
             return np.empty(0, dtype=np.int64)

@@ -398,6 +398,25 @@ def test_ttl_sweep_of_a_large_table_evicts_within_passes():
     assert table.num_evicted == n - hot.shape[0]
 
 
+def test_ttl_sweep_of_a_large_table_with_a_long_ttl_reads_a_pass_per_eighth_of_the_ttl():
+    """ttl_steps 800: a pass over the rows every 100 steps (as a small table sweeps), so each push
+    reads 1,000 of the 100,000 rows, not 16,384: expired rows are still there 20 steps later, and
+    all gone within 100."""
+    n, ttl = 100_000, 800
+    table = make(dim=4, eviction=EvictionConfig(ttl_steps=ttl))
+    keys = np.arange(n, dtype=np.int64)
+    table.apply_gradients(keys, np.zeros((n, 4), np.float32), step=1)
+    hot = keys[:10]
+    left = {}
+    for step in range(2, 1 + ttl + 102):
+        table.apply_gradients(hot, np.zeros((10, 4), np.float32), step=step)
+        left[step] = table.size - hot.shape[0]
+    assert left[1 + ttl] == n - hot.shape[0]  # not expired before ttl steps have passed
+    assert 0 < left[1 + ttl + 20] < n - hot.shape[0]
+    assert left[1 + ttl + 101] == 0
+    assert table.num_evicted == n - hot.shape[0]
+
+
 def test_change_tracking_past_its_bound_reports_incomplete_changes():
     table = make()
     table.enable_change_tracking(max_keys=5)
