@@ -8,8 +8,9 @@ Why not one `np.lexsort` over the candidates: a push of a full table picks tens 
 victims among thousands of rows (a sample) or tens of thousands (a small table's every row). The
 lexsort of three columns, numpy's hash-based `np.unique` of the sample, `np.isin` against the
 push's own rows and a walk of the whole map for a small table's candidates made a push of 512 keys
-to a full table cost 10-16x the same push to an unbounded one (`embps bench table`'s eviction part,
-dim 64: 0.07 -> 0.69 ms with every row a candidate, 0.09 -> 1.5 ms sampled; now 0.17 and 0.50 ms).
+to a full table cost 8-16x the same push to an unbounded one (`embps bench table`'s eviction part,
+dim 64: 0.72 ms with every row a candidate and 1.6 ms sampled, against 0.07-0.10 ms; now 0.18 and
+0.52-0.58 ms).
 Here: one linear partition on a 64-bit rank, the ties at the cut-off ordered by key, and a sort of
 the victims alone; a sort instead of `np.unique` (and, in the table, its row index's live flags
 instead of `np.isin` and of the map's export). The result is the lexsort's prefix, element for
