@@ -9,7 +9,7 @@ The precision part fills a float32, a float16 and an int8 table (TableConfig.sto
 same rows and reports each one's bytes per row, lookup and row-wise Adagrad rates as ratios to
 the float32 table's, measured in interleaved rounds of the same run, in the thread's CPU time.
 The eviction part (bench/eviction_part.py) times pushes to full LRU tables against the same pushes
-to tables without a capacity.
+to tables without a capacity, and to a large table with a TTL against the table without one.
 
 Table lookups are also timed with the table's key->row map swapped for the former single-array
 map (FlatHashMap, csrc/flat_hash_map.h) holding the same pairs, in interleaved rounds: the same
