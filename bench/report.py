@@ -57,6 +57,14 @@ def _table(r: dict) -> tuple[str, str]:
             f"(single-array map {fill['flat']['max_over_median']:.1f}x); reader max beside a grower: "
             + ", ".join(f"{name.replace('_', ' ')} {v['reader']['max_s'] * 1e3:.1f} ms" for name, v in readers.items())
         )
+    e = r.get("eviction")
+    if e:
+        full = [f"full LRU at {int(k):,} rows {v['full_ms_per_push']:.3f} ms ({v['full_vs_unbounded']:.2f}x)"
+                for k, v in e.items() if isinstance(v, dict) and k != "ttl"]
+        if "ttl" in e:
+            t = e["ttl"]
+            full.append(f"a TTL on {t['rows']:,} rows {t['ttl_ms_per_push']:.3f} ms ({t['ttl_vs_no_ttl']:.2f}x)")
+        figures += f"; a {e['batch']}-key push (rate vs the table unbounded): " + ", ".join(full)
     return setup, figures
 
 

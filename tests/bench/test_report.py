@@ -63,3 +63,23 @@ def test_overload_result_shows_both_replicas() -> None:
     assert line.startswith("| `embps bench serve_overload` | 20,000 rows x 16, batch 64, 3x capacity (1,000 req/s)")
     assert "max_queue 8: answered 900 req/s, shed 50%, answered p50 2.0 ms p99 9.0 ms, shed p99 1.5 ms" in line
     assert "; max_queue 0: answered 900 req/s, shed 0%, answered p50 2.0 ms p99 900.0 ms |" in line
+
+
+def test_table_result_shows_the_eviction_part() -> None:
+    rates = {"lookup_rows_per_s": 9e6, "rowwise_adagrad_rows_per_s": 4e6}
+    result = {
+        "bench": "table",
+        "config": {"rows": 1_000_000, "dim": 64, "batch": 4096},
+        "hash_find_keys_per_s": 40e6,
+        "uniform": rates,
+        "zipf": rates,
+        "eviction": {
+            "dim": 64, "batch": 512, "rounds": 3, "clock": "thread CPU time",
+            "40000": {"full_ms_per_push": 0.175, "full_vs_unbounded": 0.4},
+            "ttl": {"rows": 1_000_000, "ttl_ms_per_push": 0.137, "ttl_vs_no_ttl": 0.63},
+        },
+    }
+    (line,) = render([("t.json", result)]).splitlines()[2:]
+    assert line.startswith("| `embps bench table` | 1,000,000 rows x 64, batch 4096, 1 thread")
+    assert "; a 512-key push (rate vs the table unbounded): full LRU at 40,000 rows 0.175 ms (0.40x), " \
+        "a TTL on 1,000,000 rows 0.137 ms (0.63x) |" in line
