@@ -50,7 +50,8 @@ def _table(dim: int, capacity: int | None, ttl_steps: int | None = None) -> Embe
 
 def run_eviction_part(config: EvictionPartConfig) -> dict[str, object]:
     """Per capacity: pushes/s and ms per push of the full table and of the unbounded one, their
-    ratio, and the rows the full table evicted per timed push."""
+    ratio, and the rows the full table evicted per timed push; under "ttl", the TTL case
+    (_ttl_case) unless config.ttl_rows is 0."""
     grads = np.random.default_rng(7).normal(size=(_FILL_BATCHES * config.batch, config.dim)).astype(np.float32) * 1e-3
     out: dict[str, object] = {"dim": config.dim, "batch": config.batch, "rounds": ROUNDS, "clock": "thread CPU time"}
     for capacity in config.capacities:
