@@ -39,6 +39,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ps.arrays import sorted_unique
 from ps.snapshot.storage import StorageConfig
 from worker.batch import Batch, check_rank
 from worker.data_options import ArrowMemoryPool, BadRowPolicy
@@ -341,7 +342,7 @@ class FileReader(ABC):
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"state.buffer: not a saved shuffle buffer of this config ({exc})") from None
         capacity = cfg.shuffle_buffer + self.local_batch_size
-        if n and (slots.min() < 0 or slots.max() >= capacity or np.unique(slots).shape[0] != n):
+        if n and (slots.min() < 0 or slots.max() >= capacity or sorted_unique(slots).shape[0] != n):
             raise ValueError(f"state.buffer: slots must be distinct and < {capacity} (shuffle_buffer + B/W)")
         return buffer
 

@@ -51,6 +51,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from ps import native
+from ps.arrays import sorted_unique
 from ps.snapshot import storage
 from ps.snapshot.manifest import (
     FORMAT_VERSION,
@@ -225,7 +226,7 @@ class SnapshotWriter:
         config = config if config is not None else self._configs.get(table)
         if deleted_keys is not None and self.kind != SnapshotKind.INCREMENTAL:
             raise ValueError("deleted_keys: only an incremental snapshot records deletions")
-        deleted = np.unique(np.asarray(deleted_keys if deleted_keys is not None else [], dtype=np.int64))
+        deleted = sorted_unique(np.asarray(deleted_keys if deleted_keys is not None else [], dtype=np.int64))
         u, dim = state.values.shape
         width = state.optimizer_state.shape[1]
         if config is not None and config.dim != dim:
@@ -658,7 +659,7 @@ def apply_delta(base: TableState, delta: TableState, deleted_keys: np.ndarray) -
         raise SnapshotError(f"delta: {delta.storage} rows on a base of {base.storage} rows")
     keep = ~np.isin(base.keys, np.concatenate([deleted_keys, delta.keys]))
     keys = np.concatenate([base.keys[keep], delta.keys])
-    order = np.argsort(keys, kind="stable")
+    order = np.argsort(keys)  # distinct keys (a base's kept rows and a delta's): one permutation
 
     def merged(name: str) -> np.ndarray:
         return np.concatenate([getattr(base, name)[keep], getattr(delta, name)])[order]

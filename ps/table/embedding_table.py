@@ -26,13 +26,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ps import native
+from ps.arrays import sorted_unique
 from ps.errors import CapacityError
 from ps.table import fbgemm_kernels, optimizers
 from ps.table.config import AdmissionKind, EvictionPolicy, Kernels, OptimizerKind, Storage, TableConfig
 from ps.table.init import init_values
 from ps.table.row_store import BLOCK_SHIFT, RowStore, device_unavailable_reason
 from ps.table.state import TableChanges, TableState
-from ps.table.victims import first_in_order, sorted_unique
+from ps.table.victims import first_in_order
 
 if TYPE_CHECKING:  # imported where a table needs it: a CPU table with native kernels never does
     import torch
@@ -582,10 +583,10 @@ class EmbeddingTable:
         if keys is None:
             keys, rows = self._map.export()
         else:
-            keys = np.unique(native.as_keys(keys))
+            keys = sorted_unique(native.as_keys(keys))
             rows = self._map.find(keys)
             keys, rows = keys[rows >= 0], rows[rows >= 0]
-        order = np.argsort(keys, kind="stable")
+        order = np.argsort(keys)  # distinct keys: any sort gives this permutation
         keys, rows = keys[order], rows[order]
         words = self._store.gather_host(rows, 0, self.width)
         meta = words[:, self.meta_col :].view(np.uint32)
@@ -595,7 +596,7 @@ class EmbeddingTable:
             values = native.decode_words(self.storage, value_words, self.dim)
             encoded = value_words.view(np.uint8)
         pkeys, prows = self._pending.export()
-        porder = np.argsort(pkeys, kind="stable")
+        porder = np.argsort(pkeys)
         pkeys, prows = pkeys[porder], prows[porder]
         return TableState(
             keys=keys,
@@ -675,7 +676,7 @@ class EmbeddingTable:
                 raise ValueError(
                     f"state.encoded: expected shape {(u, width)} uint8 for {state.storage} rows, got {got}"
                 )
-        if np.unique(state.keys).shape[0] != u:
+        if sorted_unique(state.keys).shape[0] != u:
             raise ValueError("state.keys: keys must be unique")
 
     def _write_state_rows(self, state: TableState) -> None:

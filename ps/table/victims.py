@@ -6,15 +6,14 @@ every tie, so a primary, its standby and a resumed job evict the same rows in th
 
 Why not one `np.lexsort` over the candidates: a push of a full table picks tens or hundreds of
 victims among thousands of rows (a sample) or tens of thousands (a small table's every row). The
-lexsort of three columns, numpy's hash-based `np.unique` of the sample, `np.isin` against the
-push's own rows and a walk of the whole map for a small table's candidates made a push of 512 keys
-to a full table cost 8-16x the same push to an unbounded one (`embps bench table`'s eviction part,
-dim 64: 0.72 ms with every row a candidate and 1.6 ms sampled, against 0.07-0.10 ms; now 0.18 and
-0.52-0.58 ms).
-Here: one linear partition on a 64-bit rank, the ties at the cut-off ordered by key, and a sort of
-the victims alone; a sort instead of `np.unique` (and, in the table, its row index's live flags
-instead of `np.isin` and of the map's export). The result is the lexsort's prefix, element for
-element.
+lexsort of three columns, numpy's hash-based `np.unique` of the sample (ps/arrays.py), `np.isin`
+against the push's own rows and a walk of the whole map for a small table's candidates made a push
+of 512 keys to a full table cost 8-16x the same push to an unbounded one (`embps bench table`'s
+eviction part, dim 64: 0.72 ms with every row a candidate and 1.6 ms sampled, against 0.07-0.10
+ms; now 0.18 and 0.52-0.58 ms). Here: one linear partition on a 64-bit rank, the ties at the
+cut-off ordered by key, and a sort of the victims alone; in the table, a sort instead of
+`np.unique`, and its row index's live flags instead of `np.isin` and of the map's export. The
+result is the lexsort's prefix, element for element.
 """
 
 from __future__ import annotations
@@ -49,14 +48,3 @@ def first_in_order(
         chosen = np.arange(n)
     return keys[chosen[np.lexsort((keys[chosen], rank[chosen]))]]
 
-
-def sorted_unique(values: np.ndarray) -> np.ndarray:
-    """np.unique(values) for a 1-d integer array, by a sort: numpy's hash-based unique (numpy 2.4)
-    took ~0.8 ms on 4,096 sampled rows, where their sort takes ~0.02 ms."""
-    ordered = np.sort(values)
-    if ordered.shape[0] < 2:
-        return ordered
-    keep = np.empty(ordered.shape[0], dtype=bool)
-    keep[0] = True
-    np.not_equal(ordered[1:], ordered[:-1], out=keep[1:])
-    return ordered[keep]

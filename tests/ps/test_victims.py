@@ -7,10 +7,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from ps.arrays import sorted_unique
 from ps.errors import CapacityError
 from ps.table.config import EvictionConfig, EvictionPolicy, OptimizerConfig, OptimizerKind, TableConfig
 from ps.table.embedding_table import EmbeddingTable
-from ps.table.victims import first_in_order, sorted_unique
+from ps.table.victims import first_in_order
 
 POLICIES = (EvictionPolicy.LRU, EvictionPolicy.LFU)
 
