@@ -7,7 +7,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ps.arrays import sorted_unique
 from ps.errors import CapacityError
 from ps.table.config import EvictionConfig, EvictionPolicy, OptimizerConfig, OptimizerKind, TableConfig
 from ps.table.embedding_table import EmbeddingTable
@@ -42,14 +41,6 @@ def test_the_first_column_decides_before_the_second_even_at_its_largest_values()
     last = np.array([0, 2**32 - 1, 1, 2**32 - 1], dtype=np.uint32)
     assert first_in_order(keys, pushes, last, 4, EvictionPolicy.LRU).tolist() == [5, 7, 6, 8]
     assert first_in_order(keys, pushes, last, 4, EvictionPolicy.LFU).tolist() == [6, 8, 5, 7]
-
-
-@pytest.mark.parametrize("n", [0, 1, 2, 4096])
-def test_sorted_unique_is_numpys_unique(n):
-    values = np.random.default_rng(n).integers(0, max(n // 2, 1), n)
-    got = sorted_unique(values)
-    np.testing.assert_array_equal(got, np.unique(values))
-    assert got.dtype == values.dtype
 
 
 @pytest.mark.parametrize("policy", POLICIES)
