@@ -127,6 +127,21 @@ def test_load_rejects_bad_state_naming_the_field():
         table.load(state)
 
 
+def test_export_is_sorted_by_key_and_a_state_with_a_repeated_key_is_refused_unchanged():
+    table = make()
+    keys = np.array([9, -3, 2**62, 0, 5], dtype=np.int64)
+    table.apply_gradients(keys, np.ones((5, 4), np.float32), step=1)
+    state = table.export()
+    assert state.keys.tolist() == sorted(keys.tolist())
+    assert table.export(np.array([5, 9, 5, 77], dtype=np.int64)).keys.tolist() == [5, 9]
+    state.keys = state.keys.copy()
+    state.keys[1] = state.keys[0]
+    other = make()
+    with pytest.raises(ValueError, match="state.keys: keys must be unique"):
+        other.load(state)
+    assert other.size == 0
+
+
 def test_count_admission():
     table = make(admission=AdmissionConfig(kind=AdmissionKind.COUNT, min_count=3))
     g = np.ones((1, 4), np.float32)
