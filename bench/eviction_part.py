@@ -48,6 +48,18 @@ def _table(dim: int, capacity: int | None, ttl_steps: int | None = None) -> Embe
     )
 
 
+def _time_round(
+    tables: dict[str, EmbeddingTable], batches: list[np.ndarray], grads: np.ndarray, step: int, best: dict[str, float]
+) -> None:
+    """One round: each table in turn gets the same pushes (steps step + 1, ...); best[name] keeps
+    each one's fastest pushes per second so far, in the thread's CPU time."""
+    for name, table in tables.items():
+        start = _CLOCK()
+        for i, keys in enumerate(batches):
+            table.apply_gradients(keys, grads[: keys.shape[0]], step=step + 1 + i)
+        best[name] = max(best[name], len(batches) / (_CLOCK() - start))
+
+
 def run_eviction_part(config: EvictionPartConfig) -> dict[str, object]:
     """Per capacity: pushes/s and ms per push of the full table and of the unbounded one, their
     ratio, and the rows the full table evicted per timed push; under "ttl", the TTL case
@@ -73,11 +85,7 @@ def run_eviction_part(config: EvictionPartConfig) -> dict[str, object]:
         evicted_before = full.num_evicted
         for _ in tqdm(range(ROUNDS), desc=f"evicting pushes, {capacity:,} rows", unit="round"):
             batches = [zipf.keys(config.batch) for _ in range(config.pushes)]
-            for name, table in (("full", full), ("unbounded", unbounded)):
-                start = _CLOCK()
-                for i, keys in enumerate(batches):
-                    push(table, keys, step + 1 + i)
-                best[name] = max(best[name], config.pushes / (_CLOCK() - start))
+            _time_round({"full": full, "unbounded": unbounded}, batches, grads, step, best)
             step += config.pushes
         out[str(capacity)] = {
             "rows_picked_among": "all rows" if capacity <= EXACT_SCAN_ROWS else "a sample",
@@ -109,11 +117,7 @@ def _ttl_case(config: EvictionPartConfig, grads: np.ndarray) -> dict[str, object
     step = 1
     for _ in tqdm(range(ROUNDS), desc="pushes beside a TTL sweep", unit="round"):
         batches = [rng.integers(0, n, config.batch) for _ in range(config.pushes)]
-        for name, table in (("ttl", swept), ("none", plain)):
-            start = _CLOCK()
-            for i, batch in enumerate(batches):
-                table.apply_gradients(batch, grads[: batch.shape[0]], step=step + 1 + i)
-            best[name] = max(best[name], config.pushes / (_CLOCK() - start))
+        _time_round({"ttl": swept, "none": plain}, batches, grads, step, best)
         step += config.pushes
     return {
         "rows": n,

@@ -59,6 +59,14 @@ _SWEEP_WINDOW = 1 << 14
 log = logging.getLogger(__name__)
 
 
+def _sweep_window(num_rows: int, steps: int, interval: int, pushed: int) -> int:
+    """Rows a push's TTL sweep of a large table reads: its share of one pass over num_rows every
+    `interval` steps for the `steps` it advanced (at least one), at most _SWEEP_WINDOW, and never
+    less than twice the push's `pushed` keys."""
+    share = -(-num_rows * max(1, steps) // interval)
+    return max(2 * pushed, min(_SWEEP_WINDOW, share))
+
+
 @functools.cache
 def _warn_torch_fallback(device: str, reason: str) -> None:
     """Once per device and process: the rows stay right, but whoever installed the CPU extra on a
@@ -514,19 +522,14 @@ class EmbeddingTable:
         if ttl is not None:
             interval = max(1, ttl // 8)
             due = self.step // interval > previous_step // interval
-
-            def window(num_rows: int) -> int:
-                # The share of one pass per `interval` steps (as a small table sweeps), at most
-                # _SWEEP_WINDOW rows; never less than twice the push's keys.
-                share = -(-num_rows * max(1, self.step - previous_step) // interval)
-                return max(2 * updated_keys.shape[0], min(_SWEEP_WINDOW, share))
-
+            steps, pushed = self.step - previous_step, updated_keys.shape[0]
             if self.size > EXACT_SCAN_ROWS:
-                evicted = np.concatenate([evicted, self._sweep_rows(self.step, window(self._map.num_rows))])
+                window = _sweep_window(self._map.num_rows, steps, interval, pushed)
+                evicted = np.concatenate([evicted, self._sweep_rows(self.step, window)])
             elif due:
                 evicted = np.concatenate([evicted, self._sweep_rows(self.step, self._map.num_rows)])
             if self._pending.size > EXACT_SCAN_ROWS:
-                self._sweep_pending(self.step, window(self._pending.num_rows))
+                self._sweep_pending(self.step, _sweep_window(self._pending.num_rows, steps, interval, pushed))
             elif due:
                 self._sweep_pending(self.step, self._pending.num_rows)
         return ApplyResult(updated_keys.shape[0], num_inserted, evicted, updated_keys)
