@@ -827,8 +827,15 @@ class EmbeddingTable:
         )
 
     def _sampled_victims(self, need: int, protected_rows: np.ndarray, policy: EvictionPolicy) -> np.ndarray | None:
-        """The `need` least recently (LRU) or least often (LFU) used rows of a random sample of
-        max(4096, 16 * need) rows; None when the sample holds too few evictable rows."""
+        """The least recently (LRU) or least often (LFU) used rows of a random sample of
+        max(4096, 16 * need) rows: the oldest sixteenth of its evictable rows, and at least `need`
+        of them; None when the sample holds fewer than `need` evictable rows.
+
+        Why more than `need`: reading the sample's rows is most of an evicting push's cost, and
+        a push to a full table usually needs far fewer rows than a sixteenth of 4,096 (a few
+        dozen for Zipf keys). Taking the sixteenth frees room for the next pushes, which then
+        sample nothing, at the same sample-to-victim ratio a push that needs many rows gets;
+        the table runs at most 256 rows below its capacity."""
         num_rows = self._map.num_rows
         sample = min(num_rows, max(_MIN_EVICTION_SAMPLE, _EVICTION_SAMPLE * need))
         rows = sorted_unique(self._rng.integers(0, num_rows, sample))
@@ -837,7 +844,8 @@ class EmbeddingTable:
         if rows.shape[0] < need:
             return None
         meta = self._gather_meta(rows)
-        return first_in_order(self._row_keys[rows], meta[:, 0], meta[:, 1], need, policy)
+        count = max(need, rows.shape[0] // _EVICTION_SAMPLE)
+        return first_in_order(self._row_keys[rows], meta[:, 0], meta[:, 1], count, policy)
 
     @contextlib.contextmanager
     def _hidden(self, rows: np.ndarray) -> Iterator[np.ndarray]:
