@@ -244,6 +244,12 @@ def parse_job_config(data: dict, base_dir: Path | None = None) -> JobConfig:
             f"shards[{first}].standby: a standby needs [arbiter] endpoints (etcd decides which of the pair is "
             "primary; shards never decide alone)"
         )
+    if security.auth and security.tokens.shard is None and any(s.standby for s in shards):
+        raise ValueError(
+            "security.tokens.shard: a job with standbys and tokens needs the shard role's token: a primary "
+            "streams its pushes to its standby with it, and the standby's port takes no other token for that "
+            "(a worker's trainer token may not take the stream from the primary)"
+        )
     return JobConfig(
         job=job,
         shards=shards,

@@ -11,6 +11,7 @@
     tokens.trainer = { file = "secrets/trainer.token" }   # or { env = "EMBPS_TRAINER_TOKEN" }
     tokens.replica = { file = "secrets/replica.token" }
     tokens.reader = { env = "EMBPS_READER_TOKEN" }
+    tokens.shard = { file = "secrets/shard.token" }       # jobs with standbys: required with tokens
 
 Relative paths are relative to the job TOML. Tokens are read from files or environment variables,
 never written in the TOML, so a config dump or a log line cannot carry one; a string where a
@@ -24,11 +25,15 @@ the files come from one Secret mounted at /etc/embps-secret in every pod.
 
 Roles (who may call what; health checks are open to all, for probes):
 
-    trainer   PS port: every method (Lookup, Push, LookupBatch, PushBatch, Stats, Subscribe,
-              SnapshotControl, and Replicate: a primary streams its pushes to its standby as a trainer)
+    trainer   PS port: every ParameterServer method (Lookup, Push, LookupBatch, PushBatch, Stats,
+              Subscribe, ...) and SnapshotControl
     replica   PS port: the read-only methods a serving replica's followers need (Subscribe, Lookup,
               LookupBatch, Stats)
     reader    serving port: Lookup, Status
+    shard     PS port: Replicate alone, the stream a primary sends its state and pushes to its
+              standby on. Only shard processes hold this token, so a worker, which may push, still
+              cannot take a standby's stream from its primary (which would leave the pair without
+              failover cover); a job with standbys and tokens must configure it.
 
 A missing or unknown token answers UNAUTHENTICATED; a valid token of a role that may not call the
 method answers PERMISSION_DENIED. Reflection needs a token of any role the port accepts: the proto

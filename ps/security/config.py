@@ -29,6 +29,7 @@ class Role(StrEnum):
     TRAINER = "trainer"
     REPLICA = "replica"
     READER = "reader"
+    SHARD = "shard"  # a primary shard's replication stream to its standby
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class Tokens:
     trainer: TokenSource | None = None
     replica: TokenSource | None = None
     reader: TokenSource | None = None
+    shard: TokenSource | None = None
 
 
 @dataclass(frozen=True)

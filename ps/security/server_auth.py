@@ -33,14 +33,16 @@ def _methods(descriptor, service: str) -> list[tuple[str, str]]:
 
 
 def ps_port_policy() -> dict[str, frozenset[Role]]:
-    """The PS port: trainer everything, replica the read-only methods its followers need. A
-    primary streams its pushes to its standby (Replication) as a trainer: they are trainers' pushes."""
+    """The PS port: trainer every ParameterServer and SnapshotControl method, replica the read-only
+    methods its followers need, and the shard role alone Replication: a primary streams its pushes
+    and state to its standby with the shards' own token, which no worker holds, so a trainer
+    cannot take the standby's stream from its primary."""
     policy = {
         path: frozenset({Role.TRAINER, Role.REPLICA} if name in _REPLICA_METHODS else {Role.TRAINER})
         for path, name in _methods(ps_pb2.DESCRIPTOR, "ParameterServer")
     }
     policy.update({path: frozenset({Role.TRAINER}) for path, _ in _methods(snapshot_pb2.DESCRIPTOR, "SnapshotControl")})
-    policy.update({path: frozenset({Role.TRAINER}) for path, _ in _methods(replication_pb2.DESCRIPTOR, "Replication")})
+    policy.update({path: frozenset({Role.SHARD}) for path, _ in _methods(replication_pb2.DESCRIPTOR, "Replication")})
     return policy
 
 

@@ -289,9 +289,9 @@ class Replication:
         reads the acks; when the stream breaks, records the primary alone in the arbiter (if the
         standby counted), and tries the partner again a lease later: `embps launch` restarts it."""
         while self.state is not State.DEPOSED:
-            # The job's TLS (a client certificate under mutual TLS) and the trainer's token: the
-            # stream carries trainers' pushes, and the standby's port checks it like any caller's.
-            channel = open_aio_channel(self.partner, self.shard.job.security, Role.TRAINER, _CHANNEL_OPTIONS)
+            # The job's TLS (a client certificate under mutual TLS) and the shards' own token, which
+            # the standby's port takes for Replication and no worker holds.
+            channel = open_aio_channel(self.partner, self.shard.job.security, Role.SHARD, _CHANNEL_OPTIONS)
             try:
                 await self._stream(channel)
             except Exception as exc:  # noqa: BLE001 - whatever broke the stream, the standby is out

@@ -419,3 +419,22 @@ def test_standbys_get_a_statefulset_and_etcd_is_added_or_taken(tmp_path, endpoin
     wrong = with_standbys("http://demo-etcd:2379").replace("demo-ps-standby-1.demo-ps-standby", "elsewhere-1.x")
     with pytest.raises(ValueError, match=r"shards\[1\]\.standby: on Kubernetes standby 1 is the StatefulSet pod"):
         rendered(tmp_path, wrong)
+
+
+def test_a_secured_job_with_standbys_needs_the_shard_token_and_mounts_it_in_shard_pods_alone(tmp_path):
+    """The shard role's token opens Replication on a shard's port (ps/security/server_auth.py):
+    both StatefulSets of shards (primaries and standbys) mount it, no worker or replica does, and a
+    secured job with standbys and no such token is refused naming the field."""
+    toml = with_standbys("http://demo-etcd:2379") + SECURED
+    with pytest.raises(ValueError, match=r"security\.tokens\.shard: a job with standbys and tokens needs"):
+        rendered(tmp_path, toml)
+    manifests = rendered(tmp_path, toml + 'tokens.shard = { file = "/etc/embps-secret/shard.token" }\n')
+    specs = pod_specs(manifests)
+    shard_pods = [where for where in specs if "ps-statefulset" in where or "ps-standby-statefulset" in where]
+    assert len(shard_pods) == 2, sorted(specs)
+    for where, spec in specs.items():
+        if "etcd" in where:
+            continue
+        volume = next(v for v in spec["volumes"] if v["name"] == "security")
+        keys = {item["key"] for item in volume["secret"]["items"]}
+        assert ("shard.token" in keys) == (where in shard_pods), (where, keys)

@@ -491,3 +491,26 @@ def test_job_config_standby_needs_an_arbiter():
         parse_job_config(doc)
     parsed = parse_job_config({**doc, "arbiter": {"endpoints": "http://127.0.0.1:2379"}})
     assert parsed.shards[0].addresses() == ["127.0.0.1:1", "127.0.0.1:2"]
+
+
+def test_job_config_standbys_with_tokens_need_the_shard_token():
+    """With tokens on, Replication takes the shard role's token alone (a worker's trainer token may
+    not take a standby's stream from its primary), so a job with standbys must name one; a job
+    without standbys, or without tokens, needs none."""
+    from ps.job_config import parse_job_config
+
+    doc = {
+        "job": "j",
+        "shards": [{"address": "127.0.0.1:1", "standby": "127.0.0.1:2"}],
+        "tables": {"t": {"dim": 4}},
+        "arbiter": {"endpoints": "http://127.0.0.1:2379"},
+        "security": {"tokens": {"trainer": {"env": "T"}, "replica": {"env": "R"}}},
+    }
+    with pytest.raises(ValueError, match=r"^security\.tokens\.shard: a job with standbys and tokens needs"):
+        parse_job_config(doc)
+    doc["security"]["tokens"]["shard"] = {"env": "S"}
+    assert parse_job_config(doc).security.tokens.shard.env == "S"
+    del doc["security"]["tokens"]["shard"]
+    alone = {k: v for k, v in doc.items() if k != "arbiter"} | {"shards": [{"address": "127.0.0.1:1"}]}
+    assert parse_job_config(alone).security.tokens.shard is None
+    assert not parse_job_config({k: v for k, v in doc.items() if k != "security"}).security.auth

@@ -34,7 +34,7 @@ STEPS = 6
 SERVER = {"tls_cert", "tls_key", "client_ca"}
 CLIENT = {"tls_ca", "client_cert", "client_key"}
 EXPECTED = {
-    PodKind.PS: SERVER | CLIENT | {"tokens.trainer.file", "tokens.replica.file"},
+    PodKind.PS: SERVER | CLIENT | {"tokens.trainer.file", "tokens.replica.file", "tokens.shard.file"},
     PodKind.SERVING: SERVER | CLIENT | {"tokens.reader.file", "tokens.replica.file"},
     PodKind.WORKERS: CLIENT | {"tokens.trainer.file"},
 }

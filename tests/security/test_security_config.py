@@ -138,10 +138,13 @@ def test_the_roles_policy():
     replication = replication_pb2.DESCRIPTOR.services_by_name["Replication"]
     # Every method of the PS port has an entry (a method without one would be refused to everyone).
     assert set(ps_policy) == {f"/{s.full_name}/{m.name}" for s in (service, snapshot, replication) for m in s.methods}
-    assert all(Role.TRAINER in roles and Role.READER not in roles for roles in ps_policy.values())
+    replicate = "/embps.v1.Replication/Replicate"
+    # The shard role opens Replicate alone (no worker holds its token); the trainer everything else.
+    assert ps_policy[replicate] == frozenset({Role.SHARD})
+    others = [roles for path, roles in ps_policy.items() if path != replicate]
+    assert all(Role.TRAINER in roles and not {Role.READER, Role.SHARD} & roles for roles in others)
     replica = {path.rsplit("/", 1)[1] for path, roles in ps_policy.items() if Role.REPLICA in roles}
     assert replica == {"Lookup", "LookupBatch", "Stats", "Subscribe"}
-    assert ps_policy["/embps.v1.Replication/Replicate"] == frozenset({Role.TRAINER})
     assert serving_port_policy() == {
         "/embps.v1.Serving/Lookup": frozenset({Role.READER}),
         "/embps.v1.Serving/LookupMany": frozenset({Role.READER}),

@@ -1,7 +1,7 @@
 """A shard pair under mutual TLS and tokens: the primary streams its pushes to its standby with the
-job's client certificate and the trainer's token, the standby's port refuses a stream without
-them, and after the primary is SIGKILLed the promoted standby answers with every acknowledged
-push."""
+job's client certificate and the shard role's token, the standby's port refuses a stream without
+them (the trainer's token included), and after the primary is SIGKILLed the promoted standby
+answers with every acknowledged push."""
 
 from __future__ import annotations
 
@@ -58,11 +58,14 @@ def replicate_code(address: str, job: JobConfig, role: Role | None) -> grpc.Stat
     return grpc.StatusCode.OK
 
 
-def test_the_standby_port_refuses_a_replication_stream_without_the_trainer_token(pair):
+def test_the_standby_port_refuses_a_replication_stream_without_the_shard_token(pair):
+    """A worker holds the trainer's token and may push, but may not replace the primary's stream
+    to the standby (which would leave the pair without failover cover until the primary rejoins)."""
     job = pair.job
     standby = job.shards[0].standby
     assert replicate_code(standby, job, role=None) == grpc.StatusCode.UNAUTHENTICATED
-    assert replicate_code(standby, job, role=Role.REPLICA) == grpc.StatusCode.PERMISSION_DENIED
+    for role in (Role.TRAINER, Role.REPLICA):
+        assert replicate_code(standby, job, role=role) == grpc.StatusCode.PERMISSION_DENIED, role
 
 
 def test_pushes_acknowledged_over_tls_survive_a_sigkill_of_the_primary(pair):
