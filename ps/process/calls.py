@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextvars
 import functools
 import logging
 import time
@@ -26,7 +27,7 @@ from ps.errors import CapacityError, EmbpsError, LogGapError, NotPrimaryError, U
 from ps.snapshot.manifest import SnapshotError
 from ps.snapshot.storage import StorageError
 
-DEFAULT_STREAM_STALL_SECONDS = 60.0  # see _StallWatch
+DEFAULT_STREAM_STALL_SECONDS = 60.0  # see StallWatch
 
 
 class ShuttingDownError(EmbpsError):
@@ -129,11 +130,9 @@ class _Call:
             raise self.parse_error
         self.site.check_open()
 
-    def stalled(self, seconds: float) -> None:
-        """Records a server stream ended because its client took no message for `seconds`."""
-        self.site.log.warning(
-            "%s of table %r: the client took no message for %g s; its stream is ended", self.method, self.table, seconds
-        )
+    def stalled(self, why: str) -> None:
+        """Records a server stream ended because its client took no message (`why`: the status message)."""
+        self.site.log.warning("%s of table %r: %s; the stream is ended", self.method, self.table, why)
         seconds_open = time.perf_counter() - self.start
         self.site.record(self.method, self.table, grpc.StatusCode.RESOURCE_EXHAUSTED, seconds_open, self.request)
 
@@ -172,7 +171,7 @@ def unary_call(method: str) -> Callable[[UnaryMethod], Callable]:
     return decorate
 
 
-class _StallWatch:
+class StallWatch:
     """Ends a server stream whose client took no message for `seconds`.
 
     grpc.aio writes a message the handler yields, then resumes it: a client that stops reading
@@ -182,7 +181,9 @@ class _StallWatch:
     resumes. When it fires it queues the call's status, RESOURCE_EXHAUSTED with `message` (the
     client gets it after the messages it has not read yet), and cancels the call's task, which
     frees what the handler held. The status can follow a message still being written only once the
-    initial metadata went out, so stream_call sends them first."""
+    initial metadata went out, so stream_call sends them first. A handler reads its own watch with
+    `current_stall_watch()`; `end_now` lets it end another stream's earlier (a full copy waiting
+    for the turn of one whose client stalled, ps/shard/full_copy_slots.py)."""
 
     def __init__(self, seconds: float, context: grpc.aio.ServicerContext, message: str) -> None:
         self.seconds = seconds
@@ -191,14 +192,29 @@ class _StallWatch:
         self.task = asyncio.current_task()
         self.fired = False
         self._timer: asyncio.TimerHandle | None = None
+        self._armed_at: float | None = None  # the loop's time at the yield the client has not taken yet
 
     def arm(self) -> None:
-        self._timer = asyncio.get_running_loop().call_later(self.seconds, self._fire)
+        loop = asyncio.get_running_loop()
+        self._armed_at = loop.time()
+        self._timer = loop.call_later(self.seconds, self._fire)
 
     def disarm(self) -> None:
+        self._armed_at = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+    def waiting_seconds(self) -> float:
+        """How long the client has left the message it was last handed untaken (0: it took it)."""
+        return 0.0 if self._armed_at is None else asyncio.get_running_loop().time() - self._armed_at
+
+    def end_now(self, message: str) -> None:
+        """Ends the stream now as if it had stalled, with `message` (once: a second call does nothing)."""
+        if not self.fired:
+            self.disarm()
+            self.message = message
+            self._fire()
 
     def _fire(self) -> None:
         self.fired = True
@@ -211,6 +227,14 @@ class _StallWatch:
             self.task.cancel()
 
 
+_current_watch: contextvars.ContextVar[StallWatch | None] = contextvars.ContextVar("stall_watch", default=None)
+
+
+def current_stall_watch() -> StallWatch | None:
+    """The StallWatch of the server stream this task answers (None outside stream_call's handlers)."""
+    return _current_watch.get()
+
+
 def _sent_or_dropped(task: asyncio.Task) -> None:
     """The stalled stream's status task ends with abort's AbortError once the status is queued, or
     with a batch error when the client left first: either way there is nothing left to do."""
@@ -221,7 +245,7 @@ def _sent_or_dropped(task: asyncio.Task) -> None:
 def stream_call(method: str) -> Callable[[StreamMethod], Callable]:
     """unary_call for a server-streaming method: `async def fn(self, request)` yields the replies;
     the call is recorded when the stream ends. A client that takes no message for the call site's
-    `stream_stall_seconds` gets its stream ended (_StallWatch), recorded as RESOURCE_EXHAUSTED."""
+    `stream_stall_seconds` gets its stream ended (StallWatch), recorded as RESOURCE_EXHAUSTED."""
 
     def decorate(fn: StreamMethod) -> Callable:
         @functools.wraps(fn)
@@ -229,7 +253,11 @@ def stream_call(method: str) -> Callable[[StreamMethod], Callable]:
             call = _Call(self.call_site, method, request)
             seconds = self.call_site.stream_stall_seconds
             stalled = f"{method}: the client took no message for {seconds:g} s; resubscribe"
-            watch = _StallWatch(seconds, context, stalled)
+            watch = StallWatch(seconds, context, stalled)
+            # grpc.aio runs each call in a task of its own, whose context is its own copy: the
+            # value is this call's alone, and ends with its task (no reset, which a generator closed
+            # from another context could not do).
+            _current_watch.set(watch)
             try:
                 call.admit()
                 await context.send_initial_metadata(())
@@ -242,7 +270,7 @@ def stream_call(method: str) -> Callable[[StreamMethod], Callable]:
             finally:
                 watch.disarm()
                 if watch.fired:
-                    call.stalled(watch.seconds)
+                    call.stalled(watch.message)
             call.end()
 
         return handler

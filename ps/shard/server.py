@@ -41,11 +41,19 @@ from grpc_reflection.v1alpha import reflection
 
 from ps import native, wire
 from ps.job_config import JobConfig, load_job_config
-from ps.process.calls import DEFAULT_STREAM_STALL_SECONDS, CallSite, UndecodableRequests, stream_call, unary_call
+from ps.process.calls import (
+    DEFAULT_STREAM_STALL_SECONDS,
+    CallSite,
+    UndecodableRequests,
+    current_stall_watch,
+    stream_call,
+    unary_call,
+)
 from ps.rpc import ps_pb2, ps_pb2_grpc, snapshot_pb2, snapshot_pb2_grpc
 from ps.security import add_port, ps_port_policy, server_interceptors
 from ps.shard import commits
 from ps.shard.commit_stream import committed_stream
+from ps.shard.full_copy_slots import FullCopySlots
 from ps.shard.metrics import UNKNOWN_TABLE, ShardMetrics, ShardReading, TableReading
 from ps.shard.startup import EXIT_SNAPSHOT_UNUSABLE, DeferredServices, RestoreProgress, run_in_daemon_thread
 from ps.shard.update_log import DEFAULT_MAX_ENTRIES, DEFAULT_MAX_KEYS, LogGapError, LogRange
@@ -85,6 +93,9 @@ STREAM_MESSAGE_BYTES = 4_000_000
 # Full copies (Subscribe with full_sync) that run at once on a shard; more wait their turn. Each
 # holds the table's key list (8 bytes a row) and a change feed that every push updates.
 MAX_FULL_COPIES = 4
+# A running full copy whose subscriber has left a message untaken this long (or its stream's stall
+# limit, if shorter) is ended when another copy waits for a turn (ps/shard/full_copy_slots.py).
+FULL_COPY_PATIENCE_SECONDS = 5.0
 
 
 # A connection whose peer takes no byte for this long is closed, and what the shard's replies to it
@@ -255,7 +266,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         self.loop = asyncio.get_running_loop()
         self._changed = {name: asyncio.Event() for name in shard.tables}
         self._subscribed = 0  # Subscribe streams open (wake_subscribers)
-        self._full_copies = asyncio.Semaphore(MAX_FULL_COPIES)
+        self.full_copies = FullCopySlots(MAX_FULL_COPIES, FULL_COPY_PATIENCE_SECONDS)
         self._stream_bytes = min(shard.job.message_limit_bytes, STREAM_MESSAGE_BYTES)
         self._last_reading = ShardReading((), 0)
         metrics.tables.attach(self.read_tables)
@@ -512,13 +523,16 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         changed meanwhile follows, read from a change feed the table keeps for this copy. So the
         copy converges however long the subscriber takes, beyond the update log's window; the
         last message's to_version says where the live ranges continue. At most MAX_FULL_COPIES
-        run at once; a later one waits, holding nothing, until one of them ends."""
+        run at once; a later one waits, holding nothing, until one of them ends, or until the
+        subscriber of one has left a message untaken for FULL_COPY_PATIENCE_SECONDS, which ends
+        that copy (ps/shard/full_copy_slots.py)."""
         table = self.shard.table(name)
         waiting = self.metrics.full_copies.labels(str(self.shard.index), "waiting")
         running = self.metrics.full_copies.labels(str(self.shard.index), "running")
+        watch = current_stall_watch()
         waiting.inc()
         try:
-            await self._full_copies.acquire()
+            await self.full_copies.acquire(watch)
         finally:
             waiting.dec()
         running.inc()
@@ -527,7 +541,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
                 yield reply
         finally:
             running.dec()
-            self._full_copies.release()
+            self.full_copies.release(watch)
 
     async def _copy_rows(self, name: str, table, stored: bool) -> AsyncIterator[ps_pb2.UpdateBatch]:
         """_full_copy's messages, once it is the copy's turn."""

@@ -8,6 +8,7 @@ and its pushes waited 0.9 s for the event loop."""
 
 from __future__ import annotations
 
+import time
 import urllib.request
 
 import grpc
@@ -19,7 +20,7 @@ from ps.client import PSClient
 from ps.job_config import dump_job_config
 from ps.process.children import stop as stop_pid
 from ps.rpc import ps_pb2, ps_pb2_grpc
-from ps.shard.server import MAX_FULL_COPIES
+from ps.shard.server import FULL_COPY_PATIENCE_SECONDS, MAX_FULL_COPIES
 from ps.table.config import OptimizerConfig, OptimizerKind, TableConfig
 from tests.helpers.processes import make_job, rss_bytes, start_shard, wait_serving
 from tests.helpers.waiting import wait_until
@@ -30,14 +31,13 @@ STALL_SECONDS = 1.0
 TABLE = TableConfig("t", dim=DIM, optimizer=OptimizerConfig(kind=OptimizerKind.SGD, lr=0.1))
 
 
-@pytest.fixture(scope="module")
-def shard(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("slow_subscribers")
+def _shard(workdir, stall_seconds: float):
+    """A shard whose table holds ROWS rows, and a stub with a large enough message limit."""
     job = make_job([TABLE])
     config = workdir / "job.toml"
     config.write_text(dump_job_config(job))
     log = workdir / "shard.log"
-    proc = start_shard(config, 0, log, args=("--stream-stall-seconds", str(STALL_SECONDS)))
+    proc = start_shard(config, 0, log, args=("--stream-stall-seconds", str(stall_seconds)))
     try:
         wait_serving(job.shards[0].address, proc, log_path=log)
         client = PSClient([job.shards[0].address], dims={"t": DIM})
@@ -48,6 +48,11 @@ def shard(tmp_path_factory):
         channel.close()
     finally:
         stop_pid(proc)
+
+
+@pytest.fixture(scope="module")
+def shard(tmp_path_factory):
+    yield from _shard(tmp_path_factory.mktemp("slow_subscribers"), STALL_SECONDS)
 
 
 def _metrics(job) -> dict[tuple[str, tuple], float]:
@@ -134,3 +139,43 @@ def test_stalled_full_copies_hold_little_take_turns_and_leave_the_shard_serving(
     expected = client.lookup("t", keys)
     np.testing.assert_array_equal(np.stack([rows[k] for k in keys.tolist()]), expected)
     assert "took no message" in log.read_text()
+
+
+def test_a_waiting_full_copy_ends_a_stalled_one_after_the_patience_not_the_stall_limit(tmp_path):
+    """Subscribers that stop reading hold every full copy's turn: a replica that needs a resync
+    then waits FULL_COPY_PATIENCE_SECONDS, not the stream stall limit (here 60 s), and one stalled
+    copy is ended for it, told why; the others, which nobody waits for, keep theirs."""
+    stall = 60.0
+    setup = _shard(tmp_path, stall)
+    job, _, _, stub, log = next(setup)
+    calls = []
+    try:
+        ended_before = _ended(job)
+        calls = [stub.Subscribe(ps_pb2.SubscribeRequest(table="t", full_sync=True), timeout=120)
+                 for _ in range(MAX_FULL_COPIES)]
+        wait_until(lambda: _full_copies(job) == (MAX_FULL_COPIES, 0), "every turn taken by copies nobody reads")
+        start = time.monotonic()
+        rows = _full_copy(stub)  # a subscriber that reads
+        took = time.monotonic() - start
+        assert len(rows) == ROWS
+        assert FULL_COPY_PATIENCE_SECONDS - 0.5 < took < stall / 4, f"the reading copy took {took:.1f} s"
+        wait_until(lambda: _full_copies(job) == (MAX_FULL_COPIES - 1, 0), "the stalled copies left running")
+        assert _ended(job) - ended_before == 1  # one stalled copy ended for it; the others keep their turns
+        assert "while another full copy waited for this one's turn" in log.read_text()
+        codes = []
+        for call in calls:  # read now: the ended one's status follows the messages it had sent
+            try:
+                for batch in call:
+                    if batch.to_version and batch.from_version == batch.to_version:
+                        codes.append("following live")  # its copy went on once read
+                        break
+            except grpc.RpcError as err:
+                codes.append(f"{err.code().name}: {err.details()}")
+        ended = [code for code in codes if code != "following live"]
+        assert len(ended) == 1 and len(codes) == MAX_FULL_COPIES, codes
+        assert ended[0].startswith("RESOURCE_EXHAUSTED: Subscribe: the client took no message for "), ended
+        assert ended[0].endswith("while another full copy waited for this one's turn; resubscribe"), ended
+    finally:
+        for call in calls:
+            call.cancel()
+        setup.close()
