@@ -64,7 +64,8 @@ class FullCopySlots:
             while not granted.done():
                 self._end_a_stalled_copy()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(granted), self._next_check())
+                    async with asyncio.timeout(self._next_check()):  # not wait_for: tests/test_cancellation.py
+                        await asyncio.shield(granted)
         except BaseException:
             if granted.done() and not granted.cancelled():
                 self._release()  # granted as this waiter left: the turn goes to the next one
