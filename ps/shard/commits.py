@@ -24,6 +24,7 @@ and a range that starts inside a commit is served whole (above).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import time
 from collections import OrderedDict, deque
@@ -44,7 +45,16 @@ MAX_DENSE_STATES = 4  # dense towers kept (the newest steps): a replica takes th
 _EMPTY_KEYS = np.empty(0, dtype=np.int64)
 
 
-@dataclass(frozen=True)
+@functools.cache
+def no_rows(width: int) -> np.ndarray:
+    """(0, width) float32, one read-only array per width: the rows of every commit that has none
+    (a shard seals one per table per step; most tables' hold no rows when nobody follows them)."""
+    rows = np.empty((0, width), dtype=np.float32)
+    rows.flags.writeable = False
+    return rows
+
+
+@dataclass(frozen=True, slots=True)
 class SealedCommit:
     """Changes of versions (from_version, to_version] with the rows as of step `step`'s commit.
 
@@ -84,9 +94,8 @@ class CommitLog:
     def reset(self, step: int, version: int) -> None:
         """Starts the log afresh at a committed state (step, version): a trainer resumed from an
         older snapshot commits its steps again, a new history; committed streams resync."""
-        empty = np.empty((0, self.width), dtype=np.float32)
-        self._commits: deque[SealedCommit] = deque([SealedCommit(step, version, version, _EMPTY_KEYS, empty,
-                                                                 _EMPTY_KEYS, True, time.time())])
+        self._commits: deque[SealedCommit] = deque([SealedCommit(step, version, version, _EMPTY_KEYS,
+                                                                 no_rows(self.width), _EMPTY_KEYS, True, time.time())])
         # to_version of each incomplete commit held, oldest first (to_versions never go back, see
         # seal), so that check() does not walk every commit held for each range a stream sends.
         self._incomplete: deque[int] = deque()
@@ -108,9 +117,21 @@ class CommitLog:
     def seal(self, commit: SealedCommit) -> None:
         """Appends the newest commit; drops the oldest beyond the bounds. A commit that ends before
         the newest one (the table's versions went back: a standby loaded its primary's state) starts
-        a new history there, as reset() does, so to_versions never go back within one."""
+        a new history there, as reset() does, so to_versions never go back within one.
+
+        An incomplete commit without rows that follows another one merges with it: a table no
+        committed stream follows seals such a commit every step (its rows are not read), and a
+        subscriber before either must resync whichever it meets, so one entry answers as both did.
+        Without the merge such a table held max_commits of them (~320 bytes each: 260 MB for a
+        200-table shard)."""
         if commit.to_version < self.last_version:
             self.reset(commit.step, commit.to_version)
+            return
+        newest = self._commits[-1]
+        if _rowless_gap(commit) and _rowless_gap(newest):
+            self._commits[-1] = SealedCommit(commit.step, newest.from_version, commit.to_version, _EMPTY_KEYS,
+                                             commit.values, _EMPTY_KEYS, False, commit.commit_time)
+            self._incomplete[-1] = commit.to_version
             return
         self._commits.append(commit)
         self._bytes += commit.nbytes
@@ -148,8 +169,7 @@ class CommitLog:
         # how far behind the subscriber is, not how many commits the log holds.
         picked = list(itertools.takewhile(lambda c: c.to_version > position, reversed(self._commits)))[::-1]
         if not picked:
-            empty = np.empty((0, self.width), dtype=np.float32)
-            return SealedCommit(newest.step, position, position, _EMPTY_KEYS, empty, _EMPTY_KEYS, True,
+            return SealedCommit(newest.step, position, position, _EMPTY_KEYS, no_rows(self.width), _EMPTY_KEYS, True,
                                 newest.commit_time)
         if len(picked) == 1:
             c = picked[0]
@@ -167,6 +187,10 @@ class CommitLog:
         deleted = is_delete[at]
         return SealedCommit(newest.step, position, newest.to_version, unique[~deleted], rows[at[~deleted]],
                             unique[deleted], True, newest.commit_time)
+
+
+def _rowless_gap(commit: SealedCommit) -> bool:
+    return not commit.complete and commit.touched_keys.shape[0] == 0 and commit.deleted_keys.shape[0] == 0
 
 
 class DenseStates:
@@ -228,16 +252,16 @@ def commit(shard, request: ps_pb2.CommitRequest, sealed_tables: Collection[str] 
             since = commits.last_version
             followed = name in sealed
             if table.version == since:
-                empty = np.empty((0, commits.width), dtype=np.float32)
-                commits.seal(SealedCommit(step, since, since, _EMPTY_KEYS, empty, _EMPTY_KEYS, True, now))
+                rows = no_rows(commits.width)
+                commits.seal(SealedCommit(step, since, since, _EMPTY_KEYS, rows, _EMPTY_KEYS, True, now))
             elif followed and log.covers(since):
                 changes = log.range_after(since, name)
                 _, values = shard.read_stored_rows(name, changes.touched_keys)
                 commits.seal(SealedCommit(step, since, changes.to_version, changes.touched_keys, values,
                                           changes.deleted_keys, True, now))
             else:
-                empty = np.empty((0, commits.width), dtype=np.float32)
-                commits.seal(SealedCommit(step, since, table.version, _EMPTY_KEYS, empty, _EMPTY_KEYS, False, now))
+                rows = no_rows(commits.width)
+                commits.seal(SealedCommit(step, since, table.version, _EMPTY_KEYS, rows, _EMPTY_KEYS, False, now))
     if request.dense_state:
         shard.dense.put(step, request.dense_format, bytes(request.dense_state))
     return ps_pb2.CommitResponse(step=first.last_step, versions=[c.last_version for c in shard.commits.values()])

@@ -117,3 +117,24 @@ def test_a_commit_before_the_newest_version_starts_a_new_history():
     assert (log.last_step, log.last_version) == (2, 3)
     assert _answer(log, 3) == (2, 3, 3, [], [], [])
     assert _answer(log, 5) == "ValueError"
+
+
+def test_a_table_nobody_follows_holds_one_entry_for_its_incomplete_commits_however_long_the_run():
+    """A shard seals a commit per table per step; for a table no committed stream follows it is
+    incomplete and without rows, and consecutive ones merge: the log's memory stays flat instead of
+    holding max_commits of them, and it answers as the commits one by one did."""
+    log = CommitLog(WIDTH, base_version=0, base_step=0, max_bytes=1 << 30, max_commits=4096)
+    log.seal(_commit(1, 0, 3, [1, 2], [], True))
+    held = log.memory_bytes
+    version = 3
+    for step in range(2, 10_002):
+        log.seal(_commit(step, version, version + 2, [], [], False))
+        version += 2
+    assert log.memory_bytes == held + _commit(2, 3, 5, [], [], False).nbytes  # one entry for 10,000 commits
+    assert (log.last_step, log.last_version) == (10_001, version)
+    for position in (0, 3, 5, version - 1):  # an incomplete range after it: resync
+        with pytest.raises(LogGapError, match="resync with full_sync"):
+            log.after(position, "t")
+    assert _answer(log, version) == (10_001, version, version, [], [], [])
+    log.seal(_commit(10_002, version, version + 1, [7], [], True))  # followed again: complete commits append
+    assert _answer(log, version) == (10_002, version, version + 1, [7], [[7, 10_002]], [])
