@@ -778,7 +778,7 @@ class Replication:
             # parent, which the old primary wrote: it writes every row against the parent.
             self.shard.tables[name].forget_changes()
             old = self.shard.logs[name]
-            self.shard.logs[name] = UpdateLog(state.version, old.max_entries, old.max_keys)
+            self.shard.logs[name] = UpdateLog(state.version, old.max_entries, old.max_keys, old.max_bytes)
         self.shard.ledger.load(decode_ledger(ledger))
 
     def _apply(self, message) -> tuple[bytes, str]:

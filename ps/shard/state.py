@@ -21,7 +21,7 @@ from ps.errors import UnknownTableError, WrongShardError
 from ps.job_config import JobConfig
 from ps.rpc import ps_pb2
 from ps.shard.commits import DEFAULT_SHARD_COMMIT_BYTES, MIN_TABLE_COMMIT_BYTES, CommitLog, DenseStates
-from ps.shard.update_log import DEFAULT_MAX_ENTRIES, DEFAULT_MAX_KEYS, LogRange, UpdateLog
+from ps.shard.update_log import DEFAULT_MAX_ENTRIES, DEFAULT_MAX_KEYS, LogRange, UpdateLog, table_log_bytes
 from ps.table import multi
 from ps.table.embedding_table import ApplyResult, EmbeddingTable
 from ps.table.state import TableState
@@ -150,7 +150,8 @@ class Shard:
         log_max_keys: int = DEFAULT_MAX_KEYS,
         initial_states: Mapping[str, TableState] | None = None,
     ) -> None:
-        """log_max_entries, log_max_keys: bounds of each table's update log (see UpdateLog).
+        """log_max_entries, log_max_keys: bounds of each table's update log (see UpdateLog), beside
+        its share of DEFAULT_SHARD_LOG_BYTES.
         initial_states: table name -> state to start from (a restored snapshot); the update logs
         start at the restored versions."""
         if not 0 <= index < len(job.shards):
@@ -165,8 +166,10 @@ class Shard:
         # Subscribers compare it to the one their rows came from: a restarted shard may reach the
         # same version numbers with other rows.
         self.incarnation = secrets.randbits(63) | 1
+        log_bytes = table_log_bytes(len(self.tables))
         self.logs = {
-            name: UpdateLog(table.version, log_max_entries, log_max_keys) for name, table in self.tables.items()
+            name: UpdateLog(table.version, log_max_entries, log_max_keys, log_bytes)
+            for name, table in self.tables.items()
         }
         # Committed steps (ps/shard/commits.py): restored tables start at a committed state.
         base_step = max((t.step for t in self.tables.values()), default=0)

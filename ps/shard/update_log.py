@@ -6,9 +6,10 @@
 
 The log holds every version in (base_version, head_version], contiguous. It holds keys only;
 rows are read from the table when a subscriber is sent a range, so a range merged over many
-pushes carries each key once, with its current row. Bounded by entries and by total keys: the
-oldest entries go first, and a subscriber that still needs them gets LogGapError (it must resync
-from a full copy). Synchronous and not thread-safe, like the table it follows.
+pushes carries each key once, with its current row. Bounded by entries, by total keys and by
+bytes (keys and a fixed overhead per entry; a shard splits DEFAULT_SHARD_LOG_BYTES over its
+tables): the oldest entries go first, and a subscriber that still needs them gets LogGapError (it
+must resync from a full copy). Synchronous and not thread-safe, like the table it follows.
 """
 
 from __future__ import annotations
@@ -25,6 +26,16 @@ from ps.errors import LogGapError
 DEFAULT_MAX_ENTRIES = 65536
 DEFAULT_MAX_KEYS = 1 << 20
 ENTRY_OVERHEAD_BYTES = 400  # a LogEntry, its two array headers and its deque slot (beside the keys)
+# What a shard's update logs hold together, split evenly over its tables (at least
+# MIN_TABLE_LOG_BYTES each): one table's log alone reaches ~34 MB under the bounds above (1M keys
+# and their entries), 6.8 GB for a shard of 200 tables. Above 30 tables the split binds first.
+DEFAULT_SHARD_LOG_BYTES = 1 << 30
+MIN_TABLE_LOG_BYTES = 1 << 20
+
+
+def table_log_bytes(num_tables: int, shard_bytes: int = DEFAULT_SHARD_LOG_BYTES) -> int:
+    """The byte bound of each of a shard's num_tables update logs."""
+    return max(MIN_TABLE_LOG_BYTES, shard_bytes // max(1, num_tables))
 
 class LogEntry(NamedTuple):
     """One applied push: version, touched keys (t,) int64 unique, deleted keys (d,) int64, ack_time
@@ -56,14 +67,19 @@ class UpdateLog:
     """Ring of LogEntry for versions (base_version, head_version]."""
 
     def __init__(
-        self, base_version: int = 0, max_entries: int = DEFAULT_MAX_ENTRIES, max_keys: int = DEFAULT_MAX_KEYS
+        self, base_version: int = 0, max_entries: int = DEFAULT_MAX_ENTRIES, max_keys: int = DEFAULT_MAX_KEYS,
+        max_bytes: int | None = None,
     ) -> None:
+        """max_bytes: bound on memory_bytes (None: none beyond the entries and keys)."""
         if max_entries < 1:
             raise ValueError(f"max_entries: must be >= 1, got {max_entries}")
         if max_keys < 1:
             raise ValueError(f"max_keys: must be >= 1, got {max_keys}")
+        if max_bytes is not None and max_bytes < 1:
+            raise ValueError(f"max_bytes: must be >= 1 or None, got {max_bytes}")
         self.max_entries = max_entries
         self.max_keys = max_keys
+        self.max_bytes = max_bytes
         self.base_version = base_version
         self.head_version = base_version
         self._entries: deque[LogEntry] = deque()
@@ -100,7 +116,11 @@ class UpdateLog:
         self._num_keys += touched_keys.shape[0] + deleted_keys.shape[0]
         self._num_bytes += _entry_bytes(entry)
         self.head_version = version
-        while len(self._entries) > 1 and (len(self._entries) > self.max_entries or self._num_keys > self.max_keys):
+        while len(self._entries) > 1 and (
+            len(self._entries) > self.max_entries
+            or self._num_keys > self.max_keys
+            or (self.max_bytes is not None and self._num_bytes > self.max_bytes)
+        ):
             dropped = self._entries.popleft()
             self._num_keys -= dropped.touched_keys.shape[0] + dropped.deleted_keys.shape[0]
             self._num_bytes -= _entry_bytes(dropped)
@@ -128,8 +148,8 @@ class UpdateLog:
         if from_version < self.base_version:
             raise LogGapError(
                 f"table {table!r}: the update log starts after version {self.base_version}, the subscriber "
-                f"holds {from_version} (it fell behind by more than {self.max_keys} keys or "
-                f"{self.max_entries} pushes); resync with full_sync"
+                f"holds {from_version} (it fell behind by more than {self.max_keys} keys, "
+                f"{self.max_entries} pushes or {self.max_bytes or 'unbounded'} bytes of log); resync with full_sync"
             )
 
     def range_after(self, from_version: int, table: str = "") -> LogRange:

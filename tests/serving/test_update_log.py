@@ -7,7 +7,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ps.shard.update_log import ENTRY_OVERHEAD_BYTES, LogGapError, UpdateLog
+from ps.shard.update_log import (
+    DEFAULT_SHARD_LOG_BYTES,
+    ENTRY_OVERHEAD_BYTES,
+    MIN_TABLE_LOG_BYTES,
+    LogGapError,
+    UpdateLog,
+    table_log_bytes,
+)
 
 pushes = st.lists(
     st.tuples(
@@ -97,3 +104,30 @@ def test_keys_after_counts_the_keys_of_the_pushes_held_after_a_version(entries, 
     held = {v: len(t) + len(d) for v, (t, d) in enumerate(entries, start=base + 1) if v > log.base_version}
     for position in range(base - 1, log.head_version + 2):
         assert log.keys_after(position) == sum(n for v, n in held.items() if v > position)
+
+
+def test_a_byte_bound_drops_the_oldest_pushes_and_a_shard_splits_its_budget_over_its_tables():
+    """A shard's update logs hold at most DEFAULT_SHARD_LOG_BYTES together (each table its share, at
+    least MIN_TABLE_LOG_BYTES): one table's log alone could reach ~34 MB under the key and entry
+    bounds, 6.8 GB for a shard of 200 tables."""
+    entry = 10 * 8 + ENTRY_OVERHEAD_BYTES
+    log = UpdateLog(max_bytes=3 * entry)
+    for version in range(1, 8):
+        log.append(version, np.arange(10, dtype=np.int64) + 100 * version, np.empty(0, np.int64), 0.0)
+    assert (log.base_version, log.head_version, log.memory_bytes) == (4, 7, 3 * entry)
+    with pytest.raises(LogGapError, match=f"or {3 * entry} bytes of log"):
+        log.range_after(3)
+    with pytest.raises(ValueError, match="max_bytes: must be >= 1 or None"):
+        UpdateLog(max_bytes=0)
+    assert table_log_bytes(2) == DEFAULT_SHARD_LOG_BYTES // 2
+    assert table_log_bytes(200) == DEFAULT_SHARD_LOG_BYTES // 200
+    assert table_log_bytes(100_000) == MIN_TABLE_LOG_BYTES
+
+
+def test_a_shards_update_logs_take_its_share_of_the_budget():
+    from ps.shard.state import Shard
+    from ps.table.config import TableConfig
+    from tests.helpers.processes import make_job
+
+    shard = Shard(make_job([TableConfig(f"t{i}", dim=4) for i in range(200)]), 0)
+    assert {log.max_bytes for log in shard.logs.values()} == {DEFAULT_SHARD_LOG_BYTES // 200}
