@@ -13,7 +13,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--update-log-keys",
         type=int,
         default=1 << 20,
-        help="keys each table's update log keeps for Subscribe (older pushes need a full resync)",
+        help="keys each table's update log keeps for Subscribe, at most (each also keeps at most its share of "
+        "1 GiB per shard; older pushes need a full resync)",
     )
     parser.add_argument(
         "--stream-stall-seconds",

@@ -48,7 +48,7 @@ _EMPTY_KEYS = np.empty(0, dtype=np.int64)
 @functools.cache
 def no_rows(width: int) -> np.ndarray:
     """(0, width) float32, one read-only array per width: the rows of every commit that has none
-    (a shard seals one per table per step; most tables' hold no rows when nobody follows them)."""
+    (a shard seals a commit per table per step, without rows for the tables nobody follows)."""
     rows = np.empty((0, width), dtype=np.float32)
     rows.flags.writeable = False
     return rows
