@@ -403,14 +403,20 @@ class Replication:
         log.info("%s: copying its state to the standby %s (at push %d)", self.describe(), self.partner, base)
         budget = self.shard.job.message_limit_bytes
         copied = 0
-        for name, state in states.items():
+        while states:
+            # Each table's export is let go once encoded, and its encoding once sent: the copy
+            # holds the tables not sent yet and one encoding, not every export to the end.
+            name, state = next(iter(states.items()))
+            del states[name]
             data = await asyncio.to_thread(encode_table_state, state)
+            del state
             pieces = chunks(data, budget)
             for i, piece in enumerate(pieces):
                 await call.write(replication_pb2.ReplicateRequest(
-                    epoch=self.epoch, method="TableState", table=name, state=piece, last=i == len(pieces) - 1,
+                    epoch=self.epoch, method="TableState", table=name, state=bytes(piece), last=i == len(pieces) - 1,
                 ).SerializeToString())
             copied += len(data)
+            del data, pieces, piece  # the last piece views data too
         await call.write(replication_pb2.ReplicateRequest(epoch=self.epoch, method="Ledger", state=ledger)
                          .SerializeToString())
         await call.write(replication_pb2.ReplicateRequest(

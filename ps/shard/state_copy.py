@@ -45,9 +45,11 @@ def decode_table_state(data: bytes) -> TableState:
     return TableState(**fields, version=version, step=step, storage=storage, encoded=encoded)
 
 
-def chunks(data: bytes, size: int) -> list[bytes]:
-    """data cut into pieces of at most `size` bytes (one empty piece for empty data)."""
-    return [data[i : i + size] for i in range(0, len(data), size)] or [b""]
+def chunks(data: bytes, size: int) -> list[memoryview]:
+    """Views of data's pieces of at most `size` bytes (one empty piece for empty data): no copy of
+    data, which may be a large table's whole state; a piece is copied into its message when sent."""
+    view = memoryview(data)
+    return [view[i : i + size] for i in range(0, len(data), size)] or [view[:0]]
 
 
 def encode_ledger(exported: list) -> bytes:
