@@ -70,7 +70,7 @@ from ps.rpc import ps_pb2, replication_pb2, replication_pb2_grpc
 from ps.security import Role, open_aio_channel
 from ps.shard.arbiter import Arbiter, Membership
 from ps.shard.replication_link import KEY_BYTES, LinkRefused, PrimaryLink, StandbyLink, split_host_port
-from ps.shard.state_copy import chunks, decode_ledger, decode_table_state, encode_ledger, encode_table_state
+from ps.shard.state_copy import TableStateReader, decode_ledger, encode_ledger, table_state_pieces
 from ps.shard.update_log import UpdateLog
 
 log = logging.getLogger("embps.ps")
@@ -404,19 +404,18 @@ class Replication:
         budget = self.shard.job.message_limit_bytes
         copied = 0
         while states:
-            # Each table's export is let go once encoded, and its encoding once sent: the copy
-            # holds the tables not sent yet and one encoding, not every export to the end.
+            # Each table's export is let go once sent: the copy holds the tables not sent yet, and
+            # its pieces are views of their arrays (state_copy.py), each copied into its message.
             name, state = next(iter(states.items()))
             del states[name]
-            data = await asyncio.to_thread(encode_table_state, state)
+            pieces = table_state_pieces(state, budget)
             del state
-            pieces = chunks(data, budget)
             for i, piece in enumerate(pieces):
                 await call.write(replication_pb2.ReplicateRequest(
                     epoch=self.epoch, method="TableState", table=name, state=bytes(piece), last=i == len(pieces) - 1,
                 ).SerializeToString())
-            copied += len(data)
-            del data, pieces, piece  # the last piece views data too
+                copied += len(piece)
+            del pieces, piece  # the last piece views an array too
         await call.write(replication_pb2.ReplicateRequest(epoch=self.epoch, method="Ledger", state=ledger)
                          .SerializeToString())
         await call.write(replication_pb2.ReplicateRequest(
@@ -631,7 +630,7 @@ class Replication:
 
     async def _replicate(self, stream: _Stream, requests: AsyncIterator, context: grpc.aio.ServicerContext):
         copy_epoch = None  # this stream's handshake asked for a state copy, at this epoch
-        copy: dict[str, list[bytes]] = {}
+        copy: dict[str, TableStateReader] = {}
         states: dict = {}
         ledger = b""
         async for message in requests:
@@ -649,6 +648,8 @@ class Replication:
                     # A copy follows when the standby asked for one, or when the primary went on
                     # alone meanwhile (it may hold what the versions do not show: a commit).
                     copy_epoch = message.epoch
+                    copy.clear()  # what an earlier copy on this stream left half-sent is not this one's
+                    states.clear()
                     if not ack.needs_copy:
                         self._followed = stream
                         await self._listen_link(stream, ack)
@@ -666,10 +667,13 @@ class Replication:
                         f"{self.describe()}: {message.method} without an accepted handshake on this stream",
                     )
             if message.method == "TableState":
-                copy.setdefault(message.table, []).append(message.state)
+                reader = copy.get(message.table)
+                if reader is None:  # a table's first piece is its header, which allocates its arrays
+                    copy[message.table] = reader = await asyncio.to_thread(TableStateReader, message.state)
+                else:
+                    reader.add(message.state)  # a copy of at most the message limit into them
                 if message.last:
-                    data = b"".join(copy.pop(message.table))
-                    states[message.table] = await asyncio.to_thread(decode_table_state, data)
+                    states[message.table] = copy.pop(message.table).finish()
                 continue
             if message.method == "Ledger":
                 ledger = message.state

@@ -591,20 +591,23 @@ class EmbeddingTable:
             keys, rows = keys[rows >= 0], rows[rows >= 0]
         order = np.argsort(keys)  # distinct keys: any sort gives this permutation
         keys, rows = keys[order], rows[order]
-        words = self._store.gather_host(rows, 0, self.width)
-        meta = words[:, self.meta_col :].view(np.uint32)
-        encoded = values = None
+        # Each part is gathered into its own array (not all words, then copied apart): an export
+        # holds one copy of the table, not two at once.
+        encoded = None
         if self._encoded:
-            value_words = np.ascontiguousarray(words[:, : self.value_words])
+            value_words = self._store.gather_host(rows, 0, self.value_words)
             values = native.decode_words(self.storage, value_words, self.dim)
             encoded = value_words.view(np.uint8)
+        else:
+            values = self._store.gather_host(rows, 0, self.dim)
+        meta = self._store.gather_host(rows, self.meta_col, self.width - self.meta_col).view(np.uint32)
         pkeys, prows = self._pending.export()
         porder = np.argsort(pkeys)
         pkeys, prows = pkeys[porder], prows[porder]
         return TableState(
             keys=keys,
-            values=values if values is not None else np.ascontiguousarray(words[:, : self.dim]),
-            optimizer_state=np.ascontiguousarray(words[:, self.value_words : self.meta_col]),
+            values=values,
+            optimizer_state=self._store.gather_host(rows, self.value_words, self.meta_col - self.value_words),
             freq=np.ascontiguousarray(meta[:, 0]),
             last_step=np.ascontiguousarray(meta[:, 1]),
             pending_keys=pkeys,
