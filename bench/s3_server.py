@@ -113,10 +113,14 @@ class S3Server:
             self.private_dir.mkdir(exist_ok=True)
         with open(self.log_path, "ab") as log:
             env = dict(os.environ, TMPDIR=str(self.private_dir)) if self.private_dir is not None else None
-            self.proc = subprocess.Popen(
-                self.args, cwd=self.log_path.parent, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                env=env,
-            )
+            try:
+                self.proc = subprocess.Popen(
+                    self.args, cwd=self.log_path.parent, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                    env=env,
+                )
+            except BaseException:  # not started (the fast tier refuses processes): its directory goes too
+                self._remove_sockets()
+                raise
         try:
             self._wait_ready(timeout)
         except BaseException:
