@@ -10,7 +10,8 @@ lexsort of three columns, numpy's hash-based `np.unique` of the sample (ps/array
 against the push's own rows and a walk of the whole map for a small table's candidates made a push
 of 512 keys to a full table cost 8-16x the same push to an unbounded one (`embps bench table`'s
 eviction part, dim 64: 0.72 ms with every row a candidate and 1.6 ms sampled, against 0.07-0.10
-ms; now 0.18 and 0.52-0.58 ms). Here: one linear partition on a 64-bit rank, the ties at the
+ms; then 0.18 and 0.52-0.58 ms, and 0.20 ms sampled once a sampled eviction freed a sixteenth of
+its sample). Here: one linear partition on a 64-bit rank, the ties at the
 cut-off ordered by key, and a sort of the victims alone; in the table, a sort instead of
 `np.unique`, and its row index's live flags instead of `np.isin` and of the map's export. The
 result is the lexsort's prefix, element for element.
@@ -47,4 +48,3 @@ def first_in_order(
     else:
         chosen = np.arange(n)
     return keys[chosen[np.lexsort((keys[chosen], rank[chosen]))]]
-
