@@ -3,6 +3,7 @@
     server.py            ParameterServer service (Lookup, Push, Stats, Subscribe), start and drain
     state.py             Shard: the tables a shard holds, push ids it remembers, update logs
     update_log.py        which keys each applied push touched (what Subscribe streams)
+    range_messages.py    the messages of one Subscribe range, made as they are taken
     snapshot_service.py  SnapshotControl service, restore at start
     metrics.py           the shard's Prometheus metrics
     cli.py               `embps ps`: its arguments, the malloc re-exec, then server.serve_shard

@@ -74,14 +74,16 @@ async def committed_stream(servicer, request: ps_pb2.SubscribeRequest) -> AsyncI
         sealed = commits.after(position, name)
         changes = LogRange(sealed.from_version, sealed.to_version, sealed.touched_keys, sealed.deleted_keys, ())
         rows = servicer._rows_of_words(name, sealed.values, request.stored_rows)
-        replies = list(servicer._batches(name, table.dim, changes, rows, False))
         dense = shard.dense.newest_in(sent_step if sent_step is not None else -1, sealed.step)
-        if request.with_dense and dense is not None:
-            replies[-1:] = _with_dense(servicer, replies[-1], dense)
-        replies[-1].step = sealed.step
-        replies[-1].commit_time = sealed.commit_time
-        for reply in replies:
-            yield reply
+        for reply in servicer._batches(name, table.dim, changes, rows, False):  # made as they are taken
+            if not reply.last:
+                yield reply
+                continue
+            ending = _with_dense(servicer, reply, dense) if request.with_dense and dense is not None else [reply]
+            ending[-1].step = sealed.step
+            ending[-1].commit_time = sealed.commit_time
+            for message in ending:
+                yield message
         position, sent_step = sealed.to_version, sealed.step
 
 

@@ -55,6 +55,7 @@ from ps.shard import commits
 from ps.shard.commit_stream import committed_stream
 from ps.shard.full_copy_slots import FullCopySlots
 from ps.shard.metrics import UNKNOWN_TABLE, ShardMetrics, ShardReading, TableReading
+from ps.shard.range_messages import range_parts
 from ps.shard.startup import EXIT_SNAPSHOT_UNUSABLE, DeferredServices, RestoreProgress, run_in_daemon_thread
 from ps.shard.update_log import DEFAULT_MAX_ENTRIES, DEFAULT_MAX_KEYS, LogGapError, LogRange
 from ps.table.row_store import device_unavailable_reason
@@ -107,9 +108,6 @@ FROZEN_PEER_SECONDS = 20
 
 # The most seconds --grace and --stream-stall-seconds take: a day; more is a typo, not a plan.
 MAX_FLAG_SECONDS = 86400.0
-
-_ACK_BYTES = 32  # one VersionAck on the wire, framing included (generous)
-
 
 @dataclass(frozen=True)
 class _Rows:
@@ -618,35 +616,18 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         )
 
     def _batches(self, name: str, dim: int, changes: LogRange, rows: _Rows, reset: bool):
-        """The messages of one range: rows, then deleted keys, then acks, each message at most
-        STREAM_MESSAGE_BYTES (or the message limit)."""
-        budget = self._stream_bytes
-        rows_per = max(1, budget // (8 + rows.data.shape[1]))
-        keys_per = max(1, budget // 8)
-        acks_per = max(1, budget // _ACK_BYTES)
-        touched, deleted = changes.touched_keys, changes.deleted_keys
-        parts: list[dict] = []
-        for i in range(0, touched.shape[0], rows_per):
-            parts.append(
-                {"keys": wire.encode_keys(touched[i : i + rows_per]), "values": rows.data[i : i + rows_per].tobytes()}
-            )
-        for i in range(0, deleted.shape[0], keys_per):
-            parts.append({"deleted_keys": wire.encode_keys(deleted[i : i + keys_per])})
-        acks = [ps_pb2.VersionAck(version=v, ack_time=t, num_keys=k) for v, t, k in changes.acks]
-        for i in range(0, len(acks), acks_per):
-            parts.append({"acks": acks[i : i + acks_per]})
-        if not parts:
-            parts.append({})
-        for i, part in enumerate(parts):
+        """The messages of one range, made as they are taken (range_messages.py): rows, then deleted
+        keys, then acks, each at most STREAM_MESSAGE_BYTES (or the message limit)."""
+        for i, part in enumerate(range_parts(changes, rows.data, self._stream_bytes)):
             yield self._batch(
                 name,
                 changes.from_version,
                 changes.to_version,
                 dim=dim,
                 reset=reset and i == 0,
-                last=i == len(parts) - 1,
+                last=part.last,
                 dtype=rows.dtype,
-                **part,
+                **part.fields,
             )
 
 
