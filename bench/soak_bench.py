@@ -166,7 +166,7 @@ def _pin_to_one_cpu() -> None:
     bound cost 0.96x-1.16x of another pushed in turn over 7 runs under a busy loop, a factor fixed
     for the pair's lifetime; with one layout, 1.01x-1.06x over 4 runs."""
     os.sched_setaffinity(0, {max(os.sched_getaffinity(0))})
-    ctypes.CDLL(None).personality(_ADDR_NO_RANDOMIZE)
+    ctypes.CDLL(None).personality(_ADDR_NO_RANDOMIZE)  # refused (-1) by some seccomp profiles: random layouts then
 
 
 class SoakShard:
