@@ -23,7 +23,7 @@ from ps.rpc import ps_pb2, ps_pb2_grpc
 from ps.shard.server import FULL_COPY_PATIENCE_SECONDS, MAX_FULL_COPIES
 from ps.table.config import OptimizerConfig, OptimizerKind, TableConfig
 from tests.helpers.processes import make_job, rss_bytes, start_shard, wait_serving
-from tests.helpers.waiting import wait_until
+from tests.helpers.waiting import eventually, wait_until
 
 ROWS = 300_000  # a full copy of dim 16: 21.6 MB, several messages of at most STREAM_MESSAGE_BYTES
 DIM = 16
@@ -43,7 +43,13 @@ def _shard(workdir, stall_seconds: float):
         client = PSClient([job.shards[0].address], dims={"t": DIM})
         keys = np.arange(ROWS, dtype=np.int64)
         client.push("t", keys, np.ones((ROWS, DIM), np.float32))
-        channel = grpc.insecure_channel(job.shards[0].address, options=[("grpc.max_receive_message_length", 64 << 20)])
+        # No BDP probes: a stream nobody reads then holds gRPC's 64 KiB window of its copy. With
+        # them, the window a client offers moves from run to run and can reach megabytes (ps/wire.py),
+        # so a stream "not read" could take its whole 21.6 MB copy into the client's buffers and
+        # its copy end on its own. One suite run failed in a way that fits (the stalled copies
+        # never settled at 3 running); a failure now prints the copies' state.
+        options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.http2.bdp_probe", 0)]
+        channel = grpc.insecure_channel(job.shards[0].address, options=options)
         yield job, proc, client, ps_pb2_grpc.ParameterServerStub(channel), log
         channel.close()
     finally:
@@ -159,7 +165,8 @@ def test_a_waiting_full_copy_ends_a_stalled_one_after_the_patience_not_the_stall
         took = time.monotonic() - start
         assert len(rows) == ROWS
         assert FULL_COPY_PATIENCE_SECONDS - 0.5 < took < stall / 4, f"the reading copy took {took:.1f} s"
-        wait_until(lambda: _full_copies(job) == (MAX_FULL_COPIES - 1, 0), "the stalled copies left running")
+        left_running = eventually(lambda: _full_copies(job) == (MAX_FULL_COPIES - 1, 0), timeout=30)
+        assert left_running, f"(running, waiting) full copies: {_full_copies(job)}, not 3 stalled ones left"
         assert _ended(job) - ended_before == 1  # one stalled copy ended for it; the others keep their turns
         assert "while another full copy waited for this one's turn" in log.read_text()
         codes = []
