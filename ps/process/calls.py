@@ -183,7 +183,7 @@ class StallWatch:
     frees what the handler held. The status can follow a message still being written only once the
     initial metadata went out, so stream_call sends them first. A handler reads its own watch with
     `current_stall_watch()`; `end_now` lets it end another stream's earlier (a full copy waiting
-    for the turn of one whose client stalled, ps/shard/full_copy_slots.py)."""
+    for the turn of one whose client stalled, ps/shard/stream_turns.py)."""
 
     def __init__(self, seconds: float, context: grpc.aio.ServicerContext, message: str) -> None:
         self.seconds = seconds

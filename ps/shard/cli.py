@@ -23,6 +23,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a Subscribe stream whose client takes no message for this long is ended (RESOURCE_EXHAUSTED)",
     )
     parser.add_argument(
+        "--subscribe-memory-bytes",
+        type=int,
+        default=1 << 30,
+        help="bytes of keys and rows the Subscribe streams' ranges hold at once, all streams together; a range "
+        "past them waits its turn (one larger than them is sent alone)",
+    )
+    parser.add_argument(
         "--no-malloc-tuning",
         action="store_true",
         help="keep glibc's malloc thresholds (by default the shard re-executes itself with larger ones)",
@@ -57,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
             grace=args.grace,
             log_max_keys=args.update_log_keys,
             stream_stall_seconds=args.stream_stall_seconds,
+            subscribe_memory_bytes=args.subscribe_memory_bytes,
             restore_step=args.restore_step,
             standby=args.standby,
         )

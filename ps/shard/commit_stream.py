@@ -18,13 +18,14 @@ import time
 from collections.abc import AsyncIterator
 
 from ps.errors import LogGapError
+from ps.process.calls import current_stall_watch
 from ps.rpc import ps_pb2
 from ps.shard.update_log import LogRange
 
 
 async def committed_stream(servicer, request: ps_pb2.SubscribeRequest) -> AsyncIterator[ps_pb2.UpdateBatch]:
     """The messages of a committed Subscribe on `servicer` (ParameterServerServicer)."""
-    from ps.shard.server import HEARTBEAT_SECONDS
+    from ps.shard.server import HEARTBEAT_SECONDS, range_bytes
 
     shard, name = servicer.shard, request.table
     table = shard.table(name)
@@ -71,19 +72,27 @@ async def committed_stream(servicer, request: ps_pb2.SubscribeRequest) -> AsyncI
                     heartbeat.step = sent_step
                 yield heartbeat
             continue
-        sealed = commits.after(position, name)
-        changes = LogRange(sealed.from_version, sealed.to_version, sealed.touched_keys, sealed.deleted_keys, ())
-        rows = servicer._rows_of_words(name, sealed.values, request.stored_rows)
-        dense = shard.dense.newest_in(sent_step if sent_step is not None else -1, sealed.step)
-        for reply in servicer._batches(name, table.dim, changes, rows, False):  # made as they are taken
-            if not reply.last:
-                yield reply
+        estimate = servicer.range_hold_bytes(commits.bytes_after(position))
+        hold = await servicer.ranges.acquire(current_stall_watch(), estimate)
+        try:
+            if commits.epoch != epoch:  # reset while this stream waited for its turn
                 continue
-            ending = _with_dense(servicer, reply, dense) if request.with_dense and dense is not None else [reply]
-            ending[-1].step = sealed.step
-            ending[-1].commit_time = sealed.commit_time
-            for message in ending:
-                yield message
+            sealed = commits.after(position, name)
+            changes = LogRange(sealed.from_version, sealed.to_version, sealed.touched_keys, sealed.deleted_keys, ())
+            rows = servicer._rows_of_words(name, sealed.values, request.stored_rows)
+            servicer.ranges.resize(hold, servicer.range_hold_bytes(range_bytes(changes, rows)))
+            dense = shard.dense.newest_in(sent_step if sent_step is not None else -1, sealed.step)
+            for reply in servicer._batches(name, table.dim, changes, rows, False):  # made as they are taken
+                if not reply.last:
+                    yield reply
+                    continue
+                ending = _with_dense(servicer, reply, dense) if request.with_dense and dense is not None else [reply]
+                ending[-1].step = sealed.step
+                ending[-1].commit_time = sealed.commit_time
+                for message in ending:
+                    yield message
+        finally:
+            servicer.ranges.release(hold)
         position, sent_step = sealed.to_version, sealed.step
 
 

@@ -158,6 +158,11 @@ class CommitLog:
                 "resync with full_sync"
             )
 
+    def bytes_after(self, position: int) -> int:
+        """Bytes of the commits after version `position`: what after(position) holds, about."""
+        newest = itertools.takewhile(lambda c: c.to_version > position, reversed(self._commits))
+        return sum(c.nbytes for c in newest)
+
     def after(self, position: int, table: str) -> SealedCommit:
         """The changes from version `position` to the newest commit, rows as of that commit (merged
         over every commit after `position`: the last thing that happened to a key wins)."""

@@ -56,6 +56,19 @@ class ShardMetrics:
             ["shard", "state"],
             registry=r,
         )
+        self.range_memory = Gauge(
+            "embps_subscribe_range_bytes",
+            "Bytes of keys and rows that Subscribe ranges hold, all streams together (embps ps "
+            "--subscribe-memory-bytes bounds it)",
+            ["shard"],
+            registry=r,
+        )
+        self.ranges = Gauge(
+            "embps_subscribe_ranges",
+            "Subscribe ranges holding their rows (holding), and waiting for the memory to read them (waiting)",
+            ["shard", "state"],
+            registry=r,
+        )
         self.stream_range = Histogram(
             "embps_subscribe_range_versions",
             "Pushes merged into one range sent to a subscriber (1: it keeps up; more: it is slower than the pushes)",

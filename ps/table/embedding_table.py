@@ -118,8 +118,13 @@ class _ChangeTracker:
             self.touched.erase(keys)
             self._check_bound()
 
+    @property
+    def num_keys(self) -> int:
+        """Touched plus deleted keys held."""
+        return self.touched.size + self.deleted.size
+
     def _check_bound(self) -> None:
-        if self.touched.size + self.deleted.size > self.max_keys:
+        if self.num_keys > self.max_keys:
             self.lose()
 
     def lose(self) -> None:

@@ -1,7 +1,7 @@
 """Subscribers that stop reading, against a real shard process: what a Subscribe stream holds while
-its client takes nothing is bounded, full copies take turns, and a stalled stream is ended with a
-status that says why (ps/process/calls.py _StallWatch, ps/shard/server.py STREAM_MESSAGE_BYTES and
-MAX_FULL_COPIES).
+its client takes nothing is bounded, full copies take turns, ranges take turns at the shard's
+Subscribe memory, and a stalled stream is ended with a status that says why (ps/process/calls.py
+_StallWatch, ps/shard/server.py STREAM_MESSAGE_BYTES, MAX_FULL_COPIES and SUBSCRIBE_MEMORY_BYTES).
 
 Before these bounds, 30 full_sync streams that never read a 2M-row table's shard made it hold 8 GiB,
 and its pushes waited 0.9 s for the event loop."""
@@ -20,7 +20,7 @@ from ps.client import PSClient
 from ps.job_config import dump_job_config
 from ps.process.children import stop as stop_pid
 from ps.rpc import ps_pb2, ps_pb2_grpc
-from ps.shard.server import FULL_COPY_PATIENCE_SECONDS, MAX_FULL_COPIES
+from ps.shard.server import FULL_COPY_PATIENCE_SECONDS, MAX_FULL_COPIES, STREAM_MESSAGE_BYTES
 from ps.table.config import OptimizerConfig, OptimizerKind, TableConfig
 from tests.helpers.processes import make_job, rss_bytes, start_shard, wait_serving
 from tests.helpers.waiting import eventually, wait_until
@@ -31,13 +31,14 @@ STALL_SECONDS = 1.0
 TABLE = TableConfig("t", dim=DIM, optimizer=OptimizerConfig(kind=OptimizerKind.SGD, lr=0.1))
 
 
-def _shard(workdir, stall_seconds: float):
-    """A shard whose table holds ROWS rows, and a stub with a large enough message limit."""
+def _shard(workdir, stall_seconds: float, *args: str):
+    """A shard (started with `args` too) whose table holds ROWS rows, and a stub with a large
+    enough message limit."""
     job = make_job([TABLE])
     config = workdir / "job.toml"
     config.write_text(dump_job_config(job))
     log = workdir / "shard.log"
-    proc = start_shard(config, 0, log, args=("--stream-stall-seconds", str(stall_seconds)))
+    proc = start_shard(config, 0, log, args=("--stream-stall-seconds", str(stall_seconds), *args))
     try:
         wait_serving(job.shards[0].address, proc, log_path=log)
         client = PSClient([job.shards[0].address], dims={"t": DIM})
@@ -75,6 +76,16 @@ def _ended(job) -> float:
     """Subscribe streams the shard ended for a client that took nothing (their recorded status)."""
     labels = (("code", "RESOURCE_EXHAUSTED"), ("method", "Subscribe"), ("table", "t"))
     return _metrics(job).get(("embps_requests_total", labels), 0.0)
+
+
+def _ranges(job) -> tuple[float, float, float]:
+    """(holding, waiting) Subscribe ranges, and the bytes they hold."""
+    metrics = _metrics(job)
+    holding, waiting = (
+        metrics.get(("embps_subscribe_ranges", (("shard", "0"), ("state", state))), 0.0)
+        for state in ("holding", "waiting")
+    )
+    return holding, waiting, metrics.get(("embps_subscribe_range_bytes", (("shard", "0"),)), 0.0)
 
 
 def _full_copies(job) -> tuple[float, float]:
@@ -182,6 +193,59 @@ def test_a_waiting_full_copy_ends_a_stalled_one_after_the_patience_not_the_stall
         assert len(ended) == 1 and len(codes) == MAX_FULL_COPIES, codes
         assert ended[0].startswith("RESOURCE_EXHAUSTED: Subscribe: the client took no message for "), ended
         assert ended[0].endswith("while another full copy waited for this one's turn; resubscribe"), ended
+    finally:
+        for call in calls:
+            call.cancel()
+        setup.close()
+
+
+def test_ranges_wait_for_the_shards_subscribe_memory_and_a_stalled_one_gives_its_turn(tmp_path):
+    """Live Subscribe streams from version 0 each read a range of every row (21.6 MB here, 29.6 MB
+    with its messages): with --subscribe-memory-bytes at 60 MB two hold theirs and the others wait,
+    holding nothing, however many open (before, each read its range at once: 10 more streams nobody
+    read, 10 more copies of the rows). A subscriber that reads waits for a stalled holder's
+    patience, not its stall limit."""
+    stall = 60.0
+    # The keys and float32 rows of every row, the message being sent and its serialised copy.
+    range_bytes = ROWS * (8 + 4 * DIM) + 2 * STREAM_MESSAGE_BYTES
+    setup = _shard(tmp_path, stall, "--subscribe-memory-bytes", str(60_000_000))
+    job, proc, client, stub, log = next(setup)
+    calls = []
+    try:
+        ended_before = _ended(job)
+
+        def subscribe():
+            return stub.Subscribe(ps_pb2.SubscribeRequest(table="t", from_version=0), timeout=120)
+
+        calls = [subscribe() for _ in range(2)]
+        wait_until(lambda: _ranges(job) == (2, 0, 2 * range_bytes), "two stalled streams holding their ranges")
+        rss_holding = rss_bytes(proc.pid)
+        waiting = [subscribe() for _ in range(10)]
+        calls += waiting
+        wait_until(lambda: _ranges(job) == (2, 10, 2 * range_bytes), "ten more streams waiting for the memory")
+        grown = rss_bytes(proc.pid) - rss_holding
+        assert grown < 40 << 20, f"10 waiting streams grew the shard by {grown / 2**20:.0f} MiB"
+        for call in waiting:
+            call.cancel()
+        wait_until(lambda: _ranges(job) == (2, 0, 2 * range_bytes), "the waiting streams gone")
+
+        start = time.monotonic()
+        reader = subscribe()
+        rows: dict[int, np.ndarray] = {}
+        for batch in reader:  # one range: every row, then the stream follows live
+            keys = np.frombuffer(batch.keys, dtype="<i8")
+            rows.update(zip(keys.tolist(), np.frombuffer(batch.values, "<f4").reshape(-1, DIM), strict=True))
+            if batch.last:
+                break
+        reader.cancel()
+        took = time.monotonic() - start
+        assert FULL_COPY_PATIENCE_SECONDS - 0.5 < took < stall / 4, f"the reading stream waited {took:.1f} s"
+        assert len(rows) == ROWS
+        keys = np.arange(0, ROWS, 97, dtype=np.int64)
+        np.testing.assert_array_equal(np.stack([rows[k] for k in keys.tolist()]), client.lookup("t", keys))
+        assert _ended(job) - ended_before == 1  # one stalled holder ended for the reader
+        assert "while other streams waited for the memory its range holds; resubscribe" in log.read_text()
+        wait_until(lambda: _ranges(job) == (1, 0, range_bytes), "the reader's range given back")
     finally:
         for call in calls:
             call.cancel()
