@@ -30,7 +30,7 @@ async def follow_committed(follower, cut: ModelCut, with_dense: bool) -> None:
     full = follower._need_full_sync or (tail.incarnation == 0 and tail.version > 0)
     request = ps_pb2.SubscribeRequest(
         table=name, from_version=tail.version, incarnation=tail.incarnation, full_sync=full, committed=True,
-        with_dense=with_dense, stored_rows=True,
+        with_dense=with_dense, stored_rows=True, heartbeat_group=follower.link.group,
     )
     building: ShardRows | None = None
     keys: list[np.ndarray] = []

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from dataclasses import dataclass
 
 import grpc
@@ -35,6 +36,8 @@ log = logging.getLogger("embps.serving")
 
 BACKOFF_START_SECONDS = 0.05
 BACKOFF_MAX_SECONDS = 1.0
+# A message on a connection refreshes its other streams' last message at most this often.
+LINK_REFRESH_SECONDS = 0.25
 
 
 class StreamGapError(Exception):
@@ -51,6 +54,29 @@ class FollowerStatus:
     last_error: str = ""
 
 
+class ConnectionLink:
+    """The followers that may stream over one channel (a training shard, or its standby). Their
+    streams are one heartbeat group (ps.proto SubscribeRequest.heartbeat_group, `group`): on an
+    idle shard only one of them hears from it, so a message on any stream of the link is news
+    that the shard and the connection are alive for all of them. A follower's own stream still
+    decides whether it is connected (its first message; an error ends that)."""
+
+    def __init__(self) -> None:
+        self.group = uuid.uuid4().hex
+        self.followers: list[ShardFollower] = []
+        self._refreshed = 0.0
+
+    def heard(self, now: float) -> None:
+        """A message arrived on one of the connection's streams (at time.monotonic() `now`)."""
+        if now - self._refreshed < LINK_REFRESH_SECONDS:
+            return
+        self._refreshed = now
+        for follower in self.followers:
+            if follower.link is self and follower.status.connected:
+                follower.status.last_message = now
+                follower._report_link()
+
+
 class ShardFollower:
     """Keeps replica.shards[shard] in step with table `replica.name` on the PS shard at `channel`."""
 
@@ -65,21 +91,29 @@ class ShardFollower:
         with_dense: bool = False,
         standby_channel: grpc.aio.Channel | None = None,
         link_changed: asyncio.Event | None = None,
+        links: dict[int, ConnectionLink] | None = None,
     ) -> None:
         """cut: consistency = "step" (serving/cut_follow.py); with_dense: this stream also brings
         the dense tower (one follower of shard 0). standby_channel: the shard's standby. link_changed:
         set whenever this stream goes down or comes back (the replica's monitor then looks at once). The stream
         goes to the other of the pair after UNAVAILABLE; a promoted standby has the primary's
         incarnation, rows and update log, so the follower continues from its served version there
-        (ps/shard/replication.py)."""
+        (ps/shard/replication.py). links: the replica's ConnectionLink of each channel (by id),
+        shared by the followers of that channel; None: links of this follower's own."""
         self.cut = cut
         self.with_dense = with_dense
         self.replica = replica
         self.shard = shard
-        self.stub = ps_pb2_grpc.ParameterServerStub(channel)
-        self._pair = [self.stub]
-        if standby_channel is not None:
-            self._pair.append(ps_pb2_grpc.ParameterServerStub(standby_channel))
+        links = links if links is not None else {}
+        self._pair: list[tuple[ps_pb2_grpc.ParameterServerStub, ConnectionLink]] = []
+        for c in (channel, standby_channel):
+            if c is not None:
+                if id(c) not in links:
+                    links[id(c)] = ConnectionLink()
+                link = links[id(c)]
+                link.followers.append(self)
+                self._pair.append((ps_pb2_grpc.ParameterServerStub(c), link))
+        self.stub, self.link = self._pair[0]
         self.metrics = metrics
         self.status = FollowerStatus(last_message=time.monotonic())
         self._labels = (replica.name, str(shard))
@@ -110,7 +144,7 @@ class ShardFollower:
             except grpc.aio.AioRpcError as err:
                 self.status.last_error = f"{err.code().name}: {err.details()}"
                 if len(self._pair) == 2 and err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
-                    self.stub = self._pair[1] if self.stub is self._pair[0] else self._pair[0]
+                    self.stub, self.link = self._pair[1] if self.stub is self._pair[0][0] else self._pair[0]
                     pause = BACKOFF_START_SECONDS
                 if err.code() == grpc.StatusCode.FAILED_PRECONDITION:
                     log.info("table %s shard %s: %s; resyncing", *self._labels, self.status.last_error)
@@ -133,11 +167,12 @@ class ShardFollower:
                 pause = BACKOFF_START_SECONDS  # it was talking a moment ago: retry soon
 
     def mark_message(self) -> None:
-        """A message arrived: the stream is connected and talking."""
+        """A message arrived: the stream is connected and talking, and so is its connection."""
         came_back = not self.status.connected
         self.status.connected = True
-        self.status.last_message = time.monotonic()
+        self.status.last_message = now = time.monotonic()
         self._report_link()
+        self.link.heard(now)
         if came_back:
             self._changed()
 
@@ -163,7 +198,7 @@ class ShardFollower:
         full = self._need_full_sync or (rows.incarnation == 0 and rows.version > 0)
         request = ps_pb2.SubscribeRequest(
             table=self.replica.name, from_version=rows.version, incarnation=rows.incarnation, full_sync=full,
-            stored_rows=True,
+            stored_rows=True, heartbeat_group=self.link.group,
         )
         building: ShardRows | None = None
         acks: list[ps_pb2.VersionAck] = []

@@ -47,7 +47,7 @@ from ps.security.config import RELOAD_CHECK_S
 from serving.config import Consistency, ServeConfig, load_serve_config
 from serving.core_calls import CoreCallCounts, counts_core_calls, server_ids
 from serving.cut import ModelCut
-from serving.follower import ShardFollower
+from serving.follower import ConnectionLink, ShardFollower
 from serving.gate import (
     GateCounts,
     GateDirectory,
@@ -335,12 +335,13 @@ async def build_replica(config: ServeConfig, metrics: ServingMetrics) -> Replica
         for shard in job.shards
     ]
     replica.channels += [c for c in standbys if c is not None]
+    links: dict[int, ConnectionLink] = {}
     for t, table in enumerate(tables.values()):
         for s, (channel, standby) in enumerate(zip(replica.channels, standbys, strict=False)):
             with_dense = t == 0 and s == 0
             replica.followers.append(ShardFollower(
                 table, s, channel, metrics, cut=replica.cut, with_dense=with_dense, standby_channel=standby,
-                link_changed=replica.link_changed,
+                link_changed=replica.link_changed, links=links,
             ))
     return replica
 

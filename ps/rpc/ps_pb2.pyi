@@ -119,7 +119,7 @@ class StatsResponse(_message.Message):
     def __init__(self, job: _Optional[str] = ..., shard: _Optional[int] = ..., num_shards: _Optional[int] = ..., tables: _Optional[_Iterable[_Union[TableStats, _Mapping]]] = ...) -> None: ...
 
 class SubscribeRequest(_message.Message):
-    __slots__ = ("table", "from_version", "incarnation", "full_sync", "committed", "with_dense", "stored_rows")
+    __slots__ = ("table", "from_version", "incarnation", "full_sync", "committed", "with_dense", "stored_rows", "heartbeat_group")
     TABLE_FIELD_NUMBER: _ClassVar[int]
     FROM_VERSION_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
@@ -127,6 +127,7 @@ class SubscribeRequest(_message.Message):
     COMMITTED_FIELD_NUMBER: _ClassVar[int]
     WITH_DENSE_FIELD_NUMBER: _ClassVar[int]
     STORED_ROWS_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_GROUP_FIELD_NUMBER: _ClassVar[int]
     table: str
     from_version: int
     incarnation: int
@@ -134,7 +135,8 @@ class SubscribeRequest(_message.Message):
     committed: bool
     with_dense: bool
     stored_rows: bool
-    def __init__(self, table: _Optional[str] = ..., from_version: _Optional[int] = ..., incarnation: _Optional[int] = ..., full_sync: _Optional[bool] = ..., committed: _Optional[bool] = ..., with_dense: _Optional[bool] = ..., stored_rows: _Optional[bool] = ...) -> None: ...
+    heartbeat_group: str
+    def __init__(self, table: _Optional[str] = ..., from_version: _Optional[int] = ..., incarnation: _Optional[int] = ..., full_sync: _Optional[bool] = ..., committed: _Optional[bool] = ..., with_dense: _Optional[bool] = ..., stored_rows: _Optional[bool] = ..., heartbeat_group: _Optional[str] = ...) -> None: ...
 
 class VersionAck(_message.Message):
     __slots__ = ("version", "ack_time", "num_keys")

@@ -13,19 +13,22 @@ request asks for it (`with_dense` is the replica's follower of its first table o
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator
 
 from ps.errors import LogGapError
 from ps.process.calls import current_stall_watch
 from ps.rpc import ps_pb2
+from ps.shard.heartbeats import StreamHeartbeats
 from ps.shard.update_log import LogRange
 
 
-async def committed_stream(servicer, request: ps_pb2.SubscribeRequest) -> AsyncIterator[ps_pb2.UpdateBatch]:
-    """The messages of a committed Subscribe on `servicer` (ParameterServerServicer)."""
-    from ps.shard.server import HEARTBEAT_SECONDS, range_bytes
+async def committed_stream(
+    servicer, request: ps_pb2.SubscribeRequest, beats: StreamHeartbeats
+) -> AsyncIterator[ps_pb2.UpdateBatch]:
+    """The messages of a committed Subscribe on `servicer` (ParameterServerServicer); `beats`
+    says when its idle waits end in a heartbeat."""
+    from ps.shard.server import range_bytes
 
     shard, name = servicer.shard, request.table
     table = shard.table(name)
@@ -63,14 +66,12 @@ async def committed_stream(servicer, request: ps_pb2.SubscribeRequest) -> AsyncI
                               f"({commits.last_step}): a new history of steps; resync with full_sync")
         changed = servicer._changed[name]
         if commits.last_step == sent_step or commits.last_version < position:
-            try:
-                async with asyncio.timeout(HEARTBEAT_SECONDS):  # not wait_for: tests/test_cancellation.py
-                    await changed.wait()
-            except TimeoutError:
+            if await servicer.heartbeat_due(changed, beats):
                 heartbeat = servicer._batch(name, position, position, last=True)
                 if sent_step is not None:
                     heartbeat.step = sent_step
                 yield heartbeat
+                beats.sent()
             continue
         estimate = servicer.range_hold_bytes(commits.bytes_after(position))
         hold = await servicer.ranges.acquire(current_stall_watch(), estimate)

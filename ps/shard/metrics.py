@@ -56,6 +56,12 @@ class ShardMetrics:
             ["shard", "state"],
             registry=r,
         )
+        self.heartbeats = Counter(
+            "embps_subscribe_heartbeats",
+            "Heartbeats sent on idle Subscribe streams (of a heartbeat group, one stream a connection sends them)",
+            ["table", "shard"],
+            registry=r,
+        )
         self.range_memory = Gauge(
             "embps_subscribe_range_bytes",
             "Bytes of keys and rows that Subscribe ranges hold, all streams together (embps ps "

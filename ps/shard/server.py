@@ -54,6 +54,7 @@ from ps.rpc import ps_pb2, ps_pb2_grpc, snapshot_pb2, snapshot_pb2_grpc
 from ps.security import add_port, ps_port_policy, server_interceptors
 from ps.shard import commits
 from ps.shard.commit_stream import committed_stream
+from ps.shard.heartbeats import HeartbeatRoster, StreamHeartbeats
 from ps.shard.metrics import UNKNOWN_TABLE, ShardMetrics, ShardReading, TableReading
 from ps.shard.range_messages import range_parts
 from ps.shard.startup import EXIT_SNAPSHOT_UNUSABLE, DeferredServices, RestoreProgress, run_in_daemon_thread
@@ -277,6 +278,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         self.full_copies = StreamTurns(
             MAX_FULL_COPIES, FULL_COPY_PATIENCE_SECONDS, "another full copy waited for this one's turn"
         )
+        self.heartbeats = HeartbeatRoster(self.notify)
         self.ranges = StreamTurns(
             subscribe_memory_bytes, FULL_COPY_PATIENCE_SECONDS, "other streams waited for the memory its range holds"
         )
@@ -502,10 +504,13 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         subscribers = self.metrics.subscribers.labels(name, str(shard.index))
         subscribers.inc()
         self._subscribed += 1
+        group = request.heartbeat_group
+        seat = self.heartbeats.join(current_stall_watch().context.peer(), group, name) if group else None
+        beats = StreamHeartbeats(self.heartbeats, seat, self.metrics.heartbeats.labels(name, str(shard.index)))
         try:
             stored = request.stored_rows
             if request.committed:
-                async for reply in committed_stream(self, request):
+                async for reply in committed_stream(self, request, beats):
                     yield reply
                 return
             if request.full_sync:
@@ -520,11 +525,9 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
                 self.call_site.check_open()
                 changed = self._changed[name]
                 if shard.logs[name].head_version == position:
-                    try:
-                        async with asyncio.timeout(HEARTBEAT_SECONDS):  # not wait_for: tests/test_cancellation.py
-                            await changed.wait()
-                    except TimeoutError:
+                    if await self.heartbeat_due(changed, beats):
                         yield self._batch(name, position, position, last=True)
+                        beats.sent()
                     continue
                 keys = shard.logs[name].keys_after(position)
                 estimate = self.range_hold_bytes(keys * (8 + self._row_bytes(table, stored)))
@@ -542,6 +545,22 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         finally:
             subscribers.dec()
             self._subscribed -= 1
+            if seat is not None:
+                self.heartbeats.leave(seat)
+
+    @staticmethod
+    async def heartbeat_due(changed: asyncio.Event, beats: StreamHeartbeats) -> bool:
+        """Waits for `changed` (a table's next change); True when, instead, the stream sends a
+        heartbeat now: it sends them and has been idle for HEARTBEAT_SECONDS."""
+        if not beats.due():
+            await changed.wait()  # woken by its table, the drain, or when it takes the heartbeats over
+            return False
+        try:
+            async with asyncio.timeout(HEARTBEAT_SECONDS):  # not wait_for: tests/test_cancellation.py
+                await changed.wait()
+        except TimeoutError:
+            return True
+        return False
 
     async def _full_copy(self, name: str, stored: bool) -> AsyncIterator[ps_pb2.UpdateBatch]:
         """Every row of table `name`, streamed: the keys are listed at version v0, their rows read

@@ -9,7 +9,9 @@ They start in milliseconds instead of a process start each (Python, torch, the n
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
 import grpc
@@ -80,3 +82,27 @@ class InProcessShards:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+@contextlib.contextmanager
+def following(shards: InProcessShards, make_followers: Callable[[grpc.aio.Channel], list]) -> Iterator[list]:
+    """Runs the serving followers that make_followers(channel to shard 0) builds on the shards'
+    loop (their streams then answer one another without a thread hop) until the block ends;
+    yields them."""
+
+    async def start() -> tuple[grpc.aio.Channel, list, list[asyncio.Future]]:
+        channel = grpc.aio.insecure_channel(shards.job.shards[0].address)
+        followers = make_followers(channel)
+        return channel, followers, [asyncio.ensure_future(f.run()) for f in followers]
+
+    channel, followers, runs = asyncio.run_coroutine_threadsafe(start(), shards.loop).result(10)
+    try:
+        yield followers
+    finally:
+
+        async def stop() -> None:
+            for run in runs:
+                run.cancel()
+            await channel.close()
+
+        asyncio.run_coroutine_threadsafe(stop(), shards.loop).result(10)

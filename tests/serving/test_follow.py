@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import grpc
 import numpy as np
 import pytest
@@ -16,7 +14,7 @@ from serving.config import StorageDType
 from serving.follower import ShardFollower
 from serving.metrics import ServingMetrics
 from serving.store import TableReplica
-from tests.helpers.in_process import InProcessShards
+from tests.helpers.in_process import InProcessShards, following
 from tests.helpers.processes import make_job
 from tests.helpers.waiting import wait_until
 from tests.serving.replicas import start_cluster_with_log
@@ -229,25 +227,11 @@ def test_replicas_keep_the_ps_int8_and_float16_rows_bit_for_bit():
                     TableReplica(tables[1], job.shard_map, dtype=StorageDType.FLOAT16),
                     TableReplica(tables[0], job.shard_map)]
 
-        async def follow():
-            channel = grpc.aio.insecure_channel(shards.job.shards[0].address)
-            runs = [asyncio.ensure_future(ShardFollower(r, 0, channel, ServingMetrics()).run()) for r in replicas]
-            return channel, runs
-
-        channel, runs = asyncio.run_coroutine_threadsafe(follow(), shards.loop).result(10)
         live = shards.servicers[0].shard.tables
-        try:
+        with following(shards, lambda channel: [ShardFollower(r, 0, channel, ServingMetrics()) for r in replicas]):
             for _ in range(3):  # live ranges once the copies are in
                 push(rng.integers(0, 30_000, 20).astype(np.int64))
                 wait_until(lambda: all(r.shards[0].version == live[r.name].version for r in replicas), "the replicas")
-        finally:
-
-            async def stop() -> None:
-                for run in runs:
-                    run.cancel()
-                await channel.close()
-
-            asyncio.run_coroutine_threadsafe(stop(), shards.loop).result(10)
         assert all(r.shards[0].incarnation for r in replicas)  # they followed the shard, not an export
         for replica in replicas[:2]:
             state = live[replica.name].export()

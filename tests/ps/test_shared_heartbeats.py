@@ -1,0 +1,86 @@
+"""Subscribe heartbeat groups (ps/shard/heartbeats.py), against a real gRPC server: of a group's
+streams on one connection only the oldest open one keeps sending heartbeats while idle (each sends
+one when it first goes idle), the next takes over when it ends, and another group, another
+connection or a stream of no group sends its own."""
+
+from __future__ import annotations
+
+import threading
+
+import grpc
+import pytest
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from ps.rpc import ps_pb2, ps_pb2_grpc
+from ps.table.config import TableConfig
+from tests.helpers.in_process import InProcessShards
+from tests.helpers.processes import make_job
+from tests.helpers.waiting import eventually, wait_until
+
+
+class _Counted:
+    """A Subscribe stream read on a thread of its own, counting its heartbeats."""
+
+    def __init__(self, channel: grpc.Channel, table: str, group: str) -> None:
+        request = ps_pb2.SubscribeRequest(table=table, heartbeat_group=group)
+        self.call = ps_pb2_grpc.ParameterServerStub(channel).Subscribe(request, timeout=60)
+        self.heartbeats = 0
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        try:
+            for batch in self.call:
+                if batch.from_version == batch.to_version and not batch.keys and not batch.deleted_keys:
+                    self.heartbeats += 1
+        except grpc.RpcError:
+            pass  # ended by the test
+
+    def end(self) -> None:
+        self.call.cancel()
+        self.thread.join(10)
+
+
+@pytest.fixture()
+def shard():
+    job = make_job([TableConfig(name, dim=4) for name in "abcd"], num_shards=1)
+    with InProcessShards.start(job) as shards:
+        yield shards
+
+
+def _heartbeats_sent(shards: InProcessShards) -> float:
+    """embps_subscribe_heartbeats_total over the shard's tables (from its registry: in-process
+    shards serve no /metrics port)."""
+    families = text_string_to_metric_families(generate_latest(shards.servicers[0].metrics.registry).decode())
+    return sum(s.value for f in families for s in f.samples if s.name == "embps_subscribe_heartbeats_total")
+
+
+def test_one_stream_of_a_group_sends_the_heartbeats_and_the_next_takes_over(shard):
+    address = shard.job.shards[0].address
+    own_connection = [("grpc.use_local_subchannel_pool", 1)]  # not the process's shared connection
+    with grpc.insecure_channel(address) as channel, grpc.insecure_channel(address, options=own_connection) as other:
+        streams = {}
+        for table in "abc":  # in turn, so that "a" is the group's oldest
+            streams[table] = _Counted(channel, table, "replica-1")
+            wait_until(lambda t=table: streams[t].heartbeats == 1, f"the first heartbeat of {table}")
+        streams["no group"] = _Counted(channel, "d", "")
+        streams["another group"] = _Counted(channel, "b", "replica-2")
+        streams["another connection"] = _Counted(other, "c", "replica-1")
+
+        def counts() -> dict[str, int]:
+            return {name: s.heartbeats for name, s in streams.items()}
+
+        if not eventually(lambda: min(counts()[n] for n in ("no group", "another group", "another connection")) >= 3):
+            raise AssertionError(f"heartbeats so far: {counts()}")
+        seen = counts()
+        assert seen["b"] == seen["c"] == 1, seen  # each its first, then silence
+        assert seen["a"] >= 5, seen
+
+        streams["a"].end()
+        wait_until(lambda: streams["b"].heartbeats >= 4, "the next stream to take the heartbeats over")
+        assert streams["c"].heartbeats == 1, counts()
+        for s in streams.values():
+            s.end()
+    wait_until(lambda: shard.servicers[0].heartbeats.groups == 0, "every stream's seat given back")
+    assert _heartbeats_sent(shard) >= 5 + 4 + 3 * 3
