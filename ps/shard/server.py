@@ -534,7 +534,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
                 hold = await self.ranges.acquire(current_stall_watch(), estimate)
                 try:
                     read = functools.partial(self._read_range, name, position, stored)
-                    changes, rows = await self.run_call(read, shard.logs[name].keys_after(position) * 8)
+                    changes, rows = await self.run_call(read, keys * 8)
                     self.ranges.resize(hold, self.range_hold_bytes(range_bytes(changes, rows)))
                     self.metrics.stream_range.labels(name, str(shard.index)).observe(changes.to_version - position)
                     for reply in self._batches(name, table.dim, changes, rows, False):

@@ -39,12 +39,14 @@ def table_log_bytes(num_tables: int, shard_bytes: int = DEFAULT_SHARD_LOG_BYTES)
 
 class LogEntry(NamedTuple):
     """One applied push: version, touched keys (t,) int64 unique, deleted keys (d,) int64, ack_time
-    (unix seconds when the push was acknowledged). A NamedTuple: one is made per table per push."""
+    (unix seconds when the push was acknowledged), keys_through (the touched and deleted keys the
+    log took up to this push, since it began). A NamedTuple: one is made per table per push."""
 
     version: int
     touched_keys: np.ndarray
     deleted_keys: np.ndarray
     ack_time: float
+    keys_through: int
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,7 @@ class UpdateLog:
         self._entries: deque[LogEntry] = deque()
         self._num_keys = 0
         self._num_bytes = 0
+        self._keys_taken = 0  # keys_through of the newest entry
 
     @property
     def num_entries(self) -> int:
@@ -111,9 +114,11 @@ class UpdateLog:
             self._num_keys = 0
             self._num_bytes = 0
             self.base_version = version - 1
-        entry = LogEntry(version, touched_keys, deleted_keys, ack_time)
+        keys = touched_keys.shape[0] + deleted_keys.shape[0]
+        entry = LogEntry(version, touched_keys, deleted_keys, ack_time, self._keys_taken + keys)
         self._entries.append(entry)
-        self._num_keys += touched_keys.shape[0] + deleted_keys.shape[0]
+        self._keys_taken += keys
+        self._num_keys += keys
         self._num_bytes += _entry_bytes(entry)
         self.head_version = version
         while len(self._entries) > 1 and (
@@ -128,11 +133,21 @@ class UpdateLog:
 
     def keys_after(self, from_version: int) -> int:
         """Touched plus deleted keys of the pushes after from_version that the log holds (every
-        push it holds when from_version is older): what reading that range costs, counted from the
-        newest end."""
+        push it holds when from_version is older): what reading that range costs. O(1), and safe
+        to call without the lock the appends hold (a Subscribe stream sizes its next range with
+        it on the event loop while the tables thread appends): it reads a few fields, and never
+        iterates the entries, which an append could change under it."""
         count = self.head_version - max(from_version, self.base_version)
-        newest = itertools.islice(reversed(self._entries), max(count, 0))
-        return sum(e.touched_keys.shape[0] + e.deleted_keys.shape[0] for e in newest)
+        entries = self._entries
+        if count <= 0:
+            return 0
+        if count >= len(entries):
+            return self._num_keys
+        try:
+            through = entries[-count - 1].keys_through  # read before _keys_taken, which only grows
+        except IndexError:  # entries dropped by an append since len(): the range is the whole log
+            return self._num_keys
+        return self._keys_taken - through
 
     def covers(self, from_version: int) -> bool:
         """True when the log can produce every change after from_version."""
