@@ -72,9 +72,8 @@ class ConnectionLink:
             return
         self._refreshed = now
         for follower in self.followers:
-            if follower.link is self and follower.status.connected:
-                follower.status.last_message = now
-                follower._report_link()
+            if follower.link is self:
+                follower.heard_on_link(now)
 
 
 class ShardFollower:
@@ -175,6 +174,13 @@ class ShardFollower:
         self.link.heard(now)
         if came_back:
             self._changed()
+
+    def heard_on_link(self, now: float) -> None:
+        """Another stream of this follower's link brought a message at `now`: a connected stream
+        counts as talking (an idle shard sends one heartbeat stream a link, ConnectionLink)."""
+        if self.status.connected:
+            self.status.last_message = now
+            self._report_link()
 
     def _changed(self) -> None:
         if self._link_changed is not None:
