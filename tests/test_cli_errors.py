@@ -80,6 +80,7 @@ def _shard_job(tmp_path: Path, metrics_port: int | None = None) -> Path:
             "--stream-stall-seconds must be a number of seconds in (0, 86400], got inf",
         ),
         (["--restore-step", "-1"], "--restore-step must be a snapshot step >= 0, got -1"),
+        (["--subscribe-memory-bytes", "0"], "--subscribe-memory-bytes must be >= 1, got 0"),
     ],
 )
 def test_a_bad_shard_flag_is_named_before_the_port_is_bound(tmp_path: Path, flags: list[str], message: str) -> None:
