@@ -13,7 +13,6 @@ request asks for it (`with_dense` is the replica's follower of its first table o
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator
 
 from ps.errors import LogGapError
@@ -35,12 +34,10 @@ async def committed_stream(
     commits = shard.commits[name]
     epoch = commits.epoch
     sent_step: int | None = None
-    commits.subscribed_at = time.monotonic()
     if request.full_sync:
         position = 0
         last = None
         async for reply in servicer._full_copy(name, request.stored_rows):
-            commits.subscribed_at = time.monotonic()
             if last is not None:
                 yield last
             last = reply
@@ -60,7 +57,6 @@ async def committed_stream(
         commits.check(position, name)
     while True:
         servicer.call_site.check_open()
-        commits.subscribed_at = time.monotonic()  # keeps commits sealing rows (ps/shard/commits.py)
         if commits.epoch != epoch:
             raise LogGapError(f"table {name!r}: the trainer committed an earlier step than this stream's "
                               f"({commits.last_step}): a new history of steps; resync with full_sync")

@@ -12,8 +12,8 @@ two commits) is covered by that commit's range, whose rows are all at its step. 
 and by count, oldest first; a subscriber that needs a commit no longer held gets LogGapError and
 resyncs. A commit whose changes the update log had already forgotten is kept as incomplete: it
 marks the step, and only a subscriber already past it may continue. Rows are sealed only while
-a committed subscriber has been there in the last SEAL_IDLE_SECONDS: a job without replicas pays
-nothing per commit, and a replica that comes back later resyncs in full. A shard's standby gets
+a committed stream is open on the table or one ended within the last SEAL_IDLE_SECONDS: a job
+without replicas pays nothing per commit, and a replica that comes back later resyncs in full. A shard's standby gets
 every commit over the replication stream with the tables its primary sealed (sealed_tables), seals
 those and counts them as followed (mark_followed): once promoted it goes on sealing them, so a
 replica that fails over to it goes on from its cut even when the trainer's next commit arrives
@@ -24,11 +24,12 @@ and a range that starts inside a commit is served whole (above).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import time
 from collections import OrderedDict, deque
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -88,7 +89,8 @@ class CommitLog:
         self.max_bytes = max_bytes
         self.max_commits = max_commits
         self.epoch = 0  # a new history of steps begins with each reset (subscribers resync)
-        self.subscribed_at = -SEAL_IDLE_SECONDS  # time.monotonic() a committed stream last looked
+        self.subscribed_at = -SEAL_IDLE_SECONDS  # time.monotonic() a committed stream last ended
+        self.followers = 0  # committed streams open on the table (ps/shard/commit_stream.py)
         self.reset(base_step, base_version)
 
     def reset(self, step: int, version: int) -> None:
@@ -220,10 +222,24 @@ class DenseStates:
 
 
 def sealing_tables(shard) -> tuple[str, ...]:
-    """The tables of `shard` whose commits seal rows now: a committed stream looked at them within
-    SEAL_IDLE_SECONDS."""
+    """The tables of `shard` whose commits seal rows now: a committed stream is open on them, or
+    one ended within SEAL_IDLE_SECONDS. (Open, not "looked lately": a stream that sends no
+    heartbeats, ps/shard/heartbeats.py, waits for its table's next commit without waking.)"""
     now = time.monotonic()
-    return tuple(name for name, c in shard.commits.items() if now - c.subscribed_at < SEAL_IDLE_SECONDS)
+    return tuple(
+        name for name, c in shard.commits.items() if c.followers or now - c.subscribed_at < SEAL_IDLE_SECONDS
+    )
+
+
+@contextlib.contextmanager
+def followed(commits: CommitLog) -> Iterator[None]:
+    """While a committed stream is open on the table of `commits`."""
+    commits.followers += 1
+    try:
+        yield
+    finally:
+        commits.followers -= 1
+        commits.subscribed_at = time.monotonic()
 
 
 def mark_followed(shard, tables: Collection[str]) -> None:

@@ -510,8 +510,9 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         try:
             stored = request.stored_rows
             if request.committed:
-                async for reply in committed_stream(self, request, beats):
-                    yield reply
+                with commits.followed(shard.commits[name]):  # its table's commits seal rows meanwhile
+                    async for reply in committed_stream(self, request, beats):
+                        yield reply
                 return
             if request.full_sync:
                 position = 0

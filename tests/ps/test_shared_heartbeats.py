@@ -13,6 +13,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from ps.rpc import ps_pb2, ps_pb2_grpc
+from ps.shard.commits import SEAL_IDLE_SECONDS, sealing_tables
 from ps.table.config import TableConfig
 from tests.helpers.in_process import InProcessShards
 from tests.helpers.processes import make_job
@@ -22,8 +23,8 @@ from tests.helpers.waiting import eventually, wait_until
 class _Counted:
     """A Subscribe stream read on a thread of its own, counting its heartbeats."""
 
-    def __init__(self, channel: grpc.Channel, table: str, group: str) -> None:
-        request = ps_pb2.SubscribeRequest(table=table, heartbeat_group=group)
+    def __init__(self, channel: grpc.Channel, table: str, group: str, committed: bool = False) -> None:
+        request = ps_pb2.SubscribeRequest(table=table, heartbeat_group=group, committed=committed)
         self.call = ps_pb2_grpc.ParameterServerStub(channel).Subscribe(request, timeout=60)
         self.heartbeats = 0
         self.thread = threading.Thread(target=self._read, daemon=True)
@@ -84,3 +85,21 @@ def test_one_stream_of_a_group_sends_the_heartbeats_and_the_next_takes_over(shar
             s.end()
     wait_until(lambda: shard.servicers[0].heartbeats.groups == 0, "every stream's seat given back")
     assert _heartbeats_sent(shard) >= 5 + 4 + 3 * 3
+
+
+def test_an_open_committed_stream_keeps_its_tables_commits_sealing_rows_without_waking(shard):
+    """A committed stream that sends no heartbeats waits for its table's next commit without waking,
+    so "a stream looked within SEAL_IDLE_SECONDS" no longer says that one is open: an open one
+    counts as such, however long it has been idle, and one that ended counts for
+    SEAL_IDLE_SECONDS after (ps/shard/commits.py sealing_tables)."""
+    state = shard.servicers[0].shard
+    with grpc.insecure_channel(shard.job.shards[0].address) as channel:
+        streams = [_Counted(channel, table, "replica-1", committed=True) for table in "ab"]
+        wait_until(lambda: all(s.heartbeats == 1 for s in streams), "each stream's first heartbeat")
+        for log in state.commits.values():
+            log.subscribed_at = -SEAL_IDLE_SECONDS  # as if no stream had looked for a long time
+        assert set(sealing_tables(state)) == {"a", "b"}
+        for s in streams:
+            s.end()
+    wait_until(lambda: state.commits["a"].followers == state.commits["b"].followers == 0, "the streams' end")
+    assert set(sealing_tables(state)) == {"a", "b"}  # for SEAL_IDLE_SECONDS after: a replica may come back
