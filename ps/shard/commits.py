@@ -13,13 +13,13 @@ and by count, oldest first; a subscriber that needs a commit no longer held gets
 resyncs. A commit whose changes the update log had already forgotten is kept as incomplete: it
 marks the step, and only a subscriber already past it may continue. Rows are sealed only while
 a committed stream is open on the table or one ended within the last SEAL_IDLE_SECONDS: a job
-without replicas pays nothing per commit, and a replica that comes back later resyncs in full. A shard's standby gets
-every commit over the replication stream with the tables its primary sealed (sealed_tables), seals
-those and counts them as followed (mark_followed): once promoted it goes on sealing them, so a
-replica that fails over to it goes on from its cut even when the trainer's next commit arrives
-before the replica does. A commit the standby missed
-(its primary died first) is covered by the next one: that range starts before the replica's cut,
-and a range that starts inside a commit is served whole (above).
+without replicas pays nothing per commit, and a replica that comes back later resyncs in full. A
+shard's standby gets every commit over the replication stream with the tables its primary sealed
+(sealed_tables), seals those and counts them as followed (mark_followed): once promoted it goes
+on sealing them, so a replica that fails over to it goes on from its cut even when the trainer's
+next commit arrives before the replica does. A commit the standby missed (its primary died first)
+is covered by the next one: that range starts before the replica's cut, and a range that starts
+inside a commit is served whole (above).
 """
 
 from __future__ import annotations
