@@ -27,13 +27,21 @@ async def committed_stream(
 ) -> AsyncIterator[ps_pb2.UpdateBatch]:
     """The messages of a committed Subscribe on `servicer` (ParameterServerServicer); `beats`
     says when its idle waits end in a heartbeat."""
-    from ps.shard.server import range_bytes
+    from ps.shard.server import HEARTBEAT_SECONDS, range_bytes
 
     shard, name = servicer.shard, request.table
     table = shard.table(name)
     commits = shard.commits[name]
     epoch = commits.epoch
     sent_step: int | None = None
+
+    def heartbeat() -> ps_pb2.UpdateBatch:
+        """'Still here, at `position`' (with the step the subscriber is at)."""
+        message = servicer._batch(name, position, position, last=True)
+        if sent_step is not None:
+            message.step = sent_step
+        return message
+
     if request.full_sync:
         position = 0
         last = None
@@ -63,14 +71,18 @@ async def committed_stream(
         changed = servicer._changed[name]
         if commits.last_step == sent_step or commits.last_version < position:
             if await servicer.heartbeat_due(changed, beats):
-                heartbeat = servicer._batch(name, position, position, last=True)
-                if sent_step is not None:
-                    heartbeat.step = sent_step
-                yield heartbeat
+                yield heartbeat()
                 beats.sent()
             continue
-        estimate = servicer.range_hold_bytes(commits.bytes_after(position))
-        hold = await servicer.ranges.acquire(current_stall_watch(), estimate)
+        turn = servicer.ranges.pending(current_stall_watch(), servicer.range_hold_bytes(commits.bytes_after(position)))
+        try:
+            while (hold := await turn.wait(HEARTBEAT_SECONDS)) is None:
+                if beats.due():  # waiting for the memory, still at `position`
+                    yield heartbeat()
+                    beats.sent()
+        except BaseException:
+            turn.abandon()
+            raise
         try:
             if commits.epoch != epoch:  # reset while this stream waited for its turn
                 continue

@@ -522,6 +522,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
             else:
                 position = request.from_version
                 shard.log(name).check(position, name)
+            row_bytes = self._row_bytes(table, stored)
             while True:
                 self.call_site.check_open()
                 changed = self._changed[name]
@@ -531,8 +532,15 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
                         beats.sent()
                     continue
                 keys = shard.logs[name].keys_after(position)
-                estimate = self.range_hold_bytes(keys * (8 + self._row_bytes(table, stored)))
-                hold = await self.ranges.acquire(current_stall_watch(), estimate)
+                turn = self.ranges.pending(current_stall_watch(), self.range_hold_bytes(keys * (8 + row_bytes)))
+                try:
+                    while (hold := await turn.wait(HEARTBEAT_SECONDS)) is None:
+                        if beats.due():  # waiting for the memory, still at `position`
+                            yield self._batch(name, position, position, last=True)
+                            beats.sent()
+                except BaseException:
+                    turn.abandon()
+                    raise
                 try:
                     read = functools.partial(self._read_range, name, position, stored)
                     changes, rows = await self.run_call(read, keys * 8)

@@ -70,10 +70,9 @@ class StreamTurns:
 
     async def acquire(self, watch: StallWatch | None, units: int = 1) -> Hold:
         """Waits for `units` (in arrival order), ending a stalled stream for them when one qualifies."""
-        if units < 0:
-            raise ValueError(f"StreamTurns: units must be >= 0, got {units}")
-        if not self._waiting and self._fits(units):
-            return self._hold(Hold(watch, units))
+        now = self._take_now(watch, units)
+        if now is not None:
+            return now
         granted = asyncio.get_running_loop().create_future()
         entry = (Hold(watch, units), granted)
         self._waiting.append(entry)
@@ -91,6 +90,19 @@ class StreamTurns:
                 self._grant()  # the waiters behind it may fit now
             raise
         return granted.result()
+
+    def pending(self, watch: StallWatch | None, units: int) -> PendingTurn:
+        """The units at once when they fit, else acquire(watch, units) in a task of its own, which
+        the caller waits for a while at a time (a stream that sends heartbeats while it waits)."""
+        now = self._take_now(watch, units)
+        return PendingTurn(self, now if now is not None else asyncio.ensure_future(self.acquire(watch, units)))
+
+    def _take_now(self, watch: StallWatch | None, units: int) -> Hold | None:
+        if units < 0:
+            raise ValueError(f"StreamTurns: units must be >= 0, got {units}")
+        if not self._waiting and self._fits(units):
+            return self._hold(Hold(watch, units))
+        return None
 
     def release(self, hold: Hold) -> None:
         """Gives back what `hold` holds, to the waiting streams in arrival order."""
@@ -140,3 +152,30 @@ class StreamTurns:
         left = (min(self.patience, h.watch.seconds) - h.watch.waiting_seconds()
                 for h in self._holds if h.watch is not None)
         return min(_CHECK_SECONDS, max(0.01, min(left, default=_CHECK_SECONDS)))
+
+
+class PendingTurn:
+    """Units granted at once (a Hold), or an acquire() running in its own task: `await
+    turn.wait(seconds)` gives the Hold, or None after `seconds`; a caller that leaves before it
+    has the Hold calls abandon() (units granted meanwhile go back; else it leaves the queue)."""
+
+    def __init__(self, turns: StreamTurns, granted: Hold | asyncio.Task) -> None:
+        self._turns = turns
+        self._granted = granted
+
+    async def wait(self, seconds: float) -> Hold | None:
+        if isinstance(self._granted, Hold):
+            return self._granted
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):  # not wait_for: tests/test_cancellation.py
+                return await asyncio.shield(self._granted)
+        return None
+
+    def abandon(self) -> None:
+        task = self._granted
+        if isinstance(task, Hold):
+            return  # wait() gave it at once: the caller holds it
+        if not task.done():
+            task.cancel()  # acquire() gives back units granted as it is cancelled
+        elif not task.cancelled() and task.exception() is None:
+            self._turns.release(task.result())

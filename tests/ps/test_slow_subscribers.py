@@ -206,7 +206,7 @@ def test_ranges_wait_for_the_shards_subscribe_memory_and_a_stalled_one_gives_its
     with its messages): with --subscribe-memory-bytes at 60 MB two hold theirs and the others wait,
     holding nothing, however many open (before, each read its range at once: 10 more streams nobody
     read, 10 more copies of the rows). A subscriber that reads waits for a stalled holder's
-    patience, not its stall limit."""
+    patience, not its stall limit, and hears heartbeats meanwhile (its link is alive)."""
     stall = 60.0
     # The keys and float32 rows of every row, the message being sent and its serialised copy.
     range_bytes = ROWS * (8 + 4 * DIM) + 2 * STREAM_MESSAGE_BYTES
@@ -235,7 +235,11 @@ def test_ranges_wait_for_the_shards_subscribe_memory_and_a_stalled_one_gives_its
         start = time.monotonic()
         reader = subscribe()
         rows: dict[int, np.ndarray] = {}
-        for batch in reader:  # one range: every row, then the stream follows live
+        heartbeats = 0
+        for batch in reader:  # heartbeats while it waits for the memory, one range of every row
+            if batch.from_version == batch.to_version and not batch.keys:
+                heartbeats += 1
+                continue
             keys = np.frombuffer(batch.keys, dtype="<i8")
             rows.update(zip(keys.tolist(), np.frombuffer(batch.values, "<f4").reshape(-1, DIM), strict=True))
             if batch.last:
@@ -244,6 +248,7 @@ def test_ranges_wait_for_the_shards_subscribe_memory_and_a_stalled_one_gives_its
         took, since_stalled = time.monotonic() - start, time.monotonic() - stalled_from
         # Its turn came once a holder had left a message untaken for the patience, not at the stall limit.
         assert since_stalled > FULL_COPY_PATIENCE_SECONDS and took < stall / 4, (since_stalled, took)
+        assert heartbeats >= 3, f"{heartbeats} heartbeats while it waited {took:.1f} s"  # alive, still at 0
         assert len(rows) == ROWS
         keys = np.arange(0, ROWS, 97, dtype=np.int64)
         np.testing.assert_array_equal(np.stack([rows[k] for k in keys.tolist()]), client.lookup("t", keys))

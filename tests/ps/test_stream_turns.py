@@ -154,6 +154,28 @@ def test_resize_gives_back_or_takes_without_waiting_and_a_cancelled_head_lets_th
     asyncio.run(scenario())
 
 
+def test_a_pending_turn_is_waited_for_a_while_at_a_time_and_abandoned_without_leaking():
+    async def scenario() -> None:
+        turns = StreamTurns(10, 5.0, "a test waited")
+        first = turns.pending(None, 6)
+        held = await first.wait(0.01)  # it fitted: granted at once, no task
+        assert held is not None and turns.held == 6
+        second = turns.pending(None, 6)
+        assert await second.wait(0.01) is None and turns.waiting == 1  # a while, and it still waits
+        second.abandon()  # its stream left while it waited
+        await _until(lambda: turns.waiting == 0, "the abandoned turn out of the queue")
+        third = turns.pending(None, 6)
+        await _until(lambda: turns.waiting == 1, "the third waiting")
+        turns.release(held)  # granted to the third, whose stream leaves before taking it
+        await _until(lambda: turns.held == 6, "granted to the third")
+        third.abandon()  # its task gives the units back as it ends, on the loop's next pass
+        await _until(lambda: (turns.held, turns.running, turns.waiting) == (0, 0, 0), "the third's units back")
+        fourth = turns.pending(None, 4)
+        assert (await fourth.wait(0.01)).units == 4 and turns.held == 4
+
+    asyncio.run(scenario())
+
+
 class _Watch:
     """The part of a stream's StallWatch that StreamTurns reads: how long its subscriber has left a
     message untaken, its stall limit, and end_now (which, for a real stream, cancels its task)."""
