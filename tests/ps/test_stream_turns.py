@@ -206,10 +206,9 @@ def test_a_waiter_ends_the_holder_stalled_longest_once_past_the_patience():
             watch.task = s.tasks[name]
         start = asyncio.get_running_loop().time()
         waiter = asyncio.create_task(turns.acquire(None, 20))
-        await asyncio.sleep(0)
+        await _until(lambda: turns.waiting == 1, "the waiter queued")
         assert not waiter.done() and not stalled.fired  # nobody past the patience yet
-        stalled.waiting = newer.waiting = 0.3  # both pass it; the one stalled longest goes first
-        stalled.waiting = 0.5
+        newer.waiting, stalled.waiting = 0.3, 0.5  # both pass it; the one stalled longest goes first
         async with asyncio.timeout(5):
             hold = await waiter
         assert stalled.fired and not newer.fired and not reading.fired
