@@ -199,6 +199,78 @@ class HashMap {
     }
   }
 
+  // Rows released by erase and not taken again, in the order a new key takes them: the last
+  // one first. out holds n entries, which must be num_free_rows().
+  uint64_t num_free_rows() const {
+    std::lock_guard<std::mutex> lock(write_mutex_);
+    return free_rows_.size();
+  }
+
+  void export_free_rows(uint32_t* out, uint64_t n) const {
+    std::lock_guard<std::mutex> lock(write_mutex_);
+    if (n != free_rows_.size()) {
+      throw std::invalid_argument("free_rows: expected length " + std::to_string(free_rows_.size()) + ", got " +
+                                  std::to_string(n));
+    }
+    std::memcpy(out, free_rows_.data(), n * sizeof(uint32_t));
+  }
+
+  // Makes an empty map hold keys[i] at rows[i], with rows [0, num_rows) handed out and `free`
+  // the free list (taken from its end): another map's layout (its export_all and
+  // export_free_rows), so that both hand the same rows to the same keys from here on. Every
+  // row below num_rows must be either live (once) or free (once); std::invalid_argument names
+  // what is not, and leaves the map empty.
+  void restore(const int64_t* keys, const int64_t* rows, uint64_t n, uint64_t num_rows, const uint32_t* free,
+               uint64_t num_free) {
+    if (size() != 0 || next_row_.load(std::memory_order_relaxed) != 0) {
+      throw std::invalid_argument("restore: the map must be empty");
+    }
+    if (num_rows > kMaxRows || n + num_free != num_rows) {
+      throw std::invalid_argument("restore: " + std::to_string(n) + " live rows and " + std::to_string(num_free) +
+                                  " free rows do not make num_rows = " + std::to_string(num_rows));
+    }
+    std::vector<uint8_t> seen(num_rows, 0);
+    auto claim = [&](int64_t row, const char* what) {
+      if (row < 0 || static_cast<uint64_t>(row) >= num_rows || seen[row]) {
+        clear();
+        throw std::invalid_argument(std::string("restore: ") + what + " row " + std::to_string(row) +
+                                    " is outside [0, num_rows) or taken twice");
+      }
+      seen[row] = 1;
+    };
+    for (uint64_t i = 0; i < num_free; ++i) claim(free[i], "free");
+    reserve(n);
+    {
+      std::lock_guard<std::mutex> lock(write_mutex_);
+      Retired retired(*this);
+      for (uint64_t i = 0; i < n; ++i) {
+        if (rows[i] < 0 || static_cast<uint64_t>(rows[i]) >= num_rows || seen[rows[i]]) break;
+        seen[rows[i]] = 1;
+        const int64_t key = keys[i];
+        const uint64_t h = mix64(static_cast<uint64_t>(key));
+        const uint64_t index = sub_index(h);
+        SlotArray* a = subs_[index].array.load(std::memory_order_relaxed);
+        uint64_t pos = probe(a, h, key);
+        if (a->slots()[pos].row != kEmptyRow) break;  // a key twice
+        if (static_cast<double>(tallies_[index].size + 1) > kMaxLoad * static_cast<double>(a->capacity)) {
+          a = grow(index, tallies_[index].size + 1, retired);
+          pos = probe(a, h, key);
+        }
+        store_slot(a->slots()[pos], key, static_cast<uint32_t>(rows[i]));
+        ++tallies_[index].size;
+        size_.store(size_.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
+      }
+      if (size() == n) {
+        free_rows_.assign(free, free + num_free);
+        free_bytes_.store(free_rows_.capacity() * sizeof(uint32_t), std::memory_order_relaxed);
+        next_row_.store(num_rows, std::memory_order_relaxed);
+        return;
+      }
+    }
+    clear();
+    throw std::invalid_argument("restore: a key twice, or a live row outside [0, num_rows) or taken twice");
+  }
+
   void clear() {
     std::lock_guard<std::mutex> lock(write_mutex_);
     Retired retired(*this);

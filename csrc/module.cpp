@@ -278,7 +278,21 @@ NB_MODULE(_embps_native, m) {
              nb::gil_scoped_release release;
              self.export_all(keys.data(), rows.data(), keys.shape(0));
            },
-           "keys"_a, "rows"_a);
+           "keys"_a, "rows"_a)
+      .def_prop_ro("num_free_rows", &embps::HashMap::num_free_rows)
+      .def("export_free_rows",
+           [](const embps::HashMap& self, Array<uint32_t, nb::ndim<1>> out) {
+             nb::gil_scoped_release release;
+             self.export_free_rows(out.data(), out.shape(0));
+           },
+           "out"_a)
+      .def("restore",
+           [](embps::HashMap& self, Keys keys, Keys rows, uint64_t num_rows, Array<const uint32_t, nb::ndim<1>> free) {
+             check_same_length("rows", rows.shape(0), keys.shape(0));
+             nb::gil_scoped_release release;
+             self.restore(keys.data(), rows.data(), keys.shape(0), num_rows, free.data(), free.shape(0));
+           },
+           "keys"_a, "rows"_a, "num_rows"_a, "free"_a);
 
   // The bench's yardstick only (see flat_hash_map.h).
   nb::class_<embps::FlatHashMap>(m, "FlatHashMap")

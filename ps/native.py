@@ -147,6 +147,31 @@ class HashMap:
                     raise
 
 
+    def free_rows(self) -> np.ndarray:
+        """Rows released by erase and not taken again, (f,) uint32, in the order new keys take
+        them: the last one first. With export() it is the map's layout (see restore)."""
+        while True:
+            n = self._map.num_free_rows
+            out = np.empty(n, dtype=np.uint32)
+            try:
+                self._map.export_free_rows(out)
+                return out
+            except ValueError:
+                if self._map.num_free_rows == n:  # not a writer that changed the list meanwhile
+                    raise
+
+    def restore(self, keys: np.ndarray, rows: np.ndarray, num_rows: int, free_rows: np.ndarray) -> None:
+        """Makes this empty map another's layout: keys (u,) int64 at rows (u,) int64 (its export()),
+        rows [0, num_rows) handed out, free_rows (num_rows - u,) uint32 its free_rows(). Both maps
+        then give the same rows to the same keys. ValueError (the map left empty) when the rows do
+        not make such a layout: each row below num_rows live once or free once, keys distinct."""
+        keys = as_keys(keys)
+        rows = np.ascontiguousarray(rows, dtype=np.int64)
+        free_rows = np.ascontiguousarray(free_rows, dtype=np.uint32)
+        if num_rows < 0:
+            raise ValueError(f"num_rows: must be >= 0, got {num_rows}")
+        self._map.restore(keys, rows, num_rows, free_rows)
+
 # The former single-array map (csrc/flat_hash_map.h): the yardstick of `embps bench table` only.
 FlatHashMap = _native.FlatHashMap
 prefault_threads = _native.prefault_threads  # arena threads started and not yet joined

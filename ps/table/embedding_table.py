@@ -32,7 +32,7 @@ from ps.table import fbgemm_kernels, optimizers
 from ps.table.config import AdmissionKind, EvictionPolicy, Kernels, OptimizerKind, Storage, TableConfig
 from ps.table.init import init_values
 from ps.table.row_store import BLOCK_SHIFT, RowStore, device_unavailable_reason
-from ps.table.state import TableChanges, TableState
+from ps.table.state import TableChanges, TableImage, TableState
 from ps.table.victims import first_in_order
 
 if TYPE_CHECKING:  # imported where a table needs it: a CPU table with native kernels never does
@@ -660,6 +660,109 @@ class EmbeddingTable:
             self._row_live[freed[freed >= 0]] = False
         self._write_state_rows(state)
         self._load_pending_and_counters(state)
+
+    def image(self, words: np.ndarray | None = None) -> TableImage:
+        """Copies out the table as it lies in memory (see TableImage): a new standby loads it with
+        load_image and goes on exactly as this table does. words: (rows, width) float32 host
+        memory to copy the rows into when it holds them all (image_space; its pages faulted in
+        beforehand, since filling fresh pages is most of a large copy's time), else a new array."""
+        keys, rows = self._map.export()
+        num_rows = self._map.num_rows
+        pending_keys, pending_rows = self._pending.export()
+        q = self._pending.num_rows
+        order = list(self._pending_order)
+        arrays = {
+            "keys": keys,
+            "rows": rows,
+            "free_rows": self._map.free_rows(),
+            "words": self._store.copy_rows(num_rows, words),
+            "pending_keys": pending_keys,
+            "pending_rows": pending_rows,
+            "pending_free_rows": self._pending.free_rows(),
+            "pending_meta": self._pending_meta[:q].copy(),
+            "pending_row_keys": self._pending_keys[:q].copy(),
+            "pending_seq": self._pending_seq[:q].copy(),
+            "pending_order_keys": np.concatenate([np.zeros(0, np.int64), *(k for k, _ in order)]),
+            "pending_order_seqs": np.concatenate([np.zeros(0, np.int64), *(seqs for _, seqs in order)]),
+            "pending_order_chunks": np.array([k.shape[0] for k, _ in order], dtype=np.int64),
+        }
+        counters = {
+            "num_rows": num_rows, "pending_num_rows": q, "next_seq": self._next_seq,
+            "sweep_cursor": self._sweep_cursor, "pending_sweep_cursor": self._pending_sweep_cursor,
+            "version": self.version, "step": self.step, "num_admitted": self.num_admitted,
+            "num_evicted": self.num_evicted, "num_pending_dropped": self.num_pending_dropped,
+        }
+        return TableImage(arrays, {k: int(v) for k, v in counters.items()}, self._rng.bit_generator.state)
+
+    def image_space(self, spare_rows: int) -> np.ndarray:
+        """Host memory for image()'s words: (rows now + spare_rows, width) float32, every page
+        written once here (numpy releases the GIL while it fills), so that the image, taken where
+        the table's calls are serialised, copies into memory that is already there."""
+        space = np.empty((self._map.num_rows + spare_rows, self.width), dtype=np.float32)
+        space.fill(0)
+        return space
+
+    def load_image(self, image: TableImage) -> None:
+        """Replaces all state with `image` (another table's image(), of this table's config).
+        ValueError naming the part that does not fit this table; the table is unchanged then."""
+        arrays, counters = image.arrays, image.counters
+        num_rows, q = counters["num_rows"], counters["pending_num_rows"]
+        u, pu = arrays["keys"].shape[0], arrays["pending_keys"].shape[0]
+        expected = {
+            "keys": ((u,), np.int64), "rows": ((u,), np.int64), "free_rows": ((num_rows - u,), np.uint32),
+            "words": ((num_rows, self.width), np.float32),
+            "pending_keys": ((pu,), np.int64), "pending_rows": ((pu,), np.int64),
+            "pending_free_rows": ((q - pu,), np.uint32), "pending_meta": ((q, 2), np.uint32),
+            "pending_row_keys": ((q,), np.int64), "pending_seq": ((q,), np.int64),
+            "pending_order_keys": ((arrays["pending_order_keys"].shape[0],), np.int64),
+            "pending_order_seqs": ((arrays["pending_order_keys"].shape[0],), np.int64),
+            "pending_order_chunks": ((arrays["pending_order_chunks"].shape[0],), np.int64),
+        }
+        for name, (shape, dtype) in expected.items():
+            array = arrays[name]
+            if array.shape != shape or array.dtype != dtype:
+                got = f"{array.shape} {array.dtype}"
+                raise ValueError(f"image.{name}: expected shape {shape} {np.dtype(dtype)}, got {got}")
+        chunks = arrays["pending_order_chunks"]
+        if (chunks < 1).any() or int(chunks.sum()) != arrays["pending_order_keys"].shape[0]:
+            raise ValueError("image.pending_order_chunks: chunk lengths must be >= 1 and add up to the entries")
+        if self.config.capacity is not None and u > self.config.capacity:
+            raise CapacityError(f"table {self.name}: image has {u} rows, capacity is {self.config.capacity}")
+        rng = np.random.default_rng(self.config.seed)
+        try:
+            rng.bit_generator.state = image.rng
+        except (TypeError, ValueError, KeyError) as exc:
+            raise ValueError(f"image.rng: not a {type(rng.bit_generator).__name__} state ({exc})") from None
+        table_map = native.HashMap()
+        table_map.reserve(max(u, self.config.expected_rows or 0))
+        table_map.restore(arrays["keys"], arrays["rows"], num_rows, arrays["free_rows"])
+        pending = native.HashMap(int(pu / 0.7) + 16, sub_maps=BOUNDED_MAP_SUB_MAPS)
+        pending.restore(arrays["pending_keys"], arrays["pending_rows"], q, arrays["pending_free_rows"])
+        store = RowStore(self.width, self.config.device, self._store.block_shift)
+        store.load_rows(arrays["words"])
+        self._map, self._store, self._rng = table_map, store, rng
+        self._row_keys = np.zeros(0, dtype=np.int64)
+        self._row_live = np.zeros(0, dtype=np.bool_)
+        self._index_rows(arrays["keys"], arrays["rows"])
+        self._pending = pending
+        self._pending_meta = arrays["pending_meta"].copy()
+        self._pending_keys = arrays["pending_row_keys"].copy()
+        self._pending_seq = arrays["pending_seq"].copy()
+        ends = np.cumsum(chunks)
+        self._pending_order = deque(
+            (arrays["pending_order_keys"][end - n : end].copy(), arrays["pending_order_seqs"][end - n : end].copy())
+            for n, end in zip(chunks.tolist(), ends.tolist(), strict=True)
+        )
+        self._pending_order_len = int(chunks.sum())
+        self._next_seq = counters["next_seq"]
+        self._sweep_cursor, self._pending_sweep_cursor = counters["sweep_cursor"], counters["pending_sweep_cursor"]
+        self.version, self.step = counters["version"], counters["step"]
+        self.num_admitted, self.num_evicted = counters["num_admitted"], counters["num_evicted"]
+        self.num_pending_dropped = counters["num_pending_dropped"]
+        if self._changes is not None:
+            self._changes = _ChangeTracker(self._changes.max_keys)
+        for feed in self._feeds:
+            feed.lose()
 
     def _check_state(self, state: TableState) -> None:
         u = state.keys.shape[0]

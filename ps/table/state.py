@@ -50,3 +50,39 @@ class TableChanges:
     touched_keys: np.ndarray
     deleted_keys: np.ndarray
     complete: bool = True
+
+
+@dataclass
+class TableImage:
+    """A table as it lies in memory: what TableState holds, and where. A standby loads its
+    primary's image (ps/shard/state_copy.py) and goes on exactly as the primary does, because a
+    large table's eviction depends on the layout: its TTL sweep reads windows of rows in row order
+    from a cursor, capacity eviction samples row indices with a seeded generator, and new keys
+    take freed rows last-freed first (ps/table/embedding_table.py). A TableState loaded instead
+    lays rows out by key and starts those afresh, so the standby would evict other keys.
+
+    r = rows handed out, u of them live; q pending rows, pu of them live; o first-seen entries.
+    keys (u,) int64 at rows (u,) int64; free_rows (r - u,) uint32 in the order new keys take them
+    (last first); words (r, width) float32, every row's words as stored (values or encoded words,
+    optimizer state, [freq, last_step] as uint32), free rows included.
+    pending_keys (pu,) int64 at pending_rows (pu,) int64, pending_free_rows (q - pu,) uint32;
+    pending_meta (q, 2) uint32 [count, last_step]; pending_row_keys (q,) int64 and pending_seq
+    (q,) int64 (first-seen number, 0 on a free row); pending_order_keys / pending_order_seqs (o,)
+    int64, the first-seen entries in order, cut into chunks of pending_order_chunks (c,) int64.
+    counters: num_rows, pending_num_rows, next_seq, sweep_cursor, pending_sweep_cursor, version,
+    step, num_admitted, num_evicted, num_pending_dropped. rng: the eviction sampler's
+    numpy bit generator state.
+    """
+
+    ARRAYS = (
+        "keys", "rows", "free_rows", "words", "pending_keys", "pending_rows", "pending_free_rows", "pending_meta",
+        "pending_row_keys", "pending_seq", "pending_order_keys", "pending_order_seqs", "pending_order_chunks",
+    )
+    COUNTERS = (
+        "num_rows", "pending_num_rows", "next_seq", "sweep_cursor", "pending_sweep_cursor", "version", "step",
+        "num_admitted", "num_evicted", "num_pending_dropped",
+    )
+
+    arrays: dict[str, np.ndarray]
+    counters: dict[str, int]
+    rng: dict

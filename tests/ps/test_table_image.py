@@ -1,0 +1,136 @@
+"""EmbeddingTable.image / load_image: a table loaded from another's image goes on exactly as the
+other does, push after push, on large tables whose eviction depends on where rows lie (windowed
+TTL sweeps, sampled capacity eviction, pending keys dropped first seen first); an image that does
+not fit the table is refused with a ValueError naming the part, and leaves the table as it was."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ps import native
+from ps.table.config import (
+    AdmissionConfig,
+    AdmissionKind,
+    EvictionConfig,
+    EvictionPolicy,
+    OptimizerConfig,
+    OptimizerKind,
+    TableConfig,
+)
+from ps.table.embedding_table import EXACT_SCAN_ROWS, EmbeddingTable
+from ps.table.state import TableImage
+
+ROWS = EXACT_SCAN_ROWS + 20_000
+CONFIGS = {
+    "ttl": TableConfig("ttl", dim=4, optimizer=OptimizerConfig(kind=OptimizerKind.ADAGRAD, lr=0.1),
+                       eviction=EvictionConfig(ttl_steps=2)),
+    "lfu": TableConfig("lfu", dim=4, optimizer=OptimizerConfig(kind=OptimizerKind.FTRL, lr=0.1), capacity=ROWS,
+                       eviction=EvictionConfig(policy=EvictionPolicy.LFU)),
+    "admit": TableConfig("admit", dim=4, storage="int8", optimizer=OptimizerConfig(kind=OptimizerKind.ADAM, lr=0.1),
+                         admission=AdmissionConfig(kind=AdmissionKind.COUNT, min_count=2, max_pending=ROWS // 2),
+                         eviction=EvictionConfig(ttl_steps=3)),
+}
+
+
+def _push(table: EmbeddingTable, rng: np.random.Generator, step: int, n: int) -> np.ndarray:
+    keys = np.unique(rng.integers(0, 3 * ROWS, n)).astype(np.int64)
+    grads = rng.standard_normal((keys.shape[0], table.dim)).astype(np.float32)
+    return table.apply_gradients(keys, grads, step=step).evicted_keys
+
+
+def _assert_same(a: EmbeddingTable, b: EmbeddingTable) -> None:
+    ia, ib = a.image(), b.image()
+    for name in TableImage.ARRAYS:
+        assert ia.arrays[name].tobytes() == ib.arrays[name].tobytes() or name in ("keys", "rows", "pending_keys",
+                                                                                   "pending_rows"), name
+    for keys, rows in (("keys", "rows"), ("pending_keys", "pending_rows")):  # the map's slot order may differ
+        order_a, order_b = np.argsort(ia.arrays[keys]), np.argsort(ib.arrays[keys])
+        np.testing.assert_array_equal(ia.arrays[keys][order_a], ib.arrays[keys][order_b], err_msg=keys)
+        np.testing.assert_array_equal(ia.arrays[rows][order_a], ib.arrays[rows][order_b], err_msg=rows)
+    assert (ia.counters, ia.rng) == (ib.counters, ib.rng)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_a_table_loaded_from_an_image_evicts_as_the_original_push_after_push(name):
+    config = CONFIGS[name]
+    original = EmbeddingTable(config)
+    rng = np.random.default_rng(3)
+    for step in range(1, 4):
+        _push(original, rng, step, ROWS // 2)
+    assert original.num_evicted + original.num_pending_dropped > 0 or original.size > EXACT_SCAN_ROWS
+    copy = EmbeddingTable(config)
+    copy.load_image(original.image())
+    _assert_same(original, copy)
+    for step in range(4, 10):
+        seed = int(rng.integers(1 << 31))
+        evicted = _push(original, np.random.default_rng(seed), step, ROWS // 4)
+        np.testing.assert_array_equal(_push(copy, np.random.default_rng(seed), step, ROWS // 4), evicted)
+        _assert_same(original, copy)
+    assert original.num_evicted + original.num_pending_dropped > 0
+
+
+def test_the_image_copies_into_the_space_given_when_it_fits():
+    table = EmbeddingTable(CONFIGS["ttl"])
+    _push(table, np.random.default_rng(1), 1, 1000)
+    space = table.image_space(10)
+    assert space.shape == (table._map.num_rows + 10, table.width)
+    image = table.image(space)
+    assert np.shares_memory(image.arrays["words"], space) and image.arrays["words"].shape[0] == table._map.num_rows
+    small = np.zeros((1, table.width), np.float32)
+    assert not np.shares_memory(table.image(small).arrays["words"], small)
+
+
+def _bad_images(image: TableImage):
+    def changed(**arrays) -> TableImage:
+        return TableImage({**image.arrays, **arrays}, dict(image.counters), image.rng)
+
+    a = image.arrays
+    yield changed(words=a["words"][:, :-1]), "image.words: expected shape"
+    yield changed(keys=a["keys"].astype(np.int32)), "image.keys: expected shape"
+    yield changed(pending_order_chunks=a["pending_order_chunks"] + 1), "image.pending_order_chunks"
+    yield TableImage(dict(a), dict(image.counters), {"bit_generator": "MT19937"}), "image.rng"
+    rows = a["rows"].copy()
+    rows[1] = rows[0]
+    yield changed(rows=rows), "taken twice"
+    keys = a["keys"].copy()
+    keys[1] = keys[0]
+    yield changed(keys=keys), "a key twice"
+
+
+def test_an_image_that_does_not_fit_is_refused_and_the_table_is_unchanged():
+    source = EmbeddingTable(CONFIGS["admit"])
+    rng = np.random.default_rng(5)
+    for step in range(1, 4):
+        _push(source, rng, step, 5000)
+    target = EmbeddingTable(CONFIGS["admit"])
+    _push(target, np.random.default_rng(6), 1, 100)
+    before = target.image()
+    for bad, why in _bad_images(source.image()):
+        with pytest.raises(ValueError, match="image|restore") as raised:
+            target.load_image(bad)
+        assert why in str(raised.value), (why, raised.value)
+        after = target.image()
+        assert all(after.arrays[n].tobytes() == before.arrays[n].tobytes() for n in TableImage.ARRAYS)
+    other_dim = EmbeddingTable(TableConfig("admit", dim=8))
+    with pytest.raises(ValueError, match="image.words"):
+        other_dim.load_image(source.image())
+
+
+def test_a_map_restored_from_another_hands_out_the_same_rows():
+    first = native.HashMap(sub_maps=4)
+    keys = np.arange(1000, dtype=np.int64) * 7919
+    first.find_or_insert(keys)
+    first.erase(keys[[3, 900, 17, 500]])
+    live_keys, rows = first.export()
+    second = native.HashMap(sub_maps=64)  # another sub-map count: only the rows must agree
+    second.restore(live_keys, rows, first.num_rows, first.free_rows())
+    fresh = np.array([-1, -2, -3, -4, -5], dtype=np.int64)
+    np.testing.assert_array_equal(second.find_or_insert(fresh)[0], first.find_or_insert(fresh)[0])
+    np.testing.assert_array_equal(second.find(keys), first.find(keys))
+    with pytest.raises(ValueError, match="the map must be empty"):
+        second.restore(live_keys, rows, first.num_rows, first.free_rows())
+    third = native.HashMap()
+    with pytest.raises(ValueError, match="do not make num_rows"):
+        third.restore(live_keys, rows, first.num_rows + 1, np.zeros(0, np.uint32))
+    assert (third.size, third.num_rows) == (0, 0)
