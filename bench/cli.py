@@ -1,4 +1,5 @@
-"""`embps bench {table, ps, snapshot, freshness, data, train, serve, soak, cut, precision, report}`: the benchmarks.
+"""`embps bench {table, ps, snapshot, standby-join, freshness, data, train, serve, soak, cut, precision,
+report}`: the benchmarks.
 
 Each sub-verb is an (add_arguments, run) pair in BENCHES; a benchmark module (numpy, torch, grpc) is
 imported by the run that needs it.
@@ -127,6 +128,19 @@ def _run_snapshot(args: argparse.Namespace) -> int:
         out=args.out,
     )
     return run_snapshot_bench(config)
+
+
+def _add_standby_join(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rows", type=flags.count, default=2_000_000, help="rows in the table (default 2M)")
+    parser.add_argument("--dim", type=flags.count, default=64)
+    parser.add_argument("--batch", type=flags.count, default=1024, help="keys per push during the join")
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+
+
+def _run_standby_join(args: argparse.Namespace) -> int:
+    from bench.standby_join_bench import StandbyJoinBenchConfig, run_standby_join_bench
+
+    return run_standby_join_bench(StandbyJoinBenchConfig(rows=args.rows, dim=args.dim, batch=args.batch, out=args.out))
 
 
 def _add_freshness(parser: argparse.ArgumentParser) -> None:
@@ -520,6 +534,9 @@ BENCHES: dict[str, Bench] = {
     "table": Bench("hash map, lookup and optimizer rates of one table", _add_table, _run_table),
     "ps": Bench("lookup and push rates through 2 local shards over gRPC", _add_ps, _run_ps),
     "snapshot": Bench("snapshot write/read rates to local disk and to local S3", _add_snapshot, _run_snapshot),
+    "standby-join": Bench(
+        "a new standby's state copy: the primary's longest push and its memory", _add_standby_join, _run_standby_join
+    ),
     "freshness": Bench("push-ack to serving-visible delay under a steady push rate", _add_freshness, _run_freshness),
     "data": Bench("input rows/s of the TSV and Parquet readers at W = 1, 2, 4 ranks", _add_data, _run_data),
     "train": Bench("training samples/s through the PS vs in process", _add_train, _run_train),

@@ -70,7 +70,7 @@ from ps.rpc import ps_pb2, replication_pb2, replication_pb2_grpc
 from ps.security import Role, open_aio_channel
 from ps.shard.arbiter import Arbiter, Membership
 from ps.shard.replication_link import KEY_BYTES, LinkRefused, PrimaryLink, StandbyLink, split_host_port
-from ps.shard.state_copy import TableStateReader, decode_ledger, encode_ledger, table_state_pieces
+from ps.shard.state_copy import TableImageReader, decode_ledger, encode_ledger, table_image_pieces
 from ps.shard.update_log import UpdateLog
 
 log = logging.getLogger("embps.ps")
@@ -80,7 +80,14 @@ _REPLICATE_METHOD = "/{}/Replicate".format(replication_pb2.DESCRIPTOR.services_b
 BULK_FIELDS = {_REPLICATE_METHOD: ("request",)}
 ROLE_VALUES = {"standby": 0, "joining": 1, "sync": 2, "lost": 3, "alone": 4, "deposed": 5, "copying": 6, "catching": 7}
 CATCH_UP_PATIENCE_S = 60.0  # a standby loading a copied state acks nothing meanwhile
+CATCH_UP_LAG_PUSHES = 64  # a catching-up standby this close: acks wait for it again (_catch_up)
+CATCH_UP_ALONE_S = 30.0  # ... or once it has caught up alone this long
 _CHANNEL_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+# A state copy's pieces: each is copied twice on the event loop (into its message, then its
+# serialisation), so pushes wait up to that long; at the message limit (64 MiB) that was two fresh
+# mmaps a piece and ~0.3 s of pushes waiting each time (bench standby-join), at 4 MiB the copies
+# reuse heap memory (ps/process/malloc.py) and take milliseconds.
+COPY_PIECE_BYTES = 4 << 20
 _FRAME_SLACK = 1 << 20  # a link frame: a forwarded request (message limit + its slack) and its header
 _LINK_METHODS = ("Push", "PushMulti", "Commit")
 
@@ -147,7 +154,8 @@ class Replication:
         self._followed: object | None = None  # as a standby: the stream whose handshake it accepted last
         self._promoting = False
         self._queueing = False  # forward() queues pushes for the standby
-        self._catch_up_to = 0  # CATCHING: the standby holds every acknowledged push once it acked this
+        self._catch_up_to = 0  # CATCHING: the end of the current catch-up round (see _catch_up)
+        self._catching_alone_since: float | None = None  # CATCHING: since when pushes are acked alone
         self._diverged = ""  # why the standby's answers stopped matching (breaks the stream until a copy)
         # The current stream's link (ps/shard/replication_link.py): forward() sends on it once it is
         # ready; until then (a state copy in progress) messages wait in _queue, sent first.
@@ -328,15 +336,18 @@ class Replication:
             if ack is grpc.aio.EOF:
                 raise ConnectionError("the standby ended the stream")
             self._last_ack = time.monotonic()
-            if self.state is State.JOINING and not ack.needs_copy:
+            copied = not (self.state is State.JOINING and not ack.needs_copy)
+            if not copied:
                 self._acked = self._sequence
                 self._mine.clear()
                 self._theirs.clear()
                 self._queueing = True  # nothing was applied since the handshake: JOINING refuses pushes
             else:
                 ack = await self._copy(call)
-            # Pushes up to here may have been acknowledged alone; from here on acks wait for the standby.
+            # Pushes up to here may have been acknowledged alone. After a copy they go on being so
+            # while the standby works through the pushes queued meanwhile (_catch_up).
             self._catch_up_to = self._sequence
+            self._catching_alone_since = time.monotonic() if copied else None
             self._set_state(State.CATCHING)
             await self._open_link(ack)
             reader = asyncio.ensure_future(self._read_heartbeat_acks(call))
@@ -397,18 +408,21 @@ class Replication:
 
     async def _copy(self, call):
         """Sends the state, taken at one point of the apply order; pushes after it queue meanwhile.
-        Returns the standby's ack of the copy (which offers the link)."""
-        base, states, ledger = await self.servicer.run_call(self._capture, 1 << 30)
+        Returns the standby's ack of the copy (which offers the link). The rows are copied into
+        memory allocated and faulted in beforehand, outside that point (_image_spaces)."""
+        spaces = await asyncio.to_thread(self._image_spaces)
+        base, states, ledger = await self.servicer.run_call(functools.partial(self._capture, spaces), 1 << 30)
+        del spaces
         self._set_state(State.COPYING)
         log.info("%s: copying its state to the standby %s (at push %d)", self.describe(), self.partner, base)
-        budget = self.shard.job.message_limit_bytes
+        budget = min(self.shard.job.message_limit_bytes, COPY_PIECE_BYTES)
         copied = 0
         while states:
-            # Each table's export is let go once sent: the copy holds the tables not sent yet, and
+            # Each table's image is let go once sent: the copy holds the tables not sent yet, and
             # its pieces are views of their arrays (state_copy.py), each copied into its message.
             name, state = next(iter(states.items()))
             del states[name]
-            pieces = table_state_pieces(state, budget)
+            pieces = table_image_pieces(state, budget)
             del state
             for i, piece in enumerate(pieces):
                 await call.write(replication_pb2.ReplicateRequest(
@@ -436,15 +450,23 @@ class Replication:
         log.info("%s: the standby loaded the copy; it catches up on the pushes since", self.describe())
         return ack
 
-    def _capture(self):
-        """(sequence, {table: TableState}, ledger) at this point of the apply order (serialised
+    def _image_spaces(self) -> dict:
+        """{table: memory for its image's rows} (EmbeddingTable.image_space), off the tables'
+        thread: the image of 2M rows of dim 64 with Adagrad took 3.8 s into new memory and 0.25 s
+        into memory faulted in beforehand (2026-12-06), and pushes wait for it. Room for an eighth
+        more rows (and 65,536) than now, for the rows that arrive meanwhile; a table that outgrew
+        it is copied into new memory."""
+        return {name: table.image_space(table.size // 8 + 65_536) for name, table in self.shard.tables.items()}
+
+    def _capture(self, spaces: dict):
+        """(sequence, {table: TableImage}, ledger) at this point of the apply order (serialised
         with every push); every push from here on is queued for the standby."""
         self._queue.clear()
         self._mine.clear()
         self._theirs.clear()
         self._diverged = ""
         self._queueing = True
-        states = {name: table.export() for name, table in self.shard.tables.items()}
+        states = {name: table.image(spaces.get(name)) for name, table in self.shard.tables.items()}
         return self._sequence, states, encode_ledger(self.shard.ledger.export())
 
     async def _send(self, call, reader: asyncio.Future) -> None:
@@ -471,10 +493,26 @@ class Replication:
             patience = self.ttl if self.state is State.SYNC else max(self.ttl, CATCH_UP_PATIENCE_S)
             if self._acked < self._sequence and time.monotonic() - self._last_ack > patience:
                 raise TimeoutError(f"no ack from the standby for {patience:g} s")
-            if self.state is State.CATCHING and self._acked >= self._catch_up_to:
-                await self._record_sync()
+            await self._catch_up()
         if reader.done() and reader.exception() is not None:
             raise reader.exception()
+
+    async def _catch_up(self) -> None:
+        """Ends each catch-up round the standby completed. A standby that loaded a copy first applies
+        the pushes queued while the copy went (seconds of them for a large shard); pushes are acked
+        alone meanwhile, as the arbiter records the primary alone, so they do not wait for that
+        backlog. Each round ends at the push forwarded last when it began; once the standby is within
+        CATCH_UP_LAG_PUSHES of the primary (or has caught up alone for CATCH_UP_ALONE_S: a standby
+        slower than the pushes), acks wait for it again, and once it acked the push forwarded at that
+        switch, it holds every acknowledged push: the pair is recorded in sync."""
+        while self.state is State.CATCHING and self._acked >= self._catch_up_to:
+            if self._catching_alone_since is None:
+                await self._record_sync()
+                return
+            if (self._sequence - self._acked <= CATCH_UP_LAG_PUSHES
+                    or time.monotonic() - self._catching_alone_since > CATCH_UP_ALONE_S):
+                self._catching_alone_since = None  # settle() waits for the standby from here on
+            self._catch_up_to = self._sequence
 
     async def _record_sync(self) -> None:
         """The standby holds every push: from now on it may take over (CAS sync = true)."""
@@ -597,7 +635,10 @@ class Replication:
                 self.check_serving()
             if state in _SYNCHRONOUS and self._acked < target and self._mine and self._theirs:
                 self._compare()
-            if state in (State.ALONE, State.COPYING) or (state in _SYNCHRONOUS and self._acked >= target):
+            alone = state in (State.ALONE, State.COPYING) or (
+                state is State.CATCHING and self._catching_alone_since is not None
+            )
+            if alone or (state in _SYNCHRONOUS and self._acked >= target):
                 self.check_serving()
                 return
             if state is State.LOST and not self.arbiter.lease_valid():
@@ -630,7 +671,7 @@ class Replication:
 
     async def _replicate(self, stream: _Stream, requests: AsyncIterator, context: grpc.aio.ServicerContext):
         copy_epoch = None  # this stream's handshake asked for a state copy, at this epoch
-        copy: dict[str, TableStateReader] = {}
+        copy: dict[str, TableImageReader] = {}
         states: dict = {}
         ledger = b""
         async for message in requests:
@@ -669,7 +710,7 @@ class Replication:
             if message.method == "TableState":
                 reader = copy.get(message.table)
                 if reader is None:  # a table's first piece is its header, which allocates its arrays
-                    copy[message.table] = reader = await asyncio.to_thread(TableStateReader, message.state)
+                    copy[message.table] = reader = await asyncio.to_thread(TableImageReader, message.state)
                 else:
                     reader.add(message.state)  # a copy of at most the message limit into them
                 if message.last:
@@ -782,13 +823,13 @@ class Replication:
         """The primary's state in place of this one's (on the tables' thread)."""
         if set(states) != set(self.shard.tables):
             raise ValueError(f"state copy: tables {sorted(states)}, this shard has {sorted(self.shard.tables)}")
-        for name, state in states.items():
-            self.shard.tables[name].load(state)
+        for name, image in states.items():
+            self.shard.tables[name].load_image(image)
             # Its next incremental snapshot (once primary) cannot know what changed since the
             # parent, which the old primary wrote: it writes every row against the parent.
             self.shard.tables[name].forget_changes()
             old = self.shard.logs[name]
-            self.shard.logs[name] = UpdateLog(state.version, old.max_entries, old.max_keys, old.max_bytes)
+            self.shard.logs[name] = UpdateLog(image.counters["version"], old.max_entries, old.max_keys, old.max_bytes)
         self.shard.ledger.load(decode_ledger(ledger))
 
     def _apply(self, message) -> tuple[bytes, str]:

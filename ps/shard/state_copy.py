@@ -1,14 +1,15 @@
 """A shard's state as the messages that copy it to a new standby (ps/shard/replication.py).
 
-    TableState --header (JSON) + each array's bytes--> pieces of the message limit --> "TableState" messages
+    TableImage --header (JSON) + each array's bytes--> pieces of <= 4 MiB --> "TableState" messages
     PushLedger.export() --JSON (answers base64)--> one "Ledger" message
 
-A table's first piece is a JSON header (each array's name, dtype and shape; version, step,
-storage); the pieces after it are the arrays' bytes in that order. The sender's pieces are views of
-the exported arrays and the receiver writes them straight into arrays allocated from the header,
-so neither side holds another whole copy of a table (an npz encoding did: one more copy on each
-side, and the chunks of it another). Arrays keep their dtype and shape, so a loaded table equals
-the exported one bit for bit.
+A table travels as its image (ps/table/state.py TableImage: its rows where they lie, free rows,
+eviction cursors and sampler), not as its TableState: a standby must go on evicting exactly what
+its primary evicts. A table's first piece is a JSON header (counters, the sampler's state, each
+array's name, dtype and shape); the pieces after it are the arrays' bytes in that order. The
+sender's pieces are views of the image's arrays and the receiver writes them straight into arrays
+allocated from the header, so neither side holds another whole copy of a table. Arrays keep their
+dtype and shape, so a loaded table equals the copied one bit for bit.
 """
 
 from __future__ import annotations
@@ -19,24 +20,19 @@ import math
 
 import numpy as np
 
-from ps.table.state import TableState
+from ps.table.state import TableImage
 
-_FORMAT = "embps-table-state-1"
-_ARRAYS = (
-    "keys", "values", "optimizer_state", "freq", "last_step", "pending_keys", "pending_counts", "pending_last_step",
-)
+_FORMAT = "embps-table-image-1"
 _MAX_STATE_BYTES = 1 << 40  # what one table's header may announce
 
 
-def table_state_pieces(state: TableState, size: int) -> list[bytes | memoryview]:
+def table_image_pieces(image: TableImage, size: int) -> list[bytes | memoryview]:
     """The `state` bytes of one table's TableState messages, in order: the header, then the arrays'
     bytes in pieces of at most `size` bytes, views of the arrays (copied into each message as it is
     sent). At least the header, so an empty table is one message."""
-    arrays = [(name, np.ascontiguousarray(getattr(state, name))) for name in _ARRAYS]
-    if state.encoded is not None:
-        arrays.append(("encoded", np.ascontiguousarray(state.encoded)))
+    arrays = [(name, np.ascontiguousarray(image.arrays[name])) for name in TableImage.ARRAYS]
     header = {
-        "format": _FORMAT, "version": int(state.version), "step": int(state.step), "storage": str(state.storage),
+        "format": _FORMAT, "counters": image.counters, "rng": image.rng,
         "arrays": [[name, array.dtype.str, list(array.shape)] for name, array in arrays],
     }
     pieces: list[bytes | memoryview] = [json.dumps(header).encode()]
@@ -47,31 +43,36 @@ def table_state_pieces(state: TableState, size: int) -> list[bytes | memoryview]
     return pieces
 
 
-class TableStateReader:
-    """Rebuilds a TableState from table_state_pieces' pieces, bytes from the network: the header
+class TableImageReader:
+    """Rebuilds a TableImage from table_image_pieces' pieces, bytes from the network: the header
     allocates each array once, and add() writes the pieces into them in order. ValueError, naming
-    what is wrong, for anything table_state_pieces does not write."""
+    what is wrong, for anything table_image_pieces does not write (whether the image fits the
+    table is EmbeddingTable.load_image's to say)."""
 
     def __init__(self, header: bytes) -> None:
         try:
             fields = json.loads(header)
             if fields["format"] != _FORMAT:
-                raise ValueError(f"format {fields['format']!r}, expected {_FORMAT!r}")
-            self._version, self._step = _count(fields["version"]), _count(fields["step"])
-            self._storage = fields["storage"]
-            if not isinstance(self._storage, str):
-                raise ValueError("storage: not a string")
+                raise ValueError(f"format {fields['format']!r}, expected {_FORMAT!r} (a primary of another embps "
+                                 "version: restart the pair on one version)")
+            counters = fields["counters"]
+            if sorted(counters) != sorted(TableImage.COUNTERS):
+                raise ValueError(f"counters {sorted(counters)}, expected {sorted(TableImage.COUNTERS)}")
+            self._counters = {name: _count(counters[name]) for name in TableImage.COUNTERS}
+            self._rng = fields["rng"]
+            if not isinstance(self._rng, dict):
+                raise ValueError("rng: not an object")
             announced = [tuple(a) for a in fields["arrays"]]
             names = [a[0] for a in announced]
-            if names not in (list(_ARRAYS), [*_ARRAYS, "encoded"]):
-                raise ValueError(f"arrays {names}, expected {list(_ARRAYS)} (and 'encoded')")
+            if names != list(TableImage.ARRAYS):
+                raise ValueError(f"arrays {names}, expected {list(TableImage.ARRAYS)}")
             shapes = [(np.dtype(dtype), tuple(_count(n) for n in shape)) for _, dtype, shape in announced]
         except ValueError as exc:
-            raise ValueError(f"state copy: not a table state header ({exc})") from None
+            raise ValueError(f"state copy: not a table image header ({exc})") from None
         except Exception as exc:  # noqa: BLE001 - JSON of another shape, a dtype numpy does not know
-            raise ValueError(f"state copy: not a table state header ({type(exc).__name__}: {exc})") from None
+            raise ValueError(f"state copy: not a table image header ({type(exc).__name__}: {exc})") from None
         if any(dtype.kind not in "iuf" or not 1 <= len(shape) <= 2 for dtype, shape in shapes):
-            raise ValueError("state copy: a table state's arrays are 1-D or 2-D numbers")
+            raise ValueError("state copy: a table image's arrays are 1-D or 2-D numbers")
         total = sum(dtype.itemsize * math.prod(shape) for dtype, shape in shapes)
         if total > _MAX_STATE_BYTES:
             raise ValueError(f"state copy: a header announcing {total:,} bytes, over {_MAX_STATE_BYTES:,}")
@@ -87,7 +88,7 @@ class TableStateReader:
         data = memoryview(piece)
         while data.nbytes:
             if not self._views:
-                raise ValueError("state copy: more bytes than the table state's header announced")
+                raise ValueError("state copy: more bytes than the table image's header announced")
             view = self._views[0]
             n = min(view.nbytes - self._at, data.nbytes)
             view[self._at : self._at + n] = data[:n]
@@ -97,13 +98,11 @@ class TableStateReader:
                 self._views.pop(0)
                 self._at = 0
 
-    def finish(self) -> TableState:
-        """The table state, once every announced byte came."""
+    def finish(self) -> TableImage:
+        """The table image, once every announced byte came."""
         if self._views:
-            raise ValueError("state copy: fewer bytes than the table state's header announced")
-        arrays = dict(self._arrays)
-        encoded = arrays.pop("encoded", None)
-        return TableState(**arrays, version=self._version, step=self._step, storage=self._storage, encoded=encoded)
+            raise ValueError("state copy: fewer bytes than the table image's header announced")
+        return TableImage(dict(self._arrays), dict(self._counters), self._rng)
 
 
 def _count(value: object) -> int:

@@ -30,6 +30,7 @@ from tests.helpers.processes import REPO_ROOT
         (["train", "--capacity", "0"], "argument --capacity: must be an integer >= 1, got '0'"),
         (["cut", "--tables", "26,0"], "argument --tables: must be integers >= 1 separated by commas, got '26,0'"),
         (["soak", "--minutes", "inf"], "argument --minutes: must be a finite number, got 'inf'"),
+        (["standby-join", "--rows", "0"], "argument --rows: must be an integer >= 1, got '0'"),
     ],
 )
 def test_a_flag_out_of_range_is_named_before_the_bench_starts(argv: list[str], message: str) -> None:

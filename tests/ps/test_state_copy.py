@@ -1,4 +1,4 @@
-"""A table's state as the pieces a primary sends its new standby (ps/shard/state_copy.py): read
+"""A table's image as the pieces a primary sends its new standby (ps/shard/state_copy.py): read
 back bit for bit from pieces of any size, and bytes that are not such pieces refused with a
 ValueError naming why (the standby answers INVALID_ARGUMENT), never a crash or a wrong table."""
 
@@ -9,21 +9,22 @@ import json
 import numpy as np
 import pytest
 
-from ps.shard.state_copy import TableStateReader, table_state_pieces
+from ps.shard.state_copy import TableImageReader, table_image_pieces
 from ps.table.config import OptimizerConfig, OptimizerKind, TableConfig
 from ps.table.embedding_table import EmbeddingTable
+from ps.table.state import TableImage
 
 
-def _state(storage: str = "float32", rows: int = 1000):
+def _image(storage: str = "float32", rows: int = 1000):
     table = EmbeddingTable(TableConfig("t", dim=8, storage=storage,
                                        optimizer=OptimizerConfig(kind=OptimizerKind.ADAGRAD, lr=0.1)))
     keys = np.arange(0, 3 * rows, 3, dtype=np.int64)
     table.apply_gradients(keys, np.random.default_rng(1).standard_normal((rows, 8)).astype(np.float32), step=7)
-    return table.export()
+    return table.image()
 
 
 def _read(pieces) -> object:
-    reader = TableStateReader(bytes(pieces[0]))
+    reader = TableImageReader(bytes(pieces[0]))
     for piece in pieces[1:]:
         reader.add(bytes(piece))
     return reader.finish()
@@ -32,35 +33,33 @@ def _read(pieces) -> object:
 @pytest.mark.parametrize("storage", ["float32", "float16", "int8"])
 @pytest.mark.parametrize("size", [1, 7, 4096, 1 << 30])
 def test_a_state_reads_back_bit_for_bit_from_pieces_of_any_size(storage, size):
-    state = _state(storage, rows=50 if size == 1 else 1000)
-    pieces = table_state_pieces(state, size)
+    state = _image(storage, rows=50 if size == 1 else 1000)
+    pieces = table_image_pieces(state, size)
     assert all(len(p) <= size for p in pieces[1:])
     back = _read(pieces)
-    for name in ("keys", "values", "optimizer_state", "freq", "last_step", "pending_keys", "pending_counts",
-                 "pending_last_step", "encoded"):
-        a, b = getattr(state, name), getattr(back, name)
-        assert (a is None) == (b is None), name
-        if a is not None:
-            assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes(), name
-    assert (back.version, back.step, back.storage) == (state.version, state.step, state.storage)
+    for name in TableImage.ARRAYS:
+        a, b = state.arrays[name], back.arrays[name]
+        assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes(), name
+    assert (back.counters, back.rng) == (state.counters, state.rng)
 
 
 def test_an_empty_table_is_its_header_alone():
     table = EmbeddingTable(TableConfig("t", dim=4))
-    pieces = table_state_pieces(table.export(), 1024)
+    pieces = table_image_pieces(table.image(), 1024)
     assert len(pieces) == 1
-    assert _read(pieces).keys.shape == (0,)
+    assert _read(pieces).arrays["keys"].shape == (0,)
 
 
 def test_pieces_are_views_of_the_exported_arrays_not_copies():
-    state = _state()
-    pieces = table_state_pieces(state, 1 << 30)
-    assert any(isinstance(p, memoryview) and p.obj is not None and np.shares_memory(np.asarray(p), state.values)
+    image = _image()
+    pieces = table_image_pieces(image, 1 << 30)
+    words = image.arrays["words"]
+    assert any(isinstance(p, memoryview) and p.obj is not None and np.shares_memory(np.asarray(p), words)
                for p in pieces[1:])
 
 
 def _header(**changes) -> bytes:
-    header = json.loads(table_state_pieces(_state(rows=10), 1 << 30)[0])
+    header = json.loads(table_image_pieces(_image(rows=10), 1 << 30)[0])
     header.update(changes)
     return json.dumps(header).encode()
 
@@ -68,19 +67,20 @@ def _header(**changes) -> bytes:
 @pytest.mark.parametrize(
     "header, why",
     [
-        (b"", "not a table state header"),
-        (b"\xff\xfe", "not a table state header"),
-        (b"[]", "not a table state header"),
-        (_header(format="npz"), "format 'npz'"),
-        (_header(version=-1), "-1 is not a count"),
-        (_header(step=True), "True is not a count"),
-        (_header(storage=3), "storage: not a string"),
+        (b"", "not a table image header"),
+        (b"\xff\xfe", "not a table image header"),
+        (b"[]", "not a table image header"),
+        (_header(format="embps-table-state-1"), "format 'embps-table-state-1'"),
+        (_header(counters={"version": 1}), "counters ['version']"),
+        (_header(counters={**dict.fromkeys(TableImage.COUNTERS, 0), "version": -1}), "-1 is not a count"),
+        (_header(counters={**dict.fromkeys(TableImage.COUNTERS, 0), "step": True}), "True is not a count"),
+        (_header(rng=3), "rng: not an object"),
         (_header(arrays=[["keys", "<i8", [1]]]), "arrays ['keys']"),
     ],
 )
 def test_a_header_that_is_not_one_is_refused(header, why):
     with pytest.raises(ValueError, match="state copy: ") as raised:
-        TableStateReader(header)
+        TableImageReader(header)
     assert why in str(raised.value)
 
 
@@ -89,24 +89,24 @@ def test_arrays_of_other_kinds_shapes_or_sizes_are_refused():
     for index, dtype, shape, why in [
         (0, "|O", [1], "arrays are 1-D or 2-D numbers"),
         (0, "<U4", [1], "arrays are 1-D or 2-D numbers"),
-        (1, "<f4", [2, 2, 2], "arrays are 1-D or 2-D numbers"),
-        (1, "<f4", [1 << 40, 1 << 40], "a header announcing"),
-        (1, "<f4", [-1, 8], "-1 is not a count"),
+        (3, "<f4", [2, 2, 2], "arrays are 1-D or 2-D numbers"),
+        (3, "<f4", [1 << 40, 1 << 40], "a header announcing"),
+        (3, "<f4", [-1, 8], "-1 is not a count"),
     ]:
         changed = [list(a) for a in arrays]
         changed[index][1:] = [dtype, shape]
         with pytest.raises(ValueError, match=why):
-            TableStateReader(_header(arrays=changed))
+            TableImageReader(_header(arrays=changed))
 
 
 def test_too_many_or_too_few_bytes_are_refused():
-    pieces = [bytes(p) for p in table_state_pieces(_state(rows=10), 1 << 30)]
-    reader = TableStateReader(pieces[0])
+    pieces = [bytes(p) for p in table_image_pieces(_image(rows=10), 1 << 30)]
+    reader = TableImageReader(pieces[0])
     for piece in pieces[1:]:
         reader.add(piece)
-    with pytest.raises(ValueError, match="more bytes than the table state's header announced"):
+    with pytest.raises(ValueError, match="more bytes than the table image's header announced"):
         reader.add(b"\0")
-    short = TableStateReader(pieces[0])
+    short = TableImageReader(pieces[0])
     short.add(b"".join(pieces[1:])[:-1])
-    with pytest.raises(ValueError, match="fewer bytes than the table state's header announced"):
+    with pytest.raises(ValueError, match="fewer bytes than the table image's header announced"):
         short.finish()
