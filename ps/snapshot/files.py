@@ -5,6 +5,7 @@
     <uri>/<job>/<step>/<table>/shard-<s>.parquet        rows (below)
     <uri>/<job>/<step>/<table>/shard-<s>.pending.parquet  keys pending admission (full, incremental)
     <uri>/<job>/<step>/<table>/shard-<s>.deleted.parquet  keys evicted since the parent (incremental)
+    <uri>/<job>/<step>/<table>/shard-<s>.layout.parquet   free rows, cursors (full, incremental)
     <uri>/<job>/<step>/extra/<name>                     named blobs: dense.pt, trainer_state.json, ...
 
 Rows file, one row per key, sorted by key:
@@ -18,6 +19,12 @@ value float32 or float16; an export in the tables' stored form (export_for_servi
 "stored") holds an int8 table's rows bit for bit as `value_encoded` (as above, manifest dtype
 "int8"; readers that predate it cannot read that table and must take a float32 or float16 export).
 Pending file: key int64 | count uint32 | last_step uint32. Deleted file: key int64.
+Where the rows lie (ps/table/state.py TableLayout), so that a restored table evicts what the
+snapshotted one would have: the rows file's `row uint32` column and the pending file's `row uint32`
+and `seq int64` (first seen) columns, and `<table>/shard-<s>.layout.parquet` (the free rows,
+`row uint32 | pending bool`, each map's in the order new keys take them, with the counters and the
+eviction sampler's state as JSON in its schema metadata embps.layout). A snapshot written before
+them has none of these; its tables restore with rows laid out by key (eviction starts afresh).
 Every file's schema metadata: embps.format_version, embps.job, embps.snapshot_step,
 embps.kind, embps.table, embps.shard, embps.table_version, embps.table_step.
 
@@ -39,6 +46,7 @@ EmbeddingTable.load_delta.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Callable, Iterable
@@ -70,7 +78,7 @@ from ps.snapshot.manifest import (
 )
 from ps.snapshot.storage import StorageConfig
 from ps.table.config import Storage, TableConfig
-from ps.table.state import TableState
+from ps.table.state import TableLayout, TableState
 
 __all__ = [
     "FileEntry",
@@ -244,19 +252,26 @@ class SnapshotWriter:
             columns["optimizer_state"] = _fixed_list(state.optimizer_state.astype(np.float32, copy=False))
         columns["freq"] = pa.array(state.freq, pa.uint32())
         columns["last_step"] = pa.array(state.last_step, pa.uint32())
+        layout = state.layout
+        if layout is not None:
+            columns["row"] = pa.array(layout.rows.astype(np.uint32), pa.uint32())
         stem = f"{table}/shard-{shard}"
         files = [self._write_parquet(f"{stem}.parquet", pa.table(columns).replace_schema_metadata(meta))]
-        pending = pa.table(
-            {
-                "key": pa.array(state.pending_keys, pa.int64()),
-                "count": pa.array(state.pending_counts, pa.uint32()),
-                "last_step": pa.array(state.pending_last_step, pa.uint32()),
-            }
-        ).replace_schema_metadata(meta)
+        pending_columns = {
+            "key": pa.array(state.pending_keys, pa.int64()),
+            "count": pa.array(state.pending_counts, pa.uint32()),
+            "last_step": pa.array(state.pending_last_step, pa.uint32()),
+        }
+        if layout is not None:
+            pending_columns["row"] = pa.array(layout.pending_rows.astype(np.uint32), pa.uint32())
+            pending_columns["seq"] = pa.array(layout.pending_seq, pa.int64())
+        pending = pa.table(pending_columns).replace_schema_metadata(meta)
         files.append(self._write_parquet(f"{stem}.pending.parquet", pending))
         if self.kind == SnapshotKind.INCREMENTAL:
             deleted_table = pa.table({"key": pa.array(deleted, pa.int64())}).replace_schema_metadata(meta)
             files.append(self._write_parquet(f"{stem}.deleted.parquet", deleted_table))
+        if layout is not None:
+            files.append(self._write_parquet(f"{stem}{_LAYOUT_SUFFIX}", _layout_table(layout, meta)))
         entry = ShardEntry(
             rows=u,
             pending=int(state.pending_keys.shape[0]),
@@ -404,6 +419,46 @@ class SnapshotWriter:
                 ) as writer:
                     writer.write_table(data, row_group_size=max(1024, _ROW_GROUP_BYTES // row_bytes))
         return FileEntry(relative, sink.size, sink.hexdigest())
+
+
+_LAYOUT_SUFFIX = ".layout.parquet"
+_LAYOUT_COUNTERS = ("num_rows", "pending_num_rows", "next_seq", "sweep_cursor", "pending_sweep_cursor")
+
+
+def _layout_table(layout: TableLayout, meta: dict[bytes, bytes]) -> pa.Table:
+    """The free rows of both maps, and the layout's counters and sampler state as metadata."""
+    free = np.concatenate([layout.free_rows, layout.pending_free_rows])
+    pending = np.zeros(free.shape[0], dtype=np.bool_)
+    pending[layout.free_rows.shape[0] :] = True
+    fields = {name: int(getattr(layout, name)) for name in _LAYOUT_COUNTERS}
+    fields["rng"] = layout.rng
+    data = pa.table({"row": pa.array(free, pa.uint32()), "pending": pa.array(pending, pa.bool_())})
+    return data.replace_schema_metadata({**meta, b"embps.layout": json.dumps(fields).encode()})
+
+
+def _read_layout(table: pa.Table, rows: pa.Table, pending: pa.Table, where: str) -> TableLayout:
+    """The TableLayout of a rows and a pending file with their layout file; SnapshotCorruptError
+    when a part is missing or not what _layout_table writes (the table's load checks the rest)."""
+    try:
+        fields = json.loads((table.schema.metadata or {})[b"embps.layout"])
+        counters = {name: fields[name] for name in _LAYOUT_COUNTERS}
+        if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in counters.values()):
+            raise ValueError(f"counters {counters}")
+        if not isinstance(fields["rng"], dict):
+            raise ValueError("rng: not an object")
+        free = table.column("row").to_numpy().astype(np.uint32, copy=False)
+        in_pending = table.column("pending").to_numpy(zero_copy_only=False).astype(np.bool_, copy=False)
+        return TableLayout(
+            rows=rows.column("row").to_numpy().astype(np.int64),
+            free_rows=np.ascontiguousarray(free[~in_pending]),
+            pending_rows=pending.column("row").to_numpy().astype(np.int64),
+            pending_seq=pending.column("seq").to_numpy().astype(np.int64, copy=False),
+            pending_free_rows=np.ascontiguousarray(free[in_pending]),
+            rng=fields["rng"],
+            **counters,
+        )
+    except (KeyError, ValueError, TypeError, pa.ArrowException) as exc:
+        raise SnapshotCorruptError(f"{where}: a layout that does not read ({type(exc).__name__}: {exc})") from None
 
 
 def _config_dict(config: TableConfig | None) -> dict | None:
@@ -559,6 +614,11 @@ class Snapshot:
         deleted = np.empty(0, dtype=np.int64)
         if self.manifest.kind == SnapshotKind.INCREMENTAL:
             deleted = self._parquet(s.files[2]).column("key").to_numpy().astype(np.int64, copy=False)
+        layout_files = [f for f in s.files if f.endswith(_LAYOUT_SUFFIX)]
+        layout = (
+            _read_layout(self._parquet(layout_files[0]), rows, pending, f"{table} shard {shard}")
+            if layout_files else None
+        )
         row_storage, encoded = "float32", None
         if "value_encoded" in rows.column_names:
             row_storage = meta.get(b"embps.storage", b"").decode()
@@ -590,6 +650,7 @@ class Snapshot:
             step=step,
             storage=row_storage,
             encoded=encoded,
+            layout=layout,
         )
         return ShardState(state, deleted)
 
@@ -664,6 +725,11 @@ def apply_delta(base: TableState, delta: TableState, deleted_keys: np.ndarray) -
     def merged(name: str) -> np.ndarray:
         return np.concatenate([getattr(base, name)[keep], getattr(delta, name)])[order]
 
+    layout = None
+    if base.layout is not None and delta.layout is not None:  # the rows of both; the rest is the delta's
+        rows = np.concatenate([base.layout.rows[keep], delta.layout.rows])[order]
+        layout = dataclasses.replace(delta.layout, rows=rows)
+
     return TableState(
         keys=keys[order],
         values=merged("values"),
@@ -677,6 +743,7 @@ def apply_delta(base: TableState, delta: TableState, deleted_keys: np.ndarray) -
         step=delta.step,
         storage=delta.storage,
         encoded=merged("encoded") if base.encoded is not None and delta.encoded is not None else None,
+        layout=layout,
     )
 
 

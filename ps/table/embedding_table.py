@@ -32,7 +32,7 @@ from ps.table import fbgemm_kernels, optimizers
 from ps.table.config import AdmissionKind, EvictionPolicy, Kernels, OptimizerKind, Storage, TableConfig
 from ps.table.init import init_values
 from ps.table.row_store import BLOCK_SHIFT, RowStore, device_unavailable_reason
-from ps.table.state import TableChanges, TableImage, TableState
+from ps.table.state import TableChanges, TableImage, TableLayout, TableState
 from ps.table.victims import first_in_order
 
 if TYPE_CHECKING:  # imported where a table needs it: a CPU table with native kernels never does
@@ -609,6 +609,19 @@ class EmbeddingTable:
         pkeys, prows = self._pending.export()
         porder = np.argsort(pkeys)
         pkeys, prows = pkeys[porder], prows[porder]
+        layout = TableLayout(
+            rows=rows,
+            free_rows=self._map.free_rows(),
+            num_rows=int(self._map.num_rows),
+            pending_rows=prows,
+            pending_seq=self._pending_seq[prows].copy(),
+            pending_free_rows=self._pending.free_rows(),
+            pending_num_rows=int(self._pending.num_rows),
+            next_seq=int(self._next_seq),
+            sweep_cursor=int(self._sweep_cursor),
+            pending_sweep_cursor=int(self._pending_sweep_cursor),
+            rng=self._rng.bit_generator.state,
+        )
         return TableState(
             keys=keys,
             values=values,
@@ -622,21 +635,36 @@ class EmbeddingTable:
             step=self.step,
             storage=str(self.storage),
             encoded=encoded,
+            layout=layout,
         )
 
     def load(self, state: TableState) -> None:
-        """Replaces all state with `state` (as returned by export). Checks shapes first."""
+        """Replaces all state with `state` (as returned by export). Checks shapes first. With its
+        layout, rows go where they lay and eviction goes on from where it was (TableLayout), so
+        this table evicts what the exported one would have; without it, rows are laid out by key."""
         self._check_state(state)
         u = state.keys.shape[0]
         if self.config.capacity is not None and u > self.config.capacity:
             raise CapacityError(f"table {self.name}: state has {u} rows, capacity is {self.config.capacity}")
-        self._map = native.HashMap()
-        self._map.reserve(max(u, self.config.expected_rows or 0))
+        layout = state.layout
+        table_map = native.HashMap()
+        table_map.reserve(max(u, self.config.expected_rows or 0))
+        if layout is not None:
+            rng = self._check_layout(state, layout)
+            table_map.restore(state.keys, layout.rows, layout.num_rows, layout.free_rows)
+            pending = native.HashMap(int(state.pending_keys.shape[0] / 0.7) + 16, sub_maps=BOUNDED_MAP_SUB_MAPS)
+            pending.restore(state.pending_keys, layout.pending_rows, layout.pending_num_rows, layout.pending_free_rows)
+        self._map = table_map
         self._store = RowStore(self.width, self.config.device, self._store.block_shift)
         self._row_keys = np.zeros(0, dtype=np.int64)
         self._row_live = np.zeros(0, dtype=np.bool_)
         self._write_state_rows(state)
-        self._load_pending_and_counters(state)
+        if layout is None:
+            self._load_pending_and_counters(state)
+        else:
+            self._load_laid_out_pending(state, layout, pending)
+            self._rng = rng
+            self._sweep_cursor, self._pending_sweep_cursor = layout.sweep_cursor, layout.pending_sweep_cursor
         if self._changes is not None:
             self._changes = _ChangeTracker(self._changes.max_keys)
         for feed in self._feeds:
@@ -645,7 +673,7 @@ class EmbeddingTable:
     def load_delta(self, state: TableState, deleted_keys: np.ndarray) -> None:
         """Applies an incremental state on top of the current one: drops deleted_keys (d,) int64,
         then inserts or overwrites the rows of `state`; pending counters, version and step are
-        replaced by those of `state`."""
+        replaced by those of `state`. Its layout is not used: new keys take rows as a push's do."""
         self._check_state(state)
         deleted_keys = native.as_keys(deleted_keys, "deleted_keys")
         if np.intersect1d(deleted_keys, state.keys).shape[0]:
@@ -826,6 +854,58 @@ class EmbeddingTable:
         self._pending_meta[prows[kept], 1] = state.pending_last_step[kept]
         self.version = int(state.version)
         self.step = int(state.step)
+
+    def _check_layout(self, state: TableState, layout: TableLayout) -> np.random.Generator:
+        """ValueError naming what of `layout` does not fit `state`; returns the sampler it holds
+        (the maps' own checks come with their restore)."""
+        u, p = state.keys.shape[0], state.pending_keys.shape[0]
+        for name, array, length, dtype in (
+            ("rows", layout.rows, u, np.int64), ("free_rows", layout.free_rows, None, np.uint32),
+            ("pending_rows", layout.pending_rows, p, np.int64), ("pending_seq", layout.pending_seq, p, np.int64),
+            ("pending_free_rows", layout.pending_free_rows, None, np.uint32),
+        ):
+            if not isinstance(array, np.ndarray) or array.ndim != 1 or array.dtype != dtype or (
+                length is not None and array.shape[0] != length
+            ):
+                got = f"{array.shape} {array.dtype}" if isinstance(array, np.ndarray) else type(array).__name__
+                raise ValueError(f"state.layout.{name}: expected ({length or 'f'},) {np.dtype(dtype)}, got {got}")
+        counts = (layout.num_rows, layout.pending_num_rows, layout.next_seq, layout.sweep_cursor,
+                  layout.pending_sweep_cursor)
+        if any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in counts):
+            raise ValueError(f"state.layout: counters must be integers >= 0, got {counts}")
+        if p and not (1 <= int(layout.pending_seq.min()) and int(layout.pending_seq.max()) < layout.next_seq):
+            raise ValueError("state.layout.pending_seq: first-seen numbers must be in [1, next_seq)")
+        rng = np.random.default_rng(self.config.seed)
+        try:
+            rng.bit_generator.state = layout.rng
+        except (TypeError, ValueError, KeyError) as exc:
+            raise ValueError(f"state.layout.rng: not a {type(rng.bit_generator).__name__} state ({exc})") from None
+        return rng
+
+    def _load_laid_out_pending(self, state: TableState, layout: TableLayout, pending: native.HashMap) -> None:
+        """The pending keys of `state` at their rows in `pending` (restored), first seen in the
+        order of their numbers."""
+        q = layout.pending_num_rows
+        self._reset_pending(0)
+        self._pending = pending
+        rows = layout.pending_rows
+        self._pending_meta = np.zeros((q, 2), dtype=np.uint32)
+        self._pending_meta[rows, 0] = state.pending_counts
+        self._pending_meta[rows, 1] = state.pending_last_step
+        self._pending_keys = np.zeros(q, dtype=np.int64)
+        self._pending_keys[rows] = state.pending_keys
+        self._pending_seq = np.zeros(q, dtype=np.int64)
+        self._pending_seq[rows] = layout.pending_seq
+        order = np.argsort(layout.pending_seq, kind="stable")
+        if order.shape[0]:
+            self._pending_order.append((state.pending_keys[order].copy(), layout.pending_seq[order].copy()))
+            self._pending_order_len = order.shape[0]
+        self._next_seq = layout.next_seq
+        self.version = int(state.version)
+        self.step = int(state.step)
+        excess = self._pending.size - self.config.admission.max_pending
+        if excess > 0:  # a state of a table with a larger bound: the first seen go, as in a push
+            self._drop_oldest_pending(excess)
 
     def _reset_pending(self, expected: int) -> None:
         self._pending = native.HashMap(int(expected / 0.7) + 16, sub_maps=BOUNDED_MAP_SUB_MAPS)  # max_pending bounds it

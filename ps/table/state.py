@@ -12,6 +12,36 @@ import numpy as np
 
 
 @dataclass
+class TableLayout:
+    """Where a TableState's rows lie, and the state that picks which rows a push evicts, so that a
+    table restored from a snapshot evicts what the snapshotted one would have (see TableImage for
+    why that depends on the layout). Aligned with the TableState it belongs to:
+
+    rows (u,) int64: each key's row; free_rows (f,) uint32: rows freed and not taken again, in the
+    order new keys take them (last first); num_rows: rows handed out (u + f for a whole table).
+    pending_rows (p,) int64 and pending_seq (p,) int64 (first-seen number): each pending key's row
+    and when it was first seen; pending_free_rows (pf,) uint32; pending_num_rows.
+    next_seq, sweep_cursor, pending_sweep_cursor, rng (the eviction sampler's numpy bit generator
+    state): as in TableImage.
+
+    An incremental snapshot's state holds the rows of its touched keys only; the rest (free
+    rows, pending, cursors) is the whole table's at that point, so the last of a chain wins.
+    """
+
+    rows: np.ndarray
+    free_rows: np.ndarray
+    num_rows: int
+    pending_rows: np.ndarray
+    pending_seq: np.ndarray
+    pending_free_rows: np.ndarray
+    pending_num_rows: int
+    next_seq: int
+    sweep_cursor: int
+    pending_sweep_cursor: int
+    rng: dict
+
+
+@dataclass
 class TableState:
     """All state of a table, rows sorted by key. u = rows, p = keys pending admission.
 
@@ -22,6 +52,8 @@ class TableState:
     storage: the table's row storage ("float32", "float16", "int8"); for float16 and int8,
     encoded (u, 4 * value_words) uint8 holds each row's value as stored (csrc/row_codec.h) and
     `values` its float32 decoding; a table of the same storage loads `encoded` bit for bit.
+    layout: where the rows lie (TableLayout); None for a state without it (an older snapshot),
+    which a table loads with rows laid out by key and eviction started afresh.
     """
 
     keys: np.ndarray
@@ -36,6 +68,7 @@ class TableState:
     step: int = 0
     storage: str = "float32"
     encoded: np.ndarray | None = None
+    layout: TableLayout | None = None
 
 
 @dataclass

@@ -111,12 +111,18 @@ def test_parquet_columns_and_metadata(tmp_path):
         "fixed_size_list<element: float>[1]",
         "uint32",
         "uint32",
+        "uint32",
     ]
-    assert rows.schema.names == ["key", "value", "optimizer_state", "freq", "last_step"]
+    assert rows.schema.names == ["key", "value", "optimizer_state", "freq", "last_step", "row"]
     meta = rows.schema.metadata
     assert meta[b"embps.table_version"] == b"1" and meta[b"embps.table_step"] == b"7"
     pending = pq.read_table(tmp_path / "job/7/t/shard-0.pending.parquet")
-    assert pending.schema.names == ["key", "count", "last_step"] and pending.num_rows == table.num_pending
+    assert pending.schema.names == ["key", "count", "last_step", "row", "seq"] and pending.num_rows == table.num_pending
+    layout = pq.read_table(tmp_path / "job/7/t/shard-0.layout.parquet")
+    assert layout.schema.names == ["row", "pending"]
+    assert set(json.loads(layout.schema.metadata[b"embps.layout"])) == {
+        "num_rows", "pending_num_rows", "next_seq", "sweep_cursor", "pending_sweep_cursor", "rng"
+    }
     assert (tmp_path / "job/LATEST").read_text() == "7\n"
 
 

@@ -1,7 +1,8 @@
-"""EmbeddingTable.image / load_image: a table loaded from another's image goes on exactly as the
-other does, push after push, on large tables whose eviction depends on where rows lie (windowed
-TTL sweeps, sampled capacity eviction, pending keys dropped first seen first); an image that does
-not fit the table is refused with a ValueError naming the part, and leaves the table as it was."""
+"""A table loaded from another's image (EmbeddingTable.image / load_image, a standby's copy) or
+restored from a snapshot chain of it (TableState with its TableLayout) goes on exactly as the other
+does, push after push, on large tables whose eviction depends on where rows lie (windowed TTL
+sweeps, sampled capacity eviction, pending keys dropped first seen first); an image or layout that
+does not fit the table is refused with a ValueError naming the part, and leaves the table as it was."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import numpy as np
 import pytest
 
 from ps import native
+from ps.snapshot.files import restore
+from ps.snapshot.ops import ShardSnapshotter
 from ps.table.config import (
     AdmissionConfig,
     AdmissionKind,
@@ -39,15 +42,41 @@ def _push(table: EmbeddingTable, rng: np.random.Generator, step: int, n: int) ->
     return table.apply_gradients(keys, grads, step=step).evicted_keys
 
 
-def _assert_same(a: EmbeddingTable, b: EmbeddingTable) -> None:
+STATS = ("num_admitted", "num_evicted", "num_pending_dropped")  # counts since the process started
+
+
+def _assert_same(a: EmbeddingTable, b: EmbeddingTable, stats: bool = True) -> None:
+    """Same rows at the same places, same free lists, cursors and sampler. stats=False: b was
+    restored from a snapshot, which keeps neither the counts since the process started nor what
+    free rows held before they were freed (a live row's words and a live pending row's key only)
+    nor how the first-seen order of pending keys is cut into chunks."""
     ia, ib = a.image(), b.image()
+    live_rows = np.sort(ia.arrays["rows"])
+    live_pending = ia.arrays["pending_seq"] != 0
     for name in TableImage.ARRAYS:
-        assert ia.arrays[name].tobytes() == ib.arrays[name].tobytes() or name in ("keys", "rows", "pending_keys",
-                                                                                   "pending_rows"), name
-    for keys, rows in (("keys", "rows"), ("pending_keys", "pending_rows")):  # the map's slot order may differ
+        x, y = ia.arrays[name], ib.arrays[name]
+        if name in ("keys", "rows", "pending_keys", "pending_rows"):
+            continue  # below: the map's slot order may differ
+        if not stats and name == "words":
+            x, y = x[live_rows], y[live_rows]
+        if not stats and name == "pending_row_keys":
+            x, y = x[live_pending], y[live_pending]
+        if not stats and name.startswith("pending_order"):
+            continue  # chunks and stale entries: the live keys' first-seen order below
+        assert x.tobytes() == y.tobytes(), name
+    if not stats:
+        def first_seen(image: TableImage) -> np.ndarray:
+            keys, rows = image.arrays["pending_keys"], image.arrays["pending_rows"]
+            return keys[np.argsort(image.arrays["pending_seq"][rows])]
+
+        np.testing.assert_array_equal(first_seen(ia), first_seen(ib))
+    for keys, rows in (("keys", "rows"), ("pending_keys", "pending_rows")):
         order_a, order_b = np.argsort(ia.arrays[keys]), np.argsort(ib.arrays[keys])
         np.testing.assert_array_equal(ia.arrays[keys][order_a], ib.arrays[keys][order_b], err_msg=keys)
         np.testing.assert_array_equal(ia.arrays[rows][order_a], ib.arrays[rows][order_b], err_msg=rows)
+    if not stats:
+        for name in STATS:
+            ia.counters.pop(name), ib.counters.pop(name)
     assert (ia.counters, ia.rng) == (ib.counters, ib.rng)
 
 
@@ -134,3 +163,47 @@ def test_a_map_restored_from_another_hands_out_the_same_rows():
     with pytest.raises(ValueError, match="do not make num_rows"):
         third.restore(live_keys, rows, first.num_rows + 1, np.zeros(0, np.uint32))
     assert (third.size, third.num_rows) == (0, 0)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_a_table_restored_from_full_and_incremental_snapshots_evicts_as_the_original(name, tmp_path):
+    config = CONFIGS[name]
+    original = EmbeddingTable(config)
+    snapper = ShardSnapshotter({name: original}, shard=0)
+    rng = np.random.default_rng(4)
+    for step, kind in ((1, "full"), (2, "incremental"), (3, "incremental")):
+        _push(original, rng, step, ROWS // 2)
+        snapper.snapshot(str(tmp_path), "job", step, kind)
+    restored = EmbeddingTable(config)
+    restored.load(restore(str(tmp_path), "job", 3)[name][0])
+    _assert_same(original, restored, stats=False)
+    for step in range(4, 10):
+        seed = int(rng.integers(1 << 31))
+        evicted = _push(original, np.random.default_rng(seed), step, ROWS // 4)
+        np.testing.assert_array_equal(_push(restored, np.random.default_rng(seed), step, ROWS // 4), evicted)
+    _assert_same(original, restored, stats=False)
+
+
+def test_a_layout_that_does_not_fit_is_refused_and_the_table_is_unchanged():
+    import dataclasses
+
+    source = EmbeddingTable(CONFIGS["admit"])
+    rng = np.random.default_rng(8)
+    for step in range(1, 4):
+        _push(source, rng, step, 5000)
+    state = source.export()
+    target = EmbeddingTable(CONFIGS["admit"])
+    _push(target, np.random.default_rng(9), 1, 100)
+    before = target.image()
+    layout = state.layout
+    for bad, why in [
+        (dataclasses.replace(layout, rows=layout.rows[:-1]), "state.layout.rows"),
+        (dataclasses.replace(layout, pending_seq=np.zeros_like(layout.pending_seq)), "first-seen numbers"),
+        (dataclasses.replace(layout, sweep_cursor=-1), "counters must be integers"),
+        (dataclasses.replace(layout, rng={"bit_generator": "MT19937"}), "state.layout.rng"),
+        (dataclasses.replace(layout, num_rows=layout.num_rows + 1), "do not make num_rows"),
+    ]:
+        with pytest.raises(ValueError, match=why):
+            target.load(dataclasses.replace(state, layout=bad))
+        after = target.image()
+        assert all(after.arrays[n].tobytes() == before.arrays[n].tobytes() for n in TableImage.ARRAYS)
