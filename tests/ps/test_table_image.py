@@ -207,3 +207,27 @@ def test_a_layout_that_does_not_fit_is_refused_and_the_table_is_unchanged():
             target.load(dataclasses.replace(state, layout=bad))
         after = target.image()
         assert all(after.arrays[n].tobytes() == before.arrays[n].tobytes() for n in TableImage.ARRAYS)
+
+
+def test_a_snapshot_without_a_layout_restores_with_rows_laid_out_by_key(tmp_path):
+    """As one written before snapshots recorded where rows lie: no row columns, no layout file."""
+    import dataclasses
+
+    from ps.snapshot.files import SnapshotWriter
+
+    table = EmbeddingTable(CONFIGS["admit"])
+    _push(table, np.random.default_rng(2), 1, 3000)
+    _push(table, np.random.default_rng(3), 2, 3000)
+    state = dataclasses.replace(table.export(), layout=None)
+    writer = SnapshotWriter(str(tmp_path), "job", 2, "full", num_shards=1, tables=[table.config])
+    record = writer.write_table_shard("admit", 0, state)
+    writer.commit()
+    assert not any(path.endswith(".layout.parquet") for path in record.entry.files)
+    loaded = restore(str(tmp_path), "job", 2)["admit"][0]
+    assert loaded.layout is None
+    restored = EmbeddingTable(CONFIGS["admit"])
+    restored.load(loaded)
+    want, got = table.export(), restored.export()
+    for name in ("keys", "values", "optimizer_state", "freq", "last_step", "pending_keys", "pending_counts"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
+    np.testing.assert_array_equal(got.layout.rows, np.arange(want.keys.shape[0]))  # by key
