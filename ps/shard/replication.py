@@ -88,6 +88,9 @@ _CHANNEL_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_mes
 # mmaps a piece and ~0.3 s of pushes waiting each time (bench standby-join), at 4 MiB the copies
 # reuse heap memory (ps/process/malloc.py) and take milliseconds.
 COPY_PIECE_BYTES = 4 << 20
+# What a standby takes of a copy's push-id memory (JSON): the ledger's bound (32 MiB by its own
+# estimate, ps/shard/state.py) with room for the encoding.
+MAX_LEDGER_COPY_BYTES = 256 << 20
 _FRAME_SLACK = 1 << 20  # a link frame: a forwarded request (message limit + its slack) and its header
 _LINK_METHODS = ("Push", "PushMulti", "Commit")
 
@@ -430,12 +433,17 @@ class Replication:
                 ).SerializeToString())
                 copied += len(piece)
             del pieces, piece  # the last piece views an array too
-        await call.write(replication_pb2.ReplicateRequest(epoch=self.epoch, method="Ledger", state=ledger)
-                         .SerializeToString())
+        # The push-id memory in pieces too: as one message it outgrew a small message limit (a job's
+        # many remembered PushMulti answers) and the standby refused every copy.
+        for i in range(0, max(len(ledger), 1), budget):
+            await call.write(replication_pb2.ReplicateRequest(
+                epoch=self.epoch, method="Ledger", state=ledger[i : i + budget], last=i + budget >= len(ledger),
+            ).SerializeToString())
         await call.write(replication_pb2.ReplicateRequest(
             epoch=self.epoch, method="StateDone", sequence=base, incarnation=self.shard.incarnation,
         ).SerializeToString())
-        log.info("%s: state sent (%.1f MiB); waiting for the standby to load it", self.describe(), copied / 2**20)
+        log.info("%s: state sent (%.1f MiB of tables, %.1f KiB of push ids); waiting for the standby to load it",
+                 self.describe(), copied / 2**20, len(ledger) / 2**10)
         # The copy counts once the standby loaded it (its ack of StateDone, the only ack it sends for
         # the copy), not once it was written here: with no push since the capture, the pair would
         # otherwise be recorded in sync while the standby still holds nothing.
@@ -673,7 +681,7 @@ class Replication:
         copy_epoch = None  # this stream's handshake asked for a state copy, at this epoch
         copy: dict[str, TableImageReader] = {}
         states: dict = {}
-        ledger = b""
+        ledger = bytearray()  # the pieces of the push-id memory so far
         async for message in requests:
             if (error := parse_error(message)) is not None:
                 raise error
@@ -691,6 +699,7 @@ class Replication:
                     copy_epoch = message.epoch
                     copy.clear()  # what an earlier copy on this stream left half-sent is not this one's
                     states.clear()
+                    ledger.clear()
                     if not ack.needs_copy:
                         self._followed = stream
                         await self._listen_link(stream, ack)
@@ -717,12 +726,15 @@ class Replication:
                     states[message.table] = copy.pop(message.table).finish()
                 continue
             if message.method == "Ledger":
-                ledger = message.state
+                if len(ledger) + len(message.state) > MAX_LEDGER_COPY_BYTES:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                        f"state copy: a push-id memory over {MAX_LEDGER_COPY_BYTES:,} bytes")
+                ledger += message.state
                 continue
             if message.method == "StateDone":
-                await self.servicer.run_call(functools.partial(self._load_copy, states, ledger), 1 << 30)
+                await self.servicer.run_call(functools.partial(self._load_copy, states, bytes(ledger)), 1 << 30)
                 self._follow(message, context, "state copied")
-                self._followed, copy_epoch, states = stream, None, {}
+                self._followed, copy_epoch, states, ledger = stream, None, {}, bytearray()
                 ack = replication_pb2.ReplicateAck(sequence=self._applied, epoch=self.epoch)
                 await self._listen_link(stream, ack)
                 yield ack

@@ -231,3 +231,22 @@ def test_a_snapshot_without_a_layout_restores_with_rows_laid_out_by_key(tmp_path
     for name in ("keys", "values", "optimizer_state", "freq", "last_step", "pending_keys", "pending_counts"):
         np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
     np.testing.assert_array_equal(got.layout.rows, np.arange(want.keys.shape[0]))  # by key
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+def test_a_cuda_table_loaded_from_an_image_evicts_as_the_original():
+    import dataclasses
+
+    config = dataclasses.replace(CONFIGS["ttl"], device="cuda")
+    original = EmbeddingTable(config)
+    rng = np.random.default_rng(3)
+    for step in range(1, 4):
+        _push(original, rng, step, ROWS // 2)
+    copy = EmbeddingTable(config)
+    copy.load_image(original.image())
+    for step in range(4, 8):
+        seed = int(rng.integers(1 << 31))
+        evicted = _push(original, np.random.default_rng(seed), step, ROWS // 4)
+        np.testing.assert_array_equal(_push(copy, np.random.default_rng(seed), step, ROWS // 4), evicted)
+    _assert_same(original, copy)
