@@ -80,6 +80,10 @@ _REPLICATE_METHOD = "/{}/Replicate".format(replication_pb2.DESCRIPTOR.services_b
 BULK_FIELDS = {_REPLICATE_METHOD: ("request",)}
 ROLE_VALUES = {"standby": 0, "joining": 1, "sync": 2, "lost": 3, "alone": 4, "deposed": 5, "copying": 6, "catching": 7}
 CATCH_UP_PATIENCE_S = 60.0  # a standby loading a copied state acks nothing meanwhile
+# ... and a large copy takes longer: the wait for its ack grows with its bytes at this rate, far
+# below what a standby loads (2M rows of dim 64 with Adagrad, ~1 GB, in 2-3 s on this VM), so
+# that a shard of tens of GB is not refused its standby by a fixed minute.
+LOAD_BYTES_PER_S_FLOOR = 16 << 20
 CATCH_UP_LAG_PUSHES = 64  # a catching-up standby this close: acks wait for it again (_catch_up)
 CATCH_UP_ALONE_S = 30.0  # ... or once it has caught up alone this long
 _CHANNEL_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
@@ -447,7 +451,8 @@ class Replication:
         # The copy counts once the standby loaded it (its ack of StateDone, the only ack it sends for
         # the copy), not once it was written here: with no push since the capture, the pair would
         # otherwise be recorded in sync while the standby still holds nothing.
-        async with asyncio.timeout(max(self.ttl, CATCH_UP_PATIENCE_S)):  # not wait_for: tests/test_cancellation.py
+        patience = max(self.ttl, CATCH_UP_PATIENCE_S, (copied + len(ledger)) / LOAD_BYTES_PER_S_FLOOR)
+        async with asyncio.timeout(patience):  # not wait_for: tests/test_cancellation.py
             ack = await call.read()
         if ack is grpc.aio.EOF:
             raise ConnectionError("the standby ended the stream while loading the copy")
