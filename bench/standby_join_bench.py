@@ -168,9 +168,13 @@ def run_standby_join_bench(config: StandbyJoinBenchConfig) -> int:
                     preexec_fn=children.die_with_parent,
                 )
             deadline = joined_at + config.timeout_s
+            print("new standby started; waiting for the copy", flush=True)
             copying = _wait_role(shard.metrics_port, {"copying", "catching", "sync"}, deadline, "the copy", sample)
+            print(f"copying ({copying - joined_at:.1f} s)", flush=True)
             catching = _wait_role(shard.metrics_port, {"catching", "sync"}, deadline, "the catch-up", sample)
+            print(f"catching up ({catching - joined_at:.1f} s)", flush=True)
             in_sync = _wait_role(shard.metrics_port, {"sync"}, deadline, "the pair in sync again", sample)
+            print(f"in sync ({in_sync - joined_at:.1f} s)", flush=True)
             settle_until = time.monotonic() + 1.0
             while time.monotonic() < settle_until:
                 sample()
