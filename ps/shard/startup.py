@@ -57,7 +57,8 @@ class RestoreProgress:
         self.metrics.restore_read.labels(str(self.shard)).set(self.read_bytes)
         now = time.monotonic()
         step = max(1, int(self.total_bytes * _LOG_EVERY_FRACTION))
-        if self.read_bytes - self._logged_bytes >= step or now - self._logged_at >= _LOG_EVERY_SECONDS:
+        done = self.read_bytes >= self.total_bytes > self._logged_bytes  # the last line says 100%
+        if done or self.read_bytes - self._logged_bytes >= step or now - self._logged_at >= _LOG_EVERY_SECONDS:
             self._logged_bytes, self._logged_at = self.read_bytes, now
             self.log.info("shard %d: %s", self.shard, self.describe())
 
