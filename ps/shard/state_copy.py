@@ -27,7 +27,7 @@ _MAX_STATE_BYTES = 1 << 40  # what one table's header may announce
 
 
 def table_image_pieces(image: TableImage, size: int) -> list[bytes | memoryview]:
-    """The `state` bytes of one table's TableState messages, in order: the header, then the arrays'
+    """The `state` bytes of one table's "TableState" messages, in order: the header, then the arrays'
     bytes in pieces of at most `size` bytes, views of the arrays (copied into each message as it is
     sent). At least the header, so an empty table is one message."""
     arrays = [(name, np.ascontiguousarray(image.arrays[name])) for name in TableImage.ARRAYS]
