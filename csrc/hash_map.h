@@ -232,7 +232,6 @@ class HashMap {
     std::vector<uint8_t> seen(num_rows, 0);
     auto claim = [&](int64_t row, const char* what) {
       if (row < 0 || static_cast<uint64_t>(row) >= num_rows || seen[row]) {
-        clear();
         throw std::invalid_argument(std::string("restore: ") + what + " row " + std::to_string(row) +
                                     " is outside [0, num_rows) or taken twice");
       }

@@ -152,17 +152,29 @@ def test_a_map_restored_from_another_hands_out_the_same_rows():
     first.find_or_insert(keys)
     first.erase(keys[[3, 900, 17, 500]])
     live_keys, rows = first.export()
+    num_rows, free_rows = first.num_rows, first.free_rows()
     second = native.HashMap(sub_maps=64)  # another sub-map count: only the rows must agree
-    second.restore(live_keys, rows, first.num_rows, first.free_rows())
+    second.restore(live_keys, rows, num_rows, free_rows)
     fresh = np.array([-1, -2, -3, -4, -5], dtype=np.int64)
     np.testing.assert_array_equal(second.find_or_insert(fresh)[0], first.find_or_insert(fresh)[0])
     np.testing.assert_array_equal(second.find(keys), first.find(keys))
     with pytest.raises(ValueError, match="the map must be empty"):
-        second.restore(live_keys, rows, first.num_rows, first.free_rows())
+        second.restore(live_keys, rows, num_rows, free_rows)
     third = native.HashMap()
     with pytest.raises(ValueError, match="do not make num_rows"):
-        third.restore(live_keys, rows, first.num_rows + 1, np.zeros(0, np.uint32))
+        third.restore(live_keys, rows, num_rows + 1, free_rows)
     assert (third.size, third.num_rows) == (0, 0)
+    past = free_rows.copy()
+    past[0] = num_rows  # a row never handed out
+    with pytest.raises(ValueError, match="free row .* is outside"):
+        third.restore(live_keys, rows, num_rows, past)
+    twice = rows.copy()
+    twice[1] = twice[0]
+    with pytest.raises(ValueError, match="taken twice"):
+        third.restore(live_keys, twice, num_rows, free_rows)
+    assert (third.size, third.num_rows) == (0, 0)
+    third.restore(live_keys, rows, num_rows, free_rows)  # still empty, so it takes a layout
+    assert third.size == live_keys.shape[0]
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
