@@ -83,7 +83,9 @@ def _table_offsets(config: PSBenchConfig) -> np.ndarray:
     return offsets
 
 
-def _start_shards(job: JobConfig, workdir: Path, malloc_tuned: bool) -> list[subprocess.Popen]:
+def start_shards(job: JobConfig, workdir: Path, malloc_tuned: bool) -> list[subprocess.Popen]:
+    """Every shard of `job` (and its standby, where it has one) as `embps ps` processes, logs in
+    `workdir`; returns once every shard answers Stats. Primary then standby, shard by shard."""
     from ps.client import PSClient
 
     config_path = workdir / "job.toml"
@@ -232,7 +234,8 @@ def _multi_rounds(
     return (lambda keys: multi.lookup_tables(tables, keys, offsets)), push
 
 
-def _start_etcd(workdir: Path):
+def start_etcd(workdir: Path):
+    """A real etcd for the standbys' arbiter (SystemExit saying why when it cannot run here)."""
     from bench.etcd_server import EtcdServer, etcd_missing
 
     missing = etcd_missing()
@@ -309,12 +312,12 @@ def run_ps_bench(config: PSBenchConfig) -> int:
             deadlines=Deadlines(lookup=60.0, push=60.0, stats=60.0),
         )
         with tempfile.TemporaryDirectory(prefix="embps-bench-ps-") as workdir:
-            etcd = _start_etcd(Path(workdir)) if standby else None
+            etcd = start_etcd(Path(workdir)) if standby else None
             procs = []
             try:
                 if etcd is not None:
                     job = dataclasses.replace(job, arbiter=ArbiterConfig(endpoints=etcd.endpoint))
-                procs = _start_shards(job, Path(workdir), tuned)
+                procs = start_shards(job, Path(workdir), tuned)
                 for verb in ("push", "lookup"):
                     for clients in config.clients:
                         r = _phase(job, config, procs, verb, clients)

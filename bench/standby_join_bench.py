@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.ports import free_ports
-from bench.ps_bench import REPO_ROOT, _start_etcd, _start_shards
+from bench.ps_bench import REPO_ROOT, start_etcd, start_shards
 from ps.job_config import ArbiterConfig, Deadlines, JobConfig, ShardConfig, dump_job_config
 from ps.process import children
 from ps.shard.replication import ROLE_VALUES
@@ -134,11 +134,11 @@ def run_standby_join_bench(config: StandbyJoinBenchConfig) -> int:
     table = TableConfig(TABLE, dim=config.dim, optimizer=OptimizerConfig(kind=OptimizerKind.ADAGRAD, lr=0.01))
     job = JobConfig(job="bench", shards=(shard,), tables=(table,), deadlines=Deadlines(push=600.0, stats=60.0))
     with tempfile.TemporaryDirectory(prefix="embps-bench-standby-join-") as workdir:
-        etcd = _start_etcd(Path(workdir))
+        etcd = start_etcd(Path(workdir))
         procs: list[subprocess.Popen] = []
         try:
             job = dataclasses.replace(job, arbiter=ArbiterConfig(endpoints=etcd.endpoint))
-            procs = _start_shards(job, Path(workdir), True)
+            procs = start_shards(job, Path(workdir), True)
             primary, standby = procs
             _wait_role(shard.metrics_port, {"sync"}, time.monotonic() + 60, "the pair in sync")
             fill_s = _fill(job, config)
