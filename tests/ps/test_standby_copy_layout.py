@@ -16,6 +16,7 @@ import signal
 import numpy as np
 
 from ps.client import PSClient
+from ps.process.children import stop as stop_pid
 from ps.rpc import ps_pb2
 from ps.shard.arbiter import Arbiter
 from ps.shard.state import Shard
@@ -88,6 +89,4 @@ def test_a_standby_loaded_from_a_copy_evicts_what_its_primary_evicts(etcd, tmp_p
     finally:
         pair.stop()
         if new_standby is not None:
-            from ps.process.children import stop as stop_pid
-
             stop_pid(new_standby)

@@ -12,6 +12,7 @@ import signal
 import numpy as np
 
 from ps.client import PSClient
+from ps.process.children import stop as stop_pid
 from ps.table.config import OptimizerConfig, OptimizerKind, TableConfig
 from tests.helpers.processes import ShardPair, start_shard
 from tests.helpers.waiting import wait_until
@@ -50,6 +51,4 @@ def test_a_push_id_memory_larger_than_the_message_limit_reaches_the_new_standby(
     finally:
         pair.stop()
         if new_standby is not None:
-            from ps.process.children import stop as stop_pid
-
             stop_pid(new_standby)

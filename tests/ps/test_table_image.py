@@ -6,11 +6,14 @@ does not fit the table is refused with a ValueError naming the part, and leaves 
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
+import torch
 
 from ps import native
-from ps.snapshot.files import restore
+from ps.snapshot.files import SnapshotWriter, restore
 from ps.snapshot.ops import ShardSnapshotter
 from ps.table.config import (
     AdmissionConfig,
@@ -197,8 +200,6 @@ def test_a_table_restored_from_full_and_incremental_snapshots_evicts_as_the_orig
 
 
 def test_a_layout_that_does_not_fit_is_refused_and_the_table_is_unchanged():
-    import dataclasses
-
     source = EmbeddingTable(CONFIGS["admit"])
     rng = np.random.default_rng(8)
     for step in range(1, 4):
@@ -223,10 +224,6 @@ def test_a_layout_that_does_not_fit_is_refused_and_the_table_is_unchanged():
 
 def test_a_snapshot_without_a_layout_restores_with_rows_laid_out_by_key(tmp_path):
     """As one written before snapshots recorded where rows lie: no row columns, no layout file."""
-    import dataclasses
-
-    from ps.snapshot.files import SnapshotWriter
-
     table = EmbeddingTable(CONFIGS["admit"])
     _push(table, np.random.default_rng(2), 1, 3000)
     _push(table, np.random.default_rng(3), 2, 3000)
@@ -246,10 +243,8 @@ def test_a_snapshot_without_a_layout_restores_with_rows_laid_out_by_key(tmp_path
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_a_cuda_table_loaded_from_an_image_evicts_as_the_original():
-    import dataclasses
-
     config = dataclasses.replace(CONFIGS["ttl"], device="cuda")
     original = EmbeddingTable(config)
     rng = np.random.default_rng(3)
