@@ -72,6 +72,9 @@ class _Pusher:
         self._client = PSClient.from_job(job, deadlines=Deadlines(push=600.0, lookup=60.0, stats=60.0))
         self._config = config
         self._stop = threading.Event()
+        # Held around each push, and by whoever forks meanwhile: a fork while a call is in flight
+        # makes grpc skip its fork handlers, and the child (a new standby) died before its exec.
+        self.between_pushes = threading.Lock()
         self.pushes: list[tuple[float, float]] = []
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -85,9 +88,10 @@ class _Pusher:
         try:
             while not self._stop.is_set():
                 keys = rng.choice(self._config.rows, self._config.batch, replace=False).astype(np.int64)
-                t0 = time.monotonic()
-                self._client.push(TABLE, keys, grads)
-                t1 = time.monotonic()
+                with self.between_pushes:
+                    t0 = time.monotonic()
+                    self._client.push(TABLE, keys, grads)
+                    t1 = time.monotonic()
                 self.pushes.append((t1, t1 - t0))
         except BaseException as exc:  # noqa: BLE001 - reported by stop()
             self.error = exc
@@ -158,7 +162,7 @@ def run_standby_join_bench(config: StandbyJoinBenchConfig) -> int:
             joined_at = time.monotonic()
             config_path = Path(workdir) / "job.toml"
             config_path.write_text(dump_job_config(job))
-            with open(Path(workdir) / "shard-0-standby-2.log", "wb") as log:
+            with open(Path(workdir) / "shard-0-standby-2.log", "wb") as log, pusher.between_pushes:
                 procs[1] = subprocess.Popen(
                     [sys.executable, "-m", "embps", "ps", "--config", str(config_path), "--shard", "0", "--standby"],
                     cwd=REPO_ROOT,
@@ -168,12 +172,20 @@ def run_standby_join_bench(config: StandbyJoinBenchConfig) -> int:
                     preexec_fn=children.die_with_parent,
                 )
             deadline = joined_at + config.timeout_s
+
+            def tick() -> None:
+                sample()
+                if procs[1].poll() is not None:
+                    log_text = (Path(workdir) / "shard-0-standby-2.log").read_text(errors="replace")
+                    raise SystemExit(f"embps bench standby-join: the new standby exited ({procs[1].returncode}): "
+                                     f"{log_text[-2000:]}")
+
             print("new standby started; waiting for the copy", flush=True)
-            copying = _wait_role(shard.metrics_port, {"copying", "catching", "sync"}, deadline, "the copy", sample)
+            copying = _wait_role(shard.metrics_port, {"copying", "catching", "sync"}, deadline, "the copy", tick)
             print(f"copying ({copying - joined_at:.1f} s)", flush=True)
-            catching = _wait_role(shard.metrics_port, {"catching", "sync"}, deadline, "the catch-up", sample)
+            catching = _wait_role(shard.metrics_port, {"catching", "sync"}, deadline, "the catch-up", tick)
             print(f"catching up ({catching - joined_at:.1f} s)", flush=True)
-            in_sync = _wait_role(shard.metrics_port, {"sync"}, deadline, "the pair in sync again", sample)
+            in_sync = _wait_role(shard.metrics_port, {"sync"}, deadline, "the pair in sync again", tick)
             print(f"in sync ({in_sync - joined_at:.1f} s)", flush=True)
             settle_until = time.monotonic() + 1.0
             while time.monotonic() < settle_until:

@@ -11,7 +11,8 @@ from bench.standby_join_bench import StandbyJoinBenchConfig, run_standby_join_be
 @pytest.mark.skipif(etcd_missing() is not None, reason=str(etcd_missing()))
 def test_standby_join_reports_the_copy_the_longest_push_and_the_memory(tmp_path, capsys):
     out = tmp_path / "join.json"
-    assert run_standby_join_bench(StandbyJoinBenchConfig(rows=20_000, dim=8, batch=64, out=str(out))) == 0
+    config = StandbyJoinBenchConfig(rows=20_000, dim=8, batch=64, timeout_s=120.0, out=str(out))
+    assert run_standby_join_bench(config) == 0
     result = json.loads(out.read_text())
     assert result["pushes_during"] > 0 and result["push_max_during_ms"] >= result["push_p50_before_ms"] > 0
     assert result["copy_s"] >= 0 and result["catch_up_s"] >= 0
