@@ -32,7 +32,6 @@ runs it for a few thousand pushes.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import subprocess
@@ -159,14 +158,26 @@ def _proc_cpu_rss(pid: int) -> tuple[float, int]:
     return cpu_s, rss
 
 
-def _pin_to_one_cpu() -> None:
-    """Runs the soaked shard and its young twin (every thread) on the same CPU, so that both meet
-    the same neighbours (another process on that CPU or its SMT sibling), and each with the same
-    address layout (no address-space randomisation). With random layouts, a shard past every
-    bound cost 0.96x-1.16x of another pushed in turn over 7 runs under a busy loop, a factor fixed
-    for the pair's lifetime; with one layout, 1.01x-1.06x over 4 runs."""
-    os.sched_setaffinity(0, {max(os.sched_getaffinity(0))})
-    ctypes.CDLL(None).personality(_ADDR_NO_RANDOMIZE)  # refused (-1) by some seccomp profiles: random layouts then
+# Run by a Python of its own, which then becomes the shard: a preexec_fn would fork this process,
+# and with Subscribe streams read on other threads (the follow phase) grpc skips its fork handlers
+# then, which can leave the child dead before its exec. Without one, subprocess forks nothing here.
+_PINNED = """
+import ctypes, os, sys
+os.sched_setaffinity(0, {int(sys.argv[1])})
+ctypes.CDLL(None).personality(int(sys.argv[2]))  # refused (-1) by some seccomp profiles: random layouts then
+os.execv(sys.executable, [sys.executable, *sys.argv[3:]])
+"""
+
+
+def _pinned_to_one_cpu(argv: list[str]) -> list[str]:
+    """`python argv...` run on this machine's last CPU with no address-space randomisation: the
+    soaked shard and its young twin (every thread) on the same CPU, so that both meet the same
+    neighbours (another process on that CPU or its SMT sibling), and each with the same address
+    layout. With random layouts, a shard past every bound cost 0.96x-1.16x of another pushed in
+    turn over 7 runs under a busy loop, a factor fixed for the pair's lifetime; with one layout,
+    1.01x-1.06x over 4 runs."""
+    cpu = max(os.sched_getaffinity(0))
+    return [sys.executable, "-c", _PINNED, str(cpu), str(_ADDR_NO_RANDOMIZE), *argv]
 
 
 class SoakShard:
@@ -207,14 +218,12 @@ class SoakShard:
         config_path = workdir / "job.toml"
         config_path.write_text(dump_job_config(self.job))
         env = {**os.environ, "PYTHONPATH": python_path(str(REPO_ROOT))}
-        cmd = [
-            sys.executable, "-m", "embps", "ps", "--config", str(config_path), "--shard", "0",
+        cmd = _pinned_to_one_cpu([
+            "-m", "embps", "ps", "--config", str(config_path), "--shard", "0",
             "--update-log-keys", str(config.update_log_keys),
-        ]
+        ])
         with open(workdir / "shard.log", "wb") as log:
-            self.proc = subprocess.Popen(
-                cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_pin_to_one_cpu
-            )
+            self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
             children.wait_serving(self.job.shards[0].address, self.proc, "soak shard", timeout=120.0)
         except BaseException:
