@@ -59,6 +59,11 @@ _SWEEP_WINDOW = 1 << 14
 log = logging.getLogger(__name__)
 
 
+def _pending_map(expected: int) -> native.HashMap:
+    """The map of keys pending admission, sized for `expected` of them (max_pending bounds it)."""
+    return native.HashMap(int(expected / 0.7) + 16, sub_maps=BOUNDED_MAP_SUB_MAPS)
+
+
 def _sweep_window(num_rows: int, steps: int, interval: int, pushed: int) -> int:
     """Rows a push's TTL sweep of a large table reads: its share of one pass over num_rows every
     `interval` steps for the `steps` it advanced (at least one), at most _SWEEP_WINDOW, and never
@@ -647,13 +652,15 @@ class EmbeddingTable:
         if self.config.capacity is not None and u > self.config.capacity:
             raise CapacityError(f"table {self.name}: state has {u} rows, capacity is {self.config.capacity}")
         layout = state.layout
-        table_map = native.HashMap()
-        table_map.reserve(max(u, self.config.expected_rows or 0))
-        if layout is not None:
+        if layout is None:
+            table_map = native.HashMap()
+            table_map.reserve(max(u, self.config.expected_rows or 0))
+        else:
             rng = self._check_layout(state, layout)
-            table_map.restore(state.keys, layout.rows, layout.num_rows, layout.free_rows)
-            pending = native.HashMap(int(state.pending_keys.shape[0] / 0.7) + 16, sub_maps=BOUNDED_MAP_SUB_MAPS)
-            pending.restore(state.pending_keys, layout.pending_rows, layout.pending_num_rows, layout.pending_free_rows)
+            table_map, pending = self._laid_out_maps(
+                (state.keys, layout.rows, layout.num_rows, layout.free_rows),
+                (state.pending_keys, layout.pending_rows, layout.pending_num_rows, layout.pending_free_rows),
+            )
         self._map = table_map
         self._store = RowStore(self.width, self.config.device, self._store.block_shift)
         self._row_keys = np.zeros(0, dtype=np.int64)
@@ -756,16 +763,11 @@ class EmbeddingTable:
             raise ValueError("image.pending_order_chunks: chunk lengths must be >= 1 and add up to the entries")
         if self.config.capacity is not None and u > self.config.capacity:
             raise CapacityError(f"table {self.name}: image has {u} rows, capacity is {self.config.capacity}")
-        rng = np.random.default_rng(self.config.seed)
-        try:
-            rng.bit_generator.state = image.rng
-        except (TypeError, ValueError, KeyError) as exc:
-            raise ValueError(f"image.rng: not a {type(rng.bit_generator).__name__} state ({exc})") from None
-        table_map = native.HashMap()
-        table_map.reserve(max(u, self.config.expected_rows or 0))
-        table_map.restore(arrays["keys"], arrays["rows"], num_rows, arrays["free_rows"])
-        pending = native.HashMap(int(pu / 0.7) + 16, sub_maps=BOUNDED_MAP_SUB_MAPS)
-        pending.restore(arrays["pending_keys"], arrays["pending_rows"], q, arrays["pending_free_rows"])
+        rng = self._sampler(image.rng, "image.rng")
+        table_map, pending = self._laid_out_maps(
+            (arrays["keys"], arrays["rows"], num_rows, arrays["free_rows"]),
+            (arrays["pending_keys"], arrays["pending_rows"], q, arrays["pending_free_rows"]),
+        )
         store = RowStore(self.width, self.config.device, self._store.block_shift)
         store.load_rows(arrays["words"])
         self._map, self._store, self._rng = table_map, store, rng
@@ -875,12 +877,26 @@ class EmbeddingTable:
             raise ValueError(f"state.layout: counters must be integers >= 0, got {counts}")
         if p and not (1 <= int(layout.pending_seq.min()) and int(layout.pending_seq.max()) < layout.next_seq):
             raise ValueError("state.layout.pending_seq: first-seen numbers must be in [1, next_seq)")
+        return self._sampler(layout.rng, "state.layout.rng")
+
+    def _sampler(self, state: dict, where: str) -> np.random.Generator:
+        """The eviction sampler at `state` (its bit generator's state); ValueError naming `where`."""
         rng = np.random.default_rng(self.config.seed)
         try:
-            rng.bit_generator.state = layout.rng
+            rng.bit_generator.state = state
         except (TypeError, ValueError, KeyError) as exc:
-            raise ValueError(f"state.layout.rng: not a {type(rng.bit_generator).__name__} state ({exc})") from None
+            raise ValueError(f"{where}: not a {type(rng.bit_generator).__name__} state ({exc})") from None
         return rng
+
+    def _laid_out_maps(self, rows: tuple, pending: tuple) -> tuple[native.HashMap, native.HashMap]:
+        """New key and pending-key maps with another table's layout: each of `rows` and `pending` is
+        (keys, their rows, rows handed out, free rows), as HashMap.restore takes them."""
+        table_map = native.HashMap()
+        table_map.reserve(max(rows[0].shape[0], self.config.expected_rows or 0))
+        table_map.restore(*rows)
+        pending_map = _pending_map(pending[0].shape[0])
+        pending_map.restore(*pending)
+        return table_map, pending_map
 
     def _load_laid_out_pending(self, state: TableState, layout: TableLayout, pending: native.HashMap) -> None:
         """The pending keys of `state` at their rows in `pending` (restored), first seen in the
@@ -908,7 +924,7 @@ class EmbeddingTable:
             self._drop_oldest_pending(excess)
 
     def _reset_pending(self, expected: int) -> None:
-        self._pending = native.HashMap(int(expected / 0.7) + 16, sub_maps=BOUNDED_MAP_SUB_MAPS)  # max_pending bounds it
+        self._pending = _pending_map(expected)
         self._pending_meta = np.zeros((0, 2), dtype=np.uint32)  # [count, last_step] per pending row
         self._pending_keys = np.zeros(0, dtype=np.int64)  # the key of each pending row
         self._pending_seq = np.zeros(0, dtype=np.int64)  # when each pending row was first seen; 0: free
