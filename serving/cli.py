@@ -20,11 +20,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Re-executes itself with tuned malloc thresholds (unless --no-malloc-tuning), then serves;
     the process ends with the replica's exit status (ps/process/exit.py)."""
+    from ps.process.children import die_with_launcher
     from ps.process.exit import exit_process
     from ps.process.malloc import exec_with_malloc_tuning
 
     if not (math.isfinite(args.grace) and 0 <= args.grace <= MAX_GRACE_SECONDS):
         raise ValueError(f"--grace: must be a number of seconds in [0, {MAX_GRACE_SECONDS:g}], got {args.grace}")
+    die_with_launcher()  # first: the prctl holds across the re-exec
     if not args.no_malloc_tuning:
         exec_with_malloc_tuning(args.argv)
     from serving.server import serve_replica  # after the re-exec, which would import it twice

@@ -222,7 +222,7 @@ def launch(options: LaunchOptions) -> int:
     failures = _Failures()
     signal.signal(signal.SIGUSR1, failures.on_signal)
     signal.signal(signal.SIGTERM, _raise_signal_exception)
-    os.environ[processes.LAUNCHER_PID_ENV] = str(os.getpid())
+    os.environ[children.LAUNCHER_PID_ENV] = str(os.getpid())
     stop_bar = threading.Event()
     fleet: ServingFleet | None = None
     failure: str | None = None

@@ -1,15 +1,13 @@
 """Child processes of `embps launch`: PS shards and serving replicas started, health-checked and
-stopped by pid; each dies with the launcher, even when the launcher is killed with SIGKILL.
+stopped by pid; each dies with the launcher, even when the launcher is killed with SIGKILL (the
+child arranges that itself: ps.process.children.die_with_launcher).
 """
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
-
-from ps.process.children import die_with_parent
 
 
 def start_shard(
@@ -25,7 +23,6 @@ def start_shard(
             [sys.executable, "-m", "embps", "ps", "--config", config_path, "--shard", str(index), *restore],
             stdout=log,
             stderr=subprocess.STDOUT,
-            preexec_fn=die_with_parent,
         )
 
 
@@ -37,21 +34,4 @@ def start_replica(config_path: Path, log_path: Path) -> subprocess.Popen:
             [sys.executable, "-m", "embps", "serve", "--config", str(config_path)],
             stdout=log,
             stderr=subprocess.STDOUT,
-            preexec_fn=die_with_parent,
         )
-
-
-# The launcher's pid, handed to the workers: the elastic agent starts each worker in a session of
-# its own and nothing kills it when the launcher is killed, so the worker arranges that itself.
-LAUNCHER_PID_ENV = "EMBPS_LAUNCHER_PID"
-
-
-def die_with_launcher() -> None:
-    """In a worker started by `embps launch`: SIGTERM when the launcher dies (even by SIGKILL),
-    and exit now if it is already gone. Does nothing in a worker started otherwise (torchrun)."""
-    launcher = os.environ.get(LAUNCHER_PID_ENV)
-    if launcher is None:
-        return
-    die_with_parent()
-    if os.getppid() != int(launcher):  # it died before the prctl: no signal will come
-        raise SystemExit(f"embps worker: the launcher (pid {launcher}) is gone")

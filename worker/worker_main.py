@@ -25,12 +25,12 @@ import torch.distributed as dist
 from prometheus_client import start_http_server
 
 from ps.client import PSClient, ShardUnavailableError
+from ps.process.children import die_with_launcher
 from ps.process.exit import exit_process
 from ps.process.malloc import tune_malloc_here
 from worker.checkpoint import Checkpointer, load_trainer_state
 from worker.data_sources import eval_batches, ranks_may_differ_in_batches, train_reader
 from worker.model import DLRMDenseTower
-from worker.processes import die_with_launcher
 from worker.train_config import TrainingJob, load_training_job
 from worker.trainer import Trainer
 

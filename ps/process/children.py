@@ -31,11 +31,32 @@ def python_path(*first: str) -> str:
 
 
 def die_with_parent() -> None:
-    """In the child before exec: get SIGTERM when the launcher dies, even by SIGKILL (Linux)."""
+    """Get SIGTERM when the parent dies, even by SIGKILL (Linux). Called in the child itself (or
+    as a preexec_fn where the parent runs no other thread: a fork while another thread is inside a
+    gRPC call skips grpc's fork handlers, and the child can die before its exec)."""
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     except OSError:
         pass
+
+
+# The pid of `embps launch`, in the environment of every process it starts. Each child arranges to
+# die with it (die_with_launcher) as its first step: the launcher starts new standbys and restarted
+# replicas from threads while others call shards over gRPC, so it cannot do that in a preexec_fn.
+LAUNCHER_PID_ENV = "EMBPS_LAUNCHER_PID"
+
+
+def die_with_launcher() -> None:
+    """In a process started by `embps launch` (a shard, a replica, a worker): SIGTERM when the
+    launcher dies (even by SIGKILL), and exit now if it is already gone. Does nothing in a process
+    started otherwise. The signal comes when the launcher's thread that started this process ends,
+    so the launcher starts children from threads that live as long as the children."""
+    launcher = os.environ.get(LAUNCHER_PID_ENV)
+    if launcher is None:
+        return
+    die_with_parent()
+    if os.getppid() != int(launcher):  # it died before the prctl: no signal will come
+        raise SystemExit(f"embps: the launcher (pid {launcher}) is gone")
 
 
 def wait_serving(

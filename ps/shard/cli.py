@@ -51,9 +51,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Re-executes itself with tuned malloc thresholds (unless --no-malloc-tuning), then serves;
     the process ends with the shard's exit status (ps/process/exit.py)."""
+    from ps.process.children import die_with_launcher
     from ps.process.exit import exit_process
     from ps.process.malloc import exec_with_malloc_tuning
 
+    die_with_launcher()  # first: the prctl holds across the re-exec
     if not args.no_malloc_tuning:
         exec_with_malloc_tuning(args.argv)
     from ps.shard.server import serve_shard  # after the re-exec, which would import it twice
