@@ -4,11 +4,13 @@
     SIGKILL the standby -> the primary goes on alone
     a client pushes --batch keys back to back -> start a new standby -> it copies the state, catches up, is in sync
 
-The copy is taken at one point of the primary's apply order (ps/shard/replication.py), so a push
-that arrives meanwhile waits for it: that wait is the primary's stall, the longest push of the
-join. Printed: the table's bytes, the join's phases (copying, catching up, in sync) from the
-primary's role gauge, the pushes' p50 before the join and the longest one during it, and the
-primary's RSS before the join and at its peak during it (sampled every 20 ms).
+The primary copies its rows while it goes on alone, a piece between two pushes, then the rows
+written since; only the rest (layout, counters, the rows written since their copy) is taken at one
+point of its apply order (ps/shard/replication.py), and a push that arrives meanwhile waits for it:
+the longest push of the join shows that stall. Printed: the table's bytes, the join's phases
+(copying, catching up, in sync) from the primary's role gauge, the pushes' p50 before the join and
+the longest one during it, and the primary's RSS before the join and at its peak during it (sampled
+every 20 ms).
 """
 
 from __future__ import annotations
@@ -192,6 +194,10 @@ def run_standby_join_bench(config: StandbyJoinBenchConfig) -> int:
                 sample()
                 time.sleep(0.02)
             pusher.stop()
+            # The primary's account of the copy: the rows sent while it went on alone, each round of
+            # rows written since their copy, and what was taken at one point.
+            copy_lines = [line.split("): ", 1)[-1] for line in (Path(workdir) / "shard-0.log").read_text().splitlines()
+                          if any(w in line for w in ("copy round", "rows sent", "state sent"))]
         finally:
             children.stop_all(procs)
             etcd.stop()
@@ -211,6 +217,7 @@ def run_standby_join_bench(config: StandbyJoinBenchConfig) -> int:
                                   if joined_at <= end <= in_sync + 1.0), key=lambda p: -p[1])[:5],
         "primary_rss_before_mib": rss_before / 2**20,
         "primary_rss_peak_mib": max(rss_peak) / 2**20,
+        "primary_copy_log": copy_lines,
     }
     print(
         f"join: copy began {result['copy_starts_s']:.2f} s after the standby started, copy {result['copy_s']:.2f} s, "
@@ -219,7 +226,8 @@ def run_standby_join_bench(config: StandbyJoinBenchConfig) -> int:
         f"{result['push_max_during_ms']:.1f} ms ({len(during)} pushes); the longest began at "
         + ", ".join(f"{t:.2f} s ({ms:.0f} ms)" for t, ms in result["longest_pushes"]) + "\n"
         f"primary RSS {result['primary_rss_before_mib']:,.0f} MiB before, "
-        f"peak {result['primary_rss_peak_mib']:,.0f} MiB"
+        f"peak {result['primary_rss_peak_mib']:,.0f} MiB\n"
+        "the primary's copy: " + "; ".join(copy_lines)
     )
     if config.out:
         Path(config.out).write_text(json.dumps(result, indent=2))

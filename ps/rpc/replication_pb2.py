@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x65mbps/replication.proto\x12\x08\x65mbps.v1\".\n\x0cTableVersion\x12\r\n\x05table\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\"\xeb\x01\n\x10ReplicateRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\x0f\n\x07request\x18\x04 \x01(\x0c\x12\x13\n\x0bincarnation\x18\x06 \x01(\x04\x12(\n\x08versions\x18\x07 \x03(\x0b\x32\x16.embps.v1.TableVersion\x12\r\n\x05shard\x18\x08 \x01(\r\x12\r\n\x05state\x18\t \x01(\x0c\x12\r\n\x05table\x18\n \x01(\t\x12\x0c\n\x04last\x18\x0b \x01(\x08\x12\x15\n\rsealed_tables\x18\x0c \x03(\tJ\x04\x08\x05\x10\x06\"\x87\x01\n\x0cReplicateAck\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x12\n\nneeds_copy\x18\x03 \x01(\x08\x12\x0e\n\x06\x61nswer\x18\x04 \x01(\x0c\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x11\n\tlink_port\x18\x06 \x01(\r\x12\x10\n\x08link_key\x18\x07 \x01(\x0c\x32R\n\x0bReplication\x12\x43\n\tReplicate\x12\x1a.embps.v1.ReplicateRequest\x1a\x16.embps.v1.ReplicateAck(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x65mbps/replication.proto\x12\x08\x65mbps.v1\".\n\x0cTableVersion\x12\r\n\x05table\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\"\xf9\x01\n\x10ReplicateRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\x0f\n\x07request\x18\x04 \x01(\x0c\x12\x13\n\x0bincarnation\x18\x06 \x01(\x04\x12(\n\x08versions\x18\x07 \x03(\x0b\x32\x16.embps.v1.TableVersion\x12\r\n\x05shard\x18\x08 \x01(\r\x12\r\n\x05state\x18\t \x01(\x0c\x12\r\n\x05table\x18\n \x01(\t\x12\x0c\n\x04last\x18\x0b \x01(\x08\x12\x15\n\rsealed_tables\x18\x0c \x03(\t\x12\x0c\n\x04rows\x18\r \x01(\x0cJ\x04\x08\x05\x10\x06\"\x87\x01\n\x0cReplicateAck\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x12\n\nneeds_copy\x18\x03 \x01(\x08\x12\x0e\n\x06\x61nswer\x18\x04 \x01(\x0c\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x11\n\tlink_port\x18\x06 \x01(\r\x12\x10\n\x08link_key\x18\x07 \x01(\x0c\x32R\n\x0bReplication\x12\x43\n\tReplicate\x12\x1a.embps.v1.ReplicateRequest\x1a\x16.embps.v1.ReplicateAck(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,9 +34,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TABLEVERSION']._serialized_start=37
   _globals['_TABLEVERSION']._serialized_end=83
   _globals['_REPLICATEREQUEST']._serialized_start=86
-  _globals['_REPLICATEREQUEST']._serialized_end=321
-  _globals['_REPLICATEACK']._serialized_start=324
-  _globals['_REPLICATEACK']._serialized_end=459
-  _globals['_REPLICATION']._serialized_start=461
-  _globals['_REPLICATION']._serialized_end=543
+  _globals['_REPLICATEREQUEST']._serialized_end=335
+  _globals['_REPLICATEACK']._serialized_start=338
+  _globals['_REPLICATEACK']._serialized_end=473
+  _globals['_REPLICATION']._serialized_start=475
+  _globals['_REPLICATION']._serialized_end=557
 # @@protoc_insertion_point(module_scope)

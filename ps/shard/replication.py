@@ -37,11 +37,12 @@ applied but never acknowledged is applied once.
 A primary whose standby died goes on alone only after the arbiter recorded it (sync = false, no
 standby): until then its pushes wait, so a push acknowledged by one process alone can never be lost
 to a promotion. An alone primary tries its partner's address every lease (`embps launch` starts a
-new standby there): it takes a copy of its state at one point of its apply order (tables with
-optimizer state and counters, push-id memory), streams it, then the pushes applied since, and
-acknowledges synchronously again; the arbiter records the pair in sync once the standby caught up,
-and only then may the standby take over. Both processes of a pair started from the same snapshot
-step skip the copy.
+new standby there): it streams its tables' rows while it goes on alone, each piece copied between
+two pushes, then the rows written since, and at one point of its apply order the rest of its state
+(each table's layout, counters and the rows written since their copy; the push-id memory), then the
+pushes applied since that point, and acknowledges synchronously again; the arbiter records the
+pair in sync once the standby caught up, and only then may the standby take over. Both processes
+of a pair started from the same snapshot step skip the copy.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ import time
 from collections.abc import AsyncIterator
 
 import grpc
+import numpy as np
 from google.protobuf.message import DecodeError
 from prometheus_client import Counter, Gauge
 
@@ -70,7 +72,7 @@ from ps.rpc import ps_pb2, replication_pb2, replication_pb2_grpc
 from ps.security import Role, open_aio_channel
 from ps.shard.arbiter import Arbiter, Membership
 from ps.shard.replication_link import KEY_BYTES, LinkRefused, PrimaryLink, StandbyLink, split_host_port
-from ps.shard.state_copy import TableImageReader, decode_ledger, encode_ledger, table_image_pieces
+from ps.shard.state_copy import CopiedRows, TableImageReader, decode_ledger, encode_ledger, table_image_pieces
 from ps.shard.update_log import UpdateLog
 
 log = logging.getLogger("embps.ps")
@@ -92,6 +94,10 @@ _CHANNEL_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_mes
 # mmaps a piece and ~0.3 s of pushes waiting each time (bench standby-join), at 4 MiB the copies
 # reuse heap memory (ps/process/malloc.py) and take milliseconds.
 COPY_PIECE_BYTES = 4 << 20
+# A live copy (_copy) resends the rows pushes wrote since their copy, in up to COPY_ROUNDS rounds,
+# until they hold at most FINAL_ROWS_BYTES: those are copied at the one point pushes wait for.
+COPY_ROUNDS = 4
+FINAL_ROWS_BYTES = 64 << 20
 # What a standby takes of a copy's push-id memory (JSON): the ledger's bound (32 MiB by its own
 # estimate, ps/shard/state.py) with room for the encoding.
 MAX_LEDGER_COPY_BYTES = 256 << 20
@@ -314,6 +320,8 @@ class Replication:
                     log.warning("%s: standby %s lost (%s)", self.describe(), self.partner, _short(exc))
             finally:
                 await channel.close()
+            if self.state is State.COPYING:
+                await self.servicer.run_call(self._stop_tracking, 0)  # a copy broken off: no more marks
             self._queueing = False
             self._queue.clear()
             if self.state is State.SYNC:
@@ -414,16 +422,46 @@ class Replication:
             self._wake.set()
 
     async def _copy(self, call):
-        """Sends the state, taken at one point of the apply order; pushes after it queue meanwhile.
-        Returns the standby's ack of the copy (which offers the link). The rows are copied into
-        memory allocated and faulted in beforehand, outside that point (_image_spaces)."""
-        spaces = await asyncio.to_thread(self._image_spaces)
-        base, states, ledger = await self.servicer.run_call(functools.partial(self._capture, spaces), 1 << 30)
-        del spaces
-        self._set_state(State.COPYING)
-        log.info("%s: copying its state to the standby %s (at push %d)", self.describe(), self.partner, base)
+        """Sends the state while pushes go on, acknowledged alone (a live copy, as a virtual machine
+        migrates): each table's rows in pieces of COPY_PIECE_BYTES, each copied between two pushes,
+        while the table marks the rows pushes write; then those rows again, in rounds, until what
+        they hold fits FINAL_ROWS_BYTES (or COPY_ROUNDS passed); then, at one point of the apply
+        order (_capture), each table's image with the rows written since their copy (beside them
+        its keys, free rows, pending keys, cursors and sampler: ~16 bytes a row) and the push-id
+        memory. Pushes after that point queue for the standby. So beside its tables the primary
+        holds a piece and that image, not a copy of every table (bench standby-join). Returns the
+        standby's ack of the copy (which offers the link)."""
+        tables = self.shard.tables
         budget = min(self.shard.job.message_limit_bytes, COPY_PIECE_BYTES)
+        self._set_state(State.COPYING)
+        log.info("%s: copying its state to the standby %s while it goes on alone", self.describe(), self.partner)
         copied = 0
+        spans = {}  # table -> the rows handed out when its copy began: later rounds resend only those
+        for name, table in tables.items():
+            spans[name] = await self.servicer.run_call(functools.partial(_track_written_rows, table), 0)
+            per = _rows_per_piece(table, budget)
+            for first in range(0, spans[name], per):
+                rows = np.arange(first, min(first + per, spans[name]), dtype=np.int64)
+                copied += await self._send_rows(call, name, table, rows)
+        for round_number in range(1, COPY_ROUNDS + 1):
+            written = await self.servicer.run_call(
+                lambda: sum(t.num_written_rows() * t.width * 4 for t in tables.values()), 0
+            )
+            if written <= FINAL_ROWS_BYTES:
+                break
+            log.info("%s: copy round %d: %.1f MiB of rows written since their copy, sent again", self.describe(),
+                     round_number, written / 2**20)
+            taken = await self.servicer.run_call(
+                lambda: {n: t.take_written_rows(below=spans[n]) for n, t in tables.items()}, 0
+            )
+            for name, rows in taken.items():
+                per = _rows_per_piece(tables[name], budget)
+                for first in range(0, rows.shape[0], per):
+                    copied += await self._send_rows(call, name, tables[name], rows[first : first + per])
+            del taken
+        base, states, ledger = await self.servicer.run_call(self._capture, 1 << 30)
+        log.info("%s: rows sent (%.1f MiB); the rest of the state is taken at push %d", self.describe(),
+                 copied / 2**20, base)
         while states:
             # Each table's image is let go once sent: the copy holds the tables not sent yet, and
             # its pieces are views of their arrays (state_copy.py), each copied into its message.
@@ -463,24 +501,33 @@ class Replication:
         log.info("%s: the standby loaded the copy; it catches up on the pushes since", self.describe())
         return ack
 
-    def _image_spaces(self) -> dict:
-        """{table: memory for its image's rows} (EmbeddingTable.image_space), off the tables'
-        thread: the image of 2M rows of dim 64 with Adagrad took 3.8 s into new memory and 0.25 s
-        into memory faulted in beforehand (2026-12-06), and pushes wait for it. Room for an eighth
-        more rows (and 65,536) than now, for the rows that arrive meanwhile; a table that outgrew
-        it is copied into new memory."""
-        return {name: table.image_space(table.size // 8 + 65_536) for name, table in self.shard.tables.items()}
+    async def _send_rows(self, call, name: str, table, rows: np.ndarray) -> int:
+        """One "TableRows" message: the words of `rows`, copied between two pushes. Returns its bytes."""
+        words = await self.servicer.run_call(functools.partial(table.copy_rows, rows), rows.shape[0] * table.width * 4)
+        await call.write(replication_pb2.ReplicateRequest(
+            epoch=self.epoch, method="TableRows", table=name, rows=rows.astype("<i8").tobytes(),
+            state=words.tobytes(),
+        ).SerializeToString())
+        return words.nbytes
 
-    def _capture(self, spaces: dict):
-        """(sequence, {table: TableImage}, ledger) at this point of the apply order (serialised
-        with every push); every push from here on is queued for the standby."""
+    def _capture(self):
+        """(sequence, {table: TableImage with the rows written since their copy}, ledger) at this
+        point of the apply order (serialised with every push); every push from here on is queued
+        for the standby, and the tables stop marking rows."""
         self._queue.clear()
         self._mine.clear()
         self._theirs.clear()
         self._diverged = ""
         self._queueing = True
-        states = {name: table.image(spaces.get(name)) for name, table in self.shard.tables.items()}
+        states = {}
+        for name, table in self.shard.tables.items():
+            states[name] = table.image(table.take_written_rows())
+            table.stop_tracking_written_rows()
         return self._sequence, states, encode_ledger(self.shard.ledger.export())
+
+    def _stop_tracking(self) -> None:
+        for table in self.shard.tables.values():
+            table.stop_tracking_written_rows()
 
     async def _send(self, call, reader: asyncio.Future) -> None:
         heartbeat = replication_pb2.ReplicateRequest(epoch=self.epoch, sequence=0, shard=self.shard.index)
@@ -686,6 +733,7 @@ class Replication:
         copy_epoch = None  # this stream's handshake asked for a state copy, at this epoch
         copy: dict[str, TableImageReader] = {}
         states: dict = {}
+        rows: dict[str, CopiedRows] = {}  # the rows of each table sent before its image
         ledger = bytearray()  # the pieces of the push-id memory so far
         async for message in requests:
             if (error := parse_error(message)) is not None:
@@ -704,6 +752,7 @@ class Replication:
                     copy_epoch = message.epoch
                     copy.clear()  # what an earlier copy on this stream left half-sent is not this one's
                     states.clear()
+                    rows.clear()
                     ledger.clear()
                     if not ack.needs_copy:
                         self._followed = stream
@@ -715,12 +764,20 @@ class Replication:
                                             f"{self.describe()}: replication link {stream.link_failure}")
                     yield replication_pb2.ReplicateAck(sequence=self._applied, epoch=self.epoch)
                 continue
-            if message.method in ("TableState", "Ledger", "StateDone"):
+            if message.method in ("TableRows", "TableState", "Ledger", "StateDone"):
                 if copy_epoch is None or message.epoch != copy_epoch:
                     await context.abort(
                         grpc.StatusCode.FAILED_PRECONDITION,
                         f"{self.describe()}: {message.method} without an accepted handshake on this stream",
                     )
+            if message.method == "TableRows":
+                table = self.shard.tables.get(message.table)
+                if table is None:
+                    raise ValueError(f"state copy: rows of table {message.table!r}, which this shard does not hold")
+                if message.table not in rows:
+                    rows[message.table] = CopiedRows(table.new_row_store())
+                rows[message.table].add(message.rows, message.state)  # a copy of at most the message limit
+                continue
             if message.method == "TableState":
                 reader = copy.get(message.table)
                 if reader is None:  # a table's first piece is its header, which allocates its arrays
@@ -737,9 +794,9 @@ class Replication:
                 ledger += message.state
                 continue
             if message.method == "StateDone":
-                await self.servicer.run_call(functools.partial(self._load_copy, states, bytes(ledger)), 1 << 30)
+                await self.servicer.run_call(functools.partial(self._load_copy, states, rows, bytes(ledger)), 1 << 30)
                 self._follow(message, context, "state copied")
-                self._followed, copy_epoch, states, ledger = stream, None, {}, bytearray()
+                self._followed, copy_epoch, states, rows, ledger = stream, None, {}, {}, bytearray()
                 ack = replication_pb2.ReplicateAck(sequence=self._applied, epoch=self.epoch)
                 await self._listen_link(stream, ack)
                 yield ack
@@ -836,12 +893,17 @@ class Replication:
         self._set_state(State.STANDBY)
         log.info("%s: following the primary (%s; incarnation %d)", self.describe(), how, message.incarnation)
 
-    def _load_copy(self, states: dict, ledger: bytes) -> None:
-        """The primary's state in place of this one's (on the tables' thread)."""
+    def _load_copy(self, states: dict, rows: dict, ledger: bytes) -> None:
+        """The primary's state in place of this one's (on the tables' thread): each table's image
+        over the rows copied before it."""
         if set(states) != set(self.shard.tables):
             raise ValueError(f"state copy: tables {sorted(states)}, this shard has {sorted(self.shard.tables)}")
         for name, image in states.items():
-            self.shard.tables[name].load_image(image)
+            copied = rows.pop(name, None)
+            if copied is None:
+                self.shard.tables[name].load_image(image)
+            else:
+                self.shard.tables[name].load_image(image, copied.store, copied.held)
             # Its next incremental snapshot (once primary) cannot know what changed since the
             # parent, which the old primary wrote: it writes every row against the parent.
             self.shard.tables[name].forget_changes()
@@ -965,3 +1027,14 @@ def attach_replication(
     servicer.call_site.fence = replication.check_serving
     servicer.call_site.epoch_fence = (replication.check_client_epoch, lambda: replication.epoch)
     return replication
+
+
+def _track_written_rows(table) -> int:
+    """Starts marking the rows pushes write to `table`; returns the rows it has handed out now."""
+    table.track_written_rows()
+    return table.num_rows
+
+
+def _rows_per_piece(table, budget: int) -> int:
+    """Rows of `table` in one "TableRows" message of at most `budget` bytes (their words and numbers)."""
+    return max(1, budget // (table.width * 4 + 8))

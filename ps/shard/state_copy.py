@@ -1,7 +1,8 @@
 """A shard's state as the messages that copy it to a new standby (ps/shard/replication.py).
 
+    rows' words, copied between pushes --> "TableRows" messages --> CopiedRows (a RowStore)
     TableImage --header (JSON) + each array's bytes--> pieces of <= 4 MiB --> "TableState" messages
-    PushLedger.export() --JSON (answers base64)--> one "Ledger" message
+    PushLedger.export() --JSON (answers base64)--> "Ledger" messages
 
 A table travels as its image (ps/table/state.py TableImage: its rows where they lie, free rows,
 eviction cursors and sampler), not as its TableState: a standby must go on evicting exactly what
@@ -20,6 +21,7 @@ import math
 
 import numpy as np
 
+from ps.table.row_store import RowStore
 from ps.table.state import TableImage
 
 _FORMAT = "embps-table-image-1"
@@ -103,6 +105,42 @@ class TableImageReader:
         if self._views:
             raise ValueError("state copy: fewer bytes than the table image's header announced")
         return TableImage(dict(self._arrays), dict(self._counters), self._rng)
+
+
+class CopiedRows:
+    """The rows of one table that "TableRows" messages brought, written into `store` (the table's
+    new RowStore) as they come; held (>= rows,) bool marks those written. The primary sends its rows
+    in order first, then rows it wrote since among them, so a message reaches at most its own
+    number of rows past those held: a message naming rows further on is refused (ValueError), and
+    so is one whose words do not match its rows, before the store grows for it."""
+
+    def __init__(self, store: RowStore) -> None:
+        self.store = store
+        self.held = np.zeros(0, dtype=np.bool_)
+        self._span = 0  # 1 + the highest row written
+
+    def add(self, rows: bytes, words: bytes) -> None:
+        width = self.store.width
+        if len(rows) % 8:
+            raise ValueError(f"state copy: rows of {len(rows)} bytes, not int64 numbers")
+        row_ids = np.frombuffer(rows, dtype="<i8")
+        n = row_ids.shape[0]
+        if len(words) != n * width * 4:
+            raise ValueError(f"state copy: {len(words)} bytes of words for {n} rows of {width} words")
+        if not n:
+            return
+        if int(row_ids.min()) < 0 or int(row_ids.max()) >= self._span + n:
+            raise ValueError(f"state copy: rows in [{int(row_ids.min())}, {int(row_ids.max())}] after "
+                             f"{self._span} rows")
+        top = int(row_ids.max()) + 1
+        self._span = max(self._span, top)
+        if top > self.held.shape[0]:
+            held = np.zeros(max(top, 2 * self.held.shape[0]), dtype=np.bool_)
+            held[: self.held.shape[0]] = self.held
+            self.held = held
+        self.store.ensure_rows(top)
+        self.store.scatter(row_ids.astype(np.int64), 0, np.frombuffer(words, dtype="<f4").reshape(n, width))
+        self.held[row_ids] = True
 
 
 def _count(value: object) -> int:

@@ -225,6 +225,8 @@ class EmbeddingTable:
         # Change feeds of readers that copy the table over many calls (a replica's full sync). A
         # tuple, swapped whole, so another thread may close a feed while a push walks them.
         self._feeds: tuple[_ChangeTracker, ...] = ()
+        # Rows pushes wrote while a live copy reads the table (track_written_rows): one byte a row.
+        self._written: np.ndarray | None = None
         self._rng = np.random.default_rng(config.seed)  # eviction samples: reproducible per table
         self._sweep_cursor = 0  # next row (and pending row) a windowed TTL sweep reads
         self._pending_sweep_cursor = 0
@@ -521,6 +523,8 @@ class EmbeddingTable:
 
     def _finish(self, step: int, updated_keys: np.ndarray, num_inserted: int, evicted: np.ndarray) -> ApplyResult:
         """Advances version and step, runs the TTL sweep when one is due, records changes."""
+        if self._written is not None and updated_keys.shape[0]:
+            self._mark_written(self._map.find(updated_keys))  # before the sweep may free some
         if self._changes is not None:
             self._changes.touch(updated_keys)
         for feed in self._feeds:
@@ -696,13 +700,15 @@ class EmbeddingTable:
         self._write_state_rows(state)
         self._load_pending_and_counters(state)
 
-    def image(self, words: np.ndarray | None = None) -> TableImage:
+    def image(self, word_rows: np.ndarray | None = None) -> TableImage:
         """Copies out the table as it lies in memory (see TableImage): a new standby loads it with
-        load_image and goes on exactly as this table does. words: (rows, width) float32 host
-        memory to copy the rows into when it holds them all (image_space; its pages faulted in
-        beforehand, since filling fresh pages is most of a large copy's time), else a new array."""
+        load_image and goes on exactly as this table does. word_rows (d,) int64: the rows whose
+        words the image holds (a live copy's last part: the rows written since their copy, the rest
+        in the RowStore the standby filled from copy_rows); default every row."""
         keys, rows = self._map.export()
         num_rows = self._map.num_rows
+        if word_rows is None:
+            word_rows = np.arange(num_rows, dtype=np.int64)
         pending_keys, pending_rows = self._pending.export()
         q = self._pending.num_rows
         order = list(self._pending_order)
@@ -710,7 +716,8 @@ class EmbeddingTable:
             "keys": keys,
             "rows": rows,
             "free_rows": self._map.free_rows(),
-            "words": self._store.copy_rows(num_rows, words),
+            "word_rows": word_rows,
+            "words": self.copy_rows(word_rows),
             "pending_keys": pending_keys,
             "pending_rows": pending_rows,
             "pending_free_rows": self._pending.free_rows(),
@@ -729,23 +736,66 @@ class EmbeddingTable:
         }
         return TableImage(arrays, {k: int(v) for k, v in counters.items()}, self._rng.bit_generator.state)
 
-    def image_space(self, spare_rows: int) -> np.ndarray:
-        """Host memory for image()'s words: (rows now + spare_rows, width) float32, every page
-        written once here (numpy releases the GIL while it fills), so that the image, taken where
-        the table's calls are serialised, copies into memory that is already there."""
-        space = np.empty((self._map.num_rows + spare_rows, self.width), dtype=np.float32)
-        space.fill(0)
-        return space
+    # -- a live copy (ps/shard/replication.py): rows copied between pushes, then those written since --
 
-    def load_image(self, image: TableImage) -> None:
+    @property
+    def num_rows(self) -> int:
+        """Rows handed out (live or free): the rows a copy of the table's words spans."""
+        return self._map.num_rows
+
+    def copy_rows(self, rows: np.ndarray) -> np.ndarray:
+        """The words (n, width) float32 of rows (n,) int64 < num_rows, as stored, in host memory."""
+        if rows.shape[0] and not (0 <= int(rows.min()) and int(rows.max()) < self._map.num_rows):
+            raise ValueError(f"rows: must be in [0, {self._map.num_rows})")
+        return self._store.gather_host(np.ascontiguousarray(rows, dtype=np.int64), 0, self.width)
+
+    def track_written_rows(self) -> None:
+        """From now on, marks the rows pushes write (take_written_rows); marks from before are
+        dropped. Rows change only where a push updates or creates a key (eviction frees rows and
+        leaves their words), so a row copied earlier and not marked since still holds its words."""
+        self._written = np.zeros(self._map.num_rows + 1024, dtype=np.bool_)
+
+    def num_written_rows(self) -> int:
+        """Rows marked since track_written_rows or the last take_written_rows."""
+        return 0 if self._written is None else int(np.count_nonzero(self._written))
+
+    def take_written_rows(self, below: int | None = None) -> np.ndarray:
+        """The rows (d,) int64 marked since track_written_rows or their last take, ascending, those
+        below `below` only when given; clears their marks (tracking goes on)."""
+        if self._written is None:
+            raise ValueError(f"table {self.name}: take_written_rows without track_written_rows")
+        rows = np.flatnonzero(self._written[:below]).astype(np.int64)
+        self._written[rows] = False
+        return rows
+
+    def stop_tracking_written_rows(self) -> None:
+        self._written = None
+
+    def _mark_written(self, rows: np.ndarray) -> None:
+        top = int(rows.max()) + 1
+        if top > self._written.shape[0]:
+            grown = np.zeros(max(top, 2 * self._written.shape[0]), dtype=np.bool_)
+            grown[: self._written.shape[0]] = self._written
+            self._written = grown
+        self._written[rows] = True
+
+    def new_row_store(self) -> RowStore:
+        """An empty RowStore of this table's width, device and blocks: a standby writes a live
+        copy's rows into it as they come, and load_image takes it."""
+        return RowStore(self.width, self.config.device, self._store.block_shift)
+
+    def load_image(self, image: TableImage, store: RowStore | None = None, stored: np.ndarray | None = None) -> None:
         """Replaces all state with `image` (another table's image(), of this table's config).
-        ValueError naming the part that does not fit this table; the table is unchanged then."""
+        store: the rows copied before the image (new_row_store), with stored (>= num_rows,) bool
+        saying which rows it holds; the image's words go over them. Without a store the image must
+        hold every row's words. ValueError naming the part that does not fit this table (or a row
+        neither holds); the table is unchanged then."""
         arrays, counters = image.arrays, image.counters
         num_rows, q = counters["num_rows"], counters["pending_num_rows"]
-        u, pu = arrays["keys"].shape[0], arrays["pending_keys"].shape[0]
+        u, pu, d = arrays["keys"].shape[0], arrays["pending_keys"].shape[0], arrays["word_rows"].shape[0]
         expected = {
             "keys": ((u,), np.int64), "rows": ((u,), np.int64), "free_rows": ((num_rows - u,), np.uint32),
-            "words": ((num_rows, self.width), np.float32),
+            "word_rows": ((d,), np.int64), "words": ((d, self.width), np.float32),
             "pending_keys": ((pu,), np.int64), "pending_rows": ((pu,), np.int64),
             "pending_free_rows": ((q - pu,), np.uint32), "pending_meta": ((q, 2), np.uint32),
             "pending_row_keys": ((q,), np.int64), "pending_seq": ((q,), np.int64),
@@ -763,13 +813,28 @@ class EmbeddingTable:
             raise ValueError("image.pending_order_chunks: chunk lengths must be >= 1 and add up to the entries")
         if self.config.capacity is not None and u > self.config.capacity:
             raise CapacityError(f"table {self.name}: image has {u} rows, capacity is {self.config.capacity}")
+        word_rows = arrays["word_rows"]
+        if d and not (0 <= int(word_rows.min()) and int(word_rows.max()) < num_rows):
+            raise ValueError(f"image.word_rows: rows must be in [0, {num_rows})")
+        held = np.zeros(num_rows, dtype=np.bool_)
+        if store is not None:
+            if store.width != self.width or store.device != self.config.device:
+                raise ValueError(f"store: rows of width {store.width} on {store.device!r}, the table's are "
+                                 f"{self.width} on {self.config.device!r}")
+            held[: min(num_rows, stored.shape[0])] = stored[:num_rows]
+        held[word_rows] = True
+        if not held.all():
+            raise ValueError(f"image.word_rows: the words of row {int(np.flatnonzero(~held)[0])} are neither in the "
+                             "image nor in the rows copied before it")
         rng = self._sampler(image.rng, "image.rng")
         table_map, pending = self._laid_out_maps(
             (arrays["keys"], arrays["rows"], num_rows, arrays["free_rows"]),
             (arrays["pending_keys"], arrays["pending_rows"], q, arrays["pending_free_rows"]),
         )
-        store = RowStore(self.width, self.config.device, self._store.block_shift)
-        store.load_rows(arrays["words"])
+        if store is None:
+            store = self.new_row_store()
+        store.ensure_rows(num_rows)
+        store.scatter(word_rows, 0, arrays["words"])
         self._map, self._store, self._rng = table_map, store, rng
         self._row_keys = np.zeros(0, dtype=np.int64)
         self._row_live = np.zeros(0, dtype=np.bool_)

@@ -96,8 +96,9 @@ class TableImage:
 
     r = rows handed out, u of them live; q pending rows, pu of them live; o first-seen entries.
     keys (u,) int64 at rows (u,) int64; free_rows (r - u,) uint32 in the order new keys take them
-    (last first); words (r, width) float32, every row's words as stored (values or encoded words,
-    optimizer state, [freq, last_step] as uint32), free rows included.
+    (last first); words (d, width) float32, the words as stored (values or encoded words, optimizer
+    state, [freq, last_step] as uint32) of rows word_rows (d,) int64: every row, free rows included
+    (d = r), or in a live copy's image the rows written since the standby got the rest.
     pending_keys (pu,) int64 at pending_rows (pu,) int64, pending_free_rows (q - pu,) uint32;
     pending_meta (q, 2) uint32 [count, last_step]; pending_row_keys (q,) int64 and pending_seq
     (q,) int64 (first-seen number, 0 on a free row); pending_order_keys / pending_order_seqs (o,)
@@ -108,8 +109,9 @@ class TableImage:
     """
 
     ARRAYS = (
-        "keys", "rows", "free_rows", "words", "pending_keys", "pending_rows", "pending_free_rows", "pending_meta",
-        "pending_row_keys", "pending_seq", "pending_order_keys", "pending_order_seqs", "pending_order_chunks",
+        "keys", "rows", "free_rows", "word_rows", "words", "pending_keys", "pending_rows", "pending_free_rows",
+        "pending_meta", "pending_row_keys", "pending_seq", "pending_order_keys", "pending_order_seqs",
+        "pending_order_chunks",
     )
     COUNTERS = (
         "num_rows", "pending_num_rows", "next_seq", "sweep_cursor", "pending_sweep_cursor", "version", "step",

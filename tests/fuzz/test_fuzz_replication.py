@@ -82,7 +82,7 @@ def _push_request(keys: np.ndarray, step: int) -> bytes:
 
 epochs = st.sampled_from((0, 1, 2, 3, UINT64_MAX))
 sequences = st.sampled_from((0, 1, 2, 3, 1 << 40, UINT64_MAX))
-methods = st.sampled_from(("", "Push", "PushMulti", "Commit", "TableState", "Ledger", "StateDone", "nope"))
+methods = st.sampled_from(("", "Push", "PushMulti", "Commit", "TableRows", "TableState", "Ledger", "StateDone", "nope"))
 names = st.sampled_from((TABLE.name, "", "nope", "表", "x" * 300))
 junk = st.binary(max_size=64)
 
@@ -118,6 +118,7 @@ def messages(draw: st.DrawFn) -> bytes:
         versions=versions,
         shard=draw(st.sampled_from((0, 1, UINT32_MAX))),
         state=draw(junk),
+        rows=draw(junk),
         table=draw(names),
         last=draw(st.booleans()),
         sealed_tables=draw(st.lists(names, max_size=2)),

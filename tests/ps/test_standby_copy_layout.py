@@ -5,13 +5,15 @@ capacity eviction picks victims from a random sample of row indices (ps/table/em
 keys waiting for admission are dropped first seen first. Which keys a push evicts then depends on
 where each key's row lies, on the sweep's cursor, on the sampler's state and on the order keys
 were first seen, not only on the keys and values. A standby loaded from a copy must continue
-from all of it, or it evicts other keys than its primary and holds other tables from then on.
+from all of it, or it evicts other keys than its primary and holds other tables from then on. The
+copy is taken while pushes go on (rows, then the rows written since, then the rest at one point).
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import time
 
 import numpy as np
 
@@ -74,10 +76,18 @@ def test_a_standby_loaded_from_a_copy_evicts_what_its_primary_evicts(etcd, tmp_p
             wait_until(lambda: "going on ALONE" in pair.log(0), "the primary going on alone", 30)
             new_log = tmp_path / "new-standby.log"
             new_standby = start_shard(pair.config, 0, new_log, args=("--standby",))
-            wait_until(lambda: pair.log(0).count("joined") == 2, "the new standby joining", 120)
+            # Pushes go on while the new standby starts, while the primary copies its rows to it (a
+            # live copy: rows written after their copy are sent again) and while it catches up.
+            step, deadline = 3, time.monotonic() + 120
+            while pair.log(0).count("joined") < 2:
+                assert new_standby.poll() is None, new_log.read_text()[-3000:]
+                assert time.monotonic() < deadline, "the new standby did not join within 120 s"
+                step += 1
+                _push(client, reference, rng, step, ROWS // 16)
+            assert "copying its state to the standby" in pair.log(0)
             # Steps whose pushes sweep windows of rows and evict sampled rows, on both processes.
-            for step in range(4, 12):
-                _push(client, reference, rng, step, ROWS // 4)
+            for later in range(step + 1, step + 9):
+                _push(client, reference, rng, later, ROWS // 4)
             assert "diverged" not in pair.log(0), pair.log(0)[-3000:]
             arbiter = Arbiter(job.arbiter, job.job, 0, "test")
             epoch = arbiter.read()[0].epoch

@@ -13,8 +13,10 @@ import pytest
 import torch
 
 from ps import native
+from ps.shard.state_copy import CopiedRows
 from ps.snapshot.files import SnapshotWriter, restore
 from ps.snapshot.ops import ShardSnapshotter
+from ps.table import multi
 from ps.table.config import (
     AdmissionConfig,
     AdmissionKind,
@@ -102,15 +104,112 @@ def test_a_table_loaded_from_an_image_evicts_as_the_original_push_after_push(nam
     assert original.num_evicted + original.num_pending_dropped > 0
 
 
-def test_the_image_copies_into_the_space_given_when_it_fits():
-    table = EmbeddingTable(CONFIGS["ttl"])
-    _push(table, np.random.default_rng(1), 1, 1000)
-    space = table.image_space(10)
-    assert space.shape == (table._map.num_rows + 10, table.width)
-    image = table.image(space)
-    assert np.shares_memory(image.arrays["words"], space) and image.arrays["words"].shape[0] == table._map.num_rows
-    small = np.zeros((1, table.width), np.float32)
-    assert not np.shares_memory(table.image(small).arrays["words"], small)
+PIECE_ROWS = 10_000
+
+
+def _live_copy(original: EmbeddingTable, copy: EmbeddingTable, between) -> None:
+    """Copies `original` into `copy` as a new standby's live copy does (ps/shard/replication.py
+    _copy), calling between() after every piece: the rows in pieces, the rows written since (a
+    round), then the image with the rows written since that."""
+    original.track_written_rows()
+    span = original.num_rows
+    copied = CopiedRows(copy.new_row_store())
+
+    def send(rows: np.ndarray) -> None:
+        for first in range(0, rows.shape[0], PIECE_ROWS):
+            part = rows[first : first + PIECE_ROWS]
+            copied.add(part.astype("<i8").tobytes(), original.copy_rows(part).tobytes())
+            between()
+
+    send(np.arange(span, dtype=np.int64))
+    send(original.take_written_rows(below=span))
+    image = original.image(original.take_written_rows())
+    original.stop_tracking_written_rows()
+    assert 0 < image.arrays["word_rows"].shape[0] < original.num_rows  # the rows written since, not all
+    copy.load_image(image, copied.store, copied.held)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_a_live_copy_taken_between_pushes_loads_a_table_equal_to_the_original(name):
+    """Pushes land between every two pieces of the copy, creating, updating and evicting rows
+    already copied and rows not yet copied; the copy equals the original at the image's point
+    and goes on evicting as it does."""
+    config = CONFIGS[name]
+    original = EmbeddingTable(config)
+    rng = np.random.default_rng(11)
+    for step in range(1, 4):
+        _push(original, rng, step, ROWS // 2)
+    step = 3
+
+    def push() -> None:
+        nonlocal step
+        step += 1
+        _push(original, rng, step, ROWS // 40)
+
+    copy = EmbeddingTable(config)
+    _live_copy(original, copy, push)
+    _assert_same(original, copy)
+    for later in range(step + 1, step + 5):
+        seed = int(rng.integers(1 << 31))
+        evicted = _push(original, np.random.default_rng(seed), later, ROWS // 4)
+        np.testing.assert_array_equal(_push(copy, np.random.default_rng(seed), later, ROWS // 4), evicted)
+        _assert_same(original, copy)
+
+
+def test_a_live_copy_sees_the_rows_a_multi_table_native_push_writes():
+    """Tables pushed together in one native call (ps/table/multi.py) mark what it wrote too."""
+    configs = [TableConfig("a", dim=8), TableConfig("b", dim=4, optimizer=OptimizerConfig(kind=OptimizerKind.ADAGRAD))]
+    originals = [EmbeddingTable(c) for c in configs]
+    assert all(t.multi_push_ready(1000) for t in originals)
+    rng = np.random.default_rng(12)
+
+    def push() -> None:
+        keys = [np.unique(rng.integers(0, 3 * ROWS, ROWS // 20)).astype(np.int64) for _ in originals]
+        grads = np.concatenate([rng.standard_normal(k.shape[0] * t.dim) for k, t in zip(keys, originals, strict=True)])
+        offsets = np.cumsum([0, *(k.shape[0] for k in keys)]).astype(np.int64)
+        multi.push_tables(originals, np.concatenate(keys), offsets, grads.astype(np.float32), None, None)
+
+    for _ in range(20):
+        push()
+    copies = [EmbeddingTable(c) for c in configs]
+    for original, copy in zip(originals, copies, strict=True):
+        _live_copy(original, copy, push)
+        _assert_same(original, copy)
+
+
+def test_a_live_copy_missing_rows_is_refused_and_the_table_is_unchanged():
+    original = EmbeddingTable(CONFIGS["ttl"])
+    rng = np.random.default_rng(13)
+    for step in range(1, 4):
+        _push(original, rng, step, ROWS // 2)
+    target = EmbeddingTable(CONFIGS["ttl"])
+    _push(target, np.random.default_rng(14), 1, 100)
+    before = target.image()
+    copied = CopiedRows(target.new_row_store())
+    rows = np.arange(original.num_rows - 10, dtype=np.int64)  # the last 10 rows never come
+    copied.add(rows.tobytes(), original.copy_rows(rows).tobytes())
+    image = original.image(np.zeros(0, dtype=np.int64))
+    with pytest.raises(ValueError, match=f"row {rows.shape[0]} are neither in the image nor in the rows copied"):
+        target.load_image(image, copied.store, copied.held)
+    after = target.image()
+    assert all(after.arrays[n].tobytes() == before.arrays[n].tobytes() for n in TableImage.ARRAYS)
+
+
+def test_copied_rows_refuse_what_a_primary_does_not_send():
+    copied = CopiedRows(EmbeddingTable(TableConfig("t", dim=4)).new_row_store())
+    width = copied.store.width
+    rows = np.arange(3, dtype="<i8")
+    with pytest.raises(ValueError, match="not int64 numbers"):
+        copied.add(b"1234", b"")
+    with pytest.raises(ValueError, match="bytes of words for 3 rows"):
+        copied.add(rows.tobytes(), bytes(4 * width * 2))
+    with pytest.raises(ValueError, match="after 0 rows"):
+        copied.add(np.array([3], "<i8").tobytes(), bytes(4 * width))  # rows come in order: 0, 1, 2, ...
+    assert copied.store.num_allocated_rows == 0
+    copied.add(rows.tobytes(), np.ones((3, width), "<f4").tobytes())
+    copied.add(np.array([1], "<i8").tobytes(), np.full(width, 2, "<f4").tobytes())  # written since
+    np.testing.assert_array_equal(copied.store.gather_host(rows, 0, width)[:, 0], [1, 2, 1])
+    np.testing.assert_array_equal(copied.held[:3], True)
 
 
 def _bad_images(image: TableImage):
