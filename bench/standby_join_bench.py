@@ -9,12 +9,13 @@ written since; only the rest (layout, counters, the rows written since their cop
 point of its apply order (ps/shard/replication.py), and a push that arrives meanwhile waits for it:
 the longest push of the join shows that stall. Printed: the table's bytes, the join's phases
 (copying, catching up, in sync) from the primary's role gauge, the pushes' p50 before the join and
-the longest one during it, and the primary's RSS before the join and at its peak during it (sampled
-every 20 ms).
+the longest one during it, the primary's RSS before the join and at its peak during it, and the new
+standby's peak RSS (sampled every 20 ms).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -175,8 +176,12 @@ def run_standby_join_bench(config: StandbyJoinBenchConfig) -> int:
                 )
             deadline = joined_at + config.timeout_s
 
+            standby_peak = [0]
+
             def tick() -> None:
                 sample()
+                with contextlib.suppress(OSError):  # it may have exited: checked below
+                    standby_peak.append(_rss_bytes(procs[1].pid))
                 if procs[1].poll() is not None:
                     log_text = (Path(workdir) / "shard-0-standby-2.log").read_text(errors="replace")
                     raise SystemExit(f"embps bench standby-join: the new standby exited ({procs[1].returncode}): "
@@ -217,6 +222,7 @@ def run_standby_join_bench(config: StandbyJoinBenchConfig) -> int:
                                   if joined_at <= end <= in_sync + 1.0), key=lambda p: -p[1])[:5],
         "primary_rss_before_mib": rss_before / 2**20,
         "primary_rss_peak_mib": max(rss_peak) / 2**20,
+        "standby_rss_peak_mib": max(standby_peak) / 2**20,
         "primary_copy_log": copy_lines,
     }
     print(
@@ -226,7 +232,8 @@ def run_standby_join_bench(config: StandbyJoinBenchConfig) -> int:
         f"{result['push_max_during_ms']:.1f} ms ({len(during)} pushes); the longest began at "
         + ", ".join(f"{t:.2f} s ({ms:.0f} ms)" for t, ms in result["longest_pushes"]) + "\n"
         f"primary RSS {result['primary_rss_before_mib']:,.0f} MiB before, "
-        f"peak {result['primary_rss_peak_mib']:,.0f} MiB\n"
+        f"peak {result['primary_rss_peak_mib']:,.0f} MiB; the new standby's peak "
+        f"{result['standby_rss_peak_mib']:,.0f} MiB\n"
         "the primary's copy: " + "; ".join(copy_lines)
     )
     if config.out:
