@@ -24,7 +24,7 @@ import numpy as np
 from ps.table.row_store import RowStore
 from ps.table.state import TableImage
 
-_FORMAT = "embps-table-image-1"
+_FORMAT = "embps-table-image-2"  # 2: words of the rows word_rows names (a live copy), not always every row
 _MAX_STATE_BYTES = 1 << 40  # what one table's header may announce
 
 

@@ -818,6 +818,8 @@ class EmbeddingTable:
             raise ValueError(f"image.word_rows: rows must be in [0, {num_rows})")
         held = np.zeros(num_rows, dtype=np.bool_)
         if store is not None:
+            if stored is None:
+                raise ValueError("stored: which rows the store holds, required with a store")
             if store.width != self.width or store.device != self.config.device:
                 raise ValueError(f"store: rows of width {store.width} on {store.device!r}, the table's are "
                                  f"{self.width} on {self.config.device!r}")
