@@ -343,15 +343,22 @@ def test_a_snapshot_without_a_layout_restores_with_rows_laid_out_by_key(tmp_path
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_a_cuda_table_loaded_from_an_image_evicts_as_the_original():
+@pytest.mark.parametrize("live", [False, True])
+def test_a_cuda_table_loaded_from_an_image_evicts_as_the_original(live):
     config = dataclasses.replace(CONFIGS["ttl"], device="cuda")
     original = EmbeddingTable(config)
     rng = np.random.default_rng(3)
     for step in range(1, 4):
         _push(original, rng, step, ROWS // 2)
     copy = EmbeddingTable(config)
-    copy.load_image(original.image())
-    for step in range(4, 8):
+    first = 4
+    if live:
+        steps = iter(range(first, 1000))
+        _live_copy(original, copy, lambda: _push(original, rng, next(steps), ROWS // 40))
+        first = next(steps)
+    else:
+        copy.load_image(original.image())
+    for step in range(first, first + 4):
         seed = int(rng.integers(1 << 31))
         evicted = _push(original, np.random.default_rng(seed), step, ROWS // 4)
         np.testing.assert_array_equal(_push(copy, np.random.default_rng(seed), step, ROWS // 4), evicted)
