@@ -320,8 +320,7 @@ class Replication:
                     log.warning("%s: standby %s lost (%s)", self.describe(), self.partner, _short(exc))
             finally:
                 await channel.close()
-            if self.state is State.COPYING:
-                await self.servicer.run_call(self._stop_tracking, 0)  # a copy broken off: no more marks
+            await self.servicer.run_call(self._stop_tracking, 0)  # a copy broken off marks no more rows
             self._queueing = False
             self._queue.clear()
             if self.state is State.SYNC:
