@@ -156,11 +156,17 @@ def test_a_live_copy_taken_between_pushes_loads_a_table_equal_to_the_original(na
         _assert_same(original, copy)
 
 
-def test_a_live_copy_sees_the_rows_a_multi_table_native_push_writes():
-    """Tables pushed together in one native call (ps/table/multi.py) mark what it wrote too."""
-    configs = [TableConfig("a", dim=8), TableConfig("b", dim=4, optimizer=OptimizerConfig(kind=OptimizerKind.ADAGRAD))]
+def test_a_live_copy_sees_the_rows_a_multi_table_push_writes():
+    """Tables pushed together in one native call (ps/table/multi.py), and a table whose update runs
+    in fbgemm's kernels, mark what they wrote too."""
+    configs = [
+        TableConfig("a", dim=8),
+        TableConfig("b", dim=4, optimizer=OptimizerConfig(kind=OptimizerKind.ADAGRAD)),
+        TableConfig("c", dim=4, optimizer=OptimizerConfig(kind=OptimizerKind.ROWWISE_ADAGRAD), kernels="fbgemm"),
+    ]
     originals = [EmbeddingTable(c) for c in configs]
-    assert all(t.multi_push_ready(1000) for t in originals)
+    assert originals[0].multi_push_ready(1000) and originals[1].multi_push_ready(1000)
+    assert originals[2].fbgemm_push_ready(1000)
     rng = np.random.default_rng(12)
 
     def push() -> None:
