@@ -1,5 +1,6 @@
-"""A table loaded from another's image (EmbeddingTable.image / load_image, a standby's copy) or
-restored from a snapshot chain of it (TableState with its TableLayout) goes on exactly as the other
+"""A table loaded from another's image (EmbeddingTable.image / load_image, a standby's copy: whole,
+or live, its rows copied between pushes and then the rows written since) or restored from a
+snapshot chain of it (TableState with its TableLayout) goes on exactly as the other
 does, push after push, on large tables whose eviction depends on where rows lie (windowed TTL
 sweeps, sampled capacity eviction, pending keys dropped first seen first); an image or layout that
 does not fit the table is refused with a ValueError naming the part, and leaves the table as it was."""
