@@ -212,6 +212,7 @@ def test_sigkill_of_the_primary_fails_over_then_a_new_standby_catches_up_and_tak
         promoted = metrics(job.shards[0].standby_metrics_port)
         assert promoted['embps_shard_role{shard="0"}'] == ROLE_VALUES["sync"]
         assert 'embps_replication_lag_pushes{shard="0"}' in promoted
+        assert promoted['embps_state_copy_bytes_total{shard="0"}'] > 0  # it copied its state
         second_kill = kill_at_random(pair.standby.pid, "the promoted standby")
         print(f"second failover stall: {stall_after(second_kill):.2f} s")
         stop.set()
