@@ -21,3 +21,17 @@ def sorted_unique(values: np.ndarray) -> np.ndarray:
     keep[0] = True
     np.not_equal(ordered[1:], ordered[:-1], out=keep[1:])
     return ordered[keep]
+
+
+def set_flags(flags: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """flags (n,) bool with flags[rows] set, where rows (k,) int64 >= 0; a new array, at least
+    twice as long, when rows reach past n (so growing row by row stays linear)."""
+    if rows.shape[0] == 0:
+        return flags
+    top = int(rows.max()) + 1
+    if top > flags.shape[0]:
+        grown = np.zeros(max(top, 2 * flags.shape[0]), dtype=np.bool_)
+        grown[: flags.shape[0]] = flags
+        flags = grown
+    flags[rows] = True
+    return flags

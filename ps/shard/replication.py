@@ -441,7 +441,7 @@ class Replication:
         copied = 0
         spans = {}  # table -> the rows handed out when its copy began: later rounds resend only those
         for name, table in tables.items():
-            spans[name] = await self.servicer.run_call(functools.partial(_track_written_rows, table), 0)
+            spans[name] = await self.servicer.run_call(table.track_written_rows, 0)
             per = _rows_per_piece(table, budget)
             for first in range(0, spans[name], per):
                 rows = np.arange(first, min(first + per, spans[name]), dtype=np.int64)
@@ -1033,12 +1033,6 @@ def attach_replication(
     servicer.call_site.fence = replication.check_serving
     servicer.call_site.epoch_fence = (replication.check_client_epoch, lambda: replication.epoch)
     return replication
-
-
-def _track_written_rows(table) -> int:
-    """Starts marking the rows pushes write to `table`; returns the rows it has handed out now."""
-    table.track_written_rows()
-    return table.num_rows
 
 
 def _rows_per_piece(table, budget: int) -> int:

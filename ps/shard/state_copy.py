@@ -21,6 +21,7 @@ import math
 
 import numpy as np
 
+from ps.arrays import set_flags
 from ps.table.row_store import RowStore
 from ps.table.state import TableImage
 
@@ -132,15 +133,10 @@ class CopiedRows:
         if int(row_ids.min()) < 0 or int(row_ids.max()) >= self._span + n:
             raise ValueError(f"state copy: rows in [{int(row_ids.min())}, {int(row_ids.max())}] after "
                              f"{self._span} rows")
-        top = int(row_ids.max()) + 1
-        self._span = max(self._span, top)
-        if top > self.held.shape[0]:
-            held = np.zeros(max(top, 2 * self.held.shape[0]), dtype=np.bool_)
-            held[: self.held.shape[0]] = self.held
-            self.held = held
-        self.store.ensure_rows(top)
+        self._span = max(self._span, int(row_ids.max()) + 1)
+        self.store.ensure_rows(self._span)
         self.store.scatter(row_ids.astype(np.int64), 0, np.frombuffer(words, dtype="<f4").reshape(n, width))
-        self.held[row_ids] = True
+        self.held = set_flags(self.held, row_ids)
 
 
 def _count(value: object) -> int:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ps import native
-from ps.arrays import sorted_unique
+from ps.arrays import set_flags, sorted_unique
 from ps.errors import CapacityError
 from ps.table import fbgemm_kernels, optimizers
 from ps.table.config import AdmissionKind, EvictionPolicy, Kernels, OptimizerKind, Storage, TableConfig
@@ -524,7 +524,7 @@ class EmbeddingTable:
     def _finish(self, step: int, updated_keys: np.ndarray, num_inserted: int, evicted: np.ndarray) -> ApplyResult:
         """Advances version and step, runs the TTL sweep when one is due, records changes."""
         if self._written is not None and updated_keys.shape[0]:
-            self._mark_written(self._map.find(updated_keys))  # before the sweep may free some
+            self._written = set_flags(self._written, self._map.find(updated_keys))  # before the sweep frees some
         if self._changes is not None:
             self._changes.touch(updated_keys)
         for feed in self._feeds:
@@ -749,11 +749,13 @@ class EmbeddingTable:
             raise ValueError(f"rows: must be in [0, {self._map.num_rows})")
         return self._store.gather_host(np.ascontiguousarray(rows, dtype=np.int64), 0, self.width)
 
-    def track_written_rows(self) -> None:
+    def track_written_rows(self) -> int:
         """From now on, marks the rows pushes write (take_written_rows); marks from before are
         dropped. Rows change only where a push updates or creates a key (eviction frees rows and
-        leaves their words), so a row copied earlier and not marked since still holds its words."""
+        leaves their words), so a row copied earlier and not marked since still holds its words.
+        Returns num_rows: the rows a copy begun now spans."""
         self._written = np.zeros(self._map.num_rows + 1024, dtype=np.bool_)
+        return self._map.num_rows
 
     def num_written_rows(self) -> int:
         """Rows marked since track_written_rows or the last take_written_rows."""
@@ -770,14 +772,6 @@ class EmbeddingTable:
 
     def stop_tracking_written_rows(self) -> None:
         self._written = None
-
-    def _mark_written(self, rows: np.ndarray) -> None:
-        top = int(rows.max()) + 1
-        if top > self._written.shape[0]:
-            grown = np.zeros(max(top, 2 * self._written.shape[0]), dtype=np.bool_)
-            grown[: self._written.shape[0]] = self._written
-            self._written = grown
-        self._written[rows] = True
 
     def new_row_store(self) -> RowStore:
         """An empty RowStore of this table's width, device and blocks: a standby writes a live

@@ -149,31 +149,6 @@ class RowStore:
         for block_index, positions, offsets in self._split_by_block(rows_t):
             self.blocks[block_index][offsets, col : col + values.shape[1]] = values[positions]
 
-    def copy_rows(self, num_rows: int, out: np.ndarray | None = None) -> np.ndarray:
-        """Rows [0, num_rows) as one host array (num_rows, width) float32, copied block by block:
-        into out[:num_rows] when `out` (C-contiguous, width columns) holds them, else a new array."""
-        if out is None or out.shape[0] < num_rows or out.shape[1:] != (self.width,) or out.dtype != np.float32:
-            out = np.empty((num_rows, self.width), dtype=np.float32)
-        out = out[:num_rows]
-        for first in range(0, num_rows, self.block_rows):
-            block = self.blocks[first >> self.block_shift]
-            n = min(self.block_rows, num_rows - first)
-            out[first : first + n] = block[:n] if self.native else block[:n].cpu().numpy()
-        return out
-
-    def load_rows(self, words: np.ndarray) -> None:
-        """Writes words (n, width) float32 into rows [0, n), block by block (allocating them)."""
-        self.ensure_rows(words.shape[0])
-        for first in range(0, words.shape[0], self.block_rows):
-            block = self.blocks[first >> self.block_shift]
-            n = min(self.block_rows, words.shape[0] - first)
-            if self.native:
-                block[:n] = words[first : first + n]
-            else:
-                import torch
-
-                block[:n] = torch.from_numpy(np.ascontiguousarray(words[first : first + n])).to(self.device)
-
     def _split_by_block(self, rows: torch.Tensor) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         """rows (n,) on the device -> per touched block: (block index, positions in rows, offsets)."""
         import torch

@@ -112,8 +112,7 @@ def _live_copy(original: EmbeddingTable, copy: EmbeddingTable, between) -> None:
     """Copies `original` into `copy` as a new standby's live copy does (ps/shard/replication.py
     _copy), calling between() after every piece: the rows in pieces, the rows written since (a
     round), then the image with the rows written since that."""
-    original.track_written_rows()
-    span = original.num_rows
+    span = original.track_written_rows()
     copied = CopiedRows(copy.new_row_store())
 
     def send(rows: np.ndarray) -> None:
