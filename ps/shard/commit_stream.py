@@ -63,6 +63,9 @@ async def committed_stream(
         position = request.from_version
         shard.log(name).check(position, name)
         commits.check(position, name)
+        if commits.last_step == sent_step or commits.last_version < position:
+            yield heartbeat()  # nothing to send: the subscriber learns at once that the stream is up
+            beats.sent()
     while True:
         servicer.call_site.check_open()
         if commits.epoch != epoch:

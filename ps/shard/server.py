@@ -522,6 +522,11 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
             else:
                 position = request.from_version
                 shard.log(name).check(position, name)
+                if shard.logs[name].head_version == position:
+                    # Nothing to send: a heartbeat at once tells the subscriber that the stream is up
+                    # (a replica counts a shard whose stream has not spoken as stale).
+                    yield self._batch(name, position, position, last=True)
+                    beats.sent()
             row_bytes = self._row_bytes(table, stored)
             while True:
                 self.call_site.check_open()

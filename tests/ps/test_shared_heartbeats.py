@@ -72,11 +72,11 @@ def test_one_stream_of_a_group_sends_the_heartbeats_and_the_next_takes_over(shar
         def counts() -> dict[str, int]:
             return {name: s.heartbeats for name, s in streams.items()}
 
-        if not eventually(lambda: min(counts()[n] for n in ("no group", "another group", "another connection")) >= 3):
+        if not eventually(lambda: min(counts()[n] for n in ("no group", "another group", "another connection")) >= 4):
             raise AssertionError(f"heartbeats so far: {counts()}")
         seen = counts()
-        assert seen["b"] == seen["c"] == 1, seen  # each its first, then silence
-        assert seen["a"] >= 5, seen
+        assert seen["b"] == seen["c"] == 1, seen  # each its first (at once), then silence
+        assert seen["a"] >= 3, seen  # every HEARTBEAT_SECONDS, as the streams alone, opened before them
 
         streams["a"].end()
         wait_until(lambda: streams["b"].heartbeats >= 4, "the next stream to take the heartbeats over")
@@ -84,7 +84,7 @@ def test_one_stream_of_a_group_sends_the_heartbeats_and_the_next_takes_over(shar
         for s in streams.values():
             s.end()
     wait_until(lambda: shard.servicers[0].heartbeats.groups == 0, "every stream's seat given back")
-    assert _heartbeats_sent(shard) >= 5 + 4 + 3 * 3
+    assert _heartbeats_sent(shard) >= 3 + 4 + 1 + 3 * 4
 
 
 def test_an_open_committed_stream_keeps_its_tables_commits_sealing_rows_without_waking(shard):
