@@ -36,7 +36,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from bench.machine import machine_facts
 from bench.ports import free_ports
 from ps.job_config import Deadlines, JobConfig, ShardConfig, dump_job_config
-from ps.process.children import python_path
+from ps.process.children import POLL_CHANNEL_OPTIONS, python_path
 from ps.process.malloc import MALLOC_TUNING
 from ps.rpc import serving_pb2, serving_pb2_grpc
 from ps.table.config import TableConfig
@@ -78,7 +78,7 @@ def _start(argv: list[str], log_path: Path) -> subprocess.Popen:
 
 def _wait_serving(address: str, service: str, proc: subprocess.Popen, log_path: Path, timeout: float = 60.0) -> None:
     end = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
+    with grpc.insecure_channel(address, options=POLL_CHANNEL_OPTIONS) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < end:
             if proc.poll() is not None:

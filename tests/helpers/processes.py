@@ -188,7 +188,8 @@ class ShardCluster:
         return self.log_paths[index].read_text()
 
     def stop(self) -> list[int | None]:
-        self.exit_codes = [stop_pid(p) for p in self.procs]
+        children.stop_all(self.procs)  # SIGTERM to every shard first: they drain at once
+        self.exit_codes = [p.returncode for p in self.procs]
         return self.exit_codes
 
     def __enter__(self) -> ShardCluster:

@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ps import wire
 from ps.job_config import JobConfig, dump_job_config
-from ps.process.children import python_path
+from ps.process.children import POLL_CHANNEL_OPTIONS, python_path
 from ps.process.malloc import MALLOC_TUNING
 from ps.rpc import ps_pb2, serving_pb2, serving_pb2_grpc
 from ps.security import Role, open_channel
@@ -70,7 +70,8 @@ class ServingReplica:
                 cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
             )
         security = cluster.job.security  # TLS and the reader's token when the job has them
-        channel = open_channel(config.listen, security, Role.READER if security.auth else None)
+        role = Role.READER if security.auth else None
+        channel = open_channel(config.listen, security, role, options=POLL_CHANNEL_OPTIONS)
         replica = cls(config, proc, log_path, channel)
         try:
             replica.wait_health(SERVICE_NAME)
