@@ -1,18 +1,21 @@
 """Subscribe heartbeat groups (ps/shard/heartbeats.py), against a real gRPC server: of a group's
 streams on one connection only the oldest open one keeps sending heartbeats while idle (each sends
-one when it first goes idle), the next takes over when it ends, and another group, another
-connection or a stream of no group sends its own."""
+one at once when it first has nothing to send), the next takes over when it ends, and another
+group, another connection or a stream of no group sends its own."""
 
 from __future__ import annotations
 
 import threading
 
 import grpc
+import numpy as np
 import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from ps.client import PSClient
 from ps.rpc import ps_pb2, ps_pb2_grpc
+from ps.shard import server
 from ps.shard.commits import SEAL_IDLE_SECONDS, sealing_tables
 from ps.table.config import TableConfig
 from tests.helpers.in_process import InProcessShards
@@ -23,8 +26,12 @@ from tests.helpers.waiting import eventually, wait_until
 class _Counted:
     """A Subscribe stream read on a thread of its own, counting its heartbeats."""
 
-    def __init__(self, channel: grpc.Channel, table: str, group: str, committed: bool = False) -> None:
-        request = ps_pb2.SubscribeRequest(table=table, heartbeat_group=group, committed=committed)
+    def __init__(
+        self, channel: grpc.Channel, table: str, group: str, committed: bool = False, from_version: int = 0
+    ) -> None:
+        request = ps_pb2.SubscribeRequest(
+            table=table, heartbeat_group=group, committed=committed, from_version=from_version
+        )
         self.call = ps_pb2_grpc.ParameterServerStub(channel).Subscribe(request, timeout=60)
         self.heartbeats = 0
         self.thread = threading.Thread(target=self._read, daemon=True)
@@ -103,3 +110,27 @@ def test_an_open_committed_stream_keeps_its_tables_commits_sealing_rows_without_
             s.end()
     wait_until(lambda: state.commits["a"].followers == state.commits["b"].followers == 0, "the streams' end")
     assert set(sealing_tables(state)) == {"a", "b"}  # for SEAL_IDLE_SECONDS after: a replica may come back
+
+
+@pytest.mark.parametrize("committed", [False, True], ids=["live", "committed"])
+def test_a_stream_with_nothing_to_send_says_at_once_that_it_is_up(shard, monkeypatch, committed):
+    """Its first heartbeat goes as soon as it is idle, not a heartbeat interval later: a replica
+    counts a shard whose streams have not spoken as stale (serving/follower.py). With the interval
+    at two minutes, the first one still comes within the wait's 30 s. The committed streams start
+    past the last commit (a push not committed yet), where they too have nothing to send."""
+    monkeypatch.setattr(server, "HEARTBEAT_SECONDS", 120.0)
+    address = shard.job.shards[0].address
+    start = 0
+    if committed:
+        with PSClient([address], dims={"a": 4, "b": 4}) as client:
+            for table in "ab":
+                client.push(table, np.arange(3, dtype=np.int64), np.ones((3, 4), np.float32))
+        start = 1
+    with grpc.insecure_channel(address) as channel:
+        streams = [
+            _Counted(channel, "a", "replica-1", committed, from_version=start),
+            _Counted(channel, "b", "", committed, from_version=start),
+        ]
+        wait_until(lambda: all(s.heartbeats >= 1 for s in streams), "each idle stream's first message")
+        for s in streams:
+            s.end()
