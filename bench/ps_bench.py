@@ -14,13 +14,16 @@ line is then the same rounds through ps/table/multi.py without RPC.
 
 --standbys both runs the same phases on shards without and with a standby each (etcd started here
 as the arbiter; a push is acknowledged once the standby applied it) and prints each phase's rate
-with standbys as a ratio of the one without, measured in the same run. --repeat N runs N rounds,
-each mode once per round (without, then with), and gives each round's ratio and their median: on
-a shared machine one pair of phases, ~15 s apart, moved from 0.57x to 0.74x between runs.
+with standbys as a ratio of the one without, measured in the same run: both clusters are up at
+once, and each phase without standbys is followed at once by the same phase with them (before,
+each mode had its own cluster, started in turn, and one pair of phases ~15 s apart moved from
+0.57x to 0.74x between runs on a shared machine). --repeat N runs N rounds, each mode once per
+round, and gives each round's ratio and their median.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import multiprocessing as mp
@@ -259,17 +262,42 @@ def _standby_ratios(phases: list[dict]) -> list[dict]:
     ]
 
 
+def _start_cluster(
+    config: PSBenchConfig, standby: bool, tuned: bool, stack: contextlib.ExitStack
+) -> tuple[JobConfig, list[subprocess.Popen]]:
+    """The bench's shards (each with a standby, and etcd as their arbiter, when `standby`) on fresh
+    ports in a folder of their own, serving; `stack` stops them and removes the folder."""
+    ports = free_ports(4 * config.shards)
+    job = JobConfig(
+        job="bench",
+        shards=tuple(
+            ShardConfig(
+                f"127.0.0.1:{ports[4 * i]}",
+                metrics_port=ports[4 * i + 1],
+                standby=f"127.0.0.1:{ports[4 * i + 2]}" if standby else "",
+                standby_metrics_port=ports[4 * i + 3] if standby else 0,
+            )
+            for i in range(config.shards)
+        ),
+        tables=_tables(config),
+        deadlines=Deadlines(lookup=60.0, push=60.0, stats=60.0),
+    )
+    workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="embps-bench-ps-")))
+    if standby:
+        etcd = start_etcd(workdir)
+        stack.callback(etcd.stop)
+        job = dataclasses.replace(job, arbiter=ArbiterConfig(endpoints=etcd.endpoint))
+    procs: list[subprocess.Popen] = []
+    stack.callback(children.stop_all, procs, 30.0)
+    procs += start_shards(job, workdir, tuned)
+    return job, procs
+
+
 def run_ps_bench(config: PSBenchConfig) -> int:
     from bench.machine import machine_facts
 
     mallocs = {"tuned": [True], "default": [False], "both": [False, True]}[config.malloc]
     with_standbys = {"off": [False], "on": [True], "both": [False, True]}[config.standbys]
-    modes = [
-        (round_, tuned, standby)
-        for round_ in range(1, config.repeat + 1)
-        for tuned in mallocs
-        for standby in with_standbys
-    ]
     spread = f" over {config.tables} tables (LookupMulti / PushMulti)" if config.tables > 1 else ""
     print(
         f"embps bench ps: {config.shards} shards, dim {config.dim}, batch {config.batch}{spread}, Zipf({config.zipf}) "
@@ -295,48 +323,26 @@ def run_ps_bench(config: PSBenchConfig) -> int:
     )
     print(header)
     phases = []
-    for round_, tuned, standby in modes:
-        ports = free_ports(4 * config.shards)
-        job = JobConfig(
-            job="bench",
-            shards=tuple(
-                ShardConfig(
-                    f"127.0.0.1:{ports[4 * i]}",
-                    metrics_port=ports[4 * i + 1],
-                    standby=f"127.0.0.1:{ports[4 * i + 2]}" if standby else "",
-                    standby_metrics_port=ports[4 * i + 3] if standby else 0,
-                )
-                for i in range(config.shards)
-            ),
-            tables=_tables(config),
-            deadlines=Deadlines(lookup=60.0, push=60.0, stats=60.0),
-        )
-        with tempfile.TemporaryDirectory(prefix="embps-bench-ps-") as workdir:
-            etcd = start_etcd(Path(workdir)) if standby else None
-            procs = []
-            try:
-                if etcd is not None:
-                    job = dataclasses.replace(job, arbiter=ArbiterConfig(endpoints=etcd.endpoint))
-                procs = start_shards(job, Path(workdir), tuned)
+    for round_ in range(1, config.repeat + 1):
+        for tuned in mallocs:
+            with contextlib.ExitStack() as stack:
+                # Every cluster of the round at once, so that the phases compared (with and without
+                # standbys) run back to back, seconds apart, on a machine that moves between minutes.
+                clusters = [(standby, *_start_cluster(config, standby, tuned, stack)) for standby in with_standbys]
                 for verb in ("push", "lookup"):
                     for clients in config.clients:
-                        r = _phase(job, config, procs, verb, clients)
-                        r["malloc"] = "tuned" if tuned else "default"
-                        r["standby"] = standby
-                        r["round"] = round_
-                        r["server_empty_calls"] = r["server_cpu_ms_per_call"] / floor.server_cpu_ms
-                        phases.append(r)
-                        print(
-                            f"{round_:>5} {r['malloc']:>8} {'yes' if standby else 'no':>7} {verb:>6} {clients:>7} "
-                            f"{r['keys_per_s'] / 1e6:>9.2f} "
-                            f"{r['calls_per_s']:>8.0f} {r['p50_ms']:>7.2f} {r['p99_ms']:>7.2f} "
-                            f"{r['server_cpu_ms_per_call']:>19.2f} {r['server_empty_calls']:>15.1f} "
-                            f"{r['client_cpu_ms_per_call']:>19.2f}"
-                        )
-            finally:
-                children.stop_all(procs, 30.0)
-                if etcd is not None:
-                    etcd.stop()
+                        for standby, job, procs in clusters:
+                            r = _phase(job, config, procs, verb, clients)
+                            r.update(malloc="tuned" if tuned else "default", standby=standby, round=round_)
+                            r["server_empty_calls"] = r["server_cpu_ms_per_call"] / floor.server_cpu_ms
+                            phases.append(r)
+                            print(
+                                f"{round_:>5} {r['malloc']:>8} {'yes' if standby else 'no':>7} {verb:>6} "
+                                f"{clients:>7} {r['keys_per_s'] / 1e6:>9.2f} "
+                                f"{r['calls_per_s']:>8.0f} {r['p50_ms']:>7.2f} {r['p99_ms']:>7.2f} "
+                                f"{r['server_cpu_ms_per_call']:>19.2f} {r['server_empty_calls']:>15.1f} "
+                                f"{r['client_cpu_ms_per_call']:>19.2f}"
+                            )
     results["phases"] = phases
     if len(with_standbys) == 2:
         results["standby_ratios"] = _standby_ratios(phases)
