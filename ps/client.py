@@ -31,7 +31,7 @@ from ps import bulk_messages, native, wire
 from ps.errors import CapacityError, EmbpsError, UnknownTableError, WrongShardError
 from ps.job_config import DEFAULT_MESSAGE_LIMIT, Deadlines, JobConfig
 from ps.rpc import ps_pb2, ps_pb2_grpc
-from ps.security import Role, SecurityConfig, open_channel
+from ps.security import RECONNECT_OPTIONS, Role, SecurityConfig, open_channel
 from ps.sharding import ShardMap
 
 _SLACK = 4096  # protobuf framing and small fields around the bulk bytes of one message
@@ -198,9 +198,7 @@ class PSClient:
         options = [
             ("grpc.max_send_message_length", message_limit_bytes + _SLACK),
             ("grpc.max_receive_message_length", message_limit_bytes + _SLACK),
-            ("grpc.initial_reconnect_backoff_ms", 100),
-            ("grpc.min_reconnect_backoff_ms", 100),
-            ("grpc.max_reconnect_backoff_ms", 1000),
+            *RECONNECT_OPTIONS,
             # A connection whose peer went silent (cut link) is closed after a missed ping instead
             # of holding calls until TCP gives up; pings only go out while calls are in flight.
             ("grpc.keepalive_time_ms", 10000),

@@ -31,7 +31,7 @@ import numpy as np
 from ps import bulk_messages, native, wire
 from ps.job_config import JobConfig
 from ps.rpc import ps_pb2, serving_pb2, serving_pb2_grpc
-from ps.security import Role, SecurityConfig, open_channel
+from ps.security import RECONNECT_OPTIONS, Role, SecurityConfig, open_channel
 
 FAILOVER_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
 DEFAULT_TIMEOUT_S = 1.0
@@ -114,7 +114,12 @@ class ServingClient:
         self.timeout_s = float(timeout_s)
         self.dtype = np.dtype(dtype)
         limit = message_limit_bytes + _MESSAGE_SLACK
-        options = [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
+        # A replica that comes back after a restart is answered again within a second.
+        options = [
+            ("grpc.max_send_message_length", limit),
+            ("grpc.max_receive_message_length", limit),
+            *RECONNECT_OPTIONS,
+        ]
         role = Role.READER if security.auth else None
         self._replicas = []
         for address in addresses:

@@ -42,7 +42,15 @@ from ps.errors import CapacityError, UnknownTableError
 from ps.process.calls import CallSite, UndecodableRequests, unary_call
 from ps.process.metrics import LATENCY_BUCKETS
 from ps.rpc import ps_pb2, serving_pb2, serving_pb2_grpc
-from ps.security import Role, TokenAuth, add_port, open_aio_channel, server_interceptors, serving_port_policy
+from ps.security import (
+    RECONNECT_OPTIONS,
+    Role,
+    TokenAuth,
+    add_port,
+    open_aio_channel,
+    server_interceptors,
+    serving_port_policy,
+)
 from ps.security.config import RELOAD_CHECK_S
 from serving.config import Consistency, ServeConfig, load_serve_config
 from serving.core_calls import CoreCallCounts, counts_core_calls, server_ids
@@ -305,9 +313,7 @@ def channel_options(config: ServeConfig) -> list[tuple[str, int]]:
     return [
         ("grpc.max_send_message_length", limit),
         ("grpc.max_receive_message_length", limit),
-        ("grpc.initial_reconnect_backoff_ms", 100),
-        ("grpc.min_reconnect_backoff_ms", 100),
-        ("grpc.max_reconnect_backoff_ms", 1000),
+        *RECONNECT_OPTIONS,
         ("grpc.keepalive_time_ms", 10000),
         ("grpc.keepalive_timeout_ms", 5000),
     ]

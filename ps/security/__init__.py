@@ -58,7 +58,7 @@ Everything public is imported here: `from ps.security import open_channel`.
 """
 
 from ps.security.certificates import ClientCertificates, FileStamps, ServerCertificates, ServerPem, load_server_pem
-from ps.security.channels import open_aio_channel, open_channel
+from ps.security.channels import RECONNECT_OPTIONS, open_aio_channel, open_channel
 from ps.security.config import (
     RELOAD_CHECK_S,
     Role,
@@ -79,6 +79,7 @@ from ps.security.server_auth import (
 from ps.security.tokens import LiveToken
 
 __all__ = [
+    "RECONNECT_OPTIONS",
     "RELOAD_CHECK_S",
     "ClientCertificates",
     "FileStamps",

@@ -13,6 +13,18 @@ from ps.security.config import Role, SecurityConfig
 from ps.security.rotating_channel import RotatingAioChannel, RotatingChannel
 from ps.security.tokens import LiveToken
 
+# Channel options of every long-lived client channel to a process that may restart (a worker's to
+# its shards, a replica's followers, ServingClient's to replicas): a refused or dropped connection
+# is tried again within a second. gRPC's default backoff starts at 1 s and grows 1.6x per failure
+# up to 2 minutes, while calls fail at once: a client whose server was down for 20 s got its first
+# answer 7.2 s after the server was back (0.15 s with these), and after a longer outage it would
+# wait up to 2 minutes more.
+RECONNECT_OPTIONS = (
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+)
+
 
 class _CallDetails(
     collections.namedtuple("_CallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready",

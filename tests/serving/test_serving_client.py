@@ -4,6 +4,7 @@ test_replica_call_metrics.py and tests/security/test_tls_tokens.py)."""
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -48,6 +49,42 @@ def test_every_call_has_a_deadline_failovers_included() -> None:
     finally:
         silent.release.set()
         server.stop(0)
+
+
+def test_a_replica_that_is_down_is_tried_again_within_a_second() -> None:
+    """Calls to a replica that is down fail at once; its channel tries to connect again within a
+    second, so a replica back after a restart answers soon. With gRPC's default backoff (1 s, then
+    1.6x a failure up to 2 minutes) a client got its first answer 7.2 s after a replica down for
+    20 s was back; in these 4 s it tried 3 times, now 8."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.1)
+    tries: list[float] = []
+    stop = threading.Event()
+
+    def refuse() -> None:  # TCP accepts, then closes before gRPC speaks: a connection that fails
+        while not stop.is_set():
+            try:
+                connection, _ = listener.accept()
+            except TimeoutError:
+                continue
+            tries.append(time.monotonic())
+            connection.close()
+
+    thread = threading.Thread(target=refuse, daemon=True)
+    thread.start()
+    try:
+        with ServingClient([f"127.0.0.1:{listener.getsockname()[1]}"], timeout_s=0.5) as client:
+            end = time.monotonic() + 4.0
+            while time.monotonic() < end:
+                with pytest.raises(ReplicasUnavailableError):
+                    client.lookup("t", np.arange(3, dtype=np.int64))
+                time.sleep(0.05)
+    finally:
+        stop.set()
+        thread.join(5)
+        listener.close()
+    assert len(tries) >= 5, f"{len(tries)} connection attempts in 4 s: {np.diff(tries).round(2).tolist()}"
+    assert np.diff(tries)[-2:].max() < 2.0, np.diff(tries).round(2).tolist()
 
 
 def test_every_replica_refusing_names_each_answer() -> None:
