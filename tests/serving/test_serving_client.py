@@ -1,4 +1,4 @@
-"""ServingClient's deadline and argument checks against in-process gRPC servers (its lookups,
+"""ServingClient's deadlines, reconnects and argument checks against in-process gRPC servers (its lookups,
 dedupe, failover and TLS are tested against real replicas in test_serve_process.py,
 test_replica_call_metrics.py and tests/security/test_tls_tokens.py)."""
 
