@@ -14,6 +14,8 @@ import random
 import socket
 from pathlib import Path
 
+from ps.job_config import ShardConfig
+
 _EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 _LOWEST = 10000  # below: well-known and registered services
 _handed_out: set[int] = set()
@@ -61,3 +63,18 @@ def free_ports(n: int) -> list[int]:
     finally:
         for s in sockets:
             s.close()
+
+
+def loopback_shards(num_shards: int, standbys: bool) -> tuple[ShardConfig, ...]:
+    """num_shards shards on free loopback ports, each with its metrics port, and with a standby
+    (and its metrics port) when `standbys`."""
+    ports = free_ports(4 * num_shards)
+    return tuple(
+        ShardConfig(
+            f"127.0.0.1:{ports[4 * i]}",
+            metrics_port=ports[4 * i + 1],
+            standby=f"127.0.0.1:{ports[4 * i + 2]}" if standbys else "",
+            standby_metrics_port=ports[4 * i + 3] if standbys else 0,
+        )
+        for i in range(num_shards)
+    )

@@ -41,9 +41,9 @@ import numpy as np
 
 from bench.keys import ZipfSampler
 from bench.machine import process_cpu_seconds
-from bench.ports import free_ports
+from bench.ports import loopback_shards
 from bench.rpc_floor import measure_rpc_floor
-from ps.job_config import ArbiterConfig, Deadlines, JobConfig, ShardConfig, dump_job_config
+from ps.job_config import ArbiterConfig, Deadlines, JobConfig, dump_job_config
 from ps.process import children
 from ps.table.config import OptimizerConfig, OptimizerKind, TableConfig
 
@@ -267,18 +267,9 @@ def _start_cluster(
 ) -> tuple[JobConfig, list[subprocess.Popen]]:
     """The bench's shards (each with a standby, and etcd as their arbiter, when `standby`) on fresh
     ports in a folder of their own, serving; `stack` stops them and removes the folder."""
-    ports = free_ports(4 * config.shards)
     job = JobConfig(
         job="bench",
-        shards=tuple(
-            ShardConfig(
-                f"127.0.0.1:{ports[4 * i]}",
-                metrics_port=ports[4 * i + 1],
-                standby=f"127.0.0.1:{ports[4 * i + 2]}" if standby else "",
-                standby_metrics_port=ports[4 * i + 3] if standby else 0,
-            )
-            for i in range(config.shards)
-        ),
+        shards=loopback_shards(config.shards, standby),
         tables=_tables(config),
         deadlines=Deadlines(lookup=60.0, push=60.0, stats=60.0),
     )

@@ -30,9 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.ports import free_ports
+from bench.ports import loopback_shards
 from bench.ps_bench import REPO_ROOT, start_etcd, start_shards
-from ps.job_config import ArbiterConfig, Deadlines, JobConfig, ShardConfig, dump_job_config
+from ps.job_config import ArbiterConfig, Deadlines, JobConfig, dump_job_config
 from ps.process import children
 from ps.shard.replication import ROLE_VALUES
 from ps.table.config import OptimizerConfig, OptimizerKind, TableConfig
@@ -134,10 +134,7 @@ def _wait_role(port: int, roles: set[str], deadline: float, what: str, on_tick=N
 
 
 def run_standby_join_bench(config: StandbyJoinBenchConfig) -> int:
-    ports = free_ports(4)
-    shard = ShardConfig(
-        f"127.0.0.1:{ports[0]}", metrics_port=ports[1], standby=f"127.0.0.1:{ports[2]}", standby_metrics_port=ports[3]
-    )
+    (shard,) = loopback_shards(1, standbys=True)
     table = TableConfig(TABLE, dim=config.dim, optimizer=OptimizerConfig(kind=OptimizerKind.ADAGRAD, lr=0.01))
     job = JobConfig(job="bench", shards=(shard,), tables=(table,), deadlines=Deadlines(push=600.0, stats=60.0))
     with tempfile.TemporaryDirectory(prefix="embps-bench-standby-join-") as workdir:

@@ -30,9 +30,9 @@ from pathlib import Path
 import torch
 
 from bench.machine import machine_facts
-from bench.ports import free_ports
+from bench.ports import free_ports, loopback_shards
 from ps import toml_writer
-from ps.job_config import ArbiterConfig, JobConfig, ShardConfig, dump_job_config
+from ps.job_config import ArbiterConfig, JobConfig, dump_job_config
 from ps.process.children import python_path
 from ps.table.config import EvictionConfig, EvictionPolicy, OptimizerConfig, OptimizerKind, TableConfig
 
@@ -66,7 +66,6 @@ def _job_toml(
     """arbiter: etcd's endpoint; then every shard has a standby. serving: `embps launch` starts a
     serving replica of every table beside the job. in_process: the tables hold every shard's rows
     (the in-process run's one table per feature gets config.capacity x shards)."""
-    ports = free_ports(4 * config.shards)
     num_tables = 1 if config.shared_table else config.num_tables
     bound: dict = {}
     if config.capacity is not None:
@@ -78,15 +77,7 @@ def _job_toml(
         )
         for i in range(num_tables)
     )
-    shards = tuple(
-        ShardConfig(
-            f"127.0.0.1:{ports[4 * i]}",
-            metrics_port=ports[4 * i + 1],
-            standby=f"127.0.0.1:{ports[4 * i + 2]}" if arbiter else "",
-            standby_metrics_port=ports[4 * i + 3] if arbiter else 0,
-        )
-        for i in range(config.shards)
-    )
+    shards = loopback_shards(config.shards, standbys=bool(arbiter))
     job = JobConfig(job=f"bench-{mode}{'-standby' if arbiter else ''}", shards=shards, tables=tables)
     if arbiter:
         job = replace(job, arbiter=ArbiterConfig(endpoints=arbiter))
