@@ -132,5 +132,6 @@ def test_a_stream_with_nothing_to_send_says_at_once_that_it_is_up(shard, monkeyp
             _Counted(channel, "b", "", committed, from_version=start),
         ]
         wait_until(lambda: all(s.heartbeats >= 1 for s in streams), "each idle stream's first message")
+        assert [s.heartbeats for s in streams] == [1, 1]  # that one at once; the next would be 2 minutes later
         for s in streams:
             s.end()
