@@ -6,10 +6,17 @@ outgoing connection) come from its ephemeral range, and a suite makes thousands 
 a port picked from that range can be taken by some client's connection before the server binds
 it. So ports are drawn at random from outside the ephemeral range, and one process never hands
 out the same port twice.
+
+Processes that hand out ports at once (the suite's parallel workers, a bench they start) must not
+hand out the same one either: a port is free for each of them until one's server binds it. So the
+ports are cut into blocks of BLOCK_PORTS, and a process hands out only ports of blocks it claimed:
+a claim is an abstract Unix socket named after the block (Linux), which no other process can bind
+while this one lives, and which the kernel releases when it exits, however it ends.
 """
 
 from __future__ import annotations
 
+import os
 import random
 import socket
 from pathlib import Path
@@ -18,7 +25,11 @@ from ps.job_config import ShardConfig
 
 _EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 _LOWEST = 10000  # below: well-known and registered services
-_handed_out: set[int] = set()
+BLOCK_PORTS = 64
+_CLAIM_NAME = "\0embps-ports-{start}"  # abstract namespace: no file, gone with the process
+_claims: list[socket.socket] = []  # this process's claims, open until it exits
+_unused: list[int] = []  # ports of claimed blocks not handed out yet
+_owner = os.getpid()  # the process `_unused` belongs to (a forked child inherits a copy)
 _draw = random.SystemRandom()
 
 
@@ -34,29 +45,50 @@ def _candidate_ranges() -> list[range]:
     return ranges
 
 
+def _claim_block() -> None:
+    """Claims a random block no other process holds and adds its ports to `_unused`."""
+    starts = [start for r in _candidate_ranges() for start in range(r.start, r.stop - BLOCK_PORTS + 1, BLOCK_PORTS)]
+    _draw.shuffle(starts)
+    for start in starts:
+        claim = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            claim.bind(_CLAIM_NAME.format(start=start))
+        except OSError:  # another process (or this one) holds it
+            claim.close()
+            continue
+        _claims.append(claim)
+        block = list(range(start, start + BLOCK_PORTS))
+        _draw.shuffle(block)
+        _unused.extend(block)
+        return
+    raise RuntimeError(f"every block of {BLOCK_PORTS} ports outside the ephemeral range is claimed by a process")
+
+
 def free_ports(n: int) -> list[int]:
     """n distinct free ports on 127.0.0.1, outside the ephemeral range, never handed out before
-    by this process (every probe socket stays open until all n are picked)."""
-    ranges = _candidate_ranges()
+    by this process nor by any other live process that uses this function (every probe socket
+    stays open until all n are picked)."""
+    global _owner
+    if os.getpid() != _owner:  # a forked child: its parent hands out the ports it inherited
+        _unused.clear()
+        _owner = os.getpid()
     sockets: list[socket.socket] = []
     ports: list[int] = []
     try:
         for _ in range(200 * n):
             if len(ports) == n:
                 return ports
-            span = _draw.choice(ranges)
-            port = _draw.choice(span)
-            if port in _handed_out:
-                continue
+            if not _unused:
+                _claim_block()
+            port = _unused.pop()
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             try:
                 s.bind(("127.0.0.1", port))
-            except OSError:
+            except OSError:  # taken by a program that does not claim blocks
                 s.close()
                 continue
             sockets.append(s)
             ports.append(port)
-            _handed_out.add(port)
         if len(ports) == n:
             return ports
         raise RuntimeError(f"found only {len(ports)} of {n} free ports outside the ephemeral range")
