@@ -65,11 +65,11 @@ system-tools:
 # bytecode (Python's default) even where the environment turns that off.
 PYTEST := env -u PYTHONDONTWRITEBYTECODE $(BIN)/python -m pytest -p no:cacheprovider
 
-# make test runs the suite on TEST_WORKERS processes (pytest-xdist), each taking one test file at
-# a time, so a file's module fixtures start once; most tests wait on processes they started, and
-# two workers keep both cores of this project's machines busy. Ports come from blocks each process
-# claims (bench/ports.py), so workers never start servers on the same port. TEST_WORKERS=0: one
-# process, in order.
+# make test and make check run the tests on TEST_WORKERS processes (pytest-xdist), each taking
+# one test file at a time, so a file's module fixtures start once; most tests wait on processes
+# they started, and two workers keep both cores of this project's machines busy. Ports come from
+# blocks each process claims (bench/ports.py), so workers never start servers on the same port.
+# TEST_WORKERS=0: one process, in order.
 TEST_WORKERS ?= 2
 PARALLEL := -n $(TEST_WORKERS) --dist loadfile
 
@@ -84,7 +84,7 @@ test-deep: install system-tools
 # The fast tier for the edit-test loop: lint, then every test that starts no process (a test is
 # skipped where it would start one; see tests/conftest.py).
 check: install lint
-	$(PYTEST) -q --no-processes $(PYTEST_ARGS)
+	$(PYTEST) -q --no-processes $(PARALLEL) $(PYTEST_ARGS)
 
 demo: install
 	$(BIN)/embps launch examples/demo.toml

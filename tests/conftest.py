@@ -38,7 +38,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     _restore_ctrl_c()
-    if config.getoption("--no-processes"):
+
+
+def pytest_collection(session: pytest.Session) -> None:
+    """The fast tier refuses processes from the start of collection on: after pytest's own start
+    (a pytest-xdist worker runs `uname` then), and never in the process that starts the workers
+    (`-n 2`), which runs no test."""
+    config = session.config
+    starts_workers = bool(getattr(config.option, "numprocesses", None)) and not hasattr(config, "workerinput")
+    if config.getoption("--no-processes") and not starts_workers:
         _skip_where_a_process_starts()
 
 
