@@ -37,7 +37,7 @@ from tests.faults.namespaced_jobs import (
     write_job,
 )
 from tests.helpers import netns
-from tests.helpers.netns import HostNetwork, host_network, remaining
+from tests.helpers.netns import HostNetwork, host_network, remaining, subnet_claim
 from tests.helpers.processes import REPO_ROOT, stop_pid
 from tests.serving.replicas import ServingReplica
 from worker.train_config import load_training_job
@@ -90,6 +90,34 @@ def test_cleanup_removes_what_was_made_when_building_fails(monkeypatch):
     for name in made:
         if not name.startswith("embps-"):
             assert f" {name}:" not in links and f" {name}@" not in links, f"link {name} left behind"
+
+
+_HOLD_SUBNET = """
+import sys
+from tests.helpers.netns import subnet_claim
+with subnet_claim("10.250.9"):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_a_subnet_that_another_process_holds_is_waited_for_until_it_ends():
+    """make test's workers (and concurrent runs) build networks at once: one on a subnet another
+    process holds waits, and gets it once that process has ended. Needs no namespaces."""
+    other = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_SUBNET], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT
+    )
+    try:
+        assert other.stdout.readline() == "held\n"
+        with pytest.raises(AssertionError, match="subnet 10.250.9, held by another process"):
+            with subnet_claim("10.250.9", timeout=0.5):
+                pytest.fail("claimed a subnet that another live process holds")
+        other.stdin.close()
+        with subnet_claim("10.250.9", timeout=30):
+            assert other.wait(timeout=30) == 0
+    finally:
+        other.kill()
+        other.wait()
 
 
 def start_replica(host: netns.Host, serve: ServeConfig, config_path, log_path) -> ServingReplica:

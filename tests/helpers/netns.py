@@ -9,19 +9,27 @@
 
 Each host is a namespace with its own loopback and one veth whose other end sits on a bridge in
 the root namespace; the bridge itself holds `net.runner_address`, so the test process (in the
-root namespace) reaches every host directly. Names carry a random token, so concurrent runs do
-not collide, and addresses stay in a private test range on this machine only.
+root namespace) reaches every host directly. Names carry a random token, and a network claims its
+subnet for its lifetime (an abstract Unix socket named after it, released by the kernel when the
+process ends), so concurrent runs and `make test`'s workers do not collide: a second network on
+the same subnet waits for the first to end. Addresses stay in a private test range on this
+machine only.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+
+from tests.helpers.waiting import wait_until
+
+SUBNET_WAIT_S = 600.0  # the longest a network waits for another on its subnet (a namespace test's whole run)
 
 
 class NetnsUnavailable(RuntimeError):
@@ -85,6 +93,26 @@ def unavailable_reason() -> str | None:
 
 
 @contextmanager
+def subnet_claim(subnet: str, timeout: float = SUBNET_WAIT_S) -> Iterator[None]:
+    """Holds `subnet` for this process until the block ends, once no other process holds it
+    (AssertionError after `timeout` seconds)."""
+    claim = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+
+    def taken() -> bool:
+        try:
+            claim.bind(f"\0embps-subnet-{subnet}")
+        except OSError:
+            return False
+        return True
+
+    try:
+        wait_until(taken, f"subnet {subnet}, held by another process", timeout)
+        yield
+    finally:
+        claim.close()
+
+
+@contextmanager
 def host_network(num_hosts: int, subnet: str = "10.200.0") -> Iterator[HostNetwork]:
     """`num_hosts` namespaces at `subnet`.1 .. `subnet`.num_hosts on one bridge, the test runner
     at `subnet`.254. Raises NetnsUnavailable when namespaces cannot be made."""
@@ -93,6 +121,12 @@ def host_network(num_hosts: int, subnet: str = "10.200.0") -> Iterator[HostNetwo
     reason = unavailable_reason()
     if reason is not None:
         raise NetnsUnavailable(reason)
+    with subnet_claim(subnet), _built(num_hosts, subnet) as net:
+        yield net
+
+
+@contextmanager
+def _built(num_hosts: int, subnet: str) -> Iterator[HostNetwork]:
     token = uuid.uuid4().hex[:6]
     bridge = f"ebr{token}"
     namespaces: list[str] = []
