@@ -105,13 +105,8 @@ def start_shards(job: JobConfig, workdir: Path, malloc_tuned: bool) -> list[subp
                 continue
             with open(workdir / f"shard-{i}{role}.log", "wb") as log:
                 procs.append(  # SIGTERM when this process dies, even by SIGKILL
-                    subprocess.Popen(
-                        [*cmd, *extra],
-                        cwd=REPO_ROOT,
-                        env=env,
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                        preexec_fn=children.die_with_parent,
+                    children.popen_dying_with_parent(
+                        [*cmd, *extra], cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
                     )
                 )
     with PSClient.from_job(job, max_attempts=10_000, deadlines=Deadlines(stats=60.0)) as client:

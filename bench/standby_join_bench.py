@@ -75,9 +75,6 @@ class _Pusher:
         self._client = PSClient.from_job(job, deadlines=Deadlines(push=600.0, lookup=60.0, stats=60.0))
         self._config = config
         self._stop = threading.Event()
-        # Held around each push, and by whoever forks meanwhile: a fork while a call is in flight
-        # makes grpc skip its fork handlers, and the child (a new standby) died before its exec.
-        self.between_pushes = threading.Lock()
         self.pushes: list[tuple[float, float]] = []
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -91,10 +88,9 @@ class _Pusher:
         try:
             while not self._stop.is_set():
                 keys = rng.choice(self._config.rows, self._config.batch, replace=False).astype(np.int64)
-                with self.between_pushes:
-                    t0 = time.monotonic()
-                    self._client.push(TABLE, keys, grads)
-                    t1 = time.monotonic()
+                t0 = time.monotonic()
+                self._client.push(TABLE, keys, grads)
+                t1 = time.monotonic()
                 self.pushes.append((t1, t1 - t0))
         except BaseException as exc:  # noqa: BLE001 - reported by stop()
             self.error = exc
@@ -162,14 +158,13 @@ def run_standby_join_bench(config: StandbyJoinBenchConfig) -> int:
             joined_at = time.monotonic()
             config_path = Path(workdir) / "job.toml"
             config_path.write_text(dump_job_config(job))
-            with open(Path(workdir) / "shard-0-standby-2.log", "wb") as log, pusher.between_pushes:
-                procs[1] = subprocess.Popen(
+            with open(Path(workdir) / "shard-0-standby-2.log", "wb") as log:
+                procs[1] = children.popen_dying_with_parent(
                     [sys.executable, "-m", "embps", "ps", "--config", str(config_path), "--shard", "0", "--standby"],
                     cwd=REPO_ROOT,
                     env={**os.environ, "PYTHONPATH": children.python_path(str(REPO_ROOT))},
                     stdout=log,
                     stderr=subprocess.STDOUT,
-                    preexec_fn=children.die_with_parent,
                 )
             deadline = joined_at + config.timeout_s
 

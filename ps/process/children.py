@@ -8,6 +8,7 @@ import ctypes
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -40,13 +41,37 @@ def python_path(*first: str) -> str:
 
 
 def die_with_parent() -> None:
-    """Get SIGTERM when the parent dies, even by SIGKILL (Linux). Called in the child itself (or
-    as a preexec_fn where the parent runs no other thread: a fork while another thread is inside a
-    gRPC call skips grpc's fork handlers, and the child can die before its exec)."""
+    """Get SIGTERM when the parent dies, even by SIGKILL (Linux). Called in the child itself, never
+    as a preexec_fn: that makes subprocess fork the parent, and a fork while another thread is inside
+    a gRPC call skips grpc's fork handlers, which leaves some children dead before their exec
+    (SIGABRT or SIGSEGV; tests/ps/test_children_die_with_parent.py). popen_dying_with_parent
+    starts a program that cannot call it itself."""
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     except OSError:
         pass
+
+
+# Run by a Python of its own, which arranges to die with its parent and then becomes the program
+# (the arrangement survives the exec). Without a preexec_fn, subprocess starts it by vfork: no fork
+# handler runs and no code of this process runs in the child.
+_DIE_WITH_PARENT_THEN_EXEC = """
+import ctypes, os, signal, sys
+ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+if os.getppid() != int(sys.argv[1]):
+    sys.exit("the parent %s died before its child %s started" % (sys.argv[1], os.getpid()))
+os.execvp(sys.argv[2], sys.argv[2:])
+"""
+
+
+def popen_dying_with_parent(argv: list[str], **popen_kwargs) -> subprocess.Popen:
+    """subprocess.Popen(argv, **popen_kwargs) of a process that gets SIGTERM when this one dies,
+    even by SIGKILL (Linux), safe while other threads call gRPC (see die_with_parent). The
+    signal comes when the thread that called this ends, as with any parent-death signal."""
+    if "preexec_fn" in popen_kwargs:
+        raise ValueError("popen_dying_with_parent: preexec_fn would fork this process")
+    trampoline = [sys.executable, "-I", "-S", "-c", _DIE_WITH_PARENT_THEN_EXEC, str(os.getpid())]
+    return subprocess.Popen([*trampoline, *argv], **popen_kwargs)
 
 
 # The pid of `embps launch`, in the environment of every process it starts. Each child arranges to
