@@ -25,6 +25,7 @@ def _echo(request: bytes, context: grpc.ServicerContext) -> bytes:
     return request
 
 
+@pytest.mark.processes
 def test_children_start_while_other_threads_are_inside_grpc_calls():
     """A preexec_fn made subprocess fork this process; with calls in flight on other threads grpc
     skipped its fork handlers and some children died before their exec (1-3 of these 150 in each
