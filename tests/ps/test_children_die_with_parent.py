@@ -16,7 +16,7 @@ import grpc
 import pytest
 
 from ps.process import children
-from tests.helpers.waiting import wait_until
+from tests.helpers.waiting import eventually
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -79,10 +79,10 @@ def test_a_child_gets_sigterm_when_its_parent_is_killed():
     try:
         pid = int(middle.stdout.readline())
         # The pid is the program's: the trampoline that arranged the signal became it by exec.
-        wait_until(lambda: Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"sleep\0"), "the exec of sleep", 10)
+        assert eventually(lambda: Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"sleep\0"), 10)
         middle.kill()
         middle.wait()
-        wait_until(lambda: _state(pid) in ("gone", "Z"), "the child's exit after its parent's SIGKILL", 10)
+        assert eventually(lambda: _state(pid) in ("gone", "Z"), 10), f"child {pid} outlived its SIGKILLed parent"
     finally:
         middle.kill()
         middle.wait()
