@@ -26,7 +26,6 @@ from ps.job_config import ShardConfig
 _EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 _LOWEST = 10000  # below: well-known and registered services
 BLOCK_PORTS = 64
-_CLAIM_NAME = "\0embps-ports-{start}"  # abstract namespace: no file, gone with the process
 _claims: list[socket.socket] = []  # this process's claims, open until it exits
 _unused: list[int] = []  # ports of claimed blocks not handed out yet
 _owner = os.getpid()  # the process `_unused` belongs to (a forked child inherits a copy)
@@ -45,18 +44,27 @@ def _candidate_ranges() -> list[range]:
     return ranges
 
 
+def claim(name: str) -> socket.socket | None:
+    """Claims `name` among the live processes of this machine (Linux): an abstract Unix socket
+    bound to it, held until it is closed or this process ends; None while another holds it."""
+    held = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        held.bind(f"\0{name}")
+    except OSError:
+        held.close()
+        return None
+    return held
+
+
 def _claim_block() -> None:
     """Claims a random block no other process holds and adds its ports to `_unused`."""
     starts = [start for r in _candidate_ranges() for start in range(r.start, r.stop - BLOCK_PORTS + 1, BLOCK_PORTS)]
     _draw.shuffle(starts)
     for start in starts:
-        claim = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            claim.bind(_CLAIM_NAME.format(start=start))
-        except OSError:  # another process (or this one) holds it
-            claim.close()
+        held = claim(f"embps-ports-{start}")
+        if held is None:  # another process (or this one) holds it
             continue
-        _claims.append(claim)
+        _claims.append(held)
         block = list(range(start, start + BLOCK_PORTS))
         _draw.shuffle(block)
         _unused.extend(block)

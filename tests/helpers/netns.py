@@ -27,6 +27,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from bench.ports import claim
 from tests.helpers.waiting import wait_until
 
 SUBNET_WAIT_S = 600.0  # the longest a network waits for another on its subnet (a namespace test's whole run)
@@ -96,20 +97,20 @@ def unavailable_reason() -> str | None:
 def subnet_claim(subnet: str, timeout: float = SUBNET_WAIT_S) -> Iterator[None]:
     """Holds `subnet` for this process until the block ends, once no other process holds it
     (AssertionError after `timeout` seconds)."""
-    claim = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    held: list[socket.socket] = []
 
     def taken() -> bool:
-        try:
-            claim.bind(f"\0embps-subnet-{subnet}")
-        except OSError:
-            return False
-        return True
+        got = claim(f"embps-subnet-{subnet}")
+        if got is not None:
+            held.append(got)
+        return got is not None
 
     try:
         wait_until(taken, f"subnet {subnet}, held by another process", timeout)
         yield
     finally:
-        claim.close()
+        for got in held:
+            got.close()
 
 
 @contextmanager
