@@ -422,7 +422,8 @@ class PrimaryLink:
         except (OSError, ConnectionError, ssl.SSLError, LinkRefused) as exc:
             why = f"broken: {exc}"
         self._stop_acks()
-        on_end(why)
+        if not self._closed:  # checked again: close() may have come (and caused this end) after the check above
+            on_end(why)
 
     def _stop_acks(self) -> None:
         """Stops watching the acks connection and closes it (on the loop)."""

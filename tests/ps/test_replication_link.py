@@ -8,6 +8,7 @@ would hide it: a wrong key, a frame over the limit, junk, a primary that never c
 
 from __future__ import annotations
 
+import asyncio
 import queue
 import socket
 import struct
@@ -86,6 +87,45 @@ def test_frames_arrive_in_order_and_their_acks_come_back_in_order(ends, standby,
     assert ends.standby_end.get(timeout=WAIT) == "the primary closed the link"
     standby.close()
     assert ends.primary_end.empty() and ends.standby_end.empty()
+
+
+class _ReadHeldAfterData:
+    """The acks socket of a primary whose loop thread is held between its check that the link is
+    open and its next read, as a busy host's scheduler may hold it: once armed, a read that follows
+    a read which returned data waits (`waiting` set) until the test sets `go`."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.armed = False
+        self.waiting = threading.Event()
+        self.go = threading.Event()
+        self._after_data = False
+
+    def recv(self, size: int) -> bytes:
+        if self.armed and self._after_data:
+            self.waiting.set()
+            self.go.wait(WAIT)
+        data = self.sock.recv(size)
+        self._after_data = bool(data)
+        return data
+
+    def __getattr__(self, name: str):
+        return getattr(self.sock, name)
+
+
+def test_an_end_that_close_causes_is_not_reported_even_when_the_loop_reads_it_late(loop_thread, ends, standby):
+    link = PrimaryLink(f"127.0.0.1:{standby.port + 1}", standby.port, standby.key, PLAIN, LIMIT, WAIT)
+    held = link._acks.sock = _ReadHeldAfterData(link._acks.sock)
+    link.start(loop_thread, lambda frame: ends.acks.put(bytes(frame)), ends.primary_end.put)
+    held.armed = True
+    link.send(b"last")
+    assert ends.acks.get(timeout=WAIT) == b"tsal"
+    assert held.waiting.wait(WAIT)  # the loop saw the link open and is about to read again
+    link.close()
+    assert ends.standby_end.get(timeout=WAIT) == "the primary closed the link"
+    held.go.set()  # the read meets the end that close() caused
+    asyncio.run_coroutine_threadsafe(asyncio.sleep(0), loop_thread).result(WAIT)
+    assert ends.primary_end.empty()
 
 
 def test_a_frame_sent_as_several_buffers_arrives_as_their_concatenation(ends, primary):
