@@ -8,7 +8,7 @@ would hide it: a wrong key, a frame over the limit, junk, a primary that never c
 
 from __future__ import annotations
 
-import asyncio
+import concurrent.futures
 import queue
 import socket
 import struct
@@ -124,7 +124,9 @@ def test_an_end_that_close_causes_is_not_reported_even_when_the_loop_reads_it_la
     link.close()
     assert ends.standby_end.get(timeout=WAIT) == "the primary closed the link"
     held.go.set()  # the read meets the end that close() caused
-    asyncio.run_coroutine_threadsafe(asyncio.sleep(0), loop_thread).result(WAIT)
+    loop_free = concurrent.futures.Future()
+    loop_thread.call_soon_threadsafe(loop_free.set_result, None)
+    loop_free.result(WAIT)  # runs once the loop has finished the read it was held in
     assert ends.primary_end.empty()
 
 
