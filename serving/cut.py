@@ -64,6 +64,7 @@ class Delta:
     commit_time: float = 0.0
     storage: str = "float32"
     received: float = field(default_factory=time.time)
+    held_bytes: int = 0  # nbytes when offered: what it counts for in waiting_bytes until published
 
     @property
     def nbytes(self) -> int:
@@ -143,11 +144,13 @@ class ModelCut:
                 lambda: self.waiting_bytes <= self.max_waiting_bytes or self.newest[key] <= self.cut_candidate()
             )
         if delta.replace is not None:  # a full copy supersedes what its stream sent before
-            self.waiting_bytes -= sum(d.nbytes for d in self.waiting[key])
+            self.waiting_bytes -= sum(d.held_bytes for d in self.waiting[key])
             self._waiting_count -= len(self.waiting[key])
             self.waiting[key] = []
+        # Counted once: a full copy's blocks grow when the deltas after it are staged into it.
+        delta.held_bytes = delta.nbytes
         self.waiting[key].append(delta)
-        self.waiting_bytes += delta.nbytes
+        self.waiting_bytes += delta.held_bytes
         self._waiting_count += 1
         self._set_newest(key, delta.step)
         self.tails[key] = Tail(delta.to_version, delta.incarnation, delta.step)
@@ -178,7 +181,17 @@ class ModelCut:
         self._at_low = sum(1 for step in steps if step == self._low)
 
     async def advance(self) -> None:
-        """Publishes the newest cut the waiting deltas allow, if it is past the served version."""
+        """Publishes the newest cut the waiting deltas allow, if it is past the served version; then
+        wakes the streams held past the bound, published or not: what they wait for (the lowest
+        stream, the waiting bytes) moves with every offer, and a stream that went back moves the
+        lowest up to the served version without a cut to publish."""
+        try:
+            await self._publish_next_cut()
+        finally:
+            async with self._moved:
+                self._moved.notify_all()
+
+    async def _publish_next_cut(self) -> None:
         async with self._publishing:
             cut = self.cut_candidate()
             if cut <= self.version:
@@ -199,7 +212,7 @@ class ModelCut:
                 self.metrics.version.labels(name, str(s)).set(deltas[-1].to_version)
                 self.metrics.rows.labels(name, str(s)).set(self.tables[name].shards[s].size)
             published = [d for ds in batch.values() for d in ds]
-            self.waiting_bytes -= sum(d.nbytes for d in published)
+            self.waiting_bytes -= sum(d.held_bytes for d in published)
             now = time.time()
             for d in published:
                 if d.commit_time:
@@ -212,8 +225,6 @@ class ModelCut:
             self.served_commit_time = max((d.commit_time for d in published if d.step == cut), default=now)
             self.metrics.model_version.set(cut)
             self._observe()
-        async with self._moved:
-            self._moved.notify_all()
 
     def _publish(self, cut: int, batch: dict[tuple[str, int], list[Delta]]) -> None:
         """Makes `cut` the visible version with every delta of `batch` (see the module docstring)."""

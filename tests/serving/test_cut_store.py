@@ -163,3 +163,79 @@ def test_a_shard_the_step_left_alone_keeps_its_rows_and_moves_its_version():
         (values, found), version = cut.read(lambda v, name=name: tables[name].lookup(keys, version=v))
         assert version == 3 and found.all() and (values == step).all()
         assert [rows.version for rows in tables[name].shards] == [30, 31]
+
+
+async def _loop_pass() -> None:
+    """Returns once the loop has run every callback scheduled before this call (a task created
+    just before has run up to its first wait)."""
+    loop = asyncio.get_running_loop()
+    passed = loop.create_future()
+    loop.call_soon(passed.set_result, None)
+    await passed
+
+
+def test_a_stream_held_past_the_bound_goes_on_once_a_stream_that_went_back_catches_up():
+    """A stream ahead of the cut waits past max_waiting_bytes; the one that went back (a shard
+    restored from an older step) catches up to the served step without publishing a cut (it is not
+    past the served version), and the waiting stream must then be let through: else neither moves
+    again (the one that went back is ahead by then too) and the replica serves that step forever."""
+    tables = {"user": TableReplica(TableConfig("user", dim=DIM), ShardMap.uniform(2))}
+    small, big = np.arange(4, dtype=np.int64), np.arange(1000, dtype=np.int64)
+    empty = np.empty(0, np.int64)
+
+    def delta(step: int, keys: np.ndarray) -> Delta:
+        return Delta(step, step, 1, keys, np.full((keys.shape[0], DIM), float(step), np.float32), empty)
+
+    async def run() -> None:
+        cut = ModelCut(tables, ServingMetrics(), max_waiting_bytes=big.nbytes)
+        for step in range(1, 9):
+            for s in (0, 1):
+                await cut.offer("user", s, delta(step, small))
+        assert cut.version == 8
+        await cut.offer("user", 0, delta(3, big))  # shard 0 went back to step 3: past the bound
+        held = asyncio.ensure_future(cut.offer("user", 1, delta(9, small)))
+        await _loop_pass()
+        assert not held.done()  # ahead of the cut (3) past the bound: it waits
+        for step in range(4, 10):  # shard 0 holds the cut back, so it gets through up to step 9
+            await cut.offer("user", 0, delta(step, small))
+        assert cut.newest == {("user", 0): 9, ("user", 1): 8} and cut.version == 8
+        ahead = asyncio.ensure_future(cut.offer("user", 0, delta(10, small)))
+        await asyncio.wait_for(held, 5)  # shard 1 (at 8) holds the cut now: it must go on
+        await asyncio.wait_for(ahead, 5)
+        assert cut.version == 9 and cut.newest == {("user", 0): 10, ("user", 1): 9}
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "python"])
+def test_waiting_bytes_return_to_zero_once_a_full_copy_and_the_rows_staged_into_it_are_published(
+    native, monkeypatch
+):
+    """A full copy counts its blocks when offered; the deltas after it are written into it when the
+    cut is published, which grows its blocks: what is subtracted on publishing is what was added."""
+    if native and _embps_gate is None:
+        pytest.skip("built without the serving gate's native stores")
+    if not native:
+        monkeypatch.setattr("serving.store._embps_gate", None)
+        monkeypatch.setattr("serving.cut._embps_gate", None)
+    tables = {"user": TableReplica(TableConfig("user", dim=DIM), ShardMap.uniform(2))}
+    empty = np.empty(0, np.int64)
+    few, many = np.arange(8, dtype=np.int64), np.arange(8, 60_008, dtype=np.int64)
+
+    def delta(step: int, keys: np.ndarray, replace: ShardRows | None = None) -> Delta:
+        values = np.full((keys.shape[0], DIM), float(step), np.float32)
+        return Delta(step, step, 1, keys, values, empty, replace=replace)
+
+    async def run() -> ModelCut:
+        cut = ModelCut(tables, ServingMetrics(), 1 << 40)
+        copy = ShardRows(DIM)
+        copy.upsert(few, np.ones((few.shape[0], DIM), np.float32))
+        await cut.offer("user", 1, Delta(1, 1, 2, empty, np.empty((0, DIM), np.float32), empty, replace=copy))
+        await cut.offer("user", 1, delta(2, many))  # staged into the copy: its blocks grow
+        before = copy.block_bytes
+        await cut.offer("user", 0, delta(2, few))  # one cut publishes the copy and the step after it
+        assert cut.version == 2 and copy.block_bytes > before
+        return cut
+
+    cut = asyncio.run(run())
+    assert cut.waiting_bytes == 0 and not any(cut.waiting.values())
