@@ -167,6 +167,7 @@ class Replication:
         self._wake = asyncio.Event()
         self._progress = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
+        self._stopped = False  # stop() ran: no ack will come any more (its link and tasks are gone)
         self._applied = 0  # as a standby: last applied sequence of the stream it follows
         self._followed: object | None = None  # as a standby: the stream whose handshake it accepted last
         self._promoting = False
@@ -211,9 +212,15 @@ class Replication:
         self._tasks.append(asyncio.ensure_future(coro))
 
     async def stop(self) -> None:
+        """Ends the replication's tasks (a shard that is stopping), and with them its link: a push
+        still waiting for its ack then gets NotPrimaryError at once (UNAVAILABLE: its client asks
+        again with the same push id, of the pair's other process), not a wait to the server's
+        grace."""
+        self._stopped = True
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._changed()
 
     def describe(self) -> str:
         return f"shard {self.shard.index} ({self.arbiter.me}, {self.state.value}, epoch {self.epoch})"
@@ -709,6 +716,10 @@ class Replication:
                 return
             if state is State.LOST and not self.arbiter.lease_valid():
                 self.check_serving()  # cut off from the standby and the arbiter: it may have promoted
+            if self._stopped:
+                raise NotPrimaryError(
+                    f"{self.describe()}: shutting down before the standby acknowledged this call; ask again"
+                )
             progress = self._progress
             try:
                 async with asyncio.timeout(self.ttl / 4):

@@ -278,6 +278,52 @@ def test_a_stopped_standby_holds_acks_until_the_arbiter_records_the_primary_alon
         pair.stop()
 
 
+def test_a_primary_stopped_while_a_push_waits_for_its_ack_ends_at_once(etcd, tmp_path):
+    """SIGTERM to a primary whose push waits for the standby's ack (the standby is stopped, and the
+    primary has not yet recorded itself alone): stopping ends the link, so that push is answered
+    UNAVAILABLE at once and the primary exits within its drain window, not at the end of its grace
+    (5 s here) with the push cancelled (before: the push waited for an ack that no task read)."""
+    job = pair_job(etcd.endpoint, "stop-waiting")
+    pair = ShardPair.start(job, tmp_path)
+    client = PSClient.from_job(job, client_id="trainer-0")
+    data = np.random.default_rng(11)
+    outcome: list[BaseException | None] = []
+
+    def versions() -> float:  # of the primary's tables: a push moves them once applied there
+        samples = metrics(job.shards[0].metrics_port)
+        return sum(value for name, value in samples.items() if name.startswith("embps_table_version"))
+
+    try:
+        client.send_push(make_push(client, data, 1))
+        stop_process(pair.standby.pid)
+        applied = versions()
+        push = make_push(client, data, 2)
+        pushing = threading.Thread(target=lambda: outcome.append(_error_of(client.send_push, push)))
+        pushing.start()
+        wait_until(lambda: versions() > applied, "the push applied on the primary, waiting for its ack")
+        assert "going on ALONE" not in pair.log(0)  # the lease (1 s) has not run out: it still waits
+        started = time.monotonic()
+        pair.primary.send_signal(signal.SIGTERM)
+        code = pair.primary.wait(timeout=30)
+        took = time.monotonic() - started
+        assert code == 0, pair.log(0)[-3000:]
+        assert took < 3.0, f"the primary took {took:.1f} s to stop (grace 5 s)\n{pair.log(0)[-3000:]}"
+    finally:
+        os.kill(pair.standby.pid, signal.SIGCONT)
+        client.close()
+        pair.stop()
+    pushing.join(timeout=30)
+    assert outcome and outcome[0] is not None  # not acknowledged: the standby never applied it
+
+
+def _error_of(call, *args) -> BaseException | None:
+    try:
+        call(*args)
+    except Exception as exc:  # noqa: BLE001 - the test looks at whichever error it was
+        return exc
+    return None
+
+
 def test_a_link_taken_from_the_primary_ends_its_stream_and_the_pair_joins_again(etcd, tmp_path):
     """A second handshake at the recorded epoch (a caller with the trainer's token, or the primary
     reconnecting while its old stream lingers) makes the standby follow that stream and close the
