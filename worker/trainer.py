@@ -46,6 +46,7 @@ not apply it again, and the job ends with the same weights as one that never saw
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import deque
@@ -284,8 +285,20 @@ class Trainer:
         exchange group, its push, then a barrier on that group. Each rank pushes only the keys of
         the shards it owns, so its own push being acknowledged says nothing of the other ranks'
         shards: the barrier makes this future complete once every rank's push of `step` was
-        acknowledged, and a lookup that waits for it sees every update of that step."""
-        self._push_all(self._exchange(pulled, leaf, self._exchange_group), step)
+        acknowledged, and a lookup that waits for it sees every update of that step.
+
+        A push that fails joins the barrier too (then raises its error): it fails on its rank alone
+        (the shards it owns), and a rank that skipped the barrier would meet the others' barrier
+        with its next all_to_all, and every rank would wait in gloo instead of getting to its error."""
+        try:
+            self._push_all(self._exchange(pulled, leaf, self._exchange_group), step)
+        except BaseException:
+            with contextlib.suppress(Exception):  # fails where a rank is gone: the push's error is the one to tell
+                self._exchange_barrier()
+            raise
+        self._exchange_barrier()
+
+    def _exchange_barrier(self) -> None:
         if self._exchange_group is not None:
             dist.barrier(group=self._exchange_group)
 
@@ -431,6 +444,9 @@ class Trainer:
         return pulled
 
     def close(self) -> None:
+        """Ends the trainer's threads: after drain() nothing is queued; after an error, the steps
+        still queued are dropped (their pushes and lookups would only fail or wait on ranks that
+        are ending), and the one running is waited for."""
         for pool in (self._push_pool, self._pull_pool, self._commit_pool):
             if pool is not None:
-                pool.shutdown(wait=True)
+                pool.shutdown(wait=True, cancel_futures=True)

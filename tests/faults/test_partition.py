@@ -223,15 +223,17 @@ def test_a_cut_link_fails_lookups_and_pushes_within_the_deadline_with_unavailabl
     assert remaining(net) == []
 
 
-@pytest.mark.slow
-def test_abort_mode_the_worker_and_the_launcher_fail_naming_the_shard(tmp_path):
+def abort_after_a_cut(tmp_path, subnet: str, name: str, **train: object) -> tuple[int, str, float, str]:
+    """A job (train.on_ps_unavailable = "abort", `train` added) whose shard 1 is cut off at step 10;
+    returns the launcher's exit code, its log, the seconds from the cut to its exit and the cut
+    shard's address. Checks that the namespaces and links are gone."""
     require_namespaces()
-    with host_network(3, subnet="10.200.5") as net:
+    with host_network(3, subnet=subnet) as net:
         kept, cut, workers = net.hosts
-        ps = shard_job([kept, cut], "abort", Deadlines(lookup=DEADLINE, push=DEADLINE, stats=DEADLINE))
+        ps = shard_job([kept, cut], name, Deadlines(lookup=DEADLINE, push=DEADLINE, stats=DEADLINE))
         out = tmp_path / "out"
         # Far more steps than the test waits for: the job cannot finish before the cut.
-        config = write_job(tmp_path / "job.toml", ps, steps=5000, out=out, workers=1, on_ps_unavailable="abort")
+        config = write_job(tmp_path / "job.toml", ps, steps=5000, out=out, on_ps_unavailable="abort", **train)
         procs = start_shards(ps, [kept, cut], config, tmp_path)
         log = tmp_path / "launch.log"
         try:
@@ -240,20 +242,37 @@ def test_abort_mode_the_worker_and_the_launcher_fail_naming_the_shard(tmp_path):
             wait_for_step(out / "progress.jsonl", 10, launcher, log)
             net.cut(cut)
             cut_at = time.monotonic()
-            code = wait_exit(launcher, log, timeout=60)
+            code = wait_exit(launcher, log, timeout=90)
             took = time.monotonic() - cut_at
         finally:
             for proc in reversed(procs):
                 stop_pid(proc)
             net.restore(cut)
-    text = log.read_text()
+    assert remaining(net) == []
+    return code, log.read_text(), took, ps.shards[1].address
+
+
+@pytest.mark.slow
+def test_abort_mode_the_worker_and_the_launcher_fail_naming_the_shard(tmp_path):
+    code, text, took, address = abort_after_a_cut(tmp_path, "10.200.5", "abort", workers=1)
     assert code != 0, text[-4000:]
-    address = ps.shards[1].address
     assert f"PS shard {address} unavailable, stopping (train.on_ps_unavailable = abort)" in text, text[-4000:]
     assert re.search(r"embps launch: FAILED: worker rank 0\b.*\bcode 3\b", text), text[-4000:]
     # One call's deadline to notice, then the launcher's teardown; nowhere near a hang.
     assert took < DEADLINE + 20, f"the job took {took:.1f} s to fail after the cut"
-    assert remaining(net) == []
+
+
+@pytest.mark.slow
+def test_abort_mode_two_async_workers_end_when_one_rank_s_push_fails(tmp_path):
+    """Async, 2 workers: only rank 1 pushes to shard 1 (a rank pushes the keys of the shards it
+    owns), so when shard 1 is cut its push fails while rank 0's succeeds. The ranks' exchange
+    collectives must stay in step through that failure (before: rank 1 skipped the push's barrier
+    and its next all_to_all met rank 0's barrier, and both ranks waited in gloo for its 30-minute
+    timeout while the launcher saw no exit: 5 of 6 runs)."""
+    code, text, took, address = abort_after_a_cut(tmp_path, "10.200.7", "abort-async", workers=2, mode="async")
+    assert code != 0, text[-4000:]
+    assert f"PS shard {address} unavailable, stopping" in text, text[-4000:]
+    assert took < DEADLINE + 30, f"the job took {took:.1f} s to fail after the cut"
 
 
 def shard_versions(address: str) -> dict[str, int]:
