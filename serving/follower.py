@@ -144,7 +144,6 @@ class ShardFollower:
                 self.status.last_error = f"{err.code().name}: {err.details()}"
                 if len(self._pair) == 2 and err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
                     self.stub, self.link = self._pair[1] if self.stub is self._pair[0][0] else self._pair[0]
-                    pause = BACKOFF_START_SECONDS
                 if err.code() == grpc.StatusCode.FAILED_PRECONDITION:
                     log.info("table %s shard %s: %s; resyncing", *self._labels, self.status.last_error)
                     self._need_full_sync = True
@@ -160,10 +159,13 @@ class ShardFollower:
             self.status.connected = False
             self._report_link()
             self._changed()
+            # Talking a moment ago (a shard that just went, its standby about to take over): retry
+            # soon, on the other of the pair if there is one. Down for longer (both of a pair too):
+            # back off.
+            if self.status.last_message > time.monotonic() - BACKOFF_MAX_SECONDS:
+                pause = BACKOFF_START_SECONDS
             await asyncio.sleep(pause)
             pause = min(2 * pause, BACKOFF_MAX_SECONDS)
-            if self.status.last_message > time.monotonic() - BACKOFF_MAX_SECONDS:
-                pause = BACKOFF_START_SECONDS  # it was talking a moment ago: retry soon
 
     def mark_message(self) -> None:
         """A message arrived: the stream is connected and talking, and so is its connection."""

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import grpc
 import numpy as np
 import pytest
 
+from bench.ports import free_ports
 from ps import wire
 from ps.client import PSClient
 from ps.rpc import ps_pb2, ps_pb2_grpc
+from ps.sharding import ShardMap
 from ps.table.config import EvictionConfig, EvictionPolicy, OptimizerConfig, OptimizerKind, TableConfig
 from serving.config import StorageDType
 from serving.follower import ShardFollower
@@ -284,3 +289,34 @@ def test_a_dense_tower_that_does_not_fit_beside_the_rows_ends_the_range_in_a_mes
             assert not batch.keys and len(sizes) >= 3, sizes  # the tower alone, after the rows
             np.testing.assert_array_equal(np.sort(np.concatenate(got)), keys)
             assert max(sizes) <= limit, sizes
+
+
+def test_a_follower_whose_shard_and_standby_are_both_down_backs_off(monkeypatch):
+    """Both addresses of a pair refuse (nothing listens): after the first second, while the
+    follower still hopes for a failover, its retries back off to one a second, as for a lone
+    shard (before: each UNAVAILABLE swapped to the other address and retried 50 ms later, forever:
+    20 calls a second per (table, shard) on the replica's event loop)."""
+    attempts: list[float] = []
+    follow = ShardFollower._follow
+
+    async def counted(self) -> None:
+        attempts.append(time.monotonic())
+        await follow(self)
+
+    monkeypatch.setattr(ShardFollower, "_follow", counted)
+    replica = TableReplica(TableConfig("t", dim=4), ShardMap.uniform(1))
+    (primary, standby) = (f"127.0.0.1:{port}" for port in free_ports(2))  # nothing listens there
+
+    async def run() -> None:
+        async with grpc.aio.insecure_channel(primary) as first, grpc.aio.insecure_channel(standby) as second:
+            follower = ShardFollower(replica, 0, first, ServingMetrics(), standby_channel=second)
+            task = asyncio.ensure_future(follower.run())
+            started = time.monotonic()
+            await asyncio.wait({task}, timeout=4.0)  # run() never returns: it follows until cancelled
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            late = [t for t in attempts if t - started > 2.0]
+            assert len(attempts) >= 3 and follower.status.last_error.startswith("UNAVAILABLE")
+            assert len(late) <= 4, f"{len(late)} attempts in the last 2 s of 4 (one a second when backed off)"
+
+    asyncio.run(run())
