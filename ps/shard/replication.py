@@ -982,6 +982,11 @@ class Replication:
                     return
                 self._promoting = False
             except EtcdUnavailableError:
+                # No answer to the lease's grant or the CAS: as far as this process knows it is still
+                # the standby, so it takes the primary's messages again and tries at the next look
+                # (before, it refused them for good). A CAS that committed with its answer lost is
+                # not recovered here: the record then names this process and no lease holds it.
+                self._promoting = False
                 continue
 
 
