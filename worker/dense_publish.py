@@ -9,8 +9,9 @@
 
 Rank 0 of a sync job sends it with Commit(step) every `train.publish_dense_every` steps, on the
 training thread (the next step changes the tower in place), so encoding it is on the step's path:
-torch.save took ~2-5 ms for a 0.6 MB tower, this layout one copy of its bytes. The replica serves
-the bytes as they came (it never imports torch) beside the rows of that step.
+torch.save took 4.0 ms for the 0.6 MB tower of `embps bench train`, this layout 0.7 ms (one copy of
+its bytes; for a 20 MB tower both are about that copy, ~10 ms). The replica serves the bytes as
+they came (it never imports torch) beside the rows of that step.
 """
 
 from __future__ import annotations
