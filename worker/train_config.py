@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from datetime import timedelta
 from enum import StrEnum
 from pathlib import Path
 
@@ -83,6 +84,10 @@ class PSUnavailablePolicy(StrEnum):
     WAIT = "wait"
 
 
+DEFAULT_COLLECTIVE_TIMEOUT = timedelta(minutes=30)  # torch.distributed's for gloo
+COLLECTIVE_MARGIN_S = 300.0  # past a shard's wait: the step's other calls, each within its deadline
+
+
 class DataSource(StrEnum):
     SYNTHETIC = "synthetic"
     CRITEO = "criteo"
@@ -107,6 +112,14 @@ class TrainConfig:
     ps_unavailable_timeout_s: float = 600.0
     metrics_port: int | None = None
     publish_dense_every: int = 1
+
+    @property
+    def collective_timeout(self) -> timedelta:
+        """How long a rank waits in one collective of its process groups: torch's default (30
+        minutes), or under "wait" longer than a step may wait for a shard, since the other ranks
+        wait at the step's collectives meanwhile (else gloo ends them first, naming no shard)."""
+        waiting = self.ps_unavailable_timeout_s if self.on_ps_unavailable == PSUnavailablePolicy.WAIT else 0.0
+        return max(DEFAULT_COLLECTIVE_TIMEOUT, timedelta(seconds=waiting + COLLECTIVE_MARGIN_S))
 
 
 @dataclass(frozen=True)

@@ -179,7 +179,11 @@ class Trainer:
         self._push_pool = ThreadPoolExecutor(1, thread_name_prefix="push") if self._async else None
         # Async: the push thread's all_to_all, beside the main thread's DDP all-reduce. Collective:
         # every rank builds its Trainer at the same point.
-        self._exchange_group = dist.new_group(backend=dist.get_backend()) if self._async and world_size > 1 else None
+        self._exchange_group = (
+            dist.new_group(backend=dist.get_backend(), timeout=job.train.collective_timeout)
+            if self._async and world_size > 1
+            else None
+        )
         self._pull_pool = ThreadPoolExecutor(1, thread_name_prefix="pull") if self._async else None
         # Sync mode, rank 0: the Commit of the step before, in flight during this step's lookups
         # and compute; waited for before this step's all_to_all (see the module docstring).

@@ -124,6 +124,16 @@ def train_steps(trainer: Trainer, job: TrainingJob) -> None:
         trainer.train_step(trainer.pull(batch))
 
 
+def test_wait_mode_s_collectives_outlast_how_long_a_step_may_wait():
+    """While one rank re-sends under "wait", the others wait at the step's collectives: their
+    process groups (worker/worker_main.py's, the async exchange group) get a timeout past the wait,
+    never below torch's 30 minutes."""
+    long_wait = parse_training_job(job_data(on_ps_unavailable="wait", ps_unavailable_timeout_s=7200.0)).train
+    assert long_wait.collective_timeout.total_seconds() >= 7200.0 + 60
+    for train in ({"on_ps_unavailable": "wait"}, {"on_ps_unavailable": "abort", "ps_unavailable_timeout_s": 7200.0}):
+        assert parse_training_job(job_data(**train)).train.collective_timeout.total_seconds() == 1800.0
+
+
 def test_wait_mode_resends_the_same_push_so_an_applied_one_is_not_applied_again(monkeypatch):
     monkeypatch.setattr(trainer_module, "WAIT_PAUSE_SECONDS", 0.0)
     waiting = small_job(on_ps_unavailable="wait", ps_unavailable_timeout_s=30)
