@@ -545,11 +545,15 @@ def _run_workers(
     except ChildFailedError as exc:
         if failures.first() is not None:  # a shard died first; the workers failed on its account
             return failures.first()
-        rank, first = min(exc.failures.items(), key=lambda item: item[1].timestamp)
-        return (
-            f"worker rank {rank} (pid {first.pid}) exited ({children.describe_exit(first.exitcode)}) "
-            f"after {time.monotonic() - start:.0f} s (its output is above)"
+        # Every failed rank, first to fail first: torch stamps a failure with the second it saw it,
+        # so ranks that end together (one on a shard's account, code 3, the others of its
+        # collectives' error) tie, and naming one alone could hide the cause.
+        failed = sorted(exc.failures.items(), key=lambda item: (item[1].timestamp, item[0]))
+        ranks = "; ".join(
+            f"worker rank {rank} (pid {failure.pid}) exited ({children.describe_exit(failure.exitcode)})"
+            for rank, failure in failed
         )
+        return f"{ranks} after {time.monotonic() - start:.0f} s (the workers' output is above)"
     finally:
         failures.armed = False
         agent_dir.cleanup()

@@ -282,6 +282,9 @@ def test_abort_mode_two_async_workers_end_when_one_rank_s_push_fails(tmp_path):
     code, text, took, address = abort_after_a_cut(tmp_path, "10.200.7", "abort-async", workers=2, mode="async")
     assert code != 0, text[-4000:]
     assert f"PS shard {address} unavailable, stopping" in text, text[-4000:]
+    # Every failed rank is named, first to fail first; one of them says why.
+    failed = re.search(r"embps launch: FAILED: (worker rank .*)", text)
+    assert failed and "code 3" in failed.group(1), text[-4000:]
     assert took < DEADLINE + 30, f"the job took {took:.1f} s to fail after the cut"
 
 
