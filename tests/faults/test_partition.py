@@ -254,6 +254,7 @@ def abort_after_a_cut(tmp_path, subnet: str, name: str, **train: object) -> tupl
             cut_at = time.monotonic()
             code = wait_exit(launcher, log, timeout=90)
             took = time.monotonic() - cut_at
+            print(f"the job failed {took:.1f} s after the cut")
         finally:
             for proc in reversed(procs):
                 stop_pid(proc)
