@@ -20,15 +20,18 @@ _FORK = """
 import os
 from bench.ports import free_ports
 free_ports(10)  # the parent's first block: the child inherits what is left of it
-read, write = os.pipe()
+ports_read, ports_write = os.pipe()
+done_read, done_write = os.pipe()
 if os.fork() == 0:
-    os.write(write, " ".join(map(str, free_ports(100))).encode())
+    os.write(ports_write, " ".join(map(str, free_ports(100))).encode() + b"\\n")
+    os.read(done_read, 1)  # alive until the parent has drawn: a dead child's blocks are free again
     os._exit(0)
-os.close(write)
-with os.fdopen(read) as pipe:
-    print(pipe.read())
-os.wait()
+os.close(ports_write)
+with os.fdopen(ports_read) as pipe:
+    print(pipe.readline().strip())
 print(*free_ports(100))
+os.write(done_write, b"x")
+os.wait()
 """
 
 
