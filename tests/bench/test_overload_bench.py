@@ -79,9 +79,12 @@ def test_three_times_capacity_is_shed_and_answered_latency_stays_bounded(
     assert result["gate"] and result["core_refusal"] is None
     assert bounded["shed_by_code"]["CANCELLED"] == 0, bounded  # every refusal is the gate's
     assert unbounded["shed_fraction"] == 0, unbounded
-    # The premise: what was offered is an overload. A replica that answers well beyond the measured
-    # capacity was not overloaded (the capacity measured a round trip, not the replica).
-    assert unbounded["answered_qps"] < 1.5 * capacity, (capacity, unbounded)
+    # The premise: what was offered is an overload, so the unbounded replica answers well below
+    # it (a capacity that measured a round trip, not the replica, would offer what it can answer).
+    # Not against the measured capacity itself: a busy worker beside it once starved that closed
+    # loop (the replica at 0.64 cores; 988 calls/s), and the same replica answered 1,521 calls/s
+    # of the 2,944 offered at 1.02 cores, an overload all the same.
+    assert unbounded["answered_qps"] < 0.8 * unbounded["offered_qps"], (capacity, unbounded)
     assert bounded["answered_service_p99_ms"] * 3 < unbounded["answered_p99_ms"], (bounded, unbounded)
     assert bounded["answered_qps"] > 0
     cores = os.cpu_count()
