@@ -549,7 +549,7 @@ def _run_workers(
         # so ranks that end together (one on a shard's account, code 3, the others of its
         # collectives' error) tie, and naming one alone could hide the cause.
         failed = sorted(exc.failures.items(), key=lambda item: (item[1].timestamp, item[0]))
-        ranks = "; ".join(
+        ranks = ", ".join(  # not "; ": the launcher's line goes on "; restart ..." after it
             f"worker rank {rank} (pid {failure.pid}) exited ({children.describe_exit(failure.exitcode)})"
             for rank, failure in failed
         )
