@@ -111,8 +111,7 @@ def _tensor(name: str, entry: object, data: bytearray) -> torch.Tensor:
         if n < 0:
             raise ValueError(f"dense state: tensor {name!r}: shape {shape}")
         count *= n
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    if not 0 <= begin <= end <= len(data) or end - begin != count * itemsize:
+    if not 0 <= begin <= end <= len(data) or end - begin != count * dtype.itemsize:
         raise ValueError(
             f"dense state: tensor {name!r}: bytes {begin}..{end} of {len(data)} for {count} x {entry['dtype']}"
         )
