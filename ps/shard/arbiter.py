@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import suppress
 from dataclasses import asdict, dataclass
 
-from ps.etcd import EtcdClient, Lease
+from ps.etcd import EtcdClient, EtcdUnavailableError, Lease
 from ps.job_config import ArbiterConfig
 
 
@@ -42,6 +43,15 @@ def membership_key(job: str, shard: int) -> str:
     return f"/embps/{job}/shard/{shard}"
 
 
+@dataclass(frozen=True)
+class UnansweredTake:
+    """A take_primary whose transaction got no answer: etcd may have committed it."""
+
+    lease: Lease  # the lease its leader key went under, if it committed
+    started: float  # time.monotonic() before the lease was granted
+    membership: Membership  # the record it wrote, if it committed
+
+
 class Arbiter:
     """One shard process's view of the arbiter; `me` is its own address."""
 
@@ -54,6 +64,7 @@ class Arbiter:
         self.lease: Lease | None = None
         self.valid_until = 0.0  # time.monotonic() until which the lease surely holds
         self.lost = False  # etcd said the lease is gone: this process is primary no more
+        self.unanswered: UnansweredTake | None = None  # the last take_primary, when its answer was lost
 
     def read(self) -> tuple[Membership | None, int]:
         """The record and its mod revision (None, 0 when there is none)."""
@@ -66,18 +77,52 @@ class Arbiter:
 
     def take_primary(self, seen_revision: int, membership: Membership) -> bool:
         """Writes `membership` (this process primary) and the leader key under a new lease, if the
-        record is still at seen_revision and no lease is held. True if this process won."""
+        record is still at seen_revision and no lease is held. True if this process won.
+        EtcdUnavailableError when etcd did not answer; if that was the transaction's answer, the
+        take may have committed all the same, and is kept in `unanswered` for claim_unanswered."""
+        self._forget_unanswered()
         started = time.monotonic()
         lease = self.etcd.grant(self.ttl)
-        won = self.etcd.txn(
-            [self.etcd.mod_revision_is(self.key, seen_revision), self.etcd.mod_revision_is(self.leader_key, 0)],
-            [self.etcd.put_op(self.key, membership.dump()), self.etcd.put_op(self.leader_key, self.me, lease)],
-        )
+        try:
+            won = self.etcd.txn(
+                [self.etcd.mod_revision_is(self.key, seen_revision), self.etcd.mod_revision_is(self.leader_key, 0)],
+                [self.etcd.put_op(self.key, membership.dump()), self.etcd.put_op(self.leader_key, self.me, lease)],
+            )
+        except EtcdUnavailableError:
+            self.unanswered = UnansweredTake(lease, started, membership)
+            raise
         if not won:
             self.etcd.revoke(lease)
             return False
         self.lease, self.valid_until, self.lost = lease, started + lease.ttl, False
         return True
+
+    def claim_unanswered(self, recorded: Membership | None) -> bool:
+        """After a take_primary whose answer was lost, with `recorded` the record read since: True
+        if the take committed (the record is the one it wrote) and its lease still lives, which this
+        process then holds as if it had won. False otherwise (no such take, the record is another,
+        or the lease expired with nobody renewing it, and its leader key with it); the take is then
+        forgotten. EtcdUnavailableError when etcd does not answer (the take is kept)."""
+        take = self.unanswered
+        if take is None:
+            return False
+        if recorded != take.membership:
+            self._forget_unanswered()
+            return False
+        started = time.monotonic()
+        ttl = self.etcd.keepalive(take.lease)
+        self.unanswered = None
+        if ttl <= 0:
+            return False
+        self.lease, self.valid_until, self.lost = take.lease, started + ttl, False
+        return True
+
+    def _forget_unanswered(self) -> None:
+        """Revokes the lease of an unanswered take (best effort: unrenewed, it expires anyway)."""
+        take, self.unanswered = self.unanswered, None
+        if take is not None:
+            with suppress(EtcdUnavailableError):
+                self.etcd.revoke(take.lease)
 
     def update(self, seen_revision: int, membership: Membership) -> bool:
         """CAS of the record; True if it was still at seen_revision and now says `membership`."""

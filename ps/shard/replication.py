@@ -266,6 +266,9 @@ class Replication:
         while True:
             try:
                 membership, revision = await asyncio.to_thread(self.arbiter.read)
+                if membership is not None and await asyncio.to_thread(self.arbiter.claim_unanswered, membership):
+                    epoch = membership.epoch  # the take below committed, its answer lost
+                    break
                 if await asyncio.to_thread(self.arbiter.leader_alive):
                     # An earlier run's lease expires within a lease; a live primary's stays.
                     if membership is not None and membership.primary == self.partner:
@@ -951,43 +954,64 @@ class Replication:
         return response.SerializeToString(), ""
 
     async def _watch_primary(self) -> None:
-        """Promotes this standby once the primary's lease expired and the record says it was in sync."""
+        """Promotes this standby once the primary's lease expired and the record says it was in sync.
+
+        A promotion is one etcd transaction (the record naming this process primary an epoch up,
+        and the leader key under its lease). When its answer is lost it may have committed all the
+        same: the record then names this process primary while it still follows as a standby, and
+        nobody would serve the shard; the primary started again in its place would copy its older
+        state over this one, acknowledged pushes included. So a record that names this process
+        primary at a later epoch is this process's own take: it claims the take's lease if that
+        still lives, else takes the record again, an epoch further."""
         while self.state is State.STANDBY:
             await asyncio.sleep(self.ttl / 8)
             if self.epoch == 0:
                 continue  # never joined: nothing to take over
             try:
                 membership, revision = await asyncio.to_thread(self.arbiter.read)
-                if (
+                if membership is not None and membership.primary == self.arbiter.me and membership.epoch > self.epoch:
+                    self._promoting = True
+                    if await asyncio.to_thread(self.arbiter.claim_unanswered, membership):
+                        self._promoted(membership.epoch, "its promotion committed, its answer lost")
+                        return
+                    epoch = membership.epoch + 1
+                elif (
                     membership is None
                     or membership.standby != self.arbiter.me
                     or not membership.sync
                     or membership.epoch != self.epoch
-                    or await asyncio.to_thread(self.arbiter.leader_alive)
                 ):
                     continue
+                else:
+                    epoch = self.epoch + 1
+                if await asyncio.to_thread(self.arbiter.leader_alive):
+                    self._promoting = False
+                    continue
                 self._promoting = True  # from here no message of the old epoch is applied (stream or link)
-                promoted = Membership(self.arbiter.me, "", self.epoch + 1, False)
+                promoted = Membership(self.arbiter.me, "", epoch, False)
                 if await asyncio.to_thread(self.arbiter.take_primary, revision, promoted):
-                    self.epoch += 1
-                    self.serve_after = time.monotonic() + self.ttl / 4
-                    if self._standby_link is not None:
-                        self._standby_link.close()
-                    self.metrics.failovers.labels(self.metrics.shard).inc()
-                    log.warning("%s: PROMOTED to primary (the primary's lease expired); alone until a standby joins",
-                                self.describe())
-                    self._set_state(State.ALONE)
-                    self._spawn(self._keep_lease())
-                    self._spawn(self._follow_standby())
+                    self._promoted(epoch, "the primary's lease expired")
                     return
                 self._promoting = False
             except EtcdUnavailableError:
-                # No answer to the lease's grant or the CAS: as far as this process knows it is still
-                # the standby, so it takes the primary's messages again and tries at the next look
-                # (before, it refused them for good). A CAS that committed with its answer lost is
-                # not recovered here: the record then names this process and no lease holds it.
+                # No answer to a read, the lease's grant or the CAS: as far as this process knows it
+                # is still the standby, so it takes the primary's messages again and tries at the
+                # next look (before, it refused them for good); a CAS that committed unanswered is
+                # found there, in the record.
                 self._promoting = False
                 continue
+
+    def _promoted(self, epoch: int, why: str) -> None:
+        """This standby is the primary at `epoch` (the arbiter records it, under this process's lease)."""
+        self.epoch = epoch
+        self.serve_after = time.monotonic() + self.ttl / 4
+        if self._standby_link is not None:
+            self._standby_link.close()
+        self.metrics.failovers.labels(self.metrics.shard).inc()
+        log.warning("%s: PROMOTED to primary (%s); alone until a standby joins", self.describe(), why)
+        self._set_state(State.ALONE)
+        self._spawn(self._keep_lease())
+        self._spawn(self._follow_standby())
 
 
 class _Stream:

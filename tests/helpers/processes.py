@@ -215,13 +215,20 @@ class ShardPair:
     logs: tuple[Path, Path]  # primary's, standby's
 
     @classmethod
-    def start(cls, job: JobConfig, workdir: Path) -> ShardPair:
+    def start(cls, job: JobConfig, workdir: Path, standby_arbiter: str | None = None) -> ShardPair:
         """Starts the standby, then the primary; returns once the standby joined (the primary's
-        log says so). The job's [security] is used for the health waits."""
+        log says so). The job's [security] is used for the health waits. standby_arbiter: the
+        etcd endpoints the standby alone is given (a proxy between it and etcd), in a config of
+        its own."""
         config = workdir / f"{job.job}.toml"
         config.write_text(dump_job_config(job))
+        standby_config = config
+        if standby_arbiter is not None:
+            standby_config = workdir / f"{job.job}-standby.toml"
+            arbiter = replace(job.arbiter, endpoints=standby_arbiter)
+            standby_config.write_text(dump_job_config(replace(job, arbiter=arbiter)))
         logs = (workdir / f"{job.job}-primary.log", workdir / f"{job.job}-standby.log")
-        standby = start_shard(config, 0, logs[1], args=("--standby",))
+        standby = start_shard(standby_config, 0, logs[1], args=("--standby",))
         primary = start_shard(config, 0, logs[0])
         pair = cls(job, config, primary, standby, logs)
         try:

@@ -61,6 +61,7 @@ from serving.config import Consistency
 from serving.follower import ShardFollower
 from serving.metrics import ServingMetrics
 from serving.store import TableReplica
+from tests.helpers.etcd_proxy import EtcdProxy
 from tests.helpers.processes import ShardPair, start_shard, stop_process
 from tests.helpers.waiting import wait_until
 from tests.serving.replicas import ServingReplica
@@ -277,6 +278,60 @@ def test_a_stopped_standby_holds_acks_until_the_arbiter_records_the_primary_alon
         os.kill(pair.standby.pid, signal.SIGCONT)
         client.close()
         pair.stop()
+
+
+@pytest.mark.parametrize("lease_expired", [False, True], ids=["lease-alive", "lease-expired"])
+def test_a_promotion_whose_answer_etcd_lost_still_makes_the_standby_primary(etcd, tmp_path, lease_expired):
+    """The standby's promotion (one etcd transaction) commits but its answer is lost (a proxy
+    between the standby and etcd drops the reply): the record names the standby primary at epoch
+    2 while the standby, seeing etcd unavailable, would go on as a standby. It finds its own take
+    in the record at its next look and serves as primary with every acknowledged push (before: it
+    stayed a standby, the shard answered nothing, and the first primary started again would have
+    copied its older state over it). lease-expired: etcd stays out of the standby's reach until
+    the take's lease expired (the leader key with it), so the standby takes the record again, at
+    epoch 3."""
+    proxy = EtcdProxy.start(etcd.endpoint)
+    job = pair_job(etcd.endpoint, f"answer-lost-{int(lease_expired)}")
+    pair = ShardPair.start(job, tmp_path, standby_arbiter=proxy.endpoint)
+    reference = Shard(job, 0)
+    client = PSClient.from_job(job, client_id="trainer-0")
+    data = np.random.default_rng(5)
+    arbiter = Arbiter(job.arbiter, job.job, 0, "test")
+    acked = []
+    try:
+        for step in range(1, 6):
+            acked.append(make_push(client, data, step))
+            client.send_push(acked[-1])
+        proxy.lose_next_txn.set()
+        os.kill(pair.primary.pid, signal.SIGKILL)
+        if lease_expired:
+            proxy.refuse_after_loss.set()
+        assert proxy.lost.wait(30), "the standby's promotion never reached etcd"
+        if lease_expired:
+            assert arbiter.read()[0].primary == job.shards[0].standby
+            wait_until(lambda: not arbiter.leader_alive(), "the take's lease to expire")
+            proxy.refuse.clear()
+        wait_until(lambda: "PROMOTED" in pair.log(1), "the standby's promotion", 30)
+        promoted_at = time.monotonic()
+        acked.append(make_push(client, data, 6))
+        client.send_push(acked[-1])  # fails over to the standby, now primary
+        membership, _ = arbiter.read()
+        assert (membership.primary, membership.epoch) == (job.shards[0].standby, 3 if lease_expired else 2), membership
+        assert ("its answer lost" in pair.log(1)) != lease_expired, pair.log(1)[-3000:]
+        for prepared in acked:
+            for _, request in prepared.calls:
+                reference.push_multi(ps_pb2.MultiPushRequest.FromString(request))
+        assert_bit_equal(shard_state(job, job.shards[0].standby, tmp_path.as_uri() + "/snaps", 1), reference)
+        # It renews the lease its take went under: the leader key outlives two leases (a lease
+        # nobody renews is gone after one, and a process could take the shard from under it).
+        wait_until(lambda: time.monotonic() - promoted_at > 2 * LEASE_S or not arbiter.leader_alive(),
+                   "two leases after the promotion, or the leader key gone")
+        assert arbiter.etcd.get(arbiter.leader_key).value == job.shards[0].standby
+        assert "deposed" not in pair.log(1)
+    finally:
+        client.close()
+        pair.stop()
+        proxy.stop()
 
 
 def test_a_primary_stopped_while_a_push_waits_for_its_ack_ends_at_once(etcd, tmp_path):
