@@ -10,6 +10,8 @@ import math
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+import numpy as np
+
 from ps.errors import ConfigTypeError
 from ps.names import NAME_RULE, is_name
 
@@ -183,6 +185,7 @@ class TableConfig:
         _check_float(f"{p}.optimizer.beta2", o.beta2, low=0.0, high=1.0)
         _check_float(f"{p}.optimizer.initial_accumulator", o.initial_accumulator, low=0.0)
         _check_float(f"{p}.optimizer.ftrl_beta", o.ftrl_beta, low=0.0)
+        _check_optimizer_denominators(p, o)
         _check_float(f"{p}.optimizer.l1", o.l1, low=0.0)
         _check_float(f"{p}.optimizer.l2", o.l2, low=0.0)
         a = self.admission
@@ -221,6 +224,26 @@ def _check_float(path: str, value: object, low: float, high: float = math.inf, s
         if high != math.inf:
             bound += f" and <= {high}"
         raise ValueError(f"{path}: must be {bound}, got {value}")
+
+
+def _check_optimizer_denominators(p: str, o: OptimizerConfig) -> None:
+    """The settings that would divide by zero in the kernels' float32 math, turning a row NaN for
+    good: Adam's bias corrections 1 - beta^t (beta rounded to float32 must stay below 1), and the
+    square roots of accumulators that a zero gradient leaves at 0 (eps, or for adagrad an initial
+    accumulator, must be a positive float32)."""
+    if o.kind == OptimizerKind.ADAM:
+        for name, beta in (("beta1", o.beta1), ("beta2", o.beta2)):
+            if not np.float32(beta) < 1.0:
+                raise ValueError(f"{p}.optimizer.{name}: must be < 1 (Adam divides by 1 - {name}^t), got {beta}")
+        if not np.float32(o.eps) > 0.0:
+            raise ValueError(f"{p}.optimizer.eps: adam needs eps > 0 (a float32 above 0), got {o.eps}")
+    if o.kind in (OptimizerKind.ADAGRAD, OptimizerKind.ROWWISE_ADAGRAD):
+        if not (np.float32(o.eps) > 0.0 or np.float32(o.initial_accumulator) > 0.0):
+            raise ValueError(
+                f"{p}.optimizer.eps: {o.kind} needs eps > 0 or initial_accumulator > 0 (a float32 above 0): "
+                f"a zero gradient on a fresh row would divide 0 by 0; got eps {o.eps}, "
+                f"initial_accumulator {o.initial_accumulator}"
+            )
 
 
 def _check_enum(path: str, value: object, enum: type[StrEnum]) -> None:

@@ -1,0 +1,60 @@
+"""Optimizer settings that the kernels' float32 math would turn into NaN rows are refused by the
+table's config, with the field named; the settings at the edge of what is accepted keep every row
+finite, zero gradients on fresh rows included (the case that divided 0 by 0)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ps.table.config import OptimizerConfig, OptimizerKind, TableConfig
+from ps.table.embedding_table import EmbeddingTable
+
+DIM = 4
+
+
+def _table(**optimizer) -> TableConfig:
+    return TableConfig(name="t", dim=DIM, optimizer=OptimizerConfig(**optimizer))
+
+
+@pytest.mark.parametrize(
+    "optimizer, message",
+    [
+        (dict(kind=OptimizerKind.ADAM, lr=0.1, beta1=1.0), r"t\.optimizer\.beta1: must be < 1"),
+        (dict(kind=OptimizerKind.ADAM, lr=0.1, beta2=1.0), r"t\.optimizer\.beta2: must be < 1"),
+        # 1 - 1e-10 is 1.0 in float32, the kernels' precision.
+        (dict(kind=OptimizerKind.ADAM, lr=0.1, beta2=1 - 1e-10), r"t\.optimizer\.beta2: must be < 1"),
+        (dict(kind=OptimizerKind.ADAM, lr=0.1, eps=0.0), r"t\.optimizer\.eps: adam needs eps > 0"),
+        (dict(kind=OptimizerKind.ADAM, lr=0.1, eps=1e-50), r"t\.optimizer\.eps: adam needs eps > 0"),
+        (dict(kind=OptimizerKind.ADAGRAD, lr=0.1, eps=0.0, initial_accumulator=0.0),
+         r"t\.optimizer\.eps: adagrad needs eps > 0 or initial_accumulator > 0"),
+        (dict(kind=OptimizerKind.ROWWISE_ADAGRAD, lr=0.1, eps=0.0, initial_accumulator=0.0),
+         r"t\.optimizer\.eps: rowwise_adagrad needs eps > 0 or initial_accumulator > 0"),
+    ],
+)
+def test_settings_that_divide_by_zero_are_refused(optimizer, message):
+    with pytest.raises(ValueError, match=message):
+        _table(**optimizer).validate()
+
+
+@pytest.mark.parametrize(
+    "optimizer",
+    [
+        dict(kind=OptimizerKind.ADAM, lr=0.1, beta1=float(np.nextafter(np.float32(1), np.float32(0))),
+             beta2=float(np.nextafter(np.float32(1), np.float32(0))), eps=1e-30),
+        dict(kind=OptimizerKind.ADAM, lr=0.1, beta1=0.0, beta2=0.0, eps=1e-30),
+        dict(kind=OptimizerKind.ADAGRAD, lr=0.1, eps=0.0, initial_accumulator=1e-30),
+        dict(kind=OptimizerKind.ADAGRAD, lr=0.1, eps=1e-30, initial_accumulator=0.0),
+        dict(kind=OptimizerKind.ROWWISE_ADAGRAD, lr=0.1, eps=0.0, initial_accumulator=1e-30),
+        dict(kind=OptimizerKind.ROWWISE_ADAGRAD, lr=0.1, eps=1e-30, initial_accumulator=0.0),
+    ],
+)
+def test_settings_at_the_edge_keep_rows_finite(optimizer):
+    table = EmbeddingTable(_table(**optimizer).validate())
+    keys = np.array([1, 2], dtype=np.int64)
+    table.apply_gradients(keys, np.zeros((2, DIM), np.float32), step=1)  # zero gradients on fresh rows
+    table.apply_gradients(keys, np.array([[1, 0, 0, 0], [0, 0, 0, 0]], np.float32), step=2)
+    table.apply_gradients(keys, np.full((2, DIM), -3.0, np.float32), step=3)
+    state = table.export()
+    assert np.isfinite(state.values).all(), state.values
+    assert np.isfinite(state.optimizer_state).all(), state.optimizer_state
