@@ -532,6 +532,9 @@ NB_MODULE(_embps_native, m) {
           if (offsets.data()[0] != 0 || offsets.data()[g] != static_cast<int64_t>(keys.shape(0))) {
             throw std::invalid_argument("offsets: must run from 0 to the number of keys");
           }
+          for (int64_t t = 0; t < g; ++t) {  // before any key is read: every segment inside the keys
+            if (offsets.data()[t + 1] < offsets.data()[t]) throw std::invalid_argument("offsets: must not decrease");
+          }
           check_same_length("unique", unique.shape(0), keys.shape(0));
           check_same_length("inverse", inverse.shape(0), keys.shape(0));
           check_same_length("unique_offsets", unique_offsets.shape(0), offsets.shape(0));

@@ -38,5 +38,10 @@ def test_bad_segments_are_refused_by_name():
     keys = np.arange(4, dtype=np.int64)
     with pytest.raises(ValueError, match="offsets: must run from 0 to the number of keys"):
         native.unique_by_segment(keys, np.array([0, 3], dtype=np.int64))
-    with pytest.raises(ValueError, match="offsets: must not fall"):
+    with pytest.raises(ValueError, match="offsets: must not decrease"):
         native.unique_by_segment(keys, np.array([0, 3, 1, 4], dtype=np.int64))
+    # A middle offset past the keys: refused before a key is read (before, the first segment read
+    # past the keys and wrote past the outputs, and a large one crashed the process).
+    for beyond in (7, 50_000_000):
+        with pytest.raises(ValueError, match="offsets: must not decrease"):
+            native.unique_by_segment(keys, np.array([0, beyond, 4], dtype=np.int64))
