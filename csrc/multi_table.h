@@ -63,7 +63,7 @@ inline void check_reserved(const std::vector<TableRef>& tables, const int64_t* o
 
 // Applies each table's gradients as EmbeddingTable.apply_gradients' fast path does (no admission,
 // room for every key): sum per unique key, insert new keys as init rows (state = state_init,
-// freq 0, last_step prev_step), one optimizer step, freq += sightings, last_step = steps[t].
+// freq 0, last_step prev_step), one optimizer step, freq += sightings, last_step = max(last_step, steps[t]).
 // counts may be null (1 each). Outputs per table t: updated_keys[offsets[t] : offsets[t] +
 // num_updated[t]] = its unique keys, sorted; num_inserted[t] = rows it created.
 inline void push_multi(const std::vector<TableRef>& tables, const int64_t* keys, const int64_t* offsets,

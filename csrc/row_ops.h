@@ -7,6 +7,7 @@
 // block base addresses and works on many rows per call; none of them allocates.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -314,15 +315,16 @@ inline void optimizer_step(Optimizer opt, const double* hp, float* w, float* s, 
   }
 }
 
-// freq += count (saturating), last_step = step.
+// freq += count (saturating), last_step = max(last_step, step): a stale push (an older step, from
+// async training) does not make a row look older to TTL and LRU eviction.
 inline void update_meta(uint32_t* meta_words, int64_t count, uint32_t step) {
   const uint64_t freq = static_cast<uint64_t>(meta_words[0]) + static_cast<uint64_t>(count);
   meta_words[0] = freq > 0xFFFFFFFFULL ? 0xFFFFFFFFu : static_cast<uint32_t>(freq);
-  meta_words[1] = step;
+  meta_words[1] = std::max(meta_words[1], step);
 }
 
 // Applies one optimizer step to each of the u unique rows with its summed gradient, then
-// freq += counts[i] (saturating) and last_step = step.
+// freq += counts[i] (saturating) and last_step = max(last_step, step).
 inline void apply_update(Optimizer opt, const double* hp, const BlockStore& store, int64_t dim,
                          int64_t state_width, const int64_t* rows, const float* grads,
                          const int64_t* counts, int64_t u, uint32_t step) {

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ps import native
 from ps.sharding import ShardMap
 from ps.table import multi
 from ps.table.config import TableConfig
@@ -71,6 +72,11 @@ class LocalTables:
             r = items[0]
             tables = [self.tables[t] for t in r.tables]
             counts = None if r.counts is None else np.asarray(r.counts, dtype=np.int64)
+            # What a shard checks before push_tables (ps/shard/state.py), so that a bad gradient is
+            # refused here as it is there, not applied to a row.
+            if counts is not None:
+                native.check_counts(counts)
+            native.check_gradients(r.grads, None)
             with self._lock:
                 multi.push_tables(tables, r.keys, r.offsets, r.grads, counts, step)
             return

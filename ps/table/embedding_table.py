@@ -424,7 +424,7 @@ class EmbeddingTable:
         apply_mask[np.flatnonzero(is_new)[admit_new]] = True
         num_new = int(admit_new.sum())
 
-        evicted = self._make_room(num_new, rows[~is_new])
+        evicted = self._make_room(num_new, rows[~is_new], step)
         # Nothing has changed before this point; from here on every step succeeds.
         apply_keys = unique_keys[apply_mask]
         rows, inserted = self._map.find_or_insert(apply_keys)
@@ -1035,14 +1035,21 @@ class EmbeddingTable:
             admitted = coin.astype(np.float64) * (1.0 / 2**53) < a.probability
         return admitted, pending_rows, before
 
-    def _make_room(self, num_new: int, protected_rows: np.ndarray) -> np.ndarray:
+    def _make_room(self, num_new: int, protected_rows: np.ndarray, step: int) -> np.ndarray:
         capacity = self.config.capacity
         if capacity is None or self.size + num_new <= capacity:
             return np.empty(0, dtype=np.int64)
         need = self.size + num_new - capacity
         policy = self.config.eviction.policy
         if policy == EvictionPolicy.NONE:
-            raise self._full_error(num_new)
+            # Rows past their TTL go first: the sweep that would drop them runs only after a push
+            # that succeeded, so a full table whose every push brings a new key refused them all,
+            # for good, however many of its rows had expired.
+            expired = self._expired_keys(max(self.step, step), protected_rows)
+            if expired.shape[0] < need:
+                raise self._full_error(num_new, expired.shape[0])
+            self._evict(expired)
+            return expired
         if self.size > EXACT_SCAN_ROWS:
             victims = self._sampled_victims(need, protected_rows, policy)
             if victims is not None:
@@ -1058,11 +1065,11 @@ class EmbeddingTable:
         self._evict(victims)
         return victims
 
-    def check_room(self, keys: np.ndarray, counts: np.ndarray | None) -> None:
-        """Raises the CapacityError apply_gradients(keys, ..., counts=counts) would raise, changing
-        nothing: push_tables checks every table of a multi-table push first, so that the push is
-        all or nothing across its tables, as apply_gradients is within one. keys (n,) int64,
-        counts (n,) int64 >= 1 or None, both checked by the caller."""
+    def check_room(self, keys: np.ndarray, counts: np.ndarray | None, step: int) -> None:
+        """Raises the CapacityError apply_gradients(keys, ..., step=step, counts=counts) would raise,
+        changing nothing: push_tables checks every table of a multi-table push first, so that the
+        push is all or nothing across its tables, as apply_gradients is within one. keys (n,)
+        int64, counts (n,) int64 >= 1 or None, both checked by the caller; step checked too."""
         capacity = self.config.capacity
         if capacity is None:
             return
@@ -1071,21 +1078,39 @@ class EmbeddingTable:
             # are not the push's own, so room is certain without the dedupe and probe below.
             return
         unique_keys, _, sightings = native.dedupe_sum(keys, None, counts, self.dim)
-        is_new = self._map.find(unique_keys) < 0
+        rows = self._map.find(unique_keys)
+        is_new = rows < 0
         admit_new, _, _ = self._admission(unique_keys, is_new, sightings)
         num_new = int(admit_new.sum())
         if self.size + num_new <= capacity:
             return
         if self.config.eviction.policy == EvictionPolicy.NONE:
-            raise self._full_error(num_new)
+            expired = self._expired_keys(max(self.step, step), rows[~is_new])
+            if self.size - expired.shape[0] + num_new > capacity:
+                raise self._full_error(num_new, expired.shape[0])
+            return
         evictable = self.size - int(np.count_nonzero(~is_new))  # a push's own rows are never evicted
         if evictable < self.size + num_new - capacity:
             raise self._too_few_victims_error(num_new, evictable)
 
-    def _full_error(self, num_new: int) -> CapacityError:
+    def _expired_keys(self, step: int, protected_rows: np.ndarray) -> np.ndarray:
+        """Keys (e,) of the rows a TTL sweep at `step` would drop, but for protected_rows (a push's
+        own); none without a TTL. A pass over the row index: only a full table without an eviction
+        policy asks, instead of refusing a push."""
+        ttl = self.config.eviction.ttl_steps
+        if ttl is None:
+            return np.empty(0, dtype=np.int64)
+        with self._hidden(protected_rows) as live:
+            rows = np.flatnonzero(live[: self._map.num_rows])
+        meta = self._gather_meta(rows)
+        return self._row_keys[rows[step - meta[:, 1].astype(np.int64) > ttl]]
+
+    def _full_error(self, num_new: int, expired: int = 0) -> CapacityError:
+        ttl = self.config.eviction.ttl_steps
+        past_ttl = "" if ttl is None else f", {expired} of them past ttl_steps {ttl}"
         return CapacityError(
-            f"table {self.name} is full: {self.size} rows + {num_new} new > capacity {self.config.capacity}, "
-            "and eviction.policy is 'none' (set 'lfu' or 'lru' to make room)"
+            f"table {self.name} is full: {self.size} rows{past_ttl} + {num_new} new > capacity "
+            f"{self.config.capacity}, and eviction.policy is 'none' (set 'lfu' or 'lru' to make room)"
         )
 
     def _too_few_victims_error(self, num_new: int, evictable: int) -> CapacityError:
@@ -1221,12 +1246,13 @@ class EmbeddingTable:
         self._write_back(rows, words, sightings, step)
 
     def _write_back(self, rows: np.ndarray, words: torch.Tensor, sightings: np.ndarray, step: int) -> None:
-        """Scatters updated words (u, width) of rows (u,) with freq += sightings, last_step = step."""
+        """Scatters updated words (u, width) of rows (u,) with freq += sightings, last_step =
+        max(last_step, step): a stale push (async training) does not make a row look older."""
         import torch
 
         meta = words[:, self.meta_col :].view(torch.int32).to(torch.int64) & 0xFFFFFFFF
         freq = torch.clamp(meta[:, 0] + torch.from_numpy(sightings).to(words.device), max=_MAX_STEP)
-        meta = torch.stack([freq, torch.full_like(freq, step)], dim=1)
+        meta = torch.stack([freq, torch.clamp(meta[:, 1], min=step)], dim=1)
         meta = torch.where(meta >= 2**31, meta - 2**32, meta).to(torch.int32)
         words[:, self.meta_col :] = meta.view(torch.float32)
         self._store.scatter(rows, 0, words.numpy() if self._store.native else words)
@@ -1245,7 +1271,8 @@ class EmbeddingTable:
             self._pending_seq = np.concatenate([self._pending_seq, np.zeros(grow, np.int64)])
         total = self._pending_meta[rows, 0].astype(np.int64) + sightings
         self._pending_meta[rows, 0] = np.minimum(total, _MAX_STEP).astype(np.uint32)
-        self._pending_meta[rows, 1] = step
+        # A stale push (an older step, async training) leaves a key's last sighting where it was.
+        self._pending_meta[rows, 1] = np.where(inserted, step, np.maximum(self._pending_meta[rows, 1], step))
         if inserted.any():
             new_keys, new_rows = keys[inserted], rows[inserted]
             seqs = np.arange(self._next_seq, self._next_seq + new_keys.shape[0], dtype=np.int64)

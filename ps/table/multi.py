@@ -86,6 +86,9 @@ def push_tables(
     leaves every table as it was. Then tables the native call cannot serve go first, through
     apply_gradients; then every other table in one native call, which cannot fail.
     """
+    if len({id(t) for t in tables}) != len(tables):
+        # Each table's room is reserved for its own keys once: a table twice would overrun it.
+        raise ValueError("tables: a table appears more than once in one push")
     if step is None:
         steps = [t.check_step(None) for t in tables]  # each table's next version
     else:
@@ -103,7 +106,7 @@ def push_tables(
     if len(tables) > 1:  # one table's apply_gradients is all or nothing by itself
         for i in slow:
             part = slice(offsets[i], offsets[i + 1])
-            tables[i].check_room(keys[part], None if counts is None else counts[part])
+            tables[i].check_room(keys[part], None if counts is None else counts[part], steps[i])
     for i in slow:
         table = tables[i]
         results[i] = table.apply_gradients(

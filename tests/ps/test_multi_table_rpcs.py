@@ -28,6 +28,7 @@ from ps.table.embedding_table import EmbeddingTable
 from ps.table.multi import lookup_tables, lookup_tables_reply, push_tables, value_offsets
 from tests.helpers.in_process import InProcessShards
 from tests.helpers.processes import make_job
+from worker.local_tables import LocalTables, MultiRound
 
 # Every optimizer, five dims, and tables served by their own Python verbs: one with admission,
 # float16 and int8 rows.
@@ -226,6 +227,39 @@ def test_a_multi_table_push_one_table_refuses_changes_no_table(eviction):
             push_tables(tables, keys, offsets, grads, None, None)
     for a, b in zip(tables, untouched, strict=True):
         _assert_same_state(a, b)
+
+
+def test_a_push_naming_one_table_twice_is_refused_before_it_changes_anything():
+    """push_tables reserves each table's room for its own keys once: the same table twice ran past
+    its row blocks midway (IndexError) with keys in the map whose rows were never written."""
+    table = EmbeddingTable(MIXED[0])
+    untouched = EmbeddingTable(MIXED[0])
+    keys = np.arange(20, dtype=np.int64)
+    grads = np.ones(20 * table.dim, dtype=np.float32)
+    with pytest.raises(ValueError, match="a table appears more than once"):
+        push_tables([table, table], keys, np.array([0, 10, 20]), grads, None, None)
+    _assert_same_state(table, untouched)
+
+
+def test_the_in_process_multi_table_push_refuses_bad_gradients_and_counts_as_a_shard_does():
+    """LocalTables (the in-process trainer) checks what a shard checks before push_tables: a NaN
+    gradient or a count below 1 refuses the push, no row changes (before: the NaN was applied)."""
+    tables = LocalTables(MIXED[:2])
+    keys = np.array([1, 2, 3], dtype=np.int64)
+    offsets = np.array([0, 2, 3], dtype=np.int64)
+    dims = [MIXED[0].dim, MIXED[1].dim]
+    grads = np.ones(2 * dims[0] + dims[1], dtype=np.float32)
+    before = {name: t.export() for name, t in tables.tables.items()}
+    bad = grads.copy()
+    bad[3] = np.nan
+    with pytest.raises(ValueError, match="grads"):
+        tables.send_push(([MultiRound(["sgd", "adagrad"], keys, offsets, bad, None)], 1))
+    with pytest.raises(ValueError, match="counts"):
+        tables.send_push(([MultiRound(["sgd", "adagrad"], keys, offsets, grads, np.array([1, 0, 1]))], 1))
+    for name, table in tables.tables.items():
+        np.testing.assert_array_equal(table.export().values, before[name].values)
+    tables.send_push(([MultiRound(["sgd", "adagrad"], keys, offsets, grads, None)], 1))
+    assert all(np.isfinite(t.export().values).all() for t in tables.tables.values())
 
 
 def _assert_same_rows(a: EmbeddingTable, b: EmbeddingTable) -> None:

@@ -18,6 +18,7 @@ from ps.table.config import (
     TableConfig,
 )
 from ps.table.embedding_table import EmbeddingTable
+from ps.table.multi import push_tables
 
 SGD = OptimizerConfig(kind=OptimizerKind.SGD, lr=1.0)
 
@@ -191,6 +192,54 @@ def test_ttl_eviction_runs_inside_apply_gradients():
             break
     assert result is not None and result.evicted_keys.tolist() == [1]
     assert table.num_evicted == 1 and table.export().keys.tolist() == [2]
+
+
+@pytest.mark.parametrize("multi_table", [False, True], ids=["apply_gradients", "push_tables"])
+def test_a_full_table_without_eviction_drops_its_expired_rows_to_take_new_keys(multi_table):
+    """capacity + ttl_steps + policy "none": the TTL sweep runs after a push that succeeded, so a
+    full table whose every push brought a new key refused them all for good, however long its rows
+    had expired. Expired rows now make room first (never the push's own), and a push that would
+    still not fit is refused with the table unchanged."""
+    table = make(capacity=3, eviction=EvictionConfig(ttl_steps=2))
+    other = make()
+    _fill(table, {1: [1, 2, 3]})
+
+    def push(keys, step):
+        keys = np.array(keys, dtype=np.int64)
+        grads = np.ones((keys.shape[0], 4), np.float32)
+        if multi_table:  # with a second table: push_tables checks every table's room first (check_room)
+            both = np.concatenate([keys, keys])
+            offsets = np.array([0, keys.shape[0], 2 * keys.shape[0]])
+            return push_tables([other, table], both, offsets, np.ones(both.shape[0] * 4, np.float32), None, step)[1]
+        return table.apply_gradients(keys, grads, step=step)
+
+    before = table.export()
+    with pytest.raises(CapacityError, match=r"full: 3 rows, 0 of them past ttl_steps 2 \+ 1 new"):
+        push([4], 3)  # nothing expired yet at step 3 (rows of step 1 are 2 steps old)
+    np.testing.assert_array_equal(table.export().values, before.values)
+    assert other.size == 0  # the refused push changed no table
+    result = push([1, 4], 10)  # 1 is the push's own: kept; 2 and 3 expired
+    assert sorted(result.evicted_keys.tolist()) == [2, 3]
+    assert sorted(table.export().keys.tolist()) == [1, 4]
+    assert table.num_evicted == 2
+
+
+def test_a_stale_push_does_not_make_a_row_look_older():
+    """async training pushes a step older than one already applied: last_step stays at the newest
+    (before: it went back to the stale step, and TTL and LRU dropped the row early)."""
+    for kernels in ("native", "torch"):
+        table = EmbeddingTable(TableConfig(name="t", dim=4, optimizer=SGD, eviction=EvictionConfig(ttl_steps=10)),
+                               kernels=kernels)
+        g = np.ones((1, 4), np.float32)
+        table.apply_gradients(keys_of(7), g, step=100)
+        table.apply_gradients(keys_of(7), g, step=95)
+        assert table.export().last_step.tolist() == [100], kernels
+        assert table.evict_expired(step=106).tolist() == [], kernels
+        assert table.evict_expired(step=111).tolist() == [7], kernels
+    table = EmbeddingTable(TableConfig(name="t", dim=4, optimizer=SGD))  # the multi-table native call
+    push_tables([table], keys_of(7), np.array([0, 1]), np.ones(4, np.float32), None, 100)
+    push_tables([table], keys_of(7), np.array([0, 1]), np.ones(4, np.float32), None, 95)
+    assert table.export().last_step.tolist() == [100]
 
 
 def _fill(table: EmbeddingTable, pushes: dict[int, list[int]]) -> None:

@@ -79,30 +79,34 @@ def test_a_full_tables_pushes_evict_what_the_order_names_and_never_their_own_key
     assert evictions > 50
 
 
+@pytest.mark.parametrize("ttl_steps", (None, 3))
 @pytest.mark.parametrize("policy", (EvictionPolicy.NONE, *POLICIES))
-def test_check_room_refuses_exactly_the_pushes_apply_gradients_refuses(policy):
+def test_check_room_refuses_exactly_the_pushes_apply_gradients_refuses(policy, ttl_steps):
     """push_tables asks check_room before any table changes; it must agree with apply_gradients,
-    including where it answers without a dedupe (a table of at least twice the push's keys)."""
+    including where it answers without a dedupe (a table of at least twice the push's keys), and
+    where rows past their TTL make room (filled at steps 1 and 2, pushed at a step in [3, 7])."""
     rng = np.random.default_rng(11)
     refused = allowed = 0
     for trial in range(300):
         capacity = int(rng.integers(1, 40))
         config = TableConfig(
             "t", dim=2, capacity=capacity, optimizer=OptimizerConfig(kind=OptimizerKind.SGD, lr=0.1),
-            eviction=EvictionConfig(policy=policy),
+            eviction=EvictionConfig(policy=policy, ttl_steps=ttl_steps),
         )
         table = EmbeddingTable(config)
         fill = np.unique(rng.integers(0, 60, int(rng.integers(0, capacity + 1))))[:capacity]
-        if fill.shape[0]:
-            table.apply_gradients(fill, np.ones((fill.shape[0], 2), np.float32), step=1)
+        for step, part in ((1, fill[::2]), (2, fill[1::2])):
+            if part.shape[0]:
+                table.apply_gradients(part, np.ones((part.shape[0], 2), np.float32), step=step)
         keys = rng.integers(0, 90, int(rng.integers(1, 50)))
+        step = int(rng.integers(3, 8))
         try:
-            table.check_room(keys, None)
+            table.check_room(keys, None, step)
             expected_refusal = False
         except CapacityError:
             expected_refusal = True
         try:
-            table.apply_gradients(keys, np.ones((keys.shape[0], 2), np.float32), step=2)
+            table.apply_gradients(keys, np.ones((keys.shape[0], 2), np.float32), step=step)
             refused_here = False
         except CapacityError:
             refused_here = True
