@@ -378,14 +378,50 @@ def _start_restorable_shards(
     _StartFailed when they do not come up, or when no older snapshot is left."""
     while True:
         try:
+            _check_extras(job, restore)
             return _start_shards(job, out, restore), restore
         except _SnapshotUnusable as exc:
+            retired = _retire(job, restore)
             older = _latest_or_none(job, before=restore)
             if older is None:
-                raise _StartFailed(f"{exc}; no complete snapshot before step {restore} to fall back to") from None
-            tqdm.write(f"embps launch: WARNING: {exc}; falling back to the previous complete snapshot, step {older}")
+                raise _StartFailed(
+                    f"{exc}{retired}; no complete snapshot before step {restore} to fall back to"
+                ) from None
+            tqdm.write(
+                f"embps launch: WARNING: {exc}{retired}; falling back to the previous complete snapshot, step {older}"
+            )
             sys.stdout.flush()
             restore = older
+
+
+def _check_extras(job: TrainingJob, step: int | None) -> None:
+    """_SnapshotUnusable when an extra file of `step` (dense tower, trainer state: read by the
+    workers, never by the shards) is corrupt or missing: found after the shards restored, it
+    failed every worker at each restart, and the job never fell back."""
+    from ps.snapshot.files import verify_extras
+    from ps.snapshot.manifest import SnapshotError
+
+    if step is None or job.ps.snapshot is None:
+        return
+    try:
+        verify_extras(job.ps.snapshot.uri, job.ps.job, step, job.ps.snapshot.storage)
+    except SnapshotError as exc:
+        raise _SnapshotUnusable(f"snapshot step {step} cannot be resumed: {exc}") from None
+
+
+def _retire(job: TrainingJob, step: int | None) -> str:
+    """Takes an unusable snapshot step out of use (ps/snapshot/files.py retire); returns what the
+    warning adds: where its manifest went, or why it stayed."""
+    from ps.snapshot.files import retire
+    from ps.snapshot.manifest import SnapshotError
+    from ps.snapshot.storage import StorageError
+
+    if step is None or job.ps.snapshot is None:
+        return ""
+    try:
+        return f" (its manifest moved to {retire(job.ps.snapshot.uri, job.ps.job, step, job.ps.snapshot.storage)})"
+    except (SnapshotError, StorageError, ValueError) as exc:
+        return f" (left in place: {exc})"
 
 
 def _start_shards(job: TrainingJob, out: Path, restore_step: int | None) -> tuple[list, list]:

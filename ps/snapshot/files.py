@@ -65,6 +65,7 @@ from ps.snapshot.manifest import (
     FORMAT_VERSION,
     LATEST,
     MANIFEST,
+    RETIRED_MANIFEST,
     FileEntry,
     Manifest,
     ShardEntry,
@@ -531,6 +532,35 @@ def latest(
         except SnapshotError:
             continue
     return None
+
+
+def retire(uri: str, job: str, step: int, storage_config: StorageConfig | None = None) -> str:
+    """Takes committed training snapshot `step` out of use: its manifest moves beside its files as
+    RETIRED_MANIFEST (kept for a look at what broke), so latest() and a resume no longer pick it,
+    gc counts its folder as incomplete (deleted once a newer step is committed), and a job resumed
+    from an older step writes that step again when it gets there. For a step that cannot be
+    restored (SnapshotError: files corrupt or missing), which no restart mends: left in place, it
+    stayed the newest step, so every resume tried it first, the job could not write that step
+    again, and gc, keeping the newest steps by number, kept it and deleted the usable older ones
+    the job went on from. Returns where the manifest went; an export is never retired (ValueError)."""
+    fs, job_dir = _open_job(uri, job, storage_config)
+    manifest = read_manifest_at(fs, job_dir, step)
+    if manifest.kind == SnapshotKind.EXPORT:
+        raise ValueError(f"step {step}: an export is not a training snapshot; not retired")
+    source = storage.join(job_dir, str(step), MANIFEST)
+    target = storage.join(job_dir, str(step), RETIRED_MANIFEST)
+    with storage.unavailable_on_failure(f"retiring {source}"):
+        fs.move(source, target)
+    return target
+
+
+def verify_extras(uri: str, job: str, step: int, storage_config: StorageConfig | None = None) -> None:
+    """Reads every extra file of committed `step` (the dense tower, the trainer's state: what the
+    workers read at a resume, which the shards never do) and checks its size and sha256;
+    SnapshotCorruptError when one differs or is missing."""
+    snapshot = open_snapshot(uri, job, step, storage_config)
+    for name in sorted(snapshot.manifest.extra):
+        snapshot.read_extra(name)
 
 
 def read_manifest(uri: str, job: str, step: int | None = None, storage_config: StorageConfig | None = None) -> Manifest:

@@ -30,6 +30,7 @@ from ps.table.config import (
 FORMAT = "embps.snapshot"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+RETIRED_MANIFEST = "manifest.json.unusable"  # a step taken out of use (files.retire), beside its files
 LATEST = "LATEST"
 
 

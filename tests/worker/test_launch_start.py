@@ -17,7 +17,9 @@ from bench.ports import free_ports
 from ps.client import PSClient
 from ps.job_config import SnapshotConfig
 from ps.process import children
-from ps.snapshot.ops import ShardSnapshotter
+from ps.snapshot.files import latest
+from ps.snapshot.manifest import RETIRED_MANIFEST
+from ps.snapshot.ops import ShardSnapshotter, collect_garbage
 from ps.table.config import OptimizerConfig, OptimizerKind, TableConfig
 from ps.table.embedding_table import EmbeddingTable
 from tests.worker.training_jobs import write_training_job
@@ -100,5 +102,35 @@ def test_a_corrupt_newest_snapshot_falls_back_to_the_previous_complete_one(tmp_p
         assert "snapshot step 20 cannot be restored" in log and "sha256" in log
         with PSClient.from_job(job.ps) as client:
             np.testing.assert_array_equal(client.lookup("emb", keys), at_10)
+        # Step 20 is out of use, its manifest kept beside its files: a resume no longer tries it,
+        # gc keeps step 10 (before: it kept 20, the newest by number, and deleted 10), and the job
+        # going on from 10 writes step 20 again when it gets there.
+        assert "its manifest moved to" in printed
+        assert (tmp_path / "snaps" / job.ps.job / "20" / RETIRED_MANIFEST).exists()
+        assert latest(uri, job.ps.job) == 10
+        assert collect_garbage(uri, job.ps.job, keep=1).kept == (10,)
+        snapper.snapshot(uri, job.ps.job, 20)
+        assert latest(uri, job.ps.job) == 20
+    finally:
+        children.stop_all(shards)
+
+
+def test_a_corrupt_extra_of_the_newest_snapshot_falls_back_before_any_worker_reads_it(tmp_path, capsys):
+    """The shards never read a step's extra files (the dense tower, the trainer's state); a
+    corrupt one failed every worker at each restart, and the launcher never fell back."""
+    uri = str(tmp_path / "snaps")
+    job = one_shard_job(tmp_path, SnapshotConfig(uri))
+    table = EmbeddingTable(TABLE)
+    snapper = ShardSnapshotter({"emb": table}, 0)
+    snapper.snapshot(uri, job.ps.job, 10, extras={"dense.pt": b"tower at 10"})
+    snapper.snapshot(uri, job.ps.job, 20, kind="incremental", extras={"dense.pt": b"tower at 20"})
+    extra = tmp_path / "snaps" / job.ps.job / "20" / "extra" / "dense.pt"
+    extra.write_bytes(b"tower at 2O")  # same size, another checksum
+    (shards, standbys), step = launcher._start_restorable_shards(job, tmp_path / "out", 20)
+    try:
+        assert step == 10
+        printed = capsys.readouterr().out
+        assert "snapshot step 20 cannot be resumed" in printed and "sha256" in printed
+        assert latest(uri, job.ps.job) == 10
     finally:
         children.stop_all(shards)
