@@ -215,6 +215,8 @@ def launch(options: LaunchOptions) -> int:
     if out.exists() and not out.is_dir():
         raise ValueError(f"train.output_dir: {str(out)!r} exists and is not a folder")
     restore = _latest_step(job) if options.resume else None
+    if not options.resume and start_ps:
+        _refuse_an_earlier_run(job)
     out.mkdir(parents=True, exist_ok=True)
     progress_path = out / "progress.jsonl"
     progress_path.write_text("")
@@ -305,9 +307,8 @@ def _run_attempt(
     shards: list = []
     standbys: list = []
     stop_watch = threading.Event()
-    first = fleet is not None and not fleet.started
     try:
-        if first:
+        if fleet is not None and not fleet.started:
             fleet.start()  # beside the shards: both take seconds to come up
         if start_ps:
             try:
@@ -317,7 +318,9 @@ def _run_attempt(
             threading.Thread(
                 target=_watch_shards, args=(job, out, shards, standbys, failures, stop_watch), daemon=True
             ).start()
-        if first:
+        if fleet is not None and not fleet.watching:
+            # The first attempt whose shards came up: an attempt whose shards did not returned
+            # before this, and its replicas, started, were left unwatched for the whole job.
             fleet.wait()
         agent.wait()
         failed = _run_workers(job, options, progress_path, failures, restore)
@@ -349,6 +352,25 @@ def _latest_step(job: TrainingJob) -> int:
     if step is None:
         raise ValueError(f"--resume: no complete snapshot of job {job.ps.job!r} under {job.ps.snapshot.uri}")
     return step
+
+
+def _refuse_an_earlier_run(job: TrainingJob) -> None:
+    """ValueError naming snapshot.uri when a fresh launch (no --resume) finds committed snapshots of
+    its job there: a restart resumes from the job's newest step, which would be the earlier run's,
+    and every snapshot round of this run would find its step committed already."""
+    from ps.snapshot.storage import StorageError
+
+    if job.ps.snapshot is None:
+        return
+    try:
+        step = _latest_or_none(job)
+    except StorageError as exc:
+        raise ValueError(f"snapshot.uri: cannot list the snapshots under {job.ps.snapshot.uri}: {exc}") from None
+    if step is not None:
+        raise ValueError(
+            f"snapshot.uri: {job.ps.snapshot.uri} already holds snapshots of job {job.ps.job!r} (newest step "
+            f"{step}): pass --resume to go on from it, or give this run another job name or snapshot.uri"
+        )
 
 
 def _latest_or_none(job: TrainingJob, before: int | None = None) -> int | None:
@@ -443,6 +465,18 @@ def _start_shards(job: TrainingJob, out: Path, restore_step: int | None) -> tupl
         if shard.standby
     ]
     started = [*shards, *(p for p in standbys if p is not None)]
+    try:
+        _wait_started(job, restore_step, waits, started)
+    except BaseException:
+        # A signal (SIGTERM, Ctrl-C) while they start: the caller holds no handle on them yet.
+        children.stop_all(started)
+        raise
+    return shards, standbys
+
+
+def _wait_started(job: TrainingJob, restore_step: int | None, waits: list, started: list) -> None:
+    """Waits for each (index, proc, address, log, role) of `waits` to serve; _StartFailed
+    (_SnapshotUnusable) when one does not, every process of `started` stopped first."""
     for index, proc, address, log, role in waits:
         try:
             children.wait_serving(
@@ -461,7 +495,6 @@ def _start_shards(job: TrainingJob, out: Path, restore_step: int | None) -> tupl
                     f"ps shard {index}{role} cannot restore snapshot step {restore_step} (see {log})"
                 ) from None
             raise _StartFailed(f"{exc} (see {log})") from None
-    return shards, standbys
 
 
 def _pair_dead(primary, standby) -> bool:

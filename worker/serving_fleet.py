@@ -52,6 +52,11 @@ class ServingFleet:
     def started(self) -> bool:
         return bool(self.procs)
 
+    @property
+    def watching(self) -> bool:
+        """Whether wait() saw every replica serve and the watcher runs."""
+        return self._watcher is not None
+
     def start(self) -> None:
         """Writes each replica's serve.toml and starts them; they follow the shards as soon as
         those serve (wait() health-waits the replicas)."""
@@ -98,6 +103,11 @@ class ServingFleet:
                     tqdm.write(f"embps launch: {exc}")  # the next round counts it as another death
 
     def _wait_serving(self, index: int) -> None:
-        children.wait_serving(
-            self.specs[index].listen, self.procs[index], f"serving replica {index}", security=self.job.ps.security
-        )
+        """RuntimeError when replica `index` exits first or does not serve in time (a TimeoutError
+        escaped both callers: it ended the watcher thread, or the launch with a traceback)."""
+        try:
+            children.wait_serving(
+                self.specs[index].listen, self.procs[index], f"serving replica {index}", security=self.job.ps.security
+            )
+        except TimeoutError as exc:
+            raise RuntimeError(str(exc)) from None

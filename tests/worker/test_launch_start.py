@@ -24,6 +24,8 @@ from ps.table.config import OptimizerConfig, OptimizerKind, TableConfig
 from ps.table.embedding_table import EmbeddingTable
 from tests.worker.training_jobs import write_training_job
 from worker import launcher
+from worker.launch_config import ReplicaSpec
+from worker.serving_fleet import ServingFleet
 from worker.train_config import TrainingJob, load_training_job
 
 TABLE = TableConfig(name="emb", dim=8, init_scale=0.1, optimizer=OptimizerConfig(kind=OptimizerKind.ADAGRAD, lr=0.1))
@@ -74,6 +76,36 @@ def test_a_shard_that_does_not_start_is_a_restartable_failure(tmp_path):
         )
     assert failure is not None and failure.startswith("ps shard 0 exited with code 1 while starting"), failure
     assert "cannot bind" in (tmp_path / "out" / "logs" / "ps-0.log").read_text()
+
+
+def test_replicas_started_by_an_attempt_whose_shards_failed_are_watched_from_the_next_one(tmp_path):
+    """The first attempt starts the serving replicas beside the shards; when its shards did not
+    come up it returned before the replicas' health wait, and later attempts never made it: the
+    replicas ran unwatched for the whole job (a dead one was neither restarted nor reported)."""
+    job = one_shard_job(tmp_path)
+    out = tmp_path / "out"
+    listen, metrics_port = free_ports(2)
+    fleet = ServingFleet(job, (ReplicaSpec(f"127.0.0.1:{listen}", metrics_port),), out, 1, on_fatal=print)
+    host, port = job.ps.shards[0].address.rsplit(":", 1)
+
+    def attempt():
+        return launcher._run_attempt(
+            job, launcher.LaunchOptions(job.path), True, None, out / "progress.jsonl", launcher._Failures(), fleet,
+            launcher._AgentImport(),
+        )
+
+    out.mkdir()
+    try:
+        with socket.socket() as taken:
+            taken.bind((host, int(port)))
+            taken.listen()
+            failure = attempt()
+        assert failure is not None and failure.startswith("ps shard 0 exited"), failure
+        assert fleet.started and not fleet.watching
+        assert attempt() is None
+        assert fleet.watching
+    finally:
+        fleet.stop()
 
 
 def test_a_corrupt_newest_snapshot_falls_back_to_the_previous_complete_one(tmp_path, capsys):

@@ -13,6 +13,9 @@ import pytest
 
 from ps.errors import ConfigTypeError
 from ps.job_config import ShardConfig
+from ps.snapshot.ops import ShardSnapshotter
+from ps.table.config import TableConfig
+from ps.table.embedding_table import EmbeddingTable
 from tests.helpers.processes import REPO_ROOT
 from worker.launch_config import parse_launch_settings
 from worker.launcher import LaunchOptions
@@ -198,6 +201,22 @@ def test_resume_without_a_snapshot_is_refused_before_anything_starts(tmp_path):
     text = job_text(out) + f'\n[snapshot]\nuri = "{tmp_path / "snapshots"}"\n'
     line = launch(tmp_path, text, "--resume")
     assert line.startswith("--resume: no complete snapshot of job 'config-errors' under "), line
+    assert {p.name: p.read_text() for p in out.iterdir()} == files
+
+
+def test_a_fresh_launch_over_an_earlier_run_s_snapshots_is_refused_before_anything_starts(tmp_path):
+    """Without --resume, a restart would have resumed from the earlier run's newest snapshot and
+    every snapshot round of the new run would have found its step committed already."""
+    out, files = previous_run(tmp_path)
+    uri = str(tmp_path / "snapshots")
+    text = job_text(out) + f'\n[snapshot]\nuri = "{uri}"\n'
+    config = TableConfig("emb", dim=4)
+    ShardSnapshotter({"emb": EmbeddingTable(config)}, 0).snapshot(uri, "config-errors", 60)
+    line = launch(tmp_path, text)
+    assert line == (
+        f"snapshot.uri: {uri} already holds snapshots of job 'config-errors' (newest step 60): pass --resume "
+        "to go on from it, or give this run another job name or snapshot.uri"
+    ), line
     assert {p.name: p.read_text() for p in out.iterdir()} == files
 
 
