@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 
+from ps.snapshot.manifest import SnapshotKind
 from ps.snapshot.storage import StorageConfig
 from serving.config import ExportSource
 from serving.store import ShardRows, TableReplica
@@ -34,6 +35,13 @@ def load_latest_export(source: ExportSource, replicas: dict[str, TableReplica]) 
         return None
     export = snapshot.open_snapshot(source.uri, source.job, step, storage_config)
     manifest = export.manifest
+    if manifest.kind != SnapshotKind.EXPORT:
+        # A training snapshot's folder (same <uri>/<job>/<step> layout): an incremental holds only
+        # the rows its step touched, and the replica would have served those alone as the model.
+        raise ValueError(
+            f"export.uri: step {step} under {source.uri} is a training snapshot ({manifest.kind}), not an export; "
+            "point export.uri at what `embps snapshot export` writes"
+        )
     for name, replica in replicas.items():
         if manifest.num_shards != len(replica.shards):
             raise ValueError(

@@ -694,7 +694,13 @@ class Snapshot:
 
     def load_stored_values(self, table: str, shard: int) -> tuple[np.ndarray, str, np.ndarray]:
         """An export's rows as written: (keys (n,) int64, storage, rows): float32 or float16 values
-        (n, dim), or for "int8" the rows as the table stored them, (n, value_words) float32 words."""
+        (n, dim), or for "int8" the rows as the table stored them, (n, value_words) float32 words.
+        SnapshotError for a training snapshot: an incremental's rows are only those its step touched."""
+        if self.manifest.kind != SnapshotKind.EXPORT:
+            raise SnapshotError(
+                f"step {self.manifest.step} is a training snapshot ({self.manifest.kind}), not an export "
+                "(write one with `embps snapshot export`)"
+            )
         t, s = self._shard(table, shard)
         rows = self._parquet(s.files[0])
         keys = rows.column("key").to_numpy()

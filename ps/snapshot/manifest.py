@@ -212,6 +212,14 @@ class Manifest:
                     for p in e.files:
                         if p not in files:
                             raise ValueError(f"shard file {p!r} is not listed in files")
+            # What the writer allows: a chain walked parent by parent then always ends (a parent
+            # at or after its step looped restore and gc forever).
+            if (manifest.kind == SnapshotKind.INCREMENTAL) != (manifest.parent is not None):
+                raise ValueError(
+                    f"kind {manifest.kind} with parent {manifest.parent}: an incremental has a parent, others none"
+                )
+            if manifest.parent is not None and not 0 <= manifest.parent < manifest.step:
+                raise ValueError(f"parent {manifest.parent}: not an earlier step than {manifest.step}")
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise SnapshotCorruptError(f"{where}: not a valid embps manifest ({e})") from e
         return manifest

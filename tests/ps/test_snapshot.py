@@ -256,6 +256,32 @@ def test_corrupt_files_are_rejected_with_the_reason(tmp_path):
         load_table_shard(uri, "job", 1, "t", 0)
 
 
+@pytest.mark.parametrize(
+    "parent, why",
+    [(2, r"parent 2: not an earlier step than 2"), (3, r"parent 3: not an earlier step than 2"),
+     (None, r"kind incremental with parent None")],
+)
+def test_a_manifest_whose_parent_is_not_an_earlier_step_is_corrupt(tmp_path, parent, why):
+    """A chain is walked parent by parent: a parent at or after its own step (a hand-edited or
+    damaged manifest) looped restore and gc forever; such a step is now corrupt, and latest()
+    passes over it."""
+    uri = str(tmp_path)
+    table = evicting_table("t", seed=0)
+    snapper = ShardSnapshotter({"t": table}, 0)
+    push(table, np.random.default_rng(0), 1)
+    snapper.snapshot(uri, "job", 1)
+    push(table, np.random.default_rng(1), 2)
+    snapper.snapshot(uri, "job", 2, "incremental")
+    path = tmp_path / "job/2/manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["parent"] = parent
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(SnapshotCorruptError, match=why):
+        restore(uri, "job", 2)
+    assert latest(uri, "job") == 1
+    assert collect_garbage(uri, "job", keep=1).kept == (1,)
+
+
 def test_writer_refuses_what_it_cannot_commit(tmp_path):
     uri = str(tmp_path)
     state = evicting_table("t", seed=0).export()

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from ps.sharding import ShardMap
 from ps.snapshot.files import open_snapshot
+from ps.snapshot.manifest import SnapshotError
 from ps.snapshot.ops import ShardSnapshotter, export_for_serving
 from ps.table.config import Initializer, TableConfig
 from ps.table.embedding_table import EmbeddingTable
@@ -225,3 +226,22 @@ def test_an_export_in_stored_form_gives_replicas_the_ps_rows_bit_for_bit(tmp_pat
         np.testing.assert_array_equal(words.view(np.uint8), state.encoded)
     keys = tables["q8"].export().keys
     np.testing.assert_array_equal(replicas["f32"].lookup(keys)[0], tables["q8"].lookup(keys).numpy())
+
+
+def test_a_training_snapshot_is_not_loaded_as_an_export(tmp_path):
+    """export.uri pointed at the training snapshots (same <uri>/<job>/<step> layout): the newest
+    step is an incremental, whose rows are only those its step touched, and the replica served
+    them alone as the model. It is refused, naming the field; so is reading its rows as an export's."""
+    table = EmbeddingTable(TableConfig("emb", dim=4))
+    snapper = ShardSnapshotter({"emb": table}, 0)
+    table.apply_gradients(np.arange(1000, dtype=np.int64), np.ones((1000, 4), np.float32))
+    snapper.snapshot(str(tmp_path / "snap"), "job", 1, "full")
+    table.apply_gradients(np.arange(1, dtype=np.int64), np.ones((1, 4), np.float32))
+    snapper.snapshot(str(tmp_path / "snap"), "job", 2, "incremental")
+    replica = TableReplica(table.config, ShardMap.uniform(1))
+    refused = r"export.uri: step 2 under .* is a training snapshot \(incremental\), not an export"
+    with pytest.raises(ValueError, match=refused):
+        load_latest_export(ExportSource(str(tmp_path / "snap"), "job"), {"emb": replica})
+    assert replica.size == 0
+    with pytest.raises(SnapshotError, match=r"step 2 is a training snapshot \(incremental\), not an export"):
+        open_snapshot(str(tmp_path / "snap"), "job").load_stored_values("emb", 0)
