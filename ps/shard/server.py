@@ -860,6 +860,7 @@ async def create_server(
 async def _restore(shard_port: ShardPort, restore_step: int, log_max_keys: int, stop: asyncio.Event):
     """The Shard restored from snapshot `restore_step`, loaded on a thread while the port answers
     NOT_SERVING; an exit status (int) instead when the restore fails or SIGTERM comes first."""
+    from ps.errors import EmbpsError
     from ps.snapshot.manifest import SnapshotError
     from ps.snapshot.storage import StorageError
 
@@ -878,7 +879,7 @@ async def _restore(shard_port: ShardPort, restore_step: int, log_max_keys: int, 
     except SnapshotError as exc:
         log.error("shard %d: snapshot step %d cannot be restored: %s", index, restore_step, exc)
         return EXIT_SNAPSHOT_UNUSABLE
-    except (StorageError, OSError, ValueError) as exc:
+    except (StorageError, OSError, ValueError, EmbpsError) as exc:  # EmbpsError: a capacity below the rows
         log.error("shard %d: restoring snapshot step %d failed: %s", index, restore_step, exc)
         return 1
     log.info("shard %d: restored snapshot step %d (%.1f MiB read)", index, restore_step, progress.read_bytes / 2**20)

@@ -20,6 +20,7 @@ from ps.rpc import snapshot_pb2, snapshot_pb2_grpc
 from ps.snapshot.files import Snapshot, SnapshotWriter, apply_delta, snapshot_chain
 from ps.snapshot.ops import ShardSnapshotter
 from ps.table.embedding_table import EmbeddingTable
+from ps.table.optimizers import state_width
 from ps.table.state import TableState
 
 
@@ -102,6 +103,7 @@ def restore_shard_states(
             f"shards: snapshot step {step} was written by {num_shards} shards, the job has {len(job.shards)}; "
             "resharding a snapshot is not supported"
         )
+    _check_tables(job, chain, step)
     if progress is not None:
         progress.start(sum(_shard_bytes(snapshot, job, shard_index) for snapshot in chain))
         for snapshot in chain:
@@ -114,6 +116,29 @@ def restore_shard_states(
             state = part.state if state is None else apply_delta(state, part.state, part.deleted_keys)
         states[table.name] = state
     return states
+
+
+def _check_tables(job: JobConfig, chain: list[Snapshot], step: int) -> None:
+    """ValueError naming the table's field when the job's tables are not those the snapshots hold
+    (a table added since, another dim or optimizer state): a config to fix, not a snapshot to give
+    up on, so the shard exits 1 (before: a KeyError's traceback, or rows of the wrong width)."""
+    for snapshot in chain:
+        tables, at = snapshot.manifest.tables, snapshot.manifest.step
+        for table in job.tables:
+            entry = tables.get(table.name)
+            if entry is None:
+                raise ValueError(
+                    f"tables.{table.name}: not in snapshot step {at} (it holds {', '.join(sorted(tables))}): "
+                    f"a table added since cannot be restored from step {step}"
+                )
+            if entry.dim != table.dim:
+                raise ValueError(f"tables.{table.name}.dim: {table.dim} in the job, {entry.dim} in snapshot step {at}")
+            width = state_width(table.optimizer.kind, table.dim)
+            if entry.state_width != width:
+                raise ValueError(
+                    f"tables.{table.name}.optimizer: {table.optimizer.kind} keeps {width} state words a row, the "
+                    f"rows of snapshot step {at} have {entry.state_width}"
+                )
 
 
 def _shard_bytes(snapshot: Snapshot, job: JobConfig, shard_index: int) -> int:

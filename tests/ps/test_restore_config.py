@@ -1,0 +1,57 @@
+"""A job whose tables changed since its snapshot: the shard's restore names the table's field and
+`embps ps` exits 1 with it in its log (a config to fix, so no fallback to an older snapshot),
+never a traceback: a table added since, another dim, another optimizer's state, a capacity below
+the rows the snapshot holds."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from ps.job_config import SnapshotConfig, dump_job_config
+from ps.shard.snapshot_service import restore_shard_states
+from ps.snapshot.ops import ShardSnapshotter
+from ps.table.config import OptimizerConfig, OptimizerKind, TableConfig
+from ps.table.embedding_table import EmbeddingTable
+from tests.helpers.processes import make_job, start_shard
+
+A = TableConfig("a", dim=4, optimizer=OptimizerConfig(kind=OptimizerKind.ADAGRAD, lr=0.1))
+
+
+def _snapshot(uri: str) -> None:
+    table = EmbeddingTable(A)
+    table.apply_gradients(np.arange(10, dtype=np.int64), np.ones((10, 4), np.float32), step=1)
+    ShardSnapshotter({"a": table}, 0).snapshot(uri, "test", 10)
+
+
+@pytest.mark.parametrize(
+    "tables, message",
+    [
+        ((A, TableConfig("b", dim=4)), r"tables\.b: not in snapshot step 10 \(it holds a\)"),
+        ((replace(A, dim=8),), r"tables\.a\.dim: 8 in the job, 4 in snapshot step 10"),
+        ((replace(A, optimizer=OptimizerConfig(kind=OptimizerKind.ADAM, lr=0.1)),),
+         r"tables\.a\.optimizer: adam keeps 9 state words a row, the rows of snapshot step 10 have 4"),
+    ],
+    ids=["added-table", "dim", "optimizer"],
+)
+def test_restoring_into_changed_tables_names_the_field(tmp_path, tables, message):
+    uri = (tmp_path / "snaps").as_uri()
+    _snapshot(uri)
+    with pytest.raises(ValueError, match=message):
+        restore_shard_states(replace(make_job(list(tables)), snapshot=SnapshotConfig(uri)), 0, 10)
+
+
+def test_a_shard_restoring_into_a_smaller_capacity_exits_1_with_the_reason(tmp_path):
+    uri = (tmp_path / "snaps").as_uri()
+    _snapshot(uri)
+    job = replace(make_job([replace(A, capacity=5)], job="test"), snapshot=SnapshotConfig(uri))
+    config = tmp_path / "job.toml"
+    config.write_text(dump_job_config(job))
+    log = tmp_path / "shard.log"
+    proc = start_shard(config, 0, log, args=("--restore-step", "10"))
+    assert proc.wait(timeout=120) == 1
+    text = log.read_text()
+    assert "restoring snapshot step 10 failed" in text and "capacity" in text, text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
