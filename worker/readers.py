@@ -450,7 +450,7 @@ class FileReader(ABC):
             counts = _integers(column)
             if counts is None:
                 values, col_bad = _to_float(column, _INT_PATTERN, empty_ok=True)
-                _note(bad, reasons, col_bad, f"{name}: not an integer")
+                _note(bad, reasons, col_bad, f"{name}: not an integer within float64's range")
                 dense[:, i] = transform_counts(values)
             else:
                 values, null = counts
@@ -496,6 +496,8 @@ def _to_float(column: pa.Array | pa.ChunkedArray, pattern: str, empty_ok: bool) 
     """A number column -> (values (n,) float64 with empty/null as 0, bad (n,) bool)."""
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
+    if pa.types.is_dictionary(column.type):  # Parquet writers dictionary-encode repetitive columns
+        column = column.dictionary_decode()
     kind = column.type
     if pa.types.is_string(kind) or pa.types.is_large_string(kind):
         column = pc.fill_null(column, "")
@@ -503,8 +505,9 @@ def _to_float(column: pa.Array | pa.ChunkedArray, pattern: str, empty_ok: bool) 
         ok = np.asarray(pc.match_substring_regex(column, pattern).to_numpy(zero_copy_only=False), dtype=bool)
         bad = ~ok & ~(empty & empty_ok)
         cleaned = pc.if_else(pa.array(ok), column, pa.scalar("0", column.type))
-        values = pc.cast(cleaned, pa.float64()).to_numpy(zero_copy_only=False)
-        return np.asarray(values, dtype=np.float64), bad
+        values = np.asarray(pc.cast(cleaned, pa.float64()).to_numpy(zero_copy_only=False), dtype=np.float64)
+        bad |= ~np.isfinite(values)  # digits past float64's range read as inf
+        return np.where(bad, 0.0, values), bad
     if pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind) or pa.types.is_null(kind):
         null = np.asarray(column.is_null().to_numpy(zero_copy_only=False), dtype=bool)
         values = pc.fill_null(pc.cast(column, pa.float64()), 0.0).to_numpy(zero_copy_only=False)

@@ -216,3 +216,19 @@ def test_hash_categorical_fast_path_for_eight_hex_digits():
     every_eight = [s for s in strings if len(s) == 8]  # one contiguous buffer of 8-byte strings
     assert hash_categorical(pa.array(every_eight), 5).tolist() == [key(5, s) for s in every_eight]
     assert hash_categorical(pa.array(every_eight).slice(2), 5).tolist() == [key(5, s) for s in every_eight[2:]]
+
+
+def test_a_count_past_float64_s_range_is_a_bad_row_not_an_infinite_feature(tmp_path):
+    """400 digits parse as a valid integer, and as inf in float64: it fed the dense tower inf
+    (poisoning it) with bad_rows = "fail" too. It is a bad row now, skipped and counted, or failed."""
+    path = tmp_path / "inf.tsv"
+    path.write_text("1\t5\ta1b2c3d4\n0\t" + "9" * 400 + "\tdeadbeef\n1\t-3\t\n")
+    reader = CriteoTsvReader([str(path)], ReaderConfig(global_batch_size=2, num_dense=1, num_sparse=1,
+                                                       prefetch_batches=0))
+    batches = list(reader)
+    assert reader.num_bad_rows == 1
+    assert all(np.isfinite(b.dense.numpy()).all() for b in batches)
+    failing = CriteoTsvReader([str(path)], ReaderConfig(global_batch_size=3, num_dense=1, num_sparse=1,
+                                                        prefetch_batches=0, bad_rows=BadRowPolicy.FAIL))
+    with pytest.raises(ValueError, match=r"inf\.tsv:2: bad row: I1: not an integer within float64's range"):
+        list(failing)

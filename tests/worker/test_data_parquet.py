@@ -199,3 +199,30 @@ def test_a_missing_file_names_the_field_it_came_from(tmp_path):
     for field in ("data.paths", "data.eval_paths"):
         with pytest.raises(FileNotFoundError, match=rf"^{field}: {missing}: no such file"):
             ParquetReader([missing], config(), paths_field=field)
+
+
+def test_dictionary_encoded_number_columns_read_as_their_values(tmp_path):
+    """Parquet writers dictionary-encode repetitive columns: a label or count column stored as
+    dictionary<string> passed the plan's type check, then failed the first read."""
+    path = tmp_path / "dict.parquet"
+    pq.write_table(pa.table({
+        "label": pa.array(["1", "0", "1", "0"]).dictionary_encode(),
+        "I1": pa.array(["3", "4", "", "6"]).dictionary_encode(),
+        "C1": pa.array(["a", "b", "c", "d"]),
+    }), path)
+    reader = ParquetReader([str(path)], ReaderConfig(global_batch_size=2, num_dense=1, num_sparse=1,
+                                                     prefetch_batches=0))
+    batches = list(reader)
+    assert [b.labels.tolist() for b in batches] == [[1.0, 0.0], [1.0, 0.0]]
+    plain = list(ParquetReader([str(_plain_copy(tmp_path, path))], ReaderConfig(
+        global_batch_size=2, num_dense=1, num_sparse=1, prefetch_batches=0)))
+    for a, b in zip(batches, plain, strict=True):
+        assert a.dense.tolist() == b.dense.tolist()
+
+
+def _plain_copy(tmp_path, path):
+    table = pq.read_table(path)
+    plain = pa.table({name: table.column(name).cast(pa.string()) for name in table.column_names})
+    out = tmp_path / "plain.parquet"
+    pq.write_table(plain, out)
+    return out
