@@ -42,11 +42,19 @@ def expand_paths(
 ) -> list[DataFile]:
     """Every file the entries name, in order (see the module doc); errors name `field` and the entry."""
     files: list[DataFile] = []
-    for entry in entries:
+    named_by: dict[tuple[str, str], int] = {}  # (filesystem, path) -> the index of the entry that named it
+    for index, entry in enumerate(entries):
         found = _expand_one(str(entry), storage, field)
         if not found:
             what = "glob matches no file" if _has_glob(str(entry)) else "directory holds no file"
             raise FileNotFoundError(f"{field}: {entry}: the {what}")
+        for data_file in found:
+            first = named_by.setdefault((data_file.fs.type_name, data_file.path), index)
+            if first != index:
+                # Read twice an epoch, its rows would weigh double: a folder and a file in it, two globs.
+                raise ValueError(
+                    f"{field}[{index}]: {entry}: names {data_file.name}, which {field}[{first}] names already"
+                )
         files.extend(found)
     return files
 

@@ -50,7 +50,7 @@ def _file_reader(job: TrainingJob, paths, rank: int, world_size: int, training: 
         num_dense=data.num_dense,
         num_sparse=data.num_sparse,
         bad_rows=data.bad_rows,
-        drop_last=True,
+        drop_last=training,  # held-out rows are all scored, a short last batch too
         epochs=job.train.epochs if training else 1,
         seed=data.seed,
         shuffle_files=data.shuffle_files and training,

@@ -232,3 +232,22 @@ def test_a_count_past_float64_s_range_is_a_bad_row_not_an_infinite_feature(tmp_p
                                                         prefetch_batches=0, bad_rows=BadRowPolicy.FAIL))
     with pytest.raises(ValueError, match=r"inf\.tsv:2: bad row: I1: not an integer within float64's range"):
         list(failing)
+
+
+def test_held_out_rows_fewer_than_a_batch_are_all_scored(tmp_path):
+    """The held-out reader dropped a short last batch as the training reader does: 255 held-out
+    rows and batch_size 256 gave no evaluation at all, and any held-out file lost its tail."""
+    from ps.table.config import TableConfig
+    from tests.helpers.processes import make_job
+    from tests.worker.training_jobs import training_toml
+    from worker.data_sources import eval_batches
+    from worker.train_config import load_training_job
+
+    held_out = write_criteo_sample(tmp_path / "eval.tsv", 255, num_bad_rows=0, seed=4, num_dense=13, num_sparse=2)
+    train = {"workers": 1, "steps": 1, "batch_size": 256, "tables": ["c"], "eval_batches": 10,
+             "output_dir": str(tmp_path / "out")}
+    data = {"source": "criteo", "paths": [str(held_out.path)], "eval_paths": [str(held_out.path)], "num_sparse": 2}
+    ps = make_job(tables=[TableConfig("c", dim=4)], num_shards=1)
+    (tmp_path / "job.toml").write_text(training_toml(ps, train, {"bottom_sizes": [8], "top_sizes": [16]}, data, {}))
+    batches = eval_batches(load_training_job(tmp_path / "job.toml"))
+    assert [b.labels.shape[0] for b in batches] == [255]

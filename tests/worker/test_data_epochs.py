@@ -157,6 +157,14 @@ def test_local_path_errors_name_the_path(tmp_path):
         CriteoTsvReader(["hdfs://namenode:8020/criteo/day_*.tsv"], cfg)
     with pytest.raises(ValueError, match="data.paths: ftp://host/x.tsv: .*unsupported scheme"):
         CriteoTsvReader(["ftp://host/x.tsv"], cfg)
+    # A file two entries name (a folder and a file in it, two globs, the same path twice) would be
+    # read twice an epoch: refused, naming both entries.
+    folder = tmp_path / "days"
+    folder.mkdir()
+    write_criteo_sample(folder / "a.tsv", 10, num_bad_rows=0)
+    for second in (str(folder / "a.tsv"), str(folder / "*.tsv"), str(folder)):
+        with pytest.raises(ValueError, match=r"data.paths\[1\]: .*names .*a.tsv, which data.paths\[0\] names already"):
+            CriteoTsvReader([str(folder), second], cfg)
 
 
 def test_launch_trains_two_workers_on_their_shares_of_s3_parquet_for_two_epochs(tmp_path, s3):
