@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import random
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,21 +141,34 @@ def _lines_of_rows(cursor: int, num_rows: int, invalid: list[int]) -> np.ndarray
 
 
 class _RangeStream(io.RawIOBase):
-    """Bytes [begin, stop) of a stream (stop None: to its end), after `head` (bytes read ahead)."""
+    """Bytes [begin, stop) of a stream (stop None: to its end), with every bare carriage return
+    (one no line feed follows) read as a tab: pyarrow ends a row at a bare \\r, the byte ranges
+    and a resume's skipped lines count \\n only, so each one moved every later resume offset a
+    line on (rows skipped), and the part of the line before it passed as a good row. As a tab,
+    its line is one row with a field too many: a bad row, at its own line number."""
 
-    def __init__(self, source: pa.NativeFile, remaining: int | None, head: bytes = b"") -> None:
+    def __init__(self, source: pa.NativeFile, remaining: int | None) -> None:
         self._source = source
         self._remaining = remaining
-        self._head = head
+        self._raw = b""  # read from the source, not yet returned (unmasked)
 
     def readable(self) -> bool:
         return True
 
     def read(self, size: int = -1) -> bytes:
-        if self._head:
-            out = self._head if size < 0 else self._head[:size]
-            self._head = self._head[len(out) :]
-            return out
+        if size < 0:
+            data, self._raw = self._raw + self._pull(-1), b""
+            return _mask_bare_cr(data, b"")
+        if size == 0:
+            return b""
+        if not self._raw:
+            self._raw = self._pull(size)
+        out, self._raw = self._raw[:size], self._raw[size:]
+        if out.endswith(b"\r") and not self._raw:
+            self._raw = self._pull(1)  # whether a line feed follows it
+        return _mask_bare_cr(out, self._raw[:1])
+
+    def _pull(self, size: int) -> bytes:
         if self._remaining is not None:
             size = self._remaining if size < 0 else min(size, self._remaining)
             if size == 0:
@@ -164,11 +178,11 @@ class _RangeStream(io.RawIOBase):
             self._remaining -= len(data)
         return bytes(data)
 
-    def peek(self) -> bytes:
-        """Some bytes ahead (b"" at the end), kept for the next read."""
-        if not self._head:
-            self._head = self.read(_SCAN_BYTES)
-        return self._head
+    def peek(self) -> bool:
+        """Whether bytes are left to read (kept for the next read)."""
+        if not self._raw:
+            self._raw = self._pull(_SCAN_BYTES)
+        return bool(self._raw)
 
     def skip_lines(self, lines: int, name: str) -> None:
         """Consumes `lines` lines; a last line without newline counts as one."""
@@ -186,12 +200,25 @@ class _RangeStream(io.RawIOBase):
             end = -1
             for _ in range(remaining):
                 end = chunk.index(b"\n", end + 1)
-            self._head = chunk[end + 1 :] + self._head
+            self._raw = chunk[end + 1 :] + self._raw  # masked already: masking again changes nothing
             return
 
     def close(self) -> None:
         self._source.close()
         super().close()
+
+
+_BARE_CR = re.compile(rb"\r(?!\n)")
+
+
+def _mask_bare_cr(data: bytes, following: bytes) -> bytes:
+    """data with each carriage return that no line feed follows as a tab; `following`: the byte
+    after data (b"" at the end of the stream), which decides for a carriage return data ends with."""
+    if b"\r" not in data:
+        return data
+    if data.endswith(b"\r") and following == b"\n":
+        return _BARE_CR.sub(b"\t", data[:-1]) + b"\r"
+    return _BARE_CR.sub(b"\t", data)
 
 
 def _open_range(data_file: DataFile, unit: Unit, lines: int) -> _RangeStream:

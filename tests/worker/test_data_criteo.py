@@ -157,11 +157,13 @@ def test_resume_at_end_of_file_without_trailing_newline(tmp_path):
     row = "\t".join(["1"] + ["2"] * 13 + ["0a"] * 26)
     path = tmp_path / "day.tsv"
     path.write_text("\n".join([row] * 4))
-    reader = CriteoTsvReader([path, path], config(global_batch_size=4))
+    copy = tmp_path / "day-copy.tsv"
+    copy.write_bytes(path.read_bytes())
+    reader = CriteoTsvReader([path, copy], config(global_batch_size=4))
     iterator = iter(reader)
     next(iterator)
     assert reader.state() == {"epoch": 0, "unit": 0, "offset": 4, "num_batches": 1, "buffer": None}
-    resumed = CriteoTsvReader([path, path], config(global_batch_size=4))
+    resumed = CriteoTsvReader([path, copy], config(global_batch_size=4))
     resumed.restore(reader.state())
     assert [len(b) for b in resumed] == [4]
     beyond = CriteoTsvReader([path], config())
@@ -251,3 +253,42 @@ def test_held_out_rows_fewer_than_a_batch_are_all_scored(tmp_path):
     (tmp_path / "job.toml").write_text(training_toml(ps, train, {"bottom_sizes": [8], "top_sizes": [16]}, data, {}))
     batches = eval_batches(load_training_job(tmp_path / "job.toml"))
     assert [b.labels.shape[0] for b in batches] == [255]
+
+
+@pytest.mark.parametrize("block", [37, 50, 64, 1 << 20])
+@pytest.mark.parametrize("range_bytes", [None, 120])
+def test_a_bare_carriage_return_is_a_bad_row_and_resumes_stay_exact(tmp_path, block, range_bytes):
+    """pyarrow ends a row at a bare \\r; the byte ranges and a resume's skipped lines count \\n
+    only. Each bare \\r moved every later resume offset a line on (rows skipped), and the part of
+    its line before it passed as a good row. Now such a line is one bad row at its own line, CRLF
+    lines read as rows, and a resume from any batch reads the rest exactly, whatever the reads'
+    sizes (a \\r at the end of one read, its \\n at the start of the next) and the byte ranges."""
+    lines = []
+    for i in range(40):
+        c2 = f"{i:08x}"
+        if i in (5, 6, 19):
+            c2 = f"ab\rcd{i}"
+        if i == 7:
+            c2 = "x\r\ry"
+        end = "\r\n" if i % 3 == 0 else "\n"
+        lines.append(f"1\t{i}\t{i:08x}\t{c2}{end}")
+    path = tmp_path / "cr.tsv"
+    path.write_bytes("".join(lines).encode() + b"1\t40\tz\tw\r")  # the last line: a bare \r, no \n
+    extra = {} if range_bytes is None else {"range_bytes": range_bytes}
+    cfg = ReaderConfig(global_batch_size=3, num_dense=1, num_sparse=2, prefetch_batches=0, read_block_bytes=block,
+                       **extra)
+
+    def counts(batches) -> list[int]:
+        return [round(float(v)) for b in batches for v in np.expm1(b.dense.numpy().ravel())]
+
+    reader = CriteoTsvReader([str(path)], cfg)
+    batches, states = [], []
+    for batch in reader:
+        batches.append(batch)
+        states.append(reader.state())
+    assert counts(batches) == [i for i in range(40) if i not in (5, 6, 7, 19)]  # file order, each row once
+    assert reader.num_bad_rows == 5  # lines 6, 7, 8, 20 and the last
+    for k, state in enumerate(states[:-1]):
+        resumed = CriteoTsvReader([str(path)], cfg)
+        resumed.restore(state)
+        assert counts(list(resumed)) == counts(batches[k + 1 :]), f"resume after batch {k}"
