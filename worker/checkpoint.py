@@ -209,6 +209,8 @@ class Checkpointer:
         )
         if parent is not None:
             request.parent = parent
+        if self._last_step is not None:
+            request.last_committed = self._last_step  # the shards forget what that step's write carried
         records = _write_on_shards(
             [s.addresses() for s in self.job.ps.shards],
             self.job.ps.security,

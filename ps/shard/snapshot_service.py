@@ -56,14 +56,16 @@ class SnapshotControlServicer(snapshot_pb2_grpc.SnapshotControlServicer):
 
     def write(self, request: snapshot_pb2.WriteSnapshotRequest) -> snapshot_pb2.WriteSnapshotResponse:
         """Writes the files; the coordinator commits. A shard learns that its previous write was
-        committed when the next incremental names it as parent; until then the changes it carried
-        stay tracked (see ShardSnapshotter), so a snapshot that never commits loses nothing."""
+        committed when the next request names it (last_committed, or an incremental's parent);
+        until then the changes it carried stay tracked (see ShardSnapshotter), so a snapshot that
+        never commits loses nothing."""
         if request.job != self.job.job:
             raise ValueError(f"job: this shard serves job {self.job.job!r}, the request names {request.job!r}")
         storage = self.job.snapshot.storage if self.job.snapshot is not None else None
         parent = request.parent if request.HasField("parent") else None
-        if parent is not None and parent == self._last_written:
-            self.snapshotter.mark_committed(parent)
+        committed = request.last_committed if request.HasField("last_committed") else parent
+        if committed is not None and committed == self._last_written:
+            self.snapshotter.mark_committed(committed)
             # Once only: a write that fails below keeps the changes it took (ShardSnapshotter), and
             # a retry naming the same parent must not forget them.
             self._last_written = None

@@ -116,6 +116,13 @@ class ShardSnapshotter:
                 )
         return records
 
+    @property
+    def unconfirmed_keys(self) -> int:
+        """Keys (touched or deleted) of the writes not yet known to be committed, kept for the next
+        incremental: what a shard holds between snapshots, bounded by what one write carried once
+        the coordinator names each committed step."""
+        return sum(c.touched_keys.shape[0] + c.deleted_keys.shape[0] for c in self._unconfirmed.values())
+
     def mark_committed(self, step: int) -> None:
         """The snapshot holding the last write() (or the step the tables were restored from) is
         committed: forget the changes it carried, track changes from here on."""

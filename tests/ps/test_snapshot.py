@@ -3,6 +3,7 @@ integrity checks, a writer killed mid-write, export for serving, gc and the CLI.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -462,3 +463,42 @@ def test_tracking_starts_with_snapshots_and_past_its_bound_an_incremental_carrie
     snapper.snapshot(uri, "job", 3, "incremental")
     assert 0 < read_manifest(uri, "job", 3).total_rows < table.size
     assert_same_state(restore(uri, "job")["t"][0], table.export())
+
+
+def test_a_job_of_full_snapshots_keeps_no_changes_past_the_step_it_committed(tmp_path):
+    """full_every = 1: no request names a parent, so a shard never learnt that its writes were
+    committed and kept every change of the run for an incremental that never came, merged again
+    each round (memory and write time grew with the run). The coordinator names the step it
+    committed last (last_committed): the shard then holds one write's changes."""
+    from ps.job_config import SnapshotConfig
+    from ps.rpc import snapshot_pb2
+    from ps.shard.snapshot_service import SnapshotControlServicer
+    from ps.snapshot.manifest import ShardRecord
+    from tests.helpers.processes import make_job
+
+    uri = str(tmp_path)
+    config = TableConfig("t", dim=4, optimizer=OptimizerConfig(kind=OptimizerKind.SGD, lr=0.1))
+    job = dataclasses.replace(make_job([config], num_shards=1, job="job"), snapshot=SnapshotConfig(uri))
+    table = EmbeddingTable(config)
+    servicer = SnapshotControlServicer(job, 0, {"t": table}, run_serialized=None, call_site=None)
+    held = []
+    for step in range(1, 9):
+        keys = np.arange(1000 * step, 1000 * step + 1000, dtype=np.int64)  # new keys each round
+        table.apply_gradients(keys, np.ones((1000, 4), np.float32), step=step)
+        request = snapshot_pb2.WriteSnapshotRequest(uri=uri, job="job", step=step, kind="full", num_shards=1)
+        if step > 1:
+            request.last_committed = step - 1
+        reply = servicer.write(request)
+        writer = SnapshotWriter(uri, "job", step, "full", num_shards=1)
+        for record in json.loads(reply.records_json):
+            writer.add_shard_record(ShardRecord.from_dict(record))
+        writer.commit()
+        held.append(servicer.snapshotter.unconfirmed_keys)
+    # Tracked from the first full write on: then the last write's keys only (before: 0, 1000, 2000, ...).
+    assert held == [0] + [1000] * 7, held
+    # And an incremental on the last step carries only what changed since it.
+    table.apply_gradients(np.arange(5, dtype=np.int64), np.ones((5, 4), np.float32), step=9)
+    request = snapshot_pb2.WriteSnapshotRequest(uri=uri, job="job", step=9, kind="incremental", parent=8,
+                                                num_shards=1)
+    records = json.loads(servicer.write(request).records_json)
+    assert [r["entry"]["rows"] for r in records] == [5], records
