@@ -94,6 +94,9 @@ class ShardSnapshotter:
                 f"kind: shard {self.shard} wrote no full snapshot since it started and restored none, so it "
                 f"has no changes to write on step {writer.parent}; write a full snapshot"
             )
+        # The changes held are those since the last committed step: an incremental on another
+        # parent (an older step, named by the caller) gets every row, as when the tracker overflowed.
+        other_parent = self.last_committed_step is not None and writer.parent != self.last_committed_step
         records = []
         for name, table in sorted(self.tables.items()):
             table.enable_change_tracking()  # from a full write on (export and tracking see the same rows)
@@ -105,7 +108,7 @@ class ShardSnapshotter:
             self._unconfirmed[name] = changes
             if writer.kind == SnapshotKind.FULL:
                 records.append(writer.write_table_shard(name, self.shard, table.export(), config=table.config))
-            elif not changes.complete:
+            elif not changes.complete or other_parent:
                 state = table.export()
                 gone = np.setdiff1d(_keys_at(writer.parent_snapshot(), name, self.shard), state.keys)
                 records.append(writer.write_table_shard(name, self.shard, state, gone, config=table.config))

@@ -189,6 +189,27 @@ def test_changes_of_a_snapshot_that_never_committed_reach_the_next_one(tmp_path)
         ShardSnapshotter({"t": table}, 0).snapshot(uri, "job", 4, "incremental")
 
 
+def test_an_incremental_on_an_older_parent_than_the_last_commit_carries_every_change(tmp_path):
+    """The changes a snapshotter holds are those since its last committed step; an incremental on
+    an older parent, named by the caller, carried only those and lost the rows changed between
+    the two (restored: keys missing). It now carries every row and the parent's keys that are gone."""
+    uri = str(tmp_path)
+    rng = np.random.default_rng(9)
+    table = evicting_table("t", seed=2)
+    snapper = ShardSnapshotter({"t": table}, 0)
+    push(table, rng, 1)
+    snapper.snapshot(uri, "job", 10, "full")
+    push(table, rng, 2)
+    snapper.snapshot(uri, "job", 20, "incremental")
+    push(table, rng, 3)
+    snapper.snapshot(uri, "job", 30, "incremental", parent=10)
+    assert read_manifest(uri, "job", 30).parent == 10
+    assert_same_state(restore(uri, "job", 30)["t"][0], table.export())
+    push(table, rng, 4)
+    snapper.snapshot(uri, "job", 40, "incremental")  # on 30, the last committed: changes since it
+    assert_same_state(restore(uri, "job", 40)["t"][0], table.export())
+
+
 def test_a_step_committed_before_latest_moved_is_the_latest(tmp_path):
     """A writer killed after its manifest and before LATEST has committed its step: resuming from
     the older step LATEST names would reach it again and find it already committed."""
