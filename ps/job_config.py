@@ -328,15 +328,20 @@ def _clashing_hosts(host: str) -> tuple[str, ...]:
     return (host, "localhost") if host in LOOPBACK_HOSTS else (host,)
 
 
+WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})  # every interface: clashes with any host on its port
+
+
 def claim_endpoint(taken: dict[tuple[str, int], str], host: str, port: int, where: str) -> None:
     """Records that field `where` binds host:port (0: a free port, never a clash); ValueError if an
-    earlier field binds the same one (only one of the two servers could start)."""
+    earlier field binds the same one, or any host's where either is a wildcard (only one of the
+    two servers could start)."""
     if port == 0:
         return
-    for other in _clashing_hosts(host):
-        if (other, port) in taken:
+    clashing = _clashing_hosts(host)
+    for (other, other_port), other_where in taken.items():
+        if other_port == port and (other in clashing or host in WILDCARD_HOSTS or other in WILDCARD_HOSTS):
             shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-            raise ValueError(f"{where}: {shown!r} is also {taken[other, port]}; only one of the two could bind it")
+            raise ValueError(f"{where}: {shown!r} is also {other_where}; only one of the two could bind it")
     taken[host, port] = where
 
 

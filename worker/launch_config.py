@@ -47,17 +47,22 @@ class LaunchSettings:
     serving: tuple[ReplicaSpec, ...] = ()
 
 
-def load_launch_settings(path: str | Path, shards: Sequence[ShardConfig] = ()) -> LaunchSettings:
-    """The `[launch]` section of the job TOML at `path` (defaults when it has none); `shards` as
-    for parse_launch_settings."""
+def load_launch_settings(
+    path: str | Path, shards: Sequence[ShardConfig] = (), train_metrics_port: int | None = None
+) -> LaunchSettings:
+    """The `[launch]` section of the job TOML at `path` (defaults when it has none); `shards` and
+    `train_metrics_port` as for parse_launch_settings."""
     path = Path(path)
     data = read_toml(path)
-    return parse_launch_settings(data.get("launch", {}), shards)
+    return parse_launch_settings(data.get("launch", {}), shards, train_metrics_port)
 
 
-def parse_launch_settings(raw: object, shards: Sequence[ShardConfig]) -> LaunchSettings:
+def parse_launch_settings(
+    raw: object, shards: Sequence[ShardConfig], train_metrics_port: int | None = None
+) -> LaunchSettings:
     """A parsed `[launch]` table -> LaunchSettings. `shards`: the job's shards; a replica may bind
-    none of the host:port pairs they bind."""
+    none of the host:port pairs they bind, nor `train_metrics_port` (rank 0's, on every interface
+    of the launcher's node, where the replicas run too)."""
     if not isinstance(raw, dict):
         raise ConfigTypeError(f"launch: must be a table ([launch]), got {raw!r}")
     replicas_raw = raw.get("serving", [])
@@ -68,6 +73,8 @@ def parse_launch_settings(raw: object, shards: Sequence[ShardConfig]) -> LaunchS
     settings = build_config(LaunchSettings, {k: v for k, v in raw.items() if k != "serving"}, "launch")
     check_max_restarts("launch.max_restarts", settings.max_restarts)
     taken = shard_endpoints(shards)
+    if train_metrics_port:
+        taken["0.0.0.0", train_metrics_port] = "train.metrics_port (rank 0's, on every interface)"
     replicas = []
     for i, entry in enumerate(replicas_raw):
         where = f"launch.serving[{i}]"

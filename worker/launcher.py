@@ -200,7 +200,7 @@ def launch(options: LaunchOptions) -> int:
     (ValueError naming the field or flag) comes before train.output_dir is touched, so a refused
     launch leaves the previous run's progress and summary as they were."""
     job = load_training_job(options.config_path)
-    settings = load_launch_settings(options.config_path, job.ps.shards)
+    settings = load_launch_settings(options.config_path, job.ps.shards, job.train.metrics_port)
     max_restarts = settings.max_restarts if options.max_restarts is None else options.max_restarts
     start_ps = options.node_rank == 0 if options.start_ps is None else options.start_ps
     if max_restarts and (options.nnodes > 1 or not start_ps):

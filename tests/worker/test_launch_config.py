@@ -51,6 +51,25 @@ def test_errors_name_the_field(raw, message):
         parse_launch_settings(raw, SHARDS)
 
 
+@pytest.mark.parametrize(
+    ("replicas", "message"),
+    [
+        # A wildcard binds every interface: it clashes with any host on its port, either way round.
+        ([{"listen": "0.0.0.0:50051"}], r"launch.serving\[0\].listen: '0.0.0.0:50051' is also shards\[0\].address"),
+        ([{"listen": "127.0.0.1:7000"}, {"listen": "0.0.0.0:7000"}], r"'0.0.0.0:7000' is also launch.serving\[0\]"),
+        ([{"listen": "[::]:7000"}, {"listen": "10.1.2.3:7000"}], r"'10.1.2.3:7000' is also launch.serving\[0\]"),
+        # Rank 0 serves train.metrics_port on every interface of the launcher's node.
+        ([{"listen": "127.0.0.1:7000", "metrics_port": 9300}],
+         r"launch.serving\[0\].metrics_port: '127.0.0.1:9300' is also train.metrics_port"),
+    ],
+)
+def test_ports_on_every_interface_clash_with_any_host(replicas, message):
+    """Before, only the same host (or localhost against a loopback) counted: each of these was
+    accepted, and one of the two servers then failed to bind at start."""
+    with pytest.raises(ValueError, match=message):
+        parse_launch_settings({"serving": replicas}, SHARDS, train_metrics_port=9300)
+
+
 def test_max_restarts_flag_is_checked():
     with pytest.raises(ValueError, match=r"--max-restarts: must be in \[0, 1000\], got -2"):
         LaunchOptions("job.toml", max_restarts=-2)
