@@ -422,6 +422,7 @@ def _check_extras(job: TrainingJob, step: int | None) -> None:
     failed every worker at each restart, and the job never fell back."""
     from ps.snapshot.files import verify_extras
     from ps.snapshot.manifest import SnapshotError
+    from ps.snapshot.storage import StorageError
 
     if step is None or job.ps.snapshot is None:
         return
@@ -429,6 +430,8 @@ def _check_extras(job: TrainingJob, step: int | None) -> None:
         verify_extras(job.ps.snapshot.uri, job.ps.job, step, job.ps.snapshot.storage)
     except SnapshotError as exc:
         raise _SnapshotUnusable(f"snapshot step {step} cannot be resumed: {exc}") from None
+    except StorageError as exc:  # storage out of reach: a restart may find it back
+        raise _StartFailed(f"snapshot step {step}: cannot read its extra files: {exc}") from None
 
 
 def _retire(job: TrainingJob, step: int | None) -> str:
