@@ -193,7 +193,7 @@ def _check_resources(where: str, resources: Resources) -> None:
 
 
 def _check_name(where: str, value: str, pattern: re.Pattern, max_len: int) -> None:
-    if len(value) > max_len or not pattern.match(value):
+    if len(value) > max_len or not pattern.fullmatch(value):  # fullmatch: "$" would let a final "\n" by
         raise ValueError(
             f"{where}: must be a Kubernetes name (lowercase letters, digits, '-', at most {max_len} characters), "
             f"got {value!r}"

@@ -126,11 +126,20 @@ def render_cli(config_path: str, out: str) -> int:
 def _check_job(job: TrainingJob, deploy: DeployConfig) -> None:
     """The parts of the job that Kubernetes constrains: names, shard addresses, world size."""
     name = job.ps.job
-    if len(name) > _MAX_JOB_NAME or not DNS_LABEL.match(name):
+    # Services (<job>-ps, <job>-serving, ...) are DNS-1035 labels: a letter first.
+    if len(name) > _MAX_JOB_NAME or not DNS_LABEL.fullmatch(name) or not name[0].isalpha():
         raise ValueError(
             f"job: Kubernetes object names need lowercase letters, digits and '-' (at most {_MAX_JOB_NAME} "
-            f"characters, starting and ending alphanumeric), got {name!r}"
+            f"characters, starting with a letter and ending alphanumeric), got {name!r}"
         )
+    storage = job.ps.snapshot.storage if job.ps.snapshot is not None else None
+    for field in ("access_key", "secret_key", "session_token"):
+        if storage is not None and getattr(storage, field) is not None:
+            # job.toml becomes a ConfigMap, which Kubernetes does not keep as it keeps a Secret.
+            raise ValueError(
+                f"snapshot.storage.{field}: credentials in the job file would land in a ConfigMap; give them "
+                "as AWS_* variables in deploy.secret instead"
+            )
     first = job.ps.shards[0]
     for i, shard in enumerate(job.ps.shards):
         labels = shard.host.split(".")
@@ -205,7 +214,7 @@ def _files_secret(job: TrainingJob, deploy: DeployConfig) -> str:
 def _check_security_files(job: TrainingJob, deploy: DeployConfig) -> None:
     for where, path in security_files(job.ps.security).items():
         directory, _, key = path.rpartition("/")
-        if directory != SECRET_DIR or not _SECRET_KEY.match(key):
+        if directory != SECRET_DIR or not _SECRET_KEY.fullmatch(key):
             raise ValueError(
                 f"{where}: on Kubernetes the files of [security] come from the Secret {_files_secret(job, deploy)!r} "
                 f"(deploy.files_secret) mounted at {SECRET_DIR}: write '{SECRET_DIR}/<key>', got {path!r}"
@@ -236,15 +245,16 @@ def _resources(resources) -> dict:
     return {"requests": amounts, "limits": limits}
 
 
-def _health_probes(port: int, service: str, security: SecurityConfig, server_name: str) -> dict:
+def _health_probes(port: int, service: str, security: SecurityConfig, server_name: str, host: str) -> dict:
     """Readiness, liveness and a startup allowance (restoring a snapshot or loading an export).
-    Plaintext: the kubelet's `grpc:` probe. TLS: `embps health` with the job's [security], checking
-    the certificate against server_name (a shell word: it may expand $HOSTNAME). An exec probe is a
+    Plaintext: the kubelet's `grpc:` probe. TLS: `embps health host:port` with the job's [security],
+    checking the certificate against server_name; host is where the server listens (a shard binds
+    its own name, not loopback), both shell words that may expand $HOSTNAME. An exec probe is a
     Python process of ~0.14 s CPU, counted in the pod's CPU limit, so those come half as often
     (readiness every 10 s, liveness every 20 s: ~2% of a core)."""
     if security.tls:
         script = (
-            f"exec embps health 127.0.0.1:{port} --config {CONFIG_DIR}/job.toml --service {service} "
+            f"exec embps health {host}:{port} --config {CONFIG_DIR}/job.toml --service {service} "
             f"--server-name {server_name} --timeout 4"
         )
         check, slower = {"exec": {"command": ["sh", "-c", script]}}, 2
@@ -336,6 +346,7 @@ def ps_statefulset(job: TrainingJob, deploy: DeployConfig, standby: bool = False
         f'exec embps ps --config {CONFIG_DIR}/job.toml --shard "${{HOSTNAME##*-}}"'
         + (" --standby" if standby else "")
     )
+    own_host = f'"$HOSTNAME{shard.host[len(f"{set_name}-0"):]}"'
     container = {
         "name": "ps",
         "command": ["sh", "-c", script],
@@ -344,10 +355,9 @@ def ps_statefulset(job: TrainingJob, deploy: DeployConfig, standby: bool = False
             {"name": "metrics", "containerPort": shard.metrics_port},
         ],
         "resources": _resources(deploy.ps.resources),
-        # A shard's certificate names its host in [[shards]]: "$HOSTNAME" plus what follows "<job>-ps-0" there.
-        **_health_probes(
-            shard.port, PS_HEALTH_SERVICE, job.ps.security, f'"$HOSTNAME{shard.host[len(f"{set_name}-0"):]}"'
-        ),
+        # A shard listens on, and its certificate names, its host in [[shards]]: "$HOSTNAME" plus what
+        # follows "<job>-ps-0" there (the headless Service publishes it before the pod is ready).
+        **_health_probes(shard.port, PS_HEALTH_SERVICE, job.ps.security, own_host, own_host),
     }
     component = "ps-standby" if standby else "ps"
     pod = _pod_spec(job, deploy, PodKind.PS, container)
@@ -380,7 +390,7 @@ def serving_deployment(job: TrainingJob, deploy: DeployConfig) -> dict:
             {"name": "metrics", "containerPort": serving.metrics_port},
         ],
         "resources": _resources(serving.resources),
-        **_health_probes(serving.port, SERVING_HEALTH_SERVICE, job.ps.security, f"{name}-serving"),
+        **_health_probes(serving.port, SERVING_HEALTH_SERVICE, job.ps.security, f"{name}-serving", "127.0.0.1"),
     }
     return {
         "apiVersion": "apps/v1",

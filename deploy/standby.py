@@ -48,11 +48,21 @@ def check_standbys(job, deploy) -> None:
 
 
 def _renders_etcd(job) -> bool:
+    """Whether [arbiter] names the etcd this renders (`http://<job>-etcd:2379`); ValueError naming
+    arbiter.endpoints when it names that host with another scheme or port, which the rendered etcd
+    would not serve (the shards would dial a port nothing listens on, and failover never work)."""
     arbiter = job.ps.arbiter
     if arbiter is None:
         return False
-    host = urlparse(arbiter.endpoints.split(",")[0].strip()).hostname or ""
-    return host.split(".")[0] == f"{job.ps.job}-etcd"
+    endpoint = urlparse(arbiter.endpoints.split(",")[0].strip())
+    if (endpoint.hostname or "").split(".")[0] != f"{job.ps.job}-etcd":
+        return False
+    if endpoint.scheme != "http" or (endpoint.port or ETCD_CLIENT_PORT) != ETCD_CLIENT_PORT:
+        raise ValueError(
+            f"arbiter.endpoints: the etcd rendered for this job serves http on port {ETCD_CLIENT_PORT}, "
+            f"got {arbiter.endpoints!r}; name http://{job.ps.job}-etcd:{ETCD_CLIENT_PORT}, or an etcd of your own"
+        )
+    return True
 
 
 def standby_manifests(job, deploy) -> dict[str, dict]:

@@ -243,6 +243,13 @@ def test_worker_kind_indexed_job_swaps_which_one_kubectl_applies(tmp_path):
         ("workers = 2 =>workers = 3 ", "train.batch_size: must be divisible by train.workers=3"),
         ("batch_size = 1024=>batch_size = 1022", "deploy.worker.nnodes: 2 nodes x train.workers=2 = 4"),
         ('job = "demo"=>job = "Demo_Job"', "job: Kubernetes object names need lowercase"),
+        # Services are DNS-1035 labels: "1demo-ps" was rendered, and refused by the API server.
+        ('job = "demo"=>job = "1demo"', "starting with a letter"),
+        # "$" let a final newline by; the manifests then named namespace "default\n".
+        ('namespace = "default"=>namespace = "default\\n"', "deploy.namespace: must be a Kubernetes name"),
+        # job.toml becomes a ConfigMap: no credentials in it.
+        ("every_steps = 100=>every_steps = 100\nstorage = { access_key = \"AKIAEXAMPLE\", secret_key = \"s3cr3t\" }",
+         "snapshot.storage.access_key: credentials in the job file would land in a ConfigMap"),
         ('image = "registry.example.com/embps:0.1.0"=>image = " "', "deploy.image: must name a container image"),
     ],
 )
@@ -349,8 +356,13 @@ def test_a_tls_job_gets_exec_probes_and_its_files_from_a_secret(tmp_path):
     objects = by_kind(manifests)
     ps = objects["StatefulSet/demo-ps"]["spec"]["template"]["spec"]["containers"][0]
     serving = objects["Deployment/demo-serving"]["spec"]["template"]["spec"]["containers"][0]
-    probed = ((ps, PS_SERVICE, '"$HOSTNAME.demo-ps"'), (serving, SERVING_SERVICE, "demo-serving"))
-    for container, service, name in probed:
+    # A shard binds its own name (its [[shards]] host), not loopback: the probe dials that name
+    # (before: 127.0.0.1, where nothing listens on a pod, so TLS shards never became ready).
+    probed = (
+        (ps, PS_SERVICE, '"$HOSTNAME.demo-ps"', '"$HOSTNAME.demo-ps"'),
+        (serving, SERVING_SERVICE, "demo-serving", "127.0.0.1"),  # a replica listens on 0.0.0.0
+    )
+    for container, service, name, host in probed:
         port = container["ports"][0]["containerPort"]
         for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
             assert "grpc" not in container[probe]
@@ -358,7 +370,7 @@ def test_a_tls_job_gets_exec_probes_and_its_files_from_a_secret(tmp_path):
             assert command[:2] == ["sh", "-c"]
             assert shlex.split(command[2])[:3] == ["exec", "embps", "health"]
             assert command[2] == (
-                f"exec embps health 127.0.0.1:{port} --config /etc/embps/job.toml --service {service} "
+                f"exec embps health {host}:{port} --config /etc/embps/job.toml --service {service} "
                 f"--server-name {name} --timeout 4"
             )
             assert container[probe]["timeoutSeconds"] > 4  # the kubelet must not kill the probe first
@@ -419,6 +431,14 @@ def test_standbys_get_a_statefulset_and_etcd_is_added_or_taken(tmp_path, endpoin
     wrong = with_standbys("http://demo-etcd:2379").replace("demo-ps-standby-1.demo-ps-standby", "elsewhere-1.x")
     with pytest.raises(ValueError, match=r"shards\[1\]\.standby: on Kubernetes standby 1 is the StatefulSet pod"):
         rendered(tmp_path, wrong)
+
+
+@pytest.mark.parametrize("endpoint", ["http://demo-etcd:12379", "https://demo-etcd:2379"])
+def test_the_rendered_etcd_s_name_with_another_port_or_scheme_is_refused(tmp_path, endpoint):
+    """The etcd rendered for the job serves http on 2379: an endpoint naming its host with another
+    port or https was rendered all the same, and the shards dialled what nothing served."""
+    with pytest.raises(ValueError, match=r"arbiter\.endpoints: the etcd rendered for this job serves http on port"):
+        rendered(tmp_path, with_standbys(endpoint))
 
 
 def test_a_secured_job_with_standbys_needs_the_shard_token_and_mounts_it_in_shard_pods_alone(tmp_path):
