@@ -5,7 +5,8 @@
         --replies--> values (u, dim) --inverse--> values (n, dim), row i for keys[i]
 
 Every call has a deadline (retries included). Lookups and pushes are retried on UNAVAILABLE
-with backoff until the deadline; a push carries a push id (client id, sequence) that the shard
+with backoff until the deadline or `max_attempts` (8 by default, 256 for a shard with a standby),
+whichever comes first; a push carries a push id (client id, sequence) that the shard
 remembers, so a retried push is applied once. A shard with a standby has two addresses: after
 UNAVAILABLE from one (dead, deposed, or the standby refusing) the next attempt goes to the other,
 with the same push ids, so a failover applies nothing twice (ps/shard/replication.py).
@@ -35,6 +36,8 @@ from ps.security import RECONNECT_OPTIONS, Role, SecurityConfig, open_channel
 from ps.sharding import ShardMap
 
 _SLACK = 4096  # protobuf framing and small fields around the bulk bytes of one message
+# A shard takes client ids of at most 256 bytes; each client adds "-" and 12 hex digits of its own.
+MAX_CLIENT_NAME_BYTES = 256 - 13
 # CANCELLED by the server comes from a shard stopping before any handler saw the call: nothing was
 # applied, and a retried push is deduplicated by its push id anyway.
 _RETRY_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
@@ -87,20 +90,34 @@ _NO_ANSWER_CODES = _RETRY_CODES | {grpc.StatusCode.DEADLINE_EXCEEDED}
 
 
 def _translate(
-    err: grpc.RpcError, method: str, address: str, deadline_seconds: float | None = None, attempts: int = 1
+    err: grpc.RpcError,
+    method: str,
+    address: str,
+    deadline_seconds: float | None = None,
+    attempts: int = 1,
+    spent_seconds: float | None = None,
 ) -> RPCError:
-    """The one place a grpc.RpcError becomes an embps exception. `deadline_seconds` and `attempts`
-    describe the whole call, retries included, for the message of a shard that never answered."""
+    """The one place a grpc.RpcError becomes an embps exception. `deadline_seconds` (None: the call
+    ended on max_attempts first), `attempts` and `spent_seconds` describe the whole call, retries
+    included, for the message of a shard that never answered."""
     code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
     details = err.details() if hasattr(err, "details") else str(err)
     if code in _NO_ANSWER_CODES:
-        within = f" within the {deadline_seconds:g} s deadline" if deadline_seconds is not None else ""
+        if deadline_seconds is not None:
+            within = f" within the {deadline_seconds:g} s deadline"
+        elif spent_seconds is not None:
+            within = f" in {spent_seconds:.1f} s (max_attempts reached before the deadline)"
+        else:
+            within = ""
         message = (
             f"{method} on shard {address}: UNAVAILABLE: no answer from the shard{within} "
             f"({attempts} attempt{'s' if attempts != 1 else ''}; last: {code.name}: {details})"
         )
         return ShardUnavailableError(message, grpc.StatusCode.UNAVAILABLE, address)
     cls = _ERRORS.get(code, RPCError)
+    if cls is TableFullError and not method.startswith("Push"):
+        # Only a push meets a full table: elsewhere it is a size limit (gRPC's own, on either side).
+        cls = RPCError
     return cls(f"{method} on shard {address}: {code.name}: {details}", code, address)
 
 
@@ -190,7 +207,14 @@ class PSClient:
             raise ValueError(f"message_limit_bytes: must be > {2 * _SLACK}, got {message_limit_bytes}")
         self.message_limit_bytes = message_limit_bytes
         self.deadlines = deadlines if deadlines is not None else Deadlines()
-        self.client_id = client_id if client_id is not None else uuid.uuid4().hex
+        if client_id is not None and not 1 <= len(client_id.encode()) <= MAX_CLIENT_NAME_BYTES:
+            # An empty id turns the shards' repeat check off; past the limit every push is refused.
+            raise ValueError(f"client_id: 1 to {MAX_CLIENT_NAME_BYTES} bytes of UTF-8, got {client_id!r}")
+        # A name the caller gives is made this instance's own: a shard knows a repeated push by
+        # (client_id, sequence), and every client's sequences start at 1, so two clients of one
+        # name (a process restarted with it) had the second's pushes answered as the first's
+        # repeats, and never applied. A push is re-sent with its ids as prepared (send_push).
+        self.client_id = f"{client_id}-{uuid.uuid4().hex[:12]}" if client_id is not None else uuid.uuid4().hex
         self.max_attempts = max_attempts
         self.backoff_seconds = backoff_seconds
         self._dims = dict(dims or {})
@@ -317,7 +341,12 @@ class PSClient:
     def prepare_push(
         self, items: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]], step: int | None = None
     ) -> PreparedPush:
-        """The RPCs of push_many(items, step), push ids assigned, not sent (see PreparedPush)."""
+        """The RPCs of push_many(items, step), push ids assigned, not sent (see PreparedPush).
+        ValueError for a table named twice: each item is one optimizer step, so its keys would take
+        two (sum the gradients into one item instead)."""
+        tables = [item[0] for item in items]
+        if len(set(tables)) != len(tables):
+            raise ValueError("items: a table appears more than once in one push")
         calls = [c for table, keys, grads, counts in items for c in self._plan_push(table, keys, grads, counts, step)]
         return PreparedPush(calls, batched=len(items) > 1)
 
@@ -539,6 +568,8 @@ class PSClient:
         limit = self.message_limit_bytes - _SLACK
         for i, (shard, request) in enumerate(calls):
             size = request.ByteSize() + 16
+            if method == "Lookup":  # the reply is what grows: dim float32 words a key
+                size = max(size, len(request.keys) // 8 * 4 * self.dim(request.table) + 64)
             current = open_group.get(shard)
             if current is None or current[1] + size > limit or len(groups[current[0]][1]) >= wire.MAX_BATCH_PARTS:
                 groups.append((shard, []))
@@ -585,8 +616,13 @@ class PSClient:
                 return replies
             i, err = failure
             pause = min(self.backoff_seconds * 2 ** (attempt - 1), self._max_backoff)
-            if err.code() not in self._retry_codes or attempt == self.max_attempts or time.monotonic() + pause >= end:
-                raise _translate(err, method, self.addresses[calls[i][0]], deadline_seconds, attempt) from None
+            past_deadline = time.monotonic() + pause >= end
+            if err.code() not in self._retry_codes or attempt == self.max_attempts or past_deadline:
+                # Said as it ended: the deadline, or max_attempts before it (the message claimed the
+                # deadline either way: "within the 30 s deadline" after 3.6 s and 8 attempts).
+                waited = deadline_seconds if past_deadline or attempt != self.max_attempts else None
+                spent = deadline_seconds - (end - time.monotonic())
+                raise _translate(err, method, self.addresses[calls[i][0]], waited, attempt, spent) from None
             time.sleep(pause)
             pending = retry
 

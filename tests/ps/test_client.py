@@ -16,9 +16,11 @@ from hypothesis import strategies as st
 from ps.client import (
     InvalidArgumentError,
     PSClient,
+    RPCError,
     ShardUnavailableError,
     TableFullError,
     TableNotFoundError,
+    _translate,
 )
 from ps.errors import CapacityError, UnknownTableError
 from ps.job_config import Deadlines, dump_job_config
@@ -107,21 +109,31 @@ def test_empty_batches(client):
     assert client.push("user", np.empty(0, dtype=np.int64), np.empty((0, 8), dtype=np.float32)).num_updated == 0
 
 
-def test_a_push_id_the_shard_has_seen_is_not_applied_again(cluster, client):
+def test_two_clients_given_one_name_each_apply_their_own_pushes(cluster, client):
+    """Sequences start at 1 in every client, and a shard knows a repeated push by (client_id,
+    sequence): a second client of the same name (a process restarted with it) had its pushes
+    answered as the first's repeats, reported applied, and never applied. Each client now makes
+    the name its own; a push is sent again with its ids through send_push (the next test)."""
     keys = np.arange(5000, 5100, dtype=np.int64)
     grads = np.ones((100, 8), dtype=np.float32)
-    before = client.lookup("user", keys)
-    with PSClient.from_job(cluster.job, client_id="replayed") as first:
+    with PSClient.from_job(cluster.job, client_id="restarted") as first:
         applied = first.push("user", keys, grads, step=9)
     after_first = client.lookup("user", keys)
-    assert applied.num_duplicates == 0 and not np.array_equal(before, after_first)
-    # A second client with the same id starts its sequences at 1 again: a replay of the first's
-    # RPCs (split the same way), which the shards must answer from memory without applying.
-    with PSClient.from_job(cluster.job, client_id="replayed") as replay:
-        replayed = replay.push("user", keys, grads, step=9)
-    assert replayed.num_duplicates == 2 and replayed.versions == applied.versions
-    np.testing.assert_array_equal(client.lookup("user", keys), after_first)
-    REFERENCE["user"].apply_gradients(keys, grads, step=9)
+    with PSClient.from_job(cluster.job, client_id="restarted") as second:
+        assert second.client_id.startswith("restarted-") and second.client_id != first.client_id
+        again = second.push("user", keys, grads, step=9)
+    assert applied.num_duplicates == 0 and again.num_duplicates == 0
+    assert not np.array_equal(client.lookup("user", keys), after_first)
+    for _ in range(2):
+        REFERENCE["user"].apply_gradients(keys, grads, step=9)
+
+
+@pytest.mark.parametrize("name", ["", "c" * 244])
+def test_a_client_id_that_would_turn_repeats_off_or_be_refused_is_refused_at_once(cluster, name):
+    """An empty id turned the shards' repeat check off (a re-sent push applied twice); one past the
+    limit was accepted, and then every push refused."""
+    with pytest.raises(ValueError, match="client_id: 1 to 243 bytes"):
+        PSClient.from_job(cluster.job, client_id=name)
 
 
 def test_a_prepared_push_sent_again_applies_once(cluster, client):
@@ -271,3 +283,61 @@ def test_a_dead_or_hung_shard_fails_the_call_within_its_deadline(start_cluster, 
         stop.set()
         if failure == "frozen":
             os.kill(pid, signal.SIGCONT)
+
+
+def test_a_many_table_lookup_whose_tables_fit_alone_fits_together():
+    """The lookups of one shard travel in one LookupBatch, grouped to fit the message limit; they
+    were grouped by their requests' size (8 bytes a key), not their replies' (4 x dim), so two
+    tables that each fit alone were refused together (the reply over the limit). And a reply over
+    the client's own receive limit is not a full table: RPCError, not TableFullError."""
+    a, b = TableConfig("a", dim=64, seed=1), TableConfig("b", dim=64, seed=2)
+    job = make_job([a, b], num_shards=1, message_limit_bytes=1 << 20)
+    keys = np.arange(3000, dtype=np.int64)  # 768 KB of rows a table: each fits 1 MiB alone
+    with InProcessShards.start(job) as shards, PSClient.from_job(shards.job) as client:
+        alone = {"a": client.lookup("a", keys), "b": client.lookup("b", keys)}
+        together = client.lookup_many({"a": keys, "b": keys})
+        for name in ("a", "b"):
+            np.testing.assert_array_equal(together[name], alone[name])
+
+    class _Status(grpc.RpcError):
+        def __init__(self, code: grpc.StatusCode, details: str) -> None:
+            self._code, self._details = code, details
+
+        def code(self) -> grpc.StatusCode:
+            return self._code
+
+        def details(self) -> str:
+            return self._details
+
+    too_large = _Status(grpc.StatusCode.RESOURCE_EXHAUSTED, "CLIENT: Received message larger than max")
+    for method in ("LookupBatch", "Lookup", "LookupMulti", "Stats"):
+        error = _translate(too_large, method, "127.0.0.1:1")
+        assert type(error) is RPCError and error.code == grpc.StatusCode.RESOURCE_EXHAUSTED, method
+    for method in ("Push", "PushBatch", "PushMulti"):
+        assert isinstance(_translate(too_large, method, "127.0.0.1:1"), TableFullError), method
+
+
+def test_a_table_named_twice_in_one_push_is_refused():
+    """Each item of push_many is one optimizer step: the same table twice took two steps on its
+    keys, where one step on the summed gradient is the rule (prepare_push_multi refused it already)."""
+    job = make_job([USER], num_shards=1)
+    keys = np.arange(4, dtype=np.int64)
+    grads = np.ones((4, USER.dim), np.float32)
+    with InProcessShards.start(job) as shards, PSClient.from_job(shards.job) as client:
+        with pytest.raises(ValueError, match="a table appears more than once"):
+            client.push_many([("user", keys, grads, None), ("user", keys, grads, None)])
+
+
+def test_a_call_that_ends_on_max_attempts_says_so_not_the_deadline():
+    """Retries end at the deadline or at max_attempts, whichever comes first; a call that ran out
+    of attempts in a fraction of its 30 s deadline said "no answer within the 30 s deadline"."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]  # nothing listens once it is closed
+    with PSClient([f"127.0.0.1:{port}"], dims={"t": 2}, deadlines=Deadlines(lookup=30.0, push=30.0, stats=5.0),
+                  max_attempts=3, backoff_seconds=0.01) as client:
+        with pytest.raises(ShardUnavailableError) as info:
+            client.push("t", np.array([1], np.int64), np.ones((1, 2), np.float32))
+    message = str(info.value)
+    assert "(max_attempts reached before the deadline)" in message and "3 attempts" in message, message
+    assert "within the 30 s deadline" not in message
