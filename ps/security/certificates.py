@@ -89,7 +89,8 @@ class ServerCertificates:
         self.security = security
         paths = [security.tls_cert, security.tls_key, *([security.client_ca] if security.client_ca else [])]
         self._stamps = FileStamps(paths)
-        self.configuration = self._load()
+        self.configuration = self._load()  # a missing or unreadable file, named
+        self._check()  # a key that is not the certificate's, named (gRPC said only "cannot bind")
         self._lock = threading.Lock()
 
     def _load(self) -> grpc.ServerCertificateConfiguration:

@@ -23,6 +23,9 @@ RELOAD_CHECK_S = 1.0  # a changed token file or client certificate is seen withi
 
 
 _MIN_TOKEN_CHARS = 16
+# gRPC refuses metadata past 16 KiB and drops calls at random past 8 KiB (its soft limit), and
+# the client read that refusal as a full table: a token's bounds are set well under both.
+_MAX_TOKEN_CHARS = 4096
 
 
 class Role(StrEnum):
@@ -95,11 +98,11 @@ class SecurityConfig:
             token = os.environ.get(source.env, "").strip()
             if not token:
                 raise ValueError(f"{where}.env: environment variable {source.env} is not set or empty")
-        if len(token) < _MIN_TOKEN_CHARS or not all("!" <= c <= "~" for c in token):
+        if not _MIN_TOKEN_CHARS <= len(token) <= _MAX_TOKEN_CHARS or not all("!" <= c <= "~" for c in token):
             # The token itself is never part of the message.
             raise ValueError(
-                f"{where}: a token must be at least {_MIN_TOKEN_CHARS} printable ASCII characters without "
-                f"spaces (gRPC metadata), got {len(token)} characters"
+                f"{where}: a token must be {_MIN_TOKEN_CHARS} to {_MAX_TOKEN_CHARS} printable ASCII characters "
+                f"without spaces (gRPC metadata), got {len(token)} characters"
             )
         return token
 

@@ -76,6 +76,14 @@ class TokenAuth(grpc.aio.ServerInterceptor):
         self._tokens = [
             (role, token if isinstance(token, LiveToken) else LiveToken.fixed(token)) for role, token in tokens.items()
         ]
+        for i, (role, token) in enumerate(self._tokens):
+            for other, other_token in self._tokens[:i]:
+                if hmac.compare_digest(token.current_bytes(), other_token.current_bytes()):
+                    # A caller with it would be taken for one of them and refused what only the other may call.
+                    raise ValueError(
+                        f"security.tokens.{other.value} and security.tokens.{role.value}: the same token for two "
+                        "roles; give each role its own"
+                    )
         self._policy = dict(policy)
         self._any_role = frozenset(role for roles in self._policy.values() for role in roles)
         self._on_denied = on_denied

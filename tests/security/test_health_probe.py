@@ -93,7 +93,11 @@ def test_the_rendered_exec_probes_pass_against_a_mutual_tls_shard(cluster, tmp_p
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         shell, flag, script = container[probe]["exec"]["command"]
         assert (shell, flag) == ("sh", "-c")
-        local = script.replace(f"127.0.0.1:{rendered_port}", f"127.0.0.1:{port}")
+        # The probe dials the name the shard binds in the pod (its [[shards]] host), which the
+        # pod's DNS resolves; this shard listens on loopback: the address stands in for that name.
+        dialed = f'"$HOSTNAME.probe-ps":{rendered_port}'
+        assert f"exec embps health {dialed} " in script, script
+        local = script.replace(dialed, f"127.0.0.1:{port}")
         local = local.replace("/etc/embps/job.toml", str(cluster.config_path))
         env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOSTNAME": "probe-ps-0"}
         done = subprocess.run(["sh", "-c", local], capture_output=True, text=True, timeout=60, env=env, cwd=REPO_ROOT)

@@ -119,9 +119,14 @@ def test_files_are_read_by_the_process_that_needs_them(tmp_path, monkeypatch):
         by_env.token(Role.READER)
     weak = "short-token"
     monkeypatch.setenv("EMBPS_TEST_TOKEN", weak)
-    with pytest.raises(ValueError, match="security.tokens.reader: a token must be at least 16") as info:
+    with pytest.raises(ValueError, match="security.tokens.reader: a token must be 16 to 4096") as info:
         by_env.token(Role.READER)
     assert weak not in str(info.value)
+    # gRPC refuses metadata past 16 KiB (and drops calls at random past 8 KiB): such a token was
+    # accepted, and then every call failed, read by the client as a full table.
+    monkeypatch.setenv("EMBPS_TEST_TOKEN", "x" * 20000)
+    with pytest.raises(ValueError, match="security.tokens.reader: a token must be 16 to 4096 .* got 20000 characters"):
+        by_env.token(Role.READER)
     strong = secrets.token_urlsafe(24)
     monkeypatch.setenv("EMBPS_TEST_TOKEN", f" {strong}\n")
     assert by_env.token(Role.READER) == strong
@@ -199,3 +204,18 @@ def test_token_check_in_process():
         ("Lookup", grpc.StatusCode.UNAUTHENTICATED),
         ("Method", grpc.StatusCode.PERMISSION_DENIED),
     ]
+
+
+def test_one_token_for_two_roles_is_refused_naming_both(tokens):
+    """A caller with a token two roles share was taken for the last of them and refused what only
+    the other may call (a trainer sharing the shards' token could not Push)."""
+    shared = tokens[Role.TRAINER]
+    with pytest.raises(ValueError, match=r"security\.tokens\.trainer and security\.tokens\.shard: the same token"):
+        TokenAuth({Role.TRAINER: shared, Role.SHARD: shared}, ps_port_policy())
+
+
+def test_a_key_that_is_not_the_certificate_s_is_named_when_the_server_starts(pki):
+    """gRPC said only that the port could not be bound."""
+    mismatched = SecurityConfig(tls_cert=str(pki.server_cert), tls_key=str(pki.client_key))
+    with pytest.raises(ValueError, match=r"security\.tls_cert, security\.tls_key: do not load as a pair"):
+        mismatched.server_credentials()
