@@ -197,7 +197,10 @@ class PSClient:
         """standbys: shard s's standby address at index s ("" or absent: none)."""
         if not addresses:
             raise ValueError("addresses: need at least one shard address")
+        if len(standbys) > len(addresses):  # before any channel opens
+            raise ValueError(f"standbys: {len(standbys)} given for {len(addresses)} shards")
         self.addresses = list(addresses)
+        self._closed = False
         self.shard_map = shard_map if shard_map is not None else ShardMap.uniform(len(self.addresses))
         if self.shard_map.num_shards != len(self.addresses):
             raise ValueError(
@@ -266,6 +269,7 @@ class PSClient:
         return cls(job.addresses, shard_map=job.shard_map, **kwargs)
 
     def close(self) -> None:
+        self._closed = True
         self._pool.shutdown(wait=True)
         for channel in self._channels:
             channel.close()
@@ -587,6 +591,8 @@ class PSClient:
     def _call_all(self, method: str, calls: list[tuple[int, object]], deadline_seconds: float) -> list:
         """Sends every (shard, request) at once; retries those that fail with UNAVAILABLE until
         `deadline_seconds` after the first send; returns the replies in call order."""
+        if self._closed:
+            raise RuntimeError("PSClient: closed; calls need a new client")
         if not calls:
             return []
         end = time.monotonic() + deadline_seconds

@@ -341,3 +341,14 @@ def test_a_call_that_ends_on_max_attempts_says_so_not_the_deadline():
     message = str(info.value)
     assert "(max_attempts reached before the deadline)" in message and "3 attempts" in message, message
     assert "within the 30 s deadline" not in message
+
+
+def test_more_standbys_than_shards_and_calls_after_close_say_what_is_wrong(cluster):
+    """Before: an IndexError after the shards' channels had opened (and were never closed), and a
+    call on a closed client failed inside gRPC or the thread pool."""
+    with pytest.raises(ValueError, match="standbys: 2 given for 1 shards"):
+        PSClient(["127.0.0.1:1"], standbys=["127.0.0.1:2", "127.0.0.1:3"])
+    client = PSClient.from_job(cluster.job)
+    client.close()
+    with pytest.raises(RuntimeError, match="PSClient: closed"):
+        client.lookup("user", np.arange(3, dtype=np.int64))
