@@ -48,7 +48,6 @@ class UnansweredTake:
     """A take_primary whose transaction got no answer: etcd may have committed it."""
 
     lease: Lease  # the lease its leader key went under, if it committed
-    started: float  # time.monotonic() before the lease was granted
     membership: Membership  # the record it wrote, if it committed
 
 
@@ -89,7 +88,7 @@ class Arbiter:
                 [self.etcd.put_op(self.key, membership.dump()), self.etcd.put_op(self.leader_key, self.me, lease)],
             )
         except EtcdUnavailableError:
-            self.unanswered = UnansweredTake(lease, started, membership)
+            self.unanswered = UnansweredTake(lease, membership)
             raise
         if not won:
             self.etcd.revoke(lease)

@@ -568,11 +568,14 @@ class EmbeddingTable:
     def _sweep_rows(self, step: int, window: int) -> np.ndarray:
         """Evicts the expired rows among the next `window` rows after the sweep cursor."""
         rows = self._next_window(window, self._map.num_rows, "_sweep_cursor")
-        rows = rows[self._row_live[rows]]
-        meta = self._gather_meta(rows)
-        expired = self._row_keys[rows[step - meta[:, 1].astype(np.int64) > self.config.eviction.ttl_steps]]
+        expired = self._expired_among(rows[self._row_live[rows]], step)
         self._evict(expired)
         return expired
+
+    def _expired_among(self, rows: np.ndarray, step: int) -> np.ndarray:
+        """Keys (e,) of the live rows (n,) not pushed for more than ttl_steps before `step`."""
+        meta = self._gather_meta(rows)
+        return self._row_keys[rows[step - meta[:, 1].astype(np.int64) > self.config.eviction.ttl_steps]]
 
     def _sweep_pending(self, step: int, window: int) -> None:
         """Forgets the stale pending keys among the next `window` pending rows."""
@@ -1097,13 +1100,11 @@ class EmbeddingTable:
         """Keys (e,) of the rows a TTL sweep at `step` would drop, but for protected_rows (a push's
         own); none without a TTL. A pass over the row index: only a full table without an eviction
         policy asks, instead of refusing a push."""
-        ttl = self.config.eviction.ttl_steps
-        if ttl is None:
+        if self.config.eviction.ttl_steps is None:
             return np.empty(0, dtype=np.int64)
         with self._hidden(protected_rows) as live:
             rows = np.flatnonzero(live[: self._map.num_rows])
-        meta = self._gather_meta(rows)
-        return self._row_keys[rows[step - meta[:, 1].astype(np.int64) > ttl]]
+        return self._expired_among(rows, step)
 
     def _full_error(self, num_new: int, expired: int = 0) -> CapacityError:
         ttl = self.config.eviction.ttl_steps
