@@ -49,6 +49,9 @@ class Kernels(StrEnum):
 
 # The optimizers fbgemm fuses with the same math as ours (ps/table/fbgemm_kernels.py).
 FBGEMM_OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad")
+# Every initial value stays a finite float32: a normal draw reaches 5.9 x init_scale
+# (row_ops.h: sqrt(-2 ln(0.5 / 2^24))), float32's largest value is 3.4e38.
+MAX_INIT_SCALE = 5e37
 
 
 class AdmissionKind(StrEnum):
@@ -155,7 +158,7 @@ class TableConfig:
             raise ValueError(f"{p}.dtype: only 'float32' rows are supported, got {self.dtype!r}")
         _check_enum(f"{p}.storage", self.storage, Storage)
         _check_enum(f"{p}.initializer", self.initializer, Initializer)
-        _check_float(f"{p}.init_scale", self.init_scale, low=0.0)
+        _check_float(f"{p}.init_scale", self.init_scale, low=0.0, high=MAX_INIT_SCALE)
         _check_int(f"{p}.seed", self.seed, low=0, high=2**64 - 1)
         if self.capacity is not None:
             _check_int(f"{p}.capacity", self.capacity, low=1, high=2**32 - 2)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ps.table.config import OptimizerConfig, OptimizerKind, TableConfig
+from ps.table.config import MAX_INIT_SCALE, Initializer, OptimizerConfig, OptimizerKind, TableConfig
 from ps.table.embedding_table import EmbeddingTable
 
 DIM = 4
@@ -58,3 +58,12 @@ def test_settings_at_the_edge_keep_rows_finite(optimizer):
     state = table.export()
     assert np.isfinite(state.values).all(), state.values
     assert np.isfinite(state.optimizer_state).all(), state.optimizer_state
+
+
+@pytest.mark.parametrize("initializer", [Initializer.UNIFORM, Initializer.NORMAL])
+def test_the_largest_init_scale_keeps_every_new_row_finite_and_one_more_is_refused(initializer):
+    config = TableConfig(name="t", dim=DIM, initializer=initializer, init_scale=MAX_INIT_SCALE).validate()
+    rows = EmbeddingTable(config).lookup(np.arange(20_000, dtype=np.int64)).numpy()
+    assert np.isfinite(rows).all()
+    with pytest.raises(ValueError, match=r"t\.init_scale: must be >= 0.0 and <= 5e\+37, got 1e\+38"):
+        TableConfig(name="t", dim=DIM, initializer=initializer, init_scale=1e38).validate()
