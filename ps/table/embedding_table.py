@@ -692,7 +692,8 @@ class EmbeddingTable:
         deleted_keys = native.as_keys(deleted_keys, "deleted_keys")
         if np.intersect1d(deleted_keys, state.keys).shape[0]:
             raise ValueError("deleted_keys: a key cannot be both deleted and written by one delta")
-        grow = int((self._map.find(state.keys) < 0).sum()) - int((self._map.find(deleted_keys) >= 0).sum())
+        freed = int((self._map.find(np.unique(deleted_keys)) >= 0).sum())
+        grow = int((self._map.find(state.keys) < 0).sum()) - freed
         if self.config.capacity is not None and self.size + grow > self.config.capacity:
             raise CapacityError(f"table {self.name}: delta grows past capacity {self.config.capacity}")
         for feed in self._feeds:

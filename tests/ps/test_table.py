@@ -508,3 +508,13 @@ def test_a_table_on_a_device_this_machine_lacks_is_refused_naming_it():
     device = f"cuda:{torch.cuda.device_count()}" if torch.cuda.is_available() else "cuda"
     with pytest.raises(ValueError, match=rf"^t\.device: '{device}' cannot hold rows here: "):
         EmbeddingTable(TableConfig(name="t", dim=4, device=device))
+
+
+def test_a_delta_that_deletes_one_key_twice_frees_one_row_against_capacity():
+    source = make(capacity=4)
+    source.apply_gradients(keys_of(3, 4), np.ones((2, 4), np.float32), step=1)
+    table = make(capacity=2)
+    table.apply_gradients(keys_of(1, 2), np.ones((2, 4), np.float32), step=1)
+    with pytest.raises(CapacityError, match="delta grows past capacity 2"):
+        table.load_delta(source.export(keys_of(3, 4)), keys_of(1, 1))
+    assert sorted(table.export().keys.tolist()) == [1, 2]
