@@ -163,10 +163,13 @@ class _LookupPlan:
         """Replies of `calls`, in order -> values (num_keys, dim)."""
         if not replies:
             return np.empty((self.num_keys, self.dim), dtype=np.float32)
+        for reply in replies:
+            if reply.dim != self.dim:
+                raise ValueError(f"lookup reply: rows of dim {reply.dim}, the table's dim is {self.dim}")
         # Replies concatenated hold unique[order]; one gather puts every row where the caller wants it.
         values = np.concatenate(
             [
-                wire.decode_values(reply.values, chunk.shape[0], reply.dim, reply.dtype)
+                wire.decode_values(reply.values, chunk.shape[0], self.dim, reply.dtype)
                 for chunk, reply in zip(self.spans, replies, strict=True)
             ]
         )

@@ -20,6 +20,7 @@ from ps.client import (
     ShardUnavailableError,
     TableFullError,
     TableNotFoundError,
+    _LookupPlan,
     _translate,
 )
 from ps.errors import CapacityError, UnknownTableError
@@ -352,3 +353,14 @@ def test_more_standbys_than_shards_and_calls_after_close_say_what_is_wrong(clust
     client.close()
     with pytest.raises(RuntimeError, match="PSClient: closed"):
         client.lookup("user", np.arange(3, dtype=np.int64))
+
+
+def test_a_lookup_reply_of_another_dim_is_refused_not_returned_in_its_shape():
+    """The shard checks the request's dim against its table; a reply that is not the request's
+    dim anyway (a shard of another build, a proxy) came back as rows of the reply's dim."""
+    plan = _LookupPlan(num_keys=2, dim=4, num_unique=2, inverse=None, spans=[np.arange(2)])
+    reply = ps_pb2.LookupResponse(values=np.ones(16, np.float32).tobytes(), dim=8)
+    with pytest.raises(ValueError, match="lookup reply: rows of dim 8, the table's dim is 4"):
+        plan.finish([reply])
+    good = ps_pb2.LookupResponse(values=np.ones(8, np.float32).tobytes(), dim=4)
+    assert plan.finish([good]).shape == (2, 4)
