@@ -30,9 +30,10 @@ _REPLY_FRAMING_BYTES = 32  # one LookupResponse's fields besides its values (gen
 MAX_REMEMBERED_CLIENTS = 4096
 MAX_CLIENT_ID_BYTES = 256
 DEFAULT_LEDGER_BYTES = 32 << 20
-# What one remembered push costs, measured (tests/ps/test_server.py): an ordered-dict node and slot,
-# the sequence, and the answer packed into 32 bytes.
-LEDGER_ENTRY_BYTES = 224
+# What one remembered push costs, measured (tests/ps/test_server.py: ~300 bytes): its node and slot
+# in its client's ordered dict and in the ledger's order of puts, the (client, sequence) key, the
+# sequence, and the answer packed into 32 bytes.
+LEDGER_ENTRY_BYTES = 320
 _ANSWER = struct.Struct("<4Q")  # version, num_updated, num_inserted, num_evicted
 LEDGER_CLIENT_BYTES = 400  # a client's own dict and its slot in the client table, plus its id
 
@@ -41,9 +42,13 @@ class PushLedger:
     """Answers of the recent pushes of each client, so a retried push is applied once.
 
     Keeps the last `window` sequences of each of the last MAX_REMEMBERED_CLIENTS client ids, in
-    at most `max_bytes` (estimated per entry and per client; the least recently pushing clients
-    are forgotten first). A client retries a push within seconds, long before `window` newer
-    pushes of its own. Answers are kept packed: version, num_updated, num_inserted, num_evicted.
+    at most `max_bytes` (estimated per entry and per client). Over the bytes, the oldest answers
+    are forgotten first, whoever pushed them: a client's newest push (the one it may be retrying)
+    goes last. Forgetting the least recently pushing client whole forgot, with clients pushing in
+    turn, the newest push of the client about to push next. Over the client count, the least
+    recently pushing client is forgotten whole. A client retries a push within seconds, long before
+    `window` newer pushes of its own. Answers are kept packed: version, num_updated, num_inserted,
+    num_evicted.
     """
 
     def __init__(
@@ -54,6 +59,7 @@ class PushLedger:
         self.max_bytes = max_bytes
         self.num_bytes = 0
         self._clients: OrderedDict[str, OrderedDict[int, bytes]] = OrderedDict()
+        self._order: OrderedDict[tuple[str, int], None] = OrderedDict()  # every entry, oldest put first
 
     def get_raw(self, client_id: str, sequence: int) -> bytes | None:
         """The packed answer recorded for (client_id, sequence), or None."""
@@ -90,34 +96,50 @@ class PushLedger:
         previous = seen.get(sequence)
         if previous is not None:
             self.num_bytes -= _entry_bytes(previous)
+            self._order.move_to_end((client_id, sequence))
+        else:
+            self._order[(client_id, sequence)] = None
         seen[sequence] = answer
         self.num_bytes += _entry_bytes(answer)
         if len(seen) > self.window:
-            self.num_bytes -= _entry_bytes(seen.popitem(last=False)[1])
-        while len(self._clients) > 1 and (len(self._clients) > self.max_clients or self.num_bytes > self.max_bytes):
-            self._forget_oldest_client()
-        while self.num_bytes > self.max_bytes and len(seen) > 1:  # one client alone over the bound
-            self.num_bytes -= _entry_bytes(seen.popitem(last=False)[1])
+            self._forget_entry(client_id, next(iter(seen)))
+        while len(self._clients) > self.max_clients:
+            self._forget_client(next(iter(self._clients)))
+        while self.num_bytes > self.max_bytes and len(self._order) > 1:
+            self._forget_entry(*next(iter(self._order)))
 
     def export(self) -> list:
-        """Every remembered answer, oldest client first: [[client_id, [[sequence, answer, multi]]]]
-        (answer as bytes; multi: a PushMulti's reply). load() of it rebuilds this memory."""
-        return [
-            [client, [[sequence, bytes(answer), isinstance(answer, MultiAnswer)] for sequence, answer in seen.items()]]
-            for client, seen in self._clients.items()
-        ]
+        """Every remembered answer, oldest first, in runs of one client's:
+        [[client_id, [[sequence, answer, multi]]]] (answer as bytes; multi: a PushMulti's reply;
+        a client may have several runs). load() of it rebuilds this memory, its order included."""
+        runs: list = []
+        for client, sequence in self._order:
+            answer = self._clients[client][sequence]
+            if not runs or runs[-1][0] != client:
+                runs.append([client, []])
+            runs[-1][1].append([sequence, bytes(answer), isinstance(answer, MultiAnswer)])
+        return runs
 
     def load(self, exported: list) -> None:
         """Replaces the memory with an export() (a standby's copy of its primary's)."""
         self._clients = OrderedDict()
+        self._order = OrderedDict()
         self.num_bytes = 0
         for client, entries in exported:
             for sequence, answer, is_multi in entries:
                 self.put_raw(client, int(sequence), MultiAnswer(answer) if is_multi else bytes(answer))
 
-    def _forget_oldest_client(self) -> None:
-        client_id, seen = self._clients.popitem(last=False)
-        self.num_bytes -= LEDGER_CLIENT_BYTES + len(client_id) + sum(_entry_bytes(a) for a in seen.values())
+    def _forget_entry(self, client_id: str, sequence: int) -> None:
+        seen = self._clients[client_id]
+        self.num_bytes -= _entry_bytes(seen.pop(sequence))
+        del self._order[(client_id, sequence)]
+        if not seen:
+            del self._clients[client_id]
+            self.num_bytes -= LEDGER_CLIENT_BYTES + len(client_id)
+
+    def _forget_client(self, client_id: str) -> None:
+        for sequence in list(self._clients[client_id]):
+            self._forget_entry(client_id, sequence)
 
 
 class MultiAnswer(bytes):

@@ -303,7 +303,7 @@ def test_push_id_memory_is_bounded_in_bytes():
             ledger.put(f"client-{client}", sequence, answer)
         assert ledger.num_bytes <= 100_000
     assert ledger.get("client-49", 99).version == 3  # the newest are kept
-    assert ledger.get("client-0", 0) is None  # the least recently pushing client went first
+    assert ledger.get("client-0", 0) is None  # the oldest answers went first
     # The estimate holds: what the entries really take is no more than what the ledger counts.
     tracemalloc.start()
     before = tracemalloc.get_traced_memory()[0]
@@ -313,3 +313,26 @@ def test_push_id_memory_is_bounded_in_bytes():
     used = tracemalloc.get_traced_memory()[0] - before
     tracemalloc.stop()
     assert used <= big.num_bytes, f"{used} bytes used, {big.num_bytes} counted"
+
+
+def test_over_its_bytes_the_push_id_memory_forgets_the_oldest_answers_not_a_client_whole():
+    """Clients pushing in turn, more of them than the bytes hold a window of: the least recently
+    pushing client is the one about to push next, and it was forgotten whole, its newest push
+    (the one it may be retrying) included, so that retry was applied twice. Now every client keeps
+    its newest answers, and a standby's copy (export, load) keeps the same ones in the same order."""
+    ledger = PushLedger(window=4096, max_bytes=200_000)
+    answer = ps_pb2.PushResponse(version=7, num_updated=1)
+    clients = [f"trainer-{i}" for i in range(40)]
+    for sequence in range(60):
+        for client in clients:
+            ledger.put(client, sequence, answer)
+            assert ledger.num_bytes <= 200_000
+    for client in clients:
+        assert ledger.get(client, 59).version == 7, client
+        assert ledger.get(client, 0) is None, client
+    copy = PushLedger(window=4096, max_bytes=200_000)
+    copy.load(ledger.export())
+    assert copy.export() == ledger.export() and copy.num_bytes == ledger.num_bytes
+    ledger.put(clients[0], 60, answer)
+    copy.put(clients[0], 60, answer)
+    assert copy.export() == ledger.export()
