@@ -96,6 +96,8 @@ def _train_and_evaluate(path: Path, config: PrecisionBenchConfig, label: str) ->
     if not held_out:
         raise ValueError(f"{label}: no held-out batches (give eval files with at least one global batch)")
     result = trainer.evaluate(held_out)
+    if result["auc"] is None:
+        raise ValueError(f"{label}: the held-out batches define no AUC (labels of one class, or the model diverged)")
     table = store.tables["emb"]
     return {
         **result,

@@ -567,7 +567,7 @@ def _show_progress(path: Path, job: TrainingJob, stop: threading.Event) -> None:
                 break
             bar.n = record["step"]
             postfix = {"loss": f"{record['loss']:.4f}", "samples/s": f"{record['samples_per_s']:,.0f}"}
-            if "auc" in record:
+            if record.get("auc") is not None:
                 postfix["eval_auc"] = f"{record['auc']:.4f}"
             bar.set_postfix(postfix, refresh=False)
             bar.refresh()

@@ -435,10 +435,23 @@ class Trainer:
             pulled = self.pull(batch)
             return self.model(batch.dense, self._embeddings(pulled, torch.from_numpy(pulled.values)))
 
-    def evaluate(self, batches: list[Batch]) -> dict[str, float]:
-        """AUC and logloss of the current model on held-out batches (this rank's rows)."""
+    def evaluate(self, batches: list[Batch]) -> dict[str, float | None]:
+        """AUC and logloss of the current model on held-out batches (this rank's rows). A metric
+        the batches do not define is None, with a warning, never an error that would end the job
+        (before it wrote its model): AUC when the labels are of one class, both when a logit is
+        not finite (the model diverged)."""
         y = torch.cat([batch.labels for batch in batches]).numpy()
         z = torch.cat([self.predict(batch) for batch in batches]).numpy()
+        bad = int((~np.isfinite(z)).sum())
+        if bad:
+            log.warning("evaluation at step %d: %d of %d logits are not finite (the model diverged): "
+                        "no AUC or logloss", self.step, bad, z.shape[0])
+            return {"auc": None, "logloss": None}
+        positives = int((y == 1).sum())
+        if positives in (0, y.shape[0]):
+            log.warning("evaluation at step %d: all %d held-out labels are %d: AUC is undefined, logloss only",
+                        self.step, y.shape[0], int(positives > 0))
+            return {"auc": None, "logloss": float(logloss_from_logits(y, z))}
         return {"auc": float(auc(y, z)), "logloss": float(logloss_from_logits(y, z))}
 
     def pull_timed(self, batch: Batch) -> _Pulled:

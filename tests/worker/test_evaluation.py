@@ -1,0 +1,34 @@
+"""An evaluation the held-out rows do not define (labels of one class: AUC; logits not finite:
+both metrics) reports None with a warning; it ended the job with a ValueError after its last step,
+before the model and the summary were written."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+from ps.table.config import OptimizerConfig, OptimizerKind, TableConfig
+from tests.helpers.in_process import InProcessShards
+from tests.worker.training_jobs import write_training_job
+from worker.train_config import load_training_job
+from worker.worker_main import run_worker
+
+
+def test_held_out_labels_of_one_class_give_no_auc_and_the_job_still_writes_its_model(tmp_path: Path, caplog):
+    table = TableConfig(name="t0", dim=4, init_scale=0.1, seed=1, optimizer=OptimizerConfig(kind=OptimizerKind.SGD))
+    out = tmp_path / "out"
+    train = {"workers": 1, "steps": 4, "batch_size": 16, "mode": "sync", "dense_lr": 0.01, "tables": ["t0"],
+             "eval_batches": 1, "eval_every": 2, "output_dir": str(out)}
+    # bias 30: every label is 1.
+    synthetic = {"num_dense": 2, "num_sparse": 3, "num_keys": 50, "num_batches": 8, "num_eval_batches": 1,
+                 "bias": 30.0}
+    path, ps = write_training_job(tmp_path / "job.toml", [table], 2, train, synthetic)
+    with InProcessShards.start(ps) as shards:
+        job = load_training_job(path)
+        summary = run_worker(replace(job, ps=replace(job.ps, shards=shards.job.shards)), 0, 1)
+    assert summary["eval_auc"] is None and summary["eval_logloss"] > 0.0, summary
+    assert [e["step"] for e in summary["evaluations"]] == [2, 4]
+    assert (out / "dense.pt").is_file()
+    assert json.loads((out / "summary.json").read_text())["eval_auc"] is None
+    assert "all 16 held-out labels are 1: AUC is undefined" in caplog.text
