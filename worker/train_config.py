@@ -85,6 +85,7 @@ class PSUnavailablePolicy(StrEnum):
 
 
 DEFAULT_COLLECTIVE_TIMEOUT = timedelta(minutes=30)  # torch.distributed's for gloo
+MAX_WAIT_S = 7 * 86400.0  # the longest a step or a snapshot round may wait: ranks wait as long in a collective
 COLLECTIVE_MARGIN_S = 300.0  # past a shard's wait: the step's other calls, each within its deadline
 
 
@@ -159,6 +160,16 @@ class TrainingJob:
     path: str | None = None
 
     @property
+    def collective_timeout(self) -> timedelta:
+        """How long a rank waits in one collective: the train section's, and longer than a snapshot
+        round, whose tries rank 0 makes while the other ranks wait at its barrier (else gloo ended
+        them, and the job, in a round that was to be skipped with a warning)."""
+        timeout = self.train.collective_timeout
+        if self.ps.snapshot is not None:
+            timeout = max(timeout, timedelta(seconds=self.ps.snapshot.round_timeout_s + COLLECTIVE_MARGIN_S))
+        return timeout
+
+    @property
     def num_dense(self) -> int:
         return self.data.synthetic.num_dense if self.data.source == DataSource.SYNTHETIC else self.data.num_dense
 
@@ -222,8 +233,14 @@ def parse_training_job(data: dict, base_dir: Path | None = None) -> TrainingJob:
     if train.eval_every < 0:
         raise ValueError(f"train.eval_every: must be >= 0, got {train.eval_every}")
     timeout = train.ps_unavailable_timeout_s
-    if not 0 < timeout < math.inf:
-        raise ValueError(f"train.ps_unavailable_timeout_s: must be a finite number of seconds > 0, got {timeout}")
+    if not 0 < timeout <= MAX_WAIT_S:
+        raise ValueError(
+            f"train.ps_unavailable_timeout_s: must be a number of seconds in (0, {MAX_WAIT_S:g}], got {timeout}"
+        )
+    if ps.snapshot is not None and ps.snapshot.round_timeout_s > MAX_WAIT_S:
+        raise ValueError(
+            f"snapshot.round_timeout_s: must be at most {MAX_WAIT_S:g} s (a week), got {ps.snapshot.round_timeout_s}"
+        )
     if train.metrics_port is not None and not 0 <= train.metrics_port < 65536:
         raise ValueError(f"train.metrics_port: must be in [0, 65535], got {train.metrics_port}")
     if train.metrics_port:

@@ -180,7 +180,7 @@ class Trainer:
         # Async: the push thread's all_to_all, beside the main thread's DDP all-reduce. Collective:
         # every rank builds its Trainer at the same point.
         self._exchange_group = (
-            dist.new_group(backend=dist.get_backend(), timeout=job.train.collective_timeout)
+            dist.new_group(backend=dist.get_backend(), timeout=job.collective_timeout)
             if self._async and world_size > 1
             else None
         )

@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     if world_size > 1:
         # gloo on a CUDA host too: the dense tower, its gradients and the exchanged sparse rows are
         # CPU tensors (only PS tables' rows can live on a GPU), and nccl carries CUDA tensors alone.
-        dist.init_process_group(backend="gloo", timeout=job.train.collective_timeout)
+        dist.init_process_group(backend="gloo", timeout=job.collective_timeout)
     try:
         run_worker(job, rank, world_size, os.environ.get("EMBPS_PROGRESS_FILE"), args.resume_step)
     except ShardUnavailableError as exc:

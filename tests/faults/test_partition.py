@@ -72,8 +72,9 @@ def test_on_ps_unavailable_is_validated_and_errors_name_the_field():
     assert waiting.on_ps_unavailable == PSUnavailablePolicy.WAIT and waiting.ps_unavailable_timeout_s == 30
     with pytest.raises(ValueError, match="train.on_ps_unavailable: must be one of 'abort', 'wait', got 'retry'"):
         parse_training_job(job_data(on_ps_unavailable="retry"))
-    for bad in (0, -1.0, math.inf, math.nan):
-        with pytest.raises(ValueError, match="train.ps_unavailable_timeout_s: must be a finite number of seconds > 0"):
+    # 1e300 s: torch's timedelta overflowed later, naming no field.
+    for bad in (0, -1.0, math.inf, math.nan, 1e300):
+        with pytest.raises(ValueError, match=r"ps_unavailable_timeout_s: must be a number of seconds in \(0, 604800\]"):
             parse_training_job(job_data(ps_unavailable_timeout_s=bad))
     with pytest.raises(TypeError, match="train.ps_unavailable_timeout_s: must be a number"):
         parse_training_job(job_data(ps_unavailable_timeout_s="10s"))
@@ -132,6 +133,20 @@ def test_wait_mode_s_collectives_outlast_how_long_a_step_may_wait():
     assert long_wait.collective_timeout.total_seconds() >= 7200.0 + 60
     for train in ({"on_ps_unavailable": "wait"}, {"on_ps_unavailable": "abort", "ps_unavailable_timeout_s": 7200.0}):
         assert parse_training_job(job_data(**train)).train.collective_timeout.total_seconds() == 1800.0
+
+
+def test_the_collectives_outlast_a_snapshot_round_whose_tries_the_other_ranks_wait_for():
+    """Rank 0 tries a snapshot round for up to snapshot.round_timeout_s while the other ranks wait
+    at its barrier: a round timeout past the collectives' 30 minutes ended the job in gloo, where a
+    round that fails is to be skipped with a warning."""
+    data = job_data()
+    data["snapshot"] = {"uri": "file:///tmp/snapshots", "round_timeout_s": 7200.0}
+    job = parse_training_job(data)
+    assert job.collective_timeout.total_seconds() >= 7200.0 + 60
+    assert parse_training_job(job_data()).collective_timeout.total_seconds() == 1800.0
+    data["snapshot"]["round_timeout_s"] = 1e300
+    with pytest.raises(ValueError, match=r"snapshot.round_timeout_s: must be at most 604800 s"):
+        parse_training_job(data)
 
 
 def test_wait_mode_resends_the_same_push_so_an_applied_one_is_not_applied_again(monkeypatch):
