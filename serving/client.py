@@ -33,7 +33,11 @@ from ps.job_config import JobConfig
 from ps.rpc import ps_pb2, serving_pb2, serving_pb2_grpc
 from ps.security import RECONNECT_OPTIONS, Role, SecurityConfig, open_channel
 
-FAILOVER_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+# CANCELLED: a replica without the gate sheds in gRPC's core, which answers so (serving/shedding.py);
+# this client never cancels its own calls.
+FAILOVER_CODES = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED}
+)
 DEFAULT_TIMEOUT_S = 1.0
 _MESSAGE_SLACK = 1 << 16
 _DTYPES = {np.dtype(np.float32): ps_pb2.FLOAT32, np.dtype(np.float16): ps_pb2.FLOAT16}

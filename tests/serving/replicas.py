@@ -142,10 +142,12 @@ class ServingReplica:
 
 class ShedEverything:
     """An in-process gRPC server that answers every Serving call RESOURCE_EXHAUSTED, as a replica whose
-    queue is full does (the real shedding is tests/serving/test_shedding.py's): for clients' failover."""
+    queue is full does (the real shedding is tests/serving/test_shedding.py's), or `code` (CANCELLED:
+    a replica without the gate, refused by gRPC's core): for clients' failover."""
 
-    def __init__(self) -> None:
+    def __init__(self, code: grpc.StatusCode = grpc.StatusCode.RESOURCE_EXHAUSTED) -> None:
         self.calls = 0
+        self.code = code
         self.server = grpc.server(ThreadPoolExecutor(2), handlers=[_Shed(self)])
         self.address = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
 
@@ -164,7 +166,7 @@ class _Shed(grpc.GenericRpcHandler):
     def service(self, handler_call_details):
         def refuse(request: bytes, context: grpc.ServicerContext) -> None:
             self.owner.calls += 1
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "serving queue full (a stand-in)")
+            context.abort(self.owner.code, "serving queue full (a stand-in)")
 
         return grpc.unary_unary_rpc_method_handler(refuse)
 

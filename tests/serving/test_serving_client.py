@@ -99,6 +99,18 @@ def test_every_replica_refusing_names_each_answer() -> None:
     assert "serving queue full" in str(info.value)
 
 
+def test_a_replica_refused_by_grpc_s_core_is_passed_over_for_the_next() -> None:
+    """A replica without the gate sheds in gRPC's core, which answers CANCELLED (serving/shedding.py):
+    the client raised it to its caller, where another replica could answer."""
+    cancelling = ShedEverything(code=grpc.StatusCode.CANCELLED)
+    with cancelling as a, ShedEverything() as b, ServingClient([a.address, b.address], timeout_s=5) as client:
+        for _ in range(2):  # the first replica tried first, then the second
+            with pytest.raises(ReplicasUnavailableError) as info:
+                client.lookup("user", np.arange(3, dtype=np.int64))
+            assert sorted(code.name for _, code, _ in info.value.answers) == ["CANCELLED", "RESOURCE_EXHAUSTED"]
+    assert a.calls == 2 and b.calls == 2
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
