@@ -6,6 +6,7 @@
 // the GIL.
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
+#include <nanobind/stl/pair.h>
 #include <nanobind/stl/shared_ptr.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/tuple.h>
@@ -114,9 +115,21 @@ NB_MODULE(_embps_gate, m) {
                  found.shape(0) != keys.shape(0)) {
                throw std::invalid_argument("out, found: expected shapes (len(keys), width) and (len(keys),)");
              }
-             nb::gil_scoped_release release;
-             self.gather_at(keys.data(), static_cast<int64_t>(keys.shape(0)), out.data(), found.data(), version);
-           }, "keys"_a, "out"_a, "found"_a, "version"_a);
+             std::vector<std::shared_ptr<embps::ShardStore>> stores;
+             {
+               nb::gil_scoped_release release;
+               stores = self.gather_at(keys.data(), static_cast<int64_t>(keys.shape(0)), out.data(), found.data(),
+                                       version);
+             }
+             std::vector<std::pair<uint64_t, uint64_t>> served;
+             for (const auto& store : stores) {
+               served.emplace_back(store->version.load(std::memory_order_relaxed),
+                                   store->incarnation.load(std::memory_order_relaxed));
+             }
+             return served;
+           }, "keys"_a, "out"_a, "found"_a, "version"_a,
+           "Gathers the rows of `keys` at model `version`; returns each shard's (version, incarnation) of the\n"
+           "stores read.");
 
   nb::class_<embps::NativeLookups>(m, "NativeLookups")
       .def(nb::init<std::vector<std::shared_ptr<embps::ServingTable>>, std::vector<double>, double, bool, uint64_t>(),

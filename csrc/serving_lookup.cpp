@@ -178,9 +178,11 @@ std::vector<std::shared_ptr<ShardStore>> ServingTable::gather_at(const int64_t* 
       }
     }
   }
+  // The stores whose version the reply reports: a pending one's is its cut's (the main store's is
+  // the cut before until the merge).
   for (int64_t s = 0; s < shards; ++s) {
     const PendingShard* p = pending[static_cast<size_t>(s)].get();
-    if (p != nullptr && p->replace) stores[static_cast<size_t>(s)] = p->rows;
+    if (p != nullptr) stores[static_cast<size_t>(s)] = p->rows;
   }
   return stores;
 }

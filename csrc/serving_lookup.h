@@ -69,7 +69,7 @@ class ServingTable {
   void clear_pending(int64_t s);
   // Words and found of keys at model version `version` (pending stores of steps <= version
   // first, then the main stores); the caller checks clock()->still_valid(version) afterwards.
-  // Returns the stores read, for the reply's versions.
+  // Returns the stores whose versions the reply reports: a shard's pending store where one was read.
   std::vector<std::shared_ptr<ShardStore>> gather_at(const int64_t* keys, int64_t n, float* words, uint8_t* found,
                                                      uint64_t version) const;
 

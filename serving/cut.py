@@ -236,9 +236,12 @@ class ModelCut:
             return
         staged = set()
         for (name, s), deltas in batch.items():
-            if not any(d.replace is not None or d.keys.shape[0] or d.deleted.shape[0] for d in deltas):
-                continue  # the step left this (table, shard) alone: no rows to stage, only its version moves
             table = self.tables[name]
+            if not any(d.replace is not None or d.keys.shape[0] or d.deleted.shape[0] for d in deltas):
+                main = table.shards[s]
+                if (main.version, main.incarnation) == (deltas[-1].to_version, deltas[-1].incarnation):
+                    continue  # the step left this (table, shard) alone: nothing to stage
+                # Else only its versions move: an empty overlay reports them until the merge.
             rows, replace = _stage(table, s, deltas)
             table.native.set_pending(s, cut, replace, rows.native)
             staged.add((name, s))
@@ -282,6 +285,9 @@ def _stage(table: TableReplica, shard: int, deltas: list[Delta]) -> tuple[ShardR
             overlay.upsert_rows(d.keys, d.values, d.storage)
         if d.deleted.shape[0]:
             overlay.native.mark_deleted(d.deleted)
+    # A lookup at the cut reads the overlay before the merge and reports its versions (the main
+    # store's are the cut before's until then).
+    overlay.version, overlay.incarnation = deltas[-1].to_version, deltas[-1].incarnation
     return overlay, False
 
 

@@ -214,17 +214,17 @@ class ServingServicer(serving_pb2_grpc.ServingServicer):
             raise ValueError(f"dtype: unsupported dtype {request.dtype}; supported: FLOAT32, FLOAT16")
         dtype = _REPLY_DTYPES[request.dtype]
         keys = wire.decode_keys(request.keys)
-        values, found = table.lookup(keys, dtype, version)
+        values, found, served_versions = table.lookup_served(keys, dtype, version)
         reply.model_version = version or 0
         reply.values = values.astype(values.dtype.newbyteorder("<"), copy=False).tobytes()
         reply.dim = table.dim
         reply.dtype = ps_pb2.FLOAT16 if dtype == np.float16 else ps_pb2.FLOAT32
         reply.found = found.view(np.uint8).tobytes()
-        for s, rows in enumerate(table.shards):
+        for s, (shard_version, incarnation) in enumerate(served_versions):
             served = reply.shards.add()
             served.shard = s
-            served.version = rows.version
-            served.incarnation = rows.incarnation
+            served.version = shard_version
+            served.incarnation = incarnation
             served.stale = self.stale(table.name, s)
         looked_up, missing, duration = self._table_metrics(table.name)
         looked_up.inc(keys.shape[0])

@@ -283,28 +283,39 @@ class TableReplica:
         version: the model version to read at (serving/cut.py's ModelCut.read gives it and checks
         the read afterwards); None: each shard's current rows.
         """
+        values, found, _ = self.lookup_served(keys, dtype, version)
+        return values, found
+
+    def lookup_served(self, keys: np.ndarray, dtype: np.dtype = np.float32,
+                      version: int | None = None) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]:
+        """lookup, and each shard's (PS version, incarnation) of the rows it read: at a model
+        version, the cut's (a shard's pending store while the cut merges); else that of the store
+        read, taken before its rows (they hold at least that version), even if a resync swaps the
+        store meanwhile."""
         keys = native.as_keys(keys)
         shards = list(self.shards)  # one consistent set, even if a resync swaps one meanwhile
         width = shards[0].width
         words = np.zeros((keys.shape[0], width), dtype=np.float32)
         if version is not None and self.native is not None:
             found = np.zeros(keys.shape[0], dtype=np.uint8)
-            self.native.gather_at(keys, words, found, version)
+            served = [tuple(pair) for pair in self.native.gather_at(keys, words, found, version)]
             found = found.view(np.bool_)
-        elif len(shards) == 1:
-            found = shards[0].gather(keys, words)
         else:
-            found = np.zeros(keys.shape[0], dtype=np.bool_)
-            for s, positions in enumerate(self.shard_map.split(keys)):
-                if positions.shape[0]:
-                    part = np.zeros((positions.shape[0], width), dtype=np.float32)
-                    found[positions] = shards[s].gather(keys[positions], part)
-                    words[positions] = part
+            served = [(rows.version, rows.incarnation) for rows in shards]
+            if len(shards) == 1:
+                found = shards[0].gather(keys, words)
+            else:
+                found = np.zeros(keys.shape[0], dtype=np.bool_)
+                for s, positions in enumerate(self.shard_map.split(keys)):
+                    if positions.shape[0]:
+                        part = np.zeros((positions.shape[0], width), dtype=np.float32)
+                        found[positions] = shards[s].gather(keys[positions], part)
+                        words[positions] = part
         values = shards[0].decode(words, dtype)
         if self.default == DefaultRow.INIT and not found.all():
             missing = ~found
             values[missing] = self.init_values(keys[missing])
-        return values, found
+        return values, found, served
 
     def init_values(self, keys: np.ndarray) -> np.ndarray:
         """The PS's initial rows of keys (n,) int64: (n, dim) float32, pure in (seed, key)."""

@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import serving.cut
 from ps.sharding import ShardMap
 from ps.table.config import TableConfig
 from serving.cut import Delta, ModelCut
@@ -62,14 +63,17 @@ def test_readers_never_see_half_a_cut(native, monkeypatch):
 
     def read() -> None:
         while not stop.is_set():
-            def answer(version: int) -> list[tuple[np.ndarray, np.ndarray]]:
-                return [t.lookup(keys, version=version) for t in tables.values()]
+            def answer(version: int) -> list[tuple[np.ndarray, np.ndarray, list]]:
+                return [t.lookup_served(keys, version=version) for t in tables.values()]
 
             results, version = cut.read(answer)
-            for values, found in results:
+            for values, found, served in results:
                 expected_gone = (keys % 7 == version % 7) if version else np.ones(NUM_KEYS, bool)
                 if not np.array_equal(found, ~expected_gone) or not (values[found] == version).all():
                     failures.append(f"version {version}: rows of steps {sorted(set(values[found, 0].tolist()))}")
+                    return
+                if served != [(version, int(version > 0))] * 2:  # each step's delta: PS version = step
+                    failures.append(f"version {version}: rows of the cut, shard versions {served}")
                     return
             checked.append(version)
 
@@ -92,6 +96,41 @@ def test_readers_never_see_half_a_cut(native, monkeypatch):
             r.join()
     assert not failures, failures[:3]
     assert len(set(checked)) > 5, f"the readers saw only versions {sorted(set(checked))}"
+
+
+def test_a_lookup_while_a_cut_merges_reports_the_cut_s_shard_versions(monkeypatch):
+    """A cut is made visible, then merged into the main stores, whose versions move at the end of
+    the merge: a lookup in between read the cut's rows (from the pending store) and reported the
+    shard versions of the cut before. Here it runs as the merge starts, as a gate thread may."""
+    if _embps_gate is None:
+        pytest.skip("built without the serving gate's native stores")
+    tables = make_tables()
+    table = tables["user"]
+    keys = np.arange(64, dtype=np.int64)
+    seen = []
+    merge = serving.cut._merge
+
+    def merge_after_a_lookup(t: TableReplica, s: int, deltas: list[Delta]) -> None:
+        if t is table and s == 0:
+            (values, found, served), version = cut.read(lambda v: table.lookup_served(keys, version=v))
+            seen.append((version, float(values[found][0, 0]), served))
+        merge(t, s, deltas)
+
+    monkeypatch.setattr(serving.cut, "_merge", merge_after_a_lookup)
+
+    async def offer() -> None:
+        for step in (1, 2):
+            for name, t in tables.items():
+                for s, positions in enumerate(t.shard_map.split(keys)):
+                    part = keys[positions]
+                    values = np.full((part.shape[0], DIM), float(step), np.float32)
+                    if step == 2 and s == 1:  # shard 1's rows left alone at step 2: only its versions move
+                        part, values = part[:0], values[:0]
+                    await cut.offer(name, s, Delta(step, 100 * step + s, 7 + step, part, values, part[:0]))
+
+    cut = asyncio.run(_make_cut(tables, 1 << 30))
+    asyncio.run(offer())
+    assert seen == [(1, 1.0, [(100, 8), (101, 8)]), (2, 2.0, [(200, 9), (201, 9)])], seen
 
 
 async def _make_cut(tables, max_waiting_bytes: int) -> ModelCut:
