@@ -50,7 +50,7 @@ from ps.process.calls import (
     stream_call,
     unary_call,
 )
-from ps.rpc import ps_pb2, ps_pb2_grpc, snapshot_pb2, snapshot_pb2_grpc
+from ps.rpc import ps_pb2, ps_pb2_grpc, replication_pb2, snapshot_pb2, snapshot_pb2_grpc
 from ps.security import add_port, ps_port_policy, server_interceptors
 from ps.shard import commits
 from ps.shard.commit_stream import committed_stream
@@ -69,6 +69,16 @@ SERVICE_NAME = ps_pb2.DESCRIPTOR.services_by_name["ParameterServer"].full_name
 
 
 SNAPSHOT_SERVICE_NAME = snapshot_pb2.DESCRIPTOR.services_by_name["SnapshotControl"].full_name
+# Every method a shard's port may serve (ParameterServer, SnapshotControl, a pair's Replication).
+SHARD_METHODS = frozenset(
+    f"/{service.full_name}/{method.name}"
+    for service in (
+        ps_pb2.DESCRIPTOR.services_by_name["ParameterServer"],
+        snapshot_pb2.DESCRIPTOR.services_by_name["SnapshotControl"],
+        replication_pb2.DESCRIPTOR.services_by_name["Replication"],
+    )
+    for method in service.methods
+)
 
 
 DRAIN_WINDOW_SECONDS = 0.3
@@ -248,10 +258,15 @@ class ShardCallSite(CallSite):
             self.series(m.request_bytes, table, method).inc(keys + grads)
         elif method in ("LookupMulti", "PushMulti"):
             sizes = table_sizes(request.offsets)
-            names = list(request.tables)[: sizes.shape[0]]
-            m.request_keys.add_tables(method, names, sizes[: len(names)].tolist(), self.tables)
+            # Per table only up to a batch's bound of names (or the shard's tables, if more): a
+            # refused call of millions took seconds of the loop here (its bytes are counted).
+            if len(request.tables) <= max(len(self.tables), wire.MAX_BATCH_PARTS):
+                names = list(request.tables)[: sizes.shape[0]]
+                m.request_keys.add_tables(method, names, sizes[: len(names)].tolist(), self.tables)
             self.series(m.request_bytes, table, method).inc(sum(payload_bytes(request, answered, sizes)))
         elif method in ("LookupBatch", "PushBatch"):
+            if len(request.requests) > wire.MAX_BATCH_PARTS:
+                return  # refused before its parts were read; visiting them here took seconds of the loop
             for part in request.requests:
                 part_table = self.table_name_label(part.table)
                 keys, grads = payload_bytes(part, answered)
@@ -811,6 +826,7 @@ async def bind_shard(
     services = DeferredServices(
         refusal=lambda: f"shard {shard_index} is starting",
         on_refused=lambda method: metrics.requests.labels("", method, grpc.StatusCode.UNAVAILABLE.name).inc(),
+        methods=SHARD_METHODS,
     )
     server.add_generic_rpc_handlers((services,))
     health = HealthServicer()

@@ -85,13 +85,18 @@ class _Collector:
 
 
 class DeferredServices(grpc.GenericRpcHandler):
-    """The embps services of a port that is bound before they exist: every embps call is answered
-    UNAVAILABLE with `refusal()` as the message (and counted by `on_refused(method)`) until
-    `open(add_functions)` installs the real servicers."""
+    """The embps services of a port that is bound before they exist: every call of `methods` (full
+    names, "/package.Service/Method") is answered UNAVAILABLE with `refusal()` as the message (and
+    counted by `on_refused(method)`) until `open(add_functions)` installs the real servicers. Any
+    other name is UNIMPLEMENTED, as once they are open: a metrics series a call of a made-up name
+    made here was never freed."""
 
-    def __init__(self, refusal: Callable[[], str], on_refused: Callable[[str], None]) -> None:
+    def __init__(
+        self, refusal: Callable[[], str], on_refused: Callable[[str], None], methods: frozenset[str]
+    ) -> None:
         self.refusal = refusal
         self.on_refused = on_refused
+        self.methods = methods
         self._handlers: dict[str, grpc.RpcMethodHandler] | None = None
 
     def open(self, add_servicers: Callable[[_Collector], None], bulk: dict[str, tuple[str, ...]]) -> None:
@@ -105,7 +110,7 @@ class DeferredServices(grpc.GenericRpcHandler):
     def service(self, handler_call_details):
         if self._handlers is not None:
             return self._handlers.get(handler_call_details.method)
-        if not handler_call_details.method.startswith("/embps."):
+        if handler_call_details.method not in self.methods:
             return None
         method = handler_call_details.method.rsplit("/", 1)[-1]
 

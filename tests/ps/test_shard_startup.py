@@ -5,6 +5,7 @@ log and metrics. The restore is held up by a real slow storage: the test's S3 se
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -20,7 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ps import wire
 from ps.job_config import SnapshotConfig, dump_job_config
 from ps.rpc import ps_pb2, ps_pb2_grpc
-from ps.shard.server import SERVICE_NAME
+from ps.shard.server import SERVICE_NAME, bind_shard
 from ps.snapshot.ops import ShardSnapshotter
 from ps.table.config import OptimizerConfig, OptimizerKind, TableConfig
 from ps.table.embedding_table import EmbeddingTable
@@ -112,3 +113,29 @@ def test_a_shard_refuses_at_start_a_table_on_a_device_this_machine_lacks(tmp_pat
     assert done.stderr.strip().splitlines()[-1].startswith(
         f"embps ps: tables.gpu_emb.device in {config_path}: {device!r} cannot hold rows on this machine: "
     ), done.stderr
+
+
+def test_a_starting_shard_answers_a_made_up_method_unimplemented_and_counts_only_its_own():
+    """Before its services open, a shard answered every "/embps." name UNAVAILABLE and counted it
+    under its own method label: series made by any caller, never freed."""
+
+    async def run() -> list[tuple[str, str]]:
+        port = await bind_shard(make_job([TABLE]), 0, "127.0.0.1:0")
+        await port.server.start()
+        codes = []
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port.port}") as channel:
+                for method in ("/embps.v1.ParameterServer/NoSuchMethod", "/embps.v1.ParameterServer/Stats"):
+                    with pytest.raises(grpc.aio.AioRpcError) as refused:
+                        await channel.unary_unary(method)(b"", timeout=5)
+                    codes.append((method, refused.value.code().name))
+        finally:
+            await port.server.stop(None)
+        labels = [s.labels["method"] for m in port.metrics.requests.collect() for s in m.samples]
+        return codes, sorted(set(labels))
+
+    codes, methods = asyncio.run(run())
+    assert codes == [
+        ("/embps.v1.ParameterServer/NoSuchMethod", "UNIMPLEMENTED"), ("/embps.v1.ParameterServer/Stats", "UNAVAILABLE")
+    ]
+    assert methods == ["Stats"]
