@@ -158,6 +158,7 @@ class Replication:
         self.loop = asyncio.get_running_loop()
         self._sequence = 0  # last forwarded
         self._acked = 0
+        self._lag = self.metrics.lag.labels(self.metrics.shard)  # _sequence - _acked; 0 with no standby
         self._last_ack = 0.0
         self._queue: collections.deque = collections.deque()
         # (sequence, answer, error) of forwarded messages: the primary's own (appended where it applied
@@ -200,6 +201,8 @@ class Replication:
 
     def _set_state(self, state: State) -> None:
         self.state = state
+        if state in (State.ALONE, State.DEPOSED):
+            self._lag.set(0)  # no standby is owed a push
         self.metrics.role.labels(self.metrics.shard).set(ROLE_VALUES[state.value])
         self.metrics.epoch.labels(self.metrics.shard).set(self.epoch)
         self._changed()
@@ -367,6 +370,7 @@ class Replication:
             copied = not (self.state is State.JOINING and not ack.needs_copy)
             if not copied:
                 self._acked = self._sequence
+                self._lag.set(0)
                 self._mine.clear()
                 self._theirs.clear()
                 self._queueing = True  # nothing was applied since the handshake: JOINING refuses pushes
@@ -512,6 +516,7 @@ class Replication:
         if ack.sequence != base:
             raise ConnectionError(f"the standby acknowledged the copy at push {ack.sequence}, not {base}")
         self._acked = base
+        self._lag.set(self._sequence - base)
         self._last_ack = time.monotonic()
         log.info("%s: the standby loaded the copy; it catches up on the pushes since", self.describe())
         return ack
@@ -645,7 +650,7 @@ class Replication:
             acked = sequence
         if acked > self._acked:
             self._acked = acked
-            self.metrics.lag.labels(self.metrics.shard).set(self._sequence - acked)
+            self._lag.set(self._sequence - acked)
             self._changed()
 
     async def _go_alone(self) -> None:
@@ -684,6 +689,7 @@ class Replication:
             return 0
         self._sequence += 1
         sequence = self._sequence
+        self._lag.set(sequence - self._acked)  # read beside the loop's acks: a gauge, not a decision
         # The request as it arrived (a push parsed by ps/bulk_messages.py keeps its bytes), copied
         # once, into the message.
         header = replication_pb2.ReplicateRequest(

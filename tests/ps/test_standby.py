@@ -32,6 +32,7 @@ import signal
 import threading
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import grpc
@@ -264,9 +265,16 @@ def test_a_stopped_standby_holds_acks_until_the_arbiter_records_the_primary_alon
     try:
         client.send_push(make_push(client, data, 1))
         assert arbiter.read()[0].sync
+        lag = 'embps_replication_lag_pushes{shard="0"}'
+        assert metrics(job.shards[0].metrics_port)[lag] == 0
         stop_process(pair.standby.pid)  # every thread: one woken by a push could still apply it
         started = time.monotonic()
-        client.send_push(make_push(client, data, 2))
+        with ThreadPoolExecutor(1) as pusher:
+            pushed = pusher.submit(client.send_push, make_push(client, data, 2))
+            # The push waits for the standby: the lag says so (it was set on acks only, and read 0).
+            wait_until(lambda: metrics(job.shards[0].metrics_port)[lag] == 1 or pushed.done(), "the lag to show it")
+            assert not pushed.done(), "acknowledged before the lag showed the waiting push"
+            pushed.result(timeout=60)
         waited = time.monotonic() - started
         membership, _ = arbiter.read()
         print(f"push acknowledged {waited:.2f} s after the standby stopped")
@@ -274,6 +282,7 @@ def test_a_stopped_standby_holds_acks_until_the_arbiter_records_the_primary_alon
         assert (membership.standby, membership.sync) == ("", False), membership
         assert "going on ALONE" in pair.log(0)
         client.send_push(make_push(client, data, 3))  # alone now: no wait
+        assert metrics(job.shards[0].metrics_port)[lag] == 0  # no standby is owed a push
     finally:
         os.kill(pair.standby.pid, signal.SIGCONT)
         client.close()
