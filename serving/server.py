@@ -485,10 +485,13 @@ async def _serve_on(
         metrics.add_native_calls(lookups)
     metrics_port = metrics.serve(config.metrics_port, config.host)
     metrics.add_stream_gauges(servicer.replica.followers, list(servicer.replica.tables.values()))
-    tasks = [asyncio.create_task(f.run()) for f in servicer.replica.followers]
+    stop = asyncio.Event()
+    followers = {asyncio.create_task(f.run()): f"table {f.replica.name} shard {f.shard}'s follower"
+                 for f in servicer.replica.followers}
+    failed = stop_when_any_fails(followers, stop)
+    tasks = list(followers)
     on_tick = (lambda: refresh_tokens(lookups, token_auth)) if lookups is not None and token_auth else None
     tasks.append(asyncio.create_task(monitor(servicer, health, on_tick)))
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -541,8 +544,31 @@ async def _serve_on(
         await asyncio.gather(*tasks, return_exceptions=True)
         for channel in servicer.replica.channels:
             await channel.close()
+    if failed:
+        log.error("stopped: %s failed", ", ".join(failed))
+        return 1
     log.info("stopped")
     return 0
+
+
+def stop_when_any_fails(tasks: dict[asyncio.Task, str], stop: asyncio.Event) -> list[str]:
+    """Sets `stop` when a task of `tasks` (task: what it is) ends with an error; returns the list the
+    names of the failed ones are added to. A follower handles what a shard may send (resyncs,
+    reconnects); one that raised anyway (a bug, memory) no longer follows its shard, and the
+    replica served its rows as current: it stops instead, exit 1, for its supervisor to restart."""
+    failed: list[str] = []
+
+    def ended(task: asyncio.Task) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        failed.append(tasks[task])
+        log.critical("%s failed; the replica stops rather than serve rows that no longer follow the shard",
+                     tasks[task], exc_info=task.exception())
+        stop.set()
+
+    for task in tasks:
+        task.add_done_callback(ended)
+    return failed
 
 
 def serve_replica(config_path: str | os.PathLike, grace: float = 5.0) -> int:
