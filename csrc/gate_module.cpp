@@ -68,7 +68,7 @@ NB_MODULE(_embps_gate, m) {
              }
              nb::gil_scoped_release release;
              self.gather(keys.data(), static_cast<int64_t>(keys.shape(0)), out.data(), found.data());
-           }, "keys"_a, "out"_a, "found"_a)
+           }, "keys"_a, "out"_a.noconvert(), "found"_a.noconvert())
       .def("export", [](const embps::ShardStore& self) {
         std::vector<int64_t> keys;
         std::vector<float> words;
@@ -127,7 +127,7 @@ NB_MODULE(_embps_gate, m) {
                                    store->incarnation.load(std::memory_order_relaxed));
              }
              return served;
-           }, "keys"_a, "out"_a, "found"_a, "version"_a,
+           }, "keys"_a, "out"_a.noconvert(), "found"_a.noconvert(), "version"_a,
            "Gathers the rows of `keys` at model `version`; returns each shard's (version, incarnation) of the\n"
            "stores read.");
 

@@ -40,6 +40,14 @@ void check_same_length(const char* what, size_t got, size_t want) {
   }
 }
 
+// The kernels write exactly the optimizer's state words: any other width reads or writes past the row.
+void check_state_width(embps::Optimizer optimizer, int64_t dim, int64_t state_width) {
+  if (state_width != embps::state_words(optimizer, dim)) {
+    throw std::invalid_argument("state_width: " + std::to_string(state_width) + " words, the optimizer keeps " +
+                                std::to_string(embps::state_words(optimizer, dim)));
+  }
+}
+
 embps::BlockStore make_store(const Array<const uint64_t, nb::ndim<1>>& blocks, int shift,
                              int64_t width) {
   if (shift < 0 || shift > 30) throw std::invalid_argument("block shift must be in [0, 30]");
@@ -85,7 +93,7 @@ void bind_codec(nb::module_& m) {
             embps::decode_value(storage, words.data() + i * width, dim, out.data() + i * dim);
           }
         },
-        "storage"_a.noconvert(), "words"_a, "out"_a);
+        "storage"_a.noconvert(), "words"_a, "out"_a.noconvert());
 
   m.def("encode_words",
         [](embps::Storage storage, uint64_t seed, Keys keys, uint64_t stream, Array<const float, nb::ndim<2>> values,
@@ -105,7 +113,7 @@ void bind_codec(nb::module_& m) {
                                 words.data() + i * width);
           }
         },
-        "storage"_a.noconvert(), "seed"_a, "keys"_a, "stream"_a, "values"_a, "words"_a);
+        "storage"_a.noconvert(), "seed"_a, "keys"_a, "stream"_a, "values"_a, "words"_a.noconvert());
 
   m.def("gather_decode",
         [](Array<const uint64_t, nb::ndim<1>> blocks, int shift, int64_t width, embps::Storage storage, Keys rows,
@@ -117,7 +125,7 @@ void bind_codec(nb::module_& m) {
           nb::gil_scoped_release release;
           embps::gather_decode(store, storage, dim, rows.data(), static_cast<int64_t>(rows.shape(0)), out.data());
         },
-        "blocks"_a, "shift"_a, "width"_a, "storage"_a.noconvert(), "rows"_a, "out"_a);
+        "blocks"_a, "shift"_a, "width"_a, "storage"_a.noconvert(), "rows"_a, "out"_a.noconvert());
 
   m.def("encode_scatter",
         [](Array<const uint64_t, nb::ndim<1>> blocks, int shift, int64_t width, embps::Storage storage, uint64_t seed,
@@ -153,6 +161,7 @@ void bind_codec(nb::module_& m) {
           if (embps::value_words(storage, dim) + state_width + 2 != width) {
             throw std::invalid_argument("width != value words + state_width + 2");
           }
+          check_state_width(optimizer, dim, state_width);
           check_same_length("keys", keys.shape(0), rows.shape(0));
           check_same_length("grads", grads.shape(0), rows.shape(0));
           check_same_length("counts", counts.shape(0), rows.shape(0));
@@ -182,9 +191,14 @@ std::vector<embps::TableRef> make_tables(nb::list maps, nb::list blocks, Array<c
   for (size_t i = 0; i < t; ++i) {
     const int64_t* p = params.data() + i * 7;
     const double* r = reals.data() + i * 6;
-    auto block_array = nb::cast<Array<const uint64_t, nb::ndim<1>>>(blocks[i]);
+    // Not converted: a converted copy would be freed at the end of this pass, its rows read later.
+    Array<const uint64_t, nb::ndim<1>> block_array;
+    if (!nb::try_cast(blocks[i], block_array, false)) {
+      throw std::invalid_argument("tables: each blocks entry must be a contiguous uint64 array");
+    }
     embps::TableRef ref{};
     ref.map = nb::cast<embps::HashMap*>(maps[i]);
+    if (ref.map == nullptr) throw std::invalid_argument("tables: a map is None");
     ref.store = make_store(block_array, static_cast<int>(p[0]), p[1]);
     ref.dim = p[2];
     ref.state_width = p[3];
@@ -194,6 +208,7 @@ std::vector<embps::TableRef> make_tables(nb::list maps, nb::list blocks, Array<c
     if (p[4] < 0 || p[4] > 2 || p[5] < 0 || p[5] > 4) throw std::invalid_argument("tables: unknown init or optimizer");
     ref.init = static_cast<embps::Init>(p[4]);
     ref.opt = static_cast<embps::Optimizer>(p[5]);
+    check_state_width(ref.opt, ref.dim, ref.state_width);
     ref.prev_step = static_cast<uint32_t>(p[6]);
     ref.scale = r[0];
     ref.state_init = static_cast<float>(r[1]);
@@ -255,7 +270,7 @@ NB_MODULE(_embps_native, m) {
              nb::gil_scoped_release release;
              self.find(keys.data(), static_cast<int64_t>(keys.shape(0)), rows.data());
            },
-           "keys"_a, "rows"_a)
+           "keys"_a, "rows"_a.noconvert())
       .def("find_or_insert",
            [](embps::HashMap& self, Keys keys, Rows rows, Array<uint8_t, nb::ndim<1>> inserted) {
              check_same_length("rows", rows.shape(0), keys.shape(0));
@@ -264,28 +279,28 @@ NB_MODULE(_embps_native, m) {
              self.find_or_insert(keys.data(), static_cast<int64_t>(keys.shape(0)), rows.data(),
                                  inserted.data());
            },
-           "keys"_a, "rows"_a, "inserted"_a)
+           "keys"_a, "rows"_a.noconvert(), "inserted"_a.noconvert())
       .def("erase",
            [](embps::HashMap& self, Keys keys, Rows rows) {
              check_same_length("rows", rows.shape(0), keys.shape(0));
              nb::gil_scoped_release release;
              self.erase(keys.data(), static_cast<int64_t>(keys.shape(0)), rows.data());
            },
-           "keys"_a, "rows"_a)
+           "keys"_a, "rows"_a.noconvert())
       .def("export",
            [](const embps::HashMap& self, Rows keys, Rows rows) {
              check_same_length("rows", rows.shape(0), keys.shape(0));
              nb::gil_scoped_release release;
              self.export_all(keys.data(), rows.data(), keys.shape(0));
            },
-           "keys"_a, "rows"_a)
+           "keys"_a.noconvert(), "rows"_a.noconvert())
       .def_prop_ro("num_free_rows", &embps::HashMap::num_free_rows)
       .def("export_free_rows",
            [](const embps::HashMap& self, Array<uint32_t, nb::ndim<1>> out) {
              nb::gil_scoped_release release;
              self.export_free_rows(out.data(), out.shape(0));
            },
-           "out"_a)
+           "out"_a.noconvert())
       .def("restore",
            [](embps::HashMap& self, Keys keys, Keys rows, uint64_t num_rows, Array<const uint32_t, nb::ndim<1>> free) {
              check_same_length("rows", rows.shape(0), keys.shape(0));
@@ -306,7 +321,7 @@ NB_MODULE(_embps_native, m) {
              nb::gil_scoped_release release;
              self.find(keys.data(), static_cast<int64_t>(keys.shape(0)), rows.data());
            },
-           "keys"_a, "rows"_a)
+           "keys"_a, "rows"_a.noconvert())
       .def("find_or_insert",
            [](embps::FlatHashMap& self, Keys keys, Rows rows, Array<uint8_t, nb::ndim<1>> inserted) {
              check_same_length("rows", rows.shape(0), keys.shape(0));
@@ -315,7 +330,7 @@ NB_MODULE(_embps_native, m) {
              self.find_or_insert(keys.data(), static_cast<int64_t>(keys.shape(0)), rows.data(),
                                  inserted.data());
            },
-           "keys"_a, "rows"_a, "inserted"_a);
+           "keys"_a, "rows"_a.noconvert(), "inserted"_a.noconvert());
 
   m.def("mix64",
         [](Keys keys, Array<uint64_t, nb::ndim<1>> out) {
@@ -323,7 +338,7 @@ NB_MODULE(_embps_native, m) {
           nb::gil_scoped_release release;
           for (size_t i = 0; i < keys.shape(0); ++i) out.data()[i] = embps::mix64(static_cast<uint64_t>(keys.data()[i]));
         },
-        "keys"_a, "out"_a);
+        "keys"_a, "out"_a.noconvert());
 
   m.def("first_out_of_range",
         [](Array<const float> values, float limit) -> int64_t {
@@ -357,26 +372,26 @@ NB_MODULE(_embps_native, m) {
                              static_cast<int64_t>(keys.shape(0)), static_cast<int64_t>(out.shape(1)),
                              out.data(), static_cast<int64_t>(out.shape(1)));
         },
-        "seed"_a, "kind"_a.noconvert(), "scale"_a, "keys"_a, "out"_a);
+        "seed"_a, "kind"_a.noconvert(), "scale"_a, "keys"_a, "out"_a.noconvert());
 
   m.def("gather",
         [](Array<const uint64_t, nb::ndim<1>> blocks, int shift, int64_t width, Keys rows,
            int64_t col, Array<float, nb::ndim<2>> out) {
           check_same_length("out", out.shape(0), rows.shape(0));
           const int64_t num_cols = static_cast<int64_t>(out.shape(1));
-          if (col < 0 || col + num_cols > width) throw std::invalid_argument("columns outside the row");
+          if (col < 0 || num_cols > width || col > width - num_cols) throw std::invalid_argument("columns outside the row");
           const embps::BlockStore store = make_store(blocks, shift, width);
           nb::gil_scoped_release release;
           embps::gather(store, rows.data(), static_cast<int64_t>(rows.shape(0)), col, num_cols, out.data());
         },
-        "blocks"_a, "shift"_a, "width"_a, "rows"_a, "col"_a, "out"_a);
+        "blocks"_a, "shift"_a, "width"_a, "rows"_a, "col"_a, "out"_a.noconvert());
 
   m.def("scatter",
         [](Array<const uint64_t, nb::ndim<1>> blocks, int shift, int64_t width, Keys rows,
            int64_t col, Array<const float, nb::ndim<2>> src) {
           check_same_length("src", src.shape(0), rows.shape(0));
           const int64_t num_cols = static_cast<int64_t>(src.shape(1));
-          if (col < 0 || col + num_cols > width) throw std::invalid_argument("columns outside the row");
+          if (col < 0 || num_cols > width || col > width - num_cols) throw std::invalid_argument("columns outside the row");
           const embps::BlockStore store = make_store(blocks, shift, width);
           nb::gil_scoped_release release;
           embps::scatter(store, rows.data(), static_cast<int64_t>(rows.shape(0)), col, num_cols, src.data());
@@ -410,7 +425,7 @@ NB_MODULE(_embps_native, m) {
           return embps::dedupe_sum(keys.data(), grads, weights, static_cast<int64_t>(n), dim,
                                    unique_keys.data(), sums.data(), counts.data());
         },
-        "keys"_a, "grads"_a.none(), "weights"_a.none(), "unique_keys"_a, "sums"_a, "counts"_a);
+        "keys"_a, "grads"_a.none(), "weights"_a.none(), "unique_keys"_a.noconvert(), "sums"_a.noconvert(), "counts"_a.noconvert());
 
   m.def("apply_update",
         [](embps::Optimizer optimizer, Array<const double, nb::ndim<1>> hyper, Array<const uint64_t, nb::ndim<1>> blocks,
@@ -418,6 +433,7 @@ NB_MODULE(_embps_native, m) {
            Array<const float, nb::ndim<2>> grads, Keys counts, uint32_t step) {
           if (hyper.shape(0) < 4) throw std::invalid_argument("hyper-parameters: expected 4 values");
           if (dim + state_width + 2 != width) throw std::invalid_argument("width != dim + state_width + 2");
+          check_state_width(optimizer, dim, state_width);
           check_same_length("grads", grads.shape(0), rows.shape(0));
           check_same_length("counts", counts.shape(0), rows.shape(0));
           if (static_cast<int64_t>(grads.shape(1)) != dim) throw std::invalid_argument("grads: wrong dim");
@@ -446,7 +462,7 @@ NB_MODULE(_embps_native, m) {
           nb::gil_scoped_release release;
           embps::lookup_multi(tables, keys.data(), offsets.data(), out.data());
         },
-        "maps"_a, "blocks"_a, "params"_a, "reals"_a, "seeds"_a, "keys"_a, "offsets"_a, "out"_a);
+        "maps"_a, "blocks"_a, "params"_a, "reals"_a, "seeds"_a, "keys"_a, "offsets"_a, "out"_a.noconvert());
 
   // The same into a new bytes object, with no copy after the gather: a whole serialised reply,
   // `header` (its other fields, serialised) and then the values as its length-delimited field
@@ -507,7 +523,7 @@ NB_MODULE(_embps_native, m) {
                             updated_keys.data(), num_updated.data(), num_inserted.data());
         },
         "maps"_a, "blocks"_a, "params"_a, "reals"_a, "seeds"_a, "keys"_a, "offsets"_a, "grads"_a, "counts"_a.none(),
-        "steps"_a, "updated_keys"_a, "num_updated"_a, "num_inserted"_a);
+        "steps"_a, "updated_keys"_a.noconvert(), "num_updated"_a.noconvert(), "num_inserted"_a.noconvert());
 
   m.def("unique_by_table",
         [](Array<const int64_t, nb::ndim<2>> keys, Keys group, int64_t num_groups, Rows unique, Rows offsets,
@@ -522,7 +538,7 @@ NB_MODULE(_embps_native, m) {
           return embps::unique_by_table(keys.data(), static_cast<int64_t>(b), static_cast<int64_t>(f), group.data(),
                                         num_groups, unique.data(), offsets.data(), inverse.data(), counts.data());
         },
-        "keys"_a, "group"_a, "num_groups"_a, "unique"_a, "offsets"_a, "inverse"_a, "counts"_a);
+        "keys"_a, "group"_a, "num_groups"_a, "unique"_a.noconvert(), "offsets"_a.noconvert(), "inverse"_a.noconvert(), "counts"_a.noconvert());
 
   // A client's many-table request (csrc/multi_table.h): one dedupe for every table.
   m.def("unique_by_segment",
@@ -542,7 +558,7 @@ NB_MODULE(_embps_native, m) {
           return embps::unique_by_segment(keys.data(), offsets.data(), g, unique.data(), unique_offsets.data(),
                                           inverse.data());
         },
-        "keys"_a, "offsets"_a, "unique"_a, "unique_offsets"_a, "inverse"_a);
+        "keys"_a, "offsets"_a, "unique"_a.noconvert(), "unique_offsets"_a.noconvert(), "inverse"_a.noconvert());
 
   m.def("sum_by_table_key",
         [](Keys keys, Keys tags, Strided<const float, nb::ndim<2>> rows, nb::object counts_obj, int64_t num_groups,
@@ -579,6 +595,6 @@ NB_MODULE(_embps_native, m) {
                                          static_cast<int64_t>(m), static_cast<int64_t>(w), num_groups, unique.data(),
                                          sums.data(), count_sums, offsets.data());
         },
-        "keys"_a, "tags"_a, "rows"_a, "counts"_a.none(), "num_groups"_a, "unique"_a, "sums"_a, "count_sums"_a.none(),
-        "offsets"_a);
+        "keys"_a, "tags"_a, "rows"_a, "counts"_a.none(), "num_groups"_a, "unique"_a.noconvert(), "sums"_a.noconvert(), "count_sums"_a.none(),
+        "offsets"_a.noconvert());
 }

@@ -144,6 +144,19 @@ inline int64_t dedupe_sum(const int64_t* keys, const float* grads, const int64_t
 
 enum class Optimizer : int { kSgd = 0, kAdagrad = 1, kRowWiseAdagrad = 2, kAdam = 3, kFtrl = 4 };
 
+// Float32 state words a row of `opt` holds (ps/table/optimizers.py state_width): optimizer_step
+// reads and writes exactly these.
+inline int64_t state_words(Optimizer opt, int64_t dim) {
+  switch (opt) {
+    case Optimizer::kSgd: return 0;
+    case Optimizer::kAdagrad: return dim;
+    case Optimizer::kRowWiseAdagrad: return 1;
+    case Optimizer::kAdam: return 2 * dim + 1;
+    case Optimizer::kFtrl: return 2 * dim;
+  }
+  return -1;
+}
+
 // Row-wise Adagrad's step given sq, the sum of g[k]^2 added in element order.
 inline void rowwise_adagrad_step(const double* hp, float* w, float* s, const float* g, int64_t dim, float sq) {
   const float lr = static_cast<float>(hp[0]), eps = static_cast<float>(hp[1]);

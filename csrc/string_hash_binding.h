@@ -43,7 +43,8 @@ struct Column {
 inline Validity validity_of(nb::handle bits, int64_t offset, int64_t n, const std::string& what, Bytes& keep) {
   if (bits.is_none()) return Validity{};
   keep = nb::cast<Bytes>(bits);
-  if (offset < 0 || static_cast<int64_t>(keep.shape(0)) * 8 < offset + n) {
+  const int64_t bits_held = static_cast<int64_t>(keep.shape(0)) * 8;
+  if (offset < 0 || n < 0 || offset > bits_held || n > bits_held - offset) {
     throw std::invalid_argument(what + ": validity bitmap shorter than its rows");
   }
   return Validity{keep.data(), offset};
@@ -174,7 +175,7 @@ inline void bind_string_hash(nanobind::module_& m) {
           }
         }
       },
-      "columns"_a, "out"_a);
+      "columns"_a, "out"_a.noconvert());
 }
 
 }  // namespace embps
