@@ -33,6 +33,14 @@ from torch import nn
 from ps.process.malloc import tune_malloc_here
 
 
+def feature_rows(job) -> np.ndarray:
+    """(F,) int64: the rows of each sparse feature's TorchRec table, which its keys fold into (key
+    mod rows). A table shared by k features holds k x num_keys rows in embps (each feature's keys
+    are its own); TorchRec's gets as many, else the shared shape trained a table k times smaller."""
+    features = job.feature_tables()
+    return np.array([job.data.synthetic.num_keys * features.count(t) for t in features], dtype=np.int64)
+
+
 def _model(job, device: torch.device) -> tuple[nn.Module, list[str]]:
     from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
     from torchrec.modules.embedding_modules import EmbeddingBagCollection
@@ -41,12 +49,12 @@ def _model(job, device: torch.device) -> tuple[nn.Module, list[str]]:
 
     tables = {t.name: t for t in job.ps.tables}
     features = job.feature_tables()
-    rows = job.data.synthetic.num_keys
+    rows = feature_rows(job)
     configs = [
         EmbeddingBagConfig(
             name=name,
             embedding_dim=tables[name].dim,
-            num_embeddings=rows,
+            num_embeddings=int(rows[features.index(name)]),
             feature_names=[f"f{i}" for i, t in enumerate(features) if t == name],
             pooling=PoolingType.SUM,
         )
@@ -99,7 +107,7 @@ def run(config_path: Path, out: Path) -> None:
     dmp = DistributedModelParallel(module=model, device=device, plan=plan, sharders=sharders)
     dense = make_dense_optimizer(job, dict(in_backward_optimizer_filter(dmp.named_parameters())).values())
 
-    rows = job.data.synthetic.num_keys
+    rows = feature_rows(job)
     reader = iter(train_reader(job, rank, world_size))
 
     def inputs(batch):
