@@ -91,6 +91,11 @@ class ServeBenchConfig:
             raise ValueError("refine_steps, warmup_s, zipf: must be >= 0")
         if self.address is not None and self.address.count(":") < 1:
             raise ValueError(f"address: must be host:port, got {self.address!r}")
+        # A server of its own: no replica here to give threads to, and one table (`table`) looked up.
+        if self.address is not None and self.lookup_threads:
+            raise ValueError("lookup_threads: sets the threads of a replica this bench starts; not with address")
+        if self.address is not None and self.tables != 1:
+            raise ValueError(f"tables: with address one table is looked up (table = {self.table!r}), got {self.tables}")
 
     def load_spec(self, rate: float) -> LoadSpec:
         return LoadSpec(
@@ -317,8 +322,12 @@ def facts() -> dict[str, object]:
 
 
 def _server_cpu(system: dict) -> float | None:
+    """The server CPU per call of a system's run; None where the run had refused or failed calls
+    (its CPU is not that of the work offered: no CPU ratio or median rests on it)."""
     run = system.get("run") if system.get("status") == "ok" else None
-    return None if run is None else run.get("server_cpu_ms_per_call")
+    if run is None or run.get("error_count", 0):
+        return None
+    return run.get("server_cpu_ms_per_call")
 
 
 def median_round(results: list[dict]) -> dict:

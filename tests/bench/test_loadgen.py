@@ -55,6 +55,12 @@ def test_serve_bench_config_names_the_bad_field() -> None:
         ServeBenchConfig(repeat=2)  # a sweep: rounds only at a fixed rate
     with pytest.raises(ValueError, match="repeat"):
         ServeBenchConfig(rate=300, repeat=0)
+    # With a server of its own (address), the bench starts no replica to give threads to, and
+    # looks up one table: both were accepted, ignored or mislabelled.
+    with pytest.raises(ValueError, match="lookup_threads: sets the threads of a replica this bench starts"):
+        ServeBenchConfig(address="127.0.0.1:1", lookup_threads=(1, 2))
+    with pytest.raises(ValueError, match="tables: with address one table is looked up"):
+        ServeBenchConfig(address="127.0.0.1:1", tables=4)
 
 
 def test_rounds_give_the_median_round_and_ratios_within_each_round() -> None:
@@ -66,6 +72,12 @@ def test_rounds_give_the_median_round_and_ratios_within_each_round() -> None:
     assert chosen["run"]["server_cpu_ms_per_call"] == 0.2 and len(chosen["rounds"]) == 3
     assert median_round([system(0.5)]) == system(0.5)  # one round: as it is
     assert round_cpu_ratios(rounds) == {"redis": [pytest.approx(2 / 3), 2.0, None]}
+    # A round whose run refused or failed calls gives no CPU figure: its CPU is not the work offered.
+    shed = {"status": "ok", "run": {"server_cpu_ms_per_call": 0.05, "error_count": 12}}
+    assert round_cpu_ratios({"embps": [shed, system(0.1)], "redis": [system(0.2), system(0.2)]}) == {
+        "redis": [None, 2.0]
+    }
+    assert median_round([shed, system(0.3), system(0.1)])["run"]["server_cpu_ms_per_call"] == 0.1
 
 
 def test_low_rate_run_is_counted_from_the_schedule() -> None:
@@ -101,3 +113,20 @@ def test_closed_loop_run_counts_every_call_from_its_send() -> None:
     assert run["error_count"] == 0 and run["generator_errors"] == {} and run["ok"] == run["requests"] > 0
     assert run["sent_qps"] == run["offered_qps"]  # a closed loop schedules a call by sending it
     assert run["service_latency_ms"]["p99"] <= run["latency_ms"]["max"]
+
+
+def test_cpu_per_call_is_per_answered_call() -> None:
+    """1,000 answered calls on 1 s of server CPU, and 1,000 shed ones that cost next to nothing:
+    0.5 ms a call was reported (every call that completed), where the answered ones cost 1.0."""
+    from bench.histogram import LogHistogram
+    from bench.loadgen import OK, _merge
+
+    empty = LogHistogram().to_dict()
+    report = {
+        "latency": empty, "send_lag": empty, "service_latency": empty, "error_latency": {},
+        "codes": {OK: 1000, "RESOURCE_EXHAUSTED": 1000}, "scheduled": 2000, "sent": 2000, "window_start": 0.0,
+        "last_ok_done": 1.0, "ok_total": 1000, "cpu_s": 0.5, "generator": "python",
+    }
+    run = _merge("embps", LoadSpec(rate=2000.0, duration_s=1.0), [report], server_cpu=1.0, wall_s=1.0)
+    assert run["server_cpu_ms_per_call"] == pytest.approx(1.0)
+    assert run["client_cpu_ms_per_call"] == pytest.approx(0.5)
