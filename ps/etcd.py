@@ -14,9 +14,10 @@ all the arbiter (ps/shard/arbiter.py) needs, so no gRPC etcd client is pulled in
 from __future__ import annotations
 
 import base64
+import http.client
 import json
-import urllib.error
-import urllib.request
+import time
+import urllib.parse
 from dataclasses import dataclass
 
 DEFAULT_TIMEOUT_S = 1.0
@@ -49,26 +50,79 @@ def _unb64(text: str) -> str:
     return base64.b64decode(text).decode()
 
 
+def parse_endpoints(text: str) -> list[str]:
+    """'http://host:port[,...]' -> the endpoints; ValueError naming `arbiter.endpoints` otherwise
+    (a port that is not a number passed the scheme check and failed at the first call)."""
+    endpoints = [e.strip().rstrip("/") for e in text.split(",")] if isinstance(text, str) else []
+    if not endpoints or not all(endpoints):
+        raise ValueError(f"arbiter.endpoints: expected http://host:port[,...], got {text!r}")
+    for endpoint in endpoints:
+        parts = urllib.parse.urlsplit(endpoint)
+        try:
+            port = parts.port
+        except ValueError:
+            port = None
+        if parts.scheme not in ("http", "https") or not parts.hostname or port is None:
+            raise ValueError(f"arbiter.endpoints: {endpoint!r} is not http[s]://host:port")
+    return endpoints
+
+
 class EtcdClient:
-    """etcd at `endpoint` ("http://host:port"; several, comma-separated: tried in order)."""
+    """etcd at `endpoint` ("http://host:port"; several, comma-separated). A call goes to the member
+    that answered last, then to the others in turn; each try has `timeout_s` in all (connecting,
+    sending, the whole answer), not per socket read: a member that trickles its answer, or hangs,
+    costs a call at most that."""
 
     def __init__(self, endpoint: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
-        self.endpoints = [e.strip().rstrip("/") for e in endpoint.split(",") if e.strip()]
-        if not self.endpoints or not all(e.startswith(("http://", "https://")) for e in self.endpoints):
-            raise ValueError(f"arbiter.endpoints: expected http://host:port[,...], got {endpoint!r}")
+        self.endpoints = parse_endpoints(endpoint)
         self.timeout_s = timeout_s
+        self._answered = 0  # index of the member that answered last: a hung one listed first costs once
 
     def _post(self, path: str, body: dict) -> dict:
         data = json.dumps(body).encode()
         last: Exception | None = None
-        for endpoint in self.endpoints:
-            request = urllib.request.Request(endpoint + path, data, {"Content-Type": "application/json"})
+        for i in range(len(self.endpoints)):
+            index = (self._answered + i) % len(self.endpoints)
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout_s) as reply:
-                    return json.loads(reply.read() or b"{}")
-            except (urllib.error.URLError, OSError, ValueError) as exc:
+                reply = self._post_to(self.endpoints[index], path, data)
+            except (OSError, ValueError, http.client.HTTPException) as exc:
                 last = exc
+                continue
+            self._answered = index
+            return reply
         raise EtcdUnavailableError(f"etcd {','.join(self.endpoints)}: {path}: {last}")
+
+    def _post_to(self, endpoint: str, path: str, data: bytes) -> dict:
+        """One try at one member, within timeout_s in all; the answer must be a JSON object."""
+        deadline = time.monotonic() + self.timeout_s
+        parts = urllib.parse.urlsplit(endpoint)
+        kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        connection = kind(parts.hostname, parts.port, timeout=self.timeout_s)
+        try:
+            # One call, one connection (as urllib did): the answer ends where the connection does.
+            headers = {"Content-Type": "application/json", "Connection": "close"}
+            connection.request("POST", parts.path + path, data, headers)
+            sock = connection.sock  # kept: the connection lets go of it once the answer says close
+            sock.settimeout(max(1e-3, deadline - time.monotonic()))
+            response = connection.getresponse()
+            body = bytearray()
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"no whole answer within {self.timeout_s:g} s")
+                sock.settimeout(left)
+                chunk = response.read1(1 << 16)
+                if not chunk:
+                    break
+                body += chunk
+            if response.status != 200:
+                raise ValueError(f"HTTP {response.status} {response.reason}: {bytes(body[:200])!r}")
+            reply = json.loads(body or b"{}")
+            if not isinstance(reply, dict):
+                raise ValueError(f"not a JSON object: {bytes(body[:200])!r}")
+            return reply
+        finally:
+            connection.close()
 
     def grant(self, ttl: int) -> Lease:
         reply = self._post("/v3/lease/grant", {"TTL": int(ttl)})

@@ -45,6 +45,7 @@ import numpy as np
 
 from ps import toml_writer
 from ps.errors import ConfigTypeError
+from ps.etcd import parse_endpoints
 from ps.names import NAME_RULE, is_name
 from ps.security import SecurityConfig, dump_security, parse_security
 from ps.sharding import ShardMap
@@ -270,9 +271,7 @@ def _parse_arbiter(raw: object) -> ArbiterConfig:
     arbiter = build_config(ArbiterConfig, raw, "arbiter")
     if not isinstance(arbiter.endpoints, str) or not arbiter.endpoints.strip():
         raise ValueError(f"arbiter.endpoints: must be 'http://host:port[,...]' (etcd), got {arbiter.endpoints!r}")
-    for endpoint in arbiter.endpoints.split(","):
-        if not endpoint.strip().startswith(("http://", "https://")):
-            raise ValueError(f"arbiter.endpoints: {endpoint.strip()!r} must start with http:// or https://")
+    parse_endpoints(arbiter.endpoints)
     _check_int("arbiter.lease_seconds", arbiter.lease_seconds, 1, 3600)
     return arbiter
 

@@ -66,9 +66,18 @@ class Arbiter:
         self.unanswered: UnansweredTake | None = None  # the last take_primary, when its answer was lost
 
     def read(self) -> tuple[Membership | None, int]:
-        """The record and its mod revision (None, 0 when there is none)."""
+        """The record and its mod revision (None, 0 when there is none). A record that does not
+        parse (written by something else) is EtcdUnavailableError: neither process acts on it, both
+        retry, as with etcd out of reach (it escaped every retry loop, ending its task)."""
         kv = self.etcd.get(self.key)
-        return (None, 0) if kv is None else (Membership.load(kv.value), kv.mod_revision)
+        if kv is None:
+            return None, 0
+        try:
+            return Membership.load(kv.value), kv.mod_revision
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise EtcdUnavailableError(
+                f"etcd {self.key}: not a membership record ({exc!r}): {kv.value[:200]!r}"
+            ) from None
 
     def leader_alive(self) -> bool:
         """Whether some process holds the shard's lease (its leader key exists)."""

@@ -1,0 +1,156 @@
+"""EtcdClient against members that misbehave: every failure is EtcdUnavailableError within the
+call's time, and a member that hangs costs one call, not every call (the lease's renewals go on)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+
+from ps.etcd import EtcdClient, EtcdUnavailableError, Lease
+
+KEEPALIVE = b'{"result":{"TTL":"2"}}'
+
+
+@contextmanager
+def member(answer) -> Iterator[str]:
+    """A one-purpose HTTP server: answer(connection) writes whatever reply it likes, after the
+    request's headers are read; yields its endpoint."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+    held: list[socket.socket] = []
+
+    def serve() -> None:
+        listener.settimeout(0.05)
+        while not stop.is_set():
+            try:
+                connection, _ = listener.accept()
+            except TimeoutError:
+                continue
+            held.append(connection)
+            threading.Thread(target=handle, args=(connection,), daemon=True).start()
+
+    def handle(connection: socket.socket) -> None:
+        try:
+            connection.settimeout(5)
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += connection.recv(65536)
+            answer(connection, stop)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join()
+        for connection in held:
+            connection.close()
+        listener.close()
+
+
+def healthy(connection: socket.socket, stop: threading.Event) -> None:
+    connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                       % (len(KEEPALIVE), KEEPALIVE))
+
+
+def truncated(connection: socket.socket, stop: threading.Event) -> None:  # 100 bytes promised, 10 sent
+    connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{\"result\":")
+    connection.close()
+
+
+def chunk_cut(connection: socket.socket, stop: threading.Event) -> None:  # etcd restarting mid-answer
+    connection.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n40\r\n{\"result\":{")
+    connection.close()
+
+
+def garbage(connection: socket.socket, stop: threading.Event) -> None:
+    connection.sendall(b"garbage\r\n\r\n")
+    connection.close()
+
+
+def not_an_object(connection: socket.socket, stop: threading.Event) -> None:
+    connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n[]")
+
+
+def trickle(connection: socket.socket, stop: threading.Event) -> None:  # a byte every 0.2 s
+    connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(KEEPALIVE))
+    for byte in KEEPALIVE:
+        if stop.wait(0.2):
+            return
+        connection.sendall(bytes([byte]))
+
+
+def hang(connection: socket.socket, stop: threading.Event) -> None:
+    stop.wait()
+
+
+@pytest.mark.parametrize("answer", [truncated, chunk_cut, garbage, not_an_object, trickle, hang])
+def test_a_member_that_misbehaves_is_unavailable_within_the_call_s_time(answer):
+    """http.client's errors (a cut answer, a bad status line) escaped as themselves, past every
+    `except EtcdUnavailableError`, and ended the shard's lease renewals for good; a trickled answer
+    took 19.5 s of a 1 s call (the timeout was per socket read)."""
+    with member(answer) as endpoint:
+        client = EtcdClient(endpoint, timeout_s=0.5)
+        started = time.monotonic()
+        with pytest.raises(EtcdUnavailableError):
+            client.keepalive(Lease(1, 2))
+        assert time.monotonic() - started < 2.0
+
+
+def test_a_hung_member_listed_first_costs_one_call_then_the_one_that_answers_is_asked_first():
+    with member(hang) as hung, member(healthy) as good:
+        client = EtcdClient(f"{hung},{good}", timeout_s=0.5)
+        started = time.monotonic()
+        assert client.keepalive(Lease(1, 2)) == 2
+        first = time.monotonic() - started
+        started = time.monotonic()
+        for _ in range(5):
+            assert client.keepalive(Lease(1, 2)) == 2
+        assert first >= 0.5 and time.monotonic() - started < 0.5, "every call waited on the hung member first"
+
+
+def test_a_record_that_is_no_membership_is_unavailable_and_a_failed_pair_task_deposes():
+    """A record at the shard's key that does not parse raised ValueError past every retry loop;
+    and any replication task that raises what it does not handle ended silently (the lease's
+    renewals with it): the process then answered nothing, for good, and did not stop."""
+    import asyncio
+    import base64
+    import json
+    from types import SimpleNamespace
+
+    from ps.job_config import ArbiterConfig
+    from ps.shard.arbiter import Arbiter
+    from ps.shard.replication import Replication
+
+    value = base64.b64encode(b"not json").decode()
+    reply = json.dumps({"kvs": [{"key": "", "value": value, "mod_revision": "3", "create_revision": "3"}]}).encode()
+
+    def corrupt(connection: socket.socket, stop: threading.Event) -> None:
+        connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(reply), reply))
+
+    with member(corrupt) as endpoint:
+        arbiter = Arbiter(ArbiterConfig(endpoints=endpoint, lease_seconds=2), "job", 0, "127.0.0.1:1")
+        with pytest.raises(EtcdUnavailableError, match="not a membership record"):
+            arbiter.read()
+
+    async def fail() -> None:
+        raise RuntimeError("a bug")
+
+    async def run() -> list[str]:
+        deposed: list[str] = []
+        told = asyncio.Event()
+        pair = SimpleNamespace(describe=lambda: "shard 0", _depose=lambda why: (deposed.append(why), told.set()))
+        task = asyncio.ensure_future(fail())
+        task.add_done_callback(lambda t: Replication._task_ended(pair, t))
+        await asyncio.wait_for(told.wait(), timeout=10)
+        return deposed
+
+    assert asyncio.run(run()) == ["a replication task failed: RuntimeError('a bug')"]
