@@ -212,7 +212,18 @@ class Replication:
         event.set()
 
     def _spawn(self, coro) -> None:
-        self._tasks.append(asyncio.ensure_future(coro))
+        task = asyncio.ensure_future(coro)
+        task.add_done_callback(self._task_ended)
+        self._tasks.append(task)
+
+    def _task_ended(self, task: asyncio.Task) -> None:
+        """A task of the pair (lease renewal, the standby's stream, the watch of the primary) that
+        raised what it does not handle ended silently, and with it, say, the lease's renewals: the
+        process then answered nothing, for good. It stops instead (deposed), for a restart."""
+        if task.cancelled() or task.exception() is None:
+            return
+        log.critical("%s: a replication task failed", self.describe(), exc_info=task.exception())
+        self._depose(f"a replication task failed: {task.exception()!r}")
 
     async def stop(self) -> None:
         """Ends the replication's tasks (a shard that is stopping), and with them its link: a push

@@ -801,7 +801,11 @@ class ShardPort:
 
         self.services.open(add_servicers, bulk)
         if replication is not None:
-            await replication.start()
+            try:
+                await replication.start()
+            except asyncio.CancelledError:  # stopped while it waited on the arbiter or its partner
+                await replication.stop()
+                raise
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         return servicer
@@ -953,7 +957,19 @@ async def _serve(
         if isinstance(shard, int):
             await server.stop(None)
             return shard
-    servicer = await shard_port.open(shard, restore_step, subscribe_memory_bytes)
+    # A pair's process may wait here for long (etcd out of reach, an earlier run's lease): a SIGTERM
+    # meanwhile ends it (it waited on, and was SIGKILLed at the end of every grace period).
+    opening = asyncio.ensure_future(shard_port.open(shard, restore_step, subscribe_memory_bytes))
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({opening, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
+    if not opening.done():
+        log.info("shard %d: stopped before it could serve", shard_index)
+        opening.cancel()
+        await asyncio.gather(opening, return_exceptions=True)
+        await server.stop(None)
+        return 0
+    servicer = opening.result()
     servicer.call_site.stream_stall_seconds = stream_stall_seconds
     log.info("shard %d of job %r serving", shard_index, job.job)
     await stop.wait()

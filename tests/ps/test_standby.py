@@ -28,7 +28,9 @@ import dataclasses
 import json
 import os
 import random
+import re
 import signal
+import socket
 import threading
 import time
 import urllib.request
@@ -42,7 +44,7 @@ import pytest
 from bench.ports import free_ports
 from ps import wire
 from ps.client import PSClient
-from ps.job_config import ArbiterConfig, Deadlines, JobConfig, ShardConfig
+from ps.job_config import ArbiterConfig, Deadlines, JobConfig, ShardConfig, dump_job_config
 from ps.process.children import stop as stop_pid
 from ps.rpc import ps_pb2, ps_pb2_grpc, replication_pb2, serving_pb2, snapshot_pb2, snapshot_pb2_grpc
 from ps.shard.arbiter import Arbiter, Membership
@@ -598,9 +600,13 @@ def test_job_config_standby_needs_an_arbiter():
     with pytest.raises(ValueError, match=r"shards\[0\]\.standby: '127.0.0.1:1' is also shards\[0\]\.address"):
         parse_job_config(doc)
     doc["shards"][0]["standby"] = "127.0.0.1:2"
-    doc["arbiter"] = {"endpoints": "127.0.0.1:2379"}
-    with pytest.raises(ValueError, match=r"arbiter\.endpoints: '127.0.0.1:2379' must start with http://"):
-        parse_job_config(doc)
+    # A port that is no number passed, then the shard's first etcd call ended it with a traceback.
+    for endpoints, bad in (("127.0.0.1:2379", "127.0.0.1:2379"), ("http://127.0.0.1:23x79", "http://127.0.0.1:23x79"),
+                           ("http://127.0.0.1", "http://127.0.0.1"), ("http://a:1,,http://b:2", None)):
+        doc["arbiter"] = {"endpoints": endpoints}
+        message = rf"arbiter\.endpoints: '{re.escape(bad)}' is not http\[s\]://host:port" if bad else "expected http"
+        with pytest.raises(ValueError, match=message):
+            parse_job_config(doc)
     doc["arbiter"] = {"endpoints": "http://127.0.0.1:2379", "lease_seconds": 0}
     with pytest.raises(ValueError, match=r"arbiter\.lease_seconds: must be in \[1, 3600\], got 0"):
         parse_job_config(doc)
@@ -629,3 +635,23 @@ def test_job_config_standbys_with_tokens_need_the_shard_token():
     alone = {k: v for k, v in doc.items() if k != "arbiter"} | {"shards": [{"address": "127.0.0.1:1"}]}
     assert parse_job_config(alone).security.tokens.shard is None
     assert not parse_job_config({k: v for k, v in doc.items() if k != "security"}).security.auth
+
+
+def test_a_primary_waiting_for_etcd_at_start_stops_on_sigterm(tmp_path):
+    """A pair's process waits at start for the arbiter (out of reach here), and waited on through
+    SIGTERM: every stop of a job or a pod ended in SIGKILL at the end of its grace period."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{taken.getsockname()[1]}"  # nothing listens once it is closed
+    job = pair_job(dead, "waiting")
+    config_path = tmp_path / "job.toml"
+    config_path.write_text(dump_job_config(job))
+    log_path = tmp_path / "shard.log"
+    proc = start_shard(config_path, 0, log_path)
+    try:
+        wait_until(lambda: "arbiter unreachable at start" in log_path.read_text(), "the shard to wait for etcd")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        assert "stopped before it could serve" in log_path.read_text()
+    finally:
+        stop_pid(proc)
