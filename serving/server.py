@@ -395,7 +395,10 @@ async def create_server(
         [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
     )
     address = address if address is not None else config.listen
-    port = server.add_insecure_port(address) if gated else add_port(server, address, config.job.security)
+    try:
+        port = server.add_insecure_port(address) if gated else add_port(server, address, config.job.security)
+    except RuntimeError:  # grpc's "Failed to bind": the port is taken, or the host is not ours
+        port = 0
     if port == 0:
         raise OSError(f"listen: cannot bind {address}")
     token_auth = next((i for i in auth if isinstance(i, TokenAuth)), None)
@@ -477,13 +480,23 @@ async def _serve_on(
     without_gate: str | None,
 ) -> int:
     gated = directory is not None
-    server, port, servicer, health, token_auth = await create_server(
-        config, directory.upstream if gated else None, metrics=metrics, gated=gated
-    )
+    try:
+        server, port, servicer, health, token_auth = await create_server(
+            config, directory.upstream if gated else None, metrics=metrics, gated=gated
+        )
+    except OSError as exc:  # a port taken is one line naming the field, as for `embps ps`, not a traceback
+        log.error("%s (the port is taken, or the host is not this machine's)", exc)
+        return 1
     lookups = gate_lookups(servicer.replica, token_auth) if gated else None
     if lookups is not None:
         metrics.add_native_calls(lookups)
-    metrics_port = metrics.serve(config.metrics_port, config.host)
+    try:
+        metrics_port = metrics.serve(config.metrics_port, config.host)
+    except OSError as exc:
+        log.error("metrics_port: cannot serve /metrics on %s:%d: %s", config.host, config.metrics_port,
+                  exc.strerror or exc)
+        await server.stop(None)
+        return 1
     metrics.add_stream_gauges(servicer.replica.followers, list(servicer.replica.tables.values()))
     stop = asyncio.Event()
     followers = {asyncio.create_task(f.run()): f"table {f.replica.name} shard {f.shard}'s follower"
@@ -501,10 +514,15 @@ async def _serve_on(
         if gated:
             if config.job.security.tls:
                 identity = GateIdentity(config.job.security, directory.path)
-            gate = ServingGate(
-                config.listen, directory.upstream, LOOKUP_METHODS, lookups, config.max_queue, message_limit(config),
-                identity, config.max_queue_bytes, config.lookup_threads, config.client_stall_seconds,
-            )
+            try:
+                gate = ServingGate(
+                    config.listen, directory.upstream, LOOKUP_METHODS, lookups, config.max_queue,
+                    message_limit(config), identity, config.max_queue_bytes, config.lookup_threads,
+                    config.client_stall_seconds,
+                )
+            except OSError as exc:
+                log.error("%s (the port is taken, or the host is not this machine's)", exc)
+                return 1
             port = gate.port
             counts = GateCounts(gate)
             metrics.replace_queue_metrics(counts)
