@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 
@@ -16,7 +17,10 @@ namespace embps {
 // ---- float16 ----
 
 uint16_t reply_float_to_half(float f) {
-  _Float16 h = static_cast<_Float16>(f);  // IEEE round to nearest even, as numpy's astype
+  // A finite value beyond the range saturates at +-65504, as a float16 table stores it (ps/wire.py
+  // to_float16); inf and NaN stay. Then IEEE round to nearest even, as numpy's astype.
+  if (std::isfinite(f)) f = std::fmin(std::fmax(f, -65504.0f), 65504.0f);
+  _Float16 h = static_cast<_Float16>(f);
   uint16_t bits;
   std::memcpy(&bits, &h, 2);
   return bits;

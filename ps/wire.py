@@ -74,6 +74,19 @@ def encode_values(values: np.ndarray, dim: int, name: str = "values") -> bytes:
     return values_buffer(values, name).tobytes()
 
 
+FLOAT16_MAX = 65504.0  # the largest finite binary16
+
+
+def to_float16(values: np.ndarray) -> np.ndarray:
+    """float32 values -> float16, as a float16 table stores them (csrc/row_codec.h): a finite value
+    beyond the range saturates at +-65504, where numpy's astype made it +-inf; inf and NaN stay."""
+    values = np.asarray(values, dtype=np.float32)
+    beyond = np.isfinite(values) & (np.abs(values) > FLOAT16_MAX)
+    if beyond.any():
+        values = np.where(beyond, np.copysign(np.float32(FLOAT16_MAX), values), values)
+    return values.astype(np.float16)
+
+
 def values_buffer(values: np.ndarray, name: str = "values") -> np.ndarray:
     """float32 values of any shape as a C-contiguous little-endian array (the same array when it is
     one already): their bytes as encode_values writes them, for ps/bulk_messages.py."""

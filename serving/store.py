@@ -32,7 +32,7 @@ import time
 
 import numpy as np
 
-from ps import native
+from ps import native, wire
 from ps.sharding import ShardMap
 from ps.table.config import Storage, TableConfig
 from ps.table.init import init_values
@@ -144,16 +144,16 @@ class ShardRows:
         if self.dtype == StorageDType.FLOAT32:
             return np.ascontiguousarray(values, dtype=np.float32)
         half = np.zeros((values.shape[0], 2 * self.width), dtype=np.float16)
-        half[:, : self.dim] = values
+        half[:, : self.dim] = wire.to_float16(values)
         return half.view(np.float32)
 
     def decode(self, words: np.ndarray, dtype: np.dtype = np.float32) -> np.ndarray:
         """words (n, width) -> values (n, dim) in dtype (float32 or float16)."""
         if self.dtype == StorageDType.FLOAT32:
-            return words if dtype == np.float32 else words.astype(dtype)
+            return words if dtype == np.float32 else wire.to_float16(words)
         if self.dtype == StorageDType.INT8:
             values = native.decode_words(Storage.INT8, words, self.dim)
-            return values if dtype == np.float32 else values.astype(dtype)
+            return values if dtype == np.float32 else wire.to_float16(values)
         half = words.view(np.float16)[:, : self.dim]
         return np.ascontiguousarray(half) if dtype == np.float16 else half.astype(dtype)
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ps import wire
 from ps.snapshot import storage
 from ps.snapshot.files import (
     MANIFEST,
@@ -200,7 +201,7 @@ def export_for_serving(
             if dtype == "stored" and state.encoded is not None:  # float16: the halves as stored
                 values = np.ascontiguousarray(state.encoded).view(np.float16)[:, :dim]
             else:
-                values = state.values.astype(np.float16) if dtype == "float16" else state.values
+                values = wire.to_float16(state.values) if dtype == "float16" else state.values
             writer.write_values_shard(name, shard, state.keys, values, state.version, state.step)
     for name in sorted(m.extra):
         writer.write_extra(name, newest.read_extra(name))
