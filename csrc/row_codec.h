@@ -295,6 +295,14 @@ inline void decode_value(Storage storage, const float* src, int64_t dim, float* 
   }
 }
 
+// 1 / scale of an int8 row, 0 where it is not a finite number: a row whose span is below ~7.5e-37
+// has a subnormal scale whose inverse is inf, and its minimum encoded (0 x inf = NaN) as code 255;
+// such a row encodes as one of equal values (every code 0: each value decodes to the minimum).
+inline float int8_inverse_scale(float scale) {
+  const float inv = scale > 0.0f ? 1.0f / scale : 0.0f;
+  return std::isfinite(inv) ? inv : 0.0f;
+}
+
 // Encodes dim float32 at `w` into the value words at `dst`, rounding with the draws of `base`;
 // `r` is scratch for (dim + 3) / 4 * 4 draws.
 inline void encode_value(Storage storage, const float* w, int64_t dim, uint64_t base, uint16_t* r, float* dst) {
@@ -308,7 +316,7 @@ inline void encode_value(Storage storage, const float* w, int64_t dim, uint64_t 
     float lo, hi;
     row_min_max(w, dim, &lo, &hi);
     const float scale = (hi - lo) / 255.0f;
-    const float inv = scale > 0.0f ? 1.0f / scale : 0.0f;
+    const float inv = int8_inverse_scale(scale);
     dst[0] = scale;
     dst[1] = lo;
     uint8_t* q = reinterpret_cast<uint8_t*>(dst + 2);
@@ -568,7 +576,7 @@ inline void update_encoded_rows(Optimizer opt, const double* hp, const BlockStor
         float hi;
         row_min_max(w + j * dim, dim, &lo[j], &hi);
         const float scale = (hi - lo[j]) / 255.0f;
-        inv[j] = scale > 0.0f ? 1.0f / scale : 0.0f;
+        inv[j] = int8_inverse_scale(scale);
         row[j][0] = scale;
         row[j][1] = lo[j];
       }

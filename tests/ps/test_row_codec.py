@@ -19,13 +19,16 @@ LOW = ["float16", "int8"]
 
 def awkward_values(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
     """Rows of every shape the codec must survive: ordinary, tiny (half subnormals), constant,
-    zero, large, mixed signs."""
+    zero, large, mixed signs, a span int8 cannot resolve."""
     values = rng.normal(scale=0.05, size=(n, dim)).astype(np.float32)
     values[1] = rng.normal(scale=1e-6, size=dim)
     values[2] = 0.125
     values[3] = 0.0
     values[4] = rng.normal(scale=3e4, size=dim)
     values[5, ::2] *= 1e3
+    if n > 6:  # a span below ~7.5e-37: int8's scale is subnormal, its inverse inf (every code was 255)
+        values[6] = 0.0
+        values[6, -1] = 1e-37
     return values
 
 
