@@ -28,6 +28,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <stdexcept>
 #include <vector>
 
@@ -102,19 +103,25 @@ inline float half_to_float(uint16_t h) {
   return bits_float(sign | select_bits(em >= 0x7C00u, special, finite));
 }
 
-// min and max of w[0, dim). On x86 with SSE min/max, whose result is exactly `a < b ? a : b`
-// per lane, four lanes at a time in four independent accumulators, so the comparisons of one
-// row wait on each other 4 times instead of 16 at dim 64 (min and max of finite values do not
-// depend on the order); the scalar form compiles to branches that mispredict on every new extreme.
+// min and max of w[0, dim); both NaN when any value is NaN (the row then decodes as NaN: SSE min/max
+// dropped a NaN, and the finite extreme beside it in its lane, and the row came back finite and
+// wrong). On x86 with SSE min/max, whose result is exactly `a < b ? a : b` per lane, four lanes at a
+// time in four independent accumulators, so the comparisons of one row wait on each other 4 times
+// instead of 16 at dim 64 (min and max of finite values do not depend on the order); the scalar
+// form compiles to branches that mispredict on every new extreme.
 inline void row_min_max(const float* w, int64_t dim, float* lo_out, float* hi_out) {
   float lo = w[0], hi = w[0];
+  bool nan = false;
   int64_t k = 0;
 #if defined(__SSE2__)
   if (dim >= 4) {
     __m128 vlo = _mm_loadu_ps(w), vhi = vlo;
+    __m128 vnan = _mm_cmpunord_ps(vlo, vlo);
     if (dim >= 16) {
       __m128 lo1 = _mm_loadu_ps(w + 4), lo2 = _mm_loadu_ps(w + 8), lo3 = _mm_loadu_ps(w + 12);
       __m128 hi1 = lo1, hi2 = lo2, hi3 = lo3;
+      __m128 nan1 = _mm_cmpunord_ps(lo1, lo2);
+      vnan = _mm_or_ps(vnan, _mm_cmpunord_ps(lo3, lo3));
       for (k = 16; k + 16 <= dim; k += 16) {
         const __m128 v0 = _mm_loadu_ps(w + k), v1 = _mm_loadu_ps(w + k + 4);
         const __m128 v2 = _mm_loadu_ps(w + k + 8), v3 = _mm_loadu_ps(w + k + 12);
@@ -126,7 +133,10 @@ inline void row_min_max(const float* w, int64_t dim, float* lo_out, float* hi_ou
         hi2 = _mm_max_ps(v2, hi2);
         lo3 = _mm_min_ps(v3, lo3);
         hi3 = _mm_max_ps(v3, hi3);
+        vnan = _mm_or_ps(vnan, _mm_cmpunord_ps(v0, v1));
+        nan1 = _mm_or_ps(nan1, _mm_cmpunord_ps(v2, v3));
       }
+      vnan = _mm_or_ps(vnan, nan1);
       vlo = _mm_min_ps(_mm_min_ps(lo1, vlo), _mm_min_ps(lo3, lo2));
       vhi = _mm_max_ps(_mm_max_ps(hi1, vhi), _mm_max_ps(hi3, hi2));
     } else {
@@ -136,6 +146,7 @@ inline void row_min_max(const float* w, int64_t dim, float* lo_out, float* hi_ou
       const __m128 v = _mm_loadu_ps(w + k);
       vlo = _mm_min_ps(v, vlo);
       vhi = _mm_max_ps(v, vhi);
+      vnan = _mm_or_ps(vnan, _mm_cmpunord_ps(v, v));
     }
     float l[4], h[4];
     _mm_storeu_ps(l, vlo);
@@ -146,12 +157,16 @@ inline void row_min_max(const float* w, int64_t dim, float* lo_out, float* hi_ou
       lo = l[j] < lo ? l[j] : lo;
       hi = h[j] > hi ? h[j] : hi;
     }
+    nan = _mm_movemask_ps(vnan) != 0;
   }
 #endif
   for (; k < dim; ++k) {
     lo = w[k] < lo ? w[k] : lo;
     hi = w[k] > hi ? w[k] : hi;
+    nan |= w[k] != w[k];
   }
+  nan |= lo != lo || hi != hi;  // w[0] NaN on the scalar path
+  if (nan) lo = hi = std::numeric_limits<float>::quiet_NaN();
   *lo_out = lo;
   *hi_out = hi;
 }

@@ -203,3 +203,27 @@ def test_bad_storage_is_refused_with_the_field_named():
         TableConfig(name="t", dim=4, storage="int8", device="cuda").validate()
     with pytest.raises(ValueError, match="kernels"):
         EmbeddingTable(TableConfig(name="t", dim=4, storage="float16"), kernels="torch")
+
+
+@pytest.mark.parametrize("dim", [3, 8, 32, 37])
+def test_an_int8_row_with_a_nan_decodes_as_nan_at_every_instruction_set(dim):
+    """A NaN (a row an optimizer took past float32's range) was dropped by the SIMD min and max,
+    with the finite extreme beside it in its lane: the row came back finite, NaN and extreme wrong.
+    Now the row's bias and scale are NaN and it decodes as NaN, as the reference does, the same
+    bytes at every instruction set."""
+    keys = np.arange(dim, dtype=np.int64)
+    values = np.tile(np.linspace(-1, 1, dim, dtype=np.float32), (dim, 1))
+    values[np.arange(dim), np.arange(dim)] = np.nan  # row i: the NaN at position i
+    encoded = []
+    try:
+        for level in range(native.cpu_isa() + 1):
+            native.set_isa_limit(level)
+            encoded.append(native.encode_words(Storage.INT8, 0, keys, 1, values).view(np.uint8))
+    finally:
+        native.set_isa_limit(2)
+    for words in encoded[1:]:
+        np.testing.assert_array_equal(words, encoded[0])
+    decoded = native.decode_words(Storage.INT8, encoded[0].view(np.float32), dim)
+    assert np.isnan(decoded).all()
+    with np.errstate(invalid="ignore"):  # the reference casts NaN to its codes
+        assert np.isnan(ref.decode("int8", ref.encode("int8", 0, keys, 1, values), dim)).all()
