@@ -25,7 +25,7 @@ log = logging.getLogger("embps.serving")
 def load_latest_export(source: ExportSource, replicas: dict[str, TableReplica]) -> int | None:
     """Fills `replicas` from the latest export under source; returns its step, or None (and
     leaves them empty) when no export was committed yet. ValueError when the export's shards or
-    dims disagree with the job (a replica must not serve another job's layout)."""
+    dims or its rows' shards disagree with the job (a replica must not serve another job's layout)."""
     from ps.snapshot import files as snapshot  # pyarrow comes with it; only replicas that load exports pay
 
     storage_config = StorageConfig.from_env()
@@ -54,8 +54,17 @@ def load_latest_export(source: ExportSource, replicas: dict[str, TableReplica]) 
             raise ValueError(f"export.uri: table {name!r} has dim {entry.dim} in step {step}, {replica.dim} in the job")
         for s in range(len(replica.shards)):
             keys, storage, values = export.load_stored_values(name, s)
+            keys = keys.astype("int64", copy=False)
+            # The same shard count under other bucket_ranges: rows a shard's stream never touches
+            # (they belong to another shard now) would be served as that shard's until a full copy.
+            elsewhere = int((replica.shard_map.shard_of(keys) != s).sum())
+            if elsewhere:
+                raise ValueError(
+                    f"export.uri: step {step}, table {name!r}, shard {s} holds {elsewhere:,} keys the job's "
+                    "shard map puts on other shards (exported under other bucket_ranges); export it again"
+                )
             rows = ShardRows(replica.dim, replica.dtype, version=entry.shards[s].version)
-            rows.upsert_rows(keys.astype("int64", copy=False), values, storage)
+            rows.upsert_rows(keys, values, storage)
             replica.replace_shard(s, rows)
         log.info("loaded table %r from export step %d: %d rows", name, step, replica.size)
     return step

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ps.sharding import ShardMap
-from ps.snapshot.files import open_snapshot
+from ps.snapshot.files import SnapshotWriter, open_snapshot
 from ps.snapshot.manifest import SnapshotError
 from ps.snapshot.ops import ShardSnapshotter, export_for_serving
 from ps.table.config import Initializer, TableConfig
@@ -245,3 +245,23 @@ def test_a_training_snapshot_is_not_loaded_as_an_export(tmp_path):
     assert replica.size == 0
     with pytest.raises(SnapshotError, match=r"step 2 is a training snapshot \(incremental\), not an export"):
         open_snapshot(str(tmp_path / "snap"), "job").load_stored_values("emb", 0)
+
+
+def test_an_export_sharded_under_other_bucket_ranges_is_refused(tmp_path):
+    """The shard count was checked, not which shard each row is on: under other bucket_ranges a
+    shard served rows its stream never touches (another shard's now) until a full copy."""
+    uniform = ShardMap.uniform(2)
+    keys = np.arange(2000, dtype=np.int64)
+    config = TableConfig("emb", dim=4)
+    writer = SnapshotWriter(str(tmp_path / "snap"), "job", 1, "full", None, num_shards=2)
+    for s, positions in enumerate(uniform.split(keys)):
+        table = EmbeddingTable(config)
+        table.apply_gradients(keys[positions], np.ones((positions.shape[0], 4), np.float32))
+        ShardSnapshotter({"emb": table}, s).write(writer)
+    writer.commit()
+    export_for_serving(str(tmp_path / "snap"), "job", None, str(tmp_path / "export"))
+    source = ExportSource(str(tmp_path / "export"), "job")
+    assert load_latest_export(source, {"emb": TableReplica(config, uniform)}) == 1
+    swapped = ShardMap.from_ranges(2, [[0, 1 << 15, 1], [1 << 15, 1 << 16, 0]])
+    with pytest.raises(ValueError, match=r"export.uri: step 1, table 'emb', shard 0 holds [\d,]+ keys the job's"):
+        load_latest_export(source, {"emb": TableReplica(config, swapped)})
