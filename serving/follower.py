@@ -117,6 +117,7 @@ class ShardFollower:
         self.status = FollowerStatus(last_message=time.monotonic())
         self._labels = (replica.name, str(shard))
         self._need_full_sync = False
+        self._mid_range = False  # a range is being written into the served rows, its last message not yet in
         self._link_changed = link_changed
         self._report_link()
 
@@ -211,36 +212,48 @@ class ShardFollower:
         building: ShardRows | None = None
         acks: list[ps_pb2.VersionAck] = []
         observed = False  # this stream's gauges set once; after that only when the version moves
-        async for batch in self.stub.Subscribe(request):
-            self.mark_message()
-            if batch.reset:
-                building = ShardRows(self.replica.dim, self.replica.dtype)
-            target = building if building is not None else self.rows
-            if batch.from_version != target.version and not (building is not None or batch.reset):
-                raise StreamGapError(
-                    f"range ({batch.from_version}, {batch.to_version}] does not follow served version {target.version}"
-                )
-            if target.incarnation and batch.incarnation != target.incarnation:
-                raise StreamGapError(f"incarnation {batch.incarnation} differs from the served {target.incarnation}")
-            await self._apply(target, batch)
-            acks.extend(batch.acks)
-            if not batch.last:
-                continue
-            changed = target.version != batch.to_version or building is not None or bool(acks) or not observed
-            target.version = batch.to_version
-            target.incarnation = batch.incarnation
-            if building is not None:
-                self.replica.replace_shard(self.shard, building)
-                building = None
-                self._need_full_sync = False
-                self.status.num_resyncs += int(full)
-                self.metrics.resyncs.labels(*self._labels).inc(int(full))
-                log.info("table %s shard %s: full copy of %d rows at version %d", *self._labels, target.size,
-                         target.version)
-            if changed:  # not for a heartbeat: same version, nothing acknowledged
-                self._observe(target, acks)
-                observed = True
-            acks = []
+        self._mid_range = False
+        try:
+            async for batch in self.stub.Subscribe(request):
+                self.mark_message()
+                if batch.reset:
+                    building = ShardRows(self.replica.dim, self.replica.dtype)
+                target = building if building is not None else self.rows
+                if batch.from_version != target.version and not (building is not None or batch.reset):
+                    raise StreamGapError(
+                        f"range ({batch.from_version}, {batch.to_version}] does not follow served version "
+                        f"{target.version}"
+                    )
+                if target.incarnation and batch.incarnation != target.incarnation:
+                    raise StreamGapError(
+                        f"incarnation {batch.incarnation} differs from the served {target.incarnation}"
+                    )
+                self._mid_range = building is None and not batch.last
+                await self._apply(target, batch)
+                acks.extend(batch.acks)
+                if not batch.last:
+                    continue
+                changed = target.version != batch.to_version or building is not None or bool(acks) or not observed
+                target.version = batch.to_version
+                target.incarnation = batch.incarnation
+                if building is not None:
+                    self.replica.replace_shard(self.shard, building)
+                    building = None
+                    self._need_full_sync = False
+                    self.status.num_resyncs += int(full)
+                    self.metrics.resyncs.labels(*self._labels).inc(int(full))
+                    log.info("table %s shard %s: full copy of %d rows at version %d", *self._labels, target.size,
+                             target.version)
+                if changed:  # not for a heartbeat: same version, nothing acknowledged
+                    self._observe(target, acks)
+                    observed = True
+                acks = []
+        finally:
+            # Part of a range written into the served rows before they had a known history
+            # (incarnation 0): the shard may restart as another incarnation before the range
+            # ends, and the next stream, unchecked, would go on over the old one's rows.
+            if self._mid_range and self.rows.incarnation == 0:
+                self._need_full_sync = True
 
     async def _apply(self, target: ShardRows, batch: ps_pb2.UpdateBatch) -> None:
         """Writes one message's rows and deletions (off the event loop when it is large)."""

@@ -320,3 +320,47 @@ def test_a_follower_whose_shard_and_standby_are_both_down_backs_off(monkeypatch)
             assert len(late) <= 4, f"{len(late)} attempts in the last 2 s of 4 (one a second when backed off)"
 
     asyncio.run(run())
+
+
+def test_a_range_cut_off_before_the_rows_have_a_known_history_takes_a_full_copy_next():
+    """A new replica (version 0, incarnation 0) writes a range into its rows message by message
+    and learns the shard's incarnation at the range's end. Cut off before that end, it asked next
+    from version 0 with incarnation 0, which the shard does not check: a shard restarted meanwhile
+    (another incarnation, other rows) went on over the first one's rows, which stayed served."""
+    requests: list[ps_pb2.SubscribeRequest] = []
+
+    def batch(keys: list[int], value: float, incarnation: int, **fields) -> ps_pb2.UpdateBatch:
+        k = np.array(keys, np.int64)
+        return ps_pb2.UpdateBatch(table="t", incarnation=incarnation, keys=wire.encode_keys(k), dim=4,
+                                  values=wire.encode_values(np.full((k.shape[0], 4), value, np.float32), 4), **fields)
+
+    class Restarting(ps_pb2_grpc.ParameterServerServicer):
+        async def Subscribe(self, request, context):
+            requests.append(request)
+            if len(requests) == 1:  # incarnation 11: the range's first message, then the process goes
+                yield batch([1, 2], 1.0, 11, from_version=0, to_version=5)
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "restarting")
+            else:  # incarnation 12, restarted empty: asked for a copy, it sends one
+                yield batch([3], 2.0, 12, from_version=0, to_version=1, reset=request.full_sync, last=True)
+
+    replica = TableReplica(TableConfig("t", dim=4), ShardMap.uniform(1))
+
+    async def run() -> None:
+        server = grpc.aio.server()
+        ps_pb2_grpc.add_ParameterServerServicer_to_server(Restarting(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                follower = ShardFollower(replica, 0, channel, ServingMetrics())
+                with pytest.raises(grpc.aio.AioRpcError):
+                    await follower._follow()
+                await follower._follow()
+        finally:
+            await server.stop(None)
+
+    asyncio.run(run())
+    assert [r.full_sync for r in requests] == [False, True]
+    values, found = replica.lookup(np.array([1, 2, 3], np.int64))
+    assert found.tolist() == [False, False, True] and values[2].tolist() == [2.0] * 4
+    assert (replica.shards[0].version, replica.shards[0].incarnation) == (1, 12)
