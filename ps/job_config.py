@@ -21,7 +21,7 @@
     capacity = 1000000
     optimizer = { kind = "adagrad", lr = 0.05 }
 
-    [security]                          # optional: TLS, mutual TLS, bearer tokens per role (ps/security.py)
+    [security]                          # optional: TLS, mutual TLS, bearer tokens per role (ps/security/)
     tls_cert = "certs/server.pem"
     tls_key = "certs/server.key"
     tokens.trainer = { file = "secrets/trainer.token" }

@@ -36,7 +36,7 @@
     uri = "file:///data/exports"   # or s3://bucket/prefix (credentials from AWS_* variables)
     job = "ctr"                    # default: the training job's name
 
-Every error names the field and the rule, e.g. `stale_after_seconds: must be > 0, got 0`.
+Every error names the field and the rule, e.g. `stale_after_seconds: must be a number of seconds > 0, got 0`.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ class BadRowPolicy(StrEnum):
 class ArrowMemoryPool(StrEnum):
     """The allocator Arrow uses in a reading process (decoded columns, parse temporaries)."""
 
-    AUTO = "auto"  # the reader's: system for Parquet, mimalloc for TSV (see configure_arrow)
+    AUTO = "auto"  # the reader's: jemalloc for Parquet, mimalloc for TSV (see configure_arrow)
     SYSTEM = "system"  # malloc
     JEMALLOC = "jemalloc"
     MIMALLOC = "mimalloc"  # pyarrow's usual default: 1 GiB arenas marked for transparent huge pages

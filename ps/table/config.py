@@ -1,6 +1,6 @@
 """Configuration of one embedding table, validated before anything is allocated.
 
-Every error names the field and the rule, e.g. `tables.user.dim: must be > 0, got 0`; `where`
+Every error names the field and the rule, e.g. `tables.user.dim: must be in [1, 65536], got 0`; `where`
 is the path of the table in its config file (default: the table's name).
 """
 
