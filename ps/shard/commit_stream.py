@@ -13,6 +13,7 @@ request asks for it (`with_dense` is the replica's follower of its first table o
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator
 
 from ps.errors import LogGapError
@@ -53,7 +54,7 @@ async def committed_stream(
         ending = [last]
         if position == commits.last_version:  # the copy is the newest commit's state
             sent_step = commits.last_step
-            dense = shard.dense.newest_in(-1, sent_step)
+            dense = await servicer.run_call(lambda: shard.dense.newest_in(-1, sent_step), 0)
             if request.with_dense and dense is not None:
                 ending = _with_dense(servicer, last, dense)
             ending[-1].step = sent_step
@@ -77,7 +78,11 @@ async def committed_stream(
                 yield heartbeat()
                 beats.sent()
             continue
-        turn = servicer.ranges.pending(current_stall_watch(), servicer.range_hold_bytes(commits.bytes_after(position)))
+        # The commit log and the towers are read where table calls are serialised: a Commit on the
+        # tables thread appends and drops commits meanwhile ("deque mutated during iteration", or
+        # a range that said (position, to] without the keys of commits dropped under it).
+        held = await servicer.run_call(functools.partial(commits.bytes_after, position), 0)
+        turn = servicer.ranges.pending(current_stall_watch(), servicer.range_hold_bytes(held))
         try:
             while (hold := await turn.wait(HEARTBEAT_SECONDS)) is None:
                 if beats.due():  # waiting for the memory, still at `position`
@@ -89,11 +94,11 @@ async def committed_stream(
         try:
             if commits.epoch != epoch:  # reset while this stream waited for its turn
                 continue
-            sealed = commits.after(position, name)
+            read = functools.partial(_range_after, shard, commits, name, position, sent_step)
+            sealed, dense = await servicer.run_call(read, 0)
             changes = LogRange(sealed.from_version, sealed.to_version, sealed.touched_keys, sealed.deleted_keys, ())
             rows = servicer._rows_of_words(name, sealed.values, request.stored_rows)
             servicer.ranges.resize(hold, servicer.range_hold_bytes(range_bytes(changes, rows)))
-            dense = shard.dense.newest_in(sent_step if sent_step is not None else -1, sealed.step)
             for reply in servicer._batches(name, table.dim, changes, rows, False):  # made as they are taken
                 if not reply.last:
                     yield reply
@@ -108,6 +113,12 @@ async def committed_stream(
         position, sent_step = sealed.to_version, sealed.step
 
 
+
+
+def _range_after(shard, commits, name: str, position: int, sent_step: int | None) -> tuple:
+    """(the commits after `position` merged, the newest tower after sent_step up to their step)."""
+    sealed = commits.after(position, name)
+    return sealed, shard.dense.newest_in(sent_step if sent_step is not None else -1, sealed.step)
 
 
 _DENSE_SLACK = 256  # the dense fields' tags and lengths in a message

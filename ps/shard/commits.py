@@ -42,6 +42,7 @@ MIN_TABLE_COMMIT_BYTES = 4 << 20
 DEFAULT_MAX_COMMIT_BYTES = 64 << 20
 DEFAULT_MAX_COMMITS = 4096
 SEAL_IDLE_SECONDS = 60.0
+MAX_STEP = 2**32 - 1  # a row's last_step is a uint32: no push carries a later step
 MAX_DENSE_STATES = 4  # dense towers kept (the newest steps): a replica takes them with the rows
 _EMPTY_KEYS = np.empty(0, dtype=np.int64)
 
@@ -261,9 +262,15 @@ def commit(shard, request: ps_pb2.CommitRequest, sealed_tables: Collection[str] 
     step = request.step
     if request.dense_state and not request.dense_format:
         raise ValueError("dense_format: required with dense_state (how the replica decodes it)")
+    if step > MAX_STEP:  # a step no push can carry: the next real step would start a new history
+        raise ValueError(f"step: must be in [0, 2^32 - 1] (a push's step), got {step}")
     first = next(iter(shard.commits.values()))
     now = time.time()
     sealed = set(sealing_tables(shard) if sealed_tables is None else sealed_tables)
+    # The tower first: a committed stream that sees the step sealed on its table sends the tower
+    # with that range, and never asks for a step's tower again once past it.
+    if request.dense_state:
+        shard.dense.put(step, request.dense_format, bytes(request.dense_state))
     if step < first.last_step:
         for name, commits in shard.commits.items():
             commits.reset(step, shard.tables[name].version)
@@ -283,6 +290,4 @@ def commit(shard, request: ps_pb2.CommitRequest, sealed_tables: Collection[str] 
             else:
                 rows = no_rows(commits.width)
                 commits.seal(SealedCommit(step, since, table.version, _EMPTY_KEYS, rows, _EMPTY_KEYS, False, now))
-    if request.dense_state:
-        shard.dense.put(step, request.dense_format, bytes(request.dense_state))
     return ps_pb2.CommitResponse(step=first.last_step, versions=[c.last_version for c in shard.commits.values()])

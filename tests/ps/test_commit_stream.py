@@ -1,0 +1,102 @@
+"""A committed stream beside the Commits that feed it (ps/shard/commit_stream.py): the commit log
+and the dense towers are read where table calls are serialised, a step's tower is in place before
+any of its tables is sealed, and a Commit of a step no push can carry is refused."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+
+from ps.client import PSClient
+from ps.rpc import ps_pb2, ps_pb2_grpc
+from ps.shard import commits as commits_module
+from ps.table.config import TableConfig
+from tests.helpers.in_process import InProcessShards
+from tests.helpers.processes import make_job
+
+TABLE = TableConfig("user", dim=4)
+
+
+def _committed_steps(stream, count: int) -> list[tuple[int, int]]:
+    """(step, dense_step) of the first `count` range ends that carry a step past the copy's."""
+    seen = []
+    for batch in stream:
+        if batch.last and batch.HasField("step") and batch.step >= 1 and batch.keys:
+            seen.append((batch.step, batch.dense_step))
+            if len(seen) == count:
+                return seen
+    return seen
+
+
+def test_the_stream_reads_the_commit_log_and_the_towers_under_the_tables_lock(monkeypatch):
+    """A Commit runs on the tables thread once its work passes 1 MiB; the stream read the log on
+    the event loop meanwhile: 'deque mutated during iteration', or a range (position, to] without
+    the keys of commits dropped under it."""
+    unlocked: list[str] = []
+    shards = InProcessShards.start(make_job([TABLE], num_shards=1))
+    servicer = shards.servicers[0]
+    for name in ("after", "bytes_after"):
+        method = getattr(commits_module.CommitLog, name)
+
+        def checked(self, *args, _method=method, _name=name):
+            if not servicer._tables_lock.locked():
+                unlocked.append(_name)
+            return _method(self, *args)
+
+        monkeypatch.setattr(commits_module.CommitLog, name, checked)
+    try:
+        with PSClient.from_job(shards.job) as client, grpc.insecure_channel(shards.job.shards[0].address) as channel:
+            stream = ps_pb2_grpc.ParameterServerStub(channel).Subscribe(
+                ps_pb2.SubscribeRequest(table="user", committed=True, full_sync=True), timeout=60
+            )
+            messages = iter(stream)
+            while not next(messages).last:  # the (empty) copy
+                pass
+            for step in (1, 2):
+                client.push("user", np.arange(8, dtype=np.int64) + step, np.ones((8, 4), np.float32), step=step)
+                client.commit(step)
+            assert [s for s, _ in _committed_steps(messages, 2)] == [1, 2]
+            stream.cancel()
+    finally:
+        shards.stop()
+    assert not unlocked, f"read without the tables lock: {unlocked}"
+
+
+def test_a_step_s_tower_is_in_place_before_its_tables_are_sealed(monkeypatch):
+    """The tower was stored after every table was sealed: a stream that saw the step sealed on its
+    table in between sent the range without it, and asked only for later towers after."""
+    shards = InProcessShards.start(make_job([TABLE], num_shards=1))
+    shard = shards.servicers[0].shard
+    towers_when_sealed: list[int | None] = []
+    seal = commits_module.CommitLog.seal
+
+    def sealing(self, commit):
+        tower = shard.dense.newest_in(-1, commit.step)
+        towers_when_sealed.append(None if tower is None else tower[0])
+        return seal(self, commit)
+
+    monkeypatch.setattr(commits_module.CommitLog, "seal", sealing)
+    try:
+        with PSClient.from_job(shards.job) as client:
+            client.push("user", np.arange(8, dtype=np.int64), np.ones((8, 4), np.float32), step=1)
+            client.commit(1, b"tower-1", "bytes")
+    finally:
+        shards.stop()
+    assert towers_when_sealed == [1]
+
+
+def test_a_commit_of_a_step_no_push_can_carry_is_refused():
+    """Commit(2^64 - 1) moved the shard's step there; every real step after it was then 'earlier',
+    and each reset the commit logs and made every committed stream resync."""
+    shards = InProcessShards.start(make_job([TABLE], num_shards=1))
+    try:
+        with grpc.insecure_channel(shards.job.shards[0].address) as channel:
+            stub = ps_pb2_grpc.ParameterServerStub(channel)
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.Commit(ps_pb2.CommitRequest(step=2**64 - 1), timeout=10)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "step: must be in [0, 2^32 - 1]" in refused.value.details()
+            assert stub.Commit(ps_pb2.CommitRequest(step=3), timeout=10).step == 3
+    finally:
+        shards.stop()
