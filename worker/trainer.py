@@ -176,6 +176,9 @@ class Trainer:
         self._pushes: deque[Future] = deque()
         self._commits: deque[Future] = deque()  # async, rank 0: Commits queued on the push thread
         self._committed = 0  # the newest step committed to the PS (rank 0)
+        # Async, rank 0: the first step some rank failed to push; neither it nor a later step is
+        # committed (a later step's rows lack that push's updates on the failed rank's shards).
+        self._unpushed_step: int | None = None
         self._push_pool = ThreadPoolExecutor(1, thread_name_prefix="push") if self._async else None
         # Async: the push thread's all_to_all, beside the main thread's DDP all-reduce. Collective:
         # every rank builds its Trainer at the same point.
@@ -284,35 +287,44 @@ class Trainer:
             self.times.lookup += time.perf_counter() - start
         return float(loss.detach()), next_pulled
 
-    def _exchange_and_push(self, pulled: _Pulled, leaf: torch.Tensor, step: int) -> None:
+    def _exchange_and_push(self, pulled: _Pulled, leaf: torch.Tensor, step: int) -> bool:
         """Async, on the push thread (one step after the other): step's all_to_all over the
-        exchange group, its push, then a barrier on that group. Each rank pushes only the keys of
-        the shards it owns, so its own push being acknowledged says nothing of the other ranks'
-        shards: the barrier makes this future complete once every rank's push of `step` was
-        acknowledged, and a lookup that waits for it sees every update of that step.
+        exchange group, its push, then every rank's outcome (_every_rank_pushed). Each rank pushes
+        only the keys of the shards it owns, so its own push being acknowledged says nothing of the
+        other ranks' shards: this future completes once every rank's push of `step` is through, and
+        a lookup that waits for it sees every update of that step. Returns whether every rank's
+        push was acknowledged.
 
-        A push that fails joins the barrier too (then raises its error): it fails on its rank alone
-        (the shards it owns), and a rank that skipped the barrier would meet the others' barrier
-        with its next all_to_all, and every rank would wait in gloo instead of getting to its error."""
+        A push that fails reports so too (then raises its error): it fails on its rank alone (the
+        shards it owns), and a rank that skipped the exchange would meet the others' with its next
+        all_to_all, and every rank would wait in gloo instead of getting to its error."""
         try:
             self._push_all(self._exchange(pulled, leaf, self._exchange_group), step)
         except BaseException:
             with contextlib.suppress(Exception):  # fails where a rank is gone: the push's error is the one to tell
-                self._exchange_barrier()
+                self._every_rank_pushed(False)
             raise
-        self._exchange_barrier()
+        return self._every_rank_pushed(True)
 
-    def _exchange_barrier(self) -> None:
-        if self._exchange_group is not None:
-            dist.barrier(group=self._exchange_group)
+    def _every_rank_pushed(self, pushed: bool) -> bool:
+        """Whether every rank's push of the step was acknowledged: an all-reduce of the ranks'
+        failures over the exchange group (the barrier it replaces was met by a failed push too,
+        and rank 0 went on to commit the step on shards that never got its rows)."""
+        if self._exchange_group is None:
+            return pushed
+        failed = torch.tensor([0 if pushed else 1], dtype=torch.int32)
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=self._exchange_group)
+        return int(failed.item()) == 0
 
     def _commit_pushed(self, push: Future, step: int) -> None:
-        """Async, rank 0's push thread, right after `push` (step's): Commit(step), unless that push
-        failed (its error raises here too). Every rank's push of step was acknowledged (the
-        barrier in _exchange_and_push), and no rank's push of step + 1 reaches a shard before this
-        returns: each needs this thread in step + 1's all_to_all. So the shards' rows are those of
-        step, as in sync mode."""
-        push.result()
+        """Async, rank 0's push thread, right after `push` (step's): Commit(step), unless a rank's
+        push of it failed (rank 0's own error raises here too). No rank's push of step + 1 reaches
+        a shard before this returns: each needs this thread in step + 1's all_to_all. So the
+        shards' rows are those of step, as in sync mode."""
+        if not push.result() and self._unpushed_step is None:
+            self._unpushed_step = step
+            log.warning("step %d: a rank's push failed; neither it nor a later step is committed (that rank "
+                        "ends the job)", step)
         self._commit(step, False)
 
     def _commit(self, step: int, with_dense: bool) -> None:
@@ -328,6 +340,8 @@ class Trainer:
 
     def _send_commit(self, step: int, state: bytes) -> None:
         if step <= self._committed:  # async: drain() committed a later step already
+            return
+        if self._unpushed_step is not None and step >= self._unpushed_step:
             return
         self._committed = step
         self._call_ps(f"commit of step {step}", lambda: self.client.commit(step, state, DENSE_FORMAT if state else ""))

@@ -5,7 +5,9 @@ pushes are acknowledged (tests/worker/test_async_staleness.py runs it under torc
         --config JOB.toml --out DIR --slow-rank 1 --push-delay 0.1
 
 Writes DIR/rank<r>.json: {"lookups": [[step, start]], "pushes": [[step, sent, acknowledged]],
-"commits": [[step, sent, acknowledged]]} (time.monotonic()).
+"commits": [[step, sent, acknowledged]]} (time.monotonic()), and appends each acknowledged
+commit's step to DIR/commits.txt as it comes (a job that fails writes no rank<r>.json).
+--fail-push R:S makes rank R's push of step S fail, as a shard's error would.
 time.monotonic is one clock for every process of the machine, so the ranks' records compare.
 The slow rank sleeps push_delay before each push: without a wait for the other ranks' pushes, a
 fast rank's lookup would then reach the slow rank's shards before their updates.
@@ -36,6 +38,8 @@ class RecordingClient(PSClient):
 
     trainer: Trainer | None = None
     push_delay = 0.0
+    fail_step: int | None = None  # this rank's push of that step raises
+    commit_log: Path | None = None
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -60,6 +64,8 @@ class RecordingClient(PSClient):
 
     def send_push(self, prepared):
         time.sleep(self.push_delay)
+        if self._steps.get(id(prepared)) == self.fail_step:
+            raise RuntimeError(f"push of step {self.fail_step} failed (injected)")
         sent = time.monotonic()
         result = super().send_push(prepared)
         with self.lock:
@@ -71,6 +77,9 @@ class RecordingClient(PSClient):
         result = super().commit(step, dense_state, dense_format)
         with self.lock:
             self.commits.append((step, sent, time.monotonic()))
+            if self.commit_log is not None:
+                with open(self.commit_log, "a") as log:
+                    log.write(f"{step}\n")
         return result
 
 
@@ -80,6 +89,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--slow-rank", type=int, default=1)
     parser.add_argument("--push-delay", type=float, default=0.1)
+    parser.add_argument("--fail-push", default=None, help="RANK:STEP")
     args = parser.parse_args()
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     dist.init_process_group("gloo")
@@ -87,6 +97,10 @@ def main() -> None:
     torch.manual_seed(job.model.seed)
     client = RecordingClient.from_job(job.ps, client_id=f"rank{rank}")
     client.push_delay = args.push_delay if rank == args.slow_rank else 0.0
+    client.commit_log = Path(args.out, "commits.txt")
+    if args.fail_push is not None:
+        failing_rank, failing_step = (int(v) for v in args.fail_push.split(":"))
+        client.fail_step = failing_step if rank == failing_rank else None
     trainer = Trainer(job, DLRMDenseTower(job.model), client, rank, world_size)
     client.trainer = trainer
     batches = list(train_reader(job, rank, world_size))[: job.train.steps]

@@ -194,3 +194,34 @@ def test_two_ranks_lookups_and_commits_wait_for_every_ranks_pushes(tmp_path):
                 assert commit_acked < sent[other][step + 1], (
                     f"rank {other} pushed step {step + 1} before Commit({step})"
                 )
+
+
+def test_a_step_one_rank_failed_to_push_is_not_committed(tmp_path):
+    """Async: a rank whose push of step s fails still joins the step's exchange (else the ranks
+    would wait in gloo), and that was a barrier: rank 0 went on to Commit(s) on every shard,
+    those that never got the failed rank's rows included, and replicas served that cut."""
+    steps, workers = 6, 2
+    table = TableConfig(name="emb", dim=4, init_scale=0.1, seed=1)
+    train = {"workers": workers, "steps": steps, "batch_size": 32, "mode": "async", "staleness": 1}
+    synthetic = {"num_dense": 2, "num_sparse": 3, "num_keys": 200, "num_batches": steps}
+    path, ps = write_training_job(tmp_path / "job.toml", [table], 2, train, synthetic)
+    out = tmp_path / "records"
+    out.mkdir()
+    with ShardCluster.start(ps, tmp_path / "shards"):
+        result = subprocess.run(
+            [
+                sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={workers}",
+                "--log-dir", str(tmp_path / "agent"),
+                "-m", "tests.worker.async_ranks", "--config", str(path), "--out", str(out),
+                "--push-delay", "0", "--fail-push", "1:3",
+            ],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )  # fmt: skip
+    assert result.returncode != 0
+    assert "push of step 3 failed (injected)" in result.stdout + result.stderr
+    committed = [int(line) for line in (out / "commits.txt").read_text().split()]
+    assert committed == [1, 2], committed
+
