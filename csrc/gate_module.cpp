@@ -236,6 +236,13 @@ NB_MODULE(_embps_gate, m) {
              d["stalled"] = s.stalled;
              return d;
            })
+      .def("ended",
+           [](const embps::ServingGate& self) {
+             nb::list out;
+             for (const auto& e : self.ended()) out.append(nb::make_tuple(e.method, e.code, e.count));
+             return out;
+           },
+           "[(method, code, count)] of the calls the gate ended itself (refused, drained, cancelled).")
       .def(
           "shutdown",
           [](embps::ServingGate& self, double grace_seconds) {

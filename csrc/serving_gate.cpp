@@ -122,6 +122,7 @@ class Call {
     Start();
     if (shared_->draining.load(std::memory_order_relaxed)) {
       Start();
+      shared_->count_ended(server_ctx_.method(), grpc::StatusCode::UNAVAILABLE);
       stream_.Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the serving replica is shutting down"),
                      tag(kFinish));
       return;
@@ -134,12 +135,12 @@ class Call {
       if (shared_->max_queue > 0 && before >= shared_->max_queue) {
         shared_->in_flight.fetch_sub(1, std::memory_order_relaxed);  // a refused call holds no place
         shared_->shed.fetch_add(1, std::memory_order_relaxed);
+        shared_->count_ended(server_ctx_.method(), grpc::StatusCode::RESOURCE_EXHAUSTED);
         Start();
         stream_.Finish(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED, shared_->shed_message), tag(kFinish));
         return;
       }
       counted_ = true;
-      shared_->admitted.fetch_add(1, std::memory_order_relaxed);
       Watch();  // a client that sends its request slowly holds a place meanwhile
       Start();
       stream_.Read(&from_caller_, tag(kLookupRead));
@@ -168,6 +169,7 @@ class Call {
     Unwatch();
     Start();  // kFinish, which Answer starts
     if (!ok) {  // no request message: the caller half-closed without one, or left
+      shared_->count_ended(server_ctx_.method(), grpc::StatusCode::INVALID_ARGUMENT);
       stream_.Finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, server_ctx_.method() + ": no request message"),
                      tag(kFinish));
       return;
@@ -178,12 +180,15 @@ class Call {
     const int64_t before = shared_->queued_bytes.fetch_add(size, std::memory_order_relaxed);
     if (shared_->max_queue_bytes > 0 && before > 0 && before + size > shared_->max_queue_bytes) {
       shared_->queued_bytes.fetch_sub(size, std::memory_order_relaxed);
-      shared_->admitted.fetch_sub(1, std::memory_order_relaxed);  // counted once: shed, not admitted
       shared_->shed.fetch_add(1, std::memory_order_relaxed);
+      shared_->count_ended(server_ctx_.method(), grpc::StatusCode::RESOURCE_EXHAUSTED);
       stream_.Finish(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED, shared_->shed_bytes_message), tag(kFinish));
       return;
     }
     held_bytes_ = size;
+    // Counted here, past both bounds, never taken back: a counter that went down when the byte
+    // bound shed a call it had counted on arrival read as a reset to Prometheus.
+    shared_->admitted.fetch_add(1, std::memory_order_relaxed);
     request_.method = server_ctx_.method();
     request_.payload = to_string(from_caller_);
     const auto& metadata = server_ctx_.client_metadata();
@@ -200,6 +205,7 @@ class Call {
   // it: the call's last operation is started here, and its count was taken in OnLookupRead.
   void Answer() {
     LookupReply reply;
+    bool ended_here = true;  // else NativeLookups answered, and counted, the call
     if (cancelled_.load(std::memory_order_relaxed)) {
       reply.code = grpc::StatusCode::CANCELLED;
       reply.message = "cancelled before the lookup ran";
@@ -208,7 +214,9 @@ class Call {
       reply.message = "deadline exceeded before the lookup ran";
     } else {
       reply = shared_->lookup(request_);
+      ended_here = false;
     }
+    if (ended_here) shared_->count_ended(server_ctx_.method(), static_cast<grpc::StatusCode>(reply.code));
     if (reply.code != grpc::StatusCode::OK) {
       stream_.Finish(grpc::Status(static_cast<grpc::StatusCode>(reply.code), reply.message), tag(kFinish));
       return;
@@ -283,8 +291,20 @@ class Call {
     MaybeFinishUpstream();  // !ok: the upstream call is over, and its reads end too
   }
 
+  // The upstream's initial metadata (its headers), on the caller's call before its first message
+  // or its status: gRPC has it once the upstream's first message or status came.
+  void ForwardInitialMetadata() {
+    if (initial_forwarded_) return;
+    initial_forwarded_ = true;
+    for (const auto& [key, value] : upstream_ctx_.GetServerInitialMetadata()) {
+      std::string name(key.data(), key.size());
+      if (forwarded_header(name)) server_ctx_.AddInitialMetadata(name, std::string(value.data(), value.size()));
+    }
+  }
+
   void OnUpRead(bool ok) {  // a reply from upstream, or the end of them
     if (ok) {
+      ForwardInitialMetadata();
       Watch();  // a caller that does not take it holds this call and its upstream one
       Start();
       stream_.Write(from_upstream_, tag(kWrite));
@@ -314,6 +334,7 @@ class Call {
   }
 
   void OnUpFinish() {
+    ForwardInitialMetadata();
     for (const auto& [key, value] : upstream_ctx_.GetServerTrailingMetadata()) {
       std::string name(key.data(), key.size());
       if (forwarded_header(name)) server_ctx_.AddTrailingMetadata(name, std::string(value.data(), value.size()));
@@ -343,6 +364,7 @@ class Call {
   std::unique_ptr<grpc::GenericClientAsyncReaderWriter> upstream_;
   grpc::ByteBuffer from_upstream_;
   grpc::Status upstream_status_;
+  bool initial_forwarded_ = false;  // the upstream's headers are on the caller's call
   bool up_reads_done_ = false;
   bool up_write_pending_ = false;
   bool up_writes_done_pending_ = false;
@@ -559,6 +581,13 @@ ServingGate::~ServingGate() {
   if (leaked_) return;  // calls outlived the shutdown: the server and the shared state stay theirs
   server_.reset();      // before the service and the queue it uses
   delete shared_;
+}
+
+std::vector<GateEnded> ServingGate::ended() const {
+  std::lock_guard<std::mutex> lock(shared_->ended_mu);
+  std::vector<GateEnded> out;
+  for (const auto& [key, count] : shared_->ended) out.push_back({key.first, key.second, count});
+  return out;
 }
 
 GateStats ServingGate::stats() const {

@@ -52,10 +52,12 @@
 #include <cstdint>
 #include <deque>
 #include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 namespace embps {
@@ -108,6 +110,15 @@ struct GateStats {
   int64_t stalled;     // calls cancelled because their client stalled (client_stall_seconds)
 };
 
+// A count of the calls the gate ended itself, not NativeLookups nor the replica's server: refused
+// by a bound, at the drain, without a request message, cancelled or past their deadline before
+// their lookup ran. `method` is the method's short name ("Lookup").
+struct GateEnded {
+  std::string method;
+  int code;
+  int64_t count;
+};
+
 class ServingGate {
  public:
   // Binds and starts; throws std::runtime_error when the port cannot be bound.
@@ -118,6 +129,7 @@ class ServingGate {
 
   int port() const { return port_; }
   GateStats stats() const;
+  std::vector<GateEnded> ended() const;
   // Stops taking calls; calls in flight get until `grace_seconds`, then are cancelled. Idempotent.
   void shutdown(double grace_seconds);
 
@@ -174,6 +186,14 @@ class ServingGate {
     std::atomic<int64_t> live_calls{0};  // calls (serving_gate.cpp), requests not yet taken included
     std::atomic<bool> draining{false};   // shutting down: new calls are refused UNAVAILABLE
     std::atomic<int64_t> serving{0};     // calls taken before the drain and not finished
+    // The calls the gate ended itself (GateEnded): (short method name, status code) -> count.
+    mutable std::mutex ended_mu;
+    std::map<std::pair<std::string, int>, int64_t> ended;
+    void count_ended(const std::string& method, grpc::StatusCode code) {
+      const std::string name = method.substr(method.rfind('/') + 1);
+      std::lock_guard<std::mutex> lock(ended_mu);
+      ++ended[{name, static_cast<int>(code)}];
+    }
   };
 
  private:

@@ -234,6 +234,11 @@ class ServingGate:
     def stats(self) -> GateStats:
         return GateStats(**self._gate.stats())
 
+    def ended(self) -> list[tuple[str, int, int]]:
+        """(method, status code, count) of the calls the gate ended itself: refused by a bound, at
+        the drain, without a request, cancelled or past their deadline before their lookup ran."""
+        return [tuple(row) for row in self._gate.ended()]
+
     def shutdown(self, grace_seconds: float) -> None:
         """Stops taking calls; calls in flight get `grace_seconds`, then are cancelled. Blocks."""
         self._gate.shutdown(grace_seconds)

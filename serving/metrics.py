@@ -127,7 +127,8 @@ class ServingMetrics:
         python = (self.requests, self.request_duration, self.lookup_duration, self.lookup_keys, self.lookup_missing)
         for metric in python:
             self.registry.unregister(metric)
-        self.registry.register(NativeCallMetrics(self, native))
+        self.native_calls = NativeCallMetrics(self, native)
+        self.registry.register(self.native_calls)
 
     def add_stream_gauges(self, followers: Sequence[Any], tables: Sequence[Any]) -> None:
         """Exports each stream's seconds since its last message and each table's bytes, read when
@@ -173,6 +174,7 @@ class NativeCallMetrics:
     def __init__(self, metrics: ServingMetrics, native: Any) -> None:
         self._metrics = metrics
         self._native = native
+        self.gate: Any = None  # the ServingGate, once it runs: the calls it ends itself count too
 
     def collect(self) -> Iterator:
         m = self._metrics
@@ -183,7 +185,8 @@ class NativeCallMetrics:
             labels = (table, method, _CODE_NAMES[code])
             requests[labels] = requests.get(labels, 0.0) + count
             durations[labels] = (list(cumulative), total)
-        for method, code, count in native["denied"]:
+        ended = self.gate.ended() if self.gate is not None else []
+        for method, code, count in [*native["denied"], *ended]:
             labels = ("", method, _CODE_NAMES[code])
             requests[labels] = requests.get(labels, 0.0) + count
         keys: dict[tuple[str, ...], float] = {}

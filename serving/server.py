@@ -526,6 +526,7 @@ async def _serve_on(
             port = gate.port
             counts = GateCounts(gate)
             metrics.replace_queue_metrics(counts)
+            metrics.native_calls.gate = gate
         log.info(
             "serving replica of job %r on %s (port %d; %s), metrics on %s:%d, tables %s, export step %s, pid %d",
             config.job.job, config.listen, port, config.job.security.describe(), config.host, metrics_port,

@@ -1,0 +1,112 @@
+"""The serving gate (csrc/serving_gate.cpp) in this process, in front of a plain gRPC server on
+a Unix socket as the replica's own server is: a forwarded call's headers reach its caller, and
+the calls the gate ends itself are counted in embps_serving_requests_total beside the ones it
+answers, with an admitted count that never goes down."""
+
+from __future__ import annotations
+
+import threading
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from prometheus_client import generate_latest
+
+from ps.process.metrics import LATENCY_BUCKETS
+from ps.rpc import serving_pb2
+from ps.sharding import ShardMap
+from ps.table.config import TableConfig
+from serving.gate import ServingGate, native_lookups, unavailable_reason
+from serving.metrics import ServingMetrics
+from serving.shedding import LOOKUP_METHODS
+from serving.store import TableReplica
+from tests.helpers.waiting import wait_until
+
+pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason=f"no serving gate: {unavailable_reason()}")
+LOOKUP = "/embps.v1.Serving/Lookup"
+
+
+class Upstream(grpc.GenericRpcHandler):
+    def service(self, details):
+        if details.method == "/t.T/Unary":
+            def unary(request: bytes, context: grpc.ServicerContext) -> bytes:
+                context.send_initial_metadata((("x-initial", "yes"),))
+                context.set_trailing_metadata((("x-trailing", "yes"),))
+                return request
+
+            return grpc.unary_unary_rpc_method_handler(unary)
+        if details.method == "/t.T/Stream":
+            def stream(request: bytes, context: grpc.ServicerContext):
+                context.send_initial_metadata((("x-initial", "stream"),))
+                yield from (b"0", b"1")
+
+            return grpc.unary_stream_rpc_method_handler(stream)
+        return None
+
+
+@pytest.fixture
+def gate(tmp_path: Path):
+    upstream = grpc.server(futures.ThreadPoolExecutor(4), handlers=[Upstream()])
+    upstream.add_insecure_port(f"unix:{tmp_path}/up.sock")
+    upstream.start()
+    table = TableReplica(TableConfig("user", dim=4), ShardMap.uniform(1))
+    table.shards[0].upsert(np.arange(8, dtype=np.int64), np.ones((8, 4), np.float32))
+    native = native_lookups([table.native], LATENCY_BUCKETS, 2.0, False)
+    gate = ServingGate("127.0.0.1:0", f"unix:{tmp_path}/up.sock", LOOKUP_METHODS, native, 1, 64 << 20, None)
+    metrics = ServingMetrics()
+    metrics.add_native_calls(native)
+    metrics.native_calls.gate = gate
+    try:
+        yield gate, metrics
+    finally:
+        gate.shutdown(1.0)
+        upstream.stop(None)
+
+
+def test_a_forwarded_call_s_headers_reach_its_caller(gate):
+    """The upstream's initial metadata was dropped: the caller got empty headers."""
+    server, _ = gate
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        reply, call = channel.unary_unary("/t.T/Unary").with_call(b"ping", timeout=10)
+        assert reply == b"ping"
+        assert ("x-initial", "yes") in tuple(call.initial_metadata())
+        assert ("x-trailing", "yes") in tuple(call.trailing_metadata())
+        stream = channel.unary_stream("/t.T/Stream")(b"", timeout=10)
+        assert list(stream) == [b"0", b"1"]
+        assert ("x-initial", "stream") in tuple(stream.initial_metadata())
+
+
+def test_calls_the_gate_ends_itself_are_counted_and_admitted_never_goes_down(gate):
+    """A Lookup refused by the bound (max_queue = 1, a caller holding the place before it sends
+    its request) and one that ends without a request message were in no requests_total series;
+    and the admitted count was taken on arrival, then taken back when the byte bound shed it."""
+    server, metrics = gate
+    release = threading.Event()
+    request = serving_pb2.ServingLookupRequest(table="user", keys=np.arange(4, dtype="<i8").tobytes())
+
+    def nothing_until_released():
+        release.wait(30)
+        return
+        yield  # a generator that sends nothing
+
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        holding = channel.stream_unary(LOOKUP).future(nothing_until_released(), timeout=30)
+        lookup = channel.unary_unary(LOOKUP, request_serializer=lambda r: r.SerializeToString())
+        wait_until(lambda: server.stats().in_flight == 1, "the holder's place (taken as its headers arrive)")
+        with pytest.raises(grpc.RpcError) as shed:
+            lookup(request, timeout=10)
+        assert shed.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert server.stats().admitted == 0
+        release.set()
+        with pytest.raises(grpc.RpcError) as empty:
+            holding.result(timeout=30)
+        assert empty.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert lookup(request, timeout=10) is not None
+    assert server.stats().admitted == 1
+    assert sorted(server.ended()) == [("Lookup", 3, 1), ("Lookup", 8, 1)]
+    text = generate_latest(metrics.registry).decode()
+    for code in ("RESOURCE_EXHAUSTED", "INVALID_ARGUMENT"):
+        assert f'embps_serving_requests_total{{code="{code}",method="Lookup",table=""}} 1.0' in text, text
+    assert 'embps_serving_requests_total{code="OK",method="Lookup",table="user"} 1.0' in text
