@@ -85,6 +85,7 @@ class PSUnavailablePolicy(StrEnum):
 
 
 DEFAULT_COLLECTIVE_TIMEOUT = timedelta(minutes=30)  # torch.distributed's for gloo
+MAX_STEPS = 2**32 - 1
 MAX_WAIT_S = 7 * 86400.0  # the longest a step or a snapshot round may wait: ranks wait as long in a collective
 COLLECTIVE_MARGIN_S = 300.0  # past a shard's wait: the step's other calls, each within its deadline
 
@@ -211,6 +212,8 @@ def parse_training_job(data: dict, base_dir: Path | None = None) -> TrainingJob:
 
     _positive("train.workers", train.workers)
     _positive("train.steps", train.steps)
+    if train.steps > MAX_STEPS:  # a step is a uint32 on the PS (a row's last_step, Commit's step)
+        raise ValueError(f"train.steps: must be at most {MAX_STEPS:,} (2^32 - 1), got {train.steps:,}")
     _positive("train.eval_batches", train.eval_batches)
     _positive("train.epochs", train.epochs)
     _positive("data.range_bytes", data_config.range_bytes)

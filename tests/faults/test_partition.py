@@ -76,6 +76,8 @@ def test_on_ps_unavailable_is_validated_and_errors_name_the_field():
     for bad in (0, -1.0, math.inf, math.nan, 1e300):
         with pytest.raises(ValueError, match=r"ps_unavailable_timeout_s: must be a number of seconds in \(0, 604800\]"):
             parse_training_job(job_data(ps_unavailable_timeout_s=bad))
+    with pytest.raises(ValueError, match=r"train.steps: must be at most 4,294,967,295 \(2\^32 - 1\)"):
+        parse_training_job(job_data(steps=2**32))
     with pytest.raises(TypeError, match="train.ps_unavailable_timeout_s: must be a number"):
         parse_training_job(job_data(ps_unavailable_timeout_s="10s"))
 
