@@ -113,9 +113,11 @@ def check_arguments(args: argparse.Namespace) -> None:
     """Raises ValueError naming the argument or flag that action args.action cannot use. A local
     URI must be an existing folder: a typo would otherwise list "no committed snapshot" (or gc
     nothing) and succeed; an empty folder or bucket prefix is a true answer of "none"."""
+    from ps.snapshot.manifest import check_name
     from ps.snapshot.storage import check_uri, open_uri
 
     check_uri(args.uri, "uri")
+    check_name("--job", args.job)
     if "://" not in args.uri or urlsplit(args.uri).scheme.lower() == "file":
         _, root = open_uri(args.uri)
         if not os.path.isdir(root):

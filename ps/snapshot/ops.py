@@ -32,6 +32,7 @@ from ps.snapshot.files import (
     restore,
     step_dirs,
 )
+from ps.snapshot.manifest import check_name
 from ps.snapshot.storage import StorageConfig
 from ps.table.state import TableChanges
 
@@ -227,7 +228,7 @@ def collect_garbage(
     if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
         raise ValueError(f"keep: must be an integer >= 1 (LATEST must stay readable), got {keep!r}")
     fs, base = storage.open_uri(uri, storage_config)
-    job_dir = storage.join(base, job)
+    job_dir = storage.join(base, check_name("job", job))  # "..": another folder's snapshots
     manifests: dict[int, Manifest] = {}
     incomplete = []
     for step in step_dirs(fs, job_dir):

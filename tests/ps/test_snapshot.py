@@ -438,6 +438,10 @@ def test_gc_keeps_newest_and_what_they_build_on(tmp_path):
     assert sorted(os.listdir(tmp_path / "job")) == ["40", "99", "LATEST"]
     with pytest.raises(ValueError, match="keep"):
         collect_garbage(uri, "job", keep=0)
+    # A job name is one path component: ".." collected the snapshots of the folder above the URI.
+    with pytest.raises(ValueError, match=r"job: must be .* got '\.\.'"):
+        collect_garbage(str(tmp_path / "job" / "40"), "..", keep=1)
+    assert sorted(os.listdir(tmp_path / "job")) == ["40", "99", "LATEST"]
 
 
 def test_cli_list_inspect_export_gc(tmp_path, capsys):
@@ -454,6 +458,9 @@ def test_cli_list_inspect_export_gc(tmp_path, capsys):
     assert latest(dst, "job") == 30
     assert embps.main(["snapshot", "gc", uri, "--job", "job", "--keep", "1"]) == 0
     assert "kept 10, 20, 30" in capsys.readouterr().out
+    # ".." as the job reached the folder above the URI (and exited 1 for list, 0 for gc).
+    assert embps.main(["snapshot", "gc", str(tmp_path / "snaps" / "job"), "--job", "..", "--keep", "1"]) == 2
+    assert "embps snapshot gc: --job: must be" in capsys.readouterr().err
     out = subprocess.run(
         [sys.executable, "-m", "embps", "snapshot", "inspect", uri, "--job", "nope"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
