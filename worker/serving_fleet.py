@@ -96,11 +96,18 @@ class ServingFleet:
                 tqdm.write(f"embps launch: {what}; restart {self.restarts[index]}/{self.max_restarts} of this replica "
                            "(training goes on)")
                 sys.stdout.flush()
-                self.procs[index] = processes.start_replica(self.config_paths[index], self.log_paths[index])
+                try:
+                    self.procs[index] = processes.start_replica(self.config_paths[index], self.log_paths[index])
+                except Exception as exc:  # noqa: BLE001 - the watcher thread must end in on_fatal, not silently
+                    self.on_fatal(f"{what}; its restart failed: {exc!r}")
+                    return
                 try:
                     self._wait_serving(index)
                 except RuntimeError as exc:
-                    tqdm.write(f"embps launch: {exc}")  # the next round counts it as another death
+                    tqdm.write(f"embps launch: {exc}")
+                    # Alive and not serving is counted as another death: stopped, the next round sees
+                    # it exited (it was left running, never restarted again, and the job went on).
+                    children.stop(self.procs[index])
 
     def _wait_serving(self, index: int) -> None:
         """RuntimeError when replica `index` exits first or does not serve in time (a TimeoutError
