@@ -21,7 +21,7 @@ import os
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -156,6 +156,15 @@ def check_uri(uri: object, where: str = "uri") -> None:
     elif scheme == "s3":
         if not parts.netloc:
             raise ValueError(f"{where}: s3 URIs need a bucket (s3://bucket/prefix), got {uri!r}")
+        # Credentials or a port in the netloc became part of the bucket's name (and a secret was
+        # printed in every error); an empty path component failed every write ("Empty path component").
+        if "@" in parts.netloc or ":" in parts.netloc:
+            raise ValueError(
+                f"{where}: an s3 URI names a bucket only (s3://bucket/prefix); put credentials and the "
+                f"endpoint in AWS_* variables or [snapshot.storage], got bucket {parts.netloc.rsplit('@', 1)[-1]!r}"
+            )
+        if "//" in parts.path:
+            raise ValueError(f"{where}: an empty path component ('//') in {uri!r}")
     else:
         if not parts.hostname:
             raise ValueError(f"{where}: hdfs URIs need a NameNode host (hdfs://namenode:8020/path), got {uri!r}")
@@ -179,8 +188,8 @@ def open_uri(uri: str, config: StorageConfig | None = None) -> tuple[pafs.FileSy
         return pafs.LocalFileSystem(), os.path.abspath(uri)
     parts = urlsplit(uri)
     scheme = parts.scheme.lower()
-    if scheme == "file":
-        return pafs.LocalFileSystem(), os.path.normpath(parts.path)
+    if scheme == "file":  # percent-decoded, as pyarrow's from_uri does: file:///my%20snaps is "my snaps"
+        return pafs.LocalFileSystem(), os.path.normpath(unquote(parts.path))
     if scheme == "s3":
         return _open_s3(uri, parts.netloc, parts.path, StorageConfig.from_env(base=config))
     return _open_hdfs(uri, parts)

@@ -15,6 +15,8 @@ from ps.snapshot.storage import StorageConfig, StorageError, open_uri
 def test_local_forms_give_local_filesystem_and_absolute_path(tmp_path, monkeypatch):
     fs, base = open_uri(f"file://{tmp_path}/snaps")
     assert isinstance(fs, pafs.LocalFileSystem) and base == f"{tmp_path}/snaps"
+    fs, base = open_uri(f"file://{tmp_path}/my%20snaps")  # percent-decoded, as pyarrow's from_uri
+    assert base == f"{tmp_path}/my snaps"
     fs, base = open_uri(str(tmp_path / "plain"))
     assert isinstance(fs, pafs.LocalFileSystem) and base == str(tmp_path / "plain")
     monkeypatch.chdir(tmp_path)
@@ -32,6 +34,11 @@ def test_local_forms_give_local_filesystem_and_absolute_path(tmp_path, monkeypat
         ("s3://bucket/p?endpoint_override=x", "query and fragment are not read"),
         ("hdfs:///path", "need a NameNode host"),
         ("hdfs://namenode:notaport/path", "port"),
+        # Credentials or a port became part of the bucket (the secret printed in every error), and
+        # an empty path component failed every write of every snapshot round.
+        ("s3://AKIAEXAMPLE:topsecret@snaps/x", "names a bucket only .* got bucket 'snaps'"),
+        ("s3://snaps:9000/x", "names a bucket only"),
+        ("s3://snaps//x", "an empty path component"),
     ],
 )
 def test_bad_uris_name_the_problem(uri, message):
