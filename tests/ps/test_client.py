@@ -332,13 +332,15 @@ def test_a_table_named_twice_in_one_push_is_refused():
 def test_a_call_that_ends_on_max_attempts_says_so_not_the_deadline():
     """Retries end at the deadline or at max_attempts, whichever comes first; a call that ran out
     of attempts in a fraction of its 30 s deadline said "no answer within the 30 s deadline"."""
+    # Bound and never listening for the whole call: connections are refused, and no server another
+    # test starts can take the port meanwhile (closed, the kernel could hand it to one).
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
-        port = taken.getsockname()[1]  # nothing listens once it is closed
-    with PSClient([f"127.0.0.1:{port}"], dims={"t": 2}, deadlines=Deadlines(lookup=30.0, push=30.0, stats=5.0),
-                  max_attempts=3, backoff_seconds=0.01) as client:
-        with pytest.raises(ShardUnavailableError) as info:
-            client.push("t", np.array([1], np.int64), np.ones((1, 2), np.float32))
+        port = taken.getsockname()[1]
+        with PSClient([f"127.0.0.1:{port}"], dims={"t": 2}, deadlines=Deadlines(lookup=30.0, push=30.0, stats=5.0),
+                      max_attempts=3, backoff_seconds=0.01) as client:
+            with pytest.raises(ShardUnavailableError) as info:
+                client.push("t", np.array([1], np.int64), np.ones((1, 2), np.float32))
     message = str(info.value)
     assert "(max_attempts reached before the deadline)" in message and "3 attempts" in message, message
     assert "within the 30 s deadline" not in message

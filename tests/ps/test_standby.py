@@ -269,8 +269,10 @@ def test_a_stopped_standby_holds_acks_until_the_arbiter_records_the_primary_alon
         assert arbiter.read()[0].sync
         lag = 'embps_replication_lag_pushes{shard="0"}'
         assert metrics(job.shards[0].metrics_port)[lag] == 0
-        stop_process(pair.standby.pid)  # every thread: one woken by a push could still apply it
+        # Before the stop: the standby's last acknowledgement (a heartbeat, every lease / 8) may come
+        # while stop_process waits for every thread to stop, and the primary's wait runs from it.
         started = time.monotonic()
+        stop_process(pair.standby.pid)  # every thread: one woken by a push could still apply it
         with ThreadPoolExecutor(1) as pusher:
             pushed = pusher.submit(client.send_push, make_push(client, data, 2))
             # The push waits for the standby: the lag says so (it was set on acks only, and read 0).
@@ -280,7 +282,9 @@ def test_a_stopped_standby_holds_acks_until_the_arbiter_records_the_primary_alon
         waited = time.monotonic() - started
         membership, _ = arbiter.read()
         print(f"push acknowledged {waited:.2f} s after the standby stopped")
-        assert waited >= LEASE_S * 0.9, "acknowledged before the standby applied it or the arbiter recorded it"
+        # It waits about a lease from the standby's last acknowledgement; half a lease is slack for
+        # a loaded machine, and still tells a wait from an acknowledgement at once.
+        assert waited >= LEASE_S / 2, "acknowledged before the standby applied it or the arbiter recorded it"
         assert (membership.standby, membership.sync) == ("", False), membership
         assert "going on ALONE" in pair.log(0)
         client.send_push(make_push(client, data, 3))  # alone now: no wait
@@ -640,18 +644,19 @@ def test_job_config_standbys_with_tokens_need_the_shard_token():
 def test_a_primary_waiting_for_etcd_at_start_stops_on_sigterm(tmp_path):
     """A pair's process waits at start for the arbiter (out of reach here), and waited on through
     SIGTERM: every stop of a job or a pod ended in SIGKILL at the end of its grace period."""
+    # Bound and never listening for the whole test: etcd's connections are refused, and no server
+    # another test starts can take the port meanwhile.
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
-        dead = f"http://127.0.0.1:{taken.getsockname()[1]}"  # nothing listens once it is closed
-    job = pair_job(dead, "waiting")
-    config_path = tmp_path / "job.toml"
-    config_path.write_text(dump_job_config(job))
-    log_path = tmp_path / "shard.log"
-    proc = start_shard(config_path, 0, log_path)
-    try:
-        wait_until(lambda: "arbiter unreachable at start" in log_path.read_text(), "the shard to wait for etcd")
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
-        assert "stopped before it could serve" in log_path.read_text()
-    finally:
-        stop_pid(proc)
+        job = pair_job(f"http://127.0.0.1:{taken.getsockname()[1]}", "waiting")
+        config_path = tmp_path / "job.toml"
+        config_path.write_text(dump_job_config(job))
+        log_path = tmp_path / "shard.log"
+        proc = start_shard(config_path, 0, log_path)
+        try:
+            wait_until(lambda: "arbiter unreachable at start" in log_path.read_text(), "the shard to wait for etcd")
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0
+            assert "stopped before it could serve" in log_path.read_text()
+        finally:
+            stop_pid(proc)
