@@ -301,6 +301,8 @@ class Trainer:
         try:
             self._push_all(self._exchange(pulled, leaf, self._exchange_group), step)
         except BaseException:
+            if self._unpushed_step is None:  # rank 0's own failure: the steps queued after it commit nothing
+                self._unpushed_step = step
             with contextlib.suppress(Exception):  # fails where a rank is gone: the push's error is the one to tell
                 self._every_rank_pushed(False)
             raise

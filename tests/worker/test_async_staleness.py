@@ -196,10 +196,13 @@ def test_two_ranks_lookups_and_commits_wait_for_every_ranks_pushes(tmp_path):
                 )
 
 
-def test_a_step_one_rank_failed_to_push_is_not_committed(tmp_path):
+@pytest.mark.parametrize("failing_rank", [1, 0])
+def test_a_step_one_rank_failed_to_push_is_not_committed(tmp_path, failing_rank):
     """Async: a rank whose push of step s fails still joins the step's exchange (else the ranks
     would wait in gloo), and that was a barrier: rank 0 went on to Commit(s) on every shard,
-    those that never got the failed rank's rows included, and replicas served that cut."""
+    those that never got the failed rank's rows included, and replicas served that cut. Rank 0's
+    own failure surfaces on its training thread a step later: the steps queued meanwhile are not
+    committed either."""
     steps, workers = 6, 2
     table = TableConfig(name="emb", dim=4, init_scale=0.1, seed=1)
     train = {"workers": workers, "steps": steps, "batch_size": 32, "mode": "async", "staleness": 1}
@@ -213,7 +216,7 @@ def test_a_step_one_rank_failed_to_push_is_not_committed(tmp_path):
                 sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={workers}",
                 "--log-dir", str(tmp_path / "agent"),
                 "-m", "tests.worker.async_ranks", "--config", str(path), "--out", str(out),
-                "--push-delay", "0", "--fail-push", "1:3",
+                "--push-delay", "0", "--fail-push", f"{failing_rank}:3",
             ],
             cwd=REPO_ROOT,
             capture_output=True,
