@@ -552,7 +552,8 @@ async def _serve_on(
     finally:
         if gate is not None:
             await asyncio.to_thread(gate.shutdown, grace)
-            if counts is not None:  # the last reference but this function's: the gate goes with it
+            metrics.native_calls.gate = None  # with `counts`, the last references but this function's
+            if counts is not None:
                 metrics.registry.unregister(counts)
             log.info("serving gate stopped")
         if identity is not None:

@@ -92,10 +92,11 @@ async def committed_stream(
             turn.abandon()
             raise
         try:
-            if commits.epoch != epoch:  # reset while this stream waited for its turn
+            read = functools.partial(_range_after, shard, commits, name, position, sent_step, epoch)
+            taken = await servicer.run_call(read, 0)
+            if taken is None:  # reset while this stream waited for its turn (the loop's check resyncs)
                 continue
-            read = functools.partial(_range_after, shard, commits, name, position, sent_step)
-            sealed, dense = await servicer.run_call(read, 0)
+            sealed, dense = taken
             changes = LogRange(sealed.from_version, sealed.to_version, sealed.touched_keys, sealed.deleted_keys, ())
             rows = servicer._rows_of_words(name, sealed.values, request.stored_rows)
             servicer.ranges.resize(hold, servicer.range_hold_bytes(range_bytes(changes, rows)))
@@ -115,8 +116,11 @@ async def committed_stream(
 
 
 
-def _range_after(shard, commits, name: str, position: int, sent_step: int | None) -> tuple:
-    """(the commits after `position` merged, the newest tower after sent_step up to their step)."""
+def _range_after(shard, commits, name: str, position: int, sent_step: int | None, epoch: int) -> tuple | None:
+    """(the commits after `position` merged, the newest tower after sent_step up to their step);
+    None when the log was reset since the stream's `epoch` (a new history of steps)."""
+    if commits.epoch != epoch:
+        return None
     sealed = commits.after(position, name)
     return sealed, shard.dense.newest_in(sent_step if sent_step is not None else -1, sealed.step)
 

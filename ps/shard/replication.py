@@ -220,7 +220,7 @@ class Replication:
         """A task of the pair (lease renewal, the standby's stream, the watch of the primary) that
         raised what it does not handle ended silently, and with it, say, the lease's renewals: the
         process then answered nothing, for good. It stops instead (deposed), for a restart."""
-        if task.cancelled() or task.exception() is None:
+        if task.cancelled() or task.exception() is None or self._stopped:
             return
         log.critical("%s: a replication task failed", self.describe(), exc_info=task.exception())
         self._depose(f"a replication task failed: {task.exception()!r}")
