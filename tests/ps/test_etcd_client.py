@@ -147,7 +147,8 @@ def test_a_record_that_is_no_membership_is_unavailable_and_a_failed_pair_task_de
     async def run() -> list[str]:
         deposed: list[str] = []
         told = asyncio.Event()
-        pair = SimpleNamespace(describe=lambda: "shard 0", _depose=lambda why: (deposed.append(why), told.set()))
+        pair = SimpleNamespace(describe=lambda: "shard 0", _stopped=False,
+                               _depose=lambda why: (deposed.append(why), told.set()))
         task = asyncio.ensure_future(fail())
         task.add_done_callback(lambda t: Replication._task_ended(pair, t))
         await asyncio.wait_for(told.wait(), timeout=10)
