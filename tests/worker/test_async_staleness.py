@@ -8,6 +8,7 @@ import sys
 import threading
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -149,25 +150,7 @@ def test_two_ranks_lookups_and_commits_wait_for_every_ranks_pushes(tmp_path):
     Commit(s) only after every rank's push of step s was, and before any push of step s + 1 is sent
     (so the shards' committed rows are exactly step s's)."""
     staleness, steps, workers = 1, 10, 2
-    table = TableConfig(name="emb", dim=4, init_scale=0.1, seed=1)
-    train = {"workers": workers, "steps": steps, "batch_size": 32, "mode": "async", "staleness": staleness}
-    synthetic = {"num_dense": 2, "num_sparse": 3, "num_keys": 200, "num_batches": steps}
-    path, ps = write_training_job(tmp_path / "job.toml", [table], 2, train, synthetic)
-    out = tmp_path / "records"
-    out.mkdir()
-    with ShardCluster.start(ps, tmp_path / "shards"):
-        result = subprocess.run(
-            [
-                sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={workers}",
-                "--log-dir", str(tmp_path / "agent"),  # the agent's per-rank directories: in /tmp otherwise
-                "-m", "tests.worker.async_ranks", "--config", str(path), "--out", str(out),
-                "--slow-rank", "1", "--push-delay", "0.1",
-            ],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            timeout=180,
-        )  # fmt: skip
+    result, out = _run_async_ranks(tmp_path, steps, workers, "--slow-rank", "1", "--push-delay", "0.1")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     records = [json.loads((out / f"rank{r}.json").read_text()) for r in range(workers)]
     sent = [{step: at for step, at, _ in r["pushes"]} for r in records]
@@ -203,7 +186,16 @@ def test_a_step_one_rank_failed_to_push_is_not_committed(tmp_path, failing_rank)
     those that never got the failed rank's rows included, and replicas served that cut. Rank 0's
     own failure surfaces on its training thread a step later: the steps queued meanwhile are not
     committed either."""
-    steps, workers = 6, 2
+    result, out = _run_async_ranks(tmp_path, 6, 2, "--push-delay", "0", "--fail-push", f"{failing_rank}:3")
+    assert result.returncode != 0
+    assert "push of step 3 failed (injected)" in result.stdout + result.stderr
+    committed = [int(line) for line in (out / "commits.txt").read_text().split()]
+    assert committed == [1, 2], committed
+
+
+def _run_async_ranks(tmp_path: Path, steps: int, workers: int, *args: str) -> tuple[subprocess.CompletedProcess, Path]:
+    """An async job of `steps` over 2 shards, its ranks run by tests/worker/async_ranks.py (args:
+    its flags) under torch.distributed.run; (the run, the folder of its records)."""
     table = TableConfig(name="emb", dim=4, init_scale=0.1, seed=1)
     train = {"workers": workers, "steps": steps, "batch_size": 32, "mode": "async", "staleness": 1}
     synthetic = {"num_dense": 2, "num_sparse": 3, "num_keys": 200, "num_batches": steps}
@@ -214,17 +206,13 @@ def test_a_step_one_rank_failed_to_push_is_not_committed(tmp_path, failing_rank)
         result = subprocess.run(
             [
                 sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={workers}",
-                "--log-dir", str(tmp_path / "agent"),
-                "-m", "tests.worker.async_ranks", "--config", str(path), "--out", str(out),
-                "--push-delay", "0", "--fail-push", f"{failing_rank}:3",
+                "--log-dir", str(tmp_path / "agent"),  # the agent's per-rank directories: in /tmp otherwise
+                "-m", "tests.worker.async_ranks", "--config", str(path), "--out", str(out), *args,
             ],
             cwd=REPO_ROOT,
             capture_output=True,
             text=True,
             timeout=180,
         )  # fmt: skip
-    assert result.returncode != 0
-    assert "push of step 3 failed (injected)" in result.stdout + result.stderr
-    committed = [int(line) for line in (out / "commits.txt").read_text().split()]
-    assert committed == [1, 2], committed
+    return result, out
 
