@@ -213,6 +213,12 @@ class DenseStates:
         while len(self._states) > self.max_states:
             self._states.popitem(last=False)
 
+    def drop_from(self, step: int) -> None:
+        """Forgets the towers of `step` and later: a new history of steps starts at `step`, and an
+        old history's tower of a step the new one reaches was served as the new one's."""
+        for old in [s for s in self._states if s >= step]:
+            del self._states[old]
+
     def newest_in(self, after_step: int, up_to_step: int) -> tuple[int, str, bytes] | None:
         """The newest state with after_step < step <= up_to_step, or None."""
         for step in reversed(self._states):
@@ -267,11 +273,14 @@ def commit(shard, request: ps_pb2.CommitRequest, sealed_tables: Collection[str] 
     first = next(iter(shard.commits.values()))
     now = time.time()
     sealed = set(sealing_tables(shard) if sealed_tables is None else sealed_tables)
+    new_history = step < first.last_step
+    if new_history:
+        shard.dense.drop_from(step)
     # The tower first: a committed stream that sees the step sealed on its table sends the tower
     # with that range, and never asks for a step's tower again once past it.
     if request.dense_state:
         shard.dense.put(step, request.dense_format, bytes(request.dense_state))
-    if step < first.last_step:
+    if new_history:
         for name, commits in shard.commits.items():
             commits.reset(step, shard.tables[name].version)
     elif step > first.last_step:

@@ -100,3 +100,21 @@ def test_a_commit_of_a_step_no_push_can_carry_is_refused():
             assert stub.Commit(ps_pb2.CommitRequest(step=3), timeout=10).step == 3
     finally:
         shards.stop()
+
+
+def test_a_new_history_of_steps_forgets_the_old_one_s_towers():
+    """A Commit of an earlier step starts a new history; the old history's towers of the steps it
+    reaches again were kept, and served as the new history's where it published none."""
+    shards = InProcessShards.start(make_job([TABLE], num_shards=1))
+    dense = shards.servicers[0].shard.dense
+    try:
+        with PSClient.from_job(shards.job) as client:
+            for step in (1, 2, 3):
+                client.push("user", np.arange(4, dtype=np.int64), np.ones((4, 4), np.float32), step=step)
+                client.commit(step, f"old-{step}".encode(), "bytes")
+            client.commit(2)  # the trainer resumed from step 1's snapshot: steps 2, 3 again, no tower
+            assert dense.newest_in(-1, 3) == (1, "bytes", b"old-1")
+            client.commit(3, b"new-3", "bytes")
+            assert dense.newest_in(-1, 3) == (3, "bytes", b"new-3")
+    finally:
+        shards.stop()
