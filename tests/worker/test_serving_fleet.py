@@ -15,7 +15,7 @@ from tests.helpers.waiting import wait_until
 from worker import serving_fleet
 
 DIES = [sys.executable, "-c", "raise SystemExit(3)"]
-HANGS = [sys.executable, "-c", "import time; time.sleep(60)"]
+HANGS = [sys.executable, "-c", "import signal; signal.pause()"]  # a replica that never serves, until stopped
 
 
 def _fleet(tmp_path: Path, fatal: list[str], monkeypatch, start, serves) -> serving_fleet.ServingFleet:
