@@ -27,6 +27,9 @@ class ArrowMemoryPool(StrEnum):
     DEFAULT = "default"  # leave the process's pool as it is (ARROW_DEFAULT_MEMORY_POOL or pyarrow's)
 
 
+MAX_SYNTHETIC_KEYS = 2**28  # the planted model holds a float64 cumulative weight per key: 2 GiB at this bound
+
+
 @dataclass(frozen=True)
 class SyntheticConfig:
     """The synthetic data set. Defaults have Criteo's shape with a 100k-key vocabulary per feature.
@@ -50,6 +53,11 @@ class SyntheticConfig:
         for name in ("num_sparse", "num_keys", "global_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.num_keys > MAX_SYNTHETIC_KEYS:  # the reader would allocate 8 bytes a key, then 8 more, at start
+            raise ValueError(
+                f"num_keys: must be at most {MAX_SYNTHETIC_KEYS:,} (2^28; the data set keeps 8 bytes a key), "
+                f"got {self.num_keys:,}"
+            )
         for name in ("num_dense", "num_batches", "num_eval_batches"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")

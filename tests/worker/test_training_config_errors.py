@@ -109,6 +109,12 @@ LOADER_CASES = [
     (DATA, DATA + "\npaths = [3]", r"^data\.paths\[0\]: must be a path or URI", TYPE),
     (DATA, DATA + "\nstorage = 5", r"^data\.storage: must be a table", TYPE),
     (SYNTHETIC, "num_keys = 0", r"^data\.synthetic\.num_keys: must be >= 1, got 0$", VALUE),
+    (
+        SYNTHETIC,
+        "num_keys = 10000000000000",
+        r"^data\.synthetic\.num_keys: must be at most 268,435,456 \(2\^28; .*got 10,000,000,000,000$",
+        VALUE,
+    ),
     (SYNTHETIC, SYNTHETIC + "\nzipf_alpha = nan", r"^data\.synthetic\.zipf_alpha: must be a finite", VALUE),
     (SYNTHETIC, SYNTHETIC + "\nseed = -1", r"^data\.synthetic\.seed: must be in \[0, ", VALUE),
     (SYNTHETIC, SYNTHETIC + "\nnum_dense = 0", r"^data\.synthetic\.num_dense: the model needs >= 1", VALUE),
