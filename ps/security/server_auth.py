@@ -168,7 +168,31 @@ def server_interceptors(
         return []
     roles = {role for roles in policy.values() for role in roles}
     tokens = {role: token for role in Role if role in roles and (token := LiveToken.of(security, role)) is not None}
+    _check_apart_from_other_roles(security, tokens)
     if not tokens:
         log.warning("auth is on but no role this port accepts (%s) has a token: every call but health is refused",
                     ", ".join(sorted(roles)))
     return [TokenAuth(tokens, policy, on_denied)]
+
+
+def _check_apart_from_other_roles(security: SecurityConfig, tokens: Mapping[Role, LiveToken]) -> None:
+    """ValueError when a token this port accepts is also the token of a role it does not accept
+    (TokenAuth compares only the port's own roles): a reader token equal to the trainer's would
+    start the PS port and let every inference client push. Another role's token that this host
+    cannot read (a file it does not hold, a variable it does not set) is skipped: on a cluster a
+    host holds only its own roles' tokens."""
+    for other in Role:
+        if other in tokens or getattr(security.tokens, other.value) is None:
+            continue
+        try:
+            other_token = security.token(other)
+        except ValueError:
+            continue
+        if other_token is None:
+            continue
+        for role, token in tokens.items():
+            if hmac.compare_digest(token.current_bytes(), other_token.encode()):
+                raise ValueError(
+                    f"security.tokens.{role.value} and security.tokens.{other.value}: the same token for two "
+                    "roles; give each role its own"
+                )

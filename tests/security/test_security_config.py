@@ -214,6 +214,36 @@ def test_one_token_for_two_roles_is_refused_naming_both(tokens):
         TokenAuth({Role.TRAINER: shared, Role.SHARD: shared}, ps_port_policy())
 
 
+def test_a_port_refuses_a_token_it_shares_with_a_role_of_another_port(tmp_path, tokens):
+    """Each port compared only its own roles' tokens: a reader token equal to the trainer's started
+    every port, and any inference client could Push and WriteSnapshot on the PS."""
+    shared, own = tmp_path / "shared.token", tmp_path / "replica.token"
+    shared.write_text(tokens[Role.TRAINER])
+    own.write_text(tokens[Role.REPLICA])
+    security = SecurityConfig(
+        tokens=Tokens(
+            trainer=TokenSource(file=str(shared)),
+            replica=TokenSource(file=str(own)),
+            reader=TokenSource(file=str(shared)),
+            shard=TokenSource(file=str(tmp_path / "held-by-the-shards-only.token")),
+        )
+    )
+    reader_too = r"security\.tokens\.(trainer|reader) and security\.tokens\.(reader|trainer): the same token"
+    with pytest.raises(ValueError, match=reader_too):
+        server_interceptors(security, serving_port_policy())
+    (tmp_path / "held-by-the-shards-only.token").write_text(tokens[Role.SHARD])  # the PS port needs it
+    with pytest.raises(ValueError, match=reader_too):
+        server_interceptors(security, ps_port_policy())
+    # Its own token: both ports start; a role whose file this host does not hold is skipped.
+    own_reader = tmp_path / "reader.token"
+    own_reader.write_text(tokens[Role.READER])
+    own_tokens = dataclasses.replace(security.tokens, reader=TokenSource(file=str(own_reader)))
+    apart = dataclasses.replace(security, tokens=own_tokens)
+    assert len(server_interceptors(apart, ps_port_policy())) == 1
+    (tmp_path / "held-by-the-shards-only.token").unlink()
+    assert len(server_interceptors(apart, serving_port_policy())) == 1
+
+
 def test_a_key_that_is_not_the_certificate_s_is_named_when_the_server_starts(pki):
     """gRPC said only that the port could not be bound."""
     mismatched = SecurityConfig(tls_cert=str(pki.server_cert), tls_key=str(pki.client_key))
