@@ -14,6 +14,9 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
+import numpy as np
+
+from ps import native
 from ps.job_config import JobConfig
 from ps.process.calls import CallSite, unary_call
 from ps.rpc import snapshot_pb2, snapshot_pb2_grpc
@@ -116,8 +119,24 @@ def restore_shard_states(
         for snapshot in chain:
             part = snapshot.load_table_shard(table.name, shard_index)
             state = part.state if state is None else apply_delta(state, part.state, part.deleted_keys)
+        _check_owned(job, shard_index, table.name, state, step)
         states[table.name] = state
     return states
+
+
+def _check_owned(job: JobConfig, shard_index: int, table: str, state: TableState, step: int) -> None:
+    """ValueError naming [sharding] when the snapshot's rows of this shard are not all this shard's
+    under the job's bucket map (the map changed since): the shard would hold rows that no lookup
+    routes to it, and the trained values of the moved keys would read as new rows, silently."""
+    for keys in (state.keys, state.pending_keys):
+        if keys.shape[0] == 0 or native.first_foreign_key(keys, job.shard_map.buckets, shard_index) < 0:
+            continue
+        moved = int(np.count_nonzero(job.shard_map.shard_of(keys) != shard_index))
+        raise ValueError(
+            f"sharding.bucket_ranges: {moved:,} keys of table {table!r} that snapshot step {step} holds on shard "
+            f"{shard_index} belong to another shard under the job's bucket map; the snapshot was written with "
+            "another map, and moving rows between shards is not supported: restore with the map it was written with"
+        )
 
 
 def _check_tables(job: JobConfig, chain: list[Snapshot], step: int) -> None:

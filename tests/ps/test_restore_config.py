@@ -12,6 +12,8 @@ import pytest
 
 from ps.job_config import SnapshotConfig, dump_job_config
 from ps.shard.snapshot_service import restore_shard_states
+from ps.sharding import ShardMap
+from ps.snapshot.files import SnapshotWriter
 from ps.snapshot.ops import ShardSnapshotter
 from ps.table.config import OptimizerConfig, OptimizerKind, TableConfig
 from ps.table.embedding_table import EmbeddingTable
@@ -55,3 +57,25 @@ def test_a_shard_restoring_into_a_smaller_capacity_exits_1_with_the_reason(tmp_p
     text = log.read_text()
     assert "restoring snapshot step 10 failed" in text and "capacity" in text, text[-3000:]
     assert "Traceback" not in text, text[-3000:]
+
+
+
+def test_restoring_under_another_bucket_map_names_the_field(tmp_path):
+    """Only the number of shards was compared: a job whose [sharding] bucket_ranges moved buckets
+    restored each shard's old rows, and the moved keys' trained rows were never read again (their
+    lookups went to the shard that did not hold them, which made new rows)."""
+    uri = (tmp_path / "snaps").as_uri()
+    written = replace(make_job([A], num_shards=2), snapshot=SnapshotConfig(uri))
+    keys = np.arange(1, 2001, dtype=np.int64)
+    writer = SnapshotWriter(uri, "test", 10, "full", num_shards=2)
+    for index in (0, 1):
+        table = EmbeddingTable(A)
+        mine = keys[written.shard_map.shard_of(keys) == index]
+        table.apply_gradients(mine, np.ones((mine.shape[0], 4), np.float32), step=1)
+        ShardSnapshotter({"a": table}, index).write(writer)
+    writer.commit()
+    assert restore_shard_states(written, 0, 10)["a"].keys.shape[0] > 0  # the map it was written with
+    moved = replace(written, shard_map=ShardMap.from_ranges(2, [[0, 16384, 0], [16384, 65536, 1]]))
+    message = r"^sharding\.bucket_ranges: [\d,]+ keys of table 'a' that snapshot step 10 holds on shard 0 belong to"
+    with pytest.raises(ValueError, match=message):
+        restore_shard_states(moved, 0, 10)
