@@ -604,13 +604,14 @@ class PSClient:
         attempt = 0
         while True:
             attempt += 1
-            timeout = end - time.monotonic()
-            if self._paired:
-                timeout = min(timeout, max(_FAILOVER_ATTEMPT_MIN_S, deadline_seconds / 4))
+            # Each RPC's timeout is taken when it starts: with more RPCs than the pool has threads,
+            # one that waited in the pool's queue with a timeout taken here ran past `end` (a call
+            # of 42 RPCs with a 1 s deadline raised after 3 s).
+            cap = max(_FAILOVER_ATTEMPT_MIN_S, deadline_seconds / 4) if self._paired else None
             # The last call runs on this thread, the others on the pool: sync grpc's .future()
             # would start a polling thread per call, which costs more than the call itself.
-            futures = [(i, self._pool.submit(self._invoke, method, calls[i], timeout)) for i in pending[:-1]]
-            outcomes = [(pending[-1], self._invoke(method, calls[pending[-1]], timeout))]
+            futures = [(i, self._pool.submit(self._invoke, method, calls[i], end, cap)) for i in pending[:-1]]
+            outcomes = [(pending[-1], self._invoke(method, calls[pending[-1]], end, cap))]
             outcomes += [(i, future.result()) for i, future in futures]
             retry, failure = [], None
             for i, outcome in sorted(outcomes, key=lambda pair: pair[0]):
@@ -635,17 +636,24 @@ class PSClient:
             time.sleep(pause)
             pending = retry
 
-    def _invoke(self, method: str, call: tuple[int, object], timeout: float):
-        """One blocking RPC; returns the reply or the grpc.RpcError (never raises it)."""
+    def _invoke(self, method: str, call: tuple[int, object], end: float, cap: float | None = None):
+        """One blocking RPC that ends by `end` (time.monotonic; each try at most `cap` seconds, a
+        paired shard's); returns the reply or the grpc.RpcError (never raises it): DEADLINE_EXCEEDED,
+        unsent, when `end` passed before it could start."""
         shard, request = call
+        timeout = end - time.monotonic()
+        if timeout <= 0:
+            return _NotSent(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before this RPC could start")
+        if cap is not None:
+            timeout = min(timeout, cap)
         stub = self._stubs[shard]
         try:
             if len(self._pairs[shard]) == 1:
-                return getattr(stub, method)(request, timeout=max(timeout, 0.001))
+                return getattr(stub, method)(request, timeout=timeout)
             # A paired shard: the call carries the newest epoch seen of it, so a deposed primary
             # that still believes in its lease refuses it (ps/shard/server.py check_call).
             metadata = ((wire.EPOCH_METADATA_KEY, str(self._epochs[shard])),)
-            reply, rpc = getattr(stub, method).with_call(request, timeout=max(timeout, 0.001), metadata=metadata)
+            reply, rpc = getattr(stub, method).with_call(request, timeout=timeout, metadata=metadata)
             self._note_epoch(shard, rpc)
             return reply
         except grpc.RpcError as err:
@@ -659,6 +667,20 @@ class PSClient:
         for key, value in rpc.trailing_metadata() or ():
             if key == wire.EPOCH_METADATA_KEY and value.isdigit():
                 self._epochs[shard] = max(self._epochs[shard], int(value))
+
+
+class _NotSent(grpc.RpcError):
+    """The outcome of an RPC that was never sent (its code and details, as a failed call's)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
 
 
 def _stub(channel: grpc.Channel) -> ps_pb2_grpc.ParameterServerStub:

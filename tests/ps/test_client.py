@@ -286,6 +286,50 @@ def test_a_dead_or_hung_shard_fails_the_call_within_its_deadline(start_cluster, 
             os.kill(pid, signal.SIGCONT)
 
 
+class _NeverAnswers(grpc.GenericRpcHandler):
+    """A shard that takes every call and answers none until `release` is set."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+
+    def service(self, handler_call_details):
+        def hold(request, context):
+            self.release.wait(30)
+            context.abort(grpc.StatusCode.UNAVAILABLE, "released")
+
+        return grpc.unary_unary_rpc_method_handler(hold)
+
+
+def test_a_call_of_more_rpcs_than_the_pool_s_threads_ends_within_its_deadline():
+    """Each RPC's timeout was taken before any was queued on the client's pool: a call split into
+    more RPCs than the pool has threads ran its RPCs in rounds, each with the whole deadline (42
+    RPCs, 16 threads, a 1 s deadline: the error came after 3 s, saying "within the 1 s deadline")."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    never = _NeverAnswers()
+    server = grpc.server(ThreadPoolExecutor(64), options=[("grpc.max_receive_message_length", 1 << 26)])
+    server.add_generic_rpc_handlers((never,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    deadline = 1.0
+    try:
+        with PSClient(
+            [f"127.0.0.1:{port}"], dims={"t": 64}, message_limit_bytes=16384,
+            deadlines=Deadlines(lookup=deadline, push=deadline, stats=deadline),
+        ) as client:
+            keys = np.arange(2000, dtype=np.int64)
+            assert len(client._plan_lookup("t", keys).calls) > 2 * client._pool._max_workers
+            grads = np.zeros((2000, 64), np.float32)
+            for call in (lambda: client.lookup("t", keys), lambda: client.push("t", keys, grads)):
+                started = time.monotonic()
+                with pytest.raises(ShardUnavailableError, match=f"within the {deadline:g} s deadline"):
+                    call()
+                assert time.monotonic() - started < deadline + 0.5
+    finally:
+        never.release.set()
+        server.stop(0)
+
+
 def test_a_many_table_lookup_whose_tables_fit_alone_fits_together():
     """The lookups of one shard travel in one LookupBatch, grouped to fit the message limit; they
     were grouped by their requests' size (8 bytes a key), not their replies' (4 x dim), so two
