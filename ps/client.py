@@ -462,6 +462,7 @@ class PSClient:
             counts = native.as_keys(counts, "counts")
             if counts.shape != layout.keys.shape:
                 raise ValueError(f"counts: expected shape {layout.keys.shape}, got {counts.shape}")
+            native.check_counts(counts)  # here: counts all <= 1 are not sent, and the shard would count 0 as 1
         if not distinct:
             layout, flat, counts = layout.summed(self, flat, counts)
         if counts is not None and counts.shape[0] and int(counts.max()) <= 1:
@@ -522,6 +523,7 @@ class PSClient:
             counts = native.as_keys(counts, "counts")
             if counts.shape != keys.shape:
                 raise ValueError(f"counts: expected shape {keys.shape}, got {counts.shape}")
+            native.check_counts(counts)  # here: counts all <= 1 are not sent, and the shard would count 0 as 1
         unique, sums, sightings = native.dedupe_sum(keys, np.ascontiguousarray(grads), counts, dim)
         send_counts = sightings.shape[0] and int(sightings.max()) > 1
         per_key = 8 + 4 * dim + (8 if send_counts else 0)

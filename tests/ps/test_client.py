@@ -173,6 +173,14 @@ def test_errors_become_embps_exceptions(cluster, client):
     assert isinstance(info.value, CapacityError)
     with pytest.raises(ValueError, match=r"grads: expected shape \(3, 8\)"):
         client.push("user", np.array([1, 2, 3], dtype=np.int64), np.ones((3, 7), dtype=np.float32))
+    # A count of 0 was sent as "one sighting each" when no key's count was above 1 (and refused by
+    # the shard when one was): refused here, before any RPC, in both kinds of push.
+    keys, grads = np.array([5, 6], dtype=np.int64), np.ones((2, 8), dtype=np.float32)
+    for counts in ([0, 1], [0, 5], [-1, 1], [1, 2**32]):
+        with pytest.raises(ValueError, match=r"^counts: every entry must be in \[1, 4294967295\]"):
+            client.push("user", keys, grads, counts=np.array(counts, dtype=np.int64))
+        with pytest.raises(ValueError, match=r"^counts: every entry must be in \[1, 4294967295\]"):
+            client.prepare_push_multi(["user"], keys, np.array([0, 2]), grads, counts=np.array(counts, dtype=np.int64))
     assert client.lookup("user", np.array([7], dtype=np.int64)).shape == (1, 8), "still serving"
 
 
