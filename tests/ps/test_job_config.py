@@ -112,6 +112,9 @@ def _with(old: str, new: str) -> dict:
         ),
         ('address = "127.0.0.1:7002"', 'address = "localhost:7001"', r"shards\[1\]\.address: .* also shards\[0\]"),
         ('job = "ctr"', 'job = ".."', r"job: must be a name of letters"),
+        ('job = "ctr"', 'job = "' + "j" * 201 + '"', r"job: must be .*at most 200 bytes of UTF-8, got 'jjj"),
+        ('job = "ctr"', 'job = "' + "作" * 67 + '"', r"job: must be .*at most 200 bytes"),  # 201 bytes
+        ("[tables.item]", '[tables.' + "t" * 201 + ']', r"tables\.t+\.name: must be .*at most 200 bytes"),
         ("[tables.item]", '[tables.".."]', r'tables\."\.\."\.name: must be a name of letters'),
         ("lookup = 2.5", "lookup = 1e10", r"deadlines\.lookup: must be a number of seconds in \(0, 86400\]"),
         ("lookup = 2.5", "lookup = inf", r"deadlines\.lookup: must be a number of seconds in \(0, 86400\]"),
