@@ -55,6 +55,7 @@ from tqdm import tqdm
 from ps.process import children
 from ps.shard.server import SERVICE_NAME
 from ps.shard.startup import EXIT_SNAPSHOT_UNUSABLE
+from ps.snapshot.storage import StorageError
 from worker import processes
 from worker.launch_config import check_max_restarts, load_launch_settings
 from worker.serving_fleet import ServingFleet
@@ -251,7 +252,11 @@ def launch(options: LaunchOptions) -> int:
                     failure += f"; no restarts left (max_restarts = {max_restarts})"
                 break
             restarts += 1
-            restore = _latest_or_none(job)
+            try:
+                restore = _latest_or_none(job)
+            except StorageError as exc:  # after pyarrow's own retries: the job cannot pick its step
+                failure += f"; cannot restart: the snapshots are out of reach ({exc})"
+                break
             origin = f"from snapshot step {restore}" if restore is not None else "from the start (no snapshot yet)"
             tqdm.write(f"embps launch: {failure}; restart {restarts}/{max_restarts} {origin}")
             sys.stdout.flush()
@@ -341,7 +346,6 @@ def _run_attempt(
 def _latest_step(job: TrainingJob) -> int:
     """The step --resume starts from; ValueError naming the flag when there is none or the
     snapshots cannot be listed (one line, not a traceback)."""
-    from ps.snapshot.storage import StorageError
 
     if job.ps.snapshot is None:
         raise ValueError("--resume: the job has no [snapshot] section, so there is nothing to resume from")
@@ -358,7 +362,6 @@ def _refuse_an_earlier_run(job: TrainingJob) -> None:
     """ValueError naming snapshot.uri when a fresh launch (no --resume) finds committed snapshots of
     its job there: a restart resumes from the job's newest step, which would be the earlier run's,
     and every snapshot round of this run would find its step committed already."""
-    from ps.snapshot.storage import StorageError
 
     if job.ps.snapshot is None:
         return
@@ -422,7 +425,6 @@ def _check_extras(job: TrainingJob, step: int | None) -> None:
     failed every worker at each restart, and the job never fell back."""
     from ps.snapshot.files import verify_extras
     from ps.snapshot.manifest import SnapshotError
-    from ps.snapshot.storage import StorageError
 
     if step is None or job.ps.snapshot is None:
         return
@@ -439,7 +441,6 @@ def _retire(job: TrainingJob, step: int | None) -> str:
     warning adds: where its manifest went, or why it stayed."""
     from ps.snapshot.files import retire
     from ps.snapshot.manifest import SnapshotError
-    from ps.snapshot.storage import StorageError
 
     if step is None or job.ps.snapshot is None:
         return ""

@@ -255,8 +255,9 @@ _READ_CHUNK_BYTES = 16 << 20
 
 def read_bytes(fs: pafs.FileSystem, path: str, on_bytes: Callable[[int], None] | None = None) -> bytes | bytearray:
     """The whole file at `path` (FileNotFoundError if absent); with on_bytes, read in chunks and
-    on_bytes(n) called after each (progress of a long read)."""
-    with fs.open_input_stream(path, compression=None) as f:
+    on_bytes(n) called after each (progress of a long read). StorageUnavailableError when the
+    storage fails otherwise (an S3 endpoint out of reach raised pyarrow's OSError past every caller)."""
+    with unavailable_on_failure(f"reading {path}"), fs.open_input_stream(path, compression=None) as f:
         if on_bytes is None:
             return f.read()
         data = bytearray()
@@ -294,8 +295,10 @@ def exists(fs: pafs.FileSystem, path: str) -> bool:
 
 
 def list_dir_names(fs: pafs.FileSystem, path: str) -> list[str]:
-    """Names of the directories directly under `path` ([] when `path` does not exist)."""
-    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=False))
+    """Names of the directories directly under `path` ([] when `path` does not exist);
+    StorageUnavailableError when the storage fails."""
+    with unavailable_on_failure(f"listing {path}"):
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=False))
     return [i.base_name for i in infos if i.type == pafs.FileType.Directory]
 
 

@@ -9,9 +9,10 @@ import numpy as np
 import pyarrow.fs as pafs
 import pytest
 
-from ps.snapshot.files import SnapshotWriter, latest, list_snapshots, open_snapshot, restore
+from ps.snapshot.files import SnapshotWriter, latest, list_snapshots, open_snapshot, read_manifest_at, restore
 from ps.snapshot.ops import ShardSnapshotter, collect_garbage, export_for_serving
-from ps.snapshot.storage import StorageConfig, open_uri
+from ps.snapshot.storage import StorageConfig, StorageUnavailableError, open_uri
+from tests.helpers.processes import free_ports
 from tests.ps.test_snapshot import assert_same_state, evicting_table, push
 
 
@@ -94,3 +95,21 @@ def test_wrong_credentials_fail_fast_with_a_clear_error(s3):
         ShardSnapshotter({"t": table}, 0).snapshot(uri, "job", 2, storage_config=bad)
     assert time.monotonic() - start < 30
     assert latest(uri, "job", s3.config) == 1
+
+
+def test_an_endpoint_out_of_reach_is_storage_unavailable_naming_the_path():
+    """Listing and reading raised pyarrow's OSError, past every `except StorageError`: `embps launch
+    --resume` and a launch's restart ended in a traceback instead of a line naming the snapshots."""
+    (port,) = free_ports(1)  # nothing listens there
+    nowhere = StorageConfig(
+        endpoint_override=f"127.0.0.1:{port}", scheme="http", access_key="a", secret_key="b",
+        connect_timeout=1.0, request_timeout=1.0, max_attempts=1,
+    )
+    uri = "s3://bucket/snaps"
+    with pytest.raises(StorageUnavailableError, match=r"^listing bucket/snaps/job: .*"):
+        latest(uri, "job", nowhere)
+    with pytest.raises(StorageUnavailableError, match=r"^listing bucket/snaps/job: .*"):
+        list_snapshots(uri, "job", nowhere)
+    fs, base = open_uri(uri, nowhere)
+    with pytest.raises(StorageUnavailableError, match=r"^reading bucket/snaps/job/1/manifest\.json: "):
+        read_manifest_at(fs, base + "/job", 1)
