@@ -155,6 +155,9 @@ def _fixed_list(values: np.ndarray) -> pa.FixedSizeListArray:
 
 def _from_fixed_list(column: pa.ChunkedArray, n: int, width: int, dtype: np.dtype) -> np.ndarray:
     """fixed_size_list column of n rows -> (n, width) array of dtype."""
+    size = getattr(column.type, "list_size", None)
+    if size != width:  # a manifest whose dim is not its files': numpy's reshape named neither
+        raise SnapshotCorruptError(f"a list column of {size} values a row where the manifest gives {width}")
     if width == 0:
         return np.zeros((n, 0), dtype=dtype)
     flat = column.combine_chunks().flatten().to_numpy(zero_copy_only=False)
@@ -492,7 +495,11 @@ def read_manifest_at(fs: pafs.FileSystem, job_dir: str, step: int) -> Manifest:
 
 def step_dirs(fs: pafs.FileSystem, job_dir: str) -> list[int]:
     """Steps with a folder under job_dir, committed or not, ascending."""
-    return sorted(int(name) for name in storage.list_dir_names(fs, job_dir) if name.isdigit())
+    # ASCII digits in canonical form: int() takes '²' (isdigit) badly and '05' as folder 5.
+    return sorted(
+        int(name) for name in storage.list_dir_names(fs, job_dir)
+        if name.isascii() and name.isdigit() and str(int(name)) == name
+    )
 
 
 def _open_job(uri: str, job: str, storage_config: StorageConfig | None) -> tuple[pafs.FileSystem, str]:

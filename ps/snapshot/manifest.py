@@ -184,25 +184,31 @@ class Manifest:
             d = json.loads(text)
             if d.get("format") != FORMAT or d.get("format_version") != FORMAT_VERSION:
                 raise ValueError(f"format: expected {FORMAT} v{FORMAT_VERSION}, got {d.get('format')!r}")
+            num_shards = _count("num_shards", d["num_shards"], low=1)
             tables = {
                 name: TableEntry(
-                    dim=int(t["dim"]),
-                    state_width=int(t["state_width"]),
+                    dim=_count(f"tables.{name}.dim", t["dim"], low=1, high=65536),
+                    state_width=_count(f"tables.{name}.state_width", t["state_width"]),
                     dtype=str(t["dtype"]),
                     config=t["config"],
-                    shards={int(s): ShardEntry(**{**e, "files": tuple(e["files"])}) for s, e in t["shards"].items()},
+                    shards={
+                        _shard_index(name, s, num_shards): _shard_entry(f"tables.{name}.shards.{s}", e)
+                        for s, e in t["shards"].items()
+                    },
                 )
                 for name, t in d["tables"].items()
             }
-            files = {p: FileEntry(p, int(f["size"]), str(f["sha256"])) for p, f in d["files"].items()}
-            extra = {n: FileEntry(str(f["path"]), int(f["size"]), str(f["sha256"])) for n, f in d["extra"].items()}
+            files = {_path(p): FileEntry(p, _count(f"files.{p}.size", f["size"]), _digest(p, f["sha256"]))
+                     for p, f in d["files"].items()}
+            extra = {n: FileEntry(_path(f["path"]), _count(f"extra.{n}.size", f["size"]), _digest(n, f["sha256"]))
+                     for n, f in d["extra"].items()}
             manifest = cls(
-                job=str(d["job"]),
-                step=int(d["step"]),
+                job=check_name("job", d["job"]),
+                step=_count("step", d["step"]),
                 kind=SnapshotKind(d["kind"]),
-                parent=None if d["parent"] is None else int(d["parent"]),
+                parent=None if d["parent"] is None else _count("parent", d["parent"]),
                 created=str(d["created"]),
-                num_shards=int(d["num_shards"]),
+                num_shards=num_shards,
                 tables=tables,
                 files=files,
                 extra=extra,
@@ -220,9 +226,47 @@ class Manifest:
                 )
             if manifest.parent is not None and not 0 <= manifest.parent < manifest.step:
                 raise ValueError(f"parent {manifest.parent}: not an earlier step than {manifest.step}")
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise SnapshotCorruptError(f"{where}: not a valid embps manifest ({e})") from e
+        except (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError) as e:
+            # OverflowError: a size of 1e999; RecursionError: JSON nested thousands deep. Either
+            # escaped, and one bad manifest broke every listing of the job (latest, gc, a resume).
+            raise SnapshotCorruptError(f"{where}: not a valid embps manifest ({e!r:.300})") from e
         return manifest
+
+
+def _count(what: str, value: object, low: int = 0, high: int = 2**63 - 1) -> int:
+    """An integer in [low, high] (not a bool, a float or a string of digits), else ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{what}: must be an integer in [{low}, {high}], got {value!r:.40}")
+    return value
+
+
+def _shard_index(table: str, key: object, num_shards: int) -> int:
+    if not (isinstance(key, str) and key.isascii() and key.isdigit() and int(key) < num_shards):
+        raise ValueError(f"tables.{table}.shards: {key!r:.40} is not a shard of [0, {num_shards})")
+    return int(key)
+
+
+def _shard_entry(what: str, entry: dict) -> ShardEntry:
+    files = entry["files"]
+    if not isinstance(files, list) or not files:  # the rows' file is files[0]
+        raise ValueError(f"{what}.files: must be a non-empty list, got {files!r:.40}")
+    return ShardEntry(
+        **{name: _count(f"{what}.{name}", entry[name]) for name in ("rows", "pending", "deleted", "version", "step")},
+        files=tuple(_path(p) for p in files),
+    )
+
+
+def _path(path: object) -> str:
+    """A file's path relative to its step folder: no '..', not absolute (it read outside the step)."""
+    if not isinstance(path, str) or not path or path.startswith("/") or ".." in path.split("/"):
+        raise ValueError(f"file path {path!r:.80}: must be relative to the step folder, without '..'")
+    return path
+
+
+def _digest(what: str, digest: object) -> str:
+    if not (isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)):
+        raise ValueError(f"{what}: sha256 must be 64 lowercase hex digits, got {digest!r:.80}")
+    return digest
 
 
 def check_name(what: str, name: object) -> str:

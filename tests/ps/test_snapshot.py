@@ -304,6 +304,79 @@ def test_a_manifest_whose_parent_is_not_an_earlier_step_is_corrupt(tmp_path, par
     assert collect_garbage(uri, "job", keep=1).kept == (1,)
 
 
+def _damage(manifest: dict, change: str) -> str:
+    table = manifest["tables"]["t"]
+    shard = table["shards"]["0"]
+    if change == "size-inf":
+        size = next(iter(manifest["files"].values()))["size"]
+        return json.dumps(manifest).replace(f'"size": {size}', '"size": 1e999', 1)
+    if change == "nested":
+        return json.dumps({**manifest, "created": None}).replace("null", "[" * 100_000 + "]" * 100_000)
+    if change == "no-files":
+        shard["files"] = []
+    elif change == "dim":
+        table["dim"] = table["dim"] * 2
+    elif change == "dim-negative":
+        table["dim"] = -table["dim"]
+    elif change == "rows-string":
+        shard["rows"] = str(shard["rows"])
+    elif change == "shard-outside":
+        table["shards"] = {"-1": shard}
+    elif change == "step-float":
+        manifest["step"] = 1.5
+    elif change == "escaping-path":
+        shard["files"][0] = "../" + shard["files"][0]
+    return json.dumps(manifest)
+
+
+@pytest.mark.parametrize(
+    "change, why",
+    [
+        ("size-inf", r"\.size: must be an integer in \[0, \d+\], got inf"),
+        ("nested", r"RecursionError"),
+        ("no-files", r"tables\.t\.shards\.0\.files: must be a non-empty list"),
+        ("dim", r"a list column of 4 values a row where the manifest gives 8"),
+        ("dim-negative", r"tables\.t\.dim: must be an integer in \[1, 65536\], got -4"),
+        ("rows-string", r"tables\.t\.shards\.0\.rows: must be an integer"),
+        ("shard-outside", r"tables\.t\.shards: '-1' is not a shard of \[0, 1\)"),
+        ("step-float", r"step: must be an integer in \[0, "),
+        ("escaping-path", r"file path '\.\./t/.*must be relative to the step folder"),
+    ],
+)
+def test_a_damaged_manifest_is_corrupt_and_passed_over(tmp_path, change, why):
+    """A manifest's values were taken as they came: a size of 1e999 or JSON nested deep raised past
+    the parser (one bad step broke latest, gc and every listing of the job), no files an IndexError
+    that killed a restoring shard, a dim that is not the files' a bare numpy reshape error (a dim of
+    -4 was even read as "any"), and paths with '..' read outside the step's folder."""
+    uri = str(tmp_path)
+    table = evicting_table("t", seed=0)
+    snapper = ShardSnapshotter({"t": table}, 0)
+    push(table, np.random.default_rng(0), 1)
+    snapper.snapshot(uri, "job", 1)
+    push(table, np.random.default_rng(1), 2)
+    snapper.snapshot(uri, "job", 2)
+    path = tmp_path / "job/2/manifest.json"
+    path.write_text(_damage(json.loads(path.read_text()), change))
+    with pytest.raises(SnapshotCorruptError, match=why):
+        load_table_shard(uri, "job", 2, "t", 0)
+    if change != "dim":  # a dim that parses is found by the rows it reads
+        assert latest(uri, "job") == 1
+        assert [m.step for m in list_snapshots(uri, "job")] == [1]
+        assert collect_garbage(uri, "job", keep=1).kept == (1,)
+
+
+def test_a_step_folder_of_other_digits_is_not_a_step(tmp_path):
+    """'²' passed str.isdigit() and int() raised, breaking every listing; '01' was read as step 1."""
+    uri = str(tmp_path)
+    table = evicting_table("t", seed=0)
+    push(table, np.random.default_rng(0), 1)
+    ShardSnapshotter({"t": table}, 0).snapshot(uri, "job", 1)
+    (tmp_path / "job" / "\u00b2").mkdir()
+    (tmp_path / "job" / "01").mkdir()
+    assert latest(uri, "job") == 1
+    assert [m.step for m in list_snapshots(uri, "job")] == [1]
+
+
 def test_writer_refuses_what_it_cannot_commit(tmp_path):
     uri = str(tmp_path)
     state = evicting_table("t", seed=0).export()
