@@ -182,15 +182,19 @@ class TableConfig:
                 f"{p}.kernels: fbgemm fuses {', '.join(FBGEMM_OPTIMIZERS)} with our math, not '{o.kind}'; "
                 "use kernels 'auto'"
             )
-        _check_float(f"{p}.optimizer.lr", o.lr, low=0.0, strict=True)
-        _check_float(f"{p}.optimizer.eps", o.eps, low=0.0)
+        # The kernels compute in float32: every setting must be a float32 (1e39 became inf, and the
+        # first push, even of a zero gradient, made its rows NaN).
+        _check_float(f"{p}.optimizer.lr", o.lr, low=0.0, strict=True, high=_FLOAT32_MAX)
+        if o.lr < _FLOAT32_TINY:
+            raise ValueError(f"{p}.optimizer.lr: must be at least {_FLOAT32_TINY:.6g} (0 in float32 below), got {o.lr}")
+        _check_float(f"{p}.optimizer.eps", o.eps, low=0.0, high=_FLOAT32_MAX)
         _check_float(f"{p}.optimizer.beta1", o.beta1, low=0.0, high=1.0)
         _check_float(f"{p}.optimizer.beta2", o.beta2, low=0.0, high=1.0)
-        _check_float(f"{p}.optimizer.initial_accumulator", o.initial_accumulator, low=0.0)
-        _check_float(f"{p}.optimizer.ftrl_beta", o.ftrl_beta, low=0.0)
+        _check_float(f"{p}.optimizer.initial_accumulator", o.initial_accumulator, low=0.0, high=_FLOAT32_MAX)
+        _check_float(f"{p}.optimizer.ftrl_beta", o.ftrl_beta, low=0.0, high=_FLOAT32_MAX)
+        _check_float(f"{p}.optimizer.l1", o.l1, low=0.0, high=_FLOAT32_MAX)
+        _check_float(f"{p}.optimizer.l2", o.l2, low=0.0, high=_FLOAT32_MAX)
         _check_optimizer_denominators(p, o)
-        _check_float(f"{p}.optimizer.l1", o.l1, low=0.0)
-        _check_float(f"{p}.optimizer.l2", o.l2, low=0.0)
         a = self.admission
         _check_enum(f"{p}.admission.kind", a.kind, AdmissionKind)
         _check_int(f"{p}.admission.min_count", a.min_count, low=1, high=2**31)
@@ -210,6 +214,10 @@ class TableConfig:
         return self
 
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+_FLOAT32_TINY = float(np.finfo(np.float32).tiny)  # the smallest normal float32 (a smaller lr was 0 or subnormal)
+
+
 def _check_int(path: str, value: object, low: int, high: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigTypeError(f"{path}: must be an integer, got {type(value).__name__} {value!r}")
@@ -223,10 +231,15 @@ def _check_float(path: str, value: object, low: float, high: float = math.inf, s
     if not math.isfinite(value):
         raise ValueError(f"{path}: must be finite, got {value}")
     if value < low or (strict and value == low) or value > high:
-        bound = f"> {low}" if strict else f">= {low}"
+        bound = f"> {_number(low)}" if strict else f">= {_number(low)}"
         if high != math.inf:
-            bound += f" and <= {high}"
+            bound += f" and <= {_number(high)}"
         raise ValueError(f"{path}: must be {bound}, got {value}")
+
+
+def _number(x: float) -> str:
+    """A bound as a message says it: 3.40282e+38, not 3.4028234663852886e+38."""
+    return f"{x:.6g}" if x and not 1e-4 <= abs(x) < 1e16 else str(x)
 
 
 def _check_optimizer_denominators(p: str, o: OptimizerConfig) -> None:
@@ -247,6 +260,24 @@ def _check_optimizer_denominators(p: str, o: OptimizerConfig) -> None:
                 f"a zero gradient on a fresh row would divide 0 by 0; got eps {o.eps}, "
                 f"initial_accumulator {o.initial_accumulator}"
             )
+    if o.kind == OptimizerKind.ROWWISE_ADAGRAD:
+        # Its step is g x lr / (sqrt(s) + eps), the factor taken first: on a fresh row with a zero
+        # gradient an infinite factor times 0 made the whole row NaN.
+        with np.errstate(over="ignore", divide="ignore"):
+            factor = np.float32(o.lr) / (np.sqrt(np.float32(o.initial_accumulator)) + np.float32(o.eps))
+        if not np.isfinite(factor):
+            raise ValueError(
+                f"{p}.optimizer.eps: rowwise_adagrad's first step multiplies by lr / (sqrt(initial_accumulator) + "
+                f"eps), which overflows float32 at lr {o.lr}, eps {o.eps}, initial_accumulator "
+                f"{o.initial_accumulator}; raise eps or initial_accumulator"
+            )
+    if o.kind == OptimizerKind.FTRL and not (np.float32(o.ftrl_beta) > 0.0 or np.float32(o.l2) > 0.0):
+        # A weight is -(z - l1) / ((ftrl_beta + sqrt(n)) / lr + l2): a gradient whose square is 0 in
+        # float32 (|g| < 4e-23) left n at 0 and the weight at +-inf for good.
+        raise ValueError(
+            f"{p}.optimizer.ftrl_beta: ftrl needs ftrl_beta > 0 or l2 > 0 (a float32 above 0), or a weight "
+            f"divides by 0 before its first squared gradient; got ftrl_beta {o.ftrl_beta}, l2 {o.l2}"
+        )
 
 
 def _check_enum(path: str, value: object, enum: type[StrEnum]) -> None:

@@ -30,6 +30,20 @@ def _table(**optimizer) -> TableConfig:
          r"t\.optimizer\.eps: adagrad needs eps > 0 or initial_accumulator > 0"),
         (dict(kind=OptimizerKind.ROWWISE_ADAGRAD, lr=0.1, eps=0.0, initial_accumulator=0.0),
          r"t\.optimizer\.eps: rowwise_adagrad needs eps > 0 or initial_accumulator > 0"),
+        # Not a float32: inf (or 0) in the kernels, NaN rows at the first push of a zero gradient.
+        (dict(kind=OptimizerKind.SGD, lr=1e39), r"t\.optimizer\.lr: must be > 0\.0 and <= 3\.40282e\+38, got 1e\+39"),
+        (dict(kind=OptimizerKind.ADAM, lr=1e39), r"t\.optimizer\.lr: must be > 0\.0 and <= 3\.40282e\+38"),
+        (dict(kind=OptimizerKind.FTRL, lr=1e-50), r"t\.optimizer\.lr: must be at least 1\.17549e-38 .*got 1e-50"),
+        (dict(kind=OptimizerKind.ADAM, lr=0.1, eps=1e39), r"t\.optimizer\.eps: must be >= 0\.0 and <= 3\.40282e\+38"),
+        (dict(kind=OptimizerKind.FTRL, lr=0.1, l2=1e40), r"t\.optimizer\.l2: must be >= 0\.0 and <= 3\.40282e\+38"),
+        # Row-wise Adagrad's factor lr / (sqrt(s) + eps) overflows on a fresh row.
+        (dict(kind=OptimizerKind.ROWWISE_ADAGRAD, lr=100.0, eps=1e-37),
+         r"t\.optimizer\.eps: rowwise_adagrad's first step multiplies by lr / \(sqrt\(initial_accumulator\) \+ eps\)"),
+        (dict(kind=OptimizerKind.ROWWISE_ADAGRAD, lr=0.1, eps=1e-45),
+         r"t\.optimizer\.eps: rowwise_adagrad's first step .* overflows float32"),
+        # FTRL divides by (ftrl_beta + sqrt(n)) / lr + l2, n 0 until a squared gradient is not 0.
+        (dict(kind=OptimizerKind.FTRL, lr=0.1, ftrl_beta=0.0),
+         r"t\.optimizer\.ftrl_beta: ftrl needs ftrl_beta > 0 or l2 > 0"),
     ],
 )
 def test_settings_that_divide_by_zero_are_refused(optimizer, message):
@@ -47,12 +61,16 @@ def test_settings_that_divide_by_zero_are_refused(optimizer, message):
         dict(kind=OptimizerKind.ADAGRAD, lr=0.1, eps=1e-30, initial_accumulator=0.0),
         dict(kind=OptimizerKind.ROWWISE_ADAGRAD, lr=0.1, eps=0.0, initial_accumulator=1e-30),
         dict(kind=OptimizerKind.ROWWISE_ADAGRAD, lr=0.1, eps=1e-30, initial_accumulator=0.0),
+        dict(kind=OptimizerKind.SGD, lr=float(np.finfo(np.float32).tiny)),
+        dict(kind=OptimizerKind.FTRL, lr=0.1, ftrl_beta=0.0, l2=1e-30),
+        dict(kind=OptimizerKind.FTRL, lr=0.1, ftrl_beta=1e-30, l2=0.0),
     ],
 )
 def test_settings_at_the_edge_keep_rows_finite(optimizer):
     table = EmbeddingTable(_table(**optimizer).validate())
     keys = np.array([1, 2], dtype=np.int64)
     table.apply_gradients(keys, np.zeros((2, DIM), np.float32), step=1)  # zero gradients on fresh rows
+    table.apply_gradients(keys, np.full((2, DIM), 1e-30, np.float32), step=2)  # squares 0 in float32
     table.apply_gradients(keys, np.array([[1, 0, 0, 0], [0, 0, 0, 0]], np.float32), step=2)
     table.apply_gradients(keys, np.full((2, DIM), -3.0, np.float32), step=3)
     state = table.export()
