@@ -85,6 +85,9 @@ class OptimizerConfig:
     l1: float = 0.0
     l2: float = 0.0
 
+    def __post_init__(self) -> None:
+        _coerce_enums(self, {"kind": OptimizerKind})
+
 
 @dataclass(frozen=True)
 class AdmissionConfig:
@@ -101,6 +104,9 @@ class AdmissionConfig:
     probability: float = 1.0
     max_pending: int = 1 << 20
 
+    def __post_init__(self) -> None:
+        _coerce_enums(self, {"kind": AdmissionKind})
+
 
 @dataclass(frozen=True)
 class EvictionConfig:
@@ -109,6 +115,9 @@ class EvictionConfig:
 
     ttl_steps: int | None = None
     policy: EvictionPolicy = EvictionPolicy.NONE
+
+    def __post_init__(self) -> None:
+        _coerce_enums(self, {"policy": EvictionPolicy})
 
 
 @dataclass(frozen=True)
@@ -148,6 +157,9 @@ class TableConfig:
     device: str = "cpu"
     kernels: Kernels = Kernels.AUTO
 
+    def __post_init__(self) -> None:
+        _coerce_enums(self, {"storage": Storage, "initializer": Initializer, "kernels": Kernels})
+
     def validate(self, where: str | None = None) -> TableConfig:
         """Raises ValueError naming the first bad field; returns self when valid."""
         p = where if where is not None else self.name
@@ -168,6 +180,11 @@ class TableConfig:
             raise ValueError(f"{p}.device: must be 'cpu' or 'cuda[:index]', got {self.device!r}")
         if self.storage != Storage.FLOAT32 and self.device != "cpu":
             raise ValueError(f"{p}.storage: '{self.storage}' rows need device 'cpu', got {self.device!r}")
+        for name, kind in _PARTS:
+            value = getattr(self, name)
+            if not isinstance(value, kind):
+                got = f"{type(value).__name__} {value!r:.60}"
+                raise ConfigTypeError(f"{p}.{name}: must be an {kind.__name__}, got {got}")
         o = self.optimizer
         _check_enum(f"{p}.optimizer.kind", o.kind, OptimizerKind)
         _check_enum(f"{p}.kernels", self.kernels, Kernels)
@@ -214,6 +231,7 @@ class TableConfig:
         return self
 
 
+_PARTS = (("optimizer", OptimizerConfig), ("admission", AdmissionConfig), ("eviction", EvictionConfig))
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 _FLOAT32_TINY = float(np.finfo(np.float32).tiny)  # the smallest normal float32 (a smaller lr was 0 or subnormal)
 
@@ -278,6 +296,16 @@ def _check_optimizer_denominators(p: str, o: OptimizerConfig) -> None:
             f"{p}.optimizer.ftrl_beta: ftrl needs ftrl_beta > 0 or l2 > 0 (a float32 above 0), or a weight "
             f"divides by 0 before its first squared gradient; got ftrl_beta {o.ftrl_beta}, l2 {o.l2}"
         )
+
+
+def _coerce_enums(config: object, fields: dict[str, type[StrEnum]]) -> None:
+    """A plain string that names a member becomes the member (`kind="adam"` as TOML gives it):
+    the kernels' bindings read the member's name, and a string passed validate, then failed there
+    with an AttributeError naming no field. Anything else stays for validate to name."""
+    for name, enum in fields.items():
+        value = getattr(config, name)
+        if isinstance(value, str) and not isinstance(value, enum) and value in enum._value2member_map_:
+            object.__setattr__(config, name, enum(value))
 
 
 def _check_enum(path: str, value: object, enum: type[StrEnum]) -> None:

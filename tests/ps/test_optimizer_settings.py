@@ -85,3 +85,22 @@ def test_the_largest_init_scale_keeps_every_new_row_finite_and_one_more_is_refus
     assert np.isfinite(rows).all()
     with pytest.raises(ValueError, match=r"t\.init_scale: must be >= 0.0 and <= 5e\+37, got 1e\+38"):
         TableConfig(name="t", dim=DIM, initializer=initializer, init_scale=1e38).validate()
+
+
+def test_settings_given_as_strings_are_their_members_and_a_part_of_another_type_is_named():
+    """`kind="adam"` and `initializer="normal"` (as TOML gives them) passed validate and then failed
+    in the kernels' bindings with an AttributeError naming no field; a dict for the optimizer or
+    None for the eviction did the same."""
+    config = TableConfig(
+        name="t", dim=DIM, optimizer=OptimizerConfig(kind="adam", lr=0.1), initializer="normal", storage="float16"
+    ).validate()
+    assert config.optimizer.kind is OptimizerKind.ADAM and config.initializer is Initializer.NORMAL
+    table = EmbeddingTable(config)
+    table.apply_gradients(np.arange(3, dtype=np.int64), np.ones((3, DIM), np.float32), step=1)
+    assert np.isfinite(table.export().values).all()
+    with pytest.raises(TypeError, match=r"^t\.optimizer: must be an OptimizerConfig, got dict"):
+        TableConfig(name="t", dim=DIM, optimizer={"kind": "sgd"}).validate()
+    with pytest.raises(TypeError, match=r"^t\.eviction: must be an EvictionConfig, got NoneType None"):
+        TableConfig(name="t", dim=DIM, eviction=None).validate()
+    with pytest.raises(ValueError, match=r"^t\.optimizer\.kind: must be one of .*got 'nope'"):
+        TableConfig(name="t", dim=DIM, optimizer=OptimizerConfig(kind="nope")).validate()
