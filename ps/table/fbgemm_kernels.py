@@ -71,6 +71,7 @@ class _Scratch:
         location = EmbeddingLocation.DEVICE if cuda else EmbeddingLocation.HOST
         compute = ComputeDevice.CUDA if cuda else ComputeDevice.CPU
         self.capacity = capacity
+        self.num_tables = num_tables
         self.tbe = SplitTableBatchedEmbeddingBagsCodegen(
             [(capacity, key.dim, location, compute)] * num_tables,
             optimizer=optim,
@@ -88,13 +89,15 @@ class _Scratch:
 class FbgemmKernels:
     """Runs the optimizer step of a group of tables as one fbgemm call (see the module docstring).
 
-    Holds one scratch TBE per (GroupKey, number of tables), grown (doubling) when a push has more
-    rows for one table than it holds: T x capacity x (dim + state words) float32 each, e.g. 26
-    tables x 16,384 rows x 65 words = 111 MB for pushes of up to 16,384 keys a table.
+    Holds one scratch TBE per GroupKey, of as many tables as its largest call (a call of fewer
+    gives the rest empty bags), grown (doubling) when a push has more rows for one table than it
+    holds: T x capacity x (dim + state words) float32, e.g. 26 tables x 16,384 rows x 65 words =
+    111 MB for pushes of up to 16,384 keys a table. (One per number of tables, as before, kept
+    about T / 2 times that when the tables of a push varied.)
     """
 
     def __init__(self) -> None:
-        self._scratch: dict[tuple[GroupKey, int], _Scratch] = {}
+        self._scratch: dict[GroupKey, _Scratch] = {}
         self._lock = threading.Lock()
 
     def apply(self, key: GroupKey, words: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> None:
@@ -121,7 +124,8 @@ class FbgemmKernels:
                     scratch.states[t][: sizes[t]].copy_(w[:, dim : dim + width])
             # Table t's rows are scratch rows 0..u_t - 1: one bag per table, non-pooled.
             indices = torch.cat([torch.arange(n, dtype=torch.int64, device=device) for n in sizes])
-            offsets = torch.tensor([0, *torch.tensor(sizes).cumsum(0).tolist()], dtype=torch.int64, device=device)
+            bags = sizes + [0] * (scratch.num_tables - len(sizes))  # the scratch's other tables: empty bags
+            offsets = torch.tensor([0, *torch.tensor(bags).cumsum(0).tolist()], dtype=torch.int64, device=device)
             out = scratch.tbe(indices, offsets)
             out.backward(torch.cat(list(grads)).to(out.dtype))
             for t, w in enumerate(words):
@@ -132,11 +136,13 @@ class FbgemmKernels:
 
     def _get(self, key: GroupKey, num_tables: int, rows: int) -> _Scratch:
         with self._lock:
-            scratch = self._scratch.get((key, num_tables))
-            if scratch is None or scratch.capacity < rows:
+            scratch = self._scratch.get(key)
+            if scratch is None or scratch.capacity < rows or scratch.num_tables < num_tables:
                 capacity = max(_MIN_CAPACITY, 1 << (rows - 1).bit_length())
+                if scratch is not None:
+                    capacity, num_tables = max(capacity, scratch.capacity), max(num_tables, scratch.num_tables)
                 scratch = _Scratch(key, num_tables, capacity)
-                self._scratch[(key, num_tables)] = scratch
+                self._scratch[key] = scratch
             return scratch
 
 
