@@ -54,6 +54,7 @@ class DataBenchConfig:
     vocab: int = 200_000  # distinct values per categorical feature
     zipf: float = 1.05
     memory_pool: str = "auto"  # ReaderConfig.arrow_memory_pool of every rank
+    shuffle_buffer: int = 0  # ReaderConfig.shuffle_buffer of every rank (rows)
     out: str | None = None
 
 
@@ -93,7 +94,9 @@ def pc_if_null(values, null_mask: np.ndarray):
     return pc.if_else(pa.array(null_mask), pa.scalar(None, values.type), values)
 
 
-def read_share(kind: str, path: str, batch: int, rank: int, world_size: int, memory_pool: str) -> dict:
+def read_share(
+    kind: str, path: str, batch: int, rank: int, world_size: int, memory_pool: str, shuffle_buffer: int = 0
+) -> dict:
     """One rank: builds its reader and reads its whole share; returns its counts, seconds and CPU.
 
     It says "ready" once its imports are done and starts on the "go" line from stdin, so no
@@ -103,7 +106,9 @@ def read_share(kind: str, path: str, batch: int, rank: int, world_size: int, mem
     from worker.readers import ReaderConfig
 
     cls = CriteoTsvReader if kind == "tsv" else ParquetReader
-    config = ReaderConfig(global_batch_size=batch, drop_last=False, arrow_memory_pool=memory_pool)
+    config = ReaderConfig(
+        global_batch_size=batch, drop_last=False, arrow_memory_pool=memory_pool, shuffle_buffer=shuffle_buffer
+    )
     print("ready", flush=True)
     sys.stdin.readline()
     usage_start = resource.getrusage(resource.RUSAGE_SELF)
@@ -139,7 +144,7 @@ def _run_ranks(kind: str, path: Path, config: DataBenchConfig, world_size: int) 
     code = (
         "import json, sys; from bench.data_bench import read_share; "
         "print(json.dumps(read_share(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), "
-        "sys.argv[6])))"
+        "sys.argv[6], int(sys.argv[7]))))"
     )
     root = Path(__file__).resolve().parent.parent
     # The ranks share this machine's cores, as the local ranks of one node do.
@@ -157,6 +162,7 @@ def _run_ranks(kind: str, path: Path, config: DataBenchConfig, world_size: int) 
                 str(r),
                 str(world_size),
                 config.memory_pool,
+                str(config.shuffle_buffer),
             ],
             cwd=root,
             env=env,
@@ -227,6 +233,8 @@ def run_data_bench(config: DataBenchConfig) -> int:
         raise ValueError(
             f"--memory-pool (arrow_memory_pool): must be one of {choices}, got {config.memory_pool!r}"
         ) from None
+    if config.shuffle_buffer < 0:
+        raise ValueError(f"--shuffle-buffer: must be >= 0 rows, got {config.shuffle_buffer}")
     unknown = [kind for kind in config.formats if kind not in FORMATS]
     if unknown or not config.formats:
         raise ValueError(f"--formats: expected some of {', '.join(FORMATS)}, got {', '.join(config.formats)}")
@@ -298,6 +306,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--memory-pool", default=defaults.memory_pool, help="Arrow allocator of the ranks (data.arrow_memory_pool)"
     )
+    parser.add_argument(
+        "--shuffle-buffer", type=int, default=defaults.shuffle_buffer, help="rows in each rank's shuffle buffer"
+    )
     parser.add_argument("--out", default=None, help="write the results as JSON here")
 
 
@@ -314,6 +325,7 @@ def run(args: argparse.Namespace) -> int:
         row_group=args.row_group,
         vocab=args.vocab,
         memory_pool=args.memory_pool,
+        shuffle_buffer=args.shuffle_buffer,
         out=args.out,
     )
     return run_data_bench(config)
