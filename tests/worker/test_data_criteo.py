@@ -236,6 +236,23 @@ def test_a_count_past_float64_s_range_is_a_bad_row_not_an_infinite_feature(tmp_p
         list(failing)
 
 
+def test_bytes_that_are_not_utf8_are_a_categorical_s_value_or_a_bad_number(tmp_path):
+    """One Latin-1 byte anywhere failed the whole pass ("invalid UTF8 data"), bad_rows = "skip"
+    or not: in a categorical it is hashed as the bytes it is, in a count the row is a bad row."""
+    path = tmp_path / "latin1.tsv"
+    path.write_bytes(b"1\t5\tcaf\xe9\n0\t7\tcafe\n1\t\xff3\tdeadbeef\n0\t2\tcaf\xe9\n")
+    reader = CriteoTsvReader([str(path)], ReaderConfig(global_batch_size=3, num_dense=1, num_sparse=1,
+                                                       prefetch_batches=0, drop_last=False))
+    (batch,) = list(reader)
+    assert reader.num_bad_rows == 1 and len(batch) == 3
+    sparse = np.asarray(batch.sparse)[:, 0]
+    assert sparse[0] == sparse[2] != sparse[1]  # b"caf\xe9" twice, b"cafe" once
+    failing = CriteoTsvReader([str(path)], ReaderConfig(global_batch_size=3, num_dense=1, num_sparse=1,
+                                                        prefetch_batches=0, bad_rows=BadRowPolicy.FAIL))
+    with pytest.raises(ValueError, match=r"latin1\.tsv:3: bad row: I1: not an integer"):
+        list(failing)
+
+
 def test_held_out_rows_fewer_than_a_batch_are_all_scored(tmp_path):
     """The held-out reader dropped a short last batch as the training reader does: 255 held-out
     rows and batch_size 256 gave no evaluation at all, and any held-out file lost its tail."""
