@@ -36,8 +36,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from bench.machine import machine_facts
 from bench.ports import free_ports
 from ps.job_config import Deadlines, JobConfig, ShardConfig, dump_job_config
-from ps.process.children import POLL_CHANNEL_OPTIONS, python_path
+from ps.process.children import POLL_CHANNEL_OPTIONS
 from ps.process.malloc import MALLOC_TUNING
+from ps.process.python_command import python_path
 from ps.rpc import serving_pb2, serving_pb2_grpc
 from ps.table.config import TableConfig
 from serving.config import Consistency, ServeConfig, dump_serve_config

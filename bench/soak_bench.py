@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.ports import free_ports
-from ps.process.children import python_path
+from ps.process.python_command import python_path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TABLE = "emb"

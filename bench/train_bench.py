@@ -33,7 +33,7 @@ from bench.machine import machine_facts
 from bench.ports import free_ports, loopback_shards
 from ps import toml_writer
 from ps.job_config import ArbiterConfig, JobConfig, dump_job_config
-from ps.process.children import python_path
+from ps.process.python_command import python_path
 from ps.table.config import EvictionConfig, EvictionPolicy, OptimizerConfig, OptimizerKind, TableConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -17,7 +17,7 @@ import sys
 import numpy as np
 import pytest
 
-from ps.process.children import python_path
+from ps.process.python_command import python_path
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 

@@ -53,6 +53,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ps.process import children
+from ps.process.python_command import python_module
 from ps.shard.server import SERVICE_NAME
 from ps.shard.startup import EXIT_SNAPSHOT_UNUSABLE
 from ps.snapshot.storage import StorageError
@@ -603,9 +604,10 @@ def _run_workers(
         start_method="spawn",
         logs_specs=DefaultLogsSpecs(log_dir=agent_dir.name),
     )
-    entry = [sys.executable, "-m", "worker.worker_main", "--config", job.path]
-    if resume_step is not None:
-        entry += ["--resume-step", str(resume_step)]
+    resume = ("--resume-step", str(resume_step)) if resume_step is not None else ()
+    entry, env = python_module("worker.worker_main", "--config", job.path, *resume)
+    if "PYTHONPATH" in env:  # torch's agent gives its workers this process's environment
+        os.environ["PYTHONPATH"] = env["PYTHONPATH"]
     start = time.monotonic()
     failures.armed = True
     try:

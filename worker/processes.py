@@ -6,8 +6,9 @@ child arranges that itself: ps.process.children.die_with_launcher).
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
+
+from ps.process.python_command import python_module
 
 
 def start_shard(
@@ -18,20 +19,14 @@ def start_shard(
     log_path.parent.mkdir(parents=True, exist_ok=True)
     restore = ["--restore-step", str(restore_step)] if restore_step is not None else []
     restore += ["--standby", standby] if standby else []
+    argv, env = python_module("embps", "ps", "--config", config_path, "--shard", str(index), *restore)
     with open(log_path, "ab") as log:
-        return subprocess.Popen(
-            [sys.executable, "-m", "embps", "ps", "--config", config_path, "--shard", str(index), *restore],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+        return subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
 def start_replica(config_path: Path, log_path: Path) -> subprocess.Popen:
     """`python -m embps serve --config config_path` (a serve.toml), output to log_path."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    argv, env = python_module("embps", "serve", "--config", str(config_path))
     with open(log_path, "ab") as log:
-        return subprocess.Popen(
-            [sys.executable, "-m", "embps", "serve", "--config", str(config_path)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+        return subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -30,16 +30,6 @@ POLL_CHANNEL_OPTIONS = (
 )
 
 
-def python_path(*first: str) -> str:
-    """A child's PYTHONPATH: `first` (e.g. the repository root), then the one this process got.
-
-    Replacing the inherited value would hide packages installed with `pip --target` and put on
-    PYTHONPATH (a machine's own site, a separate peer's folder) from the child alone.
-    """
-    inherited = os.environ.get("PYTHONPATH", "")
-    return os.pathsep.join(p for p in (*first, inherited) if p)
-
-
 def die_with_parent() -> None:
     """Get SIGTERM when the parent dies, even by SIGKILL (Linux). Called in the child itself, never
     as a preexec_fn: that makes subprocess fork the parent, and a fork while another thread is inside

@@ -19,6 +19,8 @@ import ctypes
 import os
 import sys
 
+from ps.process.python_command import python_module
+
 MMAP_THRESHOLD_BYTES = 64 << 20
 TRIM_THRESHOLD_BYTES = 256 << 20
 MALLOC_TUNING = {
@@ -41,10 +43,10 @@ def exec_with_malloc_tuning(argv: list[str]) -> None:
         return
     if all(os.environ.get(k) for k in MALLOC_TUNING):
         return
-    env = {**os.environ, **MALLOC_TUNING}
+    command, env = python_module("embps", *argv)
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, "-m", "embps", *argv], env)
+    os.execve(command[0], command, {**env, **MALLOC_TUNING})
 
 
 def tune_malloc_here() -> bool:

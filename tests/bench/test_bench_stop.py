@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ps.process.children import python_path
+from ps.process.python_command import python_path
 from tests.helpers.processes import alive, child_pids, command_line
 from tests.helpers.waiting import wait_until
 

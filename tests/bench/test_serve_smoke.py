@@ -17,7 +17,7 @@ import pytest
 import embps
 from bench.loadgen import native_module
 from bench.serve_targets import RedisServer
-from ps.process.children import python_path
+from ps.process.python_command import python_path
 from tests.helpers.processes import alive, child_pids
 from tests.helpers.waiting import eventually, wait_until
 

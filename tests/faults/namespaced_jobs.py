@@ -24,8 +24,8 @@ import pytest
 import torch
 
 from ps.job_config import Deadlines, JobConfig, ShardConfig
-from ps.process.children import python_path
 from ps.process.malloc import MALLOC_TUNING
+from ps.process.python_command import python_path
 from ps.table.embedding_table import EmbeddingTable
 from tests.helpers.netns import Host, unavailable_reason
 from tests.helpers.processes import REPO_ROOT, stop_pid, wait_serving

@@ -21,8 +21,8 @@ import pytest
 import torch
 
 from ps.client import PSClient
-from ps.process.children import python_path
 from ps.process.malloc import MALLOC_TUNING
+from ps.process.python_command import python_path
 from serving.config import ServeConfig, dump_serve_config
 from serving.server import SERVICE_NAME
 from tests.faults.namespaced_jobs import (

@@ -22,9 +22,9 @@ import pytest
 
 from ps.client import PSClient
 from ps.job_config import ArbiterConfig, Deadlines, JobConfig, ShardConfig, dump_job_config
-from ps.process.children import python_path
 from ps.process.children import stop as stop_pid
 from ps.process.malloc import MALLOC_TUNING
+from ps.process.python_command import python_path
 from ps.rpc import ps_pb2
 from ps.shard.arbiter import Arbiter
 from ps.shard.state import Shard

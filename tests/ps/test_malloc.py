@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 
-from ps.process.children import python_path
+from ps.process.python_command import python_path
 from tests.helpers.processes import REPO_ROOT
 
 # 40 MB: above the largest threshold glibc's own adjustment reaches (32 MB), so without the settings

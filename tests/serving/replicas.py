@@ -20,8 +20,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ps import wire
 from ps.job_config import JobConfig, dump_job_config
-from ps.process.children import POLL_CHANNEL_OPTIONS, python_path
+from ps.process.children import POLL_CHANNEL_OPTIONS
 from ps.process.malloc import MALLOC_TUNING
+from ps.process.python_command import python_path
 from ps.rpc import ps_pb2, serving_pb2, serving_pb2_grpc
 from ps.security import Role, open_channel
 from serving.config import Consistency, ServeConfig, dump_serve_config

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 
 from ps.job_config import dump_job_config
-from ps.process.children import python_path
+from ps.process.python_command import python_path
 from ps.table.config import TableConfig
 from serving.config import dump_serve_config
 from tests.helpers.processes import REPO_ROOT, make_job

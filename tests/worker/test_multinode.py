@@ -22,8 +22,8 @@ import torch
 
 from ps.client import PSClient
 from ps.job_config import JobConfig, ShardConfig
-from ps.process.children import python_path
 from ps.process.malloc import MALLOC_TUNING
+from ps.process.python_command import python_path
 from ps.table.embedding_table import EmbeddingTable
 from tests.helpers.netns import Host, HostNetwork, host_network, remaining, unavailable_reason
 from tests.helpers.processes import REPO_ROOT, ShardCluster, make_job, stop_pid, wait_serving
