@@ -45,6 +45,7 @@ from bench.ports import loopback_shards
 from bench.rpc_floor import measure_rpc_floor
 from ps.job_config import ArbiterConfig, Deadlines, JobConfig, dump_job_config
 from ps.process import children
+from ps.process.python_command import python_path
 from ps.table.config import OptimizerConfig, OptimizerKind, TableConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -93,7 +94,7 @@ def start_shards(job: JobConfig, workdir: Path, malloc_tuned: bool) -> list[subp
 
     config_path = workdir / "job.toml"
     config_path.write_text(dump_job_config(job))
-    env = {**os.environ, "PYTHONPATH": children.python_path(str(REPO_ROOT))}
+    env = {**os.environ, "PYTHONPATH": python_path(str(REPO_ROOT))}
     flags = [] if malloc_tuned else ["--no-malloc-tuning"]
     for key in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
         env.pop(key, None)

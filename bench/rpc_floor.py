@@ -24,6 +24,7 @@ import grpc
 from bench.machine import process_cpu_seconds
 from bench.ports import free_ports
 from ps.process import children
+from ps.process.python_command import python_path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 _METHOD = "/embps.bench.Floor/Empty"
@@ -46,7 +47,7 @@ def measure_rpc_floor(calls: int = 2000) -> RpcFloor:
     (port,) = free_ports(1)
     server = subprocess.Popen(
         [sys.executable, "-m", "bench.rpc_floor", str(port)],
-        cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": children.python_path(str(REPO_ROOT))}, stdout=subprocess.PIPE,
+        cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": python_path(str(REPO_ROOT))}, stdout=subprocess.PIPE,
     )
     try:
         if server.stdout.readline().strip() != b"ready":

@@ -36,6 +36,7 @@ import numpy as np
 from bench.keys import key_of_rank
 from bench.loadgen import OK, native_code_names, native_module
 from ps.process import children
+from ps.process.python_command import python_path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TABLE = "emb"
@@ -337,7 +338,7 @@ class EmbpsServer:
         config_path = workdir / "serve.toml"
         config_path.write_text(dump_serve_config(config, "job.toml"))
         log_path = workdir / "serve.log"
-        env = {**os.environ, **MALLOC_TUNING, "PYTHONPATH": children.python_path(str(REPO_ROOT))}
+        env = {**os.environ, **MALLOC_TUNING, "PYTHONPATH": python_path(str(REPO_ROOT))}
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "embps", "serve", "--config", str(config_path), "--grace", "2"],

@@ -34,6 +34,7 @@ from bench.ports import loopback_shards
 from bench.ps_bench import REPO_ROOT, start_etcd, start_shards
 from ps.job_config import ArbiterConfig, Deadlines, JobConfig, dump_job_config
 from ps.process import children
+from ps.process.python_command import python_path
 from ps.shard.replication import ROLE_VALUES
 from ps.table.config import OptimizerConfig, OptimizerKind, TableConfig
 
@@ -162,7 +163,7 @@ def run_standby_join_bench(config: StandbyJoinBenchConfig) -> int:
                 procs[1] = children.popen_dying_with_parent(
                     [sys.executable, "-m", "embps", "ps", "--config", str(config_path), "--shard", "0", "--standby"],
                     cwd=REPO_ROOT,
-                    env={**os.environ, "PYTHONPATH": children.python_path(str(REPO_ROOT))},
+                    env={**os.environ, "PYTHONPATH": python_path(str(REPO_ROOT))},
                     stdout=log,
                     stderr=subprocess.STDOUT,
                 )

@@ -21,6 +21,7 @@ from ps.job_config import Deadlines, JobConfig, ShardConfig, dump_job_config
 from ps.process import children
 from ps.process.children import stop as stop_pid
 from ps.process.malloc import MALLOC_TUNING
+from ps.process.python_command import python_path
 from ps.security import SecurityConfig
 from ps.shard.arbiter import Arbiter
 from ps.shard.server import SERVICE_NAME
@@ -122,7 +123,7 @@ def start_shard(
 ) -> subprocess.Popen:
     """Starts `python -m embps ps --config config_path --shard index [args]` from the repo root,
     behind `prefix` when given (a command that execs the rest, e.g. tests/helpers/small_disk.py)."""
-    environment = {**os.environ, **MALLOC_TUNING, "PYTHONPATH": children.python_path(str(REPO_ROOT)), **(env or {})}
+    environment = {**os.environ, **MALLOC_TUNING, "PYTHONPATH": python_path(str(REPO_ROOT)), **(env or {})}
     shard = ["-m", "embps", "ps", "--config", str(config_path), "--shard", str(index), "--grace", "5", *args]
     with open(log_path, "ab") as log:
         return subprocess.Popen(
