@@ -181,7 +181,7 @@ def _numbers_as_quantities(raw: dict) -> dict:
 def _check_resources(where: str, resources: Resources) -> None:
     for name in ("cpu", "memory"):
         value = getattr(resources, name)
-        match = _QUANTITY.match(value)
+        match = _QUANTITY.fullmatch(value)  # match's $ takes a final newline, which Kubernetes refuses
         if match is None:
             raise ValueError(f"{where}.{name}: must be a Kubernetes quantity ('500m', '2', '4Gi'), got {value!r}")
         if float(match["number"]) <= 0:

@@ -118,6 +118,18 @@ def render_cli(config_path: str, out: str) -> int:
     except (ValueError, TypeError) as exc:  # the loaders' message, which names the field, unchanged
         print(f"embps deploy render: {config_path}: {exc}", file=sys.stderr)
         return 2
+    # Manifests of an earlier render that this one does not write (another worker kind, a section
+    # since removed) stayed beside the new ones: `kubectl apply -f` of the folder then started both
+    # worker groups, pushing the same job twice.
+    held = {path.relative_to(out).as_posix() for path in Path(out).rglob("*.y*ml")} if Path(out).is_dir() else set()
+    stale = sorted(held - set(manifests))
+    if stale:
+        print(
+            f"embps deploy render: --out: {out} holds manifests this render does not write ({', '.join(stale[:3])}"
+            f"{', ...' if len(stale) > 3 else ''}); `kubectl apply -f` would apply them too: use an empty folder",
+            file=sys.stderr,
+        )
+        return 2
     for path in write_manifests(manifests, Path(out)):
         print(path)
     return 0

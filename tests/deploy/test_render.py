@@ -231,6 +231,7 @@ def test_worker_kind_indexed_job_swaps_which_one_kubectl_applies(tmp_path):
         ("nnodes = 2=>nnodes = 0", "deploy.worker.nnodes: must be >= 1, got 0"),
         ("gpu = 0=>tpu = 1", "deploy.worker.resources.tpu: unknown resource"),
         ('memory = "2Gi"=>memory = "2 GB"', "deploy.serving.resources.memory: must be a Kubernetes quantity"),
+        ('cpu = "1"=>cpu = "1\\n"', "deploy.serving.resources.cpu: must be a Kubernetes quantity"),
         ('memory = "4Gi"=>memory = "512m"', "deploy.ps.resources.memory: '512m' is a fraction of a byte"),
         ('cpu = "1"=>cpu = "0"', "deploy.serving.resources.cpu: must be > 0"),
         ("gpu = 0=>gpu = -2", "deploy.worker.resources.gpu: must be an integer >= 0"),
@@ -283,6 +284,16 @@ def test_cli_writes_the_manifests_or_reports_the_field(tmp_path):
     assert result.returncode == 2
     assert "deploy.serving.min_replicas: must be >= 1, got -3" in result.stderr
     assert not (tmp_path / "bad").exists()
+
+    # The same render again into its folder: the same files. Another worker kind into it: refused,
+    # naming the manifest it would leave (kubectl apply -f of the folder started both worker groups).
+    again = run_cli(EXAMPLE, tmp_path / "k8s")
+    assert again.returncode == 0 and sorted(Path(line) for line in again.stdout.split()) == listed
+    path.write_text(edited(change='kind = "pytorchjob"=>kind = "indexed-job"'))
+    other = run_cli(path, tmp_path / "k8s")
+    assert other.returncode == 2, other.stdout + other.stderr
+    assert "--out: " in other.stderr and "30-workers-pytorchjob.yaml" in other.stderr and "empty folder" in other.stderr
+    assert sorted((tmp_path / "k8s").rglob("*.yaml")) == listed  # nothing written
 
 
 def test_a_job_file_without_deploy_section_says_what_is_missing(tmp_path):
