@@ -266,6 +266,8 @@ def run_report(paths: list[str], out: str | None = None) -> int:
             raise ValueError(f"{path}: not JSON: {exc}") from None
         except UnicodeDecodeError:
             raise ValueError(f"{path}: not JSON: not UTF-8 text") from None
+        except RecursionError:
+            raise ValueError(f"{path}: not JSON: nested too deeply") from None
         if not isinstance(data, dict):
             shown = json.dumps(data)
             raise ValueError(

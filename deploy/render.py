@@ -116,7 +116,8 @@ def render_cli(config_path: str, out: str) -> int:
         job, deploy, text = load_deployment(config_path)
         manifests = render(job, deploy, text)
     except (ValueError, TypeError) as exc:  # the loaders' message, which names the field, unchanged
-        print(f"embps deploy render: {config_path}: {exc}", file=sys.stderr)
+        message = str(exc) if str(exc).startswith(f"{config_path}: ") else f"{config_path}: {exc}"  # named once
+        print(f"embps deploy render: {message}", file=sys.stderr)
         return 2
     # Manifests of an earlier render that this one does not write (another worker kind, a section
     # since removed) stayed beside the new ones: `kubectl apply -f` of the folder then started both

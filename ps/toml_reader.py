@@ -18,6 +18,8 @@ def read_toml_text(path: str | Path) -> tuple[str, dict]:
         return text, tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"{path}: not valid TOML: {exc}") from exc
+    except RecursionError:  # arrays nested thousands deep: a traceback of thousands of lines
+        raise ValueError(f"{path}: not valid TOML: nested too deeply") from None
 
 
 def read_toml(path: str | Path) -> dict:

@@ -60,6 +60,24 @@ def test_a_missing_job_file_is_one_line_naming_the_file(tmp_path: Path, argv: li
     assert done.stderr.strip().splitlines() == [f"embps {argv[0]}: {path}: No such file or directory"], done.stderr
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [["ps", "--config", "{path}", "--shard", "0"], ["deploy", "render", "{path}", "--out", "{out}"]],
+    ids=["ps", "deploy"],
+)
+def test_a_job_file_nested_too_deep_is_one_line(tmp_path: Path, argv: list[str]) -> None:
+    """Arrays nested 5,000 deep raised RecursionError from the TOML parser: ~3,000 lines of traceback."""
+    path = tmp_path / "deep.toml"
+    path.write_text("job = " + "[" * 5000 + "]" * 5000 + "\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "embps", *(a.format(path=path, out=tmp_path / "out") for a in argv)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    command = "deploy render" if argv[0] == "deploy" else argv[0]
+    assert done.stderr.strip().splitlines() == [f"embps {command}: {path}: not valid TOML: nested too deeply"]
+
+
 def _shard_job(tmp_path: Path, metrics_port: int | None = None) -> Path:
     """A one-shard job file on free loopback ports (metrics_port: that one instead)."""
     job = make_job([TableConfig(name="t", dim=4)])

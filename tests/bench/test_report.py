@@ -50,6 +50,13 @@ def test_an_incomplete_result_names_the_file(tmp_path: Path) -> None:
         run_report([str(path)])
 
 
+def test_a_file_nested_too_deep_is_named_not_a_traceback(tmp_path: Path) -> None:
+    path = tmp_path / "deep.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match=r"deep\.json: not JSON: nested too deeply"):
+        run_report([str(path)])
+
+
 def test_overload_result_shows_both_replicas() -> None:
     side = {"answered_qps": 900.0, "shed_fraction": 0.5, "answered_p50_ms": 2.0, "answered_p99_ms": 9.0}
     result = {
