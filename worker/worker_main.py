@@ -38,6 +38,10 @@ LOG_EVERY = 10
 EXIT_PS_UNAVAILABLE = 3
 
 
+class MetricsPortError(Exception):
+    """train.metrics_port cannot be served (taken by another process): the worker ends with a line."""
+
+
 def run_worker(
     job: TrainingJob, rank: int, world_size: int, progress_path: str | None = None, resume_step: int | None = None
 ) -> dict:
@@ -56,7 +60,12 @@ def run_worker(
         trainer.step = resumed["step"]
     checkpointer = Checkpointer(job, rank, world_size, resumed_step=resume_step)
     if rank == 0 and job.train.metrics_port is not None:
-        start_http_server(job.train.metrics_port, registry=checkpointer.rounds.registry)
+        try:
+            start_http_server(job.train.metrics_port, registry=checkpointer.rounds.registry)
+        except OSError as exc:  # a traceback ended the worker, naming no field
+            raise MetricsPortError(
+                f"train.metrics_port: cannot serve /metrics on port {job.train.metrics_port}: {exc.strerror or exc}"
+            ) from None
     first_step = trainer.step
     stream = iter(reader)
     agree = world_size > 1 and ranks_may_differ_in_batches(job)
@@ -194,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         return EXIT_PS_UNAVAILABLE
+    except MetricsPortError as exc:
+        print(f"embps worker rank {rank}: {exc}", file=sys.stderr, flush=True)
+        return 1
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -166,3 +166,20 @@ def test_a_corrupt_extra_of_the_newest_snapshot_falls_back_before_any_worker_rea
         assert latest(uri, job.ps.job) == 10
     finally:
         children.stop_all(shards)
+
+
+def test_a_taken_train_metrics_port_names_the_field(tmp_path):
+    """The worker ended in a traceback (OSError: Address already in use) that named no field."""
+    import dataclasses
+
+    from worker import worker_main
+
+    job = one_shard_job(tmp_path)
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        job = dataclasses.replace(job, train=dataclasses.replace(job.train, metrics_port=port))
+        message = rf"^train\.metrics_port: cannot serve /metrics on port {port}: "
+        with pytest.raises(worker_main.MetricsPortError, match=message):
+            worker_main.run_worker(job, 0, 1)
