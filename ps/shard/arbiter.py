@@ -2,13 +2,19 @@
 
     /embps/<job>/shard/<s>          {"primary": addr, "standby": addr or "", "epoch": n, "sync": bool}
     /embps/<job>/shard/<s>/leader   the primary's address, attached to its lease (gone when it expires)
+    /embps/<job>/shard/<s>/standby  {"standby": addr, "epoch": n} under the standby's own lease, while
+                                    it follows a primary
 
 Every change of the record is a compare-and-swap on its mod revision, so of two processes acting on
 the same view only one wins. A process becomes primary only by a transaction that also finds no
 leader key (no live lease): the primary at start (epoch + 1 over whatever an earlier run left), or
 its standby once the primary's lease expired and the record says the standby was synchronous.
 `sync` is true only while every acknowledged push is on the standby: the primary clears it (CAS)
-before it acknowledges anything alone, so a standby that missed pushes never promotes.
+before it acknowledges anything alone, so a standby that missed pushes never promotes. And while a
+record says `sync` with a standby whose key lives, only that standby may take the shard: a primary
+restarted in its place (a new process, without the pushes the standby holds) took the record first
+in a race with the standby's promotion, and the standby then copied its older state over every
+acknowledged push.
 Calls block (urllib); the shard runs them on threads (ps/shard/replication.py).
 """
 
@@ -60,6 +66,8 @@ class Arbiter:
         self.me = me
         self.key = membership_key(job, shard)
         self.leader_key = self.key + "/leader"
+        self.standby_key = self.key + "/standby"
+        self.standby_lease: Lease | None = None  # as a standby that follows a primary: the lease of standby_key
         self.lease: Lease | None = None
         self.valid_until = 0.0  # time.monotonic() until which the lease surely holds
         self.lost = False  # etcd said the lease is gone: this process is primary no more
@@ -83,17 +91,21 @@ class Arbiter:
         """Whether some process holds the shard's lease (its leader key exists)."""
         return self.etcd.get(self.leader_key) is not None
 
-    def take_primary(self, seen_revision: int, membership: Membership) -> bool:
+    def take_primary(self, seen_revision: int, membership: Membership, no_standby: bool = False) -> bool:
         """Writes `membership` (this process primary) and the leader key under a new lease, if the
-        record is still at seen_revision and no lease is held. True if this process won.
-        EtcdUnavailableError when etcd did not answer; if that was the transaction's answer, the
-        take may have committed all the same, and is kept in `unanswered` for claim_unanswered."""
+        record is still at seen_revision and no lease is held (with `no_standby`, no standby's key
+        either). True if this process won. EtcdUnavailableError when etcd did not answer; if that
+        was the transaction's answer, the take may have committed all the same, and is kept in
+        `unanswered` for claim_unanswered."""
         self._forget_unanswered()
         started = time.monotonic()
         lease = self.etcd.grant(self.ttl)
+        conditions = [self.etcd.mod_revision_is(self.key, seen_revision), self.etcd.mod_revision_is(self.leader_key, 0)]
+        if no_standby:
+            conditions.append(self.etcd.mod_revision_is(self.standby_key, 0))
         try:
             won = self.etcd.txn(
-                [self.etcd.mod_revision_is(self.key, seen_revision), self.etcd.mod_revision_is(self.leader_key, 0)],
+                conditions,
                 [self.etcd.put_op(self.key, membership.dump()), self.etcd.put_op(self.leader_key, self.me, lease)],
             )
         except EtcdUnavailableError:
@@ -137,6 +149,29 @@ class Arbiter:
         return self.etcd.txn(
             [self.etcd.mod_revision_is(self.key, seen_revision)], [self.etcd.put_op(self.key, membership.dump())]
         )
+
+    def standby_alive(self) -> str | None:
+        """The standby key's value ({"standby": addr, "epoch": n}) while a standby holds it, else None."""
+        kv = self.etcd.get(self.standby_key)
+        return None if kv is None else kv.value
+
+    def hold_standby(self, epoch: int) -> None:
+        """Puts the standby key (this process, following at `epoch`) under a new lease of its own."""
+        self.release_standby()
+        lease = self.etcd.grant(self.ttl)
+        self.standby_lease = lease
+        self.etcd.put(self.standby_key, json.dumps({"standby": self.me, "epoch": epoch}), lease)
+
+    def keep_standby(self) -> bool:
+        """Renews the standby key's lease; False when etcd no longer has it (hold it again)."""
+        return self.standby_lease is not None and self.etcd.keepalive(self.standby_lease) > 0
+
+    def release_standby(self) -> None:
+        """Revokes the standby key's lease (best effort: unrenewed, it expires within a lease)."""
+        lease, self.standby_lease = self.standby_lease, None
+        if lease is not None:
+            with suppress(EtcdUnavailableError):
+                self.etcd.revoke(lease)
 
     def keepalive(self) -> None:
         """Renews the lease (EtcdUnavailableError when etcd does not answer: the lease then holds

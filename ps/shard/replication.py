@@ -234,6 +234,7 @@ class Replication:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.to_thread(self.arbiter.release_standby)  # a restart then need not wait for it to expire
         self._changed()
 
     def describe(self) -> str:
@@ -277,6 +278,7 @@ class Replication:
         When the partner holds the lease and keeps renewing it (it took over while this process was
         down: a restarted pod), this process becomes its standby instead."""
         partner_alive_since = None
+        waiting_for_partner = False
         while True:
             try:
                 membership, revision = await asyncio.to_thread(self.arbiter.read)
@@ -298,8 +300,22 @@ class Replication:
                 partner_alive_since = None
                 epoch = (membership.epoch if membership else 0) + 1
                 mine = Membership(self.arbiter.me, self.partner, epoch, False)
-                if await asyncio.to_thread(self.arbiter.take_primary, revision, mine):
+                # The record says the partner holds every acknowledged push: only it may take the
+                # shard while its standby key lives (it promotes, and this process becomes its standby).
+                partner_in_sync = membership is not None and membership.sync and membership.standby == self.partner
+                if await asyncio.to_thread(self.arbiter.take_primary, revision, mine, partner_in_sync):
+                    if partner_in_sync:
+                        log.error(
+                            "shard %d: took the shard over %s, the standby in sync at epoch %d, which holds no "
+                            "lease (stopped, or out of reach): the pushes it acknowledged after this process's "
+                            "state was saved are not on this process", self.shard.index, self.partner,
+                            membership.epoch,
+                        )
                     break
+                if partner_in_sync and not waiting_for_partner:
+                    waiting_for_partner = True
+                    log.warning("shard %d: %s is the standby in sync (epoch %d) and alive: waiting for it to take "
+                                "over, to follow it", self.shard.index, self.partner, membership.epoch)
             except EtcdUnavailableError as exc:
                 log.warning("shard %d: arbiter unreachable at start (%s); retrying", self.shard.index, exc)
                 await asyncio.sleep(self.ttl / 4)
@@ -751,6 +767,26 @@ class Replication:
 
     def start_standby(self) -> None:
         self._spawn(self._watch_primary())
+        self._spawn(self._hold_standby_key())
+
+    async def _hold_standby_key(self) -> None:
+        """While this standby follows a primary, the arbiter's standby key says so under a lease of
+        its own (Arbiter.hold_standby): a primary restarted in the partner's place then cannot take
+        a record whose `sync` names this process (start_primary), which holds every acknowledged
+        push. Released when it stops being a standby (a promotion: the record then names no one)."""
+        held = 0  # the epoch the key was put at (0: not held)
+        while self.state is State.STANDBY and not self._stopped:
+            try:
+                if self.epoch and held != self.epoch:
+                    await asyncio.to_thread(self.arbiter.hold_standby, self.epoch)
+                    held = self.epoch
+                elif held and not await asyncio.to_thread(self.arbiter.keep_standby):
+                    held = 0  # it expired (etcd out of reach for a lease): put again at once
+                    continue
+            except EtcdUnavailableError:
+                pass  # held as long as etcd keeps the lease; the next look tries again
+            await asyncio.sleep(self.ttl / 4)
+        await asyncio.to_thread(self.arbiter.release_standby)
 
     async def replicate(self, requests: AsyncIterator, context: grpc.aio.ServicerContext):
         """The standby's side of the stream: handshake (and state copy), then the link, on which each
@@ -911,6 +947,18 @@ class Replication:
     async def _hello(self, hello, context) -> replication_pb2.ReplicateAck:
         mine = {n: t.version for n, t in self.shard.tables.items()}
         theirs = {v.table: v.version for v in hello.versions}
+        behind = sorted(n for n, v in mine.items() if theirs.get(n, 0) < v)
+        if self.epoch and hello.epoch > self.epoch and behind:
+            # A primary of a later epoch without changes this process applied at its own: another
+            # history (a primary restarted while this standby was out of the arbiter's reach). A
+            # copy would put the older state over pushes that were acknowledged; this refuses it.
+            log.critical("%s: a primary at epoch %d is behind this process's tables (%s at %s, its %s); refusing "
+                         "its state copy", self.describe(), hello.epoch, ", ".join(behind), mine, theirs)
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"{self.describe()}: tables {', '.join(behind)} of the primary at epoch {hello.epoch} are behind "
+                "this standby's, which holds pushes acknowledged at its epoch: not copying an older state over them",
+            )
         if mine != theirs:
             log.info("%s: tables at versions %s, the primary's at %s: asking for a copy", self.describe(), mine,
                      theirs)

@@ -24,6 +24,7 @@ EMBPS_STANDBY_SEED=<seed> repeats a run.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
@@ -256,6 +257,55 @@ def test_sigkill_of_the_primary_fails_over_then_a_new_standby_catches_up_and_tak
         pair.stop()
         if new_standby is not None:
             stop_pid(new_standby)
+
+
+def test_a_primary_restarted_before_its_standby_took_over_waits_for_it_and_loses_nothing(etcd, tmp_path):
+    """A primary killed and started again (a restarted pod: the same command) before its standby
+    in sync had promoted took the shard itself once the old lease expired (epoch + 1, its own
+    empty state), and the standby, which held every acknowledged push, then copied that state over
+    them. Now, while the standby's key lives in the arbiter, the restarted process waits; the
+    standby takes over and the restarted one becomes its standby. Here the standby is paused
+    (SIGSTOP) while the test holds its key for it, so the restarted process meets the record
+    before the standby's promotion, every time."""
+    job = pair_job(etcd.endpoint, "restarted")
+    pair = ShardPair.start(job, tmp_path)
+    reference = Shard(job, 0)
+    client = PSClient.from_job(job, client_id="trainer-0")
+    arbiter = Arbiter(job.arbiter, job.job, 0, "test")
+    holder = Arbiter(dataclasses.replace(job.arbiter, lease_seconds=60), job.job, 0, job.shards[0].standby)
+    restarted, restarted_log = None, tmp_path / "restarted.log"
+    data = np.random.default_rng(5)
+    try:
+        acked = []
+        for step in range(1, 21):
+            acked.append(make_push(client, data, step))
+            client.send_push(acked[-1])
+        synced = arbiter.read()[0]
+        assert synced.sync and synced.standby == job.shards[0].standby, synced
+        os.kill(pair.standby.pid, signal.SIGSTOP)
+        holder.hold_standby(synced.epoch)  # as the standby's own renewals would
+        os.kill(pair.primary.pid, signal.SIGKILL)
+        restarted = start_shard(pair.config, 0, restarted_log)
+        wait_until(lambda: "waiting for it to take over" in restarted_log.read_text(), "the restarted primary waiting")
+        assert arbiter.read()[0] == synced  # it took nothing
+        os.kill(pair.standby.pid, signal.SIGCONT)
+        wait_until(lambda: arbiter.read()[0].primary == job.shards[0].standby, "the standby's promotion", 30)
+        holder.release_standby()
+        wait_until(lambda: "joined" in pair.log(1), "the restarted process joining as the standby", 60)
+        assert "starting as its standby" in restarted_log.read_text()
+        for prepared in acked:
+            for _, request in prepared.calls:
+                reference.push_multi(ps_pb2.MultiPushRequest.FromString(request))
+        assert_bit_equal(shard_state(job, job.shards[0].standby, tmp_path.as_uri() + "/snaps", 1), reference)
+        assert client.send_push(acked[-1]).num_duplicates == len(acked[-1].calls)
+    finally:
+        holder.release_standby()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pair.standby.pid, signal.SIGCONT)
+        client.close()
+        pair.stop()
+        if restarted is not None:
+            stop_pid(restarted)
 
 
 def test_a_stopped_standby_holds_acks_until_the_arbiter_records_the_primary_alone(etcd, tmp_path):
