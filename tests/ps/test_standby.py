@@ -308,6 +308,39 @@ def test_a_primary_restarted_before_its_standby_took_over_waits_for_it_and_loses
             stop_pid(restarted)
 
 
+def test_a_standby_back_after_its_lease_refuses_the_older_state_of_a_restarted_primary(etcd, tmp_path):
+    """Past the standby's lease (paused longer than it), a primary restarted in its partner's place
+    takes the shard, with an error in its log; when the standby is back it refuses that primary's
+    state copy (its tables are behind the standby's, which holds acknowledged pushes), logged
+    critical, instead of copying the older state over them."""
+    job = pair_job(etcd.endpoint, "behind")
+    pair = ShardPair.start(job, tmp_path)
+    client = PSClient.from_job(job, client_id="trainer-0")
+    arbiter = Arbiter(job.arbiter, job.job, 0, "test")
+    restarted, restarted_log = None, tmp_path / "restarted.log"
+    data = np.random.default_rng(6)
+    try:
+        for step in range(1, 11):
+            client.send_push(make_push(client, data, step))
+        synced = arbiter.read()[0]
+        assert synced.sync, synced
+        os.kill(pair.standby.pid, signal.SIGSTOP)
+        os.kill(pair.primary.pid, signal.SIGKILL)
+        restarted = start_shard(pair.config, 0, restarted_log)
+        wait_until(lambda: arbiter.read()[0].epoch == synced.epoch + 1, "the restarted primary's take", 30)
+        assert "took the shard over" in restarted_log.read_text()
+        os.kill(pair.standby.pid, signal.SIGCONT)
+        wait_until(lambda: "refusing its state copy" in pair.log(1), "the standby refusing the older state", 30)
+        assert "state copied" not in pair.log(1)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pair.standby.pid, signal.SIGCONT)
+        client.close()
+        pair.stop()
+        if restarted is not None:
+            stop_pid(restarted)
+
+
 def test_a_stopped_standby_holds_acks_until_the_arbiter_records_the_primary_alone(etcd, tmp_path):
     job = pair_job(etcd.endpoint, "alone")
     pair = ShardPair.start(job, tmp_path)
