@@ -76,7 +76,8 @@ class ServingFleet:
         self._watcher.start()
 
     def stop(self) -> None:
-        """Stops the watcher (no more restarts; one under way finishes first), then every replica by pid."""
+        """Stops the watcher (no more restarts; the wait of one under way ends within a poll), then
+        every replica by pid."""
         self._stop.set()
         if self._watcher is not None:
             self._watcher.join()
@@ -104,6 +105,8 @@ class ServingFleet:
                 try:
                     self._wait_serving(index)
                 except RuntimeError as exc:
+                    if self._stop.is_set():
+                        return  # stop() stops every replica, this one with them
                     tqdm.write(f"embps launch: {exc}")
                     # Alive and not serving is counted as another death: stopped, the next round sees
                     # it exited (it was left running, never restarted again, and the job went on).
@@ -114,7 +117,8 @@ class ServingFleet:
         escaped both callers: it ended the watcher thread, or the launch with a traceback)."""
         try:
             children.wait_serving(
-                self.specs[index].listen, self.procs[index], f"serving replica {index}", security=self.job.ps.security
+                self.specs[index].listen, self.procs[index], f"serving replica {index}", security=self.job.ps.security,
+                cancelled=self._stop.is_set,
             )
-        except TimeoutError as exc:
-            raise RuntimeError(str(exc)) from None
+        except (TimeoutError, RuntimeError) as exc:
+            raise RuntimeError(f"{exc} (see {self.log_paths[index]})") from None

@@ -91,10 +91,12 @@ def wait_serving(
     security: SecurityConfig | None = None,
     service: str = "",
     progress: Callable[[], object] | None = None,
+    cancelled: Callable[[], bool] | None = None,
 ) -> None:
     """Polls the gRPC health of `service` ("": the whole server) at `address` (over TLS when
     `security` has it; health needs no token) until SERVING; RuntimeError naming `name` if the
-    process exits first, TimeoutError if the timeout passes first.
+    process exits first or `cancelled()` turns true (its caller is stopping: a launcher's Ctrl-C
+    waited out the whole timeout behind a replica's restart), TimeoutError if the timeout passes first.
 
     With `progress` (a function whose value changes while the process makes headway, e.g. the size
     of its log while it restores a snapshot) the timeout counts from the last change instead: a
@@ -106,6 +108,8 @@ def wait_serving(
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 raise RuntimeError(f"{name} exited with code {proc.returncode} while starting")
+            if cancelled is not None and cancelled():
+                raise RuntimeError(f"{name}: its start was cancelled")
             try:
                 reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1.0)
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
+from bench.ports import free_ports
 from ps.process import children
 from tests.helpers.waiting import wait_until
 from worker import serving_fleet
@@ -21,7 +23,7 @@ HANGS = [sys.executable, "-c", "import signal; signal.pause()"]  # a replica tha
 def _fleet(tmp_path: Path, fatal: list[str], monkeypatch, start, serves) -> serving_fleet.ServingFleet:
     monkeypatch.setattr(serving_fleet.processes, "start_replica", start)
 
-    def wait_serving(address, proc, name, timeout=90.0, security=None):
+    def wait_serving(address, proc, name, timeout=90.0, security=None, cancelled=None):
         if not serves(proc):
             raise TimeoutError(f"{name} at {address} was not serving")
 
@@ -66,3 +68,35 @@ def test_a_restart_that_cannot_start_a_process_ends_the_job(tmp_path, monkeypatc
         assert "its restart failed: OSError(24, 'Too many open files')" in fatal[0]
     finally:
         fleet.stop()
+
+
+def test_stop_during_a_restart_that_hangs_in_its_start_ends_at_once(tmp_path, monkeypatch):
+    """stop() (the launcher's Ctrl-C, SIGTERM or end) waited for the watcher, which waited out the
+    whole 90 s start wait of a restarted replica that did not serve: ~105 s before the launcher ended."""
+    fatal: list[str] = []
+    started: list[subprocess.Popen] = []
+    first = subprocess.Popen(DIES)
+    real_wait = children.wait_serving
+
+    def start(config_path, log_path):
+        started.append(subprocess.Popen(HANGS))
+        return started[-1]
+
+    def wait_serving(address, proc, name, **kwargs):
+        if proc is not first:  # the restart: the real wait, on a port where nothing listens
+            real_wait(address, proc, name, **kwargs)
+
+    monkeypatch.setattr(serving_fleet.processes, "start_replica", start)
+    monkeypatch.setattr(children, "wait_serving", wait_serving)
+    (port,) = free_ports(1)
+    job = SimpleNamespace(ps=SimpleNamespace(security=None, tables=()), path=str(tmp_path / "job.toml"))
+    spec = SimpleNamespace(listen=f"127.0.0.1:{port}", metrics_port=0)
+    fleet = serving_fleet.ServingFleet(job, (spec,), tmp_path, max_restarts=2, on_fatal=fatal.append)
+    fleet.procs = [first]
+    fleet.wait()
+    wait_until(lambda: started, "the replica's restart")
+    began = time.monotonic()
+    fleet.stop()
+    assert time.monotonic() - began < 10, "stop() waited for the restart's start wait"
+    assert all(p.poll() is not None for p in started) and not fatal
+
