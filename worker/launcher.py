@@ -37,11 +37,13 @@ only a shard that lost both processes ends the attempt.
 
 from __future__ import annotations
 
+import errno
 import importlib
 import json
 import os
 import re
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -52,6 +54,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from ps.job_config import parse_address
 from ps.process import children
 from ps.process.python_command import python_module
 from ps.shard.server import SERVICE_NAME
@@ -456,6 +459,7 @@ def _start_shards(job: TrainingJob, out: Path, restore_step: int | None) -> tupl
     restore makes progress (its log grows), up to START_STALL_S without any. _StartFailed
     (_SnapshotUnusable) otherwise. Returns the primaries and the standbys (None: none), by shard."""
     config_path = job.path
+    _check_shard_ports_free(job)
     logs = [out / "logs" / f"ps-{index}.log" for index in range(len(job.ps.shards))]
     standby_logs = [out / "logs" / f"ps-{index}-standby.log" for index in range(len(job.ps.shards))]
     shards = [processes.start_shard(config_path, i, log, restore_step) for i, log in enumerate(logs)]
@@ -477,6 +481,25 @@ def _start_shards(job: TrainingJob, out: Path, restore_step: int | None) -> tupl
         children.stop_all(started)
         raise
     return shards, standbys
+
+
+def _check_shard_ports_free(job: TrainingJob) -> None:
+    """_StartFailed naming the field when a shard's address (or its standby's) is a port another
+    process listens on: that process's health answer was taken for the shard's, while the shard
+    itself failed to bind, and the workers started against it (another job's shard, say)."""
+    for index, shard in enumerate(job.ps.shards):
+        for field, address in (("address", shard.address), ("standby", shard.standby)):
+            if not address:
+                continue
+            host, port = parse_address(f"shards[{index}].{field}", address)
+            try:
+                with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+                    probe.bind((host, port))
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise _StartFailed(
+                        f"shards[{index}].{field}: {address} is taken by another process; the shard cannot serve there"
+                    ) from None  # any other error (not this host's address): the shard's own start says it
 
 
 def _wait_started(job: TrainingJob, restore_step: int | None, waits: list, started: list) -> None:
