@@ -411,7 +411,12 @@ def _start_restorable_shards(
             return _start_shards(job, out, restore), restore
         except _SnapshotUnusable as exc:
             retired = _retire(job, restore)
-            older = _latest_or_none(job, before=restore)
+            try:
+                older = _latest_or_none(job, before=restore)
+            except StorageError as unreachable:  # a restart may find the storage back
+                raise _StartFailed(
+                    f"{exc}{retired}; cannot list the snapshots before step {restore}: {unreachable}"
+                ) from None
             if older is None:
                 raise _StartFailed(
                     f"{exc}{retired}; no complete snapshot before step {restore} to fall back to"
