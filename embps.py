@@ -65,6 +65,10 @@ def cli() -> int:
     ends the command with one line on stderr and exit status 2 instead of a traceback."""
     try:
         return main()
+    except KeyboardInterrupt:  # Ctrl-C before a command set its own handler (its imports): no traceback
+        verb = next((a for a in sys.argv[1:] if not a.startswith("-")), None)
+        print(f"embps {verb}: interrupted" if verb else "embps: interrupted", file=sys.stderr, flush=True)
+        return 130
     except ValueError as exc:
         return _refuse(str(exc))
     except OSError as exc:

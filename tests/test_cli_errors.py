@@ -124,3 +124,16 @@ def test_a_busy_metrics_port_names_the_field_and_ends_the_shard(tmp_path: Path) 
     assert done.returncode == 1, done.stderr
     assert "Traceback" not in done.stderr, done.stderr
     assert f"shards[0].metrics_port: cannot serve /metrics on 127.0.0.1:{port}: Address already in use" in done.stderr
+
+
+def test_ctrl_c_before_a_command_handles_it_is_one_line_and_status_130(monkeypatch, capsys) -> None:
+    """Ctrl-C during a command's imports (before its own handler) printed a KeyboardInterrupt traceback."""
+    import embps
+
+    def interrupted() -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(embps, "main", interrupted)
+    monkeypatch.setattr(sys, "argv", ["embps", "ps", "--config", "job.toml"])
+    assert embps.cli() == 130
+    assert capsys.readouterr().err == "embps ps: interrupted\n"
