@@ -79,7 +79,9 @@ def _expand_one(entry: str, storage: StorageConfig | None, field: str) -> list[D
     first_glob = next((i for i, c in enumerate(components) if _has_glob(c)), None)
     base_entry = entry if first_glob is None else prefix + "/".join(components[:first_glob])
     if first_glob is not None and not base_entry.rstrip("/").removeprefix(prefix):
-        base_entry = prefix + "/" if prefix else "."
+        # A glob in the first component: under the root for "/data*/x" (it was "." and listed the
+        # working directory instead), under the working directory for "data*/x".
+        base_entry = prefix + "/" if prefix or rest.startswith("/") else "."
     try:
         fs, base = open_uri(base_entry, storage)
     except ValueError as exc:
@@ -93,12 +95,12 @@ def _expand_one(entry: str, storage: StorageConfig | None, field: str) -> list[D
             return [DataFile(fs, base, entry, info.size)]
         if info.type == pafs.FileType.NotFound:
             raise FileNotFoundError(f"{field}: {entry}: no such file or directory")
-        return _walk(fs, base, name_of, None, field)
+        return _walk(fs, base, name_of, field)
     pattern = components[first_glob:]
     info = _info(fs, base, entry, field)
     if info.type != pafs.FileType.Directory:
         return []
-    return _walk(fs, base, name_of, pattern, field)
+    return _glob(fs, base, name_of, pattern, field)
 
 
 def _namer(entry: str, prefix: str, base_entry: str, base: str):
@@ -119,22 +121,41 @@ def _info(fs: pafs.FileSystem, path: str, entry: str, field: str) -> pafs.FileIn
         raise OSError(f"{field}: {entry}: cannot read: {exc}") from exc
 
 
-def _walk(fs: pafs.FileSystem, base: str, name_of, pattern: list[str] | None, field: str) -> list[DataFile]:
+def _list(fs: pafs.FileSystem, folder: str, recursive: bool, name_of, field: str) -> list[pafs.FileInfo]:
     try:
-        infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
+        return fs.get_file_info(pafs.FileSelector(folder, recursive=recursive))
     except (OSError, pa.ArrowException) as exc:
-        raise OSError(f"{field}: {name_of(base)}: cannot list: {exc}") from exc
+        raise OSError(f"{field}: {name_of(folder)}: cannot list: {exc}") from exc
+
+
+def _walk(fs: pafs.FileSystem, base: str, name_of, field: str) -> list[DataFile]:
+    """Every file under `base` that is not hidden ('.' or '_' first in its path under base)."""
     files = []
-    for info in infos:
+    for info in _list(fs, base, True, name_of, field):
         if info.type != pafs.FileType.File:
             continue
         parts = info.path[len(base) :].strip("/").split("/")
         if any(p.startswith((".", "_")) for p in parts):
             continue
-        if pattern is not None and (
-            len(parts) != len(pattern)
-            or not all(fnmatch.fnmatchcase(p, g) for p, g in zip(parts, pattern, strict=True))
-        ):
-            continue
         files.append(DataFile(fs, info.path, name_of(info.path), info.size))
+    return sorted(files, key=lambda f: f.path)
+
+
+def _glob(fs: pafs.FileSystem, base: str, name_of, pattern: list[str], field: str) -> list[DataFile]:
+    """The files under `base` whose path matches `pattern` component by component (hidden ones
+    left out), listing one folder level per component: a recursive listing of `base` first walked
+    the whole tree under it (all of "/" for "/data*/part-*")."""
+    folders, files = [base], []
+    for depth, component in enumerate(pattern):
+        last = depth == len(pattern) - 1
+        deeper = []
+        for folder in folders:
+            for info in _list(fs, folder, False, name_of, field):
+                if info.base_name.startswith((".", "_")) or not fnmatch.fnmatchcase(info.base_name, component):
+                    continue
+                if last and info.type == pafs.FileType.File:
+                    files.append(DataFile(fs, info.path, name_of(info.path), info.size))
+                elif not last and info.type == pafs.FileType.Directory:
+                    deeper.append(info.path)
+        folders = deeper
     return sorted(files, key=lambda f: f.path)

@@ -154,6 +154,24 @@ def test_paths_on_s3_with_directories_and_globs(tmp_path, s3):
         CriteoTsvReader([f"{base}/tsv/day_0.tsv"], cfg, storage=wrong)
 
 
+def test_a_glob_in_an_absolute_path_s_first_component_lists_under_the_root(tmp_path, monkeypatch):
+    """"/data*/part-*" was looked for under the working directory (its base was "." instead of "/"):
+    it read a file there that matched, or found none. And a glob listed its base recursively, all of
+    "/" for that one; it lists one level per component now."""
+    real = tmp_path / "real" / "day.tsv"
+    real.parent.mkdir()
+    write_criteo_sample(real, 30, num_bad_rows=0)
+    assert str(real).startswith("/tmp/")
+    cwd = tmp_path / "cwd"
+    decoy = cwd / "tmp" / real.relative_to("/tmp")
+    decoy.parent.mkdir(parents=True)
+    write_criteo_sample(decoy, 10, num_bad_rows=0)
+    monkeypatch.chdir(cwd)
+    reader = CriteoTsvReader(["/tm?" + str(real)[len("/tmp"):]], ReaderConfig(global_batch_size=10))
+    assert reader.paths == [str(real)]
+    assert sum(len(b) for b in reader) == 30
+
+
 def test_local_path_errors_name_the_path(tmp_path):
     cfg = ReaderConfig(global_batch_size=8)
     with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'nope.tsv'}: no such file"):
