@@ -86,6 +86,11 @@ class PSUnavailablePolicy(StrEnum):
 
 DEFAULT_COLLECTIVE_TIMEOUT = timedelta(minutes=30)  # torch.distributed's for gloo
 MAX_STEPS = 2**32 - 1
+MAX_BATCH_SIZE = 2**24  # rows of one global batch: the reader allocates them (and the shuffle buffer) up front
+MAX_WORKERS = 2**16
+# A number past these was taken and failed in every worker at the reader's start with numpy's or
+# Arrow's own error (a 52 TiB allocation, "value too large to convert to int").
+_DATA_BOUNDS = {"shuffle_buffer": 2**31 - 1, "prefetch_batches": 1024, "arrow_threads": 1024}
 MAX_WAIT_S = 7 * 86400.0  # the longest a step or a snapshot round may wait: ranks wait as long in a collective
 COLLECTIVE_MARGIN_S = 300.0  # past a shard's wait: the step's other calls, each within its deadline
 
@@ -217,9 +222,13 @@ def parse_training_job(data: dict, base_dir: Path | None = None) -> TrainingJob:
     _positive("train.eval_batches", train.eval_batches)
     _positive("train.epochs", train.epochs)
     _positive("data.range_bytes", data_config.range_bytes)
-    for name in ("shuffle_buffer", "prefetch_batches", "arrow_threads"):
-        if getattr(data_config, name) < 0:
-            raise ValueError(f"data.{name}: must be >= 0, got {getattr(data_config, name)}")
+    for name, most in _DATA_BOUNDS.items():  # each sizes memory or threads taken at the reader's start
+        if not 0 <= getattr(data_config, name) <= most:
+            raise ValueError(f"data.{name}: must be in [0, {most:,}], got {getattr(data_config, name):,}")
+    for name, value, most in (("train.batch_size", train.batch_size, MAX_BATCH_SIZE),
+                              ("train.workers", train.workers, MAX_WORKERS)):
+        if value > most:
+            raise ValueError(f"{name}: must be at most {most:,}, got {value:,}")
     data_config.storage.validate("data.storage")
     if train.batch_size % train.workers:
         raise ValueError(

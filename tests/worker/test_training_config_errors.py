@@ -136,6 +136,12 @@ LOADER_CASES = [
     (DATA, DATA + "\nseed = -1", r"^data\.seed: must be in \[0, ", VALUE),
     (DATA, 'source = "parquet"\npaths = ["x"]\nnum_dense = 0', r"^data\.num_dense: must be >= 1, got 0$", VALUE),
     (TRAIN, TRAIN + "\nmetrics_port = 47321", r"^train\.metrics_port: 47321 is also shards\[0\]\.metrics_port", VALUE),
+    # Numbers that sized memory or threads at the reader's start, and failed there in every worker.
+    (DATA, DATA + "\narrow_threads = 1099511627776", r"^data\.arrow_threads: must be in \[0, 1,024\]", VALUE),
+    (DATA, DATA + "\nprefetch_batches = 4096", r"^data\.prefetch_batches: must be in \[0, 1,024\], got 4,096$", VALUE),
+    (DATA, DATA + "\nshuffle_buffer = 4611686018427387904", r"^data\.shuffle_buffer: must be in \[0, 2,147", VALUE),
+    ("batch_size = 8", "batch_size = 1180591620717411303424", r"^train\.batch_size: must be at most 16,777,216", VALUE),
+    (TRAIN, "workers = 1099511627776", r"^train\.workers: must be at most 65,536, got 1,099,511,627,776$", VALUE),
 ]
 
 
