@@ -225,6 +225,16 @@ def _files_secret(job: TrainingJob, deploy: DeployConfig) -> str:
 
 
 def _check_security_files(job: TrainingJob, deploy: DeployConfig) -> None:
+    for role in (Role.TRAINER, Role.REPLICA, Role.SHARD):  # the reader's may reach every pod: it only reads rows
+        source = getattr(job.ps.security.tokens, role.value)
+        if source is not None and source.env is not None:
+            # Every pod gets the whole credentials Secret as its environment: a worker would hold the
+            # shards' token, an internet-facing serving pod the trainer's. Files go to each pod alone.
+            raise ValueError(
+                f"security.tokens.{role.value}.env: on Kubernetes every pod's environment holds the same "
+                f"variables, so each role's token would reach every pod; give it as a file of the Secret "
+                f"{_files_secret(job, deploy)!r}: tokens.{role.value}.file = '{SECRET_DIR}/<key>'"
+            )
     for where, path in security_files(job.ps.security).items():
         directory, _, key = path.rpartition("/")
         if directory != SECRET_DIR or not _SECRET_KEY.fullmatch(key):

@@ -410,6 +410,18 @@ def test_security_files_outside_the_mounted_secret_fail_naming_the_field(tmp_pat
     assert "/etc/embps-secret/<key>" in str(error.value)
 
 
+def test_a_token_from_an_environment_variable_is_refused_naming_the_role(tmp_path):
+    """Every pod gets the credentials Secret as its environment: a token given as a variable
+    reached every pod (the trainer's in the internet-facing serving pods, the shards' in workers)."""
+    path = tmp_path / "job.toml"
+    path.write_text(EXAMPLE.read_text() + SECURED.replace('{ file = "/etc/embps-secret/trainer.token" }',
+                                                          '{ env = "EMBPS_TRAINER_TOKEN" }'))
+    with pytest.raises(ValueError) as error:
+        render(*load_deployment(path))
+    assert str(error.value).startswith("security.tokens.trainer.env: on Kubernetes every pod's environment")
+    assert "tokens.trainer.file = '/etc/embps-secret/<key>'" in str(error.value)
+
+
 def with_standbys(endpoint: str) -> str:
     text = edited(
         s0='metrics_port = 9100\n\n[[shards]]\naddress = "demo-ps-1=>'
