@@ -13,6 +13,8 @@ for the call as a whole, failovers included). A replica that answers UNAVAILABLE
 skipped and the call goes to the next one; when every replica refused, ReplicasUnavailableError
 names each one's answer. Any other status (INVALID_ARGUMENT, NOT_FOUND, DEADLINE_EXCEEDED, ...)
 is the caller's to see and is raised as the grpc.RpcError it is, without trying another replica.
+A call whose reply would pass the message limit (a replica refuses it, RESOURCE_EXHAUSTED "over
+message_limit_bytes") is split into parts, answered at one model version, within the same deadline.
 
 TLS and the reader's bearer token come from the job's `[security]` (ps/security's channels: TLS
 files and token are re-read when they change).
@@ -39,6 +41,8 @@ FAILOVER_CODES = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED}
 )
 DEFAULT_TIMEOUT_S = 1.0
+_OVER_LIMIT = "over message_limit_bytes"  # a replica's refusal of a reply too large (serving_lookup.cpp, server.py)
+_VERSION_TRIES = 3
 _MESSAGE_SLACK = 1 << 16
 _DTYPES = {np.dtype(np.float32): ps_pb2.FLOAT32, np.dtype(np.float16): ps_pb2.FLOAT16}
 _SERVICE = serving_pb2.DESCRIPTOR.services_by_name["Serving"].full_name
@@ -54,6 +58,14 @@ def _lookup_many_reply(data: bytes) -> tuple[serving_pb2.ServingLookupManyRespon
     return bulk_messages.parse_repeated(
         serving_pb2.ServingLookupManyResponse, data, "results", serving_pb2.ServingLookupResponse, _BULK
     )
+
+
+class _ReplyTooLarge(Exception):
+    """A replica refused a lookup whose reply would pass the message limit: split it."""
+
+
+class _VersionMoved(Exception):
+    """Two parts of a split lookup were answered at different model versions."""
 
 
 class ReplicasUnavailableError(RuntimeError):
@@ -144,11 +156,8 @@ class ServingClient:
     def lookup(self, table: str, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """keys (n,) int64 -> (values (n, dim) in self.dtype, found (n,) bool); row i for keys[i]."""
         unique, inverse = _dedupe(keys)
-        request = serving_pb2.ServingLookupRequest(
-            table=table, keys=wire.encode_keys(unique), dtype=_DTYPES[self.dtype]
-        )
-        reply = self._call(lambda replica, timeout: replica.lookup(request, timeout=timeout))
-        return _rows(reply, unique.shape[0], inverse)
+        ((values, found),), _ = self._gather([(table, unique)], many=False)
+        return _spread(values, found, inverse)
 
     def lookup_many(self, requests: Mapping[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """{table: keys (n,) int64} -> {table: (values (n, dim), found (n,) bool)}, in one call."""
@@ -166,23 +175,69 @@ class ServingClient:
         offsets = np.zeros(len(tables) + 1, dtype=np.int64)
         np.cumsum([k.shape[0] for k in keys], out=offsets[1:])
         unique, unique_offsets, inverse = native.unique_by_segment(np.concatenate(keys), offsets)
-        dtype = _DTYPES[self.dtype]
-        request = serving_pb2.ServingLookupManyRequest(
-            lookups=[
-                serving_pb2.ServingLookupRequest(
-                    table=t, keys=wire.encode_keys(unique[unique_offsets[i] : unique_offsets[i + 1]]), dtype=dtype
-                )
-                for i, t in enumerate(tables)
-            ]
-        )
-        reply, results = self._call(lambda replica, timeout: replica.lookup_many(request, timeout=timeout))
-        if len(results) != len(tables):
-            raise RuntimeError(f"LookupMany: {len(results)} results for {len(tables)} lookups")
-        rows = {
-            t: _rows(result, int(unique_offsets[i + 1] - unique_offsets[i]), inverse[offsets[i] : offsets[i + 1]])
-            for i, (t, result) in enumerate(zip(tables, results, strict=True))
+        lookups = [(t, unique[unique_offsets[i] : unique_offsets[i + 1]]) for i, t in enumerate(tables)]
+        rows, version = self._gather(lookups, many=True)
+        spread = {
+            t: _spread(values, found, inverse[offsets[i] : offsets[i + 1]])
+            for i, (t, (values, found)) in enumerate(zip(tables, rows, strict=True))
         }
-        return rows, reply.model_version
+        return spread, version
+
+    def _gather(self, lookups: list[tuple[str, np.ndarray]], many: bool) -> tuple[list[tuple], int]:
+        """[(table, distinct keys)] -> ([(values, found) of those keys, per lookup], model version),
+        in one call when its reply fits the message limit, else in parts (see _fetch) that all
+        answer at one model version: tried again from the start, up to _VERSION_TRIES times, when
+        the replicas' cut moved between two parts."""
+        deadline = time.monotonic() + self.timeout_s
+        for _ in range(_VERSION_TRIES):
+            try:
+                return self._fetch(lookups, many, deadline)
+            except _VersionMoved:
+                continue
+        raise RuntimeError(
+            f"a lookup over message_limit_bytes was split, and the replicas' model version moved between its "
+            f"parts {_VERSION_TRIES} times; ask again, or for fewer keys at once"
+        )
+
+    def _fetch(self, lookups: list[tuple[str, np.ndarray]], many: bool, deadline: float) -> tuple[list[tuple], int]:
+        """One call for `lookups`; a reply the replica refuses as over the message limit is split
+        in two (lookups, or a lookup's keys) and each half fetched the same way: before, the
+        refusal (RESOURCE_EXHAUSTED) was taken for load shedding, every replica was asked the same,
+        and the caller got ReplicasUnavailableError for a request that could never be answered."""
+        dtype = _DTYPES[self.dtype]
+        requests = [
+            serving_pb2.ServingLookupRequest(table=t, keys=wire.encode_keys(k), dtype=dtype) for t, k in lookups
+        ]
+        try:
+            if many:
+                request = serving_pb2.ServingLookupManyRequest(lookups=requests)
+                reply, results = self._call(lambda replica, timeout: replica.lookup_many(request, timeout=timeout),
+                                            deadline)
+                if len(results) != len(lookups):
+                    raise RuntimeError(f"LookupMany: {len(results)} results for {len(lookups)} lookups")
+            else:
+                (request,) = requests
+                reply = self._call(lambda replica, timeout: replica.lookup(request, timeout=timeout), deadline)
+                results = [reply]
+            rows = [_unique_rows(result, k.shape[0]) for (_, k), result in zip(lookups, results, strict=True)]
+            return rows, reply.model_version
+        except _ReplyTooLarge as refused:
+            if len(lookups) == 1 and lookups[0][1].shape[0] <= 1:
+                raise ValueError(f"keys: one key's reply is over message_limit_bytes ({refused})") from None
+        if len(lookups) > 1:
+            half = len(lookups) // 2
+            parts = (lookups[:half], lookups[half:])
+        else:
+            table, keys = lookups[0]
+            half = keys.shape[0] // 2
+            parts = ([(table, keys[:half])], [(table, keys[half:])])
+        (left, version), (right, other) = (self._fetch(part, many, deadline) for part in parts)
+        if version != other:
+            raise _VersionMoved
+        if len(lookups) > 1:
+            return left + right, version
+        (left_values, left_found), (right_values, right_found) = left[0], right[0]
+        return [(np.concatenate([left_values, right_values]), np.concatenate([left_found, right_found]))], version
 
     def dense_model(self, step: int = 0) -> serving_pb2.DenseModelResponse:
         """The dense tower a replica serves with step `step` (0: its current cut's): step, state, format.
@@ -190,9 +245,11 @@ class ServingClient:
         request = serving_pb2.DenseModelRequest(step=step)
         return self._call(lambda replica, timeout: replica.stub.DenseModel(request, timeout=timeout))
 
-    def _call(self, call):
-        """call(replica, timeout) on the replicas in turn until one answers or the deadline passes."""
-        deadline = time.monotonic() + self.timeout_s
+    def _call(self, call, deadline: float | None = None):
+        """call(replica, timeout) on the replicas in turn until one answers or `deadline`
+        (time.monotonic; default timeout_s from now) passes. _ReplyTooLarge, at once, when a
+        replica refuses the reply as over the message limit (every replica would)."""
+        deadline = deadline if deadline is not None else time.monotonic() + self.timeout_s
         first = next(self._turn) % len(self._replicas)
         answers = []
         for i in range(len(self._replicas)):
@@ -203,6 +260,8 @@ class ServingClient:
             try:
                 return call(replica, remaining)
             except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and _OVER_LIMIT in (exc.details() or ""):
+                    raise _ReplyTooLarge(exc.details()) from None
                 if exc.code() not in FAILOVER_CODES:
                     raise
                 answers.append((replica.address, exc.code(), exc.details() or ""))
@@ -230,15 +289,18 @@ def _dedupe(keys: np.ndarray, name: str = "keys") -> tuple[np.ndarray, np.ndarra
     return unique, inverse
 
 
-def _rows(reply: bulk_messages.BulkMessage, n: int, inverse: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The reply's rows of the n unique keys, spread back to the caller's keys (new arrays: the
-    reply's bytes are read, not kept)."""
+def _unique_rows(reply: bulk_messages.BulkMessage, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The reply's rows (n, dim) and found flags (n,) of its n keys: views of the reply's bytes."""
     dtype = np.dtype("<f2") if reply.dtype == ps_pb2.FLOAT16 else np.dtype("<f4")
     if len(reply.values) != n * reply.dim * dtype.itemsize or len(reply.found) != n:
         raise RuntimeError(
             f"Lookup reply: {len(reply.values)} value bytes and {len(reply.found)} flags for {n} keys "
             f"of dim {reply.dim}"
         )
-    values = np.frombuffer(reply.values, dtype=dtype).reshape(n, reply.dim)
-    found = np.frombuffer(reply.found, dtype=np.uint8).astype(bool)
-    return values[inverse].astype(dtype.newbyteorder("="), copy=False), found[inverse]
+    return np.frombuffer(reply.values, dtype=dtype).reshape(n, reply.dim), np.frombuffer(reply.found, dtype=np.uint8)
+
+
+def _spread(values: np.ndarray, found: np.ndarray, inverse: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of the distinct keys spread back to the caller's keys (new arrays: the reply's
+    bytes are read, not kept)."""
+    return values[inverse].astype(values.dtype.newbyteorder("="), copy=False), found[inverse].astype(bool)

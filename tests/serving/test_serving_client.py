@@ -216,3 +216,81 @@ def test_a_reply_short_of_rows_is_an_error_naming_the_sizes(rows_server) -> None
     address, _ = rows_server(short=True)
     with ServingClient([address]) as client, pytest.raises(RuntimeError, match="Lookup reply: 224 value bytes"):
         client.lookup_many({"a": np.arange(4, dtype=np.int64), "b": np.arange(8, dtype=np.int64)})
+
+
+class _Limited(grpc.GenericRpcHandler):
+    """A replica whose replies hold at most `max_keys` keys: a call for more is refused as a
+    replica refuses a reply over the message limit. Each call answers at the next of `versions`
+    (the last one repeats)."""
+
+    def __init__(self, max_keys: int, versions: list[int]) -> None:
+        self.max_keys, self.versions, self.calls = max_keys, list(versions), 0
+
+    def service(self, handler_call_details):
+        many = handler_call_details.method.endswith("/LookupMany")
+
+        def answer(request: bytes, context: grpc.ServicerContext) -> bytes:
+            lookups = (serving_pb2.ServingLookupManyRequest.FromString(request).lookups if many
+                       else [serving_pb2.ServingLookupRequest.FromString(request)])
+            version = self.versions[min(self.calls, len(self.versions) - 1)]
+            self.calls += 1
+            if sum(len(lookup.keys) // 8 for lookup in lookups) > self.max_keys:
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              "keys: the reply would be about 99 bytes, over message_limit_bytes 64; split the request")
+            results = []
+            for lookup in lookups:
+                keys = np.frombuffer(lookup.keys, dtype="<i8")
+                dim = DIMS[lookup.table]
+                rows = np.array([expected_row(int(k), dim) for k in keys], dtype=np.float32).reshape(-1, dim)
+                found = (keys % 3 != 0).astype(np.uint8).tobytes()
+                results.append(serving_pb2.ServingLookupResponse(
+                    values=rows.tobytes(), found=found, dim=dim, dtype=ps_pb2.FLOAT32, model_version=version))
+            if not many:
+                return results[0].SerializeToString()
+            return serving_pb2.ServingLookupManyResponse(results=results, model_version=version).SerializeToString()
+
+        return grpc.unary_unary_rpc_method_handler(answer)
+
+
+def _limited_server(handler: _Limited):
+    server = grpc.server(ThreadPoolExecutor(2), handlers=[handler])
+    address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    server.start()
+    return server, address
+
+
+def test_a_lookup_whose_reply_is_over_the_limit_is_split_and_answered_whole() -> None:
+    """A replica refuses a reply over message_limit_bytes with RESOURCE_EXHAUSTED; the client took
+    that for load shedding, asked every replica the same, and raised ReplicasUnavailableError for a
+    request that no replica could ever answer. It splits the call now, into parts at one version."""
+    handler = _Limited(max_keys=5, versions=[7])
+    server, address = _limited_server(handler)
+    try:
+        with ServingClient([address, address]) as client:
+            keys = np.array([9, 4, 4, 11, 2, 8, 1, 30, 31, 32, 33, 34, 4, 9], dtype=np.int64)
+            values, found = client.lookup("a", keys)
+            np.testing.assert_array_equal(values, np.stack([expected_row(int(k), 3) for k in keys]))
+            np.testing.assert_array_equal(found, keys % 3 != 0)
+            requests = {"a": np.arange(9, dtype=np.int64), "b": np.arange(4, dtype=np.int64), "c": np.array([5])}
+            rows, version = client.lookup_many_at_version(requests)
+            assert version == 7
+            for table, asked in requests.items():
+                want = np.stack([expected_row(int(k), DIMS[table]) for k in asked])
+                np.testing.assert_array_equal(rows[table][0], want)
+            handler.max_keys = 0  # not even one key's row fits
+            with pytest.raises(ValueError, match="one key's reply is over message_limit_bytes"):
+                client.lookup("a", np.array([1], dtype=np.int64))
+    finally:
+        server.stop(None)
+
+
+def test_parts_of_a_split_lookup_answered_at_two_model_versions_are_asked_again() -> None:
+    handler = _Limited(max_keys=4, versions=[7, 7, 8, 8, 8])  # whole refused, part at 7, part at 8, then 8s
+    server, address = _limited_server(handler)
+    try:
+        with ServingClient([address]) as client:
+            rows, version = client.lookup_many_at_version({"a": np.arange(6, dtype=np.int64)})
+            assert version == 8
+            np.testing.assert_array_equal(rows["a"][0], np.stack([expected_row(k, 3) for k in range(6)]))
+    finally:
+        server.stop(None)
