@@ -158,7 +158,9 @@ class ServingServicer(serving_pb2_grpc.ServingServicer):
             table = self.replica.tables.get(lookup.table)
             if table is not None:
                 n = size // 8
-                total += n * table.dim * (2 if lookup.dtype == ps_pb2.FLOAT16 else 4) + n + 80
+                # and a version entry per shard (left out, a LookupMany of many small lookups on a
+                # job of many shards passed the check and its reply was then refused by gRPC's send)
+                total += n * table.dim * (2 if lookup.dtype == ps_pb2.FLOAT16 else 4) + n + 80 + len(table.shards) * 48
         limit = self.replica.config.job.message_limit_bytes
         if total > limit:
             raise CapacityError(

@@ -143,3 +143,35 @@ def test_a_reply_past_the_message_limit_is_refused_before_it_is_built():
     )
     code, message, _ = native(MANY, b"", many.SerializeToString())  # each fits, both do not
     assert code == RESOURCE_EXHAUSTED and "split the request" in message
+
+
+def test_the_python_path_s_reply_size_check_counts_each_result_s_shard_entries():
+    """Without the gate (EMBPS_SERVING_GATE=0, or no grpc++), the size check left out the version
+    entry per shard each result carries: on an 8-shard job a LookupMany of many one-key lookups
+    passed it, and the reply built (1.78 MB for a 1 MiB limit) was refused by gRPC's send."""
+    from ps.errors import CapacityError
+    from ps.table.config import TableConfig
+    from serving.config import Consistency, ServeConfig
+    from serving.metrics import ServingMetrics
+    from serving.server import Replica, ServingServicer
+    from serving.store import TableReplica
+    from tests.helpers.processes import make_job
+
+    job = make_job([TableConfig("user", dim=4)], num_shards=8, message_limit_bytes=1 << 20)
+    config = ServeConfig(job=job, listen="127.0.0.1:1", metrics_port=0, tables=("user",),
+                         consistency=Consistency.LATEST)
+    tables = {"user": TableReplica(job.table("user"), job.shard_map)}
+    for s, rows in enumerate(tables["user"].shards):
+        rows.version, rows.incarnation = 123456 + s, 0xF123456789ABCDEF - s
+    servicer = ServingServicer(Replica(config, tables), ServingMetrics())
+
+    def many(n: int) -> serving_pb2.ServingLookupManyRequest:
+        return serving_pb2.ServingLookupManyRequest(lookups=[
+            serving_pb2.ServingLookupRequest(table="user", keys=np.array([k], "<i8").tobytes()) for k in range(n)
+        ])
+
+    with pytest.raises(CapacityError, match="over message_limit_bytes 1048576; split the request"):
+        servicer.checked_key_bytes(many(10_000).lookups)
+    fits = many(2_000)
+    servicer.checked_key_bytes(fits.lookups)
+    assert servicer.answer_lookup_many(fits).ByteSize() <= job.message_limit_bytes
