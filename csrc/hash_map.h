@@ -297,6 +297,9 @@ class HashMap {
   // holds num_keys / sub_maps on average, plus 4 standard deviations of a random spread.
   void reserve(uint64_t num_keys) {
     if (num_keys == 0) return;
+    if (num_keys > kMaxRows) {  // past 2^64 the capacity schedule's cast overflowed: grow() looped for good
+      throw std::length_error("reserve: a hash map holds at most 2^32 - 1 keys, got " + std::to_string(num_keys));
+    }
     std::lock_guard<std::mutex> lock(write_mutex_);
     const double mean = static_cast<double>(num_keys) / static_cast<double>(num_subs_);
     const uint64_t target = static_cast<uint64_t>(std::ceil(mean + 4.0 * std::sqrt(mean) + 2.0));

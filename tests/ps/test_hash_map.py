@@ -309,3 +309,17 @@ def test_maps_destroyed_or_cleared_while_their_arena_fills_ahead_stop_its_thread
             table.find_or_insert(keys[: 100_000 * (round_ % 4)])
         del table
         assert prefault_threads() == before
+
+
+@pytest.mark.parametrize("reserve", [2**64 - 1, 13 * 10**18, 2**32])
+def test_a_reservation_past_the_rows_a_map_holds_is_refused(reserve):
+    """Past 2^64 slots the capacity schedule's cast overflowed: reserve(13e18) on a one-sub-map
+    map looped for good holding its write lock (2^64 - 1 reserved nothing), and so did a map built
+    with such an initial capacity."""
+    with pytest.raises(ValueError, match=r"reserve: a hash map holds at most 2\^32 - 1 keys"):
+        HashMap(sub_maps=1).reserve(reserve)
+    with pytest.raises(ValueError, match=r"at most 2\^32 - 1 keys"):
+        HashMap(2**64 - 1, sub_maps=1)
+    m = HashMap(sub_maps=1)
+    m.reserve(1000)
+    assert m.capacity >= 1000
