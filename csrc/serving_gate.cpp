@@ -122,7 +122,11 @@ class Call {
     Start();
     if (shared_->draining.load(std::memory_order_relaxed)) {
       Start();
-      shared_->count_ended(server_ctx_.method(), grpc::StatusCode::UNAVAILABLE);
+      // Named when it is a bounded method; any other under one name: a caller's made-up method
+      // names, before any token check, were each a new series of embps_serving_requests_total.
+      const auto& bounded = shared_->lookup_methods;
+      const bool named = std::find(bounded.begin(), bounded.end(), server_ctx_.method()) != bounded.end();
+      shared_->count_ended(named ? server_ctx_.method() : std::string("/other"), grpc::StatusCode::UNAVAILABLE);
       stream_.Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the serving replica is shutting down"),
                      tag(kFinish));
       return;

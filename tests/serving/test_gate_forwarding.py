@@ -28,6 +28,9 @@ pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason=f"no se
 LOOKUP = "/embps.v1.Serving/Lookup"
 
 
+HOLD = threading.Event()
+
+
 class Upstream(grpc.GenericRpcHandler):
     def service(self, details):
         if details.method == "/t.T/Unary":
@@ -37,6 +40,12 @@ class Upstream(grpc.GenericRpcHandler):
                 return request
 
             return grpc.unary_unary_rpc_method_handler(unary)
+        if details.method == "/t.T/Hold":  # answers once HOLD is set
+            def hold(request: bytes, context: grpc.ServicerContext) -> bytes:
+                HOLD.wait(30)
+                return request
+
+            return grpc.unary_unary_rpc_method_handler(hold)
         if details.method == "/t.T/Stream":
             def stream(request: bytes, context: grpc.ServicerContext):
                 context.send_initial_metadata((("x-initial", "stream"),))
@@ -110,3 +119,37 @@ def test_calls_the_gate_ends_itself_are_counted_and_admitted_never_goes_down(gat
     for code in ("RESOURCE_EXHAUSTED", "INVALID_ARGUMENT"):
         assert f'embps_serving_requests_total{{code="{code}",method="Lookup",table=""}} 1.0' in text, text
     assert 'embps_serving_requests_total{code="OK",method="Lookup",table="user"} 1.0' in text
+
+
+def test_made_up_methods_refused_during_the_drain_share_one_series(gate):
+    """While the gate drains (shutting down, a forwarded call still running), every new call is
+    refused UNAVAILABLE before any token check, and each was counted under its own method name:
+    a caller's made-up names were a new embps_serving_requests_total series each, without bound."""
+    server, metrics = gate
+    HOLD.clear()
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        held = channel.unary_unary("/t.T/Hold").future(b"x", timeout=30)
+        wait_until(lambda: server.stats().forwarded == 1, "the held call forwarded")
+        draining = threading.Thread(target=server.shutdown, args=(20.0,))
+        draining.start()
+        try:
+            def refused(method: str) -> bool:
+                try:
+                    channel.unary_unary(method)(b"", timeout=5)
+                except grpc.RpcError as exc:
+                    return exc.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in (exc.details() or "")
+                return False
+
+            wait_until(lambda: refused("/evil.E/M0"), "the drain's refusals")
+            assert all(refused(f"/evil.E/M{i}") for i in range(1, 40))
+            assert refused(LOOKUP)
+            ended = {(method, code): count for method, code, count in server.ended()}
+            assert ended[("other", 14)] >= 40 and ended[("Lookup", 14)] == 1, ended
+            assert not any(method.startswith("M") for method, _ in ended), ended
+            text = generate_latest(metrics.registry).decode()
+            assert "method=\"M1\"" not in text and 'method="other"' in text
+        finally:
+            HOLD.set()
+            draining.join(30)
+    assert held.result(timeout=30) == b"x"
+
