@@ -51,6 +51,8 @@ ROLE_FRAMES = b"F"  # the primary -> standby connection (pushes and commits)
 ROLE_ACKS = b"A"  # the standby -> primary connection (their acks)
 _LENGTH = struct.Struct("<I")
 _KEY_TIMEOUT_S = 3.0  # a connection without its key by then is closed (a busy host may pause one ~1 s)
+_MAX_GREETINGS = 16  # connections greeted at once (each a thread until its key, or its timeout)
+_ACCEPT_POLL_S = 0.05  # how often the accept loop looks whether both connections arrived
 
 
 class LinkRefused(Exception):
@@ -215,41 +217,66 @@ class StandbyLink:
 
     def _accept(self) -> dict[bytes, _Framed]:
         """The primary's two connections ({ROLE_FRAMES: ..., ROLE_ACKS: ...}), each sending the key
-        and its role first, before the deadline; fewer when the deadline passed."""
+        and its role first, before the deadline; fewer when the deadline passed. Each connection
+        is greeted (TLS, key) on a thread of its own while the next ones are accepted: greeted one
+        at a time, two silent connections from anyone (3 s each for their key) held the primary's
+        own past the deadline, and the link failed."""
         deadline = time.monotonic() + self.accept_timeout
         found: dict[bytes, _Framed] = {}
-        while len(found) < 2 and not self._closed:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            self._listener.settimeout(left)
+        changed = threading.Condition()
+        pending = 0
+        over = False  # _accept returned: a greeting that ends later closes its connection
+
+        def greet(conn: socket.socket, peer) -> None:
+            nonlocal pending
+            framed = None
             try:
-                conn, peer = self._listener.accept()
-            except (TimeoutError, OSError):
-                break
-            try:
-                hello_by = time.monotonic() + _KEY_TIMEOUT_S
-                conn.settimeout(_KEY_TIMEOUT_S)
+                hello_by = min(time.monotonic() + _KEY_TIMEOUT_S, deadline)
+                conn.settimeout(max(hello_by - time.monotonic(), 0.001))
                 if self._context is not None:
                     conn = self._context.wrap_socket(conn, server_side=True)
                 hello = _read_by(conn, KEY_BYTES + 1, hello_by)
-                framed = _Framed(conn, self.max_frame)
+                role = bytes(hello[KEY_BYTES:])
+                if not hmac.compare_digest(bytes(hello[:KEY_BYTES]), self.key) or role not in (ROLE_FRAMES, ROLE_ACKS):
+                    log.warning("replication link: a connection from %s with a wrong key or role: closed", peer)
+                    return
+                conn.settimeout(None)
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                with changed:
+                    if over or role in found or self._closed:
+                        return
+                    framed = found[role] = _Framed(conn, self.max_frame)
+                    with self._lock:
+                        self._connections.append(framed)
             except (OSError, ConnectionError, ssl.SSLError) as exc:
                 log.warning("replication link: a connection from %s failed before its key (%s)", peer, exc)
-                conn.close()
+            finally:
+                if framed is None:
+                    conn.close()
+                with changed:
+                    pending -= 1
+                    changed.notify_all()
+
+        self._listener.settimeout(_ACCEPT_POLL_S)
+        while True:
+            with changed:
+                if len(found) == 2 or self._closed or time.monotonic() >= deadline:
+                    break
+                if pending >= _MAX_GREETINGS:  # a flood of connections: the next accept waits for a greeting to end
+                    changed.wait(_ACCEPT_POLL_S)
+                    continue
+            try:
+                conn, peer = self._listener.accept()
+            except TimeoutError:
                 continue
-            role = bytes(hello[KEY_BYTES:])
-            if not hmac.compare_digest(bytes(hello[:KEY_BYTES]), self.key) or role not in (ROLE_FRAMES, ROLE_ACKS) \
-                    or role in found:
-                log.warning("replication link: a connection from %s with a wrong key or role: closed", peer)
-                conn.close()
-                continue
-            conn.settimeout(None)
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            found[role] = framed
-            with self._lock:
-                self._connections.append(framed)
-        return found
+            except OSError:
+                break
+            with changed:
+                pending += 1
+            threading.Thread(target=greet, args=(conn, peer), name="replication-link-greeting", daemon=True).start()
+        with changed:
+            over = True
+            return dict(found)
 
     def _run(self, handle: Callable[[bytearray], bytes], on_end: Callable[[str], None]) -> None:
         why = ""

@@ -190,6 +190,25 @@ def test_a_connection_without_the_key_is_closed_and_the_primary_still_gets_in(lo
         stray.close()
 
 
+def test_silent_connections_do_not_keep_the_primary_out_past_the_deadline(loop_thread):
+    """Connections were greeted one at a time, each given 3 s for its key: two silent ones from
+    anyone (no key needed to open a TCP connection) held the primary's own connections past a
+    4 s accept deadline, and the link failed; the pair could be kept from replicating so."""
+    ends = Ends()
+    standby = _standby(ends, accept_timeout=4.0)
+    silent = [socket.create_connection(("127.0.0.1", standby.port), timeout=WAIT) for _ in range(4)]
+    try:
+        primary = _primary(loop_thread, ends, standby)
+        primary.send(b"hello")
+        assert ends.acks.get(timeout=WAIT) == b"olleh"
+        assert ends.standby_end.empty()
+        primary.close()
+    finally:
+        for sock in silent:
+            sock.close()
+        standby.close()
+
+
 def test_a_second_connection_for_a_role_already_taken_is_closed(standby):
     first = _hello(standby.port, standby.key + ROLE_FRAMES)
     again = _hello(standby.port, standby.key + ROLE_FRAMES)
