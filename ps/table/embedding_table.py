@@ -675,6 +675,10 @@ class EmbeddingTable:
         self._write_state_rows(state)
         if layout is None:
             self._load_pending_and_counters(state)
+            # Eviction starts afresh, as in a table made for this state: a table that had trained
+            # kept its sampler and sweep cursors, and evicted other rows than a fresh one would.
+            self._rng = np.random.default_rng(self.config.seed)
+            self._sweep_cursor = self._pending_sweep_cursor = 0
         else:
             self._load_laid_out_pending(state, layout, pending)
             self._rng = rng

@@ -518,3 +518,29 @@ def test_a_delta_that_deletes_one_key_twice_frees_one_row_against_capacity():
     with pytest.raises(CapacityError, match="delta grows past capacity 2"):
         table.load_delta(source.export(keys_of(3, 4)), keys_of(1, 1))
     assert sorted(table.export().keys.tolist()) == [1, 2]
+
+
+def test_a_trained_table_loading_a_state_without_layout_evicts_as_a_fresh_table_would():
+    """load() without a layout (a snapshot older than layouts) kept the table's eviction sampler and
+    sweep cursors: a table that had trained then evicted other rows than a fresh one loading the
+    same state (a primary and its standby, a resumed job, must evict the same rows)."""
+    import dataclasses
+
+    from ps.table.config import EvictionConfig, EvictionPolicy
+
+    config = TableConfig(name="t", dim=2, capacity=70_000, eviction=EvictionConfig(policy=EvictionPolicy.LRU))
+    rng = np.random.default_rng(0)
+    trained = EmbeddingTable(config)
+    for step in range(1, 30):  # past the capacity: sampled eviction draws from the table's sampler
+        trained.apply_gradients(rng.integers(0, 2**40, 4000), np.zeros((4000, 2), np.float32), step=step)
+    assert trained.num_evicted > 0
+    state = dataclasses.replace(trained.export(), layout=None)
+    fresh = EmbeddingTable(config)
+    fresh.load(state)
+    trained.load(state)
+    for step in range(30, 36):
+        keys = rng.integers(0, 2**40, 4000)
+        a = trained.apply_gradients(keys, np.zeros((4000, 2), np.float32), step=step)
+        b = fresh.apply_gradients(keys, np.zeros((4000, 2), np.float32), step=step)
+        np.testing.assert_array_equal(np.sort(a.evicted_keys), np.sort(b.evicted_keys))
+    np.testing.assert_array_equal(trained.export().keys, fresh.export().keys)
