@@ -1,7 +1,7 @@
 """A configuration error ends any `embps` command with one line naming the field and exit status 2,
 not a traceback (embps.cli), whichever process reads the file. A shard's own flags, checked before
-it binds its port, and a port it cannot bind end it with status 1 and a line naming the flag or
-field."""
+it binds its port, end it the same way (status 2); a port it cannot bind ends it with status 1 and a
+line naming the field."""
 
 from __future__ import annotations
 
@@ -99,6 +99,7 @@ def _shard_job(tmp_path: Path, metrics_port: int | None = None) -> Path:
         ),
         (["--restore-step", "-1"], "--restore-step must be a snapshot step >= 0, got -1"),
         (["--subscribe-memory-bytes", "0"], "--subscribe-memory-bytes must be >= 1, got 0"),
+        (["--shard", "1"], "--shard must be in [0, 1) for {path}, got 1"),
     ],
 )
 def test_a_bad_shard_flag_is_named_before_the_port_is_bound(tmp_path: Path, flags: list[str], message: str) -> None:
@@ -107,8 +108,8 @@ def test_a_bad_shard_flag_is_named_before_the_port_is_bound(tmp_path: Path, flag
         [sys.executable, "-m", "embps", "ps", "--no-malloc-tuning", "--config", str(path), "--shard", "0", *flags],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
     )
-    assert done.returncode != 0
-    assert done.stderr.strip().splitlines() == [f"embps ps: {message}"], done.stderr
+    assert done.returncode == 2  # a usage error's, as `embps serve`'s (it was 1)
+    assert done.stderr.strip().splitlines() == [f"embps ps: {message.format(path=path)}"], done.stderr
 
 
 def test_a_busy_metrics_port_names_the_field_and_ends_the_shard(tmp_path: Path) -> None:

@@ -1005,26 +1005,28 @@ def serve_shard(
     "primary" one (ps/shard/replication.py); None: as its primary."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     job = load_job_config(config)
+    # ValueError: the command line ends with one line naming the flag, exit status 2 (embps.cli), as
+    # `embps serve`'s and every usage error's (these were SystemExit, status 1).
     if not 0 <= shard < len(job.shards):
-        raise SystemExit(f"embps ps: --shard must be in [0, {len(job.shards)}) for {config}, got {shard}")
+        raise ValueError(f"--shard must be in [0, {len(job.shards)}) for {config}, got {shard}")
     if log_max_keys < 1:
-        raise SystemExit(f"embps ps: --update-log-keys must be >= 1, got {log_max_keys}")
+        raise ValueError(f"--update-log-keys must be >= 1, got {log_max_keys}")
     if not (math.isfinite(grace) and 0 <= grace <= MAX_FLAG_SECONDS):
-        raise SystemExit(f"embps ps: --grace must be a number of seconds in [0, {MAX_FLAG_SECONDS:g}], got {grace}")
+        raise ValueError(f"--grace must be a number of seconds in [0, {MAX_FLAG_SECONDS:g}], got {grace}")
     if not (math.isfinite(stream_stall_seconds) and 0 < stream_stall_seconds <= MAX_FLAG_SECONDS):
-        raise SystemExit(
-            f"embps ps: --stream-stall-seconds must be a number of seconds in (0, {MAX_FLAG_SECONDS:g}], "
+        raise ValueError(
+            f"--stream-stall-seconds must be a number of seconds in (0, {MAX_FLAG_SECONDS:g}], "
             f"got {stream_stall_seconds}"
         )
     if subscribe_memory_bytes < 1:
-        raise SystemExit(f"embps ps: --subscribe-memory-bytes must be >= 1, got {subscribe_memory_bytes}")
+        raise ValueError(f"--subscribe-memory-bytes must be >= 1, got {subscribe_memory_bytes}")
     if restore_step is not None and restore_step < 0:
-        raise SystemExit(f"embps ps: --restore-step must be a snapshot step >= 0, got {restore_step}")
+        raise ValueError(f"--restore-step must be a snapshot step >= 0, got {restore_step}")
     if standby and not job.shards[shard].standby:
-        raise SystemExit(f"embps ps: --standby: shards[{shard}] of {config} declares no standby address")
+        raise ValueError(f"--standby: shards[{shard}] of {config} declares no standby address")
     for table in job.tables:
         if (reason := device_unavailable_reason(table.device)) is not None:
-            raise SystemExit(f"embps ps: tables.{table.name}.device in {config}: {table.device!r} cannot hold rows "
+            raise ValueError(f"tables.{table.name}.device in {config}: {table.device!r} cannot hold rows "
                              f"on this machine: {reason}")
     return asyncio.run(
         _serve(job, shard, grace, log_max_keys, restore_step, standby, stream_stall_seconds, subscribe_memory_bytes)

@@ -108,7 +108,7 @@ def test_a_shard_refuses_at_start_a_table_on_a_device_this_machine_lacks(tmp_pat
         [sys.executable, "-m", "embps", "ps", "--config", str(config_path), "--shard", "0"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
     )
-    assert done.returncode == 1, done.stderr
+    assert done.returncode == 2, done.stderr  # a config error's status (embps.cli)
     assert "Traceback" not in done.stderr, done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith(
         f"embps ps: tables.gpu_emb.device in {config_path}: {device!r} cannot hold rows on this machine: "
