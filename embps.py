@@ -20,6 +20,7 @@ class Verb(NamedTuple):
     help: str
 
 
+_WITH_SUBCOMMANDS = ("bench", "snapshot", "deploy")  # named with their sub-command in a refusal
 VERBS: dict[str, Verb] = {
     "ps": Verb("ps.shard.cli", "run one parameter-server shard until SIGTERM"),
     "snapshot": Verb("ps.snapshot.cli", "list, inspect, export or gc stored snapshots"),
@@ -78,8 +79,10 @@ def cli() -> int:
 
 
 def _refuse(message: str) -> int:
-    verb = next((a for a in sys.argv[1:] if not a.startswith("-")), None)
-    print(f"embps {verb}: {message}" if verb else f"embps: {message}", file=sys.stderr, flush=True)
+    words = [a for a in sys.argv[1:] if not a.startswith("-")]
+    # The command as typed: "embps bench client: ...", not "embps bench: ..." (verbs with sub-commands).
+    command = " ".join(words[:2] if words and words[0] in _WITH_SUBCOMMANDS else words[:1])
+    print(f"embps {command}: {message}" if command else f"embps: {message}", file=sys.stderr, flush=True)
     return 2
 
 

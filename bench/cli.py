@@ -392,7 +392,7 @@ def _run_client(args: argparse.Namespace) -> int:
             repeat=args.repeat, out=args.out,
         )
     except ValueError as exc:
-        raise SystemExit(f"embps bench client: --{exc}") from None
+        raise ValueError(f"--{exc}") from None
     run_client_bench(config)
     return 0
 
@@ -416,7 +416,7 @@ def _run_cut(args: argparse.Namespace) -> int:
     from bench.cut_bench import CutBenchConfig, run_cut_bench
 
     if not 0.0 <= args.changed <= 1.0:
-        raise SystemExit(f"embps bench cut: --changed must be in [0, 1], got {args.changed!r}")
+        raise ValueError(f"--changed must be in [0, 1], got {args.changed!r}")
     config = CutBenchConfig(tables=args.tables, shards=args.shards, steps=args.steps, changed=args.changed,
                             rows=args.rows, repeat=args.repeat, out=args.out)
     return run_cut_bench(config)
@@ -449,9 +449,9 @@ def _run_soak(args: argparse.Namespace) -> int:
     phases = tuple(p.strip() for p in args.phases.split(",") if p.strip())
     unknown = [p for p in phases if p not in PHASE_TITLES]
     if not phases or unknown:
-        raise SystemExit(f"embps bench soak: --phases must name some of {', '.join(PHASE_TITLES)}, got {args.phases!r}")
+        raise ValueError(f"--phases must name some of {', '.join(PHASE_TITLES)}, got {args.phases!r}")
     if args.pushes < 10:
-        raise SystemExit(f"embps bench soak: --pushes must be >= 10, got {args.pushes}")
+        raise ValueError(f"--pushes must be >= 10, got {args.pushes}")
     seconds = args.minutes * 60 / len(phases) if args.minutes is not None else None
     config = SoakConfig(
         capacity=args.capacity,
@@ -508,7 +508,7 @@ def _run_precision(args: argparse.Namespace) -> int:
     from bench.precision_bench import PrecisionBenchConfig, run_precision_bench
 
     if bool(args.criteo_train) != bool(args.criteo_eval):
-        raise SystemExit("embps bench precision: --criteo-train and --criteo-eval go together")
+        raise ValueError("--criteo-train and --criteo-eval go together")
     config = PrecisionBenchConfig(
         steps=args.steps,
         batch=args.batch,

@@ -315,7 +315,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     workers = tuple(int(w) for w in args.workers.split(","))
     if not workers or min(workers) < 1:
-        raise SystemExit(f"--workers: need counts >= 1, got {args.workers!r}")
+        raise ValueError(f"--workers: need counts >= 1, got {args.workers!r}")
     config = DataBenchConfig(
         rows=args.rows,
         batch=args.batch,

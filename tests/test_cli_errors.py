@@ -57,7 +57,8 @@ def test_a_missing_job_file_is_one_line_naming_the_file(tmp_path: Path, argv: li
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
     )
     assert done.returncode == 2, done.stderr
-    assert done.stderr.strip().splitlines() == [f"embps {argv[0]}: {path}: No such file or directory"], done.stderr
+    command = "deploy render" if argv[0] == "deploy" else argv[0]  # the command as typed
+    assert done.stderr.strip().splitlines() == [f"embps {command}: {path}: No such file or directory"], done.stderr
 
 
 @pytest.mark.parametrize(

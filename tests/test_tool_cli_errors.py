@@ -222,14 +222,14 @@ def test_bench_report_refuses_a_file_that_is_no_bench_result(tmp_path, content, 
     path = tmp_path / "result.json"
     path.write_text(content)
     done = embps("bench", "report", str(path))
-    line = refused(done, f"embps bench: {path}: ")
+    line = refused(done, f"embps bench report: {path}: ")
     assert message in line and done.stdout == "", (line, done.stdout)
 
 
 def test_bench_report_of_a_missing_file_names_it(tmp_path):
     missing = tmp_path / "missing.json"
-    assert refused(embps("bench", "report", str(missing)), "embps bench: ") == (
-        f"embps bench: {missing}: No such file or directory"
+    assert refused(embps("bench", "report", str(missing)), "embps bench report: ") == (
+        f"embps bench report: {missing}: No such file or directory"
     )
 
 
@@ -238,3 +238,16 @@ def test_bench_report_still_renders_a_result(tmp_path):
     path.write_text(json.dumps({"bench": "other", "config": {"n": 3}, "rate": 5.0}))
     done = embps("bench", "report", str(path))
     assert done.returncode == 0 and "| `embps bench other` | n 3 | rate 5 |" in done.stdout, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize(
+    "argv, line",
+    [
+        (["cut", "--changed", "2"], "embps bench cut: --changed must be in [0, 1], got 2.0"),
+        (["soak", "--pushes", "5"], "embps bench soak: --pushes must be >= 10, got 5"),
+        (["data", "--workers", "0"], "embps bench data: --workers: need counts >= 1, got '0'"),
+    ],
+)
+def test_bench_flags_checked_after_parsing_are_usage_errors(argv, line):
+    """These ended with status 1 (SystemExit), the other benches' flag errors with 2."""
+    assert refused(embps("bench", *argv), "embps bench ") == line
