@@ -196,8 +196,11 @@ def test_snapshot_list_of_an_empty_folder_says_none(tmp_path):
         (["export", "{root}", "--dst", "bogus://x"], "embps snapshot export: --dst: unsupported scheme"),
         (["inspect", "{root}", "--step", "-1"], "embps snapshot inspect: --step: must be"),
         (["list", "bogus://x"], "embps snapshot list: uri: unsupported scheme"),
+        (["export", "{root}", "--dst", "file://{root}/"], "embps snapshot export: --dst: must differ from the uri"),
+        (["export", "{root}", "--dst", "{root}/sub/.."], "embps snapshot export: --dst: must differ from the uri"),
     ],
-    ids=["keep-0", "keep-missing", "dst-missing", "dst-scheme", "step-negative", "uri-scheme"],
+    ids=["keep-0", "keep-missing", "dst-missing", "dst-scheme", "step-negative", "uri-scheme", "dst-same",
+         "dst-same-by-dots"],
 )
 def test_snapshot_flags_are_named(tmp_path, argv, prefix):
     line = refused(embps("snapshot", *(a.format(root=tmp_path) for a in argv), "--job", "j"), "embps snapshot ")

@@ -129,11 +129,27 @@ def check_arguments(args: argparse.Namespace) -> None:
         if args.dst is None:
             raise ValueError("--dst: required by export (the destination URI)")
         check_uri(args.dst, "--dst")
+        if _same_place(args.uri, args.dst):  # a usage error (exit 2), found before any read
+            raise ValueError(
+                f"--dst: must differ from the uri {args.uri!r} (an export would write into its step folders)"
+            )
     if args.action == "gc":
         if args.keep is None:
             raise ValueError("--keep: required by gc (how many newest snapshots to keep)")
         if args.keep < 1:
             raise ValueError(f"--keep: must be an integer >= 1 (LATEST must stay readable), got {args.keep}")
+
+
+def _same_place(uri: str, other: str) -> bool:
+    """Whether two URIs name one folder: local ones (paths, file://) after resolving links and '..'."""
+    from ps.snapshot.storage import open_uri
+
+    def local(u: str) -> bool:
+        return "://" not in u or urlsplit(u).scheme.lower() == "file"
+
+    if local(uri) and local(other):
+        return os.path.realpath(open_uri(uri)[1]) == os.path.realpath(open_uri(other)[1])
+    return uri.rstrip("/") == other.rstrip("/")
 
 
 def run(args: argparse.Namespace) -> int:
