@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
+from ps.errors import EmbpsError
 from worker.data_options import ArrowMemoryPool, BadRowPolicy
 from worker.data_paths import DataFile, open_input
 from worker.readers import FileReader, _Rows, line_reason
@@ -108,10 +109,10 @@ class CriteoTsvReader(FileReader):
             check_utf8=False,
         )
         with _open_range(data_file, unit, start) as stream:
-            if not stream.peek():
-                return  # an empty range, or the position is its end: pyarrow would call it an error
             cursor = start + 1
             try:
+                if not stream.peek():
+                    return  # an empty range, or the position is its end: pyarrow would call it an error
                 reader = pacsv.open_csv(
                     stream, read_options=read_options, parse_options=parse_options, convert_options=convert_options
                 )
@@ -128,6 +129,10 @@ class CriteoTsvReader(FileReader):
                 if failure:
                     raise ValueError(failure[0]) from None
                 raise ValueError(f"{path}: cannot parse as Criteo TSV: {exc}") from exc
+            except EmbpsError:
+                raise
+            except (OSError, pa.ArrowException) as exc:  # a truncated .gz: the error named no file
+                raise OSError(f"{path}: cannot read: {exc}") from exc
 
 
 def _lines_of_rows(cursor: int, num_rows: int, invalid: list[int]) -> np.ndarray:

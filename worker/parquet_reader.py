@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ps.errors import EmbpsError
 from worker.data_options import ArrowMemoryPool
 from worker.data_paths import DataFile, open_input
 from worker.prefetch import prefetched
@@ -94,9 +95,18 @@ class ParquetReader(FileReader):
         with _open_parquet(data_file, sparse_names) as parquet:
             first_row = sum(parquet.metadata.row_group(g).num_rows for g in range(unit.part))  # for messages
             row = 0
-            for record_batch in parquet.iter_batches(
+            batches = parquet.iter_batches(
                 batch_size=self.config.read_batch_rows, row_groups=[unit.part], columns=names, use_threads=True
-            ):
+            )
+            while True:
+                try:
+                    record_batch = next(batches, None)
+                except EmbpsError:
+                    raise
+                except (OSError, pa.ArrowException) as exc:  # a damaged page: pyarrow's error named no file
+                    raise OSError(f"{path}: row group {unit.part}: cannot read: {exc}") from exc
+                if record_batch is None:
+                    break
                 first, row = row, row + record_batch.num_rows
                 if row <= start:
                     continue

@@ -205,6 +205,36 @@ def test_local_path_errors_name_the_path(tmp_path):
             CriteoTsvReader([str(folder), second], cfg)
 
 
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_a_damaged_file_found_while_reading_is_named(tmp_path, prefetch):
+    """A truncated .gz or a Parquet data page that does not decompress raised pyarrow's OSError
+    ("Truncated compressed stream", "Corrupt snappy compressed data."), naming none of the files."""
+    import gzip
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sample = write_criteo_sample(tmp_path / "day.tsv", 2000, num_bad_rows=0)
+    whole = gzip.compress(sample.path.read_bytes())
+    (tmp_path / "cut.tsv.gz").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(OSError, match=f"{tmp_path / 'cut.tsv.gz'}: cannot read: "):
+        list(CriteoTsvReader([tmp_path / "cut.tsv.gz"], ReaderConfig(global_batch_size=8, prefetch_batches=prefetch)))
+    rng = np.random.default_rng(0)
+    columns = {"label": pa.array(rng.integers(0, 2, 5000).astype(np.float32))}
+    columns |= {f"I{i + 1}": pa.array(rng.integers(0, 100, 5000)) for i in range(2)}
+    columns |= {f"C{i + 1}": pa.array([f"{x:08x}" for x in rng.integers(0, 1 << 30, 5000)]) for i in range(2)}
+    path = tmp_path / "damaged.parquet"
+    pq.write_table(pa.table(columns), path, row_group_size=1000, compression="snappy")
+    data = bytearray(path.read_bytes())
+    for offset in range(len(data) // 3, len(data) // 3 + 300):  # inside a data page; the footer intact
+        data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+    config = ReaderConfig(global_batch_size=100, num_dense=2, num_sparse=2, prefetch_batches=prefetch)
+    with pytest.raises(OSError, match=rf"{path}: row group \d+: cannot read: "):
+        list(ParquetReader([path], config))
+
+
 def test_launch_trains_two_workers_on_their_shares_of_s3_parquet_for_two_epochs(tmp_path, s3):
     """A real job: 2 workers read their row groups from S3 for 2 epochs with a shuffle buffer, agree
     on the last step (the shares differ in rows), and report the time spent waiting for data."""
