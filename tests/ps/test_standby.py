@@ -341,6 +341,28 @@ def test_a_standby_back_after_its_lease_refuses_the_older_state_of_a_restarted_p
             stop_pid(restarted)
 
 
+def test_a_standby_does_not_grow_with_the_keys_pushes_touch(etcd, tmp_path):
+    """A standby tracked the changes of every push for an incremental snapshot after a failover,
+    and nothing ever took them: every key pushed and every key evicted stayed, up to 4M a table
+    (twice the capacity with one), while its primary, which takes them at each snapshot, stayed
+    flat. Fresh keys every step, rows evicted after 5 steps: both hold about the same."""
+    job = pair_job(etcd.endpoint, "flat")
+    pair = ShardPair.start(job, tmp_path)
+    client = PSClient.from_job(job, client_id="trainer-0")
+    try:
+        for step in range(1, 201):
+            keys = np.arange(step * 1000, step * 1000 + 1000, dtype=np.int64)
+            grads = np.ones(1000 * 4, dtype=np.float32)
+            client.send_push(client.prepare_push_multi(["ftrl"], keys, [0, 1000], grads, step=step))
+        label = 'embps_table_memory_bytes{shard="0",table="ftrl"}'
+        primary = metrics(job.shards[0].metrics_port)[label]
+        standby = metrics(job.shards[0].standby_metrics_port)[label]
+        assert standby < 1.2 * primary, (standby, primary)
+    finally:
+        client.close()
+        pair.stop()
+
+
 def test_a_stopped_standby_holds_acks_until_the_arbiter_records_the_primary_alone(etcd, tmp_path):
     job = pair_job(etcd.endpoint, "alone")
     pair = ShardPair.start(job, tmp_path)
