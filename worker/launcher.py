@@ -235,6 +235,7 @@ def launch(options: LaunchOptions) -> int:
     failure: str | None = None
     restarts = 0
     agent = _AgentImport()
+    bar: threading.Thread | None = None
     try:
         if restore is not None:
             tqdm.write(f"embps launch: resuming job {job.ps.job!r} from snapshot step {restore}")
@@ -277,6 +278,8 @@ def launch(options: LaunchOptions) -> int:
         stop_bar.set()
         if fleet is not None:
             fleet.stop()
+        if bar is not None:
+            bar.join(5)  # the bar closed (its line ended) before the last line is printed after it
     if failure is not None:
         print(f"embps launch: FAILED: {failure}", file=sys.stderr, flush=True)
         return 1
@@ -585,6 +588,7 @@ def _shard_exit(index: int, proc) -> str:
 
 def _show_progress(path: Path, job: TrainingJob, stop: threading.Event) -> None:
     bar = tqdm(total=job.train.steps, desc="train", unit="step", dynamic_ncols=True)
+    partial = ""  # a line rank 0 is still writing: read again until its newline
     with open(path) as f:
         while True:
             line = f.readline()
@@ -592,7 +596,15 @@ def _show_progress(path: Path, job: TrainingJob, stop: threading.Event) -> None:
                 if stop.wait(0.2):
                     break
                 continue
-            record = json.loads(line)
+            partial += line
+            if not partial.endswith("\n"):
+                continue
+            try:
+                record = json.loads(partial)
+            except json.JSONDecodeError:  # a line cut short by a killed worker: the next one is whole
+                continue
+            finally:
+                partial = ""
             if record.get("done"):
                 break
             bar.n = record["step"]

@@ -185,3 +185,26 @@ def test_a_taken_train_metrics_port_names_the_field(tmp_path):
         message = rf"^train\.metrics_port: cannot serve /metrics on port {port}: "
         with pytest.raises(worker_main.MetricsPortError, match=message):
             worker_main.run_worker(job, 0, 1)
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
+def test_the_progress_bar_reads_a_line_written_in_two_parts_and_goes_on_past_a_cut_one(tmp_path):
+    """The bar's thread parsed whatever readline() returned: a line rank 0 was still writing (or one
+    a killed worker left cut short) raised, the thread died and the bar stood still for the run."""
+    import json
+    import threading
+    from types import SimpleNamespace
+
+    path = tmp_path / "progress.jsonl"
+    path.write_text('{"step": 1, "total_steps": 10, "loss": 0.5, "samples_per_s": 10.0}\n{"step": 2, "los')
+    stop = threading.Event()
+    shown = threading.Thread(target=launcher._show_progress, args=(path, SimpleNamespace(train=SimpleNamespace(
+        steps=10)), stop))
+    shown.start()
+    with open(path, "a") as f:
+        f.write('s": 0.4, "samples_per_s": 11.0}\n{"step": 3, "lo\n')  # the first line ends; a cut one
+        f.write(json.dumps({"step": 4, "loss": 0.3, "samples_per_s": 12.0}) + "\n")
+        f.write(json.dumps({"done": True}) + "\n")
+    shown.join(30)
+    assert not shown.is_alive(), "the bar's thread did not reach the done line"
+    stop.set()
