@@ -44,7 +44,7 @@ from deploy.standby import check_standbys, standby_manifests
 from ps import toml_writer
 from ps.job_config import ShardConfig
 from ps.security import Role, SecurityConfig, ps_port_policy, serving_port_policy
-from ps.toml_reader import read_toml_text
+from ps.toml_reader import read_toml_text, toml_path
 from worker.train_config import TrainingJob, parse_training_job
 
 CONFIG_DIR = "/etc/embps"
@@ -59,7 +59,7 @@ _MAX_JOB_NAME = 40  # leaves room for "-workers-<i>" and friends in 63-character
 
 def load_deployment(path: str | Path) -> tuple[TrainingJob, DeployConfig, str]:
     """Reads job.toml: (the training job, its [deploy] section, the file's text); errors name the field."""
-    path = Path(path)
+    path = toml_path(path)
     text, data = read_toml_text(path)
     deploy = parse_deploy_config(data.get("deploy"))
     job = parse_training_job({k: v for k, v in data.items() if k != "deploy"})

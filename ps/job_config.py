@@ -51,7 +51,7 @@ from ps.security import SecurityConfig, dump_security, parse_security
 from ps.sharding import ShardMap
 from ps.snapshot.storage import StorageConfig, check_uri
 from ps.table.config import AdmissionConfig, EvictionConfig, OptimizerConfig, TableConfig
-from ps.toml_reader import read_toml
+from ps.toml_reader import read_toml, toml_path
 
 DEFAULT_MESSAGE_LIMIT = 64 << 20
 _MIN_MESSAGE_LIMIT = 64 << 10
@@ -178,7 +178,7 @@ class JobConfig:
 
 def load_job_config(path: str | Path) -> JobConfig:
     """Reads and validates a TOML job config; ValueError (ConfigTypeError for a wrong type) names the bad field."""
-    path = Path(path)
+    path = toml_path(path)
     return parse_job_config(read_toml(path), path.resolve().parent)
 
 

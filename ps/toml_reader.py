@@ -9,7 +9,7 @@ from pathlib import Path
 def read_toml_text(path: str | Path) -> tuple[str, dict]:
     """(the text, the parsed document) of the TOML file at `path`. ValueError naming the file when
     it is not UTF-8 text or not valid TOML; OSError, with its filename, when it cannot be read."""
-    path = Path(path)
+    path = toml_path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
@@ -20,6 +20,14 @@ def read_toml_text(path: str | Path) -> tuple[str, dict]:
         raise ValueError(f"{path}: not valid TOML: {exc}") from exc
     except RecursionError:  # arrays nested thousands deep: a traceback of thousands of lines
         raise ValueError(f"{path}: not valid TOML: nested too deeply") from None
+
+
+def toml_path(path: str | Path) -> Path:
+    """`path` as a Path; ValueError for an empty one, which Path() reads as "." (the command then
+    said "embps ps: .: Is a directory", naming no file)."""
+    if not str(path).strip():
+        raise ValueError(f"the job's TOML file: must name a file, got {str(path)!r}")
+    return Path(path)
 
 
 def read_toml(path: str | Path) -> dict:

@@ -50,7 +50,7 @@ from ps import toml_writer
 from ps.errors import ConfigTypeError
 from ps.job_config import LOOPBACK_HOSTS, JobConfig, load_job_config, parse_job_config, same_bind_host, shard_endpoints
 from ps.snapshot.storage import check_uri
-from ps.toml_reader import read_toml
+from ps.toml_reader import read_toml, toml_path
 
 # 256 small lookups are ~0.1 s of one replica's CPU (~0.34 ms each): a full queue adds at most about
 # that much latency, far below client deadlines, while it absorbs bursts of a few hundred calls.
@@ -117,7 +117,7 @@ _FIELDS = {
 
 def load_serve_config(path: str | Path) -> ServeConfig:
     """Reads and validates serve.toml; ValueError (ConfigTypeError for a wrong type) names the bad field."""
-    path = Path(path)
+    path = toml_path(path)
     data = read_toml(path)
     return parse_serve_config(data, path.parent)
 

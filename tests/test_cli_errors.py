@@ -61,6 +61,16 @@ def test_a_missing_job_file_is_one_line_naming_the_file(tmp_path: Path, argv: li
     assert done.stderr.strip().splitlines() == [f"embps {command}: {path}: No such file or directory"], done.stderr
 
 
+def test_an_empty_job_file_path_is_one_line(tmp_path: Path) -> None:
+    """`--config ""` was read as the folder ".": "embps ps: .: Is a directory"."""
+    done = subprocess.run(
+        [sys.executable, "-m", "embps", "ps", "--config", "", "--shard", "0"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == ["embps ps: the job's TOML file: must name a file, got ''"]
+
+
 @pytest.mark.parametrize(
     "argv",
     [["ps", "--config", "{path}", "--shard", "0"], ["deploy", "render", "{path}", "--out", "{out}"]],

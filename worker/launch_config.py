@@ -26,7 +26,7 @@ from pathlib import Path
 
 from ps.errors import ConfigTypeError
 from ps.job_config import ShardConfig, build_config, claim_endpoint, parse_address, shard_endpoints
-from ps.toml_reader import read_toml
+from ps.toml_reader import read_toml, toml_path
 
 MAX_RESTARTS_LIMIT = 1000
 
@@ -52,7 +52,7 @@ def load_launch_settings(
 ) -> LaunchSettings:
     """The `[launch]` section of the job TOML at `path` (defaults when it has none); `shards` and
     `train_metrics_port` as for parse_launch_settings."""
-    path = Path(path)
+    path = toml_path(path)
     data = read_toml(path)
     return parse_launch_settings(data.get("launch", {}), shards, train_metrics_port)
 

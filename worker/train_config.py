@@ -55,7 +55,7 @@ from pathlib import Path
 from ps.errors import ConfigTypeError
 from ps.job_config import LOOPBACK_HOSTS, JobConfig, build_config, parse_job_config, shard_endpoints
 from ps.snapshot.storage import StorageConfig
-from ps.toml_reader import read_toml
+from ps.toml_reader import read_toml, toml_path
 from worker.data_options import ArrowMemoryPool, BadRowPolicy, SyntheticConfig
 from worker.model_config import ModelConfig
 
@@ -191,7 +191,7 @@ class TrainingJob:
 
 def load_training_job(path: str | Path) -> TrainingJob:
     """Reads and validates a job TOML with its training sections; errors name the field."""
-    path = Path(path)
+    path = toml_path(path)
     data = read_toml(path)
     return replace(parse_training_job(data, path.resolve().parent), path=str(path.resolve()))
 
