@@ -502,6 +502,9 @@ def _check_shard_ports_free(job: TrainingJob) -> None:
             host, port = parse_address(f"shards[{index}].{field}", address)
             try:
                 with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+                    # As the shard's server binds: connections of a shard stopped a moment ago, in
+                    # TIME_WAIT, do not hold the port; a process listening there does.
+                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                     probe.bind((host, port))
             except OSError as exc:
                 if exc.errno == errno.EADDRINUSE:

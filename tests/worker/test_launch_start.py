@@ -80,6 +80,23 @@ def test_a_shard_that_does_not_start_is_a_restartable_failure(tmp_path):
         "cannot serve there", failure
 
 
+def test_a_port_whose_last_connections_wait_in_time_wait_is_free_for_the_next_shard(tmp_path):
+    """The check for a taken port bound without SO_REUSEADDR, as the shard's server does not: the
+    connections of a shard stopped a moment before (TIME_WAIT on the port) failed every restart of
+    the kill suite ("taken by another process")."""
+    job = one_shard_job(tmp_path)
+    host, port = job.ps.shards[0].address.rsplit(":", 1)
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((host, int(port)))
+        listener.listen()
+        with socket.create_connection((host, int(port))) as client:
+            accepted, _ = listener.accept()
+            accepted.close()  # the server's end closes first: it waits in TIME_WAIT on the port
+            client.recv(1)
+    launcher._check_shard_ports_free(job)  # no _StartFailed
+
+
 def test_replicas_started_by_an_attempt_whose_shards_failed_are_watched_from_the_next_one(tmp_path):
     """The first attempt starts the serving replicas beside the shards; when its shards did not
     come up it returned before the replicas' health wait, and later attempts never made it: the
