@@ -288,6 +288,10 @@ def launch(options: LaunchOptions) -> int:
         print(f"embps launch: done: node {options.node_rank}'s workers finished; global rank 0 writes the summary")
         return 0
     summary = json.loads(summary_path.read_text())
+    if summary.get("samples") == 0:
+        print(f"embps launch: done: the job was at its last step already ({summary.get('steps')}): nothing left to "
+              f"train; summary in {summary_path}")
+        return 0
     auc = summary.get("eval_auc")
     skipped = summary.get("snapshots", {}).get("skipped", 0)
     print(

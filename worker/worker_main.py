@@ -141,6 +141,8 @@ def run_worker(
             "evaluations": evaluations,
             "snapshots": checkpointer.rounds.as_dict(),
         }
+        if trained == 0:  # resumed at its last step: no loss or rate was measured (they read as 0)
+            summary.update(final_loss=None, samples_per_s=None)
         if rank == 0:
             if held_out and (not evaluations or evaluations[-1]["step"] != trainer.step):
                 final = trainer.evaluate(held_out)

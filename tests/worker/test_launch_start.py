@@ -225,3 +225,27 @@ def test_the_progress_bar_reads_a_line_written_in_two_parts_and_goes_on_past_a_c
     shown.join(30)
     assert not shown.is_alive(), "the bar's thread did not reach the done line"
     stop.set()
+
+
+def test_a_resume_of_a_finished_job_says_so_and_measures_nothing(tmp_path):
+    """`embps launch --resume` of a job whose last snapshot is its last step trains nothing; its
+    summary said 0 samples/s and a final loss of 0, and the launcher printed them as the run's."""
+    import json
+
+    job = one_shard_job(tmp_path, snapshot=SnapshotConfig(uri=str(tmp_path / "snaps"), every_steps=5))
+    summary_path = Path(job.train.output_dir) / "summary.json"
+
+    def launch(*flags: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "embps", "launch", str(job.path), *flags], cwd=Path(__file__)
+                              .resolve().parents[2], capture_output=True, text=True, timeout=300)
+
+    first = launch()
+    assert first.returncode == 0, first.stderr[-3000:]
+    finished = json.loads(summary_path.read_text())
+    assert finished["steps"] == 10 and finished["final_loss"] > 0
+    again = launch("--resume")
+    assert again.returncode == 0, again.stderr[-3000:]
+    resumed = json.loads(summary_path.read_text())
+    assert resumed["steps"] == 10 and resumed["samples"] == 0 and resumed["resumed_from"] == 10
+    assert resumed["final_loss"] is None and resumed["samples_per_s"] is None
+    assert "the job was at its last step already (10): nothing left to train" in again.stdout
