@@ -2,8 +2,8 @@
 
     /embps/<job>/shard/<s>          {"primary": addr, "standby": addr or "", "epoch": n, "sync": bool}
     /embps/<job>/shard/<s>/leader   the primary's address, attached to its lease (gone when it expires)
-    /embps/<job>/shard/<s>/standby  {"standby": addr, "epoch": n} under the standby's own lease, while
-                                    it follows a primary
+    /embps/<job>/shard/<s>/standby  {"standby": addr, "epoch": n, "in_sync": bool} under the standby's
+                                    own lease, while it follows a primary
 
 Every change of the record is a compare-and-swap on its mod revision, so of two processes acting on
 the same view only one wins. A process becomes primary only by a transaction that also finds no
@@ -14,7 +14,8 @@ before it acknowledges anything alone, so a standby that missed pushes never pro
 record says `sync` with a standby whose key lives, only that standby may take the shard: a primary
 restarted in its place (a new process, without the pushes the standby holds) took the record first
 in a race with the standby's promotion, and the standby then copied its older state over every
-acknowledged push.
+acknowledged push. So, too, when there is no record while a standby's key lives (etcd lost its
+data under a running pair): the standby last seen in sync takes the shard an epoch further.
 Calls block (urllib); the shard runs them on threads (ps/shard/replication.py).
 """
 
@@ -155,12 +156,13 @@ class Arbiter:
         kv = self.etcd.get(self.standby_key)
         return None if kv is None else kv.value
 
-    def hold_standby(self, epoch: int) -> None:
-        """Puts the standby key (this process, following at `epoch`) under a new lease of its own."""
+    def hold_standby(self, epoch: int, in_sync: bool) -> None:
+        """Puts the standby key (this process, following at `epoch`, last seen in sync or not)
+        under a new lease of its own."""
         self.release_standby()
         lease = self.etcd.grant(self.ttl)
         self.standby_lease = lease
-        self.etcd.put(self.standby_key, json.dumps({"standby": self.me, "epoch": epoch}), lease)
+        self.etcd.put(self.standby_key, json.dumps({"standby": self.me, "epoch": epoch, "in_sync": in_sync}), lease)
 
     def keep_standby(self) -> bool:
         """Renews the standby key's lease; False when etcd no longer has it (hold it again)."""

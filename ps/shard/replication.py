@@ -172,6 +172,8 @@ class Replication:
         self._applied = 0  # as a standby: last applied sequence of the stream it follows
         self._followed: object | None = None  # as a standby: the stream whose handshake it accepted last
         self._promoting = False
+        self._in_sync_at = 0  # as a standby: the epoch at which it last read a record naming it in sync
+        self._refused_epoch = 0  # as a standby: the last epoch whose older state it refused (logged once)
         self._queueing = False  # forward() queues pushes for the standby
         self._catch_up_to = 0  # CATCHING: the end of the current catch-up round (see _catch_up)
         self._catching_alone_since: float | None = None  # CATCHING: since when pushes are acked alone
@@ -302,8 +304,14 @@ class Replication:
                 mine = Membership(self.arbiter.me, self.partner, epoch, False)
                 # The record says the partner holds every acknowledged push: only it may take the
                 # shard while its standby key lives (it promotes, and this process becomes its standby).
+                # No record while a standby's key lives: etcd lost its data under a running pair, and
+                # that standby, not this process, holds what was acknowledged.
                 partner_in_sync = membership is not None and membership.sync and membership.standby == self.partner
-                if await asyncio.to_thread(self.arbiter.take_primary, revision, mine, partner_in_sync):
+                wait_for_standby = partner_in_sync or membership is None
+                standby_key = wait_for_standby and await asyncio.to_thread(self.arbiter.standby_alive) is not None
+                if not standby_key and await asyncio.to_thread(
+                    self.arbiter.take_primary, revision, mine, wait_for_standby
+                ):
                     if partner_in_sync:
                         log.error(
                             "shard %d: took the shard over %s, the standby in sync at epoch %d, which holds no "
@@ -312,10 +320,12 @@ class Replication:
                             membership.epoch,
                         )
                     break
-                if partner_in_sync and not waiting_for_partner:
+                if standby_key and not waiting_for_partner:
                     waiting_for_partner = True
-                    log.warning("shard %d: %s is the standby in sync (epoch %d) and alive: waiting for it to take "
-                                "over, to follow it", self.shard.index, self.partner, membership.epoch)
+                    held = f"in sync (epoch {membership.epoch})" if membership is not None else "(no record in etcd)"
+                    log.warning("shard %d: %s is the standby %s and alive: waiting for it to take over, to follow "
+                                "it", self.shard.index, self.partner, held)
+                await asyncio.sleep(self.ttl / 4)  # a take lost, or a standby's key: look again (no spin on etcd)
             except EtcdUnavailableError as exc:
                 log.warning("shard %d: arbiter unreachable at start (%s); retrying", self.shard.index, exc)
                 await asyncio.sleep(self.ttl / 4)
@@ -357,11 +367,17 @@ class Replication:
             # The job's TLS (a client certificate under mutual TLS) and the shards' own token, which
             # the standby's port takes for Replication and no worker holds.
             channel = open_aio_channel(self.partner, self.shard.job.security, Role.SHARD, _CHANNEL_OPTIONS)
+            refused = False
             try:
                 await self._stream(channel)
             except Exception as exc:  # noqa: BLE001 - whatever broke the stream, the standby is out
                 if self.state in (State.SYNC, State.CATCHING, State.COPYING):
                     log.warning("%s: standby %s lost (%s)", self.describe(), self.partner, _short(exc))
+                refused = isinstance(exc, grpc.RpcError) and exc.code() == grpc.StatusCode.FAILED_PRECONDITION
+                if refused and self.state is State.JOINING:
+                    # A standby that holds pushes this process lacks (_hello): no copy either way.
+                    # It stays so until an operator chooses (docs/reliability.md); asked a lease apart.
+                    log.error("%s: standby %s refuses to follow: %s", self.describe(), self.partner, _short(exc))
             finally:
                 await channel.close()
             await self.servicer.run_call(self._stop_tracking, 0)  # a copy broken off marks no more rows
@@ -371,7 +387,7 @@ class Replication:
                 await self._go_alone()
             elif self.state in (State.CATCHING, State.COPYING):
                 self._set_state(State.ALONE)  # the arbiter still says alone
-            if self.state is State.JOINING:
+            if self.state is State.JOINING and not refused:
                 await asyncio.sleep(0.05)
             else:
                 await asyncio.sleep(self.ttl)
@@ -774,14 +790,15 @@ class Replication:
         its own (Arbiter.hold_standby): a primary restarted in the partner's place then cannot take
         a record whose `sync` names this process (start_primary), which holds every acknowledged
         push. Released when it stops being a standby (a promotion: the record then names no one)."""
-        held = 0  # the epoch the key was put at (0: not held)
+        held: tuple[int, bool] | None = None  # what the key says (epoch, in sync); None: not held
         while self.state is State.STANDBY and not self._stopped:
             try:
-                if self.epoch and held != self.epoch:
-                    await asyncio.to_thread(self.arbiter.hold_standby, self.epoch)
-                    held = self.epoch
+                now = (self.epoch, self._in_sync_at == self.epoch)
+                if self.epoch and held != now:
+                    await asyncio.to_thread(self.arbiter.hold_standby, *now)
+                    held = now
                 elif held and not await asyncio.to_thread(self.arbiter.keep_standby):
-                    held = 0  # it expired (etcd out of reach for a lease): put again at once
+                    held = None  # it expired (etcd out of reach for a lease): put again at once
                     continue
             except EtcdUnavailableError:
                 pass  # held as long as etcd keeps the lease; the next look tries again
@@ -948,12 +965,17 @@ class Replication:
         mine = {n: t.version for n, t in self.shard.tables.items()}
         theirs = {v.table: v.version for v in hello.versions}
         behind = sorted(n for n, v in mine.items() if theirs.get(n, 0) < v)
-        if self.epoch and hello.epoch > self.epoch and behind:
-            # A primary of a later epoch without changes this process applied at its own: another
-            # history (a primary restarted while this standby was out of the arbiter's reach). A
-            # copy would put the older state over pushes that were acknowledged; this refuses it.
-            log.critical("%s: a primary at epoch %d is behind this process's tables (%s at %s, its %s); refusing "
-                         "its state copy", self.describe(), hello.epoch, ", ".join(behind), mine, theirs)
+        if self.epoch and self._in_sync_at == self.epoch and behind:
+            # This process was the standby in sync (it held every acknowledged push), and a primary
+            # lacks changes it applied: another history (a primary restarted while this standby was
+            # out of the arbiter's reach, or after etcd lost its data and epochs began again). A copy
+            # would put the older state over acknowledged pushes; this refuses it. (A standby that
+            # was not in sync holds nothing acknowledged that its primary lacks: it takes the copy.)
+            if self._refused_epoch != hello.epoch:
+                self._refused_epoch = hello.epoch
+                log.critical("%s: a primary at epoch %d is behind this process's tables (%s at %s, its %s); "
+                             "refusing its state copy", self.describe(), hello.epoch, ", ".join(behind), mine,
+                             theirs)
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"{self.describe()}: tables {', '.join(behind)} of the primary at epoch {hello.epoch} are behind "
@@ -1042,6 +1064,11 @@ class Replication:
                         self._promoted(membership.epoch, "its promotion committed, its answer lost")
                         return
                     epoch = membership.epoch + 1
+                elif membership is None and self._in_sync_at == self.epoch:
+                    # The record is gone (etcd lost its data) and this process was last seen in sync:
+                    # it holds every acknowledged push, so it takes the shard an epoch further (the
+                    # primary, its lease gone with the data, deposes itself; restarted, it waits).
+                    epoch = self.epoch + 1
                 elif (
                     membership is None
                     or membership.standby != self.arbiter.me
@@ -1050,6 +1077,7 @@ class Replication:
                 ):
                     continue
                 else:
+                    self._in_sync_at = self.epoch
                     epoch = self.epoch + 1
                 if await asyncio.to_thread(self.arbiter.leader_alive):
                     self._promoting = False

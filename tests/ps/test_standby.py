@@ -282,8 +282,11 @@ def test_a_primary_restarted_before_its_standby_took_over_waits_for_it_and_loses
             client.send_push(acked[-1])
         synced = arbiter.read()[0]
         assert synced.sync and synced.standby == job.shards[0].standby, synced
+        # The standby's own key, under its own lease: what a restarted primary meets.
+        own = {"standby": job.shards[0].standby, "epoch": synced.epoch, "in_sync": True}
+        wait_until(lambda: json.loads(arbiter.standby_alive() or "{}") == own, "the standby's key")
         os.kill(pair.standby.pid, signal.SIGSTOP)
-        holder.hold_standby(synced.epoch)  # as the standby's own renewals would
+        holder.hold_standby(synced.epoch, True)  # as the standby's own renewals would, paused
         os.kill(pair.primary.pid, signal.SIGKILL)
         restarted = start_shard(pair.config, 0, restarted_log)
         wait_until(lambda: "waiting for it to take over" in restarted_log.read_text(), "the restarted primary waiting")
@@ -299,13 +302,13 @@ def test_a_primary_restarted_before_its_standby_took_over_waits_for_it_and_loses
         assert_bit_equal(shard_state(job, job.shards[0].standby, tmp_path.as_uri() + "/snaps", 1), reference)
         assert client.send_push(acked[-1]).num_duplicates == len(acked[-1].calls)
     finally:
-        holder.release_standby()
+        if restarted is not None:
+            stop_pid(restarted)
         with contextlib.suppress(ProcessLookupError):
             os.kill(pair.standby.pid, signal.SIGCONT)
         client.close()
         pair.stop()
-        if restarted is not None:
-            stop_pid(restarted)
+        holder.release_standby()
 
 
 def test_a_standby_back_after_its_lease_refuses_the_older_state_of_a_restarted_primary(etcd, tmp_path):
@@ -324,21 +327,23 @@ def test_a_standby_back_after_its_lease_refuses_the_older_state_of_a_restarted_p
             client.send_push(make_push(client, data, step))
         synced = arbiter.read()[0]
         assert synced.sync, synced
+        own = {"standby": job.shards[0].standby, "epoch": synced.epoch, "in_sync": True}
+        wait_until(lambda: json.loads(arbiter.standby_alive() or "{}") == own, "the standby knowing it is in sync")
         os.kill(pair.standby.pid, signal.SIGSTOP)
         os.kill(pair.primary.pid, signal.SIGKILL)
         restarted = start_shard(pair.config, 0, restarted_log)
         wait_until(lambda: arbiter.read()[0].epoch == synced.epoch + 1, "the restarted primary's take", 30)
-        assert "took the shard over" in restarted_log.read_text()
+        wait_until(lambda: "took the shard over" in restarted_log.read_text(), "the take's error line")
         os.kill(pair.standby.pid, signal.SIGCONT)
         wait_until(lambda: "refusing its state copy" in pair.log(1), "the standby refusing the older state", 30)
         assert "state copied" not in pair.log(1)
     finally:
+        if restarted is not None:
+            stop_pid(restarted)
         with contextlib.suppress(ProcessLookupError):
             os.kill(pair.standby.pid, signal.SIGCONT)
         client.close()
         pair.stop()
-        if restarted is not None:
-            stop_pid(restarted)
 
 
 def test_a_standby_does_not_grow_with_the_keys_pushes_touch(etcd, tmp_path):
@@ -361,6 +366,53 @@ def test_a_standby_does_not_grow_with_the_keys_pushes_touch(etcd, tmp_path):
     finally:
         client.close()
         pair.stop()
+
+
+def test_etcd_losing_its_data_under_a_pair_in_sync_loses_no_acknowledged_push(tmp_path):
+    """etcd restarted with its data gone (a member's disk lost): the primary's lease is gone, so it
+    deposes itself; the standby saw no record and never promoted (the shard answered nothing for
+    good), and the primary started again took epoch 1 with its empty state and copied it over the
+    standby's acknowledged pushes. Now the standby, last seen in sync, takes the shard an epoch
+    further, and the restarted primary waits for it and becomes its standby."""
+    import shutil
+
+    from tests.helpers.etcd import start_etcd
+
+    etcd = start_etcd(tmp_path / "etcd")
+    job = pair_job(etcd.endpoint, "wiped")
+    pair = ShardPair.start(job, tmp_path)
+    reference = Shard(job, 0)
+    client = PSClient.from_job(job, client_id="trainer-0")
+    arbiter = Arbiter(job.arbiter, job.job, 0, "test")
+    restarted = None
+    data = np.random.default_rng(7)
+    try:
+        acked = []
+        for step in range(1, 21):
+            acked.append(make_push(client, data, step))
+            client.send_push(acked[-1])
+        wait_until(lambda: json.loads(arbiter.standby_alive() or "{}").get("in_sync"), "the standby in sync")
+        etcd.stop()
+        shutil.rmtree(tmp_path / "etcd" / "data")
+        etcd.restart()
+        wait_until(lambda: (arbiter.read()[0] or Membership("", "", 0, False)).primary == job.shards[0].standby,
+                   "the standby taking the shard", 30)
+        assert pair.primary.wait(30) == 0  # deposed: its lease went with etcd's data
+        acked.append(make_push(client, data, 21))
+        client.send_push(acked[-1])
+        restarted = start_shard(pair.config, 0, tmp_path / "restarted.log")
+        wait_until(lambda: "joined" in pair.log(1), "the restarted process joining as the standby", 60)
+        for prepared in acked:
+            for _, request in prepared.calls:
+                reference.push_multi(ps_pb2.MultiPushRequest.FromString(request))
+        assert_bit_equal(shard_state(job, job.shards[0].standby, tmp_path.as_uri() + "/snaps", 1), reference)
+        assert client.send_push(acked[0]).num_duplicates == len(acked[0].calls)
+    finally:
+        if restarted is not None:
+            stop_pid(restarted)
+        client.close()
+        pair.stop()
+        etcd.stop()
 
 
 def test_a_stopped_standby_holds_acks_until_the_arbiter_records_the_primary_alone(etcd, tmp_path):
