@@ -51,6 +51,7 @@ import asyncio
 import collections
 import enum
 import functools
+import json
 import logging
 import os
 import signal
@@ -103,6 +104,17 @@ FINAL_ROWS_BYTES = 64 << 20
 MAX_LEDGER_COPY_BYTES = 256 << 20
 _FRAME_SLACK = 1 << 20  # a link frame: a forwarded request (message limit + its slack) and its header
 _LINK_METHODS = ("Push", "PushMulti", "Commit")
+
+
+def _standby_key(value: str | None) -> dict | None:
+    """The standby key's value (Arbiter.hold_standby), None when absent or not an object."""
+    if value is None:
+        return None
+    try:
+        key = json.loads(value)
+    except ValueError:
+        return None
+    return key if isinstance(key, dict) else None
 
 
 class State(enum.StrEnum):
@@ -173,6 +185,8 @@ class Replication:
         self._followed: object | None = None  # as a standby: the stream whose handshake it accepted last
         self._promoting = False
         self._in_sync_at = 0  # as a standby: the epoch at which it last read a record naming it in sync
+        self._heard = 0.0  # as a standby: time.monotonic() of the last message of the stream it follows
+        self._sure_in_sync = False  # as a standby: it ran all along since it last read itself in sync
         self._refused_epoch = 0  # as a standby: the last epoch whose older state it refused (logged once)
         self._queueing = False  # forward() queues pushes for the standby
         self._catch_up_to = 0  # CATCHING: the end of the current catch-up round (see _catch_up)
@@ -307,18 +321,26 @@ class Replication:
                 # No record while a standby's key lives: etcd lost its data under a running pair, and
                 # that standby, not this process, holds what was acknowledged.
                 partner_in_sync = membership is not None and membership.sync and membership.standby == self.partner
-                wait_for_standby = partner_in_sync or membership is None
-                standby_key = wait_for_standby and await asyncio.to_thread(self.arbiter.standby_alive) is not None
+                standby_key = False
+                if partner_in_sync or membership is None:
+                    key = _standby_key(await asyncio.to_thread(self.arbiter.standby_alive))
+                    # With a record that says so, any key of the standby; with none, one that says in sync.
+                    standby_key = key is not None and (partner_in_sync or key.get("in_sync") is True)
                 if not standby_key and await asyncio.to_thread(
-                    self.arbiter.take_primary, revision, mine, wait_for_standby
+                    self.arbiter.take_primary, revision, mine, partner_in_sync
                 ):
-                    if partner_in_sync:
+                    if partner_in_sync and waiting_for_partner:  # its key was alive, then expired
                         log.error(
-                            "shard %d: took the shard over %s, the standby in sync at epoch %d, which holds no "
-                            "lease (stopped, or out of reach): the pushes it acknowledged after this process's "
-                            "state was saved are not on this process", self.shard.index, self.partner,
+                            "shard %d: took the shard over %s, the standby in sync at epoch %d, whose lease "
+                            "expired (stopped, or out of reach): the pushes it acknowledged after this "
+                            "process's state was saved are not on this process", self.shard.index, self.partner,
                             membership.epoch,
                         )
+                    elif partner_in_sync:  # a whole-job restart (both stopped, one snapshot), or worse
+                        log.warning("shard %d: took the shard; the record named %s the standby in sync at epoch "
+                                    "%d, which holds no key (stopped, or out of reach: one that holds pushes this "
+                                    "process lacks refuses to follow it)", self.shard.index, self.partner,
+                                    membership.epoch)
                     break
                 if standby_key and not waiting_for_partner:
                     waiting_for_partner = True
@@ -785,6 +807,14 @@ class Replication:
         self._spawn(self._watch_primary())
         self._spawn(self._hold_standby_key())
 
+    def _in_sync_now(self) -> bool:
+        """As a standby: the record at its epoch was last read naming it in sync, this process ran
+        all along since, and its primary was heard from within half a lease (a standby paused or
+        cut off since may have missed the primary going on alone, pushes it acknowledged alone
+        included)."""
+        return (self._in_sync_at == self.epoch and self._sure_in_sync
+                and time.monotonic() - self._heard < self.ttl / 2)
+
     async def _hold_standby_key(self) -> None:
         """While this standby follows a primary, the arbiter's standby key says so under a lease of
         its own (Arbiter.hold_standby): a primary restarted in the partner's place then cannot take
@@ -793,7 +823,7 @@ class Replication:
         held: tuple[int, bool] | None = None  # what the key says (epoch, in sync); None: not held
         while self.state is State.STANDBY and not self._stopped:
             try:
-                now = (self.epoch, self._in_sync_at == self.epoch)
+                now = (self.epoch, self._in_sync_now())
                 if self.epoch and held != now:
                     await asyncio.to_thread(self.arbiter.hold_standby, *now)
                     held = now
@@ -833,6 +863,8 @@ class Replication:
                     grpc.StatusCode.FAILED_PRECONDITION,
                     f"{self.describe()}: refuses epoch {message.epoch} (this process is past it)",
                 )
+            if self._followed is stream:
+                self._heard = time.monotonic()
             if not message.method:
                 if message.incarnation:
                     await self._check_handshake_epoch(message, context)
@@ -944,6 +976,7 @@ class Replication:
             raise LinkRefused(f"{self.describe()}: message {message.sequence} after {self._applied}: a gap")
         answer, error = self.servicer.run_blocking(functools.partial(self._apply, message))
         self._applied = message.sequence
+        self._heard = time.monotonic()
         return replication_pb2.ReplicateAck(
             sequence=message.sequence, epoch=self.epoch, answer=answer, error=error
         ).SerializeToString()
@@ -1052,8 +1085,17 @@ class Replication:
         state over this one, acknowledged pushes included. So a record that names this process
         primary at a later epoch is this process's own take: it claims the take's lease if that
         still lives, else takes the record again, an epoch further."""
+        last_look = time.monotonic()
         while self.state is State.STANDBY:
             await asyncio.sleep(self.ttl / 8)
+            now = time.monotonic()
+            if now - last_look > self.ttl / 2:
+                # This process did not run for half a lease (paused, starved): its primary may have
+                # gone on alone meanwhile, and what it reads first (messages buffered before) says
+                # nothing of that. Sure of being in sync again only by the record (a lost one: not
+                # at all); still refusing an older primary (_hello), for what it may hold.
+                self._sure_in_sync = False
+            last_look = now
             if self.epoch == 0:
                 continue  # never joined: nothing to take over
             try:
@@ -1064,10 +1106,12 @@ class Replication:
                         self._promoted(membership.epoch, "its promotion committed, its answer lost")
                         return
                     epoch = membership.epoch + 1
-                elif membership is None and self._in_sync_at == self.epoch:
-                    # The record is gone (etcd lost its data) and this process was last seen in sync:
-                    # it holds every acknowledged push, so it takes the shard an epoch further (the
-                    # primary, its lease gone with the data, deposes itself; restarted, it waits).
+                elif membership is None and self._in_sync_now():
+                    # The record is gone (etcd lost its data) and this process was last seen in sync,
+                    # its primary heard from just now (a standby paused or cut off since may have
+                    # missed the primary going on alone): it holds every acknowledged push, so it
+                    # takes the shard an epoch further (the primary, its lease gone with the data,
+                    # deposes itself; restarted, it waits).
                     epoch = self.epoch + 1
                 elif (
                     membership is None
@@ -1075,9 +1119,11 @@ class Replication:
                     or not membership.sync
                     or membership.epoch != self.epoch
                 ):
+                    if membership is not None and membership.epoch == self.epoch:
+                        self._in_sync_at = 0  # the primary went on alone at this epoch
                     continue
                 else:
-                    self._in_sync_at = self.epoch
+                    self._in_sync_at, self._sure_in_sync = self.epoch, True
                     epoch = self.epoch + 1
                 if await asyncio.to_thread(self.arbiter.leader_alive):
                     self._promoting = False

@@ -333,7 +333,7 @@ def test_a_standby_back_after_its_lease_refuses_the_older_state_of_a_restarted_p
         os.kill(pair.primary.pid, signal.SIGKILL)
         restarted = start_shard(pair.config, 0, restarted_log)
         wait_until(lambda: arbiter.read()[0].epoch == synced.epoch + 1, "the restarted primary's take", 30)
-        wait_until(lambda: "took the shard over" in restarted_log.read_text(), "the take's error line")
+        wait_until(lambda: "took the shard" in restarted_log.read_text(), "the take's line")
         os.kill(pair.standby.pid, signal.SIGCONT)
         wait_until(lambda: "refusing its state copy" in pair.log(1), "the standby refusing the older state", 30)
         assert "state copied" not in pair.log(1)
@@ -410,6 +410,52 @@ def test_etcd_losing_its_data_under_a_pair_in_sync_loses_no_acknowledged_push(tm
     finally:
         if restarted is not None:
             stop_pid(restarted)
+        client.close()
+        pair.stop()
+        etcd.stop()
+
+
+def test_a_standby_that_missed_its_primary_going_on_alone_does_not_take_a_lost_record(tmp_path):
+    """A standby in sync, paused while its primary went on alone and acknowledged pushes alone,
+    then etcd losing its data: the standby, still taking itself for in sync, took the shard without
+    those pushes (sent again, they applied again). It takes a lost record only when it heard its
+    primary within half a lease; a primary started again then takes the shard (the standby's key
+    no longer says in sync), and the standby refuses its older state rather than copy it."""
+    import shutil
+
+    from tests.helpers.etcd import start_etcd
+
+    etcd = start_etcd(tmp_path / "etcd")
+    job = pair_job(etcd.endpoint, "missed")
+    pair = ShardPair.start(job, tmp_path)
+    client = PSClient.from_job(job, client_id="trainer-0")
+    arbiter = Arbiter(job.arbiter, job.job, 0, "test")
+    restarted, restarted_log = None, tmp_path / "restarted.log"
+    data = np.random.default_rng(8)
+    try:
+        for step in range(1, 11):
+            client.send_push(make_push(client, data, step))
+        wait_until(lambda: json.loads(arbiter.standby_alive() or "{}").get("in_sync"), "the standby in sync")
+        stop_process(pair.standby.pid)
+        for step in range(11, 16):  # acknowledged alone, once the arbiter records the primary alone
+            client.send_push(make_push(client, data, step))
+        assert arbiter.read()[0].sync is False
+        etcd.stop()
+        shutil.rmtree(tmp_path / "etcd" / "data")
+        etcd.restart()
+        os.kill(pair.standby.pid, signal.SIGCONT)
+        assert pair.primary.wait(30) == 0  # deposed: its lease went with etcd's data
+        wait_until(lambda: json.loads(arbiter.standby_alive() or "{}").get("in_sync") is False,
+                   "the standby's key no longer saying in sync")
+        restarted = start_shard(pair.config, 0, restarted_log)
+        wait_until(lambda: "refusing its state copy" in pair.log(1), "the standby refusing the older state", 30)
+        assert arbiter.read()[0].primary == job.shards[0].address  # the restarted process took it
+        assert "PROMOTED" not in pair.log(1)
+    finally:
+        if restarted is not None:
+            stop_pid(restarted)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pair.standby.pid, signal.SIGCONT)
         client.close()
         pair.stop()
         etcd.stop()
