@@ -1119,8 +1119,12 @@ class Replication:
                     or not membership.sync
                     or membership.epoch != self.epoch
                 ):
-                    if membership is not None and membership.epoch == self.epoch:
-                        self._in_sync_at = 0  # the primary went on alone at this epoch
+                    alone = membership is not None and membership.standby != self.arbiter.me
+                    if alone and membership.epoch == self.epoch:
+                        # The primary recorded itself alone at this epoch. (Not a record that still
+                        # names this process: a primary started again after etcd lost its data takes
+                        # epoch 1 again, naming it, and must not make it forget what it holds.)
+                        self._in_sync_at = 0
                     continue
                 else:
                     self._in_sync_at, self._sure_in_sync = self.epoch, True
