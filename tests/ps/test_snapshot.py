@@ -278,6 +278,18 @@ def test_corrupt_files_are_rejected_with_the_reason(tmp_path):
         load_table_shard(uri, "job", 1, "t", 0)
 
 
+def _two_steps(tmp_path, second: str) -> str:
+    """Steps 1 (full) and 2 (`second`) of job "job" of one evicting table under tmp_path; the uri."""
+    uri = str(tmp_path)
+    table = evicting_table("t", seed=0)
+    snapper = ShardSnapshotter({"t": table}, 0)
+    push(table, np.random.default_rng(0), 1)
+    snapper.snapshot(uri, "job", 1)
+    push(table, np.random.default_rng(1), 2)
+    snapper.snapshot(uri, "job", 2, second)
+    return uri
+
+
 @pytest.mark.parametrize(
     "parent, why",
     [(2, r"parent 2: not an earlier step than 2"), (3, r"parent 3: not an earlier step than 2"),
@@ -287,13 +299,7 @@ def test_a_manifest_whose_parent_is_not_an_earlier_step_is_corrupt(tmp_path, par
     """A chain is walked parent by parent: a parent at or after its own step (a hand-edited or
     damaged manifest) looped restore and gc forever; such a step is now corrupt, and latest()
     passes over it."""
-    uri = str(tmp_path)
-    table = evicting_table("t", seed=0)
-    snapper = ShardSnapshotter({"t": table}, 0)
-    push(table, np.random.default_rng(0), 1)
-    snapper.snapshot(uri, "job", 1)
-    push(table, np.random.default_rng(1), 2)
-    snapper.snapshot(uri, "job", 2, "incremental")
+    uri = _two_steps(tmp_path, "incremental")
     path = tmp_path / "job/2/manifest.json"
     manifest = json.loads(path.read_text())
     manifest["parent"] = parent
@@ -348,13 +354,7 @@ def test_a_damaged_manifest_is_corrupt_and_passed_over(tmp_path, change, why):
     the parser (one bad step broke latest, gc and every listing of the job), no files an IndexError
     that killed a restoring shard, a dim that is not the files' a bare numpy reshape error (a dim of
     -4 was even read as "any"), and paths with '..' read outside the step's folder."""
-    uri = str(tmp_path)
-    table = evicting_table("t", seed=0)
-    snapper = ShardSnapshotter({"t": table}, 0)
-    push(table, np.random.default_rng(0), 1)
-    snapper.snapshot(uri, "job", 1)
-    push(table, np.random.default_rng(1), 2)
-    snapper.snapshot(uri, "job", 2)
+    uri = _two_steps(tmp_path, "full")
     path = tmp_path / "job/2/manifest.json"
     path.write_text(_damage(json.loads(path.read_text()), change))
     with pytest.raises(SnapshotCorruptError, match=why):

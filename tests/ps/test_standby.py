@@ -259,6 +259,17 @@ def test_sigkill_of_the_primary_fails_over_then_a_new_standby_catches_up_and_tak
             stop_pid(new_standby)
 
 
+def _stop_pair(pair: ShardPair, client: PSClient, restarted) -> None:
+    """A test's processes stopped: the restarted primary first (it may wait on the others), then a
+    standby resumed if paused, the client and the pair."""
+    if restarted is not None:
+        stop_pid(restarted)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pair.standby.pid, signal.SIGCONT)
+    client.close()
+    pair.stop()
+
+
 def test_a_primary_restarted_before_its_standby_took_over_waits_for_it_and_loses_nothing(etcd, tmp_path):
     """A primary killed and started again (a restarted pod: the same command) before its standby
     in sync had promoted took the shard itself once the old lease expired (epoch + 1, its own
@@ -302,12 +313,7 @@ def test_a_primary_restarted_before_its_standby_took_over_waits_for_it_and_loses
         assert_bit_equal(shard_state(job, job.shards[0].standby, tmp_path.as_uri() + "/snaps", 1), reference)
         assert client.send_push(acked[-1]).num_duplicates == len(acked[-1].calls)
     finally:
-        if restarted is not None:
-            stop_pid(restarted)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pair.standby.pid, signal.SIGCONT)
-        client.close()
-        pair.stop()
+        _stop_pair(pair, client, restarted)
         holder.release_standby()
 
 
@@ -338,12 +344,7 @@ def test_a_standby_back_after_its_lease_refuses_the_older_state_of_a_restarted_p
         wait_until(lambda: "refusing its state copy" in pair.log(1), "the standby refusing the older state", 30)
         assert "state copied" not in pair.log(1)
     finally:
-        if restarted is not None:
-            stop_pid(restarted)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pair.standby.pid, signal.SIGCONT)
-        client.close()
-        pair.stop()
+        _stop_pair(pair, client, restarted)
 
 
 def test_a_standby_does_not_grow_with_the_keys_pushes_touch(etcd, tmp_path):
@@ -408,10 +409,7 @@ def test_etcd_losing_its_data_under_a_pair_in_sync_loses_no_acknowledged_push(tm
         assert_bit_equal(shard_state(job, job.shards[0].standby, tmp_path.as_uri() + "/snaps", 1), reference)
         assert client.send_push(acked[0]).num_duplicates == len(acked[0].calls)
     finally:
-        if restarted is not None:
-            stop_pid(restarted)
-        client.close()
-        pair.stop()
+        _stop_pair(pair, client, restarted)
         etcd.stop()
 
 
@@ -452,12 +450,7 @@ def test_a_standby_that_missed_its_primary_going_on_alone_does_not_take_a_lost_r
         assert arbiter.read()[0].primary == job.shards[0].address  # the restarted process took it
         assert "PROMOTED" not in pair.log(1)
     finally:
-        if restarted is not None:
-            stop_pid(restarted)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pair.standby.pid, signal.SIGCONT)
-        client.close()
-        pair.stop()
+        _stop_pair(pair, client, restarted)
         etcd.stop()
 
 
