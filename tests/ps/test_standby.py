@@ -259,6 +259,21 @@ def test_sigkill_of_the_primary_fails_over_then_a_new_standby_catches_up_and_tak
             stop_pid(new_standby)
 
 
+def _started_pair(job: JobConfig, workdir) -> tuple[ShardPair, PSClient, Arbiter]:
+    """A pair of shard 0 of `job` joined, a trainer's client of it and a reader of its record."""
+    pair = ShardPair.start(job, workdir)
+    return pair, PSClient.from_job(job, client_id="trainer-0"), Arbiter(job.arbiter, job.job, 0, "test")
+
+
+def _push_steps(client: PSClient, data: np.random.Generator, steps: range) -> list:
+    """One push of each step, each acknowledged before the next; the pushes, prepared."""
+    acked = []
+    for step in steps:
+        acked.append(make_push(client, data, step))
+        client.send_push(acked[-1])
+    return acked
+
+
 def _stop_pair(pair: ShardPair, client: PSClient, restarted) -> None:
     """A test's processes stopped: the restarted primary first (it may wait on the others), then a
     standby resumed if paused, the client and the pair."""
@@ -279,18 +294,12 @@ def test_a_primary_restarted_before_its_standby_took_over_waits_for_it_and_loses
     (SIGSTOP) while the test holds its key for it, so the restarted process meets the record
     before the standby's promotion, every time."""
     job = pair_job(etcd.endpoint, "restarted")
-    pair = ShardPair.start(job, tmp_path)
+    pair, client, arbiter = _started_pair(job, tmp_path)
     reference = Shard(job, 0)
-    client = PSClient.from_job(job, client_id="trainer-0")
-    arbiter = Arbiter(job.arbiter, job.job, 0, "test")
     holder = Arbiter(dataclasses.replace(job.arbiter, lease_seconds=60), job.job, 0, job.shards[0].standby)
     restarted, restarted_log = None, tmp_path / "restarted.log"
-    data = np.random.default_rng(5)
     try:
-        acked = []
-        for step in range(1, 21):
-            acked.append(make_push(client, data, step))
-            client.send_push(acked[-1])
+        acked = _push_steps(client, np.random.default_rng(5), range(1, 21))
         synced = arbiter.read()[0]
         assert synced.sync and synced.standby == job.shards[0].standby, synced
         # The standby's own key, under its own lease: what a restarted primary meets.
@@ -323,14 +332,10 @@ def test_a_standby_back_after_its_lease_refuses_the_older_state_of_a_restarted_p
     state copy (its tables are behind the standby's, which holds acknowledged pushes), logged
     critical, instead of copying the older state over them."""
     job = pair_job(etcd.endpoint, "behind")
-    pair = ShardPair.start(job, tmp_path)
-    client = PSClient.from_job(job, client_id="trainer-0")
-    arbiter = Arbiter(job.arbiter, job.job, 0, "test")
+    pair, client, arbiter = _started_pair(job, tmp_path)
     restarted, restarted_log = None, tmp_path / "restarted.log"
-    data = np.random.default_rng(6)
     try:
-        for step in range(1, 11):
-            client.send_push(make_push(client, data, step))
+        _push_steps(client, np.random.default_rng(6), range(1, 11))
         synced = arbiter.read()[0]
         assert synced.sync, synced
         own = {"standby": job.shards[0].standby, "epoch": synced.epoch, "in_sync": True}
@@ -381,17 +386,12 @@ def test_etcd_losing_its_data_under_a_pair_in_sync_loses_no_acknowledged_push(tm
 
     etcd = start_etcd(tmp_path / "etcd")
     job = pair_job(etcd.endpoint, "wiped")
-    pair = ShardPair.start(job, tmp_path)
+    pair, client, arbiter = _started_pair(job, tmp_path)
     reference = Shard(job, 0)
-    client = PSClient.from_job(job, client_id="trainer-0")
-    arbiter = Arbiter(job.arbiter, job.job, 0, "test")
     restarted = None
     data = np.random.default_rng(7)
     try:
-        acked = []
-        for step in range(1, 21):
-            acked.append(make_push(client, data, step))
-            client.send_push(acked[-1])
+        acked = _push_steps(client, data, range(1, 21))
         wait_until(lambda: json.loads(arbiter.standby_alive() or "{}").get("in_sync"), "the standby in sync")
         etcd.stop()
         shutil.rmtree(tmp_path / "etcd" / "data")
@@ -425,18 +425,14 @@ def test_a_standby_that_missed_its_primary_going_on_alone_does_not_take_a_lost_r
 
     etcd = start_etcd(tmp_path / "etcd")
     job = pair_job(etcd.endpoint, "missed")
-    pair = ShardPair.start(job, tmp_path)
-    client = PSClient.from_job(job, client_id="trainer-0")
-    arbiter = Arbiter(job.arbiter, job.job, 0, "test")
+    pair, client, arbiter = _started_pair(job, tmp_path)
     restarted, restarted_log = None, tmp_path / "restarted.log"
     data = np.random.default_rng(8)
     try:
-        for step in range(1, 11):
-            client.send_push(make_push(client, data, step))
+        _push_steps(client, data, range(1, 11))
         wait_until(lambda: json.loads(arbiter.standby_alive() or "{}").get("in_sync"), "the standby in sync")
         stop_process(pair.standby.pid)
-        for step in range(11, 16):  # acknowledged alone, once the arbiter records the primary alone
-            client.send_push(make_push(client, data, step))
+        _push_steps(client, data, range(11, 16))  # acknowledged alone, once the arbiter records the primary alone
         assert arbiter.read()[0].sync is False
         etcd.stop()
         shutil.rmtree(tmp_path / "etcd" / "data")
