@@ -157,16 +157,25 @@ class Arbiter:
         return None if kv is None else kv.value
 
     def hold_standby(self, epoch: int, in_sync: bool) -> None:
-        """Puts the standby key (this process, following at `epoch`, last seen in sync or not)
-        under a new lease of its own."""
-        self.release_standby()
-        lease = self.etcd.grant(self.ttl)
-        self.standby_lease = lease
-        self.etcd.put(self.standby_key, json.dumps({"standby": self.me, "epoch": epoch, "in_sync": in_sync}), lease)
+        """Puts the standby key (this process, following at `epoch`, sure of being in sync or not)
+        under a lease of its own: the one it holds (a new value without a moment of no key, when a
+        primary starting might take the shard), or a new one."""
+        if self.standby_lease is None:
+            self.standby_lease = self.etcd.grant(self.ttl)
+        value = json.dumps({"standby": self.me, "epoch": epoch, "in_sync": in_sync})
+        try:
+            self.etcd.put(self.standby_key, value, self.standby_lease)
+        except EtcdUnavailableError:
+            self.standby_lease = None  # it may have expired unseen (etcd refuses a put under it): a new one next
+            raise
 
     def keep_standby(self) -> bool:
-        """Renews the standby key's lease; False when etcd no longer has it (hold it again)."""
-        return self.standby_lease is not None and self.etcd.keepalive(self.standby_lease) > 0
+        """Renews the standby key's lease; False when etcd no longer has it (hold it again, under a
+        new one)."""
+        if self.standby_lease is not None and self.etcd.keepalive(self.standby_lease) > 0:
+            return True
+        self.standby_lease = None
+        return False
 
     def release_standby(self) -> None:
         """Revokes the standby key's lease (best effort: unrenewed, it expires within a lease)."""

@@ -823,10 +823,10 @@ class Replication:
         held: tuple[int, bool] | None = None  # what the key says (epoch, in sync); None: not held
         while self.state is State.STANDBY and not self._stopped:
             try:
-                now = (self.epoch, self._in_sync_now())
-                if self.epoch and held != now:
-                    await asyncio.to_thread(self.arbiter.hold_standby, *now)
-                    held = now
+                says = (self.epoch, self._in_sync_now())
+                if self.epoch and held != says:
+                    await asyncio.to_thread(self.arbiter.hold_standby, *says)
+                    held = says
                 elif held and not await asyncio.to_thread(self.arbiter.keep_standby):
                     held = None  # it expired (etcd out of reach for a lease): put again at once
                     continue
