@@ -332,7 +332,7 @@ def test_a_call_of_more_rpcs_than_the_pool_s_threads_ends_within_its_deadline():
                 started = time.monotonic()
                 with pytest.raises(ShardUnavailableError, match=f"within the {deadline:g} s deadline"):
                     call()
-                assert time.monotonic() - started < deadline + 0.5
+                assert time.monotonic() - started < deadline + 1.0  # it was 3 s: the rounds each took the deadline
     finally:
         never.release.set()
         server.stop(0)
