@@ -179,15 +179,12 @@ class BadRowLog:
 
 @dataclass(frozen=True)
 class _PoolChanges:
-    """What the shuffle buffer went through up to one batch: rows put into `slots` (in that
-    order), then the slots `drawn` for the batch. Replayed on the consumer's copy of the buffer
-    (FileReader.__iter__), so that a position needs no copy of the whole buffer: one per batch
-    cost 68 ms a batch and a 270 MB copy at shuffle_buffer = 1M (27x the batch's own work)."""
+    """What the shuffle buffer went through up to one batch: `rows` (_Pool.snapshot's form) put into
+    their slots, then the slots `drawn` for the batch. Replayed on the consumer's copy of the
+    buffer (FileReader.__iter__), so that a position needs no copy of the whole buffer: one per
+    batch cost 68 ms a batch and a 270 MB copy at shuffle_buffer = 1M (27x the batch's own work)."""
 
-    slots: list[np.ndarray]
-    dense: list[np.ndarray]
-    sparse: list[np.ndarray]
-    labels: list[np.ndarray]
+    rows: dict[str, np.ndarray] | None
     drawn: np.ndarray
 
 
@@ -202,63 +199,61 @@ class _Pool:
         self.occupied = np.zeros(capacity, dtype=bool)
         self.num_free = capacity
         self._record = record
-        self._added: tuple[list, list, list, list] = ([], [], [], [])
+        self._added: list[np.ndarray] = []  # slots filled since take_changes()
         self._drawn = np.empty(0, dtype=np.int64)
 
     def add(self, rows: _Rows, start: int, stop: int) -> None:
         """Rows [start, stop) of `rows` into the lowest free slots (stop - start <= num_free)."""
         slots = np.flatnonzero(~self.occupied)[: stop - start]
-        self._put(slots, rows.dense[start:stop], rows.sparse[start:stop], rows.labels[start:stop])
-        if self._record:
-            for kept, part in zip(self._added, (slots, rows.dense, rows.sparse, rows.labels), strict=True):
-                kept.append(part if part is slots else part[start:stop].copy())
-
-    def _put(self, slots: np.ndarray, dense: np.ndarray, sparse: np.ndarray, labels: np.ndarray) -> None:
-        self.dense[slots] = dense
-        self.sparse[slots] = sparse
-        self.labels[slots] = labels
+        self.dense[slots] = rows.dense[start:stop]
+        self.sparse[slots] = rows.sparse[start:stop]
+        self.labels[slots] = rows.labels[start:stop]
         self.occupied[slots] = True
-        self.num_free -= slots.shape[0]
+        self.num_free -= stop - start
+        if self._record:
+            self._added.append(slots)
 
     def draw(self, count: int, rng: np.random.Generator | None) -> Batch:
         """`count` occupied slots (random with rng, else the lowest) as a batch; they become free."""
         filled = np.flatnonzero(self.occupied)
         picked = filled[:count] if rng is None else rng.choice(filled, size=count, replace=False)
-        self._free(picked)
+        self.occupied[picked] = False
+        self.num_free += picked.shape[0]
         if self._record:
             self._drawn = picked
         return Batch.from_numpy(self.dense[picked], self.sparse[picked], self.labels[picked])
 
-    def _free(self, slots: np.ndarray) -> None:
-        self.occupied[slots] = False
-        self.num_free += slots.shape[0]
-
     def take_changes(self) -> _PoolChanges:
-        """What add() and draw() did since the last call (needs `record`)."""
-        changes = _PoolChanges(*self._added, drawn=self._drawn)
-        self._added = ([], [], [], [])
+        """What add() and draw() did since the last call (needs `record`). The rows added are read
+        from the slots they went to: a draw frees slots, only a later add writes over them."""
+        slots = np.concatenate(self._added) if self._added else np.empty(0, dtype=np.int64)
+        rows = self._rows(slots) if slots.shape[0] else None
+        changes = _PoolChanges(rows, self._drawn)
+        self._added = []
         self._drawn = np.empty(0, dtype=np.int64)
         return changes
 
     def replay(self, changes: _PoolChanges) -> None:
         """Goes through `changes` (another pool's take_changes()) as that pool did."""
-        added = zip(changes.slots, changes.dense, changes.sparse, changes.labels, strict=True)
-        for slots, dense, sparse, labels in added:
-            self._put(slots, dense, sparse, labels)
-        self._free(changes.drawn)
+        if changes.rows is not None:
+            self.load(changes.rows)
+        self.occupied[changes.drawn] = False
+        self.num_free += changes.drawn.shape[0]
+
+    def _rows(self, slots: np.ndarray) -> dict[str, np.ndarray]:
+        return {"slots": slots, "dense": self.dense[slots], "sparse": self.sparse[slots], "labels": self.labels[slots]}
 
     def snapshot(self) -> dict[str, np.ndarray] | None:
         """Copies of the occupied slots and their rows (None when empty), for the state."""
         slots = np.flatnonzero(self.occupied)
-        if not slots.shape[0]:
-            return None
-        return {"slots": slots, "dense": self.dense[slots], "sparse": self.sparse[slots], "labels": self.labels[slots]}
+        return self._rows(slots) if slots.shape[0] else None
 
     def load(self, saved: dict[str, np.ndarray]) -> None:
+        """Puts `saved` (snapshot()'s form) into its slots, free ones."""
         slots = saved["slots"]
         self.dense[slots], self.sparse[slots], self.labels[slots] = saved["dense"], saved["sparse"], saved["labels"]
         self.occupied[slots] = True
-        self.num_free = int((~self.occupied).sum())
+        self.num_free -= slots.shape[0]
 
 
 @dataclass(frozen=True)
