@@ -152,9 +152,20 @@ class Arbiter:
         )
 
     def standby_alive(self) -> str | None:
-        """The standby key's value ({"standby": addr, "epoch": n}) while a standby holds it, else None."""
+        """The standby key's value (JSON, see hold_standby) while a standby holds it, else None."""
         kv = self.etcd.get(self.standby_key)
         return None if kv is None else kv.value
+
+    def standby_held(self) -> dict | None:
+        """standby_alive() parsed: {"standby", "epoch", "in_sync"}; None when absent or not an object."""
+        value = self.standby_alive()
+        if value is None:
+            return None
+        try:
+            held = json.loads(value)
+        except ValueError:
+            return None
+        return held if isinstance(held, dict) else None
 
     def hold_standby(self, epoch: int, in_sync: bool) -> None:
         """Puts the standby key (this process, following at `epoch`, sure of being in sync or not)

@@ -51,7 +51,6 @@ import asyncio
 import collections
 import enum
 import functools
-import json
 import logging
 import os
 import signal
@@ -104,17 +103,6 @@ FINAL_ROWS_BYTES = 64 << 20
 MAX_LEDGER_COPY_BYTES = 256 << 20
 _FRAME_SLACK = 1 << 20  # a link frame: a forwarded request (message limit + its slack) and its header
 _LINK_METHODS = ("Push", "PushMulti", "Commit")
-
-
-def _standby_key(value: str | None) -> dict | None:
-    """The standby key's value (Arbiter.hold_standby), None when absent or not an object."""
-    if value is None:
-        return None
-    try:
-        key = json.loads(value)
-    except ValueError:
-        return None
-    return key if isinstance(key, dict) else None
 
 
 class State(enum.StrEnum):
@@ -321,12 +309,12 @@ class Replication:
                 # No record while a standby's key lives: etcd lost its data under a running pair, and
                 # that standby, not this process, holds what was acknowledged.
                 partner_in_sync = membership is not None and membership.sync and membership.standby == self.partner
-                standby_key = False
+                standby_waits = False
                 if partner_in_sync or membership is None:
-                    key = _standby_key(await asyncio.to_thread(self.arbiter.standby_alive))
+                    key = await asyncio.to_thread(self.arbiter.standby_held)
                     # With a record that says so, any key of the standby; with none, one that says in sync.
-                    standby_key = key is not None and (partner_in_sync or key.get("in_sync") is True)
-                if not standby_key and await asyncio.to_thread(
+                    standby_waits = key is not None and (partner_in_sync or key.get("in_sync") is True)
+                if not standby_waits and await asyncio.to_thread(
                     self.arbiter.take_primary, revision, mine, partner_in_sync
                 ):
                     if partner_in_sync and waiting_for_partner:  # its key was alive, then expired
@@ -342,7 +330,7 @@ class Replication:
                                     "process lacks refuses to follow it)", self.shard.index, self.partner,
                                     membership.epoch)
                     break
-                if standby_key and not waiting_for_partner:
+                if standby_waits and not waiting_for_partner:
                     waiting_for_partner = True
                     held = f"in sync (epoch {membership.epoch})" if membership is not None else "(no record in etcd)"
                     log.warning("shard %d: %s is the standby %s and alive: waiting for it to take over, to follow "
