@@ -141,14 +141,15 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 
 def _same_place(uri: str, other: str) -> bool:
-    """Whether two URIs name one folder: local ones (paths, file://) after resolving links and '..'."""
-    from ps.snapshot.storage import open_uri
+    """Whether two URIs name one folder (storage.same_folder for local ones; remote ones as written:
+    opening them here would set up their filesystems before any check is done)."""
+    from ps.snapshot.storage import open_uri, same_folder
 
     def local(u: str) -> bool:
         return "://" not in u or urlsplit(u).scheme.lower() == "file"
 
     if local(uri) and local(other):
-        return os.path.realpath(open_uri(uri)[1]) == os.path.realpath(open_uri(other)[1])
+        return same_folder(open_uri(uri), open_uri(other))
     return uri.rstrip("/") == other.rstrip("/")
 
 

@@ -186,7 +186,7 @@ def export_for_serving(
     newest = open_snapshot(src_uri, job, step, storage_config)
     src_fs, src_base = storage.open_uri(src_uri, storage_config)
     dst_fs, dst_base = storage.open_uri(dst_uri, dst_storage_config)
-    if type(src_fs) is type(dst_fs) and src_base.rstrip("/") == dst_base.rstrip("/"):
+    if storage.same_folder((src_fs, src_base), (dst_fs, dst_base)):
         raise ValueError("dst_uri: must differ from src_uri (an export would overwrite the snapshot's step folder)")
     tables = restore(src_uri, job, newest.manifest.step, storage_config)
     m = newest.manifest

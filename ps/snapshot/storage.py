@@ -241,6 +241,16 @@ def _hdfs_hint(message: str) -> str:
     return first
 
 
+def same_folder(a: tuple[pafs.FileSystem, str], b: tuple[pafs.FileSystem, str]) -> bool:
+    """Whether two (filesystem, base) of open_uri name one folder: local ones after resolving links."""
+    (fs_a, base_a), (fs_b, base_b) = a, b
+    if type(fs_a) is not type(fs_b):
+        return False
+    if isinstance(fs_a, pafs.LocalFileSystem):
+        return os.path.realpath(base_a) == os.path.realpath(base_b)
+    return base_a.rstrip("/") == base_b.rstrip("/")
+
+
 def join(base: str, *parts: str) -> str:
     """base/part/part..., with '/' separators whatever the filesystem."""
     return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
