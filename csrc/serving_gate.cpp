@@ -120,21 +120,20 @@ class Call {
     new Call(shared_);  // the next request
     // The done tag of a taken call comes from a later event than this one: counting it here is safe.
     Start();
+    const auto& bounded = shared_->lookup_methods;
+    const bool lookup = std::find(bounded.begin(), bounded.end(), server_ctx_.method()) != bounded.end();
     if (shared_->draining.load(std::memory_order_relaxed)) {
       Start();
       // Named when it is a bounded method; any other under one name: a caller's made-up method
       // names, before any token check, were each a new series of embps_serving_requests_total.
-      const auto& bounded = shared_->lookup_methods;
-      const bool named = std::find(bounded.begin(), bounded.end(), server_ctx_.method()) != bounded.end();
-      shared_->count_ended(named ? server_ctx_.method() : std::string("/other"), grpc::StatusCode::UNAVAILABLE);
+      shared_->count_ended(lookup ? server_ctx_.method() : std::string("/other"), grpc::StatusCode::UNAVAILABLE);
       stream_.Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the serving replica is shutting down"),
                      tag(kFinish));
       return;
     }
     serving_ = true;
     shared_->serving.fetch_add(1, std::memory_order_relaxed);
-    const auto& bounded = shared_->lookup_methods;
-    if (std::find(bounded.begin(), bounded.end(), server_ctx_.method()) != bounded.end()) {
+    if (lookup) {
       int64_t before = shared_->in_flight.fetch_add(1, std::memory_order_relaxed);
       if (shared_->max_queue > 0 && before >= shared_->max_queue) {
         shared_->in_flight.fetch_sub(1, std::memory_order_relaxed);  // a refused call holds no place
