@@ -207,5 +207,16 @@ class Arbiter:
         else:
             self.valid_until = started + ttl
 
+    def release_lease(self) -> None:
+        """Revokes this process's lease, and with it the leader key (best effort: unrenewed, it
+        expires within a lease). A primary that stops calls it once it acknowledges nothing more,
+        so that its standby in sync takes the shard at its next look (an eighth of a lease), not a
+        whole lease later, and a process restarted in its place need not wait for it either."""
+        self._forget_unanswered()
+        lease, self.lease, self.lost = self.lease, None, True
+        if lease is not None:
+            with suppress(EtcdUnavailableError):
+                self.etcd.revoke(lease)
+
     def lease_valid(self) -> bool:
         return self.lease is not None and not self.lost and time.monotonic() < self.valid_until

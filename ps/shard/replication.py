@@ -233,12 +233,18 @@ class Replication:
         """Ends the replication's tasks (a shard that is stopping), and with them its link: a push
         still waiting for its ack then gets NotPrimaryError at once (UNAVAILABLE: its client asks
         again with the same push id, of the pair's other process), not a wait to the server's
-        grace."""
+        grace. Then gives its key in etcd back: a standby's, or a primary's lease."""
         self._stopped = True
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await asyncio.to_thread(self.arbiter.release_standby)  # a restart then need not wait for it to expire
+        if self.state is not State.STANDBY:
+            # Its link is closed and its renewals ended: from here this process acknowledges no push
+            # its standby lacks (settle needs the standby's ack; alone, no standby may promote). So
+            # the lease goes now, and a standby in sync takes over at once (a rolling restart, a
+            # pod moved), not a lease later.
+            await asyncio.to_thread(self.arbiter.release_lease)
         self._changed()
 
     def describe(self) -> str:
