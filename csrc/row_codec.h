@@ -188,11 +188,16 @@ __attribute__((always_inline)) inline void decode_half_loop(const uint16_t* h, i
   for (int64_t k = 0; k < dim; ++k) out[k] = half_to_float(h[k]);
 }
 
+// The rounding draw is added below the largest half (65504) only: at or above it every value
+// saturates to it anyway, and an add to a float within 2^-10 of FLT_MAX carried into the
+// exponent of inf and nan, so a finite value was stored as nan (inf and nan take no add either).
+constexpr uint32_t kHalfMaxBits = 0x477FE000u;
+
 __attribute__((always_inline)) inline void encode_half_loop(const float* w, const uint16_t* r, int64_t dim,
                                                             uint16_t* h) {
   for (int64_t k = 0; k < dim; ++k) {
     const uint32_t b = float_bits(w[k]);
-    const uint32_t add = select_bits(((b >> 23) & 0xFFu) != 0xFFu, static_cast<uint32_t>(r[k] >> 3), 0u);
+    const uint32_t add = select_bits((b & 0x7FFFFFFFu) < kHalfMaxBits, static_cast<uint32_t>(r[k] >> 3), 0u);
     h[k] = half_toward_zero(b + add);
   }
 }
@@ -211,12 +216,13 @@ __attribute__((target("avx2,f16c"))) inline void decode_half_f16c(const uint16_t
 __attribute__((target("avx2,f16c"))) inline void encode_half_f16c(const float* w, const uint16_t* r, int64_t dim,
                                                                   uint16_t* h) {
   int64_t k = 0;
-  const __m256i exponent_mask = _mm256_set1_epi32(0xFF);
+  const __m256i abs_mask = _mm256_set1_epi32(0x7FFFFFFF);
+  const __m256i half_max = _mm256_set1_epi32(static_cast<int32_t>(kHalfMaxBits));
   for (; k + 8 <= dim; k += 8) {
     __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k));
     __m256i add = _mm256_srli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r + k))), 3);
-    const __m256i special = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_srli_epi32(b, 23), exponent_mask), exponent_mask);
-    b = _mm256_add_epi32(b, _mm256_andnot_si256(special, add));
+    const __m256i below = _mm256_cmpgt_epi32(half_max, _mm256_and_si256(b, abs_mask));  // both < 2^31: signed
+    b = _mm256_add_epi32(b, _mm256_and_si256(below, add));
     const __m128i halves = _mm256_cvtps_ph(_mm256_castsi256_ps(b), _MM_FROUND_TO_ZERO);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(h + k), halves);
   }
@@ -503,15 +509,15 @@ EMBPS_AVX512 inline void decode_half_avx512(const uint16_t* h, int64_t dim, floa
 }
 
 EMBPS_AVX512 inline void encode_half_avx512(const float* w, const uint16_t* r, int64_t dim, uint16_t* h) {
-  const __m512i exponent_mask = _mm512_set1_epi32(0xFF);
+  const __m512i abs_mask = _mm512_set1_epi32(0x7FFFFFFF);
+  const __m512i half_max = _mm512_set1_epi32(static_cast<int32_t>(kHalfMaxBits));
   int64_t k = 0;
   for (; k + 16 <= dim; k += 16) {
     const __m512i b = _mm512_loadu_si512(w + k);
     const __m512i add =
         _mm512_srli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r + k))), 3);
-    const __mmask16 finite =
-        _mm512_cmpneq_epi32_mask(_mm512_and_si512(_mm512_srli_epi32(b, 23), exponent_mask), exponent_mask);
-    const __m512i rounded = _mm512_mask_add_epi32(b, finite, b, add);
+    const __mmask16 below = _mm512_cmplt_epi32_mask(_mm512_and_si512(b, abs_mask), half_max);
+    const __m512i rounded = _mm512_mask_add_epi32(b, below, b, add);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(h + k),
                         _mm512_cvtps_ph(_mm512_castsi512_ps(rounded), _MM_FROUND_TO_ZERO));
   }

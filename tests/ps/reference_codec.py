@@ -64,8 +64,8 @@ def encode(storage: str, seed: int, keys: np.ndarray, stream: int, values: np.nd
     bits = rounding_bits(seed, keys, stream, dim)
     if storage == "float16":
         b = values.astype(np.float32).view(np.uint32).astype(np.uint64)
-        finite = ((b >> np.uint64(23)) & np.uint64(0xFF)) != np.uint64(0xFF)
-        b = np.where(finite, b + (bits >> np.uint64(3)), b)
+        below_max = (b & np.uint64(0x7FFFFFFF)) < np.uint64(0x477FE000)  # 65504 and over (inf, nan): saturated
+        b = np.where(below_max, b + (bits >> np.uint64(3)), b)
         halves = half_toward_zero(b.astype(np.uint32))
         out[:, : 2 * dim] = halves.view(np.uint8)
         return out

@@ -227,3 +227,27 @@ def test_an_int8_row_with_a_nan_decodes_as_nan_at_every_instruction_set(dim):
     assert np.isnan(decoded).all()
     with np.errstate(invalid="ignore"):  # the reference casts NaN to its codes
         assert np.isnan(ref.decode("int8", ref.encode("int8", 0, keys, 1, values), dim)).all()
+
+
+def test_a_float16_row_keeps_values_near_float32_s_largest_as_the_largest_half_at_every_instruction_set():
+    """A value within 2^-10 of FLT_MAX took the rounding draw into the exponent of inf and nan: a
+    finite float32 value was stored as nan (found by a review; a float32 snapshot of huge values
+    loaded into a float16 table, or a diverging optimizer). Now every value at or past 65504 keeps
+    its sign as +-65504, and inf and nan stay themselves, the same bytes at every instruction set."""
+    big = np.finfo(np.float32).max
+    row = np.array([big, -big, np.nextafter(big, 0), 65504.0, 65519.0, np.inf, -np.inf, 1.0], np.float32)
+    values = np.tile(np.concatenate([row, row]), (4, 1))  # 16 wide: the AVX-512 and F16C loops too
+    keys = np.arange(4, dtype=np.int64)
+    encoded = []
+    try:
+        for level in range(native.cpu_isa() + 1):
+            native.set_isa_limit(level)
+            encoded.append(native.encode_words(Storage.FLOAT16, 0, keys, 1, values).view(np.uint8))
+    finally:
+        native.set_isa_limit(2)
+    for words in encoded[1:]:
+        np.testing.assert_array_equal(words, encoded[0])
+    decoded = native.decode_words(Storage.FLOAT16, encoded[0].view(np.float32), values.shape[1])
+    want = np.tile(np.array([65504, -65504, 65504, 65504, 65504, np.inf, -np.inf, 1.0], np.float32), (4, 2))
+    np.testing.assert_array_equal(decoded, want)
+    np.testing.assert_array_equal(ref.encode("float16", 0, keys, 1, values), encoded[0])
