@@ -179,17 +179,17 @@ void bind_codec(nb::module_& m) {
 // The tables of a multi-table call, from per-table lists and (T,) arrays (ps/native.py checks them).
 std::vector<embps::TableRef> make_tables(nb::list maps, nb::list blocks, Array<const int64_t, nb::ndim<2>> params,
                                          Array<const double, nb::ndim<2>> reals) {
-  // params (T, 7): shift, width, dim, state_width, init, optimizer, prev_step
+  // params (T, 9): shift, width, dim, state_width, init, optimizer, prev_step, ttl (0: none), now
   // reals (T, 6): scale, state_init, hyper[4]; the seeds come as their own (T,) uint64 array
   const size_t t = nb::len(maps);
   if (nb::len(blocks) != t || params.shape(0) != t || reals.shape(0) != t) {
     throw std::invalid_argument("tables: maps, blocks, params and reals differ in length");
   }
-  if (params.shape(1) != 7 || reals.shape(1) != 6) throw std::invalid_argument("tables: params (T, 7), reals (T, 6)");
+  if (params.shape(1) != 9 || reals.shape(1) != 6) throw std::invalid_argument("tables: params (T, 9), reals (T, 6)");
   std::vector<embps::TableRef> out;
   out.reserve(t);
   for (size_t i = 0; i < t; ++i) {
-    const int64_t* p = params.data() + i * 7;
+    const int64_t* p = params.data() + i * 9;
     const double* r = reals.data() + i * 6;
     // Not converted: a converted copy would be freed at the end of this pass, its rows read later.
     Array<const uint64_t, nb::ndim<1>> block_array;
@@ -210,6 +210,9 @@ std::vector<embps::TableRef> make_tables(nb::list maps, nb::list blocks, Array<c
     ref.opt = static_cast<embps::Optimizer>(p[5]);
     check_state_width(ref.opt, ref.dim, ref.state_width);
     ref.prev_step = static_cast<uint32_t>(p[6]);
+    if (p[7] < 0 || p[7] > 0xFFFFFFFFLL) throw std::invalid_argument("tables: ttl outside [0, 2^32)");
+    ref.ttl = static_cast<uint32_t>(p[7]);
+    ref.now = p[8];
     ref.scale = r[0];
     ref.state_init = static_cast<float>(r[1]);
     ref.hyper = r + 2;

@@ -30,9 +30,13 @@ struct TableRef {
   const double* hyper;  // 4 values (row_ops.h, apply_update)
   float state_init;     // every optimizer-state word of a new row (adagrad's initial accumulator)
   uint32_t prev_step;   // the table's step before this push: last_step of the rows it creates
+  uint32_t ttl;         // eviction.ttl_steps, 0 for none
+  int64_t now;          // the step a lookup reads for: a row last pushed more than ttl before reads as init
 };
 
-// out (table after table, n_t x dim_t) = each key's row, or its init value when it has none.
+// out (table after table, n_t x dim_t) = each key's row, or its init value when it has none or,
+// with a TTL, when its last push (meta word 1) was more than ttl steps before `now`: a push of
+// that step finds it expired too (ps/table/embedding_table.py), whether a sweep dropped it yet or not.
 inline void lookup_multi(const std::vector<TableRef>& tables, const int64_t* keys, const int64_t* offsets,
                          float* out) {
   std::vector<int64_t> rows;
@@ -42,6 +46,14 @@ inline void lookup_multi(const std::vector<TableRef>& tables, const int64_t* key
     const int64_t first = offsets[t], n = offsets[t + 1] - offsets[t];
     rows.resize(static_cast<size_t>(n));
     tab.map->find(keys + first, n, rows.data());
+    if (tab.ttl != 0) {
+      const int64_t meta = tab.dim + tab.state_width;
+      for (int64_t i = 0; i < n; ++i) {
+        if (rows[i] < 0) continue;
+        const uint32_t last = reinterpret_cast<const uint32_t*>(tab.store.row(rows[i]) + meta)[1];
+        if (tab.now - static_cast<int64_t>(last) > static_cast<int64_t>(tab.ttl)) rows[i] = -1;
+      }
+    }
     float* dst = out + pos;
     gather(tab.store, rows.data(), n, 0, tab.dim, dst);
     for (int64_t i = 0; i < n; ++i) {

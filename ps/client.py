@@ -293,16 +293,18 @@ class PSClient:
                 raise TableNotFoundError(f"table {table!r} is not on shard {address}", None, address)
         return self._dims[table]
 
-    def lookup(self, table: str, keys: np.ndarray) -> np.ndarray:
-        """keys (n,) int64, may repeat -> values (n, dim) float32, row i for keys[i]."""
-        return self.lookup_many({table: keys})[table]
+    def lookup(self, table: str, keys: np.ndarray, step: int | None = None) -> np.ndarray:
+        """keys (n,) int64, may repeat -> values (n, dim) float32, row i for keys[i]. step: the
+        training step the rows are read for (a table's rows past eviction.ttl_steps at that step
+        read as their init value); None: each shard's last step pushed to the table."""
+        return self.lookup_many({table: keys}, step)[table]
 
-    def lookup_many(self, requests: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def lookup_many(self, requests: Mapping[str, np.ndarray], step: int | None = None) -> dict[str, np.ndarray]:
         """Several tables in one round: {table: keys (n_t,)} -> {table: values (n_t, dim_t)}.
 
-        Every RPC of every table is in flight at once, under one deadline.
+        Every RPC of every table is in flight at once, under one deadline. step: as in lookup.
         """
-        plans = [self._plan_lookup(table, keys) for table, keys in requests.items()]
+        plans = [self._plan_lookup(table, keys, step) for table, keys in requests.items()]
         calls = [c for plan in plans for c in plan.calls]
         call = self._call_batched if len(plans) > 1 else self._call_all
         replies = call("Lookup", calls, self.deadlines.lookup)
@@ -312,7 +314,7 @@ class PSClient:
             start += len(plan.calls)
         return out
 
-    def _plan_lookup(self, table: str, keys: np.ndarray) -> _LookupPlan:
+    def _plan_lookup(self, table: str, keys: np.ndarray, step: int | None) -> _LookupPlan:
         keys = native.as_keys(keys)
         dim = self.dim(table)
         unique, inverse = _unique(keys)
@@ -320,7 +322,7 @@ class PSClient:
         per_key = max(8, 4 * dim)
         for shard, positions in enumerate(self.shard_map.split(unique)):
             for chunk in self._chunks(positions, per_key):
-                request = ps_pb2.LookupRequest(table=table, keys=wire.encode_keys(unique[chunk]), dim=dim)
+                request = ps_pb2.LookupRequest(table=table, keys=wire.encode_keys(unique[chunk]), dim=dim, step=step)
                 plan.calls.append((shard, request))
                 plan.spans.append(chunk)
         return plan
@@ -377,21 +379,24 @@ class PSClient:
 
     # -- multi-table rounds: every table's keys in one buffer, one RPC per shard ---------------
 
-    def lookup_multi(self, tables: Sequence[str], keys: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    def lookup_multi(
+        self, tables: Sequence[str], keys: np.ndarray, offsets: np.ndarray, step: int | None = None
+    ) -> np.ndarray:
         """Every table of a round in one LookupMulti RPC per shard (split only at the message limit).
 
         keys (n,) int64, table after table: table i's keys are keys[offsets[i] : offsets[i + 1]]
         (T + 1 offsets, 0 first). Returns the values flat, float32, table after table: table i's
-        (n_i, dim_i) rows in key order (reshape to (n, dim) when every dim is equal).
+        (n_i, dim_i) rows in key order (reshape to (n, dim) when every dim is equal). step: as in
+        lookup.
         """
         layout = _MultiLayout.of(self, tables, keys, offsets)
         out = np.empty(int(layout.value_starts[-1]), dtype=np.float32)
-        for chunk, values in self._lookup_multi_replies(layout):
+        for chunk, values in self._lookup_multi_replies(layout, step):
             layout.put(out, chunk, values)
         return out
 
     def lookup_multi_grouped(
-        self, tables: Sequence[str], keys: np.ndarray, offsets: np.ndarray
+        self, tables: Sequence[str], keys: np.ndarray, offsets: np.ndarray, step: int | None = None
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """lookup_multi without putting the rows back in key order, for tables of one dim:
         (values (n, dim) float32 in the order the shards answered, shard after shard; positions
@@ -400,7 +405,7 @@ class PSClient:
         For a caller that indexes its rows anyway (the trainer folds positions into its gather
         of the rows per feature): it saves lookup_multi's scatter of every row into key order,
         and its rows come grouped by shard, so by owner rank (the sparse exchange sends them
-        without another gather)."""
+        without another gather). step: as in lookup."""
         layout = _MultiLayout.of(self, tables, keys, offsets)
         if layout.tables and not layout.equal_dim:
             raise ValueError(
@@ -409,19 +414,19 @@ class PSClient:
         dim = layout.equal_dim
         out = np.empty((layout.keys.shape[0], dim), dtype=np.float32)
         spans, start = [], 0
-        for chunk, values in self._lookup_multi_replies(layout):
+        for chunk, values in self._lookup_multi_replies(layout, step):
             out[start : start + chunk.shape[0]] = values.reshape(-1, dim)
             start += chunk.shape[0]
             spans.append(chunk)
         return out, np.concatenate(spans) if spans else None
 
-    def _lookup_multi_replies(self, layout: _MultiLayout) -> list[tuple[np.ndarray, np.ndarray]]:
+    def _lookup_multi_replies(self, layout: _MultiLayout, step: int | None) -> list[tuple[np.ndarray, np.ndarray]]:
         """The LookupMulti RPCs of a round, one per shard (split only at the message limit), all in
         flight at once: (positions into the keys, their values flat in that order) per RPC."""
         calls, spans = [], []
         for shard, chunk, names, sizes in self._plan_multi(layout, extra_per_key=8):
             header = ps_pb2.MultiLookupRequest(
-                tables=names, dims=[layout.dim_of[name] for name in names], offsets=_offsets_of(sizes)
+                tables=names, dims=[layout.dim_of[name] for name in names], offsets=_offsets_of(sizes), step=step
             )
             request = bulk_messages.encode(header, keys=wire.keys_buffer(layout.keys[chunk]))
             calls.append((shard, request))

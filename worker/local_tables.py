@@ -44,18 +44,20 @@ class LocalTables:
         self.committed_step = 0
         self._lock = threading.Lock()
 
-    def lookup(self, table: str, keys: np.ndarray) -> np.ndarray:
-        """keys (n,) int64 -> values (n, dim) float32."""
+    def lookup(self, table: str, keys: np.ndarray, step: int | None = None) -> np.ndarray:
+        """keys (n,) int64 -> values (n, dim) float32, read for `step` as PSClient.lookup's are
+        (None: the table's last step pushed)."""
         with self._lock:
-            return self.tables[table].read(keys)
+            rows = self.tables[table]
+            return rows.read(keys, rows.step if step is None else step)
 
     def push(self, table: str, keys: np.ndarray, grads: np.ndarray, step: int | None = None, counts=None) -> None:
         """keys (n,) int64, grads (n, dim) float32: one optimizer step per unique key."""
         with self._lock:
             self.tables[table].apply_gradients(keys, grads, step=step, counts=counts)
 
-    def lookup_many(self, requests: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {table: self.lookup(table, keys) for table, keys in requests.items()}
+    def lookup_many(self, requests: dict[str, np.ndarray], step: int | None = None) -> dict[str, np.ndarray]:
+        return {table: self.lookup(table, keys, step) for table, keys in requests.items()}
 
     def push_many(self, items, step: int | None = None) -> None:
         """items: (table, keys (n,), grads (n, dim), counts (n,) or None)."""
@@ -83,21 +85,24 @@ class LocalTables:
         for table, keys, grads, counts in items:
             self.push(table, keys, grads, step=step, counts=counts)
 
-    def lookup_multi(self, tables: list[str], keys: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    def lookup_multi(
+        self, tables: list[str], keys: np.ndarray, offsets: np.ndarray, step: int | None = None
+    ) -> np.ndarray:
         """PSClient.lookup_multi's counterpart: every table in one native call."""
         chosen = [self.tables[t] for t in tables]
         with self._lock:
-            return multi.lookup_tables(chosen, keys, np.asarray(offsets, dtype=np.int64))
+            steps = [t.step if step is None else step for t in chosen]
+            return multi.lookup_tables(chosen, keys, np.asarray(offsets, dtype=np.int64), steps)
 
     def lookup_multi_grouped(
-        self, tables: list[str], keys: np.ndarray, offsets: np.ndarray
+        self, tables: list[str], keys: np.ndarray, offsets: np.ndarray, step: int | None = None
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """PSClient.lookup_multi_grouped's counterpart: the rows come in key order (positions None)."""
         dims = {self.tables[t].dim for t in tables}
         if len(dims) > 1:
             raise ValueError(f"tables: lookup_multi_grouped needs tables of one dim, got {sorted(dims)}")
         dim = dims.pop() if dims else 0
-        return self.lookup_multi(tables, keys, offsets).reshape(-1, dim), None
+        return self.lookup_multi(tables, keys, offsets, step).reshape(-1, dim), None
 
     def prepare_push_multi(
         self, tables, keys, offsets, grads, counts=None, step: int | None = None, distinct: bool = False

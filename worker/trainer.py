@@ -200,15 +200,18 @@ class Trainer:
             groups.setdefault(table, []).append(column)
         return list(groups.items())
 
-    def pull(self, batch: Batch) -> _Pulled:
-        """Looks up the unique keys of every table of `batch`: one dedupe, one lookup round.
+    def pull(self, batch: Batch, step: int | None = None) -> _Pulled:
+        """Looks up the unique keys of every table of `batch` for `step` (default: the next step,
+        which trains on it; rows past a table's TTL at that step read as their init, as its push
+        finds them): one dedupe, one lookup round.
 
         The rows stay in the order the shards answered them: their positions are folded into
         inverse and into the (u,)-sized key arrays instead of moving every (D,) row back."""
+        step = self.step + 1 if step is None else step
         unique, offsets, inverse, counts = native.unique_by_table(batch.sparse, self._column_group, len(self.groups))
         values, positions = self._call_ps(
-            f"lookup for step {self.step + 1}",
-            lambda: self.client.lookup_multi_grouped(self.table_names, unique, offsets),
+            f"lookup for step {step}",
+            lambda: self.client.lookup_multi_grouped(self.table_names, unique, offsets, step),
         )
         tags = np.repeat(np.arange(len(self.groups), dtype=np.float32), np.diff(offsets))
         if positions is not None:
@@ -218,11 +221,11 @@ class Trainer:
             unique, tags, counts = unique[positions], tags[positions], counts[positions]
         return _Pulled(batch, unique, tags, inverse, counts, values.reshape(-1, self.dim))
 
-    def _pull_after(self, pushes: list[Future], batch: Batch) -> _Pulled:
-        """pull(batch) once `pushes` have been applied (their errors raise here)."""
+    def _pull_after(self, pushes: list[Future], batch: Batch, step: int) -> _Pulled:
+        """pull(batch, step) once `pushes` have been applied (their errors raise here)."""
         for push in pushes:
             push.result()
-        return self.pull(batch)
+        return self.pull(batch, step)
 
     def train_step(self, pulled: _Pulled, next_batch: Batch | None = None) -> tuple[float, _Pulled | None]:
         """One global step on this rank's rows; returns (local loss, the next batch's rows if
@@ -235,7 +238,7 @@ class Trainer:
             # the pull thread waits for the older pushes, so this step's compute does not.
             due = [self._pushes.popleft() for _ in range(max(0, len(self._pushes) - (self.job.train.staleness - 1)))]
             if next_batch is not None:
-                prefetch = self._pull_pool.submit(self._pull_after, due, next_batch)
+                prefetch = self._pull_pool.submit(self._pull_after, due, next_batch, self.step + 1)
             else:
                 start = time.perf_counter()
                 for push in due:

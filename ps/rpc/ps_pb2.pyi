@@ -19,14 +19,16 @@ FLOAT16: DType
 INT8_ROWWISE: DType
 
 class LookupRequest(_message.Message):
-    __slots__ = ("table", "keys", "dim")
+    __slots__ = ("table", "keys", "dim", "step")
     TABLE_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
     DIM_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
     table: str
     keys: bytes
     dim: int
-    def __init__(self, table: _Optional[str] = ..., keys: _Optional[bytes] = ..., dim: _Optional[int] = ...) -> None: ...
+    step: int
+    def __init__(self, table: _Optional[str] = ..., keys: _Optional[bytes] = ..., dim: _Optional[int] = ..., step: _Optional[int] = ...) -> None: ...
 
 class LookupResponse(_message.Message):
     __slots__ = ("values", "dim", "dtype", "version")
@@ -233,16 +235,18 @@ class PushBatchResponse(_message.Message):
     def __init__(self, responses: _Optional[_Iterable[_Union[PushResponse, _Mapping]]] = ...) -> None: ...
 
 class MultiLookupRequest(_message.Message):
-    __slots__ = ("tables", "dims", "offsets", "keys")
+    __slots__ = ("tables", "dims", "offsets", "keys", "step")
     TABLES_FIELD_NUMBER: _ClassVar[int]
     DIMS_FIELD_NUMBER: _ClassVar[int]
     OFFSETS_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
     tables: _containers.RepeatedScalarFieldContainer[str]
     dims: _containers.RepeatedScalarFieldContainer[int]
     offsets: _containers.RepeatedScalarFieldContainer[int]
     keys: bytes
-    def __init__(self, tables: _Optional[_Iterable[str]] = ..., dims: _Optional[_Iterable[int]] = ..., offsets: _Optional[_Iterable[int]] = ..., keys: _Optional[bytes] = ...) -> None: ...
+    step: int
+    def __init__(self, tables: _Optional[_Iterable[str]] = ..., dims: _Optional[_Iterable[int]] = ..., offsets: _Optional[_Iterable[int]] = ..., keys: _Optional[bytes] = ..., step: _Optional[int] = ...) -> None: ...
 
 class MultiLookupResponse(_message.Message):
     __slots__ = ("values", "dtype", "versions")

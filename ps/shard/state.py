@@ -20,7 +20,7 @@ from ps import bulk_messages, native, wire
 from ps.errors import UnknownTableError, WrongShardError
 from ps.job_config import JobConfig
 from ps.rpc import ps_pb2
-from ps.shard.commits import DEFAULT_SHARD_COMMIT_BYTES, MIN_TABLE_COMMIT_BYTES, CommitLog, DenseStates
+from ps.shard.commits import DEFAULT_SHARD_COMMIT_BYTES, MAX_STEP, MIN_TABLE_COMMIT_BYTES, CommitLog, DenseStates
 from ps.shard.update_log import DEFAULT_MAX_ENTRIES, DEFAULT_MAX_KEYS, LogRange, UpdateLog, table_log_bytes
 from ps.table import multi
 from ps.table.embedding_table import ApplyResult, EmbeddingTable
@@ -258,7 +258,8 @@ class Shard:
         self.check_lookup_replies([request])
         keys = wire.decode_keys(request.keys)
         self.check_owned(keys)
-        return table, np.ascontiguousarray(table.read(keys), dtype="<f4")
+        step = _read_step(request)
+        return table, np.ascontiguousarray(table.read(keys, table.step if step is None else step), dtype="<f4")
 
     def push(self, request: ps_pb2.PushRequest) -> ps_pb2.PushResponse:
         """Applies grads (n, dim) of keys (n,) once per push id; a repeat returns the first answer."""
@@ -313,7 +314,9 @@ class Shard:
             )
         self.check_owned(keys)
         header = ps_pb2.MultiLookupResponse(dtype=ps_pb2.FLOAT32, versions=[t.version for t in tables])
-        return multi.lookup_tables_reply(tables, keys, offsets, header, "values")
+        step = _read_step(request)
+        steps = [t.step if step is None else step for t in tables]
+        return multi.lookup_tables_reply(tables, keys, offsets, header, "values", steps)
 
     def push_multi(self, request: ps_pb2.MultiPushRequest) -> tuple[ps_pb2.MultiPushResponse, list[str]]:
         """Applies every table's gradients once per push id; a repeat returns the first answer.
@@ -414,3 +417,13 @@ def _log_keys(result: ApplyResult) -> np.ndarray:
     so that one table's entry does not hold a multi-table push's whole buffer."""
     keys = result.updated_keys
     return keys if keys.base is None else keys.copy()
+
+
+def _read_step(request: ps_pb2.LookupRequest | ps_pb2.MultiLookupRequest) -> int | None:
+    """The step a lookup reads its rows for (EmbeddingTable.read), None when the request names
+    none: each table's step on this shard then (the last step pushed to it)."""
+    if not request.HasField("step"):
+        return None
+    if request.step > MAX_STEP:
+        raise ValueError(f"step: must be in [0, 2^32 - 1] (a push's step), got {request.step}")
+    return request.step

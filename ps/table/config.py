@@ -111,7 +111,9 @@ class AdmissionConfig:
 @dataclass(frozen=True)
 class EvictionConfig:
     """Which rows leave. `ttl_steps`: rows not pushed for more than this many steps are dropped
-    (None: never). `policy`: what a full table (see TableConfig.capacity) drops to make room."""
+    (None: never): a push or a lookup of step s finds a row last pushed before s - ttl_steps
+    absent (its init), whenever the sweep frees it. `policy`: what a full table (see
+    TableConfig.capacity) drops to make room."""
 
     ttl_steps: int | None = None
     policy: EvictionPolicy = EvictionPolicy.NONE

@@ -321,15 +321,19 @@ class EmbeddingTable:
         """keys (n,) int64 -> the rows they start with, (n, dim) float32; pure in (seed, key)."""
         return init_values(self.config, keys)
 
-    def read(self, keys: np.ndarray | torch.Tensor) -> np.ndarray:
+    def read(self, keys: np.ndarray | torch.Tensor, step: int | None = None) -> np.ndarray:
         """keys (n,) int64 -> values (n, dim) float32 in host memory, row i for keys[i].
 
-        Keys without a row (never pushed, not admitted, evicted) read as their init value.
+        Keys without a row (never pushed, not admitted, evicted) read as their init value. step:
+        the training step the rows are read for: with eviction.ttl_steps, a row not pushed for more
+        than ttl_steps before it reads as its init value too, as a push of that step finds it
+        (expired), whether the TTL sweep dropped it yet or not; so what a lookup sees does not
+        depend on when a shard swept. None: the rows as stored.
         """
         if not self._store.native:
-            return self.lookup(keys).cpu().numpy()
+            return self.lookup(keys, step).cpu().numpy()
         keys = native.as_keys(keys)
-        rows = self._map.find(keys)
+        rows = self._live(self._map.find(keys), step)
         # No zero fill: gather writes every found row and the init fills every missing one.
         out = np.empty((keys.shape[0], self.dim), dtype=np.float32)
         if self._encoded:
@@ -342,14 +346,14 @@ class EmbeddingTable:
             out[missing] = self.init_values(keys[missing])
         return out
 
-    def lookup(self, keys: np.ndarray | torch.Tensor) -> torch.Tensor:
+    def lookup(self, keys: np.ndarray | torch.Tensor, step: int | None = None) -> torch.Tensor:
         """keys (n,) int64 -> values (n, dim) float32 on the table's device, as `read` gives them."""
         import torch
 
         if self._store.native:
-            return torch.from_numpy(self.read(keys))
+            return torch.from_numpy(self.read(keys, step))
         keys = native.as_keys(keys)
-        rows = self._map.find(keys)
+        rows = self._live(self._map.find(keys), step)
         out = torch.empty((keys.shape[0], self.dim), dtype=torch.float32, device=self._store.device)
         self._store.gather(rows, 0, self.dim, out)
         missing = rows < 0
@@ -404,12 +408,19 @@ class EmbeddingTable:
 
         unique_keys, sums, sightings = native.dedupe_sum(keys, grads_np, counts, self.dim)
         capacity = self.config.capacity
+        ttl = self.config.eviction.ttl_steps
         if self.config.admission.kind == AdmissionKind.NONE and (
             capacity is None or self.size + unique_keys.shape[0] <= capacity
         ):
-            # Fast path: every key trains and all fit, so one probe of the map does it all.
+            # Fast path: every key trains and all fit, so one probe of the map does it all. A row
+            # past its TTL at this step starts again from its init where it is, as after the sweep
+            # that drops it (whenever that runs) and the insert after: its key is touched.
             rows, inserted = self._map.find_or_insert(unique_keys)
             self._store.ensure_rows(self._map.num_rows)
+            if ttl is not None:
+                renewed = self._expired_at(np.where(inserted, -1, rows), step)
+                self.num_evicted += int(renewed.sum())
+                inserted |= renewed
             if inserted.any():
                 new_keys = unique_keys[inserted]
                 self._write_new_rows(new_keys, rows[inserted], np.zeros(new_keys.shape[0], np.uint32), step)
@@ -418,14 +429,22 @@ class EmbeddingTable:
             return self._finish(step, unique_keys, int(inserted.sum()), np.empty(0, dtype=np.int64))
 
         rows = self._map.find(unique_keys)
-        is_new = rows < 0
-        admit_new, pending_rows, pending_before = self._admission(unique_keys, is_new, sightings)
+        # Rows past their TTL at this step are new keys again (admission included), as after the
+        # sweep that drops them; they leave below, once nothing can fail, and free their rows.
+        expired = self._expired_at(rows, step)
+        is_new = (rows < 0) | expired
+        admit_new, pending_rows, pending_before, stale_pending = self._admission(unique_keys, is_new, sightings, step)
         apply_mask = ~is_new
         apply_mask[np.flatnonzero(is_new)[admit_new]] = True
         num_new = int(admit_new.sum())
 
-        evicted = self._make_room(num_new, rows[~is_new], step)
+        evicted = self._make_room(num_new, rows[rows >= 0], step, freed=int(expired.sum()))
         # Nothing has changed before this point; from here on every step succeeds.
+        if ttl is not None:
+            self._evict(unique_keys[expired])
+            self._erase_pending(stale_pending)
+            # Expired keys admitted again are touched (a new row), the others deleted.
+            evicted = np.concatenate([evicted, unique_keys[expired & ~apply_mask]])
         apply_keys = unique_keys[apply_mask]
         rows, inserted = self._map.find_or_insert(apply_keys)
         self._store.ensure_rows(self._map.num_rows)
@@ -500,9 +519,12 @@ class EmbeddingTable:
             self._write_back(rows, words, sightings, step)
         return self._finish(step, unique_keys, num_inserted, np.empty(0, dtype=np.int64))
 
-    def multi_args(self) -> tuple:
-        """(map, block addresses, params (7,), reals (6,), seed) for csrc/multi_table.h's TableRef."""
-        params = (*self._multi_fixed, self.step)
+    def multi_args(self, step: int | None = None) -> tuple:
+        """(map, block addresses, params (9,), reals (6,), seed) for csrc/multi_table.h's TableRef;
+        step: the step a lookup reads for (see read; None: the rows as stored)."""
+        ttl = self.config.eviction.ttl_steps
+        expiry = (0, 0) if step is None or ttl is None else (ttl, step)
+        params = (*self._multi_fixed, self.step, *expiry)
         return self._map._map, self._store.block_addresses, params, self._multi_reals, self._multi_seed
 
     def reserve_rows(self, num_keys: int) -> None:
@@ -1022,15 +1044,25 @@ class EmbeddingTable:
         return grads
 
     def _admission(
-        self, unique_keys: np.ndarray, is_new: np.ndarray, sightings: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """For the new keys: (admitted (m,) bool, pending row (m,) or -1, pending count (m,) uint32)."""
+        self, unique_keys: np.ndarray, is_new: np.ndarray, sightings: np.ndarray, step: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """For the new keys: (admitted (m,) bool, pending row (m,) or -1, pending count (m,) uint32,
+        the keys (s,) whose pending counts are past the TTL at `step`: they count from zero, as
+        after the sweep that forgets them, and the caller erases them once the push cannot fail)."""
         new_keys = unique_keys[is_new]
         m = new_keys.shape[0]
         a = self.config.admission
+        none = np.empty(0, dtype=np.int64)
         if a.kind == AdmissionKind.NONE or m == 0:
-            return np.ones(m, dtype=bool), np.full(m, -1, dtype=np.int64), np.zeros(m, dtype=np.uint32)
+            return np.ones(m, dtype=bool), np.full(m, -1, dtype=np.int64), np.zeros(m, dtype=np.uint32), none
         pending_rows = self._pending.find(new_keys)
+        stale_keys = none
+        ttl = self.config.eviction.ttl_steps
+        if ttl is not None:
+            stale = pending_rows >= 0
+            stale[stale] = step - self._pending_meta[pending_rows[stale], 1].astype(np.int64) > ttl
+            stale_keys = new_keys[stale]
+            pending_rows = np.where(stale, -1, pending_rows)
         before = np.zeros(m, dtype=np.uint32)
         known = pending_rows >= 0
         before[known] = self._pending_meta[pending_rows[known], 0]
@@ -1041,13 +1073,16 @@ class EmbeddingTable:
             salted = new_keys ^ np.int64(_ADMISSION_SALT) ^ (before.astype(np.int64) << np.int64(32))
             coin = (native.mix64(salted ^ np.int64(self.config.seed & 0x7FFFFFFFFFFFFFFF)) >> np.uint64(11))
             admitted = coin.astype(np.float64) * (1.0 / 2**53) < a.probability
-        return admitted, pending_rows, before
+        return admitted, pending_rows, before, stale_keys
 
-    def _make_room(self, num_new: int, protected_rows: np.ndarray, step: int) -> np.ndarray:
+    def _make_room(self, num_new: int, protected_rows: np.ndarray, step: int, freed: int = 0) -> np.ndarray:
+        """Evicts rows so that num_new more fit, beside the `freed` protected rows that leave after
+        (a push's own expired rows); the evicted keys. CapacityError, changing nothing, when
+        it cannot."""
         capacity = self.config.capacity
-        if capacity is None or self.size + num_new <= capacity:
+        if capacity is None or self.size - freed + num_new <= capacity:
             return np.empty(0, dtype=np.int64)
-        need = self.size + num_new - capacity
+        need = self.size - freed + num_new - capacity
         policy = self.config.eviction.policy
         if policy == EvictionPolicy.NONE:
             # Rows past their TTL go first: the sweep that would drop them runs only after a push
@@ -1087,18 +1122,20 @@ class EmbeddingTable:
             return
         unique_keys, _, sightings = native.dedupe_sum(keys, None, counts, self.dim)
         rows = self._map.find(unique_keys)
-        is_new = rows < 0
-        admit_new, _, _ = self._admission(unique_keys, is_new, sightings)
+        expired_own = self._expired_at(rows, step)
+        is_new = (rows < 0) | expired_own
+        admit_new, _, _, _ = self._admission(unique_keys, is_new, sightings, step)
         num_new = int(admit_new.sum())
-        if self.size + num_new <= capacity:
+        size = self.size - int(expired_own.sum())  # the push's own expired rows leave first
+        if size + num_new <= capacity:
             return
         if self.config.eviction.policy == EvictionPolicy.NONE:
-            expired = self._expired_keys(max(self.step, step), rows[~is_new])
-            if self.size - expired.shape[0] + num_new > capacity:
+            expired = self._expired_keys(max(self.step, step), rows[rows >= 0])
+            if size - expired.shape[0] + num_new > capacity:
                 raise self._full_error(num_new, expired.shape[0])
             return
-        evictable = self.size - int(np.count_nonzero(~is_new))  # a push's own rows are never evicted
-        if evictable < self.size + num_new - capacity:
+        evictable = size - int(np.count_nonzero(~is_new))  # a push's own rows are never evicted
+        if evictable < size + num_new - capacity:
             raise self._too_few_victims_error(num_new, evictable)
 
     def _expired_keys(self, step: int, protected_rows: np.ndarray) -> np.ndarray:
@@ -1180,6 +1217,21 @@ class EmbeddingTable:
                 self._changes.delete(keys)
             for feed in self._feeds:
                 feed.delete(keys)
+
+    def _expired_at(self, rows: np.ndarray, step: int) -> np.ndarray:
+        """(n,) bool: which of rows (n,) (-1: no row) were last pushed more than ttl_steps before
+        `step` (all False without a TTL). A lookup or push of that step takes them as absent."""
+        ttl = self.config.eviction.ttl_steps
+        if ttl is None:
+            return np.zeros(rows.shape[0], dtype=np.bool_)
+        last = self._gather_meta(rows)[:, 1]  # the rows -1 gather nothing (zeros): masked below
+        return (rows >= 0) & (step - last.astype(np.int64) > ttl)
+
+    def _live(self, rows: np.ndarray, step: int | None) -> np.ndarray:
+        """rows (n,) with the rows expired at `step` as -1 (None: rows unchanged)."""
+        if step is None or self.config.eviction.ttl_steps is None:
+            return rows
+        return np.where(self._expired_at(rows, step), -1, rows)
 
     def _gather_meta(self, rows: np.ndarray) -> np.ndarray:
         """rows (n,) -> (n, 2) uint32 [freq, last_step]."""

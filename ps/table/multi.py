@@ -34,39 +34,50 @@ def value_offsets(tables: Sequence[EmbeddingTable], offsets: np.ndarray) -> np.n
     return out
 
 
-def _args(tables: Sequence[EmbeddingTable]) -> tuple[list, list, np.ndarray, np.ndarray, np.ndarray]:
-    parts = [t.multi_args() for t in tables]
+def _args(
+    tables: Sequence[EmbeddingTable], steps: Sequence[int] | None = None
+) -> tuple[list, list, np.ndarray, np.ndarray, np.ndarray]:
+    parts = [t.multi_args(None if steps is None else steps[i]) for i, t in enumerate(tables)]
     maps = [p[0] for p in parts]
     blocks = [p[1] for p in parts]
-    params = np.array([p[2] for p in parts], dtype=np.int64).reshape(len(parts), 7)
+    params = np.array([p[2] for p in parts], dtype=np.int64).reshape(len(parts), 9)
     reals = np.array([p[3] for p in parts], dtype=np.float64).reshape(len(parts), 6)
     seeds = np.array([p[4] for p in parts], dtype=np.uint64)
     return maps, blocks, params, reals, seeds
 
 
-def lookup_tables(tables: Sequence[EmbeddingTable], keys: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+def lookup_tables(
+    tables: Sequence[EmbeddingTable], keys: np.ndarray, offsets: np.ndarray, steps: Sequence[int] | None = None
+) -> np.ndarray:
     """keys (n,) int64 table after table, offsets (T + 1,) -> values, flat float32, table t's
-    (n_t, dim_t) rows after those of tables < t. Keys without a row read as their init value."""
+    (n_t, dim_t) rows after those of tables < t. Keys without a row read as their init value.
+    steps (T,): the step each table's rows are read for (EmbeddingTable.read; None: as stored)."""
     starts = value_offsets(tables, offsets)
     out = np.empty(int(starts[-1]), dtype=np.float32)
     if all(t.multi_native for t in tables):
-        native.lookup_multi(*_args(tables), keys, offsets, out)
+        native.lookup_multi(*_args(tables, steps), keys, offsets, out)
         return out
     for i, table in enumerate(tables):  # device tables: one torch lookup each
-        out[starts[i] : starts[i + 1]] = table.read(keys[offsets[i] : offsets[i + 1]]).reshape(-1)
+        part = keys[offsets[i] : offsets[i + 1]]
+        out[starts[i] : starts[i + 1]] = table.read(part, None if steps is None else steps[i]).reshape(-1)
     return out
 
 
 def lookup_tables_reply(
-    tables: Sequence[EmbeddingTable], keys: np.ndarray, offsets: np.ndarray, header: Message, field: str
+    tables: Sequence[EmbeddingTable],
+    keys: np.ndarray,
+    offsets: np.ndarray,
+    header: Message,
+    field: str,
+    steps: Sequence[int] | None = None,
 ) -> bytes:
     """`header` serialised with lookup_tables' values (float32, little-endian) as its bytes field
     `field`: the whole reply, written by the native call straight into the bytes object when every
     table is native (ps/bulk_messages.py)."""
     if all(t.multi_native for t in tables) and sys.byteorder == "little":
         number = header.DESCRIPTOR.fields_by_name[field].number
-        return native.lookup_multi_reply(*_args(tables), keys, offsets, header.SerializeToString(), number)
-    values = lookup_tables(tables, keys, offsets).astype("<f4", copy=False)
+        return native.lookup_multi_reply(*_args(tables, steps), keys, offsets, header.SerializeToString(), number)
+    values = lookup_tables(tables, keys, offsets, steps).astype("<f4", copy=False)
     return bulk_messages.encode(header, **{field: values})
 
 

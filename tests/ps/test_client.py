@@ -326,7 +326,7 @@ def test_a_call_of_more_rpcs_than_the_pool_s_threads_ends_within_its_deadline():
             deadlines=Deadlines(lookup=deadline, push=deadline, stats=deadline),
         ) as client:
             keys = np.arange(2000, dtype=np.int64)
-            assert len(client._plan_lookup("t", keys).calls) > 2 * client._pool._max_workers
+            assert len(client._plan_lookup("t", keys, None).calls) > 2 * client._pool._max_workers
             grads = np.zeros((2000, 64), np.float32)
             for call in (lambda: client.lookup("t", keys), lambda: client.push("t", keys, grads)):
                 started = time.monotonic()

@@ -60,7 +60,7 @@ def test_argument_checks_the_python_wrappers_rely_on_refuse_what_would_read_or_w
     The wrappers in ps/ pass well-formed arrays; these are the calls a wrong one would make."""
     dim = 4
     (map_a, block_a), (map_b, block_b) = _one_row_table(1.0), _one_row_table(2.0)
-    params = np.array([[4, dim + 2, dim, 0, 0, 0, 0]] * 2, np.int64)  # sgd, no state
+    params = np.array([[4, dim + 2, dim, 0, 0, 0, 0, 0, 0]] * 2, np.int64)  # sgd, no state, no TTL
     lookup = (params, np.zeros((2, 6)), np.zeros(2, np.uint64), np.array([0, 1, 0, 1], np.int64),
               np.array([0, 2, 4], np.int64), np.empty(4 * dim, np.float32))
     # Block addresses as int64 were converted into a copy freed before the rows were read: table 0 read table 1's.

@@ -49,12 +49,11 @@ class RecordingClient(PSClient):
         self.commits: list[tuple[int, float, float]] = []
         self._steps: dict[int, int] = {}  # id of a prepared push (frozen) -> its step, until sent
 
-    def lookup_multi_grouped(self, tables, keys, offsets):
-        # The pull thread runs during step t (trainer.step == t) for step t + 1; the first pull
-        # comes before step 1.
+    def lookup_multi_grouped(self, tables, keys, offsets, step=None):
+        # The pull thread runs during step t for step t + 1; the first pull comes before step 1.
         with self.lock:
-            self.lookups.append((self.trainer.step + 1, time.monotonic()))
-        return super().lookup_multi_grouped(tables, keys, offsets)
+            self.lookups.append((step, time.monotonic()))
+        return super().lookup_multi_grouped(tables, keys, offsets, step)
 
     def prepare_push_multi(self, *args, step=None, **kwargs):
         prepared = super().prepare_push_multi(*args, step=step, **kwargs)

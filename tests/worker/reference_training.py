@@ -43,10 +43,21 @@ def reference_table(config: TableConfig) -> ReferenceTable | LowPrecisionRows:
     return ReferenceTable(config.optimizer, config.dim, EmbeddingTable(config).init_values)
 
 
+def _expire(table: ReferenceTable, last: dict[int, int], keys: np.ndarray, step: int, ttl: int | None) -> None:
+    """Rows of `keys` last stepped more than ttl steps before `step` start again from their init
+    (eviction.ttl_steps as a lookup or push of that step finds them)."""
+    if ttl is None:
+        return
+    for key in keys.tolist():
+        if key in last and step - last[key] > ttl:
+            del table.rows[key], last[key]
+
+
 def train_reference(
     job: TrainingJob,
 ) -> tuple[nn.Module, dict[str, ReferenceTable | LowPrecisionRows], dict[str, set[int]]]:
-    """Returns the trained dense tower, the reference table per name, and the keys each table saw."""
+    """Returns the trained dense tower, the reference table per name, and the keys each table saw;
+    the rows as a lookup for the last step reads them (rows past a TTL then read as their init)."""
     model = DLRMDenseTower(job.model)
     lr = job.train.dense_lr
     optimizer = {
@@ -57,6 +68,10 @@ def train_reference(
     configs = {t.name: t for t in job.ps.tables}
     tables = {name: reference_table(configs[name]) for name in set(job.feature_tables())}
     seen: dict[str, set[int]] = {name: set() for name in tables}
+    ttl = {name: configs[name].eviction.ttl_steps for name in tables}
+    if any(v is not None for n, v in ttl.items() if not isinstance(tables[n], ReferenceTable)):
+        raise ValueError("the reference expires rows of float32 tables only")
+    last_step: dict[str, dict[int, int]] = {name: {} for name in tables}
     data = SyntheticData(job.data.synthetic)
     feature_tables = job.feature_tables()
     for t in range(job.train.steps):
@@ -69,6 +84,7 @@ def train_reference(
             columns.append((name, keys))
         for name in tables:
             keys = np.unique(np.concatenate([k for n, k in columns if n == name]))
+            _expire(tables[name], last_step[name], keys, t + 1, ttl[name])  # the job's steps are 1, 2, ...
             rows = torch.stack([tables[name].lookup(int(k)) for k in keys]).detach().clone().requires_grad_(True)
             leaves[name] = (keys, rows)
         parts = []
@@ -83,4 +99,7 @@ def train_reference(
         optimizer.step()
         for name, (keys, rows) in leaves.items():
             tables[name].step(keys, rows.grad.numpy())
+            last_step[name].update(dict.fromkeys(keys.tolist(), t + 1))
+    for name, keys in seen.items():
+        _expire(tables[name], last_step[name], np.array(sorted(keys), dtype=np.int64), job.train.steps, ttl[name])
     return model, tables, seen

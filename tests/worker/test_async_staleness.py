@@ -48,15 +48,15 @@ class SlowPushTables(LocalTables):
         self.released_through = 0  # pushes of steps <= this may apply (gate_staleness set)
         self.delay_s = delay_s
 
-    def lookup_multi(self, tables, keys, offsets):
+    def lookup_multi(self, tables, keys, offsets, step=None):
         with self.lock:
-            looking_up_for = self.trainer.step + 1
+            looking_up_for = step
             applied = len(self.pushed_steps)  # pushes apply in step order (one push thread)
             self.max_missed = max(self.max_missed, looking_up_for - 1 - applied)
             if self.gate_staleness is not None:
                 self.released_through = max(self.released_through, looking_up_for - self.gate_staleness)
                 self.lock.notify_all()
-        return super().lookup_multi(tables, keys, offsets)
+        return super().lookup_multi(tables, keys, offsets, step)
 
     def release_all(self) -> None:
         """Lets every push apply (before drain: the last steps' pushes have no later lookup)."""
