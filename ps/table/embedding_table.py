@@ -1069,9 +1069,14 @@ class EmbeddingTable:
         if a.kind == AdmissionKind.COUNT:
             admitted = before.astype(np.int64) + sightings[is_new] >= a.min_count
         else:
-            # One deterministic coin per (seed, key, sightings so far): reproducible on any shard.
+            # One deterministic coin per (seed, step, key, sightings so far): reproducible on any
+            # shard (the trainer sends the step). Without the step, a key whose count was
+            # forgotten (its TTL, max_pending) drew the coins it had lost again, and a key seen
+            # less often than its TTL was admitted at its first sighting or never.
+            seeded = np.array([(self.config.seed ^ (step << 20)) & 0x7FFFFFFFFFFFFFFF], dtype=np.int64)
+            stream = np.int64(int(native.mix64(seeded)[0]) & 0x7FFFFFFFFFFFFFFF)
             salted = new_keys ^ np.int64(_ADMISSION_SALT) ^ (before.astype(np.int64) << np.int64(32))
-            coin = (native.mix64(salted ^ np.int64(self.config.seed & 0x7FFFFFFFFFFFFFFF)) >> np.uint64(11))
+            coin = native.mix64(salted ^ stream) >> np.uint64(11)
             admitted = coin.astype(np.float64) * (1.0 / 2**53) < a.probability
         return admitted, pending_rows, before, stale_keys
 

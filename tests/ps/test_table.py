@@ -1,5 +1,6 @@
 """EmbeddingTable semantics: init, dedupe, export/load, admission, eviction, bad input, memory."""
 
+import dataclasses
 import time
 
 import numpy as np
@@ -168,6 +169,28 @@ def test_probability_admission_is_deterministic_and_near_p():
     assert 0.22 < a.size / keys.shape[0] < 0.28
     np.testing.assert_array_equal(a.export().keys, b.export().keys)
     assert a.num_pending == keys.shape[0] - a.size
+
+
+@pytest.mark.parametrize("forget", ["ttl_steps", "max_pending"])
+def test_a_key_whose_pending_count_was_forgotten_draws_new_coins(forget):
+    """Probability admission, p = 0.5, keys seen 20 times each, their counts forgotten between
+    sightings (past the TTL, or pushed out of max_pending). The coin was a hash of (seed, key,
+    count), so a forgotten count drew the lost coins again: 491 of 1,000 keys were ever admitted
+    (each its first coin) where independent coins admit about all. Now the step is in the hash."""
+    admission = AdmissionConfig(kind=AdmissionKind.PROBABILITY, probability=0.5)
+    if forget == "ttl_steps":
+        table = make(admission=admission, eviction=EvictionConfig(ttl_steps=4))
+        keys_of_step = [np.arange(1000, dtype=np.int64)] * 20  # every key every 10 steps, TTL 4
+        steps = range(10, 210, 10)
+    else:
+        table = make(admission=dataclasses.replace(admission, max_pending=100))
+        keys_of_step = [np.arange(1000, dtype=np.int64)] * 20  # 1,000 keys through a memory of 100
+        steps = range(1, 21)
+    admitted: set[int] = set()
+    for step, keys in zip(steps, keys_of_step, strict=True):
+        table.apply_gradients(keys, np.zeros((keys.shape[0], 4), np.float32), step=step)
+        admitted.update(table.keys().tolist())  # with the TTL, rows expire between sightings too
+    assert len(admitted) > 990, f"{len(admitted)} of 1,000 keys ever admitted in 20 sightings at p = 0.5"
 
 
 def test_ttl_eviction():
