@@ -16,7 +16,7 @@
     on_ps_unavailable = "abort" # a shard gives no answer within its deadline: "abort" | "wait"
     ps_unavailable_timeout_s = 600.0  # wait: how long one step may wait for the shard
     metrics_port = 9300         # rank 0's Prometheus /metrics: snapshot rounds (default: none)
-    publish_dense_every = 1     # sync: rank 0 commits every step to the PS; the dense tower goes
+    publish_dense_every = 1     # rank 0 commits every step to the PS; the dense tower goes
                                 # with every k-th commit (0: never), for replicas to serve
 
     [model]                     # worker.model_config.ModelConfig; num_dense/num_sparse/dim are derived

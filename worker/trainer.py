@@ -265,7 +265,9 @@ class Trainer:
             if self.rank == 0:
                 # After the push, on the same thread, but not part of its future: the lookup that
                 # waits for this push does not wait for the Commit's round trip too.
-                self._commits.append(self._push_pool.submit(self._commit_pushed, push, self.step))
+                # The tower of this step, read here: the next step changes it in place.
+                tower = self._dense_state(self.step)
+                self._commits.append(self._push_pool.submit(self._commit_pushed, push, self.step, tower))
             while self._commits and self._commits[0].done():
                 self._commits.popleft().result()  # an error raises here
         else:
@@ -321,21 +323,18 @@ class Trainer:
         dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=self._exchange_group)
         return int(failed.item()) == 0
 
-    def _commit_pushed(self, push: Future, step: int) -> None:
-        """Async, rank 0's push thread, right after `push` (step's): Commit(step), unless a rank's
-        push of it failed (rank 0's own error raises here too). No rank's push of step + 1 reaches
-        a shard before this returns: each needs this thread in step + 1's all_to_all. So the
-        shards' rows are those of step, as in sync mode."""
+    def _commit_pushed(self, push: Future, step: int, tower: bytes) -> None:
+        """Async, rank 0's push thread, right after `push` (step's): Commit(step) with `tower`
+        (the dense tower after step's update, when step publishes it), unless a rank's push of it
+        failed (rank 0's own error raises here too). No rank's push of step + 1 reaches a shard
+        before this returns: each needs this thread in step + 1's all_to_all. So the shards' rows
+        are those of step, as in sync mode, and so is the tower (before, an async job published
+        none, and a replica's Scorer had no tower to score with)."""
         if not push.result() and self._unpushed_step is None:
             self._unpushed_step = step
             log.warning("step %d: a rank's push failed; neither it nor a later step is committed (that rank "
                         "ends the job)", step)
-        self._commit(step, False)
-
-    def _commit(self, step: int, with_dense: bool) -> None:
-        """Commit(step) to every shard (DESIGN section 9), with the dense tower every
-        train.publish_dense_every steps when with_dense (sync mode: the tower is the step's)."""
-        self._send_commit(step, self._dense_state(step) if with_dense else b"")
+        self._send_commit(step, tower)
 
     def _dense_state(self, step: int) -> bytes:
         """The dense tower's bytes when step publishes it (train.publish_dense_every), else b"".
@@ -344,6 +343,8 @@ class Trainer:
         return encode_dense(self.model) if every and step % every == 0 else b""
 
     def _send_commit(self, step: int, state: bytes) -> None:
+        """Commit(step) to every shard (DESIGN section 9), with the dense tower's bytes `state`
+        (b"": none this step)."""
         if step <= self._committed:  # async: drain() committed a later step already
             return
         if self._unpushed_step is not None and step >= self._unpushed_step:
@@ -446,7 +447,7 @@ class Trainer:
         if self.world_size > 1:
             dist.barrier()
         if self._async and self.rank == 0 and self.step:
-            self._commit(self.step, False)
+            self._send_commit(self.step, b"")  # a no-op once the push thread committed it
 
     def predict(self, batch: Batch) -> torch.Tensor:
         """Logits (B,) of the current model (dense tower and PS rows) on `batch`."""

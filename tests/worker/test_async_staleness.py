@@ -121,8 +121,9 @@ def test_lookups_miss_at_most_staleness_steps_of_pushes(staleness):
     # (from step staleness + 1 on), and no staler.
     assert store.max_missed == staleness
     # Step s is committed right after its push, before the push of s + 1 (the same thread): the
-    # committed rows are exactly step s's. No dense tower: async's is not the step's.
-    assert store.commits == [(step, step, False) for step in range(1, len(batches) + 1)]
+    # committed rows are exactly step s's, and with them the tower after step s's update (read
+    # on the training thread): the model at the end of step s, as a snapshot of it would hold.
+    assert store.commits == [(step, step, True) for step in range(1, len(batches) + 1)]
 
 
 def test_sync_mode_pushes_before_the_step_returns():
