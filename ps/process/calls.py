@@ -136,6 +136,14 @@ class _Call:
         seconds_open = time.perf_counter() - self.start
         self.site.record(self.method, self.table, grpc.StatusCode.RESOURCE_EXHAUSTED, seconds_open, self.request)
 
+    def cancelled(self, context: grpc.aio.ServicerContext) -> None:
+        """Records a call grpc.aio cancelled (its client went away, or its deadline passed) before
+        it ended: such calls were counted nowhere, though a push may have been applied by then."""
+        remaining = context.time_remaining()
+        late = remaining is not None and remaining <= 0
+        code = grpc.StatusCode.DEADLINE_EXCEEDED if late else grpc.StatusCode.CANCELLED
+        self.site.record(self.method, self.table, code, time.perf_counter() - self.start, self.request)
+
     def end(self, exc: Exception | None = None) -> tuple[grpc.StatusCode, str]:
         """Records the call; returns its status code and message (OK without `exc`)."""
         code, message = (grpc.StatusCode.OK, "") if exc is None else status_of(exc)
@@ -161,6 +169,9 @@ def unary_call(method: str) -> Callable[[UnaryMethod], Callable]:
                 call.admit()
                 self.call_site.check_call(context)
                 reply = await fn(self, request)
+            except asyncio.CancelledError:
+                call.cancelled(context)
+                raise
             except Exception as exc:  # noqa: BLE001 - the one place errors become status codes
                 await context.abort(*call.end(exc))
             call.end()
@@ -265,6 +276,10 @@ def stream_call(method: str) -> Callable[[StreamMethod], Callable]:
                     watch.arm()
                     yield reply
                     watch.disarm()
+            except asyncio.CancelledError:
+                if not watch.fired:  # a stalled stream is recorded below
+                    call.cancelled(context)
+                raise
             except Exception as exc:  # noqa: BLE001 - the one place errors become status codes
                 await context.abort(*call.end(exc))
             finally:

@@ -168,19 +168,21 @@ def payload_bytes(request, trust_sizes: bool, sizes: np.ndarray | None = None) -
         return keys, len(request.grads)
     if "offsets" in fields:
         if sizes is None:
-            sizes = table_sizes(request.offsets)
+            sizes = table_sizes(request.offsets, len(request.keys) // 8)
         dims = np.asarray(request.dims, dtype=np.float64)
         n = min(sizes.shape[0], dims.shape[0])
         return keys, 4 * int(np.dot(sizes[:n].astype(np.float64), dims[:n]))  # exact below 2^53, as checked sizes are
     return keys, keys // 8 * request.dim * 4
 
 
-def table_sizes(offsets) -> np.ndarray:
-    """The keys of each table (T,) uint64 of a multi-table request's offsets (T + 1,) as they came:
-    unchecked when the call failed or repeated a push id, so a step back counts 0 and any uint64
-    is taken (never an error: these only feed metrics)."""
-    bounds = np.asarray(offsets, dtype=np.uint64)
-    return np.where(bounds[1:] >= bounds[:-1], bounds[1:] - bounds[:-1], np.uint64(0))
+def table_sizes(offsets, num_keys: int) -> np.ndarray:
+    """The keys of each table (T,) uint64 of a multi-table request's offsets (T + 1,) as they came,
+    of its num_keys keys: unchecked when the call failed or repeated a push id, so the offsets are
+    bounded by the keys the request carries and a step back counts 0, never an error (these only
+    feed metrics). Taken as they came, one request's offset of 2^62 put the table's keys counter
+    there for good (a float64 counter past 2^53 no longer moves by a call's keys)."""
+    bounds = np.maximum.accumulate(np.minimum(np.asarray(offsets, dtype=np.uint64), np.uint64(num_keys)))
+    return bounds[1:] - bounds[:-1]
 
 
 def _tables_call(method: str) -> Callable:
@@ -257,7 +259,7 @@ class ShardCallSite(CallSite):
             m.request_keys.add(table, method, keys // 8)
             self.series(m.request_bytes, table, method).inc(keys + grads)
         elif method in ("LookupMulti", "PushMulti"):
-            sizes = table_sizes(request.offsets)
+            sizes = table_sizes(request.offsets, len(request.keys) // 8)
             # Per table only up to a batch's bound of names (or the shard's tables, if more): a
             # refused call of millions took seconds of the loop here (its bytes are counted).
             if len(request.tables) <= max(len(self.tables), wire.MAX_BATCH_PARTS):
