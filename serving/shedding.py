@@ -95,12 +95,19 @@ class LookupQueue(grpc.aio.ServerInterceptor):
         metrics.lookup_queue.set(0)
         message = f"serving queue full: {max_queue} lookups waiting; retry with backoff or add replicas"
 
-        async def refuse(request: bytes, context: grpc.aio.ServicerContext) -> None:
-            metrics.shed.inc()
-            metrics.requests.labels("", "Lookup", grpc.StatusCode.RESOURCE_EXHAUSTED.name).inc()
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+        def refusal(method: str) -> grpc.RpcMethodHandler:
+            """The handler that sheds a call of `method`, counted under its own name (as the
+            native gate counts it; LookupMany's were counted as Lookup's)."""
+            name = method.rsplit("/", 1)[-1]
 
-        self._refusal = grpc.unary_unary_rpc_method_handler(refuse)  # no deserializer: bytes stay unparsed
+            async def refuse(request: bytes, context: grpc.aio.ServicerContext) -> None:
+                metrics.shed.inc()
+                metrics.requests.labels("", name, grpc.StatusCode.RESOURCE_EXHAUSTED.name).inc()
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+
+            return grpc.unary_unary_rpc_method_handler(refuse)  # no deserializer: bytes stay unparsed
+
+        self._refusals = {method: refusal(method) for method in LOOKUP_METHODS}
 
     def _release(self, _task: asyncio.Task) -> None:
         self.depth -= 1
@@ -110,7 +117,7 @@ class LookupQueue(grpc.aio.ServerInterceptor):
         if handler_call_details.method not in LOOKUP_METHODS:
             return await continuation(handler_call_details)
         if self.max_queue and self.depth >= self.max_queue:
-            return self._refusal
+            return self._refusals[handler_call_details.method]
         task = asyncio.current_task()
         if task is None:
             raise RuntimeError("LookupQueue: grpc.aio runs every call in a task; this one has none")

@@ -181,3 +181,35 @@ def test_calls_beyond_the_bound_are_shed_at_once_and_status_still_answers(replic
     assert started - ok - error == len(core_shed), (started, ok, error, results)
     own_refusals = 0 if transport == "gate" else len(shed)
     assert error == own_refusals, (error, results)  # the replica's own refusals end as errors
+
+
+def test_a_shed_lookup_many_is_counted_under_its_own_method_without_the_gate() -> None:
+    """The replica's own bound (no gate) shed a LookupMany counted as method="Lookup", where the
+    gate counts each method by its name (found by a review)."""
+    import asyncio
+    import collections
+
+    from prometheus_client import generate_latest
+
+    from serving.metrics import ServingMetrics
+    from serving.shedding import LOOKUP_MANY_METHOD, LOOKUP_METHOD, LookupQueue
+
+    class Context:
+        async def abort(self, code: grpc.StatusCode, message: str) -> None:
+            raise RuntimeError(code.name)
+
+    async def shed(queue: LookupQueue, method: str) -> None:
+        details = collections.namedtuple("Details", "method invocation_metadata")(method, ())
+        handler = await queue.intercept_service(None, details)
+        with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED"):
+            await handler.unary_unary(b"", Context())
+
+    metrics = ServingMetrics()
+    queue = LookupQueue(1, metrics)
+    queue.depth = 1  # one Lookup admitted and not answered: the bound is reached
+    asyncio.run(shed(queue, LOOKUP_MANY_METHOD))
+    asyncio.run(shed(queue, LOOKUP_METHOD))
+    scrape = generate_latest(metrics.registry).decode()
+    for method in ("LookupMany", "Lookup"):
+        name = f'embps_serving_requests_total{{code="RESOURCE_EXHAUSTED",method="{method}",table=""}}'
+        assert _value(scrape, name) == 1.0, scrape
