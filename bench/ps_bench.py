@@ -318,7 +318,9 @@ def run_ps_bench(config: PSBenchConfig) -> int:
                 clusters = [(standby, *_start_cluster(config, standby, tuned, stack)) for standby in with_standbys]
                 for verb in ("push", "lookup"):
                     for clients in config.clients:
-                        for standby, job, procs in clusters:
+                        # With and without standbys in turn, first one then the other every
+                        # other round: a drift within a round weighs on neither side only.
+                        for standby, job, procs in clusters if round_ % 2 else clusters[::-1]:
                             r = _phase(job, config, procs, verb, clients)
                             r.update(malloc="tuned" if tuned else "default", standby=standby, round=round_)
                             r["server_empty_calls"] = r["server_cpu_ms_per_call"] / floor.server_cpu_ms

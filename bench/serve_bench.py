@@ -388,7 +388,9 @@ def run_serve_bench(config: ServeBenchConfig) -> int:
         for index in range(config.repeat):
             if config.repeat > 1:
                 print(f"round {index + 1} of {config.repeat}", flush=True)
-            for name in targets:
+            # Every other round in the reverse order, so that no system always runs first (or after
+            # the same one) in a round: a drift within a round would weigh on one side only.
+            for name in targets if index % 2 == 0 else targets[::-1]:
                 rounds[name].append(run_system(name, config, Path(tmp) / f"round{index}"))
     systems = {name: median_round(results) for name, results in rounds.items()}
     table_ratios = ratios(systems)
