@@ -11,6 +11,7 @@ instead of 2 s, so failover tests wait less.
 from __future__ import annotations
 
 import shutil
+import ssl
 import subprocess
 import time
 from dataclasses import dataclass
@@ -28,19 +29,34 @@ def etcd_missing() -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class EtcdTls:
+    """etcd's client port over TLS: its certificate and key, and the CA its clients' certificates
+    must chain to (`--client-cert-auth`); `client` is the context this side checks it with."""
+
+    cert: Path
+    key: Path
+    client_ca: Path
+    client: ssl.SSLContext
+
+
 @dataclass
 class EtcdServer:
     proc: subprocess.Popen | None
     endpoint: str
     log_path: Path
     args: tuple[str, ...]
+    tls: EtcdTls | None = None
 
     @classmethod
-    def start(cls, workdir: Path, timeout: float = 30.0, host: str = "127.0.0.1") -> EtcdServer:
-        """host: the address it listens on (clients); its peer port stays on 127.0.0.1."""
+    def start(
+        cls, workdir: Path, timeout: float = 30.0, host: str = "127.0.0.1", tls: EtcdTls | None = None
+    ) -> EtcdServer:
+        """host: the address it listens on (clients); its peer port stays on 127.0.0.1. tls: https
+        with client certificates required (None: plain http)."""
         workdir.mkdir(parents=True, exist_ok=True)
         client, peer = free_ports(2)
-        endpoint = f"http://{host}:{client}"
+        endpoint = f"{'https' if tls else 'http'}://{host}:{client}"
         args = (
             "etcd",
             "--name", "embps",
@@ -53,7 +69,12 @@ class EtcdServer:
             "--heartbeat-interval", "25",
             "--election-timeout", "250",
         )
-        server = cls(None, endpoint, workdir / "etcd.log", args)
+        if tls is not None:
+            args += (
+                "--cert-file", str(tls.cert), "--key-file", str(tls.key),
+                "--client-cert-auth", "--trusted-ca-file", str(tls.client_ca),
+            )
+        server = cls(None, endpoint, workdir / "etcd.log", args, tls)
         server.restart(timeout)
         return server
 
@@ -61,7 +82,7 @@ class EtcdServer:
         """Starts etcd (again, after a stop: same ports, same data) and waits until it answers."""
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        client = EtcdClient(self.endpoint)
+        client = EtcdClient(self.endpoint, tls=self.tls.client if self.tls else None)
         end = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:

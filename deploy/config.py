@@ -7,6 +7,11 @@
     secret = "ctr-credentials"                   # Secret whose keys become every pod's environment
                                                  # (AWS_* for S3, tokens); default "<job>-credentials"
     etcd_image = "gcr.io/etcd-development/etcd:v3.5.17"  # the etcd render adds for [arbiter]
+    etcd_tls_cert = "/etc/embps-secret/etcd.crt" # with [arbiter] endpoints "https://<job>-etcd:2379":
+    etcd_tls_key = "/etc/embps-secret/etcd.key"  # that etcd's certificate (for <job>-etcd, localhost
+                                                 # and 127.0.0.1, server and client use) and key, keys
+                                                 # of files_secret; it requires client certificates of
+                                                 # [arbiter] tls_ca
     files_secret = "ctr-files"                   # Secret mounted at /etc/embps-secret when [security]
                                                  # names files (certificates, keys, token files), each
                                                  # as /etc/embps-secret/<key>; default "<job>-files"
@@ -113,6 +118,8 @@ class DeployConfig:
     worker: WorkerDeploy = field(default_factory=WorkerDeploy)
     serving: ServingDeploy = field(default_factory=ServingDeploy)
     etcd_image: str = "gcr.io/etcd-development/etcd:v3.5.17"  # the arbiter render adds ([arbiter], deploy/standby.py)
+    etcd_tls_cert: str | None = None  # the rendered etcd's certificate over https (deploy/standby.py)
+    etcd_tls_key: str | None = None
 
 
 def parse_deploy_config(raw: object) -> DeployConfig:
@@ -129,6 +136,9 @@ def parse_deploy_config(raw: object) -> DeployConfig:
         raise ValueError(f"deploy.image: a container image reference has no spaces, got {config.image!r}")
     if not isinstance(config.etcd_image, str) or not config.etcd_image.strip():
         raise ValueError(f"deploy.etcd_image: must name a container image with etcd, got {config.etcd_image!r}")
+    if (config.etcd_tls_cert is None) != (config.etcd_tls_key is None):
+        given, missing = ("etcd_tls_cert", "etcd_tls_key")[:: 1 if config.etcd_tls_cert is not None else -1]
+        raise ValueError(f"deploy.{missing}: required with deploy.{given}")
     _check_name("deploy.namespace", config.namespace, DNS_LABEL, 63)
     for name in ("secret", "files_secret"):
         if getattr(config, name) is not None:

@@ -5,9 +5,10 @@
     DIR/11-ps-statefulset.yaml         StatefulSet <job>-ps: pod i runs `embps ps --shard i`
     DIR/12-ps-standby-*.yaml           with [[shards]] standby: headless Service and StatefulSet
                                        <job>-ps-standby, pod i runs `embps ps --shard i --standby`
-    DIR/05-etcd-*.yaml                 with [arbiter] endpoints = "http://<job>-etcd:2379": a
-                                       one-member etcd (Service + StatefulSet with a volume); any
-                                       other endpoint is an existing etcd, and nothing is added
+    DIR/05-etcd-*.yaml                 with [arbiter] endpoints = "http[s]://<job>-etcd:2379": a
+                                       one-member etcd (Service + StatefulSet with a volume; over
+                                       https with client certificates required); any other
+                                       endpoint is an existing etcd, and nothing is added
     DIR/20-serving-deployment.yaml     Deployment <job>-serving: `embps serve`
     DIR/21-serving-service.yaml        Service <job>-serving (gRPC)
     DIR/22-serving-hpa.yaml            HorizontalPodAutoscaler on CPU
@@ -191,6 +192,20 @@ def security_files(security: SecurityConfig) -> dict[str, str]:
     return files
 
 
+def arbiter_files(job: TrainingJob, deploy: DeployConfig) -> dict[str, str]:
+    """The files of the arbiter's TLS: what shards read (`[arbiter]` tls_ca, client_cert,
+    client_key) and the rendered etcd's own certificate and key (deploy.etcd_tls_*): {field: path}."""
+    files = {}
+    if job.ps.arbiter is not None:
+        for name in ("tls_ca", "client_cert", "client_key"):
+            if getattr(job.ps.arbiter, name) is not None:
+                files[f"arbiter.{name}"] = getattr(job.ps.arbiter, name)
+    for name in ("etcd_tls_cert", "etcd_tls_key"):
+        if getattr(deploy, name) is not None:
+            files[f"deploy.{name}"] = getattr(deploy, name)
+    return files
+
+
 class PodKind(StrEnum):
     PS = "ps"
     SERVING = "serving"
@@ -235,11 +250,12 @@ def _check_security_files(job: TrainingJob, deploy: DeployConfig) -> None:
                 f"variables, so each role's token would reach every pod; give it as a file of the Secret "
                 f"{_files_secret(job, deploy)!r}: tokens.{role.value}.file = '{SECRET_DIR}/<key>'"
             )
-    for where, path in security_files(job.ps.security).items():
+    for where, path in {**security_files(job.ps.security), **arbiter_files(job, deploy)}.items():
         directory, _, key = path.rpartition("/")
         if directory != SECRET_DIR or not _SECRET_KEY.fullmatch(key):
             raise ValueError(
-                f"{where}: on Kubernetes the files of [security] come from the Secret {_files_secret(job, deploy)!r} "
+                f"{where}: on Kubernetes the files of [{where.split('.')[0]}] come from the Secret "
+                f"{_files_secret(job, deploy)!r} "
                 f"(deploy.files_secret) mounted at {SECRET_DIR}: write '{SECRET_DIR}/<key>', got {path!r}"
             )
 
@@ -297,7 +313,10 @@ def _pod_spec(
     secret = deploy.secret if deploy.secret is not None else f"{name}-credentials"
     mounts = [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}]
     volumes = [{"name": "config", "configMap": {"name": f"{name}-config"}}]
-    keys = sorted({path.rpartition("/")[2] for path in pod_security_files(job.ps.security, kind).values()})
+    files = list(pod_security_files(job.ps.security, kind).values())
+    if kind is PodKind.PS:  # a shard of a pair dials the arbiter
+        files += [path for where, path in arbiter_files(job, deploy).items() if where.startswith("arbiter.")]
+    keys = sorted({path.rpartition("/")[2] for path in files})
     if keys:
         mounts.append({"name": "security", "mountPath": SECRET_DIR, "readOnly": True})
         # Only the keys this pod reads. Kubernetes' default mode (0644): a 0400 file owned by root

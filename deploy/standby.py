@@ -4,8 +4,10 @@
     13-ps-standby-statefulset.yaml  StatefulSet <job>-ps-standby: pod i runs `embps ps --shard i --standby`
     05-etcd-service.yaml            Service <job>-etcd (client port 2379)      } only when [arbiter]
     06-etcd-statefulset.yaml        StatefulSet <job>-etcd: one etcd member,    } endpoints names
-                                    its data on a volume (leases survive a pod  } http://<job>-etcd...;
-                                    restart)                                    } else etcd exists
+                                    its data on a volume (leases survive a pod  } http[s]://<job>-etcd...;
+                                    restart); over https it requires client     } else etcd exists
+                                    certificates of [arbiter] tls_ca, and its own
+                                    certificate is deploy.etcd_tls_cert / _key
 A shard pod restarted after its standby took over finds that primary alive in etcd and becomes its
 standby (ps/shard/replication.py), so the StatefulSets' own restarts bring each pair back to two.
 """
@@ -16,6 +18,7 @@ from urllib.parse import urlparse
 
 ETCD_CLIENT_PORT = 2379
 _ETCD_PEER_PORT = 2380
+_ETCD_HEALTH_PORT = 2381  # --listen-metrics-urls: /health and /metrics in plain http
 
 
 def check_standbys(job, deploy) -> None:
@@ -47,26 +50,44 @@ def check_standbys(job, deploy) -> None:
             )
 
 
-def _renders_etcd(job) -> bool:
-    """Whether [arbiter] names the etcd this renders (`http://<job>-etcd:2379`); ValueError naming
-    arbiter.endpoints when it names that host with another scheme or port, which the rendered etcd
-    would not serve (the shards would dial a port nothing listens on, and failover never work)."""
+def _renders_etcd(job, deploy) -> bool:
+    """Whether [arbiter] names the etcd this renders (`http[s]://<job>-etcd:2379`); ValueError naming
+    arbiter.endpoints when it names that host with another port, which the rendered etcd would not
+    serve (the shards would dial a port nothing listens on, and failover never work), and naming
+    the missing field when https lacks the files its TLS needs."""
     arbiter = job.ps.arbiter
     if arbiter is None:
         return False
     endpoint = urlparse(arbiter.endpoints.split(",")[0].strip())
     if (endpoint.hostname or "").split(".")[0] != f"{job.ps.job}-etcd":
         return False
-    if endpoint.scheme != "http" or (endpoint.port or ETCD_CLIENT_PORT) != ETCD_CLIENT_PORT:
+    if (endpoint.port or ETCD_CLIENT_PORT) != ETCD_CLIENT_PORT:
         raise ValueError(
-            f"arbiter.endpoints: the etcd rendered for this job serves http on port {ETCD_CLIENT_PORT}, "
-            f"got {arbiter.endpoints!r}; name http://{job.ps.job}-etcd:{ETCD_CLIENT_PORT}, or an etcd of your own"
+            f"arbiter.endpoints: the etcd rendered for this job serves port {ETCD_CLIENT_PORT}, got "
+            f"{arbiter.endpoints!r}; name http[s]://{job.ps.job}-etcd:{ETCD_CLIENT_PORT}, or an etcd of your own"
+        )
+    if endpoint.scheme == "https":
+        # Over https it requires client certificates: of the CA that checks its own (one CA for etcd).
+        for where, value in (
+            ("arbiter.tls_ca", arbiter.tls_ca),
+            ("arbiter.client_cert", arbiter.client_cert),
+            ("deploy.etcd_tls_cert", deploy.etcd_tls_cert),
+        ):
+            if value is None:
+                raise ValueError(
+                    f"{where}: required by the etcd rendered at {arbiter.endpoints!r} (https, client certificates "
+                    "required: [arbiter] tls_ca, client_cert, client_key and deploy.etcd_tls_cert, etcd_tls_key)"
+                )
+    elif deploy.etcd_tls_cert is not None:
+        raise ValueError(
+            f"deploy.etcd_tls_cert: the etcd rendered at {arbiter.endpoints!r} serves http; name "
+            f"https://{job.ps.job}-etcd:{ETCD_CLIENT_PORT} for TLS"
         )
     return True
 
 
 def standby_manifests(job, deploy) -> dict[str, dict]:
-    from deploy.render import _headless_service, _labels, _metadata, ps_statefulset
+    from deploy.render import SECRET_DIR, _files_secret, _headless_service, _labels, _metadata, ps_statefulset
 
     if not any(s.standby for s in job.ps.shards):
         return {}
@@ -76,8 +97,10 @@ def standby_manifests(job, deploy) -> dict[str, dict]:
         "12-ps-standby-service.yaml": _headless_service(f"{name}-ps-standby", name, "ps-standby", port),
         "13-ps-standby-statefulset.yaml": ps_statefulset(job, deploy, standby=True),
     }
-    if _renders_etcd(job):
+    if _renders_etcd(job, deploy):
         etcd = f"{name}-etcd"
+        tls = urlparse(job.ps.arbiter.endpoints.strip()).scheme == "https"
+        scheme = "https" if tls else "http"
         manifests["05-etcd-service.yaml"] = {
             "apiVersion": "v1",
             "kind": "Service",
@@ -89,13 +112,26 @@ def standby_manifests(job, deploy) -> dict[str, dict]:
         }
         command = [
             "etcd", "--name", "etcd", "--data-dir", "/var/lib/etcd",
-            "--listen-client-urls", f"http://0.0.0.0:{ETCD_CLIENT_PORT}",
-            "--advertise-client-urls", f"http://{etcd}:{ETCD_CLIENT_PORT}",
+            "--listen-client-urls", f"{scheme}://0.0.0.0:{ETCD_CLIENT_PORT}",
+            "--advertise-client-urls", f"{scheme}://{etcd}:{ETCD_CLIENT_PORT}",
             "--listen-peer-urls", f"http://127.0.0.1:{_ETCD_PEER_PORT}",
             "--initial-advertise-peer-urls", f"http://127.0.0.1:{_ETCD_PEER_PORT}",
             "--initial-cluster", f"etcd=http://127.0.0.1:{_ETCD_PEER_PORT}",
+            # /health without a client certificate, for the kubelet's probes: it says nothing else.
+            "--listen-metrics-urls", f"http://0.0.0.0:{_ETCD_HEALTH_PORT}",
         ]
-        probe = {"httpGet": {"path": "/health", "port": ETCD_CLIENT_PORT}, "periodSeconds": 5, "failureThreshold": 3}
+        mounts = [{"name": "data", "mountPath": "/var/lib/etcd"}]
+        volumes = []
+        if tls:
+            command += [
+                "--cert-file", deploy.etcd_tls_cert, "--key-file", deploy.etcd_tls_key,
+                "--client-cert-auth", "--trusted-ca-file", job.ps.arbiter.tls_ca,
+            ]
+            files = (deploy.etcd_tls_cert, deploy.etcd_tls_key, job.ps.arbiter.tls_ca)
+            items = [{"key": key, "path": key} for key in sorted({path.rpartition("/")[2] for path in files})]
+            mounts.append({"name": "tls", "mountPath": SECRET_DIR, "readOnly": True})
+            volumes.append({"name": "tls", "secret": {"secretName": _files_secret(job, deploy), "items": items}})
+        probe = {"httpGet": {"path": "/health", "port": _ETCD_HEALTH_PORT}, "periodSeconds": 5, "failureThreshold": 3}
         manifests["06-etcd-statefulset.yaml"] = {
             "apiVersion": "apps/v1",
             "kind": "StatefulSet",
@@ -116,9 +152,10 @@ def standby_manifests(job, deploy) -> dict[str, dict]:
                                 "ports": [{"name": "client", "containerPort": ETCD_CLIENT_PORT}],
                                 "readinessProbe": probe,
                                 "livenessProbe": probe,
-                                "volumeMounts": [{"name": "data", "mountPath": "/var/lib/etcd"}],
+                                "volumeMounts": mounts,
                             }
-                        ]
+                        ],
+                        **({"volumes": volumes} if volumes else {}),
                     },
                 },
                 "volumeClaimTemplates": [

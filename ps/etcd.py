@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import ssl
 import time
 import urllib.parse
 from dataclasses import dataclass
@@ -73,9 +74,11 @@ class EtcdClient:
     sending, the whole answer), not per socket read: a member that trickles its answer, or hangs,
     costs a call at most that."""
 
-    def __init__(self, endpoint: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(self, endpoint: str, timeout_s: float = DEFAULT_TIMEOUT_S, tls: ssl.SSLContext | None = None) -> None:
+        """tls: the context of https endpoints (CA, client certificate); None: the system's CAs."""
         self.endpoints = parse_endpoints(endpoint)
         self.timeout_s = timeout_s
+        self.tls = tls
         self._answered = 0  # index of the member that answered last: a hung one listed first costs once
 
     def _post(self, path: str, body: dict) -> dict:
@@ -96,8 +99,12 @@ class EtcdClient:
         """One try at one member, within timeout_s in all; the answer must be a JSON object."""
         deadline = time.monotonic() + self.timeout_s
         parts = urllib.parse.urlsplit(endpoint)
-        kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-        connection = kind(parts.hostname, parts.port, timeout=self.timeout_s)
+        if parts.scheme == "https":
+            connection = http.client.HTTPSConnection(
+                parts.hostname, parts.port, timeout=self.timeout_s, context=self.tls
+            )
+        else:
+            connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=self.timeout_s)
         try:
             # One call, one connection (as urllib did): the answer ends where the connection does.
             headers = {"Content-Type": "application/json", "Connection": "close"}

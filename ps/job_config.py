@@ -34,8 +34,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import ssl
 import types
 import typing
+import urllib.parse
 from collections.abc import Sequence
 from dataclasses import MISSING, dataclass, field, fields
 from enum import StrEnum
@@ -112,12 +114,40 @@ def parse_address(where: str, address: object) -> tuple[str, int]:
 @dataclass(frozen=True)
 class ArbiterConfig:
     """Who decides which of a shard's pair is primary (`[arbiter]`): etcd, reached over its v3
-    JSON gateway at `endpoints` ("http://host:port", comma-separated for several). The primary
-    holds a lease of `lease_seconds`; its standby may take over that long after it stopped
-    renewing (the failover's stall is about that)."""
+    JSON gateway at `endpoints` ("http://host:port" or "https://host:port", comma-separated for
+    several). The primary holds a lease of `lease_seconds`; its standby may take over that long
+    after it stopped renewing (the failover's stall is about that).
+
+    Over https: `tls_ca`, the CA that signed etcd's certificate (default: the system's), and
+    `client_cert` / `client_key`, this process's certificate for an etcd that requires one
+    (`--client-cert-auth`): whoever can write the membership records chooses each shard's
+    primary, so a shared etcd wants both. Paths relative to the TOML file; read at the shard's
+    start (a file that does not load ends it with a line naming the field)."""
 
     endpoints: str
     lease_seconds: int = 2
+    tls_ca: str | None = None
+    client_cert: str | None = None
+    client_key: str | None = None
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        """The TLS of the https endpoints (None: plain http): ValueError naming the field whose
+        file does not load."""
+        if not self.endpoints.lstrip().startswith("https://"):
+            return None
+        try:
+            context = ssl.create_default_context(cafile=self.tls_ca)
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"arbiter.tls_ca: cannot load {self.tls_ca}: {exc}") from None
+        if self.client_cert is not None:
+            try:
+                context.load_cert_chain(self.client_cert, self.client_key)
+            except (OSError, ssl.SSLError) as exc:
+                raise ValueError(
+                    f"arbiter.client_cert: cannot load {self.client_cert} with arbiter.client_key {self.client_key}: "
+                    f"{exc}"
+                ) from None
+        return context
 
 
 @dataclass(frozen=True)
@@ -238,7 +268,7 @@ def parse_job_config(data: dict, base_dir: Path | None = None) -> JobConfig:
                 raise ValueError(f"snapshot.{name}: must be a number of seconds > 0, got {value!r}")
         snapshot.storage.validate("snapshot.storage")
     security = parse_security(data["security"], base_dir) if "security" in data else SecurityConfig()
-    arbiter = _parse_arbiter(data["arbiter"]) if "arbiter" in data else None
+    arbiter = _parse_arbiter(data["arbiter"], base_dir) if "arbiter" in data else None
     if arbiter is None and any(s.standby for s in shards):
         first = next(i for i, s in enumerate(shards) if s.standby)
         raise ValueError(
@@ -265,15 +295,37 @@ def parse_job_config(data: dict, base_dir: Path | None = None) -> JobConfig:
     )
 
 
-def _parse_arbiter(raw: object) -> ArbiterConfig:
+def _parse_arbiter(raw: object, base_dir: Path | None) -> ArbiterConfig:
     if not isinstance(raw, dict):
         raise ConfigTypeError(f"arbiter: must be a table ([arbiter]), got {raw!r}")
     arbiter = build_config(ArbiterConfig, raw, "arbiter")
     if not isinstance(arbiter.endpoints, str) or not arbiter.endpoints.strip():
         raise ValueError(f"arbiter.endpoints: must be 'http://host:port[,...]' (etcd), got {arbiter.endpoints!r}")
-    parse_endpoints(arbiter.endpoints)
+    endpoints = parse_endpoints(arbiter.endpoints)
     _check_int("arbiter.lease_seconds", arbiter.lease_seconds, 1, 3600)
-    return arbiter
+    files = {name: getattr(arbiter, name) for name in ("tls_ca", "client_cert", "client_key")}
+    for name, value in files.items():
+        if value is not None:
+            files[name] = _config_path(f"arbiter.{name}", value, base_dir)
+    if (files["client_cert"] is None) != (files["client_key"] is None):
+        pair = ("client_cert", "client_key")
+        given, missing = pair if files["client_cert"] is not None else pair[::-1]
+        raise ValueError(f"arbiter.{missing}: required with arbiter.{given}")
+    given = [name for name, value in files.items() if value is not None]
+    schemes = {urllib.parse.urlsplit(e).scheme for e in endpoints}
+    if given and schemes != {"https"}:
+        raise ValueError(f"arbiter.{given[0]}: TLS files need every endpoint https://, got {arbiter.endpoints!r}")
+    if len(schemes) > 1:
+        raise ValueError(f"arbiter.endpoints: all http:// or all https://, got {arbiter.endpoints!r}")
+    return dataclasses.replace(arbiter, **files)
+
+
+def _config_path(where: str, value: object, base_dir: Path | None) -> str:
+    """A path field of the TOML, joined to its directory when relative."""
+    if not isinstance(value, str) or not value:
+        raise ConfigTypeError(f"{where}: must be a non-empty path, got {value!r}")
+    path = Path(value).expanduser()
+    return str(base_dir / path if base_dir is not None and not path.is_absolute() else path)
 
 
 def _parse_shards(raw: object) -> tuple[ShardConfig, ...]:

@@ -62,7 +62,7 @@ class Arbiter:
     """One shard process's view of the arbiter; `me` is its own address."""
 
     def __init__(self, config: ArbiterConfig, job: str, shard: int, me: str) -> None:
-        self.etcd = EtcdClient(config.endpoints)
+        self.etcd = EtcdClient(config.endpoints, tls=config.tls_context())
         self.ttl = config.lease_seconds
         self.me = me
         self.key = membership_key(job, shard)

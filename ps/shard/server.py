@@ -1026,6 +1026,8 @@ def serve_shard(
         raise ValueError(f"--restore-step must be a snapshot step >= 0, got {restore_step}")
     if standby and not job.shards[shard].standby:
         raise ValueError(f"--standby: shards[{shard}] of {config} declares no standby address")
+    if job.shards[shard].standby and job.arbiter is not None:
+        job.arbiter.tls_context()  # its files, read before any port is bound (ValueError naming the field)
     for table in job.tables:
         if (reason := device_unavailable_reason(table.device)) is not None:
             raise ValueError(f"tables.{table.name}.device in {config}: {table.device!r} cannot hold rows "

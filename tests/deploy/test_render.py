@@ -456,12 +456,68 @@ def test_standbys_get_a_statefulset_and_etcd_is_added_or_taken(tmp_path, endpoin
         rendered(tmp_path, wrong)
 
 
-@pytest.mark.parametrize("endpoint", ["http://demo-etcd:12379", "https://demo-etcd:2379"])
-def test_the_rendered_etcd_s_name_with_another_port_or_scheme_is_refused(tmp_path, endpoint):
-    """The etcd rendered for the job serves http on 2379: an endpoint naming its host with another
-    port or https was rendered all the same, and the shards dialled what nothing served."""
-    with pytest.raises(ValueError, match=r"arbiter\.endpoints: the etcd rendered for this job serves http on port"):
-        rendered(tmp_path, with_standbys(endpoint))
+def test_the_rendered_etcd_s_name_with_another_port_or_without_its_tls_files_is_refused(tmp_path):
+    """The etcd rendered for the job serves 2379: an endpoint naming its host with another port was
+    rendered all the same, and the shards dialled what nothing served. Over https it needs the
+    files of its TLS, each named when missing."""
+    with pytest.raises(ValueError, match=r"arbiter\.endpoints: the etcd rendered for this job serves port 2379"):
+        rendered(tmp_path, with_standbys("http://demo-etcd:12379"))
+    with pytest.raises(ValueError, match=r"arbiter\.tls_ca: required by the etcd rendered at 'https://demo-etcd:2379'"):
+        rendered(tmp_path, with_standbys("https://demo-etcd:2379"))
+    with pytest.raises(ValueError, match=r"deploy\.etcd_tls_cert: required by the etcd rendered"):
+        rendered(tmp_path, with_arbiter_tls(with_standbys("https://demo-etcd:2379")))
+    with pytest.raises(ValueError, match=r"deploy\.etcd_tls_cert: the etcd rendered at '\S+' serves http"):
+        rendered(tmp_path, with_etcd_tls(with_standbys("http://demo-etcd:2379")))
+
+
+ARBITER_TLS = (
+    'tls_ca = "/etc/embps-secret/etcd-ca.crt"\n'
+    'client_cert = "/etc/embps-secret/etcd-client.crt"\nclient_key = "/etc/embps-secret/etcd-client.key"\n\n'
+)
+
+
+def with_arbiter_tls(toml: str) -> str:
+    return toml.replace("[tables.emb]", ARBITER_TLS + "[tables.emb]", 1)
+
+
+def with_etcd_tls(toml: str) -> str:
+    files = 'etcd_tls_cert = "/etc/embps-secret/etcd.crt"\netcd_tls_key = "/etc/embps-secret/etcd.key"\n'
+    return toml.replace("[deploy]\n", "[deploy]\n" + files, 1)
+
+
+def test_an_https_arbiter_renders_etcd_requiring_client_certificates_and_mounts_them_in_shard_pods(tmp_path):
+    """Whoever writes etcd's membership records chooses each shard's primary: the rendered etcd
+    was plain http, writable by any pod of the cluster. Over https it requires client
+    certificates of [arbiter] tls_ca; both shard StatefulSets mount the shards' client certificate,
+    no other pod does, and the kubelet's probes read /health on etcd's plain metrics port."""
+    toml = with_etcd_tls(with_arbiter_tls(with_standbys("https://demo-etcd:2379")))
+    manifests = rendered(tmp_path, toml)
+    for manifest in manifests.values():
+        if manifest["kind"] != "PyTorchJob":
+            kubernetes_validate.validate(manifest, K8S_VERSION, strict=True)
+    objects = by_kind(manifests)
+    etcd = objects["StatefulSet/demo-etcd"]["spec"]["template"]["spec"]
+    command = etcd["containers"][0]["command"]
+    arg = lambda flag: command[command.index(flag) + 1]  # noqa: E731
+    assert arg("--listen-client-urls") == "https://0.0.0.0:2379"
+    assert arg("--advertise-client-urls") == "https://demo-etcd:2379"
+    assert "--client-cert-auth" in command and arg("--trusted-ca-file") == "/etc/embps-secret/etcd-ca.crt"
+    assert (arg("--cert-file"), arg("--key-file")) == ("/etc/embps-secret/etcd.crt", "/etc/embps-secret/etcd.key")
+    health_port = int(arg("--listen-metrics-urls").rsplit(":", 1)[1])
+    assert etcd["containers"][0]["readinessProbe"]["httpGet"]["port"] == health_port
+    etcd_keys = {item["key"] for item in etcd["volumes"][0]["secret"]["items"]}
+    assert etcd_keys == {"etcd.crt", "etcd.key", "etcd-ca.crt"}
+    client = {"etcd-ca.crt", "etcd-client.crt", "etcd-client.key"}
+    for where, spec in pod_specs(manifests).items():
+        if "etcd" in where:
+            continue
+        volumes = [v for v in spec["volumes"] if v["name"] == "security"]
+        keys = {item["key"] for item in volumes[0]["secret"]["items"]} if volumes else set()
+        shard = "ps-statefulset" in where or "ps-standby-statefulset" in where
+        assert (keys == client) == shard, (where, keys)
+    outside = toml.replace('client_key = "/etc/embps-secret/etcd-client.key"', 'client_key = "/tmp/etcd-client.key"')
+    with pytest.raises(ValueError, match=r"arbiter\.client_key: on Kubernetes the files of \[arbiter\] come from"):
+        rendered(tmp_path, outside)
 
 
 def test_a_secured_job_with_standbys_needs_the_shard_token_and_mounts_it_in_shard_pods_alone(tmp_path):

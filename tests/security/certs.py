@@ -68,12 +68,13 @@ def _ca(directory: Path, stem: str) -> tuple[x509.Certificate, ec.EllipticCurveP
 def _leaf(
     directory: Path, stem: str, ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey], usage, sans: list
 ) -> tuple[Path, Path]:
+    """usage: one extended key usage, or a list of them."""
     ca_cert, ca_key = ca
     key = ec.generate_private_key(ec.SECP256R1())
     builder = (
         _builder(f"embps test {stem}", ca_cert.subject, key.public_key())
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage(usage if isinstance(usage, list) else [usage]), critical=False)
     )
     if sans:
         builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
@@ -145,3 +146,31 @@ def secured(pki: Pki, token_files: dict[Role, Path] | None = None, mutual: bool 
         tokens=tokens,
         **(client if mutual else {}),
     )
+
+
+@dataclass(frozen=True)
+class EtcdPki:
+    """etcd's own CA, as an etcd with --client-cert-auth is deployed: its server certificate (for
+    127.0.0.1, client use too: etcd's JSON gateway dials its own gRPC port with it) and a client
+    certificate for the shards, both of that CA; and a client certificate of another CA."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+    rogue_cert: Path
+    rogue_key: Path
+
+    @classmethod
+    def create(cls, directory: Path) -> EtcdPki:
+        directory.mkdir(parents=True, exist_ok=True)
+        ca_cert, ca_key, ca = _ca(directory, "etcd-ca")
+        rogue_cert, rogue_key, _ = _ca(directory, "etcd-rogue-ca")
+        sans = [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
+        both = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+        server_cert, server_key = _leaf(directory, "etcd-server", (ca_cert, ca_key), both, sans)
+        client = ExtendedKeyUsageOID.CLIENT_AUTH
+        client_cert, client_key = _leaf(directory, "etcd-client", (ca_cert, ca_key), client, [])
+        rogue = _leaf(directory, "etcd-rogue", (rogue_cert, rogue_key), client, [])
+        return cls(ca, server_cert, server_key, client_cert, client_key, *rogue)
