@@ -314,7 +314,10 @@ class TableReplica:
         values = shards[0].decode(words, dtype)
         if self.default == DefaultRow.INIT and not found.all():
             missing = ~found
-            values[missing] = self.init_values(keys[missing])
+            init = self.init_values(keys[missing])
+            # In a float16 reply saturated as the rows are (and as the gate answers): numpy's cast
+            # made an init beyond 65504 inf.
+            values[missing] = init if values.dtype == np.float32 else wire.to_float16(init)
         return values, found, served
 
     def init_values(self, keys: np.ndarray) -> np.ndarray:

@@ -135,6 +135,19 @@ def test_unknown_keys_read_as_the_default(initializer):
     assert not found.any() and not values.any()
 
 
+def test_an_init_beyond_float16_s_range_saturates_in_a_float16_reply():
+    """A missing key's init in a float16 reply (default = init) was cast by numpy: beyond 65504 it
+    came back inf on this path, +-65504 from the gate (found by a review of the two)."""
+    config = TableConfig("big", dim=3, initializer=Initializer.NORMAL, init_scale=1e6, seed=7)
+    replica = TableReplica(config, ShardMap.uniform(1), DefaultRow.INIT)
+    keys = np.arange(2, dtype=np.int64)
+    values, found = replica.lookup(keys, np.float16)
+    assert not found.any() and values.dtype == np.float16
+    init = EmbeddingTable(config).init_values(keys)
+    assert np.abs(init).max() > 65504  # the case this is about
+    np.testing.assert_array_equal(values, np.clip(init, -65504, 65504).astype(np.float16))
+
+
 def test_lookup_routes_keys_to_their_shard():
     config = TableConfig("user", dim=2)
     shard_map = ShardMap.uniform(3)
