@@ -209,12 +209,14 @@ class Call {
   void Answer() {
     LookupReply reply;
     bool ended_here = true;  // else NativeLookups answered, and counted, the call
-    if (cancelled_.load(std::memory_order_relaxed)) {
-      reply.code = grpc::StatusCode::CANCELLED;
-      reply.message = "cancelled before the lookup ran";
-    } else if (std::chrono::system_clock::now() >= deadline_) {
+    // The deadline first: gRPC cancels a call whose deadline passed, and its client got
+    // DEADLINE_EXCEEDED, so it is counted so (it was counted CANCELLED), as the Python path does.
+    if (std::chrono::system_clock::now() >= deadline_) {
       reply.code = grpc::StatusCode::DEADLINE_EXCEEDED;
       reply.message = "deadline exceeded before the lookup ran";
+    } else if (cancelled_.load(std::memory_order_relaxed)) {
+      reply.code = grpc::StatusCode::CANCELLED;
+      reply.message = "cancelled before the lookup ran";
     } else {
       reply = shared_->lookup(request_);
       ended_here = false;
