@@ -137,36 +137,33 @@ class ServingServicer(serving_pb2_grpc.ServingServicer):
 
     @unary_call("Lookup")
     async def Lookup(self, request: serving_pb2.ServingLookupRequest) -> serving_pb2.ServingLookupResponse:
-        if self.checked_key_bytes([request]) <= 8 * INLINE_LOOKUP_KEYS:
+        if len(request.keys) <= 8 * INLINE_LOOKUP_KEYS:
             return self.answer_lookup(request)
         return await asyncio.to_thread(self.answer_lookup, request)
 
     @unary_call("LookupMany")
     async def LookupMany(self, request: serving_pb2.ServingLookupManyRequest) -> serving_pb2.ServingLookupManyResponse:
-        if self.checked_key_bytes(request.lookups) <= 8 * INLINE_LOOKUP_KEYS:
+        if sum(len(lookup.keys) for lookup in request.lookups) <= 8 * INLINE_LOOKUP_KEYS:
             return self.answer_lookup_many(request)
         return await asyncio.to_thread(self.answer_lookup_many, request)
 
-    def checked_key_bytes(self, lookups) -> int:
-        """The key bytes of `lookups` (each read once); CapacityError (RESOURCE_EXHAUSTED) when their
-        reply would pass the job's message_limit_bytes, before any row is read: as the gate's check
-        (csrc/serving_lookup.cpp), not a reply built and then refused by gRPC's send."""
-        total, key_bytes = 16, 0  # the reply's own framing
-        for lookup in lookups:
-            size = len(lookup.keys)
-            key_bytes += size
-            table = self.replica.tables.get(lookup.table)
-            if table is not None:
-                n = size // 8
-                # and a version entry per shard (left out, a LookupMany of many small lookups on a
-                # job of many shards passed the check and its reply was then refused by gRPC's send)
-                total += n * table.dim * (2 if lookup.dtype == ps_pb2.FLOAT16 else 4) + n + 80 + len(table.shards) * 48
+    def check_reply_size(self, table, request: serving_pb2.ServingLookupRequest, before: int) -> None:
+        """CapacityError (RESOURCE_EXHAUSTED) when the reply, `before` bytes of it already built
+        (a LookupMany's earlier results), would pass the job's message_limit_bytes with this
+        lookup's; checked once the lookup itself was (table, dim, dtype, keys), before any row is
+        read, with the gate's estimate and message (csrc/serving_lookup.cpp): values, found flags,
+        dim and dtype, a version entry per shard and LookupMany's framing of each result. (The
+        whole call was checked first, with another estimate: a call near the limit was answered by
+        one front end and refused by the other, and a bad lookup beyond it got RESOURCE_EXHAUSTED
+        here, its own code from the gate.)"""
+        n = len(request.keys) // 8
+        value_bytes = n * table.dim * (2 if request.dtype == ps_pb2.FLOAT16 else 4)
+        total = before + value_bytes + n + 80 + len(table.shards) * 48
         limit = self.replica.config.job.message_limit_bytes
         if total > limit:
             raise CapacityError(
                 f"keys: the reply would be about {total} bytes, over message_limit_bytes {limit}; split the request"
             )
-        return key_bytes
 
     def answer_lookup_many(
         self, request: serving_pb2.ServingLookupManyRequest
@@ -178,8 +175,9 @@ class ServingServicer(serving_pb2_grpc.ServingServicer):
             reply = serving_pb2.ServingLookupManyResponse()
             for i, lookup in enumerate(request.lookups):
                 try:
-                    self.fill_lookup(lookup, reply.results.add(), version)  # in place: no copy of each result
-                except (UnknownTableError, ValueError, TypeError) as exc:
+                    before = reply.ByteSize()  # the results so far, framed
+                    self.fill_lookup(lookup, reply.results.add(), version, before)  # in place: no copy
+                except (UnknownTableError, CapacityError, ValueError, TypeError) as exc:
                     raise type(exc)(f"lookups[{i}]: {exc}") from exc
             return reply
 
@@ -206,8 +204,9 @@ class ServingServicer(serving_pb2_grpc.ServingServicer):
         return (answer(None), 0) if cut is None else cut.read(answer)
 
     def fill_lookup(self, request: serving_pb2.ServingLookupRequest, reply: serving_pb2.ServingLookupResponse,
-                    version: int | None = None) -> None:
-        """Writes the answer to `request` at model `version` into the empty message `reply`."""
+                    version: int | None = None, before: int = 0) -> None:
+        """Writes the answer to `request` at model `version` into the empty message `reply`;
+        `before`: bytes of a LookupMany's reply built before it (check_reply_size)."""
         start = time.perf_counter()
         table = self.replica.table(request.table)
         if request.dim and request.dim != table.dim:
@@ -216,6 +215,7 @@ class ServingServicer(serving_pb2_grpc.ServingServicer):
             raise ValueError(f"dtype: unsupported dtype {request.dtype}; supported: FLOAT32, FLOAT16")
         dtype = _REPLY_DTYPES[request.dtype]
         keys = wire.decode_keys(request.keys)
+        self.check_reply_size(table, request, before)
         values, found, served_versions = table.lookup_served(keys, dtype, version)
         reply.model_version = version or 0
         reply.values = values.astype(values.dtype.newbyteorder("<"), copy=False).tobytes()

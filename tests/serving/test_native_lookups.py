@@ -4,6 +4,8 @@ every storage dtype, reply dtype and default; the token check; a resync's swappe
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -170,8 +172,61 @@ def test_the_python_path_s_reply_size_check_counts_each_result_s_shard_entries()
             serving_pb2.ServingLookupRequest(table="user", keys=np.array([k], "<i8").tobytes()) for k in range(n)
         ])
 
-    with pytest.raises(CapacityError, match="over message_limit_bytes 1048576; split the request"):
-        servicer.checked_key_bytes(many(10_000).lookups)
+    with pytest.raises(CapacityError, match=r"lookups\[\d+\]: keys: the reply would be about \d+ bytes, over "
+                       "message_limit_bytes 1048576; split the request"):
+        servicer.answer_lookup_many(many(10_000))
     fits = many(2_000)
-    servicer.checked_key_bytes(fits.lookups)
     assert servicer.answer_lookup_many(fits).ByteSize() <= job.message_limit_bytes
+
+
+def test_both_front_ends_check_a_reply_s_size_alike():
+    """The Python path checked the whole call's size first, with its own estimate: a reply near the
+    limit was answered by the gate and refused here, a lookup of a wrong dim (or an unknown table)
+    beyond the limit got RESOURCE_EXHAUSTED here and its own code from the gate, and a LookupMany's
+    refusal lacked its `lookups[i]: ` (found by a review of the two). Now each lookup is checked as
+    the gate checks it, once its own checks passed, at the bytes of the reply built before it."""
+    from ps.errors import CapacityError, UnknownTableError
+    from ps.table.config import TableConfig
+    from serving.config import Consistency, ServeConfig
+    from serving.metrics import ServingMetrics
+    from serving.server import Replica, ServingServicer
+    from serving.store import TableReplica
+    from tests.helpers.processes import make_job
+
+    limit = 1 << 20
+    job = make_job([TableConfig("user", dim=4)], num_shards=1, message_limit_bytes=limit)
+    config = ServeConfig(job=job, listen="127.0.0.1:1", metrics_port=0, tables=("user",),
+                         consistency=Consistency.LATEST)
+    table = TableReplica(job.table("user"), job.shard_map)
+    servicer = ServingServicer(Replica(config, {"user": table}), ServingMetrics())
+    gate = native_lookups([table.native], LATENCY_BUCKETS, 2.0, False, limit)
+
+    def keys(n: int) -> bytes:
+        return np.arange(n, dtype="<i8").tobytes()
+
+    # The largest n the gate answers: values 16 n, found flags n, 80 and a shard's 48 within the limit.
+    n = (limit - 80 - 48) // 17
+    for count, fits in ((n, True), (n + 1, False)):
+        request = serving_pb2.ServingLookupRequest(table="user", keys=keys(count))
+        code, message, _ = gate(LOOKUP, b"", request.SerializeToString())
+        assert (code == 0) == fits, (count, message)
+        if fits:
+            servicer.answer_lookup(request)
+        else:
+            with pytest.raises(CapacityError, match=re.escape(message)):
+                servicer.answer_lookup(request)
+    wrong_dim = serving_pb2.ServingLookupRequest(table="user", keys=keys(n + 1), dim=9)
+    with pytest.raises(ValueError, match="dim: table 'user' has dim 4"):
+        servicer.answer_lookup(wrong_dim)
+    unknown = serving_pb2.ServingLookupManyRequest(lookups=[
+        serving_pb2.ServingLookupRequest(table="nope", keys=keys(8)),
+        serving_pb2.ServingLookupRequest(table="user", keys=keys(n + 1)),
+    ])
+    with pytest.raises(UnknownTableError, match=r"lookups\[0\]: table 'nope'"):
+        servicer.answer_lookup_many(unknown)
+    half = serving_pb2.ServingLookupRequest(table="user", keys=keys(n // 2 + 8))
+    halves = serving_pb2.ServingLookupManyRequest(lookups=[half, half])
+    code, message, _ = gate(MANY, b"", halves.SerializeToString())
+    assert message.startswith("lookups[1]: keys: the reply would be about")
+    with pytest.raises(CapacityError, match=r"lookups\[1\]: keys: the reply would be about"):
+        servicer.answer_lookup_many(halves)
