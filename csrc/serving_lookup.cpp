@@ -230,16 +230,30 @@ struct Reader {
     }
     return fail("varint too long");
   }
-  bool skip(uint32_t wire) {
+  // Skips the value of an unknown field `field` of wire type `wire`. A group (wire type 3,
+  // deprecated but valid protobuf, which the Python path skips) runs to the end tag of its own
+  // number; they were refused here, so the two front ends answered one request differently.
+  bool skip(uint32_t field, uint32_t wire, int depth = 0) {
     uint64_t v;
     switch (wire) {
       case 0: return varint(v);
       case 1: return advance(8);
       case 2: return varint(v) && (v <= static_cast<uint64_t>(end - p) ? (p += v, true) : fail("truncated field"));
+      case 3:
+        if (depth >= kMaxGroupDepth) return fail("groups nested too deep");
+        for (;;) {
+          uint32_t inner, inner_wire;
+          if (done()) return fail("truncated group");
+          if (!tag(inner, inner_wire)) return false;
+          if (inner_wire == 4) return inner == field || fail("end of another group");
+          if (!skip(inner, inner_wire, depth + 1)) return false;
+        }
+      case 4: return fail("end of a group that did not start");
       case 5: return advance(4);
       default: return fail("unsupported wire type");
     }
   }
+  static constexpr int kMaxGroupDepth = 100;  // protobuf's own bound on nesting
   bool advance(size_t n) {
     if (static_cast<size_t>(end - p) < n) return fail("truncated field");
     p += n;
@@ -356,7 +370,7 @@ bool parse_lookup(Reader& r, LookupFields& f) {
     } else if (field == 4 && wire == 0) {
       if (!r.varint(v)) return false;
       f.dtype = static_cast<int32_t>(static_cast<uint32_t>(v));
-    } else if (!r.skip(wire)) {
+    } else if (!r.skip(field, wire)) {
       return false;
     }
   }
@@ -524,7 +538,7 @@ NativeAnswer NativeLookups::answer(const std::string& method, const std::string&
             ok = false;
           }
         }
-      } else if (!r.skip(wire)) {
+      } else if (!r.skip(field, wire)) {
         ok = false;
       }
     }

@@ -230,3 +230,37 @@ def test_both_front_ends_check_a_reply_s_size_alike():
     assert message.startswith("lookups[1]: keys: the reply would be about")
     with pytest.raises(CapacityError, match=r"lookups\[1\]: keys: the reply would be about"):
         servicer.answer_lookup_many(halves)
+
+
+def test_unknown_groups_are_skipped_as_protobuf_skips_them():
+    """A group (wire type 3, deprecated but valid protobuf) among a request's unknown fields was
+    refused INVALID_ARGUMENT by the gate and skipped by the Python path (found by a review of the
+    two). Now the gate skips it to its end tag; what protobuf refuses, the gate refuses."""
+    from google.protobuf.message import DecodeError
+
+    table = make_table(StorageDType.FLOAT32, DefaultRow.ZEROS)
+    native = native_lookups([table.native], LATENCY_BUCKETS, 2.0, False)
+    plain = serving_pb2.ServingLookupRequest(table="user", keys=np.arange(4, dtype="<i8").tobytes()).SerializeToString()
+    answer = native(LOOKUP, b"", plain)
+    assert answer[0] == OK
+    # field 3 = (9 << 3) | 3 = 0x4b starts group 9, 0x4c ends it; inside: field 1 varint, a nested group 10
+    groups = {
+        "empty": b"\x4b\x4c",
+        "nested": b"\x4b\x08\x05\x53\x10\x01\x54\x4c",
+        "mismatched end": b"\x4b\x54",
+        "end without start": b"\x4c",
+        "unterminated": b"\x4b\x08\x05",
+    }
+    for name, group in groups.items():
+        data = plain + group
+        try:
+            serving_pb2.ServingLookupRequest.FromString(data)
+            python_ok = True
+        except DecodeError:
+            python_ok = False
+        code, message, payload = native(LOOKUP, b"", data)
+        assert (code == OK) == python_ok, (name, code, message)
+        if python_ok:
+            assert payload == answer[2], name
+        else:
+            assert code == INVALID_ARGUMENT, (name, code, message)
