@@ -450,9 +450,11 @@ class Trainer:
             self._send_commit(self.step, b"")  # a no-op once the push thread committed it
 
     def predict(self, batch: Batch) -> torch.Tensor:
-        """Logits (B,) of the current model (dense tower and PS rows) on `batch`."""
+        """Logits (B,) of the current model (dense tower and PS rows) on `batch`: the rows as of
+        this step, as a snapshot of it or a replica serves them (not the next step's, at which a
+        row pushed ttl_steps ago has expired: that scored a model no one holds)."""
         with torch.no_grad():
-            pulled = self.pull(batch)
+            pulled = self.pull(batch, self.step)
             return self.model(batch.dense, self._embeddings(pulled, torch.from_numpy(pulled.values)))
 
     def evaluate(self, batches: list[Batch]) -> dict[str, float | None]:

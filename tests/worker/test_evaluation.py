@@ -32,3 +32,39 @@ def test_held_out_labels_of_one_class_give_no_auc_and_the_job_still_writes_its_m
     assert (out / "dense.pt").is_file()
     assert json.loads((out / "summary.json").read_text())["eval_auc"] is None
     assert "all 16 held-out labels are 1: AUC is undefined" in caplog.text
+
+
+def test_evaluation_reads_the_rows_of_its_own_step_not_the_next(tmp_path: Path):
+    """predict() read the rows for the next step: with a TTL, a row last pushed ttl_steps ago,
+    alive at this step (in a snapshot of it, on a replica), read as its init, and the eval scored a
+    model no one holds (logits off by up to 0.25 in a review's job of ttl_steps = 1)."""
+    import numpy as np
+    import torch
+
+    from ps.table.config import EvictionConfig
+    from worker.data_sources import eval_batches, train_reader
+    from worker.local_tables import LocalTables
+    from worker.model import DLRMDenseTower
+    from worker.trainer import Trainer
+
+    table = TableConfig(name="t", dim=4, init_scale=0.1, seed=1, eviction=EvictionConfig(ttl_steps=1),
+                        optimizer=OptimizerConfig(kind=OptimizerKind.ADAGRAD, lr=0.2))
+    train = {"workers": 1, "steps": 6, "batch_size": 32, "mode": "sync", "dense_lr": 0.01, "tables": ["t"],
+             "eval_batches": 1, "output_dir": str(tmp_path / "out")}
+    synthetic = {"num_dense": 2, "num_sparse": 3, "num_keys": 200, "num_batches": 6, "num_eval_batches": 1}
+    path, _ = write_training_job(tmp_path / "job.toml", [table], 1, train, synthetic)
+    job = load_training_job(path)
+    torch.manual_seed(0)
+    model = DLRMDenseTower(job.model)
+    trainer = Trainer(job, model, LocalTables(list(job.ps.tables)), rank=0, world_size=1)
+    batches = list(train_reader(job, 0, 1))
+    for batch in batches:
+        trainer.train_step(trainer.pull(batch))
+    trainer.drain()
+    held_out = eval_batches(job)[0]
+    stored = trainer.pull(held_out, trainer.step)  # the rows as step 6 left them
+    assert not np.array_equal(stored.values, trainer.pull(held_out, trainer.step + 1).values)  # the case
+    with torch.no_grad():
+        want = model(held_out.dense, trainer._embeddings(stored, torch.from_numpy(stored.values)))
+    torch.testing.assert_close(trainer.predict(held_out), want, rtol=0, atol=0)
+    trainer.close()
