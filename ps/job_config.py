@@ -133,7 +133,7 @@ class ArbiterConfig:
     def tls_context(self) -> ssl.SSLContext | None:
         """The TLS of the https endpoints (None: plain http): ValueError naming the field whose
         file does not load."""
-        if not self.endpoints.lstrip().startswith("https://"):
+        if urllib.parse.urlsplit(parse_endpoints(self.endpoints)[0]).scheme != "https":  # HTTPS:// too
             return None
         try:
             context = ssl.create_default_context(cafile=self.tls_ca)

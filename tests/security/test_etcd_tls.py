@@ -88,6 +88,10 @@ def test_arbiter_tls_fields_are_checked_by_name(etcd_pki, tmp_path):
         parse({"endpoints": "http://127.0.0.1:2379", "tls_ca": str(etcd_pki.ca)})
     with pytest.raises(ValueError, match=r"arbiter\.endpoints: all http:// or all https://"):
         parse({"endpoints": f"{https},http://127.0.0.1:2380"})
+    # A scheme in capitals is https too: its files were ignored, and the shard dialled etcd without them.
+    capitals = parse({"endpoints": https.replace("https", "HTTPS"), "tls_ca": "certs/ca.pem"}).arbiter
+    with pytest.raises(ValueError, match=r"arbiter\.tls_ca: cannot load"):
+        capitals.tls_context()
     relative = parse({"endpoints": https, "tls_ca": "certs/ca.pem"}).arbiter
     assert relative.tls_ca == str(tmp_path / "certs" / "ca.pem")  # relative to the TOML's folder
     with pytest.raises(ValueError, match=r"arbiter\.tls_ca: cannot load"):
