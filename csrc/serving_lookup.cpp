@@ -242,9 +242,12 @@ struct Reader {
       case 3:
         if (depth >= kMaxGroupDepth) return fail("groups nested too deep");
         for (;;) {
-          uint32_t inner, inner_wire;
+          // The tags within a group as protobuf reads them: a field number 0 is taken there.
           if (done()) return fail("truncated group");
-          if (!tag(inner, inner_wire)) return false;
+          uint64_t t;
+          if (!varint(t)) return false;
+          if (t > 0xFFFFFFFFu) return fail("tag too large");
+          const uint32_t inner = static_cast<uint32_t>(t >> 3), inner_wire = static_cast<uint32_t>(t & 7);
           if (inner_wire == 4) return inner == field || fail("end of another group");
           if (!skip(inner, inner_wire, depth + 1)) return false;
         }

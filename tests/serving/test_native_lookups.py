@@ -247,6 +247,7 @@ def test_unknown_groups_are_skipped_as_protobuf_skips_them():
     groups = {
         "empty": b"\x4b\x4c",
         "nested": b"\x4b\x08\x05\x53\x10\x01\x54\x4c",
+        "inner field 0": b"\x4b\x00\x05\x4c",
         "mismatched end": b"\x4b\x54",
         "end without start": b"\x4c",
         "unterminated": b"\x4b\x08\x05",
