@@ -276,7 +276,7 @@ def stream_call(method: str) -> Callable[[StreamMethod], Callable]:
                     watch.arm()
                     yield reply
                     watch.disarm()
-            except asyncio.CancelledError:
+            except (asyncio.CancelledError, GeneratorExit):  # GeneratorExit: closed at its yield
                 if not watch.fired:  # a stalled stream is recorded below
                     call.cancelled(context)
                 raise
