@@ -451,8 +451,9 @@ class Trainer:
 
     def predict(self, batch: Batch) -> torch.Tensor:
         """Logits (B,) of the current model (dense tower and PS rows) on `batch`: the rows as of
-        this step, as a snapshot of it or a replica serves them (not the next step's, at which a
-        row pushed ttl_steps ago has expired: that scored a model no one holds)."""
+        this step (not the next step's, at which a row pushed ttl_steps ago has expired). A row
+        past its TTL reads as its init here, as training reads it; a snapshot and a replica hold
+        it until the shard's sweep drops it (README, Eviction)."""
         with torch.no_grad():
             pulled = self.pull(batch, self.step)
             return self.model(batch.dense, self._embeddings(pulled, torch.from_numpy(pulled.values)))

@@ -36,8 +36,8 @@ def test_held_out_labels_of_one_class_give_no_auc_and_the_job_still_writes_its_m
 
 def test_evaluation_reads_the_rows_of_its_own_step_not_the_next(tmp_path: Path):
     """predict() read the rows for the next step: with a TTL, a row last pushed ttl_steps ago,
-    alive at this step (in a snapshot of it, on a replica), read as its init, and the eval scored a
-    model no one holds (logits off by up to 0.25 in a review's job of ttl_steps = 1)."""
+    alive at this step, read as its init, and the eval scored the next step's rows with this
+    step's tower (logits off by up to 0.25 in a review's job of ttl_steps = 1)."""
     import numpy as np
     import torch
 
