@@ -214,19 +214,26 @@ def test_an_int8_row_with_a_nan_decodes_as_nan_at_every_instruction_set(dim):
     keys = np.arange(dim, dtype=np.int64)
     values = np.tile(np.linspace(-1, 1, dim, dtype=np.float32), (dim, 1))
     values[np.arange(dim), np.arange(dim)] = np.nan  # row i: the NaN at position i
+    encoded = encoded_alike_at_every_instruction_set(Storage.INT8, keys, values)
+    decoded = native.decode_words(Storage.INT8, encoded.view(np.float32), dim)
+    assert np.isnan(decoded).all()
+    with np.errstate(invalid="ignore"):  # the reference casts NaN to its codes
+        assert np.isnan(ref.decode("int8", ref.encode("int8", 0, keys, 1, values), dim)).all()
+
+
+def encoded_alike_at_every_instruction_set(storage: Storage, keys: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """values (n, d) encoded (seed 0, stream 1) at each instruction set this CPU has, checked equal
+    byte for byte; the bytes (n, 4 * words) uint8."""
     encoded = []
     try:
         for level in range(native.cpu_isa() + 1):
             native.set_isa_limit(level)
-            encoded.append(native.encode_words(Storage.INT8, 0, keys, 1, values).view(np.uint8))
+            encoded.append(native.encode_words(storage, 0, keys, 1, values).view(np.uint8))
     finally:
         native.set_isa_limit(2)
     for words in encoded[1:]:
         np.testing.assert_array_equal(words, encoded[0])
-    decoded = native.decode_words(Storage.INT8, encoded[0].view(np.float32), dim)
-    assert np.isnan(decoded).all()
-    with np.errstate(invalid="ignore"):  # the reference casts NaN to its codes
-        assert np.isnan(ref.decode("int8", ref.encode("int8", 0, keys, 1, values), dim)).all()
+    return encoded[0]
 
 
 def test_a_float16_row_keeps_values_near_float32_s_largest_as_the_largest_half_at_every_instruction_set():
@@ -238,16 +245,8 @@ def test_a_float16_row_keeps_values_near_float32_s_largest_as_the_largest_half_a
     row = np.array([big, -big, np.nextafter(big, 0), 65504.0, 65519.0, np.inf, -np.inf, 1.0], np.float32)
     values = np.tile(np.concatenate([row, row]), (4, 1))  # 16 wide: the AVX-512 and F16C loops too
     keys = np.arange(4, dtype=np.int64)
-    encoded = []
-    try:
-        for level in range(native.cpu_isa() + 1):
-            native.set_isa_limit(level)
-            encoded.append(native.encode_words(Storage.FLOAT16, 0, keys, 1, values).view(np.uint8))
-    finally:
-        native.set_isa_limit(2)
-    for words in encoded[1:]:
-        np.testing.assert_array_equal(words, encoded[0])
-    decoded = native.decode_words(Storage.FLOAT16, encoded[0].view(np.float32), values.shape[1])
+    encoded = encoded_alike_at_every_instruction_set(Storage.FLOAT16, keys, values)
+    decoded = native.decode_words(Storage.FLOAT16, encoded.view(np.float32), values.shape[1])
     want = np.tile(np.array([65504, -65504, 65504, 65504, 65504, np.inf, -np.inf, 1.0], np.float32), (4, 2))
     np.testing.assert_array_equal(decoded, want)
-    np.testing.assert_array_equal(ref.encode("float16", 0, keys, 1, values), encoded[0])
+    np.testing.assert_array_equal(ref.encode("float16", 0, keys, 1, values), encoded)
