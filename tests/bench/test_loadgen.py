@@ -140,8 +140,9 @@ def test_server_cpu_is_taken_over_the_measured_window_only() -> None:
     import subprocess
     import sys
 
-    busy = "import time\nend = time.process_time() + 0.5\nwhile time.process_time() < end: pass\ntime.sleep(60)"
-    server = subprocess.Popen([sys.executable, "-c", busy])
+    # Burns half a second of CPU, then idles, blocked on its stdin until it is killed.
+    busy = "import sys, time\nend = time.process_time() + 0.5\nwhile time.process_time() < end: pass\nsys.stdin.read()"
+    server = subprocess.Popen([sys.executable, "-c", busy], stdin=subprocess.PIPE)
     try:
         spec = LoadSpec(rate=200, duration_s=2.0, warmup_s=1.5, clients=1, concurrency=4, rows=2_000)
         run = run_load(InProcessTarget(rows=2_000, dim=8), spec, [server.pid])
