@@ -173,12 +173,13 @@ class ServingServicer(serving_pb2_grpc.ServingServicer):
 
         def answer(version: int | None) -> serving_pb2.ServingLookupManyResponse:
             reply = serving_pb2.ServingLookupManyResponse()
+            before = 0  # the results so far, framed (reply.ByteSize() encodes them: megabytes a call)
             for i, lookup in enumerate(request.lookups):
                 try:
-                    before = reply.ByteSize()  # the results so far, framed
-                    self.fill_lookup(lookup, reply.results.add(), version, before)  # in place: no copy
+                    size = self.fill_lookup(lookup, reply.results.add(), version, before)  # in place: no copy
                 except (UnknownTableError, CapacityError, ValueError, TypeError) as exc:
                     raise type(exc)(f"lookups[{i}]: {exc}") from exc
+                before += _framed(size)
             return reply
 
         reply, version = self._at_one_version(answer)
@@ -204,9 +205,10 @@ class ServingServicer(serving_pb2_grpc.ServingServicer):
         return (answer(None), 0) if cut is None else cut.read(answer)
 
     def fill_lookup(self, request: serving_pb2.ServingLookupRequest, reply: serving_pb2.ServingLookupResponse,
-                    version: int | None = None, before: int = 0) -> None:
+                    version: int | None = None, before: int = 0) -> int:
         """Writes the answer to `request` at model `version` into the empty message `reply`;
-        `before`: bytes of a LookupMany's reply built before it (check_reply_size)."""
+        `before`: bytes of a LookupMany's reply built before it (check_reply_size). Returns the
+        reply's serialized size, counted without encoding its rows."""
         start = time.perf_counter()
         table = self.replica.table(request.table)
         if request.dim and request.dim != table.dim:
@@ -218,20 +220,24 @@ class ServingServicer(serving_pb2_grpc.ServingServicer):
         self.check_reply_size(table, request, before)
         values, found, served_versions = table.lookup_served(keys, dtype, version)
         reply.model_version = version or 0
-        reply.values = values.astype(values.dtype.newbyteorder("<"), copy=False).tobytes()
         reply.dim = table.dim
         reply.dtype = ps_pb2.FLOAT16 if dtype == np.float16 else ps_pb2.FLOAT32
-        reply.found = found.view(np.uint8).tobytes()
         for s, (shard_version, incarnation) in enumerate(served_versions):
             served = reply.shards.add()
             served.shard = s
             served.version = shard_version
             served.incarnation = incarnation
             served.stale = self.stale(table.name, s)
+        size = reply.ByteSize()  # before the rows and flags: a few bytes a shard to encode
+        for name, data in (("values", values.astype(values.dtype.newbyteorder("<"), copy=False).tobytes()),
+                           ("found", found.view(np.uint8).tobytes())):
+            setattr(reply, name, data)
+            size += _framed(len(data)) if data else 0
         looked_up, missing, duration = self._table_metrics(table.name)
         looked_up.inc(keys.shape[0])
         missing.inc(int(keys.shape[0] - np.count_nonzero(found)))
         duration.observe(time.perf_counter() - start)
+        return size
 
     def _table_metrics(self, table: str) -> tuple:
         """(keys, missing keys, lookup duration) series of `table`, looked up once."""
@@ -301,6 +307,11 @@ def gate_lookups(replica: Replica, auth: TokenAuth | None) -> NativeLookups:
     )
     refresh_tokens(native, auth)
     return native
+
+
+def _framed(size: int) -> int:
+    """Bytes of a length-delimited field of `size` bytes (fields numbered below 16): tag, length, body."""
+    return 1 + max(1, (size.bit_length() + 6) // 7) + size
 
 
 def refresh_tokens(native: NativeLookups, auth: TokenAuth | None) -> None:
