@@ -50,6 +50,7 @@ from ps.errors import ConfigTypeError
 from ps.etcd import parse_endpoints
 from ps.names import NAME_RULE, is_name
 from ps.security import SecurityConfig, dump_security, parse_security
+from ps.security.config import config_path
 from ps.sharding import ShardMap
 from ps.snapshot.storage import StorageConfig, check_uri
 from ps.table.config import AdmissionConfig, EvictionConfig, OptimizerConfig, TableConfig
@@ -306,7 +307,7 @@ def _parse_arbiter(raw: object, base_dir: Path | None) -> ArbiterConfig:
     files = {name: getattr(arbiter, name) for name in ("tls_ca", "client_cert", "client_key")}
     for name, value in files.items():
         if value is not None:
-            files[name] = _config_path(f"arbiter.{name}", value, base_dir)
+            files[name] = config_path(f"arbiter.{name}", value, base_dir)
     if (files["client_cert"] is None) != (files["client_key"] is None):
         pair = ("client_cert", "client_key")
         given, missing = pair if files["client_cert"] is not None else pair[::-1]
@@ -319,13 +320,6 @@ def _parse_arbiter(raw: object, base_dir: Path | None) -> ArbiterConfig:
         raise ValueError(f"arbiter.endpoints: all http:// or all https://, got {arbiter.endpoints!r}")
     return dataclasses.replace(arbiter, **files)
 
-
-def _config_path(where: str, value: object, base_dir: Path | None) -> str:
-    """A path field of the TOML, joined to its directory when relative."""
-    if not isinstance(value, str) or not value:
-        raise ConfigTypeError(f"{where}: must be a non-empty path, got {value!r}")
-    path = Path(value).expanduser()
-    return str(base_dir / path if base_dir is not None and not path.is_absolute() else path)
 
 
 def _parse_shards(raw: object) -> tuple[ShardConfig, ...]:

@@ -139,7 +139,7 @@ def parse_security(raw: object, base_dir: Path | None = None) -> SecurityConfig:
     values: dict[str, str] = {}
     for name in paths:
         if name in raw:
-            values[name] = _path(f"security.{name}", raw[name], base_dir)
+            values[name] = config_path(f"security.{name}", raw[name], base_dir)
     for a, b in (("tls_cert", "tls_key"), ("client_cert", "client_key")):
         if (a in values) != (b in values):
             missing, given = (b, a) if a in values else (a, b)
@@ -173,7 +173,7 @@ def _parse_tokens(raw: object, base_dir: Path | None) -> Tokens:
                 f"in the TOML), got a {type(entry).__name__}"
             )
         if "file" in entry:
-            sources[role] = TokenSource(file=_path(f"{where}.file", entry["file"], base_dir))
+            sources[role] = TokenSource(file=config_path(f"{where}.file", entry["file"], base_dir))
         else:
             env = entry["env"]
             if not isinstance(env, str) or not env or "=" in env:
@@ -182,7 +182,9 @@ def _parse_tokens(raw: object, base_dir: Path | None) -> Tokens:
     return Tokens(**sources)
 
 
-def _path(where: str, value: object, base_dir: Path | None) -> str:
+def config_path(where: str, value: object, base_dir: Path | None) -> str:
+    """A path field of a TOML file (`where` names it in errors), joined to base_dir, the file's
+    folder, when relative."""
     if not isinstance(value, str) or not value:
         raise ConfigTypeError(f"{where}: must be a non-empty path, got {type(value).__name__}")
     path = Path(value).expanduser()
