@@ -48,8 +48,8 @@ class LocalTables:
         """keys (n,) int64 -> values (n, dim) float32, read for `step` as PSClient.lookup's are
         (None: the table's last step pushed)."""
         with self._lock:
-            rows = self.tables[table]
-            return rows.read(keys, rows.step if step is None else step)
+            embedding = self.tables[table]
+            return embedding.read(keys, embedding.step if step is None else step)
 
     def push(self, table: str, keys: np.ndarray, grads: np.ndarray, step: int | None = None, counts=None) -> None:
         """keys (n,) int64, grads (n, dim) float32: one optimizer step per unique key."""
