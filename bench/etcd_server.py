@@ -89,6 +89,7 @@ class EtcdServer:
                 raise RuntimeError(f"etcd exited with {self.proc.returncode}:\n{self.log_path.read_text()[-3000:]}")
             try:
                 client.get("/embps/ready")
+                client.close()
                 return
             except EtcdUnavailableError:
                 if time.monotonic() > end:

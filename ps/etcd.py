@@ -1,14 +1,20 @@
-"""A small etcd v3 client over its JSON gateway (urllib): range, put, leases, compare-and-swap.
+"""A small etcd v3 client over its JSON gateway (http.client): range, put, leases, compare-and-swap.
 
     EtcdClient("http://127.0.0.1:2379")
         .grant(ttl) -> Lease        POST /v3/lease/grant
         .keepalive(lease) -> ttl    POST /v3/lease/keepalive   (0: the lease is gone)
         .get(key) -> KeyValue|None  POST /v3/kv/range
+        .range(key, end) -> [KeyValue]   (the keys in [key, end), at one revision)
         .txn(compare, success)      POST /v3/kv/txn            (compare-and-swap)
 
 Keys and values are str on our side, base64 on the wire (the gateway's encoding of bytes). Every
 call has a timeout; an unreachable or failing etcd is EtcdUnavailableError, never a hang. This is
 all the arbiter (ps/shard/arbiter.py) needs, so no gRPC etcd client is pulled in.
+
+Connections are kept open between calls (HTTP/1.1 keep-alive, a few idle ones per member): a pair
+of shards asks etcd 8 times a second with the default 2 s lease, and a connection per call cost the
+caller and etcd together 0.9-1.0 ms of CPU a call over http and 2.8-2.9 ms over https (a TLS
+handshake each), against 0.7 and 0.8 ms kept (`embps bench arbiter`).
 """
 
 from __future__ import annotations
@@ -16,12 +22,16 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import select
+import socket
 import ssl
+import threading
 import time
 import urllib.parse
 from dataclasses import dataclass
 
 DEFAULT_TIMEOUT_S = 1.0
+IDLE_CONNECTIONS = 4  # kept per member; a call that finds none idle opens another
 
 
 class EtcdUnavailableError(ConnectionError):
@@ -80,6 +90,8 @@ class EtcdClient:
         self.timeout_s = timeout_s
         self.tls = tls
         self._answered = 0  # index of the member that answered last: a hung one listed first costs once
+        self._lock = threading.Lock()
+        self._idle: dict[str, list[http.client.HTTPConnection]] = {}  # endpoint -> connections kept open
 
     def _post(self, path: str, body: dict) -> dict:
         data = json.dumps(body).encode()
@@ -96,20 +108,25 @@ class EtcdClient:
         raise EtcdUnavailableError(f"etcd {','.join(self.endpoints)}: {path}: {last}")
 
     def _post_to(self, endpoint: str, path: str, data: bytes) -> dict:
-        """One try at one member, within timeout_s in all; the answer must be a JSON object."""
+        """One try at one member, within timeout_s in all; the answer must be a JSON object. The
+        connection goes back to the member's idle ones only after a whole answer that leaves it
+        open; after anything else it is closed."""
         deadline = time.monotonic() + self.timeout_s
         parts = urllib.parse.urlsplit(endpoint)
-        if parts.scheme == "https":
-            connection = http.client.HTTPSConnection(
-                parts.hostname, parts.port, timeout=self.timeout_s, context=self.tls
-            )
+        connection = self._idle_connection(endpoint)
+        if connection is None:
+            if parts.scheme == "https":
+                connection = http.client.HTTPSConnection(
+                    parts.hostname, parts.port, timeout=self.timeout_s, context=self.tls
+                )
+            else:
+                connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=self.timeout_s)
         else:
-            connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=self.timeout_s)
+            connection.sock.settimeout(max(1e-3, deadline - time.monotonic()))
+        kept = False
         try:
-            # One call, one connection (as urllib did): the answer ends where the connection does.
-            headers = {"Content-Type": "application/json", "Connection": "close"}
-            connection.request("POST", parts.path + path, data, headers)
-            sock = connection.sock  # kept: the connection lets go of it once the answer says close
+            connection.request("POST", parts.path + path, data, {"Content-Type": "application/json"})
+            sock = connection.sock  # kept: the connection lets go of it once an answer says close
             sock.settimeout(max(1e-3, deadline - time.monotonic()))
             response = connection.getresponse()
             body = bytearray()
@@ -122,13 +139,44 @@ class EtcdClient:
                 if not chunk:
                     break
                 body += chunk
+            if response.length:  # the member closed the connection before the length it promised
+                raise ValueError(f"answer cut short: {response.length} of its bytes missing")
             if response.status != 200:
                 raise ValueError(f"HTTP {response.status} {response.reason}: {bytes(body[:200])!r}")
             reply = json.loads(body or b"{}")
             if not isinstance(reply, dict):
                 raise ValueError(f"not a JSON object: {bytes(body[:200])!r}")
+            response.close()
+            kept = not response.will_close and self._keep(endpoint, connection)
             return reply
         finally:
+            if not kept:
+                connection.close()
+
+    def _idle_connection(self, endpoint: str) -> http.client.HTTPConnection | None:
+        """An idle connection to `endpoint` still fit to carry a call, or None."""
+        while True:
+            with self._lock:
+                idle = self._idle.get(endpoint)
+                connection = idle.pop() if idle else None
+            if connection is None or not _dropped(connection.sock):
+                return connection
+            connection.close()
+
+    def _keep(self, endpoint: str, connection: http.client.HTTPConnection) -> bool:
+        with self._lock:
+            idle = self._idle.setdefault(endpoint, [])
+            if len(idle) >= IDLE_CONNECTIONS:
+                return False
+            idle.append(connection)
+            return True
+
+    def close(self) -> None:
+        """Closes the idle connections (a later call opens new ones)."""
+        with self._lock:
+            idle = [c for connections in self._idle.values() for c in connections]
+            self._idle.clear()
+        for connection in idle:
             connection.close()
 
     def grant(self, ttl: int) -> Lease:
@@ -149,6 +197,11 @@ class EtcdClient:
         reply = self._post("/v3/kv/range", {"key": _b64(key)})
         kvs = reply.get("kvs") or []
         return _key_value(kvs[0]) if kvs else None
+
+    def range(self, key: str, range_end: str) -> list[KeyValue]:
+        """The keys in [key, range_end), in key order, read at one revision."""
+        reply = self._post("/v3/kv/range", {"key": _b64(key), "range_end": _b64(range_end)})
+        return [_key_value(kv) for kv in reply.get("kvs") or []]
 
     def put(self, key: str, value: str, lease: Lease | None = None) -> None:
         body = {"key": _b64(key), "value": _b64(value)}
@@ -176,6 +229,25 @@ class EtcdClient:
         if lease is not None:
             body["lease"] = str(lease.id)
         return {"request_put": body}
+
+
+def _dropped(sock: socket.socket | None) -> bool:
+    """Whether an idle connection can no longer carry a call: its member closed it (etcd restarted,
+    an idle timeout) or sent something unasked. Readable while idle means one of those, except for
+    TLS records that are no data (a session ticket), which the read below takes."""
+    if sock is None:
+        return True
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        if not readable:
+            return False
+        sock.setblocking(False)
+        sock.recv(1)
+    except (ssl.SSLWantReadError, BlockingIOError):
+        return False
+    except (OSError, ValueError):
+        return True
+    return True  # end of stream, or bytes nobody asked for
 
 
 def _key_value(kv: dict) -> KeyValue:

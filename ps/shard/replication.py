@@ -245,6 +245,7 @@ class Replication:
             # the lease goes now, and a standby in sync takes over at once (a rolling restart, a
             # pod moved), not a lease later.
             await asyncio.to_thread(self.arbiter.release_lease)
+        self.arbiter.etcd.close()
         self._changed()
 
     def describe(self) -> str:
@@ -1093,13 +1094,14 @@ class Replication:
             if self.epoch == 0:
                 continue  # never joined: nothing to take over
             try:
-                membership, revision = await asyncio.to_thread(self.arbiter.read)
+                membership, revision, leader_alive = await asyncio.to_thread(self.arbiter.look)
                 if membership is not None and membership.primary == self.arbiter.me and membership.epoch > self.epoch:
                     self._promoting = True
                     if await asyncio.to_thread(self.arbiter.claim_unanswered, membership):
                         self._promoted(membership.epoch, "its promotion committed, its answer lost")
                         return
                     epoch = membership.epoch + 1
+                    leader_alive = await asyncio.to_thread(self.arbiter.leader_alive)  # the take's lease, gone since?
                 elif membership is None and self._in_sync_now():
                     # The record is gone (etcd lost its data) and this process was last seen in sync,
                     # its primary heard from just now (a standby paused or cut off since may have
@@ -1123,7 +1125,7 @@ class Replication:
                 else:
                     self._in_sync_at, self._sure_in_sync = self.epoch, True
                     epoch = self.epoch + 1
-                if await asyncio.to_thread(self.arbiter.leader_alive):
+                if leader_alive:
                     self._promoting = False
                     continue
                 self._promoting = True  # from here no message of the old epoch is applied (stream or link)

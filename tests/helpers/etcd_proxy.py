@@ -8,10 +8,10 @@
     proxy.refuse_after_loss.set()              # ... from the moment an answer is lost
     proxy.stop()
 
-ps/etcd.py's client sends one request per connection (urllib, `Connection: close`), and etcd
-closes each connection after its reply, so a connection here is one request and one reply: the
-proxy reads the request whole (headers, then Content-Length bytes), sends it on, and reads the
-reply until etcd closes. What it injects is what a client cannot tell from a lost answer: a
+A connection here carries one request and one reply: the proxy reads the request whole (headers,
+then Content-Length bytes), sends it on with `Connection: close`, and reads the reply until etcd
+closes; that header in the reply tells ps/etcd.py's client (which keeps connections open otherwise)
+not to send another on it. What it injects is what a client cannot tell from a lost answer: a
 compare-and-swap that committed while the caller saw etcd unavailable.
 """
 
@@ -85,7 +85,8 @@ class EtcdProxy:
 
 
 def _read_request(conn: socket.socket) -> bytes | None:
-    """One HTTP request: its headers and Content-Length bytes of body (None: closed first)."""
+    """One HTTP request: its headers, `Connection: close`, and Content-Length bytes of body (None:
+    closed first)."""
     data = b""
     while b"\r\n\r\n" not in data:
         chunk = conn.recv(65536)
@@ -103,7 +104,9 @@ def _read_request(conn: socket.socket) -> bytes | None:
         if not chunk:
             return None
         body += chunk
-    return head + b"\r\n\r\n" + body
+    # One request a connection here: etcd closes it after its answer, which tells the caller too
+    # (the caller keeps connections open otherwise; see ps/etcd.py).
+    return head + b"\r\nConnection: close\r\n\r\n" + body
 
 
 def _read_to_end(sock: socket.socket) -> bytes:
