@@ -143,6 +143,21 @@ def _run_standby_join(args: argparse.Namespace) -> int:
     return run_standby_join_bench(StandbyJoinBenchConfig(rows=args.rows, dim=args.dim, batch=args.batch, out=args.out))
 
 
+def _add_arbiter(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--calls", type=flags.count, default=400, help="etcd calls per measured case")
+    parser.add_argument("--seconds", type=flags.positive, default=10.0, help="how long the idle pair is measured")
+    parser.add_argument("--lease", type=flags.count, default=2, help="the pair's lease_seconds")
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+
+
+def _run_arbiter(args: argparse.Namespace) -> int:
+    from bench.arbiter_bench import ArbiterBenchConfig, run_arbiter_bench
+
+    return run_arbiter_bench(
+        ArbiterBenchConfig(calls=args.calls, seconds=args.seconds, lease_seconds=args.lease, out=args.out)
+    )
+
+
 def _add_freshness(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rate", type=flags.count, default=100_000, help="rows pushed per second (default 100k)")
     parser.add_argument("--batch", type=flags.count, default=5_000, help="rows per push")
@@ -537,6 +552,7 @@ BENCHES: dict[str, Bench] = {
     "standby-join": Bench(
         "a new standby's state copy: the primary's longest push and its memory", _add_standby_join, _run_standby_join
     ),
+    "arbiter": Bench("CPU per etcd call, and an idle shard pair's CPU per second", _add_arbiter, _run_arbiter),
     "freshness": Bench("push-ack to serving-visible delay under a steady push rate", _add_freshness, _run_freshness),
     "data": Bench("input rows/s of the TSV and Parquet readers at W = 1, 2, 4 ranks", _add_data, _run_data),
     "train": Bench("training samples/s through the PS vs in process", _add_train, _run_train),
