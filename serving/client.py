@@ -187,11 +187,16 @@ class ServingClient:
         """[(table, distinct keys)] -> ([(values, found) of those keys, per lookup], model version),
         in one call when its reply fits the message limit, else in parts (see _fetch) that all
         answer at one model version: tried again from the start, up to _VERSION_TRIES times, when
-        the replicas' cut moved between two parts."""
+        the replica's cut moved between two parts. Every part goes to the replica that answered
+        the one before (another only when it fails over): parts spread over the replicas in turn
+        came back at different versions on every try whenever two replicas held different cuts (one
+        behind the other, as a replica cut off from a shard keeps its last cut), and such a lookup
+        always failed."""
         deadline = time.monotonic() + self.timeout_s
         for _ in range(_VERSION_TRIES):
+            replica = [next(self._turn) % len(self._replicas)]
             try:
-                return self._fetch(lookups, many, deadline)
+                return self._fetch(lookups, many, deadline, replica)
             except _VersionMoved:
                 continue
         raise RuntimeError(
@@ -199,8 +204,11 @@ class ServingClient:
             f"parts {_VERSION_TRIES} times; ask again, or for fewer keys at once"
         )
 
-    def _fetch(self, lookups: list[tuple[str, np.ndarray]], many: bool, deadline: float) -> tuple[list[tuple], int]:
-        """One call for `lookups`; a reply the replica refuses as over the message limit is split
+    def _fetch(
+        self, lookups: list[tuple[str, np.ndarray]], many: bool, deadline: float, replica: list[int]
+    ) -> tuple[list[tuple], int]:
+        """One call for `lookups`, first to replica[0] (set to the one that answers; see _call); a
+        reply the replica refuses as over the message limit is split
         in two (lookups, or a lookup's keys) and each half fetched the same way: before, the
         refusal (RESOURCE_EXHAUSTED) was taken for load shedding, every replica was asked the same,
         and the caller got ReplicasUnavailableError for a request that could never be answered."""
@@ -211,13 +219,13 @@ class ServingClient:
         try:
             if many:
                 request = serving_pb2.ServingLookupManyRequest(lookups=requests)
-                reply, results = self._call(lambda replica, timeout: replica.lookup_many(request, timeout=timeout),
-                                            deadline)
+                reply, results = self._call(lambda to, timeout: to.lookup_many(request, timeout=timeout),
+                                            deadline, replica)
                 if len(results) != len(lookups):
                     raise RuntimeError(f"LookupMany: {len(results)} results for {len(lookups)} lookups")
             else:
                 (request,) = requests
-                reply = self._call(lambda replica, timeout: replica.lookup(request, timeout=timeout), deadline)
+                reply = self._call(lambda to, timeout: to.lookup(request, timeout=timeout), deadline, replica)
                 results = [reply]
             rows = [_unique_rows(result, k.shape[0]) for (_, k), result in zip(lookups, results, strict=True)]
             return rows, reply.model_version
@@ -231,7 +239,7 @@ class ServingClient:
             table, keys = lookups[0]
             half = keys.shape[0] // 2
             parts = ([(table, keys[:half])], [(table, keys[half:])])
-        (left, version), (right, other) = (self._fetch(part, many, deadline) for part in parts)
+        (left, version), (right, other) = (self._fetch(part, many, deadline, replica) for part in parts)
         if version != other:
             raise _VersionMoved
         if len(lookups) > 1:
@@ -245,20 +253,25 @@ class ServingClient:
         request = serving_pb2.DenseModelRequest(step=step)
         return self._call(lambda replica, timeout: replica.stub.DenseModel(request, timeout=timeout))
 
-    def _call(self, call, deadline: float | None = None):
+    def _call(self, call, deadline: float | None = None, start: list[int] | None = None):
         """call(replica, timeout) on the replicas in turn until one answers or `deadline`
-        (time.monotonic; default timeout_s from now) passes. _ReplyTooLarge, at once, when a
-        replica refuses the reply as over the message limit (every replica would)."""
+        (time.monotonic; default timeout_s from now) passes, beginning with the next in turn, or
+        with start[0] where given (then set to the replica that answered). _ReplyTooLarge, at once,
+        when a replica refuses the reply as over the message limit (every replica would)."""
         deadline = deadline if deadline is not None else time.monotonic() + self.timeout_s
-        first = next(self._turn) % len(self._replicas)
+        first = next(self._turn) % len(self._replicas) if start is None else start[0]
         answers = []
         for i in range(len(self._replicas)):
-            replica = self._replicas[(first + i) % len(self._replicas)]
+            index = (first + i) % len(self._replicas)
+            replica = self._replicas[index]
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
             try:
-                return call(replica, remaining)
+                answer = call(replica, remaining)
+                if start is not None:
+                    start[0] = index
+                return answer
             except grpc.RpcError as exc:
                 if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and _OVER_LIMIT in (exc.details() or ""):
                     raise _ReplyTooLarge(exc.details()) from None

@@ -294,3 +294,24 @@ def test_parts_of_a_split_lookup_answered_at_two_model_versions_are_asked_again(
             np.testing.assert_array_equal(rows["a"][0], np.stack([expected_row(k, 3) for k in range(6)]))
     finally:
         server.stop(None)
+
+
+def test_a_split_lookup_over_replicas_at_different_cuts_is_answered_by_one_of_them() -> None:
+    """Two replicas steadily at different cuts (one behind, as a replica cut off from a shard keeps
+    its last cut): the parts of a split lookup went to the replicas in turn, came back at two
+    versions on every try, and the lookup failed each time, though either replica alone answered
+    it. Every part goes to the replica that answered the one before now."""
+    behind, ahead = _Limited(max_keys=4, versions=[7]), _Limited(max_keys=4, versions=[8])
+    servers = [_limited_server(behind), _limited_server(ahead)]
+    try:
+        with ServingClient([address for _, address in servers]) as client:
+            for _ in range(4):
+                rows, version = client.lookup_many_at_version({"a": np.arange(6, dtype=np.int64)})
+                assert version in (7, 8)
+                np.testing.assert_array_equal(rows["a"][0], np.stack([expected_row(k, 3) for k in range(6)]))
+                values, _ = client.lookup("a", np.arange(6, dtype=np.int64))
+                np.testing.assert_array_equal(values, np.stack([expected_row(k, 3) for k in range(6)]))
+        assert behind.calls > 0 and ahead.calls > 0, "the lookups' first parts go to the replicas in turn"
+    finally:
+        for server, _ in servers:
+            server.stop(None)
