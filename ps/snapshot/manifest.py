@@ -213,7 +213,12 @@ class Manifest:
                 files=files,
                 extra=extra,
             )
-            for t in tables.values():
+            for name, t in tables.items():
+                # What the writer allows (SnapshotWriter.commit): every table on every shard. A
+                # manifest without one shard of a table was read as valid, and the shard restoring
+                # it died on a KeyError (exit 1, not "snapshot unusable"), every restart alike.
+                if set(t.shards) != set(range(num_shards)):
+                    raise ValueError(f"table {name}: shards {sorted(t.shards)}, expected 0..{num_shards - 1}")
                 for e in t.shards.values():
                     for p in e.files:
                         if p not in files:

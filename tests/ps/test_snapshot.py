@@ -330,6 +330,8 @@ def _damage(manifest: dict, change: str) -> str:
         table["shards"] = {"-1": shard}
     elif change == "step-float":
         manifest["step"] = 1.5
+    elif change == "shard-missing":
+        manifest["num_shards"] = 2
     elif change == "escaping-path":
         shard["files"][0] = "../" + shard["files"][0]
     return json.dumps(manifest)
@@ -346,6 +348,7 @@ def _damage(manifest: dict, change: str) -> str:
         ("rows-string", r"tables\.t\.shards\.0\.rows: must be an integer"),
         ("shard-outside", r"tables\.t\.shards: '-1' is not a shard of \[0, 1\)"),
         ("step-float", r"step: must be an integer in \[0, "),
+        ("shard-missing", r"table t: shards \[0\], expected 0\.\.1"),
         ("escaping-path", r"file path '\.\./t/.*must be relative to the step folder"),
     ],
 )
@@ -353,7 +356,9 @@ def test_a_damaged_manifest_is_corrupt_and_passed_over(tmp_path, change, why):
     """A manifest's values were taken as they came: a size of 1e999 or JSON nested deep raised past
     the parser (one bad step broke latest, gc and every listing of the job), no files an IndexError
     that killed a restoring shard, a dim that is not the files' a bare numpy reshape error (a dim of
-    -4 was even read as "any"), and paths with '..' read outside the step's folder."""
+    -4 was even read as "any"), and paths with '..' read outside the step's folder. A table
+    without one of the step's shards was read as valid, and the shard restoring it died on a
+    KeyError (exit 1, not "snapshot unusable": the launcher never fell back to an older step)."""
     uri = _two_steps(tmp_path, "full")
     path = tmp_path / "job/2/manifest.json"
     path.write_text(_damage(json.loads(path.read_text()), change))
