@@ -133,6 +133,8 @@ def parse_serve_config(data: dict, base_dir: Path = Path(".")) -> ServeConfig:
         job_path = data["job_config"]
         if not isinstance(job_path, str) or not job_path:
             raise ConfigTypeError(f"job_config: must be a path to the job's TOML, got {job_path!r}")
+        if not (base_dir / job_path).is_file():
+            raise ValueError(f"job_config: {base_dir / job_path}: no such file")
         job = load_job_config(base_dir / job_path)
     else:
         if not isinstance(data["job"], dict):

@@ -64,6 +64,9 @@ def test_job_config_of_the_wrong_type_names_it(tmp_path):
     path.write_text('job = 5\nlisten = "127.0.0.1:5000"\n')
     with pytest.raises(ConfigTypeError, match="job: must be a table of the job's fields, got 5"):
         load_serve_config(path)
+    path.write_text('job_config = "nope.toml"\nlisten = "127.0.0.1:5000"\n')  # named the path, not the field
+    with pytest.raises(ValueError, match="job_config: .*nope.toml: no such file"):
+        load_serve_config(path)
 
 
 @pytest.mark.parametrize(
