@@ -193,6 +193,18 @@ def _signal_exception(exc: BaseException) -> signal.Signals | None:
     return None
 
 
+def _stopping(exc: BaseException) -> BaseException | None:
+    """The Ctrl-C or stop signal a _ComponentDied was raised over, if any: a child that dies while
+    the launcher stops for a signal (torch's agent shutting the workers down) must not turn the
+    stop into a component death, which a restart would answer."""
+    context = exc.__context__
+    while context is not None:
+        if isinstance(context, KeyboardInterrupt) or _signal_exception(context) is not None:
+            return context
+        context = context.__context__
+    return None
+
+
 def _raise_signal_exception(signum: int, frame: object) -> None:
     """SIGTERM outside the elastic agent's run: unwind as the agent does, so children are stopped."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -222,7 +234,10 @@ def launch(options: LaunchOptions) -> int:
     restore = _latest_step(job) if options.resume else None
     if not options.resume and start_ps:
         _refuse_an_earlier_run(job)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # it named a parent of the folder, and not the field
+        raise ValueError(f"train.output_dir: cannot create {str(out)!r}: {exc.strerror}") from None
     progress_path = out / "progress.jsonl"
     progress_path.write_text("")
     (out / "summary.json").unlink(missing_ok=True)  # only this run's rank 0 may leave one
@@ -340,7 +355,9 @@ def _run_attempt(
             fleet.wait()
         agent.wait()
         failed = _run_workers(job, options, progress_path, failures, restore)
-    except _ComponentDied:  # the handler fired just after the workers' run ended
+    except _ComponentDied as exc:  # the handler fired just after the workers' run ended
+        if (stop := _stopping(exc)) is not None:
+            raise stop from None
         failed = failures.first()
     else:
         # Workers that fail on a dead shard's account may exit before the watcher's next look:
@@ -662,7 +679,9 @@ def _run_workers(
             return failures.first()
         elastic_launch(config, entrypoint=entry[0])(*entry[1:])
         return None
-    except _ComponentDied:
+    except _ComponentDied as exc:
+        if (stop := _stopping(exc)) is not None:
+            raise stop from None
         return failures.first()
     except ChildFailedError as exc:
         if failures.first() is not None:  # a shard died first; the workers failed on its account

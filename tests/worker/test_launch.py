@@ -42,9 +42,9 @@ def job_file(tmp_path: Path, steps: int, eval_every: int = 0, mode: str = "sync"
     return path, out
 
 
-def start_launch(path: Path) -> subprocess.Popen:
+def start_launch(path: Path, *flags: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "embps", "launch", str(path)],
+        [sys.executable, "-m", "embps", "launch", str(path), *flags],
         cwd=REPO_ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -125,10 +125,13 @@ def test_launch_learns_the_planted_signal_and_writes_a_summary(tmp_path, mode):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("how", ["sigint", "kill_ps_shard"])
+@pytest.mark.parametrize("how", ["sigint", "ctrl_c", "kill_ps_shard"])
 def test_interrupt_or_failed_child_stops_every_process(tmp_path, how):
+    """ctrl_c: SIGINT to the launcher's whole process group, as a terminal sends it, with restarts
+    allowed. The shards got it too and stopped (exit 0), the launcher took that for a death and
+    restarted the job: it trained on to the end, a Ctrl-C per restart (a review's repro)."""
     path, out = job_file(tmp_path, steps=100000)
-    proc = start_launch(path)
+    proc = start_launch(path, *(["--max-restarts", "2"] if how == "ctrl_c" else []))
     try:
         wait_for_progress(out, proc)
         children = descendants(proc.pid)
@@ -137,6 +140,8 @@ def test_interrupt_or_failed_child_stops_every_process(tmp_path, how):
         assert sorted(shards) == [0, 1] and len(workers) == 2, children
         if how == "sigint":
             os.kill(proc.pid, signal.SIGINT)
+        elif how == "ctrl_c":
+            os.killpg(proc.pid, signal.SIGINT)
         else:
             os.kill(shards[1], signal.SIGKILL)
         _, stderr = proc.communicate(timeout=90)
@@ -145,8 +150,9 @@ def test_interrupt_or_failed_child_stops_every_process(tmp_path, how):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert proc.returncode != 0
-    if how == "sigint":
+    if how in ("sigint", "ctrl_c"):
         assert "signal SIGINT" in stderr or "interrupted" in stderr, stderr[-2000:]
+        assert "restart 1/" not in stderr, stderr[-2000:]
     else:
         assert "ps shard 1" in stderr and "exited" in stderr, stderr[-2000:]
     deadline = time.monotonic() + 10

@@ -85,3 +85,12 @@ def test_restarts_need_a_launcher_that_owns_every_process(tmp_path):
     with pytest.raises(ValueError, match="no shards on this node"):
         launch(LaunchOptions(str(path), start_ps=False))
     assert not (tmp_path / "out").exists()
+
+
+def test_an_output_dir_that_cannot_be_made_names_the_field(tmp_path):
+    """mkdir's error named a parent of the folder ("/proc/x: No such file or directory"), not the field."""
+    (tmp_path / "file").write_text("")
+    train = {"workers": 1, "steps": 1, "batch_size": 8, "output_dir": str(tmp_path / "file" / "out")}
+    path, _ = write_training_job(tmp_path / "job.toml", [TableConfig(name="emb", dim=4)], 1, train, {"num_keys": 10})
+    with pytest.raises(ValueError, match=r"train\.output_dir: cannot create '.*file/out': Not a directory"):
+        launch(LaunchOptions(str(path), start_ps=False))
