@@ -41,6 +41,7 @@ import time
 from collections.abc import Callable
 
 from ps.security import SecurityConfig
+from ps.security.certificates import FileStamps
 
 log = logging.getLogger("embps.ps")
 
@@ -64,11 +65,7 @@ def split_host_port(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def _server_context(security: SecurityConfig) -> ssl.SSLContext | None:
-    """The standby's side of TLS (the job's server certificate; client certificates required under
-    mutual TLS), read from the files now; None without TLS."""
-    if not security.tls:
-        return None
+def _build_server_context(security: SecurityConfig) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(security.tls_cert, security.tls_key)
     if security.mutual_tls:
@@ -77,14 +74,73 @@ def _server_context(security: SecurityConfig) -> ssl.SSLContext | None:
     return context
 
 
-def _client_context(security: SecurityConfig) -> ssl.SSLContext | None:
-    """The primary's side of TLS (the job's CA, its client certificate if any); None without TLS."""
-    if not security.tls:
-        return None
+def _build_client_context(security: SecurityConfig) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=security.tls_ca)
     if security.client_cert:
         context.load_cert_chain(security.client_cert, security.client_key)
     return context
+
+
+class _LastGoodContext:
+    """An ssl.SSLContext of the job's TLS files, built again when they change; a new set that does
+    not load is logged and the last one kept, as the gRPC ports keep theirs (ServerCertificates,
+    ClientCertificates). Read from the files at each link, a half-written rotation (a key that is
+    not the certificate's) made every new link fail with SSLError while the ports served on: the
+    pair lost its standby at the next break of its stream, until someone mended the files."""
+
+    def __init__(self, build: Callable[[SecurityConfig], ssl.SSLContext], security: SecurityConfig,
+                 paths: list[str]) -> None:
+        self._build = build
+        self._security = security
+        self._stamps = FileStamps([p for p in paths if p])
+        self._context = build(security)  # the first set must load (its error names the file)
+        self._lock = threading.Lock()
+
+    def get(self) -> ssl.SSLContext:
+        with self._lock:
+            stamps = self._stamps.changed()
+            if stamps is not None:
+                try:
+                    context = self._build(self._security)
+                except (ssl.SSLError, OSError) as exc:
+                    log.warning("replication link: TLS files changed but do not load (%s); keeping the current ones",
+                                exc)
+                    self._stamps.last = stamps  # tried: wait for the next change
+                    return self._context
+                if self._stamps.now() == stamps:  # else changed again while read: take the next version
+                    self._stamps.last = stamps
+                    self._context = context
+            return self._context
+
+
+_contexts: dict[tuple[str, SecurityConfig], _LastGoodContext] = {}
+_contexts_lock = threading.Lock()
+
+
+def _context(side: str, security: SecurityConfig) -> _LastGoodContext:
+    with _contexts_lock:
+        found = _contexts.get((side, security))
+        if found is None:
+            if side == "server":
+                paths = [security.tls_cert, security.tls_key, security.client_ca if security.mutual_tls else None]
+                found = _LastGoodContext(_build_server_context, security, paths)
+            else:
+                paths = [security.tls_ca, security.client_cert, security.client_key]
+                found = _LastGoodContext(_build_client_context, security, paths)
+            _contexts[(side, security)] = found
+        return found
+
+
+def _server_context(security: SecurityConfig) -> ssl.SSLContext | None:
+    """The standby's side of TLS (the job's server certificate; client certificates required under
+    mutual TLS), the files' last set that loaded; None without TLS."""
+    return _context("server", security).get() if security.tls else None
+
+
+def _client_context(security: SecurityConfig) -> ssl.SSLContext | None:
+    """The primary's side of TLS (the job's CA, its client certificate if any), the files' last set
+    that loaded; None without TLS."""
+    return _context("client", security).get() if security.tls else None
 
 
 def _read_by(sock: socket.socket, size: int, deadline: float) -> bytes:
