@@ -72,7 +72,11 @@ class TokenAuth(grpc.aio.ServerInterceptor):
         tokens: Mapping[Role, str | LiveToken],
         policy: Policy,
         on_denied: Callable[[str, grpc.StatusCode], None] | None = None,
+        others: Mapping[Role, LiveToken] | None = None,
     ) -> None:
+        """others: the tokens this host holds of roles the port does not accept (checked apart from
+        the port's own at start, server_interceptors); a call with one of them is refused too."""
+        self._others = list((others or {}).items())
         self._tokens = [
             (role, token if isinstance(token, LiveToken) else LiveToken.fixed(token)) for role, token in tokens.items()
         ]
@@ -85,6 +89,7 @@ class TokenAuth(grpc.aio.ServerInterceptor):
                         "roles; give each role its own"
                     )
         self._policy = dict(policy)
+        self._shared_warned: set[frozenset[Role]] = set()
         self._any_role = frozenset(role for roles in self._policy.values() for role in roles)
         self._on_denied = on_denied
 
@@ -97,17 +102,36 @@ class TokenAuth(grpc.aio.ServerInterceptor):
         if scheme.lower() != "bearer" or not presented:
             return None
         presented_bytes = presented.strip().encode()
-        found = None
-        for role, token in self._tokens:  # every token is compared, in constant time each
-            if hmac.compare_digest(presented_bytes, token.current_bytes()):
-                found = role
-        return found
+        # Every token is compared, in constant time each.
+        found = [role for role, token in self._tokens if hmac.compare_digest(presented_bytes, token.current_bytes())]
+        also = [role for role, token in self._others if hmac.compare_digest(presented_bytes, token.current_bytes())]
+        if found and len(found + also) > 1:
+            found += also
+            # Two roles' files rotated to one token (refused at start: __init__, server_interceptors):
+            # the caller is neither. Taken for the last one, a trainer's token rotated to the
+            # shard's could call Replicate; a trainer's on the PS host rotated to the reader's let
+            # every inference client push.
+            self._warn_shared(found)
+            return None
+        return found[0] if found else None
+
+    def _warn_shared(self, roles: list[Role]) -> None:
+        key = frozenset(roles)
+        if key not in self._shared_warned:
+            self._shared_warned.add(key)
+            names = " and ".join(f"security.tokens.{role.value}" for role in roles)
+            log.error("%s: the same token for two roles since a token file changed; calls with it are refused "
+                      "until each role has its own", names)
 
     def tokens_for(self, methods: Sequence[str]) -> list[bytes]:
         """The current tokens of the roles that may call every one of `methods` (for a native
         check of those calls, which must be given them again when a token file changes)."""
         allowed = frozenset.intersection(*(self._policy.get(m, frozenset()) for m in methods))
-        return [token.current_bytes() for role, token in self._tokens if role in allowed]
+        every = [token.current_bytes() for _, token in (*self._tokens, *self._others)]
+        return [  # not a token two roles share (role_of refuses it)
+            value for (role, _), value in zip(self._tokens, every, strict=False)
+            if role in allowed and sum(hmac.compare_digest(value, other) for other in every) == 1
+        ]
 
     def refusal(
         self, method: str, metadata: Sequence[tuple[str, str | bytes]] | None
@@ -168,31 +192,35 @@ def server_interceptors(
         return []
     roles = {role for roles in policy.values() for role in roles}
     tokens = {role: token for role in Role if role in roles and (token := LiveToken.of(security, role)) is not None}
-    _check_apart_from_other_roles(security, tokens)
+    others = _check_apart_from_other_roles(security, tokens)
     if not tokens:
         log.warning("auth is on but no role this port accepts (%s) has a token: every call but health is refused",
                     ", ".join(sorted(roles)))
-    return [TokenAuth(tokens, policy, on_denied)]
+    return [TokenAuth(tokens, policy, on_denied, others)]
 
 
-def _check_apart_from_other_roles(security: SecurityConfig, tokens: Mapping[Role, LiveToken]) -> None:
+def _check_apart_from_other_roles(security: SecurityConfig, tokens: Mapping[Role, LiveToken]) -> dict[Role, LiveToken]:
     """ValueError when a token this port accepts is also the token of a role it does not accept
     (TokenAuth compares only the port's own roles): a reader token equal to the trainer's would
     start the PS port and let every inference client push. Another role's token that this host
     cannot read (a file it does not hold, a variable it does not set) is skipped: on a cluster a
-    host holds only its own roles' tokens."""
+    host holds only its own roles' tokens. Returns those other roles' tokens (TokenAuth's
+    `others`, for files that change later)."""
+    others = {}
     for other in Role:
         if other in tokens or getattr(security.tokens, other.value) is None:
             continue
         try:
-            other_token = security.token(other)
+            other_token = LiveToken.of(security, other)
         except ValueError:
             continue
         if other_token is None:
             continue
         for role, token in tokens.items():
-            if hmac.compare_digest(token.current_bytes(), other_token.encode()):
+            if hmac.compare_digest(token.current_bytes(), other_token.current_bytes()):
                 raise ValueError(
                     f"security.tokens.{role.value} and security.tokens.{other.value}: the same token for two "
                     "roles; give each role its own"
                 )
+        others[other] = other_token
+    return others

@@ -249,3 +249,32 @@ def test_a_key_that_is_not_the_certificate_s_is_named_when_the_server_starts(pki
     mismatched = SecurityConfig(tls_cert=str(pki.server_cert), tls_key=str(pki.client_key))
     with pytest.raises(ValueError, match=r"security\.tls_cert, security\.tls_key: do not load as a pair"):
         mismatched.server_credentials()
+
+
+def test_a_token_file_rotated_to_another_role_s_token_is_refused(tmp_path, tokens):
+    """Two roles with one token are refused at start, but a token file was read again after a
+    change without that check: a trainer's file rotated to the shard's token made every worker a
+    shard (which may Replicate), and on the PS host rotated to the reader's (a role the PS port does
+    not accept) it let every inference client push (a review's repro). A token two roles share is
+    no role's now."""
+    from ps.security import RELOAD_CHECK_S
+    from tests.helpers.waiting import wait_until
+
+    files = {role: tmp_path / f"{role.value}.token" for role in Role}
+    for role, path in files.items():
+        path.write_text(tokens[role])
+    security = SecurityConfig(tokens=Tokens(**{r.value: TokenSource(file=str(p)) for r, p in files.items()}))
+    (auth,) = server_interceptors(security, ps_port_policy())
+    bearer = {role: (("authorization", f"Bearer {tokens[role]}"),) for role in Role}
+    replicate = "/embps.v1.Replication/Replicate"
+    assert auth.role_of(bearer[Role.SHARD]) is Role.SHARD
+    assert auth.refusal(replicate, bearer[Role.TRAINER])[0] == grpc.StatusCode.PERMISSION_DENIED
+    assert auth.role_of(bearer[Role.READER]) is None  # not a role of the PS port
+    files[Role.TRAINER].write_text(tokens[Role.SHARD])
+    wait_until(lambda: auth.role_of(bearer[Role.SHARD]) is None, "the trainer file read again", 10 * RELOAD_CHECK_S)
+    assert auth.refusal(replicate, bearer[Role.SHARD])[0] == grpc.StatusCode.UNAUTHENTICATED
+    files[Role.TRAINER].write_text(tokens[Role.READER])
+    wait_until(lambda: auth.role_of(bearer[Role.SHARD]) is Role.SHARD, "the next rotation", 10 * RELOAD_CHECK_S)
+    assert auth.role_of(bearer[Role.READER]) is None, "the reader's token is the trainer's now: no role's"
+    assert auth.refusal("/embps.v1.ParameterServer/Push", bearer[Role.READER])[0] == grpc.StatusCode.UNAUTHENTICATED
+    assert auth.tokens_for(["/embps.v1.ParameterServer/Push"]) == []
