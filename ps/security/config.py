@@ -177,7 +177,9 @@ def _parse_tokens(raw: object, base_dir: Path | None) -> Tokens:
         else:
             env = entry["env"]
             if not isinstance(env, str) or not env or "=" in env:
-                raise ConfigTypeError(f"{where}.env: must be the name of an environment variable, got {env!r}")
+                # Not the value: `NAME=token` is a token pasted where its variable's name belongs.
+                got = f"{env.partition('=')[0]!r}=..." if isinstance(env, str) and "=" in env else repr(env)
+                raise ConfigTypeError(f"{where}.env: must be the name of an environment variable, got {got}")
             sources[role] = TokenSource(env=env)
     return Tokens(**sources)
 

@@ -95,7 +95,8 @@ def test_errors_name_the_field(raw, message):
 
 def test_an_inline_token_is_refused_without_being_echoed():
     token = secrets.token_urlsafe(32)
-    for raw in ({"tokens": {"trainer": token}}, {"tokens": token}, {"tokens": {"trainer": {"file": 7}}}):
+    pasted = {"tokens": {"trainer": {"env": f"EMBPS_TRAINER_TOKEN={token}"}}}  # echoed before
+    for raw in ({"tokens": {"trainer": token}}, {"tokens": token}, {"tokens": {"trainer": {"file": 7}}}, pasted):
         with pytest.raises(TypeError) as info:
             parse_security(raw)
         assert "security.tokens" in str(info.value)
