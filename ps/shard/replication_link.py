@@ -18,7 +18,7 @@ waiting for them (no thread hop).
 
 The Replicate stream keeps the handshake, the state copy and the heartbeats; every push and
 commit after the handshake travels on the link. A frame is a 4-byte little-endian length and a
-message. The key went over the authenticated stream (TLS, the trainer's token), so only the
+message. The key went over the authenticated stream (TLS, the shards' token), so only the
 primary of that stream can use the port; with `[security]` TLS the link is TLS too, with the
 job's files, as the stream is. A wrong key closes that connection (the port waits for the right
 one until its deadline); a frame over the job's message limit, a message that does not parse, or
