@@ -16,13 +16,16 @@ def _as_array(values: object, name: str) -> np.ndarray:
     return array
 
 
-def _labels_and(labels: object, other: object, other_name: str) -> tuple[np.ndarray, np.ndarray]:
+def _labels_and(labels: object, other: object, other_name: str, binary: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """binary: labels must be 0 or 1 (AUC); else in [0, 1] (log loss of click probabilities)."""
     y = _as_array(labels, "labels")
     x = _as_array(other, other_name)
     if y.shape != x.shape:
         raise ValueError(f"labels, {other_name}: must have the same shape (n,), got {y.shape} and {x.shape}")
-    if not np.isin(y, (0.0, 1.0)).all():
+    if binary and not np.isin(y, (0.0, 1.0)).all():
         raise ValueError("labels: must be 0 or 1")
+    if not binary and ((y < 0) | (y > 1)).any():
+        raise ValueError("labels: must be in [0, 1]")
     return y, x
 
 
@@ -50,13 +53,14 @@ def auc(labels: object, scores: object) -> float:
 
 
 def logloss(labels: object, probabilities: object, eps: float = 1e-7) -> float:
-    """Mean binary cross-entropy: labels (n,) in {0, 1}, probabilities (n,) in [0, 1] -> float.
+    """Mean binary cross-entropy: labels (n,) in [0, 1] (0 or 1, or click probabilities, as the
+    readers take them), probabilities (n,) in [0, 1] -> float.
 
     Probabilities are clipped to [eps, 1 - eps] so a confident mistake costs -log(eps), not inf.
     """
     if not 0 < eps < 0.5:
         raise ValueError(f"eps: must be in (0, 0.5), got {eps}")
-    y, p = _labels_and(labels, probabilities, "probabilities")
+    y, p = _labels_and(labels, probabilities, "probabilities", binary=False)
     if y.shape[0] == 0:
         raise ValueError("labels: need at least one sample")
     if ((p < 0) | (p > 1)).any():
@@ -66,12 +70,12 @@ def logloss(labels: object, probabilities: object, eps: float = 1e-7) -> float:
 
 
 def logloss_from_logits(labels: object, logits: object) -> float:
-    """Mean binary cross-entropy from logits, computed stably: labels (n,), logits (n,) -> float.
+    """Mean binary cross-entropy from logits, computed stably: labels (n,) in [0, 1], logits (n,) -> float.
 
     Per sample: max(z, 0) - z * y + log(1 + exp(-|z|)), which equals -log sigmoid(z) for y = 1
     and -log(1 - sigmoid(z)) for y = 0, with no overflow for large |z|.
     """
-    y, z = _labels_and(labels, logits, "logits")
+    y, z = _labels_and(labels, logits, "logits", binary=False)
     if y.shape[0] == 0:
         raise ValueError("labels: need at least one sample")
     return float(np.mean(np.maximum(z, 0) - z * y + np.log1p(np.exp(-np.abs(z)))))

@@ -461,8 +461,8 @@ class Trainer:
     def evaluate(self, batches: list[Batch]) -> dict[str, float | None]:
         """AUC and logloss of the current model on held-out batches (this rank's rows). A metric
         the batches do not define is None, with a warning, never an error that would end the job
-        (before it wrote its model): AUC when the labels are of one class, both when a logit is
-        not finite (the model diverged)."""
+        (before it wrote its model): AUC when the labels are of one class or not all 0 and 1 (click
+        probabilities), both when a logit is not finite (the model diverged)."""
         y = torch.cat([batch.labels for batch in batches]).numpy()
         z = torch.cat([self.predict(batch) for batch in batches]).numpy()
         bad = int((~np.isfinite(z)).sum())
@@ -470,6 +470,10 @@ class Trainer:
             log.warning("evaluation at step %d: %d of %d logits are not finite (the model diverged): "
                         "no AUC or logloss", self.step, bad, z.shape[0])
             return {"auc": None, "logloss": None}
+        if not np.isin(y, (0.0, 1.0)).all():  # the readers take click probabilities in [0, 1]
+            log.warning("evaluation at step %d: held-out labels other than 0 and 1 (click probabilities): AUC is "
+                        "undefined, logloss only", self.step)
+            return {"auc": None, "logloss": float(logloss_from_logits(y, z))}
         positives = int((y == 1).sum())
         if positives in (0, y.shape[0]):
             log.warning("evaluation at step %d: all %d held-out labels are %d: AUC is undefined, logloss only",

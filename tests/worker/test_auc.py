@@ -58,6 +58,15 @@ def test_auc_errors():
         auc([0, 1], [0.2, float("nan")])
 
 
+def test_logloss_takes_click_probabilities_as_labels():
+    """The readers take labels in [0, 1] (click probabilities), and the log loss is defined for
+    them; it refused them, and the job's evaluation ended it before its model was written."""
+    assert logloss_from_logits([0.5], [0.0]) == pytest.approx(math.log(2))
+    assert logloss([0.25, 1.0], [0.5, 0.5]) == pytest.approx(math.log(2))
+    with pytest.raises(ValueError, match=r"labels: must be in \[0, 1\]"):
+        logloss_from_logits([1.5], [0.0])
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 1), st.floats(-30, 30)), min_size=1, max_size=30))
 def test_logloss_matches_the_definition(pairs):

@@ -68,3 +68,33 @@ def test_evaluation_reads_the_rows_of_its_own_step_not_the_next(tmp_path: Path):
         want = model(held_out.dense, trainer._embeddings(stored, torch.from_numpy(stored.values)))
     torch.testing.assert_close(trainer.predict(held_out), want, rtol=0, atol=0)
     trainer.close()
+
+
+def test_held_out_click_probabilities_give_no_auc_and_a_logloss(tmp_path: Path, caplog):
+    """Labels of 0.5 (the readers take click probabilities in [0, 1]): evaluate raised "labels: must
+    be 0 or 1" and the job ended before its model was written (a review's repro)."""
+    from worker.criteo import CriteoTsvReader
+    from worker.local_tables import LocalTables
+    from worker.model import DLRMDenseTower
+    from worker.readers import ReaderConfig
+    from worker.train_config import parse_training_job
+    from worker.trainer import Trainer
+
+    data = tmp_path / "soft.tsv"
+    data.write_text("1\t3\tabc\n0\t1\tdef\n0.5\t2\tabc\n0\t\t\n")
+    config = ReaderConfig(global_batch_size=4, num_dense=1, num_sparse=1, drop_last=False)
+    batches = list(CriteoTsvReader([str(data)], config))
+    job = parse_training_job({
+        "job": "j", "shards": [{"address": "127.0.0.1:1"}], "tables": {"emb": {"dim": 4}},
+        "train": {"workers": 1, "steps": 2, "batch_size": 4},
+        "model": {"bottom_sizes": [4], "top_sizes": [4]},
+        "data": {"source": "criteo", "paths": [str(data)], "num_dense": 1, "num_sparse": 1},
+    })
+    trainer = Trainer(job, DLRMDenseTower(job.model), LocalTables(list(job.ps.tables)), 0, 1)
+    try:
+        trainer.train_step(trainer.pull(batches[0]))
+        metrics = trainer.evaluate(batches)
+    finally:
+        trainer.close()
+    assert metrics["auc"] is None and 0 < metrics["logloss"] < 5, metrics
+    assert "held-out labels other than 0 and 1" in caplog.text
