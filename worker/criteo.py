@@ -221,11 +221,15 @@ _BARE_CR = re.compile(rb"\r(?!\n)")
 
 def _mask_bare_cr(data: bytes, following: bytes) -> bytes:
     """data with each carriage return that no line feed follows as a tab; `following`: the byte
-    after data (b"" at the end of the stream), which decides for a carriage return data ends with."""
+    after data (b"" at the end of the stream), which decides for a carriage return data ends with.
+    One that ends the stream ends its line (a CRLF file whose last line has no line feed; a range
+    ends after a line feed, so only a file's end is one): as a tab, that last row was a bad one."""
     if b"\r" not in data:
         return data
     if data.endswith(b"\r") and following == b"\n":
         return _BARE_CR.sub(b"\t", data[:-1]) + b"\r"
+    if data.endswith(b"\r") and following == b"":
+        return _BARE_CR.sub(b"\t", data[:-1])
     return _BARE_CR.sub(b"\t", data)
 
 
