@@ -414,6 +414,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
 
     @_tables_call("PushBatch")
     def PushBatch(self, request: ps_pb2.PushBatchRequest) -> ps_pb2.PushBatchResponse:
+        self.shard.check_pushes(request.requests)  # all or nothing, as PushMulti
         return ps_pb2.PushBatchResponse(responses=[self.apply_push(r) for r in request.requests])
 
     @_tables_call("Push")

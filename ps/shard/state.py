@@ -289,6 +289,26 @@ class Shard:
             self.ledger.put(push_id.client_id, push_id.sequence, response)
         return response
 
+    def check_pushes(self, requests) -> None:
+        """Raises what push() would raise for any of `requests` (a PushBatch's parts), before any
+        is applied: its parts were applied one by one, so a bad later part (a NaN, another dim, a
+        key of another shard, a full table) failed the call after the earlier parts had changed
+        their tables, as PushMulti, checked whole first, never did. Parts of one table are each
+        checked for room on their own."""
+        for request in requests:
+            table = self.table(request.table)
+            push_id = request.push_id
+            if push_id.client_id:
+                check_client_id(push_id.client_id)
+                if self.ledger.get(push_id.client_id, push_id.sequence) is not None:
+                    continue  # a repeat: answered with its first answer, nothing applied
+            wire.check_dim(request.dim, table.dim, table.name)
+            keys = wire.decode_keys(request.keys)
+            grads = wire.decode_values(request.grads, keys.shape[0], table.dim, request.dtype, "grads")
+            counts = wire.decode_counts(request.counts, keys.shape[0])
+            self.check_owned(keys)
+            table.check_push(keys, grads, request.step if request.HasField("step") else None, counts)
+
     def multi_tables(self, names, dims) -> list[EmbeddingTable]:
         """The tables of a multi-table request, each once, with the dims it expects."""
         if len(dims) != len(names):

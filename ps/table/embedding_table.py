@@ -1113,6 +1113,23 @@ class EmbeddingTable:
         self._evict(victims)
         return victims
 
+    def check_push(
+        self, keys: np.ndarray, grads: np.ndarray, step: int | None = None, counts: np.ndarray | None = None
+    ) -> None:
+        """Raises what apply_gradients(keys, grads, step, counts) would raise, changing nothing
+        (a PushBatch checks every part before it applies one)."""
+        keys = native.as_keys(keys)
+        self._check_grads(grads, keys.shape[0])
+        step = self.version + 1 if step is None else step
+        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or not 0 <= step <= _MAX_STEP:
+            raise ValueError(f"step: must be an integer in [0, 2^32 - 1], got {step!r}")
+        if counts is not None:
+            counts = native.as_keys(counts, "counts")
+            if counts.shape[0] != keys.shape[0]:
+                raise ValueError(f"counts: expected shape ({keys.shape[0]},), got {counts.shape}")
+            native.check_counts(counts)
+        self.check_room(keys, counts, int(step))
+
     def check_room(self, keys: np.ndarray, counts: np.ndarray | None, step: int) -> None:
         """Raises the CapacityError apply_gradients(keys, ..., step=step, counts=counts) would raise,
         changing nothing: push_tables checks every table of a multi-table push first, so that the
