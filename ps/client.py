@@ -21,6 +21,7 @@ from __future__ import annotations
 import itertools
 import time
 import uuid
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ import numpy as np
 
 from ps import bulk_messages, native, wire
 from ps.errors import CapacityError, EmbpsError, UnknownTableError, WrongShardError
-from ps.job_config import DEFAULT_MESSAGE_LIMIT, Deadlines, JobConfig
+from ps.job_config import DEFAULT_DEDUPE_WINDOW, DEFAULT_MESSAGE_LIMIT, Deadlines, JobConfig
 from ps.rpc import ps_pb2, ps_pb2_grpc
 from ps.security import RECONNECT_OPTIONS, Role, SecurityConfig, open_channel
 from ps.sharding import ShardMap
@@ -196,8 +197,10 @@ class PSClient:
         security: SecurityConfig | None = None,
         role: Role = Role.TRAINER,
         standbys: Sequence[str] = (),
+        push_dedupe_window: int = DEFAULT_DEDUPE_WINDOW,
     ) -> None:
-        """standbys: shard s's standby address at index s ("" or absent: none)."""
+        """standbys: shard s's standby address at index s ("" or absent: none). push_dedupe_window:
+        the shards' (the job's), the push ids of one client each shard remembers."""
         if not addresses:
             raise ValueError("addresses: need at least one shard address")
         if len(standbys) > len(addresses):  # before any channel opens
@@ -223,6 +226,7 @@ class PSClient:
         self.client_id = f"{client_id}-{uuid.uuid4().hex[:12]}" if client_id is not None else uuid.uuid4().hex
         self.max_attempts = max_attempts
         self.backoff_seconds = backoff_seconds
+        self.push_dedupe_window = push_dedupe_window
         self._dims = dict(dims or {})
         self._sequence = itertools.count(1)
         options = [
@@ -269,6 +273,7 @@ class PSClient:
         kwargs.setdefault("deadlines", job.deadlines)
         kwargs.setdefault("security", job.security)
         kwargs.setdefault("standbys", [s.standby for s in job.shards])
+        kwargs.setdefault("push_dedupe_window", job.push_dedupe_window)
         return cls(job.addresses, shard_map=job.shard_map, **kwargs)
 
     def close(self) -> None:
@@ -360,8 +365,19 @@ class PSClient:
         return PreparedPush(calls, batched=len(items) > 1)
 
     def send_push(self, prepared: PreparedPush) -> PushResult:
-        """Sends a prepared push; sending the same one again applies nothing twice."""
+        """Sends a prepared push; sending the same one again applies nothing twice. ValueError, before
+        anything is sent, when it makes more calls to one shard than the shard remembers push ids
+        of a client (push_dedupe_window): sent again, the ids of its first calls were forgotten by
+        then, and those calls applied twice (a review's repro: 10 calls, window 4, most keys' rows
+        updated twice)."""
         calls = prepared.calls
+        most = max(Counter(shard for shard, _ in calls).values(), default=0)
+        if most > self.push_dedupe_window:
+            raise ValueError(
+                f"push_dedupe_window: {self.push_dedupe_window} push ids, and this push sends {most} calls to one "
+                f"shard (split at message_limit_bytes {self.message_limit_bytes:,}): sent again, some would apply "
+                "twice; raise push_dedupe_window or message_limit_bytes"
+            )
         result = PushResult()
         if prepared.method == "PushMulti":
             replies = self._call_all("PushMulti", calls, self.deadlines.push)

@@ -57,6 +57,7 @@ from ps.table.config import AdmissionConfig, EvictionConfig, OptimizerConfig, Ta
 from ps.toml_reader import read_toml, toml_path
 
 DEFAULT_MESSAGE_LIMIT = 64 << 20
+DEFAULT_DEDUPE_WINDOW = 4096  # push ids of one client a shard remembers (push_dedupe_window)
 _MIN_MESSAGE_LIMIT = 64 << 10
 # A day: gRPC turns a deadline past ~1e9 s into one already expired, so every call would fail.
 MAX_DEADLINE_S = 86400.0
@@ -187,7 +188,7 @@ class JobConfig:
     message_limit_bytes: int = DEFAULT_MESSAGE_LIMIT
     deadlines: Deadlines = field(default_factory=Deadlines)
     shard_map: ShardMap | None = None
-    push_dedupe_window: int = 4096
+    push_dedupe_window: int = DEFAULT_DEDUPE_WINDOW
     snapshot: SnapshotConfig | None = None
     security: SecurityConfig = field(default_factory=SecurityConfig)
     arbiter: ArbiterConfig | None = None
@@ -234,7 +235,7 @@ def parse_job_config(data: dict, base_dir: Path | None = None) -> JobConfig:
     tables = _parse_tables(data.get("tables"))
     limit = data.get("message_limit_bytes", DEFAULT_MESSAGE_LIMIT)
     _check_int("message_limit_bytes", limit, _MIN_MESSAGE_LIMIT, 2**31 - 1)
-    window = data.get("push_dedupe_window", 4096)
+    window = data.get("push_dedupe_window", DEFAULT_DEDUPE_WINDOW)
     _check_int("push_dedupe_window", window, 1, 1 << 24)
     deadlines = build_config(Deadlines, _table_of(data, "deadlines"), "deadlines")
     for f in fields(Deadlines):

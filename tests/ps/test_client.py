@@ -218,6 +218,28 @@ def test_batches_above_the_message_limit_are_split(start_shards):
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+def test_a_push_of_more_calls_to_a_shard_than_its_dedupe_window_is_refused_before_it_is_sent(start_shards):
+    """A shard remembers push_dedupe_window push ids of a client: a prepared push of more calls to
+    one shard, sent again, had the ids of its first calls forgotten by then and applied them twice
+    (a review's repro: window 4, message limit 9,000 bytes, 10 calls; most rows updated twice)."""
+    import dataclasses
+
+    table = TableConfig("a", dim=4, seed=1, optimizer=OptimizerConfig(kind=OptimizerKind.SGD, lr=1.0))
+    job = dataclasses.replace(make_job([table], num_shards=1, message_limit_bytes=9000), push_dedupe_window=4)
+    cluster = start_shards(job)
+    keys = np.arange(2000, dtype=np.int64)
+    with PSClient.from_job(cluster.job) as client:
+        prepared = client.prepare_push([("a", keys, np.ones((2000, 4), np.float32), None)])
+        assert len(prepared.calls) > 4
+        with pytest.raises(ValueError, match=r"push_dedupe_window: 4 push ids, and this push sends \d+ calls"):
+            client.send_push(prepared)
+        assert client.stats()[0].tables[0].version == 0, "nothing was sent"
+        few = client.prepare_push([("a", keys[:300], np.ones((300, 4), np.float32), None)])
+        assert 1 < len(few.calls) <= 4
+        assert client.send_push(few).num_duplicates == 0
+        assert client.send_push(few).num_duplicates == len(few.calls)  # sent again: every call a repeat
+
+
 @pytest.mark.processes
 def test_lookup_retries_unavailable_until_the_shard_comes_up(tmp_path):
     job = make_job([USER], num_shards=1, deadlines=Deadlines(lookup=60.0, push=5.0, stats=5.0))
