@@ -293,8 +293,10 @@ class Shard:
         """Raises what push() would raise for any of `requests` (a PushBatch's parts), before any
         is applied: its parts were applied one by one, so a bad later part (a NaN, another dim, a
         key of another shard, a full table) failed the call after the earlier parts had changed
-        their tables, as PushMulti, checked whole first, never did. Parts of one table are each
-        checked for room on their own."""
+        their tables, as PushMulti, checked whole first, never did. A table with several parts is
+        checked for room with all their keys at once (at the latest of their steps), as the rows
+        the earlier parts add are there when the later ones come."""
+        parts: dict[str, list[tuple[np.ndarray, np.ndarray | None, int | None]]] = {}
         for request in requests:
             table = self.table(request.table)
             push_id = request.push_id
@@ -307,7 +309,19 @@ class Shard:
             grads = wire.decode_values(request.grads, keys.shape[0], table.dim, request.dtype, "grads")
             counts = wire.decode_counts(request.counts, keys.shape[0])
             self.check_owned(keys)
-            table.check_push(keys, grads, request.step if request.HasField("step") else None, counts)
+            step = request.step if request.HasField("step") else None
+            table.check_push(keys, grads, step, counts)
+            parts.setdefault(table.name, []).append((keys, counts, step))
+        for name, table_parts in parts.items():
+            if len(table_parts) < 2:
+                continue
+            table = self.tables[name]
+            keys = np.concatenate([k for k, _, _ in table_parts])
+            counts = None
+            if any(c is not None for _, c, _ in table_parts):
+                counts = np.concatenate([np.ones(k.shape[0], np.int64) if c is None else c for k, c, _ in table_parts])
+            step = max(table.version + 1 + i if s is None else s for i, (_, _, s) in enumerate(table_parts))
+            table.check_room(keys, counts, step)
 
     def multi_tables(self, names, dims) -> list[EmbeddingTable]:
         """The tables of a multi-table request, each once, with the dims it expects."""

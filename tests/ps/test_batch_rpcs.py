@@ -112,3 +112,29 @@ def test_a_client_splits_a_round_of_more_tables_than_a_batch_takes(start_shards)
     with PSClient.from_job(cluster.job) as client:
         got = client.lookup_many(keys)
     assert sorted(got) == sorted(keys) and all(v.shape == (1, 2) for v in got.values())
+
+
+def test_a_batch_whose_parts_of_one_table_do_not_fit_together_applies_none(start_shards):
+    """Each part was checked for room on its own, so two parts of one table that fit apart but not
+    together applied the first and failed on the second (the diff review's repro)."""
+    table = TableConfig(name="small", dim=4, seed=1, capacity=10)
+    cluster = start_shards(make_job([table], num_shards=1))
+
+    def part(first: int, sequence: int) -> ps_pb2.PushRequest:
+        return ps_pb2.PushRequest(table="small", keys=np.arange(first, first + 8, dtype="<i8").tobytes(),
+                                  grads=np.ones((8, 4), "<f4").tobytes(), dim=4,
+                                  push_id=ps_pb2.PushId(client_id="c", sequence=sequence))
+
+    with grpc.insecure_channel(cluster.job.shards[0].address) as channel:
+        stub = ps_pb2_grpc.ParameterServerStub(channel)
+        try:
+            stub.PushBatch(ps_pb2.PushBatchRequest(requests=[part(0, 1), part(100, 2)]), timeout=10)
+            raise AssertionError("16 new rows in a table of 10 must fail")
+        except grpc.RpcError as err:
+            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "full" in err.details(), err.details()
+        stats = stub.Stats(ps_pb2.StatsRequest(), timeout=10)
+        assert stats.tables[0].version == 0, "a failed batch applied a part"
+        reply = stub.PushBatch(ps_pb2.PushBatchRequest(requests=[part(0, 3), part(2, 4)]), timeout=10)
+        assert [r.num_inserted for r in reply.responses] == [8, 2]  # 10 keys in all, 6 in both: they fit
+        stats = stub.Stats(ps_pb2.StatsRequest(), timeout=10)
+    assert stats.tables[0].version == 2
