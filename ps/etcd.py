@@ -13,7 +13,7 @@ all the arbiter (ps/shard/arbiter.py) needs, so no gRPC etcd client is pulled in
 
 Connections are kept open between calls (HTTP/1.1 keep-alive, a few idle ones per member): a pair
 of shards asks etcd 8 times a second with the default 2 s lease, and a connection per call cost the
-caller and etcd together 0.9-1.0 ms of CPU a call over http and 2.8-2.9 ms over https (a TLS
+caller and etcd together 0.9-1.0 ms of CPU a call over http and 2.8-3.4 ms over https (a TLS
 handshake each), against 0.7 and 0.8 ms kept (`embps bench arbiter`).
 """
 

@@ -170,7 +170,7 @@ def test_a_record_that_is_no_membership_is_unavailable_and_a_failed_pair_task_de
 
 def test_calls_share_one_kept_connection():
     """A connection per call cost the caller and etcd a TCP (over https, a TLS) handshake each: a
-    pair of shards makes about 12 calls a second (bench arbiter: 2.8 ms of CPU a call over https
+    pair of shards makes 8 calls a second (bench arbiter: 2.8 ms of CPU a call over https
     fresh, 0.8 kept)."""
     accepted: list[socket.socket] = []
     with member(healthy, accepted) as endpoint:
