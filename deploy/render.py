@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import re
 import sys
+import urllib.parse
 from enum import StrEnum
 from pathlib import Path
 
@@ -56,6 +57,9 @@ PS_HEALTH_SERVICE = "embps.v1.ParameterServer"
 SERVING_HEALTH_SERVICE = "embps.v1.Serving"
 PYTORCHJOB_PORT = 23456  # the training operator's MASTER_PORT when the port is named pytorchjob-port
 _MAX_JOB_NAME = 40  # leaves room for "-workers-<i>" and friends in 63-character names
+
+
+_SHARED_SCHEMES = ("s3", "hdfs")  # snapshot and export storage every pod reaches
 
 
 def load_deployment(path: str | Path) -> tuple[TrainingJob, DeployConfig, str]:
@@ -146,6 +150,16 @@ def _check_job(job: TrainingJob, deploy: DeployConfig) -> None:
             f"job: Kubernetes object names need lowercase letters, digits and '-' (at most {_MAX_JOB_NAME} "
             f"characters, starting with a letter and ending alphanumeric), got {name!r}"
         )
+    shared = [("snapshot.uri", job.ps.snapshot.uri if job.ps.snapshot is not None else None),
+              ("deploy.serving.export_uri", deploy.serving.export_uri if deploy.serving is not None else None)]
+    for field, uri in shared:
+        if uri is not None and urllib.parse.urlsplit(uri).scheme.lower() not in _SHARED_SCHEMES:
+            # Every shard pod writes its own part of a snapshot and rank 0 its manifest: on a
+            # pod's own disk, no step could ever be restored (each round said it committed).
+            raise ValueError(
+                f"{field}: on Kubernetes the shards, the workers and the replicas need storage they share "
+                f"({', '.join(f'{s}://' for s in _SHARED_SCHEMES)}); a path on a pod's own disk is not, got {uri!r}"
+            )
     storage = job.ps.snapshot.storage if job.ps.snapshot is not None else None
     for field in ("access_key", "secret_key", "session_token"):
         if storage is not None and getattr(storage, field) is not None:

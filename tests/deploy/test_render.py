@@ -252,6 +252,12 @@ def test_worker_kind_indexed_job_swaps_which_one_kubectl_applies(tmp_path):
         ("every_steps = 100=>every_steps = 100\nstorage = { access_key = \"AKIAEXAMPLE\", secret_key = \"s3cr3t\" }",
          "snapshot.storage.access_key: credentials in the job file would land in a ConfigMap"),
         ('image = "registry.example.com/embps:0.1.0"=>image = " "', "deploy.image: must name a container image"),
+        # Each shard pod wrote its part of a snapshot on its own disk, rank 0 the manifest on its
+        # own: every round said it committed, and no step could ever be restored.
+        ('uri = "s3://embps/snapshots"=>uri = "/data/snapshots"', "snapshot.uri: on Kubernetes the shards"),
+        ('uri = "s3://embps/snapshots"=>uri = "file:///data/snapshots"', "snapshot.uri: on Kubernetes the shards"),
+        ('export_uri = "s3://embps/exports"=>export_uri = "file:///exports"',
+         "deploy.serving.export_uri: on Kubernetes"),
     ],
 )
 def test_impossible_values_fail_at_render_time_naming_the_field(tmp_path, change, field):
