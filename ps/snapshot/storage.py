@@ -20,8 +20,8 @@ import contextlib
 import os
 import uuid
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, replace
-from urllib.parse import unquote, urlsplit
+from dataclasses import dataclass, field, replace
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -72,8 +72,8 @@ class StorageConfig:
     endpoint_override: str | None = None
     region: str | None = None
     access_key: str | None = None
-    secret_key: str | None = None
-    session_token: str | None = None
+    secret_key: str | None = field(default=None, repr=False)
+    session_token: str | None = field(default=None, repr=False)
     scheme: str | None = None
     connect_timeout: float = 10.0
     request_timeout: float = 60.0
@@ -118,7 +118,11 @@ class StorageConfig:
         if endpoint is None and url:
             parts = urlsplit(url if "://" in url else f"https://{url}")
             if parts.scheme not in ("http", "https") or not parts.netloc:
-                raise ValueError(f"AWS_ENDPOINT_URL: must look like http[s]://host[:port], got {url!r}")
+                raise ValueError(f"AWS_ENDPOINT_URL: must look like http[s]://host[:port], got {_shown(url)!r}")
+            if "@" in parts.netloc:  # a user and password there became part of the endpoint's host
+                raise ValueError(
+                    f"AWS_ENDPOINT_URL: give credentials as AWS_* keys, not in the URL, got {_shown(url)!r}"
+                )
             endpoint = parts.netloc
             scheme = scheme if scheme is not None else parts.scheme
         return replace(
@@ -132,6 +136,15 @@ class StorageConfig:
         ).validate()
 
 
+def _shown(uri: str) -> str:
+    """`uri` as an error may print it: no user or password before the host and no query or fragment,
+    where pyarrow takes credentials (s3://bucket/path?access_key=...&secret_key=...): an error named
+    the whole URI, secret included."""
+    parts = urlsplit(uri)
+    netloc = ("...@" if "@" in parts.netloc else "") + parts.netloc.rsplit("@", 1)[-1]
+    return urlunsplit((parts.scheme, netloc, parts.path, "..." if parts.query else "", "..." if parts.fragment else ""))
+
+
 def check_uri(uri: object, where: str = "uri") -> None:
     """Raises ValueError naming `where` unless `uri` has a form open_uri takes (a local path, or a
     file://, s3:// or hdfs:// URI with what its scheme needs); opens nothing, so a config file's URI
@@ -143,19 +156,22 @@ def check_uri(uri: object, where: str = "uri") -> None:
     parts = urlsplit(uri)
     scheme = parts.scheme.lower()
     if scheme not in _SCHEMES:
-        raise ValueError(f"{where}: unsupported scheme {parts.scheme!r} in {uri!r}; use one of {', '.join(_SCHEMES)}")
+        raise ValueError(
+            f"{where}: unsupported scheme {parts.scheme!r} in {_shown(uri)!r}; use one of {', '.join(_SCHEMES)}"
+        )
     if parts.query or parts.fragment:
         raise ValueError(
-            f"{where}: query and fragment are not read ({uri!r}); put S3 options in StorageConfig or AWS_* variables"
+            f"{where}: query and fragment are not read ({_shown(uri)!r}); put S3 options in StorageConfig or "
+            "AWS_* variables"
         )
     if scheme == "file":
         if parts.netloc not in ("", "localhost"):
-            raise ValueError(f"{where}: file URIs name no host (file:///abs/path), got {uri!r}")
+            raise ValueError(f"{where}: file URIs name no host (file:///abs/path), got {_shown(uri)!r}")
         if not parts.path.startswith("/"):
-            raise ValueError(f"{where}: file URIs need an absolute path (file:///abs/path), got {uri!r}")
+            raise ValueError(f"{where}: file URIs need an absolute path (file:///abs/path), got {_shown(uri)!r}")
     elif scheme == "s3":
         if not parts.netloc:
-            raise ValueError(f"{where}: s3 URIs need a bucket (s3://bucket/prefix), got {uri!r}")
+            raise ValueError(f"{where}: s3 URIs need a bucket (s3://bucket/prefix), got {_shown(uri)!r}")
         # Credentials or a port in the netloc became part of the bucket's name (and a secret was
         # printed in every error); an empty path component failed every write ("Empty path component").
         if "@" in parts.netloc or ":" in parts.netloc:
@@ -164,16 +180,18 @@ def check_uri(uri: object, where: str = "uri") -> None:
                 f"endpoint in AWS_* variables or [snapshot.storage], got bucket {parts.netloc.rsplit('@', 1)[-1]!r}"
             )
         if "//" in parts.path:
-            raise ValueError(f"{where}: an empty path component ('//') in {uri!r}")
+            raise ValueError(f"{where}: an empty path component ('//') in {_shown(uri)!r}")
     else:
         if not parts.hostname:
-            raise ValueError(f"{where}: hdfs URIs need a NameNode host (hdfs://namenode:8020/path), got {uri!r}")
+            raise ValueError(
+                f"{where}: hdfs URIs need a NameNode host (hdfs://namenode:8020/path), got {_shown(uri)!r}"
+            )
         try:
             valid_port = parts.port is None or 0 <= parts.port <= 65535  # urlsplit checks it when read
         except ValueError:
             valid_port = False
         if not valid_port:
-            raise ValueError(f"{where}: the port of {uri!r} must be an integer in [0, 65535]")
+            raise ValueError(f"{where}: the port of {_shown(uri)!r} must be an integer in [0, 65535]")
 
 
 def open_uri(uri: str, config: StorageConfig | None = None) -> tuple[pafs.FileSystem, str]:
@@ -212,7 +230,7 @@ def _open_s3(uri: str, bucket: str, path: str, config: StorageConfig) -> tuple[p
     try:
         fs = pafs.S3FileSystem(**kwargs)
     except (pa.ArrowException, OSError, ValueError) as e:
-        raise StorageError(f"uri {uri!r}: cannot set up S3 ({e})") from e
+        raise StorageError(f"uri {_shown(uri)!r}: cannot set up S3 ({e})") from e
     return fs, f"{bucket}{path.rstrip('/')}"
 
 
@@ -221,7 +239,7 @@ def _open_hdfs(uri: str, parts) -> tuple[pafs.FileSystem, str]:
     try:
         fs = pafs.HadoopFileSystem(parts.hostname, port, user=parts.username)
     except (pa.ArrowException, OSError) as e:
-        raise StorageError(f"uri {uri!r}: cannot open HDFS: {_hdfs_hint(str(e))}") from e
+        raise StorageError(f"uri {_shown(uri)!r}: cannot open HDFS: {_hdfs_hint(str(e))}") from e
     return fs, parts.path.rstrip("/") or "/"
 
 

@@ -83,6 +83,24 @@ def test_bad_endpoint_variable_is_named():
         StorageConfig.from_env({"AWS_ENDPOINT_URL": "ftp://x"})
 
 
+@pytest.mark.parametrize(
+    "refuse",
+    [
+        lambda: open_uri("s3://bucket/p?access_key=AKIAEXAMPLE&secret_key=TOPSECRET"),  # pyarrow's own form
+        lambda: open_uri("hdfs://user:TOPSECRET@namenode:99999/p"),
+        lambda: StorageConfig.from_env({"AWS_ENDPOINT_URL": "ftp://AKIAEXAMPLE:TOPSECRET@host:9000"}),
+        lambda: StorageConfig.from_env({"AWS_ENDPOINT_URL": "http://AKIAEXAMPLE:TOPSECRET@host:9000"}),
+    ],
+)
+def test_a_secret_in_a_uri_is_not_echoed(refuse):
+    """The errors named the whole URI: a secret in its query (where pyarrow's from_uri takes
+    credentials), before its host, or in AWS_ENDPOINT_URL was printed (a review's repro)."""
+    with pytest.raises(ValueError) as info:
+        refuse()
+    assert "TOPSECRET" not in str(info.value) and "AKIAEXAMPLE" not in str(info.value), str(info.value)
+    assert "TOPSECRET" not in repr(StorageConfig(access_key="AKIAEXAMPLE", secret_key="TOPSECRET", session_token="x"))
+
+
 def test_hdfs_without_libhdfs_is_a_clear_error_not_a_crash(tmp_path, monkeypatch):
     # An empty JAVA_HOME / libhdfs folder: whatever this host has, loading must fail, and say why.
     monkeypatch.setenv("JAVA_HOME", str(tmp_path))
