@@ -346,6 +346,7 @@ class SnapshotWriter:
             with self.fs.open_output_stream(full, compression=None) as out:
                 sink = _HashingSink(out)
                 sink.write(data)
+            storage.sync(self.fs, full)
         entry = FileEntry(path, sink.size, sink.hexdigest())
         self._extra[name] = entry
         return entry
@@ -387,6 +388,14 @@ class SnapshotWriter:
             extra=dict(self._extra),
         )
         with storage.unavailable_on_failure(f"committing {self.dir}"):
+            # The entries of the files it names in their folders, up to the job's (which holds the
+            # step's folder), before the manifest (its own write syncs it, then the step's folder).
+            folders = {self.dir, self._job_dir}
+            for name in [*files, *(e.path for e in self._extra.values())]:
+                parts = name.split("/")[:-1]
+                folders.update(storage.join(self.dir, *parts[: i + 1]) for i in range(len(parts)))
+            for folder in sorted(folders, key=len, reverse=True):
+                storage.sync(self.fs, folder)
             storage.write_bytes_atomic(self.fs, storage.join(self.dir, MANIFEST), manifest.to_json().encode())
             current = _read_latest(self.fs, self._job_dir)
             if current is None or current < self.step:
@@ -422,6 +431,7 @@ class SnapshotWriter:
                     sink, data.schema, compression=_COMPRESSION, use_dictionary=False, write_statistics=["key"]
                 ) as writer:
                     writer.write_table(data, row_group_size=max(1024, _ROW_GROUP_BYTES // row_bytes))
+            storage.sync(self.fs, path)  # before a manifest can name it (commit syncs its folder)
         return FileEntry(relative, sink.size, sink.hexdigest())
 
 

@@ -608,3 +608,31 @@ def test_a_job_of_full_snapshots_keeps_no_changes_past_the_step_it_committed(tmp
                                                 num_shards=1)
     records = json.loads(servicer.write(request).records_json)
     assert [r["entry"]["rows"] for r in records] == [5], records
+
+
+def test_a_local_snapshot_is_synced_to_disk_before_its_manifest_names_it(tmp_path, monkeypatch):
+    """Nothing was fsynced (a review's strace of a round: no sync call), so after a power loss a
+    committed manifest could name files never written out. Every file of the step, every folder
+    from the step's files up to the job's, the manifest and LATEST are synced now."""
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    table = evicting_table("t", seed=0)
+    push(table, np.random.default_rng(0), 1)
+    ShardSnapshotter({"t": table}, 0).snapshot(str(tmp_path), "job", 1)
+    step = tmp_path / "job" / "1"
+    manifest = json.loads((step / "manifest.json").read_text())
+    files = [step / path for path in manifest["files"]]
+    assert files and all(str(f) in synced for f in files), (files, synced)
+    folders = {f.parent for f in files} | {step, step.parent}
+    folders |= {p for f in files for p in f.parents if step in p.parents}
+    assert all(str(folder) in synced for folder in folders), (folders, synced)
+    assert str(step / "manifest.json") not in synced  # synced as its temporary file, then moved
+    assert any(s.startswith(str(step / "manifest.json.tmp-")) for s in synced)
+    assert any(s.startswith(str(tmp_path / "job" / "LATEST.tmp-")) for s in synced)
+    assert synced.index(str(step.parent)) < next(i for i, s in enumerate(synced) if "manifest.json.tmp-" in s)
