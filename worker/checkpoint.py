@@ -145,9 +145,9 @@ class Checkpointer:
         backoff = config.retry_backoff_s
         self._reached_commit = False  # a try that failed past this point may have committed all the same
         for attempt in range(config.retries + 1):
-            if attempt and self._reached_commit and self._is_committed(step):
-                break
             try:
+                if attempt and self._reached_commit and self._is_committed(step):
+                    break
                 self._write(step, model, optimizer, positions, deadline)
                 break
             except _RoundFailed as exc:
@@ -169,10 +169,16 @@ class Checkpointer:
         return True
 
     def _is_committed(self, step: int) -> bool:
+        """Whether a try that got as far as the commit committed `step`; _RoundFailed (transient)
+        when storage cannot tell: taken for "no", the round was written again, which the shards
+        refuse for a committed step, and a committed round was reported SKIPPED (a review's repro:
+        S3 down between the manifest and LATEST)."""
         try:
             read_manifest(self.config.uri, self.job.ps.job, step, self.config.storage)
-        except (SnapshotError, OSError, pa.ArrowException):
+        except SnapshotError:  # no manifest, or one that does not parse: not committed
             return False
+        except (OSError, pa.ArrowException) as exc:
+            raise _RoundFailed(f"cannot tell whether step {step} committed: {exc}", transient=True) from exc
         return True
 
     def _write(

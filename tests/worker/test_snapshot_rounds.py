@@ -116,6 +116,57 @@ def test_s3_stopped_during_a_round_skips_it_and_the_next_round_loses_nothing(tmp
         server.kill()  # its data is thrown away: no need for a graceful stop
 
 
+def test_a_round_whose_commit_storage_cannot_confirm_is_not_written_again(tmp_path, start_shards, caplog,
+                                                                          monkeypatch):
+    """S3 stops right after the manifest of step 20 is written (before LATEST). The tries after
+    it asked whether the step committed, took "cannot tell" for "no", and ran the round on the
+    shards again, which cannot write a committed step (a review's repro: the round reported
+    SKIPPED, saying the next round builds on step 10). Now a try that reached the commit asks
+    storage again and writes nothing again; skipped, it says it cannot tell whether the step
+    committed (it did), and the next round builds on the last step it knows."""
+    from ps.snapshot import storage as storage_module
+
+    server = S3Server.start(tmp_path / "s3")
+    try:
+        server.create_bucket("snaps")
+        uri = "s3://snaps/job"
+        storage = replace(server.storage_config(), max_attempts=1)
+        job = training_job(tmp_path, uri, storage)
+        shards = start_shards(job.ps)
+        run = Trainer(replace(job, ps=shards.job))
+        run.push(500)
+        run.snapshot(10)
+        run.push(500)
+        write = storage_module.write_bytes_atomic
+
+        def stop_s3_once_the_manifest_is_in(fs, path, data):
+            write(fs, path, data)
+            if path.endswith("/20/manifest.json"):
+                server.kill()
+
+        monkeypatch.setattr(storage_module, "write_bytes_atomic", stop_s3_once_the_manifest_is_in)
+        with caplog.at_level(logging.WARNING, logger="embps.worker"):
+            run.snapshot(20)
+        monkeypatch.setattr(storage_module, "write_bytes_atomic", write)
+        rounds = run.checkpointer.rounds
+        assert (rounds.committed, rounds.skipped, rounds.failed_tries) == (1, 1, RETRIES + 1)
+        assert "cannot tell whether step 20 committed" in caplog.text
+        rewrites = shards.servicers[0].metrics.registry.get_sample_value(
+            "embps_requests_total", {"table": "", "method": "WriteSnapshot", "code": "UNAVAILABLE"}
+        )
+        assert rewrites is None, "the round was written again on the shards"
+        run.push(500)
+        server.restart()
+        run.push(500)
+        run.snapshot(30)
+        snapshots = [(m.step, m.kind, m.parent) for m in list_snapshots(uri, job.ps.job, storage)]
+        assert snapshots == [(10, "full", None), (20, "incremental", 10), (30, "incremental", 10)]
+        run.check_restore_equals_live(uri, storage)
+        run.client.close()
+    finally:
+        server.kill()
+
+
 def test_full_disk_skips_the_round_and_training_goes_on(tmp_path, caplog):
     disk = tmp_path / "disk"
     disk.mkdir()
