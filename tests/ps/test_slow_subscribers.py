@@ -202,15 +202,15 @@ def test_a_waiting_full_copy_ends_a_stalled_one_after_the_patience_not_the_stall
 
 
 def test_ranges_wait_for_the_shards_subscribe_memory_and_a_stalled_one_gives_its_turn(tmp_path):
-    """Live Subscribe streams from version 0 each read a range of every row (21.6 MB here, 29.6 MB
-    with its messages): with --subscribe-memory-bytes at 60 MB two hold theirs and the others wait,
+    """Live Subscribe streams from version 0 each read a range of every row (21.6 MB here, 37.6 MB
+    with its messages): with --subscribe-memory-bytes at 80 MB two hold theirs and the others wait,
     holding nothing, however many open (before, each read its range at once: 10 more streams nobody
     read, 10 more copies of the rows). A subscriber that reads waits for a stalled holder's
     patience, not its stall limit, and hears heartbeats meanwhile (its link is alive)."""
     stall = 60.0
-    # The keys and float32 rows of every row, the message being sent and its serialised copy.
-    range_bytes = ROWS * (8 + 4 * DIM) + 2 * STREAM_MESSAGE_BYTES
-    setup = _shard(tmp_path, stall, "--subscribe-memory-bytes", str(60_000_000))
+    # The keys and float32 rows of every row, and four copies of the message being sent.
+    range_bytes = ROWS * (8 + 4 * DIM) + 4 * STREAM_MESSAGE_BYTES
+    setup = _shard(tmp_path, stall, "--subscribe-memory-bytes", str(80_000_000))
     job, proc, client, stub, log = next(setup)
     calls = []
     try:
