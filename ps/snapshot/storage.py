@@ -17,6 +17,7 @@ written in place; every other filesystem gets a temporary name and a rename.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -116,7 +117,8 @@ class StorageConfig:
         endpoint, scheme = base.endpoint_override, base.scheme
         url = env.get("AWS_ENDPOINT_URL")
         if endpoint is None and url:
-            parts = urlsplit(url if "://" in url else f"https://{url}")
+            url = url if "://" in url else f"https://{url}"  # masked as read (without, "key:secret@host" was no URI)
+            parts = urlsplit(url)
             if parts.scheme not in ("http", "https") or not parts.netloc:
                 raise ValueError(f"AWS_ENDPOINT_URL: must look like http[s]://host[:port], got {_shown(url)!r}")
             if "@" in parts.netloc:  # a user and password there became part of the endpoint's host
@@ -305,6 +307,11 @@ def sync(fs: pafs.FileSystem, path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as exc:
+        # Some filesystems refuse fsync on a folder (as PostgreSQL's fsync_fname allows for): a
+        # snapshot round must not fail for good there. A file's refusal is an error.
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF) or not os.path.isdir(path):
+            raise
     finally:
         os.close(fd)
 

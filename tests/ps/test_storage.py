@@ -90,6 +90,7 @@ def test_bad_endpoint_variable_is_named():
         lambda: open_uri("hdfs://user:TOPSECRET@namenode:99999/p"),
         lambda: StorageConfig.from_env({"AWS_ENDPOINT_URL": "ftp://AKIAEXAMPLE:TOPSECRET@host:9000"}),
         lambda: StorageConfig.from_env({"AWS_ENDPOINT_URL": "http://AKIAEXAMPLE:TOPSECRET@host:9000"}),
+        lambda: StorageConfig.from_env({"AWS_ENDPOINT_URL": "AKIAEXAMPLE:TOPSECRET@host:9000"}),  # no scheme
     ],
 )
 def test_a_secret_in_a_uri_is_not_echoed(refuse):
@@ -132,3 +133,27 @@ def test_listing_and_deleting_folders(tmp_path):
     storage.delete_dir(fs, storage.join(base, "absent"))
     assert storage.list_dir_names(fs, base) == ["2"]
     assert storage.exists(fs, storage.join(base, "2", "f")) and not storage.exists(fs, storage.join(base, "1"))
+
+
+def test_a_folder_that_refuses_fsync_does_not_fail_the_write_and_a_file_that_does_does(tmp_path, monkeypatch):
+    """Some filesystems refuse fsync on a folder (EINVAL): every local snapshot round failed there
+    once folders were synced (the diff review's simulation). A file's refusal stays an error."""
+    import errno
+
+    import pyarrow.fs as pafs
+
+    from ps.snapshot.storage import sync, write_bytes_atomic
+
+    real_fsync = os.fsync
+
+    def refuse_folders(fd: int) -> None:
+        if os.path.isdir(os.readlink(f"/proc/self/fd/{fd}")):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", refuse_folders)
+    write_bytes_atomic(pafs.LocalFileSystem(), str(tmp_path / "a" / "LATEST"), b"7\n")
+    assert (tmp_path / "a" / "LATEST").read_bytes() == b"7\n"
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+    with pytest.raises(OSError, match="I/O error"):
+        sync(pafs.LocalFileSystem(), str(tmp_path / "a" / "LATEST"))
