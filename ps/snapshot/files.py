@@ -390,6 +390,7 @@ class SnapshotWriter:
         with storage.unavailable_on_failure(f"committing {self.dir}"):
             # The entries of the files it names in their folders, up to the job's (which holds the
             # step's folder), before the manifest (its own write syncs it, then the step's folder).
+            storage.make_parent_dir(self.fs, storage.join(self.dir, MANIFEST))  # a step of no files has none yet
             folders = {self.dir, self._job_dir}
             for name in [*files, *(e.path for e in self._extra.values())]:
                 parts = name.split("/")[:-1]

@@ -636,3 +636,10 @@ def test_a_local_snapshot_is_synced_to_disk_before_its_manifest_names_it(tmp_pat
     assert any(s.startswith(str(step / "manifest.json.tmp-")) for s in synced)
     assert any(s.startswith(str(tmp_path / "job" / "LATEST.tmp-")) for s in synced)
     assert synced.index(str(step.parent)) < next(i for i, s in enumerate(synced) if "manifest.json.tmp-" in s)
+
+
+def test_a_step_of_no_files_commits(tmp_path):
+    """The commit synced the step's folder before anything had made it (the diff review's repro:
+    FileNotFoundError for a step with no files)."""
+    SnapshotWriter(str(tmp_path), "job", step=1, kind="full", num_shards=1).commit()
+    assert latest(str(tmp_path), "job") == 1
