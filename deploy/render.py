@@ -153,7 +153,8 @@ def _check_job(job: TrainingJob, deploy: DeployConfig) -> None:
     shared = [("snapshot.uri", job.ps.snapshot.uri if job.ps.snapshot is not None else None),
               ("deploy.serving.export_uri", deploy.serving.export_uri if deploy.serving is not None else None)]
     for field, uri in shared:
-        if uri is not None and urllib.parse.urlsplit(uri).scheme.lower() not in _SHARED_SCHEMES:
+        # Without "://" storage reads it as a local path, whatever it starts with ("s3:bucket/x").
+        if uri is not None and ("://" not in uri or urllib.parse.urlsplit(uri).scheme.lower() not in _SHARED_SCHEMES):
             # Every shard pod writes its own part of a snapshot and rank 0 its manifest: on a
             # pod's own disk, no step could ever be restored (each round said it committed).
             raise ValueError(

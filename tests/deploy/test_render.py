@@ -256,6 +256,7 @@ def test_worker_kind_indexed_job_swaps_which_one_kubectl_applies(tmp_path):
         # own: every round said it committed, and no step could ever be restored.
         ('uri = "s3://embps/snapshots"=>uri = "/data/snapshots"', "snapshot.uri: on Kubernetes the shards"),
         ('uri = "s3://embps/snapshots"=>uri = "file:///data/snapshots"', "snapshot.uri: on Kubernetes the shards"),
+        ('uri = "s3://embps/snapshots"=>uri = "s3:embps/snapshots"', "snapshot.uri: on Kubernetes the shards"),
         ('export_uri = "s3://embps/exports"=>export_uri = "file:///exports"',
          "deploy.serving.export_uri: on Kubernetes"),
     ],
