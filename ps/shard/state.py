@@ -23,6 +23,7 @@ from ps.rpc import ps_pb2
 from ps.shard.commits import DEFAULT_SHARD_COMMIT_BYTES, MAX_STEP, MIN_TABLE_COMMIT_BYTES, CommitLog, DenseStates
 from ps.shard.update_log import DEFAULT_MAX_ENTRIES, DEFAULT_MAX_KEYS, LogRange, UpdateLog, table_log_bytes
 from ps.table import multi
+from ps.table.config import EvictionPolicy
 from ps.table.embedding_table import ApplyResult, EmbeddingTable
 from ps.table.state import TableState
 
@@ -293,9 +294,10 @@ class Shard:
         """Raises what push() would raise for any of `requests` (a PushBatch's parts), before any
         is applied: its parts were applied one by one, so a bad later part (a NaN, another dim, a
         key of another shard, a full table) failed the call after the earlier parts had changed
-        their tables, as PushMulti, checked whole first, never did. A table with several parts is
-        checked for room with all their keys at once (at the latest of their steps), as the rows
-        the earlier parts add are there when the later ones come."""
+        their tables, as PushMulti, checked whole first, never did. A table with several parts and
+        no eviction policy is checked for room with all their keys at once (at the latest of their
+        steps), as the rows the earlier parts add are there when the later ones come; with a policy
+        a later part may evict an earlier part's rows, so each part's own check is the one."""
         parts: dict[str, list[tuple[np.ndarray, np.ndarray | None, int | None]]] = {}
         for request in requests:
             table = self.table(request.table)
@@ -313,9 +315,9 @@ class Shard:
             table.check_push(keys, grads, step, counts)
             parts.setdefault(table.name, []).append((keys, counts, step))
         for name, table_parts in parts.items():
-            if len(table_parts) < 2:
-                continue
             table = self.tables[name]
+            if len(table_parts) < 2 or table.config.eviction.policy != EvictionPolicy.NONE:
+                continue
             keys = np.concatenate([k for k, _, _ in table_parts])
             counts = None
             if any(c is not None for _, c, _ in table_parts):

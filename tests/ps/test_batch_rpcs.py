@@ -138,3 +138,22 @@ def test_a_batch_whose_parts_of_one_table_do_not_fit_together_applies_none(start
         assert [r.num_inserted for r in reply.responses] == [8, 2]  # 10 keys in all, 6 in both: they fit
         stats = stub.Stats(ps_pb2.StatsRequest(), timeout=10)
     assert stats.tables[0].version == 2
+
+
+def test_a_batch_whose_parts_of_an_evicting_table_evict_each_other_s_rows_applies(start_shards):
+    """With an eviction policy a later part may evict an earlier part's rows, as when the parts
+    are applied one by one: checked together, such a batch was refused (the diff review's repro)."""
+    from ps.table.config import EvictionConfig, EvictionPolicy
+
+    table = TableConfig(name="lru", dim=4, seed=1, capacity=10, eviction=EvictionConfig(policy=EvictionPolicy.LRU))
+    cluster = start_shards(make_job([table], num_shards=1))
+    parts = [
+        ps_pb2.PushRequest(table="lru", keys=np.arange(first, first + 8, dtype="<i8").tobytes(),
+                           grads=np.ones((8, 4), "<f4").tobytes(), dim=4, step=step,
+                           push_id=ps_pb2.PushId(client_id="c", sequence=step))
+        for step, first in ((1, 0), (2, 100))
+    ]
+    with grpc.insecure_channel(cluster.job.shards[0].address) as channel:
+        reply = ps_pb2_grpc.ParameterServerStub(channel).PushBatch(ps_pb2.PushBatchRequest(requests=parts), timeout=10)
+    assert [r.num_inserted for r in reply.responses] == [8, 8]
+    assert reply.responses[1].num_evicted == 6
