@@ -108,7 +108,10 @@ class S3Server:
         return server
 
     def restart(self, timeout: float = 60.0) -> None:
-        """Starts `weed` (again, after a stop: same ports, same data) and waits for S3."""
+        """Starts `weed` (again, after a stop: same ports, same data) and waits for S3. RuntimeError
+        while the one started before still runs: its pid would be forgotten, and it left running."""
+        if self.proc is not None and self.proc.poll() is None:
+            raise RuntimeError(f"weed (pid {self.proc.pid}) still runs: stop or kill it before a restart")
         if self.private_dir is not None:
             self.private_dir.mkdir(exist_ok=True)
         with open(self.log_path, "ab") as log:
