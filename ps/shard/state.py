@@ -272,12 +272,7 @@ class Shard:
             if previous is not None:
                 previous.duplicate = True
                 return previous
-        wire.check_dim(request.dim, table.dim, table.name)
-        keys = wire.decode_keys(request.keys)
-        grads = wire.decode_values(request.grads, keys.shape[0], table.dim, request.dtype, "grads")
-        counts = wire.decode_counts(request.counts, keys.shape[0])
-        self.check_owned(keys)
-        step = request.step if request.HasField("step") else None
+        keys, grads, counts, step = self._decode_push(request, table)
         result = table.apply_gradients(keys, grads, step=step, counts=counts)
         self.logs[table.name].append(table.version, _log_keys(result), result.evicted_keys, time.time())
         response = ps_pb2.PushResponse(
@@ -289,6 +284,18 @@ class Shard:
         if push_id.client_id:
             self.ledger.put(push_id.client_id, push_id.sequence, response)
         return response
+
+    def _decode_push(
+        self, request: ps_pb2.PushRequest, table: EmbeddingTable
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int | None]:
+        """A Push's (keys (n,), grads (n, dim), counts (n,) or None, step or None), checked against
+        `table` and this shard's keys."""
+        wire.check_dim(request.dim, table.dim, table.name)
+        keys = wire.decode_keys(request.keys)
+        grads = wire.decode_values(request.grads, keys.shape[0], table.dim, request.dtype, "grads")
+        counts = wire.decode_counts(request.counts, keys.shape[0])
+        self.check_owned(keys)
+        return keys, grads, counts, request.step if request.HasField("step") else None
 
     def check_pushes(self, requests) -> None:
         """Raises what push() would raise for any of `requests` (a PushBatch's parts), before any
@@ -306,12 +313,7 @@ class Shard:
                 check_client_id(push_id.client_id)
                 if self.ledger.get(push_id.client_id, push_id.sequence) is not None:
                     continue  # a repeat: answered with its first answer, nothing applied
-            wire.check_dim(request.dim, table.dim, table.name)
-            keys = wire.decode_keys(request.keys)
-            grads = wire.decode_values(request.grads, keys.shape[0], table.dim, request.dtype, "grads")
-            counts = wire.decode_counts(request.counts, keys.shape[0])
-            self.check_owned(keys)
-            step = request.step if request.HasField("step") else None
+            keys, grads, counts, step = self._decode_push(request, table)
             table.check_push(keys, grads, step, counts)
             parts.setdefault(table.name, []).append((keys, counts, step))
         for name, table_parts in parts.items():

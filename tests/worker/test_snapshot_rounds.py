@@ -68,7 +68,11 @@ class Trainer:
         np.testing.assert_array_equal(state.values, self.client.lookup("emb", self.keys))
 
 
-def test_s3_stopped_during_a_round_skips_it_and_the_next_round_loses_nothing(tmp_path, start_shards, caplog):
+def _first_round_on_s3(
+    tmp_path: Path, start_shards
+) -> tuple[S3Server, str, StorageConfig, TrainingJob, object, Trainer]:
+    """A real S3 server, shards and a run whose step 10 is committed there, and pushes since: the
+    caller kills the server when done."""
     server = S3Server.start(tmp_path / "s3")
     try:
         server.create_bucket("snaps")
@@ -81,6 +85,15 @@ def test_s3_stopped_during_a_round_skips_it_and_the_next_round_loses_nothing(tmp
         run.push(500)
         run.snapshot(10)
         run.push(500)
+    except BaseException:
+        server.kill()
+        raise
+    return server, uri, storage, job, shards, run
+
+
+def test_s3_stopped_during_a_round_skips_it_and_the_next_round_loses_nothing(tmp_path, start_shards, caplog):
+    server, uri, storage, job, shards, run = _first_round_on_s3(tmp_path, start_shards)
+    try:
         write_on_shards = worker.checkpoint._write_on_shards
 
         def stop_s3_after_the_shards_wrote(*args):
@@ -126,17 +139,8 @@ def test_a_round_whose_commit_storage_cannot_confirm_is_not_written_again(tmp_pa
     committed (it did), and the next round builds on the last step it knows."""
     from ps.snapshot import storage as storage_module
 
-    server = S3Server.start(tmp_path / "s3")
+    server, uri, storage, job, shards, run = _first_round_on_s3(tmp_path, start_shards)
     try:
-        server.create_bucket("snaps")
-        uri = "s3://snaps/job"
-        storage = replace(server.storage_config(), max_attempts=1)
-        job = training_job(tmp_path, uri, storage)
-        shards = start_shards(job.ps)
-        run = Trainer(replace(job, ps=shards.job))
-        run.push(500)
-        run.snapshot(10)
-        run.push(500)
         write = storage_module.write_bytes_atomic
 
         def stop_s3_once_the_manifest_is_in(fs, path, data):
