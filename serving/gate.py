@@ -125,6 +125,7 @@ class GateIdentity:
         paths = [security.tls_cert, security.tls_key, *([security.client_ca] if security.client_ca else [])]
         self._stamps = FileStamps(paths)  # taken before the files are read: a change in between is seen
         self._write(load_server_pem(security))
+        self._write_failed = False  # the last copy of changed files could not be written
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="embps-gate-identity", daemon=True)
         self._thread.start()
@@ -148,11 +149,22 @@ class GateIdentity:
             return
         if self._stamps.now() != stamps:
             return  # changed again while being read: take the next version
+        try:
+            self._write(pem)
+        except OSError as exc:  # a full disk: tried again at the next check, logged once
+            if not self._write_failed:
+                log.warning("TLS files changed, but the serving gate's copy cannot be written (%s); the gate "
+                            "keeps the current certificate, and the copy is tried again every %g s", exc,
+                            RELOAD_CHECK_S)
+            self._write_failed = True
+            return
+        self._write_failed = False
         self._stamps.last = stamps
-        self._write(pem)
         log.info("TLS certificate reloaded from %s (the serving gate takes it within a second)", self.security.tls_cert)
 
     def _watch(self) -> None:
+        """check() every RELOAD_CHECK_S; it raises nothing (an OSError from the copy ended this
+        thread, silently, and the gate's certificate never rotated again)."""
         while not self._stop.wait(RELOAD_CHECK_S):
             self.check()
 
