@@ -3,7 +3,6 @@ instead of sleeping for a time that is long enough on one machine and too short 
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable
 
@@ -24,13 +23,3 @@ def wait_until(check: Callable[[], object], what: str, timeout: float = 30.0) ->
     """Returns once `check()` is truthy; AssertionError naming `what` after `timeout` seconds."""
     if not eventually(check, timeout):
         raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-
-
-async def wait_until_async(check: Callable[[], object], what: str, timeout: float = 30.0) -> None:
-    """wait_until for a test that runs on the event loop of the server it waits for: polls without
-    blocking the loop."""
-    end = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        await asyncio.sleep(POLL_SECONDS)

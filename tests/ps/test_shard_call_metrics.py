@@ -16,7 +16,7 @@ from ps.shard.metrics import ShardMetrics
 from ps.shard.server import create_server
 from ps.table.config import TableConfig
 from tests.helpers.processes import make_job
-from tests.helpers.waiting import wait_until_async
+from tests.helpers.waiting import wait_until
 
 USER = TableConfig("user", dim=4)
 DEADLINE = 10.0
@@ -191,7 +191,8 @@ def test_a_call_cancelled_at_its_deadline_is_counted_and_timed(tmp_path):
             await expect_code(stub.Push(push, timeout=0.3), grpc.StatusCode.DEADLINE_EXCEEDED)
             # The client's deadline passes first: released (or the server stopped) before the server
             # ended the call, the push ran (OK) or was cancelled by the stop (a fresh clone's run).
-            await wait_until_async(lambda: ended(servicer.metrics), "the server to end the push", 10.0)
+            # On a thread: the server this waits for runs on this loop.
+            await asyncio.to_thread(wait_until, lambda: ended(servicer.metrics), "the server to end the push", 10.0)
         finally:
             servicer._tables_lock.release()
 
