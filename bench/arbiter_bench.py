@@ -35,6 +35,7 @@ from bench.ports import loopback_shards
 from ps.etcd import EtcdClient
 from ps.job_config import ArbiterConfig, Deadlines, JobConfig
 from ps.process import children
+from ps.shard.arbiter import Membership, membership_key
 from ps.table.config import TableConfig
 
 
@@ -150,7 +151,7 @@ def _idle_pair_part(config: ArbiterBenchConfig, workdir: Path, schemes: list) ->
             try:
                 procs += start_shards(job, pair_dir, malloc_tuned=True)
                 pids = {"primary": procs[0].pid, "standby": procs[1].pid, "etcd": etcd.proc.pid}
-                time.sleep(2 * config.lease_seconds)  # past the standby's join and the first renewals
+                _wait_in_sync(job, etcd, tls)  # measured from the pair's steady state, not its join
                 before = {name: process_cpu_seconds(pid) for name, pid in pids.items()}
                 wall0 = time.monotonic()
                 time.sleep(config.seconds)
@@ -163,6 +164,22 @@ def _idle_pair_part(config: ArbiterBenchConfig, workdir: Path, schemes: list) ->
               + f" (lease {config.lease_seconds} s, {wall:.1f} s)", flush=True)
         results.append({"scheme": scheme, "ms_per_second": per_second, "seconds": wall})
     return results
+
+
+def _wait_in_sync(job: JobConfig, etcd: EtcdServer, tls: EtcdTls | None, timeout: float = 120.0) -> None:
+    """Returns once etcd records shard 0's pair in sync (the standby joined and caught up);
+    TimeoutError after `timeout` seconds."""
+    client = EtcdClient(etcd.endpoint, tls=tls.client if tls else None)
+    end = time.monotonic() + timeout
+    try:
+        while time.monotonic() < end:
+            record = client.get(membership_key(job.job, 0))
+            if record is not None and Membership.load(record.value).sync:
+                return
+            time.sleep(0.1)
+    finally:
+        client.close()
+    raise TimeoutError(f"the pair of shard 0 not in sync within {timeout:g} s")
 
 
 def run_arbiter_bench(config: ArbiterBenchConfig) -> int:
