@@ -15,8 +15,9 @@ shard NOT_SERVING, lets in-flight calls finish (`grace` seconds), refuses new on
 UNAVAILABLE and exits 0.
 
 Subscribe streams (serving replicas) wait on a per-table event that every Push sets; a stream
-reads its range of the update log and the current rows through `run` like any call, so it never
-sees a half-applied push, and a slow stream never holds up a Push (it reads later, merged).
+takes its range's entries of the update log through `run` like any call, merges them off the
+lock, and reads each message's rows through `run` as it makes the message, so it never sees a
+half-applied push, and a push waits behind one message's reads, never a whole range.
 """
 
 from __future__ import annotations
@@ -56,10 +57,10 @@ from ps.shard import commits
 from ps.shard.commit_stream import committed_stream
 from ps.shard.heartbeats import HeartbeatRoster, StreamHeartbeats
 from ps.shard.metrics import UNKNOWN_TABLE, ShardMetrics, ShardReading, TableReading
-from ps.shard.range_messages import range_parts
+from ps.shard.range_messages import piece_fields, range_parts, range_pieces
 from ps.shard.startup import EXIT_SNAPSHOT_UNUSABLE, DeferredServices, RestoreProgress, run_in_daemon_thread
 from ps.shard.stream_turns import StreamTurns
-from ps.shard.update_log import DEFAULT_MAX_ENTRIES, DEFAULT_MAX_KEYS, LogGapError, LogRange
+from ps.shard.update_log import DEFAULT_MAX_ENTRIES, DEFAULT_MAX_KEYS, LogGapError, LogRange, merge_entries
 from ps.table.row_store import device_unavailable_reason
 
 log = logging.getLogger("embps.ps")
@@ -110,14 +111,19 @@ MAX_FULL_COPIES = 4
 # limit, if shorter) is ended when another copy waits for a turn (ps/shard/stream_turns.py).
 FULL_COPY_PATIENCE_SECONDS = 5.0
 
-# The bytes of keys and rows that a shard's Subscribe ranges hold at once, all streams together
-# (`embps ps --subscribe-memory-bytes`): a stream reads a range's rows only once its bytes fit, and
-# holds them until its subscriber has taken the range's messages; the others wait their turn, and
+# The bytes that a shard's Subscribe ranges hold at once, all streams together (`embps ps
+# --subscribe-memory-bytes`): a live range its keys and the message it is sending (its rows are
+# read a message at a time), the tail of a full copy the same, a committed range its sealed rows.
+# A stream starts a range only once that fits, and holds it until its subscriber has taken the
+# range's messages; the others wait their turn, and
 # one whose subscriber stalls gives its turn to a waiting one after FULL_COPY_PATIENCE_SECONDS
 # (ps/shard/stream_turns.py). Before, each stream read its range whenever it was woken: 100
 # subscribers from version 0 of a 150,000-row table (dim 64, 37.8 MiB of keys and rows) that read
 # nothing grew its shard by 3 GB in 12 s, a copy of the rows per stream.
 SUBSCRIBE_MEMORY_BYTES = 1 << 30
+# A live range of at most this many keys is merged where its log entries are read, serialised with
+# the table calls (about 1 ms of sorting here); a larger one off the lock, on a thread of its own.
+INLINE_MERGE_KEYS = 16384
 
 
 # A connection whose peer takes no byte for this long is closed, and what the shard's replies to it
@@ -555,7 +561,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
                         beats.sent()
                     continue
                 keys = shard.logs[name].keys_after(position)
-                turn = self.ranges.pending(current_stall_watch(), self.range_hold_bytes(keys * (8 + row_bytes)))
+                turn = self.ranges.pending(current_stall_watch(), self._range_hold(keys, keys, row_bytes))
                 try:
                     while (hold := await turn.wait(HEARTBEAT_SECONDS)) is None:
                         if beats.due():  # waiting for the memory, still at `position`
@@ -565,11 +571,21 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
                     turn.abandon()
                     raise
                 try:
-                    read = functools.partial(self._read_range, name, position, stored)
-                    changes, rows = await self.run_call(read, keys * 8)
-                    self.ranges.resize(hold, self.range_hold_bytes(range_bytes(changes, rows)))
+                    # The log's entries under the lock (references, no copy), merged off it, and
+                    # each message's rows read only as it is made: a push waits behind one
+                    # message's reads, never behind a whole range (a reconnecting replica's can
+                    # be a million rows), and the stream holds the keys and one message's rows.
+                    if keys <= INLINE_MERGE_KEYS:  # a live follower's range: a push or a few
+                        changes = await self.run_call(functools.partial(shard.changes_after, name, position), keys * 8)
+                    else:
+                        read = functools.partial(self._log_entries, name, position)
+                        entries = await self.run_call(read, 0)  # versions position + 1, ... (contiguous)
+                        changes = await asyncio.to_thread(merge_entries, position, position + len(entries), entries)
+                        del entries
+                    touched, deleted = changes.touched_keys.shape[0], changes.deleted_keys.shape[0]
+                    self.ranges.resize(hold, self._range_hold(touched + deleted, touched, row_bytes))
                     self.metrics.stream_range.labels(name, str(shard.index)).observe(changes.to_version - position)
-                    for reply in self._batches(name, table.dim, changes, rows, False):
+                    async for reply in self._range_batches(name, table, changes, stored, reset=False):
                         yield reply
                 finally:
                     self.ranges.release(hold)
@@ -628,19 +644,25 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
                     keys=wire.encode_keys(chunk), values=rows.data.tobytes(),
                 )
             # Off the event loop: the feed is the tables thread's to read, and it may hold many keys.
-            estimate = self.range_hold_bytes(feed.num_keys * (8 + row_bytes))
-            hold = await self.ranges.acquire(current_stall_watch(), estimate)
+            hold = await self.ranges.acquire(
+                current_stall_watch(), self._range_hold(feed.num_keys, feed.num_keys, row_bytes)
+            )
             try:
-                changes, rows = await self.run_call(
-                    functools.partial(self._end_copy, name, feed, stored), INLINE_WORK_BYTES + 1
-                )
-                self.ranges.resize(hold, self.range_hold_bytes(range_bytes(changes, rows)))
-                for reply in self._batches(name, dim, changes, rows, reset=keys.shape[0] == 0):
+                changes = await self.run_call(functools.partial(self._end_copy, name, feed), INLINE_WORK_BYTES + 1)
+                touched, deleted = changes.touched_keys.shape[0], changes.deleted_keys.shape[0]
+                self.ranges.resize(hold, self._range_hold(touched + deleted, touched, row_bytes))
+                async for reply in self._range_batches(name, table, changes, stored, reset=keys.shape[0] == 0):
                     yield reply
             finally:
                 self.ranges.release(hold)
         finally:
             table.close_change_feed(feed)
+
+    def _range_hold(self, num_keys: int, num_rows: int, row_bytes: int) -> int:
+        """What a live range of num_keys keys (touched and deleted), num_rows of them with rows,
+        holds while it is sent (_range_batches): its keys, and one message's rows with the copies
+        range_hold_bytes counts."""
+        return 8 * num_keys + self.range_hold_bytes(min(num_rows * (8 + row_bytes), self._stream_bytes))
 
     def range_hold_bytes(self, range_bytes: int) -> int:
         """What a stream holds while it sends a range of `range_bytes` keys and rows: the range,
@@ -659,8 +681,12 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         table = self.shard.table(name)
         return table.version, table.keys(), table.open_change_feed()
 
-    def _end_copy(self, name: str, feed, stored: bool) -> tuple[LogRange, _Rows]:
-        """What changed since _begin_copy, as a range ending at the current version, with its rows."""
+    def _log_entries(self, name: str, from_version: int) -> tuple:
+        """The update log entries of table `name` after from_version (LogGapError if it lost them)."""
+        return self.shard.log(name).entries_after(from_version, name)
+
+    def _end_copy(self, name: str, feed) -> LogRange:
+        """What changed since _begin_copy, as a range ending at the current version."""
         table = self.shard.table(name)
         changes = feed.take()
         if not changes.complete:
@@ -668,12 +694,35 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
                 f"table {name!r}: more than {feed.max_keys} keys changed during the full copy (or the table was "
                 "reloaded); resync with full_sync"
             )
-        rows = self._read_rows(name, changes.touched_keys, stored)
-        return LogRange(0, table.version, changes.touched_keys, changes.deleted_keys, ()), rows
+        return LogRange(0, table.version, changes.touched_keys, changes.deleted_keys, ())
 
-    def _read_range(self, name: str, from_version: int, stored: bool) -> tuple[LogRange, _Rows]:
-        changes = self.shard.changes_after(name, from_version)
-        return changes, self._read_rows(name, changes.touched_keys, stored)
+    async def _range_batches(
+        self, name: str, table, changes: LogRange, stored: bool, reset: bool
+    ) -> AsyncIterator[ps_pb2.UpdateBatch]:
+        """The messages of one range, each message's rows read as it is made (serialised with the
+        table calls, one message's worth at a time). Rows are read at their current value, so a
+        message may carry a row newer than the range's to_version (a later range sends that key
+        again; a row evicted since reads as its init value until a later range deletes it), as
+        a full copy's chunks always did: a subscriber converges to the shard's rows at every
+        range it ends."""
+        row_bytes = self._row_bytes(table, stored)
+        dtype = wire.STORED_DTYPES[str(table.storage)] if stored else ps_pb2.FLOAT32
+        for i, piece in enumerate(range_pieces(changes, row_bytes, self._stream_bytes)):
+            rows = None
+            if piece.kind == "rows":
+                keys = changes.touched_keys[piece.start : piece.stop]
+                read = functools.partial(self._read_rows, name, keys, stored)
+                rows = (await self.run_call(read, keys.shape[0] * (8 + row_bytes))).data
+            yield self._batch(
+                name,
+                changes.from_version,
+                changes.to_version,
+                dim=table.dim,
+                reset=reset and i == 0,
+                last=piece.last,
+                dtype=dtype,
+                **piece_fields(changes, piece, rows),
+            )
 
     def _read_rows(self, name: str, keys: np.ndarray, stored: bool) -> _Rows:
         """The rows of keys as Subscribe sends them: as the table stores them, or float32."""

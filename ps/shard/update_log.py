@@ -169,30 +169,39 @@ class UpdateLog:
 
     def range_after(self, from_version: int, table: str = "") -> LogRange:
         """The merged changes of (from_version, head_version]; LogGapError if not covered."""
+        return merge_entries(from_version, self.head_version, self.entries_after(from_version, table))
+
+    def entries_after(self, from_version: int, table: str = "") -> tuple[LogEntry, ...]:
+        """The entries of (from_version, head_version]; LogGapError if not covered. Under the lock
+        the appends hold; what it returns stays valid after it (entries and their keys are never
+        changed), so merge_entries may run on another thread while pushes go on."""
         self.check(from_version, table)
         # The log is contiguous, so the range is its newest head_version - from_version entries:
         # taken from the right, its cost follows the range, not how many pushes the log holds.
-        entries = list(itertools.islice(reversed(self._entries), self.head_version - from_version))[::-1]
-        empty = np.empty(0, dtype=np.int64)
-        if not entries:
-            return LogRange(from_version, self.head_version, empty, empty, ())
-        acks = tuple((e.version, e.ack_time, int(e.touched_keys.shape[0])) for e in entries)
-        if len(entries) == 1 and entries[0].deleted_keys.shape[0] == 0:
-            return LogRange(from_version, self.head_version, np.sort(entries[0].touched_keys), empty, acks)
-        # The last thing that happened to a key wins; in one entry, deletions come after updates
-        # (a TTL sweep runs after the push's updates).
-        parts = []
-        for e in entries:
-            parts.append(e.touched_keys)
-            parts.append(e.deleted_keys)
-        keys = np.concatenate(parts)
-        is_delete = np.concatenate(
-            [np.full(p.shape[0], i % 2 == 1, dtype=np.bool_) for i, p in enumerate(parts)]
-        )
-        reversed_keys = keys[::-1]
-        unique, last_from_end = np.unique(reversed_keys, return_index=True)
-        deleted = is_delete[::-1][last_from_end]
-        return LogRange(from_version, self.head_version, unique[~deleted], unique[deleted], acks)
+        return tuple(itertools.islice(reversed(self._entries), self.head_version - from_version))[::-1]
+
+
+def merge_entries(from_version: int, to_version: int, entries: tuple[LogEntry, ...]) -> LogRange:
+    """The merged changes of (from_version, to_version], whose entries, oldest first, are `entries`
+    (UpdateLog.entries_after). Touches nothing but them: a Subscribe stream runs it off the lock."""
+    empty = np.empty(0, dtype=np.int64)
+    if not entries:
+        return LogRange(from_version, to_version, empty, empty, ())
+    acks = tuple((e.version, e.ack_time, int(e.touched_keys.shape[0])) for e in entries)
+    if len(entries) == 1 and entries[0].deleted_keys.shape[0] == 0:
+        return LogRange(from_version, to_version, np.sort(entries[0].touched_keys), empty, acks)
+    # The last thing that happened to a key wins; in one entry, deletions come after updates
+    # (a TTL sweep runs after the push's updates).
+    parts = []
+    for e in entries:
+        parts.append(e.touched_keys)
+        parts.append(e.deleted_keys)
+    keys = np.concatenate(parts)
+    is_delete = np.concatenate([np.full(p.shape[0], i % 2 == 1, dtype=np.bool_) for i, p in enumerate(parts)])
+    reversed_keys = keys[::-1]
+    unique, last_from_end = np.unique(reversed_keys, return_index=True)
+    deleted = is_delete[::-1][last_from_end]
+    return LogRange(from_version, to_version, unique[~deleted], unique[deleted], acks)
 
 
 def _entry_bytes(entry: LogEntry) -> int:

@@ -202,15 +202,16 @@ def test_a_waiting_full_copy_ends_a_stalled_one_after_the_patience_not_the_stall
 
 
 def test_ranges_wait_for_the_shards_subscribe_memory_and_a_stalled_one_gives_its_turn(tmp_path):
-    """Live Subscribe streams from version 0 each read a range of every row (21.6 MB here, 37.6 MB
-    with its messages): with --subscribe-memory-bytes at 80 MB two hold theirs and the others wait,
-    holding nothing, however many open (before, each read its range at once: 10 more streams nobody
-    read, 10 more copies of the rows). A subscriber that reads waits for a stalled holder's
+    """Live Subscribe streams from version 0 each read a range of every row (its keys, 2.4 MB here,
+    and one message's rows with four copies of the message, 22.4 MB in all): with
+    --subscribe-memory-bytes at 2.5 ranges two hold theirs and the others wait, holding nothing,
+    however many open (before ranges took turns, each read its range at once: 10 more streams
+    nobody read, 10 more copies of the rows). A subscriber that reads waits for a stalled holder's
     patience, not its stall limit, and hears heartbeats meanwhile (its link is alive)."""
     stall = 60.0
-    # The keys and float32 rows of every row, and four copies of the message being sent.
-    range_bytes = ROWS * (8 + 4 * DIM) + 4 * STREAM_MESSAGE_BYTES
-    setup = _shard(tmp_path, stall, "--subscribe-memory-bytes", str(80_000_000))
+    # The keys of every row, one message's float32 rows, and four copies of that message.
+    range_bytes = ROWS * 8 + 5 * min(ROWS * (8 + 4 * DIM), STREAM_MESSAGE_BYTES)
+    setup = _shard(tmp_path, stall, "--subscribe-memory-bytes", str(int(2.5 * range_bytes)))
     job, proc, client, stub, log = next(setup)
     calls = []
     try:
@@ -259,3 +260,44 @@ def test_ranges_wait_for_the_shards_subscribe_memory_and_a_stalled_one_gives_its
         for call in calls:
             call.cancel()
         setup.close()
+
+
+def test_a_stalled_range_holds_its_keys_and_one_message_not_its_rows(tmp_path):
+    """Six live streams from version 0 of a 100,000-row table of dim 128 (51 MB of rows) whose
+    subscribers took one message each and then stopped: each holds the range's keys (0.8 MB) and
+    the message being sent, since a range's rows are read a message at a time as it is sent.
+    Before, each read all its rows at once and held them until its subscriber took the last
+    message: six replicas catching up after a blip held six copies (+249 MiB here, +5 MiB now),
+    and a push waited behind each whole read (docs/performance.md)."""
+    rows, dim = 100_000, 128
+    job = make_job([TableConfig("wide", dim=dim, optimizer=OptimizerConfig(kind=OptimizerKind.SGD, lr=0.1))])
+    config = tmp_path / "job.toml"
+    config.write_text(dump_job_config(job))
+    log = tmp_path / "shard.log"
+    proc = start_shard(config, 0, log, args=("--stream-stall-seconds", "60"))
+    calls = []
+    try:
+        wait_serving(job.shards[0].address, proc, log_path=log)
+        client = PSClient([job.shards[0].address], dims={"wide": dim})
+        client.push("wide", np.arange(rows, dtype=np.int64), np.ones((rows, dim), np.float32))
+        options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.http2.bdp_probe", 0)]
+        channel = grpc.insecure_channel(job.shards[0].address, options=options)
+        stub = ps_pb2_grpc.ParameterServerStub(channel)
+        rss_before = rss_bytes(proc.pid)
+        for _ in range(6):
+            call = stub.Subscribe(ps_pb2.SubscribeRequest(table="wide", from_version=0), timeout=120)
+            calls.append(call)
+            first = next(call)  # the range has begun: before, all its rows were read by now
+            assert first.keys and not first.last
+        grown = rss_bytes(proc.pid) - rss_before
+        range_rows = rows * dim * 4
+        assert grown < range_rows, f"6 stalled ranges grew the shard by {grown / 2**20:.0f} MiB"
+        keys = np.arange(0, rows, 89, dtype=np.int64)
+        before = client.lookup("wide", keys)
+        client.push("wide", keys, np.ones((keys.shape[0], dim), np.float32))  # the shard still takes pushes
+        np.testing.assert_allclose(client.lookup("wide", keys), before - np.float32(0.1), rtol=1e-6, atol=1e-7)
+        channel.close()
+    finally:
+        for call in calls:
+            call.cancel()
+        stop_pid(proc)
