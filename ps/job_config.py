@@ -59,6 +59,9 @@ from ps.toml_reader import read_toml, toml_path
 DEFAULT_MESSAGE_LIMIT = 64 << 20
 DEFAULT_DEDUPE_WINDOW = 4096  # push ids of one client a shard remembers (push_dedupe_window)
 _MIN_MESSAGE_LIMIT = 64 << 10
+# gRPC's message-size options are C ints, and the processes set them 64 KiB above the limit
+# (protobuf framing around the bulk bytes).
+MAX_MESSAGE_LIMIT = 2**31 - 1 - (1 << 16)
 # A day: gRPC turns a deadline past ~1e9 s into one already expired, so every call would fail.
 MAX_DEADLINE_S = 86400.0
 
@@ -97,10 +100,11 @@ class ShardConfig:
         return parse_address("address", self.address)[1]
 
 
-def parse_address(where: str, address: object) -> tuple[str, int]:
+def parse_address(where: str, address: object, lowest_port: int = 1) -> tuple[str, int]:
     """'host:port' (an IPv6 host in brackets: '[::1]:50051') -> (host without brackets, port);
-    ValueError naming `where` unless the port is in [1, 65535] and the host is not empty."""
-    rule = "must be 'host:port' with a port in [1, 65535] (an IPv6 host in brackets: '[::1]:port')"
+    ValueError naming `where` unless the port is in [lowest_port, 65535] (0: a listen address
+    whose port the system picks) and the host is not empty."""
+    rule = f"must be 'host:port' with a port in [{lowest_port}, 65535] (an IPv6 host in brackets: '[::1]:port')"
     if not isinstance(address, str):
         raise ValueError(f"{where}: {rule}, got {address!r}")
     host, colon, port = address.rpartition(":")
@@ -108,7 +112,7 @@ def parse_address(where: str, address: object) -> tuple[str, int]:
         host = host[1:-1]
     elif ":" in host or "[" in host or "]" in host:
         host = ""
-    if not colon or not host or not port.isascii() or not port.isdigit() or not 0 < int(port) < 65536:
+    if not colon or not host or not port.isascii() or not port.isdigit() or not lowest_port <= int(port) < 65536:
         raise ValueError(f"{where}: {rule}, got {address!r}")
     return host, int(port)
 
@@ -234,7 +238,7 @@ def parse_job_config(data: dict, base_dir: Path | None = None) -> JobConfig:
     shards = _parse_shards(data.get("shards"))
     tables = _parse_tables(data.get("tables"))
     limit = data.get("message_limit_bytes", DEFAULT_MESSAGE_LIMIT)
-    _check_int("message_limit_bytes", limit, _MIN_MESSAGE_LIMIT, 2**31 - 1)
+    _check_int("message_limit_bytes", limit, _MIN_MESSAGE_LIMIT, MAX_MESSAGE_LIMIT)
     window = data.get("push_dedupe_window", DEFAULT_DEDUPE_WINDOW)
     _check_int("push_dedupe_window", window, 1, 1 << 24)
     deadlines = build_config(Deadlines, _table_of(data, "deadlines"), "deadlines")

@@ -48,7 +48,15 @@ from pathlib import Path
 
 from ps import toml_writer
 from ps.errors import ConfigTypeError
-from ps.job_config import LOOPBACK_HOSTS, JobConfig, load_job_config, parse_job_config, same_bind_host, shard_endpoints
+from ps.job_config import (
+    LOOPBACK_HOSTS,
+    JobConfig,
+    load_job_config,
+    parse_address,
+    parse_job_config,
+    same_bind_host,
+    shard_endpoints,
+)
 from ps.snapshot.storage import check_uri
 from ps.toml_reader import read_toml, toml_path
 
@@ -141,15 +149,11 @@ def parse_serve_config(data: dict, base_dir: Path = Path(".")) -> ServeConfig:
             raise ConfigTypeError(f"job: must be a table of the job's fields, got {data['job']!r}")
         job = parse_job_config(data["job"], base_dir)
     listen = data.get("listen")
-    if not isinstance(listen, str) or ":" not in listen:
-        raise ValueError(f"listen: must be 'host:port', got {listen!r}")
-    host, port = listen.rsplit(":", 1)
-    if not host or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise ValueError(f"listen: must be 'host:port' with a port in [0, 65535], got {listen!r}")
+    host, port = parse_address("listen", listen, lowest_port=0)
     metrics_port = data.get("metrics_port", 0)
     if isinstance(metrics_port, bool) or not isinstance(metrics_port, int) or not 0 <= metrics_port < 65536:
         raise ValueError(f"metrics_port: must be an integer in [0, 65535], got {metrics_port!r}")
-    _check_not_a_shard_port(job, host, int(port), metrics_port)
+    _check_not_a_shard_port(job, host, port, metrics_port)
     known_tables = [t.name for t in job.tables]
     tables = data.get("tables", known_tables)
     if not isinstance(tables, list) or not tables or not all(isinstance(t, str) for t in tables):
@@ -161,15 +165,17 @@ def parse_serve_config(data: dict, base_dir: Path = Path(".")) -> ServeConfig:
     if isinstance(stale, bool) or not isinstance(stale, (int, float)) or not math.isfinite(stale) or stale <= 0:
         raise ValueError(f"stale_after_seconds: must be a number of seconds > 0, got {stale!r}")
     max_queue = data.get("max_queue", DEFAULT_MAX_QUEUE)
-    if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
+    # gRPC's backlog option (the fallback without the gate) is a C int.
+    if isinstance(max_queue, bool) or not isinstance(max_queue, int) or not 0 <= max_queue <= 2**31 - 1:
         raise ValueError(
-            f"max_queue: must be an integer >= 0 (Lookups waiting before more are shed; 0: no bound), got {max_queue!r}"
+            "max_queue: must be an integer in [0, 2147483647] (Lookups waiting before more are shed; 0: no bound), "
+            f"got {max_queue!r}"
         )
     max_queue_bytes = data.get("max_queue_bytes", DEFAULT_MAX_QUEUE_BYTES)
-    if isinstance(max_queue_bytes, bool) or not isinstance(max_queue_bytes, int) or max_queue_bytes < 0:
+    if isinstance(max_queue_bytes, bool) or not isinstance(max_queue_bytes, int) or not 0 <= max_queue_bytes < 2**63:
         raise ValueError(
-            "max_queue_bytes: must be an integer >= 0 (request + reply bytes of the Lookups waiting before more "
-            f"are shed; 0: no bound), got {max_queue_bytes!r}"
+            "max_queue_bytes: must be an integer in [0, 2**63 - 1] (request + reply bytes of the Lookups waiting "
+            f"before more are shed; 0: no bound), got {max_queue_bytes!r}"
         )
     lookup_threads = data.get("lookup_threads", 0)
     if isinstance(lookup_threads, bool) or not isinstance(lookup_threads, int) or not 0 <= lookup_threads <= 1024:

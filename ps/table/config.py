@@ -7,6 +7,7 @@ is the path of the table in its config file (default: the table's name).
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -245,9 +246,14 @@ def _check_int(path: str, value: object, low: int, high: int) -> None:
         raise ValueError(f"{path}: must be in [{low}, {high}], got {value}")
 
 
+_LARGEST_FLOAT = int(sys.float_info.max)
+
+
 def _check_float(path: str, value: object, low: float, high: float = math.inf, strict: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigTypeError(f"{path}: must be a number, got {type(value).__name__} {value!r}")
+    if isinstance(value, int) and abs(value) > _LARGEST_FLOAT:  # math.isfinite would raise OverflowError
+        raise ValueError(f"{path}: must be finite, got an integer of {len(str(abs(value)))} digits")
     if not math.isfinite(value):
         raise ValueError(f"{path}: must be finite, got {value}")
     if value < low or (strict and value == low) or value > high:

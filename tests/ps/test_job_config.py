@@ -92,6 +92,14 @@ def _with(old: str, new: str) -> dict:
         ("metrics_port = 9101", "metrics_port = 70000", r"shards\[0\]\.metrics_port: must be in \[0, 65535\]"),
         ('job = "ctr"', 'job = "c t r"', r"job: must be a name"),
         ("message_limit_bytes = 1048576", "message_limit_bytes = 10", r"message_limit_bytes: must be in"),
+        # gRPC's size options are C ints, set 64 KiB above the limit: OverflowError at the shard's start before
+        (
+            "message_limit_bytes = 1048576",
+            "message_limit_bytes = 2147418112",
+            r"message_limit_bytes: must be in \[65536, 2147418111\]",
+        ),
+        # math.isfinite raised OverflowError (a traceback) on an integer beyond float's range
+        ("lr = 0.05", "lr = 1" + "0" * 400, r"tables\.user\.optimizer\.lr: must be finite, got an integer of 401"),
         ("lookup = 2.5", "lookup = 0", r"deadlines\.lookup: must be a number of seconds in \(0, 86400\]"),
         ("push = 7", "pushh = 7", r"deadlines\.pushh: unknown field"),
         ("[40000, 65536, 1]", "[40001, 65536, 1]", r"sharding\.bucket_ranges\[1\]: ranges must cover"),
@@ -185,3 +193,15 @@ def test_dump_reads_back_equal_with_quotes_backslashes_newlines_and_non_ascii():
     storage = StorageConfig(endpoint_override=odd, region=odd, access_key=odd, secret_key=odd)
     job = dataclasses.replace(job, snapshot=SnapshotConfig(uri=f"file:///tmp/{odd}", storage=storage))
     assert parse_job_config(tomllib.loads(dump_job_config(job))) == job
+
+
+def test_a_file_with_an_integer_beyond_64_bits_names_its_field(tmp_path):
+    """Python's tomllib takes integers of any size; TOML's are 64-bit. Such a value reached float()
+    and gRPC's C ints as an OverflowError traceback at a process's start."""
+    path = tmp_path / "job.toml"
+    path.write_text(EXAMPLE.replace("message_limit_bytes = 1048576", "message_limit_bytes = 9223372036854775808"))
+    with pytest.raises(ValueError, match=r"job\.toml: message_limit_bytes: TOML integers are 64-bit .*19 digits"):
+        load_job_config(path)
+    path.write_text(EXAMPLE.replace("[40000, 65536, 1]]", "[40000, 65536, -9223372036854775809]]"))
+    with pytest.raises(ValueError, match=r"sharding\.bucket_ranges\[1\]\[2\]: TOML integers are 64-bit"):
+        load_job_config(path)

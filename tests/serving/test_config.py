@@ -54,8 +54,15 @@ def test_round_trip(tmp_path, job_path):
         ('listen = "127.0.0.1:5000"\nstorage_dtype = "int4"', "storage_dtype: must be one of"),
         ('listen = "127.0.0.1:5000"\nstale_after_seconds = 0', "stale_after_seconds: must be"),
         ('listen = "127.0.0.1:5000"\nmetrics_port = 70000', "metrics_port: must be"),
-        ('listen = "127.0.0.1:5000"\nmax_queue = -1', "max_queue: must be an integer >= 0"),
-        ('listen = "127.0.0.1:5000"\nmax_queue = 2.5', "max_queue: must be an integer >= 0"),
+        ('listen = "127.0.0.1:5000"\nmax_queue = -1', r"max_queue: must be an integer in \[0, 2147483647\]"),
+        ('listen = "127.0.0.1:5000"\nmax_queue = 2.5', r"max_queue: must be an integer in \[0, 2147483647\]"),
+        # gRPC's backlog option (no gate) is a C int, the gate's bounds int64: tracebacks at start before
+        ('listen = "127.0.0.1:5000"\nmax_queue = 2147483648', r"max_queue: must be an integer in \[0, 21474"),
+        ('listen = "127.0.0.1:5000"\nmax_queue_bytes = 9223372036854775808', r"max_queue_bytes: TOML integers are"),
+        ('listen = "127.0.0.1:5000"\nmax_queue_bytes = -1', r"max_queue_bytes: must be an integer in \[0, 2\*\*63"),
+        ('listen = "127.0.0.1:\u00b2"', r"listen: must be 'host:port' with a port in \[0, 65535\]"),  # int('²') raised
+        ('listen = "127.0.0.1:\u0665\u0660"', r"listen: must be 'host:port'"),  # Arabic-Indic digits were taken
+        ('listen = "::1:5000"', r"listen: .*IPv6 host in brackets"),
         ('listen = "127.0.0.1:5000"\nlookup_threads = -1', "lookup_threads: must be an integer in"),
         ('listen = "127.0.0.1:5000"\nlookup_threads = "4"', "lookup_threads: must be an integer in"),
         ('listen = "127.0.0.1:5000"\ncolour = 1', "colour: unknown field"),
