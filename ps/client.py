@@ -22,7 +22,7 @@ import itertools
 import time
 import uuid
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -486,6 +486,7 @@ class PSClient:
             native.check_counts(counts)  # here: counts all <= 1 are not sent, and the shard would count 0 as 1
         if not distinct:
             layout, flat, counts = layout.summed(self, flat, counts)
+        _refuse_bad_gradients(flat, layout.describe_value)
         if counts is not None and counts.shape[0] and int(counts.max()) <= 1:
             counts = None
         calls = []
@@ -546,6 +547,7 @@ class PSClient:
                 raise ValueError(f"counts: expected shape {keys.shape}, got {counts.shape}")
             native.check_counts(counts)  # here: counts all <= 1 are not sent, and the shard would count 0 as 1
         unique, sums, sightings = native.dedupe_sum(keys, np.ascontiguousarray(grads), counts, dim)
+        _refuse_bad_gradients(sums, lambda at: _key_and_row(unique[at // dim], keys))
         send_counts = sightings.shape[0] and int(sightings.max()) > 1
         per_key = 8 + 4 * dim + (8 if send_counts else 0)
         calls = []
@@ -734,6 +736,26 @@ def _offsets_of(sizes: list[int]) -> list[int]:
     return offsets
 
 
+def _refuse_bad_gradients(values: np.ndarray, describe: Callable[[int], str]) -> None:
+    """ValueError, before anything is sent, when a gradient a push would send (a key's sum in it)
+    is NaN, infinite or beyond +-MAX_GRADIENT: each shard refuses such a push whole, and the shards
+    without the bad key would have applied theirs. describe(flat position) names its key."""
+    bad = native.first_out_of_range(values, native.MAX_GRADIENT)
+    if bad < 0:
+        return
+    value = float(np.ascontiguousarray(values).reshape(-1)[bad])
+    what = "non-finite value" if not np.isfinite(value) else f"value {value:.3g} beyond +-{native.MAX_GRADIENT:g}"
+    raise ValueError(
+        f"grads: {what} {describe(bad)} (the sum of its gradients in this push); the whole push is refused, "
+        "on every shard, so that one bad gradient cannot poison a row"
+    )
+
+
+def _key_and_row(key: int, keys: np.ndarray) -> str:
+    """A key of a push and the caller's first row of it."""
+    return f"for key {int(key)} (row {int(np.flatnonzero(keys == key)[0])})"
+
+
 @dataclass
 class _MultiLayout:
     """Where each key of a multi-table round sits: its table, its dim, its values' start."""
@@ -786,6 +808,12 @@ class _MultiLayout:
         layout = _MultiLayout.of(client, self.tables, merged, offsets)
         flat = np.concatenate(grads) if grads else np.zeros(0, dtype=np.float32)
         return layout, flat, np.concatenate(sightings) if sightings else np.zeros(0, dtype=np.int64)
+
+    def describe_value(self, position: int) -> str:
+        """Whose value is at `position` of the flat value buffer: its key and table."""
+        t = int(np.searchsorted(self.value_starts, position, side="right")) - 1
+        key = int(self.keys[self.offsets[t] + (position - int(self.value_starts[t])) // self.dim_of[self.tables[t]]])
+        return f"for key {key} of table {self.tables[t]!r}"
 
     def _index(self, chunk: np.ndarray) -> np.ndarray:
         """Positions in the flat value buffer of the values of keys `chunk`, in chunk order."""

@@ -163,10 +163,9 @@ def test_errors_become_embps_exceptions(cluster, client):
     with PSClient.from_job(cluster.job, dims={"nope": 4}) as other:
         with pytest.raises(TableNotFoundError, match="table 'nope' is not declared"):
             other.lookup("nope", np.arange(3, dtype=np.int64))
-    bad = np.ones((3, 8), dtype=np.float32)
-    bad[1, 1] = np.nan
-    with pytest.raises(InvalidArgumentError, match="INVALID_ARGUMENT.*non-finite") as info:
-        client.push("user", np.array([1, 2, 3], dtype=np.int64), bad)
+    with pytest.raises(InvalidArgumentError, match="INVALID_ARGUMENT.*dim") as info:
+        with PSClient.from_job(cluster.job, dims={"user": 4}) as other:
+            other.push("user", np.array([1, 2, 3], dtype=np.int64), np.ones((3, 4), dtype=np.float32))
     assert isinstance(info.value, ValueError) and info.value.code == grpc.StatusCode.INVALID_ARGUMENT
     with pytest.raises(TableFullError, match="RESOURCE_EXHAUSTED") as info:
         client.push("tiny", np.arange(40, dtype=np.int64), np.ones((40, 2), dtype=np.float32))
@@ -182,6 +181,33 @@ def test_errors_become_embps_exceptions(cluster, client):
         with pytest.raises(ValueError, match=r"^counts: every entry must be in \[1, 4294967295\]"):
             client.prepare_push_multi(["user"], keys, np.array([0, 2]), grads, counts=np.array(counts, dtype=np.int64))
     assert client.lookup("user", np.array([7], dtype=np.int64)).shape == (1, 8), "still serving"
+
+
+
+def test_a_push_with_a_bad_gradient_is_refused_before_any_shard_applies_any_of_it(cluster, client):
+    """Each shard refused its own part of such a push, and the other shard applied its part: one
+    NaN in a 2-shard push left half its rows trained, and the error named a row of the shard's part,
+    not the caller's. Refused here now, before any RPC, naming the key and the caller's row; the
+    bound is on what a push sends, a key's summed gradients (the shards check the same)."""
+    keys = np.arange(100, 140, dtype=np.int64)
+    on_shard = cluster.job.shard_map.shard_of(keys)
+    assert set(on_shard.tolist()) == {0, 1}
+    before = client.lookup("user", keys)
+    grads = np.ones((40, 8), dtype=np.float32)
+    grads[37, 2] = np.nan
+    with pytest.raises(ValueError, match=r"^grads: non-finite value for key 137 \(row 37\).*refused, on every shard"):
+        client.push("user", keys, grads)
+    offsets = np.array([0, 20, 40], dtype=np.int64)
+    multi_keys = np.concatenate([keys[:20], keys[20:]])
+    flat = np.ones(20 * 8 + 20 * 5, dtype=np.float32)
+    flat[20 * 8 + 3 * 5 + 1] = np.inf  # the 4th key of "item"
+    for distinct in (False, True):
+        with pytest.raises(ValueError, match=r"^grads: non-finite value for key 123 of table 'item'"):
+            client.prepare_push_multi(["user", "item"], multi_keys, offsets, flat, distinct=distinct)
+    twice = np.array([150, 150], dtype=np.int64)  # each within the bound, their sum beyond it
+    with pytest.raises(ValueError, match=r"^grads: value 1.2e\+10 beyond \+-1e\+10 for key 150 \(row 0\)"):
+        client.push("user", twice, np.full((2, 8), 6e9, dtype=np.float32))
+    np.testing.assert_array_equal(client.lookup("user", keys), before)  # nothing applied on either shard
 
 
 def test_stats_of_every_shard(cluster, client):

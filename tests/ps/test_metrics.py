@@ -3,11 +3,14 @@
 import subprocess
 import urllib.request
 
+import grpc
 import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ps.client import InvalidArgumentError, PSClient
+from ps import wire
+from ps.client import PSClient
+from ps.rpc import ps_pb2, ps_pb2_grpc
 from ps.table.config import AdmissionConfig, AdmissionKind, EvictionConfig, EvictionPolicy, TableConfig
 from tests.helpers.processes import ShardCluster, make_job
 
@@ -35,9 +38,16 @@ def scrape(tmp_path_factory):
             # One row-wise Adagrad step of lr 0.01 moves each value by about lr * g / rms(g).
             rms = np.sqrt((grads**2).mean(axis=1, keepdims=True))
             assert np.abs(moved - 0.01 * grads / rms).max() < 2e-3
-            bad = np.full((2, 4), np.nan, dtype=np.float32)
-            with pytest.raises(InvalidArgumentError):
-                client.push("user", np.arange(2, dtype=np.int64), bad)
+            bad = ps_pb2.PushRequest(  # the client refuses it before sending: straight to the shard
+                table="user",
+                keys=wire.encode_keys(np.arange(2, dtype=np.int64)),
+                grads=np.full((2, 4), np.nan, dtype=np.float32).tobytes(),
+                dim=4,
+            )
+            with grpc.insecure_channel(cluster.job.shards[0].address) as channel:
+                with pytest.raises(grpc.RpcError) as refused:
+                    ps_pb2_grpc.ParameterServerStub(channel).Push(bad, timeout=10)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             client.stats()
             stats = {t.name: t for t in client.stats()[0].tables}
         url = f"http://127.0.0.1:{cluster.job.shards[0].metrics_port}/metrics"
