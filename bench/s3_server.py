@@ -31,6 +31,8 @@ from ps.snapshot.storage import StorageConfig
 
 ACCESS_KEY = "embps-test-access"
 SECRET_KEY = "embps-test-secret-key"
+READER_ACCESS_KEY = "embps-test-reader"
+READER_SECRET_KEY = "embps-test-reader-secret"
 # weed mini listens on all of these; each gets a free port so several servers can run at once.
 _PORT_FLAGS = (
     "s3.port",
@@ -73,7 +75,8 @@ class S3Server:
 
     @classmethod
     def start(cls, workdir: Path, timeout: float = 60.0) -> S3Server:
-        """Starts SeaweedFS with one admin identity (ACCESS_KEY/SECRET_KEY) and waits for S3."""
+        """Starts SeaweedFS with an admin identity (ACCESS_KEY/SECRET_KEY) and one that may only read
+        and list (READER_ACCESS_KEY/READER_SECRET_KEY: a key without write rights), and waits for S3."""
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "data").mkdir(exist_ok=True)
         config = workdir / "s3.json"
@@ -82,7 +85,12 @@ class S3Server:
             "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
             "actions": ["Admin", "Read", "Write", "List", "Tagging"],
         }
-        config.write_text(json.dumps({"identities": [identity]}))
+        reader = {
+            "name": "reader",
+            "credentials": [{"accessKey": READER_ACCESS_KEY, "secretKey": READER_SECRET_KEY}],
+            "actions": ["Read", "List"],
+        }
+        config.write_text(json.dumps({"identities": [identity, reader]}))
         ports = dict(zip(_PORT_FLAGS, free_ports(len(_PORT_FLAGS)), strict=True))
         # A Unix socket's path is at most 107 bytes: a short directory of its own, not the workdir.
         private = Path(tempfile.mkdtemp(prefix="embps-weed-"))

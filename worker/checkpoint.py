@@ -40,6 +40,7 @@ from ps.security import Role, SecurityConfig, open_channel
 from ps.snapshot.files import SnapshotWriter, read_extra, read_manifest
 from ps.snapshot.manifest import ShardRecord, SnapshotError
 from ps.snapshot.ops import collect_garbage
+from ps.snapshot.storage import StorageDeniedError
 from worker.train_config import TrainingJob
 
 DENSE = "dense.pt"
@@ -194,6 +195,8 @@ class Checkpointer:
             self._write_once(step, model, optimizer, positions, deadline)
         except grpc.RpcError as exc:
             raise _RoundFailed(f"{exc.code().name}: {exc.details()}", exc.code() in _TRANSIENT_CODES) from exc
+        except StorageDeniedError as exc:  # credentials or a bucket to fix: no later try would do better
+            raise _RoundFailed(str(exc), transient=False) from exc
         except (OSError, pa.ArrowException) as exc:  # storage, StorageUnavailableError included
             raise _RoundFailed(str(exc), transient=True) from exc
         except EmbpsError as exc:

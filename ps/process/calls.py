@@ -25,7 +25,7 @@ from google.protobuf.message import DecodeError
 
 from ps.errors import CapacityError, EmbpsError, LogGapError, NotPrimaryError, UnknownTableError, WrongShardError
 from ps.snapshot.manifest import SnapshotError
-from ps.snapshot.storage import StorageError
+from ps.snapshot.storage import StorageDeniedError, StorageError
 
 DEFAULT_STREAM_STALL_SECONDS = 60.0  # see StallWatch
 
@@ -36,6 +36,8 @@ class ShuttingDownError(EmbpsError):
 
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The one mapping from domain errors to gRPC status codes (and the message sent)."""
+    if isinstance(exc, StorageDeniedError):
+        return grpc.StatusCode.PERMISSION_DENIED, str(exc)
     if isinstance(exc, (ShuttingDownError, StorageError, NotPrimaryError)):
         return grpc.StatusCode.UNAVAILABLE, str(exc)
     if isinstance(exc, UnknownTableError):

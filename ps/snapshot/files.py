@@ -397,7 +397,13 @@ class SnapshotWriter:
                 folders.update(storage.join(self.dir, *parts[: i + 1]) for i in range(len(parts)))
             for folder in sorted(folders, key=len, reverse=True):
                 storage.sync(self.fs, folder)
-            storage.write_bytes_atomic(self.fs, storage.join(self.dir, MANIFEST), manifest.to_json().encode())
+            try:
+                storage.write_bytes_new(self.fs, storage.join(self.dir, MANIFEST), manifest.to_json().encode())
+            except FileExistsError:
+                raise SnapshotError(
+                    f"{self.job} step {self.step}: another writer committed this step while this one wrote it (two "
+                    "jobs of one name writing to one snapshot uri?); its manifest is kept, this commit refused"
+                ) from None
             current = _read_latest(self.fs, self._job_dir)
             if current is None or current < self.step:
                 storage.write_bytes_atomic(self.fs, storage.join(self._job_dir, LATEST), f"{self.step}\n".encode())

@@ -11,7 +11,10 @@ AWS_DEFAULT_REGION, AWS_ENDPOINT_URL). HDFS needs a JVM and libhdfs on the host 
 HADOOP_HOME or ARROW_LIBHDFS_DIR, CLASSPATH); it is untested against a real NameNode.
 
 Atomic publication (`write_bytes_atomic`): an S3 object appears whole or not at all, so S3 is
-written in place; every other filesystem gets a temporary name and a rename.
+written in place; every other filesystem gets a temporary name and a rename. `write_bytes_new`
+publishes a file that must not exist yet (a step's manifest): on local disk atomically (a hard
+link, which fails where the name exists); on S3 and HDFS checked just before the write, which
+pyarrow.fs offers no condition for.
 """
 
 from __future__ import annotations
@@ -43,16 +46,32 @@ class StorageUnavailableError(StorageError):
     a later try may succeed, so servers answer it UNAVAILABLE."""
 
 
+class StorageDeniedError(StorageError):
+    """Storage refused this process (credentials without the right, a missing bucket, a folder it
+    may not write): another try would be refused the same, so servers answer it PERMISSION_DENIED
+    and a snapshot round is skipped at once, not retried as if storage were down."""
+
+
+# How S3 (AWS's SDK, as pyarrow words it) and S3-compatible servers say "refused" rather than "failed".
+_DENIED_MARKS = (
+    "ACCESS_DENIED", "AccessDenied", "NO_SUCH_BUCKET", "NoSuchBucket", "InvalidAccessKeyId",
+    "SignatureDoesNotMatch", "HTTP status 403",
+)
+
+
 @contextlib.contextmanager
 def unavailable_on_failure(what: str) -> Iterator[None]:
-    """Turns what pyarrow.fs or the OS raises inside into StorageUnavailableError, its message
-    naming `what` ("writing s3://b/p/ctr/400"). Missing files and embps errors pass unchanged."""
+    """Turns what pyarrow.fs or the OS raises inside into StorageUnavailableError (or
+    StorageDeniedError where storage refused this process), its message naming `what` ("writing
+    s3://b/p/ctr/400"). Missing files and embps errors pass unchanged."""
     try:
         yield
     except (EmbpsError, FileNotFoundError):
         raise
     except (OSError, pa.ArrowException) as exc:
-        raise StorageUnavailableError(f"{what}: {exc}") from exc
+        denied = isinstance(exc, PermissionError) or any(mark in str(exc) for mark in _DENIED_MARKS)
+        error = StorageDeniedError if denied else StorageUnavailableError
+        raise error(f"{what}: {exc}") from exc
 
 
 @dataclass(frozen=True)
@@ -334,6 +353,26 @@ def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
     except BaseException:
         _delete_quietly(fs, tmp)
         raise
+
+
+def write_bytes_new(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    """write_bytes_atomic of a file that must not exist: FileExistsError where it does (another
+    writer published it first), and the file is left as that writer published it."""
+    if not isinstance(fs, pafs.LocalFileSystem):
+        if exists(fs, path):
+            raise FileExistsError(errno.EEXIST, "already written by another writer", path)
+        write_bytes_atomic(fs, path, data)
+        return
+    make_parent_dir(fs, path)
+    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        with fs.open_output_stream(tmp, compression=None) as f:
+            f.write(data)
+        sync(fs, tmp)
+        os.link(tmp, path)  # EEXIST where another writer's file is: never replaced
+        sync(fs, path.rsplit("/", 1)[0])
+    finally:
+        _delete_quietly(fs, tmp)
 
 
 def make_parent_dir(fs: pafs.FileSystem, path: str) -> None:

@@ -224,6 +224,27 @@ def test_a_step_committed_before_latest_moved_is_the_latest(tmp_path):
         ShardSnapshotter({"t": evicting_table("t", seed=0)}, 0).snapshot(uri, "job", 80)
 
 
+
+def test_a_second_writer_of_a_step_cannot_replace_the_first_ones_manifest(tmp_path):
+    """Two jobs of one name and uri both open step 7 before either commits (each saw no manifest).
+    The later commit replaced the earlier one's manifest: both reported step 7 committed, and its
+    restore failed on a file the manifest did not describe. The first commit stands; the second
+    is refused, naming the cause."""
+    uri = str(tmp_path)
+    state = evicting_table("t", seed=0).export()
+    first, second = SnapshotWriter(uri, "job", 7), SnapshotWriter(uri, "job", 7)
+    first.write_table_shard("t", 0, state)
+    first.commit()
+    manifest = (tmp_path / "job/7/manifest.json").read_bytes()
+    second.write_table_shard("t", 0, state)  # the same rows: only the manifests race here
+    with pytest.raises(SnapshotError, match="another writer committed this step while this one wrote it"):
+        second.commit()
+    assert (tmp_path / "job/7/manifest.json").read_bytes() == manifest
+    assert sorted(p.name for p in (tmp_path / "job/7").iterdir()) == ["manifest.json", "t"]  # no temporary left
+    assert_same_state(restore(uri, "job", 7)["t"][0], state)
+    assert latest(uri, "job") == 7
+
+
 def test_incomplete_steps_are_ignored_and_latest_falls_back(tmp_path):
     uri = str(tmp_path)
     state = evicting_table("t", seed=0).export()

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import worker.checkpoint
-from bench.s3_server import S3Server
+from bench.s3_server import READER_ACCESS_KEY, READER_SECRET_KEY, S3Server
 from ps.client import PSClient
 from ps.job_config import SnapshotConfig, dump_job_config
 from ps.snapshot.files import list_snapshots, restore
@@ -127,6 +127,36 @@ def test_s3_stopped_during_a_round_skips_it_and_the_next_round_loses_nothing(tmp
         run.client.close()
     finally:
         server.kill()  # its data is thrown away: no need for a graceful stop
+
+
+
+def test_a_key_that_may_not_write_skips_the_round_at_once(tmp_path, start_shards, caplog):
+    """S3 credentials that may read and list but not write (`embps launch`'s check of snapshot.uri
+    lists, and passes): AccessDenied was taken for an outage and every round retried with backoff
+    (5 + 10 + 20 s by default) while training waited, and its warnings said UNAVAILABLE. Now the
+    shards answer PERMISSION_DENIED and the round is skipped after its first try."""
+    server = S3Server.start(tmp_path / "s3")
+    try:
+        server.create_bucket("snaps")
+        storage = replace(server.storage_config(READER_ACCESS_KEY, READER_SECRET_KEY), max_attempts=1)
+        job = training_job(tmp_path, "s3://snaps/job", storage)
+        shards = start_shards(job.ps)
+        run = Trainer(replace(job, ps=shards.job))
+        run.push(100)
+        with caplog.at_level(logging.WARNING, logger="embps.worker"):
+            run.snapshot(10)
+        rounds = run.checkpointer.rounds
+        assert (rounds.committed, rounds.skipped, rounds.failed_tries) == (0, 1, 1)
+        assert "snapshot step 10: SKIPPED after 1 try (PERMISSION_DENIED: writing snaps/job/" in caplog.text
+        assert "ACCESS_DENIED" in caplog.text
+        refused = shards.servicers[0].metrics.registry.get_sample_value(
+            "embps_requests_total", {"table": "", "method": "WriteSnapshot", "code": "PERMISSION_DENIED"}
+        )
+        assert refused == 1
+        run.push(100)  # training goes on
+        run.client.close()
+    finally:
+        server.kill()
 
 
 def test_a_round_whose_commit_storage_cannot_confirm_is_not_written_again(tmp_path, start_shards, caplog,
