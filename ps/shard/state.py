@@ -358,7 +358,10 @@ class Shard:
 
     def push_multi(self, request: ps_pb2.MultiPushRequest) -> tuple[ps_pb2.MultiPushResponse, list[str]]:
         """Applies every table's gradients once per push id; a repeat returns the first answer.
-        Returns the reply and the names of the tables it changed (none for a repeat)."""
+        Returns the reply and the names of the tables it changed (none for a repeat). A repeat is
+        checked as the first was (its tables, each once): answered unchecked, a repeat naming a
+        million tables held the event loop for seconds while its duplicate was counted per name."""
+        tables = self.multi_tables(request.tables, request.dims)
         push_id = request.push_id
         if push_id.client_id:
             check_client_id(push_id.client_id)
@@ -372,7 +375,6 @@ class Shard:
                 response = ps_pb2.MultiPushResponse.FromString(previous)
                 response.duplicate = True
                 return response, []
-        tables = self.multi_tables(request.tables, request.dims)
         keys = wire.decode_keys(request.keys)
         offsets = wire.decode_offsets(request.offsets, len(tables), keys.shape[0])
         num_values = int(np.dot(np.diff(offsets), [t.dim for t in tables])) if tables else 0
