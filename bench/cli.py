@@ -158,6 +158,28 @@ def _run_arbiter(args: argparse.Namespace) -> int:
     )
 
 
+def _add_catchup(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--subscribers", type=flags.count, default=6, help="processes re-reading ranges")
+    parser.add_argument("--behind", type=flags.count, default=400, help="pushes of 2,048 keys a subscriber is behind")
+    parser.add_argument("--seconds", type=flags.positive, default=12.0, help="length of the phase with subscribers")
+    parser.add_argument("--alone-seconds", type=flags.positive, default=4.0, help="length of the phase without")
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+
+
+def _run_catchup(args: argparse.Namespace) -> int:
+    from bench.catchup_bench import CatchupBenchConfig, run_catchup_bench
+
+    return run_catchup_bench(
+        CatchupBenchConfig(
+            subscribers=args.subscribers,
+            behind=args.behind,
+            seconds=args.seconds,
+            alone_seconds=args.alone_seconds,
+            out=args.out,
+        )
+    )
+
+
 def _add_freshness(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rate", type=flags.count, default=100_000, help="rows pushed per second (default 100k)")
     parser.add_argument("--batch", type=flags.count, default=5_000, help="rows per push")
@@ -554,6 +576,7 @@ BENCHES: dict[str, Bench] = {
     ),
     "arbiter": Bench("CPU per etcd call, and an idle shard pair's CPU per second", _add_arbiter, _run_arbiter),
     "freshness": Bench("push-ack to serving-visible delay under a steady push rate", _add_freshness, _run_freshness),
+    "catchup": Bench("push latency while Subscribe streams re-read large ranges", _add_catchup, _run_catchup),
     "data": Bench("input rows/s of the TSV and Parquet readers at W = 1, 2, 4 ranks", _add_data, _run_data),
     "train": Bench("training samples/s through the PS vs in process", _add_train, _run_train),
     "serve": Bench("open-loop latency under load: embps serving vs Redis vs in-process lookup", _add_serve, _run_serve),
