@@ -53,6 +53,9 @@ FBGEMM_OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad")
 # Every initial value stays a finite float32: a normal draw reaches 5.9 x init_scale
 # (row_ops.h: sqrt(-2 ln(0.5 / 2^24))), float32's largest value is 3.4e38.
 MAX_INIT_SCALE = 5e37
+# An int8 row keeps (max - min) / 255 as its scale: a span beyond float32's largest value made the
+# scale infinite and every value of the row NaN once encoded. Draws reach +-5.9 x init_scale.
+MAX_INT8_INIT_SCALE = 2.5e37
 
 
 class AdmissionKind(StrEnum):
@@ -174,6 +177,11 @@ class TableConfig:
         _check_enum(f"{p}.storage", self.storage, Storage)
         _check_enum(f"{p}.initializer", self.initializer, Initializer)
         _check_float(f"{p}.init_scale", self.init_scale, low=0.0, high=MAX_INIT_SCALE)
+        if self.storage == Storage.INT8 and self.init_scale > MAX_INT8_INIT_SCALE:
+            raise ValueError(
+                f"{p}.init_scale: at most {MAX_INT8_INIT_SCALE:g} with storage 'int8' (a row's span, max - min, must "
+                f"stay a finite float32), got {_number(self.init_scale)}"
+            )
         _check_int(f"{p}.seed", self.seed, low=0, high=2**64 - 1)
         if self.capacity is not None:
             _check_int(f"{p}.capacity", self.capacity, low=1, high=2**32 - 2)
