@@ -58,6 +58,13 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _optimizer_kind(config: dict | None) -> str:
+    """The optimizer a manifest's table config names, as it is written there."""
+    optimizer = config.get("optimizer") if config else None
+    kind = optimizer.get("kind") if isinstance(optimizer, dict) else None
+    return kind if isinstance(kind, str) else "unknown optimizer"
+
+
 def _describe(m: Manifest) -> list[str]:
     parent = f", parent step {m.parent}" if m.parent is not None else ""
     lines = [
@@ -65,7 +72,7 @@ def _describe(m: Manifest) -> list[str]:
         f"  {m.total_rows:,} rows, {_size(m.total_bytes)} in {len(m.files) + len(m.extra)} files",
     ]
     for name, t in sorted(m.tables.items()):
-        optimizer = t.config["optimizer"]["kind"] if t.config else "unknown optimizer"
+        optimizer = _optimizer_kind(t.config)
         lines.append(f"  table {name}: dim {t.dim} {t.dtype}, {optimizer} (state width {t.state_width})")
         for shard, e in sorted(t.shards.items()):
             size = sum(m.files[p].size for p in e.files)

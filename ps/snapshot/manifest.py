@@ -190,7 +190,7 @@ class Manifest:
                     dim=_count(f"tables.{name}.dim", t["dim"], low=1, high=65536),
                     state_width=_count(f"tables.{name}.state_width", t["state_width"]),
                     dtype=str(t["dtype"]),
-                    config=t["config"],
+                    config=_config(f"tables.{name}.config", t["config"]),
                     shards={
                         _shard_index(name, s, num_shards): _shard_entry(f"tables.{name}.shards.{s}", e)
                         for s, e in t["shards"].items()
@@ -242,6 +242,13 @@ def _count(what: str, value: object, low: int = 0, high: int = 2**63 - 1) -> int
     """An integer in [low, high] (not a bool, a float or a string of digits), else ValueError naming it."""
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise ValueError(f"{what}: must be an integer in [{low}, {high}], got {value!r:.40}")
+    return value
+
+
+def _config(what: str, value: object) -> dict | None:
+    """A table's config as the writer stored it: an object, or null (a snapshot written without)."""
+    if value is not None and not isinstance(value, dict):
+        raise ValueError(f"{what}: must be an object or null, got {type(value).__name__} {value!r:.40}")
     return value
 
 

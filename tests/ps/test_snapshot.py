@@ -355,6 +355,8 @@ def _damage(manifest: dict, change: str) -> str:
         manifest["num_shards"] = 2
     elif change == "escaping-path":
         shard["files"][0] = "../" + shard["files"][0]
+    elif change == "config-string":
+        table["config"] = "sgd"
     return json.dumps(manifest)
 
 
@@ -371,6 +373,8 @@ def _damage(manifest: dict, change: str) -> str:
         ("step-float", r"step: must be an integer in \[0, "),
         ("shard-missing", r"table t: shards \[0\], expected 0\.\.1"),
         ("escaping-path", r"file path '\.\./t/.*must be relative to the step folder"),
+        # `embps snapshot inspect` indexed it and died on a TypeError traceback
+        ("config-string", r"tables\.t\.config: must be an object or null, got str 'sgd'"),
     ],
 )
 def test_a_damaged_manifest_is_corrupt_and_passed_over(tmp_path, change, why):
@@ -565,6 +569,14 @@ def test_cli_list_inspect_export_gc(tmp_path, capsys):
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert out.returncode != 0 and "no committed snapshot" in out.stderr
+    # A table config without an optimizer (written by hand, or by another tool): inspect printed
+    # "embps snapshot inspect: 'optimizer'" and exited 1.
+    manifest_path = tmp_path / "snaps/job/30/manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["tables"]["user"]["config"] = {"dim": 8}
+    manifest_path.write_text(json.dumps(manifest))
+    assert embps.main(["snapshot", "inspect", uri, "--job", "job", "--step", "30"]) == 0
+    assert "float32, unknown optimizer (state width" in capsys.readouterr().out
 
 
 def test_tracking_starts_with_snapshots_and_past_its_bound_an_incremental_carries_every_row(tmp_path):
