@@ -23,8 +23,10 @@ import base64
 import io
 import json
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import grpc
 import pyarrow as pa
@@ -48,6 +50,8 @@ TRAINER_STATE = "trainer_state.json"
 
 log = logging.getLogger("embps.worker")
 
+# How long past round_timeout_s rank 0 waits for a try still in a storage call before it gives up.
+STORAGE_GRACE_S = 10.0
 # What a retry may cure: a shard or the storage unavailable, a deadline passed.
 _TRANSIENT_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
@@ -96,6 +100,25 @@ class SnapshotRounds:
         return {"committed": self.committed, "skipped": self.skipped, "failed_tries": self.failed_tries}
 
 
+@dataclass(frozen=True)
+class _RoundPlan:
+    """What every try of one round writes: taken on the training thread before the tries start."""
+
+    step: int
+    parent: int | None  # None: a full snapshot
+    last_committed: int | None
+    dense: bytes  # extra/dense.pt
+    trainer_state: bytes  # extra/trainer_state.json
+
+
+@dataclass
+class _RoundOutcome:
+    """What the round's thread reports: its failed tries so far, and whether a try committed."""
+
+    failed_tries: int = 0
+    committed: bool = False
+
+
 class _RoundFailed(Exception):
     """One try of a round failed; `transient` when another try may succeed."""
 
@@ -116,7 +139,7 @@ class Checkpointer:
         self._last_step = resumed_step
         self._count = 0
         self.rounds = SnapshotRounds()
-        self._reached_commit = False
+        self._storage_busy: tuple[int, threading.Thread] | None = None  # (step, its tries) left running
 
     def due(self, step: int) -> bool:
         if self.config is None:
@@ -140,34 +163,91 @@ class Checkpointer:
             self._count += 1
 
     def _write_round(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, positions: list) -> bool:
-        """Rank 0: tries round `step` until it commits (True), or skips it (False, with a warning)."""
+        """Rank 0: tries round `step` until it commits (True), or skips it (False, with a warning).
+
+        The tries run on a thread of their own, waited for until round_timeout_s (and a grace of
+        STORAGE_GRACE_S) has passed: the shards' part has the round's deadline, but rank 0's own
+        storage calls (the dense model, the manifest, LATEST, gc) have none on local disk (a hung
+        NFS mount) and one of request_timeout x max_attempts each on S3, and a try blocked in them
+        held training past the timeout, forever or until the other ranks' barrier gave up and
+        failed the job. A try left behind that later commits has written a whole snapshot of
+        `step` (the dense model was serialised here, before training went on) and moves LATEST
+        only forward; while it still runs, the next rounds are skipped at once."""
         config = self.config
+        if self._storage_busy is not None and self._storage_busy[1].is_alive():
+            log.warning(
+                "snapshot step %d: SKIPPED: the try of step %d still waits for storage (past round_timeout_s); "
+                "training goes on", step, self._storage_busy[0],
+            )
+            self.rounds.skip()
+            return False
         deadline = time.monotonic() + config.round_timeout_s
+        blob = io.BytesIO()
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, blob)
+        state = {
+            "step": step,
+            "world_size": self.world_size,
+            "readers": positions,
+            "torch_rng": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+        }
+        full = self._last_step is None or self._count % config.full_every == 0
+        plan = _RoundPlan(
+            step=step,
+            parent=None if full else self._last_step,
+            last_committed=self._last_step,
+            dense=blob.getvalue(),
+            trainer_state=json.dumps(state).encode(),
+        )
+        outcome = _RoundOutcome()
+        tries = threading.Thread(
+            target=self._tries, args=(plan, deadline, outcome), name=f"snapshot-{step}", daemon=True
+        )
+        tries.start()
+        tries.join(max(0.0, deadline - time.monotonic()) + STORAGE_GRACE_S)
+        for _ in range(outcome.failed_tries):
+            self.rounds.fail_try()
+        if tries.is_alive():
+            self._storage_busy = (step, tries)
+            after = "is full" if self._last_step is None else f"builds on step {self._last_step}"
+            log.warning(
+                "snapshot step %d: SKIPPED: its try still waits for storage after round_timeout_s (%g s); training "
+                "goes on, the next round %s", step, config.round_timeout_s, after,
+            )
+            self.rounds.skip()
+            return False
+        if outcome.committed:
+            self.rounds.commit()
+        else:
+            self.rounds.skip()
+        return outcome.committed
+
+    def _tries(self, plan: _RoundPlan, deadline: float, outcome: _RoundOutcome) -> None:
+        """The tries of round plan.step (on the round's thread): outcome.committed once one commits."""
+        config = self.config
         backoff = config.retry_backoff_s
-        self._reached_commit = False  # a try that failed past this point may have committed all the same
+        reached_commit = [False]  # a try that failed past this point may have committed all the same
         for attempt in range(config.retries + 1):
             try:
-                if attempt and self._reached_commit and self._is_committed(step):
+                if attempt and reached_commit[0] and self._is_committed(plan.step):
                     break
-                self._write(step, model, optimizer, positions, deadline)
+                self._write(plan, deadline, reached_commit)
                 break
             except _RoundFailed as exc:
-                self.rounds.fail_try()
+                outcome.failed_tries += 1
                 left = deadline - time.monotonic()
-                last = not exc.transient or attempt == config.retries or left <= backoff
-                if last:
-                    after = "is full" if self._last_step is None else f"builds on step {self._last_step}"
+                if not exc.transient or attempt == config.retries or left <= backoff:
+                    after = "is full" if plan.last_committed is None else f"builds on step {plan.last_committed}"
                     log.warning(
                         "snapshot step %d: SKIPPED after %d tr%s (%s); training goes on, the next round %s",
-                        step, attempt + 1, "y" if attempt == 0 else "ies", exc, after,
+                        plan.step, attempt + 1, "y" if attempt == 0 else "ies", exc, after,
                     )
-                    self.rounds.skip()
-                    return False
-                log.warning("snapshot step %d: try %d failed (%s); again in %.1f s", step, attempt + 1, exc, backoff)
+                    return
+                log.warning(
+                    "snapshot step %d: try %d failed (%s); again in %.1f s", plan.step, attempt + 1, exc, backoff
+                )
                 time.sleep(backoff)
                 backoff *= 2
-        self.rounds.commit()
-        return True
+        outcome.committed = True
 
     def _is_committed(self, step: int) -> bool:
         """Whether a try that got as far as the commit committed `step`; _RoundFailed (transient)
@@ -182,17 +262,10 @@ class Checkpointer:
             raise _RoundFailed(f"cannot tell whether step {step} committed: {exc}", transient=True) from exc
         return True
 
-    def _write(
-        self,
-        step: int,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        positions: list,
-        deadline: float,
-    ) -> None:
-        """One try of round `step`; _RoundFailed when it fails."""
+    def _write(self, plan: _RoundPlan, deadline: float, reached_commit: list[bool]) -> None:
+        """One try of round plan.step; _RoundFailed when it fails."""
         try:
-            self._write_once(step, model, optimizer, positions, deadline)
+            self._write_once(plan, deadline, reached_commit)
         except grpc.RpcError as exc:
             raise _RoundFailed(f"{exc.code().name}: {exc.details()}", exc.code() in _TRANSIENT_CODES) from exc
         except StorageDeniedError as exc:  # credentials or a bucket to fix: no later try would do better
@@ -202,24 +275,16 @@ class Checkpointer:
         except EmbpsError as exc:
             raise _RoundFailed(str(exc), transient=False) from exc
 
-    def _write_once(
-        self,
-        step: int,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        positions: list,
-        deadline: float,
-    ) -> None:
+    def _write_once(self, plan: _RoundPlan, deadline: float, reached_commit: list[bool]) -> None:
         config = self.config
-        full = self._last_step is None or self._count % config.full_every == 0
-        kind, parent = ("full", None) if full else ("incremental", self._last_step)
+        kind = "full" if plan.parent is None else "incremental"
         request = snapshot_pb2.WriteSnapshotRequest(
-            uri=config.uri, job=self.job.ps.job, step=step, kind=kind, num_shards=len(self.job.ps.shards)
+            uri=config.uri, job=self.job.ps.job, step=plan.step, kind=kind, num_shards=len(self.job.ps.shards)
         )
-        if parent is not None:
-            request.parent = parent
-        if self._last_step is not None:
-            request.last_committed = self._last_step  # the shards forget what that step's write carried
+        if plan.parent is not None:
+            request.parent = plan.parent
+        if plan.last_committed is not None:
+            request.last_committed = plan.last_committed  # the shards forget what that step's write carried
         records = _write_on_shards(
             [s.addresses() for s in self.job.ps.shards],
             self.job.ps.security,
@@ -229,32 +294,24 @@ class Checkpointer:
         writer = SnapshotWriter(
             config.uri,
             self.job.ps.job,
-            step,
+            plan.step,
             kind,
-            parent,
+            plan.parent,
             num_shards=len(self.job.ps.shards),
             tables=self.job.ps.tables,
             storage_config=config.storage,
         )
         for record in records:
             writer.add_shard_record(record)
-        blob = io.BytesIO()
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, blob)
-        writer.write_extra(DENSE, blob.getvalue())
-        state = {
-            "step": step,
-            "world_size": self.world_size,
-            "readers": positions,
-            "torch_rng": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
-        }
-        writer.write_extra(TRAINER_STATE, json.dumps(state).encode())
-        self._reached_commit = True
+        writer.write_extra(DENSE, plan.dense)
+        writer.write_extra(TRAINER_STATE, plan.trainer_state)
+        reached_commit[0] = True
         writer.commit()
         if config.keep:
             try:
                 collect_garbage(config.uri, self.job.ps.job, config.keep, config.storage)
             except (OSError, pa.ArrowException, EmbpsError) as exc:
-                log.warning("snapshot step %d: committed, but removing old snapshots failed (%s)", step, exc)
+                log.warning("snapshot step %d: committed, but removing old snapshots failed (%s)", plan.step, exc)
 
 
 def _write_on_shards(

@@ -9,6 +9,8 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,11 +22,12 @@ import worker.checkpoint
 from bench.s3_server import READER_ACCESS_KEY, READER_SECRET_KEY, S3Server
 from ps.client import PSClient
 from ps.job_config import SnapshotConfig, dump_job_config
-from ps.snapshot.files import list_snapshots, restore
+from ps.snapshot.files import latest, list_snapshots, restore
 from ps.snapshot.storage import StorageConfig
 from ps.table.config import OptimizerConfig, OptimizerKind, TableConfig
 from tests.helpers.processes import start_shard, wait_serving
 from tests.helpers.small_disk import seen_by, small_disk_prefix
+from tests.helpers.waiting import wait_until
 from tests.worker.training_jobs import write_training_job
 from worker.checkpoint import Checkpointer
 from worker.train_config import TrainingJob, load_training_job
@@ -244,3 +247,55 @@ def test_full_disk_skips_the_round_and_training_goes_on(tmp_path, caplog):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_commit_that_hangs_in_storage_skips_the_round_at_round_timeout_and_commits_late(
+    tmp_path, start_shards, caplog, monkeypatch
+):
+    """Rank 0's own storage calls (the dense model, the manifest, LATEST, gc) had no deadline: a
+    manifest write that hung (a hard-mounted NFS folder, a stalled S3 endpoint) held training past
+    round_timeout_s, forever with one rank (a review's repro: still running after 20 s with a
+    timeout of 3 s). Now the round is skipped at round_timeout_s (plus the grace), the next round
+    is skipped at once while that try still waits, and the try that commits later has written a
+    whole snapshot of its step, which LATEST only moves past."""
+    from ps.snapshot import storage as storage_module
+
+    monkeypatch.setattr(worker.checkpoint, "STORAGE_GRACE_S", 0.2)
+    uri = str(tmp_path / "snaps")
+    job = training_job(tmp_path, uri)
+    job = replace(job, ps=replace(job.ps, snapshot=replace(job.ps.snapshot, round_timeout_s=1.0)))
+    shards = start_shards(job.ps)
+    run = Trainer(replace(job, ps=shards.job))
+    run.push(200)
+    run.snapshot(10)
+    write = storage_module.write_bytes_new
+    storage_answers = threading.Event()
+
+    def hang_at_step_20(fs, path, data):
+        if path.endswith("/20/manifest.json"):
+            storage_answers.wait(60)
+        write(fs, path, data)
+
+    monkeypatch.setattr(storage_module, "write_bytes_new", hang_at_step_20)
+    run.push(200)
+    with caplog.at_level(logging.WARNING, logger="embps.worker"):
+        started = time.monotonic()
+        run.snapshot(20)
+        assert time.monotonic() - started < 30, "the round held training past its timeout"
+        run.push(200)  # training goes on
+        run.snapshot(30)
+    assert "snapshot step 20: SKIPPED: its try still waits for storage after round_timeout_s (1 s)" in caplog.text
+    assert "snapshot step 30: SKIPPED: the try of step 20 still waits for storage" in caplog.text
+    rounds = run.checkpointer.rounds
+    assert (rounds.committed, rounds.skipped) == (1, 2)
+    storage_answers.set()
+    wait_until(lambda: latest(uri, job.ps.job) == 20, "the late commit of step 20")
+    wait_until(lambda: not run.checkpointer._storage_busy[1].is_alive(), "the round's thread to end")
+    run.push(200)
+    run.snapshot(40)
+    assert run.checkpointer.rounds.committed == 2
+    steps = [(m.step, m.parent) for m in list_snapshots(uri, job.ps.job)]
+    assert steps == [(10, None), (20, 10), (40, 10)]
+    assert latest(uri, job.ps.job) == 40
+    run.check_restore_equals_live(uri)
+    run.client.close()
