@@ -118,3 +118,44 @@ def test_a_new_history_of_steps_forgets_the_old_one_s_towers():
             assert dense.newest_in(-1, 3) == (3, "bytes", b"new-3")
     finally:
         shards.stop()
+
+
+def test_a_committed_full_copy_is_the_table_at_its_commit_when_the_next_step_pushes_during_its_end():
+    """A committed full copy ends with the keys changed while it ran (the copy's end, read from a
+    change feed) and is stamped with the step committed at its last version. Once those rows were
+    read a message at a time (a change of this session, since undone for the copy's end), a push
+    of the next step landing between two of its messages put next-step rows into the copy a
+    replica serves as the committed step (a review's repro: 1,416 of 150,000 rows)."""
+    dim, rows = 16, 60_000
+    job = make_job([TableConfig("user", dim=dim)], num_shards=1, message_limit_bytes=256 << 10)
+    every = np.arange(rows, dtype=np.int64)
+    changed = np.arange(0, rows, 2, dtype=np.int64)
+    rng = np.random.default_rng(0)
+    with InProcessShards.start(job) as shards, PSClient.from_job(shards.job) as client:
+        client.push("user", every, np.ones((rows, dim), np.float32), step=1)
+        client.commit(1)
+        # No BDP probes: the client's window stays 64 KiB, so the copy waits for this reader (with
+        # them, gRPC may take the whole copy into its buffers before step 2 is pushed).
+        options = [("grpc.http2.bdp_probe", 0)]
+        with grpc.insecure_channel(shards.job.shards[0].address, options=options) as channel:
+            request = ps_pb2.SubscribeRequest(table="user", full_sync=True, committed=True)
+            messages = iter(ps_pb2_grpc.ParameterServerStub(channel).Subscribe(request, timeout=60))
+            taken = [next(messages)]  # the copy has begun: what step 2 changes goes to its end
+            client.push("user", changed, rng.standard_normal((changed.shape[0], dim)).astype(np.float32), step=2)
+            client.commit(2)
+            at_step_2 = client.lookup("user", changed)
+            version_2 = client.stats()[0].tables[0].version
+            pushed_3 = False
+            for message in messages:
+                taken.append(message)
+                if message.to_version == version_2 and not pushed_3:  # the copy's end has begun
+                    client.push("user", changed, np.full((changed.shape[0], dim), 100.0, np.float32), step=3)
+                    pushed_3 = True
+                if message.last:
+                    break
+    assert pushed_3 and taken[-1].step == 2 and taken[-1].to_version == version_2
+    copy: dict[int, np.ndarray] = {}
+    for message in taken:
+        keys = np.frombuffer(message.keys, dtype="<i8")
+        copy.update(zip(keys.tolist(), np.frombuffer(message.values, "<f4").reshape(-1, dim), strict=True))
+    np.testing.assert_array_equal(np.stack([copy[k] for k in changed.tolist()]), at_step_2)

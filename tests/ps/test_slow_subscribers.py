@@ -20,7 +20,7 @@ from ps.client import PSClient
 from ps.job_config import dump_job_config
 from ps.process.children import stop as stop_pid
 from ps.rpc import ps_pb2, ps_pb2_grpc
-from ps.shard.server import FULL_COPY_PATIENCE_SECONDS, MAX_FULL_COPIES, STREAM_MESSAGE_BYTES
+from ps.shard.server import FULL_COPY_PATIENCE_SECONDS, MAX_FULL_COPIES, MERGE_BYTES_PER_KEY, STREAM_MESSAGE_BYTES
 from ps.table.config import OptimizerConfig, OptimizerKind, TableConfig
 from tests.helpers.processes import make_job, rss_bytes, start_shard, wait_serving
 from tests.helpers.waiting import eventually, wait_until
@@ -203,15 +203,17 @@ def test_a_waiting_full_copy_ends_a_stalled_one_after_the_patience_not_the_stall
 
 def test_ranges_wait_for_the_shards_subscribe_memory_and_a_stalled_one_gives_its_turn(tmp_path):
     """Live Subscribe streams from version 0 each read a range of every row (its keys, 2.4 MB here,
-    and one message's rows with four copies of the message, 22.4 MB in all): with
-    --subscribe-memory-bytes at 2.5 ranges two hold theirs and the others wait, holding nothing,
+    and one message's rows with four copies of the message, 22.4 MB in all; until it is merged, a
+    range is charged 56 bytes a key for the merge instead of 8): with --subscribe-memory-bytes
+    room for one range held and one merging, two hold theirs and the others wait, holding nothing,
     however many open (before ranges took turns, each read its range at once: 10 more streams
     nobody read, 10 more copies of the rows). A subscriber that reads waits for a stalled holder's
     patience, not its stall limit, and hears heartbeats meanwhile (its link is alive)."""
     stall = 60.0
     # The keys of every row, one message's float32 rows, and four copies of that message.
     range_bytes = ROWS * 8 + 5 * min(ROWS * (8 + 4 * DIM), STREAM_MESSAGE_BYTES)
-    setup = _shard(tmp_path, stall, "--subscribe-memory-bytes", str(int(2.5 * range_bytes)))
+    merging = range_bytes + (MERGE_BYTES_PER_KEY - 8) * ROWS
+    setup = _shard(tmp_path, stall, "--subscribe-memory-bytes", str(range_bytes + merging + (1 << 20)))
     job, proc, client, stub, log = next(setup)
     calls = []
     try:
