@@ -12,6 +12,7 @@ ends the worker with exit code EXIT_PS_UNAVAILABLE and a line on stderr naming t
 from __future__ import annotations
 
 import argparse
+import collections
 import faulthandler
 import json
 import os
@@ -36,6 +37,7 @@ from worker.trainer import Trainer
 
 LOG_EVERY = 10
 EXIT_PS_UNAVAILABLE = 3
+EXIT_INTERRUPTED = 130  # as a shell reports a process ended by SIGINT
 
 
 class MetricsPortError(Exception):
@@ -84,7 +86,7 @@ def run_worker(
     held_out = eval_batches(job) if rank == 0 else []
     progress = open(progress_path, "a", buffering=1) if (progress_path and rank == 0) else None
     evaluations: list[dict] = []
-    losses: list[float] = []
+    losses: collections.deque[float] = collections.deque(maxlen=LOG_EVERY)  # a list grew by every step of the run
     start = time.perf_counter()
     local_rows = job.train.batch_size // world_size
     slowest_step = 0.0  # a step's data, lookups, compute and push (no snapshot round): a failover shows here
@@ -106,7 +108,7 @@ def run_worker(
             step = trainer.step
             due_eval = job.train.eval_every and step % job.train.eval_every == 0
             if step % LOG_EVERY == 0 or due_eval or step == job.train.steps or pulled is None:
-                mean_loss = _global_mean(sum(losses[-LOG_EVERY:]) / len(losses[-LOG_EVERY:]), world_size)
+                mean_loss = _global_mean(sum(losses) / len(losses), world_size)
                 record = {
                     "step": step,
                     "total_steps": job.train.steps,
@@ -135,7 +137,7 @@ def run_worker(
             "samples": trained * job.train.batch_size,
             "seconds": elapsed,
             "samples_per_s": trained * job.train.batch_size / elapsed if elapsed else 0.0,
-            "final_loss": _global_mean(sum(losses[-LOG_EVERY:]) / max(1, len(losses[-LOG_EVERY:])), world_size),
+            "final_loss": _global_mean(sum(losses) / max(1, len(losses)), world_size),
             "times_rank0": trainer.times.as_dict(),
             "slowest_step_s_rank0": slowest_step,
             "evaluations": evaluations,
@@ -197,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
         dist.init_process_group(backend="gloo", timeout=job.collective_timeout)
     try:
         run_worker(job, rank, world_size, os.environ.get("EMBPS_PROGRESS_FILE"), args.resume_step)
+    except KeyboardInterrupt:  # a terminal's Ctrl-C reaches every process of the job: a line, no traceback
+        print(f"embps worker rank {rank}: interrupted", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
     except ShardUnavailableError as exc:
         print(
             f"embps worker rank {rank}: PS shard {exc.address} unavailable, stopping "

@@ -153,6 +153,8 @@ def test_interrupt_or_failed_child_stops_every_process(tmp_path, how):
     if how in ("sigint", "ctrl_c"):
         assert "signal SIGINT" in stderr or "interrupted" in stderr, stderr[-2000:]
         assert "restart 1/" not in stderr, stderr[-2000:]
+        if how == "ctrl_c":  # the workers got the terminal's SIGINT too: a line each, no traceback
+            assert "KeyboardInterrupt" not in stderr and "Traceback" not in stderr, stderr[-4000:]
     else:
         assert "ps shard 1" in stderr and "exited" in stderr, stderr[-2000:]
     deadline = time.monotonic() + 10
