@@ -59,6 +59,21 @@ def expand_paths(
     return files
 
 
+
+def check_held_out(paths: Sequence[str], eval_paths: Sequence[str], storage: StorageConfig | None = None) -> None:
+    """ValueError naming the file when eval_paths (data.eval_paths) names a file paths (data.paths)
+    names too: the evaluation would score rows the model trains on, and its AUC say nothing of
+    held-out data. FileNotFoundError naming the field where an entry names no file."""
+    trained = {(f.fs.type_name, f.path) for f in expand_paths(paths, storage, "data.paths")}
+    for index, entry in enumerate(eval_paths):
+        for held_out in expand_paths([entry], storage, "data.eval_paths"):
+            if (held_out.fs.type_name, held_out.path) in trained:
+                raise ValueError(
+                    f"data.eval_paths[{index}]: {entry}: names {held_out.name}, which data.paths trains on; held-out "
+                    "files must not be training files (the evaluation would score rows the model saw)"
+                )
+
+
 def open_input(data_file: DataFile) -> pa.NativeFile:
     """A random-access handle on the file; OSError names the file."""
     try:

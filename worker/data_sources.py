@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from worker.batch import Batch, BatchReader
 from worker.criteo import CriteoTsvReader
+from worker.data_paths import check_held_out
 from worker.parquet_reader import ParquetReader
 from worker.readers import ReaderConfig
 from worker.synthetic import Split, SyntheticReader
@@ -34,6 +35,7 @@ def eval_batches(job: TrainingJob) -> list[Batch]:
         return [reader.batch(i) for i in range(count)]
     if not data.eval_paths:
         return []
+    check_held_out(data.paths, data.eval_paths, data.storage)
     batches = []
     for batch in _file_reader(job, data.eval_paths, 0, 1, training=False):
         batches.append(batch)

@@ -61,9 +61,10 @@ from ps.shard.server import SERVICE_NAME
 from ps.shard.startup import EXIT_SNAPSHOT_UNUSABLE
 from ps.snapshot.storage import StorageError
 from worker import processes
+from worker.data_paths import check_held_out
 from worker.launch_config import check_max_restarts, load_launch_settings
 from worker.serving_fleet import ServingFleet
-from worker.train_config import TrainingJob, load_training_job
+from worker.train_config import DataSource, TrainingJob, load_training_job
 
 
 @dataclass(frozen=True)
@@ -231,6 +232,11 @@ def launch(options: LaunchOptions) -> int:
     out = Path(job.train.output_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"train.output_dir: {str(out)!r} exists and is not a folder")
+    if job.data.eval_paths and job.data.source != DataSource.SYNTHETIC:
+        try:  # here, not only in rank 0: a line before anything starts
+            check_held_out(job.data.paths, job.data.eval_paths, job.data.storage)
+        except FileNotFoundError as exc:
+            raise ValueError(str(exc)) from None
     restore = _latest_step(job) if options.resume else None
     if not options.resume and start_ps:
         _refuse_an_earlier_run(job)

@@ -263,13 +263,38 @@ def test_held_out_rows_fewer_than_a_batch_are_all_scored(tmp_path):
     from worker.train_config import load_training_job
 
     held_out = write_criteo_sample(tmp_path / "eval.tsv", 255, num_bad_rows=0, seed=4, num_dense=13, num_sparse=2)
+    trained = write_criteo_sample(tmp_path / "train.tsv", 300, num_bad_rows=0, seed=5, num_dense=13, num_sparse=2)
     train = {"workers": 1, "steps": 1, "batch_size": 256, "tables": ["c"], "eval_batches": 10,
              "output_dir": str(tmp_path / "out")}
-    data = {"source": "criteo", "paths": [str(held_out.path)], "eval_paths": [str(held_out.path)], "num_sparse": 2}
+    data = {"source": "criteo", "paths": [str(trained.path)], "eval_paths": [str(held_out.path)], "num_sparse": 2}
     ps = make_job(tables=[TableConfig("c", dim=4)], num_shards=1)
     (tmp_path / "job.toml").write_text(training_toml(ps, train, {"bottom_sizes": [8], "top_sizes": [16]}, data, {}))
     batches = eval_batches(load_training_job(tmp_path / "job.toml"))
     assert [b.labels.shape[0] for b in batches] == [255]
+
+
+def test_held_out_files_that_are_training_files_are_refused_naming_the_file(tmp_path):
+    """data.eval_paths naming a file data.paths trains on (the same file, or a folder holding it)
+    was read as held-out: the evaluation scored rows the model saw, and its AUC looked good."""
+    from ps.table.config import TableConfig
+    from tests.helpers.processes import make_job
+    from tests.worker.training_jobs import training_toml
+    from worker.data_sources import eval_batches
+    from worker.train_config import load_training_job
+
+    folder = tmp_path / "day_0"
+    folder.mkdir()
+    trained = write_criteo_sample(folder / "part-0.tsv", 300, num_bad_rows=0, seed=5, num_dense=13, num_sparse=2)
+    held_out = write_criteo_sample(tmp_path / "eval.tsv", 100, num_bad_rows=0, seed=4, num_dense=13, num_sparse=2)
+    train = {"workers": 1, "steps": 1, "batch_size": 64, "tables": ["c"], "output_dir": str(tmp_path / "out")}
+    ps = make_job(tables=[TableConfig("c", dim=4)], num_shards=1)
+    for eval_paths in ([str(held_out.path), str(trained.path)], [str(folder)]):
+        data = {"source": "criteo", "paths": [str(folder)], "eval_paths": eval_paths, "num_sparse": 2}
+        (tmp_path / "job.toml").write_text(training_toml(ps, train, {"bottom_sizes": [8], "top_sizes": [16]}, data, {}))
+        index = len(eval_paths) - 1
+        refused = rf"^data\.eval_paths\[{index}\]: .*names .*part-0\.tsv, which data\.paths trains on"
+        with pytest.raises(ValueError, match=refused):
+            eval_batches(load_training_job(tmp_path / "job.toml"))
 
 
 @pytest.mark.parametrize("block", [37, 50, 64, 1 << 20])

@@ -301,3 +301,25 @@ def test_a_replica_on_a_shard_metrics_port_from_the_command_line(tmp_path):
         "launch.serving[0].listen: '127.0.0.1:47321' is also shards[0].metrics_port; only one of the two could bind it"
     )
     assert not (tmp_path / "out").exists()
+
+
+def test_held_out_files_that_are_training_files_are_refused_before_anything_starts(tmp_path):
+    """Evaluating on a file the job trains on scores rows the model saw: its AUC says nothing of
+    held-out data. Refused with the file named, and a held-out entry that names no file too."""
+    out, files = previous_run(tmp_path)
+    day = tmp_path / "day_0"
+    day.mkdir()
+    (day / "part-0.tsv").write_text("1\t1\tab\tcd\n")
+    text = job_text(
+        out,
+        'source = "synthetic"',
+        f'source = "criteo"\nnum_dense = 1\nnum_sparse = 2\npaths = ["{day}"]\neval_paths = ["{day}/part-0.tsv"]',
+    )
+    line = launch(tmp_path, text)
+    assert line == (
+        f"data.eval_paths[0]: {day}/part-0.tsv: names {day}/part-0.tsv, which data.paths trains on; held-out files "
+        "must not be training files (the evaluation would score rows the model saw)"
+    ), line
+    line = launch(tmp_path, text.replace(f'eval_paths = ["{day}/part-0.tsv"]', f'eval_paths = ["{day}/nope*.tsv"]'))
+    assert line == f"data.eval_paths: {day}/nope*.tsv: the glob matches no file", line
+    assert {p.name: p.read_text() for p in out.iterdir()} == files
