@@ -113,7 +113,7 @@ FULL_COPY_PATIENCE_SECONDS = 5.0
 
 # The bytes that a shard's Subscribe ranges hold at once, all streams together (`embps ps
 # --subscribe-memory-bytes`): a live range its keys and the message it is sending (its rows are
-# read a message at a time), the tail of a full copy the same, a committed range its sealed rows.
+# read a message at a time), the end of a full copy and a committed range their keys and rows.
 # A stream starts a range only once that fits, and holds it until its subscriber has taken the
 # range's messages; the others wait their turn, and
 # one whose subscriber stalls gives its turn to a waiting one after FULL_COPY_PATIENCE_SECONDS
@@ -591,7 +591,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
                     touched, deleted = changes.touched_keys.shape[0], changes.deleted_keys.shape[0]
                     self.ranges.resize(hold, self._range_hold(touched + deleted, touched, row_bytes))
                     self.metrics.stream_range.labels(name, str(shard.index)).observe(changes.to_version - position)
-                    async for reply in self._range_batches(name, table, changes, stored, reset=False):
+                    async for reply in self._live_range(name, table, changes, stored):
                         yield reply
                 finally:
                     self.ranges.release(hold)
@@ -670,7 +670,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
 
     def _range_hold(self, num_keys: int, num_rows: int, row_bytes: int) -> int:
         """What a live range of num_keys keys (touched and deleted), num_rows of them with rows,
-        holds while it is sent (_range_batches): its keys, and one message's rows with the copies
+        holds while it is sent (_live_range): its keys, and one message's rows with the copies
         range_hold_bytes counts."""
         return 8 * num_keys + self.range_hold_bytes(min(num_rows * (8 + row_bytes), self._stream_bytes))
 
@@ -707,18 +707,16 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         rows = self._read_rows(name, changes.touched_keys, stored)
         return LogRange(0, table.version, changes.touched_keys, changes.deleted_keys, ()), rows
 
-    async def _range_batches(
-        self, name: str, table, changes: LogRange, stored: bool, reset: bool
-    ) -> AsyncIterator[ps_pb2.UpdateBatch]:
-        """The messages of one range, each message's rows read as it is made (serialised with the
-        table calls, one message's worth at a time). Rows are read at their current value, so a
-        message may carry a row newer than the range's to_version (a later range sends that key
-        again; a row evicted since reads as its init value until a later range deletes it), as
-        a full copy's chunks always did: a subscriber converges to the shard's rows at every
-        range it ends."""
+    async def _live_range(self, name: str, table, changes: LogRange, stored: bool) -> AsyncIterator[ps_pb2.UpdateBatch]:
+        """The messages of one live range, each message's rows read as it is made (serialised with
+        the table calls, one message's worth at a time). Rows are read at their current value, so a
+        message may carry a row newer than the range's to_version (the next range sends that key
+        again; a row evicted since reads as its init value until the next range deletes it), as a
+        full copy's chunks always did: a subscriber holds the shard's rows once it ended a range
+        that no push followed."""
         row_bytes = self._row_bytes(table, stored)
         dtype = wire.STORED_DTYPES[str(table.storage)] if stored else ps_pb2.FLOAT32
-        for i, piece in enumerate(range_pieces(changes, row_bytes, self._stream_bytes)):
+        for piece in range_pieces(changes, row_bytes, self._stream_bytes):
             rows = None
             if piece.kind == "rows":
                 keys = changes.touched_keys[piece.start : piece.stop]
@@ -729,7 +727,6 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
                 changes.from_version,
                 changes.to_version,
                 dim=table.dim,
-                reset=reset and i == 0,
                 last=piece.last,
                 dtype=dtype,
                 **piece_fields(changes, piece, rows),
