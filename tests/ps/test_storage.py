@@ -3,7 +3,9 @@ HDFS configuration errors (no NameNode can run here), atomic writes."""
 
 from __future__ import annotations
 
+import errno
 import os
+from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
@@ -157,3 +159,23 @@ def test_a_folder_that_refuses_fsync_does_not_fail_the_write_and_a_file_that_doe
     monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
     with pytest.raises(OSError, match="I/O error"):
         sync(pafs.LocalFileSystem(), str(tmp_path / "a" / "LATEST"))
+
+
+def test_a_file_that_must_be_new_is_never_replaced_with_or_without_hard_links(tmp_path, monkeypatch):
+    """A step's manifest is published with a hard link, which never replaces a file; a local
+    filesystem that refuses hard links (some network and FUSE mounts) gets the check before the
+    write instead of failing every snapshot round. Neither leaves its temporary file behind."""
+    fs = pafs.LocalFileSystem()
+    for links in (True, False):
+        folder = tmp_path / ("links" if links else "no-links")
+        if not links:
+            def refuse(*_args):
+                raise PermissionError(errno.EPERM, "Operation not permitted")
+
+            monkeypatch.setattr(os, "link", refuse)
+        path = str(folder / "step" / "manifest.json")
+        storage.write_bytes_new(fs, path, b"first")
+        with pytest.raises(FileExistsError):
+            storage.write_bytes_new(fs, path, b"second")
+        assert Path(path).read_bytes() == b"first"
+        assert [p.name for p in (folder / "step").iterdir()] == ["manifest.json"]
