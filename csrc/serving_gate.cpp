@@ -29,6 +29,9 @@ constexpr size_t kHelpFrom = 4;
 // answer), so the calls that arrive during it are read, and refused by the count or byte bound
 // while it holds its place, instead of waiting unread until it is sent.
 constexpr int64_t kLargeRequestBytes = 64 << 10;
+// The fewest streams one connection may hold open (HTTP/2 MAX_CONCURRENT_STREAMS): twice max_queue
+// when that is more.
+constexpr int64_t kMinStreamsPerConnection = 1024;
 
 // Headers gRPC sets on its own on the upstream call; every other one (tokens included) is forwarded.
 bool forwarded_header(const std::string& key) {
@@ -244,6 +247,7 @@ class Call {
   void Watch() {
     if (shared_->client_stall.count() == 0) return;
     std::lock_guard<std::mutex> lock(shared_->watched_mu);
+    if (watch_.next != &watch_) return;  // on the list already (a forwarded call's first read)
     watch_.since = std::chrono::steady_clock::now();
     watch_.context = &server_ctx_;
     watch_.prev = shared_->watched.prev;
@@ -270,11 +274,19 @@ class Call {
     }
     Start();
     upstream_->Read(&from_upstream_, tag(kUpRead));
+    // Its first message (or half-close) within client_stall, as a Lookup's: a call that sent only
+    // its headers held itself and its upstream call for as long as its connection lived.
+    awaiting_first_ = true;
+    Watch();
     Start();
     stream_.Read(&from_caller_, tag(kRead));
   }
 
   void OnRead(bool ok) {  // a message from the caller, or the end of them
+    if (awaiting_first_) {
+      awaiting_first_ = false;
+      Unwatch();
+    }
     if (up_finish_started_) return;  // the upstream call is over: nothing more goes to it
     Start();
     if (ok) {
@@ -374,6 +386,7 @@ class Call {
   bool up_write_pending_ = false;
   bool up_writes_done_pending_ = false;
   bool up_finish_started_ = false;
+  bool awaiting_first_ = false;  // its first read from the caller is pending, and watched
 };
 
 std::shared_ptr<grpc::ServerCredentials> server_credentials(const GateConfig& config) {
@@ -517,6 +530,11 @@ ServingGate::ServingGate(const GateConfig& config) : shared_(new Shared) {
   builder.SetMaxReceiveMessageSize(max_message);
   builder.SetMaxSendMessageSize(max_message);
   builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
+  // Streams one connection may hold open: unbounded, one connection opened 20,000 calls that sent
+  // nothing and held ~30 KB each (a review's raw HTTP/2 client: +670 MiB). Above the Lookup bound,
+  // so one busy client is still shed by max_queue (RESOURCE_EXHAUSTED), not queued by HTTP/2.
+  const int64_t streams = std::clamp<int64_t>(2 * config.max_queue, kMinStreamsPerConnection, INT32_MAX);
+  builder.AddChannelArgument(GRPC_ARG_MAX_CONCURRENT_STREAMS, static_cast<int>(streams));
   shared_->cq = builder.AddCompletionQueue();
   server_ = builder.BuildAndStart();
   if (server_ == nullptr || port_ == 0) {

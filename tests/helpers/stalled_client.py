@@ -55,17 +55,23 @@ def _call_headers(address: str, method: str) -> bytes:
 
 class StalledCall:
     """One unary call to `address` (host:port, plaintext) of `method` ("/pkg.Service/Method") with the
-    serialized `request` (whole, or its first half and no end of stream), whose reply is never
-    taken. `reset` is set once the server resets it."""
+    serialized `request` (whole, or its first half and no end of stream, or nothing but the call's
+    headers when `headers_only`), whose reply is never taken. `reset` is set once the server resets
+    it; `settings` holds the server's HTTP/2 SETTINGS (id -> value) once they came."""
 
-    def __init__(self, address: str, method: str, request: bytes, whole: bool = True) -> None:
+    def __init__(
+        self, address: str, method: str, request: bytes, whole: bool = True, headers_only: bool = False
+    ) -> None:
         host, port = address.rsplit(":", 1)
         self._socket = socket.create_connection((host, int(port)), timeout=10)
         self.reset = threading.Event()
+        self.settings: dict[int, int] = {}
         self._closed = False
         headers = _call_headers(address, method)
         message = b"\x00" + struct.pack(">I", len(request)) + request  # gRPC's length prefix
-        if whole:
+        if headers_only:
+            body = b""
+        elif whole:
             body = _frame(DATA, END_STREAM, STREAM, message)
         else:
             body = _frame(DATA, 0, STREAM, message[: len(message) // 2])
@@ -87,6 +93,9 @@ class StalledCall:
                 kind, flags, stream = head[3], head[4], int.from_bytes(head[5:9], "big") & 0x7FFFFFFF
                 payload = self._exactly(length)
                 if kind == SETTINGS and not flags & ACK:
+                    for at in range(0, len(payload) - 5, 6):
+                        key, value = struct.unpack(">HI", payload[at : at + 6])
+                        self.settings[key] = value
                     self._socket.sendall(_frame(SETTINGS, ACK, 0, b""))
                 elif kind == PING and not flags & ACK:
                     self._socket.sendall(_frame(PING, ACK, 0, payload))

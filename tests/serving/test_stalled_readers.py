@@ -28,6 +28,7 @@ MAX_QUEUE = 2
 ROWS = 1_000
 DIM = 16
 STALL_SECONDS = 1.0
+MAX_CONCURRENT_STREAMS = 0x3  # the HTTP/2 SETTINGS id
 
 
 @pytest.fixture
@@ -90,5 +91,21 @@ def test_a_forwarded_call_whose_reply_is_never_taken_is_reset(replica):
     try:
         wait_until(call.reset.is_set, "the stalled Status call's stream to be reset")
         assert _stalled_count(replica) == before + 1
+    finally:
+        call.close()
+
+
+def test_a_forwarded_call_that_sends_only_its_headers_is_reset_and_connections_hold_few_streams(replica):
+    """A forwarded call (Status, health, reflection) was watched only while its reply was written:
+    one that sent its headers and nothing more held itself and its upstream call (~30 KB) for as
+    long as its connection lived, and HTTP/2 let a connection open any number (a review: 20,000
+    on one connection, +670 MiB, and health checks timed out). Now its first message is due
+    within client_stall_seconds, as a Lookup's, and a connection holds at most 1,024 streams."""
+    before = _stalled_count(replica)
+    call = StalledCall(replica.address, "/embps.v1.Serving/Status", b"", headers_only=True)
+    try:
+        wait_until(call.reset.is_set, "the headers-only Status call's stream to be reset")
+        assert _stalled_count(replica) == before + 1
+        assert call.settings.get(MAX_CONCURRENT_STREAMS) == 1024  # twice max_queue (2), at least 1,024
     finally:
         call.close()
