@@ -26,7 +26,7 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 import pyarrow as pa
@@ -113,10 +113,13 @@ class _RoundPlan:
 
 @dataclass
 class _RoundOutcome:
-    """What the round's thread reports: its failed tries so far, and whether a try committed."""
+    """What the round's thread and the training thread tell each other, under `lock`: whether the
+    tries are done and committed, and whether the round was given up before they were."""
 
-    failed_tries: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    done: bool = False
     committed: bool = False
+    abandoned: bool = False
 
 
 class _RoundFailed(Exception):
@@ -171,17 +174,22 @@ class Checkpointer:
         NFS mount) and one of request_timeout x max_attempts each on S3, and a try blocked in them
         held training past the timeout, forever or until the other ranks' barrier gave up and
         failed the job. A try left behind that later commits has written a whole snapshot of
-        `step` (the dense model was serialised here, before training went on) and moves LATEST
-        only forward; while it still runs, the next rounds are skipped at once."""
+        `step` (the dense model was serialised here, before training went on), moves LATEST only
+        forward, and says so (a line, and the committed count); the next round waits for it
+        within its own round_timeout_s, and is skipped if it still runs then."""
         config = self.config
-        if self._storage_busy is not None and self._storage_busy[1].is_alive():
-            log.warning(
-                "snapshot step %d: SKIPPED: the try of step %d still waits for storage (past round_timeout_s); "
-                "training goes on", step, self._storage_busy[0],
-            )
-            self.rounds.skip()
-            return False
         deadline = time.monotonic() + config.round_timeout_s
+        busy = self._storage_busy
+        if busy is not None:
+            busy[1].join(max(0.0, deadline - time.monotonic()))
+            if busy[1].is_alive():
+                log.warning(
+                    "snapshot step %d: SKIPPED: the try of step %d still waits for storage (past round_timeout_s); "
+                    "training goes on", step, busy[0],
+                )
+                self.rounds.skip()
+                return False
+            self._storage_busy = None
         blob = io.BytesIO()
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, blob)
         state = {
@@ -204,9 +212,9 @@ class Checkpointer:
         )
         tries.start()
         tries.join(max(0.0, deadline - time.monotonic()) + STORAGE_GRACE_S)
-        for _ in range(outcome.failed_tries):
-            self.rounds.fail_try()
-        if tries.is_alive():
+        with outcome.lock:
+            outcome.abandoned = not outcome.done
+        if outcome.abandoned:
             self._storage_busy = (step, tries)
             after = "is full" if self._last_step is None else f"builds on step {self._last_step}"
             log.warning(
@@ -221,8 +229,33 @@ class Checkpointer:
             self.rounds.skip()
         return outcome.committed
 
+    def finish(self) -> None:
+        """Rank 0, once training ended: waits (at most round_timeout_s) for a round's try still in a
+        storage call, so that a commit it is about to make is not cut short by the process's exit."""
+        busy = self._storage_busy
+        if busy is None:
+            return
+        busy[1].join(self.config.round_timeout_s)
+        if busy[1].is_alive():
+            log.warning(
+                "snapshot step %d: its try still waits for storage as the job ends; it is left unfinished", busy[0]
+            )
+
     def _tries(self, plan: _RoundPlan, deadline: float, outcome: _RoundOutcome) -> None:
-        """The tries of round plan.step (on the round's thread): outcome.committed once one commits."""
+        """The tries of round plan.step (on the round's thread), then outcome.done; a try that
+        commits after the round was given up (outcome.abandoned) is logged and counted here."""
+        committed = self._try_round(plan, deadline)
+        with outcome.lock:
+            outcome.done, outcome.committed = True, committed
+            late = outcome.abandoned
+        if late and committed:
+            log.warning(
+                "snapshot step %d: committed late, after its round was reported SKIPPED; LATEST names it", plan.step
+            )
+            self.rounds.commit()
+
+    def _try_round(self, plan: _RoundPlan, deadline: float) -> bool:
+        """Tries round plan.step until one try commits (True) or it gives up (False, logged)."""
         config = self.config
         backoff = config.retry_backoff_s
         reached_commit = [False]  # a try that failed past this point may have committed all the same
@@ -233,7 +266,7 @@ class Checkpointer:
                 self._write(plan, deadline, reached_commit)
                 break
             except _RoundFailed as exc:
-                outcome.failed_tries += 1
+                self.rounds.fail_try()
                 left = deadline - time.monotonic()
                 if not exc.transient or attempt == config.retries or left <= backoff:
                     after = "is full" if plan.last_committed is None else f"builds on step {plan.last_committed}"
@@ -241,13 +274,13 @@ class Checkpointer:
                         "snapshot step %d: SKIPPED after %d tr%s (%s); training goes on, the next round %s",
                         plan.step, attempt + 1, "y" if attempt == 0 else "ies", exc, after,
                     )
-                    return
+                    return False
                 log.warning(
                     "snapshot step %d: try %d failed (%s); again in %.1f s", plan.step, attempt + 1, exc, backoff
                 )
                 time.sleep(backoff)
                 backoff *= 2
-        outcome.committed = True
+        return True
 
     def _is_committed(self, step: int) -> bool:
         """Whether a try that got as far as the commit committed `step`; _RoundFailed (transient)

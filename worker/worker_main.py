@@ -126,6 +126,7 @@ def run_worker(
                 trainer.drain()
                 checkpointer.save(step, model, trainer.optimizer, position)
         trainer.drain()
+        checkpointer.finish()  # a round's late commit, before the summary counts the rounds
         elapsed = time.perf_counter() - start
         trained = trainer.step - first_step
         summary = {

@@ -402,7 +402,8 @@ class SnapshotWriter:
             except FileExistsError:
                 raise SnapshotError(
                     f"{self.job} step {self.step}: another writer committed this step while this one wrote it (two "
-                    "jobs of one name writing to one snapshot uri?); its manifest is kept, this commit refused"
+                    "jobs of one name writing to one snapshot uri?); this commit is refused and the step keeps the "
+                    "other's manifest (their files share names: a step both wrote may fail its checksums at restore)"
                 ) from None
             current = _read_latest(self.fs, self._job_dir)
             if current is None or current < self.step:

@@ -256,8 +256,9 @@ def test_a_commit_that_hangs_in_storage_skips_the_round_at_round_timeout_and_com
     manifest write that hung (a hard-mounted NFS folder, a stalled S3 endpoint) held training past
     round_timeout_s, forever with one rank (a review's repro: still running after 20 s with a
     timeout of 3 s). Now the round is skipped at round_timeout_s (plus the grace), the next round
-    is skipped at once while that try still waits, and the try that commits later has written a
-    whole snapshot of its step, which LATEST only moves past."""
+    waits for that try within its own timeout and is skipped while it still waits, and the try
+    that commits later has written a whole snapshot of its step, which LATEST only moves past, and
+    says so (a line, and the committed count). At the job's end, finish() waits for such a try."""
     from ps.snapshot import storage as storage_module
 
     monkeypatch.setattr(worker.checkpoint, "STORAGE_GRACE_S", 0.2)
@@ -271,12 +272,12 @@ def test_a_commit_that_hangs_in_storage_skips_the_round_at_round_timeout_and_com
     write = storage_module.write_bytes_new
     storage_answers = threading.Event()
 
-    def hang_at_step_20(fs, path, data):
-        if path.endswith("/20/manifest.json"):
+    def hang_at_step_20_and_50(fs, path, data):
+        if path.endswith(("/20/manifest.json", "/50/manifest.json")):
             storage_answers.wait(60)
         write(fs, path, data)
 
-    monkeypatch.setattr(storage_module, "write_bytes_new", hang_at_step_20)
+    monkeypatch.setattr(storage_module, "write_bytes_new", hang_at_step_20_and_50)
     run.push(200)
     with caplog.at_level(logging.WARNING, logger="embps.worker"):
         started = time.monotonic()
@@ -288,14 +289,24 @@ def test_a_commit_that_hangs_in_storage_skips_the_round_at_round_timeout_and_com
     assert "snapshot step 30: SKIPPED: the try of step 20 still waits for storage" in caplog.text
     rounds = run.checkpointer.rounds
     assert (rounds.committed, rounds.skipped) == (1, 2)
-    storage_answers.set()
-    wait_until(lambda: latest(uri, job.ps.job) == 20, "the late commit of step 20")
-    wait_until(lambda: not run.checkpointer._storage_busy[1].is_alive(), "the round's thread to end")
+    with caplog.at_level(logging.WARNING, logger="embps.worker"):
+        storage_answers.set()
+        wait_until(lambda: latest(uri, job.ps.job) == 20, "the late commit of step 20")
+        wait_until(lambda: rounds.committed == 2, "the late commit to be counted")
+    assert "snapshot step 20: committed late, after its round was reported SKIPPED; LATEST names it" in caplog.text
     run.push(200)
     run.snapshot(40)
-    assert run.checkpointer.rounds.committed == 2
+    assert rounds.committed == 3
     steps = [(m.step, m.parent) for m in list_snapshots(uri, job.ps.job)]
     assert steps == [(10, None), (20, 10), (40, 10)]
     assert latest(uri, job.ps.job) == 40
     run.check_restore_equals_live(uri)
+    # The job's last round: finish() waits for its try, so the process's exit does not cut it short.
+    storage_answers.clear()
+    run.push(200)
+    run.snapshot(50)
+    assert rounds.skipped == 3
+    threading.Timer(0.5, storage_answers.set).start()
+    run.checkpointer.finish()
+    assert latest(uri, job.ps.job) == 50 and rounds.committed == 4
     run.client.close()
