@@ -344,6 +344,20 @@ std::string py_repr(const std::string& s) {
   return out;
 }
 
+// A name a caller sent, for a message: its repr, cut after kShownNameChars characters (code points)
+// with its size in bytes after it. Whole, a long name escaped in the status passed gRPC's 16 KiB
+// bound on a client's trailers, which then saw RESOURCE_EXHAUSTED instead of NOT_FOUND.
+constexpr size_t kShownNameChars = 64;
+std::string shown_name(const std::string& s) {
+  size_t chars = 0, end = 0;
+  for (; end < s.size(); ++end) {
+    const bool starts_char = (static_cast<unsigned char>(s[end]) & 0xC0) != 0x80;
+    if (starts_char && chars++ == kShownNameChars) break;
+  }
+  if (end == s.size()) return py_repr(s);
+  return py_repr(s.substr(0, end)) + "... (" + std::to_string(s.size()) + " bytes)";
+}
+
 }  // namespace
 
 struct LookupFields {
@@ -594,7 +608,7 @@ int NativeLookups::lookup(const LookupFields& f, uint64_t version, std::string& 
     std::vector<std::string> names;
     for (const auto& table : tables_) names.push_back(table->config().name);
     std::sort(names.begin(), names.end());
-    message = "table " + py_repr(name) + " is not served here; tables: ";
+    message = "table " + shown_name(name) + " is not served here; tables: ";
     for (size_t i = 0; i < names.size(); ++i) message += (i ? ", " : "") + names[i];
     return grpc::StatusCode::NOT_FOUND;
   }

@@ -84,6 +84,16 @@ STALE_RECHECK_SECONDS = 0.2  # while a shard is stale: how often the monitor loo
 # (ps/security/tokens.py), so a changed file reaches the gate within about RELOAD_CHECK_S.
 TOKEN_CHECK_SECONDS = RELOAD_CHECK_S + 0.01
 _REPLY_DTYPES = {ps_pb2.DTYPE_UNSPECIFIED: np.float32, ps_pb2.FLOAT32: np.float32, ps_pb2.FLOAT16: np.float16}
+SHOWN_NAME_CHARS = 64  # as the gate's shown_name (csrc/serving_lookup.cpp)
+
+
+def shown_name(name: str) -> str:
+    """A name a caller sent, for a message: its repr, cut after SHOWN_NAME_CHARS characters with
+    its size in bytes after it. Whole, a long name escaped in the status passed gRPC's 16 KiB bound
+    on a client's trailers, which then saw RESOURCE_EXHAUSTED instead of NOT_FOUND."""
+    if len(name) <= SHOWN_NAME_CHARS:
+        return repr(name)
+    return f"{name[:SHOWN_NAME_CHARS]!r}... ({len(name.encode('utf-8', 'surrogatepass'))} bytes)"
 
 
 @dataclass
@@ -101,7 +111,9 @@ class Replica:
     def table(self, name: str) -> TableReplica:
         replica = self.tables.get(name)
         if replica is None:
-            raise UnknownTableError(f"table {name!r} is not served here; tables: {', '.join(sorted(self.tables))}")
+            raise UnknownTableError(
+                f"table {shown_name(name)} is not served here; tables: {', '.join(sorted(self.tables))}"
+            )
         return replica
 
 

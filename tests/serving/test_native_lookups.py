@@ -15,6 +15,7 @@ from ps.sharding import ShardMap
 from ps.table.config import Initializer, TableConfig
 from serving.config import DefaultRow, StorageDType
 from serving.gate import native_lookups
+from serving.server import shown_name
 from serving.store import ShardRows, TableReplica
 
 pytest.importorskip("_embps_gate", reason="embps was built without grpc++: no serving gate module")
@@ -89,6 +90,12 @@ def test_errors_have_the_python_paths_codes_and_messages():
     assert native(MANY, b"", b"") == (OK, "", b"")
     calls = {(t, m, c): n for t, m, c, n, _cumulative, _sum in native.metrics()["calls"]}
     assert calls[("unknown", "Lookup", NOT_FOUND)] == 1 and calls[("", "Lookup", INVALID_ARGUMENT)] == 6
+    # A long unknown name is cut in the message, as the Python path cuts it: whole and escaped, it
+    # passed gRPC's 16 KiB bound on a client's trailers (RESOURCE_EXHAUSTED instead of NOT_FOUND).
+    for name in ("\u00e9" * 3000, "\x01" * 5000, "t" * 64 + "\u00e9"):
+        code, message = call(LOOKUP, lookup(table=name).SerializeToString())
+        assert (code, message) == (NOT_FOUND, f"table {shown_name(name)} is not served here; tables: user")
+        assert len(message) < 400 and (len(name) <= 64 or message.endswith("bytes) is not served here; tables: user"))
 
 
 def test_tokens_are_checked_and_replaced():
