@@ -12,12 +12,12 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from ps.process.metrics import LATENCY_BUCKETS
+from ps.process.metrics import LATENCY_BUCKETS, serve_metrics
 
 # 1 ms .. 60 s, dense below 1 s where the freshness target lies.
 STALENESS_BUCKETS = (
@@ -137,8 +137,7 @@ class ServingMetrics:
 
     def serve(self, port: int, host: str = "127.0.0.1") -> int:
         """Starts the /metrics HTTP server in a daemon thread; returns the bound port."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
-        return server.server_address[1]
+        return serve_metrics(port, host, self.registry)
 
 
 _CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}

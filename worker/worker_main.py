@@ -23,12 +23,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from prometheus_client import start_http_server
 
 from ps.client import PSClient, ShardUnavailableError
 from ps.process.children import die_with_launcher
 from ps.process.exit import exit_process
 from ps.process.malloc import tune_malloc_here
+from ps.process.metrics import serve_metrics
 from worker.checkpoint import Checkpointer, load_trainer_state
 from worker.data_sources import eval_batches, ranks_may_differ_in_batches, train_reader
 from worker.model import DLRMDenseTower
@@ -63,7 +63,7 @@ def run_worker(
     checkpointer = Checkpointer(job, rank, world_size, resumed_step=resume_step)
     if rank == 0 and job.train.metrics_port is not None:
         try:
-            start_http_server(job.train.metrics_port, registry=checkpointer.rounds.registry)
+            serve_metrics(job.train.metrics_port, "0.0.0.0", checkpointer.rounds.registry)
         except OSError as exc:  # a traceback ended the worker, naming no field
             raise MetricsPortError(
                 f"train.metrics_port: cannot serve /metrics on port {job.train.metrics_port}: {exc.strerror or exc}"

@@ -13,10 +13,10 @@ import threading
 from collections.abc import Callable, Container, Iterable, Iterator
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from ps.process.metrics import LATENCY_BUCKETS
+from ps.process.metrics import LATENCY_BUCKETS, serve_metrics
 
 
 class ShardMetrics:
@@ -97,8 +97,7 @@ class ShardMetrics:
 
     def serve(self, port: int, host: str = "127.0.0.1") -> int:
         """Starts the /metrics HTTP server in a daemon thread; returns the bound port."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
-        return server.server_address[1]
+        return serve_metrics(port, host, self.registry)
 
 
 UNKNOWN_TABLE = "unknown"  # the table label of a name the shard does not hold: labels stay bounded
