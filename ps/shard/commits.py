@@ -39,6 +39,9 @@ from ps.errors import LogGapError
 from ps.rpc import ps_pb2
 
 DEFAULT_SHARD_COMMIT_BYTES = 256 << 20  # per shard, split over its tables: rows sealed and not yet dropped
+# A table's commit log holds at least this, however many tables share the shard's bytes (above 64
+# tables the shard holds more: 4 MiB x tables, ~2 GiB at 500), so a replica of a many-table job
+# is not sent to a full resync after a few steps behind.
 MIN_TABLE_COMMIT_BYTES = 4 << 20
 DEFAULT_MAX_COMMIT_BYTES = 64 << 20
 DEFAULT_MAX_COMMITS = 4096
