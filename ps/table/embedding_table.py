@@ -31,7 +31,7 @@ from ps.errors import CapacityError
 from ps.table import fbgemm_kernels, optimizers
 from ps.table.config import AdmissionKind, EvictionPolicy, Kernels, OptimizerKind, Storage, TableConfig
 from ps.table.init import init_values
-from ps.table.row_store import BLOCK_SHIFT, RowStore, device_unavailable_reason
+from ps.table.row_store import RowStore, block_shift_for, device_unavailable_reason
 from ps.table.state import TableChanges, TableImage, TableLayout, TableState
 from ps.table.victims import first_in_order
 
@@ -168,9 +168,10 @@ class ApplyResult:
 class EmbeddingTable:
     """One shard's part of a table. See TableConfig for the knobs."""
 
-    def __init__(self, config: TableConfig, kernels: str | None = None, block_shift: int = BLOCK_SHIFT) -> None:
+    def __init__(self, config: TableConfig, kernels: str | None = None, block_shift: int | None = None) -> None:
         """kernels: overrides config.kernels (see TableConfig), e.g. "torch" or "fbgemm" to test
-        and benchmark the device paths on CPU."""
+        and benchmark the device paths on CPU. block_shift: 2^block_shift rows a block (None:
+        row_store.block_shift_for the row's width)."""
         if kernels is not None:
             if kernels not in set(Kernels):
                 choices = ", ".join(repr(k.value) for k in Kernels)
@@ -188,6 +189,7 @@ class EmbeddingTable:
         self.meta_col = self.value_words + self.state_width
         self.width = self.meta_col + 2
         self.kernels = _resolve_kernels(self.config)
+        block_shift = block_shift_for(self.width) if block_shift is None else block_shift
         self._store = RowStore(self.width, config.device, block_shift)
         self._use_native = self.kernels == Kernels.NATIVE
         self._fbgemm_key = (
@@ -415,8 +417,7 @@ class EmbeddingTable:
             # Fast path: every key trains and all fit, so one probe of the map does it all. A row
             # past its TTL at this step starts again from its init where it is, as after the sweep
             # that drops it (whenever that runs) and the insert after: its key is touched.
-            rows, inserted = self._map.find_or_insert(unique_keys)
-            self._store.ensure_rows(self._map.num_rows)
+            rows, inserted = self._insert(unique_keys)
             if ttl is not None:
                 renewed = self._expired_at(np.where(inserted, -1, rows), step)
                 self.num_evicted += int(renewed.sum())
@@ -438,6 +439,10 @@ class EmbeddingTable:
         apply_mask[np.flatnonzero(is_new)[admit_new]] = True
         num_new = int(admit_new.sum())
 
+        # The rows the new keys may take, before anything changes: a block that cannot be allocated
+        # (MemoryError) then leaves the table as it was. Within the capacity: rows are reused there.
+        reserve = self._map.num_rows + num_new
+        self._store.ensure_rows(reserve if capacity is None else min(reserve, capacity))
         evicted = self._make_room(num_new, rows[rows >= 0], step, freed=int(expired.sum()))
         # Nothing has changed before this point; from here on every step succeeds.
         if ttl is not None:
@@ -498,8 +503,7 @@ class EmbeddingTable:
         device, summed grads (u, dim) on the device, sightings (u,), rows inserted); hand the
         words, updated, to end_fbgemm_push."""
         unique_keys, sums, sightings = native.dedupe_sum(keys, grads, counts, self.dim)
-        rows, inserted = self._map.find_or_insert(unique_keys)
-        self._store.ensure_rows(self._map.num_rows)
+        rows, inserted = self._insert(unique_keys)
         num_inserted = int(inserted.sum())
         if num_inserted:
             new_keys = unique_keys[inserted]
@@ -526,6 +530,18 @@ class EmbeddingTable:
         expiry = (0, 0) if step is None or ttl is None else (ttl, step)
         params = (*self._multi_fixed, self.step, *expiry)
         return self._map._map, self._store.block_addresses, params, self._multi_reals, self._multi_seed
+
+    def _insert(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """find_or_insert, then the row blocks of the new rows; where a block cannot be allocated
+        (MemoryError) the new keys are erased again, so no key is left without its row (it was:
+        every later lookup of it raised IndexError, every push MemoryError again)."""
+        rows, inserted = self._map.find_or_insert(keys)
+        try:
+            self._store.ensure_rows(self._map.num_rows)
+        except MemoryError:
+            self._map.erase(keys[inserted])
+            raise
+        return rows, inserted
 
     def reserve_rows(self, num_keys: int) -> None:
         """Allocates row blocks so that num_keys more keys fit (before a multi-table native push)."""

@@ -31,6 +31,16 @@ if TYPE_CHECKING:
 BLOCK_SHIFT = 16
 BLOCK_ROWS = 1 << BLOCK_SHIFT
 MAX_BLOCK_SHIFT = 30  # the C++ kernels' limit
+# The most a block takes: wide rows get fewer rows a block. At 2^16 rows whatever the width, a
+# table of dim 4096 with Adam took 3.2 GiB of address space for its first row, and one of dim
+# 65536 failed its first push (48 GiB, MemoryError).
+MAX_BLOCK_BYTES = 64 << 20
+
+
+def block_shift_for(width: int) -> int:
+    """The block shift of `width`-word rows: 2^16 rows a block, fewer where that passes MAX_BLOCK_BYTES."""
+    fits = MAX_BLOCK_BYTES // (4 * max(1, width))
+    return max(0, min(BLOCK_SHIFT, fits.bit_length() - 1))
 
 
 def device_unavailable_reason(device: str) -> str | None:

@@ -20,6 +20,7 @@ from ps.table.config import (
 )
 from ps.table.embedding_table import EmbeddingTable
 from ps.table.multi import push_tables
+from ps.table.row_store import MAX_BLOCK_BYTES
 
 SGD = OptimizerConfig(kind=OptimizerKind.SGD, lr=1.0)
 
@@ -365,6 +366,36 @@ def test_memory_overhead_per_row_is_under_32_bytes():
         unused = (table._store.num_allocated_rows - table._map.num_rows) * table.width * 4
         worst = max(worst, (table.memory_bytes - unused - payload) / table.size)
     assert worst < 32, f"overhead {worst:.1f} bytes per row"
+
+
+
+def test_a_wide_row_takes_a_block_of_its_width_and_a_block_that_cannot_be_had_changes_nothing(monkeypatch):
+    """Blocks held 2^16 rows whatever their width: a table of dim 65536 with Adam asked 48 GiB for
+    its first row (MemoryError on a 24 GiB machine), and the key, inserted before its block, was
+    left without a row: every later lookup of it raised IndexError, every push MemoryError. Now a
+    block is at most MAX_BLOCK_BYTES, and a push whose block cannot be had changes nothing."""
+    adam = OptimizerConfig(kind=OptimizerKind.ADAM, lr=0.1)
+    wide = EmbeddingTable(TableConfig(name="wide", dim=65536, optimizer=adam))
+    assert wide._store.block_rows * wide.width * 4 <= MAX_BLOCK_BYTES
+    wide.apply_gradients(np.array([7], dtype=np.int64), np.ones((1, 65536), np.float32), step=1)
+    assert wide.size == 1 and np.isfinite(wide.read(np.array([7], dtype=np.int64))).all()
+    for admission in (AdmissionConfig(), AdmissionConfig(kind=AdmissionKind.COUNT, min_count=1)):
+        table = EmbeddingTable(TableConfig(name="t", dim=4, optimizer=SGD, admission=admission), block_shift=2)
+        table.apply_gradients(np.arange(4, dtype=np.int64), np.ones((4, 4), np.float32), step=1)
+        before = table.read(np.arange(4, dtype=np.int64))
+
+        def refuse(num_rows: int) -> None:
+            if num_rows > 4:
+                raise MemoryError("no block")
+
+        monkeypatch.setattr(table._store, "ensure_rows", refuse)
+        with pytest.raises(MemoryError):
+            table.apply_gradients(np.arange(2, 6, dtype=np.int64), np.ones((4, 4), np.float32), step=2)
+        monkeypatch.undo()
+        assert table.size == 4 and table.version == 1
+        np.testing.assert_array_equal(table.read(np.arange(4, dtype=np.int64)), before)
+        table.apply_gradients(np.arange(2, 6, dtype=np.int64), np.ones((4, 4), np.float32), step=2)
+        assert table.size == 6 and np.isfinite(table.read(np.arange(6, dtype=np.int64))).all()
 
 
 def test_rows_grow_in_blocks_without_copying():
