@@ -116,8 +116,9 @@ def _translate(
         )
         return ShardUnavailableError(message, grpc.StatusCode.UNAVAILABLE, address)
     cls = _ERRORS.get(code, RPCError)
-    if cls is TableFullError and not method.startswith("Push"):
-        # Only a push meets a full table: elsewhere it is a size limit (gRPC's own, on either side).
+    if cls is TableFullError and (not method.startswith("Push") or "message larger than max" in details):
+        # Only a push meets a full table: elsewhere, or a push gRPC refused, it is a size limit
+        # (gRPC's own, on either side), not a table to make room in.
         cls = RPCError
     return cls(f"{method} on shard {address}: {code.name}: {details}", code, address)
 

@@ -62,6 +62,9 @@ _MIN_MESSAGE_LIMIT = 64 << 10
 # gRPC's message-size options are C ints, and the processes set them 64 KiB above the limit
 # (protobuf framing around the bulk bytes).
 MAX_MESSAGE_LIMIT = 2**31 - 1 - (1 << 16)
+# A one-key push or lookup beside its row's values: its key, the table's name (at most 200 bytes),
+# protobuf's tags and lengths, the push id.
+_ONE_ROW_FRAMING = 1 << 10
 # A day: gRPC turns a deadline past ~1e9 s into one already expired, so every call would fail.
 MAX_DEADLINE_S = 86400.0
 
@@ -239,6 +242,13 @@ def parse_job_config(data: dict, base_dir: Path | None = None) -> JobConfig:
     tables = _parse_tables(data.get("tables"))
     limit = data.get("message_limit_bytes", DEFAULT_MESSAGE_LIMIT)
     _check_int("message_limit_bytes", limit, _MIN_MESSAGE_LIMIT, MAX_MESSAGE_LIMIT)
+    for table in tables:  # a push or lookup of one key must fit: no split could send it
+        if 4 * table.dim + _ONE_ROW_FRAMING > limit:
+            raise ValueError(
+                f"tables.{table.name}.dim: one row of dim {table.dim} ({4 * table.dim:,} bytes with its framing up to "
+                f"{4 * table.dim + _ONE_ROW_FRAMING:,}) does not fit message_limit_bytes {limit:,}: raise the limit or "
+                "lower the dim"
+            )
     window = data.get("push_dedupe_window", DEFAULT_DEDUPE_WINDOW)
     _check_int("push_dedupe_window", window, 1, 1 << 24)
     deadlines = build_config(Deadlines, _table_of(data, "deadlines"), "deadlines")

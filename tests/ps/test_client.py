@@ -411,11 +411,14 @@ def test_a_many_table_lookup_whose_tables_fit_alone_fits_together():
             return self._details
 
     too_large = _Status(grpc.StatusCode.RESOURCE_EXHAUSTED, "CLIENT: Received message larger than max")
-    for method in ("LookupBatch", "Lookup", "LookupMulti", "Stats"):
-        error = _translate(too_large, method, "127.0.0.1:1")
-        assert type(error) is RPCError and error.code == grpc.StatusCode.RESOURCE_EXHAUSTED, method
+    sent_too_large = _Status(grpc.StatusCode.RESOURCE_EXHAUSTED, "CLIENT: Sent message larger than max (9 vs 8)")
+    full = _Status(grpc.StatusCode.RESOURCE_EXHAUSTED, "table 'a' is full (capacity 4): 2 new keys")
+    for method in ("LookupBatch", "Lookup", "LookupMulti", "Stats", "Push", "PushBatch", "PushMulti"):
+        for status in (too_large, sent_too_large):  # a push gRPC refused as too large was a TableFullError
+            error = _translate(status, method, "127.0.0.1:1")
+            assert type(error) is RPCError and error.code == grpc.StatusCode.RESOURCE_EXHAUSTED, method
     for method in ("Push", "PushBatch", "PushMulti"):
-        assert isinstance(_translate(too_large, method, "127.0.0.1:1"), TableFullError), method
+        assert isinstance(_translate(full, method, "127.0.0.1:1"), TableFullError), method
 
 
 def test_a_table_named_twice_in_one_push_is_refused():

@@ -205,3 +205,14 @@ def test_a_file_with_an_integer_beyond_64_bits_names_its_field(tmp_path):
     path.write_text(EXAMPLE.replace("[40000, 65536, 1]]", "[40000, 65536, -9223372036854775809]]"))
     with pytest.raises(ValueError, match=r"sharding\.bucket_ranges\[1\]\[2\]: TOML integers are 64-bit"):
         load_job_config(path)
+
+
+def test_a_table_whose_one_row_does_not_fit_the_message_limit_is_refused_naming_the_dim():
+    """No split can send one key's row: such a table passed, then its pushes were refused as a full
+    table (gRPC's own size refusal) and its lookups said "at most 0 keys per call"."""
+    text = EXAMPLE.replace("message_limit_bytes = 1048576", "message_limit_bytes = 65536")
+    text = text.replace("dim = 16", "dim = 16384")
+    refused = r"^tables\.user\.dim: one row of dim 16384 \(65,536 bytes .*does not fit message_limit_bytes 65,536"
+    with pytest.raises(ValueError, match=refused):
+        parse_job_config(tomllib.loads(text))
+    assert parse_job_config(tomllib.loads(text.replace("dim = 16384", "dim = 16000"))).tables[0].dim == 16000
