@@ -223,8 +223,8 @@ def test_lookup_many_spreads_every_tables_rows_back_to_its_keys(rows_server, dty
 def test_a_replica_that_does_not_answer_is_passed_over_and_then_tried_last(rows_server) -> None:
     """A replica that takes calls and answers none (SIGSTOPped, hung) took every call's whole
     deadline in its turn, half the calls of a two-replica client (a review's repro: 10 of 20
-    lookups DEADLINE_EXCEEDED). Its attempt now gets half the time left while another replica is
-    left to try, and it is tried after the others from then on."""
+    lookups DEADLINE_EXCEEDED). Now the call that meets it first fails, and it is tried after the
+    others from then on (SLOW_REPLICA_SECONDS)."""
     silent = _Silent()
     server = grpc.server(ThreadPoolExecutor(4), handlers=[silent])
     silent_address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
@@ -232,7 +232,10 @@ def test_a_replica_that_does_not_answer_is_passed_over_and_then_tried_last(rows_
     address, handler = rows_server()
     keys = np.arange(1, 6, dtype=np.int64)
     try:
-        with ServingClient([silent_address, address], timeout_s=2.0) as client:
+        with ServingClient([silent_address, address], timeout_s=0.5) as client:
+            with pytest.raises(grpc.RpcError) as info:  # the turn starts at the silent replica
+                client.lookup_many({"a": keys})
+            assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
             for _ in range(10):  # in turn, every other call would start at the silent replica
                 values, _ = client.lookup_many({"a": keys})["a"]
                 np.testing.assert_array_equal(values[0], expected_row(1, DIMS["a"]))
@@ -241,6 +244,47 @@ def test_a_replica_that_does_not_answer_is_passed_over_and_then_tried_last(rows_
     finally:
         silent.release.set()
         server.stop(0)
+
+
+
+class _Slow(_Rows):
+    """_Rows, each answer after `seconds`."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+
+    def service(self, handler_call_details):
+        answer = super().service(handler_call_details)
+
+        def slowly(request: bytes, context: grpc.ServicerContext) -> bytes:
+            threading.Event().wait(self.seconds)  # the replica's work, not a wait for anything
+            return answer.unary_unary(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(slowly)
+
+
+def test_replicas_slower_than_half_the_deadline_still_answer_every_call() -> None:
+    """Each attempt once got half the time left while another replica was left: two replicas that
+    each answer in 0.6 s of a 1 s deadline failed every call, where one replica alone answered
+    every call (a review). Each attempt has the whole time left again (here: 1.2 s answers, a 2 s
+    deadline)."""
+    servers = []
+    try:
+        addresses = []
+        for _ in range(2):
+            server = grpc.server(ThreadPoolExecutor(4), handlers=[_Slow(1.2)])
+            addresses.append(f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}")
+            server.start()
+            servers.append(server)
+        keys = np.arange(1, 4, dtype=np.int64)
+        with ServingClient(addresses, timeout_s=2.0) as client:
+            for _ in range(3):
+                values, _ = client.lookup_many({"a": keys})["a"]
+                np.testing.assert_array_equal(values[0], expected_row(1, DIMS["a"]))
+    finally:
+        for server in servers:
+            server.stop(0)
 
 
 def test_a_reply_short_of_rows_is_an_error_naming_the_sizes(rows_server) -> None:
