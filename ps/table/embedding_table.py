@@ -439,10 +439,7 @@ class EmbeddingTable:
         apply_mask[np.flatnonzero(is_new)[admit_new]] = True
         num_new = int(admit_new.sum())
 
-        # The rows the new keys may take, before anything changes: a block that cannot be allocated
-        # (MemoryError) then leaves the table as it was. Within the capacity: rows are reused there.
-        reserve = self._map.num_rows + num_new
-        self._store.ensure_rows(reserve if capacity is None else min(reserve, capacity))
+        self.reserve_rows(num_new)  # before anything changes: a MemoryError leaves the table as it was
         evicted = self._make_room(num_new, rows[rows >= 0], step, freed=int(expired.sum()))
         # Nothing has changed before this point; from here on every step succeeds.
         if ttl is not None:
@@ -544,8 +541,13 @@ class EmbeddingTable:
         return rows, inserted
 
     def reserve_rows(self, num_keys: int) -> None:
-        """Allocates row blocks so that num_keys more keys fit (before a multi-table native push)."""
-        self._store.ensure_rows(self._map.num_rows + num_keys)
+        """Allocates row blocks so that num_keys more keys fit, before anything changes (a block
+        that cannot be had, MemoryError, then changes nothing). New keys take freed rows first, so
+        with a capacity the rows never pass max(the rows now, the capacity)."""
+        rows = self._map.num_rows + num_keys
+        if self.config.capacity is not None:
+            rows = min(rows, max(self._map.num_rows, self.config.capacity))
+        self._store.ensure_rows(rows)
 
     def finish_multi_push(self, step: int, updated_keys: np.ndarray, num_inserted: int) -> ApplyResult:
         """The bookkeeping of apply_gradients after the native multi-table call applied a push."""

@@ -93,8 +93,9 @@ def push_tables(
     would. grads: flat float32, table after table (n_t, dim_t); counts (n,) int64 >= 1 or None.
 
     The caller has checked the grads (finite) and counts (>= 1). All or nothing: every table
-    that could refuse its keys (a capacity) is checked first (check_room), so a CapacityError
-    leaves every table as it was. Then tables the native call cannot serve go first, through
+    that could refuse its keys (a capacity) is checked first (check_room), and every table's row
+    blocks are allocated (reserve_rows), so a CapacityError or a MemoryError leaves every table as
+    it was. Then tables the native call cannot serve go first, through
     apply_gradients; then every other table in one native call, which cannot fail.
     """
     if len({id(t) for t in tables}) != len(tables):
@@ -118,6 +119,11 @@ def push_tables(
         for i in slow:
             part = slice(offsets[i], offsets[i + 1])
             tables[i].check_room(keys[part], None if counts is None else counts[part], steps[i])
+        # Every table's row blocks before any table changes: a block that cannot be had
+        # (MemoryError) then leaves them all as they were (a later table's, after the first ones
+        # applied, left a push half applied that a retry applied again).
+        for i, table in enumerate(tables):
+            table.reserve_rows(int(sizes[i]))
     for i in slow:
         table = tables[i]
         results[i] = table.apply_gradients(
@@ -149,8 +155,8 @@ def push_tables(
             np.cumsum(sizes[fast], out=sub_offsets[1:])
             sub_grads = np.concatenate([grads[starts[i] : starts[i + 1]] for i in fast])
             sub_counts = None if counts is None else np.concatenate([counts[offsets[i] : offsets[i + 1]] for i in fast])
-        for i, table in zip(fast, chosen, strict=True):
-            table.reserve_rows(int(sizes[i]))
+        if len(tables) == 1:
+            chosen[0].reserve_rows(int(sizes[fast[0]]))
         updated = np.empty(sub_keys.shape[0], dtype=np.int64)
         num_updated = np.empty(len(fast), dtype=np.int64)
         num_inserted = np.empty(len(fast), dtype=np.int64)

@@ -398,6 +398,34 @@ def test_a_wide_row_takes_a_block_of_its_width_and_a_block_that_cannot_be_had_ch
         assert table.size == 6 and np.isfinite(table.read(np.arange(6, dtype=np.int64))).all()
 
 
+
+def test_a_multi_table_push_whose_later_table_cannot_have_its_block_changes_no_table(monkeypatch):
+    """push_tables applied the tables that need apply_gradients (admission here) first and
+    allocated the native tables' rows after: a MemoryError there left the first applied, a push
+    half done that a retry with the same push id applied again (a review). Every table's rows are
+    now allocated before any changes."""
+    admitting = EmbeddingTable(
+        TableConfig(name="a", dim=4, optimizer=SGD, admission=AdmissionConfig(kind=AdmissionKind.COUNT, min_count=1)),
+        block_shift=2,
+    )
+    plain = EmbeddingTable(TableConfig(name="b", dim=4, optimizer=SGD), block_shift=2)
+    for table in (admitting, plain):
+        table.apply_gradients(np.arange(4, dtype=np.int64), np.ones((4, 4), np.float32), step=1)
+    before = admitting.read(np.arange(6, dtype=np.int64))
+
+    def refuse(num_rows: int) -> None:
+        if num_rows > 4:
+            raise MemoryError("no block")
+
+    monkeypatch.setattr(plain._store, "ensure_rows", refuse)
+    keys = np.concatenate([np.arange(2, 6), np.arange(2, 6)]).astype(np.int64)
+    offsets = np.array([0, 4, 8], dtype=np.int64)
+    with pytest.raises(MemoryError):
+        push_tables([admitting, plain], keys, offsets, np.ones(32, np.float32), None, 2)
+    assert (admitting.version, admitting.size, plain.version, plain.size) == (1, 4, 1, 4)
+    np.testing.assert_array_equal(admitting.read(np.arange(6, dtype=np.int64)), before)
+
+
 def test_rows_grow_in_blocks_without_copying():
     table = EmbeddingTable(TableConfig(name="t", dim=4, optimizer=SGD), block_shift=4)
     table.apply_gradients(np.arange(16, dtype=np.int64), np.zeros((16, 4), np.float32))
