@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
@@ -16,7 +17,8 @@ LATENCY_BUCKETS = (
 )
 
 
-# A scrape connection that sends nothing (or trickles) for this long is closed.
+# A scrape connection is closed this long after it was taken, whatever it sent: the handler's socket
+# timeout alone restarted at every byte, so a client sending one every 9 s held its slot for good.
 METRICS_CLIENT_SECONDS = 10.0
 # Connections served at once; more are closed at once. prometheus_client's server took a thread per
 # connection without bound: 400 idle connections, 400 threads (a review), and a process past its
@@ -40,6 +42,22 @@ class _BoundedServer(ThreadingWSGIServer):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._slots = threading.BoundedSemaphore(MAX_METRICS_CONNECTIONS)
+        self._open: dict[socket.socket, float] = {}  # connection -> when it is shut (time.monotonic)
+        self._open_lock = threading.Lock()
+        threading.Thread(target=self._shut_late_connections, name="metrics-deadlines", daemon=True).start()
+
+    def _shut_late_connections(self) -> None:
+        """One thread for every connection's deadline: shuts those past it, whose handler's read or
+        write then fails (a thread a connection for this doubled the threads the bound allows)."""
+        while True:
+            time.sleep(min(1.0, METRICS_CLIENT_SECONDS / 4))
+            now = time.monotonic()
+            with self._open_lock:
+                late = [connection for connection, due in self._open.items() if due <= now]
+                for connection in late:
+                    del self._open[connection]
+            for connection in late:
+                _shut(connection)
 
     def process_request(self, request, client_address) -> None:
         if not self._slots.acquire(blocking=False):
@@ -52,10 +70,22 @@ class _BoundedServer(ThreadingWSGIServer):
             raise
 
     def process_request_thread(self, request, client_address) -> None:
+        with self._open_lock:
+            self._open[request] = time.monotonic() + METRICS_CLIENT_SECONDS
         try:
             super().process_request_thread(request, client_address)
         finally:
+            with self._open_lock:
+                self._open.pop(request, None)
             self._slots.release()
+
+
+def _shut(connection: socket.socket) -> None:
+    """Ends a connection past METRICS_CLIENT_SECONDS: its handler's read or write then fails."""
+    try:
+        connection.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # closed already
 
 
 def serve_metrics(port: int, host: str, registry: CollectorRegistry) -> int:

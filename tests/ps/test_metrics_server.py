@@ -45,10 +45,38 @@ def test_idle_connections_hold_a_bounded_number_of_threads_and_are_closed(monkey
     try:
         wait_until(lambda: sum(map(_closed_by_server, idle)) >= 2 * MAX_METRICS_CONNECTIONS,
                    "the connections past the bound to be closed")  # fmt: skip
-        assert threading.active_count() - threads_before <= MAX_METRICS_CONNECTIONS
+        assert threading.active_count() - threads_before <= MAX_METRICS_CONNECTIONS + 1  # and the deadlines' thread
         wait_until(lambda: all(map(_closed_by_server, idle)), "the idle connections to be closed")
-        wait_until(lambda: threading.active_count() <= threads_before, "their threads to end")
+        wait_until(lambda: threading.active_count() <= threads_before + 1, "their threads to end")
         assert "embps_test_things_total 3.0" in _scrape(port)
     finally:
         for connection in idle:
             connection.close()
+
+
+def test_a_connection_that_trickles_bytes_is_closed_at_its_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The handler's socket timeout restarts at every byte: a client sending one every 9 s (of a
+    10 s timeout) held its slot for good, and 32 of them refused every scrape (a review)."""
+    monkeypatch.setattr(metrics_module, "METRICS_CLIENT_SECONDS", 1.0)
+    registry = CollectorRegistry()
+    port = serve_metrics(0, "127.0.0.1", registry)
+    connection = socket.create_connection(("127.0.0.1", port), timeout=5)
+    connection.settimeout(0.05)
+    request = b"GET /metrics HTTP/1.1\r\nHost: x\r\n"
+    sent = [0]
+
+    def trickle_until_closed() -> bool:
+        if _closed_by_server(connection):
+            return True
+        try:
+            connection.sendall(request[sent[0] % len(request) : sent[0] % len(request) + 1])
+        except OSError:
+            return True
+        sent[0] += 1
+        return False
+
+    try:
+        wait_until(trickle_until_closed, "the trickling connection to be closed")
+        assert _scrape(port) is not None  # the server still answers
+    finally:
+        connection.close()
