@@ -120,6 +120,7 @@ class _RoundOutcome:
     done: bool = False
     committed: bool = False
     abandoned: bool = False
+    error: BaseException | None = None  # what the tries raised past their own handling (a bug)
 
 
 class _RoundFailed(Exception):
@@ -214,6 +215,8 @@ class Checkpointer:
         tries.join(max(0.0, deadline - time.monotonic()) + STORAGE_GRACE_S)
         with outcome.lock:
             outcome.abandoned = not outcome.done
+        if outcome.error is not None:
+            raise outcome.error
         if outcome.abandoned:
             self._storage_busy = (step, tries)
             after = "is full" if self._last_step is None else f"builds on step {self._last_step}"
@@ -244,7 +247,16 @@ class Checkpointer:
     def _tries(self, plan: _RoundPlan, deadline: float, outcome: _RoundOutcome) -> None:
         """The tries of round plan.step (on the round's thread), then outcome.done; a try that
         commits after the round was given up (outcome.abandoned) is logged and counted here."""
-        committed = self._try_round(plan, deadline)
+        try:
+            committed = self._try_round(plan, deadline)
+        except BaseException as exc:  # a bug, not storage: raised again on the training thread, as before the thread
+            with outcome.lock:
+                outcome.done, outcome.error = True, exc
+                late = outcome.abandoned
+            if late:
+                log.error("snapshot step %d: its try failed after its round was reported SKIPPED", plan.step,
+                          exc_info=exc)
+            return
         with outcome.lock:
             outcome.done, outcome.committed = True, committed
             late = outcome.abandoned

@@ -310,3 +310,22 @@ def test_a_commit_that_hangs_in_storage_skips_the_round_at_round_timeout_and_com
     run.checkpointer.finish()
     assert latest(uri, job.ps.job) == 50 and rounds.committed == 4
     run.client.close()
+
+
+def test_a_bug_in_a_round_s_try_is_raised_on_the_training_thread(tmp_path, start_shards, monkeypatch):
+    """An exception the tries do not handle (a bug: a record that does not parse) killed the round's
+    thread: the round was reported as still waiting for storage and skipped, every round, and only
+    a thread's traceback said why (a review). It is raised on the training thread, as before the
+    tries had a thread of their own."""
+    job = training_job(tmp_path, str(tmp_path / "snaps"))
+    shards = start_shards(job.ps)
+    run = Trainer(replace(job, ps=shards.job))
+
+    def unreadable(*_args) -> None:
+        raise KeyError("tables.emb.shards.0: a record this version cannot read")
+
+    monkeypatch.setattr(worker.checkpoint.Checkpointer, "_write_once", unreadable)
+    with pytest.raises(KeyError, match="a record this version cannot read"):
+        run.snapshot(10)
+    assert (run.checkpointer.rounds.skipped, run.checkpointer._storage_busy) == (0, None)
+    run.client.close()
