@@ -113,7 +113,8 @@ class ServeConfig:
 
     @property
     def host(self) -> str:
-        return self.listen.rsplit(":", 1)[0]
+        """The host `listen` names, an IPv6 one without its brackets (as sockets take it)."""
+        return parse_address("listen", self.listen, lowest_port=0)[0]
 
 
 _FIELDS = {

@@ -94,3 +94,11 @@ def test_round_trip_with_quotes_backslashes_newlines_and_non_ascii(tmp_path):
         load_serve_config(write(folder, text)), export=ExportSource(f"file:///{odd}/exports", odd)
     )
     assert load_serve_config(write(tmp_path, dump_serve_config(config, str(job_path)))) == config
+
+
+def test_an_ipv6_listen_address_gives_its_host_without_brackets(tmp_path, job_path):
+    """The host (where /metrics is served too) kept the brackets of '[::1]:5000': getaddrinfo refused
+    '[::1]' and the replica exited, "cannot serve /metrics" (a review)."""
+    config = load_serve_config(write(tmp_path, 'job_config = "job.toml"\nlisten = "[::1]:5000"\n'))
+    assert config.host == "::1" and config.listen == "[::1]:5000"
+    assert load_serve_config(write(tmp_path, 'job_config = "job.toml"\nlisten = "127.0.0.1:0"\n')).host == "127.0.0.1"
