@@ -43,19 +43,24 @@ class _BoundedServer(ThreadingWSGIServer):
         super().__init__(*args, **kwargs)
         self._slots = threading.BoundedSemaphore(MAX_METRICS_CONNECTIONS)
         self._open: dict[socket.socket, float] = {}  # connection -> when it is shut (time.monotonic)
-        self._open_lock = threading.Lock()
+        self._open_changed = threading.Condition()
         threading.Thread(target=self._shut_late_connections, name="metrics-deadlines", daemon=True).start()
 
     def _shut_late_connections(self) -> None:
         """One thread for every connection's deadline: shuts those past it, whose handler's read or
-        write then fails (a thread a connection for this doubled the threads the bound allows)."""
+        write then fails (a thread a connection for this doubled the threads the bound allows). It
+        sleeps while no connection is open, and wakes at the next deadline otherwise."""
         while True:
-            time.sleep(min(1.0, METRICS_CLIENT_SECONDS / 4))
-            now = time.monotonic()
-            with self._open_lock:
+            with self._open_changed:
+                while not self._open:
+                    self._open_changed.wait()
+                now = time.monotonic()
                 late = [connection for connection, due in self._open.items() if due <= now]
                 for connection in late:
                     del self._open[connection]
+                if not late:
+                    self._open_changed.wait(min(self._open.values()) - now)
+                    continue
             for connection in late:
                 _shut(connection)
 
@@ -70,12 +75,13 @@ class _BoundedServer(ThreadingWSGIServer):
             raise
 
     def process_request_thread(self, request, client_address) -> None:
-        with self._open_lock:
+        with self._open_changed:
             self._open[request] = time.monotonic() + METRICS_CLIENT_SECONDS
+            self._open_changed.notify()
         try:
             super().process_request_thread(request, client_address)
         finally:
-            with self._open_lock:
+            with self._open_changed:
                 self._open.pop(request, None)
             self._slots.release()
 
