@@ -342,12 +342,8 @@ def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
         with fs.open_output_stream(path, compression=None) as f:
             f.write(data)
         return
-    make_parent_dir(fs, path)
-    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = _write_beside(fs, path, data)
     try:
-        with fs.open_output_stream(tmp, compression=None) as f:
-            f.write(data)
-        sync(fs, tmp)
         fs.move(tmp, path)
         sync(fs, path.rsplit("/", 1)[0])
     except BaseException:
@@ -355,26 +351,35 @@ def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
         raise
 
 
+def _write_beside(fs: pafs.FileSystem, path: str, data: bytes) -> str:
+    """Writes `data` durably to a temporary file beside `path` (its folder made), and returns its path."""
+    make_parent_dir(fs, path)
+    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        with fs.open_output_stream(tmp, compression=None) as f:
+            f.write(data)
+        sync(fs, tmp)
+    except BaseException:
+        _delete_quietly(fs, tmp)
+        raise
+    return tmp
+
+
 def write_bytes_new(fs: pafs.FileSystem, path: str, data: bytes) -> None:
     """write_bytes_atomic of a file that must not exist: FileExistsError where it does (another
     writer published it first), and the file is left as that writer published it. A local
     filesystem without hard links (some network and FUSE mounts) gets the check before the write."""
     if isinstance(fs, pafs.LocalFileSystem):
-        make_parent_dir(fs, path)
-        tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp = _write_beside(fs, path, data)
         try:
-            with fs.open_output_stream(tmp, compression=None) as f:
-                f.write(data)
-            sync(fs, tmp)
-            try:
-                os.link(tmp, path)  # EEXIST where another writer's file is: never replaced
-                sync(fs, path.rsplit("/", 1)[0])
-                return
-            except FileExistsError:
+            os.link(tmp, path)  # EEXIST where another writer's file is: never replaced
+            sync(fs, path.rsplit("/", 1)[0])
+            return
+        except FileExistsError:
+            raise
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS):
                 raise
-            except OSError as exc:
-                if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS):
-                    raise
         finally:
             _delete_quietly(fs, tmp)
     if exists(fs, path):

@@ -369,6 +369,16 @@ def test_memory_overhead_per_row_is_under_32_bytes():
 
 
 
+def _no_block_past(rows: int):
+    """A RowStore.ensure_rows that cannot allocate past `rows` (MemoryError), as a full machine."""
+
+    def ensure_rows(num_rows: int) -> None:
+        if num_rows > rows:
+            raise MemoryError("no block")
+
+    return ensure_rows
+
+
 def test_a_wide_row_takes_a_block_of_its_width_and_a_block_that_cannot_be_had_changes_nothing(monkeypatch):
     """Blocks held 2^16 rows whatever their width: a table of dim 65536 with Adam asked 48 GiB for
     its first row (MemoryError on a 24 GiB machine), and the key, inserted before its block, was
@@ -383,12 +393,7 @@ def test_a_wide_row_takes_a_block_of_its_width_and_a_block_that_cannot_be_had_ch
         table = EmbeddingTable(TableConfig(name="t", dim=4, optimizer=SGD, admission=admission), block_shift=2)
         table.apply_gradients(np.arange(4, dtype=np.int64), np.ones((4, 4), np.float32), step=1)
         before = table.read(np.arange(4, dtype=np.int64))
-
-        def refuse(num_rows: int) -> None:
-            if num_rows > 4:
-                raise MemoryError("no block")
-
-        monkeypatch.setattr(table._store, "ensure_rows", refuse)
+        monkeypatch.setattr(table._store, "ensure_rows", _no_block_past(4))
         with pytest.raises(MemoryError):
             table.apply_gradients(np.arange(2, 6, dtype=np.int64), np.ones((4, 4), np.float32), step=2)
         monkeypatch.undo()
@@ -412,12 +417,7 @@ def test_a_multi_table_push_whose_later_table_cannot_have_its_block_changes_no_t
     for table in (admitting, plain):
         table.apply_gradients(np.arange(4, dtype=np.int64), np.ones((4, 4), np.float32), step=1)
     before = admitting.read(np.arange(6, dtype=np.int64))
-
-    def refuse(num_rows: int) -> None:
-        if num_rows > 4:
-            raise MemoryError("no block")
-
-    monkeypatch.setattr(plain._store, "ensure_rows", refuse)
+    monkeypatch.setattr(plain._store, "ensure_rows", _no_block_past(4))
     keys = np.concatenate([np.arange(2, 6), np.arange(2, 6)]).astype(np.int64)
     offsets = np.array([0, 4, 8], dtype=np.int64)
     with pytest.raises(MemoryError):
