@@ -232,7 +232,7 @@ def test_a_replica_that_does_not_answer_is_passed_over_and_then_tried_last(rows_
     address, handler = rows_server()
     keys = np.arange(1, 6, dtype=np.int64)
     try:
-        with ServingClient([silent_address, address], timeout_s=0.5) as client:
+        with ServingClient([silent_address, address], timeout_s=2.0) as client:
             with pytest.raises(grpc.RpcError) as info:  # the turn starts at the silent replica
                 client.lookup_many({"a": keys})
             assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
