@@ -203,6 +203,9 @@ def _numeric_fields(value: object, prefix: str = "") -> Iterable[tuple[str, floa
         for k, v in value.items():
             if k not in ("config", "machine", "bench"):
                 yield from _numeric_fields(v, f"{prefix}{k}.")
+    elif isinstance(value, list):  # a bench's rows (bench cut's "results": figures were left out)
+        for i, v in enumerate(value):
+            yield from _numeric_fields(v, f"{prefix}{i}.")
     elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
         yield prefix[:-1], float(value)
 

@@ -235,7 +235,7 @@ def launch(options: LaunchOptions) -> int:
     if job.data.eval_paths and job.data.source != DataSource.SYNTHETIC:
         try:  # here, not only in rank 0: a line before anything starts
             check_held_out(job.data.paths, job.data.eval_paths, job.data.storage)
-        except FileNotFoundError as exc:
+        except OSError as exc:  # a path missing or out of reach: its message names the field and the path
             raise ValueError(str(exc)) from None
     restore = _latest_step(job) if options.resume else None
     if not options.resume and start_ps:

@@ -90,3 +90,16 @@ def test_table_result_shows_the_eviction_part() -> None:
     assert line.startswith("| `embps bench table` | 1,000,000 rows x 64, batch 4096, 1 thread")
     assert "; a 512-key push (rate vs the table unbounded): full LRU at 40,000 rows 0.175 ms (0.40x), " \
         "a TTL on 1,000,000 rows 0.137 ms (0.63x) |" in line
+
+
+def test_a_bench_without_its_own_renderer_shows_the_figures_of_its_rows() -> None:
+    """bench cut writes its figures as a list of rows: the generic renderer walked dicts only and
+    left the figures cell empty."""
+    cut = {
+        "bench": "cut",
+        "config": {"shards": 2, "steps": 3},
+        "machine": {"cpu_count": 2},
+        "results": [{"rows": 16, "cpu_ms_per_step": 1.25}],
+    }
+    row = render([("cut.json", cut)]).splitlines()[2]
+    assert "results.0.rows 16" in row and "results.0.cpu_ms_per_step 1.25" in row, row

@@ -323,3 +323,19 @@ def test_held_out_files_that_are_training_files_are_refused_before_anything_star
     line = launch(tmp_path, text.replace(f'eval_paths = ["{day}/part-0.tsv"]', f'eval_paths = ["{day}/nope*.tsv"]'))
     assert line == f"data.eval_paths: {day}/nope*.tsv: the glob matches no file", line
     assert {p.name: p.read_text() for p in out.iterdir()} == files
+
+
+def test_held_out_files_out_of_reach_are_one_line_before_anything_starts(tmp_path):
+    """The held-out check lists data.paths: an S3 endpoint out of reach raised an OSError without a
+    file name, which `embps launch` printed as a 40-line traceback (exit 1; a review)."""
+    out, files = previous_run(tmp_path)
+    storage = '\n[data.storage]\nendpoint_override = "127.0.0.1:1"\nscheme = "http"\nmax_attempts = 1\n'
+    text = job_text(
+        out,
+        'source = "synthetic"',
+        'source = "parquet"\nnum_dense = 1\nnum_sparse = 2\npaths = ["s3://bucket/train/part-0.parquet"]\n'
+        'eval_paths = ["s3://bucket/eval/part-0.parquet"]',
+    ).replace("\n[data.synthetic]", storage + "\n[data.synthetic]")
+    line = launch(tmp_path, text)
+    assert line.startswith("data.paths: s3://bucket/train/part-0.parquet: cannot read: "), line
+    assert {p.name: p.read_text() for p in out.iterdir()} == files
