@@ -4,6 +4,7 @@ shard's and a replica's histograms can be compared bucket by bucket, and the /me
 from __future__ import annotations
 
 import socket
+import sys
 import threading
 import time
 from wsgiref.simple_server import WSGIRequestHandler, make_server
@@ -63,6 +64,13 @@ class _BoundedServer(ThreadingWSGIServer):
                     continue
             for connection in late:
                 _shut(connection)
+
+    def handle_error(self, request, client_address) -> None:
+        """A client that left (or was shut at its deadline) mid-request is no error of the server:
+        socketserver printed a traceback on stderr for each (a broken pipe of a reply)."""
+        if isinstance(sys.exc_info()[1], OSError):
+            return
+        super().handle_error(request, client_address)
 
     def process_request(self, request, client_address) -> None:
         if not self._slots.acquire(blocking=False):
