@@ -581,8 +581,8 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
                     # each message's rows read only as it is made: a push waits behind one
                     # message's reads, never behind a whole range (a reconnecting replica's can
                     # be a million rows), and the stream holds the keys and one message's rows.
-                    # Counted again: pushes may have come while the stream waited for its turn.
-                    if shard.logs[name].keys_after(position) <= INLINE_MERGE_KEYS:  # a follower's: a push or a few
+                    keys = shard.logs[name].keys_after(position)  # again: pushes came while it waited its turn
+                    if keys <= INLINE_MERGE_KEYS:  # a live follower's range: a push or a few
                         changes = await self.run_call(functools.partial(shard.changes_after, name, position), keys * 8)
                     else:
                         read = functools.partial(self._log_entries, name, position)
