@@ -741,13 +741,11 @@ def _refuse_bad_gradients(values: np.ndarray, describe: Callable[[int], str]) ->
     """ValueError, before anything is sent, when a gradient a push would send (a key's sum in it)
     is NaN, infinite or beyond +-MAX_GRADIENT: each shard refuses such a push whole, and the shards
     without the bad key would have applied theirs. describe(flat position) names its key."""
-    bad = native.first_out_of_range(values, native.MAX_GRADIENT)
-    if bad < 0:
+    if (bad := native.first_bad_gradient(values)) is None:
         return
-    value = float(np.ascontiguousarray(values).reshape(-1)[bad])
-    what = "non-finite value" if not np.isfinite(value) else f"value {value:.3g} beyond +-{native.MAX_GRADIENT:g}"
+    position, what = bad
     raise ValueError(
-        f"grads: {what} {describe(bad)} (the sum of its gradients in this push); the whole push is refused, "
+        f"grads: {what} {describe(position)} (the sum of its gradients in this push); the whole push is refused, "
         "on every shard, so that one bad gradient cannot poison a row"
     )
 

@@ -210,15 +210,23 @@ def check_counts(counts: np.ndarray) -> None:
         raise ValueError(f"counts: every entry must be in [1, {MAX_COUNT}]")
 
 
+def first_bad_gradient(grads: np.ndarray) -> tuple[int, str] | None:
+    """(flat index, what is wrong with it) of the first gradient that is NaN, infinite or beyond
+    +-MAX_GRADIENT; None when every one is within the bound."""
+    first_bad = first_out_of_range(grads, MAX_GRADIENT)
+    if first_bad < 0:
+        return None
+    value = float(np.ascontiguousarray(grads).reshape(-1)[first_bad])
+    return first_bad, "non-finite value" if not np.isfinite(value) else f"value {value:.3g} beyond +-{MAX_GRADIENT:g}"
+
+
 def check_gradients(grads: np.ndarray, dim: int | None) -> None:
     """ValueError naming the row (of `dim` values; None: the flat position) of the first gradient
     that is NaN, infinite or beyond +-MAX_GRADIENT: the whole push is refused, so that one bad
     gradient cannot poison a row."""
-    first_bad = first_out_of_range(grads, MAX_GRADIENT)
-    if first_bad < 0:
+    if (bad := first_bad_gradient(grads)) is None:
         return
-    value = float(np.ascontiguousarray(grads).reshape(-1)[first_bad])
-    what = "non-finite value" if not np.isfinite(value) else f"value {value:.3g} beyond +-{MAX_GRADIENT:g}"
+    first_bad, what = bad
     where = f"row {first_bad // dim}" if dim else f"position {first_bad}"
     raise ValueError(
         f"grads: {what} in {where}; the whole push is rejected so that one bad gradient cannot poison a row"
