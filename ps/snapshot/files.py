@@ -49,6 +49,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -60,7 +61,7 @@ import pyarrow.parquet as pq
 
 from ps import native
 from ps.arrays import sorted_unique
-from ps.snapshot import storage
+from ps.snapshot import bounded, storage
 from ps.snapshot.manifest import (
     FORMAT_VERSION,
     LATEST,
@@ -213,6 +214,7 @@ class SnapshotWriter:
         if committed:
             raise SnapshotError(f"{self.job} step {self.step}: a snapshot is already committed there")
         self._records: dict[tuple[str, int], ShardRecord] = {}
+        self._records_lock = threading.Lock()  # table shards may be written from several threads
         self._extra: dict[str, FileEntry] = {}
         self._committed = False
 
@@ -324,12 +326,13 @@ class SnapshotWriter:
 
     def add_shard_record(self, record: ShardRecord) -> None:
         """Lists a table shard whose files are already written into this step (by this writer or by
-        another process writing the same step folder)."""
+        another process writing the same step folder). Safe from several threads."""
         self._check_open()
         key = (record.table, record.shard)
-        if key in self._records:
-            raise ValueError(f"table {record.table} shard {record.shard}: written twice in step {self.step}")
-        self._records[key] = record
+        with self._records_lock:
+            if key in self._records:
+                raise ValueError(f"table {record.table} shard {record.shard}: written twice in step {self.step}")
+            self._records[key] = record
 
     def write_extra(self, name: str, data: bytes) -> FileEntry:
         """Stores a named blob (e.g. "dense.pt", "trainer_state.json") as extra/<name>."""
@@ -813,13 +816,30 @@ def restore(
 ) -> dict[str, dict[int, TableState]]:
     """{table: {shard: TableState}} as of `step` (default: latest) = its full snapshot with every
     later incremental of its chain applied in order."""
-    tables: dict[str, dict[int, TableState]] = {}
-    for snapshot in snapshot_chain(uri, job, step, storage_config):
-        for name, entry in snapshot.manifest.tables.items():
-            for shard in sorted(entry.shards):
+    chain = snapshot_chain(uri, job, step, storage_config)
+    parts = sorted({(name, shard) for s in chain for name, t in s.manifest.tables.items() for shard in t.shards})
+
+    def load(name: str, shard: int) -> TableState:
+        state = None
+        for snapshot in chain:
+            entry = snapshot.manifest.tables.get(name)
+            if entry is not None and shard in entry.shards:
                 loaded = snapshot.load_table_shard(name, shard)
-                base = tables.setdefault(name, {}).get(shard)
-                tables[name][shard] = (
-                    loaded.state if base is None else apply_delta(base, loaded.state, loaded.deleted_keys)
-                )
+                state = loaded.state if state is None else apply_delta(state, loaded.state, loaded.deleted_keys)
+        return state
+
+    def part_bytes(name: str, shard: int) -> int:
+        """Its files' bytes over the chain, times three: read, parsed and merged at once."""
+        total = 0
+        for snapshot in chain:
+            entry = snapshot.manifest.tables.get(name)
+            if entry is not None and shard in entry.shards:
+                files = snapshot.manifest.files
+                total += sum(files[path].size for path in entry.shards[shard].files if path in files)
+        return 3 * total
+
+    states = bounded.run_bounded([(part_bytes(n, s), lambda n=n, s=s: load(n, s)) for n, s in parts])
+    tables: dict[str, dict[int, TableState]] = {}
+    for (name, shard), state in zip(parts, states, strict=True):
+        tables.setdefault(name, {})[shard] = state
     return tables

@@ -676,3 +676,76 @@ def test_a_step_of_no_files_commits(tmp_path):
     FileNotFoundError for a step with no files)."""
     SnapshotWriter(str(tmp_path), "job", step=1, kind="full", num_shards=1).commit()
     assert latest(str(tmp_path), "job") == 1
+
+
+def test_many_tables_written_by_threads_restore_as_live(tmp_path, monkeypatch):
+    """A shard's tables are written on several threads (ops.run_bounded): full, an incremental
+    of the changes, and an incremental whose changes overflowed (every row, the gone keys as
+    deletions) restore every table as it lives, with a byte bound small enough that some of the
+    tables are written alone."""
+    from ps.snapshot import bounded
+
+    monkeypatch.setattr(bounded, "BYTES_IN_FLIGHT", 2 * 300 * (4 * evicting_table("x", 0).width + 16) * 3)
+    tables = {f"t{i:02d}": evicting_table(f"t{i:02d}", seed=i) for i in range(24)}
+    rng = np.random.default_rng(5)
+    snapper = ShardSnapshotter(tables, 0)
+    for step in range(1, 4):
+        for table in tables.values():
+            push(table, rng, step)
+    snapper.snapshot(str(tmp_path), "job", 3, "full")
+    for step in range(4, 7):
+        for name in list(tables)[::2]:  # half the tables change
+            push(tables[name], rng, step)
+    snapper.snapshot(str(tmp_path), "job", 6, "incremental")
+    tables["t05"].forget_changes()
+    push(tables["t05"], rng, 7, key_range=4000)
+    manifest = snapper.snapshot(str(tmp_path), "job", 7, "incremental")
+    assert sorted(manifest.tables) == sorted(tables)
+    restored = restore(str(tmp_path), "job", 7)
+    for name, table in tables.items():
+        assert_same_state(restored[name][0], table.export())
+
+
+def test_run_bounded_order_bound_and_first_failure():
+    import threading
+
+    from ps.snapshot.bounded import run_bounded
+
+    lock = threading.Lock()
+    running, peak_bytes, peak = [0, 0], [0], [0]
+    first_three = threading.Barrier(3, timeout=30)  # they fit both bounds: all three run at once
+
+    def task(i: int, size: int):
+        def run() -> int:
+            with lock:
+                running[0] += 1
+                running[1] += size
+                peak[0], peak_bytes[0] = max(peak[0], running[0]), max(peak_bytes[0], running[1])
+            if i < 3:
+                first_three.wait()
+            with lock:
+                running[0] -= 1
+                running[1] -= size
+            return i
+
+        return size, run
+
+    sizes = [10, 10, 10, 10, 50, 10, 10, 10, 10, 10]
+    assert run_bounded([task(i, s) for i, s in enumerate(sizes)], threads=3, max_bytes=30) == list(range(10))
+    assert peak[0] == 3
+    assert peak_bytes[0] <= 50  # the 50-byte task ran alone: over the bound, it still ran
+
+    started = []
+
+    def failing(i: int):
+        def run() -> int:
+            started.append(i)
+            if i in (2, 3):
+                raise OSError(f"task {i} failed")
+            return i
+
+        return 1, run
+
+    with pytest.raises(OSError, match="task 2 failed"):
+        run_bounded([failing(i) for i in range(200)], threads=2, max_bytes=100)
+    assert len(started) < 200  # none started once a failure was seen
