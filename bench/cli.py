@@ -110,8 +110,9 @@ def _run_ps(args: argparse.Namespace) -> int:
 
 
 def _add_snapshot(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--rows", type=flags.count, default=10_000_000, help="rows in the table (default 10M)")
+    parser.add_argument("--rows", type=flags.count, default=10_000_000, help="rows in all tables (default 10M)")
     parser.add_argument("--dim", type=flags.count, default=64)
+    parser.add_argument("--tables", type=flags.count, default=1, help="tables the rows are spread over (default 1)")
     parser.add_argument("--touched", type=float, default=0.01, help="fraction of rows an incremental holds")
     parser.add_argument("--targets", default="local,s3", help="comma-separated: local, s3")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
@@ -123,6 +124,7 @@ def _run_snapshot(args: argparse.Namespace) -> int:
     config = SnapshotBenchConfig(
         rows=args.rows,
         dim=args.dim,
+        tables=args.tables,
         touched=args.touched,
         targets=tuple(t for t in args.targets.split(",") if t),
         out=args.out,

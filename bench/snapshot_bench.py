@@ -1,6 +1,8 @@
 """`embps bench snapshot`: snapshot write and read rates, to local disk and to a local S3 server.
 
-One table of N rows x dim (rowwise Adagrad, so 1 state word per row). For each target:
+One table of N rows x dim (rowwise Adagrad, so 1 state word per row), or with --tables T the rows
+spread over T tables (a model of many sparse features: each table's 3-4 files per snapshot are
+requests whose latency, more than their bytes, sets a round's time). For each target:
   full write       ShardSnapshotter.snapshot(kind="full"): export, parquet, sha256, store, commit
   full read        restore() of that snapshot: fetch, verify, parse into a TableState
   incremental write  after pushes touching `touched` of the rows: only those rows (+ deletions)
@@ -34,15 +36,18 @@ JOB = "bench"
 
 @dataclass(frozen=True)
 class SnapshotBenchConfig:
-    rows: int = 10_000_000
+    rows: int = 10_000_000  # in all: rows // tables per table
     dim: int = 64
+    tables: int = 1
     touched: float = 0.01  # fraction of rows an incremental snapshot holds
     targets: tuple[str, ...] = ("local", "s3")
     out: str | None = None
 
     def validate(self) -> SnapshotBenchConfig:
-        if self.rows < 1:
-            raise ValueError(f"rows: must be >= 1, got {self.rows}")
+        if self.tables < 1:
+            raise ValueError(f"tables: must be >= 1, got {self.tables}")
+        if self.rows < self.tables:
+            raise ValueError(f"rows: must be >= tables ({self.tables}: a row each at least), got {self.rows}")
         if not 0 < self.touched <= 1:
             raise ValueError(f"touched: must be in (0, 1], got {self.touched}")
         unknown = set(self.targets) - {"local", "s3"}
@@ -51,27 +56,35 @@ class SnapshotBenchConfig:
         return self
 
 
-def _make_table(config: SnapshotBenchConfig) -> EmbeddingTable:
-    n, dim = config.rows, config.dim
-    table = EmbeddingTable(
-        TableConfig("emb", dim=dim, optimizer=OptimizerConfig(kind=OptimizerKind.ROWWISE_ADAGRAD, lr=0.01))
-    )
+def _table_names(config: SnapshotBenchConfig) -> list[str]:
+    return ["emb"] if config.tables == 1 else [f"emb{i:03d}" for i in range(config.tables)]
+
+
+def _make_tables(config: SnapshotBenchConfig) -> dict[str, EmbeddingTable]:
+    """The bench's tables, each holding rows // tables rows (its own keys) of random values."""
+    n, dim = config.rows // config.tables, config.dim
     rng = np.random.default_rng(0)
-    keys = np.sort(key_of_rank(np.arange(n, dtype=np.int64)))
-    state = TableState(
-        keys=keys,
-        values=rng.random((n, dim), dtype=np.float32) - np.float32(0.5),
-        optimizer_state=rng.random((n, 1), dtype=np.float32),
-        freq=rng.integers(1, 1000, n, dtype=np.uint32),
-        last_step=np.ones(n, dtype=np.uint32),
-        pending_keys=np.empty(0, np.int64),
-        pending_counts=np.empty(0, np.uint32),
-        pending_last_step=np.empty(0, np.uint32),
-        version=1,
-        step=1,
-    )
-    table.load(state)
-    return table
+    tables = {}
+    for i, name in enumerate(_table_names(config)):
+        table = EmbeddingTable(
+            TableConfig(name, dim=dim, optimizer=OptimizerConfig(kind=OptimizerKind.ROWWISE_ADAGRAD, lr=0.01))
+        )
+        keys = np.sort(key_of_rank(np.arange(i * n, (i + 1) * n, dtype=np.int64)))
+        state = TableState(
+            keys=keys,
+            values=rng.random((n, dim), dtype=np.float32) - np.float32(0.5),
+            optimizer_state=rng.random((n, 1), dtype=np.float32),
+            freq=rng.integers(1, 1000, n, dtype=np.uint32),
+            last_step=np.ones(n, dtype=np.uint32),
+            pending_keys=np.empty(0, np.int64),
+            pending_counts=np.empty(0, np.uint32),
+            pending_last_step=np.empty(0, np.uint32),
+            version=1,
+            step=1,
+        )
+        table.load(state)
+        tables[name] = table
+    return tables
 
 
 def _touch(table: EmbeddingTable, fraction: float, step: int) -> int:
@@ -100,8 +113,8 @@ def _run_target(
     target: str, uri: str, storage_config: StorageConfig | None, config: SnapshotBenchConfig, progress: tqdm
 ) -> dict:
     results: dict[str, dict] = {}
-    table = _make_table(config)
-    snapper = ShardSnapshotter({"emb": table}, 0)
+    tables = _make_tables(config)
+    snapper = ShardSnapshotter(tables, 0)
     progress.set_postfix_str(f"{target}: full write")
     start = time.perf_counter()
     full = snapper.snapshot(uri, JOB, 1, "full", storage_config=storage_config)
@@ -110,13 +123,14 @@ def _run_target(
 
     progress.set_postfix_str(f"{target}: full read")
     start = time.perf_counter()
-    state = restore(uri, JOB, 1, storage_config)["emb"][0]
+    states = restore(uri, JOB, 1, storage_config)
     _measure(results, target, "full_read", time.perf_counter() - start, full.total_bytes, full.total_rows)
-    del state
+    del states
     progress.update()
 
     progress.set_postfix_str(f"{target}: touch {config.touched:.0%} of rows")
-    _touch(table, config.touched, step=2)
+    for table in tables.values():
+        _touch(table, config.touched, step=2)
     progress.set_postfix_str(f"{target}: incremental write")
     start = time.perf_counter()
     inc = snapper.snapshot(uri, JOB, 2, "incremental", storage_config=storage_config)
@@ -125,17 +139,21 @@ def _run_target(
 
     progress.set_postfix_str(f"{target}: incremental read")
     start = time.perf_counter()
-    open_snapshot(uri, JOB, 2, storage_config).load_table_shard("emb", 0)
+    snapshot = open_snapshot(uri, JOB, 2, storage_config)
+    for name in tables:
+        snapshot.load_table_shard(name, 0)
     _measure(results, target, "incremental_read", time.perf_counter() - start, inc.total_bytes, inc.total_rows)
     progress.update()
 
     progress.set_postfix_str(f"{target}: restore full + incremental")
     start = time.perf_counter()
-    restored = restore(uri, JOB, 2, storage_config)["emb"][0]
+    restored = restore(uri, JOB, 2, storage_config)
     seconds = time.perf_counter() - start
-    _measure(results, target, "restore_chain", seconds, full.total_bytes + inc.total_bytes, restored.keys.shape[0])
-    if not np.array_equal(restored.values, table.export().values):
-        raise RuntimeError(f"{target}: restored values differ from the live table")
+    restored_rows = sum(shards[0].keys.shape[0] for shards in restored.values())
+    _measure(results, target, "restore_chain", seconds, full.total_bytes + inc.total_bytes, restored_rows)
+    for name, table in tables.items():
+        if not np.array_equal(restored[name][0].values, table.export().values):
+            raise RuntimeError(f"{target}: restored values of table {name} differ from the live table")
     progress.update()
     return results
 
@@ -143,7 +161,8 @@ def _run_target(
 def run_snapshot_bench(config: SnapshotBenchConfig) -> int:
     config.validate()
     print(
-        f"embps bench snapshot: {config.rows:,} rows x dim {config.dim} (+1 optimizer word, freq, last_step), "
+        f"embps bench snapshot: {config.rows:,} rows x dim {config.dim} (+1 optimizer word, freq, last_step) "
+        f"in {config.tables} table{'s' if config.tables > 1 else ''}, "
         f"incremental = {config.touched:.1%} of rows, targets {', '.join(config.targets)}"
     )
     results: dict[str, object] = {"config": asdict(config), "machine": machine_facts()}
