@@ -279,7 +279,7 @@ class ShardFollower:
 
     def _observe(self, target: ShardRows, acks: list[ps_pb2.VersionAck]) -> None:
         now = time.time()
-        staleness = self.metrics.staleness.labels(*self._labels)
+        staleness = self.metrics.staleness.labels(self._labels[1])
         for ack in acks:
             staleness.observe(max(0.0, now - ack.ack_time))
         self.metrics.version.labels(*self._labels).set(target.version)

@@ -591,7 +591,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
                         del entries
                     touched, deleted = changes.touched_keys.shape[0], changes.deleted_keys.shape[0]
                     self.ranges.resize(hold, self._range_hold(touched + deleted, touched, row_bytes))
-                    self.metrics.stream_range.labels(name, str(shard.index)).observe(changes.to_version - position)
+                    self.metrics.stream_range.labels(str(shard.index)).observe(changes.to_version - position)
                     async for reply in self._live_range(name, table, changes, stored):
                         yield reply
                 finally:

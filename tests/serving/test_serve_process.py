@@ -116,7 +116,7 @@ def test_acknowledged_pushes_show_up_in_every_replica(start_cluster, tmp_path):
         assert info.value.answers[0][:2] == (b.config.listen, grpc.StatusCode.UNAVAILABLE)
         scrape = urllib.request.urlopen(f"http://127.0.0.1:{a.config.metrics_port}/metrics", timeout=5).read().decode()
         for name in (
-            'embps_serving_staleness_seconds_bucket{le="1.0",shard="0",table="user"}',
+            'embps_serving_staleness_seconds_bucket{le="1.0",shard="0"}',
             'embps_serving_version{shard="1",table="user"}',
             'embps_serving_shard_stale{shard="0"} 0.0',
             "embps_serving_lookup_duration_seconds_count",
