@@ -163,7 +163,12 @@ class StreamGauges:
         for f in self._followers:
             since.add_metric([f.replica.name, str(f.shard)], now - f.status.last_message)
         yield since
-        memory = GaugeMetricFamily("embps_serving_memory_bytes", "Bytes of maps and row blocks", labels=["table"])
+        memory = GaugeMetricFamily(
+            "embps_serving_memory_bytes",
+            "Bytes of maps and row blocks allocated (a shard's blocks whole, 16,384 rows at first; their pages "
+            "never written are not resident)",
+            labels=["table"],
+        )
         for table in self._tables:
             memory.add_metric([table.name], table.memory_bytes)
         yield memory

@@ -167,7 +167,8 @@ _TABLE_GAUGES = (
     ("embps_table_rows", "Rows (admitted keys) held", "rows"),
     (
         "embps_table_memory_bytes",
-        "Host and device bytes held: rows, key map, admission counters, change tracking, update log",
+        "Host and device bytes allocated: rows, key map, admission counters, change tracking, update log "
+        "(row blocks are allocated whole, e.g. 65,536 rows; their pages never written are not resident)",
         "memory_bytes",
     ),
     (
