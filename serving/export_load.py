@@ -12,6 +12,7 @@ follower subscribes from that version and the shard resyncs it in full if its lo
 
 from __future__ import annotations
 
+import functools
 import logging
 
 from ps.snapshot import bounded
@@ -80,7 +81,7 @@ def load_latest_export(source: ExportSource, replicas: dict[str, TableReplica]) 
     # read, parsed and written into its store holds about three times its bytes meanwhile.
     bounded.run_bounded(
         [
-            (3 * file_bytes(name), lambda name=name, replica=replica: load(name, replica))
+            (3 * file_bytes(name), lambda name=name, replica=replica: functools.partial(load, name, replica))
             for name, replica in replicas.items()
         ]
     )

@@ -66,3 +66,17 @@ def tune_malloc_here() -> bool:
     mmap_set = mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1
     trim_set = mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES) == 1
     return mmap_set and trim_set
+
+
+def release_free_memory() -> bool:
+    """Hands the C heap's free pages back to the kernel (glibc's malloc_trim), every arena's: what
+    threads that have ended freed stays in their arenas otherwise, above the trim threshold or
+    not at the top of a heap. Returns whether it ran (False where the C library has none)."""
+    try:
+        malloc_trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return False
+    malloc_trim.argtypes = (ctypes.c_size_t,)
+    malloc_trim.restype = ctypes.c_int
+    malloc_trim(0)
+    return True

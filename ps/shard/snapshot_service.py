@@ -10,6 +10,7 @@ on and every incremental after it (its own shard files only), before it serves.
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 from collections.abc import Awaitable, Callable
@@ -132,7 +133,8 @@ def restore_shard_states(
 
     # A table's files, parsed, and the merge of its chain: about three times their bytes at once.
     tasks = [
-        (3 * sum(_table_bytes(s, t.name, shard_index) for s in chain), lambda t=t: load(t.name)) for t in job.tables
+        (3 * sum(_table_bytes(s, t.name, shard_index) for s in chain), lambda t=t: functools.partial(load, t.name))
+        for t in job.tables
     ]
     return {t.name: state for t, state in zip(job.tables, bounded.run_bounded(tasks), strict=True)}
 

@@ -47,6 +47,7 @@ EmbeddingTable.load_delta.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import threading
@@ -838,7 +839,7 @@ def restore(
                 total += sum(files[path].size for path in entry.shards[shard].files if path in files)
         return 3 * total
 
-    states = bounded.run_bounded([(part_bytes(n, s), lambda n=n, s=s: load(n, s)) for n, s in parts])
+    states = bounded.run_bounded([(part_bytes(n, s), lambda n=n, s=s: functools.partial(load, n, s)) for n, s in parts])
     tables: dict[str, dict[int, TableState]] = {}
     for (name, shard), state in zip(parts, states, strict=True):
         tables.setdefault(name, {})[shard] = state

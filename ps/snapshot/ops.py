@@ -10,7 +10,8 @@ collect_garbage(uri, "ctr", keep=3)
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -62,7 +63,7 @@ def _keys_at(snapshot: Snapshot, table: str, shard: int) -> np.ndarray:
     return keys
 
 
-@dataclass(frozen=True)
+@dataclass
 class _TableWrite:
     """One table's part of a shard's snapshot write. whole: every row (a full snapshot, or an
     incremental whose changes are unknown, with the parent's keys that are gone as deletions);
@@ -76,20 +77,30 @@ class _TableWrite:
     parent: Snapshot | None
 
     def export_bytes(self) -> int:
-        """About what the export and its files' buffers hold while this write runs."""
-        rows = self.table.size if self.whole else int(self.changes.touched_keys.shape[0])
-        return 2 * rows * (4 * self.table.width + 16)
+        """About what the export and its files' buffers hold while this write runs: its rows (words
+        as stored, float32 values decoded from them, key and row index) and every pending key
+        (always exported whole: key, row, order, count, last step), twice."""
+        table = self.table
+        rows = table.size if self.whole else int(self.changes.touched_keys.shape[0])
+        return 2 * (rows * (4 * table.width + 4 * table.dim + 16) + table.num_pending * 32)
 
-    def run(self, writer: SnapshotWriter) -> ShardRecord:
+    def export(self, writer: SnapshotWriter) -> Callable[[], ShardRecord]:
+        """Exports the table's rows (on the calling thread: bounded.run_bounded says why); returns
+        what writes them."""
         table, config = self.table, self.table.config
         if not self.whole:
             state = table.export(self.changes.touched_keys)
-            return writer.write_table_shard(table.name, self.shard, state, self.changes.deleted_keys, config=config)
+            deleted = self.changes.deleted_keys
+            return lambda: writer.write_table_shard(table.name, self.shard, state, deleted, config=config)
         state = table.export()
         if self.parent is None:
-            return writer.write_table_shard(table.name, self.shard, state, config=config)
-        gone = np.setdiff1d(_keys_at(self.parent, table.name, self.shard), state.keys)
-        return writer.write_table_shard(table.name, self.shard, state, gone, config=config)
+            return lambda: writer.write_table_shard(table.name, self.shard, state, config=config)
+
+        def write_with_deletions() -> ShardRecord:
+            gone = np.setdiff1d(_keys_at(self.parent, table.name, self.shard), state.keys)
+            return writer.write_table_shard(table.name, self.shard, state, gone, config=config)
+
+        return write_with_deletions
 
 
 class ShardSnapshotter:
@@ -146,7 +157,7 @@ class ShardSnapshotter:
         # One after the other, a round of 500 tables wrote its 2,000 files in ~10 s to a loopback S3
         # server, holding the shard's pushes all along: each file is a request whose latency, not its
         # bytes, set the time.
-        return bounded.run_bounded([(w.export_bytes(), lambda w=w: w.run(writer)) for w in writes])
+        return bounded.run_bounded([(w.export_bytes(), functools.partial(w.export, writer)) for w in writes])
 
     @property
     def unconfirmed_keys(self) -> int:
@@ -235,7 +246,7 @@ def export_for_serving(
     # Each table shard's file on a thread of its own (bounded), its values converted meanwhile.
     bounded.run_bounded(
         [
-            (state.values.nbytes, lambda n=name, s=shard, state=state: write(n, s, state))
+            (state.values.nbytes, lambda n=name, s=shard, state=state: functools.partial(write, n, s, state))
             for name, shards in sorted(tables.items())
             for shard, state in sorted(shards.items())
         ]
