@@ -146,6 +146,13 @@ class CommitLog:
                                              commit.values, _EMPTY_KEYS, False, commit.commit_time)
             self._incomplete[-1] = commit.to_version
             return
+        if not commit.complete:
+            # Every commit before an incomplete one is out of reach: a subscriber before its
+            # to_version resyncs (check). Kept, the rows a table sealed while a replica followed
+            # stayed once it left (its commits then go unsealed): up to max_bytes a table, for good.
+            self._commits.clear()
+            self._incomplete.clear()
+            self._bytes = 0
         self._commits.append(commit)
         self._bytes += commit.nbytes
         if not commit.complete:

@@ -133,12 +133,12 @@ def test_a_table_nobody_follows_holds_one_entry_for_its_incomplete_commits_howev
     holding max_commits of them, and it answers as the commits one by one did."""
     log = CommitLog(WIDTH, base_version=0, base_step=0, max_bytes=1 << 30, max_commits=4096)
     log.seal(_commit(1, 0, 3, [1, 2], [], True))
-    held = log.memory_bytes
     version = 3
     for step in range(2, 10_002):
         log.seal(_commit(step, version, version + 2, [], [], False))
         version += 2
-    assert log.memory_bytes == held + _commit(2, 3, 5, [], [], False).nbytes  # one entry for 10,000 commits
+    # One entry for 10,000 commits (the complete one before them is out of reach, and dropped).
+    assert log.memory_bytes == _commit(2, 3, 5, [], [], False).nbytes
     assert (log.last_step, log.last_version) == (10_001, version)
     for position in (0, 3, 5, version - 1):  # an incomplete range after it: resync
         with pytest.raises(LogGapError, match="resync with full_sync"):
@@ -161,3 +161,25 @@ def test_a_table_no_push_touches_holds_one_entry_however_many_steps_are_committe
     assert _answer(log, 0) == (10_001, 0, 3, [1, 2], [[1, 1], [2, 1]], [])  # rows as of step 10,001: unchanged
     assert _answer(log, 3) == (10_001, 3, 3, [], [], [])
 
+
+
+def test_an_incomplete_commit_drops_the_rows_sealed_before_it():
+    """Rows sealed while a replica followed a table are out of reach once an incomplete commit
+    follows them (its replica left: the table's commits go unsealed). They were held until
+    max_commits or max_bytes pushed them out, which a table no one follows never does."""
+    log = CommitLog(WIDTH, base_version=0, base_step=0, max_bytes=1 << 30, max_commits=4096)
+    empty = log.memory_bytes
+    version = 0
+    for step in range(1, 51):
+        log.seal(_commit(step, version, version + 1, list(range(step, step + 10)), [], True))
+        version += 1
+    assert log.memory_bytes > 40 * empty
+    log.seal(_commit(51, version, version + 3, [], [], False))
+    assert log.memory_bytes == _commit(51, version, version + 3, [], [], False).nbytes
+    for position in (0, 25, version, version + 2):
+        with pytest.raises(LogGapError, match="resync with full_sync"):
+            log.after(position, "t")
+    version += 3
+    assert _answer(log, version) == (51, version, version, [], [], [])
+    log.seal(_commit(52, version, version + 1, [4], [], True))
+    assert _answer(log, version) == (52, version, version + 1, [4], [[4, 52]], [])
