@@ -161,7 +161,8 @@ def _run_target(
 def run_snapshot_bench(config: SnapshotBenchConfig) -> int:
     config.validate()
     print(
-        f"embps bench snapshot: {config.rows:,} rows x dim {config.dim} (+1 optimizer word, freq, last_step) "
+        f"embps bench snapshot: {config.rows // config.tables * config.tables:,} rows x dim {config.dim} "
+        "(+1 optimizer word, freq, last_step) "
         f"in {config.tables} table{'s' if config.tables > 1 else ''}, "
         f"incremental = {config.touched:.1%} of rows, targets {', '.join(config.targets)}"
     )

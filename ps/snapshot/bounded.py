@@ -58,6 +58,8 @@ def run_bounded(
                 fn = start()
             except BaseException:
                 wait(futures)  # no task outlives the call
+                for future in futures:
+                    future.result()  # an earlier task's failure, if any, comes first
                 raise
             future = pool.submit(_run_and_release, fn, size >= RELEASE_AFTER_BYTES)
             futures.append(future)

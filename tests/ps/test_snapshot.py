@@ -789,3 +789,24 @@ def test_snapshot_rounds_hand_their_memory_back(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert int(done.stdout.split()[-1]) < 48, f"RSS grew {done.stdout.split()[-1]} MiB over two rounds"
+
+
+def test_run_bounded_raises_an_earlier_tasks_failure_before_a_later_start():
+    """A task that failed on the pool comes before a later task's start() that failed too: the
+    first failure in task order is the one raised."""
+    import threading
+
+    from ps.snapshot.bounded import run_bounded
+
+    failed = threading.Event()
+
+    def fails() -> None:
+        failed.set()
+        raise OSError("task 0 failed")
+
+    def start_after_failure():
+        failed.wait(30)
+        raise ValueError("start 1 failed")
+
+    with pytest.raises(OSError, match="task 0 failed"):
+        run_bounded([(1, lambda: fails), (1, start_after_failure)], threads=4, max_bytes=100)
