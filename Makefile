@@ -17,7 +17,7 @@ $(BIN)/python:
 
 # Third-party dependencies: reinstalled only when pyproject.toml changes.
 $(VENV)/.deps: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --progress-bar on torch==2.13.0 "scikit-build-core>=0.10" "nanobind>=2.4"
+	$(BIN)/pip install --progress-bar on torch==2.13.0 "scikit-build-core>=0.10" "nanobind>=2.4" "cmake>=3.18,<4" ninja
 	$(BIN)/pip install --progress-bar on --no-build-isolation ".[$(FBGEMM_EXTRA),test]"
 	touch $@
 
