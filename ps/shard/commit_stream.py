@@ -72,7 +72,7 @@ async def committed_stream(
         if commits.epoch != epoch:
             raise LogGapError(f"table {name!r}: the trainer committed an earlier step than this stream's "
                               f"({commits.last_step}): a new history of steps; resync with full_sync")
-        changed = servicer._changed[name]
+        changed = servicer._committed[name]  # commits wake it, pushes do not
         if commits.last_step == sent_step or commits.last_version < position:
             if await servicer.heartbeat_due(changed, beats):
                 yield heartbeat()

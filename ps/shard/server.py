@@ -299,7 +299,8 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         # caller of run_blocking. Calls still start in order: none runs inline while one is offloaded.
         self._tables_lock = threading.Lock()
         self.loop = asyncio.get_running_loop()
-        self._changed = {name: asyncio.Event() for name in shard.tables}
+        self._changed = {name: asyncio.Event() for name in shard.tables}  # pushes: live streams
+        self._committed = {name: asyncio.Event() for name in shard.tables}  # commits only: committed streams
         self._subscribed = 0  # Subscribe streams open (wake_subscribers)
         self.full_copies = StreamTurns(
             MAX_FULL_COPIES, FULL_COPY_PATIENCE_SECONDS, "another full copy waited for this one's turn"
@@ -400,9 +401,23 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         return reading
 
     def notify(self, table: str) -> None:
-        """Wakes the Subscribe streams of `table` (call on the event loop)."""
+        """Wakes every Subscribe stream of `table`, live and committed (call on the event loop): the
+        drain, a stream that takes its connection's heartbeats over."""
+        self.notify_pushed(table)
+        self.notify_committed(table)
+
+    def notify_pushed(self, table: str) -> None:
+        """Wakes the live Subscribe streams of `table`: a push (on the event loop)."""
         event = self._changed[table]
         self._changed[table] = asyncio.Event()
+        event.set()
+
+    def notify_committed(self, table: str) -> None:
+        """Wakes the committed Subscribe streams of `table`: a commit (on the event loop). Each kind
+        of stream sends one kind of change: woken by the other's too, a stream went back to sleep,
+        a wake per table a push or commit for nothing."""
+        event = self._committed[table]
+        self._committed[table] = asyncio.Event()
         event.set()
 
     def begin_drain(self) -> None:
@@ -488,21 +503,24 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         response = self._replicated(
             "Commit", request, lambda r: commits.commit(self.shard, r, sealed_tables), sealed_tables
         )
-        self.wake_subscribers(list(self.shard.tables))
+        self.wake_subscribers(list(self.shard.tables), committed=True)
         return response
 
-    def wake_subscribers(self, tables: list[str]) -> None:
-        """notify_many(tables) on the event loop (from any thread), if a Subscribe stream is open: a
-        push on a shard nobody follows (a standby, a job without serving) wakes no loop. A stream
-        counts itself before it first reads a table's head version, and a push moves the head
-        before it reads the count, so a stream either sees the push or is woken by it."""
+    def wake_subscribers(self, tables: list[str], committed: bool = False) -> None:
+        """notify_many(tables, committed) on the event loop (from any thread), if a Subscribe stream
+        is open: a push on a shard nobody follows (a standby, a job without serving) wakes no loop.
+        A stream counts itself before it first reads a table's head version, and a push moves the
+        head before it reads the count, so a stream either sees the push or is woken by it.
+        committed: a commit (committed streams), else a push (live streams)."""
         if self._subscribed:
-            self.loop.call_soon_threadsafe(self.notify_many, tables)
+            self.loop.call_soon_threadsafe(self.notify_many, tables, committed)
 
-    def notify_many(self, tables: list[str]) -> None:
-        """notify() for each table (one hop to the event loop for a multi-table push)."""
+    def notify_many(self, tables: list[str], committed: bool = False) -> None:
+        """notify_committed() or notify_pushed() for each table: one hop to the event loop for a
+        multi-table push or a commit."""
+        wake = self.notify_committed if committed else self.notify_pushed
         for table in tables:
-            self.notify(table)
+            wake(table)
 
     def apply_push(self, request: ps_pb2.PushRequest) -> ps_pb2.PushResponse:
         """One push on the tables (serialised by the caller), with its metrics and Subscribe wake-up."""
