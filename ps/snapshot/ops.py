@@ -95,12 +95,8 @@ class _TableWrite:
         state = table.export()
         if self.parent is None:
             return lambda: writer.write_table_shard(table.name, self.shard, state, config=config)
-
-        def write_with_deletions() -> ShardRecord:
-            gone = np.setdiff1d(_keys_at(self.parent, table.name, self.shard), state.keys)
-            return writer.write_table_shard(table.name, self.shard, state, gone, config=config)
-
-        return write_with_deletions
+        gone = np.setdiff1d(_keys_at(self.parent, table.name, self.shard), state.keys)
+        return lambda: writer.write_table_shard(table.name, self.shard, state, gone, config=config)
 
 
 class ShardSnapshotter:
@@ -232,21 +228,24 @@ def export_for_serving(
         dst_uri, job, m.step, SnapshotKind.EXPORT, num_shards=m.num_shards, storage_config=dst_storage_config
     )
 
-    def write(name: str, shard: int, state: TableState) -> None:
+    def convert(name: str, shard: int, state: TableState) -> Callable[[], ShardRecord]:
+        """The values in the export's dtype (on the calling thread: bounded.run_bounded says why),
+        and what writes them."""
         dim = state.values.shape[1]
         if dtype == "stored" and state.encoded is not None and state.storage == "int8":
-            writer.write_values_shard(name, shard, state.keys, state.encoded, state.version, state.step, dim)
-            return
+            return functools.partial(
+                writer.write_values_shard, name, shard, state.keys, state.encoded, state.version, state.step, dim
+            )
         if dtype == "stored" and state.encoded is not None:  # float16: the halves as stored
             values = np.ascontiguousarray(state.encoded).view(np.float16)[:, :dim]
         else:
             values = wire.to_float16(state.values) if dtype == "float16" else state.values
-        writer.write_values_shard(name, shard, state.keys, values, state.version, state.step)
+        return functools.partial(writer.write_values_shard, name, shard, state.keys, values, state.version, state.step)
 
-    # Each table shard's file on a thread of its own (bounded), its values converted meanwhile.
+    # Table shards' files written on several threads (bounded).
     bounded.run_bounded(
         [
-            (state.values.nbytes, lambda n=name, s=shard, state=state: functools.partial(write, n, s, state))
+            (2 * state.values.nbytes, functools.partial(convert, name, shard, state))
             for name, shards in sorted(tables.items())
             for shard, state in sorted(shards.items())
         ]
