@@ -297,7 +297,10 @@ def collect_garbage(
     if not dry_run:
         for step in deleted:
             step_dir = storage.join(job_dir, str(step))
-            fs.delete_file(storage.join(step_dir, MANIFEST))
+            try:
+                fs.delete_file(storage.join(step_dir, MANIFEST))
+            except FileNotFoundError:
+                pass  # another gc of the job (a training job's own, a scheduled one) deleted it first
             storage.delete_dir(fs, step_dir)
         for step in stale:
             storage.delete_dir(fs, storage.join(job_dir, str(step)))

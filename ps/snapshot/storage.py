@@ -406,9 +406,15 @@ def list_dir_names(fs: pafs.FileSystem, path: str) -> list[str]:
 
 
 def delete_dir(fs: pafs.FileSystem, path: str) -> None:
-    """Removes `path` and everything under it (nothing if absent)."""
-    if exists(fs, path):
+    """Removes `path` and everything under it: nothing if absent, or removed meanwhile (another gc
+    of the job deleting the same steps)."""
+    if not exists(fs, path):
+        return
+    try:
         fs.delete_dir(path)
+    except FileNotFoundError:
+        if exists(fs, path):  # the other deleter removed entries under this walk: the rest
+            fs.delete_dir(path)
 
 
 def _delete_quietly(fs: pafs.FileSystem, path: str) -> None:

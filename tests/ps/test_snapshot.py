@@ -547,6 +547,36 @@ def test_gc_keeps_newest_and_what_they_build_on(tmp_path):
     assert sorted(os.listdir(tmp_path / "job")) == ["40", "99", "LATEST"]
 
 
+def test_gc_beside_another_gc_of_the_job(tmp_path, monkeypatch):
+    """Two gcs of one job at once (a training job's own after a round, a scheduled `embps snapshot
+    gc`): the one that finds a step already deleted by the other goes on. It raised the other's
+    FileNotFoundError and left the steps after it (a review's race, both on disk and on S3). Here
+    the other gc runs between this one's reading of the manifests and its deletions."""
+    import shutil
+
+    import ps.snapshot.ops as ops
+
+    uri = str(tmp_path)
+    _history(uri)  # 10 full, 20 and 30 incremental
+    state = restore(uri, "job")
+    writer = SnapshotWriter(uri, "job", 40)
+    for name, shards in state.items():
+        writer.write_table_shard(name, 0, shards[0])
+    writer.commit()
+    read_manifest_at = ops.read_manifest_at
+
+    def read_then_another_gc_deletes(fs, job_dir, step):
+        manifest = read_manifest_at(fs, job_dir, step)
+        if step in (10, 20):  # the other gc got to these first: the manifest gone, the folder too
+            shutil.rmtree(tmp_path / "job" / str(step))
+        return manifest
+
+    monkeypatch.setattr(ops, "read_manifest_at", read_then_another_gc_deletes)
+    result = collect_garbage(uri, "job", keep=1)
+    assert result.kept == (40,) and result.deleted == (10, 20, 30)
+    assert sorted(os.listdir(tmp_path / "job")) == ["40", "LATEST"]
+
+
 def test_cli_list_inspect_export_gc(tmp_path, capsys):
     uri = str(tmp_path / "snaps")
     _history(uri)
