@@ -61,7 +61,7 @@ from ps.shard.server import SERVICE_NAME
 from ps.shard.startup import EXIT_SNAPSHOT_UNUSABLE
 from ps.snapshot.storage import StorageError
 from worker import processes
-from worker.data_paths import check_held_out
+from worker.data_paths import check_held_out, expand_paths
 from worker.launch_config import check_max_restarts, load_launch_settings
 from worker.serving_fleet import ServingFleet
 from worker.train_config import DataSource, TrainingJob, load_training_job
@@ -232,9 +232,12 @@ def launch(options: LaunchOptions) -> int:
     out = Path(job.train.output_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"train.output_dir: {str(out)!r} exists and is not a folder")
-    if job.data.eval_paths and job.data.source != DataSource.SYNTHETIC:
-        try:  # here, not only in rank 0: a line before anything starts
-            check_held_out(job.data.paths, job.data.eval_paths, job.data.storage)
+    if job.data.source != DataSource.SYNTHETIC:
+        try:  # here, not in every rank once the shards run: a line before anything starts
+            if job.data.eval_paths:
+                check_held_out(job.data.paths, job.data.eval_paths, job.data.storage)
+            else:
+                expand_paths(job.data.paths, job.data.storage, "data.paths")
         except OSError as exc:  # a path missing or out of reach: its message names the field and the path
             raise ValueError(str(exc)) from None
     restore = _latest_step(job) if options.resume else None
@@ -309,10 +312,18 @@ def launch(options: LaunchOptions) -> int:
         print(f"embps launch: done: node {options.node_rank}'s workers finished; global rank 0 writes the summary")
         return 0
     summary = json.loads(summary_path.read_text())
+    bad = summary.get("input_bad_rows") or 0
     if summary.get("samples") == 0:
-        print(f"embps launch: done: the job was at its last step already ({summary.get('steps')}): nothing left to "
-              f"train; summary in {summary_path}")
-        return 0
+        if summary.get("resumed_from") is not None and summary.get("resumed_from") == summary.get("steps"):
+            print(f"embps launch: done: the job was at its last step already ({summary.get('steps')}): nothing left "
+                  f"to train; summary in {summary_path}")
+            return 0
+        # A fresh run (or a resume before the last step) that trained nothing: its input held no
+        # batch. It said "done: the job was at its last step already" and exited 0.
+        parsed = summary.get("input_rows_parsed") or 0
+        print(f"embps launch: FAILED: no step trained: data.paths gave no batch ({parsed:,} rows read, {bad:,} of "
+              f"them bad); summary in {summary_path}", file=sys.stderr, flush=True)
+        return 1
     auc = summary.get("eval_auc")
     skipped = summary.get("snapshots", {}).get("skipped", 0)
     print(
@@ -320,6 +331,7 @@ def launch(options: LaunchOptions) -> int:
         f"final loss {summary.get('final_loss', float('nan')):.4f}"
         + (f", eval AUC {auc:.4f}" if auc is not None else "")
         + (f", {skipped} snapshot round{'s' * (skipped > 1)} SKIPPED" if skipped else "")
+        + (f", {bad:,} bad input row{'s' * (bad > 1)} skipped" if bad else "")
         + (f", after {restarts} restart{'s' * (restarts > 1)}" if restarts else "")
         + f"; summary in {summary_path}"
     )

@@ -176,6 +176,14 @@ class BadRowLog:
             self._logged_count = self.count
             self._last_log = now
 
+    def log_total(self) -> None:
+        """Logs the bad rows not logged yet with the count in all (the lines above come at most one
+        per interval: a reader that skipped half its rows in a burst had said "1 in all")."""
+        if self.count > self._logged_count:
+            logger.warning("skipped %d bad row(s) in all (%d since the last line)", self.count,
+                           self.count - self._logged_count)
+            self._logged_count = self.count
+
 
 @dataclass(frozen=True)
 class _PoolChanges:
@@ -320,6 +328,10 @@ class FileReader(ABC):
     def num_bad_rows(self) -> int:
         """Bad rows this reader object has met (read-ahead included; not part of the state)."""
         return self._bad.count
+
+    def log_bad_rows_total(self) -> None:
+        """Logs the bad rows met so far that no line counted yet (at the end of training)."""
+        self._bad.log_total()
 
     @property
     def units_by_file(self) -> list[list[Unit]]:

@@ -144,8 +144,9 @@ def run_worker(
             "evaluations": evaluations,
             "snapshots": checkpointer.rounds.as_dict(),
         }
-        if trained == 0:  # resumed at its last step: no loss or rate was measured (they read as 0)
+        if trained == 0:  # resumed at its last step, or no row: no loss or rate was measured (they read as 0)
             summary.update(final_loss=None, samples_per_s=None)
+        summary.update(_input_rows(reader, world_size))
         if rank == 0:
             if held_out and (not evaluations or evaluations[-1]["step"] != trainer.step):
                 final = trainer.evaluate(held_out)
@@ -169,6 +170,19 @@ def run_worker(
         client.close()
         if progress is not None:
             progress.close()
+
+
+def _input_rows(reader, world_size: int) -> dict[str, int]:
+    """Rows the ranks' file readers parsed and the bad ones they skipped, summed over the ranks
+    (read-ahead included), after each rank logs its own total; {} for synthetic data. Every rank
+    calls it (an all-reduce), with the same kind of reader."""
+    if not hasattr(reader, "num_bad_rows"):
+        return {}
+    reader.log_bad_rows_total()
+    counts = torch.tensor([reader.num_parsed, reader.num_bad_rows], dtype=torch.int64)
+    if world_size > 1:
+        dist.all_reduce(counts)
+    return {"input_rows_parsed": int(counts[0]), "input_bad_rows": int(counts[1])}
 
 
 def _global_mean(value: float, world_size: int) -> float:

@@ -66,6 +66,19 @@ def test_bad_rows_are_logged_rate_limited(tmp_path, caplog):
     assert sorted(logged) == sample.bad_lines  # every bad row's own line, whatever kind of bad it is
 
 
+def test_the_bad_rows_total_is_logged_once_at_the_end(tmp_path, caplog):
+    """Rate-limited, the lines said "1 in all" for a reader that skipped half its rows in a burst
+    (a review): the end of training logs the total of those no line counted."""
+    sample = write_criteo_sample(tmp_path / "day.tsv", 100, num_bad_rows=10, seed=3)
+    reader = CriteoTsvReader([sample.path], config(bad_row_log_interval_s=3600))
+    with caplog.at_level(logging.WARNING, logger="worker.readers"):
+        list(reader)
+        reader.log_bad_rows_total()
+        reader.log_bad_rows_total()  # nothing new: no second line
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2 and lines[1] == "skipped 10 bad row(s) in all (9 since the last line)", lines
+
+
 BAD_LINES = {
     "too few fields": "1\t2\t3",
     "too many fields": "\t".join(["1"] + ["5"] * 13 + ["ab"] * 27),
@@ -336,3 +349,44 @@ def test_a_bare_carriage_return_is_a_bad_row_and_resumes_stay_exact(tmp_path, bl
         resumed = CriteoTsvReader([str(path)], cfg)
         resumed.restore(state)
         assert counts(list(resumed)) == counts(batches[k + 1 :]), f"resume after batch {k}"
+
+
+def test_launch_counts_bad_input_rows_and_fails_a_run_that_trained_on_none(tmp_path):
+    """`embps launch` on TSV files: the bad rows the ranks skipped are summed into summary.json and
+    the done line; a file of only bad rows trained nothing and the launcher said "done: the job
+    was at its last step already (0)" and exited 0 (a review). It fails now, saying why."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from ps.table.config import TableConfig
+    from tests.helpers.processes import make_job
+    from tests.worker.training_jobs import training_toml
+
+    repo = Path(__file__).resolve().parents[2]
+    ps = make_job(tables=[TableConfig("c", dim=4)], num_shards=1)
+
+    def launch(name: str, rows: int, bad: int) -> tuple[subprocess.CompletedProcess, dict | None]:
+        sample = write_criteo_sample(tmp_path / f"{name}.tsv", rows, num_bad_rows=bad, seed=6, num_dense=13,
+                                     num_sparse=2)
+        out = tmp_path / f"out_{name}"
+        train = {"workers": 1, "steps": 50, "batch_size": 16, "tables": ["c"], "output_dir": str(out)}
+        data = {"source": "criteo", "paths": [str(sample.path)], "num_sparse": 2}
+        path = tmp_path / f"{name}.toml"
+        path.write_text(training_toml(ps, train, {"bottom_sizes": [8], "top_sizes": [16]}, data, {}))
+        done = subprocess.run([sys.executable, "-m", "embps", "launch", str(path)], cwd=repo, capture_output=True,
+                              text=True, timeout=300)
+        summary = out / "summary.json"
+        return done, json.loads(summary.read_text()) if summary.exists() else None
+
+    done, summary = launch("some_bad", 160, 24)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert summary["input_bad_rows"] == 24 and summary["input_rows_parsed"] == 184
+    assert "24 bad input rows skipped" in done.stdout
+    done, summary = launch("all_bad", 0, 40)
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert summary["samples"] == 0 and summary["input_bad_rows"] == 40
+    assert "embps launch: FAILED: no step trained: data.paths gave no batch (40 rows read, 40 of them bad)" in (
+        done.stderr
+    )
+    assert "last step already" not in done.stdout

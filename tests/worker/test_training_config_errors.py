@@ -325,6 +325,20 @@ def test_held_out_files_that_are_training_files_are_refused_before_anything_star
     assert {p.name: p.read_text() for p in out.iterdir()} == files
 
 
+def test_training_files_that_name_no_file_are_one_line_before_anything_starts(tmp_path):
+    """data.paths was only listed before the shards started when the job had eval_paths; without
+    them a typo started the shards and printed every rank's traceback (exit 1; a review)."""
+    out, files = previous_run(tmp_path)
+    for entry, message in (
+        (f"{tmp_path}/nope.tsv", "no such file or directory"),
+        (f"{tmp_path}/day*/x.tsv", "the glob matches no file"),
+    ):
+        data = f'source = "criteo"\nnum_dense = 1\nnum_sparse = 2\npaths = ["{entry}"]'
+        text = job_text(out, 'source = "synthetic"', data)
+        assert launch(tmp_path, text) == f"data.paths: {entry}: {message}"
+    assert {p.name: p.read_text() for p in out.iterdir()} == files
+
+
 def test_held_out_files_out_of_reach_are_one_line_before_anything_starts(tmp_path):
     """The held-out check lists data.paths: an S3 endpoint out of reach raised an OSError without a
     file name, which `embps launch` printed as a 40-line traceback (exit 1; a review)."""
