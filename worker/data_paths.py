@@ -16,6 +16,7 @@ row is read, so a typo fails the job at start rather than after hours of trainin
 from __future__ import annotations
 
 import fnmatch
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -49,7 +50,7 @@ def expand_paths(
             what = "glob matches no file" if _has_glob(str(entry)) else "directory holds no file"
             raise FileNotFoundError(f"{field}: {entry}: the {what}")
         for data_file in found:
-            first = named_by.setdefault((data_file.fs.type_name, data_file.path), index)
+            first = named_by.setdefault(_identity(data_file), index)
             if first != index:
                 # Read twice an epoch, its rows would weigh double: a folder and a file in it, two globs.
                 raise ValueError(
@@ -64,14 +65,22 @@ def check_held_out(paths: Sequence[str], eval_paths: Sequence[str], storage: Sto
     """ValueError naming the file when eval_paths (data.eval_paths) names a file paths (data.paths)
     names too: the evaluation would score rows the model trains on, and its AUC say nothing of
     held-out data. FileNotFoundError naming the field where an entry names no file."""
-    trained = {(f.fs.type_name, f.path) for f in expand_paths(paths, storage, "data.paths")}
+    trained = {_identity(f) for f in expand_paths(paths, storage, "data.paths")}
     for index, entry in enumerate(eval_paths):
         for held_out in expand_paths([entry], storage, "data.eval_paths"):
-            if (held_out.fs.type_name, held_out.path) in trained:
+            if _identity(held_out) in trained:
                 raise ValueError(
                     f"data.eval_paths[{index}]: {entry}: names {held_out.name}, which data.paths trains on; held-out "
                     "files must not be training files (the evaluation would score rows the model saw)"
                 )
+
+
+def _identity(data_file: DataFile) -> tuple[str, str]:
+    """What tells two entries' files apart: the filesystem and the path, a local one with its
+    symbolic links resolved (a link to a training file passed as held-out, a review found)."""
+    if isinstance(data_file.fs, pafs.LocalFileSystem):
+        return "local", os.path.realpath(data_file.path)
+    return data_file.fs.type_name, data_file.path
 
 
 def open_input(data_file: DataFile) -> pa.NativeFile:

@@ -314,6 +314,9 @@ class FileReader(ABC):
         self.paths = [f.name for f in self.files]
         self._units_by_file = self._plan()
         num_units = sum(len(u) for u in self._units_by_file)
+        if num_units == 0:  # it said "write smaller row groups or more files" of files with no row
+            shown = ", ".join(self.paths[:3]) + (f" and {len(self.paths) - 3} more" if len(self.paths) > 3 else "")
+            raise ValueError(f"{paths_field}: no rows to read: {shown} hold no Parquet row group")
         if num_units < world_size:
             raise ValueError(
                 f"data.paths: {num_units} unit(s) of work (Parquet row groups, gzip files) for {world_size} "

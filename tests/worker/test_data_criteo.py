@@ -308,6 +308,13 @@ def test_held_out_files_that_are_training_files_are_refused_naming_the_file(tmp_
         refused = rf"^data\.eval_paths\[{index}\]: .*names .*part-0\.tsv, which data\.paths trains on"
         with pytest.raises(ValueError, match=refused):
             eval_batches(load_training_job(tmp_path / "job.toml"))
+    # A symbolic link to a training file is that file (it passed as held-out: a review).
+    link = tmp_path / "eval-link.tsv"
+    link.symlink_to(trained.path)
+    data = {"source": "criteo", "paths": [str(folder)], "eval_paths": [str(link)], "num_sparse": 2}
+    (tmp_path / "job.toml").write_text(training_toml(ps, train, {"bottom_sizes": [8], "top_sizes": [16]}, data, {}))
+    with pytest.raises(ValueError, match=r"^data\.eval_paths\[0\]: .*eval-link\.tsv, which data\.paths trains on"):
+        eval_batches(load_training_job(tmp_path / "job.toml"))
 
 
 @pytest.mark.parametrize("block", [37, 50, 64, 1 << 20])

@@ -201,6 +201,14 @@ def test_a_missing_file_names_the_field_it_came_from(tmp_path):
             ParquetReader([missing], config(), paths_field=field)
 
 
+def test_files_without_a_row_say_so(tmp_path):
+    """Parquet files of the right schema and no row gave "0 unit(s) of work ... write smaller row
+    groups or more files", naming no file (a review)."""
+    empty = write_parquet(tmp_path / "empty.parquet", [])
+    with pytest.raises(ValueError, match=rf"^data\.paths: no rows to read: {empty} hold no Parquet row group$"):
+        ParquetReader([str(empty)], config())
+
+
 def test_dictionary_encoded_number_columns_read_as_their_values(tmp_path):
     """Parquet writers dictionary-encode repetitive columns: a label or count column stored as
     dictionary<string> passed the plan's type check, then failed the first read."""
