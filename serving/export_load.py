@@ -73,15 +73,14 @@ def load_latest_export(source: ExportSource, replicas: dict[str, TableReplica]) 
             replica.replace_shard(s, rows)
         log.info("loaded table %r from export step %d: %d rows", name, step, replica.size)
 
-    def file_bytes(name: str) -> int:
-        shards = manifest.tables[name].shards.values()
-        return sum(manifest.files[path].size for shard in shards for path in shard.files if path in manifest.files)
-
     # Tables on several threads (one file per table shard: 500 tables, 1,000 reads); a table's file
     # read, parsed and written into its store holds about three times its bytes meanwhile.
     bounded.run_bounded(
         [
-            (3 * file_bytes(name), lambda name=name, replica=replica: functools.partial(load, name, replica))
+            (
+                3 * sum(export.shard_file_bytes(name, s) for s in range(len(replica.shards))),
+                lambda name=name, replica=replica: functools.partial(load, name, replica),
+            )
             for name, replica in replicas.items()
         ]
     )

@@ -133,7 +133,7 @@ def restore_shard_states(
 
     # A table's files, parsed, and the merge of its chain: about three times their bytes at once.
     tasks = [
-        (3 * sum(_table_bytes(s, t.name, shard_index) for s in chain), lambda t=t: functools.partial(load, t.name))
+        (3 * sum(s.shard_file_bytes(t.name, shard_index) for s in chain), lambda t=t: functools.partial(load, t.name))
         for t in job.tables
     ]
     return {t.name: state for t, state in zip(job.tables, bounded.run_bounded(tasks), strict=True)}
@@ -179,13 +179,4 @@ def _check_tables(job: JobConfig, chain: list[Snapshot], step: int) -> None:
 
 def _shard_bytes(snapshot: Snapshot, job: JobConfig, shard_index: int) -> int:
     """Bytes of this shard's files of the job's tables in one snapshot (what its restore reads)."""
-    return sum(_table_bytes(snapshot, table.name, shard_index) for table in job.tables)
-
-
-def _table_bytes(snapshot: Snapshot, table: str, shard_index: int) -> int:
-    """Bytes of one table shard's files in one snapshot (0 where it has none)."""
-    entry = snapshot.manifest.tables.get(table)
-    shard = entry.shards.get(shard_index) if entry is not None else None
-    if shard is None:
-        return 0
-    return sum(snapshot.manifest.files[path].size for path in shard.files if path in snapshot.manifest.files)
+    return sum(snapshot.shard_file_bytes(table.name, shard_index) for table in job.tables)

@@ -646,6 +646,12 @@ class Snapshot:
         except (pa.ArrowException, OSError) as e:
             raise SnapshotCorruptError(f"{storage.join(self.dir, path)}: unreadable parquet ({e})") from e
 
+    def shard_file_bytes(self, table: str, shard: int) -> int:
+        """Bytes of table `table` shard `shard`'s files in this step (0 where it has none)."""
+        entry = self.manifest.tables.get(table)
+        files = entry.shards[shard].files if entry is not None and shard in entry.shards else ()
+        return sum(self.manifest.files[path].size for path in files if path in self.manifest.files)
+
     def _shard(self, table: str, shard: int) -> tuple[TableEntry, ShardEntry]:
         if table not in self.manifest.tables:
             raise KeyError(f"table {table!r}: not in step {self.manifest.step} (has {sorted(self.manifest.tables)})")
@@ -829,17 +835,10 @@ def restore(
                 state = loaded.state if state is None else apply_delta(state, loaded.state, loaded.deleted_keys)
         return state
 
-    def part_bytes(name: str, shard: int) -> int:
-        """Its files' bytes over the chain, times three: read, parsed and merged at once."""
-        total = 0
-        for snapshot in chain:
-            entry = snapshot.manifest.tables.get(name)
-            if entry is not None and shard in entry.shards:
-                files = snapshot.manifest.files
-                total += sum(files[path].size for path in entry.shards[shard].files if path in files)
-        return 3 * total
-
-    states = bounded.run_bounded([(part_bytes(n, s), lambda n=n, s=s: functools.partial(load, n, s)) for n, s in parts])
+    # A table shard's files over the chain, read, parsed and merged: about three times their bytes.
+    tasks = [(3 * sum(c.shard_file_bytes(n, s) for c in chain), lambda n=n, s=s: functools.partial(load, n, s))
+             for n, s in parts]
+    states = bounded.run_bounded(tasks)
     tables: dict[str, dict[int, TableState]] = {}
     for (name, shard), state in zip(parts, states, strict=True):
         tables.setdefault(name, {})[shard] = state
