@@ -1,7 +1,8 @@
 """The messages of one Subscribe range, made one at a time.
 
     range (touched keys (t,), their rows (t, row bytes), deleted keys (d,), acks)
-      -> rows in pieces of at most `budget` bytes, then deleted keys, then acks; at least one message
+      -> rows in pieces of at most `budget` bytes, then deleted keys, then acks; at least one message;
+         one message with all of them when they fit `budget` together
 
 A subscriber that stops reading leaves its stream suspended between two messages. Made one at a
 time, the stream then holds the range's rows and one message; made all at once, as before, it held
@@ -22,6 +23,7 @@ from ps.rpc import ps_pb2
 from ps.shard.update_log import LogRange
 
 ACK_BYTES = 32  # one VersionAck on the wire, framing included (generous)
+ROW_KINDS = ("rows", "whole")  # the pieces that carry touched keys' rows
 
 
 @dataclass(frozen=True)
@@ -36,8 +38,9 @@ class RangePart:
 @dataclass(frozen=True)
 class RangePiece:
     """One message's share of a range, by position: the touched keys [start, stop) and their rows
-    (kind "rows"), the deleted keys [start, stop) ("deleted"), the acks [start, stop) ("acks"), or
-    nothing ("empty": a range without changes); and whether it ends the range."""
+    (kind "rows"), the deleted keys [start, stop) ("deleted"), the acks [start, stop) ("acks"),
+    all of a range that fits one message ("whole": its rows as "rows" says, its deleted keys and
+    acks all), or nothing ("empty": a range without changes); and whether it ends the range."""
 
     kind: str
     start: int
@@ -60,6 +63,13 @@ def range_pieces(changes: LogRange, row_bytes: int, budget: int) -> Iterator[Ran
     if total == 0:
         yield RangePiece("empty", 0, 0, True)
         return
+    touched = changes.touched_keys.shape[0]
+    whole_bytes = touched * (8 + row_bytes) + changes.deleted_keys.shape[0] * 8 + len(changes.acks) * ACK_BYTES
+    if total > 1 and whole_bytes <= budget:
+        # A range that fits one message is one: a push's range was its rows and then its acks,
+        # two messages (and, over SubscribeTables, two replies) for a few rows.
+        yield RangePiece("whole", 0, touched, True)
+        return
     made = 0
     for kind, count, per in spans:
         for start in range(0, count, per):
@@ -70,10 +80,14 @@ def range_pieces(changes: LogRange, row_bytes: int, budget: int) -> Iterator[Ran
 def piece_fields(changes: LogRange, piece: RangePiece, rows: np.ndarray | None = None) -> dict:
     """ps_pb2.UpdateBatch fields of `piece`; a "rows" piece needs its rows (stop - start, row bytes)
     uint8."""
-    if piece.kind == "rows":
+    if piece.kind in ROW_KINDS:
         if rows is None or rows.shape[0] != piece.stop - piece.start:
             raise ValueError(f"piece_fields: the rows of touched keys [{piece.start}, {piece.stop}) are needed")
-        return {"keys": wire.encode_keys(changes.touched_keys[piece.start : piece.stop]), "values": rows.tobytes()}
+        fields = {"keys": wire.encode_keys(changes.touched_keys[piece.start : piece.stop]), "values": rows.tobytes()}
+        if piece.kind == "whole":
+            whole = piece_fields(changes, RangePiece("deleted", 0, changes.deleted_keys.shape[0], True))
+            fields.update(whole, **piece_fields(changes, RangePiece("acks", 0, len(changes.acks), True)))
+        return fields
     if piece.kind == "deleted":
         return {"deleted_keys": wire.encode_keys(changes.deleted_keys[piece.start : piece.stop])}
     if piece.kind == "acks":
@@ -92,5 +106,5 @@ def range_parts(changes: LogRange, rows: np.ndarray, budget: int) -> Iterator[Ra
     if rows.shape[0] != changes.touched_keys.shape[0]:
         raise ValueError(f"range_parts: {rows.shape[0]} rows for {changes.touched_keys.shape[0]} keys")
     for piece in range_pieces(changes, rows.shape[1], budget):
-        piece_rows = rows[piece.start : piece.stop] if piece.kind == "rows" else None
+        piece_rows = rows[piece.start : piece.stop] if piece.kind in ROW_KINDS else None
         yield RangePart(piece_fields(changes, piece, piece_rows), piece.last)

@@ -57,7 +57,7 @@ from ps.shard import commits
 from ps.shard.commit_stream import committed_stream
 from ps.shard.heartbeats import HeartbeatRoster, StreamHeartbeats
 from ps.shard.metrics import UNKNOWN_TABLE, ShardMetrics, ShardReading, TableReading
-from ps.shard.range_messages import piece_fields, range_parts, range_pieces
+from ps.shard.range_messages import ROW_KINDS, piece_fields, range_parts, range_pieces
 from ps.shard.startup import EXIT_SNAPSHOT_UNUSABLE, DeferredServices, RestoreProgress, run_in_daemon_thread
 from ps.shard.stream_turns import StreamTurns
 from ps.shard.update_log import DEFAULT_MAX_ENTRIES, DEFAULT_MAX_KEYS, LogGapError, LogRange, merge_entries
@@ -737,7 +737,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         dtype = wire.STORED_DTYPES[str(table.storage)] if stored else ps_pb2.FLOAT32
         for piece in range_pieces(changes, row_bytes, self._stream_bytes):
             rows = None
-            if piece.kind == "rows":
+            if piece.kind in ROW_KINDS:
                 keys = changes.touched_keys[piece.start : piece.stop]
                 read = functools.partial(self._read_rows, name, keys, stored)
                 rows = (await self.run_call(read, keys.shape[0] * (8 + row_bytes))).data

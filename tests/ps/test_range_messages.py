@@ -24,7 +24,8 @@ def _range(touched: int, deleted: int, acks: int, row_bytes: int, seed: int = 0)
 
 @pytest.mark.parametrize(
     ("touched", "deleted", "acks", "budget"),
-    [(1000, 300, 50, 4096), (7, 0, 0, 100), (0, 5, 0, 16), (0, 0, 3, 64), (3, 0, 0, 10), (0, 0, 0, 4096)],
+    [(1000, 300, 50, 4096), (7, 0, 0, 100), (0, 5, 0, 16), (0, 0, 3, 64), (3, 0, 0, 10), (0, 0, 0, 4096),
+     (3, 2, 2, 4096)],
 )
 def test_the_parts_carry_the_range_exactly_within_the_budget(touched, deleted, acks, budget):
     row_bytes = 64
@@ -46,6 +47,16 @@ def test_the_parts_carry_the_range_exactly_within_the_budget(touched, deleted, a
             assert len(p.fields["deleted_keys"]) <= max(budget, 8)
     if touched == deleted == acks == 0:
         assert [p.fields for p in parts] == [{}]
+
+
+def test_a_range_that_fits_the_budget_is_one_message():
+    """A push's range (a few rows and its ack) was two messages, rows then acks: now one, whose
+    size is what the budget counts; one byte less of budget and it is split as before."""
+    changes, rows = _range(3, 2, 1, 64)
+    exact = 3 * (8 + 64) + 2 * 8 + 32
+    (part,) = range_parts(changes, rows, exact)
+    assert part.last and set(part.fields) == {"keys", "values", "deleted_keys", "acks"}
+    assert len(list(range_parts(changes, rows, exact - 1))) == 3
 
 
 def test_the_parts_are_made_as_they_are_taken():
