@@ -66,6 +66,12 @@ def encode_parts(message: Message, **bulk: Any) -> list[Any]:
     return parts
 
 
+def field_parts(number: int, data: bytes) -> tuple[bytes, bytes, bytes]:
+    """A length-delimited field `number` (a message or bytes field, one item of a repeated one)
+    holding `data`, as the parts to join into a message's bytes."""
+    return _varint(number << 3 | _LENGTH_DELIMITED), _varint(len(data)), data
+
+
 def serialize(message: Message | bytes) -> bytes:
     """A gRPC serializer for a method whose messages may come already encoded (`encode`)."""
     return message if isinstance(message, bytes) else message.SerializeToString()

@@ -121,7 +121,7 @@ class StatsResponse(_message.Message):
     def __init__(self, job: _Optional[str] = ..., shard: _Optional[int] = ..., num_shards: _Optional[int] = ..., tables: _Optional[_Iterable[_Union[TableStats, _Mapping]]] = ...) -> None: ...
 
 class SubscribeRequest(_message.Message):
-    __slots__ = ("table", "from_version", "incarnation", "full_sync", "committed", "with_dense", "stored_rows", "heartbeat_group")
+    __slots__ = ("table", "from_version", "incarnation", "full_sync", "committed", "with_dense", "stored_rows", "heartbeat_group", "stream_id")
     TABLE_FIELD_NUMBER: _ClassVar[int]
     FROM_VERSION_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
@@ -130,6 +130,7 @@ class SubscribeRequest(_message.Message):
     WITH_DENSE_FIELD_NUMBER: _ClassVar[int]
     STORED_ROWS_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_GROUP_FIELD_NUMBER: _ClassVar[int]
+    STREAM_ID_FIELD_NUMBER: _ClassVar[int]
     table: str
     from_version: int
     incarnation: int
@@ -138,7 +139,8 @@ class SubscribeRequest(_message.Message):
     with_dense: bool
     stored_rows: bool
     heartbeat_group: str
-    def __init__(self, table: _Optional[str] = ..., from_version: _Optional[int] = ..., incarnation: _Optional[int] = ..., full_sync: _Optional[bool] = ..., committed: _Optional[bool] = ..., with_dense: _Optional[bool] = ..., stored_rows: _Optional[bool] = ..., heartbeat_group: _Optional[str] = ...) -> None: ...
+    stream_id: int
+    def __init__(self, table: _Optional[str] = ..., from_version: _Optional[int] = ..., incarnation: _Optional[int] = ..., full_sync: _Optional[bool] = ..., committed: _Optional[bool] = ..., with_dense: _Optional[bool] = ..., stored_rows: _Optional[bool] = ..., heartbeat_group: _Optional[str] = ..., stream_id: _Optional[int] = ...) -> None: ...
 
 class VersionAck(_message.Message):
     __slots__ = ("version", "ack_time", "num_keys")
@@ -151,7 +153,7 @@ class VersionAck(_message.Message):
     def __init__(self, version: _Optional[int] = ..., ack_time: _Optional[float] = ..., num_keys: _Optional[int] = ...) -> None: ...
 
 class UpdateBatch(_message.Message):
-    __slots__ = ("table", "shard", "incarnation", "from_version", "to_version", "keys", "values", "dim", "dtype", "deleted_keys", "reset", "last", "acks", "sent_time", "step", "dense_step", "dense_state", "dense_format", "commit_time")
+    __slots__ = ("table", "shard", "incarnation", "from_version", "to_version", "keys", "values", "dim", "dtype", "deleted_keys", "reset", "last", "acks", "sent_time", "step", "dense_step", "dense_state", "dense_format", "commit_time", "stream_id")
     TABLE_FIELD_NUMBER: _ClassVar[int]
     SHARD_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
@@ -171,6 +173,7 @@ class UpdateBatch(_message.Message):
     DENSE_STATE_FIELD_NUMBER: _ClassVar[int]
     DENSE_FORMAT_FIELD_NUMBER: _ClassVar[int]
     COMMIT_TIME_FIELD_NUMBER: _ClassVar[int]
+    STREAM_ID_FIELD_NUMBER: _ClassVar[int]
     table: str
     shard: int
     incarnation: int
@@ -190,7 +193,36 @@ class UpdateBatch(_message.Message):
     dense_state: bytes
     dense_format: str
     commit_time: float
-    def __init__(self, table: _Optional[str] = ..., shard: _Optional[int] = ..., incarnation: _Optional[int] = ..., from_version: _Optional[int] = ..., to_version: _Optional[int] = ..., keys: _Optional[bytes] = ..., values: _Optional[bytes] = ..., dim: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., deleted_keys: _Optional[bytes] = ..., reset: _Optional[bool] = ..., last: _Optional[bool] = ..., acks: _Optional[_Iterable[_Union[VersionAck, _Mapping]]] = ..., sent_time: _Optional[float] = ..., step: _Optional[int] = ..., dense_step: _Optional[int] = ..., dense_state: _Optional[bytes] = ..., dense_format: _Optional[str] = ..., commit_time: _Optional[float] = ...) -> None: ...
+    stream_id: int
+    def __init__(self, table: _Optional[str] = ..., shard: _Optional[int] = ..., incarnation: _Optional[int] = ..., from_version: _Optional[int] = ..., to_version: _Optional[int] = ..., keys: _Optional[bytes] = ..., values: _Optional[bytes] = ..., dim: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., deleted_keys: _Optional[bytes] = ..., reset: _Optional[bool] = ..., last: _Optional[bool] = ..., acks: _Optional[_Iterable[_Union[VersionAck, _Mapping]]] = ..., sent_time: _Optional[float] = ..., step: _Optional[int] = ..., dense_step: _Optional[int] = ..., dense_state: _Optional[bytes] = ..., dense_format: _Optional[str] = ..., commit_time: _Optional[float] = ..., stream_id: _Optional[int] = ...) -> None: ...
+
+class SubscribeTablesRequest(_message.Message):
+    __slots__ = ("subscribe", "stop")
+    SUBSCRIBE_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    subscribe: _containers.RepeatedCompositeFieldContainer[SubscribeRequest]
+    stop: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, subscribe: _Optional[_Iterable[_Union[SubscribeRequest, _Mapping]]] = ..., stop: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class TableStreamEnd(_message.Message):
+    __slots__ = ("table", "code", "message", "stream_id")
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    STREAM_ID_FIELD_NUMBER: _ClassVar[int]
+    table: str
+    code: int
+    message: str
+    stream_id: int
+    def __init__(self, table: _Optional[str] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., stream_id: _Optional[int] = ...) -> None: ...
+
+class SubscribeTablesReply(_message.Message):
+    __slots__ = ("batches", "ended")
+    BATCHES_FIELD_NUMBER: _ClassVar[int]
+    ENDED_FIELD_NUMBER: _ClassVar[int]
+    batches: _containers.RepeatedCompositeFieldContainer[UpdateBatch]
+    ended: _containers.RepeatedCompositeFieldContainer[TableStreamEnd]
+    def __init__(self, batches: _Optional[_Iterable[_Union[UpdateBatch, _Mapping]]] = ..., ended: _Optional[_Iterable[_Union[TableStreamEnd, _Mapping]]] = ...) -> None: ...
 
 class CommitRequest(_message.Message):
     __slots__ = ("step", "dense_state", "dense_format")

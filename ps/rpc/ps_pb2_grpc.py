@@ -54,6 +54,11 @@ class ParameterServerStub:
                 request_serializer=embps_dot_ps__pb2.SubscribeRequest.SerializeToString,
                 response_deserializer=embps_dot_ps__pb2.UpdateBatch.FromString,
                 _registered_method=True)
+        self.SubscribeTables = channel.stream_stream(
+                '/embps.v1.ParameterServer/SubscribeTables',
+                request_serializer=embps_dot_ps__pb2.SubscribeTablesRequest.SerializeToString,
+                response_deserializer=embps_dot_ps__pb2.SubscribeTablesReply.FromString,
+                _registered_method=True)
         self.LookupBatch = channel.unary_unary(
                 '/embps.v1.ParameterServer/LookupBatch',
                 request_serializer=embps_dot_ps__pb2.LookupBatchRequest.SerializeToString,
@@ -107,6 +112,13 @@ class ParameterServerServicer:
 
     def Subscribe(self, request, context):
         """Streams the table's changes after a version, then live changes, until the caller leaves.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SubscribeTables(self, request_iterator, context):
+        """Several tables' Subscribe streams over one call, started and stopped on it (SubscribeTablesRequest).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -170,6 +182,11 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     servicer.Subscribe,
                     request_deserializer=embps_dot_ps__pb2.SubscribeRequest.FromString,
                     response_serializer=embps_dot_ps__pb2.UpdateBatch.SerializeToString,
+            ),
+            'SubscribeTables': grpc.stream_stream_rpc_method_handler(
+                    servicer.SubscribeTables,
+                    request_deserializer=embps_dot_ps__pb2.SubscribeTablesRequest.FromString,
+                    response_serializer=embps_dot_ps__pb2.SubscribeTablesReply.SerializeToString,
             ),
             'LookupBatch': grpc.unary_unary_rpc_method_handler(
                     servicer.LookupBatch,
@@ -305,6 +322,33 @@ class ParameterServer:
             '/embps.v1.ParameterServer/Subscribe',
             embps_dot_ps__pb2.SubscribeRequest.SerializeToString,
             embps_dot_ps__pb2.UpdateBatch.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubscribeTables(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/embps.v1.ParameterServer/SubscribeTables',
+            embps_dot_ps__pb2.SubscribeTablesRequest.SerializeToString,
+            embps_dot_ps__pb2.SubscribeTablesReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -24,7 +24,7 @@ REFLECTION_PREFIX = "/grpc.reflection."
 Policy = Mapping[str, frozenset[Role]]  # full method name ("/pkg.Service/Method") -> roles allowed
 
 
-_REPLICA_METHODS = frozenset({"Lookup", "LookupBatch", "Stats", "Subscribe"})
+_REPLICA_METHODS = frozenset({"Lookup", "LookupBatch", "Stats", "Subscribe", "SubscribeTables"})
 
 
 def _methods(descriptor, service: str) -> list[tuple[str, str]]:

@@ -60,6 +60,7 @@ from ps.shard.metrics import UNKNOWN_TABLE, ShardMetrics, ShardReading, TableRea
 from ps.shard.range_messages import ROW_KINDS, piece_fields, range_parts, range_pieces
 from ps.shard.startup import EXIT_SNAPSHOT_UNUSABLE, DeferredServices, RestoreProgress, run_in_daemon_thread
 from ps.shard.stream_turns import StreamTurns
+from ps.shard.table_streams import TableStreams
 from ps.shard.update_log import DEFAULT_MAX_ENTRIES, DEFAULT_MAX_KEYS, LogGapError, LogRange, merge_entries
 from ps.table.row_store import device_unavailable_reason
 
@@ -539,6 +540,21 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
     async def Subscribe(self, request: ps_pb2.SubscribeRequest) -> AsyncIterator[ps_pb2.UpdateBatch]:
         """Every change of the table after request.from_version (or all rows, full_sync), then live
         changes, merged while the subscriber is busy; heartbeats while idle. See ps.proto."""
+        async for reply in self._table_stream(request):
+            yield reply
+
+    @stream_call("SubscribeTables")
+    async def SubscribeTables(
+        self, requests: AsyncIterator[ps_pb2.SubscribeTablesRequest]
+    ) -> AsyncIterator[bytes]:
+        """Tables' Subscribe streams, started and stopped by the requests, all over this one call
+        (ps/shard/table_streams.py); replies are SubscribeTablesReply, encoded."""
+        streams = TableStreams(self._table_stream, self.shard.table, self._stream_bytes)
+        async for reply in streams.replies(requests):
+            yield reply
+
+    async def _table_stream(self, request: ps_pb2.SubscribeRequest) -> AsyncIterator[ps_pb2.UpdateBatch]:
+        """The messages of one table's Subscribe (served alone, or in SubscribeTables)."""
         shard, name = self.shard, request.table
         table = shard.table(name)
         if request.incarnation and request.incarnation != shard.incarnation and not request.full_sync:

@@ -221,6 +221,15 @@ def subscribes(draw: st.DrawFn) -> ps_pb2.SubscribeRequest:
 
 
 @st.composite
+def subscribe_tables(draw: st.DrawFn) -> ps_pb2.SubscribeTablesRequest:
+    entries = draw(st.lists(subscribes(), max_size=3))
+    for entry in entries:
+        entry.stream_id = draw(uint64s)
+        entry.committed = draw(st.booleans())
+    return ps_pb2.SubscribeTablesRequest(subscribe=entries, stop=draw(st.lists(uint64s, max_size=2)))
+
+
+@st.composite
 def write_snapshots(draw: st.DrawFn, base: str, job: str) -> snapshot_pb2.WriteSnapshotRequest:
     # Relative paths would land in the shard's working directory: every uri here is absolute,
     # malformed, or names a scheme the shard refuses before it touches anything.
@@ -492,6 +501,49 @@ def test_fuzz_subscribe(ps_channel, servers):
     send()
     tally.check(FUZZ_SETTINGS.max_examples)
     assert first_messages > 0 and tally.codes["NOT_FOUND"] > 0 and tally.codes["FAILED_PRECONDITION"] > 0
+    assert_servers_healthy(servers)
+
+
+def test_fuzz_subscribe_tables(ps_channel, servers):
+    """Each call writes one drawn request (or raw bytes) and reads its first reply at most, then is
+    cancelled. The statuses a reply gives the tables' streams (TableStreamEnd) keep the contract too."""
+    stub = ps_pb2_grpc.ParameterServerStub(ps_channel)
+    raw = ps_channel.stream_stream(
+        PS + "SubscribeTables", request_serializer=lambda b: b,
+        response_deserializer=ps_pb2.SubscribeTablesReply.FromString,
+    )
+    codes = {code.value[0]: code for code in grpc.StatusCode}
+    tally = Tally(STREAM_CONTRACT)
+    ended: collections.Counter[str] = collections.Counter()
+    first_replies = 0
+
+    def first(stream) -> None:
+        nonlocal first_replies
+        try:
+            reply = next(stream, None)
+        finally:
+            stream.cancel()
+        if reply is None:
+            return
+        first_replies += 1
+        for end in reply.ended:
+            code = codes[end.code]
+            ended[code.name] += 1
+            assert code in CONTRACT, f"table {end.table[:40]!r} ended {code.name}: {end.message[:300]!r}"
+
+    @FUZZ_SETTINGS
+    @given(calls(subscribe_tables()))
+    def send(call) -> None:
+        if isinstance(call, Raw):
+            tally.call(lambda: first(raw(iter([call.data]), timeout=SUBSCRIBE_TIMEOUT)), call)
+        else:
+            tally.call(lambda: first(stub.SubscribeTables(iter([call]), timeout=SUBSCRIBE_TIMEOUT)), call)
+
+    send()
+    print(f"SubscribeTables: {dict(tally.codes)}, tables' ends {dict(ended)}")
+    tally.check(FUZZ_SETTINGS.max_examples)
+    assert first_replies > 0 and tally.codes["INVALID_ARGUMENT"] > 0
+    assert ended["NOT_FOUND"] > 0 and ended["FAILED_PRECONDITION"] > 0
     assert_servers_healthy(servers)
 
 

@@ -150,7 +150,7 @@ def test_the_roles_policy():
     others = [roles for path, roles in ps_policy.items() if path != replicate]
     assert all(Role.TRAINER in roles and not {Role.READER, Role.SHARD} & roles for roles in others)
     replica = {path.rsplit("/", 1)[1] for path, roles in ps_policy.items() if Role.REPLICA in roles}
-    assert replica == {"Lookup", "LookupBatch", "Stats", "Subscribe"}
+    assert replica == {"Lookup", "LookupBatch", "Stats", "Subscribe", "SubscribeTables"}
     assert serving_port_policy() == {
         "/embps.v1.Serving/Lookup": frozenset({Role.READER}),
         "/embps.v1.Serving/LookupMany": frozenset({Role.READER}),

@@ -1,0 +1,177 @@
+"""SubscribeTables: several tables' Subscribe streams carried by one call.
+
+    requests: subscribe [a, b, c] ... stop [b] ... subscribe [b (full_sync)] ...
+        table a's stream ──> message ─┐
+        table b's stream ──> message ─┼─> one SubscribeTablesReply: what is ready, up to the size
+        table c's stream ──> message ─┘   bound, then the streams that ended (TableStreamEnd)
+
+Each table's stream is the generator Subscribe serves (ps/shard/server.py), unchanged, run in a
+task of its own: after a commit every followed table's stream wakes, makes its range, and the reply
+that leaves next carries them all, where one Subscribe call per table sent a message each (the
+per-message cost of a gRPC stream, on both sides, was most of a replica's cost to the shard).
+
+A stream makes its next message only after its previous one was handed to gRPC, as under
+Subscribe, so rows are read as late as they were (a slow subscriber gets merged ranges) and one
+table holds at most one message here. A stream that fails ends alone, with the status its own call
+would have had; the subscriber starts it again on the same call (a resync: full_sync). A failure
+that is the process's (UNAVAILABLE: draining, no longer primary) ends the call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+
+from ps.bulk_messages import field_parts
+from ps.process.calls import parse_error, status_of
+from ps.rpc import ps_pb2
+
+log = logging.getLogger("embps.ps")
+
+_BATCHES = ps_pb2.SubscribeTablesReply.DESCRIPTOR.fields_by_name["batches"].number
+_ENDED = ps_pb2.SubscribeTablesReply.DESCRIPTOR.fields_by_name["ended"].number
+
+OpenStream = Callable[[ps_pb2.SubscribeRequest], AsyncIterator[ps_pb2.UpdateBatch]]
+
+
+class TableStreams:
+    """The table streams of one SubscribeTables call, and the replies that carry them."""
+
+    def __init__(self, open_stream: OpenStream, known: Callable[[str], None], max_bytes: int) -> None:
+        """open_stream(request): one table's Subscribe messages; known(name) raises for a table
+        the shard does not hold; max_bytes: a reply's messages (a bigger message goes alone)."""
+        self._open = open_stream
+        self._known = known
+        self._max_bytes = max_bytes
+        self._pumps: dict[str, tuple[int, asyncio.Task]] = {}  # table -> (its stream_id, its task)
+        # Messages made and not yet sent, oldest first: (table, message or its bytes, what its stream awaits).
+        self._ready: deque[tuple[str, ps_pb2.UpdateBatch | bytes, asyncio.Future]] = deque()
+        self._ended: list[ps_pb2.TableStreamEnd] = []
+        self._failure: BaseException | None = None  # ends the call
+        self._changed = asyncio.Event()
+
+    def start(self, request: ps_pb2.SubscribeRequest) -> None:
+        """Starts table request.table's stream (replacing one that runs)."""
+        name = request.table
+        self._drop(name)
+        try:
+            self._known(name)
+        except Exception as exc:  # noqa: BLE001 - answered as that table's end
+            self._end(name, request.stream_id, exc)
+            return
+        self._pumps[name] = (request.stream_id, asyncio.create_task(self._pump(name, request)))
+
+    def stop(self, stream_id: int) -> None:
+        """Ends the stream called stream_id, if it runs."""
+        name = next((n for n, (sid, _) in self._pumps.items() if sid == stream_id), None)
+        if name is not None:
+            self._drop(name)
+
+    def _drop(self, name: str) -> None:
+        """Ends table `name`'s stream, if it runs, dropping what it made and has not sent."""
+        _, pump = self._pumps.pop(name, (0, None))
+        if pump is not None:
+            pump.cancel()
+        if any(entry[0] == name for entry in self._ready):
+            for entry in [e for e in self._ready if e[0] == name]:
+                self._ready.remove(entry)
+                entry[2].cancel()
+        self._ended = [end for end in self._ended if end.table != name]
+
+    def _end(self, name: str, stream_id: int, exc: BaseException) -> None:
+        code, message = status_of(exc)
+        if code == grpc.StatusCode.INTERNAL:
+            log.error("SubscribeTables: table %r's stream failed", name, exc_info=exc)
+        if code == grpc.StatusCode.UNAVAILABLE and self._failure is None:
+            self._failure = exc  # the process's, not the table's: the call ends
+        self._ended.append(ps_pb2.TableStreamEnd(table=name, code=code.value[0], message=message, stream_id=stream_id))
+        self._changed.set()
+
+    async def _pump(self, name: str, request: ps_pb2.SubscribeRequest) -> None:
+        """Moves the table's messages into the ready queue one at a time: the next is made once
+        the previous left. Its end is recorded unless it was stopped."""
+        loop = asyncio.get_running_loop()
+        stream = self._open(request)
+        try:
+            async for message in stream:
+                message.stream_id = request.stream_id
+                sent = loop.create_future()
+                self._ready.append((name, message, sent))
+                self._changed.set()
+                await sent
+            raise RuntimeError(f"table {name!r}: its stream ended")  # they end only by failing
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - answered as that table's end
+            if self._pumps.get(name, (0, None))[1] is asyncio.current_task():
+                del self._pumps[name]
+                self._end(name, request.stream_id, exc)
+        finally:
+            await stream.aclose()  # its cleanup (subscriber count, heartbeat seat, memory turn) now
+
+    async def _take(self, requests: AsyncIterator[ps_pb2.SubscribeTablesRequest]) -> None:
+        """Starts and stops streams as the requests say; a request that does not parse ends the call."""
+        try:
+            async for message in requests:
+                if (error := parse_error(message)) is not None:
+                    raise error
+                for stream_id in message.stop:
+                    self.stop(stream_id)
+                for entry in message.subscribe:
+                    self.start(entry)
+        except Exception as exc:  # noqa: BLE001 - the call ends with it
+            if self._failure is None:
+                self._failure = exc
+            self._changed.set()
+
+    def _reply(self) -> tuple[bytes, list[asyncio.Future]]:
+        """The next reply, encoded (each message serialised once, not copied into a reply message
+        first), and the futures of the messages it carries: the ready messages up to the size
+        bound, then, once none is left, the streams that ended."""
+        parts: list[bytes] = []
+        taken: list[asyncio.Future] = []
+        size = 0
+        while self._ready:
+            name, message, sent = self._ready[0]
+            data = message if isinstance(message, bytes) else message.SerializeToString()
+            if taken and size + len(data) > self._max_bytes:
+                self._ready[0] = (name, data, sent)  # serialised once, sent with the next reply
+                break
+            self._ready.popleft()
+            parts += field_parts(_BATCHES, data)
+            taken.append(sent)
+            size += len(data)
+        if not self._ready:
+            for end in self._ended:
+                parts += field_parts(_ENDED, end.SerializeToString())
+            self._ended.clear()
+        return b"".join(parts), taken
+
+    async def replies(
+        self, requests: AsyncIterator[ps_pb2.SubscribeTablesRequest]
+    ) -> AsyncIterator[bytes]:
+        """The call's replies (SubscribeTablesReply, encoded), its requests read meanwhile; raises
+        what ends the call."""
+        taker = asyncio.create_task(self._take(requests))
+        try:
+            while True:
+                await self._changed.wait()
+                self._changed.clear()
+                while (self._ready or self._ended) and self._failure is None:
+                    reply, taken = self._reply()
+                    yield reply
+                    for sent in taken:
+                        if not sent.done():
+                            sent.set_result(None)
+                if self._failure is not None:
+                    raise self._failure
+        finally:
+            taker.cancel()
+            pumps = [pump for _, pump in self._pumps.values()]
+            for pump in pumps:
+                pump.cancel()
+            await asyncio.gather(taker, *pumps, return_exceptions=True)

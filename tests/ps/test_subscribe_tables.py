@@ -1,0 +1,172 @@
+"""SubscribeTables on a real shard process: many tables' streams over one call, each started,
+ended and stopped on its own, the call going on."""
+
+from __future__ import annotations
+
+import queue
+from collections.abc import Iterator
+
+import grpc
+import numpy as np
+import pytest
+
+from ps import wire
+from ps.client import PSClient
+from ps.rpc import ps_pb2, ps_pb2_grpc
+from ps.table.config import TableConfig
+from tests.helpers.processes import ShardCluster, make_job
+
+TABLES = ("a", "b", "c")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    job = make_job([TableConfig(name, dim=4) for name in TABLES], num_shards=1)
+    with ShardCluster.start(job, tmp_path_factory.mktemp("subscribe-tables")) as c:
+        yield c
+
+
+class Call:
+    """A SubscribeTables call: requests written as the test goes, replies read one at a time."""
+
+    def __init__(self, cluster: ShardCluster) -> None:
+        self.channel = grpc.insecure_channel(cluster.job.shards[0].address)
+        self._requests: queue.Queue = queue.Queue()
+        stub = ps_pb2_grpc.ParameterServerStub(self.channel)
+        self.replies = stub.SubscribeTables(iter(self._requests.get, None), timeout=60)
+        self._next_id = 1
+
+    def subscribe(self, table: str, **fields) -> int:
+        """Starts a stream of `table`; returns its stream_id."""
+        stream_id, self._next_id = self._next_id, self._next_id + 1
+        request = ps_pb2.SubscribeRequest(table=table, stream_id=stream_id, stored_rows=True, **fields)
+        self._requests.put(ps_pb2.SubscribeTablesRequest(subscribe=[request]))
+        return stream_id
+
+    def stop(self, stream_id: int) -> None:
+        self._requests.put(ps_pb2.SubscribeTablesRequest(stop=[stream_id]))
+
+    def until(self, done) -> Iterator[ps_pb2.SubscribeTablesReply]:
+        """Replies until done(reply) is true (that one included)."""
+        for reply in self.replies:
+            yield reply
+            if done(reply):
+                return
+        raise AssertionError("the call ended")
+
+    def close(self) -> None:
+        self.replies.cancel()
+        self._requests.put(None)
+        self.channel.close()
+
+
+@pytest.fixture
+def call(cluster):
+    c = Call(cluster)
+    yield c
+    c.close()
+
+
+def heard_all(ids: set[int]):
+    """done() for Call.until: every stream in `ids` has sent a complete message (heartbeat or range)."""
+    pending = set(ids)
+
+    def done(reply: ps_pb2.SubscribeTablesReply) -> bool:
+        pending.difference_update(b.stream_id for b in reply.batches if b.last)
+        return not pending
+
+    return done
+
+
+def ranges(reply: ps_pb2.SubscribeTablesReply) -> dict[int, ps_pb2.UpdateBatch]:
+    """The messages of `reply` that end a range with rows, by stream_id."""
+    return {b.stream_id: b for b in reply.batches if b.last and b.to_version > b.from_version}
+
+
+def head_versions(client: PSClient) -> dict[str, int]:
+    return {t.name: t.version for t in client.stats()[0].tables}
+
+
+def test_one_reply_carries_every_table_a_push_touched(cluster, call):
+    """Three tables followed on one call: a push to all three comes back as one reply with their
+    three ranges (one Subscribe call a table sent three messages), each its own table's rows."""
+    with PSClient.from_job(cluster.job) as client:
+        versions = head_versions(client)
+        ids = {name: call.subscribe(name, from_version=versions[name]) for name in TABLES}
+        list(call.until(heard_all(set(ids.values()))))  # each stream says it is up (a heartbeat)
+        keys = np.array([5, 6, 7], np.int64)
+        names = list(TABLES)
+        client.send_push(client.prepare_push_multi(
+            names, np.tile(keys, 3), np.arange(0, 10, 3, dtype=np.int64), np.ones((9, 4), np.float32)))
+        reply = next(call.until(lambda r: bool(ranges(r))))
+        got = ranges(reply)
+        assert set(got) == set(ids.values()), f"one reply, every table's range: {reply}"
+        for name, stream_id in ids.items():
+            batch = got[stream_id]
+            assert batch.table == name and batch.from_version == versions[name]
+            np.testing.assert_array_equal(wire.decode_keys(batch.keys), keys)
+            values = wire.decode_values(batch.values, 3, 4)
+            np.testing.assert_array_equal(values, client.lookup(name, keys))
+
+
+def test_a_failed_stream_ends_alone_and_starts_again_on_the_same_call(cluster, call):
+    """A table asked for with another incarnation ends FAILED_PRECONDITION in the reply, an unknown
+    table NOT_FOUND, while the other table's stream goes on; the failed table, asked for again with
+    full_sync on the same call, gets its full copy."""
+    with PSClient.from_job(cluster.job) as client:
+        client.push("a", np.array([1, 2], np.int64), np.ones((2, 4), np.float32))
+        versions = head_versions(client)
+        wrong = call.subscribe("a", from_version=versions["a"], incarnation=12345)
+        unknown = call.subscribe("nope")
+        fine = call.subscribe("b", from_version=versions["b"])
+        ended: dict[int, ps_pb2.TableStreamEnd] = {}
+        heard = heard_all({fine})
+        for reply in call.until(lambda r: heard(r) and len(ended) == 2):
+            ended.update((e.stream_id, e) for e in reply.ended)
+        assert ended[wrong].table == "a" and ended[wrong].code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+        assert "restarted" in ended[wrong].message
+        assert ended[unknown].code == grpc.StatusCode.NOT_FOUND.value[0] and "nope" in ended[unknown].message
+
+        again = call.subscribe("a", full_sync=True)
+        copy = [b for r in call.until(lambda r: any(b.stream_id == again and b.last for b in r.batches))
+                for b in r.batches if b.stream_id == again]
+        assert copy[0].reset and copy[-1].to_version == versions["a"]
+        copied = np.concatenate([wire.decode_keys(b.keys) for b in copy])
+        rows = {t.name: t.rows for t in client.stats()[0].tables}
+        assert copied.shape[0] == rows["a"] and {1, 2} <= set(copied.tolist())
+
+        client.push("b", np.array([9], np.int64), np.ones((1, 4), np.float32))
+        reply = next(call.until(lambda r: fine in ranges(r)))
+        assert wire.decode_keys(ranges(reply)[fine].keys).tolist() == [9]
+
+
+def test_a_stopped_stream_sends_nothing_more(cluster, call):
+    """After `stop`, a push to that table sends nothing for its stream; asked for again (a new
+    stream_id), it continues from the version given."""
+    with PSClient.from_job(cluster.job) as client:
+        versions = head_versions(client)
+        kept, stopped = call.subscribe("a", from_version=versions["a"]), call.subscribe("b", from_version=versions["b"])
+        list(call.until(heard_all({kept, stopped})))
+        call.stop(stopped)
+        probe = call.subscribe("c", from_version=versions["c"])  # requests are taken in order: the stop is done
+        list(call.until(heard_all({probe})))
+        names = ["a", "b"]
+        client.send_push(client.prepare_push_multi(
+            names, np.array([3, 3], np.int64), np.array([0, 1, 2], np.int64), np.ones((2, 4), np.float32)))
+        reply = next(call.until(lambda r: bool(ranges(r))))
+        assert set(ranges(reply)) == {kept} and all(b.stream_id != stopped for b in reply.batches)
+        again = call.subscribe("b", from_version=versions["b"])
+        reply = next(call.until(lambda r: again in ranges(r)))
+        assert wire.decode_keys(ranges(reply)[again].keys).tolist() == [3]
+
+
+def test_undecodable_request_bytes_end_the_call_invalid_argument(cluster):
+    with grpc.insecure_channel(cluster.job.shards[0].address) as channel:
+        raw = channel.stream_stream(
+            "/embps.v1.ParameterServer/SubscribeTables", request_serializer=lambda b: b,
+            response_deserializer=lambda b: b,
+        )
+        with pytest.raises(grpc.RpcError) as raised:
+            next(raw(iter([b"\x0a"]), timeout=10))  # field 1, its length missing
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "not a valid message" in raised.value.details()
