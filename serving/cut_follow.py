@@ -21,8 +21,9 @@ from serving.cut import Delta, ModelCut
 from serving.store import ShardRows
 
 
-async def follow_committed(follower, cut: ModelCut, with_dense: bool) -> None:
-    """Follows follower's (table, shard) stream into `cut` until it ends or fails."""
+async def follow_committed(follower, cut: ModelCut, with_dense: bool, subscribe) -> None:
+    """Follows follower's (table, shard) stream, subscribe(request)'s messages (serving/follower.py's
+    Subscribe), into `cut` until it ends or fails."""
     from serving.follower import StreamGapError
 
     name, shard = follower.replica.name, follower.shard
@@ -39,7 +40,7 @@ async def follow_committed(follower, cut: ModelCut, with_dense: bool) -> None:
     position, incarnation = tail.version, tail.incarnation
     range_start = True
     storage = "float32"
-    async for batch in follower.stub.Subscribe(request):
+    async for batch in subscribe(request):
         follower.mark_message()
         if batch.reset:  # a full copy: from the process that sends it, whichever the tail came from
             building = ShardRows(follower.replica.dim, follower.replica.dtype)

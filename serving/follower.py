@@ -21,6 +21,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import grpc
@@ -38,6 +39,15 @@ BACKOFF_START_SECONDS = 0.05
 BACKOFF_MAX_SECONDS = 1.0
 # A message on a connection refreshes its other streams' last message at most this often.
 LINK_REFRESH_SECONDS = 0.25
+
+
+# Opens one table's stream: a Subscribe call, or the table's part of a SubscribeTables call.
+Subscribe = Callable[[ps_pb2.SubscribeRequest], AsyncIterator[ps_pb2.UpdateBatch]]
+
+
+def switches_side(error: grpc.aio.AioRpcError) -> bool:
+    """A stream's end after which a follower with a standby tries the other of the pair."""
+    return error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
 
 
 class StreamGapError(Exception):
@@ -134,39 +144,64 @@ class ShardFollower:
         silent = time.monotonic() - self.status.last_message
         return not self.status.connected or silent > threshold_seconds
 
-    async def run(self) -> None:
-        """Follows until cancelled; never raises for a shard that is down or misbehaves."""
+    async def run(self, subscribe: Subscribe | None = None) -> None:
+        """Follows until cancelled; never raises for a shard that is down or misbehaves. Each
+        stream is subscribe(request) (serving/shard_streams.py: the table's part of the shard's
+        one call, which also moves to the other of a pair), by default a Subscribe call of its own."""
         pause = BACKOFF_START_SECONDS
         while True:
-            try:
-                await self._follow()
-                self.status.last_error = "stream ended"
-            except grpc.aio.AioRpcError as err:
-                self.status.last_error = f"{err.code().name}: {err.details()}"
-                if len(self._pair) == 2 and err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
-                    self.stub, self.link = self._pair[1] if self.stub is self._pair[0][0] else self._pair[0]
-                if err.code() == grpc.StatusCode.FAILED_PRECONDITION:
-                    log.info("table %s shard %s: %s; resyncing", *self._labels, self.status.last_error)
-                    self._need_full_sync = True
-                    pause = BACKOFF_START_SECONDS
-            except StreamGapError as err:
-                self.status.last_error = str(err)
-                log.warning("table %s shard %s: %s; resyncing", *self._labels, err)
+            error = await self.follow_once(subscribe or self.stub.Subscribe)
+            if subscribe is None and isinstance(error, grpc.aio.AioRpcError) and switches_side(error):
+                self.use_side(1 - self.side)
+            pause = await self.back_off(pause, error)
+
+    async def follow_once(self, subscribe: Subscribe) -> BaseException | None:
+        """One stream, subscribe(request) giving its messages, until it ends: returns what ended
+        it (None: the stream just ended), status and flags set (a resync next after a gap)."""
+        error: BaseException | None = None
+        try:
+            await self._follow(subscribe)
+            self.status.last_error = "stream ended"
+        except grpc.aio.AioRpcError as err:
+            error = err
+            self.status.last_error = f"{err.code().name}: {err.details()}"
+            if err.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                log.info("table %s shard %s: %s; resyncing", *self._labels, self.status.last_error)
                 self._need_full_sync = True
-            except (ValueError, TypeError) as err:  # a message that does not decode (dim, lengths)
-                self.status.last_error = f"bad message: {err}"
-                log.error("table %s shard %s: %s", *self._labels, self.status.last_error)
-                self._need_full_sync = True
-            self.status.connected = False
-            self._report_link()
-            self._changed()
-            # Talking a moment ago (a shard that just went, its standby about to take over): retry
-            # soon, on the other of the pair if there is one. Down for longer (both of a pair too):
-            # back off.
-            if self.status.last_message > time.monotonic() - BACKOFF_MAX_SECONDS:
-                pause = BACKOFF_START_SECONDS
-            await asyncio.sleep(pause)
-            pause = min(2 * pause, BACKOFF_MAX_SECONDS)
+        except StreamGapError as err:
+            error = err
+            self.status.last_error = str(err)
+            log.warning("table %s shard %s: %s; resyncing", *self._labels, err)
+            self._need_full_sync = True
+        except (ValueError, TypeError) as err:  # a message that does not decode (dim, lengths)
+            error = err
+            self.status.last_error = f"bad message: {err}"
+            log.error("table %s shard %s: %s", *self._labels, self.status.last_error)
+            self._need_full_sync = True
+        self.status.connected = False
+        self._report_link()
+        self._changed()
+        return error
+
+    @property
+    def side(self) -> int:
+        """Which of the pair the follower talks to: 0 the shard, 1 its standby."""
+        return 0 if self.stub is self._pair[0][0] else 1
+
+    def use_side(self, side: int) -> None:
+        """Talk to the shard (0) or its standby (1) from the next stream on; one of a pair stays put."""
+        self.stub, self.link = self._pair[side % len(self._pair)]
+
+    async def back_off(self, pause: float, error: BaseException | None) -> float:
+        """Waits before the next stream; returns the wait after that. Talking a moment ago (a shard
+        that just went, its standby about to take over): retry soon, on the other of the pair if
+        there is one. Down for longer (both of a pair too): back off. A resync starts soon."""
+        if self.status.last_message > time.monotonic() - BACKOFF_MAX_SECONDS or (
+            isinstance(error, grpc.aio.AioRpcError) and error.code() == grpc.StatusCode.FAILED_PRECONDITION
+        ):
+            pause = BACKOFF_START_SECONDS
+        await asyncio.sleep(pause)
+        return min(2 * pause, BACKOFF_MAX_SECONDS)
 
     def mark_message(self) -> None:
         """A message arrived: the stream is connected and talking, and so is its connection."""
@@ -196,9 +231,9 @@ class ShardFollower:
         self.metrics.resyncs.labels(*self._labels).inc()
         log.info("table %s shard %s: full copy of %d rows", *self._labels, rows.size)
 
-    async def _follow(self) -> None:
+    async def _follow(self, subscribe: Subscribe) -> None:
         if self.cut is not None:
-            await follow_committed(self, self.cut, self.with_dense)
+            await follow_committed(self, self.cut, self.with_dense, subscribe)
             return
         rows = self.rows
         # Rows loaded from an export carry a version but no incarnation: the shard may since have
@@ -214,7 +249,7 @@ class ShardFollower:
         observed = False  # this stream's gauges set once; after that only when the version moves
         self._mid_range = False
         try:
-            async for batch in self.stub.Subscribe(request):
+            async for batch in subscribe(request):
                 self.mark_message()
                 if batch.reset:
                     building = ShardRows(self.replica.dim, self.replica.dtype)

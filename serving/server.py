@@ -1,6 +1,7 @@
 """The serving replica process (grpc.aio): read-only Serving (Lookup, LookupMany, Status) + health
 + reflection
-+ /metrics, fed by one ShardFollower per (table, training shard).
++ /metrics, fed by one ShardFollower per (table, training shard), a shard's all over one stream
+(serving/shard_streams.py).
 
     embps serve --config serve.toml
 
@@ -66,6 +67,7 @@ from serving.gate import (
     unavailable_reason,
 )
 from serving.metrics import ServingMetrics
+from serving.shard_streams import ShardStreams
 from serving.shedding import (
     LOOKUP_METHODS,
     LookupQueue,
@@ -524,8 +526,11 @@ async def _serve_on(
         return 1
     metrics.add_stream_gauges(servicer.replica.followers, list(servicer.replica.tables.values()))
     stop = asyncio.Event()
-    followers = {asyncio.create_task(f.run()): f"table {f.replica.name} shard {f.shard}'s follower"
-                 for f in servicer.replica.followers}
+    by_shard: dict[int, list[ShardFollower]] = {}
+    for f in servicer.replica.followers:
+        by_shard.setdefault(f.shard, []).append(f)
+    followers = {asyncio.create_task(ShardStreams(group).run()): f"shard {shard}'s followers"
+                 for shard, group in by_shard.items()}
     failed = stop_when_any_fails(followers, stop)
     tasks = list(followers)
     on_tick = (lambda: refresh_tokens(lookups, token_auth)) if lookups is not None and token_auth else None

@@ -299,9 +299,9 @@ def test_a_follower_whose_shard_and_standby_are_both_down_backs_off(monkeypatch)
     attempts: list[float] = []
     follow = ShardFollower._follow
 
-    async def counted(self) -> None:
+    async def counted(self, subscribe) -> None:
         attempts.append(time.monotonic())
-        await follow(self)
+        await follow(self, subscribe)
 
     monkeypatch.setattr(ShardFollower, "_follow", counted)
     replica = TableReplica(TableConfig("t", dim=4), ShardMap.uniform(1))
@@ -354,8 +354,8 @@ def test_a_range_cut_off_before_the_rows_have_a_known_history_takes_a_full_copy_
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
                 follower = ShardFollower(replica, 0, channel, ServingMetrics())
                 with pytest.raises(grpc.aio.AioRpcError):
-                    await follower._follow()
-                await follower._follow()
+                    await follower._follow(follower.stub.Subscribe)
+                await follower._follow(follower.stub.Subscribe)
         finally:
             await server.stop(None)
 
