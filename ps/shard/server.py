@@ -303,6 +303,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         self._changed = {name: asyncio.Event() for name in shard.tables}  # pushes: live streams
         self._committed = {name: asyncio.Event() for name in shard.tables}  # commits only: committed streams
         self._subscribed = 0  # Subscribe streams open (wake_subscribers)
+        self._table_calls: set[TableStreams] = set()  # SubscribeTables calls open (begin_drain)
         self.full_copies = StreamTurns(
             MAX_FULL_COPIES, FULL_COPY_PATIENCE_SECONDS, "another full copy waited for this one's turn"
         )
@@ -426,6 +427,8 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         self.call_site.draining = True
         for table in list(self._changed):
             self.notify(table)
+        for streams in self._table_calls:
+            streams.wake()
 
     @_tables_call("Lookup")
     def Lookup(self, request: ps_pb2.LookupRequest) -> bytes:
@@ -549,9 +552,16 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
     ) -> AsyncIterator[bytes]:
         """Tables' Subscribe streams, started and stopped by the requests, all over this one call
         (ps/shard/table_streams.py); replies are SubscribeTablesReply, encoded."""
-        streams = TableStreams(self._table_stream, self.shard.table, self._stream_bytes)
-        async for reply in streams.replies(requests):
-            yield reply
+        streams = TableStreams(
+            self._table_stream, self.shard.table, self.call_site.check_open, self._stream_bytes,
+            max(wire.MAX_BATCH_PARTS, 2 * len(self.shard.tables)),
+        )
+        self._table_calls.add(streams)
+        try:
+            async for reply in streams.replies(requests):
+                yield reply
+        finally:
+            self._table_calls.discard(streams)
 
     async def _table_stream(self, request: ps_pb2.SubscribeRequest) -> AsyncIterator[ps_pb2.UpdateBatch]:
         """The messages of one table's Subscribe (served alone, or in SubscribeTables)."""

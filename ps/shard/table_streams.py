@@ -27,11 +27,13 @@ from collections.abc import AsyncIterator, Callable
 import grpc
 
 from ps.bulk_messages import field_parts
+from ps.errors import CapacityError
 from ps.process.calls import parse_error, status_of
 from ps.rpc import ps_pb2
 
 log = logging.getLogger("embps.ps")
 
+_END_MESSAGE_CHARS = 4096  # of a TableStreamEnd's message (an unknown table's lists the shard's tables)
 _BATCHES = ps_pb2.SubscribeTablesReply.DESCRIPTOR.fields_by_name["batches"].number
 _ENDED = ps_pb2.SubscribeTablesReply.DESCRIPTOR.fields_by_name["ended"].number
 
@@ -41,16 +43,26 @@ OpenStream = Callable[[ps_pb2.SubscribeRequest], AsyncIterator[ps_pb2.UpdateBatc
 class TableStreams:
     """The table streams of one SubscribeTables call, and the replies that carry them."""
 
-    def __init__(self, open_stream: OpenStream, known: Callable[[str], None], max_bytes: int) -> None:
+    def __init__(
+        self, open_stream: OpenStream, known: Callable[[str], None], check_open: Callable[[], None], max_bytes: int,
+        max_entries: int,
+    ) -> None:
         """open_stream(request): one table's Subscribe messages; known(name) raises for a table
-        the shard does not hold; max_bytes: a reply's messages (a bigger message goes alone)."""
+        the shard does not hold; check_open() raises once the server drains (see wake); max_bytes:
+        a reply's messages (a bigger message goes alone); max_entries: the subscribes and stops one
+        request may hold, and the ends the client may leave untaken (2x the shard's tables is
+        plenty: a replica asks for each table once): past them the call ends, for a request of
+        20,000 unknown names held the shard's loop for seconds."""
         self._open = open_stream
         self._known = known
+        self._check_open = check_open
         self._max_bytes = max_bytes
+        self._max_entries = max_entries
         self._pumps: dict[str, tuple[int, asyncio.Task]] = {}  # table -> (its stream_id, its task)
+        self._names: dict[int, str] = {}  # stream_id -> the table of a running stream
         # Messages made and not yet sent, oldest first: (table, message or its bytes, what its stream awaits).
         self._ready: deque[tuple[str, ps_pb2.UpdateBatch | bytes, asyncio.Future]] = deque()
-        self._ended: list[ps_pb2.TableStreamEnd] = []
+        self._ended: dict[str, ps_pb2.TableStreamEnd] = {}  # by table, oldest first
         self._failure: BaseException | None = None  # ends the call
         self._changed = asyncio.Event()
 
@@ -64,23 +76,31 @@ class TableStreams:
             self._end(name, request.stream_id, exc)
             return
         self._pumps[name] = (request.stream_id, asyncio.create_task(self._pump(name, request)))
+        self._names[request.stream_id] = name
 
     def stop(self, stream_id: int) -> None:
         """Ends the stream called stream_id, if it runs."""
-        name = next((n for n, (sid, _) in self._pumps.items() if sid == stream_id), None)
-        if name is not None:
+        name = self._names.get(stream_id)
+        if name is not None and self._pumps.get(name, (0, None))[0] == stream_id:
             self._drop(name)
+
+    def wake(self) -> None:
+        """Looks at the call again now: the server began to drain (the call then ends UNAVAILABLE,
+        whether or not a table's stream runs to find out)."""
+        self._changed.set()
 
     def _drop(self, name: str) -> None:
         """Ends table `name`'s stream, if it runs, dropping what it made and has not sent."""
-        _, pump = self._pumps.pop(name, (0, None))
+        stream_id, pump = self._pumps.pop(name, (0, None))
         if pump is not None:
             pump.cancel()
+            if self._names.get(stream_id) == name:
+                del self._names[stream_id]
         if any(entry[0] == name for entry in self._ready):
             for entry in [e for e in self._ready if e[0] == name]:
                 self._ready.remove(entry)
                 entry[2].cancel()
-        self._ended = [end for end in self._ended if end.table != name]
+        self._ended.pop(name, None)
 
     def _end(self, name: str, stream_id: int, exc: BaseException) -> None:
         code, message = status_of(exc)
@@ -88,7 +108,15 @@ class TableStreams:
             log.error("SubscribeTables: table %r's stream failed", name, exc_info=exc)
         if code == grpc.StatusCode.UNAVAILABLE and self._failure is None:
             self._failure = exc  # the process's, not the table's: the call ends
-        self._ended.append(ps_pb2.TableStreamEnd(table=name, code=code.value[0], message=message, stream_id=stream_id))
+        self._ended.pop(name, None)  # (re)inserted last: ends go out in the order they came
+        self._ended[name] = ps_pb2.TableStreamEnd(
+            table=name, code=code.value[0], message=message[:_END_MESSAGE_CHARS], stream_id=stream_id
+        )
+        if len(self._ended) > self._max_entries and self._failure is None:
+            self._failure = CapacityError(
+                f"SubscribeTables: more than {self._max_entries} ended streams the client has not taken; read the "
+                "replies"
+            )
         self._changed.set()
 
     async def _pump(self, name: str, request: ps_pb2.SubscribeRequest) -> None:
@@ -109,6 +137,7 @@ class TableStreams:
         except Exception as exc:  # noqa: BLE001 - answered as that table's end
             if self._pumps.get(name, (0, None))[1] is asyncio.current_task():
                 del self._pumps[name]
+                self._names.pop(request.stream_id, None)
                 self._end(name, request.stream_id, exc)
         finally:
             await stream.aclose()  # its cleanup (subscriber count, heartbeat seat, memory turn) now
@@ -119,6 +148,12 @@ class TableStreams:
             async for message in requests:
                 if (error := parse_error(message)) is not None:
                     raise error
+                entries = len(message.subscribe) + len(message.stop)
+                if entries > self._max_entries:
+                    raise ValueError(
+                        f"SubscribeTablesRequest: {entries} subscribes and stops in one request, at most "
+                        f"{self._max_entries} (one a table)"
+                    )
                 for stream_id in message.stop:
                     self.stop(stream_id)
                 for entry in message.subscribe:
@@ -145,10 +180,14 @@ class TableStreams:
             parts += field_parts(_BATCHES, data)
             taken.append(sent)
             size += len(data)
-        if not self._ready:
-            for end in self._ended:
-                parts += field_parts(_ENDED, end.SerializeToString())
-            self._ended.clear()
+        while not self._ready and self._ended:  # the ends within the same bound
+            name = next(iter(self._ended))
+            data = self._ended[name].SerializeToString()
+            if parts and size + len(data) > self._max_bytes:
+                break
+            del self._ended[name]
+            parts += field_parts(_ENDED, data)
+            size += len(data)
         return b"".join(parts), taken
 
     async def replies(
@@ -161,6 +200,10 @@ class TableStreams:
             while True:
                 await self._changed.wait()
                 self._changed.clear()
+                try:
+                    self._check_open()
+                except Exception as exc:  # noqa: BLE001 - the call ends with it (UNAVAILABLE)
+                    self._failure = self._failure or exc
                 while (self._ready or self._ended) and self._failure is None:
                     reply, taken = self._reply()
                     yield reply

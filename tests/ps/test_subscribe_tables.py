@@ -4,6 +4,7 @@ ended and stopped on its own, the call going on."""
 from __future__ import annotations
 
 import queue
+import signal
 from collections.abc import Iterator
 
 import grpc
@@ -170,3 +171,55 @@ def test_undecodable_request_bytes_end_the_call_invalid_argument(cluster):
             next(raw(iter([b"\x0a"]), timeout=10))  # field 1, its length missing
         assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "not a valid message" in raised.value.details()
+
+
+def test_a_request_of_too_many_names_ends_the_call_and_many_ends_keep_the_message_limit(tmp_path):
+    """A request of more entries than the bound ends the call INVALID_ARGUMENT (20,000 unknown names
+    held a shard's loop for 13 s, pushes timing out). Within it, the ends of 40 unknown tables of
+    3,000-character names (~7 KB each, 290 KB in all) come over several replies within a 64 KiB
+    message limit: in one, the call failed RESOURCE_EXHAUSTED before any end arrived, each retry
+    alike."""
+    job = make_job([TableConfig("a", dim=4)], num_shards=1, message_limit_bytes=1 << 16)
+    with ShardCluster.start(job, tmp_path) as small:
+        call = Call(small)
+        try:
+            names = [f"{i:04d}" + "n" * 2996 for i in range(40)]
+            ids = {call.subscribe(name) for name in names}
+            ended: dict[int, ps_pb2.TableStreamEnd] = {}
+            replies = 0
+            for reply in call.until(lambda r: ended.update((e.stream_id, e) for e in r.ended) or set(ended) == ids):
+                replies += 1
+                assert reply.ByteSize() <= job.message_limit_bytes
+            assert replies > 1 and {e.code for e in ended.values()} == {grpc.StatusCode.NOT_FOUND.value[0]}
+        finally:
+            call.close()
+        call = Call(small)
+        try:
+            too_many = [ps_pb2.SubscribeRequest(table=f"x{i}", stream_id=i + 1) for i in range(1025)]
+            call._requests.put(ps_pb2.SubscribeTablesRequest(subscribe=too_many))
+            with pytest.raises(grpc.RpcError) as raised:
+                next(iter(call.replies))
+            assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "at most 1024" in raised.value.details()
+        finally:
+            call.close()
+
+
+def test_a_draining_shard_ends_a_call_with_no_stream_running(tmp_path):
+    """SIGTERM while the call's only stream has ended (an unknown table): the call ends UNAVAILABLE
+    saying the shard shuts down, and the shard exits (before, the call stayed open until the 5 s
+    grace ran out and the shard cancelled it)."""
+    cluster = ShardCluster.start(make_job([TableConfig("a", dim=4)], num_shards=1), tmp_path)
+    call = Call(cluster)
+    try:
+        gone = call.subscribe("nope")
+        list(call.until(lambda r: any(e.stream_id == gone for e in r.ended)))
+        proc = cluster.procs[0]
+        proc.send_signal(signal.SIGTERM)
+        with pytest.raises(grpc.RpcError) as raised:
+            next(iter(call.replies))
+        # Not "Cancelling all calls": what the shard's stop answers once its grace ran out.
+        assert raised.value.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in raised.value.details()
+        assert proc.wait(timeout=30) == 0
+    finally:
+        call.close()
+        cluster.stop()
