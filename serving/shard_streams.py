@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 
@@ -30,8 +30,11 @@ from serving.follower import ShardFollower, switches_side
 
 log = logging.getLogger("embps.serving")
 
-# Messages a table's feed holds before the call waits for its follower: a follower busy with one
-# table (a big range) soon holds the others back, as each table's own stream did.
+# Messages a table's stream may have sent that its follower has not taken (the window of the call's
+# per-stream flow control, ps.proto SubscribeTablesRequest): the follower gives credit back as it
+# takes them, half a window at a time. A follower that waits (a table ahead of the consistent cut,
+# waiting for the others) holds back its own table on the shard, never the call: one table's full
+# queue blocking the call's reader held back the very table the cut waited for, for good.
 FEED_MESSAGES = 4
 
 _WAKE = object()  # put into an empty feed when it closes, for a follower waiting on it
@@ -41,11 +44,13 @@ _CODES = {code.value[0]: code for code in grpc.StatusCode}
 class _Feed:
     """One table's messages of the call, in order, then how its stream ended."""
 
-    def __init__(self, stream_id: int) -> None:
+    def __init__(self, stream_id: int, give_credit: Callable[[int, int], None]) -> None:
         self.stream_id = stream_id
-        self.queue: asyncio.Queue = asyncio.Queue(FEED_MESSAGES)
+        self.queue: asyncio.Queue = asyncio.Queue()  # at most FEED_MESSAGES, by the stream's credit
         self.closed = False
         self.error: BaseException | None = None
+        self._give_credit = give_credit
+        self._taken = 0  # messages taken since credit was last given back
 
     def close(self, error: BaseException | None) -> None:
         """No more messages: after the queued ones the stream ends (raising `error`, if any)."""
@@ -62,8 +67,13 @@ class _Feed:
                     raise self.error
                 return
             message = await self.queue.get()
-            if message is not _WAKE:
-                yield message
+            if message is _WAKE:
+                continue
+            self._taken += 1
+            if self._taken >= FEED_MESSAGES // 2 and not self.closed:
+                self._give_credit(self.stream_id, self._taken)
+                self._taken = 0
+            yield message
 
 
 def table_status(end: ps_pb2.TableStreamEnd) -> grpc.aio.AioRpcError:
@@ -84,6 +94,7 @@ class ShardStreams:
         self._feeds: dict[str, _Feed] = {}
         self._subscribe: list[ps_pb2.SubscribeRequest] = []  # not yet written on the call
         self._stop: list[int] = []  # stream ids
+        self._credit: dict[int, int] = {}  # stream id -> messages to give back
         self._next_stream_id = 1
         self._outbox = asyncio.Event()  # set while _subscribe or _stop has something
         self._per_table = False  # the shard answered UNIMPLEMENTED
@@ -105,7 +116,7 @@ class ShardStreams:
             return self._own_call(request)
         name = request.table
         request.stream_id, self._next_stream_id = self._next_stream_id, self._next_stream_id + 1
-        feed = _Feed(request.stream_id)
+        feed = _Feed(request.stream_id, self._give_credit)
         old = self._feeds.get(name)
         if old is not None:
             old.close(None)
@@ -125,6 +136,10 @@ class ShardStreams:
                 if not feed.closed:
                     self._stop.append(feed.stream_id)
                     self._outbox.set()
+
+    def _give_credit(self, stream_id: int, messages: int) -> None:
+        self._credit[stream_id] = self._credit.get(stream_id, 0) + messages
+        self._outbox.set()
 
     async def _own_call(self, request: ps_pb2.SubscribeRequest) -> AsyncIterator[ps_pb2.UpdateBatch]:
         """A Subscribe call of the table's own (a shard without SubscribeTables); UNAVAILABLE
@@ -155,10 +170,10 @@ class ShardStreams:
                 call.cancel()
             # Every stream of the call ends with its status; their followers subscribe again.
             feeds, self._feeds = self._feeds, {}
-            self._subscribe, self._stop = [], []
+            self._subscribe, self._stop, self._credit = [], [], {}
             self._outbox.clear()
             for feed in feeds.values():
-                feed.close(error)
+                feed.close(error if isinstance(error, grpc.aio.AioRpcError) else None)
             if isinstance(error, grpc.aio.AioRpcError):
                 if error.code() == grpc.StatusCode.UNIMPLEMENTED:
                     log.info("shard %d does not serve SubscribeTables: a Subscribe call a table", self.shard)
@@ -172,8 +187,11 @@ class ShardStreams:
         """Writes the followers' subscribes and stops as they come, together when they come together."""
         while True:
             await self._outbox.wait()
-            request = ps_pb2.SubscribeTablesRequest(subscribe=self._subscribe, stop=self._stop)
-            self._subscribe, self._stop = [], []
+            credit = [ps_pb2.StreamCredit(stream_id=i, messages=n) for i, n in self._credit.items()]
+            request = ps_pb2.SubscribeTablesRequest(
+                subscribe=self._subscribe, stop=self._stop, window=FEED_MESSAGES, credit=credit
+            )
+            self._subscribe, self._stop, self._credit = [], [], {}
             self._outbox.clear()
             await call.write(request)
 
@@ -185,12 +203,17 @@ class ShardStreams:
                 for batch in reply.batches:
                     feed = self._feeds.get(batch.table)
                     if feed is not None and feed.stream_id == batch.stream_id:  # else stopped or replaced
-                        await feed.queue.put(batch)
+                        if feed.queue.qsize() >= FEED_MESSAGES:  # never waits: one table must not hold the call
+                            raise ValueError(f"SubscribeTables: table {batch.table!r} sent beyond its credit")
+                        feed.queue.put_nowait(batch)
                 for end in reply.ended:
                     feed = self._feeds.get(end.table)
                     if feed is not None and feed.stream_id == end.stream_id:
                         del self._feeds[end.table]
                         feed.close(table_status(end))
         except grpc.aio.AioRpcError as err:
+            return err
+        except ValueError as err:  # the shard broke the protocol: a new call
+            log.error("shard %d: %s", self.shard, err)
             return err
         return None

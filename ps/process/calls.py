@@ -248,6 +248,13 @@ def current_stall_watch() -> StallWatch | None:
     return _current_watch.get()
 
 
+def use_stall_watch(watch) -> None:
+    """Makes `watch` (StallWatch's interface: context, seconds, fired, waiting_seconds, end_now) this
+    task's current_stall_watch(): a stream carried inside another call has a watch of its own
+    (ps/shard/table_streams.py)."""
+    _current_watch.set(watch)
+
+
 def _sent_or_dropped(task: asyncio.Task) -> None:
     """The stalled stream's status task ends with abort's AbortError once the status is queued, or
     with a batch error when the client left first: either way there is nothing left to do."""

@@ -197,12 +197,24 @@ class UpdateBatch(_message.Message):
     def __init__(self, table: _Optional[str] = ..., shard: _Optional[int] = ..., incarnation: _Optional[int] = ..., from_version: _Optional[int] = ..., to_version: _Optional[int] = ..., keys: _Optional[bytes] = ..., values: _Optional[bytes] = ..., dim: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., deleted_keys: _Optional[bytes] = ..., reset: _Optional[bool] = ..., last: _Optional[bool] = ..., acks: _Optional[_Iterable[_Union[VersionAck, _Mapping]]] = ..., sent_time: _Optional[float] = ..., step: _Optional[int] = ..., dense_step: _Optional[int] = ..., dense_state: _Optional[bytes] = ..., dense_format: _Optional[str] = ..., commit_time: _Optional[float] = ..., stream_id: _Optional[int] = ...) -> None: ...
 
 class SubscribeTablesRequest(_message.Message):
-    __slots__ = ("subscribe", "stop")
+    __slots__ = ("subscribe", "stop", "window", "credit")
     SUBSCRIBE_FIELD_NUMBER: _ClassVar[int]
     STOP_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    CREDIT_FIELD_NUMBER: _ClassVar[int]
     subscribe: _containers.RepeatedCompositeFieldContainer[SubscribeRequest]
     stop: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, subscribe: _Optional[_Iterable[_Union[SubscribeRequest, _Mapping]]] = ..., stop: _Optional[_Iterable[int]] = ...) -> None: ...
+    window: int
+    credit: _containers.RepeatedCompositeFieldContainer[StreamCredit]
+    def __init__(self, subscribe: _Optional[_Iterable[_Union[SubscribeRequest, _Mapping]]] = ..., stop: _Optional[_Iterable[int]] = ..., window: _Optional[int] = ..., credit: _Optional[_Iterable[_Union[StreamCredit, _Mapping]]] = ...) -> None: ...
+
+class StreamCredit(_message.Message):
+    __slots__ = ("stream_id", "messages")
+    STREAM_ID_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    stream_id: int
+    messages: int
+    def __init__(self, stream_id: _Optional[int] = ..., messages: _Optional[int] = ...) -> None: ...
 
 class TableStreamEnd(_message.Message):
     __slots__ = ("table", "code", "message", "stream_id")

@@ -554,7 +554,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         (ps/shard/table_streams.py); replies are SubscribeTablesReply, encoded."""
         streams = TableStreams(
             self._table_stream, self.shard.table, self.call_site.check_open, self._stream_bytes,
-            max(wire.MAX_BATCH_PARTS, 2 * len(self.shard.tables)),
+            max(wire.MAX_BATCH_PARTS, 4 * len(self.shard.tables)),
         )
         self._table_calls.add(streams)
         try:

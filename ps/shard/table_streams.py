@@ -20,6 +20,7 @@ that is the process's (UNAVAILABLE: draining, no longer primary) ends the call.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -28,7 +29,7 @@ import grpc
 
 from ps.bulk_messages import field_parts
 from ps.errors import CapacityError
-from ps.process.calls import parse_error, status_of
+from ps.process.calls import StallWatch, current_stall_watch, parse_error, status_of, use_stall_watch
 from ps.rpc import ps_pb2
 
 log = logging.getLogger("embps.ps")
@@ -40,6 +41,57 @@ _ENDED = ps_pb2.SubscribeTablesReply.DESCRIPTOR.fields_by_name["ended"].number
 OpenStream = Callable[[ps_pb2.SubscribeRequest], AsyncIterator[ps_pb2.UpdateBatch]]
 
 
+class _Credit:
+    """What one stream may still send: `left` messages (None: no bound)."""
+
+    def __init__(self, window: int) -> None:
+        self.left: int | None = window or None
+        self.granted = asyncio.Event()
+
+    def give(self, messages: int) -> None:
+        if self.left is not None:
+            self.left += messages
+            self.granted.set()
+
+
+class _TableWatch:
+    """A table stream's StallWatch inside the call (the interface StreamTurns and the heartbeats
+    read): its client is waiting to take a message while the call's is (the call's own watch), or
+    while the stream waits for credit. Waiting for credit for the call's stall seconds ends the
+    table's stream (in the call), as a Subscribe stream's client that takes nothing is ended."""
+
+    def __init__(self, call: StallWatch, end: Callable[[str], None], message: str) -> None:
+        self.context = call.context
+        self.seconds = call.seconds
+        self.message = message
+        self.fired = False
+        self._call = call
+        self._end = end
+        self._since: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def arm(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._since = loop.time()
+        self._timer = loop.call_later(self.seconds, self.end_now, self.message)
+
+    def disarm(self) -> None:
+        self._since = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def waiting_seconds(self) -> float:
+        own = 0.0 if self._since is None else asyncio.get_running_loop().time() - self._since
+        return max(own, self._call.waiting_seconds())
+
+    def end_now(self, message: str) -> None:
+        if not self.fired:
+            self.fired = True
+            self.disarm()
+            self._end(message)
+
+
 class TableStreams:
     """The table streams of one SubscribeTables call, and the replies that carry them."""
 
@@ -49,10 +101,11 @@ class TableStreams:
     ) -> None:
         """open_stream(request): one table's Subscribe messages; known(name) raises for a table
         the shard does not hold; check_open() raises once the server drains (see wake); max_bytes:
-        a reply's messages (a bigger message goes alone); max_entries: the subscribes and stops one
-        request may hold, and the ends the client may leave untaken (2x the shard's tables is
-        plenty: a replica asks for each table once): past them the call ends, for a request of
-        20,000 unknown names held the shard's loop for seconds."""
+        a reply's messages (a bigger message goes alone); max_entries: the subscribes, stops and
+        credits one request may hold, and the ends the client may leave untaken (4x the shard's
+        tables is plenty: a replica asks for, gives credit to and stops each table at most once a
+        request): past them the call ends, for a request of 20,000 unknown names held the shard's
+        loop for seconds."""
         self._open = open_stream
         self._known = known
         self._check_open = check_open
@@ -60,14 +113,15 @@ class TableStreams:
         self._max_entries = max_entries
         self._pumps: dict[str, tuple[int, asyncio.Task]] = {}  # table -> (its stream_id, its task)
         self._names: dict[int, str] = {}  # stream_id -> the table of a running stream
+        self._credits: dict[int, _Credit] = {}  # stream_id -> what it may send
         # Messages made and not yet sent, oldest first: (table, message or its bytes, what its stream awaits).
         self._ready: deque[tuple[str, ps_pb2.UpdateBatch | bytes, asyncio.Future]] = deque()
         self._ended: dict[str, ps_pb2.TableStreamEnd] = {}  # by table, oldest first
         self._failure: BaseException | None = None  # ends the call
         self._changed = asyncio.Event()
 
-    def start(self, request: ps_pb2.SubscribeRequest) -> None:
-        """Starts table request.table's stream (replacing one that runs)."""
+    def start(self, request: ps_pb2.SubscribeRequest, window: int = 0) -> None:
+        """Starts table request.table's stream (replacing one that runs); window: see ps.proto."""
         name = request.table
         self._drop(name)
         try:
@@ -75,7 +129,8 @@ class TableStreams:
         except Exception as exc:  # noqa: BLE001 - answered as that table's end
             self._end(name, request.stream_id, exc)
             return
-        self._pumps[name] = (request.stream_id, asyncio.create_task(self._pump(name, request)))
+        credit = self._credits[request.stream_id] = _Credit(window)
+        self._pumps[name] = (request.stream_id, asyncio.create_task(self._pump(name, request, credit)))
         self._names[request.stream_id] = name
 
     def stop(self, stream_id: int) -> None:
@@ -83,6 +138,13 @@ class TableStreams:
         name = self._names.get(stream_id)
         if name is not None and self._pumps.get(name, (0, None))[0] == stream_id:
             self._drop(name)
+
+    def _stall(self, name: str, stream_id: int, message: str) -> None:
+        """Ends the stream called stream_id (of table `name`), if it still runs, RESOURCE_EXHAUSTED:
+        its client left it waiting (see _TableWatch), or another stream waited for its turn."""
+        if self._pumps.get(name, (0, None))[0] == stream_id:
+            self._drop(name)
+            self._end(name, stream_id, CapacityError(message))
 
     def wake(self) -> None:
         """Looks at the call again now: the server began to drain (the call then ends UNAVAILABLE,
@@ -96,6 +158,7 @@ class TableStreams:
             pump.cancel()
             if self._names.get(stream_id) == name:
                 del self._names[stream_id]
+                self._credits.pop(stream_id, None)
         if any(entry[0] == name for entry in self._ready):
             for entry in [e for e in self._ready if e[0] == name]:
                 self._ready.remove(entry)
@@ -119,25 +182,48 @@ class TableStreams:
             )
         self._changed.set()
 
-    async def _pump(self, name: str, request: ps_pb2.SubscribeRequest) -> None:
+    async def _pump(self, name: str, request: ps_pb2.SubscribeRequest, credit: _Credit) -> None:
         """Moves the table's messages into the ready queue one at a time: the next is made once
-        the previous left. Its end is recorded unless it was stopped."""
+        the previous left and the stream has credit. Its end is recorded unless it was stopped."""
         loop = asyncio.get_running_loop()
+        call_watch = current_stall_watch()
+        watch = None
+        if call_watch is not None:
+            stalled = (f"SubscribeTables: table {name!r}: the client gave no credit for {call_watch.seconds:g} s; "
+                       "resubscribe")
+            watch = _TableWatch(call_watch, functools.partial(self._stall, name, request.stream_id), stalled)
+            use_stall_watch(watch)  # this task's: the table's stream reads it (its turns, its heartbeats)
         stream = self._open(request)
         try:
-            async for message in stream:
+            while True:
+                if credit.left is not None and credit.left <= 0:
+                    credit.granted.clear()
+                    if watch is not None:
+                        watch.arm()
+                    try:
+                        await credit.granted.wait()
+                    finally:
+                        if watch is not None:
+                            watch.disarm()
+                    continue
+                try:
+                    message = await anext(stream)
+                except StopAsyncIteration:
+                    raise RuntimeError(f"table {name!r}: its stream ended") from None  # they end only by failing
+                if credit.left is not None:
+                    credit.left -= 1
                 message.stream_id = request.stream_id
                 sent = loop.create_future()
                 self._ready.append((name, message, sent))
                 self._changed.set()
                 await sent
-            raise RuntimeError(f"table {name!r}: its stream ended")  # they end only by failing
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - answered as that table's end
             if self._pumps.get(name, (0, None))[1] is asyncio.current_task():
                 del self._pumps[name]
                 self._names.pop(request.stream_id, None)
+                self._credits.pop(request.stream_id, None)
                 self._end(name, request.stream_id, exc)
         finally:
             await stream.aclose()  # its cleanup (subscriber count, heartbeat seat, memory turn) now
@@ -148,7 +234,7 @@ class TableStreams:
             async for message in requests:
                 if (error := parse_error(message)) is not None:
                     raise error
-                entries = len(message.subscribe) + len(message.stop)
+                entries = len(message.subscribe) + len(message.stop) + len(message.credit)
                 if entries > self._max_entries:
                     raise ValueError(
                         f"SubscribeTablesRequest: {entries} subscribes and stops in one request, at most "
@@ -157,7 +243,11 @@ class TableStreams:
                 for stream_id in message.stop:
                     self.stop(stream_id)
                 for entry in message.subscribe:
-                    self.start(entry)
+                    self.start(entry, message.window)
+                for grant in message.credit:
+                    credit = self._credits.get(grant.stream_id)
+                    if credit is not None:
+                        credit.give(grant.messages)
         except Exception as exc:  # noqa: BLE001 - the call ends with it
             if self._failure is None:
                 self._failure = exc

@@ -226,7 +226,12 @@ def subscribe_tables(draw: st.DrawFn) -> ps_pb2.SubscribeTablesRequest:
     for entry in entries:
         entry.stream_id = draw(uint64s)
         entry.committed = draw(st.booleans())
-    return ps_pb2.SubscribeTablesRequest(subscribe=entries, stop=draw(st.lists(uint64s, max_size=2)))
+    credit = [ps_pb2.StreamCredit(stream_id=draw(uint64s), messages=draw(st.sampled_from((0, 1, UINT32_MAX))))
+              for _ in range(draw(st.integers(0, 2)))]
+    return ps_pb2.SubscribeTablesRequest(
+        subscribe=entries, stop=draw(st.lists(uint64s, max_size=2)),
+        window=draw(st.sampled_from((0, 1, 4, UINT32_MAX))), credit=credit,
+    )
 
 
 @st.composite

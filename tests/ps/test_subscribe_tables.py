@@ -13,9 +13,10 @@ import pytest
 
 from ps import wire
 from ps.client import PSClient
+from ps.job_config import dump_job_config
 from ps.rpc import ps_pb2, ps_pb2_grpc
 from ps.table.config import TableConfig
-from tests.helpers.processes import ShardCluster, make_job
+from tests.helpers.processes import ShardCluster, make_job, start_shard, wait_serving
 
 TABLES = ("a", "b", "c")
 
@@ -37,12 +38,16 @@ class Call:
         self.replies = stub.SubscribeTables(iter(self._requests.get, None), timeout=60)
         self._next_id = 1
 
-    def subscribe(self, table: str, **fields) -> int:
-        """Starts a stream of `table`; returns its stream_id."""
+    def subscribe(self, table: str, window: int = 0, **fields) -> int:
+        """Starts a stream of `table` (with that credit window); returns its stream_id."""
         stream_id, self._next_id = self._next_id, self._next_id + 1
         request = ps_pb2.SubscribeRequest(table=table, stream_id=stream_id, stored_rows=True, **fields)
-        self._requests.put(ps_pb2.SubscribeTablesRequest(subscribe=[request]))
+        self._requests.put(ps_pb2.SubscribeTablesRequest(subscribe=[request], window=window))
         return stream_id
+
+    def give_credit(self, stream_id: int, messages: int) -> None:
+        credit = ps_pb2.StreamCredit(stream_id=stream_id, messages=messages)
+        self._requests.put(ps_pb2.SubscribeTablesRequest(credit=[credit]))
 
     def stop(self, stream_id: int) -> None:
         self._requests.put(ps_pb2.SubscribeTablesRequest(stop=[stream_id]))
@@ -54,6 +59,10 @@ class Call:
             if done(reply):
                 return
         raise AssertionError("the call ended")
+
+    def first(self, wanted) -> ps_pb2.SubscribeTablesReply:
+        """The first reply for which wanted(reply) is true (the ones before it are read and left)."""
+        return list(self.until(wanted))[-1]
 
     def close(self) -> None:
         self.replies.cancel()
@@ -99,7 +108,7 @@ def test_one_reply_carries_every_table_a_push_touched(cluster, call):
         names = list(TABLES)
         client.send_push(client.prepare_push_multi(
             names, np.tile(keys, 3), np.arange(0, 10, 3, dtype=np.int64), np.ones((9, 4), np.float32)))
-        reply = next(call.until(lambda r: bool(ranges(r))))
+        reply = call.first(lambda r: bool(ranges(r)))
         got = ranges(reply)
         assert set(got) == set(ids.values()), f"one reply, every table's range: {reply}"
         for name, stream_id in ids.items():
@@ -137,7 +146,7 @@ def test_a_failed_stream_ends_alone_and_starts_again_on_the_same_call(cluster, c
         assert copied.shape[0] == rows["a"] and {1, 2} <= set(copied.tolist())
 
         client.push("b", np.array([9], np.int64), np.ones((1, 4), np.float32))
-        reply = next(call.until(lambda r: fine in ranges(r)))
+        reply = call.first(lambda r: fine in ranges(r))
         assert wire.decode_keys(ranges(reply)[fine].keys).tolist() == [9]
 
 
@@ -154,11 +163,60 @@ def test_a_stopped_stream_sends_nothing_more(cluster, call):
         names = ["a", "b"]
         client.send_push(client.prepare_push_multi(
             names, np.array([3, 3], np.int64), np.array([0, 1, 2], np.int64), np.ones((2, 4), np.float32)))
-        reply = next(call.until(lambda r: bool(ranges(r))))
+        reply = call.first(lambda r: bool(ranges(r)))
         assert set(ranges(reply)) == {kept} and all(b.stream_id != stopped for b in reply.batches)
         again = call.subscribe("b", from_version=versions["b"])
-        reply = next(call.until(lambda r: again in ranges(r)))
+        reply = call.first(lambda r: again in ranges(r))
         assert wire.decode_keys(ranges(reply)[again].keys).tolist() == [3]
+
+
+def test_a_stream_sends_no_more_than_its_credit(cluster, call):
+    """window 1: table c's stream sends its first message (a heartbeat), then nothing while a push
+    to a and c brings a's range; given credit, c sends one range with both pushes merged."""
+    with PSClient.from_job(cluster.job) as client:
+        versions = head_versions(client)
+        free, bounded = call.subscribe("a", from_version=versions["a"]), call.subscribe(
+            "c", window=1, from_version=versions["c"])
+        list(call.until(heard_all({free, bounded})))
+        for key in (11, 12):
+            client.send_push(client.prepare_push_multi(
+                ["a", "c"], np.array([key, key], np.int64), np.array([0, 1, 2], np.int64),
+                np.ones((2, 4), np.float32)))
+            replies = list(call.until(lambda r: free in ranges(r)))
+            assert all(b.stream_id != bounded for r in replies for b in r.batches), "c sent beyond its credit"
+        call.give_credit(bounded, 1)
+        reply = call.first(lambda r: bounded in ranges(r))
+        merged = ranges(reply)[bounded]
+        assert (merged.from_version, merged.to_version) == (versions["c"], versions["c"] + 2)
+        assert sorted(wire.decode_keys(merged.keys).tolist()) == [11, 12]
+
+
+def test_a_stream_left_without_credit_ends_alone(tmp_path):
+    """A shard with --stream-stall-seconds 1: a stream waiting for credit for that long ends
+    RESOURCE_EXHAUSTED in a reply, saying so, as a Subscribe stream whose client takes nothing; the
+    call and its other stream go on."""
+    job = make_job([TableConfig("a", dim=4), TableConfig("b", dim=4)], num_shards=1)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    config_path = tmp_path / "job.toml"
+    config_path.write_text(dump_job_config(job))
+    log = tmp_path / "shard-0.log"
+    proc = start_shard(config_path, 0, log, args=("--stream-stall-seconds", "1"))
+    with ShardCluster(job, config_path, [proc], [log]) as cluster, PSClient.from_job(cluster.job) as client:
+        wait_serving(job.shards[0].address, proc)
+        call = Call(cluster)
+        try:
+            starved, fed = call.subscribe("a", window=1), call.subscribe("b")
+            list(call.until(heard_all({starved, fed})))
+            client.push("a", np.array([1], np.int64), np.ones((1, 4), np.float32))
+            ended: dict[int, ps_pb2.TableStreamEnd] = {}
+            list(call.until(lambda r: ended.update((e.stream_id, e) for e in r.ended) or starved in ended))
+            assert ended[starved].code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+            assert "no credit" in ended[starved].message
+            client.push("b", np.array([2], np.int64), np.ones((1, 4), np.float32))
+            reply = call.first(lambda r: fed in ranges(r))
+            assert wire.decode_keys(ranges(reply)[fed].keys).tolist() == [2]
+        finally:
+            call.close()
 
 
 def test_undecodable_request_bytes_end_the_call_invalid_argument(cluster):

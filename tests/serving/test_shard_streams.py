@@ -63,6 +63,31 @@ def test_a_replica_follows_each_shard_over_one_call(tmp_path):
             assert "Subscribe" not in subscribe_calls(cluster.job, shard)
 
 
+def test_a_table_waiting_for_the_cut_holds_back_neither_the_call_nor_the_table_it_waits_for(tmp_path):
+    """consistency "step" with a tiny max_waiting_bytes: step 2 changes 50,000 rows of table b (a
+    range of many messages), steps 3-40 a few rows of table a, committed at once. a's follower gets
+    ahead of the cut and waits there; a's stream then waits on the shard for credit, and b's range
+    arrives, so the cut reaches step 40 (a review's repro: a's full queue blocked the call's reader,
+    b's range never arrived, and the replica served step 1 for good, reporting nothing)."""
+    job = make_job([TableConfig("a", dim=4), TableConfig("b", dim=32)], num_shards=1, message_limit_bytes=64 << 10)
+    a_keys, b_keys = np.arange(1, 9, dtype=np.int64), np.arange(1, 50_001, dtype=np.int64)
+    with ShardCluster.start(job, tmp_path / "ps") as cluster, PSClient.from_job(cluster.job) as client:
+        client.push("a", a_keys, np.ones((8, 4), np.float32), step=1)
+        client.commit(1)
+        with ServingReplica.start(cluster, tmp_path / "serve", consistency=Consistency.STEP,
+                                  max_waiting_bytes=2048) as replica:
+            wait_until(lambda: replica.status().model_version == 1, timeout=30, what="the replica serves step 1")
+            client.push("b", b_keys, np.ones((50_000, 32), np.float32), step=2)
+            client.commit(2)
+            for step in range(3, 41):
+                client.push("a", a_keys, np.ones((8, 4), np.float32), step=step)
+                client.commit(step)
+            wait_until(lambda: replica.status().model_version == 40, timeout=30, what="the replica serves step 40")
+            values, found, _ = replica.lookup("b", b_keys[:3])
+            assert found.all()
+            np.testing.assert_array_equal(values, client.lookup("b", b_keys[:3]))
+
+
 def test_one_table_resyncs_on_the_shared_call_while_the_other_follows(tmp_path):
     """Table a's rows claim another incarnation of the shard: its stream ends FAILED_PRECONDITION,
     and it takes a full copy on the same call while table b follows from its version; both end
