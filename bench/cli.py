@@ -461,6 +461,21 @@ def _run_cut(args: argparse.Namespace) -> int:
     return run_cut_bench(config)
 
 
+def _add_follow(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tables", type=flags.counts, default=(26, 300), help="comma-separated table counts")
+    parser.add_argument("--keys", type=flags.count, default=2400, help="keys a step, spread over the tables")
+    parser.add_argument("--dim", type=flags.count, default=8, help="embedding dimension")
+    parser.add_argument("--seconds", type=flags.positive, default=5.0, help="measured seconds per table count and mode")
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+
+
+def _run_follow(args: argparse.Namespace) -> int:
+    from bench.follow_bench import FollowBenchConfig, run_follow_bench
+
+    config = FollowBenchConfig(tables=args.tables, keys=args.keys, dim=args.dim, seconds=args.seconds, out=args.out)
+    return run_follow_bench(config)
+
+
 def _add_soak(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--minutes", type=flags.positive, default=None, help="measured minutes in all (split over the phases)"
@@ -585,6 +600,8 @@ BENCHES: dict[str, Bench] = {
     "client": Bench("CPU per call of ServingClient lookups vs the bare gRPC call", _add_client, _run_client),
     "soak": Bench("push cost and shard memory over a long push stream, plotted", _add_soak, _run_soak),
     "cut": Bench("a serving replica's consistent cut: CPU per step as tables grow", _add_cut, _run_cut),
+    "follow": Bench("what a replica following the job costs the shards and itself, as tables grow", _add_follow,
+                    _run_follow),
     "precision": Bench(
         "eval AUC/logloss of one job trained with float32, float16 and int8 rows", _add_precision, _run_precision
     ),
