@@ -27,8 +27,8 @@ Roles (who may call what; health checks are open to all, for probes):
 
     trainer   PS port: every ParameterServer method (Lookup, Push, LookupBatch, PushBatch, Stats,
               Subscribe, ...) and SnapshotControl
-    replica   PS port: the read-only methods a serving replica's followers need (Subscribe, Lookup,
-              LookupBatch, Stats)
+    replica   PS port: the read-only methods a serving replica's followers need (Subscribe,
+              SubscribeTables, Lookup, LookupBatch, Stats)
     reader    serving port: Lookup, Status
     shard     PS port: Replicate alone, the stream a primary sends its state and pushes to its
               standby on. Only shard processes hold this token, so a worker, which may push, still
