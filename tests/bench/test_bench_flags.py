@@ -29,6 +29,7 @@ from tests.helpers.processes import REPO_ROOT
         (["train", "--repeat", "0"], "argument --repeat: must be an integer >= 1, got '0'"),
         (["train", "--capacity", "0"], "argument --capacity: must be an integer >= 1, got '0'"),
         (["cut", "--tables", "26,0"], "argument --tables: must be integers >= 1 separated by commas, got '26,0'"),
+        (["follow", "--seconds", "0"], "argument --seconds: must be a finite number > 0, got '0'"),
         (["soak", "--minutes", "inf"], "argument --minutes: must be a finite number, got 'inf'"),
         (["standby-join", "--rows", "0"], "argument --rows: must be an integer >= 1, got '0'"),
     ],
