@@ -12,7 +12,6 @@ A replica that does not serve the last committed step ("step") at the end fails 
 from __future__ import annotations
 
 import json
-import subprocess
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -25,6 +24,7 @@ from bench.machine import machine_facts, process_cpu_seconds
 from bench.ports import free_ports
 from bench.ps_bench import start_shards
 from ps.job_config import JobConfig, ShardConfig
+from ps.process import children
 from ps.table.config import TableConfig
 from serving.config import Consistency, ServeConfig, dump_serve_config
 
@@ -92,11 +92,7 @@ def _measure(job: JobConfig, work: Path, config: FollowBenchConfig, mode: str, s
                 replica_cpu = process_cpu_seconds(replica.pid) - before[-1]
         finally:
             if replica is not None:
-                replica.terminate()
-                try:
-                    replica.wait(15)
-                except subprocess.TimeoutExpired:
-                    replica.kill()
+                children.stop(replica)
     return {
         "tables": len(names), "mode": mode, "steps": steps, "ms_per_step": elapsed / steps * 1e3,
         "shard_cpu_ms_per_step": [c / steps * 1e3 for c in shard_cpu],
@@ -160,13 +156,7 @@ def run_follow_bench(config: FollowBenchConfig) -> int:
                           f"{row['replica_cpu_ms_per_step']:.2f} ms", flush=True)
                     results.append(row)
             finally:
-                for proc in procs:
-                    proc.terminate()
-                for proc in procs:
-                    try:
-                        proc.wait(15)
-                    except subprocess.TimeoutExpired:
-                        proc.kill()
+                children.stop_all(procs)
     result = {"bench": "follow", "config": asdict(config), "machine": machine_facts(), "results": results}
     if config.out:
         Path(config.out).parent.mkdir(parents=True, exist_ok=True)
