@@ -554,7 +554,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         (ps/shard/table_streams.py); replies are SubscribeTablesReply, encoded."""
         streams = TableStreams(
             self._table_stream, self.shard.table, self.call_site.check_open, self._stream_bytes,
-            max(wire.MAX_BATCH_PARTS, 4 * len(self.shard.tables)),
+            max(wire.MAX_BATCH_PARTS, 4 * len(self.shard.tables)), self._table_stream_ended,
         )
         self._table_calls.add(streams)
         try:
@@ -562,6 +562,11 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
                 yield reply
         finally:
             self._table_calls.discard(streams)
+
+    def _table_stream_ended(self, name: str, code: grpc.StatusCode, seconds: float) -> None:
+        """A table's stream of a SubscribeTables call ended: counted by table and code, as a
+        Subscribe call's end is (the call's own end is counted under table "")."""
+        self.call_site.record("SubscribeTables", self.call_site.table_name_label(name), code, seconds, None)
 
     async def _table_stream(self, request: ps_pb2.SubscribeRequest) -> AsyncIterator[ps_pb2.UpdateBatch]:
         """The messages of one table's Subscribe (served alone, or in SubscribeTables)."""

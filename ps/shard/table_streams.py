@@ -12,9 +12,13 @@ per-message cost of a gRPC stream, on both sides, was most of a replica's cost t
 
 A stream makes its next message only after its previous one was handed to gRPC, as under
 Subscribe, so rows are read as late as they were (a slow subscriber gets merged ranges) and one
-table holds at most one message here. A stream that fails ends alone, with the status its own call
-would have had; the subscriber starts it again on the same call (a resync: full_sync). A failure
-that is the process's (UNAVAILABLE: draining, no longer primary) ends the call.
+table holds at most one message here. With a window (SubscribeTablesRequest.window) a stream also
+waits for its subscriber's credit before it makes its next message: a table whose subscriber is
+busy waits here, its ranges merging, and holds back neither the call nor the other tables (on one
+call's flow control alone, a busy table held back every table). A stream that fails ends alone,
+with the status its own call would have had; the subscriber starts it again on the same call (a
+resync: full_sync). A failure that is the process's (UNAVAILABLE: draining, no longer primary)
+ends the call.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 
@@ -97,7 +102,7 @@ class TableStreams:
 
     def __init__(
         self, open_stream: OpenStream, known: Callable[[str], None], check_open: Callable[[], None], max_bytes: int,
-        max_entries: int,
+        max_entries: int, on_end: Callable[[str, grpc.StatusCode, float], None],
     ) -> None:
         """open_stream(request): one table's Subscribe messages; known(name) raises for a table
         the shard does not hold; check_open() raises once the server drains (see wake); max_bytes:
@@ -105,8 +110,11 @@ class TableStreams:
         credits one request may hold, and the ends the client may leave untaken (4x the shard's
         tables is plenty: a replica asks for, gives credit to and stops each table at most once a
         request): past them the call ends, for a request of 20,000 unknown names held the shard's
-        loop for seconds."""
+        loop for seconds. on_end(table, code, seconds open): a table's stream ended (recorded as a
+        Subscribe call's end is: the shard's embps_requests counts them by table and code)."""
         self._open = open_stream
+        self._on_end = on_end
+        self._started: dict[int, float] = {}  # stream_id -> time.perf_counter() at its start
         self._known = known
         self._check_open = check_open
         self._max_bytes = max_bytes
@@ -124,6 +132,7 @@ class TableStreams:
         """Starts table request.table's stream (replacing one that runs); window: see ps.proto."""
         name = request.table
         self._drop(name)
+        self._started[request.stream_id] = time.perf_counter()
         try:
             self._known(name)
         except Exception as exc:  # noqa: BLE001 - answered as that table's end
@@ -156,6 +165,7 @@ class TableStreams:
         stream_id, pump = self._pumps.pop(name, (0, None))
         if pump is not None:
             pump.cancel()
+            self._started.pop(stream_id, None)
             if self._names.get(stream_id) == name:
                 del self._names[stream_id]
                 self._credits.pop(stream_id, None)
@@ -169,6 +179,10 @@ class TableStreams:
         code, message = status_of(exc)
         if code == grpc.StatusCode.INTERNAL:
             log.error("SubscribeTables: table %r's stream failed", name, exc_info=exc)
+        elif code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            log.warning("SubscribeTables: table %r: %s; the stream is ended", name, message)
+        started = self._started.pop(stream_id, None)
+        self._on_end(name, code, time.perf_counter() - started if started is not None else 0.0)
         if code == grpc.StatusCode.UNAVAILABLE and self._failure is None:
             self._failure = exc  # the process's, not the table's: the call ends
         self._ended.pop(name, None)  # (re)inserted last: ends go out in the order they came
@@ -189,14 +203,21 @@ class TableStreams:
         call_watch = current_stall_watch()
         watch = None
         if call_watch is not None:
-            stalled = (f"SubscribeTables: table {name!r}: the client gave no credit for {call_watch.seconds:g} s; "
-                       "resubscribe")
+            stalled = f"the client gave no credit for {call_watch.seconds:g} s; resubscribe"
             watch = _TableWatch(call_watch, functools.partial(self._stall, name, request.stream_id), stalled)
             use_stall_watch(watch)  # this task's: the table's stream reads it (its turns, its heartbeats)
         stream = self._open(request)
         try:
             while True:
-                if credit.left is not None and credit.left <= 0:
+                try:
+                    message = await anext(stream)
+                except StopAsyncIteration:
+                    raise RuntimeError(f"table {name!r}: its stream ended") from None  # they end only by failing
+                # Made first, then held for credit, as a Subscribe stream's message is made and then
+                # held by the call's flow control: the stream went past its previous message, so a
+                # range all sent has let its memory turn go (waiting for credit before making the
+                # next, the last message's range kept it, and other tables' ranges waited for it).
+                while credit.left is not None and credit.left <= 0:
                     credit.granted.clear()
                     if watch is not None:
                         watch.arm()
@@ -205,11 +226,6 @@ class TableStreams:
                     finally:
                         if watch is not None:
                             watch.disarm()
-                    continue
-                try:
-                    message = await anext(stream)
-                except StopAsyncIteration:
-                    raise RuntimeError(f"table {name!r}: its stream ended") from None  # they end only by failing
                 if credit.left is not None:
                     credit.left -= 1
                 message.stream_id = request.stream_id

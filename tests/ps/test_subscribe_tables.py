@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import queue
 import signal
+import urllib.request
 from collections.abc import Iterator
 
 import grpc
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from ps import wire
 from ps.client import PSClient
@@ -17,6 +19,7 @@ from ps.job_config import dump_job_config
 from ps.rpc import ps_pb2, ps_pb2_grpc
 from ps.table.config import TableConfig
 from tests.helpers.processes import ShardCluster, make_job, start_shard, wait_serving
+from tests.helpers.waiting import wait_until
 
 TABLES = ("a", "b", "c")
 
@@ -91,6 +94,18 @@ def heard_all(ids: set[int]):
 def ranges(reply: ps_pb2.SubscribeTablesReply) -> dict[int, ps_pb2.UpdateBatch]:
     """The messages of `reply` that end a range with rows, by stream_id."""
     return {b.stream_id: b for b in reply.batches if b.last and b.to_version > b.from_version}
+
+
+def table_ends(job, table: str) -> dict[str, float]:
+    """The shard's count of table `table`'s SubscribeTables streams that ended, by code."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{job.shards[0].metrics_port}/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    return {
+        sample.labels["code"]: sample.value
+        for family in text_string_to_metric_families(text) for sample in family.samples
+        if sample.name == "embps_requests_total" and sample.labels.get("method") == "SubscribeTables"
+        and sample.labels.get("table") == table
+    }
 
 
 def head_versions(client: PSClient) -> dict[str, int]:
@@ -171,24 +186,28 @@ def test_a_stopped_stream_sends_nothing_more(cluster, call):
 
 
 def test_a_stream_sends_no_more_than_its_credit(cluster, call):
-    """window 1: table c's stream sends its first message (a heartbeat), then nothing while a push
-    to a and c brings a's range; given credit, c sends one range with both pushes merged."""
+    """window 1: table c's stream sends its first message (a heartbeat), then nothing while three
+    pushes to a and c bring a's ranges; given credit for two messages, c sends the range it made
+    at the first push (held for credit, as a Subscribe stream's message is held by flow control)
+    and then one range with the two later pushes merged."""
     with PSClient.from_job(cluster.job) as client:
         versions = head_versions(client)
         free, bounded = call.subscribe("a", from_version=versions["a"]), call.subscribe(
             "c", window=1, from_version=versions["c"])
         list(call.until(heard_all({free, bounded})))
-        for key in (11, 12):
+        for key in (11, 12, 13):
             client.send_push(client.prepare_push_multi(
                 ["a", "c"], np.array([key, key], np.int64), np.array([0, 1, 2], np.int64),
                 np.ones((2, 4), np.float32)))
             replies = list(call.until(lambda r: free in ranges(r)))
             assert all(b.stream_id != bounded for r in replies for b in r.batches), "c sent beyond its credit"
-        call.give_credit(bounded, 1)
-        reply = call.first(lambda r: bounded in ranges(r))
-        merged = ranges(reply)[bounded]
-        assert (merged.from_version, merged.to_version) == (versions["c"], versions["c"] + 2)
-        assert sorted(wire.decode_keys(merged.keys).tolist()) == [11, 12]
+        call.give_credit(bounded, 2)
+        sent: list[ps_pb2.UpdateBatch] = []
+        for reply in call.until(lambda r: bool(sent) and sent[-1].to_version == versions["c"] + 3):
+            sent.extend(b for b in reply.batches if b.stream_id == bounded and b.last)
+        c = versions["c"]
+        assert [(b.from_version, b.to_version) for b in sent] == [(c, c + 1), (c + 1, c + 3)]
+        assert [sorted(wire.decode_keys(b.keys).tolist()) for b in sent] == [[11], [12, 13]]
 
 
 def test_a_stream_left_without_credit_ends_alone(tmp_path):
@@ -212,9 +231,48 @@ def test_a_stream_left_without_credit_ends_alone(tmp_path):
             list(call.until(lambda r: ended.update((e.stream_id, e) for e in r.ended) or starved in ended))
             assert ended[starved].code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
             assert "no credit" in ended[starved].message
+            # Logged and counted as a Subscribe stream's stall is (before: neither).
+            wait_until(lambda: "SubscribeTables: table 'a': the client gave no credit" in cluster.log(0),
+                       "the shard logs the ended stream")
+            assert table_ends(job, "a") == {"RESOURCE_EXHAUSTED": 1.0}
             client.push("b", np.array([2], np.int64), np.ones((1, 4), np.float32))
             reply = call.first(lambda r: fed in ranges(r))
             assert wire.decode_keys(ranges(reply)[fed].keys).tolist() == [2]
+        finally:
+            call.close()
+
+
+def test_a_range_sent_whole_lets_its_memory_go_while_its_stream_waits_for_credit(tmp_path):
+    """A shard whose Subscribe memory holds one range: table a's range (20,000 rows of dim 64, many
+    messages) is taken whole, then a gives no credit; table b's range then has the memory at once
+    and a's stream goes on (a review's repro: a's stream, waiting for credit at its range's last
+    message, kept the range's turn; b's range waited 5 s, and a was ended RESOURCE_EXHAUSTED)."""
+    job = make_job([TableConfig("a", dim=64), TableConfig("b", dim=4)], num_shards=1, message_limit_bytes=1 << 20)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    config_path = tmp_path / "job.toml"
+    config_path.write_text(dump_job_config(job))
+    log = tmp_path / "shard-0.log"
+    proc = start_shard(config_path, 0, log, args=("--subscribe-memory-bytes", "200000"))
+    with ShardCluster(job, config_path, [proc], [log]) as cluster, PSClient.from_job(cluster.job) as client:
+        wait_serving(job.shards[0].address, proc)
+        client.push("a", np.arange(20_000, dtype=np.int64), np.ones((20_000, 64), np.float32))
+        client.push("b", np.array([1, 2], np.int64), np.ones((2, 4), np.float32))
+        call = Call(cluster)
+        try:
+            a = call.subscribe("a", window=1, from_version=0)
+            messages = 0
+            for reply in call.replies:  # a's range a message at a time: credit for each but the last
+                mine = [b for b in reply.batches if b.stream_id == a]
+                messages += len(mine)
+                if any(b.last for b in mine):
+                    break
+                call.give_credit(a, len(mine))
+            assert messages > 2
+            b = call.subscribe("b", from_version=0)
+            ended = []
+            for reply in call.until(lambda r: b in ranges(r)):
+                ended += [(e.table, e.message) for e in reply.ended]
+            assert ended == [], f"b's range came only after a's stream was ended: {ended}"
         finally:
             call.close()
 

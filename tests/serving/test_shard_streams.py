@@ -27,7 +27,8 @@ from tests.serving.replicas import ServingReplica
 
 
 def subscribe_calls(job, shard: int) -> dict[str, float]:
-    """The shard's Subscribe and SubscribeTables calls ended so far, by method (all codes)."""
+    """The shard's Subscribe and SubscribeTables calls ended so far, by method (all codes; not the
+    ends of a SubscribeTables call's table streams, which are counted under their tables)."""
     url = f"http://127.0.0.1:{job.shards[shard].metrics_port}/metrics"
     with urllib.request.urlopen(url, timeout=5) as reply:
         text = reply.read().decode()
@@ -35,7 +36,9 @@ def subscribe_calls(job, shard: int) -> dict[str, float]:
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             method = sample.labels.get("method", "")
-            if sample.name == "embps_requests_total" and method.startswith("Subscribe"):
+            if sample.name == "embps_requests_total" and method.startswith("Subscribe") and (
+                method == "Subscribe" or sample.labels.get("table") == ""
+            ):
                 calls[method] = calls.get(method, 0.0) + sample.value
     return calls
 
