@@ -13,6 +13,8 @@ Errors propagate to ShardFollower.run, which backs off and resubscribes (in full
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from ps import wire
@@ -20,8 +22,11 @@ from ps.rpc import ps_pb2
 from serving.cut import Delta, ModelCut
 from serving.store import ShardRows
 
+if TYPE_CHECKING:
+    from serving.follower import Subscribe
 
-async def follow_committed(follower, cut: ModelCut, with_dense: bool, subscribe) -> None:
+
+async def follow_committed(follower, cut: ModelCut, with_dense: bool, subscribe: Subscribe) -> None:
     """Follows follower's (table, shard) stream, subscribe(request)'s messages (serving/follower.py's
     Subscribe), into `cut` until it ends or fails."""
     from serving.follower import StreamGapError
