@@ -96,7 +96,7 @@ class ShardStreams:
         self._stop: list[int] = []  # stream ids
         self._credit: dict[int, int] = {}  # stream id -> messages to give back
         self._next_stream_id = 1
-        self._outbox = asyncio.Event()  # set while _subscribe or _stop has something
+        self._outbox = asyncio.Event()  # set while _subscribe, _stop or _credit has something
         self._per_table = False  # the shard answered UNIMPLEMENTED
 
     async def run(self) -> None:
