@@ -192,8 +192,9 @@ def test_health_and_reflection(cluster):
         assert SERVICE_NAME in services and "grpc.health.v1.Health" in services
         methods = {m.name for m in db.FindFileContainingSymbol(SERVICE_NAME).service[0].method}
         assert methods == {
-            "Lookup", "Push", "Stats", "Subscribe", "SubscribeTables", "LookupBatch", "PushBatch", "LookupMulti", "PushMulti", "Commit"
-        }  # fmt: skip
+            "Lookup", "Push", "Stats", "Subscribe", "SubscribeTables", "LookupBatch", "PushBatch", "LookupMulti",
+            "PushMulti", "Commit",
+        }
 
 
 def test_status_mapping_hides_unexpected_errors():
