@@ -164,12 +164,15 @@ class ShardCluster:
     exit_codes: list[int | None] = field(default_factory=list)
 
     @classmethod
-    def start(cls, job: JobConfig, workdir: Path, env: dict[str, str] | None = None) -> ShardCluster:
+    def start(
+        cls, job: JobConfig, workdir: Path, env: dict[str, str] | None = None, args: tuple[str, ...] = ()
+    ) -> ShardCluster:
+        """Every shard of `job` (`embps ps ... [args]`), returned once each serves."""
         workdir.mkdir(parents=True, exist_ok=True)
         config_path = workdir / f"{job.job}.toml"
         config_path.write_text(dump_job_config(job))
         logs = [workdir / f"{job.job}-shard-{i}.log" for i in range(len(job.shards))]
-        procs = [start_shard(config_path, i, logs[i], env) for i in range(len(job.shards))]
+        procs = [start_shard(config_path, i, logs[i], env, args) for i in range(len(job.shards))]
         cluster = cls(job, config_path, procs, logs)
         try:
             for i, shard in enumerate(job.shards):

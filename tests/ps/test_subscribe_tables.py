@@ -15,10 +15,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ps import wire
 from ps.client import PSClient
-from ps.job_config import dump_job_config
 from ps.rpc import ps_pb2, ps_pb2_grpc
 from ps.table.config import TableConfig
-from tests.helpers.processes import ShardCluster, make_job, start_shard, wait_serving
+from tests.helpers.processes import ShardCluster, make_job
 from tests.helpers.waiting import wait_until
 
 TABLES = ("a", "b", "c")
@@ -215,13 +214,8 @@ def test_a_stream_left_without_credit_ends_alone(tmp_path):
     RESOURCE_EXHAUSTED in a reply, saying so, as a Subscribe stream whose client takes nothing; the
     call and its other stream go on."""
     job = make_job([TableConfig("a", dim=4), TableConfig("b", dim=4)], num_shards=1)
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    config_path = tmp_path / "job.toml"
-    config_path.write_text(dump_job_config(job))
-    log = tmp_path / "shard-0.log"
-    proc = start_shard(config_path, 0, log, args=("--stream-stall-seconds", "1"))
-    with ShardCluster(job, config_path, [proc], [log]) as cluster, PSClient.from_job(cluster.job) as client:
-        wait_serving(job.shards[0].address, proc)
+    cluster = ShardCluster.start(job, tmp_path, args=("--stream-stall-seconds", "1"))
+    with cluster, PSClient.from_job(cluster.job) as client:
         call = Call(cluster)
         try:
             starved, fed = call.subscribe("a", window=1), call.subscribe("b")
@@ -248,13 +242,8 @@ def test_a_range_sent_whole_lets_its_memory_go_while_its_stream_waits_for_credit
     and a's stream goes on (a review's repro: a's stream, waiting for credit at its range's last
     message, kept the range's turn; b's range waited 5 s, and a was ended RESOURCE_EXHAUSTED)."""
     job = make_job([TableConfig("a", dim=64), TableConfig("b", dim=4)], num_shards=1, message_limit_bytes=1 << 20)
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    config_path = tmp_path / "job.toml"
-    config_path.write_text(dump_job_config(job))
-    log = tmp_path / "shard-0.log"
-    proc = start_shard(config_path, 0, log, args=("--subscribe-memory-bytes", "200000"))
-    with ShardCluster(job, config_path, [proc], [log]) as cluster, PSClient.from_job(cluster.job) as client:
-        wait_serving(job.shards[0].address, proc)
+    cluster = ShardCluster.start(job, tmp_path, args=("--subscribe-memory-bytes", "200000"))
+    with cluster, PSClient.from_job(cluster.job) as client:
         client.push("a", np.arange(20_000, dtype=np.int64), np.ones((20_000, 64), np.float32))
         client.push("b", np.array([1, 2], np.int64), np.ones((2, 4), np.float32))
         call = Call(cluster)
