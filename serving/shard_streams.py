@@ -92,7 +92,7 @@ class ShardStreams:
         self.followers = followers
         self.shard = followers[0].shard
         self._feeds: dict[str, _Feed] = {}
-        self._subscribe: list[ps_pb2.SubscribeRequest] = []  # not yet written on the call
+        self._subscribe: dict[str, ps_pb2.SubscribeRequest] = {}  # by table, not yet written on the call
         self._stop: list[int] = []  # stream ids
         self._credit: dict[int, int] = {}  # stream id -> messages to give back
         self._next_stream_id = 1
@@ -121,7 +121,8 @@ class ShardStreams:
         if old is not None:
             old.close(None)
         self._feeds[name] = feed
-        self._subscribe = [r for r in self._subscribe if r.table != name] + [request]
+        self._subscribe.pop(name, None)  # (re)inserted last: written in the order they came
+        self._subscribe[name] = request
         self._outbox.set()
         return self._messages(name, feed)
 
@@ -132,7 +133,7 @@ class ShardStreams:
         finally:
             if self._feeds.get(name) is feed:  # its follower left (an error of its own): stop it there
                 del self._feeds[name]
-                self._subscribe = [r for r in self._subscribe if r.table != name]
+                self._subscribe.pop(name, None)
                 if not feed.closed:
                     self._stop.append(feed.stream_id)
                     self._outbox.set()
@@ -170,7 +171,7 @@ class ShardStreams:
                 call.cancel()
             # Every stream of the call ends with its status; their followers subscribe again.
             feeds, self._feeds = self._feeds, {}
-            self._subscribe, self._stop, self._credit = [], [], {}
+            self._subscribe, self._stop, self._credit = {}, [], {}
             self._outbox.clear()
             for feed in feeds.values():
                 feed.close(error if isinstance(error, grpc.aio.AioRpcError) else None)
@@ -189,9 +190,9 @@ class ShardStreams:
             await self._outbox.wait()
             credit = [ps_pb2.StreamCredit(stream_id=i, messages=n) for i, n in self._credit.items()]
             request = ps_pb2.SubscribeTablesRequest(
-                subscribe=self._subscribe, stop=self._stop, window=FEED_MESSAGES, credit=credit
+                subscribe=self._subscribe.values(), stop=self._stop, window=FEED_MESSAGES, credit=credit
             )
-            self._subscribe, self._stop, self._credit = [], [], {}
+            self._subscribe, self._stop, self._credit = {}, [], {}
             self._outbox.clear()
             await call.write(request)
 
