@@ -29,6 +29,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -57,6 +58,16 @@ class _Credit:
         if self.left is not None:
             self.left += messages
             self.granted.set()
+
+
+@dataclass
+class _Stream:
+    """One table's stream of the call: its id, what it may still send, when it started, its task."""
+
+    stream_id: int
+    credit: _Credit
+    started: float = field(default_factory=time.perf_counter)
+    task: asyncio.Task | None = None
 
 
 class _TableWatch:
@@ -114,14 +125,12 @@ class TableStreams:
         Subscribe call's end is: the shard's embps_requests counts them by table and code)."""
         self._open = open_stream
         self._on_end = on_end
-        self._started: dict[int, float] = {}  # stream_id -> time.perf_counter() at its start
         self._known = known
         self._check_open = check_open
         self._max_bytes = max_bytes
         self._max_entries = max_entries
-        self._pumps: dict[str, tuple[int, asyncio.Task]] = {}  # table -> (its stream_id, its task)
+        self._streams: dict[str, _Stream] = {}  # the running streams, by table
         self._names: dict[int, str] = {}  # stream_id -> the table of a running stream
-        self._credits: dict[int, _Credit] = {}  # stream_id -> what it may send
         # Messages made and not yet sent, oldest first: (table, message or its bytes, what its stream awaits).
         self._ready: deque[tuple[str, ps_pb2.UpdateBatch | bytes, asyncio.Future]] = deque()
         self._ended: dict[str, ps_pb2.TableStreamEnd] = {}  # by table, oldest first
@@ -132,62 +141,69 @@ class TableStreams:
         """Starts table request.table's stream (replacing one that runs); window: see ps.proto."""
         name = request.table
         self._drop(name)
-        self._started[request.stream_id] = time.perf_counter()
+        stream = _Stream(request.stream_id, _Credit(window))
         try:
             self._known(name)
         except Exception as exc:  # noqa: BLE001 - answered as that table's end
-            self._end(name, request.stream_id, exc)
+            self._end(name, stream, exc)
             return
-        credit = self._credits[request.stream_id] = _Credit(window)
-        self._pumps[name] = (request.stream_id, asyncio.create_task(self._pump(name, request, credit)))
-        self._names[request.stream_id] = name
+        self._streams[name] = stream
+        self._names[stream.stream_id] = name
+        stream.task = asyncio.create_task(self._pump(name, request, stream))
+
+    def _running(self, stream_id: int) -> tuple[str, _Stream] | None:
+        """(table, stream) of the running stream called stream_id, if there is one."""
+        name = self._names.get(stream_id)
+        stream = self._streams.get(name) if name is not None else None
+        return (name, stream) if stream is not None and stream.stream_id == stream_id else None
 
     def stop(self, stream_id: int) -> None:
         """Ends the stream called stream_id, if it runs."""
-        name = self._names.get(stream_id)
-        if name is not None and self._pumps.get(name, (0, None))[0] == stream_id:
-            self._drop(name)
+        if (running := self._running(stream_id)) is not None:
+            self._drop(running[0])
 
-    def _stall(self, name: str, stream_id: int, message: str) -> None:
-        """Ends the stream called stream_id (of table `name`), if it still runs, RESOURCE_EXHAUSTED:
-        its client left it waiting (see _TableWatch), or another stream waited for its turn."""
-        if self._pumps.get(name, (0, None))[0] == stream_id:
+    def _stall(self, name: str, stream: _Stream, message: str) -> None:
+        """Ends `stream` (of table `name`), if it still runs, RESOURCE_EXHAUSTED: its client left
+        it waiting (see _TableWatch), or another stream waited for its turn."""
+        if self._streams.get(name) is stream:
             self._drop(name)
-            self._end(name, stream_id, CapacityError(message))
+            self._end(name, stream, CapacityError(message))
 
     def wake(self) -> None:
         """Looks at the call again now: the server began to drain (the call then ends UNAVAILABLE,
         whether or not a table's stream runs to find out)."""
         self._changed.set()
 
+    def _forget(self, name: str) -> _Stream | None:
+        """Takes table `name`'s running stream out of the call's books; returns it."""
+        stream = self._streams.pop(name, None)
+        if stream is not None and self._names.get(stream.stream_id) == name:
+            del self._names[stream.stream_id]
+        return stream
+
     def _drop(self, name: str) -> None:
         """Ends table `name`'s stream, if it runs, dropping what it made and has not sent."""
-        stream_id, pump = self._pumps.pop(name, (0, None))
-        if pump is not None:
-            pump.cancel()
-            self._started.pop(stream_id, None)
-            if self._names.get(stream_id) == name:
-                del self._names[stream_id]
-                self._credits.pop(stream_id, None)
+        stream = self._forget(name)
+        if stream is not None and stream.task is not None:
+            stream.task.cancel()
         if any(entry[0] == name for entry in self._ready):
             for entry in [e for e in self._ready if e[0] == name]:
                 self._ready.remove(entry)
                 entry[2].cancel()
         self._ended.pop(name, None)
 
-    def _end(self, name: str, stream_id: int, exc: BaseException) -> None:
+    def _end(self, name: str, stream: _Stream, exc: BaseException) -> None:
         code, message = status_of(exc)
         if code == grpc.StatusCode.INTERNAL:
             log.error("SubscribeTables: table %r's stream failed", name, exc_info=exc)
         elif code == grpc.StatusCode.RESOURCE_EXHAUSTED:
             log.warning("SubscribeTables: table %r: %s; the stream is ended", name, message)
-        started = self._started.pop(stream_id, None)
-        self._on_end(name, code, time.perf_counter() - started if started is not None else 0.0)
+        self._on_end(name, code, time.perf_counter() - stream.started)
         if code == grpc.StatusCode.UNAVAILABLE and self._failure is None:
             self._failure = exc  # the process's, not the table's: the call ends
         self._ended.pop(name, None)  # (re)inserted last: ends go out in the order they came
         self._ended[name] = ps_pb2.TableStreamEnd(
-            table=name, code=code.value[0], message=message[:_END_MESSAGE_CHARS], stream_id=stream_id
+            table=name, code=code.value[0], message=message[:_END_MESSAGE_CHARS], stream_id=stream.stream_id
         )
         if len(self._ended) > self._max_entries and self._failure is None:
             self._failure = CapacityError(
@@ -196,7 +212,7 @@ class TableStreams:
             )
         self._changed.set()
 
-    async def _pump(self, name: str, request: ps_pb2.SubscribeRequest, credit: _Credit) -> None:
+    async def _pump(self, name: str, request: ps_pb2.SubscribeRequest, stream: _Stream) -> None:
         """Moves the table's messages into the ready queue one at a time: the next is made once
         the previous left and the stream has credit. Its end is recorded unless it was stopped."""
         loop = asyncio.get_running_loop()
@@ -204,13 +220,14 @@ class TableStreams:
         watch = None
         if call_watch is not None:
             stalled = f"the client gave no credit for {call_watch.seconds:g} s; resubscribe"
-            watch = _TableWatch(call_watch, functools.partial(self._stall, name, request.stream_id), stalled)
+            watch = _TableWatch(call_watch, functools.partial(self._stall, name, stream), stalled)
             use_stall_watch(watch)  # this task's: the table's stream reads it (its turns, its heartbeats)
-        stream = self._open(request)
+        credit = stream.credit
+        messages = self._open(request)
         try:
             while True:
                 try:
-                    message = await anext(stream)
+                    message = await anext(messages)
                 except StopAsyncIteration:
                     raise RuntimeError(f"table {name!r}: its stream ended") from None  # they end only by failing
                 # Made first, then held for credit, as a Subscribe stream's message is made and then
@@ -236,13 +253,11 @@ class TableStreams:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - answered as that table's end
-            if self._pumps.get(name, (0, None))[1] is asyncio.current_task():
-                del self._pumps[name]
-                self._names.pop(request.stream_id, None)
-                self._credits.pop(request.stream_id, None)
-                self._end(name, request.stream_id, exc)
+            if self._streams.get(name) is stream:
+                self._forget(name)
+                self._end(name, stream, exc)
         finally:
-            await stream.aclose()  # its cleanup (subscriber count, heartbeat seat, memory turn) now
+            await messages.aclose()  # its cleanup (subscriber count, heartbeat seat, memory turn) now
 
     async def _take(self, requests: AsyncIterator[ps_pb2.SubscribeTablesRequest]) -> None:
         """Starts and stops streams as the requests say; a request that does not parse ends the call."""
@@ -261,9 +276,8 @@ class TableStreams:
                 for entry in message.subscribe:
                     self.start(entry, message.window)
                 for grant in message.credit:
-                    credit = self._credits.get(grant.stream_id)
-                    if credit is not None:
-                        credit.give(grant.messages)
+                    if (running := self._running(grant.stream_id)) is not None:
+                        running[1].credit.give(grant.messages)
         except Exception as exc:  # noqa: BLE001 - the call ends with it
             if self._failure is None:
                 self._failure = exc
@@ -320,7 +334,7 @@ class TableStreams:
                     raise self._failure
         finally:
             taker.cancel()
-            pumps = [pump for _, pump in self._pumps.values()]
+            pumps = [stream.task for stream in self._streams.values() if stream.task is not None]
             for pump in pumps:
                 pump.cancel()
             await asyncio.gather(taker, *pumps, return_exceptions=True)
