@@ -6,7 +6,8 @@
 //   float16  dim IEEE binary16 values, two per word (little-endian), padded to a whole word
 //   int8     [ scale float32 | bias float32 | dim uint8 codes, padded to a whole word ]
 //            value_k = float(code_k) * scale + bias   (float32 multiply, then float32 add)
-//            encode: bias = min(w), scale = (max(w) - min(w)) / 255 (fbgemm's row-wise layout;
+//            encode: bias = min(w), scale = (max(w) - min(w)) / 255, at most float32's largest
+//            value / 256 (int8_scale) (fbgemm's row-wise layout;
 //            fbgemm keeps scale and bias after the codes, we keep them first)
 // so at dim 64 a value takes 32 words (float16) or 18 words (int8) instead of 64.
 //
@@ -316,6 +317,19 @@ inline void decode_value(Storage storage, const float* src, int64_t dim, float* 
   }
 }
 
+// The largest scale an int8 row keeps: 255 x it stays a finite float32 (a power of two below
+// float32's largest value / 255, so the product is exact), and so does every decoded value.
+constexpr float kInt8MaxScale = std::numeric_limits<float>::max() / 256.0f;
+
+// The scale of an int8 row of min `lo` and max `hi`: (hi - lo) / 255, at most kInt8MaxScale. A row
+// whose span passes float32's largest value (training gone far off) had hi - lo = inf, an infinite
+// scale, and every value NaN once decoded (code x inf + lo); it keeps its minimum and saturates at
+// lo + 255 x kInt8MaxScale instead. NaN (a row holding one) passes through as before.
+inline float int8_scale(float lo, float hi) {
+  const float scale = (hi - lo) / 255.0f;
+  return scale > kInt8MaxScale ? kInt8MaxScale : scale;
+}
+
 // 1 / scale of an int8 row, 0 where it is not a finite number: a row whose span is below ~7.5e-37
 // has a subnormal scale whose inverse is inf, and its minimum encoded (0 x inf = NaN) as code 255;
 // such a row encodes as one of equal values (every code 0: each value decodes to the minimum).
@@ -336,7 +350,7 @@ inline void encode_value(Storage storage, const float* w, int64_t dim, uint64_t 
     rounding_draws(base, dim, r);
     float lo, hi;
     row_min_max(w, dim, &lo, &hi);
-    const float scale = (hi - lo) / 255.0f;
+    const float scale = int8_scale(lo, hi);
     const float inv = int8_inverse_scale(scale);
     dst[0] = scale;
     dst[1] = lo;
@@ -596,7 +610,7 @@ inline void update_encoded_rows(Optimizer opt, const double* hp, const BlockStor
       for (int64_t j = 0; j < n; ++j) {
         float hi;
         row_min_max(w + j * dim, dim, &lo[j], &hi);
-        const float scale = (hi - lo[j]) / 255.0f;
+        const float scale = int8_scale(lo[j], hi);
         inv[j] = int8_inverse_scale(scale);
         row[j][0] = scale;
         row[j][1] = lo[j];

@@ -53,8 +53,9 @@ FBGEMM_OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad")
 # Every initial value stays a finite float32: a normal draw reaches 5.9 x init_scale
 # (row_ops.h: sqrt(-2 ln(0.5 / 2^24))), float32's largest value is 3.4e38.
 MAX_INIT_SCALE = 5e37
-# An int8 row keeps (max - min) / 255 as its scale: a span beyond float32's largest value made the
-# scale infinite and every value of the row NaN once encoded. Draws reach +-5.9 x init_scale.
+# An int8 row keeps (max - min) / 255 as its scale, at most float32's largest value / 256: a row
+# whose span passes float32's largest value saturates at its top (csrc/row_codec.h int8_scale), so
+# initial rows stay within it. Draws reach +-5.9 x init_scale.
 MAX_INT8_INIT_SCALE = 2.5e37
 
 

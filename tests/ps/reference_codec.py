@@ -71,12 +71,15 @@ def encode(storage: str, seed: int, keys: np.ndarray, stream: int, values: np.nd
         return out
     v = values.astype(np.float32)
     lo, hi = v.min(axis=1), v.max(axis=1)
-    scale = (hi - lo) / np.float32(255.0)
+    max_scale = np.float32(np.finfo(np.float32).max) / np.float32(256.0)
+    with np.errstate(over="ignore"):  # a span past float32's largest value: the scale saturates
+        scale = np.minimum((hi - lo) / np.float32(255.0), max_scale)
     with np.errstate(divide="ignore", over="ignore"):
         inv = np.where(scale > 0, np.float32(1.0) / scale, np.float32(0.0)).astype(np.float32)
     inv = np.where(np.isfinite(inv), inv, np.float32(0.0))  # a subnormal scale: encoded as equal values
     u = bits.astype(np.float32) * np.float32(1.0 / 65536.0)
-    t = (v - lo[:, None]) * inv[:, None]
+    with np.errstate(over="ignore", invalid="ignore"):
+        t = (v - lo[:, None]) * inv[:, None]
     codes = np.minimum(np.floor(t + u), 255).astype(np.uint8)  # t + u >= 0
     header = np.stack([scale, lo], axis=1).astype(np.float32)
     out[:, :8] = header.view(np.uint8)

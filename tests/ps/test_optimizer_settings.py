@@ -111,6 +111,28 @@ def test_an_int8_table_s_largest_init_scale_keeps_its_rows_finite_once_encoded(i
         TableConfig(name="t", dim=64, initializer=initializer, init_scale=4e37, storage="int8").validate()
 
 
+def test_an_int8_row_trained_past_float32_s_span_keeps_its_minimum_and_saturates_instead_of_turning_nan():
+    """A push that takes an int8 row's span (max - min) past float32's largest value made its scale
+    (max - min) / 255 infinite, and the whole row decoded NaN (code x inf + min): one diverging
+    row of a table read back as NaN, and trained on as NaN. The scale now saturates at float32's
+    largest value / 256: the row keeps its minimum, its top saturates, every value stays finite."""
+    config = TableConfig(
+        name="t", dim=8, optimizer=OptimizerConfig(kind="sgd", lr=3e28), init_scale=0.01, storage="int8"
+    ).validate()
+    table = EmbeddingTable(config)
+    keys = np.arange(4, dtype=np.int64)
+    grads = np.zeros((4, 8), np.float32)
+    grads[:, 0], grads[:, -1] = -1e10, 1e10  # rows from about -3e38 to 3e38
+    table.apply_gradients(keys, grads, step=1)
+    rows = table.read(keys)
+    assert np.isfinite(rows).all()
+    np.testing.assert_allclose(rows[:, -1], -3e38, rtol=1e-2)  # the minimum, kept
+    top = np.float32(np.finfo(np.float32).max) / np.float32(256.0) * np.float32(255.0)
+    assert (rows[:, 0] >= rows[:, -1] + top * np.float32(0.999)).all()  # the top, saturated
+    table.apply_gradients(keys, np.zeros((4, 8), np.float32), step=2)
+    assert np.isfinite(table.read(keys)).all()
+
+
 def test_settings_given_as_strings_are_their_members_and_a_part_of_another_type_is_named():
     """`kind="adam"` and `initializer="normal"` (as TOML gives them) passed validate and then failed
     in the kernels' bindings with an AttributeError naming no field; a dict for the optimizer or

@@ -29,6 +29,8 @@ def awkward_values(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
     if n > 6:  # a span below ~7.5e-37: int8's scale is subnormal, its inverse inf (every code was 255)
         values[6] = 0.0
         values[6, -1] = 1e-37
+    if n > 7:  # a span past float32's largest value: int8's scale was inf, every value NaN
+        values[7, 0], values[7, -1] = 3e38, -3e38
     return values
 
 
@@ -53,6 +55,7 @@ def test_encode_and_decode_match_the_numpy_reference_bit_for_bit(storage, dim):
     else:
         decoded = native.decode_words(Storage(storage), native.encode_words(Storage(storage), 0, keys, 1, values), dim)
         np.testing.assert_array_equal(decoded.min(axis=1), values.min(axis=1))
+        assert np.isfinite(decoded).all()
 
 
 @pytest.mark.parametrize("storage", LOW)
