@@ -1,6 +1,6 @@
 """The replica's initial rows: the latest committed export (ps/snapshot/files.py's format), if any.
 
-    <uri>/<job>/LATEST -> <uri>/<job>/<step>/manifest.json -> <table>/shard-<s>.parquet (key, value)
+    <uri>/<job>/LATEST -> <uri>/<job>/<step>/manifest.json -> <table>/shard-<s>-<w>.parquet (key, value)
 
 An export in the tables' stored form (`embps snapshot export --dtype stored`) gives a replica of
 the same storage_dtype the PS's int8 rows bit for bit.

@@ -1,7 +1,7 @@
 """Snapshots of a running shard: the SnapshotControl service and the restore at start.
 
     coordinator ──WriteSnapshot(uri, job, step, kind, parent)──> every shard, in parallel
-        each shard writes <uri>/<job>/<step>/<table>/shard-<s>*.parquet, answers with records
+        each shard writes <uri>/<job>/<step>/<table>/shard-<s>-<w>*.parquet, answers with records
     coordinator: add_shard_record(...) for all, write_extra(dense model, trainer state), commit()
 
 A shard started with a restore step loads, for each table, the full snapshot that step builds

@@ -2,11 +2,16 @@
 
     <uri>/<job>/LATEST                                  newest committed step, as decimal text
     <uri>/<job>/<step>/manifest.json                    written last: the commit point
-    <uri>/<job>/<step>/<table>/shard-<s>.parquet        rows (below)
-    <uri>/<job>/<step>/<table>/shard-<s>.pending.parquet  keys pending admission (full, incremental)
-    <uri>/<job>/<step>/<table>/shard-<s>.deleted.parquet  keys evicted since the parent (incremental)
-    <uri>/<job>/<step>/<table>/shard-<s>.layout.parquet   free rows, cursors (full, incremental)
+    <uri>/<job>/<step>/<table>/shard-<s>-<w>.parquet        rows (below)
+    <uri>/<job>/<step>/<table>/shard-<s>-<w>.pending.parquet  keys pending admission (full, incremental)
+    <uri>/<job>/<step>/<table>/shard-<s>-<w>.deleted.parquet  keys evicted since the parent (incremental)
+    <uri>/<job>/<step>/<table>/shard-<s>-<w>.layout.parquet   free rows, cursors (full, incremental)
     <uri>/<job>/<step>/extra/<name>                     named blobs: dense.pt, trainer_state.json, ...
+
+<w> is the writing process's own (SnapshotWriter.write_id, 8 random hex digits): two processes that
+write the same step (a deposed primary still writing beside the standby that took over, a try the
+coordinator gave up on beside its retry) never write one file, so the files a committed manifest
+names keep the bytes its checksums were taken from. Readers go by the manifest's paths only.
 
 Rows file, one row per key, sorted by key:
     key int64 | value fixed_size_list<float32>[dim] | optimizer_state fixed_size_list<float32>[w]
@@ -21,7 +26,7 @@ value float32 or float16; an export in the tables' stored form (export_for_servi
 Pending file: key int64 | count uint32 | last_step uint32. Deleted file: key int64.
 Where the rows lie (ps/table/state.py TableLayout), so that a restored table evicts what the
 snapshotted one would have: the rows file's `row uint32` column and the pending file's `row uint32`
-and `seq int64` (first seen) columns, and `<table>/shard-<s>.layout.parquet` (the free rows,
+and `seq int64` (first seen) columns, and `<table>/shard-<s>-<w>.layout.parquet` (the free rows,
 `row uint32 | pending bool`, each map's in the order new keys take them, with the counters and the
 eviction sampler's state as JSON in its schema metadata embps.layout). A snapshot written before
 them has none of these; its tables restore with rows laid out by key (eviction starts afresh).
@@ -50,6 +55,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import secrets
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
@@ -214,6 +220,7 @@ class SnapshotWriter:
             committed = storage.exists(self.fs, storage.join(self.dir, MANIFEST))
         if committed:
             raise SnapshotError(f"{self.job} step {self.step}: a snapshot is already committed there")
+        self.write_id = secrets.token_hex(4)  # in this writer's file names (the module's docstring)
         self._records: dict[tuple[str, int], ShardRecord] = {}
         self._records_lock = threading.Lock()  # table shards may be written from several threads
         self._extra: dict[str, FileEntry] = {}
@@ -262,7 +269,7 @@ class SnapshotWriter:
         layout = state.layout
         if layout is not None:
             columns["row"] = pa.array(layout.rows.astype(np.uint32), pa.uint32())
-        stem = f"{table}/shard-{shard}"
+        stem = f"{table}/shard-{shard}-{self.write_id}"
         files = [self._write_parquet(f"{stem}.parquet", pa.table(columns).replace_schema_metadata(meta))]
         pending_columns = {
             "key": pa.array(state.pending_keys, pa.int64()),
@@ -318,7 +325,7 @@ class SnapshotWriter:
         else:
             columns["value"] = _fixed_list(values)
         data = pa.table(columns).replace_schema_metadata(meta)
-        entry_file = self._write_parquet(f"{table}/shard-{shard}.parquet", data)
+        entry_file = self._write_parquet(f"{table}/shard-{shard}-{self.write_id}.parquet", data)
         entry = ShardEntry(int(keys.shape[0]), 0, 0, int(version), int(step), (entry_file.path,))
         dim, dtype = (int8_dim, "int8") if int8_dim is not None else (values.shape[1], str(values.dtype))
         record = ShardRecord(table, shard, dim, 0, dtype, None, entry, (entry_file,))

@@ -210,7 +210,7 @@ def export_for_serving(
     dst_storage_config: StorageConfig | None = None,
 ) -> Manifest:
     """Writes the values of snapshot `step` (default: latest; full + incrementals resolved) to
-    <dst_uri>/<job>/<step>/<table>/shard-<s>.parquet as (key int64, value fixed_size_list<dtype>[dim]),
+    <dst_uri>/<job>/<step>/<table>/shard-<s>-<w>.parquet as (key int64, value fixed_size_list<dtype>[dim]),
     copies its extra files (the dense model) beside them, commits a manifest of kind "export" and
     moves the destination's LATEST. dtype: "float32", "float16" or "stored": each table as it
     stores its rows, bit for bit (float32, float16 halves, or int8 rows as `value_encoded`, which

@@ -12,6 +12,7 @@ from ps.snapshot.files import restore
 from ps.snapshot.ops import ShardSnapshotter
 from ps.table.config import OptimizerConfig, OptimizerKind, Storage, TableConfig
 from ps.table.embedding_table import EmbeddingTable
+from tests.helpers.snapshot_files import shard_file
 from tests.ps import reference_codec as ref
 
 LOW = ["float16", "int8"]
@@ -175,7 +176,7 @@ def test_snapshots_keep_the_compact_rows_and_resume_exactly(storage, tmp_path):
     np.testing.assert_array_equal(got.keys, want.keys)
     np.testing.assert_array_equal(got.encoded, want.encoded)
     np.testing.assert_array_equal(got.optimizer_state, want.optimizer_state)
-    files = list(tmp_path.rglob("shard-0.parquet"))
+    files = [shard_file(m.parent, "t", 0) for m in tmp_path.rglob("manifest.json")]
     assert files and all("value_encoded" in pq.read_schema(f).names for f in files)
 
 

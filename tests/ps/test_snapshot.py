@@ -40,6 +40,7 @@ from ps.table.config import (
 )
 from ps.table.embedding_table import EmbeddingTable
 from ps.table.state import TableState
+from tests.helpers.snapshot_files import shard_file
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 FIELDS = ("keys", "values", "optimizer_state", "freq", "last_step", "pending_keys", "pending_counts",
@@ -105,7 +106,7 @@ def test_parquet_columns_and_metadata(tmp_path):
     table = evicting_table("t", seed=2, kind=OptimizerKind.ROWWISE_ADAGRAD)
     push(table, np.random.default_rng(1), step=7)
     ShardSnapshotter({"t": table}, 0).snapshot(str(tmp_path), "job", 7)
-    rows = pq.read_table(tmp_path / "job/7/t/shard-0.parquet")
+    rows = pq.read_table(shard_file(tmp_path / "job/7", "t", 0))
     assert [str(f.type) for f in rows.schema] == [
         "int64",
         "fixed_size_list<element: float>[4]",
@@ -117,9 +118,9 @@ def test_parquet_columns_and_metadata(tmp_path):
     assert rows.schema.names == ["key", "value", "optimizer_state", "freq", "last_step", "row"]
     meta = rows.schema.metadata
     assert meta[b"embps.table_version"] == b"1" and meta[b"embps.table_step"] == b"7"
-    pending = pq.read_table(tmp_path / "job/7/t/shard-0.pending.parquet")
+    pending = pq.read_table(shard_file(tmp_path / "job/7", "t", 0, ".pending.parquet"))
     assert pending.schema.names == ["key", "count", "last_step", "row", "seq"] and pending.num_rows == table.num_pending
-    layout = pq.read_table(tmp_path / "job/7/t/shard-0.layout.parquet")
+    layout = pq.read_table(shard_file(tmp_path / "job/7", "t", 0, ".layout.parquet"))
     assert layout.schema.names == ["row", "pending"]
     assert set(json.loads(layout.schema.metadata[b"embps.layout"])) == {
         "num_rows", "pending_num_rows", "next_seq", "sweep_cursor", "pending_sweep_cursor", "rng"
@@ -271,7 +272,7 @@ def test_corrupt_files_are_rejected_with_the_reason(tmp_path):
     table = evicting_table("t", seed=0)
     push(table, np.random.default_rng(0), 1)
     ShardSnapshotter({"t": table}, 0).snapshot(uri, "job", 1, extras={"trainer_state.json": b"{}"})
-    rows = tmp_path / "job/1/t/shard-0.parquet"
+    rows = shard_file(tmp_path / "job/1", "t", 0)
     good = rows.read_bytes()
     flipped = bytearray(good)
     flipped[len(good) // 2] ^= 0xFF
@@ -286,7 +287,7 @@ def test_corrupt_files_are_rejected_with_the_reason(tmp_path):
     manifest_path = tmp_path / "job/1/manifest.json"
     original = manifest_path.read_text()
     manifest = json.loads(original)
-    manifest["files"]["t/shard-0.parquet"]["sha256"] = "0" * 64
+    manifest["files"][manifest["tables"]["t"]["shards"]["0"]["files"][0]]["sha256"] = "0" * 64
     manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(SnapshotCorruptError, match="differs from the manifest's 0000"):
         load_table_shard(uri, "job", 1, "t", 0)
@@ -294,7 +295,7 @@ def test_corrupt_files_are_rejected_with_the_reason(tmp_path):
     (tmp_path / "job/1/extra/trainer_state.json").write_bytes(b"[]")
     with pytest.raises(SnapshotCorruptError, match="trainer_state.json: sha256"):
         read_extra(uri, "job", 1, "trainer_state.json")
-    os.remove(tmp_path / "job/1/t/shard-0.pending.parquet")
+    os.remove(shard_file(tmp_path / "job/1", "t", 0, ".pending.parquet"))
     with pytest.raises(SnapshotCorruptError, match="missing"):
         load_table_shard(uri, "job", 1, "t", 0)
 
@@ -462,6 +463,25 @@ writer.commit()
 """
 
 
+def test_a_second_writer_of_a_committed_step_leaves_the_files_its_manifest_names(tmp_path):
+    """Two processes may write one step: a primary deposed mid-write (cut off from the arbiter, not
+    from storage) beside the standby that took over and wrote the coordinator's retry, or a try the
+    coordinator gave up on beside the next. Both wrote <table>/shard-<s>.parquet: the late writer
+    replaced the files of a committed step, whose manifest's checksums then failed every restore
+    (SnapshotCorruptError: the snapshot was lost). Each writer's files now carry its own id."""
+    uri = str(tmp_path)
+    table = evicting_table("t", seed=0)
+    push(table, np.random.default_rng(0), 1)
+    committed_state = table.export()
+    retry = SnapshotWriter(uri, "job", 1, num_shards=1)
+    deposed = SnapshotWriter(uri, "job", 1, num_shards=1)  # started first, finishes last
+    retry.write_table_shard("t", 0, committed_state)
+    retry.commit()
+    push(table, np.random.default_rng(1), 2)  # the deposed primary's rows moved on meanwhile
+    deposed.write_table_shard("t", 0, table.export())
+    assert_same_state(restore(uri, "job")["t"][0], committed_state)
+
+
 def test_writer_killed_mid_write_leaves_previous_snapshot_and_latest(tmp_path):
     uri = str(tmp_path)
     table = evicting_table("a", seed=0)
@@ -469,13 +489,17 @@ def test_writer_killed_mid_write_leaves_previous_snapshot_and_latest(tmp_path):
     ShardSnapshotter({"a": table}, 0).snapshot(uri, "job", 1)
     latest_before = (tmp_path / "job/LATEST").read_bytes()
     proc = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, uri], cwd=REPO_ROOT)
-    first_file = tmp_path / "job/2/a/shard-0.parquet"
+    folder = tmp_path / "job/2/a"
+
+    def first_file_written() -> bool:
+        return any(folder.glob("shard-0-*.parquet"))
+
     deadline = time.monotonic() + 60
-    while not first_file.exists() and proc.poll() is None and time.monotonic() < deadline:
+    while not first_file_written() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
     os.kill(proc.pid, signal.SIGKILL)
     assert proc.wait(30) == -signal.SIGKILL, "the writer finished before it could be killed"
-    assert first_file.exists() and not (tmp_path / "job/2/manifest.json").exists()
+    assert first_file_written() and not (tmp_path / "job/2/manifest.json").exists()
     assert (tmp_path / "job/LATEST").read_bytes() == latest_before
     assert [m.step for m in list_snapshots(uri, "job")] == [1] and latest(uri, "job") == 1
     assert_same_state(restore(uri, "job")["a"][0], table.export())

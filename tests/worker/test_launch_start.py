@@ -22,6 +22,7 @@ from ps.snapshot.manifest import RETIRED_MANIFEST
 from ps.snapshot.ops import ShardSnapshotter, collect_garbage
 from ps.table.config import OptimizerConfig, OptimizerKind, TableConfig
 from ps.table.embedding_table import EmbeddingTable
+from tests.helpers.snapshot_files import shard_file
 from tests.worker.training_jobs import write_training_job
 from worker import launcher
 from worker.launch_config import ReplicaSpec
@@ -138,7 +139,7 @@ def test_a_corrupt_newest_snapshot_falls_back_to_the_previous_complete_one(tmp_p
     at_10 = table.lookup(keys).numpy()
     table.apply_gradients(keys, np.ones((keys.shape[0], TABLE.dim), dtype=np.float32))
     snapper.snapshot(uri, job.ps.job, 20, kind="incremental")
-    rows = tmp_path / "snaps" / job.ps.job / "20" / "emb" / "shard-0.parquet"
+    rows = shard_file(tmp_path / "snaps" / job.ps.job / "20", "emb", 0)
     data = bytearray(rows.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one flipped byte: same size, another checksum
     rows.write_bytes(bytes(data))
