@@ -143,7 +143,8 @@ class Checkpointer:
         self._last_step = resumed_step
         self._count = 0
         self.rounds = SnapshotRounds()
-        self._storage_busy: tuple[int, threading.Thread] | None = None  # (step, its tries) left running
+        # (step, its tries, their outcome) of a round given up while its tries still ran
+        self._storage_busy: tuple[int, threading.Thread, _RoundOutcome] | None = None
 
     def due(self, step: int) -> bool:
         if self.config is None:
@@ -177,7 +178,8 @@ class Checkpointer:
         failed the job. A try left behind that later commits has written a whole snapshot of
         `step` (the dense model was serialised here, before training went on), moves LATEST only
         forward, and says so (a line, and the committed count); the next round waits for it
-        within its own round_timeout_s, and is skipped if it still runs then."""
+        within its own round_timeout_s, and is skipped if it still runs then, else builds on it
+        if it committed (its shards forget what it carried, as after any committed round)."""
         config = self.config
         deadline = time.monotonic() + config.round_timeout_s
         busy = self._storage_busy
@@ -191,6 +193,11 @@ class Checkpointer:
                 self.rounds.skip()
                 return False
             self._storage_busy = None
+            with busy[2].lock:
+                late = busy[2].committed
+            if late:  # committed after its round was given up: the next incremental builds on it
+                self._last_step = busy[0]
+                self._count += 1
         blob = io.BytesIO()
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, blob)
         state = {
@@ -218,7 +225,7 @@ class Checkpointer:
         if outcome.error is not None:
             raise outcome.error
         if outcome.abandoned:
-            self._storage_busy = (step, tries)
+            self._storage_busy = (step, tries, outcome)
             after = "is full" if self._last_step is None else f"builds on step {self._last_step}"
             log.warning(
                 "snapshot step %d: SKIPPED: its try still waits for storage after round_timeout_s (%g s); training "

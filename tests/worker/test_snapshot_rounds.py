@@ -258,7 +258,9 @@ def test_a_commit_that_hangs_in_storage_skips_the_round_at_round_timeout_and_com
     timeout of 3 s). Now the round is skipped at round_timeout_s (plus the grace), the next round
     waits for that try within its own timeout and is skipped while it still waits, and the try
     that commits later has written a whole snapshot of its step, which LATEST only moves past, and
-    says so (a line, and the committed count). At the job's end, finish() waits for such a try."""
+    says so (a line, and the committed count); the next round builds on it (it built on the round
+    before, its shards still carrying what the late round had written). At the job's end, finish()
+    waits for such a try."""
     from ps.snapshot import storage as storage_module
 
     monkeypatch.setattr(worker.checkpoint, "STORAGE_GRACE_S", 0.2)
@@ -298,7 +300,7 @@ def test_a_commit_that_hangs_in_storage_skips_the_round_at_round_timeout_and_com
     run.snapshot(40)
     assert rounds.committed == 3
     steps = [(m.step, m.parent) for m in list_snapshots(uri, job.ps.job)]
-    assert steps == [(10, None), (20, 10), (40, 10)]
+    assert steps == [(10, None), (20, 10), (40, 20)]  # the late commit is the next round's parent
     assert latest(uri, job.ps.job) == 40
     run.check_restore_equals_live(uri)
     # The job's last round: finish() waits for its try, so the process's exit does not cut it short.
