@@ -7,11 +7,15 @@
 The shards and both replicas run as their own processes; a pusher process pushes `rate` rows/s
 over the shards in batches of `batch` on a fixed schedule, one training step per batch, and
 commits each step once its push is acknowledged everywhere (a sync trainer's order). It records
-each step's per-shard versions and the time its acknowledgement arrived. This process polls both
-replicas' Status every `poll_ms`: "latest" gives each shard's push-ack -> visible delay (the
-per-shard figure), "step" the push-ack -> visible-in-a-consistent-cut delay (model_version >= s).
-Both on this host's clock; they overstate by up to one poll interval. The replicas' own
-histograms (PS ack -> applied per shard; commit -> visible in a cut) are reported beside them.
+each step's per-shard table versions and the time its acknowledgement arrived. This process polls
+both replicas' Status every `poll_ms`: "latest" gives each shard's push-ack -> visible delay (the
+first poll that shows the shard at the push's version or past it; the per-shard figure), "step"
+the push-ack -> visible-in-a-consistent-cut delay (model_version >= s). Both on this host's clock;
+they overstate by up to one poll interval. The ack time is when the pusher took the reply of the
+push's last shard, so a shard that answered first can show its rows a little before it: the
+per-shard figure keeps such delays below 0 rather than hiding them. The replicas' own histograms
+(PS ack -> applied per shard, on the shard's ack time; commit -> visible in a cut) are reported
+beside them.
 Prints progress every second; `--out` writes the results as JSON.
 """
 
@@ -28,6 +32,7 @@ import time
 import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 import numpy as np
@@ -43,7 +48,14 @@ from ps.rpc import serving_pb2, serving_pb2_grpc
 from ps.table.config import TableConfig
 from serving.config import Consistency, ServeConfig, dump_serve_config
 
+if TYPE_CHECKING:
+    from ps.client import PushResult
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# One acknowledged push as the pusher records it: (step, shard -> that shard's table version
+# after the push, unix time the pusher took the reply).
+Ack = tuple[int, dict[int, int], float]
 
 
 @dataclass(frozen=True)
@@ -95,7 +107,7 @@ def _wait_serving(address: str, service: str, proc: subprocess.Popen, log_path: 
 
 def _pusher(job: JobConfig, config: FreshnessBenchConfig, start_at: float, queue) -> None:
     """Pushes config.rate rows/s from start_at for config.seconds, one step per batch, each step
-    committed once acknowledged; puts [(step, per-shard versions, ack time)]."""
+    committed once acknowledged; puts {"acks": [Ack], "late_pushes": n}."""
     from ps.client import PSClient
 
     rng = np.random.default_rng(1)
@@ -112,10 +124,17 @@ def _pusher(job: JobConfig, config: FreshnessBenchConfig, start_at: float, queue
             else:
                 late += 1
             keys = rng.choice(config.rows, config.batch, replace=False).astype(np.int64)
-            versions = client.push("bench", keys, grads, step=i + 1).versions
-            acks.append((i + 1, list(versions), time.time()))
+            result = client.push("bench", keys, grads, step=i + 1)
+            acks.append(_ack(i + 1, result, time.time()))
             client.commit(i + 1)
     queue.put({"acks": acks, "late_pushes": late})
+
+
+def _ack(step: int, result: PushResult, acked: float) -> Ack:
+    """The record of one acknowledged push. result.versions maps shard -> version: a list of it
+    holds the shard numbers, which the per-shard figure once took for versions (every shard had
+    shown "version" 0 or 1 long before, so it read 0 for every push but the first)."""
+    return step, dict(result.versions), acked
 
 
 def _histogram(metrics_port: int, name: str = "embps_serving_staleness_seconds") -> dict[float, float]:
@@ -229,11 +248,7 @@ def _measure(job: JobConfig, replicas: dict[Consistency, ServeConfig], config: F
             time.sleep(config.poll_ms / 1000)
     pushed = queue.get(timeout=60)
     pusher.join(30)
-    per_shard, in_cut = [], []
-    for step_number, versions, ack in pushed["acks"]:
-        for s, version in enumerate(versions):
-            per_shard += _delay(shard_seen[s], version, ack)
-        in_cut += _delay(cut_seen, step_number, ack)
+    per_shard, in_cut = _ack_delays(pushed["acks"], shard_seen, cut_seen)
     replica = _delta(before, _histogram(latest.metrics_port))
     cut = _delta(before_cut, _histogram(step.metrics_port, "embps_serving_cut_visible_seconds"))
     return {
@@ -241,8 +256,6 @@ def _measure(job: JobConfig, replicas: dict[Consistency, ServeConfig], config: F
         "pushes": len(pushed["acks"]),
         "late_pushes": pushed["late_pushes"],
         "rows_per_second": config.rate,
-        # Clipped at 0: a shard's rows often show in the "latest" replica before the pusher has
-        # taken its Push reply; replica_histogram_seconds (the shard's ack -> applied) has no such floor.
         "per_shard_ack_to_visible_seconds": _summary(per_shard),
         "consistent_cut_ack_to_visible_seconds": _summary(in_cut),
         "replica_histogram_seconds": {
@@ -258,11 +271,27 @@ def _measure(job: JobConfig, replicas: dict[Consistency, ServeConfig], config: F
     }
 
 
+def _ack_delays(
+    acks: list[Ack], shard_seen: list[list[tuple[int, float]]], cut_seen: list[tuple[int, float]]
+) -> tuple[list[float], list[float]]:
+    """(per-shard ack -> visible delays, one per push and shard it reached; ack -> visible-in-a-cut
+    delays, one per push), from the pusher's acks and the polls' first sightings: shard_seen[s] and
+    cut_seen list (version, first time seen), versions rising. A version never seen gives none."""
+    per_shard: list[float] = []
+    in_cut: list[float] = []
+    for step, versions, acked in acks:
+        for shard, version in versions.items():
+            per_shard += _delay(shard_seen[shard], version, acked)
+        in_cut += _delay(cut_seen, step, acked)
+    return per_shard, in_cut
+
+
 def _delay(seen: list[tuple[int, float]], version: int, ack: float) -> list[float]:
-    """[first time `seen` reached version - ack], or [] if it never did."""
+    """[first time `seen` reached version - ack], or [] if it never did. Not clipped: below 0 says
+    the version showed before the pusher took the reply (see the module's docstring)."""
     versions = np.array([v for v, _ in seen], dtype=np.int64)
     i = int(np.searchsorted(versions, version, side="left"))
-    return [max(0.0, seen[i][1] - ack)] if i < versions.shape[0] else []
+    return [seen[i][1] - ack] if i < versions.shape[0] else []
 
 
 def _delta(before: dict[float, float], after: dict[float, float]) -> dict[float, float]:
@@ -273,6 +302,7 @@ def _summary(delays: list[float]) -> dict:
     values = np.array(delays) if delays else np.array([float("nan")])
     return {
         "measured": len(delays),
+        "min": float(values.min()),
         "p50": float(np.percentile(values, 50)),
         "p99": float(np.percentile(values, 99)),
         "max": float(values.max()),
