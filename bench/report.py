@@ -3,8 +3,8 @@
     | benchmark | setup | figures | machine |
 
 Each bench's JSON is recognised by its "bench" field (table, train, serve) or, for the files that
-carry none, by its shape (ps: "phases"; snapshot: "<target>.<phase>" entries; freshness:
-"end_to_end_seconds").
+carry none, by its shape (ps: "phases"; snapshot: "<target>.<phase>" entries; freshness before it
+carried one: "end_to_end_seconds").
 Known benches get their headline figures; any other bench gets its numeric fields, flattened. A
 file that is none of these (no "bench" field, no known shape) is refused, naming it.
 """
@@ -132,11 +132,24 @@ def _snapshot(r: dict) -> tuple[str, str]:
 
 def _freshness(r: dict) -> tuple[str, str]:
     c = r["config"]
-    setup = f"{c['rate']:,} rows/s pushed in batches of {c['batch']}, dim {c['dim']}, 1 shard + 1 replica"
-    e = r["end_to_end_seconds"]
+    if "end_to_end_seconds" in r:  # a result of the bench before it had 2 shards and 2 replicas
+        setup = f"{c['rate']:,} rows/s pushed in batches of {c['batch']}, dim {c['dim']}, 1 shard + 1 replica"
+        e = r["end_to_end_seconds"]
+        return setup, (
+            f"push acknowledged -> visible in the replica: p50 {e['p50'] * 1e3:.1f} ms, p99 {e['p99'] * 1e3:.1f} ms, "
+            f"max {e['max'] * 1e3:.1f} ms ({e['measured_pushes']:,} pushes)"
+        )
+    setup = (
+        f"{c['rate']:,} rows/s pushed in steps of {c['batch']}, dim {c['dim']}, {c['shards']} shards, "
+        "replicas at `latest` and `step`"
+    )
+    cut, shard = r["consistent_cut_ack_to_visible_seconds"], r["per_shard_ack_to_visible_seconds"]
+    commit = r["cut_commit_to_visible_histogram_seconds"]
     figures = (
-        f"push acknowledged -> visible in the replica: p50 {e['p50'] * 1e3:.1f} ms, p99 {e['p99'] * 1e3:.1f} ms, "
-        f"max {e['max'] * 1e3:.1f} ms ({e['measured_pushes']:,} pushes)"
+        f"push acknowledged -> visible in the consistent cut: p50 {cut['p50'] * 1e3:.1f} ms, p99 "
+        f"{cut['p99'] * 1e3:.1f} ms; commit -> visible p50 {commit['p50'] * 1e3:.1f} ms, p99 "
+        f"{commit['p99'] * 1e3:.1f} ms; per shard on the `latest` replica, polled: p50 {shard['p50'] * 1e3:.1f} ms, "
+        f"p99 {shard['p99'] * 1e3:.1f} ms ({r['pushes']:,} pushes)"
     )
     return setup, figures
 

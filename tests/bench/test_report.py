@@ -43,6 +43,26 @@ def test_rows_carry_the_headline_figures_in_bench_order() -> None:
     assert lines[4].startswith("| `embps bench other`") and "x.rate 5" in lines[4]
 
 
+def test_a_freshness_result_of_today_s_shape_is_rendered() -> None:
+    """`embps bench freshness --out` writes 2 shards' and 2 replicas' figures; the report knew only
+    the shape of the bench's first version and refused every result since ("missing
+    'end_to_end_seconds'")."""
+    summary = {"measured": 160, "min": -0.001, "p50": 0.011, "p99": 0.022, "max": 0.025}
+    result = {
+        "bench": "freshness",
+        "config": {"rate": 100_000, "batch": 5_000, "seconds": 8.0, "dim": 16, "shards": 2},
+        "pushes": 160,
+        "per_shard_ack_to_visible_seconds": summary,
+        "consistent_cut_ack_to_visible_seconds": {**summary, "p50": 0.012, "p99": 0.021},
+        "replica_histogram_seconds": {"observations": 320.0, "p50": 0.007, "p99": 0.019},
+        "cut_commit_to_visible_histogram_seconds": {"observations": 160.0, "p50": 0.004, "p99": 0.0097},
+    }
+    row = render([("f.json", result)]).splitlines()[2]
+    assert row.startswith("| `embps bench freshness` | 100,000 rows/s pushed in steps of 5000, dim 16, 2 shards")
+    assert "consistent cut: p50 12.0 ms, p99 21.0 ms; commit -> visible p50 4.0 ms, p99 9.7 ms" in row
+    assert "polled: p50 11.0 ms, p99 22.0 ms (160 pushes)" in row
+
+
 def test_an_incomplete_result_names_the_file(tmp_path: Path) -> None:
     path = tmp_path / "broken.json"
     path.write_text(json.dumps({"bench": "serve", "config": {}}))
