@@ -2,7 +2,8 @@
 (connection, group), the oldest open one; without it, every idle stream (ps.proto).
 
     ("ipv4:10.0.0.7:51234", group "3f9c..."): [stream t0, stream t1, ..., stream t199]
-                                                ^ sends heartbeats; when it ends, t1 takes over
+                                                ^ sends heartbeats; when it ends or is held
+                                                  (waits for credit), t1 takes over
 
 Why: a serving replica follows every (table, shard) as a stream of its own, over one connection per
 shard, and each idle stream sent a heartbeat every HEARTBEAT_SECONDS: a replica of a 200-table job
@@ -27,17 +28,22 @@ from prometheus_client import Counter
 
 @dataclass(eq=False)
 class HeartbeatSeat:
-    """One open stream of a heartbeat group: (its connection (the peer's address), the group), and
-    its table."""
+    """One open stream of a heartbeat group: (its connection (the peer's address), the group), its
+    table, and whether it is held (waiting for its subscriber's credit, ps/shard/table_streams.py)."""
 
     group: tuple[str, str]
     table: str
+    held: bool = False
 
 
 class HeartbeatRoster:
-    """The streams of each (connection, heartbeat group), oldest first. `wake(table)` wakes the
-    streams of a table (ParameterServerServicer.notify): a stream that takes over the heartbeats
-    may be waiting for its table's next change without a timer."""
+    """The streams of each (connection, heartbeat group), oldest first; the oldest that is not held
+    sends the group's heartbeats. A held stream (its subscriber busy: a table ahead of a replica's
+    consistent cut) sends nothing until given credit, its heartbeats included: the oldest stream
+    sending them while held left an idle shard silent to the replica, which then counted every
+    table of the shard stale. `wake(table)` wakes the streams of a table
+    (ParameterServerServicer.notify): a stream that takes over the heartbeats may be waiting for
+    its table's next change without a timer."""
 
     def __init__(self, wake: Callable[[str], None]) -> None:
         self._wake = wake
@@ -50,12 +56,30 @@ class HeartbeatRoster:
 
     def leave(self, seat: HeartbeatSeat) -> None:
         streams = self._streams[seat.group]
-        was_first = streams[0] is seat
+        was_beating = self._beating(streams) is seat
         streams.remove(seat)
         if not streams:
             del self._streams[seat.group]
-        elif was_first:
-            self._wake(streams[0].table)
+        elif was_beating:
+            self._wake(self._beating(streams).table)
+
+    def hold(self, seat: HeartbeatSeat, held: bool) -> None:
+        """`seat`'s stream waits for credit (held) or got it; the group's heartbeats move to the
+        oldest stream not held, which is woken to send them."""
+        streams = self._streams.get(seat.group)
+        if seat.held == held or streams is None or seat not in streams:
+            seat.held = held
+            return
+        before = self._beating(streams)
+        seat.held = held
+        after = self._beating(streams)
+        if after is not before:
+            self._wake(after.table)
+
+    @staticmethod
+    def _beating(streams: list[HeartbeatSeat]) -> HeartbeatSeat:
+        """The stream of a group that sends its heartbeats: the oldest not held (all held: the oldest)."""
+        return next((seat for seat in streams if not seat.held), streams[0])
 
     @property
     def groups(self) -> int:
@@ -64,7 +88,7 @@ class HeartbeatRoster:
 
     def beats(self, seat: HeartbeatSeat) -> bool:
         """True when `seat` is the stream that sends its group's heartbeats."""
-        return self._streams[seat.group][0] is seat
+        return self._beating(self._streams[seat.group]) is seat
 
 
 class StreamHeartbeats:

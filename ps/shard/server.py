@@ -60,7 +60,7 @@ from ps.shard.metrics import UNKNOWN_TABLE, ShardMetrics, ShardReading, TableRea
 from ps.shard.range_messages import ROW_KINDS, piece_fields, range_parts, range_pieces
 from ps.shard.startup import EXIT_SNAPSHOT_UNUSABLE, DeferredServices, RestoreProgress, run_in_daemon_thread
 from ps.shard.stream_turns import StreamTurns
-from ps.shard.table_streams import TableStreams
+from ps.shard.table_streams import TableStreams, TableWatch
 from ps.shard.update_log import DEFAULT_MAX_ENTRIES, DEFAULT_MAX_KEYS, LogGapError, LogRange, merge_entries
 from ps.table.row_store import device_unavailable_reason
 
@@ -581,7 +581,10 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         subscribers.inc()
         self._subscribed += 1
         group = request.heartbeat_group
-        seat = self.heartbeats.join(current_stall_watch().context.peer(), group, name) if group else None
+        watch = current_stall_watch()
+        seat = self.heartbeats.join(watch.context.peer(), group, name) if group else None
+        if seat is not None and isinstance(watch, TableWatch):  # a SubscribeTables stream, held for credit at times
+            watch.on_hold = functools.partial(self.heartbeats.hold, seat)
         beats = StreamHeartbeats(self.heartbeats, seat, self.metrics.heartbeats.labels(name, str(shard.index)))
         try:
             stored = request.stored_rows

@@ -70,17 +70,20 @@ class _Stream:
     task: asyncio.Task | None = None
 
 
-class _TableWatch:
+class TableWatch:
     """A table stream's StallWatch inside the call (the interface StreamTurns and the heartbeats
     read): its client is waiting to take a message while the call's is (the call's own watch), or
     while the stream waits for credit. Waiting for credit for the call's stall seconds ends the
-    table's stream (in the call), as a Subscribe stream's client that takes nothing is ended."""
+    table's stream (in the call), as a Subscribe stream's client that takes nothing is ended.
+    `on_hold(held)`, when the stream sets it, hears when a wait for credit starts and ends (its
+    heartbeat seat: a held stream does not send its group's heartbeats, ps/shard/heartbeats.py)."""
 
     def __init__(self, call: StallWatch, end: Callable[[str], None], message: str) -> None:
         self.context = call.context
         self.seconds = call.seconds
         self.message = message
         self.fired = False
+        self.on_hold: Callable[[bool], None] | None = None
         self._call = call
         self._end = end
         self._since: float | None = None
@@ -90,12 +93,16 @@ class _TableWatch:
         loop = asyncio.get_running_loop()
         self._since = loop.time()
         self._timer = loop.call_later(self.seconds, self.end_now, self.message)
+        if self.on_hold is not None:
+            self.on_hold(True)
 
     def disarm(self) -> None:
-        self._since = None
+        held, self._since = self._since is not None, None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if held and self.on_hold is not None:
+            self.on_hold(False)
 
     def waiting_seconds(self) -> float:
         own = 0.0 if self._since is None else asyncio.get_running_loop().time() - self._since
@@ -164,7 +171,7 @@ class TableStreams:
 
     def _stall(self, name: str, stream: _Stream, message: str) -> None:
         """Ends `stream` (of table `name`), if it still runs, RESOURCE_EXHAUSTED: its client left
-        it waiting (see _TableWatch), or another stream waited for its turn."""
+        it waiting (see TableWatch), or another stream waited for its turn."""
         if self._streams.get(name) is stream:
             self._drop(name)
             self._end(name, stream, CapacityError(message))
@@ -220,7 +227,7 @@ class TableStreams:
         watch = None
         if call_watch is not None:
             stalled = f"the client gave no credit for {call_watch.seconds:g} s; resubscribe"
-            watch = _TableWatch(call_watch, functools.partial(self._stall, name, stream), stalled)
+            watch = TableWatch(call_watch, functools.partial(self._stall, name, stream), stalled)
             use_stall_watch(watch)  # this task's: the table's stream reads it (its turns, its heartbeats)
         credit = stream.credit
         messages = self._open(request)

@@ -209,6 +209,31 @@ def test_a_stream_sends_no_more_than_its_credit(cluster, call):
         assert [sorted(wire.decode_keys(b.keys).tolist()) for b in sent] == [[11], [12, 13]]
 
 
+def test_a_stream_waiting_for_credit_hands_its_group_s_heartbeats_to_the_next(cluster, call):
+    """On an idle shard the oldest stream of a heartbeat group sends the group's heartbeats, and a
+    replica reads any of them as news that the shard is alive. A stream whose subscriber gives no
+    credit (a table ahead of the replica's consistent cut, its follower waiting) sent them into
+    its window until it was full, then nothing, and neither did the others: the shard went silent
+    and the replica counted it stale. The next stream of the group takes them over meanwhile."""
+    with PSClient.from_job(cluster.job) as client:
+        versions = head_versions(client)
+    group = "waiting-for-credit"
+    held = call.subscribe("a", window=2, from_version=versions["a"], heartbeat_group=group)
+    beating = call.subscribe("b", from_version=versions["b"], heartbeat_group=group)
+    heard = {held: 0, beating: 0}
+
+    def count(reply: ps_pb2.SubscribeTablesReply) -> bool:
+        for batch in reply.batches:
+            heard[batch.stream_id] = heard.get(batch.stream_id, 0) + 1
+        return heard[held] >= 2 and heard[beating] >= 3  # b's first, then two of the group's
+
+    list(call.until(count))
+    assert heard[held] == 2, heard  # its window: its first heartbeat and one of the group's
+    call.give_credit(held, 2)  # a sends the heartbeat it held, then the group's again (the oldest not held)
+    after: list[int] = []
+    list(call.until(lambda r: after.extend(b.stream_id for b in r.batches) or after.count(held) >= 2))
+
+
 def test_a_stream_left_without_credit_ends_alone(tmp_path):
     """A shard with --stream-stall-seconds 1: a stream waiting for credit for that long ends
     RESOURCE_EXHAUSTED in a reply, saying so, as a Subscribe stream whose client takes nothing; the
