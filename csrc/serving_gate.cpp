@@ -52,8 +52,10 @@ std::string to_string(const grpc::ByteBuffer& buffer) {
 // completion queue, which one thread at a time (the poller) handles. `pending_` counts operations
 // started and not completed; at zero the call is deleted.
 //
-// A Lookup beyond the bound is finished RESOURCE_EXHAUSTED before its message is read. An
-// admitted Lookup's message is read and queued for the gate's threads, one of which answers it and
+// A Lookup that comes while max_queue are admitted is finished RESOURCE_EXHAUSTED before its message
+// is read. Any other's message is read, and it is admitted only then (a call whose message does not
+// come holds no place, and is cancelled after client_stall): past the bounds, it is refused
+// RESOURCE_EXHAUSTED; admitted, it is queued for the gate's threads, one of which answers it and
 // sends the reply with the status in one batch.
 //
 // Any other call is pumped to an upstream call and back, one message in flight each way: a
@@ -137,17 +139,15 @@ class Call {
     serving_ = true;
     shared_->serving.fetch_add(1, std::memory_order_relaxed);
     if (lookup) {
-      int64_t before = shared_->in_flight.fetch_add(1, std::memory_order_relaxed);
-      if (shared_->max_queue > 0 && before >= shared_->max_queue) {
-        shared_->in_flight.fetch_sub(1, std::memory_order_relaxed);  // a refused call holds no place
-        shared_->shed.fetch_add(1, std::memory_order_relaxed);
-        shared_->count_ended(server_ctx_.method(), grpc::StatusCode::RESOURCE_EXHAUSTED);
-        Start();
-        stream_.Finish(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED, shared_->shed_message), tag(kFinish));
-        return;
+      // Refused unread while max_queue Lookups whose requests came are admitted: real load, and
+      // reading the message would cost the time the refusal saves. Else its place is taken only
+      // once its request has come (OnLookupRead): a call that sent its headers and no message
+      // took one from here, and max_queue of them had every other Lookup shed until the watch
+      // below cancelled them.
+      if (shared_->max_queue > 0 && shared_->in_flight.load(std::memory_order_relaxed) >= shared_->max_queue) {
+        return Shed(shared_->shed_message);
       }
-      counted_ = true;
-      Watch();  // a client that sends its request slowly holds a place meanwhile
+      Watch();  // a client that sends its request slowly is cancelled after client_stall
       Start();
       stream_.Read(&from_caller_, tag(kLookupRead));
       return;
@@ -180,16 +180,20 @@ class Call {
                      tag(kFinish));
       return;
     }
+    // The count bound, now that the request is here: the queue may have filled since the call began.
+    const int64_t waiting = shared_->in_flight.fetch_add(1, std::memory_order_relaxed);
+    if (shared_->max_queue > 0 && waiting >= shared_->max_queue) {
+      shared_->in_flight.fetch_sub(1, std::memory_order_relaxed);  // a refused call holds no place
+      return Shed(shared_->shed_message, false);
+    }
+    counted_ = true;
     // The byte bound: one lookup always fits (else a large one could never run), more only
     // while the bytes held stay under max_queue_bytes.
     const int64_t size = static_cast<int64_t>(from_caller_.Length());
     const int64_t before = shared_->queued_bytes.fetch_add(size, std::memory_order_relaxed);
     if (shared_->max_queue_bytes > 0 && before > 0 && before + size > shared_->max_queue_bytes) {
       shared_->queued_bytes.fetch_sub(size, std::memory_order_relaxed);
-      shared_->shed.fetch_add(1, std::memory_order_relaxed);
-      shared_->count_ended(server_ctx_.method(), grpc::StatusCode::RESOURCE_EXHAUSTED);
-      stream_.Finish(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED, shared_->shed_bytes_message), tag(kFinish));
-      return;
+      return Shed(shared_->shed_bytes_message, false);
     }
     held_bytes_ = size;
     // Counted here, past both bounds, never taken back: a counter that went down when the byte
@@ -204,6 +208,15 @@ class Call {
     }
     deadline_ = server_ctx_.deadline();
     shared_->polled.push_back({[this] { Answer(); }, size >= kLargeRequestBytes});
+  }
+
+  // Finishes a Lookup RESOURCE_EXHAUSTED with `message` and counts it shed; `start`: its kFinish is
+  // not counted in pending_ yet.
+  void Shed(const std::string& message, bool start = true) {
+    shared_->shed.fetch_add(1, std::memory_order_relaxed);
+    shared_->count_ended(server_ctx_.method(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+    if (start) Start();
+    stream_.Finish(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED, message), tag(kFinish));
   }
 
   // Run by one of the gate's threads (run_thread) once the events ready before it are handled,

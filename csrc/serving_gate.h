@@ -3,9 +3,12 @@
 // Why: a Python gRPC server (grpc.aio) spends ~0.2 ms of interpreter time on every call it
 // touches, answered or refused, so offered a few times its capacity it cannot even refuse what it
 // cannot answer: the calls pile up in gRPC's core, whose default transport refuses its backlog
-// with CANCELLED. The gate admits at most max_queue Lookups at a time (arrival to reply) and
-// answers one more RESOURCE_EXHAUSTED at once, unread, in C++. "Lookups" are the calls of the
-// bounded methods (`lookup_methods`: Serving/Lookup and Serving/LookupMany); they share one bound.
+// with CANCELLED. The gate admits at most max_queue Lookups at a time (their request's arrival to
+// reply) and answers one more RESOURCE_EXHAUSTED at once, in C++ (unread when max_queue are
+// admitted as it comes). A call whose request has not come holds no place: one that sends its
+// headers and no more is cancelled after client_stall_seconds, and a connection holds at most
+// max(1,024, 2 x max_queue) calls. "Lookups" are the calls of the bounded methods
+// (`lookup_methods`: Serving/Lookup and Serving/LookupMany); they share one bound.
 //
 // The gate runs `workers` + 1 threads over one completion queue; at any time at most one of them
 // polls it (the poller) and at most `workers` answer Lookups. Why one poller: in grpc's epoll1
@@ -89,20 +92,20 @@ struct GateConfig {
   std::vector<std::string> lookup_methods;  // the bounded methods, answered by `lookup`
   LookupHandler lookup;
   int workers = 0;                // lookups answered at once, at most (0: one per core); the gate runs one thread more
-  int64_t max_queue = 0;          // lookups admitted and not finished; 0: no bound
+  int64_t max_queue = 0;          // lookups admitted (their request read) and not finished; 0: no bound
   int64_t max_queue_bytes = 0;    // request + reply bytes the admitted lookups hold; 0: no bound
   int64_t max_message_bytes = 0;  // largest message either way
   // A Lookup whose client has not sent its whole request this long after it was taken, or a call
   // whose client has not taken its reply (a message of it) this long after it was sent, is
-  // cancelled, so a client that stops sending or reading cannot hold a place and its bytes in the
-  // bounds, or a forwarded call, for good; 0: never.
+  // cancelled, so a client that stops sending or reading cannot hold its call (a Lookup's place and
+  // bytes in the bounds once its request came, a forwarded call's upstream call) for good; 0: never.
   double client_stall_seconds = 0;
   bool tls = false;
   GateTls tls_files;
 };
 
 struct GateStats {
-  int64_t in_flight;     // lookups admitted and not finished
+  int64_t in_flight;     // lookups admitted (their request read) and not finished
   int64_t queued_bytes;  // request and reply bytes those lookups hold
   int64_t admitted;      // lookups admitted, ever
   int64_t shed;        // lookups answered RESOURCE_EXHAUSTED, ever

@@ -21,11 +21,11 @@
     lookup_threads = 0             # with the serving gate: threads answering Lookups (0: one per
                                    # core of this machine)
     client_stall_seconds = 10.0    # with the serving gate: a Lookup whose client has not sent its
-                                   # whole request this long after it was taken, or a call whose
-                                   # client has not taken its reply this long after it was sent, is
-                                   # cancelled, a Lookup's place and bytes back in the bounds (a
-                                   # client that stops sending or reading would hold them for
-                                   # good; 0: never)
+                                   # whole request this long after it was taken (it holds no place
+                                   # meanwhile), or a call whose client has not taken its reply
+                                   # this long after it was sent, is cancelled, a Lookup's place
+                                   # and bytes back in the bounds (a client that stops sending or
+                                   # reading would hold its call for good; 0: never)
     consistency = "step"           # "step": every reply at one committed training step across
                                    # shards and tables (the cut, serving/cut.py); "latest": each
                                    # shard as fresh as its stream, no model_version

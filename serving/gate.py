@@ -5,8 +5,10 @@ Why a gate: the replica's gRPC server is Python (grpc.aio), and every call it to
 even refuse what it cannot answer: calls pile up in gRPC's core, whose default transport can
 only refuse its backlog with CANCELLED (serving/shedding.py). The gate is a grpc++ server on the
 public port, on threads of its own: it admits at most `max_queue` Lookups (Lookup and LookupMany
-calls, one bound for both) from arrival to reply
-and answers one more RESOURCE_EXHAUSTED at once, before reading it, in microseconds. It also bounds
+calls, one bound for both) from their request's arrival to reply (a call whose request has not come
+holds no place, and is cancelled after `client_stall_seconds`) and answers one more
+RESOURCE_EXHAUSTED at once, before reading it when `max_queue` were admitted as it came, in
+microseconds. It also bounds
 the bytes the admitted Lookups hold (request, then reply, until sent) by `max_queue_bytes`: a
 Lookup read while they hold more is answered RESOURCE_EXHAUSTED too (one is always admitted).
 

@@ -22,6 +22,7 @@ from serving.gate import ServingGate, native_lookups, unavailable_reason
 from serving.metrics import ServingMetrics
 from serving.shedding import LOOKUP_METHODS
 from serving.store import TableReplica
+from tests.helpers.stalled_client import StalledCall
 from tests.helpers.waiting import wait_until
 
 pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason=f"no serving gate: {unavailable_reason()}")
@@ -88,9 +89,10 @@ def test_a_forwarded_call_s_headers_reach_its_caller(gate):
 
 
 def test_calls_the_gate_ends_itself_are_counted_and_admitted_never_goes_down(gate):
-    """A Lookup refused by the bound (max_queue = 1, a caller holding the place before it sends
-    its request) and one that ends without a request message were in no requests_total series;
-    and the admitted count was taken on arrival, then taken back when the byte bound shed it."""
+    """A Lookup refused by the bound (max_queue = 1, a caller holding the place: its request read,
+    its reply never taken) and one that ends without a request message were in no requests_total
+    series; and the admitted count was taken on arrival, then taken back when the byte bound shed
+    it. The call without a request holds no place meanwhile: it took one as its headers arrived."""
     server, metrics = gate
     release = threading.Event()
     request = serving_pb2.ServingLookupRequest(table="user", keys=np.arange(4, dtype="<i8").tobytes())
@@ -100,25 +102,31 @@ def test_calls_the_gate_ends_itself_are_counted_and_admitted_never_goes_down(gat
         return
         yield  # a generator that sends nothing
 
-    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        holding = channel.stream_unary(LOOKUP).future(nothing_until_released(), timeout=30)
+    address = f"127.0.0.1:{server.port}"
+    with grpc.insecure_channel(address) as channel:
+        empty_call = channel.stream_unary(LOOKUP).future(nothing_until_released(), timeout=30)
         lookup = channel.unary_unary(LOOKUP, request_serializer=lambda r: r.SerializeToString())
-        wait_until(lambda: server.stats().in_flight == 1, "the holder's place (taken as its headers arrive)")
-        with pytest.raises(grpc.RpcError) as shed:
-            lookup(request, timeout=10)
-        assert shed.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert server.stats().admitted == 0
+        holder = StalledCall(address, LOOKUP, request.SerializeToString())
+        try:
+            wait_until(lambda: server.stats().in_flight == 1, "the holder's place (taken as its request arrives)")
+            with pytest.raises(grpc.RpcError) as shed:
+                lookup(request, timeout=10)
+            assert shed.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert server.stats().admitted == 1
+        finally:
+            holder.close()
+        wait_until(lambda: server.stats().in_flight == 0, "the holder's place back once its connection closed")
+        assert lookup(request, timeout=10) is not None  # while the call without a request is still open
         release.set()
         with pytest.raises(grpc.RpcError) as empty:
-            holding.result(timeout=30)
+            empty_call.result(timeout=30)
         assert empty.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert lookup(request, timeout=10) is not None
-    assert server.stats().admitted == 1
+    assert server.stats().admitted == 2
     assert sorted(server.ended()) == [("Lookup", 3, 1), ("Lookup", 8, 1)]
     text = generate_latest(metrics.registry).decode()
     for code in ("RESOURCE_EXHAUSTED", "INVALID_ARGUMENT"):
         assert f'embps_serving_requests_total{{code="{code}",method="Lookup",table=""}} 1.0' in text, text
-    assert 'embps_serving_requests_total{code="OK",method="Lookup",table="user"} 1.0' in text
+    assert 'embps_serving_requests_total{code="OK",method="Lookup",table="user"} 2.0' in text
 
 
 def test_made_up_methods_refused_during_the_drain_share_one_series(gate):

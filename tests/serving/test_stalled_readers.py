@@ -1,12 +1,14 @@
-"""Clients that send half a Lookup and no more, or send a Lookup and never take the reply, against a
-real `embps serve` replica with its serving gate: they hold an admitted place (and its bytes) only
-until client_stall_seconds, then the gate cancels their calls, and the replica answers everyone
-else again. A forwarded call (Status) whose reply is never taken is cancelled the same way.
+"""Clients that send a Lookup and never take the reply, against a real `embps serve` replica with its
+serving gate: they hold an admitted place (and its bytes) only until client_stall_seconds, then the
+gate cancels their calls, and the replica answers everyone else again. Clients that send only a
+Lookup's headers, or half its request, hold no place at all (a Lookup is admitted once its request
+has arrived), and are cancelled after client_stall_seconds too. A forwarded call (Status) whose
+reply is never taken is cancelled the same way.
 
 Before, 16 clients asking 100,000 keys each and never reading (25.6 MB replies, over
 max_queue_bytes together) made the replica answer every other Lookup RESOURCE_EXHAUSTED for as long
-as they stayed connected, and so did 2 clients that sent half a request to a replica with
-max_queue = 2."""
+as they stayed connected, and so did 2 clients that sent half a request, or only the headers, to a
+replica with max_queue = 2 (until client_stall_seconds; then they could open 2 more)."""
 
 from __future__ import annotations
 
@@ -52,11 +54,10 @@ def _stalled_count(server: EmbpsServer) -> float:
     raise AssertionError("embps_serving_stalled_calls_total not in the scrape")
 
 
-@pytest.mark.parametrize("whole", [True, False], ids=["reply-never-taken", "request-half-sent"])
-def test_lookups_whose_clients_stall_give_their_places_back(replica, whole):
+def test_lookups_whose_clients_never_take_the_reply_give_their_places_back(replica):
     keys = bench_keys(ROWS)[:64]
     request = serving_pb2.ServingLookupRequest(table=TABLE, keys=wire.encode_keys(keys), dim=DIM)
-    stalled = [StalledCall(replica.address, "/embps.v1.Serving/Lookup", request.SerializeToString(), whole)
+    stalled = [StalledCall(replica.address, "/embps.v1.Serving/Lookup", request.SerializeToString())
                for _ in range(MAX_QUEUE)]  # fmt: skip
     try:
         with grpc.insecure_channel(replica.address) as channel:
@@ -77,6 +78,43 @@ def test_lookups_whose_clients_stall_give_their_places_back(replica, whole):
         assert _stalled_count(replica) == MAX_QUEUE
         for call in stalled:
             wait_until(call.reset.is_set, "the stalled call's stream to be reset")
+    finally:
+        for call in stalled:
+            call.close()
+
+
+@pytest.mark.parametrize("headers_only", [True, False], ids=["headers-only", "request-half-sent"])
+def test_lookups_whose_request_has_not_arrived_hold_no_place(replica, headers_only):
+    """Twice max_queue Lookup calls that send their headers (and maybe half the request) and no
+    more: each honest Lookup meanwhile is answered, not shed, and the gate still resets them after
+    client_stall_seconds. Before, a call took its place as it started: max_queue such calls had
+    every other Lookup refused RESOURCE_EXHAUSTED until they were reset, and the client could
+    open more."""
+    keys = bench_keys(ROWS)[:64]
+    request = serving_pb2.ServingLookupRequest(table=TABLE, keys=wire.encode_keys(keys), dim=DIM)
+    before = _stalled_count(replica)
+    stalled = [
+        StalledCall(replica.address, "/embps.v1.Serving/Lookup", request.SerializeToString(), whole=False,
+                    headers_only=headers_only)
+        for _ in range(2 * MAX_QUEUE)
+    ]  # fmt: skip
+    try:
+        with grpc.insecure_channel(replica.address) as channel:
+            stub = serving_pb2_grpc.ServingStub(channel)
+            answered = 0
+
+            def all_reset_after_a_lookup() -> bool:
+                """One honest Lookup, which must be answered; then whether every stalled call is reset."""
+                nonlocal answered
+                reset = all(call.reset.is_set() for call in stalled)  # before the Lookup: it ran while they were open
+                reply = stub.Lookup(request, timeout=5)
+                assert list(reply.found) == [1] * keys.shape[0]
+                answered += 1
+                return reset
+
+            wait_until(all_reset_after_a_lookup, "the calls without a request to be reset")
+        assert answered > 1
+        assert _stalled_count(replica) == before + 2 * MAX_QUEUE
     finally:
         for call in stalled:
             call.close()
