@@ -105,10 +105,11 @@ class CriteoTsvReader(FileReader):
             strings_can_be_null=False,
             quoted_strings_can_be_null=False,
             # A categorical is any bytes (hashed as they are), and a number that is not UTF-8 fails
-            # its pattern as a bad row: checked, one Latin-1 byte failed the whole pass.
+            # its pattern as a bad row: checked, one Latin-1 byte failed the whole pass. The invalid-row
+            # handler's text is decoded all the same: _RangeStream makes such rows UTF-8.
             check_utf8=False,
         )
-        with _open_range(data_file, unit, start) as stream:
+        with _open_range(data_file, unit, start, len(names), self.config.read_block_bytes) as stream:
             cursor = start + 1
             try:
                 if not stream.peek():
@@ -149,32 +150,103 @@ def _lines_of_rows(cursor: int, num_rows: int, invalid: list[int]) -> np.ndarray
 
 
 class _RangeStream(io.RawIOBase):
-    """Bytes [begin, stop) of a stream (stop None: to its end), with every bare carriage return
-    (one no line feed follows) read as a tab: pyarrow ends a row at a bare \\r, the byte ranges
-    and a resume's skipped lines count \\n only, so each one moved every later resume offset a
-    line on (rows skipped), and the part of the line before it passed as a good row. As a tab,
-    its line is one row with a field too many: a bad row, at its own line number."""
+    """Bytes [begin, stop) of a stream (stop None: to its end), as pyarrow's parser needs them:
 
-    def __init__(self, source: pa.NativeFile, remaining: int | None) -> None:
+    - every bare carriage return (one no line feed follows) read as a tab: pyarrow ends a row at
+      a bare \\r, the byte ranges and a resume's skipped lines count \\n only, so each one moved
+      every later resume offset a line on (rows skipped), and the part of the line before it
+      passed as a good row. As a tab, its line is one row with a field too many: a bad row, at
+      its own line number.
+    - in a line with the wrong number of fields, each byte that is not UTF-8 read as "?":
+      pyarrow decodes such a line strictly to hand it to the invalid-row handler, and the decode
+      error ended the pass ("cannot parse as Criteo TSV"), bad_rows = "skip" or not, before the
+      handler saw the row. So it is the bad row it was, at its own line number and of its own
+      length (an escape four bytes long could make it too long for a block). A line with the
+      right number of fields keeps its bytes: a categorical is hashed as the bytes it is, a count
+      that is not UTF-8 fails its pattern. Only a chunk that is not ASCII is read line by line.
+    """
+
+    def __init__(self, source: pa.NativeFile, remaining: int | None, num_fields: int, block_bytes: int) -> None:
+        """num_fields: the fields of a good row; block_bytes: pyarrow's block size. A line that is
+        not ASCII is read a block at a time up to its end, but past two blocks it is handed on as
+        it is: pyarrow fails on a row longer than that anyway ("straddling object")."""
         self._source = source
         self._remaining = remaining
-        self._raw = b""  # read from the source, not yet returned (unmasked)
+        self._num_fields = num_fields
+        self._block_bytes = block_bytes
+        self._raw = b""  # read from the source, not yet prepared
+        self._ready = b""  # prepared, not yet returned
+        self._open_tabs = 0  # tabs in the prepared part of a line whose end is not prepared yet
 
     def readable(self) -> bool:
         return True
 
     def read(self, size: int = -1) -> bytes:
         if size < 0:
-            data, self._raw = self._raw + self._pull(-1), b""
-            return _mask_bare_cr(data, b"")
+            parts = []
+            while chunk := self.read(_SCAN_BYTES):
+                parts.append(chunk)
+            return b"".join(parts)
         if size == 0:
             return b""
-        if not self._raw:
-            self._raw = self._pull(size)
-        out, self._raw = self._raw[:size], self._raw[size:]
-        if out.endswith(b"\r") and not self._raw:
+        # A full read but at the end: pyarrow takes each read as a block, and a row that does not
+        # end in the block after the one it starts in fails the pass ("straddling object").
+        while len(self._ready) < size:
+            more = self._prepare(size - len(self._ready))
+            if not more:
+                break
+            self._ready += more
+        out, self._ready = self._ready[:size], self._ready[size:]
+        return out
+
+    def _prepare(self, size: int) -> bytes:
+        """The next bytes of the source, masked and escaped (see the class doc); b"" at its end."""
+        data, self._raw = self._raw or self._pull(size), b""
+        if not data.isascii():
+            data = self._whole_lines(data)
+        if data.endswith(b"\r") and not self._raw:
             self._raw = self._pull(1)  # whether a line feed follows it
-        return _mask_bare_cr(out, self._raw[:1])
+        data = _mask_bare_cr(data, self._raw[:1])
+        if not data.isascii():
+            data = self._escape_undecodable(data)
+        newline = data.rfind(b"\n")
+        tabs = data.count(b"\t", newline + 1)
+        self._open_tabs = tabs if newline >= 0 else self._open_tabs + tabs
+        return data
+
+    def _whole_lines(self, data: bytes) -> bytes:
+        """data cut so that its last line is ASCII or ends in it (the rest back to `_raw`): a line's
+        field count, which decides whether its bytes are escaped, needs the whole line."""
+        while True:
+            end = data.rfind(b"\n") + 1
+            if data[end:].isascii():  # ASCII is UTF-8 whatever follows: _open_tabs counts its fields
+                return data
+            if end:
+                self._raw = data[end:]
+                return data[:end]
+            more = self._pull(self._block_bytes) if len(data) <= 2 * self._block_bytes else b""
+            if not more:
+                return data
+            data += more
+
+    def _escape_undecodable(self, data: bytes) -> bytes:
+        """data (masked; whole lines, but for an ASCII last line or the source's last one) with each
+        byte that is not UTF-8 as "?" in its lines of the wrong field count; the first line may go
+        on one that `_open_tabs` counted."""
+        try:
+            data.decode("utf-8")
+            return data
+        except UnicodeDecodeError:
+            pass
+        lines = data.split(b"\n")
+        for i, line in enumerate(lines):
+            if line.isascii() or line.count(b"\t") + (self._open_tabs if i == 0 else 0) + 1 == self._num_fields:
+                continue
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError:
+                lines[i] = line.decode("utf-8", "surrogateescape").encode("utf-8", "replace")  # a byte: "?"
+        return b"\n".join(lines)
 
     def _pull(self, size: int) -> bytes:
         if self._remaining is not None:
@@ -188,9 +260,9 @@ class _RangeStream(io.RawIOBase):
 
     def peek(self) -> bool:
         """Whether bytes are left to read (kept for the next read)."""
-        if not self._raw:
-            self._raw = self._pull(_SCAN_BYTES)
-        return bool(self._raw)
+        if not self._ready and not self._raw:
+            self._raw = self._pull(self._block_bytes)
+        return bool(self._ready or self._raw)
 
     def skip_lines(self, lines: int, name: str) -> None:
         """Consumes `lines` lines; a last line without newline counts as one."""
@@ -208,7 +280,7 @@ class _RangeStream(io.RawIOBase):
             end = -1
             for _ in range(remaining):
                 end = chunk.index(b"\n", end + 1)
-            self._raw = chunk[end + 1 :] + self._raw  # masked already: masking again changes nothing
+            self._ready = chunk[end + 1 :] + self._ready
             return
 
     def close(self) -> None:
@@ -233,16 +305,18 @@ def _mask_bare_cr(data: bytes, following: bytes) -> bytes:
     return _BARE_CR.sub(b"\t", data)
 
 
-def _open_range(data_file: DataFile, unit: Unit, lines: int) -> _RangeStream:
-    """The lines of `unit` (see CriteoTsvReader), positioned after its first `lines` lines."""
+def _open_range(data_file: DataFile, unit: Unit, lines: int, num_fields: int, block_bytes: int) -> _RangeStream:
+    """The lines of `unit` (see CriteoTsvReader), positioned after its first `lines` lines; num_fields
+    and block_bytes as _RangeStream takes them."""
     if unit.end == -1:
-        stream = _RangeStream(data_file.fs.open_input_stream(data_file.path, compression="gzip"), None)
+        source = data_file.fs.open_input_stream(data_file.path, compression="gzip")
+        stream = _RangeStream(source, None, num_fields, block_bytes)
     else:
         handle = open_input(data_file)
         begin = 0 if unit.start == 0 else _next_newline(handle, unit.start - 1, data_file.size) + 1
         stop = data_file.size if unit.end >= data_file.size else _next_newline(handle, unit.end - 1, data_file.size) + 1
         handle.seek(min(begin, data_file.size))
-        stream = _RangeStream(handle, max(0, stop - begin))
+        stream = _RangeStream(handle, max(0, stop - begin), num_fields, block_bytes)
     if lines:
         stream.skip_lines(lines, data_file.name)
     return stream

@@ -26,23 +26,25 @@ def to_int64(x: int) -> int:
     return x - (1 << 64) if x >= 1 << 63 else x
 
 
-def key(feature: int, text: str) -> int:
+def key(feature: int, text: str | bytes) -> int:
+    """text: a str is its UTF-8 bytes; bytes (which need not be UTF-8) are taken as they are."""
     salt = mix64(((feature + 1) * 0x9E3779B97F4A7C15) & MASK)
-    if text == "":
+    raw = text.encode() if isinstance(text, str) else text
+    if raw == b"":
         value = MASK
-    elif len(text) <= 16 and all(c in "0123456789abcdefABCDEF" for c in text):
-        value = int(text, 16)
+    elif len(raw) <= 16 and all(c in b"0123456789abcdefABCDEF" for c in raw):
+        value = int(raw, 16)
     else:
-        value = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+        value = int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "little")
     return to_int64(mix64(value ^ salt))
 
 
-def dense(text: str) -> float:
+def dense(text: str | bytes) -> float:
     return math.log1p(max(int(text), 0)) if text else 0.0
 
 
-def batch_of_rows(rows: list[list[str]], num_dense: int) -> Batch:
-    """Criteo rows (label, I*, C* as strings) -> the Batch a reader must produce for them."""
+def batch_of_rows(rows: list[list[str]] | list[list[bytes]], num_dense: int) -> Batch:
+    """Criteo rows (label, I*, C* as strings or bytes) -> the Batch a reader must produce for them."""
     return Batch.from_numpy(
         dense=np.array([[dense(t) for t in row[1 : 1 + num_dense]] for row in rows], dtype=np.float32).reshape(
             len(rows), num_dense

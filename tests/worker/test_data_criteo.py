@@ -15,6 +15,7 @@ from worker.criteo import CriteoTsvReader, write_criteo_sample
 from worker.data_options import BadRowPolicy
 from worker.features import hash_categorical, missing_key
 from worker.readers import ReaderConfig
+from worker.shares import byte_ranges
 
 
 def config(**kwargs) -> ReaderConfig:
@@ -356,6 +357,101 @@ def test_a_bare_carriage_return_is_a_bad_row_and_resumes_stay_exact(tmp_path, bl
         resumed = CriteoTsvReader([str(path)], cfg)
         resumed.restore(state)
         assert counts(list(resumed)) == counts(batches[k + 1 :]), f"resume after batch {k}"
+
+
+# Lines of a file with num_dense = 1, num_sparse = 2 (4 fields): index -> (bytes, line end). I1 is
+# the index, so a row's count says which line it came from. None: a good row (C2 below).
+UNDECODABLE = {
+    3: (b"1\t3\tcaf\xe9\tab\textra", b"\n"),  # a field too many and a Latin-1 byte (the review's row)
+    4: (b"1\t4\t\xff\xfe", b"\n"),  # a field too few
+    9: (b"1\t9\t\xe6\x97\xa5\tcaf\xc3\tx\ty", b"\n"),  # a UTF-8 character, then a cut one
+    10: (b"0\t1\xe90\tab\tcd", b"\n"),  # the right field count, a count that is not UTF-8
+    11: (b"\xb91\t11\tab\tcd", b"\n"),  # the right field count, a label that is not UTF-8
+    13: (b"0\t13\tabcdefghijklmnop\tqrst\tuvw\xe9", b"\n"),  # ASCII up to its last field
+    15: (b"1\t15\t" + b"\xe9" * 20 + b"\tx\ty", b"\n"),  # most of a 37-byte read not UTF-8
+    16: (b"0\t16\tab\tcd\te\xe9", b"\r\n"),  # a CRLF line
+    19: (b"1\t19\t\xe8\xe9", b""),  # the last line, without its line feed
+}
+GOOD_C2 = [b"caf\xc3\xa9", b"caf\xe9", b"\xe6\x97\xa5\xe6\x9c\xac", b"plain"]  # UTF-8, Latin-1, UTF-8, ASCII
+
+
+def undecodable_sample(path) -> list[list[bytes]]:
+    """Writes UNDECODABLE's file at `path`; returns its good rows' fields, in file order."""
+    good, lines = [], []
+    for i in range(20):
+        if i in UNDECODABLE:
+            lines.append(UNDECODABLE[i][0] + UNDECODABLE[i][1])
+            continue
+        fields = [b"1", b"%d" % i, b"%08x" % i, GOOD_C2[i % len(GOOD_C2)]]
+        good.append(fields)
+        lines.append(b"\t".join(fields) + (b"\r\n" if i % 5 == 0 else b"\n"))
+    path.write_bytes(b"".join(lines))
+    return good
+
+
+@pytest.mark.parametrize("block", [37, 64, 1 << 20])
+@pytest.mark.parametrize("range_bytes", [None, 90])
+def test_a_row_of_the_wrong_field_count_with_bytes_that_are_not_utf8_is_a_bad_row(tmp_path, block, range_bytes):
+    """pyarrow decodes a row of the wrong field count as UTF-8 before the invalid-row handler sees
+    it: one that was not UTF-8 ended the pass ("cannot parse as Criteo TSV"), bad_rows = "skip" or
+    not. Now it is one bad row at its own line, as are rows whose count or label is not UTF-8; the
+    good rows are read once each, in file order, their categoricals' bytes as they are (UTF-8 or
+    not), whatever the reads' sizes (a character, or a bad line, cut between two reads) and the
+    byte ranges, and a resume from any batch reads the rest exactly."""
+    path = tmp_path / "mixed.tsv"
+    good = undecodable_sample(path)
+    extra = {} if range_bytes is None else {"range_bytes": range_bytes}
+    cfg = ReaderConfig(global_batch_size=3, num_dense=1, num_sparse=2, prefetch_batches=0, read_block_bytes=block,
+                       **extra)
+    reader = CriteoTsvReader([str(path)], cfg)
+    assert range_bytes is None or len(reader.units_by_file[0]) > 1
+
+    def counts(batches) -> list[int]:
+        return [round(float(v)) for b in batches for v in np.expm1(b.dense.numpy().ravel())]
+
+    batches, states = [], []
+    for batch in reader:
+        batches.append(batch)
+        states.append(reader.state())
+    assert counts(batches) == [i for i in range(20) if i not in UNDECODABLE]
+    assert_batches_equal(Batch.cat(batches), batch_of_rows(good, 1))
+    assert reader.num_bad_rows == len(UNDECODABLE) and reader.num_parsed == 20
+    for k, state in enumerate(states[:-1]):
+        resumed = CriteoTsvReader([str(path)], cfg)
+        resumed.restore(state)
+        assert counts(list(resumed)) == counts(batches[k + 1 :]), f"resume after batch {k}"
+
+
+@pytest.mark.parametrize("line", sorted(UNDECODABLE))
+@pytest.mark.parametrize("range_bytes", [None, 90])
+def test_fail_mode_names_the_line_of_a_row_that_is_not_utf8(tmp_path, line, range_bytes):
+    """bad_rows = "fail" on a row of the wrong field count that was not UTF-8 said "cannot parse
+    as Criteo TSV: ... Row #4" (a row of pyarrow's stream, not a line of the file). It names the
+    file and the line, as for any bad row; "?" stands for each byte that is not UTF-8 in the row."""
+    path = tmp_path / "mixed.tsv"
+    undecodable_sample(path)
+    data = path.read_bytes()
+    for i in UNDECODABLE:  # the other bad lines made good: the first bad row is `line`'s
+        if i != line:
+            data = data.replace(UNDECODABLE[i][0], b"1\t%d\tab\tcd" % i, 1)
+    path.write_bytes(data)
+    extra = {} if range_bytes is None else {"range_bytes": range_bytes}
+    cfg = ReaderConfig(global_batch_size=3, num_dense=1, num_sparse=2, prefetch_batches=0, read_block_bytes=37,
+                       bad_rows="fail", **extra)
+    with pytest.raises(ValueError, match=r"bad row: ") as failed:
+        list(CriteoTsvReader([str(path)], cfg))
+    # The range that owns the line: the last one whose first line starts at or before it.
+    line_start = data.index(UNDECODABLE[line][0])
+    starts = [start for start, _ in byte_ranges(len(data), range_bytes or len(data))]
+    begins = [0] + [data.index(b"\n", start - 1) + 1 for start in starts[1:]]
+    owner = max(k for k, begin in enumerate(begins) if begin <= line_start)
+    lines_before = data[: begins[owner]].count(b"\n")
+    where = f"{path}:{line + 1 - lines_before}"
+    if owner:
+        where += f" (line of the byte range from {starts[owner]})"
+    assert str(failed.value).startswith(f"{where}: bad row: ")
+    if line not in (10, 11):  # a count or a label: "not a number"
+        assert "tab-separated fields" in str(failed.value) and "?" in str(failed.value)
 
 
 def test_launch_counts_bad_input_rows_and_fails_a_run_that_trained_on_none(tmp_path):
