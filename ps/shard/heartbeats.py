@@ -1,9 +1,9 @@
 """Which Subscribe streams send heartbeats: with a SubscribeRequest.heartbeat_group, one stream per
-(connection, group), the oldest open one; without it, every idle stream (ps.proto).
+(connection, group), the oldest open one not held; without it, every idle stream (ps.proto).
 
     ("ipv4:10.0.0.7:51234", group "3f9c..."): [stream t0, stream t1, ..., stream t199]
                                                 ^ sends heartbeats; when it ends or is held
-                                                  (waits for credit), t1 takes over
+                                                  (waits for credit), the next in line takes over
 
 Why: a serving replica follows every (table, shard) as a stream of its own, over one connection per
 shard, and each idle stream sent a heartbeat every HEARTBEAT_SECONDS: a replica of a 200-table job
@@ -20,6 +20,7 @@ Runs on the shard's event loop only.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,66 +30,103 @@ from prometheus_client import Counter
 @dataclass(eq=False)
 class HeartbeatSeat:
     """One open stream of a heartbeat group: (its connection (the peer's address), the group), its
-    table, and whether it is held (waiting for its subscriber's credit, ps/shard/table_streams.py)."""
+    table, whether it is held (waiting for its subscriber's credit, ps/shard/table_streams.py),
+    whether it left, and whether it is in its group's line."""
 
     group: tuple[str, str]
     table: str
     held: bool = False
+    left: bool = False
+    queued: bool = False
+
+
+class _Group:
+    """One (connection, group)'s open streams: how many, the one that sends the heartbeats (None
+    while every stream is held), and the line of those that may take over, oldest first (a seat
+    held or gone since it was queued is passed over when its turn comes)."""
+
+    def __init__(self) -> None:
+        self.size = 0
+        self.beater: HeartbeatSeat | None = None
+        self.line: deque[HeartbeatSeat] = deque()
+
+    def queue(self, seat: HeartbeatSeat) -> None:
+        if not seat.queued:
+            seat.queued = True
+            self.line.append(seat)
 
 
 class HeartbeatRoster:
-    """The streams of each (connection, heartbeat group), oldest first; the oldest that is not held
-    sends the group's heartbeats. A held stream (its subscriber busy: a table ahead of a replica's
-    consistent cut) sends nothing until given credit, its heartbeats included: the oldest stream
-    sending them while held left an idle shard silent to the replica, which then counted every
-    table of the shard stale. `wake(table)` wakes the streams of a table
-    (ParameterServerServicer.notify): a stream that takes over the heartbeats may be waiting for
-    its table's next change without a timer."""
+    """The streams of each (connection, heartbeat group); one of them, not held, sends the group's
+    heartbeats: the oldest, until it leaves or is held, then the next in line. A held stream (its
+    subscriber busy: a table ahead of a replica's consistent cut) sends nothing until given credit,
+    its heartbeats included: the oldest stream sending them while held left an idle shard silent to
+    the replica, which then counted every table of the shard stale. Each change is O(1) amortised
+    (a replica holds hundreds of streams a shard, each held and given credit as often as a step).
+    `wake(table)` wakes the streams of a table (ParameterServerServicer.notify): a stream that takes
+    over the heartbeats may be waiting for its table's next change without a timer."""
 
     def __init__(self, wake: Callable[[str], None]) -> None:
         self._wake = wake
-        self._streams: dict[tuple[str, str], list[HeartbeatSeat]] = {}
+        self._groups: dict[tuple[str, str], _Group] = {}
 
     def join(self, peer: str, group: str, table: str) -> HeartbeatSeat:
         seat = HeartbeatSeat((peer, group), table)
-        self._streams.setdefault(seat.group, []).append(seat)
+        joined = self._groups.setdefault(seat.group, _Group())
+        joined.size += 1
+        if joined.beater is None:  # (then no one is in line) it sends them from its start: no wake
+            joined.beater = seat
+        else:
+            joined.queue(seat)
         return seat
 
     def leave(self, seat: HeartbeatSeat) -> None:
-        streams = self._streams[seat.group]
-        was_beating = self._beating(streams) is seat
-        streams.remove(seat)
-        if not streams:
-            del self._streams[seat.group]
-        elif was_beating:
-            self._wake(self._beating(streams).table)
+        group = self._groups[seat.group]
+        seat.left = True
+        group.size -= 1
+        if group.size == 0:
+            del self._groups[seat.group]
+        elif group.beater is seat:
+            self._choose(group)
 
     def hold(self, seat: HeartbeatSeat, held: bool) -> None:
-        """`seat`'s stream waits for credit (held) or got it; the group's heartbeats move to the
-        oldest stream not held, which is woken to send them."""
-        streams = self._streams.get(seat.group)
-        if seat.held == held or streams is None or seat not in streams:
-            seat.held = held
+        """`seat`'s stream waits for credit (held) or got it: a held stream hands the heartbeats to
+        the next in line, which is woken to send them; one given credit queues up again."""
+        if seat.held == held:
             return
-        before = self._beating(streams)
         seat.held = held
-        after = self._beating(streams)
-        if after is not before:
-            self._wake(after.table)
+        group = self._groups.get(seat.group)
+        if group is None or seat.left:
+            return
+        if held:
+            if group.beater is seat:
+                self._choose(group)
+            return
+        group.queue(seat)
+        if group.beater is None:
+            self._choose(group)
 
-    @staticmethod
-    def _beating(streams: list[HeartbeatSeat]) -> HeartbeatSeat:
-        """The stream of a group that sends its heartbeats: the oldest not held (all held: the oldest)."""
-        return next((seat for seat in streams if not seat.held), streams[0])
+    def _choose(self, group: _Group) -> None:
+        """The next in line that is neither held nor gone sends the heartbeats (woken to); none: no
+        stream of the group can send until one is given credit."""
+        while group.line:
+            seat = group.line.popleft()
+            seat.queued = False
+            if not seat.held and not seat.left:
+                if seat is not group.beater:
+                    group.beater = seat
+                    self._wake(seat.table)
+                return
+        group.beater = None
 
     @property
     def groups(self) -> int:
         """(connection, group) pairs with an open stream."""
-        return len(self._streams)
+        return len(self._groups)
 
     def beats(self, seat: HeartbeatSeat) -> bool:
         """True when `seat` is the stream that sends its group's heartbeats."""
-        return self._beating(self._streams[seat.group]) is seat
+        return self._groups[seat.group].beater is seat
 
 
 class StreamHeartbeats:

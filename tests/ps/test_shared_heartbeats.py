@@ -135,3 +135,40 @@ def test_a_stream_with_nothing_to_send_says_at_once_that_it_is_up(shard, monkeyp
         assert [s.heartbeats for s in streams] == [1, 1]  # that one at once; the next would be 2 minutes later
         for s in streams:
             s.end()
+
+
+def test_a_held_stream_hands_the_heartbeats_on_and_every_change_is_cheap():
+    """The roster's own rules (ps/shard/heartbeats.py): the oldest stream sends; a held one (its
+    subscriber gave no credit) hands them to the next in line, which is woken; with every stream
+    held none sends, and the first given credit takes them; one that leaves hands them on too. A
+    replica holds hundreds of streams a shard, each held and given credit about once a step: a
+    first version looked for the oldest stream not held from the front at each change, its work
+    growing with the streams held before it."""
+    from ps.shard.heartbeats import HeartbeatRoster
+
+    woken: list[str] = []
+    roster = HeartbeatRoster(woken.append)
+    a, b, c = (roster.join("peer", "g", name) for name in "abc")
+    assert [roster.beats(s) for s in (a, b, c)] == [True, False, False]
+    roster.hold(a, True)
+    assert roster.beats(b) and woken == ["b"]
+    roster.hold(b, True)
+    roster.hold(c, True)
+    assert not any(roster.beats(s) for s in (a, b, c)) and woken == ["b", "c"]
+    roster.hold(a, False)
+    assert roster.beats(a) and woken[-1] == "a"
+    roster.hold(b, False)
+    roster.hold(c, False)
+    roster.leave(a)
+    assert roster.beats(b) and woken[-1] == "b"
+    roster.leave(b)
+    roster.leave(c)
+    assert roster.groups == 0
+    many = [roster.join("peer", "h", f"t{i}") for i in range(2000)]
+    for _ in range(3):  # every stream held and given credit in turn, as at each step
+        for seat in many:
+            roster.hold(seat, True)
+        for seat in many:
+            roster.hold(seat, False)
+    assert sum(roster.beats(s) for s in many) == 1
+    assert len(roster._groups[("peer", "h")].line) < len(many)  # each seat queued once at most
