@@ -13,7 +13,8 @@ for the call as a whole, failovers included). A replica that answers UNAVAILABLE
 skipped and the call goes to the next one; when every replica refused, ReplicasUnavailableError
 names each one's answer. Any other status (INVALID_ARGUMENT, NOT_FOUND, DEADLINE_EXCEEDED, ...)
 is the caller's to see and is raised as the grpc.RpcError it is, without trying another replica.
-A call whose reply would pass the message limit (a replica refuses it, RESOURCE_EXHAUSTED "over
+A call whose request or reply would pass the message limit (a request of more bytes than
+message_limit_bytes is not sent; a replica refuses such a reply, RESOURCE_EXHAUSTED "over
 message_limit_bytes") is split into parts, answered at one model version, within the same deadline.
 
 TLS and the reader's bearer token come from the job's `[security]` (ps/security's channels: TLS
@@ -45,6 +46,9 @@ DEFAULT_TIMEOUT_S = 1.0
 # after the others for this long.
 SLOW_REPLICA_SECONDS = 10.0
 _OVER_LIMIT = "over message_limit_bytes"  # a replica's refusal of a reply too large (serving_lookup.cpp, server.py)
+# gRPC's own refusal of a message over a channel's or server's limit (a request: "Sent message larger than
+# max" in this client, "Received message larger than max" in a replica of a smaller limit).
+_LARGER_THAN_MAX = "message larger than max"
 _VERSION_TRIES = 3
 _MESSAGE_SLACK = 1 << 16
 _DTYPES = {np.dtype(np.float32): ps_pb2.FLOAT32, np.dtype(np.float16): ps_pb2.FLOAT16}
@@ -132,6 +136,7 @@ class ServingClient:
         security = security if security is not None else SecurityConfig()
         self.timeout_s = float(timeout_s)
         self.dtype = np.dtype(dtype)
+        self.message_limit_bytes = message_limit_bytes
         limit = message_limit_bytes + _MESSAGE_SLACK
         # A replica that comes back after a restart is answered again within a second.
         options = [
@@ -212,10 +217,11 @@ class ServingClient:
         self, lookups: list[tuple[str, np.ndarray]], many: bool, deadline: float, replica: list[int]
     ) -> tuple[list[tuple], int]:
         """One call for `lookups`, first to replica[0] (set to the one that answers; see _call); a
-        reply the replica refuses as over the message limit is split
-        in two (lookups, or a lookup's keys) and each half fetched the same way: before, the
-        refusal (RESOURCE_EXHAUSTED) was taken for load shedding, every replica was asked the same,
-        and the caller got ReplicasUnavailableError for a request that could never be answered."""
+        request over the message limit, or a reply the replica refuses as over it, is split in two
+        (lookups, or a lookup's keys) and each half fetched the same way: before, the refusal
+        (RESOURCE_EXHAUSTED) was taken for load shedding, every replica was asked the same, and
+        the caller got ReplicasUnavailableError for a request that could never be answered (a
+        request: 8 bytes a key, more than a reply's row at dim 1, or dim 3 in float16)."""
         dtype = _DTYPES[self.dtype]
         requests = [
             serving_pb2.ServingLookupRequest(table=t, keys=wire.encode_keys(k), dtype=dtype) for t, k in lookups
@@ -223,12 +229,16 @@ class ServingClient:
         try:
             if many:
                 request = serving_pb2.ServingLookupManyRequest(lookups=requests)
+            else:
+                (request,) = requests
+            if (size := request.ByteSize()) > self.message_limit_bytes:
+                raise _ReplyTooLarge(f"a request of {size} bytes, over message_limit_bytes {self.message_limit_bytes}")
+            if many:
                 reply, results = self._call(lambda to, timeout: to.lookup_many(request, timeout=timeout),
                                             deadline, replica)
                 if len(results) != len(lookups):
                     raise RuntimeError(f"LookupMany: {len(results)} results for {len(lookups)} lookups")
             else:
-                (request,) = requests
                 reply = self._call(lambda to, timeout: to.lookup(request, timeout=timeout), deadline, replica)
                 results = [reply]
             rows = [_unique_rows(result, k.shape[0]) for (_, k), result in zip(lookups, results, strict=True)]
@@ -261,7 +271,8 @@ class ServingClient:
         """call(replica, timeout) on the replicas in turn until one answers or `deadline`
         (time.monotonic; default timeout_s from now) passes, beginning with the next in turn, or
         with start[0] where given (then set to the replica that answered). _ReplyTooLarge, at once,
-        when a replica refuses the reply as over the message limit (every replica would).
+        when a replica refuses the reply as over the message limit, or gRPC a message (every replica
+        would).
 
         A replica that let a call's deadline pass (hung, SIGSTOPped, or far slower than the others)
         is tried after the others for SLOW_REPLICA_SECONDS: a replica that takes calls and answers
@@ -286,8 +297,11 @@ class ServingClient:
                     start[0] = index
                 return answer
             except grpc.RpcError as exc:
-                if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and _OVER_LIMIT in (exc.details() or ""):
-                    raise _ReplyTooLarge(exc.details()) from None
+                details = exc.details() or ""
+                if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and (
+                    _OVER_LIMIT in details or _LARGER_THAN_MAX in details
+                ):
+                    raise _ReplyTooLarge(details) from None
                 if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                     self._slow_until[index] = time.monotonic() + SLOW_REPLICA_SECONDS
                 if exc.code() not in FAILOVER_CODES:

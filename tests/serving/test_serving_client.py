@@ -359,6 +359,38 @@ def test_a_lookup_whose_reply_is_over_the_limit_is_split_and_answered_whole() ->
         server.stop(None)
 
 
+def test_a_lookup_whose_request_is_over_the_limit_is_split_and_answered_whole() -> None:
+    """A request takes 8 bytes a key, more than its reply's row at dim 1 (or dim 3 in float16): past
+    the limit gRPC refused to send it (RESOURCE_EXHAUSTED "Sent message larger than max"), the
+    client took that for load shedding and raised ReplicasUnavailableError, naming every replica,
+    for a lookup none of them had seen (a review's repro: 45,000 keys of a dim-1 table at a 256 KiB
+    limit). A request over message_limit_bytes is split now, and so is one a replica of a smaller
+    limit refuses ("Received message larger than max")."""
+    handler = _Limited(max_keys=1 << 30, versions=[7])
+    server, address = _limited_server(handler)
+    try:
+        with ServingClient([address, address], message_limit_bytes=4096, timeout_s=30) as client:
+            keys = np.arange(9_000, dtype=np.int64)  # 72 KB: past the limit and gRPC's 64 KiB above it
+            values, found = client.lookup("c", keys)
+            np.testing.assert_array_equal(values[:, 0], np.array([expected_row(int(k), 1)[0] for k in keys]))
+            np.testing.assert_array_equal(found, keys % 3 != 0)
+            rows = client.lookup_many({"c": keys, "a": keys[:3]})
+            np.testing.assert_array_equal(rows["c"][0][:, 0], values[:, 0])
+            assert handler.calls > 3
+    finally:
+        server.stop(None)
+    small = grpc.server(ThreadPoolExecutor(2), handlers=[_Limited(max_keys=1 << 30, versions=[7])],
+                        options=[("grpc.max_receive_message_length", 1000)])
+    address = f"127.0.0.1:{small.add_insecure_port('127.0.0.1:0')}"
+    small.start()
+    try:
+        with ServingClient([address], timeout_s=30) as client:
+            values, found = client.lookup("c", np.arange(600, dtype=np.int64))
+            assert values.shape == (600, 1) and found.shape == (600,)
+    finally:
+        small.stop(None)
+
+
 def test_parts_of_a_split_lookup_answered_at_two_model_versions_are_asked_again() -> None:
     handler = _Limited(max_keys=4, versions=[7, 7, 8, 8, 8])  # whole refused, part at 7, part at 8, then 8s
     server, address = _limited_server(handler)
