@@ -17,3 +17,9 @@ def is_name(value: object) -> bool:
         and len(value.encode("utf-8", errors="replace")) <= MAX_NAME_BYTES
         and all(c.isalnum() or c in "_.-" for c in value)
     )
+
+# A snapshot step folder's own entries (ps/snapshot/files.py): a table's files go to <step>/<table>/,
+# so a table of one of these names took the manifest's place (every commit refused as "another
+# writer committed this step", then every listing of the job failed on a folder where the manifest
+# is read) or the extras'.
+RESERVED_TABLE_NAMES = frozenset({"manifest.json", "manifest.json.unusable", "extra"})

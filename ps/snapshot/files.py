@@ -84,6 +84,7 @@ from ps.snapshot.manifest import (
     TableEntry,
     check_name,
     check_step,
+    check_table_name,
 )
 from ps.snapshot.storage import StorageConfig
 from ps.table.config import Storage, TableConfig
@@ -243,7 +244,7 @@ class SnapshotWriter:
         """Writes one table shard: rows and pending keys of `state` (as EmbeddingTable.export gives),
         and for incrementals deleted_keys (d,) int64, the keys evicted since the parent."""
         self._check_open()
-        check_name("table", table)
+        check_table_name(table)
         shard = check_step("shard", shard)
         config = config if config is not None else self._configs.get(table)
         if deleted_keys is not None and self.kind != SnapshotKind.INCREMENTAL:
@@ -307,7 +308,7 @@ class SnapshotWriter:
         self._check_open()
         if self.kind != SnapshotKind.EXPORT:
             raise ValueError(f"kind: write_values_shard is for exports, this snapshot is {self.kind}")
-        check_name("table", table)
+        check_table_name(table)
         shard = check_step("shard", shard)
         allowed = (np.uint8,) if int8_dim is not None else (np.float32, np.float16)
         if values.dtype not in allowed or values.ndim != 2 or values.shape[0] != keys.shape[0]:
@@ -414,7 +415,7 @@ class SnapshotWriter:
                 raise SnapshotError(
                     f"{self.job} step {self.step}: another writer committed this step while this one wrote it (two "
                     "jobs of one name writing to one snapshot uri?); this commit is refused and the step keeps the "
-                    "other's manifest (their files share names: a step both wrote may fail its checksums at restore)"
+                    "other's manifest (each writer's files have names of their own: the other's stay as it wrote them)"
                 ) from None
             current = _read_latest(self.fs, self._job_dir)
             if current is None or current < self.step:

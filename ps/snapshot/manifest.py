@@ -13,7 +13,7 @@ from enum import StrEnum
 import numpy as np
 
 from ps.errors import EmbpsError
-from ps.names import NAME_RULE, is_name
+from ps.names import NAME_RULE, RESERVED_TABLE_NAMES, is_name
 from ps.table.config import (
     AdmissionConfig,
     AdmissionKind,
@@ -219,7 +219,13 @@ class Manifest:
                 # it died on a KeyError (exit 1, not "snapshot unusable"), every restart alike.
                 if set(t.shards) != set(range(num_shards)):
                     raise ValueError(f"table {name}: shards {sorted(t.shards)}, expected 0..{num_shards - 1}")
-                for e in t.shards.values():
+                for s, e in t.shards.items():
+                    # Read by position (files.py load_table_shard): rows, pending, deleted (incrementals).
+                    if len(e.files) < (least := _SHARD_FILES[manifest.kind]):
+                        raise ValueError(
+                            f"tables.{name}.shards.{s}.files: {len(e.files)} files, a {manifest.kind} snapshot's shard "
+                            f"has at least {least}"
+                        )
                     for p in e.files:
                         if p not in files:
                             raise ValueError(f"shard file {p!r} is not listed in files")
@@ -258,6 +264,11 @@ def _shard_index(table: str, key: object, num_shards: int) -> int:
     return int(key)
 
 
+# The files a table shard has at least, by snapshot kind (SnapshotWriter): rows and pending keys, the
+# keys deleted since the parent too (incremental), the values only (export); a layout file may follow.
+_SHARD_FILES = {SnapshotKind.FULL: 2, SnapshotKind.INCREMENTAL: 3, SnapshotKind.EXPORT: 1}
+
+
 def _shard_entry(what: str, entry: dict) -> ShardEntry:
     files = entry["files"]
     if not isinstance(files, list) or not files:  # the rows' file is files[0]
@@ -284,6 +295,14 @@ def _digest(what: str, digest: object) -> str:
 def check_name(what: str, name: object) -> str:
     if not is_name(name):
         raise ValueError(f"{what}: must be {NAME_RULE}: it becomes a path component, got {name!r}")
+    return name
+
+
+def check_table_name(name: object) -> str:
+    """A table's name as a snapshot takes it: a name, and not one of a step folder's own entries."""
+    check_name("table", name)
+    if name in RESERVED_TABLE_NAMES:
+        raise ValueError(f"table: {name!r} is a snapshot step folder's own entry; name the table otherwise")
     return name
 
 

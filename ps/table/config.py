@@ -14,7 +14,7 @@ from enum import StrEnum
 import numpy as np
 
 from ps.errors import ConfigTypeError
-from ps.names import NAME_RULE, is_name
+from ps.names import NAME_RULE, RESERVED_TABLE_NAMES, is_name
 
 
 class Initializer(StrEnum):
@@ -172,6 +172,10 @@ class TableConfig:
         p = where if where is not None else self.name
         if not is_name(self.name):
             raise ValueError(f"{p}.name: must be {NAME_RULE}, got {self.name!r}")
+        if self.name in RESERVED_TABLE_NAMES:
+            raise ValueError(
+                f"{p}.name: {self.name!r} is a snapshot step folder's own entry; name the table otherwise"
+            )
         _check_int(f"{p}.dim", self.dim, low=1, high=65536)
         if self.dtype != "float32":
             raise ValueError(f"{p}.dtype: only 'float32' rows are supported, got {self.dtype!r}")

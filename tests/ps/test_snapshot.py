@@ -358,6 +358,8 @@ def _damage(manifest: dict, change: str) -> str:
         shard["files"][0] = "../" + shard["files"][0]
     elif change == "config-string":
         table["config"] = "sgd"
+    elif change == "one-file":
+        shard["files"] = shard["files"][:1]
     return json.dumps(manifest)
 
 
@@ -376,6 +378,8 @@ def _damage(manifest: dict, change: str) -> str:
         ("escaping-path", r"file path '\.\./t/.*must be relative to the step folder"),
         # `embps snapshot inspect` indexed it and died on a TypeError traceback
         ("config-string", r"tables\.t\.config: must be an object or null, got str 'sgd'"),
+        # the pending keys' file is read by position: an IndexError traceback, a restoring shard's exit 1
+        ("one-file", r"tables\.t\.shards\.0\.files: 1 files, a full snapshot's shard has at least 2"),
     ],
 )
 def test_a_damaged_manifest_is_corrupt_and_passed_over(tmp_path, change, why):
@@ -394,6 +398,19 @@ def test_a_damaged_manifest_is_corrupt_and_passed_over(tmp_path, change, why):
         assert latest(uri, "job") == 1
         assert [m.step for m in list_snapshots(uri, "job")] == [1]
         assert collect_garbage(uri, "job", keep=1).kept == (1,)
+
+
+def test_a_table_named_as_a_step_folder_s_own_entry_is_refused(tmp_path):
+    """A table's files go to <step>/<table>/: a table called manifest.json took the manifest's place
+    (every commit refused as "another writer committed this step", then every listing of the job
+    failed on a folder where a manifest is read); "extra" mixed its files with the extras'."""
+    for name in ("manifest.json", "manifest.json.unusable", "extra"):
+        with pytest.raises(ValueError, match=f"{name}.name: '{name}' is a snapshot step folder's own entry"):
+            TableConfig(name, dim=4).validate()
+        writer = SnapshotWriter(str(tmp_path), "job", 1)
+        with pytest.raises(ValueError, match=f"table: '{name}' is a snapshot step folder's own entry"):
+            writer.write_table_shard(name, 0, evicting_table("t", seed=0).export())
+    assert latest(str(tmp_path), "job") is None
 
 
 def test_a_step_folder_of_other_digits_is_not_a_step(tmp_path):
