@@ -142,6 +142,10 @@ class Checkpointer:
         self.world_size = world_size
         self._last_step = resumed_step
         self._count = 0
+        # The next round is full: one that built on a snapshot failed past retrying (its parent
+        # unusable: gone or damaged since). Each later incremental built on it too and failed alike,
+        # and rounds are full by count of committed ones: the job took no snapshot again.
+        self._full_next = False
         self.rounds = SnapshotRounds()
         # (step, its tries, their outcome) of a round given up while its tries still ran
         self._storage_busy: tuple[int, threading.Thread, _RoundOutcome] | None = None
@@ -166,6 +170,7 @@ class Checkpointer:
         if committed:
             self._last_step = step
             self._count += 1
+            self._full_next = False
 
     def _write_round(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, positions: list) -> bool:
         """Rank 0: tries round `step` until it commits (True), or skips it (False, with a warning).
@@ -206,7 +211,7 @@ class Checkpointer:
             "readers": positions,
             "torch_rng": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
         }
-        full = self._last_step is None or self._count % config.full_every == 0
+        full = self._last_step is None or self._full_next or self._count % config.full_every == 0
         plan = _RoundPlan(
             step=step,
             parent=None if full else self._last_step,
@@ -288,7 +293,12 @@ class Checkpointer:
                 self.rounds.fail_try()
                 left = deadline - time.monotonic()
                 if not exc.transient or attempt == config.retries or left <= backoff:
-                    after = "is full" if plan.last_committed is None else f"builds on step {plan.last_committed}"
+                    if not exc.transient and plan.parent is not None:
+                        self._full_next = True
+                    after = (
+                        "is full" if plan.last_committed is None or self._full_next
+                        else f"builds on step {plan.last_committed}"
+                    )
                     log.warning(
                         "snapshot step %d: SKIPPED after %d tr%s (%s); training goes on, the next round %s",
                         plan.step, attempt + 1, "y" if attempt == 0 else "ies", exc, after,

@@ -314,6 +314,33 @@ def test_a_commit_that_hangs_in_storage_skips_the_round_at_round_timeout_and_com
     run.client.close()
 
 
+def test_a_round_whose_parent_became_unusable_is_skipped_and_the_next_one_is_full(tmp_path, start_shards, caplog):
+    """Rounds are full by the count of committed ones (full_every), and an incremental commits only
+    on a readable parent. A parent gone since it committed (an external `embps snapshot gc`, a
+    damaged manifest) failed the round past retrying, and every later round built on it too: the
+    job took no snapshot again. The round after such a failure is full."""
+    uri = str(tmp_path / "snaps")
+    job = training_job(tmp_path, uri)
+    shards = start_shards(job.ps)
+    run = Trainer(replace(job, ps=shards.job))
+    run.push(200)
+    run.snapshot(10)
+    (Path(uri) / job.ps.job / "10" / "manifest.json").unlink()  # the parent, gone
+    run.push(200)
+    with caplog.at_level(logging.WARNING, logger="embps.worker"):
+        run.snapshot(20)
+    assert "snapshot step 20: SKIPPED after 1 try" in caplog.text and "the next round is full" in caplog.text
+    run.push(200)
+    run.snapshot(30)
+    assert [(m.step, m.parent) for m in list_snapshots(uri, job.ps.job)] == [(30, None)]
+    run.check_restore_equals_live(uri)
+    run.push(200)
+    run.snapshot(40)  # and the rounds build on it again
+    assert [(m.step, m.parent) for m in list_snapshots(uri, job.ps.job)] == [(30, None), (40, 30)]
+    run.check_restore_equals_live(uri)
+    run.client.close()
+
+
 def test_a_bug_in_a_round_s_try_is_raised_on_the_training_thread(tmp_path, start_shards, monkeypatch):
     """An exception the tries do not handle (a bug: a record that does not parse) killed the round's
     thread: the round was reported as still waiting for storage and skipped, every round, and only
