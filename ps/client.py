@@ -24,6 +24,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 
 import grpc
@@ -264,6 +265,8 @@ class PSClient:
             self._retry_codes = _RETRY_CODES | {grpc.StatusCode.DEADLINE_EXCEEDED}
         # Enough threads for the RPCs of a multi-table round (lookup_many / push_many) to overlap.
         self._pool = ThreadPoolExecutor(max(16, 2 * len(self.addresses)), thread_name_prefix="ps-client")
+        # A paired shard's attempt that ran past its cap waits here for its answer (_patient).
+        self._waits = ThreadPoolExecutor(max(4, 2 * len(self.addresses)), thread_name_prefix="ps-client-wait")
 
     @classmethod
     def from_job(cls, job: JobConfig, **kwargs) -> PSClient:
@@ -280,6 +283,7 @@ class PSClient:
     def close(self) -> None:
         self._closed = True
         self._pool.shutdown(wait=True)
+        self._waits.shutdown(wait=False)  # an answer no one waits for ends with its channel, below
         for channel in self._channels:
             channel.close()
 
@@ -627,6 +631,7 @@ class PSClient:
         end = time.monotonic() + deadline_seconds
         replies: list = [None] * len(calls)
         pending = list(range(len(calls)))
+        slow: set[int] = set()  # calls whose last attempt on a paired shard ran past its cap
         attempt = 0
         while True:
             attempt += 1
@@ -636,14 +641,20 @@ class PSClient:
             cap = max(_FAILOVER_ATTEMPT_MIN_S, deadline_seconds / 4) if self._paired else None
             # The last call runs on this thread, the others on the pool: sync grpc's .future()
             # would start a polling thread per call, which costs more than the call itself.
-            futures = [(i, self._pool.submit(self._invoke, method, calls[i], end, cap)) for i in pending[:-1]]
-            outcomes = [(pending[-1], self._invoke(method, calls[pending[-1]], end, cap))]
+            futures = [
+                (i, self._pool.submit(self._invoke, method, calls[i], end, cap, i in slow)) for i in pending[:-1]
+            ]
+            outcomes = [(pending[-1], self._invoke(method, calls[pending[-1]], end, cap, pending[-1] in slow))]
             outcomes += [(i, future.result()) for i, future in futures]
             retry, failure = [], None
             for i, outcome in sorted(outcomes, key=lambda pair: pair[0]):
                 if not isinstance(outcome, grpc.RpcError):
                     replies[i] = outcome
                     continue
+                if outcome.code() == grpc.StatusCode.DEADLINE_EXCEEDED and len(self._pairs[calls[i][0]]) == 2:
+                    slow.add(i)
+                else:
+                    slow.discard(i)
                 if outcome.code() in self._retry_codes:
                     retry.append(i)
                 if failure is None or failure[1].code() in self._retry_codes:
@@ -662,31 +673,73 @@ class PSClient:
             time.sleep(pause)
             pending = retry
 
-    def _invoke(self, method: str, call: tuple[int, object], end: float, cap: float | None = None):
-        """One blocking RPC that ends by `end` (time.monotonic; each try at most `cap` seconds, a
-        paired shard's); returns the reply or the grpc.RpcError (never raises it): DEADLINE_EXCEEDED,
-        unsent, when `end` passed before it could start."""
+    def _invoke(
+        self, method: str, call: tuple[int, object], end: float, cap: float | None = None, patient: bool = False
+    ):
+        """One blocking RPC that ends by `end` (time.monotonic); returns the reply or the
+        grpc.RpcError (never raises it): DEADLINE_EXCEEDED, unsent, when `end` passed before it
+        could start. A paired shard's attempt ends after at most `cap` seconds (a primary cut off
+        the network answers nothing: the next attempt asks the other of the pair too); `patient`:
+        the call's previous attempt ran past the cap (see _patient)."""
         shard, request = call
         timeout = end - time.monotonic()
         if timeout <= 0:
             return _NotSent(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before this RPC could start")
-        if cap is not None:
-            timeout = min(timeout, cap)
-        stub = self._stubs[shard]
-        try:
-            if len(self._pairs[shard]) == 1:
+        pair, stub = self._pairs[shard], self._stubs[shard]
+        if len(pair) == 1:
+            try:
                 return getattr(stub, method)(request, timeout=timeout)
-            # A paired shard: the call carries the newest epoch seen of it, so a deposed primary
-            # that still believes in its lease refuses it (ps/shard/server.py check_call).
-            metadata = ((wire.EPOCH_METADATA_KEY, str(self._epochs[shard])),)
+            except grpc.RpcError as err:
+                return err
+        if patient and cap is not None:
+            return self._patient(method, shard, request, end, cap)
+        outcome = self._attempt(stub, method, shard, request, timeout if cap is None else min(timeout, cap))
+        if isinstance(outcome, grpc.RpcError) and outcome.code() in _RETRY_CODES and self._stubs[shard] is stub:
+            self._stubs[shard] = pair[1] if stub is pair[0] else pair[0]  # the other of the pair
+        return outcome
+
+    def _attempt(self, stub, method: str, shard: int, request, timeout: float):
+        """One RPC to a paired shard's process; the reply or the grpc.RpcError. The call carries the
+        newest epoch seen of the shard, so a deposed primary that still believes in its lease
+        refuses it (ps/shard/server.py check_call)."""
+        metadata = ((wire.EPOCH_METADATA_KEY, str(self._epochs[shard])),)
+        try:
             reply, rpc = getattr(stub, method).with_call(request, timeout=timeout, metadata=metadata)
-            self._note_epoch(shard, rpc)
-            return reply
         except grpc.RpcError as err:
-            pair = self._pairs[shard]
-            if len(pair) == 2 and err.code() in self._retry_codes and self._stubs[shard] is stub:
-                self._stubs[shard] = pair[1] if stub is pair[0] else pair[0]  # the other of the pair
             return err
+        self._note_epoch(shard, rpc)
+        return reply
+
+    def _patient(self, method: str, shard: int, request, end: float, cap: float):
+        """An attempt after one that ran past `cap`: that process may be slow rather than cut off
+        (a big batch, a loaded shard, a primary waiting for a slow standby's ack). Before, each
+        attempt was cut at the cap and the next went to the other of the pair, which refused it as
+        the standby: a healthy shard slower than the cap never answered a client told of its
+        standby. Now the slow one is asked again with the whole time left, its answer awaited on a
+        thread of self._waits, while the other is asked every `cap` seconds: the first answer wins
+        (a push both get is applied once: its push id), and an answer of the other makes it the
+        one in use (it took over)."""
+        pair = self._pairs[shard]
+        slow = self._stubs[shard]
+        other = pair[1] if slow is pair[0] else pair[0]
+        waiting = self._waits.submit(self._attempt, slow, method, shard, request, end - time.monotonic())
+        while True:
+            left = end - time.monotonic()
+            try:
+                outcome = waiting.result(timeout=max(0.0, min(cap, left)))
+            except FutureTimeout:
+                if left <= 0:
+                    return waiting.result()  # it ends at `end`
+            else:
+                if isinstance(outcome, grpc.RpcError) and outcome.code() in _RETRY_CODES and self._stubs[shard] is slow:
+                    self._stubs[shard] = other
+                return outcome
+            answer = self._attempt(other, method, shard, request, max(0.001, min(cap, end - time.monotonic())))
+            if not isinstance(answer, grpc.RpcError):
+                self._stubs[shard] = other
+                return answer
+            if answer.code() not in self._retry_codes:
+                return answer
 
 
     def _note_epoch(self, shard: int, rpc: grpc.Call) -> None:

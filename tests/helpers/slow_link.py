@@ -14,7 +14,8 @@ import time
 
 class SlowLink:
     """Forwards connections on 127.0.0.1:<port> to `target` ("host:port"); bytes from the target
-    are held `delay` seconds, bytes to it pass at once."""
+    are held `delay` seconds, bytes to it pass at once. `delay` may be changed on the way: it holds
+    the bytes that arrive after."""
 
     def __init__(self, target: str, delay: float) -> None:
         self.target_host, port = target.rsplit(":", 1)
