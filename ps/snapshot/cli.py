@@ -65,6 +65,14 @@ def _optimizer_kind(config: dict | None) -> str:
     return kind if isinstance(kind, str) else "unknown optimizer"
 
 
+def _rows_kind(t) -> str:
+    """How a table's rows are kept: a training snapshot of a float16 or int8 table records dtype
+    float32 (what its rows read as) and keeps them as the table stores them (its config's
+    `storage`): inspect said "float32" for those."""
+    storage = t.config.get("storage") if isinstance(t.config, dict) else None
+    return f"{t.dtype}, stored {storage}" if isinstance(storage, str) and storage != t.dtype else t.dtype
+
+
 def _describe(m: Manifest) -> list[str]:
     parent = f", parent step {m.parent}" if m.parent is not None else ""
     lines = [
@@ -73,7 +81,7 @@ def _describe(m: Manifest) -> list[str]:
     ]
     for name, t in sorted(m.tables.items()):
         optimizer = _optimizer_kind(t.config)
-        lines.append(f"  table {name}: dim {t.dim} {t.dtype}, {optimizer} (state width {t.state_width})")
+        lines.append(f"  table {name}: dim {t.dim} {_rows_kind(t)}, {optimizer} (state width {t.state_width})")
         for shard, e in sorted(t.shards.items()):
             size = sum(m.files[p].size for p in e.files)
             lines.append(

@@ -648,6 +648,11 @@ def test_cli_list_inspect_export_gc(tmp_path, capsys):
     manifest_path.write_text(json.dumps(manifest))
     assert embps.main(["snapshot", "inspect", uri, "--job", "job", "--step", "30"]) == 0
     assert "float32, unknown optimizer (state width" in capsys.readouterr().out
+    # An int8 table's rows read as float32 and are kept as int8: inspect said "float32" alone.
+    manifest["tables"]["user"]["config"] = {"dim": 8, "storage": "int8"}
+    manifest_path.write_text(json.dumps(manifest))
+    assert embps.main(["snapshot", "inspect", uri, "--job", "job", "--step", "30"]) == 0
+    assert "table user: dim 4 float32, stored int8, unknown optimizer" in capsys.readouterr().out
 
 
 def test_tracking_starts_with_snapshots_and_past_its_bound_an_incremental_carries_every_row(tmp_path):
