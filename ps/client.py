@@ -265,8 +265,9 @@ class PSClient:
             self._retry_codes = _RETRY_CODES | {grpc.StatusCode.DEADLINE_EXCEEDED}
         # Enough threads for the RPCs of a multi-table round (lookup_many / push_many) to overlap.
         self._pool = ThreadPoolExecutor(max(16, 2 * len(self.addresses)), thread_name_prefix="ps-client")
-        # A paired shard's attempt that ran past its cap waits here for its answer (_patient).
-        self._waits = ThreadPoolExecutor(max(4, 2 * len(self.addresses)), thread_name_prefix="ps-client-wait")
+        # A paired shard's attempt that ran past its cap waits here for its answer (_patient); one
+        # given up (the other of the pair answered) holds its thread until its deadline.
+        self._waits = ThreadPoolExecutor(max(16, 4 * len(self.addresses)), thread_name_prefix="ps-client-wait")
 
     @classmethod
     def from_job(cls, job: JobConfig, **kwargs) -> PSClient:
@@ -710,6 +711,13 @@ class PSClient:
         self._note_epoch(shard, rpc)
         return reply
 
+    def _attempt_until(self, stub, method: str, shard: int, request, end: float):
+        """_attempt with the time left until `end` when it starts (it may wait for a thread first)."""
+        timeout = end - time.monotonic()
+        if timeout <= 0:
+            return _NotSent(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before this RPC could start")
+        return self._attempt(stub, method, shard, request, timeout)
+
     def _patient(self, method: str, shard: int, request, end: float, cap: float):
         """An attempt after one that ran past `cap`: that process may be slow rather than cut off
         (a big batch, a loaded shard, a primary waiting for a slow standby's ack). Before, each
@@ -722,14 +730,14 @@ class PSClient:
         pair = self._pairs[shard]
         slow = self._stubs[shard]
         other = pair[1] if slow is pair[0] else pair[0]
-        waiting = self._waits.submit(self._attempt, slow, method, shard, request, end - time.monotonic())
+        waiting = self._waits.submit(self._attempt_until, slow, method, shard, request, end)
         while True:
             left = end - time.monotonic()
             try:
                 outcome = waiting.result(timeout=max(0.0, min(cap, left)))
             except FutureTimeout:
-                if left <= 0:
-                    return waiting.result()  # it ends at `end`
+                if left <= 0:  # its answer, if it comes now, is past the deadline
+                    return _NotSent(grpc.StatusCode.DEADLINE_EXCEEDED, "no answer within the deadline")
             else:
                 if isinstance(outcome, grpc.RpcError) and outcome.code() in _RETRY_CODES and self._stubs[shard] is slow:
                     self._stubs[shard] = other

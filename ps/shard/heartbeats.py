@@ -30,7 +30,7 @@ from prometheus_client import Counter
 @dataclass(eq=False)
 class HeartbeatSeat:
     """One open stream of a heartbeat group: (its connection (the peer's address), the group), its
-    table, whether it is held (waiting for its subscriber's credit, ps/shard/table_streams.py),
+    table, whether it is held (out of its subscriber's credit, ps/shard/table_streams.py),
     whether it left, and whether it is in its group's line."""
 
     group: tuple[str, str]
@@ -49,6 +49,7 @@ class _Group:
         self.size = 0
         self.beater: HeartbeatSeat | None = None
         self.line: deque[HeartbeatSeat] = deque()
+        self.gone = 0  # seats in line that left: dropped once they outnumber the open streams
 
     def queue(self, seat: HeartbeatSeat) -> None:
         if not seat.queued:
@@ -86,7 +87,13 @@ class HeartbeatRoster:
         group.size -= 1
         if group.size == 0:
             del self._groups[seat.group]
-        elif group.beater is seat:
+            return
+        if seat.queued:  # streams that come and go beside a long-lived one stay in line until dropped
+            group.gone += 1
+            if group.gone > group.size:
+                group.line = deque(s for s in group.line if not s.left)
+                group.gone = 0
+        if group.beater is seat:
             self._choose(group)
 
     def hold(self, seat: HeartbeatSeat, held: bool) -> None:
@@ -112,6 +119,7 @@ class HeartbeatRoster:
         while group.line:
             seat = group.line.popleft()
             seat.queued = False
+            group.gone -= seat.left
             if not seat.held and not seat.left:
                 if seat is not group.beater:
                     group.beater = seat

@@ -62,12 +62,14 @@ class _Credit:
 
 @dataclass
 class _Stream:
-    """One table's stream of the call: its id, what it may still send, when it started, its task."""
+    """One table's stream of the call: its id, what it may still send, when it started, its task,
+    its watch (within the call; None outside a stream call)."""
 
     stream_id: int
     credit: _Credit
     started: float = field(default_factory=time.perf_counter)
     task: asyncio.Task | None = None
+    watch: TableWatch | None = None
 
 
 class TableWatch:
@@ -75,8 +77,9 @@ class TableWatch:
     read): its client is waiting to take a message while the call's is (the call's own watch), or
     while the stream waits for credit. Waiting for credit for the call's stall seconds ends the
     table's stream (in the call), as a Subscribe stream's client that takes nothing is ended.
-    `on_hold(held)`, when the stream sets it, hears when a wait for credit starts and ends (its
-    heartbeat seat: a held stream does not send its group's heartbeats, ps/shard/heartbeats.py)."""
+    `on_hold(held)`, when the stream sets it, hears when its credit runs out and when it is given
+    more (its heartbeat seat: a stream without credit does not send its group's heartbeats,
+    ps/shard/heartbeats.py)."""
 
     def __init__(self, call: StallWatch, end: Callable[[str], None], message: str) -> None:
         self.context = call.context
@@ -93,16 +96,17 @@ class TableWatch:
         loop = asyncio.get_running_loop()
         self._since = loop.time()
         self._timer = loop.call_later(self.seconds, self.end_now, self.message)
-        if self.on_hold is not None:
-            self.on_hold(True)
 
     def disarm(self) -> None:
-        held, self._since = self._since is not None, None
+        self._since = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if held and self.on_hold is not None:
-            self.on_hold(False)
+
+    def held(self, held: bool) -> None:
+        """The stream's credit ran out (True) or it was given more (False)."""
+        if self.on_hold is not None:
+            self.on_hold(held)
 
     def waiting_seconds(self) -> float:
         own = 0.0 if self._since is None else asyncio.get_running_loop().time() - self._since
@@ -229,6 +233,7 @@ class TableStreams:
             stalled = f"the client gave no credit for {call_watch.seconds:g} s; resubscribe"
             watch = TableWatch(call_watch, functools.partial(self._stall, name, stream), stalled)
             use_stall_watch(watch)  # this task's: the table's stream reads it (its turns, its heartbeats)
+            stream.watch = watch
         credit = stream.credit
         messages = self._open(request)
         try:
@@ -252,6 +257,11 @@ class TableStreams:
                             watch.disarm()
                 if credit.left is not None:
                     credit.left -= 1
+                    if credit.left == 0 and watch is not None:
+                        # Held from now: a stream without credit that took its group's heartbeats
+                        # over waited for its first, made it, and only then handed them on, the
+                        # shard silent meanwhile for each such stream in turn.
+                        watch.held(True)
                 message.stream_id = request.stream_id
                 sent = loop.create_future()
                 self._ready.append((name, message, sent))
@@ -284,7 +294,11 @@ class TableStreams:
                     self.start(entry, message.window)
                 for grant in message.credit:
                     if (running := self._running(grant.stream_id)) is not None:
-                        running[1].credit.give(grant.messages)
+                        stream = running[1]
+                        was_out = stream.credit.left == 0
+                        stream.credit.give(grant.messages)
+                        if was_out and stream.credit.left and stream.watch is not None:
+                            stream.watch.held(False)
         except Exception as exc:  # noqa: BLE001 - the call ends with it
             if self._failure is None:
                 self._failure = exc

@@ -228,11 +228,13 @@ def test_a_stream_waiting_for_credit_hands_its_group_s_heartbeats_to_the_next(cl
         return heard[held] >= 2 and heard[beating] >= 3  # b's first, then two of the group's
 
     list(call.until(count))
-    assert heard[held] == 2, heard  # its window: its first heartbeat and one of the group's
-    call.give_credit(held, 2)  # a sends the heartbeat it held; b goes on sending the group's
+    # Its window: its first heartbeat and one of the group's; out of credit it makes no more (a
+    # stream held only once it had made its next message kept the heartbeats meanwhile).
+    assert heard[held] == 2, heard
+    call.give_credit(held, 2)  # a is in line again; b goes on sending the group's
     after: list[int] = []
     list(call.until(lambda r: after.extend(b.stream_id for b in r.batches) or after.count(beating) >= 2))
-    assert after.count(held) == 1, after
+    assert held not in after, after
 
 
 def test_a_stream_left_without_credit_ends_alone(tmp_path):
