@@ -129,6 +129,12 @@ class _open_parquet:  # noqa: N801 - used like open()
         except (OSError, pa.ArrowException) as exc:
             self._handle.close()
             raise ValueError(f"{data_file.name}: cannot read as Parquet: {exc}") from exc
+        except KeyError as exc:  # a dictionary column it lacks: a file rewritten since the pass began
+            self._handle.close()
+            column = exc.args[0].decode() if isinstance(exc.args[0], bytes) else exc.args[0]
+            raise ValueError(
+                f"{data_file.name}: no column {column!r} any longer (the file changed since the pass began)"
+            ) from None
 
     def __enter__(self) -> pq.ParquetFile:
         return self._parquet

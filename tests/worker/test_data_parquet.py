@@ -130,6 +130,21 @@ def test_missing_or_mistyped_columns_are_named(tmp_path):
         list(ParquetReader([tmp_path / "typed.parquet"], config()))
 
 
+def test_a_file_that_lost_a_column_since_the_pass_began_is_named(tmp_path):
+    """The columns are checked when the pass is planned; a file rewritten without one since (an
+    object replaced on S3 between epochs) failed with a bare KeyError: b'C2', naming neither the
+    file nor the column, and left the file open."""
+    sample = write_criteo_sample(tmp_path / "day.tsv", 256, num_bad_rows=0, seed=8)
+    first = write_parquet(tmp_path / "a.parquet", sample.good_rows)
+    second = write_parquet(tmp_path / "b.parquet", sample.good_rows)
+    batches = iter(ParquetReader([first, second], config()))
+    next(batches)  # a batch of the first file's rows
+    pq.write_table(table_of_rows(sample.good_rows).drop_columns(["C2"]), tmp_path / "new.parquet")
+    os.replace(tmp_path / "new.parquet", second)  # replaced whole, as an object store does
+    with pytest.raises(ValueError, match=f"{second.name}: no column 'C2' any longer"):
+        list(batches)
+
+
 def test_decoding_ahead_in_a_thread_gives_the_same_batches_and_stops_with_the_reader(tmp_path):
     sample = write_criteo_sample(tmp_path / "day.tsv", 230, num_bad_rows=0, seed=11)
     path = write_parquet(tmp_path / "day.parquet", sample.good_rows, row_group_size=30)
