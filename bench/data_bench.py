@@ -301,9 +301,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=defaults.batch, help="global batch size")
     parser.add_argument("--workers", default="1,2,4", help="comma-separated rank counts (the first is the yardstick)")
     parser.add_argument("--formats", default=",".join(FORMATS), help="comma-separated formats to read (tsv, parquet)")
-    parser.add_argument("--repeats", type=flags.count, default=defaults.repeats, help="runs of each case; the best is kept")
+    parser.add_argument(
+        "--repeats", type=flags.count, default=defaults.repeats, help="runs of each case; the best is kept"
+    )
     parser.add_argument("--row-group", type=flags.count, default=defaults.row_group, help="Parquet rows per row group")
-    parser.add_argument("--vocab", type=flags.count, default=defaults.vocab, help="distinct values per categorical feature")
+    parser.add_argument(
+        "--vocab", type=flags.count, default=defaults.vocab, help="distinct values per categorical feature"
+    )
     parser.add_argument(
         "--memory-pool", default=defaults.memory_pool, help="Arrow allocator of the ranks (data.arrow_memory_pool)"
     )
