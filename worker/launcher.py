@@ -258,6 +258,7 @@ def launch(options: LaunchOptions) -> int:
     fleet: ServingFleet | None = None
     failure: str | None = None
     restarts = 0
+    finished: str | None = None  # the summary of a failed attempt whose rank 0 trained to the end
     agent = _AgentImport()
     bar: threading.Thread | None = None
     try:
@@ -281,6 +282,8 @@ def launch(options: LaunchOptions) -> int:
                     failure += f"; no restarts left (max_restarts = {max_restarts})"
                 break
             restarts += 1
+            if (out / "summary.json").exists():  # a rank failed after rank 0 finished (its final eval, say)
+                finished = (out / "summary.json").read_text()
             try:
                 restore = _latest_or_none(job)
             except StorageError as exc:  # after pyarrow's own retries: the job cannot pick its step
@@ -311,7 +314,7 @@ def launch(options: LaunchOptions) -> int:
     if not summary_path.exists():
         print(f"embps launch: done: node {options.node_rank}'s workers finished; global rank 0 writes the summary")
         return 0
-    summary = json.loads(summary_path.read_text())
+    summary = _run_summary(summary_path, finished)
     bad = summary.get("input_bad_rows") or 0
     if summary.get("samples") == 0:
         if summary.get("resumed_from") is not None and summary.get("resumed_from") == summary.get("steps"):
@@ -336,6 +339,20 @@ def launch(options: LaunchOptions) -> int:
         + f"; summary in {summary_path}"
     )
     return 0
+
+
+def _run_summary(path: Path, finished: str | None) -> dict:
+    """The run's summary: the last attempt's (at `path`), unless it was a restart from the last
+    step's snapshot with nothing left to train and an earlier attempt trained to the end (finished:
+    its summary.json, written before a rank failed): that one, written back. The restart's own
+    said "nothing left to train" with no loss or rate, over the run's real summary."""
+    summary = json.loads(path.read_text())
+    if finished is not None and summary.get("samples") == 0 and summary.get("resumed_from") == summary.get("steps"):
+        earlier = json.loads(finished)
+        if earlier.get("steps") == summary.get("steps") and earlier.get("samples"):
+            path.write_text(finished)
+            return earlier
+    return summary
 
 
 def _run_attempt(
@@ -665,6 +682,7 @@ def _run_workers(
     A SIGINT/SIGTERM (SignalException) propagates: it stops the job, restarts or not."""
     from torch.distributed.elastic.multiprocessing.api import DefaultLogsSpecs
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     os.environ["EMBPS_PROGRESS_FILE"] = str(progress_path)
@@ -701,6 +719,11 @@ def _run_workers(
         if (stop := _stopping(exc)) is not None:
             raise stop from None
         return failures.first()
+    except RendezvousError as exc:
+        # Node 0's store is gone (its launcher stopped or its machine went away) or never came: this
+        # node's agent raised it through elastic_launch, and the launcher ended on torch's traceback.
+        where = options.rdzv_endpoint or "this node"
+        return f"the workers' rendezvous at {where} failed ({type(exc).__name__}: {exc}); is node 0's launcher running?"
     except ChildFailedError as exc:
         if failures.first() is not None:  # a shard died first; the workers failed on its account
             return failures.first()

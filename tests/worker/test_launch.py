@@ -161,3 +161,31 @@ def test_interrupt_or_failed_child_stops_every_process(tmp_path, how):
     while time.monotonic() < deadline and any(alive(p) for p in children):
         time.sleep(0.2)
     assert not [p for p in children if alive(p)], "orphaned child processes"
+
+
+@pytest.mark.slow
+def test_a_node_whose_rendezvous_host_stops_fails_naming_it(tmp_path):
+    """Two nodes of one job on this machine: node 0 (the shards and the rendezvous' store) stopped
+    by SIGTERM. Node 1's launcher ended on torch's RendezvousConnectionError traceback, with no
+    "embps launch: FAILED" line (a review's repro); it says what failed now, exit non-zero."""
+    from bench.ports import free_ports
+
+    path, out = job_file(tmp_path, steps=100000)
+    (port,) = free_ports(1)
+    nodes = ("--nnodes", "2", "--rdzv-endpoint", f"127.0.0.1:{port}", "--local-addr", "127.0.0.1")
+    first = start_launch(path, *nodes, "--node-rank", "0")
+    second = start_launch(path, *nodes, "--node-rank", "1")
+    try:
+        wait_for_progress(out, first)
+        os.kill(first.pid, signal.SIGTERM)
+        first.communicate(timeout=90)
+        _, stderr = second.communicate(timeout=90)
+    finally:
+        for proc in (first, second):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    assert second.returncode != 0
+    assert "embps launch: FAILED: the workers' rendezvous at 127.0.0.1" in stderr, stderr[-3000:]
+    # The workers' own tracebacks come prefixed with their rank; the launcher's was not.
+    assert not [line for line in stderr.splitlines() if line.startswith("Traceback")], stderr[-3000:]

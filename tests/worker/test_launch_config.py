@@ -94,3 +94,27 @@ def test_an_output_dir_that_cannot_be_made_names_the_field(tmp_path):
     path, _ = write_training_job(tmp_path / "job.toml", [TableConfig(name="emb", dim=4)], 1, train, {"num_keys": 10})
     with pytest.raises(ValueError, match=r"train\.output_dir: cannot create '.*file/out': Not a directory"):
         launch(LaunchOptions(str(path), start_ps=False))
+
+
+def test_a_restart_at_the_last_step_keeps_the_summary_of_the_attempt_that_trained(tmp_path):
+    """A rank failed after rank 0 had trained to the end and written summary.json (in the final
+    evaluation, after the last snapshot); the restart from that snapshot trained nothing and wrote
+    its own summary over it (samples 0, no loss, no rate), and the launcher said "the job was at its
+    last step already: nothing left to train" of a launch that had just trained it (a review's
+    repro). The summary of the attempt that trained is the run's; a restart that trained steps
+    keeps its own, and a job resumed at its last step by the user keeps the restart's."""
+    import json
+
+    from worker.launcher import _run_summary
+
+    trained = {"steps": 60, "resumed_from": None, "samples": 7680, "final_loss": 0.41, "samples_per_s": 900.0}
+    restart = {"steps": 60, "resumed_from": 60, "samples": 0, "final_loss": None, "samples_per_s": None}
+    path = tmp_path / "summary.json"
+    path.write_text(json.dumps(restart))
+    assert _run_summary(path, json.dumps(trained)) == trained
+    assert json.loads(path.read_text()) == trained
+    path.write_text(json.dumps(restart))
+    assert _run_summary(path, None) == restart  # `--resume` of a finished job: nothing was trained
+    later = {**restart, "resumed_from": 40, "samples": 2560}
+    path.write_text(json.dumps(later))
+    assert _run_summary(path, json.dumps(trained)) == later
