@@ -307,7 +307,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         self.full_copies = StreamTurns(
             MAX_FULL_COPIES, FULL_COPY_PATIENCE_SECONDS, "another full copy waited for this one's turn"
         )
-        self.heartbeats = HeartbeatRoster(self.notify)
+        self.heartbeats = HeartbeatRoster(self.notify, handoff_seconds=HEARTBEAT_SECONDS / 2)
         self.ranges = StreamTurns(
             subscribe_memory_bytes, FULL_COPY_PATIENCE_SECONDS, "other streams waited for the memory its range holds"
         )

@@ -177,3 +177,26 @@ def test_a_held_stream_hands_the_heartbeats_on_and_every_change_is_cheap():
     for i in range(20_000):
         roster.leave(roster.join("peer", "h", f"short{i}"))
     assert len(roster._groups[("peer", "h")].line) <= 2 * len(many) + 1
+
+
+def test_a_beater_given_credit_back_soon_keeps_the_heartbeats():
+    """A replica that keeps up gives a stream's credit back within milliseconds of its window
+    running out: the beater keeps the heartbeats then (handing them on at each exhausted window
+    woke a stream a table every step for nothing); held past handoff_seconds, it hands them on."""
+    import asyncio
+
+    from ps.shard.heartbeats import HeartbeatRoster
+
+    async def run() -> list[str]:
+        woken: list[str] = []
+        roster = HeartbeatRoster(woken.append, handoff_seconds=0.05)
+        a, b = roster.join("peer", "g", "a"), roster.join("peer", "g", "b")
+        roster.hold(a, True)
+        roster.hold(a, False)  # credit back at once: its hand-off is called off
+        assert roster.beats(a) and woken == [] and roster._groups[("peer", "g")].handoff is None
+        roster.hold(a, True)  # held past handoff_seconds
+        await asyncio.to_thread(wait_until, lambda: roster.beats(b), "the heartbeats handed on")
+        assert woken == ["b"]
+        return woken
+
+    asyncio.run(run())

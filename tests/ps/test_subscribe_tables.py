@@ -228,13 +228,11 @@ def test_a_stream_waiting_for_credit_hands_its_group_s_heartbeats_to_the_next(cl
         return heard[held] >= 2 and heard[beating] >= 3  # b's first, then two of the group's
 
     list(call.until(count))
-    # Its window: its first heartbeat and one of the group's; out of credit it makes no more (a
-    # stream held only once it had made its next message kept the heartbeats meanwhile).
-    assert heard[held] == 2, heard
+    assert heard[held] == 2, heard  # its window: its first heartbeat and one of the group's
     call.give_credit(held, 2)  # a is in line again; b goes on sending the group's
     after: list[int] = []
-    list(call.until(lambda r: after.extend(b.stream_id for b in r.batches) or after.count(beating) >= 2))
-    assert held not in after, after
+    list(call.until(lambda r: after.extend(b.stream_id for b in r.batches) or after.count(beating) >= 3))
+    assert after.count(held) <= 1, after  # at most the heartbeat it had made while it still sent them
 
 
 def test_a_stream_left_without_credit_ends_alone(tmp_path):
