@@ -1116,8 +1116,9 @@ class EmbeddingTable:
                 raise self._full_error(num_new, expired.shape[0])
             self._evict(expired)
             return expired
+        at = max(self.step, step)
         if self.size > EXACT_SCAN_ROWS:
-            victims = self._sampled_victims(need, protected_rows, policy)
+            victims = self._sampled_victims(need, protected_rows, policy, at)
             if victims is not None:
                 self._evict(victims)
                 return victims
@@ -1126,10 +1127,22 @@ class EmbeddingTable:
         keys = self._row_keys[rows]
         if keys.shape[0] < need:
             raise self._too_few_victims_error(num_new, keys.shape[0])
-        meta = self._gather_meta(rows)
-        victims = first_in_order(keys, meta[:, 0], meta[:, 1], need + capacity // _EVICTION_SLACK, policy)
+        pushes, last_step = self._eviction_meta(rows, policy, at)
+        victims = first_in_order(keys, pushes, last_step, need + capacity // _EVICTION_SLACK, policy)
         self._evict(victims)
         return victims
+
+    def _eviction_meta(self, rows: np.ndarray, policy: EvictionPolicy, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """(push counts, last steps) (n,) of rows (n,) as eviction ranks them at `step`: under LFU a
+        row past its TTL counts no push (it reads as absent, and it went first only by its count:
+        a trained row of fewer pushes went while it kept its place until the sweep). Under LRU
+        such rows already come first, by their last step."""
+        meta = self._gather_meta(rows)
+        pushes, last_step = meta[:, 0], meta[:, 1]
+        ttl = self.config.eviction.ttl_steps
+        if ttl is not None and policy == EvictionPolicy.LFU:
+            pushes = np.where(step - last_step.astype(np.int64) > ttl, np.uint32(0), pushes)
+        return pushes, last_step
 
     def check_push(
         self, keys: np.ndarray, grads: np.ndarray, step: int | None = None, counts: np.ndarray | None = None
@@ -1202,7 +1215,9 @@ class EmbeddingTable:
             f"can be evicted (capacity {self.config.capacity})"
         )
 
-    def _sampled_victims(self, need: int, protected_rows: np.ndarray, policy: EvictionPolicy) -> np.ndarray | None:
+    def _sampled_victims(
+        self, need: int, protected_rows: np.ndarray, policy: EvictionPolicy, step: int
+    ) -> np.ndarray | None:
         """The least recently (LRU) or least often (LFU) used rows of a random sample of
         max(4096, 16 * need) rows: the oldest sixteenth of its evictable rows, and at least `need`
         of them; None when the sample holds fewer than `need` evictable rows.
@@ -1219,9 +1234,9 @@ class EmbeddingTable:
             rows = rows[live[rows]]
         if rows.shape[0] < need:
             return None
-        meta = self._gather_meta(rows)
+        pushes, last_step = self._eviction_meta(rows, policy, step)
         count = max(need, rows.shape[0] // _EVICTION_SAMPLE)
-        return first_in_order(self._row_keys[rows], meta[:, 0], meta[:, 1], count, policy)
+        return first_in_order(self._row_keys[rows], pushes, last_step, count, policy)
 
     @contextlib.contextmanager
     def _hidden(self, rows: np.ndarray) -> Iterator[np.ndarray]:

@@ -121,3 +121,27 @@ def test_a_lookup_step_past_a_push_s_range_is_refused_by_name():
         with PSClient.from_job(shards.job) as client:
             with pytest.raises(Exception, match=r"step: must be in \[0, 2\^32 - 1\]"):
                 client.lookup("t", np.array([1]), step=2**40)
+
+
+@pytest.mark.parametrize("rows, num_trained", [(0, 3), (70_000, 2_000)], ids=["exact", "sampled"])
+def test_a_full_lfu_table_evicts_rows_past_their_ttl_before_trained_ones(rows, num_trained):
+    """A row past its TTL reads as absent, but until the sweep drops it, it kept its place: a full
+    LFU table evicted the least pushed rows, trained ones among them, before an expired row of many
+    pushes (a review's repro: keys 1-3 trained at step 16, a key pushed 50 times at step 1, TTL
+    16; a new key at step 18 evicted key 1 unless a sweep ran first). Eviction now counts no push for
+    an expired row, in the exact scan and in the sampled one (past EXACT_SCAN_ROWS rows) alike."""
+    trained = np.arange(1, 1 + num_trained, dtype=np.int64)
+    table = EmbeddingTable(TableConfig(
+        name="t", dim=2, capacity=rows + 1 + num_trained, optimizer=OptimizerConfig(kind=OptimizerKind.SGD, lr=0.1),
+        eviction=EvictionConfig(ttl_steps=16, policy="lfu"),
+    ))
+    ones = np.ones((1, 2), np.float32)
+    if rows:  # expired too, many pushes each
+        filler = np.arange(10_000, 10_000 + rows, dtype=np.int64)
+        table.apply_gradients(filler, np.ones((rows, 2), np.float32), step=1, counts=np.full(rows, 50))
+    table.apply_gradients(np.array([-100]), ones, step=1, counts=np.array([50]))
+    table.apply_gradients(trained, np.ones((num_trained, 2), np.float32), step=16)
+    assert table.size == table.config.capacity
+    table.apply_gradients(np.array([-7]), ones, step=18)
+    assert set(trained.tolist()) <= set(table.keys().tolist()), "a trained row was evicted"
+    assert not (table.read(trained, 18) == table.init_values(trained)).all(axis=1).any()
