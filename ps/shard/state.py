@@ -23,7 +23,7 @@ from ps.rpc import ps_pb2
 from ps.shard.commits import DEFAULT_SHARD_COMMIT_BYTES, MAX_STEP, MIN_TABLE_COMMIT_BYTES, CommitLog, DenseStates
 from ps.shard.update_log import DEFAULT_MAX_ENTRIES, DEFAULT_MAX_KEYS, LogRange, UpdateLog, table_log_bytes
 from ps.table import multi
-from ps.table.config import EvictionPolicy
+from ps.table.config import AdmissionKind, EvictionPolicy
 from ps.table.embedding_table import ApplyResult, EmbeddingTable
 from ps.table.state import TableState
 
@@ -325,7 +325,11 @@ class Shard:
             if any(c is not None for _, c, _ in table_parts):
                 counts = np.concatenate([np.ones(k.shape[0], np.int64) if c is None else c for k, c, _ in table_parts])
             step = max(table.version + 1 + i if s is None else s for i, (_, _, s) in enumerate(table_parts))
-            table.check_room(keys, counts, step)
+            # A probability admission draws each key's coin at its part's own step and count so far,
+            # which one check at the latest step does not: a batch it passed could fail in a later
+            # part, the earlier ones applied. Such a table is checked for every new key's row.
+            every_new_key = table.config.admission.kind == AdmissionKind.PROBABILITY
+            table.check_room(keys, counts, step, every_new_key=every_new_key)
 
     def multi_tables(self, names, dims) -> list[EmbeddingTable]:
         """The tables of a multi-table request, each once, with the dims it expects."""

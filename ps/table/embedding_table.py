@@ -1161,11 +1161,14 @@ class EmbeddingTable:
             native.check_counts(counts)
         self.check_room(keys, counts, int(step))
 
-    def check_room(self, keys: np.ndarray, counts: np.ndarray | None, step: int) -> None:
+    def check_room(
+        self, keys: np.ndarray, counts: np.ndarray | None, step: int, every_new_key: bool = False
+    ) -> None:
         """Raises the CapacityError apply_gradients(keys, ..., step=step, counts=counts) would raise,
         changing nothing: push_tables checks every table of a multi-table push first, so that the
         push is all or nothing across its tables, as apply_gradients is within one. keys (n,)
-        int64, counts (n,) int64 >= 1 or None, both checked by the caller; step checked too."""
+        int64, counts (n,) int64 >= 1 or None, both checked by the caller; step checked too.
+        every_new_key: count every new key as admitted (the most rows the keys could take)."""
         capacity = self.config.capacity
         if capacity is None:
             return
@@ -1177,8 +1180,11 @@ class EmbeddingTable:
         rows = self._map.find(unique_keys)
         expired_own = self._expired_at(rows, step)
         is_new = (rows < 0) | expired_own
-        admit_new, _, _, _ = self._admission(unique_keys, is_new, sightings, step)
-        num_new = int(admit_new.sum())
+        if every_new_key:
+            num_new = int(np.count_nonzero(is_new))
+        else:
+            admit_new, _, _, _ = self._admission(unique_keys, is_new, sightings, step)
+            num_new = int(admit_new.sum())
         size = self.size - int(expired_own.sum())  # the push's own expired rows leave first
         if size + num_new <= capacity:
             return

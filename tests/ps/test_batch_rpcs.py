@@ -157,3 +157,47 @@ def test_a_batch_whose_parts_of_an_evicting_table_evict_each_other_s_rows_applie
         reply = ps_pb2_grpc.ParameterServerStub(channel).PushBatch(ps_pb2.PushBatchRequest(requests=parts), timeout=10)
     assert [r.num_inserted for r in reply.responses] == [8, 8]
     assert reply.responses[1].num_evicted == 6
+
+
+def test_a_batch_of_a_probability_admitting_table_passes_its_check_only_if_every_part_fits():
+    """A table with a probability admission and a capacity: the batch's one room check drew every
+    key's coin at the batch's latest step, each part at its own, so a batch the check passed failed
+    in its second part after its first was applied (a review's repro: a key admitted at step 10
+    and refused at 11). Such a table's parts are checked for every new key's row: the batch is
+    refused whole, or applies whole."""
+    from ps.errors import CapacityError
+    from ps.shard.state import Shard
+    from ps.table.config import AdmissionConfig, AdmissionKind
+    from ps.table.embedding_table import EmbeddingTable
+
+    config = TableConfig(
+        name="t", dim=2, capacity=2, optimizer=OptimizerConfig(kind=OptimizerKind.SGD),
+        admission=AdmissionConfig(kind=AdmissionKind.PROBABILITY, probability=0.5),
+    )
+
+    def admitted(key: int, step: int) -> bool:
+        table = EmbeddingTable(config)
+        return bool(table._admission(np.array([key]), np.array([True]), np.array([1]), step)[0][0])
+
+    first = next(k for k in range(1000) if admitted(k, 1))
+    early = next(k for k in range(1000, 2000) if admitted(k, 10) and not admitted(k, 11))
+    late = next(k for k in range(2000, 3000) if admitted(k, 11))
+
+    def push(keys: list[int], step: int) -> ps_pb2.PushRequest:
+        grads = wire.encode_values(np.ones((len(keys), 2), np.float32), 2)
+        return ps_pb2.PushRequest(table="t", keys=wire.encode_keys(np.array(keys, np.int64)), dim=2, grads=grads,
+                                  step=step)
+
+    shard = Shard(make_job([config]), 0)
+    shard.push(push([first], 1))
+    before = sorted(shard.tables["t"].keys().tolist()), shard.tables["t"].version
+    batch = [push([early], 10), push([late], 11)]
+    try:
+        shard.check_pushes(batch)
+    except CapacityError:
+        pass  # refused whole: nothing applied
+    else:
+        for part in batch:
+            shard.push(part)  # passed: every part applies
+    after = sorted(shard.tables["t"].keys().tolist()), shard.tables["t"].version
+    assert after == before or after[1] == before[1] + 2, (before, after)
