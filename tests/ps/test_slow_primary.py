@@ -54,7 +54,7 @@ def test_patient_attempts_queued_for_a_thread_still_end_by_their_deadline(etcd, 
     its deadline: one whose attempt could not get a thread in time fails UNAVAILABLE at it."""
     job = pair_job(etcd.endpoint, "slow-primary-queued")
     pair = ShardPair.start(job, tmp_path)
-    deadline = 6.0
+    deadline = 7.5
     try:
         with SlowLink(job.shards[0].address, delay=0.0) as link:
             shard = dataclasses.replace(job.shards[0], address=link.address)
@@ -63,7 +63,9 @@ def test_patient_attempts_queued_for_a_thread_still_end_by_their_deadline(etcd, 
                 client.stats()  # connected
                 client._waits.shutdown()
                 client._waits = ThreadPoolExecutor(1)  # one patient attempt at a time
-                link.delay = 3.0  # answers at 5 s of a 6 s deadline: the second's attempt starts then
+                # The first is answered at 6 s of 7.5 (cut at 2 s, asked again); the second's attempt
+                # starts then, and took its timeout (5.5 s) when queued: it ended at 10 s.
+                link.delay = 4.0
                 keys = np.arange(20, dtype=np.int64)
 
                 def lookup() -> tuple[float, BaseException | None]:
