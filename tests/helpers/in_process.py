@@ -11,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, replace
 
 import grpc
 
 from ps.job_config import JobConfig
+from ps.rpc import ps_pb2_grpc
 from ps.shard.server import ParameterServerServicer, create_server
 from ps.shard.update_log import DEFAULT_MAX_KEYS
 
@@ -106,3 +107,18 @@ def following(shards: InProcessShards, make_followers: Callable[[grpc.aio.Channe
             await channel.close()
 
         asyncio.run_coroutine_threadsafe(stop(), shards.loop).result(10)
+
+
+@contextlib.asynccontextmanager
+async def scripted_shard(servicer: ps_pb2_grpc.ParameterServerServicer) -> AsyncIterator[grpc.aio.Channel]:
+    """A channel to `servicer` (a test's own ParameterServer: a shard that answers as the test
+    scripts it) served on a loopback port of this event loop; both stopped on exit."""
+    server = grpc.aio.server()
+    ps_pb2_grpc.add_ParameterServerServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield channel
+    finally:
+        await server.stop(None)

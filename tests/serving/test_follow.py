@@ -19,7 +19,7 @@ from serving.config import StorageDType
 from serving.follower import ShardFollower
 from serving.metrics import ServingMetrics
 from serving.store import TableReplica
-from tests.helpers.in_process import InProcessShards, following
+from tests.helpers.in_process import InProcessShards, following, scripted_shard
 from tests.helpers.processes import make_job
 from tests.helpers.waiting import wait_until
 from tests.serving.replicas import start_cluster_with_log
@@ -346,18 +346,11 @@ def test_a_range_cut_off_before_the_rows_have_a_known_history_takes_a_full_copy_
     replica = TableReplica(TableConfig("t", dim=4), ShardMap.uniform(1))
 
     async def run() -> None:
-        server = grpc.aio.server()
-        ps_pb2_grpc.add_ParameterServerServicer_to_server(Restarting(), server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                follower = ShardFollower(replica, 0, channel, ServingMetrics())
-                with pytest.raises(grpc.aio.AioRpcError):
-                    await follower._follow(follower.stub.Subscribe)
+        async with scripted_shard(Restarting()) as channel:
+            follower = ShardFollower(replica, 0, channel, ServingMetrics())
+            with pytest.raises(grpc.aio.AioRpcError):
                 await follower._follow(follower.stub.Subscribe)
-        finally:
-            await server.stop(None)
+            await follower._follow(follower.stub.Subscribe)
 
     asyncio.run(run())
     assert [r.full_sync for r in requests] == [False, True]

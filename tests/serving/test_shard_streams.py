@@ -21,6 +21,7 @@ from serving.follower import ShardFollower
 from serving.metrics import ServingMetrics
 from serving.shard_streams import ShardStreams
 from serving.store import TableReplica
+from tests.helpers.in_process import scripted_shard
 from tests.helpers.processes import ShardCluster, make_job
 from tests.helpers.waiting import wait_until
 from tests.serving.replicas import ServingReplica
@@ -155,22 +156,15 @@ def test_a_shard_without_subscribe_tables_is_followed_table_by_table():
     replicas = {name: TableReplica(TableConfig(name, dim=4), ShardMap.uniform(1)) for name in ("x", "y")}
 
     async def run() -> None:
-        server = grpc.aio.server()
-        ps_pb2_grpc.add_ParameterServerServicer_to_server(SubscribeOnly(), server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                followers = [ShardFollower(r, 0, channel, ServingMetrics()) for r in replicas.values()]
-                task = asyncio.create_task(ShardStreams(followers).run())
-                try:
-                    followed = lambda: all(r.shards[0].version == 1 for r in replicas.values())  # noqa: E731
-                    await asyncio.to_thread(wait_until, followed, "both tables followed")
-                finally:
-                    task.cancel()
-                    await asyncio.gather(task, return_exceptions=True)
-        finally:
-            await server.stop(None)
+        async with scripted_shard(SubscribeOnly()) as channel:
+            followers = [ShardFollower(r, 0, channel, ServingMetrics()) for r in replicas.values()]
+            task = asyncio.create_task(ShardStreams(followers).run())
+            try:
+                followed = lambda: all(r.shards[0].version == 1 for r in replicas.values())  # noqa: E731
+                await asyncio.to_thread(wait_until, followed, "both tables followed")
+            finally:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
 
     asyncio.run(run())
     assert sorted(asked) == ["x", "y"]
