@@ -114,6 +114,10 @@ def _add_snapshot(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dim", type=flags.count, default=64)
     parser.add_argument("--tables", type=flags.count, default=1, help="tables the rows are spread over (default 1)")
     parser.add_argument("--touched", type=float, default=0.01, help="fraction of rows an incremental holds")
+    parser.add_argument(
+        "--staging-bytes", type=flags.count_or_zero, default=1 << 62,
+        help="the staged full write's budget for table copies (default: every table; 0: none)",
+    )
     parser.add_argument("--targets", default="local,s3", help="comma-separated: local, s3")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
 
@@ -126,6 +130,7 @@ def _run_snapshot(args: argparse.Namespace) -> int:
         dim=args.dim,
         tables=args.tables,
         touched=args.touched,
+        staging_bytes=args.staging_bytes,
         targets=tuple(t for t in args.targets.split(",") if t),
         out=args.out,
     )

@@ -126,6 +126,11 @@ def _snapshot(r: dict) -> tuple[str, str]:
                 f"{target}: full write {r[f'{target}.full_write']['mb_per_s']:.0f} MB/s, full read "
                 f"{r[f'{target}.full_read']['mb_per_s']:.0f} MB/s, incremental write "
                 f"{r[f'{target}.incremental_write']['seconds']:.2f} s"
+                + (
+                    f", staged full write {r[f'{target}.full_staged_write']['seconds']:.2f} s of which pushes "
+                    f"wait {r[f'{target}.full_staged_held']['seconds']:.2f} s"
+                    if f"{target}.full_staged_write" in r else ""
+                )
             )
     return setup, "; ".join(parts)
 

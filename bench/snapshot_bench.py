@@ -7,6 +7,9 @@ requests whose latency, more than their bytes, sets a round's time). For each ta
   full read        restore() of that snapshot: fetch, verify, parse into a TableState
   incremental write  after pushes touching `touched` of the rows: only those rows (+ deletions)
   restore chain    restore() of the incremental: full + delta, merged
+  staged full      a full write as a shard's StageSnapshot takes it: stage() copies the tables
+                   (what a shard's pushes wait for: `full_staged_held`), finish() writes the copies
+                   (`full_staged_write`: both together); --staging-bytes bounds the copies
 MB/s counts the bytes of the snapshot's files (as listed in its manifest); rows/s the rows in it.
 The S3 target is SeaweedFS on 127.0.0.1 (bench/s3_server.py): loopback, sharing this machine's cores.
 """
@@ -24,7 +27,7 @@ from tqdm import tqdm
 
 from bench.keys import key_of_rank
 from bench.machine import machine_facts
-from ps.snapshot.files import open_snapshot, restore
+from ps.snapshot.files import SnapshotWriter, open_snapshot, restore
 from ps.snapshot.ops import ShardSnapshotter
 from ps.snapshot.storage import StorageConfig
 from ps.table.config import OptimizerConfig, OptimizerKind, TableConfig
@@ -40,6 +43,7 @@ class SnapshotBenchConfig:
     dim: int = 64
     tables: int = 1
     touched: float = 0.01  # fraction of rows an incremental snapshot holds
+    staging_bytes: int = 1 << 62  # the staged full write's budget (default: every table is copied)
     targets: tuple[str, ...] = ("local", "s3")
     out: str | None = None
 
@@ -50,6 +54,8 @@ class SnapshotBenchConfig:
             raise ValueError(f"rows: must be >= tables ({self.tables}: a row each at least), got {self.rows}")
         if not 0 < self.touched <= 1:
             raise ValueError(f"touched: must be in (0, 1], got {self.touched}")
+        if self.staging_bytes < 0:
+            raise ValueError(f"staging_bytes: must be >= 0, got {self.staging_bytes}")
         unknown = set(self.targets) - {"local", "s3"}
         if unknown or not self.targets:
             raise ValueError(f"targets: choose from 'local', 's3', got {self.targets}")
@@ -154,6 +160,20 @@ def _run_target(
     for name, table in tables.items():
         if not np.array_equal(restored[name][0].values, table.export().values):
             raise RuntimeError(f"{target}: restored values of table {name} differ from the live table")
+    del restored
+    progress.update()
+
+    progress.set_postfix_str(f"{target}: staged full write")
+    writer = SnapshotWriter(uri, JOB, 3, "full", None, num_shards=1, storage_config=storage_config)
+    start = time.perf_counter()
+    staged = snapper.stage(writer, config.staging_bytes)
+    held = time.perf_counter() - start
+    staged.finish()  # the writer keeps its records: it commits them
+    staged_full = writer.commit()
+    total = time.perf_counter() - start
+    snapper.mark_committed(3)
+    _measure(results, target, "full_staged_held", held, staged_full.total_bytes, staged_full.total_rows)
+    _measure(results, target, "full_staged_write", total, staged_full.total_bytes, staged_full.total_rows)
     progress.update()
     return results
 
@@ -167,7 +187,7 @@ def run_snapshot_bench(config: SnapshotBenchConfig) -> int:
         f"incremental = {config.touched:.1%} of rows, targets {', '.join(config.targets)}"
     )
     results: dict[str, object] = {"config": asdict(config), "machine": machine_facts()}
-    progress = tqdm(total=5 * len(config.targets), desc="snapshot bench", unit="phase")
+    progress = tqdm(total=6 * len(config.targets), desc="snapshot bench", unit="phase")
     with tempfile.TemporaryDirectory(prefix="embps-snapshot-bench-") as tmp:
         for target in config.targets:
             if target == "local":

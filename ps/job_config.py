@@ -172,6 +172,9 @@ class SnapshotConfig:
     retry_backoff_s: seconds before the first retry, doubled before each next one.
     round_timeout_s: a round's tries together, deadlines included; keep it under torch.distributed's
     collective timeout (30 min with gloo), as every rank waits for the round.
+    staging_bytes: what each shard may hold in copies of its tables per round (estimated as about
+    twice the rows' bytes), so that training goes on while they are written; a table past it is
+    written while training waits. 0: training waits for every file.
     storage: S3 endpoint, region, credentials; unset fields come from the AWS_* variables.
     """
 
@@ -182,6 +185,7 @@ class SnapshotConfig:
     retries: int = 3
     retry_backoff_s: float = 5.0
     round_timeout_s: float = 540.0
+    staging_bytes: int = 1 << 30
     storage: StorageConfig = field(default_factory=StorageConfig)
 
 
@@ -278,6 +282,7 @@ def parse_job_config(data: dict, base_dir: Path | None = None) -> JobConfig:
         _check_int("snapshot.full_every", snapshot.full_every, 1, 2**31)
         _check_int("snapshot.keep", snapshot.keep, 0, 2**31)
         _check_int("snapshot.retries", snapshot.retries, 0, 100)
+        _check_int("snapshot.staging_bytes", snapshot.staging_bytes, 0, 2**62)
         for name in ("retry_backoff_s", "round_timeout_s"):
             value = getattr(snapshot, name)
             if not (math.isfinite(value) and value > 0):

@@ -1,17 +1,27 @@
 """Training snapshots: rank 0 coordinates, every shard writes its tables, rank 0 commits.
 
     all ranks:  reader positions --all_gather_object--> rank 0
-    rank 0:     WriteSnapshot(step) to every shard (parallel) -> their file records
-                + extra/dense.pt (model and dense optimizer state_dicts)
+    rank 0:     StageSnapshot(step) to every shard (parallel): each copies its tables -> {staged}
+    all ranks:  barrier once every shard staged, so no push of the next step reaches a shard
+                before it copied its tables; training goes on
+    rank 0, on the round's thread, while training goes on: the shards write their copies
+                -> their file records
+                + extra/dense.pt (model and dense optimizer state_dicts, serialised at the step)
                 + extra/trainer_state.json (step, every rank's reader position, torch RNG state)
                 -> manifest.json (commit point) -> LATEST -> gc
-    all ranks:  barrier, so no push of the next step reaches a shard before it wrote its files
 
-A failed round (storage or a shard unavailable, a deadline passed) never fails the job: rank 0
-tries it again after snapshot.retry_backoff_s (doubling), up to snapshot.retries times within
-snapshot.round_timeout_s, then skips it with a warning and counts it (`SnapshotRounds`, in the
-summary). The next round builds on the last committed snapshot, and each shard folds the changes
-of the skipped round into it (ps/snapshot/ops.py ShardSnapshotter), so nothing is lost.
+A shard copies only what fits its snapshot.staging_bytes; a table past it is written before the
+shard answers `staged`, training waiting, as every table was before staging. The next round waits
+for the one before to end (within its own round_timeout_s), and so does the job's end (finish()).
+
+A failed round (storage or a shard unavailable, a deadline passed) never fails the job. Until every
+shard staged it (training waits), rank 0 tries it again after snapshot.retry_backoff_s (doubling),
+up to snapshot.retries times within snapshot.round_timeout_s; once they have, training has moved
+on and the tables cannot be taken again at the round's step: a shard's failure to write its copies
+ends the round, and rank 0 tries only its own part again (the extras and the commit). A round
+that ends so is skipped with a warning and counted (`SnapshotRounds`, in the summary). The next
+round builds on the last committed snapshot, and each shard folds the changes of the skipped round
+into it (ps/snapshot/ops.py ShardSnapshotter), so nothing is lost.
 
 Resume (`embps launch --resume`): the shards load the step's tables before serving, each worker
 loads the dense model, optimizer and its reader position, and training continues at step + 1.
@@ -25,7 +35,8 @@ import json
 import logging
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 import grpc
@@ -114,13 +125,21 @@ class _RoundPlan:
 @dataclass
 class _RoundOutcome:
     """What the round's thread and the training thread tell each other, under `lock`: whether the
-    tries are done and committed, and whether the round was given up before they were."""
+    tries are done and committed, and whether the round was given up before they were. `released`
+    is set once training may go on: every shard staged the round, or its tries are done."""
 
     lock: threading.Lock = field(default_factory=threading.Lock)
+    released: threading.Event = field(default_factory=threading.Event)
+    staged: bool = False  # every shard copied its tables: the round's step cannot be taken again
     done: bool = False
     committed: bool = False
     abandoned: bool = False
     error: BaseException | None = None  # what the tries raised past their own handling (a bug)
+
+    def on_staged(self) -> None:
+        with self.lock:
+            self.staged = True
+        self.released.set()
 
 
 class _RoundFailed(Exception):
@@ -147,8 +166,8 @@ class Checkpointer:
         # and rounds are full by count of committed ones: the job took no snapshot again.
         self._full_next = False
         self.rounds = SnapshotRounds()
-        # (step, its tries, their outcome) of a round given up while its tries still ran
-        self._storage_busy: tuple[int, threading.Thread, _RoundOutcome] | None = None
+        # (step, its tries, their outcome) of the last round started: its files may still be written
+        self._previous: tuple[int, threading.Thread, _RoundOutcome] | None = None
 
     def due(self, step: int) -> bool:
         if self.config is None:
@@ -157,52 +176,44 @@ class Checkpointer:
         return step == self.job.train.steps or (every > 0 and step % every == 0)
 
     def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, position: dict) -> None:
-        """Writes and commits snapshot `step`; collective. position: this rank's reader state
-        after the batch of `step` (BatchReader.state())."""
+        """Takes snapshot `step`; collective. Returns once every shard has staged it (copied its
+        tables as of `step`): rank 0 writes and commits the rest while training goes on (finish()
+        waits for it). position: this rank's reader state after the batch of `step`
+        (BatchReader.state())."""
         positions = [None] * self.world_size
         if self.world_size > 1:
             dist.all_gather_object(positions, position)
         else:
             positions[0] = position
-        committed = self._write_round(step, model, optimizer, positions) if self.rank == 0 else True
+        if self.rank == 0:
+            self._start_round(step, model, optimizer, positions)
         if self.world_size > 1:
             dist.barrier()
-        if committed:
-            self._last_step = step
-            self._count += 1
-            self._full_next = False
 
-    def _write_round(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, positions: list) -> bool:
-        """Rank 0: tries round `step` until it commits (True), or skips it (False, with a warning).
+    def _start_round(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, positions: list) -> None:
+        """Rank 0: starts round `step` and returns once training may go on: every shard staged it,
+        or the round ended (committed, or skipped with a warning), or it was given up.
 
-        The tries run on a thread of their own, waited for until round_timeout_s (and a grace of
-        STORAGE_GRACE_S) has passed: the shards' part has the round's deadline, but rank 0's own
+        The tries run on a thread of their own, waited for here until round_timeout_s (and a grace
+        of STORAGE_GRACE_S) has passed: the shards' part has the round's deadline, but rank 0's own
         storage calls (the dense model, the manifest, LATEST, gc) have none on local disk (a hung
         NFS mount) and one of request_timeout x max_attempts each on S3, and a try blocked in them
         held training past the timeout, forever or until the other ranks' barrier gave up and
-        failed the job. A try left behind that later commits has written a whole snapshot of
-        `step` (the dense model was serialised here, before training went on), moves LATEST only
-        forward, and says so (a line, and the committed count); the next round waits for it
-        within its own round_timeout_s, and is skipped if it still runs then, else builds on it
-        if it committed (its shards forget what it carried, as after any committed round)."""
+        failed the job. A round staged, or given up, goes on on its thread: it has taken its tables
+        at `step` (the dense model was serialised here, before training went on), moves LATEST only
+        forward, and a round given up that commits later says so (a line, and the committed count);
+        the next round waits for it within its own round_timeout_s, and is skipped if it still runs
+        then, else builds on it if it committed (its shards forget what it carried, as after any
+        committed round)."""
         config = self.config
         deadline = time.monotonic() + config.round_timeout_s
-        busy = self._storage_busy
-        if busy is not None:
-            busy[1].join(max(0.0, deadline - time.monotonic()))
-            if busy[1].is_alive():
-                log.warning(
-                    "snapshot step %d: SKIPPED: the try of step %d still waits for storage (past round_timeout_s); "
-                    "training goes on", step, busy[0],
-                )
-                self.rounds.skip()
-                return False
-            self._storage_busy = None
-            with busy[2].lock:
-                late = busy[2].committed
-            if late:  # committed after its round was given up: the next incremental builds on it
-                self._last_step = busy[0]
-                self._count += 1
+        if not self._wait_for_previous(max(0.0, deadline - time.monotonic())):
+            log.warning(
+                "snapshot step %d: SKIPPED: the round of step %d still runs (its files or commit past its "
+                "round_timeout_s); training goes on", step, self._previous[0],
+            )
+            self.rounds.skip()
+            return
         blob = io.BytesIO()
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, blob)
         state = {
@@ -224,75 +235,96 @@ class Checkpointer:
             target=self._tries, args=(plan, deadline, outcome), name=f"snapshot-{step}", daemon=True
         )
         tries.start()
-        tries.join(max(0.0, deadline - time.monotonic()) + STORAGE_GRACE_S)
+        self._previous = (step, tries, outcome)
+        outcome.released.wait(max(0.0, deadline - time.monotonic()) + STORAGE_GRACE_S)
         with outcome.lock:
-            outcome.abandoned = not outcome.done
+            outcome.abandoned = not (outcome.done or outcome.staged)
         if outcome.error is not None:
             raise outcome.error
         if outcome.abandoned:
-            self._storage_busy = (step, tries, outcome)
             after = "is full" if self._last_step is None else f"builds on step {self._last_step}"
             log.warning(
-                "snapshot step %d: SKIPPED: its try still waits for storage after round_timeout_s (%g s); training "
+                "snapshot step %d: SKIPPED: its shards have not staged it after round_timeout_s (%g s); training "
                 "goes on, the next round %s", step, config.round_timeout_s, after,
             )
             self.rounds.skip()
+
+    def _wait_for_previous(self, timeout: float) -> bool:
+        """Waits (at most `timeout` s) for the last round started to end; False if it still runs.
+        A round that ended committed is what the next incremental builds on."""
+        previous = self._previous
+        if previous is None:
+            return True
+        step, tries, outcome = previous
+        tries.join(timeout)
+        if tries.is_alive():
             return False
+        self._previous = None
+        if outcome.error is not None:
+            raise outcome.error
         if outcome.committed:
-            self.rounds.commit()
-        else:
-            self.rounds.skip()
-        return outcome.committed
+            self._last_step = step
+            self._count += 1
+            self._full_next = False
+        return True
 
     def finish(self) -> None:
-        """Rank 0, once training ended: waits (at most round_timeout_s) for a round's try still in a
-        storage call, so that a commit it is about to make is not cut short by the process's exit."""
-        busy = self._storage_busy
-        if busy is None:
+        """Rank 0, once training ended (or to see a round's outcome): waits (at most
+        round_timeout_s) for the last round to write its files and commit, so that the process's
+        exit does not cut it short."""
+        if self.config is None or self._previous is None:
             return
-        busy[1].join(self.config.round_timeout_s)
-        if busy[1].is_alive():
-            log.warning(
-                "snapshot step %d: its try still waits for storage as the job ends; it is left unfinished", busy[0]
-            )
+        step = self._previous[0]
+        if not self._wait_for_previous(self.config.round_timeout_s):
+            log.warning("snapshot step %d: its round still runs as the job ends; it is left unfinished", step)
 
     def _tries(self, plan: _RoundPlan, deadline: float, outcome: _RoundOutcome) -> None:
-        """The tries of round plan.step (on the round's thread), then outcome.done; a try that
-        commits after the round was given up (outcome.abandoned) is logged and counted here."""
+        """The tries of round plan.step (on the round's thread), then outcome.done, and the round
+        counted (committed or skipped) unless it was given up: that one was counted skipped, and
+        a try that commits after it is logged and counted here."""
         try:
-            committed = self._try_round(plan, deadline)
+            committed = self._try_round(plan, deadline, outcome)
         except BaseException as exc:  # a bug, not storage: raised again on the training thread, as before the thread
             with outcome.lock:
                 outcome.done, outcome.error = True, exc
-                late = outcome.abandoned
+                late = outcome.abandoned or outcome.staged
+            outcome.released.set()
             if late:
-                log.error("snapshot step %d: its try failed after its round was reported SKIPPED", plan.step,
-                          exc_info=exc)
+                log.error("snapshot step %d: its round failed after training went on", plan.step, exc_info=exc)
             return
         with outcome.lock:
             outcome.done, outcome.committed = True, committed
             late = outcome.abandoned
+        outcome.released.set()
         if late and committed:
             log.warning(
                 "snapshot step %d: committed late, after its round was reported SKIPPED; LATEST names it", plan.step
             )
+        if committed:
             self.rounds.commit()
+        elif not late:
+            self.rounds.skip()
 
-    def _try_round(self, plan: _RoundPlan, deadline: float) -> bool:
-        """Tries round plan.step until one try commits (True) or it gives up (False, logged)."""
+    def _try_round(self, plan: _RoundPlan, deadline: float, outcome: _RoundOutcome) -> bool:
+        """Tries round plan.step until one try commits (True) or it gives up (False, logged). Once
+        every shard staged it, a try only writes rank 0's part again (the shards' records in hand),
+        and a shard's failure ends the round: its tables cannot be taken at plan.step again."""
         config = self.config
         backoff = config.retry_backoff_s
         reached_commit = [False]  # a try that failed past this point may have committed all the same
+        records: list[ShardRecord] = []  # every shard's, once they wrote their files
         for attempt in range(config.retries + 1):
             try:
                 if attempt and reached_commit[0] and self._is_committed(plan.step):
                     break
-                self._write(plan, deadline, reached_commit)
+                self._write(plan, deadline, reached_commit, records, outcome)
                 break
             except _RoundFailed as exc:
                 self.rounds.fail_try()
                 left = deadline - time.monotonic()
-                if not exc.transient or attempt == config.retries or left <= backoff:
+                # A shard failed to write what it staged: training went on, the step cannot be taken again.
+                lost_stage = outcome.staged and not records
+                if lost_stage or not exc.transient or attempt == config.retries or left <= backoff:
                     if not exc.transient and plan.parent is not None:
                         self._full_next = True
                     after = (
@@ -324,10 +356,17 @@ class Checkpointer:
             raise _RoundFailed(f"cannot tell whether step {step} committed: {exc}", transient=True) from exc
         return True
 
-    def _write(self, plan: _RoundPlan, deadline: float, reached_commit: list[bool]) -> None:
+    def _write(
+        self,
+        plan: _RoundPlan,
+        deadline: float,
+        reached_commit: list[bool],
+        records: list[ShardRecord],
+        outcome: _RoundOutcome,
+    ) -> None:
         """One try of round plan.step; _RoundFailed when it fails."""
         try:
-            self._write_once(plan, deadline, reached_commit)
+            self._write_once(plan, deadline, reached_commit, records, outcome)
         except grpc.RpcError as exc:
             raise _RoundFailed(f"{exc.code().name}: {exc.details()}", exc.code() in _TRANSIENT_CODES) from exc
         except StorageDeniedError as exc:  # credentials or a bucket to fix: no later try would do better
@@ -337,22 +376,34 @@ class Checkpointer:
         except EmbpsError as exc:
             raise _RoundFailed(str(exc), transient=False) from exc
 
-    def _write_once(self, plan: _RoundPlan, deadline: float, reached_commit: list[bool]) -> None:
+    def _write_once(
+        self,
+        plan: _RoundPlan,
+        deadline: float,
+        reached_commit: list[bool],
+        records: list[ShardRecord],
+        outcome: _RoundOutcome,
+    ) -> None:
+        """The shards' part (unless `records` already holds it: filled here), then rank 0's."""
         config = self.config
         kind = "full" if plan.parent is None else "incremental"
-        request = snapshot_pb2.WriteSnapshotRequest(
-            uri=config.uri, job=self.job.ps.job, step=plan.step, kind=kind, num_shards=len(self.job.ps.shards)
-        )
-        if plan.parent is not None:
-            request.parent = plan.parent
-        if plan.last_committed is not None:
-            request.last_committed = plan.last_committed  # the shards forget what that step's write carried
-        records = _write_on_shards(
-            [s.addresses() for s in self.job.ps.shards],
-            self.job.ps.security,
-            request,
-            max(1.0, deadline - time.monotonic()),
-        )
+        if not records:
+            request = snapshot_pb2.WriteSnapshotRequest(
+                uri=config.uri, job=self.job.ps.job, step=plan.step, kind=kind, num_shards=len(self.job.ps.shards)
+            )
+            if plan.parent is not None:
+                request.parent = plan.parent
+            if plan.last_committed is not None:
+                request.last_committed = plan.last_committed  # the shards forget what that step's write carried
+            records.extend(
+                _stage_on_shards(
+                    [s.addresses() for s in self.job.ps.shards],
+                    self.job.ps.security,
+                    request,
+                    max(1.0, deadline - time.monotonic()),
+                    outcome.on_staged,
+                )
+            )
         writer = SnapshotWriter(
             config.uri,
             self.job.ps.job,
@@ -376,28 +427,79 @@ class Checkpointer:
                 log.warning("snapshot step %d: committed, but removing old snapshots failed (%s)", plan.step, exc)
 
 
-def _write_on_shards(
-    addresses: list[list[str]], security: SecurityConfig, request: snapshot_pb2.WriteSnapshotRequest, timeout: float
+def _stage_on_shards(
+    addresses: list[list[str]],
+    security: SecurityConfig,
+    request: snapshot_pb2.WriteSnapshotRequest,
+    timeout: float,
+    on_staged: Callable[[], None],
 ) -> list[ShardRecord]:
-    """Each shard writes its part; addresses[s]: shard s's primary, then its standby (asked when
-    the other answers UNAVAILABLE: it may have taken over)."""
+    """Each shard stages its part (StageSnapshot), then writes it; on_staged() once every shard
+    has staged (on one of the calls' threads); returns every shard's records. addresses[s]: shard
+    s's primary, then its standby (asked when the other answers UNAVAILABLE before staging: it may
+    have taken over). When one shard fails, the others' calls are cancelled (a shard that staged
+    writes its files all the same, and its next StageSnapshot waits for them)."""
+    lock = threading.Lock()
+    left = [len(addresses)]
+    calls: list = []  # the streams, to cancel
+    ending = threading.Event()
 
-    def write(address: str) -> list[ShardRecord]:
+    def staged() -> None:
+        with lock:
+            left[0] -= 1
+            everyone = left[0] == 0
+        if everyone:
+            on_staged()
+
+    def stage(address: str, done_staging: list[bool]) -> list[ShardRecord]:
         with open_channel(address, security, Role.TRAINER) as channel:
-            reply = snapshot_pb2_grpc.SnapshotControlStub(channel).WriteSnapshot(request, timeout=timeout)
-        return [ShardRecord.from_dict(d) for d in json.loads(reply.records_json)]
+            stub = snapshot_pb2_grpc.SnapshotControlStub(channel)
+            stream = stub.StageSnapshot(request, timeout=timeout)
+            with lock:
+                calls.append(stream)
+            if ending.is_set():
+                stream.cancel()
+            try:
+                first = next(stream, None)
+            except grpc.RpcError as err:
+                if err.code() != grpc.StatusCode.UNIMPLEMENTED:
+                    raise
+                # A shard of a release before StageSnapshot: the round waits for its files.
+                reply = stub.WriteSnapshot(request, timeout=timeout)
+                done_staging[0] = True
+                staged()
+                return [ShardRecord.from_dict(d) for d in json.loads(reply.records_json)]
+            if first is None or not first.staged:
+                raise EmbpsError(f"shard {address} did not answer StageSnapshot with `staged` first")
+            done_staging[0] = True
+            staged()
+            written = next(stream, None)
+            if written is None:
+                raise EmbpsError(f"shard {address} ended StageSnapshot without its records")
+            return [ShardRecord.from_dict(d) for d in json.loads(written.records_json)]
 
     def call(pair: list[str]) -> list[ShardRecord]:
         for address in pair[:-1]:
+            done_staging = [False]
             try:
-                return write(address)
+                return stage(address, done_staging)
             except grpc.RpcError as err:
-                if err.code() != grpc.StatusCode.UNAVAILABLE:
+                if err.code() != grpc.StatusCode.UNAVAILABLE or done_staging[0]:
                     raise
-        return write(pair[-1])
+        return stage(pair[-1], [False])
 
     with ThreadPoolExecutor(len(addresses)) as pool:
-        return [r for records in pool.map(call, addresses) for r in records]
+        futures = [pool.submit(call, pair) for pair in addresses]
+        wait(futures, return_when=FIRST_EXCEPTION)
+        failed = [f.exception() for f in futures if f.done() and f.exception() is not None]
+        if failed:  # the first failure, not the cancellations it causes
+            ending.set()
+            with lock:
+                for stream in calls:
+                    stream.cancel()
+            wait(futures)
+            raise failed[0]
+        return [r for f in futures for r in f.result()]
 
 
 def load_trainer_state(

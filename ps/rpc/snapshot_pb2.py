@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x65mbps/snapshot.proto\x12\x08\x65mbps.v1\"\xb0\x01\n\x14WriteSnapshotRequest\x12\x0b\n\x03uri\x18\x01 \x01(\t\x12\x0b\n\x03job\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x04\x12\x0c\n\x04kind\x18\x04 \x01(\t\x12\x13\n\x06parent\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x12\n\nnum_shards\x18\x06 \x01(\r\x12\x1b\n\x0elast_committed\x18\x07 \x01(\x04H\x01\x88\x01\x01\x42\t\n\x07_parentB\x11\n\x0f_last_committed\"-\n\x15WriteSnapshotResponse\x12\x14\n\x0crecords_json\x18\x01 \x01(\t2c\n\x0fSnapshotControl\x12P\n\rWriteSnapshot\x12\x1e.embps.v1.WriteSnapshotRequest\x1a\x1f.embps.v1.WriteSnapshotResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x65mbps/snapshot.proto\x12\x08\x65mbps.v1\"\xb0\x01\n\x14WriteSnapshotRequest\x12\x0b\n\x03uri\x18\x01 \x01(\t\x12\x0b\n\x03job\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x04\x12\x0c\n\x04kind\x18\x04 \x01(\t\x12\x13\n\x06parent\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x12\n\nnum_shards\x18\x06 \x01(\r\x12\x1b\n\x0elast_committed\x18\x07 \x01(\x04H\x01\x88\x01\x01\x42\t\n\x07_parentB\x11\n\x0f_last_committed\"-\n\x15WriteSnapshotResponse\x12\x14\n\x0crecords_json\x18\x01 \x01(\t\"8\n\x10SnapshotProgress\x12\x0e\n\x06staged\x18\x01 \x01(\x08\x12\x14\n\x0crecords_json\x18\x02 \x01(\t2\xb2\x01\n\x0fSnapshotControl\x12P\n\rWriteSnapshot\x12\x1e.embps.v1.WriteSnapshotRequest\x1a\x1f.embps.v1.WriteSnapshotResponse\x12M\n\rStageSnapshot\x12\x1e.embps.v1.WriteSnapshotRequest\x1a\x1a.embps.v1.SnapshotProgress0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,6 +35,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WRITESNAPSHOTREQUEST']._serialized_end=211
   _globals['_WRITESNAPSHOTRESPONSE']._serialized_start=213
   _globals['_WRITESNAPSHOTRESPONSE']._serialized_end=258
-  _globals['_SNAPSHOTCONTROL']._serialized_start=260
-  _globals['_SNAPSHOTCONTROL']._serialized_end=359
+  _globals['_SNAPSHOTPROGRESS']._serialized_start=260
+  _globals['_SNAPSHOTPROGRESS']._serialized_end=316
+  _globals['_SNAPSHOTCONTROL']._serialized_start=319
+  _globals['_SNAPSHOTCONTROL']._serialized_end=497
 # @@protoc_insertion_point(module_scope)

@@ -27,3 +27,11 @@ class WriteSnapshotResponse(_message.Message):
     RECORDS_JSON_FIELD_NUMBER: _ClassVar[int]
     records_json: str
     def __init__(self, records_json: _Optional[str] = ...) -> None: ...
+
+class SnapshotProgress(_message.Message):
+    __slots__ = ("staged", "records_json")
+    STAGED_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_JSON_FIELD_NUMBER: _ClassVar[int]
+    staged: bool
+    records_json: str
+    def __init__(self, staged: _Optional[bool] = ..., records_json: _Optional[str] = ...) -> None: ...

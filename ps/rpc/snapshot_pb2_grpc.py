@@ -39,12 +39,23 @@ class SnapshotControlStub:
                 request_serializer=embps_dot_snapshot__pb2.WriteSnapshotRequest.SerializeToString,
                 response_deserializer=embps_dot_snapshot__pb2.WriteSnapshotResponse.FromString,
                 _registered_method=True)
+        self.StageSnapshot = channel.unary_stream(
+                '/embps.v1.SnapshotControl/StageSnapshot',
+                request_serializer=embps_dot_snapshot__pb2.WriteSnapshotRequest.SerializeToString,
+                response_deserializer=embps_dot_snapshot__pb2.SnapshotProgress.FromString,
+                _registered_method=True)
 
 
 class SnapshotControlServicer:
     """Missing associated documentation comment in .proto file."""
 
     def WriteSnapshot(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StageSnapshot(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -57,6 +68,11 @@ def add_SnapshotControlServicer_to_server(servicer, server):
                     servicer.WriteSnapshot,
                     request_deserializer=embps_dot_snapshot__pb2.WriteSnapshotRequest.FromString,
                     response_serializer=embps_dot_snapshot__pb2.WriteSnapshotResponse.SerializeToString,
+            ),
+            'StageSnapshot': grpc.unary_stream_rpc_method_handler(
+                    servicer.StageSnapshot,
+                    request_deserializer=embps_dot_snapshot__pb2.WriteSnapshotRequest.FromString,
+                    response_serializer=embps_dot_snapshot__pb2.SnapshotProgress.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -86,6 +102,33 @@ class SnapshotControl:
             '/embps.v1.SnapshotControl/WriteSnapshot',
             embps_dot_snapshot__pb2.WriteSnapshotRequest.SerializeToString,
             embps_dot_snapshot__pb2.WriteSnapshotResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StageSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/embps.v1.SnapshotControl/StageSnapshot',
+            embps_dot_snapshot__pb2.WriteSnapshotRequest.SerializeToString,
+            embps_dot_snapshot__pb2.SnapshotProgress.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,8 +1,11 @@
 """Snapshots of a running shard: the SnapshotControl service and the restore at start.
 
-    coordinator ──WriteSnapshot(uri, job, step, kind, parent)──> every shard, in parallel
-        each shard writes <uri>/<job>/<step>/<table>/shard-<s>-<w>*.parquet, answers with records
+    coordinator ──StageSnapshot(uri, job, step, kind, parent)──> every shard, in parallel
+        each shard copies its tables (pushes wait), answers {staged}; training may go on
+        each shard writes <uri>/<job>/<step>/<table>/shard-<s>-<w>*.parquet, answers {records}
     coordinator: add_shard_record(...) for all, write_extra(dense model, trainer state), commit()
+
+(WriteSnapshot: the same in one answer, pushes waiting until the files are written.)
 
 A shard started with a restore step loads, for each table, the full snapshot that step builds
 on and every incremental after it (its own shard files only), before it serves.
@@ -10,21 +13,23 @@ on and every incremental after it (its own shard files only), before it serves.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Protocol
 
 import numpy as np
 
 from ps import native
 from ps.job_config import JobConfig
-from ps.process.calls import CallSite, unary_call
+from ps.process.calls import CallSite, stream_call, unary_call
 from ps.rpc import snapshot_pb2, snapshot_pb2_grpc
 from ps.snapshot import bounded
 from ps.snapshot.files import Snapshot, SnapshotWriter, apply_delta, snapshot_chain
-from ps.snapshot.ops import ShardSnapshotter
+from ps.snapshot.manifest import ShardRecord
+from ps.snapshot.ops import ShardSnapshotter, StagedWrite
 from ps.table.embedding_table import EmbeddingTable
 from ps.table.optimizers import state_width
 from ps.table.state import TableState
@@ -53,15 +58,50 @@ class SnapshotControlServicer(snapshot_pb2_grpc.SnapshotControlServicer):
         if restored_step is not None:
             self.snapshotter.mark_committed(restored_step)
         self._last_written = restored_step
+        self._one_write = asyncio.Lock()  # snapshot writes, one at a time (two would each hold their copies)
+        self._writing: asyncio.Future[list[ShardRecord]] | None = None  # a StageSnapshot's files being written
         self._run_serialized = run_serialized
         self.call_site = call_site
 
     @unary_call("WriteSnapshot")
     async def WriteSnapshot(self, request: snapshot_pb2.WriteSnapshotRequest) -> snapshot_pb2.WriteSnapshotResponse:
-        return await self._run_serialized(lambda: self.write(request))
+        async with self._one_write:
+            await self._staged_written()
+            return await self._run_serialized(lambda: self.write(request))
+
+    @stream_call("StageSnapshot")
+    async def StageSnapshot(
+        self, request: snapshot_pb2.WriteSnapshotRequest
+    ) -> AsyncIterator[snapshot_pb2.SnapshotProgress]:
+        """Pushes wait only while the tables are copied (see snapshot.proto). One write at a time:
+        a request (a retry of the round) waits for the files of the one before, whose copies it
+        would otherwise hold beside its own; a client gone while the files are written leaves them
+        to be written all the same."""
+        async with self._one_write:
+            await self._staged_written()
+            staging = self.job.snapshot.staging_bytes if self.job.snapshot is not None else 0
+            staged = await self._run_serialized(lambda: self.stage(request, staging))
+            yield snapshot_pb2.SnapshotProgress(staged=True)
+            self._writing = asyncio.get_running_loop().run_in_executor(None, staged.finish)
+            records = await asyncio.shield(self._writing)
+            self._last_written = request.step
+        yield snapshot_pb2.SnapshotProgress(records_json=json.dumps([r.to_dict() for r in records]))
+
+    async def _staged_written(self) -> None:
+        """Waits for the files of the previous StageSnapshot (its outcome was its caller's)."""
+        if self._writing is not None:
+            await asyncio.wait([self._writing])
+            self._writing = None
 
     def write(self, request: snapshot_pb2.WriteSnapshotRequest) -> snapshot_pb2.WriteSnapshotResponse:
-        """Writes the files; the coordinator commits. A shard learns that its previous write was
+        """WriteSnapshot's part where pushes are serialised: every file is written when it returns."""
+        records = self.stage(request, staging_bytes=0).finish()
+        self._last_written = request.step
+        return snapshot_pb2.WriteSnapshotResponse(records_json=json.dumps([r.to_dict() for r in records]))
+
+    def stage(self, request: snapshot_pb2.WriteSnapshotRequest, staging_bytes: int) -> StagedWrite:
+        """Takes the shard's part of the request's snapshot (where pushes are serialised); its
+        finish() writes the files; the coordinator commits. A shard learns that its previous write was
         committed when the next request names it (last_committed, or an incremental's parent);
         until then the changes it carried stay tracked (see ShardSnapshotter), so a snapshot that
         never commits loses nothing."""
@@ -84,9 +124,7 @@ class SnapshotControlServicer(snapshot_pb2_grpc.SnapshotControlServicer):
             num_shards=request.num_shards or len(self.job.shards),
             storage_config=storage,
         )
-        records = self.snapshotter.write(writer)
-        self._last_written = request.step
-        return snapshot_pb2.WriteSnapshotResponse(records_json=json.dumps([r.to_dict() for r in records]))
+        return self.snapshotter.stage(writer, staging_bytes)
 
 
 class RestoreListener(Protocol):

@@ -86,7 +86,7 @@ class _TableWrite:
 
     def export(self, writer: SnapshotWriter) -> Callable[[], ShardRecord]:
         """Exports the table's rows (on the calling thread: bounded.run_bounded says why); returns
-        what writes them."""
+        what writes them, which reads nothing of the table: it may run while pushes change it."""
         table, config = self.table, self.table.config
         if not self.whole:
             state = table.export(self.changes.touched_keys)
@@ -95,8 +95,42 @@ class _TableWrite:
         state = table.export()
         if self.parent is None:
             return lambda: writer.write_table_shard(table.name, self.shard, state, config=config)
-        gone = np.setdiff1d(_keys_at(self.parent, table.name, self.shard), state.keys)
-        return lambda: writer.write_table_shard(table.name, self.shard, state, gone, config=config)
+        parent = self.parent
+
+        def write_with_deletions() -> ShardRecord:
+            gone = np.setdiff1d(_keys_at(parent, table.name, self.shard), state.keys)
+            return writer.write_table_shard(table.name, self.shard, state, gone, config=config)
+
+        return write_with_deletions
+
+
+@dataclass
+class StagedWrite:
+    """A shard's snapshot write once its tables are copied: `written` holds the records of the
+    tables written while pushes waited (those past the staging budget), by position in the
+    shard's table order; `pending` the (bytes, write) of the copies, which finish() writes."""
+
+    written: dict[int, ShardRecord]
+    pending: dict[int, tuple[int, Callable[[], ShardRecord]]]
+
+    @property
+    def staged_bytes(self) -> int:
+        """The estimated bytes the copies hold until finish() has written them."""
+        return sum(size for size, _ in self.pending.values())
+
+    def finish(self) -> list[ShardRecord]:
+        """Writes the copies (several tables at once, bounded.run_bounded); returns every table's
+        record in the shard's table order. Touches no table: call it while pushes go on."""
+        order = sorted(self.pending)
+        tasks = [(self.pending[i][0], functools.partial(_ready, self.pending[i][1])) for i in order]
+        records = dict(self.written)
+        records.update(zip(order, bounded.run_bounded(tasks), strict=True))
+        self.pending = {}  # the copies are freed as soon as the caller lets go of the results
+        return [records[i] for i in sorted(records)]
+
+
+def _ready(write: Callable[[], ShardRecord]) -> Callable[[], ShardRecord]:
+    return write
 
 
 class ShardSnapshotter:
@@ -126,6 +160,15 @@ class ShardSnapshotter:
 
     def write(self, writer: SnapshotWriter) -> list[ShardRecord]:
         """Writes this shard's tables into `writer` (full or incremental, per writer.kind)."""
+        return self.stage(writer, staging_bytes=0).finish()
+
+    def stage(self, writer: SnapshotWriter, staging_bytes: int) -> StagedWrite:
+        """Takes this shard's part of snapshot `writer` as the tables stand now: copies the tables
+        whose exports fit in `staging_bytes` together (taken in table order while they fit) and
+        writes the others here, as write() does. Call it where pushes are serialised;
+        the StagedWrite's finish() writes the copies and may run while pushes change the tables.
+        Memory: the copies hold up to `staging_bytes` (estimated: _TableWrite.export_bytes) until
+        finish() ends, beside the tables themselves."""
         if writer.kind not in (SnapshotKind.FULL, SnapshotKind.INCREMENTAL):
             raise ValueError(f"writer.kind: live tables go into full or incremental snapshots, got {writer.kind}")
         if writer.kind == SnapshotKind.INCREMENTAL and not all(t.tracks_changes for t in self.tables.values()):
@@ -150,10 +193,24 @@ class ShardSnapshotter:
             if whole and writer.kind == SnapshotKind.INCREMENTAL and parent is None:
                 parent = writer.parent_snapshot()  # read once, here: its deleted keys are per table
             writes.append(_TableWrite(table, self.shard, changes, whole, parent))
+        sizes = [w.export_bytes() for w in writes]
+        staged: list[int] = []
+        now: list[int] = []
+        budget = staging_bytes
+        for i, size in enumerate(sizes):
+            if size <= budget:
+                budget -= size
+                staged.append(i)
+            else:
+                now.append(i)
         # One after the other, a round of 500 tables wrote its 2,000 files in ~10 s to a loopback S3
         # server, holding the shard's pushes all along: each file is a request whose latency, not its
         # bytes, set the time.
-        return bounded.run_bounded([(w.export_bytes(), functools.partial(w.export, writer)) for w in writes])
+        records = bounded.run_bounded([(sizes[i], functools.partial(writes[i].export, writer)) for i in now])
+        return StagedWrite(
+            written=dict(zip(now, records, strict=True)),
+            pending={i: (sizes[i], writes[i].export(writer)) for i in staged},
+        )
 
     @property
     def unconfirmed_keys(self) -> int:

@@ -569,6 +569,36 @@ def test_fuzz_write_snapshot(cluster, ps_channel, servers, tmp_path):
     assert_servers_healthy(servers)
 
 
+def test_fuzz_stage_snapshot(cluster, ps_channel, servers, tmp_path):
+    """StageSnapshot (a server stream: `staged`, then the records) with the same requests."""
+    stub = snapshot_pb2_grpc.SnapshotControlStub(ps_channel)
+    raw = ps_channel.unary_stream(
+        "/embps.v1.SnapshotControl/StageSnapshot", request_serializer=lambda b: b, response_deserializer=lambda b: b
+    )
+    tally = Tally(CONTRACT)
+    answers = collections.Counter()
+
+    @FUZZ_SETTINGS
+    @given(calls(write_snapshots(str(tmp_path / "snapshots"), cluster.job.job)))
+    def send(call) -> None:
+        if isinstance(call, Raw):
+            tally.call(lambda: list(raw(call.data, timeout=TIMEOUT)), call)
+            return
+
+        def stage() -> None:
+            replies = list(stub.StageSnapshot(call, timeout=TIMEOUT))
+            assert [bool(r.staged) for r in replies] == [True, False], replies
+            answers["records"] += 1
+
+        tally.call(stage, call)
+
+    send()
+    print(f"StageSnapshot: {dict(tally.codes)}")
+    tally.check(FUZZ_SETTINGS.max_examples)
+    assert tally.codes["OK"] > 0 and tally.codes["INVALID_ARGUMENT"] > 0 and answers["records"] > 0
+    assert_servers_healthy(servers)
+
+
 def test_fuzz_commit(ps_channel, servers):
     stub = ps_pb2_grpc.ParameterServerStub(ps_channel)
     tally = fuzz_unary(
@@ -670,9 +700,8 @@ def test_undecodable_request_bytes_are_invalid_argument(ps_channel, serving_chan
             raw_call(channel, path)(b"\x0a", timeout=TIMEOUT)  # field 1, its length missing
         assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT, path
         assert "not a valid message" in raised.value.details()
-    stream = ps_channel.unary_stream(
-        PS + "Subscribe", request_serializer=lambda b: b, response_deserializer=lambda b: b
-    )
-    with pytest.raises(grpc.RpcError) as raised:
-        next(stream(b"\x0a", timeout=TIMEOUT))
-    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    for path in (PS + "Subscribe", "/embps.v1.SnapshotControl/StageSnapshot"):
+        stream = ps_channel.unary_stream(path, request_serializer=lambda b: b, response_deserializer=lambda b: b)
+        with pytest.raises(grpc.RpcError) as raised:
+            next(stream(b"\x0a", timeout=TIMEOUT))
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT, path

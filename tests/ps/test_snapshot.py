@@ -28,7 +28,7 @@ from ps.snapshot.files import (
     read_manifest,
     restore,
 )
-from ps.snapshot.ops import ShardSnapshotter, collect_garbage, export_for_serving
+from ps.snapshot.ops import ShardSnapshotter, _TableWrite, collect_garbage, export_for_serving
 from ps.table.config import (
     AdmissionConfig,
     AdmissionKind,
@@ -39,7 +39,7 @@ from ps.table.config import (
     TableConfig,
 )
 from ps.table.embedding_table import EmbeddingTable
-from ps.table.state import TableState
+from ps.table.state import TableChanges, TableState
 from tests.helpers.snapshot_files import shard_file
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -188,6 +188,48 @@ def test_changes_of_a_snapshot_that_never_committed_reach_the_next_one(tmp_path)
     assert_same_state(restore(uri, "job")["t"][0], table.export())
     with pytest.raises(SnapshotError, match="must be full"):
         ShardSnapshotter({"t": table}, 0).snapshot(uri, "job", 4, "incremental")
+
+
+NO_CHANGES = TableChanges(np.empty(0, np.int64), np.empty(0, np.int64))
+
+
+def test_a_staged_write_holds_the_tables_as_staged_while_pushes_go_on(tmp_path):
+    """stage() copies the tables that fit its budget and writes the others at once; finish() writes
+    the copies while pushes (creating, updating, evicting rows) change the tables: the snapshot
+    holds every table as it was at stage(), and the next incremental carries what came after."""
+    uri = str(tmp_path)
+    rng = np.random.default_rng(6)
+    small, big = evicting_table("small", seed=7), evicting_table("big", seed=8)
+    snapper = ShardSnapshotter({"small": small, "big": big}, 0)
+    push(small, rng, 1, n=50)
+    push(big, rng, 1, n=400)
+    snapper.snapshot(uri, "job", 1, "full")
+    for step in (2, 3):
+        push(small, rng, step, n=50)
+        push(big, rng, step, n=400)
+    for step, kind, parent in ((4, "full", None), (5, "incremental", 4)):
+        writer = SnapshotWriter(uri, "job", step, kind, parent)
+        at_stage = {"small": small.export(), "big": big.export()}
+        # A budget the smaller table's whole export fits, not the other's: that one is written now.
+        sizes = [_TableWrite(t, 0, NO_CHANGES, True, None).export_bytes() for t in (small, big)]
+        assert sizes[0] < sizes[1]
+        staged = snapper.stage(writer, sizes[0])
+        assert sorted(staged.written) == [0] and sorted(staged.pending) == [1]  # "big", then "small"
+        assert list((tmp_path / "job" / str(step) / "big").iterdir())
+        assert not (tmp_path / "job" / str(step) / "small").exists()
+        push(small, rng, step + 10, n=50)  # training goes on
+        push(big, rng, step + 10, n=400)
+        staged.finish()
+        writer.commit()
+        snapper.mark_committed(step)
+        got = restore(uri, "job", step)
+        for name in ("small", "big"):
+            assert_same_state(got[name][0], at_stage[name])
+    push(small, rng, 20)
+    snapper.snapshot(uri, "job", 6, "incremental")
+    got = restore(uri, "job", 6)
+    for name, table in (("small", small), ("big", big)):
+        assert_same_state(got[name][0], table.export())
 
 
 def test_an_incremental_on_an_older_parent_than_the_last_commit_carries_every_change(tmp_path):

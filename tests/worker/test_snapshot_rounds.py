@@ -26,6 +26,7 @@ from ps.snapshot.files import latest, list_snapshots, restore
 from ps.snapshot.storage import StorageConfig
 from ps.table.config import OptimizerConfig, OptimizerKind, TableConfig
 from tests.helpers.processes import start_shard, wait_serving
+from tests.helpers.slow_link import SlowLink
 from tests.helpers.small_disk import seen_by, small_disk_prefix
 from tests.helpers.waiting import wait_until
 from tests.worker.training_jobs import write_training_job
@@ -63,7 +64,9 @@ class Trainer:
         self.keys = np.union1d(self.keys, keys)
 
     def snapshot(self, step: int) -> None:
+        """One round, to its end: save() returns once the shards staged it (training could go on)."""
         self.checkpointer.save(step, self.model, self.optimizer, {"position": step})
+        self.checkpointer.finish()
 
     def check_restore_equals_live(self, uri: str, storage: StorageConfig | None = None) -> None:
         state = restore(uri, self.job.ps.job, None, storage)["emb"][0]
@@ -97,28 +100,28 @@ def _first_round_on_s3(
 def test_s3_stopped_during_a_round_skips_it_and_the_next_round_loses_nothing(tmp_path, start_shards, caplog):
     server, uri, storage, job, shards, run = _first_round_on_s3(tmp_path, start_shards)
     try:
-        write_on_shards = worker.checkpoint._write_on_shards
+        stage_on_shards = worker.checkpoint._stage_on_shards
 
         def stop_s3_after_the_shards_wrote(*args):
-            records = write_on_shards(*args)
+            records = stage_on_shards(*args)
             server.kill()  # the shards' files are in; the dense model and the manifest are not
             return records
 
-        worker.checkpoint._write_on_shards = stop_s3_after_the_shards_wrote
+        worker.checkpoint._stage_on_shards = stop_s3_after_the_shards_wrote
         try:
             with caplog.at_level(logging.WARNING, logger="embps.worker"):
                 run.snapshot(20)
         finally:
-            worker.checkpoint._write_on_shards = write_on_shards
+            worker.checkpoint._stage_on_shards = stage_on_shards
         rounds = run.checkpointer.rounds
         assert (rounds.committed, rounds.skipped, rounds.failed_tries) == (1, 1, RETRIES + 1)
         assert "snapshot step 20: SKIPPED after 3 tries" in caplog.text
-        # The tries after the first reach the shard, whose storage error is UNAVAILABLE, not INTERNAL.
-        assert "UNAVAILABLE" in caplog.text
-        refused = shards.servicers[0].metrics.registry.get_sample_value(
-            "embps_requests_total", {"table": "", "method": "WriteSnapshot", "code": "UNAVAILABLE"}
+        # The shards staged and wrote the round once: the tries after the first write rank 0's part
+        # only (training went on after the shards staged it; their tables cannot be taken at step 20 again).
+        calls = shards.servicers[0].metrics.registry.get_sample_value(
+            "embps_requests_total", {"table": "", "method": "StageSnapshot", "code": "OK"}
         )
-        assert refused == RETRIES
+        assert calls == 2  # steps 10 and 20
         run.push(500)  # training goes on
         server.restart()
         run.push(500)
@@ -131,6 +134,39 @@ def test_s3_stopped_during_a_round_skips_it_and_the_next_round_loses_nothing(tmp
     finally:
         server.kill()  # its data is thrown away: no need for a graceful stop
 
+
+
+def test_training_goes_on_while_the_shards_write_a_staged_round_which_holds_the_tables_at_its_step(
+    tmp_path, start_shards
+):
+    """save() returns once every shard copied its tables (StageSnapshot's `staged`), not once their
+    files are written: the storage here answers 1.5 s late (a slow link to a real S3 server), and
+    pushes change the rows while the round still writes them. The committed snapshot holds the
+    rows as they were at its step."""
+    server = S3Server.start(tmp_path / "s3")
+    try:
+        server.create_bucket("snaps")
+        with SlowLink(server.endpoint, delay=1.5) as link:
+            storage = replace(server.storage_config(), endpoint_override=link.address)
+            job = training_job(tmp_path, "s3://snaps/job", storage)
+            shards = start_shards(job.ps)
+            run = Trainer(replace(job, ps=shards.job))
+            run.push(500)
+            at_step = run.client.lookup("emb", run.keys)
+            run.checkpointer.save(10, run.model, run.optimizer, {"position": 10})
+            round_thread = run.checkpointer._previous[1]
+            keys = run.keys.copy()
+            run.client.push("emb", keys, np.ones((keys.shape[0], TABLE.dim), dtype=np.float32))
+            assert round_thread.is_alive(), "the push waited for the round's files"
+            assert not np.array_equal(run.client.lookup("emb", keys), at_step)
+            run.checkpointer.finish()
+            assert run.checkpointer.rounds.committed == 1
+            state = restore("s3://snaps/job", job.ps.job, 10, storage)["emb"][0]
+            assert np.array_equal(state.keys, keys)
+            np.testing.assert_array_equal(state.values, at_step)
+            run.client.close()
+    finally:
+        server.kill()
 
 
 def test_a_key_that_may_not_write_skips_the_round_at_once(tmp_path, start_shards, caplog):
@@ -153,7 +189,7 @@ def test_a_key_that_may_not_write_skips_the_round_at_once(tmp_path, start_shards
         assert "snapshot step 10: SKIPPED after 1 try (PERMISSION_DENIED: writing snaps/job/" in caplog.text
         assert "ACCESS_DENIED" in caplog.text
         refused = shards.servicers[0].metrics.registry.get_sample_value(
-            "embps_requests_total", {"table": "", "method": "WriteSnapshot", "code": "PERMISSION_DENIED"}
+            "embps_requests_total", {"table": "", "method": "StageSnapshot", "code": "PERMISSION_DENIED"}
         )
         assert refused == 1
         run.push(100)  # training goes on
@@ -234,7 +270,8 @@ def test_full_disk_skips_the_round_and_training_goes_on(tmp_path, caplog):
         with caplog.at_level(logging.WARNING, logger="embps.worker"):
             run.snapshot(20)
         assert run.checkpointer.rounds.skipped == 1
-        assert "snapshot step 20: SKIPPED after 3 tries (UNAVAILABLE" in caplog.text
+        # Once staged (training went on), a shard's failure to write ends the round: no retry.
+        assert "snapshot step 20: SKIPPED after 1 try (UNAVAILABLE" in caplog.text
         assert "No space left on device" in caplog.text
         run.push(200)  # training goes on
         ballast.unlink()
@@ -249,21 +286,17 @@ def test_full_disk_skips_the_round_and_training_goes_on(tmp_path, caplog):
         proc.wait()
 
 
-def test_a_commit_that_hangs_in_storage_skips_the_round_at_round_timeout_and_commits_late(
+def test_a_commit_that_hangs_in_storage_holds_no_training_and_the_next_round_waits_for_it(
     tmp_path, start_shards, caplog, monkeypatch
 ):
     """Rank 0's own storage calls (the dense model, the manifest, LATEST, gc) had no deadline: a
     manifest write that hung (a hard-mounted NFS folder, a stalled S3 endpoint) held training past
-    round_timeout_s, forever with one rank (a review's repro: still running after 20 s with a
-    timeout of 3 s). Now the round is skipped at round_timeout_s (plus the grace), the next round
-    waits for that try within its own timeout and is skipped while it still waits, and the try
-    that commits later has written a whole snapshot of its step, which LATEST only moves past, and
-    says so (a line, and the committed count); the next round builds on it (it built on the round
-    before, its shards still carrying what the late round had written). At the job's end, finish()
-    waits for such a try."""
+    round_timeout_s, forever with one rank (a review's repro). They run once the shards staged the
+    round, while training goes on: the next round waits for that one within its own timeout and is
+    skipped while it still runs; the hung round, once storage answers, commits a whole snapshot of
+    its step, which the next round builds on. At the job's end, finish() waits for it."""
     from ps.snapshot import storage as storage_module
 
-    monkeypatch.setattr(worker.checkpoint, "STORAGE_GRACE_S", 0.2)
     uri = str(tmp_path / "snaps")
     job = training_job(tmp_path, uri)
     job = replace(job, ps=replace(job.ps, snapshot=replace(job.ps.snapshot, round_timeout_s=1.0)))
@@ -279,38 +312,79 @@ def test_a_commit_that_hangs_in_storage_skips_the_round_at_round_timeout_and_com
             storage_answers.wait(60)
         write(fs, path, data)
 
+    def save(step: int) -> None:
+        run.checkpointer.save(step, run.model, run.optimizer, {"position": step})
+
     monkeypatch.setattr(storage_module, "write_bytes_new", hang_at_step_20_and_50)
     run.push(200)
     with caplog.at_level(logging.WARNING, logger="embps.worker"):
-        started = time.monotonic()
-        run.snapshot(20)
-        assert time.monotonic() - started < 30, "the round held training past its timeout"
+        save(20)  # returns once the shards staged it: its manifest hangs on the round's thread
         run.push(200)  # training goes on
-        run.snapshot(30)
-    assert "snapshot step 20: SKIPPED: its try still waits for storage after round_timeout_s (1 s)" in caplog.text
-    assert "snapshot step 30: SKIPPED: the try of step 20 still waits for storage" in caplog.text
+        save(30)
+    assert "snapshot step 30: SKIPPED: the round of step 20 still runs" in caplog.text
     rounds = run.checkpointer.rounds
-    assert (rounds.committed, rounds.skipped) == (1, 2)
-    with caplog.at_level(logging.WARNING, logger="embps.worker"):
-        storage_answers.set()
-        wait_until(lambda: latest(uri, job.ps.job) == 20, "the late commit of step 20")
-        wait_until(lambda: rounds.committed == 2, "the late commit to be counted")
-    assert "snapshot step 20: committed late, after its round was reported SKIPPED; LATEST names it" in caplog.text
+    assert (rounds.committed, rounds.skipped) == (1, 1)
+    storage_answers.set()
+    wait_until(lambda: latest(uri, job.ps.job) == 20, "the commit of step 20")
+    wait_until(lambda: rounds.committed == 2, "the commit of step 20 to be counted")
     run.push(200)
     run.snapshot(40)
     assert rounds.committed == 3
     steps = [(m.step, m.parent) for m in list_snapshots(uri, job.ps.job)]
-    assert steps == [(10, None), (20, 10), (40, 20)]  # the late commit is the next round's parent
+    assert steps == [(10, None), (20, 10), (40, 20)]
     assert latest(uri, job.ps.job) == 40
     run.check_restore_equals_live(uri)
-    # The job's last round: finish() waits for its try, so the process's exit does not cut it short.
+    # The job's last round: finish() waits for it, so the process's exit does not cut it short.
     storage_answers.clear()
     run.push(200)
-    run.snapshot(50)
-    assert rounds.skipped == 3
-    storage_answers.set()  # the try goes on to its commit while finish() waits for it
+    save(50)
+    assert rounds.committed == 3 and latest(uri, job.ps.job) == 40
+    storage_answers.set()  # the round goes on to its commit while finish() waits for it
     run.checkpointer.finish()
     assert latest(uri, job.ps.job) == 50 and rounds.committed == 4
+    run.client.close()
+
+
+def test_shards_that_do_not_stage_within_round_timeout_skip_the_round_and_a_late_commit_counts(
+    tmp_path, start_shards, caplog, monkeypatch
+):
+    """Training waits for a round only until its shards staged it, and at most round_timeout_s (and
+    a grace): a round still not staged then is reported SKIPPED and goes on on its thread; if it
+    commits later (a whole snapshot of its step: training waited for the staging), it says so and
+    counts, and the next round builds on it."""
+    monkeypatch.setattr(worker.checkpoint, "STORAGE_GRACE_S", 0.2)
+    uri = str(tmp_path / "snaps")
+    job = training_job(tmp_path, uri)
+    job = replace(job, ps=replace(job.ps, snapshot=replace(job.ps.snapshot, round_timeout_s=1.0)))
+    shards = start_shards(job.ps)
+    run = Trainer(replace(job, ps=shards.job))
+    run.push(200)
+    run.snapshot(10)
+    stage_on_shards = worker.checkpoint._stage_on_shards
+    shards_answer = threading.Event()
+
+    def held_before_the_shards(*args):
+        shards_answer.wait(60)  # a call held past its deadline (what the grace is for)
+        return stage_on_shards(*args)
+
+    monkeypatch.setattr(worker.checkpoint, "_stage_on_shards", held_before_the_shards)
+    run.push(200)
+    with caplog.at_level(logging.WARNING, logger="embps.worker"):
+        started = time.monotonic()
+        run.checkpointer.save(20, run.model, run.optimizer, {"position": 20})
+        assert time.monotonic() - started < 30, "the round held training past its timeout"
+    assert "snapshot step 20: SKIPPED: its shards have not staged it after round_timeout_s (1 s)" in caplog.text
+    rounds = run.checkpointer.rounds
+    assert (rounds.committed, rounds.skipped) == (1, 1)
+    monkeypatch.setattr(worker.checkpoint, "_stage_on_shards", stage_on_shards)
+    with caplog.at_level(logging.WARNING, logger="embps.worker"):
+        shards_answer.set()
+        wait_until(lambda: latest(uri, job.ps.job) == 20, "the late commit of step 20")
+        wait_until(lambda: rounds.committed == 2, "the late commit to be counted")
+    assert "snapshot step 20: committed late, after its round was reported SKIPPED; LATEST names it" in caplog.text
+    run.snapshot(30)
+    assert [(m.step, m.parent) for m in list_snapshots(uri, job.ps.job)] == [(10, None), (20, 10), (30, 20)]
+    assert (rounds.committed, rounds.skipped) == (3, 1)
     run.client.close()
 
 
@@ -356,5 +430,5 @@ def test_a_bug_in_a_round_s_try_is_raised_on_the_training_thread(tmp_path, start
     monkeypatch.setattr(worker.checkpoint.Checkpointer, "_write_once", unreadable)
     with pytest.raises(KeyError, match="a record this version cannot read"):
         run.snapshot(10)
-    assert (run.checkpointer.rounds.skipped, run.checkpointer._storage_busy) == (0, None)
+    assert run.checkpointer.rounds.skipped == 0
     run.client.close()
