@@ -16,6 +16,7 @@ row is read, so a typo fails the job at start rather than after hours of trainin
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -59,6 +60,22 @@ def expand_paths(
         files.extend(found)
     return files
 
+
+def files_digest(files: Sequence[DataFile]) -> str:
+    """A sha256 of the files, in order: each one's path under the folder all of them share, and
+    its size. A reader's position holds indices into this list (and TSV byte ranges cut from the
+    sizes), so a position from another list (a file a glob matches now or no longer, one renamed,
+    one grown) would point at other rows. The shared folder is left out so that a position still
+    fits the same files moved or copied elsewhere (another mount, S3 to local disk)."""
+    parts = [f.path.split("/") for f in files]
+    shared = len(parts[0]) - 1 if parts else 0  # components of the folder every file is under
+    for other in parts[1:]:
+        shared = min(shared, len(other) - 1)
+        shared = next((i for i in range(shared) if other[i] != parts[0][i]), shared)
+    digest = hashlib.sha256()
+    for data_file, path in zip(files, parts, strict=True):
+        digest.update(f"{'/'.join(path[shared:])}\t{data_file.size}\n".encode())
+    return digest.hexdigest()
 
 
 def check_held_out(paths: Sequence[str], eval_paths: Sequence[str], storage: StorageConfig | None = None) -> None:

@@ -21,7 +21,10 @@ how the readers chunk the files, so resuming in the middle of a unit gives the s
 
 Position (`state()`), after the last yielded batch: epoch, unit (index in the rank's share of
 that epoch), offset (units of that unit consumed: lines from the range's first line for TSV,
-rows of the row group for Parquet), the batch count, and the rows in the shuffle buffer.
+rows of the row group for Parquet), the batch count, the rows in the shuffle buffer, and the
+files it indexes (their count and a digest of their names and sizes, worker/data_paths.py::
+files_digest). A position is an index into the units of that file list: restoring it over
+another list (a glob that matches a file added since) is refused, naming the paths field.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from ps.arrays import sorted_unique
 from ps.snapshot.storage import StorageConfig
 from worker.batch import Batch, check_rank
 from worker.data_options import ArrowMemoryPool, BadRowPolicy
-from worker.data_paths import expand_paths
+from worker.data_paths import expand_paths, files_digest
 from worker.features import hash_columns, transform_counts
 from worker.prefetch import prefetched
 from worker.shares import Unit, epoch_units, rank_share
@@ -312,6 +315,8 @@ class FileReader(ABC):
         self.local_batch_size = config.global_batch_size // world_size
         self.files = expand_paths([str(p) for p in paths], storage, paths_field)
         self.paths = [f.name for f in self.files]
+        self._paths_field = paths_field
+        self._files_digest = files_digest(self.files)
         self._units_by_file = self._plan()
         num_units = sum(len(u) for u in self._units_by_file)
         if num_units == 0:  # it said "write smaller row groups or more files" of files with no row
@@ -354,7 +359,15 @@ class FileReader(ABC):
         buffer = None
         if saved is not None:
             buffer = {name: base64.b64encode(np.ascontiguousarray(a).tobytes()).decode() for name, a in saved.items()}
-        return {"epoch": p.epoch, "unit": p.unit, "offset": p.offset, "num_batches": p.num_batches, "buffer": buffer}
+        files = {"count": len(self.files), "sha256": self._files_digest}
+        return {
+            "epoch": p.epoch,
+            "unit": p.unit,
+            "offset": p.offset,
+            "num_batches": p.num_batches,
+            "buffer": buffer,
+            "files": files,
+        }
 
     def restore(self, state: dict) -> None:
         """Continues from `state` (from `state()` of a reader over the same files, config, rank and W)."""
@@ -364,6 +377,7 @@ class FileReader(ABC):
             value = state.get(name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"state.{name}: must be an int >= 0, got {value!r}")
+        self._check_files(state.get("files"))
         epochs = self.config.epochs
         if state["epoch"] > epochs:
             raise ValueError(f"state.epoch: must be <= epochs={epochs}, got {state['epoch']}")
@@ -380,6 +394,29 @@ class FileReader(ABC):
             self._decode_buffer(state.get("buffer")),
         )
         self._pool = None
+
+    def _check_files(self, saved: object) -> None:
+        """ValueError naming the paths field when the position was taken over other files: its
+        unit indices (and TSV byte ranges) would point at other rows, read twice or never. Such a
+        position cannot be moved onto the new list: the epochs' file orders, the ranks' shares and
+        the byte ranges all follow from the list, so the batches that would have come next do not
+        exist in it. A position from before positions held their files (None) is taken as it is."""
+        field = self._paths_field
+        if saved is None:
+            logger.warning("reader position without its file list (an older snapshot): not checked against %s", field)
+            return
+        well_formed = isinstance(saved, dict) and isinstance(saved.get("count"), int)
+        if not well_formed or not isinstance(saved.get("sha256"), str):
+            raise ValueError(f"state.files: expected {{'count': int, 'sha256': str}} from state(), got {saved!r}")
+        if saved["count"] == len(self.files) and saved["sha256"] == self._files_digest:
+            return
+        raise ValueError(
+            f"{field}: the position to resume from was taken over {saved['count']} file(s) (sha256 "
+            f"{saved['sha256'][:12]}), {field} now gives {len(self.files)} (sha256 {self._files_digest[:12]}): "
+            "a file was added, removed, renamed or changed size since, and the position, an index into the old "
+            f"list, would skip or repeat rows. To resume, make {field} give the files it gave then; to train on "
+            "the new list, start a new job"
+        )
 
     def _decode_buffer(self, saved: dict | None) -> dict[str, np.ndarray] | None:
         if saved is None:

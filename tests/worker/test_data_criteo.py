@@ -13,6 +13,7 @@ from tests.worker.reference_features import assert_batches_equal, batch_of_rows,
 from worker.batch import Batch
 from worker.criteo import CriteoTsvReader, write_criteo_sample
 from worker.data_options import BadRowPolicy
+from worker.data_paths import files_digest
 from worker.features import hash_categorical, missing_key
 from worker.readers import ReaderConfig
 from worker.shares import byte_ranges
@@ -31,7 +32,8 @@ def test_parses_sample_like_the_reference_and_skips_bad_rows(tmp_path):
     assert [len(b) for b in batches] == [64, 64, 64, 64, 44]
     assert reader.num_bad_rows == 12
     assert_batches_equal(Batch.cat(batches), batch_of_rows(sample.good_rows, 13))
-    assert reader.state() == {"epoch": 1, "unit": 0, "offset": 0, "num_batches": 5, "buffer": None}
+    files = {"count": 1, "sha256": files_digest(reader.files)}
+    assert reader.state() == {"epoch": 1, "unit": 0, "offset": 0, "num_batches": 5, "buffer": None, "files": files}
     assert reader.num_parsed == 312  # every line, bad ones included
 
 
@@ -176,7 +178,8 @@ def test_resume_at_end_of_file_without_trailing_newline(tmp_path):
     reader = CriteoTsvReader([path, copy], config(global_batch_size=4))
     iterator = iter(reader)
     next(iterator)
-    assert reader.state() == {"epoch": 0, "unit": 0, "offset": 4, "num_batches": 1, "buffer": None}
+    files = {"count": 2, "sha256": files_digest(reader.files)}
+    assert reader.state() == {"epoch": 0, "unit": 0, "offset": 4, "num_batches": 1, "buffer": None, "files": files}
     resumed = CriteoTsvReader([path, copy], config(global_batch_size=4))
     resumed.restore(reader.state())
     assert [len(b) for b in resumed] == [4]

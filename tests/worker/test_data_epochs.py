@@ -86,6 +86,50 @@ def test_resume_mid_epoch_and_in_the_next_epoch_is_exact(tmp_path, kind, prefetc
             assert_batches_equal(a, b)
 
 
+def test_a_position_is_refused_over_another_file_list_and_fits_the_same_files_moved(tmp_path, caplog):
+    """A position is an index into the units of the files data.paths gave: over a glob that now
+    matches a file added since (its name first), it was restored as it was and pointed into
+    another file, rows read twice (it read day_1's rows again and then day_2 whole)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    write_days(data, [90, 60])  # day_0.tsv, day_1.tsv
+    for i in (1, 0):
+        (data / f"day_{i}.tsv").rename(data / f"day_{i + 1}.tsv")
+    cfg = shuffled(shuffle_files=False, shuffle_buffer=0, range_bytes=1 << 20, epochs=1)  # a unit a file
+    glob = [str(data / "day_*.tsv")]
+    reader = CriteoTsvReader(glob, cfg)
+    iterator = iter(reader)
+    head = [next(iterator) for _ in range(3)]  # 96 rows: into day_2.tsv
+    state = json.loads(json.dumps(reader.state()))
+    assert state["unit"] == 1 and head
+    rest = list(iterator)
+    write_criteo_sample(data / "day_0.tsv", 30, num_bad_rows=0, seed=5)
+    taken_over_two = r"data\.paths: the position to resume from was taken over 2 file\(s\)"
+    with pytest.raises(ValueError, match=taken_over_two + ".*now gives 3"):
+        CriteoTsvReader(glob, cfg).restore(state)
+    (data / "day_0.tsv").unlink()
+    day_2 = (data / "day_2.tsv").read_bytes()
+    (data / "day_2.tsv").write_bytes(day_2 + day_2[: day_2.index(b"\n") + 1])  # a file grown since
+    with pytest.raises(ValueError, match=taken_over_two + ".*now gives 2"):
+        CriteoTsvReader(glob, cfg).restore(state)
+    # The same files in another folder: the position fits them, and the rest is the same.
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    (data / "day_1.tsv").rename(moved / "day_1.tsv")
+    (moved / "day_2.tsv").write_bytes(day_2)
+    resumed = CriteoTsvReader([str(moved / "day_*.tsv")], cfg)
+    resumed.restore(state)
+    again = list(resumed)
+    assert len(again) == len(rest)
+    for a, b in zip(again, rest, strict=True):
+        assert_batches_equal(a, b)
+    # A position from before positions held their files still loads (with a warning).
+    older = CriteoTsvReader([str(moved / "day_*.tsv")], cfg)
+    older.restore({k: v for k, v in state.items() if k != "files"})
+    assert len(list(older)) == len(rest)
+    assert "not checked against data.paths" in caplog.text
+
+
 @pytest.mark.parametrize("prefetch", [0, 3])
 def test_a_new_pass_of_a_reader_goes_on_where_its_consumer_stopped(tmp_path, prefetch):
     """The shuffle buffer as of each batch was a copy made per batch (68 ms a batch at 1M rows);

@@ -12,6 +12,7 @@ import pytest
 from tests.worker.reference_features import assert_batches_equal, batch_of_rows, global_batches, rows_of
 from worker.batch import Batch
 from worker.criteo import CriteoTsvReader, write_criteo_sample
+from worker.data_paths import files_digest
 from worker.parquet_reader import ParquetReader
 from worker.readers import ReaderConfig
 
@@ -72,7 +73,8 @@ def test_resume_inside_a_row_group_and_across_files(tmp_path):
     iterator = iter(original)
     head = [next(iterator) for _ in range(2)]
     state = json.loads(json.dumps(original.state()))
-    assert state == {"epoch": 0, "unit": 2, "offset": 16, "num_batches": 2, "buffer": None}  # row 96: group 2
+    files = {"count": 2, "sha256": files_digest(original.files)}
+    assert state == {"epoch": 0, "unit": 2, "offset": 16, "num_batches": 2, "buffer": None, "files": files}  # row 96
     rest = list(iterator)
     resumed = ParquetReader(paths, cfg)
     resumed.restore(state)
