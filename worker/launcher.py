@@ -373,6 +373,11 @@ def _run_attempt(
     shards: list = []
     standbys: list = []
     stop_watch = threading.Event()
+    # The watcher starts a new standby only holding this lock, and only while stop_watch is clear; the
+    # stop below sets stop_watch holding it and then lists the processes to stop, so a new standby is
+    # started before that list (and stopped with the rest) or not at all. Without it, one decided on
+    # as the attempt stopped was left running: the next attempt found its port taken.
+    starting = threading.Lock()
     try:
         if fleet is not None and not fleet.started:
             fleet.start()  # beside the shards: both take seconds to come up
@@ -382,7 +387,7 @@ def _run_attempt(
             except _StartFailed as exc:
                 return str(exc)
             threading.Thread(
-                target=_watch_shards, args=(job, out, shards, standbys, failures, stop_watch), daemon=True
+                target=_watch_shards, args=(job, out, shards, standbys, failures, stop_watch, starting), daemon=True
             ).start()
         if fleet is not None and not fleet.watching:
             # The first attempt whose shards came up: an attempt whose shards did not returned
@@ -401,8 +406,10 @@ def _run_attempt(
         if failed is not None and dead and failures.cause is None:
             failed = _shard_exit(*dead[0])
     finally:
-        stop_watch.set()
-        children.stop_all([p for p in (*shards, *standbys) if p is not None])
+        with starting:
+            stop_watch.set()
+            stopping = [p for p in (*shards, *standbys) if p is not None]
+        children.stop_all(stopping)
     return failed
 
 
@@ -602,12 +609,19 @@ MAX_NEW_STANDBYS = 3
 
 
 def _watch_shards(
-    job: TrainingJob, out: Path, shards: list, standbys: list, failures: _Failures, stop: threading.Event
+    job: TrainingJob,
+    out: Path,
+    shards: list,
+    standbys: list,
+    failures: _Failures,
+    stop: threading.Event,
+    starting: threading.Lock,
 ) -> None:
     """A shard that lost every process during training ends the attempt: report it, which stops the
     workers. When one process of a pair exits the other goes on (ps/shard/replication.py): the
     launcher says so and starts a new standby in its place (`embps ps --standby`), which copies the
-    primary's state and catches up; shards[i] and standbys[i] are updated in place."""
+    primary's state and catches up; shards[i] and standbys[i] are updated in place, holding
+    `starting`, and only while `stop` is clear (the attempt's stop sets it holding `starting`)."""
     started = [0] * len(shards)
     while not stop.wait(0.2):
         for index in range(len(shards)):
@@ -627,14 +641,17 @@ def _watch_shards(
                     f"embps launch: ps shard {index} {slot} (pid {member.pid}) exited "
                     f"({children.describe_exit(member.returncode)}); {what}"
                 )
-                if started[index] < MAX_NEW_STANDBYS:
-                    started[index] += 1
-                    log = out / "logs" / f"ps-{index}-new-standby-{started[index]}.log"
-                    members[index] = processes.start_shard(job.path, index, log, standby=slot)
-                    line += f"; a new standby starts (pid {members[index].pid}, log {log})"
-                else:
-                    members[index] = None
-                    line += f"; no new standby (already started {MAX_NEW_STANDBYS})"
+                with starting:
+                    if stop.is_set():  # the attempt stops its shards (the exit may be its own doing)
+                        return
+                    if started[index] < MAX_NEW_STANDBYS:
+                        started[index] += 1
+                        log = out / "logs" / f"ps-{index}-new-standby-{started[index]}.log"
+                        members[index] = processes.start_shard(job.path, index, log, standby=slot)
+                        line += f"; a new standby starts (pid {members[index].pid}, log {log})"
+                    else:
+                        members[index] = None
+                        line += f"; no new standby (already started {MAX_NEW_STANDBYS})"
                 tqdm.write(line)
                 sys.stdout.flush()
 
