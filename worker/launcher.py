@@ -755,4 +755,8 @@ def _run_workers(
         return f"{ranks} after {time.monotonic() - start:.0f} s (the workers' output is above)"
     finally:
         failures.armed = False
+        # Torch's agent records its workers only once every one of them started: a signal raised in
+        # between (SIGTERM, Ctrl-C, a component's SIGUSR1) lost the started ones, which its shutdown
+        # never stopped (tests/worker/test_launch_stop.py). This process's children miss none.
+        children.stop_children(entry)
         agent_dir.cleanup()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -147,6 +148,68 @@ def stop_all(procs: list[subprocess.Popen], timeout: float = 15.0) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def stop_children(argv: list[str], timeout: float = 15.0) -> list[int]:
+    """Stops every live child of this process whose command line is `argv`, one this process holds
+    no Popen of: SIGTERM to each, then SIGKILL to any still alive after `timeout`; returns their pids.
+
+    For children another library started and lost track of (torch's elastic agent records its
+    workers only once all of them started). Each is held by a pidfd from before its command line is
+    checked until it is reaped, so a pid reused meanwhile is never signalled (Linux /proc)."""
+    wanted, me = [os.fsencode(arg) for arg in argv], os.getpid()
+    held: dict[int, int] = {}
+    try:
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit() or _parent(entry.name) != me:
+                continue
+            try:
+                fd = os.pidfd_open(int(entry.name))
+            except ProcessLookupError:
+                continue
+            try:  # read after the pidfd is open: it is this process's, not a reuse of its pid
+                same = _parent(entry.name) == me and _cmdline(entry.name) == wanted
+            except OSError:
+                same = False
+            if same:
+                held[int(entry.name)] = fd
+            else:
+                os.close(fd)
+        for fd in held.values():
+            _pidfd_signal(fd, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for fd in held.values():
+            if not select.select([fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                _pidfd_signal(fd, signal.SIGKILL)
+            try:
+                os.waitid(os.P_PIDFD, fd, os.WEXITED)
+            except ChildProcessError:  # reaped already (subprocess reaps a Popen it lost, later)
+                pass
+    finally:
+        for fd in held.values():
+            os.close(fd)
+    return list(held)
+
+
+def _parent(pid: str) -> int | None:
+    """The parent pid of process `pid` (its /proc stat; the name in parentheses may hold spaces)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rpartition(b")")[2].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _cmdline(pid: str) -> list[bytes]:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read().split(b"\0")[:-1]
+
+
+def _pidfd_signal(fd: int, signum: signal.Signals) -> None:
+    try:
+        signal.pidfd_send_signal(fd, signum)
+    except ProcessLookupError:  # it exited already
+        pass
 
 
 def describe_exit(returncode: int) -> str:

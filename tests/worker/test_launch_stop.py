@@ -1,20 +1,27 @@
 """How `embps launch` stops an attempt: a process started as the stop begins is stopped with the rest.
 
 Each test forces one interleaving with the launcher's own code: a new standby whose start the
-shards' watcher decided on as the attempt stopped.
+shards' watcher decided on as the attempt stopped, and a signal that reaches the launcher between
+torch's start of one worker and the next.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import threading
 from types import SimpleNamespace
 
+import pytest
+
 from ps.process import children
 from tests.helpers.waiting import wait_until
-from tests.worker.test_launch_start import one_shard_job
+from tests.worker.test_launch_start import TABLE, one_shard_job
+from tests.worker.training_jobs import write_training_job
 from worker import launcher
+from worker.train_config import load_training_job
 
 
 def sleeper() -> subprocess.Popen:
@@ -84,3 +91,46 @@ def test_a_new_standby_decided_on_as_the_attempt_stops_is_never_left_running(tmp
             proc.kill()
             proc.wait()
 
+
+TORCH_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)  # torch's agent takes them over
+
+
+def test_a_signal_between_two_worker_starts_leaves_no_worker_running(tmp_path, monkeypatch):
+    """SIGTERM reaches the launcher just after torch's agent started worker 0 of 2: the agent records
+    its workers only once every one started, so its shutdown stopped none, and worker 0 ran on
+    (until the launcher's own exit, or through the next attempt when a component's SIGUSR1 did this)."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.subprocess_handler import subprocess_handler
+
+    train = {"workers": 2, "steps": 10, "batch_size": 8, "tables": ["emb"], "output_dir": str(tmp_path / "out")}
+    path, _ = write_training_job(tmp_path / "job.toml", [TABLE], 1, train, {"num_keys": 100})
+    job = load_training_job(path)
+    workers: list[subprocess.Popen] = []
+    popen = subprocess_handler.SubprocessHandler._popen
+
+    def popen_then_signal(handler, args: tuple, env: dict[str, str]) -> subprocess.Popen:
+        workers.append(popen(handler, args, env))
+        if len(workers) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # its handler raises at the next bytecode, in torch's start
+        return workers[-1]
+
+    monkeypatch.setattr(subprocess_handler.SubprocessHandler, "_popen", popen_then_signal)
+    monkeypatch.setenv(children.LAUNCHER_PID_ENV, str(os.getpid()))
+    for name in ("EMBPS_PROGRESS_FILE", "PYTHONPATH"):  # _run_workers sets them for the workers
+        monkeypatch.setenv(name, os.environ.get(name, ""))
+    handlers = {sig: signal.getsignal(sig) for sig in (*TORCH_SIGNALS, signal.SIGUSR1)}
+    signal.signal(signal.SIGTERM, launcher._raise_signal_exception)
+    try:
+        with pytest.raises(SignalException):
+            launcher._run_workers(
+                job, launcher.LaunchOptions(str(path)), tmp_path / "progress.jsonl", launcher._Failures(), None
+            )
+        assert len(workers) == 1
+        running = [p.pid for p in workers if p.poll() is None]
+        assert not running, f"workers left running after the launcher's stop: pids {running}"
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        for proc in workers:
+            proc.kill()
+            proc.wait()
