@@ -376,7 +376,7 @@ def _run_attempt(
     # The watcher starts a new standby only holding this lock, and only while stop_watch is clear; the
     # stop below sets stop_watch holding it and then lists the processes to stop, so a new standby is
     # started before that list (and stopped with the rest) or not at all. Without it, one decided on
-    # as the attempt stopped was left running: the next attempt found its port taken.
+    # as the attempt stopped was left running, and a restart's start could find its port taken.
     starting = threading.Lock()
     try:
         if fleet is not None and not fleet.started:
