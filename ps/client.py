@@ -19,6 +19,7 @@ matter) is ShardUnavailableError with code UNAVAILABLE, whatever gRPC said last
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 import uuid
 from collections import Counter
@@ -255,6 +256,8 @@ class PSClient:
         self._retry_codes = _RETRY_CODES
         self._paired = any(len(pair) == 2 for pair in self._pairs)
         self._epochs = [0] * len(self._pairs)  # the newest epoch each paired shard's replies carried
+        self._lineages = [""] * len(self._pairs)  # ... and its lineage ("": none known)
+        self._epochs_lock = threading.Lock()  # replies of one shard arrive on several threads
         if self._paired:
             # A failover takes about a lease; the other address answers (or refuses) at once, so
             # retries stay frequent to meet the new primary soon, and the deadline bounds them.
@@ -701,9 +704,13 @@ class PSClient:
 
     def _attempt(self, stub, method: str, shard: int, request, timeout: float):
         """One RPC to a paired shard's process; the reply or the grpc.RpcError. The call carries the
-        newest epoch seen of the shard, so a deposed primary that still believes in its lease
-        refuses it (ps/shard/server.py check_call)."""
-        metadata = ((wire.EPOCH_METADATA_KEY, str(self._epochs[shard])),)
+        newest epoch seen of the shard and its lineage, so a deposed primary that still believes in
+        its lease refuses it (ps/shard/server.py check_call)."""
+        with self._epochs_lock:
+            epoch, lineage = self._epochs[shard], self._lineages[shard]
+        metadata = ((wire.EPOCH_METADATA_KEY, str(epoch)),)
+        if lineage:
+            metadata += ((wire.LINEAGE_METADATA_KEY, lineage),)
         try:
             reply, rpc = getattr(stub, method).with_call(request, timeout=timeout, metadata=metadata)
         except grpc.RpcError as err:
@@ -751,9 +758,23 @@ class PSClient:
 
 
     def _note_epoch(self, shard: int, rpc: grpc.Call) -> None:
+        """Keeps the newest epoch a reply carried. One of another lineage replaces it whatever its
+        number: the process that answered accepted this client's epoch as not of its lineage (a pair
+        started over where etcd lost its record, at epoch 1 again), and keeping the old number made
+        every later call refused by that pair."""
+        epoch, lineage = None, ""
         for key, value in rpc.trailing_metadata() or ():
-            if key == wire.EPOCH_METADATA_KEY and value.isdigit():
-                self._epochs[shard] = max(self._epochs[shard], int(value))
+            if key == wire.EPOCH_METADATA_KEY and value.isascii() and value.isdigit() and len(value) <= 20:
+                epoch = int(value)
+            elif key == wire.LINEAGE_METADATA_KEY and value.isascii() and value.isalnum() and len(value) <= 64:
+                lineage = value
+        if epoch is None:
+            return
+        with self._epochs_lock:
+            if lineage != self._lineages[shard]:
+                self._epochs[shard], self._lineages[shard] = epoch, lineage
+            else:
+                self._epochs[shard] = max(self._epochs[shard], epoch)
 
 
 class _NotSent(grpc.RpcError):

@@ -38,8 +38,10 @@ BULK_WINDOW_BYTES = 16 << 20
 BULK_CHANNEL_OPTIONS = (("grpc.http2.lookahead_bytes", BULK_WINDOW_BYTES), ("grpc.http2.bdp_probe", 0))
 
 # Call metadata (client -> paired shard) and reply trailing metadata (paired shard -> client): the
-# newest epoch of the shard's membership each side has seen (DESIGN.md section 10).
+# newest epoch of the shard's membership each side has seen (DESIGN.md section 10), and the lineage of
+# that epoch (ps/shard/arbiter.py): epochs compare only within one lineage.
 EPOCH_METADATA_KEY = "embps-epoch"
+LINEAGE_METADATA_KEY = "embps-lineage"
 
 # Parts of one LookupBatch / PushBatch. Each costs the shard ~10-30 us of Python whatever its size,
 # so 250,000 empty parts in 2.5 MB held its event loop for 7 s; many tables travel in one

@@ -1,6 +1,7 @@
 """Who is primary for one shard: the membership record in etcd and the primary's lease.
 
-    /embps/<job>/shard/<s>          {"primary": addr, "standby": addr or "", "epoch": n, "sync": bool}
+    /embps/<job>/shard/<s>          {"primary": addr, "standby": addr or "", "epoch": n, "sync": bool,
+                                     "lineage": id}
     /embps/<job>/shard/<s>/leader   the primary's address, attached to its lease (gone when it expires)
     /embps/<job>/shard/<s>/standby  {"standby": addr, "epoch": n, "in_sync": bool} under the standby's
                                     own lease, while it follows a primary
@@ -16,12 +17,18 @@ restarted in its place (a new process, without the pushes the standby holds) too
 in a race with the standby's promotion, and the standby then copied its older state over every
 acknowledged push. So, too, when there is no record while a standby's key lives (etcd lost its
 data under a running pair): the standby last seen in sync takes the shard an epoch further.
+
+A record written where none was (a new job, etcd without its data, an operator's `etcdctl del`)
+starts a lineage: a random id every later record of it carries, with its epochs from 1 again unless
+a standby in sync carries its own lineage on. Clients fence by epoch only within one lineage: one
+that saw epoch 3 of a lineage gone with etcd's data must still reach a pair started over at epoch 1.
 Calls block (http.client); the shard runs them on threads (ps/shard/replication.py).
 """
 
 from __future__ import annotations
 
 import json
+import secrets
 import time
 from contextlib import suppress
 from dataclasses import asdict, dataclass
@@ -36,6 +43,7 @@ class Membership:
     standby: str
     epoch: int
     sync: bool
+    lineage: str = ""  # the records' line its epochs count in ("" in records written before lineages)
 
     def dump(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -43,7 +51,15 @@ class Membership:
     @classmethod
     def load(cls, text: str) -> Membership:
         data = json.loads(text)
-        return cls(str(data["primary"]), str(data.get("standby", "")), int(data["epoch"]), bool(data.get("sync")))
+        return cls(
+            str(data["primary"]), str(data.get("standby", "")), int(data["epoch"]), bool(data.get("sync")),
+            str(data.get("lineage", "")),
+        )
+
+
+def new_lineage() -> str:
+    """A lineage id for a record written where none was: random, so two never compare as one."""
+    return secrets.token_hex(8)
 
 
 def membership_key(job: str, shard: int) -> str:

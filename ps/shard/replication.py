@@ -70,7 +70,7 @@ from ps.job_config import JobConfig
 from ps.process.calls import parse_error, status_of
 from ps.rpc import ps_pb2, replication_pb2, replication_pb2_grpc
 from ps.security import Role, open_aio_channel
-from ps.shard.arbiter import Arbiter, Membership
+from ps.shard.arbiter import Arbiter, Membership, new_lineage
 from ps.shard.replication_link import KEY_BYTES, LinkRefused, PrimaryLink, StandbyLink, split_host_port
 from ps.shard.state_copy import CopiedRows, TableImageReader, decode_ledger, encode_ledger, table_image_pieces
 from ps.shard.update_log import UpdateLog
@@ -153,6 +153,7 @@ class Replication:
         self.metrics = ReplicationMetrics(metrics_registry, self.shard.index)
         self.state = state
         self.epoch = 0
+        self.lineage = ""  # of the record this process's epoch is of (ps/shard/arbiter.py)
         self.primary_address = ""  # as a standby: who feeds it
         self.serve_after = 0.0
         self.loop = asyncio.get_running_loop()
@@ -272,11 +273,14 @@ class Replication:
             return  # etcd out of reach, but the standby still follows this epoch: nobody promoted
         raise NotPrimaryError(f"{self.describe()}: its lease is not renewed (arbiter out of reach); not answering")
 
-    def check_client_epoch(self, epoch: int) -> None:
+    def check_client_epoch(self, epoch: int, lineage: str | None) -> None:
         """NotPrimaryError when a client has already seen a newer epoch of this shard than this
         process's: the arbiter promoted the partner, so this process is deposed even if its own
-        lease looks valid to it (a paused process, a clock that jumped)."""
-        if epoch > self.epoch:
+        lease looks valid to it (a paused process, a clock that jumped). Epochs of another lineage
+        say nothing of this one (a pair started over where etcd lost its record begins at 1 again:
+        a client that saw epoch 3 before was refused by it for good); a client that names no
+        lineage, or a process of a record without one, compares as before lineages."""
+        if epoch > self.epoch and (lineage is None or not self.lineage or lineage == self.lineage):
             raise NotPrimaryError(
                 f"{self.describe()}: deposed, a client has seen epoch {epoch} of shard {self.shard.index}; "
                 "ask the other address"
@@ -294,7 +298,7 @@ class Replication:
             try:
                 membership, revision = await asyncio.to_thread(self.arbiter.read)
                 if membership is not None and await asyncio.to_thread(self.arbiter.claim_unanswered, membership):
-                    epoch = membership.epoch  # the take below committed, its answer lost
+                    epoch, lineage = membership.epoch, membership.lineage  # the take below committed, its answer lost
                     break
                 if await asyncio.to_thread(self.arbiter.leader_alive):
                     # An earlier run's lease expires within a lease; a live primary's stays.
@@ -310,7 +314,8 @@ class Replication:
                     continue
                 partner_alive_since = None
                 epoch = (membership.epoch if membership else 0) + 1
-                mine = Membership(self.arbiter.me, self.partner, epoch, False)
+                lineage = membership.lineage if membership else new_lineage()
+                mine = Membership(self.arbiter.me, self.partner, epoch, False, lineage)
                 # The record says the partner holds every acknowledged push: only it may take the
                 # shard while its standby key lives (it promotes, and this process becomes its standby).
                 # No record while a standby's key lives: etcd lost its data under a running pair, and
@@ -346,7 +351,7 @@ class Replication:
             except EtcdUnavailableError as exc:
                 log.warning("shard %d: arbiter unreachable at start (%s); retrying", self.shard.index, exc)
                 await asyncio.sleep(self.ttl / 4)
-        self.epoch = epoch
+        self.epoch, self.lineage = epoch, lineage
         log.info("%s: primary (membership taken in the arbiter)", self.describe())
         self._set_state(State.JOINING)
         self._spawn(self._keep_lease())
@@ -660,10 +665,10 @@ class Replication:
         while self.state is State.CATCHING:
             try:
                 membership, revision = await asyncio.to_thread(self.arbiter.read)
-                if membership is None or membership.epoch != self.epoch or membership.primary != self.arbiter.me:
+                if not self._records_me(membership):
                     self._depose(f"the arbiter's record changed: {membership}")
                     return
-                synced = Membership(self.arbiter.me, self.partner, self.epoch, True)
+                synced = Membership(self.arbiter.me, self.partner, self.epoch, True, self.lineage)
                 if await asyncio.to_thread(self.arbiter.update, revision, synced):
                     self._set_state(State.SYNC)  # before the line: who reads "joined" finds the role gauge at sync
                     log.info("%s: standby %s joined; pushes are acknowledged once on both", self.describe(),
@@ -713,16 +718,22 @@ class Replication:
             self._lag.set(self._sequence - acked)
             self._changed()
 
+    def _records_me(self, membership: Membership | None) -> bool:
+        """Whether the record still names this process primary, at its epoch of its lineage."""
+        return membership is not None and membership.primary == self.arbiter.me and (
+            (membership.epoch, membership.lineage) == (self.epoch, self.lineage)
+        )
+
     async def _go_alone(self) -> None:
         """Records in the arbiter that the standby is out (CAS), then acknowledges alone."""
         self._set_state(State.LOST)
         while self.state is State.LOST:
             try:
                 membership, revision = await asyncio.to_thread(self.arbiter.read)
-                if membership is None or membership.epoch != self.epoch or membership.primary != self.arbiter.me:
+                if not self._records_me(membership):
                     self._depose(f"the arbiter's record changed: {membership}")
                     return
-                alone = Membership(self.arbiter.me, "", self.epoch, False)
+                alone = Membership(self.arbiter.me, "", self.epoch, False, self.lineage)
                 if await asyncio.to_thread(self.arbiter.update, revision, alone):
                     log.warning(
                         "%s: standby %s lost; going on ALONE (recorded in the arbiter; pushes are on one process "
@@ -862,8 +873,8 @@ class Replication:
                 self._heard = time.monotonic()
             if not message.method:
                 if message.incarnation:
-                    await self._check_handshake_epoch(message, context)
-                    ack = await self._hello(message, context)
+                    stream.lineage = await self._check_handshake_epoch(message, context)
+                    ack = await self._hello(message, context, stream.lineage)
                     # A copy follows when the standby asked for one, or when the primary went on
                     # alone meanwhile (it may hold what the versions do not show: a commit).
                     copy_epoch = message.epoch
@@ -912,7 +923,7 @@ class Replication:
                 continue
             if message.method == "StateDone":
                 await self.servicer.run_call(functools.partial(self._load_copy, states, rows, bytes(ledger)), 1 << 30)
-                self._follow(message, context, "state copied")
+                self._follow(message, context, "state copied", stream.lineage)
                 self._followed, copy_epoch, states, rows, ledger = stream, None, {}, {}, bytearray()
                 ack = replication_pb2.ReplicateAck(sequence=self._applied, epoch=self.epoch)
                 await self._listen_link(stream, ack)
@@ -976,9 +987,10 @@ class Replication:
             sequence=message.sequence, epoch=self.epoch, answer=answer, error=error
         ).SerializeToString()
 
-    async def _check_handshake_epoch(self, hello, context) -> None:
+    async def _check_handshake_epoch(self, hello, context) -> str:
         """Aborts unless the arbiter records another process as primary at the handshake's epoch: a
-        standby follows only the primary etcd chose, so a stray handshake cannot move its epoch."""
+        standby follows only the primary etcd chose, so a stray handshake cannot move its epoch.
+        The record's lineage, which the standby takes with the epoch."""
         try:
             membership, _ = await asyncio.to_thread(self.arbiter.read)
         except EtcdUnavailableError as exc:
@@ -988,8 +1000,9 @@ class Replication:
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"{self.describe()}: a handshake at epoch {hello.epoch}, the arbiter records {membership}",
             )
+        return membership.lineage
 
-    async def _hello(self, hello, context) -> replication_pb2.ReplicateAck:
+    async def _hello(self, hello, context, lineage: str) -> replication_pb2.ReplicateAck:
         mine = {n: t.version for n, t in self.shard.tables.items()}
         theirs = {v.table: v.version for v in hello.versions}
         behind = sorted(n for n, v in mine.items() if theirs.get(n, 0) < v)
@@ -1013,17 +1026,17 @@ class Replication:
             log.info("%s: tables at versions %s, the primary's at %s: asking for a copy", self.describe(), mine,
                      theirs)
             return replication_pb2.ReplicateAck(sequence=0, epoch=hello.epoch, needs_copy=True)
-        self._follow(hello, context, "same versions")
+        self._follow(hello, context, "same versions", lineage)
         return replication_pb2.ReplicateAck(sequence=self._applied, epoch=self.epoch)
 
-    def _follow(self, message, context, how: str) -> None:
+    def _follow(self, message, context, how: str, lineage: str) -> None:
         # A standby's changes since the primary's last snapshot are unknown to it (nothing takes
         # them here): once promoted, its first incremental snapshot writes every row, as after a
         # state copy. Tracking them instead held every key pushes touched and evictions deleted,
         # up to 4M a table (twice the capacity with one), and the standby grew with the run.
         for table in self.shard.tables.values():
             table.forget_changes()
-        self.epoch = message.epoch
+        self.epoch, self.lineage = message.epoch, lineage
         self.primary_address = context.peer()
         self.shard.incarnation = message.incarnation  # same rows at the same versions: replicas need no resync
         self._applied = message.sequence
@@ -1098,25 +1111,25 @@ class Replication:
                 if membership is not None and membership.primary == self.arbiter.me and membership.epoch > self.epoch:
                     self._promoting = True
                     if await asyncio.to_thread(self.arbiter.claim_unanswered, membership):
-                        self._promoted(membership.epoch, "its promotion committed, its answer lost")
+                        self._promoted(membership.epoch, membership.lineage, "its promotion committed, its answer lost")
                         return
-                    epoch = membership.epoch + 1
+                    epoch, lineage = membership.epoch + 1, membership.lineage
                     leader_alive = await asyncio.to_thread(self.arbiter.leader_alive)  # the take's lease, gone since?
                 elif membership is None and self._in_sync_now():
                     # The record is gone (etcd lost its data) and this process was last seen in sync,
                     # its primary heard from just now (a standby paused or cut off since may have
                     # missed the primary going on alone): it holds every acknowledged push, so it
                     # takes the shard an epoch further (the primary, its lease gone with the data,
-                    # deposes itself; restarted, it waits).
-                    epoch = self.epoch + 1
+                    # deposes itself; restarted, it waits), in its lineage: clients' epochs go on.
+                    epoch, lineage = self.epoch + 1, self.lineage
                 elif (
                     membership is None
                     or membership.standby != self.arbiter.me
                     or not membership.sync
-                    or membership.epoch != self.epoch
+                    or (membership.epoch, membership.lineage) != (self.epoch, self.lineage)
                 ):
                     alone = membership is not None and membership.standby != self.arbiter.me
-                    if alone and membership.epoch == self.epoch:
+                    if alone and (membership.epoch, membership.lineage) == (self.epoch, self.lineage):
                         # The primary recorded itself alone at this epoch. (Not a record that still
                         # names this process: a primary started again after etcd lost its data takes
                         # epoch 1 again, naming it, and must not make it forget what it holds.)
@@ -1124,14 +1137,14 @@ class Replication:
                     continue
                 else:
                     self._in_sync_at, self._sure_in_sync = self.epoch, True
-                    epoch = self.epoch + 1
+                    epoch, lineage = self.epoch + 1, self.lineage
                 if leader_alive:
                     self._promoting = False
                     continue
                 self._promoting = True  # from here no message of the old epoch is applied (stream or link)
-                promoted = Membership(self.arbiter.me, "", epoch, False)
+                promoted = Membership(self.arbiter.me, "", epoch, False, lineage)
                 if await asyncio.to_thread(self.arbiter.take_primary, revision, promoted):
-                    self._promoted(epoch, "the primary's lease expired")
+                    self._promoted(epoch, lineage, "the primary's lease expired")
                     return
                 self._promoting = False
             except EtcdUnavailableError:
@@ -1142,9 +1155,10 @@ class Replication:
                 self._promoting = False
                 continue
 
-    def _promoted(self, epoch: int, why: str) -> None:
-        """This standby is the primary at `epoch` (the arbiter records it, under this process's lease)."""
-        self.epoch = epoch
+    def _promoted(self, epoch: int, lineage: str, why: str) -> None:
+        """This standby is the primary at `epoch` of `lineage` (the arbiter records it, under this
+        process's lease)."""
+        self.epoch, self.lineage = epoch, lineage
         self.serve_after = time.monotonic() + self.ttl / 4
         if self._standby_link is not None:
             self._standby_link.close()
@@ -1162,6 +1176,7 @@ class _Stream:
     def __init__(self) -> None:
         self.link: StandbyLink | None = None
         self.link_failure = ""
+        self.lineage = ""  # of the record its handshake was checked against
 
 
 class DivergedError(RuntimeError):
@@ -1212,7 +1227,7 @@ def attach_replication(
     replication = Replication(servicer, arbiter, partner, State.STANDBY if standby else State.JOINING, registry)
     servicer.replication = replication
     servicer.call_site.fence = replication.check_serving
-    servicer.call_site.epoch_fence = (replication.check_client_epoch, lambda: replication.epoch)
+    servicer.call_site.epoch_fence = (replication.check_client_epoch, lambda: (replication.epoch, replication.lineage))
     return replication
 
 

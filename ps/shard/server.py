@@ -227,8 +227,9 @@ class ShardCallSite(CallSite):
         self.tables = shard.tables
         self.metrics = metrics
         self.fence: Callable[[], None] | None = None  # a shard with a standby: ps/shard/replication.py
-        # A shard with a standby: (raises unless this process's epoch is at least a client's, its epoch).
-        self.epoch_fence: tuple[Callable[[int], None], Callable[[], int]] | None = None
+        # A shard with a standby: (raises unless this process's epoch is at least a client's of its lineage,
+        # its epoch and lineage).
+        self.epoch_fence: tuple[Callable[[int, str | None], None], Callable[[], tuple[int, str]]] | None = None
 
     def check_open(self) -> None:
         super().check_open()
@@ -237,16 +238,24 @@ class ShardCallSite(CallSite):
 
     def check_call(self, context: grpc.aio.ServicerContext) -> None:
         """Every client call carries the newest epoch its client has seen (metadata wire.EPOCH_METADATA_KEY) and
-        every reply this process's epoch: a deposed primary refuses a client that has already met
-        its successor, whatever its own view of its lease (DESIGN.md section 10)."""
+        its lineage (wire.LINEAGE_METADATA_KEY), every reply this process's: a deposed primary refuses a
+        client that has already met its successor, whatever its own view of its lease (DESIGN.md section 10)."""
         if self.epoch_fence is None:
             return
-        check, epoch = self.epoch_fence
-        context.set_trailing_metadata(((wire.EPOCH_METADATA_KEY, str(epoch())),))
+        check, current = self.epoch_fence
+        epoch, lineage = current()
+        trailing = ((wire.EPOCH_METADATA_KEY, str(epoch)),)
+        context.set_trailing_metadata(trailing + (((wire.LINEAGE_METADATA_KEY, lineage),) if lineage else ()))
+        theirs: int | None = None
+        their_lineage: str | None = None
         for key, value in context.invocation_metadata() or ():
             if key == wire.EPOCH_METADATA_KEY:
                 # Not a uint64 in ASCII digits: no epoch (int() takes Unicode digits and refuses 4,300+ of them).
-                check(int(value) if value.isascii() and value.isdigit() and len(value) <= 20 else 0)
+                theirs = int(value) if value.isascii() and value.isdigit() and len(value) <= 20 else 0
+            elif key == wire.LINEAGE_METADATA_KEY:
+                their_lineage = value
+        if theirs is not None:
+            check(theirs, their_lineage)
 
     def table_label(self, request) -> str:
         """The request's table; names the shard does not hold share one label, no table is ""."""

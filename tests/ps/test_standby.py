@@ -214,7 +214,7 @@ def test_sigkill_of_the_primary_fails_over_then_a_new_standby_catches_up_and_tak
         wait_until(lambda: pair.log(1).count("joined") == 1 or errors, "the new standby catching up", 60)
         assert "starting as its standby" in new_log.read_text() and "state copied" in new_log.read_text()
         membership, _ = arbiter.read()
-        assert membership == Membership(job.shards[0].standby, job.shards[0].address, 2, True), membership
+        assert membership == Membership(job.shards[0].standby, job.shards[0].address, 2, True, membership.lineage)
         promoted = metrics(job.shards[0].standby_metrics_port)
         assert promoted['embps_shard_role{shard="0"}'] == ROLE_VALUES["sync"]
         assert 'embps_replication_lag_pushes{shard="0"}' in promoted
@@ -447,6 +447,58 @@ def test_a_standby_that_missed_its_primary_going_on_alone_does_not_take_a_lost_r
         assert "PROMOTED" not in pair.log(1)
     finally:
         _stop_pair(pair, client, restarted)
+        etcd.stop()
+
+
+def test_a_pair_started_over_at_epoch_1_is_reached_by_a_client_that_saw_a_later_epoch(tmp_path):
+    """etcd restarted without its data (no persistent disk) and both processes of a pair started
+    again: the pair begins at epoch 1. A client that had seen epoch 2 sent it on every call and both
+    processes refused it for good (deposed: a client has seen epoch 2). The record now carries a
+    lineage, drawn when it is written where none was, and epochs compare within one lineage: the
+    client reaches the new pair, and a process still refuses a client that saw a newer epoch of its
+    own lineage (a deposed primary that trusts its lease stays fenced)."""
+    import shutil
+
+    from tests.helpers.etcd import start_etcd
+
+    etcd = start_etcd(tmp_path / "etcd")
+    job = pair_job(etcd.endpoint, "anew")
+    pair, client, arbiter = _started_pair(job, tmp_path)
+    again = None
+    data = np.random.default_rng(9)
+    try:
+        _push_steps(client, data, range(1, 3))
+        pair.fail_over()
+        _push_steps(client, data, range(3, 5))  # answered by the promoted standby: the client saw epoch 2
+        before = arbiter.read()[0]
+        assert (before.epoch, client._epochs) == (2, [2])
+        pair.stop()
+        etcd.stop()
+        shutil.rmtree(tmp_path / "etcd" / "data")
+        etcd.restart()
+        (tmp_path / "again").mkdir()
+        again = ShardPair.start(job, tmp_path / "again")
+        after = arbiter.read()[0]
+        assert after.epoch == 1
+        _push_steps(client, data, range(5, 7))
+        assert client._epochs == [1]
+        assert after.lineage and before.lineage and after.lineage != before.lineage
+        with grpc.insecure_channel(job.shards[0].address) as channel:
+            stub = ps_pb2_grpc.ParameterServerStub(channel)
+            for lineage, answered in ((after.lineage, False), (before.lineage, True)):
+                metadata = ((wire.EPOCH_METADATA_KEY, "2"), (wire.LINEAGE_METADATA_KEY, lineage))
+                if answered:
+                    _, rpc = stub.Stats.with_call(ps_pb2.StatsRequest(), metadata=metadata, timeout=10)
+                    assert (wire.LINEAGE_METADATA_KEY, after.lineage) in tuple(rpc.trailing_metadata())
+                    continue
+                with pytest.raises(grpc.RpcError) as info:
+                    stub.Stats(ps_pb2.StatsRequest(), metadata=metadata, timeout=10)
+                assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "seen epoch 2" in info.value.details()
+    finally:
+        client.close()
+        pair.stop()
+        if again is not None:
+            again.stop()
         etcd.stop()
 
 
