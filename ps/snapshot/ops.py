@@ -84,24 +84,34 @@ class _TableWrite:
         rows = table.size if self.whole else int(self.changes.touched_keys.shape[0])
         return 2 * (rows * (4 * table.width + 4 * table.dim + 16) + table.num_pending * 32)
 
-    def export(self, writer: SnapshotWriter) -> Callable[[], ShardRecord]:
-        """Exports the table's rows (on the calling thread: bounded.run_bounded says why); returns
-        what writes them, which reads nothing of the table: it may run while pushes change it."""
+    def export(self, writer: SnapshotWriter) -> Callable[[], Callable[[], ShardRecord]]:
+        """Copies the table's rows now; returns `prepare`, which reads nothing of the table (it may
+        run while pushes change it): prepare() readies the copy (a whole table's is its image, the
+        words in row order, a third of export()'s time where pushes wait, made a TableState here)
+        and returns what writes it. Call both on the thread whose heap the copy's memory belongs to
+        (bounded.run_bounded's calling thread: it says why); the write runs on its pool."""
         table, config = self.table, self.table.config
         if not self.whole:
             state = table.export(self.changes.touched_keys)
             deleted = self.changes.deleted_keys
-            return lambda: writer.write_table_shard(table.name, self.shard, state, deleted, config=config)
-        state = table.export()
-        if self.parent is None:
-            return lambda: writer.write_table_shard(table.name, self.shard, state, config=config)
+            return lambda: lambda: writer.write_table_shard(table.name, self.shard, state, deleted, config=config)
+        image = [table.image()]
         parent = self.parent
 
-        def write_with_deletions() -> ShardRecord:
-            gone = np.setdiff1d(_keys_at(parent, table.name, self.shard), state.keys)
-            return writer.write_table_shard(table.name, self.shard, state, gone, config=config)
+        def prepare() -> Callable[[], ShardRecord]:
+            state = table.state_of_image(image.pop())  # the image is freed once its state is built
 
-        return write_with_deletions
+            def write() -> ShardRecord:
+                gone = None if parent is None else np.setdiff1d(_keys_at(parent, table.name, self.shard), state.keys)
+                return writer.write_table_shard(table.name, self.shard, state, gone, config=config)
+
+            return write
+
+        return prepare
+
+
+def _export_now(write: _TableWrite, writer: SnapshotWriter) -> Callable[[], ShardRecord]:
+    return write.export(writer)()
 
 
 @dataclass
@@ -111,7 +121,7 @@ class StagedWrite:
     shard's table order; `pending` the (bytes, write) of the copies, which finish() writes."""
 
     written: dict[int, ShardRecord]
-    pending: dict[int, tuple[int, Callable[[], ShardRecord]]]
+    pending: dict[int, tuple[int, Callable[[], Callable[[], ShardRecord]]]]
 
     @property
     def staged_bytes(self) -> int:
@@ -122,15 +132,11 @@ class StagedWrite:
         """Writes the copies (several tables at once, bounded.run_bounded); returns every table's
         record in the shard's table order. Touches no table: call it while pushes go on."""
         order = sorted(self.pending)
-        tasks = [(self.pending[i][0], functools.partial(_ready, self.pending[i][1])) for i in order]
+        tasks = [self.pending[i] for i in order]
+        self.pending = {}  # each copy is freed once its file is written
         records = dict(self.written)
         records.update(zip(order, bounded.run_bounded(tasks), strict=True))
-        self.pending = {}  # the copies are freed as soon as the caller lets go of the results
         return [records[i] for i in sorted(records)]
-
-
-def _ready(write: Callable[[], ShardRecord]) -> Callable[[], ShardRecord]:
-    return write
 
 
 class ShardSnapshotter:
@@ -206,7 +212,7 @@ class ShardSnapshotter:
         # One after the other, a round of 500 tables wrote its 2,000 files in ~10 s to a loopback S3
         # server, holding the shard's pushes all along: each file is a request whose latency, not its
         # bytes, set the time.
-        records = bounded.run_bounded([(sizes[i], functools.partial(writes[i].export, writer)) for i in now])
+        records = bounded.run_bounded([(sizes[i], functools.partial(_export_now, writes[i], writer)) for i in now])
         return StagedWrite(
             written=dict(zip(now, records, strict=True)),
             pending={i: (sizes[i], writes[i].export(writer)) for i in staged},

@@ -193,6 +193,28 @@ def test_changes_of_a_snapshot_that_never_committed_reach_the_next_one(tmp_path)
 NO_CHANGES = TableChanges(np.empty(0, np.int64), np.empty(0, np.int64))
 
 
+@pytest.mark.parametrize("storage", ["float32", "float16", "int8"])
+def test_a_table_s_state_built_from_its_image_is_its_export(storage):
+    """A snapshot copies a whole table as its image (where pushes wait) and builds its state after."""
+    table = evicting_table("t", seed=9)
+    table = EmbeddingTable(dataclasses.replace(table.config, storage=storage))
+    rng = np.random.default_rng(10)
+    for step in range(1, 40):
+        push(table, rng, step)
+    assert table.num_pending > 0 and table.num_evicted > 0
+    image = table.image()
+    want = table.export()
+    push(table, rng, 40)  # the image is a copy: what came after is not in it
+    got = table.state_of_image(image)
+    assert_same_state(got, want)
+    assert np.array_equal(got.encoded, want.encoded) if storage != "float32" else got.encoded is None
+    for field in dataclasses.fields(want.layout):
+        a, b = getattr(got.layout, field.name), getattr(want.layout, field.name)
+        assert np.array_equal(a, b) if isinstance(b, np.ndarray) else a == b, field.name
+    for name in ("values", "optimizer_state", "freq", "last_step"):
+        assert getattr(got, name).flags.c_contiguous, name
+
+
 def test_a_staged_write_holds_the_tables_as_staged_while_pushes_go_on(tmp_path):
     """stage() copies the tables that fit its budget and writes the others at once; finish() writes
     the copies while pushes (creating, updating, evicting rows) change the tables: the snapshot
