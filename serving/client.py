@@ -43,8 +43,11 @@ FAILOVER_CODES = frozenset(
 )
 DEFAULT_TIMEOUT_S = 1.0
 # A replica that let a call's deadline pass (hung, SIGSTOPped, far slower than the others) is tried
-# after the others for this long.
+# after the others for this long,
 SLOW_REPLICA_SECONDS = 10.0
+# when its attempt had at least this share of the call's timeout_s: one given what the replicas before
+# it left (one that refused late, the earlier parts of a split lookup) has not shown it is slow.
+SLOW_REPLICA_FAIR_SHARE = 0.5
 _OVER_LIMIT = "over message_limit_bytes"  # a replica's refusal of a reply too large (serving_lookup.cpp, server.py)
 # gRPC's own refusal of a message over a channel's or server's limit (a request: "Sent message larger than
 # max" in this client, "Received message larger than max" in a replica of a smaller limit).
@@ -278,13 +281,17 @@ class ServingClient:
         is tried after the others for SLOW_REPLICA_SECONDS: a replica that takes calls and answers
         none failed every call in its turn, half the calls of a two-replica client; now about one
         call in SLOW_REPLICA_SECONDS. Each attempt has the whole time left (a slow replica still
-        answers; a hedge beside it cost ~0.2 ms of client CPU a call in `bench client`)."""
+        answers; a hedge beside it cost ~0.2 ms of client CPU a call in `bench client`). Only an
+        attempt that had SLOW_REPLICA_FAIR_SHARE of timeout_s marks its replica so: a healthy replica
+        tried after one that refused late got the sliver left, missed it and was tried last, so
+        every call began at the late refuser, left the healthy one a sliver again and failed."""
         deadline = deadline if deadline is not None else time.monotonic() + self.timeout_s
         first = next(self._turn) % len(self._replicas) if start is None else start[0]
         now = time.monotonic()
         order = [(first + i) % len(self._replicas) for i in range(len(self._replicas))]
         if any(self._slow_until[index] > now for index in order):
             order.sort(key=lambda index: self._slow_until[index] > now)  # stable: the turn's order otherwise
+        fair_share = self.timeout_s * SLOW_REPLICA_FAIR_SHARE
         answers = []
         for index in order:
             replica = self._replicas[index]
@@ -302,7 +309,7 @@ class ServingClient:
                     _OVER_LIMIT in details or _LARGER_THAN_MAX in details
                 ):
                     raise _ReplyTooLarge(details) from None
-                if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and remaining >= fair_share:
                     self._slow_until[index] = time.monotonic() + SLOW_REPLICA_SECONDS
                 if exc.code() not in FAILOVER_CODES:
                     raise

@@ -287,6 +287,50 @@ def test_replicas_slower_than_half_the_deadline_still_answer_every_call() -> Non
             server.stop(0)
 
 
+class _RefusesLate(grpc.GenericRpcHandler):
+    """Answers every call RESOURCE_EXHAUSTED after `seconds`, as a shedding replica behind a slow link."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.calls = 0
+
+    def service(self, handler_call_details):
+        def refuse(request: bytes, context: grpc.ServicerContext) -> None:
+            self.calls += 1
+            threading.Event().wait(self.seconds)  # the link's delay, not a wait for anything
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "serving queue full (a stand-in)")
+
+        return grpc.unary_unary_rpc_method_handler(refuse)
+
+
+def test_a_replica_left_a_sliver_of_the_deadline_is_not_tried_last() -> None:
+    """A healthy replica tried after one that refused late got what the call's deadline had left,
+    missed it and was tried last for SLOW_REPLICA_SECONDS: every call then began at the late
+    refuser, left the healthy replica a sliver again (marking it anew) and failed, where the calls
+    that began at it would have been answered. Only an attempt with a fair share of the timeout
+    marks its replica."""
+    late, healthy = _RefusesLate(1.4), _Slow(0.8)  # of a 2 s deadline: 0.6 s left for the healthy one
+    servers = []
+    try:
+        addresses = []
+        for handler in (late, healthy):
+            server = grpc.server(ThreadPoolExecutor(4), handlers=[handler])
+            addresses.append(f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}")
+            server.start()
+            servers.append(server)
+        keys = np.arange(1, 4, dtype=np.int64)
+        with ServingClient(addresses, timeout_s=2.0) as client:
+            with pytest.raises(grpc.RpcError) as info:  # the turn starts at the late refuser
+                client.lookup_many({"a": keys})
+            assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            values, _ = client.lookup_many({"a": keys})["a"]  # in turn, the healthy replica first
+            np.testing.assert_array_equal(values[0], expected_row(1, DIMS["a"]))
+        assert late.calls == 1
+    finally:
+        for server in servers:
+            server.stop(0)
+
+
 def test_a_reply_short_of_rows_is_an_error_naming_the_sizes(rows_server) -> None:
     address, _ = rows_server(short=True)
     with ServingClient([address]) as client, pytest.raises(RuntimeError, match="Lookup reply: 224 value bytes"):
