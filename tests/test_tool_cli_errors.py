@@ -198,9 +198,11 @@ def test_snapshot_list_of_an_empty_folder_says_none(tmp_path):
         (["list", "bogus://x"], "embps snapshot list: uri: unsupported scheme"),
         (["export", "{root}", "--dst", "file://{root}/"], "embps snapshot export: --dst: must differ from the uri"),
         (["export", "{root}", "--dst", "{root}/sub/.."], "embps snapshot export: --dst: must differ from the uri"),
+        # Under the job's folder its gc (snapshot.keep, `embps snapshot gc`) deleted the export.
+        (["export", "{root}", "--dst", "file://{root}/j/7"], "embps snapshot export: --dst: the export would go to"),
     ],
     ids=["keep-0", "keep-missing", "dst-missing", "dst-scheme", "step-negative", "uri-scheme", "dst-same",
-         "dst-same-by-dots"],
+         "dst-same-by-dots", "dst-in-job"],
 )
 def test_snapshot_flags_are_named(tmp_path, argv, prefix):
     line = refused(embps("snapshot", *(a.format(root=tmp_path) for a in argv), "--job", "j"), "embps snapshot ")

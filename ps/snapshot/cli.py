@@ -101,8 +101,11 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from ps.snapshot.ops import export_for_serving
+    from ps.snapshot.ops import check_export_place, export_for_serving
+    from ps.snapshot.storage import open_uri
 
+    # check_arguments checked local URIs; remote ones are checked here, their filesystems set up.
+    check_export_place("--dst", args.job, open_uri(args.uri), open_uri(args.dst))
     m = export_for_serving(args.uri, args.job, args.step, args.dst, dtype=args.dtype)
     print(f"exported step {m.step} of job {m.job} to {args.dst}: {m.total_rows:,} rows, {_size(m.total_bytes)}")
     return 0
@@ -133,7 +136,7 @@ def check_arguments(args: argparse.Namespace) -> None:
 
     check_uri(args.uri, "uri")
     check_name("--job", args.job)
-    if "://" not in args.uri or urlsplit(args.uri).scheme.lower() == "file":
+    if _local(args.uri):
         _, root = open_uri(args.uri)
         if not os.path.isdir(root):
             what = "is not a folder" if os.path.exists(root) else "does not exist"
@@ -148,6 +151,10 @@ def check_arguments(args: argparse.Namespace) -> None:
             raise ValueError(
                 f"--dst: must differ from the uri {args.uri!r} (an export would write into its step folders)"
             )
+        if _local(args.uri) and _local(args.dst):
+            from ps.snapshot.ops import check_export_place
+
+            check_export_place("--dst", args.job, open_uri(args.uri), open_uri(args.dst))
     if args.action == "gc":
         if args.keep is None:
             raise ValueError("--keep: required by gc (how many newest snapshots to keep)")
@@ -160,12 +167,13 @@ def _same_place(uri: str, other: str) -> bool:
     opening them here would set up their filesystems before any check is done)."""
     from ps.snapshot.storage import open_uri, same_folder
 
-    def local(u: str) -> bool:
-        return "://" not in u or urlsplit(u).scheme.lower() == "file"
-
-    if local(uri) and local(other):
+    if _local(uri) and _local(other):
         return same_folder(open_uri(uri), open_uri(other))
     return uri.rstrip("/") == other.rstrip("/")
+
+
+def _local(uri: str) -> bool:
+    return "://" not in uri or urlsplit(uri).scheme.lower() == "file"
 
 
 def run(args: argparse.Namespace) -> int:

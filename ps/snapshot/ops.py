@@ -38,6 +38,8 @@ from ps.snapshot.storage import StorageConfig
 from ps.table.state import TableChanges, TableState
 
 if TYPE_CHECKING:  # the table brings torch; `embps snapshot` only reads files and needs none
+    from pyarrow.fs import FileSystem
+
     from ps.table.embedding_table import EmbeddingTable
 
 
@@ -263,6 +265,25 @@ class ShardSnapshotter:
         return manifest
 
 
+def check_export_place(field: str, job: str, src: tuple[FileSystem, str], dst: tuple[FileSystem, str]) -> None:
+    """Raises ValueError naming `field` (the destination) when the export's job folder, dst/<job>,
+    and the snapshots', src/<job>, lie one inside the other: gc of a job deletes a step folder
+    whole, and takes a folder named like a step for an unfinished one, so the training job's gc
+    deleted an export a replica loads (or the exports' gc the training snapshots)."""
+    src_job = storage.join(src[1], check_name("job", job))
+    dst_job = storage.join(dst[1], job)
+    if storage.folder_within((dst[0], dst_job), (src[0], src_job)):
+        raise ValueError(
+            f"{field}: the export would go to {dst_job}, inside {src_job}, the snapshots of job {job!r}, whose gc "
+            "(snapshot.keep, `embps snapshot gc`) deletes step folders with all they hold; export elsewhere"
+        )
+    if storage.folder_within((src[0], src_job), (dst[0], dst_job)):
+        raise ValueError(
+            f"{field}: the export would go to {dst_job}, which holds {src_job}, the snapshots of job {job!r}: a "
+            "gc of the exports would delete them with the step folder they lie in; export elsewhere"
+        )
+
+
 def export_for_serving(
     src_uri: str,
     job: str,
@@ -275,16 +296,18 @@ def export_for_serving(
     """Writes the values of snapshot `step` (default: latest; full + incrementals resolved) to
     <dst_uri>/<job>/<step>/<table>/shard-<s>-<w>.parquet as (key int64, value fixed_size_list<dtype>[dim]),
     copies its extra files (the dense model) beside them, commits a manifest of kind "export" and
-    moves the destination's LATEST. dtype: "float32", "float16" or "stored": each table as it
+    moves the destination's LATEST (<dst_uri>/<job> outside <src_uri>/<job>, and not around it:
+    check_export_place). dtype: "float32", "float16" or "stored": each table as it
     stores its rows, bit for bit (float32, float16 halves, or int8 rows as `value_encoded`, which
     only readers that know the int8 export can load; ps/snapshot/files.py)."""
     if dtype not in ("float32", "float16", "stored"):
         raise ValueError(f"dtype: must be 'float32', 'float16' or 'stored', got {dtype!r}")
-    newest = open_snapshot(src_uri, job, step, storage_config)
     src_fs, src_base = storage.open_uri(src_uri, storage_config)
     dst_fs, dst_base = storage.open_uri(dst_uri, dst_storage_config)
     if storage.same_folder((src_fs, src_base), (dst_fs, dst_base)):
         raise ValueError("dst_uri: must differ from src_uri (an export would overwrite the snapshot's step folder)")
+    check_export_place("dst_uri", job, (src_fs, src_base), (dst_fs, dst_base))
+    newest = open_snapshot(src_uri, job, step, storage_config)
     tables = restore(src_uri, job, newest.manifest.step, storage_config)
     m = newest.manifest
     writer = SnapshotWriter(

@@ -290,6 +290,18 @@ def same_folder(a: tuple[pafs.FileSystem, str], b: tuple[pafs.FileSystem, str]) 
     return base_a.rstrip("/") == base_b.rstrip("/")
 
 
+def folder_within(inner: tuple[pafs.FileSystem, str], outer: tuple[pafs.FileSystem, str]) -> bool:
+    """Whether folder `inner` is `outer` or lies under it ((filesystem, path) as same_folder takes)."""
+    (fs_in, path_in), (fs_out, path_out) = inner, outer
+    if type(fs_in) is not type(fs_out):
+        return False
+    if isinstance(fs_in, pafs.LocalFileSystem):
+        path_in, path_out = os.path.realpath(path_in), os.path.realpath(path_out)
+        return os.path.commonpath([path_in, path_out]) == path_out
+    path_in, path_out = path_in.rstrip("/"), path_out.rstrip("/")
+    return path_in == path_out or path_in.startswith(path_out + "/")
+
+
 def join(base: str, *parts: str) -> str:
     """base/part/part..., with '/' separators whatever the filesystem."""
     return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])

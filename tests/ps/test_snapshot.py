@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -624,6 +625,24 @@ def test_export_for_serving(tmp_path, dtype):
         exported.load_table_shard("user", 0)
     with pytest.raises(ValueError, match="dtype"):
         export_for_serving(src, "job", None, str(tmp_path / "x"), dtype="int8")
+
+
+@pytest.mark.parametrize("inside", ["job/7", "job/10", "job/exports"])
+def test_export_inside_the_jobs_snapshots_is_refused(tmp_path, inside):
+    """An export under the source job's folder: one in a folder named like a step (job/7, job/10)
+    was deleted by the job's next gc (a stale unfinished step, or a step past `keep`) while
+    replicas loaded it. One under any other name is refused too: the job's folder is its gc's."""
+    src = str(tmp_path / "snaps")
+    _history(src)  # 10 full, 20 and 30 incremental
+    dst = tmp_path / "snaps" / inside
+    where = re.escape(f"the export would go to {dst}/job, inside {tmp_path}/snaps/job, the snapshots of job 'job'")
+    with pytest.raises(ValueError, match=f"dst_uri: {where}"):
+        export_for_serving(src, "job", None, f"file://{dst}")
+    assert not (dst / "job").exists()
+    # The other way round: the exports' folder holding the job's snapshots (their gc deleted them).
+    with pytest.raises(ValueError, match=re.escape(f"dst_uri: the export would go to {tmp_path}/snaps, which holds ")):
+        export_for_serving(str(tmp_path / "snaps/7"), "snaps", None, str(tmp_path))
+    assert sorted(os.listdir(tmp_path / "snaps/job")) == ["10", "20", "30", "LATEST"]
 
 
 def test_gc_keeps_newest_and_what_they_build_on(tmp_path):
