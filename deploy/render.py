@@ -5,10 +5,11 @@
     DIR/11-ps-statefulset.yaml         StatefulSet <job>-ps: pod i runs `embps ps --shard i`
     DIR/12-ps-standby-*.yaml           with [[shards]] standby: headless Service and StatefulSet
                                        <job>-ps-standby, pod i runs `embps ps --shard i --standby`
-    DIR/05-etcd-*.yaml                 with [arbiter] endpoints = "http[s]://<job>-etcd:2379": a
-                                       one-member etcd (Service + StatefulSet with a volume; over
-                                       https with client certificates required); any other
-                                       endpoint is an existing etcd, and nothing is added
+    DIR/05-etcd-*.yaml                 with [arbiter] endpoints = "http[s]://<job>-etcd:2379" (or
+                                       <job>-etcd.<namespace>...): a one-member etcd (Service +
+                                       StatefulSet with a volume; over https with client
+                                       certificates required); any other endpoint (<job>-etcd of
+                                       another namespace too) is an existing etcd: nothing is added
     DIR/20-serving-deployment.yaml     Deployment <job>-serving: `embps serve`
     DIR/21-serving-service.yaml        Service <job>-serving (gRPC)
     DIR/22-serving-hpa.yaml            HorizontalPodAutoscaler on CPU

@@ -4,8 +4,9 @@
     13-ps-standby-statefulset.yaml  StatefulSet <job>-ps-standby: pod i runs `embps ps --shard i --standby`
     05-etcd-service.yaml            Service <job>-etcd (client port 2379)      } only when [arbiter]
     06-etcd-statefulset.yaml        StatefulSet <job>-etcd: one etcd member,    } endpoints names
-                                    its data on a volume (leases survive a pod  } http[s]://<job>-etcd...;
-                                    restart); over https it requires client     } else etcd exists
+                                    its data on a volume (leases survive a pod  } http[s]://<job>-etcd
+                                    restart); over https it requires client     } [.<namespace>...];
+                                                                                } else etcd exists
                                     certificates of [arbiter] tls_ca, and its own
                                     certificate is deploy.etcd_tls_cert / _key
 A shard pod restarted after its standby took over finds that primary alive in etcd and becomes its
@@ -51,7 +52,8 @@ def check_standbys(job, deploy) -> None:
 
 
 def _renders_etcd(job, deploy) -> bool:
-    """Whether [arbiter] names the etcd this renders (`http[s]://<job>-etcd:2379`); ValueError naming
+    """Whether [arbiter] names the etcd this renders (`http[s]://<job>-etcd[.<namespace>...]:2379`,
+    deploy.namespace; a <job>-etcd of another namespace is an existing one); ValueError naming
     arbiter.endpoints when it names that host with another port, which the rendered etcd would not
     serve (the shards would dial a port nothing listens on, and failover never work), and naming
     the missing field when https lacks the files its TLS needs."""
@@ -59,7 +61,8 @@ def _renders_etcd(job, deploy) -> bool:
     if arbiter is None:
         return False
     endpoint = urlparse(arbiter.endpoints.split(",")[0].strip())
-    if (endpoint.hostname or "").split(".")[0] != f"{job.ps.job}-etcd":
+    labels = (endpoint.hostname or "").split(".")
+    if labels[0] != f"{job.ps.job}-etcd" or (len(labels) > 1 and labels[1] != deploy.namespace):
         return False
     if (endpoint.port or ETCD_CLIENT_PORT) != ETCD_CLIENT_PORT:
         raise ValueError(

@@ -441,8 +441,21 @@ def with_standbys(endpoint: str) -> str:
     return text.replace("[tables.emb]", f'[arbiter]\nendpoints = "{endpoint}"\n\n[tables.emb]', 1)
 
 
-@pytest.mark.parametrize("endpoint", ["http://demo-etcd:2379", "http://etcd.infra:2379"])
-def test_standbys_get_a_statefulset_and_etcd_is_added_or_taken(tmp_path, endpoint):
+@pytest.mark.parametrize(
+    ("endpoint", "added"),
+    [
+        ("http://demo-etcd:2379", True),
+        ("http://demo-etcd.default.svc.cluster.local:2379", True),  # deploy.namespace = "default"
+        ("http://etcd.infra:2379", False),
+        ("http://etcd.infra.svc.cluster.local:2379", False),
+        # An etcd named like the rendered one, in another namespace: it was rendered in the job's
+        # namespace beside it, and that etcd's rules (port 2379, its TLS files) refused the job.
+        ("http://demo-etcd.infra.svc:2379", False),
+        ("http://demo-etcd.infra:12379", False),
+        ("https://demo-etcd.infra.svc.cluster.local:2379", False),
+    ],
+)
+def test_standbys_get_a_statefulset_and_etcd_is_added_or_taken(tmp_path, endpoint, added):
     manifests = rendered(tmp_path, with_standbys(endpoint))
     for manifest in manifests.values():
         if manifest["kind"] != "PyTorchJob":
@@ -453,11 +466,10 @@ def test_standbys_get_a_statefulset_and_etcd_is_added_or_taken(tmp_path, endpoin
     assert script.endswith('--shard "${HOSTNAME##*-}" --standby') and "demo-ps-standby" in script
     assert objects["Service/demo-ps-standby"]["spec"]["clusterIP"] == "None"
     assert standby["spec"]["selector"] != objects["StatefulSet/demo-ps"]["spec"]["selector"]
-    added = "StatefulSet/demo-etcd" in objects
-    assert added == (endpoint == "http://demo-etcd:2379")
+    assert ("StatefulSet/demo-etcd" in objects, "Service/demo-etcd" in objects) == (added, added)
     if added:
         command = objects["StatefulSet/demo-etcd"]["spec"]["template"]["spec"]["containers"][0]["command"]
-        assert command[command.index("--advertise-client-urls") + 1] == endpoint
+        assert command[command.index("--advertise-client-urls") + 1] == "http://demo-etcd:2379"
     wrong = with_standbys("http://demo-etcd:2379").replace("demo-ps-standby-1.demo-ps-standby", "elsewhere-1.x")
     with pytest.raises(ValueError, match=r"shards\[1\]\.standby: on Kubernetes standby 1 is the StatefulSet pod"):
         rendered(tmp_path, wrong)
