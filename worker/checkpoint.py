@@ -69,8 +69,10 @@ _TRANSIENT_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEED
 
 class SnapshotRounds:
     """Rounds of this job's snapshots so far, as Prometheus counters of their own registry (rank 0
-    serves it on [train] metrics_port): committed, skipped after their tries, and failed tries (of
-    committed and skipped rounds alike)."""
+    serves it on [train] metrics_port): committed, skipped after their tries, failed tries (of
+    committed and skipped rounds alike), and the seconds rank 0's training waited for rounds (from
+    a round's start until every shard staged it, or it ended: what a round costs training beyond
+    the cores its writes take)."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -82,6 +84,9 @@ class SnapshotRounds:
         self._failed_tries = Counter(
             "embps_snapshot_tries_failed", "Tries of snapshot rounds that failed (then retried or skipped)", registry=r
         )
+        self._waited = Counter(
+            "embps_snapshot_training_wait_seconds", "Seconds rank 0's training waited for snapshot rounds", registry=r
+        )
 
     def commit(self) -> None:
         self._committed.inc()
@@ -91,6 +96,9 @@ class SnapshotRounds:
 
     def fail_try(self) -> None:
         self._failed_tries.inc()
+
+    def waited(self, seconds: float) -> None:
+        self._waited.inc(seconds)
 
     def _count(self, name: str) -> int:
         return int(self.registry.get_sample_value(f"{name}_total") or 0)
@@ -107,8 +115,17 @@ class SnapshotRounds:
     def failed_tries(self) -> int:
         return self._count("embps_snapshot_tries_failed")
 
+    @property
+    def training_waited_s(self) -> float:
+        return float(self.registry.get_sample_value("embps_snapshot_training_wait_seconds_total") or 0.0)
+
     def as_dict(self) -> dict:
-        return {"committed": self.committed, "skipped": self.skipped, "failed_tries": self.failed_tries}
+        return {
+            "committed": self.committed,
+            "skipped": self.skipped,
+            "failed_tries": self.failed_tries,
+            "training_waited_s": self.training_waited_s,
+        }
 
 
 @dataclass(frozen=True)
@@ -186,7 +203,11 @@ class Checkpointer:
         else:
             positions[0] = position
         if self.rank == 0:
-            self._start_round(step, model, optimizer, positions)
+            started = time.monotonic()
+            try:
+                self._start_round(step, model, optimizer, positions)
+            finally:
+                self.rounds.waited(time.monotonic() - started)
         if self.world_size > 1:
             dist.barrier()
 
