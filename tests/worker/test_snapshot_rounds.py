@@ -153,6 +153,7 @@ def test_training_goes_on_while_the_shards_write_a_staged_round_which_holds_the_
             run = Trainer(replace(job, ps=shards.job))
             run.push(500)
             at_step = run.client.lookup("emb", run.keys)
+            started = time.monotonic()
             run.checkpointer.save(10, run.model, run.optimizer, {"position": 10})
             round_thread = run.checkpointer._previous[1]
             keys = run.keys.copy()
@@ -161,6 +162,8 @@ def test_training_goes_on_while_the_shards_write_a_staged_round_which_holds_the_
             assert not np.array_equal(run.client.lookup("emb", keys), at_step)
             run.checkpointer.finish()
             assert run.checkpointer.rounds.committed == 1
+            # Training waited for the staging only: each file's write took an answer 1.5 s late after it.
+            assert run.checkpointer.rounds.training_waited_s < time.monotonic() - started - 1.5
             state = restore("s3://snaps/job", job.ps.job, 10, storage)["emb"][0]
             assert np.array_equal(state.keys, keys)
             np.testing.assert_array_equal(state.values, at_step)
