@@ -459,7 +459,10 @@ def _stage_on_shards(
     has staged (on one of the calls' threads); returns every shard's records. addresses[s]: shard
     s's primary, then its standby (asked when the other answers UNAVAILABLE before staging: it may
     have taken over). When one shard fails, the others' calls are cancelled (a shard that staged
-    writes its files all the same, and its next StageSnapshot waits for them)."""
+    writes its files all the same, and its next StageSnapshot waits for them). `timeout` bounds
+    them all: a standby asked after its primary answered late gets what is left (with a timeout of
+    its own, it could stage the round after rank 0 had given it up and training had gone on)."""
+    deadline = time.monotonic() + timeout
     lock = threading.Lock()
     left = [len(addresses)]
     calls: list = []  # the streams, to cancel
@@ -475,7 +478,7 @@ def _stage_on_shards(
     def stage(address: str, done_staging: list[bool]) -> list[ShardRecord]:
         with open_channel(address, security, Role.TRAINER) as channel:
             stub = snapshot_pb2_grpc.SnapshotControlStub(channel)
-            stream = stub.StageSnapshot(request, timeout=timeout)
+            stream = stub.StageSnapshot(request, timeout=max(0.0, deadline - time.monotonic()))
             with lock:
                 calls.append(stream)
             if ending.is_set():
@@ -486,7 +489,7 @@ def _stage_on_shards(
                 if err.code() != grpc.StatusCode.UNIMPLEMENTED:
                     raise
                 # A shard of a release before StageSnapshot: the round waits for its files.
-                reply = stub.WriteSnapshot(request, timeout=timeout)
+                reply = stub.WriteSnapshot(request, timeout=max(0.0, deadline - time.monotonic()))
                 done_staging[0] = True
                 staged()
                 return [ShardRecord.from_dict(d) for d in json.loads(reply.records_json)]

@@ -11,9 +11,11 @@ import logging
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 import torch
@@ -22,6 +24,8 @@ import worker.checkpoint
 from bench.s3_server import READER_ACCESS_KEY, READER_SECRET_KEY, S3Server
 from ps.client import PSClient
 from ps.job_config import SnapshotConfig, dump_job_config
+from ps.rpc import snapshot_pb2, snapshot_pb2_grpc
+from ps.security import SecurityConfig
 from ps.snapshot.files import latest, list_snapshots, restore
 from ps.snapshot.storage import StorageConfig
 from ps.table.config import OptimizerConfig, OptimizerKind, TableConfig
@@ -435,3 +439,43 @@ def test_a_bug_in_a_round_s_try_is_raised_on_the_training_thread(tmp_path, start
         run.snapshot(10)
     assert run.checkpointer.rounds.skipped == 0
     run.client.close()
+
+
+class _ScriptedSnapshots(snapshot_pb2_grpc.SnapshotControlServicer):
+    """A shard's SnapshotControl that answers StageSnapshot after `delay` s: UNAVAILABLE, or
+    `staged` and then an empty list of records."""
+
+    def __init__(self, delay: float, unavailable: bool) -> None:
+        self.delay, self.unavailable = delay, unavailable
+
+    def StageSnapshot(self, request, context):
+        time.sleep(self.delay)  # the shard's own time to answer, as scripted
+        if self.unavailable:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "deposed, answering late")
+        yield snapshot_pb2.SnapshotProgress(staged=True)
+        yield snapshot_pb2.SnapshotProgress(records_json="[]")
+
+
+def test_a_standby_asked_after_its_primary_answered_late_gets_what_is_left_of_the_round(tmp_path):
+    """The primary answers UNAVAILABLE 1.5 s into a round of 2 s; the standby, asked then, would
+    stage 1 s later. It had a timeout of its own: it staged past the round's time, after rank 0
+    had given the round up and training went on (its tables of a later step than the round's).
+    It gets what is left of the round's time, and the round fails without staging."""
+    servers = []
+    try:
+        addresses = []
+        for delay, unavailable in ((1.5, True), (1.0, False)):
+            server = grpc.server(ThreadPoolExecutor(2))
+            snapshot_pb2_grpc.add_SnapshotControlServicer_to_server(_ScriptedSnapshots(delay, unavailable), server)
+            addresses.append(f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}")
+            server.start()
+            servers.append(server)
+        staged = threading.Event()
+        request = snapshot_pb2.WriteSnapshotRequest(uri=str(tmp_path), job="job", step=1, kind="full", num_shards=1)
+        with pytest.raises(grpc.RpcError) as failed:
+            worker.checkpoint._stage_on_shards([addresses], SecurityConfig(), request, 2.0, staged.set)
+        assert failed.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert not staged.is_set()
+    finally:
+        for server in servers:
+            server.stop(None)
