@@ -705,12 +705,13 @@ class PSClient:
     def _attempt(self, stub, method: str, shard: int, request, timeout: float):
         """One RPC to a paired shard's process; the reply or the grpc.RpcError. The call carries the
         newest epoch seen of the shard and its lineage, so a deposed primary that still believes in
-        its lease refuses it (ps/shard/server.py check_call)."""
+        its lease refuses it (ps/shard/server.py check_call). An epoch of a record without a lineage
+        goes with wire.NO_LINEAGE: with no lineage key at all the shard takes the client for an older
+        one and compares its epoch across lineages, and a pair started over where etcd lost that
+        record (a new lineage, epoch 1) refused it for good."""
         with self._epochs_lock:
             epoch, lineage = self._epochs[shard], self._lineages[shard]
-        metadata = ((wire.EPOCH_METADATA_KEY, str(epoch)),)
-        if lineage:
-            metadata += ((wire.LINEAGE_METADATA_KEY, lineage),)
+        metadata = ((wire.EPOCH_METADATA_KEY, str(epoch)), (wire.LINEAGE_METADATA_KEY, lineage or wire.NO_LINEAGE))
         try:
             reply, rpc = getattr(stub, method).with_call(request, timeout=timeout, metadata=metadata)
         except grpc.RpcError as err:

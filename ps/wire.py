@@ -42,6 +42,9 @@ BULK_CHANNEL_OPTIONS = (("grpc.http2.lookahead_bytes", BULK_WINDOW_BYTES), ("grp
 # that epoch (ps/shard/arbiter.py): epochs compare only within one lineage.
 EPOCH_METADATA_KEY = "embps-epoch"
 LINEAGE_METADATA_KEY = "embps-lineage"
+# The lineage a client sends for an epoch of a record without one (written before lineages): not a
+# lineage id (those are alphanumeric). A call with no lineage key is an older client's.
+NO_LINEAGE = "-"
 
 # Parts of one LookupBatch / PushBatch. Each costs the shard ~10-30 us of Python whatever its size,
 # so 250,000 empty parts in 2.5 MB held its event loop for 7 s; many tables travel in one

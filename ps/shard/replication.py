@@ -278,8 +278,10 @@ class Replication:
         process's: the arbiter promoted the partner, so this process is deposed even if its own
         lease looks valid to it (a paused process, a clock that jumped). Epochs of another lineage
         say nothing of this one (a pair started over where etcd lost its record begins at 1 again:
-        a client that saw epoch 3 before was refused by it for good); a client that names no
-        lineage, or a process of a record without one, compares as before lineages."""
+        a client that saw epoch 3 before was refused by it for good). `lineage` "" is a record's
+        without one (wire.NO_LINEAGE), another lineage than this process's if it has one; a client
+        that names none (None: older than lineages), or a process of a record without one, compares
+        as before lineages."""
         if epoch > self.epoch and (lineage is None or not self.lineage or lineage == self.lineage):
             raise NotPrimaryError(
                 f"{self.describe()}: deposed, a client has seen epoch {epoch} of shard {self.shard.index}; "

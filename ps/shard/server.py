@@ -253,7 +253,7 @@ class ShardCallSite(CallSite):
                 # Not a uint64 in ASCII digits: no epoch (int() takes Unicode digits and refuses 4,300+ of them).
                 theirs = int(value) if value.isascii() and value.isdigit() and len(value) <= 20 else 0
             elif key == wire.LINEAGE_METADATA_KEY:
-                their_lineage = value
+                their_lineage = "" if value == wire.NO_LINEAGE else value  # an epoch of a record without one
         if theirs is not None:
             check(theirs, their_lineage)
 

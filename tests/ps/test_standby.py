@@ -48,7 +48,7 @@ from ps.client import PSClient
 from ps.job_config import ArbiterConfig, Deadlines, JobConfig, ShardConfig, dump_job_config
 from ps.process.children import stop as stop_pid
 from ps.rpc import ps_pb2, ps_pb2_grpc, replication_pb2, serving_pb2, snapshot_pb2, snapshot_pb2_grpc
-from ps.shard.arbiter import Arbiter, Membership
+from ps.shard.arbiter import Arbiter, Membership, membership_key
 from ps.shard.replication import ROLE_VALUES
 from ps.shard.state import Shard
 from ps.snapshot.files import ShardRecord, SnapshotWriter, restore
@@ -494,6 +494,55 @@ def test_a_pair_started_over_at_epoch_1_is_reached_by_a_client_that_saw_a_later_
                 with pytest.raises(grpc.RpcError) as info:
                     stub.Stats(ps_pb2.StatsRequest(), metadata=metadata, timeout=10)
                 assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "seen epoch 2" in info.value.details()
+    finally:
+        client.close()
+        pair.stop()
+        if again is not None:
+            again.stop()
+        etcd.stop()
+
+
+def test_a_pair_started_over_is_reached_by_a_client_that_saw_an_epoch_of_a_record_without_a_lineage(tmp_path):
+    """A record written before lineages keeps none through every later epoch (promotions copy it),
+    and a client that learnt such an epoch sent no lineage key: the shard took it for a client
+    older than lineages and compared its epoch across them, so once etcd lost the record and the
+    pair started over (a new lineage, epoch 1), a client that had seen epoch 3 was refused for good.
+    It now names the record's want of a lineage (wire.NO_LINEAGE): the pair started over answers it,
+    and a process of the lineage-less record still refuses a client that saw a newer epoch of it."""
+    import shutil
+
+    from tests.helpers.etcd import start_etcd
+
+    etcd = start_etcd(tmp_path / "etcd")
+    job = pair_job(etcd.endpoint, "legacy")
+    writer = Arbiter(job.arbiter, job.job, 0, "test")
+    old = Membership(job.shards[0].address, job.shards[0].standby, 1, True)  # as a release before lineages wrote it
+    writer.etcd.put(membership_key(job.job, 0), json.dumps({k: v for k, v in dataclasses.asdict(old).items()
+                                                            if k != "lineage"}))
+    pair, client, arbiter = _started_pair(job, tmp_path)
+    again = None
+    data = np.random.default_rng(10)
+    try:
+        _push_steps(client, data, range(1, 3))
+        pair.fail_over()
+        _push_steps(client, data, range(3, 5))  # answered by the promoted standby
+        before = arbiter.read()[0]
+        assert (before.epoch, before.lineage, client._epochs, client._lineages) == (3, "", [3], [""])
+        with grpc.insecure_channel(job.shards[0].standby) as channel:
+            metadata = ((wire.EPOCH_METADATA_KEY, "4"), (wire.LINEAGE_METADATA_KEY, wire.NO_LINEAGE))
+            with pytest.raises(grpc.RpcError) as info:
+                ps_pb2_grpc.ParameterServerStub(channel).Stats(ps_pb2.StatsRequest(), metadata=metadata, timeout=10)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "seen epoch 4" in info.value.details()
+        pair.stop()
+        etcd.stop()
+        shutil.rmtree(tmp_path / "etcd" / "data")
+        etcd.restart()
+        (tmp_path / "again").mkdir()
+        again = ShardPair.start(job, tmp_path / "again")
+        after = arbiter.read()[0]
+        assert after.epoch == 1 and after.lineage
+        _push_steps(client, data, range(5, 7))
+        assert (client._epochs, client._lineages) == ([1], [after.lineage])
     finally:
         client.close()
         pair.stop()
