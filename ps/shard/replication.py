@@ -173,7 +173,8 @@ class Replication:
         self._applied = 0  # as a standby: last applied sequence of the stream it follows
         self._followed: object | None = None  # as a standby: the stream whose handshake it accepted last
         self._promoting = False
-        self._in_sync_at = 0  # as a standby: the epoch at which it last read a record naming it in sync
+        # As a standby: the epoch (and its lineage) at which it last read a record naming it in sync.
+        self._in_sync_at: tuple[int, str] = (0, "")
         self._heard = 0.0  # as a standby: time.monotonic() of the last message of the stream it follows
         self._sure_in_sync = False  # as a standby: it ran all along since it last read itself in sync
         self._refused_epoch = 0  # as a standby: the last epoch whose older state it refused (logged once)
@@ -820,7 +821,7 @@ class Replication:
         all along since, and its primary was heard from within half a lease (a standby paused or
         cut off since may have missed the primary going on alone, pushes it acknowledged alone
         included)."""
-        return (self._in_sync_at == self.epoch and self._sure_in_sync
+        return (self._in_sync_at == (self.epoch, self.lineage) and self._sure_in_sync
                 and time.monotonic() - self._heard < self.ttl / 2)
 
     async def _hold_standby_key(self) -> None:
@@ -866,7 +867,14 @@ class Replication:
         async for message in requests:
             if (error := parse_error(message)) is not None:
                 raise error
-            if self.state is not State.STANDBY or self._promoting or message.epoch < self.epoch:
+            # A handshake's epoch compares with this process's in _check_handshake_epoch, once the
+            # record tells its lineage: here a primary of a pair started over where etcd lost its
+            # record (epoch 1 again) was refused for good by a standby left at a later epoch of the
+            # lost record, before the rule of _hello (refuse it only if in sync, else copy) could run.
+            handshake = not message.method and bool(message.incarnation)
+            if self.state is not State.STANDBY or self._promoting or (
+                not handshake and self._past(stream, message.epoch, copy_epoch is not None)
+            ):
                 await context.abort(
                     grpc.StatusCode.FAILED_PRECONDITION,
                     f"{self.describe()}: refuses epoch {message.epoch} (this process is past it)",
@@ -946,6 +954,14 @@ class Replication:
             self._applied = message.sequence
             yield replication_pb2.ReplicateAck(sequence=self._applied, epoch=self.epoch, answer=answer, error=error)
 
+    def _past(self, stream: _Stream, epoch: int, copying: bool) -> bool:
+        """Whether this standby is past a message of `stream` at `epoch`. Epochs compare within one
+        lineage: a stream whose handshake was accepted for another lineage than this process's is
+        past unless its state copy is under way (once loaded, this process takes its lineage)."""
+        if stream.lineage is None or stream.lineage == self.lineage:
+            return epoch < self.epoch
+        return not copying
+
     async def _listen_link(self, stream: _Stream, ack) -> None:
         """Opens the link of the stream this standby now follows and names it in `ack` (its port and
         key); the link of a stream it followed before closes."""
@@ -992,7 +1008,8 @@ class Replication:
     async def _check_handshake_epoch(self, hello, context) -> str:
         """Aborts unless the arbiter records another process as primary at the handshake's epoch: a
         standby follows only the primary etcd chose, so a stray handshake cannot move its epoch.
-        The record's lineage, which the standby takes with the epoch."""
+        Aborts too at an epoch below this process's of the same lineage (of another, the epochs say
+        nothing of each other). The record's lineage, which the standby takes with the epoch."""
         try:
             membership, _ = await asyncio.to_thread(self.arbiter.read)
         except EtcdUnavailableError as exc:
@@ -1002,13 +1019,18 @@ class Replication:
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"{self.describe()}: a handshake at epoch {hello.epoch}, the arbiter records {membership}",
             )
+        if membership.lineage == self.lineage and hello.epoch < self.epoch:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"{self.describe()}: refuses epoch {hello.epoch} (this process is past it)",
+            )
         return membership.lineage
 
     async def _hello(self, hello, context, lineage: str) -> replication_pb2.ReplicateAck:
         mine = {n: t.version for n, t in self.shard.tables.items()}
         theirs = {v.table: v.version for v in hello.versions}
         behind = sorted(n for n, v in mine.items() if theirs.get(n, 0) < v)
-        if self.epoch and self._in_sync_at == self.epoch and behind:
+        if self.epoch and self._in_sync_at == (self.epoch, self.lineage) and behind:
             # This process was the standby in sync (it held every acknowledged push), and a primary
             # lacks changes it applied: another history (a primary restarted while this standby was
             # out of the arbiter's reach, or after etcd lost its data and epochs began again). A copy
@@ -1135,10 +1157,10 @@ class Replication:
                         # The primary recorded itself alone at this epoch. (Not a record that still
                         # names this process: a primary started again after etcd lost its data takes
                         # epoch 1 again, naming it, and must not make it forget what it holds.)
-                        self._in_sync_at = 0
+                        self._in_sync_at = (0, "")
                     continue
                 else:
-                    self._in_sync_at, self._sure_in_sync = self.epoch, True
+                    self._in_sync_at, self._sure_in_sync = (self.epoch, self.lineage), True
                     epoch, lineage = self.epoch + 1, self.lineage
                 if leader_alive:
                     self._promoting = False
@@ -1178,7 +1200,7 @@ class _Stream:
     def __init__(self) -> None:
         self.link: StandbyLink | None = None
         self.link_failure = ""
-        self.lineage = ""  # of the record its handshake was checked against
+        self.lineage: str | None = None  # of the record its last handshake was checked against (None: none yet)
 
 
 class DivergedError(RuntimeError):

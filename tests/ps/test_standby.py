@@ -551,6 +551,69 @@ def test_a_pair_started_over_is_reached_by_a_client_that_saw_an_epoch_of_a_recor
         etcd.stop()
 
 
+def test_a_standby_at_a_later_epoch_of_a_lost_record_judges_the_state_of_a_pair_started_over(tmp_path):
+    """A standby at epoch 2 (a failover, the first primary started again as its standby), paused
+    while its primary went on alone, then etcd losing its data: the primary started again takes
+    epoch 1 of a new lineage. The standby refused its handshake for good as of an epoch it was past
+    (2 > 1, across lineages), before the rule for a primary behind it could run: the restarted
+    primary stayed joining. Epochs now compare within one lineage: the handshake reaches that rule,
+    and the standby, last seen in sync and holding acknowledged pushes the primary lacks, refuses its
+    older state (logged critical) for an operator to choose."""
+    import shutil
+
+    from tests.helpers.etcd import start_etcd
+
+    etcd = start_etcd(tmp_path / "etcd")
+    job = pair_job(etcd.endpoint, "past")
+    pair, client, arbiter = _started_pair(job, tmp_path)
+    first, second = job.shards[0].address, job.shards[0].standby
+    standby, standby_log = None, tmp_path / "standby.log"
+    restarted, restarted_log = None, tmp_path / "restarted.log"
+    data = np.random.default_rng(11)
+    try:
+        _push_steps(client, data, range(1, 3))
+        pair.fail_over()
+        standby = start_shard(pair.config, 0, standby_log)  # finds its partner primary: becomes its standby
+        own = {"standby": first, "epoch": 2, "in_sync": True}
+        wait_until(lambda: json.loads(arbiter.standby_alive() or "{}") == own, "the first process in sync at epoch 2",
+                   60)
+        _push_steps(client, data, range(3, 6))
+        lost = arbiter.read()[0]
+        stop_process(standby.pid)
+        _push_steps(client, data, range(6, 8))  # acknowledged alone, once the arbiter records the primary alone
+        assert arbiter.read()[0].sync is False
+        etcd.stop()
+        shutil.rmtree(tmp_path / "etcd" / "data")
+        etcd.restart()
+        os.kill(standby.pid, signal.SIGCONT)
+        assert pair.standby.wait(30) == 0  # deposed: its lease went with etcd's data
+        wait_until(lambda: json.loads(arbiter.standby_alive() or "{}").get("in_sync") is False,
+                   "the standby's key no longer saying in sync")
+        # The second process started again as a primary (its partner: the first).
+        swapped = dataclasses.replace(job.shards[0], address=second, standby=first,
+                                      metrics_port=job.shards[0].standby_metrics_port,
+                                      standby_metrics_port=job.shards[0].metrics_port)
+        config = tmp_path / "swapped.toml"
+        config.write_text(dump_job_config(dataclasses.replace(job, shards=(swapped,))))
+        restarted = start_shard(config, 0, restarted_log)
+        wait_until(lambda: "refusing its state copy" in standby_log.read_text(), "the standby refusing the older state",
+                   30)
+        started_over = arbiter.read()[0]
+        assert (started_over.primary, started_over.epoch) == (second, 1)
+        assert started_over.lineage != lost.lineage
+        assert "past it" not in restarted_log.read_text()
+        assert "PROMOTED" not in standby_log.read_text()
+    finally:
+        for process in (restarted, standby):
+            if process is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process.pid, signal.SIGCONT)
+                stop_pid(process)
+        client.close()
+        pair.stop()
+        etcd.stop()
+
+
 def test_a_stopped_standby_holds_acks_until_the_arbiter_records_the_primary_alone(etcd, tmp_path):
     job = pair_job(etcd.endpoint, "alone")
     pair = ShardPair.start(job, tmp_path)
