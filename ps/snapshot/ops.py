@@ -81,9 +81,10 @@ class _TableWrite:
     def export_bytes(self) -> int:
         """About what the export and its files' buffers hold while this write runs: its rows (words
         as stored, float32 values decoded from them, key and row index) and every pending key
-        (always exported whole: key, row, order, count, last step), twice."""
+        (always exported whole: key, row, order, count, last step), twice. A whole table's rows
+        are every row handed out, free ones too: its image copies them all."""
         table = self.table
-        rows = table.size if self.whole else int(self.changes.touched_keys.shape[0])
+        rows = table.num_rows if self.whole else int(self.changes.touched_keys.shape[0])
         return 2 * (rows * (4 * table.width + 4 * table.dim + 16) + table.num_pending * 32)
 
     def export(self, writer: SnapshotWriter) -> Callable[[], Callable[[], ShardRecord]]:
@@ -120,7 +121,8 @@ def _export_now(write: _TableWrite, writer: SnapshotWriter) -> Callable[[], Shar
 class StagedWrite:
     """A shard's snapshot write once its tables are copied: `written` holds the records of the
     tables written while pushes waited (those past the staging budget), by position in the
-    shard's table order; `pending` the (bytes, write) of the copies, which finish() writes."""
+    shard's table order; `pending` the (bytes, prepare) of the copies (_TableWrite.export), which
+    finish() writes."""
 
     written: dict[int, ShardRecord]
     pending: dict[int, tuple[int, Callable[[], Callable[[], ShardRecord]]]]
