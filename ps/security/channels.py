@@ -18,10 +18,14 @@ from ps.security.tokens import LiveToken
 # is tried again within a second. gRPC's default backoff starts at 1 s and grows 1.6x per failure
 # up to 2 minutes, while calls fail at once: a client whose server was down for 20 s got its first
 # answer 7.2 s after the server was back (0.15 s with these), and after a longer outage it would
-# wait up to 2 minutes more.
+# wait up to 2 minutes more. min_reconnect_backoff_ms is gRPC's shortest time for one connection
+# attempt (TCP, TLS, the server's HTTP/2 settings), not a backoff: at 100 ms a server more than a
+# few tens of ms of round trips away (another zone or region, TLS) was never reached in time, each
+# attempt cut before its settings arrived, the first calls failing; past the backoff's 1 s cap it
+# was never reached at all. A refused connection still fails at once and is tried again in 0.1 s.
 RECONNECT_OPTIONS = (
     ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 5000),
     ("grpc.max_reconnect_backoff_ms", 1000),
 )
 

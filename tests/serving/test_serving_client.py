@@ -15,6 +15,7 @@ import pytest
 
 from ps.rpc import ps_pb2, serving_pb2
 from serving.client import ReplicasUnavailableError, ServingClient
+from tests.helpers.slow_link import SlowLink
 from tests.helpers.waiting import eventually
 from tests.serving.replicas import ShedEverything
 
@@ -466,3 +467,17 @@ def test_a_split_lookup_over_replicas_at_different_cuts_is_answered_by_one_of_th
     finally:
         for server, _ in servers:
             server.stop(None)
+
+
+def test_a_replica_a_slow_link_away_is_answered_on_the_first_call(rows_server) -> None:
+    """A replica whose answers cross a link 0.4 s long (another region; TLS would take more round
+    trips): gRPC's connection attempts were cut at grpc.min_reconnect_backoff_ms, 100 ms, before the
+    replica's HTTP/2 settings arrived ("timed out before receiving SETTINGS frame"), and each next
+    attempt only after a backoff: the first calls missed their deadline, and a link past the backoff's
+    1 s cap was never connected. Attempts now have seconds; a refused one is still tried again at once."""
+    address, _ = rows_server()
+    with SlowLink(address, delay=0.4) as link, ServingClient([link.address], timeout_s=3.0) as client:
+        started = time.monotonic()
+        values, found = client.lookup_many({"a": np.arange(1, 4, dtype=np.int64)})["a"]
+        assert time.monotonic() - started < 2.0  # one connection (settings + reply: two crossings), not several
+    np.testing.assert_array_equal(values[0], expected_row(1, DIMS["a"]))
