@@ -184,7 +184,7 @@ class SoakShard:
     """A real `embps ps` shard process for the soak, with a stub and a snapshot coordinator."""
 
     def __init__(self, config: SoakConfig, workdir: Path) -> None:
-        from ps.job_config import Deadlines, JobConfig, ShardConfig, dump_job_config
+        from ps.job_config import Deadlines, JobConfig, ShardConfig, SnapshotConfig, dump_job_config
         from ps.process import children
         from ps.table.config import (
             AdmissionConfig,
@@ -214,6 +214,7 @@ class SoakShard:
             shards=(ShardConfig(address=f"127.0.0.1:{port}", metrics_port=metrics_port),),
             tables=(table,),
             deadlines=Deadlines(lookup=30.0, push=30.0, stats=30.0),
+            snapshot=SnapshotConfig(self.snapshot_uri),  # the shard writes snapshots there alone
         )
         config_path = workdir / "job.toml"
         config_path.write_text(dump_job_config(self.job))

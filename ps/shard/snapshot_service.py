@@ -23,13 +23,14 @@ from typing import Protocol
 import numpy as np
 
 from ps import native
-from ps.job_config import JobConfig
+from ps.job_config import JobConfig, SnapshotConfig
 from ps.process.calls import CallSite, stream_call, unary_call
 from ps.rpc import snapshot_pb2, snapshot_pb2_grpc
 from ps.snapshot import bounded
 from ps.snapshot.files import Snapshot, SnapshotWriter, apply_delta, snapshot_chain
-from ps.snapshot.manifest import ShardRecord
+from ps.snapshot.manifest import ShardRecord, SnapshotError
 from ps.snapshot.ops import ShardSnapshotter, StagedWrite
+from ps.snapshot.storage import check_uri, same_place, shown
 from ps.table.embedding_table import EmbeddingTable
 from ps.table.optimizers import state_width
 from ps.table.state import TableState
@@ -99,15 +100,36 @@ class SnapshotControlServicer(snapshot_pb2_grpc.SnapshotControlServicer):
         self._last_written = request.step
         return snapshot_pb2.WriteSnapshotResponse(records_json=json.dumps([r.to_dict() for r in records]))
 
+    def check_request(self, request: snapshot_pb2.WriteSnapshotRequest) -> SnapshotConfig:
+        """The job's [snapshot] section, once the request names this job, its snapshot uri and its
+        shard count (or 0); ValueError naming the field otherwise. A shard writes only where its job's
+        snapshots go: any uri would let a caller have it write into any folder or bucket its
+        credentials reach (another job's snapshots, its host's disk). SnapshotError for a job without
+        a [snapshot] section: it takes no snapshots."""
+        if request.job != self.job.job:
+            raise ValueError(f"job: this shard serves job {self.job.job!r}, the request names {request.job!r}")
+        config = self.job.snapshot
+        if config is None:
+            raise SnapshotError(f"snapshot: job {self.job.job!r} has no [snapshot] section, so its shards write none")
+        check_uri(request.uri, "uri")
+        if not same_place(request.uri, config.uri):
+            raise ValueError(
+                f"uri: this shard writes snapshots only under its job's [snapshot] uri {shown(config.uri)!r}, "
+                f"the request names {shown(request.uri)!r}"
+            )
+        if request.num_shards not in (0, len(self.job.shards)):
+            raise ValueError(
+                f"num_shards: the job has {len(self.job.shards)} shards, the request names {request.num_shards}"
+            )
+        return config
+
     def stage(self, request: snapshot_pb2.WriteSnapshotRequest, staging_bytes: int) -> StagedWrite:
         """Takes the shard's part of the request's snapshot (where pushes are serialised); its
         finish() writes the files; the coordinator commits. A shard learns that its previous write was
         committed when the next request names it (last_committed, or an incremental's parent);
         until then the changes it carried stay tracked (see ShardSnapshotter), so a snapshot that
         never commits loses nothing."""
-        if request.job != self.job.job:
-            raise ValueError(f"job: this shard serves job {self.job.job!r}, the request names {request.job!r}")
-        storage = self.job.snapshot.storage if self.job.snapshot is not None else None
+        storage = self.check_request(request).storage
         parent = request.parent if request.HasField("parent") else None
         committed = request.last_committed if request.HasField("last_committed") else parent
         if committed is not None and committed == self._last_written:
@@ -121,7 +143,7 @@ class SnapshotControlServicer(snapshot_pb2_grpc.SnapshotControlServicer):
             request.step,
             request.kind,
             parent,
-            num_shards=request.num_shards or len(self.job.shards),
+            num_shards=len(self.job.shards),
             storage_config=storage,
         )
         return self.snapshotter.stage(writer, staging_bytes)

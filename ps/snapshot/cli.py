@@ -132,7 +132,7 @@ def check_arguments(args: argparse.Namespace) -> None:
     URI must be an existing folder: a typo would otherwise list "no committed snapshot" (or gc
     nothing) and succeed; an empty folder or bucket prefix is a true answer of "none"."""
     from ps.snapshot.manifest import check_name
-    from ps.snapshot.storage import check_uri, open_uri
+    from ps.snapshot.storage import check_uri, open_uri, same_place
 
     check_uri(args.uri, "uri")
     check_name("--job", args.job)
@@ -147,7 +147,7 @@ def check_arguments(args: argparse.Namespace) -> None:
         if args.dst is None:
             raise ValueError("--dst: required by export (the destination URI)")
         check_uri(args.dst, "--dst")
-        if _same_place(args.uri, args.dst):  # a usage error (exit 2), found before any read
+        if same_place(args.uri, args.dst):  # a usage error (exit 2), found before any read
             raise ValueError(
                 f"--dst: must differ from the uri {args.uri!r} (an export would write into its step folders)"
             )
@@ -160,16 +160,6 @@ def check_arguments(args: argparse.Namespace) -> None:
             raise ValueError("--keep: required by gc (how many newest snapshots to keep)")
         if args.keep < 1:
             raise ValueError(f"--keep: must be an integer >= 1 (LATEST must stay readable), got {args.keep}")
-
-
-def _same_place(uri: str, other: str) -> bool:
-    """Whether two URIs name one folder (storage.same_folder for local ones; remote ones as written:
-    opening them here would set up their filesystems before any check is done)."""
-    from ps.snapshot.storage import open_uri, same_folder
-
-    if _local(uri) and _local(other):
-        return same_folder(open_uri(uri), open_uri(other))
-    return uri.rstrip("/") == other.rstrip("/")
 
 
 def _local(uri: str) -> bool:

@@ -290,6 +290,24 @@ def same_folder(a: tuple[pafs.FileSystem, str], b: tuple[pafs.FileSystem, str]) 
     return base_a.rstrip("/") == base_b.rstrip("/")
 
 
+def same_place(uri: str, other: str) -> bool:
+    """Whether two URIs (forms check_uri takes) name one folder: local ones (paths, file://) as
+    same_folder compares them; remote ones as written, less a trailing '/' (opening them would set up
+    their filesystems, an HDFS one connecting, before any check is done)."""
+    if _local(uri) and _local(other):
+        return same_folder(open_uri(uri), open_uri(other))
+    return uri.rstrip("/") == other.rstrip("/")
+
+
+def shown(uri: str) -> str:
+    """`uri` as an error may print it: without credentials, query or fragment (see _shown)."""
+    return _shown(uri)
+
+
+def _local(uri: str) -> bool:
+    return "://" not in uri or urlsplit(uri).scheme.lower() == "file"
+
+
 def folder_within(inner: tuple[pafs.FileSystem, str], outer: tuple[pafs.FileSystem, str]) -> bool:
     """Whether folder `inner` is `outer` or lies under it ((filesystem, path) as same_folder takes)."""
     (fs_in, path_in), (fs_out, path_out) = inner, outer

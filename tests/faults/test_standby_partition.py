@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from ps.client import PSClient
-from ps.job_config import ArbiterConfig, Deadlines, JobConfig, ShardConfig, dump_job_config
+from ps.job_config import ArbiterConfig, Deadlines, JobConfig, ShardConfig, SnapshotConfig, dump_job_config
 from ps.process.children import stop as stop_pid
 from ps.process.malloc import MALLOC_TUNING
 from ps.process.python_command import python_path
@@ -66,6 +66,7 @@ def test_a_primary_cut_off_the_network_is_replaced_and_acknowledges_nothing(tmp_
         tables=TABLES,
         deadlines=Deadlines(lookup=8.0, push=8.0, stats=5.0),
         arbiter=ArbiterConfig(endpoints=etcd.endpoint, lease_seconds=LEASE_S),
+        snapshot=SnapshotConfig((tmp_path / "snaps").as_uri()),
     )
     config = tmp_path / "partition.toml"
     config.write_text(dump_job_config(job))
@@ -123,7 +124,7 @@ def test_a_primary_cut_off_the_network_is_replaced_and_acknowledges_nothing(tmp_
         for _, prepared in acked:
             for _, request in prepared.calls:
                 reference.push_multi(ps_pb2.MultiPushRequest.FromString(request))
-        assert_bit_equal(shard_state(job, job.shards[0].standby, tmp_path.as_uri() + "/snaps", STEPS), reference)
+        assert_bit_equal(shard_state(job, job.shards[0].standby, STEPS), reference)
     finally:
         if client is not None:
             client.close()

@@ -18,8 +18,9 @@ every time, and a failure reproduces.
 from __future__ import annotations
 
 import collections
+import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import grpc
 import numpy as np
@@ -27,6 +28,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ps.job_config import SnapshotConfig
 from ps.rpc import ps_pb2, ps_pb2_grpc, serving_pb2, serving_pb2_grpc, snapshot_pb2, snapshot_pb2_grpc
 from ps.table.config import OptimizerConfig, OptimizerKind, TableConfig
 from tests.helpers.processes import ShardCluster, make_job, rss_bytes
@@ -236,11 +238,14 @@ def subscribe_tables(draw: st.DrawFn) -> ps_pb2.SubscribeTablesRequest:
 
 @st.composite
 def write_snapshots(draw: st.DrawFn, base: str, job: str) -> snapshot_pb2.WriteSnapshotRequest:
-    # Relative paths would land in the shard's working directory: every uri here is absolute,
-    # malformed, or names a scheme the shard refuses before it touches anything.
+    """base: the job's [snapshot] uri, a local path; the shard writes there alone. The other uris
+    are out of place (refused: nothing is written there), malformed, or of a scheme it refuses.
+    A job of one shard: num_shards 0 or 1."""
+    in_place = (base, f"file://{base}", f"{base}/")
     uri = draw(
         st.sampled_from(
-            (base, f"file://{base}/ü-表", "", "nope://bucket/x", "file://host/tmp/x", f"file://{base}?a=1", "://x")
+            (*in_place, f"file://{base}/ü-表", f"{base}-elsewhere", "", "nope://bucket/x", "file://host/tmp/x",
+             f"file://{base}?a=1", "://x")
         )
     )
     request = snapshot_pb2.WriteSnapshotRequest(
@@ -252,7 +257,7 @@ def write_snapshots(draw: st.DrawFn, base: str, job: str) -> snapshot_pb2.WriteS
     )
     if draw(st.booleans()):
         request.parent = draw(uint64s)
-    writes = request.job == job and request.kind == "full" and request.uri.startswith(("/", "file:///"))
+    writes = request.job == job and request.kind == "full" and request.uri in in_place and request.num_shards in (0, 1)
     if writes and draw(st.integers(0, 9)) > 0:
         request.job = "other"  # a real write costs milliseconds: keep them to about a tenth
     return request
@@ -354,6 +359,7 @@ class Tally:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     job = make_job([USER, SMALL, CHECK], num_shards=1, message_limit_bytes=MESSAGE_LIMIT)
+    job = replace(job, snapshot=SnapshotConfig(str(tmp_path_factory.mktemp("fuzz-snapshots"))))
     with ShardCluster.start(job, tmp_path_factory.mktemp("fuzz-ps")) as c:
         yield c
 
@@ -559,17 +565,19 @@ def test_fuzz_subscribe_tables(ps_channel, servers):
     assert_servers_healthy(servers)
 
 
-def test_fuzz_write_snapshot(cluster, ps_channel, servers, tmp_path):
+def test_fuzz_write_snapshot(cluster, ps_channel, servers):
     stub = snapshot_pb2_grpc.SnapshotControlStub(ps_channel)
+    base = cluster.job.snapshot.uri
     tally = fuzz_unary(
         ps_channel, "/embps.v1.SnapshotControl/WriteSnapshot", stub.WriteSnapshot,
-        write_snapshots(str(tmp_path / "snapshots"), cluster.job.job),
+        write_snapshots(base, cluster.job.job),
     )
     assert tally.codes["OK"] > 0 and tally.codes["INVALID_ARGUMENT"] > 0
+    assert not os.path.exists(f"{base}-elsewhere") and not os.path.exists(f"{base}/ü-表"), "written out of place"
     assert_servers_healthy(servers)
 
 
-def test_fuzz_stage_snapshot(cluster, ps_channel, servers, tmp_path):
+def test_fuzz_stage_snapshot(cluster, ps_channel, servers):
     """StageSnapshot (a server stream: `staged`, then the records) with the same requests."""
     stub = snapshot_pb2_grpc.SnapshotControlStub(ps_channel)
     raw = ps_channel.unary_stream(
@@ -577,9 +585,10 @@ def test_fuzz_stage_snapshot(cluster, ps_channel, servers, tmp_path):
     )
     tally = Tally(CONTRACT)
     answers = collections.Counter()
+    base = cluster.job.snapshot.uri
 
     @FUZZ_SETTINGS
-    @given(calls(write_snapshots(str(tmp_path / "snapshots"), cluster.job.job)))
+    @given(calls(write_snapshots(base, cluster.job.job)))
     def send(call) -> None:
         if isinstance(call, Raw):
             tally.call(lambda: list(raw(call.data, timeout=TIMEOUT)), call)
@@ -596,6 +605,7 @@ def test_fuzz_stage_snapshot(cluster, ps_channel, servers, tmp_path):
     print(f"StageSnapshot: {dict(tally.codes)}")
     tally.check(FUZZ_SETTINGS.max_examples)
     assert tally.codes["OK"] > 0 and tally.codes["INVALID_ARGUMENT"] > 0 and answers["records"] > 0
+    assert not os.path.exists(f"{base}-elsewhere") and not os.path.exists(f"{base}/ü-表"), "written out of place"
     assert_servers_healthy(servers)
 
 

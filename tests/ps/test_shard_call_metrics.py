@@ -4,6 +4,7 @@ in this process: every method, WriteSnapshot included, is counted with its statu
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 
 import grpc
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 
 from ps import wire
+from ps.job_config import SnapshotConfig
 from ps.rpc import ps_pb2, ps_pb2_grpc, snapshot_pb2, snapshot_pb2_grpc
 from ps.shard.metrics import ShardMetrics
 from ps.shard.server import create_server
@@ -28,9 +30,12 @@ def sample(metrics: ShardMetrics, name: str, **labels: str) -> float:
     return 0.0 if value is None else value
 
 
-async def with_shard(test, tmp_path) -> ShardMetrics:
-    """Runs `await test(channel, servicer)` against a fresh one-shard server; returns its metrics."""
+async def with_shard(test, tmp_path, snapshots: bool = True) -> ShardMetrics:
+    """Runs `await test(channel, servicer)` against a fresh one-shard server; returns its metrics.
+    snapshots: the job's [snapshot] uri is tmp_path (write_request's); False: no [snapshot] section."""
     job = make_job([USER], job="calls")
+    if snapshots:
+        job = dataclasses.replace(job, snapshot=SnapshotConfig(tmp_path.as_uri()))
     metrics = ShardMetrics(0)
     server, port, servicer, _health = await create_server(job, 0, address="127.0.0.1:0", metrics=metrics)
     await server.start()
@@ -133,6 +138,24 @@ def test_multi_table_calls_count_each_tables_keys_whatever_their_offsets(tmp_pat
     assert sample(metrics, "embps_request_keys_total", table="user", method="PushMulti") == 5 + 5
     assert sample(metrics, "embps_requests_total", table="", method="PushMulti", code="OK") == 2
     assert sample(metrics, "embps_requests_total", table="", method="LookupMulti", code="NOT_FOUND") == 1
+
+
+def test_a_job_without_a_snapshot_section_refuses_snapshot_calls_failed_precondition(tmp_path):
+    """Such a job names no place for snapshots: its shards write none, wherever a request names."""
+
+    async def test(channel, servicer):
+        snapshots = snapshot_pb2_grpc.SnapshotControlStub(channel)
+        error = await expect_code(
+            snapshots.WriteSnapshot(write_request(tmp_path), timeout=DEADLINE), grpc.StatusCode.FAILED_PRECONDITION
+        )
+        assert "has no [snapshot] section" in error.details()
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            async for _ in snapshots.StageSnapshot(write_request(tmp_path), timeout=DEADLINE):
+                pass
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION, info.value.details()
+
+    asyncio.run(with_shard(test, tmp_path, snapshots=False))
+    assert not list(tmp_path.iterdir()), "a refused snapshot call writes nothing"
 
 
 def test_a_draining_shard_refuses_every_method_unavailable_and_counts_it(tmp_path):

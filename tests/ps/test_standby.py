@@ -45,7 +45,7 @@ import pytest
 from bench.ports import free_ports
 from ps import wire
 from ps.client import PSClient
-from ps.job_config import ArbiterConfig, Deadlines, JobConfig, ShardConfig, dump_job_config
+from ps.job_config import ArbiterConfig, Deadlines, JobConfig, ShardConfig, SnapshotConfig, dump_job_config
 from ps.process.children import stop as stop_pid
 from ps.rpc import ps_pb2, ps_pb2_grpc, replication_pb2, serving_pb2, snapshot_pb2, snapshot_pb2_grpc
 from ps.shard.arbiter import Arbiter, Membership, membership_key
@@ -91,7 +91,10 @@ KEYS = 300
 REPLICATE = "/{}/Replicate".format(replication_pb2.DESCRIPTOR.services_by_name["Replication"].full_name)
 
 
-def pair_job(etcd_endpoint: str, name: str, tables: tuple[TableConfig, ...] = TABLES) -> JobConfig:
+def pair_job(
+    etcd_endpoint: str, name: str, tables: tuple[TableConfig, ...] = TABLES, snapshot_uri: str | None = None
+) -> JobConfig:
+    """A job of one shard with a standby; snapshot_uri: its [snapshot] uri (shard_state writes there)."""
     ports = free_ports(4)
     shard = ShardConfig(
         address=f"127.0.0.1:{ports[0]}",
@@ -106,6 +109,7 @@ def pair_job(etcd_endpoint: str, name: str, tables: tuple[TableConfig, ...] = TA
         deadlines=Deadlines(lookup=20.0, push=20.0, stats=5.0),
         push_dedupe_window=1 << 20,  # the push-id memory outlasts the test: old pushes stay repeats
         arbiter=ArbiterConfig(endpoints=etcd_endpoint, lease_seconds=LEASE_S),
+        snapshot=SnapshotConfig(snapshot_uri) if snapshot_uri is not None else None,
     )
 
 
@@ -137,8 +141,10 @@ def make_push(client: PSClient, rng: np.random.Generator, step: int):
     return client.prepare_push_multi(names, np.concatenate(keys), offsets, np.concatenate(grads), step=step)
 
 
-def shard_state(job: JobConfig, address: str, uri: str, step: int) -> dict:
-    """Every table of the shard at `address`, written as a snapshot and read back (TableState)."""
+def shard_state(job: JobConfig, address: str, step: int) -> dict:
+    """Every table of the shard at `address`, written as a snapshot under the job's [snapshot] uri
+    and read back (TableState)."""
+    uri = job.snapshot.uri
     request = snapshot_pb2.WriteSnapshotRequest(uri=uri, job=job.job, step=step, kind="full", num_shards=1)
     with grpc.insecure_channel(address) as channel:
         reply = snapshot_pb2_grpc.SnapshotControlStub(channel).WriteSnapshot(request, timeout=30)
@@ -162,7 +168,7 @@ def test_sigkill_of_the_primary_fails_over_then_a_new_standby_catches_up_and_tak
     """Primary A killed: B takes over alone. A new standby started where A was gets B's state and
     the pushes since, then B is killed too: the new standby takes over (epoch 3), bit-equal."""
     rng = seed("failover")
-    job = pair_job(etcd.endpoint, "failover")
+    job = pair_job(etcd.endpoint, "failover", snapshot_uri=(tmp_path / "snaps").as_uri())
     pair = ShardPair.start(job, tmp_path)
     reference = Shard(job, 0)
     client = PSClient.from_job(job, client_id="trainer-0")
@@ -229,7 +235,7 @@ def test_sigkill_of_the_primary_fails_over_then_a_new_standby_catches_up_and_tak
             for _, request in prepared.calls:
                 reference.push_multi(ps_pb2.MultiPushRequest.FromString(request))
         # The second promoted standby holds every acknowledged push once, bit for bit.
-        got = shard_state(job, job.shards[0].address, tmp_path.as_uri() + "/snaps", 1)
+        got = shard_state(job, job.shards[0].address, 1)
         assert_bit_equal(got, reference)
         # Its push-id memory came with the copy and the pushes: acknowledged pushes sent again are
         # repeats (the last one before the new standby started, so before the copy, and the last).
@@ -293,7 +299,7 @@ def test_a_primary_restarted_before_its_standby_took_over_waits_for_it_and_loses
     standby takes over and the restarted one becomes its standby. Here the standby is paused
     (SIGSTOP) while the test holds its key for it, so the restarted process meets the record
     before the standby's promotion, every time."""
-    job = pair_job(etcd.endpoint, "restarted")
+    job = pair_job(etcd.endpoint, "restarted", snapshot_uri=(tmp_path / "snaps").as_uri())
     pair, client, arbiter = _started_pair(job, tmp_path)
     reference = Shard(job, 0)
     holder = Arbiter(dataclasses.replace(job.arbiter, lease_seconds=60), job.job, 0, job.shards[0].standby)
@@ -319,7 +325,7 @@ def test_a_primary_restarted_before_its_standby_took_over_waits_for_it_and_loses
         for prepared in acked:
             for _, request in prepared.calls:
                 reference.push_multi(ps_pb2.MultiPushRequest.FromString(request))
-        assert_bit_equal(shard_state(job, job.shards[0].standby, tmp_path.as_uri() + "/snaps", 1), reference)
+        assert_bit_equal(shard_state(job, job.shards[0].standby, 1), reference)
         assert client.send_push(acked[-1]).num_duplicates == len(acked[-1].calls)
     finally:
         _stop_pair(pair, client, restarted)
@@ -385,7 +391,7 @@ def test_etcd_losing_its_data_under_a_pair_in_sync_loses_no_acknowledged_push(tm
     from tests.helpers.etcd import start_etcd
 
     etcd = start_etcd(tmp_path / "etcd")
-    job = pair_job(etcd.endpoint, "wiped")
+    job = pair_job(etcd.endpoint, "wiped", snapshot_uri=(tmp_path / "snaps").as_uri())
     pair, client, arbiter = _started_pair(job, tmp_path)
     reference = Shard(job, 0)
     restarted = None
@@ -406,7 +412,7 @@ def test_etcd_losing_its_data_under_a_pair_in_sync_loses_no_acknowledged_push(tm
         for prepared in acked:
             for _, request in prepared.calls:
                 reference.push_multi(ps_pb2.MultiPushRequest.FromString(request))
-        assert_bit_equal(shard_state(job, job.shards[0].standby, tmp_path.as_uri() + "/snaps", 1), reference)
+        assert_bit_equal(shard_state(job, job.shards[0].standby, 1), reference)
         assert client.send_push(acked[0]).num_duplicates == len(acked[0].calls)
     finally:
         _stop_pair(pair, client, restarted)
@@ -666,7 +672,7 @@ def test_a_promotion_whose_answer_etcd_lost_still_makes_the_standby_primary(etcd
     the take's lease expired (the leader key with it), so the standby takes the record again, at
     epoch 3."""
     proxy = EtcdProxy.start(etcd.endpoint)
-    job = pair_job(etcd.endpoint, f"answer-lost-{int(lease_expired)}")
+    job = pair_job(etcd.endpoint, f"answer-lost-{int(lease_expired)}", snapshot_uri=(tmp_path / "snaps").as_uri())
     pair = ShardPair.start(job, tmp_path, standby_arbiter=proxy.endpoint)
     reference = Shard(job, 0)
     client = PSClient.from_job(job, client_id="trainer-0")
@@ -696,7 +702,7 @@ def test_a_promotion_whose_answer_etcd_lost_still_makes_the_standby_primary(etcd
         for prepared in acked:
             for _, request in prepared.calls:
                 reference.push_multi(ps_pb2.MultiPushRequest.FromString(request))
-        assert_bit_equal(shard_state(job, job.shards[0].standby, tmp_path.as_uri() + "/snaps", 1), reference)
+        assert_bit_equal(shard_state(job, job.shards[0].standby, 1), reference)
         # It renews the lease its take went under: the leader key outlives two leases (a lease
         # nobody renews is gone after one, and a process could take the shard from under it).
         wait_until(lambda: time.monotonic() - promoted_at > 2 * LEASE_S or not arbiter.leader_alive(),
@@ -755,7 +761,7 @@ def test_a_primary_stopped_by_sigterm_hands_the_shard_to_its_standby_at_once(etc
     acknowledges nothing more, so its standby takes the shard at its next look, not after the
     lease expired (10 s here; before, the shard answered nothing for that long), and holds every
     acknowledged push; pushes sent again after the failover are repeats."""
-    job = pair_job(etcd.endpoint, "handover")
+    job = pair_job(etcd.endpoint, "handover", snapshot_uri=(tmp_path / "snaps").as_uri())
     job = dataclasses.replace(job, arbiter=dataclasses.replace(job.arbiter, lease_seconds=10))
     pair, client, arbiter = _started_pair(job, tmp_path)
     reference = Shard(job, 0)
@@ -774,7 +780,7 @@ def test_a_primary_stopped_by_sigterm_hands_the_shard_to_its_standby_at_once(etc
         for prepared in acked:
             for _, request in prepared.calls:
                 reference.push_multi(ps_pb2.MultiPushRequest.FromString(request))
-        assert_bit_equal(shard_state(job, job.shards[0].standby, tmp_path.as_uri() + "/snaps", 1), reference)
+        assert_bit_equal(shard_state(job, job.shards[0].standby, 1), reference)
     finally:
         client.close()
         pair.stop()
@@ -873,7 +879,7 @@ def test_training_goes_on_while_the_arbiter_is_down_and_serving_follows_a_failov
     """etcd down for 3 leases: pushes go on, nobody promotes. Then, etcd back and no push in
     flight, the primary is killed: a serving follower goes on from the promoted standby at its
     version (same incarnation, same update log), without a full resync, to the final rows."""
-    job = pair_job(etcd.endpoint, "arbiter-down")
+    job = pair_job(etcd.endpoint, "arbiter-down", snapshot_uri=(tmp_path / "snaps").as_uri())
     pair = ShardPair.start(job, tmp_path)
     client = PSClient.from_job(job, client_id="trainer-0")
     data = np.random.default_rng(11)
@@ -898,7 +904,7 @@ def test_training_goes_on_while_the_arbiter_is_down_and_serving_follows_a_failov
         print(f"{step} pushes, {step - 1} of them with etcd down")
         assert step > 5
         assert "PROMOTED" not in pair.log(1) and "deposed" not in pair.log(0)
-        assert_bit_equal(shard_state(job, job.shards[0].address, tmp_path.as_uri() + "/snaps", step), reference)
+        assert_bit_equal(shard_state(job, job.shards[0].address, step), reference)
 
         version = reference.tables["adam"].version
         wait_until(lambda: following.replica.shards[0].version == version, "the follower at the primary's version")

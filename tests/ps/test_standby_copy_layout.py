@@ -62,7 +62,7 @@ def _push(client: PSClient, reference: Shard, rng: np.random.Generator, step: in
 
 
 def test_a_standby_loaded_from_a_copy_evicts_what_its_primary_evicts(etcd, tmp_path):
-    job = pair_job(etcd.endpoint, "copylayout", TABLES)
+    job = pair_job(etcd.endpoint, "copylayout", TABLES, snapshot_uri=(tmp_path / "snaps").as_uri())
     pair = ShardPair.start(job, tmp_path)
     reference = Shard(job, 0)
     rng = np.random.default_rng(7)
@@ -94,7 +94,7 @@ def test_a_standby_loaded_from_a_copy_evicts_what_its_primary_evicts(etcd, tmp_p
             os.kill(pair.primary.pid, signal.SIGKILL)
             wait_until(lambda: arbiter.read()[0].epoch == epoch + 1, "the new standby's promotion", 30)
             client.stats()  # retried until the promoted standby answers
-        got = shard_state(job, job.shards[0].standby, tmp_path.as_uri() + "/snaps", 1)
+        got = shard_state(job, job.shards[0].standby, 1)
         assert_bit_equal(got, reference)
     finally:
         pair.stop()

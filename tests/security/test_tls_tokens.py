@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ps import wire
 from ps.client import PSClient, RPCError
+from ps.job_config import SnapshotConfig
 from ps.rpc import ps_pb2, ps_pb2_grpc, serving_pb2, serving_pb2_grpc, snapshot_pb2, snapshot_pb2_grpc
 from ps.security import Role, open_channel
 from ps.shard.server import SERVICE_NAME
@@ -32,8 +33,10 @@ KEYS = np.arange(10, 20, dtype=np.int64)
 
 @pytest.fixture(scope="module")
 def cluster(pki, token_files, tmp_path_factory):
-    job = dataclasses.replace(make_job([USER]), security=secured(pki, token_files))
-    with ShardCluster.start(job, tmp_path_factory.mktemp("secured")) as cluster:
+    workdir = tmp_path_factory.mktemp("secured")
+    snapshots = SnapshotConfig((workdir / "snaps").as_uri())
+    job = dataclasses.replace(make_job([USER]), security=secured(pki, token_files), snapshot=snapshots)
+    with ShardCluster.start(job, workdir) as cluster:
         yield cluster
 
 
@@ -131,7 +134,7 @@ def test_replica_token_reads_but_may_not_write(cluster, tokens):
         call = lambda: stub.PushBatch(batch, timeout=5, metadata=replica_token)  # noqa: E731
         assert code_of(call) == CODE.PERMISSION_DENIED
         snapshots = snapshot_pb2_grpc.SnapshotControlStub(channel)
-        write = snapshot_pb2.WriteSnapshotRequest(uri="file:///nonexistent", job="test", step=1, kind="full")
+        write = snapshot_pb2.WriteSnapshotRequest(uri=cluster.job.snapshot.uri, job="test", step=1, kind="full")
         call = lambda: snapshots.WriteSnapshot(write, timeout=5, metadata=replica_token)  # noqa: E731
         assert code_of(call) == CODE.PERMISSION_DENIED
     # The same through PSClient with role=replica: reads work, a push is refused and not retried.
@@ -140,6 +143,19 @@ def test_replica_token_reads_but_may_not_write(cluster, tokens):
         with pytest.raises(RPCError) as info:
             client.push("user", KEYS, np.ones((KEYS.shape[0], 4), np.float32))
         assert info.value.code == CODE.PERMISSION_DENIED
+
+
+def test_trainer_token_writes_snapshots_only_under_the_jobs_uri(cluster, tokens, tmp_path):
+    """The trainer role may call SnapshotControl, not have the shard write wherever it names."""
+    trainer_token = bearer(tokens[Role.TRAINER])
+    with tls_channel(cluster, ps_address(cluster)) as channel:
+        snapshots = snapshot_pb2_grpc.SnapshotControlStub(channel)
+        elsewhere = snapshot_pb2.WriteSnapshotRequest(uri=tmp_path.as_uri(), job="test", step=1, kind="full")
+        call = lambda: snapshots.WriteSnapshot(elsewhere, timeout=5, metadata=trainer_token)  # noqa: E731
+        assert code_of(call) == CODE.INVALID_ARGUMENT
+        assert not list(tmp_path.iterdir())
+        placed = snapshot_pb2.WriteSnapshotRequest(uri=cluster.job.snapshot.uri, job="test", step=1, kind="full")
+        assert snapshots.WriteSnapshot(placed, timeout=5, metadata=trainer_token).records_json
 
 
 def test_reader_token_is_refused_on_the_ps_port(cluster, tokens):
