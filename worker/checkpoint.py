@@ -54,10 +54,8 @@ from ps.snapshot.files import SnapshotWriter, read_extra, read_manifest
 from ps.snapshot.manifest import ShardRecord, SnapshotError
 from ps.snapshot.ops import collect_garbage
 from ps.snapshot.storage import StorageDeniedError
+from worker.resume_check import DENSE, TRAINER_STATE, check_dense_state
 from worker.train_config import TrainingJob
-
-DENSE = "dense.pt"
-TRAINER_STATE = "trainer_state.json"
 
 log = logging.getLogger("embps.worker")
 
@@ -540,7 +538,11 @@ def load_trainer_state(
             f"train.workers: snapshot {step} was taken with {state['world_size']} workers, this run has {world_size}"
         )
     dense = torch.load(io.BytesIO(read_extra(config.uri, job.ps.job, step, DENSE, config.storage)))
-    model.load_state_dict(dense["model"])
+    check_dense_state(job, step, dense["model"])
+    try:
+        model.load_state_dict(dense["model"])
+    except RuntimeError as exc:  # a tower check_dense_state let through: torch's traceback named no field
+        raise ValueError(f"model: snapshot step {step}'s dense tower does not fit the job's [model]: {exc}") from None
     optimizer.load_state_dict(dense["optimizer"])
     rng = torch.frombuffer(bytearray(base64.b64decode(state["torch_rng"])), dtype=torch.uint8)
     torch.set_rng_state(rng)

@@ -240,7 +240,10 @@ def launch(options: LaunchOptions) -> int:
                 expand_paths(job.data.paths, job.data.storage, "data.paths")
         except OSError as exc:  # a path missing or out of reach: its message names the field and the path
             raise ValueError(str(exc)) from None
+    world_size = options.nnodes * job.train.workers
     restore = _latest_step(job) if options.resume else None
+    if restore is not None:
+        _check_resume(job, restore, world_size)
     if not options.resume and start_ps:
         _refuse_an_earlier_run(job)
     try:
@@ -383,7 +386,8 @@ def _run_attempt(
             fleet.start()  # beside the shards: both take seconds to come up
         if start_ps:
             try:
-                (shards, standbys), restore = _start_restorable_shards(job, out, restore)
+                world_size = options.nnodes * job.train.workers
+                (shards, standbys), restore = _start_restorable_shards(job, out, restore, world_size)
             except _StartFailed as exc:
                 return str(exc)
             threading.Thread(
@@ -428,6 +432,25 @@ def _latest_step(job: TrainingJob) -> int:
     return step
 
 
+def _check_resume(job: TrainingJob, step: int, world_size: int) -> None:
+    """ValueError naming the field when the job, as its file says now, cannot go on from the step
+    --resume restores (worker/resume_check.py: train.workers, a table's dim, [model], the data's
+    widths): found once the shards and workers had started, it failed every one of them, and every
+    restart. A step whose extra files are unusable is one the start falls back from
+    (_start_restorable_shards), so the check goes on to the step before it; a step whose table
+    files are (found by the shards) is checked by that fallback, in _check_extras."""
+    current: int | None = step
+    try:
+        while current is not None:
+            try:
+                _check_extras(job, current, world_size)
+                return
+            except _SnapshotUnusable:
+                current = _latest_or_none(job, before=current)
+    except (StorageError, _StartFailed) as exc:
+        raise ValueError(f"--resume: cannot read snapshot step {current} under {job.ps.snapshot.uri}: {exc}") from None
+
+
 def _refuse_an_earlier_run(job: TrainingJob) -> None:
     """ValueError naming snapshot.uri when a fresh launch (no --resume) finds committed snapshots of
     its job there: a restart resumes from the job's newest step, which would be the earlier run's,
@@ -466,14 +489,15 @@ class _SnapshotUnusable(_StartFailed):
 
 
 def _start_restorable_shards(
-    job: TrainingJob, out: Path, restore: int | None
+    job: TrainingJob, out: Path, restore: int | None, world_size: int
 ) -> tuple[tuple[list, list], int | None]:
     """The shards started from snapshot `restore`, or from the newest complete snapshot before it
     when a shard finds it unusable (a warning each time); returns them and the step they hold.
-    _StartFailed when they do not come up, or when no older snapshot is left."""
+    _StartFailed when they do not come up, or when no older snapshot is left; ValueError naming
+    the field when the job cannot go on from the step (_check_extras)."""
     while True:
         try:
-            _check_extras(job, restore)
+            _check_extras(job, restore, world_size)
             return _start_shards(job, out, restore), restore
         except _SnapshotUnusable as exc:
             retired = _retire(job, restore)
@@ -494,17 +518,22 @@ def _start_restorable_shards(
             restore = older
 
 
-def _check_extras(job: TrainingJob, step: int | None) -> None:
+def _check_extras(job: TrainingJob, step: int | None, world_size: int) -> None:
     """_SnapshotUnusable when an extra file of `step` (dense tower, trainer state: read by the
     workers, never by the shards) is corrupt or missing: found after the shards restored, it
-    failed every worker at each restart, and the job never fell back."""
-    from ps.snapshot.files import verify_extras
+    failed every worker at each restart, and the job never fell back. ValueError naming the field
+    when the job run by `world_size` workers cannot go on from the step (worker/resume_check.py):
+    a config to fix, which neither a restart nor an older snapshot mends, nor retiring this one."""
+    from ps.snapshot.files import open_snapshot
     from ps.snapshot.manifest import SnapshotError
+    from worker.resume_check import check_resumable
 
     if step is None or job.ps.snapshot is None:
         return
     try:
-        verify_extras(job.ps.snapshot.uri, job.ps.job, step, job.ps.snapshot.storage)
+        snapshot = open_snapshot(job.ps.snapshot.uri, job.ps.job, step, job.ps.snapshot.storage)
+        extras = {name: snapshot.read_extra(name) for name in sorted(snapshot.manifest.extra)}
+        check_resumable(job, snapshot, extras, world_size)
     except SnapshotError as exc:
         raise _SnapshotUnusable(f"snapshot step {step} cannot be resumed: {exc}") from None
     except StorageError as exc:  # storage out of reach: a restart may find it back

@@ -165,13 +165,7 @@ def restore_shard_states(
     if job.snapshot is None:
         raise ValueError("snapshot: restoring needs a [snapshot] section with the uri")
     chain = snapshot_chain(job.snapshot.uri, job.job, step, job.snapshot.storage)
-    num_shards = chain[-1].manifest.num_shards
-    if num_shards != len(job.shards):
-        raise ValueError(
-            f"shards: snapshot step {step} was written by {num_shards} shards, the job has {len(job.shards)}; "
-            "resharding a snapshot is not supported"
-        )
-    _check_tables(job, chain, step)
+    check_fits(job, chain, step)
     if progress is not None:
         progress.start(sum(_shard_bytes(snapshot, job, shard_index) for snapshot in chain))
         lock = threading.Lock()  # the tables are read on several threads
@@ -214,10 +208,18 @@ def _check_owned(job: JobConfig, shard_index: int, table: str, state: TableState
         )
 
 
-def _check_tables(job: JobConfig, chain: list[Snapshot], step: int) -> None:
-    """ValueError naming the table's field when the job's tables are not those the snapshots hold
-    (a table added since, another dim or optimizer state): a config to fix, not a snapshot to give
-    up on, so the shard exits 1 (before: a KeyError's traceback, or rows of the wrong width)."""
+def check_fits(job: JobConfig, chain: list[Snapshot], step: int) -> None:
+    """ValueError naming the field when the job's shards or tables are not those the snapshots hold
+    (another shard count, a table added since, another dim or optimizer state): a config to fix, not
+    a snapshot to give up on, so the shard exits 1 (before: a KeyError's traceback, or rows of the
+    wrong width). It reads manifests only: `embps launch --resume` runs it on the step before
+    anything starts (worker/resume_check.py)."""
+    num_shards = chain[-1].manifest.num_shards
+    if num_shards != len(job.shards):
+        raise ValueError(
+            f"shards: snapshot step {step} was written by {num_shards} shards, the job has {len(job.shards)}; "
+            "resharding a snapshot is not supported"
+        )
     for snapshot in chain:
         tables, at = snapshot.manifest.tables, snapshot.manifest.step
         for table in job.tables:

@@ -591,15 +591,6 @@ def retire(uri: str, job: str, step: int, storage_config: StorageConfig | None =
     return target
 
 
-def verify_extras(uri: str, job: str, step: int, storage_config: StorageConfig | None = None) -> None:
-    """Reads every extra file of committed `step` (the dense tower, the trainer's state: what the
-    workers read at a resume, which the shards never do) and checks its size and sha256;
-    SnapshotCorruptError when one differs or is missing."""
-    snapshot = open_snapshot(uri, job, step, storage_config)
-    for name in sorted(snapshot.manifest.extra):
-        snapshot.read_extra(name)
-
-
 def read_manifest(uri: str, job: str, step: int | None = None, storage_config: StorageConfig | None = None) -> Manifest:
     """The manifest of `step` (default: latest); SnapshotError when there is none."""
     return open_snapshot(uri, job, step, storage_config).manifest

@@ -23,7 +23,7 @@ from ps.snapshot.ops import ShardSnapshotter, collect_garbage
 from ps.table.config import OptimizerConfig, OptimizerKind, TableConfig
 from ps.table.embedding_table import EmbeddingTable
 from tests.helpers.snapshot_files import shard_file
-from tests.worker.training_jobs import write_training_job
+from tests.worker.training_jobs import trainer_extras, write_training_job
 from worker import launcher
 from worker.launch_config import ReplicaSpec
 from worker.serving_fleet import ServingFleet
@@ -144,7 +144,7 @@ def test_a_corrupt_newest_snapshot_falls_back_to_the_previous_complete_one(tmp_p
     data[len(data) // 2] ^= 0xFF  # one flipped byte: same size, another checksum
     rows.write_bytes(bytes(data))
     out = tmp_path / "out"
-    (shards, standbys), step = launcher._start_restorable_shards(job, out, 20)
+    (shards, standbys), step = launcher._start_restorable_shards(job, out, 20, 1)
     try:
         assert step == 10
         printed = capsys.readouterr().out
@@ -174,11 +174,13 @@ def test_a_corrupt_extra_of_the_newest_snapshot_falls_back_before_any_worker_rea
     job = one_shard_job(tmp_path, SnapshotConfig(uri))
     table = EmbeddingTable(TABLE)
     snapper = ShardSnapshotter({"emb": table}, 0)
-    snapper.snapshot(uri, job.ps.job, 10, extras={"dense.pt": b"tower at 10"})
-    snapper.snapshot(uri, job.ps.job, 20, kind="incremental", extras={"dense.pt": b"tower at 20"})
+    snapper.snapshot(uri, job.ps.job, 10, extras=trainer_extras(job, 1, 10))
+    snapper.snapshot(uri, job.ps.job, 20, kind="incremental", extras=trainer_extras(job, 1, 20))
     extra = tmp_path / "snaps" / job.ps.job / "20" / "extra" / "dense.pt"
-    extra.write_bytes(b"tower at 2O")  # same size, another checksum
-    (shards, standbys), step = launcher._start_restorable_shards(job, tmp_path / "out", 20)
+    data = bytearray(extra.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte: same size, another checksum
+    extra.write_bytes(bytes(data))
+    (shards, standbys), step = launcher._start_restorable_shards(job, tmp_path / "out", 20, 1)
     try:
         assert step == 10
         printed = capsys.readouterr().out

@@ -17,6 +17,7 @@ from ps.snapshot.ops import ShardSnapshotter
 from ps.table.config import TableConfig
 from ps.table.embedding_table import EmbeddingTable
 from tests.helpers.processes import REPO_ROOT
+from tests.worker.training_jobs import trainer_extras
 from worker.launch_config import parse_launch_settings
 from worker.launcher import LaunchOptions
 from worker.model_config import MAX_LAYER_WIDTH
@@ -353,3 +354,67 @@ def test_held_out_files_out_of_reach_are_one_line_before_anything_starts(tmp_pat
     line = launch(tmp_path, text)
     assert line.startswith("data.paths: s3://bucket/train/part-0.parquet: cannot read: "), line
     assert {p.name: p.read_text() for p in out.iterdir()} == files
+
+
+def earlier_run_snapshot(
+    tmp_path: Path, step: int, world_size: int = 1, snapper: ShardSnapshotter | None = None
+) -> str:
+    """The job file's [snapshot] section, its uri holding a training snapshot at `step` of JOB (as
+    it is, run by `world_size` workers) with the trainer's extra files."""
+    uri = tmp_path / "snapshots"
+    job = parse_training_job(tomllib.loads(job_text("OUT")))
+    snapper = snapper or ShardSnapshotter({"emb": EmbeddingTable(TableConfig("emb", dim=4))}, 0)
+    snapper.snapshot(str(uri), "config-errors", step, extras=trainer_extras(job, world_size, step))
+    return f'\n[snapshot]\nuri = "{uri}"\n'
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        ("workers = 1", "workers = 2", "train.workers: snapshot step 60 was taken by 1 worker in all, this run has 2"),
+        ("top_sizes = [8]", "top_sizes = [12]", "model.top_sizes: [12] in the job, [8] in snapshot step 60 "),
+        ("bottom_sizes = [8]", "bottom_sizes = [8, 4]", "model.bottom_sizes: [8, 4] in the job, [8] in snapshot "),
+        ("num_sparse = 2", "num_sparse = 3", "data.synthetic.num_sparse: 3 in the job, 2 in snapshot step 60 "),
+        ("num_keys = 10", "num_keys = 10\nnum_dense = 3", "data.synthetic.num_dense: 3 in the job, 13 in snapshot "),
+        ("dim = 4", "dim = 8", "tables.emb.dim: 8 in the job, 4 in snapshot step 60"),
+    ],
+    ids=["workers", "top-sizes", "bottom-sizes", "num-sparse", "num-dense", "dim"],
+)
+def test_a_resume_after_a_change_of_the_job_s_shape_is_refused_before_anything_starts(tmp_path, old, new, message):
+    """Each change passed every load-time check: every worker then failed on torch's size mismatch
+    (or the reader positions of another worker count), or every shard on the dim, and the launcher
+    spent every restart on it."""
+    out, files = previous_run(tmp_path)
+    text = job_text(out, old, new) + earlier_run_snapshot(tmp_path, 60)
+    line = launch(tmp_path, text, "--resume", "--max-restarts", "2")
+    assert line.startswith(message), line
+    assert {p.name: p.read_text() for p in out.iterdir()} == files
+
+
+def test_the_resume_check_reads_the_step_the_launch_falls_back_to(tmp_path):
+    """A newest step whose extra files are corrupt is one the start falls back from: the step
+    checked is the one before it, and the refusal retires nothing."""
+    out, files = previous_run(tmp_path)
+    snapper = ShardSnapshotter({"emb": EmbeddingTable(TableConfig("emb", dim=4))}, 0)
+    section = earlier_run_snapshot(tmp_path, 10, world_size=2, snapper=snapper)
+    earlier_run_snapshot(tmp_path, 20, world_size=1, snapper=snapper)
+    state = tmp_path / "snapshots" / "config-errors" / "20" / "extra" / "trainer_state.json"
+    state.write_bytes(state.read_bytes().replace(b'"world_size": 1', b'"world_size": 3'))
+    line = launch(tmp_path, job_text(out) + section, "--resume")
+    assert line.startswith("train.workers: snapshot step 10 was taken by 2 workers in all, this run has 1"), line
+    assert (tmp_path / "snapshots" / "config-errors" / "20" / "manifest.json").exists()
+    assert {p.name: p.read_text() for p in out.iterdir()} == files
+
+
+def test_a_worker_names_the_field_of_a_dense_tower_of_another_shape(tmp_path):
+    """The workers' own check, behind the launcher's: load_state_dict raised torch's size mismatch."""
+    import torch
+
+    from worker.checkpoint import load_trainer_state
+    from worker.model import DLRMDenseTower
+
+    text = job_text("OUT", "top_sizes = [8]", "top_sizes = [12]") + earlier_run_snapshot(tmp_path, 60)
+    job = parse_training_job(tomllib.loads(text))
+    model = DLRMDenseTower(job.model)
+    with pytest.raises(ValueError, match=r"^model\.top_sizes: \[12\] in the job, \[8\] in snapshot step 60 "):
+        load_trainer_state(job, 60, 0, 1, model, torch.optim.Adam(model.parameters()))

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import io
+import json
 from dataclasses import replace
 from pathlib import Path
+
+import torch
 
 from ps import toml_writer
 from ps.job_config import JobConfig, SnapshotConfig, dump_job_config
 from ps.table.config import OptimizerConfig, OptimizerKind, TableConfig
 from tests.helpers.processes import make_job
+from worker.model import DLRMDenseTower
+from worker.train_config import TrainingJob
 
 # One table per sparse feature, each with another sparse optimizer: one run checks all five.
 OPTIMIZER_TABLES = [
@@ -77,3 +83,12 @@ def write_training_job(
         training_toml(ps, train, model or {"bottom_sizes": [8], "top_sizes": [16]}, {"source": "synthetic"}, synthetic)
     )
     return path, ps
+
+
+def trainer_extras(job: TrainingJob, world_size: int, step: int) -> dict[str, bytes]:
+    """The extra files a training snapshot of `job` holds at `step` (worker/checkpoint.py): the
+    job's dense tower, untrained, and a trainer state of `world_size` workers that read nothing."""
+    dense = io.BytesIO()
+    torch.save({"model": DLRMDenseTower(job.model).state_dict(), "optimizer": {}}, dense)
+    state = {"step": step, "world_size": world_size, "readers": [None] * world_size, "torch_rng": ""}
+    return {"dense.pt": dense.getvalue(), "trainer_state.json": json.dumps(state).encode()}
