@@ -34,6 +34,11 @@ class ModelConfig:
         for name in ("num_dense", "num_sparse", "dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        for name, width in (("num_dense", self.num_dense), ("num_sparse", self.dim + self.num_interactions)):
+            if width > MAX_LAYER_WIDTH:  # the job loader names its own fields first (worker/train_config.py)
+                raise ValueError(
+                    f"{name}: makes a layer {width:,} wide, past the widest a model may have ({MAX_LAYER_WIDTH:,})"
+                )
         for name in ("bottom_sizes", "top_sizes"):
             sizes = tuple(getattr(self, name))
             for i, size in enumerate(sizes):

@@ -57,7 +57,7 @@ from ps.job_config import LOOPBACK_HOSTS, JobConfig, build_config, parse_job_con
 from ps.snapshot.storage import StorageConfig
 from ps.toml_reader import read_toml, toml_path
 from worker.data_options import ArrowMemoryPool, BadRowPolicy, SyntheticConfig
-from worker.model_config import ModelConfig
+from worker.model_config import MAX_LAYER_WIDTH, ModelConfig
 
 TRAINING_SECTIONS = ("train", "model", "data")
 
@@ -273,6 +273,12 @@ def parse_training_job(data: dict, base_dir: Path | None = None) -> TrainingJob:
         raise ValueError(f"data.synthetic.num_dense: the model needs >= 1 dense feature, got {count}")
     known = {t.name: t for t in ps.tables}
     job = TrainingJob(ps=ps, train=train, model=ModelConfig(), data=data_config)
+    data_field = "data.synthetic" if data_config.source == DataSource.SYNTHETIC else "data"
+    if job.num_dense > MAX_LAYER_WIDTH:  # the bottom MLP's input width
+        raise ValueError(
+            f"{data_field}.num_dense: must be at most {MAX_LAYER_WIDTH:,} (the widest layer a model may have: its "
+            f"bottom MLP takes one input a dense feature), got {job.num_dense:,}"
+        )
     if len(train.tables) not in (1, job.num_sparse):
         raise ValueError(
             f"train.tables: give one table for all features or one per feature ({job.num_sparse}), "
@@ -285,12 +291,14 @@ def parse_training_job(data: dict, base_dir: Path | None = None) -> TrainingJob:
         dims.add(known[name].dim)
     if len(dims) != 1:
         raise ValueError(f"train.tables: the dot interaction needs one dim for every table, got {sorted(dims)}")
+    dim = dims.pop()
+    _check_top_width(job.num_sparse, dim, f"{data_field}.num_sparse", f"tables.{train.tables[0]}.dim")
     try:
         # num_dense, num_sparse and dim were checked above, under their own fields.
         model = ModelConfig(
             num_dense=job.num_dense,
             num_sparse=job.num_sparse,
-            dim=dims.pop(),
+            dim=dim,
             bottom_sizes=section.bottom_sizes,
             top_sizes=section.top_sizes,
             seed=section.seed,
@@ -298,6 +306,22 @@ def parse_training_job(data: dict, base_dir: Path | None = None) -> TrainingJob:
     except ValueError as exc:
         raise ValueError(f"model.{exc}") from None
     return replace(job, model=model)
+
+
+def _check_top_width(num_sparse: int, dim: int, sparse_field: str, dim_field: str) -> None:
+    """ValueError naming the field when the top MLP's input, dim + (F + 1) F / 2 dot products of F
+    features, is wider than MAX_LAYER_WIDTH: a number of features taken at load was the worker's
+    out-of-memory error after the shards started (100,000 features: a 160 GB first layer)."""
+    width = dim + (num_sparse + 1) * num_sparse // 2
+    if width <= MAX_LAYER_WIDTH:
+        return
+    most = (math.isqrt(8 * (MAX_LAYER_WIDTH - dim) + 1) - 1) // 2  # the largest F that fits
+    rule = f"the top MLP takes dim + (F + 1) F / 2 inputs, at most {MAX_LAYER_WIDTH:,}, the widest layer allowed"
+    if most < 1:
+        raise ValueError(f"{dim_field}: {dim:,} leaves no room for one feature's dot product ({rule})")
+    raise ValueError(
+        f"{sparse_field}: must be at most {most:,} with {dim_field} = {dim:,} ({rule}), got {num_sparse:,}"
+    )
 
 
 def _table(data: dict, key: str, where: str) -> dict:

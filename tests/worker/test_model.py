@@ -84,6 +84,10 @@ def test_shape_errors_name_the_argument():
         ModelConfig(dim=0)
     with pytest.raises(ValueError, match="top_sizes"):
         ModelConfig(top_sizes=(4, 0))
+    with pytest.raises(ValueError, match=r"^num_dense: makes a layer 65,537 wide"):
+        ModelConfig(num_dense=65537)
+    with pytest.raises(ValueError, match=r"^num_sparse: makes a layer 65,719 wide"):
+        ModelConfig(num_sparse=362, dim=16)  # 16 + 363 * 362 / 2
 
 
 class MeanPoolTower(nn.Module):

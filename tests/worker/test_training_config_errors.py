@@ -143,6 +143,22 @@ LOADER_CASES = [
     (DATA, DATA + "\nshuffle_buffer = 4611686018427387904", r"^data\.shuffle_buffer: must be in \[0, 2,147", VALUE),
     ("batch_size = 8", "batch_size = 1180591620717411303424", r"^train\.batch_size: must be at most 16,777,216", VALUE),
     (TRAIN, "workers = 1099511627776", r"^train\.workers: must be at most 65,536, got 1,099,511,627,776$", VALUE),
+    # Widths of the model's layers that the data sets: the worker died allocating the model.
+    (
+        "num_sparse = 2",
+        "num_sparse = 100000",
+        r"^data\.synthetic\.num_sparse: must be at most 361 with tables\.emb\.dim = 4 \(the top MLP .*got 100,000$",
+        VALUE,
+    ),
+    (SYNTHETIC, SYNTHETIC + "\nnum_dense = 65537", r"^data\.synthetic\.num_dense: must be at most 65,536 ", VALUE),
+    (
+        DATA,
+        'source = "criteo"\npaths = ["x"]\nnum_sparse = 362',
+        r"^data\.num_sparse: must be at most 361 with tables\.emb\.dim = 4 ",
+        VALUE,
+    ),
+    (DATA, 'source = "parquet"\npaths = ["x"]\nnum_dense = 65537', r"^data\.num_dense: must be at most 65,536 ", VALUE),
+    ("dim = 4", "dim = 65536", r"^tables\.emb\.dim: 65,536 leaves no room for one feature's dot product", VALUE),
 ]
 
 
@@ -167,6 +183,9 @@ def test_wrong_types_and_paths_from_the_command_line(tmp_path):
         "model.bottom_sizes[0]: a layer width must be an integer"
     )
     assert launch(tmp_path, job_text(out, "workers = 1", "workers = 1\ndense_lr = inf")).startswith("train.dense_lr:")
+    assert launch(tmp_path, job_text(out, "num_sparse = 2", "num_sparse = 100000")).startswith(
+        "data.synthetic.num_sparse: must be at most 361"
+    )
     assert not out.exists()
 
 
