@@ -241,6 +241,7 @@ def launch(options: LaunchOptions) -> int:
         except OSError as exc:  # a path missing or out of reach: its message names the field and the path
             raise ValueError(str(exc)) from None
     world_size = options.nnodes * job.train.workers
+    _check_snapshot_folder(job)
     restore = _latest_step(job) if options.resume else None
     if restore is not None:
         _check_resume(job, restore, world_size)
@@ -449,6 +450,36 @@ def _check_resume(job: TrainingJob, step: int, world_size: int) -> None:
                 current = _latest_or_none(job, before=current)
     except (StorageError, _StartFailed) as exc:
         raise ValueError(f"--resume: cannot read snapshot step {current} under {job.ps.snapshot.uri}: {exc}") from None
+
+
+def _check_snapshot_folder(job: TrainingJob) -> None:
+    """ValueError naming snapshot.uri when a local one is not a folder and cannot become one (an
+    existing file, or a path under one): every snapshot round then failed on "Not a directory" and
+    was skipped with a warning, and the job ended 0 with no snapshot. A path that does not exist yet
+    is fine (the first round makes it); remote storage has no such files."""
+    from pyarrow import fs as pafs
+
+    from ps.snapshot.storage import open_uri
+
+    if job.ps.snapshot is None:
+        return
+    uri = job.ps.snapshot.uri
+    try:
+        filesystem, root = open_uri(uri, job.ps.snapshot.storage)
+    except StorageError as exc:
+        raise ValueError(f"snapshot.uri: cannot open {uri}: {exc}") from None
+    if not isinstance(filesystem, pafs.LocalFileSystem):
+        return
+    path = Path(root)
+    try:
+        while not path.exists() and path != path.parent:  # a path under a file does not exist either
+            path = path.parent
+        if path.is_dir():
+            return
+    except OSError:  # not ours to judge (a folder we may not search): the first round says what it is
+        return
+    under = "" if path == Path(root) else f": {str(path)!r} is a file"
+    raise ValueError(f"snapshot.uri: {uri!r} is not a folder{under}")
 
 
 def _refuse_an_earlier_run(job: TrainingJob) -> None:

@@ -437,3 +437,20 @@ def test_a_worker_names_the_field_of_a_dense_tower_of_another_shape(tmp_path):
     model = DLRMDenseTower(job.model)
     with pytest.raises(ValueError, match=r"^model\.top_sizes: \[12\] in the job, \[8\] in snapshot step 60 "):
         load_trainer_state(job, 60, 0, 1, model, torch.optim.Adam(model.parameters()))
+
+
+def test_a_local_snapshot_uri_that_is_a_file_is_refused_before_anything_starts(tmp_path):
+    """Every snapshot round then failed on "Not a directory" and was skipped with a warning: the job
+    ended 0 with no snapshot. A path under a file is no folder either; one that does not exist yet is."""
+    out, files = previous_run(tmp_path)
+    file = tmp_path / "snapshots"
+    file.write_text("not a folder")
+    for uri, message in (
+        (str(file), f"snapshot.uri: {str(file)!r} is not a folder"),
+        (f"file://{file}", f"snapshot.uri: 'file://{file}' is not a folder"),
+        (f"{file}/ctr", f"snapshot.uri: '{file}/ctr' is not a folder: {str(file)!r} is a file"),
+    ):
+        for flags in ((), ("--resume",)):
+            assert launch(tmp_path, job_text(out) + f'\n[snapshot]\nuri = "{uri}"\n', *flags) == message
+    assert file.read_text() == "not a folder"
+    assert {p.name: p.read_text() for p in out.iterdir()} == files
