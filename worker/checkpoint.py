@@ -157,6 +157,17 @@ class _RoundOutcome:
         self.released.set()
 
 
+@dataclass
+class _Tries:
+    """One round's tries, on the round's thread: what they have done so far."""
+
+    plan: _RoundPlan
+    deadline: float
+    outcome: _RoundOutcome
+    records: list[ShardRecord] = field(default_factory=list)  # every shard's, once they wrote their files
+    reached_commit: bool = False  # a try that failed past this point may have committed all the same
+
+
 class _RoundFailed(Exception):
     """One try of a round failed; `transient` when another try may succeed."""
 
@@ -330,19 +341,18 @@ class Checkpointer:
         and a shard's failure ends the round: its tables cannot be taken at plan.step again."""
         config = self.config
         backoff = config.retry_backoff_s
-        reached_commit = [False]  # a try that failed past this point may have committed all the same
-        records: list[ShardRecord] = []  # every shard's, once they wrote their files
+        tries = _Tries(plan, deadline, outcome)
         for attempt in range(config.retries + 1):
             try:
-                if attempt and reached_commit[0] and self._is_committed(plan.step):
+                if attempt and tries.reached_commit and self._is_committed(plan.step):
                     break
-                self._write(plan, deadline, reached_commit, records, outcome)
+                self._write(tries)
                 break
             except _RoundFailed as exc:
                 self.rounds.fail_try()
                 left = deadline - time.monotonic()
                 # A shard failed to write what it staged: training went on, the step cannot be taken again.
-                lost_stage = outcome.staged and not records
+                lost_stage = outcome.staged and not tries.records
                 if lost_stage or not exc.transient or attempt == config.retries or left <= backoff:
                     if not exc.transient and plan.parent is not None:
                         self._full_next = True
@@ -375,17 +385,10 @@ class Checkpointer:
             raise _RoundFailed(f"cannot tell whether step {step} committed: {exc}", transient=True) from exc
         return True
 
-    def _write(
-        self,
-        plan: _RoundPlan,
-        deadline: float,
-        reached_commit: list[bool],
-        records: list[ShardRecord],
-        outcome: _RoundOutcome,
-    ) -> None:
-        """One try of round plan.step; _RoundFailed when it fails."""
+    def _write(self, tries: _Tries) -> None:
+        """One try of round tries.plan.step; _RoundFailed when it fails."""
         try:
-            self._write_once(plan, deadline, reached_commit, records, outcome)
+            self._write_once(tries)
         except grpc.RpcError as exc:
             raise _RoundFailed(f"{exc.code().name}: {exc.details()}", exc.code() in _TRANSIENT_CODES) from exc
         except StorageDeniedError as exc:  # credentials or a bucket to fix: no later try would do better
@@ -395,16 +398,9 @@ class Checkpointer:
         except EmbpsError as exc:
             raise _RoundFailed(str(exc), transient=False) from exc
 
-    def _write_once(
-        self,
-        plan: _RoundPlan,
-        deadline: float,
-        reached_commit: list[bool],
-        records: list[ShardRecord],
-        outcome: _RoundOutcome,
-    ) -> None:
-        """The shards' part (unless `records` already holds it: filled here), then rank 0's."""
-        config = self.config
+    def _write_once(self, tries: _Tries) -> None:
+        """The shards' part (unless tries.records already holds it: filled here), then rank 0's."""
+        config, plan, records = self.config, tries.plan, tries.records
         kind = "full" if plan.parent is None else "incremental"
         if not records:
             request = snapshot_pb2.WriteSnapshotRequest(
@@ -419,8 +415,8 @@ class Checkpointer:
                     [s.addresses() for s in self.job.ps.shards],
                     self.job.ps.security,
                     request,
-                    max(1.0, deadline - time.monotonic()),
-                    outcome.on_staged,
+                    max(1.0, tries.deadline - time.monotonic()),
+                    tries.outcome.on_staged,
                 )
             )
         writer = SnapshotWriter(
@@ -437,7 +433,7 @@ class Checkpointer:
             writer.add_shard_record(record)
         writer.write_extra(DENSE, plan.dense)
         writer.write_extra(TRAINER_STATE, plan.trainer_state)
-        reached_commit[0] = True
+        tries.reached_commit = True
         writer.commit()
         if config.keep:
             try:

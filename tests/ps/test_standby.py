@@ -280,6 +280,24 @@ def _push_steps(client: PSClient, data: np.random.Generator, steps: range) -> li
     return acked
 
 
+def _restart_without_data(etcd, data) -> None:
+    """etcd started again without its data folder `data` (a pod without a persistent disk)."""
+    import shutil
+
+    etcd.stop()
+    shutil.rmtree(data)
+    etcd.restart()
+
+
+def _started_over(pair: ShardPair, etcd, job: JobConfig, tmp_path) -> ShardPair:
+    """Both processes of `pair` stopped, etcd started again without its data, and a pair of the
+    same job started anew (under tmp_path / "again"): it begins at epoch 1 of a new lineage."""
+    pair.stop()
+    _restart_without_data(etcd, tmp_path / "etcd" / "data")
+    (tmp_path / "again").mkdir()
+    return ShardPair.start(job, tmp_path / "again")
+
+
 def _stop_pair(pair: ShardPair, client: PSClient, restarted) -> None:
     """A test's processes stopped: the restarted primary first (it may wait on the others), then a
     standby resumed if paused, the client and the pair."""
@@ -386,8 +404,6 @@ def test_etcd_losing_its_data_under_a_pair_in_sync_loses_no_acknowledged_push(tm
     good), and the primary started again took epoch 1 with its empty state and copied it over the
     standby's acknowledged pushes. Now the standby, last seen in sync, takes the shard an epoch
     further, and the restarted primary waits for it and becomes its standby."""
-    import shutil
-
     from tests.helpers.etcd import start_etcd
 
     etcd = start_etcd(tmp_path / "etcd")
@@ -399,9 +415,7 @@ def test_etcd_losing_its_data_under_a_pair_in_sync_loses_no_acknowledged_push(tm
     try:
         acked = _push_steps(client, data, range(1, 21))
         wait_until(lambda: json.loads(arbiter.standby_alive() or "{}").get("in_sync"), "the standby in sync")
-        etcd.stop()
-        shutil.rmtree(tmp_path / "etcd" / "data")
-        etcd.restart()
+        _restart_without_data(etcd, tmp_path / "etcd" / "data")
         wait_until(lambda: (arbiter.read()[0] or Membership("", "", 0, False)).primary == job.shards[0].standby,
                    "the standby taking the shard", 30)
         assert pair.primary.wait(30) == 0  # deposed: its lease went with etcd's data
@@ -425,8 +439,6 @@ def test_a_standby_that_missed_its_primary_going_on_alone_does_not_take_a_lost_r
     those pushes (sent again, they applied again). It takes a lost record only when it heard its
     primary within half a lease; a primary started again then takes the shard (the standby's key
     no longer says in sync), and the standby refuses its older state rather than copy it."""
-    import shutil
-
     from tests.helpers.etcd import start_etcd
 
     etcd = start_etcd(tmp_path / "etcd")
@@ -440,9 +452,7 @@ def test_a_standby_that_missed_its_primary_going_on_alone_does_not_take_a_lost_r
         stop_process(pair.standby.pid)
         _push_steps(client, data, range(11, 16))  # acknowledged alone, once the arbiter records the primary alone
         assert arbiter.read()[0].sync is False
-        etcd.stop()
-        shutil.rmtree(tmp_path / "etcd" / "data")
-        etcd.restart()
+        _restart_without_data(etcd, tmp_path / "etcd" / "data")
         os.kill(pair.standby.pid, signal.SIGCONT)
         assert pair.primary.wait(30) == 0  # deposed: its lease went with etcd's data
         try:
@@ -467,8 +477,6 @@ def test_a_pair_started_over_at_epoch_1_is_reached_by_a_client_that_saw_a_later_
     lineage, drawn when it is written where none was, and epochs compare within one lineage: the
     client reaches the new pair, and a process still refuses a client that saw a newer epoch of its
     own lineage (a deposed primary that trusts its lease stays fenced)."""
-    import shutil
-
     from tests.helpers.etcd import start_etcd
 
     etcd = start_etcd(tmp_path / "etcd")
@@ -482,12 +490,7 @@ def test_a_pair_started_over_at_epoch_1_is_reached_by_a_client_that_saw_a_later_
         _push_steps(client, data, range(3, 5))  # answered by the promoted standby: the client saw epoch 2
         before = arbiter.read()[0]
         assert (before.epoch, client._epochs) == (2, [2])
-        pair.stop()
-        etcd.stop()
-        shutil.rmtree(tmp_path / "etcd" / "data")
-        etcd.restart()
-        (tmp_path / "again").mkdir()
-        again = ShardPair.start(job, tmp_path / "again")
+        again = _started_over(pair, etcd, job, tmp_path)
         after = arbiter.read()[0]
         assert after.epoch == 1
         _push_steps(client, data, range(5, 7))
@@ -519,8 +522,6 @@ def test_a_pair_started_over_is_reached_by_a_client_that_saw_an_epoch_of_a_recor
     pair started over (a new lineage, epoch 1), a client that had seen epoch 3 was refused for good.
     It now names the record's want of a lineage (wire.NO_LINEAGE): the pair started over answers it,
     and a process of the lineage-less record still refuses a client that saw a newer epoch of it."""
-    import shutil
-
     from tests.helpers.etcd import start_etcd
 
     etcd = start_etcd(tmp_path / "etcd")
@@ -543,12 +544,7 @@ def test_a_pair_started_over_is_reached_by_a_client_that_saw_an_epoch_of_a_recor
             with pytest.raises(grpc.RpcError) as info:
                 ps_pb2_grpc.ParameterServerStub(channel).Stats(ps_pb2.StatsRequest(), metadata=metadata, timeout=10)
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "seen epoch 4" in info.value.details()
-        pair.stop()
-        etcd.stop()
-        shutil.rmtree(tmp_path / "etcd" / "data")
-        etcd.restart()
-        (tmp_path / "again").mkdir()
-        again = ShardPair.start(job, tmp_path / "again")
+        again = _started_over(pair, etcd, job, tmp_path)
         after = arbiter.read()[0]
         assert after.epoch == 1 and after.lineage
         _push_steps(client, data, range(5, 7))
@@ -569,8 +565,6 @@ def test_a_standby_at_a_later_epoch_of_a_lost_record_judges_the_state_of_a_pair_
     primary stayed joining. Epochs now compare within one lineage: the handshake reaches that rule,
     and the standby, last seen in sync and holding acknowledged pushes the primary lacks, refuses its
     older state (logged critical) for an operator to choose."""
-    import shutil
-
     from tests.helpers.etcd import start_etcd
 
     etcd = start_etcd(tmp_path / "etcd")
@@ -592,9 +586,7 @@ def test_a_standby_at_a_later_epoch_of_a_lost_record_judges_the_state_of_a_pair_
         stop_process(standby.pid)
         _push_steps(client, data, range(6, 8))  # acknowledged alone, once the arbiter records the primary alone
         assert arbiter.read()[0].sync is False
-        etcd.stop()
-        shutil.rmtree(tmp_path / "etcd" / "data")
-        etcd.restart()
+        _restart_without_data(etcd, tmp_path / "etcd" / "data")
         os.kill(standby.pid, signal.SIGCONT)
         assert pair.standby.wait(30) == 0  # deposed: its lease went with etcd's data
         wait_until(lambda: json.loads(arbiter.standby_alive() or "{}").get("in_sync") is False,

@@ -293,6 +293,18 @@ def test_full_disk_skips_the_round_and_training_goes_on(tmp_path, caplog):
         proc.wait()
 
 
+def _committed_once_with_a_1_s_round_timeout(tmp_path: Path, start_shards) -> tuple[str, TrainingJob, Trainer]:
+    """A run on local snapshots with round_timeout_s 1 s whose step 10 committed: (uri, job, run)."""
+    uri = str(tmp_path / "snaps")
+    job = training_job(tmp_path, uri)
+    job = replace(job, ps=replace(job.ps, snapshot=replace(job.ps.snapshot, round_timeout_s=1.0)))
+    shards = start_shards(job.ps)
+    run = Trainer(replace(job, ps=shards.job))
+    run.push(200)
+    run.snapshot(10)
+    return uri, job, run
+
+
 def test_a_commit_that_hangs_in_storage_holds_no_training_and_the_next_round_waits_for_it(
     tmp_path, start_shards, caplog, monkeypatch
 ):
@@ -304,13 +316,7 @@ def test_a_commit_that_hangs_in_storage_holds_no_training_and_the_next_round_wai
     its step, which the next round builds on. At the job's end, finish() waits for it."""
     from ps.snapshot import storage as storage_module
 
-    uri = str(tmp_path / "snaps")
-    job = training_job(tmp_path, uri)
-    job = replace(job, ps=replace(job.ps, snapshot=replace(job.ps.snapshot, round_timeout_s=1.0)))
-    shards = start_shards(job.ps)
-    run = Trainer(replace(job, ps=shards.job))
-    run.push(200)
-    run.snapshot(10)
+    uri, job, run = _committed_once_with_a_1_s_round_timeout(tmp_path, start_shards)
     write = storage_module.write_bytes_new
     storage_answers = threading.Event()
 
@@ -360,13 +366,7 @@ def test_shards_that_do_not_stage_within_round_timeout_skip_the_round_and_a_late
     commits later (a whole snapshot of its step: training waited for the staging), it says so and
     counts, and the next round builds on it."""
     monkeypatch.setattr(worker.checkpoint, "STORAGE_GRACE_S", 0.2)
-    uri = str(tmp_path / "snaps")
-    job = training_job(tmp_path, uri)
-    job = replace(job, ps=replace(job.ps, snapshot=replace(job.ps.snapshot, round_timeout_s=1.0)))
-    shards = start_shards(job.ps)
-    run = Trainer(replace(job, ps=shards.job))
-    run.push(200)
-    run.snapshot(10)
+    uri, job, run = _committed_once_with_a_1_s_round_timeout(tmp_path, start_shards)
     stage_on_shards = worker.checkpoint._stage_on_shards
     shards_answer = threading.Event()
 
