@@ -161,6 +161,19 @@ class ModelCut:
         """The newest step every (table, shard) has reached: min over newest."""
         return self._low
 
+    def _showable(self, limit: int) -> int:
+        """The newest step <= limit, past the served version, that every (table, shard) can show, or
+        the served version if none. A shard merges the commits a slow stream missed into one range
+        ending at the newest (ps/shard/commit_stream.py): a stream whose range jumped from step 15
+        to 17 cannot show 16, and a cut at 16 (the other streams' newest) served its rows of 15
+        beside the others' of 16. A stream shows step S when one of its ranges ends at S, when all
+        of them end at or before S, or when the range over S changed none of its rows."""
+        steps = sorted({d.step for deltas in self.waiting.values() for d in deltas if self.version < d.step <= limit})
+        for step in reversed(steps):
+            if all(_shows(deltas, step) for deltas in self.waiting.values()):
+                return step
+        return self.version
+
     def _set_newest(self, key: tuple[str, int], step: int) -> None:
         old = self.newest[key]
         self.newest[key] = step
@@ -193,7 +206,7 @@ class ModelCut:
 
     async def _publish_next_cut(self) -> None:
         async with self._publishing:
-            cut = self.cut_candidate()
+            cut = self._showable(self.cut_candidate())
             if cut <= self.version:
                 return
             batch: dict[tuple[str, int], list[Delta]] = {}
@@ -265,6 +278,15 @@ class ModelCut:
             behind = [d.commit_time for ds in self.waiting.values() for d in ds
                       if d.commit_time and d.step > self.version]
             m.cut_lag_seconds.set(max(0.0, time.time() - min(behind)) if behind else 0.0)
+
+
+def _shows(deltas: list[Delta], step: int) -> bool:
+    """Whether a stream whose waiting deltas are `deltas` (in order) can show `step` (ModelCut._showable)."""
+    over = next((d for d in deltas if d.step > step), None)
+    if over is None or not (over.replace is not None or over.keys.shape[0] or over.deleted.shape[0]):
+        return True
+    before = [d for d in deltas if d.step <= step]
+    return bool(before) and before[-1].step == step
 
 
 def _stage(table: TableReplica, shard: int, deltas: list[Delta]) -> tuple[ShardRows, bool]:

@@ -278,3 +278,45 @@ def test_waiting_bytes_return_to_zero_once_a_full_copy_and_the_rows_staged_into_
 
     cut = asyncio.run(run())
     assert cut.waiting_bytes == 0 and not any(cut.waiting.values())
+
+
+def test_a_stream_whose_range_skipped_a_step_holds_the_cut_until_every_stream_shows_one_step():
+    """A shard merges the commits a slow stream missed into one range ending at the newest step
+    (ps/shard/commit_stream.py): (user, shard 0) goes from step 15 to 17 in one range while the
+    other streams send 16, then 17. The cut was the streams' lowest newest step, 16, and a reply
+    at model version 16 held (user, 0)'s rows of 15 beside the others' of 16 (seen once in a busy
+    suite run: "one reply at model version 16 holds steps {16.0, 15.0}"). A stream cannot show a
+    step its range jumped over: the cut waits for 17, which every stream shows."""
+    tables = make_tables()
+    keys = np.arange(64, dtype=np.int64)
+    empty = np.empty(0, np.int64)
+
+    def delta(table: TableReplica, s: int, step: int) -> Delta:
+        part = keys[table.shard_map.split(keys)[s]]
+        return Delta(step, step, 1, part, np.full((part.shape[0], DIM), float(step), np.float32), empty)
+
+    def steps_served(cut: ModelCut) -> tuple[set[float], int]:
+        def answer(version: int) -> set[float]:
+            return {float(x) for t in tables.values() for x in t.lookup(keys, version=version)[0].ravel()}
+
+        return cut.read(answer)
+
+    async def run() -> None:
+        cut = ModelCut(tables, ServingMetrics(), 1 << 30)
+        for name, table in tables.items():
+            for s in range(2):
+                await cut.offer(name, s, delta(table, s, 15))
+        assert steps_served(cut) == ({15.0}, 15)
+        await cut.offer("user", 0, delta(tables["user"], 0, 17))  # commits 16 and 17 in one range
+        for name, table in tables.items():
+            for s in range(2):
+                if (name, s) != ("user", 0):
+                    await cut.offer(name, s, delta(table, s, 16))
+        assert steps_served(cut) == ({15.0}, 15)  # every other stream at 16; (user, 0) cannot show 16
+        for name, table in tables.items():
+            for s in range(2):
+                if (name, s) != ("user", 0):
+                    await cut.offer(name, s, delta(table, s, 17))
+        assert steps_served(cut) == ({17.0}, 17)
+
+    asyncio.run(run())
