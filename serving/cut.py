@@ -206,7 +206,10 @@ class ModelCut:
 
     async def _publish_next_cut(self) -> None:
         async with self._publishing:
-            cut = self._showable(self.cut_candidate())
+            cut = self.cut_candidate()
+            if cut <= self.version:  # the usual offer: O(1), no scan
+                return
+            cut = self._showable(cut)
             if cut <= self.version:
                 return
             batch: dict[tuple[str, int], list[Delta]] = {}
