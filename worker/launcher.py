@@ -433,6 +433,16 @@ def _latest_step(job: TrainingJob) -> int:
     return step
 
 
+def _reachable(endpoint: str) -> bool:
+    """Whether a TCP connection to `endpoint` ("host:port", an IPv6 host in brackets) opens within 2 s."""
+    host, _, port = endpoint.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=2.0).close()
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def _check_resume(job: TrainingJob, step: int, world_size: int) -> None:
     """ValueError naming the field when the job, as its file says now, cannot go on from the step
     --resume restores (worker/resume_check.py: train.workers, a table's dim, [model], the data's
@@ -812,7 +822,15 @@ def _run_workers(
             f"worker rank {rank} (pid {failure.pid}) exited ({children.describe_exit(failure.exitcode)})"
             for rank, failure in failed
         )
-        return f"{ranks} after {time.monotonic() - start:.0f} s (the workers' output is above)"
+        seconds = time.monotonic() - start
+        if options.rdzv_endpoint is not None and options.node_rank != 0 and not _reachable(options.rdzv_endpoint):
+            # Node 0's store went away: this node's workers, connected to it, fail on it too, and
+            # one of the two ways torch reports it wins the race (RendezvousError above, or theirs).
+            return (
+                f"the workers' rendezvous at {options.rdzv_endpoint} went away ({ranks} after {seconds:.0f} s, "
+                "their output above); is node 0's launcher running?"
+            )
+        return f"{ranks} after {seconds:.0f} s (the workers' output is above)"
     finally:
         failures.armed = False
         # Torch's agent records its workers only once every one of them started: a signal raised in
