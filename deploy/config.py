@@ -60,6 +60,19 @@ _QUANTITY = re.compile(r"^(?P<number>[0-9]+(\.[0-9]+)?|\.[0-9]+)(?P<suffix>Ki|Mi
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 RESOURCE_NAMES = ("cpu", "memory", "gpu")
+# A container image reference as the container runtimes parse it (the distribution project's
+# grammar): [host[:port]/]path[:tag][@digest], each path component lowercase. The API server
+# takes any image without surrounding whitespace; a malformed one renders, applies, and leaves
+# every pod in InvalidImageName.
+_IMAGE_HOST_LABEL = r"[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?"
+_IMAGE_HOST = rf"(?:{_IMAGE_HOST_LABEL}(?:\.{_IMAGE_HOST_LABEL})*|\[[0-9a-fA-F:]+\])"
+_IMAGE_PATH_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_IMAGE_REFERENCE = re.compile(
+    rf"(?:{_IMAGE_HOST}(?::[0-9]+)?/)?{_IMAGE_PATH_COMPONENT}(?:/{_IMAGE_PATH_COMPONENT})*"
+    r"(?::[\w][\w.-]{0,127})?(?:@[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,})?"
+)
+_IMAGE_NAME_MAX = 255  # the name's characters (before the tag and digest)
+INT32_MAX = 2**31 - 1  # replicas and HPA bounds are int32 in the Kubernetes API
 
 
 class PullPolicy(StrEnum):
@@ -134,8 +147,10 @@ def parse_deploy_config(raw: object) -> DeployConfig:
         raise ValueError("deploy.image: must name a container image with embps installed, got ''")
     if any(c.isspace() for c in config.image):
         raise ValueError(f"deploy.image: a container image reference has no spaces, got {config.image!r}")
+    _check_image("deploy.image", config.image)
     if not isinstance(config.etcd_image, str) or not config.etcd_image.strip():
         raise ValueError(f"deploy.etcd_image: must name a container image with etcd, got {config.etcd_image!r}")
+    _check_image("deploy.etcd_image", config.etcd_image)
     if (config.etcd_tls_cert is None) != (config.etcd_tls_key is None):
         given, missing = ("etcd_tls_cert", "etcd_tls_key")[:: 1 if config.etcd_tls_cert is not None else -1]
         raise ValueError(f"deploy.{missing}: required with deploy.{given}")
@@ -145,15 +160,15 @@ def parse_deploy_config(raw: object) -> DeployConfig:
             _check_name(f"deploy.{name}", getattr(config, name), _DNS_SUBDOMAIN, 253)
     for role in ("ps", "worker", "serving"):
         _check_resources(f"deploy.{role}.resources", getattr(config, role).resources)
-    _at_least("deploy.worker.nnodes", config.worker.nnodes, 1)
+    _in_int32("deploy.worker.nnodes", config.worker.nnodes, 1)
     _port("deploy.worker.rdzv_port", config.worker.rdzv_port)
     serving = config.serving
     _port("deploy.serving.port", serving.port)
     _port("deploy.serving.metrics_port", serving.metrics_port)
     if serving.port == serving.metrics_port:
         raise ValueError(f"deploy.serving.metrics_port: must differ from deploy.serving.port ({serving.port})")
-    _at_least("deploy.serving.min_replicas", serving.min_replicas, 1)
-    _at_least("deploy.serving.max_replicas", serving.max_replicas, serving.min_replicas)
+    _in_int32("deploy.serving.min_replicas", serving.min_replicas, 1)
+    _in_int32("deploy.serving.max_replicas", serving.max_replicas, serving.min_replicas)
     if not 1 <= serving.target_cpu_percent <= 100:
         raise ValueError(f"deploy.serving.target_cpu_percent: must be in [1, 100], got {serving.target_cpu_percent}")
     if serving.export_uri is not None:
@@ -213,6 +228,26 @@ def _check_name(where: str, value: str, pattern: re.Pattern, max_len: int) -> No
 def _at_least(where: str, value: int, low: int) -> None:
     if value < low:
         raise ValueError(f"{where}: must be >= {low}, got {value}")
+
+
+def _in_int32(where: str, value: int, low: int) -> None:
+    """A count Kubernetes holds as an int32 (replicas, an HPA's bounds): past it the API server
+    refuses the manifest at apply, after render said nothing."""
+    _at_least(where, value, low)
+    if value > INT32_MAX:
+        raise ValueError(f"{where}: must be <= {INT32_MAX} (an int32 in Kubernetes), got {value}")
+
+
+def _check_image(where: str, image: str) -> None:
+    """`image` is a reference a container runtime can pull: pods of a malformed one never start."""
+    name = image.split("@", 1)[0]
+    if ":" in name.rsplit("/", 1)[-1]:
+        name = name.rsplit(":", 1)[0]
+    if len(name) > _IMAGE_NAME_MAX or not _IMAGE_REFERENCE.fullmatch(image):
+        raise ValueError(
+            f"{where}: must be a container image reference, [host[:port]/]path[:tag][@digest] with a lowercase path "
+            f"of at most {_IMAGE_NAME_MAX} characters (e.g. 'registry.example.com/team/embps:0.1.0'), got {image!r}"
+        )
 
 
 def _port(where: str, value: int) -> None:

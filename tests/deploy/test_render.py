@@ -229,6 +229,16 @@ def test_worker_kind_indexed_job_swaps_which_one_kubectl_applies(tmp_path):
         ("min_replicas = 2=>min_replicas = -1", "deploy.serving.min_replicas: must be >= 1, got -1"),
         ("max_replicas = 8=>max_replicas = 1", "deploy.serving.max_replicas: must be >= 2, got 1"),
         ("nnodes = 2=>nnodes = 0", "deploy.worker.nnodes: must be >= 1, got 0"),
+        # int32 in the API: rendered, then refused by the API server at apply.
+        ("max_replicas = 8=>max_replicas = 2147483648", "deploy.serving.max_replicas: must be <= 2147483647"),
+        ("min_replicas = 2=>min_replicas = 2147483648", "deploy.serving.min_replicas: must be <= 2147483647"),
+        # Applied, and every pod stuck in InvalidImageName: the path of a reference is lowercase.
+        ('image = "registry.example.com/embps:0.1.0"=>image = "registry.example.com/Team/embps:0.1.0"',
+         "deploy.image: must be a container image reference"),
+        ('image = "registry.example.com/embps:0.1.0"=>image = "registry.example.com/embps:"',
+         "deploy.image: must be a container image reference"),
+        ('image = "registry.example.com/embps:0.1.0"=>image = "registry.example.com/embps:0.1.0"\n'
+         'etcd_image = "etcd@sha256:abc"', "deploy.etcd_image: must be a container image reference"),
         ("gpu = 0=>tpu = 1", "deploy.worker.resources.tpu: unknown resource"),
         ('memory = "2Gi"=>memory = "2 GB"', "deploy.serving.resources.memory: must be a Kubernetes quantity"),
         ('cpu = "1"=>cpu = "1\\n"', "deploy.serving.resources.cpu: must be a Kubernetes quantity"),
