@@ -42,11 +42,12 @@ FAILOVER_CODES = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED}
 )
 DEFAULT_TIMEOUT_S = 1.0
-# A replica that let a call's deadline pass (hung, SIGSTOPped, far slower than the others) is tried
-# after the others for this long,
+# A replica whose attempt failed (let the deadline pass: hung, SIGSTOPped, far slower than the others;
+# or refused: UNAVAILABLE, RESOURCE_EXHAUSTED) is tried after the others for this long,
 SLOW_REPLICA_SECONDS = 10.0
-# when its attempt had at least this share of the call's timeout_s: one given what the replicas before
-# it left (one that refused late, the earlier parts of a split lookup) has not shown it is slow.
+# when the attempt itself took at least this share of the call's timeout_s: one given what the replicas
+# before it left (one that refused late, the earlier parts of a split lookup) and missing it has not shown
+# it is slow, and one that refuses at once costs the calls that begin at it nothing.
 SLOW_REPLICA_FAIR_SHARE = 0.5
 _OVER_LIMIT = "over message_limit_bytes"  # a replica's refusal of a reply too large (serving_lookup.cpp, server.py)
 # gRPC's own refusal of a message over a channel's or server's limit (a request: "Sent message larger than
@@ -277,14 +278,15 @@ class ServingClient:
         when a replica refuses the reply as over the message limit, or gRPC a message (every replica
         would).
 
-        A replica that let a call's deadline pass (hung, SIGSTOPped, or far slower than the others)
-        is tried after the others for SLOW_REPLICA_SECONDS: a replica that takes calls and answers
-        none failed every call in its turn, half the calls of a two-replica client; now about one
-        call in SLOW_REPLICA_SECONDS. Each attempt has the whole time left (a slow replica still
-        answers; a hedge beside it cost ~0.2 ms of client CPU a call in `bench client`). Only an
-        attempt that had SLOW_REPLICA_FAIR_SHARE of timeout_s marks its replica so: a healthy replica
-        tried after one that refused late got the sliver left, missed it and was tried last, so
-        every call began at the late refuser, left the healthy one a sliver again and failed."""
+        A replica whose attempt failed after SLOW_REPLICA_FAIR_SHARE of timeout_s or more (it let the
+        deadline pass: hung, SIGSTOPped, far slower than the others; or it refused late: shedding
+        behind a slow link) is tried after the others for SLOW_REPLICA_SECONDS: a replica that takes
+        calls and answers none, or refuses them late, failed every call in its turn, half the calls
+        of a two-replica client (the ones after it had the sliver left); now about one call in
+        SLOW_REPLICA_SECONDS. Each attempt has the whole time left (a slow replica still answers; a
+        hedge beside it cost ~0.2 ms of client CPU a call in `bench client`). What counts is the
+        attempt's own time, not the time it was given: a healthy replica tried after a late refuser
+        got the sliver left and missed it, and marking it sent every call to the late refuser first."""
         deadline = deadline if deadline is not None else time.monotonic() + self.timeout_s
         first = next(self._turn) % len(self._replicas) if start is None else start[0]
         now = time.monotonic()
@@ -295,7 +297,8 @@ class ServingClient:
         answers = []
         for index in order:
             replica = self._replicas[index]
-            remaining = deadline - time.monotonic()
+            started = time.monotonic()
+            remaining = deadline - started
             if remaining <= 0:
                 break
             try:
@@ -309,8 +312,9 @@ class ServingClient:
                     _OVER_LIMIT in details or _LARGER_THAN_MAX in details
                 ):
                     raise _ReplyTooLarge(details) from None
-                if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and remaining >= fair_share:
-                    self._slow_until[index] = time.monotonic() + SLOW_REPLICA_SECONDS
+                failed = exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED or exc.code() in FAILOVER_CODES
+                if failed and (ended := time.monotonic()) - started >= fair_share:
+                    self._slow_until[index] = ended + SLOW_REPLICA_SECONDS
                 if exc.code() not in FAILOVER_CODES:
                     raise
                 answers.append((replica.address, exc.code(), exc.details() or ""))

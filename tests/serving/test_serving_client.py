@@ -289,17 +289,19 @@ def test_replicas_slower_than_half_the_deadline_still_answer_every_call() -> Non
 
 
 class _RefusesLate(grpc.GenericRpcHandler):
-    """Answers every call RESOURCE_EXHAUSTED after `seconds`, as a shedding replica behind a slow link."""
+    """Answers every call `code` (RESOURCE_EXHAUSTED: a shedding replica) after `seconds`, as a replica
+    behind a slow link."""
 
-    def __init__(self, seconds: float) -> None:
+    def __init__(self, seconds: float, code: grpc.StatusCode = grpc.StatusCode.RESOURCE_EXHAUSTED) -> None:
         self.seconds = seconds
+        self.code = code
         self.calls = 0
 
     def service(self, handler_call_details):
         def refuse(request: bytes, context: grpc.ServicerContext) -> None:
             self.calls += 1
             threading.Event().wait(self.seconds)  # the link's delay, not a wait for anything
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "serving queue full (a stand-in)")
+            context.abort(self.code, "refused late (a stand-in)")
 
         return grpc.unary_unary_rpc_method_handler(refuse)
 
@@ -326,6 +328,36 @@ def test_a_replica_left_a_sliver_of_the_deadline_is_not_tried_last() -> None:
             assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
             values, _ = client.lookup_many({"a": keys})["a"]  # in turn, the healthy replica first
             np.testing.assert_array_equal(values[0], expected_row(1, DIMS["a"]))
+        assert late.calls == 1
+    finally:
+        for server in servers:
+            server.stop(0)
+
+
+@pytest.mark.parametrize("code", [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED])
+def test_a_replica_that_refuses_late_is_tried_last(code: grpc.StatusCode) -> None:
+    """A replica that refuses after most of the deadline (shedding behind a slow link) was never tried
+    last: only a DEADLINE_EXCEEDED marked a replica slow, so every call that began at it left the healthy
+    replica the sliver after its refusal and failed (every other call of a two-replica client). An attempt
+    that refused or failed after half of timeout_s marks its replica, judged by the attempt's own time:
+    the healthy replica, left 0.6 s and missing it, is not marked."""
+    late, healthy = _RefusesLate(1.4, code), _Slow(0.8)  # of a 2 s deadline: 0.6 s left for the healthy one
+    servers = []
+    try:
+        addresses = []
+        for handler in (late, healthy):
+            server = grpc.server(ThreadPoolExecutor(4), handlers=[handler])
+            addresses.append(f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}")
+            server.start()
+            servers.append(server)
+        keys = np.arange(1, 4, dtype=np.int64)
+        with ServingClient(addresses, timeout_s=2.0) as client:
+            with pytest.raises(grpc.RpcError) as info:  # the turn starts at the late refuser
+                client.lookup_many({"a": keys})
+            assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            for _ in range(3):  # in turn, the second of these would start at the late refuser
+                values, _ = client.lookup_many({"a": keys})["a"]
+                np.testing.assert_array_equal(values[0], expected_row(1, DIMS["a"]))
         assert late.calls == 1
     finally:
         for server in servers:
