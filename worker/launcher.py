@@ -467,9 +467,7 @@ def _check_snapshot_folder(job: TrainingJob) -> None:
     existing file, or a path under one): every snapshot round then failed on "Not a directory" and
     was skipped with a warning, and the job ended 0 with no snapshot. A path that does not exist yet
     is fine (the first round makes it); remote storage has no such files."""
-    from pyarrow import fs as pafs
-
-    from ps.snapshot.storage import open_uri
+    from ps.snapshot.storage import file_in_the_way, open_uri
 
     if job.ps.snapshot is None:
         return
@@ -478,17 +476,9 @@ def _check_snapshot_folder(job: TrainingJob) -> None:
         filesystem, root = open_uri(uri, job.ps.snapshot.storage)
     except StorageError as exc:
         raise ValueError(f"snapshot.uri: cannot open {uri}: {exc}") from None
-    if not isinstance(filesystem, pafs.LocalFileSystem):
+    if (file := file_in_the_way(filesystem, root)) is None:
         return
-    path = Path(root)
-    try:
-        while not path.exists() and path != path.parent:  # a path under a file does not exist either
-            path = path.parent
-        if path.is_dir():
-            return
-    except OSError:  # not ours to judge (a folder we may not search): the first round says what it is
-        return
-    under = "" if path == Path(root) else f": {str(path)!r} is a file"
+    under = "" if file == os.path.abspath(root) else f": {file!r} is a file"
     raise ValueError(f"snapshot.uri: {uri!r} is not a folder{under}")
 
 

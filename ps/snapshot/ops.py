@@ -269,11 +269,15 @@ class ShardSnapshotter:
 
 def check_export_place(field: str, job: str, src: tuple[FileSystem, str], dst: tuple[FileSystem, str]) -> None:
     """Raises ValueError naming `field` (the destination) when the export's job folder, dst/<job>,
-    and the snapshots', src/<job>, lie one inside the other: gc of a job deletes a step folder
-    whole, and takes a folder named like a step for an unfinished one, so the training job's gc
-    deleted an export a replica loads (or the exports' gc the training snapshots)."""
+    cannot be made (a local file is it or lies above it: the export read the whole snapshot, then
+    failed writing its first file on "Not a directory", exit 1 without naming the destination), or
+    when it and the snapshots' job folder, src/<job>, lie one inside the other: gc of a job deletes a
+    step folder whole, and takes a folder named like a step for an unfinished one, so the training
+    job's gc deleted an export a replica loads (or the exports' gc the training snapshots)."""
     src_job = storage.join(src[1], check_name("job", job))
     dst_job = storage.join(dst[1], job)
+    if (file := storage.file_in_the_way(dst[0], dst_job)) is not None:
+        raise ValueError(f"{field}: the export would go to {dst_job}, and {file!r} is a file; give a folder")
     if storage.folder_within((dst[0], dst_job), (src[0], src_job)):
         raise ValueError(
             f"{field}: the export would go to {dst_job}, inside {src_job}, the snapshots of job {job!r}, whose gc "

@@ -320,6 +320,22 @@ def folder_within(inner: tuple[pafs.FileSystem, str], outer: tuple[pafs.FileSyst
     return path_in == path_out or path_in.startswith(path_out + "/")
 
 
+def file_in_the_way(fs: pafs.FileSystem, path: str) -> str | None:
+    """The file that keeps folder `path` from being made on local disk: `path` itself, or the nearest
+    path above it that exists, when that is not a folder; None when nothing is in the way (a folder,
+    one above it that `path` can be made under), on remote storage (it has no such files), or when the
+    OS does not say (a folder this process may not search: the write says what it is)."""
+    if not isinstance(fs, pafs.LocalFileSystem):
+        return None
+    place = os.path.abspath(path)
+    try:
+        while not os.path.exists(place) and place != os.path.dirname(place):  # under a file: "absent" too
+            place = os.path.dirname(place)
+        return None if os.path.isdir(place) else place
+    except OSError:
+        return None
+
+
 def join(base: str, *parts: str) -> str:
     """base/part/part..., with '/' separators whatever the filesystem."""
     return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])

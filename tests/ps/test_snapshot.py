@@ -645,6 +645,30 @@ def test_export_inside_the_jobs_snapshots_is_refused(tmp_path, inside):
     assert sorted(os.listdir(tmp_path / "snaps/job")) == ["10", "20", "30", "LATEST"]
 
 
+def test_an_export_to_a_file_or_under_one_is_refused_naming_the_destination(tmp_path, capsys):
+    """A destination that is a file, lies under one, or holds a file named as the job: the export read
+    the whole snapshot, then failed writing its first file on "Not a directory" (the CLI: exit 1, a
+    line that named neither --dst nor what was wrong with it; the API: StorageUnavailableError)."""
+    src = str(tmp_path / "snaps")
+    _history(src)
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    (tmp_path / "exports").mkdir()
+    (tmp_path / "exports/job").write_text("not a folder")
+    for dst, file in (
+        (str(afile), afile),
+        (f"file://{afile}", afile),
+        (f"{afile}/sub", afile),
+        (str(tmp_path / "exports"), tmp_path / "exports/job"),
+    ):
+        message = f"the export would go to {dst.removeprefix('file://')}/job, and {str(file)!r} is a file"
+        with pytest.raises(ValueError, match=re.escape(f"dst_uri: {message}")):
+            export_for_serving(src, "job", None, dst)
+        assert embps.main(["snapshot", "export", src, "--job", "job", "--dst", dst]) == 2
+        assert capsys.readouterr().err == f"embps snapshot export: --dst: {message}; give a folder\n"
+    assert afile.read_text() == (tmp_path / "exports/job").read_text() == "not a folder"
+
+
 def test_gc_keeps_newest_and_what_they_build_on(tmp_path):
     uri = str(tmp_path)
     _history(uri)  # 10 full, 20 and 30 incremental
