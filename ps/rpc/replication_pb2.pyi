@@ -15,7 +15,7 @@ class TableVersion(_message.Message):
     def __init__(self, table: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class ReplicateRequest(_message.Message):
-    __slots__ = ("epoch", "sequence", "method", "request", "incarnation", "versions", "shard", "state", "table", "last", "sealed_tables", "rows")
+    __slots__ = ("epoch", "sequence", "method", "request", "incarnation", "versions", "shard", "state", "table", "last", "sealed_tables", "rows", "lineage", "primary")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
@@ -28,6 +28,8 @@ class ReplicateRequest(_message.Message):
     LAST_FIELD_NUMBER: _ClassVar[int]
     SEALED_TABLES_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
+    LINEAGE_FIELD_NUMBER: _ClassVar[int]
+    PRIMARY_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     sequence: int
     method: str
@@ -40,7 +42,9 @@ class ReplicateRequest(_message.Message):
     last: bool
     sealed_tables: _containers.RepeatedScalarFieldContainer[str]
     rows: bytes
-    def __init__(self, epoch: _Optional[int] = ..., sequence: _Optional[int] = ..., method: _Optional[str] = ..., request: _Optional[bytes] = ..., incarnation: _Optional[int] = ..., versions: _Optional[_Iterable[_Union[TableVersion, _Mapping]]] = ..., shard: _Optional[int] = ..., state: _Optional[bytes] = ..., table: _Optional[str] = ..., last: _Optional[bool] = ..., sealed_tables: _Optional[_Iterable[str]] = ..., rows: _Optional[bytes] = ...) -> None: ...
+    lineage: str
+    primary: str
+    def __init__(self, epoch: _Optional[int] = ..., sequence: _Optional[int] = ..., method: _Optional[str] = ..., request: _Optional[bytes] = ..., incarnation: _Optional[int] = ..., versions: _Optional[_Iterable[_Union[TableVersion, _Mapping]]] = ..., shard: _Optional[int] = ..., state: _Optional[bytes] = ..., table: _Optional[str] = ..., last: _Optional[bool] = ..., sealed_tables: _Optional[_Iterable[str]] = ..., rows: _Optional[bytes] = ..., lineage: _Optional[str] = ..., primary: _Optional[str] = ...) -> None: ...
 
 class ReplicateAck(_message.Message):
     __slots__ = ("sequence", "epoch", "needs_copy", "answer", "error", "link_port", "link_key")

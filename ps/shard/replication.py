@@ -427,7 +427,7 @@ class Replication:
             versions = [replication_pb2.TableVersion(table=n, version=t.version) for n, t in self.shard.tables.items()]
             hello = replication_pb2.ReplicateRequest(
                 epoch=self.epoch, sequence=self._sequence, incarnation=self.shard.incarnation, shard=self.shard.index,
-                versions=versions,
+                versions=versions, lineage=self.lineage or "", primary=self.arbiter.me,
             )
             await call.write(hello.SerializeToString())
             async with asyncio.timeout(2 * self.ttl):  # not wait_for: tests/test_cancellation.py
@@ -1018,6 +1018,18 @@ class Replication:
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"{self.describe()}: a handshake at epoch {hello.epoch}, the arbiter records {membership}",
+            )
+        # The epoch's number alone: a primary of a record etcd lost (another lineage) at the same
+        # number, or any other process claiming it, passed for the recorded one until its lease ran
+        # out, and a stream at the recorded versions took this standby from its real primary.
+        # (Empty fields: a primary from before they were sent.)
+        if (hello.primary and hello.primary != membership.primary) or (
+            hello.lineage and hello.lineage != membership.lineage
+        ):
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"{self.describe()}: a handshake from {hello.primary or '?'} of lineage {hello.lineage or '?'} at "
+                f"epoch {hello.epoch}, the arbiter records {membership}",
             )
         if membership.lineage == self.lineage and hello.epoch < self.epoch:
             await context.abort(

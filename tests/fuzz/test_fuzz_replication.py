@@ -165,6 +165,21 @@ def test_a_stray_stream_can_neither_apply_a_push_nor_move_the_standby_to_another
         assert (code, "the arbiter records" in details) == (grpc.StatusCode.FAILED_PRECONDITION, True), (code, details)
 
 
+def test_a_handshake_at_the_recorded_epoch_from_another_primary_or_lineage_is_refused(pair, standby_channel):
+    """The epoch's number alone let a handshake by: a primary of a record etcd lost (another
+    lineage, its lease not yet run out) or another process at the recorded number took the standby
+    from its primary. The handshake names its primary and lineage, both checked against the record."""
+    job = pair.job
+    record = Arbiter(job.arbiter, job.job, 0, "test").read()[0]
+    versions = [replication_pb2.TableVersion(table=TABLE.name, version=0)]
+    for primary, lineage in (("127.0.0.1:1", record.lineage), (record.primary, "another-lineage")):
+        hello = replication_pb2.ReplicateRequest(
+            epoch=record.epoch, incarnation=1, versions=versions, primary=primary, lineage=lineage
+        )
+        code, details = _stream_status(standby_channel, [hello.SerializeToString()])
+        assert (code, "the arbiter records" in details) == (grpc.StatusCode.FAILED_PRECONDITION, True), (code, details)
+
+
 def _role(port: int) -> float:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     line = next(line for line in text.splitlines() if line.startswith("embps_shard_role{"))
