@@ -25,6 +25,17 @@ class LogGapError(EmbpsError):
     FAILED_PRECONDITION); it must resync from a full copy."""
 
 
+class SnapshotWriteRunningError(EmbpsError):
+    """A shard refused a snapshot of one step while its files of another step are still being
+    written (gRPC FAILED_PRECONDITION; `step`, the step still written, also travels in the reply's
+    trailing metadata, wire.WRITING_STEP_METADATA_KEY, for the coordinator to tell this refusal
+    from the others). See ps/shard/snapshot_service.py for why it is refused and not waited for."""
+
+    def __init__(self, message: str, step: int) -> None:
+        super().__init__(message)
+        self.step = step
+
+
 class NotPrimaryError(EmbpsError):
     """This process may not answer client calls now: it is a shard's standby, was deposed, or waits
     for its standby or its lease (gRPC UNAVAILABLE: the client tries the other address of the pair)."""

@@ -45,6 +45,9 @@ LINEAGE_METADATA_KEY = "embps-lineage"
 # The lineage a client sends for an epoch of a record without one (written before lineages): not a
 # lineage id (those are alphanumeric). A call with no lineage key is an older client's.
 NO_LINEAGE = "-"
+# Trailing metadata of a shard's refusal of a snapshot round while its files of an earlier step are
+# still being written (ps.errors.SnapshotWriteRunningError): that step, in decimal.
+WRITING_STEP_METADATA_KEY = "embps-writing-step"
 
 # Parts of one LookupBatch / PushBatch. Each costs the shard ~10-30 us of Python whatever its size,
 # so 250,000 empty parts in 2.5 MB held its event loop for 7 s; many tables travel in one

@@ -21,7 +21,9 @@ on and the tables cannot be taken again at the round's step: a shard's failure t
 ends the round, and rank 0 tries only its own part again (the extras and the commit). A round
 that ends so is skipped with a warning and counted (`SnapshotRounds`, in the summary). The next
 round builds on the last committed snapshot, and each shard folds the changes of the skipped round
-into it (ps/snapshot/ops.py ShardSnapshotter), so nothing is lost.
+into it (ps/snapshot/ops.py ShardSnapshotter), so nothing is lost. A shard still writing the files
+of an earlier round (given up past its round_timeout_s: its storage hangs) refuses a round of
+another step at once: that round is skipped then, without a retry, and training is not held for it.
 
 Resume (`embps launch --resume`): the shards load the step's tables before serving, each worker
 loads the dense model, optimizer and its reader position, and training continues at step + 1.
@@ -46,6 +48,7 @@ import torch.distributed as dist
 from prometheus_client import CollectorRegistry, Counter
 from torch import nn
 
+from ps import wire
 from ps.errors import EmbpsError
 from ps.job_config import SnapshotConfig
 from ps.rpc import snapshot_pb2, snapshot_pb2_grpc
@@ -174,6 +177,17 @@ class _RoundFailed(Exception):
     def __init__(self, message: str, transient: bool) -> None:
         super().__init__(message)
         self.transient = transient
+
+
+class _ShardStillWriting(Exception):
+    """A shard refused the round at once: its files of an earlier step (`step`), whose round was
+    given up or ended without them, are still being written (ps.errors.SnapshotWriteRunningError).
+    The round is skipped without a retry: its storage hangs, and training is not held for it."""
+
+    def __init__(self, shard: str, step: int, details: str) -> None:
+        super().__init__(details)
+        self.shard = shard
+        self.step = step
 
 
 class Checkpointer:
@@ -348,6 +362,14 @@ class Checkpointer:
                     break
                 self._write(tries)
                 break
+            except _ShardStillWriting as exc:
+                self.rounds.fail_try()
+                log.warning(
+                    "snapshot step %d: SKIPPED: shard %s is still writing its files of step %d and refused it at "
+                    "once (%s); training goes on, the next round %s",
+                    plan.step, exc.shard, exc.step, exc, self._next_round(plan),
+                )
+                return False
             except _RoundFailed as exc:
                 self.rounds.fail_try()
                 left = deadline - time.monotonic()
@@ -356,13 +378,9 @@ class Checkpointer:
                 if lost_stage or not exc.transient or attempt == config.retries or left <= backoff:
                     if not exc.transient and plan.parent is not None:
                         self._full_next = True
-                    after = (
-                        "is full" if plan.last_committed is None or self._full_next
-                        else f"builds on step {plan.last_committed}"
-                    )
                     log.warning(
                         "snapshot step %d: SKIPPED after %d tr%s (%s); training goes on, the next round %s",
-                        plan.step, attempt + 1, "y" if attempt == 0 else "ies", exc, after,
+                        plan.step, attempt + 1, "y" if attempt == 0 else "ies", exc, self._next_round(plan),
                     )
                     return False
                 log.warning(
@@ -371,6 +389,12 @@ class Checkpointer:
                 time.sleep(backoff)
                 backoff *= 2
         return True
+
+    def _next_round(self, plan: _RoundPlan) -> str:
+        """What the round after a skipped plan.step builds on, for its warning."""
+        if plan.last_committed is None or self._full_next:
+            return "is full"
+        return f"builds on step {plan.last_committed}"
 
     def _is_committed(self, step: int) -> bool:
         """Whether a try that got as far as the commit committed `step`; _RoundFailed (transient)
@@ -453,7 +477,8 @@ def _stage_on_shards(
     has staged (on one of the calls' threads); returns every shard's records. addresses[s]: shard
     s's primary, then its standby (asked when the other answers UNAVAILABLE before staging: it may
     have taken over). When one shard fails, the others' calls are cancelled (a shard that staged
-    writes its files all the same, and its next StageSnapshot waits for them). `timeout` bounds
+    writes its files all the same: its next StageSnapshot of that step waits for them, one of
+    another step is refused while they are written, raised here as _ShardStillWriting). `timeout` bounds
     them all: a standby asked after its primary answered late gets what is left (with a timeout of
     its own, it could stage the round after rank 0 had given it up and training had gone on)."""
     deadline = time.monotonic() + timeout
@@ -480,6 +505,9 @@ def _stage_on_shards(
             try:
                 first = next(stream, None)
             except grpc.RpcError as err:
+                writing = _writing_step(err)
+                if writing is not None:
+                    raise _ShardStillWriting(address, writing, err.details()) from err
                 if err.code() != grpc.StatusCode.UNIMPLEMENTED:
                     raise
                 # A shard of a release before StageSnapshot: the round waits for its files.
@@ -518,6 +546,17 @@ def _stage_on_shards(
             wait(futures)
             raise failed[0]
         return [r for f in futures for r in f.result()]
+
+
+def _writing_step(err: grpc.RpcError) -> int | None:
+    """The step a shard still writes, when `err` is its refusal of a round for it
+    (FAILED_PRECONDITION with wire.WRITING_STEP_METADATA_KEY); None for any other error."""
+    if err.code() != grpc.StatusCode.FAILED_PRECONDITION:
+        return None
+    for key, value in err.trailing_metadata() or ():
+        if key == wire.WRITING_STEP_METADATA_KEY:
+            return int(value)
+    return None
 
 
 def load_trainer_state(

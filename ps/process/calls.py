@@ -23,7 +23,16 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from ps.errors import CapacityError, EmbpsError, LogGapError, NotPrimaryError, UnknownTableError, WrongShardError
+from ps import wire
+from ps.errors import (
+    CapacityError,
+    EmbpsError,
+    LogGapError,
+    NotPrimaryError,
+    SnapshotWriteRunningError,
+    UnknownTableError,
+    WrongShardError,
+)
 from ps.snapshot.manifest import SnapshotError
 from ps.snapshot.storage import StorageDeniedError, StorageError
 
@@ -42,13 +51,30 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.UNAVAILABLE, str(exc)
     if isinstance(exc, UnknownTableError):
         return grpc.StatusCode.NOT_FOUND, str(exc)
-    if isinstance(exc, (WrongShardError, LogGapError, SnapshotError)):
+    if isinstance(exc, (WrongShardError, LogGapError, SnapshotError, SnapshotWriteRunningError)):
         return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
     if isinstance(exc, CapacityError):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
     if isinstance(exc, (ValueError, TypeError)):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); the traceback is in the server's log"
+
+
+def trailers_of(exc: BaseException) -> tuple[tuple[str, str], ...]:
+    """The trailing metadata an error's status carries beside its message, for the caller's code to
+    tell one refusal from others of the same code (the message is for people)."""
+    if isinstance(exc, SnapshotWriteRunningError):
+        return ((wire.WRITING_STEP_METADATA_KEY, str(exc.step)),)
+    return ()
+
+
+async def _abort(context: grpc.aio.ServicerContext, call: _Call, exc: Exception) -> None:
+    """Ends the call with exc's status (`status_of`) and trailing metadata (`trailers_of`, after any
+    the call set before: a paired shard's epoch)."""
+    trailers = trailers_of(exc)
+    if trailers:
+        context.set_trailing_metadata(tuple(context.trailing_metadata() or ()) + trailers)
+    await context.abort(*call.end(exc))
 
 
 class CallSite(abc.ABC):
@@ -175,7 +201,7 @@ def unary_call(method: str) -> Callable[[UnaryMethod], Callable]:
                 call.cancelled(context)
                 raise
             except Exception as exc:  # noqa: BLE001 - the one place errors become status codes
-                await context.abort(*call.end(exc))
+                await _abort(context, call, exc)
             call.end()
             return reply
 
@@ -290,7 +316,7 @@ def stream_call(method: str) -> Callable[[StreamMethod], Callable]:
                     call.cancelled(context)
                 raise
             except Exception as exc:  # noqa: BLE001 - the one place errors become status codes
-                await context.abort(*call.end(exc))
+                await _abort(context, call, exc)
             finally:
                 watch.disarm()
                 if watch.fired:

@@ -303,6 +303,7 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         self.metrics = metrics
         self.call_site = ShardCallSite(shard, metrics)
         self.replication = None  # ps/shard/replication.py, when the shard has a standby
+        self.snapshots = None  # the shard's SnapshotControl (ps/shard/snapshot_service.py), once ShardPort.open ran
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="tables")
         self._offloaded = 0
         # Held by whichever thread runs a table call: the loop (inline), the tables thread, or a
@@ -907,6 +908,7 @@ class ShardPort:
             call_site=servicer.call_site,
             restored_step=restore_step,
         )
+        servicer.snapshots = snapshots
 
         replication = None
         bulk = dict(_BULK_FIELDS)

@@ -17,12 +17,14 @@ import asyncio
 import functools
 import json
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Protocol
 
 import numpy as np
 
 from ps import native
+from ps.errors import SnapshotWriteRunningError
 from ps.job_config import JobConfig, SnapshotConfig
 from ps.process.calls import CallSite, stream_call, unary_call
 from ps.rpc import snapshot_pb2, snapshot_pb2_grpc
@@ -61,13 +63,16 @@ class SnapshotControlServicer(snapshot_pb2_grpc.SnapshotControlServicer):
         self._last_written = restored_step
         self._one_write = asyncio.Lock()  # snapshot writes, one at a time (two would each hold their copies)
         self._writing: asyncio.Future[list[ShardRecord]] | None = None  # a StageSnapshot's files being written
+        self._writing_step = 0  # the step of `_writing`
+        self._writing_since = 0.0  # when `_writing` started (time.monotonic())
         self._run_serialized = run_serialized
         self.call_site = call_site
 
     @unary_call("WriteSnapshot")
     async def WriteSnapshot(self, request: snapshot_pb2.WriteSnapshotRequest) -> snapshot_pb2.WriteSnapshotResponse:
+        self._refuse_while_writing(request.step, "WriteSnapshot")
         async with self._one_write:
-            await self._staged_written()
+            await self._staged_written(request.step, "WriteSnapshot")
             return await self._run_serialized(lambda: self.write(request))
 
     @stream_call("StageSnapshot")
@@ -75,21 +80,53 @@ class SnapshotControlServicer(snapshot_pb2_grpc.SnapshotControlServicer):
         self, request: snapshot_pb2.WriteSnapshotRequest
     ) -> AsyncIterator[snapshot_pb2.SnapshotProgress]:
         """Pushes wait only while the tables are copied (see snapshot.proto). One write at a time:
-        a request (a retry of the round) waits for the files of the one before, whose copies it
-        would otherwise hold beside its own; a client gone while the files are written leaves them
-        to be written all the same."""
+        a retry of the round's step waits for the files of the one before, whose copies it would
+        otherwise hold beside its own; a request of another step while they are still written is
+        refused at once (_refuse_while_writing says why). A client gone while the files are written
+        leaves them to be written all the same."""
+        self._refuse_while_writing(request.step, "StageSnapshot")
         async with self._one_write:
-            await self._staged_written()
+            await self._staged_written(request.step, "StageSnapshot")
             staging = self.job.snapshot.staging_bytes if self.job.snapshot is not None else 0
             staged = await self._run_serialized(lambda: self.stage(request, staging))
             yield snapshot_pb2.SnapshotProgress(staged=True)
             self._writing = asyncio.get_running_loop().run_in_executor(None, staged.finish)
+            self._writing_step, self._writing_since = request.step, time.monotonic()
             records = await asyncio.shield(self._writing)
             self._last_written = request.step
         yield snapshot_pb2.SnapshotProgress(records_json=json.dumps([r.to_dict() for r in records]))
 
-    async def _staged_written(self) -> None:
-        """Waits for the files of the previous StageSnapshot (its outcome was its caller's)."""
+    def writing(self) -> tuple[int, float] | None:
+        """(step, seconds) of a StageSnapshot's files still being written, else None."""
+        if self._writing is None or self._writing.done():
+            return None
+        return self._writing_step, time.monotonic() - self._writing_since
+
+    def _refuse_while_writing(self, step: int, method: str) -> None:
+        """SnapshotWriteRunningError when the files of a step other than `step` are still being
+        written. The coordinator asks for another step only once it has given that step's round up
+        (past its round_timeout_s: its storage hangs, a hard NFS mount or an S3 server that stopped
+        answering) or the round ended without it (another shard failed), and it holds training until
+        every shard has staged the new round: waiting here for a write that may never end held
+        training for round_timeout_s at every later round. Refused, the round is skipped at once and
+        training goes on; the changes stay tracked for the next round that commits. A retry of the
+        same step waits, as its round's training waits anyway, within that round's deadline."""
+        running = self.writing()
+        if running is None or running[0] == step:
+            return
+        writing_step, seconds = running
+        raise SnapshotWriteRunningError(
+            f"{method} of step {step}: shard {self.shard_index} is still writing its files of snapshot step "
+            f"{writing_step} ({seconds:.0f} s so far: its storage may hang); it takes no snapshot of another step "
+            "until they are written, and training does not wait for them",
+            writing_step,
+        )
+
+    async def _staged_written(self, step: int, method: str) -> None:
+        """Waits for the files of the previous StageSnapshot when it wrote `step` (its outcome was its
+        caller's); refuses `step` if it was another's (a request that waited for the lock while that
+        write began)."""
+        self._refuse_while_writing(step, method)
         if self._writing is not None:
             await asyncio.wait([self._writing])
             self._writing = None

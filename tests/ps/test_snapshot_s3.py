@@ -1,18 +1,30 @@
 """Snapshots on a real S3 server (SeaweedFS on 127.0.0.1, credentials checked): write, restore
-full + incrementals, export, gc, and wrong credentials failing fast with a clear error."""
+full + incrementals, export, gc, wrong credentials failing fast with a clear error, and a shard
+whose files hang on a server that stopped answering refusing a snapshot of another step."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import re
 import time
 
+import grpc
 import numpy as np
 import pyarrow.fs as pafs
 import pytest
 
+from ps import wire
+from ps.client import PSClient
+from ps.job_config import SnapshotConfig
+from ps.rpc import snapshot_pb2, snapshot_pb2_grpc
 from ps.snapshot.files import SnapshotWriter, latest, list_snapshots, open_snapshot, read_manifest_at, restore
 from ps.snapshot.ops import ShardSnapshotter, collect_garbage, export_for_serving
 from ps.snapshot.storage import StorageConfig, StorageUnavailableError, open_uri
-from tests.helpers.processes import free_ports
+from ps.table.config import OptimizerConfig, OptimizerKind, TableConfig
+from tests.helpers.processes import free_ports, make_job
+from tests.helpers.s3_server import S3Server, StopsAtTableWrite
+from tests.helpers.waiting import wait_until
 from tests.ps.test_snapshot import assert_same_state, evicting_table, push
 
 
@@ -113,3 +125,56 @@ def test_an_endpoint_out_of_reach_is_storage_unavailable_naming_the_path():
     fs, base = open_uri(uri, nowhere)
     with pytest.raises(StorageUnavailableError, match=r"^reading bucket/snaps/job/1/manifest\.json: "):
         read_manifest_at(fs, base + "/job", 1)
+
+
+def test_a_shard_whose_files_hang_refuses_a_snapshot_of_another_step_at_once_naming_it(
+    tmp_path, start_shards, monkeypatch
+):
+    """A shard's files of step 1 hang on an S3 server that stopped answering. A StageSnapshot or a
+    WriteSnapshot of step 2 is refused at once, FAILED_PRECONDITION naming step 1 (the coordinator
+    reads the step from the trailing metadata); a retry of step 1 waits for its files. Once the
+    server answers, step 1's files are written and step 2 is taken."""
+    server = S3Server.start(tmp_path / "s3")
+    hang = None
+    try:
+        server.create_bucket("snaps")
+        storage = dataclasses.replace(server.storage_config(), request_timeout=300.0)  # waits for the server
+        table = TableConfig("t", dim=4, optimizer=OptimizerConfig(kind=OptimizerKind.SGD, lr=0.1))
+        snapshot = SnapshotConfig("s3://snaps/job", storage=storage)
+        job = dataclasses.replace(make_job([table], job="job"), snapshot=snapshot)
+        shards = start_shards(job)
+        client = PSClient.from_job(shards.job)
+        client.push("t", np.arange(10, dtype=np.int64), np.ones((10, 4), np.float32))
+        client.close()
+
+        def request(step: int) -> snapshot_pb2.WriteSnapshotRequest:
+            return snapshot_pb2.WriteSnapshotRequest(uri="s3://snaps/job", job="job", step=step, kind="full")
+
+        hang = StopsAtTableWrite(server, 1, monkeypatch)
+        with grpc.insecure_channel(shards.job.shards[0].address) as channel:
+            stub = snapshot_pb2_grpc.SnapshotControlStub(channel)
+            first = stub.StageSnapshot(request(1), timeout=120)
+            assert next(first).staged
+            wait_until(hang.stopped.is_set, "the write of step 1 to reach the stopped server")
+            for call in (lambda: next(stub.StageSnapshot(request(2), timeout=60)),
+                         lambda: stub.WriteSnapshot(request(2), timeout=60)):
+                with pytest.raises(grpc.RpcError) as refused:
+                    call()
+                assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION, refused.value.details()
+                assert re.search(
+                    r"of step 2: shard 0 is still writing its files of snapshot step 1 \(\d+ s so far",
+                    refused.value.details(),
+                ), refused.value.details()
+                assert (wire.WRITING_STEP_METADATA_KEY, "1") in refused.value.trailing_metadata()
+            with pytest.raises(grpc.RpcError) as waited:
+                list(stub.StageSnapshot(request(1), timeout=1.0))
+            assert waited.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            hang.resume()
+            assert json.loads(next(first).records_json)
+            assert shards.servicers[0].snapshots.writing() is None
+            replies = list(stub.StageSnapshot(request(2), timeout=60))
+            assert replies[0].staged and json.loads(replies[1].records_json)
+    finally:
+        if hang is not None:
+            hang.resume()
+        server.kill()

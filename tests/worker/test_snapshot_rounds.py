@@ -30,6 +30,7 @@ from ps.snapshot.files import latest, list_snapshots, restore
 from ps.snapshot.storage import StorageConfig
 from ps.table.config import OptimizerConfig, OptimizerKind, TableConfig
 from tests.helpers.processes import start_shard, wait_serving
+from tests.helpers.s3_server import StopsAtTableWrite
 from tests.helpers.slow_link import SlowLink
 from tests.helpers.small_disk import seen_by, small_disk_prefix
 from tests.helpers.waiting import wait_until
@@ -393,6 +394,63 @@ def test_shards_that_do_not_stage_within_round_timeout_skip_the_round_and_a_late
     assert [(m.step, m.parent) for m in list_snapshots(uri, job.ps.job)] == [(10, None), (20, 10), (30, 20)]
     assert (rounds.committed, rounds.skipped) == (3, 1)
     run.client.close()
+
+
+def test_a_shard_whose_files_hang_refuses_the_next_rounds_at_once_and_training_does_not_wait(
+    tmp_path, start_shards, caplog, monkeypatch
+):
+    """A shard's files of round 20 hang (the real S3 server stopped answering once it staged the
+    round): the round is given up at its round_timeout_s while training goes on. Each later round
+    waited round_timeout_s for the shard's `staged`, which it answered only once its files of step
+    20 were written, never: training held at every round. The shard refuses them at once, and rank 0
+    skips them without a retry; once the server answers again, the next round builds on step 10
+    and carries every change since."""
+    round_timeout_s = 10.0
+    server = S3Server.start(tmp_path / "s3")
+    hang = None
+    try:
+        server.create_bucket("snaps")
+        uri = "s3://snaps/job"
+        storage = replace(server.storage_config(), request_timeout=300.0)  # the hung write waits for the server
+        job = training_job(tmp_path, uri, storage)
+        job = replace(job, ps=replace(job.ps, snapshot=replace(job.ps.snapshot, round_timeout_s=round_timeout_s)))
+        shards = start_shards(job.ps)
+        run = Trainer(replace(job, ps=shards.job))
+        run.push(500)
+        run.snapshot(10)
+        hang = StopsAtTableWrite(server, 20, monkeypatch)
+        run.push(500)
+        with caplog.at_level(logging.WARNING, logger="embps.worker"):
+            run.checkpointer.save(20, run.model, run.optimizer, {"position": 20})  # returns once staged
+            round_20 = run.checkpointer._previous[1]
+            wait_until(lambda: not round_20.is_alive(), "round 20 to be given up at its round_timeout_s", timeout=60)
+            for step in (30, 40):
+                run.push(500)
+                started = time.monotonic()
+                run.checkpointer.save(step, run.model, run.optimizer, {"position": step})
+                waited = time.monotonic() - started
+                assert waited < 3.0, f"round {step} held training {waited:.1f} s (round_timeout_s {round_timeout_s:g})"
+        address = shards.job.shards[0].address
+        for step in (30, 40):
+            assert (
+                f"snapshot step {step}: SKIPPED: shard {address} is still writing its files of step 20 and refused "
+                "it at once" in caplog.text
+            )
+        rounds = run.checkpointer.rounds
+        assert (rounds.committed, rounds.skipped) == (1, 3)
+        hang.resume()
+        wait_until(lambda: shards.servicers[0].snapshots.writing() is None, "the files of step 20 to be written")
+        run.push(500)
+        run.snapshot(50)
+        assert (rounds.committed, rounds.skipped) == (2, 3)
+        snapshots = list_snapshots(uri, job.ps.job, storage)
+        assert [(m.step, m.kind, m.parent) for m in snapshots] == [(10, "full", None), (50, "incremental", 10)]
+        run.check_restore_equals_live(uri, storage)
+        run.client.close()
+    finally:
+        if hang is not None:
+            hang.resume()
+        server.kill()
 
 
 def test_a_round_whose_parent_became_unusable_is_skipped_and_the_next_one_is_full(tmp_path, start_shards, caplog):
