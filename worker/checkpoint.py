@@ -57,7 +57,7 @@ from ps.snapshot.files import SnapshotWriter, read_extra, read_manifest
 from ps.snapshot.manifest import ShardRecord, SnapshotError
 from ps.snapshot.ops import collect_garbage
 from ps.snapshot.storage import StorageDeniedError
-from worker.resume_check import DENSE, TRAINER_STATE, check_dense_state
+from worker.resume_check import DENSE, TRAINER_STATE, check_dense_optimizer, check_dense_state
 from worker.train_config import TrainingJob
 
 log = logging.getLogger("embps.worker")
@@ -578,6 +578,7 @@ def load_trainer_state(
         model.load_state_dict(dense["model"])
     except RuntimeError as exc:  # a tower check_dense_state let through: torch's traceback named no field
         raise ValueError(f"model: snapshot step {step}'s dense tower does not fit the job's [model]: {exc}") from None
+    check_dense_optimizer(job, step, dense["optimizer"])
     optimizer.load_state_dict(dense["optimizer"])
     rng = torch.frombuffer(bytearray(base64.b64decode(state["torch_rng"])), dtype=torch.uint8)
     torch.set_rng_state(rng)

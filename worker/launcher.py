@@ -445,11 +445,12 @@ def _reachable(endpoint: str) -> bool:
 
 def _check_resume(job: TrainingJob, step: int, world_size: int) -> None:
     """ValueError naming the field when the job, as its file says now, cannot go on from the step
-    --resume restores (worker/resume_check.py: train.workers, a table's dim, [model], the data's
-    widths): found once the shards and workers had started, it failed every one of them, and every
-    restart. A step whose extra files are unusable is one the start falls back from
-    (_start_restorable_shards), so the check goes on to the step before it; a step whose table
-    files are (found by the shards) is checked by that fallback, in _check_extras."""
+    --resume restores (worker/resume_check.py: train.workers, train.dense_optimizer, a table's dim
+    or capacity, [model], the data's widths, a snapshot without the trainer's files): found once the
+    shards and workers had started, it failed every one of them, and every restart. A step whose
+    extra files are unusable is one the start falls back from (_start_restorable_shards), so the
+    check goes on to the step before it; a step whose table files are (found by the shards) is
+    checked by that fallback, in _check_extras."""
     current: int | None = step
     try:
         while current is not None:

@@ -1,12 +1,14 @@
 """Whether a job, as its file says now, can go on from a training snapshot (`embps launch --resume`).
 
 A job resumed after a change to its shape (train.workers, a table's dim, [model] or the data's
-widths) passes every load-time check, and failed only once the shards and workers had started:
-each worker on load_state_dict's size mismatch or the reader positions of another worker count,
-each shard on a table's dim, and the launcher spent every restart on it. The launcher runs
-`check_resumable` on the step it restores from before anything starts; the workers run
-`check_dense_state` too, before loading the dense tower. Cheap: the manifest, the trainer state and
-the dense tower (small), never a table's files.
+widths), its dense optimizer or a table's capacity, or from a snapshot without the trainer's files,
+passes every load-time check, and failed only once the shards and workers had started: each worker
+on load_state_dict's size mismatch, the reader positions of another worker count, another
+optimizer's state or the missing files, each shard on a table's dim or its capacity, and the
+launcher spent every restart on it. The launcher runs `check_resumable` on the step it restores
+from before anything starts; the workers run `check_dense_state` and `check_dense_optimizer` too,
+before loading the dense tower. Cheap: the manifests, the trainer state and the dense tower
+(small), never a table's files.
 """
 
 from __future__ import annotations
@@ -19,26 +21,43 @@ from collections.abc import Mapping
 
 import torch
 
-from ps.shard.snapshot_service import check_fits
-from ps.snapshot.files import Snapshot
+from ps.shard.snapshot_service import check_capacity, check_fits
+from ps.snapshot.files import Snapshot, snapshot_chain
 from ps.snapshot.manifest import SnapshotCorruptError
 from worker.model import DLRMDenseTower
-from worker.train_config import DataSource, TrainingJob
+from worker.train_config import DataSource, DenseOptimizer, TrainingJob
 
 DENSE = "dense.pt"
 TRAINER_STATE = "trainer_state.json"
 
 _LINEAR = re.compile(r"(bottom|top)\.(\d+)\.weight")
 
+# A key of the param groups in the state_dict of each dense optimizer (worker/trainer.py
+# make_dense_optimizer: torch.optim.Adam, Adagrad, SGD) that the other two lack, in torch 2.x.
+_GROUP_KEY = {DenseOptimizer.ADAM: "betas", DenseOptimizer.ADAGRAD: "lr_decay", DenseOptimizer.SGD: "momentum"}
+
 
 def check_resumable(job: TrainingJob, snapshot: Snapshot, extras: Mapping[str, bytes], world_size: int) -> None:
-    """ValueError naming the field (train.workers, shards, tables.<name>.dim, model.bottom_sizes,
-    model.top_sizes, data[.synthetic].num_dense / num_sparse) when `job`, run by `world_size`
-    workers in all, cannot go on from `snapshot`; `extras` are its extra files, read and verified.
-    SnapshotCorruptError when the trainer's files do not parse. A snapshot without them (a PS-only
-    one) is left to the workers to refuse."""
+    """ValueError naming the field (train.workers, train.dense_optimizer, shards, tables.<name>.dim,
+    tables.<name>.capacity, model.bottom_sizes, model.top_sizes, data[.synthetic].num_dense /
+    num_sparse) when `job`, run by `world_size` workers in all, cannot go on from `snapshot`, or
+    naming --resume when the snapshot has no trainer's files (one of the PS alone); `extras` are its
+    extra files, read and verified. SnapshotCorruptError when the trainer's files do not parse."""
     step = snapshot.manifest.step
-    check_fits(job.ps, [snapshot], step)
+    missing = [f"extra/{name}" for name in (DENSE, TRAINER_STATE) if name not in extras]
+    if missing:
+        config = job.ps.snapshot
+        raise ValueError(
+            f"--resume: snapshot step {step} of job {job.ps.job!r} holds no trainer state ({', '.join(missing)} "
+            f"missing under {config.uri if config else 'its uri'}): it was written without a training job (a "
+            "snapshot of the PS alone), and a training job goes on from its dense tower, optimizer and readers"
+        )
+    if job.ps.snapshot is not None:
+        chain = snapshot_chain(job.ps.snapshot.uri, job.ps.job, step, job.ps.snapshot.storage)
+    else:
+        chain = [snapshot]
+    check_fits(job.ps, chain, step)
+    check_capacity(job.ps, chain, step)
     if TRAINER_STATE in extras:
         try:
             saved = json.loads(extras[TRAINER_STATE])["world_size"]
@@ -52,10 +71,29 @@ def check_resumable(job: TrainingJob, snapshot: Snapshot, extras: Mapping[str, b
             )
     if DENSE in extras:
         try:
-            state = torch.load(io.BytesIO(extras[DENSE]), map_location="cpu", weights_only=True)["model"]
+            dense = torch.load(io.BytesIO(extras[DENSE]), map_location="cpu", weights_only=True)
+            state, optimizer = dense["model"], dense["optimizer"]
         except Exception as exc:  # torch's unpickler raises what its input makes it raise
             raise SnapshotCorruptError(f"snapshot step {step}: extra/{DENSE} does not load: {exc!r}") from None
         check_dense_state(job, step, state)
+        check_dense_optimizer(job, step, optimizer)
+
+
+def check_dense_optimizer(job: TrainingJob, step: int, state: object) -> None:
+    """ValueError naming train.dense_optimizer when snapshot `step`'s dense optimizer state (its
+    state_dict) is another kind's than the job's: torch's load_state_dict takes it (and its param
+    groups' hyperparameters) into any optimizer, which then failed on its first step (SGD on Adam's
+    groups: KeyError 'momentum'). A state whose kind it cannot tell is not judged."""
+    groups = state.get("param_groups") if isinstance(state, Mapping) else None
+    if not isinstance(groups, list) or not groups or not isinstance(groups[0], Mapping):
+        return
+    kinds = [kind for kind, key in _GROUP_KEY.items() if key in groups[0]]
+    want = job.train.dense_optimizer
+    if len(kinds) == 1 and kinds[0] != want:
+        raise ValueError(
+            f"train.dense_optimizer: {want} in the job, {kinds[0]} in snapshot step {step} (its dense optimizer's "
+            "state): a resumed job keeps the optimizer it was trained with"
+        )
 
 
 def check_dense_state(job: TrainingJob, step: int, state: Mapping[str, torch.Tensor]) -> None:

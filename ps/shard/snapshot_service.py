@@ -276,6 +276,31 @@ def check_fits(job: JobConfig, chain: list[Snapshot], step: int) -> None:
                 )
 
 
+def check_capacity(job: JobConfig, chain: list[Snapshot], step: int) -> None:
+    """ValueError naming tables.<name>.capacity when a shard of snapshot `step` (its chain: full,
+    then incrementals) holds more rows of a table than the job's capacity lets one shard hold:
+    EmbeddingTable.load refuses such a state whatever the eviction policy (it evicts nothing on
+    load), so the shard exited 1 at every restart. From the manifests only: a full step's count is
+    exact; over a chain it is a lower bound (each step's rows are still held but for the keys that
+    later steps deleted), and what it lets through the shard's own load still refuses."""
+    for table in job.tables:
+        if table.capacity is None:
+            continue
+        for shard in range(chain[-1].manifest.num_shards):
+            entries = [s.manifest.tables[table.name].shards.get(shard) for s in chain]
+            if any(entry is None for entry in entries):
+                continue  # a step without this shard's rows is corrupt: its restore says so
+            deleted_after = [sum(e.deleted for e in entries[k + 1 :]) for k in range(len(entries))]
+            least = max(e.rows - later for e, later in zip(entries, deleted_after, strict=True))
+            if least > table.capacity:
+                held = f"{least:,}" if len(chain) == 1 else f"at least {least:,}"
+                raise ValueError(
+                    f"tables.{table.name}.capacity: {table.capacity:,} rows a shard in the job, snapshot step {step} "
+                    f"holds {held} rows of it on shard {shard}; a restored shard keeps every row (it evicts none on "
+                    "load): raise the capacity to hold them"
+                )
+
+
 def _shard_bytes(snapshot: Snapshot, job: JobConfig, shard_index: int) -> int:
     """Bytes of this shard's files of the job's tables in one snapshot (what its restore reads)."""
     return sum(snapshot.shard_file_bytes(table.name, shard_index) for table in job.tables)

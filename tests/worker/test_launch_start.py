@@ -135,10 +135,10 @@ def test_a_corrupt_newest_snapshot_falls_back_to_the_previous_complete_one(tmp_p
     snapper = ShardSnapshotter({"emb": table}, 0)
     keys = np.arange(1, 1001, dtype=np.int64)
     table.apply_gradients(keys, np.ones((keys.shape[0], TABLE.dim), dtype=np.float32))
-    snapper.snapshot(uri, job.ps.job, 10)
+    snapper.snapshot(uri, job.ps.job, 10, extras=trainer_extras(job, 1, 10))
     at_10 = table.lookup(keys).numpy()
     table.apply_gradients(keys, np.ones((keys.shape[0], TABLE.dim), dtype=np.float32))
-    snapper.snapshot(uri, job.ps.job, 20, kind="incremental")
+    snapper.snapshot(uri, job.ps.job, 20, kind="incremental", extras=trainer_extras(job, 1, 20))
     rows = shard_file(tmp_path / "snaps" / job.ps.job / "20", "emb", 0)
     data = bytearray(rows.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one flipped byte: same size, another checksum

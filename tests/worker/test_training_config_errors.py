@@ -9,6 +9,7 @@ import sys
 import tomllib
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from ps.errors import ConfigTypeError
@@ -453,4 +454,52 @@ def test_a_local_snapshot_uri_that_is_a_file_is_refused_before_anything_starts(t
         for flags in ((), ("--resume",)):
             assert launch(tmp_path, job_text(out) + f'\n[snapshot]\nuri = "{uri}"\n', *flags) == message
     assert file.read_text() == "not a folder"
+    assert {p.name: p.read_text() for p in out.iterdir()} == files
+
+
+def test_a_resume_with_another_dense_optimizer_is_refused_before_anything_starts(tmp_path):
+    """The snapshot's dense.pt holds Adam's state: torch's load_state_dict took it into an SGD, and
+    every worker then died on its first step (KeyError: 'momentum') at each restart."""
+    out, files = previous_run(tmp_path)
+    text = job_text(out, 'tables = ["emb"]', 'tables = ["emb"]\ndense_optimizer = "sgd"')
+    line = launch(tmp_path, text + earlier_run_snapshot(tmp_path, 60), "--resume", "--max-restarts", "1")
+    assert line.startswith("train.dense_optimizer: sgd in the job, adam in snapshot step 60 "), line
+    assert {p.name: p.read_text() for p in out.iterdir()} == files
+
+
+@pytest.mark.parametrize(("incremental", "held"), [(False, "10"), (True, "at least 10")], ids=["full", "incremental"])
+def test_a_resume_into_a_capacity_below_the_snapshot_s_rows_is_refused_before_anything_starts(
+    tmp_path, incremental, held
+):
+    """A shard restores every row of its snapshot (EmbeddingTable.load evicts none, whatever the
+    table's eviction policy): it exited 1 on "state has 10 rows, capacity is 5" at each restart, the
+    reason in its log only. A chain's manifests bound its rows from below (an incremental holds the
+    rows it rewrote, each deletion removes one), and what the bound lets through the shard refuses."""
+    out, files = previous_run(tmp_path)
+    table = EmbeddingTable(TableConfig("emb", dim=4))
+    table.apply_gradients(np.arange(10, dtype=np.int64), np.ones((10, 4), np.float32), step=1)
+    snapper = ShardSnapshotter({"emb": table}, 0)
+    section = earlier_run_snapshot(tmp_path, 50, snapper=snapper)
+    step = 50
+    if incremental:
+        table.apply_gradients(np.arange(8, 12, dtype=np.int64), np.ones((4, 4), np.float32), step=2)
+        extras = trainer_extras(parse_training_job(tomllib.loads(job_text("OUT"))), 1, 60)
+        snapper.snapshot(str(tmp_path / "snapshots"), "config-errors", 60, "incremental", extras=extras)
+        step = 60
+    text = job_text(out, "dim = 4", "dim = 4\ncapacity = 5") + section
+    line = launch(tmp_path, text, "--resume", "--max-restarts", "1")
+    assert line.startswith(f"tables.emb.capacity: 5 rows a shard in the job, snapshot step {step} holds {held} "), line
+    assert {p.name: p.read_text() for p in out.iterdir()} == files
+
+
+def test_a_resume_from_a_snapshot_of_the_ps_alone_is_refused_before_anything_starts(tmp_path):
+    """A snapshot committed without the trainer's extra files (ShardSnapshotter.snapshot without
+    extras, or a coordinator of its own calling the shards' SnapshotControl): the shards restored
+    it, then every worker died on a KeyError for extra/trainer_state.json at each restart."""
+    out, files = previous_run(tmp_path)
+    uri = tmp_path / "snapshots"
+    ShardSnapshotter({"emb": EmbeddingTable(TableConfig("emb", dim=4))}, 0).snapshot(str(uri), "config-errors", 60)
+    text = job_text(out) + f'\n[snapshot]\nuri = "{uri}"\n'
+    line = launch(tmp_path, text, "--resume", "--max-restarts", "1")
+    assert line.startswith("--resume: snapshot step 60 of job 'config-errors' holds no trainer state "), line
     assert {p.name: p.read_text() for p in out.iterdir()} == files

@@ -15,6 +15,7 @@ from ps.table.config import OptimizerConfig, OptimizerKind, TableConfig
 from tests.helpers.processes import make_job
 from worker.model import DLRMDenseTower
 from worker.train_config import TrainingJob
+from worker.trainer import make_dense_optimizer
 
 # One table per sparse feature, each with another sparse optimizer: one run checks all five.
 OPTIMIZER_TABLES = [
@@ -87,8 +88,11 @@ def write_training_job(
 
 def trainer_extras(job: TrainingJob, world_size: int, step: int) -> dict[str, bytes]:
     """The extra files a training snapshot of `job` holds at `step` (worker/checkpoint.py): the
-    job's dense tower, untrained, and a trainer state of `world_size` workers that read nothing."""
+    job's dense tower, untrained, its dense optimizer's state, and a trainer state of `world_size`
+    workers that read nothing."""
+    model = DLRMDenseTower(job.model)
     dense = io.BytesIO()
-    torch.save({"model": DLRMDenseTower(job.model).state_dict(), "optimizer": {}}, dense)
+    optimizer = make_dense_optimizer(job, model.parameters())
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, dense)
     state = {"step": step, "world_size": world_size, "readers": [None] * world_size, "torch_rng": ""}
     return {"dense.pt": dense.getvalue(), "trainer_state.json": json.dumps(state).encode()}
