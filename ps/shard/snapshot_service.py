@@ -65,6 +65,7 @@ class SnapshotControlServicer(snapshot_pb2_grpc.SnapshotControlServicer):
         self._writing: asyncio.Future[list[ShardRecord]] | None = None  # a StageSnapshot's files being written
         self._writing_step = 0  # the step of `_writing`
         self._writing_since = 0.0  # when `_writing` started (time.monotonic())
+        self._doing = ""  # what `_writing` does, for a refusal's message ("writing its files of", "opening")
         self._run_serialized = run_serialized
         self.call_site = call_site
 
@@ -73,7 +74,8 @@ class SnapshotControlServicer(snapshot_pb2_grpc.SnapshotControlServicer):
         self._refuse_while_writing(request.step, "WriteSnapshot")
         async with self._one_write:
             await self._staged_written(request.step, "WriteSnapshot")
-            return await self._run_serialized(lambda: self.write(request))
+            writer = await self._open(request)
+            return await self._run_serialized(lambda: self.write(request, writer))
 
     @stream_call("StageSnapshot")
     async def StageSnapshot(
@@ -88,16 +90,28 @@ class SnapshotControlServicer(snapshot_pb2_grpc.SnapshotControlServicer):
         async with self._one_write:
             await self._staged_written(request.step, "StageSnapshot")
             staging = self.job.snapshot.staging_bytes if self.job.snapshot is not None else 0
-            staged = await self._run_serialized(lambda: self.stage(request, staging))
+            writer = await self._open(request)
+            staged = await self._run_serialized(lambda: self.stage(request, writer, staging))
             yield snapshot_pb2.SnapshotProgress(staged=True)
-            self._writing = asyncio.get_running_loop().run_in_executor(None, staged.finish)
-            self._writing_step, self._writing_since = request.step, time.monotonic()
+            files = asyncio.get_running_loop().run_in_executor(None, staged.finish)
+            self._track(files, request.step, "writing its files of")
             records = await asyncio.shield(self._writing)
             self._last_written = request.step
         yield snapshot_pb2.SnapshotProgress(records_json=json.dumps([r.to_dict() for r in records]))
 
+    async def _open(self, request: snapshot_pb2.WriteSnapshotRequest) -> SnapshotWriter:
+        """open_writer(request) on a thread, tracked as the round's work in storage: a request of
+        another step that comes while it hangs is refused, as while files are written."""
+        opening = asyncio.ensure_future(asyncio.to_thread(self.open_writer, request))
+        self._track(opening, request.step, "opening")
+        return await asyncio.shield(opening)
+
+    def _track(self, work: asyncio.Future, step: int, doing: str) -> None:
+        self._writing, self._writing_step, self._writing_since, self._doing = work, step, time.monotonic(), doing
+
     def writing(self) -> tuple[int, float] | None:
-        """(step, seconds) of a StageSnapshot's files still being written, else None."""
+        """(step, seconds) of a snapshot still in storage calls (opened, or its files written after
+        a StageSnapshot's `staged`), else None."""
         if self._writing is None or self._writing.done():
             return None
         return self._writing_step, time.monotonic() - self._writing_since
@@ -116,9 +130,9 @@ class SnapshotControlServicer(snapshot_pb2_grpc.SnapshotControlServicer):
             return
         writing_step, seconds = running
         raise SnapshotWriteRunningError(
-            f"{method} of step {step}: shard {self.shard_index} is still writing its files of snapshot step "
+            f"{method} of step {step}: shard {self.shard_index} is still {self._doing} snapshot step "
             f"{writing_step} ({seconds:.0f} s so far: its storage may hang); it takes no snapshot of another step "
-            "until they are written, and training does not wait for them",
+            "until that one is through with its storage, and training does not wait for it",
             writing_step,
         )
 
@@ -131,9 +145,11 @@ class SnapshotControlServicer(snapshot_pb2_grpc.SnapshotControlServicer):
             await asyncio.wait([self._writing])
             self._writing = None
 
-    def write(self, request: snapshot_pb2.WriteSnapshotRequest) -> snapshot_pb2.WriteSnapshotResponse:
+    def write(
+        self, request: snapshot_pb2.WriteSnapshotRequest, writer: SnapshotWriter
+    ) -> snapshot_pb2.WriteSnapshotResponse:
         """WriteSnapshot's part where pushes are serialised: every file is written when it returns."""
-        records = self.stage(request, staging_bytes=0).finish()
+        records = self.stage(request, writer, staging_bytes=0).finish()
         self._last_written = request.step
         return snapshot_pb2.WriteSnapshotResponse(records_json=json.dumps([r.to_dict() for r in records]))
 
@@ -160,13 +176,34 @@ class SnapshotControlServicer(snapshot_pb2_grpc.SnapshotControlServicer):
             )
         return config
 
-    def stage(self, request: snapshot_pb2.WriteSnapshotRequest, staging_bytes: int) -> StagedWrite:
-        """Takes the shard's part of the request's snapshot (where pushes are serialised); its
-        finish() writes the files; the coordinator commits. A shard learns that its previous write was
-        committed when the next request names it (last_committed, or an incremental's parent);
-        until then the changes it carried stay tracked (see ShardSnapshotter), so a snapshot that
-        never commits loses nothing."""
+    def open_writer(self, request: snapshot_pb2.WriteSnapshotRequest) -> SnapshotWriter:
+        """The request's SnapshotWriter, with every storage call made before the tables are copied
+        (the step's manifest looked for, an incremental's parent manifest read): off the section
+        pushes are serialised in, which a storage that hangs (a stopped S3 server, a hard NFS mount)
+        held with every push and lookup of the shard at each round, for request_timeout x
+        max_attempts or for ever."""
         storage = self.check_request(request).storage
+        writer = SnapshotWriter(
+            request.uri,
+            request.job,
+            request.step,
+            request.kind,
+            request.parent if request.HasField("parent") else None,
+            num_shards=len(self.job.shards),
+            storage_config=storage,
+        )
+        if writer.parent is not None:
+            writer.parent_snapshot()  # read here, kept for the copy (a table written whole reads it)
+        return writer
+
+    def stage(
+        self, request: snapshot_pb2.WriteSnapshotRequest, writer: SnapshotWriter, staging_bytes: int
+    ) -> StagedWrite:
+        """Takes the shard's part of the request's snapshot into `writer` (open_writer's; where
+        pushes are serialised); its finish() writes the files; the coordinator commits. A shard
+        learns that its previous write was committed when the next request names it
+        (last_committed, or an incremental's parent); until then the changes it carried stay tracked
+        (see ShardSnapshotter), so a snapshot that never commits loses nothing."""
         parent = request.parent if request.HasField("parent") else None
         committed = request.last_committed if request.HasField("last_committed") else parent
         if committed is not None and committed == self._last_written:
@@ -174,15 +211,6 @@ class SnapshotControlServicer(snapshot_pb2_grpc.SnapshotControlServicer):
             # Once only: a write that fails below keeps the changes it took (ShardSnapshotter), and
             # a retry naming the same parent must not forget them.
             self._last_written = None
-        writer = SnapshotWriter(
-            request.uri,
-            request.job,
-            request.step,
-            request.kind,
-            parent,
-            num_shards=len(self.job.shards),
-            storage_config=storage,
-        )
         return self.snapshotter.stage(writer, staging_bytes)
 
 

@@ -226,12 +226,17 @@ class SnapshotWriter:
         self._records_lock = threading.Lock()  # table shards may be written from several threads
         self._extra: dict[str, FileEntry] = {}
         self._committed = False
+        self._parent_snapshot: Snapshot | None = None
 
     def parent_snapshot(self) -> Snapshot:
-        """The committed snapshot an incremental builds on (SnapshotError if it is not readable)."""
+        """The committed snapshot an incremental builds on (SnapshotError if it is not readable),
+        its manifest read once per writer."""
         if self.parent is None:
             raise ValueError(f"step {self.step}: a {self.kind} snapshot has no parent")
-        return Snapshot(self.fs, self._job_dir, read_manifest_at(self.fs, self._job_dir, self.parent))
+        if self._parent_snapshot is None:
+            manifest = read_manifest_at(self.fs, self._job_dir, self.parent)
+            self._parent_snapshot = Snapshot(self.fs, self._job_dir, manifest)
+        return self._parent_snapshot
 
     def write_table_shard(
         self,

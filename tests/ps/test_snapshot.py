@@ -810,7 +810,7 @@ def test_a_job_of_full_snapshots_keeps_no_changes_past_the_step_it_committed(tmp
         request = snapshot_pb2.WriteSnapshotRequest(uri=uri, job="job", step=step, kind="full", num_shards=1)
         if step > 1:
             request.last_committed = step - 1
-        reply = servicer.write(request)
+        reply = servicer.write(request, servicer.open_writer(request))
         writer = SnapshotWriter(uri, "job", step, "full", num_shards=1)
         for record in json.loads(reply.records_json):
             writer.add_shard_record(ShardRecord.from_dict(record))
@@ -822,7 +822,7 @@ def test_a_job_of_full_snapshots_keeps_no_changes_past_the_step_it_committed(tmp
     table.apply_gradients(np.arange(5, dtype=np.int64), np.ones((5, 4), np.float32), step=9)
     request = snapshot_pb2.WriteSnapshotRequest(uri=uri, job="job", step=9, kind="incremental", parent=8,
                                                 num_shards=1)
-    records = json.loads(servicer.write(request).records_json)
+    records = json.loads(servicer.write(request, servicer.open_writer(request)).records_json)
     assert [r["entry"]["rows"] for r in records] == [5], records
 
 

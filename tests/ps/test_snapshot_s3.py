@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
+import signal
+import threading
 import time
 
 import grpc
@@ -177,4 +180,82 @@ def test_a_shard_whose_files_hang_refuses_a_snapshot_of_another_step_at_once_nam
     finally:
         if hang is not None:
             hang.resume()
+        server.kill()
+
+
+@pytest.mark.parametrize("kind", ["full", "incremental"])
+def test_a_round_whose_storage_hangs_before_the_copy_holds_no_push_or_lookup(
+    tmp_path, start_shards, monkeypatch, kind
+):
+    """A round's storage calls before the tables are copied (the step's manifest looked for, an
+    incremental's parent read) ran where pushes are serialised: with the S3 server stopped, every
+    push and lookup of the shard waited for them (request_timeout x max_attempts, or for ever on a
+    hard NFS mount). They run before that section now: the shard answers while the round waits."""
+    from ps.job_config import Deadlines
+    from ps.snapshot import storage as storage_module
+    from ps.snapshot.manifest import ShardRecord
+
+    server = S3Server.start(tmp_path / "s3")
+    stopped = False
+    try:
+        server.create_bucket("snaps")
+        storage = dataclasses.replace(server.storage_config(), request_timeout=300.0)  # waits for the server
+        table = TableConfig("t", dim=4, optimizer=OptimizerConfig(kind=OptimizerKind.SGD, lr=0.1))
+        snapshot = SnapshotConfig("s3://snaps/job", storage=storage)
+        job = dataclasses.replace(make_job([table], job="job"), snapshot=snapshot)
+        shards = start_shards(job)
+        client = PSClient.from_job(shards.job, deadlines=Deadlines(lookup=5.0, push=5.0))
+        keys = np.arange(10, dtype=np.int64)
+        client.push("t", keys, np.ones((10, 4), np.float32))
+
+        def request(step: int, parent: int | None = None) -> snapshot_pb2.WriteSnapshotRequest:
+            message = snapshot_pb2.WriteSnapshotRequest(uri="s3://snaps/job", job="job", step=step, kind="full")
+            if parent is not None:
+                message.kind, message.parent = "incremental", parent
+            return message
+
+        with grpc.insecure_channel(shards.job.shards[0].address) as channel:
+            stub = snapshot_pb2_grpc.SnapshotControlStub(channel)
+            if kind == "incremental":  # a committed parent, step 1
+                records = json.loads(list(stub.StageSnapshot(request(1), timeout=60))[1].records_json)
+                writer = SnapshotWriter("s3://snaps/job", "job", 1, num_shards=1, storage_config=storage)
+                for record in records:
+                    writer.add_shard_record(ShardRecord.from_dict(record))
+                writer.commit()
+            asked = threading.Event()
+            exists = storage_module.exists
+
+            def stop_then_exists(fs, path):
+                if "/2/" in path and not asked.is_set():
+                    os.kill(server.proc.pid, signal.SIGSTOP)
+                    asked.set()
+                return exists(fs, path)
+
+            monkeypatch.setattr(storage_module, "exists", stop_then_exists)
+            replies: list = []
+            staging = threading.Thread(
+                target=lambda: replies.extend(stub.StageSnapshot(request(2, 1 if kind == "incremental" else None),
+                                                                 timeout=120)),
+                daemon=True,
+            )
+            staging.start()
+            wait_until(asked.is_set, "the round's first storage call")
+            stopped = True
+            started = time.monotonic()
+            assert client.lookup("t", keys).shape == (10, 4)
+            client.push("t", keys, np.ones((10, 4), np.float32))
+            assert time.monotonic() - started < 5.0
+            # ... and a round of another step is refused at once, as while files are written
+            with pytest.raises(grpc.RpcError) as refused:
+                next(stub.StageSnapshot(request(3), timeout=60))
+            assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION, refused.value.details()
+            assert "is still opening snapshot step 2" in refused.value.details(), refused.value.details()
+            os.kill(server.proc.pid, signal.SIGCONT)
+            stopped = False
+            staging.join(120)
+            assert replies and replies[0].staged and json.loads(replies[1].records_json), replies
+        client.close()
+    finally:
+        if stopped:
+            os.kill(server.proc.pid, signal.SIGCONT)
         server.kill()
