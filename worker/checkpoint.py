@@ -580,6 +580,15 @@ def load_trainer_state(
         raise ValueError(f"model: snapshot step {step}'s dense tower does not fit the job's [model]: {exc}") from None
     check_dense_optimizer(job, step, dense["optimizer"])
     optimizer.load_state_dict(dense["optimizer"])
+    # load_state_dict takes the saved groups' hyperparameters too: a run resumed with another
+    # train.dense_lr (lowered, as one does) trained on at the snapshot's without a word.
+    saved = {group["lr"] for group in optimizer.param_groups}
+    if saved != {job.train.dense_lr}:
+        log.warning("train.dense_lr: %g in the job, %s in snapshot step %d; the dense optimizer goes on at the "
+                    "job's (its moments and accumulators from the snapshot)", job.train.dense_lr,
+                    ", ".join(f"{lr:g}" for lr in sorted(saved)), step)
+        for group in optimizer.param_groups:
+            group["lr"] = job.train.dense_lr
     rng = torch.frombuffer(bytearray(base64.b64decode(state["torch_rng"])), dtype=torch.uint8)
     torch.set_rng_state(rng)
     return {"step": state["step"], "reader": state["readers"][rank]}

@@ -440,6 +440,26 @@ def test_a_worker_names_the_field_of_a_dense_tower_of_another_shape(tmp_path):
         load_trainer_state(job, 60, 0, 1, model, torch.optim.Adam(model.parameters()))
 
 
+def test_a_resume_with_another_dense_lr_trains_at_the_job_s_rate_and_says_so(tmp_path, caplog):
+    """torch's load_state_dict takes the saved param groups' hyperparameters: a run resumed with a
+    lowered train.dense_lr (a usual move) went on at the snapshot's rate without a word."""
+    from worker.checkpoint import load_trainer_state
+    from worker.model import DLRMDenseTower
+    from worker.trainer import make_dense_optimizer
+
+    section = earlier_run_snapshot(tmp_path, 60)  # dense_lr 0.001, the default
+    for text, lr, said in ((job_text("OUT") + section, 0.001, False),
+                           (job_text("OUT", 'tables = ["emb"]', 'tables = ["emb"]\ndense_lr = 0.0002') + section,
+                            0.0002, True)):
+        job = parse_training_job(tomllib.loads(text))
+        model = DLRMDenseTower(job.model)
+        optimizer = make_dense_optimizer(job, model.parameters())
+        caplog.clear()
+        load_trainer_state(job, 60, 0, 1, model, optimizer)
+        assert [group["lr"] for group in optimizer.param_groups] == [lr]
+        assert ("train.dense_lr: 0.0002 in the job, 0.001 in snapshot step 60" in caplog.text) == said, caplog.text
+
+
 def test_a_local_snapshot_uri_that_is_a_file_is_refused_before_anything_starts(tmp_path):
     """Every snapshot round then failed on "Not a directory" and was skipped with a warning: the job
     ended 0 with no snapshot. A path under a file is no folder either; one that does not exist yet is."""

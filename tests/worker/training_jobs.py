@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 from dataclasses import replace
@@ -89,10 +90,11 @@ def write_training_job(
 def trainer_extras(job: TrainingJob, world_size: int, step: int) -> dict[str, bytes]:
     """The extra files a training snapshot of `job` holds at `step` (worker/checkpoint.py): the
     job's dense tower, untrained, its dense optimizer's state, and a trainer state of `world_size`
-    workers that read nothing."""
+    workers that read nothing (with this process's torch RNG state)."""
     model = DLRMDenseTower(job.model)
     dense = io.BytesIO()
     optimizer = make_dense_optimizer(job, model.parameters())
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, dense)
-    state = {"step": step, "world_size": world_size, "readers": [None] * world_size, "torch_rng": ""}
+    rng = base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()
+    state = {"step": step, "world_size": world_size, "readers": [None] * world_size, "torch_rng": rng}
     return {"dense.pt": dense.getvalue(), "trainer_state.json": json.dumps(state).encode()}
