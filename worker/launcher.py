@@ -58,7 +58,7 @@ from ps.job_config import parse_address
 from ps.process import children
 from ps.process.python_command import python_module
 from ps.shard.server import SERVICE_NAME
-from ps.shard.startup import EXIT_SNAPSHOT_UNUSABLE
+from ps.shard.startup import EXIT_CONFIG_REFUSED, EXIT_SNAPSHOT_UNUSABLE
 from ps.snapshot.storage import StorageError
 from worker import processes
 from worker.data_paths import check_held_out, expand_paths
@@ -135,12 +135,17 @@ class _Failures:
         self.armed = False  # written by the main thread only (the handler runs there too)
 
     def report(self, message: str, fatal: bool = False) -> None:
+        """From a watcher thread: records the failure and interrupts the main thread."""
+        self.record(message, fatal)
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    def record(self, message: str, fatal: bool = False) -> None:
+        """Records the failure (the main thread's own: nothing to interrupt)."""
         with self._lock:
             if fatal and self.fatal is None:
                 self.fatal = message
             elif not fatal and self.cause is None:
                 self.cause = message
-        os.kill(os.getpid(), signal.SIGUSR1)
 
     def new_attempt(self) -> None:
         with self._lock:
@@ -389,6 +394,9 @@ def _run_attempt(
             try:
                 world_size = options.nnodes * job.train.workers
                 (shards, standbys), restore = _start_restorable_shards(job, out, restore, world_size)
+            except _ConfigRefused as exc:
+                failures.record(f"{exc}; not restarted (the same start would fail the same way)", fatal=True)
+                return str(exc)
             except _StartFailed as exc:
                 return str(exc)
             threading.Thread(
@@ -513,6 +521,11 @@ def _latest_or_none(job: TrainingJob, before: int | None = None) -> int | None:
 
 class _StartFailed(Exception):
     """A shard did not come up (it exited, or its start stalled): a restartable failure."""
+
+
+class _ConfigRefused(_StartFailed):
+    """A shard's start was refused by the job's own config (it exited EXIT_CONFIG_REFUSED): a
+    restart would fail the same way, so the job ends naming the reason."""
 
 
 class _SnapshotUnusable(_StartFailed):
@@ -657,7 +670,25 @@ def _wait_started(job: TrainingJob, restore_step: int | None, waits: list, start
                 raise _SnapshotUnusable(
                     f"ps shard {index}{role} cannot restore snapshot step {restore_step} (see {log})"
                 ) from None
+            if proc.returncode == EXIT_CONFIG_REFUSED:
+                raise _ConfigRefused(
+                    f"ps shard {index}{role} exited ({children.describe_exit(proc.returncode)}): "
+                    f"{_last_error(log) or 'its config refused its start'} (see {log})"
+                ) from None
             raise _StartFailed(f"{exc} (see {log})") from None
+
+
+def _last_error(log: Path) -> str | None:
+    """The message of the last ERROR line of a shard's log (its reason for exiting), or None."""
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        _, found, message = line.partition(" ERROR ")
+        if found:
+            return message.strip()
+    return None
 
 
 def _pair_dead(primary, standby) -> bool:

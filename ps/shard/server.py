@@ -58,7 +58,13 @@ from ps.shard.commit_stream import committed_stream
 from ps.shard.heartbeats import HeartbeatRoster, StreamHeartbeats
 from ps.shard.metrics import UNKNOWN_TABLE, ShardMetrics, ShardReading, TableReading
 from ps.shard.range_messages import ROW_KINDS, piece_fields, range_parts, range_pieces
-from ps.shard.startup import EXIT_SNAPSHOT_UNUSABLE, DeferredServices, RestoreProgress, run_in_daemon_thread
+from ps.shard.startup import (
+    EXIT_CONFIG_REFUSED,
+    EXIT_SNAPSHOT_UNUSABLE,
+    DeferredServices,
+    RestoreProgress,
+    run_in_daemon_thread,
+)
 from ps.shard.stream_turns import StreamTurns
 from ps.shard.table_streams import TableStreams, TableWatch
 from ps.shard.update_log import DEFAULT_MAX_ENTRIES, DEFAULT_MAX_KEYS, LogGapError, LogRange, merge_entries
@@ -1026,9 +1032,12 @@ async def _restore(shard_port: ShardPort, restore_step: int, log_max_keys: int, 
     except SnapshotError as exc:
         log.error("shard %d: snapshot step %d cannot be restored: %s", index, restore_step, exc)
         return EXIT_SNAPSHOT_UNUSABLE
-    except (StorageError, OSError, ValueError, EmbpsError) as exc:  # EmbpsError: a capacity below the rows
+    except (StorageError, OSError) as exc:  # storage out of reach: a restart may find it back
         log.error("shard %d: restoring snapshot step %d failed: %s", index, restore_step, exc)
         return 1
+    except (ValueError, EmbpsError) as exc:  # the job's config refuses it (EmbpsError: a capacity below the rows)
+        log.error("shard %d: the job's config refuses snapshot step %d: %s", index, restore_step, exc)
+        return EXIT_CONFIG_REFUSED
     log.info("shard %d: restored snapshot step %d (%.1f MiB read)", index, restore_step, progress.read_bytes / 2**20)
     return shard
 

@@ -25,6 +25,10 @@ from ps.shard.metrics import ShardMetrics
 # A shard whose restore step cannot be used (corrupt, incomplete, missing) exits with this code,
 # so that the launcher can fall back to an older snapshot instead of retrying the same one.
 EXIT_SNAPSHOT_UNUSABLE = 4
+# A shard whose restore the job's own config refuses (a table's capacity below the rows it must
+# load, another sharding) exits with the CLI's status for a config error: the same start fails the
+# same way, so the launcher ends the job naming the reason instead of spending its restarts on it.
+EXIT_CONFIG_REFUSED = 2
 
 _LOG_EVERY_FRACTION = 0.05
 _LOG_EVERY_SECONDS = 10.0

@@ -12,6 +12,7 @@ import pytest
 
 from ps.job_config import SnapshotConfig, dump_job_config
 from ps.shard.snapshot_service import restore_shard_states
+from ps.shard.startup import EXIT_CONFIG_REFUSED
 from ps.sharding import ShardMap
 from ps.snapshot.files import SnapshotWriter
 from ps.snapshot.ops import ShardSnapshotter
@@ -45,7 +46,8 @@ def test_restoring_into_changed_tables_names_the_field(tmp_path, tables, message
         restore_shard_states(replace(make_job(list(tables)), snapshot=SnapshotConfig(uri)), 0, 10)
 
 
-def test_a_shard_restoring_into_a_smaller_capacity_exits_1_with_the_reason(tmp_path):
+def test_a_shard_restoring_into_a_smaller_capacity_exits_as_refused_by_its_config_with_the_reason(tmp_path):
+    """Exit EXIT_CONFIG_REFUSED (2), not 1: the launcher ends the job on it instead of restarting it."""
     uri = (tmp_path / "snaps").as_uri()
     _snapshot(uri)
     job = replace(make_job([replace(A, capacity=5)], job="test"), snapshot=SnapshotConfig(uri))
@@ -53,9 +55,9 @@ def test_a_shard_restoring_into_a_smaller_capacity_exits_1_with_the_reason(tmp_p
     config.write_text(dump_job_config(job))
     log = tmp_path / "shard.log"
     proc = start_shard(config, 0, log, args=("--restore-step", "10"))
-    assert proc.wait(timeout=120) == 1
+    assert proc.wait(timeout=120) == EXIT_CONFIG_REFUSED == 2
     text = log.read_text()
-    assert "restoring snapshot step 10 failed" in text and "capacity" in text, text[-3000:]
+    assert "the job's config refuses snapshot step 10" in text and "capacity" in text, text[-3000:]
     assert "Traceback" not in text, text[-3000:]
 
 

@@ -252,3 +252,34 @@ def test_a_resume_of_a_finished_job_says_so_and_measures_nothing(tmp_path):
     assert resumed["steps"] == 10 and resumed["samples"] == 0 and resumed["resumed_from"] == 10
     assert resumed["final_loss"] is None and resumed["samples_per_s"] is None
     assert "the job was at its last step already (10): nothing left to train" in again.stdout
+
+
+def test_a_shard_whose_config_refuses_its_snapshot_ends_the_job_without_restarts(tmp_path):
+    """A table's capacity below the rows a shard must restore, past the launch-time check (its
+    bound over an incremental chain is from below): the shard exited 1, the reason in its log
+    only, and the launcher restarted the attempt until max_restarts, each failing the same way.
+    The shard now exits EXIT_CONFIG_REFUSED and the attempt's failure is fatal, naming the reason."""
+    import dataclasses
+
+    uri = str(tmp_path / "snaps")
+    capped = dataclasses.replace(TABLE, capacity=11)
+    train = {"workers": 1, "steps": 10, "batch_size": 8, "tables": ["emb"], "output_dir": str(tmp_path / "out")}
+    path, _ = write_training_job(tmp_path / "job.toml", [capped], 1, train, {"num_keys": 100},
+                                 snapshot=SnapshotConfig(uri))
+    job = load_training_job(path)
+    table = EmbeddingTable(TABLE)  # no capacity: the snapshot's rows
+    snapper = ShardSnapshotter({"emb": table}, 0)
+    grads = np.ones((10, TABLE.dim), dtype=np.float32)
+    table.apply_gradients(np.arange(10, dtype=np.int64), grads)
+    snapper.snapshot(uri, job.ps.job, 10, extras=trainer_extras(job, 1, 10))
+    table.apply_gradients(np.arange(6, 16, dtype=np.int64), grads)  # 16 rows; the manifests bound them at 10
+    snapper.snapshot(uri, job.ps.job, 20, kind="incremental", extras=trainer_extras(job, 1, 20))
+    launcher._check_resume(job, 20, 1)  # the launch-time check lets it through
+    failures = launcher._Failures()
+    failure = launcher._run_attempt(
+        job, launcher.LaunchOptions(job.path), True, 20, tmp_path / "progress.jsonl", failures, None,
+        launcher._AgentImport(),
+    )
+    assert failure is not None and failures.fatal is not None, (failure, failures.fatal)
+    assert "ps shard 0 exited (code 2): shard 0: the job's config refuses snapshot step 20: " in failures.fatal
+    assert "capacity" in failures.fatal and "not restarted" in failures.fatal, failures.fatal
