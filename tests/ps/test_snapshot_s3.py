@@ -130,6 +130,15 @@ def test_an_endpoint_out_of_reach_is_storage_unavailable_naming_the_path():
         read_manifest_at(fs, base + "/job", 1)
 
 
+def _job_whose_snapshots_wait_for(server: S3Server):
+    """A one-table job whose snapshots go to bucket "snaps" of `server`, each storage call waiting
+    for it up to 300 s (a server that stopped answering is a storage that hangs)."""
+    server.create_bucket("snaps")
+    storage = dataclasses.replace(server.storage_config(), request_timeout=300.0)
+    table = TableConfig("t", dim=4, optimizer=OptimizerConfig(kind=OptimizerKind.SGD, lr=0.1))
+    return dataclasses.replace(make_job([table], job="job"), snapshot=SnapshotConfig("s3://snaps/job", storage=storage))
+
+
 def test_a_shard_whose_files_hang_refuses_a_snapshot_of_another_step_at_once_naming_it(
     tmp_path, start_shards, monkeypatch
 ):
@@ -140,11 +149,7 @@ def test_a_shard_whose_files_hang_refuses_a_snapshot_of_another_step_at_once_nam
     server = S3Server.start(tmp_path / "s3")
     hang = None
     try:
-        server.create_bucket("snaps")
-        storage = dataclasses.replace(server.storage_config(), request_timeout=300.0)  # waits for the server
-        table = TableConfig("t", dim=4, optimizer=OptimizerConfig(kind=OptimizerKind.SGD, lr=0.1))
-        snapshot = SnapshotConfig("s3://snaps/job", storage=storage)
-        job = dataclasses.replace(make_job([table], job="job"), snapshot=snapshot)
+        job = _job_whose_snapshots_wait_for(server)
         shards = start_shards(job)
         client = PSClient.from_job(shards.job)
         client.push("t", np.arange(10, dtype=np.int64), np.ones((10, 4), np.float32))
@@ -198,11 +203,8 @@ def test_a_round_whose_storage_hangs_before_the_copy_holds_no_push_or_lookup(
     server = S3Server.start(tmp_path / "s3")
     stopped = False
     try:
-        server.create_bucket("snaps")
-        storage = dataclasses.replace(server.storage_config(), request_timeout=300.0)  # waits for the server
-        table = TableConfig("t", dim=4, optimizer=OptimizerConfig(kind=OptimizerKind.SGD, lr=0.1))
-        snapshot = SnapshotConfig("s3://snaps/job", storage=storage)
-        job = dataclasses.replace(make_job([table], job="job"), snapshot=snapshot)
+        job = _job_whose_snapshots_wait_for(server)
+        storage = job.snapshot.storage
         shards = start_shards(job)
         client = PSClient.from_job(shards.job, deadlines=Deadlines(lookup=5.0, push=5.0))
         keys = np.arange(10, dtype=np.int64)

@@ -306,13 +306,10 @@ class _RefusesLate(grpc.GenericRpcHandler):
         return grpc.unary_unary_rpc_method_handler(refuse)
 
 
-def test_a_replica_left_a_sliver_of_the_deadline_is_not_tried_last() -> None:
-    """A healthy replica tried after one that refused late got what the call's deadline had left,
-    missed it and was tried last for SLOW_REPLICA_SECONDS: every call then began at the late
-    refuser, left the healthy replica a sliver again (marking it anew) and failed, where the calls
-    that began at it would have been answered. Only an attempt with a fair share of the timeout
-    marks its replica."""
-    late, healthy = _RefusesLate(1.4), _Slow(0.8)  # of a 2 s deadline: 0.6 s left for the healthy one
+def _late_refuser_first_then_the_healthy_one(late, healthy, calls_after: int) -> None:
+    """Two scripted replicas, `late` first in the client's turn, a 2 s timeout: the first call fails
+    (DEADLINE_EXCEEDED: the healthy one gets the sliver the late refuser left), then `calls_after`
+    calls are answered, the late refuser asked no more."""
     servers = []
     try:
         addresses = []
@@ -326,12 +323,23 @@ def test_a_replica_left_a_sliver_of_the_deadline_is_not_tried_last() -> None:
             with pytest.raises(grpc.RpcError) as info:  # the turn starts at the late refuser
                 client.lookup_many({"a": keys})
             assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-            values, _ = client.lookup_many({"a": keys})["a"]  # in turn, the healthy replica first
-            np.testing.assert_array_equal(values[0], expected_row(1, DIMS["a"]))
+            for _ in range(calls_after):
+                values, _ = client.lookup_many({"a": keys})["a"]
+                np.testing.assert_array_equal(values[0], expected_row(1, DIMS["a"]))
         assert late.calls == 1
     finally:
         for server in servers:
             server.stop(0)
+
+
+def test_a_replica_left_a_sliver_of_the_deadline_is_not_tried_last() -> None:
+    """A healthy replica tried after one that refused late got what the call's deadline had left,
+    missed it and was tried last for SLOW_REPLICA_SECONDS: every call then began at the late
+    refuser, left the healthy replica a sliver again (marking it anew) and failed, where the calls
+    that began at it would have been answered. Only an attempt with a fair share of the timeout
+    marks its replica."""
+    late, healthy = _RefusesLate(1.4), _Slow(0.8)  # of a 2 s deadline: 0.6 s left for the healthy one
+    _late_refuser_first_then_the_healthy_one(late, healthy, calls_after=1)
 
 
 @pytest.mark.parametrize("code", [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED])
@@ -342,26 +350,7 @@ def test_a_replica_that_refuses_late_is_tried_last(code: grpc.StatusCode) -> Non
     that refused or failed after half of timeout_s marks its replica, judged by the attempt's own time:
     the healthy replica, left 0.6 s and missing it, is not marked."""
     late, healthy = _RefusesLate(1.4, code), _Slow(0.8)  # of a 2 s deadline: 0.6 s left for the healthy one
-    servers = []
-    try:
-        addresses = []
-        for handler in (late, healthy):
-            server = grpc.server(ThreadPoolExecutor(4), handlers=[handler])
-            addresses.append(f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}")
-            server.start()
-            servers.append(server)
-        keys = np.arange(1, 4, dtype=np.int64)
-        with ServingClient(addresses, timeout_s=2.0) as client:
-            with pytest.raises(grpc.RpcError) as info:  # the turn starts at the late refuser
-                client.lookup_many({"a": keys})
-            assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-            for _ in range(3):  # in turn, the second of these would start at the late refuser
-                values, _ = client.lookup_many({"a": keys})["a"]
-                np.testing.assert_array_equal(values[0], expected_row(1, DIMS["a"]))
-        assert late.calls == 1
-    finally:
-        for server in servers:
-            server.stop(0)
+    _late_refuser_first_then_the_healthy_one(late, healthy, calls_after=3)  # the 2nd would start at the late one
 
 
 def test_a_reply_short_of_rows_is_an_error_naming_the_sizes(rows_server) -> None:
