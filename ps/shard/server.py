@@ -237,6 +237,12 @@ class ShardCallSite(CallSite):
         # its epoch and lineage).
         self.epoch_fence: tuple[Callable[[int, str | None], None], Callable[[], tuple[int, str]]] | None = None
 
+    @property
+    def max_multi_tables(self) -> int:
+        """The most tables one LookupMulti / PushMulti may name: more than the shard holds repeat one
+        or name one it lacks, which the call refuses anyway (a batch's bound, if the shard holds fewer)."""
+        return max(len(self.tables), wire.MAX_BATCH_PARTS)
+
     def check_open(self) -> None:
         super().check_open()
         if self.fence is not None:
@@ -284,12 +290,14 @@ class ShardCallSite(CallSite):
             m.request_keys.add(table, method, keys // 8)
             self.series(m.request_bytes, table, method).inc(keys + grads)
         elif method in ("LookupMulti", "PushMulti"):
+            try:
+                wire.check_multi_shape(request, self.max_multi_tables)
+            except ValueError:  # refused by its shape: its fields are not read here either (their bytes count)
+                self.series(m.request_bytes, table, method).inc(len(request.keys) + len(getattr(request, "grads", b"")))
+                return
             sizes = table_sizes(request.offsets, len(request.keys) // 8)
-            # Per table only up to a batch's bound of names (or the shard's tables, if more): a
-            # refused call of millions took seconds of the loop here (its bytes are counted).
-            if len(request.tables) <= max(len(self.tables), wire.MAX_BATCH_PARTS):
-                names = list(request.tables)[: sizes.shape[0]]
-                m.request_keys.add_tables(method, names, sizes[: len(names)].tolist(), self.tables)
+            names = list(request.tables)
+            m.request_keys.add_tables(method, names, sizes.tolist(), self.tables)
             self.series(m.request_bytes, table, method).inc(sum(payload_bytes(request, answered, sizes)))
         elif method in ("LookupBatch", "PushBatch"):
             if len(request.requests) > wire.MAX_BATCH_PARTS:
@@ -345,6 +353,8 @@ class ParameterServerServicer(ps_pb2_grpc.ParameterServerServicer):
         they run: gRPC drains only calls it has handed to a handler, and cancels the rest at
         shutdown. Small calls also queue there while a large one is in progress, keeping order.
         """
+        if hasattr(request, "offsets"):  # a multi-table request: its shape before payload_bytes reads it
+            wire.check_multi_shape(request, self.call_site.max_multi_tables)
         parts = request.requests if hasattr(request, "requests") else [request]
         if len(parts) > wire.MAX_BATCH_PARTS:  # before the loop below, which visits each one
             raise ValueError(

@@ -231,3 +231,54 @@ def test_a_call_cancelled_at_its_deadline_is_counted_and_timed(tmp_path):
     assert ended(metrics) == 1
     assert sample(metrics, "embps_requests_total", table="user", method="Push", code="OK") == 0
     assert sample(metrics, "embps_request_duration_seconds_count", table="user", method="Push") == 1
+
+
+def test_a_multi_table_request_of_the_wrong_shape_is_refused_before_its_fields_are_read(tmp_path, monkeypatch):
+    """A LookupMulti / PushMulti of no tables and 64M offsets (61 MiB, under the message limit) held
+    the shard's event loop 10-15 s and grew it by 2.6 GB: its offsets became arrays (the work
+    estimate, the metrics, the decode) before their count was checked. The counts of tables, dims and
+    offsets are checked first now, from the fields' lengths; nothing reads the offsets after that."""
+    from ps.shard import server as server_module
+
+    read: list[int] = []
+    real_sizes, real_payload = server_module.table_sizes, server_module.payload_bytes
+
+    def table_sizes(offsets, *args, **kwargs):
+        read.append(len(offsets))
+        return real_sizes(offsets, *args, **kwargs)
+
+    def payload_bytes(request, *args, **kwargs):
+        read.append(len(getattr(request, "offsets", ())))
+        return real_payload(request, *args, **kwargs)
+
+    monkeypatch.setattr(server_module, "table_sizes", table_sizes)
+    monkeypatch.setattr(server_module, "payload_bytes", payload_bytes)
+    many = [0] * 100_000
+    keys = np.arange(5, dtype="<i8").tobytes()
+
+    async def test(channel, servicer):
+        stub = ps_pb2_grpc.ParameterServerStub(channel)
+        for call, request, field in (
+            (stub.LookupMulti, ps_pb2.MultiLookupRequest(offsets=many), "offsets: expected 1 offsets for 0 tables"),
+            (stub.PushMulti, ps_pb2.MultiPushRequest(offsets=many, dtype=ps_pb2.FLOAT32), "offsets: expected 1"),
+            (stub.PushMulti, ps_pb2.MultiPushRequest(tables=["user"], dims=many, offsets=[0, 5], keys=keys),
+             "dims: 100000 dims for 1 tables"),
+            (stub.LookupMulti, ps_pb2.MultiLookupRequest(tables=["user"] * 2000, dims=[4] * 2000, offsets=[0] * 2001),
+             "tables: at most 1024 tables in one request, got 2000"),
+        ):
+            error = await expect_code(call(request, timeout=DEADLINE), grpc.StatusCode.INVALID_ARGUMENT)
+            assert field in error.details(), error.details()
+        assert max(read, default=0) <= 2001, read  # nothing read 100,000 of them
+        await stub.LookupMulti(ps_pb2.MultiLookupRequest(tables=["user"], dims=[4], offsets=[0, 5], keys=keys),
+                               timeout=DEADLINE)
+
+    asyncio.run(with_shard(test, tmp_path))
+
+
+def test_offsets_of_the_wrong_count_are_refused_unread():
+    class Unreadable(list):
+        def __iter__(self):
+            raise AssertionError("read")
+
+    with pytest.raises(ValueError, match=r"^offsets: expected 3 offsets for 2 tables, got 5$"):
+        wire.decode_offsets(Unreadable([0] * 5), 2, 10)
