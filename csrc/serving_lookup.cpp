@@ -205,6 +205,10 @@ constexpr int kLookup = 0;
 constexpr int kLookupMany = 1;
 constexpr int kDtypeFloat32 = 1;
 constexpr int kDtypeFloat16 = 2;
+// Lookups in one LookupMany (ps/wire.py MAX_BATCH_PARTS; serving/server.py the same): each parsed
+// lookup holds ~48 bytes against its 2 on the wire, so 32M empty ones (61 MiB, under the message
+// limit) grew a replica by 2.7 GB past max_queue_bytes, which counts the request's wire bytes.
+constexpr size_t kMaxLookupsPerCall = 1024;
 
 double monotonic_seconds() {
   timespec ts;
@@ -538,6 +542,7 @@ NativeAnswer NativeLookups::answer(const std::string& method, const std::string&
     // Parse the whole request first: a malformed one is INVALID_ARGUMENT before any lookup.
     std::vector<LookupFields> lookups;
     bool ok = true;
+    bool too_many = false;
     while (ok && !r.done()) {
       uint32_t field, wire;
       if (!r.tag(field, wire)) {
@@ -549,6 +554,11 @@ NativeAnswer NativeLookups::answer(const std::string& method, const std::string&
           ok = false;
         } else {
           Reader inner{sub, sub + sub_size};
+          if (lookups.size() == kMaxLookupsPerCall) {
+            too_many = true;
+            ok = false;
+            break;
+          }
           lookups.emplace_back();
           if (!parse_lookup(inner, lookups.back())) {
             r.error = inner.error;
@@ -559,7 +569,11 @@ NativeAnswer NativeLookups::answer(const std::string& method, const std::string&
         ok = false;
       }
     }
-    if (!ok) {
+    if (too_many) {
+      out.code = grpc::StatusCode::INVALID_ARGUMENT;
+      out.message = "lookups: at most " + std::to_string(kMaxLookupsPerCall) +
+                    " lookups in one LookupMany, got more; split the call";
+    } else if (!ok) {
       out.code = grpc::StatusCode::INVALID_ARGUMENT;
       out.message = "request: not a valid message for " + method + ": " + r.why();
     } else if (draining_.load(std::memory_order_relaxed)) {

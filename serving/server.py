@@ -157,6 +157,10 @@ class ServingServicer(serving_pb2_grpc.ServingServicer):
 
     @unary_call("LookupMany")
     async def LookupMany(self, request: serving_pb2.ServingLookupManyRequest) -> serving_pb2.ServingLookupManyResponse:
+        if len(request.lookups) > wire.MAX_BATCH_PARTS:  # the gate's bound (csrc/serving_lookup.cpp)
+            raise ValueError(
+                f"lookups: at most {wire.MAX_BATCH_PARTS} lookups in one LookupMany, got more; split the call"
+            )
         if sum(len(lookup.keys) for lookup in request.lookups) <= 8 * INLINE_LOOKUP_KEYS:
             return self.answer_lookup_many(request)
         return await asyncio.to_thread(self.answer_lookup_many, request)

@@ -272,3 +272,40 @@ def test_unknown_groups_are_skipped_as_protobuf_skips_them():
             assert payload == answer[2], name
         else:
             assert code == INVALID_ARGUMENT, (name, code, message)
+
+
+def test_a_lookup_many_of_more_lookups_than_the_bound_is_refused_by_both_front_ends():
+    """32M empty lookups (61 MiB, under the message limit) were each parsed into ~48 bytes before
+    any was answered: three such calls grew a replica by 2.7 GB, past max_queue_bytes (which counts
+    the requests' wire bytes). One call holds at most MAX_BATCH_PARTS lookups, the gate refusing
+    the next as it parses it; the Python path the same."""
+    import asyncio
+
+    from ps import wire
+    from ps.table.config import TableConfig
+    from serving.config import Consistency, ServeConfig
+    from serving.metrics import ServingMetrics
+    from serving.server import Replica, ServingServicer
+    from tests.helpers.processes import make_job
+
+    job = make_job([TableConfig("user", dim=4)], num_shards=1)
+    config = ServeConfig(job=job, listen="127.0.0.1:1", metrics_port=0, tables=("user",),
+                         consistency=Consistency.LATEST)
+    table = TableReplica(job.table("user"), job.shard_map)
+    servicer = ServingServicer(Replica(config, {"user": table}), ServingMetrics())
+    gate = native_lookups([table.native], LATENCY_BUCKETS, 2.0, False)
+    one = serving_pb2.ServingLookupRequest(table="user", keys=np.arange(2, dtype="<i8").tobytes())
+    bound = wire.MAX_BATCH_PARTS
+    at_bound = serving_pb2.ServingLookupManyRequest(lookups=[one] * bound)
+    code, _message, reply = gate(MANY, b"", at_bound.SerializeToString())
+    assert code == OK and len(serving_pb2.ServingLookupManyResponse.FromString(reply).results) == bound
+    past = b"\x0a\x00" * (bound + 1) + b"\x0a\x02\xff\xff"  # empty lookups, then bytes that do not parse
+    code, message, _ = gate(MANY, b"", past)
+    assert (code, message) == (
+        INVALID_ARGUMENT, f"lookups: at most {bound} lookups in one LookupMany, got more; split the call"
+    )
+    calls = {(t, m, c): n for t, m, c, n, _cumulative, _sum in gate.metrics()["calls"]}
+    assert calls[("", "LookupMany", INVALID_ARGUMENT)] == 1
+    many = serving_pb2.ServingLookupManyRequest(lookups=[one] * (bound + 1))
+    with pytest.raises(ValueError, match=f"^lookups: at most {bound} lookups in one LookupMany, got more"):
+        asyncio.run(ServingServicer.LookupMany.__wrapped__(servicer, many))
