@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import secrets
 import struct
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -88,6 +89,9 @@ class PushLedger:
     def put_raw(self, client_id: str, sequence: int, answer: bytes) -> None:
         """Records a packed answer (a multi-table push keeps its whole serialised reply)."""
         check_client_id(client_id)
+        # One object per client id: each parsed request brings its own copy of the id, and every
+        # entry's key held one (up to ~300 bytes more an entry than counted: 64 MiB for a 32 MiB bound).
+        client_id = sys.intern(client_id)
         seen = self._clients.get(client_id)
         if seen is None:
             seen = self._clients[client_id] = OrderedDict()
