@@ -1,5 +1,5 @@
 """A job whose tables changed since its snapshot: the shard's restore names the table's field and
-`embps ps` exits 1 with it in its log (a config to fix, so no fallback to an older snapshot),
+`embps ps` exits 2 with it in its log (a config to fix, so no fallback to an older snapshot),
 never a traceback: a table added since, another dim, another optimizer's state, a capacity below
 the rows the snapshot holds."""
 
