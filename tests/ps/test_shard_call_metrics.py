@@ -282,3 +282,49 @@ def test_offsets_of_the_wrong_count_are_refused_unread():
 
     with pytest.raises(ValueError, match=r"^offsets: expected 3 offsets for 2 tables, got 5$"):
         wire.decode_offsets(Unreadable([0] * 5), 2, 10)
+
+
+def test_a_subscribe_range_of_many_pushes_is_merged_off_the_event_loop(tmp_path, monkeypatch):
+    """A live range was merged on the event loop whenever it held few keys, but the merge's Python
+    runs per log entry: 16,000 one-key pushes took 50 ms of the loop for each Subscribe from an
+    old version, and 150 such calls held every other call of the shard for seconds (a trainer's
+    Lookup failed its 10 s deadline). A range of more than a few pushes is merged on a thread."""
+    import threading
+
+    from ps.shard import server as server_module
+    from ps.shard import update_log
+
+    merged: list[tuple[bool, int]] = []  # (on the event loop's thread, pushes merged)
+    real = update_log.merge_entries
+
+    def merge_entries(from_version, to_version, entries):
+        merged.append((threading.current_thread() is threading.main_thread(), to_version - from_version))
+        return real(from_version, to_version, entries)
+
+    monkeypatch.setattr(update_log, "merge_entries", merge_entries)
+    monkeypatch.setattr(server_module, "merge_entries", merge_entries)
+    pushes = 200  # more than a few (INLINE_MERGE_ENTRIES)
+
+    async def test(channel, servicer):
+        stub = ps_pb2_grpc.ParameterServerStub(channel)
+        for i in range(pushes):
+            await stub.Push(ps_pb2.PushRequest(table="user", dim=4, keys=np.array([i], "<i8").tobytes(),
+                                               grads=np.ones(4, "<f4").tobytes(), dtype=ps_pb2.FLOAT32),
+                            timeout=DEADLINE)
+        call = stub.Subscribe(ps_pb2.SubscribeRequest(table="user", from_version=0), timeout=DEADLINE)
+        async for batch in call:
+            if batch.to_version == pushes:
+                break
+        call.cancel()
+        # ... and a live follower's range of one push stays where it is read
+        await stub.Push(ps_pb2.PushRequest(table="user", dim=4, keys=np.array([0], "<i8").tobytes(),
+                                           grads=np.ones(4, "<f4").tobytes(), dtype=ps_pb2.FLOAT32), timeout=DEADLINE)
+        call = stub.Subscribe(ps_pb2.SubscribeRequest(table="user", from_version=pushes), timeout=DEADLINE)
+        async for batch in call:
+            if batch.to_version == pushes + 1:
+                break
+        call.cancel()
+
+    asyncio.run(with_shard(test, tmp_path))
+    assert (False, pushes) in merged and (True, pushes) not in merged, merged
+    assert (True, 1) in merged, merged
