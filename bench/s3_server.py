@@ -134,9 +134,29 @@ class S3Server:
                 raise
         try:
             self._wait_ready(timeout)
+            self._wait_readable(timeout)
         except BaseException:
             self.stop()
             raise
+
+    def _wait_readable(self, timeout: float) -> None:
+        """Waits until an object already stored (the first one listed, if any) reads back: after a
+        restart the S3 API answers before its volume server has registered again, and reads of the
+        objects kept meanwhile fail INTERNAL_FAILURE for a while (seconds on a busy host)."""
+        end = time.monotonic() + timeout
+        while True:
+            try:
+                fs = self.filesystem()
+                found = [f for f in fs.get_file_info(pafs.FileSelector("/", recursive=True))
+                         if f.type == pafs.FileType.File][:1]
+                for info in found:
+                    with fs.open_input_stream(info.path) as stream:
+                        stream.read()
+                return
+            except OSError as exc:
+                if time.monotonic() >= end:
+                    raise TimeoutError(f"SeaweedFS at {self.endpoint} does not read back its objects: {exc}") from exc
+            time.sleep(0.1)
 
     def _wait_ready(self, timeout: float) -> None:
         end = time.monotonic() + timeout
