@@ -14,6 +14,7 @@ on and every incremental after it (its own shard files only), before it serves.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import threading
@@ -32,7 +33,7 @@ from ps.snapshot import bounded
 from ps.snapshot.files import Snapshot, SnapshotWriter, apply_delta, snapshot_chain
 from ps.snapshot.manifest import ShardRecord, SnapshotError
 from ps.snapshot.ops import ShardSnapshotter, StagedWrite
-from ps.snapshot.storage import check_uri, same_place, shown
+from ps.snapshot.storage import StorageError, check_uri, same_place, shown
 from ps.table.embedding_table import EmbeddingTable
 from ps.table.optimizers import state_width
 from ps.table.state import TableState
@@ -193,7 +194,10 @@ class SnapshotControlServicer(snapshot_pb2_grpc.SnapshotControlServicer):
             storage_config=storage,
         )
         if writer.parent is not None:
-            writer.parent_snapshot()  # read here, kept for the copy (a table written whole reads it)
+            # Read here and kept for the copy, where a table written whole needs it (most rounds
+            # need it not); one that does not read now is left to that table's write, as before.
+            with contextlib.suppress(SnapshotError, StorageError):
+                writer.parent_snapshot()
         return writer
 
     def stage(
